@@ -1,0 +1,1 @@
+"""Shared pytest configuration. Every test has a timeout (pyproject: timeout = 120)."""
