@@ -1,0 +1,320 @@
+from swarm.proto.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ServeSamplingSpec(_message.Message):
+    __slots__ = ("temperature", "top_k", "top_p", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ServeSessionEntry(_message.Message):
+    __slots__ = ("session_id", "start_position", "num_tokens", "token_ids", "sampling", "reset")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    start_position: int
+    num_tokens: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: ServeSamplingSpec
+    reset: bool
+    def __init__(self, session_id: _Optional[str] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[ServeSamplingSpec, _Mapping]] = ..., reset: _Optional[bool] = ...) -> None: ...
+
+class ServeStepRequest(_message.Message):
+    __slots__ = ("model_name", "replica", "stage", "entries", "hidden", "close_session_ids", "hidden_codec")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_CODEC_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    replica: int
+    stage: int
+    entries: _containers.RepeatedCompositeFieldContainer[ServeSessionEntry]
+    hidden: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorChunk]
+    close_session_ids: _containers.RepeatedScalarFieldContainer[str]
+    hidden_codec: str
+    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ServeSessionEntry, _Mapping]]] = ..., hidden: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., close_session_ids: _Optional[_Iterable[str]] = ..., hidden_codec: _Optional[str] = ...) -> None: ...
+
+class ServeStepReply(_message.Message):
+    __slots__ = ("token_ids", "compute_s")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    compute_s: float
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., compute_s: _Optional[float] = ...) -> None: ...
+
+class ServeCloseSessionRequest(_message.Message):
+    __slots__ = ("model_name", "replica", "session_ids")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    replica: int
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ServeCloseSessionReply(_message.Message):
+    __slots__ = ("num_closed",)
+    NUM_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    num_closed: int
+    def __init__(self, num_closed: _Optional[int] = ...) -> None: ...
+
+class ServeStageAssignment(_message.Message):
+    __slots__ = ("model_name", "model_digest", "replica", "stage", "num_stages", "first_layer", "last_layer_excl", "next_address", "next_node_id", "max_seq_len", "max_sessions", "hidden_codec", "shard_sources", "session_timeout_s")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
+    LAST_LAYER_EXCL_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_CODEC_FIELD_NUMBER: _ClassVar[int]
+    SHARD_SOURCES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_digest: str
+    replica: int
+    stage: int
+    num_stages: int
+    first_layer: int
+    last_layer_excl: int
+    next_address: str
+    next_node_id: str
+    max_seq_len: int
+    max_sessions: int
+    hidden_codec: str
+    shard_sources: _containers.RepeatedScalarFieldContainer[str]
+    session_timeout_s: float
+    def __init__(self, model_name: _Optional[str] = ..., model_digest: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., next_address: _Optional[str] = ..., next_node_id: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_sessions: _Optional[int] = ..., hidden_codec: _Optional[str] = ..., shard_sources: _Optional[_Iterable[str]] = ..., session_timeout_s: _Optional[float] = ...) -> None: ...
+
+class ServeLoadStageRequest(_message.Message):
+    __slots__ = ("assignment",)
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    assignment: ServeStageAssignment
+    def __init__(self, assignment: _Optional[_Union[ServeStageAssignment, _Mapping]] = ...) -> None: ...
+
+class ServeLoadStageReply(_message.Message):
+    __slots__ = ("node_id", "loaded_bytes", "load_s")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOAD_S_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    loaded_bytes: int
+    load_s: float
+    def __init__(self, node_id: _Optional[str] = ..., loaded_bytes: _Optional[int] = ..., load_s: _Optional[float] = ...) -> None: ...
+
+class ServeUnloadStageRequest(_message.Message):
+    __slots__ = ("model_name", "replica")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    replica: int
+    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ...) -> None: ...
+
+class ServeUnloadStageReply(_message.Message):
+    __slots__ = ("unloaded",)
+    UNLOADED_FIELD_NUMBER: _ClassVar[int]
+    unloaded: bool
+    def __init__(self, unloaded: _Optional[bool] = ...) -> None: ...
+
+class ServeFetchShardRequest(_message.Message):
+    __slots__ = ("model_name", "model_digest", "first_layer", "last_layer_excl", "include_embeddings", "include_head")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
+    LAST_LAYER_EXCL_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_HEAD_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_digest: str
+    first_layer: int
+    last_layer_excl: int
+    include_embeddings: bool
+    include_head: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_digest: _Optional[str] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., include_embeddings: _Optional[bool] = ..., include_head: _Optional[bool] = ...) -> None: ...
+
+class ServeShardChunk(_message.Message):
+    __slots__ = ("tensor_name", "dtype", "shape", "tensor_bytes", "data", "tensor_crc32", "config_json")
+    TENSOR_NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_CRC32_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    tensor_name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    tensor_bytes: int
+    data: bytes
+    tensor_crc32: int
+    config_json: str
+    def __init__(self, tensor_name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., tensor_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., tensor_crc32: _Optional[int] = ..., config_json: _Optional[str] = ...) -> None: ...
+
+class ServeUploadHeader(_message.Message):
+    __slots__ = ("name", "num_replicas", "files", "max_seq_len", "sessions_per_replica", "objective", "hidden_codec")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_PER_REPLICA_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_CODEC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    num_replicas: int
+    files: _containers.RepeatedCompositeFieldContainer[ServeUploadFile]
+    max_seq_len: int
+    sessions_per_replica: int
+    objective: str
+    hidden_codec: str
+    def __init__(self, name: _Optional[str] = ..., num_replicas: _Optional[int] = ..., files: _Optional[_Iterable[_Union[ServeUploadFile, _Mapping]]] = ..., max_seq_len: _Optional[int] = ..., sessions_per_replica: _Optional[int] = ..., objective: _Optional[str] = ..., hidden_codec: _Optional[str] = ...) -> None: ...
+
+class ServeUploadFile(_message.Message):
+    __slots__ = ("path", "size_bytes", "sha256")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size_bytes: int
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ServeUploadChunk(_message.Message):
+    __slots__ = ("header", "path", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ServeUploadHeader
+    path: str
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ServeUploadHeader, _Mapping]] = ..., path: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ServeStageInfo(_message.Message):
+    __slots__ = ("node_id", "address", "first_layer", "last_layer_excl", "state")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
+    LAST_LAYER_EXCL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    first_layer: int
+    last_layer_excl: int
+    state: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+
+class ServeReplicaInfo(_message.Message):
+    __slots__ = ("replica", "stages", "state", "predicted_latency_s")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    replica: int
+    stages: _containers.RepeatedCompositeFieldContainer[ServeStageInfo]
+    state: str
+    predicted_latency_s: float
+    def __init__(self, replica: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[ServeStageInfo, _Mapping]]] = ..., state: _Optional[str] = ..., predicted_latency_s: _Optional[float] = ...) -> None: ...
+
+class ServeModelInfo(_message.Message):
+    __slots__ = ("name", "family", "num_layers", "digest", "state", "replicas", "created_at_s", "size_bytes", "error", "max_seq_len")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_S_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    family: str
+    num_layers: int
+    digest: str
+    state: str
+    replicas: _containers.RepeatedCompositeFieldContainer[ServeReplicaInfo]
+    created_at_s: float
+    size_bytes: int
+    error: str
+    max_seq_len: int
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., digest: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ServeReplicaInfo, _Mapping]]] = ..., created_at_s: _Optional[float] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., max_seq_len: _Optional[int] = ...) -> None: ...
+
+class ServeUploadReply(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ServeModelInfo
+    def __init__(self, model: _Optional[_Union[ServeModelInfo, _Mapping]] = ...) -> None: ...
+
+class ServeListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServeListModelsReply(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ServeModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ServeModelInfo, _Mapping]]] = ...) -> None: ...
+
+class ServeGenerateRequest(_message.Message):
+    __slots__ = ("model", "prompt", "prompt_token_ids", "max_new_tokens", "sampling", "stop")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    prompt: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    max_new_tokens: int
+    sampling: ServeSamplingSpec
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[ServeSamplingSpec, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ServeGenerateEvent(_message.Message):
+    __slots__ = ("token_ids", "text", "finish_reason", "num_prompt_tokens", "num_replays")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REPLAYS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    finish_reason: str
+    num_prompt_tokens: int
+    num_replays: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_replays: _Optional[int] = ...) -> None: ...
+
+class ServeUnserveRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ServeUnserveReply(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: bool
+    def __init__(self, removed: _Optional[bool] = ...) -> None: ...
