@@ -1,0 +1,1 @@
+"""Serving generation: sampling, sessions, stage execution with KV caches, batching."""
