@@ -1,0 +1,1 @@
+"""Pipeline training without network: data order, schedules, stage execution, optimiser, reference trainer."""
