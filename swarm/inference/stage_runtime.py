@@ -1,0 +1,267 @@
+"""One stage's side of serving: per-session KV caches, batched steps, idle timeouts. No network.
+
+A step is a list of :class:`StepEntry` (one per session) plus, on every stage but the first,
+the entries' hidden states packed along the token axis: (sum of num_tokens, hidden). Prefill
+entries (several tokens, or a session the stage has not seen) run one by one; decode entries
+(one token of a known session) run together as one batch over a shared :class:`KVCache` whose
+rows are those sessions. The batch cache is kept between steps and rebuilt only when the set of
+decoding sessions changes, so steady-state decoding copies no cache at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from swarm.clock import Clock, SystemClock
+from swarm.errors import CapacityError, InvalidRequestError
+from swarm.inference.sampling import SamplingParams, sample_batch
+from swarm.model.kv_cache import KVCache
+from swarm.model.stage import StageModel
+
+log = logging.getLogger(__name__)
+
+MAX_SESSION_ID_CHARS = 128
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepEntry:
+    """One session's part of a step. ``token_ids`` only on the first stage."""
+
+    session_id: str
+    start_position: int
+    num_tokens: int
+    token_ids: tuple[int, ...] = ()
+    reset: bool = False
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self) -> None:
+        if not self.session_id or len(self.session_id) > MAX_SESSION_ID_CHARS:
+            raise InvalidRequestError(f"session_id must be 1..{MAX_SESSION_ID_CHARS} characters")
+        if self.start_position < 0 or self.num_tokens < 1:
+            raise InvalidRequestError(
+                f"session {self.session_id}: start_position must be >= 0 and num_tokens >= 1"
+            )
+        if self.token_ids and len(self.token_ids) != self.num_tokens:
+            raise InvalidRequestError(
+                f"session {self.session_id}: {len(self.token_ids)} token ids for num_tokens={self.num_tokens}"
+            )
+
+
+StageEntryList = list  # list[StepEntry]
+
+
+@dataclass(slots=True)
+class _Session:
+    cache: KVCache | None  # None while the session is a row of the decode batch
+    length: int
+    last_used_s: float
+
+
+class StageRuntime:
+    """Runs a :class:`StageModel` for many sessions. Thread-safe (one step at a time).
+
+    Sessions are created by their first entry (which must start at position 0), closed by
+    :meth:`close` or after ``session_timeout_s`` without a step. At most ``max_sessions`` live
+    at once (each holds a KV cache of ``max_seq_len`` positions).
+    """
+
+    def __init__(
+        self,
+        stage: StageModel,
+        *,
+        max_seq_len: int,
+        max_sessions: int,
+        session_timeout_s: float = 300.0,
+        clock: Clock | None = None,
+    ) -> None:
+        if max_seq_len < 1 or max_sessions < 1 or session_timeout_s <= 0:
+            raise InvalidRequestError("max_seq_len, max_sessions and session_timeout_s must be positive")
+        self.stage = stage.eval()
+        self.max_seq_len = min(max_seq_len, stage.config.max_position_embeddings)
+        self.max_sessions = max_sessions
+        self.session_timeout_s = session_timeout_s
+        self._clock = clock or SystemClock()
+        self._sessions: dict[str, _Session] = {}
+        self._group: KVCache | None = None
+        self._group_ids: list[str] = []
+        self._lock = threading.Lock()
+        p = next(stage.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def num_sessions(self) -> int:
+        return len(self._sessions)
+
+    def session_length(self, session_id: str) -> int | None:
+        s = self._sessions.get(session_id)
+        return None if s is None else s.length
+
+    def kv_cache_bytes(self) -> int:
+        with self._lock:
+            total = sum(s.cache.nbytes() for s in self._sessions.values() if s.cache is not None)
+            return total + (self._group.nbytes() if self._group is not None else 0)
+
+    def close(self, session_ids: list[str]) -> int:
+        """Free the caches of these sessions; unknown ids are ignored. Returns how many closed."""
+        with self._lock:
+            return self._close_locked(session_ids)
+
+    def _close_locked(self, session_ids: list[str]) -> int:
+        closed = [sid for sid in session_ids if sid in self._sessions]
+        if not closed:
+            return 0
+        if any(sid in self._group_ids for sid in closed):
+            self._dissolve_group(keep=set())
+        for sid in closed:
+            del self._sessions[sid]
+        return len(closed)
+
+    def expire(self) -> list[str]:
+        """Close sessions idle for longer than the timeout; returns their ids."""
+        with self._lock:
+            now = self._clock.monotonic()
+            old = [sid for sid, s in self._sessions.items() if now - s.last_used_s > self.session_timeout_s]
+            self._close_locked(old)
+        if old:
+            log.info("expired idle sessions count=%d", len(old))
+        return old
+
+    def _dissolve_group(self, keep: set[str]) -> None:
+        """Move every row of the decode batch back into its own cache (except ids in ``keep``,
+        which the caller re-batches right away)."""
+        if self._group is None:
+            return
+        for row, sid in enumerate(self._group_ids):
+            if sid in self._sessions and self._sessions[sid].cache is None:
+                self._sessions[sid].cache = self._group.select([row])
+        self._group, self._group_ids = None, []
+
+    def _ensure_group(self, ids: list[str]) -> KVCache:
+        if ids == self._group_ids and self._group is not None:
+            return self._group
+        self._dissolve_group(keep=set(ids))
+        caches = []
+        for sid in ids:
+            s = self._sessions[sid]
+            assert s.cache is not None
+            caches.append(s.cache)
+            s.cache = None
+        self._group = caches[0] if len(caches) == 1 else KVCache.cat(caches)
+        self._group_ids = list(ids)
+        return self._group
+
+    # ------------------------------------------------------------------ the step
+    def _prepare(self, entry: StepEntry) -> None:
+        s = self._sessions.get(entry.session_id)
+        if entry.reset and s is not None:
+            self._close_locked([entry.session_id])
+            s = None
+        if s is None:
+            if entry.start_position != 0:
+                raise InvalidRequestError(
+                    f"session {entry.session_id} is unknown on this stage (expired or never opened); "
+                    "replay it from position 0"
+                )
+            if len(self._sessions) >= self.max_sessions:
+                raise CapacityError(
+                    f"stage holds its maximum of {self.max_sessions} sessions; retry later or add a replica"
+                )
+            cache = self.stage.new_kv_cache(batch_size=1, max_length=self.max_seq_len)
+            self._sessions[entry.session_id] = _Session(cache=cache, length=0, last_used_s=self._clock.monotonic())
+        elif entry.start_position != s.length:
+            raise InvalidRequestError(
+                f"session {entry.session_id} is at position {s.length} on this stage, the step starts at "
+                f"{entry.start_position}; replay the session"
+            )
+        if entry.start_position + entry.num_tokens > self.max_seq_len:
+            raise InvalidRequestError(
+                f"session {entry.session_id} would reach {entry.start_position + entry.num_tokens} tokens, "
+                f"past the served context of {self.max_seq_len}; shorten the prompt or max_new_tokens"
+            )
+
+    def run(self, entries: list[StepEntry], hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step. Returns packed hidden (sum num_tokens, H) on inner stages and the logits
+        of each entry's last position (num_entries, vocab) on the last stage.
+
+        Raises InvalidRequestError for inconsistent entries (nothing is changed then) and
+        CapacityError when too many sessions are open.
+        """
+        if not entries:
+            raise InvalidRequestError("a step needs at least one session entry")
+        if len({e.session_id for e in entries}) != len(entries):
+            raise InvalidRequestError("a step names a session twice")
+        total = sum(e.num_tokens for e in entries)
+        if self.stage.is_first:
+            if any(len(e.token_ids) != e.num_tokens for e in entries):
+                raise InvalidRequestError("the first stage needs token_ids for every entry")
+            vocab = self.stage.config.vocab_size
+            if any(not 0 <= t < vocab for e in entries for t in e.token_ids):
+                raise InvalidRequestError(f"token ids must be in [0, {vocab})")
+        else:
+            H = self.stage.config.hidden_size
+            if hidden is None or tuple(hidden.shape) != (total, H):
+                got = None if hidden is None else tuple(hidden.shape)
+                raise InvalidRequestError(f"hidden states must have shape ({total}, {H}), got {got}")
+            hidden = hidden.to(device=self.device, dtype=self.dtype)
+        with self._lock, torch.inference_mode():
+            now = self._clock.monotonic()
+            # validate everything before touching any cache
+            for e in entries:
+                known = self._sessions.get(e.session_id)
+                if known is not None and not e.reset and e.start_position != known.length:
+                    raise InvalidRequestError(
+                        f"session {e.session_id} is at position {known.length} on this stage, the step starts "
+                        f"at {e.start_position}; replay the session"
+                    )
+            for e in entries:
+                self._prepare(e)
+            offsets, off = [], 0
+            for e in entries:
+                offsets.append(off)
+                off += e.num_tokens
+            decode = [i for i, e in enumerate(entries) if e.num_tokens == 1 and self._sessions[e.session_id].length > 0]
+            prefill = [i for i in range(len(entries)) if i not in set(decode)]
+            outs: list[torch.Tensor | None] = [None] * len(entries)
+            for i in prefill:
+                e = entries[i]
+                s = self._sessions[e.session_id]
+                if s.cache is None:  # a row of the batch that is re-prefilled: give it back its cache
+                    self._dissolve_group(keep=set())
+                x = self._input(e, hidden, offsets[i])  # (1, T) or (1, T, H)
+                y = self.stage(x, kv_cache=s.cache)
+                outs[i] = y[0, -1:] if self.stage.is_last else y[0]
+                s.length += e.num_tokens
+                s.last_used_s = now
+            if decode:
+                ids = [entries[i].session_id for i in decode]
+                group = self._ensure_group(ids)
+                if self.stage.is_first:
+                    x = torch.tensor([[entries[i].token_ids[0]] for i in decode], dtype=torch.long, device=self.device)
+                else:
+                    x = torch.stack([hidden[offsets[i]] for i in decode])[:, None, :]  # (B, 1, H)
+                y = self.stage(x, kv_cache=group)  # (B, 1, H|V)
+                for row, i in enumerate(decode):
+                    outs[i] = y[row]
+                    s = self._sessions[entries[i].session_id]
+                    s.length += 1
+                    s.last_used_s = now
+            return torch.cat(outs, dim=0)
+
+    def _input(self, e: StepEntry, hidden: torch.Tensor | None, offset: int) -> torch.Tensor:
+        if self.stage.is_first:
+            return torch.tensor([list(e.token_ids)], dtype=torch.long, device=self.device)
+        assert hidden is not None
+        return hidden[offset : offset + e.num_tokens][None]
+
+    def run_and_sample(self, entries: list[StepEntry], hidden: torch.Tensor | None = None) -> list[int]:
+        """Last stage: run the step and pick one token per entry with its sampling params."""
+        if not self.stage.is_last:
+            raise InvalidRequestError("only the last stage samples tokens")
+        logits = self.run(entries, hidden).float().cpu()
+        positions = [e.start_position + e.num_tokens for e in entries]
+        return sample_batch(logits, [e.sampling for e in entries], positions)

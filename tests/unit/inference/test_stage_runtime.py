@@ -1,0 +1,125 @@
+"""Stage runtime: a split model with per-session KV caches equals the whole model, batching too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swarm.clock import FakeClock
+from swarm.errors import CapacityError, InvalidRequestError
+from swarm.inference.local import LocalChain, generate_local
+from swarm.inference.sampling import SamplingParams
+from swarm.inference.stage_runtime import StageRuntime, StepEntry
+from swarm.model.checkpoint import load_stage
+from swarm.model.testing import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def ckpt(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    config = make_tiny_checkpoint(path, request.param, num_layers=5, hidden_size=32, num_heads=4)
+    return path, config
+
+
+def runtime(path, first, last, n, **kw) -> StageRuntime:
+    stage = load_stage(path, first, last, is_first=first == 0, is_last=last == n)
+    return StageRuntime(stage, max_seq_len=kw.pop("max_seq_len", 96), max_sessions=kw.pop("max_sessions", 4), **kw)
+
+
+def test_pipeline_equals_whole_model_greedy_and_sampled(ckpt):
+    path, cfg = ckpt
+    n = cfg.num_layers
+    whole = runtime(path, 0, n, n)
+    chain = LocalChain([runtime(path, 0, 2, n), runtime(path, 2, 3, n), runtime(path, 3, n, n)])
+    prompt = [5, 17, 42, 7, 99, 3]
+    for params in (SamplingParams(max_new_tokens=20), SamplingParams(temperature=0.8, top_k=50, seed=3, max_new_tokens=20)):
+        ref = generate_local(whole.run_and_sample, prompt, params, session_id="a")
+        got = generate_local(chain.step, prompt, params, session_id="a")
+        assert got == ref
+        whole.close(["a"])
+        chain.close(["a"])
+
+
+def test_matches_transformers_greedy(ckpt):
+    transformers = pytest.importorskip("transformers")
+    path, cfg = ckpt
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    prompt = [5, 17, 42, 7]
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    want = out[0, len(prompt):].tolist()
+    whole = runtime(path, 0, cfg.num_layers, cfg.num_layers)
+    assert generate_local(whole.run_and_sample, prompt, SamplingParams(max_new_tokens=12)) == want
+
+
+def test_concurrent_sessions_batched_equal_alone(ckpt):
+    path, cfg = ckpt
+    n = cfg.num_layers
+    chain = LocalChain([runtime(path, 0, 3, n), runtime(path, 3, n, n)])
+    whole = runtime(path, 0, n, n)
+    prompts = {"s1": [1, 2, 3], "s2": [9, 8, 7, 6, 5], "s3": [11]}
+    p = SamplingParams(max_new_tokens=10)
+    refs = {sid: generate_local(whole.run_and_sample, pr, p, session_id=sid) for sid, pr in prompts.items()}
+    # interleave: s1 and s2 start together, s3 joins later, s2 leaves early
+    state = {sid: {"pos": 0, "last": None, "out": []} for sid in prompts}
+    active = ["s1", "s2"]
+    for step in range(14):
+        if step == 3:
+            active.append("s3")
+        entries = []
+        for sid in active:
+            st = state[sid]
+            if st["last"] is None:
+                toks = tuple(prompts[sid])
+            else:
+                toks = (st["last"],)
+            entries.append(StepEntry(session_id=sid, start_position=st["pos"], num_tokens=len(toks), token_ids=toks))
+        toks = chain.step(entries)
+        for e, t in zip(entries, toks):
+            st = state[e.session_id]
+            st["pos"] += e.num_tokens
+            st["last"] = t
+            st["out"].append(t)
+        done = [sid for sid in active if len(state[sid]["out"]) >= 10]
+        for sid in done:
+            active.remove(sid)
+        chain.close(done)
+        if not active:
+            break
+    for sid in prompts:
+        assert state[sid]["out"] == refs[sid], sid
+    assert all(st.num_sessions == 0 for st in chain.stages)
+
+
+def test_bad_steps_are_refused_without_damage(ckpt):
+    path, cfg = ckpt
+    n = cfg.num_layers
+    first = runtime(path, 0, 2, n, max_sessions=1)
+    first.run([StepEntry(session_id="a", start_position=0, num_tokens=2, token_ids=(1, 2))])
+    with pytest.raises(InvalidRequestError, match="position"):
+        first.run([StepEntry(session_id="a", start_position=5, num_tokens=1, token_ids=(1,))])
+    with pytest.raises(InvalidRequestError, match="unknown"):
+        first.run([StepEntry(session_id="b", start_position=3, num_tokens=1, token_ids=(1,))])
+    with pytest.raises(CapacityError):
+        first.run([StepEntry(session_id="c", start_position=0, num_tokens=1, token_ids=(1,))])
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        first.run([StepEntry(session_id="a", start_position=2, num_tokens=1, token_ids=(10**6,))])
+    with pytest.raises(InvalidRequestError, match="context"):
+        first.run([StepEntry(session_id="a", start_position=2, num_tokens=95, token_ids=tuple([1] * 95))])
+    assert first.session_length("a") == 2
+    second = runtime(path, 2, n, n)
+    with pytest.raises(InvalidRequestError, match="shape"):
+        second.run([StepEntry(session_id="a", start_position=0, num_tokens=2)], torch.zeros(3, cfg.hidden_size))
+
+
+def test_idle_sessions_expire(ckpt):
+    path, cfg = ckpt
+    clock = FakeClock()
+    rt = runtime(path, 0, cfg.num_layers, cfg.num_layers, session_timeout_s=10.0, clock=clock)
+    rt.run([StepEntry(session_id="a", start_position=0, num_tokens=1, token_ids=(1,))])
+    clock.advance(5)
+    assert rt.expire() == []
+    clock.advance(6)
+    assert rt.expire() == ["a"] and rt.num_sessions == 0 and rt.kv_cache_bytes() == 0
