@@ -1,0 +1,212 @@
+"""Prometheus text exposition (format 0.0.4) of the swarm's state.
+
+Pure: :func:`render_metrics` takes the same JSON-shaped records the HTTP API serves (node,
+job and plan dicts) and returns the text. Written by hand instead of with prometheus_client's
+registry because every scrape is a fresh snapshot of the coordinator's state (no process-wide
+counters to keep), and the format is small: ``# HELP`` / ``# TYPE`` lines, then one sample per
+line with escaped label values.
+
+Families (all labels are ids, never free text, except ``swarm_node_info``):
+
+- ``swarm_nodes{state}``: nodes known to the coordinator, by state (online, lost, left).
+- ``swarm_node_info{node,name,device,state}``: 1 per node, to join names onto ids.
+- ``swarm_node_up{node}``, ``swarm_node_heartbeat_age_seconds{node}``,
+  ``swarm_node_tflops{node}``, ``swarm_node_memory_bytes{node}``.
+- ``swarm_node_sent_bytes_total{node}``, ``swarm_node_received_bytes_total{node}``: bytes on the
+  wire as the node reports them (counters: they reset when a node restarts).
+- ``swarm_jobs{state}``, ``swarm_job_progress_ratio{job}``, ``swarm_job_step{job}``,
+  ``swarm_job_step_time_seconds{job}``, ``swarm_job_tokens_per_second{job}``, ``swarm_job_loss{job}``,
+  ``swarm_job_sent_bytes_total{job}``, ``swarm_job_compression_saved_bytes_total{job}``.
+- ``swarm_plan_predicted_step_seconds{part}``: the current plan's predicted step time and its
+  breakdown (compute, pipeline, data_parallel, total).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+NODE_STATES = ("online", "lost", "left")
+JOB_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+
+
+def pick(record: Mapping[str, Any] | None, *keys: str) -> Any:
+    """The first present, non-None value among ``keys`` in ``record`` or its ``metrics``/``status``
+    sub-dicts (nodes report metrics in heartbeats, which the API may nest)."""
+    if not isinstance(record, Mapping):
+        return None
+    for sub in (record, record.get("metrics"), record.get("status"), record.get("hardware")):
+        if not isinstance(sub, Mapping):
+            continue
+        for key in keys:
+            value = sub.get(key)
+            if value is not None:
+                return value
+    return None
+
+
+def as_number(value: Any) -> float | None:
+    """``value`` as a float if it is a real number (bools and strings are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def escape_label_value(value: str) -> str:
+    """Escape a label value: backslash, double quote and line feed, per the text format."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def escape_help(text: str) -> str:
+    """Escape HELP text: backslash and line feed."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def format_value(value: float) -> str:
+    """A sample value: integers without a fraction, NaN and infinities spelled as Prometheus does."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value == int(value) and abs(value) < 2**53:
+        return str(int(value))
+    return repr(value)
+
+
+@dataclass(slots=True)
+class MetricFamily:
+    """One metric family being built: name, type, help and its samples."""
+
+    name: str
+    kind: str  # gauge | counter
+    help: str
+    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+
+    def add(self, value: float | None, **labels: Any) -> None:
+        """Add a sample; a missing (None) value is skipped rather than exported as 0."""
+        if value is None:
+            return
+        self.samples.append(({k: "" if v is None else str(v) for k, v in labels.items()}, float(value)))
+
+    def render(self) -> list[str]:
+        sample_name = self.name
+        lines = [f"# HELP {self.name} {escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
+        for labels, value in self.samples:
+            if labels:
+                body = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in labels.items())
+                lines.append(f"{sample_name}{{{body}}} {format_value(value)}")
+            else:
+                lines.append(f"{sample_name} {format_value(value)}")
+        return lines
+
+
+def _node_families(nodes: Sequence[Mapping[str, Any]]) -> list[MetricFamily]:
+    by_state = MetricFamily("swarm_nodes", "gauge", "Nodes known to the coordinator, by state.")
+    info = MetricFamily("swarm_node_info", "gauge", "Always 1; labels carry each node's name, device and state.")
+    up = MetricFamily("swarm_node_up", "gauge", "1 if the node is online (heartbeating), else 0.")
+    age = MetricFamily("swarm_node_heartbeat_age_seconds", "gauge", "Seconds since the node's last heartbeat.")
+    tflops = MetricFamily("swarm_node_tflops", "gauge", "Measured dense matmul TFLOPS of the node.")
+    memory = MetricFamily("swarm_node_memory_bytes", "gauge", "Accelerator memory of the node in bytes.")
+    sent = MetricFamily("swarm_node_sent_bytes_total", "counter", "Bytes the node has sent to peers, as it reports.")
+    received = MetricFamily(
+        "swarm_node_received_bytes_total", "counter", "Bytes the node has received from peers, as it reports."
+    )
+    counts = dict.fromkeys(NODE_STATES, 0)
+    for node in nodes:
+        node_id = str(pick(node, "id", "node_id") or "")
+        if not node_id:
+            continue
+        state = str(pick(node, "state") or "unknown")
+        counts[state] = counts.get(state, 0) + 1
+        device = pick(node, "device", "device_name")
+        if isinstance(device, Mapping):
+            device = " ".join(str(device[k]) for k in ("kind", "name") if device.get(k))
+        info.add(1, node=node_id, name=pick(node, "name") or "", device=device or "", state=state)
+        up.add(1 if state == "online" else 0, node=node_id)
+        age.add(as_number(pick(node, "last_seen_age_s", "heartbeat_age_s", "last_seen_s")), node=node_id)
+        tflops.add(as_number(pick(node, "tflops")), node=node_id)
+        memory.add(as_number(pick(node, "memory_bytes")), node=node_id)
+        sent.add(as_number(pick(node, "bytes_sent", "sent_bytes", "tx_bytes")), node=node_id)
+        received.add(as_number(pick(node, "bytes_received", "received_bytes", "rx_bytes")), node=node_id)
+    for state, count in counts.items():
+        by_state.add(count, state=state)
+    return [by_state, info, up, age, tflops, memory, sent, received]
+
+
+def _job_families(jobs: Sequence[Mapping[str, Any]]) -> list[MetricFamily]:
+    by_state = MetricFamily("swarm_jobs", "gauge", "Jobs stored by the coordinator, by state.")
+    progress = MetricFamily("swarm_job_progress_ratio", "gauge", "Fraction of the job's steps done (0 to 1).")
+    step = MetricFamily("swarm_job_step", "gauge", "Last completed step of the job.")
+    step_time = MetricFamily("swarm_job_step_time_seconds", "gauge", "Wall time of the job's last step in seconds.")
+    tps = MetricFamily("swarm_job_tokens_per_second", "gauge", "Training throughput of the job, tokens per second.")
+    loss = MetricFamily("swarm_job_loss", "gauge", "Last reported training loss of the job.")
+    sent = MetricFamily("swarm_job_sent_bytes_total", "counter", "Bytes the job's stages sent between nodes.")
+    saved = MetricFamily(
+        "swarm_job_compression_saved_bytes_total", "counter", "Bytes the job did not send thanks to compression."
+    )
+    counts = dict.fromkeys(JOB_STATES, 0)
+    for job in jobs:
+        job_id = str(pick(job, "id", "job_id") or "")
+        if not job_id:
+            continue
+        state = str(pick(job, "state") or "unknown")
+        counts[state] = counts.get(state, 0) + 1
+        step_now = as_number(pick(job, "step", "current_step"))
+        total = as_number(pick(job, "total_steps", "num_steps", "max_steps"))
+        ratio = as_number(pick(job, "progress"))
+        if ratio is None and step_now is not None and total:
+            ratio = step_now / total
+        progress.add(None if ratio is None else min(1.0, max(0.0, ratio)), job=job_id)
+        step.add(step_now, job=job_id)
+        step_time.add(as_number(pick(job, "step_time_s", "last_step_time_s")), job=job_id)
+        tps.add(as_number(pick(job, "tokens_per_s", "tokens_per_second")), job=job_id)
+        loss.add(as_number(pick(job, "loss", "last_loss")), job=job_id)
+        sent.add(as_number(pick(job, "bytes_sent", "sent_bytes", "wire_bytes")), job=job_id)
+        saved.add(as_number(pick(job, "bytes_saved", "compression_bytes_saved", "saved_bytes")), job=job_id)
+    for state, count in counts.items():
+        by_state.add(count, state=state)
+    return [by_state, progress, step, step_time, tps, loss, sent, saved]
+
+
+def plan_breakdown_s(plan: Mapping[str, Any] | None) -> dict[str, float]:
+    """The predicted step time of a plan (``swarm.scheduling.Plan.to_json`` form) split into parts.
+
+    ``Plan`` costs are ``cost_s = compute_s + dp_s + 2 * pp_s``: the pipeline term counts the
+    forward activations and the backward gradients, so ``pipeline`` here is ``2 * pp_s``.
+    Returns seconds by part (compute, pipeline, data_parallel, total); missing parts are left out.
+    """
+    if not isinstance(plan, Mapping):
+        return {}
+    pp_s = as_number(plan.get("pp_s"))
+    parts = {
+        "compute": as_number(plan.get("compute_s")),
+        "pipeline": None if pp_s is None else 2.0 * pp_s,
+        "data_parallel": as_number(plan.get("dp_s")),
+        "total": as_number(plan.get("cost_s")),
+    }
+    return {k: v for k, v in parts.items() if v is not None and math.isfinite(v)}
+
+
+def render_metrics(
+    *,
+    nodes: Iterable[Mapping[str, Any]],
+    jobs: Iterable[Mapping[str, Any]] = (),
+    plan: Mapping[str, Any] | None = None,
+    plan_source: str = "none",
+) -> str:
+    """The whole exposition text for one scrape; ends with a newline as the format requires."""
+    families = _node_families(list(nodes)) + _job_families(list(jobs))
+    predicted = MetricFamily(
+        "swarm_plan_predicted_step_seconds", "gauge", "Predicted step time of the current plan, by part."
+    )
+    for part, seconds in plan_breakdown_s(plan).items():
+        predicted.add(seconds, part=part, source=plan_source)
+    families.append(predicted)
+    lines: list[str] = []
+    for family in families:
+        lines.extend(family.render())
+    return "\n".join(lines) + "\n"

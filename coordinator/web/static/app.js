@@ -1,0 +1,502 @@
+/* swarm status page: polls the coordinator's read-only JSON API and redraws.
+ *
+ * Safety: every value that came from the network (node names above all) reaches the DOM through
+ * textContent, setAttribute on non-script attributes, or canvas fillText. No innerHTML anywhere.
+ */
+(function () {
+  "use strict";
+  var POLL_MS = 3000;
+  var STATES = ["online", "lost", "left"];
+  var selectedJob = null;       // the job whose charts are shown (UI state only)
+  var lastNodes = [];           // for names in heatmaps and plan
+  var lastNetwork = null;
+
+  // ---------- small helpers ----------
+  function $(id) { return document.getElementById(id); }
+  function h(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  }
+  function isNum(v) { return typeof v === "number" && isFinite(v); }
+  function num(v) { var n = typeof v === "string" && v.trim() !== "" ? Number(v) : v; return isNum(n) ? n : null; }
+  /* First present key of obj (or of obj.metrics / obj.status / obj.hardware). */
+  function pick(obj, keys) {
+    if (!obj || typeof obj !== "object") return undefined;
+    var subs = [obj, obj.metrics, obj.status, obj.hardware, obj.stats];
+    for (var s = 0; s < subs.length; s++) {
+      var o = subs[s];
+      if (!o || typeof o !== "object") continue;
+      for (var k = 0; k < keys.length; k++) if (o[keys[k]] !== undefined && o[keys[k]] !== null) return o[keys[k]];
+    }
+    return undefined;
+  }
+  function asList(data, key) {
+    if (Array.isArray(data)) return data;
+    if (data && Array.isArray(data[key])) return data[key];
+    return [];
+  }
+  function fmtBytes(b) {
+    b = num(b); if (b === null) return "\u2013";
+    var u = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
+    while (Math.abs(b) >= 1024 && i < u.length - 1) { b /= 1024; i++; }
+    return (i === 0 ? b.toFixed(0) : b.toFixed(b >= 100 ? 0 : 1)) + " " + u[i];
+  }
+  function fmtBits(bitsPerS) {
+    bitsPerS = num(bitsPerS); if (bitsPerS === null) return "\u2013";
+    var u = ["bit/s", "kbit/s", "Mbit/s", "Gbit/s", "Tbit/s"], i = 0;
+    while (Math.abs(bitsPerS) >= 1000 && i < u.length - 1) { bitsPerS /= 1000; i++; }
+    return bitsPerS.toFixed(bitsPerS >= 100 ? 0 : 1) + " " + u[i];
+  }
+  function fmtSeconds(s) {
+    s = num(s); if (s === null) return "\u2013";
+    if (s < 1e-3) return (s * 1e6).toFixed(0) + " \u00b5s";
+    if (s < 1) return (s * 1e3).toFixed(s < 0.01 ? 2 : 1) + " ms";
+    if (s < 120) return s.toFixed(s < 10 ? 2 : 1) + " s";
+    if (s < 7200) return (s / 60).toFixed(1) + " min";
+    return (s / 3600).toFixed(1) + " h";
+  }
+  function fmtAge(s) {
+    s = num(s); if (s === null) return "\u2013";
+    if (s < 0) s = 0;
+    if (s < 60) return s.toFixed(s < 10 ? 1 : 0) + " s ago";
+    if (s < 3600) return (s / 60).toFixed(0) + " min ago";
+    if (s < 172800) return (s / 3600).toFixed(1) + " h ago";
+    return (s / 86400).toFixed(0) + " d ago";
+  }
+  function fmtNum(v, digits) { v = num(v); return v === null ? "\u2013" : v.toFixed(digits); }
+  function shortId(id) { id = String(id === undefined || id === null ? "" : id); return id.length > 10 ? id.slice(0, 8) + "\u2026" : id; }
+  function stateClass(state) { return "state-" + String(state || "unknown").replace(/[^a-z_]/gi, ""); }
+  function nowS() { return Date.now() / 1000; }
+
+  /* Age in seconds of a time value: a Unix timestamp (large) or already an age. */
+  function ageOf(obj, ageKeys, tsKeys, serverNow) {
+    var a = num(pick(obj, ageKeys));
+    if (a !== null) return a;
+    var t = num(pick(obj, tsKeys));
+    if (t === null) return null;
+    return (serverNow || nowS()) - t;
+  }
+
+  async function getJSON(path) {
+    var r = await fetch(path, { cache: "no-store", headers: { "Accept": "application/json" } });
+    if (r.status === 404) return { missing: true };
+    if (!r.ok) throw new Error(path + ": HTTP " + r.status);
+    return { data: await r.json() };
+  }
+
+  // ---------- nodes ----------
+  function normNode(n) {
+    var device = pick(n, ["device", "gpu"]), deviceName = pick(n, ["device_name"]);
+    if (device && typeof device === "object") device = [device.kind, device.name].filter(Boolean).join(" ");
+    if (deviceName && String(deviceName) !== String(device)) device = String(deviceName) + (device ? " (" + device + ")" : "");
+    var stage = pick(n, ["stage", "stage_index", "assignment"]);
+    if (stage && typeof stage === "object") {
+      var lr = stage.layers || [stage.layer_start, stage.layer_end];
+      stage = (stage.stage !== undefined ? stage.stage : stage.index !== undefined ? stage.index : "?") +
+        (lr && lr[0] !== undefined ? " (layers " + lr[0] + "\u2013" + lr[1] + ")" : "");
+    }
+    return {
+      id: String(pick(n, ["id", "node_id"]) || ""),
+      name: String(pick(n, ["name"]) || ""),
+      state: String(pick(n, ["state"]) || "unknown"),
+      device: device === undefined || device === null ? "" : String(device),
+      memory: num(pick(n, ["memory_bytes", "gpu_memory_bytes"])),
+      tflops: num(pick(n, ["tflops"])),
+      stage: stage === undefined || stage === null || stage === "" ? "\u2013" : String(stage),
+      age: ageOf(n, ["last_seen_age_s", "heartbeat_age_s", "last_seen_s"], ["last_seen_at", "last_heartbeat_at"]),
+      sent: num(pick(n, ["bytes_sent", "sent_bytes", "tx_bytes"])),
+      recv: num(pick(n, ["bytes_received", "received_bytes", "rx_bytes", "bytes_recv"])),
+    };
+  }
+  var STATE_ORDER = { online: 0, lost: 1, left: 2 };
+  function renderNodes(payload) {
+    var nodes = asList(payload, "nodes").map(normNode);
+    nodes.sort(function (a, b) {
+      var sa = STATE_ORDER[a.state] !== undefined ? STATE_ORDER[a.state] : 3;
+      var sb = STATE_ORDER[b.state] !== undefined ? STATE_ORDER[b.state] : 3;
+      return sa - sb || a.name.localeCompare(b.name) || a.id.localeCompare(b.id);
+    });
+    lastNodes = nodes;
+    var counts = { online: 0, lost: 0, left: 0 };
+    var frag = document.createDocumentFragment();
+    nodes.forEach(function (n) {
+      if (counts[n.state] !== undefined) counts[n.state]++;
+      var tr = h("tr", "row-" + n.state.replace(/[^a-z_]/gi, ""));
+      tr.setAttribute("data-node-id", n.id);
+      var name = h("td", "name", n.name); name.title = n.name; tr.appendChild(name);
+      var id = h("td", "mono id", shortId(n.id)); id.title = n.id; tr.appendChild(id);
+      var st = h("td", "state"); var pill = h("span", "pill " + stateClass(n.state), n.state);
+      st.appendChild(pill); st.setAttribute("data-state", n.state); tr.appendChild(st);
+      tr.appendChild(h("td", "device", n.device || "\u2013"));
+      tr.appendChild(h("td", "num", n.memory === null ? "\u2013" : fmtBytes(n.memory)));
+      tr.appendChild(h("td", "num", fmtNum(n.tflops, 1)));
+      tr.appendChild(h("td", "stage-cell", n.stage));
+      var age = h("td", "num age", fmtAge(n.age));
+      if (n.state === "online" && n.age !== null && n.age > 6) age.classList.add("stale");
+      tr.appendChild(age);
+      tr.appendChild(h("td", "num", fmtBytes(n.sent)));
+      tr.appendChild(h("td", "num", fmtBytes(n.recv)));
+      frag.appendChild(tr);
+    });
+    $("nodes-body").replaceChildren(frag);
+    STATES.forEach(function (s) { $("count-" + s).textContent = String(counts[s]); });
+    $("nodes-count").textContent = nodes.length + (nodes.length === 1 ? " node" : " nodes");
+    $("nodes-empty").hidden = nodes.length > 0;
+    $("nodes-table").hidden = nodes.length === 0;
+  }
+
+  // ---------- network heatmaps ----------
+  /* Normalise /api/network into {ids, bw (bit/s), lat (s), age (s)} matrices; null where unmeasured. */
+  function normNetwork(data) {
+    if (!data || typeof data !== "object") return { ids: [], bw: [], lat: [], age: [] };
+    var serverNow = num(data.now_s || data.now);
+    var ids = (data.node_ids || data.nodes || data.ids || []).map(function (x) {
+      return typeof x === "object" && x ? String(x.id || x.node_id) : String(x);
+    });
+    var links = Array.isArray(data.links) ? data.links : [];
+    if (ids.length === 0) {
+      // No explicit order: the nodes table's (online first), then any other link endpoint.
+      lastNodes.forEach(function (nd) { if (nd.state !== "left") ids.push(nd.id); });
+      links.forEach(function (l) {
+        [l.src, l.dst].forEach(function (x) { if (x !== undefined && ids.indexOf(String(x)) < 0) ids.push(String(x)); });
+      });
+    }
+    var n = ids.length;
+    function empty() { var m = []; for (var i = 0; i < n; i++) { m.push(new Array(n).fill(null)); } return m; }
+    var bw = empty(), lat = empty(), age = empty();
+    var bwBytes = data.bandwidth_Bps || data.bandwidth_bytes_per_s;
+    var bwBits = data.bandwidth_bps || data.bandwidth_bits_per_s;
+    var latM = data.latency_s || data.rtt_s || data.delay_s;
+    var ageM = data.age_s || data.measurement_age_s;
+    var atM = data.measured_at || data.measured_at_s;
+    if (Array.isArray(bwBytes) || Array.isArray(bwBits) || Array.isArray(latM)) {
+      for (var i = 0; i < n; i++) for (var j = 0; j < n; j++) {
+        var v;
+        if (Array.isArray(bwBits) && bwBits[i]) { v = num(bwBits[i][j]); bw[i][j] = v !== null && v > 0 ? v : null; }
+        else if (Array.isArray(bwBytes) && bwBytes[i]) { v = num(bwBytes[i][j]); bw[i][j] = v !== null && v > 0 ? v * 8 : null; }
+        if (Array.isArray(latM) && latM[i]) { v = num(latM[i][j]); lat[i][j] = v !== null && v >= 0 ? v : null; }
+        if (Array.isArray(ageM) && ageM[i]) age[i][j] = num(ageM[i][j]);
+        else if (Array.isArray(atM) && atM[i]) { v = num(atM[i][j]); age[i][j] = v === null ? null : (serverNow || nowS()) - v; }
+      }
+    }
+    links.forEach(function (l) {
+      var a = ids.indexOf(String(l.src || l.from || l.source)), b = ids.indexOf(String(l.dst || l.to || l.target));
+      if (a < 0 || b < 0) return;
+      var bits = num(l.bandwidth_bps), bytes = num(l.bandwidth_Bps !== undefined ? l.bandwidth_Bps : l.bandwidth_bytes_per_s);
+      if (bits !== null) bw[a][b] = bits; else if (bytes !== null) bw[a][b] = bytes * 8;
+      var lt = num(l.rtt_s !== undefined ? l.rtt_s : l.latency_s !== undefined ? l.latency_s : l.delay_s);
+      if (lt !== null) lat[a][b] = lt;
+      age[a][b] = ageOf(l, ["age_s"], ["measured_at", "measured_at_s"], serverNow);
+    });
+    return { ids: ids, bw: bw, lat: lat, age: age };
+  }
+
+  /* A sequential palette (dark blue = good, pale yellow = poor); t in [0, 1], 1 = good. */
+  var PALETTE = [[255, 250, 200], [199, 233, 180], [127, 205, 187], [65, 182, 196], [29, 145, 192], [34, 94, 168], [12, 44, 132]];
+  function colour(t) {
+    t = Math.max(0, Math.min(1, t)) * (PALETTE.length - 1);
+    var i = Math.min(PALETTE.length - 2, Math.floor(t)), f = t - i;
+    var a = PALETTE[i], b = PALETTE[i + 1];
+    return "rgb(" + [0, 1, 2].map(function (k) { return Math.round(a[k] + (b[k] - a[k]) * f); }).join(",") + ")";
+  }
+  function gradientCss() {
+    var stops = []; for (var k = 0; k <= 10; k++) stops.push(colour(k / 10));
+    return "linear-gradient(to right," + stops.join(",") + ")";
+  }
+
+  function nameOf(id) {
+    for (var k = 0; k < lastNodes.length; k++) if (lastNodes[k].id === id) return lastNodes[k].name || shortId(id);
+    return shortId(id);
+  }
+
+  function drawHeatmap(fig, net, matrix, goodHigh, fmt) {
+    var canvas = fig.querySelector("canvas");
+    var n = net.ids.length;
+    var labels = n > 0 && n <= 16;
+    var margin = labels ? 72 : 0;
+    var cell = n ? Math.max(2, Math.floor(360 / n)) : 0;
+    var size = margin + cell * n;
+    var dpr = window.devicePixelRatio || 1;
+    canvas.width = Math.max(1, size) * dpr; canvas.height = Math.max(1, size) * dpr;
+    canvas.style.width = size + "px"; canvas.style.height = size + "px";
+    var ctx = canvas.getContext("2d");
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    ctx.clearRect(0, 0, size, size);
+    var lo = Infinity, hi = -Infinity;
+    matrix.forEach(function (row, i) { row.forEach(function (v, j) { if (i !== j && v !== null && v > 0) { lo = Math.min(lo, v); hi = Math.max(hi, v); } }); });
+    var logScale = hi > 0 && lo > 0 && hi / lo > 20;
+    function t(v) {
+      if (!(hi > lo)) return 0.7;
+      var x = logScale ? (Math.log(v) - Math.log(lo)) / (Math.log(hi) - Math.log(lo)) : (v - lo) / (hi - lo);
+      return goodHigh ? x : 1 - x;
+    }
+    for (var i = 0; i < n; i++) for (var j = 0; j < n; j++) {
+      var v = matrix[i][j];
+      ctx.fillStyle = i === j ? "#c9ced8" : v === null ? "#eceef2" : colour(t(v));
+      ctx.fillRect(margin + j * cell, margin + i * cell, cell - (cell > 4 ? 1 : 0), cell - (cell > 4 ? 1 : 0));
+    }
+    if (labels) {
+      ctx.fillStyle = "#1d2330"; ctx.font = "11px sans-serif"; ctx.textBaseline = "middle";
+      for (var k = 0; k < n; k++) {
+        var label = nameOf(net.ids[k]); if (label.length > 10) label = label.slice(0, 9) + "\u2026";
+        ctx.textAlign = "right"; ctx.fillText(label, margin - 4, margin + k * cell + cell / 2);
+        ctx.save(); ctx.translate(margin + k * cell + cell / 2, margin - 4); ctx.rotate(-Math.PI / 2);
+        ctx.textAlign = "left"; ctx.fillText(label, 0, 0); ctx.restore();
+      }
+    }
+    // legend
+    var legend = fig.querySelector(".legend");
+    var bar = h("span", "bar"); bar.style.background = gradientCss();
+    var parts = [];
+    if (hi >= lo) {
+      parts.push(h("span", null, goodHigh ? fmt(lo) : fmt(hi)), bar, h("span", null, goodHigh ? fmt(hi) : fmt(lo)));
+      if (logScale) parts.push(h("span", null, "(log scale)"));
+    }
+    parts.push(h("span", "swatch"), h("span", null, "not measured"));
+    legend.replaceChildren.apply(legend, parts);
+    // hover
+    canvas.onmousemove = function (ev) {
+      var tip = $("heatmap-tip");
+      var j = Math.floor((ev.offsetX - margin) / cell), i = Math.floor((ev.offsetY - margin) / cell);
+      if (!(i >= 0 && j >= 0 && i < n && j < n)) { tip.hidden = true; return; }
+      var v = matrix[i][j], age = net.age[i] ? net.age[i][j] : null;
+      var text = nameOf(net.ids[i]) + " \u2192 " + nameOf(net.ids[j]) + "\n" +
+        (i === j ? "same node" : v === null ? "not measured" : fmt(v) + "\nmeasured " + fmtAge(age));
+      tip.textContent = text; tip.hidden = false;
+      tip.style.left = (ev.clientX + 12) + "px"; tip.style.top = (ev.clientY + 12) + "px";
+    };
+    canvas.onmouseleave = function () { $("heatmap-tip").hidden = true; };
+  }
+
+  function renderNetwork(payload) {
+    var net = normNetwork(payload);
+    lastNetwork = net;
+    var measured = net.bw.some(function (r) { return r.some(function (v) { return v !== null; }); }) ||
+      net.lat.some(function (r) { return r.some(function (v) { return v !== null; }); });
+    $("network-empty").hidden = measured;
+    drawHeatmap($("heatmap-bandwidth"), net, net.bw, true, fmtBits);
+    drawHeatmap($("heatmap-latency"), net, net.lat, false, fmtSeconds);
+  }
+
+  // ---------- plan ----------
+  function normStages(plan) {
+    var stages = plan.stages || plan.pipeline || [];
+    return stages.map(function (s, k) {
+      var members = s.nodes || s.node_ids || s.devices || s.dp_group || s.members || [];
+      members = members.map(function (m) { return typeof m === "object" && m ? String(m.id || m.node_id || m.name) : String(m); });
+      var start = s.layer_start, end = s.layer_end;
+      if (Array.isArray(s.layers)) { start = s.layers[0]; end = s.layers[s.layers.length - 1]; }
+      if (num(s.num_layers) !== null && start !== undefined && end === undefined) end = start + s.num_layers;
+      return {
+        index: s.index !== undefined ? s.index : s.stage !== undefined ? s.stage : k,
+        start: start, end: end, members: members,
+        compute: num(s.compute_s !== undefined ? s.compute_s : s.predicted_compute_s),
+      };
+    });
+  }
+  function linkBandwidth(a, b) {
+    // Adjacent stages are chained replica by replica (member r of one to member r of the next);
+    // show the slowest of those links, which bounds the pipeline.
+    if (!lastNetwork) return null;
+    var worst = null, pairs = Math.min(a.members.length, b.members.length);
+    for (var r = 0; r < pairs; r++) {
+      var i = lastNetwork.ids.indexOf(a.members[r]), j = lastNetwork.ids.indexOf(b.members[r]);
+      if (i < 0 || j < 0) return null;
+      var v = lastNetwork.bw[i][j];
+      if (v === null) return null;
+      worst = worst === null ? v : Math.min(worst, v);
+    }
+    return worst;
+  }
+  function breakdownOf(plan) {
+    var p = plan.predicted || plan.cost || plan.breakdown || plan.predicted_cost || plan;
+    var parts = [
+      ["compute", num(p.compute_s !== undefined ? p.compute_s : p.pipeline_compute_s)],
+      ["pipeline", num(p.pipeline_s !== undefined ? p.pipeline_s : p.pipeline_comm_s !== undefined ? p.pipeline_comm_s : p.pp_comm_s)],
+      ["data_parallel", num(p.data_parallel_s !== undefined ? p.data_parallel_s : p.dp_comm_s !== undefined ? p.dp_comm_s : p.dp_s)],
+    ];
+    var total = num(p.total_s !== undefined ? p.total_s : p.step_time_s !== undefined ? p.step_time_s : plan.predicted_step_s);
+    return { parts: parts, total: total };
+  }
+  function renderPlan(payload) {
+    var box = $("plan-pipeline"), bd = $("plan-breakdown");
+    var plan = payload && payload.plan;
+    var source = payload && payload.source;
+    if (!plan) {
+      box.replaceChildren(); bd.replaceChildren();
+      $("plan-source").textContent = "";
+      $("plan-empty").textContent = (payload && payload.reason) ? String(payload.reason) : "No plan: there are no online nodes to plan over.";
+      $("plan-empty").hidden = false;
+      return;
+    }
+    $("plan-empty").hidden = true;
+    $("plan-source").textContent = source === "job" ? "of job " + String(payload.job_id || "") :
+      source === "preview" ? "preview for " + String(payload.shape_name || "a small default job") + " over the online nodes" : "";
+    var stages = normStages(plan);
+    var frag = document.createDocumentFragment();
+    var states = {}; lastNodes.forEach(function (n) { states[n.id] = n.state; });
+    stages.forEach(function (s, k) {
+      if (k > 0) {
+        var link = h("div", "link");
+        var bwv = linkBandwidth(stages[k - 1], s);
+        link.appendChild(h("span", null, bwv === null ? "bandwidth ?" : fmtBits(bwv)));
+        link.appendChild(h("div", "arrow"));
+        link.appendChild(h("span", null, "activations \u2192"));
+        frag.appendChild(link);
+      }
+      var box1 = h("div", "stage");
+      box1.setAttribute("data-stage", String(s.index));
+      box1.appendChild(h("div", "title", "Stage " + s.index));
+      box1.appendChild(h("div", "layers", s.start !== undefined && s.end !== undefined ?
+        "layers " + s.start + "\u2013" + (num(s.end) !== null ? s.end - 1 : s.end) : ""));
+      if (s.compute !== null) box1.appendChild(h("div", "time", "compute " + fmtSeconds(s.compute)));
+      var ul = h("ul");
+      s.members.forEach(function (m) {
+        var li = h("li", states[m] && states[m] !== "online" ? "lost" : null, nameOf(m));
+        li.title = m; ul.appendChild(li);
+      });
+      box1.appendChild(h("div", "layers", "data-parallel group of " + s.members.length));
+      box1.appendChild(ul);
+      frag.appendChild(box1);
+    });
+    box.replaceChildren(frag);
+    var b = breakdownOf(plan);
+    var sum = b.parts.reduce(function (acc, p) { return acc + (p[1] || 0); }, 0);
+    var total = b.total !== null ? b.total : sum;
+    var items = [h("div", null, "Predicted step time: " + fmtSeconds(total))];
+    if (sum > 0) {
+      var bar = h("div", "bar");
+      b.parts.forEach(function (p) {
+        if (!p[1]) return;
+        var seg = h("div", "seg seg-" + p[0]); seg.style.width = (100 * p[1] / Math.max(sum, total)) + "%";
+        seg.title = p[0].replace("_", " ") + ": " + fmtSeconds(p[1]); bar.appendChild(seg);
+      });
+      items.push(bar);
+      var keys = h("div");
+      b.parts.forEach(function (p) {
+        var key = h("span", "key"); key.appendChild(h("i", "seg-" + p[0]));
+        key.appendChild(h("span", null, p[0].replace("_", " ") + " " + fmtSeconds(p[1]))); keys.appendChild(key);
+      });
+      items.push(keys);
+    }
+    bd.replaceChildren.apply(bd, items);
+  }
+
+  // ---------- jobs ----------
+  function normJob(j) {
+    var step = num(pick(j, ["step", "current_step"])), total = num(pick(j, ["total_steps", "num_steps", "max_steps"]));
+    var progress = num(pick(j, ["progress"]));
+    if (progress === null && step !== null && total) progress = step / total;
+    return {
+      id: String(pick(j, ["id", "job_id"]) || ""),
+      name: String(pick(j, ["name", "model"]) || ""),
+      state: String(pick(j, ["state"]) || "unknown"),
+      step: step, total: total, progress: progress,
+      loss: num(pick(j, ["loss", "last_loss"])),
+      tps: num(pick(j, ["tokens_per_s", "tokens_per_second"])),
+      stepTime: num(pick(j, ["step_time_s", "last_step_time_s"])),
+      saved: num(pick(j, ["bytes_saved", "compression_bytes_saved", "saved_bytes"])),
+    };
+  }
+  function renderJobs(payload) {
+    var jobs = asList(payload, "jobs").map(normJob);
+    $("count-jobs").textContent = String(jobs.length);
+    $("jobs-count").textContent = jobs.length ? jobs.length + (jobs.length === 1 ? " job" : " jobs") : "";
+    $("jobs-empty").hidden = jobs.length > 0;
+    $("jobs-table").hidden = jobs.length === 0;
+    if (!jobs.some(function (j) { return j.id === selectedJob; })) {
+      var running = jobs.filter(function (j) { return j.state === "running"; });
+      selectedJob = running.length ? running[0].id : jobs.length ? jobs[jobs.length - 1].id : null;
+    }
+    var frag = document.createDocumentFragment();
+    jobs.forEach(function (j) {
+      var tr = h("tr", "job" + (j.id === selectedJob ? " selected" : ""));
+      tr.setAttribute("data-job-id", j.id);
+      tr.onclick = function () { selectedJob = j.id; poll(); };
+      var name = h("td", "name", j.name ? j.name + " " : ""); name.appendChild(h("span", "mono", shortId(j.id)));
+      name.title = j.id; tr.appendChild(name);
+      var st = h("td", "state"); st.appendChild(h("span", "pill " + stateClass(j.state), j.state)); tr.appendChild(st);
+      var pr = h("td"); var bar = h("span", "progress"); var fill = h("div");
+      fill.style.width = (j.progress === null ? 0 : Math.max(0, Math.min(1, j.progress)) * 100) + "%";
+      bar.appendChild(fill); pr.appendChild(bar);
+      pr.appendChild(h("span", null, j.step !== null ? "step " + j.step + (j.total ? " / " + j.total : "") :
+        j.progress !== null ? (100 * j.progress).toFixed(0) + "%" : ""));
+      tr.appendChild(pr);
+      tr.appendChild(h("td", "num", fmtNum(j.loss, 3)));
+      tr.appendChild(h("td", "num", fmtNum(j.tps, 0)));
+      tr.appendChild(h("td", "num", fmtSeconds(j.stepTime)));
+      tr.appendChild(h("td", "num", j.saved === null ? "\u2013" : fmtBytes(j.saved)));
+      var a = h("a", null, "JSON"); a.setAttribute("href", "api/jobs/" + encodeURIComponent(j.id));
+      a.addEventListener("click", function (ev) { ev.stopPropagation(); });
+      var link = h("td"); link.appendChild(a); tr.appendChild(link);
+      frag.appendChild(tr);
+    });
+    $("jobs-body").replaceChildren(frag);
+  }
+  /* History as [[step, loss]], [[step, tokens/s]] from either a list of records or column arrays. */
+  function historyOf(job) {
+    var hist = job.history || job.metrics_history || job.progress_history || [];
+    var loss = [], tps = [];
+    if (Array.isArray(hist)) {
+      hist.forEach(function (r, k) {
+        var step = num(r.step); if (step === null) step = k;
+        var l = num(r.loss), t = num(r.tokens_per_s !== undefined ? r.tokens_per_s : r.tokens_per_second);
+        if (l !== null) loss.push([step, l]);
+        if (t !== null) tps.push([step, t]);
+      });
+    } else if (hist && typeof hist === "object") {
+      var steps = hist.step || hist.steps || [];
+      (hist.loss || []).forEach(function (v, k) { if (num(v) !== null) loss.push([num(steps[k]) !== null ? num(steps[k]) : k, num(v)]); });
+      (hist.tokens_per_s || []).forEach(function (v, k) { if (num(v) !== null) tps.push([num(steps[k]) !== null ? num(steps[k]) : k, num(v)]); });
+    }
+    return { loss: loss, tps: tps };
+  }
+  async function renderJobDetail() {
+    var box = $("job-detail");
+    if (!selectedJob) { box.hidden = true; return; }
+    var res = await getJSON("api/jobs/" + encodeURIComponent(selectedJob));
+    if (res.missing || !res.data) { box.hidden = true; return; }
+    var job = res.data.job || res.data;
+    $("job-detail-id").textContent = String(job.name || "") + " " + selectedJob;
+    var hist = historyOf(job);
+    MiniChart.line($("chart-loss"), hist.loss, { color: "#d64545", emptyText: "no loss reported yet" });
+    MiniChart.line($("chart-tps"), hist.tps, { color: "#2b6cb0", emptyText: "no throughput reported yet" });
+    box.hidden = false;
+  }
+
+  // ---------- polling ----------
+  var inFlight = false;
+  async function poll() {
+    if (inFlight) return;
+    inFlight = true;
+    var problems = [];
+    async function section(path, render, missingText) {
+      try {
+        var res = await getJSON(path);
+        if (res.missing) { render(null); if (missingText) problems.push(missingText); return; }
+        render(res.data);
+      } catch (err) { problems.push(String(err.message || err)); }
+    }
+    try {
+      await section("api/nodes", renderNodes);
+      await section("api/network", renderNetwork);
+      await Promise.all([
+        section("api/plan", renderPlan),
+        section("api/jobs", renderJobs, null),
+      ]);
+      try { await renderJobDetail(); } catch (err) { problems.push(String(err.message || err)); }
+    } finally {
+      inFlight = false;
+    }
+    var status = $("status");
+    status.setAttribute("data-ok", problems.length ? "false" : "true");
+    status.textContent = (problems.length ? "problem: " + problems.join("; ") + " \u2014 " : "") +
+      "updated " + new Date().toLocaleTimeString() + ", every " + POLL_MS / 1000 + " s";
+    document.body.setAttribute("data-polls", String((Number(document.body.getAttribute("data-polls")) || 0) + 1));
+  }
+
+  function loop() { poll().finally(function () { setTimeout(loop, POLL_MS); }); }
+  document.addEventListener("DOMContentLoaded", loop);
+})();
