@@ -1,0 +1,204 @@
+"""The coordinator as one object: state dir, clock, SQLite, registry, network, servers, plugins.
+
+Extension seams (plugins get the app and use these):
+
+- ``app.state_dir`` (Path), ``app.clock`` (swarm.clock.Clock), ``app.config``;
+- ``app.db`` (:class:`coordinator.store.Database`): ``app.db.connect()`` opens a new SQLite
+  connection to ``app.db.db_path``; create your own tables with ``CREATE TABLE IF NOT EXISTS``;
+- ``app.registry.snapshot()`` -> tuple of frozen :class:`swarm.membership.NodeInfo`
+  (id, name, state, hardware, peer_address, last_seen_at_s, metrics); ``app.registry.online()``;
+- ``app.network.matrix(node_ids)`` -> ``(delay_s, bandwidth_Bps, measured_at)`` ndarrays;
+  ``app.network.record(Link(...))`` for links observed from real transfers;
+- ``app.authenticate_node(context)`` -> node id of the calling node, or raises AuthError
+  (use inside a servicer method decorated with ``swarm.transport.errors.grpc_errors``);
+- ``app.grpc_port``, ``app.http_port``, ``app.join_token``.
+
+Plugins are listed in :mod:`coordinator.plugins`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from swarm.clock import Clock, SystemClock
+from swarm.errors import AuthError, ConfigError
+from swarm.identity import is_node_id
+from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
+from swarm.transport.auth import MAX_SESSION_CHARS, read_credentials
+from swarm.transport.channels import CONTROL_MAX_MESSAGE_BYTES, bind, make_server
+
+from coordinator import plugins as plugin_registry
+from coordinator.http import HttpServer, build_web_app
+from coordinator.network import MeasurementPolicy, MeasurementScheduler, NetworkStore
+from coordinator.registry import NodeRegistry
+from coordinator.servicer import MAX_CLOCK_SKEW_S, CoordinatorServicer
+from coordinator.store import Database
+
+log = logging.getLogger(__name__)
+
+TOKEN_FILE = "join_token"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CoordinatorConfig:
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    http_host: str | None = None  # None: same as host
+    http_port: int = 0
+    join_token: str | None = None  # None: load state_dir/join_token or create one
+    heartbeat_interval_s: float = 2.0
+    node_timeout_s: float = 6.0
+    sweep_interval_s: float = 0.5
+    measurement: MeasurementPolicy = field(default_factory=MeasurementPolicy)
+    plugins: tuple[str, ...] = plugin_registry.PLUGINS
+    max_workers: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        for name in ("port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in 0..65535")
+        if not 0 < self.heartbeat_interval_s < self.node_timeout_s:
+            raise ConfigError("need 0 < --heartbeat-interval-s < --node-timeout-s")
+        if self.sweep_interval_s <= 0:
+            raise ConfigError("--sweep-interval-s must be > 0")
+        if self.join_token is not None and not (16 <= len(self.join_token) <= 200 and self.join_token.isprintable()):
+            raise ConfigError("--token must be 16..200 printable characters")
+
+
+def load_or_create_token(state_dir: Path) -> str:
+    path = Path(state_dir) / TOKEN_FILE
+    if path.exists():
+        token = path.read_text().strip()
+        if token:
+            return token
+    token = secrets.token_urlsafe(24)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+class CoordinatorApp:
+    """Owns everything the coordinator runs. ``start()`` then ``stop()``; not restartable."""
+
+    def __init__(self, config: CoordinatorConfig, *, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.state_dir = config.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.join_token = config.join_token or load_or_create_token(self.state_dir)
+        if config.join_token:
+            (self.state_dir / TOKEN_FILE).write_text(config.join_token + "\n")
+        self.db = Database(self.state_dir)
+        self.registry = NodeRegistry(self.db, self.clock, node_timeout_s=config.node_timeout_s)
+        self.network = NetworkStore(self.db)
+        self.measurements = MeasurementScheduler(self.network, self.clock, config.measurement)
+        self._sessions: dict[str, str] = {}
+        self._nonces: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
+        self.plugins = plugin_registry.load_plugins(config.plugins)
+        self.grpc_server = make_server(max_message_bytes=CONTROL_MAX_MESSAGE_BYTES, max_workers=config.max_workers)
+        self.web_app = build_web_app(self)
+        self.http: HttpServer | None = None
+        self.grpc_port = 0
+        self.http_port = 0
+        self._started_plugins: list = []
+
+    # -- sessions (who is calling) -------------------------------------------------------------
+    def new_session(self, node_id: str) -> str:
+        session = secrets.token_urlsafe(32)
+        with self._lock:
+            self._sessions[node_id] = session
+        return session
+
+    def end_session(self, node_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(node_id, None)
+
+    def authenticate_node(self, context) -> str:
+        """The node id of the caller, checked against its session. Raises AuthError."""
+        node_id, session = read_credentials(context)
+        if not node_id or not session:
+            raise AuthError("this call needs swarm-node-id and swarm-session metadata; register first")
+        if not is_node_id(node_id) or len(session) > MAX_SESSION_CHARS:
+            raise AuthError("malformed swarm-node-id or swarm-session metadata")
+        with self._lock:
+            expected = self._sessions.get(node_id)
+        if expected is None or not hmac.compare_digest(expected.encode(), session.encode()):
+            raise AuthError(f"unknown session for node {node_id} (the coordinator may have restarted); register again")
+        return node_id
+
+    def check_nonce(self, nonce: bytes, timestamp_s: float) -> None:
+        """Refuse a registration payload seen before (replay)."""
+        now = self.clock.time()
+        with self._lock:
+            for old, t in list(self._nonces.items()):
+                if now - t > 2 * MAX_CLOCK_SKEW_S:
+                    del self._nonces[old]
+            if nonce in self._nonces:
+                raise AuthError("this registration was already used (replay); the node must sign a fresh one")
+            self._nonces[bytes(nonce)] = now
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> tuple[int, int]:
+        """Start gRPC, HTTP, plugins and the liveness sweeper; returns (grpc_port, http_port)."""
+        cfg = self.config
+        pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self), self.grpc_server)
+        for mod in self.plugins:
+            if hasattr(mod, "install_grpc"):
+                mod.install_grpc(self.grpc_server, self)
+            if hasattr(mod, "install_http"):
+                mod.install_http(self.web_app, self)
+        self.grpc_port = bind(self.grpc_server, cfg.host, cfg.port)
+        self.grpc_server.start()
+        self.http = HttpServer(self.web_app, cfg.http_host or cfg.host, cfg.http_port)
+        try:
+            self.http_port = self.http.start()
+        except OSError as exc:
+            self.grpc_server.stop(0)
+            raise ConfigError(f"cannot serve HTTP on port {cfg.http_port} ({exc}); pick another --http-port") from exc
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="liveness", daemon=True)
+        self._sweeper.start()
+        for mod in self.plugins:
+            if hasattr(mod, "start"):
+                mod.start(self)
+            self._started_plugins.append(mod)
+        log.info("coordinator serving grpc_port=%d http_port=%d state_dir=%s plugins=%s",
+                 self.grpc_port, self.http_port, self.state_dir, [m.__name__ for m in self.plugins])
+        return self.grpc_port, self.http_port
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.config.sweep_interval_s):
+            try:
+                for node_id in self.registry.sweep():
+                    self.measurements.forget(node_id)
+            except Exception:  # noqa: BLE001 -- the sweeper must outlive a bad sweep
+                log.exception("liveness sweep failed")
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        self._stop.set()
+        for mod in reversed(self._started_plugins):
+            try:
+                if hasattr(mod, "stop"):
+                    mod.stop(self)
+            except Exception:  # noqa: BLE001 -- stop the rest anyway
+                log.exception("plugin %s failed to stop", mod.__name__)
+        self._started_plugins.clear()
+        if self.http is not None:
+            self.http.stop()
+        self.grpc_server.stop(grace_s).wait(grace_s + 5)
+        if self._sweeper is not None:
+            self._sweeper.join(timeout=5)
+        self.registry.close()
+        self.network.close()

@@ -1,0 +1,85 @@
+"""``swarm-coordinator serve``: run a coordinator until SIGINT/SIGTERM.
+
+Prints ``READY port=N http_port=M token=T`` on stdout once serving (scripts read it).
+Precedence: flags > SWARM_* environment > defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from swarm import log as swarm_log
+from swarm.errors import SwarmError
+
+
+def _env(name: str, default):
+    return os.environ.get(f"SWARM_{name}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarm-coordinator", description="Run a swarm coordinator.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    s = sub.add_parser("serve", help="serve the control plane (gRPC) and the status API (HTTP)")
+    s.add_argument("--host", default=_env("COORDINATOR_HOST", "0.0.0.0"), help="listen address (default 0.0.0.0)")
+    s.add_argument("--port", type=int, default=int(_env("COORDINATOR_PORT", 7070)), help="gRPC port; 0 picks a free one (default 7070)")
+    s.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", 7080)), help="HTTP port; 0 picks a free one (default 7080)")
+    s.add_argument("--state-dir", default=_env("STATE_DIR", str(Path.home() / ".swarm" / "coordinator")), help="SQLite and the join token live here")
+    s.add_argument("--token", default=_env("TOKEN", None), help="join token (default: kept in the state dir, created on first start)")
+    s.add_argument("--heartbeat-interval-s", type=float, default=2.0, help="heartbeat interval told to nodes (default 2)")
+    s.add_argument("--node-timeout-s", type=float, default=6.0, help="a node silent this long is lost (default 6)")
+    s.add_argument("--remeasure-interval-s", type=float, default=300.0, help="re-measure each link this often (default 300)")
+    s.add_argument("--probe-bytes", type=int, default=4 << 20, help="bytes streamed per bandwidth measurement (default 4 MiB)")
+    s.add_argument("--num-pings", type=int, default=5, help="round trips per RTT measurement (default 5)")
+    s.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    from coordinator.app import CoordinatorApp, CoordinatorConfig
+    from coordinator.network import MeasurementPolicy
+
+    try:
+        config = CoordinatorConfig(
+            state_dir=Path(args.state_dir).expanduser(), host=args.host, port=args.port, http_port=args.http_port,
+            join_token=args.token, heartbeat_interval_s=args.heartbeat_interval_s, node_timeout_s=args.node_timeout_s,
+            sweep_interval_s=min(0.5, args.heartbeat_interval_s / 2),
+            measurement=MeasurementPolicy(
+                remeasure_interval_s=args.remeasure_interval_s, probe_bytes=args.probe_bytes, num_pings=args.num_pings,
+            ),
+        )
+        app = CoordinatorApp(config)
+        port, http_port = app.start()
+    except (SwarmError, ValueError) as exc:
+        print(f"swarm-coordinator: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(
+        f"coordinator ready: nodes join with\n  swarm-node join --coordinator <this-host>:{port} --token {app.join_token}\n"
+        f"status: swarm status --coordinator <this-host>:{port}   web: http://<this-host>:{http_port}/",
+        file=sys.stderr,
+    )
+    print(f"READY port={port} http_port={http_port} token={app.join_token}", flush=True)
+    stop.wait()
+    app.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        parser.print_help()
+        return 2
+    swarm_log.configure(args.log_level)
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The coordinator's HTTP server (aiohttp, in its own thread and event loop).
+
+Routes of its own: ``GET /api/nodes`` and ``GET /api/network``. Plugins add routes through
+``install_http(web_app, app)`` before the server starts (aiohttp freezes the router then).
+Handlers run on this server's loop: keep them non-blocking, or use ``loop.run_in_executor``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+
+from aiohttp import web
+
+from swarm.membership import link_json, node_json
+
+log = logging.getLogger(__name__)
+
+APP_KEY = web.AppKey("coordinator_app", object)
+MAX_REQUEST_BYTES = 16 << 20
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+async def api_nodes(request: web.Request) -> web.Response:
+    app = request.app[APP_KEY]
+    now = app.clock.time()
+    return web.json_response({"nodes": [node_json(n, now) for n in app.registry.snapshot()], "server_time": now})
+
+
+async def api_network(request: web.Request) -> web.Response:
+    app = request.app[APP_KEY]
+    nodes = [n for n in app.registry.snapshot() if n.state == "online"]
+    ids = [n.id for n in nodes]
+    delay, bandwidth, measured = app.network.matrix(ids)
+    return web.json_response({
+        "node_ids": ids,
+        "names": [n.name for n in nodes],
+        "delay_s": [[_finite(v) for v in row] for row in delay],
+        "bandwidth_Bps": [[_finite(v) for v in row] for row in bandwidth],
+        "measured_at": [[_finite(v) for v in row] for row in measured],
+        "links": [link_json(link) for link in app.network.links()],
+        "server_time": app.clock.time(),
+    })
+
+
+def build_web_app(app) -> web.Application:
+    web_app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    web_app[APP_KEY] = app
+    web_app.router.add_get("/api/nodes", api_nodes)
+    web_app.router.add_get("/api/network", api_network)
+    return web_app
+
+
+class HttpServer:
+    """Runs an aiohttp Application on ``host:port`` in a daemon thread."""
+
+    def __init__(self, web_app: web.Application, host: str, port: int) -> None:
+        self.web_app = web_app
+        self._host = host
+        self._port = port
+        self.port = 0
+        self.loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="http", daemon=True)
+
+    def start(self) -> int:
+        """Start serving; returns the bound port."""
+        self._thread.start()
+        fut = asyncio.run_coroutine_threadsafe(self._start(), self.loop)
+        self.port = fut.result(timeout=30)
+        return self.port
+
+    async def _start(self) -> int:
+        self._runner = web.AppRunner(self.web_app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
+        await site.start()
+        sockets = site._server.sockets if site._server else []  # aiohttp exposes no public accessor
+        return sockets[0].getsockname()[1] if sockets else self._port
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        if self._runner is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(timeout=10)
+            except Exception:  # noqa: BLE001 -- shutting down anyway
+                log.exception("error while stopping the HTTP server")
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)

@@ -1,0 +1,235 @@
+"""Measured links between nodes: storage, matrices, and which pairs to measure next.
+
+:class:`NetworkStore` keeps the latest :class:`~swarm.membership.Link` per directed pair
+(persisted in SQLite) and builds matrices for the planners::
+
+    delay_s, bandwidth_Bps, measured_at = app.network.matrix(node_ids)
+
+Row i, column j is the link from node_ids[i] to node_ids[j]; unmeasured entries are NaN, the
+diagonal is delay 0 and bandwidth +inf. Other components record what they observe from real
+transfers with :meth:`NetworkStore.record` (``source="transfer"``).
+
+:class:`MeasurementScheduler` hands out measurement tasks on heartbeats: each node takes part
+in at most one measurement at a time (as source or destination), so probes never share a
+link; missing links go first, then the stalest beyond ``remeasure_interval_s``. Up to
+``max_full_mesh_nodes`` online nodes every ordered pair is measured; beyond, each source
+measures a seeded sample of ``sample_peers`` peers per re-measure period.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import secrets
+import threading
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from swarm.clock import Clock
+from swarm.membership import Link, NodeInfo
+
+from coordinator.store import Database
+
+log = logging.getLogger(__name__)
+
+
+class NetworkMatrix(NamedTuple):
+    delay_s: np.ndarray  # (N, N) one-way delay estimate, seconds
+    bandwidth_Bps: np.ndarray  # (N, N) bytes per second
+    measured_at: np.ndarray  # (N, N) unix seconds, NaN when never measured
+
+
+class NetworkStore:
+    """Latest link per (src, dst); thread-safe."""
+
+    def __init__(self, db: Database) -> None:
+        self._lock = threading.Lock()
+        self._conn = db.connect()
+        self._links: dict[tuple[str, str], Link] = {}
+        for row in self._conn.execute(
+            "SELECT src, dst, delay_s, rtt_s, bandwidth_Bps, measured_at, source FROM links"
+        ).fetchall():
+            try:
+                link = Link(src=row[0], dst=row[1], delay_s=row[2], rtt_s=row[3], bandwidth_Bps=row[4],
+                            measured_at_s=row[5], source=row[6])
+            except ValueError as exc:
+                log.warning("skipping unreadable link row %s->%s: %s", row[0], row[1], exc)
+                continue
+            self._links[(link.src, link.dst)] = link
+
+    def record(self, link: Link) -> None:
+        with self._lock:
+            self._links[(link.src, link.dst)] = link
+            with self._conn:
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO links (src, dst, delay_s, rtt_s, bandwidth_Bps, measured_at, source)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    (link.src, link.dst, link.delay_s, link.rtt_s, link.bandwidth_Bps, link.measured_at_s, link.source),
+                )
+        log.info("link measured src=%s dst=%s rtt_ms=%.2f bandwidth_Mbps=%.1f source=%s",
+                 link.src[:8], link.dst[:8], link.rtt_s * 1e3, link.bandwidth_Bps * 8 / 1e6, link.source)
+
+    def get(self, src: str, dst: str) -> Link | None:
+        with self._lock:
+            return self._links.get((src, dst))
+
+    def links(self, node_ids: list[str] | None = None) -> tuple[Link, ...]:
+        """All links, or those among ``node_ids``; sorted by (src, dst)."""
+        with self._lock:
+            links = list(self._links.values())
+        if node_ids is not None:
+            keep = set(node_ids)
+            links = [link for link in links if link.src in keep and link.dst in keep]
+        return tuple(sorted(links, key=lambda link: (link.src, link.dst)))
+
+    def matrix(self, node_ids: list[str]) -> NetworkMatrix:
+        n = len(node_ids)
+        delay = np.full((n, n), np.nan)
+        bandwidth = np.full((n, n), np.nan)
+        measured = np.full((n, n), np.nan)
+        np.fill_diagonal(delay, 0.0)
+        np.fill_diagonal(bandwidth, np.inf)
+        with self._lock:
+            for i, src in enumerate(node_ids):
+                for j, dst in enumerate(node_ids):
+                    link = self._links.get((src, dst))
+                    if i != j and link is not None:
+                        delay[i, j] = link.delay_s
+                        bandwidth[i, j] = link.bandwidth_Bps
+                        measured[i, j] = link.measured_at_s
+        return NetworkMatrix(delay, bandwidth, measured)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeasureTask:
+    task_id: str
+    src: str
+    dst: str
+    dst_address: str
+    probe_bytes: int
+    num_pings: int
+    deadline_s: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MeasurementPolicy:
+    remeasure_interval_s: float = 300.0
+    retry_after_failure_s: float = 10.0
+    task_timeout_s: float = 30.0
+    probe_bytes: int = 4 << 20
+    num_pings: int = 5
+    max_full_mesh_nodes: int = 32
+    sample_peers: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.remeasure_interval_s <= 0 or self.task_timeout_s <= 0 or self.retry_after_failure_s < 0:
+            raise ValueError("measurement intervals must be > 0")
+        if not 1 << 10 <= self.probe_bytes <= 1 << 30:
+            raise ValueError("probe_bytes must be in 1 KiB..1 GiB")
+        if not 1 <= self.num_pings <= 100:
+            raise ValueError("num_pings must be in 1..100")
+        if self.max_full_mesh_nodes < 2 or self.sample_peers < 1:
+            raise ValueError("max_full_mesh_nodes must be >= 2 and sample_peers >= 1")
+
+
+def candidate_peers(src: str, others: list[str], policy: MeasurementPolicy, now_s: float) -> list[str]:
+    """Peers ``src`` should keep measured: all of them in a small swarm, else a seeded sample
+    that changes every re-measure period. Pure and deterministic."""
+    others = sorted(o for o in others if o != src)
+    if len(others) + 1 <= policy.max_full_mesh_nodes:
+        return others
+    epoch = int(now_s // policy.remeasure_interval_s)
+    digest = hashlib.sha256(f"{policy.seed}:{src}:{epoch}".encode()).digest()
+    rng = random.Random(int.from_bytes(digest[:8], "big"))
+    return rng.sample(others, min(policy.sample_peers, len(others)))
+
+
+class MeasurementScheduler:
+    """Assigns link measurements to nodes as they heartbeat; thread-safe."""
+
+    def __init__(self, store: NetworkStore, clock: Clock, policy: MeasurementPolicy) -> None:
+        self._store = store
+        self._clock = clock
+        self.policy = policy
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, MeasureTask] = {}
+        self._failed_at: dict[tuple[str, str], float] = {}
+
+    def _expire(self, now: float) -> None:
+        for task_id, task in list(self._in_flight.items()):
+            if now > task.deadline_s:
+                log.warning("measurement timed out src=%s dst=%s", task.src[:8], task.dst[:8])
+                self._failed_at[(task.src, task.dst)] = now
+                del self._in_flight[task_id]
+
+    def _busy(self) -> set[str]:
+        busy = set()
+        for task in self._in_flight.values():
+            busy.add(task.src)
+            busy.add(task.dst)
+        return busy
+
+    def next_task(self, src: str, online: tuple[NodeInfo, ...]) -> MeasureTask | None:
+        """The measurement ``src`` should run now, or None."""
+        now = self._clock.time()
+        by_id = {n.id: n for n in online}
+        if src not in by_id:
+            return None
+        p = self.policy
+        with self._lock:
+            self._expire(now)
+            busy = self._busy()
+            if src in busy:
+                return None
+            best: tuple[float, str] | None = None
+            for dst in candidate_peers(src, list(by_id), p, now):
+                if dst in busy:
+                    continue
+                failed = self._failed_at.get((src, dst))
+                if failed is not None and now - failed < p.retry_after_failure_s:
+                    continue
+                link = self._store.get(src, dst)
+                age = math.inf if link is None else now - link.measured_at_s
+                if age < p.remeasure_interval_s:
+                    continue
+                key = (-age, dst)  # missing (infinite age) first, then stalest; ties by id
+                if best is None or key < best:
+                    best = key
+            if best is None:
+                return None
+            dst = best[1]
+            task = MeasureTask(
+                task_id=secrets.token_hex(8), src=src, dst=dst, dst_address=by_id[dst].peer_address,
+                probe_bytes=p.probe_bytes, num_pings=p.num_pings, deadline_s=now + p.task_timeout_s,
+            )
+            self._in_flight[task.task_id] = task
+            return task
+
+    def complete(self, task_id: str, src: str, *, failed: bool) -> MeasureTask | None:
+        """Close the task ``task_id`` run by ``src``; None when there is no such task."""
+        with self._lock:
+            task = self._in_flight.get(task_id)
+            if task is None or task.src != src:
+                return None
+            del self._in_flight[task_id]
+            if failed:
+                self._failed_at[(task.src, task.dst)] = self._clock.time()
+            else:
+                self._failed_at.pop((task.src, task.dst), None)
+            return task
+
+    def forget(self, node_id: str) -> None:
+        """Drop the tasks a departed node takes part in."""
+        with self._lock:
+            for task_id, task in list(self._in_flight.items()):
+                if node_id in (task.src, task.dst):
+                    del self._in_flight[task_id]

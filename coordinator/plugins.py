@@ -1,0 +1,34 @@
+"""The coordinator's plugins, in ONE place.
+
+Each module may expose any of (all optional; ``app`` is the :class:`coordinator.app.CoordinatorApp`):
+
+- ``install_grpc(server, app)``: add servicers to the coordinator's gRPC server (before start);
+- ``install_http(web_app, app)``: add aiohttp routes to the HTTP app (before it starts);
+- ``start(app)``: start background work, after both servers are serving;
+- ``stop(app)``: stop it (called in reverse order, before the servers stop).
+
+A listed module that does not exist yet is skipped with a debug log; an ImportError raised
+*inside* an existing plugin is not hidden.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+PLUGINS: tuple[str, ...] = ("coordinator.web", "coordinator.jobs", "coordinator.inference")
+
+
+def load_plugins(names: tuple[str, ...] = PLUGINS) -> list[ModuleType]:
+    modules = []
+    for name in names:
+        try:
+            modules.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            log.debug("plugin %s is not installed; skipping", name)
+    return modules

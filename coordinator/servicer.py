@@ -1,0 +1,166 @@
+"""gRPC servicer of the coordinator's control plane (protos/swarm/proto/v1/coordinator.proto).
+
+Thin: it validates requests, translates protobuf to domain objects and calls the app. Every
+method is wrapped by :func:`swarm.transport.errors.grpc_errors`, so a bad request gets its
+status code and a message saying what to do, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import re
+
+from google.protobuf.message import DecodeError
+
+import swarm
+from swarm.errors import AuthError, InvalidRequestError, VersionMismatchError
+from swarm.identity import is_node_id, verify
+from swarm.membership import Link
+from swarm.proto.v1 import coordinator_pb2 as pb
+from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
+from swarm.transport.channels import parse_address
+from swarm.transport.convert import hardware_from_proto, link_to_proto, metrics_from_json, node_to_proto
+from swarm.transport.errors import grpc_errors
+
+log = logging.getLogger(__name__)
+
+MAX_PAYLOAD_BYTES = 16 << 10
+MAX_TOKEN_CHARS = 256
+MAX_CLOCK_SKEW_S = 300.0
+MAX_STATUS_CHARS = 200
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_protocol_version(theirs: str) -> None:
+    """Refuse a different major protocol version."""
+    ours = swarm.PROTOCOL_VERSION
+    if not theirs:
+        raise VersionMismatchError(f"the node sent no protocol version; this coordinator speaks {ours}: upgrade the node")
+    if theirs.split(".")[0] != ours.split(".")[0]:
+        raise VersionMismatchError(
+            f"the node speaks protocol {theirs[:20]} but this coordinator speaks {ours}; "
+            "upgrade the older side (pip install -U volunteer-swarm)"
+        )
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    """Implements Register / Heartbeat / Leave / ReportMeasurement / ListNodes / GetNetwork."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    @grpc_errors
+    def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterReply:
+        app = self.app
+        if len(request.payload) > MAX_PAYLOAD_BYTES:
+            raise InvalidRequestError(f"registration payload is larger than {MAX_PAYLOAD_BYTES} bytes")
+        if not request.payload:
+            raise InvalidRequestError("registration payload is empty; upgrade the node")
+        payload = pb.RegistrationPayload()
+        try:
+            payload.ParseFromString(request.payload)
+        except DecodeError as exc:
+            raise InvalidRequestError("registration payload is not a RegistrationPayload message") from exc
+        check_protocol_version(payload.protocol_version)
+        if len(request.token) > MAX_TOKEN_CHARS or not hmac.compare_digest(
+            request.token.encode(), app.join_token.encode()
+        ):
+            raise AuthError("wrong join token; use the token the coordinator printed at start (--token)")
+        node_id = verify(request.public_key, request.signature, request.payload)
+        if payload.node_id != node_id:
+            raise AuthError("node_id does not match the public key; the node's state dir may be corrupt")
+        skew = abs(app.clock.time() - payload.timestamp_s)
+        if not math.isfinite(payload.timestamp_s) or skew > MAX_CLOCK_SKEW_S:
+            raise AuthError(
+                f"registration timestamp is {skew:.0f} s away from the coordinator's clock; sync the node's clock (NTP)"
+            )
+        if not 8 <= len(payload.nonce) <= 64:
+            raise InvalidRequestError("registration nonce must be 8..64 bytes")
+        app.check_nonce(payload.nonce, payload.timestamp_s)
+        if not NAME_RE.match(payload.name):
+            raise InvalidRequestError(
+                f"node name {payload.name[:80]!r} must be 1-64 characters of letters, digits, '.', '_' or '-'"
+            )
+        parse_address(payload.peer_address)
+        hardware = hardware_from_proto(payload.hardware)
+        app.registry.register(
+            node_id=node_id, name=payload.name, public_key=bytes(request.public_key),
+            peer_address=payload.peer_address, hardware=hardware,
+        )
+        session = app.new_session(node_id)
+        return pb.RegisterReply(
+            node_id=node_id, session=session, heartbeat_interval_s=app.config.heartbeat_interval_s,
+            coordinator_version=swarm.__version__, protocol_version=swarm.PROTOCOL_VERSION,
+        )
+
+    @grpc_errors
+    def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        app = self.app
+        node_id = app.authenticate_node(context)
+        if len(request.status) > MAX_STATUS_CHARS:
+            raise InvalidRequestError(f"status is longer than {MAX_STATUS_CHARS} characters")
+        metrics = metrics_from_json(request.metrics_json)
+        if request.memory_free_bytes < 0:
+            raise InvalidRequestError("memory_free_bytes must be >= 0")
+        app.registry.heartbeat(
+            node_id, status=request.status, metrics=metrics,
+            memory_free_bytes=request.memory_free_bytes or None,
+        )
+        reply = pb.HeartbeatReply(heartbeat_interval_s=app.config.heartbeat_interval_s, server_time_s=app.clock.time())
+        task = app.measurements.next_task(node_id, app.registry.online())
+        if task is not None:
+            reply.tasks.append(pb.MeasureTask(
+                task_id=task.task_id, dst_node_id=task.dst, dst_address=task.dst_address,
+                probe_bytes=task.probe_bytes, num_pings=task.num_pings,
+            ))
+        return reply
+
+    @grpc_errors
+    def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
+        node_id = self.app.authenticate_node(context)
+        self.app.registry.leave(node_id)
+        self.app.end_session(node_id)
+        self.app.measurements.forget(node_id)
+        return pb.LeaveReply()
+
+    @grpc_errors
+    def ReportMeasurement(self, request: pb.MeasurementReport, context) -> pb.MeasurementAck:
+        app = self.app
+        node_id = app.authenticate_node(context)
+        if len(request.task_id) > 64 or len(request.error) > 2000:
+            raise InvalidRequestError("task_id or error is too long")
+        if not is_node_id(request.dst_node_id):
+            raise InvalidRequestError("dst_node_id is not a node id")
+        failed = bool(request.error)
+        if not failed:
+            for name in ("rtt_s", "bandwidth_Bps"):
+                v = getattr(request, name)
+                if not (math.isfinite(v) and v > 0):
+                    raise InvalidRequestError(f"{name} must be finite and > 0, got {v}")
+            if request.rtt_s > 600 or request.bandwidth_Bps > 1e13:
+                raise InvalidRequestError("rtt_s or bandwidth_Bps is out of any plausible range")
+        task = app.measurements.complete(request.task_id, node_id, failed=failed)
+        if task is None or task.dst != request.dst_node_id:
+            raise InvalidRequestError("no such measurement task for this node (it may have timed out); ignore")
+        if failed:
+            log.warning("measurement failed src=%s dst=%s: %s", node_id[:8], task.dst[:8], request.error[:300])
+            return pb.MeasurementAck()
+        app.network.record(Link(
+            src=node_id, dst=task.dst, delay_s=request.rtt_s / 2, rtt_s=request.rtt_s,
+            bandwidth_Bps=request.bandwidth_Bps, measured_at_s=app.clock.time(), source="probe",
+        ))
+        return pb.MeasurementAck()
+
+    @grpc_errors
+    def ListNodes(self, request: pb.ListNodesRequest, context) -> pb.ListNodesReply:
+        reply = pb.ListNodesReply(server_time_s=self.app.clock.time())
+        reply.nodes.extend(node_to_proto(n) for n in self.app.registry.snapshot())
+        return reply
+
+    @grpc_errors
+    def GetNetwork(self, request: pb.GetNetworkRequest, context) -> pb.GetNetworkReply:
+        reply = pb.GetNetworkReply(server_time_s=self.app.clock.time())
+        reply.links.extend(link_to_proto(link) for link in self.app.network.links())
+        return reply

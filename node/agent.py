@@ -1,0 +1,286 @@
+"""The node agent: identity, hardware, peer server, registration, heartbeats, measurements.
+
+Protocol with the coordinator (see coordinator.proto): register with a signed payload and the
+join token; heartbeat every interval (the reply may hand out link measurements, run on a
+worker thread and reported back); when a heartbeat says the session is unknown (coordinator
+restarted) register again; when the coordinator is unreachable, log it, back off and retry;
+on stop, leave cleanly.
+
+Extension seams (plugins get the agent):
+
+- ``agent.identity``, ``agent.node_id``, ``agent.device`` (torch device string),
+  ``agent.state_dir``, ``agent.coordinator_address``, ``agent.hardware``, ``agent.config``;
+- ``agent.peer_server`` (grpc.Server; plugins add servicers in ``install``), ``agent.peer_port``,
+  ``agent.peer_address`` (what other nodes dial);
+- ``agent.coordinator_channel``: a grpc.Channel to the coordinator, for plugin stubs;
+  ``agent.call_metadata()``: metadata tying a call to this node's registered identity (raises
+  UnavailableError while not registered); ``agent.wait_registered(timeout_s)``;
+- ``agent.update_metrics(**values)`` (or ``agent.metrics``, guarded by ``agent.metrics_lock``):
+  JSON-able values sent with every heartbeat and shown in /api/nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from swarm.clock import Clock, SystemClock
+from swarm.errors import AuthError, ConfigError, InvalidRequestError, NotFoundError, SwarmError, UnavailableError, VersionMismatchError
+from swarm.hardware import HardwareInfo, probe
+from swarm.identity import Identity
+from swarm.proto.v1 import coordinator_pb2 as pb
+from swarm.proto.v1 import peer_pb2_grpc
+from swarm.transport.auth import call_metadata
+from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, bind, make_server, parse_address
+from swarm.transport.convert import metrics_to_json
+
+from node import plugins as plugin_registry
+from node.coordinator_link import Backoff, CoordinatorLink
+from node.measure import measure_link
+from node.peer_service import PeerServicer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    coordinator_address: str
+    token: str
+    state_dir: Path
+    name: str | None = None  # None: hostname-<id prefix>
+    device: str = "cpu"
+    host: str = "0.0.0.0"
+    port: int = 0
+    advertise_host: str | None = None  # None: the local address that reaches the coordinator
+    heartbeat_interval_s: float | None = None  # None: what the coordinator says
+    matmul_duration_s: float = 1.0
+    plugins: tuple[str, ...] = field(default=plugin_registry.PLUGINS)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        parse_address(self.coordinator_address)
+        if not self.token:
+            raise ConfigError("a join token is needed: pass --token (printed by the coordinator at start)")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("--port must be in 0..65535")
+        if self.heartbeat_interval_s is not None and not 0.05 <= self.heartbeat_interval_s <= 60:
+            raise ConfigError("--heartbeat-interval-s must be in 0.05..60")
+        if not 0.01 <= self.matmul_duration_s <= 30:
+            raise ConfigError("--probe-seconds must be in 0.01..30")
+
+
+def local_address_towards(host: str) -> str:
+    """The local IP this machine uses to reach ``host`` (no packet is sent)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+class NodeAgent:
+    def __init__(self, config: NodeConfig, *, hardware: HardwareInfo | None = None, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.state_dir = config.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.identity = Identity.load_or_create(self.state_dir)
+        self.node_id = self.identity.node_id
+        self.coordinator_address = config.coordinator_address
+        self.name = config.name or f"{socket.gethostname()[:40]}-{self.node_id[:6]}"
+        self.hardware = hardware or probe(config.device, disk_path=self.state_dir, matmul_duration_s=config.matmul_duration_s)
+        self.device = self.hardware.device
+        self.metrics: dict[str, Any] = {}
+        self.metrics_lock = threading.Lock()
+        self.status = "idle"
+        self.plugins = plugin_registry.load_plugins(config.plugins)
+        self.peer_server = make_server(max_message_bytes=DATA_MAX_MESSAGE_BYTES)
+        self.peer_port = 0
+        self.peer_address = ""
+        self.fatal_error: SwarmError | None = None
+        self._link = CoordinatorLink(config.coordinator_address, self.identity, self.clock)
+        self.coordinator_channel = self._link.channel
+        self._session: str | None = None
+        self._session_lock = threading.Lock()
+        self._registered = threading.Event()
+        self._stop = threading.Event()
+        self._tasks: queue.Queue = queue.Queue(maxsize=16)
+        self._threads: list[threading.Thread] = []
+        self._started_plugins: list = []
+        self.heartbeat_interval_s = config.heartbeat_interval_s or 2.0
+
+    # -- seams for plugins -------------------------------------------------------------------
+    def update_metrics(self, **values: Any) -> None:
+        with self.metrics_lock:
+            self.metrics.update(values)
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata tying a call to this node's session. Raises UnavailableError if not registered."""
+        with self._session_lock:
+            session = self._session
+        if session is None:
+            raise UnavailableError("this node is not registered with the coordinator yet; retry shortly")
+        return call_metadata(self.node_id, session)
+
+    def wait_registered(self, timeout_s: float) -> bool:
+        return self._registered.wait(timeout_s)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> int:
+        """Start the peer server, plugins and the heartbeat loop; returns the peer port."""
+        peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(self.node_id), self.peer_server)
+        for mod in self.plugins:
+            if hasattr(mod, "install"):
+                mod.install(self.peer_server, self)
+        self.peer_port = bind(self.peer_server, self.config.host, self.config.port)
+        self.peer_server.start()
+        host = self.config.advertise_host
+        if not host:
+            bind_host = self.config.host
+            if bind_host in ("0.0.0.0", "::", ""):
+                host = local_address_towards(parse_address(self.coordinator_address)[0])
+            else:
+                host = bind_host
+        self.peer_address = f"{host}:{self.peer_port}"
+        for mod in self.plugins:
+            if hasattr(mod, "start"):
+                mod.start(self)
+            self._started_plugins.append(mod)
+        for target, name in ((self._run, "heartbeat"), (self._measure_worker, "measure")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("node started id=%s name=%s peer_address=%s device=%s tflops=%.3f",
+                 self.node_id, self.name, self.peer_address, self.device, self.hardware.tflops)
+        return self.peer_port
+
+    def stop(self, *, leave: bool = True) -> None:
+        self._stop.set()
+        for mod in reversed(self._started_plugins):
+            try:
+                if hasattr(mod, "stop"):
+                    mod.stop(self)
+            except Exception:  # noqa: BLE001 -- stop the rest anyway
+                log.exception("plugin %s failed to stop", mod.__name__)
+        self._started_plugins.clear()
+        for t in self._threads:
+            t.join(timeout=15)
+        with self._session_lock:
+            session, self._session = self._session, None
+        if leave and session is not None:
+            try:
+                self._link.leave(session)
+                log.info("left the swarm id=%s", self.node_id)
+            except SwarmError as exc:
+                log.warning("could not leave cleanly: %s", exc)
+        self.peer_server.stop(1.0).wait(6)
+        self._link.close()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _register(self) -> None:
+        reg = self._link.register(name=self.name, peer_address=self.peer_address, hardware=self.hardware,
+                                  token=self.config.token)
+        with self._session_lock:
+            self._session = reg.session
+        if self.config.heartbeat_interval_s is None:
+            self.heartbeat_interval_s = reg.heartbeat_interval_s
+        self._registered.set()
+        log.info("registered with coordinator=%s id=%s", self.coordinator_address, self.node_id)
+
+    def _heartbeat(self) -> None:
+        with self._session_lock:
+            session = self._session
+        with self.metrics_lock:
+            metrics = dict(self.metrics)
+        try:
+            metrics_json = metrics_to_json(metrics)
+        except (InvalidRequestError, ValueError, TypeError) as exc:
+            log.warning("metrics not sendable (%s); sending none", exc)
+            metrics_json = "{}"
+        reply = self._link.heartbeat(session, status=self.status, metrics_json=metrics_json)
+        if self.config.heartbeat_interval_s is None and reply.heartbeat_interval_s > 0:
+            self.heartbeat_interval_s = min(max(reply.heartbeat_interval_s, 0.05), 60.0)
+        for task in reply.tasks:
+            try:
+                self._tasks.put_nowait(task)
+            except queue.Full:
+                log.warning("measurement queue full; dropping task for dst=%s", task.dst_node_id[:8])
+
+    def _run(self) -> None:
+        backoff = Backoff(seed=self.config.seed)
+        unreachable_since: float | None = None
+        while not self._stop.is_set():
+            try:
+                if self._session is None:
+                    self._register()
+                else:
+                    self._heartbeat()
+                if unreachable_since is not None:
+                    log.warning("coordinator at %s is reachable again", self.coordinator_address)
+                    unreachable_since = None
+                backoff.reset()
+                self._stop.wait(self.heartbeat_interval_s)
+            except UnavailableError as exc:
+                if unreachable_since is None:
+                    unreachable_since = self.clock.monotonic()
+                delay = backoff.next_delay_s()
+                log.warning("coordinator unreachable (%s); retrying in %.1f s", exc, delay)
+                self._stop.wait(delay)
+            except (AuthError, NotFoundError) as exc:
+                if self._session is None:  # registration itself refused: wrong token etc.
+                    self._fatal(exc)
+                    return
+                log.warning("coordinator does not know this session (%s); registering again", exc)
+                with self._session_lock:
+                    self._session = None
+                self._registered.clear()
+            except (VersionMismatchError, InvalidRequestError) as exc:
+                self._fatal(exc)
+                return
+            except Exception:  # noqa: BLE001 -- a bug in one beat must not kill the node
+                log.exception("heartbeat loop error")
+                self._stop.wait(backoff.next_delay_s())
+
+    def _fatal(self, exc: SwarmError) -> None:
+        log.error("the coordinator refused this node: %s", exc)
+        self.fatal_error = exc
+        self._stop.set()
+
+    def _measure_worker(self) -> None:
+        while not self._stop.is_set():
+            try:
+                task = self._tasks.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            report = pb.MeasurementReport(task_id=task.task_id, dst_node_id=task.dst_node_id)
+            try:
+                sample = measure_link(task.dst_address, probe_bytes=int(task.probe_bytes),
+                                      num_pings=int(task.num_pings), expected_node_id=task.dst_node_id)
+                report.rtt_s = sample.rtt_s
+                report.bandwidth_Bps = sample.bandwidth_Bps
+                report.probe_bytes = sample.probe_bytes
+            except SwarmError as exc:
+                report.error = str(exc)[:1000]
+            except Exception as exc:  # noqa: BLE001 -- report, keep the worker alive
+                log.exception("measurement to %s failed", task.dst_address)
+                report.error = f"{type(exc).__name__}: {exc}"[:1000]
+            with self._session_lock:
+                session = self._session
+            if session is None:
+                continue
+            try:
+                self._link.report(session, report)
+            except SwarmError as exc:
+                log.warning("could not report measurement: %s", exc)

@@ -1,0 +1,82 @@
+"""``swarm-node join``: join a swarm and serve until SIGINT/SIGTERM, then leave cleanly.
+
+Prints ``READY port=N node_id=ID`` on stdout once the peer server is serving (registration
+may still be pending if the coordinator is unreachable; the node retries by itself).
+Precedence: flags > SWARM_* environment > defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from swarm import log as swarm_log
+from swarm.errors import SwarmError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="swarm-node", description="Join a swarm as a volunteer node.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    j = sub.add_parser("join", help="join a coordinator and serve")
+    j.add_argument("--coordinator", default=env("SWARM_COORDINATOR"), help="HOST:PORT of the coordinator's gRPC port")
+    j.add_argument("--token", default=env("SWARM_TOKEN"), help="join token printed by the coordinator")
+    j.add_argument("--name", default=env("SWARM_NODE_NAME"), help="display name (default hostname-<id>)")
+    j.add_argument("--device", default=env("SWARM_DEVICE", "cpu"), help="cpu, cuda or cuda:K (default cpu)")
+    j.add_argument("--host", default=env("SWARM_NODE_HOST", "0.0.0.0"), help="peer service listen address")
+    j.add_argument("--port", type=int, default=int(env("SWARM_NODE_PORT", "0")), help="peer service port (default 0: free)")
+    j.add_argument("--advertise-host", default=env("SWARM_ADVERTISE_HOST"), help="address other nodes dial (default: the local IP towards the coordinator)")
+    j.add_argument("--state-dir", default=env("SWARM_STATE_DIR", str(Path.home() / ".swarm" / "node")), help="identity key and node files")
+    j.add_argument("--heartbeat-interval-s", type=float, default=None, help="override the coordinator's heartbeat interval")
+    j.add_argument("--probe-seconds", type=float, default=1.0, help="duration of the matmul TFLOPS probe (default 1)")
+    j.add_argument("--log-level", default=env("SWARM_LOG_LEVEL", "INFO"))
+    return parser
+
+
+def join(args: argparse.Namespace) -> int:
+    from node.agent import NodeAgent, NodeConfig
+
+    if not args.coordinator:
+        print("swarm-node: --coordinator HOST:PORT is required", file=sys.stderr)
+        return 2
+    try:
+        config = NodeConfig(
+            coordinator_address=args.coordinator, token=args.token or "", state_dir=Path(args.state_dir).expanduser(),
+            name=args.name, device=args.device, host=args.host, port=args.port, advertise_host=args.advertise_host,
+            heartbeat_interval_s=args.heartbeat_interval_s, matmul_duration_s=args.probe_seconds,
+        )
+        agent = NodeAgent(config)
+        port = agent.start()
+    except (SwarmError, ValueError) as exc:
+        print(f"swarm-node: {exc}", file=sys.stderr)
+        return 2
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    print(f"READY port={port} node_id={agent.node_id}", flush=True)
+    while not done.wait(0.2):
+        if agent.stopped:
+            break
+    agent.stop(leave=True)
+    if agent.fatal_error is not None:
+        print(f"swarm-node: {agent.fatal_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "join":
+        parser.print_help()
+        return 2
+    swarm_log.configure(args.log_level)
+    return join(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The node's own Peer servicer (protos/swarm/proto/v1/peer.proto): Ping and BandwidthProbe.
+
+Protocol: see peer.proto. The receiver of a probe bounds the stream (``MAX_PROBE_BYTES``,
+``MAX_CHUNK_BYTES``) and times it from the first chunk to the last with its monotonic clock.
+"""
+
+from __future__ import annotations
+
+import time
+
+from swarm.errors import InvalidRequestError
+from swarm.proto.v1 import peer_pb2 as pb
+from swarm.proto.v1 import peer_pb2_grpc as pb_grpc
+from swarm.transport.errors import grpc_errors
+
+MAX_PING_BYTES = 1 << 10
+MAX_CHUNK_BYTES = 1 << 20
+MAX_PROBE_BYTES = 1 << 30
+
+
+class PeerServicer(pb_grpc.PeerServicer):
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+
+    @grpc_errors
+    def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
+        if len(request.payload) > MAX_PING_BYTES:
+            raise InvalidRequestError(f"ping payload must be at most {MAX_PING_BYTES} bytes")
+        return pb.PingReply(node_id=self.node_id, payload=request.payload)
+
+    @grpc_errors
+    def BandwidthProbe(self, request_iterator, context) -> pb.ProbeReply:
+        total = first = chunks = 0
+        t_first = t_last = 0.0
+        for chunk in request_iterator:
+            now = time.monotonic()
+            n = len(chunk.data)
+            if n > MAX_CHUNK_BYTES:
+                raise InvalidRequestError(f"probe chunks must be at most {MAX_CHUNK_BYTES} bytes")
+            if chunks == 0:
+                t_first, first = now, n
+            t_last = now
+            total += n
+            chunks += 1
+            if total > MAX_PROBE_BYTES:
+                raise InvalidRequestError(f"a probe may carry at most {MAX_PROBE_BYTES} bytes")
+        return pb.ProbeReply(
+            node_id=self.node_id, bytes_received=total, first_chunk_bytes=first,
+            first_to_last_s=t_last - t_first, num_chunks=chunks,
+        )

@@ -1,0 +1,181 @@
+"""What this machine can do: device, memory, cores, disk and *measured* matmul TFLOPS.
+
+:func:`probe` fills a :class:`HardwareInfo`. The TFLOPS figure is measured, not looked up:
+dense square matmuls in the dtype the node would train in (float32 on CPU, bfloat16 on
+GPUs that support it, float16 otherwise) for about ``duration_s`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEVICE_KINDS = ("cpu", "cuda")
+MAX_TFLOPS = 1e5  # nothing a volunteer owns comes near 100 PFLOPS: beyond is a lie or a bug
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HardwareInfo:
+    """A node's hardware. Memory is the compute device's (RAM for cpu), in bytes."""
+
+    device: str  # torch device string: "cpu", "cuda:0"
+    device_kind: str  # "cpu" | "cuda"
+    device_name: str
+    memory_bytes: int
+    memory_free_bytes: int
+    compute_capability: str = ""
+    cpu_cores: int
+    ram_bytes: int
+    disk_free_bytes: int
+    tflops: float
+    tflops_dtype: str
+
+    def __post_init__(self) -> None:
+        from swarm.errors import InvalidRequestError
+
+        if self.device_kind not in DEVICE_KINDS:
+            raise InvalidRequestError(f"device_kind must be one of {DEVICE_KINDS}, got {self.device_kind!r}")
+        if not self.device.startswith(self.device_kind):
+            raise InvalidRequestError(f"device {self.device!r} does not match device_kind {self.device_kind!r}")
+        for name in ("memory_bytes", "memory_free_bytes", "ram_bytes", "disk_free_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0 or v > 1 << 56:
+                raise InvalidRequestError(f"{name} must be an integer in 0..2^56, got {v!r}")
+        if self.memory_free_bytes > self.memory_bytes:
+            raise InvalidRequestError("memory_free_bytes exceeds memory_bytes")
+        if not isinstance(self.cpu_cores, int) or not 0 < self.cpu_cores <= 1 << 16:
+            raise InvalidRequestError(f"cpu_cores must be in 1..65536, got {self.cpu_cores!r}")
+        if not (math.isfinite(self.tflops) and 0 <= self.tflops <= MAX_TFLOPS):
+            raise InvalidRequestError(f"tflops must be finite and in 0..{MAX_TFLOPS:g}, got {self.tflops}")
+        if self.tflops_dtype not in ("float32", "bfloat16", "float16"):
+            raise InvalidRequestError(f"tflops_dtype must be float32, bfloat16 or float16, got {self.tflops_dtype!r}")
+        for name in ("device", "device_name", "compute_capability"):
+            if len(getattr(self, name)) > 200:
+                raise InvalidRequestError(f"{name} is longer than 200 characters")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _meminfo() -> tuple[int, int]:
+    """(total, available) RAM in bytes."""
+    total = avail = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key == "MemTotal":
+                total = int(rest.split()[0]) * 1024
+            elif key == "MemAvailable":
+                avail = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if total == 0:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            avail = total
+        except (ValueError, OSError):
+            pass
+    return total, min(avail, total)
+
+
+def measure_matmul_tflops(device: str = "cpu", *, duration_s: float = 1.0, n: int | None = None) -> tuple[float, str]:
+    """Measured dense matmul TFLOPS on ``device`` and the dtype used.
+
+    Runs n x n @ n x n matmuls (2 n^3 flops each) for about ``duration_s`` after one warm-up.
+    """
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        n = n or 8192
+    else:
+        dtype = torch.float32
+        n = n or 512
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    torch.matmul(a, b)  # warm-up: kernels, allocator, threads
+    sync()
+    reps = 0
+    start = time.perf_counter()
+    elapsed = 0.0
+    while elapsed < duration_s or reps < 2:
+        torch.matmul(a, b)
+        if dev.type == "cuda":
+            # queue a few at once so launch latency does not count
+            for _ in range(4):
+                torch.matmul(a, b)
+            reps += 4
+        reps += 1
+        sync()
+        elapsed = time.perf_counter() - start
+    flops = 2.0 * n**3 * reps
+    return flops / elapsed / 1e12, str(dtype).removeprefix("torch.")
+
+
+def probe(device: str = "cpu", *, disk_path: str | Path = ".", matmul_duration_s: float = 1.0) -> HardwareInfo:
+    """Probe this machine for ``device`` ("cpu", "cuda", "cuda:K")."""
+    import torch
+
+    from swarm.errors import ConfigError
+
+    dev = torch.device(device)
+    ram_total, ram_avail = _meminfo()
+    cores = os.cpu_count() or 1
+    disk_dir = Path(disk_path)
+    while not disk_dir.exists() and disk_dir != disk_dir.parent:
+        disk_dir = disk_dir.parent
+    disk_free = shutil.disk_usage(disk_dir).free
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda asked for but torch sees no CUDA GPU; use --device cpu or install a CUDA build of torch")
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"cuda:{index} does not exist; this machine has {torch.cuda.device_count()} GPUs")
+        dev = torch.device("cuda", index)
+        props = torch.cuda.get_device_properties(index)
+        free, total = torch.cuda.mem_get_info(index)
+        name = props.name
+        cc = f"{props.major}.{props.minor}"
+        memory_total, memory_free = int(total), int(free)
+    elif dev.type == "cpu":
+        name, cc = _cpu_name(), ""
+        memory_total, memory_free = ram_total, ram_avail
+    else:
+        raise ConfigError(f"device {device!r} is not supported; use cpu, cuda or cuda:K")
+    tflops, dtype = measure_matmul_tflops(str(dev), duration_s=matmul_duration_s)
+    info = HardwareInfo(
+        device=str(dev),
+        device_kind=dev.type,
+        device_name=name,
+        memory_bytes=int(memory_total),
+        memory_free_bytes=int(min(memory_free, memory_total)),
+        compute_capability=cc,
+        cpu_cores=int(cores),
+        ram_bytes=int(ram_total),
+        disk_free_bytes=int(disk_free),
+        tflops=float(min(tflops, MAX_TFLOPS)),
+        tflops_dtype=dtype,
+    )
+    log.info("hardware probed device=%s name=%r tflops=%.3f dtype=%s", info.device, name, info.tflops, dtype)
+    return info

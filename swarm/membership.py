@@ -1,0 +1,106 @@
+"""Domain objects of swarm membership: nodes and measured links (no protobuf here).
+
+The coordinator's registry returns :class:`NodeInfo` snapshots; its network store returns
+:class:`Link` records. ``swarm status --json`` and ``GET /api/nodes`` print
+:func:`node_json` / :func:`link_json`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from swarm.hardware import HardwareInfo
+
+NodeState = Literal["online", "lost", "left"]
+NODE_STATES: tuple[str, ...] = ("online", "lost", "left")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeInfo:
+    """One node as the coordinator sees it. Times are unix seconds."""
+
+    id: str
+    name: str
+    state: NodeState
+    hardware: HardwareInfo
+    peer_address: str
+    registered_at_s: float
+    last_seen_at_s: float
+    status: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.state not in NODE_STATES:
+            raise ValueError(f"state must be one of {NODE_STATES}, got {self.state!r}")
+        if not self.id:
+            raise ValueError("node id must not be empty")
+
+    @property
+    def is_online(self) -> bool:
+        return self.state == "online"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Link:
+    """A measured directed link src -> dst."""
+
+    src: str
+    dst: str
+    delay_s: float
+    rtt_s: float
+    bandwidth_Bps: float
+    measured_at_s: float
+    source: str = "probe"
+
+    def __post_init__(self) -> None:
+        if self.src == self.dst:
+            raise ValueError("a link joins two different nodes")
+        for name in ("delay_s", "rtt_s", "bandwidth_Bps"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {v}")
+
+
+def _finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def node_json(node: NodeInfo, now_s: float) -> dict[str, Any]:
+    """The JSON form of a node (status --json, /api/nodes)."""
+    hw = node.hardware
+    return {
+        "id": node.id,
+        "name": node.name,
+        "state": node.state,
+        "device": hw.device,
+        "device_kind": hw.device_kind,
+        "device_name": hw.device_name,
+        "memory_bytes": hw.memory_bytes,
+        "memory_free_bytes": hw.memory_free_bytes,
+        "compute_capability": hw.compute_capability,
+        "tflops": hw.tflops,
+        "tflops_dtype": hw.tflops_dtype,
+        "cpu_cores": hw.cpu_cores,
+        "ram_bytes": hw.ram_bytes,
+        "disk_free_bytes": hw.disk_free_bytes,
+        "last_seen_s": round(max(0.0, now_s - node.last_seen_at_s), 3),
+        "last_seen_at": node.last_seen_at_s,
+        "registered_at": node.registered_at_s,
+        "peer_address": node.peer_address,
+        "status": node.status,
+        "metrics": node.metrics,
+    }
+
+
+def link_json(link: Link) -> dict[str, Any]:
+    return {
+        "src": link.src,
+        "dst": link.dst,
+        "bandwidth_Bps": _finite_or_none(link.bandwidth_Bps),
+        "delay_s": _finite_or_none(link.delay_s),
+        "rtt_s": _finite_or_none(link.rtt_s),
+        "measured_at": link.measured_at_s,
+        "source": link.source,
+    }

@@ -1,0 +1,86 @@
+"""gRPC servers and channels with swarm's limits.
+
+Servers are synchronous (``grpc.server(ThreadPoolExecutor)``). :func:`make_server` builds one
+and :func:`bind` binds it to ``host:port`` and returns the port (``port=0`` picks a free one,
+so tests never guess ports). Message size limits:
+
+- control plane (coordinator): :data:`CONTROL_MAX_MESSAGE_BYTES`; plugins moving bulk data
+  through the coordinator stream it in chunks of at most :data:`CHUNK_BYTES`.
+- data plane (node peer server): :data:`DATA_MAX_MESSAGE_BYTES`.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from swarm.errors import ConfigError
+
+CONTROL_MAX_MESSAGE_BYTES = 16 << 20
+DATA_MAX_MESSAGE_BYTES = 64 << 20
+CHUNK_BYTES = 1 << 20
+
+_KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def _size_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", int(max_message_bytes)),
+        ("grpc.max_send_message_length", int(max_message_bytes)),
+    ]
+
+
+def make_server(*, max_message_bytes: int, max_workers: int = 16) -> grpc.Server:
+    """A synchronous gRPC server, not yet bound nor started."""
+    options = _size_options(max_message_bytes) + [
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.so_reuseport", 0),
+    ]
+    return grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        options=options,
+        maximum_concurrent_rpcs=max_workers * 8,
+    )
+
+
+def bind(server: grpc.Server, host: str, port: int) -> int:
+    """Bind insecure ``host:port``; return the bound port. Raises ConfigError if it cannot."""
+    if not 0 <= int(port) <= 65535:
+        raise ConfigError(f"port {port} is out of range 0..65535")
+    target = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(target)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {target} ({exc}); pick another --port or --host") from exc
+    if bound == 0:
+        raise ConfigError(f"cannot listen on {target}; is the port in use? pick another --port")
+    return bound
+
+
+def control_channel(address: str) -> grpc.Channel:
+    """A channel to a coordinator."""
+    return grpc.insecure_channel(address, options=_size_options(CONTROL_MAX_MESSAGE_BYTES) + _KEEPALIVE)
+
+
+def data_channel(address: str) -> grpc.Channel:
+    """A channel to a node's peer service."""
+    return grpc.insecure_channel(address, options=_size_options(DATA_MAX_MESSAGE_BYTES) + _KEEPALIVE)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port); raises ConfigError with what to type instead."""
+    if not isinstance(address, str) or len(address) > 300:
+        raise ConfigError("address must be a string host:port of at most 300 characters")
+    host, sep, port_text = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+        raise ConfigError(f"address {address!r} is not host:port (e.g. 10.0.0.5:7000)")
+    if any(c.isspace() for c in host) or "/" in host:
+        raise ConfigError(f"address {address!r} has an invalid host part")
+    return host, int(port_text)

@@ -1,0 +1,1 @@
+"""Helpers shared by every engineer's tests (process start-up, polling, cleanup)."""

@@ -1,0 +1,103 @@
+"""Multi-process test helpers: start a coordinator and nodes as real subprocesses.
+
+    from tests.helpers.procs import coordinator_proc, node_proc, wait_until, FAST_COORDINATOR_ARGS
+
+    def test_x(tmp_path):
+        with coordinator_proc(tmp_path / "coord") as coord:        # coord.address, .http_url, .token
+            with node_proc(coord, tmp_path / "n0") as n0:           # n0.node_id, n0.port, n0.proc
+                wait_until(lambda: ..., timeout_s=20)
+
+Children print ``READY port=N ...``; helpers wait for that line with a deadline, pass
+``--device cpu`` and short intervals (FAST_*_ARGS), and kill whole process groups on exit.
+Logs of each child are in ``<state_dir>.log`` (shown in the TimeoutError on start failures).
+Spawn only (fork+exec); never ``multiprocessing`` with fork after gRPC exists.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from swarm.localswarm import ManagedProcess, child_env, require_online, start_coordinator, start_node, wait_until
+from swarm.transport.coordinator_client import fetch_snapshot
+
+# Short intervals for tests: heartbeat 0.3 s, lost after 2 s, small probes.
+FAST_COORDINATOR_ARGS = ["--heartbeat-interval-s", "0.3", "--node-timeout-s", "2", "--probe-bytes", str(512 << 10),
+                         "--num-pings", "3", "--log-level", "INFO"]
+FAST_NODE_ARGS = ["--probe-seconds", "0.1", "--log-level", "INFO"]
+
+
+@dataclass
+class CoordinatorHandle:
+    proc: ManagedProcess
+    state_dir: Path
+    port: int
+    http_port: int
+    token: str
+    host: str = "127.0.0.1"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def get_json(self, path: str, timeout_s: float = 10.0):
+        with urllib.request.urlopen(self.http_url + path, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+
+    def snapshot(self):
+        return fetch_snapshot(self.address)
+
+
+@dataclass
+class NodeHandle:
+    proc: ManagedProcess
+    state_dir: Path
+    port: int
+    node_id: str
+
+
+def launch_coordinator(state_dir: Path, *, port: int = 0, http_port: int = 0, extra_args: list[str] | None = None,
+                       timeout_s: float = 60.0) -> CoordinatorHandle:
+    args = FAST_COORDINATOR_ARGS if extra_args is None else extra_args
+    proc, ready = start_coordinator(Path(state_dir), port=port, http_port=http_port, extra_args=args, timeout_s=timeout_s)
+    return CoordinatorHandle(proc=proc, state_dir=Path(state_dir), port=int(ready["port"]),
+                             http_port=int(ready["http_port"]), token=ready["token"])
+
+
+def launch_node(coord: CoordinatorHandle | str, state_dir: Path, *, token: str | None = None, name: str | None = None,
+                extra_args: list[str] | None = None, timeout_s: float = 60.0) -> NodeHandle:
+    address = coord if isinstance(coord, str) else coord.address
+    token = token if token is not None else coord.token  # type: ignore[union-attr]
+    args = FAST_NODE_ARGS if extra_args is None else extra_args
+    proc, ready = start_node(address, token, Path(state_dir), name=name or Path(state_dir).name, extra_args=args,
+                             timeout_s=timeout_s)
+    return NodeHandle(proc=proc, state_dir=Path(state_dir), port=int(ready["port"]), node_id=ready["node_id"])
+
+
+@contextmanager
+def coordinator_proc(state_dir: Path, **kwargs):
+    handle = launch_coordinator(state_dir, **kwargs)
+    try:
+        yield handle
+    finally:
+        handle.proc.stop()
+
+
+@contextmanager
+def node_proc(coord: CoordinatorHandle | str, state_dir: Path, **kwargs):
+    handle = launch_node(coord, state_dir, **kwargs)
+    try:
+        yield handle
+    finally:
+        handle.proc.stop()
+
+
+__all__ = ["CoordinatorHandle", "NodeHandle", "launch_coordinator", "launch_node", "coordinator_proc", "node_proc",
+           "wait_until", "require_online", "child_env", "ManagedProcess", "FAST_COORDINATOR_ARGS", "FAST_NODE_ARGS"]
