@@ -55,18 +55,20 @@ def train_reference(
     optim: OptimConfig,
     ranges: Sequence[tuple[int, int]],
     steps: int,
-    boundaries: Sequence[SimulatedBoundary] | None = None,
+    boundaries: Sequence[Sequence[SimulatedBoundary]] | None = None,
 ) -> tuple[list[float], list[StageModel]]:
     """Train ``steps`` steps in one process; returns (mean loss per step, the trained stages).
 
     All replicas' micro-batches are run here one after another; dividing each loss by the total
     number of micro-batches equals averaging the replicas' gradients, as hivemind does.
+    ``boundaries[r][k]`` is boundary ``k`` of pipeline (replica) ``r``; identity when None.
     """
     stages = build_stages(config, tensors, ranges)
     n = len(stages)
-    boundaries = list(boundaries) if boundaries is not None else [identity_boundary() for _ in range(n - 1)]
-    if len(boundaries) != n - 1:
-        raise ValueError(f"{n} stages need {n - 1} boundaries, got {len(boundaries)}")
+    if boundaries is None:
+        boundaries = [[identity_boundary() for _ in range(n - 1)] for _ in range(order.num_replicas)]
+    if len(boundaries) != order.num_replicas or any(len(b) != n - 1 for b in boundaries):
+        raise ValueError(f"need {order.num_replicas} replica(s) x {n - 1} boundaries")
     total_micro = order.num_micro_batches * order.num_replicas
     runners = [
         StageRunner(s, is_first=i == 0, is_last=i == n - 1, loss_scale=1.0 / total_micro) for i, s in enumerate(stages)
@@ -83,12 +85,12 @@ def train_reference(
                 for i, runner in enumerate(runners):
                     out = runner.forward(key, x, labels if i == n - 1 else None)
                     if out is not None:
-                        x = boundaries[i].forward(out, ids.tolist(), step)
+                        x = boundaries[replica][i].forward(out, ids.tolist(), step)
                 grad = None
                 for i in range(n - 1, -1, -1):
                     gin = runners[i].backward(key, grad)
                     if i > 0:
-                        grad = boundaries[i - 1].backward(gin, ids.tolist(), step)
+                        grad = boundaries[replica][i - 1].backward(gin, ids.tolist(), step)
             step_losses.append(runners[-1].step_loss())
         for stage, opt in zip(stages, optimizers):
             clip_and_step(opt, list(stage.parameters()), step, optim)

@@ -1,0 +1,68 @@
+"""HTTP JSON API of training jobs: ``GET /api/jobs`` and ``GET /api/jobs/{id}``.
+
+``/api/jobs`` lists jobs (newest first) with their summary; ``/api/jobs/{id}`` adds the plan,
+assignments, per-step progress history (loss, tokens/s, bytes sent and saved by compression,
+time split) and checkpoints. Handlers run the SQLite reads in the default executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+from aiohttp import web
+
+from swarm.errors import NotFoundError
+
+_JOB_ID = re.compile(r"^[0-9a-f]{1,64}$")
+_SUMMARY_KEYS = ("id", "state", "reason", "total_steps", "step", "loss", "tokens_per_s", "bytes_sent", "bytes_saved",
+                 "eta_s", "created_at", "started_at", "finished_at", "result_ready", "model", "attempt")
+
+
+def _dumps(obj) -> str:
+    # NaN/Inf are not JSON: show them as null
+    def clean(x):
+        if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj))
+
+
+def install(web_app: web.Application, service) -> None:
+    async def list_jobs(request: web.Request) -> web.Response:
+        def work():
+            out = []
+            for job in service.store.list(limit=200):
+                d = service.detail(job)
+                summary = {k: d[k] for k in _SUMMARY_KEYS}
+                summary["spec"] = {k: d["spec"][k] for k in ("name", "compression", "batch_size", "seq_len", "lr")}
+                summary["d_pp"] = (d["plan"] or {}).get("d_pp")
+                summary["d_dp"] = (d["plan"] or {}).get("d_dp")
+                out.append(summary)
+            return out
+
+        jobs = await asyncio.get_running_loop().run_in_executor(None, work)
+        return web.Response(text=_dumps({"jobs": jobs}), content_type="application/json")
+
+    async def get_job(request: web.Request) -> web.Response:
+        job_id = request.match_info["job_id"]
+        if not _JOB_ID.match(job_id):
+            return web.json_response({"error": "malformed job id"}, status=400)
+
+        def work():
+            return service.detail(service.store.get(job_id))
+
+        try:
+            detail = await asyncio.get_running_loop().run_in_executor(None, work)
+        except NotFoundError as exc:
+            return web.json_response({"error": str(exc)}, status=404)
+        return web.Response(text=_dumps(detail), content_type="application/json")
+
+    web_app.router.add_get("/api/jobs", list_jobs)
+    web_app.router.add_get("/api/jobs/{job_id}", get_job)

@@ -1,0 +1,149 @@
+"""Turn a job and a snapshot of the swarm into a plan and per-node stage assignments (pure).
+
+Nodes: the online nodes not busy with another running job, ordered by id (deterministic).
+Links not measured yet get a conservative default (see ``DEFAULT_*``) so a fresh swarm can
+still be planned; measured links replace them as soon as the coordinator has them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from swarm.errors import InfeasiblePlanError
+from swarm.membership import NodeInfo
+from swarm.model.config import ModelConfig
+from swarm.scheduling import Cluster, Device, JobShape, Plan, plan_training
+
+DEFAULT_DELAY_S = 0.005  # unmeasured link: assume a LAN-ish 5 ms
+DEFAULT_BANDWIDTH_BPS = 12.5e6  # unmeasured link: assume 100 Mbit/s
+PLAN_TIME_BUDGET_S = 2.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobPlan:
+    plan: Plan
+    assignments: list[dict[str, Any]]
+
+
+def _fill(m: np.ndarray, default: float) -> np.ndarray:
+    out = np.array(m, dtype=np.float64)
+    bad = ~np.isfinite(out) | (out <= 0)
+    np.fill_diagonal(bad, False)
+    out[bad] = default
+    return out
+
+
+def plan_job(
+    *,
+    spec: dict[str, Any],
+    config: ModelConfig,
+    nodes: list[NodeInfo],
+    delay_s: np.ndarray,
+    bandwidth_Bps: np.ndarray,
+    seed: int = 0,
+) -> JobPlan:
+    """Plan ``spec`` over ``nodes`` (with their delay/bandwidth matrices, same order).
+
+    Uses ``spec['num_stages']`` x ``spec['num_replicas']`` nodes when both are set (the first
+    ones by id), else every node with the planner choosing the split. Raises InfeasiblePlanError
+    with the reason (no nodes, too few nodes, not enough memory).
+    """
+    if not nodes:
+        raise InfeasiblePlanError("no nodes are online and idle; start nodes with `swarm-node join`")
+    order = sorted(range(len(nodes)), key=lambda i: nodes[i].id)
+    pp = int(spec.get("num_stages") or 0) or None
+    dp = int(spec.get("num_replicas") or 0) or None
+    if pp and dp:
+        need = pp * dp
+        if len(nodes) < need:
+            raise InfeasiblePlanError(
+                f"the job asks for {pp} stage(s) x {dp} replica(s) = {need} nodes but only {len(nodes)} are idle"
+            )
+        order = order[:need]
+    elif pp and len(order) % pp:
+        order = order[: len(order) - len(order) % pp]
+    elif dp and len(order) % dp:
+        order = order[: len(order) - len(order) % dp]
+    if pp and pp > config.num_layers:
+        raise InfeasiblePlanError(f"{pp} stages cannot split a model of {config.num_layers} layers")
+    chosen = [nodes[i] for i in order]
+    idx = np.array(order)
+    delay = _fill(np.asarray(delay_s)[np.ix_(idx, idx)], DEFAULT_DELAY_S)
+    bandwidth = _fill(np.asarray(bandwidth_Bps)[np.ix_(idx, idx)], DEFAULT_BANDWIDTH_BPS)
+    devices = tuple(
+        Device(
+            id=n.id,
+            tflops=n.hardware.tflops if n.hardware.tflops > 0 else None,
+            memory_bytes=(n.hardware.memory_free_bytes or n.hardware.memory_bytes) or None,
+        )
+        for n in chosen
+    )
+    cluster = Cluster(devices=devices, delay_s=delay, bandwidth_Bps=bandwidth, name="swarm")
+    shape = JobShape(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        seq_len=int(spec["seq_len"]),
+        num_params=float(config.num_parameters()),
+        global_batch_seqs=float(spec["batch_size"]),
+        micro_batch_seqs=float(spec["micro_batch_size"]),
+        act_bytes_per_value=_act_bytes(spec.get("compression", "none")),
+        dp=dp,
+        pp=pp,
+    )
+    plan = plan_training(cluster, shape, seed=seed, time_budget_s=PLAN_TIME_BUDGET_S)
+    _check_batch(spec, plan.d_dp)
+    by_id = {n.id: n for n in chosen}
+    return JobPlan(plan=plan, assignments=assignments_from_plan(plan, by_id))
+
+
+def _act_bytes(codec: str) -> float:
+    """Bytes per activation value on the wire for the planner's cost model."""
+    if codec.startswith(("aqsgd:", "direct:")):
+        for part in codec.split(":", 1)[1].split(","):
+            k, _, v = part.partition("=")
+            if k.strip() == "fw" and v.strip().isdigit():
+                return max(0.125, int(v) / 8.0)
+    return 4.0  # uncompressed float32
+
+
+def _check_batch(spec: dict[str, Any], dp: int) -> None:
+    b, mb = int(spec["batch_size"]), int(spec["micro_batch_size"])
+    if b % dp or (b // dp) % mb:
+        raise InfeasiblePlanError(
+            f"the plan has {dp} replica(s): batch size {b} must split into {dp} share(s) of whole micro-batches "
+            f"of {mb}; change --batch-size, --micro-batch-size or the number of nodes"
+        )
+
+
+def assignments_from_plan(plan: Plan, nodes: dict[str, NodeInfo]) -> list[dict[str, Any]]:
+    """One dict per (stage, replica): node, layers, neighbours and the stage's replicas."""
+    out = []
+    num_stages = plan.d_pp
+    for s, st in enumerate(plan.stages):
+        members = [{"node_id": str(d), "address": nodes[str(d)].peer_address} for d in st.devices]
+        for r, dev in enumerate(st.devices):
+            prev = plan.stages[s - 1].devices[r] if s > 0 else None
+            nxt = plan.stages[s + 1].devices[r] if s + 1 < num_stages else None
+            out.append({
+                "node_id": str(dev),
+                "address": nodes[str(dev)].peer_address,
+                "stage": s,
+                "replica": r,
+                "num_stages": num_stages,
+                "num_replicas": plan.d_dp,
+                "first_layer": st.layers[0],
+                "last_layer_excl": st.layers[1],
+                "prev": None if prev is None else {"node_id": str(prev), "address": nodes[str(prev)].peer_address},
+                "next": None if nxt is None else {"node_id": str(nxt), "address": nodes[str(nxt)].peer_address},
+                "stage_replicas": members,
+            })
+    return out
+
+
+def busy_node_ids(running_jobs) -> set[str]:
+    return {a["node_id"] for job in running_jobs for a in job.assignments}
+
+

@@ -1,0 +1,329 @@
+"""The coordinator's training-job logic: submit, plan, assign, watch, collect, export.
+
+:class:`JobService` holds no protobuf (the servicer in :mod:`coordinator.jobs.servicer`
+translates). Its loop (:meth:`tick`, every ``tick_interval_s``) plans pending jobs over idle
+online nodes, fails running jobs whose nodes were lost, and assembles the result of jobs whose
+every stage delivered its final checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from swarm.clock import Clock
+from swarm.errors import InfeasiblePlanError, InvalidRequestError, NotFoundError, PermissionDeniedError, SwarmError
+from swarm.model.config import ModelConfig
+from swarm.pipeline.data import BatchOrder
+
+from coordinator.jobs import files
+from coordinator.jobs.planning import busy_node_ids, plan_job
+from coordinator.jobs.store import Job, JobStore
+
+log = logging.getLogger(__name__)
+
+SPEC_DEFAULTS: dict[str, Any] = {
+    "name": "", "steps": 0, "epochs": 0.0, "batch_size": 8, "micro_batch_size": 2, "seq_len": 64, "lr": 3e-4,
+    "compression": "none", "checkpoint_every": 0, "seed": 0, "warmup_steps": 0, "weight_decay": 0.0,
+    "grad_clip": 1.0, "schedule": "1f1b", "num_stages": 0, "num_replicas": 0, "peer_timeout_s": 30.0,
+    "min_lr_ratio": 0.1,
+}
+MAX_STEPS = 10_000_000
+
+
+def normalize_spec(raw: dict[str, Any]) -> dict[str, Any]:
+    """Fill defaults and validate a job spec; raises InvalidRequestError naming the flag to fix."""
+    spec = dict(SPEC_DEFAULTS)
+    spec.update({k: v for k, v in raw.items() if k in SPEC_DEFAULTS and v not in (None, "")})
+    for k in ("steps", "batch_size", "micro_batch_size", "seq_len", "checkpoint_every", "seed", "warmup_steps",
+              "num_stages", "num_replicas"):
+        spec[k] = int(spec[k])
+    for k in ("epochs", "lr", "weight_decay", "grad_clip", "peer_timeout_s", "min_lr_ratio"):
+        spec[k] = float(spec[k])
+        if not math.isfinite(spec[k]):
+            raise InvalidRequestError(f"job {k} must be finite")
+    if spec["steps"] < 0 or spec["steps"] > MAX_STEPS or spec["epochs"] < 0:
+        raise InvalidRequestError("--steps and --epochs must be non-negative")
+    if spec["steps"] == 0 and spec["epochs"] == 0:
+        spec["epochs"] = 1.0
+    if spec["batch_size"] < 1 or spec["micro_batch_size"] < 1 or spec["batch_size"] % spec["micro_batch_size"]:
+        raise InvalidRequestError("--batch-size must be a positive multiple of --micro-batch-size")
+    if not 1 <= spec["seq_len"] <= 1 << 16:
+        raise InvalidRequestError("--seq-len must be in 1..65536")
+    if not 0 < spec["lr"] < 10:
+        raise InvalidRequestError("--lr must be in (0, 10)")
+    if spec["schedule"] not in ("1f1b", "gpipe"):
+        raise InvalidRequestError("schedule must be 1f1b or gpipe")
+    if not 0.5 <= spec["peer_timeout_s"] <= 3600:
+        raise InvalidRequestError("peer timeout must be in 0.5..3600 s")
+    if spec["checkpoint_every"] < 0 or spec["num_stages"] < 0 or spec["num_replicas"] < 0:
+        raise InvalidRequestError("--checkpoint-every, stages and replicas must be non-negative")
+    _check_codec(spec["compression"])
+    return spec
+
+
+def _check_codec(spec: str) -> None:
+    try:
+        from swarm.compression import parse_codec_spec  # the compression issue's parser
+    except ImportError:
+        if spec != "none" and not spec.startswith(("direct:", "aqsgd:")):
+            raise InvalidRequestError(f"--compression {spec!r} unknown; use none, direct:fw=8,bw=8 or aqsgd:fw=2,bw=4")
+        return
+    parse_codec_spec(spec)
+
+
+class JobService:
+    """Thread-safe. ``state_dir`` holds the job files; ``registry``/``network`` are the app's."""
+
+    def __init__(self, *, store: JobStore, state_dir: Path, registry, network, clock: Clock,
+                 limits: files.UploadLimits | None = None, tick_interval_s: float = 0.5) -> None:
+        self.store = store
+        self.state_dir = Path(state_dir)
+        self.registry = registry
+        self.network = network
+        self.clock = clock
+        self.limits = limits or files.UploadLimits()
+        self.tick_interval_s = tick_interval_s
+        self._lock = threading.RLock()
+        self._done: dict[str, set[tuple[int, int]]] = {}  # job -> (stage, replica) that finished
+        self._rendezvous: dict[tuple[str, int], dict[int, list[str]]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- loop ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="jobs", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.tick_interval_s):
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 -- the loop must outlive one bad tick
+                log.exception("job loop tick failed")
+
+    def tick(self) -> None:
+        with self._lock:
+            for job in self.store.list(states=("running",), limit=1000):
+                self._watch(job)
+            for job in sorted(self.store.list(states=("pending",), limit=1000), key=lambda j: j.created_at_s):
+                self._try_plan(job)
+
+    # -- submit ----------------------------------------------------------------------------------
+    def submit(self, raw_spec: dict[str, Any], items) -> Job:
+        """``items`` yields ("file", name, size, sha256) or ("data", bytes) tuples, in order."""
+        spec = normalize_spec(raw_spec)
+        job_id = uuid.uuid4().hex[:12]
+        jdir = files.job_dir(self.state_dir, job_id)
+        receiver = files.FileReceiver(jdir / "upload", roots=("data", "checkpoint"), limits=self.limits)
+        try:
+            for item in items:
+                if item[0] == "file":
+                    receiver.start_file(item[1], item[2], item[3])
+                else:
+                    receiver.write(item[1])
+            receiver.finish()
+            prepared = files.prepare_job(jdir, seq_len=spec["seq_len"], seed=spec["seed"])
+            order = BatchOrder(num_samples=prepared.dataset.num_samples, batch_size=spec["batch_size"],
+                               micro_batch_size=spec["micro_batch_size"], seed=spec["seed"])
+            total = spec["steps"] or order.steps_for_epochs(spec["epochs"])
+        except BaseException:
+            receiver.abort()
+            shutil.rmtree(jdir, ignore_errors=True)
+            raise
+        job = self.store.create(job_id=job_id, spec=spec, model=prepared.config.to_hf_config(),
+                                num_samples=prepared.dataset.num_samples, dataset_key=prepared.dataset.key,
+                                total_steps=total)
+        self.tick()
+        return self.store.get(job.id)
+
+    # -- planning and watching --------------------------------------------------------------------
+    def _try_plan(self, job: Job) -> None:
+        running = self.store.list(states=("running",), limit=1000)
+        busy = busy_node_ids(running)
+        nodes = [n for n in self.registry.online() if n.id not in busy]
+        config = ModelConfig.from_hf_config(job.model)
+        matrix = self.network.matrix([n.id for n in nodes])
+        try:
+            jp = plan_job(spec=job.spec, config=config, nodes=nodes, delay_s=matrix[0], bandwidth_Bps=matrix[1],
+                          seed=int(job.spec.get("seed", 0)))
+        except InfeasiblePlanError as exc:
+            reason = f"waiting: {exc}"
+            if job.reason != reason:
+                self.store.set_reason(job.id, reason)
+                log.info("job cannot be planned yet job=%s reason=%s", job.id, exc)
+            return
+        self._done.pop(job.id, None)
+        self.store.transition(job.id, "running", expect="pending", plan=jp.plan.to_json(),
+                              assignments=jp.assignments, attempt=job.attempt + 1)
+
+    def _watch(self, job: Job) -> None:
+        for a in job.assignments:
+            try:
+                state = self.registry.get(a["node_id"]).state
+            except NotFoundError:
+                state = "lost"
+            if state != "online":
+                self._fail(job, f"node {a['node_id'][:12]} (stage {a['stage']}, replica {a['replica']}) is {state}; "
+                                f"{self._checkpoint_note(job.id)}")
+                return
+        done = self._done.get(job.id, set())
+        need = {(a["stage"], a["replica"]) for a in job.assignments}
+        if need and need <= done:
+            self._finish(job)
+
+    def _checkpoint_note(self, job_id: str) -> str:
+        cks = [c for c in self.store.checkpoints(job_id)]
+        if not cks:
+            return "no checkpoint was taken yet"
+        step = max(c["step"] for c in cks)
+        return f"last checkpoint: step {step}, kept in the coordinator and on the nodes"
+
+    def _fail(self, job: Job, reason: str) -> None:
+        if self.store.transition(job.id, "failed", reason=reason) is not None:
+            log.warning("job failed job=%s reason=%s", job.id, reason)
+
+    def _finish(self, job: Job) -> None:
+        config = ModelConfig.from_hf_config(job.model)
+        jdir = files.job_dir(self.state_dir, job.id)
+        finals = [c for c in self.store.checkpoints(job.id) if c["final"] and c["replica"] == 0]
+        by_stage = {c["stage"]: Path(c["dir"]) for c in finals}
+        num_stages = max(a["stage"] for a in job.assignments) + 1
+        if set(by_stage) != set(range(num_stages)):
+            self._fail(job, f"stages {sorted(set(range(num_stages)) - set(by_stage))} finished without a final checkpoint")
+            return
+        try:
+            files.assemble_result(jdir, config, [by_stage[s] for s in range(num_stages)])
+        except SwarmError as exc:
+            self._fail(job, f"could not assemble the final checkpoint: {exc}")
+            return
+        self.store.set_result_ready(job.id)
+        self.store.transition(job.id, "succeeded", expect="running")
+
+    # -- node side -------------------------------------------------------------------------------
+    def assignment_of(self, job_id: str, node_id: str, *, stage: int | None = None, replica: int | None = None
+                      ) -> tuple[Job, dict[str, Any]]:
+        job = self.store.get(job_id)
+        for a in job.assignments:
+            if a["node_id"] == node_id and (stage is None or a["stage"] == stage) and (
+                    replica is None or a["replica"] == replica):
+                return job, a
+        raise PermissionDeniedError(f"node {node_id[:12]} holds no such part of job {job_id}")
+
+    def assignments_for(self, node_id: str) -> tuple[list[tuple[Job, dict[str, Any]]], list[str]]:
+        """(running assignments of the node, ids of recently ended jobs the node must stop)."""
+        active, stop = [], []
+        now = self.clock.time()
+        for job in self.store.list(limit=200):
+            mine = [a for a in job.assignments if a["node_id"] == node_id]
+            if not mine:
+                continue
+            if job.state == "running":
+                active += [(job, a) for a in mine]
+            elif job.state in ("failed", "cancelled") and now - (job.finished_at_s or now) < 600:
+                stop.append(job.id)
+        return active, stop
+
+    def report(self, node_id: str, r: dict[str, Any]) -> tuple[bool, str]:
+        """Record one progress report; returns (stop, reason) for the node."""
+        job, a = self.assignment_of(r["job_id"], node_id, stage=r["stage"], replica=r["replica"])
+        if job.terminal:
+            return True, f"job is {job.state}: {job.reason}"
+        if r["attempt"] != job.attempt:
+            return True, f"stale attempt {r['attempt']} (job is at attempt {job.attempt})"
+        if r["state"] == "failed":
+            self._fail(job, f"stage {a['stage']} replica {a['replica']} on node {node_id[:12]} failed: "
+                            f"{r['error'][:500]}; {self._checkpoint_note(job.id)}")
+            return True, "job failed"
+        if r["step"] >= 0 and r["state"] == "running":
+            self.store.add_progress(job.id, attempt=job.attempt, stage=a["stage"], replica=a["replica"],
+                                    step=r["step"], loss=r["loss"], tokens=r["tokens"], tokens_per_s=r["tokens_per_s"],
+                                    bytes_sent=r["bytes_sent"], bytes_raw=r["bytes_raw"], step_s=r["step_s"],
+                                    compute_s=r["compute_s"], wait_s=r["wait_s"], comm_s=r["comm_s"])
+        return False, ""
+
+    def checkpoint_received(self, job_id: str, node_id: str, *, stage: int, replica: int, step: int, final: bool,
+                            directory: Path) -> None:
+        self.store.add_checkpoint(job_id, stage=stage, replica=replica, step=step, final=final, directory=str(directory))
+        if final:
+            with self._lock:
+                self._done.setdefault(job_id, set()).add((stage, replica))
+        log.info("checkpoint received job=%s stage=%d replica=%d step=%d final=%s", job_id, stage, replica, step, final)
+
+    def rendezvous(self, job_id: str, node_id: str, stage: int, replica: int, maddrs: list[str]) -> list[str]:
+        self.assignment_of(job_id, node_id, stage=stage, replica=replica)
+        if len(maddrs) > 16 or any(len(m) > 300 for m in maddrs):
+            raise InvalidRequestError("at most 16 multiaddrs of at most 300 characters")
+        with self._lock:
+            members = self._rendezvous.setdefault((job_id, stage), {})
+            members[replica] = list(maddrs)
+            return [m for r, ms in sorted(members.items()) for m in ms]
+
+    # -- user side -------------------------------------------------------------------------------
+    def cancel(self, job_id: str, reason: str = "") -> Job:
+        job = self.store.get(job_id)
+        if job.terminal:
+            return job
+        self.store.transition(job_id, "cancelled", reason=reason or "cancelled by the user")
+        return self.store.get(job_id)
+
+    def detail(self, job: Job) -> dict[str, Any]:
+        """The JSON of GET /api/jobs/{id}: record, plan, assignments, progress history, totals."""
+        reporters = len(job.assignments)
+        history = self.store.history(job.id, num_reporters=reporters) if reporters else []
+        last = history[-1] if history else None
+        names = {n.id: n.name for n in self.registry.snapshot()}
+        cfg = job.model
+        eta = None
+        if last and job.state == "running" and last["step_s"]:
+            recent = history[-5:]
+            eta = (job.total_steps - last["step"] - 1) * sum(h["step_s"] for h in recent) / len(recent)
+        return {
+            "id": job.id, "state": job.state, "reason": job.reason, "spec": job.spec,
+            "model": {"family": cfg.get("model_type"), "num_layers": cfg.get("n_layer", cfg.get("num_hidden_layers")),
+                      "hidden_size": cfg.get("n_embd", cfg.get("hidden_size")),
+                      "num_parameters": ModelConfig.from_hf_config(cfg).num_parameters()},
+            "num_samples": job.num_samples, "dataset_key": job.dataset_key,
+            "total_steps": job.total_steps, "attempt": job.attempt,
+            "step": last["step"] if last else None,
+            "loss": last["loss"] if last else None,
+            "tokens_per_s": last["tokens_per_s"] if last else None,
+            "bytes_sent": sum(h["bytes_sent"] for h in history),
+            "bytes_saved": sum(h["bytes_saved"] for h in history),
+            "eta_s": eta,
+            "created_at": job.created_at_s, "started_at": job.started_at_s, "finished_at": job.finished_at_s,
+            "plan": job.plan,
+            "assignments": [
+                {"node_id": a["node_id"], "node_name": names.get(a["node_id"], ""), "stage": a["stage"],
+                 "replica": a["replica"], "layers": [a["first_layer"], a["last_layer_excl"]]}
+                for a in job.assignments
+            ],
+            "workers": self.store.per_worker(job.id),
+            "progress": history,
+            "checkpoints": [{k: c[k] for k in ("step", "stage", "replica", "final")} for c in self.store.checkpoints(job.id)],
+            "result_ready": job.result_ready,
+        }
+
+    def result_files(self, job_id: str) -> list[Path]:
+        job = self.store.get(job_id)
+        if not job.result_ready:
+            raise NotFoundError(f"job {job_id} has no result yet (state {job.state})")
+        out = files.job_dir(self.state_dir, job_id) / "result"
+        return sorted(p for p in out.iterdir() if p.is_file())
+
+
+def detail_json(service: JobService, job: Job) -> str:
+    return json.dumps(service.detail(job), default=float)
+
+

@@ -1,0 +1,217 @@
+"""gRPC ``Training`` service of the coordinator: protobuf <-> :class:`JobService` calls.
+
+User calls (SubmitJob, GetJob, ListJobs, CancelJob, DownloadResult) need no node session; node
+calls (PollAssignments, ReportProgress, Fetch*, UploadCheckpoint, Rendezvous) authenticate the
+calling node and check it holds the part of the job it asks about.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+from swarm.errors import InvalidRequestError, NotFoundError
+from swarm.proto.v1 import training_pb2 as pb
+from swarm.proto.v1 import training_pb2_grpc as pb_grpc
+from swarm.transport.channels import CHUNK_BYTES
+from swarm.transport.errors import grpc_errors
+
+from coordinator.jobs import files
+from coordinator.jobs.service import JobService, detail_json
+from coordinator.jobs.store import Job
+
+log = logging.getLogger(__name__)
+
+_SPEC_FIELDS = tuple(f.name for f in pb.JobSpec.DESCRIPTOR.fields)
+CHECKPOINT_FILES = ("weights.safetensors", "optimizer.pt", "meta.json")
+
+
+def spec_to_dict(spec: pb.JobSpec) -> dict:
+    return {name: getattr(spec, name) for name in _SPEC_FIELDS}
+
+
+def dict_to_spec(d: dict) -> pb.JobSpec:
+    return pb.JobSpec(**{k: v for k, v in d.items() if k in _SPEC_FIELDS})
+
+
+def job_record(service: JobService, job: Job) -> pb.JobRecord:
+    detail = service.detail(job)
+    loss = detail["loss"]
+    return pb.JobRecord(
+        job_id=job.id, state=job.state, reason=job.reason, spec=dict_to_spec(job.spec),
+        created_at_s=job.created_at_s, updated_at_s=job.updated_at_s,
+        step=-1 if detail["step"] is None else detail["step"], total_steps=job.total_steps,
+        loss=math.nan if loss is None else loss, tokens_per_s=detail["tokens_per_s"] or 0.0,
+        detail_json=detail_json(service, job),
+    )
+
+
+def _stream_file(path: Path, name: str):
+    yield pb.FileChunk(file=pb.FileHeader(name=name, size_bytes=path.stat().st_size, sha256=files.sha256_file(path)))
+    for block in files.iter_file_chunks(path, CHUNK_BYTES):
+        yield pb.FileChunk(data=block)
+
+
+class TrainingServicer(pb_grpc.TrainingServicer):
+    """Follows the protocol of protos/swarm/proto/v1/training.proto."""
+
+    def __init__(self, app, service: JobService) -> None:
+        self.app = app
+        self.service = service
+
+    # -- users -----------------------------------------------------------------------------------
+    @grpc_errors
+    def SubmitJob(self, request_iterator, context) -> pb.JobRecord:
+        it = iter(request_iterator)
+        first = next(it, None)
+        if first is None or not first.HasField("spec"):
+            raise InvalidRequestError("the first SubmitJob chunk must carry the job spec")
+
+        def items():
+            if first.HasField("file"):
+                yield ("file", first.file.name, first.file.size_bytes, first.file.sha256)
+            if first.data:
+                yield ("data", first.data)
+            for chunk in it:
+                if chunk.HasField("spec"):
+                    raise InvalidRequestError("the job spec may only be sent once, in the first chunk")
+                if chunk.HasField("file"):
+                    yield ("file", chunk.file.name, chunk.file.size_bytes, chunk.file.sha256)
+                if chunk.data:
+                    yield ("data", chunk.data)
+
+        job = self.service.submit(spec_to_dict(first.spec), items())
+        return job_record(self.service, job)
+
+    @grpc_errors
+    def GetJob(self, request, context) -> pb.JobRecord:
+        return job_record(self.service, self.service.store.get(request.job_id))
+
+    @grpc_errors
+    def ListJobs(self, request, context) -> pb.ListJobsReply:
+        limit = request.limit if 0 < request.limit <= 1000 else 100
+        return pb.ListJobsReply(jobs=[job_record(self.service, j) for j in self.service.store.list(limit=limit)])
+
+    @grpc_errors
+    def CancelJob(self, request, context) -> pb.JobRecord:
+        return job_record(self.service, self.service.cancel(request.job_id, request.reason[:500]))
+
+    @grpc_errors
+    def DownloadResult(self, request, context):
+        for path in self.service.result_files(request.job_id):
+            yield from _stream_file(path, path.name)
+
+    # -- nodes -----------------------------------------------------------------------------------
+    @grpc_errors
+    def PollAssignments(self, request, context) -> pb.PollAssignmentsReply:
+        node_id = self.app.authenticate_node(context)
+        active, stop = self.service.assignments_for(node_id)
+        out = []
+        for job, a in active:
+            spec = dict(job.spec)
+            spec["steps"] = job.total_steps
+            spec["num_stages"], spec["num_replicas"] = a["num_stages"], a["num_replicas"]
+            peer = lambda p: pb.PeerRef(node_id=p["node_id"], address=p["address"]) if p else None  # noqa: E731
+            out.append(pb.StageAssignment(
+                job_id=job.id, attempt=job.attempt, stage=a["stage"], num_stages=a["num_stages"],
+                replica=a["replica"], num_replicas=a["num_replicas"], first_layer=a["first_layer"],
+                last_layer_excl=a["last_layer_excl"], prev=peer(a["prev"]), next=peer(a["next"]),
+                stage_replicas=[peer(p) for p in a["stage_replicas"]], spec=dict_to_spec(spec),
+                model_config_json=json.dumps(job.model), num_samples=job.num_samples,
+                dataset_key=job.dataset_key, resume_step=0,
+            ))
+        return pb.PollAssignmentsReply(assignments=out, cancelled_job_ids=stop)
+
+    @grpc_errors
+    def ReportProgress(self, request, context) -> pb.ProgressAck:
+        node_id = self.app.authenticate_node(context)
+        r = {f.name: getattr(request, f.name) for f in pb.ProgressReport.DESCRIPTOR.fields}
+        if not request.has_loss or not math.isfinite(request.loss):
+            r["loss"] = None
+        for k in ("tokens_per_s", "step_s", "compute_s", "wait_s", "comm_s"):
+            if not math.isfinite(r[k]) or r[k] < 0:
+                raise InvalidRequestError(f"progress field {k} must be finite and >= 0")
+        if r["state"] not in ("running", "done", "failed"):
+            raise InvalidRequestError("progress state must be running, done or failed")
+        stop, reason = self.service.report(node_id, r)
+        return pb.ProgressAck(stop=stop, reason=reason)
+
+    @grpc_errors
+    def FetchJobData(self, request, context):
+        node_id = self.app.authenticate_node(context)
+        self.service.assignment_of(request.job_id, node_id)
+        path = files.job_dir(self.service.state_dir, request.job_id) / "data.npy"
+        if not path.is_file():
+            raise NotFoundError(f"job {request.job_id} has no data")
+        yield from _stream_file(path, "data.npy")
+
+    @grpc_errors
+    def FetchStageWeights(self, request, context):
+        node_id = self.app.authenticate_node(context)
+        job, a = self.service.assignment_of(request.job_id, node_id, stage=request.stage)
+        jdir = files.job_dir(self.service.state_dir, job.id)
+        blob = files.stage_weights_bytes(jdir, a["first_layer"], a["last_layer_excl"], is_first=a["stage"] == 0,
+                                         is_last=a["stage"] == a["num_stages"] - 1)
+        yield pb.FileChunk(file=pb.FileHeader(name="weights.safetensors", size_bytes=len(blob),
+                                              sha256=hashlib.sha256(blob).hexdigest()))
+        for start in range(0, len(blob), CHUNK_BYTES):
+            yield pb.FileChunk(data=blob[start:start + CHUNK_BYTES])
+
+    @grpc_errors
+    def UploadCheckpoint(self, request_iterator, context) -> pb.CheckpointAck:
+        node_id = self.app.authenticate_node(context)
+        it = iter(request_iterator)
+        first = next(it, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidRequestError("the first UploadCheckpoint chunk must carry the header")
+        h = first.header
+        job, a = self.service.assignment_of(h.job_id, node_id, stage=h.stage, replica=h.replica)
+        if job.terminal and not h.final:
+            raise InvalidRequestError(f"job {job.id} is {job.state}; checkpoint not needed")
+        if h.step < 0 or h.step > job.total_steps:
+            raise InvalidRequestError(f"checkpoint step {h.step} outside 0..{job.total_steps}")
+        target = files.checkpoint_dir(files.job_dir(self.service.state_dir, job.id), step=h.step, stage=h.stage,
+                                      replica=h.replica)
+        tmp = target.with_name(target.name + ".partial")
+        limits = files.UploadLimits(max_total_bytes=self.service.limits.max_total_bytes * 3,
+                                    max_file_bytes=self.service.limits.max_total_bytes * 2)
+        receiver = files.FileReceiver(tmp, roots=("ckpt",), limits=limits)
+
+        def consume(chunk):
+            if chunk.HasField("file"):
+                name = chunk.file.name
+                if name.removeprefix("ckpt/") not in CHECKPOINT_FILES:
+                    raise InvalidRequestError(f"checkpoint file {name!r} not one of {CHECKPOINT_FILES}")
+                receiver.start_file(name, chunk.file.size_bytes, chunk.file.sha256)
+            if chunk.data:
+                receiver.write(chunk.data)
+
+        try:
+            consume(first)
+            for chunk in it:
+                if chunk.HasField("header"):
+                    raise InvalidRequestError("a checkpoint upload carries one header")
+                consume(chunk)
+            receiver.finish()
+        except BaseException:
+            receiver.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (tmp / "ckpt").rename(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.service.checkpoint_received(job.id, node_id, stage=h.stage, replica=h.replica, step=h.step,
+                                         final=h.final, directory=target)
+        return pb.CheckpointAck(step=h.step, bytes_received=receiver.total_bytes)
+
+    @grpc_errors
+    def Rendezvous(self, request, context) -> pb.RendezvousReply:
+        node_id = self.app.authenticate_node(context)
+        maddrs = self.service.rendezvous(request.job_id, node_id, request.stage, request.replica, list(request.maddrs))
+        return pb.RendezvousReply(maddrs=maddrs, num_joined=len(maddrs))

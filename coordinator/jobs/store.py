@@ -1,0 +1,277 @@
+"""Training jobs in the coordinator's SQLite file: records, state machine, progress, checkpoints.
+
+A job moves ``pending -> running -> succeeded | failed | cancelled`` (``pending`` may also go
+straight to ``failed`` or ``cancelled``); terminal states never change again. Every transition
+is one UPDATE guarded by the expected old state, so two threads cannot both move a job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from swarm.clock import Clock
+from swarm.errors import InvalidRequestError, NotFoundError
+
+from coordinator.store import Database
+
+log = logging.getLogger(__name__)
+
+STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+_ALLOWED = {
+    "pending": {"running", "failed", "cancelled"},
+    "running": {"succeeded", "failed", "cancelled", "pending"},
+}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    spec_json TEXT NOT NULL,
+    model_json TEXT NOT NULL DEFAULT '{}',
+    plan_json TEXT NOT NULL DEFAULT '',
+    assignments_json TEXT NOT NULL DEFAULT '[]',
+    attempt INTEGER NOT NULL DEFAULT 0,
+    num_samples INTEGER NOT NULL DEFAULT 0,
+    dataset_key TEXT NOT NULL DEFAULT '',
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    result_ready INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS job_progress (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    stage INTEGER NOT NULL,
+    replica INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    loss REAL,
+    tokens INTEGER NOT NULL,
+    tokens_per_s REAL NOT NULL,
+    bytes_sent INTEGER NOT NULL,
+    bytes_raw INTEGER NOT NULL,
+    step_s REAL NOT NULL,
+    compute_s REAL NOT NULL,
+    wait_s REAL NOT NULL,
+    comm_s REAL NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (job_id, attempt, stage, replica, step)
+);
+CREATE TABLE IF NOT EXISTS job_checkpoints (
+    job_id TEXT NOT NULL,
+    stage INTEGER NOT NULL,
+    replica INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    final INTEGER NOT NULL,
+    dir TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (job_id, stage, replica, step)
+);
+"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Job:
+    id: str
+    state: str
+    reason: str
+    spec: dict[str, Any]
+    model: dict[str, Any]
+    plan: dict[str, Any] | None
+    assignments: list[dict[str, Any]] = field(default_factory=list)
+    attempt: int = 0
+    num_samples: int = 0
+    dataset_key: str = ""
+    total_steps: int = 0
+    created_at_s: float = 0.0
+    updated_at_s: float = 0.0
+    started_at_s: float | None = None
+    finished_at_s: float | None = None
+    result_ready: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+_COLS = (
+    "id, state, reason, spec_json, model_json, plan_json, assignments_json, attempt, num_samples, dataset_key,"
+    " total_steps, created_at, updated_at, started_at, finished_at, result_ready"
+)
+
+
+def _job(row) -> Job:
+    return Job(
+        id=row[0], state=row[1], reason=row[2], spec=json.loads(row[3]), model=json.loads(row[4]),
+        plan=json.loads(row[5]) if row[5] else None, assignments=json.loads(row[6]), attempt=row[7],
+        num_samples=row[8], dataset_key=row[9], total_steps=row[10], created_at_s=row[11], updated_at_s=row[12],
+        started_at_s=row[13], finished_at_s=row[14], result_ready=bool(row[15]),
+    )
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+class JobStore:
+    """Thread-safe access to the job tables (one connection guarded by a lock)."""
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._conn = db.connect()
+        with self._conn:
+            self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def create(self, *, job_id: str, spec: dict[str, Any], model: dict[str, Any], num_samples: int,
+               dataset_key: str, total_steps: int) -> Job:
+        now = self._clock.time()
+        with self._lock, self._conn:
+            self._conn.execute(
+                "INSERT INTO jobs (id, state, spec_json, model_json, num_samples, dataset_key, total_steps,"
+                " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (job_id, "pending", json.dumps(spec), json.dumps(model), num_samples, dataset_key, total_steps, now, now),
+            )
+        log.info("job created job=%s steps=%d samples=%d", job_id, total_steps, num_samples)
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            row = self._conn.execute(f"SELECT {_COLS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no job {job_id!r}; `swarm jobs` lists the jobs")
+        return _job(row)
+
+    def list(self, *, limit: int = 100, states: tuple[str, ...] | None = None) -> list[Job]:
+        q = f"SELECT {_COLS} FROM jobs"
+        args: list[Any] = []
+        if states:
+            q += " WHERE state IN (%s)" % ",".join("?" * len(states))
+            args += list(states)
+        q += " ORDER BY created_at DESC LIMIT ?"
+        args.append(int(limit))
+        with self._lock:
+            return [_job(r) for r in self._conn.execute(q, args).fetchall()]
+
+    def transition(self, job_id: str, new_state: str, *, reason: str = "", expect: str | None = None,
+                   **fields: Any) -> Job | None:
+        """Move a job to ``new_state``; returns the updated job, or None when it was not allowed
+        (already terminal, or not in ``expect``). ``fields``: plan, assignments, attempt."""
+        if new_state not in STATES:
+            raise InvalidRequestError(f"unknown job state {new_state!r}")
+        now = self._clock.time()
+        with self._lock, self._conn:
+            row = self._conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no job {job_id!r}")
+            old = row[0]
+            if (expect is not None and old != expect) or new_state not in _ALLOWED.get(old, set()):
+                return None
+            sets = ["state = ?", "reason = ?", "updated_at = ?"]
+            args: list[Any] = [new_state, reason, now]
+            if "plan" in fields:
+                sets.append("plan_json = ?")
+                args.append(json.dumps(fields["plan"]) if fields["plan"] is not None else "")
+            if "assignments" in fields:
+                sets.append("assignments_json = ?")
+                args.append(json.dumps(fields["assignments"]))
+            if "attempt" in fields:
+                sets.append("attempt = ?")
+                args.append(int(fields["attempt"]))
+            if new_state == "running":
+                sets.append("started_at = COALESCE(started_at, ?)")
+                args.append(now)
+            if new_state in TERMINAL:
+                sets.append("finished_at = ?")
+                args.append(now)
+            self._conn.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
+        log.info("job state job=%s %s -> %s reason=%s", job_id, old, new_state, reason or "-")
+        return self.get(job_id)
+
+    def set_reason(self, job_id: str, reason: str) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("UPDATE jobs SET reason = ?, updated_at = ? WHERE id = ?", (reason, self._clock.time(), job_id))
+
+    def set_result_ready(self, job_id: str) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("UPDATE jobs SET result_ready = 1 WHERE id = ?", (job_id,))
+
+    # -- progress ------------------------------------------------------------------------------
+    def add_progress(self, job_id: str, *, attempt: int, stage: int, replica: int, step: int, loss: float | None,
+                     tokens: int, tokens_per_s: float, bytes_sent: int, bytes_raw: int, step_s: float,
+                     compute_s: float, wait_s: float, comm_s: float) -> None:
+        with self._lock, self._conn:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO job_progress VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (job_id, attempt, stage, replica, step, _num(loss), tokens, _num(tokens_per_s) or 0.0, bytes_sent,
+                 bytes_raw, step_s, compute_s, wait_s, comm_s, self._clock.time()),
+            )
+
+    def history(self, job_id: str, *, num_reporters: int) -> list[dict[str, Any]]:
+        """Per step: loss (mean over replicas' last stages), tokens/s, bytes, time split.
+
+        A step appears once ``num_reporters`` stage workers reported it.
+        """
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT step, AVG(loss), SUM(CASE WHEN loss IS NOT NULL THEN tokens ELSE 0 END), MAX(step_s),"
+                " SUM(bytes_sent), SUM(bytes_raw), AVG(compute_s), AVG(wait_s), AVG(comm_s), COUNT(*), MAX(at)"
+                " FROM job_progress WHERE job_id = ? AND attempt = (SELECT attempt FROM jobs WHERE id = ?)"
+                " GROUP BY step ORDER BY step",
+                (job_id, job_id),
+            ).fetchall()
+        out = []
+        for step, loss, tokens, step_s, sent, raw, comp, wait, comm, count, at in rows:
+            if count < num_reporters:
+                continue
+            out.append({
+                "step": step, "loss": loss, "tokens": tokens, "step_s": step_s,
+                "tokens_per_s": tokens / step_s if step_s else 0.0,
+                "bytes_sent": sent, "bytes_saved": max(0, raw - sent), "bytes_raw": raw,
+                "compute_s": comp, "wait_s": wait, "comm_s": comm, "at": at,
+            })
+        return out
+
+    def per_worker(self, job_id: str) -> list[dict[str, Any]]:
+        """The latest report of each (stage, replica)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT stage, replica, MAX(step), SUM(bytes_sent), SUM(bytes_raw), SUM(compute_s), SUM(wait_s),"
+                " SUM(comm_s), SUM(step_s) FROM job_progress WHERE job_id = ? GROUP BY stage, replica"
+                " ORDER BY stage, replica",
+                (job_id,),
+            ).fetchall()
+        return [
+            {"stage": r[0], "replica": r[1], "step": r[2], "bytes_sent": r[3], "bytes_raw": r[4],
+             "compute_s": r[5], "wait_s": r[6], "comm_s": r[7], "busy_s": r[8]}
+            for r in rows
+        ]
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def add_checkpoint(self, job_id: str, *, stage: int, replica: int, step: int, final: bool, directory: str) -> None:
+        with self._lock, self._conn:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO job_checkpoints VALUES (?,?,?,?,?,?,?)",
+                (job_id, stage, replica, step, int(final), directory, self._clock.time()),
+            )
+
+    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT stage, replica, step, final, dir, at FROM job_checkpoints WHERE job_id = ?"
+                " ORDER BY step, stage, replica", (job_id,),
+            ).fetchall()
+        return [{"stage": r[0], "replica": r[1], "step": r[2], "final": bool(r[3]), "dir": r[4], "at": r[5]} for r in rows]
