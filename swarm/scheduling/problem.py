@@ -1,0 +1,158 @@
+"""A partition problem: the matrices and per-device constants the search needs, and scoring.
+
+A *partition* is ``P`` groups of ``D`` device indices (group = one stage's data-parallel
+group). ``Problem.evaluate`` scores one exactly; ``search`` changes partitions incrementally and
+uses the same pieces. Two scores are kept:
+
+- ``true``: the objective (DT-FM DP + 2 * PP, plus compute in the heterogeneous mode);
+- ``surrogate``: ``true`` plus small terms that see progress on plateaus of the max/bottleneck
+  objective: for each pipeline boundary, the fraction of pipelines that still need its slowest
+  link (the deficiency of the bottleneck matching), and the mean of the groups' DP costs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from swarm.scheduling.cluster import Cluster, JobShape
+from swarm.scheduling.hetero import StageModel, allocate_layers, device_arrays, equal_layers
+from swarm.scheduling.matching import bottleneck_matching
+from swarm.scheduling.tsp import open_path
+
+LAMBDA_DP = 0.02  # weight of the mean group DP cost in the surrogate
+SOFT_PP = 0.5  # weight of the deficiency term per boundary in the surrogate
+UNPLACED_PENALTY_S = 1e7  # per layer that fits nowhere: any feasible partition beats it
+
+
+def equivalence_classes(cluster: Cluster, tflops: np.ndarray, memory: np.ndarray) -> np.ndarray:
+    """Class id per device; swapping two devices of one class leaves every cost unchanged."""
+    n = cluster.num_devices
+    delay, bw = cluster.delay_s, cluster.bandwidth_Bps
+    keys: dict[tuple, list[int]] = {}
+    for i in range(n):
+        rd = np.delete(delay[i], i)
+        rb = np.delete(bw[i], i)
+        cd = np.delete(delay[:, i], i)
+        cb = np.delete(bw[:, i], i)
+        key = (float(tflops[i]), float(memory[i]), np.sort(rd).tobytes(), np.sort(rb).tobytes(), np.sort(cd).tobytes(), np.sort(cb).tobytes())
+        keys.setdefault(key, []).append(i)
+    cls = np.full(n, -1, dtype=np.int64)
+    nxt = 0
+    for members in keys.values():
+        reps: list[int] = []
+        for i in members:
+            for r in reps:
+                mask = np.ones(n, dtype=bool)
+                mask[[i, r]] = False
+                if (
+                    np.array_equal(delay[i, mask], delay[r, mask])
+                    and np.array_equal(delay[mask, i], delay[mask, r])
+                    and np.array_equal(bw[i, mask], bw[r, mask])
+                    and np.array_equal(bw[mask, i], bw[mask, r])
+                    and delay[i, r] == delay[r, i]
+                    and bw[i, r] == bw[r, i]
+                ):
+                    cls[i] = cls[r]
+                    break
+            else:
+                reps.append(i)
+                cls[i] = nxt
+                nxt += 1
+    return cls
+
+
+class Problem:
+    """Everything the search needs for one (cluster, job, D_DP, D_PP, objective)."""
+
+    def __init__(self, cluster: Cluster, job: JobShape, d_dp: int, d_pp: int, *, hetero: bool) -> None:
+        n = cluster.num_devices
+        assert d_dp * d_pp == n
+        self.cluster = cluster
+        self.job = job
+        self.n, self.d, self.p = n, d_dp, d_pp
+        self.hetero = hetero
+        self.model = StageModel.build(job, d_dp, d_pp)
+        delay, bw = cluster.delay_s, cluster.bandwidth_Bps
+        with np.errstate(divide="ignore"):
+            self.a0 = 2.0 * delay
+            self.a1 = 2.0 / (d_dp * bw)
+        np.fill_diagonal(self.a0, 0.0)
+        np.fill_diagonal(self.a1, 0.0)
+        self.c_pp = self.model.c_pp_bytes
+        with np.errstate(divide="ignore"):
+            self.w = delay + self.c_pp / bw
+        np.fill_diagonal(self.w, 0.0)
+        self.symmetric = bool(np.array_equal(self.w, self.w.T))
+        self.tflops, self.memory = device_arrays(cluster)
+        self.sec_per_layer = self.model.seconds_per_layer(self.tflops)
+        self.equal_layers = equal_layers(job.num_layers, d_pp)
+        # DT-FM mode: one c_dp for every group (the largest stage's, exact for even splits)
+        if job.c_dp_bytes is not None and job.num_layers % d_pp == 0:
+            self.c_dp_const = job.c_dp_bytes
+        else:
+            self.c_dp_const = self.model.grad_bytes_per_layer * int(self.equal_layers.max())
+        self.classes = equivalence_classes(cluster, self.tflops, self.memory)
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def pair(self, ga: list[int], gb: list[int]) -> tuple[float, float]:
+        """(bottleneck, soft) cost from group ga to group gb."""
+        r = bottleneck_matching(self.w[np.ix_(ga, gb)], want_perm=False, want_deficiency=True)
+        return r.value, r.value + SOFT_PP * (r.value - r.below) * r.deficiency / len(ga)
+
+    def pair_matrices(self, groups: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        p = len(groups)
+        b = np.zeros((p, p))
+        s = np.zeros((p, p))
+        for x in range(p):
+            for y in range(p):
+                if x == y or (self.symmetric and y < x):
+                    continue
+                b[x, y], s[x, y] = self.pair(groups[x], groups[y])
+                if self.symmetric:
+                    b[y, x], s[y, x] = b[x, y], s[x, y]
+        return b, s
+
+    def group_terms(self, members: np.ndarray, sdel: np.ndarray, sinv: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float]:
+        """(compute_s, dp per group, layers per group, penalty) for the member matrix (P, D).
+
+        ``sdel[d, g]``/``sinv[d, g]``: sums of a0/a1 over group g's members for device d.
+        """
+        cols = np.arange(self.p)[:, None]
+        d0 = sdel[members, cols]  # (P, D)
+        d1 = sinv[members, cols]
+        if not self.hetero:
+            dp = (d0 + self.c_dp_const * d1).max(axis=1)
+            return 0.0, dp, self.equal_layers, 0.0
+        spl = self.sec_per_layer[members].max(axis=1)  # slowest member sets the pace
+        caps = self.model.layer_caps(self.memory[members].min(axis=1))
+        g = self.model.grad_bytes_per_layer
+        layers, missing = allocate_layers(self.model, spl, caps, d0, g * d1)
+        comp, _ = self.model.compute_s(layers, spl)
+        dp = (d0 + layers[:, None] * g * d1).max(axis=1)
+        return comp, dp, layers, UNPLACED_PENALTY_S * missing
+
+    def sums(self, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """sdel, sinv (N, P) for a member matrix."""
+        sdel = np.stack([self.a0[:, m].sum(axis=1) for m in members], axis=1)
+        sinv = np.stack([self.a1[:, m].sum(axis=1) for m in members], axis=1)
+        return sdel, sinv
+
+    def combine(self, comp: float, dp: np.ndarray, b: np.ndarray, s: np.ndarray, penalty: float) -> tuple[float, float]:
+        """(true, surrogate) scores."""
+        pp_true, _ = open_path(b)
+        pp_soft, _ = open_path(s)
+        base = comp + float(dp.max()) + penalty
+        return base + 2.0 * pp_true, base + LAMBDA_DP * float(dp.mean()) + 2.0 * pp_soft
+
+    def evaluate(self, groups: list[list[int]]) -> tuple[float, float]:
+        members = np.asarray(groups, dtype=np.int64)
+        sdel, sinv = self.sums(members)
+        comp, dp, _, pen = self.group_terms(members, sdel, sinv)
+        b, s = self.pair_matrices(groups)
+        return self.combine(comp, dp, b, s, pen)
+
+
+def is_finite(x: float) -> bool:
+    return math.isfinite(x)
