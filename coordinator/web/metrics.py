@@ -140,7 +140,7 @@ def _node_families(nodes: Sequence[Mapping[str, Any]]) -> list[MetricFamily]:
 def _job_families(jobs: Sequence[Mapping[str, Any]]) -> list[MetricFamily]:
     by_state = MetricFamily("swarm_jobs", "gauge", "Jobs stored by the coordinator, by state.")
     progress = MetricFamily("swarm_job_progress_ratio", "gauge", "Fraction of the job's steps done (0 to 1).")
-    step = MetricFamily("swarm_job_step", "gauge", "Last completed step of the job.")
+    step = MetricFamily("swarm_job_step", "gauge", "Last completed step of the job (numbered from 0).")
     step_time = MetricFamily("swarm_job_step_time_seconds", "gauge", "Wall time of the job's last step in seconds.")
     tps = MetricFamily("swarm_job_tokens_per_second", "gauge", "Training throughput of the job, tokens per second.")
     loss = MetricFamily("swarm_job_loss", "gauge", "Last reported training loss of the job.")
@@ -159,10 +159,16 @@ def _job_families(jobs: Sequence[Mapping[str, Any]]) -> list[MetricFamily]:
         total = as_number(pick(job, "total_steps", "num_steps", "max_steps"))
         ratio = as_number(pick(job, "progress"))
         if ratio is None and step_now is not None and total:
-            ratio = step_now / total
+            ratio = (step_now + 1) / total  # steps are numbered from 0: step k means k + 1 done
+        if ratio is None and state == "succeeded":
+            ratio = 1.0
         progress.add(None if ratio is None else min(1.0, max(0.0, ratio)), job=job_id)
         step.add(step_now, job=job_id)
-        step_time.add(as_number(pick(job, "step_time_s", "last_step_time_s")), job=job_id)
+        seconds = as_number(pick(job, "step_time_s", "last_step_time_s"))
+        history = job.get("progress")
+        if seconds is None and isinstance(history, list) and history and isinstance(history[-1], Mapping):
+            seconds = as_number(history[-1].get("step_s"))  # the jobs plugin's per-step history
+        step_time.add(seconds, job=job_id)
         tps.add(as_number(pick(job, "tokens_per_s", "tokens_per_second")), job=job_id)
         loss.add(as_number(pick(job, "loss", "last_loss")), job=job_id)
         sent.add(as_number(pick(job, "bytes_sent", "sent_bytes", "wire_bytes")), job=job_id)

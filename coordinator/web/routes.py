@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import mimetypes
@@ -103,7 +104,8 @@ async def plan_json(state: WebState) -> dict[str, Any]:
     """The /api/plan answer (also used by /metrics)."""
     app = state.app
     names = {n.id: n.name for n in app.registry.snapshot()}
-    job = sources.running_job_plan(app)
+    loop = asyncio.get_running_loop()
+    job = await loop.run_in_executor(None, sources.running_job_plan, app)
     if job is not None:
         job_id, plan = job
         return job_plan_json(job_id, plan, names)
@@ -129,7 +131,7 @@ async def metrics(request: web.Request) -> web.Response:
     app = state.app
     now = app.clock.time()
     nodes = [node_json(n, now) for n in app.registry.snapshot()]
-    jobs = sources.jobs_json(app)
+    jobs = await asyncio.get_running_loop().run_in_executor(None, sources.jobs_json, app)
     try:
         plan = await plan_json(state)
     except Exception:  # noqa: BLE001 -- metrics without the plan beat no metrics

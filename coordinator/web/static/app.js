@@ -19,6 +19,8 @@
     if (text !== undefined && text !== null) e.textContent = String(text);
     return e;
   }
+  /* obj[key] only if it is obj's own property (ids from the network may be "constructor"...). */
+  function own(obj, key) { return obj && Object.prototype.hasOwnProperty.call(obj, key) ? obj[key] : undefined; }
   function isNum(v) { return typeof v === "number" && isFinite(v); }
   function num(v) { var n = typeof v === "string" && v.trim() !== "" ? Number(v) : v; return isNum(n) ? n : null; }
   /* First present key of obj (or of obj.metrics / obj.status / obj.hardware). */
@@ -51,6 +53,7 @@
   }
   function fmtSeconds(s) {
     s = num(s); if (s === null) return "\u2013";
+    if (s === 0) return "0 s";
     if (s < 1e-3) return (s * 1e6).toFixed(0) + " \u00b5s";
     if (s < 1) return (s * 1e3).toFixed(s < 0.01 ? 2 : 1) + " ms";
     if (s < 120) return s.toFixed(s < 10 ? 2 : 1) + " s";
@@ -91,12 +94,7 @@
     var device = pick(n, ["device", "gpu"]), deviceName = pick(n, ["device_name"]);
     if (device && typeof device === "object") device = [device.kind, device.name].filter(Boolean).join(" ");
     if (deviceName && String(deviceName) !== String(device)) device = String(deviceName) + (device ? " (" + device + ")" : "");
-    var stage = pick(n, ["stage", "stage_index", "assignment"]);
-    if (stage && typeof stage === "object") {
-      var lr = stage.layers || [stage.layer_start, stage.layer_end];
-      stage = (stage.stage !== undefined ? stage.stage : stage.index !== undefined ? stage.index : "?") +
-        (lr && lr[0] !== undefined ? " (layers " + lr[0] + "\u2013" + lr[1] + ")" : "");
-    }
+    var stage = stageText(n);
     return {
       id: String(pick(n, ["id", "node_id"]) || ""),
       name: String(pick(n, ["name"]) || ""),
@@ -110,19 +108,48 @@
       recv: num(pick(n, ["bytes_received", "received_bytes", "rx_bytes", "bytes_recv"])),
     };
   }
+  /* The stage a node serves: the running job's plan (training), its own metrics (a "stage"
+   * value, or the inference stages it hosts). */
+  var jobStages = Object.create(null);           // node id -> "job J stage S (layers a-b)" from the running job's plan
+  function layersText(lr) {
+    return Array.isArray(lr) && lr.length === 2 && num(lr[0]) !== null && num(lr[1]) !== null ?
+      "layers " + lr[0] + "\u2013" + (lr[1] - 1) : "";
+  }
+  function stageText(n) {
+    var parts = [];
+    var id = String(pick(n, ["id", "node_id"]) || "");
+    if (own(jobStages, id)) parts.push(String(own(jobStages, id)));
+    var st = pick(n, ["stage", "stage_index", "training_stage"]);
+    if (st !== undefined && st !== null && typeof st !== "object" && !own(jobStages, id)) parts.push("stage " + st);
+    if (st && typeof st === "object") parts.push("stage " + (st.stage !== undefined ? st.stage : "?") + " " + layersText(st.layers));
+    var inf = pick(n, ["inference_stages"]);
+    if (Array.isArray(inf)) inf.forEach(function (x) {
+      if (x && typeof x === "object") parts.push("serve " + String(x.model || "") + " r" + x.replica + " s" + x.stage + " " + layersText(x.layers));
+    });
+    return parts.join("; ");
+  }
+  function updateJobStages(planPayload) {
+    jobStages = Object.create(null);
+    if (!planPayload || planPayload.source !== "job" || !planPayload.plan) return;
+    normStages(planPayload.plan).forEach(function (s) {
+      s.members.forEach(function (m, r) {
+        jobStages[m] = "stage " + s.index + " replica " + r + " " + layersText([s.start, s.end]);
+      });
+    });
+  }
   var STATE_ORDER = { online: 0, lost: 1, left: 2 };
   function renderNodes(payload) {
     var nodes = asList(payload, "nodes").map(normNode);
     nodes.sort(function (a, b) {
-      var sa = STATE_ORDER[a.state] !== undefined ? STATE_ORDER[a.state] : 3;
-      var sb = STATE_ORDER[b.state] !== undefined ? STATE_ORDER[b.state] : 3;
+      var sa = own(STATE_ORDER, a.state) !== undefined ? STATE_ORDER[a.state] : 3;
+      var sb = own(STATE_ORDER, b.state) !== undefined ? STATE_ORDER[b.state] : 3;
       return sa - sb || a.name.localeCompare(b.name) || a.id.localeCompare(b.id);
     });
     lastNodes = nodes;
     var counts = { online: 0, lost: 0, left: 0 };
     var frag = document.createDocumentFragment();
     nodes.forEach(function (n) {
-      if (counts[n.state] !== undefined) counts[n.state]++;
+      if (own(counts, n.state) !== undefined) counts[n.state]++;
       var tr = h("tr", "row-" + n.state.replace(/[^a-z_]/gi, ""));
       tr.setAttribute("data-node-id", n.id);
       var name = h("td", "name", n.name); name.title = n.name; tr.appendChild(name);
@@ -151,7 +178,7 @@
   /* Normalise /api/network into {ids, bw (bit/s), lat (s), age (s)} matrices; null where unmeasured. */
   function normNetwork(data) {
     if (!data || typeof data !== "object") return { ids: [], bw: [], lat: [], age: [] };
-    var serverNow = num(data.now_s || data.now);
+    var serverNow = num(data.server_time || data.now_s || data.now);
     var ids = (data.node_ids || data.nodes || data.ids || []).map(function (x) {
       return typeof x === "object" && x ? String(x.id || x.node_id) : String(x);
     });
@@ -168,7 +195,9 @@
     var bw = empty(), lat = empty(), age = empty();
     var bwBytes = data.bandwidth_Bps || data.bandwidth_bytes_per_s;
     var bwBits = data.bandwidth_bps || data.bandwidth_bits_per_s;
-    var latM = data.latency_s || data.rtt_s || data.delay_s;
+    // Round trips: an rtt matrix as is, a one-way delay matrix doubled; links' rtt_s win below.
+    var latM = data.rtt_s || data.latency_s || data.delay_s;
+    var latFactor = data.rtt_s || data.latency_s ? 1 : 2;
     var ageM = data.age_s || data.measurement_age_s;
     var atM = data.measured_at || data.measured_at_s;
     if (Array.isArray(bwBytes) || Array.isArray(bwBits) || Array.isArray(latM)) {
@@ -176,7 +205,7 @@
         var v;
         if (Array.isArray(bwBits) && bwBits[i]) { v = num(bwBits[i][j]); bw[i][j] = v !== null && v > 0 ? v : null; }
         else if (Array.isArray(bwBytes) && bwBytes[i]) { v = num(bwBytes[i][j]); bw[i][j] = v !== null && v > 0 ? v * 8 : null; }
-        if (Array.isArray(latM) && latM[i]) { v = num(latM[i][j]); lat[i][j] = v !== null && v >= 0 ? v : null; }
+        if (Array.isArray(latM) && latM[i]) { v = num(latM[i][j]); lat[i][j] = v !== null && v >= 0 ? v * latFactor : null; }
         if (Array.isArray(ageM) && ageM[i]) age[i][j] = num(ageM[i][j]);
         else if (Array.isArray(atM) && atM[i]) { v = num(atM[i][j]); age[i][j] = v === null ? null : (serverNow || nowS()) - v; }
       }
@@ -190,7 +219,9 @@
       if (lt !== null) lat[a][b] = lt;
       age[a][b] = ageOf(l, ["age_s"], ["measured_at", "measured_at_s"], serverNow);
     });
-    return { ids: ids, bw: bw, lat: lat, age: age };
+    var names = {};
+    if (Array.isArray(data.names)) data.names.forEach(function (nm, k) { if (k < ids.length) names[ids[k]] = String(nm); });
+    return { ids: ids, bw: bw, lat: lat, age: age, names: names };
   }
 
   /* A sequential palette (dark blue = good, pale yellow = poor); t in [0, 1], 1 = good. */
@@ -206,8 +237,11 @@
     return "linear-gradient(to right," + stops.join(",") + ")";
   }
 
+  var planNames = {};
   function nameOf(id) {
+    if (own(planNames, id)) return String(own(planNames, id));
     for (var k = 0; k < lastNodes.length; k++) if (lastNodes[k].id === id) return lastNodes[k].name || shortId(id);
+    if (lastNetwork && own(lastNetwork.names, id)) return String(own(lastNetwork.names, id));
     return shortId(id);
   }
 
@@ -310,15 +344,11 @@
     }
     return worst;
   }
-  function breakdownOf(plan) {
-    var p = plan.predicted || plan.cost || plan.breakdown || plan.predicted_cost || plan;
-    var parts = [
-      ["compute", num(p.compute_s !== undefined ? p.compute_s : p.pipeline_compute_s)],
-      ["pipeline", num(p.pipeline_s !== undefined ? p.pipeline_s : p.pipeline_comm_s !== undefined ? p.pipeline_comm_s : p.pp_comm_s)],
-      ["data_parallel", num(p.data_parallel_s !== undefined ? p.data_parallel_s : p.dp_comm_s !== undefined ? p.dp_comm_s : p.dp_s)],
-    ];
-    var total = num(p.total_s !== undefined ? p.total_s : p.step_time_s !== undefined ? p.step_time_s : plan.predicted_step_s);
-    return { parts: parts, total: total };
+  /* [[part, seconds]] and the total, from the server's "predicted" (see plan_view.py). */
+  function breakdownOf(payload) {
+    var p = (payload && payload.predicted) || {};
+    var parts = [["compute", num(p.compute_s)], ["pipeline", num(p.pipeline_s)], ["data_parallel", num(p.data_parallel_s)]];
+    return { parts: parts, total: num(p.total_s) };
   }
   function renderPlan(payload) {
     var box = $("plan-pipeline"), bd = $("plan-breakdown");
@@ -327,23 +357,28 @@
     if (!plan) {
       box.replaceChildren(); bd.replaceChildren();
       $("plan-source").textContent = "";
+      $("plan-reason").textContent = "";
       $("plan-empty").textContent = (payload && payload.reason) ? String(payload.reason) : "No plan: there are no online nodes to plan over.";
       $("plan-empty").hidden = false;
       return;
     }
     $("plan-empty").hidden = true;
-    $("plan-source").textContent = source === "job" ? "of job " + String(payload.job_id || "") :
-      source === "preview" ? "preview for " + String(payload.shape_name || "a small default job") + " over the online nodes" : "";
+    $("plan-source").textContent = source === "job" ? "of running job " + String(payload.job_id || "") :
+      source === "preview" ? "preview (no job running)" : "";
+    $("plan-reason").textContent = payload.reason ? String(payload.reason) : "";
+    planNames = payload.names && typeof payload.names === "object" ? payload.names : {};
     var stages = normStages(plan);
     var frag = document.createDocumentFragment();
-    var states = {}; lastNodes.forEach(function (n) { states[n.id] = n.state; });
+    var states = {}; lastNodes.forEach(function (n) { states["n:" + n.id] = n.state; });
     stages.forEach(function (s, k) {
       if (k > 0) {
         var link = h("div", "link");
         var bwv = linkBandwidth(stages[k - 1], s);
-        link.appendChild(h("span", null, bwv === null ? "bandwidth ?" : fmtBits(bwv)));
+        link.appendChild(h("span", null, bwv === null ? "link not measured" : fmtBits(bwv)));
+        link.title = "slowest link between the two stages' replicas, as measured";
         link.appendChild(h("div", "arrow"));
-        link.appendChild(h("span", null, "activations \u2192"));
+        var bnd = plan.breakdown && Array.isArray(plan.breakdown.boundary_s) ? num(plan.breakdown.boundary_s[k - 1]) : null;
+        link.appendChild(h("span", null, bnd === null ? "activations \u2192" : "activations " + fmtSeconds(bnd)));
         frag.appendChild(link);
       }
       var box1 = h("div", "stage");
@@ -354,7 +389,7 @@
       if (s.compute !== null) box1.appendChild(h("div", "time", "compute " + fmtSeconds(s.compute)));
       var ul = h("ul");
       s.members.forEach(function (m) {
-        var li = h("li", states[m] && states[m] !== "online" ? "lost" : null, nameOf(m));
+        var li = h("li", states["n:" + m] && states["n:" + m] !== "online" ? "lost" : null, nameOf(m));
         li.title = m; ul.appendChild(li);
       });
       box1.appendChild(h("div", "layers", "data-parallel group of " + s.members.length));
@@ -362,10 +397,12 @@
       frag.appendChild(box1);
     });
     box.replaceChildren(frag);
-    var b = breakdownOf(plan);
+    var b = breakdownOf(payload);
     var sum = b.parts.reduce(function (acc, p) { return acc + (p[1] || 0); }, 0);
     var total = b.total !== null ? b.total : sum;
-    var items = [h("div", null, "Predicted step time: " + fmtSeconds(total))];
+    var commOnly = plan.objective === "dtfm_comm";
+    var items = [h("div", null, "Predicted step time: " + fmtSeconds(total) +
+      (commOnly ? " (communication only: the devices are identical, so the DT-FM cost model leaves compute out)" : ""))];
     if (sum > 0) {
       var bar = h("div", "bar");
       b.parts.forEach(function (p) {
@@ -376,6 +413,7 @@
       items.push(bar);
       var keys = h("div");
       b.parts.forEach(function (p) {
+        if (p[1] === null || (commOnly && p[0] === "compute")) return;
         var key = h("span", "key"); key.appendChild(h("i", "seg-" + p[0]));
         key.appendChild(h("span", null, p[0].replace("_", " ") + " " + fmtSeconds(p[1]))); keys.appendChild(key);
       });
@@ -388,15 +426,18 @@
   function normJob(j) {
     var step = num(pick(j, ["step", "current_step"])), total = num(pick(j, ["total_steps", "num_steps", "max_steps"]));
     var progress = num(pick(j, ["progress"]));
-    if (progress === null && step !== null && total) progress = step / total;
+    // Steps are numbered from 0 (step k means k + 1 done).
+    if (progress === null && step !== null && total) progress = (step + 1) / total;
+    if (progress === null && j.state === "succeeded") progress = 1;
     return {
       id: String(pick(j, ["id", "job_id"]) || ""),
-      name: String(pick(j, ["name", "model"]) || ""),
+      name: String((j.spec && j.spec.name) || (typeof j.name === "string" ? j.name : "") ||
+        (j.model && typeof j.model === "object" ? j.model.family || "" : j.model || "")),
       state: String(pick(j, ["state"]) || "unknown"),
       step: step, total: total, progress: progress,
       loss: num(pick(j, ["loss", "last_loss"])),
       tps: num(pick(j, ["tokens_per_s", "tokens_per_second"])),
-      stepTime: num(pick(j, ["step_time_s", "last_step_time_s"])),
+      eta: num(pick(j, ["eta_s"])),
       saved: num(pick(j, ["bytes_saved", "compression_bytes_saved", "saved_bytes"])),
     };
   }
@@ -421,12 +462,12 @@
       var pr = h("td"); var bar = h("span", "progress"); var fill = h("div");
       fill.style.width = (j.progress === null ? 0 : Math.max(0, Math.min(1, j.progress)) * 100) + "%";
       bar.appendChild(fill); pr.appendChild(bar);
-      pr.appendChild(h("span", null, j.step !== null ? "step " + j.step + (j.total ? " / " + j.total : "") :
+      pr.appendChild(h("span", null, j.step !== null ? "step " + (j.step + 1) + (j.total ? " / " + j.total : "") :
         j.progress !== null ? (100 * j.progress).toFixed(0) + "%" : ""));
       tr.appendChild(pr);
       tr.appendChild(h("td", "num", fmtNum(j.loss, 3)));
       tr.appendChild(h("td", "num", fmtNum(j.tps, 0)));
-      tr.appendChild(h("td", "num", fmtSeconds(j.stepTime)));
+      tr.appendChild(h("td", "num", j.eta === null ? "\u2013" : fmtSeconds(j.eta)));
       tr.appendChild(h("td", "num", j.saved === null ? "\u2013" : fmtBytes(j.saved)));
       var a = h("a", null, "JSON"); a.setAttribute("href", "api/jobs/" + encodeURIComponent(j.id));
       a.addEventListener("click", function (ev) { ev.stopPropagation(); });
@@ -437,7 +478,7 @@
   }
   /* History as [[step, loss]], [[step, tokens/s]] from either a list of records or column arrays. */
   function historyOf(job) {
-    var hist = job.history || job.metrics_history || job.progress_history || [];
+    var hist = Array.isArray(job.progress) ? job.progress : job.history || job.metrics_history || [];
     var loss = [], tps = [];
     if (Array.isArray(hist)) {
       hist.forEach(function (r, k) {
@@ -459,8 +500,19 @@
     var res = await getJSON("api/jobs/" + encodeURIComponent(selectedJob));
     if (res.missing || !res.data) { box.hidden = true; return; }
     var job = res.data.job || res.data;
-    $("job-detail-id").textContent = String(job.name || "") + " " + selectedJob;
+    $("job-detail-id").textContent = String((job.spec && job.spec.name) || "") + " " + selectedJob;
     var hist = historyOf(job);
+    var last = Array.isArray(job.progress) && job.progress.length ? job.progress[job.progress.length - 1] : null;
+    var info = [];
+    if (job.reason) info.push(String(job.reason));
+    if (last) {
+      info.push("last step " + fmtSeconds(last.step_s) + " (compute " + fmtSeconds(last.compute_s) + ", waiting " +
+        fmtSeconds(last.wait_s) + ", communication " + fmtSeconds(last.comm_s) + ")");
+    }
+    if (num(job.bytes_sent) !== null) info.push("sent " + fmtBytes(job.bytes_sent) + ", saved by compression " + fmtBytes(job.bytes_saved));
+    var plan = job.plan;
+    if (plan && num(plan.d_pp) !== null) info.push(plan.d_pp + " stages \u00d7 " + plan.d_dp + " replicas");
+    $("job-detail-info").textContent = info.join(" \u00b7 ");
     MiniChart.line($("chart-loss"), hist.loss, { color: "#d64545", emptyText: "no loss reported yet" });
     MiniChart.line($("chart-tps"), hist.tps, { color: "#2b6cb0", emptyText: "no throughput reported yet" });
     box.hidden = false;
@@ -472,20 +524,25 @@
     if (inFlight) return;
     inFlight = true;
     var problems = [];
-    async function section(path, render, missingText) {
+    async function fetchOne(path, optional) {
       try {
         var res = await getJSON(path);
-        if (res.missing) { render(null); if (missingText) problems.push(missingText); return; }
-        render(res.data);
-      } catch (err) { problems.push(String(err.message || err)); }
+        if (res.missing && !optional) problems.push(path + ": not found");
+        return res.missing ? null : res.data;
+      } catch (err) { problems.push(String(err.message || err)); return undefined; }
+    }
+    function draw(name, fn, data) {
+      if (data === undefined) return;  // fetch failed: keep what is shown
+      try { fn(data); } catch (err) { problems.push(name + ": " + String(err.message || err)); }
     }
     try {
-      await section("api/nodes", renderNodes);
-      await section("api/network", renderNetwork);
-      await Promise.all([
-        section("api/plan", renderPlan),
-        section("api/jobs", renderJobs, null),
-      ]);
+      var got = await Promise.all([fetchOne("api/nodes"), fetchOne("api/network"), fetchOne("api/plan"),
+        fetchOne("api/jobs", true)]);
+      if (got[2] !== undefined) updateJobStages(got[2]);
+      draw("nodes", renderNodes, got[0]);
+      draw("network", renderNetwork, got[1]);
+      draw("plan", renderPlan, got[2]);
+      draw("jobs", renderJobs, got[3]);
       try { await renderJobDetail(); } catch (err) { problems.push(String(err.message || err)); }
     } finally {
       inFlight = false;

@@ -79,9 +79,10 @@ def test_hostile_names_are_escaped_and_round_trip() -> None:
 
 def test_job_progress_step_time_and_savings() -> None:
     jobs = [
-        {"id": "j1", "state": "running", "step": 25, "total_steps": 100, "step_time_s": 1.25,
-         "tokens_per_s": 800.0, "loss": 3.5, "bytes_saved": 12345, "bytes_sent": 999},
-        {"id": "j2", "state": "succeeded", "progress": 1.0},
+        # the jobs plugin's detail JSON: steps numbered from 0, per-step history under "progress"
+        {"id": "j1", "state": "running", "step": 24, "total_steps": 100, "tokens_per_s": 800.0, "loss": 3.5,
+         "bytes_saved": 12345, "bytes_sent": 999, "progress": [{"step": 23, "step_s": 1.5}, {"step": 24, "step_s": 1.25}]},
+        {"id": "j2", "state": "succeeded", "step": None, "total_steps": 10, "progress": []},
     ]
     fams = _families(render_metrics(nodes=[], jobs=jobs))
     assert _samples(fams["swarm_job_progress_ratio"]) == {(("job", "j1"),): 0.25, (("job", "j2"),): 1.0}
