@@ -1,0 +1,76 @@
+"""Real NodeAgents (in-process, injected hardware) against a real coordinator: membership,
+measurements, plugin metrics, raw garbage on every port."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.request
+
+from node.agent import NodeAgent, NodeConfig
+from swarm.localswarm import wait_until
+from swarm.proto.v1 import coordinator_pb2 as pb
+
+from tests.helpers.foundation import HW
+
+
+def make_agent(app, tmp_path, name):
+    config = NodeConfig(coordinator_address=f"127.0.0.1:{app.grpc_port}", token=app.join_token,
+                        state_dir=tmp_path / name, name=name, host="127.0.0.1", plugins=())
+    return NodeAgent(config, hardware=HW)
+
+
+def test_two_agents_join_measure_and_leave(app, tmp_path):
+    agents = [make_agent(app, tmp_path, f"n{i}") for i in range(2)]
+    for a in agents:
+        a.start()
+    try:
+        assert all(a.wait_registered(10) for a in agents)
+        agents[0].update_metrics(stage=1, bytes_sent=123)
+        ids = [a.node_id for a in agents]
+
+        def measured():
+            _, bw, _ = app.network.matrix(ids)
+            return bw[0, 1] > 0 and bw[1, 0] > 0
+
+        wait_until(measured, 20, message="both directions measured")
+        delay, bw, at = app.network.matrix(ids)
+        assert 0 < delay[0, 1] < 0.1 and bw[0, 1] > 1e6
+        wait_until(lambda: app.registry.get(ids[0]).metrics.get("bytes_sent") == 123, 10, message="metrics arrive")
+        with urllib.request.urlopen(f"http://127.0.0.1:{app.http_port}/api/nodes", timeout=5) as resp:
+            by_id = {n["id"]: n for n in json.loads(resp.read())["nodes"]}
+        assert by_id[ids[0]]["metrics"]["stage"] == 1
+    finally:
+        for a in agents:
+            a.stop()
+    assert all(n.state == "left" for n in app.registry.snapshot())
+
+
+def _send_garbage(port: int) -> None:
+    for blob in (os.urandom(4096), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + os.urandom(512), b"GET / HTTP/1.1\r\n\x00\xff\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            try:
+                s.sendall(blob)
+                s.settimeout(0.5)
+                s.recv(1024)
+            except OSError:
+                pass
+
+
+def test_raw_garbage_does_not_crash_any_port(app, tmp_path, stub):
+    agent = make_agent(app, tmp_path, "g")
+    agent.start()
+    try:
+        assert agent.wait_registered(10)
+        for port in (app.grpc_port, app.http_port, agent.peer_port):
+            _send_garbage(port)
+        assert stub.ListNodes(pb.ListNodesRequest(), timeout=5).nodes[0].node_id == agent.node_id
+        with urllib.request.urlopen(f"http://127.0.0.1:{app.http_port}/api/nodes", timeout=5) as resp:
+            assert resp.status == 200
+        from node.measure import measure_link
+
+        sample = measure_link(agent.peer_address, probe_bytes=128 << 10, num_pings=2)
+        assert sample.bandwidth_Bps > 0
+    finally:
+        agent.stop()
