@@ -80,6 +80,7 @@ class PlacementRequest:
     max_seq_len: int = 2048
     objective: str = "latency"
     max_stages: int | None = None
+    num_stages: int | None = None  # exactly this many stages per replica (benchmarks, tests)
 
     def __post_init__(self) -> None:
         if self.num_replicas is not None and self.num_replicas < 1:
@@ -90,6 +91,8 @@ class PlacementRequest:
             raise InvalidRequestError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.max_stages is not None and self.max_stages < 1:
             raise InvalidRequestError("max_stages must be >= 1")
+        if self.num_stages is not None and self.num_stages < 1:
+            raise InvalidRequestError("--stages must be >= 1")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -306,8 +309,11 @@ def best_chain(
     devices that can hold the model (memory permitting), ordered as the cheapest path."""
     by_speed = sorted(group, key=lambda i: (-devices[i].tflops, -devices[i].memory_bytes, i))
     max_k = min(len(group), shape.num_layers, request.max_stages or len(group))
+    ks = range(1, max_k + 1) if request.num_stages is None else [request.num_stages]
     best: ReplicaPlacement | None = None
-    for k in range(1, max_k + 1):
+    for k in ks:
+        if k > len(group) or k > shape.num_layers:
+            continue
         # with a few devices try every k-subset; beyond that, the k fastest
         subsets = itertools.combinations(sorted(group), k) if len(group) <= 6 else [tuple(by_speed[:k])]
         for subset in subsets:

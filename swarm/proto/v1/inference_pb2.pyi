@@ -78,7 +78,7 @@ class ServeCloseSessionReply(_message.Message):
     def __init__(self, num_closed: _Optional[int] = ...) -> None: ...
 
 class ServeStageAssignment(_message.Message):
-    __slots__ = ("model_name", "model_digest", "replica", "stage", "num_stages", "first_layer", "last_layer_excl", "next_address", "next_node_id", "max_seq_len", "max_sessions", "hidden_codec", "shard_sources", "session_timeout_s")
+    __slots__ = ("model_name", "model_digest", "replica", "stage", "num_stages", "first_layer", "last_layer_excl", "next_address", "next_node_id", "max_seq_len", "max_sessions", "hidden_codec", "shard_sources", "session_timeout_s", "dtype")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class ServeStageAssignment(_message.Message):
     HIDDEN_CODEC_FIELD_NUMBER: _ClassVar[int]
     SHARD_SOURCES_FIELD_NUMBER: _ClassVar[int]
     SESSION_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_digest: str
     replica: int
@@ -107,7 +108,8 @@ class ServeStageAssignment(_message.Message):
     hidden_codec: str
     shard_sources: _containers.RepeatedScalarFieldContainer[str]
     session_timeout_s: float
-    def __init__(self, model_name: _Optional[str] = ..., model_digest: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., next_address: _Optional[str] = ..., next_node_id: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_sessions: _Optional[int] = ..., hidden_codec: _Optional[str] = ..., shard_sources: _Optional[_Iterable[str]] = ..., session_timeout_s: _Optional[float] = ...) -> None: ...
+    dtype: str
+    def __init__(self, model_name: _Optional[str] = ..., model_digest: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., next_address: _Optional[str] = ..., next_node_id: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_sessions: _Optional[int] = ..., hidden_codec: _Optional[str] = ..., shard_sources: _Optional[_Iterable[str]] = ..., session_timeout_s: _Optional[float] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class ServeLoadStageRequest(_message.Message):
     __slots__ = ("assignment",)
@@ -174,7 +176,7 @@ class ServeShardChunk(_message.Message):
     def __init__(self, tensor_name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., tensor_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., tensor_crc32: _Optional[int] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class ServeUploadHeader(_message.Message):
-    __slots__ = ("name", "num_replicas", "files", "max_seq_len", "sessions_per_replica", "objective", "hidden_codec")
+    __slots__ = ("name", "num_replicas", "files", "max_seq_len", "sessions_per_replica", "objective", "hidden_codec", "num_stages", "dtype")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +184,8 @@ class ServeUploadHeader(_message.Message):
     SESSIONS_PER_REPLICA_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_CODEC_FIELD_NUMBER: _ClassVar[int]
+    NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_replicas: int
     files: _containers.RepeatedCompositeFieldContainer[ServeUploadFile]
@@ -189,7 +193,9 @@ class ServeUploadHeader(_message.Message):
     sessions_per_replica: int
     objective: str
     hidden_codec: str
-    def __init__(self, name: _Optional[str] = ..., num_replicas: _Optional[int] = ..., files: _Optional[_Iterable[_Union[ServeUploadFile, _Mapping]]] = ..., max_seq_len: _Optional[int] = ..., sessions_per_replica: _Optional[int] = ..., objective: _Optional[str] = ..., hidden_codec: _Optional[str] = ...) -> None: ...
+    num_stages: int
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., num_replicas: _Optional[int] = ..., files: _Optional[_Iterable[_Union[ServeUploadFile, _Mapping]]] = ..., max_seq_len: _Optional[int] = ..., sessions_per_replica: _Optional[int] = ..., objective: _Optional[str] = ..., hidden_codec: _Optional[str] = ..., num_stages: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class ServeUploadFile(_message.Message):
     __slots__ = ("path", "size_bytes", "sha256")

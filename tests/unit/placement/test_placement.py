@@ -154,3 +154,13 @@ def test_bad_inputs_rejected():
         PlacementDevice(node_id="x", tflops=0, memory_bytes=1)
     with pytest.raises(InvalidRequestError):
         Links(delay_s=((0.0,),), bandwidth_Bps=())
+
+
+def test_exact_stage_count():
+    devs = [PlacementDevice(node_id=f"n{i}", tflops=10 + i, memory_bytes=64 * GiB) for i in range(4)]
+    p = place(devs, Links.uniform(4), shape(), PlacementRequest(num_replicas=1, num_stages=3))
+    assert len(p.replicas[0].stages) == 3
+    p = place(devs, Links.uniform(4), shape(), PlacementRequest(num_replicas=2, num_stages=2))
+    assert [len(r.stages) for r in p.replicas] == [2, 2]
+    with pytest.raises(InfeasiblePlanError):
+        place(devs, Links.uniform(4), shape(), PlacementRequest(num_replicas=1, num_stages=5))

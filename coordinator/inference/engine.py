@@ -1,0 +1,377 @@
+"""The coordinator's inference engine: served models, placement, sessions, failover.
+
+- ``serve``: place a stored checkpoint on the online nodes (swarm.scheduling.placement) and
+  load every stage (nodes fetch their layers); a model is ``ready`` when all replicas are.
+- ``submit``: open a session on the least-loaded ready replica (or queue it while all are full
+  or a re-placement is running); tokens go to the session's sink as they are sampled.
+- failure: a replica whose step fails is dropped; its sessions are replayed (prompt + tokens so
+  far) on another replica. With none left, the model is re-placed on the nodes that still
+  answer and the sessions wait (a pause, not an error) until it is ready, or fail with a clear
+  error after ``failover_timeout_s`` or when no placement is possible.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from swarm.errors import CapacityError, InvalidRequestError, NotFoundError, SwarmError, UnavailableError
+from swarm.inference.sampling import SamplingParams
+from swarm.inference.session import GenerationState
+from swarm.model.checkpoint import load_config
+from swarm.model.config import ModelConfig
+from swarm.proto.v1 import inference_pb2 as pb
+from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
+from swarm.scheduling.placement import Links, ModelShape, PlacementDevice, PlacementRequest, place
+from swarm.transport.channels import data_channel
+from swarm.transport.errors import error_from_rpc
+
+from coordinator.inference.replica import Replica, Session, StageRef
+from coordinator.inference.store import ModelRecord, ModelStore, ServeParams
+from coordinator.inference.text import TextCodec
+
+log = logging.getLogger(__name__)
+
+LOAD_TIMEOUT_S = 600.0
+DEFAULT_DELAY_S = 0.005  # unmeasured links: assume a LAN-ish hop
+DEFAULT_BANDWIDTH_BPS = 125e6
+SUSPECT_S = 120.0  # a node that failed a step is not placed on again for this long
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(slots=True)
+class ServedModel:
+    record: ModelRecord
+    config: ModelConfig
+    text: TextCodec
+    replicas: list[Replica] = field(default_factory=list)
+    waiting: deque = field(default_factory=deque)
+    state: str = "placing"
+    error: str = ""
+    next_replica: int = 0
+    replacing: bool = False
+
+
+def model_shape(config: ModelConfig, params: ServeParams) -> ModelShape:
+    """Bytes and FLOPs placement needs, from the model config and the serving dtype."""
+    b = _DTYPE_BYTES[params.dtype]
+    body = config.num_parameters(include_embeddings=False)
+    head = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    per_layer = max(1, (body - head) // config.num_layers)
+    emb = config.num_parameters() - body
+    return ModelShape(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        layer_bytes=per_layer * b,
+        embed_bytes=emb * b,
+        head_bytes=(head or config.vocab_size * config.hidden_size) * b,
+        kv_bytes_per_token_per_layer=2 * config.num_kv_heads * config.head_dim * b,
+        flops_per_token_per_layer=2.0 * per_layer,
+        activation_bytes_per_token=config.hidden_size * (1 if params.hidden_codec == "int8" else 4),
+    )
+
+
+class InferenceEngine:
+    """Owns served models and their replicas. Thread-safe; never blocks an event loop in submit."""
+
+    def __init__(self, app, store: ModelStore, *, failover_timeout_s: float = 60.0) -> None:
+        self.app = app
+        self.store = store
+        self.failover_timeout_s = failover_timeout_s
+        self._models: dict[str, ServedModel] = {}
+        self._lock = threading.RLock()
+        self._suspects: dict[str, float] = {}
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="inference")
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_loop, name="inference-reaper", daemon=True)
+        self._reaper.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            models = list(self._models.values())
+        for m in models:
+            for r in m.replicas:
+                for s in r.stop(unload=False):
+                    s.fail(UnavailableError("the coordinator is shutting down"))
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ queries
+    def get(self, name: str) -> ServedModel:
+        with self._lock:
+            m = self._models.get(name)
+        if m is None:
+            raise NotFoundError(f"model {name!r} is not served; `swarm models` lists what is")
+        return m
+
+    def models(self) -> list[ServedModel]:
+        with self._lock:
+            return list(self._models.values())
+
+    # ------------------------------------------------------------------ serving
+    def serve(self, record: ModelRecord) -> ServedModel:
+        """Place and load a stored model (blocking). Replaces a model of the same name."""
+        config = load_config(record.dir)
+        text = TextCodec(record.dir, vocab_size=config.vocab_size)
+        with self._lock:
+            old = self._models.pop(record.name, None)
+        if old is not None:
+            self._retire(old, "the model was replaced by a new upload")
+        m = ServedModel(record=record, config=config, text=text)
+        with self._lock:
+            self._models[record.name] = m
+        try:
+            self._place(m, exclude=set())
+        except SwarmError as exc:
+            m.state, m.error = "failed", str(exc)
+            self.store.set_state(record.name, "failed", str(exc))
+            with self._lock:
+                self._models.pop(record.name, None)
+            raise
+        self.store.set_state(record.name, m.state)
+        return m
+
+    def unserve(self, name: str) -> bool:
+        with self._lock:
+            m = self._models.pop(name, None)
+        if m is not None:
+            self._retire(m, f"model {name!r} is no longer served")
+        return self.store.remove(name) or m is not None
+
+    def _retire(self, m: ServedModel, why: str) -> None:
+        for r in m.replicas:
+            for s in r.stop(unload=True):
+                s.fail(UnavailableError(why))
+        while m.waiting:
+            m.waiting.popleft().fail(UnavailableError(why))
+
+    def _place(self, m: ServedModel, *, exclude: set[str], num_replicas: int | None = None) -> None:
+        """Plan replicas over online nodes (minus ``exclude`` and nodes busy with this model)
+        and load them. Raises InfeasiblePlanError / UnavailableError."""
+        p = m.record.params
+        busy = {nid for r in m.replicas if r.state == "ready" for nid in r.node_ids}
+        nodes = [n for n in self.app.registry.online() if n.id not in exclude and n.id not in busy and n.peer_address]
+        nodes.sort(key=lambda n: n.id)
+        want = p.num_replicas if num_replicas is None else num_replicas
+        stages = p.num_stages
+        if stages is not None and len(nodes) < stages * (want or 1):
+            # fewer nodes than asked: keep serving with shorter chains rather than not at all
+            stages = max(1, len(nodes) // (want or 1)) if nodes else None
+        devices = [
+            PlacementDevice(node_id=n.id, tflops=max(n.hardware.tflops, 1e-6),
+                            memory_bytes=int(n.hardware.memory_free_bytes or n.hardware.memory_bytes) - self._reserved(n.id))
+            for n in nodes
+        ]
+        devices = [d if d.memory_bytes >= 0 else PlacementDevice(node_id=d.node_id, tflops=d.tflops, memory_bytes=0) for d in devices]
+        links = self._links([n.id for n in nodes])
+        request = PlacementRequest(
+            num_replicas=want, sessions_per_replica=p.sessions_per_replica, max_seq_len=p.max_seq_len,
+            objective=p.objective, num_stages=stages,
+        )
+        placement = place(devices, links, model_shape(m.config, p), request)
+        by_id = {n.id: n for n in nodes}
+        futures = []
+        for rp in placement.replicas:
+            with self._lock:
+                index = m.next_replica
+                m.next_replica += 1
+            refs = [StageRef(node_id=s.node_id, address=by_id[s.node_id].peer_address, first_layer=s.first_layer,
+                             last_layer_excl=s.last_layer_excl) for s in rp.stages]
+            replica = Replica(model=m.record.name, index=index, stages=refs, max_sessions=p.sessions_per_replica,
+                              on_failure=self._on_replica_failure, on_finish=self._on_finish,
+                              predicted_latency_s=rp.latency_s)
+            futures.append((replica, self._pool.submit(self._load_replica, m, replica)))
+        errors = []
+        for replica, fut in futures:
+            try:
+                fut.result(timeout=LOAD_TIMEOUT_S + 5)
+            except Exception as exc:  # noqa: BLE001 -- one replica failing to load is data
+                errors.append(f"replica {replica.index}: {exc}")
+                replica.stop(unload=True)
+                continue
+            replica.start()
+            with self._lock:
+                m.replicas.append(replica)
+            log.info("replica ready model=%s replica=%d chain=%s", m.record.name, replica.index,
+                     [(s.node_id[:8], s.first_layer, s.last_layer_excl) for s in replica.stages])
+        if not any(r.state == "ready" for r in m.replicas):
+            raise UnavailableError(f"no replica of {m.record.name!r} could be loaded: {errors}")
+        m.state = "ready" if not errors else "degraded"
+        m.error = "; ".join(errors)
+        self._pump(m)
+
+    def _reserved(self, node_id: str) -> int:
+        """Memory other served models' stages take on a node (bytes, estimated)."""
+        total = 0
+        for m in self.models():
+            shape = model_shape(m.config, m.record.params)
+            kv = shape.kv_bytes_per_token_per_layer * m.record.params.max_seq_len * m.record.params.sessions_per_replica
+            for r in m.replicas:
+                for s in r.stages:
+                    if s.node_id == node_id and r.state == "ready":
+                        total += (s.last_layer_excl - s.first_layer) * (shape.layer_bytes + kv)
+        return total
+
+    def _links(self, ids: list[str]) -> Links:
+        if not ids:
+            return Links(delay_s=(), bandwidth_Bps=())
+        delay, bw, _ = self.app.network.matrix(ids)
+        n = len(ids)
+        d = tuple(tuple(0.0 if i == j else (float(delay[i][j]) if math.isfinite(delay[i][j]) else DEFAULT_DELAY_S)
+                        for j in range(n)) for i in range(n))
+        b = tuple(tuple(math.inf if i == j else (float(bw[i][j]) if math.isfinite(bw[i][j]) and bw[i][j] > 0 else DEFAULT_BANDWIDTH_BPS)
+                        for j in range(n)) for i in range(n))
+        return Links(delay_s=d, bandwidth_Bps=b)
+
+    def _load_replica(self, m: ServedModel, replica: Replica) -> None:
+        p = m.record.params
+        n = len(replica.stages)
+        for k, st in enumerate(replica.stages):
+            nxt = replica.stages[k + 1] if k + 1 < n else None
+            sources = self._peer_sources(m, st, first=k == 0, last=k == n - 1) + ["coordinator"]
+            a = pb.ServeStageAssignment(
+                model_name=m.record.name, model_digest=m.record.digest, replica=replica.index, stage=k, num_stages=n,
+                first_layer=st.first_layer, last_layer_excl=st.last_layer_excl,
+                next_address=nxt.address if nxt else "", next_node_id=nxt.node_id if nxt else "",
+                max_seq_len=p.max_seq_len, max_sessions=p.sessions_per_replica, hidden_codec=p.hidden_codec,
+                shard_sources=sources, session_timeout_s=p.session_timeout_s, dtype=p.dtype,
+            )
+            with data_channel(st.address) as ch:
+                try:
+                    pb_grpc.InferenceStageStub(ch).LoadStage(pb.ServeLoadStageRequest(assignment=a), timeout=LOAD_TIMEOUT_S)
+                except grpc.RpcError as exc:
+                    raise error_from_rpc(exc, f"node {st.node_id[:12]} at {st.address}") from exc
+
+    def _peer_sources(self, m: ServedModel, st: StageRef, *, first: bool, last: bool) -> list[str]:
+        """Peers already holding a superset of these layers: fetch from them first."""
+        out = []
+        for r in m.replicas:
+            if r.state != "ready":
+                continue
+            n = len(r.stages)
+            for k, s in enumerate(r.stages):
+                if (s.first_layer <= st.first_layer and st.last_layer_excl <= s.last_layer_excl
+                        and (not first or k == 0) and (not last or k == n - 1) and s.node_id != st.node_id):
+                    out.append(s.address)
+        return out[:2]
+
+    # ------------------------------------------------------------------ sessions
+    def submit(self, name: str, *, prompt_ids: list[int], params: SamplingParams, sink) -> Session:
+        """Open a session (non-blocking). Raises NotFoundError / InvalidRequestError / CapacityError."""
+        m = self.get(name)
+        limit = m.record.params.max_seq_len
+        if len(prompt_ids) + params.max_new_tokens > limit:
+            raise InvalidRequestError(
+                f"prompt of {len(prompt_ids)} tokens + max_new_tokens {params.max_new_tokens} exceeds the "
+                f"{limit}-token context {name!r} is served with; shorten the prompt or ask for fewer tokens"
+            )
+        if any(not 0 <= t < m.config.vocab_size for t in prompt_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {m.config.vocab_size})")
+        state = GenerationState(prompt_ids=prompt_ids, params=params, decode=m.text.decode, eos_token_id=m.text.eos_token_id)
+        s = Session(session_id=uuid.uuid4().hex, model=name, state=state, sink=sink)
+        with self._lock:
+            if not any(r.state == "ready" for r in m.replicas) and not m.replacing:
+                raise CapacityError(f"model {name!r} has no working replica; serve it again when nodes are back")
+            s.waiting_since_s = self.app.clock.monotonic()
+            m.waiting.append(s)
+        self._pump(m)
+        return s
+
+    def cancel(self, s: Session) -> None:
+        s.cancelled = True
+        m = self._models.get(s.model)
+        if m is not None:
+            with self._lock:
+                if s in m.waiting:
+                    m.waiting.remove(s)
+
+    def _pump(self, m: ServedModel) -> None:
+        """Attach waiting sessions to replicas with room (least loaded first)."""
+        with self._lock:
+            while m.waiting:
+                ready = [r for r in m.replicas if r.has_room()]
+                if not ready:
+                    return
+                s = m.waiting.popleft()
+                if s.cancelled:
+                    continue
+                min(ready, key=lambda r: (r.num_sessions, r.predicted_latency_s, r.index)).attach(s)
+
+    def _on_finish(self, replica: Replica, s: Session) -> None:
+        m = self._models.get(replica.model)
+        if m is not None:
+            self._pump(m)
+
+    def _on_replica_failure(self, replica: Replica, sessions: list[Session], reason: str) -> None:
+        m = self._models.get(replica.model)
+        if m is None:
+            for s in sessions:
+                s.fail(UnavailableError(f"model {replica.model!r} is no longer served"))
+            return
+        with self._lock:
+            if replica in m.replicas:
+                m.replicas.remove(replica)
+            for s in sessions:
+                s.kv_pos = 0
+                s.num_replays += 1
+                s.replica = None
+                s.waiting_since_s = self.app.clock.monotonic()
+            m.waiting.extendleft(reversed(sessions))
+            need_replace = not any(r.state == "ready" for r in m.replicas) and not m.replacing
+            if need_replace:
+                m.replacing = True
+                m.state = "placing"
+            else:
+                m.state = "degraded"
+        self._pool.submit(self._finish_failure, m, replica, need_replace)
+
+    def _finish_failure(self, m: ServedModel, replica: Replica, need_replace: bool) -> None:
+        dead = replica.probe()
+        now = self.app.clock.monotonic()
+        with self._lock:
+            for nid in dead:
+                self._suspects[nid] = now
+        log.warning("replica %d of %s lost; unreachable nodes=%s", replica.index, m.record.name, [d[:12] for d in dead])
+        replica.stop(unload=True)
+        if not need_replace:
+            self._pump(m)
+            return
+        try:
+            exclude = {nid for nid, t in self._suspects.items() if now - t < SUSPECT_S}
+            self._place(m, exclude=exclude, num_replicas=1)
+            self.store.set_state(m.record.name, m.state)
+        except SwarmError as exc:
+            log.error("re-placement of %s failed: %s", m.record.name, exc)
+            with self._lock:
+                m.state, m.error = "failed", str(exc)
+                waiting = list(m.waiting)
+                m.waiting.clear()
+            for s in waiting:
+                s.fail(CapacityError(f"no capacity left to serve {m.record.name!r} after a node failure: {exc}"))
+        finally:
+            m.replacing = False
+        self._pump(m)
+
+    def _reap_loop(self) -> None:
+        """Fail sessions that waited too long for a replica (no capacity came back)."""
+        while not self._stop.wait(1.0):
+            now = self.app.clock.monotonic()
+            for m in self.models():
+                expired = []
+                with self._lock:
+                    for s in list(m.waiting):
+                        if now - s.waiting_since_s > self.failover_timeout_s:
+                            m.waiting.remove(s)
+                            expired.append(s)
+                for s in expired:
+                    s.fail(CapacityError(
+                        f"no replica of {m.record.name!r} had room within {self.failover_timeout_s:.0f} s; "
+                        "retry later or serve more replicas"))

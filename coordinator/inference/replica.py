@@ -1,0 +1,261 @@
+"""One replica of a served model: a chain of stages and the loop that drives its sessions.
+
+Protocol (coordinator side): the driver thread repeatedly takes every session attached to the
+replica, builds one ``Step`` for the first stage (prefill entries for sessions the chain has
+not seen, one-token decode entries for the rest), and hands each sampled token to its session.
+Sessions that finished are closed on the stages in the next step (``close_session_ids``), or
+directly when the replica goes idle. A step that fails because a stage is unreachable marks
+the replica failed and hands its sessions back to the engine, which replays them elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from swarm.errors import InvalidRequestError, NotFoundError, SwarmError
+from swarm.inference.session import GenerationState, TokenEvent
+from swarm.inference.stage_runtime import StepEntry
+from swarm.proto.v1 import inference_pb2 as pb
+from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
+from swarm.transport.channels import data_channel
+from swarm.transport.errors import error_from_rpc
+from swarm.transport.inference import entries_to_pb
+
+log = logging.getLogger(__name__)
+
+STEP_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageRef:
+    node_id: str
+    address: str
+    first_layer: int
+    last_layer_excl: int
+
+
+class Session:
+    """A generation request as the engine tracks it. ``sink`` receives TokenEvents, then None at
+    the end, or an exception (a SwarmError) if it failed."""
+
+    def __init__(self, *, session_id: str, model: str, state: GenerationState, sink: Callable[[object], None]) -> None:
+        self.id = session_id
+        self.model = model
+        self.state = state
+        self.sink = sink
+        self.kv_pos = 0  # tokens the current replica's caches hold for this session
+        self.replica: Replica | None = None
+        self.num_replays = 0
+        self.cancelled = False
+        self.closed = False
+        self.waiting_since_s = 0.0
+
+    def fail(self, exc: SwarmError) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sink(exc)
+
+    def entry(self) -> StepEntry:
+        ids = self.state.all_ids
+        if self.kv_pos == 0:
+            return StepEntry(session_id=self.id, start_position=0, num_tokens=len(ids), token_ids=tuple(ids),
+                             reset=True, sampling=self.state.params)
+        assert self.kv_pos == len(ids) - 1, (self.kv_pos, len(ids))
+        return StepEntry(session_id=self.id, start_position=self.kv_pos, num_tokens=1, token_ids=(ids[-1],),
+                         sampling=self.state.params)
+
+
+class Replica:
+    """A chain of stages serving one model, with its driver thread."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        index: int,
+        stages: list[StageRef],
+        max_sessions: int,
+        on_failure: Callable[["Replica", list[Session], str], None],
+        on_finish: Callable[["Replica", Session], None],
+        predicted_latency_s: float = 0.0,
+    ) -> None:
+        self.model = model
+        self.index = index
+        self.stages = stages
+        self.max_sessions = max_sessions
+        self.predicted_latency_s = predicted_latency_s
+        self.state = "loading"
+        self._on_failure = on_failure
+        self._on_finish = on_finish
+        self._sessions: list[Session] = []
+        self._closing: list[str] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self._channels = [data_channel(s.address) for s in stages]
+        self._stubs = [pb_grpc.InferenceStageStub(c) for c in self._channels]
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.tokens = 0
+
+    # ------------------------------------------------------------------ membership
+    @property
+    def node_ids(self) -> list[str]:
+        return [s.node_id for s in self.stages]
+
+    @property
+    def num_sessions(self) -> int:
+        with self._cond:
+            return len(self._sessions)
+
+    def has_room(self) -> bool:
+        return self.state == "ready" and self.num_sessions < self.max_sessions
+
+    def attach(self, s: Session) -> None:
+        with self._cond:
+            s.replica = self
+            self._sessions.append(s)
+            self._cond.notify_all()
+
+    def start(self) -> None:
+        self.state = "ready"
+        self._thread = threading.Thread(target=self._run, name=f"replica-{self.model}-{self.index}", daemon=True)
+        self._thread.start()
+
+    def stop(self, *, unload: bool = True) -> list[Session]:
+        """Stop the driver; returns the sessions still attached (the caller re-homes them)."""
+        with self._cond:
+            self._stop = True
+            left, self._sessions = self._sessions, []
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=STEP_TIMEOUT_S)
+        if unload:
+            for stub, st in zip(self._stubs, self.stages):
+                try:
+                    stub.UnloadStage(pb.ServeUnloadStageRequest(model_name=self.model, replica=self.index), timeout=3)
+                except grpc.RpcError:
+                    pass
+        for c in self._channels:
+            c.close()
+        return left
+
+    def probe(self, timeout_s: float = 2.0) -> list[str]:
+        """Node ids of stages that do not answer a trivial call (dead or unreachable)."""
+        dead = []
+        for stub, st in zip(self._stubs, self.stages):
+            try:
+                stub.CloseSession(pb.ServeCloseSessionRequest(model_name=self.model, replica=self.index), timeout=timeout_s)
+            except grpc.RpcError:
+                dead.append(st.node_id)
+        return dead
+
+    # ------------------------------------------------------------------ driver
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._sessions and not self._closing:
+                    self._cond.wait(timeout=1.0)
+                if self._stop:
+                    return
+                for s in [s for s in self._sessions if s.cancelled]:
+                    self._sessions.remove(s)
+                    self._closing.append(s.id)
+                    s.closed = True
+                batch = list(self._sessions)
+                closing, self._closing = self._closing, []
+            if not batch:
+                self._close_idle(closing)
+                continue
+            try:
+                self._step(batch, closing)
+            except _ReplicaDown as exc:
+                self.state = "failed"
+                with self._cond:
+                    left, self._sessions = self._sessions, []
+                    self._stop = True
+                log.warning("replica failed model=%s replica=%d sessions=%d reason=%s",
+                            self.model, self.index, len(left), exc)
+                self._on_failure(self, left, str(exc))
+                return
+            except Exception:  # noqa: BLE001 -- a bug must not kill the loop silently
+                log.exception("replica step crashed model=%s replica=%d", self.model, self.index)
+                with self._cond:
+                    for s in batch:
+                        if s in self._sessions:
+                            self._sessions.remove(s)
+                for s in batch:
+                    s.fail(SwarmError("internal error while generating; see the coordinator's log"))
+
+    def _close_idle(self, ids: list[str]) -> None:
+        req = lambda: pb.ServeCloseSessionRequest(model_name=self.model, replica=self.index, session_ids=ids)  # noqa: E731
+        for stub in self._stubs:
+            try:
+                stub.CloseSession(req(), timeout=5)
+            except grpc.RpcError:
+                pass  # an unreachable stage frees its caches by timeout
+
+    def _step(self, batch: list[Session], closing: list[str]) -> None:
+        entries = [s.entry() for s in batch]
+        req = pb.ServeStepRequest(
+            model_name=self.model,
+            replica=self.index,
+            stage=0,
+            entries=entries_to_pb(entries, with_tokens=True),
+            close_session_ids=closing,
+        )
+        try:
+            reply = self._stubs[0].Step(req, timeout=STEP_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            err = error_from_rpc(exc, f"first stage of replica {self.index}")
+            if isinstance(err, InvalidRequestError) and "replay" in str(err):
+                # a stage lost a session's cache (expired or restarted): replay those sessions
+                for s in batch:
+                    s.kv_pos = 0
+                return
+            if isinstance(err, InvalidRequestError):
+                for s in batch:
+                    self._drop(s)
+                    s.fail(err)
+                return
+            if isinstance(err, NotFoundError) or err.retryable:
+                raise _ReplicaDown(str(err)) from exc
+            raise _ReplicaDown(f"{type(err).__name__}: {err}") from exc
+        if len(reply.token_ids) != len(batch):
+            raise _ReplicaDown(f"last stage returned {len(reply.token_ids)} tokens for {len(batch)} sessions")
+        self.steps += 1
+        for s, e, tok in zip(batch, entries, reply.token_ids):
+            if s.cancelled or s.closed:
+                continue
+            s.kv_pos += e.num_tokens
+            ev: TokenEvent = s.state.push(int(tok))
+            self.tokens += 1
+            s.sink(ev)
+            if ev.finish_reason is not None:
+                s.closed = True
+                self._drop(s)
+                self._on_finish(self, s)
+
+    def _drop(self, s: Session) -> None:
+        with self._cond:
+            if s in self._sessions:
+                self._sessions.remove(s)
+            self._closing.append(s.id)
+
+
+class _ReplicaDown(Exception):
+    pass
+
+
+def wait_for(cond: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(interval_s)
+    return cond()

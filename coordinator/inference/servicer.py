@@ -1,0 +1,147 @@
+"""The coordinator's InferenceGateway gRPC service: upload + serve, list, generate, shards.
+
+Thin: validates and translates protobuf to the engine's calls. Errors map to status codes via
+``grpc_errors`` (bad request -> INVALID_ARGUMENT, unknown model -> NOT_FOUND, no capacity ->
+RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Iterator
+
+from swarm.errors import InvalidRequestError, NotFoundError, SwarmError, UnavailableError
+from swarm.inference.session import TokenEvent
+from swarm.proto.v1 import inference_pb2 as pb
+from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
+from swarm.transport.errors import grpc_errors
+from swarm.transport.inference import sampling_from_pb
+from swarm.transport.inference_shards import serve_shard
+
+from coordinator.inference.engine import InferenceEngine
+from coordinator.inference.store import ModelRecord, ModelStore, ServeParams, check_model_name
+
+log = logging.getLogger(__name__)
+
+MAX_NEW_TOKENS = 1 << 15
+EVENT_TIMEOUT_S = 300.0
+
+
+def model_info(engine: InferenceEngine, rec: ModelRecord) -> pb.ServeModelInfo:
+    info = pb.ServeModelInfo(
+        name=rec.name, digest=rec.digest, state=rec.state, created_at_s=rec.created_at_s,
+        size_bytes=rec.size_bytes, error=rec.error, max_seq_len=rec.params.max_seq_len,
+    )
+    try:
+        m = engine.get(rec.name)
+    except NotFoundError:
+        return info
+    info.family = m.config.family
+    info.num_layers = m.config.num_layers
+    info.state = m.state
+    info.error = m.error
+    for r in list(m.replicas):
+        info.replicas.append(pb.ServeReplicaInfo(
+            replica=r.index, state=r.state, predicted_latency_s=r.predicted_latency_s,
+            stages=[pb.ServeStageInfo(node_id=s.node_id, address=s.address, first_layer=s.first_layer,
+                                      last_layer_excl=s.last_layer_excl, state=r.state) for s in r.stages],
+        ))
+    return info
+
+
+def params_from_header(h: pb.ServeUploadHeader) -> ServeParams:
+    return ServeParams(
+        num_replicas=h.num_replicas if h.num_replicas > 0 else None,
+        num_stages=h.num_stages or None,
+        max_seq_len=h.max_seq_len or 256,
+        sessions_per_replica=h.sessions_per_replica or 8,
+        objective=h.objective or "latency",
+        hidden_codec=h.hidden_codec or "none",
+        dtype=h.dtype or "float32",
+    )
+
+
+class InferenceGatewayServicer(pb_grpc.InferenceGatewayServicer):
+    def __init__(self, app, engine: InferenceEngine, store: ModelStore) -> None:
+        self.app = app
+        self.engine = engine
+        self.store = store
+
+    @grpc_errors
+    def UploadModel(self, request_iterator, context) -> pb.ServeUploadReply:
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidRequestError("an upload starts with a header naming the model and its files")
+        h = first.header
+        check_model_name(h.name)
+        params = params_from_header(h)
+        files = [(f.path, int(f.size_bytes), f.sha256) for f in h.files]
+
+        def data():
+            if first.data:
+                yield first.path, first.data
+            for msg in request_iterator:
+                if msg.HasField("header"):
+                    raise InvalidRequestError("an upload carries exactly one header")
+                yield msg.path, msg.data
+
+        directory, digest, size = self.store.receive(h.name, files, data())
+        rec = ModelRecord(name=h.name, digest=digest, dir=directory, params=params, state="placing", error="",
+                          size_bytes=size, created_at_s=self.app.clock.time())
+        self.store.put(rec)
+        self.engine.serve(rec)
+        return pb.ServeUploadReply(model=model_info(self.engine, self.store.get(h.name)))
+
+    @grpc_errors
+    def ListModels(self, request, context) -> pb.ServeListModelsReply:
+        return pb.ServeListModelsReply(models=[model_info(self.engine, r) for r in self.store.all()])
+
+    @grpc_errors
+    def Unserve(self, request, context) -> pb.ServeUnserveReply:
+        check_model_name(request.name)
+        return pb.ServeUnserveReply(removed=self.engine.unserve(request.name))
+
+    @grpc_errors
+    def FetchShard(self, request, context) -> Iterator[pb.ServeShardChunk]:
+        self.app.authenticate_node(context)
+        m = self.engine.get(request.model_name)
+        if request.model_digest != m.record.digest:
+            raise NotFoundError(f"model {request.model_name!r} is now at another version; reload the stage")
+        if not 0 <= request.first_layer < request.last_layer_excl <= m.config.num_layers:
+            raise InvalidRequestError("shard layer range is outside the model")
+        yield from serve_shard(m.record.dir, request)
+
+    @grpc_errors
+    def Generate(self, request, context) -> Iterator[pb.ServeGenerateEvent]:
+        m = self.engine.get(request.model)
+        if request.prompt and request.prompt_token_ids:
+            raise InvalidRequestError("send either prompt text or prompt_token_ids, not both")
+        ids = list(request.prompt_token_ids) if request.prompt_token_ids else m.text.encode(request.prompt)
+        if not 1 <= request.max_new_tokens <= MAX_NEW_TOKENS:
+            raise InvalidRequestError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}")
+        params = sampling_from_pb(request.sampling, max_new_tokens=request.max_new_tokens, stop=tuple(request.stop))
+        events: queue.Queue = queue.Queue()
+        session = self.engine.submit(request.model, prompt_ids=ids, params=params, sink=events.put)
+        context.add_callback(lambda: self.engine.cancel(session))
+        first = True
+        while True:
+            try:
+                ev = events.get(timeout=EVENT_TIMEOUT_S)
+            except queue.Empty:
+                self.engine.cancel(session)
+                raise UnavailableError(f"no token for {EVENT_TIMEOUT_S:.0f} s; the swarm is stuck, retry later") from None
+            if isinstance(ev, SwarmError):
+                raise ev
+            assert isinstance(ev, TokenEvent)
+            out = pb.ServeGenerateEvent(token_ids=list(ev.token_ids), text=ev.text,
+                                        finish_reason=ev.finish_reason or "")
+            if first:
+                out.num_prompt_tokens = len(ids)
+                first = False
+            if ev.finish_reason:
+                out.num_replays = session.num_replays
+                yield out
+                return
+            yield out

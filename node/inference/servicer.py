@@ -1,0 +1,266 @@
+"""The node's inference stage service: load a layer range, run session steps, forward hidden states.
+
+Protocol this participant follows (see protos/swarm/proto/v1/inference.proto):
+
+- ``LoadStage``: the coordinator assigns (model, replica, stage, layers, next peer). The node
+  fetches only the tensors of those layers (from the coordinator's ``FetchShard``, or from a
+  peer's), writes them as a stage-only safetensors checkpoint in its state dir, builds the
+  stage and answers. A later assignment for the same (model, replica) replaces it.
+- ``Step``: run the entries on this stage (its KV caches); unless last, call ``Step`` on the
+  next stage with the packed hidden states and return its reply; the last stage samples.
+  Every field from the network is validated; a bad step fails only that call.
+- ``CloseSession`` frees caches; idle sessions expire after the assignment's timeout.
+- ``FetchShard``: serve the tensors this node holds to a peer that is loading the same layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+
+from swarm.errors import InvalidRequestError, NotFoundError, PeerError
+from swarm.inference.stage_runtime import StageRuntime
+from swarm.model.checkpoint import load_stage
+from swarm.proto.v1 import inference_pb2 as pb
+from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
+from swarm.transport.channels import data_channel
+from swarm.transport.errors import error_from_rpc, grpc_errors
+from swarm.transport.inference import entries_from_pb, entries_to_pb, hidden_from_chunks, hidden_to_chunks
+
+from node.inference.shards import receive_shard, serve_shard, validate_assignment
+
+log = logging.getLogger(__name__)
+
+STEP_TIMEOUT_S = 120.0
+DTYPES = {"": torch.float32, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class _Loaded:
+    assignment: pb.ServeStageAssignment
+    runtime: StageRuntime
+    shard_dir: Path
+    next_stub: pb_grpc.InferenceStageStub | None
+    next_channel: grpc.Channel | None
+
+
+class InferenceStageServicer(pb_grpc.InferenceStageServicer):
+    """Holds this node's loaded stages, keyed by (model name, replica)."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        device: str,
+        state_dir: Path,
+        open_coordinator_shard: Callable[[pb.ServeFetchShardRequest], Iterator[pb.ServeShardChunk]],
+        on_change: Callable[[dict], None] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.device = device
+        self.state_dir = Path(state_dir) / "inference"
+        self._open_coordinator_shard = open_coordinator_shard
+        self._on_change = on_change
+        self._stages: dict[tuple[str, int], _Loaded] = {}
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self.steps = 0
+        self.tokens = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _get(self, model: str, replica: int) -> _Loaded:
+        with self._lock:
+            loaded = self._stages.get((model, replica))
+        if loaded is None:
+            raise NotFoundError(
+                f"node {self.node_id[:12]} serves no stage of model {model!r} replica {replica}; "
+                "the coordinator must (re)assign it"
+            )
+        return loaded
+
+    def metrics(self) -> dict:
+        with self._lock:
+            stages = [
+                {"model": k[0], "replica": k[1], "stage": v.assignment.stage,
+                 "layers": [v.assignment.first_layer, v.assignment.last_layer_excl],
+                 "sessions": v.runtime.num_sessions}
+                for k, v in self._stages.items()
+            ]
+        return {"inference_stages": stages, "inference_steps": self.steps, "inference_tokens": self.tokens}
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            try:
+                self._on_change(self.metrics())
+            except Exception:  # noqa: BLE001 -- metrics are best effort
+                log.debug("metrics update failed", exc_info=True)
+
+    def expire_sessions(self) -> int:
+        with self._lock:
+            loaded = list(self._stages.values())
+        return sum(len(l.runtime.expire()) for l in loaded)
+
+    def close_all(self) -> None:
+        with self._lock:
+            stages, self._stages = list(self._stages.values()), {}
+        for l in stages:
+            if l.next_channel is not None:
+                l.next_channel.close()
+
+    # ------------------------------------------------------------------ RPCs
+    @grpc_errors
+    def LoadStage(self, request: pb.ServeLoadStageRequest, context) -> pb.ServeLoadStageReply:
+        a = request.assignment
+        validate_assignment(a)
+        if a.dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype {a.dtype!r} unsupported; use float32, float16 or bfloat16")
+        t0 = time.monotonic()
+        with self._load_lock:  # one load at a time: bounded memory and disk use
+            shard_dir = self.state_dir / _safe_dir(a.model_name) / f"{a.model_digest[:16]}-{a.first_layer}-{a.last_layer_excl}"
+            fetch = pb.ServeFetchShardRequest(
+                model_name=a.model_name,
+                model_digest=a.model_digest,
+                first_layer=a.first_layer,
+                last_layer_excl=a.last_layer_excl,
+                include_embeddings=a.stage == 0,
+                include_head=a.stage == a.num_stages - 1,
+            )
+            nbytes = self._fetch(fetch, list(a.shard_sources) or ["coordinator"], shard_dir)
+            dtype = DTYPES[a.dtype]
+            stage = load_stage(
+                shard_dir, a.first_layer, a.last_layer_excl,
+                is_first=a.stage == 0, is_last=a.stage == a.num_stages - 1, device=self.device, dtype=dtype,
+            )
+            if stage.config.num_layers < a.last_layer_excl:
+                raise InvalidRequestError("assignment layer range is outside the model")
+            runtime = StageRuntime(
+                stage, max_seq_len=a.max_seq_len, max_sessions=a.max_sessions,
+                session_timeout_s=a.session_timeout_s or 300.0,
+            )
+            channel = data_channel(a.next_address) if a.next_address else None
+            loaded = _Loaded(
+                assignment=a, runtime=runtime, shard_dir=shard_dir,
+                next_stub=pb_grpc.InferenceStageStub(channel) if channel is not None else None, next_channel=channel,
+            )
+            with self._lock:
+                old = self._stages.get((a.model_name, a.replica))
+                self._stages[(a.model_name, a.replica)] = loaded
+            if old is not None and old.next_channel is not None:
+                old.next_channel.close()
+        dt = time.monotonic() - t0
+        log.info("loaded stage model=%s replica=%d stage=%d/%d layers=[%d,%d) bytes=%d load_s=%.2f device=%s",
+                 a.model_name, a.replica, a.stage, a.num_stages, a.first_layer, a.last_layer_excl, nbytes, dt, self.device)
+        self._changed()
+        return pb.ServeLoadStageReply(node_id=self.node_id, loaded_bytes=nbytes, load_s=dt)
+
+    def _fetch(self, req: pb.ServeFetchShardRequest, sources: list[str], shard_dir: Path) -> int:
+        errors = []
+        for src in sources[:8]:
+            try:
+                if src == "coordinator":
+                    return receive_shard(self._open_coordinator_shard(req), shard_dir)
+                with data_channel(src) as ch:
+                    return receive_shard(pb_grpc.InferenceStageStub(ch).FetchShard(req, timeout=600), shard_dir)
+            except grpc.RpcError as exc:
+                errors.append(f"{src}: {error_from_rpc(exc, src)}")
+            except (InvalidRequestError, NotFoundError, OSError) as exc:
+                errors.append(f"{src}: {exc}")
+            log.warning("shard fetch failed source=%s error=%s", src, errors[-1])
+        raise PeerError(f"could not fetch layers [{req.first_layer}, {req.last_layer_excl}) from any source: {errors}")
+
+    @grpc_errors
+    def UnloadStage(self, request: pb.ServeUnloadStageRequest, context) -> pb.ServeUnloadStageReply:
+        with self._lock:
+            old = self._stages.pop((request.model_name, request.replica), None)
+        if old is not None and old.next_channel is not None:
+            old.next_channel.close()
+        self._changed()
+        return pb.ServeUnloadStageReply(unloaded=old is not None)
+
+    @grpc_errors
+    def Step(self, request: pb.ServeStepRequest, context) -> pb.ServeStepReply:
+        loaded = self._get(request.model_name, request.replica)
+        a = loaded.assignment
+        if request.stage != a.stage:
+            raise InvalidRequestError(
+                f"step for stage {request.stage} reached the node holding stage {a.stage} of replica {a.replica}"
+            )
+        rt = loaded.runtime
+        if request.close_session_ids:
+            rt.close(list(request.close_session_ids)[:4096])
+        entries = entries_from_pb(request.entries, need_tokens=a.stage == 0)
+        hidden = None
+        if a.stage > 0:
+            hidden = hidden_from_chunks(
+                request.hidden,
+                num_tokens=sum(e.num_tokens for e in entries),
+                hidden_size=rt.stage.config.hidden_size,
+                boundary=a.stage - 1,
+                replica=a.replica,
+            )
+        t0 = time.perf_counter()
+        if a.stage == a.num_stages - 1:
+            tokens = rt.run_and_sample(entries, hidden)
+            compute = time.perf_counter() - t0
+            self.steps += 1
+            self.tokens += len(tokens)
+            return pb.ServeStepReply(token_ids=tokens, compute_s=compute)
+        out = rt.run(entries, hidden)
+        compute = time.perf_counter() - t0
+        nxt = pb.ServeStepRequest(
+            model_name=a.model_name,
+            replica=a.replica,
+            stage=a.stage + 1,
+            entries=entries_to_pb(entries, with_tokens=False),
+            hidden=hidden_to_chunks(
+                out, codec=a.hidden_codec or "none", label=f"{a.model_name}/{a.replica}",
+                boundary=a.stage, replica=a.replica, sender_id=self.node_id,
+            ),
+            close_session_ids=list(request.close_session_ids),
+        )
+        assert loaded.next_stub is not None
+        try:
+            reply = loaded.next_stub.Step(nxt, timeout=STEP_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            err = error_from_rpc(exc, f"stage {a.stage + 1} at {a.next_address}")
+            if isinstance(err, PeerError) or err.retryable:
+                raise PeerError(f"next stage {a.stage + 1} ({a.next_node_id[:12]} at {a.next_address}) failed: {err}") from exc
+            raise err from exc
+        self.steps += 1
+        return pb.ServeStepReply(token_ids=list(reply.token_ids), compute_s=reply.compute_s + compute)
+
+    @grpc_errors
+    def CloseSession(self, request: pb.ServeCloseSessionRequest, context) -> pb.ServeCloseSessionReply:
+        if len(request.session_ids) > 4096:
+            raise InvalidRequestError("close at most 4096 sessions per call")
+        with self._lock:
+            loaded = self._stages.get((request.model_name, request.replica))
+        n = loaded.runtime.close(list(request.session_ids)) if loaded is not None else 0
+        return pb.ServeCloseSessionReply(num_closed=n)
+
+    @grpc_errors
+    def FetchShard(self, request: pb.ServeFetchShardRequest, context) -> Iterator[pb.ServeShardChunk]:
+        with self._lock:
+            held = [l for (m, _), l in self._stages.items() if m == request.model_name]
+        for l in held:
+            a = l.assignment
+            if (a.model_digest == request.model_digest and a.first_layer <= request.first_layer
+                    and request.last_layer_excl <= a.last_layer_excl
+                    and (not request.include_embeddings or a.stage == 0)
+                    and (not request.include_head or a.stage == a.num_stages - 1)):
+                yield from serve_shard(l.shard_dir, request)
+                return
+        raise NotFoundError(f"this node holds no copy of layers [{request.first_layer}, {request.last_layer_excl}) "
+                            f"of {request.model_name!r}; fetch them from the coordinator")
+
+
+def _safe_dir(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:64] or "model"

@@ -1,0 +1,199 @@
+"""`swarm serve`, `swarm models`, `swarm generate`, `swarm unserve`: inference from the command line.
+
+    swarm serve --coordinator HOST:PORT --model CHECKPOINT_DIR [--replicas R] [--name NAME]
+    swarm models --coordinator HOST:PORT [--json]
+    swarm generate --coordinator HOST:PORT --model NAME --prompt TEXT [--max-new-tokens N]
+                   [--temperature T] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from swarm.errors import SwarmError
+from swarm.inference.sampling import SamplingParams
+
+
+def _env(name: str, default=None):
+    return os.environ.get(f"SWARM_{name}", default)
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("serve", help="upload a checkpoint and serve it on the swarm")
+    s.add_argument("--coordinator", default=_env("COORDINATOR"), help="HOST:PORT of the coordinator's gRPC port")
+    s.add_argument("--model", required=True, help="HF-format checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    s.add_argument("--name", default=None, help="name clients use (default: the directory name)")
+    s.add_argument("--replicas", type=int, default=1, help="replicas (chains) to place; 0: as many as fit (default 1)")
+    s.add_argument("--stages", type=int, default=0, help="exact stages per replica (default 0: placement decides)")
+    s.add_argument("--max-seq-len", type=int, default=256, help="context (prompt + new tokens) per session (default 256)")
+    s.add_argument("--sessions", type=int, default=8, help="concurrent sessions per replica (default 8)")
+    s.add_argument("--objective", choices=("latency", "throughput"), default="latency")
+    s.add_argument("--hidden-codec", choices=("none", "int8"), default="none", help="hidden states between stages")
+    s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="weights on the nodes")
+    s.add_argument("--json", action="store_true", help="print the placement as JSON")
+    s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("models", help="list served models and where their layers are")
+    m.add_argument("--coordinator", default=_env("COORDINATOR"))
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    u = sub.add_parser("unserve", help="stop serving a model")
+    u.add_argument("--coordinator", default=_env("COORDINATOR"))
+    u.add_argument("--model", required=True)
+    u.set_defaults(func=cmd_unserve)
+
+    g = sub.add_parser("generate", help="generate text with a served model (streams tokens)")
+    g.add_argument("--coordinator", default=_env("COORDINATOR"))
+    g.add_argument("--model", required=True, help="served model name (see `swarm models`)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    g.set_defaults(func=cmd_generate)
+
+
+def _need_coordinator(args) -> str:
+    if not args.coordinator:
+        raise SwarmError("pass --coordinator HOST:PORT (or set SWARM_COORDINATOR)")
+    return args.coordinator
+
+
+def _print_model(m: dict) -> None:
+    print(f"{m['name']}: {m['family']} {m['num_layers']} layers, {m['state']}, digest {m['digest'][:12]}, "
+          f"context {m['max_seq_len']}" + (f" ({m['error']})" if m.get("error") else ""))
+    for r in m["replicas"]:
+        chain = " -> ".join(f"{s['node_id'][:10]}@{s['address']}[{s['first_layer']}:{s['last_layer_excl']})" for s in r["stages"])
+        print(f"  replica {r['replica']} ({r['state']}, ~{r['predicted_latency_s'] * 1e3:.2f} ms/token): {chain}")
+
+
+def cmd_serve(args) -> int:
+    from swarm.transport.inference import checkpoint_files, upload_model
+
+    try:
+        address = _need_coordinator(args)
+        model_dir = Path(args.model)
+        files = checkpoint_files(model_dir)
+        total = sum(p.stat().st_size for p in files)
+        name = args.name or model_dir.resolve().name
+        sent = [0, time.monotonic()]
+
+        def progress(n: int) -> None:
+            sent[0] += n
+            if sys.stderr.isatty():
+                dt = max(time.monotonic() - sent[1], 1e-6)
+                print(f"\ruploading {sent[0] / 2**20:.1f}/{total / 2**20:.1f} MiB ({sent[0] / dt / 2**20:.1f} MiB/s)",
+                      end="", file=sys.stderr, flush=True)
+
+        info = upload_model(
+            address, model_dir, name=name, num_replicas=args.replicas, num_stages=args.stages,
+            max_seq_len=args.max_seq_len, sessions_per_replica=args.sessions, objective=args.objective,
+            hidden_codec=args.hidden_codec, dtype=args.dtype, progress=progress,
+        )
+    except SwarmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_model(info)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from swarm.transport.inference import list_models
+
+    try:
+        models = list_models(_need_coordinator(args))
+    except SwarmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"models": models}, indent=2))
+    elif not models:
+        print("no models are served; start one with `swarm serve --model DIR`")
+    else:
+        for m in models:
+            _print_model(m)
+    return 0
+
+
+def cmd_unserve(args) -> int:
+    from swarm.transport.inference import unserve_model
+
+    try:
+        removed = unserve_model(_need_coordinator(args), args.model)
+    except SwarmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print("removed" if removed else f"model {args.model!r} was not served")
+    return 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationResult:
+    model: str
+    text: str
+    token_ids: tuple[int, ...]
+    time_to_first_token_s: float
+    tokens_per_s: float
+    finish_reason: str
+    num_replays: int
+
+
+def run_generation(address: str, *, model: str, prompt: str, params: SamplingParams, on_text=None) -> GenerationResult:
+    """Stream one generation; ``on_text`` gets each new piece of text. Raises SwarmError."""
+    from swarm.transport.inference import generate
+
+    t0 = time.perf_counter()
+    first = last = None
+    ids: list[int] = []
+    text: list[str] = []
+    finish, replays = "", 0
+    for ev in generate(address, model=model, prompt=prompt, params=params):
+        now = time.perf_counter()
+        if first is None and ev.token_ids:
+            first = now
+        last = now
+        ids.extend(ev.token_ids)
+        text.append(ev.text)
+        if on_text is not None and ev.text:
+            on_text(ev.text)
+        if ev.finish_reason:
+            finish, replays = ev.finish_reason, ev.num_replays
+    ttft = (first - t0) if first is not None else float("nan")
+    decode_s = (last - first) if first is not None and last is not None else 0.0
+    tps = (len(ids) - 1) / decode_s if len(ids) > 1 and decode_s > 0 else float("nan")
+    return GenerationResult(model=model, text="".join(text), token_ids=tuple(ids), time_to_first_token_s=ttft,
+                            tokens_per_s=tps, finish_reason=finish, num_replays=replays)
+
+
+def cmd_generate(args) -> int:
+    try:
+        address = _need_coordinator(args)
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                max_new_tokens=args.max_new_tokens, stop=tuple(args.stop))
+        on_text = None if args.json else (lambda t: print(t, end="", flush=True))
+        res = run_generation(address, model=args.model, prompt=args.prompt, params=params, on_text=on_text)
+    except SwarmError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"model": res.model, "text": res.text, "token_ids": list(res.token_ids),
+                          "time_to_first_token_s": res.time_to_first_token_s, "tokens_per_s": res.tokens_per_s,
+                          "finish_reason": res.finish_reason, "num_replays": res.num_replays}))
+    else:
+        print()
+    return 0
