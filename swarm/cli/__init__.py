@@ -15,6 +15,7 @@ _SUBCOMMAND_MODULES = (
     "swarm.cli.status",
     "swarm.cli.local",
     "swarm.cli.plan",
+    "swarm.cli.train",
     "swarm.cli.serve",
 )
 

@@ -1,0 +1,70 @@
+"""A stage assignment as the node sees it (domain object built from the protobuf message)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from swarm.errors import InvalidRequestError
+from swarm.proto.v1 import training_pb2 as pb
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Peer:
+    node_id: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Assignment:
+    job_id: str
+    attempt: int
+    stage: int
+    num_stages: int
+    replica: int
+    num_replicas: int
+    first_layer: int
+    last_layer_excl: int
+    prev: Peer | None
+    next: Peer | None
+    stage_replicas: tuple[Peer, ...]
+    spec: dict[str, Any]
+    model_config: dict[str, Any]
+    num_samples: int
+    dataset_key: str
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.stage < self.num_stages and 0 <= self.replica < self.num_replicas):
+            raise InvalidRequestError("assignment stage/replica out of range")
+        if (self.stage > 0) != (self.prev is not None) or (self.stage < self.num_stages - 1) != (self.next is not None):
+            raise InvalidRequestError("assignment neighbours do not match its stage position")
+        if self.spec["steps"] < 1 or self.num_samples < 1:
+            raise InvalidRequestError("assignment without steps or samples")
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.job_id, self.attempt)
+
+    @classmethod
+    def from_pb(cls, m: pb.StageAssignment) -> "Assignment":
+        def peer(p, present: bool) -> Peer | None:
+            return Peer(node_id=p.node_id, address=p.address) if present else None
+
+        spec = {f.name: getattr(m.spec, f.name) for f in pb.JobSpec.DESCRIPTOR.fields}
+        return cls(
+            job_id=m.job_id, attempt=m.attempt, stage=m.stage, num_stages=m.num_stages, replica=m.replica,
+            num_replicas=m.num_replicas, first_layer=m.first_layer, last_layer_excl=m.last_layer_excl,
+            prev=peer(m.prev, m.HasField("prev")), next=peer(m.next, m.HasField("next")),
+            stage_replicas=tuple(Peer(node_id=p.node_id, address=p.address) for p in m.stage_replicas),
+            spec=spec, model_config=json.loads(m.model_config_json), num_samples=m.num_samples,
+            dataset_key=m.dataset_key,
+        )

@@ -1,0 +1,352 @@
+"""A stage worker: trains one stage of one job on this node, talking to its neighbours directly.
+
+Protocol it follows (see also protos/swarm/proto/v1/training.proto):
+
+1. fetch its stage's weights (and, on the first/last stage, the tokenised data) from the
+   coordinator; build the stage; open its boundary codecs and its endpoint for incoming tensors;
+2. with replicas, meet them through the coordinator's rendezvous and start a hivemind averager;
+3. each step, run the schedule (1F1B or GPipe): forward micro-batches (stage 0 reads tokens,
+   others wait for the previous stage's activations), send outputs to the next stage; backward
+   (the last stage starts from the loss, others wait for the next stage's gradients), send input
+   gradients to the previous stage; average gradients with the replicas; clip; AdamW step;
+4. report progress every step (the reply may say stop), checkpoint every K steps (local copy +
+   a copy to the coordinator), and a final checkpoint when done;
+5. any failure (peer timeout, rejected tensor, bad data) is reported as ``failed`` with the
+   reason; a stop from the coordinator ends the worker quietly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save_file
+
+from swarm.compression import CodecMessage, parse_codec_spec
+from swarm.errors import InvalidRequestError, PeerError
+from swarm.model.config import ModelConfig
+from swarm.model.stage import StageModel
+from swarm.pipeline import schedule
+from swarm.pipeline.codecs import make_codec, state_key
+from swarm.pipeline.data import BatchOrder, TokenDataset
+from swarm.pipeline.optim import OptimConfig, clip_and_step, make_optimizer
+from swarm.pipeline.stage import StageRunner
+from swarm.proto.v1 import training_pb2 as pb
+from swarm.transport import tensors as wt
+
+from node.training.assignment import Assignment
+from node.training.client import TrainingClient
+from node.training.exchange import Endpoint, Endpoints, PeerSender
+from node.training.reporter import Reporter
+
+log = logging.getLogger(__name__)
+KEEP_LOCAL_CHECKPOINTS = 2
+
+
+class StopRequested(Exception):
+    """The coordinator ended the job (or the node is stopping)."""
+
+
+class StageWorker:
+    def __init__(self, a: Assignment, *, client: TrainingClient, endpoints: Endpoints, node_id: str,
+                 device: str, state_dir: Path, on_metrics=None) -> None:
+        self.a = a
+        self.client = client
+        self.endpoints = endpoints
+        self.node_id = node_id
+        self.device = torch.device(device)
+        self.dir = Path(state_dir) / "training" / a.job_id / f"stage-{a.stage}-r{a.replica}"
+        self.on_metrics = on_metrics or (lambda **kw: None)
+        self.stop_event = threading.Event()
+        self.done = threading.Event()
+        self.error: str = ""
+        self._cur_step = 0
+        self._thread = threading.Thread(target=self._run, name=f"stage-{a.job_id[:6]}-{a.stage}", daemon=True)
+        self.senders: list[PeerSender] = []
+        self.averager = None
+        self.endpoint: Endpoint | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, reason: str = "") -> None:
+        if not self.stop_event.is_set():
+            log.info("stopping stage worker job=%s stage=%d reason=%s", self.a.job_id, self.a.stage, reason or "-")
+        self.stop_event.set()
+
+    def join(self, timeout_s: float) -> None:
+        self._thread.join(timeout_s)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        a = self.a
+        self.reporter = Reporter(self.client, a, on_stop=self.stop)
+        try:
+            self._setup()
+            self._train()
+            self._finish()
+        except StopRequested:
+            pass
+        except PeerError as exc:
+            if self.stop_event.is_set():
+                pass
+            else:
+                self._failed(exc)
+        except Exception as exc:  # noqa: BLE001 -- report every failure to the coordinator
+            if not self.stop_event.is_set():
+                log.exception("stage worker failed job=%s stage=%d", a.job_id, a.stage)
+                self._failed(exc)
+        finally:
+            self._cleanup()
+            self.done.set()
+
+    def _failed(self, exc: BaseException) -> None:
+        self.error = f"{type(exc).__name__}: {exc}"
+        log.warning("stage worker failed job=%s stage=%d replica=%d: %s", self.a.job_id, self.a.stage, self.a.replica,
+                    self.error)
+        self.reporter.final(state="failed", error=self.error)
+
+    def _cleanup(self) -> None:
+        if self.endpoint is not None:
+            self.endpoints.remove(self.endpoint)
+        for s in self.senders:
+            s.close()
+        if self.averager is not None:
+            try:
+                self.averager.shutdown()
+            except Exception:  # noqa: BLE001 -- best effort at shutdown
+                log.exception("averager shutdown failed")
+        self.reporter.close()
+
+    def _check_stop(self) -> None:
+        if self.stop_event.is_set():
+            raise StopRequested()
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        a, spec = self.a, self.a.spec
+        self.config = ModelConfig.from_hf_config(a.model_config)
+        blob = self.client.fetch_weights(a.job_id, a.stage)
+        module = StageModel(self.config, a.first_layer, a.last_layer_excl, is_first=a.is_first, is_last=a.is_last)
+        module.load_hf_state(st_load(blob))
+        self.module = module.to(self.device)
+        self.dataset = None
+        if a.is_first or a.is_last:
+            raw = self.client.fetch_data(a.job_id)
+            self.dataset = TokenDataset.load(io.BytesIO(raw))
+            if self.dataset.key != a.dataset_key or self.dataset.num_samples != a.num_samples:
+                raise InvalidRequestError("the job's data does not match its assignment (content hash differs)")
+        self.order = BatchOrder(num_samples=a.num_samples, batch_size=spec["batch_size"],
+                                micro_batch_size=spec["micro_batch_size"], num_replicas=a.num_replicas,
+                                seed=spec["seed"])
+        self.M = self.order.num_micro_batches
+        self.b, self.S, self.H = spec["micro_batch_size"], spec["seq_len"], self.config.hidden_size
+        self.total_steps = int(spec["steps"])
+        self.optim_cfg = OptimConfig(lr=spec["lr"], weight_decay=spec["weight_decay"], warmup_steps=spec["warmup_steps"],
+                                     total_steps=self.total_steps, min_lr_ratio=spec["min_lr_ratio"],
+                                     grad_clip=spec["grad_clip"])
+        self.optimizer = make_optimizer(self.module.parameters(), self.optim_cfg)
+        self.runner = StageRunner(self.module, is_first=a.is_first, is_last=a.is_last, loss_scale=1.0 / self.M)
+        self.codec_text = str(parse_codec_spec(spec["compression"] or "none"))
+        key = state_key(a.job_id, a.dataset_key)
+        common = dict(key=key, num_samples=a.num_samples, row_shape=(self.S, self.H), device=self.device)
+        self.down = make_codec(self.codec_text, side="down", boundary=a.stage - 1, **common) if not a.is_first else None
+        self.up = make_codec(self.codec_text, side="up", boundary=a.stage, **common) if not a.is_last else None
+        self.timeout_s = float(spec["peer_timeout_s"])
+        self.endpoint = Endpoint(a.job_id, self._validate)
+        self.endpoints.add(self.endpoint)
+        self.next_sender = self.prev_sender = None
+        if a.next is not None:
+            self.next_sender = PeerSender(a.next.address, what=f"stage {a.stage + 1} ({a.next.node_id[:12]})",
+                                          timeout_s=self.timeout_s)
+            self.senders.append(self.next_sender)
+        if a.prev is not None:
+            self.prev_sender = PeerSender(a.prev.address, what=f"stage {a.stage - 1} ({a.prev.node_id[:12]})",
+                                          timeout_s=self.timeout_s)
+            self.senders.append(self.prev_sender)
+        if a.num_replicas > 1:
+            self._start_averager()
+        log.info("stage worker ready job=%s stage=%d/%d replica=%d/%d layers=[%d,%d) codec=%s steps=%d",
+                 a.job_id, a.stage, a.num_stages, a.replica, a.num_replicas, a.first_layer, a.last_layer_excl,
+                 self.codec_text, self.total_steps)
+
+    def _start_averager(self) -> None:
+        from swarm.pipeline.averaging import ReplicaAverager
+
+        a = self.a
+        req = lambda maddrs: pb.RendezvousRequest(job_id=a.job_id, stage=a.stage, replica=a.replica,  # noqa: E731
+                                                  maddrs=maddrs)
+        peers: list[str] = []
+        deadline = time.monotonic() + self.timeout_s
+        if a.replica > 0:  # join the DHT of a replica that started before us (replica 0 starts alone)
+            while not peers:
+                self._check_stop()
+                peers = list(self.client.rendezvous(req([])).maddrs)
+                if not peers:
+                    if time.monotonic() > deadline:
+                        raise PeerError(f"replica 0 of stage {a.stage} never joined the rendezvous")
+                    time.sleep(0.2)
+        host = a.stage_replicas[a.replica].address.rpartition(":")[0] or "127.0.0.1"
+        self.averager = ReplicaAverager(params=list(self.module.parameters()), prefix=f"{a.job_id}_s{a.stage}",
+                                        num_replicas=a.num_replicas, initial_peers=peers, host=host,
+                                        timeout_s=self.timeout_s)
+        self.client.rendezvous(req(self.averager.maddrs()))
+        self.averager.wait_for_peers(1, self.timeout_s)
+
+    # -- receiving ---------------------------------------------------------------------------------
+    def _validate(self, h: wt.TensorHeader, payload: bytes) -> torch.Tensor:
+        """Check a received tensor against this assignment and decode it (runs in gRPC threads)."""
+        a = self.a
+        if h.kind == "activation":
+            if a.is_first:
+                raise InvalidRequestError("the first stage takes no activations")
+            sender, boundary, codec = a.prev.node_id, a.stage - 1, self.down
+        elif h.kind == "gradient":
+            if a.is_last:
+                raise InvalidRequestError("the last stage takes no gradients")
+            sender, boundary, codec = a.next.node_id, a.stage, self.up
+        else:
+            raise InvalidRequestError(f"a training stage takes activations and gradients, not {h.kind}")
+        cur = self._cur_step
+        if not (cur <= h.step <= cur + 1 and h.step < self.total_steps):
+            raise InvalidRequestError(f"tensor rejected: step is {h.step}, this stage is at step {cur}")
+        if not 0 <= h.micro_batch < self.M:
+            raise InvalidRequestError(f"tensor rejected: micro_batch is {h.micro_batch}, the step has {self.M}")
+        shape = (self.b, self.S, self.H)
+        wt.validate_header(h, wt.TensorExpectation(
+            job_id=a.job_id, kind=h.kind, shape=shape, dtype="float32", codec=self.codec_text, boundary=boundary,
+            replica=a.replica, sender_ids=frozenset({sender}), num_sample_ids=self.b))
+        ids = self.order.micro_batches(h.step, a.replica)[h.micro_batch]
+        if tuple(h.sample_ids) != tuple(int(i) for i in ids):
+            raise InvalidRequestError("tensor rejected: sample ids differ from the micro-batch's samples")
+        msg = CodecMessage.from_bytes(payload, device=self.device)
+        if h.kind == "activation":
+            t = codec.decode_forward(msg, ids, dtype=torch.float32, expected_row_shape=(self.S, self.H))
+        else:
+            t = codec.decode_backward(msg, ids, dtype=torch.float32, expected_shape=shape)
+        if tuple(t.shape) != shape:
+            raise InvalidRequestError(f"tensor rejected: decoded shape {tuple(t.shape)}, expected {shape}")
+        return t.to(self.device)
+
+    def _receive(self, kind: str, step: int, m: int) -> torch.Tensor:
+        what = f"stage {self.a.stage - 1 if kind == 'activation' else self.a.stage + 1}"
+
+        def check():
+            for s in self.senders:
+                s.check()
+
+        return self.endpoint.get(kind, step, m, timeout_s=self.timeout_s, stop=self.stop_event, what=what, check=check)
+
+    # -- sending -----------------------------------------------------------------------------------
+    def _send(self, sender: PeerSender, kind: str, step: int, m: int, ids, msg: CodecMessage, boundary: int) -> int:
+        payload = msg.to_bytes()
+        header = wt.make_header(payload, job_id=self.a.job_id, step=step, micro_batch=m,
+                                sample_ids=tuple(int(i) for i in ids), shape=(self.b, self.S, self.H), dtype="float32",
+                                codec=self.codec_text, kind=kind, boundary=boundary, sender_id=self.node_id,
+                                replica=self.a.replica)
+        sender.send(wt.WireTensor(header=header, payload=payload))
+        return len(payload)
+
+    # -- training ----------------------------------------------------------------------------------
+    def _train(self) -> None:
+        a = self.a
+        ops = schedule.build(a.spec["schedule"] or "1f1b", num_micro_batches=self.M, stage=a.stage,
+                             num_stages=a.num_stages)
+        every = int(a.spec["checkpoint_every"])
+        raw_bytes = self.b * self.S * self.H * 4
+        for step in range(self.total_steps):
+            self._check_stop()
+            self._cur_step = step
+            t_step = time.monotonic()
+            compute = wait = comm = 0.0
+            sent = raw = 0
+            mbs = self.order.micro_batches(step, a.replica)
+            for op in ops:
+                ids = mbs[op.micro_batch]
+                if op.kind == "F":
+                    t0 = time.monotonic()
+                    if a.is_first:
+                        x = torch.from_numpy(self.dataset.inputs(ids)).to(self.device)
+                    else:
+                        x = self._receive("activation", step, op.micro_batch)
+                    labels = torch.from_numpy(self.dataset.labels(ids)).to(self.device) if a.is_last else None
+                    t1 = time.monotonic()
+                    out = self.runner.forward(op.micro_batch, x, labels)
+                    t2 = time.monotonic()
+                    if out is not None:
+                        msg = self.up.encode_forward(out, ids)
+                        sent += self._send(self.next_sender, "activation", step, op.micro_batch, ids, msg, a.stage)
+                        raw += raw_bytes
+                    t3 = time.monotonic()
+                else:
+                    t0 = time.monotonic()
+                    g = None if a.is_last else self._receive("gradient", step, op.micro_batch)
+                    t1 = time.monotonic()
+                    gin = self.runner.backward(op.micro_batch, g)
+                    t2 = time.monotonic()
+                    if gin is not None:
+                        msg = self.down.encode_backward(gin, ids)
+                        sent += self._send(self.prev_sender, "gradient", step, op.micro_batch, ids, msg, a.stage - 1)
+                        raw += raw_bytes
+                    t3 = time.monotonic()
+                wait += t1 - t0
+                compute += t2 - t1
+                comm += t3 - t2
+            t0 = time.monotonic()
+            if self.averager is not None:
+                self.averager.average_gradients()
+            t1 = time.monotonic()
+            clip_and_step(self.optimizer, list(self.module.parameters()), step, self.optim_cfg)
+            t2 = time.monotonic()
+            comm += t1 - t0
+            compute += t2 - t1
+            loss = self.runner.step_loss() if a.is_last else None
+            step_s = time.monotonic() - t_step
+            tokens = self.M * self.b * self.S
+            self.reporter.progress(pb.ProgressReport(
+                job_id=a.job_id, attempt=a.attempt, stage=a.stage, replica=a.replica, step=step,
+                has_loss=loss is not None, loss=loss if loss is not None else 0.0, tokens_per_s=tokens / step_s,
+                bytes_sent=sent, bytes_raw=raw, step_s=step_s, compute_s=compute, wait_s=wait, comm_s=comm,
+                state="running", tokens=tokens))
+            self.on_metrics(training={"job_id": a.job_id, "stage": a.stage, "replica": a.replica, "step": step,
+                                      "loss": loss, "tokens_per_s": tokens / step_s, "bytes_sent": sent,
+                                      "rejected_tensors": self.endpoint.num_rejected})
+            if every and (step + 1) % every == 0 and step + 1 < self.total_steps:
+                self._checkpoint(step + 1, final=False)
+
+    def _finish(self) -> None:
+        for s in self.senders:
+            s.flush()
+        self._checkpoint(self.total_steps, final=True)
+        self.reporter.final(state="done")
+        log.info("stage worker done job=%s stage=%d replica=%d", self.a.job_id, self.a.stage, self.a.replica)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _checkpoint(self, step: int, *, final: bool) -> None:
+        """Save weights, optimizer state and data cursor locally; send a copy to the coordinator."""
+        a = self.a
+        d = self.dir / f"step-{step:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        weights = d / "weights.safetensors"
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in self.module.hf_state_dict().items()}, str(weights))
+        torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
+        meta = {"job_id": a.job_id, "stage": a.stage, "replica": a.replica, "step": step, "data_cursor": step,
+                "layers": [a.first_layer, a.last_layer_excl], "final": final}
+        (d / "meta.json").write_text(json.dumps(meta))
+        # Replicas hold the same weights; one copy per stage is enough for the coordinator.
+        upload = [weights, d / "meta.json"] if a.replica == 0 else [d / "meta.json"]
+        if not final and a.replica == 0:
+            upload.insert(1, d / "optimizer.pt")
+        self.client.upload_checkpoint(pb.CheckpointHeader(job_id=a.job_id, stage=a.stage, replica=a.replica, step=step,
+                                                          final=final, attempt=a.attempt), upload)
+        old = sorted(p for p in self.dir.glob("step-*") if p.is_dir())
+        for p in old[:-KEEP_LOCAL_CHECKPOINTS]:
+            shutil.rmtree(p, ignore_errors=True)
+        log.info("checkpoint job=%s stage=%d replica=%d step=%d final=%s", a.job_id, a.stage, a.replica, step, final)

@@ -1,0 +1,248 @@
+"""``swarm train``, ``swarm jobs``, ``swarm job ID``, ``swarm cancel ID``: training jobs.
+
+``swarm train --coordinator HOST:PORT --model CONFIG.json|CHECKPOINT_DIR --data PATH
+[--epochs E | --steps N] [--batch-size B] [--micro-batch-size b] [--seq-len S] [--lr LR]
+[--compression SPEC] [--checkpoint-every K] [--out DIR] [--follow] [--json]`` uploads the data
+and the starting model to the coordinator and prints the job id. ``--follow`` shows a progress
+bar (step, loss, tokens/s, ETA) until the job ends and exits 1 if it failed or was cancelled.
+``--out DIR`` waits for the end too and writes the trained HF checkpoint there.
+Extra flags: ``--stages``/``--replicas`` fix the pipeline shape (default: the planner picks),
+``--schedule``, ``--warmup-steps``, ``--weight-decay``, ``--grad-clip``, ``--seed``,
+``--peer-timeout-s``, ``--name``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from swarm.errors import InvalidRequestError, SwarmError
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+MODEL_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+def _coordinator_flag(p) -> None:
+    p.add_argument("--coordinator", default=os.environ.get("SWARM_COORDINATOR", "127.0.0.1:7070"),
+                   help="HOST:PORT of the coordinator's gRPC port (default 127.0.0.1:7070, or $SWARM_COORDINATOR)")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="submit a training / fine-tuning job to the swarm")
+    _coordinator_flag(p)
+    p.add_argument("--model", required=True, help="config.json (fresh weights) or an HF checkpoint directory")
+    p.add_argument("--data", required=True, help="a text file or a directory of text files")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step over all replicas (default 8)")
+    p.add_argument("--micro-batch-size", type=int, default=2, help="sequences per micro-batch (default 2)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
+    p.add_argument("--compression", default="none",
+                   help="boundary codec: none, direct:fw=8,bw=8, aqsgd:fw=4,bw=8, aqsgd:fw=2,bw=4 (default none)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--out", type=Path, default=None, help="write the trained HF checkpoint here when done")
+    p.add_argument("--follow", action="store_true", help="show progress until the job ends")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--stages", type=int, default=0, help="pipeline stages (default: planner decides)")
+    p.add_argument("--replicas", type=int, default=0, help="data-parallel replicas (default: planner decides)")
+    p.add_argument("--schedule", choices=("1f1b", "gpipe"), default="1f1b")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm per stage (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peer-timeout-s", type=float, default=30.0, help="how long a stage waits for a neighbour")
+    p.add_argument("--name", default="")
+    p.set_defaults(func=run_train)
+
+    p = subparsers.add_parser("jobs", help="list training jobs")
+    _coordinator_flag(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_jobs)
+
+    p = subparsers.add_parser("job", help="show one training job")
+    _coordinator_flag(p)
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_job)
+
+    p = subparsers.add_parser("cancel", help="cancel a training job")
+    _coordinator_flag(p)
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_cancel)
+
+
+def upload_files(model: Path, data: Path) -> list:
+    """The files a job carries, named ``checkpoint/...`` and ``data/...``. Raises InvalidRequestError."""
+    from swarm.transport.training_client import UploadFile
+
+    if not data.exists():
+        raise InvalidRequestError(f"--data {data} does not exist; pass a text file or a directory of text files")
+    if not model.exists():
+        raise InvalidRequestError(f"--model {model} does not exist; pass a config.json or a checkpoint directory")
+    files = []
+    if model.is_file():
+        files.append(UploadFile(path=model, name="checkpoint/config.json"))
+    else:
+        if not (model / "config.json").is_file():
+            raise InvalidRequestError(f"--model {model} has no config.json; is it an HF checkpoint directory?")
+        for f in sorted(model.iterdir()):
+            if f.is_file() and (f.name in MODEL_FILES or f.suffix == ".safetensors"):
+                files.append(UploadFile(path=f, name=f"checkpoint/{f.name}"))
+    if data.is_file():
+        files.append(UploadFile(path=data, name=f"data/{data.name}"))
+    else:
+        texts = sorted(p for p in data.rglob("*") if p.is_file())
+        if not texts:
+            raise InvalidRequestError(f"--data directory {data} holds no files")
+        for f in texts:
+            files.append(UploadFile(path=f, name="data/" + f.relative_to(data).as_posix()))
+    return files
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _num(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def progress_line(job: dict, width: int = 24) -> str:
+    total = job.get("total_steps") or 0
+    step = job.get("step")
+    done = 0 if step is None else step + 1
+    filled = int(width * done / total) if total else 0
+    bar = "#" * filled + "." * (width - filled)
+    return (f"[{bar}] step {done}/{total}  loss {_num(job.get('loss'), '.4f')}  "
+            f"tok/s {_num(job.get('tokens_per_s'), '.0f')}  ETA {_fmt_s(job.get('eta_s'))}  {job['state']}")
+
+
+def follow(client, job_id: str, *, quiet: bool, interval_s: float = 1.0) -> dict:
+    """Poll until the job ends, printing a bar line per new step (unless ``quiet``)."""
+    last = None
+    while True:
+        job = client.get(job_id)
+        key = (job.get("step"), job["state"])
+        if not quiet and key != last:
+            line = progress_line(job)
+            if sys.stdout.isatty():
+                print("\r" + line, end="", flush=True)
+            else:
+                print(line, flush=True)
+            last = key
+        if job["state"] in TERMINAL:
+            if not quiet and sys.stdout.isatty():
+                print()
+            return job
+        time.sleep(interval_s)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from swarm.transport.training_client import TrainingClient
+
+    spec = {
+        "name": args.name, "steps": args.steps or 0, "epochs": args.epochs or 0.0, "batch_size": args.batch_size,
+        "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
+        "compression": args.compression, "checkpoint_every": args.checkpoint_every, "seed": args.seed,
+        "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
+        "schedule": args.schedule, "num_stages": args.stages, "num_replicas": args.replicas,
+        "peer_timeout_s": args.peer_timeout_s, "min_lr_ratio": 0.1,
+    }
+    try:
+        files = upload_files(Path(args.model), Path(args.data))
+        with TrainingClient(args.coordinator) as client:
+            job = client.submit(spec, files)
+            if not args.json:
+                print(f"job {job['id']} submitted ({job['state']}{': ' + job['reason'] if job.get('reason') else ''})",
+                      flush=True)
+            if not (args.follow or args.out):
+                if args.json:
+                    print(json.dumps(job))
+                return 0
+            job = follow(client, job["id"], quiet=args.json or not args.follow)
+            if args.out and job["state"] == "succeeded":
+                written = client.download_result(job["id"], args.out)
+                if not args.json:
+                    print(f"checkpoint written to {args.out} ({len(written)} files)")
+    except SwarmError as exc:
+        print(f"swarm train: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(job))
+    elif job["state"] != "succeeded":
+        print(f"job {job['id']} {job['state']}: {job.get('reason', '')}", file=sys.stderr)
+    return 0 if job["state"] == "succeeded" else 1
+
+
+def run_jobs(args: argparse.Namespace) -> int:
+    from swarm.transport.training_client import TrainingClient
+
+    try:
+        with TrainingClient(args.coordinator) as client:
+            jobs = client.list()
+    except SwarmError as exc:
+        print(f"swarm jobs: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"jobs": jobs}))
+        return 0
+    rows = [("ID", "STATE", "STEP", "LOSS", "TOK/S", "CODEC", "REASON")]
+    for j in jobs:
+        step = "-" if j.get("step") is None else f"{j['step'] + 1}/{j['total_steps']}"
+        rows.append((j["id"], j["state"], step, _num(j.get("loss"), ".4f"), _num(j.get("tokens_per_s"), ".0f"),
+                     j.get("spec", {}).get("compression", ""), (j.get("reason") or "")[:60]))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def run_job(args: argparse.Namespace) -> int:
+    from swarm.transport.training_client import TrainingClient
+
+    try:
+        with TrainingClient(args.coordinator) as client:
+            job = client.get(args.job_id)
+    except SwarmError as exc:
+        print(f"swarm job: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(job))
+        return 0
+    print(f"job {job['id']}: {job['state']}" + (f" ({job['reason']})" if job.get("reason") else ""))
+    print(progress_line(job))
+    spec = job["spec"]
+    print(f"model: {job['model']['family']} {job['model']['num_layers']} layers, {job['model']['num_parameters']:,} "
+          f"parameters; codec {spec['compression']}; batch {spec['batch_size']} x {spec['seq_len']} tokens")
+    for a in job.get("assignments", []):
+        print(f"  stage {a['stage']} replica {a['replica']}: layers {a['layers'][0]}-{a['layers'][1] - 1} on "
+              f"{a['node_name'] or a['node_id'][:12]}")
+    print(f"bytes sent {job['bytes_sent']:,}, saved by compression {job['bytes_saved']:,}")
+    if job.get("checkpoints"):
+        print(f"checkpoints at steps {sorted({c['step'] for c in job['checkpoints']})}")
+    return 0
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    from swarm.transport.training_client import TrainingClient
+
+    try:
+        with TrainingClient(args.coordinator) as client:
+            job = client.cancel(args.job_id, "cancelled with swarm cancel")
+    except SwarmError as exc:
+        print(f"swarm cancel: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(job) if args.json else f"job {job['id']}: {job['state']}")
+    return 0

@@ -1,0 +1,113 @@
+"""Gradient averaging among the replicas of one stage through hivemind.
+
+Protocol a replica follows (one :class:`ReplicaAverager` per job and stage on each member):
+
+1. start a hivemind DHT on this host (``host_maddrs``) joined to ``initial_peers`` (the
+   multiaddrs of replicas that started earlier, learnt through the coordinator's rendezvous);
+2. every step, copy the stage's gradients into the averager's buffers and call
+   ``DecentralizedAverager.step`` with a bounded timeout: the group forms as soon as all
+   ``num_replicas`` members declared themselves; the payload travels as float16;
+3. on success the buffers hold the group mean and are copied back into the gradients; on a
+   timeout or a missing replica the step keeps the local gradients (the others are not blocked)
+   and the failure is counted.
+
+hivemind is imported lazily: single-replica jobs never load it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+
+from swarm.errors import PeerError
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaAverager:
+    """Averages gradients of ``params`` with the other replicas of a stage under ``prefix``."""
+
+    def __init__(
+        self,
+        *,
+        params: Sequence[torch.nn.Parameter],
+        prefix: str,
+        num_replicas: int,
+        initial_peers: Sequence[str] = (),
+        host: str = "127.0.0.1",
+        timeout_s: float = 30.0,
+        matchmaking_s: float = 1.0,
+    ) -> None:
+        from hivemind.averaging import DecentralizedAverager
+        from hivemind.compression import Float16Compression
+        from hivemind.dht import DHT
+
+        if num_replicas < 2:
+            raise ValueError("averaging needs at least two replicas")
+        self.params = [p for p in params if p.requires_grad]
+        self.num_replicas = num_replicas
+        self.timeout_s = timeout_s
+        self.num_ok = 0
+        self.num_failed = 0
+        self.dht = DHT(start=True, host_maddrs=[f"/ip4/{host}/tcp/0"], initial_peers=list(initial_peers))
+        buffers = [torch.zeros_like(p, device="cpu", dtype=torch.float32) for p in self.params]
+        try:
+            self.averager = DecentralizedAverager(
+                buffers, self.dht, start=True, prefix=prefix, target_group_size=num_replicas, min_group_size=2,
+                min_matchmaking_time=matchmaking_s, request_timeout=matchmaking_s / 2,
+                allreduce_timeout=timeout_s, compression=Float16Compression(), shutdown_timeout=2,
+            )
+        except BaseException:
+            self.dht.shutdown()
+            raise
+
+    def maddrs(self) -> list[str]:
+        return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    def wait_for_peers(self, num_peers: int, timeout_s: float) -> None:
+        """Block until this DHT knows ``num_peers`` other peers; raises PeerError on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            known = len(self.dht.run_coroutine(_routing_peers))
+            if known >= num_peers:
+                return
+            if time.monotonic() > deadline:
+                raise PeerError(f"only {known} of {num_peers} stage replicas reachable through hivemind after {timeout_s:.0f} s")
+            time.sleep(0.1)
+
+    def average_gradients(self) -> bool:
+        """Replace every gradient by the replicas' mean; False (gradients unchanged) on failure."""
+        with self.averager.get_tensors() as bufs:
+            for b, p in zip(bufs, self.params):
+                if p.grad is None:
+                    b.zero_()
+                else:
+                    b.copy_(p.grad.detach().to("cpu", torch.float32))
+        try:
+            result = self.averager.step(timeout=self.timeout_s, allow_retries=False)
+        except Exception as exc:  # noqa: BLE001 -- hivemind raises many kinds; a failed round is data
+            log.warning("gradient averaging failed: %s", exc)
+            result = None
+        if result is None:
+            self.num_failed += 1
+            return False
+        with self.averager.get_tensors() as bufs:
+            for b, p in zip(bufs, self.params):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.copy_(b.to(p.grad.device, p.grad.dtype))
+        self.num_ok += 1
+        return True
+
+    def shutdown(self) -> None:
+        try:
+            self.averager.shutdown()
+        finally:
+            self.dht.shutdown()
+
+
+async def _routing_peers(dht, node) -> list:
+    return list(node.protocol.routing_table.peer_id_to_uid.keys())
