@@ -170,13 +170,15 @@ class Browser:
 
 
 class Page:
-    """One tab. Records dialogs (``alert`` would show up here), exceptions and console errors."""
+    """One tab. Records dialogs (``alert`` would show up here), script errors (exceptions, console
+    errors, CSP violations) and failed loads (``network_errors``)."""
 
     def __init__(self, browser: Browser, session_id: str) -> None:
         self._browser = browser
         self.session_id = session_id
         self.dialogs: list[str] = []
         self.errors: list[str] = []
+        self.network_errors: list[str] = []
         self._load = asyncio.Event()
 
     def _on_event(self, event: dict) -> None:
@@ -192,7 +194,11 @@ class Page:
             details = params.get("exceptionDetails", {})
             self.errors.append(details.get("exception", {}).get("description") or details.get("text", "exception"))
         elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
-            self.errors.append(params["entry"].get("text", ""))
+            entry = params["entry"]
+            # A failed fetch (say a 404 of an optional route) is not a page error; CSP violations
+            # and script errors are.
+            target = self.network_errors if entry.get("source") == "network" else self.errors
+            target.append(f"{entry.get('text', '')} {entry.get('url', '')}".strip())
         elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
             self.errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", [])))
 

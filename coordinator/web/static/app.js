@@ -5,7 +5,11 @@
  */
 (function () {
   "use strict";
-  var POLL_MS = 3000;
+  // Every 3 s; "?poll_ms=N" (500..60000) changes it, e.g. for tests or a slow link.
+  var POLL_MS = (function () {
+    var m = /[?&]poll_ms=(\d+)/.exec(window.location.search);
+    return m ? Math.min(60000, Math.max(500, Number(m[1]))) : 3000;
+  })();
   var STATES = ["online", "lost", "left"];
   var selectedJob = null;       // the job whose charts are shown (UI state only)
   var lastNodes = [];           // for names in heatmaps and plan
@@ -143,7 +147,7 @@
     nodes.sort(function (a, b) {
       var sa = own(STATE_ORDER, a.state) !== undefined ? STATE_ORDER[a.state] : 3;
       var sb = own(STATE_ORDER, b.state) !== undefined ? STATE_ORDER[b.state] : 3;
-      return sa - sb || a.name.localeCompare(b.name) || a.id.localeCompare(b.id);
+      return sa - sb || a.name.localeCompare(b.name, undefined, { numeric: true }) || a.id.localeCompare(b.id);
     });
     lastNodes = nodes;
     var counts = { online: 0, lost: 0, left: 0 };
@@ -250,7 +254,7 @@
     var n = net.ids.length;
     var labels = n > 0 && n <= 16;
     var margin = labels ? 72 : 0;
-    var cell = n ? Math.max(2, Math.floor(360 / n)) : 0;
+    var cell = n ? Math.min(48, Math.max(2, Math.floor(360 / n))) : 0;
     var size = margin + cell * n;
     var dpr = window.devicePixelRatio || 1;
     canvas.width = Math.max(1, size) * dpr; canvas.height = Math.max(1, size) * dpr;
@@ -365,7 +369,7 @@
     $("plan-empty").hidden = true;
     $("plan-source").textContent = source === "job" ? "of running job " + String(payload.job_id || "") :
       source === "preview" ? "preview (no job running)" : "";
-    $("plan-reason").textContent = payload.reason ? String(payload.reason) : "";
+    $("plan-reason").textContent = payload.reason && source !== "job" ? String(payload.reason) : "";
     planNames = payload.names && typeof payload.names === "object" ? payload.names : {};
     var stages = normStages(plan);
     var frag = document.createDocumentFragment();
@@ -387,11 +391,16 @@
       box1.appendChild(h("div", "layers", s.start !== undefined && s.end !== undefined ?
         "layers " + s.start + "\u2013" + (num(s.end) !== null ? s.end - 1 : s.end) : ""));
       if (s.compute !== null) box1.appendChild(h("div", "time", "compute " + fmtSeconds(s.compute)));
-      var ul = h("ul");
-      s.members.forEach(function (m) {
+      var ul = h("ul"), SHOWN = 8;
+      s.members.slice(0, SHOWN).forEach(function (m) {
         var li = h("li", states["n:" + m] && states["n:" + m] !== "online" ? "lost" : null, nameOf(m));
         li.title = m; ul.appendChild(li);
       });
+      if (s.members.length > SHOWN) {
+        var more = h("li", "more", "+" + (s.members.length - SHOWN) + " more");
+        more.title = s.members.slice(SHOWN).map(nameOf).join("\n");
+        ul.appendChild(more);
+      }
       box1.appendChild(h("div", "layers", "data-parallel group of " + s.members.length));
       box1.appendChild(ul);
       frag.appendChild(box1);

@@ -11,7 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from swarm.membership import Link
 
-from coordinator.web.routes import CONTENT_SECURITY_POLICY
+from coordinator.web.routes import CONTENT_SECURITY_POLICY, STATE_KEY
+from tests.integration.web.web_helpers import report_steps, start_job
 
 XSS = "<script>alert(1)</script>"
 
@@ -105,3 +106,49 @@ def test_two_hundred_nodes_stay_cheap(coordinator) -> None:
         assert time.monotonic() - start < 10.0, path
     fams = _metrics(coordinator)
     assert _by_label(fams["swarm_nodes"], "state")["online"] == 200
+
+
+def test_plan_preview_is_cached_and_follows_membership(coordinator) -> None:
+    ids = [coordinator.add_node(i, tflops=0.5 + i) for i in range(4)]  # unequal: predicted-iteration objective
+    now = coordinator.clock.time()
+    coordinator.app.network.record(Link(src=ids[0], dst=ids[1], delay_s=0.002, rtt_s=0.004, bandwidth_Bps=5e7,
+                                        measured_at_s=now))
+    plan = json.loads(coordinator.get("/api/plan")[2])
+    assert plan["source"] == "preview", plan
+    stages = plan["plan"]["stages"]
+    assert stages[0]["layers"][0] == 0 and stages[-1]["layers"][1] == plan["shape"]["num_layers"]
+    assert {d for s in stages for d in s["devices"]} <= set(ids)
+    assert plan["assumed_links"] == 11  # 4 x 3 directed links, one measured
+    assert plan["predicted"]["total_s"] > 0 and plan["predicted"]["compute_s"] > 0
+    assert plan["names"][ids[0]] == "node-0"
+
+    preview = coordinator.app.web_app[STATE_KEY].preview
+    assert json.loads(coordinator.get("/api/plan")[2]) == plan
+    assert preview.num_computations == 1  # the second request came from the cache
+
+    coordinator.clock.advance(coordinator.app.config.node_timeout_s + 1)
+    for nid in ids[:3]:
+        coordinator.app.registry.heartbeat(nid)  # node 3 is lost now
+    plan = json.loads(coordinator.get("/api/plan")[2])
+    assert plan["source"] == "preview" and preview.num_computations == 2
+    assert ids[3] not in {d for s in plan["plan"]["stages"] for d in s["devices"]}
+
+
+def test_plan_and_metrics_of_a_running_job(coordinator_with_jobs) -> None:
+    c = coordinator_with_jobs
+    ids = [c.add_node(i) for i in range(2)]
+    job_id = start_job(c, total_steps=10)
+    plan = json.loads(c.get("/api/plan")[2])
+    assert plan["source"] == "job" and plan["job_id"] == job_id
+    assert {d for s in plan["plan"]["stages"] for d in s["devices"]} <= set(ids)
+    report_steps(c, job_id, range(4))
+    fams = _metrics(c)
+    assert _by_label(fams["swarm_jobs"], "state")["running"] == 1
+    assert _by_label(fams["swarm_job_step"], "job") == {job_id: 3}
+    assert _by_label(fams["swarm_job_progress_ratio"], "job") == {job_id: pytest.approx(0.4)}
+    assert _by_label(fams["swarm_job_step_time_seconds"], "job") == {job_id: pytest.approx(0.53)}
+    assert _by_label(fams["swarm_job_tokens_per_second"], "job")[job_id] > 0
+    saved = _by_label(fams["swarm_job_compression_saved_bytes"], "job")[job_id]
+    assert saved == 4 * len(ids) * 150_000  # (raw - sent) summed over steps and workers
+    parts = {s.labels["part"]: s.value for s in fams["swarm_plan_predicted_step_seconds"].samples}
+    assert parts["total"] == pytest.approx(plan["predicted"]["total_s"])

@@ -1,0 +1,131 @@
+"""The page in headless Chromium against an in-process coordinator: empty swarm, hostile
+names, live state changes without reload, 200 nodes, and a running job's panel. Screenshots
+go to artifacts/ (gitignored)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.integration.web.web_helpers import ARTIFACTS, report_steps, start_job
+
+HOSTILE = ["<script>alert(1)</script>", '<img src=x onerror="alert(2)">', "</td><b>bold</b>", "constructor"]
+
+
+def _row_state(nid: str) -> str:
+    return f"(document.querySelector('tr[data-node-id=\"{nid}\"] td.state') || {{}}).textContent"
+
+
+async def _open(browser, url: str):
+    page = await browser.new_page()
+    await page.goto(url + "/?poll_ms=500")
+    await page.wait_for("Number(document.body.getAttribute('data-polls')) >= 1")
+    return page
+
+
+def test_empty_swarm(browser, coordinator) -> None:
+    async def go():
+        page = await _open(browser.browser, coordinator.url)
+        visible = await page.eval("""[...['nodes-empty', 'plan-empty', 'jobs-empty']].map(
+            id => !document.getElementById(id).hidden)""")
+        assert visible == [True, True, True]
+        assert await page.eval("document.getElementById('count-online').textContent") == "0"
+        assert await page.eval("document.getElementById('status').getAttribute('data-ok')") == "true"
+        await page.screenshot(ARTIFACTS / "web-empty.png")
+        assert page.errors == [] and page.dialogs == []
+
+    browser.run(go())
+
+
+def test_hostile_names_show_as_text(browser, coordinator) -> None:
+    ids = [coordinator.add_node(i, name=name) for i, name in enumerate(HOSTILE)]
+
+    async def go():
+        page = await _open(browser.browser, coordinator.url)
+        await page.wait_for(f"document.querySelectorAll('#nodes-body tr').length === {len(ids)}")
+        names = await page.eval(
+            "Object.fromEntries([...document.querySelectorAll('#nodes-body tr')].map("
+            "tr => [tr.getAttribute('data-node-id'), tr.querySelector('td.name').textContent]))")
+        assert names == dict(zip(ids, HOSTILE))
+        # The plan preview lists the same names inside its stage boxes: as text too.
+        await page.wait_for("document.querySelectorAll('#plan-pipeline li').length > 0")
+        plan_names = await page.eval("[...document.querySelectorAll('#plan-pipeline li')].map(li => li.textContent)")
+        assert set(plan_names) <= set(HOSTILE)
+        injected = await page.eval("""({scripts: document.scripts.length, imgs: document.images.length,
+            bold: document.querySelectorAll('main b').length})""")
+        assert injected == {"scripts": 2, "imgs": 0, "bold": 0}  # only our own two scripts
+        await page.screenshot(ARTIFACTS / "web-hostile-names.png")
+        assert page.dialogs == [] and page.errors == []
+
+    browser.run(go())
+
+
+def test_states_update_live_without_reload(browser, coordinator) -> None:
+    ids = [coordinator.add_node(i, metrics={"bytes_sent": 10 << 20, "bytes_received": 3 << 20}) for i in range(3)]
+
+    async def go():
+        page = await _open(browser.browser, coordinator.url)
+        for nid in ids:
+            assert await page.wait_for(_row_state(nid)) == "online"
+        await page.eval("window.__sameDocument = 42")
+        coordinator.clock.advance(coordinator.app.config.node_timeout_s + 1)
+        coordinator.app.registry.heartbeat(ids[0])
+        coordinator.app.registry.leave(ids[2])
+        await page.wait_for(f"{_row_state(ids[1])} === 'lost' && {_row_state(ids[2])} === 'left'")
+        assert await page.eval(_row_state(ids[0])) == "online"
+        counts = await page.eval("['online', 'lost', 'left'].map(s => document.getElementById('count-' + s).textContent)")
+        assert counts == ["1", "1", "1"]
+        assert await page.eval("window.__sameDocument") == 42  # updated in place, never reloaded
+        assert page.errors == []
+
+    browser.run(go())
+
+
+@pytest.mark.timeout(120)
+def test_two_hundred_nodes(browser, coordinator) -> None:
+    ids = [coordinator.add_node(i, metrics={"bytes_sent": i << 20}) for i in range(200)]
+    coordinator.clock.advance(coordinator.app.config.node_timeout_s + 1)
+    for nid in ids[:150]:
+        coordinator.app.registry.heartbeat(nid)
+
+    async def go():
+        page = await _open(browser.browser, coordinator.url)
+        await page.wait_for("document.querySelectorAll('#nodes-body tr').length === 200")
+        counts = await page.eval("['online', 'lost'].map(s => document.getElementById('count-' + s).textContent)")
+        assert counts == ["150", "50"]
+        size = await page.eval("document.querySelector('#heatmap-bandwidth canvas').style.width")
+        assert size == "300px"  # 150 online nodes x 2 px
+        await page.wait_for("document.querySelectorAll('#plan-pipeline .stage').length > 0")
+        await page.screenshot(ARTIFACTS / "web-200-nodes.png")
+        assert page.errors == []
+
+    browser.run(go())
+
+
+def test_running_job_panel(browser, coordinator_with_jobs) -> None:
+    c = coordinator_with_jobs
+    ids = [c.add_node(i, name=f"gpu-{i}") for i in range(2)]
+    job_id = start_job(c, total_steps=10, name="tiny-gpt2")
+    report_steps(c, job_id, range(6))
+
+    async def go():
+        page = await _open(browser.browser, c.url)
+        row = f"document.querySelector('tr[data-job-id=\"{job_id}\"]')"
+        await page.wait_for("!!" + row)
+        cells = await page.eval(f"[...{row}.cells].map(td => td.textContent)")
+        assert cells[1] == "running" and "step 6 / 10" in cells[2]
+        assert await page.eval(f"{row}.querySelector('a').getAttribute('href')") == f"api/jobs/{job_id}"
+        await page.wait_for("!document.getElementById('job-detail').hidden")
+        # loss and tokens/s charts drew a line each
+        assert await page.eval("document.querySelectorAll('#chart-loss path, #chart-tps path').length") == 2
+        assert "of running job" in await page.eval("document.getElementById('plan-source').textContent")
+        stages = await page.eval("[...document.querySelectorAll('#nodes-body td.stage-cell')].map(td => td.textContent)")
+        assert all(s.startswith("stage ") for s in stages), stages
+        detail = await page.eval(f"fetch('api/jobs/{job_id}').then(r => r.json())")
+        assert detail["id"] == job_id and len(detail["progress"]) == 6
+        await page.screenshot(ARTIFACTS / "web-job.png")
+        assert page.errors == []
+
+    browser.run(go())
+    assert json.loads(c.get("/api/plan")[2])["job_id"] == job_id and ids
