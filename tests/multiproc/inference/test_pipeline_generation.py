@@ -10,7 +10,7 @@ from swarm.errors import InvalidRequestError, NotFoundError
 from swarm.inference.local import generate_local
 from swarm.inference.sampling import SamplingParams
 from swarm.inference.stage_runtime import StageRuntime
-from swarm.model.checkpoint import load_stage
+from swarm.model.checkpoint import load_config, load_stage
 from swarm.model.testing import make_tiny_checkpoint
 from swarm.transport.inference import generate, list_models, upload_model
 from tests.helpers.procs import coordinator_proc, node_proc, wait_until
@@ -21,7 +21,8 @@ PROMPTS = ["The swarm pools volunteer", "Once upon a time there was"]
 
 
 def reference(path, prompt_ids: list[int], params: SamplingParams, eos: int | None) -> list[int]:
-    stage = load_stage(path, 0, 4, is_first=True, is_last=True)
+    n = load_config(path).num_layers
+    stage = load_stage(path, 0, n, is_first=True, is_last=True)
     rt = StageRuntime(stage, max_seq_len=128, max_sessions=2)
     return generate_local(rt.run_and_sample, prompt_ids, params, eos_token_id=eos)
 

@@ -1,0 +1,58 @@
+"""Kill a stage's process mid-generation: the stream completes with the same tokens."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from tokenizers import Tokenizer
+
+from swarm.errors import CapacityError, UnavailableError
+from swarm.inference.sampling import SamplingParams
+from swarm.model.testing import make_tiny_checkpoint
+from swarm.transport.inference import generate, list_models, upload_model
+from tests.helpers.procs import coordinator_proc, node_proc, wait_until
+from tests.multiproc.inference.test_pipeline_generation import reference
+
+pytestmark = pytest.mark.multiproc
+
+
+@pytest.mark.timeout(110)
+def test_node_killed_mid_generation_replays_on_a_new_placement(tmp_path):
+    d = tmp_path / "ckpt"
+    cfg = make_tiny_checkpoint(d, "gpt2", num_layers=4, hidden_size=64, num_heads=4, seed=2)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    prompt = "A coordinator keeps the list of nodes"
+    params = SamplingParams(max_new_tokens=90, temperature=0.8, top_k=50, seed=5)
+    want = reference(d, tok.encode(prompt).ids, params, None)
+    assert len(want) == 90
+    with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0") as n0, \
+            node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2:
+        wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 3, timeout_s=30)
+        info = upload_model(coord.address, d, name="tiny", num_replicas=1, num_stages=3, max_seq_len=128)
+        chain = [s["node_id"] for s in info["replicas"][0]["stages"]]
+        procs = {n.node_id: n for n in (n0, n1, n2)}
+        middle = procs[chain[1]]
+        got: list[int] = []
+        replays = 0
+        t_kill = None
+        for ev in generate(coord.address, model="tiny", prompt=prompt, params=params, timeout_s=90):
+            got.extend(ev.token_ids)
+            if len(got) >= 10 and t_kill is None:
+                t_kill = time.monotonic()
+                middle.proc.kill()
+            if ev.finish_reason:
+                replays = ev.num_replays
+        assert t_kill is not None
+        assert got == want[: len(got)] and len(got) == len(want)
+        assert replays >= 1
+        models = list_models(coord.address)
+        new_chain = [s["node_id"] for s in models[0]["replicas"][0]["stages"]]
+        assert middle.node_id not in new_chain and len(new_chain) == 2
+        # no capacity left: the client gets a clear error, not a hang
+        for nid in new_chain:
+            procs[nid].proc.kill()
+        t0 = time.monotonic()
+        with pytest.raises((CapacityError, UnavailableError)):
+            list(generate(coord.address, model="tiny", prompt=prompt, params=SamplingParams(max_new_tokens=5), timeout_s=60))
+        assert time.monotonic() - t0 < 30
