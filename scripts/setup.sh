@@ -15,6 +15,8 @@ if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
   command -v tc >/dev/null 2>&1 || missing="$missing iproute2"
   if [ "$what" = "test" ]; then
     command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+    # tests/integration/foundation/test_docker_compose_config.py runs `docker-compose config` with it
+    command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
   fi
   if [ -n "$missing" ]; then
     echo "setup: installing Debian packages:$missing" >&2
