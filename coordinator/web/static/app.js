@@ -162,7 +162,8 @@
       st.appendChild(pill); st.setAttribute("data-state", n.state); tr.appendChild(st);
       tr.appendChild(h("td", "device", n.device || "\u2013"));
       tr.appendChild(h("td", "num", n.memory === null ? "\u2013" : fmtBytes(n.memory)));
-      tr.appendChild(h("td", "num", fmtNum(n.tflops, 1)));
+      tr.appendChild(h("td", "num", n.tflops === null ? "\u2013" : n.tflops >= 1 ? n.tflops.toFixed(1) :
+        n.tflops > 0 ? n.tflops.toPrecision(2) : "0"));  // CPUs measure well below 1 TFLOPS
       tr.appendChild(h("td", "stage-cell", n.stage));
       var age = h("td", "num age", fmtAge(n.age));
       if (n.state === "online" && n.age !== null && n.age > 6) age.classList.add("stale");
@@ -253,12 +254,13 @@
     var canvas = fig.querySelector("canvas");
     var n = net.ids.length;
     var labels = n > 0 && n <= 16;
-    var margin = labels ? 72 : 0;
+    var margin = labels ? 96 : 0;
     var cell = n ? Math.min(48, Math.max(2, Math.floor(360 / n))) : 0;
     var size = margin + cell * n;
     var dpr = window.devicePixelRatio || 1;
     canvas.width = Math.max(1, size) * dpr; canvas.height = Math.max(1, size) * dpr;
     canvas.style.width = size + "px"; canvas.style.height = size + "px";
+    canvas.setAttribute("data-margin", String(margin)); canvas.setAttribute("data-cell", String(cell));
     var ctx = canvas.getContext("2d");
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
     ctx.clearRect(0, 0, size, size);
@@ -278,7 +280,8 @@
     if (labels) {
       ctx.fillStyle = "#1d2330"; ctx.font = "11px sans-serif"; ctx.textBaseline = "middle";
       for (var k = 0; k < n; k++) {
-        var label = nameOf(net.ids[k]); if (label.length > 10) label = label.slice(0, 9) + "\u2026";
+        // Cut long names in the middle: volunteers' names often differ only at the end.
+        var label = nameOf(net.ids[k]); if (label.length > 14) label = label.slice(0, 6) + "\u2026" + label.slice(-7);
         ctx.textAlign = "right"; ctx.fillText(label, margin - 4, margin + k * cell + cell / 2);
         ctx.save(); ctx.translate(margin + k * cell + cell / 2, margin - 4); ctx.rotate(-Math.PI / 2);
         ctx.textAlign = "left"; ctx.fillText(label, 0, 0); ctx.restore();
