@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from swarm.clock import Clock
-from swarm.errors import SwarmError
+from swarm.errors import ConfigError, SwarmError
 
 from coordinator.web.metrics import plan_breakdown_s
 
@@ -63,9 +63,9 @@ class PreviewConfig:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
-            raise ValueError("time_budget_s must be > 0")
+            raise ConfigError("plan preview time_budget_s must be > 0 seconds")
         if not (math.isfinite(self.refresh_s) and self.refresh_s > 0):
-            raise ValueError("refresh_s must be > 0")
+            raise ConfigError("plan preview refresh_s must be > 0 seconds")
 
 
 def predicted_json(plan: Mapping[str, Any] | None) -> dict[str, float]:
