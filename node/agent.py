@@ -21,9 +21,9 @@ Extension seams (plugins get the agent):
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
+import re
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from swarm.clock import Clock, SystemClock
-from swarm.errors import AuthError, ConfigError, InvalidRequestError, NotFoundError, SwarmError, UnavailableError, VersionMismatchError
-from swarm.hardware import HardwareInfo, probe
+from swarm.errors import (
+    AuthError, ConfigError, InvalidRequestError, NotFoundError, SwarmError, UnavailableError, VersionMismatchError,
+)
+from swarm.hardware import HardwareInfo, free_memory_bytes, probe
 from swarm.identity import Identity
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import peer_pb2_grpc
@@ -86,6 +88,12 @@ def local_address_towards(host: str) -> str:
         return "127.0.0.1"
 
 
+def default_name(node_id: str) -> str:
+    """hostname-<id prefix>, restricted to the characters the coordinator accepts."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0])[:40].strip("-._") or "node"
+    return f"{host}-{node_id[:6]}"
+
+
 class NodeAgent:
     def __init__(self, config: NodeConfig, *, hardware: HardwareInfo | None = None, clock: Clock | None = None) -> None:
         self.config = config
@@ -95,7 +103,7 @@ class NodeAgent:
         self.identity = Identity.load_or_create(self.state_dir)
         self.node_id = self.identity.node_id
         self.coordinator_address = config.coordinator_address
-        self.name = config.name or f"{socket.gethostname()[:40]}-{self.node_id[:6]}"
+        self.name = config.name or default_name(self.node_id)
         self.hardware = hardware or probe(config.device, disk_path=self.state_dir, matmul_duration_s=config.matmul_duration_s)
         self.device = self.hardware.device
         self.metrics: dict[str, Any] = {}
@@ -209,7 +217,8 @@ class NodeAgent:
         except (InvalidRequestError, ValueError, TypeError) as exc:
             log.warning("metrics not sendable (%s); sending none", exc)
             metrics_json = "{}"
-        reply = self._link.heartbeat(session, status=self.status, metrics_json=metrics_json)
+        free = min(free_memory_bytes(self.device), self.hardware.memory_bytes)
+        reply = self._link.heartbeat(session, status=self.status, metrics_json=metrics_json, memory_free_bytes=free)
         if self.config.heartbeat_interval_s is None and reply.heartbeat_interval_s > 0:
             self.heartbeat_interval_s = min(max(reply.heartbeat_interval_s, 0.05), 60.0)
         for task in reply.tasks:
@@ -238,17 +247,18 @@ class NodeAgent:
                 delay = backoff.next_delay_s()
                 log.warning("coordinator unreachable (%s); retrying in %.1f s", exc, delay)
                 self._stop.wait(delay)
-            except (AuthError, NotFoundError) as exc:
-                if self._session is None:  # registration itself refused: wrong token etc.
+            except (AuthError, NotFoundError, VersionMismatchError, InvalidRequestError) as exc:
+                if self._session is None:  # registration itself refused: wrong token, version, input
                     self._fatal(exc)
                     return
-                log.warning("coordinator does not know this session (%s); registering again", exc)
-                with self._session_lock:
-                    self._session = None
-                self._registered.clear()
-            except (VersionMismatchError, InvalidRequestError) as exc:
-                self._fatal(exc)
-                return
+                if isinstance(exc, (AuthError, NotFoundError)):
+                    log.warning("coordinator does not know this session (%s); registering again", exc)
+                    with self._session_lock:
+                        self._session = None
+                    self._registered.clear()
+                else:  # a refused heartbeat: say so, keep the node up
+                    log.error("coordinator refused a heartbeat: %s", exc)
+                    self._stop.wait(self.heartbeat_interval_s)
             except Exception:  # noqa: BLE001 -- a bug in one beat must not kill the node
                 log.exception("heartbeat loop error")
                 self._stop.wait(backoff.next_delay_s())

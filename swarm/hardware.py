@@ -133,6 +133,18 @@ def measure_matmul_tflops(device: str = "cpu", *, duration_s: float = 1.0, n: in
     return flops / elapsed / 1e12, str(dtype).removeprefix("torch.")
 
 
+def free_memory_bytes(device: str) -> int:
+    """Free memory of ``device`` now (available RAM for cpu); 0 when it cannot be read."""
+    try:
+        if device.startswith("cuda"):
+            import torch
+
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        return _meminfo()[1]
+    except Exception:  # noqa: BLE001 -- a heartbeat must not fail over a statistic
+        return 0
+
+
 def probe(device: str = "cpu", *, disk_path: str | Path = ".", matmul_duration_s: float = 1.0) -> HardwareInfo:
     """Probe this machine for ``device`` ("cpu", "cuda", "cuda:K")."""
     import torch

@@ -38,3 +38,15 @@ def test_backoff_grows_to_max_and_resets():
     b.reset()
     assert b.next_delay_s() < 1.0
     assert Backoff(seed=1).next_delay_s() == Backoff(seed=1).next_delay_s()
+
+
+def test_default_node_name_is_accepted_by_the_coordinator(monkeypatch):
+    import socket
+
+    from coordinator.servicer import NAME_RE
+    from node.agent import default_name
+
+    for host in ("my host (laptop)", "gpu-01.example.org", "___", "ü" * 80):
+        monkeypatch.setattr(socket, "gethostname", lambda h=host: h)
+        name = default_name("ab" * 16)
+        assert NAME_RE.match(name), name
