@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -11,8 +13,7 @@ from tokenizers import Tokenizer
 
 from swarm.inference.sampling import SamplingParams
 from swarm.model.testing import make_tiny_checkpoint
-from swarm.transport.inference import upload_model
-from tests.helpers.procs import coordinator_proc, node_proc, wait_until
+from tests.helpers.procs import child_env, coordinator_proc, node_proc, wait_until
 from tests.multiproc.inference.test_pipeline_generation import reference
 
 pytestmark = pytest.mark.multiproc
@@ -38,7 +39,26 @@ def test_openai_client_completions_and_chat(tmp_path):
     want_text = tok.decode(want_ids, skip_special_tokens=True)
     with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0"), node_proc(coord, tmp_path / "n1"):
         wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 2, timeout_s=30)
-        upload_model(coord.address, d, name="tiny-llama", num_stages=2, max_seq_len=128)
+        # the CLI end to end: serve (upload + placement), models --json, generate --json
+        cli = [sys.executable, "-m", "swarm.cli"]
+        out = subprocess.run(cli + ["serve", "--coordinator", coord.address, "--model", str(d), "--name", "tiny-llama",
+                                    "--stages", "2", "--max-seq-len", "128", "--json"],
+                             capture_output=True, text=True, timeout=60, env=child_env())
+        assert out.returncode == 0, out.stderr
+        assert len(json.loads(out.stdout)["replicas"][0]["stages"]) == 2
+        out = subprocess.run(cli + ["models", "--coordinator", coord.address, "--json"], capture_output=True, text=True,
+                             timeout=30, env=child_env())
+        assert [m["name"] for m in json.loads(out.stdout)["models"]] == ["tiny-llama"]
+        out = subprocess.run(cli + ["generate", "--coordinator", coord.address, "--model", "tiny-llama", "--prompt", prompt,
+                                    "--max-new-tokens", "12", "--json"], capture_output=True, text=True, timeout=60,
+                             env=child_env())
+        assert out.returncode == 0, out.stderr
+        res = json.loads(out.stdout)
+        assert res["token_ids"] == want_ids and res["text"] == want_text and res["model"] == "tiny-llama"
+        assert res["time_to_first_token_s"] > 0 and res["tokens_per_s"] > 0
+        out = subprocess.run(cli + ["generate", "--coordinator", coord.address, "--model", "nope", "--prompt", "x"],
+                             capture_output=True, text=True, timeout=60, env=child_env())
+        assert out.returncode == 1 and "not served" in out.stderr
         client = openai.OpenAI(base_url=coord.http_url + "/v1", api_key="unused", max_retries=0, timeout=30)
         assert [m.id for m in client.models.list().data] == ["tiny-llama"]
 

@@ -1,0 +1,253 @@
+"""Inference benchmark: time to first token and tokens/s through 1, 2, 4-stage chains of real
+node processes (loopback, or links shaped with `tc tbf` between network namespaces), next to
+single-process generation with the same code and checkpoint; 1 and 8 concurrent sessions.
+
+    python -m bench.inference                     # CPU, loopback, records to docs/benchmarks.md
+    python -m bench.inference --device cuda --hidden 1024 --layers 24 --dtype float16
+    python -m bench.inference --netns --rate-mbit 100   # needs root, ip, tc
+
+Metrics: TTFT = request sent -> first token received by the client (prefill through the whole
+chain + return). Decode tokens/s per session = (tokens - 1) / (last token - first token).
+Aggregate tokens/s = all sessions' tokens / wall time from the first request to the last token.
+Per-stage overhead = (per-token latency of k stages - that of 1 stage) / (k - 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from bench._record import markdown_table, record
+from swarm.inference.local import LocalChain
+from swarm.inference.sampling import SamplingParams
+from swarm.inference.stage_runtime import StageRuntime, StepEntry
+from swarm.localswarm import child_env, start_coordinator, start_node, wait_until
+from swarm.model.checkpoint import load_stage
+from swarm.model.testing import make_tiny_checkpoint
+from swarm.transport.coordinator_client import fetch_snapshot
+from swarm.transport.inference import generate, upload_model
+
+PROMPT = "The swarm pools volunteer graphics cards over ordinary internet links to train and serve"
+
+
+# ----------------------------------------------------------------------------- single process
+def local_run(path: Path, num_layers: int, prompt_ids: list[int], new_tokens: int, sessions: int,
+              device: str, dtype: torch.dtype) -> dict:
+    """Same StageRuntime code as a node, whole model in this process; sessions batched.
+    Uses as many torch threads as a node process (BENCH_NODE_THREADS, default 1) for a fair comparison."""
+    torch.set_num_threads(int(os.environ.get("BENCH_NODE_THREADS", "1")))
+    stage = load_stage(path, 0, num_layers, is_first=True, is_last=True, device=device, dtype=dtype)
+    rt = StageRuntime(stage, max_seq_len=len(prompt_ids) + new_tokens + 1, max_sessions=sessions)
+    chain = LocalChain([rt])
+    params = SamplingParams(max_new_tokens=new_tokens)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    # warm-up
+    chain.step([StepEntry(session_id="w", start_position=0, num_tokens=len(prompt_ids), token_ids=tuple(prompt_ids))])
+    rt.close(["w"])
+    ids = [f"s{i}" for i in range(sessions)]
+    t0 = time.perf_counter()
+    toks = chain.step([StepEntry(session_id=s, start_position=0, num_tokens=len(prompt_ids), token_ids=tuple(prompt_ids),
+                                 sampling=params) for s in ids])
+    sync()
+    t_first = time.perf_counter()
+    pos = len(prompt_ids)
+    for _ in range(new_tokens - 1):
+        toks = chain.step([StepEntry(session_id=s, start_position=pos, num_tokens=1, token_ids=(t,), sampling=params)
+                           for s, t in zip(ids, toks)])
+        pos += 1
+    sync()
+    t_end = time.perf_counter()
+    decode = (new_tokens - 1) / (t_end - t_first)
+    return {"ttft_s": t_first - t0, "decode_tok_s": decode, "agg_tok_s": sessions * new_tokens / (t_end - t0),
+            "ms_per_token": 1e3 / decode}
+
+
+# ----------------------------------------------------------------------------- the swarm
+def one_generation(address: str, model: str, new_tokens: int, out: list, barrier: threading.Barrier | None) -> None:
+    if barrier is not None:
+        barrier.wait()
+    t0 = time.perf_counter()
+    first = last = None
+    n = 0
+    for ev in generate(address, model=model, prompt=PROMPT, params=SamplingParams(max_new_tokens=new_tokens), timeout_s=600):
+        now = time.perf_counter()
+        if ev.token_ids and first is None:
+            first = now
+        n += len(ev.token_ids)
+        last = now
+    out.append({"t0": t0, "first": first, "last": last, "n": n})
+
+
+def swarm_run(address: str, model: str, new_tokens: int, sessions: int, repeats: int) -> dict:
+    results = []
+    for _ in range(repeats):
+        out: list = []
+        barrier = threading.Barrier(sessions) if sessions > 1 else None
+        threads = [threading.Thread(target=one_generation, args=(address, model, new_tokens, out, barrier)) for _ in range(sessions)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        start = min(r["t0"] for r in out)
+        end = max(r["last"] for r in out)
+        ttft = statistics.mean(r["first"] - r["t0"] for r in out)
+        decode = statistics.mean((r["n"] - 1) / (r["last"] - r["first"]) for r in out if r["n"] > 1)
+        results.append({"ttft_s": ttft, "decode_tok_s": decode, "agg_tok_s": sum(r["n"] for r in out) / (end - start),
+                        "ms_per_token": 1e3 / decode})
+    # median run by aggregate throughput
+    results.sort(key=lambda r: r["agg_tok_s"])
+    return results[len(results) // 2]
+
+
+class Swarm:
+    """A coordinator and nodes as processes; optionally each node in its own network namespace."""
+
+    def __init__(self, root: Path, num_nodes: int, *, device: str, netns: bool, rate_mbit: float, delay_ms: float) -> None:
+        self.procs = []
+        self.netns: list[str] = []
+        host = "127.0.0.1"
+        coord_args = ["--heartbeat-interval-s", "0.5", "--node-timeout-s", "5", "--probe-bytes", str(256 << 10),
+                      "--log-level", "WARNING"]
+        if netns:
+            host = "10.77.0.1"
+            self._setup_netns(num_nodes, rate_mbit, delay_ms)
+        proc, ready = start_coordinator(root / "coord", host="0.0.0.0", extra_args=coord_args)
+        self.procs.append(proc)
+        self.address = f"{host}:{ready['port']}"
+        for i in range(num_nodes):
+            prefix = ["ip", "netns", "exec", self.netns[i]] if netns else []
+            node_host = f"10.77.0.{i + 2}" if netns else "127.0.0.1"
+            p, _ = start_node(self.address, ready["token"], root / f"n{i}", device=device, host=node_host, prefix=prefix,
+                              extra_args=["--probe-seconds", "0.2", "--log-level", "WARNING"],
+                              env=child_env({"OMP_NUM_THREADS": os.environ.get("BENCH_NODE_THREADS", "1")}))
+            self.procs.append(p)
+        wait_until(lambda: len([n for n in fetch_snapshot(self.address).nodes if n.state == "online"]) == num_nodes,
+                   timeout_s=60, message="all nodes online")
+
+    def _setup_netns(self, n: int, rate_mbit: float, delay_ms: float) -> None:
+        """A bridge in the root namespace at 10.77.0.1; node i in namespace swb<i> at 10.77.0.<i+2>;
+        every veth shaped with tbf at rate_mbit both ways (so a hop crosses two shaped links)."""
+        def sh(*cmd: str) -> None:
+            subprocess.run(cmd, check=True, capture_output=True)
+        sh("ip", "link", "add", "swbr0", "type", "bridge")
+        sh("ip", "addr", "add", "10.77.0.1/24", "dev", "swbr0")
+        sh("ip", "link", "set", "swbr0", "up")
+        for i in range(n):
+            ns = f"swb{i}"
+            sh("ip", "netns", "add", ns)
+            self.netns.append(ns)
+            sh("ip", "link", "add", f"swv{i}", "type", "veth", "peer", "name", f"swp{i}")
+            sh("ip", "link", "set", f"swp{i}", "netns", ns)
+            sh("ip", "link", "set", f"swv{i}", "master", "swbr0")
+            sh("ip", "link", "set", f"swv{i}", "up")
+            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"10.77.0.{i + 2}/24", "dev", f"swp{i}")
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", f"swp{i}", "up")
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+            burst = max(int(rate_mbit * 1e6 / 8 / 250), 16000)
+            for dev, pre in ((f"swv{i}", []), (f"swp{i}", ["ip", "netns", "exec", ns])):
+                sh(*pre, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit",
+                   "burst", str(burst), "latency", "50ms")
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        for i, ns in enumerate(self.netns):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            subprocess.run(["ip", "link", "del", f"swv{i}"], capture_output=True)
+        if self.netns:
+            subprocess.run(["ip", "link", "del", "swbr0"], capture_output=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stages", default="1,2,4")
+    ap.add_argument("--sessions", default="1,8")
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--family", default="gpt2", choices=("gpt2", "llama"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--netns", action="store_true", help="nodes in network namespaces with tc tbf shaped links")
+    ap.add_argument("--rate-mbit", type=float, default=100.0)
+    ap.add_argument("--delay-ms", type=float, default=0.0)
+    ap.add_argument("--hidden-codec", default="none", choices=("none", "int8"))
+    ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--json-out", default=None, help="also write the rows as JSON here")
+    args = ap.parse_args(argv)
+    stages = [int(s) for s in args.stages.split(",")]
+    sessions = [int(s) for s in args.sessions.split(",")]
+    dtype = getattr(torch, args.dtype)
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
+        root = Path(tmp)
+        ckpt = root / "ckpt"
+        cfg = make_tiny_checkpoint(ckpt, args.family, num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads,
+                                   max_position_embeddings=512)
+        from tokenizers import Tokenizer
+
+        prompt_ids = Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(PROMPT).ids
+        params_m = cfg.num_parameters() / 1e6
+        for s in sessions:
+            r = local_run(ckpt, args.layers, prompt_ids, args.new_tokens, s, args.device, dtype)
+            rows.append(["single process", 1, s, r["ttft_s"] * 1e3, r["ms_per_token"], r["decode_tok_s"], r["agg_tok_s"]])
+            print(rows[-1], flush=True)
+        swarm = Swarm(root, max(stages), device=args.device, netns=args.netns, rate_mbit=args.rate_mbit, delay_ms=args.delay_ms)
+        try:
+            for k in stages:
+                name = f"bench-{k}"
+                upload_model(swarm.address, ckpt, name=name, num_replicas=1, num_stages=k, max_seq_len=256,
+                             sessions_per_replica=max(sessions), hidden_codec=args.hidden_codec, dtype=args.dtype)
+                one_generation(swarm.address, name, 4, [], None)  # warm-up
+                for s in sessions:
+                    r = swarm_run(swarm.address, name, args.new_tokens, s, args.repeats)
+                    where = f"{k}-stage swarm ({'tbf ' + str(args.rate_mbit) + ' Mbit/s netns' if args.netns else 'loopback'})"
+                    rows.append([where, k, s, r["ttft_s"] * 1e3, r["ms_per_token"], r["decode_tok_s"], r["agg_tok_s"]])
+                    print(rows[-1], flush=True)
+        finally:
+            swarm.close()
+    headers = ["setup", "stages", "sessions", "TTFT ms", "ms/token (per session)", "tok/s per session", "aggregate tok/s"]
+    table = markdown_table(headers, rows)
+    print(table)
+    # derived targets
+    notes = [f"Model: tiny {args.family}, {args.layers} layers, hidden {args.hidden}, {params_m:.1f}M parameters, "
+             f"{args.dtype} on {args.device}; prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, greedy; "
+             f"median of {args.repeats} runs; hidden codec {args.hidden_codec}; one node process per stage"
+             + ("; nodes in network namespaces behind tc tbf" if args.netns else "; loopback") + "."]
+    by = {(r[0].split(" ")[0] == "single", r[1], r[2]): r for r in rows}
+    one = by.get((False, 1, 1))
+    for k in stages:
+        row = by.get((False, k, 1))
+        if k > 1 and row and one:
+            notes.append(f"- per-token overhead per extra stage ({k} stages vs 1): {(row[4] - one[4]) / (k - 1):.2f} ms")
+    for k in stages:
+        a, b = by.get((False, k, 1)), by.get((False, k, 8))
+        if a and b:
+            notes.append(f"- {k} stage(s): 8 concurrent sessions give {b[6] / a[6]:.2f}x the aggregate throughput of one")
+    print("\n".join(notes))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"headers": headers, "rows": rows, "notes": notes}, indent=2))
+    if not args.no_record:
+        title = f"Inference: pipeline chains ({args.device}{', netns tbf' if args.netns else ', loopback'})"
+        record(title, table, "\n".join(notes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
