@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from swarm.errors import InvalidRequestError, NotFoundError, PeerError, SwarmError
+from swarm.errors import InvalidRequestError, PeerError, SwarmError, UnavailableError
 from swarm.proto.v1 import tensor_pb2, training_pb2_grpc
 from swarm.transport import tensors as wt
 from swarm.transport.channels import data_channel
@@ -123,7 +123,8 @@ class Endpoints:
         with self._lock:
             ep = self._by_job.get(job_id)
         if ep is None:
-            raise NotFoundError(f"this node runs no stage of job {job_id!r}")
+            # retryable: the stage may still be starting (fetching weights) when a neighbour sends
+            raise UnavailableError(f"this node runs no stage of job {job_id!r} (yet)")
         return ep
 
 

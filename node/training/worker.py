@@ -214,15 +214,15 @@ class StageWorker:
             sender, boundary, codec = a.next.node_id, a.stage, self.up
         else:
             raise InvalidRequestError(f"a training stage takes activations and gradients, not {h.kind}")
+        shape = (self.b, self.S, self.H)
+        wt.validate_header(h, wt.TensorExpectation(
+            job_id=a.job_id, kind=h.kind, shape=shape, dtype="float32", codec=self.codec_text, boundary=boundary,
+            replica=a.replica, sender_ids=frozenset({sender}), num_sample_ids=self.b))
         cur = self._cur_step
         if not (cur <= h.step <= cur + 1 and h.step < self.total_steps):
             raise InvalidRequestError(f"tensor rejected: step is {h.step}, this stage is at step {cur}")
         if not 0 <= h.micro_batch < self.M:
             raise InvalidRequestError(f"tensor rejected: micro_batch is {h.micro_batch}, the step has {self.M}")
-        shape = (self.b, self.S, self.H)
-        wt.validate_header(h, wt.TensorExpectation(
-            job_id=a.job_id, kind=h.kind, shape=shape, dtype="float32", codec=self.codec_text, boundary=boundary,
-            replica=a.replica, sender_ids=frozenset({sender}), num_sample_ids=self.b))
         ids = self.order.micro_batches(h.step, a.replica)[h.micro_batch]
         if tuple(h.sample_ids) != tuple(int(i) for i in ids):
             raise InvalidRequestError("tensor rejected: sample ids differ from the micro-batch's samples")
