@@ -16,7 +16,8 @@ Families (all labels are ids, never free text, except ``swarm_node_info``):
   wire as the node reports them (counters: they reset when a node restarts).
 - ``swarm_jobs{state}``, ``swarm_job_progress_ratio{job}``, ``swarm_job_step{job}``,
   ``swarm_job_step_time_seconds{job}``, ``swarm_job_tokens_per_second{job}``, ``swarm_job_loss{job}``,
-  ``swarm_job_sent_bytes_total{job}``, ``swarm_job_compression_saved_bytes_total{job}``.
+  ``swarm_job_sent_bytes_total{job}``, ``swarm_job_compression_saved_bytes_total{job}``,
+  ``swarm_job_worker_sent_bytes_total{job,node,stage,replica}``.
 - ``swarm_plan_predicted_step_seconds{part}``: the current plan's predicted step time and its
   breakdown (compute, pipeline, data_parallel, total).
 """
@@ -27,6 +28,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from coordinator.web.sources import worker_traffic
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -148,6 +151,10 @@ def _job_families(jobs: Sequence[Mapping[str, Any]]) -> list[MetricFamily]:
     saved = MetricFamily(
         "swarm_job_compression_saved_bytes_total", "counter", "Bytes the job did not send thanks to compression."
     )
+    worker_sent = MetricFamily(
+        "swarm_job_worker_sent_bytes_total", "counter",
+        "Bytes a job's stage worker sent on the wire (after compression), by the node running it.",
+    )
     counts = dict.fromkeys(JOB_STATES, 0)
     for job in jobs:
         job_id = str(pick(job, "id", "job_id") or "")
@@ -173,9 +180,12 @@ def _job_families(jobs: Sequence[Mapping[str, Any]]) -> list[MetricFamily]:
         loss.add(as_number(pick(job, "loss", "last_loss")), job=job_id)
         sent.add(as_number(pick(job, "bytes_sent", "sent_bytes", "wire_bytes")), job=job_id)
         saved.add(as_number(pick(job, "bytes_saved", "compression_bytes_saved", "saved_bytes")), job=job_id)
+        for w in worker_traffic(job):
+            worker_sent.add(as_number(w["bytes_sent"]), job=job_id, node=w["node_id"], stage=w["stage"],
+                            replica=w["replica"])
     for state, count in counts.items():
         by_state.add(count, state=state)
-    return [by_state, progress, step, step_time, tps, loss, sent, saved]
+    return [by_state, progress, step, step_time, tps, loss, sent, saved, worker_sent]
 
 
 def plan_breakdown_s(plan: Mapping[str, Any] | None) -> dict[str, float]:

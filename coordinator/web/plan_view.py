@@ -16,7 +16,8 @@ Response (plain JSON)::
      "shape": JobShape.to_json(),     # source == "preview"
      "assumed_links": int,            # preview: unmeasured links filled with ASSUMED_* values
      "computed_at": unix seconds,
-     "reason": str}                   # why there is no plan, or where it came from
+     "reason": str,                   # why there is no plan, or where it came from
+     "traffic": [{"node_id", "stage", "replica", "bytes_sent", "bytes_raw", "step"}]}  # source == "job"
 """
 
 from __future__ import annotations

@@ -105,10 +105,11 @@ async def plan_json(state: WebState) -> dict[str, Any]:
     app = state.app
     names = {n.id: n.name for n in app.registry.snapshot()}
     loop = asyncio.get_running_loop()
-    job = await loop.run_in_executor(None, sources.running_job_plan, app)
+    job = await loop.run_in_executor(None, sources.running_job, app)
     if job is not None:
-        job_id, plan = job
-        return job_plan_json(job_id, plan, names)
+        out = job_plan_json(str(job.get("id")), job["plan"], names)
+        out["traffic"] = sources.worker_traffic(job)
+        return out
     nodes = _online_nodes(app)
     if not nodes:
         return no_plan("no online nodes to plan over", names=names)

@@ -31,10 +31,37 @@ def jobs_json(app: Any, *, states: tuple[str, ...] | None = None) -> list[dict[s
         return []
 
 
-def running_job_plan(app: Any) -> tuple[str, dict[str, Any]] | None:
-    """(job id, Plan JSON) of the newest running job that has a plan, else None."""
+def worker_traffic(job: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Bytes each stage worker of a job reported sending, joined to the node that runs it.
+
+    From the jobs plugin's detail JSON: ``assignments`` ({node_id, stage, replica}) and
+    ``workers`` (per (stage, replica): summed ``bytes_sent`` and ``bytes_raw``, the size before
+    compression). Workers without a current assignment are left out.
+    """
+    assignments = job.get("assignments")
+    workers = job.get("workers")
+    if not isinstance(assignments, list) or not isinstance(workers, list):
+        return []
+    by_slot = {}
+    for w in workers:
+        if isinstance(w, Mapping):
+            by_slot[(w.get("stage"), w.get("replica"))] = w
+    out = []
+    for a in assignments:
+        if not isinstance(a, Mapping):
+            continue
+        w = by_slot.get((a.get("stage"), a.get("replica")))
+        if w is None:
+            continue
+        out.append({"node_id": str(a.get("node_id", "")), "stage": a.get("stage"), "replica": a.get("replica"),
+                    "bytes_sent": w.get("bytes_sent"), "bytes_raw": w.get("bytes_raw"), "step": w.get("step")})
+    return out
+
+
+def running_job(app: Any) -> dict[str, Any] | None:
+    """The detail JSON of the newest running job that has a plan, else None."""
     for job in jobs_json(app, states=("running",)):
         plan = job.get("plan")
         if job.get("state") == "running" and isinstance(plan, Mapping) and plan.get("stages"):
-            return str(job.get("id")), dict(plan)
+            return job
     return None

@@ -108,7 +108,9 @@
       tflops: num(pick(n, ["tflops"])),
       stage: stage === undefined || stage === null || stage === "" ? "\u2013" : String(stage),
       age: ageOf(n, ["last_seen_age_s", "heartbeat_age_s", "last_seen_s"], ["last_seen_at", "last_heartbeat_at"]),
+      // A node's own counters when it reports them; else what it sent for the running job.
       sent: num(pick(n, ["bytes_sent", "sent_bytes", "tx_bytes"])),
+      jobSent: own(jobTraffic, String(pick(n, ["id", "node_id"]) || "")),
       recv: num(pick(n, ["bytes_received", "received_bytes", "rx_bytes", "bytes_recv"])),
     };
   }
@@ -126,14 +128,26 @@
     var st = pick(n, ["stage", "stage_index", "training_stage"]);
     if (st !== undefined && st !== null && typeof st !== "object" && !own(jobStages, id)) parts.push("stage " + st);
     if (st && typeof st === "object") parts.push("stage " + (st.stage !== undefined ? st.stage : "?") + " " + layersText(st.layers));
+    var tr = pick(n, ["training"]);  // what a training stage worker reports in heartbeats
+    if (tr && typeof tr === "object" && !own(jobStages, id) && tr.stage !== undefined) {
+      parts.push("job " + shortId(tr.job_id) + " stage " + tr.stage + " replica " + tr.replica);
+    }
     var inf = pick(n, ["inference_stages"]);
     if (Array.isArray(inf)) inf.forEach(function (x) {
       if (x && typeof x === "object") parts.push("serve " + String(x.model || "") + " r" + x.replica + " s" + x.stage + " " + layersText(x.layers));
     });
     return parts.join("; ");
   }
+  var jobTraffic = Object.create(null);  // node id -> bytes it sent for the running job
   function updateJobStages(planPayload) {
     jobStages = Object.create(null);
+    jobTraffic = Object.create(null);
+    if (planPayload && Array.isArray(planPayload.traffic)) {
+      planPayload.traffic.forEach(function (w) {
+        var b = num(w && w.bytes_sent);
+        if (b !== null) jobTraffic[String(w.node_id)] = (jobTraffic[String(w.node_id)] || 0) + b;
+      });
+    }
     if (!planPayload || planPayload.source !== "job" || !planPayload.plan) return;
     normStages(planPayload.plan).forEach(function (s) {
       s.members.forEach(function (m, r) {
@@ -168,7 +182,9 @@
       var age = h("td", "num age", fmtAge(n.age));
       if (n.state === "online" && n.age !== null && n.age > 6) age.classList.add("stale");
       tr.appendChild(age);
-      tr.appendChild(h("td", "num", fmtBytes(n.sent)));
+      var sent = h("td", "num sent", fmtBytes(n.sent !== null ? n.sent : n.jobSent));
+      if (n.sent === null && n.jobSent !== undefined) sent.title = "sent for the running job (after compression)";
+      tr.appendChild(sent);
       tr.appendChild(h("td", "num", fmtBytes(n.recv)));
       frag.appendChild(tr);
     });

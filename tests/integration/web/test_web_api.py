@@ -150,5 +150,9 @@ def test_plan_and_metrics_of_a_running_job(coordinator_with_jobs) -> None:
     assert _by_label(fams["swarm_job_tokens_per_second"], "job")[job_id] > 0
     saved = _by_label(fams["swarm_job_compression_saved_bytes"], "job")[job_id]
     assert saved == 4 * len(ids) * 150_000  # (raw - sent) summed over steps and workers
+    per_worker = {s.labels["node"]: s.value for s in fams["swarm_job_worker_sent_bytes"].samples}
+    assert per_worker == {nid: 4 * 50_000 for nid in ids}  # each worker sent 50 kB in each of 4 steps
+    traffic = json.loads(c.get("/api/plan")[2])["traffic"]
+    assert {w["node_id"]: w["bytes_sent"] for w in traffic} == per_worker
     parts = {s.labels["part"]: s.value for s in fams["swarm_plan_predicted_step_seconds"].samples}
     assert parts["total"] == pytest.approx(plan["predicted"]["total_s"])

@@ -122,6 +122,10 @@ def test_running_job_panel(browser, coordinator_with_jobs) -> None:
         assert "of running job" in await page.eval("document.getElementById('plan-source').textContent")
         stages = await page.eval("[...document.querySelectorAll('#nodes-body td.stage-cell')].map(td => td.textContent)")
         assert all(s.startswith("stage ") for s in stages), stages
+        # Nodes do not report their own byte counters here: the Sent column shows what each sent
+        # for the running job (6 steps x 50 kB).
+        sent = await page.eval("[...document.querySelectorAll('#nodes-body td.sent')].map(td => td.textContent)")
+        assert sent == ["293 KiB", "293 KiB"], sent
         detail = await page.eval(f"fetch('api/jobs/{job_id}').then(r => r.json())")
         assert detail["id"] == job_id and len(detail["progress"]) == 6
         await page.screenshot(ARTIFACTS / "web-job.png")
