@@ -1,0 +1,77 @@
+"""Faults in a training swarm: a peer sending a wrong-shape tensor is rejected (and the job goes
+on); killing a node fails the job within a bounded time and keeps its checkpoints."""
+
+import time
+
+import grpc
+import pytest
+import torch
+
+from swarm.cli.train import upload_files
+from swarm.proto.v1 import training_pb2_grpc
+from swarm.transport import tensors as wt
+from swarm.transport.training_client import TrainingClient
+from tests.helpers.procs import coordinator_proc, node_proc, wait_until
+from tests.multiproc.training._common import write_inputs
+
+pytestmark = pytest.mark.multiproc
+
+FAIL_WITHIN_S = 30.0  # node lost after 2 s (test coordinator), peers time out after 5 s
+
+
+def _spec(steps: int) -> dict:
+    return {"steps": steps, "batch_size": 4, "micro_batch_size": 2, "seq_len": 16, "lr": 1e-3, "compression": "none",
+            "checkpoint_every": 2, "num_stages": 3, "num_replicas": 1, "peer_timeout_s": 5.0, "schedule": "1f1b"}
+
+
+@pytest.mark.timeout(120)
+def test_bad_tensor_rejected_then_killed_node_fails_job_keeping_checkpoint(tmp_path):
+    model, data = write_inputs(tmp_path)
+    with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0") as n0, \
+            node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2:
+        wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 nodes online")
+        with TrainingClient(coord.address) as client:
+            job = client.submit(_spec(100_000), upload_files(model, data))
+        job_id = job["id"]
+        detail = lambda: coord.get_json(f"/api/jobs/{job_id}")  # noqa: E731
+        wait_until(lambda: any(c["step"] >= 2 for c in detail()["checkpoints"]), 60, message="a checkpoint")
+
+        # A "peer" claiming to be stage 0 pushes an activation of the wrong shape to stage 1.
+        d = detail()
+        by_stage = {a["stage"]: a["node_id"] for a in d["assignments"]}
+        addresses = {n.id: n.peer_address for n in coord.snapshot().nodes}
+        bad = torch.zeros(2, 16, 33)
+        payload = wt.raw_encode(bad)
+        header = wt.make_header(payload, job_id=job_id, step=0, micro_batch=0, sample_ids=(0, 1), shape=(2, 16, 33),
+                                dtype="float32", codec="none", kind="activation", boundary=0,
+                                sender_id=by_stage[0], replica=0)
+        with grpc.insecure_channel(addresses[by_stage[1]]) as ch:
+            stub = training_pb2_grpc.PipelinePeerStub(ch)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.PushTensor(wt.to_chunks(wt.WireTensor(header=header, payload=payload)), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "shape" in err.value.details()
+        step_then = detail()["step"]
+        wait_until(lambda: detail()["step"] >= step_then + 3, 30, message="training goes on after the rejection")
+        assert detail()["state"] == "running"
+
+        nodes = {n0.node_id: n0, n1.node_id: n1, n2.node_id: n2}
+        nodes[by_stage[1]].proc.kill()
+        t0 = time.monotonic()
+        wait_until(lambda: detail()["state"] == "failed", FAIL_WITHIN_S, message="job failed after the kill")
+        elapsed = time.monotonic() - t0
+        d = detail()
+        assert by_stage[1][:12] in d["reason"] or "failed" in d["reason"]
+        assert "checkpoint" in d["reason"]
+        steps = sorted({c["step"] for c in d["checkpoints"]})
+        assert steps and steps[-1] >= 2
+        kept = coord.state_dir / "jobs" / job_id / "checkpoints" / f"step-{steps[-1]:08d}"
+        assert (kept / "stage-0-r0" / "weights.safetensors").is_file()
+        assert (kept / "stage-0-r0" / "optimizer.pt").is_file()
+        assert elapsed < FAIL_WITHIN_S
+        # the surviving nodes stopped their workers and stay in the swarm
+        survivors = [nodes[by_stage[0]], nodes[by_stage[2]]]
+        wait_until(lambda: all(h.proc.alive() for h in survivors), 5)
+        for h in survivors:
+            wait_until(lambda h=h: "stopping stage worker" in h.proc.log_tail(200_000) or
+                       "stage worker failed" in h.proc.log_tail(200_000), 20, message="worker stopped")
