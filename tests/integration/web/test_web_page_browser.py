@@ -133,3 +133,21 @@ def test_running_job_panel(browser, coordinator_with_jobs) -> None:
 
     browser.run(go())
     assert json.loads(c.get("/api/plan")[2])["job_id"] == job_id and ids
+
+
+def test_stage_column_reads_what_nodes_report(browser, coordinator) -> None:
+    inference = coordinator.add_node(0, metrics={"inference_stages": [
+        {"model": "gpt2", "replica": 0, "stage": 1, "layers": [6, 12], "sessions": 2}]})
+    training = coordinator.add_node(1, metrics={"training": {"job_id": "abcdef123456", "stage": 2, "replica": 1,
+                                                             "step": 7, "bytes_sent": 5}})
+    idle = coordinator.add_node(2, metrics={})
+
+    async def go():
+        page = await _open(browser.browser, coordinator.url)
+        cell = "document.querySelector('tr[data-node-id=\"{}\"] td.stage-cell').textContent"
+        assert await page.wait_for(cell.format(inference)) == "serve gpt2 r0 s1 layers 6\u201311"
+        assert await page.eval(cell.format(training)) == "job abcdef12\u2026 stage 2 replica 1"
+        assert await page.eval(cell.format(idle)) == "\u2013"
+        assert page.errors == []
+
+    browser.run(go())
