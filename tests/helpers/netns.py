@@ -5,7 +5,7 @@
         net.ip_a, net.ip_b
 
 Skips the calling test (pytest.skip) when not root or ``ip``/``tc`` are missing or namespaces
-cannot be created. Names carry the pid so concurrent test runs do not collide; everything is
+cannot be created; with ``skip=False`` (benchmarks) raises :class:`NetnsUnavailable` instead. Names carry the pid so concurrent test runs do not collide; everything is
 deleted on exit.
 """
 
@@ -17,7 +17,18 @@ import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import pytest
+
+
+class NetnsUnavailable(RuntimeError):
+    """Network namespaces cannot be used here (not root, no iproute2, no kernel support)."""
+
+
+def _unavailable(reason: str, skip: bool):
+    if skip:
+        import pytest
+
+        pytest.skip(reason)
+    raise NetnsUnavailable(reason)
 
 
 @dataclass(frozen=True)
@@ -54,10 +65,11 @@ def netns_unavailable_reason() -> str | None:
 
 
 @contextmanager
-def shaped_pair(*, rate: str = "100mbit", burst: str = "32kbit", latency: str = "400ms", subnet: int | None = None):
+def shaped_pair(*, rate: str = "100mbit", burst: str = "32kbit", latency: str = "400ms", subnet: int | None = None,
+                skip: bool = True):
     reason = netns_unavailable_reason()
     if reason:
-        pytest.skip(reason)
+        _unavailable(reason, skip)
     tag = f"{os.getpid() % 100000}"
     subnet = subnet if subnet is not None else 1 + os.getpid() % 250
     pair = NetnsPair(ns_a=f"swa{tag}", ns_b=f"swb{tag}", ip_a=f"10.213.{subnet}.1", ip_b=f"10.213.{subnet}.2",
@@ -77,7 +89,7 @@ def shaped_pair(*, rate: str = "100mbit", burst: str = "32kbit", latency: str = 
                 _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
                      "rate", rate, "burst", burst, "latency", latency)
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-            pytest.skip(f"cannot set up network namespaces here: {exc}")
+            _unavailable(f"cannot set up network namespaces here: {exc}", skip)
         yield pair
     finally:
         for ns in created:  # deleting a namespace deletes its end of the veth, and so the pair
