@@ -245,19 +245,6 @@
     return { ids: ids, bw: bw, lat: lat, age: age, names: names };
   }
 
-  /* A sequential palette (dark blue = good, pale yellow = poor); t in [0, 1], 1 = good. */
-  var PALETTE = [[255, 250, 200], [199, 233, 180], [127, 205, 187], [65, 182, 196], [29, 145, 192], [34, 94, 168], [12, 44, 132]];
-  function colour(t) {
-    t = Math.max(0, Math.min(1, t)) * (PALETTE.length - 1);
-    var i = Math.min(PALETTE.length - 2, Math.floor(t)), f = t - i;
-    var a = PALETTE[i], b = PALETTE[i + 1];
-    return "rgb(" + [0, 1, 2].map(function (k) { return Math.round(a[k] + (b[k] - a[k]) * f); }).join(",") + ")";
-  }
-  function gradientCss() {
-    var stops = []; for (var k = 0; k <= 10; k++) stops.push(colour(k / 10));
-    return "linear-gradient(to right," + stops.join(",") + ")";
-  }
-
   var planNames = {};
   function nameOf(id) {
     if (own(planNames, id)) return String(own(planNames, id));
@@ -266,75 +253,16 @@
     return shortId(id);
   }
 
-  function drawHeatmap(fig, net, matrix, goodHigh, fmt) {
-    var canvas = fig.querySelector("canvas");
-    var n = net.ids.length;
-    var labels = n > 0 && n <= 16;
-    var margin = labels ? 96 : 0;
-    var cell = n ? Math.min(48, Math.max(2, Math.floor(360 / n))) : 0;
-    var size = margin + cell * n;
-    var dpr = window.devicePixelRatio || 1;
-    canvas.width = Math.max(1, size) * dpr; canvas.height = Math.max(1, size) * dpr;
-    canvas.style.width = size + "px"; canvas.style.height = size + "px";
-    canvas.setAttribute("data-margin", String(margin)); canvas.setAttribute("data-cell", String(cell));
-    var ctx = canvas.getContext("2d");
-    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-    ctx.clearRect(0, 0, size, size);
-    var lo = Infinity, hi = -Infinity;
-    matrix.forEach(function (row, i) { row.forEach(function (v, j) { if (i !== j && v !== null && v > 0) { lo = Math.min(lo, v); hi = Math.max(hi, v); } }); });
-    var logScale = hi > 0 && lo > 0 && hi / lo > 20;
-    function t(v) {
-      if (!(hi > lo)) return 0.7;
-      var x = logScale ? (Math.log(v) - Math.log(lo)) / (Math.log(hi) - Math.log(lo)) : (v - lo) / (hi - lo);
-      return goodHigh ? x : 1 - x;
-    }
-    for (var i = 0; i < n; i++) for (var j = 0; j < n; j++) {
-      var v = matrix[i][j];
-      ctx.fillStyle = i === j ? "#c9ced8" : v === null ? "#eceef2" : colour(t(v));
-      ctx.fillRect(margin + j * cell, margin + i * cell, cell - (cell > 4 ? 1 : 0), cell - (cell > 4 ? 1 : 0));
-    }
-    if (labels) {
-      ctx.fillStyle = "#1d2330"; ctx.font = "11px sans-serif"; ctx.textBaseline = "middle";
-      for (var k = 0; k < n; k++) {
-        // Cut long names in the middle: volunteers' names often differ only at the end.
-        var label = nameOf(net.ids[k]); if (label.length > 14) label = label.slice(0, 6) + "\u2026" + label.slice(-7);
-        ctx.textAlign = "right"; ctx.fillText(label, margin - 4, margin + k * cell + cell / 2);
-        ctx.save(); ctx.translate(margin + k * cell + cell / 2, margin - 4); ctx.rotate(-Math.PI / 2);
-        ctx.textAlign = "left"; ctx.fillText(label, 0, 0); ctx.restore();
-      }
-    }
-    // legend
-    var legend = fig.querySelector(".legend");
-    var bar = h("span", "bar"); bar.style.background = gradientCss();
-    var parts = [];
-    if (hi >= lo) {
-      parts.push(h("span", null, goodHigh ? fmt(lo) : fmt(hi)), bar, h("span", null, goodHigh ? fmt(hi) : fmt(lo)));
-      if (logScale) parts.push(h("span", null, "(log scale)"));
-    }
-    parts.push(h("span", "swatch"), h("span", null, "not measured"));
-    legend.replaceChildren.apply(legend, parts);
-    // hover
-    canvas.onmousemove = function (ev) {
-      var tip = $("heatmap-tip");
-      var j = Math.floor((ev.offsetX - margin) / cell), i = Math.floor((ev.offsetY - margin) / cell);
-      if (!(i >= 0 && j >= 0 && i < n && j < n)) { tip.hidden = true; return; }
-      var v = matrix[i][j], age = net.age[i] ? net.age[i][j] : null;
-      var text = nameOf(net.ids[i]) + " \u2192 " + nameOf(net.ids[j]) + "\n" +
-        (i === j ? "same node" : v === null ? "not measured" : fmt(v) + "\nmeasured " + fmtAge(age));
-      tip.textContent = text; tip.hidden = false;
-      tip.style.left = (ev.clientX + 12) + "px"; tip.style.top = (ev.clientY + 12) + "px";
-    };
-    canvas.onmouseleave = function () { $("heatmap-tip").hidden = true; };
-  }
-
   function renderNetwork(payload) {
     var net = normNetwork(payload);
     lastNetwork = net;
     var measured = net.bw.some(function (r) { return r.some(function (v) { return v !== null; }); }) ||
       net.lat.some(function (r) { return r.some(function (v) { return v !== null; }); });
     $("network-empty").hidden = measured;
-    drawHeatmap($("heatmap-bandwidth"), net, net.bw, true, fmtBits);
-    drawHeatmap($("heatmap-latency"), net, net.lat, false, fmtSeconds);
+    var common = { label: nameOf, tip: $("heatmap-tip"),
+      ageText: function (i, j) { return "measured " + fmtAge(net.age[i] ? net.age[i][j] : null); } };
+    SwarmHeatmap.draw($("heatmap-bandwidth"), net.ids, net.bw, Object.assign({ goodHigh: true, format: fmtBits }, common));
+    SwarmHeatmap.draw($("heatmap-latency"), net.ids, net.lat, Object.assign({ goodHigh: false, format: fmtSeconds }, common));
   }
 
   // ---------- plan ----------

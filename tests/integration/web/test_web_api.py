@@ -38,12 +38,14 @@ def test_page_is_served_with_a_strict_content_security_policy(coordinator) -> No
     html = body.decode()
     assert '<script src="static/app.js"' in html and '<script src="static/minichart.js"' in html
     assert "<script>" not in html  # no inline script: the CSP would block it anyway
-    for name, ctype in (("app.js", "text/javascript"), ("minichart.js", "text/javascript"), ("style.css", "text/css")):
+    for name, ctype in (("app.js", "text/javascript"), ("minichart.js", "text/javascript"),
+                        ("heatmap.js", "text/javascript"), ("style.css", "text/css")):
         status, headers, body = coordinator.get(f"/static/{name}")
         assert status == 200 and headers["Content-Type"].startswith(ctype) and len(body) > 500
     # The chart library is our own and served from the package, never from a CDN.
     assert b"http://" not in coordinator.get("/static/app.js")[2].replace(b"http://www.w3.org", b"")
-    assert b"innerHTML =" not in coordinator.get("/static/app.js")[2]
+    for name in ("app.js", "minichart.js", "heatmap.js"):
+        assert b"innerHTML" not in coordinator.get(f"/static/{name}")[2].replace(b"No innerHTML anywhere", b"")
 
 
 @pytest.mark.parametrize("path", ["/static/nope.js", "/static/..%2fmetrics.py", "/static/%2e%2e%2froutes.py",

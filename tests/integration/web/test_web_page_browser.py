@@ -54,7 +54,7 @@ def test_hostile_names_show_as_text(browser, coordinator) -> None:
         assert set(plan_names) <= set(HOSTILE)
         injected = await page.eval("""({scripts: document.scripts.length, imgs: document.images.length,
             bold: document.querySelectorAll('main b').length})""")
-        assert injected == {"scripts": 2, "imgs": 0, "bold": 0}  # only our own two scripts
+        assert injected == {"scripts": 3, "imgs": 0, "bold": 0}  # only our own three scripts
         await page.screenshot(ARTIFACTS / "web-hostile-names.png")
         assert page.dialogs == [] and page.errors == []
 
