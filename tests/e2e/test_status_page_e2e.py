@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.chromium import find_chromium, with_browser
-from tests.helpers.procs import coordinator_proc, node_proc
+from tests.helpers.procs import coordinator_proc, launch_node
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 pytestmark = pytest.mark.multiproc
@@ -59,7 +60,15 @@ def test_page_shows_real_nodes_and_a_killed_node_turns_lost(tmp_path: Path) -> N
         pytest.skip("no chromium: apt-get install chromium (scripts/setup.sh installs it when run as root)")
     with ExitStack() as stack:
         coord = stack.enter_context(coordinator_proc(tmp_path / "coord"))
-        nodes = [stack.enter_context(node_proc(coord, tmp_path / f"n{i}", name=f"volunteer-{i}")) for i in range(3)]
+        # Start the three nodes at once (each imports torch and probes its hardware first).
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(launch_node, coord, tmp_path / f"n{i}", name=f"volunteer-{i}") for i in range(3)]
+        nodes = [f.result() for f in futures if f.exception() is None]
+        for node in nodes:
+            stack.callback(node.proc.stop)
+        for f in futures:
+            if f.exception() is not None:
+                raise f.exception()
         ids = [n.node_id for n in nodes]
 
         async def go(browser):
