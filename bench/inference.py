@@ -45,12 +45,12 @@ PROMPT = "The swarm pools volunteer graphics cards over ordinary internet links 
 
 # ----------------------------------------------------------------------------- single process
 def local_run(path: Path, num_layers: int, prompt_ids: list[int], new_tokens: int, sessions: int,
-              device: str, dtype: torch.dtype) -> dict:
+              device: str, dtype: torch.dtype, max_seq_len: int) -> dict:
     """Same StageRuntime code as a node, whole model in this process; sessions batched.
     Uses as many torch threads as a node process (BENCH_NODE_THREADS, default 1) for a fair comparison."""
     torch.set_num_threads(int(os.environ.get("BENCH_NODE_THREADS", "1")))
     stage = load_stage(path, 0, num_layers, is_first=True, is_last=True, device=device, dtype=dtype)
-    rt = StageRuntime(stage, max_seq_len=len(prompt_ids) + new_tokens + 1, max_sessions=sessions)
+    rt = StageRuntime(stage, max_seq_len=max_seq_len, max_sessions=sessions)
     chain = LocalChain([rt])
     params = SamplingParams(max_new_tokens=new_tokens)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -182,12 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", default="gpt2", choices=("gpt2", "llama"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--max-seq-len", type=int, default=128, help="served context per session (KV cache length)")
     ap.add_argument("--netns", action="store_true", help="nodes in network namespaces with tc tbf shaped links")
     ap.add_argument("--rate-mbit", type=float, default=100.0)
     ap.add_argument("--delay-ms", type=float, default=0.0)
     ap.add_argument("--hidden-codec", default="none", choices=("none", "int8"))
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--record-to", default=None, help="append the section to this file instead of docs/benchmarks.md")
     ap.add_argument("--json-out", default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     stages = [int(s) for s in args.stages.split(",")]
@@ -204,31 +206,41 @@ def main(argv: list[str] | None = None) -> int:
 
         prompt_ids = Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(PROMPT).ids
         params_m = cfg.num_parameters() / 1e6
-        for s in sessions:
-            r = local_run(ckpt, args.layers, prompt_ids, args.new_tokens, s, args.device, dtype)
-            rows.append(["single process", 1, s, r["ttft_s"] * 1e3, r["ms_per_token"], r["decode_tok_s"], r["agg_tok_s"]])
-            print(rows[-1], flush=True)
         swarm = Swarm(root, max(stages), device=args.device, netns=args.netns, rate_mbit=args.rate_mbit, delay_ms=args.delay_ms)
         try:
             for k in stages:
-                name = f"bench-{k}"
-                upload_model(swarm.address, ckpt, name=name, num_replicas=1, num_stages=k, max_seq_len=256,
-                             sessions_per_replica=max(sessions), hidden_codec=args.hidden_codec, dtype=args.dtype)
-                one_generation(swarm.address, name, 4, [], None)  # warm-up
+                upload_model(swarm.address, ckpt, name=f"bench-{k}", num_replicas=1, num_stages=k,
+                             max_seq_len=args.max_seq_len, sessions_per_replica=max(sessions),
+                             hidden_codec=args.hidden_codec, dtype=args.dtype)
+                one_generation(swarm.address, f"bench-{k}", 4, [], None)  # warm-up
+            # interleave configurations so they share the same machine conditions; keep each
+            # configuration's best run (highest aggregate throughput): the least disturbed one
+            best: dict[tuple[str, int, int], dict] = {}
+            for _ in range(args.repeats):
                 for s in sessions:
-                    r = swarm_run(swarm.address, name, args.new_tokens, s, args.repeats)
-                    where = f"{k}-stage swarm ({'tbf ' + str(args.rate_mbit) + ' Mbit/s netns' if args.netns else 'loopback'})"
-                    rows.append([where, k, s, r["ttft_s"] * 1e3, r["ms_per_token"], r["decode_tok_s"], r["agg_tok_s"]])
-                    print(rows[-1], flush=True)
+                    r = local_run(ckpt, args.layers, prompt_ids, args.new_tokens, s, args.device, dtype, args.max_seq_len)
+                    key = ("single process", 1, s)
+                    if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
+                        best[key] = r
+                    for k in stages:
+                        r = swarm_run(swarm.address, f"bench-{k}", args.new_tokens, s, 1)
+                        where = f"{k}-stage swarm ({'tbf ' + str(args.rate_mbit) + ' Mbit/s netns' if args.netns else 'loopback'})"
+                        key = (where, k, s)
+                        if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
+                            best[key] = r
+                print(f"round done: {len(best)} configurations", flush=True)
         finally:
             swarm.close()
+        for (where, k, s), r in sorted(best.items(), key=lambda kv: (kv[0][0] != "single process", kv[0][1], kv[0][2])):
+            rows.append([where, k, s, r["ttft_s"] * 1e3, r["ms_per_token"], r["decode_tok_s"], r["agg_tok_s"]])
     headers = ["setup", "stages", "sessions", "TTFT ms", "ms/token (per session)", "tok/s per session", "aggregate tok/s"]
     table = markdown_table(headers, rows)
     print(table)
     # derived targets
     notes = [f"Model: tiny {args.family}, {args.layers} layers, hidden {args.hidden}, {params_m:.1f}M parameters, "
-             f"{args.dtype} on {args.device}; prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, greedy; "
-             f"median of {args.repeats} runs; hidden codec {args.hidden_codec}; one node process per stage"
+             f"{args.dtype} on {args.device}; prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, greedy, "
+             f"KV cache {args.max_seq_len} positions per session; "
+             f"best of {args.repeats} interleaved runs; hidden codec {args.hidden_codec}; one node process per stage"
              + ("; nodes in network namespaces behind tc tbf" if args.netns else "; loopback") + "."]
     by = {(r[0].split(" ")[0] == "single", r[1], r[2]): r for r in rows}
     one = by.get((False, 1, 1))
@@ -245,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json_out).write_text(json.dumps({"headers": headers, "rows": rows, "notes": notes}, indent=2))
     if not args.no_record:
         title = f"Inference: pipeline chains ({args.device}{', netns tbf' if args.netns else ', loopback'})"
-        record(title, table, "\n".join(notes))
+        record(title, table, "\n".join(notes), doc=Path(args.record_to) if args.record_to else None)
     return 0
 
 

@@ -102,6 +102,7 @@ class Replica:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.tokens = 0
+        self._replays = 0
 
     # ------------------------------------------------------------------ membership
     @property
@@ -213,8 +214,9 @@ class Replica:
             reply = self._stubs[0].Step(req, timeout=STEP_TIMEOUT_S)
         except grpc.RpcError as exc:
             err = error_from_rpc(exc, f"first stage of replica {self.index}")
-            if isinstance(err, InvalidRequestError) and "replay" in str(err):
-                # a stage lost a session's cache (expired or restarted): replay those sessions
+            if isinstance(err, InvalidRequestError) and "replay" in str(err) and self._replays < 2:
+                # a stage lost a session's cache (expired or restarted): replay the batch, twice at most
+                self._replays += 1
                 for s in batch:
                     s.kv_pos = 0
                 return
@@ -226,6 +228,7 @@ class Replica:
             if isinstance(err, NotFoundError) or err.retryable:
                 raise _ReplicaDown(str(err)) from exc
             raise _ReplicaDown(f"{type(err).__name__}: {err}") from exc
+        self._replays = 0
         if len(reply.token_ids) != len(batch):
             raise _ReplicaDown(f"last stage returned {len(reply.token_ids)} tokens for {len(batch)} sessions")
         self.steps += 1
