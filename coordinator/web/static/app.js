@@ -242,7 +242,7 @@
     });
     var names = {};
     if (Array.isArray(data.names)) data.names.forEach(function (nm, k) { if (k < ids.length) names[ids[k]] = String(nm); });
-    return { ids: ids, bw: bw, lat: lat, age: age, names: names };
+    return { ids: ids, bw: bw, lat: lat, age: age, names: names, fetchedAt: nowS() };
   }
 
   var planNames = {};
@@ -260,7 +260,10 @@
       net.lat.some(function (r) { return r.some(function (v) { return v !== null; }); });
     $("network-empty").hidden = measured;
     var common = { label: nameOf, tip: $("heatmap-tip"),
-      ageText: function (i, j) { return "measured " + fmtAge(net.age[i] ? net.age[i][j] : null); } };
+      ageText: function (i, j) {  // ages were taken at fetch time: add the time since
+        var a = net.age[i] ? num(net.age[i][j]) : null;
+        return "measured " + fmtAge(a === null ? null : a + nowS() - net.fetchedAt);
+      } };
     SwarmHeatmap.draw($("heatmap-bandwidth"), net.ids, net.bw, Object.assign({ goodHigh: true, format: fmtBits }, common));
     SwarmHeatmap.draw($("heatmap-latency"), net.ids, net.lat, Object.assign({ goodHigh: false, format: fmtSeconds }, common));
   }
@@ -476,6 +479,20 @@
 
   // ---------- polling ----------
   var inFlight = false;
+  /* /api/network is the big answer (N x N matrices: ~1 MB at 200 nodes) and changes slowly (links
+   * are re-measured every few minutes). Fetch it when the online nodes changed, while a small
+   * swarm's matrix is still filling in, and otherwise every NETWORK_REFRESH_MS. */
+  var NETWORK_REFRESH_MS = 15000, networkFetchedMs = 0;
+  function networkDue() {
+    if (!lastNetwork || Date.now() - networkFetchedMs >= NETWORK_REFRESH_MS) return true;
+    var online = lastNodes.filter(function (n) { return n.state === "online"; }).map(function (n) { return n.id; });
+    if (online.slice().sort().join(",") !== lastNetwork.ids.slice().sort().join(",")) return true;
+    var n = lastNetwork.ids.length, missing = false;
+    for (var i = 0; i < n && !missing; i++) for (var j = 0; j < n; j++) {
+      if (i !== j && lastNetwork.bw[i][j] === null) { missing = true; break; }
+    }
+    return missing && n <= 32;
+  }
   async function poll() {
     if (inFlight) return;
     inFlight = true;
@@ -492,8 +509,10 @@
       try { fn(data); } catch (err) { problems.push(name + ": " + String(err.message || err)); }
     }
     try {
-      var got = await Promise.all([fetchOne("api/nodes"), fetchOne("api/network"), fetchOne("api/plan"),
-        fetchOne("api/jobs", true)]);
+      var wantNetwork = networkDue();
+      var got = await Promise.all([fetchOne("api/nodes"), wantNetwork ? fetchOne("api/network") : undefined,
+        fetchOne("api/plan"), fetchOne("api/jobs", true)]);
+      if (wantNetwork && got[1] !== undefined) networkFetchedMs = Date.now();
       if (got[2] !== undefined) updateJobStages(got[2]);
       draw("nodes", renderNodes, got[0]);
       draw("network", renderNetwork, got[1]);
