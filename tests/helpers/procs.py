@@ -24,8 +24,8 @@ from pathlib import Path
 from swarm.localswarm import ManagedProcess, child_env, require_online, start_coordinator, start_node, wait_until
 from swarm.transport.coordinator_client import fetch_snapshot
 
-# Short intervals for tests: heartbeat 0.3 s, lost after 2 s, small probes.
-FAST_COORDINATOR_ARGS = ["--heartbeat-interval-s", "0.3", "--node-timeout-s", "2", "--probe-bytes", str(512 << 10),
+# Short intervals for tests: heartbeat 0.3 s, lost after 3 s (robust on a loaded 2-core box), small probes.
+FAST_COORDINATOR_ARGS = ["--heartbeat-interval-s", "0.3", "--node-timeout-s", "3", "--probe-bytes", str(512 << 10),
                          "--num-pings", "3", "--log-level", "INFO"]
 FAST_NODE_ARGS = ["--probe-seconds", "0.1", "--log-level", "INFO"]
 
