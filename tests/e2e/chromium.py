@@ -142,7 +142,7 @@ class Browser:
         attached = await self.send("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})
         page = Page(self, attached["sessionId"])
         self._listeners.append(page._on_event)
-        for method in ("Page.enable", "Runtime.enable", "Log.enable"):
+        for method in ("Page.enable", "Runtime.enable", "Log.enable", "Network.enable"):
             await page.send(method)
         await page.send("Emulation.setDeviceMetricsOverride",
                         {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
@@ -179,6 +179,7 @@ class Page:
         self.dialogs: list[str] = []
         self.errors: list[str] = []
         self.network_errors: list[str] = []
+        self.requests: list[str] = []  # URLs the page asked for, in order
         self._load = asyncio.Event()
 
     def _on_event(self, event: dict) -> None:
@@ -187,6 +188,8 @@ class Page:
         method, params = event.get("method"), event.get("params", {})
         if method == "Page.loadEventFired":
             self._load.set()
+        elif method == "Network.requestWillBeSent":
+            self.requests.append(params.get("request", {}).get("url", ""))
         elif method == "Page.javascriptDialogOpening":
             self.dialogs.append(params.get("message", ""))
             asyncio.ensure_future(self.send("Page.handleJavaScriptDialog", {"accept": False}))

@@ -151,3 +151,22 @@ def test_stage_column_reads_what_nodes_report(browser, coordinator) -> None:
         assert page.errors == []
 
     browser.run(go())
+
+
+def test_big_network_matrix_is_not_refetched_every_poll(browser, coordinator) -> None:
+    ids = [coordinator.add_node(i) for i in range(40)]  # > 32 nodes, no links measured
+
+    async def go():
+        page = await _open(browser.browser, coordinator.url)  # polls every 0.5 s
+        await page.wait_for("Number(document.body.getAttribute('data-polls')) >= 6", timeout_s=30)
+        network = [u for u in page.requests if u.endswith("/api/network")]
+        nodes = [u for u in page.requests if u.endswith("/api/nodes")]
+        assert len(nodes) >= 6 and len(network) == 1, (len(nodes), len(network))
+        coordinator.app.registry.leave(ids[0])  # the online set changes: refetch at once
+        await page.wait_for(f"{_row_state(ids[0])} === 'left'")
+        polls = int(await page.eval("document.body.getAttribute('data-polls')"))
+        await page.wait_for(f"Number(document.body.getAttribute('data-polls')) >= {polls + 2}", timeout_s=30)
+        assert len([u for u in page.requests if u.endswith("/api/network")]) >= 2
+        assert page.errors == []
+
+    browser.run(go())
