@@ -17,6 +17,8 @@ hivemind is imported lazily: single-replica jobs never load it.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections.abc import Sequence
 
@@ -56,10 +58,14 @@ class ReplicaAverager:
         buffers = [torch.zeros_like(p, device="cpu", dtype=torch.float32) for p in self.params]
         try:
             self.averager = DecentralizedAverager(
-                buffers, self.dht, start=True, prefix=prefix, target_group_size=num_replicas, min_group_size=2,
+                buffers, self.dht, start=False, prefix=prefix, target_group_size=num_replicas, min_group_size=2,
                 min_matchmaking_time=matchmaking_s, request_timeout=matchmaking_s / 2,
                 allreduce_timeout=timeout_s, compression=Float16Compression(), shutdown_timeout=2,
             )
+            # start() ourselves: run_in_background() installs a SIGINT handler, which only the main
+            # thread may do, and stage workers run in their own threads.
+            self.averager.start()
+            self.averager.wait_until_ready(timeout_s)
         except BaseException:
             self.dht.shutdown()
             raise
@@ -102,11 +108,24 @@ class ReplicaAverager:
         self.num_ok += 1
         return True
 
-    def shutdown(self) -> None:
-        try:
-            self.averager.shutdown()
-        finally:
-            self.dht.shutdown()
+    def shutdown(self, timeout_s: float = 3.0) -> None:
+        """Stop the averager and DHT processes; SIGKILL them if they linger.
+
+        They are forked children: they inherit the host process's signal handlers, so the
+        SIGTERM hivemind uses as a last resort may not end them.
+        """
+        for proc, stop in ((self.averager, self.averager.shutdown), (self.dht, self.dht.shutdown)):
+            try:
+                stop()
+            except Exception as exc:  # noqa: BLE001 -- still make sure the process is gone
+                log.debug("hivemind shutdown: %s", exc)
+            proc.join(timeout_s)
+            if proc.is_alive() and proc.pid is not None:
+                try:
+                    os.kill(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.join(timeout_s)
 
 
 async def _routing_peers(dht, node) -> list:
