@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -72,7 +73,7 @@ class Browser:
         proc = await asyncio.create_subprocess_exec(
             executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile.name}", "--remote-debugging-port=0",
             "about:blank", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, start_new_session=True,  # its own group: kill helpers too
         )
         browser = cls(proc, profile)
         try:
@@ -163,6 +164,10 @@ class Browser:
             except asyncio.TimeoutError:
                 self._proc.kill()
                 await self._proc.wait()
+        try:  # renderer/zygote helpers left in the group (normally none after Browser.close)
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         for task in (self._reader, self._stderr_task):
             if task is not None:
                 task.cancel()
