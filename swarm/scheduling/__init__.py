@@ -23,6 +23,7 @@ API summary (what the coordinator and the CLI use)::
     plan.pipeline(i)       # device ids of pipeline i, stage 0 first
 
     cluster, job = load_cluster_file("scenario.json")  # the bench/scenario format; `swarm plan`
+    evaluate_plan(cluster, job, plan)   # re-score a given plan (e.g. after links were re-measured)
 
 - ``plan_training`` raises :class:`swarm.errors.InfeasiblePlanError` when the layers cannot fit
   in memory (the message names the layers and the missing bytes) or ``dp * pp`` does not match
@@ -41,6 +42,7 @@ model), ``matching`` (bottleneck matching), ``tsp`` (open-loop pipeline order), 
 """
 
 from swarm.scheduling.cluster import Cluster, Device, JobShape, load_cluster_file
+from swarm.scheduling.evaluate import evaluate_plan
 from swarm.scheduling.plan import Plan, PlanStage
 from swarm.scheduling.planner import plan_training
 
@@ -50,6 +52,7 @@ __all__ = [
     "JobShape",
     "Plan",
     "PlanStage",
+    "evaluate_plan",
     "load_cluster_file",
     "plan_training",
 ]

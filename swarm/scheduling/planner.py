@@ -163,7 +163,8 @@ def plan_training(
     errors: list[InfeasiblePlanError] = []
     for k, (d, p) in enumerate(cands):
         left = time_budget_s - (clock.monotonic() - start)
-        share = max(left / (len(cands) - k), 1e-3)
+        # keep a little of the share for building the plan (exact costs, matchings)
+        share = max(0.93 * left / (len(cands) - k), 1e-3)
         prob = Problem(cluster, job, d, p, hetero=hetero)
         res = search(prob, seed=seed, time_budget_s=share, clock=clock)
         try:

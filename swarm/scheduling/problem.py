@@ -19,10 +19,11 @@ import numpy as np
 from swarm.scheduling.cluster import Cluster, JobShape
 from swarm.scheduling.hetero import StageModel, allocate_layers, device_arrays, equal_layers
 from swarm.scheduling.matching import bottleneck_matching
-from swarm.scheduling.tsp import open_path
+from swarm.scheduling.tsp import open_path_cost
 
 LAMBDA_DP = 0.02  # weight of the mean group DP cost in the surrogate
 SOFT_PP = 0.5  # weight of the deficiency term per boundary in the surrogate
+_CACHE_MAX = 200_000  # pair-cost cache entries before it is cleared (< 100 MB)
 UNPLACED_PENALTY_S = 1e7  # per layer that fits nowhere: any feasible partition beats it
 
 
@@ -93,23 +94,54 @@ class Problem:
             self.c_dp_const = job.c_dp_bytes
         else:
             self.c_dp_const = self.model.grad_bytes_per_layer * int(self.equal_layers.max())
-        self.classes = equivalence_classes(cluster, self.tflops, self.memory)
+        self.classes = equivalence_classes(cluster, self.tflops, self.memory).astype(np.int32)
+        self._pair_cache: dict[bytes, tuple[float, float]] = {}
+        self._path_cache: dict[bytes, float] = {}
 
     # ---- pieces ------------------------------------------------------------------------------
-    def pair(self, ga: list[int], gb: list[int]) -> tuple[float, float]:
-        """(bottleneck, soft) cost from group ga to group gb."""
-        r = bottleneck_matching(self.w[np.ix_(ga, gb)], want_perm=False, want_deficiency=True)
-        return r.value, r.value + SOFT_PP * (r.value - r.below) * r.deficiency / len(ga)
+    def key(self, group: np.ndarray) -> bytes:
+        """A group's multiset of equivalence classes (equal keys: interchangeable groups)."""
+        return np.sort(self.classes[group]).tobytes()
 
-    def pair_matrices(self, groups: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        p = len(groups)
+    def pair(self, ga: np.ndarray, gb: np.ndarray, ka: bytes | None = None, kb: bytes | None = None) -> tuple[float, float]:
+        """(bottleneck, soft) cost from group ga to group gb.
+
+        Cached by the two groups' multisets of equivalence classes: any class-preserving
+        relabelling is an automorphism of the matrices, so equal keys mean equal costs.
+        """
+        key = (ka if ka is not None else self.key(ga)) + b"|" + (kb if kb is not None else self.key(gb))
+        hit = self._pair_cache.get(key)
+        if hit is not None:
+            return hit
+        r = bottleneck_matching(self.w[np.ix_(ga, gb)], want_perm=False, want_deficiency=True)
+        out = (r.value, r.value + SOFT_PP * (r.value - r.below) * r.deficiency / len(ga))
+        if len(self._pair_cache) > _CACHE_MAX:
+            self._pair_cache.clear()
+        self._pair_cache[key] = out
+        return out
+
+    def path_cost(self, cost: np.ndarray) -> float:
+        """Open-loop TSP cost over a pair-cost matrix, cached by its bytes."""
+        key = cost.tobytes()
+        hit = self._path_cache.get(key)
+        if hit is None:
+            hit = open_path_cost(cost)
+            if len(self._path_cache) > _CACHE_MAX // 4:
+                self._path_cache.clear()
+            self._path_cache[key] = hit
+        return hit
+
+    def pair_matrices(self, groups: list[list[int]] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        members = np.asarray(groups, dtype=np.int64)
+        keys = [self.key(m) for m in members]
+        p = len(members)
         b = np.zeros((p, p))
         s = np.zeros((p, p))
         for x in range(p):
             for y in range(p):
                 if x == y or (self.symmetric and y < x):
                     continue
-                b[x, y], s[x, y] = self.pair(groups[x], groups[y])
+                b[x, y], s[x, y] = self.pair(members[x], members[y], keys[x], keys[y])
                 if self.symmetric:
                     b[y, x], s[y, x] = b[x, y], s[x, y]
         return b, s
@@ -141,8 +173,8 @@ class Problem:
 
     def combine(self, comp: float, dp: np.ndarray, b: np.ndarray, s: np.ndarray, penalty: float) -> tuple[float, float]:
         """(true, surrogate) scores."""
-        pp_true, _ = open_path(b)
-        pp_soft, _ = open_path(s)
+        pp_true = self.path_cost(b)
+        pp_soft = self.path_cost(s)
         base = comp + float(dp.max()) + penalty
         return base + 2.0 * pp_true, base + LAMBDA_DP * float(dp.mean()) + 2.0 * pp_soft
 

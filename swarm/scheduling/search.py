@@ -19,14 +19,16 @@ cap on evaluations) unless the time budget runs out first.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from swarm.clock import Clock, SystemClock
 from swarm.scheduling import construct
-from swarm.scheduling.problem import Problem
+from swarm.scheduling.problem import LAMBDA_DP, Problem
 from swarm.scheduling.tsp import open_path
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ class State:
     pen: float
     true: float
     surr: float
+    keys: list[bytes]  # per group: its multiset of equivalence classes
+    pp_soft: float  # open-path cost over s
 
     def groups(self) -> list[list[int]]:
         return self.members.tolist()
@@ -79,13 +83,17 @@ def make_state(prob: Problem, groups: list[list[int]]) -> State:
     members = np.asarray(groups, dtype=np.int64)
     sdel, sinv = prob.sums(members)
     comp, dp, _, pen = prob.group_terms(members, sdel, sinv)
-    b, s = prob.pair_matrices(members.tolist())
+    b, s = prob.pair_matrices(members)
     true, surr = prob.combine(comp, dp, b, s, pen)
-    return State(members, sdel, sinv, b, s, comp, dp, pen, true, surr)
+    pp_soft = prob.path_cost(s)
+    return State(members, sdel, sinv, b, s, comp, dp, pen, true, surr, [prob.key(m) for m in members], pp_soft)
 
 
-def try_swap(prob: Problem, st: State, g1: int, i1: int, g2: int, i2: int) -> State | None:
-    """The state after swapping members[g1][i1] and members[g2][i2] if its surrogate is lower."""
+def try_swap(prob: Problem, st: State, g1: int, i1: int, g2: int, i2: int, *, exact: bool = False) -> State | None:
+    """The state after swapping members[g1][i1] and members[g2][i2] if it scores lower.
+
+    Scores compare by the surrogate, or by the true objective when ``exact``.
+    """
     d1 = int(st.members[g1, i1])
     d2 = int(st.members[g2, i2])
     mem = st.members.copy()
@@ -100,28 +108,65 @@ def try_swap(prob: Problem, st: State, g1: int, i1: int, g2: int, i2: int) -> St
     sinv[:, g1] += delta1
     sinv[:, g2] -= delta1
     comp, dp, _, pen = prob.group_terms(mem, sdel, sinv)
+    base = comp + float(dp.max()) + pen
+    if exact:
+        cur, cur_pp, cur_mat, head = st.true, st.true - (st.comp + float(st.dp.max()) + st.pen), st.b, base
+        cur_pp *= 0.5
+    else:
+        cur, cur_pp, cur_mat, head = st.surr, st.pp_soft, st.s, base + LAMBDA_DP * float(dp.mean())
+    tol = _EPS * max(1.0, abs(cur))
+    p = prob.p
+    # Before any matching: a pair costs at least max(max row-min, max col-min) of its
+    # submatrix. A path uses at most one edge into and one out of each group, and only edges
+    # at g1 or g2 change, so the new best path is at least the old one minus their savings.
+    if head + 2.0 * (cur_pp - _saving_bound(prob, cur_mat, mem, g1, g2)) >= cur - tol:
+        return None
     b = st.b.copy()
     s = st.s.copy()
-    p = prob.p
-    rows = [mem[g].tolist() for g in range(p)]
+    keys = list(st.keys)
+    keys[g1] = prob.key(mem[g1])
+    keys[g2] = prob.key(mem[g2])
     for g in (g1, g2):
         for h in range(p):
             if h == g or (g == g2 and h == g1 and prob.symmetric):
                 continue
-            b[g, h], s[g, h] = prob.pair(rows[g], rows[h])
+            b[g, h], s[g, h] = prob.pair(mem[g], mem[h], keys[g], keys[h])
             if prob.symmetric:
                 b[h, g], s[h, g] = b[g, h], s[g, h]
             else:
-                b[h, g], s[h, g] = prob.pair(rows[h], rows[g])
-    base = comp + float(dp.max()) + pen
-    pp_soft, _ = open_path(s)
-    from swarm.scheduling.problem import LAMBDA_DP
-
-    surr = base + LAMBDA_DP * float(dp.mean()) + 2.0 * pp_soft
-    if surr >= st.surr - _EPS * max(1.0, abs(st.surr)):
+                b[h, g], s[h, g] = prob.pair(mem[h], mem[g], keys[h], keys[g])
+    new_mat = b if exact else s
+    dec = np.maximum(cur_mat - new_mat, 0.0)
+    saving = dec[g1].max() + dec[:, g1].max() + dec[g2].max() + dec[:, g2].max()
+    if head + 2.0 * (cur_pp - saving) >= cur - tol:
         return None
-    pp_true, _ = open_path(b)
-    return State(mem, sdel, sinv, b, s, comp, dp, pen, base + 2.0 * pp_true, surr)
+    path = prob.path_cost(new_mat)
+    if head + 2.0 * path >= cur - tol:
+        return None
+    pp_true = path if exact else prob.path_cost(b)
+    pp_soft = prob.path_cost(s) if exact else path
+    surr = base + LAMBDA_DP * float(dp.mean()) + 2.0 * pp_soft
+    return State(mem, sdel, sinv, b, s, comp, dp, pen, base + 2.0 * pp_true, surr, keys, pp_soft)
+
+
+def _saving_bound(prob: Problem, cur: np.ndarray, mem: np.ndarray, g1: int, g2: int) -> float:
+    """Upper bound on how much the open path over pair costs ``cur`` can shrink when g1, g2 change."""
+    d, p = prob.d, prob.p
+    flat = mem.ravel()
+    total = 0.0
+    for g in (g1, g2):
+        out = prob.w[np.ix_(mem[g], flat)].reshape(d, p, d)  # [i, h, j] = w[g_i, h_j]
+        lb_out = np.maximum(out.min(axis=2).max(axis=0), out.min(axis=0).max(axis=1))
+        if prob.symmetric:
+            lb_in = lb_out
+        else:
+            inc = prob.w[np.ix_(flat, mem[g])].reshape(p, d, d)  # [h, i, j] = w[h_i, g_j]
+            lb_in = np.maximum(inc.min(axis=2).max(axis=1), inc.min(axis=1).max(axis=1))
+        dec_out = np.maximum(cur[g] - lb_out, 0.0)
+        dec_in = np.maximum(cur[:, g] - lb_in, 0.0)
+        dec_out[g] = dec_in[g] = 0.0
+        total += float(dec_out.max() + dec_in.max())
+    return total
 
 
 def _class_slots(cls_row: np.ndarray) -> dict[int, int]:
@@ -132,18 +177,35 @@ def _class_slots(cls_row: np.ndarray) -> dict[int, int]:
     return out
 
 
-def local_search(prob: Problem, st: State, rng: np.random.Generator, budget: Budget, max_moves: int = 4000) -> State:
-    """First-improvement swap descent on the surrogate until no swap helps (or budget)."""
+def local_search(
+    prob: Problem,
+    st: State,
+    rng: np.random.Generator,
+    budget: Budget,
+    *,
+    active: set[int] | None = None,
+    max_moves: int = 4000,
+    max_evals: int = 20_000,
+    exact: bool = False,
+) -> State:
+    """First-improvement swap descent on the surrogate until no swap helps (or budget).
+
+    ``active``: only swaps touching these groups are tried in the first pass; later passes
+    try swaps touching the groups changed in the pass before ("don't look bits"). None: all.
+    """
     p = prob.p
     cls = prob.classes
-    while not budget.spent():
+    start_evals = budget.evals
+    active = set(range(p)) if active is None else set(active)
+    while active and not budget.spent() and budget.evals - start_evals < max_evals:
+        slots = [_class_slots(cls[st.members[g]]) for g in range(p)]
         cand: list[tuple[int, int, int, int]] = []
         for g1 in range(p):
-            s1 = _class_slots(cls[st.members[g1]])
             for g2 in range(g1 + 1, p):
-                s2 = _class_slots(cls[st.members[g2]])
-                for c1, i1 in s1.items():
-                    for c2, i2 in s2.items():
+                if g1 not in active and g2 not in active:
+                    continue
+                for c1, i1 in slots[g1].items():
+                    for c2, i2 in slots[g2].items():
                         if c1 != c2:
                             cand.append((g1, i1, g2, i2))
         if not cand:
@@ -153,21 +215,18 @@ def local_search(prob: Problem, st: State, rng: np.random.Generator, budget: Bud
             cand = [cand[k] for k in idx]
         else:
             cand = [cand[k] for k in rng.permutation(len(cand))]
-        improved = False
         touched: set[int] = set()
         for g1, i1, g2, i2 in cand:
             if g1 in touched or g2 in touched:
                 continue  # slots of changed groups are stale: next pass
-            if budget.spent():
+            if budget.spent() or budget.evals - start_evals >= max_evals:
                 break
             budget.evals += 1
-            new = try_swap(prob, st, g1, i1, g2, i2)
+            new = try_swap(prob, st, g1, i1, g2, i2, exact=exact)
             if new is not None:
                 st = new
-                improved = True
                 touched.update((g1, g2))
-        if not improved:
-            break
+        active = touched
     return st
 
 
@@ -188,17 +247,20 @@ def crossover(prob: Problem, a: State, b: State, rng: np.random.Generator) -> li
     return kept + rest
 
 
-def mutate(prob: Problem, st: State, rng: np.random.Generator, swaps: int) -> list[list[int]]:
+def mutate(prob: Problem, st: State, rng: np.random.Generator, swaps: int) -> tuple[list[list[int]], set[int]]:
+    """``swaps`` random swaps between random groups; returns the groups and the touched ones."""
     groups = st.groups()
+    touched: set[int] = set()
     for _ in range(swaps):
-        g1, g2 = rng.choice(prob.p, size=2, replace=False)
-        i1, i2 = rng.integers(0, prob.d, size=2)
+        g1, g2 = (int(x) for x in rng.choice(prob.p, size=2, replace=False))
+        i1, i2 = (int(x) for x in rng.integers(0, prob.d, size=2))
         groups[g1][i1], groups[g2][i2] = groups[g2][i2], groups[g1][i1]
-    return groups
+        touched.update((g1, g2))
+    return groups, touched
 
 
 def _key(prob: Problem, st: State) -> tuple:
-    return tuple(sorted(tuple(sorted(prob.classes[row].tolist())) for row in st.members))
+    return tuple(sorted(st.keys))
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +272,39 @@ class SearchResult:
     timed_out: bool
 
 
+def num_partitions(n: int, d: int) -> int:
+    """Ways to split n devices into n // d unordered groups of d."""
+    p = n // d
+    return math.factorial(n) // (math.factorial(d) ** p * math.factorial(p))
+
+
+def _partitions(items: list[int], size: int):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for others in itertools.combinations(rest, size - 1):
+        chosen = set(others)
+        left = [x for x in rest if x not in chosen]
+        for tail in _partitions(left, size):
+            yield [[first, *others], *tail]
+
+
+def _exhaustive(prob: Problem, budget: Budget) -> SearchResult:
+    """Every partition, scored exactly (small clusters). Ties: first in enumeration order."""
+    best_groups, best_true = None, math.inf
+    count = 0
+    for groups in _partitions(list(range(prob.n)), prob.d):
+        if count and budget.spent():
+            break
+        count += 1
+        budget.evals += 1
+        true, _ = prob.evaluate(groups)
+        if true < best_true - 1e-12:
+            best_groups, best_true = groups, true
+    return SearchResult(best_groups, best_true, count, 0, budget.timed_out)
+
+
 def search(
     prob: Problem,
     *,
@@ -217,7 +312,11 @@ def search(
     time_budget_s: float,
     clock: Clock | None = None,
     population: int = 8,
-    patience: int = 25,
+    patience: int = 15,
+    crossover_rate: float = 0.3,
+    ls_evals: int = 2000,
+    polish: int = 2,
+    exhaustive_max: int = 600,
     max_evals: int = 2_000_000,
     max_generations: int = 400,
 ) -> SearchResult:
@@ -228,6 +327,8 @@ def search(
         groups = [list(range(prob.n))] if prob.p == 1 else [[x] for x in range(prob.n)]
         st = make_state(prob, groups)
         return SearchResult(st.groups(), st.true, 0, 0, False)
+    if num_partitions(prob.n, prob.d) <= exhaustive_max:
+        return _exhaustive(prob, budget)
 
     starts = construct.constructions(prob)
     states = []
@@ -239,10 +340,14 @@ def search(
             seen.add(k)
             states.append(st)
     states.sort(key=lambda s: (s.true, s.surr))
-    pool = states[: max(1, population - 2)]
-    for _ in range(population - len(pool)):
-        pool.append(make_state(prob, construct.random_partition(prob, rng)))
-    pool = [local_search(prob, st, rng, budget) for st in pool]
+    # Local search from the best constructions; fill the population with a random partition
+    # (diversity) and perturbed copies of the best (cheap to polish, close to good regions).
+    pool = [local_search(prob, st, rng, budget, max_evals=ls_evals) for st in states[:polish]]
+    pool += states[polish : population - 2]
+    pool.append(local_search(prob, make_state(prob, construct.random_partition(prob, rng)), rng, budget, max_evals=ls_evals))
+    while len(pool) < population and not budget.spent():
+        groups, touched = mutate(prob, min(pool, key=lambda s: s.true), rng, int(rng.integers(2, 5)))
+        pool.append(local_search(prob, make_state(prob, groups), rng, budget, active=touched, max_evals=ls_evals))
     best = min(pool, key=lambda s: s.true)
     log.debug("search initial best=%.6f evals=%d", best.true, budget.evals)
 
@@ -250,23 +355,24 @@ def search(
     stale = 0
     while not budget.spent() and stale < patience and gens < max_generations:
         gens += 1
-        i, j = rng.choice(len(pool), size=2, replace=False)
+        i, j = (int(x) for x in rng.choice(len(pool), size=2, replace=False))
         pa = pool[i] if pool[i].surr <= pool[j].surr else pool[j]
-        if rng.random() < 0.5 and len(pool) > 1:
+        if rng.random() < crossover_rate:
             other = pool[int(rng.integers(0, len(pool)))]
-            child_groups = crossover(prob, pa, other, rng)
+            child_groups, touched = crossover(prob, pa, other, rng), None
         else:
-            child_groups = mutate(prob, pa, rng, int(rng.integers(1, max(2, prob.p) + 1)))
-        child = local_search(prob, make_state(prob, child_groups), rng, budget)
+            child_groups, touched = mutate(prob, pa, rng, int(rng.integers(1, 4)))
+        child = local_search(prob, make_state(prob, child_groups), rng, budget, active=touched, max_evals=ls_evals)
         if child.true < best.true - 1e-12:
             best = child
             stale = 0
         else:
             stale += 1
         keys = {_key(prob, s) for s in pool}
-        ck = _key(prob, child)
         worst = max(range(len(pool)), key=lambda k: (pool[k].surr, k))
-        if ck not in keys and child.surr < pool[worst].surr:
+        if _key(prob, child) not in keys and child.surr < pool[worst].surr:
             pool[worst] = child
+    # the surrogate steers the search; finish with a descent on the objective itself
+    best = local_search(prob, best, rng, budget, max_evals=ls_evals, exact=True)
     log.debug("search done best=%.6f evals=%d gens=%d timed_out=%s", best.true, budget.evals, gens, budget.timed_out)
     return SearchResult(best.groups(), best.true, budget.evals, gens, budget.timed_out)
