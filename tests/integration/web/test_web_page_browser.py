@@ -4,6 +4,7 @@ go to artifacts/ (gitignored)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -167,6 +168,21 @@ def test_big_network_matrix_is_not_refetched_every_poll(browser, coordinator) ->
         polls = int(await page.eval("document.body.getAttribute('data-polls')"))
         await page.wait_for(f"Number(document.body.getAttribute('data-polls')) >= {polls + 2}", timeout_s=30)
         assert len([u for u in page.requests if u.endswith("/api/network")]) >= 2
+        assert page.errors == []
+
+    browser.run(go())
+
+
+def test_unreachable_coordinator_keeps_the_last_view_and_says_so(browser, coordinator) -> None:
+    nid = coordinator.add_node(0)
+
+    async def go():
+        page = await _open(browser.browser, coordinator.url)
+        assert await page.wait_for(_row_state(nid)) == "online"
+        await asyncio.get_running_loop().run_in_executor(None, coordinator.app.http.stop)
+        await page.wait_for("document.getElementById('status').getAttribute('data-ok') === 'false'")
+        assert "problem" in await page.eval("document.getElementById('status').textContent")
+        assert await page.eval(_row_state(nid)) == "online"  # the last answer stays on screen
         assert page.errors == []
 
     browser.run(go())
