@@ -120,6 +120,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     @grpc_errors
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
         node_id = self.app.authenticate_node(context)
+        if len(request.reason) > MAX_STATUS_CHARS:
+            raise InvalidRequestError(f"leave reason is longer than {MAX_STATUS_CHARS} characters")
         self.app.registry.leave(node_id)
         self.app.end_session(node_id)
         self.app.measurements.forget(node_id)
