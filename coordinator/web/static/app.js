@@ -270,9 +270,10 @@
 
   // ---------- plan ----------
   function normStages(plan) {
-    var stages = plan.stages || plan.pipeline || [];
-    return stages.map(function (s, k) {
+    var stages = Array.isArray(plan.stages) ? plan.stages : Array.isArray(plan.pipeline) ? plan.pipeline : [];
+    return stages.filter(function (s) { return s && typeof s === "object"; }).map(function (s, k) {
       var members = s.nodes || s.node_ids || s.devices || s.dp_group || s.members || [];
+      if (!Array.isArray(members)) members = [];
       members = members.map(function (m) { return typeof m === "object" && m ? String(m.id || m.node_id || m.name) : String(m); });
       var start = s.layer_start, end = s.layer_end;
       if (Array.isArray(s.layers)) { start = s.layers[0]; end = s.layers[s.layers.length - 1]; }
@@ -408,7 +409,8 @@
     $("jobs-table").hidden = jobs.length === 0;
     if (!jobs.some(function (j) { return j.id === selectedJob; })) {
       var running = jobs.filter(function (j) { return j.state === "running"; });
-      selectedJob = running.length ? running[0].id : jobs.length ? jobs[jobs.length - 1].id : null;
+      // /api/jobs lists the newest first: show the running job, else the newest.
+      selectedJob = running.length ? running[0].id : jobs.length ? jobs[0].id : null;
     }
     var frag = document.createDocumentFragment();
     jobs.forEach(function (j) {
