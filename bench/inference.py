@@ -119,7 +119,8 @@ class Swarm:
         self.procs = []
         self.netns: list[str] = []
         host = "127.0.0.1"
-        coord_args = ["--heartbeat-interval-s", "0.5", "--node-timeout-s", "5", "--probe-bytes", str(256 << 10),
+        # a fixed token: a random one may start with '-', which argparse takes for a flag
+        coord_args = ["--token", "bench-inference-token-0123456789", "--heartbeat-interval-s", "0.5", "--node-timeout-s", "5", "--probe-bytes", str(256 << 10),
                       "--log-level", "WARNING"]
         if netns:
             host = "10.77.0.1"
