@@ -95,6 +95,8 @@ def test_page_shows_real_nodes_and_a_killed_node_turns_lost(tmp_path: Path) -> N
             assert await page.eval(_state_of(ids[0])) == "online" and await page.eval(_state_of(ids[2])) == "online"
             assert await page.eval("window.__sameDocument") == 7  # no reload happened
             assert await page.eval("document.getElementById('count-lost').textContent") == "1"
+            # The heatmaps show the online nodes: the lost one leaves them by the next poll.
+            await page.wait_for("document.querySelector('#heatmap-bandwidth canvas').dataset.n === '2'", timeout_s=10)
             await page.screenshot(ARTIFACTS / "web-e2e-lost.png")
             assert page.errors == [] and page.dialogs == []
 

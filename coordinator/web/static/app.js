@@ -511,9 +511,12 @@
       try { fn(data); } catch (err) { problems.push(name + ": " + String(err.message || err)); }
     }
     try {
+      // Nodes first: whether the network matrix is due depends on who is online now.
+      var nodes = await fetchOne("api/nodes");
+      if (nodes !== undefined) lastNodes = asList(nodes, "nodes").map(normNode);
       var wantNetwork = networkDue();
-      var got = await Promise.all([fetchOne("api/nodes"), wantNetwork ? fetchOne("api/network") : undefined,
-        fetchOne("api/plan"), fetchOne("api/jobs", true)]);
+      var got = [nodes].concat(await Promise.all([wantNetwork ? fetchOne("api/network") : undefined,
+        fetchOne("api/plan"), fetchOne("api/jobs", true)]));
       if (wantNetwork && got[1] !== undefined) networkFetchedMs = Date.now();
       if (got[2] !== undefined) updateJobStages(got[2]);
       draw("nodes", renderNodes, got[0]);

@@ -34,6 +34,7 @@
   function draw(fig, ids, matrix, opts) {
     var goodHigh = !!opts.goodHigh, fmt = opts.format, nameOf = opts.label, tip = opts.tip;
     var canvas = fig.querySelector("canvas");
+    tip.hidden = true;  // its text may describe a cell that changed; the next mouse move redraws it
     var n = ids.length;
     var labels = n > 0 && n <= 16;
     var margin = labels ? 96 : 0;
@@ -42,7 +43,7 @@
     var dpr = window.devicePixelRatio || 1;
     canvas.width = Math.max(1, size) * dpr; canvas.height = Math.max(1, size) * dpr;
     canvas.style.width = size + "px"; canvas.style.height = size + "px";
-    canvas.setAttribute("data-margin", String(margin)); canvas.setAttribute("data-cell", String(cell));
+    canvas.setAttribute("data-n", String(n)); canvas.setAttribute("data-margin", String(margin)); canvas.setAttribute("data-cell", String(cell));
     var ctx = canvas.getContext("2d");
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
     ctx.clearRect(0, 0, size, size);
