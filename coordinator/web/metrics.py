@@ -9,7 +9,7 @@ line with escaped label values.
 Families (all labels are ids, never free text, except ``swarm_node_info``):
 
 - ``swarm_nodes{state}``: nodes known to the coordinator, by state (online, lost, left).
-- ``swarm_node_info{node,name,device,state}``: 1 per node, to join names onto ids.
+- ``swarm_node_info{node,name,device,device_name,state}``: 1 per node, to join names onto ids.
 - ``swarm_node_up{node}``, ``swarm_node_heartbeat_age_seconds{node}``,
   ``swarm_node_tflops{node}``, ``swarm_node_memory_bytes{node}``.
 - ``swarm_node_sent_bytes_total{node}``, ``swarm_node_received_bytes_total{node}``: bytes on the
@@ -125,10 +125,11 @@ def _node_families(nodes: Sequence[Mapping[str, Any]]) -> list[MetricFamily]:
             continue
         state = str(pick(node, "state") or "unknown")
         counts[state] = counts.get(state, 0) + 1
-        device = pick(node, "device", "device_name")
+        device = pick(node, "device")
         if isinstance(device, Mapping):
             device = " ".join(str(device[k]) for k in ("kind", "name") if device.get(k))
-        info.add(1, node=node_id, name=pick(node, "name") or "", device=device or "", state=state)
+        info.add(1, node=node_id, name=pick(node, "name") or "", device=device or "",
+                 device_name=pick(node, "device_name") or "", state=state)
         up.add(1 if state == "online" else 0, node=node_id)
         age.add(as_number(pick(node, "last_seen_age_s", "heartbeat_age_s", "last_seen_s")), node=node_id)
         tflops.add(as_number(pick(node, "tflops")), node=node_id)
