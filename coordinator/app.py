@@ -59,6 +59,7 @@ class CoordinatorConfig:
     measurement: MeasurementPolicy = field(default_factory=MeasurementPolicy)
     plugins: tuple[str, ...] = plugin_registry.PLUGINS
     max_workers: int = 32
+    max_nodes: int = 10_000  # registrations beyond are refused (RESOURCE_EXHAUSTED)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))

@@ -15,7 +15,7 @@ import re
 from google.protobuf.message import DecodeError
 
 import swarm
-from swarm.errors import AuthError, InvalidRequestError, VersionMismatchError
+from swarm.errors import AuthError, CapacityError, InvalidRequestError, VersionMismatchError
 from swarm.identity import is_node_id, verify
 from swarm.membership import Link
 from swarm.proto.v1 import coordinator_pb2 as pb
@@ -85,6 +85,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             )
         parse_address(payload.peer_address)
         hardware = hardware_from_proto(payload.hardware)
+        known = {n.id for n in app.registry.snapshot()}
+        if node_id not in known and len(known) >= app.config.max_nodes:
+            raise CapacityError(
+                f"this coordinator already knows {len(known)} nodes (its limit); ask its operator to raise it"
+            )
         app.registry.register(
             node_id=node_id, name=payload.name, public_key=bytes(request.public_key),
             peer_address=payload.peer_address, hardware=hardware,

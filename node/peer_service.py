@@ -6,6 +6,7 @@ Protocol: see peer.proto. The receiver of a probe bounds the stream (``MAX_PROBE
 
 from __future__ import annotations
 
+import threading
 import time
 
 from swarm.errors import InvalidRequestError
@@ -16,6 +17,7 @@ from swarm.transport.errors import grpc_errors
 MAX_PING_BYTES = 1 << 10
 MAX_CHUNK_BYTES = 1 << 20
 MAX_PROBE_BYTES = 1 << 30
+MAX_PROBE_S = 120.0  # a probe stream held open longer is cancelled (it would pin a server thread)
 
 
 class PeerServicer(pb_grpc.PeerServicer):
@@ -32,6 +34,10 @@ class PeerServicer(pb_grpc.PeerServicer):
     def BandwidthProbe(self, request_iterator, context) -> pb.ProbeReply:
         total = first = chunks = 0
         t_first = t_last = 0.0
+        watchdog = threading.Timer(MAX_PROBE_S, context.cancel)
+        watchdog.daemon = True
+        watchdog.start()
+        context.add_callback(watchdog.cancel)
         for chunk in request_iterator:
             now = time.monotonic()
             n = len(chunk.data)

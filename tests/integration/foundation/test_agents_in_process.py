@@ -74,3 +74,35 @@ def test_raw_garbage_does_not_crash_any_port(app, tmp_path, stub):
         assert sample.bandwidth_Bps > 0
     finally:
         agent.stop()
+
+
+def test_stalled_probe_stream_is_cancelled(app, tmp_path, monkeypatch):
+    import threading
+
+    import grpc
+
+    from node import peer_service
+    from swarm.proto.v1 import peer_pb2 as ppb
+    from swarm.proto.v1 import peer_pb2_grpc
+
+    monkeypatch.setattr(peer_service, "MAX_PROBE_S", 0.5)
+    agent = make_agent(app, tmp_path, "s")
+    agent.start()
+    try:
+        release = threading.Event()
+
+        def stalled():
+            yield ppb.ProbeChunk(data=b"x" * 10)
+            release.wait(20)  # a peer that never finishes its stream
+
+        with grpc.insecure_channel(agent.peer_address) as channel:
+            stub = peer_pb2_grpc.PeerStub(channel)
+            try:
+                stub.BandwidthProbe(stalled(), timeout=15)
+                raise AssertionError("the stalled stream should have been cancelled")
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.CANCELLED
+            finally:
+                release.set()
+    finally:
+        agent.stop()

@@ -110,3 +110,13 @@ def test_http_api(app, stub):
     with urllib.request.urlopen(base + "/api/network", timeout=5) as resp:
         net = json.loads(resp.read())
     assert net["node_ids"] == [A.node_id] and net["delay_s"] == [[0.0]] and net["links"] == []
+
+
+def test_node_limit_is_resource_exhausted(app, stub):
+    import dataclasses
+
+    app.config = dataclasses.replace(app.config, max_nodes=1)
+    stub.Register(make_register(app, A), timeout=5)
+    stub.Register(make_register(app, A), timeout=5)  # a known node may always re-register
+    code, msg = code_of(stub.Register, make_register(app, B), timeout=5)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit" in msg
