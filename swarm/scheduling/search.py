@@ -153,20 +153,18 @@ def _saving_bound(prob: Problem, cur: np.ndarray, mem: np.ndarray, g1: int, g2: 
     """Upper bound on how much the open path over pair costs ``cur`` can shrink when g1, g2 change."""
     d, p = prob.d, prob.p
     flat = mem.ravel()
-    total = 0.0
-    for g in (g1, g2):
-        out = prob.w[np.ix_(mem[g], flat)].reshape(d, p, d)  # [i, h, j] = w[g_i, h_j]
-        lb_out = np.maximum(out.min(axis=2).max(axis=0), out.min(axis=0).max(axis=1))
-        if prob.symmetric:
-            lb_in = lb_out
-        else:
-            inc = prob.w[np.ix_(flat, mem[g])].reshape(p, d, d)  # [h, i, j] = w[h_i, g_j]
-            lb_in = np.maximum(inc.min(axis=2).max(axis=1), inc.min(axis=1).max(axis=1))
-        dec_out = np.maximum(cur[g] - lb_out, 0.0)
-        dec_in = np.maximum(cur[:, g] - lb_in, 0.0)
-        dec_out[g] = dec_in[g] = 0.0
-        total += float(dec_out.max() + dec_in.max())
-    return total
+    pair = (g1, g2)
+    out = prob.w[mem[[g1, g2]].ravel()][:, flat].reshape(2, d, p, d)  # [k, i, h, j] = w[g_k,i, h_j]
+    lb_out = np.maximum(out.min(axis=3).max(axis=1), out.min(axis=1).max(axis=2))  # (2, P)
+    if prob.symmetric:
+        lb_in = lb_out
+    else:
+        inc = prob.w[flat][:, mem[[g1, g2]].ravel()].reshape(p, d, 2, d)  # [h, i, k, j] = w[h_i, g_k,j]
+        lb_in = np.maximum(inc.min(axis=3).max(axis=1), inc.min(axis=1).max(axis=2)).T  # (2, P)
+    dec_out = np.maximum(cur[pair, :] - lb_out, 0.0)
+    dec_in = np.maximum(cur[:, pair].T - lb_in, 0.0)
+    dec_out[0, g1] = dec_out[1, g2] = dec_in[0, g1] = dec_in[1, g2] = 0.0
+    return float(dec_out.max(axis=1).sum() + dec_in.max(axis=1).sum())
 
 
 def _class_slots(cls_row: np.ndarray) -> dict[int, int]:
