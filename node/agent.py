@@ -245,7 +245,7 @@ class NodeAgent:
                 if unreachable_since is None:
                     unreachable_since = self.clock.monotonic()
                 delay = backoff.next_delay_s()
-                log.warning("coordinator unreachable (%s); retrying in %.1f s", exc, delay)
+                log.warning("cannot reach the coordinator: %s; retrying in %.1f s", exc, delay)
                 self._stop.wait(delay)
             except (AuthError, NotFoundError, VersionMismatchError, InvalidRequestError) as exc:
                 if self._session is None:  # registration itself refused: wrong token, version, input

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from swarm.errors import SwarmError, UnavailableError
+from swarm.errors import SwarmError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -255,4 +255,4 @@ def require_online(snapshot, num_nodes: int, *, full_matrix: bool = True) -> boo
 
 
 __all__ = ["LocalSwarm", "ManagedProcess", "start_coordinator", "start_node", "wait_until", "child_env",
-           "require_online", "UnavailableError"]
+           "require_online"]
