@@ -250,7 +250,8 @@ class JobService:
             self.store.add_progress(job.id, attempt=job.attempt, stage=a["stage"], replica=a["replica"],
                                     step=r["step"], loss=r["loss"], tokens=r["tokens"], tokens_per_s=r["tokens_per_s"],
                                     bytes_sent=r["bytes_sent"], bytes_raw=r["bytes_raw"], step_s=r["step_s"],
-                                    compute_s=r["compute_s"], wait_s=r["wait_s"], comm_s=r["comm_s"])
+                                    compute_s=r["compute_s"], wait_s=r["wait_s"], comm_s=r["comm_s"],
+                                    bytes_forward=r["bytes_forward"], bytes_backward=r["bytes_backward"])
         return False, ""
 
     def checkpoint_received(self, job_id: str, node_id: str, *, stage: int, replica: int, step: int, final: bool,

@@ -63,6 +63,8 @@ CREATE TABLE IF NOT EXISTS job_progress (
     wait_s REAL NOT NULL,
     comm_s REAL NOT NULL,
     at REAL NOT NULL,
+    bytes_forward INTEGER NOT NULL DEFAULT 0,
+    bytes_backward INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, attempt, stage, replica, step)
 );
 CREATE TABLE IF NOT EXISTS job_checkpoints (
@@ -212,12 +214,13 @@ class JobStore:
     # -- progress ------------------------------------------------------------------------------
     def add_progress(self, job_id: str, *, attempt: int, stage: int, replica: int, step: int, loss: float | None,
                      tokens: int, tokens_per_s: float, bytes_sent: int, bytes_raw: int, step_s: float,
-                     compute_s: float, wait_s: float, comm_s: float) -> None:
+                     compute_s: float, wait_s: float, comm_s: float, bytes_forward: int = 0,
+                     bytes_backward: int = 0) -> None:
         with self._lock, self._conn:
             self._conn.execute(
-                "INSERT OR REPLACE INTO job_progress VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO job_progress VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (job_id, attempt, stage, replica, step, _num(loss), tokens, _num(tokens_per_s) or 0.0, bytes_sent,
-                 bytes_raw, step_s, compute_s, wait_s, comm_s, self._clock.time()),
+                 bytes_raw, step_s, compute_s, wait_s, comm_s, self._clock.time(), bytes_forward, bytes_backward),
             )
 
     def history(self, job_id: str, *, num_reporters: int) -> list[dict[str, Any]]:

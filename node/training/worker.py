@@ -266,7 +266,7 @@ class StageWorker:
             self._cur_step = step
             t_step = time.monotonic()
             compute = wait = comm = 0.0
-            sent = raw = 0
+            sent_fw = sent_bw = raw = 0
             mbs = self.order.micro_batches(step, a.replica)
             for op in ops:
                 ids = mbs[op.micro_batch]
@@ -282,7 +282,7 @@ class StageWorker:
                     t2 = time.monotonic()
                     if out is not None:
                         msg = self.up.encode_forward(out, ids)
-                        sent += self._send(self.next_sender, "activation", step, op.micro_batch, ids, msg, a.stage)
+                        sent_fw += self._send(self.next_sender, "activation", step, op.micro_batch, ids, msg, a.stage)
                         raw += raw_bytes
                     t3 = time.monotonic()
                 else:
@@ -293,7 +293,7 @@ class StageWorker:
                     t2 = time.monotonic()
                     if gin is not None:
                         msg = self.down.encode_backward(gin, ids)
-                        sent += self._send(self.prev_sender, "gradient", step, op.micro_batch, ids, msg, a.stage - 1)
+                        sent_bw += self._send(self.prev_sender, "gradient", step, op.micro_batch, ids, msg, a.stage - 1)
                         raw += raw_bytes
                     t3 = time.monotonic()
                 wait += t1 - t0
@@ -310,11 +310,12 @@ class StageWorker:
             loss = self.runner.step_loss() if a.is_last else None
             step_s = time.monotonic() - t_step
             tokens = self.M * self.b * self.S
+            sent = sent_fw + sent_bw
             self.reporter.progress(pb.ProgressReport(
                 job_id=a.job_id, attempt=a.attempt, stage=a.stage, replica=a.replica, step=step,
                 has_loss=loss is not None, loss=loss if loss is not None else 0.0, tokens_per_s=tokens / step_s,
                 bytes_sent=sent, bytes_raw=raw, step_s=step_s, compute_s=compute, wait_s=wait, comm_s=comm,
-                state="running", tokens=tokens))
+                state="running", tokens=tokens, bytes_forward=sent_fw, bytes_backward=sent_bw))
             self.on_metrics(training={"job_id": a.job_id, "stage": a.stage, "replica": a.replica, "step": step,
                                       "loss": loss, "tokens_per_s": tokens / step_s, "bytes_sent": sent,
                                       "rejected_tensors": self.endpoint.num_rejected})

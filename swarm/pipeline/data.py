@@ -120,9 +120,11 @@ def tokenize(
 class BatchOrder:
     """Which samples every step, replica and micro-batch sees.
 
-    Samples are visited epoch by epoch in a permutation seeded by ``(seed, epoch)``; step ``t``
-    takes the next ``batch_size`` of that stream. Replica ``r`` of ``num_replicas`` takes its
-    contiguous share of the step's batch, cut into micro-batches of ``micro_batch_size``.
+    Samples are visited epoch by epoch in a permutation seeded by ``(seed, epoch)``; an epoch is
+    ``num_samples // batch_size`` whole batches (the remainder waits for a later epoch's
+    permutation), so a step never holds a sample twice (AQ-SGD keys its state by sample id).
+    Replica ``r`` of ``num_replicas`` takes its contiguous share of the step's batch, cut into
+    micro-batches of ``micro_batch_size``.
     """
 
     num_samples: int
@@ -136,6 +138,11 @@ class BatchOrder:
             raise InvalidRequestError("the dataset is empty")
         if self.batch_size < 1 or self.micro_batch_size < 1 or self.num_replicas < 1:
             raise InvalidRequestError("batch size, micro-batch size and replicas must be positive")
+        if self.batch_size > self.num_samples:
+            raise InvalidRequestError(
+                f"batch size {self.batch_size} exceeds the {self.num_samples} samples of the data; "
+                "add data, lower --batch-size or --seq-len"
+            )
         per_replica, rem = divmod(self.batch_size, self.num_replicas)
         if rem or per_replica % self.micro_batch_size:
             raise InvalidRequestError(
@@ -148,11 +155,15 @@ class BatchOrder:
         """Micro-batches per step per replica."""
         return self.batch_size // self.num_replicas // self.micro_batch_size
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.batch_size
+
     def steps_for_epochs(self, epochs: float) -> int:
-        return max(1, math.ceil(epochs * self.num_samples / self.batch_size))
+        return max(1, math.ceil(epochs * self.steps_per_epoch))
 
     def epoch_of_step(self, step: int) -> float:
-        return step * self.batch_size / self.num_samples
+        return step / self.steps_per_epoch
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
@@ -161,15 +172,9 @@ class BatchOrder:
         """Sample ids of the whole batch of ``step`` (0-based), all replicas together."""
         if step < 0:
             raise InvalidRequestError(f"step must be non-negative, got {step}")
-        start = step * self.batch_size
-        out = np.empty(self.batch_size, dtype=np.int64)
-        filled = 0
-        while filled < self.batch_size:
-            epoch, offset = divmod(start + filled, self.num_samples)
-            take = min(self.batch_size - filled, self.num_samples - offset)
-            out[filled : filled + take] = self._permutation(epoch)[offset : offset + take]
-            filled += take
-        return out
+        epoch, index = divmod(step, self.steps_per_epoch)
+        start = index * self.batch_size
+        return self._permutation(epoch)[start : start + self.batch_size].astype(np.int64)
 
     def micro_batches(self, step: int, replica: int) -> list[np.ndarray]:
         """The sample ids of each micro-batch of ``replica`` in ``step``."""

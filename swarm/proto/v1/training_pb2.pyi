@@ -176,7 +176,7 @@ class PollAssignmentsReply(_message.Message):
     def __init__(self, assignments: _Optional[_Iterable[_Union[StageAssignment, _Mapping]]] = ..., cancelled_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ProgressReport(_message.Message):
-    __slots__ = ("job_id", "attempt", "stage", "replica", "step", "has_loss", "loss", "tokens_per_s", "bytes_sent", "bytes_raw", "step_s", "compute_s", "wait_s", "comm_s", "state", "error", "tokens")
+    __slots__ = ("job_id", "attempt", "stage", "replica", "step", "has_loss", "loss", "tokens_per_s", "bytes_sent", "bytes_raw", "step_s", "compute_s", "wait_s", "comm_s", "state", "error", "tokens", "bytes_forward", "bytes_backward")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,8 @@ class ProgressReport(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FORWARD_FIELD_NUMBER: _ClassVar[int]
+    BYTES_BACKWARD_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     stage: int
@@ -211,7 +213,9 @@ class ProgressReport(_message.Message):
     state: str
     error: str
     tokens: int
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_raw: _Optional[int] = ..., step_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., comm_s: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
+    bytes_forward: int
+    bytes_backward: int
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_raw: _Optional[int] = ..., step_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., comm_s: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes_forward: _Optional[int] = ..., bytes_backward: _Optional[int] = ...) -> None: ...
 
 class ProgressAck(_message.Message):
     __slots__ = ("stop", "reason")

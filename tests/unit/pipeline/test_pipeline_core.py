@@ -35,11 +35,16 @@ def test_tokenize_windows_cover_every_label_once():
 
 def test_batch_order_is_a_permutation_per_epoch_and_splits_replicas():
     order = BatchOrder(num_samples=10, batch_size=4, micro_batch_size=2, num_replicas=2, seed=3)
-    seen = np.concatenate([order.step_samples(t) for t in range(5)])  # 20 = two epochs
-    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert order.steps_per_epoch == 2 and order.steps_for_epochs(2) == 4
+    for epoch in range(3):  # each epoch: 8 distinct samples of a fresh permutation
+        seen = np.concatenate([order.step_samples(2 * epoch + t) for t in range(2)])
+        assert len(set(seen.tolist())) == 8 and set(seen.tolist()) <= set(range(10))
+    assert not np.array_equal(order.step_samples(0), order.step_samples(2))
     mbs = order.micro_batches(1, 0) + order.micro_batches(1, 1)
     assert np.array_equal(np.concatenate(mbs), order.step_samples(1))
-    assert order.num_micro_batches == 1 and order.steps_for_epochs(2) == 5
+    assert order.num_micro_batches == 1
+    with pytest.raises(InvalidRequestError, match="exceeds"):
+        BatchOrder(num_samples=3, batch_size=4, micro_batch_size=2)
     with pytest.raises(InvalidRequestError, match="micro-batches"):
         BatchOrder(num_samples=10, batch_size=6, micro_batch_size=4)
 

@@ -1,0 +1,282 @@
+"""Training throughput of a real swarm: node processes (optionally each in its own network
+namespace behind `tc tbf` shaped links) train the same model with several boundary codecs.
+
+    python -m bench.pipeline                          # loopback + tbf 100 Mbit/s and 1 Gbit/s (needs root)
+    python -m bench.pipeline --rates 100 --codecs none,aqsgd:fw=4,bw=8
+    python -m bench.pipeline --device cuda --no-netns --hidden 1024 --layers 12   # GPU, loopback
+
+For every link setting and codec a job runs through `swarm train`'s service (coordinator
+planning, stage workers, gRPC peer-to-peer tensors). Measured over the steps after the first
+``--warm-epochs`` epochs (AQ-SGD's cache is warm then):
+
+- tokens/s = tokens of those steps / the sum of their step times (the last stage's clock);
+- bytes per step per link = (activations stage k -> k+1 + gradients k+1 -> k) per step;
+- network-wait fraction = time stages spent blocked waiting for a neighbour's tensor / step time
+  (mean over stages);
+- compute-only bound = the same processes and job on unshaped loopback with codec `none`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._record import markdown_table, record
+from swarm.localswarm import child_env, start_coordinator, start_node, wait_until
+from swarm.transport.coordinator_client import fetch_snapshot
+
+TOKEN = "bench-pipeline-token-0123456789abcdef"
+SUBNET = "10.78.0"
+
+
+def corpus(min_chars: int) -> str:
+    """Plain text from CPython's standard library (available offline)."""
+    import json as _json
+
+    out, n = [], 0
+    for path in sorted(Path(_json.__file__).parent.parent.glob("*.py")):
+        text = path.read_text(errors="replace")
+        out.append(text)
+        n += len(text)
+        if n >= min_chars:
+            break
+    return "\n".join(out)[:min_chars]
+
+
+class Swarm:
+    """A coordinator and nodes as processes; with ``rate_mbit`` each node lives in a network
+    namespace whose veth pair is shaped with tbf both ways (a hop crosses two shaped links)."""
+
+    def __init__(self, root: Path, num_nodes: int, *, device: str, rate_mbit: float | None, threads: int) -> None:
+        self.procs, self.netns, self.rate_mbit = [], [], rate_mbit
+        self.root = root
+        host = "127.0.0.1"
+        if rate_mbit:
+            host = f"{SUBNET}.1"
+            self._setup_netns(num_nodes, rate_mbit)
+        coord_args = ["--token", TOKEN, "--heartbeat-interval-s", "0.5", "--node-timeout-s", "10",
+                      "--probe-bytes", str(256 << 10), "--log-level", "INFO"]
+        proc, ready = start_coordinator(root / "coord", host="0.0.0.0" if rate_mbit else host, extra_args=coord_args)
+        self.procs.append(proc)
+        self.address = f"{host}:{ready['port']}"
+        self.local_address = f"127.0.0.1:{ready['port']}"
+        self.http = f"http://127.0.0.1:{ready['http_port']}"
+        self.state_dir = root / "coord"
+        for i in range(num_nodes):
+            prefix = ["ip", "netns", "exec", self.netns[i]] if rate_mbit else []
+            node_host = f"{SUBNET}.{i + 2}" if rate_mbit else "127.0.0.1"
+            p, _ = start_node(self.address, TOKEN, root / f"n{i}", device=device, host=node_host, prefix=prefix,
+                              extra_args=["--probe-seconds", "0.2", "--log-level", "INFO"],
+                              env=child_env({"OMP_NUM_THREADS": str(threads)}))
+            self.procs.append(p)
+        wait_until(lambda: sum(n.state == "online" for n in fetch_snapshot(self.local_address).nodes) == num_nodes,
+                   timeout_s=60, message="all nodes online")
+
+    def _setup_netns(self, n: int, rate_mbit: float) -> None:
+        def sh(*cmd: str) -> None:
+            subprocess.run(cmd, check=True, capture_output=True)
+
+        sh("ip", "link", "add", "swtbr0", "type", "bridge")
+        sh("ip", "addr", "add", f"{SUBNET}.1/24", "dev", "swtbr0")
+        sh("ip", "link", "set", "swtbr0", "up")
+        burst = max(int(rate_mbit * 1e6 / 8 / 250), 16000)  # 4 ms of traffic, at least 16 kB
+        for i in range(n):
+            ns = f"swt{i}"
+            sh("ip", "netns", "add", ns)
+            self.netns.append(ns)
+            sh("ip", "link", "add", f"swtv{i}", "type", "veth", "peer", "name", f"swtp{i}")
+            sh("ip", "link", "set", f"swtp{i}", "netns", ns)
+            sh("ip", "link", "set", f"swtv{i}", "master", "swtbr0")
+            sh("ip", "link", "set", f"swtv{i}", "up")
+            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{SUBNET}.{i + 2}/24", "dev", f"swtp{i}")
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", f"swtp{i}", "up")
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+            for dev, pre in ((f"swtv{i}", []), (f"swtp{i}", ["ip", "netns", "exec", ns])):
+                sh(*pre, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit",
+                   "burst", str(burst), "latency", "100ms")
+
+    def set_rate(self, rate_mbit: float | None) -> None:
+        """Re-shape every veth to ``rate_mbit`` (None: remove shaping) without restarting anything."""
+        if not self.netns:
+            if rate_mbit:
+                raise ValueError("this swarm runs on loopback; it cannot be shaped")
+            return
+        burst = max(int((rate_mbit or 0) * 1e6 / 8 / 250), 16000)
+        for i, ns in enumerate(self.netns):
+            for dev, pre in ((f"swtv{i}", []), (f"swtp{i}", ["ip", "netns", "exec", ns])):
+                subprocess.run([*pre, "tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
+                if rate_mbit:
+                    subprocess.run([*pre, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit",
+                                    "burst", str(burst), "latency", "100ms"], check=True, capture_output=True)
+        self.rate_mbit = rate_mbit
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        for i, ns in enumerate(self.netns):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            subprocess.run(["ip", "link", "del", f"swtv{i}"], capture_output=True)
+        if self.netns:
+            subprocess.run(["ip", "link", "del", "swtbr0"], capture_output=True)
+
+
+def run_job(swarm: Swarm, model: Path, data: Path, *, codec: str, args) -> dict:
+    from swarm.cli.train import upload_files
+    from swarm.transport.training_client import TrainingClient
+
+    spec = {"steps": args.steps, "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
+            "seq_len": args.seq_len, "lr": 1e-3, "compression": codec, "num_stages": args.stages, "num_replicas": 1,
+            "peer_timeout_s": 120.0, "schedule": "1f1b", "checkpoint_every": 0}
+    with TrainingClient(swarm.local_address) as client:
+        job = client.submit(spec, upload_files(model, data))
+        deadline = time.monotonic() + args.job_timeout_s
+        while job["state"] not in ("succeeded", "failed", "cancelled"):
+            if time.monotonic() > deadline:
+                client.cancel(job["id"], "benchmark timeout")
+                raise TimeoutError(f"job with codec {codec} did not finish in {args.job_timeout_s} s")
+            time.sleep(0.5)
+            job = client.get(job["id"])
+    if job["state"] != "succeeded":
+        raise RuntimeError(f"job with codec {codec} {job['state']}: {job.get('reason')}")
+    return job
+
+
+def measure(swarm: Swarm, job: dict, *, warm_epochs: float) -> dict:
+    """Warm-step metrics from the coordinator's progress rows (see the module docstring)."""
+    steps_per_epoch = job["num_samples"] // job["spec"]["batch_size"]
+    warm_from_step = int(math.ceil(warm_epochs * steps_per_epoch))
+    conn = sqlite3.connect(swarm.state_dir / "coordinator.sqlite3")
+    rows = conn.execute(
+        "SELECT stage, step, loss, tokens, bytes_forward, bytes_backward, step_s, wait_s FROM job_progress "
+        "WHERE job_id = ? AND step >= ?", (job["id"], warm_from_step)).fetchall()
+    conn.close()
+    stages = job["plan"]["d_pp"]
+    last = [r for r in rows if r[0] == stages - 1]
+    steps = len(last)
+    tokens = sum(r[3] for r in last)
+    time_s = sum(r[6] for r in last)
+    fw = {s: sum(r[4] for r in rows if r[0] == s) / max(1, steps) for s in range(stages)}
+    bw = {s: sum(r[5] for r in rows if r[0] == s) / max(1, steps) for s in range(stages)}
+    per_link = [fw[k] + bw[k + 1] for k in range(stages - 1)]  # link k joins stage k and k+1
+    wait = statistics.mean(r[7] / r[6] for r in rows if r[6] > 0)
+    losses = [r[2] for r in sorted(last, key=lambda r: r[1]) if r[2] is not None]
+    return {"tokens_per_s": tokens / time_s if time_s else 0.0, "bytes_per_link_step": per_link, "wait_frac": wait,
+            "steps": steps, "final_loss": losses[-1] if losses else float("nan"), "warm_from_step": warm_from_step}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", default="100,1000", help="tbf rates in Mbit/s (comma list); needs root, ip, tc")
+    ap.add_argument("--no-netns", action="store_true", help="loopback only (compute-only bound and codecs)")
+    ap.add_argument("--codecs", default="none|direct:fw=8,bw=8|aqsgd:fw=4,bw=8|aqsgd:fw=2,bw=4",
+                    help="codecs separated by '|' (',' belongs to a spec)")
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--micro-batch-size", type=int, default=8)
+    ap.add_argument("--num-samples", type=int, default=64, help="dataset size in windows (epochs = steps * B / this)")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds; each configuration keeps its best")
+    ap.add_argument("--warm-epochs", type=float, default=2.0, help="skip the steps of the first epochs")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per node process")
+    ap.add_argument("--job-timeout-s", type=float, default=300.0)
+    ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args(argv)
+    codecs = [c.strip() for c in args.codecs.split("|") if c.strip()]
+    rates = [] if args.no_netns else [float(r) for r in args.rates.split(",") if r]
+
+    from swarm.model.testing import make_tiny_checkpoint
+    from swarm.model.tokenizer import load_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        root = Path(tmp)
+        cfg = make_tiny_checkpoint(root / "model", num_layers=args.layers, hidden_size=args.hidden,
+                                   num_heads=args.heads, max_position_embeddings=max(512, args.seq_len))
+        tok = load_tokenizer(root / "model")
+        text = corpus(200_000)
+        ids = tok.encode(text)
+        need = args.num_samples * args.seq_len + 1
+        if len(ids) < need:
+            raise SystemExit(f"corpus too short: {len(ids)} tokens < {need}")
+        # cut the text so that it tokenises to about num_samples windows
+        cut = int(len(text) * need / len(ids))
+        (root / "data.txt").write_text(text[:cut])
+        netns = bool(rates)
+        swarm = Swarm(root / "swarm", args.stages, device=args.device, rate_mbit=rates[0] if netns else None,
+                      threads=args.threads)
+        # One swarm; the links are re-shaped between jobs, and the configurations are interleaved
+        # over --repeats rounds so that they share the machine's conditions. Each keeps its best
+        # (least disturbed) run.
+        plan = [(None, "none")] if netns else [(None, c) for c in codecs]
+        plan += [(r, c) for r in rates for c in codecs]
+        best: dict[tuple, dict] = {}
+        try:
+            for rep in range(args.repeats):
+                for rate, codec in plan:
+                    swarm.set_rate(rate)
+                    t0 = time.monotonic()
+                    job = run_job(swarm, root / "model", root / "data.txt", codec=codec, args=args)
+                    m = measure(swarm, job, warm_epochs=args.warm_epochs)
+                    name = f"tbf {rate:g} Mbit/s" if rate else ("unshaped veth" if netns else "loopback")
+                    m.update(setting=name, codec=codec, wall_s=time.monotonic() - t0, num_samples=job["num_samples"])
+                    print(json.dumps(m), flush=True)
+                    key = (rate or 0.0, codec)
+                    if key not in best or m["tokens_per_s"] > best[key]["tokens_per_s"]:
+                        best[key] = m
+        finally:
+            swarm.close()
+        results = [best[k] for k in sorted(best, key=lambda k: (k[0], codecs.index(k[1]) if k[1] in codecs else -1))]
+    bound = next((r["tokens_per_s"] for r in results if r["setting"] in ("loopback", "unshaped veth")
+                  and r["codec"] == "none"), None)
+    none_at = {r["setting"]: r["tokens_per_s"] for r in results if r["codec"] == "none"}
+    rows = []
+    for r in results:
+        rows.append([r["setting"], r["codec"], int(round(r["tokens_per_s"])),
+                     " / ".join(f"{b / 1024:.0f}" for b in r["bytes_per_link_step"]),
+                     f"{100 * r['wait_frac']:.0f}%",
+                     f"{r['tokens_per_s'] / none_at[r['setting']]:.2f}x" if none_at.get(r["setting"]) else "-",
+                     f"{100 * r['tokens_per_s'] / bound:.0f}%" if bound else "-", r["steps"],
+                     round(r["final_loss"], 3)])
+    headers = ["link", "codec", "tokens/s (warm)", "KiB per step per link", "network wait", "vs none", "vs compute bound",
+               "warm steps", "loss"]
+    table = markdown_table(headers, rows)
+    print(table)
+    notes = [
+        f"Model: tiny GPT-2, {args.layers} layers, hidden {args.hidden}, {cfg.num_parameters() / 1e6:.2f}M parameters, "
+        f"float32 on {args.device}; {args.stages} stages (one node process each, {args.threads} torch thread(s)), "
+        f"1F1B, batch {args.batch_size} x {args.seq_len} tokens in micro-batches of {args.micro_batch_size}; "
+        f"{results[0]['num_samples'] if results else '?'} samples, {args.steps} steps, metrics over steps >= "
+        f"{results[0]['warm_from_step'] if results else '?'} "
+        f"(after {args.warm_epochs:g} epoch(s): AQ-SGD cache warm).",
+        "Compute-only bound: the same processes and job with codec none on unshaped links"
+        + (f" = {bound:.1f} tokens/s." if bound else "."),
+        "tbf shapes both ends of every node's veth, so each hop crosses two shaped links at the given rate; "
+        "a middle stage's activations and gradients share its one uplink.",
+    ]
+    print("\n".join(notes))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"results": results, "headers": headers, "rows": rows}, default=str))
+    if not args.no_record:
+        title = f"Training pipeline throughput ({args.device}, {'loopback' if not rates else 'tc tbf ' + '/'.join(f'{r:g}' for r in rates) + ' Mbit/s netns'})"
+        record(title, table, "\n".join(notes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
