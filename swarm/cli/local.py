@@ -28,6 +28,7 @@ def add_parser(subparsers) -> None:
     demo.add_argument("--nodes", type=int, default=3)
     demo.add_argument("--timeout-s", type=float, default=120.0)
     demo.add_argument("--state-dir", default=None)
+    demo.add_argument("--train-steps", type=int, default=40, help="fine-tuning steps of the demo (0: skip training)")
     demo.set_defaults(func=run_demo)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -86,5 +87,11 @@ def run_demo(args: argparse.Namespace) -> int:
         print()
         print(render_table(snap))
         print()
+        if args.train_steps > 0:  # training across the swarm (swarm.cli.train)
+            from swarm.cli.train import demo_fine_tune
+
+            if demo_fine_tune(ls.coordinator_address, Path(state_dir), steps=args.train_steps,
+                              out=lambda line: print(line, flush=True)) != 0:
+                return 1
     print("demo finished: all processes stopped", flush=True)
     return 0
