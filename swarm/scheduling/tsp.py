@@ -70,55 +70,91 @@ def path_cost(cost: np.ndarray, order: list[int]) -> float:
     return float(sum(cost[a, b] for a, b in zip(order, order[1:])))
 
 
-def _improve(cost: np.ndarray, order: list[int]) -> list[int]:
-    """2-opt (segment reversal, valid for asymmetric costs via full re-evaluation) + or-opt."""
+def _two_opt(cost: np.ndarray, order: np.ndarray, max_rounds: int) -> np.ndarray:
+    """Best-improvement segment reversal, all (i, j) scored at once with prefix sums.
+
+    Reversing positions i..j turns the inner edges around (forward costs become backward
+    ones, fine for asymmetric costs) and replaces the two edges at the segment's ends.
+    """
     n = len(order)
-    best = path_cost(cost, order)
-    improved = True
-    while improved:
-        improved = False
-        for i in range(n - 1):
-            for j in range(i + 1, n):
-                cand = order[:i] + order[i : j + 1][::-1] + order[j + 1 :]
-                c = path_cost(cost, cand)
-                if c < best - 1e-12:
-                    order, best, improved = cand, c, True
-        for seg in (1, 2, 3):
-            for i in range(n - seg + 1):
-                piece = order[i : i + seg]
-                rest = order[:i] + order[i + seg :]
-                for j in range(len(rest) + 1):
-                    if j == i:
-                        continue
-                    cand = rest[:j] + piece + rest[j:]
-                    c = path_cost(cost, cand)
-                    if c < best - 1e-12:
-                        order, best, improved = cand, c, True
-                        break
-                if improved:
-                    break
-            if improved:
-                break
+    idx = np.arange(n)
+    i_ = idx[:, None]
+    j_ = idx[None, :]
+    valid = j_ > i_
+    for _ in range(max_rounds):
+        fwd = cost[order[:-1], order[1:]]
+        bwd = cost[order[1:], order[:-1]]
+        F = np.concatenate(([0.0], np.cumsum(fwd)))
+        R = np.concatenate(([0.0], np.cumsum(bwd)))
+        delta = (R[None, :] - R[:, None]) - (F[None, :] - F[:, None])  # inner edges i..j-1
+        prev = np.roll(order, 1)  # order[i-1]
+        nxt = np.roll(order, -1)  # order[j+1]
+        left = np.where(i_ > 0, cost[prev[:, None], order[None, :]] - cost[prev, order][:, None], 0.0)
+        right = np.where(j_ < n - 1, cost[order[:, None], nxt[None, :]] - cost[order, nxt][None, :], 0.0)
+        delta = np.where(valid, delta + left + right, np.inf)
+        k = int(np.argmin(delta))
+        i, j = divmod(k, n)
+        if not delta[i, j] < -1e-12:
+            break
+        order = np.concatenate((order[:i], order[i : j + 1][::-1], order[j + 1 :]))
     return order
 
 
+def _or_opt(cost: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Move one node to its best other place (first improving node, best place)."""
+    n = len(order)
+    base = path_cost(cost, order.tolist())
+    for k in range(n):
+        node = order[k]
+        rest = np.delete(order, k)
+        removed = base
+        if k > 0:
+            removed -= cost[order[k - 1], node]
+        if k < n - 1:
+            removed -= cost[node, order[k + 1]]
+        if 0 < k < n - 1:
+            removed += cost[order[k - 1], order[k + 1]]
+        # insert before rest[m] (m = 0..n-1; m = n-1 appends)
+        m = np.arange(n)
+        before = np.where(m > 0, cost[rest[np.maximum(m - 1, 0)], node], 0.0)
+        after = np.where(m < n - 1, cost[node, rest[np.minimum(m, n - 2)]], 0.0)
+        gap = np.where((m > 0) & (m < n - 1), cost[rest[np.maximum(m - 1, 0)], rest[np.minimum(m, n - 2)]], 0.0)
+        total = removed + before + after - gap
+        total[k] = np.inf  # the same place
+        best = int(np.argmin(total))
+        if total[best] < base - 1e-12:
+            return np.insert(rest, best, node), True
+    return order, False
+
+
 def _heuristic(cost: np.ndarray) -> tuple[float, list[int]]:
+    """Nearest neighbour from every start, then 2-opt and or-opt on the best three."""
     n = cost.shape[0]
-    best_order: list[int] = []
-    best = np.inf
-    for start in range(n):
-        order = [start]
-        left = set(range(n)) - {start}
-        while left:
-            cur = order[-1]
-            nxt = min(left, key=lambda b: (cost[cur, b], b))  # tie-break: lowest index
+    starts = []
+    big = cost + np.diag(np.full(n, np.inf))
+    for s0 in range(n):
+        seen = np.zeros(n, dtype=bool)
+        seen[s0] = True
+        order = [s0]
+        for _ in range(n - 1):
+            row = np.where(seen, np.inf, big[order[-1]])
+            nxt = int(np.argmin(row))  # ties: lowest index
+            seen[nxt] = True
             order.append(nxt)
-            left.remove(nxt)
-        c = path_cost(cost, order)
-        if c < best:
-            best, best_order = c, order
-    best_order = _improve(cost, best_order)
-    return path_cost(cost, best_order), best_order
+        starts.append((path_cost(cost, order), order))
+    starts.sort(key=lambda t: t[0])
+    best_c, best_o = np.inf, []
+    for _, order in starts[:3]:
+        o = np.asarray(order)
+        for _ in range(4 * n):
+            o = _two_opt(cost, o, 4 * n)
+            o, moved = _or_opt(cost, o)
+            if not moved:
+                break
+        c = path_cost(cost, o.tolist())
+        if c < best_c:
+            best_c, best_o = c, o.tolist()
+    return best_c, best_o
 
 
 def open_path_cost(cost: np.ndarray) -> float:
