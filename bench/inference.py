@@ -118,10 +118,19 @@ class Swarm:
     def __init__(self, root: Path, num_nodes: int, *, device: str, netns: bool, rate_mbit: float, delay_ms: float) -> None:
         self.procs = []
         self.netns: list[str] = []
-        host = "127.0.0.1"
         # a fixed token: a random one may start with '-', which argparse takes for a flag
-        coord_args = ["--token", "bench-inference-token-0123456789", "--heartbeat-interval-s", "0.5", "--node-timeout-s", "5", "--probe-bytes", str(256 << 10),
-                      "--log-level", "WARNING"]
+        # generous liveness: on a shaped link, probes and steps can delay heartbeats
+        coord_args = ["--token", "bench-inference-token-0123456789", "--heartbeat-interval-s", "1.0",
+                      "--node-timeout-s", "30", "--probe-bytes", str(64 << 10), "--log-level", "WARNING"]
+        try:
+            self._start(root, num_nodes, coord_args, device=device, netns=netns, rate_mbit=rate_mbit, delay_ms=delay_ms)
+        except BaseException:
+            self.close()  # no processes or namespaces left behind
+            raise
+
+    def _start(self, root: Path, num_nodes: int, coord_args: list[str], *, device: str, netns: bool,
+               rate_mbit: float, delay_ms: float) -> None:
+        host = "127.0.0.1"
         if netns:
             host = "10.77.0.1"
             self._setup_netns(num_nodes, rate_mbit, delay_ms)
@@ -163,7 +172,7 @@ class Swarm:
                    "burst", str(burst), "latency", "50ms")
 
     def close(self) -> None:
-        for p in reversed(self.procs):
+        for p in reversed(getattr(self, "procs", [])):
             p.stop()
         for i, ns in enumerate(self.netns):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)

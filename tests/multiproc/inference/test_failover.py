@@ -11,8 +11,8 @@ from swarm.errors import CapacityError, UnavailableError
 from swarm.inference.sampling import SamplingParams
 from swarm.model.testing import make_tiny_checkpoint
 from swarm.transport.inference import generate, list_models, upload_model
-from tests.helpers.procs import coordinator_proc, node_proc, wait_until
-from tests.multiproc.inference.test_pipeline_generation import reference
+from tests.helpers.procs import node_proc, wait_until
+from tests.multiproc.inference.test_pipeline_generation import coordinator, reference
 
 pytestmark = pytest.mark.multiproc
 
@@ -26,7 +26,7 @@ def test_node_killed_mid_generation_replays_on_a_new_placement(tmp_path):
     params = SamplingParams(max_new_tokens=90, temperature=0.8, top_k=50, seed=5)
     want = reference(d, tok.encode(prompt).ids, params, None)
     assert len(want) == 90
-    with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0") as n0, \
+    with coordinator(tmp_path) as coord, node_proc(coord, tmp_path / "n0") as n0, \
             node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2:
         wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 3, timeout_s=30)
         info = upload_model(coord.address, d, name="tiny", num_replicas=1, num_stages=3, max_seq_len=128)

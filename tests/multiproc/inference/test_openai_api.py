@@ -13,8 +13,8 @@ from tokenizers import Tokenizer
 
 from swarm.inference.sampling import SamplingParams
 from swarm.model.testing import make_tiny_checkpoint
-from tests.helpers.procs import child_env, coordinator_proc, node_proc, wait_until
-from tests.multiproc.inference.test_pipeline_generation import reference
+from tests.helpers.procs import child_env, node_proc, wait_until
+from tests.multiproc.inference.test_pipeline_generation import coordinator, reference
 
 pytestmark = pytest.mark.multiproc
 
@@ -37,7 +37,7 @@ def test_openai_client_completions_and_chat(tmp_path):
     prompt = "Once upon a time"
     want_ids = reference(d, tok.encode(prompt).ids, SamplingParams(max_new_tokens=12), cfg.eos_token_id)
     want_text = tok.decode(want_ids, skip_special_tokens=True)
-    with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0"), node_proc(coord, tmp_path / "n1"):
+    with coordinator(tmp_path) as coord, node_proc(coord, tmp_path / "n0"), node_proc(coord, tmp_path / "n1"):
         wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 2, timeout_s=30)
         # the CLI end to end: serve (upload + placement), models --json, generate --json
         cli = [sys.executable, "-m", "swarm.cli"]

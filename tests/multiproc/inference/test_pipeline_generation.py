@@ -13,9 +13,17 @@ from swarm.inference.stage_runtime import StageRuntime
 from swarm.model.checkpoint import load_config, load_stage
 from swarm.model.testing import make_tiny_checkpoint
 from swarm.transport.inference import generate, list_models, upload_model
-from tests.helpers.procs import coordinator_proc, node_proc, wait_until
+from tests.helpers.procs import FAST_COORDINATOR_ARGS, coordinator_proc, node_proc, wait_until
 
 pytestmark = pytest.mark.multiproc
+
+# A fixed join token: a random one may start with '-', which the node CLI's argparse takes for a flag.
+TOKEN = "inference-test-token-0123456789"
+
+
+def coordinator(tmp_path):
+    return coordinator_proc(tmp_path / "coord", extra_args=FAST_COORDINATOR_ARGS + ["--token", TOKEN])
+
 
 PROMPTS = ["The swarm pools volunteer", "Once upon a time there was"]
 
@@ -43,7 +51,7 @@ def test_three_node_pipeline_equals_single_process(tmp_path):
         d = tmp_path / f"ckpt-{family}"
         cfg = make_tiny_checkpoint(d, family, num_layers=4, hidden_size=64, num_heads=4, seed=1)
         ckpts[family] = (d, cfg)
-    with coordinator_proc(tmp_path / "coord") as coord, \
+    with coordinator(tmp_path) as coord, \
             node_proc(coord, tmp_path / "n0"), node_proc(coord, tmp_path / "n1"), node_proc(coord, tmp_path / "n2"):
         wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 3, timeout_s=30)
         for family, (d, cfg) in ckpts.items():
