@@ -36,7 +36,9 @@ def worker_traffic(job: Mapping[str, Any]) -> list[dict[str, Any]]:
 
     From the jobs plugin's detail JSON: ``assignments`` ({node_id, stage, replica}) and
     ``workers`` (per (stage, replica): summed ``bytes_sent`` and ``bytes_raw``, the size before
-    compression). Workers without a current assignment are left out.
+    compression; when the plugin also gives ``bytes_forward``/``bytes_backward``, the split of
+    ``bytes_sent`` by direction, ``bytes_received`` is derived, else None). Workers without a
+    current assignment are left out.
     """
     assignments = job.get("assignments")
     workers = job.get("workers")
@@ -46,15 +48,27 @@ def worker_traffic(job: Mapping[str, Any]) -> list[dict[str, Any]]:
     for w in workers:
         if isinstance(w, Mapping):
             by_slot[(w.get("stage"), w.get("replica"))] = w
+    def direction(slot, key: str) -> float | None:
+        v = by_slot.get(slot, {}).get(key)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
     out = []
     for a in assignments:
         if not isinstance(a, Mapping):
             continue
-        w = by_slot.get((a.get("stage"), a.get("replica")))
+        stage, replica = a.get("stage"), a.get("replica")
+        w = by_slot.get((stage, replica))
         if w is None:
             continue
-        out.append({"node_id": str(a.get("node_id", "")), "stage": a.get("stage"), "replica": a.get("replica"),
-                    "bytes_sent": w.get("bytes_sent"), "bytes_raw": w.get("bytes_raw"), "step": w.get("step")})
+        received = None
+        if isinstance(stage, int) and direction((stage, replica), "bytes_forward") is not None:
+            # Pipeline r runs through replica r of every stage: this worker receives the
+            # activations stage - 1 sends forward and the gradients stage + 1 sends backward.
+            received = (direction((stage - 1, replica), "bytes_forward") or 0.0) + (
+                direction((stage + 1, replica), "bytes_backward") or 0.0)
+        out.append({"node_id": str(a.get("node_id", "")), "stage": stage, "replica": replica,
+                    "bytes_sent": w.get("bytes_sent"), "bytes_raw": w.get("bytes_raw"), "step": w.get("step"),
+                    "bytes_received": received})
     return out
 
 

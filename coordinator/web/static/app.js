@@ -112,6 +112,7 @@
       sent: num(pick(n, ["bytes_sent", "sent_bytes", "tx_bytes"])),
       jobSent: own(jobTraffic, String(pick(n, ["id", "node_id"]) || "")),
       recv: num(pick(n, ["bytes_received", "received_bytes", "rx_bytes", "bytes_recv"])),
+      jobRecv: own(jobReceived, String(pick(n, ["id", "node_id"]) || "")),
     };
   }
   /* The stage a node serves: the running job's plan (training), its own metrics (a "stage"
@@ -139,13 +140,16 @@
     return parts.join("; ");
   }
   var jobTraffic = Object.create(null);  // node id -> bytes it sent for the running job
+  var jobReceived = Object.create(null);  // node id -> bytes it received for it (when known)
   function updateJobStages(planPayload) {
     jobStages = Object.create(null);
     jobTraffic = Object.create(null);
+    jobReceived = Object.create(null);
     if (planPayload && Array.isArray(planPayload.traffic)) {
       planPayload.traffic.forEach(function (w) {
-        var b = num(w && w.bytes_sent);
-        if (b !== null) jobTraffic[String(w.node_id)] = (jobTraffic[String(w.node_id)] || 0) + b;
+        var b = num(w && w.bytes_sent), r = num(w && w.bytes_received), id = String(w && w.node_id);
+        if (b !== null) jobTraffic[id] = (jobTraffic[id] || 0) + b;
+        if (r !== null) jobReceived[id] = (jobReceived[id] || 0) + r;
       });
     }
     if (!planPayload || planPayload.source !== "job" || !planPayload.plan) return;
@@ -185,7 +189,9 @@
       var sent = h("td", "num sent", fmtBytes(n.sent !== null ? n.sent : n.jobSent));
       if (n.sent === null && n.jobSent !== undefined) sent.title = "sent for the running job (after compression)";
       tr.appendChild(sent);
-      tr.appendChild(h("td", "num", fmtBytes(n.recv)));
+      var recv = h("td", "num received", fmtBytes(n.recv !== null ? n.recv : n.jobRecv));
+      if (n.recv === null && n.jobRecv !== undefined) recv.title = "received for the running job (after compression)";
+      tr.appendChild(recv);
       frag.appendChild(tr);
     });
     $("nodes-body").replaceChildren(frag);

@@ -102,3 +102,25 @@ def test_preview_cache_recomputes_on_membership_change_and_after_refresh() -> No
 def test_preview_config_is_validated(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
         PreviewConfig(**kwargs)
+
+
+def test_worker_traffic_joins_nodes_and_derives_received_bytes_by_direction() -> None:
+    from coordinator.web.sources import worker_traffic
+
+    job = {
+        "assignments": [{"node_id": f"n{s}{r}", "stage": s, "replica": r} for s in range(3) for r in range(2)],
+        "workers": [{"stage": s, "replica": r, "step": 9, "bytes_raw": 1000, "bytes_sent": 100 * (s + 1) + r,
+                     "bytes_forward": 10 * (s + 1) + r if s < 2 else 0, "bytes_backward": 1000 * s + r if s else 0}
+                    for s in range(3) for r in range(2)],
+    }
+    got = {w["node_id"]: w for w in worker_traffic(job)}
+    assert got["n11"]["bytes_sent"] == 201
+    # stage 1 replica 1 hears activations from stage 0 replica 1 and gradients from stage 2 replica 1
+    assert got["n11"]["bytes_received"] == 11 + 2001
+    assert got["n00"]["bytes_received"] == 1000  # first stage: gradients only
+    assert got["n21"]["bytes_received"] == 21  # last stage: activations only
+    # Without the per-direction split the received bytes stay unknown.
+    for w in job["workers"]:
+        del w["bytes_forward"], w["bytes_backward"]
+    assert all(w["bytes_received"] is None for w in worker_traffic(job))
+    assert worker_traffic({"assignments": "x"}) == [] and worker_traffic({}) == []
