@@ -9,6 +9,7 @@ coordinator ended; ``stop`` stops them all.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from swarm.errors import SwarmError
@@ -22,6 +23,9 @@ from node.training.worker import StageWorker
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.5
+# Benchmarks on hosts without tc/netns (e.g. gVisor GPU machines) emulate a link rate in the
+# sender instead; read once here, at the plugin's edge, and passed down as a parameter.
+EMULATE_LINK_ENV = "SWARM_EMULATE_LINK_MBIT"
 
 
 class TrainingPlugin:
@@ -32,6 +36,13 @@ class TrainingPlugin:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.client: TrainingClient | None = None
+        try:
+            self.emulate_link_bps = float(os.environ.get(EMULATE_LINK_ENV, "0") or 0) * 1e6
+        except ValueError:
+            log.warning("ignoring %s=%r: not a number", EMULATE_LINK_ENV, os.environ.get(EMULATE_LINK_ENV))
+            self.emulate_link_bps = 0.0
+        if self.emulate_link_bps:
+            log.warning("emulating %.0f Mbit/s links to pipeline neighbours (benchmark setting)", self.emulate_link_bps / 1e6)
 
     def start(self) -> None:
         self.client = TrainingClient(self.agent)
@@ -78,7 +89,7 @@ class TrainingPlugin:
                     w.stop("re-planned")
             worker = StageWorker(a, client=self.client, endpoints=self.endpoints, node_id=self.agent.node_id,
                                  device=self.agent.device, state_dir=self.agent.state_dir,
-                                 on_metrics=self.agent.update_metrics)
+                                 on_metrics=self.agent.update_metrics, emulate_link_bps=self.emulate_link_bps)
             self.workers[a.key] = worker
             log.info("assignment received job=%s stage=%d replica=%d", a.job_id, a.stage, a.replica)
             worker.start()

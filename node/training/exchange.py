@@ -147,10 +147,13 @@ class PeerSender:
 
     ``send`` queues (blocking when ``max_queued`` tensors wait); a failure is kept in ``error``
     and re-raised by ``check``. ``flush`` waits until everything queued was delivered.
+    ``emulate_bps`` (benchmarks on hosts without ``tc``): hold each delivery until the payload
+    would have crossed a link of that many bits per second (a serial link per neighbour).
     """
 
     def __init__(self, address: str, *, what: str, timeout_s: float, max_queued: int = 16,
-                 on_sent: Callable[[int, float], None] | None = None) -> None:
+                 on_sent: Callable[[int, float], None] | None = None, emulate_bps: float = 0.0) -> None:
+        self.emulate_bps = float(emulate_bps)
         self.address = address
         self.what = what
         self.timeout_s = timeout_s
@@ -204,6 +207,10 @@ class PeerSender:
             t0 = time.monotonic()
             try:
                 self._stub.PushTensor(wt.to_chunks(wire), timeout=max(1.0, deadline - t0))
+                if self.emulate_bps > 0:
+                    hold = len(wire.payload) * 8 / self.emulate_bps - (time.monotonic() - t0)
+                    if hold > 0:
+                        time.sleep(hold)
                 dt = time.monotonic() - t0
                 self.bytes_sent += wire.header.payload_bytes
                 self.send_s += dt

@@ -56,7 +56,7 @@ class StopRequested(Exception):
 
 class StageWorker:
     def __init__(self, a: Assignment, *, client: TrainingClient, endpoints: Endpoints, node_id: str,
-                 device: str, state_dir: Path, on_metrics=None) -> None:
+                 device: str, state_dir: Path, on_metrics=None, emulate_link_bps: float = 0.0) -> None:
         self.a = a
         self.client = client
         self.endpoints = endpoints
@@ -64,6 +64,7 @@ class StageWorker:
         self.device = torch.device(device)
         self.dir = Path(state_dir) / "training" / a.job_id / f"stage-{a.stage}-r{a.replica}"
         self.on_metrics = on_metrics or (lambda **kw: None)
+        self.emulate_link_bps = emulate_link_bps
         self.stop_event = threading.Event()
         self.done = threading.Event()
         self.error: str = ""
@@ -165,11 +166,11 @@ class StageWorker:
         self.next_sender = self.prev_sender = None
         if a.next is not None:
             self.next_sender = PeerSender(a.next.address, what=f"stage {a.stage + 1} ({a.next.node_id[:12]})",
-                                          timeout_s=self.timeout_s)
+                                          timeout_s=self.timeout_s, emulate_bps=self.emulate_link_bps)
             self.senders.append(self.next_sender)
         if a.prev is not None:
             self.prev_sender = PeerSender(a.prev.address, what=f"stage {a.stage - 1} ({a.prev.node_id[:12]})",
-                                          timeout_s=self.timeout_s)
+                                          timeout_s=self.timeout_s, emulate_bps=self.emulate_link_bps)
             self.senders.append(self.prev_sender)
         if a.num_replicas > 1:
             self._start_averager()
