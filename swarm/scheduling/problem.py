@@ -12,8 +12,6 @@ uses the same pieces. Two scores are kept:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from swarm.scheduling.cluster import Cluster, JobShape
@@ -185,6 +183,3 @@ class Problem:
         b, s = self.pair_matrices(groups)
         return self.combine(comp, dp, b, s, pen)
 
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)

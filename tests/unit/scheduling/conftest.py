@@ -13,7 +13,7 @@ SCENARIO_DIR = Path("/work/shared/bench/scheduler/scenarios")
 REFERENCE = Path("/work/shared/bench/scheduler/dtfm_reference.json")
 
 
-def clustered(n: int, regions: int, seed: int, *, asymmetric: bool = False, tflops=None, memory=None) -> Cluster:
+def clustered(n: int, regions: int, seed: int, *, asymmetric: bool = False, noise: bool = True, tflops=None, memory=None) -> Cluster:
     """n devices in ``regions`` regions: fast inside a region, random slower links across."""
     rng = np.random.default_rng(seed)
     reg = rng.integers(0, regions, size=n)
@@ -22,8 +22,9 @@ def clustered(n: int, regions: int, seed: int, *, asymmetric: bool = False, tflo
     if not asymmetric:
         r_delay = np.minimum(r_delay, r_delay.T)
         r_bw = np.minimum(r_bw, r_bw.T)
-    delay = r_delay[reg][:, reg] * rng.uniform(0.9, 1.1, size=(n, n))
-    bw = r_bw[reg][:, reg] * rng.uniform(0.9, 1.1, size=(n, n))
+    jitter = 0.1 if noise else 0.0  # without noise, devices of a region are interchangeable
+    delay = r_delay[reg][:, reg] * rng.uniform(1 - jitter, 1 + jitter, size=(n, n))
+    bw = r_bw[reg][:, reg] * rng.uniform(1 - jitter, 1 + jitter, size=(n, n))
     same = reg[:, None] == reg[None, :]
     delay = np.where(same, 0.001, delay)
     bw = np.where(same, 12.5e9, bw)

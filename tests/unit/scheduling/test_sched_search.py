@@ -35,9 +35,11 @@ def brute_force_grid_cost(cluster: Cluster, job: JobShape, dp: int, pp: int) -> 
 
 @pytest.mark.parametrize("dp,pp", [(2, 4), (4, 2)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("asymmetric", [False, True])
-def test_search_finds_exhaustive_optimum_8_devices(dp, pp, seed, asymmetric):
-    cluster = clustered(8, regions=3, seed=seed, asymmetric=asymmetric)
+@pytest.mark.parametrize("asymmetric,noise", [(False, True), (True, True), (False, False)])
+def test_search_finds_exhaustive_optimum_8_devices(dp, pp, seed, asymmetric, noise):
+    # noise=False: devices of a region are exactly interchangeable (equivalence classes,
+    # skipped swaps and the class-keyed pair cache are exercised)
+    cluster = clustered(8, regions=3, seed=seed, asymmetric=asymmetric, noise=noise)
     job = dtfm_job(dp, pp)
     best = brute_force_grid_cost(cluster, job, dp, pp)
     # the evolutionary search itself (enumeration of small instances switched off)
@@ -117,3 +119,15 @@ def test_shuffled_ids_give_the_same_cost():
     a = plan_training(cluster, job, seed=0, time_budget_s=10.0)
     b = plan_training(shuffled, job, seed=0, time_budget_s=10.0)
     assert a.cost_s == pytest.approx(b.cost_s, rel=1e-9)
+
+
+def test_equivalence_classes_follow_the_matrices():
+    cluster = clustered(9, regions=3, seed=4, noise=False)
+    job = dtfm_job(3, 3)
+    prob = Problem(cluster, job, 3, 3, hetero=False)
+    regions = [d.region for d in cluster.devices]
+    for i in range(9):
+        for j in range(9):
+            assert (prob.classes[i] == prob.classes[j]) == (regions[i] == regions[j])
+    noisy = Problem(clustered(9, regions=3, seed=4), job, 3, 3, hetero=False)
+    assert len(set(noisy.classes.tolist())) == 9
