@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import threading
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +53,7 @@ class CoordinatorConfig:
     port: int = 0
     http_host: str | None = None  # None: same as host
     http_port: int = 0
-    join_token: str | None = None  # None: load state_dir/join_token or create one
+    join_token: str | None = None  # None: the stored one (SQLite meta / state_dir/join_token) or a new one
     heartbeat_interval_s: float = 2.0
     node_timeout_s: float = 6.0
     sweep_interval_s: float = 0.5
@@ -74,14 +75,21 @@ class CoordinatorConfig:
             raise ConfigError("--token must be 16..200 printable characters")
 
 
-def load_or_create_token(state_dir: Path) -> str:
+def load_or_create_token(db: Database, state_dir: Path, given: str | None = None) -> str:
+    """The join token: ``given`` if set, else the one in SQLite (meta) or the token file, else a new one.
+    Kept in both places: SQLite with the rest of the state, the file (0600) for operators."""
+    token = given
+    if token is None:
+        with closing(db.connect()) as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'join_token'").fetchone()
+        token = row[0] if row else None
     path = Path(state_dir) / TOKEN_FILE
-    if path.exists():
-        token = path.read_text().strip()
-        if token:
-            return token
-    token = secrets.token_urlsafe(24)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if token is None and path.exists():
+        token = path.read_text().strip() or None
+    if token is None:
+        token = secrets.token_urlsafe(24)
+    with closing(db.connect()) as conn, conn:
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('join_token', ?)", (token,))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
@@ -96,10 +104,8 @@ class CoordinatorApp:
         self.clock: Clock = clock or SystemClock()
         self.state_dir = config.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.join_token = config.join_token or load_or_create_token(self.state_dir)
-        if config.join_token:
-            (self.state_dir / TOKEN_FILE).write_text(config.join_token + "\n")
         self.db = Database(self.state_dir)
+        self.join_token = load_or_create_token(self.db, self.state_dir, config.join_token)
         self.registry = NodeRegistry(self.db, self.clock, node_timeout_s=config.node_timeout_s)
         self.network = NetworkStore(self.db)
         self.measurements = MeasurementScheduler(self.network, self.clock, config.measurement)

@@ -78,3 +78,21 @@ def test_state_survives_restart(tmp_path):
     assert reg2.public_key("a" * 32) == b"k" * 32
     clock.advance(7)
     assert reg2.sweep() == ["a" * 32]
+
+
+def test_join_token_is_kept_in_sqlite_and_file(tmp_path):
+    import os
+    import stat
+
+    from coordinator.app import TOKEN_FILE, load_or_create_token
+
+    db = Database(tmp_path)
+    token = load_or_create_token(db, tmp_path)
+    assert len(token) >= 16
+    assert load_or_create_token(Database(tmp_path), tmp_path) == token
+    assert (tmp_path / TOKEN_FILE).read_text().strip() == token
+    assert stat.S_IMODE(os.stat(tmp_path / TOKEN_FILE).st_mode) == 0o600
+    (tmp_path / TOKEN_FILE).unlink()
+    assert load_or_create_token(db, tmp_path) == token  # SQLite alone is enough
+    assert load_or_create_token(db, tmp_path, "given-token-0123456789") == "given-token-0123456789"
+    assert load_or_create_token(db, tmp_path) == "given-token-0123456789"
