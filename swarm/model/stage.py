@@ -208,9 +208,9 @@ def build_stage(
     """Build a stage with freshly initialised weights (seeded; ``seed=None`` skips initialisation).
 
     ``is_first``/``is_last`` default to whether the range touches layer 0 / the last layer.
-    Stages built with the same seed from one config hold the same weights as the corresponding
-    part of :func:`build_stage` over all layers only if loaded from a common state dict; use
-    :meth:`StageModel.load_hf_state` to split an existing model.
+    The initialisation depends on the range, so separately built stages are *not* the pieces of
+    one model: to split an existing model, build stages and :meth:`StageModel.load_hf_state` the
+    whole model's :meth:`StageModel.hf_state_dict` (or load them from a checkpoint).
     """
     if is_first is None:
         is_first = first_layer == 0
