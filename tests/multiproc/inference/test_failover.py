@@ -56,3 +56,35 @@ def test_node_killed_mid_generation_replays_on_a_new_placement(tmp_path):
         with pytest.raises((CapacityError, UnavailableError)):
             list(generate(coord.address, model="tiny", prompt=prompt, params=SamplingParams(max_new_tokens=5), timeout_s=60))
         assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.timeout(90)
+def test_replica_killed_mid_generation_moves_to_the_other_replica(tmp_path):
+    d = tmp_path / "ckpt"
+    make_tiny_checkpoint(d, "llama", num_layers=2, hidden_size=64, num_heads=4, seed=4)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    prompt = "Gradients flow back the same way"
+    params = SamplingParams(max_new_tokens=80, temperature=0.7, seed=9)
+    want = reference(d, tok.encode(prompt).ids, params, None)
+    with coordinator(tmp_path) as coord, node_proc(coord, tmp_path / "n0") as n0, node_proc(coord, tmp_path / "n1") as n1:
+        wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 2, timeout_s=30)
+        info = upload_model(coord.address, d, name="two", num_replicas=2, num_stages=1, max_seq_len=128)
+        assert len(info["replicas"]) == 2
+        procs = {n.node_id: n for n in (n0, n1)}
+        got: list[int] = []
+        replays = 0
+        killed = None
+        for ev in generate(coord.address, model="two", prompt=prompt, params=params, timeout_s=60):
+            got.extend(ev.token_ids)
+            if len(got) >= 8 and killed is None:
+                # a new session goes to the least-loaded replica, ties by predicted latency, then index
+                reps = list_models(coord.address)[0]["replicas"]
+                serving = min(reps, key=lambda r: (r["predicted_latency_s"], r["replica"]))
+                killed = procs[serving["stages"][0]["node_id"]]
+                killed.proc.kill()
+            if ev.finish_reason:
+                replays = ev.num_replays
+        assert got == want[: len(got)] and len(got) == len(want)
+        assert replays == 1
+        left = list_models(coord.address)[0]["replicas"]
+        assert len(left) == 1 and killed.node_id not in [s["node_id"] for r in left for s in r["stages"]]
