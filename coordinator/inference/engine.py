@@ -44,6 +44,9 @@ LOAD_TIMEOUT_S = 600.0
 DEFAULT_DELAY_S = 0.005  # unmeasured links: assume a LAN-ish hop
 DEFAULT_BANDWIDTH_BPS = 125e6
 SUSPECT_S = 120.0  # a node that failed a step is not placed on again for this long
+# --hidden-codec auto: 8-bit hidden states on hops measured slower than this (bytes/s); a 4 KB
+# hidden state (hidden 1024, fp32) then costs < 0.3 ms on the wire either way above it
+AUTO_INT8_BELOW_BPS = 12.5e6  # 100 Mbit/s
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -75,7 +78,7 @@ def model_shape(config: ModelConfig, params: ServeParams) -> ModelShape:
         head_bytes=(head or config.vocab_size * config.hidden_size) * b,
         kv_bytes_per_token_per_layer=2 * config.num_kv_heads * config.head_dim * b,
         flops_per_token_per_layer=2.0 * per_layer,
-        activation_bytes_per_token=config.hidden_size * (1 if params.hidden_codec == "int8" else 4),
+        activation_bytes_per_token=config.hidden_size * (1 if params.hidden_codec in ("int8", "auto") else 4),
     )
 
 
@@ -241,7 +244,8 @@ class InferenceEngine:
                 model_name=m.record.name, model_digest=m.record.digest, replica=replica.index, stage=k, num_stages=n,
                 first_layer=st.first_layer, last_layer_excl=st.last_layer_excl,
                 next_address=nxt.address if nxt else "", next_node_id=nxt.node_id if nxt else "",
-                max_seq_len=p.max_seq_len, max_sessions=p.sessions_per_replica, hidden_codec=p.hidden_codec,
+                max_seq_len=p.max_seq_len, max_sessions=p.sessions_per_replica,
+                hidden_codec=self._hop_codec(p.hidden_codec, st, nxt),
                 shard_sources=sources, session_timeout_s=p.session_timeout_s, dtype=p.dtype,
             )
             with data_channel(st.address) as ch:
@@ -249,6 +253,17 @@ class InferenceEngine:
                     pb_grpc.InferenceStageStub(ch).LoadStage(pb.ServeLoadStageRequest(assignment=a), timeout=LOAD_TIMEOUT_S)
                 except grpc.RpcError as exc:
                     raise error_from_rpc(exc, f"node {st.node_id[:12]} at {st.address}") from exc
+
+    def _hop_codec(self, codec: str, st: StageRef, nxt: StageRef | None) -> str:
+        """The codec on the hop st -> nxt: as asked, or for ``auto`` int8 where the measured
+        bandwidth is below AUTO_INT8_BELOW_BPS (unmeasured links stay raw)."""
+        if codec != "auto":
+            return codec
+        if nxt is None:
+            return "none"
+        _, bw, _ = self.app.network.matrix([st.node_id, nxt.node_id])
+        measured = float(bw[0][1])
+        return "int8" if math.isfinite(measured) and measured < AUTO_INT8_BELOW_BPS else "none"
 
     def _peer_sources(self, m: ServedModel, st: StageRef, *, first: bool, last: bool) -> list[str]:
         """Peers already holding a superset of these layers: fetch from them first."""

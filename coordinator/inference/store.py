@@ -66,8 +66,8 @@ class ServeParams:
             raise InvalidRequestError("--sessions must be in 1..1024")
         if self.objective not in ("latency", "throughput"):
             raise InvalidRequestError("--objective must be latency or throughput")
-        if self.hidden_codec not in ("none", "int8"):
-            raise InvalidRequestError("--hidden-codec must be none or int8")
+        if self.hidden_codec not in ("none", "int8", "auto"):
+            raise InvalidRequestError("--hidden-codec must be none, int8 or auto (int8 on slow links)")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise InvalidRequestError("--dtype must be float32, float16 or bfloat16")
 

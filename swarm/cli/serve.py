@@ -34,7 +34,8 @@ def add_parser(sub) -> None:
     s.add_argument("--max-seq-len", type=int, default=256, help="context (prompt + new tokens) per session (default 256)")
     s.add_argument("--sessions", type=int, default=8, help="concurrent sessions per replica (default 8)")
     s.add_argument("--objective", choices=("latency", "throughput"), default="latency")
-    s.add_argument("--hidden-codec", choices=("none", "int8"), default="none", help="hidden states between stages")
+    s.add_argument("--hidden-codec", choices=("none", "int8", "auto"), default="none",
+                   help="hidden states between stages: raw, 8-bit, or auto (8-bit on links measured < 100 Mbit/s)")
     s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="weights on the nodes")
     s.add_argument("--json", action="store_true", help="print the placement as JSON")
     s.set_defaults(func=cmd_serve)

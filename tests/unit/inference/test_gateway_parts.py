@@ -85,3 +85,33 @@ def test_chat_prompt_template_and_fallback(tmp_path):
     with pytest.raises(InvalidRequestError):
         codec.chat_prompt([{"role": "user"}])
     assert codec.decode(codec.encode("the swarm")) == "the swarm"
+
+
+def test_auto_codec_uses_int8_on_slow_measured_links(tmp_path):
+    import numpy as np
+
+    from coordinator.inference.engine import InferenceEngine
+    from coordinator.inference.replica import StageRef
+    from swarm.clock import FakeClock
+
+    class Net:
+        def matrix(self, ids):
+            bw = {("a", "b"): 1e6, ("b", "c"): 1e9}.get(tuple(ids), float("nan"))
+            return np.zeros((2, 2)), np.array([[np.inf, bw], [bw, np.inf]]), np.zeros((2, 2))
+
+    class App:
+        network = Net()
+        clock = FakeClock()
+
+    store = ModelStore(Database(tmp_path), tmp_path)
+    engine = InferenceEngine(App(), store)
+    try:
+        ref = {n: StageRef(node_id=n, address="127.0.0.1:1", first_layer=0, last_layer_excl=1) for n in "abcd"}
+        assert engine._hop_codec("auto", ref["a"], ref["b"]) == "int8"
+        assert engine._hop_codec("auto", ref["b"], ref["c"]) == "none"
+        assert engine._hop_codec("auto", ref["c"], ref["d"]) == "none"  # unmeasured
+        assert engine._hop_codec("auto", ref["c"], None) == "none"
+        assert engine._hop_codec("int8", ref["b"], ref["c"]) == "int8"
+    finally:
+        engine.close()
+        store.close()
