@@ -49,7 +49,11 @@ def clusterings(prob: Problem) -> list[list[list[int]]]:
     off = sym[~np.eye(n, dtype=bool)]
     levels = np.unique(off)
     if len(levels) > MAX_LEVELS:
-        levels = np.unique(np.quantile(off, np.linspace(0.0, 1.0, MAX_LEVELS), method="lower"))
+        # Measured links are noisy: cut where the sorted costs jump the most (relative gap),
+        # which separates host / rack / region levels however many links each level has.
+        gaps = levels[1:] / np.maximum(levels[:-1], 1e-300)
+        cut = np.sort(np.argsort(-gaps, kind="stable")[:MAX_LEVELS])
+        levels = levels[cut]
     out: list[list[list[int]]] = []
     seen: set[tuple] = set()
     for t in levels:
