@@ -23,7 +23,8 @@ from pathlib import Path
 
 import grpc
 
-from swarm.errors import CapacityError, InvalidRequestError, NotFoundError, SwarmError, UnavailableError
+from swarm.errors import (CapacityError, InfeasiblePlanError, InvalidRequestError, NotFoundError, SwarmError,
+                          UnavailableError)
 from swarm.inference.sampling import SamplingParams
 from swarm.inference.session import GenerationState
 from swarm.model.checkpoint import load_config
@@ -156,7 +157,7 @@ class InferenceEngine:
         while m.waiting:
             m.waiting.popleft().fail(UnavailableError(why))
 
-    def _place(self, m: ServedModel, *, exclude: set[str], num_replicas: int | None = None) -> None:
+    def _place(self, m: ServedModel, *, exclude: set[str], num_replicas: int | None = None, strict: bool = True) -> None:
         """Plan replicas over online nodes (minus ``exclude`` and nodes busy with this model)
         and load them. Raises InfeasiblePlanError / UnavailableError."""
         p = m.record.params
@@ -166,7 +167,11 @@ class InferenceEngine:
         want = p.num_replicas if num_replicas is None else num_replicas
         stages = p.num_stages
         if stages is not None and len(nodes) < stages * (want or 1):
-            # fewer nodes than asked: keep serving with shorter chains rather than not at all
+            if strict:
+                raise InfeasiblePlanError(
+                    f"{stages} stage(s) x {want or 1} replica(s) need {stages * (want or 1)} nodes, "
+                    f"{len(nodes)} are online; lower --stages/--replicas or start more nodes")
+            # after a failure: keep serving with shorter chains rather than not at all
             stages = max(1, len(nodes) // (want or 1)) if nodes else None
         devices = [
             PlacementDevice(node_id=n.id, tflops=max(n.hardware.tflops, 1e-6),
@@ -361,7 +366,7 @@ class InferenceEngine:
             return
         try:
             exclude = {nid for nid, t in self._suspects.items() if now - t < SUSPECT_S}
-            self._place(m, exclude=exclude, num_replicas=1)
+            self._place(m, exclude=exclude, num_replicas=1, strict=False)
             self.store.set_state(m.record.name, m.state)
         except SwarmError as exc:
             log.error("re-placement of %s failed: %s", m.record.name, exc)
