@@ -114,6 +114,11 @@ class InferenceGatewayServicer(pb_grpc.InferenceGatewayServicer):
         yield from serve_shard(m.record.dir, request)
 
     @grpc_errors
+    def ConfirmAssignment(self, request, context) -> pb.ServeConfirmReply:
+        node_id = self.app.authenticate_node(context)
+        return pb.ServeConfirmReply(confirmed=self.engine.confirm(node_id, request.assignment))
+
+    @grpc_errors
     def Generate(self, request, context) -> Iterator[pb.ServeGenerateEvent]:
         m = self.engine.get(request.model)
         if request.prompt and request.prompt_token_ids:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 
+import grpc
+
+from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
+from swarm.transport.errors import error_from_rpc
 
 from node.inference.servicer import InferenceStageServicer
 
@@ -20,12 +24,22 @@ def install(server, agent) -> None:
         stub = pb_grpc.InferenceGatewayStub(agent.coordinator_channel)
         return stub.FetchShard(req, metadata=agent.call_metadata(), timeout=600)
 
+    def confirm(assignment) -> bool:
+        stub = pb_grpc.InferenceGatewayStub(agent.coordinator_channel)
+        try:
+            reply = stub.ConfirmAssignment(pb.ServeConfirmRequest(assignment=assignment),
+                                           metadata=agent.call_metadata(), timeout=10)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, "coordinator") from exc
+        return reply.confirmed
+
     servicer = InferenceStageServicer(
         node_id=agent.node_id,
         device=agent.device,
         state_dir=agent.state_dir,
         open_coordinator_shard=open_coordinator_shard,
         on_change=lambda m: agent.update_metrics(**m),
+        confirm=confirm,
     )
     pb_grpc.add_InferenceStageServicer_to_server(servicer, server)
     _state[id(agent)] = (servicer, threading.Event(), [])

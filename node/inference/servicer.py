@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from swarm.errors import InvalidRequestError, NotFoundError, PeerError
+from swarm.errors import InvalidRequestError, NotFoundError, PeerError, PermissionDeniedError
 from swarm.inference.stage_runtime import StageRuntime
 from swarm.model.checkpoint import load_stage
 from swarm.proto.v1 import inference_pb2 as pb
@@ -63,12 +63,16 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         state_dir: Path,
         open_coordinator_shard: Callable[[pb.ServeFetchShardRequest], Iterator[pb.ServeShardChunk]],
         on_change: Callable[[dict], None] | None = None,
+        confirm: Callable[[pb.ServeStageAssignment], bool] | None = None,
     ) -> None:
+        """``confirm`` asks the coordinator whether it issued an assignment (None: trust the
+        caller, for tests without a coordinator)."""
         self.node_id = node_id
         self.device = device
         self.state_dir = Path(state_dir) / "inference"
         self._open_coordinator_shard = open_coordinator_shard
         self._on_change = on_change
+        self._confirm = confirm
         self._stages: dict[tuple[str, int], _Loaded] = {}
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
@@ -122,6 +126,10 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         validate_assignment(a)
         if a.dtype not in DTYPES:
             raise InvalidRequestError(f"dtype {a.dtype!r} unsupported; use float32, float16 or bfloat16")
+        if self._confirm is not None and not self._confirm(a):
+            raise PermissionDeniedError(
+                f"the coordinator did not issue this assignment (model {a.model_name!r} replica {a.replica} "
+                f"stage {a.stage}) to node {self.node_id[:12]}; refusing it")
         t0 = time.monotonic()
         with self._load_lock:  # one load at a time: bounded memory and disk use
             shard_dir = self.state_dir / _safe_dir(a.model_name) / f"{a.model_digest[:16]}-{a.first_layer}-{a.last_layer_excl}"

@@ -313,6 +313,18 @@ class ServeGenerateEvent(_message.Message):
     num_replays: int
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., num_replays: _Optional[int] = ...) -> None: ...
 
+class ServeConfirmRequest(_message.Message):
+    __slots__ = ("assignment",)
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    assignment: ServeStageAssignment
+    def __init__(self, assignment: _Optional[_Union[ServeStageAssignment, _Mapping]] = ...) -> None: ...
+
+class ServeConfirmReply(_message.Message):
+    __slots__ = ("confirmed",)
+    CONFIRMED_FIELD_NUMBER: _ClassVar[int]
+    confirmed: bool
+    def __init__(self, confirmed: _Optional[bool] = ...) -> None: ...
+
 class ServeUnserveRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -303,6 +303,11 @@ class InferenceGatewayStub:
                 request_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeFetchShardRequest.SerializeToString,
                 response_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeShardChunk.FromString,
                 _registered_method=True)
+        self.ConfirmAssignment = channel.unary_unary(
+                '/swarm.proto.v1.InferenceGateway/ConfirmAssignment',
+                request_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmRequest.SerializeToString,
+                response_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmReply.FromString,
+                _registered_method=True)
 
 
 class InferenceGatewayServicer:
@@ -338,6 +343,13 @@ class InferenceGatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConfirmAssignment(self, request, context):
+        """node -> coordinator, authenticated
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceGatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -365,6 +377,11 @@ def add_InferenceGatewayServicer_to_server(servicer, server):
                     servicer.FetchShard,
                     request_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeFetchShardRequest.FromString,
                     response_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeShardChunk.SerializeToString,
+            ),
+            'ConfirmAssignment': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmAssignment,
+                    request_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmRequest.FromString,
+                    response_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -502,6 +519,33 @@ class InferenceGateway:
             '/swarm.proto.v1.InferenceGateway/FetchShard',
             swarm_dot_proto_dot_v1_dot_inference__pb2.ServeFetchShardRequest.SerializeToString,
             swarm_dot_proto_dot_v1_dot_inference__pb2.ServeShardChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmAssignment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.proto.v1.InferenceGateway/ConfirmAssignment',
+            swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmRequest.SerializeToString,
+            swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmReply.FromString,
             options,
             channel_credentials,
             insecure,

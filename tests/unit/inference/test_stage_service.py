@@ -150,3 +150,23 @@ def test_receive_shard_rejects_tampering(tmp_path, ckpt):
     t2.tensor_bytes += 4
     with pytest.raises(Exception, match="shape"):
         receive_shard(iter([msgs[0], t2]), tmp_path / "bad3")
+
+
+def test_assignment_not_confirmed_by_the_coordinator_is_refused(tmp_path, ckpt):
+    d, _ = ckpt
+    seen = []
+    servicer = InferenceStageServicer(node_id="n" * 16, device="cpu", state_dir=tmp_path / "n",
+                                      open_coordinator_shard=lambda req: serve_shard(d, req),
+                                      confirm=lambda a: seen.append(a.stage) or False)
+    server = make_server(max_message_bytes=DATA_MAX_MESSAGE_BYTES, max_workers=2)
+    pb_grpc.add_InferenceStageServicer_to_server(servicer, server)
+    port = bind(server, "127.0.0.1", 0)
+    server.start()
+    try:
+        with data_channel(f"127.0.0.1:{port}") as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.InferenceStageStub(ch).LoadStage(pb.ServeLoadStageRequest(assignment=assignment(0, 1, 0, 3)), timeout=10)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and seen == [0]
+        assert not (tmp_path / "n" / "inference").exists()  # nothing fetched
+    finally:
+        server.stop(0)
