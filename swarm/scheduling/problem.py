@@ -22,7 +22,9 @@ from swarm.scheduling.tsp import open_path_cost
 LAMBDA_DP = 0.02  # weight of the mean group DP cost in the surrogate
 SOFT_PP = 0.5  # weight of the deficiency term per boundary in the surrogate
 _CACHE_MAX = 200_000  # pair-cost cache entries before it is cleared (< 100 MB)
-UNPLACED_PENALTY_S = 1e7  # per layer that fits nowhere: any feasible partition beats it
+UNPLACED_PENALTY_S = 1e7
+NEAR_REL_TOL = 0.02  # links within 2% count as the same for move selection
+NEAR_CLASSES_MAX_DEVICES = 512  # per layer that fits nowhere: any feasible partition beats it
 
 
 def equivalence_classes(cluster: Cluster, tflops: np.ndarray, memory: np.ndarray) -> np.ndarray:
@@ -62,6 +64,44 @@ def equivalence_classes(cluster: Cluster, tflops: np.ndarray, memory: np.ndarray
     return cls
 
 
+def near_classes(cluster: Cluster, tflops: np.ndarray, memory: np.ndarray, exact: np.ndarray, rel_tol: float) -> np.ndarray:
+    """Classes of devices whose links differ by at most ``rel_tol`` (measurement noise).
+
+    Only used to skip swaps between look-alike devices in local search (a swap between them
+    changes the cost by no more than the noise); costs are always computed exactly.
+    """
+    n = cluster.num_devices
+    delay, bw = cluster.delay_s, cluster.bandwidth_Bps
+    cls = exact.copy()
+    reps: list[int] = []
+    rep_of: dict[int, int] = {}
+
+    def close(x: np.ndarray, y: np.ndarray) -> bool:
+        return bool(np.all(np.abs(x - y) <= rel_tol * np.maximum(np.abs(x), np.abs(y))))
+
+    for i in range(n):
+        if int(exact[i]) in rep_of:  # exactly equal to an earlier device: same class
+            cls[i] = cls[rep_of[int(exact[i])]]
+            continue
+        for r in reps:
+            if tflops[i] != tflops[r] or memory[i] != memory[r]:
+                continue
+            mask = np.ones(n, dtype=bool)
+            mask[[i, r]] = False
+            if (
+                close(delay[i, mask], delay[r, mask])
+                and close(delay[mask, i], delay[mask, r])
+                and close(bw[i, mask], bw[r, mask])
+                and close(bw[mask, i], bw[mask, r])
+            ):
+                cls[i] = cls[r]
+                break
+        else:
+            reps.append(i)
+        rep_of[int(exact[i])] = i
+    return cls
+
+
 class Problem:
     """Everything the search needs for one (cluster, job, D_DP, D_PP, objective)."""
 
@@ -93,6 +133,11 @@ class Problem:
         else:
             self.c_dp_const = self.model.grad_bytes_per_layer * int(self.equal_layers.max())
         self.classes = equivalence_classes(cluster, self.tflops, self.memory).astype(np.int32)
+        # swaps between these look-alikes are skipped (exact classes when the cluster is big)
+        if n <= NEAR_CLASSES_MAX_DEVICES:
+            self.move_classes = near_classes(cluster, self.tflops, self.memory, self.classes, NEAR_REL_TOL)
+        else:
+            self.move_classes = self.classes
         self._pair_cache: dict[bytes, tuple[float, float]] = {}
         self._path_cache: dict[bytes, float] = {}
 

@@ -192,15 +192,18 @@ def local_search(
     try swaps touching the groups changed in the pass before ("don't look bits"). None: all.
     """
     p = prob.p
-    cls = prob.classes
+    cls = prob.move_classes
     start_evals = budget.evals
+    # first pass after a perturbation: only swaps among the groups it touched (repair);
+    # later passes: swaps touching any group changed by the pass before
+    both = active is not None
     active = set(range(p)) if active is None else set(active)
     while active and not budget.spent() and budget.evals - start_evals < max_evals:
         slots = [_class_slots(cls[st.members[g]]) for g in range(p)]
         cand: list[tuple[int, int, int, int]] = []
         for g1 in range(p):
             for g2 in range(g1 + 1, p):
-                if g1 not in active and g2 not in active:
+                if (g1 not in active or g2 not in active) if both else (g1 not in active and g2 not in active):
                     continue
                 for c1, i1 in slots[g1].items():
                     for c2, i2 in slots[g2].items():
@@ -225,6 +228,7 @@ def local_search(
                 st = new
                 touched.update((g1, g2))
         active = touched
+        both = False
     return st
 
 
@@ -360,7 +364,7 @@ def search(
             child_groups, touched = crossover(prob, pa, other, rng), None
         else:
             child_groups, touched = mutate(prob, pa, rng, int(rng.integers(1, 4)))
-        child = local_search(prob, make_state(prob, child_groups), rng, budget, active=touched, max_evals=ls_evals)
+        child = local_search(prob, make_state(prob, child_groups), rng, budget, active=touched, max_evals=ls_evals // 2)
         if child.true < best.true - 1e-12:
             best = child
             stale = 0
