@@ -115,3 +115,14 @@ def test_auto_codec_uses_int8_on_slow_measured_links(tmp_path):
     finally:
         engine.close()
         store.close()
+
+
+def test_prompt_tokens_match_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path / "m"
+    make_tiny_checkpoint(d, "llama", num_layers=1, hidden_size=32, num_heads=4)
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
+    codec = TextCodec(d, vocab_size=400)
+    for text in ("The swarm pools volunteer GPUs.", "  spaces\tand\nnewlines ", "ünïcödé ✓ 42"):
+        assert codec.encode(text) == ref(text)["input_ids"]
+        assert codec.decode(codec.encode(text)) == ref.decode(ref(text)["input_ids"], skip_special_tokens=True)
