@@ -183,12 +183,21 @@ class JobService:
         if need and need <= done:
             self._finish(job)
 
+    def last_complete_checkpoint(self, job: Job) -> int | None:
+        """The latest step for which every stage's checkpoint copy reached the coordinator."""
+        stages = {a["stage"] for a in job.assignments}
+        by_step: dict[int, set[int]] = {}
+        for c in self.store.checkpoints(job.id):
+            if c["replica"] == 0:
+                by_step.setdefault(c["step"], set()).add(c["stage"])
+        complete = [step for step, have in by_step.items() if stages and have >= stages]
+        return max(complete) if complete else None
+
     def _checkpoint_note(self, job_id: str) -> str:
-        cks = [c for c in self.store.checkpoints(job_id)]
-        if not cks:
-            return "no checkpoint was taken yet"
-        step = max(c["step"] for c in cks)
-        return f"last checkpoint: step {step}, kept in the coordinator and on the nodes"
+        step = self.last_complete_checkpoint(self.store.get(job_id))
+        if step is None:
+            return "no complete checkpoint was taken yet"
+        return f"last complete checkpoint: step {step}, kept in the coordinator and on the nodes"
 
     def _fail(self, job: Job, reason: str) -> None:
         if self.store.transition(job.id, "failed", reason=reason) is not None:
@@ -314,6 +323,7 @@ class JobService:
             "progress": history,
             "checkpoints": [{k: c[k] for k in ("step", "stage", "replica", "final")} for c in self.store.checkpoints(job.id)],
             "result_ready": job.result_ready,
+            "last_complete_checkpoint": self.last_complete_checkpoint(job),
         }
 
     def result_files(self, job_id: str) -> list[Path]:

@@ -30,9 +30,10 @@ def _run_job(capsys, coord, model, data, out, *, codec: str, steps: int) -> dict
 @pytest.mark.timeout(150)
 def test_three_node_job_matches_single_process_and_exports(tmp_path, capsys):
     model, data = write_inputs(tmp_path)
-    with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0"), \
-            node_proc(coord, tmp_path / "n1"), node_proc(coord, tmp_path / "n2"):
+    with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0") as n0, \
+            node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2:
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 nodes online")
+        nodes = (n0, n1, n2)
 
         job = _run_job(capsys, coord, model, data, tmp_path / "out-none", codec="none", steps=10)
         assert job["plan"]["d_pp"] == 3 and len({a["node_id"] for a in job["assignments"]}) == 3
@@ -51,6 +52,21 @@ def test_three_node_job_matches_single_process_and_exports(tmp_path, capsys):
         # second epoch: activations travel as 2-bit changes, gradients as 4 bits
         first, last = aq["progress"][0], aq["progress"][-1]
         assert last["bytes_sent"] < 0.25 * first["bytes_sent"] and aq["bytes_saved"] > aq["bytes_sent"]
+
+        # swarm jobs / job / cancel: a long job is cancelled and its nodes stop and become free
+        assert swarm_main(train_args(coord, model, data, steps=100_000, extra=("--json",))) == 0
+        long_id = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["id"]
+        wait_until(lambda: coord.get_json(f"/api/jobs/{long_id}")["step"] is not None, 30, message="long job runs")
+        assert swarm_main(["cancel", long_id, "--coordinator", coord.address, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["state"] == "cancelled"
+        assert swarm_main(["jobs", "--coordinator", coord.address, "--json"]) == 0
+        states = {j["id"]: j["state"] for j in json.loads(capsys.readouterr().out)["jobs"]}
+        assert states == {job["id"]: "succeeded", aq["id"]: "succeeded", long_id: "cancelled"}
+        assert swarm_main(["job", job["id"], "--coordinator", coord.address]) == 0
+        assert "succeeded" in capsys.readouterr().out
+        for n in nodes:  # every stage worker of the cancelled job stops
+            wait_until(lambda n=n: f"stopping stage worker job={long_id}" in n.proc.log_tail(500_000), 20,
+                       message=f"{n.state_dir.name} stops its worker")
 
     from transformers import AutoModelForCausalLM
 
