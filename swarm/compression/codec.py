@@ -20,6 +20,7 @@ and the single-process simulation (:mod:`swarm.compression.boundary`) compute th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -178,11 +179,11 @@ class BoundaryCodec:
         if dtype is not None and bits is None:
             x = x.to(dtype)
         enc = encode_tensor(
-            x, bits=bits, group_size=self.spec.group_size, stochastic=stochastic and bits is not None,
-            generator=self._generator(x.device), backend=self.backend,
+            x, bits=bits, group_size=self.spec.group_size, per_channel=self.spec.per_channel,
+            stochastic=stochastic and bits is not None, generator=self._generator(x.device), backend=self.backend,
         )
-        if dtype is not None and enc.dtype != dtype:
-            enc = EncodedTensor(shape=enc.shape, dtype=dtype, bits=enc.bits, group_size=enc.group_size, data=enc.data, scales=enc.scales)
+        if dtype is not None and enc.dtype != dtype:  # quantized from float32, decodes to the gradient's dtype
+            enc = dataclasses.replace(enc, dtype=dtype)
         return enc
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -214,10 +215,13 @@ class BoundaryCodec:
             raise InvalidRequestError("message sample ids differ from the micro-batch this stage expects")
         return ids
 
-    @staticmethod
-    def _check_bits(part: EncodedTensor | None, bits: int | None, what: str) -> None:
-        if part is not None and part.bits != (bits or 0):
+    def _check_bits(self, part: EncodedTensor | None, bits: int | None, what: str) -> None:
+        if part is None:
+            return
+        if part.bits != (bits or 0):
             raise InvalidRequestError(f"{what} part quantized at {part.bits} bits, the codec expects {bits or 'raw'}")
+        if part.bits and part.per_channel != self.spec.per_channel:
+            raise InvalidRequestError(f"{what} part uses {'per-channel' if part.per_channel else 'group'} scales, the codec the other")
 
 
 def _ids(sample_ids, batch: int) -> torch.Tensor:

@@ -8,7 +8,8 @@ key         meaning                                                           de
 fw          forward bits 2..8 (direct: of the activation; aqsgd: of its       4
             change since the sample's last visit)
 bw          backward bits 2..8, or ``raw`` for uncompressed gradients         8
-g           values per quantization group (multiple of 8)                    128
+g           values per quantization group (multiple of 8), or ``channel``    128
+            for one scale per channel of the last dimension (hidden unit)
 fwround     forward rounding: ``rtn`` (nearest) or ``sr`` (stochastic)       rtn
 bwround     backward rounding: ``rtn`` or ``sr``                             sr
 ef          backward error feedback per sample (1/0): the gradient sender     0
@@ -37,6 +38,7 @@ class CodecSpec:
     fw_bits: int | None = 4
     bw_bits: int | None = 8
     group_size: int = 128
+    per_channel: bool = False
     fw_stochastic: bool = False
     bw_stochastic: bool = True
     error_feedback: bool = False
@@ -85,7 +87,10 @@ class CodecSpec:
                     elif key in ("bw", "first"):
                         fields["bw_bits" if key == "bw" else "first_bits"] = None if value == "raw" else int(value)
                     elif key == "g":
-                        fields["group_size"] = int(value)
+                        if value == "channel":
+                            fields["per_channel"] = True
+                        else:
+                            fields["group_size"] = int(value)
                     elif key in ("fwround", "bwround"):
                         if value not in ROUNDINGS:
                             raise ConfigError(f"codec spec {text!r}: {key} must be one of {ROUNDINGS}")
@@ -109,7 +114,9 @@ class CodecSpec:
             return "none"
         parts = [f"fw={self.fw_bits}", f"bw={self.bw_bits if self.bw_bits is not None else 'raw'}"]
         default = CodecSpec(kind=self.kind)
-        if self.group_size != default.group_size:
+        if self.per_channel:
+            parts.append("g=channel")
+        elif self.group_size != default.group_size:
             parts.append(f"g={self.group_size}")
         if self.fw_stochastic != default.fw_stochastic:
             parts.append(f"fwround={'sr' if self.fw_stochastic else 'rtn'}")

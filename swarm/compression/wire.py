@@ -2,10 +2,15 @@
 
 Layout (little-endian)::
 
-    magic "SWT1" | encoding u8 (0 raw, 1 quantized) | dtype u8 | bits u8 | ndim u8
+    magic "SWT1" | encoding u8 (0 raw, 1 quantized in groups, 2 quantized per channel) | dtype u8
+    | bits u8 | ndim u8
     | group_size u32 | numel u64 | shape: ndim x u32
     | quantized: lo/scale as bfloat16 pairs, 4 bytes per group | payload
     raw payload: numel values of dtype; quantized payload: packed codes (quantizer.py)
+
+Per-channel encoding: a tensor (..., C) is viewed as N = numel / C rows; each of the C columns is
+one group (its N values, padded to a multiple of 8 with the column's first value), so
+``group_size`` is that padded N and there are C scale pairs.
 
 :func:`EncodedTensor.from_bytes` checks every field and raises InvalidRequestError on anything
 malformed (wrong magic, unknown dtype, bits outside 2..8, sizes that do not add up, NaN/Inf).
@@ -26,7 +31,7 @@ from swarm.errors import InvalidRequestError
 MAGIC = b"SWT1"
 _HEAD = struct.Struct("<4sBBBBIQ")  # magic, encoding, dtype, bits, ndim, group_size, numel
 MAX_NDIM = 8
-RAW, QUANT = 0, 1
+RAW, QUANT, QUANT_CHANNEL = 0, 1, 2
 DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 DEFAULT_MAX_NUMEL = 1 << 31
@@ -37,7 +42,8 @@ class EncodedTensor:
     """A tensor as it travels: ``bits == 0`` raw, else quantized with per-group scales.
 
     ``data``: uint8 (raw bytes of ``dtype``, or packed codes); ``scales``: bfloat16 (ng, 2) with
-    columns (lo, scale), or None for raw. Tensors live on the device that made them.
+    columns (lo, scale), or None for raw. ``per_channel``: one group per last-dimension channel
+    (see the module docstring). Tensors live on the device that made them.
     """
 
     shape: tuple[int, ...]
@@ -46,6 +52,7 @@ class EncodedTensor:
     group_size: int
     data: torch.Tensor
     scales: torch.Tensor | None = None
+    per_channel: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CODES:
@@ -69,7 +76,8 @@ class EncodedTensor:
 
     def to_bytes(self) -> bytes:
         head = _HEAD.pack(
-            MAGIC, QUANT if self.bits else RAW, DTYPE_CODES[self.dtype], self.bits, len(self.shape),
+            MAGIC, (QUANT_CHANNEL if self.per_channel else QUANT) if self.bits else RAW, DTYPE_CODES[self.dtype],
+            self.bits, len(self.shape),
             self.group_size, self.numel,
         ) + struct.pack(f"<{len(self.shape)}I", *self.shape)
         parts = [head]
@@ -89,7 +97,7 @@ class EncodedTensor:
         magic, enc, dt, bits, ndim, group_size, numel = _HEAD.unpack_from(mv, 0)
         if magic != MAGIC:
             raise InvalidRequestError("tensor message has a wrong magic; the peer speaks another format")
-        if enc not in (RAW, QUANT) or dt not in CODE_DTYPES or ndim > MAX_NDIM:
+        if enc not in (RAW, QUANT, QUANT_CHANNEL) or dt not in CODE_DTYPES or ndim > MAX_NDIM:
             raise InvalidRequestError(f"tensor message has unknown encoding {enc}, dtype {dt} or ndim {ndim}")
         off = _HEAD.size + 4 * ndim
         if len(mv) < off:
@@ -116,8 +124,17 @@ class EncodedTensor:
             q.check_group_size(group_size)
         except InvalidRequestError as exc:
             raise InvalidRequestError(f"tensor message: {exc}") from exc
-        ng = q.num_groups(numel, group_size)
-        want_scales, want_codes = 4 * ng, q.packed_nbytes(numel, bits, group_size)
+        if enc == QUANT_CHANNEL:
+            if ndim == 0 or numel == 0 or group_size != _channel_group(numel, shape[-1]):
+                raise InvalidRequestError(
+                    f"per-channel tensor message of shape {shape} must use groups of the padded row count"
+                )
+            ng = shape[-1]
+            want_codes = ng * group_size * bits // 8
+        else:
+            ng = q.num_groups(numel, group_size)
+            want_codes = q.packed_nbytes(numel, bits, group_size)
+        want_scales = 4 * ng
         if len(mv) - off != want_scales + want_codes:
             raise InvalidRequestError(
                 f"quantized payload is {len(mv) - off} bytes, expected {want_scales + want_codes} "
@@ -130,7 +147,7 @@ class EncodedTensor:
             raise InvalidRequestError("tensor message has NaN/Inf or negative scales")
         return cls(
             shape=tuple(shape), dtype=dtype, bits=bits, group_size=group_size,
-            data=raw[want_scales:].to(device), scales=scales.to(device),
+            data=raw[want_scales:].to(device), scales=scales.to(device), per_channel=enc == QUANT_CHANNEL,
         )
 
 
@@ -139,11 +156,14 @@ def encode_tensor(
     *,
     bits: int | None,
     group_size: int = 128,
+    per_channel: bool = False,
     stochastic: bool = False,
     generator: torch.Generator | None = None,
     backend: str = "auto",
 ) -> EncodedTensor:
-    """Raw (``bits=None``) or quantized encoding of ``x``. Raises InvalidRequestError on NaN/Inf."""
+    """Raw (``bits=None``) or quantized encoding of ``x``: groups of ``group_size`` consecutive
+    values, or with ``per_channel`` one group per channel of the last dimension. Raises
+    InvalidRequestError on NaN/Inf."""
     x = x.detach()
     dtype = x.dtype if x.dtype in DTYPE_CODES else torch.float32
     if bits is None:
@@ -151,6 +171,19 @@ def encode_tensor(
             raise InvalidRequestError("cannot send a tensor holding NaN or Inf; check the model for divergence")
         data = x.to(dtype).contiguous().view(-1).view(torch.uint8)
         return EncodedTensor(shape=tuple(x.shape), dtype=dtype, bits=0, group_size=0, data=data)
+    if per_channel and x.dim() >= 1 and x.numel() > 0:
+        C = x.shape[-1]
+        N = x.numel() // C
+        Np = _channel_group(x.numel(), C)
+        cols = x.reshape(N, C).t()  # (C, N): each channel contiguous
+        if Np != N:  # pad with the channel's first value: the range and codes of real values unchanged
+            cols = torch.cat([cols, cols[:, :1].expand(C, Np - N)], dim=1)
+        packed, lo, scale = backends.quantize_pack(
+            cols.contiguous(), bits, Np, stochastic=stochastic, generator=generator, backend=backend
+        )
+        scales = torch.stack([lo, scale], dim=1).to(torch.bfloat16)
+        return EncodedTensor(shape=tuple(x.shape), dtype=dtype, bits=bits, group_size=Np, data=packed,
+                             scales=scales, per_channel=True)
     packed, lo, scale = backends.quantize_pack(
         x, bits, group_size, stochastic=stochastic, generator=generator, backend=backend
     )
@@ -170,7 +203,18 @@ def decode_tensor(
     sf = scales.float()
     lo, scale = sf[:, 0].contiguous(), sf[:, 1].contiguous()
     out_dtype = dtype if dtype in (torch.float32, torch.float16) else torch.float32
+    if enc.per_channel:
+        C, Np = enc.shape[-1], enc.group_size
+        flat = backends.unpack_dequantize(data, lo, scale, C * Np, enc.bits, Np, out_dtype=out_dtype, backend=backend)
+        cols = flat.view(C, Np)[:, : enc.numel // C]
+        return cols.t().reshape(enc.shape).to(dtype)
     flat = backends.unpack_dequantize(
         data, lo, scale, enc.numel, enc.bits, enc.group_size, out_dtype=out_dtype, backend=backend
     )
     return flat.view(enc.shape).to(dtype)
+
+
+def _channel_group(numel: int, channels: int) -> int:
+    """Group size of a per-channel encoding: rows per channel, padded to a multiple of 8."""
+    rows = numel // max(1, channels)
+    return max(8, -(-rows // 8) * 8)

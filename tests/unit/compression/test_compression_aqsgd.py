@@ -45,6 +45,8 @@ def test_spec_parsing_and_canonical_strings():
     assert d.bw_bits is None and d.group_size == 64 and d.fw_stochastic and not d.bw_stochastic and d.seed == 3
     assert CodecSpec.parse(str(d)) == d
     assert CodecSpec.parse(" none ") == CodecSpec(kind="none")
+    c = CodecSpec.parse("aqsgd:fw=2,bw=4,g=channel")
+    assert c.per_channel and str(c) == "aqsgd:fw=2,bw=4,g=channel" and CodecSpec.parse(str(c)) == c
     e = CodecSpec.parse("aqsgd:fw=2,bw=4,ef=1,first=8")
     assert e.error_feedback and e.first_bits == 8 and CodecSpec.parse(str(e)) == e
     for bad in ("zip", "none:fw=2", "direct:fw=1", "direct:fw=9", "direct:fw=x", "aqsgd:fw", "aqsgd:q=2",
@@ -56,7 +58,7 @@ def test_spec_parsing_and_canonical_strings():
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), bits=st.integers(2, 8), first=st.sampled_from(["raw", "8", "4"]))
 def test_sender_and_receiver_stay_bit_identical(seed, bits, first):
-    spec = f"aqsgd:fw={bits},bw=4,first={first},fwround={'sr' if seed % 2 else 'rtn'}"
+    spec = f"aqsgd:fw={bits},bw=4,first={first},fwround={'sr' if seed % 2 else 'rtn'}" + (",g=channel" if seed % 3 == 0 else "")
     up, down = _pair(spec)
     gen = torch.Generator().manual_seed(seed)
     base = torch.randn(32, *ROW, generator=gen)
@@ -130,6 +132,9 @@ def test_received_messages_are_checked_against_the_assignment():
     other_bits = BoundaryCodec("direct:fw=2,bw=8", key=KEY)
     with pytest.raises(InvalidRequestError):
         direct_down.decode_forward(other_bits.encode_forward(torch.randn(2, *ROW), [0, 1]), [0, 1])
+    per_channel = BoundaryCodec("direct:fw=4,bw=8,g=channel", key=KEY)
+    with pytest.raises(InvalidRequestError):
+        direct_down.decode_forward(per_channel.encode_forward(torch.randn(2, *ROW), [0, 1]), [0, 1])
     with pytest.raises(InvalidRequestError):
         direct_down.decode_forward(direct_up.encode_forward(torch.randn(2, 3, 3), [0, 1]), [0, 1], expected_row_shape=ROW)
     with pytest.raises(InvalidRequestError):
@@ -161,7 +166,7 @@ def test_memmap_store_persists_and_matches_ram(tmp_path):
     assert torch.equal(reopened.seen(all_ids), up.store._seen)
 
 
-@pytest.mark.parametrize("spec", ["none", "direct:fw=4,bw=8", "direct:fw=2,bw=raw"])
+@pytest.mark.parametrize("spec", ["none", "direct:fw=4,bw=8", "direct:fw=2,bw=raw", "direct:fw=3,bw=4,g=channel"])
 def test_direct_and_none_codecs(spec):
     up = BoundaryCodec(spec, key=KEY)
     down = BoundaryCodec(spec, key=KEY)

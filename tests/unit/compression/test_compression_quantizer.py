@@ -166,3 +166,22 @@ def test_bf16_directed_rounding_brackets_the_value():
     down, up = q.bf16_round_down(x.clone()), q.bf16_round_up(x.abs().clone())
     assert bool((down <= x).all()) and bool((up >= x.abs()).all())
     assert torch.equal(down.to(torch.bfloat16).float(), down) and torch.equal(up.to(torch.bfloat16).float(), up)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16, 45])
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_per_channel_scales(rows, bits):
+    gen = torch.Generator().manual_seed(rows)
+    # channels of very different magnitude: per-channel scales keep the small ones accurate
+    x = torch.randn(rows, 24, generator=gen) * torch.logspace(-3, 2, 24)
+    enc = encode_tensor(x, bits=bits, per_channel=True)
+    assert enc.per_channel and enc.scales.shape == (24, 2) and enc.group_size == max(8, -(-rows // 8) * 8)
+    back = EncodedTensor.from_bytes(enc.to_bytes())
+    y = decode_tensor(back)
+    assert back.per_channel and torch.equal(y, decode_tensor(enc)) and enc.nbytes == len(enc.to_bytes())
+    step = enc.scales.float()[:, 1]  # per channel
+    assert bool(((y - x).abs() <= step / 2 + 1e-5 * (x.abs() + step * (1 << bits))).all())
+    bad = bytearray(enc.to_bytes())
+    bad[8:12] = struct.pack("<I", enc.group_size + 8)  # group size that does not match the rows
+    with pytest.raises(InvalidRequestError):
+        EncodedTensor.from_bytes(bytes(bad))
