@@ -113,7 +113,10 @@ def _pick(backend: str, device: torch.device, dtype: torch.dtype, group_size: in
         raise InvalidRequestError(f"codec backend {backend!r} is not one of {BACKENDS}")
     if backend != "auto":
         return backend
-    if device.type == "cuda" and dtype in _DT_CODE and group_size & (group_size - 1) == 0 and triton_available():
+    # Triton tiles hold whole groups: power-of-two sizes up to 4096 (per-channel groups of many
+    # rows go to the torch path)
+    if (device.type == "cuda" and dtype in _DT_CODE and group_size & (group_size - 1) == 0
+            and group_size <= 4096 and triton_available()):
         return "triton"
     if device.type == "cpu" and dtype in _DT_CODE and cpu_kernel() is not None:
         return "c"
