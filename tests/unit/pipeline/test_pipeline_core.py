@@ -81,8 +81,13 @@ def test_untie_copies_the_embedding_into_the_head():
     assert split_layers(5, 3) == [(0, 2), (2, 4), (4, 5)]
 
 
-def test_reference_split_in_three_stages_equals_one_stage_and_learns():
-    cfg, tensors = untie(TINY, init_tensors(TINY, seed=1))
+LLAMA = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                    intermediate_size=64, max_position_embeddings=32)
+
+
+@pytest.mark.parametrize("model", [TINY, LLAMA], ids=["gpt2", "llama"])
+def test_reference_split_in_three_stages_equals_one_stage_and_learns(model):
+    cfg, tensors = untie(model, init_tensors(model, seed=1))
     ds = _dataset()
     order = BatchOrder(num_samples=ds.num_samples, batch_size=8, micro_batch_size=2, num_replicas=2, seed=0)
     optim = OptimConfig(lr=3e-3, warmup_steps=2, total_steps=12, grad_clip=0.0)

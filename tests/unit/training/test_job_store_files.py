@@ -4,6 +4,7 @@ import hashlib
 
 import numpy as np
 import pytest
+import torch
 
 from swarm.clock import FakeClock
 from swarm.errors import CapacityError, InfeasiblePlanError, InvalidRequestError, NotFoundError
@@ -76,6 +77,26 @@ def test_prepare_job_tokenises_and_unties(tmp_path):
     assert (jdir / "init" / "tokenizer.json").is_file() and (jdir / "data.npy").is_file()
     with pytest.raises(InvalidRequestError, match="max_position"):
         prepare_job(jdir, seq_len=10_000, seed=0)
+
+
+def test_prepare_job_from_a_bare_config_initialises_byte_level_llama(tmp_path):
+    import json
+
+    from swarm.model.checkpoint import load_checkpoint
+
+    cfg = ModelConfig(family="llama", vocab_size=260, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
+                      intermediate_size=32, max_position_embeddings=64)
+    jdir = tmp_path / "job"
+    (jdir / "upload" / "checkpoint").mkdir(parents=True)
+    (jdir / "upload" / "checkpoint" / "config.json").write_text(json.dumps(cfg.to_hf_config()))
+    (jdir / "upload" / "data").mkdir(parents=True)
+    (jdir / "upload" / "data" / "t.txt").write_text("bytes are tokens here " * 10)
+    prepared = prepare_job(jdir, seq_len=8, seed=3)
+    assert prepared.dataset.tokens.max() < 256  # byte-level ids
+    a = load_checkpoint(jdir / "init").tensors
+    again = prepare_job(jdir, seq_len=8, seed=3)  # seeded: the same fresh weights
+    b = load_checkpoint(jdir / "init").tensors
+    assert again.dataset.key == prepared.dataset.key and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _node(i: int) -> NodeInfo:
