@@ -4,8 +4,9 @@ A step is a list of :class:`StepEntry` (one per session) plus, on every stage bu
 the entries' hidden states packed along the token axis: (sum of num_tokens, hidden). Prefill
 entries (several tokens, or a session the stage has not seen) run one by one; decode entries
 (one token of a known session) run together as one batch over a shared :class:`KVCache` whose
-rows are those sessions. The batch cache is kept between steps and rebuilt only when the set of
-decoding sessions changes, so steady-state decoding copies no cache at all.
+rows are those sessions. Batch caches are kept between steps (several at once: the coordinator
+may pipeline a few groups of sessions through the chain) and rebuilt only when a group's set of
+sessions changes, so steady-state decoding copies no cache at all.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from swarm.model.stage import StageModel
 log = logging.getLogger(__name__)
 
 MAX_SESSION_ID_CHARS = 128
+MAX_GROUPS = 8  # batch caches kept at once (pipelined groups); the least recently used goes first
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,8 +88,9 @@ class StageRuntime:
         self.session_timeout_s = session_timeout_s
         self._clock = clock or SystemClock()
         self._sessions: dict[str, _Session] = {}
-        self._group: KVCache | None = None
-        self._group_ids: list[str] = []
+        # batch caches: group key (session ids in row order) -> cache; insertion order = LRU order
+        self._groups: dict[tuple[str, ...], KVCache] = {}
+        self._group_of: dict[str, tuple[str, ...]] = {}
         self._lock = threading.Lock()
         p = next(stage.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -104,7 +107,7 @@ class StageRuntime:
     def kv_cache_bytes(self) -> int:
         with self._lock:
             total = sum(s.cache.nbytes() for s in self._sessions.values() if s.cache is not None)
-            return total + (self._group.nbytes() if self._group is not None else 0)
+            return total + sum(g.nbytes() for g in self._groups.values())
 
     def close(self, session_ids: list[str]) -> int:
         """Free the caches of these sessions; unknown ids are ignored. Returns how many closed."""
@@ -115,8 +118,9 @@ class StageRuntime:
         closed = [sid for sid in session_ids if sid in self._sessions]
         if not closed:
             return 0
-        if any(sid in self._group_ids for sid in closed):
-            self._dissolve_group(keep=set())
+        for sid in closed:
+            if sid in self._group_of:
+                self._dissolve(self._group_of[sid])
         for sid in closed:
             del self._sessions[sid]
         return len(closed)
@@ -131,29 +135,37 @@ class StageRuntime:
             log.info("expired idle sessions count=%d", len(old))
         return old
 
-    def _dissolve_group(self, keep: set[str]) -> None:
-        """Move every row of the decode batch back into its own cache (except ids in ``keep``,
-        which the caller re-batches right away)."""
-        if self._group is None:
+    def _dissolve(self, key: tuple[str, ...]) -> None:
+        """Move every row of a batch cache back into its session's own cache."""
+        group = self._groups.pop(key, None)
+        if group is None:
             return
-        for row, sid in enumerate(self._group_ids):
+        for row, sid in enumerate(key):
+            self._group_of.pop(sid, None)
             if sid in self._sessions and self._sessions[sid].cache is None:
-                self._sessions[sid].cache = self._group.select([row])
-        self._group, self._group_ids = None, []
+                self._sessions[sid].cache = group.select([row]) if len(key) > 1 else group
 
     def _ensure_group(self, ids: list[str]) -> KVCache:
-        if ids == self._group_ids and self._group is not None:
-            return self._group
-        self._dissolve_group(keep=set(ids))
+        key = tuple(ids)
+        group = self._groups.get(key)
+        if group is not None:
+            self._groups[key] = self._groups.pop(key)  # most recently used
+            return group
+        for sid in ids:  # a session is in one batch cache at most
+            if sid in self._group_of:
+                self._dissolve(self._group_of[sid])
+        while len(self._groups) >= MAX_GROUPS:
+            self._dissolve(next(iter(self._groups)))
         caches = []
         for sid in ids:
             s = self._sessions[sid]
             assert s.cache is not None
             caches.append(s.cache)
             s.cache = None
-        self._group = caches[0] if len(caches) == 1 else KVCache.cat(caches)
-        self._group_ids = list(ids)
-        return self._group
+            self._group_of[sid] = key
+        group = caches[0] if len(caches) == 1 else KVCache.cat(caches)
+        self._groups[key] = group
+        return group
 
     # ------------------------------------------------------------------ the step
     def _prepare(self, entry: StepEntry) -> None:
@@ -230,8 +242,8 @@ class StageRuntime:
             for i in prefill:
                 e = entries[i]
                 s = self._sessions[e.session_id]
-                if s.cache is None:  # a row of the batch that is re-prefilled: give it back its cache
-                    self._dissolve_group(keep=set())
+                if s.cache is None:  # a row of a batch cache that is re-prefilled: give it back its cache
+                    self._dissolve(self._group_of[e.session_id])
                 x = self._input(e, hidden, offsets[i])  # (1, T) or (1, T, H)
                 y = self.stage(x, kv_cache=s.cache)
                 outs[i] = y[0, -1:] if self.stage.is_last else y[0]

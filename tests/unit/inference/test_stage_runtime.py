@@ -123,3 +123,31 @@ def test_idle_sessions_expire(ckpt):
     assert rt.expire() == []
     clock.advance(6)
     assert rt.expire() == ["a"] and rt.num_sessions == 0 and rt.kv_cache_bytes() == 0
+
+
+def test_alternating_groups_keep_their_batch_caches(ckpt):
+    path, cfg = ckpt
+    n = cfg.num_layers
+    chain = LocalChain([runtime(path, 0, 2, n, max_sessions=4), runtime(path, 2, n, n, max_sessions=4)])
+    whole = runtime(path, 0, n, n)
+    prompts = {"a": [1, 2], "b": [3, 4, 5], "c": [6], "d": [7, 8, 9, 10]}
+    p = SamplingParams(max_new_tokens=8)
+    refs = {sid: generate_local(whole.run_and_sample, pr, p, session_id=sid) for sid, pr in prompts.items()}
+    state = {sid: {"pos": 0, "last": None, "out": []} for sid in prompts}
+    lanes = [["a", "b"], ["c", "d"]]  # two pipelined groups, stepped in turn
+    for step in range(16):
+        lane = lanes[step % 2]
+        entries = []
+        for sid in lane:
+            st = state[sid]
+            toks = tuple(prompts[sid]) if st["last"] is None else (st["last"],)
+            entries.append(StepEntry(session_id=sid, start_position=st["pos"], num_tokens=len(toks), token_ids=toks))
+        for e, t in zip(entries, chain.step(entries)):
+            st = state[e.session_id]
+            st["pos"] += e.num_tokens
+            st["last"] = t
+            st["out"].append(t)
+        if step >= 4:
+            assert all(len(s._groups) == 2 for s in chain.stages)  # both batch caches kept
+    for sid in prompts:
+        assert state[sid]["out"] == refs[sid], sid
