@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import socket
 import threading
 
 from aiohttp import web
@@ -76,12 +77,21 @@ class HttpServer:
         return self.port
 
     async def _start(self) -> int:
+        # Bind the socket ourselves so port 0 works and the bound port is known (public API only).
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self._host, self._port))
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
         self._runner = web.AppRunner(self.web_app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
-        await site.start()
-        sockets = site._server.sockets if site._server else []  # aiohttp exposes no public accessor
-        return sockets[0].getsockname()[1] if sockets else self._port
+        await web.SockSite(self._runner, sock).start()
+        return sock.getsockname()[1]
 
     def stop(self) -> None:
         if not self._thread.is_alive():
