@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import swarm
 from swarm.clock import SystemClock
@@ -24,3 +25,42 @@ def make_register(app, ident: Identity, *, token=None, version=None, name="node-
     ).SerializeToString()
     return pb.RegisterRequest(payload=payload, public_key=ident.public_key, signature=ident.sign(payload),
                               token=app.join_token if token is None else token)
+
+
+@contextmanager
+def inprocess_coordinator(state_dir, *, plugins: tuple[str, ...] = (), **overrides):
+    """A real CoordinatorApp on 127.0.0.1 free ports with short test intervals; stopped on exit.
+
+        with inprocess_coordinator(tmp_path / "coord", plugins=("coordinator.jobs",)) as app:
+            stub = MyStub(grpc.insecure_channel(f"127.0.0.1:{app.grpc_port}"))
+    """
+    from coordinator.app import CoordinatorApp, CoordinatorConfig
+    from coordinator.network import MeasurementPolicy
+
+    settings = dict(heartbeat_interval_s=0.2, node_timeout_s=1.5, sweep_interval_s=0.1,
+                    measurement=MeasurementPolicy(probe_bytes=256 << 10, num_pings=3))
+    settings.update(overrides)
+    app = CoordinatorApp(CoordinatorConfig(state_dir=state_dir, plugins=plugins, **settings))
+    app.start()
+    try:
+        yield app
+    finally:
+        app.stop(grace_s=0.2)
+
+
+@contextmanager
+def inprocess_node(app, state_dir, *, name: str = "n0", plugins: tuple[str, ...] = (), hardware=None,
+                   register_timeout_s: float = 10.0):
+    """A real NodeAgent joined to ``app`` (hardware injected, no probe), registered on entry; leaves on exit."""
+    from node.agent import NodeAgent, NodeConfig
+
+    config = NodeConfig(coordinator_address=f"127.0.0.1:{app.grpc_port}", token=app.join_token, state_dir=state_dir,
+                        name=name, host="127.0.0.1", plugins=plugins)
+    agent = NodeAgent(config, hardware=hardware or HW)
+    agent.start()
+    try:
+        if not agent.wait_registered(register_timeout_s):
+            raise TimeoutError(f"node {name} did not register within {register_timeout_s} s")
+        yield agent
+    finally:
+        agent.stop()

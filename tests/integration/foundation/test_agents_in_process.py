@@ -106,3 +106,13 @@ def test_stalled_probe_stream_is_cancelled(app, tmp_path, monkeypatch):
                 release.set()
     finally:
         agent.stop()
+
+
+def test_inprocess_helpers(tmp_path):
+    from tests.helpers.foundation import inprocess_coordinator, inprocess_node
+
+    with inprocess_coordinator(tmp_path / "c") as app:
+        with inprocess_node(app, tmp_path / "n", name="helper") as agent:
+            assert agent.call_metadata()[0] == ("swarm-node-id", agent.node_id)
+            assert app.registry.get(agent.node_id).name == "helper"
+        assert app.registry.get(agent.node_id).state == "left"
