@@ -8,17 +8,19 @@ calling node and check it holds the part of the job it asks about.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import math
 import shutil
 from pathlib import Path
 
-from swarm.errors import InvalidRequestError, NotFoundError
+from swarm.errors import AuthError, InvalidRequestError, NotFoundError
 from swarm.proto.v1 import training_pb2 as pb
 from swarm.proto.v1 import training_pb2_grpc as pb_grpc
 from swarm.transport.channels import CHUNK_BYTES
 from swarm.transport.errors import grpc_errors
+from swarm.transport.training_client import API_TOKEN_KEY
 
 from coordinator.jobs import files
 from coordinator.jobs.service import JobService, detail_json
@@ -57,15 +59,29 @@ def _stream_file(path: Path, name: str):
 
 
 class TrainingServicer(pb_grpc.TrainingServicer):
-    """Follows the protocol of protos/swarm/proto/v1/training.proto."""
+    """Follows the protocol of protos/swarm/proto/v1/training.proto.
+
+    Submitting and cancelling jobs need the coordinator's token (the join token) in the
+    ``swarm-api-token`` metadata; reading jobs does not.
+    """
 
     def __init__(self, app, service: JobService) -> None:
         self.app = app
         self.service = service
 
+    def _check_user(self, context) -> None:
+        token = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == API_TOKEN_KEY and isinstance(value, str):
+                token = value
+        if not token or len(token) > 200 or not hmac.compare_digest(token.encode(), self.app.join_token.encode()):
+            raise AuthError("submitting or cancelling jobs needs the coordinator's token: pass --token or set "
+                            "SWARM_TOKEN (the token swarm-coordinator printed at start)")
+
     # -- users -----------------------------------------------------------------------------------
     @grpc_errors
     def SubmitJob(self, request_iterator, context) -> pb.JobRecord:
+        self._check_user(context)
         it = iter(request_iterator)
         first = next(it, None)
         if first is None or not first.HasField("spec"):
@@ -98,6 +114,7 @@ class TrainingServicer(pb_grpc.TrainingServicer):
 
     @grpc_errors
     def CancelJob(self, request, context) -> pb.JobRecord:
+        self._check_user(context)
         return job_record(self.service, self.service.cancel(request.job_id, request.reason[:500]))
 
     @grpc_errors

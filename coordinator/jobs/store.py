@@ -253,13 +253,15 @@ class JobStore:
         with self._lock:
             rows = self._conn.execute(
                 "SELECT stage, replica, MAX(step), SUM(bytes_sent), SUM(bytes_raw), SUM(compute_s), SUM(wait_s),"
-                " SUM(comm_s), SUM(step_s) FROM job_progress WHERE job_id = ? GROUP BY stage, replica"
+                " SUM(comm_s), SUM(step_s), SUM(bytes_forward), SUM(bytes_backward) FROM job_progress"
+                " WHERE job_id = ? AND attempt = (SELECT attempt FROM jobs WHERE id = ?) GROUP BY stage, replica"
                 " ORDER BY stage, replica",
-                (job_id,),
+                (job_id, job_id),
             ).fetchall()
         return [
             {"stage": r[0], "replica": r[1], "step": r[2], "bytes_sent": r[3], "bytes_raw": r[4],
-             "compute_s": r[5], "wait_s": r[6], "comm_s": r[7], "busy_s": r[8]}
+             "compute_s": r[5], "wait_s": r[6], "comm_s": r[7], "busy_s": r[8], "bytes_forward": r[9],
+             "bytes_backward": r[10]}
             for r in rows
         ]
 

@@ -90,7 +90,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if args.train_steps > 0:  # training across the swarm (swarm.cli.train)
             from swarm.cli.train import demo_fine_tune
 
-            if demo_fine_tune(ls.coordinator_address, Path(state_dir), steps=args.train_steps,
+            if demo_fine_tune(ls.coordinator_address, Path(state_dir), token=ls.token, steps=args.train_steps,
                               out=lambda line: print(line, flush=True)) != 0:
                 return 1
     print("demo finished: all processes stopped", flush=True)

@@ -28,14 +28,17 @@ MODEL_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", 
                "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
-def _coordinator_flag(p) -> None:
+def _coordinator_flag(p, *, token: bool = False) -> None:
     p.add_argument("--coordinator", default=os.environ.get("SWARM_COORDINATOR", "127.0.0.1:7070"),
                    help="HOST:PORT of the coordinator's gRPC port (default 127.0.0.1:7070, or $SWARM_COORDINATOR)")
+    if token:
+        p.add_argument("--token", default=os.environ.get("SWARM_TOKEN"),
+                       help="the coordinator's token (printed by swarm-coordinator; default $SWARM_TOKEN)")
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="submit a training / fine-tuning job to the swarm")
-    _coordinator_flag(p)
+    _coordinator_flag(p, token=True)
     p.add_argument("--model", required=True, help="config.json (fresh weights) or an HF checkpoint directory")
     p.add_argument("--data", required=True, help="a text file or a directory of text files")
     g = p.add_mutually_exclusive_group()
@@ -74,7 +77,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run_job)
 
     p = subparsers.add_parser("cancel", help="cancel a training job")
-    _coordinator_flag(p)
+    _coordinator_flag(p, token=True)
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_cancel)
@@ -162,7 +165,7 @@ def run_train(args: argparse.Namespace) -> int:
     }
     try:
         files = upload_files(Path(args.model), Path(args.data))
-        with TrainingClient(args.coordinator) as client:
+        with TrainingClient(args.coordinator, token=args.token) as client:
             job = client.submit(spec, files)
             if not args.json:
                 print(f"job {job['id']} submitted ({job['state']}{': ' + job['reason'] if job.get('reason') else ''})",
@@ -239,7 +242,7 @@ def run_cancel(args: argparse.Namespace) -> int:
     from swarm.transport.training_client import TrainingClient
 
     try:
-        with TrainingClient(args.coordinator) as client:
+        with TrainingClient(args.coordinator, token=args.token) as client:
             job = client.cancel(args.job_id, "cancelled with swarm cancel")
     except SwarmError as exc:
         print(f"swarm cancel: {exc}", file=sys.stderr)
@@ -251,7 +254,7 @@ def run_cancel(args: argparse.Namespace) -> int:
 DEMO_CODEC = "aqsgd:fw=4,bw=8"
 
 
-def demo_fine_tune(coordinator: str, state_dir: Path, *, steps: int = 40, out=print) -> int:
+def demo_fine_tune(coordinator: str, state_dir: Path, *, token: str, steps: int = 40, out=print) -> int:
     """The README demo's training part: fine-tune a tiny model across the local swarm with AQ-SGD,
     print the loss as it falls, and write the checkpoint under ``state_dir/demo-checkpoint``."""
     from swarm.model.testing import _SAMPLE_TEXT, make_tiny_checkpoint
@@ -266,7 +269,7 @@ def demo_fine_tune(coordinator: str, state_dir: Path, *, steps: int = 40, out=pr
     out(f"fine-tuning a {3}-layer model across 3 nodes with {DEMO_CODEC} (activations as 4-bit changes, "
         f"gradients 8-bit) for {steps} steps ...")
     try:
-        with TrainingClient(coordinator) as client:
+        with TrainingClient(coordinator, token=token) as client:
             job = client.submit(spec, upload_files(model, data))
             job = follow(client, job["id"], quiet=False, interval_s=0.5)
             if job["state"] != "succeeded":

@@ -21,6 +21,7 @@ from swarm.transport.channels import CHUNK_BYTES, control_channel, parse_address
 from swarm.transport.errors import translate_rpc_errors
 
 MAX_RESULT_BYTES = 64 << 30
+API_TOKEN_KEY = "swarm-api-token"  # gRPC metadata: the coordinator's token, needed to submit or cancel
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,9 +61,10 @@ def _record(r: pb.JobRecord) -> dict[str, Any]:
 
 
 class TrainingClient:
-    def __init__(self, address: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, address: str, *, token: str | None = None, timeout_s: float = 30.0) -> None:
         parse_address(address)
         self.address = address
+        self._md = ((API_TOKEN_KEY, token),) if token else ()
         self.timeout_s = timeout_s
         self._channel = control_channel(address)
         self._stub = pb_grpc.TrainingStub(self._channel)
@@ -80,7 +82,8 @@ class TrainingClient:
     def submit(self, spec: dict[str, Any], files: list[UploadFile], *, timeout_s: float = 3600.0,
                on_bytes=None) -> dict[str, Any]:
         with translate_rpc_errors(self._what):
-            return _record(self._stub.SubmitJob(_submit_chunks(spec, files, on_bytes), timeout=timeout_s))
+            return _record(self._stub.SubmitJob(_submit_chunks(spec, files, on_bytes), timeout=timeout_s,
+                                                metadata=self._md))
 
     def get(self, job_id: str) -> dict[str, Any]:
         with translate_rpc_errors(self._what):
@@ -93,7 +96,8 @@ class TrainingClient:
 
     def cancel(self, job_id: str, reason: str = "") -> dict[str, Any]:
         with translate_rpc_errors(self._what):
-            return _record(self._stub.CancelJob(pb.CancelJobRequest(job_id=job_id, reason=reason), timeout=self.timeout_s))
+            return _record(self._stub.CancelJob(pb.CancelJobRequest(job_id=job_id, reason=reason), timeout=self.timeout_s,
+                                                metadata=self._md))
 
     def download_result(self, job_id: str, out_dir: Path, *, timeout_s: float = 3600.0) -> list[Path]:
         """Write the job's exported checkpoint files into ``out_dir`` (sizes and SHA-256 checked)."""

@@ -57,7 +57,9 @@ def test_three_node_job_matches_single_process_and_exports(tmp_path, capsys):
         assert swarm_main(train_args(coord, model, data, steps=100_000, extra=("--json",))) == 0
         long_id = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["id"]
         wait_until(lambda: coord.get_json(f"/api/jobs/{long_id}")["step"] is not None, 30, message="long job runs")
-        assert swarm_main(["cancel", long_id, "--coordinator", coord.address, "--json"]) == 0
+        assert swarm_main(["cancel", long_id, "--coordinator", coord.address, "--json"]) == 2  # no token
+        assert "token" in capsys.readouterr().err
+        assert swarm_main(["cancel", long_id, "--coordinator", coord.address, "--token", coord.token, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["state"] == "cancelled"
         assert swarm_main(["jobs", "--coordinator", coord.address, "--json"]) == 0
         states = {j["id"]: j["state"] for j in json.loads(capsys.readouterr().out)["jobs"]}
