@@ -67,6 +67,15 @@ def _weight_map(path: Path) -> dict[str, str]:
     return out
 
 
+def _canonical_name(config: ModelConfig, name: str) -> str:
+    """Checkpoints saved from a bare ``GPT2Model``/``LlamaModel`` (e.g. the original GPT-2 release)
+    lack the ``transformer.``/``model.`` prefix; name their tensors as the LM-head model does."""
+    prefix = "transformer." if config.family == "gpt2" else "model."
+    if name.startswith(prefix) or name.startswith("lm_head."):
+        return name
+    return prefix + name
+
+
 def load_checkpoint(
     path: str | Path,
     layers: range | None = None,
@@ -90,11 +99,12 @@ def load_checkpoint(
         raise InvalidRequestError(f"layers {layers} is not a contiguous range inside 0..{config.num_layers}")
     first = layers.start == 0 if is_first is None else is_first
     last = layers.stop == config.num_layers if is_last is None else is_last
-    wmap = _weight_map(path)
-    names = needed_hf_names(config, list(wmap), layers.start, layers.stop, is_first=first, is_last=last)
+    stored = _weight_map(path)
+    canonical = {_canonical_name(config, n): n for n in stored}  # canonical -> name in the file
+    names = needed_hf_names(config, list(canonical), layers.start, layers.stop, is_first=first, is_last=last)
     by_file: dict[str, list[str]] = {}
     for n in names:
-        by_file.setdefault(wmap[n], []).append(n)
+        by_file.setdefault(stored[canonical[n]], []).append(n)
     tensors: dict[str, torch.Tensor] = {}
     for fname, fnames in sorted(by_file.items()):
         fpath = path / fname
@@ -102,7 +112,7 @@ def load_checkpoint(
             raise NotFoundError(f"shard {fname} named in {INDEX_NAME} is missing from {path}")
         with safe_open(str(fpath), framework="pt", device="cpu") as sf:
             for n in fnames:
-                t = sf.get_tensor(n)
+                t = sf.get_tensor(canonical[n])
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype)
                 tensors[n] = t.to(device)

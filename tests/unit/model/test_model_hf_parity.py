@@ -92,3 +92,17 @@ def test_load_checkpoint_reads_only_the_stage_tensors(tmp_path):
     first = load_checkpoint(tmp_path, range(0, 1), dtype=torch.float16)
     assert first.tensors["model.embed_tokens.weight"].dtype == torch.float16
     assert not any(n.startswith("model.layers.1.") for n in first.tensors)
+
+
+def test_checkpoint_without_the_lm_model_prefix_loads(tmp_path):
+    """The original GPT-2 release names tensors ``h.0.attn...``, ``wte.weight`` (no ``transformer.``)."""
+    from safetensors.torch import load_file, save_file
+
+    hf = _hf_gpt2(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    stripped = {n.removeprefix("transformer."): t.contiguous() for n, t in tensors.items() if n != "lm_head.weight"}
+    save_file(stripped, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    ours = load_stage(tmp_path, 0, 3)
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
