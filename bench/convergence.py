@@ -63,7 +63,7 @@ class Size:
 
 SIZES = {
     # ~1 M parameters, 4 stages of one layer: fits the 10-minute budget on 2 shared cores
-    "quick": Size(hidden=128, layers=4, heads=4, seq_len=64, stages=4, pretrain_steps=200, pretrain_batch=16,
+    "quick": Size(hidden=128, layers=4, heads=4, seq_len=64, stages=4, pretrain_steps=300, pretrain_batch=32,
                   pretrain_lr=3e-3, finetune_samples=256, finetune_batch=16, finetune_lr=3e-4, epochs=10,
                   val_samples=64),
     "default": Size(hidden=192, layers=6, heads=6, seq_len=128, stages=3, pretrain_steps=600, pretrain_batch=32,
