@@ -48,6 +48,7 @@ from node.training.reporter import Reporter
 
 log = logging.getLogger(__name__)
 KEEP_LOCAL_CHECKPOINTS = 2
+AQSGD_RAM_LIMIT_BYTES = 256 << 20  # per boundary side; larger caches go to disk (memmap)
 
 
 class StopRequested(Exception):
@@ -157,7 +158,12 @@ class StageWorker:
         self.runner = StageRunner(self.module, is_first=a.is_first, is_last=a.is_last, loss_scale=1.0 / self.M)
         self.codec_text = str(parse_codec_spec(spec["compression"] or "none"))
         key = state_key(a.job_id, a.dataset_key)
-        common = dict(key=key, num_samples=a.num_samples, row_shape=(self.S, self.H), device=self.device)
+        # AQ-SGD keeps m(x) per sample and side: in (device) memory while small, else memory-mapped
+        # files under the node's state dir.
+        cache_bytes = a.num_samples * self.S * self.H * 2
+        storage = "ram" if cache_bytes <= AQSGD_RAM_LIMIT_BYTES else str(self.dir / "aqsgd-cache")
+        common = dict(key=key, num_samples=a.num_samples, row_shape=(self.S, self.H), device=self.device,
+                      storage=storage)
         self.down = make_codec(self.codec_text, side="down", boundary=a.stage - 1, **common) if not a.is_first else None
         self.up = make_codec(self.codec_text, side="up", boundary=a.stage, **common) if not a.is_last else None
         self.timeout_s = float(spec["peer_timeout_s"])
