@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--netns", action="store_true", help="nodes in network namespaces with tc tbf shaped links")
     ap.add_argument("--rate-mbit", type=float, default=100.0)
     ap.add_argument("--delay-ms", type=float, default=0.0)
-    ap.add_argument("--hidden-codec", default="none", choices=("none", "int8"))
+    ap.add_argument("--hidden-codec", default="none", choices=("none", "int8", "auto"))
+    ap.add_argument("--lanes", type=int, default=1, help="pipelined session groups per chain")
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--record-to", default=None, help="append the section to this file instead of docs/benchmarks.md")
     ap.add_argument("--json-out", default=None, help="also write the rows as JSON here")
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in stages:
                 upload_model(swarm.address, ckpt, name=f"bench-{k}", num_replicas=1, num_stages=k,
                              max_seq_len=args.max_seq_len, sessions_per_replica=max(sessions),
-                             hidden_codec=args.hidden_codec, dtype=args.dtype)
+                             hidden_codec=args.hidden_codec, dtype=args.dtype, lanes=args.lanes)
                 one_generation(swarm.address, f"bench-{k}", 4, [], None)  # warm-up
             # interleave configurations so they share the same machine conditions; keep each
             # configuration's best run (highest aggregate throughput): the least disturbed one
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [f"Model: tiny {args.family}, {args.layers} layers, hidden {args.hidden}, {params_m:.1f}M parameters, "
              f"{args.dtype} on {args.device}; prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, greedy, "
              f"KV cache {args.max_seq_len} positions per session; "
-             f"best of {args.repeats} interleaved runs; hidden codec {args.hidden_codec}; one node process per stage"
+             f"best of {args.repeats} interleaved runs; hidden codec {args.hidden_codec}; {args.lanes} lane(s); one node process per stage"
              + ("; nodes in network namespaces behind tc tbf" if args.netns else "; loopback") + "."]
     by = {(r[0].split(" ")[0] == "single", r[1], r[2]): r for r in rows}
     one = by.get((False, 1, 1))

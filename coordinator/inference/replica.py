@@ -1,11 +1,17 @@
 """One replica of a served model: a chain of stages and the loop that drives its sessions.
 
-Protocol (coordinator side): the driver thread repeatedly takes every session attached to the
-replica, builds one ``Step`` for the first stage (prefill entries for sessions the chain has
+Protocol (coordinator side): a driver thread ("lane") repeatedly takes every session of its
+lane, builds one ``Step`` for the first stage (prefill entries for sessions the chain has
 not seen, one-token decode entries for the rest), and hands each sampled token to its session.
 Sessions that finished are closed on the stages in the next step (``close_session_ids``), or
 directly when the replica goes idle. A step that fails because a stage is unreachable marks
 the replica failed and hands its sessions back to the engine, which replays them elsewhere.
+
+With ``lanes`` > 1 a chain of k stages runs up to min(lanes, k, MAX_LANES) lanes: sessions are
+spread over them and each lane keeps one step in flight, so while stage 1 works on one lane's
+batch, stage 0 can already work on the next (pipelining; every stage keeps one batch cache per
+lane). It pays when stages have their own hardware; on a shared 2-core machine the smaller
+batches cost more than the overlap gives, so the default is one lane.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from swarm.transport.inference import entries_to_pb
 log = logging.getLogger(__name__)
 
 STEP_TIMEOUT_S = 120.0
+MAX_LANES = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,6 +62,7 @@ class Session:
         self.cancelled = False
         self.closed = False
         self.waiting_since_s = 0.0
+        self.lane = 0
 
     def fail(self, exc: SwarmError) -> None:
         if not self.closed:
@@ -84,6 +92,7 @@ class Replica:
         on_failure: Callable[["Replica", list[Session], str], None],
         on_finish: Callable[["Replica", Session], None],
         predicted_latency_s: float = 0.0,
+        lanes: int = 1,
     ) -> None:
         self.model = model
         self.index = index
@@ -99,7 +108,9 @@ class Replica:
         self._stop = False
         self._channels = [data_channel(s.address) for s in stages]
         self._stubs = [pb_grpc.InferenceStageStub(c) for c in self._channels]
-        self._thread: threading.Thread | None = None
+        self.num_lanes = max(1, min(lanes, len(stages), MAX_LANES))
+        self._threads: list[threading.Thread] = []
+        self._failing = False
         self.steps = 0
         self.tokens = 0
         self._replays = 0
@@ -120,13 +131,20 @@ class Replica:
     def attach(self, s: Session) -> None:
         with self._cond:
             s.replica = self
+            counts = [0] * self.num_lanes
+            for other in self._sessions:
+                counts[other.lane] += 1
+            s.lane = min(range(self.num_lanes), key=lambda k: (counts[k], k))
             self._sessions.append(s)
             self._cond.notify_all()
 
     def start(self) -> None:
         self.state = "ready"
-        self._thread = threading.Thread(target=self._run, name=f"replica-{self.model}-{self.index}", daemon=True)
-        self._thread.start()
+        for lane in range(self.num_lanes):
+            t = threading.Thread(target=self._run, args=(lane,), name=f"replica-{self.model}-{self.index}-{lane}",
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def stop(self, *, unload: bool = True) -> list[Session]:
         """Stop the driver; returns the sessions still attached (the caller re-homes them)."""
@@ -134,8 +152,9 @@ class Replica:
             self._stop = True
             left, self._sessions = self._sessions, []
             self._cond.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=STEP_TIMEOUT_S)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=STEP_TIMEOUT_S)
         if unload:
             for stub, st in zip(self._stubs, self.stages):
                 try:
@@ -157,32 +176,31 @@ class Replica:
         return dead
 
     # ------------------------------------------------------------------ driver
-    def _run(self) -> None:
+    def _run(self, lane: int) -> None:
+        def mine() -> list[Session]:
+            return [s for s in self._sessions if s.lane == lane]
+
         while True:
             with self._cond:
-                while not self._stop and not self._sessions and not self._closing:
+                # lane 0 also closes finished sessions when the whole replica is idle
+                while not self._stop and not mine() and not (lane == 0 and self._closing and not self._sessions):
                     self._cond.wait(timeout=1.0)
                 if self._stop:
                     return
-                for s in [s for s in self._sessions if s.cancelled]:
+                for s in [s for s in mine() if s.cancelled]:
                     self._sessions.remove(s)
                     self._closing.append(s.id)
                     s.closed = True
-                batch = list(self._sessions)
+                batch = mine()
                 closing, self._closing = self._closing, []
             if not batch:
-                self._close_idle(closing)
+                if closing:
+                    self._close_idle(closing)
                 continue
             try:
                 self._step(batch, closing)
             except _ReplicaDown as exc:
-                self.state = "failed"
-                with self._cond:
-                    left, self._sessions = self._sessions, []
-                    self._stop = True
-                log.warning("replica failed model=%s replica=%d sessions=%d reason=%s",
-                            self.model, self.index, len(left), exc)
-                self._on_failure(self, left, str(exc))
+                self._fail(str(exc))
                 return
             except Exception:  # noqa: BLE001 -- a bug must not kill the loop silently
                 log.exception("replica step crashed model=%s replica=%d", self.model, self.index)
@@ -192,6 +210,24 @@ class Replica:
                             self._sessions.remove(s)
                 for s in batch:
                     s.fail(SwarmError("internal error while generating; see the coordinator's log"))
+
+    def _fail(self, reason: str) -> None:
+        """Declare the replica failed (once): stop every lane, let in-flight steps finish, then
+        hand all sessions to the engine."""
+        with self._cond:
+            if self._failing:
+                return
+            self._failing = True
+            self._stop = True
+            self._cond.notify_all()
+        self.state = "failed"
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=STEP_TIMEOUT_S)
+        with self._cond:
+            left, self._sessions = self._sessions, []
+        log.warning("replica failed model=%s replica=%d sessions=%d reason=%s", self.model, self.index, len(left), reason)
+        self._on_failure(self, left, reason)
 
     def _close_idle(self, ids: list[str]) -> None:
         req = lambda: pb.ServeCloseSessionRequest(model_name=self.model, replica=self.index, session_ids=ids)  # noqa: E731

@@ -54,6 +54,7 @@ class ServeParams:
     hidden_codec: str = "none"
     dtype: str = "float32"
     session_timeout_s: float = 120.0
+    lanes: int = 1  # session groups pipelined through a chain (1: one batch in flight)
 
     def __post_init__(self) -> None:
         if self.num_replicas is not None and not 1 <= self.num_replicas <= 64:
@@ -68,6 +69,8 @@ class ServeParams:
             raise InvalidRequestError("--objective must be latency or throughput")
         if self.hidden_codec not in ("none", "int8", "auto"):
             raise InvalidRequestError("--hidden-codec must be none, int8 or auto (int8 on slow links)")
+        if not 1 <= self.lanes <= 8:
+            raise InvalidRequestError("--lanes must be in 1..8")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise InvalidRequestError("--dtype must be float32, float16 or bfloat16")
 

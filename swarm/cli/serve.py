@@ -37,6 +37,8 @@ def add_parser(sub) -> None:
     s.add_argument("--hidden-codec", choices=("none", "int8", "auto"), default="none",
                    help="hidden states between stages: raw, 8-bit, or auto (8-bit on links measured < 100 Mbit/s)")
     s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="weights on the nodes")
+    s.add_argument("--lanes", type=int, default=1,
+                   help="session groups pipelined through each chain (default 1; >1 pays when stages have their own hardware)")
     s.add_argument("--json", action="store_true", help="print the placement as JSON")
     s.set_defaults(func=cmd_serve)
 
@@ -99,7 +101,7 @@ def cmd_serve(args) -> int:
         info = upload_model(
             address, model_dir, name=name, num_replicas=args.replicas, num_stages=args.stages,
             max_seq_len=args.max_seq_len, sessions_per_replica=args.sessions, objective=args.objective,
-            hidden_codec=args.hidden_codec, dtype=args.dtype, progress=progress,
+            hidden_codec=args.hidden_codec, dtype=args.dtype, lanes=args.lanes, progress=progress,
         )
     except SwarmError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -209,6 +209,7 @@ def upload_model(
     objective: str = "",
     hidden_codec: str = "",
     dtype: str = "",
+    lanes: int = 0,
     timeout_s: float = 600.0,
     progress=None,
 ) -> dict:
@@ -226,6 +227,7 @@ def upload_model(
         hidden_codec=hidden_codec,
         num_stages=num_stages,
         dtype=dtype,
+        lanes=lanes,
     )
 
     def chunks() -> Iterator[pb.ServeUploadChunk]:
