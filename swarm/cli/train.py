@@ -128,8 +128,11 @@ def progress_line(job: dict, width: int = 24) -> str:
     done = 0 if step is None else step + 1
     filled = int(width * done / total) if total else 0
     bar = "#" * filled + "." * (width - filled)
-    return (f"[{bar}] step {done}/{total}  loss {_num(job.get('loss'), '.4f')}  "
+    line = (f"[{bar}] step {done}/{total}  loss {_num(job.get('loss'), '.4f')}  "
             f"tok/s {_num(job.get('tokens_per_s'), '.0f')}  ETA {_fmt_s(job.get('eta_s'))}  {job['state']}")
+    if job["state"] == "pending" and job.get("reason"):
+        line += f" ({job['reason']})"  # e.g. waiting for nodes
+    return line
 
 
 def follow(client, job_id: str, *, quiet: bool, interval_s: float = 1.0) -> dict:
@@ -137,7 +140,7 @@ def follow(client, job_id: str, *, quiet: bool, interval_s: float = 1.0) -> dict
     last = None
     while True:
         job = client.get(job_id)
-        key = (job.get("step"), job["state"])
+        key = (job.get("step"), job["state"], job.get("reason"))
         if not quiet and key != last:
             line = progress_line(job)
             if sys.stdout.isatty():
