@@ -2,7 +2,10 @@
 random balanced plan, a naive in-order plan and the costs DT-FM's own scheduler reached; plus a
 1,024-device synthetic cluster.
 
-    python -m bench.scheduler [--time-budget-s 60] [--quick] [--no-record]
+    python -m bench.scheduler [--time-budget-s 60] [--quick] [--hetero-only] [--no-record]
+
+Also a table of heterogeneous plans (FlashFlex README clusters): predicted iteration time with
+layer counts balanced by speed, against the same search with equal layer counts.
 
 Every "ours" row runs the real CLI (`python -m swarm.cli plan --cluster F --json`) in a
 subprocess and re-scores the plan it printed with the cost formulas (as a fixed assignment:
@@ -26,7 +29,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._record import markdown_table, record  # noqa: E402
-from swarm.scheduling import Cluster, JobShape, Plan, evaluate_plan  # noqa: E402
+from swarm.errors import InfeasiblePlanError  # noqa: E402
+from swarm.scheduling import Cluster, Device, JobShape, Plan, evaluate_plan, plan_training  # noqa: E402
 from swarm.scheduling.cluster import cluster_and_job_from_json  # noqa: E402
 from swarm.scheduling.costs import dp_matrix, fixed_assignment_cost, partition_cost, pp_matrix  # noqa: E402
 
@@ -100,6 +104,70 @@ def synthetic(n_regions: int = 32, per_region: int = 32, seed: int = 0) -> dict:
     }
 
 
+FLASHFLEX = Path("/work/shared/bench/training/flashflex_readme_clusters.json")
+# (cluster, model): the README's heterogeneous clusters with the models it reports on
+HETERO_CASES = [
+    ("hetA_3080Ti8_3090x8_4090x24", "llama-7b"),
+    ("hetA_3080Ti8_3090x8_4090x24", "llama-13b"),
+    ("hetB_3080Ti8_3090x8_4090x8_A100x8", "llama-7b"),
+    ("hetB_3080Ti8_3090x8_4090x8_A100x8", "llama-13b"),
+    ("hetC_3090x8_4090x4x2_4090x32_A100x8", "llama-30b"),
+]
+PARAMS = {"llama-7b": 6.7e9, "llama-13b": 13.0e9, "llama-30b": 32.5e9}
+
+
+def flashflex_cluster(ff: dict, name: str, inter_Bps: float = 5e9) -> Cluster:
+    """GPUs from the README cluster spec: TFLOPS and memory from its table, the machine's own
+    bandwidth inside a machine (delay 0.1 ms), 5 GB/s between machines (delay 1 ms; assumed)."""
+    spec = ff["machine_specs_their_numbers"]["specs"]
+    devs, machine, intra = [], [], []
+    m = 0
+    for gpu, shape in ff["clusters"][name].items():
+        for per, count in shape.items():
+            for _ in range(count):
+                tf, mem_gb, bw_gbs = spec[gpu]
+                for k in range(int(per)):
+                    devs.append(Device(id=f"{gpu}-m{m}-{k}", tflops=float(tf), memory_bytes=int(mem_gb * 2**30), region=f"m{m}"))
+                    machine.append(m)
+                    intra.append(bw_gbs * 1e9)
+                m += 1
+    machine = np.array(machine)
+    same = machine[:, None] == machine[None]
+    bw = np.where(same, np.array(intra)[:, None], inter_Bps)
+    return Cluster(devices=tuple(devs), delay_s=np.where(same, 1e-4, 1e-3), bandwidth_Bps=bw, name=name)
+
+
+def hetero_table(budget_s: float) -> str:
+    ff = json.loads(FLASHFLEX.read_text())
+    rows = []
+    for name, model in HETERO_CASES:
+        ms = ff["model_settings_in_scheduler"][model]
+        cluster = flashflex_cluster(ff, name)
+        job = JobShape(num_layers=ms["L"], hidden_size=ms["H"], seq_len=ff["model_settings_in_scheduler"]["seq_len"],
+                       num_params=PARAMS[model], global_batch_seqs=128, micro_batch_seqs=1, recompute=True)
+        res = {}
+        for balanced in (True, False):
+            try:
+                p = plan_training(cluster, job, seed=0, time_budget_s=budget_s, balance_layers=balanced)
+                res[balanced] = p
+            except InfeasiblePlanError:
+                res[balanced] = None
+        a, s = res[True], res[False]
+        fmt = lambda p: "infeasible" if p is None else f"{p.cost_s:.2f} ({p.d_dp}x{p.d_pp})"
+        rows.append([
+            name, model, cluster.num_devices, fmt(a),
+            "-" if a is None else " ".join(str(x) for x in a.breakdown["stage_layers"]),
+            "-" if a is None else f"{max(a.breakdown['stage_compute_s']):.3f}",
+            "-" if a is None else f"{a.search_s:.1f}", fmt(s),
+            "-" if s is None else f"{max(s.breakdown['stage_compute_s']):.3f}",
+            "-" if a is None or s is None else f"{s.cost_s / a.cost_s:.2f}x",
+        ])
+        print("\t".join(str(x) for x in rows[-1]), flush=True)
+    headers = ["cluster", "model", "GPUs", "ours: predicted s/iter (dp x pp)", "ours: layers per stage", "ours: slowest stage s/micro-batch",
+               "ours: search_s", "equal layers: predicted s/iter", "equal: slowest stage", "asymmetric gain"]
+    return markdown_table(headers, rows)
+
+
 def plan_cost(cluster: Cluster, job: JobShape, out: dict) -> float:
     """The printed plan's cost, recomputed from the formulas as a fixed assignment."""
     return evaluate_plan(cluster, job, Plan.from_json(out)).cost_s
@@ -111,7 +179,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic-budget-s", type=float, default=100.0)
     ap.add_argument("--quick", action="store_true", help="scenarios only, no shuffled copies or synthetic")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--hetero-budget-s", type=float, default=20.0)
+    ap.add_argument("--hetero-only", action="store_true", help="only the heterogeneous (FlashFlex clusters) table")
     args = ap.parse_args(argv)
+    if args.hetero_only or not args.quick:
+        table = hetero_table(args.hetero_budget_s)
+        print(table)
+        if not args.no_record:
+            record(
+                "Scheduler: heterogeneous clusters (FlashFlex README), balanced vs equal layer counts",
+                table,
+                f"`plan_training(..., time_budget_s={args.hetero_budget_s:g})` with dp x pp searched, predicted iteration "
+                "time (compute with 1F1B bubble at 40% of peak TFLOPS + DT-FM communication), activation "
+                "recomputation, 16 B of training state per parameter, global batch 128 x 4096 tokens, micro-batch 1. "
+                "GPU TFLOPS/memory from FlashFlex's spec table; links: the machine's own bandwidth inside a "
+                "machine, 5 GB/s between machines (assumed, as in our FlashFlex runs). Equal layers: the same "
+                "search with equal layer counts per stage (the symmetric baseline). These are model predictions, "
+                "not measured training runs.",
+            )
+        if args.hetero_only:
+            return 0
     ref = json.loads((SHARED / "dtfm_reference.json").read_text())
     rows = []
     all_ok = True

@@ -183,6 +183,7 @@ class JobShape:
     pp: int | None = None
     c_dp_bytes: float | None = None
     c_pp_bytes: float | None = None
+    recompute: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "seq_len"):
@@ -197,6 +198,8 @@ class JobShape:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise InvalidRequestError(f"job {name} must be an integer >= 1 or None, got {v!r}")
+        if not isinstance(self.recompute, bool):
+            raise InvalidRequestError(f"job recompute must be true or false, got {self.recompute!r}")
         if self.pp is not None and self.pp > self.num_layers:
             raise InvalidRequestError(f"pp={self.pp} stages cannot split {self.num_layers} layers; use pp <= num_layers")
         for name in ("c_dp_bytes", "c_pp_bytes"):
@@ -221,14 +224,19 @@ class JobShape:
         return max(1, math.ceil(self.global_batch_seqs / dp / self.micro_batch_seqs - 1e-9))
 
     def train_flops_per_token_per_layer(self) -> float:
-        """Forward + backward FLOPs of one token through one layer (6 * params + attention)."""
-        return 6.0 * self.num_params / self.num_layers + 12.0 * self.seq_len * self.hidden_size
+        """Forward + backward FLOPs of one token through one layer (6 * params + attention);
+        with activation recomputation one more forward pass (x 4/3)."""
+        flops = 6.0 * self.num_params / self.num_layers + 12.0 * self.seq_len * self.hidden_size
+        return flops * (4.0 / 3.0 if self.recompute else 1.0)
 
     def layer_state_bytes(self) -> float:
         return self.num_params / self.num_layers * self.state_bytes_per_param
 
     def layer_activation_bytes_per_microbatch(self) -> float:
-        return ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN * self.hidden_size * self.seq_len * self.micro_batch_seqs
+        """Activations one layer keeps per in-flight micro-batch (only its fp16 input when
+        activations are recomputed in the backward pass)."""
+        per_hidden = 2.0 if self.recompute else ACTIVATION_BYTES_PER_TOKEN_PER_HIDDEN
+        return per_hidden * self.hidden_size * self.seq_len * self.micro_batch_seqs
 
     @staticmethod
     def from_json(obj: dict[str, Any], *, dp: int | None = None, pp: int | None = None) -> JobShape:
@@ -256,6 +264,7 @@ class JobShape:
                 pp=obj.get("pp", pp),
                 c_dp_bytes=None if obj.get("c_dp_bytes") is None else float(obj["c_dp_bytes"]),
                 c_pp_bytes=None if obj.get("c_pp_bytes") is None else float(obj["c_pp_bytes"]),
+                recompute=bool(obj.get("recompute", False)),
             )
         except KeyError as e:
             raise InvalidRequestError(f"the job/model object lacks {e.args[0]!r}") from None

@@ -11,7 +11,6 @@ from swarm.clock import Clock, SystemClock
 from swarm.errors import InfeasiblePlanError, InvalidRequestError
 from swarm.scheduling.cluster import Cluster, JobShape
 from swarm.scheduling.costs import dp_matrix, grid_from_partition, partition_cost
-from swarm.scheduling.hetero import allocate_layers
 from swarm.scheduling.plan import Plan, PlanStage
 from swarm.scheduling.problem import Problem
 from swarm.scheduling.search import search
@@ -44,11 +43,13 @@ def degree_candidates(n: int, job: JobShape, dp: int | None, pp: int | None) -> 
     return out
 
 
-def _memory_error(prob: Problem, groups: list[list[int]]) -> InfeasiblePlanError:
+def _memory_error(prob: Problem, groups: list[list[int]], layers: np.ndarray | None = None) -> InfeasiblePlanError:
     model = prob.model
     members = np.asarray(groups, dtype=np.int64)
     caps = model.layer_caps(prob.memory[members].min(axis=1))
     fit = int(min(caps.sum(), model.num_layers))
+    if layers is not None:  # a fixed split (equal layers): what exceeds each stage's room
+        fit = model.num_layers - int(np.maximum(np.asarray(layers) - caps, 0).sum())
     missing_layers = model.num_layers - fit
     short = missing_layers * model.layer_memory_bytes
     return InfeasiblePlanError(
@@ -83,12 +84,10 @@ def _build(prob: Problem, groups: list[list[int]], *, seed: int, extra: dict) ->
         members = np.asarray(groups, dtype=np.int64)
         sdel, sinv = prob.sums(members)
         spl = prob.sec_per_layer[members].max(axis=1)
-        caps = prob.model.layer_caps(prob.memory[members].min(axis=1))
         g = prob.model.grad_bytes_per_layer
-        cols = np.arange(prob.p)[:, None]
-        layers, missing = allocate_layers(prob.model, spl, caps, sdel[members, cols], g * sinv[members, cols])
-        if missing:
-            raise _memory_error(prob, groups)
+        _, _, layers, penalty = prob.group_terms(members, sdel, sinv)
+        if penalty:
+            raise _memory_error(prob, groups, layers)
         compute_s, t = prob.model.compute_s(layers, spl)
         # exact DP per group from the formula with this group's gradient bytes
         group_dp = {}
@@ -146,11 +145,13 @@ def plan_training(
     dp: int | None = None,
     pp: int | None = None,
     clock: Clock | None = None,
+    balance_layers: bool = True,
 ) -> Plan:
     """Plan a training job over every device of ``cluster`` (see the package docstring).
 
     ``dp``/``pp`` override the job's degrees; None on both sides searches all factorizations of
-    the device count (with at most ``num_layers`` stages). Raises InfeasiblePlanError.
+    the device count (with at most ``num_layers`` stages). ``balance_layers=False`` keeps equal
+    layer counts on heterogeneous clusters (the symmetric baseline). Raises InfeasiblePlanError.
     """
     if not (isinstance(time_budget_s, (int, float)) and math.isfinite(time_budget_s) and time_budget_s > 0):
         raise InvalidRequestError(f"time_budget_s must be > 0, got {time_budget_s!r}")
@@ -165,7 +166,7 @@ def plan_training(
         left = time_budget_s - (clock.monotonic() - start)
         # keep a little of the share for building the plan (exact costs, matchings)
         share = max(0.93 * left / (len(cands) - k), 1e-3)
-        prob = Problem(cluster, job, d, p, hetero=hetero)
+        prob = Problem(cluster, job, d, p, hetero=hetero, balance_layers=balance_layers)
         res = search(prob, seed=seed, time_budget_s=share, clock=clock)
         try:
             plan = _build(prob, res.groups, seed=seed, extra={"evaluations": res.evals, "generations": res.generations, "timed_out": res.timed_out})

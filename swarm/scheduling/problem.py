@@ -105,13 +105,14 @@ def near_classes(cluster: Cluster, tflops: np.ndarray, memory: np.ndarray, exact
 class Problem:
     """Everything the search needs for one (cluster, job, D_DP, D_PP, objective)."""
 
-    def __init__(self, cluster: Cluster, job: JobShape, d_dp: int, d_pp: int, *, hetero: bool) -> None:
+    def __init__(self, cluster: Cluster, job: JobShape, d_dp: int, d_pp: int, *, hetero: bool, balance_layers: bool = True) -> None:
         n = cluster.num_devices
         assert d_dp * d_pp == n
         self.cluster = cluster
         self.job = job
         self.n, self.d, self.p = n, d_dp, d_pp
         self.hetero = hetero
+        self.balance_layers = balance_layers
         self.model = StageModel.build(job, d_dp, d_pp)
         delay, bw = cluster.delay_s, cluster.bandwidth_Bps
         with np.errstate(divide="ignore"):
@@ -203,7 +204,13 @@ class Problem:
         spl = self.sec_per_layer[members].max(axis=1)  # slowest member sets the pace
         caps = self.model.layer_caps(self.memory[members].min(axis=1))
         g = self.model.grad_bytes_per_layer
-        layers, missing = allocate_layers(self.model, spl, caps, d0, g * d1)
+        if self.balance_layers:
+            layers, missing = allocate_layers(self.model, spl, caps, d0, g * d1)
+        else:  # symmetric baseline: equal counts, the extra layers on the fastest stages
+            layers = np.empty(self.p, dtype=np.int64)
+            layers[np.argsort(spl, kind="stable")] = self.equal_layers
+            missing = int(np.maximum(layers - caps, 0).sum())
+        missing += int((layers < 1).sum())  # a stage that cannot hold one layer
         comp, _ = self.model.compute_s(layers, spl)
         dp = (d0 + layers[:, None] * g * d1).max(axis=1)
         return comp, dp, layers, UNPLACED_PENALTY_S * missing

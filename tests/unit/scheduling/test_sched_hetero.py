@@ -155,3 +155,26 @@ def test_cli_plan_json(tmp_path, capsys):
     assert out["cost_s"] > 0 and out["search_s"] >= 0 and "dp_s" in out["breakdown"]
     rc = swarm_main(["plan", "--cluster", str(tmp_path / "missing.json")])
     assert rc == 2 and "cannot read" in capsys.readouterr().err
+
+
+def test_recompute_shrinks_activation_memory_and_adds_compute():
+    base = mixed_job()
+    rc = JobShape(**{**base.to_json(), "recompute": True})
+    assert rc.layer_activation_bytes_per_microbatch() < base.layer_activation_bytes_per_microbatch() / 10
+    assert rc.train_flops_per_token_per_layer() == pytest.approx(base.train_flops_per_token_per_layer() * 4 / 3)
+
+
+def test_equal_layers_option_and_no_empty_stage():
+    cluster, job = mixed_cluster(), mixed_job()
+    sym = plan_training(cluster, job, seed=0, time_budget_s=5.0, balance_layers=False)
+    assert sym.breakdown["stage_layers"] == [6, 6, 6, 6]
+    sym_cost, _ = best_symmetric_cost(cluster, job)
+    assert sym.cost_s == pytest.approx(sym_cost, rel=1e-9)  # the same search finds the best one
+    # a device too small for even one layer is never given an empty stage
+    small = Cluster(
+        devices=tuple(Device(id=f"s{i}", tflops=100.0, memory_bytes=(64 if i else 1) * GiB) for i in range(4)),
+        delay_s=np.full((4, 4), 1e-3),
+        bandwidth_Bps=np.full((4, 4), 1e9),
+    )
+    with pytest.raises(InfeasiblePlanError):
+        plan_training(small, JobShape(num_layers=24, hidden_size=2048, seq_len=2048, num_params=1.3e9, global_batch_seqs=8, dp=1, pp=4), time_budget_s=1.0)
