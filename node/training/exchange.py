@@ -46,15 +46,32 @@ class Endpoint:
     checks the header and decodes the payload into a tensor, or raises InvalidRequestError.
     """
 
-    def __init__(self, job_id: str, validate: Callable[[wt.TensorHeader, bytes], torch.Tensor]) -> None:
+    def __init__(self, job_id: str, validate: Callable[[wt.TensorHeader, bytes], torch.Tensor],
+                 precheck: Callable[[wt.TensorHeader], object] | None = None) -> None:
         self.job_id = job_id
         self._validate = validate
+        self._precheck = precheck
         self._cond = threading.Condition()
         self._items: dict[tuple[str, int, int], _Slot] = {}
         self._lock = threading.Lock()  # one decode at a time: codec state is not thread-safe
         self.num_rejected = 0
         self.last_rejection = ""
         self.bytes_received = 0
+
+    def precheck(self, header: wt.TensorHeader) -> None:
+        """Refuse a tensor from its header alone, before its payload is read."""
+        if self._precheck is None:
+            return
+        try:
+            self._precheck(header)
+        except InvalidRequestError as exc:
+            self._reject(header, exc)
+            raise
+
+    def _reject(self, header: wt.TensorHeader, exc: Exception) -> None:
+        self.num_rejected += 1
+        self.last_rejection = str(exc)
+        log.warning("tensor rejected job=%s sender=%s: %s", header.job_id, header.sender_id[:12], exc)
 
     def accept(self, header: wt.TensorHeader, payload: bytes) -> None:
         key = (header.kind, header.step, header.micro_batch)
@@ -67,9 +84,7 @@ class Endpoint:
                 tensor = self._validate(header, payload)
                 wt.check_finite(tensor, what=f"{header.kind} of step {header.step} micro-batch {header.micro_batch}")
         except InvalidRequestError as exc:
-            self.num_rejected += 1
-            self.last_rejection = str(exc)
-            log.warning("tensor rejected job=%s sender=%s: %s", header.job_id, header.sender_id[:12], exc)
+            self._reject(header, exc)
             raise
         with self._cond:
             self._items[key] = _Slot(tensor)
@@ -137,8 +152,15 @@ class PipelinePeerServicer(training_pb2_grpc.PipelinePeerServicer):
 
     @grpc_errors
     def PushTensor(self, request_iterator, context) -> tensor_pb2.TensorAck:
-        wire = wt.from_chunks(request_iterator, max_payload_bytes=self.max_payload_bytes)
-        self.endpoints.get(wire.header.job_id).accept(wire.header, wire.payload)
+        found: list[Endpoint] = []
+
+        def on_header(header: wt.TensorHeader) -> None:  # refuse before reading the payload
+            ep = self.endpoints.get(header.job_id)
+            ep.precheck(header)
+            found.append(ep)
+
+        wire = wt.from_chunks(request_iterator, max_payload_bytes=self.max_payload_bytes, on_header=on_header)
+        found[0].accept(wire.header, wire.payload)
         return tensor_pb2.TensorAck(accepted=True, received_bytes=len(wire.payload))
 
 

@@ -167,7 +167,7 @@ class StageWorker:
         self.down = make_codec(self.codec_text, side="down", boundary=a.stage - 1, **common) if not a.is_first else None
         self.up = make_codec(self.codec_text, side="up", boundary=a.stage, **common) if not a.is_last else None
         self.timeout_s = float(spec["peer_timeout_s"])
-        self.endpoint = Endpoint(a.job_id, self._validate)
+        self.endpoint = Endpoint(a.job_id, self._validate, precheck=self._check_header)
         self.endpoints.add(self.endpoint)
         self.next_sender = self.prev_sender = None
         if a.next is not None:
@@ -208,8 +208,12 @@ class StageWorker:
         self.averager.wait_for_peers(1, self.timeout_s)
 
     # -- receiving ---------------------------------------------------------------------------------
-    def _validate(self, h: wt.TensorHeader, payload: bytes) -> torch.Tensor:
-        """Check a received tensor against this assignment and decode it (runs in gRPC threads)."""
+    def _check_header(self, h: wt.TensorHeader):
+        """Check a received header against this assignment, before its payload is read.
+
+        Returns (codec to decode with, the micro-batch's sample ids, expected shape). Raises
+        InvalidRequestError naming the first wrong field.
+        """
         a = self.a
         if h.kind == "activation":
             if a.is_first:
@@ -233,6 +237,14 @@ class StageWorker:
         ids = self.order.micro_batches(h.step, a.replica)[h.micro_batch]
         if tuple(h.sample_ids) != tuple(int(i) for i in ids):
             raise InvalidRequestError("tensor rejected: sample ids differ from the micro-batch's samples")
+        # a codec message is at most the raw float32 tensor plus its headers
+        if h.payload_bytes > 4 * self.b * self.S * self.H + 64 * 1024:
+            raise InvalidRequestError(f"tensor rejected: payload of {h.payload_bytes} bytes is larger than any encoding")
+        return codec, ids, shape
+
+    def _validate(self, h: wt.TensorHeader, payload: bytes) -> torch.Tensor:
+        """Check a received tensor against this assignment and decode it (runs in gRPC threads)."""
+        codec, ids, shape = self._check_header(h)
         msg = CodecMessage.from_bytes(payload, device=self.device)
         if h.kind == "activation":
             t = codec.decode_forward(msg, ids, dtype=torch.float32, expected_row_shape=(self.S, self.H))

@@ -15,7 +15,7 @@ with a message naming the field.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -190,9 +190,13 @@ def to_chunks(wire: WireTensor, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> It
 
 
 def from_chunks(
-    chunks: Iterable[pb.TensorChunk], *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    chunks: Iterable[pb.TensorChunk], *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    on_header: Callable[[TensorHeader], None] | None = None,
 ) -> WireTensor:
     """Reassemble one tensor from its chunk stream, checking size and checksum.
+
+    ``on_header`` sees the header before any payload beyond the first chunk is read, and may
+    raise to refuse the tensor early (a receiver checking it against what it expects).
 
     Raises InvalidRequestError when the stream is empty, the first chunk has no header, a later
     chunk repeats a header, the payload is larger than announced or than ``max_payload_bytes``,
@@ -210,6 +214,8 @@ def from_chunks(
             f"tensor payload of {header.payload_bytes} bytes exceeds the limit of {max_payload_bytes}; "
             "use smaller micro-batches or a compressing codec"
         )
+    if on_header is not None:
+        on_header(header)
     buf = bytearray()
     buf += first.data
     for chunk in it:

@@ -96,3 +96,24 @@ def test_stop_interrupts_a_wait():
         ep.get("activation", 0, 0, timeout_s=30, stop=stop, what="p")
     with pytest.raises(InvalidRequestError):
         ep.accept(_wire(torch.zeros(1, 1, 1)).header, wt.raw_encode(torch.zeros(1, 1, 1)))
+
+
+def test_header_precheck_refuses_before_the_payload_is_read(server):
+    endpoints, address = server
+    seen_payload = []
+
+    def validate(h, payload):
+        seen_payload.append(len(payload))
+        return _validate(h, payload)
+
+    def precheck(h):
+        wt.validate_header(h, wt.TensorExpectation(job_id="job", kind="activation", shape=SHAPE))
+
+    ep = Endpoint("job", validate, precheck=precheck)
+    endpoints.add(ep)
+    s = PeerSender(address, what="peer", timeout_s=5)
+    s.send(_wire(torch.zeros(64, 64, 64)))  # 1 MiB, several chunks, wrong shape
+    with pytest.raises(PeerError, match="shape"):
+        s.flush()
+    s.close()
+    assert ep.num_rejected == 1 and seen_payload == []
