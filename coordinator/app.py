@@ -87,7 +87,9 @@ def load_or_create_token(db: Database, state_dir: Path, given: str | None = None
     if token is None and path.exists():
         token = path.read_text().strip() or None
     if token is None:
-        token = secrets.token_urlsafe(24)
+        # Hex, not urlsafe base64: a token starting with '-' would be read as a flag by
+        # `swarm-node join --token T` and every other argparse CLI.
+        token = secrets.token_hex(24)
     with closing(db.connect()) as conn, conn:
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('join_token', ?)", (token,))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

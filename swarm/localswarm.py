@@ -167,7 +167,7 @@ def start_node(coordinator_address: str, token: str, state_dir: Path, *, name: s
                prefix: list[str] = (), env: dict[str, str] | None = None) -> tuple[ManagedProcess, dict[str, str]]:
     """Start ``swarm-node join``; returns the process and its READY fields (port, node_id)."""
     state_dir = Path(state_dir)
-    argv = [*prefix, sys.executable, "-m", "node.cli", "join", "--coordinator", coordinator_address, "--token", token,
+    argv = [*prefix, sys.executable, "-m", "node.cli", "join", "--coordinator", coordinator_address, f"--token={token}",
             "--device", device, "--host", host, "--state-dir", str(state_dir), *extra_args]
     if name:
         argv += ["--name", name]
