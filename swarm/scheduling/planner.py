@@ -40,7 +40,13 @@ def degree_candidates(n: int, job: JobShape, dp: int | None, pp: int | None) -> 
     out = [(n // p, p) for p in range(1, n + 1) if n % p == 0 and p <= job.num_layers]
     if not out:
         raise InfeasiblePlanError(f"{n} devices cannot be split into at most {job.num_layers} stages")
-    return out
+    # prefer data-parallel degrees that split the batch into whole micro-batches per pipeline
+    whole = [(d, p) for d, p in out if _whole(job.global_batch_seqs / d / job.micro_batch_seqs)]
+    return whole or out
+
+
+def _whole(x: float) -> bool:
+    return abs(x - round(x)) < 1e-9 and round(x) >= 1
 
 
 def _memory_error(prob: Problem, groups: list[list[int]], layers: np.ndarray | None = None) -> InfeasiblePlanError:

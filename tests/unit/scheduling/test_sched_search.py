@@ -96,7 +96,7 @@ def test_tiny_cluster_is_fast_and_chooses_degrees():
         delay_s=np.full((n, n), 2e-4),
         bandwidth_Bps=np.full((n, n), 1e9),
     )
-    job = JobShape(num_layers=4, hidden_size=64, seq_len=64, num_params=2e5, global_batch_seqs=16, micro_batch_seqs=2)
+    job = JobShape(num_layers=4, hidden_size=64, seq_len=64, num_params=2e5, global_batch_seqs=12, micro_batch_seqs=2)
     t0 = time.perf_counter()
     plan = plan_training(cluster, job, seed=0, time_budget_s=0.5)
     assert time.perf_counter() - t0 < 1.0
@@ -131,3 +131,13 @@ def test_equivalence_classes_follow_the_matrices():
             assert (prob.classes[i] == prob.classes[j]) == (regions[i] == regions[j])
     noisy = Problem(clustered(9, regions=3, seed=4), job, 3, 3, hetero=False)
     assert len(set(noisy.classes.tolist())) == 9
+
+
+def test_open_degrees_prefer_whole_micro_batches():
+    from swarm.scheduling.planner import degree_candidates
+
+    job = JobShape(num_layers=8, hidden_size=64, seq_len=64, num_params=1e6, global_batch_seqs=12, micro_batch_seqs=2)
+    # 12 devices: dp in {12, 6, 4, 3, 2, 1} (pp <= 8); 12 / dp / 2 must be whole -> dp in {6, 3, 2, 1}
+    assert sorted(d for d, _ in degree_candidates(12, job, None, None)) == [1, 2, 3, 6]
+    odd = JobShape(num_layers=8, hidden_size=64, seq_len=64, num_params=1e6, global_batch_seqs=7.5, micro_batch_seqs=2)
+    assert len(degree_candidates(4, odd, None, None)) == 3  # none divides: all are kept
