@@ -91,7 +91,6 @@ class JobService:
         self.limits = limits or files.UploadLimits()
         self.tick_interval_s = tick_interval_s
         self._lock = threading.RLock()
-        self._done: dict[str, set[tuple[int, int]]] = {}  # job -> (stage, replica) that finished
         self._rendezvous: dict[tuple[str, int], dict[int, list[str]]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -164,7 +163,6 @@ class JobService:
                 self.store.set_reason(job.id, reason)
                 log.info("job cannot be planned yet job=%s reason=%s", job.id, exc)
             return
-        self._done.pop(job.id, None)
         self.store.transition(job.id, "running", expect="pending", plan=jp.plan.to_json(),
                               assignments=jp.assignments, attempt=job.attempt + 1)
 
@@ -178,7 +176,8 @@ class JobService:
                 self._fail(job, f"node {a['node_id'][:12]} (stage {a['stage']}, replica {a['replica']}) is {state}; "
                                 f"{self._checkpoint_note(job.id)}")
                 return
-        done = self._done.get(job.id, set())
+        # from the store, not memory: a coordinator restarted mid-job still sees the stages that finished
+        done = {(c["stage"], c["replica"]) for c in self.store.checkpoints(job.id) if c["final"]}
         need = {(a["stage"], a["replica"]) for a in job.assignments}
         if need and need <= done:
             self._finish(job)
@@ -255,7 +254,9 @@ class JobService:
             self._fail(job, f"stage {a['stage']} replica {a['replica']} on node {node_id[:12]} failed: "
                             f"{r['error'][:500]}; {self._checkpoint_note(job.id)}")
             return True, "job failed"
-        if r["step"] >= 0 and r["state"] == "running":
+        if r["state"] == "running" and not 0 <= r["step"] < job.total_steps:
+            raise InvalidRequestError(f"progress for step {r['step']} outside 0..{job.total_steps - 1}")
+        if r["state"] == "running":
             self.store.add_progress(job.id, attempt=job.attempt, stage=a["stage"], replica=a["replica"],
                                     step=r["step"], loss=r["loss"], tokens=r["tokens"], tokens_per_s=r["tokens_per_s"],
                                     bytes_sent=r["bytes_sent"], bytes_raw=r["bytes_raw"], step_s=r["step_s"],
@@ -266,9 +267,6 @@ class JobService:
     def checkpoint_received(self, job_id: str, node_id: str, *, stage: int, replica: int, step: int, final: bool,
                             directory: Path) -> None:
         self.store.add_checkpoint(job_id, stage=stage, replica=replica, step=step, final=final, directory=str(directory))
-        if final:
-            with self._lock:
-                self._done.setdefault(job_id, set()).add((stage, replica))
         log.info("checkpoint received job=%s stage=%d replica=%d step=%d final=%s", job_id, stage, replica, step, final)
 
     def rendezvous(self, job_id: str, node_id: str, stage: int, replica: int, maddrs: list[str]) -> list[str]:

@@ -152,6 +152,9 @@ class TrainingServicer(pb_grpc.TrainingServicer):
         for k in ("tokens_per_s", "step_s", "compute_s", "wait_s", "comm_s"):
             if not math.isfinite(r[k]) or r[k] < 0:
                 raise InvalidRequestError(f"progress field {k} must be finite and >= 0")
+        for k in ("bytes_sent", "bytes_raw", "bytes_forward", "bytes_backward", "tokens"):
+            if not 0 <= r[k] <= 1 << 50:
+                raise InvalidRequestError(f"progress field {k} must be in 0..2^50")
         if r["state"] not in ("running", "done", "failed"):
             raise InvalidRequestError("progress state must be running, done or failed")
         stop, reason = self.service.report(node_id, r)
