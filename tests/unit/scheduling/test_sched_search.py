@@ -137,7 +137,7 @@ def test_open_degrees_prefer_whole_micro_batches():
     from swarm.scheduling.planner import degree_candidates
 
     job = JobShape(num_layers=8, hidden_size=64, seq_len=64, num_params=1e6, global_batch_seqs=12, micro_batch_seqs=2)
-    # 12 devices: dp in {12, 6, 4, 3, 2, 1} (pp <= 8); 12 / dp / 2 must be whole -> dp in {6, 3, 2, 1}
-    assert sorted(d for d, _ in degree_candidates(12, job, None, None)) == [1, 2, 3, 6]
+    # 12 devices, pp <= 8 layers: dp in {12, 6, 4, 3, 2}; 12 / dp / 2 must be whole -> {6, 3, 2}
+    assert sorted(d for d, _ in degree_candidates(12, job, None, None)) == [2, 3, 6]
     odd = JobShape(num_layers=8, hidden_size=64, seq_len=64, num_params=1e6, global_batch_seqs=7.5, micro_batch_seqs=2)
     assert len(degree_candidates(4, odd, None, None)) == 3  # none divides: all are kept
