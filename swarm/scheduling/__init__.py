@@ -16,6 +16,7 @@ API summary (what the coordinator and the CLI use)::
     job = JobShape(num_layers=4, hidden_size=64, seq_len=128, num_params=2e5,
                    global_batch_seqs=32, micro_batch_seqs=4)
     plan = plan_training(cluster, job, seed=0, time_budget_s=0.5)   # dp/pp: None = search
+    # (balance_layers=False: equal layer counts, the symmetric baseline)
     plan.stages            # tuple[PlanStage], pipeline order; stage.layers = (first, last_exclusive)
     plan.stages[s].devices # device ids; the i-th id of every stage forms pipeline i
     plan.cost_s            # DT-FM comm cost (homogeneous) or predicted iteration time
@@ -34,6 +35,9 @@ API summary (what the coordinator and the CLI use)::
   layer counts balanced by each stage's slowest member and memory checked for every member.
 - Deterministic for a seed as long as the search converges before ``time_budget_s``; tiny
   clusters (a few devices) are solved exactly, in milliseconds.
+- Unknown TFLOPS count as the median of the known ones; unknown memory is not checked. With
+  open degrees, data-parallel degrees that split the batch into whole micro-batches are
+  preferred. ``JobShape.recompute`` models activation recomputation (less memory, more compute).
 
 Modules: ``cluster`` (devices, links, job shape, file loading), ``costs`` (the DT-FM cost
 model), ``matching`` (bottleneck matching), ``tsp`` (open-loop pipeline order), ``search``

@@ -72,8 +72,11 @@ class StageModel:
 
 
 def device_arrays(cluster: Cluster) -> tuple[np.ndarray, np.ndarray]:
-    """TFLOPS and memory per device; unknown TFLOPS -> 1.0, unknown memory -> inf."""
-    tf = np.array([1.0 if d.tflops is None else d.tflops for d in cluster.devices], dtype=np.float64)
+    """TFLOPS and memory per device; unknown TFLOPS -> the median of the known ones (1.0 if
+    none is known: only ratios matter then), unknown memory -> inf (not constrained)."""
+    known = [d.tflops for d in cluster.devices if d.tflops is not None]
+    default = float(np.median(known)) if known else 1.0
+    tf = np.array([default if d.tflops is None else d.tflops for d in cluster.devices], dtype=np.float64)
     mem = np.array([math.inf if d.memory_bytes is None else float(d.memory_bytes) for d in cluster.devices])
     return tf, mem
 
