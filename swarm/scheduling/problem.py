@@ -139,13 +139,26 @@ class Problem:
             self.move_classes = near_classes(cluster, self.tflops, self.memory, self.classes, NEAR_REL_TOL)
         else:
             self.move_classes = self.classes
+        # Pair costs are cached by class multisets. During the search look-alike devices (links
+        # within NEAR_REL_TOL) share a class, so noisy measured matrices still hit the cache;
+        # the final descent and the plan's reported costs are exact.
+        self._key_classes = self.move_classes
         self._pair_cache: dict[bytes, tuple[float, float]] = {}
         self._path_cache: dict[bytes, float] = {}
 
     # ---- pieces ------------------------------------------------------------------------------
     def key(self, group: np.ndarray) -> bytes:
-        """A group's multiset of equivalence classes (equal keys: interchangeable groups)."""
-        return np.sort(self.classes[group]).tobytes()
+        """A group's multiset of classes (equal keys: interchangeable groups, up to the noise
+        tolerance of ``move_classes`` unless ``exact_costs()`` was called)."""
+        return np.sort(self._key_classes[group]).tobytes()
+
+    def exact_costs(self) -> None:
+        """From now on cache pair costs by exact equivalence classes only (states made before
+        must be rebuilt: their keys and cached costs may be those of look-alike groups)."""
+        if self._key_classes is not self.classes:
+            self._key_classes = self.classes
+            self._pair_cache.clear()
+            self._path_cache.clear()
 
     def pair(self, ga: np.ndarray, gb: np.ndarray, ka: bytes | None = None, kb: bytes | None = None) -> tuple[float, float]:
         """(bottleneck, soft) cost from group ga to group gb.

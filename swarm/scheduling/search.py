@@ -326,10 +326,12 @@ def search(
     rng = np.random.default_rng(seed)
     budget = Budget(clock or SystemClock(), time_budget_s, max_evals)
     if prob.p == 1 or prob.d == 1 and prob.p <= 2:
+        prob.exact_costs()
         groups = [list(range(prob.n))] if prob.p == 1 else [[x] for x in range(prob.n)]
         st = make_state(prob, groups)
         return SearchResult(st.groups(), st.true, 0, 0, False)
     if num_partitions(prob.n, prob.d) <= exhaustive_max:
+        prob.exact_costs()
         return _exhaustive(prob, budget)
 
     starts = construct.constructions(prob)
@@ -375,6 +377,7 @@ def search(
         if _key(prob, child) not in keys and child.surr < pool[worst].surr:
             pool[worst] = child
     # the surrogate steers the search; finish with a descent on the objective itself
-    best = local_search(prob, best, rng, budget, max_evals=ls_evals, exact=True)
+    prob.exact_costs()
+    best = local_search(prob, make_state(prob, best.groups()), rng, budget, max_evals=ls_evals, exact=True)
     log.debug("search done best=%.6f evals=%d gens=%d timed_out=%s", best.true, budget.evals, gens, budget.timed_out)
     return SearchResult(best.groups(), best.true, budget.evals, gens, budget.timed_out)
