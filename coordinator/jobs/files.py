@@ -170,11 +170,12 @@ def prepare_job(jdir: Path, *, seq_len: int, seed: int) -> PreparedJob:
     return PreparedJob(config=config, dataset=dataset)
 
 
-def stage_weights_bytes(jdir: Path, first: int, last: int, *, is_first: bool, is_last: bool) -> bytes:
-    """The stage's HF-named tensors from ``init/`` as one safetensors blob."""
-    init = jdir / "init"
+def stage_weights_bytes(jdir: Path, first: int, last: int, *, is_first: bool, is_last: bool,
+                        source: str = "init") -> bytes:
+    """The stage's HF-named tensors from ``init/`` (or a ``resume-N/`` model) as one safetensors blob."""
+    init = jdir / source
     if not init.is_dir():
-        raise NotFoundError("this job has no prepared model")
+        raise NotFoundError(f"this job has no model under {source}/")
     ckpt = load_checkpoint(init, range(first, last), is_first=is_first, is_last=is_last)
     return st_save({k: v.contiguous() for k, v in ckpt.tensors.items()})
 
@@ -199,15 +200,16 @@ def checkpoint_dir(jdir: Path, *, step: int, stage: int, replica: int) -> Path:
     return jdir / "checkpoints" / f"step-{step:08d}" / f"stage-{stage}-r{replica}"
 
 
-def assemble_result(jdir: Path, config: ModelConfig, stage_dirs: Iterable[Path]) -> Path:
-    """Merge the stages' final ``weights.safetensors`` into an HF checkpoint under ``result/``."""
+def assemble_result(jdir: Path, config: ModelConfig, stage_dirs: Iterable[Path], *, name: str = "result") -> Path:
+    """Merge the stages' ``weights.safetensors`` into an HF checkpoint under ``name/`` (the final
+    ``result/``, or ``resume-N/`` for a re-planned job)."""
     dicts = []
     for d in stage_dirs:
         f = Path(d) / "weights.safetensors"
         if not f.is_file():
             raise NotFoundError(f"stage checkpoint {d} has no weights.safetensors")
         dicts.append(st_load(f.read_bytes()))
-    out = jdir / "result"
+    out = jdir / name
     if out.exists():
         shutil.rmtree(out)
     save_checkpoint(out, config, *dicts)
@@ -215,7 +217,7 @@ def assemble_result(jdir: Path, config: ModelConfig, stage_dirs: Iterable[Path])
         src = jdir / "init" / name
         if src.is_file():
             shutil.copyfile(src, out / name)
-    log.info("job result assembled dir=%s", out)
+    log.info("job model assembled dir=%s", out)
     return out
 
 

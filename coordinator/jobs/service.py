@@ -35,6 +35,7 @@ SPEC_DEFAULTS: dict[str, Any] = {
     "min_lr_ratio": 0.1,
 }
 MAX_STEPS = 10_000_000
+MAX_REPLANS = 3  # a job re-planned this often after losing nodes fails instead
 
 
 def normalize_spec(raw: dict[str, Any]) -> dict[str, Any]:
@@ -173,8 +174,7 @@ class JobService:
             except NotFoundError:
                 state = "lost"
             if state != "online":
-                self._fail(job, f"node {a['node_id'][:12]} (stage {a['stage']}, replica {a['replica']}) is {state}; "
-                                f"{self._checkpoint_note(job.id)}")
+                self._recover(job, f"node {a['node_id'][:12]} (stage {a['stage']}, replica {a['replica']}) is {state}")
                 return
         # from the store, not memory: a coordinator restarted mid-job still sees the stages that finished
         done = {(c["stage"], c["replica"]) for c in self.store.checkpoints(job.id) if c["final"]}
@@ -197,6 +197,33 @@ class JobService:
         if step is None:
             return "no complete checkpoint was taken yet"
         return f"last complete checkpoint: step {step}, kept in the coordinator and on the nodes"
+
+    def _recover(self, job: Job, what: str) -> None:
+        """Re-plan a running job that lost a node over the idle online nodes, resuming after its
+        last complete checkpoint; fail it (keeping the checkpoints) when that is not possible."""
+        resume = self.last_complete_checkpoint(job) or 0
+        if job.attempt > MAX_REPLANS:
+            self._fail(job, f"{what}; re-planned {MAX_REPLANS} times already; {self._checkpoint_note(job.id)}")
+            return
+        others = [j for j in self.store.list(states=("running",), limit=1000) if j.id != job.id]
+        busy = busy_node_ids(others)
+        nodes = [n for n in self.registry.online() if n.id not in busy]
+        config = ModelConfig.from_hf_config(job.model)
+        matrix = self.network.matrix([n.id for n in nodes])
+        try:
+            jp = plan_job(spec=job.spec, config=config, nodes=nodes, delay_s=matrix[0], bandwidth_Bps=matrix[1],
+                          seed=int(job.spec.get("seed", 0)))
+            if resume > 0:
+                finals = {c["stage"]: Path(c["dir"]) for c in self.store.checkpoints(job.id)
+                          if c["step"] == resume and c["replica"] == 0}
+                files.assemble_result(files.job_dir(self.state_dir, job.id), config,
+                                      [finals[s] for s in sorted(finals)], name=f"resume-{resume}")
+        except (InfeasiblePlanError, SwarmError) as exc:
+            self._fail(job, f"{what}; cannot re-plan ({exc}); {self._checkpoint_note(job.id)}")
+            return
+        self.store.replan(job.id, plan=jp.plan.to_json(), assignments=jp.assignments, attempt=job.attempt + 1,
+                          resume_step=resume, expect_attempt=job.attempt,
+                          reason=f"re-planned after {what}: resuming from step {resume} (optimizer state restarts)")
 
     def _fail(self, job: Job, reason: str) -> None:
         if self.store.transition(job.id, "failed", reason=reason) is not None:
@@ -303,7 +330,7 @@ class JobService:
                       "hidden_size": cfg.get("n_embd", cfg.get("hidden_size")),
                       "num_parameters": ModelConfig.from_hf_config(cfg).num_parameters()},
             "num_samples": job.num_samples, "dataset_key": job.dataset_key,
-            "total_steps": job.total_steps, "attempt": job.attempt,
+            "total_steps": job.total_steps, "attempt": job.attempt, "resume_step": job.resume_step,
             "step": last["step"] if last else None,
             "loss": last["loss"] if last else None,
             "tokens_per_s": last["tokens_per_s"] if last else None,

@@ -139,7 +139,7 @@ class TrainingServicer(pb_grpc.TrainingServicer):
                 last_layer_excl=a["last_layer_excl"], prev=peer(a["prev"]), next=peer(a["next"]),
                 stage_replicas=[peer(p) for p in a["stage_replicas"]], spec=dict_to_spec(spec),
                 model_config_json=json.dumps(job.model), num_samples=job.num_samples,
-                dataset_key=job.dataset_key, resume_step=0,
+                dataset_key=job.dataset_key, resume_step=job.resume_step,
             ))
         return pb.PollAssignmentsReply(assignments=out, cancelled_job_ids=stop)
 
@@ -175,7 +175,8 @@ class TrainingServicer(pb_grpc.TrainingServicer):
         job, a = self.service.assignment_of(request.job_id, node_id, stage=request.stage)
         jdir = files.job_dir(self.service.state_dir, job.id)
         blob = files.stage_weights_bytes(jdir, a["first_layer"], a["last_layer_excl"], is_first=a["stage"] == 0,
-                                         is_last=a["stage"] == a["num_stages"] - 1)
+                                         is_last=a["stage"] == a["num_stages"] - 1,
+                                         source=f"resume-{job.resume_step}" if job.resume_step else "init")
         yield pb.FileChunk(file=pb.FileHeader(name="weights.safetensors", size_bytes=len(blob),
                                               sha256=hashlib.sha256(blob).hexdigest()))
         for start in range(0, len(blob), CHUNK_BYTES):

@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL,
-    result_ready INTEGER NOT NULL DEFAULT 0
+    result_ready INTEGER NOT NULL DEFAULT 0,
+    resume_step INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS job_progress (
     job_id TEXT NOT NULL,
@@ -98,6 +99,7 @@ class Job:
     started_at_s: float | None = None
     finished_at_s: float | None = None
     result_ready: bool = False
+    resume_step: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -106,7 +108,7 @@ class Job:
 
 _COLS = (
     "id, state, reason, spec_json, model_json, plan_json, assignments_json, attempt, num_samples, dataset_key,"
-    " total_steps, created_at, updated_at, started_at, finished_at, result_ready"
+    " total_steps, created_at, updated_at, started_at, finished_at, result_ready, resume_step"
 )
 
 
@@ -115,7 +117,7 @@ def _job(row) -> Job:
         id=row[0], state=row[1], reason=row[2], spec=json.loads(row[3]), model=json.loads(row[4]),
         plan=json.loads(row[5]) if row[5] else None, assignments=json.loads(row[6]), attempt=row[7],
         num_samples=row[8], dataset_key=row[9], total_steps=row[10], created_at_s=row[11], updated_at_s=row[12],
-        started_at_s=row[13], finished_at_s=row[14], result_ready=bool(row[15]),
+        started_at_s=row[13], finished_at_s=row[14], result_ready=bool(row[15]), resume_step=row[16],
     )
 
 
@@ -132,6 +134,9 @@ class JobStore:
         self._conn = db.connect()
         with self._conn:
             self._conn.executescript(_SCHEMA)
+            cols = {r[1] for r in self._conn.execute("PRAGMA table_info(jobs)").fetchall()}
+            if "resume_step" not in cols:  # a state dir from before re-planning existed
+                self._conn.execute("ALTER TABLE jobs ADD COLUMN resume_step INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -203,6 +208,22 @@ class JobStore:
         log.info("job state job=%s %s -> %s reason=%s", job_id, old, new_state, reason or "-")
         return self.get(job_id)
 
+    def replan(self, job_id: str, *, plan: dict[str, Any], assignments: list[dict[str, Any]], attempt: int,
+               resume_step: int, reason: str, expect_attempt: int) -> Job | None:
+        """Give a running job a new plan (attempt) that resumes after ``resume_step``; None when
+        the job is no longer running at ``expect_attempt``."""
+        with self._lock, self._conn:
+            cur = self._conn.execute(
+                "UPDATE jobs SET plan_json = ?, assignments_json = ?, attempt = ?, resume_step = ?, reason = ?,"
+                " updated_at = ? WHERE id = ? AND state = 'running' AND attempt = ?",
+                (json.dumps(plan), json.dumps(assignments), attempt, resume_step, reason, self._clock.time(), job_id,
+                 expect_attempt),
+            )
+            if cur.rowcount != 1:
+                return None
+        log.info("job re-planned job=%s attempt=%d resume_step=%d reason=%s", job_id, attempt, resume_step, reason)
+        return self.get(job_id)
+
     def set_reason(self, job_id: str, reason: str) -> None:
         with self._lock, self._conn:
             self._conn.execute("UPDATE jobs SET reason = ?, updated_at = ? WHERE id = ?", (reason, self._clock.time(), job_id))
@@ -226,27 +247,27 @@ class JobStore:
     def history(self, job_id: str, *, num_reporters: int) -> list[dict[str, Any]]:
         """Per step: loss (mean over replicas' last stages), tokens/s, bytes, time split.
 
-        A step appears once ``num_reporters`` stage workers reported it.
+        A step appears once ``num_reporters`` stage workers of one attempt reported it; when a
+        re-planned job repeated steps, the latest attempt's rows count.
         """
         with self._lock:
             rows = self._conn.execute(
-                "SELECT step, AVG(loss), SUM(CASE WHEN loss IS NOT NULL THEN tokens ELSE 0 END), MAX(step_s),"
+                "SELECT step, attempt, AVG(loss), SUM(CASE WHEN loss IS NOT NULL THEN tokens ELSE 0 END), MAX(step_s),"
                 " SUM(bytes_sent), SUM(bytes_raw), AVG(compute_s), AVG(wait_s), AVG(comm_s), COUNT(*), MAX(at)"
-                " FROM job_progress WHERE job_id = ? AND attempt = (SELECT attempt FROM jobs WHERE id = ?)"
-                " GROUP BY step ORDER BY step",
-                (job_id, job_id),
+                " FROM job_progress WHERE job_id = ? GROUP BY step, attempt ORDER BY step, attempt",
+                (job_id,),
             ).fetchall()
-        out = []
-        for step, loss, tokens, step_s, sent, raw, comp, wait, comm, count, at in rows:
+        by_step: dict[int, dict[str, Any]] = {}
+        for step, attempt, loss, tokens, step_s, sent, raw, comp, wait, comm, count, at in rows:
             if count < num_reporters:
                 continue
-            out.append({
-                "step": step, "loss": loss, "tokens": tokens, "step_s": step_s,
+            by_step[step] = {
+                "step": step, "attempt": attempt, "loss": loss, "tokens": tokens, "step_s": step_s,
                 "tokens_per_s": tokens / step_s if step_s else 0.0,
                 "bytes_sent": sent, "bytes_saved": max(0, raw - sent), "bytes_raw": raw,
                 "compute_s": comp, "wait_s": wait, "comm_s": comm, "at": at,
-            })
-        return out
+            }
+        return [by_step[k] for k in sorted(by_step)]
 
     def per_worker(self, job_id: str) -> list[dict[str, Any]]:
         """The latest report of each (stage, replica)."""

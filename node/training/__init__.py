@@ -93,9 +93,13 @@ class TrainingPlugin:
             self.workers[a.key] = worker
             log.info("assignment received job=%s stage=%d replica=%d", a.job_id, a.stage, a.replica)
             worker.start()
+        active = {(m.job_id, m.attempt) for m in reply.assignments}
         for key, w in list(self.workers.items()):
-            if w.done.is_set() and key[0] not in {m.job_id for m in reply.assignments}:
-                del self.workers[key]
+            if key not in active:
+                if not w.done.is_set():
+                    w.stop("no longer assigned (the job ended or was re-planned)")
+                elif key[0] not in {m.job_id for m in reply.assignments}:
+                    del self.workers[key]
 
 
 _plugins: dict[int, TrainingPlugin] = {}

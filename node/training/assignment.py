@@ -33,6 +33,7 @@ class Assignment:
     model_config: dict[str, Any]
     num_samples: int
     dataset_key: str
+    resume_step: int = 0  # a re-planned job starts at this step from the coordinator's checkpoint
 
     def __post_init__(self) -> None:
         if not (0 <= self.stage < self.num_stages and 0 <= self.replica < self.num_replicas):
@@ -41,6 +42,8 @@ class Assignment:
             raise InvalidRequestError("assignment neighbours do not match its stage position")
         if self.spec["steps"] < 1 or self.num_samples < 1:
             raise InvalidRequestError("assignment without steps or samples")
+        if not 0 <= self.resume_step < self.spec["steps"]:
+            raise InvalidRequestError("assignment resumes outside the job's steps")
 
     @property
     def is_first(self) -> bool:
@@ -66,5 +69,5 @@ class Assignment:
             prev=peer(m.prev, m.HasField("prev")), next=peer(m.next, m.HasField("next")),
             stage_replicas=tuple(Peer(node_id=p.node_id, address=p.address) for p in m.stage_replicas),
             spec=spec, model_config=json.loads(m.model_config_json), num_samples=m.num_samples,
-            dataset_key=m.dataset_key,
+            dataset_key=m.dataset_key, resume_step=m.resume_step,
         )

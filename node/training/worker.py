@@ -151,6 +151,7 @@ class StageWorker:
         self.M = self.order.num_micro_batches
         self.b, self.S, self.H = spec["micro_batch_size"], spec["seq_len"], self.config.hidden_size
         self.total_steps = int(spec["steps"])
+        self._cur_step = a.resume_step
         self.optim_cfg = OptimConfig(lr=spec["lr"], weight_decay=spec["weight_decay"], warmup_steps=spec["warmup_steps"],
                                      total_steps=self.total_steps, min_lr_ratio=spec["min_lr_ratio"],
                                      grad_clip=spec["grad_clip"])
@@ -180,9 +181,9 @@ class StageWorker:
             self.senders.append(self.prev_sender)
         if a.num_replicas > 1:
             self._start_averager()
-        log.info("stage worker ready job=%s stage=%d/%d replica=%d/%d layers=[%d,%d) codec=%s steps=%d",
-                 a.job_id, a.stage, a.num_stages, a.replica, a.num_replicas, a.first_layer, a.last_layer_excl,
-                 self.codec_text, self.total_steps)
+        log.info("stage worker ready job=%s attempt=%d stage=%d/%d replica=%d/%d layers=[%d,%d) codec=%s steps=%d-%d",
+                 a.job_id, a.attempt, a.stage, a.num_stages, a.replica, a.num_replicas, a.first_layer,
+                 a.last_layer_excl, self.codec_text, a.resume_step, self.total_steps)
 
     def _start_averager(self) -> None:
         from swarm.pipeline.averaging import ReplicaAverager
@@ -228,7 +229,7 @@ class StageWorker:
         shape = (self.b, self.S, self.H)
         wt.validate_header(h, wt.TensorExpectation(
             job_id=a.job_id, kind=h.kind, shape=shape, dtype="float32", codec=self.codec_text, boundary=boundary,
-            replica=a.replica, sender_ids=frozenset({sender}), num_sample_ids=self.b))
+            replica=a.replica, attempt=a.attempt, sender_ids=frozenset({sender}), num_sample_ids=self.b))
         cur = self._cur_step
         if not (cur <= h.step <= cur + 1 and h.step < self.total_steps):
             raise InvalidRequestError(f"tensor rejected: step is {h.step}, this stage is at step {cur}")
@@ -269,7 +270,7 @@ class StageWorker:
         header = wt.make_header(payload, job_id=self.a.job_id, step=step, micro_batch=m,
                                 sample_ids=tuple(int(i) for i in ids), shape=(self.b, self.S, self.H), dtype="float32",
                                 codec=self.codec_text, kind=kind, boundary=boundary, sender_id=self.node_id,
-                                replica=self.a.replica)
+                                replica=self.a.replica, attempt=self.a.attempt)
         sender.send(wt.WireTensor(header=header, payload=payload))
         return len(payload)
 
@@ -280,7 +281,7 @@ class StageWorker:
                              num_stages=a.num_stages)
         every = int(a.spec["checkpoint_every"])
         raw_bytes = self.b * self.S * self.H * 4
-        for step in range(self.total_steps):
+        for step in range(a.resume_step, self.total_steps):
             self._check_stop()
             self._cur_step = step
             t_step = time.monotonic()

@@ -75,6 +75,7 @@ class TensorHeader:
     boundary: int = 0
     sender_id: str = ""
     replica: int = 0
+    attempt: int = 0
 
     def __post_init__(self) -> None:
         if not self.job_id:
@@ -126,6 +127,7 @@ class TensorExpectation:
     micro_batch: int | None = None
     boundary: int | None = None
     replica: int | None = None
+    attempt: int | None = None
     sender_ids: frozenset[str] | None = None
     num_sample_ids: int | None = None
 
@@ -151,6 +153,7 @@ def header_to_pb(h: TensorHeader) -> pb.TensorHeader:
         boundary=h.boundary,
         sender_id=h.sender_id,
         replica=h.replica,
+        attempt=h.attempt,
     )
 
 
@@ -175,6 +178,7 @@ def header_from_pb(m: pb.TensorHeader) -> TensorHeader:
         boundary=m.boundary,
         sender_id=m.sender_id,
         replica=m.replica,
+        attempt=m.attempt,
     )
 
 
@@ -249,6 +253,7 @@ def validate_header(header: TensorHeader, expected: TensorExpectation) -> None:
     check("micro_batch", header.micro_batch, expected.micro_batch)
     check("boundary", header.boundary, expected.boundary)
     check("replica", header.replica, expected.replica)
+    check("attempt", header.attempt, expected.attempt)
     check("number of sample ids", len(header.sample_ids), expected.num_sample_ids)
     if expected.sender_ids is not None and header.sender_id not in expected.sender_ids:
         raise InvalidRequestError(f"tensor rejected: sender {header.sender_id!r} is not a pipeline neighbour")

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bswarm/proto/v1/tensor.proto\x12\x0eswarm.proto.v1\"\xa4\x02\n\x0cTensorHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\x05\x12\x12\n\nsample_ids\x18\x04 \x03(\x03\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05\x63odec\x18\x07 \x01(\t\x12\x12\n\ncodec_meta\x18\x08 \x01(\x0c\x12\x15\n\rpayload_bytes\x18\t \x01(\x03\x12\x15\n\rpayload_crc32\x18\n \x01(\x07\x12(\n\x04kind\x18\x0b \x01(\x0e\x32\x1a.swarm.proto.v1.TensorKind\x12\x10\n\x08\x62oundary\x18\x0c \x01(\x05\x12\x11\n\tsender_id\x18\r \x01(\t\x12\x0f\n\x07replica\x18\x0e \x01(\x05\"I\n\x0bTensorChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.swarm.proto.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"E\n\tTensorAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x03*w\n\nTensorKind\x12\x1b\n\x17TENSOR_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16TENSOR_KIND_ACTIVATION\x10\x01\x12\x18\n\x14TENSOR_KIND_GRADIENT\x10\x02\x12\x16\n\x12TENSOR_KIND_HIDDEN\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bswarm/proto/v1/tensor.proto\x12\x0eswarm.proto.v1\"\xb5\x02\n\x0cTensorHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\x05\x12\x12\n\nsample_ids\x18\x04 \x03(\x03\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\r\n\x05\x63odec\x18\x07 \x01(\t\x12\x12\n\ncodec_meta\x18\x08 \x01(\x0c\x12\x15\n\rpayload_bytes\x18\t \x01(\x03\x12\x15\n\rpayload_crc32\x18\n \x01(\x07\x12(\n\x04kind\x18\x0b \x01(\x0e\x32\x1a.swarm.proto.v1.TensorKind\x12\x10\n\x08\x62oundary\x18\x0c \x01(\x05\x12\x11\n\tsender_id\x18\r \x01(\t\x12\x0f\n\x07replica\x18\x0e \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x0f \x01(\x05\"I\n\x0bTensorChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.swarm.proto.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"E\n\tTensorAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x03*w\n\nTensorKind\x12\x1b\n\x17TENSOR_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16TENSOR_KIND_ACTIVATION\x10\x01\x12\x18\n\x14TENSOR_KIND_GRADIENT\x10\x02\x12\x16\n\x12TENSOR_KIND_HIDDEN\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'swarm.proto.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TENSORKIND']._serialized_start=488
-  _globals['_TENSORKIND']._serialized_end=607
+  _globals['_TENSORKIND']._serialized_start=505
+  _globals['_TENSORKIND']._serialized_end=624
   _globals['_TENSORHEADER']._serialized_start=48
-  _globals['_TENSORHEADER']._serialized_end=340
-  _globals['_TENSORCHUNK']._serialized_start=342
-  _globals['_TENSORCHUNK']._serialized_end=415
-  _globals['_TENSORACK']._serialized_start=417
-  _globals['_TENSORACK']._serialized_end=486
+  _globals['_TENSORHEADER']._serialized_end=357
+  _globals['_TENSORCHUNK']._serialized_start=359
+  _globals['_TENSORCHUNK']._serialized_end=432
+  _globals['_TENSORACK']._serialized_start=434
+  _globals['_TENSORACK']._serialized_end=503
 # @@protoc_insertion_point(module_scope)

@@ -19,7 +19,7 @@ TENSOR_KIND_GRADIENT: TensorKind
 TENSOR_KIND_HIDDEN: TensorKind
 
 class TensorHeader(_message.Message):
-    __slots__ = ("job_id", "step", "micro_batch", "sample_ids", "shape", "dtype", "codec", "codec_meta", "payload_bytes", "payload_crc32", "kind", "boundary", "sender_id", "replica")
+    __slots__ = ("job_id", "step", "micro_batch", "sample_ids", "shape", "dtype", "codec", "codec_meta", "payload_bytes", "payload_crc32", "kind", "boundary", "sender_id", "replica", "attempt")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class TensorHeader(_message.Message):
     BOUNDARY_FIELD_NUMBER: _ClassVar[int]
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     step: int
     micro_batch: int
@@ -48,7 +49,8 @@ class TensorHeader(_message.Message):
     boundary: int
     sender_id: str
     replica: int
-    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., sample_ids: _Optional[_Iterable[int]] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., codec: _Optional[str] = ..., codec_meta: _Optional[bytes] = ..., payload_bytes: _Optional[int] = ..., payload_crc32: _Optional[int] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., boundary: _Optional[int] = ..., sender_id: _Optional[str] = ..., replica: _Optional[int] = ...) -> None: ...
+    attempt: int
+    def __init__(self, job_id: _Optional[str] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., sample_ids: _Optional[_Iterable[int]] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., codec: _Optional[str] = ..., codec_meta: _Optional[bytes] = ..., payload_bytes: _Optional[int] = ..., payload_crc32: _Optional[int] = ..., kind: _Optional[_Union[TensorKind, str]] = ..., boundary: _Optional[int] = ..., sender_id: _Optional[str] = ..., replica: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -1,0 +1,44 @@
+"""A job that loses a node while an idle node is available is re-planned and resumes from its
+last complete checkpoint, then finishes (coordinator + 3 node processes, 2 of them used)."""
+
+import pytest
+
+from swarm.cli.train import upload_files
+from swarm.transport.training_client import TrainingClient
+from tests.helpers.procs import coordinator_proc, node_proc, wait_until
+from tests.multiproc.training._common import write_inputs
+
+pytestmark = pytest.mark.multiproc
+
+
+@pytest.mark.timeout(120)
+def test_lost_node_is_replaced_and_the_job_resumes_from_its_checkpoint(tmp_path):
+    model, data = write_inputs(tmp_path)
+    spec = {"steps": 150, "batch_size": 4, "micro_batch_size": 2, "seq_len": 16, "lr": 1e-3, "compression": "none",
+            "checkpoint_every": 3, "num_stages": 2, "num_replicas": 1, "peer_timeout_s": 5.0}
+    with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0") as n0, \
+            node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2:
+        wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 nodes online")
+        with TrainingClient(coord.address, token=coord.token) as client:
+            job_id = client.submit(spec, upload_files(model, data))["id"]
+        detail = lambda: coord.get_json(f"/api/jobs/{job_id}")  # noqa: E731
+        wait_until(lambda: (detail()["last_complete_checkpoint"] or 0) >= 3, 60, message="a complete checkpoint")
+        first = detail()
+        used = {a["node_id"] for a in first["assignments"]}
+        handles = {h.node_id: h for h in (n0, n1, n2)}
+        (idle,) = set(handles) - used
+        victim = next(a["node_id"] for a in first["assignments"] if a["stage"] == 1)
+        handles[victim].proc.kill()
+
+        replanned = wait_until(lambda: (d := detail())["attempt"] == 2 and d, 30, message="the job is re-planned")
+        assert replanned["state"] == "running" and "resuming from step" in replanned["reason"]
+        assert replanned["resume_step"] >= 3
+        assert idle in {a["node_id"] for a in replanned["assignments"]}
+        assert victim not in {a["node_id"] for a in replanned["assignments"]}
+        done = wait_until(lambda: (d := detail())["state"] in ("succeeded", "failed") and d, 90, message="job ends")
+        assert done["state"] == "succeeded", done["reason"]
+        steps = [p["step"] for p in done["progress"]]
+        assert steps == list(range(150))  # earlier steps from attempt 1, the rest from attempt 2
+        assert {p["attempt"] for p in done["progress"] if p["step"] >= replanned["resume_step"]} == {2}
+        losses = [p["loss"] for p in done["progress"]]
+        assert losses[-1] < losses[0]
