@@ -92,7 +92,7 @@ class JobService:
         self.limits = limits or files.UploadLimits()
         self.tick_interval_s = tick_interval_s
         self._lock = threading.RLock()
-        self._rendezvous: dict[tuple[str, int], dict[int, list[str]]] = {}
+        self._rendezvous: dict[tuple[str, int, int], dict[int, list[str]]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -296,12 +296,15 @@ class JobService:
         self.store.add_checkpoint(job_id, stage=stage, replica=replica, step=step, final=final, directory=str(directory))
         log.info("checkpoint received job=%s stage=%d replica=%d step=%d final=%s", job_id, stage, replica, step, final)
 
-    def rendezvous(self, job_id: str, node_id: str, stage: int, replica: int, maddrs: list[str]) -> list[str]:
-        self.assignment_of(job_id, node_id, stage=stage, replica=replica)
+    def rendezvous(self, job_id: str, node_id: str, stage: int, replica: int, maddrs: list[str],
+                   attempt: int) -> list[str]:
+        job, _ = self.assignment_of(job_id, node_id, stage=stage, replica=replica)
+        if attempt != job.attempt:
+            raise PermissionDeniedError(f"attempt {attempt} of job {job_id} is over (the job is at {job.attempt})")
         if len(maddrs) > 16 or any(len(m) > 300 for m in maddrs):
             raise InvalidRequestError("at most 16 multiaddrs of at most 300 characters")
         with self._lock:
-            members = self._rendezvous.setdefault((job_id, stage), {})
+            members = self._rendezvous.setdefault((job_id, attempt, stage), {})
             members[replica] = list(maddrs)
             return [m for r, ms in sorted(members.items()) for m in ms]
 

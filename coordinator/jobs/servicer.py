@@ -234,5 +234,6 @@ class TrainingServicer(pb_grpc.TrainingServicer):
     @grpc_errors
     def Rendezvous(self, request, context) -> pb.RendezvousReply:
         node_id = self.app.authenticate_node(context)
-        maddrs = self.service.rendezvous(request.job_id, node_id, request.stage, request.replica, list(request.maddrs))
+        maddrs = self.service.rendezvous(request.job_id, node_id, request.stage, request.replica, list(request.maddrs),
+                                         request.attempt)
         return pb.RendezvousReply(maddrs=maddrs, num_joined=len(maddrs))

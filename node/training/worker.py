@@ -190,7 +190,7 @@ class StageWorker:
 
         a = self.a
         req = lambda maddrs: pb.RendezvousRequest(job_id=a.job_id, stage=a.stage, replica=a.replica,  # noqa: E731
-                                                  maddrs=maddrs)
+                                                  maddrs=maddrs, attempt=a.attempt)
         peers: list[str] = []
         deadline = time.monotonic() + self.timeout_s
         if a.replica > 0:  # join the DHT of a replica that started before us (replica 0 starts alone)
@@ -202,7 +202,7 @@ class StageWorker:
                         raise PeerError(f"replica 0 of stage {a.stage} never joined the rendezvous")
                     time.sleep(0.2)
         host = a.stage_replicas[a.replica].address.rpartition(":")[0] or "127.0.0.1"
-        self.averager = ReplicaAverager(params=list(self.module.parameters()), prefix=f"{a.job_id}_s{a.stage}",
+        self.averager = ReplicaAverager(params=list(self.module.parameters()), prefix=f"{a.job_id}_a{a.attempt}_s{a.stage}",
                                         num_replicas=a.num_replicas, initial_peers=peers, host=host,
                                         timeout_s=self.timeout_s)
         self.client.rendezvous(req(self.averager.maddrs()))

@@ -288,16 +288,18 @@ class CheckpointAck(_message.Message):
     def __init__(self, step: _Optional[int] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class RendezvousRequest(_message.Message):
-    __slots__ = ("job_id", "stage", "replica", "maddrs")
+    __slots__ = ("job_id", "stage", "replica", "maddrs", "attempt")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     MADDRS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     stage: int
     replica: int
     maddrs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, job_id: _Optional[str] = ..., stage: _Optional[int] = ..., replica: _Optional[int] = ..., maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
+    attempt: int
+    def __init__(self, job_id: _Optional[str] = ..., stage: _Optional[int] = ..., replica: _Optional[int] = ..., maddrs: _Optional[_Iterable[str]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class RendezvousReply(_message.Message):
     __slots__ = ("maddrs", "num_joined")
