@@ -8,9 +8,12 @@ candidate is scored exactly (bottleneck matchings per group pair + open-loop TSP
 ``problem``).
 
 Local search swaps two devices of different groups. A swap only changes two groups, so only
-their DP sums (two columns of an N x P table) and their 2 (P - 1) pair costs are recomputed;
-swaps between interchangeable devices (same equivalence class) are skipped. Moves are accepted
-on the surrogate score, which sees progress on the plateaus of the bottleneck objective.
+their DP sums (two columns of an N x P table) and their 2 (P - 1) pair costs are recomputed,
+and two bounds reject most swaps before any matching or TSP solve; swaps between look-alike
+devices (same class up to 2% link noise) are skipped. Moves are accepted on the surrogate
+score, which sees progress on the plateaus of the bottleneck objective. The best partition is
+finally polished by a descent on the exact objective. Instances with few partitions are
+enumerated instead.
 
 Deterministic for a seed: all randomness comes from one ``numpy.random.Generator``, and the
 search stops by its own convergence rule (``patience`` generations without improvement, or a
