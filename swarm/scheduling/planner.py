@@ -86,6 +86,9 @@ def _build(prob: Problem, groups: list[list[int]], *, seed: int, extra: dict) ->
                 raise _memory_error(prob, groups)
         cost = pc.total
         objective = "dtfm_comm"
+        if all(d.tflops is not None for d in cluster.devices):
+            # known (equal) speed: the compute this split implies, to compare dp x pp choices
+            extra = {**extra, "predicted_compute_s": prob.model.compute_s(prob.equal_layers, prob.sec_per_layer[: prob.p])[0]}
     else:
         members = np.asarray(groups, dtype=np.int64)
         sdel, sinv = prob.sums(members)
@@ -142,6 +145,12 @@ def _build(prob: Problem, groups: list[list[int]], *, seed: int, extra: dict) ->
     return Plan(stages=tuple(stages), objective=objective, cost_s=cost, dp_s=dp_s, pp_s=pp_s, compute_s=compute_s, seed=seed, breakdown=breakdown)
 
 
+def _rank(plan: Plan) -> float:
+    """How dp x pp candidates compare: the objective, plus the compute a DT-FM plan implies
+    when the (equal) device speed is known (the DT-FM cost alone ignores the pipeline bubble)."""
+    return plan.cost_s + float(plan.breakdown.get("predicted_compute_s", 0.0))
+
+
 def plan_training(
     cluster: Cluster,
     job: JobShape,
@@ -181,7 +190,7 @@ def plan_training(
             tried.append({"d_dp": d, "d_pp": p, "cost_s": None})
             continue
         tried.append({"d_dp": d, "d_pp": p, "cost_s": plan.cost_s})
-        if best is None or plan.cost_s < best.cost_s:
+        if best is None or _rank(plan) < _rank(best):
             best = plan
     if best is None:
         raise errors[-1] if len(errors) == 1 else InfeasiblePlanError(

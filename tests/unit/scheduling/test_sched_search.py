@@ -141,3 +141,21 @@ def test_open_degrees_prefer_whole_micro_batches():
     assert sorted(d for d, _ in degree_candidates(12, job, None, None)) == [2, 3, 6]
     odd = JobShape(num_layers=8, hidden_size=64, seq_len=64, num_params=1e6, global_batch_seqs=7.5, micro_batch_seqs=2)
     assert len(degree_candidates(4, odd, None, None)) == 3  # none divides: all are kept
+
+
+def test_homogeneous_known_speed_chooses_degrees_by_compute_too():
+    n = 3
+    cluster = Cluster(
+        devices=tuple(Device(id=f"cpu{i}", tflops=0.05, memory_bytes=4 << 30) for i in range(n)),
+        delay_s=np.full((n, n), 2e-4),
+        bandwidth_Bps=np.full((n, n), 1e9),
+    )
+    job = JobShape(num_layers=4, hidden_size=256, seq_len=256, num_params=4e6, global_batch_seqs=12, micro_batch_seqs=2)
+    plan = plan_training(cluster, job, seed=0, time_budget_s=0.5)
+    assert plan.objective == "dtfm_comm"
+    cands = {(c["d_dp"], c["d_pp"]) for c in plan.breakdown["candidates"]}
+    assert cands == {(3, 1), (1, 3)}
+    # data parallel: 2 micro-batches of the whole model per device; pipeline: 6 micro-batches
+    # through stages of 2, 1, 1 layers (bubble): compute decides for data parallelism here
+    assert (plan.d_dp, plan.d_pp) == (3, 1)
+    assert plan.breakdown["predicted_compute_s"] > 0
