@@ -2,7 +2,8 @@
 
 ``up`` starts a coordinator and N nodes as processes, prints the coordinator address and the
 token, and stops them all on Ctrl-C. ``demo`` starts 3 nodes, waits until all are online with a
-full bandwidth matrix, prints ``swarm status`` and stops everything.
+full bandwidth matrix, prints ``swarm status``, fine-tunes a tiny model across the nodes with
+AQ-SGD, serves the result as a 3-stage inference chain, generates from it and stops everything.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def add_parser(subparsers) -> None:
     demo.add_argument("--timeout-s", type=float, default=120.0)
     demo.add_argument("--state-dir", default=None)
     demo.add_argument("--train-steps", type=int, default=40, help="fine-tuning steps of the demo (0: skip training)")
+    demo.add_argument("--no-generate", action="store_true",
+                      help="skip serving the fine-tuned checkpoint and generating from it")
     demo.set_defaults(func=run_demo)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -93,5 +96,37 @@ def run_demo(args: argparse.Namespace) -> int:
             if demo_fine_tune(ls.coordinator_address, Path(state_dir), token=ls.token, steps=args.train_steps,
                               out=lambda line: print(line, flush=True)) != 0:
                 return 1
+            if not args.no_generate and _demo_generate(ls.coordinator_address, Path(state_dir) / "demo-checkpoint") != 0:
+                return 1
     print("demo finished: all processes stopped", flush=True)
+    return 0
+
+
+def _demo_generate(coordinator: str, checkpoint: Path) -> int:
+    """The demo's inference part: serve the checkpoint just trained as a 3-stage chain over the
+    same nodes, then stream a greedy generation from it."""
+    from swarm.cli.serve import run_generation
+    from swarm.errors import SwarmError
+    from swarm.inference.sampling import SamplingParams
+    from swarm.transport.inference import upload_model
+
+    print("serving the fine-tuned checkpoint as a 3-stage inference chain ...", flush=True)
+    try:
+        info = upload_model(coordinator, checkpoint, name="demo", num_stages=3, max_seq_len=128)
+        chain = " -> ".join(
+            f"{st['node_id'][:8]} layers {st['first_layer']}-{st['last_layer_excl'] - 1}"
+            for st in (info.get("replicas") or [{}])[0].get("stages", [])
+        )
+        if chain:
+            print(f"  chain: {chain}", flush=True)
+        prompt = "The swarm"
+        print(f"generating from {prompt!r}: {prompt}", end="", flush=True)
+        res = run_generation(coordinator, model="demo", prompt=prompt,
+                             params=SamplingParams(max_new_tokens=24),
+                             on_text=lambda t: print(t, end="", flush=True))
+    except SwarmError as exc:
+        print(f"\ngeneration failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"\n{len(res.token_ids)} tokens, first after {res.time_to_first_token_s * 1e3:.0f} ms, "
+          f"{res.tokens_per_s:.1f} tokens/s", flush=True)
     return 0
