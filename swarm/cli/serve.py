@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from swarm.errors import SwarmError
-from swarm.inference.sampling import SamplingParams
+
+# swarm.inference.sampling imports torch (~1-3 s): imported inside the commands that need it so
+# that every other `swarm` command starts fast.
 
 
 def _env(name: str, default=None):
@@ -156,7 +158,7 @@ class GenerationResult:
     num_replays: int
 
 
-def run_generation(address: str, *, model: str, prompt: str, params: SamplingParams, on_text=None) -> GenerationResult:
+def run_generation(address: str, *, model: str, prompt: str, params: "SamplingParams", on_text=None) -> GenerationResult:
     """Stream one generation; ``on_text`` gets each new piece of text. Raises SwarmError."""
     from swarm.transport.inference import generate
 
@@ -184,6 +186,8 @@ def run_generation(address: str, *, model: str, prompt: str, params: SamplingPar
 
 
 def cmd_generate(args) -> int:
+    from swarm.inference.sampling import SamplingParams
+
     try:
         address = _need_coordinator(args)
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
