@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from swarm.errors import CapacityError, InvalidRequestError
 from swarm.model.config import ModelConfig
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStep:
+    """What every layer of one cached forward pass shares (built once per pass, not per layer).
+
+    ``kv_len``: the queries read cache positions ``[0, kv_len)`` only, where kv_len is the longest
+    row's length after this pass, not the preallocated ``max_length``. ``mask`` (B, 1, T, kv_len)
+    bool: which of those positions each query may read (shorter rows, causality among the new
+    tokens); None when every query reads all of them (T == 1 and all rows of equal length).
+    """
+
+    kv_len: int
+    mask: torch.Tensor | None
 
 
 class KVCache:
@@ -63,19 +79,38 @@ class KVCache:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * config.num_kv_heads * config.head_dim * itemsize
 
-    def check_room(self, num_new_tokens: int) -> None:
+    def check_room(self, num_new_tokens: int) -> int:
+        """Raise CapacityError unless every row can take ``num_new_tokens`` more; returns the
+        longest row's length (before the new tokens)."""
         longest = int(self.lengths.max().item()) if self.batch_size else 0
         if longest + num_new_tokens > self.max_length:
             raise CapacityError(
                 f"KV cache is full: a session at {longest} tokens cannot take {num_new_tokens} more "
                 f"(max_length {self.max_length}); start a new session with a larger max_length"
             )
+        return longest
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def begin_step(self, positions: torch.Tensor) -> CacheStep:
+        """Check room for the new tokens at ``positions`` (B, T) (= lengths[:, None] + arange(T))
+        and build the pass's :class:`CacheStep`. Costs O(B * T * kv_len), once per pass."""
+        B, T = positions.shape
+        longest = self.check_room(T)
+        kv_len = longest + T
+        shortest = int(self.lengths.min().item()) if B else 0
+        if T == 1 and shortest == longest:
+            return CacheStep(kv_len=kv_len, mask=None)  # every row reads all kv_len positions
+        key_pos = torch.arange(kv_len, device=positions.device)
+        mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # (B, 1, T, kv_len)
+        return CacheStep(kv_len=kv_len, mask=mask)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, *, kv_len: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new keys/values (B, kv_heads, T, head_dim) of ``layer`` at each row's length.
 
-        Returns the full key and value buffers (B, kv_heads, max_length, head_dim); positions at
-        or past ``lengths + T`` hold stale data that the caller masks. Does not advance lengths.
+        Returns views of the key and value buffers (B, kv_heads, kv_len, head_dim) (the whole
+        ``max_length`` when kv_len is None); positions at or past a row's ``lengths + T`` hold
+        stale data that the caller masks. Does not advance lengths.
         """
         B, _, T, _ = k.shape
         if B != self.batch_size:
@@ -84,32 +119,54 @@ class KVCache:
         idx = pos[:, None, :, None].expand(B, k.shape[1], T, k.shape[3])
         self.keys[layer].scatter_(2, idx, k.to(self.keys[layer].dtype))
         self.values[layer].scatter_(2, idx, v.to(self.values[layer].dtype))
-        return self.keys[layer], self.values[layer]
+        if kv_len is None:
+            return self.keys[layer], self.values[layer]
+        return self.keys[layer][:, :, :kv_len], self.values[layer][:, :, :kv_len]
 
     def advance(self, num_new_tokens: int) -> None:
         self.lengths += num_new_tokens
 
     def select(self, rows: list[int] | torch.Tensor) -> "KVCache":
-        """A new cache holding copies of the given rows (sessions), in that order."""
+        """A new cache holding copies of the given rows (sessions), in that order.
+
+        Copies only the filled positions (up to the longest selected row), not ``max_length``."""
         rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
-        out = KVCache.__new__(KVCache)
-        out.config, out.max_length = self.config, self.max_length
-        out.keys = [k.index_select(0, rows_t) for k in self.keys]
-        out.values = [v.index_select(0, rows_t) for v in self.values]
-        out.lengths = self.lengths.index_select(0, rows_t)
+        lengths = self.lengths.index_select(0, rows_t)
+        out = self._empty_like(len(lengths))
+        n = int(lengths.max().item()) if len(lengths) else 0
+        for dst, src in zip(out.keys + out.values, self.keys + self.values):
+            dst[:, :, :n] = src[:, :, :n].index_select(0, rows_t)
+        out.lengths = lengths
         return out
 
     @staticmethod
     def cat(caches: list["KVCache"]) -> "KVCache":
-        """Stack sessions of several caches (same stage, same max_length) into one batch."""
+        """Stack sessions of several caches (same stage, same max_length) into one batch.
+
+        Copies only each cache's filled positions (up to its longest row), not ``max_length``."""
         if not caches:
             raise InvalidRequestError("cannot concatenate an empty list of KV caches")
         first = caches[0]
         if any(c.max_length != first.max_length or c.num_layers != first.num_layers for c in caches):
             raise InvalidRequestError("KV caches to batch together need the same max_length and layer count")
-        out = KVCache.__new__(KVCache)
-        out.config, out.max_length = first.config, first.max_length
-        out.keys = [torch.cat([c.keys[i] for c in caches]) for i in range(first.num_layers)]
-        out.values = [torch.cat([c.values[i] for c in caches]) for i in range(first.num_layers)]
+        out = first._empty_like(sum(c.batch_size for c in caches))
+        row = 0
+        for c in caches:
+            n = int(c.lengths.max().item()) if c.batch_size else 0
+            for dst, src in zip(out.keys + out.values, c.keys + c.values):
+                dst[row : row + c.batch_size, :, :n] = src[:, :, :n]
+            row += c.batch_size
         out.lengths = torch.cat([c.lengths for c in caches])
+        return out
+
+    def _empty_like(self, batch_size: int) -> "KVCache":
+        """A zeroed cache of ``batch_size`` rows with this one's layers, length, device and dtype.
+        Zeros, not garbage: shorter rows' unfilled positions are read with weight 0, and 0 * NaN
+        would poison the batch."""
+        out = KVCache.__new__(KVCache)
+        out.config, out.max_length = self.config, self.max_length
+        shape = (batch_size, *self.keys[0].shape[1:]) if self.keys else None
+        out.keys = [torch.zeros(shape, dtype=k.dtype, device=k.device) for k in self.keys]
+        out.values = [torch.zeros(shape, dtype=v.dtype, device=v.device) for v in self.values]
+        out.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.lengths.device)
         return out

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swarm.model.config import ModelConfig
-from swarm.model.kv_cache import KVCache
+from swarm.model.kv_cache import CacheStep, KVCache
 
 
 class RMSNorm(nn.Module):
@@ -58,23 +58,22 @@ def attend(
     *,
     kv_cache: KVCache | None,
     layer: int,
-    q_positions: torch.Tensor,
+    step: CacheStep | None,
 ) -> torch.Tensor:
     """Causal attention. q (B, h, T, d); k, v (B, kv, T, d) for the new tokens. Returns (B, h, T, d).
 
     Without a cache the T tokens attend causally among themselves. With one, the new keys are
-    written at each row's cache length and the queries attend to every filled position up to
-    their own (``q_positions`` (B, T) are the absolute positions).
+    written at each row's cache length and the queries attend to the filled positions up to
+    their own: the first ``step.kv_len`` cache positions (the longest row), masked per row by
+    ``step.mask`` -- never the whole preallocated cache.
     """
     B, h, T, d = q.shape
     if kv_cache is None:
         mask, causal = None, True
     else:
-        k, v = kv_cache.update(layer, k, v)  # (B, kv, L, d)
-        L = k.shape[2]
-        key_pos = torch.arange(L, device=q.device)
-        mask = key_pos[None, None, None, :] <= q_positions[:, None, :, None]  # (B, 1, T, L)
-        causal = False
+        assert step is not None, "a cached pass needs its CacheStep (KVCache.begin_step)"
+        k, v = kv_cache.update(layer, k, v, kv_len=step.kv_len)  # (B, kv, kv_len, d)
+        mask, causal = step.mask, False
     n_rep = h // k.shape[1]
     if n_rep > 1:  # grouped-query attention: query head i reads kv head i // n_rep
         k = k.repeat_interleave(n_rep, dim=1)
@@ -89,12 +88,12 @@ class GPT2Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x, *, kv_cache, layer, positions):
+    def forward(self, x, *, kv_cache, layer, step):
         B, T, H = x.shape
         nh, hd = self.cfg.num_heads, self.cfg.head_dim
         q, k, v = self.c_attn(x).split(H, dim=2)  # 3 x (B, T, H)
         q, k, v = (t.view(B, T, nh, hd).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
-        y = attend(q, k, v, kv_cache=kv_cache, layer=layer, q_positions=positions)
+        y = attend(q, k, v, kv_cache=kv_cache, layer=layer, step=step)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, H))
 
 
@@ -116,8 +115,8 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = GPT2MLP(cfg)
 
-    def forward(self, x, *, kv_cache, layer, positions, rope=None):
-        x = x + self.attn(self.ln_1(x), kv_cache=kv_cache, layer=layer, positions=positions)
+    def forward(self, x, *, kv_cache, layer, step, rope=None):
+        x = x + self.attn(self.ln_1(x), kv_cache=kv_cache, layer=layer, step=step)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -131,7 +130,7 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.attention_bias)
 
-    def forward(self, x, *, kv_cache, layer, positions, rope):
+    def forward(self, x, *, kv_cache, layer, step, rope):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(B, T, self.cfg.num_heads, hd).transpose(1, 2)  # (B, nh, T, hd)
@@ -139,7 +138,7 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.cfg.num_kv_heads, hd).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = attend(q, k, v, kv_cache=kv_cache, layer=layer, q_positions=positions)
+        y = attend(q, k, v, kv_cache=kv_cache, layer=layer, step=step)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -163,6 +162,6 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, *, kv_cache, layer, positions, rope):
-        x = x + self.self_attn(self.input_layernorm(x), kv_cache=kv_cache, layer=layer, positions=positions, rope=rope)
+    def forward(self, x, *, kv_cache, layer, step, rope):
+        x = x + self.self_attn(self.input_layernorm(x), kv_cache=kv_cache, layer=layer, step=step, rope=rope)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -149,11 +149,12 @@ class StageModel(nn.Module):
                 raise InvalidRequestError(
                     f"KV cache has {kv_cache.num_layers} layers, this stage {self.num_layers}; use stage.new_kv_cache()"
                 )
-            kv_cache.check_room(T)
             start = kv_cache.lengths.to(device)
         else:
             start = torch.as_tensor(position_offset, dtype=torch.long, device=device).reshape(-1).expand(B)
         positions = start[:, None] + torch.arange(T, device=device)[None, :]  # (B, T)
+        # the cache span and mask, once for all layers (raises CapacityError when a row is full)
+        step = kv_cache.begin_step(positions) if kv_cache is not None else None
         if T and int(positions.max()) >= self.config.max_position_embeddings:
             raise InvalidRequestError(
                 f"position {int(positions.max())} is past the model's max_position_embeddings "
@@ -171,7 +172,7 @@ class StageModel(nn.Module):
         if self.config.family == "llama" and self.layers:
             rope = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
         for i, block in enumerate(self.layers):
-            h = block(h, kv_cache=kv_cache, layer=i, positions=positions, rope=rope)
+            h = block(h, kv_cache=kv_cache, layer=i, step=step, rope=rope)
         if kv_cache is not None:
             kv_cache.advance(T)
         if self.is_last:
