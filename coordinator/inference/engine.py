@@ -93,8 +93,9 @@ class InferenceEngine:
         self._models: dict[str, ServedModel] = {}
         self._lock = threading.RLock()
         self._suspects: dict[str, float] = {}
-        # (node id, model, replica, stage) -> serialized assignment, for ConfirmAssignment
-        self._issued: dict[tuple[str, str, int, int], bytes] = {}
+        # (node id, model, replica, stage) -> (serialized assignment, the replica's step capability),
+        # for ConfirmAssignment
+        self._issued: dict[tuple[str, str, int, int], tuple[bytes, str]] = {}
         self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="inference")
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="inference-reaper", daemon=True)
@@ -260,19 +261,23 @@ class InferenceEngine:
                 if len(self._issued) > 10_000:  # bounded: forget the oldest
                     for key in list(self._issued)[:1000]:
                         del self._issued[key]
-                self._issued[(st.node_id, m.record.name, replica.index, k)] = a.SerializeToString(deterministic=True)
+                self._issued[(st.node_id, m.record.name, replica.index, k)] = (
+                    a.SerializeToString(deterministic=True), replica.capability)
             with data_channel(st.address) as ch:
                 try:
                     pb_grpc.InferenceStageStub(ch).LoadStage(pb.ServeLoadStageRequest(assignment=a), timeout=LOAD_TIMEOUT_S)
                 except grpc.RpcError as exc:
                     raise error_from_rpc(exc, f"node {st.node_id[:12]} at {st.address}") from exc
 
-    def confirm(self, node_id: str, assignment: pb.ServeStageAssignment) -> bool:
-        """Whether this coordinator issued exactly ``assignment`` to ``node_id``."""
+    def confirm(self, node_id: str, assignment: pb.ServeStageAssignment) -> str | None:
+        """The step capability of the assignment's chain if this coordinator issued exactly
+        ``assignment`` to ``node_id``, else None."""
         key = (node_id, assignment.model_name, assignment.replica, assignment.stage)
         with self._lock:
             issued = self._issued.get(key)
-        return issued is not None and issued == assignment.SerializeToString(deterministic=True)
+        if issued is None or issued[0] != assignment.SerializeToString(deterministic=True):
+            return None
+        return issued[1]
 
     def _hop_codec(self, codec: str, st: StageRef, nxt: StageRef | None) -> str:
         """The codec on the hop st -> nxt: as asked, or for ``auto`` int8 where the measured

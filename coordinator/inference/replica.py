@@ -31,7 +31,7 @@ from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
 from swarm.transport.errors import error_from_rpc
-from swarm.transport.inference import entries_to_pb
+from swarm.transport.inference import entries_to_pb, new_step_capability, step_metadata
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,9 @@ class Replica:
         self._closing: list[str] = []
         self._cond = threading.Condition()
         self._stop = False
+        # the chain's secret: issued to every stage with its assignment, sent on every stage call
+        self.capability = new_step_capability()
+        self._metadata = step_metadata(self.capability)
         self._channels = [data_channel(s.address) for s in stages]
         self._stubs = [pb_grpc.InferenceStageStub(c) for c in self._channels]
         self.num_lanes = max(1, min(lanes, len(stages), MAX_LANES))
@@ -158,7 +161,8 @@ class Replica:
         if unload:
             for stub, st in zip(self._stubs, self.stages):
                 try:
-                    stub.UnloadStage(pb.ServeUnloadStageRequest(model_name=self.model, replica=self.index), timeout=3)
+                    stub.UnloadStage(pb.ServeUnloadStageRequest(model_name=self.model, replica=self.index), timeout=3,
+                                     metadata=self._metadata)
                 except grpc.RpcError:
                     pass
         for c in self._channels:
@@ -170,9 +174,12 @@ class Replica:
         dead = []
         for stub, st in zip(self._stubs, self.stages):
             try:
-                stub.CloseSession(pb.ServeCloseSessionRequest(model_name=self.model, replica=self.index), timeout=timeout_s)
-            except grpc.RpcError:
-                dead.append(st.node_id)
+                stub.CloseSession(pb.ServeCloseSessionRequest(model_name=self.model, replica=self.index), timeout=timeout_s,
+                                  metadata=self._metadata)
+            except grpc.RpcError as exc:
+                # a stage reloaded for another chain refuses our capability: it answered, so it is alive
+                if exc.code() not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                    dead.append(st.node_id)
         return dead
 
     # ------------------------------------------------------------------ driver
@@ -233,7 +240,7 @@ class Replica:
         req = lambda: pb.ServeCloseSessionRequest(model_name=self.model, replica=self.index, session_ids=ids)  # noqa: E731
         for stub in self._stubs:
             try:
-                stub.CloseSession(req(), timeout=5)
+                stub.CloseSession(req(), timeout=5, metadata=self._metadata)
             except grpc.RpcError:
                 pass  # an unreachable stage frees its caches by timeout
 
@@ -247,7 +254,7 @@ class Replica:
             close_session_ids=closing,
         )
         try:
-            reply = self._stubs[0].Step(req, timeout=STEP_TIMEOUT_S)
+            reply = self._stubs[0].Step(req, timeout=STEP_TIMEOUT_S, metadata=self._metadata)
         except grpc.RpcError as exc:
             err = error_from_rpc(exc, f"first stage of replica {self.index}")
             if isinstance(err, InvalidRequestError) and "replay" in str(err) and self._replays < 2:

@@ -117,7 +117,8 @@ class InferenceGatewayServicer(pb_grpc.InferenceGatewayServicer):
     @grpc_errors
     def ConfirmAssignment(self, request, context) -> pb.ServeConfirmReply:
         node_id = self.app.authenticate_node(context)
-        return pb.ServeConfirmReply(confirmed=self.engine.confirm(node_id, request.assignment))
+        capability = self.engine.confirm(node_id, request.assignment)
+        return pb.ServeConfirmReply(confirmed=capability is not None, step_capability=capability or "")
 
     @grpc_errors
     def Generate(self, request, context) -> Iterator[pb.ServeGenerateEvent]:

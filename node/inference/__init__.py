@@ -24,14 +24,15 @@ def install(server, agent) -> None:
         stub = pb_grpc.InferenceGatewayStub(agent.coordinator_channel)
         return stub.FetchShard(req, metadata=agent.call_metadata(), timeout=600)
 
-    def confirm(assignment) -> bool:
+    def confirm(assignment) -> str | None:
+        """The chain's step capability if the coordinator issued this assignment, else None."""
         stub = pb_grpc.InferenceGatewayStub(agent.coordinator_channel)
         try:
             reply = stub.ConfirmAssignment(pb.ServeConfirmRequest(assignment=assignment),
                                            metadata=agent.call_metadata(), timeout=10)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, "coordinator") from exc
-        return reply.confirmed
+        return reply.step_capability if reply.confirmed and reply.step_capability else None
 
     servicer = InferenceStageServicer(
         node_id=agent.node_id,

@@ -9,6 +9,11 @@ Protocol this participant follows (see protos/swarm/proto/v1/inference.proto):
 - ``Step``: run the entries on this stage (its KV caches); unless last, call ``Step`` on the
   next stage with the packed hidden states and return its reply; the last stage samples.
   Every field from the network is validated; a bad step fails only that call.
+- Authentication: LoadStage is accepted only once the coordinator confirms the assignment over
+  the node's authenticated session; its reply carries the chain's step capability. Step,
+  CloseSession and UnloadStage of a loaded stage must carry that capability as gRPC metadata
+  (``swarm-step-capability``, compared in constant time); others get UNAUTHENTICATED (none)
+  or PERMISSION_DENIED (wrong). This stage forwards it on its Step to the next stage.
 - ``CloseSession`` frees caches; idle sessions expire after the assignment's timeout.
 - ``FetchShard``: serve the tensors this node holds to a peer that is loading the same layers.
 """
@@ -33,7 +38,14 @@ from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
 from swarm.transport.errors import error_from_rpc, grpc_errors
-from swarm.transport.inference import entries_from_pb, entries_to_pb, hidden_from_chunks, hidden_to_chunks
+from swarm.transport.inference import (
+    check_step_capability,
+    entries_from_pb,
+    entries_to_pb,
+    hidden_from_chunks,
+    hidden_to_chunks,
+    step_metadata,
+)
 
 from node.inference.shards import receive_shard, serve_shard, validate_assignment
 
@@ -50,6 +62,7 @@ class _Loaded:
     shard_dir: Path
     next_stub: pb_grpc.InferenceStageStub | None
     next_channel: grpc.Channel | None
+    capability: str  # the chain's step capability; "" only without a coordinator (tests)
 
 
 class InferenceStageServicer(pb_grpc.InferenceStageServicer):
@@ -63,10 +76,11 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         state_dir: Path,
         open_coordinator_shard: Callable[[pb.ServeFetchShardRequest], Iterator[pb.ServeShardChunk]],
         on_change: Callable[[dict], None] | None = None,
-        confirm: Callable[[pb.ServeStageAssignment], bool] | None = None,
+        confirm: Callable[[pb.ServeStageAssignment], str | None] | None = None,
     ) -> None:
-        """``confirm`` asks the coordinator whether it issued an assignment (None: trust the
-        caller, for tests without a coordinator)."""
+        """``confirm`` asks the coordinator whether it issued an assignment and returns the
+        chain's step capability (None: not issued). Without ``confirm`` (tests without a
+        coordinator) assignments are trusted and stage calls need no capability."""
         self.node_id = node_id
         self.device = device
         self.state_dir = Path(state_dir) / "inference"
@@ -89,6 +103,16 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 "the coordinator must (re)assign it"
             )
         return loaded
+
+    def _authorize(self, loaded: _Loaded, context, method: str) -> None:
+        """Raise unless the call carries the capability of this stage's chain."""
+        if not loaded.capability:
+            return  # no coordinator (tests): assignments and calls are trusted
+        a = loaded.assignment
+        check_step_capability(
+            context, loaded.capability,
+            what=f"{method} on model {a.model_name!r} replica {a.replica} stage {a.stage} (node {self.node_id[:12]})",
+        )
 
     def metrics(self) -> dict:
         with self._lock:
@@ -126,10 +150,13 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         validate_assignment(a)
         if a.dtype not in DTYPES:
             raise InvalidRequestError(f"dtype {a.dtype!r} unsupported; use float32, float16 or bfloat16")
-        if self._confirm is not None and not self._confirm(a):
-            raise PermissionDeniedError(
-                f"the coordinator did not issue this assignment (model {a.model_name!r} replica {a.replica} "
-                f"stage {a.stage}) to node {self.node_id[:12]}; refusing it")
+        capability = ""
+        if self._confirm is not None:
+            capability = self._confirm(a) or ""
+            if not capability:
+                raise PermissionDeniedError(
+                    f"the coordinator did not issue this assignment (model {a.model_name!r} replica {a.replica} "
+                    f"stage {a.stage}) to node {self.node_id[:12]}; refusing it")
         t0 = time.monotonic()
         with self._load_lock:  # one load at a time: bounded memory and disk use
             shard_dir = self.state_dir / _safe_dir(a.model_name) / f"{a.model_digest[:16]}-{a.first_layer}-{a.last_layer_excl}"
@@ -157,6 +184,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             loaded = _Loaded(
                 assignment=a, runtime=runtime, shard_dir=shard_dir,
                 next_stub=pb_grpc.InferenceStageStub(channel) if channel is not None else None, next_channel=channel,
+                capability=capability,
             )
             with self._lock:
                 old = self._stages.get((a.model_name, a.replica))
@@ -187,7 +215,10 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
     @grpc_errors
     def UnloadStage(self, request: pb.ServeUnloadStageRequest, context) -> pb.ServeUnloadStageReply:
         with self._lock:
-            old = self._stages.pop((request.model_name, request.replica), None)
+            old = self._stages.get((request.model_name, request.replica))
+            if old is not None:
+                self._authorize(old, context, "UnloadStage")
+                self._stages.pop((request.model_name, request.replica), None)
         if old is not None and old.next_channel is not None:
             old.next_channel.close()
         self._changed()
@@ -196,6 +227,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
     @grpc_errors
     def Step(self, request: pb.ServeStepRequest, context) -> pb.ServeStepReply:
         loaded = self._get(request.model_name, request.replica)
+        self._authorize(loaded, context, "Step")
         a = loaded.assignment
         if request.stage != a.stage:
             raise InvalidRequestError(
@@ -236,7 +268,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         )
         assert loaded.next_stub is not None
         try:
-            reply = loaded.next_stub.Step(nxt, timeout=STEP_TIMEOUT_S)
+            reply = loaded.next_stub.Step(nxt, timeout=STEP_TIMEOUT_S, metadata=step_metadata(loaded.capability))
         except grpc.RpcError as exc:
             err = error_from_rpc(exc, f"stage {a.stage + 1} at {a.next_address}")
             if isinstance(err, PeerError) or err.retryable:
@@ -251,7 +283,10 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             raise InvalidRequestError("close at most 4096 sessions per call")
         with self._lock:
             loaded = self._stages.get((request.model_name, request.replica))
-        n = loaded.runtime.close(list(request.session_ids)) if loaded is not None else 0
+        if loaded is None:
+            return pb.ServeCloseSessionReply(num_closed=0)
+        self._authorize(loaded, context, "CloseSession")
+        n = loaded.runtime.close(list(request.session_ids))
         return pb.ServeCloseSessionReply(num_closed=n)
 
     @grpc_errors

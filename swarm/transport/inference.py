@@ -7,15 +7,17 @@ protobuf stays here; everything past them sees :class:`StepEntry`, tensors and d
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import math
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from swarm.errors import InvalidRequestError
+from swarm.errors import AuthError, InvalidRequestError, PermissionDeniedError
 from swarm.inference.codec import check_codec, int8_decode, int8_encode
 from swarm.inference.sampling import SamplingParams
 from swarm.inference.stage_runtime import StepEntry
@@ -31,6 +33,44 @@ MAX_ENTRIES = 1024
 MAX_TOKENS_PER_STEP = 1 << 16
 UPLOAD_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
 MAX_UPLOAD_FILES = 256
+
+
+# ----------------------------------------------------------------------------- step capability
+# Stage calls (Step, CloseSession, UnloadStage) carry the chain's secret in this metadata key.
+# The coordinator makes one per replica, hands it to each stage in its ConfirmAssignment reply
+# (the node's authenticated call), and sends it on its own calls; stages forward it down the chain.
+STEP_CAPABILITY_KEY = "swarm-step-capability"
+MAX_CAPABILITY_CHARS = 128
+
+
+def new_step_capability() -> str:
+    """A fresh random capability (256 bits, URL-safe text so it fits gRPC metadata)."""
+    return secrets.token_urlsafe(32)
+
+
+def step_metadata(capability: str) -> tuple[tuple[str, str], ...]:
+    return ((STEP_CAPABILITY_KEY, capability),)
+
+
+def check_step_capability(context, expected: str, *, what: str) -> None:
+    """Refuse a stage call whose metadata lacks ``expected`` (AuthError -> UNAUTHENTICATED) or
+    carries another value (PermissionDeniedError -> PERMISSION_DENIED). Constant-time compare."""
+    given = None
+    for key, value in context.invocation_metadata() or ():
+        if key == STEP_CAPABILITY_KEY:
+            given = value if isinstance(value, str) else None
+            break
+    if not given:
+        raise AuthError(
+            f"{what}: the call carries no {STEP_CAPABILITY_KEY} metadata; only the coordinator that placed this "
+            "stage and the previous stage of its chain may call it (clients go through the coordinator's Generate)"
+        )
+    ok = len(given) <= MAX_CAPABILITY_CHARS and hmac.compare_digest(given.encode(), expected.encode())
+    if not ok:
+        raise PermissionDeniedError(
+            f"{what}: wrong {STEP_CAPABILITY_KEY}; the stage was (re)loaded with another one, or the caller is not "
+            "part of this chain -- ask the coordinator (Generate) instead"
+        )
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -322,10 +322,12 @@ class ServeConfirmRequest(_message.Message):
     def __init__(self, assignment: _Optional[_Union[ServeStageAssignment, _Mapping]] = ...) -> None: ...
 
 class ServeConfirmReply(_message.Message):
-    __slots__ = ("confirmed",)
+    __slots__ = ("confirmed", "step_capability")
     CONFIRMED_FIELD_NUMBER: _ClassVar[int]
+    STEP_CAPABILITY_FIELD_NUMBER: _ClassVar[int]
     confirmed: bool
-    def __init__(self, confirmed: _Optional[bool] = ...) -> None: ...
+    step_capability: str
+    def __init__(self, confirmed: _Optional[bool] = ..., step_capability: _Optional[str] = ...) -> None: ...
 
 class ServeUnserveRequest(_message.Message):
     __slots__ = ("name",)
