@@ -239,7 +239,18 @@ class StageRuntime:
             decode = [i for i, e in enumerate(entries) if e.num_tokens == 1 and self._sessions[e.session_id].length > 0]
             prefill = [i for i in range(len(entries)) if i not in set(decode)]
             outs: list[torch.Tensor | None] = [None] * len(entries)
+            # new sessions with prompts of equal length prefill together, as one batch
+            fresh: dict[int, list[int]] = {}
             for i in prefill:
+                if self._sessions[entries[i].session_id].length == 0:
+                    fresh.setdefault(entries[i].num_tokens, []).append(i)
+            batched = {i for rows in fresh.values() if len(rows) > 1 for i in rows}
+            for rows in fresh.values():
+                if len(rows) > 1:
+                    self._prefill_together(rows, entries, hidden, offsets, outs, now)
+            for i in prefill:
+                if i in batched:
+                    continue
                 e = entries[i]
                 s = self._sessions[e.session_id]
                 if s.cache is None:  # a row of a batch cache that is re-prefilled: give it back its cache
@@ -263,6 +274,33 @@ class StageRuntime:
                     s.length += 1
                     s.last_used_s = now
             return torch.cat(outs, dim=0)
+
+    def _prefill_together(self, rows: list[int], entries: list[StepEntry], hidden: torch.Tensor | None,
+                          offsets: list[int], outs: list, now: float) -> None:
+        """Prefill new sessions of equal prompt length as one batch of ``len(rows)`` rows. Their
+        batch cache becomes their decode group, so a next step that decodes exactly these
+        sessions in this order copies no cache."""
+        ids = [entries[i].session_id for i in rows]
+        T = entries[rows[0]].num_tokens
+        cache = self.stage.new_kv_cache(batch_size=len(rows), max_length=self.max_seq_len)
+        if self.stage.is_first:
+            x = torch.tensor([list(entries[i].token_ids) for i in rows], dtype=torch.long, device=self.device)  # (B, T)
+        else:
+            assert hidden is not None
+            x = torch.stack([hidden[offsets[i] : offsets[i] + T] for i in rows])  # (B, T, H)
+        y = self.stage(x, kv_cache=cache)
+        for row, i in enumerate(rows):
+            outs[i] = y[row, -1:] if self.stage.is_last else y[row]
+        while len(self._groups) >= MAX_GROUPS:
+            self._dissolve(next(iter(self._groups)))
+        key = tuple(ids)
+        for sid in ids:
+            s = self._sessions[sid]
+            s.cache = None  # its row of the batch cache
+            s.length += T
+            s.last_used_s = now
+            self._group_of[sid] = key
+        self._groups[key] = cache
 
     def _input(self, e: StepEntry, hidden: torch.Tensor | None, offset: int) -> torch.Tensor:
         if self.stage.is_first:

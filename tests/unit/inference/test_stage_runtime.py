@@ -151,3 +151,25 @@ def test_alternating_groups_keep_their_batch_caches(ckpt):
             assert all(len(s._groups) == 2 for s in chain.stages)  # both batch caches kept
     for sid in prompts:
         assert state[sid]["out"] == refs[sid], sid
+
+
+def test_new_sessions_of_equal_prompt_length_prefill_as_one_batch(ckpt):
+    path, cfg = ckpt
+    n = cfg.num_layers
+    chain = LocalChain([runtime(path, 0, 2, n, max_sessions=4), runtime(path, 2, n, n, max_sessions=4)])
+    whole = runtime(path, 0, n, n)
+    prompts = {"a": [1, 2, 3], "b": [4, 5, 6], "c": [7], "d": [9, 8, 7]}  # a, b, d batch; c alone
+    p = SamplingParams(max_new_tokens=6)
+    refs = {sid: generate_local(whole.run_and_sample, pr, p, session_id=sid) for sid, pr in prompts.items()}
+    out = {sid: [] for sid in prompts}
+    entries = [StepEntry(session_id=sid, start_position=0, num_tokens=len(pr), token_ids=tuple(pr))
+               for sid, pr in prompts.items()]
+    for _ in range(6):
+        toks = chain.step(entries)
+        for e, t in zip(entries, toks):
+            out[e.session_id].append(t)
+        if _ == 0:  # the equal-length prompts share one batch cache on every stage, already a decode group
+            assert all(list(st._groups) == [("a", "b", "d")] for st in chain.stages)
+        entries = [StepEntry(session_id=e.session_id, start_position=e.start_position + e.num_tokens, num_tokens=1,
+                             token_ids=(t,)) for e, t in zip(entries, toks)]
+    assert out == refs
