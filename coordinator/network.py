@@ -43,6 +43,27 @@ class NetworkMatrix(NamedTuple):
     measured_at: np.ndarray  # (N, N) unix seconds, NaN when never measured
 
 
+def transfer_link(existing: Link | None, observations: list[tuple[int, float]], now_s: float) -> Link | None:
+    """The link to record after real transfers over ``existing`` (``(num_bytes, seconds)`` each), or None.
+
+    A push's time is the sender's wall time of the whole call (the receiver reassembles,
+    validates and decodes before it answers), so bytes / seconds is a LOWER BOUND of the link's
+    bandwidth. The rule: take the max of the observations (the tightest lower bound) and let it
+    only RAISE the known bandwidth, whatever the known link's source or age -- a fresher probe
+    is never overwritten by a lower transfer-derived number. Lowering a link stays the job of
+    the periodic probes (a raised link is re-probed ``remeasure_interval_s`` after the raise).
+    Delay and RTT are kept from the existing link; with no link yet (no probe) there is no
+    delay to keep and nothing is recorded: the scheduler probes missing links first anyway.
+    """
+    if existing is None or not observations:
+        return None
+    bandwidth = max(num_bytes / seconds for num_bytes, seconds in observations)
+    if not (math.isfinite(bandwidth) and bandwidth > existing.bandwidth_Bps):
+        return None
+    return Link(src=existing.src, dst=existing.dst, delay_s=existing.delay_s, rtt_s=existing.rtt_s,
+                bandwidth_Bps=bandwidth, measured_at_s=now_s, source="transfer")
+
+
 class NetworkStore:
     """Latest link per (src, dst); thread-safe."""
 

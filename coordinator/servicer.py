@@ -24,12 +24,19 @@ from swarm.transport.channels import parse_address
 from swarm.transport.convert import hardware_from_proto, link_to_proto, metrics_from_json, node_to_proto
 from swarm.transport.errors import grpc_errors
 
+from coordinator.network import transfer_link
+
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD_BYTES = 16 << 10
 MAX_TOKEN_CHARS = 256
 MAX_CLOCK_SKEW_S = 300.0
 MAX_STATUS_CHARS = 200
+MAX_TRAFFIC_BYTES = 1 << 60  # bytes_sent / bytes_received beyond this are not a real counter
+MAX_TRANSFERS_PER_BEAT = 64
+MAX_TRANSFER_BYTES = 1 << 40
+MAX_TRANSFER_S = 3600.0
+MAX_TRANSFER_BPS = 1e13  # the same plausibility bound as probes
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -43,6 +50,35 @@ def check_protocol_version(theirs: str) -> None:
             f"the node speaks protocol {theirs[:20]} but this coordinator speaks {ours}; "
             "upgrade the older side (pip install -U volunteer-swarm)"
         )
+
+
+def check_traffic_metrics(metrics: dict) -> None:
+    """``bytes_sent`` / ``bytes_received`` (node/traffic.py), when present: integers in 0..2**60."""
+    for key in ("bytes_sent", "bytes_received"):
+        if key not in metrics:
+            continue
+        v = metrics[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_TRAFFIC_BYTES:
+            raise InvalidRequestError(f"metrics {key} must be an integer byte count in 0..{MAX_TRAFFIC_BYTES}, "
+                                      f"got {str(v)[:40]!r}")
+
+
+def check_transfers(transfers, src: str) -> dict[str, list[tuple[int, float]]]:
+    """Validate heartbeat transfer observations; returns (num_bytes, seconds) lists by destination."""
+    if len(transfers) > MAX_TRANSFERS_PER_BEAT:
+        raise InvalidRequestError(f"a heartbeat carries at most {MAX_TRANSFERS_PER_BEAT} transfer observations")
+    out: dict[str, list[tuple[int, float]]] = {}
+    for t in transfers:
+        if not is_node_id(t.dst_node_id) or t.dst_node_id == src:
+            raise InvalidRequestError("transfer dst_node_id must be another node's id")
+        if not 0 < t.num_bytes <= MAX_TRANSFER_BYTES:
+            raise InvalidRequestError(f"transfer num_bytes must be in 1..{MAX_TRANSFER_BYTES}, got {t.num_bytes}")
+        if not (math.isfinite(t.seconds) and 0 < t.seconds <= MAX_TRANSFER_S):
+            raise InvalidRequestError(f"transfer seconds must be finite and in (0, {MAX_TRANSFER_S:.0f}], got {t.seconds}")
+        if t.num_bytes / t.seconds > MAX_TRANSFER_BPS:
+            raise InvalidRequestError("transfer bandwidth is out of any plausible range")
+        out.setdefault(t.dst_node_id, []).append((int(t.num_bytes), float(t.seconds)))
+    return out
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
@@ -107,12 +143,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if len(request.status) > MAX_STATUS_CHARS:
             raise InvalidRequestError(f"status is longer than {MAX_STATUS_CHARS} characters")
         metrics = metrics_from_json(request.metrics_json)
+        check_traffic_metrics(metrics)
+        transfers = check_transfers(request.transfers, node_id)
         if request.memory_free_bytes < 0:
             raise InvalidRequestError("memory_free_bytes must be >= 0")
         app.registry.heartbeat(
             node_id, status=request.status, metrics=metrics,
             memory_free_bytes=request.memory_free_bytes or None,
         )
+        self._record_transfers(node_id, transfers)
         reply = pb.HeartbeatReply(heartbeat_interval_s=app.config.heartbeat_interval_s, server_time_s=app.clock.time())
         task = app.measurements.next_task(node_id, app.registry.online())
         if task is not None:
@@ -121,6 +160,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 probe_bytes=task.probe_bytes, num_pings=task.num_pings,
             ))
         return reply
+
+    def _record_transfers(self, node_id: str, transfers: dict[str, list[tuple[int, float]]]) -> None:
+        """Feed transfer observations to known destinations into the network store (see transfer_link)."""
+        if not transfers:
+            return
+        known = {n.id for n in self.app.registry.snapshot()}
+        now = self.app.clock.time()
+        for dst, obs in transfers.items():
+            if dst not in known:
+                log.debug("ignoring transfer observations from %s to unknown node %s", node_id[:8], dst[:8])
+                continue
+            link = transfer_link(self.app.network.get(node_id, dst), obs, now)
+            if link is not None:
+                self.app.network.record(link)
 
     @grpc_errors
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:

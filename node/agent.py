@@ -16,7 +16,10 @@ Extension seams (plugins get the agent):
   ``agent.call_metadata()``: metadata tying a call to this node's registered identity (raises
   UnavailableError while not registered); ``agent.wait_registered(timeout_s)``;
 - ``agent.update_metrics(**values)`` (or ``agent.metrics``, guarded by ``agent.metrics_lock``):
-  JSON-able values sent with every heartbeat and shown in /api/nodes.
+  JSON-able values sent with every heartbeat and shown in /api/nodes;
+- ``agent.traffic`` (:class:`node.traffic.Traffic`): plugins add the bytes they exchange with
+  peers and observe large pushes; totals go out as the ``bytes_sent`` / ``bytes_received``
+  metrics and observations as ``HeartbeatRequest.transfers`` with every heartbeat.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from node import plugins as plugin_registry
 from node.coordinator_link import Backoff, CoordinatorLink
 from node.measure import measure_link
 from node.peer_service import PeerServicer
+from node.traffic import Traffic
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +112,7 @@ class NodeAgent:
         self.device = self.hardware.device
         self.metrics: dict[str, Any] = {}
         self.metrics_lock = threading.Lock()
+        self.traffic = Traffic()
         self.status = "idle"
         self.plugins = plugin_registry.load_plugins(config.plugins)
         self.peer_server = make_server(max_message_bytes=DATA_MAX_MESSAGE_BYTES)
@@ -148,7 +153,7 @@ class NodeAgent:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> int:
         """Start the peer server, plugins and the heartbeat loop; returns the peer port."""
-        peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(self.node_id), self.peer_server)
+        peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(self.node_id, traffic=self.traffic), self.peer_server)
         for mod in self.plugins:
             if hasattr(mod, "install"):
                 mod.install(self.peer_server, self)
@@ -210,6 +215,7 @@ class NodeAgent:
     def _heartbeat(self) -> None:
         with self._session_lock:
             session = self._session
+        self.update_metrics(**self.traffic.totals())
         with self.metrics_lock:
             metrics = dict(self.metrics)
         try:
@@ -218,7 +224,10 @@ class NodeAgent:
             log.warning("metrics not sendable (%s); sending none", exc)
             metrics_json = "{}"
         free = min(free_memory_bytes(self.device), self.hardware.memory_bytes)
-        reply = self._link.heartbeat(session, status=self.status, metrics_json=metrics_json, memory_free_bytes=free)
+        transfers = [pb.TransferObservation(dst_node_id=o.dst_node_id, num_bytes=o.num_bytes, seconds=o.seconds)
+                     for o in self.traffic.drain()]  # lost if this beat fails: they are only samples
+        reply = self._link.heartbeat(session, status=self.status, metrics_json=metrics_json, memory_free_bytes=free,
+                                     transfers=transfers)
         if self.config.heartbeat_interval_s is None and reply.heartbeat_interval_s > 0:
             self.heartbeat_interval_s = min(max(reply.heartbeat_interval_s, 0.05), 60.0)
         for task in reply.tasks:
@@ -278,6 +287,7 @@ class NodeAgent:
             try:
                 sample = measure_link(task.dst_address, probe_bytes=int(task.probe_bytes),
                                       num_pings=int(task.num_pings), expected_node_id=task.dst_node_id)
+                self.traffic.add_sent(sample.probe_bytes)
                 report.rtt_s = sample.rtt_s
                 report.bandwidth_Bps = sample.bandwidth_Bps
                 report.probe_bytes = sample.probe_bytes

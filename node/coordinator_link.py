@@ -78,10 +78,12 @@ class CoordinatorLink:
         return Registration(node_id=reply.node_id, session=reply.session,
                             heartbeat_interval_s=reply.heartbeat_interval_s or 2.0)
 
-    def heartbeat(self, session: str, *, status: str, metrics_json: str, memory_free_bytes: int = 0) -> pb.HeartbeatReply:
+    def heartbeat(self, session: str, *, status: str, metrics_json: str, memory_free_bytes: int = 0,
+                  transfers=()) -> pb.HeartbeatReply:
         with translate_rpc_errors(self._what):
             return self.stub.Heartbeat(
-                pb.HeartbeatRequest(status=status, metrics_json=metrics_json, memory_free_bytes=memory_free_bytes),
+                pb.HeartbeatRequest(status=status, metrics_json=metrics_json, memory_free_bytes=memory_free_bytes,
+                                    transfers=list(transfers)),
                 metadata=call_metadata(self._identity.node_id, session), timeout=CALL_TIMEOUT_S,
             )
 

@@ -21,8 +21,9 @@ MAX_PROBE_S = 120.0  # a probe stream held open longer is cancelled (it would pi
 
 
 class PeerServicer(pb_grpc.PeerServicer):
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, *, traffic=None) -> None:
         self.node_id = node_id
+        self.traffic = traffic  # node.traffic.Traffic or None
 
     @grpc_errors
     def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
@@ -48,6 +49,8 @@ class PeerServicer(pb_grpc.PeerServicer):
             t_last = now
             total += n
             chunks += 1
+            if self.traffic is not None:
+                self.traffic.add_received(n)
             if total > MAX_PROBE_BYTES:
                 raise InvalidRequestError(f"a probe may carry at most {MAX_PROBE_BYTES} bytes")
         return pb.ProbeReply(

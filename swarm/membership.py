@@ -91,7 +91,14 @@ def node_json(node: NodeInfo, now_s: float) -> dict[str, Any]:
         "peer_address": node.peer_address,
         "status": node.status,
         "metrics": node.metrics,
+        # peer traffic since the node process started (node/traffic.py); None from older nodes
+        "bytes_sent": _byte_count(node.metrics.get("bytes_sent")),
+        "bytes_received": _byte_count(node.metrics.get("bytes_received")),
     }
+
+
+def _byte_count(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
 def link_json(link: Link) -> dict[str, Any]:

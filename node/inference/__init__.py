@@ -41,6 +41,7 @@ def install(server, agent) -> None:
         open_coordinator_shard=open_coordinator_shard,
         on_change=lambda m: agent.update_metrics(**m),
         confirm=confirm,
+        traffic=getattr(agent, "traffic", None),
     )
     pb_grpc.add_InferenceStageServicer_to_server(servicer, server)
     _state[id(agent)] = (servicer, threading.Event(), [])

@@ -77,6 +77,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         open_coordinator_shard: Callable[[pb.ServeFetchShardRequest], Iterator[pb.ServeShardChunk]],
         on_change: Callable[[dict], None] | None = None,
         confirm: Callable[[pb.ServeStageAssignment], str | None] | None = None,
+        traffic=None,
     ) -> None:
         """``confirm`` asks the coordinator whether it issued an assignment and returns the
         chain's step capability (None: not issued). Without ``confirm`` (tests without a
@@ -87,6 +88,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         self._open_coordinator_shard = open_coordinator_shard
         self._on_change = on_change
         self._confirm = confirm
+        self.traffic = traffic  # node.traffic.Traffic or None: peer bytes (hidden states, shards)
         self._stages: dict[tuple[str, int], _Loaded] = {}
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
@@ -204,7 +206,10 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 if src == "coordinator":
                     return receive_shard(self._open_coordinator_shard(req), shard_dir)
                 with data_channel(src) as ch:
-                    return receive_shard(pb_grpc.InferenceStageStub(ch).FetchShard(req, timeout=600), shard_dir)
+                    nbytes = receive_shard(pb_grpc.InferenceStageStub(ch).FetchShard(req, timeout=600), shard_dir)
+                if self.traffic is not None:
+                    self.traffic.add_received(nbytes)
+                return nbytes
             except grpc.RpcError as exc:
                 errors.append(f"{src}: {error_from_rpc(exc, src)}")
             except (InvalidRequestError, NotFoundError, OSError) as exc:
@@ -238,7 +243,9 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             rt.close(list(request.close_session_ids)[:4096])
         entries = entries_from_pb(request.entries, need_tokens=a.stage == 0)
         hidden = None
-        if a.stage > 0:
+        if a.stage > 0:  # the request came from the previous stage's node: peer traffic
+            if self.traffic is not None:
+                self.traffic.add_received(request.ByteSize())
             hidden = hidden_from_chunks(
                 request.hidden,
                 num_tokens=sum(e.num_tokens for e in entries),
@@ -252,7 +259,10 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             compute = time.perf_counter() - t0
             self.steps += 1
             self.tokens += len(tokens)
-            return pb.ServeStepReply(token_ids=tokens, compute_s=compute)
+            reply = pb.ServeStepReply(token_ids=tokens, compute_s=compute)
+            if a.stage > 0 and self.traffic is not None:
+                self.traffic.add_sent(reply.ByteSize())
+            return reply
         out = rt.run(entries, hidden)
         compute = time.perf_counter() - t0
         nxt = pb.ServeStepRequest(
@@ -267,6 +277,8 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             close_session_ids=list(request.close_session_ids),
         )
         assert loaded.next_stub is not None
+        if self.traffic is not None:
+            self.traffic.add_sent(nxt.ByteSize())
         try:
             reply = loaded.next_stub.Step(nxt, timeout=STEP_TIMEOUT_S, metadata=step_metadata(loaded.capability))
         except grpc.RpcError as exc:
@@ -275,7 +287,12 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 raise PeerError(f"next stage {a.stage + 1} ({a.next_node_id[:12]} at {a.next_address}) failed: {err}") from exc
             raise err from exc
         self.steps += 1
-        return pb.ServeStepReply(token_ids=list(reply.token_ids), compute_s=reply.compute_s + compute)
+        out_reply = pb.ServeStepReply(token_ids=list(reply.token_ids), compute_s=reply.compute_s + compute)
+        if self.traffic is not None:
+            self.traffic.add_received(reply.ByteSize())
+            if a.stage > 0:
+                self.traffic.add_sent(out_reply.ByteSize())
+        return out_reply
 
     @grpc_errors
     def CloseSession(self, request: pb.ServeCloseSessionRequest, context) -> pb.ServeCloseSessionReply:
@@ -299,7 +316,10 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                     and request.last_layer_excl <= a.last_layer_excl
                     and (not request.include_embeddings or a.stage == 0)
                     and (not request.include_head or a.stage == a.num_stages - 1)):
-                yield from serve_shard(l.shard_dir, request)
+                for chunk in serve_shard(l.shard_dir, request):
+                    if self.traffic is not None:
+                        self.traffic.add_sent(chunk.ByteSize())
+                    yield chunk
                 return
         raise NotFoundError(f"this node holds no copy of layers [{request.first_layer}, {request.last_layer_excl}) "
                             f"of {request.model_name!r}; fetch them from the coordinator")

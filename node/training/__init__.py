@@ -89,7 +89,8 @@ class TrainingPlugin:
                     w.stop("re-planned")
             worker = StageWorker(a, client=self.client, endpoints=self.endpoints, node_id=self.agent.node_id,
                                  device=self.agent.device, state_dir=self.agent.state_dir,
-                                 on_metrics=self.agent.update_metrics, emulate_link_bps=self.emulate_link_bps)
+                                 on_metrics=self.agent.update_metrics, emulate_link_bps=self.emulate_link_bps,
+                                 traffic=getattr(self.agent, "traffic", None))
             self.workers[a.key] = worker
             log.info("assignment received job=%s stage=%d replica=%d", a.job_id, a.stage, a.replica)
             worker.start()
@@ -108,7 +109,7 @@ _plugins: dict[int, TrainingPlugin] = {}
 def install(server, agent) -> None:
     plugin = TrainingPlugin(agent)
     _plugins[id(agent)] = plugin
-    pb_grpc.add_PipelinePeerServicer_to_server(PipelinePeerServicer(plugin.endpoints), server)
+    pb_grpc.add_PipelinePeerServicer_to_server(PipelinePeerServicer(plugin.endpoints, traffic=getattr(agent, "traffic", None)), server)
 
 
 def start(agent) -> None:

@@ -146,9 +146,11 @@ class Endpoints:
 class PipelinePeerServicer(training_pb2_grpc.PipelinePeerServicer):
     """Receives pushed tensors and hands them to the job's endpoint."""
 
-    def __init__(self, endpoints: Endpoints, *, max_payload_bytes: int = wt.DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+    def __init__(self, endpoints: Endpoints, *, max_payload_bytes: int = wt.DEFAULT_MAX_PAYLOAD_BYTES,
+                 traffic=None) -> None:
         self.endpoints = endpoints
         self.max_payload_bytes = max_payload_bytes
+        self.traffic = traffic  # node.traffic.Traffic or None: counts what arrived, accepted or not
 
     @grpc_errors
     def PushTensor(self, request_iterator, context) -> tensor_pb2.TensorAck:
@@ -160,6 +162,8 @@ class PipelinePeerServicer(training_pb2_grpc.PipelinePeerServicer):
             found.append(ep)
 
         wire = wt.from_chunks(request_iterator, max_payload_bytes=self.max_payload_bytes, on_header=on_header)
+        if self.traffic is not None:
+            self.traffic.add_received(len(wire.payload))
         found[0].accept(wire.header, wire.payload)
         return tensor_pb2.TensorAck(accepted=True, received_bytes=len(wire.payload))
 

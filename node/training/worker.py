@@ -57,8 +57,10 @@ class StopRequested(Exception):
 
 class StageWorker:
     def __init__(self, a: Assignment, *, client: TrainingClient, endpoints: Endpoints, node_id: str,
-                 device: str, state_dir: Path, on_metrics=None, emulate_link_bps: float = 0.0) -> None:
+                 device: str, state_dir: Path, on_metrics=None, emulate_link_bps: float = 0.0,
+                 traffic=None) -> None:
         self.a = a
+        self.traffic = traffic  # node.traffic.Traffic or None
         self.client = client
         self.endpoints = endpoints
         self.node_id = node_id
@@ -173,17 +175,32 @@ class StageWorker:
         self.next_sender = self.prev_sender = None
         if a.next is not None:
             self.next_sender = PeerSender(a.next.address, what=f"stage {a.stage + 1} ({a.next.node_id[:12]})",
-                                          timeout_s=self.timeout_s, emulate_bps=self.emulate_link_bps)
+                                          timeout_s=self.timeout_s, emulate_bps=self.emulate_link_bps,
+                                          on_sent=self._on_sent(a.next.node_id))
             self.senders.append(self.next_sender)
         if a.prev is not None:
             self.prev_sender = PeerSender(a.prev.address, what=f"stage {a.stage - 1} ({a.prev.node_id[:12]})",
-                                          timeout_s=self.timeout_s, emulate_bps=self.emulate_link_bps)
+                                          timeout_s=self.timeout_s, emulate_bps=self.emulate_link_bps,
+                                          on_sent=self._on_sent(a.prev.node_id))
             self.senders.append(self.prev_sender)
         if a.num_replicas > 1:
             self._start_averager()
         log.info("stage worker ready job=%s attempt=%d stage=%d/%d replica=%d/%d layers=[%d,%d) codec=%s steps=%d-%d",
                  a.job_id, a.attempt, a.stage, a.num_stages, a.replica, a.num_replicas, a.first_layer,
                  a.last_layer_excl, self.codec_text, a.resume_step, self.total_steps)
+
+    def _on_sent(self, dst_node_id: str):
+        """Count a delivered tensor and keep it as a link observation (node/traffic.py).
+
+        The time is the PushTensor call's wall time: it includes the receiver's reassembly,
+        validation and decode (not its compute: the receiver only queues the tensor), so
+        bytes / seconds is a lower bound of the link's bandwidth; the coordinator only lets
+        it raise a link's bandwidth (coordinator/network.py ``transfer_link``)."""
+        def on_sent(num_bytes: int, seconds: float) -> None:
+            if self.traffic is not None:
+                self.traffic.add_sent(num_bytes)
+                self.traffic.observe(dst_node_id, num_bytes, seconds)
+        return on_sent
 
     def _start_averager(self) -> None:
         from swarm.pipeline.averaging import ReplicaAverager

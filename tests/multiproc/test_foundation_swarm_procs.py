@@ -41,6 +41,13 @@ def test_swarm_of_three_lost_node_and_coordinator_restart(tmp_path):
         assert all(n.hardware.tflops > 0 for n in snap.nodes)
         assert {(link.src, link.dst) for link in snap.links} >= {(a, b) for a in ids for b in ids if a != b}
 
+        # probes are peer traffic: each node sent 2 and received 2 probes of 512 KiB and reports its totals
+        def traffic_reported():
+            nodes_json = coord.get_json("/api/nodes")["nodes"]
+            return all((n["bytes_sent"] or 0) >= 2 * (512 << 10) and (n["bytes_received"] or 0) >= 2 * (512 << 10)
+                       for n in nodes_json)
+
+        wait_until(traffic_reported, 20, message="traffic totals in /api/nodes")
         out = subprocess.run([sys.executable, "-m", "swarm.cli", "status", "--coordinator", coord.address, "--json"],
                              capture_output=True, text=True, timeout=60, env=child_env())
         assert out.returncode == 0, out.stderr
@@ -49,6 +56,7 @@ def test_swarm_of_three_lost_node_and_coordinator_restart(tmp_path):
         for n in status["nodes"]:
             assert {"id", "name", "state", "device", "memory_bytes", "tflops", "last_seen_s"} <= set(n)
             assert n["state"] == "online" and n["tflops"] > 0
+            assert n["bytes_sent"] >= 2 * (512 << 10) and n["bytes_received"] >= 2 * (512 << 10)
         assert len(status["links"]) == 6
         for link in status["links"]:
             assert {"src", "dst", "bandwidth_Bps", "delay_s", "measured_at"} <= set(link)

@@ -188,9 +188,11 @@
       tr.appendChild(age);
       var sent = h("td", "num sent", fmtBytes(n.sent !== null ? n.sent : n.jobSent));
       if (n.sent === null && n.jobSent !== undefined) sent.title = "sent for the running job (after compression)";
+      else if (n.sent !== null) sent.title = "sent to peers since the node started";
       tr.appendChild(sent);
       var recv = h("td", "num received", fmtBytes(n.recv !== null ? n.recv : n.jobRecv));
       if (n.recv === null && n.jobRecv !== undefined) recv.title = "received for the running job (after compression)";
+      else if (n.recv !== null) recv.title = "received from peers since the node started";
       tr.appendChild(recv);
       frag.appendChild(tr);
     });

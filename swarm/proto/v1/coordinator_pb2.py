@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n swarm/proto/v1/coordinator.proto\x12\x0eswarm.proto.v1\"\xf6\x01\n\x08Hardware\x12\x13\n\x0b\x64\x65vice_kind\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x19\n\x11memory_free_bytes\x18\x04 \x01(\x03\x12\x1a\n\x12\x63ompute_capability\x18\x05 \x01(\t\x12\x11\n\tcpu_cores\x18\x06 \x01(\x05\x12\x11\n\tram_bytes\x18\x07 \x01(\x03\x12\x17\n\x0f\x64isk_free_bytes\x18\x08 \x01(\x03\x12\x0e\n\x06tflops\x18\t \x01(\x01\x12\x14\n\x0ctflops_dtype\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\"\xb4\x01\n\x13RegistrationPayload\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0cpeer_address\x18\x04 \x01(\t\x12*\n\x08hardware\x18\x05 \x01(\x0b\x32\x18.swarm.proto.v1.Hardware\x12\x13\n\x0btimestamp_s\x18\x06 \x01(\x01\x12\r\n\x05nonce\x18\x07 \x01(\x0c\"X\n\x0fRegisterRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\r\n\x05token\x18\x04 \x01(\t\"\x86\x01\n\rRegisterReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\x12\x1b\n\x13\x63oordinator_version\x18\x04 \x01(\t\x12\x18\n\x10protocol_version\x18\x05 \x01(\t\"p\n\x0bMeasureTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64st_node_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64st_address\x18\x03 \x01(\t\x12\x13\n\x0bprobe_bytes\x18\x04 \x01(\x03\x12\x11\n\tnum_pings\x18\x05 \x01(\x05\"S\n\x10HeartbeatRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x14\n\x0cmetrics_json\x18\x02 \x01(\t\x12\x19\n\x11memory_free_bytes\x18\x03 \x01(\x03\"q\n\x0eHeartbeatReply\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.swarm.proto.v1.MeasureTask\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x15\n\rserver_time_s\x18\x03 \x01(\x01\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0c\n\nLeaveReply\"\x83\x01\n\x11MeasurementReport\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64st_node_id\x18\x02 \x01(\t\x12\r\n\x05rtt_s\x18\x03 \x01(\x01\x12\x15\n\rbandwidth_Bps\x18\x04 \x01(\x01\x12\x13\n\x0bprobe_bytes\x18\x05 \x01(\x03\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\x10\n\x0eMeasurementAck\"\x12\n\x10ListNodesRequest\"\xd3\x01\n\nNodeRecord\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12*\n\x08hardware\x18\x04 \x01(\x0b\x32\x18.swarm.proto.v1.Hardware\x12\x14\n\x0cpeer_address\x18\x05 \x01(\t\x12\x17\n\x0fregistered_at_s\x18\x06 \x01(\x01\x12\x16\n\x0elast_seen_at_s\x18\x07 \x01(\x01\x12\x14\n\x0cmetrics_json\x18\x08 \x01(\t\x12\x0e\n\x06status\x18\t \x01(\t\"R\n\x0eListNodesReply\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.swarm.proto.v1.NodeRecord\x12\x15\n\rserver_time_s\x18\x02 \x01(\x01\"\x13\n\x11GetNetworkRequest\"\x84\x01\n\nLinkRecord\x12\x0b\n\x03src\x18\x01 \x01(\t\x12\x0b\n\x03\x64st\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65lay_s\x18\x03 \x01(\x01\x12\r\n\x05rtt_s\x18\x04 \x01(\x01\x12\x15\n\rbandwidth_Bps\x18\x05 \x01(\x01\x12\x15\n\rmeasured_at_s\x18\x06 \x01(\x01\x12\x0e\n\x06source\x18\x07 \x01(\t\"S\n\x0fGetNetworkReply\x12)\n\x05links\x18\x01 \x03(\x0b\x32\x1a.swarm.proto.v1.LinkRecord\x12\x15\n\rserver_time_s\x18\x02 \x01(\x01\x32\xe4\x03\n\x0b\x43oordinator\x12J\n\x08Register\x12\x1f.swarm.proto.v1.RegisterRequest\x1a\x1d.swarm.proto.v1.RegisterReply\x12M\n\tHeartbeat\x12 .swarm.proto.v1.HeartbeatRequest\x1a\x1e.swarm.proto.v1.HeartbeatReply\x12\x41\n\x05Leave\x12\x1c.swarm.proto.v1.LeaveRequest\x1a\x1a.swarm.proto.v1.LeaveReply\x12V\n\x11ReportMeasurement\x12!.swarm.proto.v1.MeasurementReport\x1a\x1e.swarm.proto.v1.MeasurementAck\x12M\n\tListNodes\x12 .swarm.proto.v1.ListNodesRequest\x1a\x1e.swarm.proto.v1.ListNodesReply\x12P\n\nGetNetwork\x12!.swarm.proto.v1.GetNetworkRequest\x1a\x1f.swarm.proto.v1.GetNetworkReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n swarm/proto/v1/coordinator.proto\x12\x0eswarm.proto.v1\"\xf6\x01\n\x08Hardware\x12\x13\n\x0b\x64\x65vice_kind\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x19\n\x11memory_free_bytes\x18\x04 \x01(\x03\x12\x1a\n\x12\x63ompute_capability\x18\x05 \x01(\t\x12\x11\n\tcpu_cores\x18\x06 \x01(\x05\x12\x11\n\tram_bytes\x18\x07 \x01(\x03\x12\x17\n\x0f\x64isk_free_bytes\x18\x08 \x01(\x03\x12\x0e\n\x06tflops\x18\t \x01(\x01\x12\x14\n\x0ctflops_dtype\x18\n \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\"\xb4\x01\n\x13RegistrationPayload\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0cpeer_address\x18\x04 \x01(\t\x12*\n\x08hardware\x18\x05 \x01(\x0b\x32\x18.swarm.proto.v1.Hardware\x12\x13\n\x0btimestamp_s\x18\x06 \x01(\x01\x12\r\n\x05nonce\x18\x07 \x01(\x0c\"X\n\x0fRegisterRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\r\n\x05token\x18\x04 \x01(\t\"\x86\x01\n\rRegisterReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\x12\x1b\n\x13\x63oordinator_version\x18\x04 \x01(\t\x12\x18\n\x10protocol_version\x18\x05 \x01(\t\"p\n\x0bMeasureTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64st_node_id\x18\x02 \x01(\t\x12\x13\n\x0b\x64st_address\x18\x03 \x01(\t\x12\x13\n\x0bprobe_bytes\x18\x04 \x01(\x03\x12\x11\n\tnum_pings\x18\x05 \x01(\x05\"\x8b\x01\n\x10HeartbeatRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x14\n\x0cmetrics_json\x18\x02 \x01(\t\x12\x19\n\x11memory_free_bytes\x18\x03 \x01(\x03\x12\x36\n\ttransfers\x18\x04 \x03(\x0b\x32#.swarm.proto.v1.TransferObservation\"N\n\x13TransferObservation\x12\x13\n\x0b\x64st_node_id\x18\x01 \x01(\t\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"q\n\x0eHeartbeatReply\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.swarm.proto.v1.MeasureTask\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x15\n\rserver_time_s\x18\x03 \x01(\x01\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0c\n\nLeaveReply\"\x83\x01\n\x11MeasurementReport\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64st_node_id\x18\x02 \x01(\t\x12\r\n\x05rtt_s\x18\x03 \x01(\x01\x12\x15\n\rbandwidth_Bps\x18\x04 \x01(\x01\x12\x13\n\x0bprobe_bytes\x18\x05 \x01(\x03\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\x10\n\x0eMeasurementAck\"\x12\n\x10ListNodesRequest\"\xd3\x01\n\nNodeRecord\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12*\n\x08hardware\x18\x04 \x01(\x0b\x32\x18.swarm.proto.v1.Hardware\x12\x14\n\x0cpeer_address\x18\x05 \x01(\t\x12\x17\n\x0fregistered_at_s\x18\x06 \x01(\x01\x12\x16\n\x0elast_seen_at_s\x18\x07 \x01(\x01\x12\x14\n\x0cmetrics_json\x18\x08 \x01(\t\x12\x0e\n\x06status\x18\t \x01(\t\"R\n\x0eListNodesReply\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.swarm.proto.v1.NodeRecord\x12\x15\n\rserver_time_s\x18\x02 \x01(\x01\"\x13\n\x11GetNetworkRequest\"\x84\x01\n\nLinkRecord\x12\x0b\n\x03src\x18\x01 \x01(\t\x12\x0b\n\x03\x64st\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65lay_s\x18\x03 \x01(\x01\x12\r\n\x05rtt_s\x18\x04 \x01(\x01\x12\x15\n\rbandwidth_Bps\x18\x05 \x01(\x01\x12\x15\n\rmeasured_at_s\x18\x06 \x01(\x01\x12\x0e\n\x06source\x18\x07 \x01(\t\"S\n\x0fGetNetworkReply\x12)\n\x05links\x18\x01 \x03(\x0b\x32\x1a.swarm.proto.v1.LinkRecord\x12\x15\n\rserver_time_s\x18\x02 \x01(\x01\x32\xe4\x03\n\x0b\x43oordinator\x12J\n\x08Register\x12\x1f.swarm.proto.v1.RegisterRequest\x1a\x1d.swarm.proto.v1.RegisterReply\x12M\n\tHeartbeat\x12 .swarm.proto.v1.HeartbeatRequest\x1a\x1e.swarm.proto.v1.HeartbeatReply\x12\x41\n\x05Leave\x12\x1c.swarm.proto.v1.LeaveRequest\x1a\x1a.swarm.proto.v1.LeaveReply\x12V\n\x11ReportMeasurement\x12!.swarm.proto.v1.MeasurementReport\x1a\x1e.swarm.proto.v1.MeasurementAck\x12M\n\tListNodes\x12 .swarm.proto.v1.ListNodesRequest\x1a\x1e.swarm.proto.v1.ListNodesReply\x12P\n\nGetNetwork\x12!.swarm.proto.v1.GetNetworkRequest\x1a\x1f.swarm.proto.v1.GetNetworkReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,30 +41,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREPLY']._serialized_end=709
   _globals['_MEASURETASK']._serialized_start=711
   _globals['_MEASURETASK']._serialized_end=823
-  _globals['_HEARTBEATREQUEST']._serialized_start=825
-  _globals['_HEARTBEATREQUEST']._serialized_end=908
-  _globals['_HEARTBEATREPLY']._serialized_start=910
-  _globals['_HEARTBEATREPLY']._serialized_end=1023
-  _globals['_LEAVEREQUEST']._serialized_start=1025
-  _globals['_LEAVEREQUEST']._serialized_end=1055
-  _globals['_LEAVEREPLY']._serialized_start=1057
-  _globals['_LEAVEREPLY']._serialized_end=1069
-  _globals['_MEASUREMENTREPORT']._serialized_start=1072
-  _globals['_MEASUREMENTREPORT']._serialized_end=1203
-  _globals['_MEASUREMENTACK']._serialized_start=1205
-  _globals['_MEASUREMENTACK']._serialized_end=1221
-  _globals['_LISTNODESREQUEST']._serialized_start=1223
-  _globals['_LISTNODESREQUEST']._serialized_end=1241
-  _globals['_NODERECORD']._serialized_start=1244
-  _globals['_NODERECORD']._serialized_end=1455
-  _globals['_LISTNODESREPLY']._serialized_start=1457
-  _globals['_LISTNODESREPLY']._serialized_end=1539
-  _globals['_GETNETWORKREQUEST']._serialized_start=1541
-  _globals['_GETNETWORKREQUEST']._serialized_end=1560
-  _globals['_LINKRECORD']._serialized_start=1563
-  _globals['_LINKRECORD']._serialized_end=1695
-  _globals['_GETNETWORKREPLY']._serialized_start=1697
-  _globals['_GETNETWORKREPLY']._serialized_end=1780
-  _globals['_COORDINATOR']._serialized_start=1783
-  _globals['_COORDINATOR']._serialized_end=2267
+  _globals['_HEARTBEATREQUEST']._serialized_start=826
+  _globals['_HEARTBEATREQUEST']._serialized_end=965
+  _globals['_TRANSFEROBSERVATION']._serialized_start=967
+  _globals['_TRANSFEROBSERVATION']._serialized_end=1045
+  _globals['_HEARTBEATREPLY']._serialized_start=1047
+  _globals['_HEARTBEATREPLY']._serialized_end=1160
+  _globals['_LEAVEREQUEST']._serialized_start=1162
+  _globals['_LEAVEREQUEST']._serialized_end=1192
+  _globals['_LEAVEREPLY']._serialized_start=1194
+  _globals['_LEAVEREPLY']._serialized_end=1206
+  _globals['_MEASUREMENTREPORT']._serialized_start=1209
+  _globals['_MEASUREMENTREPORT']._serialized_end=1340
+  _globals['_MEASUREMENTACK']._serialized_start=1342
+  _globals['_MEASUREMENTACK']._serialized_end=1358
+  _globals['_LISTNODESREQUEST']._serialized_start=1360
+  _globals['_LISTNODESREQUEST']._serialized_end=1378
+  _globals['_NODERECORD']._serialized_start=1381
+  _globals['_NODERECORD']._serialized_end=1592
+  _globals['_LISTNODESREPLY']._serialized_start=1594
+  _globals['_LISTNODESREPLY']._serialized_end=1676
+  _globals['_GETNETWORKREQUEST']._serialized_start=1678
+  _globals['_GETNETWORKREQUEST']._serialized_end=1697
+  _globals['_LINKRECORD']._serialized_start=1700
+  _globals['_LINKRECORD']._serialized_end=1832
+  _globals['_GETNETWORKREPLY']._serialized_start=1834
+  _globals['_GETNETWORKREPLY']._serialized_end=1917
+  _globals['_COORDINATOR']._serialized_start=1920
+  _globals['_COORDINATOR']._serialized_end=2404
 # @@protoc_insertion_point(module_scope)

@@ -91,14 +91,26 @@ class MeasureTask(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., dst_node_id: _Optional[str] = ..., dst_address: _Optional[str] = ..., probe_bytes: _Optional[int] = ..., num_pings: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("status", "metrics_json", "memory_free_bytes")
+    __slots__ = ("status", "metrics_json", "memory_free_bytes", "transfers")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     status: str
     metrics_json: str
     memory_free_bytes: int
-    def __init__(self, status: _Optional[str] = ..., metrics_json: _Optional[str] = ..., memory_free_bytes: _Optional[int] = ...) -> None: ...
+    transfers: _containers.RepeatedCompositeFieldContainer[TransferObservation]
+    def __init__(self, status: _Optional[str] = ..., metrics_json: _Optional[str] = ..., memory_free_bytes: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[TransferObservation, _Mapping]]] = ...) -> None: ...
+
+class TransferObservation(_message.Message):
+    __slots__ = ("dst_node_id", "num_bytes", "seconds")
+    DST_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    dst_node_id: str
+    num_bytes: int
+    seconds: float
+    def __init__(self, dst_node_id: _Optional[str] = ..., num_bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("tasks", "heartbeat_interval_s", "server_time_s")

@@ -27,7 +27,7 @@ def test_two_agents_join_measure_and_leave(app, tmp_path):
         a.start()
     try:
         assert all(a.wait_registered(10) for a in agents)
-        agents[0].update_metrics(stage=1, bytes_sent=123)
+        agents[0].update_metrics(stage=1)
         ids = [a.node_id for a in agents]
 
         def measured():
@@ -37,10 +37,35 @@ def test_two_agents_join_measure_and_leave(app, tmp_path):
         wait_until(measured, 20, message="both directions measured")
         delay, bw, at = app.network.matrix(ids)
         assert 0 < delay[0, 1] < 0.1 and bw[0, 1] > 1e6
-        wait_until(lambda: app.registry.get(ids[0]).metrics.get("bytes_sent") == 123, 10, message="metrics arrive")
-        with urllib.request.urlopen(f"http://127.0.0.1:{app.http_port}/api/nodes", timeout=5) as resp:
-            by_id = {n["id"]: n for n in json.loads(resp.read())["nodes"]}
+        # the probes are peer traffic: each node sent and received probe bytes, and says so in heartbeats
+        probe = app.measurements.policy.probe_bytes
+
+        def api_nodes():
+            with urllib.request.urlopen(f"http://127.0.0.1:{app.http_port}/api/nodes", timeout=5) as resp:
+                return {n["id"]: n for n in json.loads(resp.read())["nodes"]}
+
+        wait_until(lambda: all((api_nodes()[i]["bytes_sent"] or 0) >= probe and (api_nodes()[i]["bytes_received"] or 0)
+                               >= probe for i in ids), 10, message="traffic totals arrive")
+        by_id = api_nodes()
         assert by_id[ids[0]]["metrics"]["stage"] == 1
+        assert by_id[ids[0]]["bytes_sent"] <= agents[0].traffic.totals()["bytes_sent"]
+        # a transfer observation (here: one the node's pipeline hook would record for a 64 MiB push in
+        # 10 ms, faster than the loopback probe) rides the next heartbeat into the matrix as "transfer"
+        probed = app.network.get(ids[0], ids[1])
+        assert agents[0].traffic.observe(ids[1], 64 << 20, 0.01)
+        wait_until(lambda: app.network.get(ids[0], ids[1]).source == "transfer", 10, message="transfer link recorded")
+        link = app.network.get(ids[0], ids[1])
+        assert link.bandwidth_Bps == (64 << 20) / 0.01 and link.rtt_s == probed.rtt_s
+        with urllib.request.urlopen(f"http://127.0.0.1:{app.http_port}/api/network", timeout=5) as resp:
+            links = json.loads(resp.read())["links"]
+        assert {(lk["src"], lk["dst"], lk["source"]) for lk in links} >= {(ids[0], ids[1], "transfer")}
+        # a slower transfer never overwrites the known bandwidth; an unknown destination is ignored
+        assert agents[0].traffic.observe(ids[1], 1 << 20, 1.0)
+        assert agents[0].traffic.observe("f" * len(ids[1]), 64 << 20, 0.001)
+        for _ in range(2):  # two more heartbeats: the observations above went out with one of them
+            seen = app.registry.get(ids[0]).last_seen_at_s
+            wait_until(lambda seen=seen: app.registry.get(ids[0]).last_seen_at_s > seen, 10, message="heartbeat")
+        assert app.network.get(ids[0], ids[1]) == link and app.registry.get(ids[0]).state == "online"
     finally:
         for a in agents:
             a.stop()

@@ -43,6 +43,15 @@ def test_three_node_job_matches_single_process_and_exports(tmp_path, capsys):
         assert losses == pytest.approx(ref, rel=1e-4, abs=1e-5)
         assert losses[-1] < losses[0] - 0.3  # it learns
         assert job["bytes_sent"] > 0 and job["bytes_saved"] == 0
+        # every node counted the pipeline tensors (and probes) it exchanged with its peers
+        node_ids = {a["node_id"] for a in job["assignments"]}
+
+        def totals_cover_the_job():
+            rows = [n for n in coord.get_json("/api/nodes")["nodes"] if n["id"] in node_ids]
+            return (len(rows) == 3 and all((n["bytes_sent"] or 0) > 0 and (n["bytes_received"] or 0) > 0 for n in rows)
+                    and sum(n["bytes_sent"] for n in rows) >= job["bytes_sent"])
+
+        wait_until(totals_cover_the_job, 10, message="node traffic totals in /api/nodes cover the job's tensors")
 
         aq = _run_job(capsys, coord, model, data, tmp_path / "out-aq", codec="aqsgd:fw=2,bw=4", steps=10)
         aq_losses = [p["loss"] for p in aq["progress"]]
