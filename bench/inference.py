@@ -40,6 +40,7 @@ from swarm.model.testing import make_tiny_checkpoint
 from swarm.transport.coordinator_client import fetch_snapshot
 from swarm.transport.inference import generate, upload_model
 
+BENCH_TOKEN = "bench-inference-token-0123456789"  # fixed: the bench serves models with it
 PROMPT = "The swarm pools volunteer graphics cards over ordinary internet links to train and serve"
 
 
@@ -120,7 +121,7 @@ class Swarm:
         self.netns: list[str] = []
         # a fixed token: a random one may start with '-', which argparse takes for a flag
         # generous liveness: on a shaped link, probes and steps can delay heartbeats
-        coord_args = ["--token", "bench-inference-token-0123456789", "--heartbeat-interval-s", "1.0",
+        coord_args = ["--token", BENCH_TOKEN, "--heartbeat-interval-s", "1.0",
                       "--node-timeout-s", "30", "--probe-bytes", str(64 << 10), "--log-level", "WARNING"]
         try:
             self._start(root, num_nodes, coord_args, device=device, netns=netns, rate_mbit=rate_mbit, delay_ms=delay_ms)
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             for k in stages:
                 upload_model(swarm.address, ckpt, name=f"bench-{k}", num_replicas=1, num_stages=k,
                              max_seq_len=args.max_seq_len, sessions_per_replica=max(sessions),
-                             hidden_codec=args.hidden_codec, dtype=args.dtype, lanes=args.lanes)
+                             hidden_codec=args.hidden_codec, dtype=args.dtype, lanes=args.lanes, token=BENCH_TOKEN)
                 one_generation(swarm.address, f"bench-{k}", 4, [], None)  # warm-up
             # interleave configurations so they share the same machine conditions; keep each
             # configuration's best run (highest aggregate throughput): the least disturbed one

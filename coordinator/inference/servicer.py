@@ -1,6 +1,7 @@
 """The coordinator's InferenceGateway gRPC service: upload + serve, list, generate, shards.
 
-Thin: validates and translates protobuf to the engine's calls. Errors map to status codes via
+Thin: validates and translates protobuf to the engine's calls. Uploading and unserving need the
+coordinator's token (``swarm-api-token`` metadata); listing and generating do not. Errors map to status codes via
 ``grpc_errors`` (bad request -> INVALID_ARGUMENT, unknown model -> NOT_FOUND, no capacity ->
 RESOURCE_EXHAUSTED).
 """
@@ -72,6 +73,7 @@ class InferenceGatewayServicer(pb_grpc.InferenceGatewayServicer):
 
     @grpc_errors
     def UploadModel(self, request_iterator, context) -> pb.ServeUploadReply:
+        self.app.authenticate_user(context, "serving a model")
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
             raise InvalidRequestError("an upload starts with a header naming the model and its files")
@@ -101,6 +103,7 @@ class InferenceGatewayServicer(pb_grpc.InferenceGatewayServicer):
 
     @grpc_errors
     def Unserve(self, request, context) -> pb.ServeUnserveReply:
+        self.app.authenticate_user(context, "unserving a model")
         check_model_name(request.name)
         return pb.ServeUnserveReply(removed=self.engine.unserve(request.name))
 

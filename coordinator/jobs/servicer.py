@@ -8,7 +8,6 @@ calling node and check it holds the part of the job it asks about.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
 import math
@@ -20,7 +19,6 @@ from swarm.proto.v1 import training_pb2 as pb
 from swarm.proto.v1 import training_pb2_grpc as pb_grpc
 from swarm.transport.channels import CHUNK_BYTES
 from swarm.transport.errors import grpc_errors
-from swarm.transport.training_client import API_TOKEN_KEY
 
 from coordinator.jobs import files
 from coordinator.jobs.service import JobService, detail_json
@@ -70,13 +68,7 @@ class TrainingServicer(pb_grpc.TrainingServicer):
         self.service = service
 
     def _check_user(self, context) -> None:
-        token = ""
-        for key, value in context.invocation_metadata() or ():
-            if key == API_TOKEN_KEY and isinstance(value, str):
-                token = value
-        if not token or len(token) > 200 or not hmac.compare_digest(token.encode(), self.app.join_token.encode()):
-            raise AuthError("submitting or cancelling jobs needs the coordinator's token: pass --token or set "
-                            "SWARM_TOKEN (the token swarm-coordinator printed at start)")
+        self.app.authenticate_user(context, "submitting or cancelling jobs")
 
     # -- users -----------------------------------------------------------------------------------
     @grpc_errors

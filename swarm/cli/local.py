@@ -96,13 +96,13 @@ def run_demo(args: argparse.Namespace) -> int:
             if demo_fine_tune(ls.coordinator_address, Path(state_dir), token=ls.token, steps=args.train_steps,
                               out=lambda line: print(line, flush=True)) != 0:
                 return 1
-            if not args.no_generate and _demo_generate(ls.coordinator_address, Path(state_dir) / "demo-checkpoint") != 0:
+            if not args.no_generate and _demo_generate(ls.coordinator_address, Path(state_dir) / "demo-checkpoint", ls.token) != 0:
                 return 1
     print("demo finished: all processes stopped", flush=True)
     return 0
 
 
-def _demo_generate(coordinator: str, checkpoint: Path) -> int:
+def _demo_generate(coordinator: str, checkpoint: Path, token: str) -> int:
     """The demo's inference part: serve the checkpoint just trained as a 3-stage chain over the
     same nodes, then stream a greedy generation from it."""
     from swarm.cli.serve import run_generation
@@ -112,7 +112,7 @@ def _demo_generate(coordinator: str, checkpoint: Path) -> int:
 
     print("serving the fine-tuned checkpoint as a 3-stage inference chain ...", flush=True)
     try:
-        info = upload_model(coordinator, checkpoint, name="demo", num_stages=3, max_seq_len=128)
+        info = upload_model(coordinator, checkpoint, name="demo", num_stages=3, max_seq_len=128, token=token)
         chain = " -> ".join(
             f"{st['node_id'][:8]} layers {st['first_layer']}-{st['last_layer_excl'] - 1}"
             for st in (info.get("replicas") or [{}])[0].get("stages", [])

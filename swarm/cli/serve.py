@@ -41,6 +41,8 @@ def add_parser(sub) -> None:
     s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="weights on the nodes")
     s.add_argument("--lanes", type=int, default=1,
                    help="session groups pipelined through each chain (default 1; >1 pays when stages have their own hardware)")
+    s.add_argument("--token", default=_env("TOKEN"),
+                   help="the coordinator's token (printed by swarm-coordinator; or SWARM_TOKEN)")
     s.add_argument("--json", action="store_true", help="print the placement as JSON")
     s.set_defaults(func=cmd_serve)
 
@@ -52,6 +54,8 @@ def add_parser(sub) -> None:
     u = sub.add_parser("unserve", help="stop serving a model")
     u.add_argument("--coordinator", default=_env("COORDINATOR"))
     u.add_argument("--model", required=True)
+    u.add_argument("--token", default=_env("TOKEN"),
+                   help="the coordinator's token (printed by swarm-coordinator; or SWARM_TOKEN)")
     u.set_defaults(func=cmd_unserve)
 
     g = sub.add_parser("generate", help="generate text with a served model (streams tokens)")
@@ -103,7 +107,7 @@ def cmd_serve(args) -> int:
         info = upload_model(
             address, model_dir, name=name, num_replicas=args.replicas, num_stages=args.stages,
             max_seq_len=args.max_seq_len, sessions_per_replica=args.sessions, objective=args.objective,
-            hidden_codec=args.hidden_codec, dtype=args.dtype, lanes=args.lanes, progress=progress,
+            hidden_codec=args.hidden_codec, dtype=args.dtype, lanes=args.lanes, token=args.token, progress=progress,
         )
     except SwarmError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -139,7 +143,7 @@ def cmd_unserve(args) -> int:
     from swarm.transport.inference import unserve_model
 
     try:
-        removed = unserve_model(_need_coordinator(args), args.model)
+        removed = unserve_model(_need_coordinator(args), args.model, token=args.token)
     except SwarmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -3,7 +3,8 @@
 After a signed registration the coordinator issues a session secret; every later call from
 the node carries gRPC metadata ``swarm-node-id`` and ``swarm-session``. Plugins on the node
 get it from ``NodeAgent.call_metadata()``; servicers on the coordinator check it with
-``CoordinatorApp.authenticate_node(context)``.
+``CoordinatorApp.authenticate_node(context)``. A user's state-changing calls carry
+``swarm-api-token``, checked with ``CoordinatorApp.authenticate_user(context, action)``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,22 @@ from __future__ import annotations
 NODE_ID_KEY = "swarm-node-id"
 SESSION_KEY = "swarm-session"
 MAX_SESSION_CHARS = 128
+# A user's calls that change what the swarm runs (submit/cancel a job, serve/unserve a model)
+# carry the coordinator's token in this metadata key.
+API_TOKEN_KEY = "swarm-api-token"
+MAX_API_TOKEN_CHARS = 200
+
+
+def api_token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return ((API_TOKEN_KEY, token),) if token else ()
+
+
+def read_api_token(context) -> str:
+    """The user's API token from a servicer context's metadata; empty when absent."""
+    for key, value in context.invocation_metadata() or ():
+        if key == API_TOKEN_KEY and isinstance(value, str):
+            return value
+    return ""
 
 
 def call_metadata(node_id: str, session: str) -> tuple[tuple[str, str], ...]:

@@ -24,6 +24,7 @@ from swarm.inference.stage_runtime import StepEntry
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport import tensors as wire
+from swarm.transport.auth import api_token_metadata
 from swarm.transport.channels import CHUNK_BYTES, control_channel, parse_address
 from swarm.transport.errors import translate_rpc_errors
 
@@ -250,10 +251,13 @@ def upload_model(
     hidden_codec: str = "",
     dtype: str = "",
     lanes: int = 0,
+    token: str | None = None,
     timeout_s: float = 600.0,
     progress=None,
 ) -> dict:
-    """Stream a checkpoint to the coordinator and wait until it is placed and loaded."""
+    """Stream a checkpoint to the coordinator and wait until it is placed and loaded.
+
+    ``token`` is the coordinator's token (serving changes what the swarm runs)."""
     parse_address(address)
     model_dir = Path(model_dir)
     files = checkpoint_files(model_dir)
@@ -280,7 +284,8 @@ def upload_model(
                     yield pb.ServeUploadChunk(path=p.name, data=block)
 
     with control_channel(address) as channel, translate_rpc_errors(f"coordinator at {address}"):
-        reply = pb_grpc.InferenceGatewayStub(channel).UploadModel(chunks(), timeout=timeout_s)
+        reply = pb_grpc.InferenceGatewayStub(channel).UploadModel(
+            chunks(), timeout=timeout_s, metadata=api_token_metadata(token))
     return model_info_dict(reply.model)
 
 
@@ -291,10 +296,11 @@ def list_models(address: str, *, timeout_s: float = 10.0) -> list[dict]:
     return [model_info_dict(m) for m in reply.models]
 
 
-def unserve_model(address: str, name: str, *, timeout_s: float = 30.0) -> bool:
+def unserve_model(address: str, name: str, *, token: str | None = None, timeout_s: float = 30.0) -> bool:
     parse_address(address)
     with control_channel(address) as channel, translate_rpc_errors(f"coordinator at {address}"):
-        reply = pb_grpc.InferenceGatewayStub(channel).Unserve(pb.ServeUnserveRequest(name=name), timeout=timeout_s)
+        reply = pb_grpc.InferenceGatewayStub(channel).Unserve(
+            pb.ServeUnserveRequest(name=name), timeout=timeout_s, metadata=api_token_metadata(token))
     return reply.removed
 
 

@@ -17,11 +17,11 @@ from typing import Any
 from swarm.errors import InvalidRequestError
 from swarm.proto.v1 import training_pb2 as pb
 from swarm.proto.v1 import training_pb2_grpc as pb_grpc
+from swarm.transport.auth import API_TOKEN_KEY
 from swarm.transport.channels import CHUNK_BYTES, control_channel, parse_address
 from swarm.transport.errors import translate_rpc_errors
 
 MAX_RESULT_BYTES = 64 << 30
-API_TOKEN_KEY = "swarm-api-token"  # gRPC metadata: the coordinator's token, needed to submit or cancel
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -29,7 +29,8 @@ def test_node_killed_mid_generation_replays_on_a_new_placement(tmp_path):
     with coordinator(tmp_path) as coord, node_proc(coord, tmp_path / "n0") as n0, \
             node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2:
         wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 3, timeout_s=30)
-        info = upload_model(coord.address, d, name="tiny", num_replicas=1, num_stages=3, max_seq_len=128)
+        info = upload_model(coord.address, d, name="tiny", num_replicas=1, num_stages=3, max_seq_len=128,
+                            token=coord.token)
         chain = [s["node_id"] for s in info["replicas"][0]["stages"]]
         procs = {n.node_id: n for n in (n0, n1, n2)}
         middle = procs[chain[1]]
@@ -68,7 +69,8 @@ def test_replica_killed_mid_generation_moves_to_the_other_replica(tmp_path):
     want = reference(d, tok.encode(prompt).ids, params, None)
     with coordinator(tmp_path) as coord, node_proc(coord, tmp_path / "n0") as n0, node_proc(coord, tmp_path / "n1") as n1:
         wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 2, timeout_s=30)
-        info = upload_model(coord.address, d, name="two", num_replicas=2, num_stages=1, max_seq_len=128)
+        info = upload_model(coord.address, d, name="two", num_replicas=2, num_stages=1, max_seq_len=128,
+                            token=coord.token)
         assert len(info["replicas"]) == 2
         procs = {n.node_id: n for n in (n0, n1)}
         got: list[int] = []

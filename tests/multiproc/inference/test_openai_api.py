@@ -42,7 +42,8 @@ def test_openai_client_completions_and_chat(tmp_path):
         # the CLI end to end: serve (upload + placement), models --json, generate --json
         cli = [sys.executable, "-m", "swarm.cli"]
         out = subprocess.run(cli + ["serve", "--coordinator", coord.address, "--model", str(d), "--name", "tiny-llama",
-                                    "--stages", "2", "--max-seq-len", "128", "--json"],
+                                    "--stages", "2", "--max-seq-len", "128", "--json",
+                                    "--token", coord.token],
                              capture_output=True, text=True, timeout=60, env=child_env())
         assert out.returncode == 0, out.stderr
         assert len(json.loads(out.stdout)["replicas"][0]["stages"]) == 2

@@ -57,7 +57,7 @@ def test_three_node_pipeline_equals_single_process(tmp_path):
         for family, (d, cfg) in ckpts.items():
             # llama: two pipelined lanes, so the two concurrent sessions are in flight at once
             info = upload_model(coord.address, d, name=f"tiny-{family}", num_replicas=1, num_stages=3, max_seq_len=128,
-                                sessions_per_replica=4, lanes=2 if family == "llama" else 1)
+                                sessions_per_replica=4, token=coord.token, lanes=2 if family == "llama" else 1)
             stages = info["replicas"][0]["stages"]
             assert len(stages) == 3 and len({s["node_id"] for s in stages}) == 3
             assert stages[0]["first_layer"] == 0 and stages[-1]["last_layer_excl"] == 4

@@ -1,0 +1,31 @@
+"""State-changing user calls (serve, unserve, submit, cancel) need the coordinator's token."""
+
+from __future__ import annotations
+
+import pytest
+
+from swarm.errors import AuthError, CapacityError
+from swarm.model.testing import make_tiny_checkpoint
+from swarm.transport.inference import list_models, unserve_model, upload_model
+from tests.helpers.foundation import inprocess_coordinator
+
+
+@pytest.mark.timeout(60)
+def test_serving_and_unserving_need_the_token(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    make_tiny_checkpoint(ckpt, "gpt2", num_layers=2, hidden_size=32, num_heads=2, seed=1)
+    with inprocess_coordinator(tmp_path / "coord", plugins=("coordinator.inference",)) as app:
+        address = f"127.0.0.1:{app.grpc_port}"
+        for bad in (None, "wrong-token", "x" * 500):
+            with pytest.raises(AuthError, match="needs the coordinator's token"):
+                upload_model(address, ckpt, name="tiny", token=bad, timeout_s=20)
+            with pytest.raises(AuthError, match="needs the coordinator's token"):
+                unserve_model(address, "tiny", token=bad)
+        # nothing was stored by the refused uploads; reading needs no token
+        assert list_models(address) == []
+        # with the token the upload is accepted and stored; with no nodes it then fails on capacity
+        with pytest.raises(CapacityError, match="no nodes are available"):
+            upload_model(address, ckpt, name="tiny", token=app.join_token, timeout_s=20)
+        assert [m["name"] for m in list_models(address)] == ["tiny"]
+        assert unserve_model(address, "tiny", token=app.join_token) is True
+        assert list_models(address) == []
