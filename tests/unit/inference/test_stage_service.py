@@ -6,6 +6,7 @@ import grpc
 import pytest
 import torch
 
+from node.traffic import Traffic
 from node.inference.servicer import InferenceStageServicer
 from swarm.inference.codec import int8_decode, int8_encode
 from swarm.inference.local import generate_local
@@ -29,7 +30,8 @@ def ckpt(tmp_path):
 
 def start_stage_server(tmp_path, name, ckpt_dir):
     servicer = InferenceStageServicer(node_id=name * 8, device="cpu", state_dir=tmp_path / name,
-                                      open_coordinator_shard=lambda req: serve_shard(ckpt_dir, req))
+                                      open_coordinator_shard=lambda req: serve_shard(ckpt_dir, req),
+                                      traffic=Traffic())
     server = make_server(max_message_bytes=DATA_MAX_MESSAGE_BYTES, max_workers=4)
     pb_grpc.add_InferenceStageServicer_to_server(servicer, server)
     port = bind(server, "127.0.0.1", 0)
@@ -82,6 +84,10 @@ def test_two_stage_chain_over_grpc(tmp_path, ckpt, codec):
                 assert got == want
             else:
                 assert len(got) == 10  # 8-bit hidden states: close, not bit-identical
+            # peer traffic: what stage 0 sent (hidden states) stage 1 received, and back (tokens)
+            t0, t1 = sv0.traffic.totals(), sv1.traffic.totals()
+            assert t0["bytes_sent"] > 10 * 4 * cfg.hidden_size // (4 if codec == "int8" else 1)
+            assert (t0["bytes_sent"], t0["bytes_received"]) == (t1["bytes_received"], t1["bytes_sent"])
 
             # bad requests: INVALID_ARGUMENT / NOT_FOUND, and the server keeps serving
             with pytest.raises(grpc.RpcError) as e:
@@ -116,6 +122,9 @@ def test_two_stage_chain_over_grpc(tmp_path, ckpt, codec):
                 with data_channel(a2) as c2:
                     pb_grpc.InferenceStageStub(c2).LoadStage(
                         pb.ServeLoadStageRequest(assignment=assignment(1, 2, 2, 3, sources=(a1,))), timeout=30)
+                # the shard crossed from peer to peer: counted on both sides
+                shard_bytes = sv2.traffic.totals()["bytes_received"]
+                assert shard_bytes > 0 and sv1.traffic.totals()["bytes_sent"] - t1["bytes_sent"] >= shard_bytes
             finally:
                 s2.stop(0)
     finally:
