@@ -15,13 +15,12 @@ from node.training.exchange import Endpoint, Endpoints, PeerSender, PipelinePeer
 from node.training.worker import StageWorker
 from swarm.errors import InvalidRequestError
 from swarm.hardware import HardwareInfo
+from swarm.identity import NODE_ID_HEX_CHARS
 from swarm.membership import Link, NodeInfo, node_json
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import training_pb2_grpc
 from swarm.transport import tensors as wt
 from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, bind, make_server
-
-from swarm.identity import NODE_ID_HEX_CHARS
 
 A, B = "a" * NODE_ID_HEX_CHARS, "b" * NODE_ID_HEX_CHARS
 
