@@ -30,6 +30,7 @@ from pathlib import Path
 from swarm.clock import Clock, SystemClock
 from swarm.errors import AuthError, ConfigError
 from swarm.identity import is_node_id
+from swarm.plugins import stop_plugins
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
 from swarm.transport.auth import MAX_API_TOKEN_CHARS, MAX_SESSION_CHARS, read_api_token, read_credentials
 from swarm.transport.channels import CONTROL_MAX_MESSAGE_BYTES, bind, make_server
@@ -206,13 +207,7 @@ class CoordinatorApp:
 
     def stop(self, grace_s: float = 1.0) -> None:
         self._stop.set()
-        for mod in reversed(self._started_plugins):
-            try:
-                if hasattr(mod, "stop"):
-                    mod.stop(self)
-            except Exception:  # noqa: BLE001 -- stop the rest anyway
-                log.exception("plugin %s failed to stop", mod.__name__)
-        self._started_plugins.clear()
+        stop_plugins(self._started_plugins, self)
         if self.http is not None:
             self.http.stop()
         self.grpc_server.stop(grace_s).wait(grace_s + 5)

@@ -13,22 +13,12 @@ A listed module that does not exist yet is skipped with a debug log; an ImportEr
 
 from __future__ import annotations
 
-import importlib
-import logging
 from types import ModuleType
 
-log = logging.getLogger(__name__)
+from swarm import plugins as _mechanics
 
 PLUGINS: tuple[str, ...] = ("coordinator.web", "coordinator.jobs", "coordinator.inference")
 
 
 def load_plugins(names: tuple[str, ...] = PLUGINS) -> list[ModuleType]:
-    modules = []
-    for name in names:
-        try:
-            modules.append(importlib.import_module(name))
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            log.debug("plugin %s is not installed; skipping", name)
-    return modules
+    return _mechanics.load_plugins(names)

@@ -39,6 +39,7 @@ from swarm.errors import (
 )
 from swarm.hardware import HardwareInfo, free_memory_bytes, probe
 from swarm.identity import Identity
+from swarm.plugins import stop_plugins
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import peer_pb2_grpc
 from swarm.transport.auth import call_metadata
@@ -181,13 +182,7 @@ class NodeAgent:
 
     def stop(self, *, leave: bool = True) -> None:
         self._stop.set()
-        for mod in reversed(self._started_plugins):
-            try:
-                if hasattr(mod, "stop"):
-                    mod.stop(self)
-            except Exception:  # noqa: BLE001 -- stop the rest anyway
-                log.exception("plugin %s failed to stop", mod.__name__)
-        self._started_plugins.clear()
+        stop_plugins(self._started_plugins, self)
         for t in self._threads:
             t.join(timeout=15)
         with self._session_lock:
