@@ -1,7 +1,9 @@
 """Convergence of fine-tuning through compressed pipeline boundaries (AQ-SGD vs direct vs none).
 
-Pre-trains a small byte-level GPT on a real offline corpus (Debian's ``fortunes``, else the
-running Python's standard library source), then fine-tunes copies of it for several epochs on a
+Pre-trains a small byte-level GPT on a real offline corpus that every machine with the test
+dependencies has (by default the running Python's standard library source: its top-level
+``*.py`` files in name order; the table records the Python version and the corpus's SHA-256, so
+a rerun on the same Python reads the same bytes), then fine-tunes copies of it for several epochs on a
 held-out slice, split into stages joined by simulated compressed links
 (:class:`swarm.compression.CompressedBoundary`), once per codec. Prints per-epoch training loss,
 final validation loss, activation/gradient relative error and bytes per link; ``--json`` prints
@@ -14,6 +16,7 @@ one object keyed by codec spec.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -77,9 +80,15 @@ SIZES = {
 
 
 def load_corpus(name: str) -> tuple[bytes, str]:
-    """(text bytes, description) of an offline corpus: fortunes, stdlib, or a file/dir path."""
-    if name == "auto":
-        name = "fortunes" if FORTUNES.is_dir() else "stdlib"
+    """(text bytes, description) of an offline corpus: stdlib (the default), fortunes, or a
+    file/dir path. The description names the source and ends with the bytes' SHA-256 prefix."""
+    text, desc = _read_corpus(name)
+    if not text:
+        raise SystemExit(f"corpus {name!r} is empty; use --corpus stdlib")
+    return text, f"{desc}, sha256 {hashlib.sha256(text).hexdigest()[:16]}"
+
+
+def _read_corpus(name: str) -> tuple[bytes, str]:
     if name == "fortunes":
         files = sorted(p for p in FORTUNES.iterdir() if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8"))
         if not files:
@@ -88,7 +97,8 @@ def load_corpus(name: str) -> tuple[bytes, str]:
     if name == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
         files = sorted(p for p in root.glob("*.py") if p.is_file())
-        return b"".join(p.read_bytes() for p in files), f"python stdlib {root} ({len(files)} files)"
+        version = ".".join(map(str, sys.version_info[:3]))
+        return b"".join(p.read_bytes() for p in files), f"Python {version} stdlib *.py ({len(files)} files)"
     p = Path(name)
     files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
     return b"".join(f.read_bytes() for f in files), str(p)
@@ -215,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default=None)
     ap.add_argument("--json", action="store_true", help="print one JSON object keyed by codec spec")
     ap.add_argument("--codecs", default=";".join(DEFAULT_CODECS), help="semicolon-separated codec specs")
-    ap.add_argument("--corpus", default="auto", help="fortunes | stdlib | a file or directory (default: fortunes if installed)")
+    ap.add_argument("--corpus", default="stdlib",
+                    help="stdlib (default: this Python's standard library source, on every machine) | fortunes "
+                         "(Debian's package) | a file or directory")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: the preset's)")

@@ -35,7 +35,9 @@ case "$what" in
     exec "$PY" -m pytest -q tests
     ;;
   demo)
-    exec swarm local demo
+    # the module, not the `swarm` script: with PYTHON=/venv/bin/python the venv is not on PATH,
+    # and a bare `swarm` would find the ./swarm package directory
+    exec "$PY" -m swarm.cli local demo
     ;;
   *)
     echo "usage: bash scripts/setup.sh test|demo" >&2
