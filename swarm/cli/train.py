@@ -23,7 +23,6 @@ from pathlib import Path
 from swarm.cli.common import add_common_flags, connect
 from swarm.errors import InvalidRequestError, SwarmError
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 MODEL_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.json", "merges.txt")
 
