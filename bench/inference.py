@@ -37,8 +37,7 @@ from swarm.inference.stage_runtime import StageRuntime, StepEntry
 from swarm.localswarm import child_env, start_coordinator, start_node, wait_until
 from swarm.model.checkpoint import load_stage
 from swarm.model.testing import make_tiny_checkpoint
-from swarm.transport.coordinator_client import fetch_snapshot
-from swarm.transport.inference import generate, upload_model
+from swarm.transport.coordinator_client import CoordinatorClient, ServeOptions
 
 BENCH_TOKEN = "bench-inference-token-0123456789"  # fixed: the bench serves models with it
 PROMPT = "The swarm pools volunteer graphics cards over ordinary internet links to train and serve"
@@ -83,12 +82,14 @@ def one_generation(address: str, model: str, new_tokens: int, out: list, barrier
     t0 = time.perf_counter()
     first = last = None
     n = 0
-    for ev in generate(address, model=model, prompt=PROMPT, params=SamplingParams(max_new_tokens=new_tokens), timeout_s=600):
-        now = time.perf_counter()
-        if ev.token_ids and first is None:
-            first = now
-        n += len(ev.token_ids)
-        last = now
+    params = SamplingParams(max_new_tokens=new_tokens)
+    with CoordinatorClient(address) as client:
+        for ev in client.generate(model=model, prompt=PROMPT, params=params, timeout_s=600):
+            now = time.perf_counter()
+            if ev.token_ids and first is None:
+                first = now
+            n += len(ev.token_ids)
+            last = now
     out.append({"t0": t0, "first": first, "last": last, "n": n})
 
 
@@ -145,7 +146,7 @@ class Swarm:
                               extra_args=["--probe-seconds", "0.2", "--log-level", "WARNING"],
                               env=child_env({"OMP_NUM_THREADS": os.environ.get("BENCH_NODE_THREADS", "1")}))
             self.procs.append(p)
-        wait_until(lambda: len([n for n in fetch_snapshot(self.address).nodes if n.state == "online"]) == num_nodes,
+        wait_until(lambda: len([n for n in CoordinatorClient(self.address).snapshot().nodes if n.state == "online"]) == num_nodes,
                    timeout_s=60, message="all nodes online")
 
     def _setup_netns(self, n: int, rate_mbit: float, delay_ms: float) -> None:
@@ -221,9 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         swarm = Swarm(root, max(stages), device=args.device, netns=args.netns, rate_mbit=args.rate_mbit, delay_ms=args.delay_ms)
         try:
             for k in stages:
-                upload_model(swarm.address, ckpt, name=f"bench-{k}", num_replicas=1, num_stages=k,
-                             max_seq_len=args.max_seq_len, sessions_per_replica=max(sessions),
-                             hidden_codec=args.hidden_codec, dtype=args.dtype, lanes=args.lanes, token=BENCH_TOKEN)
+                with CoordinatorClient(swarm.address, token=BENCH_TOKEN) as client:
+                    client.upload_model(ckpt, name=f"bench-{k}", options=ServeOptions(
+                        num_replicas=1, num_stages=k, max_seq_len=args.max_seq_len, sessions_per_replica=max(sessions),
+                        hidden_codec=args.hidden_codec, dtype=args.dtype, lanes=args.lanes))
                 one_generation(swarm.address, f"bench-{k}", 4, [], None)  # warm-up
             # interleave configurations so they share the same machine conditions; keep each
             # configuration's best run (highest aggregate throughput): the least disturbed one

@@ -21,7 +21,6 @@ if __package__ in (None, ""):
 
 from bench._record import markdown_table, record  # noqa: E402
 from swarm.localswarm import start_coordinator, start_node, wait_until  # noqa: E402
-from swarm.transport.coordinator_client import fetch_snapshot  # noqa: E402
 from tests.helpers.netns import NetnsUnavailable, shaped_pair  # noqa: E402
 
 # rate -> (tbf burst, probe bytes): tbf needs a burst of about rate/HZ to reach high rates;

@@ -34,7 +34,7 @@ if __package__ in (None, ""):
 
 from bench._record import markdown_table, record
 from swarm.localswarm import child_env, start_coordinator, start_node, wait_until
-from swarm.transport.coordinator_client import fetch_snapshot
+from swarm.transport.coordinator_client import CoordinatorClient
 
 TOKEN = "bench-pipeline-token-0123456789abcdef"
 SUBNET = "10.78.0"
@@ -82,7 +82,7 @@ class Swarm:
                               env=child_env({"OMP_NUM_THREADS": str(threads),
                                              "SWARM_EMULATE_LINK_MBIT": str(emulate_mbit or 0)}))
             self.procs.append(p)
-        wait_until(lambda: sum(n.state == "online" for n in fetch_snapshot(self.local_address).nodes) == num_nodes,
+        wait_until(lambda: sum(n.state == "online" for n in CoordinatorClient(self.local_address).snapshot().nodes) == num_nodes,
                    timeout_s=60, message="all nodes online")
 
     def _setup_netns(self, n: int, rate_mbit: float) -> None:
@@ -135,23 +135,22 @@ class Swarm:
 
 def run_job(swarm: Swarm, model: Path, data: Path, *, codec: str, args) -> dict:
     from swarm.cli.train import upload_files
-    from swarm.transport.training_client import TrainingClient
 
     spec = {"steps": args.steps, "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
             "seq_len": args.seq_len, "lr": 1e-3, "compression": codec, "num_stages": args.stages, "num_replicas": 1,
             "peer_timeout_s": 120.0, "schedule": "1f1b", "checkpoint_every": 0}
-    with TrainingClient(swarm.local_address, token=TOKEN) as client:
-        job = client.submit(spec, upload_files(model, data))
+    with CoordinatorClient(swarm.local_address, token=TOKEN) as client:
+        job = client.submit_job(spec, upload_files(model, data))
         deadline = time.monotonic() + args.job_timeout_s
-        while job["state"] not in ("succeeded", "failed", "cancelled"):
+        while not job.terminal:
             if time.monotonic() > deadline:
-                client.cancel(job["id"], "benchmark timeout")
+                client.cancel_job(job.id, "benchmark timeout")
                 raise TimeoutError(f"job with codec {codec} did not finish in {args.job_timeout_s} s")
             time.sleep(0.5)
-            job = client.get(job["id"])
-    if job["state"] != "succeeded":
-        raise RuntimeError(f"job with codec {codec} {job['state']}: {job.get('reason')}")
-    return job
+            job = client.get_job(job.id)
+    if job.state != "succeeded":
+        raise RuntimeError(f"job with codec {codec} {job.state}: {job.reason}")
+    return job.detail
 
 
 def measure(swarm: Swarm, job: dict, *, warm_epochs: float) -> dict:

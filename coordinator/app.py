@@ -32,7 +32,7 @@ from swarm.errors import AuthError, ConfigError
 from swarm.identity import is_node_id
 from swarm.plugins import stop_plugins
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
-from swarm.transport.auth import MAX_API_TOKEN_CHARS, MAX_SESSION_CHARS, read_api_token, read_credentials
+from swarm.transport.auth import MAX_SESSION_CHARS, read_api_token, read_credentials, token_matches
 from swarm.transport.channels import CONTROL_MAX_MESSAGE_BYTES, bind, make_server
 
 from coordinator import plugins as plugin_registry
@@ -151,10 +151,7 @@ class CoordinatorApp:
 
     def authenticate_user(self, context, action: str) -> None:
         """Check a user's ``swarm-api-token`` (the join token) for ``action``. Raises AuthError."""
-        token = read_api_token(context)
-        if not token or len(token) > MAX_API_TOKEN_CHARS or not hmac.compare_digest(
-            token.encode(), self.join_token.encode()
-        ):
+        if not token_matches(read_api_token(context), self.join_token):
             raise AuthError(f"{action} needs the coordinator's token: pass --token or set SWARM_TOKEN "
                             "(the token swarm-coordinator printed at start)")
 

@@ -7,7 +7,6 @@ status code and a message saying what to do, and the server keeps serving.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import math
 import re
@@ -20,6 +19,7 @@ from swarm.identity import is_node_id, verify
 from swarm.membership import Link
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
+from swarm.transport.auth import token_matches
 from swarm.transport.channels import parse_address
 from swarm.transport.convert import hardware_from_proto, link_to_proto, metrics_from_json, node_to_proto
 from swarm.transport.errors import grpc_errors
@@ -29,7 +29,6 @@ from coordinator.network import transfer_link
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD_BYTES = 16 << 10
-MAX_TOKEN_CHARS = 256
 MAX_CLOCK_SKEW_S = 300.0
 MAX_STATUS_CHARS = 200
 MAX_TRAFFIC_BYTES = 1 << 60  # bytes_sent / bytes_received beyond this are not a real counter
@@ -100,9 +99,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except DecodeError as exc:
             raise InvalidRequestError("registration payload is not a RegistrationPayload message") from exc
         check_protocol_version(payload.protocol_version)
-        if len(request.token) > MAX_TOKEN_CHARS or not hmac.compare_digest(
-            request.token.encode(), app.join_token.encode()
-        ):
+        if not token_matches(request.token, app.join_token):
             raise AuthError("wrong join token; use the token the coordinator printed at start (--token)")
         node_id = verify(request.public_key, request.signature, request.payload)
         if payload.node_id != node_id:

@@ -2,7 +2,8 @@
 
 Prints ``READY port=N node_id=ID`` on stdout once the peer server is serving (registration
 may still be pending if the coordinator is unreachable; the node retries by itself).
-Precedence: flags > SWARM_* environment > defaults.
+Precedence: flags > SWARM_* environment > defaults (``--coordinator``/``--token`` as every
+`swarm` command: see :mod:`swarm.cli.common`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 from pathlib import Path
 
 from swarm import log as swarm_log
+from swarm.cli.common import add_common_flags, target_from_args
 from swarm.errors import SwarmError
 
 
@@ -23,8 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarm-node", description="Join a swarm as a volunteer node.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     j = sub.add_parser("join", help="join a coordinator and serve")
-    j.add_argument("--coordinator", default=env("SWARM_COORDINATOR"), help="HOST:PORT of the coordinator's gRPC port")
-    j.add_argument("--token", default=env("SWARM_TOKEN"), help="join token printed by the coordinator")
+    add_common_flags(j)  # --coordinator, --token (the join token printed by the coordinator)
     j.add_argument("--name", default=env("SWARM_NODE_NAME"), help="display name (default hostname-<id>)")
     j.add_argument("--device", default=env("SWARM_DEVICE", "cpu"), help="cpu, cuda or cuda:K (default cpu)")
     j.add_argument("--host", default=env("SWARM_NODE_HOST", "0.0.0.0"), help="peer service listen address")
@@ -40,12 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 def join(args: argparse.Namespace) -> int:
     from node.agent import NodeAgent, NodeConfig
 
-    if not args.coordinator:
-        print("swarm-node: --coordinator HOST:PORT is required", file=sys.stderr)
-        return 2
+    target = target_from_args(args)
     try:
         config = NodeConfig(
-            coordinator_address=args.coordinator, token=args.token or "", state_dir=Path(args.state_dir).expanduser(),
+            coordinator_address=target.address, token=target.token or "", state_dir=Path(args.state_dir).expanduser(),
             name=args.name, device=args.device, host=args.host, port=args.port, advertise_host=args.advertise_host,
             heartbeat_interval_s=args.heartbeat_interval_s, matmul_duration_s=args.probe_seconds,
         )

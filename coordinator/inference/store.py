@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from swarm.errors import CapacityError, InvalidRequestError, NotFoundError
-from swarm.transport.inference import MAX_UPLOAD_FILES, UPLOAD_SUFFIXES
+from swarm.transport.coordinator_client import MAX_UPLOAD_FILES, UPLOAD_SUFFIXES
+from swarm.transport.transfer import FileHeader, FileReceiver, TransferLimits
 
 log = logging.getLogger(__name__)
 
@@ -174,34 +175,23 @@ class ModelStore:
         tmp = self.root / name / f".upload-{digest[:16]}-{threading.get_ident()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        limits = TransferLimits(max_file_bytes=self.max_upload_bytes, max_total_bytes=self.max_upload_bytes,
+                                max_files=MAX_UPLOAD_FILES, max_chunk_bytes=MAX_CHUNK_BYTES)
+        receiver = FileReceiver(tmp, limits=limits)
         try:
-            handles = {p: (tmp / p).open("wb") for p in announced}
-            hashes = {p: hashlib.sha256() for p in announced}
-            sizes = dict.fromkeys(announced, 0)
-            try:
-                for path, chunk in data:
-                    if path not in announced:
-                        raise InvalidRequestError(f"upload data for {path[:80]!r}, which the header did not announce")
-                    if len(chunk) > MAX_CHUNK_BYTES:
-                        raise InvalidRequestError(f"upload chunks are at most {MAX_CHUNK_BYTES} bytes")
-                    sizes[path] += len(chunk)
-                    if sizes[path] > announced[path][0]:
-                        raise InvalidRequestError(f"file {path} is larger than the {announced[path][0]} bytes announced")
-                    hashes[path].update(chunk)
-                    handles[path].write(chunk)
-            finally:
-                for h in handles.values():
-                    h.close()
-            for p, (size, sha) in announced.items():
-                if sizes[p] != size:
-                    raise InvalidRequestError(f"file {p} has {sizes[p]} bytes, {size} were announced; the upload was cut short")
-                if hashes[p].hexdigest() != sha:
-                    raise InvalidRequestError(f"file {p} does not match its sha256: corrupted in transit; upload again")
+            for path, (size, sha) in announced.items():
+                receiver.start(FileHeader(name=path, size_bytes=size, sha256=sha), current=False)
+            for path, chunk in data:
+                if path not in announced:
+                    raise InvalidRequestError(f"upload data for {path[:80]!r}, which the header did not announce")
+                receiver.write(chunk, name=path)
+            receiver.finish()
             if final.exists():
                 shutil.rmtree(tmp)
             else:
                 tmp.rename(final)
         except BaseException:
+            receiver.abort()
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         log.info("stored checkpoint model=%s digest=%s bytes=%d dir=%s", name, digest[:16], total, final)

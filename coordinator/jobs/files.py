@@ -12,118 +12,39 @@ Layout under ``state_dir/jobs/<job_id>/``::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from swarm.errors import CapacityError, InvalidRequestError, NotFoundError
+from swarm.errors import InvalidRequestError, NotFoundError
 from swarm.model.checkpoint import load_checkpoint, save_checkpoint
 from swarm.model.config import ModelConfig
 from swarm.model.tokenizer import load_tokenizer
 from swarm.pipeline.data import TokenDataset, read_texts, tokenize
 from swarm.pipeline.job_model import init_tensors, untie
+from swarm.transport.transfer import TransferLimits
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
-MAX_FILES = 10_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class UploadLimits:
+class UploadLimits(TransferLimits):
+    """How much one job upload may carry (the defaults of :class:`TransferLimits` for jobs)."""
+
     max_total_bytes: int = 8 << 30
     max_file_bytes: int = 4 << 30
 
 
 def job_dir(state_dir: Path, job_id: str) -> Path:
     return Path(state_dir) / "jobs" / job_id
-
-
-def safe_relative(name: str, *, allowed_roots: tuple[str, ...]) -> PurePosixPath:
-    """A relative path under one of ``allowed_roots``; raises InvalidRequestError otherwise."""
-    p = PurePosixPath(name)
-    if not name or p.is_absolute() or any(part in ("", ".", "..") for part in p.parts) or "\\" in name:
-        raise InvalidRequestError(f"file name {name!r} must be a plain relative path")
-    if p.parts[0] not in allowed_roots or len(p.parts) < 2:
-        raise InvalidRequestError(f"file {name!r} must live under one of {allowed_roots}")
-    if len(name) > 1000:
-        raise InvalidRequestError("file name longer than 1000 characters")
-    return p
-
-
-class FileReceiver:
-    """Writes a stream of (header | data) items to files, checking sizes and SHA-256 digests.
-
-    Call :meth:`start_file` for each FileHeader, :meth:`write` for its data, :meth:`finish` at the end.
-    """
-
-    def __init__(self, root: Path, *, roots: tuple[str, ...], limits: UploadLimits) -> None:
-        self.root = Path(root)
-        self.roots = roots
-        self.limits = limits
-        self.total_bytes = 0
-        self.files: list[PurePosixPath] = []
-        self._cur: tuple[PurePosixPath, int, str, object, object] | None = None  # name, size, sha, fh, hasher
-        self._written = 0
-
-    def start_file(self, name: str, size_bytes: int, sha256: str) -> None:
-        self._close_current()
-        rel = safe_relative(name, allowed_roots=self.roots)
-        if rel in self.files:
-            raise InvalidRequestError(f"file {name} sent twice")
-        if len(self.files) >= MAX_FILES:
-            raise InvalidRequestError(f"more than {MAX_FILES} files in one upload")
-        if size_bytes < 0 or size_bytes > self.limits.max_file_bytes:
-            raise CapacityError(f"file {name} is {size_bytes} bytes; the limit is {self.limits.max_file_bytes}")
-        if self.total_bytes + size_bytes > self.limits.max_total_bytes:
-            raise CapacityError(f"upload exceeds {self.limits.max_total_bytes} bytes in total; send less data")
-        if len(sha256) != 64:
-            raise InvalidRequestError(f"file {name} needs a hex SHA-256 digest")
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._cur = (rel, int(size_bytes), sha256.lower(), path.open("wb"), hashlib.sha256())
-        self._written = 0
-        self.files.append(rel)
-
-    def write(self, data: bytes) -> None:
-        if not data:
-            return
-        if self._cur is None:
-            raise InvalidRequestError("file data arrived before its FileHeader")
-        rel, size, _, fh, hasher = self._cur
-        if self._written + len(data) > size:
-            raise InvalidRequestError(f"file {rel} is longer than the {size} bytes announced")
-        fh.write(data)
-        hasher.update(data)
-        self._written += len(data)
-        self.total_bytes += len(data)
-
-    def _close_current(self) -> None:
-        if self._cur is None:
-            return
-        rel, size, sha, fh, hasher = self._cur
-        fh.close()
-        self._cur = None
-        if self._written != size:
-            raise InvalidRequestError(f"file {rel} has {self._written} bytes, {size} were announced")
-        if hasher.hexdigest() != sha:
-            raise InvalidRequestError(f"file {rel} failed its SHA-256 check; upload again")
-
-    def finish(self) -> list[PurePosixPath]:
-        self._close_current()
-        return list(self.files)
-
-    def abort(self) -> None:
-        if self._cur is not None:
-            self._cur[3].close()
-            self._cur = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,22 +99,6 @@ def stage_weights_bytes(jdir: Path, first: int, last: int, *, is_first: bool, is
         raise NotFoundError(f"this job has no model under {source}/")
     ckpt = load_checkpoint(init, range(first, last), is_first=is_first, is_last=is_last)
     return st_save({k: v.contiguous() for k, v in ckpt.tensors.items()})
-
-
-def iter_file_chunks(path: Path, chunk_bytes: int) -> Iterator[bytes]:
-    with path.open("rb") as fh:
-        while True:
-            block = fh.read(chunk_bytes)
-            if not block:
-                return
-            yield block
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    for block in iter_file_chunks(path, 1 << 20):
-        h.update(block)
-    return h.hexdigest()
 
 
 def checkpoint_dir(jdir: Path, *, step: int, stage: int, replica: int) -> Path:

@@ -21,6 +21,7 @@ from swarm.clock import Clock
 from swarm.errors import InfeasiblePlanError, InvalidRequestError, NotFoundError, PermissionDeniedError, SwarmError
 from swarm.model.config import ModelConfig
 from swarm.pipeline.data import BatchOrder
+from swarm.transport.transfer import receive_files
 
 from coordinator.jobs import files
 from coordinator.jobs.planning import busy_node_ids, plan_job
@@ -122,24 +123,17 @@ class JobService:
 
     # -- submit ----------------------------------------------------------------------------------
     def submit(self, raw_spec: dict[str, Any], items) -> Job:
-        """``items`` yields ("file", name, size, sha256) or ("data", bytes) tuples, in order."""
+        """``items``: the upload as :class:`~swarm.transport.transfer.FileHeader` and ``bytes`` items, in order."""
         spec = normalize_spec(raw_spec)
         job_id = uuid.uuid4().hex[:12]
         jdir = files.job_dir(self.state_dir, job_id)
-        receiver = files.FileReceiver(jdir / "upload", roots=("data", "checkpoint"), limits=self.limits)
         try:
-            for item in items:
-                if item[0] == "file":
-                    receiver.start_file(item[1], item[2], item[3])
-                else:
-                    receiver.write(item[1])
-            receiver.finish()
+            receive_files(items, jdir / "upload", limits=self.limits, roots=("data", "checkpoint"))
             prepared = files.prepare_job(jdir, seq_len=spec["seq_len"], seed=spec["seed"])
             order = BatchOrder(num_samples=prepared.dataset.num_samples, batch_size=spec["batch_size"],
                                micro_batch_size=spec["micro_batch_size"], seed=spec["seed"])
             total = spec["steps"] or order.steps_for_epochs(spec["epochs"])
         except BaseException:
-            receiver.abort()
             shutil.rmtree(jdir, ignore_errors=True)
             raise
         job = self.store.create(job_id=job_id, spec=spec, model=prepared.config.to_hf_config(),

@@ -7,7 +7,6 @@ calling node and check it holds the part of the job it asks about.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -17,7 +16,7 @@ from pathlib import Path
 from swarm.errors import AuthError, InvalidRequestError, NotFoundError
 from swarm.proto.v1 import training_pb2 as pb
 from swarm.proto.v1 import training_pb2_grpc as pb_grpc
-from swarm.transport.channels import CHUNK_BYTES
+from swarm.transport import transfer, transfer_pb
 from swarm.transport.errors import grpc_errors
 
 from coordinator.jobs import files
@@ -51,9 +50,7 @@ def job_record(service: JobService, job: Job) -> pb.JobRecord:
 
 
 def _stream_file(path: Path, name: str):
-    yield pb.FileChunk(file=pb.FileHeader(name=name, size_bytes=path.stat().st_size, sha256=files.sha256_file(path)))
-    for block in files.iter_file_chunks(path, CHUNK_BYTES):
-        yield pb.FileChunk(data=block)
+    yield from transfer_pb.to_messages(transfer.send_files([(name, path)]), pb.FileChunk)
 
 
 class TrainingServicer(pb_grpc.TrainingServicer):
@@ -79,20 +76,14 @@ class TrainingServicer(pb_grpc.TrainingServicer):
         if first is None or not first.HasField("spec"):
             raise InvalidRequestError("the first SubmitJob chunk must carry the job spec")
 
-        def items():
-            if first.HasField("file"):
-                yield ("file", first.file.name, first.file.size_bytes, first.file.sha256)
-            if first.data:
-                yield ("data", first.data)
+        def rest():
+            yield first
             for chunk in it:
                 if chunk.HasField("spec"):
                     raise InvalidRequestError("the job spec may only be sent once, in the first chunk")
-                if chunk.HasField("file"):
-                    yield ("file", chunk.file.name, chunk.file.size_bytes, chunk.file.sha256)
-                if chunk.data:
-                    yield ("data", chunk.data)
+                yield chunk
 
-        job = self.service.submit(spec_to_dict(first.spec), items())
+        job = self.service.submit(spec_to_dict(first.spec), transfer_pb.from_messages(rest()))
         return job_record(self.service, job)
 
     @grpc_errors
@@ -169,10 +160,7 @@ class TrainingServicer(pb_grpc.TrainingServicer):
         blob = files.stage_weights_bytes(jdir, a["first_layer"], a["last_layer_excl"], is_first=a["stage"] == 0,
                                          is_last=a["stage"] == a["num_stages"] - 1,
                                          source=f"resume-{job.resume_step}" if job.resume_step else "init")
-        yield pb.FileChunk(file=pb.FileHeader(name="weights.safetensors", size_bytes=len(blob),
-                                              sha256=hashlib.sha256(blob).hexdigest()))
-        for start in range(0, len(blob), CHUNK_BYTES):
-            yield pb.FileChunk(data=blob[start:start + CHUNK_BYTES])
+        yield from transfer_pb.to_messages(transfer.send_bytes("weights.safetensors", blob), pb.FileChunk)
 
     @grpc_errors
     def UploadCheckpoint(self, request_iterator, context) -> pb.CheckpointAck:
@@ -192,23 +180,23 @@ class TrainingServicer(pb_grpc.TrainingServicer):
         tmp = target.with_name(target.name + ".partial")
         limits = files.UploadLimits(max_total_bytes=self.service.limits.max_total_bytes * 3,
                                     max_file_bytes=self.service.limits.max_total_bytes * 2)
-        receiver = files.FileReceiver(tmp, roots=("ckpt",), limits=limits)
+        receiver = transfer.FileReceiver(tmp, roots=("ckpt",), limits=limits)
 
-        def consume(chunk):
-            if chunk.HasField("file"):
-                name = chunk.file.name
-                if name.removeprefix("ckpt/") not in CHECKPOINT_FILES:
-                    raise InvalidRequestError(f"checkpoint file {name!r} not one of {CHECKPOINT_FILES}")
-                receiver.start_file(name, chunk.file.size_bytes, chunk.file.sha256)
-            if chunk.data:
-                receiver.write(chunk.data)
-
-        try:
-            consume(first)
+        def items():
+            yield first
             for chunk in it:
                 if chunk.HasField("header"):
                     raise InvalidRequestError("a checkpoint upload carries one header")
-                consume(chunk)
+                yield chunk
+
+        try:
+            for item in transfer_pb.from_messages(items()):
+                if isinstance(item, transfer.FileHeader):
+                    if item.name.removeprefix("ckpt/") not in CHECKPOINT_FILES:
+                        raise InvalidRequestError(f"checkpoint file {item.name!r} not one of {CHECKPOINT_FILES}")
+                    receiver.start(item)
+                else:
+                    receiver.write(item)
             receiver.finish()
         except BaseException:
             receiver.abort()

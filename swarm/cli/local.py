@@ -65,7 +65,7 @@ def run_up(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from swarm.cli.status import render_table
     from swarm.localswarm import LocalSwarm, require_online, wait_until
-    from swarm.transport.coordinator_client import fetch_snapshot
+    from swarm.transport.coordinator_client import CoordinatorClient
 
     state_dir = _state_dir(args.state_dir)
     print(f"starting a coordinator and {args.nodes} nodes (state and logs in {state_dir}) ...", flush=True)
@@ -77,13 +77,15 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"coordinator {ls.coordinator_address} (web {ls.http_url}/); waiting for nodes and link measurements ...",
               flush=True)
         try:
-            def ready():
-                snapshot = fetch_snapshot(ls.coordinator_address)
-                return snapshot if require_online(snapshot, args.nodes) else None
+            with CoordinatorClient(ls.coordinator_address) as client:
+                def ready():
+                    snapshot = client.snapshot()
+                    return snapshot if require_online(snapshot, args.nodes) else None
 
-            snap = wait_until(
-                ready, args.timeout_s, interval_s=0.3, message=f"{args.nodes} nodes online with a full bandwidth matrix",
-            )
+                snap = wait_until(
+                    ready, args.timeout_s, interval_s=0.3,
+                    message=f"{args.nodes} nodes online with a full bandwidth matrix",
+                )
         except TimeoutError as exc:
             print(f"demo failed: {exc}; logs in {state_dir}", file=sys.stderr)
             return 1
@@ -108,22 +110,23 @@ def _demo_generate(coordinator: str, checkpoint: Path, token: str) -> int:
     from swarm.cli.serve import run_generation
     from swarm.errors import SwarmError
     from swarm.inference.sampling import SamplingParams
-    from swarm.transport.inference import upload_model
+    from swarm.transport.coordinator_client import CoordinatorClient, ServeOptions
 
     print("serving the fine-tuned checkpoint as a 3-stage inference chain ...", flush=True)
     try:
-        info = upload_model(coordinator, checkpoint, name="demo", num_stages=3, max_seq_len=128, token=token)
-        chain = " -> ".join(
-            f"{st['node_id'][:8]} layers {st['first_layer']}-{st['last_layer_excl'] - 1}"
-            for st in (info.get("replicas") or [{}])[0].get("stages", [])
-        )
-        if chain:
-            print(f"  chain: {chain}", flush=True)
-        prompt = "The swarm"
-        print(f"generating from {prompt!r}: {prompt}", end="", flush=True)
-        res = run_generation(coordinator, model="demo", prompt=prompt,
-                             params=SamplingParams(max_new_tokens=24),
-                             on_text=lambda t: print(t, end="", flush=True))
+        with CoordinatorClient(coordinator, token=token) as client:
+            info = client.upload_model(checkpoint, name="demo", options=ServeOptions(num_stages=3, max_seq_len=128))
+            chain = " -> ".join(
+                f"{st.node_id[:8]} layers {st.first_layer}-{st.last_layer_excl - 1}"
+                for st in (info.replicas[0].stages if info.replicas else ())
+            )
+            if chain:
+                print(f"  chain: {chain}", flush=True)
+            prompt = "The swarm"
+            print(f"generating from {prompt!r}: {prompt}", end="", flush=True)
+            res = run_generation(client, model="demo", prompt=prompt,
+                                 params=SamplingParams(max_new_tokens=24),
+                                 on_text=lambda t: print(t, end="", flush=True))
     except SwarmError as exc:
         print(f"\ngeneration failed: {exc}", file=sys.stderr)
         return 1

@@ -1,34 +1,33 @@
 """`swarm serve`, `swarm models`, `swarm generate`, `swarm unserve`: inference from the command line.
 
-    swarm serve --coordinator HOST:PORT --model CHECKPOINT_DIR [--replicas R] [--name NAME]
-    swarm models --coordinator HOST:PORT [--json]
-    swarm generate --coordinator HOST:PORT --model NAME --prompt TEXT [--max-new-tokens N]
+    swarm serve [--coordinator HOST:PORT] [--token T] --model CHECKPOINT_DIR [--replicas R] [--name NAME]
+    swarm models [--coordinator HOST:PORT] [--json]
+    swarm generate [--coordinator HOST:PORT] --model NAME --prompt TEXT [--max-new-tokens N]
                    [--temperature T] [--json]
+    swarm unserve [--coordinator HOST:PORT] [--token T] --model NAME
+
+``--coordinator``/``--token`` resolve as in :mod:`swarm.cli.common` (flag, SWARM_* env, 127.0.0.1:7070).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from swarm.cli.common import add_common_flags, connect
 from swarm.errors import SwarmError
 
 # swarm.inference.sampling imports torch (~1-3 s): imported inside the commands that need it so
 # that every other `swarm` command starts fast.
 
 
-def _env(name: str, default=None):
-    return os.environ.get(f"SWARM_{name}", default)
-
-
 def add_parser(sub) -> None:
     s = sub.add_parser("serve", help="upload a checkpoint and serve it on the swarm")
-    s.add_argument("--coordinator", default=_env("COORDINATOR"), help="HOST:PORT of the coordinator's gRPC port")
+    add_common_flags(s, json=True, json_help="print the placement as JSON")
     s.add_argument("--model", required=True, help="HF-format checkpoint directory (config.json, *.safetensors, tokenizer.json)")
     s.add_argument("--name", default=None, help="name clients use (default: the directory name)")
     s.add_argument("--replicas", type=int, default=1, help="replicas (chains) to place; 0: as many as fit (default 1)")
@@ -41,25 +40,19 @@ def add_parser(sub) -> None:
     s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="weights on the nodes")
     s.add_argument("--lanes", type=int, default=1,
                    help="session groups pipelined through each chain (default 1; >1 pays when stages have their own hardware)")
-    s.add_argument("--token", default=_env("TOKEN"),
-                   help="the coordinator's token (printed by swarm-coordinator; or SWARM_TOKEN)")
-    s.add_argument("--json", action="store_true", help="print the placement as JSON")
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="list served models and where their layers are")
-    m.add_argument("--coordinator", default=_env("COORDINATOR"))
-    m.add_argument("--json", action="store_true")
+    add_common_flags(m, json=True)
     m.set_defaults(func=cmd_models)
 
     u = sub.add_parser("unserve", help="stop serving a model")
-    u.add_argument("--coordinator", default=_env("COORDINATOR"))
+    add_common_flags(u)
     u.add_argument("--model", required=True)
-    u.add_argument("--token", default=_env("TOKEN"),
-                   help="the coordinator's token (printed by swarm-coordinator; or SWARM_TOKEN)")
     u.set_defaults(func=cmd_unserve)
 
     g = sub.add_parser("generate", help="generate text with a served model (streams tokens)")
-    g.add_argument("--coordinator", default=_env("COORDINATOR"))
+    add_common_flags(g, json=True, json_help="print one JSON object at the end")
     g.add_argument("--model", required=True, help="served model name (see `swarm models`)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
@@ -68,17 +61,11 @@ def add_parser(sub) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--json", action="store_true", help="print one JSON object at the end")
     g.set_defaults(func=cmd_generate)
 
 
-def _need_coordinator(args) -> str:
-    if not args.coordinator:
-        raise SwarmError("pass --coordinator HOST:PORT (or set SWARM_COORDINATOR)")
-    return args.coordinator
-
-
-def _print_model(m: dict) -> None:
+def _print_model(m) -> None:
+    m = m.to_json()
     print(f"{m['name']}: {m['family']} {m['num_layers']} layers, {m['state']}, digest {m['digest'][:12]}, "
           f"context {m['max_seq_len']}" + (f" ({m['error']})" if m.get("error") else ""))
     for r in m["replicas"]:
@@ -87,10 +74,9 @@ def _print_model(m: dict) -> None:
 
 
 def cmd_serve(args) -> int:
-    from swarm.transport.inference import checkpoint_files, upload_model
+    from swarm.transport.coordinator_client import ServeOptions, checkpoint_files
 
     try:
-        address = _need_coordinator(args)
         model_dir = Path(args.model)
         files = checkpoint_files(model_dir)
         total = sum(p.stat().st_size for p in files)
@@ -104,33 +90,34 @@ def cmd_serve(args) -> int:
                 print(f"\ruploading {sent[0] / 2**20:.1f}/{total / 2**20:.1f} MiB ({sent[0] / dt / 2**20:.1f} MiB/s)",
                       end="", file=sys.stderr, flush=True)
 
-        info = upload_model(
-            address, model_dir, name=name, num_replicas=args.replicas, num_stages=args.stages,
-            max_seq_len=args.max_seq_len, sessions_per_replica=args.sessions, objective=args.objective,
-            hidden_codec=args.hidden_codec, dtype=args.dtype, lanes=args.lanes, token=args.token, progress=progress,
+        options = ServeOptions(
+            num_replicas=args.replicas, num_stages=args.stages, max_seq_len=args.max_seq_len,
+            sessions_per_replica=args.sessions, objective=args.objective, hidden_codec=args.hidden_codec,
+            dtype=args.dtype, lanes=args.lanes,
         )
+        with connect(args) as client:
+            info = client.upload_model(model_dir, name=name, options=options, on_bytes=progress)
     except SwarmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if sys.stderr.isatty():
         print(file=sys.stderr)
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info.to_json(), indent=2))
     else:
         _print_model(info)
     return 0
 
 
 def cmd_models(args) -> int:
-    from swarm.transport.inference import list_models
-
     try:
-        models = list_models(_need_coordinator(args))
+        with connect(args) as client:
+            models = client.list_models()
     except SwarmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"models": models}, indent=2))
+        print(json.dumps({"models": [m.to_json() for m in models]}, indent=2))
     elif not models:
         print("no models are served; start one with `swarm serve --model DIR`")
     else:
@@ -140,10 +127,9 @@ def cmd_models(args) -> int:
 
 
 def cmd_unserve(args) -> int:
-    from swarm.transport.inference import unserve_model
-
     try:
-        removed = unserve_model(_need_coordinator(args), args.model, token=args.token)
+        with connect(args) as client:
+            removed = client.unserve_model(args.model)
     except SwarmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -162,16 +148,15 @@ class GenerationResult:
     num_replays: int
 
 
-def run_generation(address: str, *, model: str, prompt: str, params: "SamplingParams", on_text=None) -> GenerationResult:
-    """Stream one generation; ``on_text`` gets each new piece of text. Raises SwarmError."""
-    from swarm.transport.inference import generate
-
+def run_generation(client, *, model: str, prompt: str, params: "SamplingParams", on_text=None) -> GenerationResult:
+    """Stream one generation through ``client`` (a CoordinatorClient); ``on_text`` gets each new
+    piece of text. Raises SwarmError."""
     t0 = time.perf_counter()
     first = last = None
     ids: list[int] = []
     text: list[str] = []
     finish, replays = "", 0
-    for ev in generate(address, model=model, prompt=prompt, params=params):
+    for ev in client.generate(model=model, prompt=prompt, params=params):
         now = time.perf_counter()
         if first is None and ev.token_ids:
             first = now
@@ -193,11 +178,11 @@ def cmd_generate(args) -> int:
     from swarm.inference.sampling import SamplingParams
 
     try:
-        address = _need_coordinator(args)
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens, stop=tuple(args.stop))
         on_text = None if args.json else (lambda t: print(t, end="", flush=True))
-        res = run_generation(address, model=args.model, prompt=args.prompt, params=params, on_text=on_text)
+        with connect(args) as client:
+            res = run_generation(client, model=args.model, prompt=args.prompt, params=params, on_text=on_text)
     except SwarmError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1

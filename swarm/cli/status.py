@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
+from swarm.cli.common import add_common_flags, connect
 from swarm.errors import SwarmError
 from swarm.membership import link_json, node_json
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("status", help="show the swarm's nodes and network")
-    p.add_argument("--coordinator", default=os.environ.get("SWARM_COORDINATOR", "127.0.0.1:7070"),
-                   help="HOST:PORT of the coordinator's gRPC port (default 127.0.0.1:7070)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_common_flags(p, json=True, json_help="print one JSON object")
     p.add_argument("--timeout-s", type=float, default=10.0)
     p.set_defaults(func=run)
 
@@ -72,10 +70,9 @@ def render_table(snapshot) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from swarm.transport.coordinator_client import fetch_snapshot
-
     try:
-        snapshot = fetch_snapshot(args.coordinator, timeout_s=args.timeout_s)
+        with connect(args, timeout_s=args.timeout_s) as client:
+            snapshot = client.snapshot()
     except SwarmError as exc:
         print(f"swarm status: {exc}", file=sys.stderr)
         return 1

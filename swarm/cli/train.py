@@ -1,6 +1,6 @@
 """``swarm train``, ``swarm jobs``, ``swarm job ID``, ``swarm cancel ID``: training jobs.
 
-``swarm train --coordinator HOST:PORT --model CONFIG.json|CHECKPOINT_DIR --data PATH
+``swarm train [--coordinator HOST:PORT] [--token T] --model CONFIG.json|CHECKPOINT_DIR --data PATH
 [--epochs E | --steps N] [--batch-size B] [--micro-batch-size b] [--seq-len S] [--lr LR]
 [--compression SPEC] [--checkpoint-every K] [--out DIR] [--follow] [--json]`` uploads the data
 and the starting model to the coordinator and prints the job id. ``--follow`` shows a progress
@@ -16,29 +16,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
+from swarm.cli.common import add_common_flags, connect
 from swarm.errors import InvalidRequestError, SwarmError
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 MODEL_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
-def _coordinator_flag(p, *, token: bool = False) -> None:
-    p.add_argument("--coordinator", default=os.environ.get("SWARM_COORDINATOR", "127.0.0.1:7070"),
-                   help="HOST:PORT of the coordinator's gRPC port (default 127.0.0.1:7070, or $SWARM_COORDINATOR)")
-    if token:
-        p.add_argument("--token", default=os.environ.get("SWARM_TOKEN"),
-                       help="the coordinator's token (printed by swarm-coordinator; default $SWARM_TOKEN)")
-
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="submit a training / fine-tuning job to the swarm")
-    _coordinator_flag(p, token=True)
+    add_common_flags(p, json=True)
     p.add_argument("--model", required=True, help="config.json (fresh weights) or an HF checkpoint directory")
     p.add_argument("--data", required=True, help="a text file or a directory of text files")
     g = p.add_mutually_exclusive_group()
@@ -53,7 +44,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     p.add_argument("--out", type=Path, default=None, help="write the trained HF checkpoint here when done")
     p.add_argument("--follow", action="store_true", help="show progress until the job ends")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--stages", type=int, default=0, help="pipeline stages (default: planner decides)")
     p.add_argument("--replicas", type=int, default=0, help="data-parallel replicas (default: planner decides)")
     p.add_argument("--schedule", choices=("1f1b", "gpipe"), default="1f1b")
@@ -66,26 +56,23 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run_train)
 
     p = subparsers.add_parser("jobs", help="list training jobs")
-    _coordinator_flag(p)
-    p.add_argument("--json", action="store_true")
+    add_common_flags(p, json=True)
     p.set_defaults(func=run_jobs)
 
     p = subparsers.add_parser("job", help="show one training job")
-    _coordinator_flag(p)
+    add_common_flags(p, json=True)
     p.add_argument("job_id")
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_job)
 
     p = subparsers.add_parser("cancel", help="cancel a training job")
-    _coordinator_flag(p, token=True)
+    add_common_flags(p, json=True)
     p.add_argument("job_id")
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_cancel)
 
 
 def upload_files(model: Path, data: Path) -> list:
     """The files a job carries, named ``checkpoint/...`` and ``data/...``. Raises InvalidRequestError."""
-    from swarm.transport.training_client import UploadFile
+    from swarm.transport.coordinator_client import UploadFile
 
     if not data.exists():
         raise InvalidRequestError(f"--data {data} does not exist; pass a text file or a directory of text files")
@@ -135,20 +122,20 @@ def progress_line(job: dict, width: int = 24) -> str:
     return line
 
 
-def follow(client, job_id: str, *, quiet: bool, interval_s: float = 1.0) -> dict:
-    """Poll until the job ends, printing a bar line per new step (unless ``quiet``)."""
+def follow(client, job_id: str, *, quiet: bool, interval_s: float = 1.0):
+    """Poll until the job ends, printing a bar line per new step (unless ``quiet``); returns its JobRecord."""
     last = None
     while True:
-        job = client.get(job_id)
-        key = (job.get("step"), job["state"], job.get("reason"))
+        job = client.get_job(job_id)
+        key = (job.detail.get("step"), job.state, job.reason)
         if not quiet and key != last:
-            line = progress_line(job)
+            line = progress_line(job.detail)
             if sys.stdout.isatty():
                 print("\r" + line, end="", flush=True)
             else:
                 print(line, flush=True)
             last = key
-        if job["state"] in TERMINAL:
+        if job.terminal:
             if not quiet and sys.stdout.isatty():
                 print()
             return job
@@ -156,8 +143,6 @@ def follow(client, job_id: str, *, quiet: bool, interval_s: float = 1.0) -> dict
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from swarm.transport.training_client import TrainingClient
-
     spec = {
         "name": args.name, "steps": args.steps or 0, "epochs": args.epochs or 0.0, "batch_size": args.batch_size,
         "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
@@ -168,36 +153,33 @@ def run_train(args: argparse.Namespace) -> int:
     }
     try:
         files = upload_files(Path(args.model), Path(args.data))
-        with TrainingClient(args.coordinator, token=args.token) as client:
-            job = client.submit(spec, files)
+        with connect(args) as client:
+            job = client.submit_job(spec, files)
             if not args.json:
-                print(f"job {job['id']} submitted ({job['state']}{': ' + job['reason'] if job.get('reason') else ''})",
-                      flush=True)
+                print(f"job {job.id} submitted ({job.state}{': ' + job.reason if job.reason else ''})", flush=True)
             if not (args.follow or args.out):
                 if args.json:
-                    print(json.dumps(job))
+                    print(json.dumps(job.detail))
                 return 0
-            job = follow(client, job["id"], quiet=args.json or not args.follow)
-            if args.out and job["state"] == "succeeded":
-                written = client.download_result(job["id"], args.out)
+            job = follow(client, job.id, quiet=args.json or not args.follow)
+            if args.out and job.state == "succeeded":
+                written = client.download_result(job.id, args.out)
                 if not args.json:
                     print(f"checkpoint written to {args.out} ({len(written)} files)")
     except SwarmError as exc:
         print(f"swarm train: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(job))
-    elif job["state"] != "succeeded":
-        print(f"job {job['id']} {job['state']}: {job.get('reason', '')}", file=sys.stderr)
-    return 0 if job["state"] == "succeeded" else 1
+        print(json.dumps(job.detail))
+    elif job.state != "succeeded":
+        print(f"job {job.id} {job.state}: {job.reason}", file=sys.stderr)
+    return 0 if job.state == "succeeded" else 1
 
 
 def run_jobs(args: argparse.Namespace) -> int:
-    from swarm.transport.training_client import TrainingClient
-
     try:
-        with TrainingClient(args.coordinator) as client:
-            jobs = client.list()
+        with connect(args) as client:
+            jobs = [j.detail for j in client.list_jobs()]
     except SwarmError as exc:
         print(f"swarm jobs: {exc}", file=sys.stderr)
         return 2
@@ -216,11 +198,9 @@ def run_jobs(args: argparse.Namespace) -> int:
 
 
 def run_job(args: argparse.Namespace) -> int:
-    from swarm.transport.training_client import TrainingClient
-
     try:
-        with TrainingClient(args.coordinator) as client:
-            job = client.get(args.job_id)
+        with connect(args) as client:
+            job = client.get_job(args.job_id).detail
     except SwarmError as exc:
         print(f"swarm job: {exc}", file=sys.stderr)
         return 2
@@ -242,15 +222,13 @@ def run_job(args: argparse.Namespace) -> int:
 
 
 def run_cancel(args: argparse.Namespace) -> int:
-    from swarm.transport.training_client import TrainingClient
-
     try:
-        with TrainingClient(args.coordinator, token=args.token) as client:
-            job = client.cancel(args.job_id, "cancelled with swarm cancel")
+        with connect(args) as client:
+            job = client.cancel_job(args.job_id, "cancelled with swarm cancel")
     except SwarmError as exc:
         print(f"swarm cancel: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(job) if args.json else f"job {job['id']}: {job['state']}")
+    print(json.dumps(job.detail) if args.json else f"job {job.id}: {job.state}")
     return 0
 
 
@@ -261,7 +239,7 @@ def demo_fine_tune(coordinator: str, state_dir: Path, *, token: str, steps: int 
     """The README demo's training part: fine-tune a tiny model across the local swarm with AQ-SGD,
     print the loss as it falls, and write the checkpoint under ``state_dir/demo-checkpoint``."""
     from swarm.model.testing import _SAMPLE_TEXT, make_tiny_checkpoint
-    from swarm.transport.training_client import TrainingClient
+    from swarm.transport.coordinator_client import CoordinatorClient
 
     model, data, result = state_dir / "demo-model", state_dir / "demo-data.txt", state_dir / "demo-checkpoint"
     make_tiny_checkpoint(model, num_layers=3, hidden_size=64, num_heads=4, max_position_embeddings=128)
@@ -272,18 +250,18 @@ def demo_fine_tune(coordinator: str, state_dir: Path, *, token: str, steps: int 
     out(f"fine-tuning a {3}-layer model across 3 nodes with {DEMO_CODEC} (activations as 4-bit changes, "
         f"gradients 8-bit) for {steps} steps ...")
     try:
-        with TrainingClient(coordinator, token=token) as client:
-            job = client.submit(spec, upload_files(model, data))
-            job = follow(client, job["id"], quiet=False, interval_s=0.5)
-            if job["state"] != "succeeded":
-                out(f"training job {job['id']} {job['state']}: {job.get('reason')}")
+        with CoordinatorClient(coordinator, token=token) as client:
+            job = client.submit_job(spec, upload_files(model, data))
+            job = follow(client, job.id, quiet=False, interval_s=0.5)
+            if job.state != "succeeded":
+                out(f"training job {job.id} {job.state}: {job.reason}")
                 return 1
-            client.download_result(job["id"], result)
+            client.download_result(job.id, result)
     except SwarmError as exc:
         out(f"training failed: {exc}")
         return 1
-    losses = [p["loss"] for p in job["progress"]]
-    out(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps; sent {job['bytes_sent'] / 1e6:.1f} MB, "
-        f"saved {job['bytes_saved'] / 1e6:.1f} MB by compression")
+    losses = [p["loss"] for p in job.detail["progress"]]
+    out(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps; sent {job.detail['bytes_sent'] / 1e6:.1f} "
+        f"MB, saved {job.detail['bytes_saved'] / 1e6:.1f} MB by compression")
     out(f"checkpoint written to {result} (transformers loads it: AutoModelForCausalLM.from_pretrained)")
     return 0

@@ -9,17 +9,27 @@ get it from ``NodeAgent.call_metadata()``; servicers on the coordinator check it
 
 from __future__ import annotations
 
+import hmac
+
 NODE_ID_KEY = "swarm-node-id"
 SESSION_KEY = "swarm-session"
 MAX_SESSION_CHARS = 128
 # A user's calls that change what the swarm runs (submit/cancel a job, serve/unserve a model)
 # carry the coordinator's token in this metadata key.
 API_TOKEN_KEY = "swarm-api-token"
-MAX_API_TOKEN_CHARS = 200
+MAX_API_TOKEN_CHARS = 256
 
 
 def api_token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return ((API_TOKEN_KEY, token),) if token else ()
+
+
+def token_matches(given: str, expected: str) -> bool:
+    """Whether a presented token (a node's join token or a user's API token) is the coordinator's.
+    Constant-time; False when empty, oversized or when the coordinator has no token."""
+    if not given or not expected or len(given) > MAX_API_TOKEN_CHARS:
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 def read_api_token(context) -> str:

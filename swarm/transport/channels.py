@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from swarm.errors import ConfigError
+from swarm.transport.transfer import CHUNK_BYTES  # noqa: F401 -- re-exported for plugins
 
 CONTROL_MAX_MESSAGE_BYTES = 16 << 20
 DATA_MAX_MESSAGE_BYTES = 64 << 20
-CHUNK_BYTES = 1 << 20
 
 _KEEPALIVE = [
     ("grpc.keepalive_time_ms", 20_000),

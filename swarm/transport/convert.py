@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from swarm.errors import InvalidRequestError
 from swarm.hardware import HardwareInfo
 from swarm.membership import Link, NodeInfo
 from swarm.proto.v1 import coordinator_pb2 as pb
+from swarm.proto.v1 import inference_pb2 as ipb
+
+if TYPE_CHECKING:  # swarm.inference imports torch; the CLI's client must not
+    from swarm.inference.sampling import SamplingParams
 
 MAX_METRICS_JSON_BYTES = 64 << 10
 
@@ -138,3 +142,7 @@ def link_from_proto(msg: pb.LinkRecord) -> Link:
         )
     except ValueError as exc:
         raise InvalidRequestError(f"coordinator sent an invalid link record: {exc}") from exc
+
+
+def sampling_to_pb(p: SamplingParams) -> ipb.ServeSamplingSpec:
+    return ipb.ServeSamplingSpec(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)

@@ -1,21 +1,51 @@
-"""Read-only client of the coordinator's control plane (used by ``swarm status``).
+"""The one client of the coordinator for users: the CLI, benchmarks and tests.
 
-Node-side calls (register, heartbeat...) live in ``node.coordinator_link``; this module only
-lists nodes and links and returns domain objects.
+:class:`CoordinatorClient` holds one channel to the coordinator's gRPC port and calls its three
+user-facing services (Coordinator: nodes and links; Training: jobs; InferenceGateway: models and
+generation). Every call maps gRPC failures to swarm errors with
+:func:`~swarm.transport.errors.translate_rpc_errors`, carries the coordinator's token (when one
+was given) in ``swarm-api-token`` metadata, and returns frozen domain records, never protobuf.
+Files go through :mod:`swarm.transport.transfer` (sizes and SHA-256 checked on both sides).
+
+The node's own calls (register, heartbeat, training assignments) use its session secret and
+live in ``node.coordinator_link`` / ``node.training.client`` on the same channel helpers.
+
+This module imports no torch, so that `swarm status`, `swarm jobs` etc. start fast.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from swarm.errors import InvalidRequestError
 from swarm.membership import Link, NodeInfo
-from swarm.proto.v1 import coordinator_pb2 as pb
-from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
+from swarm.proto.v1 import coordinator_pb2 as cpb
+from swarm.proto.v1 import coordinator_pb2_grpc as cpb_grpc
+from swarm.proto.v1 import inference_pb2 as ipb
+from swarm.proto.v1 import inference_pb2_grpc as ipb_grpc
+from swarm.proto.v1 import training_pb2 as tpb
+from swarm.proto.v1 import training_pb2_grpc as tpb_grpc
+from swarm.transport import transfer, transfer_pb
+from swarm.transport.auth import api_token_metadata
 from swarm.transport.channels import control_channel, parse_address
-from swarm.transport.convert import link_from_proto, node_from_proto
+from swarm.transport.convert import link_from_proto, node_from_proto, sampling_to_pb
 from swarm.transport.errors import translate_rpc_errors
 
+if TYPE_CHECKING:
+    from swarm.inference.sampling import SamplingParams
 
+DEFAULT_ADDRESS = "127.0.0.1:7070"
+MAX_RESULT_BYTES = 64 << 30
+# What `swarm serve` uploads from a checkpoint directory, and how many files at most.
+UPLOAD_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
+MAX_UPLOAD_FILES = 256
+
+
+# ----------------------------------------------------------------------------- records
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SwarmSnapshot:
     nodes: tuple[NodeInfo, ...]
@@ -23,17 +53,272 @@ class SwarmSnapshot:
     server_time_s: float
 
 
-def fetch_snapshot(address: str, *, timeout_s: float = 10.0) -> SwarmSnapshot:
-    """Nodes and links from the coordinator at ``address``. Raises UnavailableError etc."""
-    parse_address(address)
-    with control_channel(address) as channel:
-        stub = pb_grpc.CoordinatorStub(channel)
-        what = f"coordinator at {address}"
-        with translate_rpc_errors(what):
-            nodes = stub.ListNodes(pb.ListNodesRequest(), timeout=timeout_s)
-            network = stub.GetNetwork(pb.GetNetworkRequest(), timeout=timeout_s)
-    return SwarmSnapshot(
-        nodes=tuple(node_from_proto(n) for n in nodes.nodes),
-        links=tuple(link_from_proto(link) for link in network.links),
-        server_time_s=nodes.server_time_s,
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UploadFile:
+    """A local file and the name it gets in the job (``data/...`` or ``checkpoint/...``)."""
+
+    path: Path
+    name: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobRecord:
+    """A training job as the coordinator reports it. ``detail`` is the JSON object of
+    ``GET /api/jobs/{id}`` (step, loss, spec, plan, progress...), what ``swarm job --json`` prints."""
+
+    id: str
+    state: str
+    reason: str
+    detail: dict[str, Any]
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageRecord:
+    node_id: str
+    address: str
+    first_layer: int
+    last_layer_excl: int
+    state: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplicaRecord:
+    replica: int
+    state: str
+    predicted_latency_s: float
+    stages: tuple[StageRecord, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelRecord:
+    """A served model and where its layers are. :meth:`to_json` is what ``swarm models --json`` prints."""
+
+    name: str
+    family: str
+    num_layers: int
+    digest: str
+    state: str
+    size_bytes: int
+    max_seq_len: int
+    created_at_s: float
+    error: str
+    replicas: tuple[ReplicaRecord, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "family": self.family, "num_layers": self.num_layers, "digest": self.digest,
+            "state": self.state, "size_bytes": self.size_bytes, "max_seq_len": self.max_seq_len,
+            "created_at": self.created_at_s, "error": self.error,
+            "replicas": [
+                {"replica": r.replica, "state": r.state, "predicted_latency_s": r.predicted_latency_s,
+                 "stages": [{"node_id": s.node_id, "address": s.address, "first_layer": s.first_layer,
+                             "last_layer_excl": s.last_layer_excl, "state": s.state} for s in r.stages]}
+                for r in self.replicas
+            ],
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerateEvent:
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str = ""
+    num_prompt_tokens: int = 0
+    num_replays: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServeOptions:
+    """How to serve an uploaded model (the `swarm serve` flags); 0 or "" lets the coordinator decide."""
+
+    num_replicas: int = 1
+    num_stages: int = 0
+    max_seq_len: int = 0
+    sessions_per_replica: int = 0
+    objective: str = ""
+    hidden_codec: str = ""
+    dtype: str = ""
+    lanes: int = 0
+
+
+# ----------------------------------------------------------------------------- proto -> records
+def _job_record(r: tpb.JobRecord) -> JobRecord:
+    try:
+        detail = json.loads(r.detail_json)
+    except json.JSONDecodeError:
+        detail = {"id": r.job_id, "state": r.state, "reason": r.reason}
+    return JobRecord(id=r.job_id or detail.get("id", ""), state=r.state or detail.get("state", ""),
+                     reason=r.reason, detail=detail)
+
+
+def _model_record(m: ipb.ServeModelInfo) -> ModelRecord:
+    return ModelRecord(
+        name=m.name, family=m.family, num_layers=m.num_layers, digest=m.digest, state=m.state,
+        size_bytes=m.size_bytes, max_seq_len=m.max_seq_len, created_at_s=m.created_at_s, error=m.error,
+        replicas=tuple(
+            ReplicaRecord(replica=r.replica, state=r.state, predicted_latency_s=r.predicted_latency_s,
+                          stages=tuple(StageRecord(node_id=s.node_id, address=s.address, first_layer=s.first_layer,
+                                                   last_layer_excl=s.last_layer_excl, state=s.state)
+                                       for s in r.stages))
+            for r in m.replicas
+        ),
     )
+
+
+def _job_spec_pb(spec: Any) -> tpb.JobSpec:
+    """The job spec on the wire (the one place a submitted spec is converted)."""
+    fields = {f.name for f in tpb.JobSpec.DESCRIPTOR.fields}
+    return tpb.JobSpec(**{k: v for k, v in spec.items() if k in fields and v is not None})
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The files of a checkpoint directory that `swarm serve` uploads. Raises InvalidRequestError."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise InvalidRequestError(f"{model_dir} is not a directory; point --model at an HF-format checkpoint")
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix in UPLOAD_SUFFIXES)
+    if not (model_dir / "config.json").is_file() or not any(p.suffix == ".safetensors" for p in files):
+        raise InvalidRequestError(f"{model_dir} needs config.json and *.safetensors")
+    return files
+
+
+# ----------------------------------------------------------------------------- client
+class CoordinatorClient:
+    """User calls to the coordinator at ``address`` (``host:port`` of its gRPC port).
+
+    ``token``: the coordinator's token, needed to change what the swarm runs (submit/cancel a
+    job, serve/unserve a model); reading calls work without it. ``timeout_s``: per short call.
+    Methods raise swarm errors: UnavailableError (unreachable), AuthError (token), NotFoundError,
+    InvalidRequestError, CapacityError. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, address: str, *, token: str | None = None, timeout_s: float = 30.0) -> None:
+        parse_address(address)
+        self.address = address
+        self.timeout_s = timeout_s
+        self._md = api_token_metadata(token)
+        self._channel = control_channel(address)
+        self._coordinator = cpb_grpc.CoordinatorStub(self._channel)
+        self._training = tpb_grpc.TrainingStub(self._channel)
+        self._gateway = ipb_grpc.InferenceGatewayStub(self._channel)
+        self._what = f"coordinator at {address}"
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _timeout(self, timeout_s: float | None) -> float:
+        return self.timeout_s if timeout_s is None else timeout_s
+
+    # -- nodes and links --------------------------------------------------------------------------
+    def snapshot(self, *, timeout_s: float | None = None) -> SwarmSnapshot:
+        """The nodes and measured links the coordinator knows."""
+        t = self._timeout(timeout_s)
+        with translate_rpc_errors(self._what):
+            nodes = self._coordinator.ListNodes(cpb.ListNodesRequest(), timeout=t, metadata=self._md)
+            network = self._coordinator.GetNetwork(cpb.GetNetworkRequest(), timeout=t, metadata=self._md)
+        return SwarmSnapshot(
+            nodes=tuple(node_from_proto(n) for n in nodes.nodes),
+            links=tuple(link_from_proto(link) for link in network.links),
+            server_time_s=nodes.server_time_s,
+        )
+
+    # -- training jobs ----------------------------------------------------------------------------
+    def submit_job(self, spec: Any, files: list[UploadFile], *, timeout_s: float = 3600.0,
+                   on_bytes: Callable[[int], None] | None = None) -> JobRecord:
+        """Upload the job's files (``data/...``, ``checkpoint/...``) with its spec; needs the token."""
+        spec_pb = _job_spec_pb(spec)
+
+        def chunks() -> Iterator[tpb.SubmitJobChunk]:
+            yield tpb.SubmitJobChunk(spec=spec_pb)
+            items = transfer.send_files(((f.name, f.path) for f in files), on_bytes=on_bytes)
+            yield from transfer_pb.to_messages(items, tpb.SubmitJobChunk)
+
+        with translate_rpc_errors(self._what):
+            return _job_record(self._training.SubmitJob(chunks(), timeout=timeout_s, metadata=self._md))
+
+    def get_job(self, job_id: str) -> JobRecord:
+        with translate_rpc_errors(self._what):
+            return _job_record(self._training.GetJob(tpb.GetJobRequest(job_id=job_id), timeout=self.timeout_s,
+                                                     metadata=self._md))
+
+    def list_jobs(self, limit: int = 100) -> list[JobRecord]:
+        with translate_rpc_errors(self._what):
+            reply = self._training.ListJobs(tpb.ListJobsRequest(limit=limit), timeout=self.timeout_s,
+                                            metadata=self._md)
+        return [_job_record(r) for r in reply.jobs]
+
+    def cancel_job(self, job_id: str, reason: str = "") -> JobRecord:
+        """Cancel a job; needs the token."""
+        with translate_rpc_errors(self._what):
+            return _job_record(self._training.CancelJob(tpb.CancelJobRequest(job_id=job_id, reason=reason),
+                                                        timeout=self.timeout_s, metadata=self._md))
+
+    def download_result(self, job_id: str, out_dir: Path, *, timeout_s: float = 3600.0) -> list[Path]:
+        """Write the job's exported checkpoint files into ``out_dir`` (sizes and SHA-256 checked;
+        a file appears only once it is complete)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        limits = transfer.TransferLimits(max_file_bytes=MAX_RESULT_BYTES, max_total_bytes=MAX_RESULT_BYTES)
+        with translate_rpc_errors(self._what):
+            stream = self._training.DownloadResult(tpb.DownloadResultRequest(job_id=job_id), timeout=timeout_s,
+                                                   metadata=self._md)
+            names = transfer.receive_files(transfer_pb.from_messages(stream), out_dir, limits=limits)
+        return [out_dir / n for n in names]
+
+    # -- inference ----------------------------------------------------------------------------------
+    def upload_model(self, model_dir: str | Path, *, name: str, options: ServeOptions = ServeOptions(),
+                     timeout_s: float = 600.0, on_bytes: Callable[[int], None] | None = None) -> ModelRecord:
+        """Stream a checkpoint directory to the coordinator and wait until it is placed and loaded;
+        needs the token."""
+        files = checkpoint_files(Path(model_dir))
+        headers = [transfer.file_header(p.name, p) for p in files]
+        header = ipb.ServeUploadHeader(
+            name=name, files=[transfer_pb.upload_file_to_pb(h) for h in headers],
+            num_replicas=options.num_replicas, num_stages=options.num_stages, max_seq_len=options.max_seq_len,
+            sessions_per_replica=options.sessions_per_replica, objective=options.objective,
+            hidden_codec=options.hidden_codec, dtype=options.dtype, lanes=options.lanes,
+        )
+
+        def chunks() -> Iterator[ipb.ServeUploadChunk]:
+            yield ipb.ServeUploadChunk(header=header)
+            for p in files:
+                for block in transfer.iter_file(p, on_bytes=on_bytes):
+                    yield ipb.ServeUploadChunk(path=p.name, data=block)
+
+        with translate_rpc_errors(self._what):
+            reply = self._gateway.UploadModel(chunks(), timeout=timeout_s, metadata=self._md)
+        return _model_record(reply.model)
+
+    def list_models(self) -> list[ModelRecord]:
+        with translate_rpc_errors(self._what):
+            reply = self._gateway.ListModels(ipb.ServeListModelsRequest(), timeout=self.timeout_s, metadata=self._md)
+        return [_model_record(m) for m in reply.models]
+
+    def unserve_model(self, name: str) -> bool:
+        """Stop serving ``name``; needs the token. False if it was not served."""
+        with translate_rpc_errors(self._what):
+            reply = self._gateway.Unserve(ipb.ServeUnserveRequest(name=name), timeout=self.timeout_s,
+                                          metadata=self._md)
+        return reply.removed
+
+    def generate(self, *, model: str, params: SamplingParams, prompt: str = "",
+                 prompt_token_ids: list[int] | None = None, timeout_s: float = 600.0) -> Iterator[GenerateEvent]:
+        """Stream a generation from the gateway: one event per batch of new tokens."""
+        req = ipb.ServeGenerateRequest(
+            model=model, prompt=prompt, prompt_token_ids=list(prompt_token_ids or []),
+            max_new_tokens=params.max_new_tokens, sampling=sampling_to_pb(params), stop=list(params.stop),
+        )
+        with translate_rpc_errors(self._what):
+            for ev in self._gateway.Generate(req, timeout=timeout_s, metadata=self._md):
+                yield GenerateEvent(token_ids=tuple(ev.token_ids), text=ev.text, finish_reason=ev.finish_reason,
+                                    num_prompt_tokens=ev.num_prompt_tokens, num_replays=ev.num_replays)

@@ -21,7 +21,7 @@ from swarm.model.checkpoint import load_checkpoint
 from swarm.model.config import ModelConfig
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.transport import tensors as wire
-from swarm.transport.channels import CHUNK_BYTES
+from swarm.transport.transfer import CHUNK_BYTES
 
 MAX_CONFIG_CHARS = 1 << 20
 MAX_TENSORS = 1 << 14

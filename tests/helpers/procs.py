@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from swarm.localswarm import ManagedProcess, child_env, require_online, start_coordinator, start_node, wait_until
-from swarm.transport.coordinator_client import fetch_snapshot
+from swarm.transport.coordinator_client import CoordinatorClient, ServeOptions
 
 # Short intervals for tests: heartbeat 0.3 s, lost after 3 s (robust on a loaded 2-core box), small probes.
 FAST_COORDINATOR_ARGS = ["--heartbeat-interval-s", "0.3", "--node-timeout-s", "3", "--probe-bytes", str(512 << 10),
@@ -52,7 +52,22 @@ class CoordinatorHandle:
             return json.loads(resp.read())
 
     def snapshot(self):
-        return fetch_snapshot(self.address)
+        with CoordinatorClient(self.address) as client:
+            return client.snapshot()
+
+    def models(self) -> list[dict]:
+        """The served models as ``swarm models --json`` prints them."""
+        with CoordinatorClient(self.address) as client:
+            return [m.to_json() for m in client.list_models()]
+
+    def serve(self, model_dir, *, name: str, **options) -> dict:
+        """Upload and serve ``model_dir`` with this coordinator's token (``options``: ServeOptions fields)."""
+        with self.client() as client:
+            return client.upload_model(model_dir, name=name, options=ServeOptions(**options)).to_json()
+
+    def client(self, *, token: bool = True) -> CoordinatorClient:
+        """A client of this coordinator, with its token unless ``token=False``."""
+        return CoordinatorClient(self.address, token=self.token if token else None)
 
 
 @dataclass
@@ -101,3 +116,9 @@ def node_proc(coord: CoordinatorHandle | str, state_dir: Path, **kwargs):
 
 __all__ = ["CoordinatorHandle", "NodeHandle", "launch_coordinator", "launch_node", "coordinator_proc", "node_proc",
            "wait_until", "require_online", "child_env", "ManagedProcess", "FAST_COORDINATOR_ARGS", "FAST_NODE_ARGS"]
+
+
+def generate_events(address: str, **kwargs):
+    """Stream a generation from the coordinator at ``address`` (CoordinatorClient.generate's kwargs)."""
+    with CoordinatorClient(address) as client:
+        yield from client.generate(**kwargs)

@@ -6,7 +6,7 @@ import pytest
 
 from swarm.errors import AuthError, CapacityError
 from swarm.model.testing import make_tiny_checkpoint
-from swarm.transport.inference import list_models, unserve_model, upload_model
+from swarm.transport.coordinator_client import CoordinatorClient
 from tests.helpers.foundation import inprocess_coordinator
 
 
@@ -17,15 +17,19 @@ def test_serving_and_unserving_need_the_token(tmp_path):
     with inprocess_coordinator(tmp_path / "coord", plugins=("coordinator.inference",)) as app:
         address = f"127.0.0.1:{app.grpc_port}"
         for bad in (None, "wrong-token", "x" * 500):
-            with pytest.raises(AuthError, match="needs the coordinator's token"):
-                upload_model(address, ckpt, name="tiny", token=bad, timeout_s=20)
-            with pytest.raises(AuthError, match="needs the coordinator's token"):
-                unserve_model(address, "tiny", token=bad)
+            with CoordinatorClient(address, token=bad) as client:
+                with pytest.raises(AuthError, match="needs the coordinator's token"):
+                    client.upload_model(ckpt, name="tiny", timeout_s=20)
+                with pytest.raises(AuthError, match="needs the coordinator's token"):
+                    client.unserve_model("tiny")
         # nothing was stored by the refused uploads; reading needs no token
-        assert list_models(address) == []
+        reader = CoordinatorClient(address)
+        assert reader.list_models() == []
         # with the token the upload is accepted and stored; with no nodes it then fails on capacity
-        with pytest.raises(CapacityError, match="no nodes are available"):
-            upload_model(address, ckpt, name="tiny", token=app.join_token, timeout_s=20)
-        assert [m["name"] for m in list_models(address)] == ["tiny"]
-        assert unserve_model(address, "tiny", token=app.join_token) is True
-        assert list_models(address) == []
+        with CoordinatorClient(address, token=app.join_token) as client:
+            with pytest.raises(CapacityError, match="no nodes are available"):
+                client.upload_model(ckpt, name="tiny", timeout_s=20)
+            assert [m.name for m in reader.list_models()] == ["tiny"]
+            assert client.unserve_model("tiny") is True
+        assert reader.list_models() == []
+        reader.close()

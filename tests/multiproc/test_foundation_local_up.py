@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from swarm.localswarm import ManagedProcess, child_env, wait_until
-from swarm.transport.coordinator_client import fetch_snapshot
+from swarm.transport.coordinator_client import CoordinatorClient
 
 pytestmark = pytest.mark.multiproc
 
@@ -37,8 +37,9 @@ def test_local_up_then_ctrl_c(tmp_path):
         address = m.group(1)
         children = _children_of(proc.pid)
         assert len(children) == 3  # coordinator + 2 nodes
-        wait_until(lambda: sum(n.state == "online" for n in fetch_snapshot(address).nodes) == 2, 30,
-                   message="2 nodes online")
+        with CoordinatorClient(address) as client:
+            wait_until(lambda: sum(n.state == "online" for n in client.snapshot().nodes) == 2, 30,
+                       message="2 nodes online")
         os.kill(proc.pid, signal.SIGINT)  # Ctrl-C goes to the `swarm local up` process
         proc.proc.wait(timeout=30)
         assert proc.proc.returncode == 0

@@ -22,22 +22,22 @@ def test_aqsgd_job_trains_across_shaped_namespaces(tmp_path):
     from bench.pipeline import SUBNET, TOKEN, Swarm
     from swarm.cli.train import upload_files
     from swarm.model.testing import _SAMPLE_TEXT, make_tiny_checkpoint
-    from swarm.transport.coordinator_client import fetch_snapshot
-    from swarm.transport.training_client import TrainingClient
+    from swarm.transport.coordinator_client import CoordinatorClient
     from swarm.localswarm import wait_until
 
     make_tiny_checkpoint(tmp_path / "model", num_layers=3, hidden_size=32, num_heads=4, max_position_embeddings=64)
     (tmp_path / "data.txt").write_text(_SAMPLE_TEXT * 2)
     swarm = Swarm(tmp_path / "swarm", 3, device="cpu", rate_mbit=100, threads=1)
     try:
-        nodes = fetch_snapshot(swarm.local_address).nodes
+        with CoordinatorClient(swarm.local_address) as client:
+            nodes = client.snapshot().nodes
         assert all(n.peer_address.startswith(SUBNET + ".") for n in nodes)
         spec = {"steps": 12, "batch_size": 8, "micro_batch_size": 2, "seq_len": 32, "lr": 3e-3,
                 "compression": "aqsgd:fw=4,bw=8", "num_stages": 3, "num_replicas": 1, "peer_timeout_s": 30.0}
-        with TrainingClient(swarm.local_address, token=TOKEN) as client:
-            job = client.submit(spec, upload_files(tmp_path / "model", tmp_path / "data.txt"))
-            job = wait_until(lambda: (j := client.get(job["id"]))["state"] in ("succeeded", "failed") and j, 100,
-                             message="job ends")
+        with CoordinatorClient(swarm.local_address, token=TOKEN) as client:
+            job = client.submit_job(spec, upload_files(tmp_path / "model", tmp_path / "data.txt"))
+            job = wait_until(lambda: (j := client.get_job(job.id)).state in ("succeeded", "failed") and j, 100,
+                             message="job ends").detail
         assert job["state"] == "succeeded", job["reason"]
         losses = [p["loss"] for p in job["progress"]]
         assert losses[-1] < losses[0]

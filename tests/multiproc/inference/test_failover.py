@@ -10,8 +10,7 @@ from tokenizers import Tokenizer
 from swarm.errors import CapacityError, UnavailableError
 from swarm.inference.sampling import SamplingParams
 from swarm.model.testing import make_tiny_checkpoint
-from swarm.transport.inference import generate, list_models, upload_model
-from tests.helpers.procs import node_proc, wait_until
+from tests.helpers.procs import generate_events, node_proc, wait_until
 from tests.multiproc.inference.test_pipeline_generation import coordinator, reference
 
 pytestmark = pytest.mark.multiproc
@@ -29,15 +28,14 @@ def test_node_killed_mid_generation_replays_on_a_new_placement(tmp_path):
     with coordinator(tmp_path) as coord, node_proc(coord, tmp_path / "n0") as n0, \
             node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2:
         wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 3, timeout_s=30)
-        info = upload_model(coord.address, d, name="tiny", num_replicas=1, num_stages=3, max_seq_len=128,
-                            token=coord.token)
+        info = coord.serve(d, name="tiny", num_replicas=1, num_stages=3, max_seq_len=128)
         chain = [s["node_id"] for s in info["replicas"][0]["stages"]]
         procs = {n.node_id: n for n in (n0, n1, n2)}
         middle = procs[chain[1]]
         got: list[int] = []
         replays = 0
         t_kill = None
-        for ev in generate(coord.address, model="tiny", prompt=prompt, params=params, timeout_s=90):
+        for ev in generate_events(coord.address, model="tiny", prompt=prompt, params=params, timeout_s=90):
             got.extend(ev.token_ids)
             if len(got) >= 10 and t_kill is None:
                 t_kill = time.monotonic()
@@ -47,7 +45,7 @@ def test_node_killed_mid_generation_replays_on_a_new_placement(tmp_path):
         assert t_kill is not None
         assert got == want[: len(got)] and len(got) == len(want)
         assert replays >= 1
-        models = list_models(coord.address)
+        models = coord.models()
         new_chain = [s["node_id"] for s in models[0]["replicas"][0]["stages"]]
         assert middle.node_id not in new_chain and len(new_chain) == 2
         # no capacity left: the client gets a clear error, not a hang
@@ -55,7 +53,7 @@ def test_node_killed_mid_generation_replays_on_a_new_placement(tmp_path):
             procs[nid].proc.kill()
         t0 = time.monotonic()
         with pytest.raises((CapacityError, UnavailableError)):
-            list(generate(coord.address, model="tiny", prompt=prompt, params=SamplingParams(max_new_tokens=5), timeout_s=60))
+            list(generate_events(coord.address, model="tiny", prompt=prompt, params=SamplingParams(max_new_tokens=5), timeout_s=60))
         assert time.monotonic() - t0 < 30
 
 
@@ -69,18 +67,17 @@ def test_replica_killed_mid_generation_moves_to_the_other_replica(tmp_path):
     want = reference(d, tok.encode(prompt).ids, params, None)
     with coordinator(tmp_path) as coord, node_proc(coord, tmp_path / "n0") as n0, node_proc(coord, tmp_path / "n1") as n1:
         wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 2, timeout_s=30)
-        info = upload_model(coord.address, d, name="two", num_replicas=2, num_stages=1, max_seq_len=128,
-                            token=coord.token)
+        info = coord.serve(d, name="two", num_replicas=2, num_stages=1, max_seq_len=128)
         assert len(info["replicas"]) == 2
         procs = {n.node_id: n for n in (n0, n1)}
         got: list[int] = []
         replays = 0
         killed = None
-        for ev in generate(coord.address, model="two", prompt=prompt, params=params, timeout_s=60):
+        for ev in generate_events(coord.address, model="two", prompt=prompt, params=params, timeout_s=60):
             got.extend(ev.token_ids)
             if len(got) >= 8 and killed is None:
                 # a new session goes to the least-loaded replica, ties by predicted latency, then index
-                reps = list_models(coord.address)[0]["replicas"]
+                reps = coord.models()[0]["replicas"]
                 serving = min(reps, key=lambda r: (r["predicted_latency_s"], r["replica"]))
                 killed = procs[serving["stages"][0]["node_id"]]
                 killed.proc.kill()
@@ -88,5 +85,5 @@ def test_replica_killed_mid_generation_moves_to_the_other_replica(tmp_path):
                 replays = ev.num_replays
         assert got == want[: len(got)] and len(got) == len(want)
         assert replays == 1
-        left = list_models(coord.address)[0]["replicas"]
+        left = coord.models()[0]["replicas"]
         assert len(left) == 1 and killed.node_id not in [s["node_id"] for r in left for s in r["stages"]]

@@ -12,8 +12,7 @@ from swarm.inference.sampling import SamplingParams
 from swarm.inference.stage_runtime import StageRuntime
 from swarm.model.checkpoint import load_config, load_stage
 from swarm.model.testing import make_tiny_checkpoint
-from swarm.transport.inference import generate, list_models, upload_model
-from tests.helpers.procs import FAST_COORDINATOR_ARGS, coordinator_proc, node_proc, wait_until
+from tests.helpers.procs import FAST_COORDINATOR_ARGS, coordinator_proc, generate_events, node_proc, wait_until
 
 pytestmark = pytest.mark.multiproc
 
@@ -37,7 +36,7 @@ def reference(path, prompt_ids: list[int], params: SamplingParams, eos: int | No
 
 def collect(address: str, model: str, prompt: str, params: SamplingParams) -> list[int]:
     ids: list[int] = []
-    for ev in generate(address, model=model, prompt=prompt, params=params, timeout_s=60):
+    for ev in generate_events(address, model=model, prompt=prompt, params=params, timeout_s=60):
         ids.extend(ev.token_ids)
     return ids
 
@@ -56,8 +55,8 @@ def test_three_node_pipeline_equals_single_process(tmp_path):
         wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 3, timeout_s=30)
         for family, (d, cfg) in ckpts.items():
             # llama: two pipelined lanes, so the two concurrent sessions are in flight at once
-            info = upload_model(coord.address, d, name=f"tiny-{family}", num_replicas=1, num_stages=3, max_seq_len=128,
-                                sessions_per_replica=4, token=coord.token, lanes=2 if family == "llama" else 1)
+            info = coord.serve(d, name=f"tiny-{family}", num_replicas=1, num_stages=3, max_seq_len=128,
+                               sessions_per_replica=4, lanes=2 if family == "llama" else 1)
             stages = info["replicas"][0]["stages"]
             assert len(stages) == 3 and len({s["node_id"] for s in stages}) == 3
             assert stages[0]["first_layer"] == 0 and stages[-1]["last_layer_excl"] == 4
@@ -77,7 +76,7 @@ def test_three_node_pipeline_equals_single_process(tmp_path):
             for t in threads:
                 t.join(timeout=60)
             assert got == want, family
-        names = {m["name"]: m for m in list_models(coord.address)}
+        names = {m["name"]: m for m in coord.models()}
         assert set(names) == {"tiny-gpt2", "tiny-llama"} and all(m["state"] == "ready" for m in names.values())
         # bad requests are refused with INVALID_ARGUMENT / NOT_FOUND, and the service stays up
         with pytest.raises(NotFoundError):

@@ -9,7 +9,6 @@ from tokenizers import Tokenizer
 
 from swarm.inference.sampling import SamplingParams
 from swarm.model.testing import make_tiny_checkpoint
-from swarm.transport.inference import list_models, upload_model
 from tests.helpers.procs import FAST_COORDINATOR_ARGS, coordinator_proc, node_proc, wait_until
 from tests.multiproc.inference.test_pipeline_generation import TOKEN, collect, reference
 
@@ -34,10 +33,10 @@ def test_models_come_back_after_a_coordinator_restart(tmp_path):
     with coordinator_proc(tmp_path / "coord", port=port, extra_args=args) as coord:
         with node_proc(coord, tmp_path / "n0"), node_proc(coord, tmp_path / "n1"):
             wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 2, timeout_s=30)
-            upload_model(coord.address, d, name="kept", num_stages=2, max_seq_len=64, token=coord.token)
+            coord.serve(d, name="kept", num_stages=2, max_seq_len=64)
             assert collect(coord.address, "kept", prompt, params) == want
             coord.proc.stop()
             with coordinator_proc(tmp_path / "coord", port=port, extra_args=args) as coord2:
-                wait_until(lambda: [m["state"] for m in list_models(coord2.address)] == ["ready"], timeout_s=60,
+                wait_until(lambda: [m["state"] for m in coord2.models()] == ["ready"], timeout_s=60,
                            message="model restored")
                 assert collect(coord2.address, "kept", prompt, params) == want

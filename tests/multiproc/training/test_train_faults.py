@@ -11,7 +11,7 @@ from swarm.cli.train import upload_files
 from swarm.errors import AuthError
 from swarm.proto.v1 import training_pb2_grpc
 from swarm.transport import tensors as wt
-from swarm.transport.training_client import TrainingClient
+from swarm.transport.coordinator_client import CoordinatorClient
 from tests.helpers.procs import coordinator_proc, node_proc, wait_until
 from tests.multiproc.training._common import write_inputs
 
@@ -31,11 +31,11 @@ def test_bad_tensor_rejected_then_killed_node_fails_job_keeping_checkpoint(tmp_p
     with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0") as n0, \
             node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2:
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 nodes online")
-        with TrainingClient(coord.address) as client, pytest.raises(AuthError, match="token"):
-            client.submit(_spec(4), upload_files(model, data))
-        with TrainingClient(coord.address, token=coord.token) as client:
-            job = client.submit(_spec(100_000), upload_files(model, data))
-        job_id = job["id"]
+        with CoordinatorClient(coord.address) as client, pytest.raises(AuthError, match="token"):
+            client.submit_job(_spec(4), upload_files(model, data))
+        with CoordinatorClient(coord.address, token=coord.token) as client:
+            job = client.submit_job(_spec(100_000), upload_files(model, data))
+        job_id = job.id
         detail = lambda: coord.get_json(f"/api/jobs/{job_id}")  # noqa: E731
         wait_until(lambda: (detail()["last_complete_checkpoint"] or 0) >= 2, 60, message="a complete checkpoint")
 

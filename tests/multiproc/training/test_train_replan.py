@@ -4,7 +4,7 @@ last complete checkpoint, then finishes (coordinator + 3 node processes, 2 of th
 import pytest
 
 from swarm.cli.train import upload_files
-from swarm.transport.training_client import TrainingClient
+from swarm.transport.coordinator_client import CoordinatorClient
 from tests.helpers.procs import coordinator_proc, node_proc, wait_until
 from tests.multiproc.training._common import write_inputs
 
@@ -19,8 +19,8 @@ def test_lost_node_is_replaced_and_the_job_resumes_from_its_checkpoint(tmp_path)
     with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0") as n0, \
             node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2:
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 nodes online")
-        with TrainingClient(coord.address, token=coord.token) as client:
-            job_id = client.submit(spec, upload_files(model, data))["id"]
+        with CoordinatorClient(coord.address, token=coord.token) as client:
+            job_id = client.submit_job(spec, upload_files(model, data)).id
         detail = lambda: coord.get_json(f"/api/jobs/{job_id}")  # noqa: E731
         wait_until(lambda: (detail()["last_complete_checkpoint"] or 0) >= 3, 60, message="a complete checkpoint")
         first = detail()

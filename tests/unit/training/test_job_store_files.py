@@ -11,8 +11,9 @@ from swarm.errors import CapacityError, InfeasiblePlanError, InvalidRequestError
 from swarm.hardware import HardwareInfo
 from swarm.membership import NodeInfo
 from swarm.model.config import ModelConfig
+from swarm.transport.transfer import FileHeader, FileReceiver
 
-from coordinator.jobs.files import FileReceiver, UploadLimits, prepare_job
+from coordinator.jobs.files import UploadLimits, prepare_job
 from coordinator.jobs.planning import plan_job
 from coordinator.jobs.service import normalize_spec
 from coordinator.jobs.store import JobStore
@@ -41,7 +42,7 @@ def test_state_machine_allows_only_forward_moves(tmp_path):
 def _receive(tmp_path, files, limits=UploadLimits()):
     r = FileReceiver(tmp_path / "up", roots=("data", "checkpoint"), limits=limits)
     for name, data, sha in files:
-        r.start_file(name, len(data), sha or hashlib.sha256(data).hexdigest())
+        r.start(FileHeader(name=name, size_bytes=len(data), sha256=sha or hashlib.sha256(data).hexdigest()))
         r.write(data)
     return r.finish()
 
