@@ -1,19 +1,14 @@
 """The coordinator as one object: state dir, clock, SQLite, registry, network, servers, plugins.
 
-Extension seams (plugins get the app and use these):
-
-- ``app.state_dir`` (Path), ``app.clock`` (swarm.clock.Clock), ``app.config``;
-- ``app.db`` (:class:`coordinator.store.Database`): ``app.db.connect()`` opens a new SQLite
-  connection to ``app.db.db_path``; create your own tables with ``CREATE TABLE IF NOT EXISTS``;
-- ``app.registry.snapshot()`` -> tuple of frozen :class:`swarm.membership.NodeInfo`
-  (id, name, state, hardware, peer_address, last_seen_at_s, metrics); ``app.registry.online()``;
-- ``app.network.matrix(node_ids)`` -> ``(delay_s, bandwidth_Bps, measured_at)`` ndarrays;
-  ``app.network.record(Link(...))`` for links observed from real transfers;
-- ``app.authenticate_node(context)`` -> node id of the calling node, or raises AuthError
-  (use inside a servicer method decorated with ``swarm.transport.errors.grpc_errors``);
-- ``app.grpc_port``, ``app.http_port``, ``app.join_token``.
-
-Plugins are listed in :mod:`coordinator.plugins`.
+Extension seams: plugins never get this object. Each plugin module listed in
+:mod:`coordinator.plugins` has a factory ``create(host)``; the app builds one
+:class:`coordinator.plugins.CoordinatorHost` (clock, state_dir, db, registry, network,
+authenticate_node, authenticate_user, services) and calls each factory once at ``start()``. The
+returned :class:`coordinator.plugins.CoordinatorPlugin` objects get ``install_grpc(server)`` and
+``install_http(web_app)`` before the servers start, ``start()`` once both serve, and ``stop()``
+(reverse order) before they stop. Plugins reach each other's services only through the typed
+registry ``host.services`` (:mod:`coordinator.services`: ``services.jobs``,
+``services.inference``), which tests reach as ``app.services``.
 """
 
 from __future__ import annotations
@@ -37,9 +32,11 @@ from swarm.transport.channels import CONTROL_MAX_MESSAGE_BYTES, bind, make_serve
 
 from coordinator import plugins as plugin_registry
 from coordinator.http import HttpServer, build_web_app
+from coordinator.plugins import CoordinatorHost, CoordinatorPlugin
 from coordinator.network import MeasurementPolicy, MeasurementScheduler, NetworkStore
 from coordinator.registry import NodeRegistry
 from coordinator.servicer import MAX_CLOCK_SKEW_S, CoordinatorServicer
+from coordinator.services import Services
 from coordinator.store import Database
 
 log = logging.getLogger(__name__)
@@ -117,13 +114,18 @@ class CoordinatorApp:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
-        self.plugins = plugin_registry.load_plugins(config.plugins)
+        self.services = Services()
+        self.host = CoordinatorHost(clock=self.clock, state_dir=self.state_dir, db=self.db, registry=self.registry,
+                                    network=self.network, authenticate_node=self.authenticate_node,
+                                    authenticate_user=self.authenticate_user, services=self.services)
+        self.plugin_modules = plugin_registry.load_plugins(config.plugins)
+        self.plugins: list[CoordinatorPlugin] = []
         self.grpc_server = make_server(max_message_bytes=CONTROL_MAX_MESSAGE_BYTES, max_workers=config.max_workers)
         self.web_app = build_web_app(self)
         self.http: HttpServer | None = None
         self.grpc_port = 0
         self.http_port = 0
-        self._started_plugins: list = []
+        self._started_plugins: list[CoordinatorPlugin] = []
 
     # -- sessions (who is calling) -------------------------------------------------------------
     def new_session(self, node_id: str) -> str:
@@ -171,11 +173,10 @@ class CoordinatorApp:
         """Start gRPC, HTTP, plugins and the liveness sweeper; returns (grpc_port, http_port)."""
         cfg = self.config
         pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self), self.grpc_server)
-        for mod in self.plugins:
-            if hasattr(mod, "install_grpc"):
-                mod.install_grpc(self.grpc_server, self)
-            if hasattr(mod, "install_http"):
-                mod.install_http(self.web_app, self)
+        self.plugins = plugin_registry.create_plugins(self.plugin_modules, self.host)
+        for plugin in self.plugins:
+            plugin.install_grpc(self.grpc_server)
+            plugin.install_http(self.web_app)
         self.grpc_port = bind(self.grpc_server, cfg.host, cfg.port)
         self.grpc_server.start()
         self.http = HttpServer(self.web_app, cfg.http_host or cfg.host, cfg.http_port)
@@ -186,12 +187,11 @@ class CoordinatorApp:
             raise ConfigError(f"cannot serve HTTP on port {cfg.http_port} ({exc}); pick another --http-port") from exc
         self._sweeper = threading.Thread(target=self._sweep_loop, name="liveness", daemon=True)
         self._sweeper.start()
-        for mod in self.plugins:
-            if hasattr(mod, "start"):
-                mod.start(self)
-            self._started_plugins.append(mod)
+        for plugin in self.plugins:
+            plugin.start()
+            self._started_plugins.append(plugin)
         log.info("coordinator serving grpc_port=%d http_port=%d state_dir=%s plugins=%s",
-                 self.grpc_port, self.http_port, self.state_dir, [m.__name__ for m in self.plugins])
+                 self.grpc_port, self.http_port, self.state_dir, [m.__name__ for m in self.plugin_modules])
         return self.grpc_port, self.http_port
 
     def _sweep_loop(self) -> None:
@@ -204,7 +204,7 @@ class CoordinatorApp:
 
     def stop(self, grace_s: float = 1.0) -> None:
         self._stop.set()
-        stop_plugins(self._started_plugins, self)
+        stop_plugins(self._started_plugins)
         if self.http is not None:
             self.http.stop()
         self.grpc_server.stop(grace_s).wait(grace_s + 5)

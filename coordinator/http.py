@@ -1,7 +1,7 @@
 """The coordinator's HTTP server (aiohttp, in its own thread and event loop).
 
 Routes of its own: ``GET /api/nodes`` and ``GET /api/network``. Plugins add routes through
-``install_http(web_app, app)`` before the server starts (aiohttp freezes the router then).
+their ``install_http(web_app)`` hook (see :mod:`coordinator.plugins`) before the server starts (aiohttp freezes the router then).
 Handlers run on this server's loop: keep them non-blocking, or use ``loop.run_in_executor``.
 """
 

@@ -6,20 +6,14 @@ worker thread and reported back); when a heartbeat says the session is unknown (
 restarted) register again; when the coordinator is unreachable, log it, back off and retry;
 on stop, leave cleanly.
 
-Extension seams (plugins get the agent):
-
-- ``agent.identity``, ``agent.node_id``, ``agent.device`` (torch device string),
-  ``agent.state_dir``, ``agent.coordinator_address``, ``agent.hardware``, ``agent.config``;
-- ``agent.peer_server`` (grpc.Server; plugins add servicers in ``install``), ``agent.peer_port``,
-  ``agent.peer_address`` (what other nodes dial);
-- ``agent.coordinator_channel``: a grpc.Channel to the coordinator, for plugin stubs;
-  ``agent.call_metadata()``: metadata tying a call to this node's registered identity (raises
-  UnavailableError while not registered); ``agent.wait_registered(timeout_s)``;
-- ``agent.update_metrics(**values)`` (or ``agent.metrics``, guarded by ``agent.metrics_lock``):
-  JSON-able values sent with every heartbeat and shown in /api/nodes;
-- ``agent.traffic`` (:class:`node.traffic.Traffic`): plugins add the bytes they exchange with
-  peers and observe large pushes; totals go out as the ``bytes_sent`` / ``bytes_received``
-  metrics and observations as ``HeartbeatRequest.transfers`` with every heartbeat.
+Extension seams: plugins never get this object. Each plugin module listed in
+:mod:`node.plugins` has a factory ``create(host)``; the agent builds one
+:class:`node.plugins.NodeHost` (node_id, device, state_dir, clock, coordinator_channel,
+call_metadata, wait_registered, update_metrics, traffic) and calls each factory once at
+``start()``. The returned :class:`node.plugins.NodePlugin` objects get ``install(server)`` (the
+peer gRPC server, before it starts), ``start()`` once it serves, and ``stop()`` (reverse order)
+before the node leaves. Heartbeats carry the plugins' ``update_metrics`` values and the
+``traffic`` totals (``bytes_sent`` / ``bytes_received``) and link observations.
 """
 
 from __future__ import annotations
@@ -47,6 +41,7 @@ from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, bind, make_server, 
 from swarm.transport.convert import metrics_to_json
 
 from node import plugins as plugin_registry
+from node.plugins import NodeHost, NodePlugin
 from node.coordinator_link import Backoff, CoordinatorLink
 from node.measure import measure_link
 from node.peer_service import PeerServicer
@@ -115,7 +110,8 @@ class NodeAgent:
         self.metrics_lock = threading.Lock()
         self.traffic = Traffic()
         self.status = "idle"
-        self.plugins = plugin_registry.load_plugins(config.plugins)
+        self.plugin_modules = plugin_registry.load_plugins(config.plugins)
+        self.plugins: list[NodePlugin] = []
         self.peer_server = make_server(max_message_bytes=DATA_MAX_MESSAGE_BYTES)
         self.peer_port = 0
         self.peer_address = ""
@@ -128,8 +124,12 @@ class NodeAgent:
         self._stop = threading.Event()
         self._tasks: queue.Queue = queue.Queue(maxsize=16)
         self._threads: list[threading.Thread] = []
-        self._started_plugins: list = []
+        self._started_plugins: list[NodePlugin] = []
         self.heartbeat_interval_s = config.heartbeat_interval_s or 2.0
+        self.host = NodeHost(node_id=self.node_id, device=self.device, state_dir=self.state_dir, clock=self.clock,
+                             coordinator_channel=self.coordinator_channel, call_metadata=self.call_metadata,
+                             wait_registered=self.wait_registered, update_metrics=self.update_metrics,
+                             traffic=self.traffic)
 
     # -- seams for plugins -------------------------------------------------------------------
     def update_metrics(self, **values: Any) -> None:
@@ -155,9 +155,9 @@ class NodeAgent:
     def start(self) -> int:
         """Start the peer server, plugins and the heartbeat loop; returns the peer port."""
         peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(self.node_id, traffic=self.traffic), self.peer_server)
-        for mod in self.plugins:
-            if hasattr(mod, "install"):
-                mod.install(self.peer_server, self)
+        self.plugins = plugin_registry.create_plugins(self.plugin_modules, self.host)
+        for plugin in self.plugins:
+            plugin.install(self.peer_server)
         self.peer_port = bind(self.peer_server, self.config.host, self.config.port)
         self.peer_server.start()
         host = self.config.advertise_host
@@ -168,10 +168,9 @@ class NodeAgent:
             else:
                 host = bind_host
         self.peer_address = f"{host}:{self.peer_port}"
-        for mod in self.plugins:
-            if hasattr(mod, "start"):
-                mod.start(self)
-            self._started_plugins.append(mod)
+        for plugin in self.plugins:
+            plugin.start()
+            self._started_plugins.append(plugin)
         for target, name in ((self._run, "heartbeat"), (self._measure_worker, "measure")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -182,7 +181,7 @@ class NodeAgent:
 
     def stop(self, *, leave: bool = True) -> None:
         self._stop.set()
-        stop_plugins(self._started_plugins, self)
+        stop_plugins(self._started_plugins)
         for t in self._threads:
             t.join(timeout=15)
         with self._session_lock:

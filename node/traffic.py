@@ -1,6 +1,6 @@
 """Per-node peer traffic accounting and transfer observations (one object per NodeAgent).
 
-``agent.traffic`` counts the bytes this node exchanges with peers (pipeline tensors,
+``agent.traffic`` (``host.traffic`` for plugins, see :mod:`node.plugins`) counts the bytes this node exchanges with peers (pipeline tensors,
 inference hidden states, bandwidth probes and shards served to or fetched from peers):
 ``add_sent(n)`` / ``add_received(n)`` from any thread; ``totals()`` gives running
 ``bytes_sent`` / ``bytes_received`` since the node process started, reported with every

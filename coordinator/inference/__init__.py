@@ -1,7 +1,8 @@
 """Coordinator plugin: serve models over the swarm (gRPC gateway + OpenAI-compatible HTTP API).
 
 Models served before a coordinator restart are re-placed once nodes are back: a background
-thread per model retries placement until it succeeds or ``RESTORE_WAIT_S`` passes.
+thread per model retries placement until it succeeds or ``RESTORE_WAIT_S`` passes. Provides
+``host.services.inference`` (the :class:`~coordinator.inference.engine.InferenceEngine`).
 """
 
 from __future__ import annotations
@@ -16,78 +17,74 @@ from coordinator.inference.engine import InferenceEngine
 from coordinator.inference.openai_api import OpenAIApi
 from coordinator.inference.servicer import InferenceGatewayServicer
 from coordinator.inference.store import ModelStore
+from coordinator.plugins import CoordinatorHost, CoordinatorPlugin
 
 log = logging.getLogger(__name__)
 
 RESTORE_WAIT_S = 300.0
 RESTORE_SETTLE_S = 3.0  # node count unchanged this long before placing without an exact --stages
 
-_state: dict[int, dict] = {}
+class InferencePlugin(CoordinatorPlugin):
+    """Owns the model store, the engine and the restore threads of one coordinator."""
 
+    def __init__(self, host: CoordinatorHost) -> None:
+        self.host = host
+        self.store = ModelStore(host.db, host.state_dir)
+        self.engine = InferenceEngine(host, self.store)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        host.services.provide_inference(self.engine)
 
-def _get(app) -> dict:
-    st = _state.get(id(app))
-    if st is None:
-        store = ModelStore(app.db, app.state_dir)
-        st = {"store": store, "engine": InferenceEngine(app, store), "stop": threading.Event(), "threads": []}
-        _state[id(app)] = st
-        app.inference = st["engine"]
-    return st
+    def install_grpc(self, server) -> None:
+        pb_grpc.add_InferenceGatewayServicer_to_server(InferenceGatewayServicer(self.host, self.engine, self.store),
+                                                       server)
 
+    def install_http(self, web_app) -> None:
+        OpenAIApi(self.engine).install(web_app)
 
-def install_grpc(server, app) -> None:
-    st = _get(app)
-    pb_grpc.add_InferenceGatewayServicer_to_server(InferenceGatewayServicer(app, st["engine"], st["store"]), server)
+    def _restore(self, rec) -> None:
+        """Re-place a model served before the restart once enough nodes have re-registered."""
+        clock, store, engine, stop = self.host.clock, self.store, self.engine, self._stop
+        p = rec.params
+        need = (p.num_stages or 1) * (p.num_replicas or 1)
+        deadline = clock.monotonic() + RESTORE_WAIT_S
+        last_count, since = -1, clock.monotonic()
+        error = ""
+        while not stop.wait(1.0) and clock.monotonic() < deadline:
+            count = len(self.host.registry.online())
+            now = clock.monotonic()
+            if count != last_count:
+                last_count, since = count, now
+            if count < need or (p.num_stages is None and now - since < RESTORE_SETTLE_S):
+                continue
+            try:
+                engine.serve(rec)
+                log.info("restored model=%s after the coordinator restart", rec.name)
+                return
+            except SwarmError as exc:
+                error = str(exc)
+                store.set_state(rec.name, "restoring", error)
+                stop.wait(2.0)
+        if not stop.is_set():
+            store.set_state(rec.name, "failed", f"not restored after the coordinator restart: {error or 'no nodes'}; "
+                                                "run `swarm serve` again")
 
+    def start(self) -> None:
+        for rec in self.store.all():
+            if rec.state == "failed" or not rec.dir.is_dir():
+                continue
+            self.store.set_state(rec.name, "restoring", "waiting for nodes after a coordinator restart")
+            t = threading.Thread(target=self._restore, args=(rec,), name=f"restore-{rec.name}", daemon=True)
+            t.start()
+            self._threads.append(t)
 
-def install_http(web_app, app) -> None:
-    OpenAIApi(_get(app)["engine"]).install(web_app)
-
-
-def _restore(app, st: dict, rec) -> None:
-    """Re-place a model served before the restart once enough nodes have re-registered."""
-    store, engine, stop = st["store"], st["engine"], st["stop"]
-    p = rec.params
-    need = (p.num_stages or 1) * (p.num_replicas or 1)
-    deadline = app.clock.monotonic() + RESTORE_WAIT_S
-    last_count, since = -1, app.clock.monotonic()
-    error = ""
-    while not stop.wait(1.0) and app.clock.monotonic() < deadline:
-        count = len(app.registry.online())
-        now = app.clock.monotonic()
-        if count != last_count:
-            last_count, since = count, now
-        if count < need or (p.num_stages is None and now - since < RESTORE_SETTLE_S):
-            continue
-        try:
-            engine.serve(rec)
-            log.info("restored model=%s after the coordinator restart", rec.name)
-            return
-        except SwarmError as exc:
-            error = str(exc)
-            store.set_state(rec.name, "restoring", error)
-            stop.wait(2.0)
-    if not stop.is_set():
-        store.set_state(rec.name, "failed", f"not restored after the coordinator restart: {error or 'no nodes'}; "
-                                            "run `swarm serve` again")
-
-
-def start(app) -> None:
-    st = _get(app)
-    for rec in st["store"].all():
-        if rec.state == "failed" or not rec.dir.is_dir():
-            continue
-        st["store"].set_state(rec.name, "restoring", "waiting for nodes after a coordinator restart")
-        t = threading.Thread(target=_restore, args=(app, st, rec), name=f"restore-{rec.name}", daemon=True)
-        t.start()
-        st["threads"].append(t)
-
-
-def stop(app) -> None:
-    st = _state.pop(id(app), None)
-    if st is not None:
-        st["stop"].set()
-        for t in st["threads"]:
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
             t.join(timeout=5)
-        st["engine"].close()
-        st["store"].close()
+        self.engine.close()
+        self.store.close()
+
+
+def create(host: CoordinatorHost) -> InferencePlugin:
+    return InferencePlugin(host)

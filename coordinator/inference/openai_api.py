@@ -14,6 +14,9 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -88,6 +91,37 @@ def parse_sampling(body: dict) -> SamplingParams:
     )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Generation:
+    """One submitted request: the engine's session, the queue its token events arrive on, and
+    what every response to it repeats (id, creation time, model, prompt size)."""
+
+    session: Any
+    events: asyncio.Queue
+    rid: str
+    created: int
+    model: str
+    num_prompt_tokens: int
+
+    async def next_event(self) -> TokenEvent:
+        """The next token event; raises what the engine reported, or UnavailableError when stuck."""
+        try:
+            ev = await asyncio.wait_for(self.events.get(), timeout=EVENT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise UnavailableError("no token for a long time; the swarm is stuck, retry later") from None
+        if isinstance(ev, Exception):
+            raise ev
+        return ev
+
+    def usage(self, n: int) -> dict:
+        return {"prompt_tokens": self.num_prompt_tokens, "completion_tokens": n,
+                "total_tokens": self.num_prompt_tokens + n}
+
+
+def _finish_reason(ev: TokenEvent) -> str:
+    return "length" if ev.finish_reason == "length" else "stop"
+
+
 class OpenAIApi:
     def __init__(self, engine) -> None:
         self.engine = engine
@@ -137,7 +171,10 @@ class OpenAIApi:
             params = parse_sampling(body)
         except Exception as exc:  # noqa: BLE001 -- every failure becomes an OpenAI error body
             return _error_for(exc)
-        return await self._run(request, body, ids, params, chat=False)
+        gen = self._submit(body, ids, params, chat=False)
+        if isinstance(gen, web.Response):
+            return gen
+        return await (self._stream_text(request, gen) if body.get("stream") else self._complete_text(gen))
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -147,9 +184,14 @@ class OpenAIApi:
             params = parse_sampling(body)
         except Exception as exc:  # noqa: BLE001
             return _error_for(exc)
-        return await self._run(request, body, ids, params, chat=True)
+        gen = self._submit(body, ids, params, chat=True)
+        if isinstance(gen, web.Response):
+            return gen
+        return await (self._stream_chat(request, gen) if body.get("stream") else self._complete_chat(gen))
 
-    async def _run(self, request, body, ids, params, *, chat: bool) -> web.StreamResponse:
+    # -- one submitted request, then one function per response mode ---------------------------
+    def _submit(self, body: dict, ids: list[int], params: SamplingParams, *, chat: bool) -> _Generation | web.Response:
+        """Submit the request to the engine; an OpenAI error response when it refuses."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         try:
@@ -157,79 +199,92 @@ class OpenAIApi:
                                          sink=lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
         except Exception as exc:  # noqa: BLE001
             return _error_for(exc)
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        model = body["model"]
-        obj = "chat.completion" if chat else "text_completion"
+        return _Generation(session=session, events=q, rid=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+                           created=int(time.time()), model=body["model"], num_prompt_tokens=len(ids))
 
-        async def next_event():
-            try:
-                ev = await asyncio.wait_for(q.get(), timeout=EVENT_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                raise UnavailableError("no token for a long time; the swarm is stuck, retry later") from None
-            if isinstance(ev, Exception):
-                raise ev
-            return ev
+    async def _collect(self, gen: _Generation) -> tuple[str, int, TokenEvent] | web.Response:
+        """All of a non-streaming answer: (text, number of tokens, last event), or an error response."""
+        text, n = [], 0
+        try:
+            while True:
+                ev = await gen.next_event()
+                text.append(ev.text)
+                n += len(ev.token_ids)
+                if ev.finish_reason:
+                    break
+        except asyncio.CancelledError:
+            self.engine.cancel(gen.session)
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self.engine.cancel(gen.session)
+            return _error_for(exc)
+        return "".join(text), n, ev
 
-        def usage(n: int) -> dict:
-            return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+    def _completion_response(self, gen: _Generation, obj: str, choice: dict, n: int) -> web.Response:
+        return web.json_response({"id": gen.rid, "object": obj, "created": gen.created, "model": gen.model,
+                                  "choices": [choice], "usage": gen.usage(n)})
 
-        def reason(ev: TokenEvent) -> str:
-            return "length" if ev.finish_reason == "length" else "stop"
+    async def _complete_text(self, gen: _Generation) -> web.Response:
+        """``/v1/completions`` without ``stream``: one ``text_completion`` object."""
+        done = await self._collect(gen)
+        if isinstance(done, web.Response):
+            return done
+        text, n, last = done
+        choice = {"index": 0, "finish_reason": _finish_reason(last), "logprobs": None, "text": text}
+        return self._completion_response(gen, "text_completion", choice, n)
 
-        if not body.get("stream"):
-            text, n = [], 0
-            try:
-                while True:
-                    ev = await next_event()
-                    text.append(ev.text)
-                    n += len(ev.token_ids)
-                    if ev.finish_reason:
-                        break
-            except asyncio.CancelledError:
-                self.engine.cancel(session)
-                raise
-            except Exception as exc:  # noqa: BLE001
-                self.engine.cancel(session)
-                return _error_for(exc)
-            choice = {"index": 0, "finish_reason": reason(ev), "logprobs": None}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": "".join(text)}
-            else:
-                choice["text"] = "".join(text)
-            return web.json_response({"id": rid, "object": obj, "created": created, "model": model,
-                                      "choices": [choice], "usage": usage(n)})
+    async def _complete_chat(self, gen: _Generation) -> web.Response:
+        """``/v1/chat/completions`` without ``stream``: one ``chat.completion`` object."""
+        done = await self._collect(gen)
+        if isinstance(done, web.Response):
+            return done
+        text, n, last = done
+        choice = {"index": 0, "finish_reason": _finish_reason(last), "logprobs": None,
+                  "message": {"role": "assistant", "content": text}}
+        return self._completion_response(gen, "chat.completion", choice, n)
 
+    async def _stream(self, request: web.Request, gen: _Generation, *, chunk_obj: str, first: dict | None,
+                      choice_of: Callable[[TokenEvent, str | None], dict]) -> web.StreamResponse:
+        """Server-sent events: ``first`` (if any), one chunk per token event, ``data: [DONE]``. An
+        error after the stream started is sent as an ``error`` event before ``[DONE]``."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
-        async def send(choice: dict, **extra) -> None:
-            payload = {"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": [choice], **extra}
+        async def send(choice: dict) -> None:
+            payload = {"id": gen.rid, "object": chunk_obj, "created": gen.created, "model": gen.model,
+                       "choices": [choice]}
             await resp.write(f"data: {json.dumps(payload)}\n\n".encode())
 
-        n = 0
         try:
-            if chat:
-                await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            if first is not None:
+                await send(first)
             while True:
                 try:
-                    ev = await next_event()
+                    ev = await gen.next_event()
                 except SwarmError as exc:
                     await resp.write(f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n".encode())
                     break
-                n += len(ev.token_ids)
-                fin = reason(ev) if ev.finish_reason else None
-                if chat:
-                    delta = {"content": ev.text} if ev.text else {}
-                    await send({"index": 0, "delta": delta, "finish_reason": fin, "logprobs": None})
-                else:
-                    await send({"index": 0, "text": ev.text, "finish_reason": fin, "logprobs": None})
+                fin = _finish_reason(ev) if ev.finish_reason else None
+                await send(choice_of(ev, fin))
                 if fin:
                     break
             await resp.write(b"data: [DONE]\n\n")
         except (asyncio.CancelledError, ConnectionResetError):
-            self.engine.cancel(session)
+            self.engine.cancel(gen.session)
             raise
         await resp.write_eof()
         return resp
+
+    async def _stream_text(self, request: web.Request, gen: _Generation) -> web.StreamResponse:
+        """``/v1/completions`` with ``stream``: ``text_completion`` chunks."""
+        return await self._stream(request, gen, chunk_obj="text_completion", first=None,
+                                  choice_of=lambda ev, fin: {"index": 0, "text": ev.text, "finish_reason": fin,
+                                                             "logprobs": None})
+
+    async def _stream_chat(self, request: web.Request, gen: _Generation) -> web.StreamResponse:
+        """``/v1/chat/completions`` with ``stream``: a role chunk, then ``chat.completion.chunk`` deltas."""
+        return await self._stream(
+            request, gen, chunk_obj="chat.completion.chunk",
+            first={"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+            choice_of=lambda ev, fin: {"index": 0, "delta": {"content": ev.text} if ev.text else {},
+                                       "finish_reason": fin, "logprobs": None})

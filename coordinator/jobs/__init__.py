@@ -3,7 +3,8 @@
 Adds the ``Training`` gRPC service (submit/follow jobs; node assignments, data, weights,
 progress, checkpoints, rendezvous), ``GET /api/jobs`` and ``GET /api/jobs/{id}``, and the job
 loop (plan pending jobs, fail jobs whose nodes are lost, assemble results). State lives in the
-coordinator's SQLite file and under ``state_dir/jobs/``.
+coordinator's SQLite file and under ``state_dir/jobs/``. Provides ``host.services.jobs`` (the
+:class:`~coordinator.jobs.service.JobService`) to other plugins.
 """
 
 from __future__ import annotations
@@ -14,31 +15,29 @@ from coordinator.jobs import http as jobs_http
 from coordinator.jobs.service import JobService
 from coordinator.jobs.servicer import TrainingServicer
 from coordinator.jobs.store import JobStore
+from coordinator.plugins import CoordinatorHost, CoordinatorPlugin
 
 
-def _service(app) -> JobService:
-    svc = getattr(app, "jobs", None)
-    if svc is None:
-        svc = JobService(store=JobStore(app.db, app.clock), state_dir=app.state_dir, registry=app.registry,
-                         network=app.network, clock=app.clock)
-        app.jobs = svc
-    return svc
+class JobsPlugin(CoordinatorPlugin):
+    def __init__(self, host: CoordinatorHost) -> None:
+        self.host = host
+        self.service = JobService(store=JobStore(host.db, host.clock), state_dir=host.state_dir,
+                                  registry=host.registry, network=host.network, clock=host.clock)
+        host.services.provide_jobs(self.service)
+
+    def install_grpc(self, server) -> None:
+        pb_grpc.add_TrainingServicer_to_server(TrainingServicer(self.host, self.service), server)
+
+    def install_http(self, web_app) -> None:
+        jobs_http.install(web_app, self.service)
+
+    def start(self) -> None:
+        self.service.start()
+
+    def stop(self) -> None:
+        self.service.stop()
+        self.service.store.close()
 
 
-def install_grpc(server, app) -> None:
-    pb_grpc.add_TrainingServicer_to_server(TrainingServicer(app, _service(app)), server)
-
-
-def install_http(web_app, app) -> None:
-    jobs_http.install(web_app, _service(app))
-
-
-def start(app) -> None:
-    _service(app).start()
-
-
-def stop(app) -> None:
-    svc = getattr(app, "jobs", None)
-    if svc is not None:
-        svc.stop()
-        svc.store.close()
+def create(host: CoordinatorHost) -> JobsPlugin:
+    return JobsPlugin(host)

@@ -1,6 +1,7 @@
 """HTTP JSON API of training jobs: ``GET /api/jobs`` and ``GET /api/jobs/{id}``.
 
-``/api/jobs`` lists jobs (newest first) with their summary; ``/api/jobs/{id}`` adds the plan,
+Both answer :class:`swarm.job_detail.JobDetail` records: ``/api/jobs`` lists jobs (newest first)
+with their summary (``JobDetail.summary_json``); ``/api/jobs/{id}`` adds the plan,
 assignments, per-step progress history (loss, tokens/s, bytes sent and saved by compression,
 time split) and checkpoints. Handlers run the SQLite reads in the default executor.
 """
@@ -16,8 +17,6 @@ from aiohttp import web
 from swarm.errors import NotFoundError
 
 _JOB_ID = re.compile(r"^[0-9a-f]{1,64}$")
-_SUMMARY_KEYS = ("id", "state", "reason", "total_steps", "step", "loss", "tokens_per_s", "bytes_sent", "bytes_saved",
-                 "eta_s", "created_at", "started_at", "finished_at", "result_ready", "model", "attempt")
 
 
 def _dumps(obj) -> str:
@@ -37,15 +36,7 @@ def _dumps(obj) -> str:
 def install(web_app: web.Application, service) -> None:
     async def list_jobs(request: web.Request) -> web.Response:
         def work():
-            out = []
-            for job in service.store.list(limit=200):
-                d = service.detail(job)
-                summary = {k: d[k] for k in _SUMMARY_KEYS}
-                summary["spec"] = {k: d["spec"][k] for k in ("name", "compression", "batch_size", "seq_len", "lr")}
-                summary["d_pp"] = (d["plan"] or {}).get("d_pp")
-                summary["d_dp"] = (d["plan"] or {}).get("d_dp")
-                out.append(summary)
-            return out
+            return [detail.summary_json() for detail in service.job_details(limit=200)]
 
         jobs = await asyncio.get_running_loop().run_in_executor(None, work)
         return web.Response(text=_dumps({"jobs": jobs}), content_type="application/json")

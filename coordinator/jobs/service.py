@@ -19,6 +19,7 @@ from typing import Any
 
 from swarm.clock import Clock
 from swarm.errors import InfeasiblePlanError, InvalidRequestError, NotFoundError, PermissionDeniedError, SwarmError
+from swarm.job_detail import JobDetail
 from swarm.model.config import ModelConfig
 from swarm.pipeline.data import BatchOrder
 from swarm.transport.transfer import receive_files
@@ -312,6 +313,14 @@ class JobService:
 
     def detail(self, job: Job) -> dict[str, Any]:
         """The JSON of GET /api/jobs/{id}: record, plan, assignments, progress history, totals."""
+        return self.detail_record(job).to_json()
+
+    def job_details(self, *, states: tuple[str, ...] | None = None, limit: int = 200) -> list[JobDetail]:
+        """The newest ``limit`` jobs (only those in ``states`` if given) as records, newest first."""
+        return [self.detail_record(job) for job in self.store.list(limit=limit, states=states)]
+
+    def detail_record(self, job: Job) -> JobDetail:
+        """The job as the typed record its JSON is made from (:class:`swarm.job_detail.JobDetail`)."""
         reporters = len(job.assignments)
         history = self.store.history(job.id, num_reporters=reporters) if reporters else []
         last = history[-1] if history else None
@@ -321,7 +330,7 @@ class JobService:
         if last and job.state == "running" and last["step_s"]:
             recent = history[-5:]
             eta = (job.total_steps - last["step"] - 1) * sum(h["step_s"] for h in recent) / len(recent)
-        return {
+        return JobDetail.from_json({
             "id": job.id, "state": job.state, "reason": job.reason, "spec": job.spec,
             "model": {"family": cfg.get("model_type"), "num_layers": cfg.get("n_layer", cfg.get("num_hidden_layers")),
                       "hidden_size": cfg.get("n_embd", cfg.get("hidden_size")),
@@ -346,7 +355,7 @@ class JobService:
             "checkpoints": [{k: c[k] for k in ("step", "stage", "replica", "final")} for c in self.store.checkpoints(job.id)],
             "result_ready": job.result_ready,
             "last_complete_checkpoint": self.last_complete_checkpoint(job),
-        }
+        })
 
     def result_files(self, job_id: str) -> list[Path]:
         job = self.store.get(job_id)

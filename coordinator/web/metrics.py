@@ -1,7 +1,8 @@
 """Prometheus text exposition (format 0.0.4) of the swarm's state.
 
-Pure: :func:`render_metrics` takes the same JSON-shaped records the HTTP API serves (node,
-job and plan dicts) and returns the text. Written by hand instead of with prometheus_client's
+Pure: :func:`render_metrics` takes the same JSON-shaped records the HTTP API serves (node
+dicts of :func:`swarm.membership.node_json`, job dicts of :class:`swarm.job_detail.JobDetail`,
+plan dicts) and returns the text; it reads only keys those records define. Written by hand instead of with prometheus_client's
 registry because every scrape is a fresh snapshot of the coordinator's state (no process-wide
 counters to keep), and the format is small: ``# HELP`` / ``# TYPE`` lines, then one sample per
 line with escaped label values.
@@ -29,6 +30,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from swarm.job_detail import JOB_DETAIL_KEYS
+
 from coordinator.web.sources import worker_traffic
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -37,19 +40,22 @@ NODE_STATES = ("online", "lost", "left")
 JOB_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 
 
-def pick(record: Mapping[str, Any] | None, *keys: str) -> Any:
-    """The first present, non-None value among ``keys`` in ``record`` or its ``metrics``/``status``
-    sub-dicts (nodes report metrics in heartbeats, which the API may nest)."""
+def pick(record: Mapping[str, Any] | None, key: str) -> Any:
+    """``record[key]`` of a node record (:func:`swarm.membership.node_json`), else the same key of
+    its ``metrics`` (the values the node sent with its last heartbeat); None when neither has a
+    non-None value."""
     if not isinstance(record, Mapping):
         return None
-    for sub in (record, record.get("metrics"), record.get("status"), record.get("hardware")):
-        if not isinstance(sub, Mapping):
-            continue
-        for key in keys:
-            value = sub.get(key)
-            if value is not None:
-                return value
+    for sub in (record, record.get("metrics")):
+        if isinstance(sub, Mapping) and sub.get(key) is not None:
+            return sub[key]
     return None
+
+
+def job_value(job: Mapping[str, Any], key: str) -> Any:
+    """``job[key]`` of a job detail record; ``key`` must be a :class:`~swarm.job_detail.JobDetail` field."""
+    assert key in JOB_DETAIL_KEYS, f"{key!r} is not a JobDetail key"
+    return job.get(key)
 
 
 def as_number(value: Any) -> float | None:
@@ -120,22 +126,20 @@ def _node_families(nodes: Sequence[Mapping[str, Any]]) -> list[MetricFamily]:
     )
     counts = dict.fromkeys(NODE_STATES, 0)
     for node in nodes:
-        node_id = str(pick(node, "id", "node_id") or "")
+        node_id = str(pick(node, "id") or "")
         if not node_id:
             continue
         state = str(pick(node, "state") or "unknown")
         counts[state] = counts.get(state, 0) + 1
         device = pick(node, "device")
-        if isinstance(device, Mapping):
-            device = " ".join(str(device[k]) for k in ("kind", "name") if device.get(k))
         info.add(1, node=node_id, name=pick(node, "name") or "", device=device or "",
                  device_name=pick(node, "device_name") or "", state=state)
         up.add(1 if state == "online" else 0, node=node_id)
-        age.add(as_number(pick(node, "last_seen_age_s", "heartbeat_age_s", "last_seen_s")), node=node_id)
+        age.add(as_number(pick(node, "last_seen_s")), node=node_id)
         tflops.add(as_number(pick(node, "tflops")), node=node_id)
         memory.add(as_number(pick(node, "memory_bytes")), node=node_id)
-        sent.add(as_number(pick(node, "bytes_sent", "sent_bytes", "tx_bytes")), node=node_id)
-        received.add(as_number(pick(node, "bytes_received", "received_bytes", "rx_bytes")), node=node_id)
+        sent.add(as_number(pick(node, "bytes_sent")), node=node_id)
+        received.add(as_number(pick(node, "bytes_received")), node=node_id)
     for state, count in counts.items():
         by_state.add(count, state=state)
     return [by_state, info, up, age, tflops, memory, sent, received]
@@ -158,29 +162,31 @@ def _job_families(jobs: Sequence[Mapping[str, Any]]) -> list[MetricFamily]:
     )
     counts = dict.fromkeys(JOB_STATES, 0)
     for job in jobs:
-        job_id = str(pick(job, "id", "job_id") or "")
+        if not isinstance(job, Mapping):
+            continue
+        job_id = str(job_value(job, "id") or "")
         if not job_id:
             continue
-        state = str(pick(job, "state") or "unknown")
+        state = str(job_value(job, "state") or "unknown")
         counts[state] = counts.get(state, 0) + 1
-        step_now = as_number(pick(job, "step", "current_step"))
-        total = as_number(pick(job, "total_steps", "num_steps", "max_steps"))
-        ratio = as_number(pick(job, "progress"))
-        if ratio is None and step_now is not None and total:
+        step_now = as_number(job_value(job, "step"))
+        total = as_number(job_value(job, "total_steps"))
+        ratio = None
+        if step_now is not None and total:
             ratio = (step_now + 1) / total  # steps are numbered from 0: step k means k + 1 done
         if ratio is None and state == "succeeded":
             ratio = 1.0
         progress.add(None if ratio is None else min(1.0, max(0.0, ratio)), job=job_id)
         step.add(step_now, job=job_id)
-        seconds = as_number(pick(job, "step_time_s", "last_step_time_s"))
-        history = job.get("progress")
-        if seconds is None and isinstance(history, list) and history and isinstance(history[-1], Mapping):
-            seconds = as_number(history[-1].get("step_s"))  # the jobs plugin's per-step history
+        seconds = None
+        history = job_value(job, "progress")  # per-step history, oldest first
+        if isinstance(history, list) and history and isinstance(history[-1], Mapping):
+            seconds = as_number(history[-1].get("step_s"))
         step_time.add(seconds, job=job_id)
-        tps.add(as_number(pick(job, "tokens_per_s", "tokens_per_second")), job=job_id)
-        loss.add(as_number(pick(job, "loss", "last_loss")), job=job_id)
-        sent.add(as_number(pick(job, "bytes_sent", "sent_bytes", "wire_bytes")), job=job_id)
-        saved.add(as_number(pick(job, "bytes_saved", "compression_bytes_saved", "saved_bytes")), job=job_id)
+        tps.add(as_number(job_value(job, "tokens_per_s")), job=job_id)
+        loss.add(as_number(job_value(job, "loss")), job=job_id)
+        sent.add(as_number(job_value(job, "bytes_sent")), job=job_id)
+        saved.add(as_number(job_value(job, "bytes_saved")), job=job_id)
         for w in worker_traffic(job):
             worker_sent.add(as_number(w["bytes_sent"]), job=job_id, node=w["node_id"], stage=w["stage"],
                             replica=w["replica"])

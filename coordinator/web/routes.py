@@ -16,6 +16,7 @@ from aiohttp import web
 
 from swarm.membership import node_json
 
+from coordinator.plugins import CoordinatorHost
 from coordinator.web import sources
 from coordinator.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coordinator.web.metrics import render_metrics
@@ -38,7 +39,7 @@ COMMON_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-re
 class WebState:
     """What the plugin keeps per coordinator: the static files (read once) and the plan cache."""
 
-    app: Any
+    app: CoordinatorHost
     files: dict[str, tuple[bytes, str]]
     preview: PlanPreview
 
@@ -82,7 +83,7 @@ async def static_file(request: web.Request) -> web.Response:
                         charset="utf-8" if "charset" in ctype else None)
 
 
-def _online_nodes(app: Any) -> list[OnlineNode]:
+def _online_nodes(app: CoordinatorHost) -> list[OnlineNode]:
     out = []
     for n in app.registry.snapshot():
         if n.state != "online":
@@ -92,7 +93,7 @@ def _online_nodes(app: Any) -> list[OnlineNode]:
     return out
 
 
-def _matrices(app: Any):
+def _matrices(app: CoordinatorHost):
     def get(ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
         delay, bandwidth, _measured = app.network.matrix(ids)
         return delay, bandwidth
@@ -159,7 +160,7 @@ def _dumps(obj: Any) -> str:
     return json.dumps(_clean(obj), allow_nan=False, default=str)
 
 
-def install_http(web_app: web.Application, app: Any, *, preview_config: PreviewConfig | None = None) -> None:
+def install_http(web_app: web.Application, app: CoordinatorHost, *, preview_config: PreviewConfig | None = None) -> None:
     """Add the page, its static files, ``/api/plan`` and ``/metrics`` to the coordinator's HTTP app."""
     web_app[STATE_KEY] = WebState(app=app, files=load_static_files(), preview=PlanPreview(app.clock, preview_config))
     web_app.router.add_get("/", page)

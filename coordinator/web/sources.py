@@ -1,10 +1,10 @@
-"""Where the status page reads jobs from: the jobs plugin (``app.jobs``, a
-:class:`coordinator.jobs.service.JobService`), when it is installed.
+"""Where the status page reads jobs from: the jobs plugin's service, ``host.services.jobs``
+(:class:`coordinator.services.JobsService`), when that plugin is installed.
 
 The page itself fetches the jobs plugin's ``/api/jobs`` routes; this module gives ``/metrics``
-and ``/api/plan`` the same records in-process (``JobService.detail``, the JSON of
-``/api/jobs/{id}``). These calls read SQLite: run them in a worker thread. Without the plugin
-both answer "no jobs", which the page and the metrics handle.
+and ``/api/plan`` the same records in-process (:class:`swarm.job_detail.JobDetail`, in the JSON
+form of ``/api/jobs/{id}``). These calls read SQLite: run them in a worker thread. Without the
+plugin both answer "no jobs", which the page and the metrics handle.
 """
 
 from __future__ import annotations
@@ -13,19 +13,20 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from coordinator.plugins import CoordinatorHost
+
 log = logging.getLogger(__name__)
 
 MAX_JOBS = 200  # newest first; /api/jobs lists as many
 
 
-def jobs_json(app: Any, *, states: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-    """Job details (newest first); [] without the jobs plugin or when it fails."""
-    service = getattr(app, "jobs", None)
-    store = getattr(service, "store", None)
-    if service is None or store is None or not callable(getattr(service, "detail", None)):
+def jobs_json(host: CoordinatorHost, *, states: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Job details (newest first, ``JobDetail.to_json`` form); [] without the jobs plugin or when it fails."""
+    service = host.services.jobs
+    if service is None:
         return []
     try:
-        return [dict(service.detail(job)) for job in store.list(limit=MAX_JOBS, states=states)]
+        return [detail.to_json() for detail in service.job_details(limit=MAX_JOBS, states=states)]
     except Exception:  # noqa: BLE001 -- the status page must outlive a broken plugin
         log.exception("reading jobs from the jobs plugin failed")
         return []
@@ -72,9 +73,9 @@ def worker_traffic(job: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def running_job(app: Any) -> dict[str, Any] | None:
+def running_job(host: CoordinatorHost) -> dict[str, Any] | None:
     """The detail JSON of the newest running job that has a plan, else None."""
-    for job in jobs_json(app, states=("running",)):
+    for job in jobs_json(host, states=("running",)):
         plan = job.get("plan")
         if job.get("state") == "running" and isinstance(plan, Mapping) and plan.get("stages"):
             return job

@@ -12,63 +12,66 @@ from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.errors import error_from_rpc
 
 from node.inference.servicer import InferenceStageServicer
+from node.plugins import NodeHost, NodePlugin
 
 log = logging.getLogger(__name__)
 
 _EXPIRE_INTERVAL_S = 5.0
-_state: dict[int, tuple[InferenceStageServicer, threading.Event, list]] = {}
 
 
-def install(server, agent) -> None:
-    def open_coordinator_shard(req):
-        stub = pb_grpc.InferenceGatewayStub(agent.coordinator_channel)
-        return stub.FetchShard(req, metadata=agent.call_metadata(), timeout=600)
+class InferencePlugin(NodePlugin):
+    """The stage servicer of one node and the thread that expires its idle sessions."""
 
-    def confirm(assignment) -> str | None:
+    def __init__(self, host: NodeHost) -> None:
+        self.host = host
+        self.servicer = InferenceStageServicer(
+            node_id=host.node_id,
+            device=host.device,
+            state_dir=host.state_dir,
+            open_coordinator_shard=self._open_coordinator_shard,
+            on_change=lambda m: host.update_metrics(**m),
+            confirm=self._confirm,
+            traffic=host.traffic,
+        )
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _open_coordinator_shard(self, req):
+        stub = pb_grpc.InferenceGatewayStub(self.host.coordinator_channel)
+        return stub.FetchShard(req, metadata=self.host.call_metadata(), timeout=600)
+
+    def _confirm(self, assignment) -> str | None:
         """The chain's step capability if the coordinator issued this assignment, else None."""
-        stub = pb_grpc.InferenceGatewayStub(agent.coordinator_channel)
+        stub = pb_grpc.InferenceGatewayStub(self.host.coordinator_channel)
         try:
             reply = stub.ConfirmAssignment(pb.ServeConfirmRequest(assignment=assignment),
-                                           metadata=agent.call_metadata(), timeout=10)
+                                           metadata=self.host.call_metadata(), timeout=10)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, "coordinator") from exc
         return reply.step_capability if reply.confirmed and reply.step_capability else None
 
-    servicer = InferenceStageServicer(
-        node_id=agent.node_id,
-        device=agent.device,
-        state_dir=agent.state_dir,
-        open_coordinator_shard=open_coordinator_shard,
-        on_change=lambda m: agent.update_metrics(**m),
-        confirm=confirm,
-        traffic=getattr(agent, "traffic", None),
-    )
-    pb_grpc.add_InferenceStageServicer_to_server(servicer, server)
-    _state[id(agent)] = (servicer, threading.Event(), [])
+    def install(self, server) -> None:
+        pb_grpc.add_InferenceStageServicer_to_server(self.servicer, server)
 
-
-def start(agent) -> None:
-    servicer, stop, threads = _state[id(agent)]
-
-    def expire_loop() -> None:
-        while not stop.wait(_EXPIRE_INTERVAL_S):
+    def _expire_loop(self) -> None:
+        while not self._stop.wait(_EXPIRE_INTERVAL_S):
             try:
-                if servicer.expire_sessions():
-                    servicer._changed()
+                if self.servicer.expire_sessions():
+                    self.servicer._changed()
             except Exception:  # noqa: BLE001 -- the loop must survive
                 log.exception("session expiry failed")
 
-    t = threading.Thread(target=expire_loop, name="inference-expire", daemon=True)
-    t.start()
-    threads.append(t)
+    def start(self) -> None:
+        t = threading.Thread(target=self._expire_loop, name="inference-expire", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        self.servicer.close_all()
 
 
-def stop(agent) -> None:
-    entry = _state.pop(id(agent), None)
-    if entry is None:
-        return
-    servicer, ev, threads = entry
-    ev.set()
-    for t in threads:
-        t.join(timeout=5)
-    servicer.close_all()
+def create(host: NodeHost) -> InferencePlugin:
+    return InferencePlugin(host)

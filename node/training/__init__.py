@@ -1,9 +1,10 @@
 """Node plugin "node.training": run the training stages the coordinator assigns to this node.
 
-``install`` adds the ``PipelinePeer`` service (tensors from neighbour stages) to the peer
-server; ``start`` runs a loop that polls the coordinator for assignments, starts a
-:class:`~node.training.worker.StageWorker` per new assignment and stops workers of jobs the
-coordinator ended; ``stop`` stops them all.
+``create(host)`` returns a :class:`TrainingPlugin`. ``install`` adds the ``PipelinePeer``
+service (tensors from neighbour stages) to the peer server; ``start`` runs a loop that polls the
+coordinator for assignments, asks :func:`node.training.reconcile.reconcile` what to do about
+them (start a :class:`~node.training.worker.StageWorker` per new assignment, stop workers of jobs
+the coordinator ended or re-planned, forget finished ones) and does it; ``stop`` stops them all.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ import threading
 from swarm.errors import SwarmError
 from swarm.proto.v1 import training_pb2_grpc as pb_grpc
 
+from node.plugins import NodeHost, NodePlugin
 from node.training.assignment import Assignment
 from node.training.client import TrainingClient
 from node.training.exchange import Endpoints, PipelinePeerServicer
+from node.training.reconcile import (
+    Action, ForgetWorker, PollView, StartWorker, StopWorker, WorkerKey, WorkerView, reconcile,
+)
 from node.training.worker import StageWorker
 
 log = logging.getLogger(__name__)
@@ -28,11 +33,11 @@ POLL_INTERVAL_S = 0.5
 EMULATE_LINK_ENV = "SWARM_EMULATE_LINK_MBIT"
 
 
-class TrainingPlugin:
-    def __init__(self, agent) -> None:
-        self.agent = agent
+class TrainingPlugin(NodePlugin):
+    def __init__(self, host: NodeHost) -> None:
+        self.host = host
         self.endpoints = Endpoints()
-        self.workers: dict[tuple[str, int], StageWorker] = {}
+        self.workers: dict[WorkerKey, StageWorker] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.client: TrainingClient | None = None
@@ -44,8 +49,12 @@ class TrainingPlugin:
         if self.emulate_link_bps:
             log.warning("emulating %.0f Mbit/s links to pipeline neighbours (benchmark setting)", self.emulate_link_bps / 1e6)
 
+    def install(self, server) -> None:
+        pb_grpc.add_PipelinePeerServicer_to_server(PipelinePeerServicer(self.endpoints, traffic=self.host.traffic),
+                                                   server)
+
     def start(self) -> None:
-        self.client = TrainingClient(self.agent)
+        self.client = TrainingClient(self.host)
         self._thread = threading.Thread(target=self._loop, name="training-poll", daemon=True)
         self._thread.start()
 
@@ -60,7 +69,7 @@ class TrainingPlugin:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if not self.agent.wait_registered(1.0):
+            if not self.host.wait_registered(1.0):
                 continue
             try:
                 self.poll_once()
@@ -71,52 +80,41 @@ class TrainingPlugin:
             self._stop.wait(POLL_INTERVAL_S)
 
     def poll_once(self) -> None:
+        """Poll the coordinator once and carry out what :func:`reconcile` decides."""
         reply = self.client.poll()
-        for job_id in reply.cancelled_job_ids:
-            for (jid, _), w in self.workers.items():
-                if jid == job_id:
-                    w.stop("the coordinator ended the job")
+        assignments, unreadable = [], set()
         for m in reply.assignments:
             try:
-                a = Assignment.from_pb(m)
+                assignments.append(Assignment.from_pb(m))
             except (SwarmError, KeyError, ValueError) as exc:
                 log.warning("ignoring a malformed assignment for job %s: %s", m.job_id, exc)
-                continue
-            if a.key in self.workers:
-                continue
-            for (jid, attempt), w in self.workers.items():  # an older attempt of the same job
-                if jid == a.job_id and attempt != a.attempt:
-                    w.stop("re-planned")
-            worker = StageWorker(a, client=self.client, endpoints=self.endpoints, node_id=self.agent.node_id,
-                                 device=self.agent.device, state_dir=self.agent.state_dir,
-                                 on_metrics=self.agent.update_metrics, emulate_link_bps=self.emulate_link_bps,
-                                 traffic=getattr(self.agent, "traffic", None))
+                unreadable.add((m.job_id, m.attempt))
+        poll = PollView(assignments=tuple(assignments), unreadable_keys=frozenset(unreadable),
+                        cancelled_job_ids=frozenset(reply.cancelled_job_ids))
+        for action in reconcile(poll, self.snapshot()):
+            self._apply(action)
+
+    def snapshot(self) -> tuple[WorkerView, ...]:
+        return tuple(WorkerView(job_id=job_id, attempt=attempt, done=w.done.is_set(), stopping=w.stop_event.is_set())
+                     for (job_id, attempt), w in self.workers.items())
+
+    def _apply(self, action: Action) -> None:
+        if isinstance(action, StopWorker):
+            self.workers[action.key].stop(action.reason)
+        elif isinstance(action, ForgetWorker):
+            del self.workers[action.key]
+        elif isinstance(action, StartWorker):
+            a = action.assignment
+            worker = StageWorker(a, client=self.client, endpoints=self.endpoints, node_id=self.host.node_id,
+                                 device=self.host.device, state_dir=self.host.state_dir,
+                                 on_metrics=self.host.update_metrics, emulate_link_bps=self.emulate_link_bps,
+                                 traffic=self.host.traffic)
             self.workers[a.key] = worker
             log.info("assignment received job=%s stage=%d replica=%d", a.job_id, a.stage, a.replica)
             worker.start()
-        active = {(m.job_id, m.attempt) for m in reply.assignments}
-        for key, w in list(self.workers.items()):
-            if key not in active:
-                if not w.done.is_set():
-                    w.stop("no longer assigned (the job ended or was re-planned)")
-                elif key[0] not in {m.job_id for m in reply.assignments}:
-                    del self.workers[key]
+        else:  # pragma: no cover -- reconcile returns only the actions above
+            raise AssertionError(f"unknown action {action!r}")
 
 
-_plugins: dict[int, TrainingPlugin] = {}
-
-
-def install(server, agent) -> None:
-    plugin = TrainingPlugin(agent)
-    _plugins[id(agent)] = plugin
-    pb_grpc.add_PipelinePeerServicer_to_server(PipelinePeerServicer(plugin.endpoints, traffic=getattr(agent, "traffic", None)), server)
-
-
-def start(agent) -> None:
-    _plugins[id(agent)].start()
-
-
-def stop(agent) -> None:
-    plugin = _plugins.pop(id(agent), None)
-    if plugin is not None:
-        plugin.stop()
+def create(host: NodeHost) -> TrainingPlugin:
+    return TrainingPlugin(host)

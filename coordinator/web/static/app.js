@@ -109,9 +109,9 @@
       stage: stage === undefined || stage === null || stage === "" ? "\u2013" : String(stage),
       age: ageOf(n, ["last_seen_age_s", "heartbeat_age_s", "last_seen_s"], ["last_seen_at", "last_heartbeat_at"]),
       // A node's own counters when it reports them; else what it sent for the running job.
-      sent: num(pick(n, ["bytes_sent", "sent_bytes", "tx_bytes"])),
+      sent: num(pick(n, ["bytes_sent"])),
       jobSent: own(jobTraffic, String(pick(n, ["id", "node_id"]) || "")),
-      recv: num(pick(n, ["bytes_received", "received_bytes", "rx_bytes", "bytes_recv"])),
+      recv: num(pick(n, ["bytes_received"])),
       jobRecv: own(jobReceived, String(pick(n, ["id", "node_id"]) || "")),
     };
   }
@@ -391,22 +391,25 @@
   }
 
   // ---------- jobs ----------
+  /* A job of /api/jobs: the keys of swarm/job_detail.py's JobDetail.summary_json, read with
+   * jobKey only (tests/unit/web check these names against the record). */
+  function jobKey(j, key) { return j && typeof j === "object" ? own(j, key) : undefined; }
   function normJob(j) {
-    var step = num(pick(j, ["step", "current_step"])), total = num(pick(j, ["total_steps", "num_steps", "max_steps"]));
-    var progress = num(pick(j, ["progress"]));
+    var step = num(jobKey(j, "step")), total = num(jobKey(j, "total_steps"));
+    var progress = null;
     // Steps are numbered from 0 (step k means k + 1 done).
-    if (progress === null && step !== null && total) progress = (step + 1) / total;
-    if (progress === null && j.state === "succeeded") progress = 1;
+    if (step !== null && total) progress = (step + 1) / total;
+    if (progress === null && jobKey(j, "state") === "succeeded") progress = 1;
+    var spec = jobKey(j, "spec"), model = jobKey(j, "model");
     return {
-      id: String(pick(j, ["id", "job_id"]) || ""),
-      name: String((j.spec && j.spec.name) || (typeof j.name === "string" ? j.name : "") ||
-        (j.model && typeof j.model === "object" ? j.model.family || "" : j.model || "")),
-      state: String(pick(j, ["state"]) || "unknown"),
+      id: String(jobKey(j, "id") || ""),
+      name: String((spec && spec.name) || (model && typeof model === "object" ? model.family || "" : "")),
+      state: String(jobKey(j, "state") || "unknown"),
       step: step, total: total, progress: progress,
-      loss: num(pick(j, ["loss", "last_loss"])),
-      tps: num(pick(j, ["tokens_per_s", "tokens_per_second"])),
-      eta: num(pick(j, ["eta_s"])),
-      saved: num(pick(j, ["bytes_saved", "compression_bytes_saved", "saved_bytes"])),
+      loss: num(jobKey(j, "loss")),
+      tps: num(jobKey(j, "tokens_per_s")),
+      eta: num(jobKey(j, "eta_s")),
+      saved: num(jobKey(j, "bytes_saved")),
     };
   }
   function renderJobs(payload) {
@@ -445,21 +448,17 @@
     });
     $("jobs-body").replaceChildren(frag);
   }
-  /* History as [[step, loss]], [[step, tokens/s]] from either a list of records or column arrays. */
+  /* History as [[step, loss]], [[step, tokens/s]] from the job's "progress" (ProgressPoint records). */
   function historyOf(job) {
-    var hist = Array.isArray(job.progress) ? job.progress : job.history || job.metrics_history || [];
+    var hist = jobKey(job, "progress");
     var loss = [], tps = [];
     if (Array.isArray(hist)) {
       hist.forEach(function (r, k) {
-        var step = num(r.step); if (step === null) step = k;
-        var l = num(r.loss), t = num(r.tokens_per_s !== undefined ? r.tokens_per_s : r.tokens_per_second);
+        var step = num(jobKey(r, "step")); if (step === null) step = k;
+        var l = num(jobKey(r, "loss")), t = num(jobKey(r, "tokens_per_s"));
         if (l !== null) loss.push([step, l]);
         if (t !== null) tps.push([step, t]);
       });
-    } else if (hist && typeof hist === "object") {
-      var steps = hist.step || hist.steps || [];
-      (hist.loss || []).forEach(function (v, k) { if (num(v) !== null) loss.push([num(steps[k]) !== null ? num(steps[k]) : k, num(v)]); });
-      (hist.tokens_per_s || []).forEach(function (v, k) { if (num(v) !== null) tps.push([num(steps[k]) !== null ? num(steps[k]) : k, num(v)]); });
     }
     return { loss: loss, tps: tps };
   }
@@ -468,18 +467,21 @@
     if (!selectedJob) { box.hidden = true; return; }
     var res = await getJSON("api/jobs/" + encodeURIComponent(selectedJob));
     if (res.missing || !res.data) { box.hidden = true; return; }
-    var job = res.data.job || res.data;
-    $("job-detail-id").textContent = String((job.spec && job.spec.name) || "") + " " + selectedJob;
+    var job = res.data;  // a JobDetail (swarm/job_detail.py)
+    var spec = jobKey(job, "spec"), progress = jobKey(job, "progress");
+    $("job-detail-id").textContent = String((spec && spec.name) || "") + " " + selectedJob;
     var hist = historyOf(job);
-    var last = Array.isArray(job.progress) && job.progress.length ? job.progress[job.progress.length - 1] : null;
+    var last = Array.isArray(progress) && progress.length ? progress[progress.length - 1] : null;
     var info = [];
-    if (job.reason) info.push(String(job.reason));
+    if (jobKey(job, "reason")) info.push(String(jobKey(job, "reason")));
     if (last) {
-      info.push("last step " + fmtSeconds(last.step_s) + " (compute " + fmtSeconds(last.compute_s) + ", waiting " +
-        fmtSeconds(last.wait_s) + ", communication " + fmtSeconds(last.comm_s) + ")");
+      info.push("last step " + fmtSeconds(jobKey(last, "step_s")) + " (compute " + fmtSeconds(jobKey(last, "compute_s")) +
+        ", waiting " + fmtSeconds(jobKey(last, "wait_s")) + ", communication " + fmtSeconds(jobKey(last, "comm_s")) + ")");
     }
-    if (num(job.bytes_sent) !== null) info.push("sent " + fmtBytes(job.bytes_sent) + ", saved by compression " + fmtBytes(job.bytes_saved));
-    var plan = job.plan;
+    if (num(jobKey(job, "bytes_sent")) !== null) {
+      info.push("sent " + fmtBytes(jobKey(job, "bytes_sent")) + ", saved by compression " + fmtBytes(jobKey(job, "bytes_saved")));
+    }
+    var plan = jobKey(job, "plan");
     if (plan && num(plan.d_pp) !== null) info.push(plan.d_pp + " stages \u00d7 " + plan.d_dp + " replicas");
     $("job-detail-info").textContent = info.join(" \u00b7 ");
     MiniChart.line($("chart-loss"), hist.loss, { color: "#d64545", emptyText: "no loss reported yet" });

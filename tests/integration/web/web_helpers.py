@@ -73,22 +73,22 @@ def start_job(c: Coordinator, *, total_steps: int = 10, name: str = "tiny") -> s
     registered nodes; returns its id once it is running."""
     from coordinator.jobs.service import normalize_spec
 
-    job_id = "feed" + format(len(c.app.jobs.store.list()), "08x")
-    c.app.jobs.store.create(job_id=job_id, spec=normalize_spec({"name": name, "steps": total_steps}),
+    job_id = "feed" + format(len(c.app.services.jobs.store.list()), "08x")
+    c.app.services.jobs.store.create(job_id=job_id, spec=normalize_spec({"name": name, "steps": total_steps}),
                             model=dict(TINY_GPT2), num_samples=64, dataset_key="k", total_steps=total_steps)
-    c.app.jobs.tick()
-    job = c.app.jobs.store.get(job_id)
+    c.app.services.jobs.tick()
+    job = c.app.services.jobs.store.get(job_id)
     assert job.state == "running", job.reason
     return job_id
 
 
 def report_steps(c: Coordinator, job_id: str, steps: range) -> None:
     """Progress as every stage worker of the job would report it (loss from the last stage)."""
-    job = c.app.jobs.store.get(job_id)
+    job = c.app.services.jobs.store.get(job_id)
     last_stage = max(a["stage"] for a in job.assignments)
     for step in steps:
         for a in job.assignments:
-            c.app.jobs.store.add_progress(
+            c.app.services.jobs.store.add_progress(
                 job_id, attempt=job.attempt, stage=a["stage"], replica=a["replica"], step=step,
                 loss=(5.0 / (1 + 0.3 * step)) if a["stage"] == last_stage else None, tokens=512,
                 tokens_per_s=400.0 + 10 * step, bytes_sent=50_000, bytes_raw=200_000, step_s=0.5 + 0.01 * step,
