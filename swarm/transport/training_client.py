@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from swarm.errors import InvalidRequestError
+from swarm.job_spec import JobSpec
 from swarm.proto.v1 import training_pb2 as pb
 from swarm.proto.v1 import training_pb2_grpc as pb_grpc
 from swarm.transport.auth import API_TOKEN_KEY
 from swarm.transport.channels import CHUNK_BYTES, control_channel, parse_address
 from swarm.transport.errors import translate_rpc_errors
+from swarm.transport.jobs import job_spec_to_pb
 
 MAX_RESULT_BYTES = 64 << 30
 
@@ -40,9 +42,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _submit_chunks(spec: dict[str, Any], files: list[UploadFile], on_bytes=None) -> Iterator[pb.SubmitJobChunk]:
-    fields = {f.name for f in pb.JobSpec.DESCRIPTOR.fields}
-    yield pb.SubmitJobChunk(spec=pb.JobSpec(**{k: v for k, v in spec.items() if k in fields and v is not None}))
+def _submit_chunks(spec: JobSpec, files: list[UploadFile], on_bytes=None) -> Iterator[pb.SubmitJobChunk]:
+    yield pb.SubmitJobChunk(spec=job_spec_to_pb(spec))
     for f in files:
         size = f.path.stat().st_size
         yield pb.SubmitJobChunk(file=pb.FileHeader(name=f.name, size_bytes=size, sha256=_sha256(f.path)))
@@ -79,7 +80,7 @@ class TrainingClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def submit(self, spec: dict[str, Any], files: list[UploadFile], *, timeout_s: float = 3600.0,
+    def submit(self, spec: JobSpec, files: list[UploadFile], *, timeout_s: float = 3600.0,
                on_bytes=None) -> dict[str, Any]:
         with translate_rpc_errors(self._what):
             return _record(self._stub.SubmitJob(_submit_chunks(spec, files, on_bytes), timeout=timeout_s,
