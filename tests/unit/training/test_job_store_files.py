@@ -10,11 +10,11 @@ from swarm.clock import FakeClock
 from swarm.errors import CapacityError, InfeasiblePlanError, InvalidRequestError, NotFoundError
 from swarm.hardware import HardwareInfo
 from swarm.membership import NodeInfo
+from swarm.job_spec import JobSpec
 from swarm.model.config import ModelConfig
 
 from coordinator.jobs.files import FileReceiver, UploadLimits, prepare_job
 from coordinator.jobs.planning import plan_job
-from swarm.job_spec import JobSpec
 from coordinator.jobs.store import JobStore
 from coordinator.store import Database
 
