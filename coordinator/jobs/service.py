@@ -109,9 +109,9 @@ class JobService:
         others = [j for j in self.store.list(states=("running",), limit=1000) if j.id != job.id]
         busy = busy_node_ids(others)
         nodes = [n for n in self.registry.online() if n.id not in busy]
-        delay_s, bandwidth_Bps = self.network.matrix([n.id for n in nodes])
-        return plan_job(spec=job.spec, config=ModelConfig.from_hf_config(job.model), nodes=nodes, delay_s=delay_s,
-                        bandwidth_Bps=bandwidth_Bps, seed=job.spec.seed)
+        matrix = self.network.matrix([n.id for n in nodes])
+        return plan_job(spec=job.spec, config=ModelConfig.from_hf_config(job.model), nodes=nodes, delay_s=matrix[0],
+                        bandwidth_Bps=matrix[1], seed=job.spec.seed)
 
     def _try_plan(self, job: Job) -> None:
         try:
