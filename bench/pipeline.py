@@ -135,10 +135,12 @@ class Swarm:
 
 def run_job(swarm: Swarm, model: Path, data: Path, *, codec: str, args) -> dict:
     from swarm.cli.train import upload_files
+    from swarm.compression import CodecSpec
+    from swarm.job_spec import JobSpec
 
-    spec = {"steps": args.steps, "batch_size": args.batch_size, "micro_batch_size": args.micro_batch_size,
-            "seq_len": args.seq_len, "lr": 1e-3, "compression": codec, "num_stages": args.stages, "num_replicas": 1,
-            "peer_timeout_s": 120.0, "schedule": "1f1b", "checkpoint_every": 0}
+    spec = JobSpec(steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                   seq_len=args.seq_len, lr=1e-3, codec=CodecSpec.parse(codec), num_stages=args.stages, num_replicas=1,
+                   peer_timeout_s=120.0, schedule="1f1b", checkpoint_every=0)
     with CoordinatorClient(swarm.local_address, token=TOKEN) as client:
         job = client.submit_job(spec, upload_files(model, data))
         deadline = time.monotonic() + args.job_timeout_s

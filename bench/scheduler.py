@@ -32,7 +32,7 @@ from bench._record import markdown_table, record  # noqa: E402
 from swarm.errors import InfeasiblePlanError  # noqa: E402
 from swarm.scheduling import Cluster, Device, JobShape, Plan, evaluate_plan, plan_training  # noqa: E402
 from swarm.scheduling.cluster import cluster_and_job_from_json  # noqa: E402
-from swarm.scheduling.costs import dp_matrix, fixed_assignment_cost, partition_cost, pp_matrix  # noqa: E402
+from swarm.scheduling.costs import dp_matrix, fixed_assignment_cost, partition_cost, pipeline_matrix  # noqa: E402
 
 SHARED = Path("/work/shared/bench/scheduler")
 REPO = Path(__file__).resolve().parent.parent
@@ -79,7 +79,7 @@ def noisy_copy(obj: dict, seed: int, rel: float = 0.01) -> dict:
 def baselines(cluster: Cluster, job: JobShape, dp: int, pp: int, seeds: int = 5) -> tuple[float, float]:
     """(mean cost of random balanced partitions with their best order, naive in-order plan cost)."""
     a = dp_matrix(cluster.delay_s, cluster.bandwidth_Bps, job.c_dp_bytes or job.grad_bytes_per_layer(pp) * job.num_layers / pp, dp)
-    w = pp_matrix(cluster.delay_s, cluster.bandwidth_Bps, job.c_pp(dp))
+    w = pipeline_matrix(cluster.delay_s, cluster.bandwidth_Bps, job.c_pp(dp), job.c_pp_backward(dp))
     n = cluster.num_devices
     rand = []
     for s in range(seeds):

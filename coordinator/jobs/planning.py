@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from swarm.errors import InfeasiblePlanError
+from swarm.job_spec import JobSpec
 from swarm.membership import NodeInfo
 from swarm.model.config import ModelConfig
 from swarm.scheduling import Cluster, Device, JobShape, Plan, plan_training
@@ -38,7 +39,7 @@ def _fill(m: np.ndarray, default: float) -> np.ndarray:
 
 def plan_job(
     *,
-    spec: dict[str, Any],
+    spec: JobSpec,
     config: ModelConfig,
     nodes: list[NodeInfo],
     delay_s: np.ndarray,
@@ -47,15 +48,17 @@ def plan_job(
 ) -> JobPlan:
     """Plan ``spec`` over ``nodes`` (with their delay/bandwidth matrices, same order).
 
-    Uses ``spec['num_stages']`` x ``spec['num_replicas']`` nodes when both are set (the first
-    ones by id), else every node with the planner choosing the split. Raises InfeasiblePlanError
-    with the reason (no nodes, too few nodes, not enough memory).
+    Uses ``spec.num_stages`` x ``spec.num_replicas`` nodes when both are set (the first ones by
+    id), else every node with the planner choosing the split. Boundary traffic is priced from
+    ``spec.codec`` in both directions (activations forward, gradients backward, AQ-SGD at its
+    steady state; see :meth:`~swarm.compression.CodecSpec.forward_bytes_per_value`). Raises
+    InfeasiblePlanError with the reason (no nodes, too few nodes, not enough memory).
     """
     if not nodes:
         raise InfeasiblePlanError("no nodes are online and idle; start nodes with `swarm-node join`")
     order = sorted(range(len(nodes)), key=lambda i: nodes[i].id)
-    pp = int(spec.get("num_stages") or 0) or None
-    dp = int(spec.get("num_replicas") or 0) or None
+    pp = spec.num_stages or None
+    dp = spec.num_replicas or None
     if pp and dp:
         need = pp * dp
         if len(nodes) < need:
@@ -82,14 +85,17 @@ def plan_job(
         for n in chosen
     )
     cluster = Cluster(devices=devices, delay_s=delay, bandwidth_Bps=bandwidth, name="swarm")
+    rows = spec.micro_batch_size * spec.seq_len  # values per channel of one micro-batch (g=channel scales)
     shape = JobShape(
         num_layers=config.num_layers,
         hidden_size=config.hidden_size,
-        seq_len=int(spec["seq_len"]),
+        seq_len=spec.seq_len,
         num_params=float(config.num_parameters()),
-        global_batch_seqs=float(spec["batch_size"]),
-        micro_batch_seqs=float(spec["micro_batch_size"]),
-        act_bytes_per_value=_act_bytes(spec.get("compression", "none")),
+        global_batch_seqs=float(spec.batch_size),
+        micro_batch_seqs=float(spec.micro_batch_size),
+        # what the stage workers send: float32 when raw, the codec's bits and scales otherwise
+        act_bytes_per_value=spec.codec.forward_bytes_per_value(rows=rows),
+        act_grad_bytes_per_value=spec.codec.backward_bytes_per_value(rows=rows),
         dp=dp,
         pp=pp,
     )
@@ -99,18 +105,8 @@ def plan_job(
     return JobPlan(plan=plan, assignments=assignments_from_plan(plan, by_id))
 
 
-def _act_bytes(codec: str) -> float:
-    """Bytes per activation value on the wire for the planner's cost model."""
-    if codec.startswith(("aqsgd:", "direct:")):
-        for part in codec.split(":", 1)[1].split(","):
-            k, _, v = part.partition("=")
-            if k.strip() == "fw" and v.strip().isdigit():
-                return max(0.125, int(v) / 8.0)
-    return 4.0  # uncompressed float32
-
-
-def _check_batch(spec: dict[str, Any], dp: int) -> None:
-    b, mb = int(spec["batch_size"]), int(spec["micro_batch_size"])
+def _check_batch(spec: JobSpec, dp: int) -> None:
+    b, mb = spec.batch_size, spec.micro_batch_size
     if b % dp or (b // dp) % mb:
         raise InfeasiblePlanError(
             f"the plan has {dp} replica(s): batch size {b} must split into {dp} share(s) of whole micro-batches "

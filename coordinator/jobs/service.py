@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import threading
 import uuid
@@ -20,65 +19,18 @@ from typing import Any
 from swarm.clock import Clock
 from swarm.errors import InfeasiblePlanError, InvalidRequestError, NotFoundError, PermissionDeniedError, SwarmError
 from swarm.job_detail import JobDetail
+from swarm.job_spec import MAX_STEPS, JobSpec
 from swarm.model.config import ModelConfig
 from swarm.pipeline.data import BatchOrder
 from swarm.transport.transfer import receive_files
 
 from coordinator.jobs import files
-from coordinator.jobs.planning import busy_node_ids, plan_job
+from coordinator.jobs.planning import JobPlan, busy_node_ids, plan_job
 from coordinator.jobs.store import Job, JobStore
 
 log = logging.getLogger(__name__)
 
-SPEC_DEFAULTS: dict[str, Any] = {
-    "name": "", "steps": 0, "epochs": 0.0, "batch_size": 8, "micro_batch_size": 2, "seq_len": 64, "lr": 3e-4,
-    "compression": "none", "checkpoint_every": 0, "seed": 0, "warmup_steps": 0, "weight_decay": 0.0,
-    "grad_clip": 1.0, "schedule": "1f1b", "num_stages": 0, "num_replicas": 0, "peer_timeout_s": 30.0,
-    "min_lr_ratio": 0.1,
-}
-MAX_STEPS = 10_000_000
 MAX_REPLANS = 3  # a job re-planned this often after losing nodes fails instead
-
-
-def normalize_spec(raw: dict[str, Any]) -> dict[str, Any]:
-    """Fill defaults and validate a job spec; raises InvalidRequestError naming the flag to fix."""
-    spec = dict(SPEC_DEFAULTS)
-    spec.update({k: v for k, v in raw.items() if k in SPEC_DEFAULTS and v not in (None, "")})
-    for k in ("steps", "batch_size", "micro_batch_size", "seq_len", "checkpoint_every", "seed", "warmup_steps",
-              "num_stages", "num_replicas"):
-        spec[k] = int(spec[k])
-    for k in ("epochs", "lr", "weight_decay", "grad_clip", "peer_timeout_s", "min_lr_ratio"):
-        spec[k] = float(spec[k])
-        if not math.isfinite(spec[k]):
-            raise InvalidRequestError(f"job {k} must be finite")
-    if spec["steps"] < 0 or spec["steps"] > MAX_STEPS or spec["epochs"] < 0:
-        raise InvalidRequestError("--steps and --epochs must be non-negative")
-    if spec["steps"] == 0 and spec["epochs"] == 0:
-        spec["epochs"] = 1.0
-    if spec["batch_size"] < 1 or spec["micro_batch_size"] < 1 or spec["batch_size"] % spec["micro_batch_size"]:
-        raise InvalidRequestError("--batch-size must be a positive multiple of --micro-batch-size")
-    if not 1 <= spec["seq_len"] <= 1 << 16:
-        raise InvalidRequestError("--seq-len must be in 1..65536")
-    if not 0 < spec["lr"] < 10:
-        raise InvalidRequestError("--lr must be in (0, 10)")
-    if spec["schedule"] not in ("1f1b", "gpipe"):
-        raise InvalidRequestError("schedule must be 1f1b or gpipe")
-    if not 0.5 <= spec["peer_timeout_s"] <= 3600:
-        raise InvalidRequestError("peer timeout must be in 0.5..3600 s")
-    if spec["checkpoint_every"] < 0 or spec["num_stages"] < 0 or spec["num_replicas"] < 0:
-        raise InvalidRequestError("--checkpoint-every, stages and replicas must be non-negative")
-    _check_codec(spec["compression"])
-    return spec
-
-
-def _check_codec(spec: str) -> None:
-    try:
-        from swarm.compression import parse_codec_spec  # the compression issue's parser
-    except ImportError:
-        if spec != "none" and not spec.startswith(("direct:", "aqsgd:")):
-            raise InvalidRequestError(f"--compression {spec!r} unknown; use none, direct:fw=8,bw=8 or aqsgd:fw=2,bw=4")
-        return
-    parse_codec_spec(spec)
 
 
 class JobService:
@@ -123,17 +75,19 @@ class JobService:
                 self._try_plan(job)
 
     # -- submit ----------------------------------------------------------------------------------
-    def submit(self, raw_spec: dict[str, Any], items) -> Job:
+    def submit(self, spec: JobSpec, items) -> Job:
         """``items``: the upload as :class:`~swarm.transport.transfer.FileHeader` and ``bytes`` items, in order."""
-        spec = normalize_spec(raw_spec)
         job_id = uuid.uuid4().hex[:12]
         jdir = files.job_dir(self.state_dir, job_id)
         try:
             receive_files(items, jdir / "upload", limits=self.limits, roots=("data", "checkpoint"))
-            prepared = files.prepare_job(jdir, seq_len=spec["seq_len"], seed=spec["seed"])
-            order = BatchOrder(num_samples=prepared.dataset.num_samples, batch_size=spec["batch_size"],
-                               micro_batch_size=spec["micro_batch_size"], seed=spec["seed"])
-            total = spec["steps"] or order.steps_for_epochs(spec["epochs"])
+            prepared = files.prepare_job(jdir, seq_len=spec.seq_len, seed=spec.seed)
+            order = BatchOrder(num_samples=prepared.dataset.num_samples, batch_size=spec.batch_size,
+                               micro_batch_size=spec.micro_batch_size, seed=spec.seed)
+            total = spec.steps or order.steps_for_epochs(spec.epochs)
+            if total > MAX_STEPS:
+                raise InvalidRequestError(f"--epochs {spec.epochs:g} make {total} steps (limit {MAX_STEPS}); "
+                                          "use fewer epochs or a larger --batch-size")
         except BaseException:
             shutil.rmtree(jdir, ignore_errors=True)
             raise
@@ -144,15 +98,19 @@ class JobService:
         return self.store.get(job.id)
 
     # -- planning and watching --------------------------------------------------------------------
-    def _try_plan(self, job: Job) -> None:
-        running = self.store.list(states=("running",), limit=1000)
-        busy = busy_node_ids(running)
+    def _plan(self, job: Job) -> JobPlan:
+        """Plan ``job`` over the online nodes no other running job holds (its own count as free:
+        a running job being re-planned gives its nodes back). Raises InfeasiblePlanError."""
+        others = [j for j in self.store.list(states=("running",), limit=1000) if j.id != job.id]
+        busy = busy_node_ids(others)
         nodes = [n for n in self.registry.online() if n.id not in busy]
-        config = ModelConfig.from_hf_config(job.model)
         matrix = self.network.matrix([n.id for n in nodes])
+        return plan_job(spec=job.spec, config=ModelConfig.from_hf_config(job.model), nodes=nodes, delay_s=matrix[0],
+                        bandwidth_Bps=matrix[1], seed=job.spec.seed)
+
+    def _try_plan(self, job: Job) -> None:
         try:
-            jp = plan_job(spec=job.spec, config=config, nodes=nodes, delay_s=matrix[0], bandwidth_Bps=matrix[1],
-                          seed=int(job.spec.get("seed", 0)))
+            jp = self._plan(job)
         except InfeasiblePlanError as exc:
             reason = f"waiting: {exc}"
             if job.reason != reason:
@@ -200,18 +158,12 @@ class JobService:
         if job.attempt > MAX_REPLANS:
             self._fail(job, f"{what}; re-planned {MAX_REPLANS} times already; {self._checkpoint_note(job.id)}")
             return
-        others = [j for j in self.store.list(states=("running",), limit=1000) if j.id != job.id]
-        busy = busy_node_ids(others)
-        nodes = [n for n in self.registry.online() if n.id not in busy]
-        config = ModelConfig.from_hf_config(job.model)
-        matrix = self.network.matrix([n.id for n in nodes])
         try:
-            jp = plan_job(spec=job.spec, config=config, nodes=nodes, delay_s=matrix[0], bandwidth_Bps=matrix[1],
-                          seed=int(job.spec.get("seed", 0)))
+            jp = self._plan(job)
             if resume > 0:
                 finals = {c["stage"]: Path(c["dir"]) for c in self.store.checkpoints(job.id)
                           if c["step"] == resume and c["replica"] == 0}
-                files.assemble_result(files.job_dir(self.state_dir, job.id), config,
+                files.assemble_result(files.job_dir(self.state_dir, job.id), ModelConfig.from_hf_config(job.model),
                                       [finals[s] for s in sorted(finals)], name=f"resume-{resume}")
         except (InfeasiblePlanError, SwarmError) as exc:
             self._fail(job, f"{what}; cannot re-plan ({exc}); {self._checkpoint_note(job.id)}")
@@ -331,7 +283,7 @@ class JobService:
             recent = history[-5:]
             eta = (job.total_steps - last["step"] - 1) * sum(h["step_s"] for h in recent) / len(recent)
         return JobDetail.from_json({
-            "id": job.id, "state": job.state, "reason": job.reason, "spec": job.spec,
+            "id": job.id, "state": job.state, "reason": job.reason, "spec": job.spec.to_dict(),
             "model": {"family": cfg.get("model_type"), "num_layers": cfg.get("n_layer", cfg.get("num_hidden_layers")),
                       "hidden_size": cfg.get("n_embd", cfg.get("hidden_size")),
                       "num_parameters": ModelConfig.from_hf_config(cfg).num_parameters()},

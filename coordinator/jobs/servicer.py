@@ -18,6 +18,7 @@ from swarm.proto.v1 import training_pb2 as pb
 from swarm.proto.v1 import training_pb2_grpc as pb_grpc
 from swarm.transport import transfer, transfer_pb
 from swarm.transport.errors import grpc_errors
+from swarm.transport.jobs import job_spec_from_pb, job_spec_to_pb, progress_from_pb
 
 from coordinator.jobs import files
 from coordinator.jobs.service import JobService, detail_json
@@ -25,23 +26,14 @@ from coordinator.jobs.store import Job
 
 log = logging.getLogger(__name__)
 
-_SPEC_FIELDS = tuple(f.name for f in pb.JobSpec.DESCRIPTOR.fields)
 CHECKPOINT_FILES = ("weights.safetensors", "optimizer.pt", "meta.json")
-
-
-def spec_to_dict(spec: pb.JobSpec) -> dict:
-    return {name: getattr(spec, name) for name in _SPEC_FIELDS}
-
-
-def dict_to_spec(d: dict) -> pb.JobSpec:
-    return pb.JobSpec(**{k: v for k, v in d.items() if k in _SPEC_FIELDS})
 
 
 def job_record(service: JobService, job: Job) -> pb.JobRecord:
     detail = service.detail(job)
     loss = detail["loss"]
     return pb.JobRecord(
-        job_id=job.id, state=job.state, reason=job.reason, spec=dict_to_spec(job.spec),
+        job_id=job.id, state=job.state, reason=job.reason, spec=job_spec_to_pb(job.spec),
         created_at_s=job.created_at_s, updated_at_s=job.updated_at_s,
         step=-1 if detail["step"] is None else detail["step"], total_steps=job.total_steps,
         loss=math.nan if loss is None else loss, tokens_per_s=detail["tokens_per_s"] or 0.0,
@@ -83,7 +75,7 @@ class TrainingServicer(pb_grpc.TrainingServicer):
                     raise InvalidRequestError("the job spec may only be sent once, in the first chunk")
                 yield chunk
 
-        job = self.service.submit(spec_to_dict(first.spec), transfer_pb.from_messages(rest()))
+        job = self.service.submit(job_spec_from_pb(first.spec), transfer_pb.from_messages(rest()))
         return job_record(self.service, job)
 
     @grpc_errors
@@ -112,15 +104,13 @@ class TrainingServicer(pb_grpc.TrainingServicer):
         active, stop = self.service.assignments_for(node_id)
         out = []
         for job, a in active:
-            spec = dict(job.spec)
-            spec["steps"] = job.total_steps
-            spec["num_stages"], spec["num_replicas"] = a["num_stages"], a["num_replicas"]
+            spec = job.spec.replace(steps=job.total_steps, num_stages=a["num_stages"], num_replicas=a["num_replicas"])
             peer = lambda p: pb.PeerRef(node_id=p["node_id"], address=p["address"]) if p else None  # noqa: E731
             out.append(pb.StageAssignment(
                 job_id=job.id, attempt=job.attempt, stage=a["stage"], num_stages=a["num_stages"],
                 replica=a["replica"], num_replicas=a["num_replicas"], first_layer=a["first_layer"],
                 last_layer_excl=a["last_layer_excl"], prev=peer(a["prev"]), next=peer(a["next"]),
-                stage_replicas=[peer(p) for p in a["stage_replicas"]], spec=dict_to_spec(spec),
+                stage_replicas=[peer(p) for p in a["stage_replicas"]], spec=job_spec_to_pb(spec),
                 model_config_json=json.dumps(job.model), num_samples=job.num_samples,
                 dataset_key=job.dataset_key, resume_step=job.resume_step,
             ))
@@ -129,18 +119,7 @@ class TrainingServicer(pb_grpc.TrainingServicer):
     @grpc_errors
     def ReportProgress(self, request, context) -> pb.ProgressAck:
         node_id = self.app.authenticate_node(context)
-        r = {f.name: getattr(request, f.name) for f in pb.ProgressReport.DESCRIPTOR.fields}
-        if not request.has_loss or not math.isfinite(request.loss):
-            r["loss"] = None
-        for k in ("tokens_per_s", "step_s", "compute_s", "wait_s", "comm_s"):
-            if not math.isfinite(r[k]) or r[k] < 0:
-                raise InvalidRequestError(f"progress field {k} must be finite and >= 0")
-        for k in ("bytes_sent", "bytes_raw", "bytes_forward", "bytes_backward", "tokens"):
-            if not 0 <= r[k] <= 1 << 50:
-                raise InvalidRequestError(f"progress field {k} must be in 0..2^50")
-        if r["state"] not in ("running", "done", "failed"):
-            raise InvalidRequestError("progress state must be running, done or failed")
-        stop, reason = self.service.report(node_id, r)
+        stop, reason = self.service.report(node_id, progress_from_pb(request))
         return pb.ProgressAck(stop=stop, reason=reason)
 
     @grpc_errors

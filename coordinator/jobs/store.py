@@ -16,6 +16,7 @@ from typing import Any
 
 from swarm.clock import Clock
 from swarm.errors import InvalidRequestError, NotFoundError
+from swarm.job_spec import JobSpec
 
 from coordinator.store import Database
 
@@ -86,7 +87,7 @@ class Job:
     id: str
     state: str
     reason: str
-    spec: dict[str, Any]
+    spec: JobSpec
     model: dict[str, Any]
     plan: dict[str, Any] | None
     assignments: list[dict[str, Any]] = field(default_factory=list)
@@ -112,9 +113,21 @@ _COLS = (
 )
 
 
+def _spec(job_id: str, spec_json: str) -> JobSpec:
+    """The stored spec: :meth:`JobSpec.to_json`, or the plain dict of coordinators before JobSpec
+    existed (the same keys, missing ones take today's defaults)."""
+    try:
+        return JobSpec.from_json(spec_json)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(
+            f"job {job_id} has an unreadable spec in the coordinator's database ({exc}); the job "
+            "is skipped: submit it again with `swarm train`"
+        ) from None
+
+
 def _job(row) -> Job:
     return Job(
-        id=row[0], state=row[1], reason=row[2], spec=json.loads(row[3]), model=json.loads(row[4]),
+        id=row[0], state=row[1], reason=row[2], spec=_spec(row[0], row[3]), model=json.loads(row[4]),
         plan=json.loads(row[5]) if row[5] else None, assignments=json.loads(row[6]), attempt=row[7],
         num_samples=row[8], dataset_key=row[9], total_steps=row[10], created_at_s=row[11], updated_at_s=row[12],
         started_at_s=row[13], finished_at_s=row[14], result_ready=bool(row[15]), resume_step=row[16],
@@ -131,6 +144,7 @@ class JobStore:
     def __init__(self, db: Database, clock: Clock) -> None:
         self._clock = clock
         self._lock = threading.Lock()
+        self._unreadable: set[str] = set()  # job ids whose stored spec cannot be read (warned once)
         self._conn = db.connect()
         with self._conn:
             self._conn.executescript(_SCHEMA)
@@ -143,14 +157,14 @@ class JobStore:
             self._conn.close()
 
     # -- jobs ----------------------------------------------------------------------------------
-    def create(self, *, job_id: str, spec: dict[str, Any], model: dict[str, Any], num_samples: int,
+    def create(self, *, job_id: str, spec: JobSpec, model: dict[str, Any], num_samples: int,
                dataset_key: str, total_steps: int) -> Job:
         now = self._clock.time()
         with self._lock, self._conn:
             self._conn.execute(
                 "INSERT INTO jobs (id, state, spec_json, model_json, num_samples, dataset_key, total_steps,"
                 " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                (job_id, "pending", json.dumps(spec), json.dumps(model), num_samples, dataset_key, total_steps, now, now),
+                (job_id, "pending", spec.to_json(), json.dumps(model), num_samples, dataset_key, total_steps, now, now),
             )
         log.info("job created job=%s steps=%d samples=%d", job_id, total_steps, num_samples)
         return self.get(job_id)
@@ -171,7 +185,16 @@ class JobStore:
         q += " ORDER BY created_at DESC LIMIT ?"
         args.append(int(limit))
         with self._lock:
-            return [_job(r) for r in self._conn.execute(q, args).fetchall()]
+            rows = self._conn.execute(q, args).fetchall()
+        out = []
+        for r in rows:
+            try:
+                out.append(_job(r))
+            except InvalidRequestError as exc:  # one bad row must not hide the other jobs
+                if r[0] not in self._unreadable:
+                    self._unreadable.add(r[0])
+                    log.warning("skipping job job=%s: %s", r[0], exc)
+        return out
 
     def transition(self, job_id: str, new_state: str, *, reason: str = "", expect: str | None = None,
                    **fields: Any) -> Job | None:

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from swarm.errors import InvalidRequestError
+from swarm.job_spec import JobSpec
 from swarm.proto.v1 import training_pb2 as pb
+from swarm.transport.jobs import job_spec_from_pb
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -29,7 +31,7 @@ class Assignment:
     prev: Peer | None
     next: Peer | None
     stage_replicas: tuple[Peer, ...]
-    spec: dict[str, Any]
+    spec: JobSpec  # resolved by the coordinator: steps, stages and replicas filled in
     model_config: dict[str, Any]
     num_samples: int
     dataset_key: str
@@ -40,9 +42,9 @@ class Assignment:
             raise InvalidRequestError("assignment stage/replica out of range")
         if (self.stage > 0) != (self.prev is not None) or (self.stage < self.num_stages - 1) != (self.next is not None):
             raise InvalidRequestError("assignment neighbours do not match its stage position")
-        if self.spec["steps"] < 1 or self.num_samples < 1:
+        if self.spec.steps < 1 or self.num_samples < 1:
             raise InvalidRequestError("assignment without steps or samples")
-        if not 0 <= self.resume_step < self.spec["steps"]:
+        if not 0 <= self.resume_step < self.spec.steps:
             raise InvalidRequestError("assignment resumes outside the job's steps")
 
     @property
@@ -62,12 +64,11 @@ class Assignment:
         def peer(p, present: bool) -> Peer | None:
             return Peer(node_id=p.node_id, address=p.address) if present else None
 
-        spec = {f.name: getattr(m.spec, f.name) for f in pb.JobSpec.DESCRIPTOR.fields}
         return cls(
             job_id=m.job_id, attempt=m.attempt, stage=m.stage, num_stages=m.num_stages, replica=m.replica,
             num_replicas=m.num_replicas, first_layer=m.first_layer, last_layer_excl=m.last_layer_excl,
             prev=peer(m.prev, m.HasField("prev")), next=peer(m.next, m.HasField("next")),
             stage_replicas=tuple(Peer(node_id=p.node_id, address=p.address) for p in m.stage_replicas),
-            spec=spec, model_config=json.loads(m.model_config_json), num_samples=m.num_samples,
+            spec=job_spec_from_pb(m.spec), model_config=json.loads(m.model_config_json), num_samples=m.num_samples,
             dataset_key=m.dataset_key, resume_step=m.resume_step,
         )

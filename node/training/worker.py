@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
-from swarm.compression import CodecMessage, parse_codec_spec
+from swarm.compression import CodecMessage
 from swarm.errors import InvalidRequestError, PeerError
 from swarm.model.config import ModelConfig
 from swarm.model.stage import StageModel
@@ -147,19 +147,18 @@ class StageWorker:
             self.dataset = TokenDataset.load(io.BytesIO(raw))
             if self.dataset.key != a.dataset_key or self.dataset.num_samples != a.num_samples:
                 raise InvalidRequestError("the job's data does not match its assignment (content hash differs)")
-        self.order = BatchOrder(num_samples=a.num_samples, batch_size=spec["batch_size"],
-                                micro_batch_size=spec["micro_batch_size"], num_replicas=a.num_replicas,
-                                seed=spec["seed"])
+        self.order = BatchOrder(num_samples=a.num_samples, batch_size=spec.batch_size,
+                                micro_batch_size=spec.micro_batch_size, num_replicas=a.num_replicas, seed=spec.seed)
         self.M = self.order.num_micro_batches
-        self.b, self.S, self.H = spec["micro_batch_size"], spec["seq_len"], self.config.hidden_size
-        self.total_steps = int(spec["steps"])
+        self.b, self.S, self.H = spec.micro_batch_size, spec.seq_len, self.config.hidden_size
+        self.total_steps = spec.steps
         self._cur_step = a.resume_step
-        self.optim_cfg = OptimConfig(lr=spec["lr"], weight_decay=spec["weight_decay"], warmup_steps=spec["warmup_steps"],
-                                     total_steps=self.total_steps, min_lr_ratio=spec["min_lr_ratio"],
-                                     grad_clip=spec["grad_clip"])
+        self.optim_cfg = OptimConfig(lr=spec.lr, weight_decay=spec.weight_decay, warmup_steps=spec.warmup_steps,
+                                     total_steps=self.total_steps, min_lr_ratio=spec.min_lr_ratio,
+                                     grad_clip=spec.grad_clip)
         self.optimizer = make_optimizer(self.module.parameters(), self.optim_cfg)
         self.runner = StageRunner(self.module, is_first=a.is_first, is_last=a.is_last, loss_scale=1.0 / self.M)
-        self.codec_text = str(parse_codec_spec(spec["compression"] or "none"))
+        self.codec_text = str(spec.codec)  # as tensor headers name it (checked by the receiver)
         key = state_key(a.job_id, a.dataset_key)
         # AQ-SGD keeps m(x) per sample and side: in (device) memory while small, else memory-mapped
         # files under the node's state dir.
@@ -167,9 +166,9 @@ class StageWorker:
         storage = "ram" if cache_bytes <= AQSGD_RAM_LIMIT_BYTES else str(self.dir / "aqsgd-cache")
         common = dict(key=key, num_samples=a.num_samples, row_shape=(self.S, self.H), device=self.device,
                       storage=storage)
-        self.down = make_codec(self.codec_text, side="down", boundary=a.stage - 1, **common) if not a.is_first else None
-        self.up = make_codec(self.codec_text, side="up", boundary=a.stage, **common) if not a.is_last else None
-        self.timeout_s = float(spec["peer_timeout_s"])
+        self.down = make_codec(spec.codec, side="down", boundary=a.stage - 1, **common) if not a.is_first else None
+        self.up = make_codec(spec.codec, side="up", boundary=a.stage, **common) if not a.is_last else None
+        self.timeout_s = spec.peer_timeout_s
         self.endpoint = Endpoint(a.job_id, self._validate, precheck=self._check_header)
         self.endpoints.add(self.endpoint)
         self.next_sender = self.prev_sender = None
@@ -294,9 +293,9 @@ class StageWorker:
     # -- training ----------------------------------------------------------------------------------
     def _train(self) -> None:
         a = self.a
-        ops = schedule.build(a.spec["schedule"] or "1f1b", num_micro_batches=self.M, stage=a.stage,
+        ops = schedule.build(a.spec.schedule, num_micro_batches=self.M, stage=a.stage,
                              num_stages=a.num_stages)
-        every = int(a.spec["checkpoint_every"])
+        every = a.spec.checkpoint_every
         raw_bytes = self.b * self.S * self.H * 4
         for step in range(a.resume_step, self.total_steps):
             self._check_stop()

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from swarm.cli.common import add_common_flags, connect
-from swarm.errors import InvalidRequestError, SwarmError
+from swarm.errors import ConfigError, InvalidRequestError, SwarmError
 
 MODEL_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -142,16 +142,28 @@ def follow(client, job_id: str, *, quiet: bool, interval_s: float = 1.0):
         time.sleep(interval_s)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    spec = {
-        "name": args.name, "steps": args.steps or 0, "epochs": args.epochs or 0.0, "batch_size": args.batch_size,
-        "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
-        "compression": args.compression, "checkpoint_every": args.checkpoint_every, "seed": args.seed,
-        "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
-        "schedule": args.schedule, "num_stages": args.stages, "num_replicas": args.replicas,
-        "peer_timeout_s": args.peer_timeout_s, "min_lr_ratio": 0.1,
-    }
+def job_spec_from_args(args: argparse.Namespace):
+    """The :class:`~swarm.job_spec.JobSpec` the flags ask for. Raises InvalidRequestError naming
+    the flag to fix."""
+    from swarm.compression.spec import CodecSpec  # imports torch: only when a job is submitted
+    from swarm.job_spec import JobSpec
+
     try:
+        codec = CodecSpec.parse(args.compression)
+    except ConfigError as exc:
+        raise ConfigError(f"--compression: {exc}") from None
+    return JobSpec(
+        name=args.name, steps=args.steps or 0, epochs=args.epochs or 0.0, batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, lr=args.lr, codec=codec,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, schedule=args.schedule, num_stages=args.stages,
+        num_replicas=args.replicas, peer_timeout_s=args.peer_timeout_s,
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    try:
+        spec = job_spec_from_args(args)
         files = upload_files(Path(args.model), Path(args.data))
         with connect(args) as client:
             job = client.submit_job(spec, files)
@@ -238,15 +250,17 @@ DEMO_CODEC = "aqsgd:fw=4,bw=8"
 def demo_fine_tune(coordinator: str, state_dir: Path, *, token: str, steps: int = 40, out=print) -> int:
     """The README demo's training part: fine-tune a tiny model across the local swarm with AQ-SGD,
     print the loss as it falls, and write the checkpoint under ``state_dir/demo-checkpoint``."""
+    from swarm.compression.spec import CodecSpec
+    from swarm.job_spec import JobSpec
     from swarm.model.testing import _SAMPLE_TEXT, make_tiny_checkpoint
     from swarm.transport.coordinator_client import CoordinatorClient
 
     model, data, result = state_dir / "demo-model", state_dir / "demo-data.txt", state_dir / "demo-checkpoint"
     make_tiny_checkpoint(model, num_layers=3, hidden_size=64, num_heads=4, max_position_embeddings=128)
     data.write_text(_SAMPLE_TEXT * 3)
-    spec = {"steps": steps, "batch_size": 8, "micro_batch_size": 2, "seq_len": 32, "lr": 3e-3, "warmup_steps": 2,
-            "compression": DEMO_CODEC, "num_stages": 3, "num_replicas": 1, "checkpoint_every": 10,
-            "peer_timeout_s": 30.0, "grad_clip": 1.0}
+    spec = JobSpec(steps=steps, batch_size=8, micro_batch_size=2, seq_len=32, lr=3e-3, warmup_steps=2,
+                   codec=CodecSpec.parse(DEMO_CODEC), num_stages=3, num_replicas=1, checkpoint_every=10,
+                   peer_timeout_s=30.0, grad_clip=1.0)
     out(f"fine-tuning a {3}-layer model across 3 nodes with {DEMO_CODEC} (activations as 4-bit changes, "
         f"gradients 8-bit) for {steps} steps ...")
     try:

@@ -17,17 +17,27 @@ ef          backward error feedback per sample (1/0): the gradient sender     0
 first       aqsgd first visit of a sample: ``raw`` or bits 2..8 (direct)     raw
 seed        seed of the stochastic rounding generator                         0
 ==========  ===============================================================  ==========
+
+Wire size (what the planner prices): a quantized value costs ``bits / 8`` bytes of packed codes
+plus, per group, a (lo, scale) pair of bfloat16 = 4 bytes (wire.py); a raw value costs its dtype's
+size (float32 from the stage workers: 4 bytes). :meth:`CodecSpec.forward_bytes_per_value` and
+:meth:`CodecSpec.backward_bytes_per_value` give the payload bytes per value; the fixed headers of
+a message (``SWC1`` 20 bytes + 9 per sample + 8, and per tensor part ``SWT1`` 20 bytes + 4 per
+dimension) are not included: a few hundred bytes per micro-batch, next to megabytes of payload.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from swarm.errors import ConfigError
 
 KINDS = ("none", "direct", "aqsgd")
 ROUNDINGS = ("rtn", "sr")
+RAW_BYTES_PER_VALUE = 4.0  # stage workers send float32 activations and gradients uncompressed
+SCALE_BYTES_PER_GROUP = 4  # lo and scale, one bfloat16 each (wire.py)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -136,6 +146,41 @@ class CodecSpec:
     @property
     def needs_activation_state(self) -> bool:
         return self.kind == "aqsgd"
+
+    # -- wire size ----------------------------------------------------------------------------
+    def forward_bytes_per_value(self, *, steady: bool = True, raw_bytes: float = RAW_BYTES_PER_VALUE,
+                                rows: float | None = None) -> float:
+        """Payload bytes per activation value sent forward, scales included, headers not.
+
+        ``steady``: for ``aqsgd``, a sample's later visits (its change since the last visit at
+        ``fw`` bits) -- every visit after the first epoch, so the planner prices a job by them;
+        ``steady=False`` gives a first visit (raw, or ``first`` bits). ``none``/``direct`` send
+        every visit the same way. ``raw_bytes``: size of an uncompressed value (float32 = 4 from
+        the stage workers; 2 for a model trained in fp16). ``rows``: values per channel (micro-
+        batch x sequence length), needed with ``g=channel`` to amortise its per-channel scales.
+        """
+        if self.kind == "none":
+            return float(raw_bytes)
+        bits = self.fw_bits if (self.kind == "direct" or steady) else self.first_bits
+        return self._bytes(bits, raw_bytes, rows)
+
+    def backward_bytes_per_value(self, *, raw_bytes: float = RAW_BYTES_PER_VALUE, rows: float | None = None) -> float:
+        """Payload bytes per gradient value sent backward (``bw`` bits, or raw), scales included;
+        see :meth:`forward_bytes_per_value` for ``raw_bytes`` and ``rows``."""
+        if self.kind == "none":
+            return float(raw_bytes)
+        return self._bytes(self.bw_bits, raw_bytes, rows)
+
+    def _bytes(self, bits: int | None, raw_bytes: float, rows: float | None) -> float:
+        if bits is None:
+            return float(raw_bytes)
+        if not self.per_channel:
+            # exact when a message holds whole groups (the last partial group is padded to a full one)
+            return bits / 8 + SCALE_BYTES_PER_GROUP / self.group_size
+        if rows is None or not rows > 0:
+            raise ConfigError("pricing a g=channel codec needs the rows per channel (micro-batch x seq-len)")
+        padded = max(8, math.ceil(rows / 8) * 8)  # each channel's rows are padded to a multiple of 8
+        return (padded * bits / 8 + SCALE_BYTES_PER_GROUP) / rows
 
 
 def parse_codec_spec(text: str | CodecSpec) -> CodecSpec:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from swarm.compression import BoundaryCodec, CodecMessage, boundary_seed, make_store, parse_codec_spec
+from swarm.compression import BoundaryCodec, CodecMessage, CodecSpec, boundary_seed, make_store
 from swarm.pipeline.reference import SimulatedBoundary
 
 
@@ -21,11 +21,12 @@ def state_key(job_id: str, dataset_key: str) -> str:
 
 
 def make_codec(
-    spec_text: str, *, side: str, boundary: int, key: str, num_samples: int, row_shape: tuple[int, ...],
+    spec: CodecSpec, *, side: str, boundary: int, key: str, num_samples: int, row_shape: tuple[int, ...],
     device: torch.device | str = "cpu", storage: str = "ram",
 ) -> BoundaryCodec:
     """One side ("up" or "down") of boundary ``boundary``. ``storage``: "ram" or a directory."""
-    spec = parse_codec_spec(spec_text)
+    if not isinstance(spec, CodecSpec):
+        raise TypeError(f"make_codec takes a parsed CodecSpec, not {type(spec).__name__}; use CodecSpec.parse")
     store = ef_store = None
     if spec.kind == "aqsgd":
         store = make_store(key=key, num_samples=num_samples, row_shape=row_shape,
@@ -39,11 +40,11 @@ def make_codec(
                          seed=boundary_seed(spec, boundary))
 
 
-def simulated_boundary(spec_text: str, *, boundary: int, key: str, num_samples: int,
+def simulated_boundary(spec: CodecSpec, *, boundary: int, key: str, num_samples: int,
                        row_shape: tuple[int, ...]) -> SimulatedBoundary:
     """Both sides of a boundary in one process, passing real bytes between them."""
-    up = make_codec(spec_text, side="up", boundary=boundary, key=key, num_samples=num_samples, row_shape=row_shape)
-    down = make_codec(spec_text, side="down", boundary=boundary, key=key, num_samples=num_samples, row_shape=row_shape)
+    up = make_codec(spec, side="up", boundary=boundary, key=key, num_samples=num_samples, row_shape=row_shape)
+    down = make_codec(spec, side="down", boundary=boundary, key=key, num_samples=num_samples, row_shape=row_shape)
 
     def forward(t: torch.Tensor, ids, step: int) -> torch.Tensor:
         msg = CodecMessage.from_bytes(up.encode_forward(t, ids).to_bytes())

@@ -163,11 +163,14 @@ class JobShape:
 
     ``global_batch_seqs`` sequences per iteration are split over ``dp`` pipelines, each running
     micro-batches of ``micro_batch_seqs``. ``act_bytes_per_value`` is the size of one activation
-    value on the wire (2 for fp16, 0.5 for 4-bit compressed); ``grad_bytes_per_value`` that of
-    one gradient value in the data-parallel all-reduce. ``dp``/``pp`` None: the planner chooses.
-    ``c_dp_bytes``/``c_pp_bytes`` override the derived message sizes (DT-FM scenario files carry
-    them): c_dp is one stage's gradient bytes at the balanced split (num_layers / pp layers),
-    c_pp the activation bytes of one pipeline's share of the batch crossing one boundary.
+    value sent forward across a stage boundary (2 for fp16, about 0.28 for 2-bit AQ-SGD changes),
+    ``act_grad_bytes_per_value`` that of one activation gradient sent backward (None: the same);
+    ``grad_bytes_per_value`` that of one weight gradient value in the data-parallel all-reduce.
+    ``dp``/``pp`` None: the planner chooses. ``c_dp_bytes``/``c_pp_bytes`` override the derived
+    message sizes (DT-FM scenario files carry them): c_dp is one stage's gradient bytes at the
+    balanced split (num_layers / pp layers), c_pp the activation bytes of one pipeline's share of
+    the batch crossing one boundary forward; ``c_pp_backward_bytes`` the gradient bytes crossing
+    it backward (None: c_pp scaled by act_grad_bytes_per_value / act_bytes_per_value).
     """
 
     num_layers: int
@@ -177,12 +180,14 @@ class JobShape:
     global_batch_seqs: float
     micro_batch_seqs: float = 1.0
     act_bytes_per_value: float = 2.0
+    act_grad_bytes_per_value: float | None = None
     grad_bytes_per_value: float = 4.0
     state_bytes_per_param: float = DEFAULT_STATE_BYTES_PER_PARAM
     dp: int | None = None
     pp: int | None = None
     c_dp_bytes: float | None = None
     c_pp_bytes: float | None = None
+    c_pp_backward_bytes: float | None = None
     recompute: bool = False
 
     def __post_init__(self) -> None:
@@ -202,7 +207,7 @@ class JobShape:
             raise InvalidRequestError(f"job recompute must be true or false, got {self.recompute!r}")
         if self.pp is not None and self.pp > self.num_layers:
             raise InvalidRequestError(f"pp={self.pp} stages cannot split {self.num_layers} layers; use pp <= num_layers")
-        for name in ("c_dp_bytes", "c_pp_bytes"):
+        for name in ("act_grad_bytes_per_value", "c_dp_bytes", "c_pp_bytes", "c_pp_backward_bytes"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise InvalidRequestError(f"job {name} must be > 0 or None, got {v!r}")
@@ -219,6 +224,16 @@ class JobShape:
         if self.c_pp_bytes is not None:
             return self.c_pp_bytes
         return self.global_batch_seqs / dp * self.seq_len * self.hidden_size * self.act_bytes_per_value
+
+    def c_pp_backward(self, dp: int) -> float:
+        """Gradient bytes of one pipeline's batch share crossing one stage boundary backward."""
+        if self.c_pp_backward_bytes is not None:
+            return self.c_pp_backward_bytes
+        if self.act_grad_bytes_per_value is None:
+            return self.c_pp(dp)
+        if self.c_pp_bytes is not None:
+            return self.c_pp_bytes * (self.act_grad_bytes_per_value / self.act_bytes_per_value)
+        return self.global_batch_seqs / dp * self.seq_len * self.hidden_size * self.act_grad_bytes_per_value
 
     def num_microbatches(self, dp: int) -> int:
         return max(1, math.ceil(self.global_batch_seqs / dp / self.micro_batch_seqs - 1e-9))
@@ -258,12 +273,14 @@ class JobShape:
                 global_batch_seqs=float(gb if gb is not None else 1.0),
                 micro_batch_seqs=float(mb),
                 act_bytes_per_value=float(obj.get("act_bytes_per_value", 2.0)),
+                act_grad_bytes_per_value=_opt_float(obj, "act_grad_bytes_per_value"),
                 grad_bytes_per_value=float(obj.get("grad_bytes_per_value", obj.get("grad_bytes_per_param", 4.0))),
                 state_bytes_per_param=float(obj.get("state_bytes_per_param", DEFAULT_STATE_BYTES_PER_PARAM)),
                 dp=obj.get("dp", dp),
                 pp=obj.get("pp", pp),
                 c_dp_bytes=None if obj.get("c_dp_bytes") is None else float(obj["c_dp_bytes"]),
                 c_pp_bytes=None if obj.get("c_pp_bytes") is None else float(obj["c_pp_bytes"]),
+                c_pp_backward_bytes=_opt_float(obj, "c_pp_backward_bytes"),
                 recompute=bool(obj.get("recompute", False)),
             )
         except KeyError as e:
@@ -273,6 +290,10 @@ class JobShape:
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if getattr(self, k) is not None}
+
+
+def _opt_float(obj: dict[str, Any], key: str) -> float | None:
+    return None if obj.get(key) is None else float(obj[key])
 
 
 def load_cluster_file(path: str | Path) -> tuple[Cluster, JobShape | None]:

@@ -6,6 +6,12 @@
   perfect matching under W; PP is the open-loop TSP path over those pair costs.
 - total = DP + 2 * PP. A *fixed assignment* (a grid: pipeline i, stage j -> device) costs
   ``DP(columns) + 2 * sum_j max_i W[grid[i][j]][grid[i][j+1]]``.
+
+Forward activations and backward gradients may differ in size (a codec compressing them at
+different bits): :func:`pipeline_matrix` then makes W the mean of the two directions' matrices,
+``W = (W_fw + W_bw) / 2``, so the pipeline term ``2 * PP`` is the forward-activation time plus
+the backward-gradient time over each boundary's slowest pair. With equal bytes it is exactly
+DT-FM's ``2 * PP`` (``(x + x) / 2 == x`` in floating point), so the search keeps one matrix.
 """
 
 from __future__ import annotations
@@ -32,6 +38,15 @@ def pp_matrix(delay_s: np.ndarray, bandwidth_Bps: np.ndarray, c_pp_bytes: float)
         w = delay_s + c_pp_bytes / bandwidth_Bps
     np.fill_diagonal(w, 0.0)
     return w
+
+
+def pipeline_matrix(delay_s: np.ndarray, bandwidth_Bps: np.ndarray, c_forward_bytes: float,
+                    c_backward_bytes: float) -> np.ndarray:
+    """W: the mean of the forward (activations) and backward (gradients) time over each link, so
+    ``2 * W`` is one boundary crossing each way; equals :func:`pp_matrix` when the bytes are equal."""
+    if c_forward_bytes == c_backward_bytes:
+        return pp_matrix(delay_s, bandwidth_Bps, c_forward_bytes)
+    return 0.5 * (pp_matrix(delay_s, bandwidth_Bps, c_forward_bytes) + pp_matrix(delay_s, bandwidth_Bps, c_backward_bytes))
 
 
 def group_dp_cost(a: np.ndarray, group: list[int] | np.ndarray) -> float:

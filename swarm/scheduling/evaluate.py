@@ -12,7 +12,7 @@ import numpy as np
 
 from swarm.errors import InfeasiblePlanError, InvalidRequestError
 from swarm.scheduling.cluster import Cluster, JobShape
-from swarm.scheduling.costs import dp_matrix, pp_matrix
+from swarm.scheduling.costs import dp_matrix, pipeline_matrix
 from swarm.scheduling.hetero import EFFICIENCY, StageModel, device_arrays
 from swarm.scheduling.plan import Plan, PlanStage
 
@@ -35,7 +35,7 @@ def evaluate_plan(cluster: Cluster, job: JobShape, plan: Plan, *, objective: str
     model = StageModel.build(job, d_dp, d_pp)
     tflops, memory = device_arrays(cluster)
     layers = np.array([st.num_layers for st in plan.stages], dtype=np.int64)
-    w = pp_matrix(cluster.delay_s, cluster.bandwidth_Bps, model.c_pp_bytes)
+    w = pipeline_matrix(cluster.delay_s, cluster.bandwidth_Bps, model.c_pp_bytes, model.c_pp_backward_bytes)
     boundary = [float(max(w[a, b] for a, b in zip(c0, c1))) for c0, c1 in zip(columns, columns[1:])]
     pp_s = float(sum(boundary))
     even = job.num_layers % d_pp == 0 and len(set(layers.tolist())) == 1

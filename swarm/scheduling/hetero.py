@@ -40,7 +40,8 @@ class StageModel:
     flops_per_layer_microbatch: float
     layer_memory_bytes: float  # per member: training state + in-flight activations of one layer
     grad_bytes_per_layer: float
-    c_pp_bytes: float
+    c_pp_bytes: float  # forward: activations of one pipeline's batch share over one boundary
+    c_pp_backward_bytes: float  # backward: their gradients
 
     @staticmethod
     def build(job: JobShape, d_dp: int, d_pp: int) -> StageModel:
@@ -55,6 +56,7 @@ class StageModel:
             layer_memory_bytes=job.layer_state_bytes() + inflight * job.layer_activation_bytes_per_microbatch(),
             grad_bytes_per_layer=job.grad_bytes_per_layer(d_pp),
             c_pp_bytes=job.c_pp(d_dp),
+            c_pp_backward_bytes=job.c_pp_backward(d_dp),
         )
 
     def seconds_per_layer(self, tflops: np.ndarray) -> np.ndarray:

@@ -136,6 +136,7 @@ def _build(prob: Problem, groups: list[list[int]], *, seed: int, extra: dict) ->
         "num_microbatches": prob.model.num_microbatches,
         "c_dp_bytes_per_layer": prob.model.grad_bytes_per_layer,
         "c_pp_bytes": prob.c_pp,
+        "c_pp_backward_bytes": prob.c_pp_backward,
         **extra,
     }
     if objective == "predicted_iteration":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from swarm.scheduling.cluster import Cluster, JobShape
+from swarm.scheduling.costs import pipeline_matrix
 from swarm.scheduling.hetero import StageModel, allocate_layers, device_arrays, equal_layers
 from swarm.scheduling.matching import bottleneck_matching
 from swarm.scheduling.tsp import open_path_cost
@@ -121,9 +122,9 @@ class Problem:
         np.fill_diagonal(self.a0, 0.0)
         np.fill_diagonal(self.a1, 0.0)
         self.c_pp = self.model.c_pp_bytes
-        with np.errstate(divide="ignore"):
-            self.w = delay + self.c_pp / bw
-        np.fill_diagonal(self.w, 0.0)
+        self.c_pp_backward = self.model.c_pp_backward_bytes
+        # the mean of both directions' link times: 2 * PP = forward activations + backward gradients
+        self.w = pipeline_matrix(delay, bw, self.c_pp, self.c_pp_backward)
         self.symmetric = bool(np.array_equal(self.w, self.w.T))
         self.tflops, self.memory = device_arrays(cluster)
         self.sec_per_layer = self.model.seconds_per_layer(self.tflops)

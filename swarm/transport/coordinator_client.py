@@ -37,8 +37,8 @@ from swarm.transport.errors import translate_rpc_errors
 
 if TYPE_CHECKING:
     from swarm.inference.sampling import SamplingParams
+    from swarm.job_spec import JobSpec
 
-DEFAULT_ADDRESS = "127.0.0.1:7070"
 MAX_RESULT_BYTES = 64 << 30
 # What `swarm serve` uploads from a checkpoint directory, and how many files at most.
 UPLOAD_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
@@ -169,12 +169,6 @@ def _model_record(m: ipb.ServeModelInfo) -> ModelRecord:
     )
 
 
-def _job_spec_pb(spec: Any) -> tpb.JobSpec:
-    """The job spec on the wire (the one place a submitted spec is converted)."""
-    fields = {f.name for f in tpb.JobSpec.DESCRIPTOR.fields}
-    return tpb.JobSpec(**{k: v for k, v in spec.items() if k in fields and v is not None})
-
-
 def checkpoint_files(model_dir: Path) -> list[Path]:
     """The files of a checkpoint directory that `swarm serve` uploads. Raises InvalidRequestError."""
     model_dir = Path(model_dir)
@@ -233,10 +227,12 @@ class CoordinatorClient:
         )
 
     # -- training jobs ----------------------------------------------------------------------------
-    def submit_job(self, spec: Any, files: list[UploadFile], *, timeout_s: float = 3600.0,
+    def submit_job(self, spec: "JobSpec", files: list[UploadFile], *, timeout_s: float = 3600.0,
                    on_bytes: Callable[[int], None] | None = None) -> JobRecord:
         """Upload the job's files (``data/...``, ``checkpoint/...``) with its spec; needs the token."""
-        spec_pb = _job_spec_pb(spec)
+        from swarm.transport.jobs import job_spec_to_pb  # imports torch (CodecSpec): only when submitting
+
+        spec_pb = job_spec_to_pb(spec)
 
         def chunks() -> Iterator[tpb.SubmitJobChunk]:
             yield tpb.SubmitJobChunk(spec=spec_pb)

@@ -21,6 +21,8 @@ def _netns_available() -> bool:
 def test_aqsgd_job_trains_across_shaped_namespaces(tmp_path):
     from bench.pipeline import SUBNET, TOKEN, Swarm
     from swarm.cli.train import upload_files
+    from swarm.compression import CodecSpec
+    from swarm.job_spec import JobSpec
     from swarm.model.testing import _SAMPLE_TEXT, make_tiny_checkpoint
     from swarm.transport.coordinator_client import CoordinatorClient
     from swarm.localswarm import wait_until
@@ -32,8 +34,8 @@ def test_aqsgd_job_trains_across_shaped_namespaces(tmp_path):
         with CoordinatorClient(swarm.local_address) as client:
             nodes = client.snapshot().nodes
         assert all(n.peer_address.startswith(SUBNET + ".") for n in nodes)
-        spec = {"steps": 12, "batch_size": 8, "micro_batch_size": 2, "seq_len": 32, "lr": 3e-3,
-                "compression": "aqsgd:fw=4,bw=8", "num_stages": 3, "num_replicas": 1, "peer_timeout_s": 30.0}
+        spec = JobSpec(steps=12, batch_size=8, micro_batch_size=2, seq_len=32, lr=3e-3,
+                       codec=CodecSpec.parse("aqsgd:fw=4,bw=8"), num_stages=3, num_replicas=1, peer_timeout_s=30.0)
         with CoordinatorClient(swarm.local_address, token=TOKEN) as client:
             job = client.submit_job(spec, upload_files(tmp_path / "model", tmp_path / "data.txt"))
             job = wait_until(lambda: (j := client.get_job(job.id)).state in ("succeeded", "failed") and j, 100,

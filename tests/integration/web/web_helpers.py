@@ -71,10 +71,10 @@ TINY_GPT2 = {"model_type": "gpt2", "vocab_size": 256, "n_embd": 32, "n_layer": 4
 def start_job(c: Coordinator, *, total_steps: int = 10, name: str = "tiny") -> str:
     """A job put in the jobs plugin's store and planned by its own loop (``tick``) over the
     registered nodes; returns its id once it is running."""
-    from coordinator.jobs.service import normalize_spec
+    from swarm.job_spec import JobSpec
 
     job_id = "feed" + format(len(c.app.services.jobs.store.list()), "08x")
-    c.app.services.jobs.store.create(job_id=job_id, spec=normalize_spec({"name": name, "steps": total_steps}),
+    c.app.services.jobs.store.create(job_id=job_id, spec=JobSpec(name=name, steps=total_steps),
                             model=dict(TINY_GPT2), num_samples=64, dataset_key="k", total_steps=total_steps)
     c.app.services.jobs.tick()
     job = c.app.services.jobs.store.get(job_id)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from swarm.compression import CodecSpec
 from swarm.model.checkpoint import load_checkpoint
 from swarm.pipeline.codecs import simulated_boundary, state_key
 from swarm.pipeline.data import BatchOrder, TokenDataset
@@ -49,7 +50,7 @@ def reference_losses(coord_dir: Path, job: dict) -> tuple[list[float], list]:
                         total_steps=job["total_steps"], min_lr_ratio=spec["min_lr_ratio"], grad_clip=spec["grad_clip"])
     key = state_key(job["id"], dataset.key)
     boundaries = [
-        [simulated_boundary(spec["compression"], boundary=k, key=key, num_samples=dataset.num_samples,
+        [simulated_boundary(CodecSpec.parse(spec["compression"]), boundary=k, key=key, num_samples=dataset.num_samples,
                             row_shape=(spec["seq_len"], ckpt.config.hidden_size)) for k in range(len(ranges) - 1)]
         for _ in range(replicas)
     ]

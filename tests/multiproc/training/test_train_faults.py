@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from swarm.cli.train import upload_files
+from swarm.compression import CodecSpec
 from swarm.errors import AuthError
+from swarm.job_spec import JobSpec
 from swarm.proto.v1 import training_pb2_grpc
 from swarm.transport import tensors as wt
 from swarm.transport.coordinator_client import CoordinatorClient
@@ -20,9 +22,9 @@ pytestmark = pytest.mark.multiproc
 FAIL_WITHIN_S = 30.0  # node lost after 2 s (test coordinator), peers time out after 5 s
 
 
-def _spec(steps: int) -> dict:
-    return {"steps": steps, "batch_size": 4, "micro_batch_size": 2, "seq_len": 16, "lr": 1e-3, "compression": "none",
-            "checkpoint_every": 2, "num_stages": 3, "num_replicas": 1, "peer_timeout_s": 5.0, "schedule": "1f1b"}
+def _spec(steps: int) -> JobSpec:
+    return JobSpec(steps=steps, batch_size=4, micro_batch_size=2, seq_len=16, lr=1e-3, codec=CodecSpec.parse("none"),
+                   checkpoint_every=2, num_stages=3, num_replicas=1, peer_timeout_s=5.0, schedule="1f1b")
 
 
 @pytest.mark.timeout(120)

@@ -2,12 +2,13 @@
 
 import torch
 
-from swarm.compression import CodecMessage
+from swarm.compression import CodecMessage, CodecSpec
 from swarm.pipeline.codecs import make_codec, simulated_boundary
 
 
 def _pair(spec, **kw):
     common = dict(boundary=1, key="job:data", num_samples=16, row_shape=(4, 8), **kw)
+    spec = CodecSpec.parse(spec)
     up = make_codec(spec, side="up", **{k: v for k, v in common.items() if k != "storage"},
                     storage=kw.get("storage", "ram"))
     down = make_codec(spec, side="down", **{k: v for k, v in common.items() if k != "storage"},
@@ -34,7 +35,7 @@ def test_ram_and_memmap_state_send_identical_bytes(tmp_path):
 
 def test_none_boundary_is_exact_and_backward_direct_is_close():
     x = torch.randn(2, 4, 8)
-    b = simulated_boundary("none", boundary=0, key="k", num_samples=8, row_shape=(4, 8))
+    b = simulated_boundary(CodecSpec.parse("none"), boundary=0, key="k", num_samples=8, row_shape=(4, 8))
     assert torch.equal(b.forward(x, [0, 1], 0), x) and torch.equal(b.backward(x, [0, 1], 0), x)
-    d = simulated_boundary("direct:fw=8,bw=8", boundary=0, key="k", num_samples=8, row_shape=(4, 8))
+    d = simulated_boundary(CodecSpec.parse("direct:fw=8,bw=8"), boundary=0, key="k", num_samples=8, row_shape=(4, 8))
     assert torch.allclose(d.forward(x, [0, 1], 0), x, atol=0.05)

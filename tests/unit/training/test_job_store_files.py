@@ -10,19 +10,19 @@ from swarm.clock import FakeClock
 from swarm.errors import CapacityError, InfeasiblePlanError, InvalidRequestError, NotFoundError
 from swarm.hardware import HardwareInfo
 from swarm.membership import NodeInfo
+from swarm.job_spec import JobSpec
 from swarm.model.config import ModelConfig
 from swarm.transport.transfer import FileHeader, FileReceiver
 
 from coordinator.jobs.files import UploadLimits, prepare_job
 from coordinator.jobs.planning import plan_job
-from coordinator.jobs.service import normalize_spec
 from coordinator.jobs.store import JobStore
 from coordinator.store import Database
 
 
 def test_state_machine_allows_only_forward_moves(tmp_path):
     store = JobStore(Database(tmp_path), FakeClock())
-    store.create(job_id="j1", spec={}, model={}, num_samples=4, dataset_key="k", total_steps=3)
+    store.create(job_id="j1", spec=JobSpec(), model={}, num_samples=4, dataset_key="k", total_steps=3)
     assert store.get("j1").state == "pending"
     assert store.transition("j1", "succeeded") is None  # pending cannot succeed
     assert store.transition("j1", "running", plan={"d_pp": 1}, assignments=[], attempt=1).state == "running"
@@ -59,11 +59,11 @@ def test_uploads_check_names_sizes_and_digests(tmp_path):
 
 
 def test_spec_validation_names_the_flag():
-    assert normalize_spec({})["epochs"] == 1.0
+    assert JobSpec.from_dict({}).epochs == 1.0
     with pytest.raises(InvalidRequestError, match="micro-batch"):
-        normalize_spec({"batch_size": 6, "micro_batch_size": 4})
+        JobSpec.from_dict({"batch_size": 6, "micro_batch_size": 4})
     with pytest.raises(Exception, match="codec"):
-        normalize_spec({"compression": "zip:9"})
+        JobSpec.from_dict({"compression": "zip:9"})
 
 
 def test_prepare_job_tokenises_and_unties(tmp_path):
@@ -110,7 +110,7 @@ def _node(i: int) -> NodeInfo:
 
 def test_planning_gives_each_node_its_neighbours():
     cfg = ModelConfig(family="gpt2", vocab_size=64, hidden_size=32, num_layers=4, num_heads=4)
-    spec = normalize_spec({"batch_size": 4, "micro_batch_size": 2, "seq_len": 16, "num_stages": 2, "num_replicas": 2})
+    spec = JobSpec(batch_size=4, micro_batch_size=2, seq_len=16, num_stages=2, num_replicas=2)
     nodes = [_node(i) for i in range(4)]
     nan = np.full((4, 4), np.nan)
     jp = plan_job(spec=spec, config=cfg, nodes=nodes, delay_s=nan, bandwidth_Bps=nan)
@@ -121,6 +121,6 @@ def test_planning_gives_each_node_its_neighbours():
         assert by[(1, r)]["prev"]["node_id"] == by[(0, r)]["node_id"] and by[(1, r)]["next"] is None
     assert by[(0, 0)]["last_layer_excl"] == by[(1, 0)]["first_layer"]
     with pytest.raises(InfeasiblePlanError, match="idle"):
-        plan_job(spec=dict(spec, num_stages=3), config=cfg, nodes=nodes, delay_s=nan, bandwidth_Bps=nan)
+        plan_job(spec=spec.replace(num_stages=3), config=cfg, nodes=nodes, delay_s=nan, bandwidth_Bps=nan)
     with pytest.raises(InfeasiblePlanError, match="no nodes"):
         plan_job(spec=spec, config=cfg, nodes=[], delay_s=nan, bandwidth_Bps=nan)

@@ -1,0 +1,58 @@
+"""Protobuf <-> domain objects for training jobs: :class:`~swarm.job_spec.JobSpec` and progress.
+
+Every field is named here (no reflection over descriptors), so adding a field to the message or
+the dataclass is a visible change in both directions. The codec travels as its canonical text in
+``JobSpec.compression`` and is parsed once, on receipt, into a CodecSpec.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from swarm.errors import InvalidRequestError
+from swarm.job_spec import JobSpec
+from swarm.proto.v1 import training_pb2 as pb
+
+
+def job_spec_to_pb(spec: JobSpec) -> pb.JobSpec:
+    return pb.JobSpec(
+        name=spec.name, steps=spec.steps, epochs=spec.epochs, batch_size=spec.batch_size,
+        micro_batch_size=spec.micro_batch_size, seq_len=spec.seq_len, lr=spec.lr, compression=str(spec.codec),
+        checkpoint_every=spec.checkpoint_every, seed=spec.seed, warmup_steps=spec.warmup_steps,
+        weight_decay=spec.weight_decay, grad_clip=spec.grad_clip, schedule=spec.schedule, num_stages=spec.num_stages,
+        num_replicas=spec.num_replicas, peer_timeout_s=spec.peer_timeout_s, min_lr_ratio=spec.min_lr_ratio,
+    )
+
+
+def job_spec_from_pb(m: pb.JobSpec) -> JobSpec:
+    """Validate a received spec. Empty strings (name, compression, schedule) take the defaults;
+    numbers are taken as sent. Raises InvalidRequestError naming the flag to fix."""
+    return JobSpec.from_dict({
+        "name": m.name, "steps": m.steps, "epochs": m.epochs, "batch_size": m.batch_size,
+        "micro_batch_size": m.micro_batch_size, "seq_len": m.seq_len, "lr": m.lr, "compression": m.compression,
+        "checkpoint_every": m.checkpoint_every, "seed": m.seed, "warmup_steps": m.warmup_steps,
+        "weight_decay": m.weight_decay, "grad_clip": m.grad_clip, "schedule": m.schedule, "num_stages": m.num_stages,
+        "num_replicas": m.num_replicas, "peer_timeout_s": m.peer_timeout_s, "min_lr_ratio": m.min_lr_ratio,
+    })
+
+
+def progress_from_pb(m: pb.ProgressReport) -> dict[str, Any]:
+    """A node's progress report as the job service takes it; ``loss`` None when absent or not
+    finite. Raises InvalidRequestError on out-of-range fields."""
+    r: dict[str, Any] = {
+        "job_id": m.job_id, "attempt": m.attempt, "stage": m.stage, "replica": m.replica, "step": m.step,
+        "has_loss": m.has_loss, "loss": m.loss if m.has_loss and math.isfinite(m.loss) else None,
+        "tokens_per_s": m.tokens_per_s, "bytes_sent": m.bytes_sent, "bytes_raw": m.bytes_raw, "step_s": m.step_s,
+        "compute_s": m.compute_s, "wait_s": m.wait_s, "comm_s": m.comm_s, "state": m.state, "error": m.error,
+        "tokens": m.tokens, "bytes_forward": m.bytes_forward, "bytes_backward": m.bytes_backward,
+    }
+    for k in ("tokens_per_s", "step_s", "compute_s", "wait_s", "comm_s"):
+        if not math.isfinite(r[k]) or r[k] < 0:
+            raise InvalidRequestError(f"progress field {k} must be finite and >= 0")
+    for k in ("bytes_sent", "bytes_raw", "bytes_forward", "bytes_backward", "tokens"):
+        if not 0 <= r[k] <= 1 << 50:
+            raise InvalidRequestError(f"progress field {k} must be in 0..2^50")
+    if r["state"] not in ("running", "done", "failed"):
+        raise InvalidRequestError("progress state must be running, done or failed")
+    return r
