@@ -11,6 +11,7 @@ from __future__ import annotations
 from swarm.proto.v1 import training_pb2_grpc as pb_grpc
 
 from coordinator.jobs import http as jobs_http
+from coordinator.jobs.files import UploadLimits
 from coordinator.jobs.service import JobService
 from coordinator.jobs.servicer import TrainingServicer
 from coordinator.jobs.store import JobStore
@@ -19,8 +20,9 @@ from coordinator.jobs.store import JobStore
 def _service(app) -> JobService:
     svc = getattr(app, "jobs", None)
     if svc is None:
+        limits = UploadLimits(max_model_params=getattr(app.config, "max_model_params", UploadLimits.max_model_params))
         svc = JobService(store=JobStore(app.db, app.clock), state_dir=app.state_dir, registry=app.registry,
-                         network=app.network, clock=app.clock)
+                         network=app.network, clock=app.clock, limits=limits)
         app.jobs = svc
     return svc
 
