@@ -29,8 +29,10 @@ from swarm.plugins import stop_plugins
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
 from swarm.transport.auth import MAX_SESSION_CHARS, read_api_token, read_credentials, token_matches
 from swarm.transport.channels import CONTROL_MAX_MESSAGE_BYTES, bind, make_server
+from swarm.transport.limits import StreamLimits
 
 from coordinator import plugins as plugin_registry
+from coordinator.admission import Admission, AdmissionPolicy, local_hosts
 from coordinator.http import HttpServer, build_web_app
 from coordinator.plugins import CoordinatorHost, CoordinatorPlugin
 from coordinator.network import MeasurementPolicy, MeasurementScheduler, NetworkStore
@@ -57,8 +59,13 @@ class CoordinatorConfig:
     sweep_interval_s: float = 0.5
     measurement: MeasurementPolicy = field(default_factory=MeasurementPolicy)
     plugins: tuple[str, ...] = plugin_registry.PLUGINS
-    max_workers: int = 32
+    max_workers: int = 64
     max_nodes: int = 10_000  # registrations beyond are refused (RESOURCE_EXHAUSTED)
+    # Nodes behind one NAT share an address: more streams per remote IP than a node allows.
+    stream_limits: StreamLimits = field(default_factory=lambda: StreamLimits(max_streams_per_peer=16))
+    admission: AdmissionPolicy = field(default_factory=AdmissionPolicy)  # per-token limits, lost-node TTL
+    flush_interval_s: float = 5.0  # heartbeats are written to SQLite this often (kept in memory between)
+    max_model_params: int = 2_000_000_000  # a job's model (config-only uploads included) may not be larger
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -109,18 +116,20 @@ class CoordinatorApp:
         self.registry = NodeRegistry(self.db, self.clock, node_timeout_s=config.node_timeout_s)
         self.network = NetworkStore(self.db)
         self.measurements = MeasurementScheduler(self.network, self.clock, config.measurement)
+        self.admission = Admission(self.db, self.clock, config.admission, max_clock_skew_s=MAX_CLOCK_SKEW_S)
         self._sessions: dict[str, str] = {}
-        self._nonces: dict[bytes, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
         self.services = Services()
         self.host = CoordinatorHost(clock=self.clock, state_dir=self.state_dir, db=self.db, registry=self.registry,
                                     network=self.network, authenticate_node=self.authenticate_node,
-                                    authenticate_user=self.authenticate_user, services=self.services)
+                                    authenticate_user=self.authenticate_user, services=self.services,
+                                    max_model_params=config.max_model_params)
         self.plugin_modules = plugin_registry.load_plugins(config.plugins)
         self.plugins: list[CoordinatorPlugin] = []
-        self.grpc_server = make_server(max_message_bytes=CONTROL_MAX_MESSAGE_BYTES, max_workers=config.max_workers)
+        self.grpc_server = make_server(max_message_bytes=CONTROL_MAX_MESSAGE_BYTES, max_workers=config.max_workers,
+                                       stream_limits=config.stream_limits)
         self.web_app = build_web_app(self)
         self.http: HttpServer | None = None
         self.grpc_port = 0
@@ -158,15 +167,8 @@ class CoordinatorApp:
                             "(the token swarm-coordinator printed at start)")
 
     def check_nonce(self, nonce: bytes, timestamp_s: float) -> None:
-        """Refuse a registration payload seen before (replay)."""
-        now = self.clock.time()
-        with self._lock:
-            for old, t in list(self._nonces.items()):
-                if now - t > 2 * MAX_CLOCK_SKEW_S:
-                    del self._nonces[old]
-            if nonce in self._nonces:
-                raise AuthError("this registration was already used (replay); the node must sign a fresh one")
-            self._nonces[bytes(nonce)] = now
+        """Refuse a registration payload seen before (replay), also across restarts (SQLite)."""
+        self.admission.check_nonce(nonce)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> tuple[int, int]:
@@ -178,10 +180,13 @@ class CoordinatorApp:
             plugin.install_grpc(self.grpc_server)
             plugin.install_http(self.web_app)
         self.grpc_port = bind(self.grpc_server, cfg.host, cfg.port)
+        self.admission.own_hosts = local_hosts(cfg.host)
+        self.admission.own_ports.add(self.grpc_port)
         self.grpc_server.start()
         self.http = HttpServer(self.web_app, cfg.http_host or cfg.host, cfg.http_port)
         try:
             self.http_port = self.http.start()
+            self.admission.own_ports.add(self.http_port)
         except OSError as exc:
             self.grpc_server.stop(0)
             raise ConfigError(f"cannot serve HTTP on port {cfg.http_port} ({exc}); pick another --http-port") from exc
@@ -195,10 +200,15 @@ class CoordinatorApp:
         return self.grpc_port, self.http_port
 
     def _sweep_loop(self) -> None:
+        last_flush = self.clock.monotonic()
         while not self._stop.wait(self.config.sweep_interval_s):
             try:
                 for node_id in self.registry.sweep():
                     self.measurements.forget(node_id)
+                self.admission.forget(self.registry.purge(self.config.admission.lost_node_ttl_s))
+                if self.clock.monotonic() - last_flush >= self.config.flush_interval_s:
+                    self.registry.flush()
+                    last_flush = self.clock.monotonic()
             except Exception:  # noqa: BLE001 -- the sweeper must outlive a bad sweep
                 log.exception("liveness sweep failed")
 
@@ -211,4 +221,5 @@ class CoordinatorApp:
         if self._sweeper is not None:
             self._sweeper.join(timeout=5)
         self.registry.close()
+        self.admission.close()
         self.network.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from swarm import log as swarm_log
 from swarm.errors import SwarmError
+from swarm.statedir import private_umask
 
 
 def _env(name: str, default):
@@ -35,27 +36,64 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--remeasure-interval-s", type=float, default=300.0, help="re-measure each link this often (default 300)")
     s.add_argument("--probe-bytes", type=int, default=4 << 20, help="bytes streamed per bandwidth measurement (default 4 MiB)")
     s.add_argument("--num-pings", type=int, default=5, help="round trips per RTT measurement (default 5)")
+    g = s.add_argument_group("limits (what strangers holding the join token can do)")
+    g.add_argument("--max-identities-per-token", type=int, default=int(_env("MAX_IDENTITIES_PER_TOKEN", 5000)),
+                   help="node identities one join token may register (default 5000)")
+    g.add_argument("--max-new-identities-per-min", type=int, default=int(_env("MAX_NEW_IDENTITIES_PER_MIN", 600)),
+                   help="new node identities one join token may register per minute (default 600)")
+    g.add_argument("--lost-node-ttl-s", type=float, default=float(_env("LOST_NODE_TTL_S", 3600)),
+                   help="forget nodes lost or left this long ago, freeing their place (default 3600)")
+    g.add_argument("--max-model-params", type=int, default=int(_env("MAX_MODEL_PARAMS", 2_000_000_000)),
+                   help="largest model a job may train, in parameters (default 2e9)")
+    g.add_argument("--stream-idle-timeout-s", type=float, default=float(_env("STREAM_IDLE_TIMEOUT_S", 60)),
+                   help="cancel a gRPC stream that waited this long on the other side (default 60)")
+    g.add_argument("--max-streams-per-peer", type=int, default=int(_env("MAX_STREAMS_PER_PEER", 16)),
+                   help="concurrent gRPC streams from one remote IP (default 16)")
+    g.add_argument("--flush-interval-s", type=float, default=5.0,
+                   help="write heartbeats to SQLite this often; kept in memory between (default 5)")
     s.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     return parser
 
 
 def serve(args: argparse.Namespace) -> int:
+    import sqlite3
+
+    from coordinator.admission import AdmissionPolicy
     from coordinator.app import CoordinatorApp, CoordinatorConfig
     from coordinator.network import MeasurementPolicy
+    from swarm.statedir import secure_state_dir
+    from swarm.transport.limits import StreamLimits
 
+    state_dir = Path(args.state_dir).expanduser()
     try:
+        if args.max_model_params < 1:
+            raise ValueError("--max-model-params must be >= 1")
+        if args.flush_interval_s <= 0:
+            raise ValueError("--flush-interval-s must be > 0")
+        secure_state_dir(state_dir)
         config = CoordinatorConfig(
-            state_dir=Path(args.state_dir).expanduser(), host=args.host, port=args.port, http_port=args.http_port,
+            state_dir=state_dir, host=args.host, port=args.port, http_port=args.http_port,
             join_token=args.token, heartbeat_interval_s=args.heartbeat_interval_s, node_timeout_s=args.node_timeout_s,
             sweep_interval_s=min(0.5, args.heartbeat_interval_s / 2),
             measurement=MeasurementPolicy(
                 remeasure_interval_s=args.remeasure_interval_s, probe_bytes=args.probe_bytes, num_pings=args.num_pings,
             ),
+            admission=AdmissionPolicy(
+                max_identities_per_token=args.max_identities_per_token,
+                max_new_identities_per_min=args.max_new_identities_per_min, lost_node_ttl_s=args.lost_node_ttl_s,
+            ),
+            stream_limits=StreamLimits(idle_timeout_s=args.stream_idle_timeout_s,
+                                       max_streams_per_peer=args.max_streams_per_peer),
+            max_model_params=args.max_model_params, flush_interval_s=args.flush_interval_s,
         )
         app = CoordinatorApp(config)
         port, http_port = app.start()
     except (SwarmError, ValueError) as exc:
         print(f"swarm-coordinator: {exc}", file=sys.stderr)
+        return 2
+    except (sqlite3.DatabaseError, OSError) as exc:  # what the start-up check cannot foresee (disk, I/O)
+        print(f"swarm-coordinator: cannot use the state in {state_dir}: {exc}; free disk space, or restore the "
+              f"state dir from a backup or move it aside to start fresh", file=sys.stderr)
         return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -77,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "serve":
         parser.print_help()
         return 2
+    private_umask()  # state (token, SQLite, job files) is created 0600 / 0700
     swarm_log.configure(args.log_level)
     return serve(args)
 

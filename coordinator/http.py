@@ -3,11 +3,18 @@
 Routes of its own: ``GET /api/nodes`` and ``GET /api/network``. Plugins add routes through
 their ``install_http(web_app)`` hook (see :mod:`coordinator.plugins`) before the server starts (aiohttp freezes the router then).
 Handlers run on this server's loop: keep them non-blocking, or use ``loop.run_in_executor``.
+
+Every request with a body goes through :func:`body_limits` first: a body over
+:data:`MAX_REQUEST_BYTES` is answered 413 and a JSON body nested deeper than
+:data:`MAX_JSON_DEPTH` 400, before any handler sees them. Handlers parse JSON with
+:func:`loads_json` (or ``request.json(loads=loads_json)``), which raises
+:class:`~swarm.errors.InvalidRequestError` for anything that is not bounded, valid UTF-8 JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import socket
@@ -15,12 +22,74 @@ import threading
 
 from aiohttp import web
 
+from swarm.errors import InvalidRequestError
 from swarm.membership import link_json, node_json
 
 log = logging.getLogger(__name__)
 
 APP_KEY = web.AppKey("coordinator_app", object)
 MAX_REQUEST_BYTES = 16 << 20
+MAX_JSON_DEPTH = 64  # OpenAI chat bodies nest ~5 deep; deeper is an attack on recursive code
+
+
+class JsonTooDeepError(InvalidRequestError):
+    """A JSON document nested deeper than allowed."""
+
+
+def _depth(obj, max_depth: int) -> int:
+    """Nesting depth of a parsed JSON value, counted without recursion; stops past ``max_depth``."""
+    deepest = 0
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > max_depth:
+                return deepest
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def loads_json(data: bytes | str, *, max_depth: int = MAX_JSON_DEPTH):
+    """Parse a JSON request body. Raises InvalidRequestError (JsonTooDeepError when nested
+    deeper than ``max_depth``) for bad UTF-8 or bad JSON; never RecursionError."""
+    try:
+        value = json.loads(data)  # the C scanner is linear and raises RecursionError, never crashes
+    except RecursionError:
+        raise JsonTooDeepError(f"the JSON body nests deeper than {max_depth} levels") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise InvalidRequestError(f"the request body is not valid UTF-8 JSON ({exc})") from None
+    if _depth(value, max_depth) > max_depth:
+        raise JsonTooDeepError(f"the JSON body nests deeper than {max_depth} levels")
+    return value
+
+
+def _is_json(request: web.Request) -> bool:
+    return request.content_type == "application/json" or request.path.startswith("/v1/")
+
+
+def _error_body(status: int, message: str) -> web.Response:
+    # OpenAI's error shape, also fine for our own /api routes.
+    return web.json_response({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                        "code": None}}, status=status)
+
+
+@web.middleware
+async def body_limits(request: web.Request, handler):
+    """Refuse oversized bodies (413) and too deeply nested JSON (400) before the handler runs."""
+    if request.body_exists:
+        try:
+            body = await request.read()  # cached: the handler's request.json()/read() reuses it
+        except web.HTTPRequestEntityTooLarge:
+            return _error_body(413, f"the request body is larger than {MAX_REQUEST_BYTES} bytes")
+        if body and _is_json(request):
+            try:
+                loads_json(body)
+            except JsonTooDeepError as exc:
+                return _error_body(400, str(exc))
+            except InvalidRequestError:
+                pass  # not JSON at all: the handler answers in its own words
+    return await handler(request)
 
 
 def _finite(x: float) -> float | None:
@@ -50,7 +119,7 @@ async def api_network(request: web.Request) -> web.Response:
 
 
 def build_web_app(app) -> web.Application:
-    web_app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    web_app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[body_limits])
     web_app[APP_KEY] = app
     web_app.router.add_get("/api/nodes", api_nodes)
     web_app.router.add_get("/api/network", api_network)

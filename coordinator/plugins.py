@@ -56,7 +56,9 @@ class CoordinatorHost:
     - ``authenticate_node(context) -> node_id`` and ``authenticate_user(context, action)``: who is
       calling a servicer method; both raise AuthError (use inside a method decorated with
       ``swarm.transport.errors.grpc_errors``);
-    - ``services``: the typed services of other plugins (``services.jobs``, ``services.inference``).
+    - ``services``: the typed services of other plugins (``services.jobs``, ``services.inference``);
+    - ``max_model_params``: the largest config-only model a job may ask the coordinator to
+      initialise (``swarm-coordinator serve --max-model-params``).
     """
 
     clock: Clock
@@ -67,6 +69,7 @@ class CoordinatorHost:
     authenticate_node: Callable[[grpc.ServicerContext], str]
     authenticate_user: Callable[[grpc.ServicerContext, str], None]
     services: Services
+    max_model_params: int = 2_000_000_000
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))

@@ -5,18 +5,28 @@ A node is ``online`` from its registration; one whose last heartbeat is older th
 the same rule so readers never see a stale ``online``); one that leaves cleanly is ``left``.
 A heartbeat or a new registration brings a lost or left node back online. Times come from the
 injected clock (unix seconds), so unit tests drive liveness with a FakeClock.
+
+Writes: a registration, a leave and a change of state are written to SQLite at once; a
+heartbeat only updates memory and marks the node dirty, and :meth:`NodeRegistry.flush` (the
+coordinator's sweeper, every few seconds, and :meth:`close`) writes dirty nodes. So a heartbeat
+storm is not a write storm, and a full disk never makes a heartbeating node look lost. A write
+that fails for lack of space raises :class:`~swarm.errors.CapacityError` (RESOURCE_EXHAUSTED)
+and leaves memory as it was. Lost and left nodes silent for ``purge_after_s`` are forgotten
+(:meth:`NodeRegistry.purge`), so they stop counting against limits.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import sqlite3
 import threading
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from swarm.clock import Clock
-from swarm.errors import NotFoundError
+from swarm.errors import CapacityError, NotFoundError
 from swarm.hardware import HardwareInfo
 from swarm.membership import NodeInfo
 
@@ -32,6 +42,18 @@ class _Entry:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """True for SQLite's SQLITE_FULL ("database or disk is full") and OSError ENOSPC/EDQUOT."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(what: str, exc: BaseException) -> CapacityError:
+    return CapacityError(f"the coordinator cannot store {what}: its disk is full ({exc}); "
+                         "the operator must free space in the coordinator's --state-dir")
+
+
 class NodeRegistry:
     """Thread-safe registry. Readers get frozen :class:`~swarm.membership.NodeInfo` snapshots."""
 
@@ -43,6 +65,7 @@ class NodeRegistry:
         self._lock = threading.Lock()
         self._conn = db.connect()
         self._nodes: dict[str, _Entry] = {}
+        self._dirty: set[str] = set()  # heartbeats not yet written (see flush)
         self._load()
 
     # -- persistence -------------------------------------------------------------------------
@@ -66,6 +89,16 @@ class NodeRegistry:
         log.info("registry loaded num_nodes=%d", len(self._nodes))
 
     def _save(self, entry: _Entry) -> None:
+        """Write one node now. Raises CapacityError when the disk is full."""
+        try:
+            self._write(entry)
+        except (sqlite3.Error, OSError) as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(f"node {entry.info.id}", exc) from exc
+            raise
+        self._dirty.discard(entry.info.id)
+
+    def _write(self, entry: _Entry) -> None:
         info = entry.info
         with self._conn:
             self._conn.execute(
@@ -95,8 +128,8 @@ class NodeRegistry:
                 status=old.info.status if old else "", metrics=old.metrics if old else {},
             )
             entry = _Entry(info=info, public_key=public_key, metrics=info.metrics)
+            self._save(entry)  # first: a full disk refuses the registration and changes nothing
             self._nodes[node_id] = entry
-            self._save(entry)
         log.info("node registered id=%s name=%s address=%s again=%s", node_id, name, peer_address, old is not None)
         return info
 
@@ -113,14 +146,17 @@ class NodeRegistry:
             hw = entry.info.hardware
             if memory_free_bytes is not None and 0 <= memory_free_bytes <= hw.memory_bytes:
                 hw = replace(hw, memory_free_bytes=int(memory_free_bytes))
-            if entry.info.state != "online":
+            came_back = entry.info.state != "online"
+            if came_back:
                 log.info("node back online id=%s name=%s", node_id, entry.info.name)
             if metrics is not None:
                 entry.metrics = metrics
             entry.info = replace(
                 entry.info, state="online", last_seen_at_s=now, status=status, metrics=entry.metrics, hardware=hw
             )
-            self._save(entry)
+            self._dirty.add(node_id)
+            if came_back:  # a change of state is written now; if the disk is full, at the next flush
+                self._flush_one(entry)
             return entry.info
 
     def leave(self, node_id: str) -> NodeInfo:
@@ -128,8 +164,9 @@ class NodeRegistry:
             entry = self._nodes.get(node_id)
             if entry is None:
                 raise NotFoundError(f"node {node_id} is not registered")
-            entry.info = replace(entry.info, state="left", last_seen_at_s=self._clock.time())
-            self._save(entry)
+            left = replace(entry.info, state="left", last_seen_at_s=self._clock.time())
+            self._save(_Entry(info=left, public_key=entry.public_key, metrics=entry.metrics))
+            entry.info = left
         log.info("node left id=%s name=%s", node_id, entry.info.name)
         return entry.info
 
@@ -141,11 +178,52 @@ class NodeRegistry:
             for entry in self._nodes.values():
                 if entry.info.state == "online" and now - entry.info.last_seen_at_s > self._timeout_s:
                     entry.info = replace(entry.info, state="lost")
-                    self._save(entry)
+                    self._dirty.add(entry.info.id)
+                    self._flush_one(entry)
                     lost.append(entry.info.id)
         for node_id in lost:
             log.warning("node lost id=%s (no heartbeat for %.1f s)", node_id, self._timeout_s)
         return lost
+
+    def _flush_one(self, entry: _Entry) -> bool:
+        try:
+            self._save(entry)
+            return True
+        except CapacityError as exc:
+            log.warning("node state kept in memory only for now: %s", exc)
+            return False
+
+    def flush(self) -> int:
+        """Write the nodes changed by heartbeats since the last flush; returns how many were
+        written. A full disk is logged and retried at the next flush, never raised."""
+        with self._lock:
+            entries = [self._nodes[i] for i in list(self._dirty) if i in self._nodes]
+            written = 0
+            for entry in entries:
+                if not self._flush_one(entry):
+                    break
+                written += 1
+        return written
+
+    def purge(self, older_than_s: float) -> list[str]:
+        """Forget lost and left nodes last seen more than ``older_than_s`` ago; returns their ids."""
+        now = self._clock.time()
+        with self._lock:
+            gone = [e.info.id for e in self._nodes.values()
+                    if self._effective(e.info, now).state in ("lost", "left") and now - e.info.last_seen_at_s > older_than_s]
+            if not gone:
+                return []
+            try:
+                with self._conn:
+                    self._conn.executemany("DELETE FROM nodes WHERE id = ?", [(i,) for i in gone])
+            except (sqlite3.Error, OSError) as exc:
+                log.warning("could not purge %d old nodes (retried at the next sweep): %s", len(gone), exc)
+                return []
+            for node_id in gone:
+                del self._nodes[node_id]
+                self._dirty.discard(node_id)
+        log.info("forgot %d nodes lost or left more than %.0f s ago", len(gone), older_than_s)
+        return gone
 
     # -- reads -------------------------------------------------------------------------------
     def _effective(self, info: NodeInfo, now: float) -> NodeInfo:
@@ -178,5 +256,6 @@ class NodeRegistry:
             return entry.public_key
 
     def close(self) -> None:
+        self.flush()
         with self._lock:
             self._conn.close()

@@ -118,11 +118,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             )
         parse_address(payload.peer_address)
         hardware = hardware_from_proto(payload.hardware)
-        known = {n.id for n in app.registry.snapshot()}
+        nodes = app.registry.snapshot()
+        app.admission.check_peer_address(payload.peer_address, node_id, nodes)
+        known = {n.id for n in nodes}
         if node_id not in known and len(known) >= app.config.max_nodes:
             raise CapacityError(
                 f"this coordinator already knows {len(known)} nodes (its limit); ask its operator to raise it"
             )
+        app.admission.admit_identity(request.token, node_id)  # per-token limits (coordinator/admission.py)
         app.registry.register(
             node_id=node_id, name=payload.name, public_key=bytes(request.public_key),
             peer_address=payload.peer_address, hardware=hardware,

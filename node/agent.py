@@ -39,6 +39,7 @@ from swarm.proto.v1 import peer_pb2_grpc
 from swarm.transport.auth import call_metadata
 from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, bind, make_server, parse_address
 from swarm.transport.convert import metrics_to_json
+from swarm.transport.limits import StreamLimits
 
 from node import plugins as plugin_registry
 from node.plugins import NodeHost, NodePlugin
@@ -64,6 +65,7 @@ class NodeConfig:
     matmul_duration_s: float = 1.0
     plugins: tuple[str, ...] = field(default=plugin_registry.PLUGINS)
     seed: int = 0
+    stream_limits: StreamLimits = field(default_factory=StreamLimits)  # peer server: streams per peer, idle deadline
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -112,7 +114,7 @@ class NodeAgent:
         self.status = "idle"
         self.plugin_modules = plugin_registry.load_plugins(config.plugins)
         self.plugins: list[NodePlugin] = []
-        self.peer_server = make_server(max_message_bytes=DATA_MAX_MESSAGE_BYTES)
+        self.peer_server = make_server(max_message_bytes=DATA_MAX_MESSAGE_BYTES, stream_limits=config.stream_limits)
         self.peer_port = 0
         self.peer_address = ""
         self.fatal_error: SwarmError | None = None

@@ -18,6 +18,7 @@ from pathlib import Path
 from swarm import log as swarm_log
 from swarm.cli.common import add_common_flags, target_from_args
 from swarm.errors import SwarmError
+from swarm.statedir import private_umask
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,19 +35,29 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--state-dir", default=env("SWARM_STATE_DIR", str(Path.home() / ".swarm" / "node")), help="identity key and node files")
     j.add_argument("--heartbeat-interval-s", type=float, default=None, help="override the coordinator's heartbeat interval")
     j.add_argument("--probe-seconds", type=float, default=1.0, help="duration of the matmul TFLOPS probe (default 1)")
+    j.add_argument("--stream-idle-timeout-s", type=float, default=float(env("SWARM_STREAM_IDLE_TIMEOUT_S", "60")),
+                   help="cancel a peer stream that waited this long on the other side (default 60)")
+    j.add_argument("--max-streams-per-peer", type=int, default=int(env("SWARM_MAX_STREAMS_PER_PEER", "8")),
+                   help="concurrent peer streams from one remote IP (default 8)")
     j.add_argument("--log-level", default=env("SWARM_LOG_LEVEL", "INFO"))
     return parser
 
 
 def join(args: argparse.Namespace) -> int:
     from node.agent import NodeAgent, NodeConfig
+    from swarm.statedir import secure_state_dir
+    from swarm.transport.limits import StreamLimits
 
     target = target_from_args(args)
     try:
+        state_dir = Path(args.state_dir).expanduser()
+        secure_state_dir(state_dir)
         config = NodeConfig(
-            coordinator_address=target.address, token=target.token or "", state_dir=Path(args.state_dir).expanduser(),
+            coordinator_address=target.address, token=target.token or "", state_dir=state_dir,
             name=args.name, device=args.device, host=args.host, port=args.port, advertise_host=args.advertise_host,
             heartbeat_interval_s=args.heartbeat_interval_s, matmul_duration_s=args.probe_seconds,
+            stream_limits=StreamLimits(idle_timeout_s=args.stream_idle_timeout_s,
+                                       max_streams_per_peer=args.max_streams_per_peer),
         )
         agent = NodeAgent(config)
         port = agent.start()
@@ -73,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "join":
         parser.print_help()
         return 2
+    private_umask()  # identity key, shards, checkpoints are created 0600 / 0700
     swarm_log.configure(args.log_level)
     return join(args)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from swarm.proto.v1 import training_pb2_grpc as pb_grpc
 
 from coordinator.jobs import http as jobs_http
+from coordinator.jobs.files import UploadLimits
 from coordinator.jobs.service import JobService
 from coordinator.jobs.servicer import TrainingServicer
 from coordinator.jobs.store import JobStore
@@ -22,7 +23,8 @@ class JobsPlugin(CoordinatorPlugin):
     def __init__(self, host: CoordinatorHost) -> None:
         self.host = host
         self.service = JobService(store=JobStore(host.db, host.clock), state_dir=host.state_dir,
-                                  registry=host.registry, network=host.network, clock=host.clock)
+                                  registry=host.registry, network=host.network, clock=host.clock,
+                                  limits=UploadLimits(max_model_params=host.max_model_params))
         host.services.provide_jobs(self.service)
 
     def install_grpc(self, server) -> None:

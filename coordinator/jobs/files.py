@@ -41,6 +41,7 @@ class UploadLimits(TransferLimits):
 
     max_total_bytes: int = 8 << 30
     max_file_bytes: int = 4 << 30
+    max_model_params: int = 2_000_000_000  # swarm-coordinator serve --max-model-params
 
 
 def job_dir(state_dir: Path, job_id: str) -> Path:
@@ -53,8 +54,9 @@ class PreparedJob:
     dataset: TokenDataset
 
 
-def prepare_job(jdir: Path, *, seq_len: int, seed: int) -> PreparedJob:
-    """Build ``init/`` and ``data.npy`` from ``upload/``. Raises InvalidRequestError on bad input."""
+def prepare_job(jdir: Path, *, seq_len: int, seed: int, max_model_params: int | None = None) -> PreparedJob:
+    """Build ``init/`` and ``data.npy`` from ``upload/``. Raises InvalidRequestError on bad input,
+    including a config-only model larger than ``max_model_params`` (its weights are made here)."""
     ckpt = jdir / "upload" / "checkpoint"
     data = jdir / "upload" / "data"
     if not (ckpt / "config.json").is_file():
@@ -69,6 +71,12 @@ def prepare_job(jdir: Path, *, seq_len: int, seed: int) -> PreparedJob:
         from swarm.model.checkpoint import load_config
 
         config = load_config(ckpt)
+        num_params = config.num_parameters()
+        if max_model_params is not None and num_params > max_model_params:
+            raise InvalidRequestError(
+                f"config.json describes a model of {num_params:,} parameters ({num_params * 4 / 2**30:.1f} GiB in "
+                f"float32); this coordinator allows at most {max_model_params:,} (swarm-coordinator serve "
+                "--max-model-params): submit a smaller model")
         tensors = init_tensors(config, seed=seed)
     if seq_len > config.max_position_embeddings:
         raise InvalidRequestError(

@@ -81,7 +81,8 @@ class JobService:
         jdir = files.job_dir(self.state_dir, job_id)
         try:
             receive_files(items, jdir / "upload", limits=self.limits, roots=("data", "checkpoint"))
-            prepared = files.prepare_job(jdir, seq_len=spec.seq_len, seed=spec.seed)
+            prepared = files.prepare_job(jdir, seq_len=spec.seq_len, seed=spec.seed,
+                                         max_model_params=self.limits.max_model_params)
             order = BatchOrder(num_samples=prepared.dataset.num_samples, batch_size=spec.batch_size,
                                micro_batch_size=spec.micro_batch_size, seed=spec.seed)
             total = spec.steps or order.steps_for_epochs(spec.epochs)

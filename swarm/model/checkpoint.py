@@ -41,9 +41,11 @@ def load_config(path: str | Path) -> ModelConfig:
     if not cfg_path.is_file():
         raise NotFoundError(f"no config.json in {path}; point at an HF-format model directory")
     try:
-        hf = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        hf = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or not UTF-8
         raise ConfigError(f"cannot read {cfg_path}: {exc}") from exc
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{cfg_path} must hold a JSON object (an HF config)")
     return ModelConfig.from_hf_config(hf)
 
 
@@ -52,8 +54,8 @@ def _weight_map(path: Path) -> dict[str, str]:
     index = path / INDEX_NAME
     if index.is_file():
         try:
-            return dict(json.loads(index.read_text())["weight_map"])
-        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            return dict(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        except (OSError, ValueError, RecursionError, KeyError, TypeError) as exc:
             raise ConfigError(f"cannot read the shard index {index}: {exc}") from exc
     single = path / SINGLE_NAME
     files = [single] if single.is_file() else sorted(path.glob("*.safetensors"))

@@ -7,6 +7,11 @@ so tests never guess ports). Message size limits:
 - control plane (coordinator): :data:`CONTROL_MAX_MESSAGE_BYTES`; plugins moving bulk data
   through the coordinator stream it in chunks of at most :data:`CHUNK_BYTES`.
 - data plane (node peer server): :data:`DATA_MAX_MESSAGE_BYTES`.
+
+Every server gets a :class:`~swarm.transport.limits.StreamGuard`: streaming calls are limited in
+number (overall and per remote IP, refused at once with RESOURCE_EXHAUSTED beyond) and cancelled
+when idle, and some threads are always kept for unary calls, so idle streams never delay a Ping
+or a Heartbeat.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from swarm.errors import ConfigError
+from swarm.transport.limits import StreamGuard, StreamLimits
 from swarm.transport.transfer import CHUNK_BYTES  # noqa: F401 -- re-exported for plugins
 
 CONTROL_MAX_MESSAGE_BYTES = 16 << 20
@@ -35,18 +41,24 @@ def _size_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def make_server(*, max_message_bytes: int, max_workers: int = 16) -> grpc.Server:
-    """A synchronous gRPC server, not yet bound nor started."""
+def make_server(*, max_message_bytes: int, max_workers: int = 32,
+                stream_limits: StreamLimits | None = None) -> grpc.Server:
+    """A synchronous gRPC server, not yet bound nor started, guarded by ``stream_limits``
+    (default :class:`StreamLimits`); the guard is ``server.stream_guard``."""
+    guard = StreamGuard(stream_limits or StreamLimits(), max_workers=max_workers)
     options = _size_options(max_message_bytes) + [
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.so_reuseport", 0),
     ]
-    return grpc.server(
+    server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=options,
+        interceptors=[guard],
         maximum_concurrent_rpcs=max_workers * 8,
     )
+    server.stream_guard = guard  # for metrics and tests
+    return server
 
 
 def bind(server: grpc.Server, host: str, port: int) -> int:

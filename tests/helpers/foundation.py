@@ -15,8 +15,14 @@ from swarm.transport.convert import hardware_to_proto
 HW = HardwareInfo(device="cpu", device_kind="cpu", device_name="test cpu", memory_bytes=8 << 30,
                   memory_free_bytes=4 << 30, cpu_cores=2, ram_bytes=8 << 30, disk_free_bytes=1 << 40,
                   tflops=0.25, tflops_dtype="float32")
-def make_register(app, ident: Identity, *, token=None, version=None, name="node-a", address="127.0.0.1:9",
+def default_address(ident: Identity) -> str:
+    """A peer address of its own for each test identity (the coordinator refuses one held by another node)."""
+    return f"127.0.0.1:{10_000 + int(ident.node_id[:4], 16) % 50_000}"
+
+
+def make_register(app, ident: Identity, *, token=None, version=None, name="node-a", address=None,
                   timestamp=None, hardware=None, nonce=None) -> pb.RegisterRequest:
+    address = default_address(ident) if address is None else address
     payload = pb.RegistrationPayload(
         protocol_version=swarm.PROTOCOL_VERSION if version is None else version, node_id=ident.node_id, name=name,
         peer_address=address, hardware=hardware or hardware_to_proto(HW),
