@@ -36,7 +36,7 @@ from swarm.transport.convert import link_from_proto, node_from_proto, sampling_t
 from swarm.transport.errors import translate_rpc_errors
 
 if TYPE_CHECKING:
-    from swarm.inference.sampling import SamplingParams
+    from swarm.inference.params import SamplingParams
 
 DEFAULT_ADDRESS = "127.0.0.1:7070"
 MAX_RESULT_BYTES = 64 << 30
