@@ -26,6 +26,11 @@ class ConfigError(InvalidRequestError):
     """A configuration value (flag, file, env var) is invalid."""
 
 
+class WrongProtocolError(ConfigError):
+    """The address answers another protocol (HTTP/1 where gRPC was expected): retrying cannot
+    help, the address must change."""
+
+
 class AuthError(SwarmError):
     """Wrong token, bad signature or unknown identity."""
 

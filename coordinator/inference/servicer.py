@@ -56,7 +56,7 @@ def params_from_header(h: pb.ServeUploadHeader) -> ServeParams:
     return ServeParams(
         num_replicas=h.num_replicas if h.num_replicas > 0 else None,
         num_stages=h.num_stages or None,
-        max_seq_len=h.max_seq_len or 256,
+        max_seq_len=h.max_seq_len,  # 0: the model's context (resolved once the config is here)
         sessions_per_replica=h.sessions_per_replica or 8,
         objective=h.objective or "latency",
         hidden_codec=h.hidden_codec or "none",

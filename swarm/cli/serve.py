@@ -32,7 +32,9 @@ def add_parser(sub) -> None:
     s.add_argument("--name", default=None, help="name clients use (default: the directory name)")
     s.add_argument("--replicas", type=int, default=1, help="replicas (chains) to place; 0: as many as fit (default 1)")
     s.add_argument("--stages", type=int, default=0, help="exact stages per replica (default 0: placement decides)")
-    s.add_argument("--max-seq-len", type=int, default=256, help="context (prompt + new tokens) per session (default 256)")
+    s.add_argument("--max-seq-len", type=int, default=0,
+                   help="context (prompt + new tokens) per session, at most the model's max_position_embeddings "
+                        "(default: the model's)")
     s.add_argument("--sessions", type=int, default=8, help="concurrent sessions per replica (default 8)")
     s.add_argument("--objective", choices=("latency", "throughput"), default="latency")
     s.add_argument("--hidden-codec", choices=("none", "int8", "auto"), default="none",
