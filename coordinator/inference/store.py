@@ -14,7 +14,7 @@ import logging
 import re
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -155,9 +155,11 @@ class ModelStore:
         return cur.rowcount > 0
 
     # ------------------------------------------------------------------ uploads
-    def receive(self, name: str, files: list[tuple[str, int, str]], data: Iterable[tuple[str, bytes]]) -> tuple[Path, str, int]:
+    def receive(self, name: str, files: list[tuple[str, int, str]], data: Iterable[tuple[str, bytes]],
+                check: Callable[[Path], None] | None = None) -> tuple[Path, str, int]:
         """Store an upload. ``files``: (file name, size, sha256 hex) as announced; ``data``: (file
-        name, bytes) pieces in any order. Returns (directory, digest, total bytes).
+        name, bytes) pieces in any order. ``check`` (the received directory) may refuse the
+        contents before they are kept. Returns (directory, digest, total bytes).
 
         Raises InvalidRequestError for anything that does not match the announcement.
         """
@@ -195,6 +197,8 @@ class ModelStore:
                     raise InvalidRequestError(f"upload data for {path[:80]!r}, which the header did not announce")
                 receiver.write(chunk, name=path)
             receiver.finish()
+            if check is not None:
+                check(tmp)
             if final.exists():
                 shutil.rmtree(tmp)
             else:
