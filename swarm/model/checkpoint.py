@@ -60,7 +60,7 @@ def _open_safetensors(f: Path):
         sf = safe_open(str(f), framework="pt", device="cpu")
     except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) on bad files
         raise InvalidRequestError(
-            f"{f.name} is not a valid safetensors file ({exc}); re-save the checkpoint "
+            f"{f} is not a valid safetensors file ({exc}); re-save the checkpoint "
             "(save_pretrained / safetensors.torch.save_file) or copy it again") from exc
     with sf:
         yield sf
@@ -140,7 +140,7 @@ def load_checkpoint(
                 try:
                     t = sf.get_tensor(canonical[n])
                 except Exception as exc:  # a truncated file fails only when the tensor is read
-                    raise InvalidRequestError(f"{fname}: cannot read tensor {canonical[n]} ({exc}); "
+                    raise InvalidRequestError(f"{fpath}: cannot read tensor {canonical[n]} ({exc}); "
                                               "the file is corrupt or truncated: copy it again") from exc
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype)
