@@ -162,9 +162,13 @@ class CoordinatorApp:
 
     def authenticate_user(self, context, action: str) -> None:
         """Check a user's ``swarm-api-token`` (the join token) for ``action``. Raises AuthError."""
-        if not token_matches(read_api_token(context), self.join_token):
-            raise AuthError(f"{action} needs the coordinator's token: pass --token or set SWARM_TOKEN "
-                            "(the token swarm-coordinator printed at start)")
+        given = read_api_token(context)
+        if not given:
+            raise AuthError(f"{action} needs the coordinator's token, and no token was given: pass --token "
+                            "or set SWARM_TOKEN (the token swarm-coordinator serve printed at start)")
+        if not token_matches(given, self.join_token):
+            raise AuthError(f"{action} needs the coordinator's token, and the token given is wrong: use the "
+                            "token printed by swarm-coordinator serve (READY ... token=...)")
 
     def check_nonce(self, nonce: bytes, timestamp_s: float) -> None:
         """Refuse a registration payload seen before (replay), also across restarts (SQLite)."""

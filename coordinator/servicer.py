@@ -99,8 +99,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except DecodeError as exc:
             raise InvalidRequestError("registration payload is not a RegistrationPayload message") from exc
         check_protocol_version(payload.protocol_version)
+        if not request.token:
+            raise AuthError("no join token given: pass --token or set SWARM_TOKEN (the token "
+                            "swarm-coordinator serve printed at start)")
         if not token_matches(request.token, app.join_token):
-            raise AuthError("wrong join token; use the token the coordinator printed at start (--token)")
+            raise AuthError("wrong join token: use the token printed by swarm-coordinator serve "
+                            "(READY ... token=...)")
         node_id = verify(request.public_key, request.signature, request.payload)
         if payload.node_id != node_id:
             raise AuthError("node_id does not match the public key; the node's state dir may be corrupt")

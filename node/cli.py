@@ -1,7 +1,9 @@
 """``swarm-node join``: join a swarm and serve until SIGINT/SIGTERM, then leave cleanly.
 
-Prints ``READY port=N node_id=ID`` on stdout once the peer server is serving (registration
-may still be pending if the coordinator is unreachable; the node retries by itself).
+Prints ``STARTED port=N node_id=ID`` once the peer server is serving, then ``READY port=N
+node_id=ID`` on stdout once the coordinator accepted the registration (while the coordinator is unreachable the node retries by itself and
+prints nothing yet). A refused registration (wrong token, the coordinator's HTTP port given as
+``--coordinator``, an incompatible version) exits 1 with the reason on stderr.
 Precedence: flags > SWARM_* environment > defaults (``--coordinator``/``--token`` as every
 `swarm` command: see :mod:`swarm.cli.common`).
 """
@@ -67,7 +69,13 @@ def join(args: argparse.Namespace) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    print(f"READY port={port} node_id={agent.node_id}", flush=True)
+    print(f"STARTED port={port} node_id={agent.node_id}", flush=True)  # serving; not registered yet
+    # READY only once the coordinator accepted the node: a refused registration (wrong token,
+    # wrong port, old version) exits non-zero with its message and never claims to be ready.
+    while not (agent.wait_registered(0.2) or agent.stopped or done.is_set()):
+        pass
+    if agent.wait_registered(0):
+        print(f"READY port={port} node_id={agent.node_id}", flush=True)
     while not done.wait(0.2):
         if agent.stopped:
             break

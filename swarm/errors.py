@@ -5,6 +5,12 @@ whether retrying can help (:class:`RetryableError`) or not. Messages say what to
 Servicers translate these into gRPC status codes in one table (``swarm.transport.errors``).
 """
 
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class SwarmError(Exception):
     """Root of all swarm errors."""
@@ -24,6 +30,11 @@ class InvalidRequestError(SwarmError):
 
 class ConfigError(InvalidRequestError):
     """A configuration value (flag, file, env var) is invalid."""
+
+
+class WrongProtocolError(ConfigError):
+    """The address answers another protocol (HTTP/1 where gRPC was expected): retrying cannot
+    help, the address must change."""
 
 
 class AuthError(SwarmError):
@@ -56,3 +67,18 @@ class PeerError(RetryableError):
 
 class UnavailableError(RetryableError):
     """A service (coordinator, peer) cannot be reached right now."""
+
+
+@contextmanager
+def shown_as(base: str | os.PathLike, shown: str = "") -> Iterator[None]:
+    """Re-raise a SwarmError whose message names files under ``base`` (a server's internal
+    directory) with those names as the user gave them: ``base/data/x.txt`` -> ``{shown}data/x.txt``."""
+    try:
+        yield
+    except SwarmError as exc:
+        prefix = os.fspath(base).rstrip("/")
+        msg = str(exc)
+        if prefix not in msg:
+            raise
+        new = type(exc)(msg.replace(prefix + "/", shown).replace(prefix, shown.rstrip("/") or "the upload"))
+        raise new from exc

@@ -164,8 +164,14 @@ def start_coordinator(state_dir: Path, *, port: int = 0, http_port: int = 0, hos
 
 def start_node(coordinator_address: str, token: str, state_dir: Path, *, name: str | None = None,
                device: str = "cpu", host: str = "127.0.0.1", extra_args: list[str] = (), timeout_s: float = 60.0,
-               prefix: list[str] = (), env: dict[str, str] | None = None) -> tuple[ManagedProcess, dict[str, str]]:
-    """Start ``swarm-node join``; returns the process and its READY fields (port, node_id)."""
+               prefix: list[str] = (), env: dict[str, str] | None = None,
+               wait_for: str = "READY") -> tuple[ManagedProcess, dict[str, str]]:
+    """Start ``swarm-node join``; returns the process and its READY fields (port, node_id).
+
+    ``wait_for="STARTED"`` returns as soon as the node serves, before the coordinator accepted
+    it (for tests of an unreachable coordinator or a refused registration)."""
+    if wait_for not in ("READY", "STARTED"):
+        raise ValueError("wait_for must be READY or STARTED")
     state_dir = Path(state_dir)
     argv = [*prefix, sys.executable, "-m", "node.cli", "join", "--coordinator", coordinator_address, f"--token={token}",
             "--device", device, "--host", host, "--state-dir", str(state_dir), *extra_args]
@@ -174,7 +180,7 @@ def start_node(coordinator_address: str, token: str, state_dir: Path, *, name: s
     proc = ManagedProcess(name or state_dir.name, argv, log_path=state_dir.parent / f"{state_dir.name}.log",
                           env=env or child_env())
     try:
-        m = proc.wait_for_line(r"^READY port=(\d+) node_id=([0-9a-f]+)", timeout_s)
+        m = proc.wait_for_line(rf"^{wait_for} port=(\d+) node_id=([0-9a-f]+)", timeout_s)
     except TimeoutError:
         proc.stop()
         raise

@@ -18,7 +18,7 @@ import threading
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -36,7 +36,7 @@ from swarm.transport.channels import data_channel
 from swarm.transport.errors import error_from_rpc
 
 from coordinator.inference.replica import Replica, Session, StageRef
-from coordinator.inference.store import ModelRecord, ModelStore, ServeParams
+from coordinator.inference.store import ModelRecord, ModelStore, ServeParams, served_params
 from coordinator.inference.text import TextCodec
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,10 @@ class InferenceEngine:
     def serve(self, record: ModelRecord) -> ServedModel:
         """Place and load a stored model (blocking). Replaces a model of the same name."""
         config = load_config(record.dir)
+        params = served_params(record.params, config.max_position_embeddings)
+        if params != record.params:  # the context actually served is what `swarm models` shows
+            record = replace(record, params=params)
+            self.store.put(record)
         text = TextCodec(record.dir, vocab_size=config.vocab_size)
         with self._lock:
             old = self._models.pop(record.name, None)

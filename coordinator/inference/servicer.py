@@ -12,9 +12,11 @@ import logging
 import queue
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
-from swarm.errors import InvalidRequestError, NotFoundError, SwarmError, UnavailableError
+from swarm.errors import InvalidRequestError, NotFoundError, SwarmError, UnavailableError, shown_as
 from swarm.inference.session import TokenEvent
+from swarm.model.checkpoint import check_weights, load_config
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.errors import grpc_errors
@@ -56,13 +58,21 @@ def params_from_header(h: pb.ServeUploadHeader) -> ServeParams:
     return ServeParams(
         num_replicas=h.num_replicas if h.num_replicas > 0 else None,
         num_stages=h.num_stages or None,
-        max_seq_len=h.max_seq_len or 256,
+        max_seq_len=h.max_seq_len,  # 0: the model's context (resolved once the config is here)
         sessions_per_replica=h.sessions_per_replica or 8,
         objective=h.objective or "latency",
         hidden_codec=h.hidden_codec or "none",
         dtype=h.dtype or "float32",
         lanes=h.lanes or 1,
     )
+
+
+def check_checkpoint(directory: Path) -> None:
+    """Refuse an uploaded checkpoint whose config.json or safetensors headers cannot be read
+    (INVALID_ARGUMENT naming the file), before nodes are asked to load it."""
+    with shown_as(directory):
+        load_config(directory)
+        check_weights(directory)
 
 
 class InferenceGatewayServicer(pb_grpc.InferenceGatewayServicer):
@@ -90,7 +100,7 @@ class InferenceGatewayServicer(pb_grpc.InferenceGatewayServicer):
                     raise InvalidRequestError("an upload carries exactly one header")
                 yield msg.path, msg.data
 
-        directory, digest, size = self.store.receive(h.name, files, data())
+        directory, digest, size = self.store.receive(h.name, files, data(), check=check_checkpoint)
         rec = ModelRecord(name=h.name, digest=digest, dir=directory, params=params, state="placing", error="",
                           size_bytes=size, created_at_s=self.app.clock.time())
         self.store.put(rec)

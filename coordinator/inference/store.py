@@ -14,8 +14,8 @@ import logging
 import re
 import shutil
 import threading
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from swarm.errors import CapacityError, InvalidRequestError, NotFoundError
@@ -49,7 +49,7 @@ class ServeParams:
 
     num_replicas: int | None = 1  # None: as many as fit
     num_stages: int | None = None
-    max_seq_len: int = 256
+    max_seq_len: int = 0  # context per session; 0: the model's max_position_embeddings (see served_params)
     sessions_per_replica: int = 8
     objective: str = "latency"
     hidden_codec: str = "none"
@@ -62,8 +62,8 @@ class ServeParams:
             raise InvalidRequestError("--replicas must be in 1..64")
         if self.num_stages is not None and not 1 <= self.num_stages <= 256:
             raise InvalidRequestError("--stages must be in 1..256")
-        if not 1 <= self.max_seq_len <= 1 << 17:
-            raise InvalidRequestError("--max-seq-len must be in 1..131072")
+        if not 0 <= self.max_seq_len <= 1 << 17:
+            raise InvalidRequestError("--max-seq-len must be in 1..131072 (0: the model's context)")
         if not 1 <= self.sessions_per_replica <= 1024:
             raise InvalidRequestError("--sessions must be in 1..1024")
         if self.objective not in ("latency", "throughput"):
@@ -86,6 +86,15 @@ class ModelRecord:
     error: str
     size_bytes: int
     created_at_s: float
+
+
+def served_params(params: ServeParams, max_position_embeddings: int) -> ServeParams:
+    """``params`` with the context actually served: the model's ``max_position_embeddings``,
+    capped by ``--max-seq-len`` when one was asked (0: none). A context past the model's
+    positions cannot be served, so a larger ask is capped too."""
+    model_max = int(max_position_embeddings)
+    context = min(params.max_seq_len, model_max) if params.max_seq_len else model_max
+    return params if context == params.max_seq_len else replace(params, max_seq_len=context)
 
 
 def check_model_name(name: str) -> str:
@@ -146,9 +155,11 @@ class ModelStore:
         return cur.rowcount > 0
 
     # ------------------------------------------------------------------ uploads
-    def receive(self, name: str, files: list[tuple[str, int, str]], data: Iterable[tuple[str, bytes]]) -> tuple[Path, str, int]:
+    def receive(self, name: str, files: list[tuple[str, int, str]], data: Iterable[tuple[str, bytes]],
+                check: Callable[[Path], None] | None = None) -> tuple[Path, str, int]:
         """Store an upload. ``files``: (file name, size, sha256 hex) as announced; ``data``: (file
-        name, bytes) pieces in any order. Returns (directory, digest, total bytes).
+        name, bytes) pieces in any order. ``check`` (the received directory) may refuse the
+        contents before they are kept. Returns (directory, digest, total bytes).
 
         Raises InvalidRequestError for anything that does not match the announcement.
         """
@@ -186,6 +197,8 @@ class ModelStore:
                     raise InvalidRequestError(f"upload data for {path[:80]!r}, which the header did not announce")
                 receiver.write(chunk, name=path)
             receiver.finish()
+            if check is not None:
+                check(tmp)
             if final.exists():
                 shutil.rmtree(tmp)
             else:

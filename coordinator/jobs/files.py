@@ -12,6 +12,7 @@ Layout under ``state_dir/jobs/<job_id>/``::
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from collections.abc import Iterable
@@ -22,10 +23,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from swarm.errors import InvalidRequestError, NotFoundError
+from swarm.errors import InvalidRequestError, NotFoundError, shown_as
 from swarm.model.checkpoint import load_checkpoint, save_checkpoint
 from swarm.model.config import ModelConfig
-from swarm.model.tokenizer import load_tokenizer
+from swarm.model.tokenizer import load_tokenizer, save_byte_tokenizer
 from swarm.pipeline.data import TokenDataset, read_texts, tokenize
 from swarm.pipeline.job_model import init_tensors, untie
 from swarm.transport.transfer import TransferLimits
@@ -54,6 +55,16 @@ class PreparedJob:
     dataset: TokenDataset
 
 
+def _names_as_uploaded(fn):
+    """Errors name the user's files as uploaded (``data/corpus.txt``), not this server's paths."""
+    @functools.wraps(fn)
+    def wrapper(jdir: Path, *args, **kwargs):
+        with shown_as(Path(jdir) / "upload"):
+            return fn(jdir, *args, **kwargs)
+    return wrapper
+
+
+@_names_as_uploaded
 def prepare_job(jdir: Path, *, seq_len: int, seed: int, max_model_params: int | None = None) -> PreparedJob:
     """Build ``init/`` and ``data.npy`` from ``upload/``. Raises InvalidRequestError on bad input,
     including a config-only model larger than ``max_model_params`` (its weights are made here)."""
@@ -88,6 +99,10 @@ def prepare_job(jdir: Path, *, seq_len: int, seed: int, max_model_params: int | 
     for name in TOKENIZER_FILES:
         if (ckpt / name).is_file():
             shutil.copyfile(ckpt / name, init / name)
+    if not (init / "tokenizer.json").is_file():
+        # no tokenizer given: the byte-level one, written out so the trained model carries it
+        # (refused here, at submit, when vocab_size does not fit it)
+        save_byte_tokenizer(init, config.to_hf_config())
     tok = load_tokenizer(init, vocab_size=config.vocab_size)
     dataset = tokenize(read_texts(data), encode=tok.encode, seq_len=seq_len, eos_id=tok.eos_token_id)
     if int(dataset.tokens.max()) >= config.vocab_size:

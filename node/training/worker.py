@@ -118,6 +118,7 @@ class StageWorker:
         self.reporter.final(state="failed", error=self.error)
 
     def _cleanup(self) -> None:
+        self.on_metrics(training=None)  # an idle node stops reporting the job it left
         if self.endpoint is not None:
             self.endpoints.remove(self.endpoint)
         for s in self.senders:

@@ -41,9 +41,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.configure(args.log_level)
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here for buffered output
+        return rc
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # stdout was closed early (`swarm jobs | head`): that is the reader's choice, not an error.
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+        _silence_stdout()
+        return 0
+
+
+def _silence_stdout() -> None:
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a file descriptor (tests' StringIO)
+        pass
 
 
 if __name__ == "__main__":

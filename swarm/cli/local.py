@@ -25,7 +25,15 @@ def add_parser(subparsers) -> None:
     up.add_argument("--http-port", type=int, default=0, help="coordinator HTTP port (default: free port)")
     up.add_argument("--state-dir", default=None, help="default: a fresh temporary directory")
     up.set_defaults(func=run_up)
-    demo = sub.add_parser("demo", help="3 local nodes: wait for them and the network matrix, print status, stop")
+    demo = sub.add_parser(
+        "demo",
+        help="3 local nodes: status with the measured network, AQ-SGD fine-tuning of a tiny model across "
+             "them, serving the result as an inference chain, a generation from it; then stop",
+        description="Start a coordinator and 3 nodes on this machine, wait until the network matrix is "
+                    "measured and print `swarm status`, fine-tune a tiny model as a 3-stage pipeline with "
+                    "AQ-SGD (aqsgd:fw=4,bw=8) while printing the loss, write the HF checkpoint, serve it "
+                    "as a 3-stage inference chain, stream a generation from it, and stop everything "
+                    "(~30 s on 2 cores).")
     demo.add_argument("--nodes", type=int, default=3)
     demo.add_argument("--timeout-s", type=float, default=120.0)
     demo.add_argument("--state-dir", default=None)

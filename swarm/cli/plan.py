@@ -49,7 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Run the scheduler offline. The cluster file holds delay_s and bandwidth_Bps matrices "
             "(and optionally devices with tflops/memory_bytes, d_dp/d_pp and a model/job object), "
-            "as in shared/bench/scheduler/scenarios/*.json."
+            "as in examples/cluster-datacenter-spot.json."
         ),
     )
     p.add_argument("--cluster", required=True, type=Path, help="cluster/scenario JSON file")

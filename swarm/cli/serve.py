@@ -21,8 +21,8 @@ from pathlib import Path
 from swarm.cli.common import add_common_flags, connect
 from swarm.errors import SwarmError
 
-# swarm.inference.sampling imports torch (~1-3 s): imported inside the commands that need it so
-# that every other `swarm` command starts fast.
+# No torch on these paths: they only talk to the coordinator (SamplingParams comes from the
+# torch-free swarm.inference.params), so every command starts in well under a second.
 
 
 def add_parser(sub) -> None:
@@ -32,7 +32,9 @@ def add_parser(sub) -> None:
     s.add_argument("--name", default=None, help="name clients use (default: the directory name)")
     s.add_argument("--replicas", type=int, default=1, help="replicas (chains) to place; 0: as many as fit (default 1)")
     s.add_argument("--stages", type=int, default=0, help="exact stages per replica (default 0: placement decides)")
-    s.add_argument("--max-seq-len", type=int, default=256, help="context (prompt + new tokens) per session (default 256)")
+    s.add_argument("--max-seq-len", type=int, default=0,
+                   help="context (prompt + new tokens) per session, at most the model's max_position_embeddings "
+                        "(default: the model's)")
     s.add_argument("--sessions", type=int, default=8, help="concurrent sessions per replica (default 8)")
     s.add_argument("--objective", choices=("latency", "throughput"), default="latency")
     s.add_argument("--hidden-codec", choices=("none", "int8", "auto"), default="none",
@@ -175,21 +177,29 @@ def run_generation(client, *, model: str, prompt: str, params: "SamplingParams",
 
 
 def cmd_generate(args) -> int:
-    from swarm.inference.sampling import SamplingParams
+    from swarm.inference.params import SamplingParams
 
+    printed = [False]
     try:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens, stop=tuple(args.stop))
-        on_text = None if args.json else (lambda t: print(t, end="", flush=True))
+        # printed[0]: whether any text reached stdout (then end that line before an error message)
+        def on_text(t: str) -> None:
+            printed[0] = True
+            print(t, end="", flush=True)
+
         with connect(args) as client:
-            res = run_generation(client, model=args.model, prompt=args.prompt, params=params, on_text=on_text)
+            res = run_generation(client, model=args.model, prompt=args.prompt, params=params,
+                                 on_text=None if args.json else on_text)
     except SwarmError as exc:
-        print(f"\nerror: {exc}", file=sys.stderr)
+        if printed[0]:
+            print(flush=True)  # end the partial line of text on stdout; the error goes to stderr
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps({"model": res.model, "text": res.text, "token_ids": list(res.token_ids),
                           "time_to_first_token_s": res.time_to_first_token_s, "tokens_per_s": res.tokens_per_s,
                           "finish_reason": res.finish_reason, "num_replays": res.num_replays}))
-    else:
+    elif printed[0]:
         print()
     return 0

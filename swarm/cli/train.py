@@ -1,7 +1,7 @@
 """``swarm train``, ``swarm jobs``, ``swarm job ID``, ``swarm cancel ID``: training jobs.
 
 ``swarm train [--coordinator HOST:PORT] [--token T] --model CONFIG.json|CHECKPOINT_DIR --data PATH
-[--epochs E | --steps N] [--batch-size B] [--micro-batch-size b] [--seq-len S] [--lr LR]
+[--tokenizer tokenizer.json] [--epochs E | --steps N] [--batch-size B] [--micro-batch-size b] [--seq-len S] [--lr LR]
 [--compression SPEC] [--checkpoint-every K] [--out DIR] [--follow] [--json]`` uploads the data
 and the starting model to the coordinator and prints the job id. ``--follow`` shows a progress
 bar (step, loss, tokens/s, ETA) until the job ends and exits 1 if it failed or was cancelled.
@@ -31,7 +31,10 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="submit a training / fine-tuning job to the swarm")
     add_common_flags(p, json=True)
     p.add_argument("--model", required=True, help="config.json (fresh weights) or an HF checkpoint directory")
-    p.add_argument("--data", required=True, help="a text file or a directory of text files")
+    p.add_argument("--data", required=True, help="a text file or a directory of text files (UTF-8)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="a tokenizer.json to train with (uploaded as checkpoint/tokenizer.json; default: the "
+                        "model directory's, else the byte-level tokenizer, which needs vocab_size 256..264)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps")
@@ -70,31 +73,70 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run_cancel)
 
 
-def upload_files(model: Path, data: Path) -> list:
-    """The files a job carries, named ``checkpoint/...`` and ``data/...``. Raises InvalidRequestError."""
+# The CLI reads this much of each data file to refuse a binary or empty one before uploading;
+# the coordinator checks every byte again.
+LOCAL_CHECK_BYTES = 1 << 20
+
+
+def _check_data_file(f: Path) -> None:
+    from swarm.pipeline.data import decode_text  # numpy only: no torch on this path
+
+    with open(f, "rb") as fh:
+        head = fh.read(LOCAL_CHECK_BYTES)
+    if len(head) == LOCAL_CHECK_BYTES:  # may end inside a UTF-8 character: drop the incomplete tail
+        head = head[: len(head) - 4]
+    decode_text(head, f)
+
+
+def _check_config(f: Path) -> None:
+    try:
+        cfg = json.loads(f.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequestError(f"{f} is not a JSON file ({exc}); pass an HF config.json") from exc
+    if not isinstance(cfg, dict):
+        raise InvalidRequestError(f"{f} holds a JSON {type(cfg).__name__}, not an object; pass an HF config.json")
+
+
+def upload_files(model: Path, data: Path, tokenizer: Path | None = None) -> list:
+    """The files a job carries, named ``checkpoint/...`` and ``data/...``. Checks locally what it
+    can (config.json is JSON, data files are non-empty text) so mistakes show before an upload.
+    ``tokenizer``: a tokenizer.json uploaded as ``checkpoint/tokenizer.json`` (over the model
+    directory's). Raises InvalidRequestError naming the user's file."""
     from swarm.transport.coordinator_client import UploadFile
 
     if not data.exists():
         raise InvalidRequestError(f"--data {data} does not exist; pass a text file or a directory of text files")
     if not model.exists():
         raise InvalidRequestError(f"--model {model} does not exist; pass a config.json or a checkpoint directory")
+    if tokenizer is not None and not tokenizer.is_file():
+        raise InvalidRequestError(f"--tokenizer {tokenizer} is not a file; pass a tokenizer.json")
     files = []
     if model.is_file():
+        _check_config(model)
         files.append(UploadFile(path=model, name="checkpoint/config.json"))
     else:
         if not (model / "config.json").is_file():
             raise InvalidRequestError(f"--model {model} has no config.json; is it an HF checkpoint directory?")
+        _check_config(model / "config.json")
         for f in sorted(model.iterdir()):
+            if tokenizer is not None and f.name == "tokenizer.json":
+                continue  # --tokenizer replaces it
             if f.is_file() and (f.name in MODEL_FILES or f.suffix == ".safetensors"):
                 files.append(UploadFile(path=f, name=f"checkpoint/{f.name}"))
+    if tokenizer is not None:
+        files.append(UploadFile(path=tokenizer, name="checkpoint/tokenizer.json"))
     if data.is_file():
-        files.append(UploadFile(path=data, name=f"data/{data.name}"))
+        texts = [(data, f"data/{data.name}")]
     else:
-        texts = sorted(p for p in data.rglob("*") if p.is_file())
+        texts = [(p, "data/" + p.relative_to(data).as_posix()) for p in sorted(data.rglob("*")) if p.is_file()]
         if not texts:
             raise InvalidRequestError(f"--data directory {data} holds no files")
-        for f in texts:
-            files.append(UploadFile(path=f, name="data/" + f.relative_to(data).as_posix()))
+    for f, name in texts:
+        _check_data_file(f)
+        files.append(UploadFile(path=f, name=name))
+    if all(f.stat().st_size <= LOCAL_CHECK_BYTES and not f.read_bytes().strip() for f, _ in texts):
+        what = texts[0][0] if len(texts) == 1 else data
+        raise InvalidRequestError(f"--data {what} holds no text (empty or only whitespace); pass a text file with content")
     return files
 
 
@@ -164,7 +206,7 @@ def job_spec_from_args(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     try:
         spec = job_spec_from_args(args)
-        files = upload_files(Path(args.model), Path(args.data))
+        files = upload_files(Path(args.model), Path(args.data), args.tokenizer)
         with connect(args) as client:
             job = client.submit_job(spec, files)
             if not args.json:

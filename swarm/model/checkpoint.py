@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,10 +44,32 @@ def load_config(path: str | Path) -> ModelConfig:
     try:
         hf = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or not UTF-8
-        raise ConfigError(f"cannot read {cfg_path}: {exc}") from exc
+        raise ConfigError(f"cannot read {cfg_path}: it is not a JSON file ({exc}); pass an HF config.json") from exc
     if not isinstance(hf, dict):
-        raise ConfigError(f"{cfg_path} must hold a JSON object (an HF config)")
-    return ModelConfig.from_hf_config(hf)
+        raise ConfigError(f"{cfg_path} holds a JSON {type(hf).__name__}, not an object; pass an HF config.json")
+    try:
+        return ModelConfig.from_hf_config(hf)
+    except (TypeError, ValueError, KeyError) as exc:  # wrongly typed fields
+        raise ConfigError(f"{cfg_path} is not a usable model config ({type(exc).__name__}: {exc})") from exc
+
+
+@contextmanager
+def _open_safetensors(f: Path):
+    """``safe_open`` that reports a corrupt or truncated file as InvalidRequestError naming it."""
+    try:
+        sf = safe_open(str(f), framework="pt", device="cpu")
+    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) on bad files
+        raise InvalidRequestError(
+            f"{f} is not a valid safetensors file ({exc}); re-save the checkpoint "
+            "(save_pretrained / safetensors.torch.save_file) or copy it again") from exc
+    with sf:
+        yield sf
+
+
+def check_weights(path: str | Path) -> int:
+    """Open the header of every ``*.safetensors`` file of a checkpoint directory; the number of
+    tensors. Raises InvalidRequestError naming a corrupt file, NotFoundError when there is none."""
+    return len(_weight_map(Path(path)))
 
 
 def _weight_map(path: Path) -> dict[str, str]:
@@ -63,7 +86,7 @@ def _weight_map(path: Path) -> dict[str, str]:
         raise NotFoundError(f"no *.safetensors in {path}; only safetensors checkpoints are supported")
     out = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
+        with _open_safetensors(f) as sf:
             for name in sf.keys():
                 out[name] = f.name
     return out
@@ -112,9 +135,13 @@ def load_checkpoint(
         fpath = path / fname
         if not fpath.is_file():
             raise NotFoundError(f"shard {fname} named in {INDEX_NAME} is missing from {path}")
-        with safe_open(str(fpath), framework="pt", device="cpu") as sf:
+        with _open_safetensors(fpath) as sf:
             for n in fnames:
-                t = sf.get_tensor(canonical[n])
+                try:
+                    t = sf.get_tensor(canonical[n])
+                except Exception as exc:  # a truncated file fails only when the tensor is read
+                    raise InvalidRequestError(f"{fpath}: cannot read tensor {canonical[n]} ({exc}); "
+                                              "the file is corrupt or truncated: copy it again") from exc
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype)
                 tensors[n] = t.to(device)

@@ -1,4 +1,9 @@
-"""Tokenizers from a model directory: ``tokenizer.json`` via `tokenizers`, else raw UTF-8 bytes."""
+"""Tokenizers from a model directory: ``tokenizer.json`` via `tokenizers`, else raw UTF-8 bytes.
+
+A model trained from a bare ``config.json`` gets the byte-level tokenizer written out as an HF
+``tokenizer.json`` (:func:`save_byte_tokenizer`), so ``transformers`` loads the trained model's
+tokenizer with the same ids the training used.
+"""
 
 from __future__ import annotations
 
@@ -109,3 +114,89 @@ def _special_from_tokenizer_config(path: Path, key: str, tok: HFTokenizer) -> in
     if isinstance(value, dict):
         value = value.get("content")
     return tok.token_to_id(value) if isinstance(value, str) else None
+
+
+# The byte-level vocabulary: ids 0..255 are bytes; a few ids after them may be special tokens
+# (eos, bos, pad) named in config.json. A model with many more ids than that was meant for a
+# real tokenizer (GPT-2's 50257) and would train thousands of never-used embeddings.
+BYTE_VOCAB = 256
+MAX_BYTE_SPECIALS = 8
+_SPECIAL_NAMES = {"eos_token_id": "<|endoftext|>", "bos_token_id": "<|startoftext|>", "pad_token_id": "<|pad|>"}
+
+
+def check_byte_vocab(config_json: dict) -> dict[str, int]:
+    """Check that a model config fits the byte-level tokenizer; its special ids by config key.
+
+    Raises ConfigError saying what to pass when ``vocab_size`` does not fit (e.g. 50257 with no
+    tokenizer.json) or a special id is not one of the ids after the 256 bytes.
+    """
+    vocab_size = config_json.get("vocab_size", config_json.get("n_vocab"))
+    if not isinstance(vocab_size, int) or not BYTE_VOCAB <= vocab_size <= BYTE_VOCAB + MAX_BYTE_SPECIALS:
+        raise ConfigError(
+            f"vocab_size {vocab_size} but no tokenizer: pass a checkpoint directory with tokenizer.json "
+            f"(or --tokenizer tokenizer.json), or set vocab_size to {BYTE_VOCAB}..{BYTE_VOCAB + MAX_BYTE_SPECIALS} "
+            f"for the byte-level tokenizer (256 bytes + up to {MAX_BYTE_SPECIALS} special tokens such as eos)"
+        )
+    specials: dict[str, int] = {}
+    for key in _SPECIAL_NAMES:
+        value = config_json.get(key)
+        value = value[0] if isinstance(value, list) and value else value
+        if value is None:
+            continue
+        if not isinstance(value, int) or not BYTE_VOCAB <= value < vocab_size:
+            raise ConfigError(
+                f"{key} {value} does not fit the byte-level tokenizer: ids 0..255 are bytes, so special "
+                f"tokens take ids {BYTE_VOCAB}..{vocab_size - 1}; set {key} in that range or remove it"
+            )
+        specials[key] = value
+    return specials
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (what the ByteLevel pieces use)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def save_byte_tokenizer(out_dir: str | Path, config_json: dict) -> Path:
+    """Write the byte-level tokenizer (id = byte value, special tokens after 255) as HF
+    ``tokenizer.json`` + ``tokenizer_config.json`` into ``out_dir``; the tokenizer.json path.
+
+    `tokenizers`/`transformers` load it (``PreTrainedTokenizerFast(tokenizer_file=...)``,
+    ``AutoTokenizer.from_pretrained(out_dir)``) and encode exactly as :class:`ByteTokenizer`.
+    Raises ConfigError when the config does not fit (see :func:`check_byte_vocab`).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    specials = check_byte_vocab(config_json)
+    table = _bytes_to_unicode()
+    tok = Tokenizer(models.BPE(vocab={table[b]: b for b in range(BYTE_VOCAB)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    # one id may have several roles (eos == bos, as in GPT-2): it is named after its first role
+    name_of_id: dict[int, str] = {}
+    for key, token_id in specials.items():
+        name_of_id.setdefault(token_id, _SPECIAL_NAMES[key])
+    for token_id, name in sorted(name_of_id.items()):
+        # added tokens take the next free ids: fill any gap before this one with unused placeholders
+        while (n := tok.get_vocab_size(with_added_tokens=True)) < token_id:
+            tok.add_special_tokens([AddedToken(f"<|unused{n}|>", special=True)])
+        tok.add_special_tokens([AddedToken(name, special=True)])
+    names = {key: name_of_id[token_id] for key, token_id in specials.items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "tokenizer.json"
+    tok.save(str(path))
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(
+        config_json.get("n_positions") or config_json.get("max_position_embeddings") or 1024)}
+    for key, name in names.items():
+        tok_config[key.removesuffix("_id")] = name
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+    return path

@@ -84,10 +84,30 @@ def read_texts(path: Path) -> list[str]:
     total = sum(f.stat().st_size for f in files)
     if total > MAX_TEXT_BYTES:
         raise InvalidRequestError(f"data under {path} is {total} bytes, over the {MAX_TEXT_BYTES}-byte limit")
-    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    texts = [decode_text(f.read_bytes(), f) for f in files]
     if not any(t.strip() for t in texts):
-        raise InvalidRequestError(f"data under {path} holds no text")
+        what = files[0] if len(files) == 1 else path
+        raise InvalidRequestError(f"{what} holds no text (empty or only whitespace); pass a text file with content")
     return texts
+
+
+# A text file may carry a few bad bytes (a stray Latin-1 character): up to this fraction of the
+# characters may be undecodable UTF-8 (they become U+FFFD); more means it is not text.
+MAX_INVALID_UTF8_FRACTION = 0.01
+
+
+def decode_text(raw: bytes, name: str | Path) -> str:
+    """``raw`` as UTF-8 text. Raises InvalidRequestError naming ``name`` for a binary file: any
+    NUL byte, or more than 1% of the characters in invalid UTF-8."""
+    if b"\x00" in raw:
+        raise InvalidRequestError(f"{name} is not text (it holds NUL bytes: a binary file?); "
+                                  "pass UTF-8 text files as --data")
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.count("\ufffd".encode())  # minus genuine U+FFFD characters
+    if bad > MAX_INVALID_UTF8_FRACTION * max(len(text), 1):
+        raise InvalidRequestError(f"{name} is not UTF-8 text ({bad} of {len(text)} characters do not decode); "
+                                  "pass UTF-8 text files as --data (convert with iconv -t UTF-8)")
+    return text
 
 
 def tokenize(

@@ -15,7 +15,7 @@ from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import inference_pb2 as ipb
 
 if TYPE_CHECKING:  # swarm.inference imports torch; the CLI's client must not
-    from swarm.inference.sampling import SamplingParams
+    from swarm.inference.params import SamplingParams
 
 MAX_METRICS_JSON_BYTES = 64 << 10
 

@@ -36,7 +36,7 @@ from swarm.transport.convert import link_from_proto, node_from_proto, sampling_t
 from swarm.transport.errors import translate_rpc_errors
 
 if TYPE_CHECKING:
-    from swarm.inference.sampling import SamplingParams
+    from swarm.inference.params import SamplingParams
     from swarm.job_spec import JobSpec
 
 MAX_RESULT_BYTES = 64 << 30

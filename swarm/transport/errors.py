@@ -115,10 +115,33 @@ def grpc_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# What gRPC says when the other side speaks HTTP/1 (say the coordinator's --http-port was given
+# instead of its gRPC port): "Trying to connect an http1.x server", or a failed HTTP/2 preface.
+_HTTP1_MARKERS = ("trying to connect an http1.x server", "failed parsing http/2")
+
+
+def _answers_http1(details: str) -> bool:
+    low = details.lower()
+    return any(m in low for m in _HTTP1_MARKERS)
+
+
+def _address_in(what: str) -> str:
+    # "coordinator at HOST:PORT" -> "HOST:PORT"; anything else is shown as given
+    return what.rsplit(" at ", 1)[-1]
+
+
 def error_from_rpc(exc: grpc.RpcError, what: str = "peer") -> errors.SwarmError:
-    """The swarm error for a failed call; ``what`` names the other side in the message."""
+    """The swarm error for a failed call; ``what`` names the other side in the message
+    (``"coordinator at HOST:PORT"``). An address that answers HTTP/1 gives WrongProtocolError."""
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and \
+            _answers_http1(details or ""):
+        err = errors.WrongProtocolError(
+            f"{_address_in(what)} answers HTTP, not gRPC: is that the coordinator's --http-port? "
+            "use its gRPC port (READY port=...)")
+        err.grpc_code = code  # type: ignore[attr-defined]
+        return err
     cls = _ERROR_FOR_CODE.get(code, errors.PeerError)
     if cls is errors.UnavailableError:
         return errors.UnavailableError(f"{what} is unreachable ({code.name if code else '?'}: {details})")

@@ -100,7 +100,8 @@ def test_node_waits_for_unreachable_coordinator_and_leaves_cleanly(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    node = launch_node(f"127.0.0.1:{port}", tmp_path / "early", token="t" * 32)
+    # READY comes only after registration: wait for STARTED (serving, not yet registered)
+    node = launch_node(f"127.0.0.1:{port}", tmp_path / "early", token="t" * 32, wait_for="STARTED")
     try:
         wait_until(lambda: "unreachable" in node.proc.log_tail(20000), 20, message="node says the coordinator is unreachable")
         assert node.proc.alive()
@@ -117,11 +118,13 @@ def test_node_waits_for_unreachable_coordinator_and_leaves_cleanly(tmp_path):
 @pytest.mark.timeout(60)
 def test_wrong_token_node_exits_with_advice(tmp_path):
     with coordinator_proc(tmp_path / "coord", extra_args=COORD_ARGS) as coord:
-        node = launch_node(coord, tmp_path / "bad", token="not-the-token")
+        node = launch_node(coord, tmp_path / "bad", token="not-the-token", wait_for="STARTED")
         try:
             node.proc.proc.wait(timeout=30)
             assert node.proc.proc.returncode == 1
             assert "wrong join token" in node.proc.log_tail()
+            # READY (stdout) only after an accepted registration
+            assert not any(line.startswith("READY") for line in node.proc.lines)
             assert coord.snapshot().nodes == ()
         finally:
             node.proc.stop()

@@ -73,6 +73,7 @@
     return (s / 86400).toFixed(0) + " d ago";
   }
   function fmtNum(v, digits) { v = num(v); return v === null ? "\u2013" : v.toFixed(digits); }
+  function plural(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }  // "1 job", "2 jobs"
   function shortId(id) { id = String(id === undefined || id === null ? "" : id); return id.length > 10 ? id.slice(0, 8) + "\u2026" : id; }
   function stateClass(state) { return "state-" + String(state || "unknown").replace(/[^a-z_]/gi, ""); }
   function nowS() { return Date.now() / 1000; }
@@ -130,7 +131,10 @@
     if (st !== undefined && st !== null && typeof st !== "object" && !own(jobStages, id)) parts.push("stage " + st);
     if (st && typeof st === "object") parts.push("stage " + (st.stage !== undefined ? st.stage : "?") + " " + layersText(st.layers));
     var tr = pick(n, ["training"]);  // what a training stage worker reports in heartbeats
-    if (tr && typeof tr === "object" && !own(jobStages, id) && tr.stage !== undefined) {
+    // Only a running job's stage counts: a finished or failed job's worker may still be the
+    // last thing an idle node reported.
+    if (tr && typeof tr === "object" && !own(jobStages, id) && tr.stage !== undefined &&
+        (runningJobs === null || own(runningJobs, String(tr.job_id)) === true)) {
       parts.push("job " + shortId(tr.job_id) + " stage " + tr.stage + " replica " + tr.replica);
     }
     var inf = pick(n, ["inference_stages"]);
@@ -138,6 +142,15 @@
       if (x && typeof x === "object") parts.push("serve " + String(x.model || "") + " r" + x.replica + " s" + x.stage + " " + layersText(x.layers));
     });
     return parts.join("; ");
+  }
+  // job id -> true for the jobs /api/jobs says are running; null: no jobs service, states unknown
+  var runningJobs = null;
+  function updateRunningJobs(jobsPayload) {
+    if (jobsPayload === null) { runningJobs = null; return; }
+    runningJobs = Object.create(null);
+    asList(jobsPayload, "jobs").forEach(function (j) {
+      if (jobKey(j, "state") === "running") runningJobs[String(jobKey(j, "id"))] = true;
+    });
   }
   var jobTraffic = Object.create(null);  // node id -> bytes it sent for the running job
   var jobReceived = Object.create(null);  // node id -> bytes it received for it (when known)
@@ -198,7 +211,7 @@
     });
     $("nodes-body").replaceChildren(frag);
     STATES.forEach(function (s) { $("count-" + s).textContent = String(counts[s]); });
-    $("nodes-count").textContent = nodes.length + (nodes.length === 1 ? " node" : " nodes");
+    $("nodes-count").textContent = plural(nodes.length, "node");
     $("nodes-empty").hidden = nodes.length > 0;
     $("nodes-table").hidden = nodes.length === 0;
   }
@@ -414,8 +427,8 @@
   }
   function renderJobs(payload) {
     var jobs = asList(payload, "jobs").map(normJob);
-    $("count-jobs").textContent = String(jobs.length);
-    $("jobs-count").textContent = jobs.length ? jobs.length + (jobs.length === 1 ? " job" : " jobs") : "";
+    $("count-jobs").textContent = plural(jobs.length, "job");
+    $("jobs-count").textContent = jobs.length ? plural(jobs.length, "job") : "";
     $("jobs-empty").hidden = jobs.length > 0;
     $("jobs-table").hidden = jobs.length === 0;
     if (!jobs.some(function (j) { return j.id === selectedJob; })) {
@@ -484,8 +497,9 @@
     var plan = jobKey(job, "plan");
     if (plan && num(plan.d_pp) !== null) info.push(plan.d_pp + " stages \u00d7 " + plan.d_dp + " replicas");
     $("job-detail-info").textContent = info.join(" \u00b7 ");
-    MiniChart.line($("chart-loss"), hist.loss, { color: "#d64545", emptyText: "no loss reported yet" });
-    MiniChart.line($("chart-tps"), hist.tps, { color: "#2b6cb0", emptyText: "no throughput reported yet" });
+    // x is the step number: integer ticks only (a 3-step job has no step 0.5)
+    MiniChart.line($("chart-loss"), hist.loss, { color: "#d64545", emptyText: "no loss reported yet", xInteger: true });
+    MiniChart.line($("chart-tps"), hist.tps, { color: "#2b6cb0", emptyText: "no throughput reported yet", xInteger: true });
     box.hidden = false;
   }
 
@@ -529,6 +543,7 @@
         fetchOne("api/plan"), fetchOne("api/jobs", true)]));
       if (wantNetwork && got[1] !== undefined) networkFetchedMs = Date.now();
       if (got[2] !== undefined) updateJobStages(got[2]);
+      if (got[3] !== undefined) updateRunningJobs(got[3]);  // before the nodes: their Stage column uses it
       draw("nodes", renderNodes, got[0]);
       draw("network", renderNetwork, got[1]);
       draw("plan", renderPlan, got[2]);

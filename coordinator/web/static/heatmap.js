@@ -37,14 +37,25 @@
     tip.hidden = true;  // its text may describe a cell that changed; the next mouse move redraws it
     var n = ids.length;
     var labels = n > 0 && n <= 16;
-    var margin = labels ? 96 : 0;
+    var ctx = canvas.getContext("2d");
+    var LABEL_FONT = "11px sans-serif";
+    // Cut long names in the middle: volunteers' names often differ only at the end.
+    function shortLabel(id) { var s = nameOf(id); return s.length > 14 ? s.slice(0, 6) + "\u2026" + s.slice(-7) : s; }
+    // The label margin fits the longest label (not a fixed width), so a small swarm's heatmap
+    // box is the size of its content.
+    var margin = 0;
+    if (labels) {
+      ctx.font = LABEL_FONT;
+      for (var q = 0; q < n; q++) margin = Math.max(margin, ctx.measureText(shortLabel(ids[q])).width);
+      margin = Math.ceil(margin) + 8;
+    }
     var cell = n ? Math.min(48, Math.max(2, Math.floor(360 / n))) : 0;
     var size = margin + cell * n;
     var dpr = window.devicePixelRatio || 1;
     canvas.width = Math.max(1, size) * dpr; canvas.height = Math.max(1, size) * dpr;
     canvas.style.width = size + "px"; canvas.style.height = size + "px";
     canvas.setAttribute("data-n", String(n)); canvas.setAttribute("data-margin", String(margin)); canvas.setAttribute("data-cell", String(cell));
-    var ctx = canvas.getContext("2d");
+    ctx = canvas.getContext("2d");  // resizing the canvas reset its state
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
     ctx.clearRect(0, 0, size, size);
     var lo = Infinity, hi = -Infinity;
@@ -61,10 +72,9 @@
       ctx.fillRect(margin + j * cell, margin + i * cell, cell - (cell > 4 ? 1 : 0), cell - (cell > 4 ? 1 : 0));
     }
     if (labels) {
-      ctx.fillStyle = "#1d2330"; ctx.font = "11px sans-serif"; ctx.textBaseline = "middle";
+      ctx.fillStyle = "#1d2330"; ctx.font = LABEL_FONT; ctx.textBaseline = "middle";
       for (var k = 0; k < n; k++) {
-        // Cut long names in the middle: volunteers' names often differ only at the end.
-        var label = nameOf(ids[k]); if (label.length > 14) label = label.slice(0, 6) + "\u2026" + label.slice(-7);
+        var label = shortLabel(ids[k]);
         ctx.textAlign = "right"; ctx.fillText(label, margin - 4, margin + k * cell + cell / 2);
         ctx.save(); ctx.translate(margin + k * cell + cell / 2, margin - 4); ctx.rotate(-Math.PI / 2);
         ctx.textAlign = "left"; ctx.fillText(label, 0, 0); ctx.restore();

@@ -1,7 +1,7 @@
 /* minichart: a tiny SVG line chart for the swarm status page.
  * Written for this project (Apache-2.0, like the rest of swarm); no third-party code.
  *
- *   MiniChart.line(container, points, {width, height, color, yFormat, xFormat, emptyText})
+ *   MiniChart.line(container, points, {width, height, color, yFormat, xFormat, emptyText, xInteger})
  *
  * points: array of [x, y] numbers (non-finite pairs are skipped). The container's children are
  * replaced. Text goes in through textContent only, so labels can never inject markup.
@@ -17,16 +17,18 @@
     return node;
   }
 
-  /* "Nice" tick values covering [lo, hi]: steps of 1, 2 or 5 times a power of ten. */
-  function niceTicks(lo, hi, count) {
-    if (!(hi > lo)) { var pad = Math.abs(lo) > 0 ? Math.abs(lo) * 0.1 : 1; lo -= pad; hi += pad; }
+  /* "Nice" tick values covering [lo, hi]: steps of 1, 2 or 5 times a power of ten; with
+   * ``integer`` (counts such as step numbers) the step is at least 1 and every tick an integer. */
+  function niceTicks(lo, hi, count, integer) {
+    if (!(hi > lo)) { var pad = integer ? 1 : Math.abs(lo) > 0 ? Math.abs(lo) * 0.1 : 1; lo -= pad; hi += pad; }
     var raw = (hi - lo) / Math.max(1, count);
     var mag = Math.pow(10, Math.floor(Math.log10(raw)));
     var norm = raw / mag;
     var step = (norm < 1.5 ? 1 : norm < 3 ? 2 : norm < 7 ? 5 : 10) * mag;
+    if (integer) step = Math.max(1, Math.round(step));
     var start = Math.floor(lo / step) * step, end = Math.ceil(hi / step) * step;
     var ticks = [];
-    for (var v = start; v <= end + step * 0.5; v += step) ticks.push(Math.abs(v) < step * 1e-9 ? 0 : v);
+    for (var v = start; v <= end + step * 0.5; v += step) ticks.push(integer ? Math.round(v) : Math.abs(v) < step * 1e-9 ? 0 : v);
     return ticks;
   }
 
@@ -55,7 +57,7 @@
       return svg;
     }
     var xs = pts.map(function (p) { return p[0]; }), ys = pts.map(function (p) { return p[1]; });
-    var xt = niceTicks(Math.min.apply(null, xs), Math.max.apply(null, xs), 5);
+    var xt = niceTicks(Math.min.apply(null, xs), Math.max.apply(null, xs), 5, !!opts.xInteger);
     var yt = niceTicks(Math.min.apply(null, ys), Math.max.apply(null, ys), 4);
     var x0 = xt[0], x1 = xt[xt.length - 1], y0 = yt[0], y1 = yt[yt.length - 1];
     var sx = function (x) { return m.l + (x - x0) / (x1 - x0 || 1) * (W - m.l - m.r); };

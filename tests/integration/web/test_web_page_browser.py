@@ -186,3 +186,54 @@ def test_unreachable_coordinator_keeps_the_last_view_and_says_so(browser, coordi
         assert page.errors == []
 
     browser.run(go())
+
+
+def test_finished_jobs_leave_no_stage_and_counts_are_plural(browser, coordinator_with_jobs) -> None:
+    """Only a running job's assignments make a Stage: a failed job's worker, still the last thing
+    an idle node reported, shows as no stage. "1 job", not "1 jobs"."""
+    c = coordinator_with_jobs
+    ids = [c.add_node(i, name=f"gpu-{i}") for i in range(2)]
+    job_id = start_job(c, total_steps=3, name="short")
+    report_steps(c, job_id, range(3))
+    c.app.services.jobs.store.transition(job_id, "failed", reason="a stage crashed")
+    # the idle node still reports the failed job's worker in its heartbeat metrics
+    c.app.registry.heartbeat(ids[0], metrics={"training": {"job_id": job_id, "stage": 0, "replica": 0, "step": 2}})
+
+    async def go():
+        page = await _open(browser.browser, c.url)
+        row = f"document.querySelector('tr[data-job-id=\"{job_id}\"]')"
+        await page.wait_for("!!" + row)
+        assert await page.eval("document.getElementById('count-jobs').textContent") == "1 job"
+        assert await page.eval("document.getElementById('jobs-count').textContent") == "1 job"
+        cell = "document.querySelector('tr[data-node-id=\"{}\"] td.stage-cell').textContent"
+        assert [await page.eval(cell.format(n)) for n in ids] == ["\u2013", "\u2013"]
+        # a 3-step job's charts have integer step ticks only
+        await page.wait_for("document.querySelectorAll('#chart-loss path').length === 1")
+        ticks = await page.eval("[...document.querySelectorAll('#chart-loss svg > g text')].map(t => t.textContent)")
+        xs = ticks[-4:]  # after the y labels: the x labels, one per tick
+        assert xs and all(t.lstrip("-").isdigit() for t in xs), ticks
+        assert page.errors == []
+
+    browser.run(go())
+
+
+def test_heatmap_box_fits_a_small_swarm(browser, coordinator) -> None:
+    """Three nodes with short names: the heatmap figure is about as wide as its canvas (label
+    margin sized to the names), not a mostly empty fixed-size box."""
+    for i in range(3):
+        coordinator.add_node(i, name=f"n{i}")
+
+    async def go():
+        page = await _open(browser.browser, coordinator.url)
+        await page.wait_for("Number(document.querySelector('#heatmap-bandwidth canvas').getAttribute('data-n')) === 3")
+        margin = await page.eval("Number(document.querySelector('#heatmap-bandwidth canvas').getAttribute('data-margin'))")
+        cell = await page.eval("Number(document.querySelector('#heatmap-bandwidth canvas').getAttribute('data-cell'))")
+        assert 0 < margin <= 40, margin  # "n0".."n2": a short label column, not a fixed 96 px
+        canvas_w = await page.eval("document.querySelector('#heatmap-bandwidth canvas').getBoundingClientRect().width")
+        assert abs(canvas_w - (margin + 3 * cell)) <= 3  # canvas is its content
+        fig_w = await page.eval("document.getElementById('heatmap-bandwidth').getBoundingClientRect().width")
+        legend_w = await page.eval("document.querySelector('#heatmap-bandwidth .legend').scrollWidth")
+        assert fig_w <= max(canvas_w, legend_w) + 4, (fig_w, canvas_w, legend_w)
+        assert page.errors == []
+
+    browser.run(go())

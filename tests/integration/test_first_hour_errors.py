@@ -1,0 +1,101 @@
+"""Messages a newcomer meets in the first hour say what really happened and what to do:
+missing vs wrong token, a corrupt checkpoint given to `swarm serve`, the HTTP port given as
+--coordinator."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from coordinator.inference.store import ServeParams, served_params
+from swarm.errors import AuthError, InvalidRequestError, UnavailableError, WrongProtocolError
+from swarm.model.testing import make_tiny_checkpoint
+from swarm.transport.coordinator_client import CoordinatorClient
+from swarm.transport.errors import error_from_rpc
+from tests.helpers.foundation import inprocess_coordinator
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class _FakeRpcError(grpc.RpcError):
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+def test_grpc_talking_to_an_http1_server_is_named_as_such():
+    details = ("failed to connect to all addresses; last error: INTERNAL: ipv4:127.0.0.1:7080: Failed parsing "
+               "HTTP/2 (Expected SETTINGS frame as the first frame, got frame type 80) (Trying to connect an "
+               "http1.x server (HTTP status 400))")
+    err = error_from_rpc(_FakeRpcError(grpc.StatusCode.UNAVAILABLE, details), "coordinator at 127.0.0.1:7080")
+    assert isinstance(err, WrongProtocolError) and not err.retryable
+    assert str(err) == ("127.0.0.1:7080 answers HTTP, not gRPC: is that the coordinator's --http-port? "
+                        "use its gRPC port (READY port=...)")
+    # a plain refused connection is still "unreachable"
+    err = error_from_rpc(_FakeRpcError(grpc.StatusCode.UNAVAILABLE, "Connection refused"), "coordinator at h:1")
+    assert isinstance(err, UnavailableError) and "unreachable" in str(err)
+
+
+def test_served_context_is_the_models_capped_by_the_ask():
+    assert served_params(ServeParams(), 128).max_seq_len == 128  # default: the model's
+    assert served_params(ServeParams(max_seq_len=64), 128).max_seq_len == 64
+    assert served_params(ServeParams(max_seq_len=256), 128).max_seq_len == 128  # past the model's positions
+    with pytest.raises(InvalidRequestError, match="--max-seq-len"):
+        ServeParams(max_seq_len=-1)
+
+
+@pytest.mark.timeout(60)
+def test_missing_and_wrong_tokens_get_different_messages(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    make_tiny_checkpoint(ckpt, "gpt2", num_layers=2, hidden_size=32, num_heads=2, seed=1)
+    with inprocess_coordinator(tmp_path / "coord", plugins=("coordinator.inference",)) as app:
+        address = f"127.0.0.1:{app.grpc_port}"
+        with CoordinatorClient(address, token=None) as client:
+            with pytest.raises(AuthError, match="no token was given: pass --token or set SWARM_TOKEN"):
+                client.unserve_model("tiny")
+        with CoordinatorClient(address, token="wrong-token") as client:
+            with pytest.raises(AuthError, match="the token given is wrong: use the token printed by "
+                                                "swarm-coordinator serve") as info:
+                client.upload_model(ckpt, name="tiny", timeout_s=20)
+            assert "no token was given" not in str(info.value)
+
+
+@pytest.mark.timeout(60)
+def test_serving_a_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    make_tiny_checkpoint(ckpt, "gpt2", num_layers=2, hidden_size=32, num_heads=2, seed=1)
+    (ckpt / "model.safetensors").write_bytes(b"\x00\x01" * 64)
+    bad_config = tmp_path / "badcfg"
+    make_tiny_checkpoint(bad_config, "gpt2", num_layers=2, hidden_size=32, num_heads=2, seed=1)
+    (bad_config / "config.json").write_text("{garbage")
+    with inprocess_coordinator(tmp_path / "coord", plugins=("coordinator.inference",)) as app:
+        with CoordinatorClient(f"127.0.0.1:{app.grpc_port}", token=app.join_token) as client:
+            with pytest.raises(InvalidRequestError, match=r"^model.safetensors is not a valid safetensors file") as info:
+                client.upload_model(ckpt, name="tiny", timeout_s=20)
+            assert "unreachable" not in str(info.value) and str(tmp_path) not in str(info.value)
+            with pytest.raises(InvalidRequestError, match=r"cannot read config.json: it is not a JSON file"):
+                client.upload_model(bad_config, name="tiny", timeout_s=20)
+            assert client.list_models() == []  # nothing broken was kept
+            assert not any((tmp_path / "coord").rglob("*.safetensors"))
+
+
+@pytest.mark.timeout(60)
+def test_http_port_given_as_coordinator_says_so(tmp_path):
+    with inprocess_coordinator(tmp_path / "coord") as app:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        res = subprocess.run([sys.executable, "-m", "swarm.cli", "models", "--coordinator", f"127.0.0.1:{app.http_port}"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1
+        assert (f"127.0.0.1:{app.http_port} answers HTTP, not gRPC: is that the coordinator's --http-port? "
+                "use its gRPC port (READY port=...)") in res.stderr
+        assert "Failed parsing HTTP/2" not in res.stderr
