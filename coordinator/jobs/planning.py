@@ -132,7 +132,7 @@ def check_shape(spec: JobSpec, config: ModelConfig | None, *, num_nodes: int, wh
         raise InfeasiblePlanError(f"no nodes are {where}; start nodes with `swarm-node join`")
     need = nodes_needed(spec)
     if num_nodes < need:
-        names = [n for n, v in (("--stages", spec.num_stages), ("--replicas", spec.num_replicas)) if v]
+        names = [n for n, v in (("--stages", spec.num_stages), ("--replicas", spec.num_replicas)) if v > 1]
         raise InfeasiblePlanError(
             f"{shape_flags(spec)} needs at least {need} nodes but the swarm has {num_nodes} {where}; start more "
             f"nodes with `swarm-node join` or lower {' or '.join(names)}"
