@@ -121,8 +121,40 @@ class CheckpointSummary:
         return _plain_json(self)
 
 
+# What can happen to a job, as ``events`` lists it (``fields`` per kind):
+#   submitted (total_steps), planned (attempt, num_stages, num_replicas, num_nodes),
+#   node_lost (node, stage, replica, state), replan (attempt, resume_step), resumed (step, attempt),
+#   succeeded, failed (last_complete_checkpoint), cancelled,
+#   plan_error (error: an unexpected planning failure, the job failed with it),
+#   and, reserved for the churn work: replica_dropped / replica_added (node, stage, replica),
+#   coordinator_restart.
+EVENT_KINDS: tuple[str, ...] = (
+    "submitted", "planned", "node_lost", "replan", "resumed", "succeeded", "failed", "cancelled", "plan_error",
+    "replica_dropped", "replica_added", "coordinator_restart",
+)
+# Kinds the follow loop marks with "!" (something went wrong or the plan changed under the job).
+WARNING_EVENT_KINDS: frozenset[str] = frozenset(
+    {"node_lost", "replan", "failed", "cancelled", "plan_error", "replica_dropped", "coordinator_restart"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobEvent:
+    """One thing that happened to a job, in order (``seq`` grows), with a one-line ``message``."""
+
+    seq: int
+    at: float  # coordinator time, Unix seconds
+    kind: str  # one of EVENT_KINDS
+    message: str
+    fields: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        out = _plain_json(self)
+        out["fields"] = dict(self.fields)
+        return out
+
+
 _NESTED: dict[str, type] = {"assignments": AssignmentDetail, "workers": WorkerTotals, "progress": ProgressPoint,
-                            "checkpoints": CheckpointSummary}
+                            "checkpoints": CheckpointSummary, "events": JobEvent}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -155,6 +187,8 @@ class JobDetail:
     checkpoints: tuple[CheckpointSummary, ...]
     result_ready: bool
     last_complete_checkpoint: int | None
+    resumed_from: Mapping[str, Any] | None  # {"job_id", "step"} when started with `swarm train --resume`
+    events: tuple[JobEvent, ...]  # oldest first
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -197,6 +231,7 @@ class JobDetail:
 
 
 JOB_DETAIL_KEYS: frozenset[str] = frozenset(f.name for f in fields(JobDetail))
+EVENT_KEYS: frozenset[str] = frozenset(f.name for f in fields(JobEvent))
 # The detail keys /api/jobs repeats per job, then "spec" (only these keys) and the plan's shape.
 SUMMARY_DETAIL_KEYS: tuple[str, ...] = (
     "id", "state", "reason", "total_steps", "step", "loss", "tokens_per_s", "bytes_sent", "bytes_saved", "eta_s",

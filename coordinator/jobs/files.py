@@ -6,7 +6,10 @@ Layout under ``state_dir/jobs/<job_id>/``::
     upload/checkpoint/...    the starting checkpoint or config.json (the CLI's --model)
     init/                    the prepared model (config.json + model.safetensors + tokenizer)
     data.npy                 tokenised windows (num_samples, seq_len + 1)
-    checkpoints/step-N/stage-S-rR/   copies of stage checkpoints sent by nodes
+    checkpoints/step-N/stage-S-rR/   copies of stage checkpoints sent by nodes (weights.safetensors,
+                             optimizer.safetensors: AdamW state by HF name, meta.json)
+    resume-N/                the model at step N (HF checkpoint) + optimizer.safetensors: where a
+                             re-planned or `--resume`d job starts, and what `swarm job --download` sends
     result/                  the exported HF checkpoint of a finished job
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -156,3 +160,58 @@ def load_tensor_blob(blob: bytes) -> dict[str, torch.Tensor]:
         raise InvalidRequestError(f"not a safetensors blob: {exc}") from exc
 
 
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def assemble_resume(jdir: Path, config: ModelConfig, stage_dirs: list[Path], *, step: int) -> tuple[Path, bool]:
+    """``resume-{step}/``: the stages' weights as one HF checkpoint plus, when every stage sent
+    its optimizer state, the merged ``optimizer.safetensors``. Returns (dir, has optimizer state)."""
+    out = assemble_result(jdir, config, stage_dirs, name=f"resume-{step}")
+    optim = [Path(d) / OPTIMIZER_FILE for d in stage_dirs]
+    if not all(f.is_file() for f in optim):
+        log.warning("checkpoint at step %d lacks optimizer state for some stage; AdamW restarts dir=%s", step, jdir)
+        return out, False
+    merged: dict[str, torch.Tensor] = {}
+    for f in optim:
+        merged.update(st_load(f.read_bytes()))  # disjoint HF names; adamw.step is the same everywhere
+    (out / OPTIMIZER_FILE).write_bytes(st_save(merged))
+    return out, True
+
+
+def stage_optimizer_bytes(jdir: Path, config: ModelConfig, first: int, last: int, *, is_first: bool, is_last: bool,
+                          source: str) -> bytes:
+    """The AdamW state of a stage's parameters from ``source/optimizer.safetensors`` as one
+    safetensors blob. Raises NotFoundError when the source has none."""
+    from safetensors import safe_open
+
+    from swarm.model.hf_names import needed_hf_names
+    from swarm.pipeline.optim_state import STEP_KEY, param_name
+
+    f = jdir / source / OPTIMIZER_FILE
+    if not f.is_file():
+        raise NotFoundError(f"this job has no optimizer state under {source}/")
+    with safe_open(str(f), framework="pt") as sf:
+        keys = list(sf.keys())
+        names = sorted({n for k in keys if (n := param_name(k)) is not None})
+        want = set(needed_hf_names(config, names, first, last, is_first=is_first, is_last=is_last))
+        out = {k: sf.get_tensor(k) for k in keys if k == STEP_KEY or param_name(k) in want}
+    return st_save(out)
+
+
+def download_files(model_dir: Path) -> list[Path]:
+    """The HF checkpoint files of ``result/`` or ``resume-N/`` (not the optimizer state)."""
+    return sorted(p for p in model_dir.iterdir() if p.is_file() and p.name != OPTIMIZER_FILE)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst`` where the file system allows, else copy (job files are never
+    modified in place, so jobs may share them)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def link_or_copy_tree(src: Path, dst: Path) -> None:
+    """:func:`link_or_copy` for every file of the tree ``src``."""
+    shutil.copytree(src, dst, copy_function=lambda a, b: link_or_copy(Path(a), Path(b)))

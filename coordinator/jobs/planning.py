@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from swarm.errors import InfeasiblePlanError
+from swarm.errors import InfeasiblePlanError, InvalidRequestError
 from swarm.job_spec import JobSpec
 from swarm.membership import NodeInfo
 from swarm.model.config import ModelConfig
@@ -52,26 +52,22 @@ def plan_job(
     id), else every node with the planner choosing the split. Boundary traffic is priced from
     ``spec.codec`` in both directions (activations forward, gradients backward, AQ-SGD at its
     steady state; see :meth:`~swarm.compression.CodecSpec.forward_bytes_per_value`). Raises
-    InfeasiblePlanError with the reason (no nodes, too few nodes, not enough memory).
+    InfeasiblePlanError with the reason (no nodes, too few nodes for the flags, not enough
+    memory) and InvalidRequestError when ``--stages`` exceeds the model's layers.
     """
-    if not nodes:
-        raise InfeasiblePlanError("no nodes are online and idle; start nodes with `swarm-node join`")
+    check_shape(spec, config, num_nodes=len(nodes), where="idle")
     order = sorted(range(len(nodes)), key=lambda i: nodes[i].id)
     pp = spec.num_stages or None
     dp = spec.num_replicas or None
+    # Fixed shapes take a whole number of pipelines: the first nodes by id (deterministic), the
+    # rest stay idle. check_shape guaranteed at least one pipeline's worth, so never empty.
     if pp and dp:
-        need = pp * dp
-        if len(nodes) < need:
-            raise InfeasiblePlanError(
-                f"the job asks for {pp} stage(s) x {dp} replica(s) = {need} nodes but only {len(nodes)} are idle"
-            )
-        order = order[:need]
-    elif pp and len(order) % pp:
+        order = order[: pp * dp]
+    elif pp:
         order = order[: len(order) - len(order) % pp]
-    elif dp and len(order) % dp:
+    elif dp:
         order = order[: len(order) - len(order) % dp]
-    if pp and pp > config.num_layers:
-        raise InfeasiblePlanError(f"{pp} stages cannot split a model of {config.num_layers} layers")
+    assert order, "check_shape lets no empty node list through"
     chosen = [nodes[i] for i in order]
     idx = np.array(order)
     delay = _fill(np.asarray(delay_s)[np.ix_(idx, idx)], DEFAULT_DELAY_S)
@@ -103,6 +99,44 @@ def plan_job(
     _check_batch(spec, plan.d_dp)
     by_id = {n.id: n for n in chosen}
     return JobPlan(plan=plan, assignments=assignments_from_plan(plan, by_id))
+
+
+def nodes_needed(spec: JobSpec) -> int:
+    """The fewest nodes ``spec``'s fixed shape can run on (1 when the planner chooses)."""
+    return max(1, spec.num_stages) * max(1, spec.num_replicas)
+
+
+def shape_flags(spec: JobSpec) -> str:
+    """The flags that fixed the job's shape, as the user typed them (for messages)."""
+    parts = [f"--stages {spec.num_stages}"] if spec.num_stages else []
+    parts += [f"--replicas {spec.num_replicas}"] if spec.num_replicas else []
+    return " ".join(parts)
+
+
+def check_layers(spec: JobSpec, config: ModelConfig) -> None:
+    """Raises InvalidRequestError when ``--stages`` asks for more stages than the model has layers."""
+    if spec.num_stages > config.num_layers:
+        raise InvalidRequestError(
+            f"--stages {spec.num_stages} cannot split a model of {config.num_layers} layers (every stage needs "
+            f"at least one layer); use --stages {config.num_layers} or fewer"
+        )
+
+
+def check_shape(spec: JobSpec, config: ModelConfig | None, *, num_nodes: int, where: str) -> None:
+    """Raise InfeasiblePlanError when ``num_nodes`` nodes (``where``: "idle" or "online") cannot
+    hold one pipeline of ``spec``'s fixed shape, naming the flags; InvalidRequestError when
+    ``--stages`` exceeds the ``config``'s layers (not checked without a config)."""
+    if config is not None:
+        check_layers(spec, config)
+    if num_nodes == 0:
+        raise InfeasiblePlanError(f"no nodes are {where}; start nodes with `swarm-node join`")
+    need = nodes_needed(spec)
+    if num_nodes < need:
+        names = [n for n, v in (("--stages", spec.num_stages), ("--replicas", spec.num_replicas)) if v > 1]
+        raise InfeasiblePlanError(
+            f"{shape_flags(spec)} needs at least {need} nodes but the swarm has {num_nodes} {where}; start more "
+            f"nodes with `swarm-node join` or lower {' or '.join(names)}"
+        )
 
 
 def _check_batch(spec: JobSpec, dp: int) -> None:

@@ -25,7 +25,7 @@ from swarm.pipeline.data import BatchOrder
 from swarm.transport.transfer import receive_files
 
 from coordinator.jobs import files
-from coordinator.jobs.planning import JobPlan, busy_node_ids, plan_job
+from coordinator.jobs.planning import JobPlan, busy_node_ids, check_layers, check_shape, nodes_needed, plan_job
 from coordinator.jobs.store import Job, JobStore
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class JobService:
         self._lock = threading.RLock()
         self._rendezvous: dict[tuple[str, int, int], dict[int, list[str]]] = {}
         self._stop = threading.Event()
+        self._logged: set[tuple[str, str]] = set()  # (job, error) the loop already logged with its traceback
+        self._resumed: set[tuple[str, int]] = set()  # (job, attempt) whose "resumed" event was recorded
         self._thread: threading.Thread | None = None
 
     # -- loop ----------------------------------------------------------------------------------
@@ -68,21 +70,39 @@ class JobService:
                 log.exception("job loop tick failed")
 
     def tick(self) -> None:
+        """Watch running jobs, then plan pending ones (oldest first). One job whose handling raises
+        something unexpected never blocks the others: it is logged once and, while pending, failed
+        with the error (a running job is retried next tick)."""
         with self._lock:
             for job in self.store.list(states=("running",), limit=1000):
-                self._watch(job)
+                self._guarded(job, self._watch)
             for job in sorted(self.store.list(states=("pending",), limit=1000), key=lambda j: j.created_at_s):
-                self._try_plan(job)
+                self._guarded(job, self._try_plan)
+
+    def _guarded(self, job: Job, step) -> None:
+        try:
+            step(job)
+        except Exception as exc:  # noqa: BLE001 -- one job's bug must not stop the loop for the others
+            what = f"{type(exc).__name__}: {exc}"
+            if (job.id, what) not in self._logged:
+                self._logged.add((job.id, what))
+                log.exception("job loop failed on job=%s state=%s", job.id, job.state)
+            if job.state == "pending":
+                reason = f"planning failed unexpectedly ({what[:300]}); this is a bug, please report it"
+                if self.store.transition(job.id, "failed", reason=reason, expect="pending") is not None:
+                    self.store.add_event(job.id, "plan_error", reason, error=what[:300])
 
     # -- submit ----------------------------------------------------------------------------------
     def submit(self, spec: JobSpec, items) -> Job:
         """``items``: the upload as :class:`~swarm.transport.transfer.FileHeader` and ``bytes`` items, in order."""
+        self._check_online(spec)
         job_id = uuid.uuid4().hex[:12]
         jdir = files.job_dir(self.state_dir, job_id)
         try:
             receive_files(items, jdir / "upload", limits=self.limits, roots=("data", "checkpoint"))
             prepared = files.prepare_job(jdir, seq_len=spec.seq_len, seed=spec.seed,
                                          max_model_params=self.limits.max_model_params)
+            check_layers(spec, prepared.config)
             order = BatchOrder(num_samples=prepared.dataset.num_samples, batch_size=spec.batch_size,
                                micro_batch_size=spec.micro_batch_size, seed=spec.seed)
             total = spec.steps or order.steps_for_epochs(spec.epochs)
@@ -95,8 +115,90 @@ class JobService:
         job = self.store.create(job_id=job_id, spec=spec, model=prepared.config.to_hf_config(),
                                 num_samples=prepared.dataset.num_samples, dataset_key=prepared.dataset.key,
                                 total_steps=total)
+        self.store.add_event(job.id, "submitted", f"submitted: {total} steps", total_steps=total)
         self.tick()
         return self.store.get(job.id)
+
+    def _check_online(self, spec: JobSpec) -> None:
+        """Refuse a fixed shape the swarm cannot hold even when every online node is free (the job
+        would wait forever); InvalidRequestError naming the flag. An empty swarm is let through:
+        the job waits for nodes to join."""
+        online = len(self.registry.online())
+        if online and online < nodes_needed(spec):
+            try:
+                check_shape(spec, None, num_nodes=online, where="online")
+            except InfeasiblePlanError as exc:
+                raise InvalidRequestError(str(exc)) from None
+
+    def resume(self, source_id: str, spec: JobSpec) -> Job:
+        """A new job that starts from ``source_id``'s last complete checkpoint (weights, AdamW state,
+        data position = the step) with ``spec`` (the source's spec with the user's changes).
+        Raises InvalidRequestError (source still running, changed data-shaping flags, steps not past
+        the checkpoint) or NotFoundError (no complete checkpoint)."""
+        with self._lock:
+            src = self.store.get(source_id)
+            if not src.terminal:
+                raise InvalidRequestError(f"job {src.id} is {src.state}; cancel it first (`swarm cancel {src.id}`) "
+                                          "or wait for it to end, then --resume it")
+            step = self.last_complete_checkpoint(src)
+            if step is None:
+                raise NotFoundError(f"job {src.id} has no complete checkpoint to resume from (it ended before every "
+                                    "stage saved one; --checkpoint-every sets how often they do)")
+            for flag, name in (("--seq-len", "seq_len"), ("--batch-size", "batch_size"), ("--seed", "seed")):
+                if getattr(spec, name) != getattr(src.spec, name):
+                    raise InvalidRequestError(
+                        f"{flag} {getattr(spec, name)} differs from job {src.id}'s {getattr(src.spec, name)}; a resumed "
+                        "job keeps the data and its order (leave the flag out)")
+            config = ModelConfig.from_hf_config(src.model)
+            check_layers(spec, config)
+            self._check_online(spec)
+            order = BatchOrder(num_samples=src.num_samples, batch_size=spec.batch_size,
+                               micro_batch_size=spec.micro_batch_size, seed=spec.seed)
+            total = spec.steps or order.steps_for_epochs(spec.epochs)
+            if not step < total <= MAX_STEPS:
+                raise InvalidRequestError(f"job {src.id}'s checkpoint is at step {step}: the resumed job needs more "
+                                          f"steps than that (it would have {total}); pass --steps N with N > {step}")
+            job_id = uuid.uuid4().hex[:12]
+            sdir, jdir = files.job_dir(self.state_dir, src.id), files.job_dir(self.state_dir, job_id)
+            try:
+                jdir.mkdir(parents=True)
+                files.link_or_copy_tree(sdir / "init", jdir / "init")
+                files.link_or_copy(sdir / "data.npy", jdir / "data.npy")
+                _, has_optim = files.assemble_resume(jdir, config, self._stage_dirs(src, step), step=step)
+            except BaseException:
+                shutil.rmtree(jdir, ignore_errors=True)
+                raise
+            job = self.store.create(job_id=job_id, spec=spec, model=src.model, num_samples=src.num_samples,
+                                    dataset_key=src.dataset_key, total_steps=total,
+                                    resumed_from={"job_id": src.id, "step": step})
+            note = "with its optimizer state" if has_optim else "optimizer state restarts: the checkpoint has none"
+            self.store.add_event(job.id, "submitted", f"submitted: resumes job {src.id} at step {step} of {total} "
+                                 f"({note})", total_steps=total, resumed_from=src.id, step=step)
+            self.tick()
+            return self.store.get(job.id)
+
+    def _stage_dirs(self, job: Job, step: int) -> list[Path]:
+        """The coordinator's copies of replica 0's stage checkpoints at ``step``, by stage."""
+        by_stage = {c["stage"]: Path(c["dir"]) for c in self.store.checkpoints(job.id)
+                    if c["step"] == step and c["replica"] == 0}
+        return [by_stage[s] for s in sorted(by_stage)]
+
+    def download(self, job_id: str) -> tuple[int, list[Path]]:
+        """(step, files) of the job's final model when it succeeded, else of its last complete
+        checkpoint (assembled on demand). Raises NotFoundError when there is neither."""
+        with self._lock:
+            job = self.store.get(job_id)
+            jdir = files.job_dir(self.state_dir, job.id)
+            if job.result_ready:
+                return job.total_steps, files.download_files(jdir / "result")
+            step = self.last_complete_checkpoint(job)
+            if step is None:
+                raise NotFoundError(f"job {job.id} ({job.state}) has no complete checkpoint yet; "
+                                    "--checkpoint-every sets how often the stages save one")
+            out = jdir / f"resume-{step}"
+            if not (out / "config.json").is_file():
+                files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model), self._stage_dirs(job, step), step=step)
+            return step, files.download_files(out)
 
     # -- planning and watching --------------------------------------------------------------------
     def _plan(self, job: Job) -> JobPlan:
@@ -118,8 +220,18 @@ class JobService:
                 self.store.set_reason(job.id, reason)
                 log.info("job cannot be planned yet job=%s reason=%s", job.id, exc)
             return
-        self.store.transition(job.id, "running", expect="pending", plan=jp.plan.to_json(),
-                              assignments=jp.assignments, attempt=job.attempt + 1)
+        except InvalidRequestError as exc:  # e.g. --stages above the layers of a job stored before the check
+            self._fail(job, f"cannot be planned: {exc}")
+            return
+        moved = self.store.transition(job.id, "running", expect="pending", plan=jp.plan.to_json(),
+                                      assignments=jp.assignments, attempt=job.attempt + 1)
+        if moved is not None:
+            nodes = {a["node_id"] for a in jp.assignments}
+            self.store.add_event(job.id, "planned", f"planned: {jp.plan.d_pp} stage(s) x {jp.plan.d_dp} replica(s) on "
+                                 f"{len(nodes)} node(s)" + (f", starting at step {job.resume_step}" if job.resume_step
+                                                            else ""),
+                                 attempt=job.attempt + 1, num_stages=jp.plan.d_pp, num_replicas=jp.plan.d_dp,
+                                 num_nodes=len(nodes))
 
     def _watch(self, job: Job) -> None:
         for a in job.assignments:
@@ -128,7 +240,10 @@ class JobService:
             except NotFoundError:
                 state = "lost"
             if state != "online":
-                self._recover(job, f"node {a['node_id'][:12]} (stage {a['stage']}, replica {a['replica']}) is {state}")
+                what = f"node {a['node_id'][:12]} (stage {a['stage']}, replica {a['replica']}) is {state}"
+                self.store.add_event(job.id, "node_lost", what, node=a["node_id"], stage=a["stage"],
+                                     replica=a["replica"], state=state)
+                self._recover(job, what)
                 return
         # from the store, not memory: a coordinator restarted mid-job still sees the stages that finished
         done = {(c["stage"], c["replica"]) for c in self.store.checkpoints(job.id) if c["final"]}
@@ -137,13 +252,16 @@ class JobService:
             self._finish(job)
 
     def last_complete_checkpoint(self, job: Job) -> int | None:
-        """The latest step for which every stage's checkpoint copy reached the coordinator."""
+        """The latest step for which every stage's checkpoint copy reached the coordinator (for a
+        job started with --resume, at least the step it started from)."""
         stages = {a["stage"] for a in job.assignments}
         by_step: dict[int, set[int]] = {}
         for c in self.store.checkpoints(job.id):
             if c["replica"] == 0:
                 by_step.setdefault(c["step"], set()).add(c["stage"])
         complete = [step for step, have in by_step.items() if stages and have >= stages]
+        if job.resumed_from:
+            complete.append(int(job.resumed_from["step"]))  # its resume-N/ is complete by construction
         return max(complete) if complete else None
 
     def _checkpoint_note(self, job_id: str) -> str:
@@ -159,23 +277,30 @@ class JobService:
         if job.attempt > MAX_REPLANS:
             self._fail(job, f"{what}; re-planned {MAX_REPLANS} times already; {self._checkpoint_note(job.id)}")
             return
+        jdir = files.job_dir(self.state_dir, job.id)
         try:
             jp = self._plan(job)
-            if resume > 0:
-                finals = {c["stage"]: Path(c["dir"]) for c in self.store.checkpoints(job.id)
-                          if c["step"] == resume and c["replica"] == 0}
-                files.assemble_result(files.job_dir(self.state_dir, job.id), ModelConfig.from_hf_config(job.model),
-                                      [finals[s] for s in sorted(finals)], name=f"resume-{resume}")
+            has_optim = resume == 0 or (jdir / f"resume-{resume}" / files.OPTIMIZER_FILE).is_file()
+            stage_dirs = self._stage_dirs(job, resume) if resume > 0 else []
+            if stage_dirs:  # a checkpoint of this job (not only the one it was --resumed from)
+                _, has_optim = files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model), stage_dirs,
+                                                     step=resume)
         except (InfeasiblePlanError, SwarmError) as exc:
             self._fail(job, f"{what}; cannot re-plan ({exc}); {self._checkpoint_note(job.id)}")
             return
-        self.store.replan(job.id, plan=jp.plan.to_json(), assignments=jp.assignments, attempt=job.attempt + 1,
-                          resume_step=resume, expect_attempt=job.attempt,
-                          reason=f"re-planned after {what}: resuming from step {resume} (optimizer state restarts)")
+        optim = "with its optimizer state" if has_optim else "optimizer state restarts"
+        if self.store.replan(job.id, plan=jp.plan.to_json(), assignments=jp.assignments, attempt=job.attempt + 1,
+                             resume_step=resume, expect_attempt=job.attempt,
+                             reason=f"re-planned after {what}: resuming from step {resume} ({optim})") is not None:
+            self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on "
+                                 f"{len({a['node_id'] for a in jp.assignments})} node(s): resuming from step {resume} "
+                                 f"({optim})", attempt=job.attempt + 1, resume_step=resume)
 
     def _fail(self, job: Job, reason: str) -> None:
         if self.store.transition(job.id, "failed", reason=reason) is not None:
             log.warning("job failed job=%s reason=%s", job.id, reason)
+            self.store.add_event(job.id, "failed", f"failed: {reason}",
+                                 last_complete_checkpoint=self.last_complete_checkpoint(self.store.get(job.id)))
 
     def _finish(self, job: Job) -> None:
         config = ModelConfig.from_hf_config(job.model)
@@ -192,7 +317,9 @@ class JobService:
             self._fail(job, f"could not assemble the final checkpoint: {exc}")
             return
         self.store.set_result_ready(job.id)
-        self.store.transition(job.id, "succeeded", expect="running")
+        if self.store.transition(job.id, "succeeded", expect="running") is not None:
+            self.store.add_event(job.id, "succeeded", f"succeeded: {job.total_steps} steps; the model is ready "
+                                 "(`swarm job ID --download DIR`)")
 
     # -- node side -------------------------------------------------------------------------------
     def assignment_of(self, job_id: str, node_id: str, *, stage: int | None = None, replica: int | None = None
@@ -231,6 +358,11 @@ class JobService:
             return True, "job failed"
         if r["state"] == "running" and not 0 <= r["step"] < job.total_steps:
             raise InvalidRequestError(f"progress for step {r['step']} outside 0..{job.total_steps - 1}")
+        if r["state"] == "running" and job.resume_step and r["step"] == job.resume_step and \
+                (job.id, job.attempt) not in self._resumed:
+            self._resumed.add((job.id, job.attempt))
+            self.store.add_event(job.id, "resumed", f"resumed at step {job.resume_step} (attempt {job.attempt})",
+                                 step=job.resume_step, attempt=job.attempt)
         if r["state"] == "running":
             self.store.add_progress(job.id, attempt=job.attempt, stage=a["stage"], replica=a["replica"],
                                     step=r["step"], loss=r["loss"], tokens=r["tokens"], tokens_per_s=r["tokens_per_s"],
@@ -261,7 +393,9 @@ class JobService:
         job = self.store.get(job_id)
         if job.terminal:
             return job
-        self.store.transition(job_id, "cancelled", reason=reason or "cancelled by the user")
+        reason = reason or "cancelled by the user"
+        if self.store.transition(job_id, "cancelled", reason=reason) is not None:
+            self.store.add_event(job_id, "cancelled", f"cancelled: {reason}; {self._checkpoint_note(job_id)}")
         return self.store.get(job_id)
 
     def detail(self, job: Job) -> dict[str, Any]:
@@ -308,14 +442,15 @@ class JobService:
             "checkpoints": [{k: c[k] for k in ("step", "stage", "replica", "final")} for c in self.store.checkpoints(job.id)],
             "result_ready": job.result_ready,
             "last_complete_checkpoint": self.last_complete_checkpoint(job),
+            "resumed_from": job.resumed_from,
+            "events": self.store.events(job.id),
         })
 
     def result_files(self, job_id: str) -> list[Path]:
         job = self.store.get(job_id)
         if not job.result_ready:
             raise NotFoundError(f"job {job_id} has no result yet (state {job.state})")
-        out = files.job_dir(self.state_dir, job_id) / "result"
-        return sorted(p for p in out.iterdir() if p.is_file())
+        return files.download_files(files.job_dir(self.state_dir, job_id) / "result")
 
 
 def detail_json(service: JobService, job: Job) -> str:

@@ -1,6 +1,6 @@
 """gRPC ``Training`` service of the coordinator: protobuf <-> :class:`JobService` calls.
 
-User calls (SubmitJob, GetJob, ListJobs, CancelJob, DownloadResult) need no node session; node
+User calls (SubmitJob, ResumeJob, GetJob, ListJobs, CancelJob, DownloadResult) need no node session; node
 calls (PollAssignments, ReportProgress, Fetch*, UploadCheckpoint, Rendezvous) authenticate the
 calling node and check it holds the part of the job it asks about.
 """
@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from swarm.errors import AuthError, InvalidRequestError, NotFoundError
+from swarm.model.config import ModelConfig
 from swarm.proto.v1 import training_pb2 as pb
 from swarm.proto.v1 import training_pb2_grpc as pb_grpc
 from swarm.transport import transfer, transfer_pb
@@ -26,7 +27,8 @@ from coordinator.jobs.store import Job
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILES = ("weights.safetensors", "optimizer.pt", "meta.json")
+# optimizer.pt: what nodes before optimizer.safetensors sent (kept, never read)
+CHECKPOINT_FILES = ("weights.safetensors", "optimizer.safetensors", "optimizer.pt", "meta.json")
 
 
 def job_record(service: JobService, job: Job) -> pb.JobRecord:
@@ -79,6 +81,11 @@ class TrainingServicer(pb_grpc.TrainingServicer):
         return job_record(self.service, job)
 
     @grpc_errors
+    def ResumeJob(self, request, context) -> pb.JobRecord:
+        self._check_user(context)
+        return job_record(self.service, self.service.resume(request.job_id, job_spec_from_pb(request.spec)))
+
+    @grpc_errors
     def GetJob(self, request, context) -> pb.JobRecord:
         return job_record(self.service, self.service.store.get(request.job_id))
 
@@ -94,7 +101,8 @@ class TrainingServicer(pb_grpc.TrainingServicer):
 
     @grpc_errors
     def DownloadResult(self, request, context):
-        for path in self.service.result_files(request.job_id):
+        _, paths = self.service.download(request.job_id)
+        for path in paths:
             yield from _stream_file(path, path.name)
 
     # -- nodes -----------------------------------------------------------------------------------
@@ -136,9 +144,15 @@ class TrainingServicer(pb_grpc.TrainingServicer):
         node_id = self.app.authenticate_node(context)
         job, a = self.service.assignment_of(request.job_id, node_id, stage=request.stage)
         jdir = files.job_dir(self.service.state_dir, job.id)
-        blob = files.stage_weights_bytes(jdir, a["first_layer"], a["last_layer_excl"], is_first=a["stage"] == 0,
-                                         is_last=a["stage"] == a["num_stages"] - 1,
-                                         source=f"resume-{job.resume_step}" if job.resume_step else "init")
+        source = f"resume-{job.resume_step}" if job.resume_step else "init"
+        is_first, is_last = a["stage"] == 0, a["stage"] == a["num_stages"] - 1
+        if request.optimizer_state:
+            blob = files.stage_optimizer_bytes(jdir, ModelConfig.from_hf_config(job.model), a["first_layer"],
+                                               a["last_layer_excl"], is_first=is_first, is_last=is_last, source=source)
+            yield from transfer_pb.to_messages(transfer.send_bytes(files.OPTIMIZER_FILE, blob), pb.FileChunk)
+            return
+        blob = files.stage_weights_bytes(jdir, a["first_layer"], a["last_layer_excl"], is_first=is_first,
+                                         is_last=is_last, source=source)
         yield from transfer_pb.to_messages(transfer.send_bytes("weights.safetensors", blob), pb.FileChunk)
 
     @grpc_errors

@@ -16,6 +16,7 @@ from typing import Any
 
 from swarm.clock import Clock
 from swarm.errors import InvalidRequestError, NotFoundError
+from swarm.job_detail import EVENT_KINDS
 from swarm.job_spec import JobSpec
 
 from coordinator.store import Database
@@ -47,7 +48,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL,
     finished_at REAL,
     result_ready INTEGER NOT NULL DEFAULT 0,
-    resume_step INTEGER NOT NULL DEFAULT 0
+    resume_step INTEGER NOT NULL DEFAULT 0,
+    resumed_from_json TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS job_progress (
     job_id TEXT NOT NULL,
@@ -79,6 +81,15 @@ CREATE TABLE IF NOT EXISTS job_checkpoints (
     at REAL NOT NULL,
     PRIMARY KEY (job_id, stage, replica, step)
 );
+CREATE TABLE IF NOT EXISTS job_events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL,
+    fields_json TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id, seq);
 """
 
 
@@ -101,6 +112,7 @@ class Job:
     finished_at_s: float | None = None
     result_ready: bool = False
     resume_step: int = 0
+    resumed_from: dict[str, Any] | None = None  # {"job_id", "step"} of a job started with --resume
 
     @property
     def terminal(self) -> bool:
@@ -109,7 +121,8 @@ class Job:
 
 _COLS = (
     "id, state, reason, spec_json, model_json, plan_json, assignments_json, attempt, num_samples, dataset_key,"
-    " total_steps, created_at, updated_at, started_at, finished_at, result_ready, resume_step"
+    " total_steps, created_at, updated_at, started_at, finished_at, result_ready, resume_step,"
+    " resumed_from_json"
 )
 
 
@@ -131,6 +144,7 @@ def _job(row) -> Job:
         plan=json.loads(row[5]) if row[5] else None, assignments=json.loads(row[6]), attempt=row[7],
         num_samples=row[8], dataset_key=row[9], total_steps=row[10], created_at_s=row[11], updated_at_s=row[12],
         started_at_s=row[13], finished_at_s=row[14], result_ready=bool(row[15]), resume_step=row[16],
+        resumed_from=json.loads(row[17]) if row[17] else None,
     )
 
 
@@ -151,6 +165,8 @@ class JobStore:
             cols = {r[1] for r in self._conn.execute("PRAGMA table_info(jobs)").fetchall()}
             if "resume_step" not in cols:  # a state dir from before re-planning existed
                 self._conn.execute("ALTER TABLE jobs ADD COLUMN resume_step INTEGER NOT NULL DEFAULT 0")
+            if "resumed_from_json" not in cols:  # a state dir from before --resume existed
+                self._conn.execute("ALTER TABLE jobs ADD COLUMN resumed_from_json TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
@@ -158,13 +174,16 @@ class JobStore:
 
     # -- jobs ----------------------------------------------------------------------------------
     def create(self, *, job_id: str, spec: JobSpec, model: dict[str, Any], num_samples: int,
-               dataset_key: str, total_steps: int) -> Job:
+               dataset_key: str, total_steps: int, resumed_from: dict[str, Any] | None = None) -> Job:
+        """A new ``pending`` job; ``resumed_from`` ({"job_id", "step"}) starts it at that step."""
         now = self._clock.time()
+        resume_step = int(resumed_from["step"]) if resumed_from else 0
         with self._lock, self._conn:
             self._conn.execute(
                 "INSERT INTO jobs (id, state, spec_json, model_json, num_samples, dataset_key, total_steps,"
-                " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                (job_id, "pending", spec.to_json(), json.dumps(model), num_samples, dataset_key, total_steps, now, now),
+                " created_at, updated_at, resume_step, resumed_from_json) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (job_id, "pending", spec.to_json(), json.dumps(model), num_samples, dataset_key, total_steps, now, now,
+                 resume_step, json.dumps(resumed_from) if resumed_from else ""),
             )
         log.info("job created job=%s steps=%d samples=%d", job_id, total_steps, num_samples)
         return self.get(job_id)
@@ -324,3 +343,26 @@ class JobStore:
                 " ORDER BY step, stage, replica", (job_id,),
             ).fetchall()
         return [{"stage": r[0], "replica": r[1], "step": r[2], "final": bool(r[3]), "dir": r[4], "at": r[5]} for r in rows]
+
+    # -- events ----------------------------------------------------------------------------------
+    def add_event(self, job_id: str, kind: str, message: str, **fields: Any) -> dict[str, Any]:
+        """Append one event (``kind`` one of :data:`swarm.job_detail.EVENT_KINDS`) and return it."""
+        if kind not in EVENT_KINDS:
+            raise InvalidRequestError(f"unknown job event kind {kind!r}")
+        now = self._clock.time()
+        with self._lock, self._conn:
+            cur = self._conn.execute(
+                "INSERT INTO job_events (job_id, at, kind, message, fields_json) VALUES (?,?,?,?,?)",
+                (job_id, now, kind, message, json.dumps(fields, sort_keys=True)),
+            )
+        log.info("job event job=%s kind=%s %s", job_id, kind, message)
+        return {"seq": cur.lastrowid, "at": now, "kind": kind, "message": message, "fields": fields}
+
+    def events(self, job_id: str, *, after_seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        """The job's events after ``after_seq``, oldest first (at most ``limit``, the newest ones)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT seq, at, kind, message, fields_json FROM (SELECT * FROM job_events WHERE job_id = ? AND"
+                " seq > ? ORDER BY seq DESC LIMIT ?) ORDER BY seq", (job_id, after_seq, int(limit)),
+            ).fetchall()
+        return [{"seq": r[0], "at": r[1], "kind": r[2], "message": r[3], "fields": json.loads(r[4])} for r in rows]

@@ -45,6 +45,13 @@ class TrainingClient:
             return _collect(self.stub.FetchStageWeights(pb.FetchStageWeightsRequest(job_id=job_id, stage=stage),
                                                         metadata=self._md(), timeout=timeout_s))
 
+    def fetch_optimizer_state(self, job_id: str, stage: int, timeout_s: float = 600.0) -> bytes:
+        """The stage's AdamW state at the assignment's resume step. Raises NotFoundError when the
+        checkpoint has none."""
+        with translate_rpc_errors("coordinator"):
+            req = pb.FetchStageWeightsRequest(job_id=job_id, stage=stage, optimizer_state=True)
+            return _collect(self.stub.FetchStageWeights(req, metadata=self._md(), timeout=timeout_s))
+
     def upload_checkpoint(self, header: pb.CheckpointHeader, files: list[Path], timeout_s: float = 600.0) -> None:
         def chunks():
             yield pb.CheckpointChunk(header=header)

@@ -30,13 +30,14 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
 from swarm.compression import CodecMessage
-from swarm.errors import InvalidRequestError, PeerError
+from swarm.errors import InvalidRequestError, NotFoundError, PeerError
 from swarm.model.config import ModelConfig
 from swarm.model.stage import StageModel
 from swarm.pipeline import schedule
 from swarm.pipeline.codecs import make_codec, state_key
 from swarm.pipeline.data import BatchOrder, TokenDataset
 from swarm.pipeline.optim import OptimConfig, clip_and_step, make_optimizer
+from swarm.pipeline.optim_state import load_stage_optimizer_state, stage_optimizer_state
 from swarm.pipeline.stage import StageRunner
 from swarm.proto.v1 import training_pb2 as pb
 from swarm.transport import tensors as wt
@@ -158,6 +159,8 @@ class StageWorker:
                                      total_steps=self.total_steps, min_lr_ratio=spec.min_lr_ratio,
                                      grad_clip=spec.grad_clip)
         self.optimizer = make_optimizer(self.module.parameters(), self.optim_cfg)
+        if a.resume_step > 0:
+            self._load_optimizer_state()
         self.runner = StageRunner(self.module, is_first=a.is_first, is_last=a.is_last, loss_scale=1.0 / self.M)
         self.codec_text = str(spec.codec)  # as tensor headers name it (checked by the receiver)
         key = state_key(a.job_id, a.dataset_key)
@@ -188,6 +191,20 @@ class StageWorker:
         log.info("stage worker ready job=%s attempt=%d stage=%d/%d replica=%d/%d layers=[%d,%d) codec=%s steps=%d-%d",
                  a.job_id, a.attempt, a.stage, a.num_stages, a.replica, a.num_replicas, a.first_layer,
                  a.last_layer_excl, self.codec_text, a.resume_step, self.total_steps)
+
+    def _load_optimizer_state(self) -> None:
+        """AdamW's moments and step count at the resume step (by HF name: any earlier split works);
+        a checkpoint without them (nodes of an older version) restarts the optimizer."""
+        a = self.a
+        try:
+            blob = self.client.fetch_optimizer_state(a.job_id, a.stage)
+        except NotFoundError as exc:
+            log.warning("no optimizer state to resume from; AdamW restarts job=%s stage=%d step=%d: %s",
+                        a.job_id, a.stage, a.resume_step, exc)
+            return
+        step = load_stage_optimizer_state(self.module, self.optimizer, st_load(blob))
+        log.info("optimizer state restored job=%s stage=%d resume_step=%d adam_step=%d", a.job_id, a.stage,
+                 a.resume_step, step)
 
     def _on_sent(self, dst_node_id: str):
         """Count a delivered tensor and keep it as a link observation (node/traffic.py).
@@ -374,14 +391,16 @@ class StageWorker:
         d.mkdir(parents=True, exist_ok=True)
         weights = d / "weights.safetensors"
         save_file({k: v.detach().to("cpu").contiguous() for k, v in self.module.hf_state_dict().items()}, str(weights))
-        torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
+        # AdamW state by HF parameter name (swarm/pipeline/optim_state.py): a resumed job may split
+        # the layers differently. The data cursor is the step: BatchOrder is a function of it.
+        optim = d / "optimizer.safetensors"
+        save_file(stage_optimizer_state(self.module, self.optimizer), str(optim))
         meta = {"job_id": a.job_id, "stage": a.stage, "replica": a.replica, "step": step, "data_cursor": step,
-                "layers": [a.first_layer, a.last_layer_excl], "final": final}
+                "layers": [a.first_layer, a.last_layer_excl], "final": final, "optimizer": optim.name}
         (d / "meta.json").write_text(json.dumps(meta))
-        # Replicas hold the same weights; one copy per stage is enough for the coordinator.
-        upload = [weights, d / "meta.json"] if a.replica == 0 else [d / "meta.json"]
-        if not final and a.replica == 0:
-            upload.insert(1, d / "optimizer.pt")
+        # Replicas hold the same weights and (averaged gradients) optimizer state; one copy per
+        # stage is enough for the coordinator.
+        upload = [weights, optim, d / "meta.json"] if a.replica == 0 else [d / "meta.json"]
         self.client.upload_checkpoint(pb.CheckpointHeader(job_id=a.job_id, stage=a.stage, replica=a.replica, step=step,
                                                           final=final, attempt=a.attempt), upload)
         old = sorted(p for p in self.dir.glob("step-*") if p.is_dir())

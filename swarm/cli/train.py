@@ -8,19 +8,23 @@ bar (step, loss, tokens/s, ETA) until the job ends and exits 1 if it failed or w
 ``--out DIR`` waits for the end too and writes the trained HF checkpoint there.
 Extra flags: ``--stages``/``--replicas`` fix the pipeline shape (default: the planner picks),
 ``--schedule``, ``--warmup-steps``, ``--weight-decay``, ``--grad-clip``, ``--seed``,
-``--peer-timeout-s``, ``--name``.
+``--peer-timeout-s``, ``--name``. ``swarm train --resume JOB_ID [flags]`` starts a new job from
+an ended job's last complete checkpoint (weights, AdamW state, data position) with its spec,
+changed by the flags given. ``swarm job ID --download DIR`` writes a job's model (the final one,
+else its last complete checkpoint) as an HF checkpoint. ``--follow`` prints the job's events
+(node lost, re-planned, resumed, ...) as they happen; see :mod:`swarm.cli.follow`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 from swarm.cli.common import add_common_flags, connect
+from swarm.cli.follow import _num, event_line, follow, progress_line  # noqa: F401 -- progress_line: re-exported
 from swarm.errors import ConfigError, InvalidRequestError, SwarmError
 
 MODEL_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
@@ -30,11 +34,14 @@ MODEL_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="submit a training / fine-tuning job to the swarm")
     add_common_flags(p, json=True)
-    p.add_argument("--model", required=True, help="config.json (fresh weights) or an HF checkpoint directory")
-    p.add_argument("--data", required=True, help="a text file or a directory of text files (UTF-8)")
+    p.add_argument("--model", default=None, help="config.json (fresh weights) or an HF checkpoint directory")
+    p.add_argument("--data", default=None, help="a text file or a directory of text files (UTF-8)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="a tokenizer.json to train with (uploaded as checkpoint/tokenizer.json; default: the "
                         "model directory's, else the byte-level tokenizer, which needs vocab_size 256..264)")
+    p.add_argument("--resume", default=None, metavar="JOB_ID",
+                   help="start from an ended job's last complete checkpoint (weights, optimizer state, data "
+                        "position) with its spec; other flags given change it (not --seq-len/--batch-size/--seed)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps")
@@ -65,6 +72,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("job", help="show one training job")
     add_common_flags(p, json=True)
     p.add_argument("job_id")
+    p.add_argument("--download", type=Path, default=None, metavar="DIR",
+                   help="write the job's model here as an HF checkpoint: the final one if it succeeded, else its "
+                        "last complete checkpoint (failed and cancelled jobs too)")
     p.set_defaults(func=run_job)
 
     p = subparsers.add_parser("cancel", help="cancel a training job")
@@ -140,50 +150,6 @@ def upload_files(model: Path, data: Path, tokenizer: Path | None = None) -> list
     return files
 
 
-def _fmt_s(s: float | None) -> str:
-    if s is None or not math.isfinite(s):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def _num(x, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def progress_line(job: dict, width: int = 24) -> str:
-    total = job.get("total_steps") or 0
-    step = job.get("step")
-    done = 0 if step is None else step + 1
-    filled = int(width * done / total) if total else 0
-    bar = "#" * filled + "." * (width - filled)
-    line = (f"[{bar}] step {done}/{total}  loss {_num(job.get('loss'), '.4f')}  "
-            f"tok/s {_num(job.get('tokens_per_s'), '.0f')}  ETA {_fmt_s(job.get('eta_s'))}  {job['state']}")
-    if job["state"] == "pending" and job.get("reason"):
-        line += f" ({job['reason']})"  # e.g. waiting for nodes
-    return line
-
-
-def follow(client, job_id: str, *, quiet: bool, interval_s: float = 1.0):
-    """Poll until the job ends, printing a bar line per new step (unless ``quiet``); returns its JobRecord."""
-    last = None
-    while True:
-        job = client.get_job(job_id)
-        key = (job.detail.get("step"), job.state, job.reason)
-        if not quiet and key != last:
-            line = progress_line(job.detail)
-            if sys.stdout.isatty():
-                print("\r" + line, end="", flush=True)
-            else:
-                print(line, flush=True)
-            last = key
-        if job.terminal:
-            if not quiet and sys.stdout.isatty():
-                print()
-            return job
-        time.sleep(interval_s)
-
-
 def job_spec_from_args(args: argparse.Namespace):
     """The :class:`~swarm.job_spec.JobSpec` the flags ask for. Raises InvalidRequestError naming
     the flag to fix."""
@@ -203,12 +169,40 @@ def job_spec_from_args(args: argparse.Namespace):
     )
 
 
+def resumed_spec(args: argparse.Namespace, source: dict):
+    """The spec of a ``--resume``d job: the source job's spec (its JSON form) with the flags whose
+    values differ from their defaults on top (a flag given with its default value changes
+    nothing). Raises InvalidRequestError naming the flag."""
+    from swarm.job_spec import JobSpec
+
+    given = job_spec_from_args(args).to_dict()
+    default = JobSpec().to_dict()  # the flags' defaults are JobSpec's
+    merged = dict(source)
+    changed = {k: v for k, v in given.items() if v != default[k]}
+    if "epochs" in changed or "steps" in changed:  # one of the two sets the length
+        merged["steps"], merged["epochs"] = 0, 0.0
+    merged.update(changed)
+    return JobSpec.from_dict(merged)
+
+
 def run_train(args: argparse.Namespace) -> int:
     try:
-        spec = job_spec_from_args(args)
-        files = upload_files(Path(args.model), Path(args.data), args.tokenizer)
+        if args.resume:
+            if args.model or args.data or args.tokenizer:
+                raise InvalidRequestError("--resume starts from the job's checkpoint, tokenizer and data; leave out "
+                                          "--model, --data and --tokenizer")
+        elif not (args.model and args.data):
+            raise InvalidRequestError("pass --model CONFIG.json|CHECKPOINT_DIR and --data PATH (or --resume JOB_ID)")
+        else:  # build and check everything locally before connecting
+            spec = job_spec_from_args(args)
+            files = upload_files(Path(args.model), Path(args.data), args.tokenizer)
         with connect(args) as client:
-            job = client.submit_job(spec, files)
+            if args.resume:
+                source = client.get_job(args.resume).detail
+                spec = resumed_spec(args, source["spec"])
+                job = client.resume_job(args.resume, spec)
+            else:
+                job = client.submit_job(spec, files)
             if not args.json:
                 print(f"job {job.id} submitted ({job.state}{': ' + job.reason if job.reason else ''})", flush=True)
             if not (args.follow or args.out):
@@ -255,9 +249,15 @@ def run_job(args: argparse.Namespace) -> int:
     try:
         with connect(args) as client:
             job = client.get_job(args.job_id).detail
+            if args.download:
+                written = client.download_result(args.job_id, args.download)
     except SwarmError as exc:
         print(f"swarm job: {exc}", file=sys.stderr)
         return 2
+    if args.download and not args.json:
+        what = "final model" if job["result_ready"] else f"checkpoint of step {job['last_complete_checkpoint']}"
+        print(f"{what} of job {job['id']} written to {args.download} ({len(written)} files)")
+        return 0
     if args.json:
         print(json.dumps(job))
         return 0
@@ -272,6 +272,10 @@ def run_job(args: argparse.Namespace) -> int:
     print(f"bytes sent {job['bytes_sent']:,}, saved by compression {job['bytes_saved']:,}")
     if job.get("checkpoints"):
         print(f"checkpoints at steps {sorted({c['step'] for c in job['checkpoints']})}")
+    if job.get("resumed_from"):
+        print(f"resumed from job {job['resumed_from']['job_id']} at step {job['resumed_from']['step']}")
+    for ev in job.get("events") or []:
+        print(f"  {time.strftime('%H:%M:%S', time.localtime(ev['at']))} {event_line(ev)}")
     return 0
 
 

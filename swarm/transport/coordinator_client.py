@@ -242,6 +242,15 @@ class CoordinatorClient:
         with translate_rpc_errors(self._what):
             return _job_record(self._training.SubmitJob(chunks(), timeout=timeout_s, metadata=self._md))
 
+    def resume_job(self, job_id: str, spec: "JobSpec") -> JobRecord:
+        """Start a new job from ended job ``job_id``'s last complete checkpoint (weights, optimizer
+        state, data position) with ``spec``; needs the token."""
+        from swarm.transport.jobs import job_spec_to_pb
+
+        with translate_rpc_errors(self._what):
+            return _job_record(self._training.ResumeJob(tpb.ResumeJobRequest(job_id=job_id, spec=job_spec_to_pb(spec)),
+                                                        timeout=self.timeout_s, metadata=self._md))
+
     def get_job(self, job_id: str) -> JobRecord:
         with translate_rpc_errors(self._what):
             return _job_record(self._training.GetJob(tpb.GetJobRequest(job_id=job_id), timeout=self.timeout_s,
@@ -261,7 +270,8 @@ class CoordinatorClient:
 
     def download_result(self, job_id: str, out_dir: Path, *, timeout_s: float = 3600.0) -> list[Path]:
         """Write the job's exported checkpoint files into ``out_dir`` (sizes and SHA-256 checked;
-        a file appears only once it is complete)."""
+        a file appears only once it is complete): the final model of a succeeded job, else its
+        last complete checkpoint."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         limits = transfer.TransferLimits(max_file_bytes=MAX_RESULT_BYTES, max_total_bytes=MAX_RESULT_BYTES)

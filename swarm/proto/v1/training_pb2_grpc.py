@@ -60,6 +60,11 @@ class TrainingStub:
                 request_serializer=swarm_dot_proto_dot_v1_dot_training__pb2.DownloadResultRequest.SerializeToString,
                 response_deserializer=swarm_dot_proto_dot_v1_dot_training__pb2.FileChunk.FromString,
                 _registered_method=True)
+        self.ResumeJob = channel.unary_unary(
+                '/swarm.proto.v1.Training/ResumeJob',
+                request_serializer=swarm_dot_proto_dot_v1_dot_training__pb2.ResumeJobRequest.SerializeToString,
+                response_deserializer=swarm_dot_proto_dot_v1_dot_training__pb2.JobRecord.FromString,
+                _registered_method=True)
         self.PollAssignments = channel.unary_unary(
                 '/swarm.proto.v1.Training/PollAssignments',
                 request_serializer=swarm_dot_proto_dot_v1_dot_training__pb2.PollAssignmentsRequest.SerializeToString,
@@ -120,6 +125,12 @@ class TrainingServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadResult(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -188,6 +199,11 @@ def add_TrainingServicer_to_server(servicer, server):
                     servicer.DownloadResult,
                     request_deserializer=swarm_dot_proto_dot_v1_dot_training__pb2.DownloadResultRequest.FromString,
                     response_serializer=swarm_dot_proto_dot_v1_dot_training__pb2.FileChunk.SerializeToString,
+            ),
+            'ResumeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeJob,
+                    request_deserializer=swarm_dot_proto_dot_v1_dot_training__pb2.ResumeJobRequest.FromString,
+                    response_serializer=swarm_dot_proto_dot_v1_dot_training__pb2.JobRecord.SerializeToString,
             ),
             'PollAssignments': grpc.unary_unary_rpc_method_handler(
                     servicer.PollAssignments,
@@ -355,6 +371,33 @@ class Training:
             '/swarm.proto.v1.Training/DownloadResult',
             swarm_dot_proto_dot_v1_dot_training__pb2.DownloadResultRequest.SerializeToString,
             swarm_dot_proto_dot_v1_dot_training__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.proto.v1.Training/ResumeJob',
+            swarm_dot_proto_dot_v1_dot_training__pb2.ResumeJobRequest.SerializeToString,
+            swarm_dot_proto_dot_v1_dot_training__pb2.JobRecord.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,7 +73,8 @@ def test_bad_tensor_rejected_then_killed_node_fails_job_keeping_checkpoint(tmp_p
         kept = coord.state_dir / "jobs" / job_id / "checkpoints" / f"step-{step:08d}"
         for s in range(3):
             assert (kept / f"stage-{s}-r0" / "weights.safetensors").is_file()
-            assert (kept / f"stage-{s}-r0" / "optimizer.pt").is_file()
+            # the optimizer state, now by HF parameter name (was optimizer.pt: torch's by index)
+            assert (kept / f"stage-{s}-r0" / "optimizer.safetensors").is_file()
         assert elapsed < FAIL_WITHIN_S
         # the surviving nodes stopped their workers and stay in the swarm
         survivors = [nodes[by_stage[0]], nodes[by_stage[2]]]

@@ -1,8 +1,11 @@
 """A job that loses a node while an idle node is available is re-planned and resumes from its
 last complete checkpoint, then finishes (coordinator + 3 node processes, 2 of them used)."""
 
+import io
+
 import pytest
 
+from swarm.cli.follow import follow
 from swarm.cli.train import upload_files
 from swarm.compression import CodecSpec
 from swarm.job_spec import JobSpec
@@ -44,3 +47,21 @@ def test_lost_node_is_replaced_and_the_job_resumes_from_its_checkpoint(tmp_path)
         assert {p["attempt"] for p in done["progress"] if p["step"] >= replanned["resume_step"]} == {2}
         losses = [p["loss"] for p in done["progress"]]
         assert losses[-1] < losses[0]
+        # the events tell the story: lost node, re-plan (with the resume step), resumed, done
+        events = done["events"]
+        kinds = [e["kind"] for e in events]
+        assert kinds[:2] == ["submitted", "planned"] and kinds[-1] == "succeeded", kinds
+        lost = next(e for e in events if e["kind"] == "node_lost")
+        assert lost["fields"]["node"] == victim and lost["fields"]["stage"] == 1
+        replan = next(e for e in events if e["kind"] == "replan")
+        assert replan["fields"] == {"attempt": 2, "resume_step": replanned["resume_step"]}
+        assert "with its optimizer state" in replan["message"]
+        assert kinds.index("node_lost") < kinds.index("replan") < kinds.index("resumed")
+        assert next(e for e in events if e["kind"] == "resumed")["fields"]["step"] == replanned["resume_step"]
+        # and the follow loop prints them, one line each
+        out = io.StringIO()
+        with CoordinatorClient(coord.address) as client:
+            follow(client, job_id, quiet=False, out=out)
+        printed = out.getvalue()
+        assert f"! node {victim[:12]} (stage 1, replica 0) is lost" in printed
+        assert f"resuming from step {replanned['resume_step']}" in printed

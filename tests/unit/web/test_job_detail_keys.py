@@ -33,7 +33,9 @@ def _detail_json() -> dict:
         "assignments": [{"node_id": "ab" * 16, "node_name": "n", "stage": 0, "replica": 0, "layers": [0, 2]}],
         "workers": [worker], "progress": [point],
         "checkpoints": [{"step": 0, "stage": 0, "replica": 0, "final": False}],
-        "result_ready": False, "last_complete_checkpoint": None,
+        "result_ready": False, "last_complete_checkpoint": None, "resumed_from": None,
+        "events": [{"seq": 1, "at": 1.0, "kind": "submitted", "message": "submitted: 10 steps",
+                    "fields": {"total_steps": 10}}],
     }
 
 
