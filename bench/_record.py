@@ -34,6 +34,10 @@ def machine_description() -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit; ``$SWARM_COMMIT`` wins (a copy of the tree run elsewhere, such as
+    the GPU machine, carries stale git metadata)."""
+    if os.environ.get("SWARM_COMMIT"):
+        return os.environ["SWARM_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
