@@ -103,7 +103,7 @@ def test_readme_commands_run_against_a_local_swarm(tmp_path):
                 continue
             assert words[0] == "swarm", f"README command {command!r}: only swarm and curl commands are run"
             proc = subprocess.run([sys.executable, "-m", "swarm.cli", *words[1:]], capture_output=True, text=True,
-                                  env=env, timeout=120, cwd=tmp_path)
+                                  env=env, timeout=120, cwd=README.parent)  # as a user runs them: from the checkout
             assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
             m = re.search(r"job ([0-9a-f]{12}) submitted", proc.stdout)
             if m:
