@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from swarm import plugins as _mechanics
 from swarm.clock import Clock
@@ -56,7 +56,9 @@ class CoordinatorHost:
     - ``authenticate_node(context) -> node_id`` and ``authenticate_user(context, action)``: who is
       calling a servicer method; both raise AuthError (use inside a method decorated with
       ``swarm.transport.errors.grpc_errors``);
-    - ``services``: the typed services of other plugins (``services.jobs``, ``services.inference``).
+    - ``services``: the typed services of other plugins (``services.jobs``, ``services.inference``);
+    - ``security`` (swarm.transport.tls): pass it to ``data_channel(address, security=...,
+      node_id=...)`` to call a node's peer service as the coordinator (``swarm://coordinator``).
     """
 
     clock: Clock
@@ -67,6 +69,7 @@ class CoordinatorHost:
     authenticate_node: Callable[[grpc.ServicerContext], str]
     authenticate_user: Callable[[grpc.ServicerContext, str], None]
     services: Services
+    security: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))

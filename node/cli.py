@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def join(args: argparse.Namespace) -> int:
     from node.agent import NodeAgent, NodeConfig
+    from swarm.transport.tls import bench_plaintext
 
     target = target_from_args(args)
     try:
@@ -47,6 +48,7 @@ def join(args: argparse.Namespace) -> int:
             coordinator_address=target.address, token=target.token or "", state_dir=Path(args.state_dir).expanduser(),
             name=args.name, device=args.device, host=args.host, port=args.port, advertise_host=args.advertise_host,
             heartbeat_interval_s=args.heartbeat_interval_s, matmul_duration_s=args.probe_seconds,
+            bench_plaintext=bench_plaintext(os.environ),
         )
         agent = NodeAgent(config)
         port = agent.start()

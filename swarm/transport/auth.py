@@ -17,7 +17,7 @@ MAX_SESSION_CHARS = 128
 # A user's calls that change what the swarm runs (submit/cancel a job, serve/unserve a model)
 # carry the coordinator's token in this metadata key.
 API_TOKEN_KEY = "swarm-api-token"
-MAX_API_TOKEN_CHARS = 256
+MAX_API_TOKEN_CHARS = 320  # swarm1.<64 hex>.<secret of up to 200>
 
 
 def api_token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
