@@ -34,7 +34,9 @@ if __package__ in (None, ""):
 
 from bench._record import markdown_table, record
 from swarm.localswarm import child_env, start_coordinator, start_node, wait_until
+from swarm.transport.channels import control_channel
 from swarm.transport.coordinator_client import CoordinatorClient
+from swarm.transport.tls import BENCH_PLAINTEXT_ENV, PlaintextSecurity
 
 TOKEN = "bench-pipeline-token-0123456789abcdef"
 SUBNET = "10.78.0"
@@ -54,13 +56,24 @@ def corpus(min_chars: int) -> str:
     return "\n".join(out)[:min_chars]
 
 
+class _PlaintextClient(CoordinatorClient):
+    """BENCHMARK ONLY: the client of a swarm started with SWARM_BENCH_PLAINTEXT=1."""
+
+    def _connect(self):
+        return control_channel(self.address, security=PlaintextSecurity("bench-user"))
+
+
 class Swarm:
     """A coordinator and nodes as processes; with ``rate_mbit`` each node lives in a network
     namespace whose veth pair is shaped with tbf both ways (a hop crosses two shaped links)."""
 
     def __init__(self, root: Path, num_nodes: int, *, device: str, rate_mbit: float | None, threads: int,
-                 emulate_mbit: float | None = None) -> None:
+                 emulate_mbit: float | None = None, plaintext: bool = False) -> None:
         self.procs, self.netns, self.rate_mbit = [], [], rate_mbit
+        self.plaintext = plaintext
+        # plaintext: the benchmark-only switch (SWARM_BENCH_PLAINTEXT=1, swarm/transport/tls.py) that
+        # measures what TLS costs; every process of this swarm gets it, nothing else can.
+        extra_env = {BENCH_PLAINTEXT_ENV: "1"} if plaintext else {}
         self.root = root
         host = "127.0.0.1"
         if rate_mbit:
@@ -68,8 +81,10 @@ class Swarm:
             self._setup_netns(num_nodes, rate_mbit)
         coord_args = ["--token", TOKEN, "--heartbeat-interval-s", "0.5", "--node-timeout-s", "10",
                       "--probe-bytes", str(256 << 10), "--log-level", "INFO"]
-        proc, ready = start_coordinator(root / "coord", host="0.0.0.0" if rate_mbit else host, extra_args=coord_args)
+        proc, ready = start_coordinator(root / "coord", host="0.0.0.0" if rate_mbit else host, extra_args=coord_args,
+                                        env=child_env(extra_env))
         self.procs.append(proc)
+        self.token = ready["token"]  # swarm1.<CA fingerprint>.<TOKEN>
         self.address = f"{host}:{ready['port']}"
         self.local_address = f"127.0.0.1:{ready['port']}"
         self.http = f"http://127.0.0.1:{ready['http_port']}"
@@ -77,13 +92,19 @@ class Swarm:
         for i in range(num_nodes):
             prefix = ["ip", "netns", "exec", self.netns[i]] if rate_mbit else []
             node_host = f"{SUBNET}.{i + 2}" if rate_mbit else "127.0.0.1"
-            p, _ = start_node(self.address, TOKEN, root / f"n{i}", device=device, host=node_host, prefix=prefix,
+            p, _ = start_node(self.address, self.token, root / f"n{i}", device=device, host=node_host, prefix=prefix,
                               extra_args=["--probe-seconds", "0.2", "--log-level", "INFO"],
                               env=child_env({"OMP_NUM_THREADS": str(threads),
-                                             "SWARM_EMULATE_LINK_MBIT": str(emulate_mbit or 0)}))
+                                             "SWARM_EMULATE_LINK_MBIT": str(emulate_mbit or 0), **extra_env}))
             self.procs.append(p)
-        wait_until(lambda: sum(n.state == "online" for n in CoordinatorClient(self.local_address).snapshot().nodes) == num_nodes,
+        wait_until(lambda: sum(n.state == "online" for n in self.client().snapshot().nodes) == num_nodes,
                    timeout_s=60, message="all nodes online")
+
+    def client(self) -> CoordinatorClient:
+        """A client with the token; in the plaintext benchmark mode, over plaintext."""
+        if self.plaintext:
+            return _PlaintextClient(self.local_address, token=self.token)
+        return CoordinatorClient(self.local_address, token=self.token)
 
     def _setup_netns(self, n: int, rate_mbit: float) -> None:
         def sh(*cmd: str) -> None:
@@ -141,7 +162,7 @@ def run_job(swarm: Swarm, model: Path, data: Path, *, codec: str, args) -> dict:
     spec = JobSpec(steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                    seq_len=args.seq_len, lr=1e-3, codec=CodecSpec.parse(codec), num_stages=args.stages, num_replicas=1,
                    peer_timeout_s=120.0, schedule="1f1b", checkpoint_every=0)
-    with CoordinatorClient(swarm.local_address, token=TOKEN) as client:
+    with swarm.client() as client:
         job = client.submit_job(spec, upload_files(model, data))
         deadline = time.monotonic() + args.job_timeout_s
         while not job.terminal:

@@ -39,4 +39,4 @@ def test_models_come_back_after_a_coordinator_restart(tmp_path):
             with coordinator_proc(tmp_path / "coord", port=port, extra_args=args) as coord2:
                 wait_until(lambda: [m["state"] for m in coord2.models()] == ["ready"], timeout_s=60,
                            message="model restored")
-                assert collect(coord2.address, "kept", prompt, params) == want
+                assert collect(coord2, "kept", prompt, params) == want

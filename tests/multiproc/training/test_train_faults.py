@@ -33,7 +33,7 @@ def test_bad_tensor_rejected_then_killed_node_fails_job_keeping_checkpoint(tmp_p
     with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0") as n0, \
             node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2:
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 nodes online")
-        with CoordinatorClient(coord.address) as client, pytest.raises(AuthError, match="token"):
+        with CoordinatorClient(coord.address, token=coord.read_token) as client, pytest.raises(AuthError, match="token"):
             client.submit_job(_spec(4), upload_files(model, data))
         with CoordinatorClient(coord.address, token=coord.token) as client:
             job = client.submit_job(_spec(100_000), upload_files(model, data))
