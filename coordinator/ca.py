@@ -70,8 +70,9 @@ class CoordinatorCA:
         self.ca_pem = certs.cert_pem(self._cert)
         self.fingerprint = certs.fingerprint(self.ca_pem)
 
-    def issue_server(self, hosts: list[str], *, now_s: float) -> tuple[bytes, bytes]:
-        """(key PEM, certificate chain PEM: server + CA) for the coordinator; written 0600."""
+    def issue_server(self, hosts: list[str], *, now_s: float, write: bool = True) -> tuple[bytes, bytes]:
+        """(key PEM, certificate chain PEM: server + CA) for the coordinator; written 0600 unless
+        ``write`` is False."""
         names = ["127.0.0.1", "localhost", *[h for h in hosts if h and h not in ("0.0.0.0", "::")]]
         ips = [h for h in names if _is_ip(h)]
         dns = [certs.COORDINATOR_DNS, *[h for h in names if not _is_ip(h)]]
@@ -80,8 +81,9 @@ class CoordinatorCA:
                            uris=[certs.COORDINATOR_URI], dns=dns, ips=ips, now_s=now_s,
                            lifetime_s=SERVER_CERT_LIFETIME_S)
         key_pem, chain = certs.key_pem(key), certs.cert_pem(cert) + self.ca_pem
-        _write_0600(self.state_dir / SERVER_KEY_FILE, key_pem)
-        _write_0600(self.state_dir / SERVER_CERT_FILE, chain)
+        if write:
+            _write_0600(self.state_dir / SERVER_KEY_FILE, key_pem)
+            _write_0600(self.state_dir / SERVER_CERT_FILE, chain)
         return key_pem, chain
 
     def issue_node(self, node_id: str, tls_public_key_der: bytes, *, now_s: float, lifetime_s: float) -> bytes:
