@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--node-cert-lifetime-s", type=float, default=86400.0, help="lifetime of nodes' TLS certificates, renewed over heartbeats past half of it (default 86400)")
     s.add_argument("--tls-cert", default=_env("TLS_CERT", None), help="serve the HTTP port as HTTPS with this PEM certificate chain (a real certificate for a public host)")
     s.add_argument("--tls-key", default=_env("TLS_KEY", None), help="the private key of --tls-cert")
+    s.add_argument("--publish-token", default=None, help="also write the token to this file (0600), e.g. a volume that local nodes read with --token-file")
     s.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     t = sub.add_parser("token", help="create the CA and the join token in --state-dir (if missing) and print the token, without serving")
     t.add_argument("--state-dir", default=_env("STATE_DIR", str(Path.home() / ".swarm" / "coordinator")))
@@ -97,6 +98,12 @@ def serve(args: argparse.Namespace) -> int:
         f"(the token is also in {Path(args.state_dir).expanduser() / 'token'})",
         file=sys.stderr,
     )
+    if args.publish_token:
+        path = Path(args.publish_token)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(app.join_token + "\n")
     print(f"READY port={port} http_port={http_port} token={app.join_token}", flush=True)
     stop.wait()
     app.stop()

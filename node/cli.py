@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--state-dir", default=env("SWARM_STATE_DIR", str(Path.home() / ".swarm" / "node")), help="identity key and node files")
     j.add_argument("--heartbeat-interval-s", type=float, default=None, help="override the coordinator's heartbeat interval")
     j.add_argument("--probe-seconds", type=float, default=1.0, help="duration of the matmul TFLOPS probe (default 1)")
+    j.add_argument("--token-file", default=env("SWARM_TOKEN_FILE"), help="read the token from this file (waits up to 120 s for it to appear), e.g. one the coordinator writes with --publish-token")
     j.add_argument("--log-level", default=env("SWARM_LOG_LEVEL", "INFO"))
     return parser
 
@@ -43,6 +44,17 @@ def join(args: argparse.Namespace) -> int:
     from swarm.transport.tls import bench_plaintext
 
     target = target_from_args(args)
+    if args.token_file and not target.token:
+        import time
+
+        path = Path(args.token_file)
+        deadline = time.monotonic() + 120
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)  # the coordinator writes it once it serves (compose starts us together)
+        if not path.exists():
+            print(f"swarm-node: no token file at {path} after 120 s; is the coordinator running?", file=sys.stderr)
+            return 2
+        target = type(target)(address=target.address, token=path.read_text().strip())
     try:
         config = NodeConfig(
             coordinator_address=target.address, token=target.token or "", state_dir=Path(args.state_dir).expanduser(),
