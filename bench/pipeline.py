@@ -247,7 +247,7 @@ def tls_cost(args, root: Path, codecs: list[str], rates: list[float]) -> int:
     for rate in settings:
         for codec in codecs:
             t, p = best[("tls", rate or 0.0, codec)], best[("plaintext", rate or 0.0, codec)]
-            rows.append([t["setting"], codec, round(t["tokens_per_s"], 1), round(p["tokens_per_s"], 1),
+            rows.append([t["setting"], codec, int(round(t["tokens_per_s"])), int(round(p["tokens_per_s"])),
                          f"{t['tokens_per_s'] / p['tokens_per_s']:.3f}" if p["tokens_per_s"] else "-",
                          f"{100 * t['wait_frac']:.0f}% / {100 * p['wait_frac']:.0f}%"])
     headers = ["link", "codec", "tokens/s TLS", "tokens/s plaintext", "TLS / plaintext", "network wait TLS / plain"]
@@ -261,7 +261,7 @@ def tls_cost(args, root: Path, codecs: list[str], rates: list[float]) -> int:
              "benchmark-only SWARM_BENCH_PLAINTEXT=1 mode, same processes and jobs otherwise.")
     print(notes)
     if not args.no_record:
-        how = "loopback" + ("".join(f", tc tbf {r:g} Mbit/s netns" for r in rates))
+        how = ("netns veth unshaped" + "".join(f" and tc tbf {r:g} Mbit/s" for r in rates)) if rates else "loopback"
         record(f"TLS cost of the training pipeline ({args.device}, {how})", table, notes,
                doc=Path(args.record_to) if args.record_to else None)
     return 0
