@@ -5,6 +5,8 @@ the node carries gRPC metadata ``swarm-node-id`` and ``swarm-session``. Plugins 
 get it from ``NodeAgent.call_metadata()``; servicers on the coordinator check it with
 ``CoordinatorApp.authenticate_node(context)``. A user's state-changing calls carry
 ``swarm-api-token``, checked with ``CoordinatorApp.authenticate_user(context, action)``.
+These secrets only ever travel inside TLS (swarm/transport/tls.py); calls between nodes (and
+from the coordinator to nodes) are authenticated by client certificates instead.
 """
 
 from __future__ import annotations
