@@ -76,14 +76,15 @@ def local_run(path: Path, num_layers: int, prompt_ids: list[int], new_tokens: in
 
 
 # ----------------------------------------------------------------------------- the swarm
-def one_generation(address: str, model: str, new_tokens: int, out: list, barrier: threading.Barrier | None) -> None:
+def one_generation(address: str, model: str, new_tokens: int, out: list, barrier: threading.Barrier | None,
+                   token: str | None = None) -> None:
     if barrier is not None:
         barrier.wait()
     t0 = time.perf_counter()
     first = last = None
     n = 0
     params = SamplingParams(max_new_tokens=new_tokens)
-    with CoordinatorClient(address) as client:
+    with CoordinatorClient(address, token=token) as client:
         for ev in client.generate(model=model, prompt=PROMPT, params=params, timeout_s=600):
             now = time.perf_counter()
             if ev.token_ids and first is None:
@@ -93,12 +94,12 @@ def one_generation(address: str, model: str, new_tokens: int, out: list, barrier
     out.append({"t0": t0, "first": first, "last": last, "n": n})
 
 
-def swarm_run(address: str, model: str, new_tokens: int, sessions: int, repeats: int) -> dict:
+def swarm_run(address: str, model: str, new_tokens: int, sessions: int, repeats: int, token: str | None = None) -> dict:
     results = []
     for _ in range(repeats):
         out: list = []
         barrier = threading.Barrier(sessions) if sessions > 1 else None
-        threads = [threading.Thread(target=one_generation, args=(address, model, new_tokens, out, barrier)) for _ in range(sessions)]
+        threads = [threading.Thread(target=one_generation, args=(address, model, new_tokens, out, barrier, token)) for _ in range(sessions)]
         for t in threads:
             t.start()
         for t in threads:
@@ -139,6 +140,7 @@ class Swarm:
         proc, ready = start_coordinator(root / "coord", host="0.0.0.0", extra_args=coord_args)
         self.procs.append(proc)
         self.address = f"{host}:{ready['port']}"
+        self.token = ready["token"]  # swarm1.<CA fingerprint>.<BENCH_TOKEN>: pins the coordinator's CA
         for i in range(num_nodes):
             prefix = ["ip", "netns", "exec", self.netns[i]] if netns else []
             node_host = f"10.77.0.{i + 2}" if netns else "127.0.0.1"
@@ -146,7 +148,7 @@ class Swarm:
                               extra_args=["--probe-seconds", "0.2", "--log-level", "WARNING"],
                               env=child_env({"OMP_NUM_THREADS": os.environ.get("BENCH_NODE_THREADS", "1")}))
             self.procs.append(p)
-        wait_until(lambda: len([n for n in CoordinatorClient(self.address).snapshot().nodes if n.state == "online"]) == num_nodes,
+        wait_until(lambda: len([n for n in CoordinatorClient(self.address, token=self.token).snapshot().nodes if n.state == "online"]) == num_nodes,
                    timeout_s=60, message="all nodes online")
 
     def _setup_netns(self, n: int, rate_mbit: float, delay_ms: float) -> None:
@@ -222,11 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         swarm = Swarm(root, max(stages), device=args.device, netns=args.netns, rate_mbit=args.rate_mbit, delay_ms=args.delay_ms)
         try:
             for k in stages:
-                with CoordinatorClient(swarm.address, token=BENCH_TOKEN) as client:
+                with CoordinatorClient(swarm.address, token=swarm.token) as client:
                     client.upload_model(ckpt, name=f"bench-{k}", options=ServeOptions(
                         num_replicas=1, num_stages=k, max_seq_len=args.max_seq_len, sessions_per_replica=max(sessions),
                         hidden_codec=args.hidden_codec, dtype=args.dtype, lanes=args.lanes))
-                one_generation(swarm.address, f"bench-{k}", 4, [], None)  # warm-up
+                one_generation(swarm.address, f"bench-{k}", 4, [], None, swarm.token)  # warm-up
             # interleave configurations so they share the same machine conditions; keep each
             # configuration's best run (highest aggregate throughput): the least disturbed one
             best: dict[tuple[str, int, int], dict] = {}
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                     if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
                         best[key] = r
                     for k in stages:
-                        r = swarm_run(swarm.address, f"bench-{k}", args.new_tokens, s, 1)
+                        r = swarm_run(swarm.address, f"bench-{k}", args.new_tokens, s, 1, token=swarm.token)
                         where = f"{k}-stage swarm ({'tbf ' + str(args.rate_mbit) + ' Mbit/s netns' if args.netns else 'loopback'})"
                         key = (where, k, s)
                         if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:

@@ -34,7 +34,9 @@ if __package__ in (None, ""):
 
 from bench._record import markdown_table, record
 from swarm.localswarm import child_env, start_coordinator, start_node, wait_until
+from swarm.transport.channels import control_channel
 from swarm.transport.coordinator_client import CoordinatorClient
+from swarm.transport.tls import BENCH_PLAINTEXT_ENV, PlaintextSecurity
 
 TOKEN = "bench-pipeline-token-0123456789abcdef"
 SUBNET = "10.78.0"
@@ -54,13 +56,24 @@ def corpus(min_chars: int) -> str:
     return "\n".join(out)[:min_chars]
 
 
+class _PlaintextClient(CoordinatorClient):
+    """BENCHMARK ONLY: the client of a swarm started with SWARM_BENCH_PLAINTEXT=1."""
+
+    def _connect(self):
+        return control_channel(self.address, security=PlaintextSecurity("bench-user"))
+
+
 class Swarm:
     """A coordinator and nodes as processes; with ``rate_mbit`` each node lives in a network
     namespace whose veth pair is shaped with tbf both ways (a hop crosses two shaped links)."""
 
     def __init__(self, root: Path, num_nodes: int, *, device: str, rate_mbit: float | None, threads: int,
-                 emulate_mbit: float | None = None) -> None:
+                 emulate_mbit: float | None = None, plaintext: bool = False) -> None:
         self.procs, self.netns, self.rate_mbit = [], [], rate_mbit
+        self.plaintext = plaintext
+        # plaintext: the benchmark-only switch (SWARM_BENCH_PLAINTEXT=1, swarm/transport/tls.py) that
+        # measures what TLS costs; every process of this swarm gets it, nothing else can.
+        extra_env = {BENCH_PLAINTEXT_ENV: "1"} if plaintext else {}
         self.root = root
         host = "127.0.0.1"
         if rate_mbit:
@@ -68,8 +81,10 @@ class Swarm:
             self._setup_netns(num_nodes, rate_mbit)
         coord_args = ["--token", TOKEN, "--heartbeat-interval-s", "0.5", "--node-timeout-s", "10",
                       "--probe-bytes", str(256 << 10), "--log-level", "INFO"]
-        proc, ready = start_coordinator(root / "coord", host="0.0.0.0" if rate_mbit else host, extra_args=coord_args)
+        proc, ready = start_coordinator(root / "coord", host="0.0.0.0" if rate_mbit else host, extra_args=coord_args,
+                                        env=child_env(extra_env))
         self.procs.append(proc)
+        self.token = ready["token"]  # swarm1.<CA fingerprint>.<TOKEN>
         self.address = f"{host}:{ready['port']}"
         self.local_address = f"127.0.0.1:{ready['port']}"
         self.http = f"http://127.0.0.1:{ready['http_port']}"
@@ -77,13 +92,19 @@ class Swarm:
         for i in range(num_nodes):
             prefix = ["ip", "netns", "exec", self.netns[i]] if rate_mbit else []
             node_host = f"{SUBNET}.{i + 2}" if rate_mbit else "127.0.0.1"
-            p, _ = start_node(self.address, TOKEN, root / f"n{i}", device=device, host=node_host, prefix=prefix,
+            p, _ = start_node(self.address, self.token, root / f"n{i}", device=device, host=node_host, prefix=prefix,
                               extra_args=["--probe-seconds", "0.2", "--log-level", "INFO"],
                               env=child_env({"OMP_NUM_THREADS": str(threads),
-                                             "SWARM_EMULATE_LINK_MBIT": str(emulate_mbit or 0)}))
+                                             "SWARM_EMULATE_LINK_MBIT": str(emulate_mbit or 0), **extra_env}))
             self.procs.append(p)
-        wait_until(lambda: sum(n.state == "online" for n in CoordinatorClient(self.local_address).snapshot().nodes) == num_nodes,
+        wait_until(lambda: sum(n.state == "online" for n in self.client().snapshot().nodes) == num_nodes,
                    timeout_s=60, message="all nodes online")
+
+    def client(self) -> CoordinatorClient:
+        """A client with the token; in the plaintext benchmark mode, over plaintext."""
+        if self.plaintext:
+            return _PlaintextClient(self.local_address, token=self.token)
+        return CoordinatorClient(self.local_address, token=self.token)
 
     def _setup_netns(self, n: int, rate_mbit: float) -> None:
         def sh(*cmd: str) -> None:
@@ -141,7 +162,7 @@ def run_job(swarm: Swarm, model: Path, data: Path, *, codec: str, args) -> dict:
     spec = JobSpec(steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                    seq_len=args.seq_len, lr=1e-3, codec=CodecSpec.parse(codec), num_stages=args.stages, num_replicas=1,
                    peer_timeout_s=120.0, schedule="1f1b", checkpoint_every=0)
-    with CoordinatorClient(swarm.local_address, token=TOKEN) as client:
+    with swarm.client() as client:
         job = client.submit_job(spec, upload_files(model, data))
         deadline = time.monotonic() + args.job_timeout_s
         while not job.terminal:
@@ -178,6 +199,74 @@ def measure(swarm: Swarm, job: dict, *, warm_epochs: float) -> dict:
             "steps": steps, "final_loss": losses[-1] if losses else float("nan"), "warm_from_step": warm_from_step}
 
 
+def prepare_inputs(args, root: Path):
+    """The tiny model and a corpus cut to about ``args.num_samples`` windows; returns its config."""
+    from swarm.model.testing import make_tiny_checkpoint
+    from swarm.model.tokenizer import load_tokenizer
+
+    cfg = make_tiny_checkpoint(root / "model", num_layers=args.layers, hidden_size=args.hidden,
+                               num_heads=args.heads, max_position_embeddings=max(512, args.seq_len))
+    tok = load_tokenizer(root / "model")
+    text = corpus(200_000)
+    ids = tok.encode(text)
+    need = args.num_samples * args.seq_len + 1
+    if len(ids) < need:
+        raise SystemExit(f"corpus too short: {len(ids)} tokens < {need}")
+    cut = int(len(text) * need / len(ids) * 1.02)  # a little over: the job drops what a batch cannot fill
+    (root / "data.txt").write_text(text[:cut])
+    return cfg
+
+
+def tls_cost(args, root: Path, codecs: list[str], rates: list[float]) -> int:
+    """TLS against the benchmark-only plaintext mode, same jobs: loopback, then each tbf rate
+    (netns) if given. One swarm per mode and round (the mode is a process setting); each
+    (mode, setting, codec) keeps its best run over ``--repeats`` rounds."""
+    cfg = prepare_inputs(args, root)
+    settings = [None] + rates
+    best: dict[tuple, dict] = {}
+    for rep in range(args.repeats):
+        for mode in ("tls", "plaintext"):
+            swarm = Swarm(root / f"swarm-{mode}-{rep}", args.stages, device=args.device,
+                          rate_mbit=rates[0] if rates else None, threads=args.threads, plaintext=mode == "plaintext")
+            try:
+                for rate in settings:
+                    if rates:
+                        swarm.set_rate(rate)
+                    for codec in codecs:
+                        job = run_job(swarm, root / "model", root / "data.txt", codec=codec, args=args)
+                        m = measure(swarm, job, warm_epochs=args.warm_epochs)
+                        name = f"tbf {rate:g} Mbit/s" if rate else ("unshaped veth" if rates else "loopback")
+                        m.update(setting=name, codec=codec, mode=mode)
+                        print(json.dumps(m), flush=True)
+                        key = (mode, rate or 0.0, codec)
+                        if key not in best or m["tokens_per_s"] > best[key]["tokens_per_s"]:
+                            best[key] = m
+            finally:
+                swarm.close()
+    rows = []
+    for rate in settings:
+        for codec in codecs:
+            t, p = best[("tls", rate or 0.0, codec)], best[("plaintext", rate or 0.0, codec)]
+            rows.append([t["setting"], codec, int(round(t["tokens_per_s"])), int(round(p["tokens_per_s"])),
+                         f"{t['tokens_per_s'] / p['tokens_per_s']:.3f}" if p["tokens_per_s"] else "-",
+                         f"{100 * t['wait_frac']:.0f}% / {100 * p['wait_frac']:.0f}%"])
+    headers = ["link", "codec", "tokens/s TLS", "tokens/s plaintext", "TLS / plaintext", "network wait TLS / plain"]
+    table = markdown_table(headers, rows)
+    print(table)
+    notes = (f"Model: tiny GPT-2, {args.layers} layers, hidden {args.hidden}, {cfg.num_parameters() / 1e6:.2f}M parameters, "
+             f"float32 on {args.device}; {args.stages} stages (one node process each, {args.threads} torch thread(s)), "
+             f"1F1B, batch {args.batch_size} x {args.seq_len} tokens in micro-batches of {args.micro_batch_size}; "
+             f"{args.steps} steps, best of {args.repeats} round(s) per cell, warm steps only. TLS: every gRPC channel "
+             "(coordinator and peer-to-peer, mTLS with ECDSA P-256 certificates, TLS 1.3); plaintext: the "
+             "benchmark-only SWARM_BENCH_PLAINTEXT=1 mode, same processes and jobs otherwise.")
+    print(notes)
+    if not args.no_record:
+        how = ("netns veth unshaped" + "".join(f" and tc tbf {r:g} Mbit/s" for r in rates)) if rates else "loopback"
+        record(f"TLS cost of the training pipeline ({args.device}, {how})", table, notes,
+               doc=Path(args.record_to) if args.record_to else None)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="100,1000", help="tbf rates in Mbit/s (comma list); needs root, ip, tc")
@@ -203,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--record-to", default=None, help="append the section to this file instead of docs/benchmarks.md")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--tls-cost", action="store_true",
+                    help="measure what TLS costs: each configuration with TLS and with the benchmark-only plaintext "
+                         "mode (SWARM_BENCH_PLAINTEXT=1), tokens/s of both and their ratio")
     args = ap.parse_args(argv)
     codecs = [c.strip() for c in args.codecs.split("|") if c.strip()]
     rates = [] if args.no_netns else [float(r) for r in args.rates.split(",") if r]
@@ -212,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         root = Path(tmp)
+        if args.tls_cost:
+            return tls_cost(args, root, codecs, rates)
         cfg = make_tiny_checkpoint(root / "model", num_layers=args.layers, hidden_size=args.hidden,
                                    num_heads=args.heads, max_position_embeddings=max(512, args.seq_len))
         tok = load_tokenizer(root / "model")

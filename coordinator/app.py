@@ -22,6 +22,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from swarm import certs
 from swarm.clock import Clock, SystemClock
 from swarm.errors import AuthError, ConfigError
 from swarm.identity import is_node_id
@@ -33,6 +34,10 @@ from swarm.transport.limits import StreamLimits
 
 from coordinator import plugins as plugin_registry
 from coordinator.admission import Admission, AdmissionPolicy, local_hosts
+from swarm.transport.tls import PlaintextSecurity, TlsSecurity
+
+from coordinator import plugins as plugin_registry
+from coordinator.ca import CoordinatorCA
 from coordinator.http import HttpServer, build_web_app
 from coordinator.plugins import CoordinatorHost, CoordinatorPlugin
 from coordinator.network import MeasurementPolicy, MeasurementScheduler, NetworkStore
@@ -43,7 +48,8 @@ from coordinator.store import Database
 
 log = logging.getLogger(__name__)
 
-TOKEN_FILE = "join_token"
+TOKEN_FILE = "join_token"  # the secret part (kept as before)
+FULL_TOKEN_FILE = "token"  # what nodes and users paste: swarm1.<CA fingerprint>.<secret>
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +72,11 @@ class CoordinatorConfig:
     admission: AdmissionPolicy = field(default_factory=AdmissionPolicy)  # per-token limits, lost-node TTL
     flush_interval_s: float = 5.0  # heartbeats are written to SQLite this often (kept in memory between)
     max_model_params: int = 2_000_000_000  # a job's model (config-only uploads included) may not be larger
+    tls_sans: tuple[str, ...] = ()  # more names/IPs for the coordinator's certificate (--tls-san)
+    node_cert_lifetime_s: float = 86400.0  # nodes' certificates; renewed past half of it
+    http_tls_cert: Path | None = None  # HTTPS on the HTTP port with a real certificate (--tls-cert/--tls-key)
+    http_tls_key: Path | None = None
+    bench_plaintext: bool = False  # BENCHMARK ONLY (SWARM_BENCH_PLAINTEXT=1): no TLS on gRPC
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -78,6 +89,10 @@ class CoordinatorConfig:
             raise ConfigError("--sweep-interval-s must be > 0")
         if self.join_token is not None and not (16 <= len(self.join_token) <= 200 and self.join_token.isprintable()):
             raise ConfigError("--token must be 16..200 printable characters")
+        if not 2 <= self.node_cert_lifetime_s <= 30 * 86400:  # seconds only make sense in tests
+            raise ConfigError("--node-cert-lifetime-s must be in 2..2592000 (30 days)")
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
 
 
 def load_or_create_token(db: Database, state_dir: Path, given: str | None = None) -> str:
@@ -103,6 +118,27 @@ def load_or_create_token(db: Database, state_dir: Path, given: str | None = None
     return token
 
 
+def prepare_join_token(db: Database, state_dir: Path, ca: CoordinatorCA, given: str | None) -> str:
+    """The full token ``swarm1.<CA fingerprint>.<secret>`` (secret: ``given``, else the stored one,
+    else new), also written to ``state_dir/token`` (0600). ``given`` may be a bare secret or this
+    CA's full token; a token of another CA raises ConfigError."""
+    if given is not None and certs.is_token(given):  # the full token pasted back: keep its secret
+        parsed = certs.parse_token(given)
+        if parsed.fingerprint != ca.fingerprint or not parsed.secret:
+            raise ConfigError("--token is a swarm1 token of another CA; pass only its secret (the part after "
+                              "the last dot) or the token this coordinator printed")
+        given = parsed.secret
+    token = certs.format_token(ca.fingerprint, load_or_create_token(db, state_dir, given))
+    _write_private(Path(state_dir) / FULL_TOKEN_FILE, token + "\n")
+    return token
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 class CoordinatorApp:
     """Owns everything the coordinator runs. ``start()`` then ``stop()``; not restartable."""
 
@@ -112,7 +148,16 @@ class CoordinatorApp:
         self.state_dir = config.state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(self.state_dir)
-        self.join_token = load_or_create_token(self.db, self.state_dir, config.join_token)
+        self.ca = CoordinatorCA(self.state_dir, now_s=self.clock.time())
+        # What nodes and users present (and what is compared, in constant time): the whole token.
+        self.join_token = prepare_join_token(self.db, self.state_dir, self.ca, config.join_token)
+        if config.bench_plaintext:
+            self.security = PlaintextSecurity(certs.COORDINATOR)
+        else:
+            key_pem, chain = self.ca.issue_server([config.host, config.http_host or "", *config.tls_sans],
+                                                  now_s=self.clock.time())
+            self.security = TlsSecurity(ca_pem=self.ca.ca_pem, key_pem=key_pem, cert_pem=chain)
+        self._certs: dict[str, tuple[bytes, float]] = {}  # node id -> (TLS public key, issued at)
         self.registry = NodeRegistry(self.db, self.clock, node_timeout_s=config.node_timeout_s)
         self.network = NetworkStore(self.db)
         self.measurements = MeasurementScheduler(self.network, self.clock, config.measurement)
@@ -125,7 +170,7 @@ class CoordinatorApp:
         self.host = CoordinatorHost(clock=self.clock, state_dir=self.state_dir, db=self.db, registry=self.registry,
                                     network=self.network, authenticate_node=self.authenticate_node,
                                     authenticate_user=self.authenticate_user, services=self.services,
-                                    max_model_params=config.max_model_params)
+                                    max_model_params=config.max_model_params, security=self.security)
         self.plugin_modules = plugin_registry.load_plugins(config.plugins)
         self.plugins: list[CoordinatorPlugin] = []
         self.grpc_server = make_server(max_message_bytes=CONTROL_MAX_MESSAGE_BYTES, max_workers=config.max_workers,
@@ -146,6 +191,26 @@ class CoordinatorApp:
     def end_session(self, node_id: str) -> None:
         with self._lock:
             self._sessions.pop(node_id, None)
+            self._certs.pop(node_id, None)
+
+    # -- certificates (what the node's TLS key is, when to renew) --------------------------------
+    def issue_certificate(self, node_id: str, tls_public_key: bytes) -> str:
+        """A certificate for the TLS key of a node that just proved its id (signed registration)."""
+        now = self.clock.time()
+        pem = self.ca.issue_node(node_id, tls_public_key, now_s=now, lifetime_s=self.config.node_cert_lifetime_s)
+        with self._lock:
+            self._certs[node_id] = (bytes(tls_public_key), now)
+        return pem.decode()
+
+    def renewed_certificate(self, node_id: str) -> str:
+        """A fresh certificate for the node's registered key once half of the current one's lifetime
+        has passed, else ''. The key never changes within a registration."""
+        now = self.clock.time()
+        with self._lock:
+            held = self._certs.get(node_id)
+        if held is None or now - held[1] < self.config.node_cert_lifetime_s / 2:
+            return ""
+        return self.issue_certificate(node_id, held[0])
 
     def authenticate_node(self, context) -> str:
         """The node id of the caller, checked against its session. Raises AuthError."""
@@ -183,11 +248,12 @@ class CoordinatorApp:
         for plugin in self.plugins:
             plugin.install_grpc(self.grpc_server)
             plugin.install_http(self.web_app)
-        self.grpc_port = bind(self.grpc_server, cfg.host, cfg.port)
+        # Clients without certificates (users) must reach this port: it does not ask for one.
+        self.grpc_port = bind(self.grpc_server, cfg.host, cfg.port, security=self.security, require_client_auth=False)
         self.admission.own_hosts = local_hosts(cfg.host)
         self.admission.own_ports.add(self.grpc_port)
         self.grpc_server.start()
-        self.http = HttpServer(self.web_app, cfg.http_host or cfg.host, cfg.http_port)
+        self.http = HttpServer(self.web_app, cfg.http_host or cfg.host, cfg.http_port, ssl_context=self._http_ssl())
         try:
             self.http_port = self.http.start()
             self.admission.own_ports.add(self.http_port)
@@ -202,6 +268,18 @@ class CoordinatorApp:
         log.info("coordinator serving grpc_port=%d http_port=%d state_dir=%s plugins=%s",
                  self.grpc_port, self.http_port, self.state_dir, [m.__name__ for m in self.plugin_modules])
         return self.grpc_port, self.http_port
+
+    def _http_ssl(self):
+        if self.config.http_tls_cert is None:
+            return None
+        import ssl
+
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ctx.load_cert_chain(str(self.config.http_tls_cert), str(self.config.http_tls_key))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load --tls-cert/--tls-key ({exc}); give a PEM certificate chain and its key") from exc
+        return ctx
 
     def _sweep_loop(self) -> None:
         last_flush = self.clock.monotonic()

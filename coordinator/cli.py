@@ -51,8 +51,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concurrent gRPC streams from one remote IP (default 16)")
     g.add_argument("--flush-interval-s", type=float, default=5.0,
                    help="write heartbeats to SQLite this often; kept in memory between (default 5)")
+    s.add_argument("--advertise-host", action="append", default=[], help="a name or address nodes and users reach this coordinator by; added to its TLS certificate (repeatable)")
+    s.add_argument("--tls-san", action="append", default=[], help="another name or IP for the coordinator's TLS certificate (repeatable)")
+    s.add_argument("--node-cert-lifetime-s", type=float, default=86400.0, help="lifetime of nodes' TLS certificates, renewed over heartbeats past half of it (default 86400)")
+    s.add_argument("--tls-cert", default=_env("TLS_CERT", None), help="serve the HTTP port as HTTPS with this PEM certificate chain (a real certificate for a public host)")
+    s.add_argument("--tls-key", default=_env("TLS_KEY", None), help="the private key of --tls-cert")
+    s.add_argument("--publish-token", default=None, help="also write the token to this file (0600), e.g. a volume that local nodes read with --token-file")
     s.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    t = sub.add_parser("token", help="create the CA and the join token in --state-dir (if missing) and print the token, without serving")
+    t.add_argument("--state-dir", default=_env("STATE_DIR", str(Path.home() / ".swarm" / "coordinator")))
+    t.add_argument("--token", default=_env("TOKEN", None), help="the secret part to use (default: the stored one, or a new one)")
     return parser
+
+
+def print_token(args: argparse.Namespace) -> int:
+    from coordinator.app import prepare_join_token
+    from coordinator.ca import CoordinatorCA
+    from coordinator.store import Database
+
+    try:
+        state_dir = Path(args.state_dir).expanduser()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        import time
+
+        print(prepare_join_token(Database(state_dir), state_dir, CoordinatorCA(state_dir, now_s=time.time()), args.token))
+    except (SwarmError, ValueError, OSError) as exc:
+        print(f"swarm-coordinator: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -63,6 +89,7 @@ def serve(args: argparse.Namespace) -> int:
     from coordinator.network import MeasurementPolicy
     from swarm.statedir import secure_state_dir
     from swarm.transport.limits import StreamLimits
+    from swarm.transport.tls import bench_plaintext
 
     state_dir = Path(args.state_dir).expanduser()
     try:
@@ -75,6 +102,10 @@ def serve(args: argparse.Namespace) -> int:
             state_dir=state_dir, host=args.host, port=args.port, http_port=args.http_port,
             join_token=args.token, heartbeat_interval_s=args.heartbeat_interval_s, node_timeout_s=args.node_timeout_s,
             sweep_interval_s=min(0.5, args.heartbeat_interval_s / 2),
+            tls_sans=tuple(args.advertise_host + args.tls_san), node_cert_lifetime_s=args.node_cert_lifetime_s,
+            http_tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+            http_tls_key=Path(args.tls_key) if args.tls_key else None,
+            bench_plaintext=bench_plaintext(os.environ),
             measurement=MeasurementPolicy(
                 remeasure_interval_s=args.remeasure_interval_s, probe_bytes=args.probe_bytes, num_pings=args.num_pings,
             ),
@@ -100,9 +131,17 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     print(
         f"coordinator ready: nodes join with\n  swarm-node join --coordinator <this-host>:{port} --token {app.join_token}\n"
-        f"status: swarm status --coordinator <this-host>:{port}   web: http://<this-host>:{http_port}/",
+        f"status: swarm status --coordinator <this-host>:{port} --token {app.join_token}\n"
+        f"web: {'https' if args.tls_cert else 'http'}://<this-host>:{http_port}/   "
+        f"(the token is also in {Path(args.state_dir).expanduser() / 'token'})",
         file=sys.stderr,
     )
+    if args.publish_token:
+        path = Path(args.publish_token)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(app.join_token + "\n")
     print(f"READY port={port} http_port={http_port} token={app.join_token}", flush=True)
     stop.wait()
     app.stop()
@@ -112,6 +151,8 @@ def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "token":
+        return print_token(args)
     if args.command != "serve":
         parser.print_help()
         return 2

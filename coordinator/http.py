@@ -129,8 +129,9 @@ def build_web_app(app) -> web.Application:
 class HttpServer:
     """Runs an aiohttp Application on ``host:port`` in a daemon thread."""
 
-    def __init__(self, web_app: web.Application, host: str, port: int) -> None:
+    def __init__(self, web_app: web.Application, host: str, port: int, *, ssl_context=None) -> None:
         self.web_app = web_app
+        self._ssl_context = ssl_context  # HTTPS when set (--tls-cert/--tls-key), plain HTTP otherwise
         self._host = host
         self._port = port
         self.port = 0
@@ -159,7 +160,7 @@ class HttpServer:
             raise
         self._runner = web.AppRunner(self.web_app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+        await web.SockSite(self._runner, sock, ssl_context=self._ssl_context).start()
         return sock.getsockname()[1]
 
     def stop(self) -> None:

@@ -235,6 +235,11 @@ class MeasurementScheduler:
             self._in_flight[task.task_id] = task
             return task
 
+    def probe_sources(self, dst: str) -> list[str]:
+        """The nodes holding a measurement task towards ``dst`` now (only they may probe it)."""
+        with self._lock:
+            return sorted({t.src for t in self._in_flight.values() if t.dst == dst})
+
     def complete(self, task_id: str, src: str, *, failed: bool) -> MeasureTask | None:
         """Close the task ``task_id`` run by ``src``; None when there is no such task."""
         with self._lock:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from swarm import plugins as _mechanics
 from swarm.clock import Clock
@@ -59,6 +59,8 @@ class CoordinatorHost:
     - ``services``: the typed services of other plugins (``services.jobs``, ``services.inference``);
     - ``max_model_params``: the largest config-only model a job may ask the coordinator to
       initialise (``swarm-coordinator serve --max-model-params``).
+    - ``security`` (swarm.transport.tls): pass it to ``data_channel(address, security=...,
+      node_id=...)`` to call a node's peer service as the coordinator (``swarm://coordinator``).
     """
 
     clock: Clock
@@ -70,6 +72,7 @@ class CoordinatorHost:
     authenticate_user: Callable[[grpc.ServicerContext, str], None]
     services: Services
     max_model_params: int = 2_000_000_000
+    security: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))

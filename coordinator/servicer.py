@@ -122,6 +122,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             )
         parse_address(payload.peer_address)
         hardware = hardware_from_proto(payload.hardware)
+        if not 0 < len(payload.tls_public_key) <= 1024:
+            raise InvalidRequestError("the registration carries no TLS public key; upgrade the node")
         nodes = app.registry.snapshot()
         app.admission.check_peer_address(payload.peer_address, node_id, nodes)
         known = {n.id for n in nodes}
@@ -134,10 +136,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             node_id=node_id, name=payload.name, public_key=bytes(request.public_key),
             peer_address=payload.peer_address, hardware=hardware,
         )
+        certificate = app.issue_certificate(node_id, payload.tls_public_key)  # AuthError for a bad key
         session = app.new_session(node_id)
         return pb.RegisterReply(
             node_id=node_id, session=session, heartbeat_interval_s=app.config.heartbeat_interval_s,
             coordinator_version=swarm.__version__, protocol_version=swarm.PROTOCOL_VERSION,
+            certificate_pem=certificate,
         )
 
     @grpc_errors
@@ -156,7 +160,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             memory_free_bytes=request.memory_free_bytes or None,
         )
         self._record_transfers(node_id, transfers)
-        reply = pb.HeartbeatReply(heartbeat_interval_s=app.config.heartbeat_interval_s, server_time_s=app.clock.time())
+        reply = pb.HeartbeatReply(heartbeat_interval_s=app.config.heartbeat_interval_s, server_time_s=app.clock.time(),
+                                  certificate_pem=app.renewed_certificate(node_id))
+        # who may BandwidthProbe this node: the sources of its measurement tasks (the node refuses others)
+        reply.probe_sources.extend(app.measurements.probe_sources(node_id))
         task = app.measurements.next_task(node_id, app.registry.online())
         if task is not None:
             reply.tasks.append(pb.MeasureTask(

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from swarm import certs
 from swarm.clock import Clock, SystemClock
 from swarm.errors import (
     AuthError, ConfigError, InvalidRequestError, NotFoundError, SwarmError, UnavailableError, VersionMismatchError,
@@ -40,6 +41,7 @@ from swarm.transport.auth import call_metadata
 from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, bind, make_server, parse_address
 from swarm.transport.convert import metrics_to_json
 from swarm.transport.limits import StreamLimits
+from swarm.transport.tls import PlaintextSecurity, TlsSecurity, pinned_ca
 
 from node import plugins as plugin_registry
 from node.plugins import NodeHost, NodePlugin
@@ -66,6 +68,7 @@ class NodeConfig:
     plugins: tuple[str, ...] = field(default=plugin_registry.PLUGINS)
     seed: int = 0
     stream_limits: StreamLimits = field(default_factory=StreamLimits)  # peer server: streams per peer, idle deadline
+    bench_plaintext: bool = False  # BENCHMARK ONLY (SWARM_BENCH_PLAINTEXT=1): no TLS on gRPC
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -118,7 +121,16 @@ class NodeAgent:
         self.peer_port = 0
         self.peer_address = ""
         self.fatal_error: SwarmError | None = None
-        self._link = CoordinatorLink(config.coordinator_address, self.identity, self.clock)
+        # TLS: a P-256 key per process (grpc's TLS cannot use the Ed25519 identity key), certified
+        # by the coordinator at registration for this node id; the CA is pinned from the token.
+        self._tls_key = certs.new_key()
+        self.tls_public_key = certs.public_key_der(self._tls_key)
+        if config.bench_plaintext:
+            self.security = PlaintextSecurity(self.node_id)
+        else:
+            self.security = TlsSecurity(key_pem=certs.key_pem(self._tls_key))
+        self.probe_sources: frozenset[str] = frozenset()  # who may BandwidthProbe us now (heartbeats say)
+        self._link = CoordinatorLink(config.coordinator_address, self.identity, self.clock, security=self.security)
         self.coordinator_channel = self._link.channel
         self._session: str | None = None
         self._session_lock = threading.Lock()
@@ -131,7 +143,7 @@ class NodeAgent:
         self.host = NodeHost(node_id=self.node_id, device=self.device, state_dir=self.state_dir, clock=self.clock,
                              coordinator_channel=self.coordinator_channel, call_metadata=self.call_metadata,
                              wait_registered=self.wait_registered, update_metrics=self.update_metrics,
-                             traffic=self.traffic)
+                             traffic=self.traffic, security=self.security)
 
     # -- seams for plugins -------------------------------------------------------------------
     def update_metrics(self, **values: Any) -> None:
@@ -156,11 +168,17 @@ class NodeAgent:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> int:
         """Start the peer server, plugins and the heartbeat loop; returns the peer port."""
-        peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(self.node_id, traffic=self.traffic), self.peer_server)
+        peer_pb2_grpc.add_PeerServicer_to_server(
+            PeerServicer(self.node_id, traffic=self.traffic, identify=self.security.peer_identity,
+                         probe_sources=lambda: self.probe_sources),
+            self.peer_server)
         self.plugins = plugin_registry.create_plugins(self.plugin_modules, self.host)
         for plugin in self.plugins:
             plugin.install(self.peer_server)
-        self.peer_port = bind(self.peer_server, self.config.host, self.config.port)
+        # Only holders of a swarm certificate complete a handshake here. Until this node is
+        # certified it presents a placeholder nobody trusts (see TlsSecurity).
+        self.peer_port = bind(self.peer_server, self.config.host, self.config.port, security=self.security,
+                              require_client_auth=True)
         self.peer_server.start()
         host = self.config.advertise_host
         if not host:
@@ -198,9 +216,29 @@ class NodeAgent:
         self._link.close()
 
     # -- the loop ------------------------------------------------------------------------------
+    def _pin_ca(self) -> None:
+        """Trust the coordinator's CA once it matches the token's fingerprint (stored in the state
+        dir). AuthError (fatal): an old-format token or a mismatch; UnavailableError: retry."""
+        token = certs.parse_token(self.config.token)
+        if isinstance(self.security, PlaintextSecurity) or self.security.ca_pem is not None:
+            return
+        self.security.set_ca(pinned_ca(self.state_dir, self.coordinator_address, token.fingerprint))
+        log.info("pinned the coordinator's CA fingerprint=%s", token.fingerprint[:16])
+
+    def _take_certificate(self, cert_pem: bytes) -> None:
+        if isinstance(self.security, PlaintextSecurity):
+            return
+        certs.check_node_certificate(cert_pem, node_id=self.node_id, tls_public_key_der=self.tls_public_key,
+                                     ca_pem=self.security.ca_pem)
+        self.security.set_certificate(cert_pem)
+        not_before, not_after = certs.validity(cert_pem)
+        log.info("TLS certificate valid until %s (%.0f s)", not_after, not_after - not_before)
+
     def _register(self) -> None:
+        self._pin_ca()
         reg = self._link.register(name=self.name, peer_address=self.peer_address, hardware=self.hardware,
-                                  token=self.config.token)
+                                  token=self.config.token, tls_public_key=self.tls_public_key)
+        self._take_certificate(reg.certificate_pem)
         with self._session_lock:
             self._session = reg.session
         if self.config.heartbeat_interval_s is None:
@@ -224,6 +262,12 @@ class NodeAgent:
                      for o in self.traffic.drain()]  # lost if this beat fails: they are only samples
         reply = self._link.heartbeat(session, status=self.status, metrics_json=metrics_json, memory_free_bytes=free,
                                      transfers=transfers)
+        if reply.certificate_pem:
+            try:
+                self._take_certificate(reply.certificate_pem.encode())
+            except AuthError as exc:
+                log.error("ignoring a renewed certificate: %s", exc)
+        self.probe_sources = frozenset(reply.probe_sources)
         if self.config.heartbeat_interval_s is None and reply.heartbeat_interval_s > 0:
             self.heartbeat_interval_s = min(max(reply.heartbeat_interval_s, 0.05), 60.0)
         for task in reply.tasks:
@@ -282,7 +326,10 @@ class NodeAgent:
             report = pb.MeasurementReport(task_id=task.task_id, dst_node_id=task.dst_node_id)
             try:
                 sample = measure_link(task.dst_address, probe_bytes=int(task.probe_bytes),
-                                      num_pings=int(task.num_pings), expected_node_id=task.dst_node_id)
+                                      num_pings=int(task.num_pings), expected_node_id=task.dst_node_id,
+                                      security=self.security,
+                                      # the destination learns of the task on its next heartbeat
+                                      authorize_wait_s=3 * self.heartbeat_interval_s + 1.0)
                 self.traffic.add_sent(sample.probe_bytes)
                 report.rtt_s = sample.rtt_s
                 report.bandwidth_Bps = sample.bandwidth_Bps

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cancel a peer stream that waited this long on the other side (default 60)")
     j.add_argument("--max-streams-per-peer", type=int, default=int(env("SWARM_MAX_STREAMS_PER_PEER", "8")),
                    help="concurrent peer streams from one remote IP (default 8)")
+    j.add_argument("--token-file", default=env("SWARM_TOKEN_FILE"), help="read the token from this file (waits up to 120 s for it to appear), e.g. one the coordinator writes with --publish-token")
     j.add_argument("--log-level", default=env("SWARM_LOG_LEVEL", "INFO"))
     return parser
 
@@ -49,8 +50,20 @@ def join(args: argparse.Namespace) -> int:
     from node.agent import NodeAgent, NodeConfig
     from swarm.statedir import secure_state_dir
     from swarm.transport.limits import StreamLimits
+    from swarm.transport.tls import bench_plaintext
 
     target = target_from_args(args)
+    if args.token_file and not target.token:
+        import time
+
+        path = Path(args.token_file)
+        deadline = time.monotonic() + 120
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)  # the coordinator writes it once it serves (compose starts us together)
+        if not path.exists():
+            print(f"swarm-node: no token file at {path} after 120 s; is the coordinator running?", file=sys.stderr)
+            return 2
+        target = type(target)(address=target.address, token=path.read_text().strip())
     try:
         state_dir = Path(args.state_dir).expanduser()
         secure_state_dir(state_dir)
@@ -60,6 +73,7 @@ def join(args: argparse.Namespace) -> int:
             heartbeat_interval_s=args.heartbeat_interval_s, matmul_duration_s=args.probe_seconds,
             stream_limits=StreamLimits(idle_timeout_s=args.stream_idle_timeout_s,
                                        max_streams_per_peer=args.max_streams_per_peer),
+            bench_plaintext=bench_plaintext(os.environ),
         )
         agent = NodeAgent(config)
         port = agent.start()

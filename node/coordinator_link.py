@@ -22,6 +22,7 @@ from swarm.transport.auth import call_metadata
 from swarm.transport.channels import control_channel
 from swarm.transport.convert import hardware_to_proto
 from swarm.transport.errors import translate_rpc_errors
+from swarm.transport.tls import DeferredChannel
 
 CALL_TIMEOUT_S = 10.0
 
@@ -49,25 +50,30 @@ class Registration:
     node_id: str
     session: str
     heartbeat_interval_s: float
+    certificate_pem: bytes  # the node's TLS certificate, issued for ``tls_public_key``
 
 
 class CoordinatorLink:
-    """One channel to the coordinator, shared by the agent and its plugins (thread-safe)."""
+    """One TLS channel to the coordinator, shared by the agent and its plugins (thread-safe).
 
-    def __init__(self, address: str, identity: Identity, clock: Clock) -> None:
+    The channel is made on first use, once ``security`` holds the pinned CA (the agent pins it
+    before registering); until then calls raise UnavailableError."""
+
+    def __init__(self, address: str, identity: Identity, clock: Clock, *, security) -> None:
         self.address = address
         self._identity = identity
         self._clock = clock
-        self.channel = control_channel(address)
+        self.channel = DeferredChannel(lambda: control_channel(address, security=security))
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self._what = f"coordinator at {address}"
         self._lock = threading.Lock()
 
-    def register(self, *, name: str, peer_address: str, hardware: HardwareInfo, token: str) -> Registration:
+    def register(self, *, name: str, peer_address: str, hardware: HardwareInfo, token: str,
+                 tls_public_key: bytes) -> Registration:
         payload = pb.RegistrationPayload(
             protocol_version=swarm.PROTOCOL_VERSION, node_id=self._identity.node_id, name=name,
             peer_address=peer_address, hardware=hardware_to_proto(hardware),
-            timestamp_s=self._clock.time(), nonce=os.urandom(16),
+            timestamp_s=self._clock.time(), nonce=os.urandom(16), tls_public_key=tls_public_key,
         ).SerializeToString()
         request = pb.RegisterRequest(
             payload=payload, public_key=self._identity.public_key,
@@ -76,7 +82,8 @@ class CoordinatorLink:
         with translate_rpc_errors(self._what):
             reply = self.stub.Register(request, timeout=CALL_TIMEOUT_S)
         return Registration(node_id=reply.node_id, session=reply.session,
-                            heartbeat_interval_s=reply.heartbeat_interval_s or 2.0)
+                            heartbeat_interval_s=reply.heartbeat_interval_s or 2.0,
+                            certificate_pem=reply.certificate_pem.encode())
 
     def heartbeat(self, session: str, *, status: str, metrics_json: str, memory_free_bytes: int = 0,
                   transfers=()) -> pb.HeartbeatReply:

@@ -13,6 +13,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import grpc
+
 from swarm.errors import PeerError
 from swarm.proto.v1 import peer_pb2 as pb
 from swarm.proto.v1 import peer_pb2_grpc as pb_grpc
@@ -29,11 +31,15 @@ class LinkSample:
     probe_bytes: int
 
 
-def measure_link(address: str, *, probe_bytes: int = 4 << 20, num_pings: int = 5,
-                 expected_node_id: str | None = None, timeout_s: float = 60.0) -> LinkSample:
-    """Measure RTT and bandwidth to the peer service at ``address``. Raises PeerError."""
+def measure_link(address: str, *, security, probe_bytes: int = 4 << 20, num_pings: int = 5,
+                 expected_node_id: str | None = None, timeout_s: float = 60.0,
+                 authorize_wait_s: float = 0.0) -> LinkSample:
+    """Measure RTT and bandwidth to the peer service at ``address`` (TLS with ``security``; with
+    ``expected_node_id`` the peer's certificate must be that node's). The destination accepts the
+    probe once it has heard of the task (its next heartbeat): a refusal is retried for
+    ``authorize_wait_s``. Raises PeerError."""
     payload = os.urandom(PROBE_CHUNK_BYTES)
-    with data_channel(address) as channel:
+    with data_channel(address, security=security, node_id=expected_node_id) as channel:
         stub = pb_grpc.PeerStub(channel)
         with translate_rpc_errors(f"peer at {address}"):
             warm = stub.Ping(pb.PingRequest(payload=b"x"), timeout=10)
@@ -52,9 +58,17 @@ def measure_link(address: str, *, probe_bytes: int = 4 << 20, num_pings: int = 5
                 for _ in range(num_chunks):
                     yield pb.ProbeChunk(data=payload)
 
-            t0 = time.perf_counter()
-            reply = stub.BandwidthProbe(chunks(), timeout=timeout_s)
-            sender_s = time.perf_counter() - t0
+            wait_until = time.monotonic() + authorize_wait_s
+            while True:
+                try:
+                    t0 = time.perf_counter()
+                    reply = stub.BandwidthProbe(chunks(), timeout=timeout_s)
+                    sender_s = time.perf_counter() - t0
+                    break
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.PERMISSION_DENIED or time.monotonic() > wait_until:
+                        raise
+                    time.sleep(0.1)  # the destination's next heartbeat tells it about this task
     if reply.bytes_received != num_chunks * PROBE_CHUNK_BYTES:
         raise PeerError(f"peer at {address} received {reply.bytes_received} of {num_chunks * PROBE_CHUNK_BYTES} probe bytes")
     timed_bytes = reply.bytes_received - reply.first_chunk_bytes

@@ -2,6 +2,11 @@
 
 Protocol: see peer.proto. The receiver of a probe bounds the stream (``MAX_PROBE_BYTES``,
 ``MAX_CHUNK_BYTES``) and times it from the first chunk to the last with its monotonic clock.
+
+Who may call (the caller's node id comes from its TLS certificate, ``identify(context)``):
+``Ping`` any swarm member (the port only completes handshakes with swarm certificates);
+``BandwidthProbe`` only a node that holds a measurement task towards this one now
+(``probe_sources()``, learnt from heartbeats); others get PERMISSION_DENIED before any byte is read.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 
-from swarm.errors import InvalidRequestError
+from swarm.errors import InvalidRequestError, PermissionDeniedError
 from swarm.proto.v1 import peer_pb2 as pb
 from swarm.proto.v1 import peer_pb2_grpc as pb_grpc
 from swarm.transport.errors import grpc_errors
@@ -21,9 +26,11 @@ MAX_PROBE_S = 120.0  # a probe stream held open longer is cancelled (it would pi
 
 
 class PeerServicer(pb_grpc.PeerServicer):
-    def __init__(self, node_id: str, *, traffic=None) -> None:
+    def __init__(self, node_id: str, *, traffic=None, identify=None, probe_sources=None) -> None:
         self.node_id = node_id
         self.traffic = traffic  # node.traffic.Traffic or None
+        self._identify = identify  # context -> caller's node id (swarm.transport.tls); None: tests only
+        self._probe_sources = probe_sources  # () -> frozenset of node ids with a task towards us
 
     @grpc_errors
     def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
@@ -33,6 +40,11 @@ class PeerServicer(pb_grpc.PeerServicer):
 
     @grpc_errors
     def BandwidthProbe(self, request_iterator, context) -> pb.ProbeReply:
+        if self._identify is not None:
+            caller = self._identify(context)
+            if caller not in (self._probe_sources() if self._probe_sources else ()):
+                raise PermissionDeniedError(f"node {caller[:12]} holds no measurement task towards node "
+                                            f"{self.node_id[:12]}; probes run only when the coordinator asks")
         total = first = chunks = 0
         t_first = t_last = 0.0
         watchdog = threading.Timer(MAX_PROBE_S, context.cancel)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from swarm import plugins as _mechanics
 from swarm.clock import Clock
@@ -49,7 +49,10 @@ class NodeHost:
       ``/api/nodes`` under ``metrics``;
     - ``traffic`` (:class:`node.traffic.Traffic`): add the bytes exchanged with peers and observe
       large pushes; totals go out as the ``bytes_sent`` / ``bytes_received`` metrics and
-      observations as link measurements with every heartbeat.
+      observations as link measurements with every heartbeat;
+    - ``security`` (swarm.transport.tls): ``data_channel(address, security=host.security,
+      node_id=...)`` dials a peer with this node's certificate; ``security.peer_identity(context)``
+      is the caller of a servicer method (node id or ``"coordinator"``, from its certificate).
     """
 
     node_id: str
@@ -61,6 +64,7 @@ class NodeHost:
     wait_registered: Callable[[float], bool]
     update_metrics: Callable[..., None]
     traffic: Traffic
+    security: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))

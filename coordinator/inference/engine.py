@@ -201,7 +201,7 @@ class InferenceEngine:
             refs = [StageRef(node_id=s.node_id, address=by_id[s.node_id].peer_address, first_layer=s.first_layer,
                              last_layer_excl=s.last_layer_excl) for s in rp.stages]
             replica = Replica(model=m.record.name, index=index, stages=refs, max_sessions=p.sessions_per_replica,
-                              lanes=p.lanes,
+                              lanes=p.lanes, security=self.app.security,
                               on_failure=self._on_replica_failure, on_finish=self._on_finish,
                               predicted_latency_s=rp.latency_s)
             futures.append((replica, self._pool.submit(self._load_replica, m, replica)))
@@ -252,11 +252,13 @@ class InferenceEngine:
         n = len(replica.stages)
         for k, st in enumerate(replica.stages):
             nxt = replica.stages[k + 1] if k + 1 < n else None
+            prev = replica.stages[k - 1] if k > 0 else None
             sources = self._peer_sources(m, st, first=k == 0, last=k == n - 1) + ["coordinator"]
             a = pb.ServeStageAssignment(
                 model_name=m.record.name, model_digest=m.record.digest, replica=replica.index, stage=k, num_stages=n,
                 first_layer=st.first_layer, last_layer_excl=st.last_layer_excl,
                 next_address=nxt.address if nxt else "", next_node_id=nxt.node_id if nxt else "",
+                prev_node_id=prev.node_id if prev else "",
                 max_seq_len=p.max_seq_len, max_sessions=p.sessions_per_replica,
                 hidden_codec=self._hop_codec(p.hidden_codec, st, nxt),
                 shard_sources=sources, session_timeout_s=p.session_timeout_s, dtype=p.dtype,
@@ -267,11 +269,16 @@ class InferenceEngine:
                         del self._issued[key]
                 self._issued[(st.node_id, m.record.name, replica.index, k)] = (
                     a.SerializeToString(deterministic=True), replica.capability)
-            with data_channel(st.address) as ch:
+            with data_channel(st.address, security=self.app.security, node_id=st.node_id) as ch:
                 try:
                     pb_grpc.InferenceStageStub(ch).LoadStage(pb.ServeLoadStageRequest(assignment=a), timeout=LOAD_TIMEOUT_S)
                 except grpc.RpcError as exc:
                     raise error_from_rpc(exc, f"node {st.node_id[:12]} at {st.address}") from exc
+
+    def is_placed(self, node_id: str, model_name: str) -> bool:
+        """Whether this coordinator issued ``node_id`` an assignment of ``model_name``."""
+        with self._lock:
+            return any(k[0] == node_id and k[1] == model_name for k in self._issued)
 
     def confirm(self, node_id: str, assignment: pb.ServeStageAssignment) -> str | None:
         """The step capability of the assignment's chain if this coordinator issued exactly

@@ -93,6 +93,7 @@ class Replica:
         on_finish: Callable[["Replica", Session], None],
         predicted_latency_s: float = 0.0,
         lanes: int = 1,
+        security=None,
     ) -> None:
         self.model = model
         self.index = index
@@ -109,7 +110,8 @@ class Replica:
         # the chain's secret: issued to every stage with its assignment, sent on every stage call
         self.capability = new_step_capability()
         self._metadata = step_metadata(self.capability)
-        self._channels = [data_channel(s.address) for s in stages]
+        # TLS as the coordinator (swarm://coordinator); each stage's certificate must name its node
+        self._channels = [data_channel(s.address, security=security, node_id=s.node_id) for s in stages]
         self._stubs = [pb_grpc.InferenceStageStub(c) for c in self._channels]
         self.num_lanes = max(1, min(lanes, len(stages), MAX_LANES))
         self._threads: list[threading.Thread] = []

@@ -134,6 +134,11 @@ class InferenceGatewayServicer(pb_grpc.InferenceGatewayServicer):
         return pb.ServeConfirmReply(confirmed=capability is not None, step_capability=capability or "")
 
     @grpc_errors
+    def ConfirmShardFetch(self, request, context) -> pb.ServeConfirmFetchReply:
+        self.app.authenticate_node(context)
+        return pb.ServeConfirmFetchReply(allowed=self.engine.is_placed(request.node_id, request.model_name))
+
+    @grpc_errors
     def Generate(self, request, context) -> Iterator[pb.ServeGenerateEvent]:
         m = self.engine.get(request.model)
         if request.prompt and request.prompt_token_ids:

@@ -32,6 +32,9 @@ class InferencePlugin(NodePlugin):
             on_change=lambda m: host.update_metrics(**m),
             confirm=self._confirm,
             traffic=host.traffic,
+            security=host.security,
+            identify=host.security.peer_identity,
+            confirm_fetch=self._confirm_fetch,
         )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -49,6 +52,16 @@ class InferencePlugin(NodePlugin):
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, "coordinator") from exc
         return reply.step_capability if reply.confirmed and reply.step_capability else None
+
+    def _confirm_fetch(self, node_id: str, model_name: str) -> bool:
+        """Whether the coordinator placed ``node_id`` on ``model_name`` (it may fetch our shard)."""
+        stub = pb_grpc.InferenceGatewayStub(self.host.coordinator_channel)
+        try:
+            reply = stub.ConfirmShardFetch(pb.ServeConfirmFetchRequest(model_name=model_name, node_id=node_id),
+                                           metadata=self.host.call_metadata(), timeout=10)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, "coordinator") from exc
+        return reply.allowed
 
     def install(self, server) -> None:
         pb_grpc.add_InferenceStageServicer_to_server(self.servicer, server)

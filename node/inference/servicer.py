@@ -16,6 +16,11 @@ Protocol this participant follows (see protos/swarm/proto/v1/inference.proto):
   or PERMISSION_DENIED (wrong). This stage forwards it on its Step to the next stage.
 - ``CloseSession`` frees caches; idle sessions expire after the assignment's timeout.
 - ``FetchShard``: serve the tensors this node holds to a peer that is loading the same layers.
+- Who may call (caller from its TLS certificate, ``identify(context)``; checked before anything
+  else, PERMISSION_DENIED otherwise): LoadStage / UnloadStage only the coordinator; Step /
+  CloseSession only the coordinator or the chain's previous stage (``prev_node_id`` of the
+  assignment; the step capability stays as defence in depth); FetchShard the coordinator or a
+  node the coordinator confirms holds an assignment of that model (``confirm_fetch``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from swarm.certs import COORDINATOR
 from swarm.errors import InvalidRequestError, NotFoundError, PeerError, PermissionDeniedError
 from swarm.inference.stage_runtime import StageRuntime
 from swarm.model.checkpoint import load_stage
@@ -38,6 +44,7 @@ from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
 from swarm.transport.errors import error_from_rpc, grpc_errors
+from swarm.transport.tls import RenewingStub
 from swarm.transport.inference import (
     check_step_capability,
     entries_from_pb,
@@ -60,8 +67,7 @@ class _Loaded:
     assignment: pb.ServeStageAssignment
     runtime: StageRuntime
     shard_dir: Path
-    next_stub: pb_grpc.InferenceStageStub | None
-    next_channel: grpc.Channel | None
+    next_stubs: RenewingStub | None  # to the next stage (TLS, rebuilt after a certificate renewal)
     capability: str  # the chain's step capability; "" only without a coordinator (tests)
 
 
@@ -78,10 +84,19 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         on_change: Callable[[dict], None] | None = None,
         confirm: Callable[[pb.ServeStageAssignment], str | None] | None = None,
         traffic=None,
+        security=None,
+        identify: Callable[[object], str] | None = None,
+        confirm_fetch: Callable[[str, str], bool] | None = None,
     ) -> None:
         """``confirm`` asks the coordinator whether it issued an assignment and returns the
         chain's step capability (None: not issued). Without ``confirm`` (tests without a
-        coordinator) assignments are trusted and stage calls need no capability."""
+        coordinator) assignments are trusted and stage calls need no capability.
+        ``security`` (swarm.transport.tls): channels to peers; ``identify(context)``: the caller
+        from its certificate (None: callers are not checked -- tests without a coordinator);
+        ``confirm_fetch(node_id, model)``: whether the coordinator placed that node on that model."""
+        self.security = security
+        self._identify = identify
+        self._confirm_fetch = confirm_fetch
         self.node_id = node_id
         self.device = device
         self.state_dir = Path(state_dir) / "inference"
@@ -105,6 +120,25 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 "the coordinator must (re)assign it"
             )
         return loaded
+
+    def _caller(self, context) -> str | None:
+        return self._identify(context) if self._identify is not None else None
+
+    def _only_coordinator(self, context, method: str) -> None:
+        caller = self._caller(context)
+        if caller is not None and caller != COORDINATOR:
+            raise PermissionDeniedError(f"{method} on node {self.node_id[:12]} is for the coordinator only, "
+                                        f"not node {caller[:12]}")
+
+    def _only_chain(self, loaded: _Loaded, context, method: str) -> None:
+        """The coordinator, or the node of the previous stage of this chain."""
+        caller = self._caller(context)
+        a = loaded.assignment
+        if caller is None or caller == COORDINATOR or (a.stage > 0 and caller == a.prev_node_id):
+            return
+        raise PermissionDeniedError(
+            f"{method} on model {a.model_name!r} replica {a.replica} stage {a.stage}: node {caller[:12]} is not the "
+            "previous stage of this chain; clients go through the coordinator's Generate")
 
     def _authorize(self, loaded: _Loaded, context, method: str) -> None:
         """Raise unless the call carries the capability of this stage's chain."""
@@ -142,12 +176,13 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         with self._lock:
             stages, self._stages = list(self._stages.values()), {}
         for l in stages:
-            if l.next_channel is not None:
-                l.next_channel.close()
+            if l.next_stubs is not None:
+                l.next_stubs.close()
 
     # ------------------------------------------------------------------ RPCs
     @grpc_errors
     def LoadStage(self, request: pb.ServeLoadStageRequest, context) -> pb.ServeLoadStageReply:
+        self._only_coordinator(context, "LoadStage")
         a = request.assignment
         validate_assignment(a)
         if a.dtype not in DTYPES:
@@ -182,17 +217,18 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 stage, max_seq_len=a.max_seq_len, max_sessions=a.max_sessions,
                 session_timeout_s=a.session_timeout_s or 300.0,
             )
-            channel = data_channel(a.next_address) if a.next_address else None
-            loaded = _Loaded(
-                assignment=a, runtime=runtime, shard_dir=shard_dir,
-                next_stub=pb_grpc.InferenceStageStub(channel) if channel is not None else None, next_channel=channel,
-                capability=capability,
-            )
+            next_stubs = None
+            if a.next_address:
+                next_stubs = RenewingStub(
+                    lambda: data_channel(a.next_address, security=self.security, node_id=a.next_node_id or None),
+                    pb_grpc.InferenceStageStub, self.security)
+            loaded = _Loaded(assignment=a, runtime=runtime, shard_dir=shard_dir, next_stubs=next_stubs,
+                             capability=capability)
             with self._lock:
                 old = self._stages.get((a.model_name, a.replica))
                 self._stages[(a.model_name, a.replica)] = loaded
-            if old is not None and old.next_channel is not None:
-                old.next_channel.close()
+            if old is not None and old.next_stubs is not None:
+                old.next_stubs.close()
         dt = time.monotonic() - t0
         log.info("loaded stage model=%s replica=%d stage=%d/%d layers=[%d,%d) bytes=%d load_s=%.2f device=%s",
                  a.model_name, a.replica, a.stage, a.num_stages, a.first_layer, a.last_layer_excl, nbytes, dt, self.device)
@@ -205,7 +241,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             try:
                 if src == "coordinator":
                     return receive_shard(self._open_coordinator_shard(req), shard_dir)
-                with data_channel(src) as ch:
+                with data_channel(src, security=self.security) as ch:
                     nbytes = receive_shard(pb_grpc.InferenceStageStub(ch).FetchShard(req, timeout=600), shard_dir)
                 if self.traffic is not None:
                     self.traffic.add_received(nbytes)
@@ -219,19 +255,21 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
 
     @grpc_errors
     def UnloadStage(self, request: pb.ServeUnloadStageRequest, context) -> pb.ServeUnloadStageReply:
+        self._only_coordinator(context, "UnloadStage")
         with self._lock:
             old = self._stages.get((request.model_name, request.replica))
             if old is not None:
                 self._authorize(old, context, "UnloadStage")
                 self._stages.pop((request.model_name, request.replica), None)
-        if old is not None and old.next_channel is not None:
-            old.next_channel.close()
+        if old is not None and old.next_stubs is not None:
+            old.next_stubs.close()
         self._changed()
         return pb.ServeUnloadStageReply(unloaded=old is not None)
 
     @grpc_errors
     def Step(self, request: pb.ServeStepRequest, context) -> pb.ServeStepReply:
         loaded = self._get(request.model_name, request.replica)
+        self._only_chain(loaded, context, "Step")
         self._authorize(loaded, context, "Step")
         a = loaded.assignment
         if request.stage != a.stage:
@@ -276,11 +314,11 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             ),
             close_session_ids=list(request.close_session_ids),
         )
-        assert loaded.next_stub is not None
+        assert loaded.next_stubs is not None
         if self.traffic is not None:
             self.traffic.add_sent(nxt.ByteSize())
         try:
-            reply = loaded.next_stub.Step(nxt, timeout=STEP_TIMEOUT_S, metadata=step_metadata(loaded.capability))
+            reply = loaded.next_stubs.stub.Step(nxt, timeout=STEP_TIMEOUT_S, metadata=step_metadata(loaded.capability))
         except grpc.RpcError as exc:
             err = error_from_rpc(exc, f"stage {a.stage + 1} at {a.next_address}")
             if isinstance(err, PeerError) or err.retryable:
@@ -302,12 +340,18 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             loaded = self._stages.get((request.model_name, request.replica))
         if loaded is None:
             return pb.ServeCloseSessionReply(num_closed=0)
+        self._only_chain(loaded, context, "CloseSession")
         self._authorize(loaded, context, "CloseSession")
         n = loaded.runtime.close(list(request.session_ids))
         return pb.ServeCloseSessionReply(num_closed=n)
 
     @grpc_errors
     def FetchShard(self, request: pb.ServeFetchShardRequest, context) -> Iterator[pb.ServeShardChunk]:
+        caller = self._caller(context)
+        if caller is not None and caller != COORDINATOR:
+            if self._confirm_fetch is None or not self._confirm_fetch(caller, request.model_name[:128]):
+                raise PermissionDeniedError(f"node {caller[:12]} holds no assignment of model "
+                                            f"{request.model_name[:80]!r}; only its stages may fetch its shards")
         with self._lock:
             held = [l for (m, _), l in self._stages.items() if m == request.model_name]
         for l in held:

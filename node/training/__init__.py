@@ -50,8 +50,9 @@ class TrainingPlugin(NodePlugin):
             log.warning("emulating %.0f Mbit/s links to pipeline neighbours (benchmark setting)", self.emulate_link_bps / 1e6)
 
     def install(self, server) -> None:
-        pb_grpc.add_PipelinePeerServicer_to_server(PipelinePeerServicer(self.endpoints, traffic=self.host.traffic),
-                                                   server)
+        pb_grpc.add_PipelinePeerServicer_to_server(
+            PipelinePeerServicer(self.endpoints, traffic=self.host.traffic, identify=self.host.security.peer_identity),
+            server)
 
     def start(self) -> None:
         self.client = TrainingClient(self.host)
@@ -108,7 +109,7 @@ class TrainingPlugin(NodePlugin):
             worker = StageWorker(a, client=self.client, endpoints=self.endpoints, node_id=self.host.node_id,
                                  device=self.host.device, state_dir=self.host.state_dir,
                                  on_metrics=self.host.update_metrics, emulate_link_bps=self.emulate_link_bps,
-                                 traffic=self.host.traffic)
+                                 traffic=self.host.traffic, security=self.host.security)
             self.workers[a.key] = worker
             log.info("assignment received job=%s stage=%d replica=%d", a.job_id, a.stage, a.replica)
             worker.start()

@@ -2,7 +2,11 @@
 
 Protocol (``PipelinePeer.PushTensor``, one stream per tensor): the sender streams the chunks
 of one :class:`~swarm.transport.tensors.WireTensor` whose payload is a codec message; the
-receiver reassembles it (size, CRC), looks up the stage worker of that job
+receiver first checks WHO sent it: the caller's node id from its TLS certificate must be the
+header's sender and the neighbour the coordinator assigned for that job, attempt and kind
+(:meth:`Endpoint.authorize`); a refused push gets PERMISSION_DENIED and touches no state (no
+duplicate bookkeeping, no codec state, no counters). Then it reassembles the tensor (size,
+CRC), looks up the stage worker of that job
 (:class:`Endpoint`), which checks every header field against its assignment (job, kind,
 sender, boundary, replica, step window, micro-batch, sample ids, shape, dtype, codec), decodes
 it with its boundary codec, rejects NaN/Inf, and queues the tensor for the worker. Any mismatch
@@ -25,11 +29,12 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from swarm.errors import InvalidRequestError, PeerError, SwarmError, UnavailableError
+from swarm.errors import InvalidRequestError, PeerError, PermissionDeniedError, SwarmError, UnavailableError
 from swarm.proto.v1 import tensor_pb2, training_pb2_grpc
 from swarm.transport import tensors as wt
 from swarm.transport.channels import data_channel
 from swarm.transport.errors import error_from_rpc, grpc_errors
+from swarm.transport.tls import RenewingStub
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +52,26 @@ class Endpoint:
     """
 
     def __init__(self, job_id: str, validate: Callable[[wt.TensorHeader, bytes], torch.Tensor],
-                 precheck: Callable[[wt.TensorHeader], object] | None = None) -> None:
+                 precheck: Callable[[wt.TensorHeader], object] | None = None,
+                 authorize: Callable[[str, wt.TensorHeader], None] | None = None) -> None:
         self.job_id = job_id
         self._validate = validate
         self._precheck = precheck
+        self._authorize = authorize
         self._cond = threading.Condition()
         self._items: dict[tuple[str, int, int], _Slot] = {}
         self._lock = threading.Lock()  # one decode at a time: codec state is not thread-safe
         self.num_rejected = 0
         self.last_rejection = ""
         self.bytes_received = 0
+
+    def authorize(self, caller: str, header: wt.TensorHeader) -> None:
+        """Refuse a push whose caller (from its certificate) is not the header's sender or not the
+        assigned neighbour (PermissionDeniedError). Changes nothing: runs before any bookkeeping."""
+        if caller != header.sender_id:
+            raise PermissionDeniedError(f"node {caller[:12]} sent a tensor in the name of {header.sender_id[:12]}")
+        if self._authorize is not None:
+            self._authorize(caller, header)
 
     def precheck(self, header: wt.TensorHeader) -> None:
         """Refuse a tensor from its header alone, before its payload is read."""
@@ -146,18 +161,21 @@ class Endpoints:
 class PipelinePeerServicer(training_pb2_grpc.PipelinePeerServicer):
     """Receives pushed tensors and hands them to the job's endpoint."""
 
-    def __init__(self, endpoints: Endpoints, *, max_payload_bytes: int = wt.DEFAULT_MAX_PAYLOAD_BYTES,
-                 traffic=None) -> None:
+    def __init__(self, endpoints: Endpoints, *, identify: Callable[[object], str],
+                 max_payload_bytes: int = wt.DEFAULT_MAX_PAYLOAD_BYTES, traffic=None) -> None:
         self.endpoints = endpoints
+        self.identify = identify  # context -> caller's node id from its certificate (swarm.transport.tls)
         self.max_payload_bytes = max_payload_bytes
         self.traffic = traffic  # node.traffic.Traffic or None: counts what arrived, accepted or not
 
     @grpc_errors
     def PushTensor(self, request_iterator, context) -> tensor_pb2.TensorAck:
         found: list[Endpoint] = []
+        caller = self.identify(context)
 
         def on_header(header: wt.TensorHeader) -> None:  # refuse before reading the payload
             ep = self.endpoints.get(header.job_id)
+            ep.authorize(caller, header)  # who, before any state is touched
             ep.precheck(header)
             found.append(ep)
 
@@ -177,14 +195,16 @@ class PeerSender:
     would have crossed a link of that many bits per second (a serial link per neighbour).
     """
 
-    def __init__(self, address: str, *, what: str, timeout_s: float, max_queued: int = 16,
-                 on_sent: Callable[[int, float], None] | None = None, emulate_bps: float = 0.0) -> None:
+    def __init__(self, address: str, *, security, node_id: str | None = None, what: str, timeout_s: float,
+                 max_queued: int = 16, on_sent: Callable[[int, float], None] | None = None,
+                 emulate_bps: float = 0.0) -> None:
         self.emulate_bps = float(emulate_bps)
         self.address = address
         self.what = what
         self.timeout_s = timeout_s
-        self._channel = data_channel(address)
-        self._stub = training_pb2_grpc.PipelinePeerStub(self._channel)
+        # TLS to the neighbour (its certificate must name ``node_id``), rebuilt after a renewal
+        self._stubs = RenewingStub(lambda: data_channel(address, security=security, node_id=node_id),
+                                   training_pb2_grpc.PipelinePeerStub, security)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queued)
         self._on_sent = on_sent
         self.error: SwarmError | None = None
@@ -232,7 +252,7 @@ class PeerSender:
         while True:
             t0 = time.monotonic()
             try:
-                self._stub.PushTensor(wt.to_chunks(wire), timeout=max(1.0, deadline - t0))
+                self._stubs.stub.PushTensor(wt.to_chunks(wire), timeout=max(1.0, deadline - t0))
                 if self.emulate_bps > 0:
                     hold = len(wire.payload) * 8 / self.emulate_bps - (time.monotonic() - t0)
                     if hold > 0:
@@ -255,4 +275,4 @@ class PeerSender:
             self._closed = True
             self._queue.put(None)
             self._thread.join(timeout=5)
-            self._channel.close()
+            self._stubs.close()

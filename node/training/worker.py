@@ -30,7 +30,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 
 from swarm.compression import CodecMessage
-from swarm.errors import InvalidRequestError, NotFoundError, PeerError
+from swarm.errors import InvalidRequestError, NotFoundError, PeerError, PermissionDeniedError
 from swarm.model.config import ModelConfig
 from swarm.model.stage import StageModel
 from swarm.pipeline import schedule
@@ -59,8 +59,9 @@ class StopRequested(Exception):
 class StageWorker:
     def __init__(self, a: Assignment, *, client: TrainingClient, endpoints: Endpoints, node_id: str,
                  device: str, state_dir: Path, on_metrics=None, emulate_link_bps: float = 0.0,
-                 traffic=None) -> None:
+                 traffic=None, security=None) -> None:
         self.a = a
+        self.security = security  # swarm.transport.tls: channels to the neighbours
         self.traffic = traffic  # node.traffic.Traffic or None
         self.client = client
         self.endpoints = endpoints
@@ -173,16 +174,19 @@ class StageWorker:
         self.down = make_codec(spec.codec, side="down", boundary=a.stage - 1, **common) if not a.is_first else None
         self.up = make_codec(spec.codec, side="up", boundary=a.stage, **common) if not a.is_last else None
         self.timeout_s = spec.peer_timeout_s
-        self.endpoint = Endpoint(a.job_id, self._validate, precheck=self._check_header)
+        self.endpoint = Endpoint(a.job_id, self._validate, precheck=self._check_header,
+                                 authorize=self._authorize_sender)
         self.endpoints.add(self.endpoint)
         self.next_sender = self.prev_sender = None
         if a.next is not None:
-            self.next_sender = PeerSender(a.next.address, what=f"stage {a.stage + 1} ({a.next.node_id[:12]})",
+            self.next_sender = PeerSender(a.next.address, security=self.security, node_id=a.next.node_id,
+                                          what=f"stage {a.stage + 1} ({a.next.node_id[:12]})",
                                           timeout_s=self.timeout_s, emulate_bps=self.emulate_link_bps,
                                           on_sent=self._on_sent(a.next.node_id))
             self.senders.append(self.next_sender)
         if a.prev is not None:
-            self.prev_sender = PeerSender(a.prev.address, what=f"stage {a.stage - 1} ({a.prev.node_id[:12]})",
+            self.prev_sender = PeerSender(a.prev.address, security=self.security, node_id=a.prev.node_id,
+                                          what=f"stage {a.stage - 1} ({a.prev.node_id[:12]})",
                                           timeout_s=self.timeout_s, emulate_bps=self.emulate_link_bps,
                                           on_sent=self._on_sent(a.prev.node_id))
             self.senders.append(self.prev_sender)
@@ -243,6 +247,15 @@ class StageWorker:
         self.averager.wait_for_peers(1, self.timeout_s)
 
     # -- receiving ---------------------------------------------------------------------------------
+    def _authorize_sender(self, caller: str, h: wt.TensorHeader) -> None:
+        """Only the neighbour the coordinator named for this attempt may push: activations from
+        the previous stage, gradients from the next. ``caller`` comes from its TLS certificate."""
+        a = self.a
+        expected = {"activation": a.prev, "gradient": a.next}.get(h.kind)
+        if expected is None or caller != expected.node_id:  # (a stale attempt is the precheck's INVALID_ARGUMENT)
+            raise PermissionDeniedError(
+                f"node {caller[:12]} may not push {h.kind[:20]}s to stage {a.stage} of job {a.job_id} attempt "
+                f"{a.attempt}: only its assigned {'previous' if h.kind == 'activation' else 'next'} stage may")
     def _check_header(self, h: wt.TensorHeader):
         """Check a received header against this assignment, before its payload is read.
 

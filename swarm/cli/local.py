@@ -85,7 +85,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"coordinator {ls.coordinator_address} (web {ls.http_url}/); waiting for nodes and link measurements ...",
               flush=True)
         try:
-            with CoordinatorClient(ls.coordinator_address) as client:
+            with CoordinatorClient(ls.coordinator_address, token=ls.token) as client:
                 def ready():
                     snapshot = client.snapshot()
                     return snapshot if require_online(snapshot, args.nodes) else None

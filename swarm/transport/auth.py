@@ -5,6 +5,8 @@ the node carries gRPC metadata ``swarm-node-id`` and ``swarm-session``. Plugins 
 get it from ``NodeAgent.call_metadata()``; servicers on the coordinator check it with
 ``CoordinatorApp.authenticate_node(context)``. A user's state-changing calls carry
 ``swarm-api-token``, checked with ``CoordinatorApp.authenticate_user(context, action)``.
+These secrets only ever travel inside TLS (swarm/transport/tls.py); calls between nodes (and
+from the coordinator to nodes) are authenticated by client certificates instead.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ MAX_SESSION_CHARS = 128
 # A user's calls that change what the swarm runs (submit/cancel a job, serve/unserve a model)
 # carry the coordinator's token in this metadata key.
 API_TOKEN_KEY = "swarm-api-token"
-MAX_API_TOKEN_CHARS = 256
+MAX_API_TOKEN_CHARS = 320  # swarm1.<64 hex>.<secret of up to 200>
 
 
 def api_token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

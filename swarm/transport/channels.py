@@ -2,7 +2,8 @@
 
 Servers are synchronous (``grpc.server(ThreadPoolExecutor)``). :func:`make_server` builds one
 and :func:`bind` binds it to ``host:port`` and returns the port (``port=0`` picks a free one,
-so tests never guess ports). Message size limits:
+so tests never guess ports). Every port and channel is TLS (swarm/transport/tls.py): pass the
+process's ``security`` object. Message size limits:
 
 - control plane (coordinator): :data:`CONTROL_MAX_MESSAGE_BYTES`; plugins moving bulk data
   through the coordinator stream it in chunks of at most :data:`CHUNK_BYTES`.
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from swarm.certs import COORDINATOR_DNS, NODE_DNS, node_dns
 from swarm.errors import ConfigError
 from swarm.transport.limits import StreamGuard, StreamLimits
 from swarm.transport.transfer import CHUNK_BYTES  # noqa: F401 -- re-exported for plugins
@@ -61,13 +63,15 @@ def make_server(*, max_message_bytes: int, max_workers: int = 32,
     return server
 
 
-def bind(server: grpc.Server, host: str, port: int) -> int:
-    """Bind insecure ``host:port``; return the bound port. Raises ConfigError if it cannot."""
+def bind(server: grpc.Server, host: str, port: int, *, security, require_client_auth: bool = True) -> int:
+    """Listen with TLS on ``host:port`` (``security``: swarm.transport.tls); return the bound
+    port. ``require_client_auth``: only callers with a swarm certificate complete the handshake
+    (node peer ports); the coordinator's port passes False. Raises ConfigError if it cannot bind."""
     if not 0 <= int(port) <= 65535:
         raise ConfigError(f"port {port} is out of range 0..65535")
     target = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(target)
+        bound = security.add_port(server, target, require_client_auth=require_client_auth)
     except RuntimeError as exc:
         raise ConfigError(f"cannot listen on {target} ({exc}); pick another --port or --host") from exc
     if bound == 0:
@@ -75,14 +79,17 @@ def bind(server: grpc.Server, host: str, port: int) -> int:
     return bound
 
 
-def control_channel(address: str) -> grpc.Channel:
-    """A channel to a coordinator."""
-    return grpc.insecure_channel(address, options=_size_options(CONTROL_MAX_MESSAGE_BYTES) + _KEEPALIVE)
+def control_channel(address: str, *, security) -> grpc.Channel:
+    """A TLS channel to a coordinator (its certificate must name ``coordinator.swarm``)."""
+    return security.channel(address, server_name=COORDINATOR_DNS,
+                            options=_size_options(CONTROL_MAX_MESSAGE_BYTES) + _KEEPALIVE)
 
 
-def data_channel(address: str) -> grpc.Channel:
-    """A channel to a node's peer service."""
-    return grpc.insecure_channel(address, options=_size_options(DATA_MAX_MESSAGE_BYTES) + _KEEPALIVE)
+def data_channel(address: str, *, security, node_id: str | None = None) -> grpc.Channel:
+    """A TLS channel to a node's peer service; with ``node_id`` its certificate must be that
+    node's, else any swarm node's. Presents this process's certificate (peers require one)."""
+    return security.channel(address, server_name=node_dns(node_id) if node_id else NODE_DNS,
+                            options=_size_options(DATA_MAX_MESSAGE_BYTES) + _KEEPALIVE)
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -7,6 +7,10 @@ generation). Every call maps gRPC failures to swarm errors with
 was given) in ``swarm-api-token`` metadata, and returns frozen domain records, never protobuf.
 Files go through :mod:`swarm.transport.transfer` (sizes and SHA-256 checked on both sides).
 
+The channel is TLS: the client trusts the coordinator only once its CA matches the fingerprint
+in the token (``swarm1.<fingerprint>.<secret>``; ``swarm1.<fingerprint>`` alone verifies and
+reads without the right to change anything). The CA is fetched on the first call.
+
 The node's own calls (register, heartbeat, training assignments) use its session secret and
 live in ``node.coordinator_link`` / ``node.training.client`` on the same channel helpers.
 
@@ -21,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from swarm.errors import InvalidRequestError
+from swarm import certs
+from swarm.errors import AuthError, ConfigError, InvalidRequestError
 from swarm.membership import Link, NodeInfo
 from swarm.proto.v1 import coordinator_pb2 as cpb
 from swarm.proto.v1 import coordinator_pb2_grpc as cpb_grpc
@@ -34,6 +39,7 @@ from swarm.transport.auth import api_token_metadata
 from swarm.transport.channels import control_channel, parse_address
 from swarm.transport.convert import link_from_proto, node_from_proto, sampling_to_pb
 from swarm.transport.errors import translate_rpc_errors
+from swarm.transport.tls import DeferredChannel, TlsSecurity, fetch_ca
 
 if TYPE_CHECKING:
     from swarm.inference.params import SamplingParams
@@ -184,22 +190,49 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 class CoordinatorClient:
     """User calls to the coordinator at ``address`` (``host:port`` of its gRPC port).
 
-    ``token``: the coordinator's token, needed to change what the swarm runs (submit/cancel a
-    job, serve/unserve a model); reading calls work without it. ``timeout_s``: per short call.
+    ``token``: the coordinator's token (``swarm1.<CA fingerprint>.<secret>``): its fingerprint
+    verifies the coordinator, its secret is needed to change what the swarm runs (submit/cancel
+    a job, serve/unserve a model); ``swarm1.<CA fingerprint>`` alone verifies and reads.
+    ``ca_fingerprint``: the CA to trust when ``token`` does not carry one (64 hex);
+    ``ca_pem``: an already verified CA certificate (tests, the local swarm). ``timeout_s``: per short call.
     Methods raise swarm errors: UnavailableError (unreachable), AuthError (token), NotFoundError,
     InvalidRequestError, CapacityError. Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, address: str, *, token: str | None = None, timeout_s: float = 30.0) -> None:
+    def __init__(self, address: str, *, token: str | None = None, timeout_s: float = 30.0,
+                 ca_fingerprint: str | None = None, ca_pem: bytes | None = None) -> None:
         parse_address(address)
         self.address = address
         self.timeout_s = timeout_s
+        fingerprint = ca_fingerprint
+        if token and certs.is_token(token):
+            parsed = certs.parse_token(token)
+            fingerprint = parsed.fingerprint
+            token = token if parsed.secret else None
         self._md = api_token_metadata(token)
-        self._channel = control_channel(address)
+        self._token = token
+        self._fingerprint = fingerprint
+        self._ca_pem = ca_pem
+        self._channel = DeferredChannel(self._connect)
         self._coordinator = cpb_grpc.CoordinatorStub(self._channel)
         self._training = tpb_grpc.TrainingStub(self._channel)
         self._gateway = ipb_grpc.InferenceGatewayStub(self._channel)
         self._what = f"coordinator at {address}"
+
+    def _connect(self):
+        ca = self._ca_pem
+        if ca is None:
+            if not self._fingerprint and self._token:
+                certs.parse_token(self._token)  # an old-format token: AuthError saying what to paste
+            if not self._fingerprint:
+                raise ConfigError("connecting to a coordinator needs its token: pass --token or set SWARM_TOKEN "
+                                  "(swarm1.<CA fingerprint>.<secret> as swarm-coordinator printed it; "
+                                  "swarm1.<CA fingerprint> alone is enough to read)")
+            try:
+                ca = fetch_ca(self.address, self._fingerprint, timeout_s=min(self.timeout_s, 10.0))
+            except AuthError as exc:
+                raise AuthError(f"coordinator at {self.address}: {exc}") from exc
+        return control_channel(self.address, security=TlsSecurity(ca_pem=ca))
 
     def close(self) -> None:
         self._channel.close()

@@ -6,6 +6,7 @@ import os
 from contextlib import contextmanager
 
 import swarm
+from swarm import certs
 from swarm.clock import SystemClock
 from swarm.hardware import HardwareInfo
 from swarm.identity import Identity
@@ -27,7 +28,7 @@ def make_register(app, ident: Identity, *, token=None, version=None, name="node-
         protocol_version=swarm.PROTOCOL_VERSION if version is None else version, node_id=ident.node_id, name=name,
         peer_address=address, hardware=hardware or hardware_to_proto(HW),
         timestamp_s=SystemClock().time() if timestamp is None else timestamp,
-        nonce=os.urandom(16) if nonce is None else nonce,
+        nonce=os.urandom(16) if nonce is None else nonce, tls_public_key=certs.public_key_der(certs.new_key()),
     ).SerializeToString()
     return pb.RegisterRequest(payload=payload, public_key=ident.public_key, signature=ident.sign(payload),
                               token=app.join_token if token is None else token)
@@ -38,7 +39,7 @@ def inprocess_coordinator(state_dir, *, plugins: tuple[str, ...] = (), **overrid
     """A real CoordinatorApp on 127.0.0.1 free ports with short test intervals; stopped on exit.
 
         with inprocess_coordinator(tmp_path / "coord", plugins=("coordinator.jobs",)) as app:
-            stub = MyStub(grpc.insecure_channel(f"127.0.0.1:{app.grpc_port}"))
+            stub = MyStub(tests.helpers.tls.app_channel(app))   # TLS, trusting the app's CA
     """
     from coordinator.app import CoordinatorApp, CoordinatorConfig
     from coordinator.network import MeasurementPolicy

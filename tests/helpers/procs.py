@@ -52,12 +52,12 @@ class CoordinatorHandle:
             return json.loads(resp.read())
 
     def snapshot(self):
-        with CoordinatorClient(self.address) as client:
+        with self.client(token=False) as client:
             return client.snapshot()
 
     def models(self) -> list[dict]:
         """The served models as ``swarm models --json`` prints them."""
-        with CoordinatorClient(self.address) as client:
+        with self.client(token=False) as client:
             return [m.to_json() for m in client.list_models()]
 
     def serve(self, model_dir, *, name: str, **options) -> dict:
@@ -65,9 +65,15 @@ class CoordinatorHandle:
         with self.client() as client:
             return client.upload_model(model_dir, name=name, options=ServeOptions(**options)).to_json()
 
+    @property
+    def read_token(self) -> str:
+        """``swarm1.<CA fingerprint>``: verifies the coordinator (TLS), grants no changes."""
+        return self.token.rsplit(".", 1)[0]
+
     def client(self, *, token: bool = True) -> CoordinatorClient:
-        """A client of this coordinator, with its token unless ``token=False``."""
-        return CoordinatorClient(self.address, token=self.token if token else None)
+        """A TLS client of this coordinator (the token's CA fingerprint pins it), with the token's
+        secret unless ``token=False``."""
+        return CoordinatorClient(self.address, token=self.token if token else self.read_token)
 
 
 @dataclass
@@ -118,7 +124,7 @@ __all__ = ["CoordinatorHandle", "NodeHandle", "launch_coordinator", "launch_node
            "wait_until", "require_online", "child_env", "ManagedProcess", "FAST_COORDINATOR_ARGS", "FAST_NODE_ARGS"]
 
 
-def generate_events(address: str, **kwargs):
-    """Stream a generation from the coordinator at ``address`` (CoordinatorClient.generate's kwargs)."""
-    with CoordinatorClient(address) as client:
+def generate_events(coord: CoordinatorHandle, **kwargs):
+    """Stream a generation from ``coord`` (CoordinatorClient.generate's kwargs); no token secret needed."""
+    with coord.client(token=False) as client:
         yield from client.generate(**kwargs)

@@ -17,13 +17,13 @@ def test_serving_and_unserving_need_the_token(tmp_path):
     with inprocess_coordinator(tmp_path / "coord", plugins=("coordinator.inference",)) as app:
         address = f"127.0.0.1:{app.grpc_port}"
         for bad in (None, "wrong-token", "x" * 500):
-            with CoordinatorClient(address, token=bad) as client:
+            with CoordinatorClient(address, token=bad, ca_pem=app.ca.ca_pem) as client:  # TLS trusting the app's CA
                 with pytest.raises(AuthError, match="needs the coordinator's token"):
                     client.upload_model(ckpt, name="tiny", timeout_s=20)
                 with pytest.raises(AuthError, match="needs the coordinator's token"):
                     client.unserve_model("tiny")
         # nothing was stored by the refused uploads; reading needs no token
-        reader = CoordinatorClient(address)
+        reader = CoordinatorClient(address, ca_pem=app.ca.ca_pem)
         assert reader.list_models() == []
         # with the token the upload is accepted and stored; with no nodes it then fails on capacity
         with CoordinatorClient(address, token=app.join_token) as client:

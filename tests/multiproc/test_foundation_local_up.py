@@ -37,7 +37,7 @@ def test_local_up_then_ctrl_c(tmp_path):
         address = m.group(1)
         children = _children_of(proc.pid)
         assert len(children) == 3  # coordinator + 2 nodes
-        with CoordinatorClient(address) as client:
+        with CoordinatorClient(address, token=m.group(2)) as client:
             wait_until(lambda: sum(n.state == "online" for n in client.snapshot().nodes) == 2, 30,
                        message="2 nodes online")
         os.kill(proc.pid, signal.SIGINT)  # Ctrl-C goes to the `swarm local up` process

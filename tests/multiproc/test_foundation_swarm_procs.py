@@ -48,7 +48,7 @@ def test_swarm_of_three_lost_node_and_coordinator_restart(tmp_path):
                        for n in nodes_json)
 
         wait_until(traffic_reported, 20, message="traffic totals in /api/nodes")
-        out = subprocess.run([sys.executable, "-m", "swarm.cli", "status", "--coordinator", coord.address, "--json"],
+        out = subprocess.run([sys.executable, "-m", "swarm.cli", "status", "--coordinator", coord.address, "--token", coord.token, "--json"],
                              capture_output=True, text=True, timeout=60, env=child_env())
         assert out.returncode == 0, out.stderr
         status = json.loads(out.stdout)
@@ -100,8 +100,12 @@ def test_node_waits_for_unreachable_coordinator_and_leaves_cleanly(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # the token pins the coordinator's CA: create it (and print the token) before the coordinator runs
+    token = subprocess.run([sys.executable, "-m", "coordinator.cli", "token", "--state-dir", str(tmp_path / "coord"),
+                            "--token", "t" * 32], capture_output=True, text=True, timeout=60, env=child_env(),
+                           check=True).stdout.strip()
     # READY comes only after registration: wait for STARTED (serving, not yet registered)
-    node = launch_node(f"127.0.0.1:{port}", tmp_path / "early", token="t" * 32, wait_for="STARTED")
+    node = launch_node(f"127.0.0.1:{port}", tmp_path / "early", token=token, wait_for="STARTED")
     try:
         wait_until(lambda: "unreachable" in node.proc.log_tail(20000), 20, message="node says the coordinator is unreachable")
         assert node.proc.alive()

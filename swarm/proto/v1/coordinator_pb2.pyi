@@ -33,7 +33,7 @@ class Hardware(_message.Message):
     def __init__(self, device_kind: _Optional[str] = ..., device_name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ..., compute_capability: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., tflops: _Optional[float] = ..., tflops_dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class RegistrationPayload(_message.Message):
-    __slots__ = ("protocol_version", "node_id", "name", "peer_address", "hardware", "timestamp_s", "nonce")
+    __slots__ = ("protocol_version", "node_id", "name", "peer_address", "hardware", "timestamp_s", "nonce", "tls_public_key")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class RegistrationPayload(_message.Message):
     HARDWARE_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_S_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    TLS_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     protocol_version: str
     node_id: str
     name: str
@@ -48,7 +49,8 @@ class RegistrationPayload(_message.Message):
     hardware: Hardware
     timestamp_s: float
     nonce: bytes
-    def __init__(self, protocol_version: _Optional[str] = ..., node_id: _Optional[str] = ..., name: _Optional[str] = ..., peer_address: _Optional[str] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., timestamp_s: _Optional[float] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+    tls_public_key: bytes
+    def __init__(self, protocol_version: _Optional[str] = ..., node_id: _Optional[str] = ..., name: _Optional[str] = ..., peer_address: _Optional[str] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., timestamp_s: _Optional[float] = ..., nonce: _Optional[bytes] = ..., tls_public_key: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("payload", "public_key", "signature", "token")
@@ -63,18 +65,20 @@ class RegisterRequest(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., token: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("node_id", "session", "heartbeat_interval_s", "coordinator_version", "protocol_version")
+    __slots__ = ("node_id", "session", "heartbeat_interval_s", "coordinator_version", "protocol_version", "certificate_pem")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     session: str
     heartbeat_interval_s: float
     coordinator_version: str
     protocol_version: str
-    def __init__(self, node_id: _Optional[str] = ..., session: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., coordinator_version: _Optional[str] = ..., protocol_version: _Optional[str] = ...) -> None: ...
+    certificate_pem: str
+    def __init__(self, node_id: _Optional[str] = ..., session: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., coordinator_version: _Optional[str] = ..., protocol_version: _Optional[str] = ..., certificate_pem: _Optional[str] = ...) -> None: ...
 
 class MeasureTask(_message.Message):
     __slots__ = ("task_id", "dst_node_id", "dst_address", "probe_bytes", "num_pings")
@@ -113,14 +117,18 @@ class TransferObservation(_message.Message):
     def __init__(self, dst_node_id: _Optional[str] = ..., num_bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("tasks", "heartbeat_interval_s", "server_time_s")
+    __slots__ = ("tasks", "heartbeat_interval_s", "server_time_s", "certificate_pem", "probe_sources")
     TASKS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    PROBE_SOURCES_FIELD_NUMBER: _ClassVar[int]
     tasks: _containers.RepeatedCompositeFieldContainer[MeasureTask]
     heartbeat_interval_s: float
     server_time_s: float
-    def __init__(self, tasks: _Optional[_Iterable[_Union[MeasureTask, _Mapping]]] = ..., heartbeat_interval_s: _Optional[float] = ..., server_time_s: _Optional[float] = ...) -> None: ...
+    certificate_pem: str
+    probe_sources: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[MeasureTask, _Mapping]]] = ..., heartbeat_interval_s: _Optional[float] = ..., server_time_s: _Optional[float] = ..., certificate_pem: _Optional[str] = ..., probe_sources: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("reason",)

@@ -78,7 +78,7 @@ class ServeCloseSessionReply(_message.Message):
     def __init__(self, num_closed: _Optional[int] = ...) -> None: ...
 
 class ServeStageAssignment(_message.Message):
-    __slots__ = ("model_name", "model_digest", "replica", "stage", "num_stages", "first_layer", "last_layer_excl", "next_address", "next_node_id", "max_seq_len", "max_sessions", "hidden_codec", "shard_sources", "session_timeout_s", "dtype")
+    __slots__ = ("model_name", "model_digest", "replica", "stage", "num_stages", "first_layer", "last_layer_excl", "next_address", "next_node_id", "max_seq_len", "max_sessions", "hidden_codec", "shard_sources", "session_timeout_s", "dtype", "prev_node_id")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class ServeStageAssignment(_message.Message):
     SHARD_SOURCES_FIELD_NUMBER: _ClassVar[int]
     SESSION_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PREV_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_digest: str
     replica: int
@@ -109,7 +110,8 @@ class ServeStageAssignment(_message.Message):
     shard_sources: _containers.RepeatedScalarFieldContainer[str]
     session_timeout_s: float
     dtype: str
-    def __init__(self, model_name: _Optional[str] = ..., model_digest: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., next_address: _Optional[str] = ..., next_node_id: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_sessions: _Optional[int] = ..., hidden_codec: _Optional[str] = ..., shard_sources: _Optional[_Iterable[str]] = ..., session_timeout_s: _Optional[float] = ..., dtype: _Optional[str] = ...) -> None: ...
+    prev_node_id: str
+    def __init__(self, model_name: _Optional[str] = ..., model_digest: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., next_address: _Optional[str] = ..., next_node_id: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_sessions: _Optional[int] = ..., hidden_codec: _Optional[str] = ..., shard_sources: _Optional[_Iterable[str]] = ..., session_timeout_s: _Optional[float] = ..., dtype: _Optional[str] = ..., prev_node_id: _Optional[str] = ...) -> None: ...
 
 class ServeLoadStageRequest(_message.Message):
     __slots__ = ("assignment",)
@@ -328,6 +330,20 @@ class ServeConfirmReply(_message.Message):
     confirmed: bool
     step_capability: str
     def __init__(self, confirmed: _Optional[bool] = ..., step_capability: _Optional[str] = ...) -> None: ...
+
+class ServeConfirmFetchRequest(_message.Message):
+    __slots__ = ("model_name", "node_id")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    node_id: str
+    def __init__(self, model_name: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class ServeConfirmFetchReply(_message.Message):
+    __slots__ = ("allowed",)
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    allowed: bool
+    def __init__(self, allowed: _Optional[bool] = ...) -> None: ...
 
 class ServeUnserveRequest(_message.Message):
     __slots__ = ("name",)

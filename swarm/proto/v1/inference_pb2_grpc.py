@@ -308,6 +308,11 @@ class InferenceGatewayStub:
                 request_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmRequest.SerializeToString,
                 response_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmReply.FromString,
                 _registered_method=True)
+        self.ConfirmShardFetch = channel.unary_unary(
+                '/swarm.proto.v1.InferenceGateway/ConfirmShardFetch',
+                request_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmFetchRequest.SerializeToString,
+                response_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmFetchReply.FromString,
+                _registered_method=True)
 
 
 class InferenceGatewayServicer:
@@ -350,6 +355,13 @@ class InferenceGatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConfirmShardFetch(self, request, context):
+        """node -> coordinator, authenticated
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceGatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -382,6 +394,11 @@ def add_InferenceGatewayServicer_to_server(servicer, server):
                     servicer.ConfirmAssignment,
                     request_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmRequest.FromString,
                     response_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmReply.SerializeToString,
+            ),
+            'ConfirmShardFetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmShardFetch,
+                    request_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmFetchRequest.FromString,
+                    response_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmFetchReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -546,6 +563,33 @@ class InferenceGateway:
             '/swarm.proto.v1.InferenceGateway/ConfirmAssignment',
             swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmRequest.SerializeToString,
             swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmShardFetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.proto.v1.InferenceGateway/ConfirmShardFetch',
+            swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmFetchRequest.SerializeToString,
+            swarm_dot_proto_dot_v1_dot_inference__pb2.ServeConfirmFetchReply.FromString,
             options,
             channel_credentials,
             insecure,

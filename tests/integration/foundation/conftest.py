@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
 
 from coordinator.app import CoordinatorApp, CoordinatorConfig
 from coordinator.network import MeasurementPolicy
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
+from tests.helpers.tls import app_channel
+
+
 @pytest.fixture
 def app(tmp_path):
     config = CoordinatorConfig(
@@ -19,8 +21,7 @@ def app(tmp_path):
     yield app
     app.stop(grace_s=0.2)
 
-
 @pytest.fixture
 def stub(app):
-    with grpc.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+    with app_channel(app) as channel:
         yield pb_grpc.CoordinatorStub(channel)

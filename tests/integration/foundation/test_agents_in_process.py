@@ -72,6 +72,14 @@ def test_two_agents_join_measure_and_leave(app, tmp_path):
     assert all(n.state == "left" for n in app.registry.snapshot())
 
 
+def allow_probes_from(app, agent, node_id: str) -> None:
+    """As if the coordinator had given ``node_id`` a measurement task towards ``agent`` (heartbeats
+    tell the agent who may probe it)."""
+    real = app.measurements.probe_sources
+    app.measurements.probe_sources = lambda dst: [*real(dst), node_id]
+    wait_until(lambda: node_id in agent.probe_sources, 10, message="the node heard of the probe task")
+
+
 def _send_garbage(port: int) -> None:
     for blob in (os.urandom(4096), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + os.urandom(512), b"GET / HTTP/1.1\r\n\x00\xff\r\n\r\n"):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -94,8 +102,11 @@ def test_raw_garbage_does_not_crash_any_port(app, tmp_path, stub):
         with urllib.request.urlopen(f"http://127.0.0.1:{app.http_port}/api/nodes", timeout=5) as resp:
             assert resp.status == 200
         from node.measure import measure_link
+        from tests.helpers.tls import app_node_security
 
-        sample = measure_link(agent.peer_address, probe_bytes=128 << 10, num_pings=2)
+        allow_probes_from(app, agent, "e" * 32)
+        sample = measure_link(agent.peer_address, probe_bytes=128 << 10, num_pings=2,
+                              security=app_node_security(app, "e" * 32), expected_node_id=agent.node_id)
         assert sample.bandwidth_Bps > 0
     finally:
         agent.stop()
@@ -111,16 +122,21 @@ def test_stalled_probe_stream_is_cancelled(app, tmp_path, monkeypatch):
     from swarm.proto.v1 import peer_pb2_grpc
 
     monkeypatch.setattr(peer_service, "MAX_PROBE_S", 0.5)
+    from swarm.transport.channels import data_channel
+    from tests.helpers.tls import app_node_security
+
     agent = make_agent(app, tmp_path, "s")
     agent.start()
     try:
+        assert agent.wait_registered(10)
+        allow_probes_from(app, agent, "e" * 32)
         release = threading.Event()
 
         def stalled():
             yield ppb.ProbeChunk(data=b"x" * 10)
             release.wait(20)  # a peer that never finishes its stream
 
-        with grpc.insecure_channel(agent.peer_address) as channel:
+        with data_channel(agent.peer_address, security=app_node_security(app, "e" * 32)) as channel:
             stub = peer_pb2_grpc.PeerStub(channel)
             try:
                 stub.BandwidthProbe(stalled(), timeout=15)

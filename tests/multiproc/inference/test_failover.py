@@ -35,7 +35,7 @@ def test_node_killed_mid_generation_replays_on_a_new_placement(tmp_path):
         got: list[int] = []
         replays = 0
         t_kill = None
-        for ev in generate_events(coord.address, model="tiny", prompt=prompt, params=params, timeout_s=90):
+        for ev in generate_events(coord, model="tiny", prompt=prompt, params=params, timeout_s=90):
             got.extend(ev.token_ids)
             if len(got) >= 10 and t_kill is None:
                 t_kill = time.monotonic()
@@ -53,7 +53,7 @@ def test_node_killed_mid_generation_replays_on_a_new_placement(tmp_path):
             procs[nid].proc.kill()
         t0 = time.monotonic()
         with pytest.raises((CapacityError, UnavailableError)):
-            list(generate_events(coord.address, model="tiny", prompt=prompt, params=SamplingParams(max_new_tokens=5), timeout_s=60))
+            list(generate_events(coord, model="tiny", prompt=prompt, params=SamplingParams(max_new_tokens=5), timeout_s=60))
         assert time.monotonic() - t0 < 30
 
 
@@ -73,7 +73,7 @@ def test_replica_killed_mid_generation_moves_to_the_other_replica(tmp_path):
         got: list[int] = []
         replays = 0
         killed = None
-        for ev in generate_events(coord.address, model="two", prompt=prompt, params=params, timeout_s=60):
+        for ev in generate_events(coord, model="two", prompt=prompt, params=params, timeout_s=60):
             got.extend(ev.token_ids)
             if len(got) >= 8 and killed is None:
                 # a new session goes to the least-loaded replica, ties by predicted latency, then index

@@ -47,17 +47,17 @@ def test_openai_client_completions_and_chat(tmp_path):
                              capture_output=True, text=True, timeout=60, env=child_env())
         assert out.returncode == 0, out.stderr
         assert len(json.loads(out.stdout)["replicas"][0]["stages"]) == 2
-        out = subprocess.run(cli + ["models", "--coordinator", coord.address, "--json"], capture_output=True, text=True,
+        out = subprocess.run(cli + ["models", "--coordinator", coord.address, "--token", coord.read_token, "--json"], capture_output=True, text=True,
                              timeout=30, env=child_env())
         assert [m["name"] for m in json.loads(out.stdout)["models"]] == ["tiny-llama"]
-        out = subprocess.run(cli + ["generate", "--coordinator", coord.address, "--model", "tiny-llama", "--prompt", prompt,
+        out = subprocess.run(cli + ["generate", "--coordinator", coord.address, "--token", coord.read_token, "--model", "tiny-llama", "--prompt", prompt,
                                     "--max-new-tokens", "12", "--json"], capture_output=True, text=True, timeout=60,
                              env=child_env())
         assert out.returncode == 0, out.stderr
         res = json.loads(out.stdout)
         assert res["token_ids"] == want_ids and res["text"] == want_text and res["model"] == "tiny-llama"
         assert res["time_to_first_token_s"] > 0 and res["tokens_per_s"] > 0
-        out = subprocess.run(cli + ["generate", "--coordinator", coord.address, "--model", "nope", "--prompt", "x"],
+        out = subprocess.run(cli + ["generate", "--coordinator", coord.address, "--token", coord.read_token, "--model", "nope", "--prompt", "x"],
                              capture_output=True, text=True, timeout=60, env=child_env())
         assert out.returncode == 1 and "not served" in out.stderr
         client = openai.OpenAI(base_url=coord.http_url + "/v1", api_key="unused", max_retries=0, timeout=30)

@@ -34,9 +34,9 @@ def reference(path, prompt_ids: list[int], params: SamplingParams, eos: int | No
     return generate_local(rt.run_and_sample, prompt_ids, params, eos_token_id=eos)
 
 
-def collect(address: str, model: str, prompt: str, params: SamplingParams) -> list[int]:
+def collect(coord, model: str, prompt: str, params: SamplingParams) -> list[int]:
     ids: list[int] = []
-    for ev in generate_events(address, model=model, prompt=prompt, params=params, timeout_s=60):
+    for ev in generate_events(coord, model=model, prompt=prompt, params=params, timeout_s=60):
         ids.extend(ev.token_ids)
     return ids
 
@@ -64,12 +64,12 @@ def test_three_node_pipeline_equals_single_process(tmp_path):
             params = SamplingParams(max_new_tokens=24)
             for prompt in PROMPTS:
                 want = reference(d, tok.encode(prompt).ids, params, cfg.eos_token_id)
-                assert collect(coord.address, f"tiny-{family}", prompt, params) == want, (family, prompt)
+                assert collect(coord, f"tiny-{family}", prompt, params) == want, (family, prompt)
             # two concurrent sessions (batched on every stage), greedy and sampled
             sampled = SamplingParams(max_new_tokens=24, temperature=0.9, top_k=40, seed=11)
             want = {p: reference(d, tok.encode(p).ids, sampled, cfg.eos_token_id) for p in PROMPTS}
             got: dict[str, list[int]] = {}
-            threads = [threading.Thread(target=lambda p=p: got.__setitem__(p, collect(coord.address, f"tiny-{family}", p, sampled)))
+            threads = [threading.Thread(target=lambda p=p: got.__setitem__(p, collect(coord, f"tiny-{family}", p, sampled)))
                        for p in PROMPTS]
             for t in threads:
                 t.start()
@@ -80,9 +80,9 @@ def test_three_node_pipeline_equals_single_process(tmp_path):
         assert set(names) == {"tiny-gpt2", "tiny-llama"} and all(m["state"] == "ready" for m in names.values())
         # bad requests are refused with INVALID_ARGUMENT / NOT_FOUND, and the service stays up
         with pytest.raises(NotFoundError):
-            collect(coord.address, "nope", "hi", SamplingParams())
+            collect(coord, "nope", "hi", SamplingParams())
         with pytest.raises(InvalidRequestError):
-            collect(coord.address, "tiny-gpt2", "hi " * 200, SamplingParams(max_new_tokens=8))
+            collect(coord, "tiny-gpt2", "hi " * 200, SamplingParams(max_new_tokens=8))
         with pytest.raises(InvalidRequestError):
-            collect(coord.address, "tiny-gpt2", "hi", SamplingParams(max_new_tokens=500))
-        assert len(collect(coord.address, "tiny-gpt2", "hi", SamplingParams(max_new_tokens=3))) >= 1
+            collect(coord, "tiny-gpt2", "hi", SamplingParams(max_new_tokens=500))
+        assert len(collect(coord, "tiny-gpt2", "hi", SamplingParams(max_new_tokens=3))) >= 1

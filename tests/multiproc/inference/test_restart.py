@@ -34,9 +34,9 @@ def test_models_come_back_after_a_coordinator_restart(tmp_path):
         with node_proc(coord, tmp_path / "n0"), node_proc(coord, tmp_path / "n1"):
             wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 2, timeout_s=30)
             coord.serve(d, name="kept", num_stages=2, max_seq_len=64)
-            assert collect(coord.address, "kept", prompt, params) == want
+            assert collect(coord, "kept", prompt, params) == want
             coord.proc.stop()
             with coordinator_proc(tmp_path / "coord", port=port, extra_args=args) as coord2:
                 wait_until(lambda: [m["state"] for m in coord2.models()] == ["ready"], timeout_s=60,
                            message="model restored")
-                assert collect(coord2.address, "kept", prompt, params) == want
+                assert collect(coord2, "kept", prompt, params) == want

@@ -14,7 +14,9 @@ from swarm.job_spec import JobSpec
 from swarm.proto.v1 import training_pb2_grpc
 from swarm.transport import tensors as wt
 from swarm.transport.coordinator_client import CoordinatorClient
+from swarm.transport.channels import data_channel
 from tests.helpers.procs import coordinator_proc, node_proc, wait_until
+from tests.helpers.tls import security_from_state_dir
 from tests.multiproc.training._common import write_inputs
 
 pytestmark = pytest.mark.multiproc
@@ -33,7 +35,7 @@ def test_bad_tensor_rejected_then_killed_node_fails_job_keeping_checkpoint(tmp_p
     with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0") as n0, \
             node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2:
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 nodes online")
-        with CoordinatorClient(coord.address) as client, pytest.raises(AuthError, match="token"):
+        with CoordinatorClient(coord.address, token=coord.read_token) as client, pytest.raises(AuthError, match="token"):
             client.submit_job(_spec(4), upload_files(model, data))
         with CoordinatorClient(coord.address, token=coord.token) as client:
             job = client.submit_job(_spec(100_000), upload_files(model, data))
@@ -50,7 +52,8 @@ def test_bad_tensor_rejected_then_killed_node_fails_job_keeping_checkpoint(tmp_p
         header = wt.make_header(payload, job_id=job_id, step=0, micro_batch=0, sample_ids=(0, 1), shape=(2, 16, 33),
                                 dtype="float32", codec="none", kind="activation", boundary=0,
                                 sender_id=by_stage[0], replica=0)
-        with grpc.insecure_channel(addresses[by_stage[1]]) as ch:
+        # (over TLS, with a certificate for stage 0's node id from the coordinator's CA)
+        with data_channel(addresses[by_stage[1]], security=security_from_state_dir(coord.state_dir, by_stage[0])) as ch:
             stub = training_pb2_grpc.PipelinePeerStub(ch)
             with pytest.raises(grpc.RpcError) as err:
                 stub.PushTensor(wt.to_chunks(wt.WireTensor(header=header, payload=payload)), timeout=10)

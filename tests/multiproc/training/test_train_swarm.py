@@ -70,10 +70,10 @@ def test_three_node_job_matches_single_process_and_exports(tmp_path, capsys):
         assert "token" in capsys.readouterr().err
         assert swarm_main(["cancel", long_id, "--coordinator", coord.address, "--token", coord.token, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["state"] == "cancelled"
-        assert swarm_main(["jobs", "--coordinator", coord.address, "--json"]) == 0
+        assert swarm_main(["jobs", "--coordinator", coord.address, "--token", coord.read_token, "--json"]) == 0
         states = {j["id"]: j["state"] for j in json.loads(capsys.readouterr().out)["jobs"]}
         assert states == {job["id"]: "succeeded", aq["id"]: "succeeded", long_id: "cancelled"}
-        assert swarm_main(["job", job["id"], "--coordinator", coord.address]) == 0
+        assert swarm_main(["job", job["id"], "--coordinator", coord.address, "--token", coord.read_token]) == 0
         assert "succeeded" in capsys.readouterr().out
         for n in nodes:  # every stage worker of the cancelled job stops
             wait_until(lambda n=n: f"stopping stage worker job={long_id}" in n.proc.log_tail(500_000), 20,

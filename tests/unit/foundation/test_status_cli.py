@@ -44,6 +44,8 @@ def test_unreachable_coordinator_says_so(capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    rc = status.run(argparse.Namespace(coordinator=f"127.0.0.1:{port}", json=True, timeout_s=5.0))
+    # the token (here: only its CA fingerprint) is how every command verifies the coordinator
+    rc = status.run(argparse.Namespace(coordinator=f"127.0.0.1:{port}", token="swarm1." + "0" * 64, json=True,
+                                       timeout_s=5.0))
     assert rc == 1
     assert "unreachable" in capsys.readouterr().err

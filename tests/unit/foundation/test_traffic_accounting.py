@@ -110,25 +110,31 @@ def test_node_json_exposes_valid_totals_only():
     assert (node_json(old, 1.0)["bytes_sent"], node_json(old, 1.0)["bytes_received"]) == (None, None)
 
 
-def test_a_real_push_is_counted_on_both_sides_and_observed():
+def test_a_real_push_is_counted_on_both_sides_and_observed(tmp_path):
     """A 512 KiB tensor through a real PipelinePeer server: the receiver counts it, the sender's
     StageWorker hook counts it and keeps a link observation."""
     shape = (128, 1024)
     recv_traffic, send_traffic = Traffic(), Traffic()
     endpoints = Endpoints()
     srv = make_server(max_message_bytes=DATA_MAX_MESSAGE_BYTES, max_workers=4)
-    training_pb2_grpc.add_PipelinePeerServicer_to_server(PipelinePeerServicer(endpoints, traffic=recv_traffic), srv)
-    port = bind(srv, "127.0.0.1", 0)
+    from swarm.transport.tls import TlsSecurity
+    from tests.helpers.tls import TestPki
+
+    pki = TestPki(tmp_path / "ca")  # TLS as in a swarm: the sender is node "a"*32, the receiver B
+    training_pb2_grpc.add_PipelinePeerServicer_to_server(
+        PipelinePeerServicer(endpoints, traffic=recv_traffic, identify=TlsSecurity.peer_identity), srv)
+    port = bind(srv, "127.0.0.1", 0, security=pki.node(B))
     srv.start()
     ep = Endpoint("job", lambda h, p: wt.raw_decode(p, shape=h.shape, dtype=h.dtype))
     endpoints.add(ep)
     on_sent = StageWorker._on_sent(SimpleNamespace(traffic=send_traffic), B)
-    sender = PeerSender(f"127.0.0.1:{port}", what="peer", timeout_s=10, on_sent=on_sent)
+    sender = PeerSender(f"127.0.0.1:{port}", security=pki.node("a" * 32), node_id=B, what="peer", timeout_s=10,
+                        on_sent=on_sent)
     try:
         t = torch.randn(*shape)
         payload = wt.raw_encode(t)
         h = wt.make_header(payload, job_id="job", step=0, micro_batch=0, shape=shape, dtype="float32",
-                           kind="activation", sender_id="a")
+                           kind="activation", sender_id="a" * 32)
         sender.send(wt.WireTensor(header=h, payload=payload))
         sender.flush()
         got = ep.get("activation", 0, 0, timeout_s=5, stop=threading.Event(), what="peer")

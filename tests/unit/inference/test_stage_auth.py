@@ -15,17 +15,33 @@ from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, bind, data_channel, make_server
 from swarm.transport.inference import STEP_CAPABILITY_KEY, new_step_capability, step_metadata
+from tests.helpers.tls import TestPki
 from swarm.transport.inference_shards import serve_shard
 
 CAP = new_step_capability()
 
 
+def _pki(tmp_path) -> TestPki:
+    return TestPki(tmp_path / "ca")  # the same CA for every call with this tmp_path
+
+
+def _node_sec(tmp_path, name):
+    import hashlib
+
+    return _pki(tmp_path).node(hashlib.md5(name.encode()).hexdigest())  # TLS as node "<name>"
+
+
+def _coord(tmp_path):
+    return _pki(tmp_path).coordinator()  # the test calls stages as the coordinator would
+
+
 def start_stage_server(tmp_path, name, ckpt_dir, confirm):
-    servicer = InferenceStageServicer(node_id=name * 8, device="cpu", state_dir=tmp_path / name,
+    sec = _node_sec(tmp_path, name)
+    servicer = InferenceStageServicer(security=sec, node_id=name * 8, device="cpu", state_dir=tmp_path / name,
                                       open_coordinator_shard=lambda req: serve_shard(ckpt_dir, req), confirm=confirm)
     server = make_server(max_message_bytes=DATA_MAX_MESSAGE_BYTES, max_workers=4)
     pb_grpc.add_InferenceStageServicer_to_server(servicer, server)
-    port = bind(server, "127.0.0.1", 0)
+    port = bind(server, "127.0.0.1", 0, security=sec)
     server.start()
     return server, f"127.0.0.1:{port}"
 
@@ -59,7 +75,7 @@ def test_steps_need_the_chain_capability(tmp_path):
     s1, a1 = start_stage_server(tmp_path, "b", d, confirm)
     s0, a0 = start_stage_server(tmp_path, "a", d, confirm)
     try:
-        with data_channel(a0) as c0, data_channel(a1) as c1:
+        with data_channel(a0, security=_coord(tmp_path)) as c0, data_channel(a1, security=_coord(tmp_path)) as c1:
             st0, st1 = pb_grpc.InferenceStageStub(c0), pb_grpc.InferenceStageStub(c1)
             st1.LoadStage(pb.ServeLoadStageRequest(assignment=assignment(1, 2, 2, 3)), timeout=30)
             st0.LoadStage(pb.ServeLoadStageRequest(assignment=assignment(0, 2, 0, 2, a1)), timeout=30)
@@ -107,7 +123,7 @@ def test_an_assignment_the_coordinator_did_not_issue_is_refused(tmp_path):
     make_tiny_checkpoint(d, "gpt2", num_layers=3, hidden_size=32, num_heads=4)
     server, addr = start_stage_server(tmp_path, "a", d, confirm=lambda a: None)
     try:
-        with data_channel(addr) as ch:
+        with data_channel(addr, security=_coord(tmp_path)) as ch:
             code, details = code_of(lambda: pb_grpc.InferenceStageStub(ch).LoadStage(
                 pb.ServeLoadStageRequest(assignment=assignment(0, 1, 0, 3)), timeout=30))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "did not issue" in details

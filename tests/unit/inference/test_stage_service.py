@@ -18,6 +18,7 @@ from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, bind, data_channel, make_server
 from swarm.transport.inference import hidden_to_chunks
+from tests.helpers.tls import TestPki
 from swarm.transport.inference_shards import receive_shard, serve_shard
 
 
@@ -28,13 +29,28 @@ def ckpt(tmp_path):
     return d, cfg
 
 
+def _pki(tmp_path) -> TestPki:
+    return TestPki(tmp_path / "ca")  # the same CA for every call with this tmp_path
+
+
+def _node_sec(tmp_path, name):
+    import hashlib
+
+    return _pki(tmp_path).node(hashlib.md5(name.encode()).hexdigest())  # TLS as node "<name>"
+
+
+def _coord(tmp_path):
+    return _pki(tmp_path).coordinator()  # the test calls stages as the coordinator would
+
+
 def start_stage_server(tmp_path, name, ckpt_dir):
-    servicer = InferenceStageServicer(node_id=name * 8, device="cpu", state_dir=tmp_path / name,
+    sec = _node_sec(tmp_path, name)
+    servicer = InferenceStageServicer(security=sec, node_id=name * 8, device="cpu", state_dir=tmp_path / name,
                                       open_coordinator_shard=lambda req: serve_shard(ckpt_dir, req),
                                       traffic=Traffic())
     server = make_server(max_message_bytes=DATA_MAX_MESSAGE_BYTES, max_workers=4)
     pb_grpc.add_InferenceStageServicer_to_server(servicer, server)
-    port = bind(server, "127.0.0.1", 0)
+    port = bind(server, "127.0.0.1", 0, security=sec)
     server.start()
     return server, servicer, f"127.0.0.1:{port}"
 
@@ -60,7 +76,7 @@ def test_two_stage_chain_over_grpc(tmp_path, ckpt, codec):
     s1, sv1, a1 = start_stage_server(tmp_path, "b", d)
     s0, sv0, a0 = start_stage_server(tmp_path, "a", d)
     try:
-        with data_channel(a0) as c0, data_channel(a1) as c1:
+        with data_channel(a0, security=_coord(tmp_path)) as c0, data_channel(a1, security=_coord(tmp_path)) as c1:
             st0, st1 = pb_grpc.InferenceStageStub(c0), pb_grpc.InferenceStageStub(c1)
             st1.LoadStage(pb.ServeLoadStageRequest(assignment=assignment(1, 2, 2, 3)), timeout=30)
             r = st0.LoadStage(pb.ServeLoadStageRequest(assignment=assignment(0, 2, 0, 2, a1, codec=codec)), timeout=30)
@@ -119,7 +135,7 @@ def test_two_stage_chain_over_grpc(tmp_path, ckpt, codec):
             # a third node loads the last stage from the peer that holds it, not the coordinator
             s2, sv2, a2 = start_stage_server(tmp_path, "c", tmp_path / "nowhere")
             try:
-                with data_channel(a2) as c2:
+                with data_channel(a2, security=_coord(tmp_path)) as c2:
                     pb_grpc.InferenceStageStub(c2).LoadStage(
                         pb.ServeLoadStageRequest(assignment=assignment(1, 2, 2, 3, sources=(a1,))), timeout=30)
                 # the shard crossed from peer to peer: counted on both sides
@@ -164,15 +180,16 @@ def test_receive_shard_rejects_tampering(tmp_path, ckpt):
 def test_assignment_not_confirmed_by_the_coordinator_is_refused(tmp_path, ckpt):
     d, _ = ckpt
     seen = []
-    servicer = InferenceStageServicer(node_id="n" * 16, device="cpu", state_dir=tmp_path / "n",
+    sec = _node_sec(tmp_path, "n")
+    servicer = InferenceStageServicer(security=sec, node_id="n" * 16, device="cpu", state_dir=tmp_path / "n",
                                       open_coordinator_shard=lambda req: serve_shard(d, req),
                                       confirm=lambda a: seen.append(a.stage) or False)
     server = make_server(max_message_bytes=DATA_MAX_MESSAGE_BYTES, max_workers=2)
     pb_grpc.add_InferenceStageServicer_to_server(servicer, server)
-    port = bind(server, "127.0.0.1", 0)
+    port = bind(server, "127.0.0.1", 0, security=sec)
     server.start()
     try:
-        with data_channel(f"127.0.0.1:{port}") as ch:
+        with data_channel(f"127.0.0.1:{port}", security=_coord(tmp_path)) as ch:
             with pytest.raises(grpc.RpcError) as e:
                 pb_grpc.InferenceStageStub(ch).LoadStage(pb.ServeLoadStageRequest(assignment=assignment(0, 1, 0, 3)), timeout=10)
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and seen == [0]

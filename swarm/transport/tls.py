@@ -1,0 +1,398 @@
+"""TLS on every gRPC channel of a swarm, and who is calling.
+
+Protocol (what each participant does; certificates and names: swarm/certs.py):
+
+- Trust: the only root is the coordinator's CA. A node or a user gets it from the join token:
+  :func:`fetch_ca` does a TLS handshake with the coordinator's gRPC port WITHOUT trusting it,
+  takes the certificate chain the server sends (server certificate + CA certificate) and keeps
+  the CA certificate only if its SHA-256 equals the token's fingerprint; otherwise it refuses
+  ("wrong token or someone in the middle"). Nothing is sent before that check.
+- Servers: the coordinator's port serves TLS and does not ask clients for a certificate (users'
+  CLIs have none; grpcio offers only "require" or "don't request"): nodes authenticate there
+  with the session secret of their signed registration, users with the token, both only ever
+  sent inside TLS. A node's peer port REQUIRES a client certificate from the swarm CA (nodes and
+  the coordinator have one). Plaintext clients get a failed handshake on both.
+- Names: clients verify the server's certificate against the CA and a fixed name, whatever
+  address they dial: ``coordinator.swarm`` for the coordinator, ``<node id>.node.swarm`` for a
+  node they know by id (``node.swarm`` for any node), so a node cannot answer in another's name.
+- Caller identity: servers take it from the verified client certificate
+  (:meth:`TlsSecurity.peer_identity`: a node id or ``"coordinator"``), never from metadata.
+- Renewal: a node's certificate is short-lived and replaced while it heartbeats
+  (:meth:`TlsSecurity.set_certificate`). Its peer server uses grpc's dynamic server credentials:
+  the fetcher is called at every handshake and hands out the newest certificate; channels made
+  afterwards use the new one too (:class:`RenewingStub` rebuilds its channel when it changed).
+
+:class:`PlaintextSecurity` is for ONE benchmark only (``bench/pipeline.py`` measuring the cost of
+TLS): same interface, no encryption, caller identity asserted in metadata. No CLI flag reaches
+it; the benchmark sets ``SWARM_BENCH_PLAINTEXT=1`` and the entry points read it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from swarm import certs
+from swarm.errors import AuthError, ConfigError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+BENCH_PLAINTEXT_ENV = "SWARM_BENCH_PLAINTEXT"  # benchmark only: see PlaintextSecurity
+_BENCH_IDENTITY_KEY = "swarm-bench-identity"
+MISMATCH = "the coordinator's CA fingerprint does not match the token: wrong token or someone in the middle"
+
+
+# ----------------------------------------------------------------------------- bootstrap
+def _split(address: str) -> tuple[str, int]:
+    from swarm.transport.channels import parse_address
+
+    return parse_address(address)
+
+
+def fetch_ca(address: str, fingerprint: str, *, timeout_s: float = 10.0) -> bytes:
+    """The coordinator's CA certificate (PEM), checked against the token's ``fingerprint``.
+
+    Raises UnavailableError (unreachable: retry), AuthError (no certificate with that
+    fingerprint: wrong token or an impostor)."""
+    host, port = _split(address)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # Not trusting the server is the point: the chain is checked against the pin below.
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw, \
+                ctx.wrap_socket(raw, server_hostname=certs.COORDINATOR_DNS) as tls:
+            # Public as SSLSocket.get_unverified_chain() from Python 3.13; the same C method
+            # exists on the internal object since 3.10 (we support >= 3.11).
+            getter = getattr(tls, "get_unverified_chain", None) or tls._sslobj.get_unverified_chain
+            chain = [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER) for c in getter() or ()]
+    except (ssl.SSLError, ConnectionResetError) as exc:
+        raise AuthError(f"the coordinator at {address} does not speak TLS as a swarm coordinator ({exc}); "
+                        "check --coordinator (the gRPC port, not the HTTP one)") from exc
+    except OSError as exc:
+        raise UnavailableError(f"coordinator at {address} is unreachable ({exc})") from exc
+    for der in chain:
+        if certs.der_fingerprint(der) == fingerprint:
+            return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+    raise AuthError(MISMATCH)
+
+
+def pinned_ca(state_dir, address: str, fingerprint: str, *, timeout_s: float = 10.0) -> bytes:
+    """The CA pinned in ``state_dir/coordinator_ca.pem`` if it matches ``fingerprint``, else
+    fetched with :func:`fetch_ca` and stored there (0600)."""
+    import os
+    from pathlib import Path
+
+    path = Path(state_dir) / "coordinator_ca.pem"
+    if path.exists():
+        pem = path.read_bytes()
+        try:
+            if certs.fingerprint(pem) == fingerprint:
+                return pem
+        except ValueError:
+            pass
+        log.warning("the pinned CA in %s is not the token's; fetching the coordinator's", path)
+    pem = fetch_ca(address, fingerprint, timeout_s=timeout_s)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    os.replace(tmp, path)
+    return pem
+
+
+# ----------------------------------------------------------------------------- security objects
+class TlsSecurity:
+    """This process's TLS material and the channels and ports made from it. Thread-safe.
+
+    ``ca_pem``: the swarm CA (None until pinned: channels raise UnavailableError until then);
+    ``key_pem`` / ``cert_pem``: this process's key and certificate (chain), None for a client
+    without one (a user's CLI, a node's channel to the coordinator before registration)."""
+
+    def __init__(self, *, ca_pem: bytes | None = None, key_pem: bytes | None = None,
+                 cert_pem: bytes | None = None) -> None:
+        self._lock = threading.Lock()
+        self._ca = ca_pem
+        self._key = key_pem
+        self._cert = cert_pem
+        self.generation = 0
+        self._placeholder: tuple[bytes, bytes] | None = None
+
+    # -- material ---------------------------------------------------------------------------------
+    @property
+    def ca_pem(self) -> bytes | None:
+        with self._lock:
+            return self._ca
+
+    @property
+    def cert_pem(self) -> bytes | None:
+        with self._lock:
+            return self._cert
+
+    def set_ca(self, ca_pem: bytes) -> None:
+        with self._lock:
+            self._ca = ca_pem
+            self.generation += 1
+
+    def set_certificate(self, cert_pem: bytes, key_pem: bytes | None = None) -> None:
+        """Use a new (renewed) certificate from now on: new handshakes and new channels."""
+        with self._lock:
+            self._cert = cert_pem
+            if key_pem is not None:
+                self._key = key_pem
+            self.generation += 1
+
+    def _material(self) -> tuple[bytes | None, bytes | None, bytes | None, int]:
+        with self._lock:
+            return self._ca, self._key, self._cert, self.generation
+
+    # -- servers ----------------------------------------------------------------------------------
+    def add_port(self, server: grpc.Server, target: str, *, require_client_auth: bool) -> int:
+        """Listen with TLS on ``target``; 0 when it cannot bind (like add_insecure_port)."""
+        return server.add_secure_port(target, self._server_credentials(require_client_auth))
+
+    def _config(self):
+        ca, key, cert, gen = self._material()
+        if key is None or cert is None:
+            if self._placeholder is None:
+                import time
+
+                k = certs.new_key()
+                self._placeholder = (certs.key_pem(k), certs.cert_pem(certs.self_signed_placeholder(k, now_s=time.time())))
+            key, cert = self._placeholder
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca), gen
+
+    def _server_credentials(self, require_client_auth: bool) -> grpc.ServerCredentials:
+        initial, served = self._config()
+        state = {"generation": served}
+
+        def fetch():  # called by grpc at every handshake: None keeps the current configuration
+            if self.generation == state["generation"]:
+                return None
+            config, gen = self._config()
+            state["generation"] = gen
+            return config
+
+        return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=require_client_auth)
+
+    # -- clients ----------------------------------------------------------------------------------
+    def channel(self, address: str, *, server_name: str, options: list) -> grpc.Channel:
+        """A TLS channel to ``address`` that accepts only a CA-signed certificate naming ``server_name``."""
+        ca, key, cert, _ = self._material()
+        if ca is None:
+            raise UnavailableError("the coordinator's CA is not pinned yet (not connected once); retry shortly")
+        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key if cert else None,
+                                             certificate_chain=cert if key else None)
+        return grpc.secure_channel(address, creds, options=[*options, ("grpc.ssl_target_name_override", server_name)])
+
+    # -- who is calling ---------------------------------------------------------------------------
+    @staticmethod
+    def peer_identity(context) -> str:
+        """The caller's node id, or ``"coordinator"``, from its verified client certificate.
+        Raises AuthError when the call came without one (the coordinator's port does not ask)."""
+        ctx = context.auth_context() or {}
+        who = certs.identity_from_uris(ctx.get("peer_uri", ()))
+        if who is None:
+            raise AuthError("this call needs a swarm certificate (a node's or the coordinator's) and came without one")
+        return who
+
+
+class PlaintextSecurity:
+    """BENCHMARK ONLY (``SWARM_BENCH_PLAINTEXT=1``): no TLS, so its cost can be measured. The
+    caller's identity is asserted in metadata, so authorization runs the same code as with TLS."""
+
+    generation = 0
+
+    def __init__(self, identity: str) -> None:
+        self.identity = identity
+        log.warning("PLAINTEXT gRPC (%s=1): benchmark only, nothing is encrypted or authenticated", BENCH_PLAINTEXT_ENV)
+
+    ca_pem = cert_pem = None
+
+    def set_ca(self, ca_pem: bytes) -> None:
+        pass
+
+    def set_certificate(self, cert_pem: bytes, key_pem: bytes | None = None) -> None:
+        pass
+
+    def add_port(self, server: grpc.Server, target: str, *, require_client_auth: bool) -> int:
+        return server.add_insecure_port(target)
+
+    def channel(self, address: str, *, server_name: str, options: list) -> grpc.Channel:
+        return grpc.intercept_channel(grpc.insecure_channel(address, options=options),
+                                      _IdentityInterceptor(self.identity))
+
+    @staticmethod
+    def peer_identity(context) -> str:
+        for key, value in context.invocation_metadata() or ():
+            if key == _BENCH_IDENTITY_KEY and isinstance(value, str):
+                return value
+        raise AuthError("plaintext benchmark call without an identity")
+
+
+class _IdentityInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                           grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    def __init__(self, identity: str) -> None:
+        self._md = (_BENCH_IDENTITY_KEY, identity)
+
+    def _details(self, d):
+        md = [*(d.metadata or ()), self._md]
+        return d._replace(metadata=md) if hasattr(d, "_replace") else _Details(d, md)
+
+    def intercept_unary_unary(self, continuation, d, request):
+        return continuation(self._details(d), request)
+
+    def intercept_unary_stream(self, continuation, d, request):
+        return continuation(self._details(d), request)
+
+    def intercept_stream_unary(self, continuation, d, request_iterator):
+        return continuation(self._details(d), request_iterator)
+
+    def intercept_stream_stream(self, continuation, d, request_iterator):
+        return continuation(self._details(d), request_iterator)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, d, metadata) -> None:
+        self.method, self.timeout, self.credentials = d.method, d.timeout, d.credentials
+        self.wait_for_ready, self.compression = getattr(d, "wait_for_ready", None), getattr(d, "compression", None)
+        self.metadata = metadata
+
+
+Security = TlsSecurity | PlaintextSecurity
+
+
+def bench_plaintext(env) -> bool:
+    """Whether the benchmark-only plaintext mode is on (read by the entry points only)."""
+    return env.get(BENCH_PLAINTEXT_ENV, "") == "1"
+
+
+class RenewingStub:
+    """A stub on a channel to ``address`` that is rebuilt when this process's certificate was
+    renewed (old connections would present the expired one on their next handshake)."""
+
+    def __init__(self, make_channel: Callable[[], grpc.Channel], stub_cls, security) -> None:
+        self._make = make_channel
+        self._stub_cls = stub_cls
+        self._security = security
+        self._lock = threading.Lock()
+        self._gen = -1
+        self._channel: grpc.Channel | None = None
+        self._stub = None
+
+    @property
+    def stub(self):
+        with self._lock:
+            if self._stub is None or self._gen != self._security.generation:
+                old = self._channel
+                self._gen = self._security.generation
+                self._channel = self._make()
+                self._stub = self._stub_cls(self._channel)
+                if old is not None:
+                    old.close()
+            return self._stub
+
+    def close(self) -> None:
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel = self._stub = None
+
+
+def check_fingerprint_text(fp: str) -> str:
+    fp = (fp or "").strip().lower()
+    if len(fp) != certs.FINGERPRINT_HEX_CHARS or any(c not in "0123456789abcdef" for c in fp):
+        raise ConfigError("a CA fingerprint is 64 hex characters (the part of the token after 'swarm1.')")
+    return fp
+
+
+class DeferredChannel(grpc.Channel):
+    """A channel made on first use by ``factory`` (which may raise a SwarmError, e.g. while the
+    coordinator's CA cannot be fetched yet); stubs can be built on it before that. A factory
+    failure is raised by the call and retried by the next one."""
+
+    def __init__(self, factory: Callable[[], grpc.Channel]) -> None:
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._closed = False
+
+    def get(self) -> grpc.Channel:
+        with self._lock:
+            if self._closed:
+                raise UnavailableError("the channel to the coordinator is closed")
+            if self._channel is None:
+                self._channel = self._factory()
+            return self._channel
+
+    def _multi(self, kind: str, method: str, request_serializer=None, response_deserializer=None,
+               _registered_method=False):
+        return _DeferredCallable(self, kind, method, request_serializer, response_deserializer, _registered_method)
+
+    def unary_unary(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+        return self._multi("unary_unary", method, request_serializer, response_deserializer, _registered_method)
+
+    def unary_stream(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+        return self._multi("unary_stream", method, request_serializer, response_deserializer, _registered_method)
+
+    def stream_unary(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+        return self._multi("stream_unary", method, request_serializer, response_deserializer, _registered_method)
+
+    def stream_stream(self, method, request_serializer=None, response_deserializer=None, _registered_method=False):
+        return self._multi("stream_stream", method, request_serializer, response_deserializer, _registered_method)
+
+    def subscribe(self, callback, try_to_connect=False):
+        self.get().subscribe(callback, try_to_connect)
+
+    def unsubscribe(self, callback):
+        if self._channel is not None:
+            self._channel.unsubscribe(callback)
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class _DeferredCallable:
+    def __init__(self, owner: DeferredChannel, kind: str, method: str, ser, deser, registered) -> None:
+        self._owner, self._kind, self._method = owner, kind, method
+        self._args = (ser, deser, registered)
+        self._real = None
+        self._for: grpc.Channel | None = None
+
+    def _resolve(self):
+        channel = self._owner.get()
+        if self._real is None or self._for is not channel:
+            ser, deser, registered = self._args
+            self._real = getattr(channel, self._kind)(self._method, request_serializer=ser,
+                                                      response_deserializer=deser, _registered_method=registered)
+            self._for = channel
+        return self._real
+
+    def __call__(self, *args, **kwargs):
+        return self._resolve()(*args, **kwargs)
+
+    def with_call(self, *args, **kwargs):
+        return self._resolve().with_call(*args, **kwargs)
+
+    def future(self, *args, **kwargs):
+        return self._resolve().future(*args, **kwargs)
