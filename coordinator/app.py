@@ -56,6 +56,9 @@ class CoordinatorConfig:
     join_token: str | None = None  # None: the stored one (SQLite meta / state_dir/join_token) or a new one
     heartbeat_interval_s: float = 2.0
     node_timeout_s: float = 6.0
+    # After a (re)start, nodes restored from SQLite have this long to re-register (their sessions
+    # died with the old process) before any is declared lost; None: 3 x node_timeout_s.
+    restart_grace_s: float | None = None
     sweep_interval_s: float = 0.5
     measurement: MeasurementPolicy = field(default_factory=MeasurementPolicy)
     plugins: tuple[str, ...] = plugin_registry.PLUGINS
@@ -74,6 +77,8 @@ class CoordinatorConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in 0..65535")
         if not 0 < self.heartbeat_interval_s < self.node_timeout_s:
             raise ConfigError("need 0 < --heartbeat-interval-s < --node-timeout-s")
+        if self.restart_grace_s is not None and not 0 <= self.restart_grace_s <= 3600:
+            raise ConfigError("--restart-grace-s must be in 0..3600")
         if self.sweep_interval_s <= 0:
             raise ConfigError("--sweep-interval-s must be > 0")
         if self.join_token is not None and not (16 <= len(self.join_token) <= 200 and self.join_token.isprintable()):
@@ -113,7 +118,8 @@ class CoordinatorApp:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(self.state_dir)
         self.join_token = load_or_create_token(self.db, self.state_dir, config.join_token)
-        self.registry = NodeRegistry(self.db, self.clock, node_timeout_s=config.node_timeout_s)
+        grace_s = 3 * config.node_timeout_s if config.restart_grace_s is None else config.restart_grace_s
+        self.registry = NodeRegistry(self.db, self.clock, node_timeout_s=config.node_timeout_s, grace_s=grace_s)
         self.network = NetworkStore(self.db)
         self.measurements = MeasurementScheduler(self.network, self.clock, config.measurement)
         self.admission = Admission(self.db, self.clock, config.admission, max_clock_skew_s=MAX_CLOCK_SKEW_S)

@@ -3,7 +3,12 @@
 A node is ``online`` from its registration; one whose last heartbeat is older than
 ``node_timeout_s`` becomes ``lost`` (:meth:`NodeRegistry.sweep`, and :meth:`snapshot` applies
 the same rule so readers never see a stale ``online``); one that leaves cleanly is ``left``.
-A heartbeat or a new registration brings a lost or left node back online. Times come from the
+A heartbeat or a new registration brings a lost or left node back online.
+
+Restarts: nodes restored from SQLite keep their state, their last-seen time is reset to the
+start time, and for ``grace_s`` after the start no node is declared lost: their sessions died
+with the old process and they need a moment to notice and register again. A restored node
+that has not come back by the end of the grace period is lost at the next sweep. Times come from the
 injected clock (unix seconds), so unit tests drive liveness with a FakeClock.
 
 Writes: a registration, a leave and a change of state are written to SQLite at once; a
@@ -57,11 +62,13 @@ def disk_full_error(what: str, exc: BaseException) -> CapacityError:
 class NodeRegistry:
     """Thread-safe registry. Readers get frozen :class:`~swarm.membership.NodeInfo` snapshots."""
 
-    def __init__(self, db: Database, clock: Clock, *, node_timeout_s: float = 6.0) -> None:
-        if node_timeout_s <= 0:
-            raise ValueError("node_timeout_s must be > 0")
+    def __init__(self, db: Database, clock: Clock, *, node_timeout_s: float = 6.0, grace_s: float = 0.0) -> None:
+        if node_timeout_s <= 0 or grace_s < 0:
+            raise ValueError("node_timeout_s must be > 0 and grace_s >= 0")
         self._clock = clock
         self._timeout_s = float(node_timeout_s)
+        self.started_at_s = clock.time()
+        self.grace_until_s = self.started_at_s + float(grace_s)
         self._lock = threading.Lock()
         self._conn = db.connect()
         self._nodes: dict[str, _Entry] = {}
@@ -78,9 +85,11 @@ class NodeRegistry:
             try:
                 hw = HardwareInfo(**json.loads(row[4]))
                 metrics = json.loads(row[7] or "{}")
+                # last seen: at the latest, now (the old process heard of it; see the module doc)
                 info = NodeInfo(
                     id=row[0], name=row[1], state=row[5], hardware=hw, peer_address=row[3],
-                    status=row[6], metrics=metrics, registered_at_s=row[8], last_seen_at_s=row[9],
+                    status=row[6], metrics=metrics, registered_at_s=row[8],
+                    last_seen_at_s=max(row[9], self.started_at_s) if row[5] == "online" else row[9],
                 )
             except (ValueError, TypeError) as exc:
                 log.warning("skipping unreadable node row id=%s: %s", row[0], exc)
@@ -173,7 +182,9 @@ class NodeRegistry:
     def sweep(self) -> list[str]:
         """Mark online nodes silent for longer than the timeout as lost; returns their ids."""
         now = self._clock.time()
-        lost = []
+        lost: list[str] = []
+        if self.in_grace(now):
+            return lost
         with self._lock:
             for entry in self._nodes.values():
                 if entry.info.state == "online" and now - entry.info.last_seen_at_s > self._timeout_s:
@@ -226,8 +237,12 @@ class NodeRegistry:
         return gone
 
     # -- reads -------------------------------------------------------------------------------
+    def in_grace(self, now: float | None = None) -> bool:
+        """True during the grace period after the start (no node is declared lost)."""
+        return (self._clock.time() if now is None else now) < self.grace_until_s
+
     def _effective(self, info: NodeInfo, now: float) -> NodeInfo:
-        if info.state == "online" and now - info.last_seen_at_s > self._timeout_s:
+        if info.state == "online" and now - info.last_seen_at_s > self._timeout_s and not self.in_grace(now):
             return replace(info, state="lost")
         return info
 

@@ -127,8 +127,9 @@ class TrainingServicer(pb_grpc.TrainingServicer):
     @grpc_errors
     def ReportProgress(self, request, context) -> pb.ProgressAck:
         node_id = self.app.authenticate_node(context)
-        stop, reason = self.service.report(node_id, progress_from_pb(request))
-        return pb.ProgressAck(stop=stop, reason=reason)
+        ack = self.service.report(node_id, progress_from_pb(request))
+        return pb.ProgressAck(stop=ack.stop, reason=ack.reason, start=ack.start, fence=ack.fence,
+                              switch_step=ack.switch_step)
 
     @grpc_errors
     def FetchJobData(self, request, context):
