@@ -73,8 +73,8 @@ class Endpoint:
 
     def check_attempt(self, header: wt.TensorHeader) -> None:
         """Raises StaleTensor (older attempt) or UnavailableError (newer: retry later)."""
-        if self.attempt is None or header.attempt == self.attempt:
-            return
+        if self.attempt is None or header.attempt == self.attempt or header.attempt == 0:
+            return  # 0: unset (attempts start at 1), the validator refuses it with the field named
         if header.attempt < self.attempt:
             self.num_stale += 1
             log.debug("dropping a straggler of attempt %d (this worker runs attempt %d) job=%s kind=%s step=%d",
