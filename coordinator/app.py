@@ -200,6 +200,7 @@ class CoordinatorApp:
         except OSError as exc:
             self.grpc_server.stop(0)
             raise ConfigError(f"cannot serve HTTP on port {cfg.http_port} ({exc}); pick another --http-port") from exc
+        self.registry.begin_grace()  # counted from now: loading plugins may take seconds
         self._sweeper = threading.Thread(target=self._sweep_loop, name="liveness", daemon=True)
         self._sweeper.start()
         for plugin in self.plugins:

@@ -69,6 +69,7 @@ class NodeRegistry:
         self._timeout_s = float(node_timeout_s)
         self.started_at_s = clock.time()
         self.grace_until_s = self.started_at_s + float(grace_s)
+        self._grace_s = float(grace_s)
         self._lock = threading.Lock()
         self._conn = db.connect()
         self._nodes: dict[str, _Entry] = {}
@@ -237,6 +238,20 @@ class NodeRegistry:
         return gone
 
     # -- reads -------------------------------------------------------------------------------
+    def begin_grace(self) -> None:
+        """Start the grace period now (the coordinator serves from now on): restored online nodes
+        count as seen now, and none is declared lost for ``grace_s``."""
+        now = self._clock.time()
+        with self._lock:
+            self.started_at_s = now
+            self.grace_until_s = now + self._grace_s
+            for entry in self._nodes.values():
+                if entry.info.state == "online" and entry.info.last_seen_at_s < now:
+                    entry.info = replace(entry.info, last_seen_at_s=now)
+        if self._nodes:
+            log.info("grace period of %.1f s: %d known node(s) may re-register before any is declared lost",
+                     self._grace_s, len(self._nodes))
+
     def in_grace(self, now: float | None = None) -> bool:
         """True during the grace period after the start (no node is declared lost)."""
         return (self._clock.time() if now is None else now) < self.grace_until_s

@@ -478,6 +478,8 @@ class JobService:
         now = self.clock.time()
         for job in self.store.list(limit=200):
             mine = [a for a in job.assignments if a["node_id"] == node_id]
+            if job.fence is not None:  # the broken pipelines' workers stop (reconcile: unassigned)
+                mine = [a for a in mine if churn.key(a["stage"], a["replica"]) in job.fence["workers"]]
             if not mine:
                 continue
             if job.state == "running":
@@ -509,6 +511,8 @@ class JobService:
             self._fail(job, f"stage {a['stage']} replica {a['replica']} on node {node_id[:12]} failed: "
                             f"{r['error'][:500]}; {self._checkpoint_note(job.id)}")
             return Ack(stop=True, reason="job failed")
+        if job.fence is not None and churn.key(a["stage"], a["replica"]) not in job.fence["workers"]:
+            return Ack(stop=True, reason="this replica was dropped (its pipeline lost a node)")
         if r["state"] == "ready":
             return Ack(start=self._on_ready(job, a))
         if r["state"] in ("fence", "fenced"):
@@ -569,6 +573,14 @@ class JobService:
             self.store.add_event(job.id, "coordinator_reconnect", f"the job's nodes reconnected "
                                  f"{self.clock.time() - since:.1f} s after the coordinator restarted; reports made "
                                  "meanwhile are re-sent", after_s=round(self.clock.time() - since, 3))
+
+    def check_checkpoint(self, job: Job, *, stage: int, replica: int, attempt: int) -> None:
+        """Refuse (PermissionDeniedError) a checkpoint of another attempt than the job's, or of a
+        worker a fence left out (its pipeline is broken: its state is not the survivors')."""
+        if attempt and attempt != job.attempt:
+            raise PermissionDeniedError(f"checkpoint of attempt {attempt}; job {job.id} is at attempt {job.attempt}")
+        if job.fence is not None and churn.key(stage, replica) not in job.fence["workers"]:
+            raise PermissionDeniedError(f"stage {stage} replica {replica} of job {job.id} was dropped")
 
     def checkpoint_received(self, job_id: str, node_id: str, *, stage: int, replica: int, step: int, final: bool,
                             directory: Path) -> None:

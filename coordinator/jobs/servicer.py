@@ -121,6 +121,7 @@ class TrainingServicer(pb_grpc.TrainingServicer):
                 stage_replicas=[peer(p) for p in a["stage_replicas"]], spec=job_spec_to_pb(spec),
                 model_config_json=json.dumps(job.model), num_samples=job.num_samples,
                 dataset_key=job.dataset_key, resume_step=job.resume_step,
+                fence=job.fence is not None, switch_step=(job.fence or {}).get("switch_step", 0),
             ))
         return pb.PollAssignmentsReply(assignments=out, cancelled_job_ids=stop)
 
@@ -169,6 +170,7 @@ class TrainingServicer(pb_grpc.TrainingServicer):
             raise InvalidRequestError(f"job {job.id} is {job.state}; checkpoint not needed")
         if h.step < 0 or h.step > job.total_steps:
             raise InvalidRequestError(f"checkpoint step {h.step} outside 0..{job.total_steps}")
+        self.service.check_checkpoint(job, stage=h.stage, replica=h.replica, attempt=h.attempt)
         target = files.checkpoint_dir(files.job_dir(self.service.state_dir, job.id), step=h.step, stage=h.stage,
                                       replica=h.replica)
         tmp = target.with_name(target.name + ".partial")

@@ -102,6 +102,10 @@ class TrainingPlugin(NodePlugin):
                         cancelled_job_ids=frozenset(reply.cancelled_job_ids))
         for action in reconcile(poll, self.snapshot()):
             self._apply(action)
+        for a in assignments:  # a fence reaches workers blocked in a step (averaging, waiting) this way too
+            worker = self.workers.get(a.key)
+            if worker is not None and a.fence:
+                worker.on_fence(a.switch_step)
 
     def snapshot(self) -> tuple[WorkerView, ...]:
         return tuple(WorkerView(job_id=job_id, attempt=attempt, done=w.done.is_set(), stopping=w.stop_event.is_set())

@@ -49,17 +49,20 @@ class Membership:
         self.outage_s = outage_s
         self.fence_pending = threading.Event()
         self.switch_step = 0
-        self._last_poll = 0.0
-        self._lock = threading.Lock()
 
     def on_ack(self, ack: pb.ProgressAck) -> None:
-        if ack.fence and not self.fence_pending.is_set():
+        if ack.fence:
+            self.on_fence(ack.switch_step)
+
+    def on_fence(self, switch_step: int) -> None:
+        """The coordinator fences the attempt (a progress reply or an assignment poll said so)."""
+        if not self.fence_pending.is_set():
             log.info("fence: the coordinator lost a replica of job=%s; stopping at a step boundary", self.a.job_id)
             self.fence_pending.set()
-        if ack.switch_step and not self.switch_step:
-            log.info("fence: switch step %d job=%s stage=%d replica=%d", ack.switch_step, self.a.job_id,
+        if switch_step and not self.switch_step:
+            log.info("fence: switch step %d job=%s stage=%d replica=%d", switch_step, self.a.job_id,
                      self.a.stage, self.a.replica)
-            self.switch_step = int(ack.switch_step)
+            self.switch_step = int(switch_step)
 
     def _report(self, state: str, step: int) -> pb.ProgressAck:
         """One report, retried through a coordinator outage of up to ``outage_s``."""
@@ -108,17 +111,11 @@ class Membership:
             raise FenceReached()
 
     def while_waiting(self, step: int) -> None:
-        """Called while a stage other than the first waits for its first input of ``step``:
-        learn the switch step (rate-limited) and raise FenceReached when ``step`` is it (no
-        input of that step will come: stage 0 does not start it)."""
-        if not self.fence_pending.is_set():
-            return
-        with self._lock:
-            now = time.monotonic()
-            if not self.switch_step and now - self._last_poll >= POLL_S:
-                self._last_poll = now
-                self._report("fence", step)
-        if self.switch_step and step >= self.switch_step:
+        """Called while the worker waits for an input of ``step``: raises FenceReached when
+        ``step`` is the switch step (only a stage other than the first can wait there, for the
+        first input of the step, which will not come: stage 0 does not start it). The switch
+        step arrives with progress replies and assignment polls."""
+        if self.fence_pending.is_set() and self.switch_step and step >= self.switch_step:
             raise FenceReached()
 
     def fenced(self, step: int) -> None:

@@ -88,6 +88,12 @@ class StageWorker:
             log.info("stopping stage worker job=%s stage=%d reason=%s", self.a.job_id, self.a.stage, reason or "-")
         self.stop_event.set()
 
+    def on_fence(self, switch_step: int) -> None:
+        """The coordinator fences this attempt (seen in an assignment poll)."""
+        membership = getattr(self, "membership", None)
+        if membership is not None:
+            membership.on_fence(switch_step)
+
     def join(self, timeout_s: float) -> None:
         self._thread.join(timeout_s)
 
