@@ -186,20 +186,27 @@ def follow(swarm: Swarm, job_id: str, run: Run, *, faults: list[tuple[float, str
     raise TimeoutError(f"job {job_id} did not end within {timeout_s:.0f} s")
 
 
+def _events(job: dict) -> str:
+    """The job's churn events, counted by kind."""
+    kinds = [e["kind"] for e in job.get("events", []) if e["kind"] not in ("submitted", "planned", "succeeded")]
+    return ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds)) or "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI: few steps, one node kill, one coordinator restart")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--fault-every-s", type=float, default=None)
     p.add_argument("--restart-after-s", type=float, default=20.0)
+    p.add_argument("--num-faults", type=int, default=10, help="faults of the full run (one is the coordinator)")
     p.add_argument("--checkpoint-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line too")
     args = p.parse_args(argv)
     args.stages, args.replicas = (2, 2) if args.quick else (3, 2)
-    args.steps = args.steps or (60 if args.quick else 600)
-    every = args.fault_every_s or (12.0 if args.quick else 60.0)
+    args.steps = args.steps or (100 if args.quick else 600)
+    every = args.fault_every_s or (10.0 if args.quick else 60.0)
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="swarm-chaos-") as tmp:
         root = Path(tmp)
@@ -213,10 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                 run = Run(name=name)
                 job_id = submit(swarm, model, data, args)
                 faults: list[tuple[float, str]] = []
-                if faulty:
-                    n = 2 if args.quick else 10
+                if faulty:  # node kills every `every` s; the coordinator instead of the 2nd (quick) / 5th one
+                    n = 2 if args.quick else args.num_faults
                     faults = [(every * (k + 1), "node") for k in range(n)]
-                    faults[1 if args.quick else 4] = (faults[1 if args.quick else 4][0], "coordinator")
+                    c = 1 if args.quick else min(4, n - 1)
+                    faults[c] = (faults[c][0], "coordinator")
                 follow(swarm, job_id, run, faults=faults, restart_after_s=args.restart_after_s, rng=rng,
                        timeout_s=600 if args.quick else 3600)
                 if run.job["state"] == "succeeded":
@@ -227,12 +235,12 @@ def main(argv: list[str] | None = None) -> int:
             swarm.stop()
     base, churn = runs
     rows = [[r.name, r.job["state"], len(r.job["progress"]), len(r.job["repeated_steps"]), f"{r.tokens_per_s:.0f}",
-             f"{r.heldout_loss:.4f}", len(r.faults),
+             f"{r.heldout_loss:.4f}", len(r.faults), _events(r.job),
              "; ".join(f"{f.what} at {f.at_s:.0f} s -> next commit "
                        + (f"{f.next_commit_s:.1f} s" if f.next_commit_s is not None else "never") for f in r.faults)]
             for r in runs]
     table = markdown_table(["run", "state", "steps committed", "steps done twice", "tokens/s", "held-out loss",
-                            "faults", "fault -> next committed step"], rows)
+                            "faults", "events", "fault -> next committed step"], rows)
     ratio = churn.tokens_per_s / base.tokens_per_s if base.tokens_per_s else float("nan")
     notes = (f"{args.stages} stages x {args.replicas} replicas, {args.steps} steps of 8 x 64 tokens, tiny GPT-2 "
              f"(6 x 64), faults every {every:.0f} s (node back after {args.restart_after_s:.0f} s, coordinator after "
