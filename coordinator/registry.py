@@ -6,7 +6,8 @@ the same rule so readers never see a stale ``online``); one that leaves cleanly 
 A heartbeat or a new registration brings a lost or left node back online.
 
 Restarts: nodes restored from SQLite keep their state, their last-seen time is reset to the
-start time, and for ``grace_s`` after the start no node is declared lost: their sessions died
+start time, and for ``grace_s`` after the start none of them is declared lost before it is heard
+from again (a node heard from since follows the usual timeout): their sessions died
 with the old process and they need a moment to notice and register again. A restored node
 that has not come back by the end of the grace period is lost at the next sweep. Times come from the
 injected clock (unix seconds), so unit tests drive liveness with a FakeClock.
@@ -70,6 +71,7 @@ class NodeRegistry:
         self.started_at_s = clock.time()
         self.grace_until_s = self.started_at_s + float(grace_s)
         self._grace_s = float(grace_s)
+        self._restored: set[str] = set()  # loaded at start, not heard from since (see begin_grace)
         self._lock = threading.Lock()
         self._conn = db.connect()
         self._nodes: dict[str, _Entry] = {}
@@ -96,6 +98,7 @@ class NodeRegistry:
                 log.warning("skipping unreadable node row id=%s: %s", row[0], exc)
                 continue
             self._nodes[info.id] = _Entry(info=info, public_key=bytes(row[2]), metrics=metrics)
+            self._restored.add(info.id)
         log.info("registry loaded num_nodes=%d", len(self._nodes))
 
     def _save(self, entry: _Entry) -> None:
@@ -140,6 +143,7 @@ class NodeRegistry:
             entry = _Entry(info=info, public_key=public_key, metrics=info.metrics)
             self._save(entry)  # first: a full disk refuses the registration and changes nothing
             self._nodes[node_id] = entry
+            self._restored.discard(node_id)
         log.info("node registered id=%s name=%s address=%s again=%s", node_id, name, peer_address, old is not None)
         return info
 
@@ -156,6 +160,7 @@ class NodeRegistry:
             hw = entry.info.hardware
             if memory_free_bytes is not None and 0 <= memory_free_bytes <= hw.memory_bytes:
                 hw = replace(hw, memory_free_bytes=int(memory_free_bytes))
+            self._restored.discard(node_id)
             came_back = entry.info.state != "online"
             if came_back:
                 log.info("node back online id=%s name=%s", node_id, entry.info.name)
@@ -184,11 +189,10 @@ class NodeRegistry:
         """Mark online nodes silent for longer than the timeout as lost; returns their ids."""
         now = self._clock.time()
         lost: list[str] = []
-        if self.in_grace(now):
-            return lost
         with self._lock:
             for entry in self._nodes.values():
-                if entry.info.state == "online" and now - entry.info.last_seen_at_s > self._timeout_s:
+                if entry.info.state == "online" and now - entry.info.last_seen_at_s > self._timeout_s and \
+                        not self._graced(entry.info.id, now):
                     entry.info = replace(entry.info, state="lost")
                     self._dirty.add(entry.info.id)
                     self._flush_one(entry)
@@ -253,11 +257,14 @@ class NodeRegistry:
                      self._grace_s, len(self._nodes))
 
     def in_grace(self, now: float | None = None) -> bool:
-        """True during the grace period after the start (no node is declared lost)."""
+        """True during the grace period after the start (restored nodes are not declared lost)."""
         return (self._clock.time() if now is None else now) < self.grace_until_s
 
+    def _graced(self, node_id: str, now: float) -> bool:
+        return node_id in self._restored and now < self.grace_until_s
+
     def _effective(self, info: NodeInfo, now: float) -> NodeInfo:
-        if info.state == "online" and now - info.last_seen_at_s > self._timeout_s and not self.in_grace(now):
+        if info.state == "online" and now - info.last_seen_at_s > self._timeout_s and not self._graced(info.id, now):
             return replace(info, state="lost")
         return info
 

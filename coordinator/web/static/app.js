@@ -483,9 +483,10 @@
     list.textContent = "";
     (Array.isArray(events) ? events.slice(-50) : []).forEach(function (e) {
       var li = document.createElement("li");
-      var at = num(jobKey(e, "at"));
-      li.textContent = (at !== null ? new Date(at * 1000).toLocaleTimeString() + "  " : "") + String(jobKey(e, "message") || jobKey(e, "kind") || "");
-      li.className = "event-" + String(jobKey(e, "kind") || "");
+      // an event record (swarm/job_detail.py JobEvent: seq, at, kind, message, fields)
+      var at = num(own(e, "at"));
+      li.textContent = (at !== null ? new Date(at * 1000).toLocaleTimeString() + "  " : "") + String(own(e, "message") || own(e, "kind") || "");
+      li.className = "event-" + String(own(e, "kind") || "");
       list.appendChild(li);
     });
   }
