@@ -62,6 +62,9 @@ class CoordinatorConfig:
     join_token: str | None = None  # None: the stored one (SQLite meta / state_dir/join_token) or a new one
     heartbeat_interval_s: float = 2.0
     node_timeout_s: float = 6.0
+    # After a (re)start, nodes restored from SQLite have this long to re-register (their sessions
+    # died with the old process) before any is declared lost; None: 3 x node_timeout_s.
+    restart_grace_s: float | None = None
     sweep_interval_s: float = 0.5
     measurement: MeasurementPolicy = field(default_factory=MeasurementPolicy)
     plugins: tuple[str, ...] = plugin_registry.PLUGINS
@@ -85,6 +88,8 @@ class CoordinatorConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in 0..65535")
         if not 0 < self.heartbeat_interval_s < self.node_timeout_s:
             raise ConfigError("need 0 < --heartbeat-interval-s < --node-timeout-s")
+        if self.restart_grace_s is not None and not 0 <= self.restart_grace_s <= 3600:
+            raise ConfigError("--restart-grace-s must be in 0..3600")
         if self.sweep_interval_s <= 0:
             raise ConfigError("--sweep-interval-s must be > 0")
         if self.join_token is not None and not (16 <= len(self.join_token) <= 200 and self.join_token.isprintable()):
@@ -158,7 +163,8 @@ class CoordinatorApp:
                                                   now_s=self.clock.time())
             self.security = TlsSecurity(ca_pem=self.ca.ca_pem, key_pem=key_pem, cert_pem=chain)
         self._certs: dict[str, tuple[bytes, float]] = {}  # node id -> (TLS public key, issued at)
-        self.registry = NodeRegistry(self.db, self.clock, node_timeout_s=config.node_timeout_s)
+        grace_s = 3 * config.node_timeout_s if config.restart_grace_s is None else config.restart_grace_s
+        self.registry = NodeRegistry(self.db, self.clock, node_timeout_s=config.node_timeout_s, grace_s=grace_s)
         self.network = NetworkStore(self.db)
         self.measurements = MeasurementScheduler(self.network, self.clock, config.measurement)
         self.admission = Admission(self.db, self.clock, config.admission, max_clock_skew_s=MAX_CLOCK_SKEW_S)
@@ -260,6 +266,7 @@ class CoordinatorApp:
         except OSError as exc:
             self.grpc_server.stop(0)
             raise ConfigError(f"cannot serve HTTP on port {cfg.http_port} ({exc}); pick another --http-port") from exc
+        self.registry.begin_grace()  # counted from now: loading plugins may take seconds
         self._sweeper = threading.Thread(target=self._sweep_loop, name="liveness", daemon=True)
         self._sweeper.start()
         for plugin in self.plugins:

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token", default=_env("TOKEN", None), help="join token (default: kept in the state dir, created on first start)")
     s.add_argument("--heartbeat-interval-s", type=float, default=2.0, help="heartbeat interval told to nodes (default 2)")
     s.add_argument("--node-timeout-s", type=float, default=6.0, help="a node silent this long is lost (default 6)")
+    s.add_argument("--restart-grace-s", type=float, default=None,
+                   help="after a start, nodes restored from the state dir have this long to re-register before "
+                        "any is declared lost (default: 3 x --node-timeout-s)")
     s.add_argument("--remeasure-interval-s", type=float, default=300.0, help="re-measure each link this often (default 300)")
     s.add_argument("--probe-bytes", type=int, default=4 << 20, help="bytes streamed per bandwidth measurement (default 4 MiB)")
     s.add_argument("--num-pings", type=int, default=5, help="round trips per RTT measurement (default 5)")
@@ -101,6 +104,7 @@ def serve(args: argparse.Namespace) -> int:
         config = CoordinatorConfig(
             state_dir=state_dir, host=args.host, port=args.port, http_port=args.http_port,
             join_token=args.token, heartbeat_interval_s=args.heartbeat_interval_s, node_timeout_s=args.node_timeout_s,
+            restart_grace_s=args.restart_grace_s,
             sweep_interval_s=min(0.5, args.heartbeat_interval_s / 2),
             tls_sans=tuple(args.advertise_host + args.tls_san), node_cert_lifetime_s=args.node_cert_lifetime_s,
             http_tls_cert=Path(args.tls_cert) if args.tls_cert else None,

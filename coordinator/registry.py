@@ -3,7 +3,13 @@
 A node is ``online`` from its registration; one whose last heartbeat is older than
 ``node_timeout_s`` becomes ``lost`` (:meth:`NodeRegistry.sweep`, and :meth:`snapshot` applies
 the same rule so readers never see a stale ``online``); one that leaves cleanly is ``left``.
-A heartbeat or a new registration brings a lost or left node back online. Times come from the
+A heartbeat or a new registration brings a lost or left node back online.
+
+Restarts: nodes restored from SQLite keep their state, their last-seen time is reset to the
+start time, and for ``grace_s`` after the start none of them is declared lost before it is heard
+from again (a node heard from since follows the usual timeout): their sessions died
+with the old process and they need a moment to notice and register again. A restored node
+that has not come back by the end of the grace period is lost at the next sweep. Times come from the
 injected clock (unix seconds), so unit tests drive liveness with a FakeClock.
 
 Writes: a registration, a leave and a change of state are written to SQLite at once; a
@@ -57,11 +63,15 @@ def disk_full_error(what: str, exc: BaseException) -> CapacityError:
 class NodeRegistry:
     """Thread-safe registry. Readers get frozen :class:`~swarm.membership.NodeInfo` snapshots."""
 
-    def __init__(self, db: Database, clock: Clock, *, node_timeout_s: float = 6.0) -> None:
-        if node_timeout_s <= 0:
-            raise ValueError("node_timeout_s must be > 0")
+    def __init__(self, db: Database, clock: Clock, *, node_timeout_s: float = 6.0, grace_s: float = 0.0) -> None:
+        if node_timeout_s <= 0 or grace_s < 0:
+            raise ValueError("node_timeout_s must be > 0 and grace_s >= 0")
         self._clock = clock
         self._timeout_s = float(node_timeout_s)
+        self.started_at_s = clock.time()
+        self.grace_until_s = self.started_at_s + float(grace_s)
+        self._grace_s = float(grace_s)
+        self._restored: set[str] = set()  # loaded at start, not heard from since (see begin_grace)
         self._lock = threading.Lock()
         self._conn = db.connect()
         self._nodes: dict[str, _Entry] = {}
@@ -78,14 +88,17 @@ class NodeRegistry:
             try:
                 hw = HardwareInfo(**json.loads(row[4]))
                 metrics = json.loads(row[7] or "{}")
+                # last seen: at the latest, now (the old process heard of it; see the module doc)
                 info = NodeInfo(
                     id=row[0], name=row[1], state=row[5], hardware=hw, peer_address=row[3],
-                    status=row[6], metrics=metrics, registered_at_s=row[8], last_seen_at_s=row[9],
+                    status=row[6], metrics=metrics, registered_at_s=row[8],
+                    last_seen_at_s=max(row[9], self.started_at_s) if row[5] == "online" else row[9],
                 )
             except (ValueError, TypeError) as exc:
                 log.warning("skipping unreadable node row id=%s: %s", row[0], exc)
                 continue
             self._nodes[info.id] = _Entry(info=info, public_key=bytes(row[2]), metrics=metrics)
+            self._restored.add(info.id)
         log.info("registry loaded num_nodes=%d", len(self._nodes))
 
     def _save(self, entry: _Entry) -> None:
@@ -130,6 +143,7 @@ class NodeRegistry:
             entry = _Entry(info=info, public_key=public_key, metrics=info.metrics)
             self._save(entry)  # first: a full disk refuses the registration and changes nothing
             self._nodes[node_id] = entry
+            self._restored.discard(node_id)
         log.info("node registered id=%s name=%s address=%s again=%s", node_id, name, peer_address, old is not None)
         return info
 
@@ -146,6 +160,7 @@ class NodeRegistry:
             hw = entry.info.hardware
             if memory_free_bytes is not None and 0 <= memory_free_bytes <= hw.memory_bytes:
                 hw = replace(hw, memory_free_bytes=int(memory_free_bytes))
+            self._restored.discard(node_id)
             came_back = entry.info.state != "online"
             if came_back:
                 log.info("node back online id=%s name=%s", node_id, entry.info.name)
@@ -173,10 +188,11 @@ class NodeRegistry:
     def sweep(self) -> list[str]:
         """Mark online nodes silent for longer than the timeout as lost; returns their ids."""
         now = self._clock.time()
-        lost = []
+        lost: list[str] = []
         with self._lock:
             for entry in self._nodes.values():
-                if entry.info.state == "online" and now - entry.info.last_seen_at_s > self._timeout_s:
+                if entry.info.state == "online" and now - entry.info.last_seen_at_s > self._timeout_s and \
+                        not self._graced(entry.info.id, now):
                     entry.info = replace(entry.info, state="lost")
                     self._dirty.add(entry.info.id)
                     self._flush_one(entry)
@@ -226,8 +242,29 @@ class NodeRegistry:
         return gone
 
     # -- reads -------------------------------------------------------------------------------
+    def begin_grace(self) -> None:
+        """Start the grace period now (the coordinator serves from now on): restored online nodes
+        count as seen now, and none is declared lost for ``grace_s``."""
+        now = self._clock.time()
+        with self._lock:
+            self.started_at_s = now
+            self.grace_until_s = now + self._grace_s
+            for entry in self._nodes.values():
+                if entry.info.state == "online" and entry.info.last_seen_at_s < now:
+                    entry.info = replace(entry.info, last_seen_at_s=now)
+        if self._nodes:
+            log.info("grace period of %.1f s: %d known node(s) may re-register before any is declared lost",
+                     self._grace_s, len(self._nodes))
+
+    def in_grace(self, now: float | None = None) -> bool:
+        """True during the grace period after the start (restored nodes are not declared lost)."""
+        return (self._clock.time() if now is None else now) < self.grace_until_s
+
+    def _graced(self, node_id: str, now: float) -> bool:
+        return node_id in self._restored and now < self.grace_until_s
+
     def _effective(self, info: NodeInfo, now: float) -> NodeInfo:
-        if info.state == "online" and now - info.last_seen_at_s > self._timeout_s:
+        if info.state == "online" and now - info.last_seen_at_s > self._timeout_s and not self._graced(info.id, now):
             return replace(info, state="lost")
         return info
 

@@ -51,6 +51,7 @@ from node.peer_service import PeerServicer
 from node.traffic import Traffic
 
 log = logging.getLogger(__name__)
+RECONNECT_MAX_S = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -277,7 +278,9 @@ class NodeAgent:
                 log.warning("measurement queue full; dropping task for dst=%s", task.dst_node_id[:8])
 
     def _run(self) -> None:
-        backoff = Backoff(seed=self.config.seed)
+        # At most 2 s between tries: a restarted coordinator gives restored nodes a grace period of
+        # 3 node timeouts (18 s by default) to register again before it declares them lost.
+        backoff = Backoff(seed=self.config.seed, max_s=RECONNECT_MAX_S)
         unreachable_since: float | None = None
         while not self._stop.is_set():
             try:

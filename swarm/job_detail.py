@@ -130,7 +130,7 @@ class CheckpointSummary:
 #   coordinator_restart.
 EVENT_KINDS: tuple[str, ...] = (
     "submitted", "planned", "node_lost", "replan", "resumed", "succeeded", "failed", "cancelled", "plan_error",
-    "replica_dropped", "replica_added", "coordinator_restart",
+    "replica_dropped", "replica_added", "coordinator_restart", "coordinator_reconnect",
 )
 # Kinds the follow loop marks with "!" (something went wrong or the plan changed under the job).
 WARNING_EVENT_KINDS: frozenset[str] = frozenset(
@@ -189,10 +189,12 @@ class JobDetail:
     last_complete_checkpoint: int | None
     resumed_from: Mapping[str, Any] | None  # {"job_id", "step"} when started with `swarm train --resume`
     events: tuple[JobEvent, ...]  # oldest first
+    repeated_steps: tuple[int, ...]  # steps workers of two attempts both did (a re-plan's rollback)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
             raise ValueError("a job detail needs a non-empty id")
+        object.__setattr__(self, "repeated_steps", tuple(int(x) for x in self.repeated_steps))
         for name, cls in _NESTED.items():
             items = tuple(getattr(self, name))
             if not all(isinstance(x, cls) for x in items):
@@ -216,6 +218,7 @@ class JobDetail:
         """The JSON object of ``GET /api/jobs/{id}`` (keys in field order)."""
         out = _plain_json(self)
         out["model"] = self.model.to_json()
+        out["repeated_steps"] = list(self.repeated_steps)
         for name in _NESTED:
             out[name] = [x.to_json() for x in getattr(self, name)]
         return out

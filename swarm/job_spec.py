@@ -27,7 +27,8 @@ SCHEDULES = ("1f1b", "gpipe")
 
 _INT_FIELDS = ("steps", "batch_size", "micro_batch_size", "seq_len", "checkpoint_every", "seed", "warmup_steps",
                "num_stages", "num_replicas")
-_FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "grad_clip", "peer_timeout_s", "min_lr_ratio")
+_FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "grad_clip", "peer_timeout_s", "min_lr_ratio", "node_wait_s")
+_OPTIONAL_KEYS = frozenset({"node_wait_s"})  # see JobSpec.to_dict
 CODEC_KEY = "compression"  # the codec's name in the protobuf message and in the JSON form
 
 
@@ -60,6 +61,9 @@ class JobSpec:
     num_replicas: int = 0
     peer_timeout_s: float = 30.0
     min_lr_ratio: float = 0.1
+    # A job that lost a stage no idle node can replace waits this long (pending, with the reason)
+    # for one to come back or join, then fails; 0 fails it at once.
+    node_wait_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not isinstance(self.schedule, str):
@@ -92,6 +96,8 @@ class JobSpec:
             raise InvalidRequestError("schedule must be 1f1b or gpipe")
         if not 0.5 <= self.peer_timeout_s <= 3600:
             raise InvalidRequestError("peer timeout must be in 0.5..3600 s")
+        if not 0 <= self.node_wait_s <= 30 * 86400:
+            raise InvalidRequestError("--node-wait-s must be in 0..2592000 s")
         if self.checkpoint_every < 0 or self.num_stages < 0 or self.num_replicas < 0:
             raise InvalidRequestError("--checkpoint-every, stages and replicas must be non-negative")
 
@@ -100,10 +106,14 @@ class JobSpec:
 
     # -- the JSON form ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-able form: protobuf field names, the codec as its canonical text."""
+        """The JSON-able form: protobuf field names, the codec as its canonical text. Fields added
+        after the JSON form was fixed (:data:`_OPTIONAL_KEYS`) appear only when they differ from
+        their defaults, so stored rows and scripts keep seeing the keys they know."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.name in _OPTIONAL_KEYS and v == f.default:
+                continue
             if f.name == "codec":
                 out[CODEC_KEY] = str(v)
             else:

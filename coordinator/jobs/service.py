@@ -2,8 +2,10 @@
 
 :class:`JobService` holds no protobuf (the servicer in :mod:`coordinator.jobs.servicer`
 translates). Its loop (:meth:`tick`, every ``tick_interval_s``) plans pending jobs over idle
-online nodes, fails running jobs whose nodes were lost, and assembles the result of jobs whose
-every stage delivered its final checkpoint.
+online nodes, recovers running jobs whose nodes were lost (a fence and a re-plan without
+rollback while a whole pipeline survives, else a re-plan from the last complete checkpoint, or a
+wait for nodes), and assembles the result of jobs whose every stage delivered its final
+checkpoint. The churn rules are in :mod:`coordinator.jobs.churn`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import shutil
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +27,26 @@ from swarm.model.config import ModelConfig
 from swarm.pipeline.data import BatchOrder
 from swarm.transport.transfer import receive_files
 
-from coordinator.jobs import files
+from coordinator.jobs import churn, files
 from coordinator.jobs.planning import JobPlan, busy_node_ids, check_layers, check_shape, nodes_needed, plan_job
 from coordinator.jobs.store import Job, JobStore
 
 log = logging.getLogger(__name__)
 
-MAX_REPLANS = 3  # a job re-planned this often after losing nodes fails instead
+MAX_REPLANS = 3  # a job re-planned from a checkpoint this often after losing nodes fails instead
+FENCE_TIMEOUT_S = 60.0  # a replica-loss fence not done by then falls back to the last checkpoint
+PEER_FAILURE_GRACE_S = 10.0  # a worker that lost its neighbour, with no node lost this long: re-plan
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The answer to a progress report (ProgressAck)."""
+
+    stop: bool = False
+    reason: str = ""
+    start: bool = False
+    fence: bool = False
+    switch_step: int = 0
 
 
 class JobService:
@@ -50,10 +66,20 @@ class JobService:
         self._stop = threading.Event()
         self._logged: set[tuple[str, str]] = set()  # (job, error) the loop already logged with its traceback
         self._resumed: set[tuple[str, int]] = set()  # (job, attempt) whose "resumed" event was recorded
+        self._ready: dict[tuple[str, int], set[str]] = {}  # (job, attempt) -> "stage:replica" ready to start
+        self._peer_failed: dict[tuple[str, int], tuple[float, str]] = {}  # (job, attempt) -> (when, what)
+        self._restarted: dict[str, float] = {}  # running job -> when this coordinator started (not heard since)
+        self._replans: dict[str, int] = {}  # job -> re-plans from a checkpoint (fences excluded)
         self._thread: threading.Thread | None = None
 
     # -- loop ----------------------------------------------------------------------------------
     def start(self) -> None:
+        now = self.clock.time()
+        for job in self.store.list(states=("running",), limit=1000):
+            # running at start: the previous coordinator process ended under it (crash, restart)
+            self._restarted[job.id] = now
+            self.store.add_event(job.id, "coordinator_restart", "the coordinator restarted; the job's nodes keep "
+                                 "training and have a grace period to reconnect", attempt=job.attempt)
         self._thread = threading.Thread(target=self._loop, name="jobs", daemon=True)
         self._thread.start()
 
@@ -177,10 +203,19 @@ class JobService:
             self.tick()
             return self.store.get(job.id)
 
+    def _full_checkpoints(self, job: Job) -> dict[int, dict[int, Path]]:
+        """step -> stage -> the coordinator's copy holding the stage's weights at that step (replica
+        0's when it sent one, else the lowest replica's: after a fence replica 0 may be gone)."""
+        out: dict[int, dict[int, Path]] = {}
+        for c in sorted(self.store.checkpoints(job.id), key=lambda c: -c["replica"]):
+            d = Path(c["dir"])
+            if c["replica"] == 0 or (d / "weights.safetensors").is_file():
+                out.setdefault(c["step"], {})[c["stage"]] = d
+        return out
+
     def _stage_dirs(self, job: Job, step: int) -> list[Path]:
-        """The coordinator's copies of replica 0's stage checkpoints at ``step``, by stage."""
-        by_stage = {c["stage"]: Path(c["dir"]) for c in self.store.checkpoints(job.id)
-                    if c["step"] == step and c["replica"] == 0}
+        """The coordinator's copies of the stage checkpoints at ``step``, by stage."""
+        by_stage = self._full_checkpoints(job).get(step, {})
         return [by_stage[s] for s in sorted(by_stage)]
 
     def download(self, job_id: str) -> tuple[int, list[Path]]:
@@ -201,21 +236,40 @@ class JobService:
             return step, files.download_files(out)
 
     # -- planning and watching --------------------------------------------------------------------
-    def _plan(self, job: Job) -> JobPlan:
+    def _plan(self, job: Job, *, degrade: bool = False) -> JobPlan:
         """Plan ``job`` over the online nodes no other running job holds (its own count as free:
-        a running job being re-planned gives its nodes back). Raises InfeasiblePlanError."""
+        a running job being re-planned gives its nodes back). ``degrade``: a job that already ran
+        may fall back to fewer data-parallel replicas than ``--replicas`` when the nodes for all
+        of them are missing (the global batch stays the same). Raises InfeasiblePlanError."""
         others = [j for j in self.store.list(states=("running",), limit=1000) if j.id != job.id]
         busy = busy_node_ids(others)
         nodes = [n for n in self.registry.online() if n.id not in busy]
         matrix = self.network.matrix([n.id for n in nodes])
-        return plan_job(spec=job.spec, config=ModelConfig.from_hf_config(job.model), nodes=nodes, delay_s=matrix[0],
-                        bandwidth_Bps=matrix[1], seed=job.spec.seed)
+        spec = job.spec
+        counts = churn.replica_counts(spec.num_replicas, spec.batch_size, spec.micro_batch_size) \
+            if degrade and spec.num_replicas > 1 else [spec.num_replicas]
+        for i, k in enumerate(counts):
+            try:
+                return plan_job(spec=spec.replace(num_replicas=k), config=ModelConfig.from_hf_config(job.model),
+                                nodes=nodes, delay_s=matrix[0], bandwidth_Bps=matrix[1], seed=spec.seed)
+            except InfeasiblePlanError:
+                if i == len(counts) - 1:
+                    raise
+        raise AssertionError("replica_counts always holds the requested count")
 
     def _try_plan(self, job: Job) -> None:
+        waited = job.waiting_since_s is not None
         try:
-            jp = self._plan(job)
+            jp = self._plan(job, degrade=True) if waited else self._plan(job)
         except InfeasiblePlanError as exc:
+            if waited and self.clock.time() - job.waiting_since_s > job.spec.node_wait_s:
+                self._fail(job, f"lost a stage and no node could take it over within {job.spec.node_wait_s:g} s "
+                                f"(--node-wait-s) ({exc}); {self._checkpoint_note(job.id)}")
+                return
             reason = f"waiting: {exc}"
+            if waited:
+                reason = (f"waiting for a node to come back or join (lost a stage; resumes from step "
+                          f"{job.resume_step} when it can; fails after --node-wait-s {job.spec.node_wait_s:g} s): {exc}")
             if job.reason != reason:
                 self.store.set_reason(job.id, reason)
                 log.info("job cannot be planned yet job=%s reason=%s", job.id, exc)
@@ -225,7 +279,12 @@ class JobService:
             return
         moved = self.store.transition(job.id, "running", expect="pending", plan=jp.plan.to_json(),
                                       assignments=jp.assignments, attempt=job.attempt + 1)
-        if moved is not None:
+        if moved is not None and waited:
+            self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on "
+                                 f"{len({a['node_id'] for a in jp.assignments})} node(s) after waiting: resuming from "
+                                 f"step {job.resume_step}", attempt=job.attempt + 1, resume_step=job.resume_step,
+                                 waited=True)
+        elif moved is not None:
             nodes = {a["node_id"] for a in jp.assignments}
             self.store.add_event(job.id, "planned", f"planned: {jp.plan.d_pp} stage(s) x {jp.plan.d_dp} replica(s) on "
                                  f"{len(nodes)} node(s)" + (f", starting at step {job.resume_step}" if job.resume_step
@@ -234,32 +293,98 @@ class JobService:
                                  num_nodes=len(nodes))
 
     def _watch(self, job: Job) -> None:
+        lost: dict[str, str] = {}
         for a in job.assignments:
             try:
                 state = self.registry.get(a["node_id"]).state
             except NotFoundError:
                 state = "lost"
             if state != "online":
-                what = f"node {a['node_id'][:12]} (stage {a['stage']}, replica {a['replica']}) is {state}"
-                self.store.add_event(job.id, "node_lost", what, node=a["node_id"], stage=a["stage"],
-                                     replica=a["replica"], state=state)
-                self._recover(job, what)
-                return
+                lost[a["node_id"]] = state
+        if lost:
+            self._on_lost(job, lost)
+            return
+        if job.fence is not None:
+            self._watch_fence(job)
+            return
+        failed = self._peer_failed.get((job.id, job.attempt))
+        if failed and self.clock.time() - failed[0] > PEER_FAILURE_GRACE_S:
+            # a worker lost its neighbour but no node is lost: a broken link, a crashed worker
+            self._recover(job, failed[1])
+            return
         # from the store, not memory: a coordinator restarted mid-job still sees the stages that finished
         done = {(c["stage"], c["replica"]) for c in self.store.checkpoints(job.id) if c["final"]}
         need = {(a["stage"], a["replica"]) for a in job.assignments}
         if need and need <= done:
             self._finish(job)
 
+    def _on_lost(self, job: Job, lost: dict[str, str]) -> None:
+        """Nodes of a running job are lost: fence the surviving pipelines (no rollback) when one is
+        whole and the job has several, else re-plan from the last complete checkpoint."""
+        fence = job.fence
+        known = set(fence["lost"]) if fence else set()
+        for a in job.assignments:
+            if a["node_id"] in lost and a["node_id"] not in known:
+                what = f"node {a['node_id'][:12]} (stage {a['stage']}, replica {a['replica']}) is {lost[a['node_id']]}"
+                self.store.add_event(job.id, "node_lost", what, node=a["node_id"], stage=a["stage"],
+                                     replica=a["replica"], state=lost[a["node_id"]])
+        live = churn.live_pipelines(job.assignments, set(lost))
+        num_replicas = max(a["num_replicas"] for a in job.assignments)
+        what = ", ".join(f"node {n[:12]} is {st}" for n, st in sorted(lost.items()))
+        if num_replicas < 2 or not live:
+            self._recover(job, what)
+            return
+        now = self.clock.time()
+        if fence is None:
+            fence = churn.open_fence(attempt=job.attempt, assignments=job.assignments, live=live,
+                                     lost=sorted(lost), at_s=now)
+            if self.store.set_fence(job.id, fence, expect_attempt=job.attempt):
+                dropped = sorted({a["replica"] for a in job.assignments} - set(live))
+                self.store.add_event(job.id, "replica_dropped", f"replica(s) {dropped} dropped ({what}): "
+                                     f"{len(live)} pipeline(s) carry on without rollback; they stop together at a "
+                                     "step boundary and continue with the whole batch", dropped=dropped, live=live,
+                                     attempt=job.attempt)
+            return
+        shrunk = churn.shrink_fence(fence, job.assignments, set(lost))
+        if shrunk is not fence:
+            self.store.set_fence(job.id, shrunk, expect_attempt=job.attempt)
+        self._watch_fence(self.store.get(job.id))
+
+    def _watch_fence(self, job: Job) -> None:
+        fence = job.fence
+        if fence is None or job.state != "running":
+            return
+        if churn.fence_complete(fence):
+            self._complete_fence(job)
+        elif self.clock.time() - fence["opened_at"] > FENCE_TIMEOUT_S:
+            self._recover(job, f"the surviving replicas did not stop together within {FENCE_TIMEOUT_S:.0f} s")
+
+    def _complete_fence(self, job: Job) -> None:
+        """Every live worker stopped at the switch step with its checkpoint uploaded: re-plan from it."""
+        fence, step = job.fence, job.fence["switch_step"]
+        jdir = files.job_dir(self.state_dir, job.id)
+        try:
+            jp = self._plan(job, degrade=True)
+            _, has_optim = files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model),
+                                                 self._stage_dirs(job, step), step=step)
+        except (InfeasiblePlanError, SwarmError) as exc:
+            self._recover(job, f"cannot re-plan after the fence ({exc})")
+            return
+        optim = "with its optimizer state" if has_optim else "optimizer state restarts"
+        nodes = len({a["node_id"] for a in jp.assignments})
+        if self.store.replan(job.id, plan=jp.plan.to_json(), assignments=jp.assignments, attempt=job.attempt + 1,
+                             resume_step=step, expect_attempt=job.attempt,
+                             reason=f"re-planned without rollback after losing replica(s): continuing at step "
+                                    f"{step} ({optim})") is not None:
+            self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on {nodes} node(s): "
+                                 f"{jp.plan.d_dp} replica(s) carry the whole batch from step {step}, no rollback",
+                                 attempt=job.attempt + 1, resume_step=step, fence=True, num_replicas=jp.plan.d_dp)
+
     def last_complete_checkpoint(self, job: Job) -> int | None:
         """The latest step for which every stage's checkpoint copy reached the coordinator (for a
         job started with --resume, at least the step it started from)."""
         stages = {a["stage"] for a in job.assignments}
-        by_step: dict[int, set[int]] = {}
-        for c in self.store.checkpoints(job.id):
-            if c["replica"] == 0:
-                by_step.setdefault(c["step"], set()).add(c["stage"])
-        complete = [step for step, have in by_step.items() if stages and have >= stages]
+        complete = [step for step, have in self._full_checkpoints(job).items() if stages and set(have) >= stages]
         if job.resumed_from:
             complete.append(int(job.resumed_from["step"]))  # its resume-N/ is complete by construction
         return max(complete) if complete else None
@@ -271,27 +396,43 @@ class JobService:
         return f"last complete checkpoint: step {step}, kept in the coordinator and on the nodes"
 
     def _recover(self, job: Job, what: str) -> None:
-        """Re-plan a running job that lost a node over the idle online nodes, resuming after its
-        last complete checkpoint; fail it (keeping the checkpoints) when that is not possible."""
+        """Re-plan a running job that lost a stage over the idle online nodes, resuming after its
+        last complete checkpoint; with no nodes for it, wait for some (pending, with the reason)
+        for up to ``--node-wait-s``; fail it (keeping the checkpoints) after too many re-plans in a
+        row without progress or when it may not wait."""
         resume = self.last_complete_checkpoint(job) or 0
-        if job.attempt > MAX_REPLANS:
-            self._fail(job, f"{what}; re-planned {MAX_REPLANS} times already; {self._checkpoint_note(job.id)}")
+        tries = self._replans.get(job.id, 0)
+        if tries >= MAX_REPLANS:
+            self._fail(job, f"{what}; re-planned {MAX_REPLANS} times without progress; {self._checkpoint_note(job.id)}")
             return
         jdir = files.job_dir(self.state_dir, job.id)
         try:
-            jp = self._plan(job)
             has_optim = resume == 0 or (jdir / f"resume-{resume}" / files.OPTIMIZER_FILE).is_file()
             stage_dirs = self._stage_dirs(job, resume) if resume > 0 else []
             if stage_dirs:  # a checkpoint of this job (not only the one it was --resumed from)
                 _, has_optim = files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model), stage_dirs,
                                                      step=resume)
-        except (InfeasiblePlanError, SwarmError) as exc:
+            jp = self._plan(job, degrade=True)
+        except InfeasiblePlanError as exc:
+            if job.spec.node_wait_s <= 0:
+                self._fail(job, f"{what}; cannot re-plan ({exc}); {self._checkpoint_note(job.id)}")
+                return
+            reason = (f"waiting for a node to come back or join ({what}; {exc}); resumes from step {resume} "
+                      f"when it can; fails after --node-wait-s {job.spec.node_wait_s:g} s")
+            if self.store.transition(job.id, "pending", reason=reason, expect="running",
+                                     resume_step=resume) is not None:
+                self.store.add_event(job.id, "replan", f"waiting for a node: no idle node can take over ({exc}); "
+                                     f"will resume from step {resume}", attempt=job.attempt, resume_step=resume,
+                                     waiting=True)
+            return
+        except SwarmError as exc:
             self._fail(job, f"{what}; cannot re-plan ({exc}); {self._checkpoint_note(job.id)}")
             return
         optim = "with its optimizer state" if has_optim else "optimizer state restarts"
         if self.store.replan(job.id, plan=jp.plan.to_json(), assignments=jp.assignments, attempt=job.attempt + 1,
                              resume_step=resume, expect_attempt=job.attempt,
                              reason=f"re-planned after {what}: resuming from step {resume} ({optim})") is not None:
+            self._replans[job.id] = tries + 1
             self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on "
                                  f"{len({a['node_id'] for a in jp.assignments})} node(s): resuming from step {resume} "
                                  f"({optim})", attempt=job.attempt + 1, resume_step=resume)
@@ -337,6 +478,8 @@ class JobService:
         now = self.clock.time()
         for job in self.store.list(limit=200):
             mine = [a for a in job.assignments if a["node_id"] == node_id]
+            if job.fence is not None:  # the broken pipelines' workers stop (reconcile: unassigned)
+                mine = [a for a in mine if churn.key(a["stage"], a["replica"]) in job.fence["workers"]]
             if not mine:
                 continue
             if job.state == "running":
@@ -345,17 +488,35 @@ class JobService:
                 stop.append(job.id)
         return active, stop
 
-    def report(self, node_id: str, r: dict[str, Any]) -> tuple[bool, str]:
-        """Record one progress report; returns (stop, reason) for the node."""
+    def report(self, node_id: str, r: dict[str, Any]) -> Ack:
+        """Record one progress report (or a fence's ``ready``/``fence``/``fenced``); returns the
+        answer for the node (stop, start, fence, switch step)."""
         job, a = self.assignment_of(r["job_id"], node_id, stage=r["stage"], replica=r["replica"])
         if job.terminal:
-            return True, f"job is {job.state}: {job.reason}"
+            return Ack(stop=True, reason=f"job is {job.state}: {job.reason}")
+        self._reconnected(job)
         if r["attempt"] != job.attempt:
-            return True, f"stale attempt {r['attempt']} (job is at attempt {job.attempt})"
+            if r["state"] == "running" and r["attempt"] < job.attempt and 0 <= r["step"] < job.resume_step:
+                self._add_progress(job, a, r, attempt=r["attempt"])  # done before the switch: a late report
+            return Ack(stop=True, reason=f"stale attempt {r['attempt']} (job is at attempt {job.attempt})")
+        if job.state != "running":
+            return Ack(stop=True, reason=f"job is {job.state}: {job.reason}")
         if r["state"] == "failed":
+            if r["error"].startswith("PeerError"):
+                # its neighbour stopped answering: usually a lost node the sweeper is about to report,
+                # which re-plans the job; if no node is lost, _watch re-plans it after a grace period
+                self._peer_failed.setdefault((job.id, job.attempt), (self.clock.time(), (
+                    f"stage {a['stage']} replica {a['replica']} lost contact with a neighbour: {r['error'][:300]}")))
+                return Ack(stop=True, reason="waiting for the coordinator to re-plan")
             self._fail(job, f"stage {a['stage']} replica {a['replica']} on node {node_id[:12]} failed: "
                             f"{r['error'][:500]}; {self._checkpoint_note(job.id)}")
-            return True, "job failed"
+            return Ack(stop=True, reason="job failed")
+        if job.fence is not None and churn.key(a["stage"], a["replica"]) not in job.fence["workers"]:
+            return Ack(stop=True, reason="this replica was dropped (its pipeline lost a node)")
+        if r["state"] == "ready":
+            return Ack(start=self._on_ready(job, a))
+        if r["state"] in ("fence", "fenced"):
+            return self._on_fence_report(job, a, r)
         if r["state"] == "running" and not 0 <= r["step"] < job.total_steps:
             raise InvalidRequestError(f"progress for step {r['step']} outside 0..{job.total_steps - 1}")
         if r["state"] == "running" and job.resume_step and r["step"] == job.resume_step and \
@@ -364,12 +525,62 @@ class JobService:
             self.store.add_event(job.id, "resumed", f"resumed at step {job.resume_step} (attempt {job.attempt})",
                                  step=job.resume_step, attempt=job.attempt)
         if r["state"] == "running":
-            self.store.add_progress(job.id, attempt=job.attempt, stage=a["stage"], replica=a["replica"],
-                                    step=r["step"], loss=r["loss"], tokens=r["tokens"], tokens_per_s=r["tokens_per_s"],
-                                    bytes_sent=r["bytes_sent"], bytes_raw=r["bytes_raw"], step_s=r["step_s"],
-                                    compute_s=r["compute_s"], wait_s=r["wait_s"], comm_s=r["comm_s"],
-                                    bytes_forward=r["bytes_forward"], bytes_backward=r["bytes_backward"])
-        return False, ""
+            self._add_progress(job, a, r, attempt=job.attempt)
+            self._replans.pop(job.id, None)  # progress: the re-plans so far worked
+        fence = job.fence
+        return Ack(fence=fence is not None, switch_step=fence["switch_step"] if fence else 0)
+
+    def _add_progress(self, job: Job, a: dict[str, Any], r: dict[str, Any], *, attempt: int) -> None:
+        self.store.add_progress(job.id, attempt=attempt, stage=a["stage"], replica=a["replica"],
+                                step=r["step"], loss=r["loss"], tokens=r["tokens"], tokens_per_s=r["tokens_per_s"],
+                                bytes_sent=r["bytes_sent"], bytes_raw=r["bytes_raw"], step_s=r["step_s"],
+                                compute_s=r["compute_s"], wait_s=r["wait_s"], comm_s=r["comm_s"],
+                                bytes_forward=r["bytes_forward"], bytes_backward=r["bytes_backward"])
+
+    def _on_ready(self, job: Job, a: dict[str, Any]) -> bool:
+        """The start fence: True once every worker of the job's attempt reported ready."""
+        if job.started_attempt >= job.attempt:
+            return True
+        with self._lock:
+            ready = self._ready.setdefault((job.id, job.attempt), set())
+            ready.add(churn.key(a["stage"], a["replica"]))
+            if not churn.all_ready(job.assignments, ready):
+                return False
+            self.store.set_started(job.id, job.attempt)
+            self._ready.pop((job.id, job.attempt), None)
+        log.info("attempt started job=%s attempt=%d (every worker acknowledged it)", job.id, job.attempt)
+        return True
+
+    def _on_fence_report(self, job: Job, a: dict[str, Any], r: dict[str, Any]) -> Ack:
+        with self._lock:
+            job = self.store.get(job.id)
+            fence = job.fence
+            if fence is None:
+                return Ack()
+            new = churn.on_fence_report(fence, stage=a["stage"], replica=a["replica"], state=r["state"], step=r["step"])
+            if new != fence:
+                self.store.set_fence(job.id, new, expect_attempt=job.attempt)
+                if new["switch_step"] and not fence["switch_step"]:
+                    log.info("fence switch step job=%s attempt=%d step=%d", job.id, job.attempt, new["switch_step"])
+                if churn.fence_complete(new):
+                    self._complete_fence(self.store.get(job.id))
+            return Ack(fence=True, switch_step=new["switch_step"])
+
+    def _reconnected(self, job: Job) -> None:
+        """The first report of a job after a coordinator restart: its nodes are back."""
+        since = self._restarted.pop(job.id, None)
+        if since is not None:
+            self.store.add_event(job.id, "coordinator_reconnect", f"the job's nodes reconnected "
+                                 f"{self.clock.time() - since:.1f} s after the coordinator restarted; reports made "
+                                 "meanwhile are re-sent", after_s=round(self.clock.time() - since, 3))
+
+    def check_checkpoint(self, job: Job, *, stage: int, replica: int, attempt: int) -> None:
+        """Refuse (PermissionDeniedError) a checkpoint of another attempt than the job's, or of a
+        worker a fence left out (its pipeline is broken: its state is not the survivors')."""
+        if attempt and attempt != job.attempt:
+            raise PermissionDeniedError(f"checkpoint of attempt {attempt}; job {job.id} is at attempt {job.attempt}")
+        if job.fence is not None and churn.key(stage, replica) not in job.fence["workers"]:
+            raise PermissionDeniedError(f"stage {stage} replica {replica} of job {job.id} was dropped")
 
     def checkpoint_received(self, job_id: str, node_id: str, *, stage: int, replica: int, step: int, final: bool,
                             directory: Path) -> None:
@@ -444,6 +655,7 @@ class JobService:
             "last_complete_checkpoint": self.last_complete_checkpoint(job),
             "resumed_from": job.resumed_from,
             "events": self.store.events(job.id),
+            "repeated_steps": self.store.repeated_steps(job.id),
         })
 
     def result_files(self, job_id: str) -> list[Path]:

@@ -121,14 +121,16 @@ class TrainingServicer(pb_grpc.TrainingServicer):
                 stage_replicas=[peer(p) for p in a["stage_replicas"]], spec=job_spec_to_pb(spec),
                 model_config_json=json.dumps(job.model), num_samples=job.num_samples,
                 dataset_key=job.dataset_key, resume_step=job.resume_step,
+                fence=job.fence is not None, switch_step=(job.fence or {}).get("switch_step", 0),
             ))
         return pb.PollAssignmentsReply(assignments=out, cancelled_job_ids=stop)
 
     @grpc_errors
     def ReportProgress(self, request, context) -> pb.ProgressAck:
         node_id = self.app.authenticate_node(context)
-        stop, reason = self.service.report(node_id, progress_from_pb(request))
-        return pb.ProgressAck(stop=stop, reason=reason)
+        ack = self.service.report(node_id, progress_from_pb(request))
+        return pb.ProgressAck(stop=ack.stop, reason=ack.reason, start=ack.start, fence=ack.fence,
+                              switch_step=ack.switch_step)
 
     @grpc_errors
     def FetchJobData(self, request, context):
@@ -168,6 +170,7 @@ class TrainingServicer(pb_grpc.TrainingServicer):
             raise InvalidRequestError(f"job {job.id} is {job.state}; checkpoint not needed")
         if h.step < 0 or h.step > job.total_steps:
             raise InvalidRequestError(f"checkpoint step {h.step} outside 0..{job.total_steps}")
+        self.service.check_checkpoint(job, stage=h.stage, replica=h.replica, attempt=h.attempt)
         target = files.checkpoint_dir(files.job_dir(self.service.state_dir, job.id), step=h.step, stage=h.stage,
                                       replica=h.replica)
         tmp = target.with_name(target.name + ".partial")

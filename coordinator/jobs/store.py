@@ -49,7 +49,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     result_ready INTEGER NOT NULL DEFAULT 0,
     resume_step INTEGER NOT NULL DEFAULT 0,
-    resumed_from_json TEXT NOT NULL DEFAULT ''
+    resumed_from_json TEXT NOT NULL DEFAULT '',
+    started_attempt INTEGER NOT NULL DEFAULT 0,
+    fence_json TEXT NOT NULL DEFAULT '',
+    waiting_since REAL
 );
 CREATE TABLE IF NOT EXISTS job_progress (
     job_id TEXT NOT NULL,
@@ -113,6 +116,9 @@ class Job:
     result_ready: bool = False
     resume_step: int = 0
     resumed_from: dict[str, Any] | None = None  # {"job_id", "step"} of a job started with --resume
+    started_attempt: int = 0  # the latest attempt every worker acknowledged (told to start)
+    fence: dict[str, Any] | None = None  # a replica-loss fence in progress (coordinator/jobs/churn.py)
+    waiting_since_s: float | None = None  # pending again after losing a stage: since when
 
     @property
     def terminal(self) -> bool:
@@ -122,7 +128,7 @@ class Job:
 _COLS = (
     "id, state, reason, spec_json, model_json, plan_json, assignments_json, attempt, num_samples, dataset_key,"
     " total_steps, created_at, updated_at, started_at, finished_at, result_ready, resume_step,"
-    " resumed_from_json"
+    " resumed_from_json, started_attempt, fence_json, waiting_since"
 )
 
 
@@ -144,7 +150,8 @@ def _job(row) -> Job:
         plan=json.loads(row[5]) if row[5] else None, assignments=json.loads(row[6]), attempt=row[7],
         num_samples=row[8], dataset_key=row[9], total_steps=row[10], created_at_s=row[11], updated_at_s=row[12],
         started_at_s=row[13], finished_at_s=row[14], result_ready=bool(row[15]), resume_step=row[16],
-        resumed_from=json.loads(row[17]) if row[17] else None,
+        resumed_from=json.loads(row[17]) if row[17] else None, started_attempt=row[18],
+        fence=json.loads(row[19]) if row[19] else None, waiting_since_s=row[20],
     )
 
 
@@ -167,6 +174,10 @@ class JobStore:
                 self._conn.execute("ALTER TABLE jobs ADD COLUMN resume_step INTEGER NOT NULL DEFAULT 0")
             if "resumed_from_json" not in cols:  # a state dir from before --resume existed
                 self._conn.execute("ALTER TABLE jobs ADD COLUMN resumed_from_json TEXT NOT NULL DEFAULT ''")
+            if "started_attempt" not in cols:  # a state dir from before fenced attempts existed
+                self._conn.execute("ALTER TABLE jobs ADD COLUMN started_attempt INTEGER NOT NULL DEFAULT 0")
+                self._conn.execute("ALTER TABLE jobs ADD COLUMN fence_json TEXT NOT NULL DEFAULT ''")
+                self._conn.execute("ALTER TABLE jobs ADD COLUMN waiting_since REAL")
 
     def close(self) -> None:
         with self._lock:
@@ -218,7 +229,7 @@ class JobStore:
     def transition(self, job_id: str, new_state: str, *, reason: str = "", expect: str | None = None,
                    **fields: Any) -> Job | None:
         """Move a job to ``new_state``; returns the updated job, or None when it was not allowed
-        (already terminal, or not in ``expect``). ``fields``: plan, assignments, attempt."""
+        (already terminal, or not in ``expect``). ``fields``: plan, assignments, attempt, resume_step."""
         if new_state not in STATES:
             raise InvalidRequestError(f"unknown job state {new_state!r}")
         now = self._clock.time()
@@ -240,6 +251,12 @@ class JobStore:
             if "attempt" in fields:
                 sets.append("attempt = ?")
                 args.append(int(fields["attempt"]))
+            if "resume_step" in fields:
+                sets.append("resume_step = ?")
+                args.append(int(fields["resume_step"]))
+            # any move clears a fence; only a move back to pending starts a wait
+            sets += ["fence_json = ''", "waiting_since = ?"]
+            args.append(now if new_state == "pending" and old == "running" else None)
             if new_state == "running":
                 sets.append("started_at = COALESCE(started_at, ?)")
                 args.append(now)
@@ -257,7 +274,7 @@ class JobStore:
         with self._lock, self._conn:
             cur = self._conn.execute(
                 "UPDATE jobs SET plan_json = ?, assignments_json = ?, attempt = ?, resume_step = ?, reason = ?,"
-                " updated_at = ? WHERE id = ? AND state = 'running' AND attempt = ?",
+                " updated_at = ?, fence_json = '' WHERE id = ? AND state = 'running' AND attempt = ?",
                 (json.dumps(plan), json.dumps(assignments), attempt, resume_step, reason, self._clock.time(), job_id,
                  expect_attempt),
             )
@@ -265,6 +282,28 @@ class JobStore:
                 return None
         log.info("job re-planned job=%s attempt=%d resume_step=%d reason=%s", job_id, attempt, resume_step, reason)
         return self.get(job_id)
+
+    def set_started(self, job_id: str, attempt: int) -> None:
+        """Every worker of ``attempt`` acknowledged it: it may start (kept across restarts)."""
+        with self._lock, self._conn:
+            self._conn.execute("UPDATE jobs SET started_attempt = MAX(started_attempt, ?) WHERE id = ?",
+                               (int(attempt), job_id))
+
+    def set_fence(self, job_id: str, fence: dict[str, Any] | None, *, expect_attempt: int) -> bool:
+        """Store (or clear, None) the job's fence while it runs at ``expect_attempt``; False otherwise."""
+        with self._lock, self._conn:
+            cur = self._conn.execute(
+                "UPDATE jobs SET fence_json = ? WHERE id = ? AND state = 'running' AND attempt = ?",
+                (json.dumps(fence, sort_keys=True) if fence else "", job_id, int(expect_attempt)))
+            return cur.rowcount == 1
+
+    def repeated_steps(self, job_id: str) -> list[int]:
+        """Steps that workers of more than one attempt reported as done (work done twice)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT step FROM job_progress WHERE job_id = ? GROUP BY step, stage HAVING COUNT(DISTINCT attempt) > 1"
+                " ORDER BY step", (job_id,)).fetchall()
+        return sorted({r[0] for r in rows})
 
     def set_reason(self, job_id: str, reason: str) -> None:
         with self._lock, self._conn:

@@ -20,6 +20,7 @@ from node.plugins import NodeHost, NodePlugin
 from node.training.assignment import Assignment
 from node.training.client import TrainingClient
 from node.training.exchange import Endpoints, PipelinePeerServicer
+from node.training.membership import DEFAULT_OUTAGE_S
 from node.training.reconcile import (
     Action, ForgetWorker, PollView, StartWorker, StopWorker, WorkerKey, WorkerView, reconcile,
 )
@@ -31,6 +32,9 @@ POLL_INTERVAL_S = 0.5
 # Benchmarks on hosts without tc/netns (e.g. gVisor GPU machines) emulate a link rate in the
 # sender instead; read once here, at the plugin's edge, and passed down as a parameter.
 EMULATE_LINK_ENV = "SWARM_EMULATE_LINK_MBIT"
+# How long stage workers keep training while the coordinator is unreachable (restarting):
+# reports and checkpoint uploads are queued and re-sent meanwhile. Read here, at the edge.
+OUTAGE_ENV = "SWARM_COORDINATOR_OUTAGE_S"
 
 
 class TrainingPlugin(NodePlugin):
@@ -46,6 +50,11 @@ class TrainingPlugin(NodePlugin):
         except ValueError:
             log.warning("ignoring %s=%r: not a number", EMULATE_LINK_ENV, os.environ.get(EMULATE_LINK_ENV))
             self.emulate_link_bps = 0.0
+        try:
+            self.outage_s = float(os.environ.get(OUTAGE_ENV, "") or DEFAULT_OUTAGE_S)
+        except ValueError:
+            log.warning("ignoring %s=%r: not a number", OUTAGE_ENV, os.environ.get(OUTAGE_ENV))
+            self.outage_s = DEFAULT_OUTAGE_S
         if self.emulate_link_bps:
             log.warning("emulating %.0f Mbit/s links to pipeline neighbours (benchmark setting)", self.emulate_link_bps / 1e6)
 
@@ -94,6 +103,10 @@ class TrainingPlugin(NodePlugin):
                         cancelled_job_ids=frozenset(reply.cancelled_job_ids))
         for action in reconcile(poll, self.snapshot()):
             self._apply(action)
+        for a in assignments:  # a fence reaches workers blocked in a step (averaging, waiting) this way too
+            worker = self.workers.get(a.key)
+            if worker is not None and a.fence:
+                worker.on_fence(a.switch_step)
 
     def snapshot(self) -> tuple[WorkerView, ...]:
         return tuple(WorkerView(job_id=job_id, attempt=attempt, done=w.done.is_set(), stopping=w.stop_event.is_set())
@@ -109,7 +122,7 @@ class TrainingPlugin(NodePlugin):
             worker = StageWorker(a, client=self.client, endpoints=self.endpoints, node_id=self.host.node_id,
                                  device=self.host.device, state_dir=self.host.state_dir,
                                  on_metrics=self.host.update_metrics, emulate_link_bps=self.emulate_link_bps,
-                                 traffic=self.host.traffic, security=self.host.security)
+                                 traffic=self.host.traffic, security=self.host.security, outage_s=self.outage_s)
             self.workers[a.key] = worker
             log.info("assignment received job=%s stage=%d replica=%d", a.job_id, a.stage, a.replica)
             worker.start()

@@ -12,6 +12,13 @@ sender, boundary, replica, step window, micro-batch, sample ids, shape, dtype, c
 it with its boundary codec, rejects NaN/Inf, and queues the tensor for the worker. Any mismatch
 answers INVALID_ARGUMENT naming the field, and nothing of the tensor is used.
 
+Attempts (plan versions) are checked first: a tensor of an older attempt than the receiving
+worker's is a straggler of a plan that was replaced; it is dropped (debug log, ``accepted =
+false``) and fails nothing. A tensor of a newer attempt reached a worker that has not switched
+yet; it is refused as UNAVAILABLE, which the sender retries. (The start fence of
+coordinator/jobs/churn.py makes the second case rare: no worker sends before every worker of
+its attempt is ready.)
+
 A :class:`PeerSender` per neighbour sends tensors in order from one thread (AQ-SGD needs both
 sides to apply a sample's messages in the same order), retrying while the peer is unreachable
 until ``timeout_s``.
@@ -44,6 +51,10 @@ class _Slot:
     tensor: torch.Tensor
 
 
+class StaleTensor(Exception):
+    """A tensor of an older attempt than the receiver's: dropped without an error."""
+
+
 class Endpoint:
     """What one stage worker accepts, and the queue of accepted tensors.
 
@@ -53,8 +64,10 @@ class Endpoint:
 
     def __init__(self, job_id: str, validate: Callable[[wt.TensorHeader, bytes], torch.Tensor],
                  precheck: Callable[[wt.TensorHeader], object] | None = None,
-                 authorize: Callable[[str, wt.TensorHeader], None] | None = None) -> None:
+                 authorize: Callable[[str, wt.TensorHeader], None] | None = None, attempt: int | None = None) -> None:
         self.job_id = job_id
+        self.attempt = attempt  # None: not checked here (the validator does)
+        self.num_stale = 0
         self._validate = validate
         self._precheck = precheck
         self._authorize = authorize
@@ -73,8 +86,21 @@ class Endpoint:
         if self._authorize is not None:
             self._authorize(caller, header)
 
+    def check_attempt(self, header: wt.TensorHeader) -> None:
+        """Raises StaleTensor (older attempt) or UnavailableError (newer: retry later)."""
+        if self.attempt is None or header.attempt == self.attempt or header.attempt == 0:
+            return  # 0: unset (attempts start at 1), the validator refuses it with the field named
+        if header.attempt < self.attempt:
+            self.num_stale += 1
+            log.debug("dropping a straggler of attempt %d (this worker runs attempt %d) job=%s kind=%s step=%d",
+                      header.attempt, self.attempt, header.job_id, header.kind, header.step)
+            raise StaleTensor()
+        raise UnavailableError(f"this node still runs attempt {self.attempt} of job {header.job_id}, not "
+                               f"{header.attempt} (yet); retry shortly")
+
     def precheck(self, header: wt.TensorHeader) -> None:
         """Refuse a tensor from its header alone, before its payload is read."""
+        self.check_attempt(header)
         if self._precheck is None:
             return
         try:
@@ -179,7 +205,10 @@ class PipelinePeerServicer(training_pb2_grpc.PipelinePeerServicer):
             ep.precheck(header)
             found.append(ep)
 
-        wire = wt.from_chunks(request_iterator, max_payload_bytes=self.max_payload_bytes, on_header=on_header)
+        try:
+            wire = wt.from_chunks(request_iterator, max_payload_bytes=self.max_payload_bytes, on_header=on_header)
+        except StaleTensor:
+            return tensor_pb2.TensorAck(accepted=False, reason="stale attempt: dropped")
         if self.traffic is not None:
             self.traffic.add_received(len(wire.payload))
         found[0].accept(wire.header, wire.payload)
@@ -252,6 +281,7 @@ class PeerSender:
         while True:
             t0 = time.monotonic()
             try:
+                # accepted=False: a straggler the receiver dropped (it runs a newer attempt)
                 self._stubs.stub.PushTensor(wt.to_chunks(wire), timeout=max(1.0, deadline - t0))
                 if self.emulate_bps > 0:
                     hold = len(wire.payload) * 8 / self.emulate_bps - (time.monotonic() - t0)

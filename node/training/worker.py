@@ -5,12 +5,15 @@ Protocol it follows (see also protos/swarm/proto/v1/training.proto):
 1. fetch its stage's weights (and, on the first/last stage, the tokenised data) from the
    coordinator; build the stage; open its boundary codecs and its endpoint for incoming tensors;
 2. with replicas, meet them through the coordinator's rendezvous and start a hivemind averager;
-3. each step, run the schedule (1F1B or GPipe): forward micro-batches (stage 0 reads tokens,
+   then report ``ready`` and wait for ``start`` (the start fence, node/training/membership.py);
+3. each step (during a replica-loss fence: stop at the switch step, see coordinator/jobs/churn.py), run the schedule (1F1B or GPipe): forward micro-batches (stage 0 reads tokens,
    others wait for the previous stage's activations), send outputs to the next stage; backward
    (the last stage starts from the loss, others wait for the next stage's gradients), send input
    gradients to the previous stage; average gradients with the replicas; clip; AdamW step;
-4. report progress every step (the reply may say stop), checkpoint every K steps (local copy +
-   a copy to the coordinator), and a final checkpoint when done;
+4. report progress every step (the reply may say stop), checkpoint every K steps (snapshot to
+   CPU, then written and uploaded in the background: node/training/checkpoints.py), and a final
+   checkpoint when done; a coordinator outage shorter than ``outage_s`` only delays reports and
+   uploads (they are re-sent);
 5. any failure (peer timeout, rejected tensor, bad data) is reported as ``failed`` with the
    reason; a stop from the coordinator ends the worker quietly.
 """
@@ -18,16 +21,13 @@ Protocol it follows (see also protos/swarm/proto/v1/training.proto):
 from __future__ import annotations
 
 import io
-import json
 import logging
-import shutil
 import threading
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save_file
 
 from swarm.compression import CodecMessage
 from swarm.errors import InvalidRequestError, NotFoundError, PeerError, PermissionDeniedError
@@ -43,12 +43,13 @@ from swarm.proto.v1 import training_pb2 as pb
 from swarm.transport import tensors as wt
 
 from node.training.assignment import Assignment
+from node.training.checkpoints import CheckpointWriter, Snapshot, snapshot_tensors
 from node.training.client import TrainingClient
 from node.training.exchange import Endpoint, Endpoints, PeerSender
+from node.training.membership import DEFAULT_OUTAGE_S, FenceReached, Membership
 from node.training.reporter import Reporter
 
 log = logging.getLogger(__name__)
-KEEP_LOCAL_CHECKPOINTS = 2
 AQSGD_RAM_LIMIT_BYTES = 256 << 20  # per boundary side; larger caches go to disk (memmap)
 
 
@@ -59,9 +60,10 @@ class StopRequested(Exception):
 class StageWorker:
     def __init__(self, a: Assignment, *, client: TrainingClient, endpoints: Endpoints, node_id: str,
                  device: str, state_dir: Path, on_metrics=None, emulate_link_bps: float = 0.0,
-                 traffic=None, security=None) -> None:
+                 traffic=None, security=None, outage_s: float = DEFAULT_OUTAGE_S) -> None:
         self.a = a
         self.security = security  # swarm.transport.tls: channels to the neighbours
+        self.outage_s = outage_s  # how long training goes on without reaching the coordinator
         self.traffic = traffic  # node.traffic.Traffic or None
         self.client = client
         self.endpoints = endpoints
@@ -87,16 +89,29 @@ class StageWorker:
             log.info("stopping stage worker job=%s stage=%d reason=%s", self.a.job_id, self.a.stage, reason or "-")
         self.stop_event.set()
 
+    def on_fence(self, switch_step: int) -> None:
+        """The coordinator fences this attempt (seen in an assignment poll)."""
+        membership = getattr(self, "membership", None)
+        if membership is not None:
+            membership.on_fence(switch_step)
+
     def join(self, timeout_s: float) -> None:
         self._thread.join(timeout_s)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def _run(self) -> None:
         a = self.a
-        self.reporter = Reporter(self.client, a, on_stop=self.stop)
+        self.membership = Membership(self.client, a, stop=self.stop_event, outage_s=self.outage_s)
+        self.reporter = Reporter(self.client, a, on_stop=self.stop, on_ack=self.membership.on_ack,
+                                 outage_s=self.outage_s, stop=self.stop_event)
+        self.checkpoints = CheckpointWriter(self.client, a, self.dir, outage_s=self.outage_s, stop=self.stop_event)
         try:
             self._setup()
-            self._train()
+            try:
+                self._train()
+            except FenceReached:
+                self._fence_stop()
+                return
             self._finish()
         except StopRequested:
             pass
@@ -131,6 +146,7 @@ class StageWorker:
             except Exception:  # noqa: BLE001 -- best effort at shutdown
                 log.exception("averager shutdown failed")
         self.reporter.close()
+        self.checkpoints.close()
 
     def _check_stop(self) -> None:
         if self.stop_event.is_set():
@@ -175,7 +191,7 @@ class StageWorker:
         self.up = make_codec(spec.codec, side="up", boundary=a.stage, **common) if not a.is_last else None
         self.timeout_s = spec.peer_timeout_s
         self.endpoint = Endpoint(a.job_id, self._validate, precheck=self._check_header,
-                                 authorize=self._authorize_sender)
+                                 authorize=self._authorize_sender, attempt=a.attempt)
         self.endpoints.add(self.endpoint)
         self.next_sender = self.prev_sender = None
         if a.next is not None:
@@ -192,6 +208,7 @@ class StageWorker:
             self.senders.append(self.prev_sender)
         if a.num_replicas > 1:
             self._start_averager()
+        self.membership.await_start(a.resume_step)  # every worker of the attempt is set up: go
         log.info("stage worker ready job=%s attempt=%d stage=%d/%d replica=%d/%d layers=[%d,%d) codec=%s steps=%d-%d",
                  a.job_id, a.attempt, a.stage, a.num_stages, a.replica, a.num_replicas, a.first_layer,
                  a.last_layer_excl, self.codec_text, a.resume_step, self.total_steps)
@@ -308,6 +325,7 @@ class StageWorker:
         def check():
             for s in self.senders:
                 s.check()
+            self.membership.while_waiting(step)  # raises FenceReached at a fence's switch step
 
         return self.endpoint.get(kind, step, m, timeout_s=self.timeout_s, stop=self.stop_event, what=what, check=check)
 
@@ -331,6 +349,7 @@ class StageWorker:
         for step in range(a.resume_step, self.total_steps):
             self._check_stop()
             self._cur_step = step
+            self.membership.at_boundary(step)  # raises FenceReached at a fence's switch step
             t_step = time.monotonic()
             compute = wait = comm = 0.0
             sent_fw = sent_bw = raw = 0
@@ -367,8 +386,9 @@ class StageWorker:
                 compute += t2 - t1
                 comm += t3 - t2
             t0 = time.monotonic()
-            if self.averager is not None:
-                self.averager.average_gradients()
+            fencing = self.membership.fence_pending
+            if self.averager is not None and not fencing.is_set():  # a fence: each pipeline on its own
+                self.averager.average_gradients(abort=fencing.is_set)
             t1 = time.monotonic()
             clip_and_step(self.optimizer, list(self.module.parameters()), step, self.optim_cfg)
             t2 = time.monotonic()
@@ -393,30 +413,35 @@ class StageWorker:
         for s in self.senders:
             s.flush()
         self._checkpoint(self.total_steps, final=True)
+        self.checkpoints.wait()  # the coordinator needs the final copy to assemble the result
         self.reporter.final(state="done")
         log.info("stage worker done job=%s stage=%d replica=%d", self.a.job_id, self.a.stage, self.a.replica)
 
+    def _fence_stop(self) -> None:
+        """Stopped at the switch step of a fence: every report out, a full checkpoint at the step
+        uploaded, then ``fenced``; the coordinator re-plans from here."""
+        step = self.membership.switch_step
+        for s in self.senders:
+            s.flush()
+        self.reporter.flush()
+        self._checkpoint(step, final=False, upload_weights=True)
+        self.checkpoints.wait()
+        self.membership.fenced(step)
+        log.info("stage worker fenced job=%s attempt=%d stage=%d replica=%d at step %d", self.a.job_id,
+                 self.a.attempt, self.a.stage, self.a.replica, step)
+
     # -- checkpoints -------------------------------------------------------------------------------
-    def _checkpoint(self, step: int, *, final: bool) -> None:
-        """Save weights, optimizer state and data cursor locally; send a copy to the coordinator."""
+    def _checkpoint(self, step: int, *, final: bool, upload_weights: bool | None = None) -> None:
+        """Snapshot weights, optimizer state and data cursor to CPU; the writer saves them locally
+        and sends a copy to the coordinator in the background."""
         a = self.a
-        d = self.dir / f"step-{step:08d}"
-        d.mkdir(parents=True, exist_ok=True)
-        weights = d / "weights.safetensors"
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in self.module.hf_state_dict().items()}, str(weights))
         # AdamW state by HF parameter name (swarm/pipeline/optim_state.py): a resumed job may split
         # the layers differently. The data cursor is the step: BatchOrder is a function of it.
-        optim = d / "optimizer.safetensors"
-        save_file(stage_optimizer_state(self.module, self.optimizer), str(optim))
         meta = {"job_id": a.job_id, "stage": a.stage, "replica": a.replica, "step": step, "data_cursor": step,
-                "layers": [a.first_layer, a.last_layer_excl], "final": final, "optimizer": optim.name}
-        (d / "meta.json").write_text(json.dumps(meta))
+                "layers": [a.first_layer, a.last_layer_excl], "final": final, "optimizer": "optimizer.safetensors"}
         # Replicas hold the same weights and (averaged gradients) optimizer state; one copy per
-        # stage is enough for the coordinator.
-        upload = [weights, optim, d / "meta.json"] if a.replica == 0 else [d / "meta.json"]
-        self.client.upload_checkpoint(pb.CheckpointHeader(job_id=a.job_id, stage=a.stage, replica=a.replica, step=step,
-                                                          final=final, attempt=a.attempt), upload)
-        old = sorted(p for p in self.dir.glob("step-*") if p.is_dir())
-        for p in old[:-KEEP_LOCAL_CHECKPOINTS]:
-            shutil.rmtree(p, ignore_errors=True)
-        log.info("checkpoint job=%s stage=%d replica=%d step=%d final=%s", a.job_id, a.stage, a.replica, step, final)
+        # stage is enough for the coordinator, except at a fence (the replica 0 pipeline may be gone).
+        self.checkpoints.submit(Snapshot(
+            step=step, final=final, weights=snapshot_tensors(self.module.hf_state_dict()),
+            optimizer=snapshot_tensors(stage_optimizer_state(self.module, self.optimizer)), meta=meta,
+            upload_weights=a.replica == 0 if upload_weights is None else upload_weights))

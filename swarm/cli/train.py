@@ -62,6 +62,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm per stage (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peer-timeout-s", type=float, default=30.0, help="how long a stage waits for a neighbour")
+    p.add_argument("--node-wait-s", type=float, default=3600.0,
+                   help="how long a job that lost a stage no idle node can replace waits for one (0: fail at once)")
     p.add_argument("--name", default="")
     p.set_defaults(func=run_train)
 
@@ -165,7 +167,7 @@ def job_spec_from_args(args: argparse.Namespace):
         micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, lr=args.lr, codec=codec,
         checkpoint_every=args.checkpoint_every, seed=args.seed, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, schedule=args.schedule, num_stages=args.stages,
-        num_replicas=args.replicas, peer_timeout_s=args.peer_timeout_s,
+        num_replicas=args.replicas, peer_timeout_s=args.peer_timeout_s, node_wait_s=args.node_wait_s,
     )
 
 
@@ -178,7 +180,7 @@ def resumed_spec(args: argparse.Namespace, source: dict):
     given = job_spec_from_args(args).to_dict()
     default = JobSpec().to_dict()  # the flags' defaults are JobSpec's
     merged = dict(source)
-    changed = {k: v for k, v in given.items() if v != default[k]}
+    changed = {k: v for k, v in given.items() if v != default.get(k)}
     if "epochs" in changed or "steps" in changed:  # one of the two sets the length
         merged["steps"], merged["epochs"] = 0, 0.0
     merged.update(changed)

@@ -9,7 +9,8 @@ Protocol a replica follows (one :class:`ReplicaAverager` per job and stage on ea
    ``num_replicas`` members declared themselves; the payload travels as float16;
 3. on success the buffers hold the group mean and are copied back into the gradients; on a
    timeout or a missing replica the step keeps the local gradients (the others are not blocked)
-   and the failure is counted.
+   and the failure is counted; ``abort`` (a callable polled while waiting) cancels a round that
+   can no longer complete, e.g. when the coordinator fences the attempt after losing a replica.
 
 hivemind is imported lazily: single-replica jobs never load it.
 """
@@ -84,8 +85,9 @@ class ReplicaAverager:
                 raise PeerError(f"only {known} of {num_peers} stage replicas reachable through hivemind after {timeout_s:.0f} s")
             time.sleep(0.1)
 
-    def average_gradients(self) -> bool:
-        """Replace every gradient by the replicas' mean; False (gradients unchanged) on failure."""
+    def average_gradients(self, abort=None) -> bool:
+        """Replace every gradient by the replicas' mean; False (gradients unchanged) on failure
+        or when ``abort()`` (polled every 50 ms) turns true before the round ends."""
         with self.averager.get_tensors() as bufs:
             for b, p in zip(bufs, self.params):
                 if p.grad is None:
@@ -93,7 +95,18 @@ class ReplicaAverager:
                 else:
                     b.copy_(p.grad.detach().to("cpu", torch.float32))
         try:
-            result = self.averager.step(timeout=self.timeout_s, allow_retries=False)
+            if abort is None:
+                result = self.averager.step(timeout=self.timeout_s, allow_retries=False)
+            else:
+                control = self.averager.step(timeout=self.timeout_s, allow_retries=False, wait=False)
+                while not control.done() and not abort():
+                    time.sleep(0.05)
+                if control.done():
+                    result = control.result()
+                else:
+                    control.cancel()
+                    log.info("gradient averaging aborted (the attempt is being fenced); local gradients kept")
+                    result = None
         except Exception as exc:  # noqa: BLE001 -- hivemind raises many kinds; a failed round is data
             log.warning("gradient averaging failed: %s", exc)
             result = None

@@ -16,12 +16,15 @@ from swarm.proto.v1 import training_pb2 as pb
 
 
 def job_spec_to_pb(spec: JobSpec) -> pb.JobSpec:
+    # node_wait_s travels only when it is not the default (as in JobSpec.to_dict)
+    wait = {} if spec.node_wait_s == JobSpec().node_wait_s else {"node_wait_s": spec.node_wait_s}
     return pb.JobSpec(
         name=spec.name, steps=spec.steps, epochs=spec.epochs, batch_size=spec.batch_size,
         micro_batch_size=spec.micro_batch_size, seq_len=spec.seq_len, lr=spec.lr, compression=str(spec.codec),
         checkpoint_every=spec.checkpoint_every, seed=spec.seed, warmup_steps=spec.warmup_steps,
         weight_decay=spec.weight_decay, grad_clip=spec.grad_clip, schedule=spec.schedule, num_stages=spec.num_stages,
         num_replicas=spec.num_replicas, peer_timeout_s=spec.peer_timeout_s, min_lr_ratio=spec.min_lr_ratio,
+        **wait,
     )
 
 
@@ -34,7 +37,13 @@ def job_spec_from_pb(m: pb.JobSpec) -> JobSpec:
         "checkpoint_every": m.checkpoint_every, "seed": m.seed, "warmup_steps": m.warmup_steps,
         "weight_decay": m.weight_decay, "grad_clip": m.grad_clip, "schedule": m.schedule, "num_stages": m.num_stages,
         "num_replicas": m.num_replicas, "peer_timeout_s": m.peer_timeout_s, "min_lr_ratio": m.min_lr_ratio,
+        # unset (a client from before the field): the default
+        "node_wait_s": m.node_wait_s if m.HasField("node_wait_s") else None,
     })
+
+
+# running/done/failed: training; ready/fence/fenced: the fences of node/training/membership.py
+PROGRESS_STATES = ("running", "done", "failed", "ready", "fence", "fenced")
 
 
 def progress_from_pb(m: pb.ProgressReport) -> dict[str, Any]:
@@ -53,6 +62,6 @@ def progress_from_pb(m: pb.ProgressReport) -> dict[str, Any]:
     for k in ("bytes_sent", "bytes_raw", "bytes_forward", "bytes_backward", "tokens"):
         if not 0 <= r[k] <= 1 << 50:
             raise InvalidRequestError(f"progress field {k} must be in 0..2^50")
-    if r["state"] not in ("running", "done", "failed"):
-        raise InvalidRequestError("progress state must be running, done or failed")
+    if r["state"] not in PROGRESS_STATES:
+        raise InvalidRequestError(f"progress state must be one of {', '.join(PROGRESS_STATES)}")
     return r

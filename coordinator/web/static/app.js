@@ -475,6 +475,22 @@
     }
     return { loss: loss, tps: tps };
   }
+  // A job's events (node lost, replica dropped, re-plan, resume, coordinator restart...), newest
+  // last, each with its time; textContent only: messages come from the coordinator's store.
+  function renderEvents(events) {
+    var list = $("job-events");
+    if (!list) return;
+    list.textContent = "";
+    (Array.isArray(events) ? events.slice(-50) : []).forEach(function (e) {
+      var li = document.createElement("li");
+      // an event record (swarm/job_detail.py JobEvent: seq, at, kind, message, fields)
+      var at = num(own(e, "at"));
+      li.textContent = (at !== null ? new Date(at * 1000).toLocaleTimeString() + "  " : "") + String(own(e, "message") || own(e, "kind") || "");
+      li.className = "event-" + String(own(e, "kind") || "");
+      list.appendChild(li);
+    });
+  }
+
   async function renderJobDetail() {
     var box = $("job-detail");
     if (!selectedJob) { box.hidden = true; return; }
@@ -497,6 +513,7 @@
     var plan = jobKey(job, "plan");
     if (plan && num(plan.d_pp) !== null) info.push(plan.d_pp + " stages \u00d7 " + plan.d_dp + " replicas");
     $("job-detail-info").textContent = info.join(" \u00b7 ");
+    renderEvents(jobKey(job, "events"));
     // x is the step number: integer ticks only (a 3-step job has no step 0.5)
     MiniChart.line($("chart-loss"), hist.loss, { color: "#d64545", emptyText: "no loss reported yet", xInteger: true });
     MiniChart.line($("chart-tps"), hist.tps, { color: "#2b6cb0", emptyText: "no throughput reported yet", xInteger: true });

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "steps", "epochs", "batch_size", "micro_batch_size", "seq_len", "lr", "compression", "checkpoint_every", "seed", "warmup_steps", "weight_decay", "grad_clip", "schedule", "num_stages", "num_replicas", "peer_timeout_s", "min_lr_ratio")
+    __slots__ = ("name", "steps", "epochs", "batch_size", "micro_batch_size", "seq_len", "lr", "compression", "checkpoint_every", "seed", "warmup_steps", "weight_decay", "grad_clip", "schedule", "num_stages", "num_replicas", "peer_timeout_s", "min_lr_ratio", "node_wait_s")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class JobSpec(_message.Message):
     NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     PEER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     MIN_LR_RATIO_FIELD_NUMBER: _ClassVar[int]
+    NODE_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     steps: int
     epochs: float
@@ -45,7 +46,8 @@ class JobSpec(_message.Message):
     num_replicas: int
     peer_timeout_s: float
     min_lr_ratio: float
-    def __init__(self, name: _Optional[str] = ..., steps: _Optional[int] = ..., epochs: _Optional[float] = ..., batch_size: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., lr: _Optional[float] = ..., compression: _Optional[str] = ..., checkpoint_every: _Optional[int] = ..., seed: _Optional[int] = ..., warmup_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., grad_clip: _Optional[float] = ..., schedule: _Optional[str] = ..., num_stages: _Optional[int] = ..., num_replicas: _Optional[int] = ..., peer_timeout_s: _Optional[float] = ..., min_lr_ratio: _Optional[float] = ...) -> None: ...
+    node_wait_s: float
+    def __init__(self, name: _Optional[str] = ..., steps: _Optional[int] = ..., epochs: _Optional[float] = ..., batch_size: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., lr: _Optional[float] = ..., compression: _Optional[str] = ..., checkpoint_every: _Optional[int] = ..., seed: _Optional[int] = ..., warmup_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., grad_clip: _Optional[float] = ..., schedule: _Optional[str] = ..., num_stages: _Optional[int] = ..., num_replicas: _Optional[int] = ..., peer_timeout_s: _Optional[float] = ..., min_lr_ratio: _Optional[float] = ..., node_wait_s: _Optional[float] = ...) -> None: ...
 
 class FileHeader(_message.Message):
     __slots__ = ("name", "size_bytes", "sha256")
@@ -128,7 +130,7 @@ class PeerRef(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class StageAssignment(_message.Message):
-    __slots__ = ("job_id", "attempt", "stage", "num_stages", "replica", "num_replicas", "first_layer", "last_layer_excl", "prev", "next", "stage_replicas", "spec", "model_config_json", "num_samples", "dataset_key", "resume_step")
+    __slots__ = ("job_id", "attempt", "stage", "num_stages", "replica", "num_replicas", "first_layer", "last_layer_excl", "prev", "next", "stage_replicas", "spec", "model_config_json", "num_samples", "dataset_key", "resume_step", "fence", "switch_step")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +147,8 @@ class StageAssignment(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     DATASET_KEY_FIELD_NUMBER: _ClassVar[int]
     RESUME_STEP_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_STEP_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     stage: int
@@ -161,7 +165,9 @@ class StageAssignment(_message.Message):
     num_samples: int
     dataset_key: str
     resume_step: int
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., replica: _Optional[int] = ..., num_replicas: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., prev: _Optional[_Union[PeerRef, _Mapping]] = ..., next: _Optional[_Union[PeerRef, _Mapping]] = ..., stage_replicas: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., model_config_json: _Optional[str] = ..., num_samples: _Optional[int] = ..., dataset_key: _Optional[str] = ..., resume_step: _Optional[int] = ...) -> None: ...
+    fence: bool
+    switch_step: int
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., replica: _Optional[int] = ..., num_replicas: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., prev: _Optional[_Union[PeerRef, _Mapping]] = ..., next: _Optional[_Union[PeerRef, _Mapping]] = ..., stage_replicas: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., model_config_json: _Optional[str] = ..., num_samples: _Optional[int] = ..., dataset_key: _Optional[str] = ..., resume_step: _Optional[int] = ..., fence: _Optional[bool] = ..., switch_step: _Optional[int] = ...) -> None: ...
 
 class PollAssignmentsRequest(_message.Message):
     __slots__ = ()
@@ -218,12 +224,18 @@ class ProgressReport(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_raw: _Optional[int] = ..., step_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., comm_s: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes_forward: _Optional[int] = ..., bytes_backward: _Optional[int] = ...) -> None: ...
 
 class ProgressAck(_message.Message):
-    __slots__ = ("stop", "reason")
+    __slots__ = ("stop", "reason", "start", "fence", "switch_step")
     STOP_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_STEP_FIELD_NUMBER: _ClassVar[int]
     stop: bool
     reason: str
-    def __init__(self, stop: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    start: bool
+    fence: bool
+    switch_step: int
+    def __init__(self, stop: _Optional[bool] = ..., reason: _Optional[str] = ..., start: _Optional[bool] = ..., fence: _Optional[bool] = ..., switch_step: _Optional[int] = ...) -> None: ...
 
 class FetchJobDataRequest(_message.Message):
     __slots__ = ("job_id",)

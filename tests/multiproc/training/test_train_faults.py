@@ -26,7 +26,8 @@ FAIL_WITHIN_S = 30.0  # node lost after 2 s (test coordinator), peers time out a
 
 def _spec(steps: int) -> JobSpec:
     return JobSpec(steps=steps, batch_size=4, micro_batch_size=2, seq_len=16, lr=1e-3, codec=CodecSpec.parse("none"),
-                   checkpoint_every=2, num_stages=3, num_replicas=1, peer_timeout_s=5.0, schedule="1f1b")
+                   checkpoint_every=2, num_stages=3, num_replicas=1, peer_timeout_s=5.0, schedule="1f1b",
+                   node_wait_s=0.0)  # fail at once instead of waiting for a node (the default)
 
 
 @pytest.mark.timeout(120)

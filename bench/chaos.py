@@ -1,0 +1,262 @@
+"""Training under churn: the same job once without faults, once while nodes and the coordinator die.
+
+    python -m bench.chaos [--quick] [--steps N] [--fault-every-s 60] [--restart-after-s 20] [--no-record]
+
+A coordinator and 6 node processes (2 replicas x 3 stages) on this machine train a tiny GPT-2 on a
+slice of the Python standard library. Run 1 has no faults. Run 2 is the same job (same spec, data,
+seed) while every ``--fault-every-s`` a random node is SIGKILLed (and started again
+``--restart-after-s`` later with the same state dir, so the same node id), and, once, the
+coordinator is SIGKILLed and started again on the same ports and state dir. Reported: steps
+committed, steps done twice (``repeated_steps``: a rollback to a checkpoint re-does steps), the
+time from each fault to the next committed step, tokens/s of both runs, and the loss of both
+final models on the same held-out text. Prints a table and appends it to docs/benchmarks.md.
+
+``--quick`` (CI, tests/multiproc/training/test_chaos_quick.py): fewer steps, one node kill and one
+coordinator restart, 4 nodes (2 x 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench._record import markdown_table, record
+from swarm.localswarm import start_coordinator, start_node, wait_until
+
+FAST_COORDINATOR = ["--heartbeat-interval-s", "0.5", "--node-timeout-s", "3", "--log-level", "INFO"]
+NODE_ARGS = ["--probe-seconds", "0.1", "--log-level", "INFO"]
+
+
+@dataclass
+class Fault:
+    what: str
+    at_s: float  # since the churn run's start
+    step_before: int
+    next_commit_s: float | None = None  # fault -> next committed step
+
+
+@dataclass
+class Run:
+    name: str
+    job: dict = field(default_factory=dict)
+    faults: list[Fault] = field(default_factory=list)
+    heldout_loss: float = float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        j = self.job
+        if not j.get("finished_at") or not j.get("started_at"):
+            return float("nan")
+        tokens = j["total_steps"] * j["spec"]["batch_size"] * j["spec"]["seq_len"]
+        return tokens / (j["finished_at"] - j["started_at"])
+
+
+class Swarm:
+    def __init__(self, root: Path, num_nodes: int) -> None:
+        self.root = root
+        self.coord, ready = start_coordinator(root / "coord", extra_args=FAST_COORDINATOR)
+        self.port, self.http_port, self.token = int(ready["port"]), int(ready["http_port"]), ready["token"]
+        self.nodes = {}
+        for i in range(num_nodes):
+            self.nodes[i] = self._start_node(i)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _start_node(self, i: int):
+        return start_node(self.address, self.token, self.root / f"n{i}", name=f"n{i}", extra_args=NODE_ARGS)[0]
+
+    def get(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def kill_node(self, i: int) -> None:
+        self.nodes[i].kill()
+
+    def restart_node(self, i: int) -> None:
+        self.nodes[i].stop()
+        self.nodes[i] = self._start_node(i)
+
+    def kill_coordinator(self) -> None:
+        self.coord.kill()
+
+    def restart_coordinator(self) -> None:
+        self.coord.stop()
+        self.coord, _ = start_coordinator(self.root / "coord", port=self.port, http_port=self.http_port,
+                                          extra_args=FAST_COORDINATOR)
+
+    def stop(self) -> None:
+        for p in self.nodes.values():
+            p.stop()
+        self.coord.stop()
+
+
+def inputs(root: Path, *, train_bytes: int) -> tuple[Path, Path, str]:
+    from bench.convergence import load_corpus
+    from swarm.model.testing import make_tiny_checkpoint
+
+    text, _ = load_corpus("stdlib")
+    text = text.decode("utf-8", "replace")
+    make_tiny_checkpoint(root / "model", num_layers=6, hidden_size=64, num_heads=4, max_position_embeddings=128,
+                         with_tokenizer=False)
+    (root / "data.txt").write_text(text[:train_bytes])
+    return root / "model", root / "data.txt", text[train_bytes:train_bytes + 20_000]  # held out: never trained on
+
+
+def submit(swarm: Swarm, model: Path, data: Path, args) -> str:
+    from swarm.cli.train import upload_files
+    from swarm.compression import CodecSpec
+    from swarm.job_spec import JobSpec
+    from swarm.transport.coordinator_client import CoordinatorClient
+
+    spec = JobSpec(steps=args.steps, batch_size=8, micro_batch_size=2, seq_len=64, lr=2e-3,
+                   codec=CodecSpec.parse("none"), checkpoint_every=args.checkpoint_every, num_stages=args.stages,
+                   num_replicas=args.replicas, peer_timeout_s=20.0, warmup_steps=10, seed=1)
+    with CoordinatorClient(swarm.address, token=swarm.token) as client:
+        return client.submit_job(spec, upload_files(model, data)).id
+
+
+def heldout_loss(result_dir: Path, text: str, seq_len: int = 64, windows: int = 64) -> float:
+    from swarm.model.checkpoint import load_checkpoint
+    from swarm.model.stage import StageModel
+    from swarm.model.tokenizer import load_tokenizer
+
+    ckpt = load_checkpoint(result_dir)
+    model = StageModel(ckpt.config, 0, ckpt.config.num_layers, is_first=True, is_last=True)
+    model.load_hf_state(ckpt.tensors)
+    ids = torch.tensor(load_tokenizer(result_dir).encode(text)[: windows * (seq_len + 1)]).view(-1, seq_len + 1)
+    with torch.no_grad():
+        logits = model(ids[:, :-1])
+        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                       ids[:, 1:].reshape(-1)))
+
+
+def follow(swarm: Swarm, job_id: str, run: Run, *, faults: list[tuple[float, str]], restart_after_s: float,
+           rng: random.Random, timeout_s: float) -> None:
+    """Poll the job until it ends, injecting ``faults`` ((at_s, "node"|"coordinator")) on the way."""
+    t0 = time.monotonic()
+    restarts: list[tuple[float, str, int]] = []  # (at, kind, node index)
+    last_step = -1
+    while time.monotonic() - t0 < timeout_s:
+        now = time.monotonic() - t0
+        try:
+            d = swarm.get(f"/api/jobs/{job_id}")
+        except OSError:
+            d = None
+        if d is not None:
+            run.job = d
+            step = d["step"] if d["step"] is not None else -1
+            for f in run.faults:
+                if f.next_commit_s is None and step > f.step_before:
+                    f.next_commit_s = now - f.at_s
+            last_step = max(last_step, step)
+            if d["state"] in ("succeeded", "failed", "cancelled"):
+                return
+        for r in [r for r in restarts if r[0] <= now]:
+            restarts.remove(r)
+            if r[1] == "coordinator":
+                swarm.restart_coordinator()
+            else:
+                swarm.restart_node(r[2])
+        if faults and faults[0][0] <= now and d is not None and d["state"] == "running":
+            _, kind = faults.pop(0)
+            down = {r[2] for r in restarts if r[1] == "node"}
+            if kind == "coordinator":
+                swarm.kill_coordinator()
+                restarts.append((now + 5.0, "coordinator", -1))
+                run.faults.append(Fault(what="coordinator SIGKILL (back 5 s later)", at_s=now, step_before=last_step))
+            else:
+                i = rng.choice([i for i in swarm.nodes if i not in down])
+                swarm.kill_node(i)
+                restarts.append((now + restart_after_s, "node", i))
+                stage = next((f"stage {a['stage']} replica {a['replica']}" for a in d["assignments"]
+                              if a["node_name"] == f"n{i}"), "idle")
+                run.faults.append(Fault(what=f"node n{i} SIGKILL ({stage})", at_s=now, step_before=last_step))
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} did not end within {timeout_s:.0f} s")
+
+
+def _events(job: dict) -> str:
+    """The job's churn events, counted by kind."""
+    kinds = [e["kind"] for e in job.get("events", []) if e["kind"] not in ("submitted", "planned", "succeeded")]
+    return ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds)) or "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="CI: few steps, one node kill, one coordinator restart")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--fault-every-s", type=float, default=None)
+    p.add_argument("--restart-after-s", type=float, default=20.0)
+    p.add_argument("--num-faults", type=int, default=10, help="faults of the full run (one is the coordinator)")
+    p.add_argument("--checkpoint-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-record", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON line too")
+    args = p.parse_args(argv)
+    args.stages, args.replicas = (2, 2) if args.quick else (3, 2)
+    args.steps = args.steps or (100 if args.quick else 600)
+    every = args.fault_every_s or (10.0 if args.quick else 60.0)
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="swarm-chaos-") as tmp:
+        root = Path(tmp)
+        model, data, heldout = inputs(root, train_bytes=60_000 if args.quick else 400_000)
+        swarm = Swarm(root, args.stages * args.replicas)
+        runs = []
+        try:
+            wait_until(lambda: sum(n["state"] == "online" for n in swarm.get("/api/nodes")["nodes"])
+                       >= args.stages * args.replicas, 60, message="nodes online")
+            for name, faulty in (("fault-free", False), ("churn", True)):
+                run = Run(name=name)
+                job_id = submit(swarm, model, data, args)
+                faults: list[tuple[float, str]] = []
+                if faulty:  # node kills every `every` s; the coordinator instead of the 2nd (quick) / 5th one
+                    n = 2 if args.quick else args.num_faults
+                    faults = [(every * (k + 1), "node") for k in range(n)]
+                    c = 1 if args.quick else min(4, n - 1)
+                    faults[c] = (faults[c][0], "coordinator")
+                follow(swarm, job_id, run, faults=faults, restart_after_s=args.restart_after_s, rng=rng,
+                       timeout_s=600 if args.quick else 3600)
+                if run.job["state"] == "succeeded":
+                    run.heldout_loss = heldout_loss(root / "coord" / "jobs" / job_id / "result", heldout)
+                runs.append(run)
+                print(f"{name}: {run.job['state']} {run.job['reason']}", file=sys.stderr)
+        finally:
+            swarm.stop()
+    base, churn = runs
+    rows = [[r.name, r.job["state"], len(r.job["progress"]), len(r.job["repeated_steps"]), f"{r.tokens_per_s:.0f}",
+             f"{r.heldout_loss:.4f}", len(r.faults), _events(r.job),
+             "; ".join(f"{f.what} at {f.at_s:.0f} s -> next commit "
+                       + (f"{f.next_commit_s:.1f} s" if f.next_commit_s is not None else "never") for f in r.faults)]
+            for r in runs]
+    table = markdown_table(["run", "state", "steps committed", "steps done twice", "tokens/s", "held-out loss",
+                            "faults", "events", "fault -> next committed step"], rows)
+    ratio = churn.tokens_per_s / base.tokens_per_s if base.tokens_per_s else float("nan")
+    notes = (f"{args.stages} stages x {args.replicas} replicas, {args.steps} steps of 8 x 64 tokens, tiny GPT-2 "
+             f"(6 x 64), faults every {every:.0f} s (node back after {args.restart_after_s:.0f} s, coordinator after "
+             f"5 s). Churn / fault-free tokens/s: {ratio:.2f}; held-out loss difference: "
+             f"{churn.heldout_loss - base.heldout_loss:+.4f} nats.")
+    print(table)
+    print(notes)
+    if args.json:
+        print(json.dumps({"runs": [{"name": r.name, "state": r.job["state"], "steps": len(r.job["progress"]),
+                                    "repeated_steps": r.job["repeated_steps"], "tokens_per_s": r.tokens_per_s,
+                                    "heldout_loss": r.heldout_loss,
+                                    "faults": [f.__dict__ for f in r.faults]} for r in runs]}))
+    if not args.no_record:
+        record("Training under churn (bench/chaos.py" + (" --quick)" if args.quick else ")"), table, notes)
+    return 0 if all(r.job["state"] == "succeeded" for r in runs) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""Churn decisions of the job loop, as pure functions over plain job data (no I/O, no clock).
+
+Two fences keep a job's workers in step when its plan changes (see node/training/membership.py
+for the worker's side):
+
+**Start fence** (every attempt). A worker that has set up its stage reports ``ready``; the
+coordinator answers ``start`` only once every worker of the attempt has reported ``ready``
+(:func:`all_ready`). So no tensor of a new attempt is sent before every receiver runs that
+attempt, and a survivor still on the old attempt cannot refuse it.
+
+**Replica-loss fence** (a job with data-parallel pipelines loses a node while at least one
+pipeline is whole). Pipeline ``r`` is the ``r``-th node of every stage; a pipeline with a lost
+node cannot run, the others (``live``) can. The job is not rolled back:
+
+1. the coordinator opens a fence (:func:`open_fence`): every progress reply of the attempt says
+   ``fence``; averaging between replicas is skipped from then on (each pipeline uses its own
+   gradients), so nobody waits for the dead replica;
+2. each live worker reports ``fence`` at its next step boundary ``b`` (before starting step
+   ``b``); stage 0 of a pipeline does not start the next step until the switch step is known,
+   and every other stage can only run the steps stage 0 starts;
+3. once every live stage 0 reported, the switch step ``S`` is the largest of their boundaries
+   (:func:`on_fence_report`): every live worker runs up to ``S`` (stage 0s that stopped earlier
+   carry on), saves and uploads a full checkpoint at ``S`` and reports ``fenced``;
+4. once every live worker is ``fenced`` (:func:`fence_complete`), the job is re-planned from
+   step ``S`` with the checkpoint just taken: the surviving pipelines carry the whole batch
+   (each takes ``batch / replicas`` of it, so the effective batch is unchanged); the nodes of
+   the broken pipeline that are still online are idle nodes to the planner like any other.
+
+Nothing is done twice: steps ``< S`` ran in the old attempt, steps ``>= S`` run in the new one.
+The step in flight when the replica died and the steps up to ``S`` (usually 0-2) run without
+the dead pipeline's share of the batch. A live worker lost during the fence removes its
+pipeline from ``live``; with no live pipeline left the job falls back to a re-plan from its last
+complete checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def key(stage: int, replica: int) -> str:
+    return f"{stage}:{replica}"
+
+
+def workers(assignments: list[dict[str, Any]]) -> set[str]:
+    return {key(a["stage"], a["replica"]) for a in assignments}
+
+
+def all_ready(assignments: list[dict[str, Any]], ready: set[str]) -> bool:
+    """The start fence: every (stage, replica) of the attempt reported ``ready``."""
+    need = workers(assignments)
+    return bool(need) and need <= ready
+
+
+def live_pipelines(assignments: list[dict[str, Any]], lost_nodes: set[str]) -> list[int]:
+    """Pipelines (replica indices) none of whose nodes is lost, ascending."""
+    broken = {a["replica"] for a in assignments if a["node_id"] in lost_nodes}
+    return sorted({a["replica"] for a in assignments} - broken)
+
+
+def open_fence(*, attempt: int, assignments: list[dict[str, Any]], live: list[int], lost: list[str],
+               at_s: float) -> dict[str, Any]:
+    """A replica-loss fence over the ``live`` pipelines of ``attempt`` (JSON-able; stored with the job)."""
+    return {
+        "attempt": attempt, "live": sorted(live), "lost": sorted(lost), "opened_at": at_s,
+        "workers": sorted(key(a["stage"], a["replica"]) for a in assignments if a["replica"] in live),
+        "stage0": sorted(key(0, r) for r in live), "ready": {}, "done": {}, "switch_step": 0,
+    }
+
+
+def shrink_fence(fence: dict[str, Any], assignments: list[dict[str, Any]], lost_nodes: set[str]) -> dict[str, Any]:
+    """The fence without the pipelines that lost a node since it opened (may leave none live)."""
+    live = [r for r in live_pipelines(assignments, lost_nodes) if r in fence["live"]]
+    if live == fence["live"]:
+        return fence
+    keep = lambda k: int(k.split(":")[1]) in live  # noqa: E731
+    return {**fence, "live": live, "lost": sorted(set(fence["lost"]) | (lost_nodes & {a["node_id"] for a in assignments})),
+            "workers": [k for k in fence["workers"] if keep(k)], "stage0": [k for k in fence["stage0"] if keep(k)],
+            "ready": {k: v for k, v in fence["ready"].items() if keep(k)},
+            "done": {k: v for k, v in fence["done"].items() if keep(k)}}
+
+
+def on_fence_report(fence: dict[str, Any], *, stage: int, replica: int, state: str, step: int) -> dict[str, Any]:
+    """The fence after a live worker's ``fence`` (at boundary ``step``) or ``fenced`` (at the
+    switch step) report; reports of workers outside the fence change nothing."""
+    k = key(stage, replica)
+    if k not in fence["workers"]:
+        return fence
+    fence = {**fence, "ready": dict(fence["ready"]), "done": dict(fence["done"])}
+    if state == "fence":
+        fence["ready"][k] = max(int(step), fence["ready"].get(k, 0))
+    elif state == "fenced" and fence["switch_step"] and step == fence["switch_step"]:
+        fence["done"][k] = int(step)
+    if not fence["switch_step"] and fence["stage0"] and all(s in fence["ready"] for s in fence["stage0"]):
+        # the furthest stage 0: nobody is past it (other stages only run the steps a stage 0 started)
+        fence["switch_step"] = max(fence["ready"][s] for s in fence["stage0"])
+    return fence
+
+
+def fence_complete(fence: dict[str, Any]) -> bool:
+    return bool(fence["workers"]) and all(k in fence["done"] for k in fence["workers"])
+
+
+def replica_counts(num_replicas: int, batch_size: int, micro_batch_size: int) -> list[int]:
+    """Replica counts a re-plan may fall back to, most first: ``num_replicas`` down to 1, each
+    splitting the global batch into whole micro-batches (the effective batch never changes)."""
+    return [k for k in range(num_replicas, 0, -1) if batch_size % k == 0 and (batch_size // k) % micro_batch_size == 0]

@@ -1,0 +1,122 @@
+"""A stage worker's side of the coordinator's fences (coordinator/jobs/churn.py states the protocol).
+
+:class:`Membership` talks to the coordinator through ``ReportProgress`` with three states:
+
+- ``ready`` (step = the first step): the worker has set up its stage; :meth:`await_start`
+  repeats it until the reply says ``start`` (every worker of the attempt is ready), so no
+  tensor of a new attempt reaches a neighbour still on the old one;
+- ``fence`` (step = the boundary the worker stands at, before starting that step): sent once a
+  reply said ``fence``; the replies carry the switch step when the coordinator knows it;
+- ``fenced`` (step = the switch step): sent after the worker stopped there and uploaded its
+  checkpoint; the coordinator then re-plans the job from that step.
+
+Every call tolerates a coordinator outage shorter than ``outage_s`` (the coordinator may be
+restarting: calls are retried with backoff); longer outages raise the last error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from swarm.errors import AuthError, PeerError, SwarmError
+from swarm.proto.v1 import training_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2  # how often a waiting worker asks again
+DEFAULT_OUTAGE_S = 300.0  # how long a worker keeps training without the coordinator
+
+
+def is_outage(exc: SwarmError) -> bool:
+    """True when retrying a coordinator call can help: it is unreachable (restarting) or no longer
+    knows this node's session (restarted; the agent registers again)."""
+    return exc.retryable or type(exc) is AuthError
+
+
+class FenceReached(Exception):
+    """The worker stands at the switch step of a fence: stop here, checkpoint, report ``fenced``."""
+
+
+class Membership:
+    """Thread-safe. ``on_ack(ack)`` is also called by the progress reporter for every reply."""
+
+    def __init__(self, client, assignment, *, stop: threading.Event, outage_s: float = DEFAULT_OUTAGE_S) -> None:
+        self.client = client
+        self.a = assignment
+        self.stop = stop
+        self.outage_s = outage_s
+        self.fence_pending = threading.Event()
+        self.switch_step = 0
+
+    def on_ack(self, ack: pb.ProgressAck) -> None:
+        if ack.fence:
+            self.on_fence(ack.switch_step)
+
+    def on_fence(self, switch_step: int) -> None:
+        """The coordinator fences the attempt (a progress reply or an assignment poll said so)."""
+        if not self.fence_pending.is_set():
+            log.info("fence: the coordinator lost a replica of job=%s; stopping at a step boundary", self.a.job_id)
+            self.fence_pending.set()
+        if switch_step and not self.switch_step:
+            log.info("fence: switch step %d job=%s stage=%d replica=%d", switch_step, self.a.job_id,
+                     self.a.stage, self.a.replica)
+            self.switch_step = int(switch_step)
+
+    def _report(self, state: str, step: int) -> pb.ProgressAck:
+        """One report, retried through a coordinator outage of up to ``outage_s``."""
+        a = self.a
+        deadline = time.monotonic() + self.outage_s
+        backoff = POLL_S
+        while True:
+            if self.stop.is_set():
+                raise PeerError("stopped")
+            try:
+                ack = self.client.report(pb.ProgressReport(job_id=a.job_id, attempt=a.attempt, stage=a.stage,
+                                                           replica=a.replica, step=step, state=state))
+            except SwarmError as exc:
+                if not is_outage(exc):
+                    raise
+                if time.monotonic() + backoff > deadline:
+                    raise PeerError(f"the coordinator was unreachable for {self.outage_s:.0f} s: {exc}") from exc
+                log.debug("coordinator unreachable (%s); retrying", exc)
+                self.stop.wait(backoff)
+                backoff = min(2.0, backoff * 2)
+                continue
+            self.on_ack(ack)
+            if ack.stop:
+                self.stop.set()
+                raise PeerError(f"stopped by the coordinator: {ack.reason}")
+            return ack
+
+    def await_start(self, step: int) -> None:
+        """Report ``ready`` until every worker of the attempt is (the start fence)."""
+        t0 = time.monotonic()
+        while not self._report("ready", step).start:
+            self.stop.wait(POLL_S)
+        log.info("start fence passed job=%s attempt=%d stage=%d replica=%d after %.2f s", self.a.job_id,
+                 self.a.attempt, self.a.stage, self.a.replica, time.monotonic() - t0)
+
+    def at_boundary(self, step: int) -> None:
+        """Called before starting ``step``: during a fence, report the boundary; stage 0 waits here
+        until the switch step is known. Raises FenceReached at the switch step."""
+        if not self.fence_pending.is_set():
+            return
+        self._report("fence", step)
+        while self.a.is_first and not self.switch_step:
+            self.stop.wait(POLL_S)
+            self._report("fence", step)
+        if self.switch_step and step >= self.switch_step:
+            raise FenceReached()
+
+    def while_waiting(self, step: int) -> None:
+        """Called while the worker waits for an input of ``step``: raises FenceReached when
+        ``step`` is the switch step (only a stage other than the first can wait there, for the
+        first input of the step, which will not come: stage 0 does not start it). The switch
+        step arrives with progress replies and assignment polls."""
+        if self.fence_pending.is_set() and self.switch_step and step >= self.switch_step:
+            raise FenceReached()
+
+    def fenced(self, step: int) -> None:
+        self._report("fenced", step)

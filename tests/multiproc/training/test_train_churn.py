@@ -1,0 +1,111 @@
+"""Churn during training: the coordinator restarts mid-job, a stage is lost with no spare (the job
+waits, then resumes when the node comes back), a replica is lost (the survivors carry on without
+rollback). Real coordinator and node processes."""
+
+import time
+
+import pytest
+
+from swarm.cli.train import upload_files
+from swarm.compression import CodecSpec
+from swarm.job_spec import JobSpec
+from swarm.transport.coordinator_client import CoordinatorClient
+from tests.helpers.procs import coordinator_proc, launch_coordinator, node_proc, wait_until
+from tests.multiproc.training._common import write_inputs
+
+pytestmark = pytest.mark.multiproc
+
+
+def _spec(steps: int, *, stages: int, replicas: int) -> JobSpec:
+    return JobSpec(steps=steps, batch_size=4, micro_batch_size=2, seq_len=16, lr=1e-3, codec=CodecSpec.parse("none"),
+                   checkpoint_every=5, num_stages=stages, num_replicas=replicas, peer_timeout_s=20.0)
+
+
+def _kinds(detail) -> list[str]:
+    return [e["kind"] for e in detail["events"]]
+
+
+@pytest.mark.timeout(150)
+def test_coordinator_restart_then_lost_stage_waits_for_its_node_and_resumes(tmp_path):
+    model, data = write_inputs(tmp_path)
+    coord = None
+    with coordinator_proc(tmp_path / "coord") as first, node_proc(first, tmp_path / "n0") as n0, \
+            node_proc(first, tmp_path / "n1") as n1:
+        wait_until(lambda: sum(n.state == "online" for n in first.snapshot().nodes) == 2, 30, message="2 nodes online")
+        with CoordinatorClient(first.address, token=first.token) as client:
+            job_id = client.submit_job(_spec(400, stages=2, replicas=1), upload_files(model, data)).id
+        detail = lambda: coord.get_json(f"/api/jobs/{job_id}")  # noqa: E731
+        coord = first
+        wait_until(lambda: (detail()["step"] or 0) >= 10, 60, message="training runs")
+
+        # 1. SIGKILL the coordinator mid-job and start it again on the same ports and state dir
+        down_step = detail()["step"]
+        first.proc.kill()
+        coord = launch_coordinator(first.state_dir, port=first.port, http_port=first.http_port)
+        try:
+            wait_until(lambda: "coordinator_reconnect" in _kinds(detail()), 30, message="the nodes reconnect")
+            d = detail()
+            assert d["state"] == "running" and d["attempt"] == 1, d["reason"]  # no re-plan: nothing was lost
+            assert _kinds(d).index("coordinator_restart") < _kinds(d).index("coordinator_reconnect")
+            wait_until(lambda: (detail()["step"] or 0) >= down_step + 20, 60, message="training goes on")
+
+            # 2. kill the stage-1 node: with no spare the job waits for a node instead of failing
+            victim = next(a["node_id"] for a in detail()["assignments"] if a["stage"] == 1)
+            handle = {n0.node_id: n0, n1.node_id: n1}[victim]
+            handle.proc.kill()
+            waiting = wait_until(lambda: (d := detail())["state"] == "pending" and d, 30, message="the job waits")
+            assert "waiting for a node" in waiting["reason"] and "--node-wait-s" in waiting["reason"]
+            resume = waiting["resume_step"]
+            assert resume >= 5 and resume % 5 == 0
+            # 3. the node comes back (same state dir, same id): the job resumes from its checkpoint
+            with node_proc(coord, handle.state_dir) as back:
+                assert back.node_id == victim
+                done = wait_until(lambda: (d := detail())["state"] in ("succeeded", "failed") and d, 90,
+                                  message="the job ends")
+            assert done["state"] == "succeeded", done["reason"]
+            steps = [p["step"] for p in done["progress"]]
+            assert steps == list(range(400))  # no committed step lost across the restart and the wait
+            # the steps between the checkpoint and the kill are done again (a rollback to the
+            # checkpoint); nothing before the checkpoint is
+            assert all(s >= resume for s in done["repeated_steps"])
+            kinds = _kinds(done)
+            assert kinds.index("node_lost") < kinds.index("replan") < kinds.index("resumed")
+            assert next(e for e in done["events"] if e["kind"] == "replan")["fields"]["waiting"] is True
+        finally:
+            coord.proc.stop()
+
+
+@pytest.mark.timeout(150)
+def test_losing_one_replica_the_survivors_carry_on_without_rollback(tmp_path):
+    model, data = write_inputs(tmp_path)
+    with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0") as n0, \
+            node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2, \
+            node_proc(coord, tmp_path / "n3") as n3:
+        wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 4, 30, message="4 nodes online")
+        with CoordinatorClient(coord.address, token=coord.token) as client:
+            job_id = client.submit_job(_spec(120, stages=2, replicas=2), upload_files(model, data)).id
+        detail = lambda: coord.get_json(f"/api/jobs/{job_id}")  # noqa: E731
+        wait_until(lambda: (detail()["step"] or 0) >= 8, 60, message="training runs")
+        d = detail()
+        assert d["plan"]["d_dp"] == 2
+        # replica 0's stage 1: the pipeline whose checkpoints the coordinator usually keeps
+        victim = next(a["node_id"] for a in d["assignments"] if a["stage"] == 1 and a["replica"] == 0)
+        handles = {h.node_id: h for h in (n0, n1, n2, n3)}
+        before = d["step"]
+        handles[victim].proc.kill()
+        t0 = time.monotonic()
+        # the next committed step: reported by every worker of the (new) plan
+        after = wait_until(lambda: (d := detail())["step"] is not None and d["step"] > before and d, 30,
+                           message="a committed step after the kill")
+        took = time.monotonic() - t0
+        kinds = _kinds(after)
+        assert "replica_dropped" in kinds, kinds
+        replan = next(e for e in after["events"] if e["kind"] == "replan")
+        assert replan["fields"]["fence"] is True and replan["fields"]["num_replicas"] == 1
+        assert after["plan"]["d_dp"] == 1 and victim not in {a["node_id"] for a in after["assignments"]}
+        assert took < 15.0, took
+        done = wait_until(lambda: (d := detail())["state"] in ("succeeded", "failed") and d, 90, message="job ends")
+        assert done["state"] == "succeeded", done["reason"]
+        assert [p["step"] for p in done["progress"]] == list(range(120))
+        assert done["repeated_steps"] == []  # no rollback: no step done twice
+        assert "node_lost" in _kinds(done) and _kinds(done)[-1] == "succeeded"

@@ -1,0 +1,97 @@
+"""Churn rules without a network: the fences' pure decisions, the registry's restart grace, and
+stale or early tensors at a node's endpoint."""
+
+import pytest
+import torch
+
+from swarm.clock import FakeClock
+from swarm.errors import UnavailableError
+from swarm.transport import tensors as wt
+
+from coordinator.jobs import churn
+from coordinator.registry import NodeRegistry
+from coordinator.store import Database
+from node.training.exchange import Endpoint, StaleTensor
+from tests.unit.foundation.test_node_registry import HW
+
+
+def _assignments(stages: int, replicas: int) -> list[dict]:
+    return [{"node_id": f"n{s}{r}", "stage": s, "replica": r, "num_replicas": replicas}
+            for s in range(stages) for r in range(replicas)]
+
+
+@pytest.mark.timeout(10)
+def test_start_fence_needs_every_worker_of_the_attempt():
+    a = _assignments(2, 1)
+    assert not churn.all_ready(a, {"0:0"})
+    assert churn.all_ready(a, {"0:0", "1:0"})
+    assert not churn.all_ready([], set())
+
+
+@pytest.mark.timeout(10)
+def test_replica_fence_switches_at_the_furthest_stage0_and_completes_when_all_fenced():
+    a = _assignments(3, 3)
+    assert churn.live_pipelines(a, {"n11"}) == [0, 2]
+    f = churn.open_fence(attempt=4, assignments=a, live=[0, 2], lost=["n11"], at_s=1.0)
+    assert f["workers"] == ["0:0", "0:2", "1:0", "1:2", "2:0", "2:2"] and f["stage0"] == ["0:0", "0:2"]
+    f = churn.on_fence_report(f, stage=1, replica=1, state="fence", step=9)  # a dropped worker: ignored
+    assert f["ready"] == {}
+    f = churn.on_fence_report(f, stage=0, replica=0, state="fence", step=7)
+    f = churn.on_fence_report(f, stage=2, replica=2, state="fence", step=6)
+    assert f["switch_step"] == 0  # stage 0 of pipeline 2 has not reported
+    f = churn.on_fence_report(f, stage=0, replica=2, state="fence", step=8)
+    assert f["switch_step"] == 8
+    for k in f["workers"]:
+        s, r = map(int, k.split(":"))
+        assert not churn.fence_complete(f)
+        f = churn.on_fence_report(f, stage=s, replica=r, state="fenced", step=8 if k != "2:2" else 7)
+    assert not churn.fence_complete(f)  # fenced at the wrong step does not count
+    f = churn.on_fence_report(f, stage=2, replica=2, state="fenced", step=8)
+    assert churn.fence_complete(f)
+    # losing a live pipeline during the fence shrinks it
+    g = churn.shrink_fence(f, a, {"n11", "n02"})
+    assert g["live"] == [0] and "0:2" not in g["workers"] and "n02" in g["lost"]
+
+
+@pytest.mark.timeout(10)
+def test_replica_counts_keep_the_batch_in_whole_micro_batches():
+    assert churn.replica_counts(4, 8, 2) == [4, 2, 1]
+    assert churn.replica_counts(3, 12, 2) == [3, 2, 1]
+    assert churn.replica_counts(2, 4, 4) == [1]
+
+
+@pytest.mark.timeout(10)
+def test_registry_grace_after_a_restart_then_lost(tmp_path):
+    clock = FakeClock()
+    hw = HW
+    reg = NodeRegistry(Database(tmp_path), clock, node_timeout_s=6.0)
+    reg.register(node_id="a" * 32, name="a", public_key=b"k", peer_address="127.0.0.1:1", hardware=hw)
+    reg.close()
+    clock.advance(100.0)  # the coordinator was down for a while
+    reg = NodeRegistry(Database(tmp_path), clock, node_timeout_s=6.0, grace_s=18.0)
+    reg.begin_grace()
+    clock.advance(17.0)
+    assert reg.sweep() == [] and reg.get("a" * 32).state == "online"
+    clock.advance(2.0)
+    assert reg.sweep() == ["a" * 32]
+    reg.heartbeat("a" * 32)  # it came back late: online again
+    assert reg.get("a" * 32).state == "online"
+    reg.close()
+
+
+def _header(attempt: int) -> wt.TensorHeader:
+    payload = b"x"
+    return wt.make_header(payload, job_id="j", step=0, micro_batch=0, sample_ids=(0,), shape=(1,), dtype="float32",
+                          codec="none", kind="activation", boundary=0, sender_id="s" * 32, replica=0, attempt=attempt)
+
+
+@pytest.mark.timeout(10)
+def test_endpoint_drops_stragglers_and_defers_newer_attempts():
+    ep = Endpoint("j", lambda h, p: torch.zeros(1), attempt=3)
+    with pytest.raises(StaleTensor):
+        ep.precheck(_header(2))
+    assert ep.num_stale == 1 and ep.num_rejected == 0
+    with pytest.raises(UnavailableError) as err:
+        ep.precheck(_header(4))
+    assert err.value.retryable
+    ep.precheck(_header(3))
