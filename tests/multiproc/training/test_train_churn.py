@@ -25,7 +25,12 @@ def _kinds(detail) -> list[str]:
     return [e["kind"] for e in detail["events"]]
 
 
-@pytest.mark.timeout(150)
+# long enough that the nodes, which train on through the outage (~30 steps/s here), are still
+# running when the stage node is killed after the coordinator is back
+STEPS = 1000
+
+
+@pytest.mark.timeout(240)
 def test_coordinator_restart_then_lost_stage_waits_for_its_node_and_resumes(tmp_path):
     model, data = write_inputs(tmp_path)
     coord = None
@@ -33,7 +38,7 @@ def test_coordinator_restart_then_lost_stage_waits_for_its_node_and_resumes(tmp_
             node_proc(first, tmp_path / "n1") as n1:
         wait_until(lambda: sum(n.state == "online" for n in first.snapshot().nodes) == 2, 30, message="2 nodes online")
         with CoordinatorClient(first.address, token=first.token) as client:
-            job_id = client.submit_job(_spec(400, stages=2, replicas=1), upload_files(model, data)).id
+            job_id = client.submit_job(_spec(STEPS, stages=2, replicas=1), upload_files(model, data)).id
         detail = lambda: coord.get_json(f"/api/jobs/{job_id}")  # noqa: E731
         coord = first
         wait_until(lambda: (detail()["step"] or 0) >= 10, 60, message="training runs")
@@ -64,7 +69,7 @@ def test_coordinator_restart_then_lost_stage_waits_for_its_node_and_resumes(tmp_
                                   message="the job ends")
             assert done["state"] == "succeeded", done["reason"]
             steps = [p["step"] for p in done["progress"]]
-            assert steps == list(range(400))  # no committed step lost across the restart and the wait
+            assert steps == list(range(STEPS))  # no committed step lost across the restart and the wait
             # the steps between the checkpoint and the kill are done again (a rollback to the
             # checkpoint); nothing before the checkpoint is
             assert all(s >= resume for s in done["repeated_steps"])
