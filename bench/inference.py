@@ -10,6 +10,14 @@ Metrics: TTFT = request sent -> first token received by the client (prefill thro
 chain + return). Decode tokens/s per session = (tokens - 1) / (last token - first token).
 Aggregate tokens/s = all sessions' tokens / wall time from the first request to the last token.
 Per-stage overhead = (per-token latency of k stages - that of 1 stage) / (k - 1).
+Baseline: ``transformers``' ``generate`` on the same checkpoint (bench/baselines.py; same dtype,
+device, KV cache, batch = sessions, greedy, exactly --new-tokens), in this process with
+--baseline-threads torch threads, interleaved with the swarm runs; every row prints its
+aggregate tokens/s as a ratio to it (at the same number of sessions).
+
+    python -m bench.inference --quick --json      # CPU, loopback, 1 and 2 stages, < 3 minutes
+    python -m bench.inference --device cuda --dtype float16 --family llama --layers 12 --hidden 1024 \
+        --heads 16 --stages 1,2,4 --sessions 1,8 --new-tokens 64 --repeats 3 --max-seq-len 256
 """
 
 from __future__ import annotations
@@ -206,7 +214,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--record-to", default=None, help="append the section to this file instead of docs/benchmarks.md")
     ap.add_argument("--json-out", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--json", action="store_true", help="print one JSON object (baseline and runs) on stdout")
+    ap.add_argument("--quick", action="store_true", help="CPU loopback, 1 and 2 stages, 1 and 8 sessions, < 3 minutes")
+    ap.add_argument("--baseline-threads", type=int, default=0,
+                    help="torch threads of generate (default: BENCH_NODE_THREADS, one node process's: the stages of "
+                         "a chain compute one after the other)")
+    ap.add_argument("--no-baseline", action="store_true")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.stages, args.sessions, args.new_tokens, args.repeats = "1,2", "1,8", 32, 3
+    node_threads = int(os.environ.get("BENCH_NODE_THREADS", "1"))
+    args.baseline_threads = args.baseline_threads or node_threads
+    out = sys.stderr if args.json else sys.stdout  # --json: stdout carries only the JSON object
     stages = [int(s) for s in args.stages.split(",")]
     sessions = [int(s) for s in args.sessions.split(",")]
     dtype = getattr(torch, args.dtype)
@@ -234,6 +253,16 @@ def main(argv: list[str] | None = None) -> int:
             best: dict[tuple[str, int, int], dict] = {}
             for _ in range(args.repeats):
                 for s in sessions:
+                    if not args.no_baseline:
+                        from bench.baselines import hf_generate
+
+                        r = hf_generate(ckpt, prompt_ids, new_tokens=args.new_tokens, batch=s, device=args.device,
+                                        dtype=dtype, threads=args.baseline_threads)
+                        r = {"ttft_s": r["ttft_s"], "decode_tok_s": 1e3 / r["ms_per_token"], "agg_tok_s": r["tokens_per_s"],
+                             "ms_per_token": r["ms_per_token"]}
+                        key = ("HF generate (baseline)", 1, s)
+                        if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
+                            best[key] = r
                     r = local_run(ckpt, args.layers, prompt_ids, args.new_tokens, s, args.device, dtype, args.max_seq_len)
                     key = ("single process", 1, s)
                     if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
@@ -244,21 +273,38 @@ def main(argv: list[str] | None = None) -> int:
                         key = (where, k, s)
                         if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
                             best[key] = r
-                print(f"round done: {len(best)} configurations", flush=True)
+                print(f"round done: {len(best)} configurations", file=out, flush=True)
         finally:
             swarm.close()
-        for (where, k, s), r in sorted(best.items(), key=lambda kv: (kv[0][0] != "single process", kv[0][1], kv[0][2])):
-            rows.append([where, k, s, r["ttft_s"] * 1e3, r["ms_per_token"], r["decode_tok_s"], r["agg_tok_s"]])
-    headers = ["setup", "stages", "sessions", "TTFT ms", "ms/token (per session)", "tok/s per session", "aggregate tok/s"]
+        order = {"HF generate (baseline)": 0, "single process": 1}
+        base = {s: r["agg_tok_s"] for (where, _, s), r in best.items() if where == "HF generate (baseline)"}
+        runs = []
+        for (where, k, s), r in sorted(best.items(), key=lambda kv: (order.get(kv[0][0], 2), kv[0][1], kv[0][2])):
+            ratio = r["agg_tok_s"] / base[s] if s in base else None
+            rows.append([where, k, s, r["ttft_s"] * 1e3, r["ms_per_token"], r["decode_tok_s"], r["agg_tok_s"],
+                         f"{ratio:.2f}x" if ratio is not None else "-"])
+            if where not in order:
+                runs.append({"stages": k, "sessions": s, "tokens_per_s": r["agg_tok_s"], "ms_per_token": r["ms_per_token"],
+                             "ttft_ms": r["ttft_s"] * 1e3, "ratio_to_baseline": ratio,
+                             "baseline_tokens_per_s": base.get(s)})
+            elif where == "single process":
+                runs.append({"stages": 0, "sessions": s, "setup": "single-process StageRuntime",
+                             "tokens_per_s": r["agg_tok_s"], "ms_per_token": r["ms_per_token"],
+                             "ttft_ms": r["ttft_s"] * 1e3, "ratio_to_baseline": ratio,
+                             "baseline_tokens_per_s": base.get(s)})
+    headers = ["setup", "stages", "sessions", "TTFT ms", "ms/token (per session)", "tok/s per session", "aggregate tok/s",
+               "vs generate"]
     table = markdown_table(headers, rows)
-    print(table)
+    print(table, file=out)
     # derived targets
     notes = [f"Model: tiny {args.family}, {args.layers} layers, hidden {args.hidden}, {params_m:.1f}M parameters, "
              f"{args.dtype} on {args.device}; prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, greedy, "
              f"KV cache {args.max_seq_len} positions per session; "
              f"best of {args.repeats} interleaved runs; hidden codec {args.hidden_codec}; {args.lanes} lane(s); one node process per stage"
-             + ("; nodes in network namespaces behind tc tbf" if args.netns else "; loopback") + "."]
-    by = {(r[0].split(" ")[0] == "single", r[1], r[2]): r for r in rows}
+             + ("; nodes in network namespaces behind tc tbf" if args.netns else "; loopback") + "; "
+             + f"node processes {node_threads} torch thread(s) each; baseline `generate` "
+             + f"{args.baseline_threads} thread(s) (a chain's stages compute one after the other)."]
+    by = {(r[0].split(" ")[0] in ("single", "HF"), r[1], r[2]): r for r in rows if not r[0].startswith("HF")}
     one = by.get((False, 1, 1))
     for k in stages:
         row = by.get((False, k, 1))
@@ -268,7 +314,12 @@ def main(argv: list[str] | None = None) -> int:
         a, b = by.get((False, k, 1)), by.get((False, k, 8))
         if a and b:
             notes.append(f"- {k} stage(s): 8 concurrent sessions give {b[6] / a[6]:.2f}x the aggregate throughput of one")
-    print("\n".join(notes))
+    print("\n".join(notes), file=out)
+    if args.json:
+        first = sessions[0]
+        print(json.dumps({"baseline_tokens_per_s": base.get(first), "baseline_sessions": first,
+                          "baselines_by_sessions": {str(k): v for k, v in base.items()},
+                          "baseline_threads": args.baseline_threads, "device": args.device, "runs": runs}))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"headers": headers, "rows": rows, "notes": notes}, indent=2))
     if not args.no_record:

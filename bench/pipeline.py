@@ -13,7 +13,15 @@ planning, stage workers, gRPC peer-to-peer tensors). Measured over the steps aft
 - bytes per step per link = (activations stage k -> k+1 + gradients k+1 -> k) per step;
 - network-wait fraction = time stages spent blocked waiting for a neighbour's tensor / step time
   (mean over stages);
-- compute-only bound = the same processes and job on unshaped loopback with codec `none`.
+- compute-only bound = the same processes and job on unshaped loopback with codec `none`;
+- baseline = a plain single-process torch loop (bench/baselines.py: same model, batch,
+  micro-batches with gradient accumulation, AdamW, dtype, device) run in the same invocation,
+  with as many torch threads as all node processes together (capped at the machine's cores);
+  every row prints its ratio to it.
+
+    python -m bench.pipeline --quick --json           # CPU, loopback, < 3 minutes, one JSON object
+    python -m bench.pipeline --device cuda --no-netns --layers 6 --hidden 1024 --heads 16 \
+        --seq-len 256 --batch-size 16 --micro-batch-size 4 --num-samples 32 --steps 8 --threads 2
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sqlite3
 import statistics
 import subprocess
@@ -295,7 +304,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tls-cost", action="store_true",
                     help="measure what TLS costs: each configuration with TLS and with the benchmark-only plaintext "
                          "mode (SWARM_BENCH_PLAINTEXT=1), tokens/s of both and their ratio")
+    ap.add_argument("--json", action="store_true", help="print one JSON object (baseline and runs) on stdout")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU loopback run in under 3 minutes: none and aqsgd:fw=4,bw=8, 6 x 128 model")
+    ap.add_argument("--baseline-threads", type=int, default=0,
+                    help="torch threads of the single-process baseline (default: stages x --threads, at most the "
+                         "cores); it also runs with 1 thread and keeps the faster")
+    ap.add_argument("--no-baseline", action="store_true")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.no_netns, args.codecs = True, "none|aqsgd:fw=4,bw=8"
+        args.layers, args.hidden, args.heads, args.seq_len = 6, 128, 4, 128
+        args.batch_size, args.micro_batch_size, args.num_samples, args.steps = 16, 4, 32, 8
+        args.warm_epochs, args.repeats = 1.0, 2
+    if not args.baseline_threads:
+        args.baseline_threads = max(1, min(args.stages * args.threads, os.cpu_count() or 1))
+    out = sys.stderr if args.json else sys.stdout  # --json: stdout carries only the JSON object
     codecs = [c.strip() for c in args.codecs.split("|") if c.strip()]
     rates = [] if args.no_netns else [float(r) for r in args.rates.split(",") if r]
 
@@ -338,8 +362,21 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.emulate:  # group by rate so that each swarm starts once per round
             plan.sort(key=lambda rc: rc[0] or 0.0)
+        baseline = None
         try:
             for rep in range(args.repeats):
+                if not args.no_baseline:
+                    from bench.baselines import train_loop
+
+                    for th in sorted({1, args.baseline_threads}):
+                        b = train_loop(root / "model", (root / "data.txt").read_text(), seq_len=args.seq_len,
+                                       batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                                       num_samples=args.num_samples, steps=args.steps,
+                                       warm_from_step=int(math.ceil(args.warm_epochs * (args.num_samples // args.batch_size))),
+                                       lr=1e-3, device=args.device, threads=th)
+                        print(json.dumps({"baseline": b}), file=out, flush=True)
+                        if baseline is None or b["tokens_per_s"] > baseline["tokens_per_s"]:
+                            baseline = b
                 for rate, codec in plan:
                     swarm = swarm_for(rate)
                     if netns:
@@ -352,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         name = "unshaped veth" if netns else "loopback"
                     m.update(setting=name, codec=codec, wall_s=time.monotonic() - t0, num_samples=job["num_samples"])
-                    print(json.dumps(m), flush=True)
+                    print(json.dumps(m), file=out, flush=True)
                     key = (rate or 0.0, codec)
                     if key not in best or m["tokens_per_s"] > best[key]["tokens_per_s"]:
                         best[key] = m
@@ -371,10 +408,16 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['tokens_per_s'] / none_at[r['setting']]:.2f}x" if none_at.get(r["setting"]) else "-",
                      f"{100 * r['tokens_per_s'] / bound:.0f}%" if bound else "-", r["steps"],
                      round(r["final_loss"], 3)])
-    headers = ["link", "codec", "tokens/s (warm)", "KiB per step per link", "network wait", "vs none", "vs compute bound",
-               "warm steps", "loss"]
+    base_tps = baseline["tokens_per_s"] if baseline else None
+    for row, r in zip(rows, results):
+        row.insert(3, f"{r['tokens_per_s'] / base_tps:.2f}x" if base_tps else "-")
+    if baseline:
+        rows.insert(0, ["single process (baseline)", "-", int(round(base_tps)), "1.00x", "-", "-", "-", "-",
+                        baseline["steps"], round(baseline["final_loss"], 3)])
+    headers = ["link", "codec", "tokens/s (warm)", "vs single process", "KiB per step per link", "network wait",
+               "vs none", "vs compute bound", "warm steps", "loss"]
     table = markdown_table(headers, rows)
-    print(table)
+    print(table, file=out)
     notes = [
         f"Model: tiny GPT-2, {args.layers} layers, hidden {args.hidden}, {cfg.num_parameters() / 1e6:.2f}M parameters, "
         f"float32 on {args.device}; {args.stages} stages (one node process each, {args.threads} torch thread(s)), "
@@ -382,6 +425,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{results[0]['num_samples'] if results else '?'} samples, {args.steps} steps, metrics over steps >= "
         f"{results[0]['warm_from_step'] if results else '?'} "
         f"(after {args.warm_epochs:g} epoch(s): AQ-SGD cache warm).",
+        (f"Baseline: the same model, batch, micro-batches (gradient accumulation), AdamW and device in one process "
+         f"with 1 and with {args.baseline_threads} torch thread(s) (the node processes' threads together, at most the "
+         f"machine's {os.cpu_count()} cores), the faster kept ({baseline['threads']} here) = {base_tps:.1f} tokens/s, "
+         f"best of {args.repeats} rounds interleaved with the swarm runs."
+         if base_tps else "No single-process baseline in this run."),
         "Compute-only bound: the same processes and job with codec none on unshaped links"
         + (f" = {bound:.1f} tokens/s." if bound else "."),
         ("Emulated links: each sender holds every tensor until it would have crossed a serial link of that rate "
@@ -389,7 +437,14 @@ def main(argv: list[str] | None = None) -> int:
          "tbf shapes both ends of every node's veth, so each hop crosses two shaped links at the given rate; "
          "a middle stage's activations and gradients share its one uplink."),
     ]
-    print("\n".join(notes))
+    print("\n".join(notes), file=out)
+    runs = [{"codec": r["codec"], "link": r["setting"], "tokens_per_s": r["tokens_per_s"],
+             "ratio_to_baseline": r["tokens_per_s"] / base_tps if base_tps else None,
+             "wait_frac": r["wait_frac"], "bytes_per_link_step": r["bytes_per_link_step"], "steps": r["steps"],
+             "final_loss": r["final_loss"]} for r in results]
+    if args.json:
+        print(json.dumps({"baseline_tokens_per_s": base_tps, "baseline_threads": baseline["threads"] if baseline else None,
+                          "device": args.device, "runs": runs}))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"results": results, "headers": headers, "rows": rows}, default=str))
     if not args.no_record:

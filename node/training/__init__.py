@@ -59,9 +59,9 @@ class TrainingPlugin(NodePlugin):
             log.warning("emulating %.0f Mbit/s links to pipeline neighbours (benchmark setting)", self.emulate_link_bps / 1e6)
 
     def install(self, server) -> None:
-        pb_grpc.add_PipelinePeerServicer_to_server(
-            PipelinePeerServicer(self.endpoints, traffic=self.host.traffic, identify=self.host.security.peer_identity),
-            server)
+        peer = PipelinePeerServicer(self.endpoints, traffic=self.host.traffic, identify=self.host.security.peer_identity)
+        pb_grpc.add_PipelinePeerServicer_to_server(peer, server)
+        server.add_generic_rpc_handlers((peer.stream_receiver().handler(),))  # persistent tensor streams
 
     def start(self) -> None:
         self.client = TrainingClient(self.host)

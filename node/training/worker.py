@@ -331,13 +331,14 @@ class StageWorker:
 
     # -- sending -----------------------------------------------------------------------------------
     def _send(self, sender: PeerSender, kind: str, step: int, m: int, ids, msg: CodecMessage, boundary: int) -> int:
-        payload = msg.to_bytes()
-        header = wt.make_header(payload, job_id=self.a.job_id, step=step, micro_batch=m,
-                                sample_ids=tuple(int(i) for i in ids), shape=(self.b, self.S, self.H), dtype="float32",
-                                codec=self.codec_text, kind=kind, boundary=boundary, sender_id=self.node_id,
-                                replica=self.a.replica, attempt=self.a.attempt)
-        sender.send(wt.WireTensor(header=header, payload=payload))
-        return len(payload)
+        # The compute thread only starts the (pinned, non-blocking) copy to the host; the
+        # sender's thread waits for it, serialises and frames the message (issue 16).
+        msg, ready = msg.to_host()
+        sender.send_message(msg, ready, job_id=self.a.job_id, step=step, micro_batch=m,
+                            sample_ids=tuple(int(i) for i in ids), shape=(self.b, self.S, self.H), dtype="float32",
+                            codec=self.codec_text, kind=kind, boundary=boundary, sender_id=self.node_id,
+                            replica=self.a.replica, attempt=self.a.attempt)
+        return msg.nbytes
 
     # -- training ----------------------------------------------------------------------------------
     def _train(self) -> None:

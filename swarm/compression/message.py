@@ -12,6 +12,7 @@ since the sample's last visit). A length of 0 means the part is absent.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 
@@ -71,17 +72,45 @@ class CodecMessage:
         return sum(p.nbytes - p.header_nbytes for p in (self.fresh, self.delta) if p is not None)
 
     def to_bytes(self) -> bytes:
+        return b"".join(self.buffers())
+
+    def buffers(self) -> list:
+        """The parts of :meth:`to_bytes` in order, not joined: small header bytes and views of
+        the tensors' bytes (a sender joins them once, into its network message)."""
         B = len(self.sample_ids)
         out = [
-            _HEAD.pack(MAGIC, KIND_CODES[self.kind], 0 if self.direction == FORWARD else 1, 0, self.key_fingerprint, B),
-            struct.pack(f"<{B}q", *self.sample_ids),
-            bytes(int(m) for m in self.delta_mask),
+            _HEAD.pack(MAGIC, KIND_CODES[self.kind], 0 if self.direction == FORWARD else 1, 0, self.key_fingerprint, B)
+            + struct.pack(f"<{B}q", *self.sample_ids) + bytes(int(m) for m in self.delta_mask),
         ]
         for part in (self.fresh, self.delta):
-            blob = part.to_bytes() if part is not None else b""
-            out.append(struct.pack("<I", len(blob)))
-            out.append(blob)
-        return b"".join(out)
+            if part is None:
+                out.append(struct.pack("<I", 0))
+                continue
+            out.append(struct.pack("<I", part.nbytes))
+            out.extend(part.buffers())
+        return out
+
+    def to_host(self) -> tuple["CodecMessage", object]:
+        """This message with its tensors copied to pinned host memory without blocking, and a
+        CUDA event that completes when the copies have (``(self, None)`` when already on the
+        host). Call from the thread that made the message, so the copies follow its kernels;
+        wait on the event before reading the bytes (another thread may)."""
+        parts = [p for p in (self.fresh, self.delta) if p is not None]
+        if not parts or all(p.data.device.type == "cpu" for p in parts):
+            return self, None
+
+        def host(t):
+            if t is None or t.device.type == "cpu":
+                return t
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            out.copy_(t, non_blocking=True)
+            return out
+
+        moved = [None if p is None else dataclasses.replace(p, data=host(p.data), scales=host(p.scales))
+                 for p in (self.fresh, self.delta)]
+        event = torch.cuda.Event()
+        event.record()
+        return dataclasses.replace(self, fresh=moved[0], delta=moved[1]), event
 
     @classmethod
     def from_bytes(

@@ -75,6 +75,11 @@ class EncodedTensor:
         return self.header_nbytes + scales + self.data.numel()
 
     def to_bytes(self) -> bytes:
+        return b"".join(self.buffers())
+
+    def buffers(self) -> list:
+        """The parts of :meth:`to_bytes` without joining them: header bytes, then views of the
+        scales and data (copied to the host first when they live on a device)."""
         head = _HEAD.pack(
             MAGIC, (QUANT_CHANNEL if self.per_channel else QUANT) if self.bits else RAW, DTYPE_CODES[self.dtype],
             self.bits, len(self.shape),
@@ -82,9 +87,9 @@ class EncodedTensor:
         ) + struct.pack(f"<{len(self.shape)}I", *self.shape)
         parts = [head]
         if self.scales is not None:
-            parts.append(self.scales.contiguous().view(torch.uint8).cpu().numpy().tobytes())
-        parts.append(self.data.contiguous().cpu().numpy().tobytes())
-        return b"".join(parts)
+            parts.append(_host_view(self.scales.contiguous().view(torch.uint8)))
+        parts.append(_host_view(self.data.contiguous()))
+        return parts
 
     @classmethod
     def from_bytes(
@@ -116,7 +121,7 @@ class EncodedTensor:
                 raise InvalidRequestError(f"raw tensor payload is {len(mv) - off} bytes, expected {want}")
             data = torch.frombuffer(bytearray(mv[off:]), dtype=torch.uint8) if want else torch.empty(0, dtype=torch.uint8)
             values = data.view(dtype)
-            if values.numel() and not bool(torch.isfinite(values).all()):
+            if values.numel() and not all_finite(values):
                 raise InvalidRequestError("tensor message holds NaN or Inf")
             return cls(shape=tuple(shape), dtype=dtype, bits=0, group_size=0, data=data.to(device))
         try:
@@ -167,7 +172,7 @@ def encode_tensor(
     x = x.detach()
     dtype = x.dtype if x.dtype in DTYPE_CODES else torch.float32
     if bits is None:
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise InvalidRequestError("cannot send a tensor holding NaN or Inf; check the model for divergence")
         data = x.to(dtype).contiguous().view(-1).view(torch.uint8)
         return EncodedTensor(shape=tuple(x.shape), dtype=dtype, bits=0, group_size=0, data=data)
@@ -212,6 +217,22 @@ def decode_tensor(
         data, lo, scale, enc.numel, enc.bits, enc.group_size, out_dtype=out_dtype, backend=backend
     )
     return flat.view(enc.shape).to(dtype)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True when no value of ``x`` is NaN or Inf. One reduction instead of a mask: the sum of
+    finite values is finite unless it overflows, so only a non-finite sum (NaN/Inf present, or
+    an overflow) pays for the exact check."""
+    if not x.is_floating_point() or x.numel() == 0:
+        return True
+    if bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
+def _host_view(t: torch.Tensor) -> memoryview:
+    """A flat byte view of ``t`` on the host (no copy when it is already there)."""
+    return memoryview(t.cpu().view(torch.uint8).numpy()).cast("B")
 
 
 def _channel_group(numel: int, channels: int) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from swarm.compression.wire import all_finite
 from swarm.errors import InvalidRequestError
 from swarm.proto.v1 import tensor_pb2 as pb
 
@@ -288,5 +289,5 @@ def raw_decode(payload: bytes, *, shape: tuple[int, ...], dtype: str) -> torch.T
 
 def check_finite(tensor: torch.Tensor, *, what: str = "tensor") -> None:
     """Raise InvalidRequestError when a floating tensor holds NaN or Inf."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if tensor.is_floating_point() and not all_finite(tensor):
         raise InvalidRequestError(f"{what} holds NaN or Inf values; refusing to use it")

@@ -330,3 +330,19 @@ class RendezvousReply(_message.Message):
     maddrs: _containers.RepeatedScalarFieldContainer[str]
     num_joined: int
     def __init__(self, maddrs: _Optional[_Iterable[str]] = ..., num_joined: _Optional[int] = ...) -> None: ...
+
+class TensorFrame(_message.Message):
+    __slots__ = ("seq", "header", "payload")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    header: _tensor_pb2.TensorHeader
+    payload: bytes
+    def __init__(self, seq: _Optional[int] = ..., header: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class TensorFrameAck(_message.Message):
+    __slots__ = ("seq",)
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    def __init__(self, seq: _Optional[int] = ...) -> None: ...

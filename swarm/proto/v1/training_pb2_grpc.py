@@ -572,7 +572,8 @@ class Training:
 
 
 class PipelinePeerStub:
-    """On every node: the pipeline data plane. One stream per tensor.
+    """On every node: the pipeline data plane. One stream per tensor (the fallback for tensors
+    larger than one gRPC message, and for peers without PipelineStream).
     """
 
     def __init__(self, channel):
@@ -589,7 +590,8 @@ class PipelinePeerStub:
 
 
 class PipelinePeerServicer:
-    """On every node: the pipeline data plane. One stream per tensor.
+    """On every node: the pipeline data plane. One stream per tensor (the fallback for tensors
+    larger than one gRPC message, and for peers without PipelineStream).
     """
 
     def PushTensor(self, request_iterator, context):
@@ -615,7 +617,8 @@ def add_PipelinePeerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PipelinePeer:
-    """On every node: the pipeline data plane. One stream per tensor.
+    """On every node: the pipeline data plane. One stream per tensor (the fallback for tensors
+    larger than one gRPC message, and for peers without PipelineStream).
     """
 
     @staticmethod
@@ -635,6 +638,87 @@ class PipelinePeer:
             '/swarm.proto.v1.PipelinePeer/PushTensor',
             swarm_dot_proto_dot_v1_dot_tensor__pb2.TensorChunk.SerializeToString,
             swarm_dot_proto_dot_v1_dot_tensor__pb2.TensorAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class PipelineStreamStub:
+    """On every node: one long-lived stream per (job, attempt, neighbour) carrying every tensor in
+    order; the caller names the stream in metadata `swarm-stream-id` so a reconnected stream's
+    re-sent frames are acknowledged without being applied twice.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Open = channel.stream_stream(
+                '/swarm.proto.v1.PipelineStream/Open',
+                request_serializer=swarm_dot_proto_dot_v1_dot_training__pb2.TensorFrame.SerializeToString,
+                response_deserializer=swarm_dot_proto_dot_v1_dot_training__pb2.TensorFrameAck.FromString,
+                _registered_method=True)
+
+
+class PipelineStreamServicer:
+    """On every node: one long-lived stream per (job, attempt, neighbour) carrying every tensor in
+    order; the caller names the stream in metadata `swarm-stream-id` so a reconnected stream's
+    re-sent frames are acknowledged without being applied twice.
+    """
+
+    def Open(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PipelineStreamServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Open': grpc.stream_stream_rpc_method_handler(
+                    servicer.Open,
+                    request_deserializer=swarm_dot_proto_dot_v1_dot_training__pb2.TensorFrame.FromString,
+                    response_serializer=swarm_dot_proto_dot_v1_dot_training__pb2.TensorFrameAck.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'swarm.proto.v1.PipelineStream', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('swarm.proto.v1.PipelineStream', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class PipelineStream:
+    """On every node: one long-lived stream per (job, attempt, neighbour) carrying every tensor in
+    order; the caller names the stream in metadata `swarm-stream-id` so a reconnected stream's
+    re-sent frames are acknowledged without being applied twice.
+    """
+
+    @staticmethod
+    def Open(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/swarm.proto.v1.PipelineStream/Open',
+            swarm_dot_proto_dot_v1_dot_training__pb2.TensorFrame.SerializeToString,
+            swarm_dot_proto_dot_v1_dot_training__pb2.TensorFrameAck.FromString,
             options,
             channel_credentials,
             insecure,
