@@ -22,6 +22,7 @@ import argparse
 import json
 import queue
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ if __package__ in (None, ""):
 import torch
 
 from bench._record import markdown_table, record
+from swarm import certs
+from swarm.transport.tls import TlsSecurity
 from node.training.exchange import Endpoint, Endpoints, PeerSender, PipelinePeerServicer
 from swarm.compression import CodecMessage, decode_tensor, encode_tensor
 from swarm.proto.v1 import training_pb2_grpc
@@ -45,13 +48,33 @@ def _message(x: torch.Tensor) -> CodecMessage:
                         delta_mask=(False,) * B, fresh=encode_tensor(x, bits=None))
 
 
+SENDER, RECEIVER = "a" * 32, "b" * 32
+
+
+def _node_security(ca, node_id: str) -> TlsSecurity:
+    """A node's mTLS credentials from a throwaway swarm CA, as the coordinator would issue them."""
+    key = certs.new_key()
+    cert = ca.issue_node(node_id, certs.public_key_der(key), now_s=time.time(), lifetime_s=3600.0)
+    return TlsSecurity(ca_pem=ca.ca_pem, key_pem=certs.key_pem(key), cert_pem=cert)
+
+
 def run(shape: tuple[int, ...], n: int, path: str, device: str) -> dict:
+    """One path's cost over TLS (mTLS between two node identities), as nodes run it."""
+    from coordinator.ca import CoordinatorCA
+
+    with tempfile.TemporaryDirectory(prefix="bench-dataplane-") as tmp:
+        ca = CoordinatorCA(Path(tmp), now_s=time.time())
+        return _run(shape, n, path, device, _node_security(ca, SENDER), _node_security(ca, RECEIVER))
+
+
+def _run(shape: tuple[int, ...], n: int, path: str, device: str, sender_sec: TlsSecurity,
+         receiver_sec: TlsSecurity) -> dict:
     endpoints = Endpoints()
     srv = make_server(max_message_bytes=DATA_MAX_MESSAGE_BYTES, max_workers=8)
-    peer = PipelinePeerServicer(endpoints)
+    peer = PipelinePeerServicer(endpoints, identify=TlsSecurity.peer_identity)
     training_pb2_grpc.add_PipelinePeerServicer_to_server(peer, srv)
     srv.add_generic_rpc_handlers((peer.stream_receiver().handler(),))
-    port = bind(srv, "127.0.0.1", 0)
+    port = bind(srv, "127.0.0.1", 0, security=receiver_sec)
     srv.start()
 
     def validate(h, payload):
@@ -60,9 +83,9 @@ def run(shape: tuple[int, ...], n: int, path: str, device: str) -> dict:
 
     ep = Endpoint("job", validate)
     endpoints.add(ep)
-    sender = PeerSender(f"127.0.0.1:{port}", what="peer", timeout_s=60)
+    sender = PeerSender(f"127.0.0.1:{port}", security=sender_sec, node_id=RECEIVER, what="peer", timeout_s=60)
     x = torch.randn(*shape, device=device)
-    fields = dict(job_id="job", step=0, shape=shape, dtype="float32", kind="activation", sender_id="a")
+    fields = dict(job_id="job", step=0, shape=shape, dtype="float32", kind="activation", sender_id=SENDER)
     stop = threading.Event()
     pushes: queue.Queue = queue.Queue()
 

@@ -185,7 +185,16 @@ class StreamReceiver:
             raise InvalidRequestError(f"a tensor stream needs a {STREAM_ID_KEY} of 1..{MAX_STREAM_ID_CHARS} characters")
         caller = self._identify(context)  # before any frame is read
         st = self._state(f"{caller}/{stream_id}")
-        for raw in request_iterator:
+        frames = iter(request_iterator)
+        while True:
+            try:
+                raw = next(frames)
+            except StopIteration:
+                return
+            except grpc.RpcError:  # the sender went away or the server is stopping: not an error here
+                if context.is_active():
+                    raise
+                return
             seq, header, payload = decode_frame(raw, max_payload_bytes=self.max_payload_bytes)
             with st[0]:
                 if seq > st[1]:
