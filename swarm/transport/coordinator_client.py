@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from swarm import certs
-from swarm.errors import AuthError, ConfigError, InvalidRequestError
+from swarm.errors import AuthError, InvalidRequestError
 from swarm.membership import Link, NodeInfo
 from swarm.proto.v1 import coordinator_pb2 as cpb
 from swarm.proto.v1 import coordinator_pb2_grpc as cpb_grpc
@@ -225,9 +225,11 @@ class CoordinatorClient:
             if not self._fingerprint and self._token:
                 certs.parse_token(self._token)  # an old-format token: AuthError saying what to paste
             if not self._fingerprint:
-                raise ConfigError("connecting to a coordinator needs its token: pass --token or set SWARM_TOKEN "
-                                  "(swarm1.<CA fingerprint>.<secret> as swarm-coordinator printed it; "
-                                  "swarm1.<CA fingerprint> alone is enough to read)")
+                # AuthError as before TLS, and the same words as the coordinator's for a change
+                # without a token; distinct from a wrong token's ("the token given is wrong").
+                raise AuthError("connecting to a coordinator needs its token, and no token was given: pass --token "
+                                "or set SWARM_TOKEN (swarm1.<CA fingerprint>.<secret> as swarm-coordinator "
+                                "printed it; swarm1.<CA fingerprint> alone is enough to read)")
             try:
                 ca = fetch_ca(self.address, self._fingerprint, timeout_s=min(self.timeout_s, 10.0))
             except AuthError as exc:

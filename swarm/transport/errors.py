@@ -130,6 +130,13 @@ def _address_in(what: str) -> str:
     return what.rsplit(" at ", 1)[-1]
 
 
+def http_port_error(address: str) -> errors.WrongProtocolError:
+    """The error for ``address`` answering HTTP where the coordinator's gRPC port was expected
+    (the one message, whether gRPC or the TLS CA fetch noticed it)."""
+    return errors.WrongProtocolError(
+        f"{address} answers HTTP, not gRPC: is that the coordinator's --http-port? use its gRPC port (READY port=...)")
+
+
 def error_from_rpc(exc: grpc.RpcError, what: str = "peer") -> errors.SwarmError:
     """The swarm error for a failed call; ``what`` names the other side in the message
     (``"coordinator at HOST:PORT"``). An address that answers HTTP/1 gives WrongProtocolError."""
@@ -137,9 +144,7 @@ def error_from_rpc(exc: grpc.RpcError, what: str = "peer") -> errors.SwarmError:
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and \
             _answers_http1(details or ""):
-        err = errors.WrongProtocolError(
-            f"{_address_in(what)} answers HTTP, not gRPC: is that the coordinator's --http-port? "
-            "use its gRPC port (READY port=...)")
+        err = http_port_error(_address_in(what))
         err.grpc_code = code  # type: ignore[attr-defined]
         return err
     cls = _ERROR_FOR_CODE.get(code, errors.PeerError)

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives import serialization
 
 from swarm import certs
 from swarm.errors import AuthError, ConfigError, UnavailableError
+from swarm.transport.errors import http_port_error
 
 log = logging.getLogger(__name__)
 
@@ -56,32 +57,82 @@ def _split(address: str) -> tuple[str, int]:
     return parse_address(address)
 
 
-def fetch_ca(address: str, fingerprint: str, *, timeout_s: float = 10.0) -> bytes:
-    """The coordinator's CA certificate (PEM), checked against the token's ``fingerprint``.
+class _NotTls(Exception):
+    """The server did not complete a TLS handshake; ``first_bytes``: the start of what it sent."""
 
-    Raises UnavailableError (unreachable: retry), AuthError (no certificate with that
-    fingerprint: wrong token or an impostor)."""
-    host, port = _split(address)
+    def __init__(self, first_bytes: bytes, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.first_bytes = first_bytes
+        self.cause = cause
+
+
+def _server_chain(host: str, port: int, timeout_s: float) -> tuple[list[bytes], str | None]:
+    """Handshake with ``host:port`` without trusting it: the certificate chain it sent (DER) and
+    the ALPN protocol it chose. Raises _NotTls (no TLS there), OSError (unreachable).
+
+    The handshake runs over memory BIOs so that what a server answers instead of TLS stays
+    visible: an HTTP/1 server replies to the ClientHello with an HTTP error (aiohttp:
+    ``HTTP/1.0 400 Bad Request``, "Received HTTPS traffic on an HTTP port"), which the ssl module
+    alone reports only as WRONG_VERSION_NUMBER."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    # Not trusting the server is the point: the chain is checked against the pin below.
+    # Not trusting the server is the point: the chain is checked against the pin by the caller.
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection((host, port), timeout=timeout_s) as raw:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing, server_hostname=certs.COORDINATOR_DNS)
+        first = b""
+        while True:
+            try:
+                tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            except ssl.SSLError as exc:
+                raise _NotTls(first, exc) from exc
+            try:
+                if pending := outgoing.read():
+                    raw.sendall(pending)
+                if done:
+                    break
+                chunk = raw.recv(1 << 16)
+            except ConnectionResetError as exc:
+                raise _NotTls(first, exc) from exc
+            if not chunk:
+                raise _NotTls(first, ConnectionResetError("the server closed the connection during the TLS handshake"))
+            first = first or chunk[:16]
+            incoming.write(chunk)
+        # Public as get_unverified_chain() from Python 3.13; the same C method exists on the
+        # internal object since 3.10 (we support >= 3.11).
+        getter = getattr(tls, "get_unverified_chain", None) or tls._sslobj.get_unverified_chain
+        chain = [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER) for c in getter() or ()]
+        return chain, tls.selected_alpn_protocol()
+
+
+def fetch_ca(address: str, fingerprint: str, *, timeout_s: float = 10.0) -> bytes:
+    """The coordinator's CA certificate (PEM), checked against the token's ``fingerprint``.
+
+    Raises UnavailableError (unreachable: retry), WrongProtocolError (``address`` answers HTTP:
+    the coordinator's --http-port was given), AuthError (no TLS there, or no certificate with that
+    fingerprint: wrong token or an impostor)."""
+    host, port = _split(address)
     try:
-        with socket.create_connection((host, port), timeout=timeout_s) as raw, \
-                ctx.wrap_socket(raw, server_hostname=certs.COORDINATOR_DNS) as tls:
-            # Public as SSLSocket.get_unverified_chain() from Python 3.13; the same C method
-            # exists on the internal object since 3.10 (we support >= 3.11).
-            getter = getattr(tls, "get_unverified_chain", None) or tls._sslobj.get_unverified_chain
-            chain = [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER) for c in getter() or ()]
-    except (ssl.SSLError, ConnectionResetError) as exc:
+        chain, alpn = _server_chain(host, port, timeout_s)
+    except _NotTls as exc:
+        if exc.first_bytes.startswith(b"HTTP/"):  # plain HTTP/1 (the status page's port without --tls-cert)
+            raise http_port_error(address) from exc.cause
         raise AuthError(f"the coordinator at {address} does not speak TLS as a swarm coordinator ({exc}); "
-                        "check --coordinator (the gRPC port, not the HTTP one)") from exc
+                        "check --coordinator (the gRPC port, not the HTTP one)") from exc.cause
     except OSError as exc:
         raise UnavailableError(f"coordinator at {address} is unreachable ({exc})") from exc
     for der in chain:
         if certs.der_fingerprint(der) == fingerprint:
             return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+    if alpn != "h2":
+        # TLS but not gRPC (every gRPC server negotiates h2): an HTTPS server, such as the
+        # coordinator's --http-port with --tls-cert. Named as such rather than as an impostor.
+        raise http_port_error(address)
     raise AuthError(MISMATCH)
 
 

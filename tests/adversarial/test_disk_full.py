@@ -18,6 +18,7 @@ from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
 from swarm.transport.auth import call_metadata
 from tests.helpers.foundation import inprocess_coordinator, make_register
+from tests.helpers.tls import app_channel
 
 
 class _FullDisk:
@@ -50,7 +51,7 @@ class _FullDisk:
 
 def test_heartbeats_are_kept_in_memory_and_flushed(tmp_path):
     with inprocess_coordinator(tmp_path / "c", flush_interval_s=3600) as app:
-        with grpc.insecure_channel(f"127.0.0.1:{app.grpc_port}") as ch:
+        with app_channel(app) as ch:
             stub = pb_grpc.CoordinatorStub(ch)
             ident = Identity.from_seed(b"beats")
             reply = stub.Register(make_register(app, ident), timeout=10)
@@ -67,7 +68,7 @@ def test_heartbeats_are_kept_in_memory_and_flushed(tmp_path):
 
 def test_full_disk_refuses_registrations_and_heartbeats_keep_nodes_online(tmp_path):
     with inprocess_coordinator(tmp_path / "c", node_timeout_s=1.0, flush_interval_s=0.1) as app:
-        with grpc.insecure_channel(f"127.0.0.1:{app.grpc_port}") as ch:
+        with app_channel(app) as ch:
             stub = pb_grpc.CoordinatorStub(ch)
             ident = Identity.from_seed(b"survivor")
             reply = stub.Register(make_register(app, ident), timeout=10)

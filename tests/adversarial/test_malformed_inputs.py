@@ -17,6 +17,7 @@ from swarm.proto.v1 import training_pb2 as tpb
 from swarm.proto.v1 import training_pb2_grpc as tpb_grpc
 from swarm.transport.auth import api_token_metadata
 from tests.helpers.foundation import inprocess_coordinator
+from tests.helpers.tls import app_channel
 
 LLAMA = {"model_type": "llama", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64}
@@ -66,7 +67,7 @@ def _submit(app, files: dict[str, bytes]):
             yield tpb.SubmitJobChunk(file=tpb.FileHeader(name=name, size_bytes=len(data),
                                                          sha256=hashlib.sha256(data).hexdigest()), data=data)
 
-    with grpc.insecure_channel(f"127.0.0.1:{app.grpc_port}") as ch:
+    with app_channel(app) as ch:
         with pytest.raises(grpc.RpcError) as e:
             tpb_grpc.TrainingStub(ch).SubmitJob(chunks(), metadata=api_token_metadata(app.join_token), timeout=30)
     return e.value.code(), e.value.details()

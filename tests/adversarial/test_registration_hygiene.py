@@ -15,12 +15,13 @@ from swarm.identity import Identity
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
 from tests.helpers.foundation import inprocess_coordinator, make_register
 from tests.helpers.procs import wait_until
+from tests.helpers.tls import app_channel
 
 
 @contextmanager
 def coordinator(state_dir, **overrides):
     with inprocess_coordinator(state_dir, **overrides) as app:
-        with grpc.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        with app_channel(app) as channel:
             yield app, pb_grpc.CoordinatorStub(channel)
 
 

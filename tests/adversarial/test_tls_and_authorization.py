@@ -100,14 +100,15 @@ def test_wrong_fingerprint_or_old_token_is_refused_with_advice(tmp_path):
     with coordinator_proc(tmp_path / "coord") as coord:
         secret = coord.token.rsplit(".", 1)[1]
         wrong = certs.format_token("0" * 64, secret)  # the right secret, another CA: an impostor's
-        node = launch_node(coord, tmp_path / "mitm", token=wrong)
+        # READY comes only after registration, which these never reach: wait for STARTED
+        node = launch_node(coord, tmp_path / "mitm", token=wrong, wait_for="STARTED")
         try:
             node.proc.proc.wait(timeout=30)
             assert node.proc.proc.returncode == 1
             assert MISMATCH in node.proc.log_tail()
         finally:
             node.proc.stop()
-        old = launch_node(coord, tmp_path / "old", token=secret)  # a pre-TLS plain secret
+        old = launch_node(coord, tmp_path / "old", token=secret, wait_for="STARTED")  # a pre-TLS plain secret
         try:
             old.proc.proc.wait(timeout=30)
             assert old.proc.proc.returncode == 1

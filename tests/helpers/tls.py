@@ -59,12 +59,19 @@ def app_node_security(app, node_id: str = "e" * 32) -> TlsSecurity:
 def security_from_state_dir(state_dir: Path, node_id: str | None = None) -> TlsSecurity:
     """TLS material certified by the CA in a coordinator's ``state_dir``: a certificate for node
     ``node_id`` (what that node holds after registering), or the coordinator's own (``None``)."""
+    ca_pem, key_pem, cert_pem = material_from_state_dir(state_dir, node_id)
+    return TlsSecurity(ca_pem=ca_pem, key_pem=key_pem, cert_pem=cert_pem)
+
+
+def material_from_state_dir(state_dir: Path, node_id: str | None = None) -> tuple[bytes, bytes, bytes]:
+    """(CA PEM, key PEM, certificate chain PEM) as :func:`security_from_state_dir` makes them, for
+    clients outside grpc (a raw ``ssl`` socket)."""
     from coordinator.ca import CoordinatorCA
 
     ca = CoordinatorCA(Path(state_dir), now_s=time.time())
     if node_id is None:
         key_pem, chain = ca.issue_server([], now_s=time.time(), write=False)
-        return TlsSecurity(ca_pem=ca.ca_pem, key_pem=key_pem, cert_pem=chain)
+        return ca.ca_pem, key_pem, chain
     key = certs.new_key()
     cert = ca.issue_node(node_id, certs.public_key_der(key), now_s=time.time(), lifetime_s=3600)
-    return TlsSecurity(ca_pem=ca.ca_pem, key_pem=certs.key_pem(key), cert_pem=cert)
+    return ca.ca_pem, certs.key_pem(key), cert

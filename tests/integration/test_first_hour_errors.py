@@ -5,14 +5,17 @@ missing vs wrong token, a corrupt checkpoint given to `swarm serve`, the HTTP po
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
 from coordinator.inference.store import ServeParams, served_params
+from swarm import certs
 from swarm.errors import AuthError, InvalidRequestError, UnavailableError, WrongProtocolError
 from swarm.model.testing import make_tiny_checkpoint
 from swarm.transport.coordinator_client import CoordinatorClient
@@ -60,12 +63,24 @@ def test_missing_and_wrong_tokens_get_different_messages(tmp_path):
     make_tiny_checkpoint(ckpt, "gpt2", num_layers=2, hidden_size=32, num_heads=2, seed=1)
     with inprocess_coordinator(tmp_path / "coord", plugins=("coordinator.inference",)) as app:
         address = f"127.0.0.1:{app.grpc_port}"
+        fingerprint = certs.parse_token(app.join_token).fingerprint
+        # no token at all: nothing can even verify the coordinator
         with CoordinatorClient(address, token=None) as client:
             with pytest.raises(AuthError, match="no token was given: pass --token or set SWARM_TOKEN"):
                 client.unserve_model("tiny")
-        with CoordinatorClient(address, token="wrong-token") as client:
+        # the read-only form (CA fingerprint, no secret): connects, but a change has no token
+        with CoordinatorClient(address, token=f"swarm1.{fingerprint}") as client:
+            with pytest.raises(AuthError, match="no token was given: pass --token or set SWARM_TOKEN"):
+                client.unserve_model("tiny")
+        # the right CA, a wrong secret
+        with CoordinatorClient(address, token=certs.format_token(fingerprint, "wrong-token")) as client:
             with pytest.raises(AuthError, match="the token given is wrong: use the token printed by "
                                                 "swarm-coordinator serve") as info:
+                client.upload_model(ckpt, name="tiny", timeout_s=20)
+            assert "no token was given" not in str(info.value)
+        # not a swarm1 token at all (a pre-TLS secret): wrong, not missing
+        with CoordinatorClient(address, token="wrong-token") as client:
+            with pytest.raises(AuthError, match="use the token the coordinator prints") as info:
                 client.upload_model(ckpt, name="tiny", timeout_s=20)
             assert "no token was given" not in str(info.value)
 
@@ -93,9 +108,35 @@ def test_serving_a_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
 def test_http_port_given_as_coordinator_says_so(tmp_path):
     with inprocess_coordinator(tmp_path / "coord") as app:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        res = subprocess.run([sys.executable, "-m", "swarm.cli", "models", "--coordinator", f"127.0.0.1:{app.http_port}"],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        # with the token, as a user has it: the CA fetch's TLS handshake meets the HTTP server
+        cmd = [sys.executable, "-m", "swarm.cli", "models", "--coordinator", f"127.0.0.1:{app.http_port}",
+               "--token", app.join_token]
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert res.returncode == 1
         assert (f"127.0.0.1:{app.http_port} answers HTTP, not gRPC: is that the coordinator's --http-port? "
                 "use its gRPC port (READY port=...)") in res.stderr
-        assert "Failed parsing HTTP/2" not in res.stderr
+        assert "Failed parsing HTTP/2" not in res.stderr and "WRONG_VERSION_NUMBER" not in res.stderr
+
+
+@pytest.mark.timeout(60)
+def test_https_status_page_given_as_coordinator_says_so_too(tmp_path):
+    # --tls-cert/--tls-key: the HTTP port completes a TLS handshake (with a certificate the token
+    # does not pin) but does not speak gRPC; that is the HTTP port, not someone in the middle.
+    from tests.helpers.tls import TestPki
+
+    web = TestPki(tmp_path / "web-ca")
+    key_pem, chain = web.ca.issue_server([], now_s=time.time(), write=False)
+    (tmp_path / "web.key").write_bytes(key_pem)
+    (tmp_path / "web.pem").write_bytes(chain)
+    with inprocess_coordinator(tmp_path / "coord", http_tls_cert=tmp_path / "web.pem",
+                               http_tls_key=tmp_path / "web.key") as app:
+        address = f"127.0.0.1:{app.http_port}"
+        with CoordinatorClient(address, token=app.join_token) as client:
+            with pytest.raises(WrongProtocolError, match=re.escape(f"{address} answers HTTP, not gRPC: is that the "
+                                                                   "coordinator's --http-port?")):
+                client.list_models()
+        # the gRPC port with a token for another CA is still refused as a possible impostor
+        secret = app.join_token.rsplit(".", 1)[1]
+        with CoordinatorClient(f"127.0.0.1:{app.grpc_port}", token=certs.format_token("0" * 64, secret)) as client:
+            with pytest.raises(AuthError, match="someone in the middle"):
+                client.list_models()

@@ -43,8 +43,10 @@ def test_served_context_is_the_models_and_long_requests_are_refused_up_front(tmp
         info = coord.serve(d, name="demo")  # no --max-seq-len: the model's 128
         assert info["max_seq_len"] == 128
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        out = subprocess.run([sys.executable, "-m", "swarm.cli", "models", "--coordinator", coord.address],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60).stdout
+        # the read-only token (CA fingerprint, no secret) is enough to list models over TLS
+        out = subprocess.run([sys.executable, "-m", "swarm.cli", "models", "--coordinator", coord.address,
+                              "--token", coord.read_token], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=60).stdout
         assert "context 128" in out, out
         # 200 new tokens cannot fit: refused before any token is produced, naming the limit
         t0 = time.monotonic()

@@ -60,7 +60,7 @@ def test_lost_node_is_replaced_and_the_job_resumes_from_its_checkpoint(tmp_path)
         assert next(e for e in events if e["kind"] == "resumed")["fields"]["step"] == replanned["resume_step"]
         # and the follow loop prints them, one line each
         out = io.StringIO()
-        with CoordinatorClient(coord.address) as client:
+        with CoordinatorClient(coord.address, token=coord.read_token) as client:
             follow(client, job_id, quiet=False, out=out)
         printed = out.getvalue()
         assert f"! node {victim[:12]} (stage 1, replica 0) is lost" in printed
