@@ -30,7 +30,7 @@ class LinkSample:
 
 
 def measure_link(address: str, *, probe_bytes: int = 4 << 20, num_pings: int = 5,
-                 expected_node_id: str | None = None, timeout_s: float = 60.0) -> LinkSample:
+                 expected_node_id: str | None = None, timeout_s: float = 60.0, task_id: str = "") -> LinkSample:
     """Measure RTT and bandwidth to the peer service at ``address``. Raises PeerError."""
     payload = os.urandom(PROBE_CHUNK_BYTES)
     with data_channel(address) as channel:
@@ -49,8 +49,8 @@ def measure_link(address: str, *, probe_bytes: int = 4 << 20, num_pings: int = 5
             num_chunks = max(2, -(-probe_bytes // PROBE_CHUNK_BYTES))
 
             def chunks():
-                for _ in range(num_chunks):
-                    yield pb.ProbeChunk(data=payload)
+                for i in range(num_chunks):  # the first names the task: the receiver reports it too
+                    yield pb.ProbeChunk(data=payload, task_id=task_id if i == 0 else "")
 
             t0 = time.perf_counter()
             reply = stub.BandwidthProbe(chunks(), timeout=timeout_s)

@@ -128,7 +128,7 @@ class PeerRef(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class StageAssignment(_message.Message):
-    __slots__ = ("job_id", "attempt", "stage", "num_stages", "replica", "num_replicas", "first_layer", "last_layer_excl", "prev", "next", "stage_replicas", "spec", "model_config_json", "num_samples", "dataset_key", "resume_step")
+    __slots__ = ("job_id", "attempt", "stage", "num_stages", "replica", "num_replicas", "first_layer", "last_layer_excl", "prev", "next", "stage_replicas", "spec", "model_config_json", "num_samples", "dataset_key", "resume_step", "verify_json")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class StageAssignment(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     DATASET_KEY_FIELD_NUMBER: _ClassVar[int]
     RESUME_STEP_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_JSON_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     stage: int
@@ -161,7 +162,8 @@ class StageAssignment(_message.Message):
     num_samples: int
     dataset_key: str
     resume_step: int
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., replica: _Optional[int] = ..., num_replicas: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., prev: _Optional[_Union[PeerRef, _Mapping]] = ..., next: _Optional[_Union[PeerRef, _Mapping]] = ..., stage_replicas: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., model_config_json: _Optional[str] = ..., num_samples: _Optional[int] = ..., dataset_key: _Optional[str] = ..., resume_step: _Optional[int] = ...) -> None: ...
+    verify_json: str
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., replica: _Optional[int] = ..., num_replicas: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., prev: _Optional[_Union[PeerRef, _Mapping]] = ..., next: _Optional[_Union[PeerRef, _Mapping]] = ..., stage_replicas: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., model_config_json: _Optional[str] = ..., num_samples: _Optional[int] = ..., dataset_key: _Optional[str] = ..., resume_step: _Optional[int] = ..., verify_json: _Optional[str] = ...) -> None: ...
 
 class PollAssignmentsRequest(_message.Message):
     __slots__ = ()
@@ -176,7 +178,7 @@ class PollAssignmentsReply(_message.Message):
     def __init__(self, assignments: _Optional[_Iterable[_Union[StageAssignment, _Mapping]]] = ..., cancelled_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ProgressReport(_message.Message):
-    __slots__ = ("job_id", "attempt", "stage", "replica", "step", "has_loss", "loss", "tokens_per_s", "bytes_sent", "bytes_raw", "step_s", "compute_s", "wait_s", "comm_s", "state", "error", "tokens", "bytes_forward", "bytes_backward")
+    __slots__ = ("job_id", "attempt", "stage", "replica", "step", "has_loss", "loss", "tokens_per_s", "bytes_sent", "bytes_raw", "step_s", "compute_s", "wait_s", "comm_s", "state", "error", "tokens", "bytes_forward", "bytes_backward", "micro_batch_losses", "checks", "blame_node_id")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +198,9 @@ class ProgressReport(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FORWARD_FIELD_NUMBER: _ClassVar[int]
     BYTES_BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_LOSSES_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    BLAME_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     stage: int
@@ -215,7 +220,32 @@ class ProgressReport(_message.Message):
     tokens: int
     bytes_forward: int
     bytes_backward: int
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_raw: _Optional[int] = ..., step_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., comm_s: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes_forward: _Optional[int] = ..., bytes_backward: _Optional[int] = ...) -> None: ...
+    micro_batch_losses: _containers.RepeatedScalarFieldContainer[float]
+    checks: _containers.RepeatedCompositeFieldContainer[SpotCheck]
+    blame_node_id: str
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_raw: _Optional[int] = ..., step_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., comm_s: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes_forward: _Optional[int] = ..., bytes_backward: _Optional[int] = ..., micro_batch_losses: _Optional[_Iterable[float]] = ..., checks: _Optional[_Iterable[_Union[SpotCheck, _Mapping]]] = ..., blame_node_id: _Optional[str] = ...) -> None: ...
+
+class SpotCheck(_message.Message):
+    __slots__ = ("stage", "replica", "step", "micro_batch", "what", "match", "error", "tolerance", "repeated_match")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    WHAT_FIELD_NUMBER: _ClassVar[int]
+    MATCH_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    REPEATED_MATCH_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    replica: int
+    step: int
+    micro_batch: int
+    what: str
+    match: bool
+    error: float
+    tolerance: float
+    repeated_match: bool
+    def __init__(self, stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., what: _Optional[str] = ..., match: _Optional[bool] = ..., error: _Optional[float] = ..., tolerance: _Optional[float] = ..., repeated_match: _Optional[bool] = ...) -> None: ...
 
 class ProgressAck(_message.Message):
     __slots__ = ("stop", "reason")
