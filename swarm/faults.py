@@ -14,6 +14,7 @@ An honest node has ``FaultConfig()`` (no faults). Randomness comes from ``seed``
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
 FAULT_ENV = "SWARM_FAULT"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,6 +98,7 @@ class FaultInjector:
         import torch
 
         self.num_corrupted += 1
+        log.info("SWARM_FAULT: corrupting a tensor (%d so far)", self.num_corrupted)
         scale = float(t.detach().float().std()) or 1.0
         noise = torch.randn(t.shape, generator=self._gen, dtype=torch.float32).to(t.device, t.dtype)
         return t + scale * noise

@@ -27,7 +27,11 @@ SCHEDULES = ("1f1b", "gpipe")
 
 _INT_FIELDS = ("steps", "batch_size", "micro_batch_size", "seq_len", "checkpoint_every", "seed", "warmup_steps",
                "num_stages", "num_replicas")
-_FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "grad_clip", "peer_timeout_s", "min_lr_ratio")
+_FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "grad_clip", "peer_timeout_s", "min_lr_ratio", "verify_prob")
+# Spot checks (docs/security.md "Verification"): the chance that a micro-batch of a stage is
+# recomputed by a replica of the stage. 0.02 costs about 2% of a checker's compute plus two
+# witness tensors; bench/verification.py measures the tokens/s cost (<= 5%).
+DEFAULT_VERIFY_PROB = 0.02
 CODEC_KEY = "compression"  # the codec's name in the protobuf message and in the JSON form
 
 
@@ -60,6 +64,7 @@ class JobSpec:
     num_replicas: int = 0
     peer_timeout_s: float = 30.0
     min_lr_ratio: float = 0.1
+    verify_prob: float = DEFAULT_VERIFY_PROB  # 0 = no spot checks
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not isinstance(self.schedule, str):
@@ -92,6 +97,8 @@ class JobSpec:
             raise InvalidRequestError("schedule must be 1f1b or gpipe")
         if not 0.5 <= self.peer_timeout_s <= 3600:
             raise InvalidRequestError("peer timeout must be in 0.5..3600 s")
+        if not 0.0 <= self.verify_prob <= 1.0:
+            raise InvalidRequestError("--verify-prob must be in 0..1")
         if self.checkpoint_every < 0 or self.num_stages < 0 or self.num_replicas < 0:
             raise InvalidRequestError("--checkpoint-every, stages and replicas must be non-negative")
 
@@ -106,6 +113,8 @@ class JobSpec:
             v = getattr(self, f.name)
             if f.name == "codec":
                 out[CODEC_KEY] = str(v)
+            elif f.name == "verify_prob" and v == DEFAULT_VERIFY_PROB:
+                continue  # newer key: written only when set, so rows and JSON of default jobs stay as they were
             else:
                 out[f.name] = v
         return out

@@ -26,6 +26,7 @@ from swarm.transport.transfer import receive_files
 
 from coordinator.jobs import files
 from coordinator.jobs.planning import JobPlan, busy_node_ids, plan_job
+from coordinator.jobs.spotchecks import Judge, Verdict, verify_plans
 from coordinator.jobs.store import Job, JobStore
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ class JobService:
         self._rendezvous: dict[tuple[str, int, int], dict[int, list[str]]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.judge = Judge()  # spot checks and blame (coordinator/jobs/spotchecks.py)
+        self._first_bad: dict[str, int] = {}  # job id -> first step a spot check found wrong
+        # job events (quarantine, re-plan for verification): logged; the events table can subscribe
+        self.on_event = lambda job_id, kind, message: log.warning("job event job=%s kind=%s %s", job_id, kind, message)
 
     # -- loop ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -99,15 +104,28 @@ class JobService:
         return self.store.get(job.id)
 
     # -- planning and watching --------------------------------------------------------------------
-    def _plan(self, job: Job) -> JobPlan:
+    def _plan(self, job: Job, *, shrink: bool = False) -> JobPlan:
         """Plan ``job`` over the online nodes no other running job holds (its own count as free:
-        a running job being re-planned gives its nodes back). Raises InfeasiblePlanError."""
+        a running job being re-planned gives its nodes back). ``shrink`` (re-plans): with too few
+        nodes for the asked replicas, fewer replicas carry the same global batch. Each
+        assignment gets its spot-check plan. Raises InfeasiblePlanError."""
         others = [j for j in self.store.list(states=("running",), limit=1000) if j.id != job.id]
         busy = busy_node_ids(others)
         nodes = [n for n in self.registry.online() if n.id not in busy]
         matrix = self.network.matrix([n.id for n in nodes])
-        return plan_job(spec=job.spec, config=ModelConfig.from_hf_config(job.model), nodes=nodes, delay_s=matrix[0],
-                        bandwidth_Bps=matrix[1], seed=job.spec.seed)
+        spec = job.spec
+        while True:
+            try:
+                jp = plan_job(spec=spec, config=ModelConfig.from_hf_config(job.model), nodes=nodes,
+                              delay_s=matrix[0], bandwidth_Bps=matrix[1], seed=job.spec.seed)
+                break
+            except InfeasiblePlanError:
+                if not (shrink and spec.num_replicas > 1):
+                    raise
+                spec = spec.replace(num_replicas=spec.num_replicas - 1)
+        for a, v in zip(jp.assignments, verify_plans(jp.assignments, prob=job.spec.verify_prob)):
+            a["verify"] = v
+        return jp
 
     def _try_plan(self, job: Job) -> None:
         try:
@@ -122,6 +140,12 @@ class JobService:
                               assignments=jp.assignments, attempt=job.attempt + 1)
 
     def _watch(self, job: Job) -> None:
+        verdicts, dispute = self.judge.resolve_blames(job.id, self.clock.time(), grace_s=job.spec.peer_timeout_s)
+        for v in verdicts:
+            self._quarantine(job, v)
+        if dispute and not verdicts:
+            self._recover(job, "two stages blame each other for stopping")
+            return
         for a in job.assignments:
             try:
                 state = self.registry.get(a["node_id"]).state
@@ -136,11 +160,14 @@ class JobService:
         if need and need <= done:
             self._finish(job)
 
-    def last_complete_checkpoint(self, job: Job) -> int | None:
-        """The latest step for which every stage's checkpoint copy reached the coordinator."""
+    def last_complete_checkpoint(self, job: Job, *, at_most: int | None = None) -> int | None:
+        """The latest step (at most ``at_most``) for which every stage's checkpoint copy reached
+        the coordinator."""
         stages = {a["stage"] for a in job.assignments}
         by_step: dict[int, set[int]] = {}
         for c in self.store.checkpoints(job.id):
+            if at_most is not None and c["step"] > at_most:
+                continue
             if c["replica"] == 0:
                 by_step.setdefault(c["step"], set()).add(c["stage"])
         complete = [step for step, have in by_step.items() if stages and have >= stages]
@@ -155,12 +182,13 @@ class JobService:
     def _recover(self, job: Job, what: str) -> None:
         """Re-plan a running job that lost a node over the idle online nodes, resuming after its
         last complete checkpoint; fail it (keeping the checkpoints) when that is not possible."""
-        resume = self.last_complete_checkpoint(job) or 0
+        # before the first step a spot check found wrong: a checkpoint k holds steps < k
+        resume = self.last_complete_checkpoint(job, at_most=self._first_bad.get(job.id)) or 0
         if job.attempt > MAX_REPLANS:
             self._fail(job, f"{what}; re-planned {MAX_REPLANS} times already; {self._checkpoint_note(job.id)}")
             return
         try:
-            jp = self._plan(job)
+            jp = self._plan(job, shrink=True)
             if resume > 0:
                 finals = {c["stage"]: Path(c["dir"]) for c in self.store.checkpoints(job.id)
                           if c["step"] == resume and c["replica"] == 0}
@@ -172,6 +200,13 @@ class JobService:
         self.store.replan(job.id, plan=jp.plan.to_json(), assignments=jp.assignments, attempt=job.attempt + 1,
                           resume_step=resume, expect_attempt=job.attempt,
                           reason=f"re-planned after {what}: resuming from step {resume} (optimizer state restarts)")
+
+    def _quarantine(self, job: Job, v: Verdict) -> None:
+        """Quarantine a node found wrong; the job's watch then re-plans without it."""
+        if v.first_bad_step is not None:
+            self._first_bad[job.id] = min(self._first_bad.get(job.id, v.first_bad_step), v.first_bad_step)
+        if self.registry.quarantine(v.node_id, v.reason):
+            self.on_event(job.id, "quarantine", f"node {v.node_id[:12]} quarantined: {v.reason}")
 
     def _fail(self, job: Job, reason: str) -> None:
         if self.store.transition(job.id, "failed", reason=reason) is not None:
@@ -225,6 +260,14 @@ class JobService:
             return True, f"job is {job.state}: {job.reason}"
         if r["attempt"] != job.attempt:
             return True, f"stale attempt {r['attempt']} (job is at attempt {job.attempt})"
+        blamed = r.get("blame_node_id") or ""
+        if r["state"] == "failed" and blamed and blamed != node_id and any(
+                x["node_id"] == blamed for x in job.assignments):
+            # weighed after peer_timeout_s (coordinator/jobs/spotchecks.py Judge.resolve_blames)
+            self.judge.blame(job.id, node_id, blamed, self.clock.time())
+            log.warning("stage failed blaming a neighbour job=%s reporter=%s blamed=%s: %s", job.id, node_id[:12],
+                        blamed[:12], r["error"][:300])
+            return True, "the coordinator weighs the failure and re-plans"
         if r["state"] == "failed":
             self._fail(job, f"stage {a['stage']} replica {a['replica']} on node {node_id[:12]} failed: "
                             f"{r['error'][:500]}; {self._checkpoint_note(job.id)}")
@@ -232,6 +275,9 @@ class JobService:
         if r["state"] == "running" and not 0 <= r["step"] < job.total_steps:
             raise InvalidRequestError(f"progress for step {r['step']} outside 0..{job.total_steps - 1}")
         if r["state"] == "running":
+            self.judge.progress(job.id, node_id, self.clock.time())
+            for v in self.judge.report(job.id, job.attempt, a, job.assignments, r):
+                self._quarantine(job, v)
             self.store.add_progress(job.id, attempt=job.attempt, stage=a["stage"], replica=a["replica"],
                                     step=r["step"], loss=r["loss"], tokens=r["tokens"], tokens_per_s=r["tokens_per_s"],
                                     bytes_sent=r["bytes_sent"], bytes_raw=r["bytes_raw"], step_s=r["step_s"],

@@ -21,6 +21,7 @@ from swarm.transport.errors import grpc_errors
 from swarm.transport.jobs import job_spec_from_pb, job_spec_to_pb, progress_from_pb
 
 from coordinator.jobs import files
+from coordinator.jobs.checkpoint_check import check_stage_checkpoint, expected_layout
 from coordinator.jobs.service import JobService, detail_json
 from coordinator.jobs.store import Job
 
@@ -113,6 +114,7 @@ class TrainingServicer(pb_grpc.TrainingServicer):
                 stage_replicas=[peer(p) for p in a["stage_replicas"]], spec=job_spec_to_pb(spec),
                 model_config_json=json.dumps(job.model), num_samples=job.num_samples,
                 dataset_key=job.dataset_key, resume_step=job.resume_step,
+                verify_json=json.dumps(a.get("verify") or {}),
             ))
         return pb.PollAssignmentsReply(assignments=out, cancelled_job_ids=stop)
 
@@ -154,6 +156,8 @@ class TrainingServicer(pb_grpc.TrainingServicer):
             raise InvalidRequestError(f"job {job.id} is {job.state}; checkpoint not needed")
         if h.step < 0 or h.step > job.total_steps:
             raise InvalidRequestError(f"checkpoint step {h.step} outside 0..{job.total_steps}")
+        if h.attempt != job.attempt:  # a stale plan's checkpoint never counts (the export uses the current attempt)
+            raise InvalidRequestError(f"checkpoint of attempt {h.attempt}; the job is at attempt {job.attempt}")
         target = files.checkpoint_dir(files.job_dir(self.service.state_dir, job.id), step=h.step, stage=h.stage,
                                       replica=h.replica)
         tmp = target.with_name(target.name + ".partial")
@@ -179,6 +183,16 @@ class TrainingServicer(pb_grpc.TrainingServicer):
             receiver.finish()
         except BaseException:
             receiver.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:  # parsed and checked before it counts (coordinator/jobs/checkpoint_check.py)
+            jdir = files.job_dir(self.service.state_dir, job.id)
+            layout = expected_layout(files.stage_weights_bytes(
+                jdir, a["first_layer"], a["last_layer_excl"], is_first=a["stage"] == 0,
+                is_last=a["stage"] == a["num_stages"] - 1))
+            check_stage_checkpoint(tmp / "ckpt", layout=layout, job_id=job.id, stage=h.stage, replica=h.replica,
+                                   step=h.step)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         if target.exists():

@@ -36,6 +36,7 @@ class Assignment:
     num_samples: int
     dataset_key: str
     resume_step: int = 0  # a re-planned job starts at this step from the coordinator's checkpoint
+    verify_json: str = ""  # spot checks: node/training/spotcheck.py VerifyPlan.from_json
 
     def __post_init__(self) -> None:
         if not (0 <= self.stage < self.num_stages and 0 <= self.replica < self.num_replicas):
@@ -70,5 +71,5 @@ class Assignment:
             prev=peer(m.prev, m.HasField("prev")), next=peer(m.next, m.HasField("next")),
             stage_replicas=tuple(Peer(node_id=p.node_id, address=p.address) for p in m.stage_replicas),
             spec=job_spec_from_pb(m.spec), model_config=json.loads(m.model_config_json), num_samples=m.num_samples,
-            dataset_key=m.dataset_key, resume_step=m.resume_step,
+            dataset_key=m.dataset_key, resume_step=m.resume_step, verify_json=m.verify_json,
         )

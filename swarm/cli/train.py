@@ -52,6 +52,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm per stage (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peer-timeout-s", type=float, default=30.0, help="how long a stage waits for a neighbour")
+    p.add_argument("--verify-prob", type=float, default=None,
+                   help="chance a micro-batch is recomputed by a replica of its stage (default 0.02; 0 = off)")
     p.add_argument("--name", default="")
     p.set_defaults(func=run_train)
 
@@ -158,6 +160,7 @@ def job_spec_from_args(args: argparse.Namespace):
         checkpoint_every=args.checkpoint_every, seed=args.seed, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, schedule=args.schedule, num_stages=args.stages,
         num_replicas=args.replicas, peer_timeout_s=args.peer_timeout_s,
+        **({} if args.verify_prob is None else {"verify_prob": args.verify_prob}),
     )
 
 

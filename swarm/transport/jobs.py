@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from swarm.errors import InvalidRequestError
-from swarm.job_spec import JobSpec
+from swarm.job_spec import DEFAULT_VERIFY_PROB, JobSpec
 from swarm.proto.v1 import training_pb2 as pb
 
 
@@ -22,6 +22,8 @@ def job_spec_to_pb(spec: JobSpec) -> pb.JobSpec:
         checkpoint_every=spec.checkpoint_every, seed=spec.seed, warmup_steps=spec.warmup_steps,
         weight_decay=spec.weight_decay, grad_clip=spec.grad_clip, schedule=spec.schedule, num_stages=spec.num_stages,
         num_replicas=spec.num_replicas, peer_timeout_s=spec.peer_timeout_s, min_lr_ratio=spec.min_lr_ratio,
+        # 0 on the wire (unset) means "the default", a negative value "off"
+        verify_prob=0.0 if spec.verify_prob == DEFAULT_VERIFY_PROB else spec.verify_prob if spec.verify_prob > 0 else -1.0,
     )
 
 
@@ -34,6 +36,7 @@ def job_spec_from_pb(m: pb.JobSpec) -> JobSpec:
         "checkpoint_every": m.checkpoint_every, "seed": m.seed, "warmup_steps": m.warmup_steps,
         "weight_decay": m.weight_decay, "grad_clip": m.grad_clip, "schedule": m.schedule, "num_stages": m.num_stages,
         "num_replicas": m.num_replicas, "peer_timeout_s": m.peer_timeout_s, "min_lr_ratio": m.min_lr_ratio,
+        "verify_prob": None if m.verify_prob == 0 else max(0.0, m.verify_prob),
     })
 
 
@@ -55,4 +58,11 @@ def progress_from_pb(m: pb.ProgressReport) -> dict[str, Any]:
             raise InvalidRequestError(f"progress field {k} must be in 0..2^50")
     if r["state"] not in ("running", "done", "failed"):
         raise InvalidRequestError("progress state must be running, done or failed")
+    if len(m.micro_batch_losses) > 4096 or len(m.checks) > 256 or len(m.blame_node_id) > 64:
+        raise InvalidRequestError("too many micro-batch losses or spot checks in one report")
+    r["micro_batch_losses"] = [float(v) for v in m.micro_batch_losses]
+    r["checks"] = [{"stage": c.stage, "replica": c.replica, "step": c.step, "micro_batch": c.micro_batch,
+                    "what": c.what[:16], "match": c.match, "error": c.error, "tolerance": c.tolerance,
+                    "repeated_match": c.repeated_match, "value": c.value} for c in m.checks]
+    r["blame_node_id"] = m.blame_node_id
     return r

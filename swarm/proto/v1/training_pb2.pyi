@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JobSpec(_message.Message):
-    __slots__ = ("name", "steps", "epochs", "batch_size", "micro_batch_size", "seq_len", "lr", "compression", "checkpoint_every", "seed", "warmup_steps", "weight_decay", "grad_clip", "schedule", "num_stages", "num_replicas", "peer_timeout_s", "min_lr_ratio")
+    __slots__ = ("name", "steps", "epochs", "batch_size", "micro_batch_size", "seq_len", "lr", "compression", "checkpoint_every", "seed", "warmup_steps", "weight_decay", "grad_clip", "schedule", "num_stages", "num_replicas", "peer_timeout_s", "min_lr_ratio", "verify_prob")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class JobSpec(_message.Message):
     NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     PEER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     MIN_LR_RATIO_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_PROB_FIELD_NUMBER: _ClassVar[int]
     name: str
     steps: int
     epochs: float
@@ -45,7 +46,8 @@ class JobSpec(_message.Message):
     num_replicas: int
     peer_timeout_s: float
     min_lr_ratio: float
-    def __init__(self, name: _Optional[str] = ..., steps: _Optional[int] = ..., epochs: _Optional[float] = ..., batch_size: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., lr: _Optional[float] = ..., compression: _Optional[str] = ..., checkpoint_every: _Optional[int] = ..., seed: _Optional[int] = ..., warmup_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., grad_clip: _Optional[float] = ..., schedule: _Optional[str] = ..., num_stages: _Optional[int] = ..., num_replicas: _Optional[int] = ..., peer_timeout_s: _Optional[float] = ..., min_lr_ratio: _Optional[float] = ...) -> None: ...
+    verify_prob: float
+    def __init__(self, name: _Optional[str] = ..., steps: _Optional[int] = ..., epochs: _Optional[float] = ..., batch_size: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., lr: _Optional[float] = ..., compression: _Optional[str] = ..., checkpoint_every: _Optional[int] = ..., seed: _Optional[int] = ..., warmup_steps: _Optional[int] = ..., weight_decay: _Optional[float] = ..., grad_clip: _Optional[float] = ..., schedule: _Optional[str] = ..., num_stages: _Optional[int] = ..., num_replicas: _Optional[int] = ..., peer_timeout_s: _Optional[float] = ..., min_lr_ratio: _Optional[float] = ..., verify_prob: _Optional[float] = ...) -> None: ...
 
 class FileHeader(_message.Message):
     __slots__ = ("name", "size_bytes", "sha256")
@@ -226,7 +228,7 @@ class ProgressReport(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_raw: _Optional[int] = ..., step_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., comm_s: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes_forward: _Optional[int] = ..., bytes_backward: _Optional[int] = ..., micro_batch_losses: _Optional[_Iterable[float]] = ..., checks: _Optional[_Iterable[_Union[SpotCheck, _Mapping]]] = ..., blame_node_id: _Optional[str] = ...) -> None: ...
 
 class SpotCheck(_message.Message):
-    __slots__ = ("stage", "replica", "step", "micro_batch", "what", "match", "error", "tolerance", "repeated_match")
+    __slots__ = ("stage", "replica", "step", "micro_batch", "what", "match", "error", "tolerance", "repeated_match", "value")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +238,7 @@ class SpotCheck(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     REPEATED_MATCH_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
     stage: int
     replica: int
     step: int
@@ -245,7 +248,8 @@ class SpotCheck(_message.Message):
     error: float
     tolerance: float
     repeated_match: bool
-    def __init__(self, stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., what: _Optional[str] = ..., match: _Optional[bool] = ..., error: _Optional[float] = ..., tolerance: _Optional[float] = ..., repeated_match: _Optional[bool] = ...) -> None: ...
+    value: float
+    def __init__(self, stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., what: _Optional[str] = ..., match: _Optional[bool] = ..., error: _Optional[float] = ..., tolerance: _Optional[float] = ..., repeated_match: _Optional[bool] = ..., value: _Optional[float] = ...) -> None: ...
 
 class ProgressAck(_message.Message):
     __slots__ = ("stop", "reason")
