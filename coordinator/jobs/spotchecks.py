@@ -6,6 +6,11 @@ sampling seed of (s, r) goes to those three and never to (s, r) itself.
 
 :class:`Judge` weighs what comes back with progress reports:
 
+- a check is weighed only when the checker and the checked node reported the same parameter
+  digest for the checked step (``param_digest`` in their progress reports): they provably ran the
+  same weights. Until both digests are known the check waits; with different or missing digests
+  it is void (counted as unverifiable), whatever it found. Replicas drift apart after a failed
+  averaging round, so without this an honest node could look wrong;
 - a reported mismatch that the checker's repeated recomputation confirmed (the second opinion)
   -> the checked node is guilty;
 - a checker's recomputed loss of the last stage vs the loss the checked node reported for the
@@ -68,14 +73,19 @@ def verify_plans(assignments: list[dict[str, Any]], *, prob: float, secret: int 
     return out
 
 
+MAX_KEPT_STEPS = 256  # per job: digests, losses and waiting checks of older steps are forgotten
+
+
 @dataclass(slots=True)
 class _JobState:
     losses: dict[tuple[int, int, int, int], list[float]] = field(default_factory=dict)  # (attempt, s, r, step)
-    loss_checks: dict[tuple[int, int, int, int, int], float] = field(default_factory=dict)  # (+ micro-batch)
+    digests: dict[tuple[int, int, int, int], str] = field(default_factory=dict)  # (attempt, s, r, step)
+    waiting: dict[tuple[int, int, int, int], list[dict]] = field(default_factory=dict)  # target key -> checks
     last_progress_s: dict[str, float] = field(default_factory=dict)  # node id -> time of its last report
     blames: dict[tuple[str, str], float] = field(default_factory=dict)  # (accuser, blamed) -> time
     num_checks: int = 0
     num_mismatches: int = 0
+    num_unverifiable: int = 0  # checks between different (or missing) weight digests: not weighed
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +105,11 @@ class Judge:
     def _job(self, job_id: str) -> _JobState:
         return self._jobs.setdefault(job_id, _JobState())
 
-    def stats(self, job_id: str) -> tuple[int, int]:
+    def stats(self, job_id: str) -> dict[str, int]:
+        """Checks reported, mismatches weighed, checks not weighed (different weights)."""
         with self._lock:
-            st = self._jobs.get(job_id)
-            return (st.num_checks, st.num_mismatches) if st else (0, 0)
+            st = self._jobs.get(job_id) or _JobState()
+            return {"checks": st.num_checks, "mismatches": st.num_mismatches, "unverifiable": st.num_unverifiable}
 
     def forget(self, job_id: str) -> None:
         with self._lock:
@@ -111,45 +122,68 @@ class Judge:
     def report(self, job_id: str, attempt: int, a: dict[str, Any], assignments: list[dict[str, Any]],
                r: dict[str, Any]) -> list[Verdict]:
         """Weigh one running progress report of assignment ``a``; returns verdicts (guilty nodes)."""
-        out: list[Verdict] = []
         at = {(x["stage"], x["replica"]): x for x in assignments}
         R = a["num_replicas"]
+        out: list[Verdict] = []
         with self._lock:
             st = self._job(job_id)
+            own = (attempt, a["stage"], a["replica"], r["step"])
+            if r.get("param_digest"):
+                st.digests[own] = r["param_digest"]
             if r.get("micro_batch_losses"):
-                key = (attempt, a["stage"], a["replica"], r["step"])
-                st.losses[key] = list(r["micro_batch_losses"])
-                for m, loss in enumerate(st.losses[key]):
-                    theirs = st.loss_checks.pop((*key, m), None)
-                    if theirs is not None:
-                        out += self._loss_verdict(st, at[(a["stage"], a["replica"])], r["step"], m, loss, theirs)
+                st.losses[own] = list(r["micro_batch_losses"])
+            touched = {own}
             for c in r.get("checks", []):
-                # only the designated checker of a target may report on it
+                # only the designated checker of a target may report on it, and only on this step
                 if (c["stage"], c["replica"]) not in at or checker_of(c["stage"], c["replica"], R) != (
-                        a["stage"], a["replica"]):
+                        a["stage"], a["replica"]) or c["step"] != r["step"]:
                     log.warning("ignoring a spot check from a node that is not the target's checker job=%s", job_id)
                     continue
-                target = at[(c["stage"], c["replica"])]
                 st.num_checks += 1
-                if c["what"] == "loss":
-                    key = (attempt, c["stage"], c["replica"], c["step"])
-                    losses = st.losses.get(key)
-                    if losses is not None and c["micro_batch"] < len(losses):
-                        out += self._loss_verdict(st, target, c["step"], c["micro_batch"], losses[c["micro_batch"]],
-                                                  c["value"])
-                    else:
-                        st.loss_checks[(*key, c["micro_batch"])] = c["value"]
-                elif not c["match"]:
-                    st.num_mismatches += 1
-                    if c["repeated_match"]:
-                        out.append(Verdict(target["node_id"], (
-                            f"spot check: its {c['what']} of step {c['step']} micro-batch {c['micro_batch']} "
-                            f"(stage {c['stage']}, replica {c['replica']}) differs from the recomputation by "
-                            f"{c['error']:.3g} (tolerance {c['tolerance']:.3g})"), c["step"]))
-                    else:
-                        log.warning("spot check mismatch not confirmed by the checker's second recomputation "
-                                    "job=%s target=%s step=%d", job_id, target["node_id"][:12], c["step"])
+                target_key = (attempt, c["stage"], c["replica"], c["step"])
+                st.waiting.setdefault(target_key, []).append({**c, "checker_digest": r.get("param_digest") or ""})
+                touched.add(target_key)
+            for key in touched:
+                out += self._settle(job_id, st, key, at)
+            self._prune(st, r["step"])
         return out
+
+    def _settle(self, job_id: str, st: _JobState, key: tuple[int, int, int, int],
+                at: dict[tuple[int, int], dict[str, Any]]) -> list[Verdict]:
+        """Weigh the checks of target ``key`` once its digest is known (else they keep waiting)."""
+        if key not in st.digests or key not in st.waiting:
+            return []
+        target_digest = st.digests[key]
+        target = at[(key[1], key[2])]
+        out: list[Verdict] = []
+        for c in st.waiting.pop(key):
+            if not c["checker_digest"] or c["checker_digest"] != target_digest:
+                st.num_unverifiable += 1  # not the same weights: the comparison proves nothing
+                log.info("spot check not weighed: checker and target ran different weights job=%s stage=%d "
+                         "replica=%d step=%d", job_id, key[1], key[2], key[3])
+                continue
+            if c["what"] == "loss":
+                losses = st.losses.get(key)
+                if losses is not None and c["micro_batch"] < len(losses):
+                    out += self._loss_verdict(st, target, c["step"], c["micro_batch"], losses[c["micro_batch"]],
+                                              c["value"])
+            elif not c["match"]:
+                st.num_mismatches += 1
+                if c["repeated_match"]:
+                    out.append(Verdict(target["node_id"], (
+                        f"spot check: its {c['what']} of step {c['step']} micro-batch {c['micro_batch']} "
+                        f"(stage {c['stage']}, replica {c['replica']}) differs from the recomputation by "
+                        f"{c['error']:.3g} (tolerance {c['tolerance']:.3g}) with the same weights"), c["step"]))
+                else:
+                    log.warning("spot check mismatch not confirmed by the checker's second recomputation "
+                                "job=%s target=%s step=%d", job_id, target["node_id"][:12], c["step"])
+        return out
+
+    @staticmethod
+    def _prune(st: _JobState, step: int) -> None:
+        for d in (st.digests, st.losses, st.waiting):
+            for k in [k for k in d if k[3] < step - MAX_KEPT_STEPS]:
+                del d[k]
 
     def _loss_verdict(self, st: _JobState, target: dict, step: int, m: int, reported: float, recomputed: float
                       ) -> list[Verdict]:

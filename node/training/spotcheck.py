@@ -16,6 +16,11 @@ Protocol (per checked stage T = (stage s, replica r); its checker C is the repli
   error (loss: absolute) against :data:`TOLERANCE`; on a mismatch it recomputes once more (the
   second opinion available with two replicas) and reports a :class:`SpotResult` with its
   ProgressReport. The coordinator judges and quarantines (coordinator/jobs/spotchecks.py).
+- Every worker of a checked job reports :func:`param_digest` of its stage's parameters for every
+  step (the weights that step ran with). The coordinator weighs a check only when the checker's
+  digest for the step equals the checked node's: replicas whose weights drifted apart (a failed
+  averaging round leaves each with its own gradients; a fence stops averaging) are never
+  compared, the check is counted as unverifiable instead.
 
 Only lossless boundaries are checked (codec ``none``); compressed boundaries are not yet
 (AQ-SGD's per-sample state would have to be mirrored on the checker).
@@ -36,15 +41,51 @@ from swarm.transport import tensors as wt
 
 log = logging.getLogger(__name__)
 
-# Relative L2 error an honest recomputation may show. Measured on CPU fp32 (2 replicas x 2
-# stages, tests/multiproc/training/test_train_verification.py logs every check): honest input
-# gradients differ by <= 2e-4, honest stage outputs by 0.01 at first, growing to ~0.25 after
-# 30 steps, because a failed hivemind round ("could not find a group") leaves each replica
-# with its own gradients and the replicas' weights drift apart. A corrupted tensor (noise of its
-# own scale) shows ~1-1.4. CUDA bf16: to be measured.
-TOLERANCE = {"output": 0.5, "grad_in": 0.5}
+# Relative L2 error an honest recomputation may show. A check counts only when the checker and
+# the checked node reported the same parameter digest for the step (coordinator/jobs/spotchecks.py),
+# so both ran the same weights on the same witnessed input: honest differences are then float
+# noise of the kernels (CPU fp32: < 1e-5 measured, tests/unit/foundation/test_spotcheck_digest.py);
+# a corrupted tensor (noise of its own scale) shows ~1-1.4. The margin leaves room for other
+# kernels (another BLAS, another GPU) on the two ends; CUDA bf16 is still to be measured.
+TOLERANCE = {"output": 0.1, "grad_in": 0.1}
 LOSS_TOLERANCE = 0.1  # nats, absolute
 WITNESS_KINDS = ("witness_input", "witness_output", "witness_grad_out", "witness_grad_in")
+
+
+_DIGEST_CHUNK = 1 << 20  # elements per partial sum (8 MiB of int64 weights, made once per device)
+_digest_weights: dict[str, torch.Tensor] = {}
+
+
+def _weights_for(device: torch.device) -> torch.Tensor:
+    key = str(device)
+    w = _digest_weights.get(key)
+    if w is None:
+        g = torch.Generator().manual_seed(0x5EED)
+        # odd multipliers: a change of one element always changes its chunk's sum (mod 2^64)
+        w = torch.randint(-(1 << 62), 1 << 62, (_DIGEST_CHUNK,), dtype=torch.int64, generator=g) | 1
+        w = _digest_weights.setdefault(key, w.to(device))
+    return w
+
+
+def param_digest(params) -> str:
+    """A digest of the exact bytes of ``params`` (in order), computed where they live.
+
+    Each chunk of a tensor's raw bits (as integers) is dotted with fixed odd pseudo-random
+    multipliers in wrapping int64 arithmetic, and the partial sums are hashed with SHA-256.
+    Integer sums do not depend on the reduction order, so the digest is the same on any device
+    for the same bytes; a single differing element always changes it, several differing
+    elements cancel out only by chance (about 2^-64). Costs one pass over the parameters."""
+    h = hashlib.sha256()
+    for p in params:
+        t = p.detach().reshape(-1)
+        size = t.element_size()
+        bits = t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size])
+        w = _weights_for(bits.device)
+        h.update(f"{tuple(p.shape)}{p.dtype}".encode())
+        for start in range(0, bits.numel(), _DIGEST_CHUNK):
+            c = bits[start:start + _DIGEST_CHUNK].to(torch.int64)
+            h.update(int((c * w[:c.numel()]).sum()).to_bytes(8, "little", signed=True))
+    return h.hexdigest()[:32]
 
 
 def sampled(seed: int, step: int, micro_batch: int, prob: float) -> bool:

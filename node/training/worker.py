@@ -49,7 +49,7 @@ from node.training.client import TrainingClient
 from node.training.exchange import Endpoint, Endpoints, PeerSender
 from node.training.membership import DEFAULT_OUTAGE_S, FenceReached, Membership
 from node.training.reporter import Reporter
-from node.training.spotcheck import WITNESS_KINDS, StageVerifier, VerifyPlan
+from node.training.spotcheck import WITNESS_KINDS, StageVerifier, VerifyPlan, param_digest
 
 log = logging.getLogger(__name__)
 AQSGD_RAM_LIMIT_BYTES = 256 << 20  # per boundary side; larger caches go to disk (memmap)
@@ -438,6 +438,8 @@ class StageWorker:
                 self.averager.average_gradients(abort=fencing.is_set)
             t1 = time.monotonic()
             checks = self.verifier.check_step(step)  # weights are still this step's
+            # what the step ran with: the coordinator weighs checks only between equal digests
+            digest = param_digest(self.module.parameters()) if self.verifier.active else ""
             clip_and_step(self.optimizer, list(self.module.parameters()), step, self.optim_cfg)
             t2 = time.monotonic()
             comm += t1 - t0
@@ -452,7 +454,8 @@ class StageWorker:
                 has_loss=loss is not None, loss=loss if loss is not None else 0.0, tokens_per_s=tokens / step_s,
                 bytes_sent=sent, bytes_raw=raw, step_s=step_s, compute_s=compute, wait_s=wait, comm_s=comm,
                 state="running", tokens=tokens, bytes_forward=sent_fw, bytes_backward=sent_bw,
-                micro_batch_losses=mb_losses, checks=[pb.SpotCheck(**vars_of(c)) for c in checks]))
+                micro_batch_losses=mb_losses, checks=[pb.SpotCheck(**vars_of(c)) for c in checks],
+                param_digest=digest))
             self.on_metrics(training={"job_id": a.job_id, "stage": a.stage, "replica": a.replica, "step": step,
                                       "loss": loss, "tokens_per_s": tokens / step_s, "bytes_sent": sent,
                                       "rejected_tensors": self.endpoint.num_rejected})

@@ -79,8 +79,9 @@ def test_judge_quarantines_only_confirmed_mismatches_from_the_designated_checker
     j = Judge()
     check = {"stage": 0, "replica": 0, "step": 3, "micro_batch": 0, "what": "output", "match": False, "error": 1.2,
              "tolerance": 0.5, "repeated_match": True, "value": 0.0}
-    r = {"step": 3, "checks": [check]}
+    r = {"step": 3, "checks": [check], "param_digest": "d"}  # same weights on both (their digests agree)
     assert j.report("j", 1, asg[0], asg, r) == []  # (0,0) cannot check itself
     (v,) = j.report("j", 1, asg[1], asg, r)  # (0,1) is the checker of (0,0)
     assert v.node_id == "n00" and v.first_bad_step == 3
-    assert j.report("j", 1, asg[1], asg, {"step": 3, "checks": [dict(check, repeated_match=False)]}) == []
+    assert j.report("j", 1, asg[1], asg, {"step": 3, "checks": [dict(check, repeated_match=False)],
+                                          "param_digest": "d"}) == []
