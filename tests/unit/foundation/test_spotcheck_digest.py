@@ -124,3 +124,29 @@ def test_a_check_of_another_step_than_the_report_is_ignored():
     j.report("j", 1, TARGET, ASG, {"step": 3, "param_digest": "d"})
     assert j.report("j", 1, CHECKER, ASG, {"step": 4, "param_digest": "d", "checks": [check]}) == []
     assert j.stats("j")["checks"] == 0
+
+
+def test_witness_copies_are_accepted_only_from_the_checked_stages_assigned_neighbours():
+    """Caller ids come from certificates; the same check runs for PushTensor and the stream."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from swarm.errors import PermissionDeniedError
+    from node.training.spotcheck import CheckRole, VerifyPlan
+    from node.training.worker import StageWorker
+
+    plan = VerifyPlan(prob=1.0, check=CheckRole(stage=1, replica=0, node_id="n10", seed=1,
+                                                witness_ids=frozenset({"n00", "n20"})))
+    me = SimpleNamespace(a=SimpleNamespace(stage=1, replica=1, job_id="j", attempt=1, prev=None, next=None),
+                         verifier=SimpleNamespace(plan=plan))
+    ok = SimpleNamespace(kind="witness_input", boundary=1, replica=0)
+    StageWorker._authorize_sender(me, "n00", ok)
+    StageWorker._authorize_sender(me, "n20", SimpleNamespace(kind="witness_output", boundary=1, replica=0))
+    for caller, h in (("n01", ok), ("n10", ok),  # another replica's neighbour; the checked node itself
+                      ("n00", SimpleNamespace(kind="witness_input", boundary=0, replica=0)),  # another target
+                      ("n00", SimpleNamespace(kind="witness_input", boundary=1, replica=1))):
+        with pytest.raises(PermissionDeniedError):
+            StageWorker._authorize_sender(me, caller, h)
+    with pytest.raises(PermissionDeniedError):  # a stage that checks nothing takes no copies
+        StageWorker._authorize_sender(SimpleNamespace(a=me.a, verifier=None), "n00", ok)
