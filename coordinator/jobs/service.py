@@ -302,7 +302,8 @@ class JobService:
                                  num_nodes=len(nodes))
 
     def _watch(self, job: Job) -> None:
-        verdicts, dispute = self.judge.resolve_blames(job.id, self.clock.time(), grace_s=job.spec.peer_timeout_s)
+        verdicts, dispute = self.judge.resolve_blames(job.id, self.clock.time(), grace_s=job.spec.peer_timeout_s,
+                                                      is_online=self._is_online)
         for v in verdicts:
             self._quarantine(job, v)
         if dispute and not verdicts:
@@ -467,6 +468,12 @@ class JobService:
             self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on "
                                  f"{len({a['node_id'] for a in jp.assignments})} node(s): resuming from step {resume} "
                                  f"({optim})", attempt=job.attempt + 1, resume_step=resume)
+
+    def _is_online(self, node_id: str) -> bool:
+        try:
+            return self.registry.get(node_id).state == "online"
+        except NotFoundError:
+            return False
 
     def _quarantine(self, job: Job, v: Verdict) -> None:
         """Quarantine a node found wrong (event ``quarantined``); the job's watch then re-plans

@@ -198,19 +198,27 @@ class Judge:
         with self._lock:
             self._job(job_id).blames.setdefault((accuser, blamed), now_s)
 
-    def resolve_blames(self, job_id: str, now_s: float, grace_s: float) -> tuple[list[Verdict], bool]:
+    def resolve_blames(self, job_id: str, now_s: float, grace_s: float,
+                       is_online=lambda node_id: True) -> tuple[list[Verdict], bool]:
         """(verdicts, dispute) for blames older than ``grace_s``: a blamed node silent for the
-        job since ``grace_s`` before the blame, that did not blame back, is guilty of stalling."""
+        job since ``grace_s`` before the blame, still online (``is_online``: heartbeating), that
+        blamed nobody itself, is guilty of stalling."""
         out, dispute = [], False
         with self._lock:
             st = self._jobs.get(job_id)
             if st is None:
                 return [], False
+            accusers = {a for a, _ in st.blames}
             for (accuser, blamed), at in list(st.blames.items()):
                 if now_s - at < grace_s:
                     continue
                 del st.blames[(accuser, blamed)]
                 if st.blames.pop((blamed, accuser), None) is not None:
+                    dispute = True
+                    continue
+                if blamed in accusers or not is_online(blamed):
+                    # it was waiting on someone else itself (a chain behind a lost node), or it is
+                    # not heartbeating (lost, not stalling): nothing to hold against it
                     dispute = True
                     continue
                 silent_since = st.last_progress_s.get(blamed, 0.0)

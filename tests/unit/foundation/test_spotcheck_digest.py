@@ -150,3 +150,15 @@ def test_witness_copies_are_accepted_only_from_the_checked_stages_assigned_neigh
             StageWorker._authorize_sender(me, caller, h)
     with pytest.raises(PermissionDeniedError):  # a stage that checks nothing takes no copies
         StageWorker._authorize_sender(SimpleNamespace(a=me.a, verifier=None), "n00", ok)
+
+
+def test_stall_blame_spares_lost_nodes_and_nodes_waiting_on_someone_else():
+    j = Judge()
+    # stage 1 waits on a crashed stage 2 and blames it; stage 0 then blames stage 1
+    j.blame("j", "s1", "s2", 100.0)
+    j.blame("j", "s0", "s1", 101.0)
+    verdicts, dispute = j.resolve_blames("j", 200.0, grace_s=30.0, is_online=lambda n: n != "s2")
+    assert verdicts == [] and dispute  # s2 is lost (not stalling), s1 was waiting itself: re-plan, nobody quarantined
+    j.blame("j", "s0", "s1", 300.0)  # a silent node that is online and waits on nobody: stalled
+    (v,) = j.resolve_blames("j", 400.0, grace_s=30.0)[0]
+    assert v.node_id == "s1" and v.first_bad_step is None
