@@ -40,11 +40,12 @@ from coordinator import plugins as plugin_registry
 from coordinator.ca import CoordinatorCA
 from coordinator.http import HttpServer, build_web_app
 from coordinator.plugins import CoordinatorHost, CoordinatorPlugin
-from coordinator.network import MeasurementPolicy, MeasurementScheduler, NetworkStore
+from coordinator.network import MeasurementPolicy, MeasurementScheduler, NetworkStore, ProbeBook
 from coordinator.registry import NodeRegistry
 from coordinator.servicer import MAX_CLOCK_SKEW_S, CoordinatorServicer
 from coordinator.services import Services
 from coordinator.store import Database
+from coordinator.verification import Challenges
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,8 @@ class CoordinatorApp:
         self.registry = NodeRegistry(self.db, self.clock, node_timeout_s=config.node_timeout_s, grace_s=grace_s)
         self.network = NetworkStore(self.db)
         self.measurements = MeasurementScheduler(self.network, self.clock, config.measurement)
+        self.probes = ProbeBook(self.clock)  # both ends of each probe (coordinator/network.py)
+        self.challenges = Challenges(self.registry.trust, self.clock)  # compute challenges at join
         self.admission = Admission(self.db, self.clock, config.admission, max_clock_skew_s=MAX_CLOCK_SKEW_S)
         self._sessions: dict[str, str] = {}
         self._lock = threading.Lock()

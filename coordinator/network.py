@@ -64,6 +64,103 @@ def transfer_link(existing: Link | None, observations: list[tuple[int, float]], 
                 bandwidth_Bps=bandwidth, measured_at_s=now_s, source="transfer")
 
 
+PROBE_TOLERANCE = 0.25  # the two ends of an honest probe report the same timing (the sender
+# computes its figure from the receiver's reply); 25% leaves room for the sender-timed fallback
+
+
+def probe_agreement(sender_Bps: float, receiver_Bps: float | None) -> tuple[float, bool, bool]:
+    """(bandwidth to keep, confirmed, disputed) from what the two ends of a probe reported. Pure.
+
+    No receipt from the receiver: the sender's figure, unconfirmed. Within PROBE_TOLERANCE
+    (relative to the larger): confirmed, the lower kept. Beyond: disputed, the lower kept."""
+    if receiver_Bps is None or not (math.isfinite(receiver_Bps) and receiver_Bps > 0):
+        return sender_Bps, False, False
+    low, high = sorted((sender_Bps, receiver_Bps))
+    return low, (high - low) <= PROBE_TOLERANCE * high, (high - low) > PROBE_TOLERANCE * high
+
+
+def bound_transfer(existing: Link | None, proposed: Link | None) -> Link | None:
+    """A transfer-derived link only over a link both ends confirmed (a source caught inflating a
+    probe gets no say through its transfers either); it keeps the confirmation flag off."""
+    if proposed is None or existing is None or existing.disputed or not existing.confirmed:
+        return None
+    return proposed
+
+
+@dataclass(slots=True)
+class _ProbeHalf:
+    src: str
+    dst: str
+    issued_s: float
+    sender: tuple[float, float] | None = None  # (rtt_s, bandwidth_Bps) from ReportMeasurement
+    receiver_Bps: float | None = None  # from the receiver's ProbeReceipt
+    receipt_seen: bool = False
+
+
+class ProbeBook:
+    """Pairs each probe's sender report with the receiver's receipt (both ends measure a link).
+
+    ``expect(task)`` when the task is handed out; ``sender_report`` / ``receipt`` as they come,
+    in any order; each returns the Link to record once both arrived (or None). ``expired``
+    returns sender-only links (unconfirmed) whose receipt never came within ``wait_s``."""
+
+    def __init__(self, clock: Clock, *, wait_s: float = 10.0) -> None:
+        self._clock = clock
+        self.wait_s = wait_s
+        self._lock = threading.Lock()
+        self._tasks: dict[str, _ProbeHalf] = {}
+
+    def expect(self, task_id: str, src: str, dst: str) -> None:
+        with self._lock:
+            self._tasks[task_id] = _ProbeHalf(src=src, dst=dst, issued_s=self._clock.time())
+
+    def sender_report(self, task_id: str, rtt_s: float, bandwidth_Bps: float) -> Link | None:
+        with self._lock:
+            half = self._tasks.get(task_id)
+            if half is None:
+                return None
+            half.sender = (rtt_s, bandwidth_Bps)
+            return self._done(task_id, half)
+
+    def receipt(self, reporter: str, task_id: str, timed_bytes: int, first_to_last_s: float) -> Link | None:
+        """A receiver's receipt; ignored unless ``reporter`` is the task's destination."""
+        with self._lock:
+            half = self._tasks.get(task_id)
+            if half is None or half.dst != reporter or half.receipt_seen:
+                return None
+            half.receipt_seen = True
+            if timed_bytes > 0 and first_to_last_s > 0:
+                half.receiver_Bps = timed_bytes / first_to_last_s
+            return self._done(task_id, half)
+
+    def _done(self, task_id: str, half: _ProbeHalf) -> Link | None:
+        if half.sender is None or not half.receipt_seen:
+            return None
+        del self._tasks[task_id]
+        return self._link(half)
+
+    def _link(self, half: _ProbeHalf) -> Link:
+        rtt, sender_bw = half.sender
+        bw, confirmed, disputed = probe_agreement(sender_bw, half.receiver_Bps)
+        if disputed:
+            log.warning("probe ends disagree src=%s dst=%s sender_MBps=%.1f receiver_MBps=%.1f (keeping the lower)",
+                        half.src[:8], half.dst[:8], sender_bw / 1e6, (half.receiver_Bps or 0) / 1e6)
+        return Link(src=half.src, dst=half.dst, delay_s=rtt / 2, rtt_s=rtt, bandwidth_Bps=bw,
+                    measured_at_s=self._clock.time(), source="probe", confirmed=confirmed, disputed=disputed)
+
+    def expired(self) -> list[Link]:
+        now = self._clock.time()
+        out = []
+        with self._lock:
+            for task_id, half in list(self._tasks.items()):
+                if now - half.issued_s <= self.wait_s:
+                    continue
+                del self._tasks[task_id]
+                if half.sender is not None:
+                    out.append(self._link(half))
+        return out
+
+
 class NetworkStore:
     """Latest link per (src, dst); thread-safe."""
 

@@ -37,6 +37,7 @@ from swarm.hardware import HardwareInfo
 from swarm.membership import NodeInfo
 
 from coordinator.store import Database
+from coordinator.verification import TrustStore, measured_tflops
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class NodeRegistry:
         self._conn = db.connect()
         self._nodes: dict[str, _Entry] = {}
         self._dirty: set[str] = set()  # heartbeats not yet written (see flush)
+        # measured speeds and quarantines (coordinator/verification.py); readers see them in NodeInfo
+        self.trust = TrustStore(db, clock)
         self._load()
 
     # -- persistence -------------------------------------------------------------------------
@@ -264,9 +267,13 @@ class NodeRegistry:
         return node_id in self._restored and now < self.grace_until_s
 
     def _effective(self, info: NodeInfo, now: float) -> NodeInfo:
-        if info.state == "online" and now - info.last_seen_at_s > self._timeout_s and not self._graced(info.id, now):
-            return replace(info, state="lost")
-        return info
+        rec = self.trust.get(info.id)
+        if rec.quarantine_reason:  # no new work, whatever its liveness
+            info = replace(info, state="quarantined", quarantine_reason=rec.quarantine_reason)
+        elif info.state == "online" and now - info.last_seen_at_s > self._timeout_s and not self._graced(info.id, now):
+            info = replace(info, state="lost")
+        measured = measured_tflops(rec.challenge_tflops, rec.observed_tflops)
+        return info if measured is None else replace(info, measured_tflops=measured)
 
     def snapshot(self) -> tuple[NodeInfo, ...]:
         """All known nodes (any state), sorted by registration time then id."""
@@ -292,7 +299,12 @@ class NodeRegistry:
                 raise NotFoundError(f"node {node_id} is not registered")
             return entry.public_key
 
+    def quarantine(self, node_id: str, reason: str) -> bool:
+        """Quarantine a node (state ``quarantined``: no new work); False when it already was."""
+        return self.trust.quarantine(node_id, reason)
+
     def close(self) -> None:
         self.flush()
         with self._lock:
             self._conn.close()
+        self.trust.close()

@@ -16,7 +16,6 @@ from google.protobuf.message import DecodeError
 import swarm
 from swarm.errors import AuthError, CapacityError, InvalidRequestError, VersionMismatchError
 from swarm.identity import is_node_id, verify
-from swarm.membership import Link
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
 from swarm.transport.auth import token_matches
@@ -24,7 +23,7 @@ from swarm.transport.channels import parse_address
 from swarm.transport.convert import hardware_from_proto, link_to_proto, metrics_from_json, node_to_proto
 from swarm.transport.errors import grpc_errors
 
-from coordinator.network import transfer_link
+from coordinator.network import bound_transfer, transfer_link
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +35,9 @@ MAX_TRANSFERS_PER_BEAT = 64
 MAX_TRANSFER_BYTES = 1 << 40
 MAX_TRANSFER_S = 3600.0
 MAX_TRANSFER_BPS = 1e13  # the same plausibility bound as probes
+MAX_RECEIPTS_PER_BEAT = 16
+MAX_CHALLENGE_DIGEST_BYTES = 64 * 4096 * 32  # count x n row digests at most
+MAX_CHALLENGE_ROW_BYTES = 16 * 4096 * 4
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -160,17 +162,33 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             memory_free_bytes=request.memory_free_bytes or None,
         )
         self._record_transfers(node_id, transfers)
+        self._record_receipts(node_id, request.probes_received)
         reply = pb.HeartbeatReply(heartbeat_interval_s=app.config.heartbeat_interval_s, server_time_s=app.clock.time(),
                                   certificate_pem=app.renewed_certificate(node_id))
         # who may BandwidthProbe this node: the sources of its measurement tasks (the node refuses others)
         reply.probe_sources.extend(app.measurements.probe_sources(node_id))
         task = app.measurements.next_task(node_id, app.registry.online())
         if task is not None:
+            app.probes.expect(task.task_id, node_id, task.dst)
             reply.tasks.append(pb.MeasureTask(
                 task_id=task.task_id, dst_node_id=task.dst, dst_address=task.dst_address,
                 probe_bytes=task.probe_bytes, num_pings=task.num_pings,
             ))
         return reply
+
+    def _record_receipts(self, node_id: str, receipts) -> None:
+        """What this node saw as the RECEIVER of probes: pairs them with the senders' reports."""
+        if len(receipts) > MAX_RECEIPTS_PER_BEAT:
+            raise InvalidRequestError(f"a heartbeat carries at most {MAX_RECEIPTS_PER_BEAT} probe receipts")
+        for r in receipts:
+            if len(r.task_id) > 64 or not (0 <= r.timed_bytes <= r.bytes_received <= 1 << 30) or not (
+                    math.isfinite(r.first_to_last_s) and 0 <= r.first_to_last_s <= 600):
+                raise InvalidRequestError("probe receipt out of range")
+            link = self.app.probes.receipt(node_id, r.task_id, int(r.timed_bytes), float(r.first_to_last_s))
+            if link is not None:
+                self.app.network.record(link)
+        for link in self.app.probes.expired():
+            self.app.network.record(link)
 
     def _record_transfers(self, node_id: str, transfers: dict[str, list[tuple[int, float]]]) -> None:
         """Feed transfer observations to known destinations into the network store (see transfer_link)."""
@@ -182,7 +200,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             if dst not in known:
                 log.debug("ignoring transfer observations from %s to unknown node %s", node_id[:8], dst[:8])
                 continue
-            link = transfer_link(self.app.network.get(node_id, dst), obs, now)
+            existing = self.app.network.get(node_id, dst)
+            link = bound_transfer(existing, transfer_link(existing, obs, now))
             if link is not None:
                 self.app.network.record(link)
 
@@ -218,11 +237,35 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if failed:
             log.warning("measurement failed src=%s dst=%s: %s", node_id[:8], task.dst[:8], request.error[:300])
             return pb.MeasurementAck()
-        app.network.record(Link(
-            src=node_id, dst=task.dst, delay_s=request.rtt_s / 2, rtt_s=request.rtt_s,
-            bandwidth_Bps=request.bandwidth_Bps, measured_at_s=app.clock.time(), source="probe",
-        ))
+        # counted only with the receiver's own receipt (ProbeBook): both ends must agree
+        link = app.probes.sender_report(task.task_id, request.rtt_s, request.bandwidth_Bps)
+        if link is not None:
+            app.network.record(link)
         return pb.MeasurementAck()
+
+    # -- compute challenge (swarm/challenge.py, coordinator/verification.py) ---------------------
+    @grpc_errors
+    def StartChallenge(self, request: pb.ChallengeRequest, context) -> pb.ComputeChallenge:
+        node_id = self.app.authenticate_node(context)
+        kind = self.app.registry.get(node_id).hardware.device_kind
+        cid, seed, n, count, target_s = self.app.challenges.start(node_id, kind)
+        return pb.ComputeChallenge(challenge_id=cid, seed=seed, n=n, count=count, target_s=target_s)
+
+    @grpc_errors
+    def CommitChallenge(self, request: pb.ChallengeCommit, context) -> pb.ChallengeOpen:
+        node_id = self.app.authenticate_node(context)
+        rows = self.app.challenges.commit(node_id, request.challenge_id, bytes(request.commitment),
+                                          int(request.count_done))
+        return pb.ChallengeOpen(rows=rows)
+
+    @grpc_errors
+    def OpenChallenge(self, request: pb.ChallengeAnswer, context) -> pb.ChallengeResult:
+        node_id = self.app.authenticate_node(context)
+        if len(request.row_digests) > MAX_CHALLENGE_DIGEST_BYTES or len(request.rows) > MAX_CHALLENGE_ROW_BYTES:
+            raise InvalidRequestError("challenge answer is larger than any challenge")
+        passed, tflops, message = self.app.challenges.open(node_id, request.challenge_id, bytes(request.row_digests),
+                                                           bytes(request.rows))
+        return pb.ChallengeResult(passed=passed, measured_tflops=tflops, message=message)
 
     @grpc_errors
     def ListNodes(self, request: pb.ListNodesRequest, context) -> pb.ListNodesReply:

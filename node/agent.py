@@ -18,6 +18,7 @@ before the node leaves. Heartbeats carry the plugins' ``update_metrics`` values 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import re
@@ -32,6 +33,7 @@ from swarm.clock import Clock, SystemClock
 from swarm.errors import (
     AuthError, ConfigError, InvalidRequestError, NotFoundError, SwarmError, UnavailableError, VersionMismatchError,
 )
+from swarm.faults import NO_FAULTS, FaultConfig
 from swarm.hardware import HardwareInfo, free_memory_bytes, probe
 from swarm.identity import Identity
 from swarm.plugins import stop_plugins
@@ -52,6 +54,7 @@ from node.traffic import Traffic
 
 log = logging.getLogger(__name__)
 RECONNECT_MAX_S = 2.0
+CHALLENGE_TASK = object()  # marker in the measurement queue: run the compute challenge
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,6 +73,7 @@ class NodeConfig:
     seed: int = 0
     stream_limits: StreamLimits = field(default_factory=StreamLimits)  # peer server: streams per peer, idle deadline
     bench_plaintext: bool = False  # BENCHMARK ONLY (SWARM_BENCH_PLAINTEXT=1): no TLS on gRPC
+    faults: FaultConfig = NO_FAULTS  # SWARM_FAULT: injected misbehaviour, for tests only (swarm/faults.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -111,6 +115,10 @@ class NodeAgent:
         self.coordinator_address = config.coordinator_address
         self.name = config.name or default_name(self.node_id)
         self.hardware = hardware or probe(config.device, disk_path=self.state_dir, matmul_duration_s=config.matmul_duration_s)
+        if config.faults.claim_tflops is not None:  # a liar's claim (testing the challenge)
+            log.warning("SWARM_FAULT: claiming %.1f TFLOPS (measured %.4f)", config.faults.claim_tflops,
+                        self.hardware.tflops)
+            self.hardware = dataclasses.replace(self.hardware, tflops=config.faults.claim_tflops)
         self.device = self.hardware.device
         self.metrics: dict[str, Any] = {}
         self.metrics_lock = threading.Lock()
@@ -144,7 +152,8 @@ class NodeAgent:
         self.host = NodeHost(node_id=self.node_id, device=self.device, state_dir=self.state_dir, clock=self.clock,
                              coordinator_channel=self.coordinator_channel, call_metadata=self.call_metadata,
                              wait_registered=self.wait_registered, update_metrics=self.update_metrics,
-                             traffic=self.traffic, security=self.security)
+                             traffic=self.traffic, security=self.security, faults=config.faults)
+        self.peer_servicer: PeerServicer | None = None
 
     # -- seams for plugins -------------------------------------------------------------------
     def update_metrics(self, **values: Any) -> None:
@@ -169,10 +178,9 @@ class NodeAgent:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> int:
         """Start the peer server, plugins and the heartbeat loop; returns the peer port."""
-        peer_pb2_grpc.add_PeerServicer_to_server(
-            PeerServicer(self.node_id, traffic=self.traffic, identify=self.security.peer_identity,
-                         probe_sources=lambda: self.probe_sources),
-            self.peer_server)
+        self.peer_servicer = PeerServicer(self.node_id, traffic=self.traffic, identify=self.security.peer_identity,
+                                          probe_sources=lambda: self.probe_sources)
+        peer_pb2_grpc.add_PeerServicer_to_server(self.peer_servicer, self.peer_server)
         self.plugins = plugin_registry.create_plugins(self.plugin_modules, self.host)
         for plugin in self.plugins:
             plugin.install(self.peer_server)
@@ -246,6 +254,10 @@ class NodeAgent:
             self.heartbeat_interval_s = reg.heartbeat_interval_s
         self._registered.set()
         log.info("registered with coordinator=%s id=%s", self.coordinator_address, self.node_id)
+        try:
+            self._tasks.put_nowait(CHALLENGE_TASK)  # the measure worker runs it (one at a time with probes)
+        except queue.Full:
+            log.warning("measurement queue full; the compute challenge waits for the next registration")
 
     def _heartbeat(self) -> None:
         with self._session_lock:
@@ -261,8 +273,10 @@ class NodeAgent:
         free = min(free_memory_bytes(self.device), self.hardware.memory_bytes)
         transfers = [pb.TransferObservation(dst_node_id=o.dst_node_id, num_bytes=o.num_bytes, seconds=o.seconds)
                      for o in self.traffic.drain()]  # lost if this beat fails: they are only samples
+        receipts = [pb.ProbeReceipt(task_id=t, bytes_received=b, timed_bytes=tb, first_to_last_s=s)
+                    for t, b, tb, s in (self.peer_servicer.drain_receipts() if self.peer_servicer else [])]
         reply = self._link.heartbeat(session, status=self.status, metrics_json=metrics_json, memory_free_bytes=free,
-                                     transfers=transfers)
+                                     transfers=transfers, probes_received=receipts)
         if reply.certificate_pem:
             try:
                 self._take_certificate(reply.certificate_pem.encode())
@@ -326,13 +340,17 @@ class NodeAgent:
                 task = self._tasks.get(timeout=0.2)
             except queue.Empty:
                 continue
+            if task is CHALLENGE_TASK:
+                self._run_challenge()
+                continue
             report = pb.MeasurementReport(task_id=task.task_id, dst_node_id=task.dst_node_id)
             try:
                 sample = measure_link(task.dst_address, probe_bytes=int(task.probe_bytes),
                                       num_pings=int(task.num_pings), expected_node_id=task.dst_node_id,
                                       security=self.security,
                                       # the destination learns of the task on its next heartbeat
-                                      authorize_wait_s=3 * self.heartbeat_interval_s + 1.0)
+                                      authorize_wait_s=3 * self.heartbeat_interval_s + 1.0,
+                                      task_id=task.task_id)
                 self.traffic.add_sent(sample.probe_bytes)
                 report.rtt_s = sample.rtt_s
                 report.bandwidth_Bps = sample.bandwidth_Bps
@@ -350,3 +368,21 @@ class NodeAgent:
                 self._link.report(session, report)
             except SwarmError as exc:
                 log.warning("could not report measurement: %s", exc)
+
+    def _run_challenge(self) -> None:
+        """The coordinator's compute challenge (swarm/challenge.py): it times it and keeps the result."""
+        with self._session_lock:
+            session = self._session
+        if session is None:
+            return
+        try:
+            result = self._link.run_challenge(session, device=self.device)
+            if result.passed:
+                log.info("compute challenge passed measured_tflops=%.4f (probe said %.4f)", result.measured_tflops,
+                         self.hardware.tflops)
+            else:
+                log.error("compute challenge failed: %s", result.message)
+        except SwarmError as exc:
+            log.warning("compute challenge did not complete: %s", exc)
+        except Exception:  # noqa: BLE001 -- keep the worker alive
+            log.exception("compute challenge crashed")

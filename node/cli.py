@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def join(args: argparse.Namespace) -> int:
     from node.agent import NodeAgent, NodeConfig
+    from swarm.faults import FAULT_ENV, FaultConfig
     from swarm.statedir import secure_state_dir
     from swarm.transport.limits import StreamLimits
     from swarm.transport.tls import bench_plaintext
@@ -67,6 +68,7 @@ def join(args: argparse.Namespace) -> int:
     try:
         state_dir = Path(args.state_dir).expanduser()
         secure_state_dir(state_dir)
+        faults = FaultConfig.parse(os.environ.get(FAULT_ENV))  # testing only: see swarm/faults.py
         config = NodeConfig(
             coordinator_address=target.address, token=target.token or "", state_dir=state_dir,
             name=args.name, device=args.device, host=args.host, port=args.port, advertise_host=args.advertise_host,
@@ -74,6 +76,7 @@ def join(args: argparse.Namespace) -> int:
             stream_limits=StreamLimits(idle_timeout_s=args.stream_idle_timeout_s,
                                        max_streams_per_peer=args.max_streams_per_peer),
             bench_plaintext=bench_plaintext(os.environ),
+            faults=faults,
         )
         agent = NodeAgent(config)
         port = agent.start()

@@ -86,11 +86,11 @@ class CoordinatorLink:
                             certificate_pem=reply.certificate_pem.encode())
 
     def heartbeat(self, session: str, *, status: str, metrics_json: str, memory_free_bytes: int = 0,
-                  transfers=()) -> pb.HeartbeatReply:
+                  transfers=(), probes_received=()) -> pb.HeartbeatReply:
         with translate_rpc_errors(self._what):
             return self.stub.Heartbeat(
                 pb.HeartbeatRequest(status=status, metrics_json=metrics_json, memory_free_bytes=memory_free_bytes,
-                                    transfers=list(transfers)),
+                                    transfers=list(transfers), probes_received=list(probes_received)),
                 metadata=call_metadata(self._identity.node_id, session), timeout=CALL_TIMEOUT_S,
             )
 
@@ -98,6 +98,21 @@ class CoordinatorLink:
         with translate_rpc_errors(self._what):
             self.stub.ReportMeasurement(report, metadata=call_metadata(self._identity.node_id, session),
                                         timeout=CALL_TIMEOUT_S)
+
+    def run_challenge(self, session: str, *, device: str) -> pb.ChallengeResult:
+        """Start, compute, commit and open the coordinator's compute challenge (swarm/challenge.py)."""
+        from swarm.challenge import Solver  # torch: only when a challenge runs
+
+        md = call_metadata(self._identity.node_id, session)
+        with translate_rpc_errors(self._what):
+            c = self.stub.StartChallenge(pb.ChallengeRequest(), metadata=md, timeout=CALL_TIMEOUT_S)
+            solver = Solver(c.seed, c.n, c.count, target_s=c.target_s, device=device)
+            commitment, done = solver.compute()
+            opened = self.stub.CommitChallenge(pb.ChallengeCommit(challenge_id=c.challenge_id, commitment=commitment,
+                                                                  count_done=done), metadata=md, timeout=CALL_TIMEOUT_S)
+            digests, rows = solver.open(list(opened.rows))
+            return self.stub.OpenChallenge(pb.ChallengeAnswer(challenge_id=c.challenge_id, row_digests=digests,
+                                                              rows=rows), metadata=md, timeout=60)
 
     def leave(self, session: str, reason: str = "shutdown", timeout_s: float = 3.0) -> None:
         with translate_rpc_errors(self._what):

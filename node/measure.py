@@ -33,11 +33,12 @@ class LinkSample:
 
 def measure_link(address: str, *, security, probe_bytes: int = 4 << 20, num_pings: int = 5,
                  expected_node_id: str | None = None, timeout_s: float = 60.0,
-                 authorize_wait_s: float = 0.0) -> LinkSample:
+                 authorize_wait_s: float = 0.0, task_id: str = "") -> LinkSample:
     """Measure RTT and bandwidth to the peer service at ``address`` (TLS with ``security``; with
     ``expected_node_id`` the peer's certificate must be that node's). The destination accepts the
     probe once it has heard of the task (its next heartbeat): a refusal is retried for
-    ``authorize_wait_s``. Raises PeerError."""
+    ``authorize_wait_s``. ``task_id`` names the coordinator's task in the first chunk (the
+    receiver reports it too: both ends must agree). Raises PeerError."""
     payload = os.urandom(PROBE_CHUNK_BYTES)
     with data_channel(address, security=security, node_id=expected_node_id) as channel:
         stub = pb_grpc.PeerStub(channel)
@@ -55,8 +56,8 @@ def measure_link(address: str, *, security, probe_bytes: int = 4 << 20, num_ping
             num_chunks = max(2, -(-probe_bytes // PROBE_CHUNK_BYTES))
 
             def chunks():
-                for _ in range(num_chunks):
-                    yield pb.ProbeChunk(data=payload)
+                for i in range(num_chunks):  # the first names the task: the receiver reports it too
+                    yield pb.ProbeChunk(data=payload, task_id=task_id if i == 0 else "")
 
             wait_until = time.monotonic() + authorize_wait_s
             while True:

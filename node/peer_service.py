@@ -11,6 +11,7 @@ Who may call (the caller's node id comes from its TLS certificate, ``identify(co
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
@@ -31,6 +32,16 @@ class PeerServicer(pb_grpc.PeerServicer):
         self.traffic = traffic  # node.traffic.Traffic or None
         self._identify = identify  # context -> caller's node id (swarm.transport.tls); None: tests only
         self._probe_sources = probe_sources  # () -> frozenset of node ids with a task towards us
+        # what this node saw as a probe's receiver, for the coordinator (the agent's next heartbeat)
+        self._receipts: collections.deque = collections.deque(maxlen=16)
+        self._receipts_lock = threading.Lock()
+
+    def drain_receipts(self) -> list[tuple[str, int, int, float]]:
+        """(task_id, bytes_received, timed_bytes, first_to_last_s) of probes received since the last call."""
+        with self._receipts_lock:
+            out = list(self._receipts)
+            self._receipts.clear()
+        return out
 
     @grpc_errors
     def Ping(self, request: pb.PingRequest, context) -> pb.PingReply:
@@ -47,6 +58,7 @@ class PeerServicer(pb_grpc.PeerServicer):
                                             f"{self.node_id[:12]}; probes run only when the coordinator asks")
         total = first = chunks = 0
         t_first = t_last = 0.0
+        task_id = ""
         watchdog = threading.Timer(MAX_PROBE_S, context.cancel)
         watchdog.daemon = True
         watchdog.start()
@@ -58,6 +70,7 @@ class PeerServicer(pb_grpc.PeerServicer):
                 raise InvalidRequestError(f"probe chunks must be at most {MAX_CHUNK_BYTES} bytes")
             if chunks == 0:
                 t_first, first = now, n
+                task_id = chunk.task_id[:64]
             t_last = now
             total += n
             chunks += 1
@@ -65,6 +78,9 @@ class PeerServicer(pb_grpc.PeerServicer):
                 self.traffic.add_received(n)
             if total > MAX_PROBE_BYTES:
                 raise InvalidRequestError(f"a probe may carry at most {MAX_PROBE_BYTES} bytes")
+        if task_id and chunks >= 2:
+            with self._receipts_lock:
+                self._receipts.append((task_id, total, total - first, t_last - t_first))
         return pb.ProbeReply(
             node_id=self.node_id, bytes_received=total, first_chunk_bytes=first,
             first_to_last_s=t_last - t_first, num_chunks=chunks,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from swarm import plugins as _mechanics
 from swarm.clock import Clock
+from swarm.faults import NO_FAULTS, FaultConfig
 from swarm.identity import is_node_id
 
 from node.traffic import Traffic
@@ -47,6 +48,7 @@ class NodeHost:
       UnavailableError while not registered); ``wait_registered(timeout_s) -> bool``;
     - ``update_metrics(**values)``: JSON-able values sent with every heartbeat and shown in
       ``/api/nodes`` under ``metrics``;
+    - ``faults`` (:class:`swarm.faults.FaultConfig`): injected misbehaviour, tests only;
     - ``traffic`` (:class:`node.traffic.Traffic`): add the bytes exchanged with peers and observe
       large pushes; totals go out as the ``bytes_sent`` / ``bytes_received`` metrics and
       observations as link measurements with every heartbeat;
@@ -65,6 +67,7 @@ class NodeHost:
     update_metrics: Callable[..., None]
     traffic: Traffic
     security: Any = None
+    faults: FaultConfig = NO_FAULTS  # SWARM_FAULT (tests only): what this node does wrong on purpose
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))

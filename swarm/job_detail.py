@@ -130,11 +130,12 @@ class CheckpointSummary:
 #   coordinator_restart.
 EVENT_KINDS: tuple[str, ...] = (
     "submitted", "planned", "node_lost", "replan", "resumed", "succeeded", "failed", "cancelled", "plan_error",
-    "replica_dropped", "replica_added", "coordinator_restart", "coordinator_reconnect",
+    "replica_dropped", "replica_added", "coordinator_restart", "coordinator_reconnect", "quarantined",
 )
 # Kinds the follow loop marks with "!" (something went wrong or the plan changed under the job).
 WARNING_EVENT_KINDS: frozenset[str] = frozenset(
-    {"node_lost", "replan", "failed", "cancelled", "plan_error", "replica_dropped", "coordinator_restart"})
+    {"node_lost", "replan", "failed", "cancelled", "plan_error", "replica_dropped", "coordinator_restart",
+     "quarantined"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -27,8 +27,12 @@ SCHEDULES = ("1f1b", "gpipe")
 
 _INT_FIELDS = ("steps", "batch_size", "micro_batch_size", "seq_len", "checkpoint_every", "seed", "warmup_steps",
                "num_stages", "num_replicas")
-_FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "grad_clip", "peer_timeout_s", "min_lr_ratio", "node_wait_s")
-_OPTIONAL_KEYS = frozenset({"node_wait_s"})  # see JobSpec.to_dict
+_FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "grad_clip", "peer_timeout_s", "min_lr_ratio", "node_wait_s",
+                 "verify_prob")
+_OPTIONAL_KEYS = frozenset({"node_wait_s", "verify_prob"})  # see JobSpec.to_dict
+# Spot checks (docs/security.md "Verification"): the chance that a micro-batch of a stage is
+# recomputed by a replica of the stage. EXPERIMENTAL and off by default: see docs/security.md.
+DEFAULT_VERIFY_PROB = 0.0
 CODEC_KEY = "compression"  # the codec's name in the protobuf message and in the JSON form
 
 
@@ -64,6 +68,7 @@ class JobSpec:
     # A job that lost a stage no idle node can replace waits this long (pending, with the reason)
     # for one to come back or join, then fails; 0 fails it at once.
     node_wait_s: float = 3600.0
+    verify_prob: float = DEFAULT_VERIFY_PROB  # 0 = no spot checks
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not isinstance(self.schedule, str):
@@ -98,6 +103,8 @@ class JobSpec:
             raise InvalidRequestError("peer timeout must be in 0.5..3600 s")
         if not 0 <= self.node_wait_s <= 30 * 86400:
             raise InvalidRequestError("--node-wait-s must be in 0..2592000 s")
+        if not 0.0 <= self.verify_prob <= 1.0:
+            raise InvalidRequestError("--verify-prob must be in 0..1")
         if self.checkpoint_every < 0 or self.num_stages < 0 or self.num_replicas < 0:
             raise InvalidRequestError("--checkpoint-every, stages and replicas must be non-negative")
 

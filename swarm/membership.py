@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from swarm.hardware import HardwareInfo
 
-NodeState = Literal["online", "lost", "left"]
-NODE_STATES: tuple[str, ...] = ("online", "lost", "left")
+NodeState = Literal["online", "lost", "left", "quarantined"]
+NODE_STATES: tuple[str, ...] = ("online", "lost", "left", "quarantined")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -30,6 +30,9 @@ class NodeInfo:
     last_seen_at_s: float
     status: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    # what the coordinator measured (coordinator/verification.py); None = not measured yet
+    measured_tflops: float | None = None
+    quarantine_reason: str = ""  # set when state is "quarantined": why
 
     def __post_init__(self) -> None:
         if self.state not in NODE_STATES:
@@ -40,6 +43,22 @@ class NodeInfo:
     @property
     def is_online(self) -> bool:
         return self.state == "online"
+
+    @property
+    def planning_tflops(self) -> float:
+        """The speed planners (and the plan preview) use: see :func:`effective_tflops`."""
+        return effective_tflops(self.hardware.tflops, self.measured_tflops)
+
+
+CLAIM_SLACK = 2.0  # a claim up to 2x the measurement stands (the challenge under-measures a little)
+
+
+def effective_tflops(claimed: float, measured: float | None) -> float:
+    """The claim, unless it exceeds CLAIM_SLACK x what the coordinator measured; then the
+    measurement. Pure: the one rule for the planner and the plan preview."""
+    if measured is None or measured <= 0:
+        return claimed
+    return measured if claimed > CLAIM_SLACK * measured else claimed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,6 +72,8 @@ class Link:
     bandwidth_Bps: float
     measured_at_s: float
     source: str = "probe"
+    confirmed: bool = False  # both ends of the probe agreed (coordinator/network.py probe_agreement)
+    disputed: bool = False  # the two ends disagreed; the lower value is kept
 
     def __post_init__(self) -> None:
         if self.src == self.dst:
@@ -81,6 +102,8 @@ def node_json(node: NodeInfo, now_s: float) -> dict[str, Any]:
         "memory_free_bytes": hw.memory_free_bytes,
         "compute_capability": hw.compute_capability,
         "tflops": hw.tflops,
+        "measured_tflops": node.measured_tflops,
+        "quarantine_reason": node.quarantine_reason,
         "tflops_dtype": hw.tflops_dtype,
         "cpu_cores": hw.cpu_cores,
         "ram_bytes": hw.ram_bytes,
@@ -102,7 +125,9 @@ def _byte_count(v: Any) -> int | None:
 
 
 def link_json(link: Link) -> dict[str, Any]:
-    return {
+    """``confirmed`` / ``disputed`` (both ends of a probe agreed / disagreed) appear only when true."""
+    flags = {k: True for k in ("confirmed", "disputed") if getattr(link, k)}
+    return flags | {
         "src": link.src,
         "dst": link.dst,
         "bandwidth_Bps": _finite_or_none(link.bandwidth_Bps),

@@ -181,7 +181,7 @@ class InferenceEngine:
             # after a failure: keep serving with shorter chains rather than not at all
             stages = max(1, len(nodes) // (want or 1)) if nodes else None
         devices = [
-            PlacementDevice(node_id=n.id, tflops=max(n.hardware.tflops, 1e-6),
+            PlacementDevice(node_id=n.id, tflops=max(n.planning_tflops, 1e-6),
                             memory_bytes=int(n.hardware.memory_free_bytes or n.hardware.memory_bytes) - self._reserved(n.id))
             for n in nodes
         ]

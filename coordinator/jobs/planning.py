@@ -75,7 +75,7 @@ def plan_job(
     devices = tuple(
         Device(
             id=n.id,
-            tflops=n.hardware.tflops if n.hardware.tflops > 0 else None,
+            tflops=n.planning_tflops if n.planning_tflops > 0 else None,  # claims checked: swarm.membership
             memory_bytes=(n.hardware.memory_free_bytes or n.hardware.memory_bytes) or None,
         )
         for n in chosen

@@ -29,6 +29,7 @@ from swarm.transport.transfer import receive_files
 
 from coordinator.jobs import churn, files
 from coordinator.jobs.planning import JobPlan, busy_node_ids, check_layers, check_shape, nodes_needed, plan_job
+from coordinator.jobs.spotchecks import Judge, Verdict, verify_plans
 from coordinator.jobs.store import Job, JobStore
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class JobService:
         self._restarted: dict[str, float] = {}  # running job -> when this coordinator started (not heard since)
         self._replans: dict[str, int] = {}  # job -> re-plans from a checkpoint (fences excluded)
         self._thread: threading.Thread | None = None
+        self.judge = Judge()  # spot checks and blame (coordinator/jobs/spotchecks.py)
+        self._first_bad: dict[str, int] = {}  # job id -> first step a spot check found wrong
 
     # -- loop ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -240,7 +243,8 @@ class JobService:
         """Plan ``job`` over the online nodes no other running job holds (its own count as free:
         a running job being re-planned gives its nodes back). ``degrade``: a job that already ran
         may fall back to fewer data-parallel replicas than ``--replicas`` when the nodes for all
-        of them are missing (the global batch stays the same). Raises InfeasiblePlanError."""
+        of them are missing (the global batch stays the same). Each assignment gets its
+        spot-check plan (coordinator/jobs/spotchecks.py). Raises InfeasiblePlanError."""
         others = [j for j in self.store.list(states=("running",), limit=1000) if j.id != job.id]
         busy = busy_node_ids(others)
         nodes = [n for n in self.registry.online() if n.id not in busy]
@@ -250,12 +254,17 @@ class JobService:
             if degrade and spec.num_replicas > 1 else [spec.num_replicas]
         for i, k in enumerate(counts):
             try:
-                return plan_job(spec=spec.replace(num_replicas=k), config=ModelConfig.from_hf_config(job.model),
-                                nodes=nodes, delay_s=matrix[0], bandwidth_Bps=matrix[1], seed=spec.seed)
+                jp = plan_job(spec=spec.replace(num_replicas=k), config=ModelConfig.from_hf_config(job.model),
+                              nodes=nodes, delay_s=matrix[0], bandwidth_Bps=matrix[1], seed=spec.seed)
+                break
             except InfeasiblePlanError:
                 if i == len(counts) - 1:
                     raise
-        raise AssertionError("replica_counts always holds the requested count")
+        else:
+            raise AssertionError("replica_counts always holds the requested count")
+        for a, v in zip(jp.assignments, verify_plans(jp.assignments, prob=spec.verify_prob)):
+            a["verify"] = v
+        return jp
 
     def _try_plan(self, job: Job) -> None:
         waited = job.waiting_since_s is not None
@@ -293,6 +302,13 @@ class JobService:
                                  num_nodes=len(nodes))
 
     def _watch(self, job: Job) -> None:
+        verdicts, dispute = self.judge.resolve_blames(job.id, self.clock.time(), grace_s=job.spec.peer_timeout_s,
+                                                      is_online=self._is_online)
+        for v in verdicts:
+            self._quarantine(job, v)
+        if dispute and not verdicts:
+            self._recover(job, "two stages blame each other for stopping")
+            return
         lost: dict[str, str] = {}
         for a in job.assignments:
             try:
@@ -301,6 +317,11 @@ class JobService:
                 state = "lost"
             if state != "online":
                 lost[a["node_id"]] = state
+        if lost and job.id in self._first_bad and any(st == "quarantined" for st in lost.values()):
+            # a node computed something wrong: every replica may hold its effect (averaged
+            # gradients), so roll back to before the first bad step instead of fencing the survivors
+            self._recover(job, ", ".join(f"node {n[:12]} is {st}" for n, st in sorted(lost.items())))
+            return
         if lost:
             self._on_lost(job, lost)
             return
@@ -308,7 +329,8 @@ class JobService:
             self._watch_fence(job)
             return
         failed = self._peer_failed.get((job.id, job.attempt))
-        if failed and self.clock.time() - failed[0] > PEER_FAILURE_GRACE_S:
+        # a blamed neighbour is weighed first (Judge.resolve_blames): it may be a staller to quarantine
+        if failed and self.clock.time() - failed[0] > PEER_FAILURE_GRACE_S and not self.judge.has_blames(job.id):
             # a worker lost its neighbour but no node is lost: a broken link, a crashed worker
             self._recover(job, failed[1])
             return
@@ -380,11 +402,12 @@ class JobService:
                                  f"{jp.plan.d_dp} replica(s) carry the whole batch from step {step}, no rollback",
                                  attempt=job.attempt + 1, resume_step=step, fence=True, num_replicas=jp.plan.d_dp)
 
-    def last_complete_checkpoint(self, job: Job) -> int | None:
-        """The latest step for which every stage's checkpoint copy reached the coordinator (for a
-        job started with --resume, at least the step it started from)."""
+    def last_complete_checkpoint(self, job: Job, *, at_most: int | None = None) -> int | None:
+        """The latest step (at most ``at_most``) for which every stage's checkpoint copy reached the
+        coordinator (for a job started with --resume, at least the step it started from)."""
         stages = {a["stage"] for a in job.assignments}
-        complete = [step for step, have in self._full_checkpoints(job).items() if stages and set(have) >= stages]
+        complete = [step for step, have in self._full_checkpoints(job).items()
+                    if stages and set(have) >= stages and (at_most is None or step <= at_most)]
         if job.resumed_from:
             complete.append(int(job.resumed_from["step"]))  # its resume-N/ is complete by construction
         return max(complete) if complete else None
@@ -400,7 +423,16 @@ class JobService:
         last complete checkpoint; with no nodes for it, wait for some (pending, with the reason)
         for up to ``--node-wait-s``; fail it (keeping the checkpoints) after too many re-plans in a
         row without progress or when it may not wait."""
-        resume = self.last_complete_checkpoint(job) or 0
+        # before the first step a spot check found wrong: a checkpoint k holds the state before step k
+        resume = self.last_complete_checkpoint(job, at_most=self._first_bad.get(job.id)) or 0
+        if self._first_bad.pop(job.id, None) is not None:
+            # the checkpoints after it may hold a wrong result: they never count again (the new
+            # attempt writes its own), nor do results assembled from them
+            self.store.drop_checkpoints_after(job.id, resume)
+            jdir = files.job_dir(self.state_dir, job.id)
+            for d in jdir.glob("resume-*"):
+                if d.name.removeprefix("resume-").isdigit() and int(d.name.removeprefix("resume-")) > resume:
+                    shutil.rmtree(d, ignore_errors=True)
         tries = self._replans.get(job.id, 0)
         if tries >= MAX_REPLANS:
             self._fail(job, f"{what}; re-planned {MAX_REPLANS} times without progress; {self._checkpoint_note(job.id)}")
@@ -436,6 +468,24 @@ class JobService:
             self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on "
                                  f"{len({a['node_id'] for a in jp.assignments})} node(s): resuming from step {resume} "
                                  f"({optim})", attempt=job.attempt + 1, resume_step=resume)
+
+    def _is_online(self, node_id: str) -> bool:
+        try:
+            return self.registry.get(node_id).state == "online"
+        except NotFoundError:
+            return False
+
+    def _quarantine(self, job: Job, v: Verdict) -> None:
+        """Quarantine a node found wrong (event ``quarantined``); the job's watch then re-plans
+        without it: from the last checkpoint at or before the first bad step when it computed
+        something wrong, without rollback (like a lost replica) when it only stalled."""
+        if v.first_bad_step is not None:
+            self._first_bad[job.id] = min(self._first_bad.get(job.id, v.first_bad_step), v.first_bad_step)
+        if self.registry.quarantine(v.node_id, v.reason):
+            stage = next((a for a in job.assignments if a["node_id"] == v.node_id), {})
+            self.store.add_event(job.id, "quarantined", f"node {v.node_id[:12]} quarantined: {v.reason}",
+                                 node=v.node_id, stage=stage.get("stage"), replica=stage.get("replica"),
+                                 reason=v.reason, first_bad_step=v.first_bad_step)
 
     def _fail(self, job: Job, reason: str) -> None:
         if self.store.transition(job.id, "failed", reason=reason) is not None:
@@ -501,6 +551,13 @@ class JobService:
             return Ack(stop=True, reason=f"stale attempt {r['attempt']} (job is at attempt {job.attempt})")
         if job.state != "running":
             return Ack(stop=True, reason=f"job is {job.state}: {job.reason}")
+        blamed = r.get("blame_node_id") or ""
+        if r["state"] == "failed" and blamed and blamed != node_id and any(
+                x["node_id"] == blamed for x in job.assignments):
+            # weighed after peer_timeout_s (coordinator/jobs/spotchecks.py Judge.resolve_blames)
+            self.judge.blame(job.id, node_id, blamed, self.clock.time())
+            log.warning("stage failed blaming a neighbour job=%s reporter=%s blamed=%s: %s", job.id, node_id[:12],
+                        blamed[:12], r["error"][:300])
         if r["state"] == "failed":
             if r["error"].startswith("PeerError"):
                 # its neighbour stopped answering: usually a lost node the sweeper is about to report,
@@ -525,6 +582,9 @@ class JobService:
             self.store.add_event(job.id, "resumed", f"resumed at step {job.resume_step} (attempt {job.attempt})",
                                  step=job.resume_step, attempt=job.attempt)
         if r["state"] == "running":
+            self.judge.progress(job.id, node_id, self.clock.time())
+            for v in self.judge.report(job.id, job.attempt, a, job.assignments, r):
+                self._quarantine(job, v)
             self._add_progress(job, a, r, attempt=job.attempt)
             self._replans.pop(job.id, None)  # progress: the re-plans so far worked
         fence = job.fence

@@ -22,6 +22,7 @@ from swarm.transport.errors import grpc_errors
 from swarm.transport.jobs import job_spec_from_pb, job_spec_to_pb, progress_from_pb
 
 from coordinator.jobs import files
+from coordinator.jobs.checkpoint_check import check_stage_checkpoint, expected_layout
 from coordinator.jobs.service import JobService, detail_json
 from coordinator.jobs.store import Job
 
@@ -122,6 +123,7 @@ class TrainingServicer(pb_grpc.TrainingServicer):
                 model_config_json=json.dumps(job.model), num_samples=job.num_samples,
                 dataset_key=job.dataset_key, resume_step=job.resume_step,
                 fence=job.fence is not None, switch_step=(job.fence or {}).get("switch_step", 0),
+                verify_json=json.dumps(a.get("verify") or {}),
             ))
         return pb.PollAssignmentsReply(assignments=out, cancelled_job_ids=stop)
 
@@ -196,6 +198,16 @@ class TrainingServicer(pb_grpc.TrainingServicer):
             receiver.finish()
         except BaseException:
             receiver.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:  # parsed and checked before it counts (coordinator/jobs/checkpoint_check.py)
+            jdir = files.job_dir(self.service.state_dir, job.id)
+            layout = expected_layout(files.stage_weights_bytes(
+                jdir, a["first_layer"], a["last_layer_excl"], is_first=a["stage"] == 0,
+                is_last=a["stage"] == a["num_stages"] - 1))
+            check_stage_checkpoint(tmp / "ckpt", layout=layout, job_id=job.id, stage=h.stage, replica=h.replica,
+                                   step=h.step)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         if target.exists():

@@ -375,6 +375,13 @@ class JobStore:
                 (job_id, stage, replica, step, int(final), directory, self._clock.time()),
             )
 
+    def drop_checkpoints_after(self, job_id: str, step: int) -> int:
+        """Forget the job's checkpoints of steps after ``step`` (a rollback past a wrong result);
+        returns how many rows went."""
+        with self._lock, self._conn:
+            cur = self._conn.execute("DELETE FROM job_checkpoints WHERE job_id = ? AND step > ?", (job_id, step))
+        return cur.rowcount
+
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._conn.execute(

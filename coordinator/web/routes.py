@@ -88,7 +88,7 @@ def _online_nodes(app: CoordinatorHost) -> list[OnlineNode]:
     for n in app.registry.snapshot():
         if n.state != "online":
             continue
-        out.append(OnlineNode(id=n.id, name=n.name, tflops=float(n.hardware.tflops),
+        out.append(OnlineNode(id=n.id, name=n.name, tflops=float(n.planning_tflops),
                               memory_bytes=int(n.hardware.memory_bytes)))
     return out
 

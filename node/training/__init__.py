@@ -122,7 +122,8 @@ class TrainingPlugin(NodePlugin):
             worker = StageWorker(a, client=self.client, endpoints=self.endpoints, node_id=self.host.node_id,
                                  device=self.host.device, state_dir=self.host.state_dir,
                                  on_metrics=self.host.update_metrics, emulate_link_bps=self.emulate_link_bps,
-                                 traffic=self.host.traffic, security=self.host.security, outage_s=self.outage_s)
+                                 traffic=self.host.traffic, security=self.host.security, outage_s=self.outage_s,
+                                 faults=self.host.faults)
             self.workers[a.key] = worker
             log.info("assignment received job=%s stage=%d replica=%d", a.job_id, a.stage, a.replica)
             worker.start()

@@ -38,6 +38,7 @@ class Assignment:
     resume_step: int = 0  # a re-planned job starts at this step from the coordinator's checkpoint
     fence: bool = False  # the coordinator is fencing this attempt (node/training/membership.py)
     switch_step: int = 0  # the fence's switch step, 0 until decided
+    verify_json: str = ""  # spot checks: node/training/spotcheck.py VerifyPlan.from_json
 
     def __post_init__(self) -> None:
         if not (0 <= self.stage < self.num_stages and 0 <= self.replica < self.num_replicas):
@@ -73,4 +74,5 @@ class Assignment:
             stage_replicas=tuple(Peer(node_id=p.node_id, address=p.address) for p in m.stage_replicas),
             spec=job_spec_from_pb(m.spec), model_config=json.loads(m.model_config_json), num_samples=m.num_samples,
             dataset_key=m.dataset_key, resume_step=m.resume_step, fence=m.fence, switch_step=m.switch_step,
+            verify_json=m.verify_json,
         )

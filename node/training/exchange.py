@@ -139,6 +139,14 @@ class Endpoint:
             self.bytes_received += header.payload_bytes
             self._cond.notify_all()
 
+    def discard(self, predicate: Callable[[tuple[str, int, int]], bool]) -> int:
+        """Drop queued tensors whose (kind, step, micro_batch) key matches; returns how many."""
+        with self._cond:
+            keys = [k for k in self._items if predicate(k)]
+            for k in keys:
+                del self._items[k]
+        return len(keys)
+
     def get(self, kind: str, step: int, micro_batch: int, *, timeout_s: float, stop: threading.Event,
             what: str, check: Callable[[], None] | None = None) -> torch.Tensor:
         """Wait for a tensor; raises PeerError after ``timeout_s``; returns None-free results only.

@@ -82,12 +82,13 @@ class Reporter:
             time.sleep(0.01)
         return True
 
-    def final(self, *, state: str, error: str = "") -> None:
-        """Flush queued reports, then send the final state synchronously (retried through an outage)."""
+    def final(self, *, state: str, error: str = "", blame_node_id: str = "") -> None:
+        """Flush queued reports, then send the final state synchronously (retried through an outage;
+        ``blame_node_id``: the neighbour that stopped answering, when that is why it failed)."""
         self.close()
         a = self.a
         self._send(pb.ProgressReport(job_id=a.job_id, attempt=a.attempt, stage=a.stage, replica=a.replica, step=-1,
-                                     state=state, error=error[:2000]))
+                                     state=state, error=error[:2000], blame_node_id=blame_node_id))
 
     def close(self) -> None:
         if self._thread.is_alive():

@@ -31,6 +31,7 @@ from safetensors.torch import load as st_load
 
 from swarm.compression import CodecMessage
 from swarm.errors import InvalidRequestError, NotFoundError, PeerError, PermissionDeniedError
+from swarm.faults import NO_FAULTS, FaultConfig, FaultInjector
 from swarm.model.config import ModelConfig
 from swarm.model.stage import StageModel
 from swarm.pipeline import schedule
@@ -48,9 +49,14 @@ from node.training.client import TrainingClient
 from node.training.exchange import Endpoint, Endpoints, PeerSender
 from node.training.membership import DEFAULT_OUTAGE_S, FenceReached, Membership
 from node.training.reporter import Reporter
+from node.training.spotcheck import WITNESS_KINDS, StageVerifier, VerifyPlan, param_digest
 
 log = logging.getLogger(__name__)
 AQSGD_RAM_LIMIT_BYTES = 256 << 20  # per boundary side; larger caches go to disk (memmap)
+
+
+def vars_of(obj) -> dict:
+    return {k: getattr(obj, k) for k in obj.__slots__}
 
 
 class StopRequested(Exception):
@@ -60,10 +66,14 @@ class StopRequested(Exception):
 class StageWorker:
     def __init__(self, a: Assignment, *, client: TrainingClient, endpoints: Endpoints, node_id: str,
                  device: str, state_dir: Path, on_metrics=None, emulate_link_bps: float = 0.0,
-                 traffic=None, security=None, outage_s: float = DEFAULT_OUTAGE_S) -> None:
+                 traffic=None, security=None, outage_s: float = DEFAULT_OUTAGE_S,
+                 faults: FaultConfig = NO_FAULTS) -> None:
         self.a = a
         self.security = security  # swarm.transport.tls: channels to the neighbours
         self.outage_s = outage_s  # how long training goes on without reaching the coordinator
+        self.faults = FaultInjector(faults)  # SWARM_FAULT, tests only (swarm/faults.py)
+        self.verifier: StageVerifier | None = None
+        self.blame = ""  # the neighbour that stopped answering, when that is why this worker failed
         self.traffic = traffic  # node.traffic.Traffic or None
         self.client = client
         self.endpoints = endpoints
@@ -132,10 +142,12 @@ class StageWorker:
         self.error = f"{type(exc).__name__}: {exc}"
         log.warning("stage worker failed job=%s stage=%d replica=%d: %s", self.a.job_id, self.a.stage, self.a.replica,
                     self.error)
-        self.reporter.final(state="failed", error=self.error)
+        self.reporter.final(state="failed", error=self.error, blame_node_id=self.blame)
 
     def _cleanup(self) -> None:
         self.on_metrics(training=None)  # an idle node stops reporting the job it left
+        if self.verifier is not None:
+            self.verifier.close()
         if self.endpoint is not None:
             self.endpoints.remove(self.endpoint)
         for s in self.senders:
@@ -206,6 +218,7 @@ class StageWorker:
                                           timeout_s=self.timeout_s, emulate_bps=self.emulate_link_bps,
                                           on_sent=self._on_sent(a.prev.node_id))
             self.senders.append(self.prev_sender)
+        self.verifier = StageVerifier(self, VerifyPlan.from_json(a.verify_json))
         if a.num_replicas > 1:
             self._start_averager()
         self.membership.await_start(a.resume_step)  # every worker of the attempt is set up: go
@@ -268,6 +281,14 @@ class StageWorker:
         """Only the neighbour the coordinator named for this attempt may push: activations from
         the previous stage, gradients from the next. ``caller`` comes from its TLS certificate."""
         a = self.a
+        if h.kind in WITNESS_KINDS:  # spot-check copies: only from the assigned neighbours of the checked stage
+            check = self.verifier.plan.check if self.verifier is not None else None
+            if check is None or caller not in check.witness_ids or (h.boundary, h.replica) != (check.stage,
+                                                                                               check.replica):
+                raise PermissionDeniedError(
+                    f"node {caller[:12]} may not send spot-check copies to stage {a.stage} replica {a.replica} of job "
+                    f"{a.job_id} attempt {a.attempt}: only the neighbours of the stage it checks may")
+            return
         expected = {"activation": a.prev, "gradient": a.next}.get(h.kind)
         if expected is None or caller != expected.node_id:  # (a stale attempt is the precheck's INVALID_ARGUMENT)
             raise PermissionDeniedError(
@@ -280,6 +301,10 @@ class StageWorker:
         InvalidRequestError naming the first wrong field.
         """
         a = self.a
+        if h.kind in WITNESS_KINDS:  # a copy for a spot check this stage runs (node/training/spotcheck.py)
+            if self.verifier is None:
+                raise InvalidRequestError("this stage is not ready to check")
+            return self.verifier.check_header(h)
         if h.kind == "activation":
             if a.is_first:
                 raise InvalidRequestError("the first stage takes no activations")
@@ -309,6 +334,8 @@ class StageWorker:
 
     def _validate(self, h: wt.TensorHeader, payload: bytes) -> torch.Tensor:
         """Check a received tensor against this assignment and decode it (runs in gRPC threads)."""
+        if h.kind in WITNESS_KINDS:
+            return self.verifier.decode(h, payload)
         codec, ids, shape = self._check_header(h)
         msg = CodecMessage.from_bytes(payload, device=self.device)
         if h.kind == "activation":
@@ -327,7 +354,14 @@ class StageWorker:
                 s.check()
             self.membership.while_waiting(step)  # raises FenceReached at a fence's switch step
 
-        return self.endpoint.get(kind, step, m, timeout_s=self.timeout_s, stop=self.stop_event, what=what, check=check)
+        try:
+            return self.endpoint.get(kind, step, m, timeout_s=self.timeout_s, stop=self.stop_event, what=what,
+                                     check=check)
+        except PeerError:
+            if not self.stop_event.is_set():  # who stopped answering: the coordinator weighs the blame
+                peer = self.a.prev if kind == "activation" else self.a.next
+                self.blame = peer.node_id if peer is not None else ""
+            raise
 
     # -- sending -----------------------------------------------------------------------------------
     def _send(self, sender: PeerSender, kind: str, step: int, m: int, ids, msg: CodecMessage, boundary: int) -> int:
@@ -349,6 +383,10 @@ class StageWorker:
         raw_bytes = self.b * self.S * self.H * 4
         for step in range(a.resume_step, self.total_steps):
             self._check_stop()
+            if self.faults.stalls_at(step - a.resume_step):  # SWARM_FAULT stall: silent, still heartbeating
+                log.warning("SWARM_FAULT: stalling job=%s at step %d", a.job_id, step)
+                self.stop_event.wait()
+                raise StopRequested()
             self._cur_step = step
             self.membership.at_boundary(step)  # raises FenceReached at a fence's switch step
             t_step = time.monotonic()
@@ -365,9 +403,13 @@ class StageWorker:
                         x = self._receive("activation", step, op.micro_batch)
                     labels = torch.from_numpy(self.dataset.labels(ids)).to(self.device) if a.is_last else None
                     t1 = time.monotonic()
+                    if not a.is_first:
+                        self.verifier.received_activation(step, op.micro_batch, ids, x)
                     out = self.runner.forward(op.micro_batch, x, labels)
                     t2 = time.monotonic()
                     if out is not None:
+                        out = self.faults.corrupt_sent(out)
+                        self.verifier.sent_activation(step, op.micro_batch, ids, out)
                         msg = self.up.encode_forward(out, ids)
                         sent_fw += self._send(self.next_sender, "activation", step, op.micro_batch, ids, msg, a.stage)
                         raw += raw_bytes
@@ -376,9 +418,13 @@ class StageWorker:
                     t0 = time.monotonic()
                     g = None if a.is_last else self._receive("gradient", step, op.micro_batch)
                     t1 = time.monotonic()
+                    if g is not None:
+                        self.verifier.received_gradient(step, op.micro_batch, ids, g)
                     gin = self.runner.backward(op.micro_batch, g)
                     t2 = time.monotonic()
                     if gin is not None:
+                        gin = self.faults.corrupt_sent(gin)
+                        self.verifier.sent_gradient(step, op.micro_batch, ids, gin)
                         msg = self.down.encode_backward(gin, ids)
                         sent_bw += self._send(self.prev_sender, "gradient", step, op.micro_batch, ids, msg, a.stage - 1)
                         raw += raw_bytes
@@ -391,10 +437,14 @@ class StageWorker:
             if self.averager is not None and not fencing.is_set():  # a fence: each pipeline on its own
                 self.averager.average_gradients(abort=fencing.is_set)
             t1 = time.monotonic()
+            checks = self.verifier.check_step(step)  # weights are still this step's
+            # what the step ran with: the coordinator weighs checks only between equal digests
+            digest = param_digest(self.module.parameters()) if self.verifier.active else ""
             clip_and_step(self.optimizer, list(self.module.parameters()), step, self.optim_cfg)
             t2 = time.monotonic()
             comm += t1 - t0
             compute += t2 - t1
+            mb_losses = [self.runner.losses[m] for m in sorted(self.runner.losses)] if a.is_last else []
             loss = self.runner.step_loss() if a.is_last else None
             step_s = time.monotonic() - t_step
             tokens = self.M * self.b * self.S
@@ -403,7 +453,9 @@ class StageWorker:
                 job_id=a.job_id, attempt=a.attempt, stage=a.stage, replica=a.replica, step=step,
                 has_loss=loss is not None, loss=loss if loss is not None else 0.0, tokens_per_s=tokens / step_s,
                 bytes_sent=sent, bytes_raw=raw, step_s=step_s, compute_s=compute, wait_s=wait, comm_s=comm,
-                state="running", tokens=tokens, bytes_forward=sent_fw, bytes_backward=sent_bw))
+                state="running", tokens=tokens, bytes_forward=sent_fw, bytes_backward=sent_bw,
+                micro_batch_losses=mb_losses, checks=[pb.SpotCheck(**vars_of(c)) for c in checks],
+                param_digest=digest))
             self.on_metrics(training={"job_id": a.job_id, "stage": a.stage, "replica": a.replica, "step": step,
                                       "loss": loss, "tokens_per_s": tokens / step_s, "bytes_sent": sent,
                                       "rejected_tensors": self.endpoint.num_rejected})

@@ -64,6 +64,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--peer-timeout-s", type=float, default=30.0, help="how long a stage waits for a neighbour")
     p.add_argument("--node-wait-s", type=float, default=3600.0,
                    help="how long a job that lost a stage no idle node can replace waits for one (0: fail at once)")
+    p.add_argument("--verify-prob", type=float, default=None,
+                   help="EXPERIMENTAL: chance a micro-batch is recomputed by a replica of its stage "
+                        "(default 0 = off; see docs/security.md 'Verification')")
     p.add_argument("--name", default="")
     p.set_defaults(func=run_train)
 
@@ -168,6 +171,7 @@ def job_spec_from_args(args: argparse.Namespace):
         checkpoint_every=args.checkpoint_every, seed=args.seed, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, schedule=args.schedule, num_stages=args.stages,
         num_replicas=args.replicas, peer_timeout_s=args.peer_timeout_s, node_wait_s=args.node_wait_s,
+        **({} if args.verify_prob is None else {"verify_prob": args.verify_prob}),
     )
 
 

@@ -93,6 +93,8 @@ def node_to_proto(node: NodeInfo) -> pb.NodeRecord:
         last_seen_at_s=node.last_seen_at_s,
         metrics_json=json.dumps(node.metrics, separators=(",", ":"), default=str),
         status=node.status,
+        measured_tflops=node.measured_tflops or 0.0,
+        quarantine_reason=node.quarantine_reason,
     )
 
 
@@ -108,6 +110,8 @@ def node_from_proto(msg: pb.NodeRecord) -> NodeInfo:
             last_seen_at_s=msg.last_seen_at_s,
             status=msg.status,
             metrics=metrics_from_json(msg.metrics_json),
+            measured_tflops=msg.measured_tflops if msg.measured_tflops > 0 else None,
+            quarantine_reason=msg.quarantine_reason,
         )
     except ValueError as exc:
         raise InvalidRequestError(f"coordinator sent an invalid node record: {exc}") from exc
@@ -126,6 +130,8 @@ def link_to_proto(link: Link) -> pb.LinkRecord:
         bandwidth_Bps=_finite(link.bandwidth_Bps),
         measured_at_s=link.measured_at_s,
         source=link.source,
+        confirmed=link.confirmed,
+        disputed=link.disputed,
     )
 
 
@@ -139,6 +145,8 @@ def link_from_proto(msg: pb.LinkRecord) -> Link:
             bandwidth_Bps=msg.bandwidth_Bps,
             measured_at_s=msg.measured_at_s,
             source=msg.source or "probe",
+            confirmed=msg.confirmed,
+            disputed=msg.disputed,
         )
     except ValueError as exc:
         raise InvalidRequestError(f"coordinator sent an invalid link record: {exc}") from exc

@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from swarm.errors import InvalidRequestError
-from swarm.job_spec import JobSpec
+from swarm.job_spec import DEFAULT_VERIFY_PROB, JobSpec
 from swarm.proto.v1 import training_pb2 as pb
 
 
@@ -25,6 +25,8 @@ def job_spec_to_pb(spec: JobSpec) -> pb.JobSpec:
         weight_decay=spec.weight_decay, grad_clip=spec.grad_clip, schedule=spec.schedule, num_stages=spec.num_stages,
         num_replicas=spec.num_replicas, peer_timeout_s=spec.peer_timeout_s, min_lr_ratio=spec.min_lr_ratio,
         **wait,
+        # 0 on the wire (unset) means "the default", a negative value "off"
+        verify_prob=0.0 if spec.verify_prob == DEFAULT_VERIFY_PROB else spec.verify_prob if spec.verify_prob > 0 else -1.0,
     )
 
 
@@ -39,6 +41,7 @@ def job_spec_from_pb(m: pb.JobSpec) -> JobSpec:
         "num_replicas": m.num_replicas, "peer_timeout_s": m.peer_timeout_s, "min_lr_ratio": m.min_lr_ratio,
         # unset (a client from before the field): the default
         "node_wait_s": m.node_wait_s if m.HasField("node_wait_s") else None,
+        "verify_prob": None if m.verify_prob == 0 else max(0.0, m.verify_prob),
     })
 
 
@@ -64,4 +67,13 @@ def progress_from_pb(m: pb.ProgressReport) -> dict[str, Any]:
             raise InvalidRequestError(f"progress field {k} must be in 0..2^50")
     if r["state"] not in PROGRESS_STATES:
         raise InvalidRequestError(f"progress state must be one of {', '.join(PROGRESS_STATES)}")
+    if len(m.micro_batch_losses) > 4096 or len(m.checks) > 256 or len(m.blame_node_id) > 64 or \
+            len(m.param_digest) > 64:
+        raise InvalidRequestError("too many micro-batch losses or spot checks in one report")
+    r["micro_batch_losses"] = [float(v) for v in m.micro_batch_losses]
+    r["checks"] = [{"stage": c.stage, "replica": c.replica, "step": c.step, "micro_batch": c.micro_batch,
+                    "what": c.what[:16], "match": c.match, "error": c.error, "tolerance": c.tolerance,
+                    "repeated_match": c.repeated_match, "value": c.value} for c in m.checks]
+    r["blame_node_id"] = m.blame_node_id
+    r["param_digest"] = m.param_digest
     return r

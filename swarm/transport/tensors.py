@@ -31,11 +31,16 @@ MAX_CODEC_META_BYTES = 4 << 20  # per-channel scales of a large tensor fit easil
 MAX_SAMPLE_IDS = 1 << 16
 MAX_NDIM = 8
 
-KINDS = ("activation", "gradient", "hidden")
+KINDS = ("activation", "gradient", "hidden", "witness_input", "witness_output", "witness_grad_out", "witness_grad_in")
 _KIND_TO_PB = {
     "activation": pb.TENSOR_KIND_ACTIVATION,
     "gradient": pb.TENSOR_KIND_GRADIENT,
     "hidden": pb.TENSOR_KIND_HIDDEN,
+    # spot checks: copies a checked stage's neighbours send its checker (node/training/spotcheck.py)
+    "witness_input": pb.TENSOR_KIND_WITNESS_INPUT,
+    "witness_output": pb.TENSOR_KIND_WITNESS_OUTPUT,
+    "witness_grad_out": pb.TENSOR_KIND_WITNESS_GRAD_OUT,
+    "witness_grad_in": pb.TENSOR_KIND_WITNESS_GRAD_IN,
 }
 _PB_TO_KIND = {v: k for k, v in _KIND_TO_PB.items()}
 

@@ -95,16 +95,30 @@ class MeasureTask(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., dst_node_id: _Optional[str] = ..., dst_address: _Optional[str] = ..., probe_bytes: _Optional[int] = ..., num_pings: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("status", "metrics_json", "memory_free_bytes", "transfers")
+    __slots__ = ("status", "metrics_json", "memory_free_bytes", "transfers", "probes_received")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    PROBES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     status: str
     metrics_json: str
     memory_free_bytes: int
     transfers: _containers.RepeatedCompositeFieldContainer[TransferObservation]
-    def __init__(self, status: _Optional[str] = ..., metrics_json: _Optional[str] = ..., memory_free_bytes: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[TransferObservation, _Mapping]]] = ...) -> None: ...
+    probes_received: _containers.RepeatedCompositeFieldContainer[ProbeReceipt]
+    def __init__(self, status: _Optional[str] = ..., metrics_json: _Optional[str] = ..., memory_free_bytes: _Optional[int] = ..., transfers: _Optional[_Iterable[_Union[TransferObservation, _Mapping]]] = ..., probes_received: _Optional[_Iterable[_Union[ProbeReceipt, _Mapping]]] = ...) -> None: ...
+
+class ProbeReceipt(_message.Message):
+    __slots__ = ("task_id", "bytes_received", "timed_bytes", "first_to_last_s")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    TIMED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TO_LAST_S_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    bytes_received: int
+    timed_bytes: int
+    first_to_last_s: float
+    def __init__(self, task_id: _Optional[str] = ..., bytes_received: _Optional[int] = ..., timed_bytes: _Optional[int] = ..., first_to_last_s: _Optional[float] = ...) -> None: ...
 
 class TransferObservation(_message.Message):
     __slots__ = ("dst_node_id", "num_bytes", "seconds")
@@ -165,7 +179,7 @@ class ListNodesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeRecord(_message.Message):
-    __slots__ = ("node_id", "name", "state", "hardware", "peer_address", "registered_at_s", "last_seen_at_s", "metrics_json", "status")
+    __slots__ = ("node_id", "name", "state", "hardware", "peer_address", "registered_at_s", "last_seen_at_s", "metrics_json", "status", "measured_tflops", "quarantine_reason")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +189,8 @@ class NodeRecord(_message.Message):
     LAST_SEEN_AT_S_FIELD_NUMBER: _ClassVar[int]
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_TFLOPS_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINE_REASON_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     state: str
@@ -184,7 +200,9 @@ class NodeRecord(_message.Message):
     last_seen_at_s: float
     metrics_json: str
     status: str
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., peer_address: _Optional[str] = ..., registered_at_s: _Optional[float] = ..., last_seen_at_s: _Optional[float] = ..., metrics_json: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
+    measured_tflops: float
+    quarantine_reason: str
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., peer_address: _Optional[str] = ..., registered_at_s: _Optional[float] = ..., last_seen_at_s: _Optional[float] = ..., metrics_json: _Optional[str] = ..., status: _Optional[str] = ..., measured_tflops: _Optional[float] = ..., quarantine_reason: _Optional[str] = ...) -> None: ...
 
 class ListNodesReply(_message.Message):
     __slots__ = ("nodes", "server_time_s")
@@ -199,7 +217,7 @@ class GetNetworkRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LinkRecord(_message.Message):
-    __slots__ = ("src", "dst", "delay_s", "rtt_s", "bandwidth_Bps", "measured_at_s", "source")
+    __slots__ = ("src", "dst", "delay_s", "rtt_s", "bandwidth_Bps", "measured_at_s", "source", "confirmed", "disputed")
     SRC_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
     DELAY_S_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +225,8 @@ class LinkRecord(_message.Message):
     BANDWIDTH_BPS_FIELD_NUMBER: _ClassVar[int]
     MEASURED_AT_S_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CONFIRMED_FIELD_NUMBER: _ClassVar[int]
+    DISPUTED_FIELD_NUMBER: _ClassVar[int]
     src: str
     dst: str
     delay_s: float
@@ -214,7 +234,9 @@ class LinkRecord(_message.Message):
     bandwidth_Bps: float
     measured_at_s: float
     source: str
-    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., delay_s: _Optional[float] = ..., rtt_s: _Optional[float] = ..., bandwidth_Bps: _Optional[float] = ..., measured_at_s: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
+    confirmed: bool
+    disputed: bool
+    def __init__(self, src: _Optional[str] = ..., dst: _Optional[str] = ..., delay_s: _Optional[float] = ..., rtt_s: _Optional[float] = ..., bandwidth_Bps: _Optional[float] = ..., measured_at_s: _Optional[float] = ..., source: _Optional[str] = ..., confirmed: _Optional[bool] = ..., disputed: _Optional[bool] = ...) -> None: ...
 
 class GetNetworkReply(_message.Message):
     __slots__ = ("links", "server_time_s")
@@ -223,3 +245,57 @@ class GetNetworkReply(_message.Message):
     links: _containers.RepeatedCompositeFieldContainer[LinkRecord]
     server_time_s: float
     def __init__(self, links: _Optional[_Iterable[_Union[LinkRecord, _Mapping]]] = ..., server_time_s: _Optional[float] = ...) -> None: ...
+
+class ChallengeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ComputeChallenge(_message.Message):
+    __slots__ = ("challenge_id", "seed", "n", "count", "target_s")
+    CHALLENGE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_S_FIELD_NUMBER: _ClassVar[int]
+    challenge_id: str
+    seed: int
+    n: int
+    count: int
+    target_s: float
+    def __init__(self, challenge_id: _Optional[str] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ..., count: _Optional[int] = ..., target_s: _Optional[float] = ...) -> None: ...
+
+class ChallengeCommit(_message.Message):
+    __slots__ = ("challenge_id", "commitment", "count_done")
+    CHALLENGE_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    COUNT_DONE_FIELD_NUMBER: _ClassVar[int]
+    challenge_id: str
+    commitment: bytes
+    count_done: int
+    def __init__(self, challenge_id: _Optional[str] = ..., commitment: _Optional[bytes] = ..., count_done: _Optional[int] = ...) -> None: ...
+
+class ChallengeOpen(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, rows: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ChallengeAnswer(_message.Message):
+    __slots__ = ("challenge_id", "row_digests", "rows")
+    CHALLENGE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROW_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    challenge_id: str
+    row_digests: bytes
+    rows: bytes
+    def __init__(self, challenge_id: _Optional[str] = ..., row_digests: _Optional[bytes] = ..., rows: _Optional[bytes] = ...) -> None: ...
+
+class ChallengeResult(_message.Message):
+    __slots__ = ("passed", "measured_tflops", "message")
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_TFLOPS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    passed: bool
+    measured_tflops: float
+    message: str
+    def __init__(self, passed: _Optional[bool] = ..., measured_tflops: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...

@@ -64,6 +64,21 @@ class CoordinatorStub:
                 request_serializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.GetNetworkRequest.SerializeToString,
                 response_deserializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.GetNetworkReply.FromString,
                 _registered_method=True)
+        self.StartChallenge = channel.unary_unary(
+                '/swarm.proto.v1.Coordinator/StartChallenge',
+                request_serializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.ChallengeRequest.SerializeToString,
+                response_deserializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.ComputeChallenge.FromString,
+                _registered_method=True)
+        self.CommitChallenge = channel.unary_unary(
+                '/swarm.proto.v1.Coordinator/CommitChallenge',
+                request_serializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.ChallengeCommit.SerializeToString,
+                response_deserializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.ChallengeOpen.FromString,
+                _registered_method=True)
+        self.OpenChallenge = channel.unary_unary(
+                '/swarm.proto.v1.Coordinator/OpenChallenge',
+                request_serializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.ChallengeAnswer.SerializeToString,
+                response_deserializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.ChallengeResult.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -105,6 +120,24 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartChallenge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitChallenge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenChallenge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +170,21 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetNetwork,
                     request_deserializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.GetNetworkRequest.FromString,
                     response_serializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.GetNetworkReply.SerializeToString,
+            ),
+            'StartChallenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartChallenge,
+                    request_deserializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.ChallengeRequest.FromString,
+                    response_serializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.ComputeChallenge.SerializeToString,
+            ),
+            'CommitChallenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitChallenge,
+                    request_deserializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.ChallengeCommit.FromString,
+                    response_serializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.ChallengeOpen.SerializeToString,
+            ),
+            'OpenChallenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenChallenge,
+                    request_deserializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.ChallengeAnswer.FromString,
+                    response_serializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.ChallengeResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +349,87 @@ class Coordinator:
             '/swarm.proto.v1.Coordinator/GetNetwork',
             swarm_dot_proto_dot_v1_dot_coordinator__pb2.GetNetworkRequest.SerializeToString,
             swarm_dot_proto_dot_v1_dot_coordinator__pb2.GetNetworkReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartChallenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.proto.v1.Coordinator/StartChallenge',
+            swarm_dot_proto_dot_v1_dot_coordinator__pb2.ChallengeRequest.SerializeToString,
+            swarm_dot_proto_dot_v1_dot_coordinator__pb2.ComputeChallenge.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitChallenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.proto.v1.Coordinator/CommitChallenge',
+            swarm_dot_proto_dot_v1_dot_coordinator__pb2.ChallengeCommit.SerializeToString,
+            swarm_dot_proto_dot_v1_dot_coordinator__pb2.ChallengeOpen.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenChallenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.proto.v1.Coordinator/OpenChallenge',
+            swarm_dot_proto_dot_v1_dot_coordinator__pb2.ChallengeAnswer.SerializeToString,
+            swarm_dot_proto_dot_v1_dot_coordinator__pb2.ChallengeResult.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19swarm/proto/v1/peer.proto\x12\x0eswarm.proto.v1\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"-\n\tPingReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\x1a\n\nProbeChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"}\n\nProbeReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\x12\x19\n\x11\x66irst_chunk_bytes\x18\x03 \x01(\x03\x12\x17\n\x0f\x66irst_to_last_s\x18\x04 \x01(\x01\x12\x12\n\nnum_chunks\x18\x05 \x01(\x05\x32\x92\x01\n\x04Peer\x12>\n\x04Ping\x12\x1b.swarm.proto.v1.PingRequest\x1a\x19.swarm.proto.v1.PingReply\x12J\n\x0e\x42\x61ndwidthProbe\x12\x1a.swarm.proto.v1.ProbeChunk\x1a\x1a.swarm.proto.v1.ProbeReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19swarm/proto/v1/peer.proto\x12\x0eswarm.proto.v1\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"-\n\tPingReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"+\n\nProbeChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"}\n\nProbeReply\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\x12\x19\n\x11\x66irst_chunk_bytes\x18\x03 \x01(\x03\x12\x17\n\x0f\x66irst_to_last_s\x18\x04 \x01(\x01\x12\x12\n\nnum_chunks\x18\x05 \x01(\x05\x32\x92\x01\n\x04Peer\x12>\n\x04Ping\x12\x1b.swarm.proto.v1.PingRequest\x1a\x19.swarm.proto.v1.PingReply\x12J\n\x0e\x42\x61ndwidthProbe\x12\x1a.swarm.proto.v1.ProbeChunk\x1a\x1a.swarm.proto.v1.ProbeReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,9 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PINGREPLY']._serialized_start=77
   _globals['_PINGREPLY']._serialized_end=122
   _globals['_PROBECHUNK']._serialized_start=124
-  _globals['_PROBECHUNK']._serialized_end=150
-  _globals['_PROBEREPLY']._serialized_start=152
-  _globals['_PROBEREPLY']._serialized_end=277
-  _globals['_PEER']._serialized_start=280
-  _globals['_PEER']._serialized_end=426
+  _globals['_PROBECHUNK']._serialized_end=167
+  _globals['_PROBEREPLY']._serialized_start=169
+  _globals['_PROBEREPLY']._serialized_end=294
+  _globals['_PEER']._serialized_start=297
+  _globals['_PEER']._serialized_end=443
 # @@protoc_insertion_point(module_scope)

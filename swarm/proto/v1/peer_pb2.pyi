@@ -19,10 +19,12 @@ class PingReply(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class ProbeChunk(_message.Message):
-    __slots__ = ("data",)
+    __slots__ = ("data", "task_id")
     DATA_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
     data: bytes
-    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+    task_id: str
+    def __init__(self, data: _Optional[bytes] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class ProbeReply(_message.Message):
     __slots__ = ("node_id", "bytes_received", "first_chunk_bytes", "first_to_last_s", "num_chunks")

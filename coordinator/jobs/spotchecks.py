@@ -1,0 +1,235 @@
+"""The coordinator's side of training spot checks (node/training/spotcheck.py has the protocol).
+
+:func:`verify_plans` (pure) tells each (stage, replica) assignment whom it witnesses and checks:
+the checker of (s, r) is (s, (r + 1) mod R); its witnesses are (s - 1, r) and (s + 1, r); the
+sampling seed of (s, r) goes to those three and never to (s, r) itself.
+
+:class:`Judge` weighs what comes back with progress reports:
+
+- a check is weighed only when the checker and the checked node reported the same parameter
+  digest for the checked step (``param_digest`` in their progress reports): they provably ran the
+  same weights. Until both digests are known the check waits; with different or missing digests
+  it is void (counted as unverifiable), whatever it found. Replicas drift apart after a failed
+  averaging round, so without this an honest node could look wrong;
+- a reported mismatch that the checker's repeated recomputation confirmed (the second opinion)
+  -> the checked node is guilty;
+- a checker's recomputed loss of the last stage vs the loss the checked node reported for the
+  same micro-batch, beyond ``LOSS_TOLERANCE`` -> guilty;
+- a stage that failed because a neighbour stopped answering blames it; the blame stands when
+  the blamed node sent no progress for the job for ``peer_timeout_s`` and did not blame its
+  accuser back within ``peer_timeout_s`` (a dispute: nobody is quarantined, the job re-plans).
+
+A guilty node is quarantined by the caller (JobService), which re-plans the job without it and
+resumes from the last complete checkpoint at or before the first bad step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LOSS_TOLERANCE = 0.1  # nats: the same as node/training/spotcheck.py
+
+
+def checker_of(stage: int, replica: int, num_replicas: int) -> tuple[int, int]:
+    return stage, (replica + 1) % num_replicas
+
+
+def _seed(secret: int, stage: int, replica: int) -> int:
+    h = hashlib.sha256(f"{secret}:{stage}:{replica}".encode()).digest()
+    return int.from_bytes(h[:7], "big")
+
+
+def verify_plans(assignments: list[dict[str, Any]], *, prob: float, secret: int | None = None) -> list[dict[str, Any]]:
+    """One ``verify`` dict per assignment (same order). No checks without replicas or with prob 0."""
+    if not assignments:
+        return []
+    R = assignments[0]["num_replicas"]
+    if R < 2 or prob <= 0:
+        return [{} for _ in assignments]
+    secret = secrets.randbits(62) if secret is None else secret
+    at = {(a["stage"], a["replica"]): a for a in assignments}
+    out = []
+    for a in assignments:
+        s, r = a["stage"], a["replica"]
+        witness = []
+        for ts in (s - 1, s + 1):
+            if (ts, r) in at:
+                chk = at[checker_of(ts, r, R)]
+                witness.append({"stage": ts, "replica": r, "seed": _seed(secret, ts, r), "checker_id": chk["node_id"],
+                                "checker_address": chk["address"]})
+        target_r = (r - 1) % R
+        target = at[(s, target_r)]
+        witness_ids = [at[(ts, target_r)]["node_id"] for ts in (s - 1, s + 1) if (ts, target_r) in at]
+        check = {"stage": s, "replica": target_r, "node_id": target["node_id"], "seed": _seed(secret, s, target_r),
+                 "witness_ids": witness_ids}
+        out.append({"prob": prob, "witness": witness, "check": check})
+    return out
+
+
+MAX_KEPT_STEPS = 256  # per job: digests, losses and waiting checks of older steps are forgotten
+
+
+@dataclass(slots=True)
+class _JobState:
+    losses: dict[tuple[int, int, int, int], list[float]] = field(default_factory=dict)  # (attempt, s, r, step)
+    digests: dict[tuple[int, int, int, int], str] = field(default_factory=dict)  # (attempt, s, r, step)
+    waiting: dict[tuple[int, int, int, int], list[dict]] = field(default_factory=dict)  # target key -> checks
+    last_progress_s: dict[str, float] = field(default_factory=dict)  # node id -> time of its last report
+    blames: dict[tuple[str, str], float] = field(default_factory=dict)  # (accuser, blamed) -> time
+    num_checks: int = 0
+    num_mismatches: int = 0
+    num_unverifiable: int = 0  # checks between different (or missing) weight digests: not weighed
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    node_id: str
+    reason: str
+    first_bad_step: int | None  # None: no result was wrong (stalling)
+
+
+class Judge:
+    """In-memory, thread-safe; forgets a job with :meth:`forget`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[str, _JobState] = {}
+
+    def _job(self, job_id: str) -> _JobState:
+        return self._jobs.setdefault(job_id, _JobState())
+
+    def stats(self, job_id: str) -> dict[str, int]:
+        """Checks reported, mismatches weighed, checks not weighed (different weights)."""
+        with self._lock:
+            st = self._jobs.get(job_id) or _JobState()
+            return {"checks": st.num_checks, "mismatches": st.num_mismatches, "unverifiable": st.num_unverifiable}
+
+    def forget(self, job_id: str) -> None:
+        with self._lock:
+            self._jobs.pop(job_id, None)
+
+    def progress(self, job_id: str, node_id: str, now_s: float) -> None:
+        with self._lock:
+            self._job(job_id).last_progress_s[node_id] = now_s
+
+    def report(self, job_id: str, attempt: int, a: dict[str, Any], assignments: list[dict[str, Any]],
+               r: dict[str, Any]) -> list[Verdict]:
+        """Weigh one running progress report of assignment ``a``; returns verdicts (guilty nodes)."""
+        at = {(x["stage"], x["replica"]): x for x in assignments}
+        R = a["num_replicas"]
+        out: list[Verdict] = []
+        with self._lock:
+            st = self._job(job_id)
+            own = (attempt, a["stage"], a["replica"], r["step"])
+            if r.get("param_digest"):
+                st.digests[own] = r["param_digest"]
+            if r.get("micro_batch_losses"):
+                st.losses[own] = list(r["micro_batch_losses"])
+            touched = {own}
+            for c in r.get("checks", []):
+                # only the designated checker of a target may report on it, and only on this step
+                if (c["stage"], c["replica"]) not in at or checker_of(c["stage"], c["replica"], R) != (
+                        a["stage"], a["replica"]) or c["step"] != r["step"]:
+                    log.warning("ignoring a spot check from a node that is not the target's checker job=%s", job_id)
+                    continue
+                st.num_checks += 1
+                target_key = (attempt, c["stage"], c["replica"], c["step"])
+                st.waiting.setdefault(target_key, []).append({**c, "checker_digest": r.get("param_digest") or ""})
+                touched.add(target_key)
+            for key in touched:
+                out += self._settle(job_id, st, key, at)
+            self._prune(st, r["step"])
+        return out
+
+    def _settle(self, job_id: str, st: _JobState, key: tuple[int, int, int, int],
+                at: dict[tuple[int, int], dict[str, Any]]) -> list[Verdict]:
+        """Weigh the checks of target ``key`` once its digest is known (else they keep waiting)."""
+        if key not in st.digests or key not in st.waiting:
+            return []
+        target_digest = st.digests[key]
+        target = at[(key[1], key[2])]
+        out: list[Verdict] = []
+        for c in st.waiting.pop(key):
+            if not c["checker_digest"] or c["checker_digest"] != target_digest:
+                st.num_unverifiable += 1  # not the same weights: the comparison proves nothing
+                log.info("spot check not weighed: checker and target ran different weights job=%s stage=%d "
+                         "replica=%d step=%d", job_id, key[1], key[2], key[3])
+                continue
+            if c["what"] == "loss":
+                losses = st.losses.get(key)
+                if losses is not None and c["micro_batch"] < len(losses):
+                    out += self._loss_verdict(st, target, c["step"], c["micro_batch"], losses[c["micro_batch"]],
+                                              c["value"])
+            elif not c["match"]:
+                st.num_mismatches += 1
+                if c["repeated_match"]:
+                    out.append(Verdict(target["node_id"], (
+                        f"spot check: its {c['what']} of step {c['step']} micro-batch {c['micro_batch']} "
+                        f"(stage {c['stage']}, replica {c['replica']}) differs from the recomputation by "
+                        f"{c['error']:.3g} (tolerance {c['tolerance']:.3g}) with the same weights"), c["step"]))
+                else:
+                    log.warning("spot check mismatch not confirmed by the checker's second recomputation "
+                                "job=%s target=%s step=%d", job_id, target["node_id"][:12], c["step"])
+        return out
+
+    @staticmethod
+    def _prune(st: _JobState, step: int) -> None:
+        for d in (st.digests, st.losses, st.waiting):
+            for k in [k for k in d if k[3] < step - MAX_KEPT_STEPS]:
+                del d[k]
+
+    def _loss_verdict(self, st: _JobState, target: dict, step: int, m: int, reported: float, recomputed: float
+                      ) -> list[Verdict]:
+        if abs(reported - recomputed) <= LOSS_TOLERANCE:
+            return []
+        st.num_mismatches += 1
+        return [Verdict(target["node_id"], f"spot check: reported loss {reported:.4f} of step {step} micro-batch {m} "
+                                           f"(stage {target['stage']}, replica {target['replica']}), recomputed "
+                                           f"{recomputed:.4f}", step)]
+
+    def blame(self, job_id: str, accuser: str, blamed: str, now_s: float) -> None:
+        with self._lock:
+            self._job(job_id).blames.setdefault((accuser, blamed), now_s)
+
+    def resolve_blames(self, job_id: str, now_s: float, grace_s: float,
+                       is_online=lambda node_id: True) -> tuple[list[Verdict], bool]:
+        """(verdicts, dispute) for blames older than ``grace_s``: a blamed node silent for the
+        job since ``grace_s`` before the blame, still online (``is_online``: heartbeating), that
+        blamed nobody itself, is guilty of stalling."""
+        out, dispute = [], False
+        with self._lock:
+            st = self._jobs.get(job_id)
+            if st is None:
+                return [], False
+            accusers = {a for a, _ in st.blames}
+            for (accuser, blamed), at in list(st.blames.items()):
+                if now_s - at < grace_s:
+                    continue
+                del st.blames[(accuser, blamed)]
+                if st.blames.pop((blamed, accuser), None) is not None:
+                    dispute = True
+                    continue
+                if blamed in accusers or not is_online(blamed):
+                    # it was waiting on someone else itself (a chain behind a lost node), or it is
+                    # not heartbeating (lost, not stalling): nothing to hold against it
+                    dispute = True
+                    continue
+                silent_since = st.last_progress_s.get(blamed, 0.0)
+                if at - silent_since >= grace_s:
+                    out.append(Verdict(blamed, f"stalled: no progress for {now_s - silent_since:.0f} s while its "
+                                               f"neighbour waited (still heartbeating)", None))
+                else:
+                    dispute = True
+        return out, dispute
+
+    def has_blames(self, job_id: str) -> bool:
+        with self._lock:
+            st = self._jobs.get(job_id)
+            return bool(st and st.blames)

@@ -1,0 +1,333 @@
+"""Spot checks of training stages: witnesses and checkers (docs/security.md, "Verification").
+
+Protocol (per checked stage T = (stage s, replica r); its checker C is the replica
+(s, (r + 1) mod R) of the same stage, which holds the same weights at the same step):
+
+- Which micro-batches are checked is decided by ``sampled(seed_T, step, micro_batch, prob)``;
+  the coordinator gives ``seed_T`` to T's neighbours and to C, never to T itself, so T cannot
+  tell which of its results will be recomputed.
+- T's neighbours are its WITNESSES: for a sampled micro-batch, the previous stage sends C a copy
+  of the activation it sent T (``witness_input``) and of the gradient T sent back
+  (``witness_grad_in``); the next stage sends C the activation T sent it (``witness_output``)
+  and the gradient it sent T (``witness_grad_out``). Copies are raw float32 on PushTensor.
+- At the end of the step, before its optimizer step (its weights are still those of the step),
+  C recomputes T's forward (from the witnessed input, or the tokens on stage 0) and, when T has
+  a previous stage, the input gradient; the last stage's loss too. It compares with relative L2
+  error (loss: absolute) against :data:`TOLERANCE`; on a mismatch it recomputes once more (the
+  second opinion available with two replicas) and reports a :class:`SpotResult` with its
+  ProgressReport. The coordinator judges and quarantines (coordinator/jobs/spotchecks.py).
+- Every worker of a checked job reports :func:`param_digest` of its stage's parameters for every
+  step (the weights that step ran with). The coordinator weighs a check only when the checker's
+  digest for the step equals the checked node's: replicas whose weights drifted apart (a failed
+  averaging round leaves each with its own gradients; a fence stops averaging) are never
+  compared, the check is counted as unverifiable instead.
+
+Only lossless boundaries are checked (codec ``none``); compressed boundaries are not yet
+(AQ-SGD's per-sample state would have to be mirrored on the checker).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from swarm.errors import InvalidRequestError
+from swarm.transport import tensors as wt
+
+log = logging.getLogger(__name__)
+
+# Relative L2 error an honest recomputation may show. A check counts only when the checker and
+# the checked node reported the same parameter digest for the step (coordinator/jobs/spotchecks.py),
+# so both ran the same weights on the same witnessed input: honest differences are then float
+# noise of the kernels (CPU fp32: < 1e-5 measured, tests/unit/foundation/test_spotcheck_digest.py);
+# a corrupted tensor (noise of its own scale) shows ~1-1.4. The margin leaves room for other
+# kernels (another BLAS, another GPU) on the two ends; CUDA bf16 is still to be measured.
+TOLERANCE = {"output": 0.1, "grad_in": 0.1}
+LOSS_TOLERANCE = 0.1  # nats, absolute
+WITNESS_KINDS = ("witness_input", "witness_output", "witness_grad_out", "witness_grad_in")
+
+
+_DIGEST_CHUNK = 1 << 20  # elements per partial sum (8 MiB of int64 weights, made once per device)
+_digest_weights: dict[str, torch.Tensor] = {}
+
+
+def _weights_for(device: torch.device) -> torch.Tensor:
+    key = str(device)
+    w = _digest_weights.get(key)
+    if w is None:
+        g = torch.Generator().manual_seed(0x5EED)
+        # odd multipliers: a change of one element always changes its chunk's sum (mod 2^64)
+        w = torch.randint(-(1 << 62), 1 << 62, (_DIGEST_CHUNK,), dtype=torch.int64, generator=g) | 1
+        w = _digest_weights.setdefault(key, w.to(device))
+    return w
+
+
+def param_digest(params) -> str:
+    """A digest of the exact bytes of ``params`` (in order), computed where they live.
+
+    Each chunk of a tensor's raw bits (as integers) is dotted with fixed odd pseudo-random
+    multipliers in wrapping int64 arithmetic, and the partial sums are hashed with SHA-256.
+    Integer sums do not depend on the reduction order, so the digest is the same on any device
+    for the same bytes; a single differing element always changes it, several differing
+    elements cancel out only by chance (about 2^-64). Costs one pass over the parameters."""
+    h = hashlib.sha256()
+    for p in params:
+        t = p.detach().reshape(-1)
+        size = t.element_size()
+        bits = t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size])
+        w = _weights_for(bits.device)
+        h.update(f"{tuple(p.shape)}{p.dtype}".encode())
+        for start in range(0, bits.numel(), _DIGEST_CHUNK):
+            c = bits[start:start + _DIGEST_CHUNK].to(torch.int64)
+            h.update(int((c * w[:c.numel()]).sum()).to_bytes(8, "little", signed=True))
+    return h.hexdigest()[:32]
+
+
+def sampled(seed: int, step: int, micro_batch: int, prob: float) -> bool:
+    """Whether micro-batch ``micro_batch`` of ``step`` of a stage with sampling ``seed`` is checked."""
+    if prob <= 0:
+        return False
+    h = hashlib.sha256(f"{seed}:{step}:{micro_batch}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0 ** 64 < prob
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().double().flatten(), want.detach().double().flatten()
+    if got.shape != want.shape:
+        return float("inf")
+    return float((got - want).norm() / want.norm().clamp_min(1e-12))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WitnessRole:
+    """This node witnesses target (stage, replica); copies go to its checker."""
+
+    stage: int
+    replica: int
+    seed: int
+    checker_id: str
+    checker_address: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckRole:
+    """This node checks target (stage, replica), whose neighbours are ``witness_ids``."""
+
+    stage: int
+    replica: int
+    node_id: str
+    seed: int
+    witness_ids: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerifyPlan:
+    prob: float = 0.0
+    witness: tuple[WitnessRole, ...] = ()
+    check: CheckRole | None = None
+
+    @classmethod
+    def from_json(cls, text: str) -> VerifyPlan:
+        """Parse the assignment's ``verify_json`` (coordinator/jobs/spotchecks.py). Raises InvalidRequestError."""
+        if not text:
+            return cls()
+        try:
+            raw = json.loads(text)
+            witness = tuple(WitnessRole(stage=int(w["stage"]), replica=int(w["replica"]), seed=int(w["seed"]),
+                                        checker_id=str(w["checker_id"]), checker_address=str(w["checker_address"]))
+                            for w in raw.get("witness", []))
+            c = raw.get("check")
+            check = None if not c else CheckRole(stage=int(c["stage"]), replica=int(c["replica"]),
+                                                 node_id=str(c["node_id"]), seed=int(c["seed"]),
+                                                 witness_ids=frozenset(str(i) for i in c["witness_ids"]))
+            prob = float(raw.get("prob", 0.0))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidRequestError(f"malformed verify plan in the assignment: {exc}") from exc
+        if not 0 <= prob <= 1:
+            raise InvalidRequestError("verify prob must be in 0..1")
+        return cls(prob=prob, witness=witness, check=check)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpotResult:
+    stage: int
+    replica: int
+    step: int
+    micro_batch: int
+    what: str  # "output" | "grad_in" | "loss"
+    match: bool
+    error: float
+    tolerance: float
+    repeated_match: bool
+    value: float = 0.0
+
+
+def recompute(module, *, x: torch.Tensor, is_first: bool, is_last: bool, labels: torch.Tensor | None,
+              grad_out: torch.Tensor | None, loss_scale: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(output or loss, input gradient) of ``module`` on ``x`` without touching its parameter
+    gradients. ``x``: token ids (b, S) on the first stage, hidden states (b, S, H) otherwise."""
+    with torch.enable_grad():
+        xin = x if is_first else x.detach().clone().requires_grad_(True)
+        out = module(xin)
+        if is_last:
+            logits = out.float()  # (b, S, V)
+            out = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            seed_grad = None
+            target = out * loss_scale
+        else:
+            seed_grad, target = grad_out, out
+        gin = None
+        if not is_first and (is_last or grad_out is not None):
+            (gin,) = torch.autograd.grad(target, [xin], grad_outputs=seed_grad)
+    return out.detach(), None if gin is None else gin.detach()
+
+
+def witness_header(*, job_id: str, kind: str, role: WitnessRole, step: int, micro_batch: int, ids, payload: bytes,
+                   shape, sender_id: str, attempt: int) -> wt.TensorHeader:
+    return wt.make_header(payload, job_id=job_id, step=step, micro_batch=micro_batch,
+                          sample_ids=tuple(int(i) for i in ids), shape=tuple(shape), dtype="float32", codec="none",
+                          kind=kind, boundary=role.stage, sender_id=sender_id, replica=role.replica, attempt=attempt)
+
+
+class StageVerifier:
+    """A stage worker's side of spot checks: sends witness copies and runs its checks.
+
+    ``worker`` is the :class:`~node.training.worker.StageWorker` (its assignment, module,
+    dataset, batch order, endpoint and stop event are used; nothing else)."""
+
+    def __init__(self, worker, plan: VerifyPlan) -> None:
+        from node.training.exchange import PeerSender
+
+        self.w = worker
+        self.plan = plan
+        a = worker.a
+        self._senders: dict[str, PeerSender] = {}
+        self._roles: dict[tuple[int, int], WitnessRole] = {(r.stage, r.replica): r for r in plan.witness}
+        for r in plan.witness:
+            if r.checker_address not in self._senders:
+                self._senders[r.checker_address] = PeerSender(
+                    r.checker_address, security=worker.security, node_id=r.checker_id,
+                    what=f"checker {r.checker_id[:12]}", timeout_s=worker.timeout_s)
+        # this stage's neighbours in its replica: the targets it may witness
+        self._prev_target = self._roles.get((a.stage - 1, a.replica))
+        self._next_target = self._roles.get((a.stage + 1, a.replica))
+        self.lossless = str(a.spec.codec) == "none"
+        self.num_checks = self.num_mismatches = 0
+
+    @property
+    def active(self) -> bool:
+        return self.plan.prob > 0 and self.lossless
+
+    # -- witnessing ----------------------------------------------------------------------------
+    def _witness(self, role: WitnessRole | None, kind: str, step: int, m: int, ids, t: torch.Tensor) -> None:
+        if role is None or not self.active or not sampled(role.seed, step, m, self.plan.prob):
+            return
+        w = self.w
+        payload = wt.raw_encode(t.detach().to("cpu", torch.float32).contiguous())
+        h = witness_header(job_id=w.a.job_id, kind=kind, role=role, step=step, micro_batch=m, ids=ids,
+                           payload=payload, shape=t.shape, sender_id=w.node_id, attempt=w.a.attempt)
+        self._senders[role.checker_address].send(wt.WireTensor(header=h, payload=payload))
+
+    def sent_activation(self, step: int, m: int, ids, t: torch.Tensor) -> None:
+        self._witness(self._next_target, "witness_input", step, m, ids, t)
+
+    def received_activation(self, step: int, m: int, ids, t: torch.Tensor) -> None:
+        self._witness(self._prev_target, "witness_output", step, m, ids, t)
+
+    def received_gradient(self, step: int, m: int, ids, t: torch.Tensor) -> None:
+        self._witness(self._next_target, "witness_grad_in", step, m, ids, t)
+
+    def sent_gradient(self, step: int, m: int, ids, t: torch.Tensor) -> None:
+        self._witness(self._prev_target, "witness_grad_out", step, m, ids, t)
+
+    # -- receiving witness copies (the checker) -------------------------------------------------
+    def check_header(self, h: wt.TensorHeader):
+        """Validate a witness copy's header (runs in gRPC threads); returns (None, ids, shape)."""
+        c, w = self.plan.check, self.w
+        if c is None or not self.active:
+            raise InvalidRequestError("this stage checks no other stage")
+        shape = (w.b, w.S, w.H)
+        wt.validate_header(h, wt.TensorExpectation(
+            job_id=w.a.job_id, kind=h.kind, shape=shape, dtype="float32", codec="none", boundary=c.stage,
+            replica=c.replica, attempt=w.a.attempt, sender_ids=c.witness_ids, num_sample_ids=w.b))
+        cur = w._cur_step
+        if not (cur - 1 <= h.step <= cur + 1) or not 0 <= h.micro_batch < w.M:
+            raise InvalidRequestError(f"witness copy rejected: step {h.step} micro-batch {h.micro_batch}")
+        ids = w.order.micro_batches(h.step, c.replica)[h.micro_batch]
+        if tuple(h.sample_ids) != tuple(int(i) for i in ids):
+            raise InvalidRequestError("witness copy rejected: sample ids differ from the micro-batch's samples")
+        return None, ids, shape
+
+    def decode(self, h: wt.TensorHeader, payload: bytes) -> torch.Tensor:
+        self.check_header(h)
+        return wt.raw_decode(payload, shape=h.shape, dtype="float32").to(self.w.device)
+
+    # -- checking ----------------------------------------------------------------------------------
+    def _get(self, kind: str, step: int, m: int) -> torch.Tensor | None:
+        from swarm.errors import PeerError
+
+        w = self.w
+        try:
+            return w.endpoint.get(kind, step, m, timeout_s=min(w.timeout_s, 10.0), stop=w.stop_event,
+                                  what=f"a witness of stage {self.plan.check.stage}")
+        except PeerError as exc:
+            log.warning("spot check skipped job=%s step=%d micro_batch=%d: %s", w.a.job_id, step, m, exc)
+            return None
+
+    def check_step(self, step: int) -> list[SpotResult]:
+        """Run this step's checks of the target (before the optimizer step); returns the results."""
+        c, w = self.plan.check, self.w
+        if c is None or not self.active:
+            return []
+        a = w.a
+        out: list[SpotResult] = []
+        is_first, is_last = a.is_first, a.is_last
+        for m in range(w.M):
+            if not sampled(c.seed, step, m, self.plan.prob):
+                continue
+            ids = w.order.micro_batches(step, c.replica)[m]
+            x = torch.from_numpy(w.dataset.inputs(ids)).to(w.device) if is_first else self._get("witness_input", step, m)
+            y = None if is_last else self._get("witness_output", step, m)
+            g_out = None if (is_first or is_last) else self._get("witness_grad_out", step, m)
+            g_in = None if is_first else self._get("witness_grad_in", step, m)
+            labels = torch.from_numpy(w.dataset.labels(ids)).to(w.device) if is_last else None
+            if x is None or (not is_last and y is None):
+                continue
+            run = lambda: recompute(w.module, x=x, is_first=is_first, is_last=is_last, labels=labels,  # noqa: E731
+                                    grad_out=g_out, loss_scale=w.runner.loss_scale)
+            first = run()
+            base = dict(stage=c.stage, replica=c.replica, step=step, micro_batch=m)
+            if is_last:
+                out.append(SpotResult(**base, what="loss", match=True, error=0.0, tolerance=LOSS_TOLERANCE,
+                                      repeated_match=True, value=float(first[0])))
+            else:
+                out.append(self._compare(base, "output", first[0], y, lambda: run()[0], TOLERANCE["output"]))
+            if g_in is not None and first[1] is not None:
+                out.append(self._compare(base, "grad_in", first[1], g_in, lambda: run()[1], TOLERANCE["grad_in"]))
+        w.endpoint.discard(lambda key: key[0] in WITNESS_KINDS and key[1] <= step)
+        return out
+
+    def _compare(self, base: dict, what: str, mine: torch.Tensor, theirs: torch.Tensor, again, tol: float) -> SpotResult:
+        self.num_checks += 1
+        err = rel_error(theirs, mine)
+        match = err <= tol
+        log.info("spot check job=%s stage=%d replica=%d step=%d micro_batch=%d %s error=%.3g", self.w.a.job_id,
+                 base["stage"], base["replica"], base["step"], base["micro_batch"], what, err)
+        repeated = True
+        if not match:  # second opinion: recompute; a checker that disagrees with itself proves nothing
+            repeated = rel_error(again(), mine) <= tol
+            self.num_mismatches += 1
+            log.warning("spot check MISMATCH job=%s stage=%d replica=%d step=%d micro_batch=%d %s error=%.3g tol=%.3g",
+                        self.w.a.job_id, base["stage"], base["replica"], base["step"], base["micro_batch"], what,
+                        err, tol)
+        return SpotResult(**base, what=what, match=match, error=err if err == err and err != float("inf") else 1e30,
+                          tolerance=tol, repeated_match=repeated)
+
+    def close(self) -> None:
+        for s in self._senders.values():
+            s.close()

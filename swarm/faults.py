@@ -1,0 +1,117 @@
+"""Faults a node can be told to inject, FOR TESTING the swarm's verification (docs/security.md).
+
+``SWARM_FAULT`` (read by ``swarm-node join`` at start, parsed here once into a
+:class:`FaultConfig`) is a comma-separated list of:
+
+- ``corrupt-activations=P``: perturb a fraction P of the tensors this node sends (activations
+  forward, gradients backward) with noise of the tensor's own scale (so they look plausible);
+- ``wrong-tokens=P``: inference: alter the hidden state of a fraction P of the steps it serves;
+- ``claim-tflops=X``: report X TFLOPS instead of the measured figure;
+- ``stall-after-steps=N``: stop training after N steps of a job, but keep heartbeating.
+
+An honest node has ``FaultConfig()`` (no faults). Randomness comes from ``seed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from swarm.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+FAULT_ENV = "SWARM_FAULT"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FaultConfig:
+    corrupt_activations: float = 0.0
+    wrong_tokens: float = 0.0
+    claim_tflops: float | None = None
+    stall_after_steps: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("corrupt_activations", "wrong_tokens"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+                raise ConfigError(f"{FAULT_ENV}: {name.replace('_', '-')} must be a fraction in 0..1, got {v}")
+        if self.claim_tflops is not None and not (math.isfinite(self.claim_tflops) and 0 <= self.claim_tflops <= 1e5):
+            raise ConfigError(f"{FAULT_ENV}: claim-tflops must be in 0..1e5, got {self.claim_tflops}")
+        if self.stall_after_steps is not None and self.stall_after_steps < 0:
+            raise ConfigError(f"{FAULT_ENV}: stall-after-steps must be >= 0, got {self.stall_after_steps}")
+
+    @property
+    def any(self) -> bool:
+        return (self.corrupt_activations > 0 or self.wrong_tokens > 0 or self.claim_tflops is not None
+                or self.stall_after_steps is not None)
+
+    @classmethod
+    def parse(cls, text: str | None, *, seed: int = 0) -> FaultConfig:
+        """``"corrupt-activations=0.2,stall-after-steps=5"`` -> FaultConfig. Raises ConfigError."""
+        values: dict[str, object] = {}
+        for item in (text or "").split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep:
+                raise ConfigError(f"{FAULT_ENV}: {item!r} must be NAME=VALUE")
+            try:
+                if key in ("corrupt-activations", "wrong-tokens", "claim-tflops"):
+                    values[key.replace("-", "_")] = float(raw)
+                elif key == "stall-after-steps":
+                    values["stall_after_steps"] = int(raw)
+                else:
+                    raise ConfigError(f"{FAULT_ENV}: unknown fault {key!r}; known: corrupt-activations, "
+                                      "wrong-tokens, claim-tflops, stall-after-steps")
+            except ValueError as exc:
+                raise ConfigError(f"{FAULT_ENV}: {key} has a bad value {raw!r}") from exc
+        return cls(seed=seed, **values)  # type: ignore[arg-type]
+
+
+class FaultInjector:
+    """Carries out a :class:`FaultConfig` (thread-safe enough: one RNG per injector)."""
+
+    def __init__(self, config: FaultConfig) -> None:
+        self.config = config
+        import torch
+
+        self._rng = random.Random(config.seed)
+        self._gen = torch.Generator().manual_seed(config.seed)
+        self.num_corrupted = 0
+
+    def _hit(self, p: float) -> bool:
+        return p > 0 and self._rng.random() < p
+
+    def perturb(self, t: torch.Tensor, p: float) -> torch.Tensor:
+        """With probability ``p``, ``t`` plus Gaussian noise of ``t``'s own standard deviation."""
+        if not self._hit(p):
+            return t
+        import torch
+
+        self.num_corrupted += 1
+        log.info("SWARM_FAULT: corrupting a tensor (%d so far)", self.num_corrupted)
+        scale = float(t.detach().float().std()) or 1.0
+        noise = torch.randn(t.shape, generator=self._gen, dtype=torch.float32).to(t.device, t.dtype)
+        return t + scale * noise
+
+    def corrupt_sent(self, t: torch.Tensor) -> torch.Tensor:
+        return self.perturb(t, self.config.corrupt_activations)
+
+    def corrupt_hidden(self, t: torch.Tensor) -> torch.Tensor:
+        return self.perturb(t, self.config.wrong_tokens)
+
+    def stalls_at(self, steps_done: int) -> bool:
+        n = self.config.stall_after_steps
+        return n is not None and steps_done >= n
+
+
+NO_FAULTS = FaultConfig()

@@ -1,0 +1,164 @@
+"""Training spot checks are sound: a check is weighed only between replicas that provably ran the
+same weights (equal parameter digests), so an honest node is never found wrong, while a node that
+corrupts what it sends is (docs/security.md "Verification")."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+
+from swarm.faults import FaultConfig, FaultInjector
+from swarm.model import ModelConfig, StageModel, build_stage
+
+from coordinator.jobs.spotchecks import Judge
+from node.training.spotcheck import TOLERANCE, SpotResult, param_digest, recompute, rel_error
+
+CFG = ModelConfig(family="gpt2", vocab_size=32, hidden_size=32, num_layers=3, num_heads=2,
+                  max_position_embeddings=16, tie_word_embeddings=False)
+B, S, H = 2, 8, 32
+ASG = [{"node_id": f"n{s}{r}", "stage": s, "replica": r, "num_replicas": 2} for s in range(3) for r in range(2)]
+TARGET, CHECKER = ASG[2], ASG[3]  # stage 1 replica 0 is checked by stage 1 replica 1
+
+
+def _middle_stage() -> StageModel:
+    full = build_stage(CFG, 0, 3, seed=0)
+    s = StageModel(CFG, 1, 2, is_first=False, is_last=False)
+    s.load_hf_state(full.hf_state_dict())
+    return s
+
+
+def _run(stage: StageModel, x: torch.Tensor, g_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a worker does with a micro-batch: forward, then the input gradient."""
+    xin = x.clone().requires_grad_(True)
+    y = stage(xin)
+    y.backward(g_out)
+    return y.detach(), xin.grad.detach()
+
+
+def _check(checker: StageModel, x, y, g_out, g_in, step: int) -> list[dict]:
+    """The checker's recomputation and comparison, as StageVerifier.check_step reports it."""
+    mine_y, mine_gin = recompute(checker, x=x, is_first=False, is_last=False, labels=None, grad_out=g_out,
+                                 loss_scale=1.0)
+    out = []
+    for what, mine, theirs in (("output", mine_y, y), ("grad_in", mine_gin, g_in)):
+        err = rel_error(theirs, mine)
+        out.append(dataclasses.asdict(SpotResult(stage=1, replica=0, step=step, micro_batch=0, what=what,
+                                                 match=err <= TOLERANCE[what], error=err, tolerance=TOLERANCE[what],
+                                                 repeated_match=True)))
+    return out
+
+
+def _inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, S, H, generator=g), torch.randn(B, S, H, generator=g)
+
+
+def test_param_digest_is_exact_bytes():
+    a = _middle_stage()
+    b = copy.deepcopy(a)
+    assert param_digest(a.parameters()) == param_digest(b.parameters())
+    with torch.no_grad():
+        p = next(b.parameters())
+        p.view(-1)[7] = torch.nextafter(p.view(-1)[7], torch.tensor(float("inf")))  # one ulp in one element
+    assert param_digest(a.parameters()) != param_digest(b.parameters())
+
+
+def test_honest_stage_passes_and_a_corrupting_stage_is_quarantined_with_the_same_weights():
+    target = _middle_stage()
+    checker = copy.deepcopy(target)  # a replica in sync (the averaging round succeeded)
+    digest = param_digest(target.parameters())
+    assert digest == param_digest(checker.parameters())
+    x, g_out = _inputs(1)
+    y, g_in = _run(target, x, g_out)
+
+    j = Judge()
+    honest = _check(checker, x, y, g_out, g_in, step=0)
+    assert all(c["match"] and c["error"] < 1e-4 for c in honest), honest  # float noise only, far below 0.1
+    assert j.report("j", 1, TARGET, ASG, {"step": 0, "param_digest": digest}) == []
+    assert j.report("j", 1, CHECKER, ASG, {"step": 0, "param_digest": digest, "checks": honest}) == []
+
+    faults = FaultInjector(FaultConfig.parse("corrupt-activations=1.0"))
+    bad_y = faults.corrupt_sent(y)  # what SWARM_FAULT makes the node send instead
+    bad = _check(checker, x, bad_y, g_out, g_in, step=1)
+    assert not bad[0]["match"] and bad[0]["error"] > 0.5
+    # the checker's report may come first: the check waits for the target's digest of that step
+    assert j.report("j", 1, CHECKER, ASG, {"step": 1, "param_digest": digest, "checks": bad}) == []
+    (v,) = j.report("j", 1, TARGET, ASG, {"step": 1, "param_digest": digest})
+    assert v.node_id == TARGET["node_id"] and v.first_bad_step == 1 and "same weights" in v.reason
+    assert j.stats("j") == {"checks": 4, "mismatches": 1, "unverifiable": 0}
+
+
+def test_drifted_replicas_are_never_compared():
+    """A failed averaging round: each replica stepped with its own gradients. An honest target's
+    output then differs from the checker's recomputation (the earlier false positive); with
+    different digests the check is not weighed at all."""
+    target = _middle_stage()
+    checker = copy.deepcopy(target)
+    for model, seed in ((target, 2), (checker, 3)):  # one AdamW step each, on different data
+        opt = torch.optim.AdamW(model.parameters(), lr=0.3)
+        x, g_out = _inputs(seed)
+        _run(model, x, g_out)
+        opt.step()
+    d_target, d_checker = param_digest(target.parameters()), param_digest(checker.parameters())
+    assert d_target != d_checker
+    x, g_out = _inputs(4)
+    y, g_in = _run(target, x, g_out)  # honest
+    checks = _check(checker, x, y, g_out, g_in, step=5)
+    assert not checks[0]["match"], "drift makes an honest output look wrong: the case the digests exist for"
+    j = Judge()
+    assert j.report("j", 1, TARGET, ASG, {"step": 5, "param_digest": d_target}) == []
+    assert j.report("j", 1, CHECKER, ASG, {"step": 5, "param_digest": d_checker, "checks": checks}) == []
+    assert j.stats("j") == {"checks": 2, "mismatches": 0, "unverifiable": 2}
+    # a node that reports no digest (or an old node) is never judged either
+    assert j.report("j", 1, TARGET, ASG, {"step": 6}) == []
+    assert j.report("j", 1, CHECKER, ASG, {"step": 6, "param_digest": d_checker,
+                                           "checks": [dict(c, step=6) for c in checks]}) == []
+
+
+def test_a_check_of_another_step_than_the_report_is_ignored():
+    j = Judge()
+    check = {"stage": 1, "replica": 0, "step": 3, "micro_batch": 0, "what": "output", "match": False, "error": 1.2,
+             "tolerance": 0.1, "repeated_match": True, "value": 0.0}
+    j.report("j", 1, TARGET, ASG, {"step": 3, "param_digest": "d"})
+    assert j.report("j", 1, CHECKER, ASG, {"step": 4, "param_digest": "d", "checks": [check]}) == []
+    assert j.stats("j")["checks"] == 0
+
+
+def test_witness_copies_are_accepted_only_from_the_checked_stages_assigned_neighbours():
+    """Caller ids come from certificates; the same check runs for PushTensor and the stream."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from swarm.errors import PermissionDeniedError
+    from node.training.spotcheck import CheckRole, VerifyPlan
+    from node.training.worker import StageWorker
+
+    plan = VerifyPlan(prob=1.0, check=CheckRole(stage=1, replica=0, node_id="n10", seed=1,
+                                                witness_ids=frozenset({"n00", "n20"})))
+    me = SimpleNamespace(a=SimpleNamespace(stage=1, replica=1, job_id="j", attempt=1, prev=None, next=None),
+                         verifier=SimpleNamespace(plan=plan))
+    ok = SimpleNamespace(kind="witness_input", boundary=1, replica=0)
+    StageWorker._authorize_sender(me, "n00", ok)
+    StageWorker._authorize_sender(me, "n20", SimpleNamespace(kind="witness_output", boundary=1, replica=0))
+    for caller, h in (("n01", ok), ("n10", ok),  # another replica's neighbour; the checked node itself
+                      ("n00", SimpleNamespace(kind="witness_input", boundary=0, replica=0)),  # another target
+                      ("n00", SimpleNamespace(kind="witness_input", boundary=1, replica=1))):
+        with pytest.raises(PermissionDeniedError):
+            StageWorker._authorize_sender(me, caller, h)
+    with pytest.raises(PermissionDeniedError):  # a stage that checks nothing takes no copies
+        StageWorker._authorize_sender(SimpleNamespace(a=me.a, verifier=None), "n00", ok)
+
+
+def test_stall_blame_spares_lost_nodes_and_nodes_waiting_on_someone_else():
+    j = Judge()
+    # stage 1 waits on a crashed stage 2 and blames it; stage 0 then blames stage 1
+    j.blame("j", "s1", "s2", 100.0)
+    j.blame("j", "s0", "s1", 101.0)
+    verdicts, dispute = j.resolve_blames("j", 200.0, grace_s=30.0, is_online=lambda n: n != "s2")
+    assert verdicts == [] and dispute  # s2 is lost (not stalling), s1 was waiting itself: re-plan, nobody quarantined
+    j.blame("j", "s0", "s1", 300.0)  # a silent node that is online and waits on nobody: stalled
+    (v,) = j.resolve_blames("j", 400.0, grace_s=30.0)[0]
+    assert v.node_id == "s1" and v.first_bad_step is None

@@ -1,0 +1,87 @@
+"""Trust but verify, the pure parts: fault config, compute challenge, claim rule, probe agreement, spot-check plans."""
+
+import random
+
+import pytest
+
+from swarm.challenge import Solver, check_answer
+from swarm.clock import FakeClock
+from swarm.errors import ConfigError
+from swarm.faults import FaultConfig
+from swarm.membership import effective_tflops
+
+from coordinator.jobs.spotchecks import Judge, verify_plans
+from coordinator.network import probe_agreement
+from coordinator.store import Database
+from coordinator.verification import Challenges, TrustStore
+from node.training.spotcheck import VerifyPlan, sampled
+
+
+@pytest.mark.timeout(10)
+def test_fault_config_parses_once_and_refuses_nonsense():
+    f = FaultConfig.parse("corrupt-activations=0.2, claim-tflops=10000,stall-after-steps=5")
+    assert (f.corrupt_activations, f.claim_tflops, f.stall_after_steps, f.wrong_tokens) == (0.2, 10000.0, 5, 0.0)
+    assert not FaultConfig.parse("").any and FaultConfig.parse(None) == FaultConfig()
+    for bad in ("corrupt-activations=2", "fly=1", "stall-after-steps", "claim-tflops=x"):
+        with pytest.raises(ConfigError):
+            FaultConfig.parse(bad)
+
+
+@pytest.mark.timeout(30)
+def test_challenge_passes_honest_answers_and_catches_wrong_rows(tmp_path):
+    clock = FakeClock()
+    trust = TrustStore(Database(tmp_path), clock)
+    ch = Challenges(trust, clock, rng=random.Random(1))
+    cid, seed, n, count, target_s = ch.start("a" * 32, "cpu")
+    solver = Solver(seed, 256, 2, target_s=0.0)  # the coordinator's n is 1024 on CPU; a small one here
+    ch._pending[cid].n = 256
+    commitment, done = solver.compute()
+    clock.advance(0.5)
+    rows = ch.commit("a" * 32, cid, commitment, done)
+    digests, opened = solver.open(rows)
+    passed, tflops, msg = ch.open("a" * 32, cid, digests, opened)
+    assert passed and tflops == pytest.approx(done * 2 * 256 ** 3 / 0.5 / 1e12), msg
+    assert trust.get("a" * 32).challenge_tflops == tflops
+    bad = bytearray(opened)
+    bad[:4] = b"\0\0\0\0"
+    assert "digest" in check_answer(seed=seed, n=256, count=done, commitment=commitment, rows=rows,
+                                    row_digests=digests, row_bytes=bytes(bad))
+
+
+def test_claims_more_than_twice_the_measurement_are_replaced():
+    assert effective_tflops(10000.0, 0.01) == 0.01
+    assert effective_tflops(0.019, 0.01) == 0.019  # within 2x: the claim stands
+    assert effective_tflops(5.0, None) == 5.0
+
+
+def test_probe_ends_must_agree():
+    assert probe_agreement(1e13, 1e8) == (1e8, False, True)  # a liar's figure: disputed, the lower kept
+    assert probe_agreement(1.0e8, 0.9e8) == (0.9e8, True, False)
+    assert probe_agreement(1.0e8, None) == (1.0e8, False, False)
+
+
+def test_spot_check_plans_never_tell_a_stage_its_own_seed():
+    asg = [{"node_id": f"n{s}{r}", "address": f"h:{s}{r}", "stage": s, "replica": r, "num_replicas": 2}
+           for s in range(2) for r in range(2)]
+    plans = verify_plans(asg, prob=0.5, secret=7)
+    for a, v in zip(asg, plans):
+        plan = VerifyPlan.from_json(__import__("json").dumps(v))
+        assert (plan.check.stage, plan.check.replica) == (a["stage"], 1 - a["replica"])
+        assert all((w.stage, w.replica) != (a["stage"], a["replica"]) for w in plan.witness)
+    assert verify_plans(asg[:2], prob=0.5) != [] and all(not v for v in verify_plans(
+        [dict(x, num_replicas=1) for x in asg[::2]], prob=0.5))
+    hits = sum(sampled(3, step, 0, 0.02) for step in range(20000))
+    assert 300 < hits < 500
+
+
+def test_judge_quarantines_only_confirmed_mismatches_from_the_designated_checker():
+    asg = [{"node_id": f"n{s}{r}", "stage": s, "replica": r, "num_replicas": 2} for s in range(2) for r in range(2)]
+    j = Judge()
+    check = {"stage": 0, "replica": 0, "step": 3, "micro_batch": 0, "what": "output", "match": False, "error": 1.2,
+             "tolerance": 0.5, "repeated_match": True, "value": 0.0}
+    r = {"step": 3, "checks": [check], "param_digest": "d"}  # same weights on both (their digests agree)
+    assert j.report("j", 1, asg[0], asg, r) == []  # (0,0) cannot check itself
+    (v,) = j.report("j", 1, asg[1], asg, r)  # (0,1) is the checker of (0,0)
+    assert v.node_id == "n00" and v.first_bad_step == 3
+    assert j.report("j", 1, asg[1], asg, {"step": 3, "checks": [dict(check, repeated_match=False)],
+                                          "param_digest": "d"}) == []
