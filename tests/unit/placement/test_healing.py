@@ -117,7 +117,7 @@ def test_two_models_do_not_share_one_spare_beyond_its_memory():
                         stages=(ChainStage(node_id="g", first_layer=0, last_layer_excl=2),
                                 ChainStage(node_id="h", first_layer=2, last_layer_excl=4)))]
     spare = [HealNode(node_id="e", tflops=1.0, memory_free_bytes=need + need // 2)]
-    acts = heal([other, MODEL], nodes("a", "c", "d") + nodes("g", memory=0) + spare, placements)
+    acts = heal([other, MODEL], nodes("a", "c", "d", "g", memory=0) + spare, placements)
     assert acts[0] == RepairChain(model="m", replica=0, replacements=((1, "e"),))  # models in name order
     assert isinstance(acts[1], Wait) and acts[1].model == "n"
 
