@@ -88,6 +88,8 @@ def test_killed_serving_node_is_replaced_and_replica_count_restored(tmp_path):
         print(f"healthy again {heal_s:.1f} s after the kill")
         m = coord.models()[0]
         assert m["state"] == "ready"
+        page = coord.get_json("/api/models")["models"][0]  # what the status page's Models section shows
+        assert page["replica_count"] == {"healthy": 2, "requested": 2} and page["replicas"] == m["replicas"]
         new_chains = {r["replica"]: [s["node_id"] for s in r["stages"]] for r in m["replicas"]}
         # the lost stage went to the spare; the survivor kept its stage (and its layers: no fetch)
         assert new_chains[victim_replica] == [survivor.node_id, spare.pop()]
