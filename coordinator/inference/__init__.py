@@ -10,12 +10,16 @@ from __future__ import annotations
 import logging
 import threading
 
+from aiohttp import web
+
 from swarm.errors import SwarmError
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
+from swarm.transport.coordinator_client import model_record
 
 from coordinator.inference.engine import InferenceEngine
+from coordinator.inference.healer import Healer
 from coordinator.inference.openai_api import OpenAIApi
-from coordinator.inference.servicer import InferenceGatewayServicer
+from coordinator.inference.servicer import InferenceGatewayServicer, model_info
 from coordinator.inference.store import ModelStore
 from coordinator.plugins import CoordinatorHost, CoordinatorPlugin
 
@@ -31,6 +35,7 @@ class InferencePlugin(CoordinatorPlugin):
         self.host = host
         self.store = ModelStore(host.db, host.state_dir)
         self.engine = InferenceEngine(host, self.store)
+        self.healer = Healer(self.engine)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         host.services.provide_inference(self.engine)
@@ -41,6 +46,12 @@ class InferencePlugin(CoordinatorPlugin):
 
     def install_http(self, web_app) -> None:
         OpenAIApi(self.engine).install(web_app)
+        web_app.router.add_get("/api/models", self._api_models)
+
+    async def _api_models(self, request):
+        """``GET /api/models``: what ``swarm models --json`` prints (the status page's Models)."""
+        models = [model_record(model_info(self.engine, r)).to_json() for r in self.store.all()]
+        return web.json_response({"models": models})
 
     def _restore(self, rec) -> None:
         """Re-place a model served before the restart once enough nodes have re-registered."""
@@ -70,6 +81,7 @@ class InferencePlugin(CoordinatorPlugin):
                                                 "run `swarm serve` again")
 
     def start(self) -> None:
+        self.healer.start()
         for rec in self.store.all():
             if rec.state == "failed" or not rec.dir.is_dir():
                 continue

@@ -8,6 +8,9 @@
   far) on another replica. With none left, the model is re-placed on the nodes that still
   answer and the sessions wait (a pause, not an error) until it is ready, or fail with a clear
   error after ``failover_timeout_s`` or when no placement is possible.
+- healing (coordinator/inference/healer.py): a failed replica whose model still has others is
+  kept as a *broken* chain (its surviving stages stay loaded); the healer moves its lost stages
+  to spare nodes, or adds chains, until the model is back at its requested replica count.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.scheduling.placement import Links, ModelShape, PlacementDevice, PlacementRequest, place
 from swarm.transport.channels import data_channel
 from swarm.transport.errors import error_from_rpc
+from swarm.transport.inference import step_metadata
 
 from coordinator.inference.replica import Replica, Session, StageRef
 from coordinator.inference.store import ModelRecord, ModelStore, ServeParams, served_params
@@ -52,6 +56,19 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(slots=True)
+class BrokenChain:
+    """A failed replica whose surviving stages still hold their layers, waiting for repair.
+    ``lost``: nodes that did not answer when it failed; ``capabilities``: the step capabilities
+    its stages may hold (to unload them)."""
+
+    index: int
+    stages: list[StageRef]
+    lost: set[str]
+    capabilities: list[str]
+    predicted_latency_s: float = 0.0
+
+
+@dataclass(slots=True)
 class ServedModel:
     record: ModelRecord
     config: ModelConfig
@@ -62,6 +79,20 @@ class ServedModel:
     error: str = ""
     next_replica: int = 0
     replacing: bool = False
+    requested: int = 0  # replica count to keep (0 until the first placement is done: nothing to heal)
+    layout: tuple[tuple[int, int], ...] = ()  # layer ranges of the first placement's chain
+    broken: list[BrokenChain] = field(default_factory=list)
+    loading: list[Replica] = field(default_factory=list)  # chains the healer is loading
+    heal_failures: int = 0
+    heal_backoff_until_s: float = 0.0
+    heal_note: str = ""  # why the model is below its replica count, when the healer waits
+
+    def chains_node_ids(self) -> set[str]:
+        """Nodes holding or loading a stage of this model (ready, loading, broken survivors)."""
+        out = {nid for r in self.replicas for nid in r.node_ids}
+        out |= {nid for r in self.loading for nid in r.node_ids}
+        out |= {s.node_id for b in self.broken for s in b.stages if s.node_id not in b.lost}
+        return out
 
 
 def model_shape(config: ModelConfig, params: ServeParams) -> ModelShape:
@@ -100,13 +131,16 @@ class InferenceEngine:
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="inference-reaper", daemon=True)
         self._reaper.start()
+        self.healer = None  # coordinator.inference.healer.Healer, attached by the plugin
 
     def close(self) -> None:
         self._stop.set()
+        if self.healer is not None:
+            self.healer.stop()
         with self._lock:
             models = list(self._models.values())
         for m in models:
-            for r in m.replicas:
+            for r in m.replicas + m.loading:
                 for s in r.stop(unload=False):
                     s.fail(UnavailableError("the coordinator is shutting down"))
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -141,6 +175,9 @@ class InferenceEngine:
             self._models[record.name] = m
         try:
             self._place(m, exclude=set())
+            ready = sorted((r for r in m.replicas if r.state == "ready"), key=lambda r: r.index)
+            m.layout = tuple((s.first_layer, s.last_layer_excl) for s in ready[0].stages)
+            m.requested = record.params.num_replicas or len(ready)  # "as many as fit": as many as fit now
         except SwarmError as exc:
             m.state, m.error = "failed", str(exc)
             self.store.set_state(record.name, "failed", str(exc))
@@ -158,9 +195,12 @@ class InferenceEngine:
         return self.store.remove(name) or m is not None
 
     def _retire(self, m: ServedModel, why: str) -> None:
-        for r in m.replicas:
+        m.requested = 0  # nothing left to heal
+        for r in m.replicas + m.loading:
             for s in r.stop(unload=True):
                 s.fail(UnavailableError(why))
+        for b in list(m.broken):
+            self.drop_broken(m, b)
         while m.waiting:
             m.waiting.popleft().fail(UnavailableError(why))
 
@@ -169,6 +209,7 @@ class InferenceEngine:
         and load them. Raises InfeasiblePlanError / UnavailableError."""
         p = m.record.params
         busy = {nid for r in m.replicas if r.state == "ready" for nid in r.node_ids}
+        busy |= {nid for r in m.loading for nid in r.node_ids}
         nodes = [n for n in self.app.registry.online() if n.id not in exclude and n.id not in busy and n.peer_address]
         nodes.sort(key=lambda n: n.id)
         want = p.num_replicas if num_replicas is None else num_replicas
@@ -230,11 +271,47 @@ class InferenceEngine:
         for m in self.models():
             shape = model_shape(m.config, m.record.params)
             kv = shape.kv_bytes_per_token_per_layer * m.record.params.max_seq_len * m.record.params.sessions_per_replica
-            for r in m.replicas:
-                for s in r.stages:
-                    if s.node_id == node_id and r.state == "ready":
+            chains = [r.stages for r in m.replicas if r.state == "ready"] + [r.stages for r in m.loading]
+            chains += [[s for s in b.stages if s.node_id not in b.lost] for b in m.broken]
+            for stages in chains:
+                for s in stages:
+                    if s.node_id == node_id:
                         total += (s.last_layer_excl - s.first_layer) * (shape.layer_bytes + kv)
         return total
+
+    def suspect(self, node_id: str) -> None:
+        """Do not place on ``node_id`` for SUSPECT_S (it failed a step or a load)."""
+        with self._lock:
+            self._suspects[node_id] = self.app.clock.monotonic()
+
+    def suspects(self) -> set[str]:
+        now = self.app.clock.monotonic()
+        with self._lock:
+            return {nid for nid, t in self._suspects.items() if now - t < SUSPECT_S}
+
+    def replica_count(self, m: ServedModel) -> tuple[int, int]:
+        """(healthy, requested): ready replicas whose nodes are all online, and the count to keep."""
+        online = {n.id for n in self.app.registry.online()}
+        healthy = sum(r.state == "ready" and all(nid in online for nid in r.node_ids) for r in list(m.replicas))
+        return healthy, m.requested
+
+    def drop_broken(self, m: ServedModel, b: BrokenChain) -> None:
+        """Forget a broken chain and unload its surviving stages (best effort)."""
+        with self._lock:
+            if b in m.broken:
+                m.broken.remove(b)
+        for k, st in enumerate(b.stages):
+            if st.node_id in b.lost:
+                continue
+            for cap in b.capabilities:
+                try:
+                    with data_channel(st.address, security=self.app.security, node_id=st.node_id) as ch:
+                        if pb_grpc.InferenceStageStub(ch).UnloadStage(
+                                pb.ServeUnloadStageRequest(model_name=m.record.name, replica=b.index), timeout=3,
+                                metadata=step_metadata(cap)).unloaded:
+                            break
+                except grpc.RpcError:
+                    continue  # another capability, or the node is gone: its stage expires with it
 
     def _links(self, ids: list[str]) -> Links:
         if not ids:
@@ -391,10 +468,23 @@ class InferenceEngine:
             for nid in dead:
                 self._suspects[nid] = now
         log.warning("replica %d of %s lost; unreachable nodes=%s", replica.index, m.record.name, [d[:12] for d in dead])
+        if not need_replace and m.requested:
+            # keep the survivors loaded: the healer moves only the lost stages to spare nodes
+            replica.stop(unload=False)
+            with self._lock:
+                m.broken.append(BrokenChain(index=replica.index, stages=list(replica.stages), lost=set(dead),
+                                            capabilities=[replica.capability],
+                                            predicted_latency_s=replica.predicted_latency_s))
+            if self.healer is not None:
+                self.healer.poke()
+            self._pump(m)
+            return
         replica.stop(unload=True)
         if not need_replace:
             self._pump(m)
             return
+        for b in list(m.broken):  # their survivors may be needed for the re-placement
+            self.drop_broken(m, b)
         try:
             exclude = {nid for nid, t in self._suspects.items() if now - t < SUSPECT_S}
             self._place(m, exclude=exclude, num_replicas=1, strict=False)

@@ -220,6 +220,11 @@ class Replica:
                 for s in batch:
                     s.fail(SwarmError("internal error while generating; see the coordinator's log"))
 
+    def fail(self, reason: str) -> None:
+        """Declare the replica failed from outside its driver (a node of it went offline): its
+        sessions go back to the engine, as after a failed step. Blocks until the lanes stopped."""
+        self._fail(reason)
+
     def _fail(self, reason: str) -> None:
         """Declare the replica failed (once): stop every lane, let in-flight steps finish, then
         hand all sessions to the engine."""

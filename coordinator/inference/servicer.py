@@ -45,6 +45,8 @@ def model_info(engine: InferenceEngine, rec: ModelRecord) -> pb.ServeModelInfo:
     info.num_layers = m.config.num_layers
     info.state = m.state
     info.error = m.error
+    info.healthy_replicas, info.requested_replicas = engine.replica_count(m)
+    info.healing = m.heal_note if info.healthy_replicas < info.requested_replicas else ""
     for r in list(m.replicas):
         info.replicas.append(pb.ServeReplicaInfo(
             replica=r.index, state=r.state, predicted_latency_s=r.predicted_latency_s,

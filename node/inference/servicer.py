@@ -5,7 +5,9 @@ Protocol this participant follows (see protos/swarm/proto/v1/inference.proto):
 - ``LoadStage``: the coordinator assigns (model, replica, stage, layers, next peer). The node
   fetches only the tensors of those layers (from the coordinator's ``FetchShard``, or from a
   peer's), writes them as a stage-only safetensors checkpoint in its state dir, builds the
-  stage and answers. A later assignment for the same (model, replica) replaces it.
+  stage and answers. A later assignment for the same (model, replica) replaces it; when it asks
+  for the very layers this node holds for that (model, replica) (a chain repaired around a lost
+  node), the loaded weights are kept and nothing is fetched.
 - ``Step``: run the entries on this stage (its KV caches); unless last, call ``Step`` on the
   next stage with the packed hidden states and return its reply; the last stage samples.
   Every field from the network is validated; a bad step fails only that call.
@@ -195,6 +197,10 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                     f"the coordinator did not issue this assignment (model {a.model_name!r} replica {a.replica} "
                     f"stage {a.stage}) to node {self.node_id[:12]}; refusing it")
         t0 = time.monotonic()
+        with self._lock:
+            held = self._stages.get((a.model_name, a.replica))
+        if held is not None and _same_weights(held.assignment, a):
+            return self._relink(a, held, capability, t0)
         with self._load_lock:  # one load at a time: bounded memory and disk use
             shard_dir = self.state_dir / _safe_dir(a.model_name) / f"{a.model_digest[:16]}-{a.first_layer}-{a.last_layer_excl}"
             fetch = pb.ServeFetchShardRequest(
@@ -234,6 +240,26 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                  a.model_name, a.replica, a.stage, a.num_stages, a.first_layer, a.last_layer_excl, nbytes, dt, self.device)
         self._changed()
         return pb.ServeLoadStageReply(node_id=self.node_id, loaded_bytes=nbytes, load_s=dt)
+
+    def _relink(self, a: pb.ServeStageAssignment, held: _Loaded, capability: str, t0: float) -> pb.ServeLoadStageReply:
+        """Take a new assignment for the layers already loaded: new neighbours and capability,
+        same weights and runtime (sessions replay with reset entries)."""
+        next_stubs = None
+        if a.next_address:
+            next_stubs = RenewingStub(
+                lambda: data_channel(a.next_address, security=self.security, node_id=a.next_node_id or None),
+                pb_grpc.InferenceStageStub, self.security)
+        loaded = _Loaded(assignment=a, runtime=held.runtime, shard_dir=held.shard_dir, next_stubs=next_stubs,
+                         capability=capability)
+        with self._lock:
+            self._stages[(a.model_name, a.replica)] = loaded
+        if held.next_stubs is not None:
+            held.next_stubs.close()
+        dt = time.monotonic() - t0
+        log.info("relinked stage model=%s replica=%d stage=%d/%d layers=[%d,%d) (weights kept) load_s=%.3f",
+                 a.model_name, a.replica, a.stage, a.num_stages, a.first_layer, a.last_layer_excl, dt)
+        self._changed()
+        return pb.ServeLoadStageReply(node_id=self.node_id, loaded_bytes=0, load_s=dt)
 
     def _fetch(self, req: pb.ServeFetchShardRequest, sources: list[str], shard_dir: Path) -> int:
         errors = []
@@ -367,6 +393,13 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 return
         raise NotFoundError(f"this node holds no copy of layers [{request.first_layer}, {request.last_layer_excl}) "
                             f"of {request.model_name!r}; fetch them from the coordinator")
+
+
+def _same_weights(old: pb.ServeStageAssignment, new: pb.ServeStageAssignment) -> bool:
+    """Whether ``new`` runs the very stage ``old`` loaded (weights, role and runtime sizes)."""
+    key = lambda a: (a.model_digest, a.first_layer, a.last_layer_excl, a.stage == 0, a.stage == a.num_stages - 1,  # noqa: E731
+                     a.dtype, a.max_seq_len, a.max_sessions, a.session_timeout_s)
+    return key(old) == key(new)
 
 
 def _safe_dir(name: str) -> str:

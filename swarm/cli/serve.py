@@ -68,8 +68,12 @@ def add_parser(sub) -> None:
 
 def _print_model(m) -> None:
     m = m.to_json()
+    rc = m["replica_count"]
     print(f"{m['name']}: {m['family']} {m['num_layers']} layers, {m['state']}, digest {m['digest'][:12]}, "
-          f"context {m['max_seq_len']}" + (f" ({m['error']})" if m.get("error") else ""))
+          f"context {m['max_seq_len']}, replicas {rc['healthy']}/{rc['requested']} healthy"
+          + (f" ({m['error']})" if m.get("error") else ""))
+    if m.get("healing"):
+        print(f"  healing: {m['healing']}")
     for r in m["replicas"]:
         chain = " -> ".join(f"{s['node_id'][:10]}@{s['address']}[{s['first_layer']}:{s['last_layer_excl']})" for s in r["stages"])
         print(f"  replica {r['replica']} ({r['state']}, ~{r['predicted_latency_s'] * 1e3:.2f} ms/token): {chain}")

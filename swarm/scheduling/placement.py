@@ -324,12 +324,14 @@ def best_chain(
 
 
 # ----------------------------------------------------------------------------- replicas
-def _group_devices(devices: list[PlacementDevice], links: Links, shape: ModelShape, num_groups: int) -> list[list[int]]:
+def _group_devices(devices: list[PlacementDevice], links: Links, shape: ModelShape, num_groups: int,
+                   min_size: int = 1) -> list[list[int]]:
     """Split devices into groups with cheap internal links and similar total speed.
 
     Seeds are chosen far apart (max-min hop cost, starting from the fastest device); every other
     device, fastest first, joins the group it has the cheapest link to, preferring groups that
-    cannot yet hold the model (by memory) and then groups with less total speed.
+    cannot yet hold the model (by memory, or by member count when every chain needs ``min_size``
+    stages) and then groups with less total speed.
     """
     n = len(devices)
     order = sorted(range(n), key=lambda i: (-devices[i].tflops, i))
@@ -350,7 +352,9 @@ def _group_devices(devices: list[PlacementDevice], links: Links, shape: ModelSha
             mem = sum(devices[m].memory_bytes for m in groups[g])
             link = min(_hop_s(links, m, i, shape) for m in groups[g])
             speed = sum(devices[m].tflops for m in groups[g])
-            return (mem >= need, round(link, 9), speed, g)
+            # a group short of min_size members cannot form its chain yet: it comes first, even
+            # over a cheaper link (spare nodes beyond stages x replicas must not starve a group)
+            return (mem >= need and len(groups[g]) >= min_size, round(link, 9), speed, g)
 
         groups[min(range(num_groups), key=key)].append(i)
     return groups
@@ -371,7 +375,7 @@ def place(
     for r in counts:
         if r > len(devices):
             break
-        groups = _group_devices(devices, links, shape, r)
+        groups = _group_devices(devices, links, shape, r, request.num_stages or 1)
         replicas = [best_chain(g, devices, links, shape, request) for g in groups]
         if all(p is not None for p in replicas):
             used = {nid for p in replicas for nid in p.node_ids}

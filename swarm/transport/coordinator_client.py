@@ -113,12 +113,17 @@ class ModelRecord:
     created_at_s: float
     error: str
     replicas: tuple[ReplicaRecord, ...]
+    healthy_replicas: int = 0  # ready replicas whose nodes are all online
+    requested_replicas: int = 0  # the count the coordinator heals back to
+    healing: str = ""  # why it is below that count, while the coordinator waits for a spare node
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name, "family": self.family, "num_layers": self.num_layers, "digest": self.digest,
             "state": self.state, "size_bytes": self.size_bytes, "max_seq_len": self.max_seq_len,
             "created_at": self.created_at_s, "error": self.error,
+            "replica_count": {"healthy": self.healthy_replicas, "requested": self.requested_replicas},
+            "healing": self.healing,
             "replicas": [
                 {"replica": r.replica, "state": r.state, "predicted_latency_s": r.predicted_latency_s,
                  "stages": [{"node_id": s.node_id, "address": s.address, "first_layer": s.first_layer,
@@ -161,10 +166,12 @@ def _job_record(r: tpb.JobRecord) -> JobRecord:
                      reason=r.reason, detail=detail)
 
 
-def _model_record(m: ipb.ServeModelInfo) -> ModelRecord:
+def model_record(m: ipb.ServeModelInfo) -> ModelRecord:
+    """The domain record of a ServeModelInfo (what ``swarm models`` and ``/api/models`` show)."""
     return ModelRecord(
         name=m.name, family=m.family, num_layers=m.num_layers, digest=m.digest, state=m.state,
         size_bytes=m.size_bytes, max_seq_len=m.max_seq_len, created_at_s=m.created_at_s, error=m.error,
+        healthy_replicas=m.healthy_replicas, requested_replicas=m.requested_replicas, healing=m.healing,
         replicas=tuple(
             ReplicaRecord(replica=r.replica, state=r.state, predicted_latency_s=r.predicted_latency_s,
                           stages=tuple(StageRecord(node_id=s.node_id, address=s.address, first_layer=s.first_layer,
@@ -338,12 +345,12 @@ class CoordinatorClient:
 
         with translate_rpc_errors(self._what):
             reply = self._gateway.UploadModel(chunks(), timeout=timeout_s, metadata=self._md)
-        return _model_record(reply.model)
+        return model_record(reply.model)
 
     def list_models(self) -> list[ModelRecord]:
         with translate_rpc_errors(self._what):
             reply = self._gateway.ListModels(ipb.ServeListModelsRequest(), timeout=self.timeout_s, metadata=self._md)
-        return [_model_record(m) for m in reply.models]
+        return [model_record(m) for m in reply.models]
 
     def unserve_model(self, name: str) -> bool:
         """Stop serving ``name``; needs the token. False if it was not served."""

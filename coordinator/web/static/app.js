@@ -403,6 +403,40 @@
     bd.replaceChildren.apply(bd, items);
   }
 
+  // ---------- models ----------
+  /* /api/models: what `swarm models --json` prints (swarm/transport/coordinator_client.py
+   * ModelRecord.to_json): name, state, replica_count {healthy, requested}, healing, replicas. */
+  function renderModels(payload) {
+    var models = asList(payload, "models");
+    $("models-count").textContent = models.length ? plural(models.length, "model") : "";
+    $("models-empty").hidden = models.length > 0;
+    $("models-table").hidden = models.length === 0;
+    var frag = document.createDocumentFragment();
+    models.forEach(function (m) {
+      var tr = h("tr");
+      tr.appendChild(h("td", "name", String(own(m, "name") || "")));
+      var state = String(own(m, "state") || "unknown");
+      var st = h("td", "state"); st.appendChild(h("span", "pill " + stateClass(state), state)); tr.appendChild(st);
+      var rc = own(m, "replica_count") || {};
+      var healthy = num(own(rc, "healthy")), requested = num(own(rc, "requested"));
+      var count = h("td", "num", (healthy === null ? "\u2013" : healthy) + " / " + (requested === null ? "\u2013" : requested));
+      if (healthy !== null && requested !== null && healthy < requested) count.className += " below";
+      var healing = own(m, "healing");
+      if (healing) { count.appendChild(h("div", "info", String(healing))); }
+      tr.appendChild(count);
+      var chains = h("td", "mono");
+      (Array.isArray(own(m, "replicas")) ? own(m, "replicas") : []).forEach(function (r) {
+        var stages = Array.isArray(own(r, "stages")) ? own(r, "stages") : [];
+        chains.appendChild(h("div", null, "r" + own(r, "replica") + ": " + stages.map(function (s) {
+          return shortId(own(s, "node_id")) + " " + layersText([own(s, "first_layer"), own(s, "last_layer_excl")]);
+        }).join(" \u2192 ")));
+      });
+      tr.appendChild(chains);
+      frag.appendChild(tr);
+    });
+    $("models-body").replaceChildren(frag);
+  }
+
   // ---------- jobs ----------
   /* A job of /api/jobs: the keys of swarm/job_detail.py's JobDetail.summary_json, read with
    * jobKey only (tests/unit/web check these names against the record). */
@@ -557,7 +591,7 @@
       if (nodes !== undefined) lastNodes = asList(nodes, "nodes").map(normNode);
       var wantNetwork = networkDue();
       var got = [nodes].concat(await Promise.all([wantNetwork ? fetchOne("api/network") : undefined,
-        fetchOne("api/plan"), fetchOne("api/jobs", true)]));
+        fetchOne("api/plan"), fetchOne("api/jobs", true), fetchOne("api/models", true)]));
       if (wantNetwork && got[1] !== undefined) networkFetchedMs = Date.now();
       if (got[2] !== undefined) updateJobStages(got[2]);
       if (got[3] !== undefined) updateRunningJobs(got[3]);  // before the nodes: their Stage column uses it
@@ -565,6 +599,7 @@
       draw("network", renderNetwork, got[1]);
       draw("plan", renderPlan, got[2]);
       draw("jobs", renderJobs, got[3]);
+      draw("models", renderModels, got[4]);
       try { await renderJobDetail(); } catch (err) { problems.push(String(err.message || err)); }
     } finally {
       inFlight = false;

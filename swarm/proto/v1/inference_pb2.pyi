@@ -248,7 +248,7 @@ class ServeReplicaInfo(_message.Message):
     def __init__(self, replica: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[ServeStageInfo, _Mapping]]] = ..., state: _Optional[str] = ..., predicted_latency_s: _Optional[float] = ...) -> None: ...
 
 class ServeModelInfo(_message.Message):
-    __slots__ = ("name", "family", "num_layers", "digest", "state", "replicas", "created_at_s", "size_bytes", "error", "max_seq_len")
+    __slots__ = ("name", "family", "num_layers", "digest", "state", "replicas", "created_at_s", "size_bytes", "error", "max_seq_len", "healthy_replicas", "requested_replicas", "healing")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +259,9 @@ class ServeModelInfo(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    HEALING_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     num_layers: int
@@ -269,7 +272,10 @@ class ServeModelInfo(_message.Message):
     size_bytes: int
     error: str
     max_seq_len: int
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., digest: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ServeReplicaInfo, _Mapping]]] = ..., created_at_s: _Optional[float] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., max_seq_len: _Optional[int] = ...) -> None: ...
+    healthy_replicas: int
+    requested_replicas: int
+    healing: str
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., digest: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ServeReplicaInfo, _Mapping]]] = ..., created_at_s: _Optional[float] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., requested_replicas: _Optional[int] = ..., healing: _Optional[str] = ...) -> None: ...
 
 class ServeUploadReply(_message.Message):
     __slots__ = ("model",)

@@ -164,3 +164,14 @@ def test_exact_stage_count():
     assert [len(r.stages) for r in p.replicas] == [2, 2]
     with pytest.raises(InfeasiblePlanError):
         place(devs, Links.uniform(4), shape(), PlacementRequest(num_replicas=1, num_stages=5))
+
+
+def test_exact_stages_with_a_spare_node_and_uneven_links():
+    # five equal nodes, 2 replicas x 2 stages: one node is spare. Cheaper links around n0 once drew
+    # every node to the first seed's group, leaving the other group one node short of 2 stages.
+    devs = [PlacementDevice(node_id=f"n{i}", tflops=10.0, memory_bytes=64 * GiB) for i in range(5)]
+    d = tuple(tuple(0.0 if i == j else (1e-4 if 0 in (i, j) else 1e-3 + 1e-5 * (i + j)) for j in range(5))
+              for i in range(5))
+    links = Links(delay_s=d, bandwidth_Bps=Links.uniform(5).bandwidth_Bps)
+    p = place(devs, links, shape(), PlacementRequest(num_replicas=2, num_stages=2))
+    assert [len(r.stages) for r in p.replicas] == [2, 2] and len(p.unused_node_ids) == 1
