@@ -92,7 +92,7 @@ class Healer:
                                      head_bytes=shape.head_bytes, backoff=now < m.heal_backoff_until_s))
         suspects = e.suspects()
         nodes = [
-            HealNode(node_id=n.id, tflops=max(n.hardware.tflops, 1e-6), usable=n.id not in suspects,
+            HealNode(node_id=n.id, tflops=max(n.planning_tflops, 1e-6), usable=n.id not in suspects,
                      memory_free_bytes=max(0, int(n.hardware.memory_free_bytes or n.hardware.memory_bytes) - e._reserved(n.id)))
             for n in e.app.registry.online() if n.peer_address
         ]
