@@ -325,11 +325,12 @@ def admin_access(kind: str | None, presented: bool, action: str) -> None:
             f"{action} needs the coordinator's token for changes, and the {kind} token cannot do that: use the admin "
             f"token printed as admin_token= by swarm-coordinator serve (also in its state dir file admin_token)")
     if presented:
-        raise AuthError(f"{action} needs the coordinator's token, and the token given is wrong (or was rotated): use "
-                        "the admin token printed by swarm-coordinator serve (READY ... admin_token=...)")
-    raise AuthError(f"{action} needs the coordinator's token, and no token was given: pass --token ADMIN_TOKEN or set "
-                    "SWARM_TOKEN to the admin token (admin_token= in the line swarm-coordinator serve printed, "
-                    "also in its state dir file admin_token)")
+        raise AuthError(f"{action} needs the coordinator's token, and the token given is wrong: use the token printed by "
+                        "swarm-coordinator serve as admin_token= (also in its state dir file admin_token); a token "
+                        "replaced by swarm-coordinator rotate-token is refused")
+    raise AuthError(f"{action} needs the coordinator's token, and no token was given: pass --token or set SWARM_TOKEN "
+                    "to the admin token (admin_token= in the line swarm-coordinator serve printed, also in its state "
+                    "dir file admin_token)")
 
 
 def api_access(given: str, credentials: Credentials) -> None:

@@ -106,7 +106,7 @@ def test_idle_streams_do_not_delay_the_coordinators_heartbeats(tmp_path):
         _open_idle_sockets(coord.port, stack)
         attacker = stack.enter_context(grpc.insecure_channel(coord.address))
         submits = [training_pb2_grpc.TrainingStub(attacker).SubmitJob.future(
-            _idle_requests(release), metadata=api_token_metadata(coord.token), timeout=30) for _ in range(NUM_IDLE)]
+            _idle_requests(release), metadata=api_token_metadata(coord.admin_token), timeout=30) for _ in range(NUM_IDLE)]
         worst = _worst_latency_s(lambda: link.heartbeat(reg.session, status="idle", metrics_json="{}"))
         print(f"coordinator Heartbeat under {NUM_IDLE} idle sockets + {NUM_IDLE} idle SubmitJob streams: "
               f"worst {worst * 1000:.1f} ms")

@@ -83,7 +83,7 @@ def test_readme_commands_run_against_a_local_swarm(tmp_path):
     with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0"), \
             node_proc(coord, tmp_path / "n1"), node_proc(coord, tmp_path / "n2"):
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 nodes online")
-        env = {**child_env(), "SWARM_COORDINATOR": coord.address, "SWARM_TOKEN": coord.token}
+        env = {**child_env(), "SWARM_COORDINATOR": coord.address, "SWARM_TOKEN": coord.admin_token}
         placeholders["COORDINATOR:HTTP_PORT"] = f"{coord.host}:{coord.http_port}"
         job_id = None
         for command in commands:
