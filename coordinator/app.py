@@ -118,6 +118,11 @@ def prepare_tokens(db: Database, state_dir: Path, ca: CoordinatorCA, *, join: st
                                       {credentials.JOIN: join, credentials.ADMIN: admin, credentials.READ: read})
 
 
+def load_or_create_token(db: Database, state_dir: Path, given: str | None = None) -> str:
+    """The join token's secret: ``given``, else the stored one, else new (SQLite and ``join_token``)."""
+    return credentials.join_secret(db, state_dir, given)
+
+
 def prepare_join_token(db: Database, state_dir: Path, ca: CoordinatorCA, given: str | None) -> str:
     """The full join token (see :func:`prepare_tokens`); the other tokens are created if missing."""
     return prepare_tokens(db, state_dir, ca, join=given)[credentials.JOIN]

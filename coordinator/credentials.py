@@ -150,6 +150,20 @@ def load_or_create(db, state_dir: Path, fingerprint: str, given: Mapping[str, st
     return _store(db, state_dir, fingerprint, out)
 
 
+def join_secret(db, state_dir: Path, given: str | None = None) -> str:
+    """Only the join token's secret (given, else stored, else new), kept in SQLite and the
+    ``join_token`` file; for callers that need no CA (the full tokens: :func:`load_or_create`)."""
+    secret = given or _stored_secrets(db).get(JOIN)
+    legacy = Path(state_dir) / JOIN_SECRET_FILE
+    if secret is None and legacy.exists():
+        secret = legacy.read_text().strip() or None
+    secret = secret or new_secret()
+    with closing(db.connect()) as conn, conn:
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (META_KEYS[JOIN], secret))
+    _write_private(legacy, secret + "\n")
+    return secret
+
+
 def rotate(db, state_dir: Path, fingerprint: str, kind: str, secret: str | None = None) -> str:
     """Replace the ``kind`` token by one with ``secret`` (default: a new one); returns it. A
     running coordinator of this state dir refuses the old token from its next check on."""

@@ -133,7 +133,8 @@ def _refused(request: web.Request, exc: AuthError) -> web.Response:
 
 
 def _login(request: web.Request, app) -> web.Response:
-    """``/?token=T``: T (read or admin) goes into an HttpOnly cookie; redirect to ``/``."""
+    """``/?token=T``: T (read or admin) goes into an HttpOnly cookie; redirect to ``/`` (other query
+    parameters kept)."""
     given = request.query.get("token", "")
     kind = app.token_kind(given)
     if kind not in ("read", "admin"):
@@ -141,8 +142,11 @@ def _login(request: web.Request, app) -> web.Response:
             read_access(kind, True, public_status=False, channel="http")
         except AuthError as exc:
             return _refused(request, exc)
-    response = web.Response(status=303, headers={"Location": "/", "Cache-Control": "no-store",
-                                                 "Referrer-Policy": "no-referrer"})
+    from urllib.parse import urlencode
+
+    rest = urlencode([(k, v) for k, v in request.query.items() if k != "token"])
+    response = web.Response(status=303, headers={"Location": "/" + (f"?{rest}" if rest else ""),
+                                                 "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
     response.set_cookie(COOKIE_NAME, given, max_age=COOKIE_MAX_AGE_S, path="/", httponly=True, samesite="Strict",
                         secure=request.secure or None)
     return response
