@@ -61,9 +61,10 @@ class Coordinator:
         return asyncio.run(go())
 
 
-def start_coordinator(tmp_path: Path, plugins: tuple[str, ...]) -> Coordinator:
+def start_coordinator(tmp_path: Path, plugins: tuple[str, ...], **overrides) -> Coordinator:
+    """``overrides``: more CoordinatorConfig fields (``public_status=True``, ``api_keys=...``)."""
     clock = FakeClock()
-    config = CoordinatorConfig(state_dir=tmp_path / "coordinator", port=0, http_port=0, plugins=plugins)
+    config = CoordinatorConfig(state_dir=tmp_path / "coordinator", port=0, http_port=0, plugins=plugins, **overrides)
     app = CoordinatorApp(config, clock=clock)
     app.start()
     return Coordinator(app, clock)
