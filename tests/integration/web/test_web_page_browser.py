@@ -239,3 +239,19 @@ def test_heatmap_box_fits_a_small_swarm(browser, coordinator) -> None:
         assert page.errors == []
 
     browser.run(go())
+
+
+def test_token_in_the_url_becomes_a_cookie_the_page_cannot_read(browser, coordinator) -> None:
+    """The printed address (/?token=READ) leaves no token in the address bar or in reach of
+    scripts, and the page's API calls go through on the cookie."""
+    nid = coordinator.add_node(0)
+
+    async def go():
+        page = await _open(browser.browser, coordinator)
+        assert await page.eval("location.href") == coordinator.url + "/?poll_ms=500"
+        assert await page.eval("document.cookie") == ""  # HttpOnly
+        assert await page.wait_for(_row_state(nid)) == "online"
+        assert await page.eval("document.getElementById('status').getAttribute('data-ok')") == "true"
+        assert page.errors == []
+
+    browser.run(go())
