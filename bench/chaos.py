@@ -65,6 +65,7 @@ class Swarm:
         self.root = root
         self.coord, ready = start_coordinator(root / "coord", extra_args=FAST_COORDINATOR)
         self.port, self.http_port, self.token = int(ready["port"]), int(ready["http_port"]), ready["token"]
+        self.admin_token = ready["admin_token"]  # the join token (self.token) is for nodes only
         self.nodes = {}
         for i in range(num_nodes):
             self.nodes[i] = self._start_node(i)
@@ -77,7 +78,9 @@ class Swarm:
         return start_node(self.address, self.token, self.root / f"n{i}", name=f"n{i}", extra_args=NODE_ARGS)[0]
 
     def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as resp:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}",
+                                     headers={"Authorization": f"Bearer {self.admin_token}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
 
     def kill_node(self, i: int) -> None:
@@ -122,7 +125,7 @@ def submit(swarm: Swarm, model: Path, data: Path, args) -> str:
     spec = JobSpec(steps=args.steps, batch_size=8, micro_batch_size=2, seq_len=64, lr=2e-3,
                    codec=CodecSpec.parse("none"), checkpoint_every=args.checkpoint_every, num_stages=args.stages,
                    num_replicas=args.replicas, peer_timeout_s=20.0, warmup_steps=10, seed=1)
-    with CoordinatorClient(swarm.address, token=swarm.token) as client:
+    with CoordinatorClient(swarm.address, token=swarm.admin_token) as client:
         return client.submit_job(spec, upload_files(model, data)).id
 
 

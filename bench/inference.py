@@ -148,7 +148,7 @@ class Swarm:
         proc, ready = start_coordinator(root / "coord", host="0.0.0.0", extra_args=coord_args)
         self.procs.append(proc)
         self.address = f"{host}:{ready['port']}"
-        self.token = ready["token"]  # swarm1.<CA fingerprint>.<BENCH_TOKEN>: pins the coordinator's CA
+        self.token = ready["admin_token"]  # serves models and generates; pins the coordinator's CA too
         for i in range(num_nodes):
             prefix = ["ip", "netns", "exec", self.netns[i]] if netns else []
             node_host = f"10.77.0.{i + 2}" if netns else "127.0.0.1"

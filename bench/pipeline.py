@@ -93,7 +93,8 @@ class Swarm:
         proc, ready = start_coordinator(root / "coord", host="0.0.0.0" if rate_mbit else host, extra_args=coord_args,
                                         env=child_env(extra_env))
         self.procs.append(proc)
-        self.token = ready["token"]  # swarm1.<CA fingerprint>.<TOKEN>
+        self.token = ready["token"]  # the join token, swarm1.<CA fingerprint>.<TOKEN>: nodes
+        self.admin_token = ready["admin_token"]  # submits jobs and reads
         self.address = f"{host}:{ready['port']}"
         self.local_address = f"127.0.0.1:{ready['port']}"
         self.http = f"http://127.0.0.1:{ready['http_port']}"
@@ -110,10 +111,10 @@ class Swarm:
                    timeout_s=60, message="all nodes online")
 
     def client(self) -> CoordinatorClient:
-        """A client with the token; in the plaintext benchmark mode, over plaintext."""
+        """A client with the admin token; in the plaintext benchmark mode, over plaintext."""
         if self.plaintext:
-            return _PlaintextClient(self.local_address, token=self.token)
-        return CoordinatorClient(self.local_address, token=self.token)
+            return _PlaintextClient(self.local_address, token=self.admin_token)
+        return CoordinatorClient(self.local_address, token=self.admin_token)
 
     def _setup_netns(self, n: int, rate_mbit: float) -> None:
         def sh(*cmd: str) -> None:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import secrets
 import threading
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +26,11 @@ from swarm.errors import AuthError, ConfigError
 from swarm.identity import is_node_id
 from swarm.plugins import stop_plugins
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
-from swarm.transport.auth import MAX_SESSION_CHARS, read_api_token, read_credentials, token_matches
+from swarm.transport.auth import MAX_SESSION_CHARS, read_api_token, read_credentials
 from swarm.transport.channels import CONTROL_MAX_MESSAGE_BYTES, bind, make_server
 from swarm.transport.limits import StreamLimits
 
-from coordinator import plugins as plugin_registry
+from coordinator import credentials
 from coordinator.admission import Admission, AdmissionPolicy, local_hosts
 from swarm.transport.tls import PlaintextSecurity, TlsSecurity
 
@@ -49,8 +47,8 @@ from coordinator.verification import Challenges
 
 log = logging.getLogger(__name__)
 
-TOKEN_FILE = "join_token"  # the secret part (kept as before)
-FULL_TOKEN_FILE = "token"  # what nodes and users paste: swarm1.<CA fingerprint>.<secret>
+TOKEN_FILE = credentials.JOIN_SECRET_FILE  # the join token's secret part (kept as before)
+FULL_TOKEN_FILE = credentials.TOKEN_FILES[credentials.JOIN]  # what nodes paste: swarm1.<CA fingerprint>.<secret>
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,6 +59,11 @@ class CoordinatorConfig:
     http_host: str | None = None  # None: same as host
     http_port: int = 0
     join_token: str | None = None  # None: the stored one (SQLite meta / state_dir/join_token) or a new one
+    admin_token: str | None = None  # likewise (secret or this CA's full token); see coordinator/credentials.py
+    read_token: str | None = None
+    public_status: bool = False  # /api, /metrics, the page and gRPC reads without a credential (no addresses)
+    api_keys: tuple[str, ...] = ()  # /v1 takes these (and those of api_keys_file) instead of tokens when set
+    api_keys_file: Path | None = None
     heartbeat_interval_s: float = 2.0
     node_timeout_s: float = 6.0
     # After a (re)start, nodes restored from SQLite have this long to re-register (their sessions
@@ -93,56 +96,37 @@ class CoordinatorConfig:
             raise ConfigError("--restart-grace-s must be in 0..3600")
         if self.sweep_interval_s <= 0:
             raise ConfigError("--sweep-interval-s must be > 0")
-        if self.join_token is not None and not (16 <= len(self.join_token) <= 200 and self.join_token.isprintable()):
-            raise ConfigError("--token must be 16..200 printable characters")
+        for name, flag in (("join_token", "--token"), ("admin_token", "--admin-token"), ("read_token", "--read-token")):
+            value = getattr(self, name)
+            if value is not None and not (16 <= len(value) <= 320 and value.isprintable()):
+                raise ConfigError(f"{flag} must be 16..200 printable characters (or the full token printed)")
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        if self.api_keys_file is not None:
+            object.__setattr__(self, "api_keys_file", Path(self.api_keys_file))
         if not 2 <= self.node_cert_lifetime_s <= 30 * 86400:  # seconds only make sense in tests
             raise ConfigError("--node-cert-lifetime-s must be in 2..2592000 (30 days)")
         if (self.http_tls_cert is None) != (self.http_tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")
 
 
+def prepare_tokens(db: Database, state_dir: Path, ca: CoordinatorCA, *, join: str | None = None,
+                   admin: str | None = None, read: str | None = None) -> dict[str, str]:
+    """The full tokens (``swarm1.<CA fingerprint>.<secret>``) by kind (join, admin, read): each
+    secret given (a bare secret or this CA's full token), else the stored one, else new; stored
+    in SQLite and 0600 files of ``state_dir`` (coordinator/credentials.py). ConfigError for a
+    token of another CA or two kinds sharing a secret."""
+    return credentials.load_or_create(db, state_dir, ca.fingerprint,
+                                      {credentials.JOIN: join, credentials.ADMIN: admin, credentials.READ: read})
+
+
 def load_or_create_token(db: Database, state_dir: Path, given: str | None = None) -> str:
-    """The join token: ``given`` if set, else the one in SQLite (meta) or the token file, else a new one.
-    Kept in both places: SQLite with the rest of the state, the file (0600) for operators."""
-    token = given
-    if token is None:
-        with closing(db.connect()) as conn:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'join_token'").fetchone()
-        token = row[0] if row else None
-    path = Path(state_dir) / TOKEN_FILE
-    if token is None and path.exists():
-        token = path.read_text().strip() or None
-    if token is None:
-        # Hex, not urlsafe base64: a token starting with '-' would be read as a flag by
-        # `swarm-node join --token T` and every other argparse CLI.
-        token = secrets.token_hex(24)
-    with closing(db.connect()) as conn, conn:
-        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('join_token', ?)", (token,))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token
+    """The join token's secret: ``given``, else the stored one, else new (SQLite and ``join_token``)."""
+    return credentials.join_secret(db, state_dir, given)
 
 
 def prepare_join_token(db: Database, state_dir: Path, ca: CoordinatorCA, given: str | None) -> str:
-    """The full token ``swarm1.<CA fingerprint>.<secret>`` (secret: ``given``, else the stored one,
-    else new), also written to ``state_dir/token`` (0600). ``given`` may be a bare secret or this
-    CA's full token; a token of another CA raises ConfigError."""
-    if given is not None and certs.is_token(given):  # the full token pasted back: keep its secret
-        parsed = certs.parse_token(given)
-        if parsed.fingerprint != ca.fingerprint or not parsed.secret:
-            raise ConfigError("--token is a swarm1 token of another CA; pass only its secret (the part after "
-                              "the last dot) or the token this coordinator printed")
-        given = parsed.secret
-    token = certs.format_token(ca.fingerprint, load_or_create_token(db, state_dir, given))
-    _write_private(Path(state_dir) / FULL_TOKEN_FILE, token + "\n")
-    return token
-
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    """The full join token (see :func:`prepare_tokens`); the other tokens are created if missing."""
+    return prepare_tokens(db, state_dir, ca, join=given)[credentials.JOIN]
 
 
 class CoordinatorApp:
@@ -156,7 +140,10 @@ class CoordinatorApp:
         self.db = Database(self.state_dir)
         self.ca = CoordinatorCA(self.state_dir, now_s=self.clock.time())
         # What nodes and users present (and what is compared, in constant time): the whole token.
-        self.join_token = prepare_join_token(self.db, self.state_dir, self.ca, config.join_token)
+        tokens = prepare_tokens(self.db, self.state_dir, self.ca, join=config.join_token, admin=config.admin_token,
+                                read=config.read_token)
+        self.credentials = credentials.Credentials(self.db, self.state_dir, self.ca.fingerprint, tokens,
+                                                   api_keys=config.api_keys, api_keys_file=config.api_keys_file)
         if config.bench_plaintext:
             self.security = PlaintextSecurity(certs.COORDINATOR)
         else:
@@ -178,7 +165,8 @@ class CoordinatorApp:
         self.services = Services()
         self.host = CoordinatorHost(clock=self.clock, state_dir=self.state_dir, db=self.db, registry=self.registry,
                                     network=self.network, authenticate_node=self.authenticate_node,
-                                    authenticate_user=self.authenticate_user, services=self.services,
+                                    authenticate_user=self.authenticate_user, authorize_read=self.authorize_read,
+                                    services=self.services,
                                     max_model_params=config.max_model_params, security=self.security)
         self.plugin_modules = plugin_registry.load_plugins(config.plugins)
         self.plugins: list[CoordinatorPlugin] = []
@@ -234,15 +222,36 @@ class CoordinatorApp:
             raise AuthError(f"unknown session for node {node_id} (the coordinator may have restarted); register again")
         return node_id
 
+    # -- tokens (what users and nodes present) -------------------------------------------------------
+    @property
+    def join_token(self) -> str:
+        """The current join token (nodes register with it); changes when rotated."""
+        return self.credentials.token(credentials.JOIN)
+
+    @property
+    def admin_token(self) -> str:
+        return self.credentials.token(credentials.ADMIN)
+
+    @property
+    def read_token(self) -> str:
+        return self.credentials.token(credentials.READ)
+
+    def token_kind(self, given: str) -> str | None:
+        """``join``, ``admin`` or ``read`` when ``given`` is that current token, else None."""
+        return self.credentials.kind_of(given)
+
     def authenticate_user(self, context, action: str) -> None:
-        """Check a user's ``swarm-api-token`` (the join token) for ``action``. Raises AuthError."""
+        """Allow ``action`` (a change to what the swarm runs) only with the admin token in the
+        ``swarm-api-token`` metadata. Raises AuthError (none, wrong) or PermissionDeniedError
+        (the join or read token)."""
         given = read_api_token(context)
-        if not given:
-            raise AuthError(f"{action} needs the coordinator's token, and no token was given: pass --token "
-                            "or set SWARM_TOKEN (the token swarm-coordinator serve printed at start)")
-        if not token_matches(given, self.join_token):
-            raise AuthError(f"{action} needs the coordinator's token, and the token given is wrong: use the "
-                            "token printed by swarm-coordinator serve (READY ... token=...)")
+        credentials.admin_access(self.token_kind(given), bool(given), action)
+
+    def authorize_read(self, context) -> credentials.Access:
+        """What a gRPC reader may see (``swarm-api-token``: the read or admin token gives FULL;
+        none gives PUBLIC with ``--public-status``). Raises AuthError / PermissionDeniedError."""
+        given = read_api_token(context)
+        return credentials.read_access(self.token_kind(given), bool(given), public_status=self.config.public_status)
 
     def check_nonce(self, nonce: bytes, timestamp_s: float) -> None:
         """Refuse a registration payload seen before (replay), also across restarts (SQLite)."""

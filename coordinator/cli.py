@@ -1,6 +1,10 @@
 """``swarm-coordinator serve``: run a coordinator until SIGINT/SIGTERM.
 
-Prints ``READY port=N http_port=M token=T`` on stdout once serving (scripts read it).
+Prints ``status page: URL`` and then ``READY port=N http_port=M token=J admin_token=A read_token=R``
+on stdout once serving (scripts read them): J is the join token (nodes), A the admin token
+(changes), R the read token (status, page, /v1). ``swarm-coordinator token`` prints one of them
+without serving; ``swarm-coordinator rotate-token`` replaces one, and a running coordinator of
+that state dir refuses the old one from then on (coordinator/credentials.py).
 Precedence: flags > SWARM_* environment > defaults.
 """
 
@@ -30,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=int(_env("COORDINATOR_PORT", 7070)), help="gRPC port; 0 picks a free one (default 7070)")
     s.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", 7080)), help="HTTP port; 0 picks a free one (default 7080)")
     s.add_argument("--state-dir", default=_env("STATE_DIR", str(Path.home() / ".swarm" / "coordinator")), help="SQLite and the join token live here")
-    s.add_argument("--token", default=_env("TOKEN", None), help="join token (default: kept in the state dir, created on first start)")
+    s.add_argument("--token", default=_env("TOKEN", None), help="the join token's secret, for nodes (default: kept in the state dir, created on first start)")
+    s.add_argument("--admin-token", default=_env("ADMIN_TOKEN", None), help="the admin token's secret: submit, cancel, serve, unserve (default: kept in the state dir, created on first start)")
+    s.add_argument("--read-token", default=_env("READ_TOKEN", None), help="the read token's secret: status, jobs, models, the status page, /metrics, /v1 (default: kept in the state dir, created on first start)")
+    s.add_argument("--public-status", action="store_true", help="let anyone read /api, /metrics, the status page and the read RPCs without a token (never peer addresses or job assignments)")
+    s.add_argument("--api-key", action="append", default=[], help="an API key /v1 accepts as 'Authorization: Bearer KEY' (repeatable); with any key set, /v1 takes only keys")
+    s.add_argument("--api-keys-file", default=_env("API_KEYS_FILE", None), help="a file of /v1 API keys, one per line, re-read when it changes")
     s.add_argument("--heartbeat-interval-s", type=float, default=2.0, help="heartbeat interval told to nodes (default 2)")
     s.add_argument("--node-timeout-s", type=float, default=6.0, help="a node silent this long is lost (default 6)")
     s.add_argument("--restart-grace-s", type=float, default=None,
@@ -61,14 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", default=_env("TLS_KEY", None), help="the private key of --tls-cert")
     s.add_argument("--publish-token", default=None, help="also write the token to this file (0600), e.g. a volume that local nodes read with --token-file")
     s.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
-    t = sub.add_parser("token", help="create the CA and the join token in --state-dir (if missing) and print the token, without serving")
+    t = sub.add_parser("token", help="create the CA and the tokens in --state-dir (if missing) and print one, without serving")
     t.add_argument("--state-dir", default=_env("STATE_DIR", str(Path.home() / ".swarm" / "coordinator")))
-    t.add_argument("--token", default=_env("TOKEN", None), help="the secret part to use (default: the stored one, or a new one)")
+    t.add_argument("--token", default=_env("TOKEN", None), help="the join token's secret to use (default: the stored one, or a new one)")
+    t.add_argument("--kind", choices=("join", "admin", "read"), default="join", help="which token to print (default join)")
+    r = sub.add_parser("rotate-token", help="replace a token; a running coordinator of --state-dir refuses the old one "
+                                            "from its next check on (registered nodes keep their sessions)")
+    r.add_argument("--state-dir", default=_env("STATE_DIR", str(Path.home() / ".swarm" / "coordinator")))
+    r.add_argument("--kind", choices=("join", "admin", "read"), required=True, help="which token to replace")
+    r.add_argument("--secret", default=None, help="the new secret (default: a new random one)")
     return parser
 
 
 def print_token(args: argparse.Namespace) -> int:
-    from coordinator.app import prepare_join_token
+    from coordinator.app import prepare_tokens
     from coordinator.ca import CoordinatorCA
     from coordinator.store import Database
 
@@ -77,11 +92,45 @@ def print_token(args: argparse.Namespace) -> int:
         state_dir.mkdir(parents=True, exist_ok=True)
         import time
 
-        print(prepare_join_token(Database(state_dir), state_dir, CoordinatorCA(state_dir, now_s=time.time()), args.token))
+        tokens = prepare_tokens(Database(state_dir), state_dir, CoordinatorCA(state_dir, now_s=time.time()),
+                                join=args.token)
+        print(tokens[args.kind])
     except (SwarmError, ValueError, OSError) as exc:
         print(f"swarm-coordinator: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def rotate_token(args: argparse.Namespace) -> int:
+    import time
+
+    from coordinator import credentials
+    from coordinator.ca import CA_CERT_FILE, CoordinatorCA
+    from coordinator.store import Database
+
+    state_dir = Path(args.state_dir).expanduser()
+    try:
+        if not (state_dir / CA_CERT_FILE).is_file():
+            raise SwarmError(f"{state_dir} holds no coordinator state (no {CA_CERT_FILE}); pass the --state-dir "
+                             "the coordinator serves from")
+        ca = CoordinatorCA(state_dir, now_s=time.time())
+        token = credentials.rotate(Database(state_dir), state_dir, ca.fingerprint, args.kind, args.secret)
+    except (SwarmError, ValueError, OSError) as exc:
+        print(f"swarm-coordinator: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    print(f"the old {args.kind} token is refused from now on (a running coordinator notices within its next call); "
+          f"the new one is in {state_dir / credentials.TOKEN_FILES[args.kind]}", file=sys.stderr)
+    return 0
+
+
+def status_page_url(args: argparse.Namespace, http_port: int, read_token: str) -> str:
+    """Where a browser opens the status page with the read token (it becomes a cookie there)."""
+    from urllib.parse import quote
+
+    host = (args.advertise_host or [None])[0] or (args.host if args.host not in ("0.0.0.0", "::", "") else "127.0.0.1")
+    host = f"[{host}]" if ":" in host else host
+    return f"{'https' if args.tls_cert else 'http'}://{host}:{http_port}/?token={quote(read_token, safe='')}"
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -103,7 +152,10 @@ def serve(args: argparse.Namespace) -> int:
         secure_state_dir(state_dir)
         config = CoordinatorConfig(
             state_dir=state_dir, host=args.host, port=args.port, http_port=args.http_port,
-            join_token=args.token, heartbeat_interval_s=args.heartbeat_interval_s, node_timeout_s=args.node_timeout_s,
+            join_token=args.token, admin_token=args.admin_token, read_token=args.read_token,
+            public_status=args.public_status, api_keys=tuple(args.api_key),
+            api_keys_file=Path(args.api_keys_file).expanduser() if args.api_keys_file else None,
+            heartbeat_interval_s=args.heartbeat_interval_s, node_timeout_s=args.node_timeout_s,
             restart_grace_s=args.restart_grace_s,
             sweep_interval_s=min(0.5, args.heartbeat_interval_s / 2),
             tls_sans=tuple(args.advertise_host + args.tls_san), node_cert_lifetime_s=args.node_cert_lifetime_s,
@@ -133,11 +185,16 @@ def serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    join_token, admin_token, read_token = app.join_token, app.admin_token, app.read_token
     print(
-        f"coordinator ready: nodes join with\n  swarm-node join --coordinator <this-host>:{port} --token {app.join_token}\n"
-        f"status: swarm status --coordinator <this-host>:{port} --token {app.join_token}\n"
-        f"web: {'https' if args.tls_cert else 'http'}://<this-host>:{http_port}/   "
-        f"(the token is also in {Path(args.state_dir).expanduser() / 'token'})",
+        f"coordinator ready: nodes join with (the join token: it lets them join, nothing else)\n"
+        f"  swarm-node join --coordinator <this-host>:{port} --token {join_token}\n"
+        f"changes (train, cancel, serve, unserve) take the admin token:\n"
+        f"  swarm jobs --coordinator <this-host>:{port} --token {admin_token}\n"
+        f"reading (status, jobs, models, generate, the status page, /metrics, /v1) takes the read token:\n"
+        f"  swarm status --coordinator <this-host>:{port} --token {read_token}\n"
+        f"(the tokens are also in {state_dir}/token, admin_token and read_token; "
+        f"swarm-coordinator rotate-token replaces one{'; status is public' if args.public_status else ''})",
         file=sys.stderr,
     )
     if args.publish_token:
@@ -145,8 +202,10 @@ def serve(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(app.join_token + "\n")
-    print(f"READY port={port} http_port={http_port} token={app.join_token}", flush=True)
+            f.write(join_token + "\n")
+    print(f"status page: {status_page_url(args, http_port, read_token)}", flush=True)
+    print(f"READY port={port} http_port={http_port} token={join_token} admin_token={admin_token} "
+          f"read_token={read_token}", flush=True)
     stop.wait()
     app.stop()
     return 0
@@ -157,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "token":
         return print_token(args)
+    if args.command == "rotate-token":
+        private_umask()
+        return rotate_token(args)
     if args.command != "serve":
         parser.print_help()
         return 2

@@ -4,7 +4,19 @@ Routes of its own: ``GET /api/nodes`` and ``GET /api/network``. Plugins add rout
 their ``install_http(web_app)`` hook (see :mod:`coordinator.plugins`) before the server starts (aiohttp freezes the router then).
 Handlers run on this server's loop: keep them non-blocking, or use ``loop.run_in_executor``.
 
-Every request with a body goes through :func:`body_limits` first: a body over
+Every request goes through :func:`check_credentials` first (the table :func:`route_policy`):
+
+- ``/static/*`` (the page's own JS/CSS, public code) needs nothing;
+- ``/v1/*`` needs ``Authorization: Bearer KEY``: an API key when any are configured, else the
+  read or admin token (401/403 in OpenAI's error shape otherwise);
+- everything else (``/``, ``/api/*``, ``/metrics``) needs the read or admin token, as
+  ``Authorization: Bearer TOKEN`` (what Prometheus scrapers send) or the ``swarm_token`` cookie,
+  unless the coordinator runs with ``--public-status`` (then :func:`access_of` is PUBLIC and
+  handlers leave out peer addresses and job assignments). A browser opens ``/?token=TOKEN``
+  once: the answer sets the cookie (HttpOnly, SameSite=Strict) and redirects to ``/``, so the
+  token leaves the address bar and the page's own API calls carry the cookie.
+
+Then every request with a body goes through :func:`body_limits`: a body over
 :data:`MAX_REQUEST_BYTES` is answered 413 and a JSON body nested deeper than
 :data:`MAX_JSON_DEPTH` 400, before any handler sees them. Handlers parse JSON with
 :func:`loads_json` (or ``request.json(loads=loads_json)``), which raises
@@ -22,8 +34,10 @@ import threading
 
 from aiohttp import web
 
-from swarm.errors import InvalidRequestError
+from swarm.errors import AuthError, InvalidRequestError, PermissionDeniedError
 from swarm.membership import link_json, node_json
+
+from coordinator.credentials import Access, api_access, read_access
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +82,111 @@ def _is_json(request: web.Request) -> bool:
     return request.content_type == "application/json" or request.path.startswith("/v1/")
 
 
-def _error_body(status: int, message: str) -> web.Response:
+def _error_body(status: int, message: str, *, code: str | None = None, headers=None) -> web.Response:
     # OpenAI's error shape, also fine for our own /api routes.
     return web.json_response({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                        "code": None}}, status=status)
+                                        "code": code}}, status=status, headers=headers)
+
+
+# ----------------------------------------------------------------------------- credentials
+ACCESS_KEY = web.RequestKey("swarm_access", Access)
+COOKIE_NAME = "swarm_token"
+COOKIE_MAX_AGE_S = 30 * 86400  # a rotation ends it sooner: the cookie holds the token itself
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="swarm"'}
+_LOGIN_PAGE = """<!doctype html><meta charset="utf-8"><title>swarm: token needed</title>
+<p>{message}</p>
+<p>Open the address <code>swarm-coordinator serve</code> printed (<code>status page: http://HOST:PORT/?token=...</code>),
+or add <code>?token=READ_TOKEN</code> to this page's address once (the read token is in the coordinator's state
+dir file <code>read_token</code>).</p>
+"""
+
+
+def route_policy(path: str) -> str:
+    """``public``, ``api`` (/v1: API keys or tokens) or ``read`` (everything else: unknown paths too)."""
+    if path.startswith("/static/"):
+        return "public"
+    if path == "/v1" or path.startswith("/v1/"):
+        return "api"
+    return "read"
+
+
+def bearer(request: web.Request) -> str:
+    """The credential of ``Authorization: Bearer X`` ('' without one)."""
+    scheme, _, value = request.headers.get("Authorization", "").strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def access_of(request: web.Request) -> Access:
+    """What the caller of a checked route may see (PUBLIC when unknown: leave things out)."""
+    return request.get(ACCESS_KEY, Access.PUBLIC)
+
+
+def _refused(request: web.Request, exc: AuthError) -> web.Response:
+    status = 403 if isinstance(exc, PermissionDeniedError) else 401
+    if request.path == "/" and "text/html" in request.headers.get("Accept", "text/html"):
+        import html
+
+        return web.Response(status=status, text=_LOGIN_PAGE.format(message=html.escape(str(exc))),
+                            content_type="text/html", headers={**_CHALLENGE, "Cache-Control": "no-store"})
+    return _error_body(status, str(exc), code="invalid_api_key" if request.path.startswith("/v1") else "unauthorized",
+                       headers=_CHALLENGE)
+
+
+def _login(request: web.Request, app) -> web.Response:
+    """``/?token=T``: T (read or admin) goes into an HttpOnly cookie; redirect to ``/`` (other query
+    parameters kept)."""
+    given = request.query.get("token", "")
+    kind = app.token_kind(given)
+    if kind not in ("read", "admin"):
+        try:
+            read_access(kind, True, public_status=False, channel="http")
+        except AuthError as exc:
+            return _refused(request, exc)
+    from urllib.parse import urlencode
+
+    rest = urlencode([(k, v) for k, v in request.query.items() if k != "token"])
+    response = web.Response(status=303, headers={"Location": "/" + (f"?{rest}" if rest else ""),
+                                                 "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+    response.set_cookie(COOKIE_NAME, given, max_age=COOKIE_MAX_AGE_S, path="/", httponly=True, samesite="Strict",
+                        secure=request.secure or None)
+    return response
+
+
+@web.middleware
+async def check_credentials(request: web.Request, handler):
+    """Refuse a request without the credential its route needs (see the module docstring)."""
+    policy = route_policy(request.path)
+    if policy == "public":
+        return await handler(request)
+    app = request.app[APP_KEY]
+    given = bearer(request)
+    if policy == "api":
+        try:
+            api_access(given, app.credentials)
+        except AuthError as exc:
+            return _refused(request, exc)
+        request[ACCESS_KEY] = Access.FULL
+        return await handler(request)
+    if request.path == "/" and "token" in request.query:
+        return _login(request, app)
+    stale_cookie = False
+    if not given:
+        cookie = request.cookies.get(COOKIE_NAME, "")
+        if cookie and app.token_kind(cookie) in ("read", "admin"):
+            given = cookie
+        else:
+            stale_cookie = bool(cookie)  # rotated since: as if absent, and cleared
+    try:
+        access = read_access(app.token_kind(given) if given else None, bool(given),
+                             public_status=app.config.public_status, channel="http")
+    except AuthError as exc:
+        response = _refused(request, exc)
+    else:
+        request[ACCESS_KEY] = access
+        response = await handler(request)
+    if stale_cookie:
+        response.del_cookie(COOKIE_NAME, path="/")
+    return response
 
 
 @web.middleware
@@ -99,7 +214,11 @@ def _finite(x: float) -> float | None:
 async def api_nodes(request: web.Request) -> web.Response:
     app = request.app[APP_KEY]
     now = app.clock.time()
-    return web.json_response({"nodes": [node_json(n, now) for n in app.registry.snapshot()], "server_time": now})
+    nodes = [node_json(n, now) for n in app.registry.snapshot()]
+    if access_of(request) is not Access.FULL:
+        for node in nodes:
+            node.pop("peer_address", None)  # never public: where a stranger could reach a volunteer's machine
+    return web.json_response({"nodes": nodes, "server_time": now})
 
 
 async def api_network(request: web.Request) -> web.Response:
@@ -119,7 +238,7 @@ async def api_network(request: web.Request) -> web.Response:
 
 
 def build_web_app(app) -> web.Application:
-    web_app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[body_limits])
+    web_app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[check_credentials, body_limits])
     web_app[APP_KEY] = app
     web_app.router.add_get("/api/nodes", api_nodes)
     web_app.router.add_get("/api/network", api_network)

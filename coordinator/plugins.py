@@ -54,8 +54,13 @@ class CoordinatorHost:
     - ``network``: ``matrix(node_ids)`` -> ``(delay_s, bandwidth_Bps, measured_at)`` arrays,
       ``record(Link(...))`` for links observed from real transfers;
     - ``authenticate_node(context) -> node_id`` and ``authenticate_user(context, action)``: who is
-      calling a servicer method; both raise AuthError (use inside a method decorated with
-      ``swarm.transport.errors.grpc_errors``);
+      calling a servicer method (``authenticate_user`` allows the admin token only); both raise
+      AuthError (use inside a method decorated with ``swarm.transport.errors.grpc_errors``);
+    - ``authorize_read(context) -> Access``: a user's read RPC (the read or admin token:
+      ``Access.FULL``; nothing with ``--public-status``: ``Access.PUBLIC``, to be answered without
+      peer addresses and job assignments); raises AuthError / PermissionDeniedError. HTTP routes
+      are checked before their handler runs (coordinator/http.py); handlers ask
+      ``coordinator.http.access_of(request)``;
     - ``services``: the typed services of other plugins (``services.jobs``, ``services.inference``);
     - ``max_model_params``: the largest config-only model a job may ask the coordinator to
       initialise (``swarm-coordinator serve --max-model-params``).
@@ -70,14 +75,15 @@ class CoordinatorHost:
     network: NetworkStore
     authenticate_node: Callable[[grpc.ServicerContext], str]
     authenticate_user: Callable[[grpc.ServicerContext, str], None]
+    authorize_read: Callable[[grpc.ServicerContext], Any]
     services: Services
     max_model_params: int = 2_000_000_000
     security: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
-        if not callable(self.authenticate_node) or not callable(self.authenticate_user):
-            raise TypeError("authenticate_node and authenticate_user must be callables")
+        if not all(callable(f) for f in (self.authenticate_node, self.authenticate_user, self.authorize_read)):
+            raise TypeError("authenticate_node, authenticate_user and authorize_read must be callables")
 
 
 class CoordinatorPlugin:

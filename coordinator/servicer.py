@@ -14,16 +14,17 @@ import re
 from google.protobuf.message import DecodeError
 
 import swarm
-from swarm.errors import AuthError, CapacityError, InvalidRequestError, VersionMismatchError
+from swarm.errors import AuthError, CapacityError, InvalidRequestError, PermissionDeniedError, VersionMismatchError
 from swarm.identity import is_node_id, verify
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
-from swarm.transport.auth import token_matches
 from swarm.transport.channels import parse_address
 from swarm.transport.convert import hardware_from_proto, link_to_proto, metrics_from_json, node_to_proto
 from swarm.transport.errors import grpc_errors
 
 from coordinator.network import bound_transfer, transfer_link
+from coordinator.credentials import Access
+from coordinator.network import transfer_link
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if not request.token:
             raise AuthError("no join token given: pass --token or set SWARM_TOKEN (the token "
                             "swarm-coordinator serve printed at start)")
-        if not token_matches(request.token, app.join_token):
+        kind = app.token_kind(request.token)
+        if kind in ("admin", "read"):
+            raise PermissionDeniedError(f"that is the coordinator's {kind} token; nodes join with the join token "
+                                        "(token= in the READY line of swarm-coordinator serve)")
+        if kind != "join":
             raise AuthError("wrong join token: use the token printed by swarm-coordinator serve "
-                            "(READY ... token=...)")
+                            "(READY ... token=...); it may have been rotated (swarm-coordinator rotate-token)")
         node_id = verify(request.public_key, request.signature, request.payload)
         if payload.node_id != node_id:
             raise AuthError("node_id does not match the public key; the node's state dir may be corrupt")
@@ -269,12 +274,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @grpc_errors
     def ListNodes(self, request: pb.ListNodesRequest, context) -> pb.ListNodesReply:
+        access = self.app.authorize_read(context)
         reply = pb.ListNodesReply(server_time_s=self.app.clock.time())
-        reply.nodes.extend(node_to_proto(n) for n in self.app.registry.snapshot())
+        for n in self.app.registry.snapshot():
+            msg = node_to_proto(n)
+            if access is not Access.FULL:
+                msg.peer_address = ""  # never public: where a stranger could reach a volunteer's machine
+            reply.nodes.append(msg)
         return reply
 
     @grpc_errors
     def GetNetwork(self, request: pb.GetNetworkRequest, context) -> pb.GetNetworkReply:
+        self.app.authorize_read(context)  # links carry node ids and measurements, no addresses
         reply = pb.GetNetworkReply(server_time_s=self.app.clock.time())
         reply.links.extend(link_to_proto(link) for link in self.app.network.links())
         return reply

@@ -246,3 +246,20 @@ JOB_SUMMARY_KEYS: frozenset[str] = frozenset(SUMMARY_DETAIL_KEYS) | {"spec", "d_
 PROGRESS_KEYS: frozenset[str] = frozenset(f.name for f in fields(ProgressPoint))
 WORKER_KEYS: frozenset[str] = frozenset(f.name for f in fields(WorkerTotals))
 ASSIGNMENT_KEYS: frozenset[str] = frozenset(f.name for f in fields(AssignmentDetail))
+
+
+def public_job_json(job: Mapping[str, Any]) -> dict[str, Any]:
+    """A job's JSON (detail or summary) as anyone may see it on a ``--public-status`` coordinator:
+    without which node runs which part of it (``assignments`` emptied, ``plan`` None, the
+    ``node`` field of its events dropped). Progress, loss and totals stay."""
+    out = dict(job)
+    if "assignments" in out:
+        out["assignments"] = []
+    if "plan" in out:
+        out["plan"] = None
+    if isinstance(out.get("events"), (list, tuple)):
+        out["events"] = [
+            {**e, "fields": {k: v for k, v in dict(e.get("fields") or {}).items() if k != "node"}}
+            if isinstance(e, Mapping) else e for e in out["events"]
+        ]
+    return out

@@ -6,7 +6,7 @@ stdout with a deadline (never sleeps blindly). stderr goes to ``<state_dir>/<nam
 Never forks: only fork+exec, which is safe after gRPC threads exist.
 
     with LocalSwarm(state_dir, num_nodes=3) as ls:
-        print(ls.coordinator_address, ls.token)
+        print(ls.coordinator_address, ls.token, ls.admin_token, ls.read_token)
 """
 
 from __future__ import annotations
@@ -149,7 +149,8 @@ class ManagedProcess:
 def start_coordinator(state_dir: Path, *, port: int = 0, http_port: int = 0, host: str = "127.0.0.1",
                       extra_args: list[str] = (), timeout_s: float = 60.0, prefix: list[str] = (),
                       env: dict[str, str] | None = None) -> tuple[ManagedProcess, dict[str, str]]:
-    """Start ``swarm-coordinator serve``; returns the process and its READY fields (port, http_port, token)."""
+    """Start ``swarm-coordinator serve``; returns the process and its READY fields (port, http_port, token:
+    the join token, admin_token, read_token) and ``status_page`` (the URL with the read token)."""
     state_dir = Path(state_dir)
     argv = [*prefix, sys.executable, "-m", "coordinator.cli", "serve", "--host", host, "--port", str(port),
             "--http-port", str(http_port), "--state-dir", str(state_dir), *extra_args]
@@ -159,7 +160,10 @@ def start_coordinator(state_dir: Path, *, port: int = 0, http_port: int = 0, hos
     except TimeoutError:
         proc.stop()
         raise
-    return proc, {"port": m.group(1), "http_port": m.group(2), "token": m.group(3)}
+    fields = dict(re.findall(r"(\w+)=(\S+)", m.string))
+    page = next((line for line in proc.lines if line.startswith("status page: ")), "")
+    fields["status_page"] = page.removeprefix("status page: ")
+    return proc, fields
 
 
 def start_node(coordinator_address: str, token: str, state_dir: Path, *, name: str | None = None,
@@ -213,7 +217,23 @@ class LocalSwarm:
 
     @property
     def token(self) -> str:
+        """The join token (nodes)."""
         return self.ready["token"]
+
+    @property
+    def admin_token(self) -> str:
+        """The admin token (train, cancel, serve, unserve)."""
+        return self.ready["admin_token"]
+
+    @property
+    def read_token(self) -> str:
+        """The read token (status, jobs, models, generate, the status page, /metrics, /v1)."""
+        return self.ready["read_token"]
+
+    @property
+    def status_page(self) -> str:
+        """The status page's URL with the read token (the browser trades it for a cookie)."""
+        return self.ready["status_page"]
 
     def start(self) -> "LocalSwarm":
         try:

@@ -16,6 +16,7 @@ from swarm.errors import SwarmError
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.coordinator_client import model_record
 
+from coordinator.http import access_of
 from coordinator.inference.engine import InferenceEngine
 from coordinator.inference.healer import Healer
 from coordinator.inference.openai_api import OpenAIApi
@@ -49,8 +50,10 @@ class InferencePlugin(CoordinatorPlugin):
         web_app.router.add_get("/api/models", self._api_models)
 
     async def _api_models(self, request):
-        """``GET /api/models``: what ``swarm models --json`` prints (the status page's Models)."""
-        models = [model_record(model_info(self.engine, r)).to_json() for r in self.store.all()]
+        """``GET /api/models``: what ``swarm models --json`` prints (the status page's Models); with
+        public status only, no node ids or addresses (as ListModels)."""
+        access = access_of(request)
+        models = [model_record(model_info(self.engine, r, access)).to_json() for r in self.store.all()]
         return web.json_response({"models": models})
 
     def _restore(self, rec) -> None:

@@ -1,7 +1,9 @@
 """The coordinator's InferenceGateway gRPC service: upload + serve, list, generate, shards.
 
 Thin: validates and translates protobuf to the engine's calls. Uploading and unserving need the
-coordinator's token (``swarm-api-token`` metadata); listing and generating do not. Errors map to status codes via
+coordinator's admin token (``swarm-api-token`` metadata); listing and generating the read or admin
+token (listing without one on a ``--public-status`` coordinator: no stage placement; generating
+never without one: it spends volunteers' compute). Errors map to status codes via
 ``grpc_errors`` (bad request -> INVALID_ARGUMENT, unknown model -> NOT_FOUND, no capacity ->
 RESOURCE_EXHAUSTED).
 """
@@ -14,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from swarm.errors import InvalidRequestError, NotFoundError, SwarmError, UnavailableError, shown_as
+from swarm.errors import AuthError, InvalidRequestError, NotFoundError, SwarmError, UnavailableError, shown_as
 from swarm.inference.session import TokenEvent
 from swarm.model.checkpoint import check_weights, load_config
 from swarm.proto.v1 import inference_pb2 as pb
@@ -23,6 +25,7 @@ from swarm.transport.errors import grpc_errors
 from swarm.transport.inference import sampling_from_pb
 from swarm.transport.inference_shards import serve_shard
 
+from coordinator.credentials import Access
 from coordinator.inference.engine import InferenceEngine
 from coordinator.inference.store import ModelRecord, ModelStore, ServeParams, check_model_name
 
@@ -32,7 +35,7 @@ MAX_NEW_TOKENS = 1 << 15
 EVENT_TIMEOUT_S = 300.0
 
 
-def model_info(engine: InferenceEngine, rec: ModelRecord) -> pb.ServeModelInfo:
+def model_info(engine: InferenceEngine, rec: ModelRecord, access: Access = Access.FULL) -> pb.ServeModelInfo:
     info = pb.ServeModelInfo(
         name=rec.name, digest=rec.digest, state=rec.state, created_at_s=rec.created_at_s,
         size_bytes=rec.size_bytes, error=rec.error, max_seq_len=rec.params.max_seq_len,
@@ -47,11 +50,13 @@ def model_info(engine: InferenceEngine, rec: ModelRecord) -> pb.ServeModelInfo:
     info.error = m.error
     info.healthy_replicas, info.requested_replicas = engine.replica_count(m)
     info.healing = m.heal_note if info.healthy_replicas < info.requested_replicas else ""
+    full = access is Access.FULL  # which node holds which layers, and where: read credentials only
     for r in list(m.replicas):
         info.replicas.append(pb.ServeReplicaInfo(
             replica=r.index, state=r.state, predicted_latency_s=r.predicted_latency_s,
-            stages=[pb.ServeStageInfo(node_id=s.node_id, address=s.address, first_layer=s.first_layer,
-                                      last_layer_excl=s.last_layer_excl, state=r.state) for s in r.stages],
+            stages=[pb.ServeStageInfo(node_id=s.node_id if full else "", address=s.address if full else "",
+                                      first_layer=s.first_layer, last_layer_excl=s.last_layer_excl, state=r.state)
+                    for s in r.stages],
         ))
     return info
 
@@ -111,7 +116,8 @@ class InferenceGatewayServicer(pb_grpc.InferenceGatewayServicer):
 
     @grpc_errors
     def ListModels(self, request, context) -> pb.ServeListModelsReply:
-        return pb.ServeListModelsReply(models=[model_info(self.engine, r) for r in self.store.all()])
+        access = self.app.authorize_read(context)
+        return pb.ServeListModelsReply(models=[model_info(self.engine, r, access) for r in self.store.all()])
 
     @grpc_errors
     def Unserve(self, request, context) -> pb.ServeUnserveReply:
@@ -142,6 +148,10 @@ class InferenceGatewayServicer(pb_grpc.InferenceGatewayServicer):
 
     @grpc_errors
     def Generate(self, request, context) -> Iterator[pb.ServeGenerateEvent]:
+        if self.app.authorize_read(context) is not Access.FULL:
+            raise AuthError("generating needs the coordinator's read or admin token (it uses volunteers' GPUs): pass "
+                            "--token READ_TOKEN or set SWARM_TOKEN (read_token= in the READY line of "
+                            "swarm-coordinator serve)")
         m = self.engine.get(request.model)
         if request.prompt and request.prompt_token_ids:
             raise InvalidRequestError("send either prompt text or prompt_token_ids, not both")

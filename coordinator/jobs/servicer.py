@@ -21,9 +21,12 @@ from swarm.transport import transfer, transfer_pb
 from swarm.transport.errors import grpc_errors
 from swarm.transport.jobs import job_spec_from_pb, job_spec_to_pb, progress_from_pb
 
+from swarm.job_detail import public_job_json
+
+from coordinator.credentials import Access
 from coordinator.jobs import files
 from coordinator.jobs.checkpoint_check import check_stage_checkpoint, expected_layout
-from coordinator.jobs.service import JobService, detail_json
+from coordinator.jobs.service import JobService
 from coordinator.jobs.store import Job
 
 log = logging.getLogger(__name__)
@@ -32,15 +35,17 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILES = ("weights.safetensors", "optimizer.safetensors", "optimizer.pt", "meta.json")
 
 
-def job_record(service: JobService, job: Job) -> pb.JobRecord:
+def job_record(service: JobService, job: Job, access: Access = Access.FULL) -> pb.JobRecord:
     detail = service.detail(job)
+    if access is not Access.FULL:
+        detail = public_job_json(detail)
     loss = detail["loss"]
     return pb.JobRecord(
         job_id=job.id, state=job.state, reason=job.reason, spec=job_spec_to_pb(job.spec),
         created_at_s=job.created_at_s, updated_at_s=job.updated_at_s,
         step=-1 if detail["step"] is None else detail["step"], total_steps=job.total_steps,
         loss=math.nan if loss is None else loss, tokens_per_s=detail["tokens_per_s"] or 0.0,
-        detail_json=detail_json(service, job),
+        detail_json=json.dumps(detail, default=float),
     )
 
 
@@ -51,8 +56,9 @@ def _stream_file(path: Path, name: str):
 class TrainingServicer(pb_grpc.TrainingServicer):
     """Follows the protocol of protos/swarm/proto/v1/training.proto.
 
-    Submitting and cancelling jobs need the coordinator's token (the join token) in the
-    ``swarm-api-token`` metadata; reading jobs does not.
+    Submitting, resuming and cancelling jobs need the coordinator's admin token in the
+    ``swarm-api-token`` metadata; reading jobs and downloading results the read or admin token
+    (reading without one on a ``--public-status`` coordinator: no assignments; downloads never).
     """
 
     def __init__(self, app, service: JobService) -> None:
@@ -88,12 +94,15 @@ class TrainingServicer(pb_grpc.TrainingServicer):
 
     @grpc_errors
     def GetJob(self, request, context) -> pb.JobRecord:
-        return job_record(self.service, self.service.store.get(request.job_id))
+        access = self.app.authorize_read(context)
+        return job_record(self.service, self.service.store.get(request.job_id), access)
 
     @grpc_errors
     def ListJobs(self, request, context) -> pb.ListJobsReply:
+        access = self.app.authorize_read(context)
         limit = request.limit if 0 < request.limit <= 1000 else 100
-        return pb.ListJobsReply(jobs=[job_record(self.service, j) for j in self.service.store.list(limit=limit)])
+        return pb.ListJobsReply(jobs=[job_record(self.service, j, access)
+                                      for j in self.service.store.list(limit=limit)])
 
     @grpc_errors
     def CancelJob(self, request, context) -> pb.JobRecord:
@@ -102,6 +111,9 @@ class TrainingServicer(pb_grpc.TrainingServicer):
 
     @grpc_errors
     def DownloadResult(self, request, context):
+        if self.app.authorize_read(context) is not Access.FULL:  # a model is no status: never public
+            raise AuthError("downloading a job's model needs the coordinator's read or admin token: pass --token "
+                            "READ_TOKEN or set SWARM_TOKEN (read_token= in the READY line of swarm-coordinator serve)")
         _, paths = self.service.download(request.job_id)
         for path in paths:
             yield from _stream_file(path, path.name)

@@ -14,8 +14,11 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
+from swarm.job_detail import public_job_json
 from swarm.membership import node_json
 
+from coordinator.credentials import Access
+from coordinator.http import access_of
 from coordinator.plugins import CoordinatorHost
 from coordinator.web import sources
 from coordinator.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -101,12 +104,15 @@ def _matrices(app: CoordinatorHost):
     return get
 
 
-async def plan_json(state: WebState) -> dict[str, Any]:
-    """The /api/plan answer (also used by /metrics)."""
+async def plan_json(state: WebState, access: Access = Access.FULL) -> dict[str, Any]:
+    """The /api/plan answer (also used by /metrics). A running job's plan says which node runs
+    which stage: PUBLIC callers get no plan while a job runs."""
     app = state.app
     names = {n.id: n.name for n in app.registry.snapshot()}
     loop = asyncio.get_running_loop()
     job = await loop.run_in_executor(None, sources.running_job, app)
+    if job is not None and access is not Access.FULL:
+        return no_plan(f"job {job.get('id')} is running; its plan is shown with the read token only")
     if job is not None:
         out = job_plan_json(str(job.get("id")), job["plan"], names)
         out["traffic"] = sources.worker_traffic(job)
@@ -121,7 +127,7 @@ async def plan_json(state: WebState) -> dict[str, Any]:
 
 async def api_plan(request: web.Request) -> web.Response:
     try:
-        body = await plan_json(_state(request))
+        body = await plan_json(_state(request), access_of(request))
     except Exception:  # noqa: BLE001 -- the page must keep working when planning breaks
         log.exception("building /api/plan failed")
         body = no_plan("the coordinator failed to build a plan; see its log")
@@ -132,10 +138,14 @@ async def metrics(request: web.Request) -> web.Response:
     state = _state(request)
     app = state.app
     now = app.clock.time()
+    access = access_of(request)
     nodes = [node_json(n, now) for n in app.registry.snapshot()]
     jobs = await asyncio.get_running_loop().run_in_executor(None, sources.jobs_json, app)
+    if access is not Access.FULL:  # no peer addresses (not rendered anyway), no worker placement
+        nodes = [{k: v for k, v in n.items() if k != "peer_address"} for n in nodes]
+        jobs = [public_job_json(j) for j in jobs]
     try:
-        plan = await plan_json(state)
+        plan = await plan_json(state, access)
     except Exception:  # noqa: BLE001 -- metrics without the plan beat no metrics
         log.exception("plan for /metrics failed")
         plan = no_plan("error")

@@ -3,7 +3,10 @@
 ``--coordinator HOST:PORT`` and ``--token TOKEN`` resolve the same way for every command
 (``swarm status/train/jobs/job/cancel/serve/models/unserve/generate`` and ``swarm-node join``):
 the flag, else ``$SWARM_COORDINATOR`` / ``$SWARM_TOKEN``, else the default (``127.0.0.1:7070``;
-no token). ``--json`` prints one JSON object instead of text, on every command that prints state.
+no token). Which token: ``swarm-node join`` takes the join token; commands that change what the
+swarm runs (train, cancel, serve, unserve) the admin token; commands that read (status, jobs, job,
+models, generate) the read token or the admin token. ``--json`` prints one JSON object instead of
+text, on every command that prints state.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ def add_common_flags(parser: argparse.ArgumentParser, *, token: bool = True, jso
                              f"else {DEFAULT_COORDINATOR})")
     if token:
         parser.add_argument("--token", default=None,
-                            help=f"the coordinator's token, printed by swarm-coordinator (default ${TOKEN_ENV}); "
-                                 "needed to submit/cancel jobs and serve/unserve models")
+                            help=f"the coordinator's token as swarm-coordinator serve printed it (default ${TOKEN_ENV}): "
+                                 "the admin token (admin_token=) to submit/cancel jobs and serve/unserve models, "
+                                 "the read token (read_token=) or the admin token to read")
     if json:
         parser.add_argument("--json", action="store_true", help=json_help)
 

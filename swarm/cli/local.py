@@ -56,8 +56,11 @@ def run_up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     with ls:
-        print(f"coordinator: {ls.coordinator_address}  token: {ls.token}  web: {ls.http_url}/", flush=True)
-        print(f"status:      swarm status --coordinator {ls.coordinator_address}", flush=True)
+        # "token:" is the admin token (changes and reads); nodes join with the join token.
+        print(f"coordinator: {ls.coordinator_address}  token: {ls.admin_token}  (admin: train, cancel, serve)",
+              flush=True)
+        print(f"status:      swarm status --coordinator {ls.coordinator_address} --token {ls.read_token}", flush=True)
+        print(f"status page: {ls.status_page}", flush=True)
         print(f"join more:   swarm-node join --coordinator {ls.coordinator_address} --token {ls.token} "
               f"--state-dir DIR", flush=True)
         print(f"state dir:   {ls.state_dir} (logs: *.log)   Ctrl-C stops everything", flush=True)
@@ -82,10 +85,10 @@ def run_demo(args: argparse.Namespace) -> int:
                     coordinator_args=["--heartbeat-interval-s", "0.5", "--node-timeout-s", "3", "--probe-bytes", str(1 << 20)],
                     node_args=["--probe-seconds", "0.3"])
     with ls:
-        print(f"coordinator {ls.coordinator_address} (web {ls.http_url}/); waiting for nodes and link measurements ...",
-              flush=True)
+        print(f"coordinator {ls.coordinator_address} (status page {ls.status_page}); waiting for nodes and link "
+              "measurements ...", flush=True)
         try:
-            with CoordinatorClient(ls.coordinator_address, token=ls.token) as client:
+            with CoordinatorClient(ls.coordinator_address, token=ls.read_token) as client:
                 def ready():
                     snapshot = client.snapshot()
                     return snapshot if require_online(snapshot, args.nodes) else None
@@ -103,10 +106,10 @@ def run_demo(args: argparse.Namespace) -> int:
         if args.train_steps > 0:  # training across the swarm (swarm.cli.train)
             from swarm.cli.train import demo_fine_tune
 
-            if demo_fine_tune(ls.coordinator_address, Path(state_dir), token=ls.token, steps=args.train_steps,
+            if demo_fine_tune(ls.coordinator_address, Path(state_dir), token=ls.admin_token, steps=args.train_steps,
                               out=lambda line: print(line, flush=True)) != 0:
                 return 1
-            if not args.no_generate and _demo_generate(ls.coordinator_address, Path(state_dir) / "demo-checkpoint", ls.token) != 0:
+            if not args.no_generate and _demo_generate(ls.coordinator_address, Path(state_dir) / "demo-checkpoint", ls.admin_token) != 0:
                 return 1
     print("demo finished: all processes stopped", flush=True)
     return 0

@@ -8,8 +8,10 @@ was given) in ``swarm-api-token`` metadata, and returns frozen domain records, n
 Files go through :mod:`swarm.transport.transfer` (sizes and SHA-256 checked on both sides).
 
 The channel is TLS: the client trusts the coordinator only once its CA matches the fingerprint
-in the token (``swarm1.<fingerprint>.<secret>``; ``swarm1.<fingerprint>`` alone verifies and
-reads without the right to change anything). The CA is fetched on the first call.
+in the token (``swarm1.<fingerprint>.<secret>``: every token of a coordinator pins its CA). What
+the token allows is the coordinator's decision: the admin token changes what the swarm runs, the
+read token (or the admin token) reads; ``swarm1.<fingerprint>`` alone only verifies (and reads on
+a ``--public-status`` coordinator). The CA is fetched on the first call.
 
 The node's own calls (register, heartbeat, training assignments) use its session secret and
 live in ``node.coordinator_link`` / ``node.training.client`` on the same channel helpers.
@@ -197,9 +199,10 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 class CoordinatorClient:
     """User calls to the coordinator at ``address`` (``host:port`` of its gRPC port).
 
-    ``token``: the coordinator's token (``swarm1.<CA fingerprint>.<secret>``): its fingerprint
-    verifies the coordinator, its secret is needed to change what the swarm runs (submit/cancel
-    a job, serve/unserve a model); ``swarm1.<CA fingerprint>`` alone verifies and reads.
+    ``token``: a token of the coordinator (``swarm1.<CA fingerprint>.<secret>``): its fingerprint
+    verifies the coordinator; the admin token changes what the swarm runs (submit/cancel a job,
+    serve/unserve a model), the read token reads (nodes, jobs, models, generation); sent in
+    ``swarm-api-token`` metadata, inside TLS.
     ``ca_fingerprint``: the CA to trust when ``token`` does not carry one (64 hex);
     ``ca_pem``: an already verified CA certificate (tests, the local swarm). ``timeout_s``: per short call.
     Methods raise swarm errors: UnavailableError (unreachable), AuthError (token), NotFoundError,
@@ -235,8 +238,8 @@ class CoordinatorClient:
                 # AuthError as before TLS, and the same words as the coordinator's for a change
                 # without a token; distinct from a wrong token's ("the token given is wrong").
                 raise AuthError("connecting to a coordinator needs its token, and no token was given: pass --token "
-                                "or set SWARM_TOKEN (swarm1.<CA fingerprint>.<secret> as swarm-coordinator "
-                                "printed it; swarm1.<CA fingerprint> alone is enough to read)")
+                                "or set SWARM_TOKEN (as swarm-coordinator serve printed it: admin_token= for "
+                                "changes, read_token= to read)")
             try:
                 ca = fetch_ca(self.address, self._fingerprint, timeout_s=min(self.timeout_s, 10.0))
             except AuthError as exc:
@@ -271,7 +274,7 @@ class CoordinatorClient:
     # -- training jobs ----------------------------------------------------------------------------
     def submit_job(self, spec: "JobSpec", files: list[UploadFile], *, timeout_s: float = 3600.0,
                    on_bytes: Callable[[int], None] | None = None) -> JobRecord:
-        """Upload the job's files (``data/...``, ``checkpoint/...``) with its spec; needs the token."""
+        """Upload the job's files (``data/...``, ``checkpoint/...``) with its spec; needs the admin token."""
         from swarm.transport.jobs import job_spec_to_pb  # imports torch (CodecSpec): only when submitting
 
         spec_pb = job_spec_to_pb(spec)
@@ -286,7 +289,7 @@ class CoordinatorClient:
 
     def resume_job(self, job_id: str, spec: "JobSpec") -> JobRecord:
         """Start a new job from ended job ``job_id``'s last complete checkpoint (weights, optimizer
-        state, data position) with ``spec``; needs the token."""
+        state, data position) with ``spec``; needs the admin token."""
         from swarm.transport.jobs import job_spec_to_pb
 
         with translate_rpc_errors(self._what):
@@ -305,7 +308,7 @@ class CoordinatorClient:
         return [_job_record(r) for r in reply.jobs]
 
     def cancel_job(self, job_id: str, reason: str = "") -> JobRecord:
-        """Cancel a job; needs the token."""
+        """Cancel a job; needs the admin token."""
         with translate_rpc_errors(self._what):
             return _job_record(self._training.CancelJob(tpb.CancelJobRequest(job_id=job_id, reason=reason),
                                                         timeout=self.timeout_s, metadata=self._md))
@@ -327,7 +330,7 @@ class CoordinatorClient:
     def upload_model(self, model_dir: str | Path, *, name: str, options: ServeOptions = ServeOptions(),
                      timeout_s: float = 600.0, on_bytes: Callable[[int], None] | None = None) -> ModelRecord:
         """Stream a checkpoint directory to the coordinator and wait until it is placed and loaded;
-        needs the token."""
+        needs the admin token."""
         files = checkpoint_files(Path(model_dir))
         headers = [transfer.file_header(p.name, p) for p in files]
         header = ipb.ServeUploadHeader(
@@ -353,7 +356,7 @@ class CoordinatorClient:
         return [model_record(m) for m in reply.models]
 
     def unserve_model(self, name: str) -> bool:
-        """Stop serving ``name``; needs the token. False if it was not served."""
+        """Stop serving ``name``; needs the admin token. False if it was not served."""
         with translate_rpc_errors(self._what):
             reply = self._gateway.Unserve(ipb.ServeUnserveRequest(name=name), timeout=self.timeout_s,
                                           metadata=self._md)

@@ -16,7 +16,7 @@ import pytest
 from swarm.identity import Identity
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
-from swarm.transport.auth import call_metadata
+from swarm.transport.auth import api_token_metadata, call_metadata
 from tests.helpers.foundation import inprocess_coordinator, make_register
 from tests.helpers.tls import app_channel
 
@@ -87,5 +87,5 @@ def test_full_disk_refuses_registrations_and_heartbeats_keep_nodes_online(tmp_pa
                 stub.Heartbeat(pb.HeartbeatRequest(status="busy"), metadata=meta, timeout=10)
                 assert app.registry.get(ident.node_id).state == "online"
                 tick.wait(0.2)  # the heartbeat cadence of a node
-            nodes = stub.ListNodes(pb.ListNodesRequest(), timeout=10).nodes
+            nodes = stub.ListNodes(pb.ListNodesRequest(), timeout=10, metadata=api_token_metadata(app.read_token)).nodes
             assert [(n.node_id, n.state) for n in nodes] == [(ident.node_id, "online")]

@@ -164,7 +164,7 @@ def test_idle_streams_do_not_delay_the_coordinators_heartbeats(tmp_path):
         idle_tls = _open_idle_tls(coord.port, certs.COORDINATOR_DNS, user_sec.ca_pem, stack)
         attacker = stack.enter_context(control_channel(coord.address, security=user_sec))
         submits = [training_pb2_grpc.TrainingStub(attacker).SubmitJob.future(
-            _idle_requests(release), metadata=api_token_metadata(coord.token), timeout=30) for _ in range(NUM_IDLE)]
+            _idle_requests(release), metadata=api_token_metadata(coord.admin_token), timeout=30) for _ in range(NUM_IDLE)]
         worst = _worst_latency_s(lambda: link.heartbeat(reg.session, status="idle", metrics_json="{}"))
         print(f"coordinator Heartbeat under {NUM_IDLE} idle sockets + {NUM_IDLE} idle TLS connections + {NUM_IDLE} "
               "idle SubmitJob streams: "

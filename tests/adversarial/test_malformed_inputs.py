@@ -32,7 +32,7 @@ def app(tmp_path_factory):
 
 def _post(app, path: str, body: bytes) -> tuple[int, dict]:
     req = urllib.request.Request(f"http://127.0.0.1:{app.http_port}{path}", data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {app.read_token}"})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
@@ -69,7 +69,7 @@ def _submit(app, files: dict[str, bytes]):
 
     with app_channel(app) as ch:
         with pytest.raises(grpc.RpcError) as e:
-            tpb_grpc.TrainingStub(ch).SubmitJob(chunks(), metadata=api_token_metadata(app.join_token), timeout=30)
+            tpb_grpc.TrainingStub(ch).SubmitJob(chunks(), metadata=api_token_metadata(app.admin_token), timeout=30)
     return e.value.code(), e.value.details()
 
 

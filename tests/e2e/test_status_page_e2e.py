@@ -26,8 +26,9 @@ def _state_of(node_id: str) -> str:
     return f"(document.querySelector('tr[data-node-id=\"{node_id}\"] td.state') || {{}}).textContent"
 
 
-def _node_counts(http_url: str) -> dict[str, float]:
-    with urllib.request.urlopen(http_url + "/metrics", timeout=10) as resp:
+def _node_counts(http_url: str, token: str) -> dict[str, float]:
+    req = urllib.request.Request(http_url + "/metrics", headers={"Authorization": f"Bearer {token}"})  # as Prometheus
+    with urllib.request.urlopen(req, timeout=10) as resp:
         text = resp.read().decode()
     fam = next(f for f in text_string_to_metric_families(text) if f.name == "swarm_nodes")
     return {s.labels["state"]: s.value for s in fam.samples}
@@ -73,7 +74,7 @@ def test_page_shows_real_nodes_and_a_killed_node_turns_lost(tmp_path: Path) -> N
 
         async def go(browser):
             page = await browser.new_page()
-            await page.goto(coord.http_url + "/")  # the default 3 s polling: what a user gets
+            await page.goto(coord.status_page)  # the printed URL; the default 3 s polling: what a user gets
             for nid in ids:
                 assert await page.wait_for(_state_of(nid), timeout_s=20) == "online"
             row = await page.eval(f"[...document.querySelector('tr[data-node-id=\"{ids[0]}\"]').cells]"
@@ -101,4 +102,4 @@ def test_page_shows_real_nodes_and_a_killed_node_turns_lost(tmp_path: Path) -> N
             assert page.errors == [] and page.dialogs == []
 
         asyncio.run(with_browser(go, executable=exe))
-        assert _node_counts(coord.http_url) == {"online": 2, "lost": 1, "left": 0}
+        assert _node_counts(coord.http_url, coord.read_token) == {"online": 2, "lost": 1, "left": 0}

@@ -3,7 +3,8 @@
     from tests.helpers.procs import coordinator_proc, node_proc, wait_until, FAST_COORDINATOR_ARGS
 
     def test_x(tmp_path):
-        with coordinator_proc(tmp_path / "coord") as coord:        # coord.address, .http_url, .token
+        with coordinator_proc(tmp_path / "coord") as coord:        # coord.address, .http_url, .token (join),
+                                                                    # .admin_token, .read_token
             with node_proc(coord, tmp_path / "n0") as n0:           # n0.node_id, n0.port, n0.proc
                 wait_until(lambda: ..., timeout_s=20)
 
@@ -36,7 +37,10 @@ class CoordinatorHandle:
     state_dir: Path
     port: int
     http_port: int
-    token: str
+    token: str  # the join token (nodes)
+    admin_token: str = ""  # changes: submit, cancel, serve, unserve
+    read_token: str = ""  # reads: status, jobs, models, generate, /api, /metrics, /v1
+    status_page: str = ""  # the page's URL with the read token
     host: str = "127.0.0.1"
 
     @property
@@ -47,8 +51,11 @@ class CoordinatorHandle:
     def http_url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
 
-    def get_json(self, path: str, timeout_s: float = 10.0):
-        with urllib.request.urlopen(self.http_url + path, timeout=timeout_s) as resp:
+    def get_json(self, path: str, timeout_s: float = 10.0, *, token: str | None = None):
+        """GET ``path`` of the HTTP port with ``Authorization: Bearer`` the read token (or ``token``)."""
+        req = urllib.request.Request(self.http_url + path,
+                                     headers={"Authorization": f"Bearer {token or self.read_token}"})
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return json.loads(resp.read())
 
     def snapshot(self):
@@ -61,19 +68,19 @@ class CoordinatorHandle:
             return [m.to_json() for m in client.list_models()]
 
     def serve(self, model_dir, *, name: str, **options) -> dict:
-        """Upload and serve ``model_dir`` with this coordinator's token (``options``: ServeOptions fields)."""
+        """Upload and serve ``model_dir`` with this coordinator's admin token (``options``: ServeOptions fields)."""
         with self.client() as client:
             return client.upload_model(model_dir, name=name, options=ServeOptions(**options)).to_json()
 
     @property
-    def read_token(self) -> str:
-        """``swarm1.<CA fingerprint>``: verifies the coordinator (TLS), grants no changes."""
+    def fingerprint_token(self) -> str:
+        """``swarm1.<CA fingerprint>``: verifies the coordinator (TLS), grants nothing."""
         return self.token.rsplit(".", 1)[0]
 
     def client(self, *, token: bool = True) -> CoordinatorClient:
-        """A TLS client of this coordinator (the token's CA fingerprint pins it), with the token's
-        secret unless ``token=False``."""
-        return CoordinatorClient(self.address, token=self.token if token else self.read_token)
+        """A TLS client of this coordinator (every token pins its CA), with the admin token, or the
+        read token when ``token=False``."""
+        return CoordinatorClient(self.address, token=self.admin_token if token else self.read_token)
 
 
 @dataclass
@@ -89,7 +96,9 @@ def launch_coordinator(state_dir: Path, *, port: int = 0, http_port: int = 0, ex
     args = FAST_COORDINATOR_ARGS if extra_args is None else extra_args
     proc, ready = start_coordinator(Path(state_dir), port=port, http_port=http_port, extra_args=args, timeout_s=timeout_s)
     return CoordinatorHandle(proc=proc, state_dir=Path(state_dir), port=int(ready["port"]),
-                             http_port=int(ready["http_port"]), token=ready["token"])
+                             http_port=int(ready["http_port"]), token=ready["token"],
+                             admin_token=ready["admin_token"], read_token=ready["read_token"],
+                             status_page=ready["status_page"])
 
 
 def launch_node(coord: CoordinatorHandle | str, state_dir: Path, *, token: str | None = None, name: str | None = None,
@@ -125,6 +134,6 @@ __all__ = ["CoordinatorHandle", "NodeHandle", "launch_coordinator", "launch_node
 
 
 def generate_events(coord: CoordinatorHandle, **kwargs):
-    """Stream a generation from ``coord`` (CoordinatorClient.generate's kwargs); no token secret needed."""
+    """Stream a generation from ``coord`` (CoordinatorClient.generate's kwargs) with the read token."""
     with coord.client(token=False) as client:
         yield from client.generate(**kwargs)

@@ -22,11 +22,11 @@ def test_serving_and_unserving_need_the_token(tmp_path):
                     client.upload_model(ckpt, name="tiny", timeout_s=20)
                 with pytest.raises(AuthError, match="needs the coordinator's token"):
                     client.unserve_model("tiny")
-        # nothing was stored by the refused uploads; reading needs no token
-        reader = CoordinatorClient(address, ca_pem=app.ca.ca_pem)
+        # nothing was stored by the refused uploads; reading needs the read token
+        reader = CoordinatorClient(address, token=app.read_token, ca_pem=app.ca.ca_pem)
         assert reader.list_models() == []
-        # with the token the upload is accepted and stored; with no nodes it then fails on capacity
-        with CoordinatorClient(address, token=app.join_token) as client:
+        # with the admin token the upload is accepted and stored; with no nodes it then fails on capacity
+        with CoordinatorClient(address, token=app.admin_token) as client:
             with pytest.raises(CapacityError, match="no nodes are available"):
                 client.upload_model(ckpt, name="tiny", timeout_s=20)
             assert [m.name for m in reader.list_models()] == ["tiny"]

@@ -94,7 +94,7 @@ def test_serving_a_corrupt_checkpoint_is_refused_naming_the_file(tmp_path):
     make_tiny_checkpoint(bad_config, "gpt2", num_layers=2, hidden_size=32, num_heads=2, seed=1)
     (bad_config / "config.json").write_text("{garbage")
     with inprocess_coordinator(tmp_path / "coord", plugins=("coordinator.inference",)) as app:
-        with CoordinatorClient(f"127.0.0.1:{app.grpc_port}", token=app.join_token) as client:
+        with CoordinatorClient(f"127.0.0.1:{app.grpc_port}", token=app.admin_token) as client:
             with pytest.raises(InvalidRequestError, match=r"^model.safetensors is not a valid safetensors file") as info:
                 client.upload_model(ckpt, name="tiny", timeout_s=20)
             assert "unreachable" not in str(info.value) and str(tmp_path) not in str(info.value)

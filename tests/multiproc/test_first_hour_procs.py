@@ -25,8 +25,9 @@ pytestmark = pytest.mark.multiproc
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+def _post(url: str, body: dict, token: str) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
@@ -43,10 +44,9 @@ def test_served_context_is_the_models_and_long_requests_are_refused_up_front(tmp
         info = coord.serve(d, name="demo")  # no --max-seq-len: the model's 128
         assert info["max_seq_len"] == 128
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        # the read-only token (CA fingerprint, no secret) is enough to list models over TLS
         out = subprocess.run([sys.executable, "-m", "swarm.cli", "models", "--coordinator", coord.address,
-                              "--token", coord.read_token], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=60).stdout
+                              "--token", coord.read_token],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60).stdout
         assert "context 128" in out, out
         # 200 new tokens cannot fit: refused before any token is produced, naming the limit
         t0 = time.monotonic()
@@ -57,10 +57,10 @@ def test_served_context_is_the_models_and_long_requests_are_refused_up_front(tmp
             # what fits still works
             events = list(client.generate(model="demo", prompt="hello", params=SamplingParams(max_new_tokens=4)))
             assert sum(len(e.token_ids) for e in events) == 4
-        status, body = _post(coord.http_url + "/v1/completions", {"model": "demo", "prompt": "hello", "max_tokens": 200})
+        status, body = _post(coord.http_url + "/v1/completions", {"model": "demo", "prompt": "hello", "max_tokens": 200}, coord.read_token)
         assert status == 400 and "128-token context" in body["error"]["message"], body
         status, body = _post(coord.http_url + "/v1/completions",
-                             {"model": "demo", "prompt": "hello", "max_tokens": 200, "stream": True})
+                             {"model": "demo", "prompt": "hello", "max_tokens": 200, "stream": True}, coord.read_token)
         assert status == 400 and "128-token context" in body["error"]["message"], body
         assert time.monotonic() - t0 < 60
         # --max-seq-len caps it further; asking past the model's positions gives the model's

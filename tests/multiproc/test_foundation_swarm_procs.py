@@ -48,7 +48,7 @@ def test_swarm_of_three_lost_node_and_coordinator_restart(tmp_path):
                        for n in nodes_json)
 
         wait_until(traffic_reported, 20, message="traffic totals in /api/nodes")
-        out = subprocess.run([sys.executable, "-m", "swarm.cli", "status", "--coordinator", coord.address, "--token", coord.token, "--json"],
+        out = subprocess.run([sys.executable, "-m", "swarm.cli", "status", "--coordinator", coord.address, "--token", coord.read_token, "--json"],
                              capture_output=True, text=True, timeout=60, env=child_env())
         assert out.returncode == 0, out.stderr
         status = json.loads(out.stdout)

@@ -2,9 +2,10 @@
 
 Every ```bash block of that section is parsed (backslash continuations joined, comments
 dropped, `;` splitting commands); each `swarm ...` command runs as a subprocess with
-SWARM_COORDINATOR / SWARM_TOKEN set (as the README says it finds the coordinator), after the
-placeholders in :data:`PLACEHOLDERS` are replaced by real tiny files; `curl` lines are sent with
-urllib. Every command must exit 0. A word in capitals the mapping does not know fails the test:
+SWARM_COORDINATOR / SWARM_TOKEN (the admin token, as an operator sets it) set (as the README
+says it finds the coordinator), after the placeholders in :data:`PLACEHOLDERS` are replaced by
+real tiny files and READ_TOKEN by the read token; `curl` lines are sent with urllib (with their
+``-H`` headers). Every command must exit 0. A word in capitals the mapping does not know fails the test:
 the README cannot grow a command this test does not run.
 """
 
@@ -83,7 +84,7 @@ def test_readme_commands_run_against_a_local_swarm(tmp_path):
     with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0"), \
             node_proc(coord, tmp_path / "n1"), node_proc(coord, tmp_path / "n2"):
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 nodes online")
-        env = {**child_env(), "SWARM_COORDINATOR": coord.address, "SWARM_TOKEN": coord.token}
+        env = {**child_env(), "SWARM_COORDINATOR": coord.address, "SWARM_TOKEN": coord.admin_token}
         placeholders["COORDINATOR:HTTP_PORT"] = f"{coord.host}:{coord.http_port}"
         job_id = None
         for command in commands:
@@ -92,12 +93,14 @@ def test_readme_commands_run_against_a_local_swarm(tmp_path):
                 placeholders["ID"] = job_id
             words = [placeholders.get(w, w) for w in words]
             words = [w.replace("COORDINATOR:HTTP_PORT", placeholders["COORDINATOR:HTTP_PORT"]) for w in words]
+            words = [w.replace("READ_TOKEN", coord.read_token) for w in words]
             unknown = [w for w in words if re.fullmatch(r"[A-Z][A-Z_:]+(\.json)?/?", w)]
             assert not unknown, f"README command {command!r} has placeholders the test does not map: {unknown}"
             if words[0] == "curl":
                 url = next(w for w in words if w.startswith("http"))
                 body = words[words.index("-d") + 1].encode()
-                req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+                headers = dict(w.split(": ", 1) for i, w in enumerate(words) if i and words[i - 1] == "-H")
+                req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **headers})
                 with urllib.request.urlopen(req, timeout=60) as resp:
                     assert resp.status == 200 and json.loads(resp.read())["choices"], command
                 continue

@@ -31,12 +31,12 @@ def test_aqsgd_job_trains_across_shaped_namespaces(tmp_path):
     (tmp_path / "data.txt").write_text(_SAMPLE_TEXT * 2)
     swarm = Swarm(tmp_path / "swarm", 3, device="cpu", rate_mbit=100, threads=1)
     try:
-        with CoordinatorClient(swarm.local_address, token=swarm.token) as client:
+        with CoordinatorClient(swarm.local_address, token=swarm.admin_token) as client:
             nodes = client.snapshot().nodes
         assert all(n.peer_address.startswith(SUBNET + ".") for n in nodes)
         spec = JobSpec(steps=12, batch_size=8, micro_batch_size=2, seq_len=32, lr=3e-3,
                        codec=CodecSpec.parse("aqsgd:fw=4,bw=8"), num_stages=3, num_replicas=1, peer_timeout_s=30.0)
-        with CoordinatorClient(swarm.local_address, token=swarm.token) as client:
+        with CoordinatorClient(swarm.local_address, token=swarm.admin_token) as client:
             job = client.submit_job(spec, upload_files(tmp_path / "model", tmp_path / "data.txt"))
             job = wait_until(lambda: (j := client.get_job(job.id)).state in ("succeeded", "failed") and j, 100,
                              message="job ends").detail

@@ -90,6 +90,11 @@
   async function getJSON(path) {
     var r = await fetch(path, { cache: "no-store", headers: { "Accept": "application/json" } });
     if (r.status === 404) return { missing: true };
+    if (r.status === 401 || r.status === 403) {
+      // The read token (a cookie since /?token=...) is missing or was rotated: say what to open.
+      throw new Error(path + ": HTTP " + r.status + ", the status page needs the coordinator's read token: open " +
+        "the address swarm-coordinator serve printed after \"status page:\" (it ends in /?token=...)");
+    }
     if (!r.ok) throw new Error(path + ": HTTP " + r.status);
     return { data: await r.json() };
   }

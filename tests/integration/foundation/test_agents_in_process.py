@@ -11,8 +11,15 @@ import urllib.request
 from node.agent import NodeAgent, NodeConfig
 from swarm.localswarm import wait_until
 from swarm.proto.v1 import coordinator_pb2 as pb
+from swarm.transport.auth import api_token_metadata
 
 from tests.helpers.foundation import HW
+
+
+def _get(app, path: str) -> urllib.request.Request:
+    """GET ``path`` of the app's HTTP port with its read token."""
+    return urllib.request.Request(f"http://127.0.0.1:{app.http_port}{path}",
+                                  headers={"Authorization": f"Bearer {app.read_token}"})
 
 
 def make_agent(app, tmp_path, name):
@@ -41,7 +48,7 @@ def test_two_agents_join_measure_and_leave(app, tmp_path):
         probe = app.measurements.policy.probe_bytes
 
         def api_nodes():
-            with urllib.request.urlopen(f"http://127.0.0.1:{app.http_port}/api/nodes", timeout=5) as resp:
+            with urllib.request.urlopen(_get(app, "/api/nodes"), timeout=5) as resp:
                 return {n["id"]: n for n in json.loads(resp.read())["nodes"]}
 
         wait_until(lambda: all((api_nodes()[i]["bytes_sent"] or 0) >= probe and (api_nodes()[i]["bytes_received"] or 0)
@@ -56,7 +63,7 @@ def test_two_agents_join_measure_and_leave(app, tmp_path):
         wait_until(lambda: app.network.get(ids[0], ids[1]).source == "transfer", 10, message="transfer link recorded")
         link = app.network.get(ids[0], ids[1])
         assert link.bandwidth_Bps == (64 << 20) / 0.01 and link.rtt_s == probed.rtt_s
-        with urllib.request.urlopen(f"http://127.0.0.1:{app.http_port}/api/network", timeout=5) as resp:
+        with urllib.request.urlopen(_get(app, "/api/network"), timeout=5) as resp:
             links = json.loads(resp.read())["links"]
         assert {(lk["src"], lk["dst"], lk["source"]) for lk in links} >= {(ids[0], ids[1], "transfer")}
         # a slower transfer never overwrites the known bandwidth; an unknown destination is ignored
@@ -98,8 +105,8 @@ def test_raw_garbage_does_not_crash_any_port(app, tmp_path, stub):
         assert agent.wait_registered(10)
         for port in (app.grpc_port, app.http_port, agent.peer_port):
             _send_garbage(port)
-        assert stub.ListNodes(pb.ListNodesRequest(), timeout=5).nodes[0].node_id == agent.node_id
-        with urllib.request.urlopen(f"http://127.0.0.1:{app.http_port}/api/nodes", timeout=5) as resp:
+        assert stub.ListNodes(pb.ListNodesRequest(), timeout=5, metadata=api_token_metadata(app.read_token)).nodes[0].node_id == agent.node_id
+        with urllib.request.urlopen(_get(app, "/api/nodes"), timeout=5) as resp:
             assert resp.status == 200
         from node.measure import measure_link
         from tests.helpers.tls import app_node_security

@@ -10,7 +10,7 @@ import pytest
 
 from swarm.identity import Identity
 from swarm.proto.v1 import coordinator_pb2 as pb
-from swarm.transport.auth import call_metadata
+from swarm.transport.auth import api_token_metadata, call_metadata
 
 from tests.helpers.foundation import make_register
 
@@ -32,7 +32,7 @@ def test_register_heartbeat_leave(app, stub):
     assert hb.heartbeat_interval_s == 0.2
     node = app.registry.get(A.node_id)
     assert node.state == "online" and node.status == "busy" and node.metrics == {"stage": 2}
-    listed = stub.ListNodes(pb.ListNodesRequest(), timeout=5)
+    listed = stub.ListNodes(pb.ListNodesRequest(), timeout=5, metadata=api_token_metadata(app.read_token))
     assert [n.node_id for n in listed.nodes] == [A.node_id]
     stub.Leave(pb.LeaveRequest(reason="test"), metadata=md, timeout=5)
     assert app.registry.get(A.node_id).state == "left"
@@ -69,7 +69,7 @@ def test_registration_errors_have_codes_and_advice(app, stub):
     stub.Register(req, timeout=5)
     assert code_of(stub.Register, req, timeout=5)[0] == grpc.StatusCode.UNAUTHENTICATED
     # none of that hurt the service
-    assert [n.node_id for n in stub.ListNodes(pb.ListNodesRequest(), timeout=5).nodes] == [B.node_id]
+    assert [n.node_id for n in stub.ListNodes(pb.ListNodesRequest(), timeout=5, metadata=api_token_metadata(app.read_token)).nodes] == [B.node_id]
 
 
 def test_calls_are_tied_to_the_registered_identity(app, stub):
@@ -97,17 +97,18 @@ def test_oversized_message_is_refused(app, stub):
     assert code_of(stub.Register, huge, timeout=10)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     too_big_payload = pb.RegisterRequest(payload=b"x" * (20 << 10), token=app.join_token)
     assert code_of(stub.Register, too_big_payload, timeout=10)[0] == grpc.StatusCode.INVALID_ARGUMENT
-    stub.ListNodes(pb.ListNodesRequest(), timeout=5)
+    stub.ListNodes(pb.ListNodesRequest(), timeout=5, metadata=api_token_metadata(app.read_token))
 
 
 def test_http_api(app, stub):
     stub.Register(make_register(app, A), timeout=5)
     base = f"http://127.0.0.1:{app.http_port}"
-    with urllib.request.urlopen(base + "/api/nodes", timeout=5) as resp:
+    auth = {"Authorization": f"Bearer {app.read_token}"}
+    with urllib.request.urlopen(urllib.request.Request(base + "/api/nodes", headers=auth), timeout=5) as resp:
         nodes = json.loads(resp.read())["nodes"]
     assert {"id", "name", "state", "device", "memory_bytes", "tflops", "last_seen_s"} <= set(nodes[0])
     assert nodes[0]["id"] == A.node_id and nodes[0]["tflops"] == 0.25
-    with urllib.request.urlopen(base + "/api/network", timeout=5) as resp:
+    with urllib.request.urlopen(urllib.request.Request(base + "/api/network", headers=auth), timeout=5) as resp:
         net = json.loads(resp.read())
     assert net["node_ids"] == [A.node_id] and net["delay_s"] == [[0.0]] and net["links"] == []
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from urllib.parse import quote
 
 import pytest
 
@@ -18,16 +19,17 @@ def _row_state(nid: str) -> str:
     return f"(document.querySelector('tr[data-node-id=\"{nid}\"] td.state') || {{}}).textContent"
 
 
-async def _open(browser, url: str):
+async def _open(browser, coordinator):
+    """The page as a user opens it: once with the read token in the URL (it becomes a cookie)."""
     page = await browser.new_page()
-    await page.goto(url + "/?poll_ms=500")
+    await page.goto(f"{coordinator.url}/?token={quote(coordinator.app.read_token)}&poll_ms=500")
     await page.wait_for("Number(document.body.getAttribute('data-polls')) >= 1")
     return page
 
 
 def test_empty_swarm(browser, coordinator) -> None:
     async def go():
-        page = await _open(browser.browser, coordinator.url)
+        page = await _open(browser.browser, coordinator)
         visible = await page.eval("""[...['nodes-empty', 'plan-empty', 'jobs-empty']].map(
             id => !document.getElementById(id).hidden)""")
         assert visible == [True, True, True]
@@ -43,7 +45,7 @@ def test_hostile_names_show_as_text(browser, coordinator) -> None:
     ids = [coordinator.add_node(i, name=name) for i, name in enumerate(HOSTILE)]
 
     async def go():
-        page = await _open(browser.browser, coordinator.url)
+        page = await _open(browser.browser, coordinator)
         await page.wait_for(f"document.querySelectorAll('#nodes-body tr').length === {len(ids)}")
         names = await page.eval(
             "Object.fromEntries([...document.querySelectorAll('#nodes-body tr')].map("
@@ -66,7 +68,7 @@ def test_states_update_live_without_reload(browser, coordinator) -> None:
     ids = [coordinator.add_node(i, metrics={"bytes_sent": 10 << 20, "bytes_received": 3 << 20}) for i in range(3)]
 
     async def go():
-        page = await _open(browser.browser, coordinator.url)
+        page = await _open(browser.browser, coordinator)
         for nid in ids:
             assert await page.wait_for(_row_state(nid)) == "online"
         await page.eval("window.__sameDocument = 42")
@@ -91,7 +93,7 @@ def test_two_hundred_nodes(browser, coordinator) -> None:
         coordinator.app.registry.heartbeat(nid)
 
     async def go():
-        page = await _open(browser.browser, coordinator.url)
+        page = await _open(browser.browser, coordinator)
         await page.wait_for("document.querySelectorAll('#nodes-body tr').length === 200")
         counts = await page.eval("['online', 'lost'].map(s => document.getElementById('count-' + s).textContent)")
         assert counts == ["150", "50"]
@@ -111,7 +113,7 @@ def test_running_job_panel(browser, coordinator_with_jobs) -> None:
     report_steps(c, job_id, range(6))
 
     async def go():
-        page = await _open(browser.browser, c.url)
+        page = await _open(browser.browser, c)
         row = f"document.querySelector('tr[data-job-id=\"{job_id}\"]')"
         await page.wait_for("!!" + row)
         cells = await page.eval(f"[...{row}.cells].map(td => td.textContent)")
@@ -144,7 +146,7 @@ def test_stage_column_reads_what_nodes_report(browser, coordinator) -> None:
     idle = coordinator.add_node(2, metrics={})
 
     async def go():
-        page = await _open(browser.browser, coordinator.url)
+        page = await _open(browser.browser, coordinator)
         cell = "document.querySelector('tr[data-node-id=\"{}\"] td.stage-cell').textContent"
         assert await page.wait_for(cell.format(inference)) == "serve gpt2 r0 s1 layers 6\u201311"
         assert await page.eval(cell.format(training)) == "job abcdef12\u2026 stage 2 replica 1"
@@ -158,7 +160,7 @@ def test_big_network_matrix_is_not_refetched_every_poll(browser, coordinator) ->
     ids = [coordinator.add_node(i) for i in range(40)]  # > 32 nodes, no links measured
 
     async def go():
-        page = await _open(browser.browser, coordinator.url)  # polls every 0.5 s
+        page = await _open(browser.browser, coordinator)  # polls every 0.5 s
         await page.wait_for("Number(document.body.getAttribute('data-polls')) >= 6", timeout_s=30)
         network = [u for u in page.requests if u.endswith("/api/network")]
         nodes = [u for u in page.requests if u.endswith("/api/nodes")]
@@ -177,7 +179,7 @@ def test_unreachable_coordinator_keeps_the_last_view_and_says_so(browser, coordi
     nid = coordinator.add_node(0)
 
     async def go():
-        page = await _open(browser.browser, coordinator.url)
+        page = await _open(browser.browser, coordinator)
         assert await page.wait_for(_row_state(nid)) == "online"
         await asyncio.get_running_loop().run_in_executor(None, coordinator.app.http.stop)
         await page.wait_for("document.getElementById('status').getAttribute('data-ok') === 'false'")
@@ -200,7 +202,7 @@ def test_finished_jobs_leave_no_stage_and_counts_are_plural(browser, coordinator
     c.app.registry.heartbeat(ids[0], metrics={"training": {"job_id": job_id, "stage": 0, "replica": 0, "step": 2}})
 
     async def go():
-        page = await _open(browser.browser, c.url)
+        page = await _open(browser.browser, c)
         row = f"document.querySelector('tr[data-job-id=\"{job_id}\"]')"
         await page.wait_for("!!" + row)
         assert await page.eval("document.getElementById('count-jobs').textContent") == "1 job"
@@ -224,7 +226,7 @@ def test_heatmap_box_fits_a_small_swarm(browser, coordinator) -> None:
         coordinator.add_node(i, name=f"n{i}")
 
     async def go():
-        page = await _open(browser.browser, coordinator.url)
+        page = await _open(browser.browser, coordinator)
         await page.wait_for("Number(document.querySelector('#heatmap-bandwidth canvas').getAttribute('data-n')) === 3")
         margin = await page.eval("Number(document.querySelector('#heatmap-bandwidth canvas').getAttribute('data-margin'))")
         cell = await page.eval("Number(document.querySelector('#heatmap-bandwidth canvas').getAttribute('data-cell'))")
@@ -234,6 +236,22 @@ def test_heatmap_box_fits_a_small_swarm(browser, coordinator) -> None:
         fig_w = await page.eval("document.getElementById('heatmap-bandwidth').getBoundingClientRect().width")
         legend_w = await page.eval("document.querySelector('#heatmap-bandwidth .legend').scrollWidth")
         assert fig_w <= max(canvas_w, legend_w) + 4, (fig_w, canvas_w, legend_w)
+        assert page.errors == []
+
+    browser.run(go())
+
+
+def test_token_in_the_url_becomes_a_cookie_the_page_cannot_read(browser, coordinator) -> None:
+    """The printed address (/?token=READ) leaves no token in the address bar or in reach of
+    scripts, and the page's API calls go through on the cookie."""
+    nid = coordinator.add_node(0)
+
+    async def go():
+        page = await _open(browser.browser, coordinator)
+        assert await page.eval("location.href") == coordinator.url + "/?poll_ms=500"
+        assert await page.eval("document.cookie") == ""  # HttpOnly
+        assert await page.wait_for(_row_state(nid)) == "online"
+        assert await page.eval("document.getElementById('status').getAttribute('data-ok')") == "true"
         assert page.errors == []
 
     browser.run(go())

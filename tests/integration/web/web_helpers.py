@@ -49,17 +49,22 @@ class Coordinator:
             self.app.registry.heartbeat(nid, metrics=metrics)
         return nid
 
-    def get(self, path: str, *, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    def get(self, path: str, *, method: str = "GET", token: str | None = None) -> tuple[int, dict[str, str], bytes]:
+        """``method path`` with ``Authorization: Bearer`` the read token (or ``token``; "" sends none)."""
+        token = self.app.read_token if token is None else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+
         async def go():
-            async with aiohttp.ClientSession() as s, s.request(method, self.url + path) as r:
+            async with aiohttp.ClientSession() as s, s.request(method, self.url + path, headers=headers) as r:
                 return r.status, dict(r.headers), await r.read()
 
         return asyncio.run(go())
 
 
-def start_coordinator(tmp_path: Path, plugins: tuple[str, ...]) -> Coordinator:
+def start_coordinator(tmp_path: Path, plugins: tuple[str, ...], **overrides) -> Coordinator:
+    """``overrides``: more CoordinatorConfig fields (``public_status=True``, ``api_keys=...``)."""
     clock = FakeClock()
-    config = CoordinatorConfig(state_dir=tmp_path / "coordinator", port=0, http_port=0, plugins=plugins)
+    config = CoordinatorConfig(state_dir=tmp_path / "coordinator", port=0, http_port=0, plugins=plugins, **overrides)
     app = CoordinatorApp(config, clock=clock)
     app.start()
     return Coordinator(app, clock)

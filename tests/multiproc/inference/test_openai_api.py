@@ -19,8 +19,9 @@ from tests.multiproc.inference.test_pipeline_generation import coordinator, refe
 pytestmark = pytest.mark.multiproc
 
 
-def post(url: str, body: bytes) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+def post(url: str, body: bytes, token: str = "") -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json",
+                                                          "Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
@@ -43,7 +44,7 @@ def test_openai_client_completions_and_chat(tmp_path):
         cli = [sys.executable, "-m", "swarm.cli"]
         out = subprocess.run(cli + ["serve", "--coordinator", coord.address, "--model", str(d), "--name", "tiny-llama",
                                     "--stages", "2", "--max-seq-len", "128", "--json",
-                                    "--token", coord.token],
+                                    "--token", coord.admin_token],
                              capture_output=True, text=True, timeout=60, env=child_env())
         assert out.returncode == 0, out.stderr
         assert len(json.loads(out.stdout)["replicas"][0]["stages"]) == 2
@@ -60,7 +61,7 @@ def test_openai_client_completions_and_chat(tmp_path):
         out = subprocess.run(cli + ["generate", "--coordinator", coord.address, "--token", coord.read_token, "--model", "nope", "--prompt", "x"],
                              capture_output=True, text=True, timeout=60, env=child_env())
         assert out.returncode == 1 and "not served" in out.stderr
-        client = openai.OpenAI(base_url=coord.http_url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        client = openai.OpenAI(base_url=coord.http_url + "/v1", api_key=coord.read_token, max_retries=0, timeout=30)
         assert [m.id for m in client.models.list().data] == ["tiny-llama"]
 
         out = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=12, temperature=0)
@@ -91,9 +92,9 @@ def test_openai_client_completions_and_chat(tmp_path):
             client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=100000)
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="tiny-llama", messages=[{"role": "wizard", "content": "x"}], max_tokens=4)
-        status, body = post(coord.http_url + "/v1/completions", b"{not json")
+        status, body = post(coord.http_url + "/v1/completions", b"{not json", coord.read_token)
         assert status == 400 and "JSON" in body["error"]["message"]
-        status, body = post(coord.http_url + "/v1/completions", json.dumps({"model": "tiny-llama", "prompt": 5}).encode())
+        status, body = post(coord.http_url + "/v1/completions", json.dumps({"model": "tiny-llama", "prompt": 5}).encode(), coord.read_token)
         assert status == 400 and body["error"]["type"] == "invalid_request_error"
         # still serving after the bad requests
         assert client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=12, temperature=0).choices[0].text == want_text

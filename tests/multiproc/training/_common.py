@@ -31,7 +31,7 @@ def write_inputs(root: Path) -> tuple[Path, Path]:
 
 def train_args(coord, model: Path, data: Path, *, steps: int, codec: str = "none", stages: int = 3, replicas: int = 1,
                extra: tuple[str, ...] = ()) -> list[str]:
-    return ["train", "--coordinator", coord.address, "--token", coord.token, "--model", str(model), "--data", str(data), "--steps", str(steps),
+    return ["train", "--coordinator", coord.address, "--token", coord.admin_token, "--model", str(model), "--data", str(data), "--steps", str(steps),
             "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "16", "--lr", "3e-3", "--compression", codec,
             "--stages", str(stages), "--replicas", str(replicas), "--peer-timeout-s", "15", *extra]
 

@@ -37,7 +37,7 @@ def test_coordinator_restart_then_lost_stage_waits_for_its_node_and_resumes(tmp_
     with coordinator_proc(tmp_path / "coord") as first, node_proc(first, tmp_path / "n0") as n0, \
             node_proc(first, tmp_path / "n1") as n1:
         wait_until(lambda: sum(n.state == "online" for n in first.snapshot().nodes) == 2, 30, message="2 nodes online")
-        with CoordinatorClient(first.address, token=first.token) as client:
+        with CoordinatorClient(first.address, token=first.admin_token) as client:
             job_id = client.submit_job(_spec(STEPS, stages=2, replicas=1), upload_files(model, data)).id
         detail = lambda: coord.get_json(f"/api/jobs/{job_id}")  # noqa: E731
         coord = first
@@ -87,7 +87,7 @@ def test_losing_one_replica_the_survivors_carry_on_without_rollback(tmp_path):
             node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2, \
             node_proc(coord, tmp_path / "n3") as n3:
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 4, 30, message="4 nodes online")
-        with CoordinatorClient(coord.address, token=coord.token) as client:
+        with CoordinatorClient(coord.address, token=coord.admin_token) as client:
             job_id = client.submit_job(_spec(120, stages=2, replicas=2), upload_files(model, data)).id
         detail = lambda: coord.get_json(f"/api/jobs/{job_id}")  # noqa: E731
         wait_until(lambda: (detail()["step"] or 0) >= 8, 60, message="training runs")

@@ -38,7 +38,7 @@ def test_bad_tensor_rejected_then_killed_node_fails_job_keeping_checkpoint(tmp_p
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 nodes online")
         with CoordinatorClient(coord.address, token=coord.read_token) as client, pytest.raises(AuthError, match="token"):
             client.submit_job(_spec(4), upload_files(model, data))
-        with CoordinatorClient(coord.address, token=coord.token) as client:
+        with CoordinatorClient(coord.address, token=coord.admin_token) as client:
             job = client.submit_job(_spec(100_000), upload_files(model, data))
         job_id = job.id
         detail = lambda: coord.get_json(f"/api/jobs/{job_id}")  # noqa: E731

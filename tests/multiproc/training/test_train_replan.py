@@ -24,7 +24,7 @@ def test_lost_node_is_replaced_and_the_job_resumes_from_its_checkpoint(tmp_path)
     with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0") as n0, \
             node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2:
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 nodes online")
-        with CoordinatorClient(coord.address, token=coord.token) as client:
+        with CoordinatorClient(coord.address, token=coord.admin_token) as client:
             job_id = client.submit_job(spec, upload_files(model, data)).id
         detail = lambda: coord.get_json(f"/api/jobs/{job_id}")  # noqa: E731
         wait_until(lambda: (detail()["last_complete_checkpoint"] or 0) >= 3, 60, message="a complete checkpoint")

@@ -31,7 +31,7 @@ def test_bad_shape_is_refused_and_a_cancelled_job_downloads_and_resumes_exactly(
     with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0"), \
             node_proc(coord, tmp_path / "n1"), node_proc(coord, tmp_path / "n2"):
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 nodes online")
-        flags = ["--coordinator", coord.address, "--token", coord.token]
+        flags = ["--coordinator", coord.address, "--token", coord.admin_token]
 
         # item 1: more stages / replicas than nodes -> a clean error, no job left behind
         for flag, stages, replicas in (("--stages", 4, 0), ("--replicas", 0, 4), ("--stages", 4, 1)):

@@ -68,7 +68,7 @@ def test_three_node_job_matches_single_process_and_exports(tmp_path, capsys):
         wait_until(lambda: coord.get_json(f"/api/jobs/{long_id}")["step"] is not None, 30, message="long job runs")
         assert swarm_main(["cancel", long_id, "--coordinator", coord.address, "--json"]) == 2  # no token
         assert "token" in capsys.readouterr().err
-        assert swarm_main(["cancel", long_id, "--coordinator", coord.address, "--token", coord.token, "--json"]) == 0
+        assert swarm_main(["cancel", long_id, "--coordinator", coord.address, "--token", coord.admin_token, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["state"] == "cancelled"
         assert swarm_main(["jobs", "--coordinator", coord.address, "--token", coord.read_token, "--json"]) == 0
         states = {j["id"]: j["state"] for j in json.loads(capsys.readouterr().out)["jobs"]}
