@@ -87,21 +87,29 @@ class NodeRegistry:
             "SELECT id, name, public_key, peer_address, hardware_json, state, status, metrics_json,"
             " registered_at, last_seen_at FROM nodes"
         ).fetchall()
+        # The newest heartbeat the old process wrote stands for when it stopped: a node already
+        # silent for longer than the timeout then was lost in its view (its reads said so even if
+        # no sweep had written it), so it is restored as lost and gets no grace period.
+        newest_s = max((r[9] for r in rows if r[5] == "online"), default=0.0)
         for row in rows:
             try:
                 hw = HardwareInfo(**json.loads(row[4]))
                 metrics = json.loads(row[7] or "{}")
+                state = row[5]
+                if state == "online" and newest_s - row[9] > self._timeout_s:
+                    state = "lost"
                 # last seen: at the latest, now (the old process heard of it; see the module doc)
                 info = NodeInfo(
-                    id=row[0], name=row[1], state=row[5], hardware=hw, peer_address=row[3],
+                    id=row[0], name=row[1], state=state, hardware=hw, peer_address=row[3],
                     status=row[6], metrics=metrics, registered_at_s=row[8],
-                    last_seen_at_s=max(row[9], self.started_at_s) if row[5] == "online" else row[9],
+                    last_seen_at_s=max(row[9], self.started_at_s) if state == "online" else row[9],
                 )
             except (ValueError, TypeError) as exc:
                 log.warning("skipping unreadable node row id=%s: %s", row[0], exc)
                 continue
             self._nodes[info.id] = _Entry(info=info, public_key=bytes(row[2]), metrics=metrics)
-            self._restored.add(info.id)
+            if info.state == "online":
+                self._restored.add(info.id)
         log.info("registry loaded num_nodes=%d", len(self._nodes))
 
     def _save(self, entry: _Entry) -> None:

@@ -79,6 +79,24 @@ def test_registry_grace_after_a_restart_then_lost(tmp_path):
     reg.close()
 
 
+@pytest.mark.timeout(10)
+def test_a_node_already_silent_when_the_coordinator_stopped_is_restored_lost(tmp_path):
+    """Reads showed it lost before any sweep wrote it: it must not come back online for a grace period."""
+    clock = FakeClock()
+    reg = NodeRegistry(Database(tmp_path), clock, node_timeout_s=6.0)
+    reg.register(node_id="a" * 32, name="a", public_key=b"k", peer_address="127.0.0.1:1", hardware=HW)
+    reg.register(node_id="b" * 32, name="b", public_key=b"k", peer_address="127.0.0.1:2", hardware=HW)
+    clock.advance(8.0)  # b was killed: only a heartbeats
+    reg.heartbeat("a" * 32)
+    assert reg.get("b" * 32).state == "lost"  # the old process's view, never swept to SQLite
+    reg.close()  # writes the heartbeats held in memory
+    clock.advance(30.0)
+    reg = NodeRegistry(Database(tmp_path), clock, node_timeout_s=6.0, grace_s=18.0)
+    reg.begin_grace()
+    assert reg.get("b" * 32).state == "lost" and reg.get("a" * 32).state == "online"
+    reg.close()
+
+
 def _header(attempt: int) -> wt.TensorHeader:
     payload = b"x"
     return wt.make_header(payload, job_id="j", step=0, micro_batch=0, sample_ids=(0,), shape=(1,), dtype="float32",
