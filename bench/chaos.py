@@ -144,9 +144,10 @@ def heldout_loss(result_dir: Path, text: str, seq_len: int = 64, windows: int = 
                                                        ids[:, 1:].reshape(-1)))
 
 
-def follow(swarm: Swarm, job_id: str, run: Run, *, faults: list[tuple[float, str]], restart_after_s: float,
+def follow(swarm: Swarm, job_id: str, run: Run, *, faults: list[tuple[float | None, str]], restart_after_s: float,
            rng: random.Random, timeout_s: float) -> None:
-    """Poll the job until it ends, injecting ``faults`` ((at_s, "node"|"coordinator")) on the way."""
+    """Poll the job until it ends, injecting ``faults`` ((at_s, "node"|"coordinator")) on the way;
+    an ``at_s`` of None means: once the job committed a step after the previous fault."""
     t0 = time.monotonic()
     restarts: list[tuple[float, str, int]] = []  # (at, kind, node index)
     last_step = -1
@@ -171,7 +172,10 @@ def follow(swarm: Swarm, job_id: str, run: Run, *, faults: list[tuple[float, str
                 swarm.restart_coordinator()
             else:
                 swarm.restart_node(r[2])
-        if faults and faults[0][0] <= now and d is not None and d["state"] == "running":
+        due = bool(faults) and (
+            faults[0][0] <= now if faults[0][0] is not None  # at a time, or (None) once the last fault healed
+            else bool(run.faults) and run.faults[-1].next_commit_s is not None)
+        if due and d is not None and d["state"] == "running":
             _, kind = faults.pop(0)
             down = {r[2] for r in restarts if r[1] == "node"}
             if kind == "coordinator":
@@ -227,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                     n = 2 if args.quick else args.num_faults
                     faults = [(every * (k + 1), "node") for k in range(n)]
                     c = 1 if args.quick else min(4, n - 1)
-                    faults[c] = (faults[c][0], "coordinator")
+                    # quick: the coordinator as soon as the job committed a step after the node kill,
+                    # so a short job cannot end before its second fault
+                    faults[c] = (None if args.quick else faults[c][0], "coordinator")
                 follow(swarm, job_id, run, faults=faults, restart_after_s=args.restart_after_s, rng=rng,
                        timeout_s=600 if args.quick else 3600)
                 if run.job["state"] == "succeeded":

@@ -324,24 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     codecs = [c.strip() for c in args.codecs.split("|") if c.strip()]
     rates = [] if args.no_netns else [float(r) for r in args.rates.split(",") if r]
 
-    from swarm.model.testing import make_tiny_checkpoint
-    from swarm.model.tokenizer import load_tokenizer
-
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         root = Path(tmp)
         if args.tls_cost:
             return tls_cost(args, root, codecs, rates)
-        cfg = make_tiny_checkpoint(root / "model", num_layers=args.layers, hidden_size=args.hidden,
-                                   num_heads=args.heads, max_position_embeddings=max(512, args.seq_len))
-        tok = load_tokenizer(root / "model")
-        text = corpus(200_000)
-        ids = tok.encode(text)
-        need = args.num_samples * args.seq_len + 1
-        if len(ids) < need:
-            raise SystemExit(f"corpus too short: {len(ids)} tokens < {need}")
-        # cut the text so that it tokenises to about num_samples windows
-        cut = int(len(text) * need / len(ids) * 1.02)  # a little over: the job drops what a batch cannot fill
-        (root / "data.txt").write_text(text[:cut])
+        cfg = prepare_inputs(args, root)
         netns = bool(rates) and not args.emulate
         # netns: one swarm whose links are re-shaped between jobs. --emulate: one swarm per rate
         # (the rate is a node setting). Configurations are interleaved over --repeats rounds so

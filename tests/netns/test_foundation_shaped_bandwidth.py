@@ -47,7 +47,7 @@ def test_measured_bandwidth_matches_tbf_rate(tmp_path):
             ids = {fa["node_id"], fb["node_id"]}
 
             def measured():
-                s = _status(net.prefix_a, address, ready["token"])
+                s = _status(net.prefix_a, address, ready["read_token"])
                 links = [link for link in s["links"] if {link["src"], link["dst"]} == ids]
                 return links if len(links) == 2 else None
 
@@ -57,7 +57,7 @@ def test_measured_bandwidth_matches_tbf_rate(tmp_path):
                 print(f"measured {link['bandwidth_Bps'] * 8 / 1e6:.1f} Mbit/s, rtt {link['rtt_s'] * 1e3:.2f} ms")
                 assert error <= 0.15, f"measured {link['bandwidth_Bps'] * 8 / 1e6:.1f} Mbit/s over a 100 Mbit/s link"
                 # the peer addresses are the namespaces' own: traffic crossed the shaped veth
-            nodes = {n["id"]: n for n in _status(net.prefix_a, address, ready["token"])["nodes"]}
+            nodes = {n["id"]: n for n in _status(net.prefix_a, address, ready["read_token"])["nodes"]}
             assert nodes[fb["node_id"]]["peer_address"].startswith(net.ip_b + ":")
             assert nodes[fa["node_id"]]["peer_address"].startswith(net.ip_a + ":")
         finally:
