@@ -312,6 +312,7 @@ class NodeRegistry:
         return self.trust.quarantine(node_id, reason)
 
     def close(self) -> None:
+        self.sweep()  # what reads already showed as lost is written as lost (a restart keeps it)
         self.flush()
         with self._lock:
             self._conn.close()
