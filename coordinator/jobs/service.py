@@ -488,10 +488,12 @@ class JobService:
                                  reason=v.reason, first_bad_step=v.first_bad_step)
 
     def _fail(self, job: Job, reason: str) -> None:
-        if self.store.transition(job.id, "failed", reason=reason) is not None:
-            log.warning("job failed job=%s reason=%s", job.id, reason)
+        with self._lock:  # the checkpoint the event names is the one that stays (checkpoint_received)
+            if self.store.transition(job.id, "failed", reason=reason) is None:
+                return
             self.store.add_event(job.id, "failed", f"failed: {reason}",
                                  last_complete_checkpoint=self.last_complete_checkpoint(self.store.get(job.id)))
+        log.warning("job failed job=%s reason=%s", job.id, reason)
 
     def _finish(self, job: Job) -> None:
         config = ModelConfig.from_hf_config(job.model)
@@ -644,7 +646,15 @@ class JobService:
 
     def checkpoint_received(self, job_id: str, node_id: str, *, stage: int, replica: int, step: int, final: bool,
                             directory: Path) -> None:
-        self.store.add_checkpoint(job_id, stage=stage, replica=replica, step=step, final=final, directory=str(directory))
+        """Record a received checkpoint. Raises InvalidRequestError (and records nothing) when the
+        job ended while it was uploading: a cancelled or failed job's last complete checkpoint,
+        which the user was told and may download, never moves afterwards."""
+        with self._lock:  # against cancel() and _fail(): the state is read and the row written at once
+            job = self.store.get(job_id)
+            if job.terminal and not final:
+                raise InvalidRequestError(f"job {job_id} is {job.state}; checkpoint of step {step} not needed")
+            self.store.add_checkpoint(job_id, stage=stage, replica=replica, step=step, final=final,
+                                      directory=str(directory))
         log.info("checkpoint received job=%s stage=%d replica=%d step=%d final=%s", job_id, stage, replica, step, final)
 
     def rendezvous(self, job_id: str, node_id: str, stage: int, replica: int, maddrs: list[str],
@@ -665,8 +675,9 @@ class JobService:
         if job.terminal:
             return job
         reason = reason or "cancelled by the user"
-        if self.store.transition(job_id, "cancelled", reason=reason) is not None:
-            self.store.add_event(job_id, "cancelled", f"cancelled: {reason}; {self._checkpoint_note(job_id)}")
+        with self._lock:  # no checkpoint is recorded between the state change and its note (checkpoint_received)
+            if self.store.transition(job_id, "cancelled", reason=reason) is not None:
+                self.store.add_event(job_id, "cancelled", f"cancelled: {reason}; {self._checkpoint_note(job_id)}")
         return self.store.get(job_id)
 
     def detail(self, job: Job) -> dict[str, Any]:

@@ -227,8 +227,12 @@ class TrainingServicer(pb_grpc.TrainingServicer):
         target.parent.mkdir(parents=True, exist_ok=True)
         (tmp / "ckpt").rename(target)
         shutil.rmtree(tmp, ignore_errors=True)
-        self.service.checkpoint_received(job.id, node_id, stage=h.stage, replica=h.replica, step=h.step,
-                                         final=h.final, directory=target)
+        try:
+            self.service.checkpoint_received(job.id, node_id, stage=h.stage, replica=h.replica, step=h.step,
+                                             final=h.final, directory=target)
+        except InvalidRequestError:  # the job ended while this was uploading: keep nothing
+            shutil.rmtree(target, ignore_errors=True)
+            raise
         return pb.CheckpointAck(step=h.step, bytes_received=receiver.total_bytes)
 
     @grpc_errors
