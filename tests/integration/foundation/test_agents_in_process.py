@@ -58,6 +58,9 @@ def test_two_agents_join_measure_and_leave(app, tmp_path):
         assert by_id[ids[0]]["bytes_sent"] <= agents[0].traffic.totals()["bytes_sent"]
         # a transfer observation (here: one the node's pipeline hook would record for a 64 MiB push in
         # 10 ms, faster than the loopback probe) rides the next heartbeat into the matrix as "transfer"
+        # only a link both ends confirmed may be raised by a transfer: wait for the receiver's receipt
+        # (it rides the receiver's next heartbeat; a loaded machine delays it)
+        wait_until(lambda: app.network.get(ids[0], ids[1]).confirmed, 20, message="probe confirmed by its receiver")
         probed = app.network.get(ids[0], ids[1])
         assert agents[0].traffic.observe(ids[1], 64 << 20, 0.01)
         wait_until(lambda: app.network.get(ids[0], ids[1]).source == "transfer", 10, message="transfer link recorded")
