@@ -1,8 +1,10 @@
 """One replica of a served model: a chain of stages and the loop that drives its sessions.
 
 Protocol (coordinator side): a driver thread ("lane") repeatedly takes every session of its
-lane, builds one ``Step`` for the first stage (prefill entries for sessions the chain has
-not seen, one-token decode entries for the rest), and hands each sampled token to its session.
+lane and sends one step to the first stage (prefill entries for sessions the chain has not
+seen, one-token decode entries for the rest) on the lane's persistent ``StepStream``
+(swarm/transport/step_link.py: one message each way per token, no call setup), and hands each
+sampled token to its session.
 Sessions that finished are closed on the stages in the next step (``close_session_ids``), or
 directly when the replica goes idle. A step that fails because a stage is unreachable marks
 the replica failed and hands its sessions back to the engine, which replays them elsewhere.
@@ -30,8 +32,8 @@ from swarm.inference.stage_runtime import StepEntry
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
-from swarm.transport.errors import error_from_rpc
 from swarm.transport.inference import entries_to_pb, new_step_capability, step_metadata
+from swarm.transport.step_link import StepLink
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +188,15 @@ class Replica:
 
     # ------------------------------------------------------------------ driver
     def _run(self, lane: int) -> None:
+        # this lane's persistent step stream to the first stage (opened on the first step)
+        link = StepLink(lambda requests, metadata: self._stubs[0].StepStream(requests, metadata=metadata),
+                        metadata=self._metadata, what=f"first stage of replica {self.index}")
+        try:
+            self._drive(lane, link)
+        finally:
+            link.close()
+
+    def _drive(self, lane: int, link: StepLink) -> None:
         def mine() -> list[Session]:
             return [s for s in self._sessions if s.lane == lane]
 
@@ -207,7 +218,7 @@ class Replica:
                     self._close_idle(closing)
                 continue
             try:
-                self._step(batch, closing)
+                self._step(batch, closing, link)
             except _ReplicaDown as exc:
                 self._fail(str(exc))
                 return
@@ -251,7 +262,7 @@ class Replica:
             except grpc.RpcError:
                 pass  # an unreachable stage frees its caches by timeout
 
-    def _step(self, batch: list[Session], closing: list[str]) -> None:
+    def _step(self, batch: list[Session], closing: list[str], link: StepLink) -> None:
         entries = [s.entry() for s in batch]
         req = pb.ServeStepRequest(
             model_name=self.model,
@@ -261,9 +272,8 @@ class Replica:
             close_session_ids=closing,
         )
         try:
-            reply = self._stubs[0].Step(req, timeout=STEP_TIMEOUT_S, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            err = error_from_rpc(exc, f"first stage of replica {self.index}")
+            reply = link.step(req, timeout_s=STEP_TIMEOUT_S)
+        except SwarmError as err:
             if isinstance(err, InvalidRequestError) and "replay" in str(err) and self._replays < 2:
                 # a stage lost a session's cache (expired or restarted): replay the batch, twice at most
                 self._replays += 1
@@ -276,8 +286,8 @@ class Replica:
                     s.fail(err)
                 return
             if isinstance(err, NotFoundError) or err.retryable:
-                raise _ReplicaDown(str(err)) from exc
-            raise _ReplicaDown(f"{type(err).__name__}: {err}") from exc
+                raise _ReplicaDown(str(err)) from err
+            raise _ReplicaDown(f"{type(err).__name__}: {err}") from err
         self._replays = 0
         if len(reply.token_ids) != len(batch):
             raise _ReplicaDown(f"last stage returned {len(reply.token_ids)} tokens for {len(batch)} sessions")
