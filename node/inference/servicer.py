@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,13 +54,12 @@ from swarm.transport.tls import RenewingStub
 from swarm.transport.inference import (
     check_step_capability,
     entries_from_pb,
-    entries_to_pb,
     hidden_from_chunks,
     hidden_to_chunks,
     step_metadata,
 )
 
-from node.inference.shards import receive_shard, serve_shard, validate_assignment
+from node.inference.shards import fetch_shard, safe_dir, same_weights, serve_shard, validate_assignment
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +202,10 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         t0 = time.monotonic()
         with self._lock:
             held = self._stages.get((a.model_name, a.replica))
-        if held is not None and _same_weights(held.assignment, a):
+        if held is not None and same_weights(held.assignment, a):
             return self._relink(a, held, capability, t0)
         with self._load_lock:  # one load at a time: bounded memory and disk use
-            shard_dir = self.state_dir / _safe_dir(a.model_name) / f"{a.model_digest[:16]}-{a.first_layer}-{a.last_layer_excl}"
+            shard_dir = self.state_dir / safe_dir(a.model_name) / f"{a.model_digest[:16]}-{a.first_layer}-{a.last_layer_excl}"
             fetch = pb.ServeFetchShardRequest(
                 model_name=a.model_name,
                 model_digest=a.model_digest,
@@ -216,7 +214,9 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 include_embeddings=a.stage == 0,
                 include_head=a.stage == a.num_stages - 1,
             )
-            nbytes = self._fetch(fetch, list(a.shard_sources) or ["coordinator"], shard_dir)
+            nbytes = fetch_shard(fetch, list(a.shard_sources) or ["coordinator"], shard_dir,
+                                 open_coordinator_shard=self._open_coordinator_shard, security=self.security,
+                                 traffic=self.traffic)
             dtype = DTYPES[a.dtype]
             stage = load_stage(
                 shard_dir, a.first_layer, a.last_layer_excl,
@@ -265,24 +265,6 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                  a.model_name, a.replica, a.stage, a.num_stages, a.first_layer, a.last_layer_excl, dt)
         self._changed()
         return pb.ServeLoadStageReply(node_id=self.node_id, loaded_bytes=0, load_s=dt)
-
-    def _fetch(self, req: pb.ServeFetchShardRequest, sources: list[str], shard_dir: Path) -> int:
-        errors = []
-        for src in sources[:8]:
-            try:
-                if src == "coordinator":
-                    return receive_shard(self._open_coordinator_shard(req), shard_dir)
-                with data_channel(src, security=self.security) as ch:
-                    nbytes = receive_shard(pb_grpc.InferenceStageStub(ch).FetchShard(req, timeout=600), shard_dir)
-                if self.traffic is not None:
-                    self.traffic.add_received(nbytes)
-                return nbytes
-            except grpc.RpcError as exc:
-                errors.append(f"{src}: {error_from_rpc(exc, src)}")
-            except (InvalidRequestError, NotFoundError, OSError) as exc:
-                errors.append(f"{src}: {exc}")
-            log.warning("shard fetch failed source=%s error=%s", src, errors[-1])
-        raise PeerError(f"could not fetch layers [{req.first_layer}, {req.last_layer_excl}) from any source: {errors}")
 
     @grpc_errors
     def UnloadStage(self, request: pb.ServeUnloadStageRequest, context) -> pb.ServeUnloadStageReply:
@@ -440,14 +422,3 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 return
         raise NotFoundError(f"this node holds no copy of layers [{request.first_layer}, {request.last_layer_excl}) "
                             f"of {request.model_name!r}; fetch them from the coordinator")
-
-
-def _same_weights(old: pb.ServeStageAssignment, new: pb.ServeStageAssignment) -> bool:
-    """Whether ``new`` runs the very stage ``old`` loaded (weights, role and runtime sizes)."""
-    key = lambda a: (a.model_digest, a.first_layer, a.last_layer_excl, a.stage == 0, a.stage == a.num_stages - 1,  # noqa: E731
-                     a.dtype, a.max_seq_len, a.max_sessions, a.session_timeout_s)
-    return key(old) == key(new)
-
-
-def _safe_dir(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:64] or "model"
