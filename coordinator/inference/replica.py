@@ -189,6 +189,10 @@ class Replica:
     def _drive(self, link: StepLink) -> None:
         while True:
             with self._cond:
+                idle = not self._sessions and not self._closing
+            if idle:
+                link.close()  # an idle replica holds no stream (nor a server thread) on its first stage
+            with self._cond:
                 # also closes finished sessions when the replica is idle
                 while not self._stop and not self._sessions and not self._closing:
                     self._cond.wait(timeout=1.0)
