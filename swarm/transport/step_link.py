@@ -98,12 +98,14 @@ class StepLink:
         self.num_opened += 1
         _watchdog().add(self)
 
-    def cancel(self) -> None:
-        """Cancel the stream now (the watchdog: a step past its deadline)."""
-        responses = self._responses
+    def cancel_if_late(self, now_s: float) -> bool:
+        """Cancel the stream if the step in flight is past its deadline (the watchdog's call)."""
+        deadline, responses = self.deadline_s, self._responses
+        if deadline is None or now_s <= deadline or responses is None:
+            return False
         self.deadline_s = None  # tells step() that the cancellation was a timeout
-        if responses is not None:
-            responses.cancel()
+        responses.cancel()
+        return True
 
     def close(self) -> None:
         """End the stream (idempotent)."""
@@ -134,10 +136,10 @@ class _Watchdog:
             time.sleep(WATCH_INTERVAL_S)  # a periodic tick: deadlines are coarse (seconds to minutes)
             now = time.monotonic()
             with self._lock:
-                late = [l for l in self._links if l.deadline_s is not None and now > l.deadline_s]
-            for link in late:
-                log.warning("step past its deadline; cancelling the stream to %s", link.what)
-                link.cancel()
+                links = list(self._links)
+            for link in links:
+                if link.cancel_if_late(now):
+                    log.warning("step past its deadline; cancelled the stream to %s", link.what)
 
 
 _WATCHDOG: _Watchdog | None = None
