@@ -289,7 +289,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
     @grpc_errors
     def StepStream(self, request_iterator, context) -> Iterator[pb.ServeStepReply]:
         """Steps on one persistent stream; each is checked and run exactly as a unary Step, and
-        forwarded on this stream's own link to the next stage (so pipelined lanes stay apart)."""
+        forwarded on this stream's own link to the next stage, opened on its first step."""
         caller = self._caller(context)  # from the TLS certificate: the same for the whole stream
         link: StepLink | None = None
         linked: _Loaded | None = None
