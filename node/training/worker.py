@@ -271,9 +271,14 @@ class StageWorker:
                         raise PeerError(f"replica 0 of stage {a.stage} never joined the rendezvous")
                     time.sleep(0.2)
         host = a.stage_replicas[a.replica].address.rpartition(":")[0] or "127.0.0.1"
-        self.averager = ReplicaAverager(params=list(self.module.parameters()), prefix=f"{a.job_id}_a{a.attempt}_s{a.stage}",
-                                        num_replicas=a.num_replicas, initial_peers=peers, host=host,
-                                        timeout_s=self.timeout_s)
+        try:
+            self.averager = ReplicaAverager(params=list(self.module.parameters()),
+                                            prefix=f"{a.job_id}_a{a.attempt}_s{a.stage}", num_replicas=a.num_replicas,
+                                            initial_peers=peers, host=host, timeout_s=self.timeout_s)
+        except Exception as exc:  # noqa: BLE001 -- hivemind's (P2PDaemonError: bootstrap peers gone)
+            # the replica that started first went away (e.g. it gave up waiting for us): a peer
+            # failure the coordinator re-plans, not a fault of this job
+            raise PeerError(f"could not join the averaging group of stage {a.stage}'s replicas: {exc}") from exc
         self.client.rendezvous(req(self.averager.maddrs()))
         self.averager.wait_for_peers(1, self.timeout_s)
 
