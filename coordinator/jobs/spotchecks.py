@@ -18,8 +18,9 @@ sampling seed of (s, r) goes to those three and never to (s, r) itself.
 - a checker's recomputed loss of the last stage vs the loss the checked node reported for the
   same micro-batch, beyond ``LOSS_TOLERANCE`` -> guilty;
 - a stage that failed because a neighbour stopped answering blames it; the blame stands when
-  the blamed node sent no progress for the job for ``peer_timeout_s`` and did not blame its
-  accuser back within ``peer_timeout_s`` (a dispute: nobody is quarantined, the job re-plans).
+  the blamed node sent no progress for the job from before the blame until ``peer_timeout_s``
+  after it, and did not blame its accuser back meanwhile (a dispute: nobody is quarantined, the
+  job re-plans).
 
 A guilty node is quarantined by the caller (JobService), which re-plans the job without it and
 resumes from the last complete checkpoint at or before the first bad step.
@@ -232,9 +233,9 @@ class Judge:
 
     def resolve_blames(self, job_id: str, now_s: float, grace_s: float,
                        is_online=lambda node_id: True) -> tuple[list[Verdict], bool]:
-        """(verdicts, dispute) for blames older than ``grace_s``: a blamed node silent for the
-        job since ``grace_s`` before the blame, still online (``is_online``: heartbeating), that
-        blamed nobody itself, is guilty of stalling."""
+        """(verdicts, dispute) for blames older than ``grace_s``: a blamed node that sent no
+        progress for the job from before the blame until now, still online (``is_online``:
+        heartbeating), that blamed nobody itself, is guilty of stalling."""
         out, dispute = [], False
         with self._lock:
             st = self._jobs.get(job_id)
@@ -254,7 +255,12 @@ class Judge:
                     dispute = True
                     continue
                 silent_since = st.last_progress_s.get(blamed, 0.0)
-                if at - silent_since >= grace_s:
+                # silent from before the blame until now (>= grace_s after it). Not "silent for
+                # grace_s before the blame": the accuser starts waiting as soon as it sent its
+                # step, while the blamed node's report of its last step may land a moment later,
+                # which made most stalls look like disputes (measured: 5 re-plans before a
+                # stall-after-steps=5 node was quarantined)
+                if silent_since <= at and now_s - silent_since >= grace_s:
                     out.append(Verdict(blamed, f"stalled: no progress for {now_s - silent_since:.0f} s while its "
                                                f"neighbour waited (still heartbeating)", None))
                 else:

@@ -18,7 +18,7 @@ from swarm.cli.train import upload_files
 from swarm.compression import CodecSpec
 from swarm.job_spec import DEFAULT_VERIFY_PROB, JobSpec
 from swarm.transport.coordinator_client import CoordinatorClient
-from tests.helpers.procs import coordinator_proc, launch_node, wait_until
+from tests.helpers.procs import FAST_COORDINATOR_ARGS, coordinator_proc, launch_node, wait_until
 from tests.multiproc.training._common import TEXT
 
 pytestmark = pytest.mark.multiproc
@@ -44,7 +44,10 @@ def _run_with_faulty_node(tmp_path, fault: str, spec: JobSpec, timeout_s: float)
     """Start the swarm, run ``spec`` with one node at ``fault``; returns (job, nodes, faulty id)."""
     model, data = _inputs(tmp_path)
     handles = []
-    with coordinator_proc(tmp_path / "coord") as coord:
+    # nodes are lost after 10 s without a heartbeat (not 3): on a loaded 2-core box a busy node
+    # misses a few, and a fence would then hide what this test is about
+    args = [*FAST_COORDINATOR_ARGS, "--node-timeout-s", "10"]
+    with coordinator_proc(tmp_path / "coord", extra_args=args) as coord:
         try:
             for i in range(3):
                 handles.append(launch_node(coord, tmp_path / f"n{i}"))
@@ -65,12 +68,12 @@ def _run_with_faulty_node(tmp_path, fault: str, spec: JobSpec, timeout_s: float)
                 h.proc.stop()
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(330)
 def test_corrupting_node_is_quarantined_at_the_default_probability_and_the_job_finishes(tmp_path):
     assert DEFAULT_VERIFY_PROB > 0
     # the spare's first stage worker loads torch and hivemind: its replica must wait for it
     spec = _spec(60, checkpoint_every=5, peer_timeout_s=30.0)
-    job, nodes, faulty = _run_with_faulty_node(tmp_path, "corrupt-activations=0.2", spec, 200)
+    job, nodes, faulty = _run_with_faulty_node(tmp_path, "corrupt-activations=0.2", spec, 280)
     assert job["state"] == "succeeded", (job["reason"], job["events"])
     by_id = {n["id"]: n for n in nodes}
     assert by_id[faulty]["state"] == "quarantined", by_id[faulty]
@@ -79,14 +82,14 @@ def test_corrupting_node_is_quarantined_at_the_default_probability_and_the_job_f
     q = [e for e in job["events"] if e["kind"] == "quarantined"]
     assert len(q) == 1 and q[0]["fields"]["node"] == faulty and q[0]["fields"]["first_bad_step"] < 60, q
     assert job["attempt"] >= 1 and faulty not in {a["node_id"] for a in job["assignments"]}
-    assert job["spec"]["verify_prob"] == DEFAULT_VERIFY_PROB
+    assert job["spec"].get("verify_prob", DEFAULT_VERIFY_PROB) == DEFAULT_VERIFY_PROB  # (omitted: the default)
     assert job["spot_checks"]["weighed"] > 0, job["spot_checks"]
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(330)
 def test_stalling_node_is_quarantined_and_the_job_finishes(tmp_path):
     spec = _spec(20, checkpoint_every=5, peer_timeout_s=5.0)
-    job, nodes, faulty = _run_with_faulty_node(tmp_path, "stall-after-steps=5", spec, 200)
+    job, nodes, faulty = _run_with_faulty_node(tmp_path, "stall-after-steps=5", spec, 280)
     assert job["state"] == "succeeded", (job["reason"], job["events"])
     by_id = {n["id"]: n for n in nodes}
     assert by_id[faulty]["state"] == "quarantined" and "stalled" in by_id[faulty]["quarantine_reason"], by_id[faulty]

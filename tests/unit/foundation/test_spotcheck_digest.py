@@ -215,3 +215,18 @@ def test_stall_blame_spares_lost_nodes_and_nodes_waiting_on_someone_else():
     j.blame("j", "s0", "s1", 300.0)  # a silent node that is online and waits on nobody: stalled
     (v,) = j.resolve_blames("j", 400.0, grace_s=30.0)[0]
     assert v.node_id == "s1" and v.first_bad_step is None
+
+
+def test_a_stall_is_judged_on_silence_after_the_blame():
+    """The accuser starts waiting when it sent its step; the staller's report of its last step may
+    land a moment before the blame. Silent from then until grace_s after the blame: stalled. A
+    node that reports progress after the blame was only slow."""
+    j = Judge()
+    j.progress("j", "s1", 99.0)  # its last report, 1 s before the blame
+    j.blame("j", "s0", "s1", 100.0)
+    assert j.resolve_blames("j", 120.0, grace_s=30.0) == ([], False)  # not yet
+    (v,) = j.resolve_blames("j", 131.0, grace_s=30.0)[0]
+    assert v.node_id == "s1" and "stalled" in v.reason
+    j.blame("j", "s0", "s1", 200.0)
+    j.progress("j", "s1", 210.0)  # slow, not stalled
+    assert j.resolve_blames("j", 231.0, grace_s=30.0) == ([], True)
