@@ -11,8 +11,9 @@ seed and data:
 3. ``faulty``: the same, with one node at ``SWARM_FAULT=corrupt-activations=0.2`` and a spare
    node that joins once the job runs (so the job can re-plan without the faulty one).
 
-Reported: tokens/s of each run (tokens of the committed steps after the first, over the wall
-time between their commits), the checked / off ratio, the checks counted by the coordinator
+Runs 1 and 2 alternate ``--repeats`` times. Reported: tokens/s of each run (tokens of the
+committed steps after the first, over the wall time between their commits; the median over the
+repeats), the checked / off ratio, the checks counted by the coordinator
 (weighed vs void), the step at which the faulty node was found (its first detected bad step and
 the committed step when it was quarantined), and the loss curve and held-out loss of the final
 model of ``faulty`` against ``checked``. Prints a table and appends it to docs/benchmarks.md.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -136,12 +138,19 @@ def run(args) -> dict:
             for i in range(4):
                 swarm.add_node(f"n{i}")
             wait_until(lambda: swarm.online() >= 4, 120, message="4 nodes online")
-            for name, prob in (("off", 0.0), ("checked", args.prob)):
-                t0 = time.monotonic()
-                job_id = submit(swarm, model, data, steps=args.steps, batch_size=args.batch_size, prob=prob)
-                job = wait_job(swarm, job_id, args.timeout_s)
-                out["runs"][name] = _summary(job, root, heldout, time.monotonic() - t0)
-                print(f"{name}: {job['state']} {job['reason']}", file=sys.stderr)
+            # off and checked alternate (--repeats times): the median of each is reported, so a
+            # neighbour's load on a shared machine hits both alike
+            for _ in range(args.repeats):
+                for name, prob in (("off", 0.0), ("checked", args.prob)):
+                    t0 = time.monotonic()
+                    job_id = submit(swarm, model, data, steps=args.steps, batch_size=args.batch_size, prob=prob)
+                    job = wait_job(swarm, job_id, args.timeout_s)
+                    s = _summary(job, root, heldout, time.monotonic() - t0)
+                    out.setdefault("repeats", {}).setdefault(name, []).append(s["tokens_per_s"])
+                    out["runs"][name] = s
+                    print(f"{name}: {job['state']} {job['reason']} {s['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+            for name, values in out["repeats"].items():
+                out["runs"][name]["tokens_per_s"] = statistics.median(values)
             # the faulty run: n3 makes way for the faulty node, then comes back as the spare
             swarm.stop_node("n3")
             faulty_id = swarm.add_node("faulty", fault=FAULT)
@@ -186,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="few steps, small batches (CPU)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default 40 quick, 300 full)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 32 quick, 64 full)")
+    p.add_argument("--repeats", type=int, default=None, help="off/checked pairs (default 1 quick, 3 full)")
     p.add_argument("--prob", type=float, default=DEFAULT_VERIFY_PROB,
                    help=f"--verify-prob of the checked runs (default {DEFAULT_VERIFY_PROB}, the JobSpec default)")
     p.add_argument("--timeout-s", type=float, default=None, help="per run (default 900 quick, 3600 full)")
@@ -195,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (40 if args.quick else 300)
     args.batch_size = args.batch_size or (32 if args.quick else 64)
     args.timeout_s = args.timeout_s or (900 if args.quick else 3600)
+    args.repeats = args.repeats or (1 if args.quick else 3)
     res = run(args)
     r = res["runs"]
     rows = []
@@ -209,9 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     f = r["faulty"]
     ratio = r["checked"]["tokens_per_s"] / r["off"]["tokens_per_s"]
     m = args.batch_size // 2 // 2
+    tps = "; ".join(f"{k}: " + ", ".join(f"{v:.0f}" for v in vs) for k, vs in res["repeats"].items())
     notes = (f"2 stages x 2 replicas, {args.steps} steps of {args.batch_size} x 64 tokens ({m} micro-batches of 2 "
              f"per replica and step), tiny GPT-2 (6 x 64), --verify-prob {args.prob} in the checked runs. "
-             f"Checked / off tokens/s: {ratio:.3f} (cost {100 * (1 - ratio):.1f}%). Faulty node "
+             f"Checked / off tokens/s (medians of {args.repeats}; each run: {tps}): {ratio:.3f} "
+             f"(cost {100 * (1 - ratio):.1f}%). Faulty node "
              f"({FAULT}): {f['faulty_state']}, first detected bad step {f['first_bad_step']}, job at step "
              f"{f['step_at_quarantine']} when quarantined; honest nodes quarantined: {f['honest_quarantined']}; "
              f"held-out loss faulty - checked: {f['heldout_loss'] - r['checked']['heldout_loss']:+.4f} nats.")
