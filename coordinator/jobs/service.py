@@ -778,6 +778,7 @@ class JobService:
             "resumed_from": job.resumed_from,
             "events": self.store.events(job.id),
             "repeated_steps": self.store.repeated_steps(job.id),
+            "spot_checks": self.judge.stats(job.id),
         })
 
     def result_files(self, job_id: str) -> list[Path]:
