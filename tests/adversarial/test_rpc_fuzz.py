@@ -25,6 +25,7 @@ import importlib
 import itertools
 import os
 import pkgutil
+import time
 
 import grpc
 import pytest
@@ -236,8 +237,40 @@ def _call(s: Swarm, service: str, method: _d.MethodDescriptor, who: str, request
         return exc.code(), exc.details() or ""
 
 
-def _strategy(service: str, method: _d.MethodDescriptor, names: list[str]):
+def _signed_registrations(s: Swarm):
+    """Registrations that pass the signature check: the fuzzed payload's fields get through to
+    the coordinator's validation (each of the fields that must match may be left fuzzed)."""
+    import os as _os
+
+    import swarm as _swarm
+    from swarm import certs
+
+    def sign(case):
+        payload, keep = case
+        ident = Identity.generate()
+        fixed = {"node_id": ident.node_id, "protocol_version": _swarm.PROTOCOL_VERSION, "timestamp_s": time.time(),
+                 "nonce": _os.urandom(16), "tls_public_key": certs.public_key_der(certs.new_key()),
+                 "peer_address": f"127.0.0.1:{20_000 + int(ident.node_id[:4], 16) % 40_000}"}
+        for name in keep:
+            setattr(payload, name, fixed[name])
+        data = payload.SerializeToString()
+        return cpb.RegisterRequest(payload=data, public_key=ident.public_key, signature=ident.sign(data),
+                                   token=s.app.join_token)
+
+    fields = ["node_id", "protocol_version", "timestamp_s", "nonce", "tls_public_key", "peer_address"]
+    payloads = message_strategy(cpb.RegistrationPayload.DESCRIPTOR, s.names)
+    return st.tuples(payloads, st.one_of(st.just(fields), st.sets(st.sampled_from(fields)))).map(sign)
+
+
+# Methods whose messages carry signed or checksummed envelopes: a random message would stop at
+# the envelope's check, so these also draw valid envelopes around fuzzed contents.
+ENVELOPES = {"Coordinator.Register": _signed_registrations}
+
+
+def _strategy(service: str, method: _d.MethodDescriptor, names: list[str], s: Swarm | None = None):
     one = message_strategy(method.input_type, names)
+    if s is not None and f"{service}.{method.name}" in ENVELOPES:
+        one = st.one_of(one, ENVELOPES[f"{service}.{method.name}"](s))
     requests = st.lists(one, min_size=1, max_size=4) if method.client_streaming else one.map(lambda m: [m])
     whos = sorted({COORDINATOR: ["admin token", "read token", "node session", "none"],
                    NODE: ["coordinator", "other node"]}[TARGETS[service]])
@@ -261,7 +294,7 @@ def test_fuzz_rpc(swarm, service, method):
 
     @settings(max_examples=EXAMPLES_PER_METHOD, deadline=None, derandomize=not os.environ.get("FUZZ_RANDOM"), database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
-    @given(case=_strategy(service, method, swarm.names))
+    @given(case=_strategy(service, method, swarm.names, swarm))
     def fuzz(case):
         who, requests, stream_id = case
         code, details = _call(swarm, service, method, who, requests, stream_id)
