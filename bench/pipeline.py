@@ -228,50 +228,69 @@ def prepare_inputs(args, root: Path):
 
 
 def tls_cost(args, root: Path, codecs: list[str], rates: list[float]) -> int:
-    """TLS against the benchmark-only plaintext mode, same jobs: loopback, then each tbf rate
-    (netns) if given. One swarm per mode and round (the mode is a process setting); each
-    (mode, setting, codec) keeps its best run over ``--repeats`` rounds."""
+    """TLS against the benchmark-only plaintext mode, same jobs: loopback, then each rate if given
+    (tc tbf in netns, or ``--emulate``: shaped in the senders, one swarm per rate). One swarm per
+    mode at a time (the mode is a process setting); rounds alternate which mode goes first, and
+    each (mode, setting, codec) keeps its best run over ``--repeats`` rounds (all are printed)."""
     cfg = prepare_inputs(args, root)
+    netns = bool(rates) and not args.emulate
     settings = [None] + rates
-    best: dict[tuple, dict] = {}
+    runs: dict[tuple, list[dict]] = {}
+
+    def name_of(rate):
+        if rate:
+            return f"{'emulated' if args.emulate else 'tbf'} {rate:g} Mbit/s"
+        return "unshaped veth" if netns else "loopback"
+
     for rep in range(args.repeats):
-        for mode in ("tls", "plaintext"):
-            swarm = Swarm(root / f"swarm-{mode}-{rep}", args.stages, device=args.device,
-                          rate_mbit=rates[0] if rates else None, threads=args.threads, plaintext=mode == "plaintext")
-            try:
-                for rate in settings:
-                    if rates:
-                        swarm.set_rate(rate)
-                    for codec in codecs:
-                        job = run_job(swarm, root / "model", root / "data.txt", codec=codec, args=args)
-                        m = measure(swarm, job, warm_epochs=args.warm_epochs)
-                        name = f"tbf {rate:g} Mbit/s" if rate else ("unshaped veth" if rates else "loopback")
-                        m.update(setting=name, codec=codec, mode=mode)
-                        print(json.dumps(m), flush=True)
-                        key = (mode, rate or 0.0, codec)
-                        if key not in best or m["tokens_per_s"] > best[key]["tokens_per_s"]:
-                            best[key] = m
-            finally:
-                swarm.close()
+        modes = ("tls", "plaintext") if rep % 2 == 0 else ("plaintext", "tls")
+        for mode in modes:
+            # netns: one swarm re-shaped between jobs; loopback / --emulate: one swarm per rate
+            groups = [settings] if netns or not args.emulate else [[r] for r in settings]
+            for group in groups:
+                swarm = Swarm(root / f"swarm-{mode}-{rep}-{group[0] or 0:g}", args.stages, device=args.device,
+                              rate_mbit=rates[0] if netns else None, threads=args.threads,
+                              emulate_mbit=group[0] if args.emulate else None, plaintext=mode == "plaintext")
+                try:
+                    for rate in group:
+                        if netns:
+                            swarm.set_rate(rate)
+                        for codec in codecs:
+                            job = run_job(swarm, root / "model", root / "data.txt", codec=codec, args=args)
+                            m = measure(swarm, job, warm_epochs=args.warm_epochs)
+                            m.update(setting=name_of(rate), codec=codec, mode=mode, round=rep)
+                            print(json.dumps(m), flush=True)
+                            runs.setdefault((mode, rate or 0.0, codec), []).append(m)
+                finally:
+                    swarm.close()
     rows = []
     for rate in settings:
         for codec in codecs:
-            t, p = best[("tls", rate or 0.0, codec)], best[("plaintext", rate or 0.0, codec)]
-            rows.append([t["setting"], codec, int(round(t["tokens_per_s"])), int(round(p["tokens_per_s"])),
+            t_runs, p_runs = runs[("tls", rate or 0.0, codec)], runs[("plaintext", rate or 0.0, codec)]
+            t = max(t_runs, key=lambda m: m["tokens_per_s"])
+            p = max(p_runs, key=lambda m: m["tokens_per_s"])
+            spread = " / ".join(f"{int(round(m['tokens_per_s']))}" for m in t_runs) + " vs " + \
+                " / ".join(f"{int(round(m['tokens_per_s']))}" for m in p_runs)
+            rows.append([name_of(rate), codec, int(round(t["tokens_per_s"])), int(round(p["tokens_per_s"])),
                          f"{t['tokens_per_s'] / p['tokens_per_s']:.3f}" if p["tokens_per_s"] else "-",
-                         f"{100 * t['wait_frac']:.0f}% / {100 * p['wait_frac']:.0f}%"])
-    headers = ["link", "codec", "tokens/s TLS", "tokens/s plaintext", "TLS / plaintext", "network wait TLS / plain"]
+                         f"{100 * t['wait_frac']:.0f}% / {100 * p['wait_frac']:.0f}%", spread])
+    headers = ["link", "codec", "tokens/s TLS", "tokens/s plaintext", "TLS / plaintext", "network wait TLS / plain",
+               "every round TLS vs plaintext"]
     table = markdown_table(headers, rows)
     print(table)
     notes = (f"Model: tiny GPT-2, {args.layers} layers, hidden {args.hidden}, {cfg.num_parameters() / 1e6:.2f}M parameters, "
              f"float32 on {args.device}; {args.stages} stages (one node process each, {args.threads} torch thread(s)), "
              f"1F1B, batch {args.batch_size} x {args.seq_len} tokens in micro-batches of {args.micro_batch_size}; "
-             f"{args.steps} steps, best of {args.repeats} round(s) per cell, warm steps only. TLS: every gRPC channel "
+             f"{args.steps} steps, best of {args.repeats} round(s) per cell (rounds alternate which mode runs first), "
+             "warm steps only. TLS: every gRPC channel "
              "(coordinator and peer-to-peer, mTLS with ECDSA P-256 certificates, TLS 1.3); plaintext: the "
              "benchmark-only SWARM_BENCH_PLAINTEXT=1 mode, same processes and jobs otherwise.")
     print(notes)
     if not args.no_record:
-        how = ("netns veth unshaped" + "".join(f" and tc tbf {r:g} Mbit/s" for r in rates)) if rates else "loopback"
+        if netns:
+            how = "netns veth unshaped" + "".join(f" and tc tbf {r:g} Mbit/s" for r in rates)
+        else:
+            how = "loopback" + "".join(f" and emulated {r:g} Mbit/s" for r in rates)
         record(f"TLS cost of the training pipeline ({args.device}, {how})", table, notes,
                doc=Path(args.record_to) if args.record_to else None)
     return 0
