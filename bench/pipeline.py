@@ -164,6 +164,24 @@ class Swarm:
             subprocess.run(["ip", "link", "del", "swtbr0"], capture_output=True)
 
 
+def cpu_seconds(swarm: Swarm) -> float:
+    """User + system CPU seconds used so far by every process of ``swarm`` (each child runs in a
+    process group of its own: its threads and any processes it started are counted)."""
+    groups = {h.proc.pid for h in swarm.procs}
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[2]) in groups:  # pgrp; utime and stime follow at 11 and 12
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def run_job(swarm: Swarm, model: Path, data: Path, *, codec: str, args) -> dict:
     from swarm.cli.train import upload_files
     from swarm.compression import CodecSpec
@@ -256,9 +274,11 @@ def tls_cost(args, root: Path, codecs: list[str], rates: list[float]) -> int:
                         if netns:
                             swarm.set_rate(rate)
                         for codec in codecs:
+                            cpu0 = cpu_seconds(swarm)
                             job = run_job(swarm, root / "model", root / "data.txt", codec=codec, args=args)
                             m = measure(swarm, job, warm_epochs=args.warm_epochs)
-                            m.update(setting=name_of(rate), codec=codec, mode=mode, round=rep)
+                            m.update(setting=name_of(rate), codec=codec, mode=mode, round=rep,
+                                     cpu_s=cpu_seconds(swarm) - cpu0)
                             print(json.dumps(m), flush=True)
                             runs.setdefault((mode, rate or 0.0, codec), []).append(m)
                 finally:
@@ -271,11 +291,15 @@ def tls_cost(args, root: Path, codecs: list[str], rates: list[float]) -> int:
             p = max(p_runs, key=lambda m: m["tokens_per_s"])
             spread = " / ".join(f"{int(round(m['tokens_per_s']))}" for m in t_runs) + " vs " + \
                 " / ".join(f"{int(round(m['tokens_per_s']))}" for m in p_runs)
+            # CPU per job (every process of the swarm, whole job): the least of the rounds, which
+            # other load on the machine disturbs far less than wall time
+            ct, cp = min(m["cpu_s"] for m in t_runs), min(m["cpu_s"] for m in p_runs)
             rows.append([name_of(rate), codec, int(round(t["tokens_per_s"])), int(round(p["tokens_per_s"])),
                          f"{t['tokens_per_s'] / p['tokens_per_s']:.3f}" if p["tokens_per_s"] else "-",
-                         f"{100 * t['wait_frac']:.0f}% / {100 * p['wait_frac']:.0f}%", spread])
+                         f"{100 * t['wait_frac']:.0f}% / {100 * p['wait_frac']:.0f}%", spread,
+                         f"{ct:.1f} / {cp:.1f}", f"{cp / ct:.3f}" if ct else "-"])
     headers = ["link", "codec", "tokens/s TLS", "tokens/s plaintext", "TLS / plaintext", "network wait TLS / plain",
-               "every round TLS vs plaintext"]
+               "every round TLS vs plaintext", "CPU s per job TLS / plain", "plain / TLS CPU"]
     table = markdown_table(headers, rows)
     print(table)
     notes = (f"Model: tiny GPT-2, {args.layers} layers, hidden {args.hidden}, {cfg.num_parameters() / 1e6:.2f}M parameters, "
@@ -284,7 +308,9 @@ def tls_cost(args, root: Path, codecs: list[str], rates: list[float]) -> int:
              f"{args.steps} steps, best of {args.repeats} round(s) per cell (rounds alternate which mode runs first), "
              "warm steps only. TLS: every gRPC channel "
              "(coordinator and peer-to-peer, mTLS with ECDSA P-256 certificates, TLS 1.3); plaintext: the "
-             "benchmark-only SWARM_BENCH_PLAINTEXT=1 mode, same processes and jobs otherwise.")
+             "benchmark-only SWARM_BENCH_PLAINTEXT=1 mode, same processes and jobs otherwise. CPU s per job: user + "
+             "system time of the coordinator and node processes over the whole job (least of the rounds); "
+             "plain / TLS CPU is the tokens/s ratio to expect where the swarm's CPU is the bottleneck.")
     print(notes)
     if not args.no_record:
         if netns:

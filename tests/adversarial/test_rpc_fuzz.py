@@ -26,6 +26,7 @@ import itertools
 import os
 import pkgutil
 import time
+import zlib
 
 import grpc
 import pytest
@@ -40,6 +41,8 @@ from swarm.proto.v1 import coordinator_pb2 as cpb
 from swarm.proto.v1 import coordinator_pb2_grpc as cpb_grpc
 from swarm.proto.v1 import peer_pb2 as ppb
 from swarm.proto.v1 import peer_pb2_grpc as ppb_grpc
+from swarm.proto.v1 import tensor_pb2 as tpb
+from swarm.proto.v1 import training_pb2 as trpb
 from swarm.transport.auth import api_token_metadata, call_metadata
 from swarm.transport.channels import control_channel, data_channel
 from swarm.transport.streams import STREAM_ID_KEY
@@ -262,16 +265,43 @@ def _signed_registrations(s: Swarm):
     return st.tuples(payloads, st.one_of(st.just(fields), st.sets(st.sampled_from(fields)))).map(sign)
 
 
+def _checksummed(msg, data: bytes):
+    msg.header.payload_bytes = len(data)
+    msg.header.payload_crc32 = zlib.crc32(data) & 0xFFFFFFFF
+    return msg
+
+
+def _checksummed_frames(s: Swarm):
+    """TensorFrames whose header's size and CRC-32 match their payload (fuzzed header otherwise)."""
+    frame = message_strategy(trpb.TensorFrame.DESCRIPTOR, s.names)
+    return frame.map(lambda f: _checksummed(f, f.payload))
+
+
+def _checksummed_chunks(s: Swarm):
+    """PushTensor streams: a first chunk whose header's size and CRC-32 match all chunks' data."""
+    def fix(chunks):
+        _checksummed(chunks[0], b"".join(c.data for c in chunks))
+        return chunks
+
+    return st.lists(message_strategy(tpb.TensorChunk.DESCRIPTOR, s.names), min_size=1, max_size=4).map(fix)
+
+
 # Methods whose messages carry signed or checksummed envelopes: a random message would stop at
-# the envelope's check, so these also draw valid envelopes around fuzzed contents.
-ENVELOPES = {"Coordinator.Register": _signed_registrations}
+# the envelope's check, so these also draw valid envelopes around fuzzed contents. Values are
+# (strategy of one request or None, strategy of a whole request stream or None).
+ENVELOPES = {"Coordinator.Register": (_signed_registrations, None),
+             "PipelineStream.Open": (_checksummed_frames, None),
+             "PipelinePeer.PushTensor": (None, _checksummed_chunks)}
 
 
 def _strategy(service: str, method: _d.MethodDescriptor, names: list[str], s: Swarm | None = None):
     one = message_strategy(method.input_type, names)
-    if s is not None and f"{service}.{method.name}" in ENVELOPES:
-        one = st.one_of(one, ENVELOPES[f"{service}.{method.name}"](s))
+    valid_one, valid_stream = ENVELOPES.get(f"{service}.{method.name}", (None, None)) if s is not None else (None, None)
+    if valid_one is not None:
+        one = st.one_of(one, valid_one(s))
     requests = st.lists(one, min_size=1, max_size=4) if method.client_streaming else one.map(lambda m: [m])
+    if valid_stream is not None:
+        requests = st.one_of(requests, valid_stream(s))
     whos = sorted({COORDINATOR: ["admin token", "read token", "node session", "none"],
                    NODE: ["coordinator", "other node"]}[TARGETS[service]])
     return st.tuples(st.sampled_from(whos), requests, st.sampled_from(["s1", "", "x" * 65]))
@@ -306,7 +336,8 @@ def test_fuzz_rpc(swarm, service, method):
         assert code == grpc.StatusCode.OK or details.strip(), f"{name} answered {code.name} without a message"
 
     fuzz()
-    print("\nreplies", name, sorted(collections.Counter((w, c.name) for w, c, _ in seen).items()))
+    print("\nreplies", name, sorted(collections.Counter((w, c.name) for w, c, _ in seen).items()),
+          sorted({d[:70] for _, _, d in seen})[:12])
     swarm.check_alive()
 
 
