@@ -164,24 +164,6 @@ class Swarm:
             subprocess.run(["ip", "link", "del", "swtbr0"], capture_output=True)
 
 
-def cpu_seconds(swarm: Swarm) -> float:
-    """User + system CPU seconds used so far by every process of ``swarm`` (each child runs in a
-    process group of its own: its threads and any processes it started are counted)."""
-    groups = {h.proc.pid for h in swarm.procs}
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
-            continue
-        if int(fields[2]) in groups:  # pgrp; utime and stime follow at 11 and 12
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
-
-
 def run_job(swarm: Swarm, model: Path, data: Path, *, codec: str, args) -> dict:
     from swarm.cli.train import upload_files
     from swarm.compression import CodecSpec
@@ -245,83 +227,6 @@ def prepare_inputs(args, root: Path):
     return cfg
 
 
-def tls_cost(args, root: Path, codecs: list[str], rates: list[float]) -> int:
-    """TLS against the benchmark-only plaintext mode, same jobs: loopback, then each rate if given
-    (tc tbf in netns, or ``--emulate``: shaped in the senders, one swarm per rate). One swarm per
-    mode at a time (the mode is a process setting); rounds alternate which mode goes first, and
-    each (mode, setting, codec) keeps its best run over ``--repeats`` rounds (all are printed)."""
-    cfg = prepare_inputs(args, root)
-    netns = bool(rates) and not args.emulate
-    settings = [None] + rates
-    runs: dict[tuple, list[dict]] = {}
-
-    def name_of(rate):
-        if rate:
-            return f"{'emulated' if args.emulate else 'tbf'} {rate:g} Mbit/s"
-        return "unshaped veth" if netns else "loopback"
-
-    for rep in range(args.repeats):
-        modes = ("tls", "plaintext") if rep % 2 == 0 else ("plaintext", "tls")
-        for mode in modes:
-            # netns: one swarm re-shaped between jobs; loopback / --emulate: one swarm per rate
-            groups = [settings] if netns or not args.emulate else [[r] for r in settings]
-            for group in groups:
-                swarm = Swarm(root / f"swarm-{mode}-{rep}-{group[0] or 0:g}", args.stages, device=args.device,
-                              rate_mbit=rates[0] if netns else None, threads=args.threads,
-                              emulate_mbit=group[0] if args.emulate else None, plaintext=mode == "plaintext")
-                try:
-                    for rate in group:
-                        if netns:
-                            swarm.set_rate(rate)
-                        for codec in codecs:
-                            cpu0 = cpu_seconds(swarm)
-                            job = run_job(swarm, root / "model", root / "data.txt", codec=codec, args=args)
-                            m = measure(swarm, job, warm_epochs=args.warm_epochs)
-                            m.update(setting=name_of(rate), codec=codec, mode=mode, round=rep,
-                                     cpu_s=cpu_seconds(swarm) - cpu0)
-                            print(json.dumps(m), flush=True)
-                            runs.setdefault((mode, rate or 0.0, codec), []).append(m)
-                finally:
-                    swarm.close()
-    rows = []
-    for rate in settings:
-        for codec in codecs:
-            t_runs, p_runs = runs[("tls", rate or 0.0, codec)], runs[("plaintext", rate or 0.0, codec)]
-            t = max(t_runs, key=lambda m: m["tokens_per_s"])
-            p = max(p_runs, key=lambda m: m["tokens_per_s"])
-            spread = " / ".join(f"{int(round(m['tokens_per_s']))}" for m in t_runs) + " vs " + \
-                " / ".join(f"{int(round(m['tokens_per_s']))}" for m in p_runs)
-            # CPU per job (every process of the swarm, whole job): the least of the rounds, which
-            # other load on the machine disturbs far less than wall time
-            ct, cp = min(m["cpu_s"] for m in t_runs), min(m["cpu_s"] for m in p_runs)
-            rows.append([name_of(rate), codec, int(round(t["tokens_per_s"])), int(round(p["tokens_per_s"])),
-                         f"{t['tokens_per_s'] / p['tokens_per_s']:.3f}" if p["tokens_per_s"] else "-",
-                         f"{100 * t['wait_frac']:.0f}% / {100 * p['wait_frac']:.0f}%", spread,
-                         f"{ct:.1f} / {cp:.1f}", f"{cp / ct:.3f}" if ct else "-"])
-    headers = ["link", "codec", "tokens/s TLS", "tokens/s plaintext", "TLS / plaintext", "network wait TLS / plain",
-               "every round TLS vs plaintext", "CPU s per job TLS / plain", "plain / TLS CPU"]
-    table = markdown_table(headers, rows)
-    print(table)
-    notes = (f"Model: tiny GPT-2, {args.layers} layers, hidden {args.hidden}, {cfg.num_parameters() / 1e6:.2f}M parameters, "
-             f"float32 on {args.device}; {args.stages} stages (one node process each, {args.threads} torch thread(s)), "
-             f"1F1B, batch {args.batch_size} x {args.seq_len} tokens in micro-batches of {args.micro_batch_size}; "
-             f"{args.steps} steps, best of {args.repeats} round(s) per cell (rounds alternate which mode runs first), "
-             "warm steps only. TLS: every gRPC channel "
-             "(coordinator and peer-to-peer, mTLS with ECDSA P-256 certificates, TLS 1.3); plaintext: the "
-             "benchmark-only SWARM_BENCH_PLAINTEXT=1 mode, same processes and jobs otherwise. CPU s per job: user + "
-             "system time of the coordinator and node processes over the whole job (least of the rounds); "
-             "plain / TLS CPU is the tokens/s ratio to expect where the swarm's CPU is the bottleneck.")
-    print(notes)
-    if not args.no_record:
-        if netns:
-            how = "netns veth unshaped" + "".join(f" and tc tbf {r:g} Mbit/s" for r in rates)
-        else:
-            how = "loopback" + "".join(f" and emulated {r:g} Mbit/s" for r in rates)
-        record(f"TLS cost of the training pipeline ({args.device}, {how})", table, notes,
-               doc=Path(args.record_to) if args.record_to else None)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="100,1000", help="tbf rates in Mbit/s (comma list); needs root, ip, tc")
@@ -372,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         root = Path(tmp)
         if args.tls_cost:
+            from bench.pipeline_tls import tls_cost
+
             return tls_cost(args, root, codecs, rates)
         cfg = prepare_inputs(args, root)
         netns = bool(rates) and not args.emulate
