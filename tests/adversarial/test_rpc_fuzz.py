@@ -63,7 +63,7 @@ CLEAN = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.N
          grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION,
          grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.ALREADY_EXISTS,
          grpc.StatusCode.ABORTED}
-CALL_TIMEOUT_S = 3.0
+CALL_TIMEOUT_S = 10.0  # every refusal observed comes in milliseconds; the margin is for 2 loaded cores
 MAX_REPLIES = 64  # of a server stream: enough to see it answer, not the whole download
 EXAMPLES_PER_METHOD = int(os.environ.get("FUZZ_N", "6"))  # FUZZ_N / FUZZ_RANDOM=1: hunt for bugs
 
@@ -331,8 +331,8 @@ def test_every_rpc_has_a_target_and_a_strategy():
     assert not missing, f"services {missing} have no server/credentials in TARGETS of test_rpc_fuzz.py: add them"
     for service, method in METHODS:
         _strategy(service, method, ["x"]).example  # builds every field's strategy (raises if a type has none)
-    unknown = {m for m in MAY_WAIT if m.split(".")[0] not in SERVICES}
-    assert not unknown
+    unknown = MAY_WAIT - {f"{s}.{m.name}" for s, m in METHODS}
+    assert not unknown, f"MAY_WAIT names RPCs that do not exist: {sorted(unknown)}"
 
 
 @pytest.mark.parametrize("service,method", METHODS, ids=[f"{s}.{m.name}" for s, m in METHODS])
