@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--record-to", default=None, help="append the section to this file instead of docs/benchmarks.md")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--paired", action="store_true",
+                    help="with --tls-cost (loopback or --emulate): run the TLS and the plaintext swarm side by side, "
+                         "each job on both at once, so both see the same load from the rest of the machine")
     ap.add_argument("--tls-cost", action="store_true",
                     help="measure what TLS costs: each configuration with TLS and with the benchmark-only plaintext "
                          "mode (SWARM_BENCH_PLAINTEXT=1), tokens/s of both and their ratio")
