@@ -21,6 +21,7 @@ from typing import Any
 
 from swarm.compression.spec import CodecSpec
 from swarm.errors import ConfigError, InvalidRequestError
+from swarm.job_defaults import DEFAULT_VERIFY_PROB  # re-exported: defined torch-free there for the CLI
 
 MAX_STEPS = 10_000_000
 SCHEDULES = ("1f1b", "gpipe")
@@ -30,11 +31,6 @@ _INT_FIELDS = ("steps", "batch_size", "micro_batch_size", "seq_len", "checkpoint
 _FLOAT_FIELDS = ("epochs", "lr", "weight_decay", "grad_clip", "peer_timeout_s", "min_lr_ratio", "node_wait_s",
                  "verify_prob")
 _OPTIONAL_KEYS = frozenset({"node_wait_s", "verify_prob"})  # see JobSpec.to_dict
-# Spot checks (docs/security.md "Verification"): the chance that a micro-batch of a stage is
-# recomputed by a replica of the stage (jobs with replicas only). Chosen from bench/verification.py
-# (docs/training.md "Spot checks"): detection of a node corrupting 20% of its tensors within 100
-# steps vs the tokens/s the checks cost.
-DEFAULT_VERIFY_PROB = 0.05
 CODEC_KEY = "compression"  # the codec's name in the protobuf message and in the JSON form
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from swarm.cli.common import add_common_flags, connect
 from swarm.cli.follow import _num, event_line, follow, progress_line  # noqa: F401 -- progress_line: re-exported
 from swarm.errors import ConfigError, InvalidRequestError, SwarmError
-from swarm.job_spec import DEFAULT_VERIFY_PROB
+from swarm.job_defaults import DEFAULT_VERIFY_PROB
 
 MODEL_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.json", "merges.txt")
