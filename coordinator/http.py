@@ -218,12 +218,15 @@ async def api_nodes(request: web.Request) -> web.Response:
     if access_of(request) is not Access.FULL:
         for node in nodes:
             node.pop("peer_address", None)  # never public: where a stranger could reach a volunteer's machine
+            node.pop("observed_address", None)
     return web.json_response({"nodes": nodes, "server_time": now})
 
 
 async def api_network(request: web.Request) -> web.Response:
     app = request.app[APP_KEY]
-    nodes = [n for n in app.registry.snapshot() if n.state == "online"]
+    everyone = app.registry.snapshot()
+    reach = {n.id: n.reachability for n in everyone}
+    nodes = [n for n in everyone if n.state == "online"]
     ids = [n.id for n in nodes]
     delay, bandwidth, measured = app.network.matrix(ids)
     return web.json_response({
@@ -232,7 +235,7 @@ async def api_network(request: web.Request) -> web.Response:
         "delay_s": [[_finite(v) for v in row] for row in delay],
         "bandwidth_Bps": [[_finite(v) for v in row] for row in bandwidth],
         "measured_at": [[_finite(v) for v in row] for row in measured],
-        "links": [link_json(link) for link in app.network.links()],
+        "links": [link_json(link, reach) for link in app.network.links()],
         "server_time": app.clock.time(),
     })
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from swarm.hardware import HardwareInfo
+from swarm.reachability import REACHABILITY, link_path
 
 NodeState = Literal["online", "lost", "left", "quarantined"]
 NODE_STATES: tuple[str, ...] = ("online", "lost", "left", "quarantined")
@@ -33,12 +34,20 @@ class NodeInfo:
     # what the coordinator measured (coordinator/verification.py); None = not measured yet
     measured_tflops: float | None = None
     quarantine_reason: str = ""  # set when state is "quarantined": why
+    # how peers reach it (swarm/reachability.py): "pending" until the coordinator dialled it back
+    reachability: str = "direct"
+    advertised_address: str = ""  # what the node advertised ("" = peer_address)
+    observed_address: str = ""  # its address as the coordinator sees its calls (its NAT's, if any)
+    relay_node_id: str = ""  # relayed: "coordinator" or the volunteer relay's id
+    relay_address: str = ""  # a node offering relaying (--relay): host:port of its relay port
 
     def __post_init__(self) -> None:
         if self.state not in NODE_STATES:
             raise ValueError(f"state must be one of {NODE_STATES}, got {self.state!r}")
         if not self.id:
             raise ValueError("node id must not be empty")
+        if self.reachability not in REACHABILITY:
+            raise ValueError(f"reachability must be one of {REACHABILITY}, got {self.reachability!r}")
 
     @property
     def is_online(self) -> bool:
@@ -112,6 +121,9 @@ def node_json(node: NodeInfo, now_s: float) -> dict[str, Any]:
         "last_seen_at": node.last_seen_at_s,
         "registered_at": node.registered_at_s,
         "peer_address": node.peer_address,
+        "reachability": node.reachability,
+        "observed_address": node.observed_address,
+        "relay": node.relay_node_id or None,
         "status": node.status,
         "metrics": node.metrics,
         # peer traffic since the node process started (node/traffic.py); None from older nodes
@@ -124,10 +136,14 @@ def _byte_count(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
-def link_json(link: Link) -> dict[str, Any]:
-    """``confirmed`` / ``disputed`` (both ends of a probe agreed / disagreed) appear only when true."""
+def link_json(link: Link, reachability: dict[str, str] | None = None) -> dict[str, Any]:
+    """``confirmed`` / ``disputed`` (both ends of a probe agreed / disagreed) appear only when true.
+    ``path`` ("direct" | "punched" | "relayed", :func:`swarm.reachability.link_path`) from the
+    ends' reachability by node id (an unknown end counts as direct)."""
     flags = {k: True for k in ("confirmed", "disputed") if getattr(link, k)}
+    reach = reachability or {}
     return flags | {
+        "path": link_path(reach.get(link.src, "direct"), reach.get(link.dst, "direct")),
         "src": link.src,
         "dst": link.dst,
         "bandwidth_Bps": _finite_or_none(link.bandwidth_Bps),

@@ -14,6 +14,7 @@ import sys
 from swarm.cli.common import add_common_flags, connect
 from swarm.errors import SwarmError
 from swarm.membership import link_json, node_json
+from swarm.reachability import link_path
 
 
 def add_parser(subparsers) -> None:
@@ -35,17 +36,18 @@ def status_json(snapshot) -> dict:
     now = snapshot.server_time_s
     return {
         "nodes": [node_json(n, now) for n in snapshot.nodes],
-        "links": [link_json(link) for link in snapshot.links],
+        "links": [link_json(link, {n.id: n.reachability for n in snapshot.nodes}) for link in snapshot.links],
     }
 
 
 def render_table(snapshot) -> str:
     now = snapshot.server_time_s
     nodes = snapshot.nodes
-    rows = [("NAME", "ID", "STATE", "DEVICE", "MEMORY", "TFLOPS", "LAST SEEN")]
+    rows = [("NAME", "ID", "STATE", "REACHABILITY", "DEVICE", "MEMORY", "TFLOPS", "LAST SEEN")]
     for n in nodes:
         hw = n.hardware
-        rows.append((n.name, n.id[:12], n.state, f"{hw.device} {hw.device_name}"[:40], _bytes(hw.memory_bytes),
+        reach = n.reachability + (f" via {n.relay_node_id[:12]}" if n.relay_node_id else "")
+        rows.append((n.name, n.id[:12], n.state, reach, f"{hw.device} {hw.device_name}"[:40], _bytes(hw.memory_bytes),
                      f"{hw.tflops:.3f} {hw.tflops_dtype}", f"{max(0.0, now - n.last_seen_at_s):.1f} s ago"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = [f"{len(nodes)} nodes ({sum(n.state == 'online' for n in nodes)} online)"]
@@ -64,7 +66,9 @@ def render_table(snapshot) -> str:
                 cells = []
                 for b in online:
                     link = links.get((a.id, b.id))
-                    cells.append(("-" if a.id == b.id else "?" if link is None else fmt(link)).rjust(w))
+                    mark = "" if link_path(a.reachability, b.reachability) == "direct" else \
+                        f" ({link_path(a.reachability, b.reachability)[0]})"  # (r) relayed, (p) punched
+                    cells.append(("-" if a.id == b.id else "?" if link is None else fmt(link) + mark).rjust(w))
                 out.append(name.ljust(w) + "  " + "  ".join(cells))
     return "\n".join(out)
 

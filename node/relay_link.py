@@ -1,0 +1,116 @@
+"""The node's part in relaying (swarm/transport/relay.py, coordinator/reachability.py).
+
+- Every node, once registered, asks the coordinator to dial it back (CheckReachability) and
+  logs what it found (swarm/reachability.py ``startup_message``). When it is relayed, it keeps
+  a Listen stream open to its relay (the coordinator's gRPC port with its session, or a volunteer
+  relay's peer port over mTLS) and splices each incoming connection with its own peer server.
+  A new registration (the coordinator restarted) asks again and replaces the listener.
+- A node started with ``--relay`` also OFFERS relaying: it serves a relay port and the Relay
+  service on its peer port (callers identified by their certificate; each listens only for its
+  own id). The coordinator assigns relayed nodes to it when it is itself reachable directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from swarm.errors import CapacityError
+from swarm.proto.v1 import relay_pb2, relay_pb2_grpc
+from swarm.reachability import COORDINATOR_RELAY, startup_message
+from swarm.transport.channels import data_channel, parse_address
+from swarm.transport.relay import RelayHub, RelayLimits, RelayServer
+from swarm.transport.relay_service import RelayListener, RelayServicer
+
+log = logging.getLogger(__name__)
+
+LISTEN_READY_S = 5.0  # wait this long for the relay to confirm the Listen stream before READY
+
+
+class NodeRelay:
+    def __init__(self, *, node_id: str, security, coordinator_channel, call_metadata, offer_port: int | None,
+                 bind_host: str, relay_limits: RelayLimits | None = None) -> None:
+        self.node_id, self.security = node_id, security
+        self._coordinator_channel, self._call_metadata = coordinator_channel, call_metadata
+        self.hub = RelayHub(relay_limits) if offer_port is not None else None
+        self.server = RelayServer(self.hub, bind_host, offer_port) if self.hub is not None else None
+        self.relay_port = 0
+        self.reachability = "pending"
+        self._listener: RelayListener | None = None
+        self._channel = None
+        self._lock = threading.Lock()
+
+    # -- offering relaying (--relay) ------------------------------------------------------------
+    def install(self, peer_server) -> None:
+        if self.hub is not None:
+            RelayServicer(self.hub, self.security.peer_identity).install(peer_server)
+
+    def start_offer(self) -> int:
+        if self.server is not None:
+            self.relay_port = self.server.start()
+            log.info("offering relaying on port %d (--relay)", self.relay_port)
+        return self.relay_port
+
+    def metrics(self) -> dict:
+        """``relayed_bytes``: bytes this node relayed for others (both ways), when it offers relaying."""
+        if self.hub is None:
+            return {}
+        return {"relayed_bytes": sum(v["to_node"] + v["from_node"] for v in self.hub.usage().values())}
+
+    # -- being reachable --------------------------------------------------------------------------
+    def check(self, link, session: str, *, coordinator_address: str, local_address: tuple[str, int]) -> str:
+        """Ask for the dial-back, log what it found, listen on the relay when relayed. Returns the
+        reachability; "pending" when no relay is available (the log says what to do)."""
+        try:
+            reply = link.check_reachability(session, coordinator_host=parse_address(coordinator_address)[0])
+        except CapacityError as exc:
+            log.error("%s", exc)
+            self.reachability = "pending"
+            return self.reachability
+        msg = startup_message(reachability=reply.reachability, advertised=reply.advertised_address,
+                              observed=reply.observed_address, relay_id=reply.relay_node_id,
+                              relay_address=reply.relay_address, dial_error=reply.dial_error)
+        (log.info if reply.reachability == "direct" else log.warning)("%s", msg)
+        self._stop_listener()
+        self.reachability = reply.reachability
+        if reply.reachability == "relayed":
+            self._listen(reply, local_address)
+        return self.reachability
+
+    def _listen(self, reply, local_address: tuple[str, int]) -> None:
+        request = relay_pb2.RelayListenRequest()
+        if reply.relay_node_id == COORDINATOR_RELAY:
+            stub = relay_pb2_grpc.RelayStub(self._coordinator_channel)
+
+            def open_stream():
+                return stub.Listen(request, metadata=self._call_metadata())
+            what = "the coordinator's relay"
+        else:
+            self._channel = data_channel(reply.relay_peer_address, security=self.security, node_id=reply.relay_node_id)
+            stub = relay_pb2_grpc.RelayStub(self._channel)
+
+            def open_stream():
+                return stub.Listen(request)
+            what = f"relay node {reply.relay_node_id[:12]}"
+        listener = RelayListener(open_stream=open_stream, relay_address=parse_address(reply.relay_address),
+                                 local_address=local_address, what=what)
+        with self._lock:
+            self._listener = listener
+        listener.start()
+        if not listener.listening.wait(LISTEN_READY_S):
+            log.warning("%s has not confirmed the listen stream yet; peers reach this node once it does", what)
+
+    def _stop_listener(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            channel, self._channel = self._channel, None
+        if listener is not None:
+            listener.stop()
+        if channel is not None:
+            channel.close()
+
+    def stop(self) -> None:
+        self._stop_listener()
+        if self.server is not None:
+            self.server.stop()
+
