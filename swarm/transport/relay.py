@@ -115,8 +115,11 @@ class RelayHub:
         with self._lock:
             old = self._listeners.get(node_id)
             self._listeners[node_id] = q
-        if old is not None:
-            _put_nowait(old, None)
+        while old is not None and not _put_nowait(old, None):  # full: its pending ids die with it
+            try:
+                old.get_nowait()
+            except queue.Empty:
+                pass
         return q
 
     def unlisten(self, node_id: str, q: queue.Queue) -> None:
