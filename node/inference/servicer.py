@@ -211,7 +211,8 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 include_embeddings=a.stage == 0,
                 include_head=a.stage == a.num_stages - 1,
             )
-            nbytes = self._fetch(fetch, list(a.shard_sources) or ["coordinator"], shard_dir)
+            ids = list(a.shard_source_node_ids) if len(a.shard_source_node_ids) == len(a.shard_sources) else []
+            nbytes = self._fetch(fetch, list(a.shard_sources) or ["coordinator"], shard_dir, ids)
             dtype = DTYPES[a.dtype]
             stage = load_stage(
                 shard_dir, a.first_layer, a.last_layer_excl,
@@ -261,13 +262,17 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         self._changed()
         return pb.ServeLoadStageReply(node_id=self.node_id, loaded_bytes=0, load_s=dt)
 
-    def _fetch(self, req: pb.ServeFetchShardRequest, sources: list[str], shard_dir: Path) -> int:
+    def _fetch(self, req: pb.ServeFetchShardRequest, sources: list[str], shard_dir: Path,
+               node_ids: list[str] = ()) -> int:
+        """``node_ids`` (parallel to ``sources``, may be empty): the peer each source must prove to be
+        (and the name a relay routes by: swarm/transport/relay.py)."""
         errors = []
-        for src in sources[:8]:
+        for i, src in enumerate(sources[:8]):
             try:
                 if src == "coordinator":
                     return receive_shard(self._open_coordinator_shard(req), shard_dir)
-                with data_channel(src, security=self.security) as ch:
+                node_id = node_ids[i] if i < len(node_ids) and node_ids[i] else None
+                with data_channel(src, security=self.security, node_id=node_id) as ch:
                     nbytes = receive_shard(pb_grpc.InferenceStageStub(ch).FetchShard(req, timeout=600), shard_dir)
                 if self.traffic is not None:
                     self.traffic.add_received(nbytes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from swarm.errors import InvalidRequestError
+from swarm.identity import is_node_id
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.transport.channels import parse_address
 from swarm.transport.inference_shards import receive_shard, serve_shard
@@ -38,3 +39,6 @@ def validate_assignment(a: pb.ServeStageAssignment) -> None:
     for src in a.shard_sources:
         if src != "coordinator":
             parse_address(src)
+    if a.shard_source_node_ids and (len(a.shard_source_node_ids) != len(a.shard_sources) or not all(
+            i == "" or is_node_id(i) for i in a.shard_source_node_ids)):
+        raise InvalidRequestError("shard_source_node_ids must name a node id (or '') for each shard source")
