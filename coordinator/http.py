@@ -35,7 +35,7 @@ import threading
 from aiohttp import web
 
 from swarm.errors import AuthError, InvalidRequestError, PermissionDeniedError
-from swarm.membership import link_json, node_json
+from swarm.membership import link_json, link_paths, node_json
 
 from coordinator.credentials import Access, api_access, read_access
 
@@ -225,7 +225,7 @@ async def api_nodes(request: web.Request) -> web.Response:
 async def api_network(request: web.Request) -> web.Response:
     app = request.app[APP_KEY]
     everyone = app.registry.snapshot()
-    reach = {n.id: n.reachability for n in everyone}
+    path = link_paths(everyone)
     nodes = [n for n in everyone if n.state == "online"]
     ids = [n.id for n in nodes]
     delay, bandwidth, measured = app.network.matrix(ids)
@@ -235,7 +235,7 @@ async def api_network(request: web.Request) -> web.Response:
         "delay_s": [[_finite(v) for v in row] for row in delay],
         "bandwidth_Bps": [[_finite(v) for v in row] for row in bandwidth],
         "measured_at": [[_finite(v) for v in row] for row in measured],
-        "links": [link_json(link, reach) for link in app.network.links()],
+        "links": [link_json(link, path) for link in app.network.links()],
         "server_time": app.clock.time(),
     })
 

@@ -78,6 +78,7 @@ class NodeConfig:
     faults: FaultConfig = NO_FAULTS  # SWARM_FAULT: injected misbehaviour, for tests only (swarm/faults.py)
     relay_port: int | None = None  # --relay: offer relaying on this TCP port (0 picks one); None: don't
     relay_limits: RelayLimits = field(default_factory=RelayLimits)
+    hole_punching: bool = True  # relayed: punch holes to other NAT'd nodes (--no-hole-punching: relay only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -162,7 +163,7 @@ class NodeAgent:
         self.peer_servicer: PeerServicer | None = None
         self.relay = NodeRelay(node_id=self.node_id, security=self.security, coordinator_channel=self.coordinator_channel,
                                call_metadata=self.call_metadata, offer_port=config.relay_port, bind_host=config.host,
-                               relay_limits=config.relay_limits)
+                               relay_limits=config.relay_limits, hole_punching=config.hole_punching)
 
     # -- seams for plugins -------------------------------------------------------------------
     def update_metrics(self, **values: Any) -> None:

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --relay: the TCP port to relay on (default 0: free)")
     j.add_argument("--relay-rate-mbit", type=float, default=float(env("SWARM_RELAY_RATE_MBIT", "1000")),
                    help="with --relay: cap on relayed traffic, both ways together, in Mbit/s (default 1000)")
+    j.add_argument("--no-hole-punching", action="store_true", default=env("SWARM_NO_HOLE_PUNCHING", "") == "1",
+                   help="behind NAT: reach other NAT'd nodes only through the relay (default: punch holes, "
+                        "falling back to the relay)")
     j.add_argument("--log-level", default=env("SWARM_LOG_LEVEL", "INFO"))
     return parser
 
@@ -85,7 +88,7 @@ def join(args: argparse.Namespace) -> int:
                                        max_streams_per_peer=args.max_streams_per_peer),
             bench_plaintext=bench_plaintext(os.environ),
             faults=faults,
-            relay_port=args.relay_port if args.relay else None,
+            relay_port=args.relay_port if args.relay else None, hole_punching=not args.no_hole_punching,
             relay_limits=RelayLimits(rate_Bps=args.relay_rate_mbit * 1e6 / 8),
         )
         agent = NodeAgent(config)

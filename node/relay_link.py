@@ -5,6 +5,9 @@
   a Listen stream open to its relay (the coordinator's gRPC port with its session, or a volunteer
   relay's peer port over mTLS) and splices each incoming connection with its own peer server.
   A new registration (the coordinator restarted) asks again and replaces the listener.
+- A relayed node punches holes to the other nodes of its relay (swarm/transport/punch.py): its
+  channels to them go through a local bridge that punches per connection and falls back to the
+  relay; it accepts punches its relay announces. ``--no-hole-punching`` keeps everything relayed.
 - A node started with ``--relay`` also OFFERS relaying: it serves a relay port and the Relay
   service on its peer port (callers identified by their certificate; each listens only for its
   own id). The coordinator assigns relayed nodes to it when it is itself reachable directly.
@@ -20,6 +23,8 @@ from swarm.proto.v1 import relay_pb2, relay_pb2_grpc
 from swarm.reachability import COORDINATOR_RELAY, startup_message
 from swarm.transport.channels import data_channel, parse_address
 from swarm.transport.relay import RelayHub, RelayLimits, RelayServer
+from swarm.transport.errors import translate_rpc_errors
+from swarm.transport.punch import PunchBridge, PunchStats, accept_punch
 from swarm.transport.relay_service import RelayListener, RelayServicer
 
 log = logging.getLogger(__name__)
@@ -29,7 +34,7 @@ LISTEN_READY_S = 5.0  # wait this long for the relay to confirm the Listen strea
 
 class NodeRelay:
     def __init__(self, *, node_id: str, security, coordinator_channel, call_metadata, offer_port: int | None,
-                 bind_host: str, relay_limits: RelayLimits | None = None) -> None:
+                 bind_host: str, relay_limits: RelayLimits | None = None, hole_punching: bool = True) -> None:
         self.node_id, self.security = node_id, security
         self._coordinator_channel, self._call_metadata = coordinator_channel, call_metadata
         self.hub = RelayHub(relay_limits) if offer_port is not None else None
@@ -37,7 +42,10 @@ class NodeRelay:
         self.relay_port = 0
         self.reachability = "pending"
         self._listener: RelayListener | None = None
+        self._bridge: PunchBridge | None = None
         self._channel = None
+        self.hole_punching = hole_punching
+        self.punch_stats = PunchStats()
         self._lock = threading.Lock()
 
     # -- offering relaying (--relay) ------------------------------------------------------------
@@ -53,9 +61,10 @@ class NodeRelay:
 
     def metrics(self) -> dict:
         """``relayed_bytes``: bytes this node relayed for others (both ways), when it offers relaying."""
-        if self.hub is None:
-            return {}
-        return {"relayed_bytes": sum(v["to_node"] + v["from_node"] for v in self.hub.usage().values())}
+        out = self.punch_stats.metrics() if self.reachability == "relayed" else {}
+        if self.hub is not None:
+            out["relayed_bytes"] = sum(v["to_node"] + v["from_node"] for v in self.hub.usage().values())
+        return out
 
     # -- being reachable --------------------------------------------------------------------------
     def check(self, link, session: str, *, coordinator_address: str, local_address: tuple[str, int]) -> str:
@@ -81,21 +90,37 @@ class NodeRelay:
         request = relay_pb2.RelayListenRequest()
         if reply.relay_node_id == COORDINATOR_RELAY:
             stub = relay_pb2_grpc.RelayStub(self._coordinator_channel)
-
-            def open_stream():
-                return stub.Listen(request, metadata=self._call_metadata())
+            metadata = self._call_metadata
             what = "the coordinator's relay"
         else:
             self._channel = data_channel(reply.relay_peer_address, security=self.security, node_id=reply.relay_node_id)
             stub = relay_pb2_grpc.RelayStub(self._channel)
-
-            def open_stream():
-                return stub.Listen(request)
+            metadata = tuple  # the mTLS certificate says who we are
             what = f"relay node {reply.relay_node_id[:12]}"
-        listener = RelayListener(open_stream=open_stream, relay_address=parse_address(reply.relay_address),
-                                 local_address=local_address, what=what)
+        relay = parse_address(reply.relay_address)
+
+        def open_stream():
+            return stub.Listen(request, metadata=metadata())
+
+        def request_punch(peer: str) -> bytes:
+            with translate_rpc_errors(what):
+                return stub.Punch(relay_pb2.PunchRequest(peer_node_id=peer), metadata=metadata(), timeout=5).punch_id
+
+        def on_punch(punch_id: bytes, peer: str) -> None:
+            if self.hole_punching:
+                accept_punch(relay, punch_id, peer, local_address, self.punch_stats)
+
+        listener = RelayListener(open_stream=open_stream, relay_address=relay, local_address=local_address,
+                                 what=what, on_punch=on_punch)
+        bridge = None
+        if self.hole_punching:
+            # our channels to nodes on the same relay go through the bridge: punched, else relayed
+            bridge = PunchBridge(relay=relay, request_punch=request_punch, stats=self.punch_stats)
+            bridge.start()
+            published = reply.published_address
+            self.security.route = lambda address, node_id: bridge.address if address == published else address
         with self._lock:
-            self._listener = listener
+            self._listener, self._bridge = listener, bridge
         listener.start()
         if not listener.listening.wait(LISTEN_READY_S):
             log.warning("%s has not confirmed the listen stream yet; peers reach this node once it does", what)
@@ -104,6 +129,10 @@ class NodeRelay:
         with self._lock:
             listener, self._listener = self._listener, None
             channel, self._channel = self._channel, None
+            bridge, self._bridge = self._bridge, None
+        if bridge is not None:
+            self.security.route = None
+            bridge.stop()
         if listener is not None:
             listener.stop()
         if channel is not None:

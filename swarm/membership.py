@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from swarm.hardware import HardwareInfo
-from swarm.reachability import REACHABILITY, link_path
+from swarm.reachability import REACHABILITY, effective_reachability
+from swarm.reachability import link_paths as _link_paths
 
 NodeState = Literal["online", "lost", "left", "quarantined"]
 NODE_STATES: tuple[str, ...] = ("online", "lost", "left", "quarantined")
@@ -93,6 +95,11 @@ class Link:
                 raise ValueError(f"{name} must be finite and >= 0, got {v}")
 
 
+def link_paths(nodes: Iterable[NodeInfo]) -> Callable[[str, str], str]:
+    """``path(src, dst)`` for :func:`link_json` from the nodes' reachability and punched peers."""
+    return _link_paths([(n.id, n.reachability, n.metrics) for n in nodes])
+
+
 def _finite_or_none(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
@@ -121,7 +128,7 @@ def node_json(node: NodeInfo, now_s: float) -> dict[str, Any]:
         "last_seen_at": node.last_seen_at_s,
         "registered_at": node.registered_at_s,
         "peer_address": node.peer_address,
-        "reachability": node.reachability,
+        "reachability": effective_reachability(node.reachability, node.metrics),
         "observed_address": node.observed_address,
         "relay": node.relay_node_id or None,
         "status": node.status,
@@ -136,14 +143,12 @@ def _byte_count(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
-def link_json(link: Link, reachability: dict[str, str] | None = None) -> dict[str, Any]:
+def link_json(link: Link, path: Callable[[str, str], str] | None = None) -> dict[str, Any]:
     """``confirmed`` / ``disputed`` (both ends of a probe agreed / disagreed) appear only when true.
-    ``path`` ("direct" | "punched" | "relayed", :func:`swarm.reachability.link_path`) from the
-    ends' reachability by node id (an unknown end counts as direct)."""
+    ``path`` ("direct" | "punched" | "relayed"): ``path(src, dst)``, from :func:`link_paths`."""
     flags = {k: True for k in ("confirmed", "disputed") if getattr(link, k)}
-    reach = reachability or {}
     return flags | {
-        "path": link_path(reach.get(link.src, "direct"), reach.get(link.dst, "direct")),
+        "path": path(link.src, link.dst) if path is not None else "direct",
         "src": link.src,
         "dst": link.dst,
         "bandwidth_Bps": _finite_or_none(link.bandwidth_Bps),

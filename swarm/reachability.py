@@ -9,8 +9,9 @@ Pure functions over plain values (no sockets): the coordinator's dial-back
   which the node keeps an outbound stream to. The relay is the least loaded volunteer relay
   (nodes started with ``--relay`` that are themselves direct), ties by the coordinator's RTT
   to it, then id; the coordinator's own relay when no volunteer offers one.
-- ``punched`` (hole punching between two NAT'd nodes) is part of the vocabulary and of the
-  status output; no code path assigns it yet (see docs/nat.md).
+- ``punched``: a relayed node that holds hole-punched connections (swarm/transport/punch.py)
+  to other NAT'd nodes: those links are ``punched``, its other links still relayed. Nodes report
+  their live punched peers in heartbeat metrics (``punched_peers``); status derives it.
 - ``pending``: registered, dial-back not finished; such a node is given no work and no peer is
   sent to it (issue 11: the node proves its id before anyone dials its address).
 """
@@ -18,6 +19,7 @@ Pure functions over plain values (no sockets): the coordinator's dial-back
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 REACHABILITY = ("pending", "direct", "punched", "relayed")
@@ -75,16 +77,45 @@ def decide(*, advertised: str, dial_ok: bool, held_by_other: bool, volunteers: l
     return Decision(reachability="relayed", published_address=relay.address, relay=relay)
 
 
-def link_path(src: str, dst: str) -> str:
-    """The path traffic from a node of reachability ``src`` to one of ``dst`` takes: relayed if
-    either end is relayed (a connection to a relayed node goes through its relay; a relayed
-    node's outgoing connections are direct dials, but the link is measured and priced as used
-    both ways by the pipeline), punched if either was punched, else direct."""
-    if "relayed" in (src, dst):
-        return "relayed"
-    if "punched" in (src, dst):
+def link_path(src: str, dst: str, *, punched: bool = False) -> str:
+    """The path of traffic between nodes of reachability ``src`` and ``dst``: ``punched`` when
+    the two punched a hole to each other (``punched``), else relayed if either end is reached
+    through a relay (a relayed or punched node: punched only towards the peers it punched to),
+    else direct."""
+    if punched:
         return "punched"
+    if {"relayed", "punched"} & {src, dst}:
+        return "relayed"
     return "direct"
+
+
+MAX_PUNCHED_PEERS = 256
+
+
+def punched_peers(metrics: dict) -> frozenset[str]:
+    """The peers a node reports live punched connections with (heartbeat metric
+    ``punched_peers``, swarm/transport/punch.py); malformed entries are ignored (network input)."""
+    value = metrics.get("punched_peers") if isinstance(metrics, dict) else None
+    if not isinstance(value, list):
+        return frozenset()
+    return frozenset(v for v in value[:MAX_PUNCHED_PEERS]
+                     if isinstance(v, str) and len(v) == 32 and all(c in "0123456789abcdef" for c in v))
+
+
+def effective_reachability(reachability: str, metrics: dict) -> str:
+    """What status shows: a relayed node holding at least one punched connection is ``punched``."""
+    return "punched" if reachability == "relayed" and punched_peers(metrics) else reachability
+
+
+def link_paths(nodes: list[tuple[str, str, dict]]) -> Callable[[str, str], str]:
+    """``path(src, dst)`` over nodes given as (id, reachability, metrics); unknown ends count as direct."""
+    reach = {i: r for i, r, _ in nodes}
+    pairs = {frozenset((i, p)) for i, _, m in nodes for p in punched_peers(m) if p != i}
+
+    def path(src: str, dst: str) -> str:
+        return link_path(reach.get(src, "direct"), reach.get(dst, "direct"), punched=frozenset((src, dst)) in pairs)
+
+    return path
 
 
 def startup_message(*, reachability: str, advertised: str, observed: str, relay_id: str, relay_address: str,

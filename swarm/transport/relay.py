@@ -33,6 +33,7 @@ import queue
 import secrets
 import socket
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -41,13 +42,17 @@ from swarm.clock import Clock, SystemClock
 from swarm.errors import ConfigError
 from swarm.identity import is_node_id
 from swarm.transport.sni import MAX_HELLO_BYTES, NeedMoreData, NotClientHello, parse_sni
+from swarm.transport.splice import BUF_BYTES, TokenBucket, close_quietly, splice
+
+__all__ = ["RelayHub", "RelayLimits", "RelayServer", "TokenBucket", "dial_back", "node_id_from_server_name"]
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"SWRELAY1"  # first bytes of a relayed node's dial-back; a TLS record starts with 0x16
+PUNCH_MAGIC = b"SWPUNCH1"  # first bytes of a hole-punching rendezvous (swarm/transport/punch.py)
 CONNECTION_ID_BYTES = 16
 PREAMBLE_BYTES = len(MAGIC) + CONNECTION_ID_BYTES
-_BUF_BYTES = 256 << 10
+PUNCH_PREAMBLE_BYTES = len(PUNCH_MAGIC) + CONNECTION_ID_BYTES + 1  # + role: 0 dialler, 1 acceptor
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -61,30 +66,12 @@ class RelayLimits:
     max_waiting_per_node: int = 32  # peer connections waiting for one node's dial-back
 
     def __post_init__(self) -> None:
-        if not self.rate_Bps > 0 or self.burst_bytes < _BUF_BYTES:
-            raise ConfigError(f"relay rate must be > 0 and burst at least {_BUF_BYTES} bytes")
+        if not self.rate_Bps > 0 or self.burst_bytes < BUF_BYTES:
+            raise ConfigError(f"relay rate must be > 0 and burst at least {BUF_BYTES} bytes")
         if not (0 < self.hello_timeout_s <= 60 and 0 < self.connect_timeout_s <= 60):
             raise ConfigError("relay timeouts must be in (0, 60] s")
         if min(self.max_connections, self.max_per_ip, self.max_waiting_per_node) < 1:
             raise ConfigError("relay connection limits must be >= 1")
-
-
-class TokenBucket:
-    """``rate_Bps`` sustained, ``burst_bytes`` at once. :meth:`reserve` takes n bytes (the level
-    may go negative) and returns the seconds the caller must wait before sending them."""
-
-    def __init__(self, rate_Bps: float, burst_bytes: int, clock: Clock) -> None:
-        self.rate_Bps, self.burst_bytes, self._clock = float(rate_Bps), int(burst_bytes), clock
-        self._level = float(burst_bytes)
-        self._at = clock.monotonic()
-        self._lock = threading.Lock()
-
-    def reserve(self, n: int) -> float:
-        with self._lock:
-            now = self._clock.monotonic()
-            self._level = min(self.burst_bytes, self._level + (now - self._at) * self.rate_Bps) - n
-            self._at = now
-            return 0.0 if self._level >= 0 else -self._level / self.rate_Bps
 
 
 class _Waiting:
@@ -96,9 +83,27 @@ class _Waiting:
         self.node_sock: socket.socket | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class HubEvent:
+    """What a listening node is told: ``connect`` (dial back naming ``token``) or ``punch``
+    (rendezvous naming ``token`` with ``peer``, swarm/transport/punch.py)."""
+
+    kind: str
+    token: bytes
+    peer: str = ""
+
+
+class _Punch:
+    def __init__(self, dialer: str, acceptor: str, at_s: float) -> None:
+        self.ids, self.at_s = (dialer, acceptor), at_s
+        self.seen: list[tuple[str, int] | None] = [None, None]
+        self.cond = threading.Condition()
+
+
 class RelayHub:
-    """Listeners (relayed node ids), peer connections waiting for a dial-back, and byte counts.
-    Thread-safe; shared by the relay port and the Listen servicer of one process."""
+    """Listeners (relayed node ids), peer connections waiting for a dial-back, hole-punching
+    rendezvous, and byte counts. Thread-safe; shared by the relay port and the Relay servicer of
+    one process."""
 
     def __init__(self, limits: RelayLimits | None = None, *, clock: Clock | None = None) -> None:
         self.limits = limits or RelayLimits()
@@ -106,11 +111,13 @@ class RelayHub:
         self._lock = threading.Lock()
         self._listeners: dict[str, queue.Queue] = {}
         self._waiting: dict[bytes, _Waiting] = {}
+        self._punches: dict[bytes, _Punch] = {}
+        self._clock = clock or SystemClock()
         self._bytes: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # node id -> [to node, from node]
 
     def listen(self, node_id: str) -> queue.Queue:
         """Register ``node_id``'s Listen stream (replacing an older one, whose queue gets None):
-        the returned queue yields connection ids, or None when replaced."""
+        the returned queue yields :class:`HubEvent`, or None when replaced."""
         q: queue.Queue = queue.Queue(maxsize=self.limits.max_waiting_per_node)
         with self._lock:
             old = self._listeners.get(node_id)
@@ -141,10 +148,48 @@ class RelayHub:
             cid = secrets.token_bytes(CONNECTION_ID_BYTES)
             waiting = _Waiting(node_id)
             self._waiting[cid] = waiting
-        if not _put_nowait(q, cid):
+        if not _put_nowait(q, HubEvent("connect", cid)):
             self.withdraw(cid)
             return None
         return cid, waiting
+
+    def punch_offer(self, dialer: str, acceptor: str) -> bytes | None:
+        """A hole-punching rendezvous between two nodes: its one-time id (sent to ``acceptor`` on
+        its Listen stream), or None when the acceptor does not listen here or is busy."""
+        now = self._clock.monotonic()
+        with self._lock:
+            for pid in [k for k, p in self._punches.items() if now - p.at_s > 60]:
+                del self._punches[pid]  # nobody came
+            q = self._listeners.get(acceptor)
+            if q is None or dialer == acceptor or len(self._punches) >= self.limits.max_connections:
+                return None
+            pid = secrets.token_bytes(CONNECTION_ID_BYTES)
+            self._punches[pid] = _Punch(dialer, acceptor, now)
+        if not _put_nowait(q, HubEvent("punch", pid, dialer)):
+            with self._lock:
+                self._punches.pop(pid, None)
+            return None
+        return pid
+
+    def punch_meet(self, pid: bytes, role: int, endpoint: tuple[str, int], timeout_s: float) -> tuple[str, int] | None:
+        """One side of rendezvous ``pid`` arrived from ``endpoint`` (as the relay sees it): the
+        other side's endpoint once it arrives too (within ``timeout_s``), else None. Each role
+        comes once."""
+        with self._lock:
+            p = self._punches.get(pid)
+        if p is None or role not in (0, 1):
+            return None
+        with p.cond:
+            if p.seen[role] is not None:
+                return None
+            p.seen[role] = endpoint
+            p.cond.notify_all()
+            p.cond.wait_for(lambda: p.seen[1 - role] is not None, timeout_s)
+            other = p.seen[1 - role]
+            if other is not None:
+                with self._lock:
+                    self._punches.pop(pid, None)
+        return other
 
     def withdraw(self, cid: bytes) -> None:
         with self._lock:
@@ -225,7 +270,7 @@ class RelayServer:
         with self._lock:
             socks = list(self._open)
         for s in socks:
-            _close(s)
+            close_quietly(s)
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -246,7 +291,7 @@ class RelayServer:
                     self._per_ip[ip] += 1
             if full:
                 log.warning("relay refused a connection from %s: connection limit reached", ip)
-                _close(conn)
+                close_quietly(conn)
                 continue
             threading.Thread(target=self._serve, args=(conn, ip), name="relay-conn", daemon=True).start()
 
@@ -257,12 +302,18 @@ class RelayServer:
                 self._per_ip[ip] -= 1
                 if self._per_ip[ip] <= 0:
                     del self._per_ip[ip]
-        _close(conn)
+        close_quietly(conn)
 
     def _serve(self, conn: socket.socket, ip: str) -> None:
         handed_over = False
         try:
             head, node_id, cid = _read_head(conn, self.hub.limits.hello_timeout_s)
+            if head.startswith(PUNCH_MAGIC):  # a hole-punching rendezvous: say where the other side is
+                peer_ip, peer_port = conn.getpeername()[:2]
+                other = self.hub.punch_meet(cid, head[-1], (peer_ip, peer_port), self.hub.limits.connect_timeout_s)
+                if other is not None:
+                    conn.sendall(f"{other[0]} {other[1]}\n".encode())
+                return
             if cid is not None:  # a relayed node dialling back: the waiting peer thread splices it
                 handed_over = self.hub.claim(cid, conn)
                 if not handed_over:
@@ -288,7 +339,7 @@ class RelayServer:
                        on_a_to_b=lambda n: self.hub.count(node_id, to_node=n),
                        on_b_to_a=lambda n: self.hub.count(node_id, from_node=n))
             finally:
-                _close(node_sock)
+                close_quietly(node_sock)
         except (OSError, NotClientHello) as exc:
             log.debug("relay connection from %s closed: %s", ip, exc)
         finally:
@@ -305,13 +356,14 @@ class RelayServer:
 def _read_head(conn: socket.socket, timeout_s: float) -> tuple[bytes, str | None, bytes | None]:
     """(bytes read, node id asked for, dial-back connection id): the first TLS record or the
     dial-back preamble, within ``timeout_s`` overall. Raises NotClientHello / OSError."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     data = b""
     while True:
         if data[:1] == MAGIC[:1]:
-            if len(data) >= PREAMBLE_BYTES:
+            want = PUNCH_PREAMBLE_BYTES if data[:len(PUNCH_MAGIC)] == PUNCH_MAGIC[:len(data)] else PREAMBLE_BYTES
+            if len(data) >= want:
+                if data[:len(PUNCH_MAGIC)] == PUNCH_MAGIC and len(data) == PUNCH_PREAMBLE_BYTES:
+                    return data, None, data[len(PUNCH_MAGIC):-1]
                 if data[:len(MAGIC)] != MAGIC or len(data) != PREAMBLE_BYTES:
                     raise NotClientHello("bad dial-back preamble")
                 return data, None, data[len(MAGIC):]
@@ -324,59 +376,13 @@ def _read_head(conn: socket.socket, timeout_s: float) -> tuple[bytes, str | None
         if left <= 0:
             raise NotClientHello(f"no ClientHello within {timeout_s:g} s")
         conn.settimeout(left)
-        want = PREAMBLE_BYTES - len(data) if data[:1] == MAGIC[:1] else MAX_HELLO_BYTES - len(data)
+        want = PUNCH_PREAMBLE_BYTES - len(data) if data[:1] == MAGIC[:1] else MAX_HELLO_BYTES - len(data)
         chunk = conn.recv(max(1, want))
         if not chunk:
             raise NotClientHello("closed before a ClientHello")
         data += chunk
         if len(data) > MAX_HELLO_BYTES:
             raise NotClientHello("ClientHello too large")
-
-
-def splice(a: socket.socket, b: socket.socket, *, bucket: TokenBucket | None = None,
-           on_a_to_b=None, on_b_to_a=None) -> None:
-    """Copy bytes both ways until both directions end (a half-close is passed on). Runs a -> b
-    on a new thread and b -> a on this one; returns when both are done. Callbacks get byte
-    counts; ``bucket`` paces both directions."""
-    for s in (a, b):
-        s.settimeout(None)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    t = threading.Thread(target=_pump, args=(a, b, bucket, on_a_to_b), name="splice", daemon=True)
-    t.start()
-    _pump(b, a, bucket, on_b_to_a)
-    t.join()
-
-
-def _pump(src: socket.socket, dst: socket.socket, bucket: TokenBucket | None, on_bytes) -> None:
-    import time
-
-    buf = bytearray(_BUF_BYTES)
-    view = memoryview(buf)
-    try:
-        while True:
-            n = src.recv_into(buf)
-            if n == 0:
-                dst.shutdown(socket.SHUT_WR)
-                return
-            if bucket is not None and (wait_s := bucket.reserve(n)) > 0:
-                time.sleep(wait_s)  # pacing real bytes on a real socket: the one sleep that must be
-            dst.sendall(view[:n])
-            if on_bytes is not None:
-                on_bytes(n)
-    except OSError:
-        for s in (src, dst):  # one side broke: end both directions
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-def _close(s: socket.socket) -> None:
-    try:
-        s.close()
-    except OSError:
-        pass
 
 
 def dial_back(relay_address: tuple[str, int], cid: bytes, local_address: tuple[str, int], *,
@@ -390,10 +396,10 @@ def dial_back(relay_address: tuple[str, int], cid: bytes, local_address: tuple[s
         relay.sendall(MAGIC + cid)
         local = socket.create_connection(local_address, timeout=timeout_s)
     except OSError:
-        _close(relay)
+        close_quietly(relay)
         raise
     try:
         splice(relay, local)
     finally:
-        _close(relay)
-        _close(local)
+        close_quietly(relay)
+        close_quietly(local)

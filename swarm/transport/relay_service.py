@@ -7,7 +7,9 @@ listens only for its own node id, so nobody can take another node's connections.
 
 :class:`RelayListener` is the relayed node's side: it keeps a Listen stream open (re-opening it
 with backoff when it breaks) and for each connection id runs
-:func:`~swarm.transport.relay.dial_back` on a thread.
+:func:`~swarm.transport.relay.dial_back` on a thread (each punch request: ``on_punch``).
+``Punch`` starts a hole-punching rendezvous (swarm/transport/punch.py) with another node that
+listens on the same relay.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from collections.abc import Callable
 
 import grpc
 
-from swarm.errors import AuthError, SwarmError
+from swarm.errors import AuthError, InvalidRequestError, NotFoundError, SwarmError
+from swarm.identity import is_node_id
 from swarm.proto.v1 import relay_pb2 as pb
 from swarm.proto.v1 import relay_pb2_grpc as pb_grpc
 from swarm.transport.errors import grpc_errors, translate_rpc_errors
@@ -49,16 +52,33 @@ class RelayServicer(pb_grpc.RelayServicer):
             yield pb.RelayEvent()  # at once: the node knows it is reachable from now on
             while context.is_active():
                 try:
-                    cid = q.get(timeout=self.keepalive_s)
+                    event = q.get(timeout=self.keepalive_s)
                 except queue.Empty:
                     yield pb.RelayEvent()
                     continue
-                if cid is None:  # a newer stream of the same node took over
+                if event is None:  # a newer stream of the same node took over
                     return
-                yield pb.RelayEvent(connection_id=cid)
+                if event.kind == "punch":
+                    yield pb.RelayEvent(punch_id=event.token, peer_node_id=event.peer)
+                else:
+                    yield pb.RelayEvent(connection_id=event.token)
         finally:
             self.hub.unlisten(node_id, q)
             log.info("relay: node %s stopped listening", node_id[:8])
+
+
+    @grpc_errors
+    def Punch(self, request: pb.PunchRequest, context) -> pb.PunchReply:
+        node_id = self.identify(context)
+        if not node_id or node_id == "coordinator":
+            raise AuthError("only a node may ask for hole punching, for itself")
+        if not is_node_id(request.peer_node_id):
+            raise InvalidRequestError("peer_node_id is not a node id")
+        pid = self.hub.punch_offer(node_id, request.peer_node_id)
+        if pid is None:
+            raise NotFoundError(f"node {request.peer_node_id[:12]} does not listen on this relay (or is busy); "
+                                "use the relay path")
+        return pb.PunchReply(punch_id=pid)
 
 
 class RelayListener:
@@ -69,8 +89,10 @@ class RelayListener:
     ``local_address`` this node's own peer server."""
 
     def __init__(self, *, open_stream: Callable[[], object], relay_address: tuple[str, int],
-                 local_address: tuple[str, int], what: str, seed: int = 0) -> None:
+                 local_address: tuple[str, int], what: str, seed: int = 0,
+                 on_punch: Callable[[bytes, str], None] | None = None) -> None:
         self._open_stream, self.relay_address, self.local_address = open_stream, relay_address, local_address
+        self._on_punch = on_punch
         self.what = what
         self._stop = threading.Event()
         self._rng = random.Random(seed)
@@ -101,6 +123,10 @@ class RelayListener:
                         if len(event.connection_id) == CONNECTION_ID_BYTES:
                             threading.Thread(target=self._connect, args=(bytes(event.connection_id),),
                                              name="relay-dial-back", daemon=True).start()
+                        elif len(event.punch_id) == CONNECTION_ID_BYTES and is_node_id(event.peer_node_id) \
+                                and self._on_punch is not None:
+                            threading.Thread(target=self._on_punch, args=(bytes(event.punch_id), event.peer_node_id),
+                                             name="punch-accept", daemon=True).start()
             except SwarmError as exc:
                 if not self._stop.is_set():
                     log.warning("relay listen stream to %s ended: %s; reopening in %.1f s", self.what, exc, delay_s)

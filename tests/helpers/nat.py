@@ -11,8 +11,9 @@
 
 Each router namespace forwards between its LAN and WAN veths, masquerades what leaves on the WAN
 (``iptables -t nat -A POSTROUTING -o wan -j MASQUERADE``) and drops new connections coming in
-from the WAN (``iptables -A FORWARD -i wan -m conntrack --ctstate NEW -j DROP``), as home routers
-do; no port is forwarded. The WAN link of every router is shaped with ``tc tbf`` both ways. With
+from the WAN (``iptables -A FORWARD -i wan -m conntrack --ctstate NEW -j DROP``, and the same on
+INPUT: the router itself answers nothing there, not even a reset), as home routers do; no port is
+forwarded. The WAN link of every router is shaped with ``tc tbf`` both ways. With
 ``nat=False`` the homes get public addresses on the bridge instead (the same shaping: the "direct"
 baseline of bench/nat.py).
 
@@ -134,6 +135,8 @@ def nat_topology(*, num_homes: int = 2, rate: str | None = "100mbit", nat: bool 
                 _sh(*rp, "sysctl", "-qw", "net.ipv4.ip_forward=1")
                 _sh(*rp, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE")
                 _sh(*rp, "iptables", "-A", "FORWARD", "-i", "wan", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")
+                # and the router itself serves nothing on its WAN: silence, not a reset (as home routers)
+                _sh(*rp, "iptables", "-A", "INPUT", "-i", "wan", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")
                 topo.homes.append(Home(home, "192.168.1.2", router=far, router_wan_ip=wan_ip))
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             _unavailable(f"cannot set up the NAT namespaces here: {exc}", skip)

@@ -67,7 +67,8 @@ def test_home_nodes_behind_nat_join_train_and_serve_through_the_relay(tmp_path):
             assert nodes["public"]["reachability"] == "direct"
             for i in (0, 1):
                 home = nodes[f"home{i}"]
-                assert home["reachability"] == "relayed" and home["relay"] == "coordinator", home
+                # relayed, or already punched towards the other home node (link probes start at once)
+                assert home["reachability"] in ("relayed", "punched") and home["relay"] == "coordinator", home
                 # the coordinator sees the node at its router's public address, not its private one
                 assert home["observed_address"].split(":")[0] == net.homes[i].router_wan_ip
                 assert home["peer_address"] == f"{net.public_ip}:{ready['relay_port']}"
@@ -82,7 +83,12 @@ def test_home_nodes_behind_nat_join_train_and_serve_through_the_relay(tmp_path):
                 return len(by) >= 6 and by
 
             by = wait_until(paths, 60, message="all six links measured")
-            assert by[(ids["public"], ids["home0"])] == "relayed" and by[(ids["home0"], ids["home1"])] == "relayed"
+            assert by[(ids["public"], ids["home0"])] == "relayed" and by[(ids["home1"], ids["public"])] == "relayed"
+            # between the two home nodes the hole was punched (TCP simultaneous open through both NATs)
+            assert by[(ids["home0"], ids["home1"])] == by[(ids["home1"], ids["home0"])] == "punched", by
+            nodes = {n["name"]: n for n in status_json(coord)["nodes"]}
+            assert nodes["home0"]["reachability"] == nodes["home1"]["reachability"] == "punched"
+            assert nodes["home0"]["metrics"]["punch_successes"] >= 1
 
             # a 3-stage training job: a stage on each node, so on each home node
             make_tiny_checkpoint(tmp_path / "model", num_layers=3, hidden_size=32, num_heads=4,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswarm/proto/v1/relay.proto\x12\x0eswarm.proto.v1\"\x14\n\x12RelayListenRequest\"#\n\nRelayEvent\x12\x15\n\rconnection_id\x18\x01 \x01(\x0c\x32S\n\x05Relay\x12J\n\x06Listen\x12\".swarm.proto.v1.RelayListenRequest\x1a\x1a.swarm.proto.v1.RelayEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswarm/proto/v1/relay.proto\x12\x0eswarm.proto.v1\"\x14\n\x12RelayListenRequest\"K\n\nRelayEvent\x12\x15\n\rconnection_id\x18\x01 \x01(\x0c\x12\x10\n\x08punch_id\x18\x02 \x01(\x0c\x12\x14\n\x0cpeer_node_id\x18\x03 \x01(\t\"$\n\x0cPunchRequest\x12\x14\n\x0cpeer_node_id\x18\x01 \x01(\t\"\x1e\n\nPunchReply\x12\x10\n\x08punch_id\x18\x01 \x01(\x0c\x32\x96\x01\n\x05Relay\x12J\n\x06Listen\x12\".swarm.proto.v1.RelayListenRequest\x1a\x1a.swarm.proto.v1.RelayEvent0\x01\x12\x41\n\x05Punch\x12\x1c.swarm.proto.v1.PunchRequest\x1a\x1a.swarm.proto.v1.PunchReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELAYLISTENREQUEST']._serialized_start=46
   _globals['_RELAYLISTENREQUEST']._serialized_end=66
   _globals['_RELAYEVENT']._serialized_start=68
-  _globals['_RELAYEVENT']._serialized_end=103
-  _globals['_RELAY']._serialized_start=105
-  _globals['_RELAY']._serialized_end=188
+  _globals['_RELAYEVENT']._serialized_end=143
+  _globals['_PUNCHREQUEST']._serialized_start=145
+  _globals['_PUNCHREQUEST']._serialized_end=181
+  _globals['_PUNCHREPLY']._serialized_start=183
+  _globals['_PUNCHREPLY']._serialized_end=213
+  _globals['_RELAY']._serialized_start=216
+  _globals['_RELAY']._serialized_end=366
 # @@protoc_insertion_point(module_scope)

@@ -39,12 +39,23 @@ class RelayStub:
                 request_serializer=swarm_dot_proto_dot_v1_dot_relay__pb2.RelayListenRequest.SerializeToString,
                 response_deserializer=swarm_dot_proto_dot_v1_dot_relay__pb2.RelayEvent.FromString,
                 _registered_method=True)
+        self.Punch = channel.unary_unary(
+                '/swarm.proto.v1.Relay/Punch',
+                request_serializer=swarm_dot_proto_dot_v1_dot_relay__pb2.PunchRequest.SerializeToString,
+                response_deserializer=swarm_dot_proto_dot_v1_dot_relay__pb2.PunchReply.FromString,
+                _registered_method=True)
 
 
 class RelayServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Listen(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Punch(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -57,6 +68,11 @@ def add_RelayServicer_to_server(servicer, server):
                     servicer.Listen,
                     request_deserializer=swarm_dot_proto_dot_v1_dot_relay__pb2.RelayListenRequest.FromString,
                     response_serializer=swarm_dot_proto_dot_v1_dot_relay__pb2.RelayEvent.SerializeToString,
+            ),
+            'Punch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Punch,
+                    request_deserializer=swarm_dot_proto_dot_v1_dot_relay__pb2.PunchRequest.FromString,
+                    response_serializer=swarm_dot_proto_dot_v1_dot_relay__pb2.PunchReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +102,33 @@ class Relay:
             '/swarm.proto.v1.Relay/Listen',
             swarm_dot_proto_dot_v1_dot_relay__pb2.RelayListenRequest.SerializeToString,
             swarm_dot_proto_dot_v1_dot_relay__pb2.RelayEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Punch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.proto.v1.Relay/Punch',
+            swarm_dot_proto_dot_v1_dot_relay__pb2.PunchRequest.SerializeToString,
+            swarm_dot_proto_dot_v1_dot_relay__pb2.PunchReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,7 +13,7 @@ from coordinator.reachability import dial_node
 from node.agent import NodeAgent, NodeConfig
 from swarm.errors import SwarmError
 from swarm.localswarm import wait_until
-from swarm.membership import link_json
+from swarm.membership import link_json, link_paths
 from swarm.proto.v1 import peer_pb2, peer_pb2_grpc
 from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, bind, data_channel, make_server
 from swarm.transport.errors import translate_rpc_errors
@@ -72,8 +72,8 @@ def test_unreachable_node_is_relayed_and_reached_through_the_relay(app, tmp_path
         wait_until(measured, 40, message="both directions measured")
         used = app.reachability.usage()["bytes"][natted.node_id]
         assert used["to_node"] > app.measurements.policy.probe_bytes  # the probe crossed the relay
-        reach = {n.id: n.reachability for n in app.registry.snapshot()}
-        paths = {(lk.src, lk.dst): link_json(lk, reach)["path"] for lk in app.network.links()}
+        path = link_paths(app.registry.snapshot())
+        paths = {(lk.src, lk.dst): link_json(lk, path)["path"] for lk in app.network.links()}
         assert paths[(direct.node_id, natted.node_id)] == "relayed"
     finally:
         for a in (natted, direct):

@@ -9,9 +9,10 @@ import pytest
 
 from swarm.clock import FakeClock
 from swarm.reachability import (
-    COORDINATOR_RELAY, MAX_RELAYED_PER_VOLUNTEER, RelayOffer, choose_relay, decide, link_path, startup_message,
+    COORDINATOR_RELAY, MAX_RELAYED_PER_VOLUNTEER, RelayOffer, choose_relay, decide, effective_reachability, link_path,
+    link_paths, punched_peers, startup_message,
 )
-from swarm.transport.relay import RelayHub, RelayLimits, TokenBucket
+from swarm.transport.relay import HubEvent, RelayHub, RelayLimits, TokenBucket
 
 COORD = RelayOffer(relay_id=COORDINATOR_RELAY, address="203.0.113.1:7071")
 
@@ -50,12 +51,26 @@ def test_volunteers_preferred_least_loaded_then_lowest_rtt_then_id():
     assert choose_relay([], None) is None
 
 
-@pytest.mark.parametrize("src,dst,path", [
-    ("direct", "direct", "direct"), ("direct", "relayed", "relayed"), ("relayed", "direct", "relayed"),
-    ("punched", "direct", "punched"), ("punched", "relayed", "relayed"), ("pending", "direct", "direct"),
+@pytest.mark.parametrize("src,dst,punched,path", [
+    ("direct", "direct", False, "direct"), ("direct", "relayed", False, "relayed"),
+    ("relayed", "direct", False, "relayed"), ("punched", "direct", False, "relayed"),
+    ("relayed", "relayed", True, "punched"), ("punched", "relayed", False, "relayed"),
+    ("pending", "direct", False, "direct"),
 ])
-def test_link_path(src, dst, path):
-    assert link_path(src, dst) == path
+def test_link_path(src, dst, punched, path):
+    assert link_path(src, dst, punched=punched) == path
+
+
+def test_punched_pairs_come_from_metrics_and_are_validated():
+    a, b, c = "a" * 32, "b" * 32, "c" * 32
+    path = link_paths([(a, "relayed", {"punched_peers": [b]}), (b, "relayed", {}), (c, "relayed", {}),
+                       ("d" * 32, "relayed", {"punched_peers": "junk"}), ("e" * 32, "direct", {})])
+    assert path(a, b) == path(b, a) == "punched"  # either end's report counts
+    assert path(a, c) == "relayed" and path("e" * 32, "x" * 32) == "direct"
+    assert punched_peers({"punched_peers": [b, "not-an-id", 7, a.upper()]}) == {b}
+    assert effective_reachability("relayed", {"punched_peers": [b]}) == "punched"
+    assert effective_reachability("relayed", {}) == "relayed"
+    assert effective_reachability("direct", {"punched_peers": [b]}) == "direct"
 
 
 def test_startup_messages_say_what_was_found_and_that_nothing_is_to_open():
@@ -86,7 +101,7 @@ def test_hub_routes_one_time_ids_and_counts_bytes():
     assert hub.offer(node) is None  # nobody listens
     q = hub.listen(node)
     cid, waiting = hub.offer(node)
-    assert q.get_nowait() == cid and len(cid) == 16
+    assert q.get_nowait() == HubEvent("connect", cid) and len(cid) == 16
     assert hub.claim(b"x" * 16, object()) is False  # unknown id
     sock = object()
     assert hub.claim(cid, sock) is True and waiting.ready.is_set() and waiting.node_sock is sock
