@@ -240,11 +240,18 @@ async def api_network(request: web.Request) -> web.Response:
     })
 
 
+async def api_relay(request: web.Request) -> web.Response:
+    """The coordinator's relay port: who listens on it and the bytes relayed per node
+    (coordinator/reachability.py); node ids only, no addresses."""
+    return web.json_response(request.app[APP_KEY].reachability.usage())
+
+
 def build_web_app(app) -> web.Application:
     web_app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[check_credentials, body_limits])
     web_app[APP_KEY] = app
     web_app.router.add_get("/api/nodes", api_nodes)
     web_app.router.add_get("/api/network", api_network)
+    web_app.router.add_get("/api/relay", api_relay)
     return web_app
 
 

@@ -328,6 +328,8 @@ class RelayServer:
             cid, waiting = offered
             if not waiting.ready.wait(self.hub.limits.connect_timeout_s):
                 self.hub.withdraw(cid)
+                if waiting.node_sock is not None:  # it came just as we gave up
+                    close_quietly(waiting.node_sock)
                 log.warning("relay: node %s did not dial back within %.1f s", node_id[:8],
                             self.hub.limits.connect_timeout_s)
                 return

@@ -5,7 +5,9 @@ link probes included, reach it through the relay, which only splices bytes."""
 
 from __future__ import annotations
 
+import json
 import socket
+import urllib.request
 
 import pytest
 
@@ -70,7 +72,12 @@ def test_unreachable_node_is_relayed_and_reached_through_the_relay(app, tmp_path
             return bw[0, 1] > 0 and bw[1, 0] > 0
 
         wait_until(measured, 40, message="both directions measured")
-        used = app.reachability.usage()["bytes"][natted.node_id]
+        req = urllib.request.Request(f"http://127.0.0.1:{app.http_port}/api/relay",
+                                     headers={"Authorization": f"Bearer {app.read_token}"})
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            relay = json.loads(resp.read())
+        assert relay["listening"] == [natted.node_id]
+        used = relay["bytes"][natted.node_id]
         assert used["to_node"] > app.measurements.policy.probe_bytes  # the probe crossed the relay
         path = link_paths(app.registry.snapshot())
         paths = {(lk.src, lk.dst): link_json(lk, path)["path"] for lk in app.network.links()}
@@ -100,3 +107,43 @@ def test_dial_back_proves_the_id_over_mtls(tmp_path):
         assert not ok and err
     finally:
         server.stop(0)
+
+
+@pytest.mark.timeout(60)
+def test_a_volunteer_relay_is_preferred_and_relays_end_to_end(app, tmp_path):
+    volunteer = agent(app, tmp_path, "volunteer", relay_port=0)  # swarm-node join --relay
+    natted = agent(app, tmp_path, "natted2", advertise_host="127.0.0.4")
+    volunteer.start()
+    try:
+        assert volunteer.wait_registered(20)
+        natted.start()
+        assert natted.wait_registered(20)
+        r = app.registry.get(natted.node_id)
+        assert r.reachability == "relayed" and r.relay_node_id == volunteer.node_id
+        assert r.peer_address == f"127.0.0.1:{volunteer.relay.relay_port}"
+        # the coordinator (a peer like any other here) reaches it through the volunteer's relay port
+        assert ping(r.peer_address, natted.node_id, app.security) == natted.node_id
+        assert volunteer.relay.metrics()["relayed_bytes"] > 0
+    finally:
+        natted.stop()
+        volunteer.stop()
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_without_any_relay_stays_pending_and_says_what_to_do(tmp_path, caplog):
+    from coordinator.app import CoordinatorApp, CoordinatorConfig
+
+    app = CoordinatorApp(CoordinatorConfig(state_dir=tmp_path / "coord", heartbeat_interval_s=0.2, node_timeout_s=1.5,
+                                           sweep_interval_s=0.1, plugins=(), relay_port=None))
+    app.start()
+    natted = agent(app, tmp_path, "alone", advertise_host="127.0.0.5")
+    try:
+        with caplog.at_level("ERROR", logger="node.relay_link"):
+            natted.start()
+            assert natted.wait_registered(20)
+        assert app.registry.get(natted.node_id).reachability == "pending"
+        assert natted.node_id not in {n.id for n in app.registry.online()}  # no work, no peer sent to it
+        assert any("--relay-port" in r.getMessage() and "--relay" in r.getMessage() for r in caplog.records)
+    finally:
+        natted.stop()
+        app.stop(grace_s=0.2)
