@@ -266,10 +266,7 @@ class NodeAgent:
             self._session = reg.session
         # serving the new certificate now: the coordinator dials back (proof of id) before it
         # sends anyone here; relayed nodes start listening on their relay
-        local_host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else "::1" if self.config.host == "::" \
-            else self.config.host
-        self.relay.check(self._link, reg.session, coordinator_address=self.coordinator_address,
-                         local_address=(local_host, self.peer_port))
+        self._check_reachability(reg.session)
         if self.config.heartbeat_interval_s is None:
             self.heartbeat_interval_s = reg.heartbeat_interval_s
         self._registered.set()
@@ -279,9 +276,17 @@ class NodeAgent:
         except queue.Full:
             log.warning("measurement queue full; the compute challenge waits for the next registration")
 
+    def _check_reachability(self, session: str) -> None:
+        local_host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else "::1" if self.config.host == "::" \
+            else self.config.host
+        self.relay.check(self._link, session, coordinator_address=self.coordinator_address,
+                         local_address=(local_host, self.peer_port), now_s=self.clock.monotonic())
+
     def _heartbeat(self) -> None:
         with self._session_lock:
             session = self._session
+        if self.relay.due(self.clock.monotonic()):  # still pending: the dial-back failed or no relay yet
+            self._check_reachability(session)
         self.update_metrics(**self.traffic.totals(), **self.relay.metrics())
         with self.metrics_lock:
             metrics = dict(self.metrics)

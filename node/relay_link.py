@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from swarm.errors import CapacityError
+from swarm.errors import CapacityError, SwarmError
 from swarm.proto.v1 import relay_pb2, relay_pb2_grpc
 from swarm.reachability import COORDINATOR_RELAY, startup_message
 from swarm.transport.channels import data_channel, parse_address
@@ -30,6 +30,7 @@ from swarm.transport.relay_service import RelayListener, RelayServicer
 log = logging.getLogger(__name__)
 
 LISTEN_READY_S = 5.0  # wait this long for the relay to confirm the Listen stream before READY
+NO_RELAY_RETRY_S = 30.0
 
 
 class NodeRelay:
@@ -41,6 +42,7 @@ class NodeRelay:
         self.server = RelayServer(self.hub, bind_host, offer_port) if self.hub is not None else None
         self.relay_port = 0
         self.reachability = "pending"
+        self._retry_at_s = 0.0
         self._listener: RelayListener | None = None
         self._bridge: PunchBridge | None = None
         self._channel = None
@@ -67,14 +69,21 @@ class NodeRelay:
         return out
 
     # -- being reachable --------------------------------------------------------------------------
-    def check(self, link, session: str, *, coordinator_address: str, local_address: tuple[str, int]) -> str:
+    def check(self, link, session: str, *, coordinator_address: str, local_address: tuple[str, int],
+              now_s: float = 0.0) -> str:
         """Ask for the dial-back, log what it found, listen on the relay when relayed. Returns the
-        reachability; "pending" when no relay is available (the log says what to do)."""
+        reachability; "pending" when no relay is available (the log says what to do: asked again
+        after NO_RELAY_RETRY_S, a volunteer relay may have come) or the call failed (asked again
+        at the next heartbeat): see :meth:`due`."""
         try:
             reply = link.check_reachability(session, coordinator_host=parse_address(coordinator_address)[0])
         except CapacityError as exc:
             log.error("%s", exc)
-            self.reachability = "pending"
+            self.reachability, self._retry_at_s = "pending", now_s + NO_RELAY_RETRY_S
+            return self.reachability
+        except SwarmError as exc:  # the session is fine (registration just succeeded): retry soon
+            log.warning("the coordinator's dial-back did not complete (%s); asking again", exc)
+            self.reachability, self._retry_at_s = "pending", now_s
             return self.reachability
         msg = startup_message(reachability=reply.reachability, advertised=reply.advertised_address,
                               observed=reply.observed_address, relay_id=reply.relay_node_id,
@@ -85,6 +94,10 @@ class NodeRelay:
         if reply.reachability == "relayed":
             self._listen(reply, local_address)
         return self.reachability
+
+    def due(self, now_s: float) -> bool:
+        """True when the dial-back must be asked for again (still pending)."""
+        return self.reachability == "pending" and now_s >= self._retry_at_s
 
     def _listen(self, reply, local_address: tuple[str, int]) -> None:
         request = relay_pb2.RelayListenRequest()
