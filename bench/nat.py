@@ -76,8 +76,12 @@ class NatSwarm:
 
         with self.client() as c:
             doc = status_json(c.snapshot())
+        online = [n for n in doc["nodes"] if n["state"] == "online"]
         return {"links": sorted({lk["path"] for lk in doc["links"]}),
-                "nodes": sorted({n["reachability"] for n in doc["nodes"] if n["state"] == "online"})}
+                "nodes": sorted({n["reachability"] for n in online}),
+                # hole punches as the nodes count them (heartbeat metrics, swarm/transport/punch.py)
+                "punch_attempts": sum(int(n["metrics"].get("punch_attempts", 0)) for n in online),
+                "punch_successes": sum(int(n["metrics"].get("punch_successes", 0)) for n in online)}
 
     def close(self) -> None:
         for p in reversed(self.procs):
@@ -217,17 +221,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in settings:
         m = best[name]
-        rows.append([name, ",".join(m["paths"]["links"]), int(round(m["tokens_per_s"])),
+        p = m["paths"]
+        punches = f"{p['punch_successes']}/{p['punch_attempts']}" if p.get("punch_attempts") else "-"
+        rows.append([name, ",".join(p["links"]), punches, int(round(m["tokens_per_s"])),
                      f"{m['tokens_per_s'] / base:.3f}" if base else "-", f"{100 * (1 - m['tokens_per_s'] / base):.1f}%"
                      if base else "-", f"{100 * m['wait_frac']:.0f}%"])
-    table = markdown_table(["setting", "link paths", "tokens/s", "vs direct", "cost vs direct", "network wait"], rows)
+    table = markdown_table(["setting", "link paths", "punches ok/tried", "tokens/s", "vs direct", "cost vs direct",
+                            "network wait"], rows)
     table += "\n\n" + markdown_table(["transfer", "relay throughput", "relay CPU"], [cpu_row])
     notes = (f"{args.stages} nodes, one per home namespace, WAN links tc tbf {args.rate_mbit:g} Mbit/s both ways; "
              f"coordinator (and its relay) in the public namespace. Model: tiny GPT-2, {args.layers} layers, hidden "
              f"{args.hidden}, {cfg.num_parameters() / 1e6:.2f}M parameters, codec {args.codec}, {args.stages} stages, "
              f"1F1B, batch {args.batch_size} x {args.seq_len} in micro-batches of {args.micro_batch_size}, "
              f"{args.steps} steps, best of {args.repeats} interleaved round(s), warm steps only. Relay CPU: one "
-             "relay process on loopback forwarding opaque bytes (user+system CPU seconds / Gbit sent).")
+             "relay process on loopback forwarding opaque bytes (user+system CPU seconds / Gbit sent). Punches: "
+             "attempts and successes the nodes counted (each side of a punch counts once), best round.")
     print(table)
     print(notes)
     if not args.no_record:

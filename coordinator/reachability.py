@@ -68,6 +68,8 @@ class Reachability:
         self.hub = RelayHub(relay_limits)
         self.relay_server = RelayServer(self.hub, app.config.host, relay_port) if relay_port is not None else None
         self.relay_port = 0
+        if self.relay_server is not None:  # planners price relayed links within this cap
+            app.network.relay_caps[COORDINATOR_RELAY] = self.hub.limits.rate_Bps
         self._rtt_s: dict[str, float] = {}  # node id -> dial-back RTT (ranks volunteer relays)
 
     def install(self, server) -> None:

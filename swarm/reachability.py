@@ -78,13 +78,14 @@ def decide(*, advertised: str, dial_ok: bool, held_by_other: bool, volunteers: l
 
 
 def link_path(src: str, dst: str, *, punched: bool = False) -> str:
-    """The path of traffic between nodes of reachability ``src`` and ``dst``: ``punched`` when
-    the two punched a hole to each other (``punched``), else relayed if either end is reached
-    through a relay (a relayed or punched node: punched only towards the peers it punched to),
-    else direct."""
+    """The path of traffic from a node of reachability ``src`` to one of ``dst``. Traffic i -> j
+    runs on a connection i dialled to j (swarm's pipelines, probes and shard fetches all push to
+    the node they dial), so the path depends on ``dst``: ``punched`` when the two punched a hole
+    to each other, relayed when ``dst`` is reached through a relay (a relayed node, or a punched
+    one towards peers it did not punch to), else direct (a NAT'd node dials out directly)."""
     if punched:
         return "punched"
-    if {"relayed", "punched"} & {src, dst}:
+    if dst in ("relayed", "punched"):
         return "relayed"
     return "direct"
 

@@ -81,7 +81,8 @@ def test_unreachable_node_is_relayed_and_reached_through_the_relay(app, tmp_path
         assert used["to_node"] > app.measurements.policy.probe_bytes  # the probe crossed the relay
         path = link_paths(app.registry.snapshot())
         paths = {(lk.src, lk.dst): link_json(lk, path)["path"] for lk in app.network.links()}
-        assert paths[(direct.node_id, natted.node_id)] == "relayed"
+        assert paths[(direct.node_id, natted.node_id)] == "relayed"  # into the NAT: relayed
+        assert paths[(natted.node_id, direct.node_id)] == "direct"  # out of it: dialled directly
     finally:
         for a in (natted, direct):
             a.stop()

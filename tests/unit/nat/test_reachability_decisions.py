@@ -53,9 +53,9 @@ def test_volunteers_preferred_least_loaded_then_lowest_rtt_then_id():
 
 @pytest.mark.parametrize("src,dst,punched,path", [
     ("direct", "direct", False, "direct"), ("direct", "relayed", False, "relayed"),
-    ("relayed", "direct", False, "relayed"), ("punched", "direct", False, "relayed"),
-    ("relayed", "relayed", True, "punched"), ("punched", "relayed", False, "relayed"),
-    ("pending", "direct", False, "direct"),
+    ("relayed", "direct", False, "direct"),  # a NAT'd node dials out directly
+    ("direct", "punched", False, "relayed"), ("relayed", "relayed", True, "punched"),
+    ("punched", "relayed", False, "relayed"), ("pending", "direct", False, "direct"),
 ])
 def test_link_path(src, dst, punched, path):
     assert link_path(src, dst, punched=punched) == path
@@ -66,7 +66,7 @@ def test_punched_pairs_come_from_metrics_and_are_validated():
     path = link_paths([(a, "relayed", {"punched_peers": [b]}), (b, "relayed", {}), (c, "relayed", {}),
                        ("d" * 32, "relayed", {"punched_peers": "junk"}), ("e" * 32, "direct", {})])
     assert path(a, b) == path(b, a) == "punched"  # either end's report counts
-    assert path(a, c) == "relayed" and path("e" * 32, "x" * 32) == "direct"
+    assert path(a, c) == "relayed" and path("e" * 32, "x" * 32) == "direct" and path(a, "e" * 32) == "direct"
     assert punched_peers({"punched_peers": [b, "not-an-id", 7, a.upper()]}) == {b}
     assert effective_reachability("relayed", {"punched_peers": [b]}) == "punched"
     assert effective_reachability("relayed", {}) == "relayed"
@@ -124,3 +124,25 @@ def test_relay_limits_are_validated():
         RelayLimits(rate_Bps=0)
     with pytest.raises(Exception):
         RelayLimits(max_per_ip=0)
+
+
+def test_relayed_links_are_priced_within_the_relay_cap():
+    import numpy as np
+
+    from coordinator.network import relay_capped
+    from swarm.membership import NodeInfo
+    from tests.helpers.foundation import HW
+
+    def node(c, reach, relay=""):
+        return NodeInfo(id=c * 32, name=c, state="online", hardware=HW, peer_address="x:1", registered_at_s=0,
+                        last_seen_at_s=0, reachability=reach, relay_node_id=relay)
+
+    nodes = [node("a", "direct"), node("b", "relayed", "coordinator"), node("c", "relayed", "coordinator"),
+             node("d", "relayed", "f" * 32)]
+    bw = np.full((4, 4), 100e6)
+    bw[0, 3] = np.nan
+    out = relay_capped(bw, nodes, {"coordinator": 60e6})
+    assert out[0, 1] == out[2, 1] == out[0, 2] == 30e6  # two nodes share the coordinator's 60 MB/s
+    assert out[1, 0] == 100e6  # out of a NAT: dialled directly, not through the relay
+    assert out[0, 3] != out[0, 3] and out[1, 3] == 100e6  # unmeasured stays NaN; a volunteer's cap is unknown
+    assert relay_capped(np.full((4, 4), 1e6), nodes, {"coordinator": 60e6})[0, 1] == 1e6  # below the share: as measured
