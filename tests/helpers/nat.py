@@ -14,8 +14,8 @@ Each router namespace forwards between its LAN and WAN veths, masquerades what l
 from the WAN (``iptables -A FORWARD -i wan -m conntrack --ctstate NEW -j DROP``, and the same on
 INPUT: the router itself answers nothing there, not even a reset), as home routers do; no port is
 forwarded. The WAN link of every router is shaped with ``tc tbf`` both ways. With
-``nat=False`` the homes get public addresses on the bridge instead (the same shaping: the "direct"
-baseline of bench/nat.py).
+``nat=False`` the same routers route a public subnet of each home's own instead of doing NAT
+(same hops, same shaping: the "direct" baseline of bench/nat.py).
 
 Names carry the pid so concurrent runs do not collide; everything is deleted on exit. Skips the
 calling test when not root / no ``ip``, ``tc`` or ``iptables`` (``skip=False``: raises
@@ -105,8 +105,9 @@ def nat_topology(*, num_homes: int = 2, rate: str | None = "100mbit", nat: bool 
             for i in range(num_homes):
                 wan_ip = f"{net16}.0.{10 + i}"
                 home = ns(f"swnh{i}{tag}")
-                # public side: a veth on the bridge; its far end is the router's WAN (or the home itself)
-                far = ns(f"swnr{i}{tag}") if nat else home
+                # public side: a veth on the bridge; its far end is the router's WAN
+                far = ns(f"swnr{i}{tag}")
+                rp = ["ip", "netns", "exec", far]
                 _sh("ip", "link", "add", f"swnw{i}{tag}", "type", "veth", "peer", "name", f"swnb{i}{tag}")
                 _sh("ip", "link", "set", f"swnb{i}{tag}", "netns", pub)
                 _sh("ip", "-n", pub, "link", "set", f"swnb{i}{tag}", "master", "br0")
@@ -116,28 +117,37 @@ def nat_topology(*, num_homes: int = 2, rate: str | None = "100mbit", nat: bool 
                 _sh("ip", "-n", far, "addr", "add", f"{wan_ip}/24", "dev", "wan")
                 _sh("ip", "-n", far, "link", "set", "wan", "up")
                 if rate:  # both directions of the WAN link: the router's upload and its download
-                    _shape(["ip", "netns", "exec", far], "wan", rate)
+                    _shape(rp, "wan", rate)
                     _shape(pfx, f"swnb{i}{tag}", rate)
-                if not nat:
-                    topo.homes.append(Home(home, wan_ip, router="", router_wan_ip=wan_ip))
-                    continue
-                rp = ["ip", "netns", "exec", far]
+                # the LAN: with NAT the private 192.168.1.0/24 (every home the same, as real ones);
+                # without, a public subnet of its own routed to it (same hops and shaping: the baseline)
+                lan = "192.168.1" if nat else f"{net16}.{1 + i}"
                 _sh("ip", "link", "add", f"swnl{i}{tag}", "type", "veth", "peer", "name", f"swnh{i}{tag}x")
                 _sh("ip", "link", "set", f"swnl{i}{tag}", "netns", far)
                 _sh("ip", "link", "set", f"swnh{i}{tag}x", "netns", home)
                 _sh("ip", "-n", far, "link", "set", f"swnl{i}{tag}", "name", "lan")
-                _sh("ip", "-n", far, "addr", "add", "192.168.1.1/24", "dev", "lan")
+                _sh("ip", "-n", far, "addr", "add", f"{lan}.1/24", "dev", "lan")
                 _sh("ip", "-n", far, "link", "set", "lan", "up")
                 _sh("ip", "-n", home, "link", "set", f"swnh{i}{tag}x", "name", "eth0")
-                _sh("ip", "-n", home, "addr", "add", "192.168.1.2/24", "dev", "eth0")
+                _sh("ip", "-n", home, "addr", "add", f"{lan}.2/24", "dev", "eth0")
                 _sh("ip", "-n", home, "link", "set", "eth0", "up")
-                _sh("ip", "-n", home, "route", "add", "default", "via", "192.168.1.1")
+                _sh("ip", "-n", home, "route", "add", "default", "via", f"{lan}.1")
                 _sh(*rp, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-                _sh(*rp, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE")
-                _sh(*rp, "iptables", "-A", "FORWARD", "-i", "wan", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")
-                # and the router itself serves nothing on its WAN: silence, not a reset (as home routers)
-                _sh(*rp, "iptables", "-A", "INPUT", "-i", "wan", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")
-                topo.homes.append(Home(home, "192.168.1.2", router=far, router_wan_ip=wan_ip))
+                if nat:
+                    _sh(*rp, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE")
+                    _sh(*rp, "iptables", "-A", "FORWARD", "-i", "wan", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")
+                    # and the router itself serves nothing on its WAN: silence, not a reset (as home routers)
+                    _sh(*rp, "iptables", "-A", "INPUT", "-i", "wan", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")
+                topo.homes.append(Home(home, f"{lan}.2", router=far, router_wan_ip=wan_ip))
+            if not nat:  # every public subnet reachable from the bridge through its router
+                for i, h in enumerate(topo.homes):
+                    subnet, via = f"{net16}.{1 + i}.0/24", h.router_wan_ip
+                    _sh("ip", "-n", pub, "route", "add", subnet, "via", via)
+                    _sh("ip", "route", "add", subnet, "via", via)  # the harness too
+                    uplinks.append(f"route:{subnet}")
+                    for other in topo.homes:
+                        if other is not h:
+                            _sh("ip", "-n", other.router, "route", "add", subnet, "via", via)
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             _unavailable(f"cannot set up the NAT namespaces here: {exc}", skip)
         yield topo
@@ -145,4 +155,7 @@ def nat_topology(*, num_homes: int = 2, rate: str | None = "100mbit", nat: bool 
         for name in reversed(created):  # deleting a namespace deletes its veth ends
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
         for dev in uplinks:  # gone with the public namespace already, normally
-            subprocess.run(["ip", "link", "del", dev], capture_output=True, timeout=20)
+            if dev.startswith("route:"):
+                subprocess.run(["ip", "route", "del", dev.removeprefix("route:")], capture_output=True, timeout=20)
+            else:
+                subprocess.run(["ip", "link", "del", dev], capture_output=True, timeout=20)

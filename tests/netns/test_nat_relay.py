@@ -31,7 +31,7 @@ def status_json(coord: CoordinatorHandle) -> dict:
     return json.loads(out.stdout)
 
 
-@pytest.mark.timeout(170)
+@pytest.mark.timeout(240)  # ~75 s on an idle 2-core box; room for a loaded one
 def test_home_nodes_behind_nat_join_train_and_serve_through_the_relay(tmp_path):
     from swarm.cli.train import upload_files
     from swarm.compression import CodecSpec
@@ -95,7 +95,7 @@ def test_home_nodes_behind_nat_join_train_and_serve_through_the_relay(tmp_path):
             make_tiny_checkpoint(tmp_path / "model", num_layers=3, hidden_size=32, num_heads=4,
                                  max_position_embeddings=64)
             (tmp_path / "data.txt").write_text(_SAMPLE_TEXT * 2)
-            spec = JobSpec(steps=6, batch_size=8, micro_batch_size=2, seq_len=32, lr=3e-3, codec=CodecSpec.parse("none"),
+            spec = JobSpec(steps=4, batch_size=8, micro_batch_size=2, seq_len=32, lr=3e-3, codec=CodecSpec.parse("none"),
                            num_stages=3, num_replicas=1, peer_timeout_s=30.0)
             with coord.client() as client:
                 job = client.submit_job(spec, upload_files(tmp_path / "model", tmp_path / "data.txt"))
@@ -113,7 +113,7 @@ def test_home_nodes_behind_nat_join_train_and_serve_through_the_relay(tmp_path):
             info = coord.serve(ckpt, name="tiny", num_replicas=1, num_stages=3, max_seq_len=128, sessions_per_replica=2)
             assert {s["node_id"] for s in info["replicas"][0]["stages"]} == set(ids.values())
             tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-            params = SamplingParams(max_new_tokens=16)
+            params = SamplingParams(max_new_tokens=12)
             prompt = "The swarm pools volunteer"
             want = reference(ckpt, tok.encode(prompt).ids, params, cfg.eos_token_id)
             got = [t for ev in generate_events(coord, model="tiny", prompt=prompt, params=params, timeout_s=60)
