@@ -26,6 +26,7 @@ import json
 import os
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,7 +78,12 @@ class NatSwarm:
         with self.client() as c:
             doc = status_json(c.snapshot())
         online = [n for n in doc["nodes"] if n["state"] == "online"]
+        bws = [lk["bandwidth_Bps"] * 8 / 1e6 for lk in doc["links"] if lk.get("bandwidth_Bps")]
+        rtts = [lk["rtt_s"] * 1e3 for lk in doc["links"] if lk.get("rtt_s")]
         return {"links": sorted({lk["path"] for lk in doc["links"]}),
+                # the coordinator's own link measurements (probes and transfers over the path in use)
+                "link_mbit_median": statistics.median(bws) if bws else None,
+                "link_rtt_ms_median": statistics.median(rtts) if rtts else None,
                 "nodes": sorted({n["reachability"] for n in online}),
                 # hole punches as the nodes count them (heartbeat metrics, swarm/transport/punch.py)
                 "punch_attempts": sum(int(n["metrics"].get("punch_attempts", 0)) for n in online),
@@ -223,11 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         m = best[name]
         p = m["paths"]
         punches = f"{p['punch_successes']}/{p['punch_attempts']}" if p.get("punch_attempts") else "-"
-        rows.append([name, ",".join(p["links"]), punches, int(round(m["tokens_per_s"])),
+        link = f"{p['link_mbit_median']:.0f} / {p['link_rtt_ms_median']:.1f}" if p.get("link_mbit_median") else "-"
+        rows.append([name, ",".join(p["links"]), punches, link, int(round(m["tokens_per_s"])),
                      f"{m['tokens_per_s'] / base:.3f}" if base else "-", f"{100 * (1 - m['tokens_per_s'] / base):.1f}%"
                      if base else "-", f"{100 * m['wait_frac']:.0f}%"])
-    table = markdown_table(["setting", "link paths", "punches ok/tried", "tokens/s", "vs direct", "cost vs direct",
-                            "network wait"], rows)
+    table = markdown_table(["setting", "link paths", "punches ok/tried", "links Mbit/s / RTT ms (median)", "tokens/s",
+                            "vs direct", "cost vs direct", "network wait"], rows)
     table += "\n\n" + markdown_table(["transfer", "relay throughput", "relay CPU"], [cpu_row])
     notes = (f"{args.stages} nodes, one per home namespace, WAN links tc tbf {args.rate_mbit:g} Mbit/s both ways; "
              f"coordinator (and its relay) in the public namespace. Model: tiny GPT-2, {args.layers} layers, hidden "
@@ -235,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
              f"1F1B, batch {args.batch_size} x {args.seq_len} in micro-batches of {args.micro_batch_size}, "
              f"{args.steps} steps, best of {args.repeats} interleaved round(s), warm steps only. Relay CPU: one "
              "relay process on loopback forwarding opaque bytes (user+system CPU seconds / Gbit sent). Punches: "
-             "attempts and successes the nodes counted (each side of a punch counts once), best round.")
+             "attempts and successes the nodes counted (each side of a punch counts once), best round. Links: "
+             "median over the coordinator's measured links after the job (probes, raised by real transfers).")
     print(table)
     print(notes)
     if not args.no_record:
