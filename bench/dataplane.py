@@ -2,6 +2,7 @@
 
     python -m bench.dataplane                      # CPU; shapes of the quick run and of the H200 job
     python -m bench.dataplane --device cuda
+    python -m bench.dataplane --tls-cost --shapes 4x256x1024   # TLS vs plaintext, persistent stream
 
 For each shape (micro-batch, seq, hidden; float32, codec ``none``) and each path, N tensors go
 from a PeerSender to a real gRPC server (PipelinePeerServicer + Endpoint that decodes the codec
@@ -34,7 +35,7 @@ import torch
 
 from bench._record import markdown_table, record
 from swarm import certs
-from swarm.transport.tls import TlsSecurity
+from swarm.transport.tls import PlaintextSecurity, TlsSecurity
 from node.training.exchange import Endpoint, Endpoints, PeerSender, PipelinePeerServicer
 from swarm.compression import CodecMessage, decode_tensor, encode_tensor
 from swarm.proto.v1 import training_pb2_grpc
@@ -67,11 +68,15 @@ def run(shape: tuple[int, ...], n: int, path: str, device: str) -> dict:
         return _run(shape, n, path, device, _node_security(ca, SENDER), _node_security(ca, RECEIVER))
 
 
-def _run(shape: tuple[int, ...], n: int, path: str, device: str, sender_sec: TlsSecurity,
-         receiver_sec: TlsSecurity) -> dict:
+def run_plaintext(shape: tuple[int, ...], n: int, path: str, device: str) -> dict:
+    """The same path over the benchmark-only plaintext transport (what TLS costs, --tls-cost)."""
+    return _run(shape, n, path, device, PlaintextSecurity(SENDER), PlaintextSecurity(RECEIVER))
+
+
+def _run(shape: tuple[int, ...], n: int, path: str, device: str, sender_sec, receiver_sec) -> dict:
     endpoints = Endpoints()
     srv = make_server(max_message_bytes=DATA_MAX_MESSAGE_BYTES, max_workers=8)
-    peer = PipelinePeerServicer(endpoints, identify=TlsSecurity.peer_identity)
+    peer = PipelinePeerServicer(endpoints, identify=receiver_sec.peer_identity)
     training_pb2_grpc.add_PipelinePeerServicer_to_server(peer, srv)
     srv.add_generic_rpc_handlers((peer.stream_receiver().handler(),))
     port = bind(srv, "127.0.0.1", 0, security=receiver_sec)
@@ -109,7 +114,7 @@ def _run(shape: tuple[int, ...], n: int, path: str, device: str, sender_sec: Tls
     for mb in range(3):  # warm-up (connection, stream)
         one(mb)
         ep.get("activation", 0, mb, timeout_s=60, stop=stop, what="peer")
-    t0, c0 = time.perf_counter(), time.thread_time()
+    t0, p0 = time.perf_counter(), time.process_time()
     cpu = 0.0
     for mb in range(3, 3 + n):
         c = time.thread_time()
@@ -117,14 +122,45 @@ def _run(shape: tuple[int, ...], n: int, path: str, device: str, sender_sec: Tls
         cpu += time.thread_time() - c
     for mb in range(3, 3 + n):
         ep.get("activation", 0, mb, timeout_s=60, stop=stop, what="peer")
-    wall = time.perf_counter() - t0
+    wall, process_s = time.perf_counter() - t0, time.process_time() - p0
     pushes.put(None)
     pusher.join(timeout=60)
     sender.flush()
     sender.close()
     srv.stop(0)
+    nbytes = n * x.numel() * 4
     return {"ms_per_tensor": 1e3 * wall / n, "caller_cpu_ms_per_tensor": 1e3 * cpu / n,
-            "mb_per_s": n * x.numel() * 4 / wall / 1e6}
+            "mb_per_s": nbytes / wall / 1e6, "cpu_s_per_gb": process_s / (nbytes / 1e9)}
+
+
+def tls_cost(args, shapes: list[tuple[int, ...]]) -> int:
+    """Persistent stream, TLS vs plaintext, interleaved rounds; throughput keeps the best round,
+    CPU (both ends: they share the process) the least."""
+    runs: dict = {}
+    for _ in range(args.repeats):
+        for shape in shapes:
+            for mode, fn in (("TLS", run), ("plaintext", run_plaintext)):
+                runs.setdefault((shape, mode), []).append(fn(shape, args.n, "stream", args.device))
+    rows = []
+    for shape in shapes:
+        t, p = runs[(shape, "TLS")], runs[(shape, "plaintext")]
+        bt, bp = max(r["mb_per_s"] for r in t), max(r["mb_per_s"] for r in p)
+        ct, cp = min(r["cpu_s_per_gb"] for r in t), min(r["cpu_s_per_gb"] for r in p)
+        spread = "TLS " + "/".join(f"{r['mb_per_s']:.0f}" for r in t) + "; plain " + "/".join(f"{r['mb_per_s']:.0f}" for r in p)
+        rows.append(["x".join(map(str, shape)), f"{4 * torch.Size(shape).numel() / 2**20:.2f}", bt, bp,
+                     f"{bt / bp:.3f}", ct, cp, f"{ct - cp:.2f}", spread])
+    headers = ["shape (b x S x H)", "MiB", "MB/s TLS", "MB/s plaintext", "TLS / plaintext", "CPU s/GB TLS",
+               "CPU s/GB plaintext", "TLS CPU s/GB extra", "MB/s per round"]
+    table = markdown_table(headers, rows)
+    print(json.dumps([dict(zip(headers, r)) for r in rows]) if args.json else table)
+    notes = (f"One process, loopback, persistent PipelineStream (PeerSender -> PipelinePeerServicer), {args.device}, "
+             f"float32 codec `none`, {args.n} tensors back to back per run, {args.repeats} interleaved rounds: MB/s the "
+             "best round, CPU the least; CPU s/GB is the whole process's CPU time (sender and receiver, every thread) "
+             "per GB moved. TLS: mTLS between two node certificates (ECDSA P-256, TLS 1.3); plaintext: the "
+             "benchmark-only PlaintextSecurity.")
+    if not args.no_record:
+        record(f"Data plane: TLS against plaintext, one persistent stream ({args.device}, loopback)", table, notes)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,9 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--tls-cost", action="store_true",
+                    help="the persistent stream over TLS against the benchmark-only plaintext transport")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+    if args.tls_cost:
+        return tls_cost(args, shapes)
     best: dict = {}
     for _ in range(args.repeats):  # interleaved; each keeps its best (least disturbed) run
         for shape in shapes:

@@ -210,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate-mbit", type=float, default=100.0)
     ap.add_argument("--delay-ms", type=float, default=0.0)
     ap.add_argument("--hidden-codec", default="none", choices=("none", "int8", "auto"))
-    ap.add_argument("--lanes", type=int, default=1, help="pipelined session groups per chain")
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--record-to", default=None, help="append the section to this file instead of docs/benchmarks.md")
     ap.add_argument("--json-out", default=None, help="also write the rows as JSON here")
@@ -246,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 with CoordinatorClient(swarm.address, token=swarm.token) as client:
                     client.upload_model(ckpt, name=f"bench-{k}", options=ServeOptions(
                         num_replicas=1, num_stages=k, max_seq_len=args.max_seq_len, sessions_per_replica=max(sessions),
-                        hidden_codec=args.hidden_codec, dtype=args.dtype, lanes=args.lanes))
+                        hidden_codec=args.hidden_codec, dtype=args.dtype))
                 one_generation(swarm.address, f"bench-{k}", 4, [], None, swarm.token)  # warm-up
             # interleave configurations so they share the same machine conditions; keep each
             # configuration's best run (highest aggregate throughput): the least disturbed one
@@ -300,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [f"Model: tiny {args.family}, {args.layers} layers, hidden {args.hidden}, {params_m:.1f}M parameters, "
              f"{args.dtype} on {args.device}; prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, greedy, "
              f"KV cache {args.max_seq_len} positions per session; "
-             f"best of {args.repeats} interleaved runs; hidden codec {args.hidden_codec}; {args.lanes} lane(s); one node process per stage"
+             f"best of {args.repeats} interleaved runs; hidden codec {args.hidden_codec}; one node process per stage"
              + ("; nodes in network namespaces behind tc tbf" if args.netns else "; loopback") + "; "
              + f"node processes {node_threads} torch thread(s) each; baseline `generate` "
              + f"{args.baseline_threads} thread(s) (a chain's stages compute one after the other)."]

@@ -227,56 +227,6 @@ def prepare_inputs(args, root: Path):
     return cfg
 
 
-def tls_cost(args, root: Path, codecs: list[str], rates: list[float]) -> int:
-    """TLS against the benchmark-only plaintext mode, same jobs: loopback, then each tbf rate
-    (netns) if given. One swarm per mode and round (the mode is a process setting); each
-    (mode, setting, codec) keeps its best run over ``--repeats`` rounds."""
-    cfg = prepare_inputs(args, root)
-    settings = [None] + rates
-    best: dict[tuple, dict] = {}
-    for rep in range(args.repeats):
-        for mode in ("tls", "plaintext"):
-            swarm = Swarm(root / f"swarm-{mode}-{rep}", args.stages, device=args.device,
-                          rate_mbit=rates[0] if rates else None, threads=args.threads, plaintext=mode == "plaintext")
-            try:
-                for rate in settings:
-                    if rates:
-                        swarm.set_rate(rate)
-                    for codec in codecs:
-                        job = run_job(swarm, root / "model", root / "data.txt", codec=codec, args=args)
-                        m = measure(swarm, job, warm_epochs=args.warm_epochs)
-                        name = f"tbf {rate:g} Mbit/s" if rate else ("unshaped veth" if rates else "loopback")
-                        m.update(setting=name, codec=codec, mode=mode)
-                        print(json.dumps(m), flush=True)
-                        key = (mode, rate or 0.0, codec)
-                        if key not in best or m["tokens_per_s"] > best[key]["tokens_per_s"]:
-                            best[key] = m
-            finally:
-                swarm.close()
-    rows = []
-    for rate in settings:
-        for codec in codecs:
-            t, p = best[("tls", rate or 0.0, codec)], best[("plaintext", rate or 0.0, codec)]
-            rows.append([t["setting"], codec, int(round(t["tokens_per_s"])), int(round(p["tokens_per_s"])),
-                         f"{t['tokens_per_s'] / p['tokens_per_s']:.3f}" if p["tokens_per_s"] else "-",
-                         f"{100 * t['wait_frac']:.0f}% / {100 * p['wait_frac']:.0f}%"])
-    headers = ["link", "codec", "tokens/s TLS", "tokens/s plaintext", "TLS / plaintext", "network wait TLS / plain"]
-    table = markdown_table(headers, rows)
-    print(table)
-    notes = (f"Model: tiny GPT-2, {args.layers} layers, hidden {args.hidden}, {cfg.num_parameters() / 1e6:.2f}M parameters, "
-             f"float32 on {args.device}; {args.stages} stages (one node process each, {args.threads} torch thread(s)), "
-             f"1F1B, batch {args.batch_size} x {args.seq_len} tokens in micro-batches of {args.micro_batch_size}; "
-             f"{args.steps} steps, best of {args.repeats} round(s) per cell, warm steps only. TLS: every gRPC channel "
-             "(coordinator and peer-to-peer, mTLS with ECDSA P-256 certificates, TLS 1.3); plaintext: the "
-             "benchmark-only SWARM_BENCH_PLAINTEXT=1 mode, same processes and jobs otherwise.")
-    print(notes)
-    if not args.no_record:
-        how = ("netns veth unshaped" + "".join(f" and tc tbf {r:g} Mbit/s" for r in rates)) if rates else "loopback"
-        record(f"TLS cost of the training pipeline ({args.device}, {how})", table, notes,
-               doc=Path(args.record_to) if args.record_to else None)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rates", default="100,1000", help="tbf rates in Mbit/s (comma list); needs root, ip, tc")
@@ -302,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--record-to", default=None, help="append the section to this file instead of docs/benchmarks.md")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--paired", action="store_true",
+                    help="with --tls-cost (loopback or --emulate): run the TLS and the plaintext swarm side by side, "
+                         "each job on both at once, so both see the same load from the rest of the machine")
     ap.add_argument("--tls-cost", action="store_true",
                     help="measure what TLS costs: each configuration with TLS and with the benchmark-only plaintext "
                          "mode (SWARM_BENCH_PLAINTEXT=1), tokens/s of both and their ratio")
@@ -327,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         root = Path(tmp)
         if args.tls_cost:
+            from bench.pipeline_tls import tls_cost
+
             return tls_cost(args, root, codecs, rates)
         cfg = prepare_inputs(args, root)
         netns = bool(rates) and not args.emulate

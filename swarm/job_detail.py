@@ -191,6 +191,9 @@ class JobDetail:
     resumed_from: Mapping[str, Any] | None  # {"job_id", "step"} when started with `swarm train --resume`
     events: tuple[JobEvent, ...]  # oldest first
     repeated_steps: tuple[int, ...]  # steps workers of two attempts both did (a re-plan's rollback)
+    # training spot checks since the coordinator started (coordinator/jobs/spotchecks.py Judge.stats):
+    # {"checks", "weighed", "unverifiable", "mismatches"}
+    spot_checks: Mapping[str, int]
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:

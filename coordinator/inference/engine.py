@@ -242,7 +242,7 @@ class InferenceEngine:
             refs = [StageRef(node_id=s.node_id, address=by_id[s.node_id].peer_address, first_layer=s.first_layer,
                              last_layer_excl=s.last_layer_excl) for s in rp.stages]
             replica = Replica(model=m.record.name, index=index, stages=refs, max_sessions=p.sessions_per_replica,
-                              lanes=p.lanes, security=self.app.security,
+                              security=self.app.security,
                               on_failure=self._on_replica_failure, on_finish=self._on_finish,
                               predicted_latency_s=rp.latency_s)
             futures.append((replica, self._pool.submit(self._load_replica, m, replica)))

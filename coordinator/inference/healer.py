@@ -172,7 +172,7 @@ class Healer:
     def _replica(self, m: ServedModel, index: int, stages: list[StageRef], latency_s: float) -> Replica:
         e, p = self.engine, m.record.params
         return Replica(model=m.record.name, index=index, stages=stages, max_sessions=p.sessions_per_replica,
-                       lanes=p.lanes, security=e.app.security, on_failure=e._on_replica_failure,
+                       security=e.app.security, on_failure=e._on_replica_failure,
                        on_finish=e._on_finish, predicted_latency_s=latency_s)
 
     def _load(self, m: ServedModel, replica: Replica, was: BrokenChain | None, new_nodes: set[str]) -> None:

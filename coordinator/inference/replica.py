@@ -1,17 +1,17 @@
 """One replica of a served model: a chain of stages and the loop that drives its sessions.
 
-Protocol (coordinator side): a driver thread ("lane") repeatedly takes every session of its
-lane, builds one ``Step`` for the first stage (prefill entries for sessions the chain has
-not seen, one-token decode entries for the rest), and hands each sampled token to its session.
+Protocol (coordinator side): a driver thread repeatedly takes every session of the replica and
+sends one step to the first stage (prefill entries for sessions the chain has not seen,
+one-token decode entries for the rest) on its persistent ``StepStream`` (swarm/transport/
+step_link.py: one message each way per token, no call setup), and hands each sampled token to
+its session.
 Sessions that finished are closed on the stages in the next step (``close_session_ids``), or
 directly when the replica goes idle. A step that fails because a stage is unreachable marks
 the replica failed and hands its sessions back to the engine, which replays them elsewhere.
 
-With ``lanes`` > 1 a chain of k stages runs up to min(lanes, k, MAX_LANES) lanes: sessions are
-spread over them and each lane keeps one step in flight, so while stage 1 works on one lane's
-batch, stage 0 can already work on the next (pipelining; every stage keeps one batch cache per
-lane). It pays when stages have their own hardware; on a shared 2-core machine the smaller
-batches cost more than the overlap gives, so the default is one lane.
+All sessions of a replica travel as one batch, one step in flight. (``--lanes``, which split
+them into groups pipelined through the chain, was removed: on a device shared by the stages
+the groups only serialise there again, in smaller batches; docs/benchmarks.md, issue 16.)
 """
 
 from __future__ import annotations
@@ -30,13 +30,12 @@ from swarm.inference.stage_runtime import StepEntry
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
-from swarm.transport.errors import error_from_rpc
 from swarm.transport.inference import entries_to_pb, new_step_capability, step_metadata
+from swarm.transport.step_link import StepLink
 
 log = logging.getLogger(__name__)
 
 STEP_TIMEOUT_S = 120.0
-MAX_LANES = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,7 +61,6 @@ class Session:
         self.cancelled = False
         self.closed = False
         self.waiting_since_s = 0.0
-        self.lane = 0
 
     def fail(self, exc: SwarmError) -> None:
         if not self.closed:
@@ -92,7 +90,6 @@ class Replica:
         on_failure: Callable[["Replica", list[Session], str], None],
         on_finish: Callable[["Replica", Session], None],
         predicted_latency_s: float = 0.0,
-        lanes: int = 1,
         security=None,
     ) -> None:
         self.model = model
@@ -113,8 +110,7 @@ class Replica:
         # TLS as the coordinator (swarm://coordinator); each stage's certificate must name its node
         self._channels = [data_channel(s.address, security=security, node_id=s.node_id) for s in stages]
         self._stubs = [pb_grpc.InferenceStageStub(c) for c in self._channels]
-        self.num_lanes = max(1, min(lanes, len(stages), MAX_LANES))
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
         self._failing = False
         self.steps = 0
         self.tokens = 0
@@ -136,20 +132,13 @@ class Replica:
     def attach(self, s: Session) -> None:
         with self._cond:
             s.replica = self
-            counts = [0] * self.num_lanes
-            for other in self._sessions:
-                counts[other.lane] += 1
-            s.lane = min(range(self.num_lanes), key=lambda k: (counts[k], k))
             self._sessions.append(s)
             self._cond.notify_all()
 
     def start(self) -> None:
         self.state = "ready"
-        for lane in range(self.num_lanes):
-            t = threading.Thread(target=self._run, args=(lane,), name=f"replica-{self.model}-{self.index}-{lane}",
-                                 daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._thread = threading.Thread(target=self._run, name=f"replica-{self.model}-{self.index}", daemon=True)
+        self._thread.start()
 
     def stop(self, *, unload: bool = True) -> list[Session]:
         """Stop the driver; returns the sessions still attached (the caller re-homes them)."""
@@ -157,9 +146,7 @@ class Replica:
             self._stop = True
             left, self._sessions = self._sessions, []
             self._cond.notify_all()
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(timeout=STEP_TIMEOUT_S)
+        self._join()
         if unload:
             for stub, st in zip(self._stubs, self.stages):
                 try:
@@ -185,29 +172,44 @@ class Replica:
         return dead
 
     # ------------------------------------------------------------------ driver
-    def _run(self, lane: int) -> None:
-        def mine() -> list[Session]:
-            return [s for s in self._sessions if s.lane == lane]
+    def _join(self) -> None:
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=STEP_TIMEOUT_S)
 
+    def _run(self) -> None:
+        # the persistent step stream to the first stage (opened on the first step)
+        link = StepLink(lambda requests, metadata: self._stubs[0].StepStream(requests, metadata=metadata),
+                        metadata=self._metadata, what=f"first stage of replica {self.index}")
+        try:
+            self._drive(link)
+        finally:
+            link.close()
+
+    def _drive(self, link: StepLink) -> None:
         while True:
             with self._cond:
-                # lane 0 also closes finished sessions when the whole replica is idle
-                while not self._stop and not mine() and not (lane == 0 and self._closing and not self._sessions):
+                idle = not self._sessions and not self._closing
+            if idle:
+                link.close()  # an idle replica holds no stream (nor a server thread) on its first stage
+            with self._cond:
+                # also closes finished sessions when the replica is idle
+                while not self._stop and not self._sessions and not self._closing:
                     self._cond.wait(timeout=1.0)
                 if self._stop:
                     return
-                for s in [s for s in mine() if s.cancelled]:
+                for s in [s for s in self._sessions if s.cancelled]:
                     self._sessions.remove(s)
                     self._closing.append(s.id)
                     s.closed = True
-                batch = mine()
+                batch = list(self._sessions)
                 closing, self._closing = self._closing, []
             if not batch:
                 if closing:
                     self._close_idle(closing)
                 continue
             try:
-                self._step(batch, closing)
+                self._step(batch, closing, link)
             except _ReplicaDown as exc:
                 self._fail(str(exc))
                 return
@@ -222,11 +224,11 @@ class Replica:
 
     def fail(self, reason: str) -> None:
         """Declare the replica failed from outside its driver (a node of it went offline): its
-        sessions go back to the engine, as after a failed step. Blocks until the lanes stopped."""
+        sessions go back to the engine, as after a failed step. Blocks until the driver stopped."""
         self._fail(reason)
 
     def _fail(self, reason: str) -> None:
-        """Declare the replica failed (once): stop every lane, let in-flight steps finish, then
+        """Declare the replica failed (once): stop the driver, let an in-flight step finish, then
         hand all sessions to the engine."""
         with self._cond:
             if self._failing:
@@ -235,9 +237,7 @@ class Replica:
             self._stop = True
             self._cond.notify_all()
         self.state = "failed"
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(timeout=STEP_TIMEOUT_S)
+        self._join()
         with self._cond:
             left, self._sessions = self._sessions, []
         log.warning("replica failed model=%s replica=%d sessions=%d reason=%s", self.model, self.index, len(left), reason)
@@ -251,7 +251,7 @@ class Replica:
             except grpc.RpcError:
                 pass  # an unreachable stage frees its caches by timeout
 
-    def _step(self, batch: list[Session], closing: list[str]) -> None:
+    def _step(self, batch: list[Session], closing: list[str], link: StepLink) -> None:
         entries = [s.entry() for s in batch]
         req = pb.ServeStepRequest(
             model_name=self.model,
@@ -261,9 +261,8 @@ class Replica:
             close_session_ids=closing,
         )
         try:
-            reply = self._stubs[0].Step(req, timeout=STEP_TIMEOUT_S, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            err = error_from_rpc(exc, f"first stage of replica {self.index}")
+            reply = link.step(req, timeout_s=STEP_TIMEOUT_S)
+        except SwarmError as err:
             if isinstance(err, InvalidRequestError) and "replay" in str(err) and self._replays < 2:
                 # a stage lost a session's cache (expired or restarted): replay the batch, twice at most
                 self._replays += 1
@@ -276,8 +275,8 @@ class Replica:
                     s.fail(err)
                 return
             if isinstance(err, NotFoundError) or err.retryable:
-                raise _ReplicaDown(str(err)) from exc
-            raise _ReplicaDown(f"{type(err).__name__}: {err}") from exc
+                raise _ReplicaDown(str(err)) from err
+            raise _ReplicaDown(f"{type(err).__name__}: {err}") from err
         self._replays = 0
         if len(reply.token_ids) != len(batch):
             raise _ReplicaDown(f"last stage returned {len(reply.token_ids)} tokens for {len(batch)} sessions")

@@ -70,7 +70,6 @@ def params_from_header(h: pb.ServeUploadHeader) -> ServeParams:
         objective=h.objective or "latency",
         hidden_codec=h.hidden_codec or "none",
         dtype=h.dtype or "float32",
-        lanes=h.lanes or 1,
     )
 
 

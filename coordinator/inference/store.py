@@ -15,7 +15,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from swarm.errors import CapacityError, InvalidRequestError, NotFoundError
@@ -55,7 +55,6 @@ class ServeParams:
     hidden_codec: str = "none"
     dtype: str = "float32"
     session_timeout_s: float = 120.0
-    lanes: int = 1  # session groups pipelined through a chain (1: one batch in flight)
 
     def __post_init__(self) -> None:
         if self.num_replicas is not None and not 1 <= self.num_replicas <= 64:
@@ -70,10 +69,15 @@ class ServeParams:
             raise InvalidRequestError("--objective must be latency or throughput")
         if self.hidden_codec not in ("none", "int8", "auto"):
             raise InvalidRequestError("--hidden-codec must be none, int8 or auto (int8 on slow links)")
-        if not 1 <= self.lanes <= 8:
-            raise InvalidRequestError("--lanes must be in 1..8")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise InvalidRequestError("--dtype must be float32, float16 or bfloat16")
+
+
+def _params_from_json(text: str) -> ServeParams:
+    """Stored params; keys a newer coordinator dropped (``lanes``) are ignored, so rows written
+    by an older one still load after an upgrade."""
+    known = {f.name for f in fields(ServeParams)}
+    return ServeParams(**{k: v for k, v in json.loads(text).items() if k in known})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,7 +141,7 @@ class ModelStore:
         with self._lock:
             rows = self._conn.execute("SELECT * FROM inference_models ORDER BY name").fetchall()
         return [
-            ModelRecord(name=r[0], digest=r[1], dir=Path(r[2]), params=ServeParams(**json.loads(r[3])), state=r[4],
+            ModelRecord(name=r[0], digest=r[1], dir=Path(r[2]), params=_params_from_json(r[3]), state=r[4],
                         error=r[5], size_bytes=r[6], created_at_s=r[7])
             for r in rows
         ]

@@ -26,6 +26,13 @@ node cannot run, the others (``live``) can. The job is not rolled back:
    (each takes ``batch / replicas`` of it, so the effective batch is unchanged); the nodes of
    the broken pipeline that are still online are idle nodes to the planner like any other.
 
+**Growth fence** (a job running with fewer pipelines than ``--replicas`` asked for, after a
+replica loss or a degraded re-plan, while idle nodes could hold more: :func:`growth_target`).
+The same steps 1-4 with every pipeline live and nobody lost; the re-plan at ``S`` includes the
+idle nodes, which start from the checkpoint at ``S`` (weights and AdamW moments, hash-checked
+as every checkpoint transfer is), and the event ``replica_added`` names them. The batch is split
+over more pipelines from ``S`` on; nothing is rolled back.
+
 Nothing is done twice: steps ``< S`` ran in the old attempt, steps ``>= S`` run in the new one.
 The step in flight when the replica died and the steps up to ``S`` (usually 0-2) run without
 the dead pipeline's share of the batch. A live worker lost during the fence removes its
@@ -59,10 +66,12 @@ def live_pipelines(assignments: list[dict[str, Any]], lost_nodes: set[str]) -> l
 
 
 def open_fence(*, attempt: int, assignments: list[dict[str, Any]], live: list[int], lost: list[str],
-               at_s: float) -> dict[str, Any]:
-    """A replica-loss fence over the ``live`` pipelines of ``attempt`` (JSON-able; stored with the job)."""
+               at_s: float, grow_to: int = 0) -> dict[str, Any]:
+    """A fence over the ``live`` pipelines of ``attempt`` (JSON-able; stored with the job): a
+    replica-loss fence, or with ``grow_to`` a growth fence (no node lost; the re-plan at the
+    switch step adds pipelines on idle nodes, up to ``grow_to`` replicas)."""
     return {
-        "attempt": attempt, "live": sorted(live), "lost": sorted(lost), "opened_at": at_s,
+        "attempt": attempt, "live": sorted(live), "lost": sorted(lost), "opened_at": at_s, "grow_to": int(grow_to),
         "workers": sorted(key(a["stage"], a["replica"]) for a in assignments if a["replica"] in live),
         "stage0": sorted(key(0, r) for r in live), "ready": {}, "done": {}, "switch_step": 0,
     }
@@ -105,3 +114,21 @@ def replica_counts(num_replicas: int, batch_size: int, micro_batch_size: int) ->
     """Replica counts a re-plan may fall back to, most first: ``num_replicas`` down to 1, each
     splitting the global batch into whole micro-batches (the effective batch never changes)."""
     return [k for k in range(num_replicas, 0, -1) if batch_size % k == 0 and (batch_size // k) % micro_batch_size == 0]
+
+
+def growth_target(*, current: int, requested: int, stages: int, idle_nodes: int, batch_size: int,
+                  micro_batch_size: int) -> int | None:
+    """The replica count a running job should grow back to, or None.
+
+    A job runs with fewer data-parallel pipelines than it asked for (``requested``) after a
+    replica-loss fence or a re-plan that degraded it. When idle online nodes could hold at least
+    one more whole pipeline (``stages`` nodes each), the answer is the most replicas, up to
+    ``requested``, that the idle nodes allow and that split the global batch into whole
+    micro-batches (:func:`replica_counts`). The job then grows through a fence like a replica
+    loss (no rollback): every pipeline stops at a switch step and checkpoints, and the re-plan
+    from there includes the new nodes."""
+    if requested <= current or stages <= 0:
+        return None
+    fits = [k for k in replica_counts(requested, batch_size, micro_batch_size)
+            if current < k and (k - current) * stages <= idle_nodes]
+    return max(fits) if fits else None

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 MAX_REPLANS = 3  # a job re-planned from a checkpoint this often after losing nodes fails instead
 FENCE_TIMEOUT_S = 60.0  # a replica-loss fence not done by then falls back to the last checkpoint
 PEER_FAILURE_GRACE_S = 10.0  # a worker that lost its neighbour, with no node lost this long: re-plan
+GROW_RETRY_S = 15.0  # a job that could not grow back to --replicas tries again after this long
+GROW_MIN_STEPS_LEFT = 10  # a job this close to its end finishes with the replicas it has
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,7 @@ class JobService:
         self._thread: threading.Thread | None = None
         self.judge = Judge()  # spot checks and blame (coordinator/jobs/spotchecks.py)
         self._first_bad: dict[str, int] = {}  # job id -> first step a spot check found wrong
+        self._grow_tried: dict[str, float] = {}  # job id -> when it last tried to grow back to --replicas
 
     # -- loop ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -339,6 +342,43 @@ class JobService:
         need = {(a["stage"], a["replica"]) for a in job.assignments}
         if need and need <= done:
             self._finish(job)
+            return
+        self._maybe_grow(job)
+
+    def _maybe_grow(self, job: Job) -> None:
+        """A job running with fewer pipelines than ``--replicas`` and idle nodes for more: open a
+        growth fence (coordinator/jobs/churn.py); its re-plan adds them without rollback."""
+        if not job.assignments or job.started_attempt != job.attempt:
+            return  # not started yet: the start fence runs first
+        now = self.clock.time()
+        if now - self._grow_tried.get(job.id, -GROW_RETRY_S) < GROW_RETRY_S:
+            return
+        current = max(a["num_replicas"] for a in job.assignments)
+        stages = max(a["stage"] for a in job.assignments) + 1
+        busy = busy_node_ids(self.store.list(states=("running",), limit=1000))
+        idle = [n.id for n in self.registry.online() if n.id not in busy]
+        target = churn.growth_target(current=current, requested=job.spec.num_replicas, stages=stages,
+                                     idle_nodes=len(idle), batch_size=job.spec.batch_size,
+                                     micro_batch_size=job.spec.micro_batch_size)
+        if target is None:
+            return
+        self._grow_tried[job.id] = now
+        steps = [w["step"] for w in self.store.per_worker(job.id)]
+        if len(steps) < len(job.assignments) or job.total_steps - min(steps) <= GROW_MIN_STEPS_LEFT:
+            return  # a worker has not reported yet, or the job is about to end
+        try:
+            jp = self._plan(job, degrade=True)
+        except (InfeasiblePlanError, SwarmError) as exc:
+            log.info("job cannot grow yet job=%s replicas=%d idle=%d reason=%s", job.id, current, len(idle), exc)
+            return
+        if jp.plan.d_dp <= current:
+            return
+        live = sorted({a["replica"] for a in job.assignments})
+        fence = churn.open_fence(attempt=job.attempt, assignments=job.assignments, live=live, lost=[], at_s=now,
+                                 grow_to=jp.plan.d_dp)
+        if self.store.set_fence(job.id, fence, expect_attempt=job.attempt):
+            log.info("job grows job=%s replicas %d -> %d idle=%s", job.id, current, jp.plan.d_dp,
+                     ",".join(n[:12] for n in idle))
 
     def _on_lost(self, job: Job, lost: dict[str, str]) -> None:
         """Nodes of a running job are lost: fence the surviving pipelines (no rollback) when one is
@@ -394,10 +434,21 @@ class JobService:
             return
         optim = "with its optimizer state" if has_optim else "optimizer state restarts"
         nodes = len({a["node_id"] for a in jp.assignments})
+        before = {a["node_id"] for a in job.assignments}
+        added = sorted({a["node_id"] for a in jp.assignments} - before)
+        grew = bool(fence.get("grow_to")) and jp.plan.d_dp > max(a["num_replicas"] for a in job.assignments)
+        why = ("adding replica(s) on idle nodes" if grew else
+               "a growth fence whose idle nodes left before the switch step" if fence.get("grow_to") else
+               "losing replica(s)")
         if self.store.replan(job.id, plan=jp.plan.to_json(), assignments=jp.assignments, attempt=job.attempt + 1,
                              resume_step=step, expect_attempt=job.attempt,
-                             reason=f"re-planned without rollback after losing replica(s): continuing at step "
+                             reason=f"re-planned without rollback after {why}: continuing at step "
                                     f"{step} ({optim})") is not None:
+            if grew:
+                self.store.add_event(job.id, "replica_added", f"{len(added)} idle node(s) join as new replica(s): "
+                                     f"{jp.plan.d_dp} replica(s) from step {step}, starting from its checkpoint "
+                                     f"({optim}), no rollback", added=added, num_replicas=jp.plan.d_dp,
+                                     resume_step=step, attempt=job.attempt + 1)
             self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on {nodes} node(s): "
                                  f"{jp.plan.d_dp} replica(s) carry the whole batch from step {step}, no rollback",
                                  attempt=job.attempt + 1, resume_step=step, fence=True, num_replicas=jp.plan.d_dp)
@@ -691,7 +742,7 @@ class JobService:
     def detail_record(self, job: Job) -> JobDetail:
         """The job as the typed record its JSON is made from (:class:`swarm.job_detail.JobDetail`)."""
         reporters = len(job.assignments)
-        history = self.store.history(job.id, num_reporters=reporters) if reporters else []
+        history = self.store.history(job.id, num_reporters=reporters, attempt=job.attempt) if reporters else []
         last = history[-1] if history else None
         names = {n.id: n.name for n in self.registry.snapshot()}
         cfg = job.model
@@ -727,6 +778,7 @@ class JobService:
             "resumed_from": job.resumed_from,
             "events": self.store.events(job.id),
             "repeated_steps": self.store.repeated_steps(job.id),
+            "spot_checks": self.judge.stats(job.id),
         })
 
     def result_files(self, job_id: str) -> list[Path]:

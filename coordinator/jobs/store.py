@@ -325,25 +325,33 @@ class JobStore:
                  bytes_raw, step_s, compute_s, wait_s, comm_s, self._clock.time(), bytes_forward, bytes_backward),
             )
 
-    def history(self, job_id: str, *, num_reporters: int) -> list[dict[str, Any]]:
+    def history(self, job_id: str, *, num_reporters: int, attempt: int | None = None) -> list[dict[str, Any]]:
         """Per step: loss (mean over replicas' last stages), tokens/s, bytes, time split.
 
-        A step appears once ``num_reporters`` stage workers of one attempt reported it; when a
+        A step of the current ``attempt`` (or of any attempt, when None) appears once
+        ``num_reporters`` stage workers of it reported it. A step of an earlier attempt appears
+        once every stage of that attempt reported it: its plan is over, and a fence may have run
+        it with fewer pipelines than it started with (a lost replica's share). When a
         re-planned job repeated steps, the latest attempt's rows count.
         """
         with self._lock:
             rows = self._conn.execute(
                 "SELECT step, attempt, AVG(loss), SUM(CASE WHEN loss IS NOT NULL THEN tokens ELSE 0 END), MAX(step_s),"
-                " SUM(bytes_sent), SUM(bytes_raw), AVG(compute_s), AVG(wait_s), AVG(comm_s), COUNT(*), MAX(at)"
-                " FROM job_progress WHERE job_id = ? GROUP BY step, attempt ORDER BY step, attempt",
+                " SUM(bytes_sent), SUM(bytes_raw), AVG(compute_s), AVG(wait_s), AVG(comm_s), COUNT(*), MAX(at),"
+                " COUNT(DISTINCT stage) FROM job_progress WHERE job_id = ? GROUP BY step, attempt ORDER BY step, attempt",
                 (job_id,),
             ).fetchall()
+            stages_of = dict(self._conn.execute(
+                "SELECT attempt, MAX(stage) + 1 FROM job_progress WHERE job_id = ? GROUP BY attempt", (job_id,)).fetchall())
         by_step: dict[int, dict[str, Any]] = {}
-        for step, attempt, loss, tokens, step_s, sent, raw, comp, wait, comm, count, at in rows:
-            if count < num_reporters:
+        for step, att, loss, tokens, step_s, sent, raw, comp, wait, comm, count, at, stages in rows:
+            if attempt is None or att == attempt:
+                if count < num_reporters:
+                    continue
+            elif stages < stages_of[att]:
                 continue
             by_step[step] = {
-                "step": step, "attempt": attempt, "loss": loss, "tokens": tokens, "step_s": step_s,
+                "step": step, "attempt": att, "loss": loss, "tokens": tokens, "step_s": step_s,
                 "tokens_per_s": tokens / step_s if step_s else 0.0,
                 "bytes_sent": sent, "bytes_saved": max(0, raw - sent), "bytes_raw": raw,
                 "compute_s": comp, "wait_s": wait, "comm_s": comm, "at": at,

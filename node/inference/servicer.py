@@ -8,9 +8,13 @@ Protocol this participant follows (see protos/swarm/proto/v1/inference.proto):
   stage and answers. A later assignment for the same (model, replica) replaces it; when it asks
   for the very layers this node holds for that (model, replica) (a chain repaired around a lost
   node), the loaded weights are kept and nothing is fetched.
-- ``Step``: run the entries on this stage (its KV caches); unless last, call ``Step`` on the
-  next stage with the packed hidden states and return its reply; the last stage samples.
-  Every field from the network is validated; a bad step fails only that call.
+- ``StepStream`` (and ``Step``, the same step as one unary call): run the entries on this stage
+  (its KV caches); unless last, send the step with the packed hidden states on to the next
+  stage and return its reply; the last stage samples. Each incoming stream gets its own
+  persistent link (swarm/transport/step_link.py) to the next stage, opened on its first step
+  and closed with it, so a hop costs one message each way. Every field from the network is
+  validated, every step of a stream is authorized as a unary Step is; a bad step fails only
+  its call (a stream ends with the status, and the caller opens a new one).
 - Authentication: LoadStage is accepted only once the coordinator confirms the assignment over
   the node's authenticated session; its reply carries the chain's step capability. Step,
   CloseSession and UnloadStage of a loaded stage must carry that capability as gRPC metadata
@@ -20,7 +24,7 @@ Protocol this participant follows (see protos/swarm/proto/v1/inference.proto):
 - ``FetchShard``: serve the tensors this node holds to a peer that is loading the same layers.
 - Who may call (caller from its TLS certificate, ``identify(context)``; checked before anything
   else, PERMISSION_DENIED otherwise): LoadStage / UnloadStage only the coordinator; Step /
-  CloseSession only the coordinator or the chain's previous stage (``prev_node_id`` of the
+  StepStream / CloseSession only the coordinator or the chain's previous stage (``prev_node_id`` of the
   assignment; the step capability stays as defence in depth); FetchShard the coordinator or a
   node the coordinator confirms holds an assignment of that model (``confirm_fetch``).
 """
@@ -30,7 +34,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,24 +42,24 @@ import grpc
 import torch
 
 from swarm.certs import COORDINATOR
-from swarm.errors import InvalidRequestError, NotFoundError, PeerError, PermissionDeniedError
+from swarm.errors import InvalidRequestError, NotFoundError, PeerError, PermissionDeniedError, SwarmError
 from swarm.inference.stage_runtime import StageRuntime
 from swarm.model.checkpoint import load_stage
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
 from swarm.transport.errors import error_from_rpc, grpc_errors
+from swarm.transport.step_link import StepLink
 from swarm.transport.tls import RenewingStub
 from swarm.transport.inference import (
     check_step_capability,
     entries_from_pb,
-    entries_to_pb,
     hidden_from_chunks,
     hidden_to_chunks,
     step_metadata,
 )
 
-from node.inference.shards import receive_shard, serve_shard, validate_assignment
+from node.inference.shards import fetch_shard, safe_dir, same_weights, serve_shard, validate_assignment
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +135,9 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             raise PermissionDeniedError(f"{method} on node {self.node_id[:12]} is for the coordinator only, "
                                         f"not node {caller[:12]}")
 
-    def _only_chain(self, loaded: _Loaded, context, method: str) -> None:
-        """The coordinator, or the node of the previous stage of this chain."""
-        caller = self._caller(context)
+    def _only_chain(self, loaded: _Loaded, caller: str | None, method: str) -> None:
+        """The coordinator, or the node of the previous stage of this chain (``caller``: from
+        :meth:`_caller`)."""
         a = loaded.assignment
         if caller is None or caller == COORDINATOR or (a.stage > 0 and caller == a.prev_node_id):
             return
@@ -199,10 +202,10 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         t0 = time.monotonic()
         with self._lock:
             held = self._stages.get((a.model_name, a.replica))
-        if held is not None and _same_weights(held.assignment, a):
+        if held is not None and same_weights(held.assignment, a):
             return self._relink(a, held, capability, t0)
         with self._load_lock:  # one load at a time: bounded memory and disk use
-            shard_dir = self.state_dir / _safe_dir(a.model_name) / f"{a.model_digest[:16]}-{a.first_layer}-{a.last_layer_excl}"
+            shard_dir = self.state_dir / safe_dir(a.model_name) / f"{a.model_digest[:16]}-{a.first_layer}-{a.last_layer_excl}"
             fetch = pb.ServeFetchShardRequest(
                 model_name=a.model_name,
                 model_digest=a.model_digest,
@@ -212,7 +215,9 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 include_head=a.stage == a.num_stages - 1,
             )
             ids = list(a.shard_source_node_ids) if len(a.shard_source_node_ids) == len(a.shard_sources) else []
-            nbytes = self._fetch(fetch, list(a.shard_sources) or ["coordinator"], shard_dir, ids)
+            nbytes = fetch_shard(fetch, list(a.shard_sources) or ["coordinator"], shard_dir,
+                                 open_coordinator_shard=self._open_coordinator_shard, security=self.security,
+                                 traffic=self.traffic, node_ids=ids)
             dtype = DTYPES[a.dtype]
             stage = load_stage(
                 shard_dir, a.first_layer, a.last_layer_excl,
@@ -262,28 +267,6 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         self._changed()
         return pb.ServeLoadStageReply(node_id=self.node_id, loaded_bytes=0, load_s=dt)
 
-    def _fetch(self, req: pb.ServeFetchShardRequest, sources: list[str], shard_dir: Path,
-               node_ids: list[str] = ()) -> int:
-        """``node_ids`` (parallel to ``sources``, may be empty): the peer each source must prove to be
-        (and the name a relay routes by: swarm/transport/relay.py)."""
-        errors = []
-        for i, src in enumerate(sources[:8]):
-            try:
-                if src == "coordinator":
-                    return receive_shard(self._open_coordinator_shard(req), shard_dir)
-                node_id = node_ids[i] if i < len(node_ids) and node_ids[i] else None
-                with data_channel(src, security=self.security, node_id=node_id) as ch:
-                    nbytes = receive_shard(pb_grpc.InferenceStageStub(ch).FetchShard(req, timeout=600), shard_dir)
-                if self.traffic is not None:
-                    self.traffic.add_received(nbytes)
-                return nbytes
-            except grpc.RpcError as exc:
-                errors.append(f"{src}: {error_from_rpc(exc, src)}")
-            except (InvalidRequestError, NotFoundError, OSError) as exc:
-                errors.append(f"{src}: {exc}")
-            log.warning("shard fetch failed source=%s error=%s", src, errors[-1])
-        raise PeerError(f"could not fetch layers [{req.first_layer}, {req.last_layer_excl}) from any source: {errors}")
-
     @grpc_errors
     def UnloadStage(self, request: pb.ServeUnloadStageRequest, context) -> pb.ServeUnloadStageReply:
         self._only_coordinator(context, "UnloadStage")
@@ -300,8 +283,51 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
     @grpc_errors
     def Step(self, request: pb.ServeStepRequest, context) -> pb.ServeStepReply:
         loaded = self._get(request.model_name, request.replica)
-        self._only_chain(loaded, context, "Step")
+        self._only_chain(loaded, self._caller(context), "Step")
         self._authorize(loaded, context, "Step")
+        return self._step(loaded, request, lambda nxt: self._forward_unary(loaded, nxt))
+
+    @grpc_errors
+    def StepStream(self, request_iterator, context) -> Iterator[pb.ServeStepReply]:
+        """Steps on one persistent stream; each is checked and run exactly as a unary Step, and
+        forwarded on this stream's own link to the next stage, opened on its first step."""
+        caller = self._caller(context)  # from the TLS certificate: the same for the whole stream
+        link: StepLink | None = None
+        linked: _Loaded | None = None
+        try:
+            for request in request_iterator:
+                loaded = self._get(request.model_name, request.replica)
+                self._only_chain(loaded, caller, "StepStream")
+                self._authorize(loaded, context, "StepStream")  # a reloaded stage has a new capability
+                if loaded.next_stubs is not None and linked is not loaded:
+                    if link is not None:
+                        link.close()
+                    link, linked = self._next_link(loaded), loaded
+                yield self._step(loaded, request,
+                                 lambda nxt: link.step(nxt, timeout_s=STEP_TIMEOUT_S))  # noqa: B023 -- called at once
+        finally:
+            if link is not None:
+                link.close()
+
+    def _next_link(self, loaded: _Loaded) -> StepLink:
+        a = loaded.assignment
+        stubs = loaded.next_stubs
+        assert stubs is not None
+        return StepLink(lambda requests, metadata: stubs.stub.StepStream(requests, metadata=metadata),
+                        metadata=step_metadata(loaded.capability), what=f"stage {a.stage + 1} at {a.next_address}")
+
+    def _forward_unary(self, loaded: _Loaded, nxt: pb.ServeStepRequest) -> pb.ServeStepReply:
+        a = loaded.assignment
+        assert loaded.next_stubs is not None
+        try:
+            return loaded.next_stubs.stub.Step(nxt, timeout=STEP_TIMEOUT_S, metadata=step_metadata(loaded.capability))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"stage {a.stage + 1} at {a.next_address}") from exc
+
+    def _step(self, loaded: _Loaded, request: pb.ServeStepRequest,
+              forward: Callable[[pb.ServeStepRequest], pb.ServeStepReply]) -> pb.ServeStepReply:
+        """Run one step on this stage; unless last, ``forward`` it to the next stage and return
+        that stage's reply (its errors raised as SwarmErrors)."""
         a = loaded.assignment
         if request.stage != a.stage:
             raise InvalidRequestError(
@@ -338,30 +364,29 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             model_name=a.model_name,
             replica=a.replica,
             stage=a.stage + 1,
-            entries=entries_to_pb(entries, with_tokens=False),
+            entries=request.entries,  # as received (validated above): a copy in C, no rebuilding
             hidden=hidden_to_chunks(
                 out, codec=a.hidden_codec or "none", label=f"{a.model_name}/{a.replica}",
                 boundary=a.stage, replica=a.replica, sender_id=self.node_id,
             ),
-            close_session_ids=list(request.close_session_ids),
+            close_session_ids=request.close_session_ids,
         )
         assert loaded.next_stubs is not None
         if self.traffic is not None:
             self.traffic.add_sent(nxt.ByteSize())
         try:
-            reply = loaded.next_stubs.stub.Step(nxt, timeout=STEP_TIMEOUT_S, metadata=step_metadata(loaded.capability))
-        except grpc.RpcError as exc:
-            err = error_from_rpc(exc, f"stage {a.stage + 1} at {a.next_address}")
+            reply = forward(nxt)
+        except SwarmError as err:
             if isinstance(err, PeerError) or err.retryable:
-                raise PeerError(f"next stage {a.stage + 1} ({a.next_node_id[:12]} at {a.next_address}) failed: {err}") from exc
-            raise err from exc
+                raise PeerError(f"next stage {a.stage + 1} ({a.next_node_id[:12]} at {a.next_address}) failed: {err}") from err
+            raise
         self.steps += 1
-        out_reply = pb.ServeStepReply(token_ids=list(reply.token_ids), compute_s=reply.compute_s + compute)
+        reply.compute_s += compute
         if self.traffic is not None:
             self.traffic.add_received(reply.ByteSize())
             if a.stage > 0:
-                self.traffic.add_sent(out_reply.ByteSize())
-        return out_reply
+                self.traffic.add_sent(reply.ByteSize())
+        return reply
 
     @grpc_errors
     def CloseSession(self, request: pb.ServeCloseSessionRequest, context) -> pb.ServeCloseSessionReply:
@@ -371,7 +396,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             loaded = self._stages.get((request.model_name, request.replica))
         if loaded is None:
             return pb.ServeCloseSessionReply(num_closed=0)
-        self._only_chain(loaded, context, "CloseSession")
+        self._only_chain(loaded, self._caller(context), "CloseSession")
         self._authorize(loaded, context, "CloseSession")
         n = loaded.runtime.close(list(request.session_ids))
         return pb.ServeCloseSessionReply(num_closed=n)
@@ -398,14 +423,3 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 return
         raise NotFoundError(f"this node holds no copy of layers [{request.first_layer}, {request.last_layer_excl}) "
                             f"of {request.model_name!r}; fetch them from the coordinator")
-
-
-def _same_weights(old: pb.ServeStageAssignment, new: pb.ServeStageAssignment) -> bool:
-    """Whether ``new`` runs the very stage ``old`` loaded (weights, role and runtime sizes)."""
-    key = lambda a: (a.model_digest, a.first_layer, a.last_layer_excl, a.stage == 0, a.stage == a.num_stages - 1,  # noqa: E731
-                     a.dtype, a.max_seq_len, a.max_sessions, a.session_timeout_s)
-    return key(old) == key(new)
-
-
-def _safe_dir(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:64] or "model"

@@ -57,7 +57,8 @@ class Membership:
     def on_fence(self, switch_step: int) -> None:
         """The coordinator fences the attempt (a progress reply or an assignment poll said so)."""
         if not self.fence_pending.is_set():
-            log.info("fence: the coordinator lost a replica of job=%s; stopping at a step boundary", self.a.job_id)
+            log.info("fence: the replicas of job=%s change (one lost or one added); stopping at a step boundary",
+                     self.a.job_id)
             self.fence_pending.set()
         if switch_step and not self.switch_step:
             log.info("fence: switch step %d job=%s stage=%d replica=%d", switch_step, self.a.job_id,

@@ -16,11 +16,15 @@ Protocol (per checked stage T = (stage s, replica r); its checker C is the repli
   error (loss: absolute) against :data:`TOLERANCE`; on a mismatch it recomputes once more (the
   second opinion available with two replicas) and reports a :class:`SpotResult` with its
   ProgressReport. The coordinator judges and quarantines (coordinator/jobs/spotchecks.py).
-- Every worker of a checked job reports :func:`param_digest` of its stage's parameters for every
-  step (the weights that step ran with). The coordinator weighs a check only when the checker's
-  digest for the step equals the checked node's: replicas whose weights drifted apart (a failed
-  averaging round leaves each with its own gradients; a fence stops averaging) are never
-  compared, the check is counted as unverifiable instead.
+- Every worker of a checked job reports :func:`param_digest` (exact bytes) and :func:`param_sketch`
+  (a linear sketch) of its stage's parameters for every step (the weights that step ran with).
+  The coordinator weighs a check only when the checker and the checked node ran the same weights:
+  equal digests, or sketches within ``SYNC_TOLERANCE`` (relative L2 distance of the weights,
+  coordinator/jobs/spotchecks.py). Replicas are never bit-identical after a successful hivemind
+  round (each adds an fp16-compressed delta to its own copy: ~1e-4 apart), and a failed round
+  leaves each with its own gradients (~1e-2 apart); the second case is void, counted as
+  unverifiable. To bring drifted replicas back, checked jobs average their *parameters* with the
+  replicas every ``RESYNC_EVERY_STEPS`` steps (node/training/worker.py).
 
 Only lossless boundaries are checked (codec ``none``); compressed boundaries are not yet
 (AQ-SGD's per-sample state would have to be mirrored on the checker).
@@ -49,6 +53,11 @@ log = logging.getLogger(__name__)
 # kernels (another BLAS, another GPU) on the two ends; CUDA bf16 is still to be measured.
 TOLERANCE = {"output": 0.1, "grad_in": 0.1}
 LOSS_TOLERANCE = 0.1  # nats, absolute
+# Checked jobs with replicas average their parameters every this many steps (after the
+# optimizer step), so replicas that a failed gradient round set apart are within the
+# coordinator's SYNC_TOLERANCE again: checks are void for at most this many steps after a
+# failed round. One extra all-reduce of the stage's parameters per period (bench/verification.py).
+RESYNC_EVERY_STEPS = 5
 WITNESS_KINDS = ("witness_input", "witness_output", "witness_grad_out", "witness_grad_in")
 
 
@@ -86,6 +95,42 @@ def param_digest(params) -> str:
             c = bits[start:start + _DIGEST_CHUNK].to(torch.int64)
             h.update(int((c * w[:c.numel()]).sum()).to_bytes(8, "little", signed=True))
     return h.hexdigest()[:32]
+
+
+SKETCH_SIZE = 64  # buckets: the distance estimate's relative spread is about sqrt(2 / 64) = 18%
+_sketch_maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _sketch_map(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = str(device)
+    m = _sketch_maps.get(key)
+    if m is None:
+        g = torch.Generator().manual_seed(0x5CE7C4)
+        buckets = torch.randint(0, SKETCH_SIZE, (_DIGEST_CHUNK,), generator=g)
+        signs = torch.randint(0, 2, (_DIGEST_CHUNK,), generator=g).double() * 2 - 1
+        m = _sketch_maps.setdefault(key, (buckets.to(device), signs.to(device)))
+    return m
+
+
+def param_sketch(params) -> tuple[float, ...]:
+    """A count-sketch of ``params`` (``SKETCH_SIZE`` float64 sums of sign * value per bucket).
+
+    Linear: the sketch of a difference is the difference of the sketches, and the sum of its
+    squares estimates the squared L2 norm of the difference (unbiased for noise-like
+    differences), so the coordinator can tell how far two replicas' weights are apart without
+    seeing them. Bucket and sign of an element come from a fixed pseudo-random map, shifted per
+    tensor and chunk. Costs one pass over the parameters."""
+    out = None
+    for i, p in enumerate(params):
+        t = p.detach().reshape(-1)
+        buckets, signs = _sketch_map(t.device)
+        if out is None:
+            out = torch.zeros(SKETCH_SIZE, dtype=torch.float64, device=t.device)
+        for j, start in enumerate(range(0, t.numel(), _DIGEST_CHUNK)):
+            c = t[start:start + _DIGEST_CHUNK].double()
+            shift = (i * 37 + j * 11) % SKETCH_SIZE
+            out.index_add_(0, (buckets[:c.numel()] + shift) % SKETCH_SIZE, c * signs[:c.numel()])
+    return () if out is None else tuple(float(v) for v in out.cpu())
 
 
 def sampled(seed: int, step: int, micro_batch: int, prob: float) -> bool:

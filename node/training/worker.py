@@ -49,7 +49,8 @@ from node.training.client import TrainingClient
 from node.training.exchange import Endpoint, Endpoints, PeerSender
 from node.training.membership import DEFAULT_OUTAGE_S, FenceReached, Membership
 from node.training.reporter import Reporter
-from node.training.spotcheck import WITNESS_KINDS, StageVerifier, VerifyPlan, param_digest
+from node.training.spotcheck import (RESYNC_EVERY_STEPS, WITNESS_KINDS, StageVerifier, VerifyPlan, param_digest,
+                                     param_sketch)
 
 log = logging.getLogger(__name__)
 AQSGD_RAM_LIMIT_BYTES = 256 << 20  # per boundary side; larger caches go to disk (memmap)
@@ -270,9 +271,14 @@ class StageWorker:
                         raise PeerError(f"replica 0 of stage {a.stage} never joined the rendezvous")
                     time.sleep(0.2)
         host = a.stage_replicas[a.replica].address.rpartition(":")[0] or "127.0.0.1"
-        self.averager = ReplicaAverager(params=list(self.module.parameters()), prefix=f"{a.job_id}_a{a.attempt}_s{a.stage}",
-                                        num_replicas=a.num_replicas, initial_peers=peers, host=host,
-                                        timeout_s=self.timeout_s)
+        try:
+            self.averager = ReplicaAverager(params=list(self.module.parameters()),
+                                            prefix=f"{a.job_id}_a{a.attempt}_s{a.stage}", num_replicas=a.num_replicas,
+                                            initial_peers=peers, host=host, timeout_s=self.timeout_s)
+        except Exception as exc:  # noqa: BLE001 -- hivemind's (P2PDaemonError: bootstrap peers gone)
+            # the replica that started first went away (e.g. it gave up waiting for us): a peer
+            # failure the coordinator re-plans, not a fault of this job
+            raise PeerError(f"could not join the averaging group of stage {a.stage}'s replicas: {exc}") from exc
         self.client.rendezvous(req(self.averager.maddrs()))
         self.averager.wait_for_peers(1, self.timeout_s)
 
@@ -435,12 +441,18 @@ class StageWorker:
             t0 = time.monotonic()
             fencing = self.membership.fence_pending
             if self.averager is not None and not fencing.is_set():  # a fence: each pipeline on its own
-                self.averager.average_gradients(abort=fencing.is_set)
+                self.averager.average_gradients(abort=fencing.is_set, step=step)
             t1 = time.monotonic()
             checks = self.verifier.check_step(step)  # weights are still this step's
-            # what the step ran with: the coordinator weighs checks only between equal digests
-            digest = param_digest(self.module.parameters()) if self.verifier.active else ""
+            # what the step ran with: the coordinator weighs checks only between the same weights
+            checked = self.verifier.active
+            digest = param_digest(self.module.parameters()) if checked else ""
+            sketch = param_sketch(self.module.parameters()) if checked else ()
             clip_and_step(self.optimizer, list(self.module.parameters()), step, self.optim_cfg)
+            if checked and self.averager is not None and (step + 1) % RESYNC_EVERY_STEPS == 0 \
+                    and not fencing.is_set():
+                # every replica at the same steps: replicas a failed round set apart meet again
+                self.averager.average_parameters(abort=fencing.is_set, step=step)
             t2 = time.monotonic()
             comm += t1 - t0
             compute += t2 - t1
@@ -455,7 +467,7 @@ class StageWorker:
                 bytes_sent=sent, bytes_raw=raw, step_s=step_s, compute_s=compute, wait_s=wait, comm_s=comm,
                 state="running", tokens=tokens, bytes_forward=sent_fw, bytes_backward=sent_bw,
                 micro_batch_losses=mb_losses, checks=[pb.SpotCheck(**vars_of(c)) for c in checks],
-                param_digest=digest))
+                param_digest=digest, param_sketch=sketch))
             self.on_metrics(training={"job_id": a.job_id, "stage": a.stage, "replica": a.replica, "step": step,
                                       "loss": loss, "tokens_per_s": tokens / step_s, "bytes_sent": sent,
                                       "rejected_tensors": self.endpoint.num_rejected})

@@ -26,6 +26,7 @@ from pathlib import Path
 from swarm.cli.common import add_common_flags, connect
 from swarm.cli.follow import _num, event_line, follow, progress_line  # noqa: F401 -- progress_line: re-exported
 from swarm.errors import ConfigError, InvalidRequestError, SwarmError
+from swarm.job_spec import DEFAULT_VERIFY_PROB
 
 MODEL_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -65,8 +66,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--node-wait-s", type=float, default=3600.0,
                    help="how long a job that lost a stage no idle node can replace waits for one (0: fail at once)")
     p.add_argument("--verify-prob", type=float, default=None,
-                   help="EXPERIMENTAL: chance a micro-batch is recomputed by a replica of its stage "
-                        "(default 0 = off; see docs/security.md 'Verification')")
+                   help="chance a micro-batch is recomputed by a replica of its stage, with --replicas >= 2 "
+                        f"(default {DEFAULT_VERIFY_PROB}; 0 = off; see docs/security.md 'Verification')")
     p.add_argument("--name", default="")
     p.set_defaults(func=run_train)
 

@@ -4,9 +4,9 @@ A step is a list of :class:`StepEntry` (one per session) plus, on every stage bu
 the entries' hidden states packed along the token axis: (sum of num_tokens, hidden). Prefill
 entries (several tokens, or a session the stage has not seen) run one by one; decode entries
 (one token of a known session) run together as one batch over a shared :class:`KVCache` whose
-rows are those sessions. Batch caches are kept between steps (several at once: the coordinator
-may pipeline a few groups of sessions through the chain) and rebuilt only when a group's set of
-sessions changes, so steady-state decoding copies no cache at all.
+rows are those sessions. Batch caches are kept between steps (a few at once, least recently
+used dropped first) and rebuilt only when a group's set of sessions changes, so steady-state
+decoding copies no cache at all.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from swarm.model.stage import StageModel
 log = logging.getLogger(__name__)
 
 MAX_SESSION_ID_CHARS = 128
-MAX_GROUPS = 8  # batch caches kept at once (pipelined groups); the least recently used goes first
+MAX_GROUPS = 8  # batch caches kept at once; the least recently used goes first
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -9,7 +9,11 @@ Protocol a replica follows (one :class:`ReplicaAverager` per job and stage on ea
    ``num_replicas`` members declared themselves; the payload travels as float16;
 3. on success the buffers hold the group mean and are copied back into the gradients; on a
    timeout or a missing replica the step keeps the local gradients (the others are not blocked)
-   and the failure is counted; ``abort`` (a callable polled while waiting) cancels a round that
+   and the failure is counted; every replica's copy of the mean differs from the others' by
+   the fp16 rounding of the deltas hivemind sends (~1e-4 relative), so replicas are close, never
+   bit-identical; a round the replicas agree to run on *parameters* instead
+   (:meth:`ReplicaAverager.average_parameters`, same buffers) brings replicas that drifted apart
+   after a failed round back together; ``abort`` (a callable polled while waiting) cancels a round that
    can no longer complete, e.g. when the coordinator fences the attempt after losing a replica.
 
 hivemind is imported lazily: single-replica jobs never load it.
@@ -85,7 +89,7 @@ class ReplicaAverager:
                 raise PeerError(f"only {known} of {num_peers} stage replicas reachable through hivemind after {timeout_s:.0f} s")
             time.sleep(0.1)
 
-    def average_gradients(self, abort=None) -> bool:
+    def average_gradients(self, abort=None, step: int = -1) -> bool:
         """Replace every gradient by the replicas' mean; False (gradients unchanged) on failure
         or when ``abort()`` (polled every 50 ms) turns true before the round ends."""
         with self.averager.get_tensors() as bufs:
@@ -94,11 +98,40 @@ class ReplicaAverager:
                     b.zero_()
                 else:
                     b.copy_(p.grad.detach().to("cpu", torch.float32))
+        if not self._round(abort, ("grad", step)):
+            return False
+        with self.averager.get_tensors() as bufs:
+            for b, p in zip(bufs, self.params):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.copy_(b.to(p.grad.device, p.grad.dtype))
+        return True
+
+    def average_parameters(self, abort=None, step: int = -1) -> bool:
+        """Replace every parameter by the replicas' mean (the replicas must all call this at the
+        same step: the round shares the gradients' buffers and group key); False (parameters
+        unchanged) on failure or abort."""
+        with self.averager.get_tensors() as bufs:
+            for b, p in zip(bufs, self.params):
+                b.copy_(p.detach().to("cpu", torch.float32))
+        if not self._round(abort, ("params", step)):
+            return False
+        with torch.no_grad(), self.averager.get_tensors() as bufs:
+            for b, p in zip(bufs, self.params):
+                p.copy_(b.to(p.device, p.dtype))
+        return True
+
+    def _round(self, abort, tag: tuple[str, int]) -> bool:
+        """One all-reduce of the buffers; True when they now hold the group mean of rounds with
+        the same ``tag`` (what is averaged, the step). Every member sends its tag (hivemind's
+        gather); a group that mixed tags (one replica's gradient round met another's late
+        parameter round) is void for every member, none copies the buffers back."""
+        gather = list(tag)
         try:
             if abort is None:
-                result = self.averager.step(timeout=self.timeout_s, allow_retries=False)
+                result = self.averager.step(gather=gather, timeout=self.timeout_s, allow_retries=False)
             else:
-                control = self.averager.step(timeout=self.timeout_s, allow_retries=False, wait=False)
+                control = self.averager.step(gather=gather, timeout=self.timeout_s, allow_retries=False, wait=False)
                 while not control.done() and not abort():
                     time.sleep(0.05)
                 if control.done():
@@ -110,14 +143,12 @@ class ReplicaAverager:
         except Exception as exc:  # noqa: BLE001 -- hivemind raises many kinds; a failed round is data
             log.warning("gradient averaging failed: %s", exc)
             result = None
+        if result is not None and any(list(v) != gather for v in result.values()):
+            log.warning("averaging round void: the group mixed rounds %s", sorted({tuple(v) for v in result.values()}))
+            result = None
         if result is None:
             self.num_failed += 1
             return False
-        with self.averager.get_tensors() as bufs:
-            for b, p in zip(bufs, self.params):
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.copy_(b.to(p.grad.device, p.grad.dtype))
         self.num_ok += 1
         return True
 

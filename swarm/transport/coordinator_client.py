@@ -155,7 +155,6 @@ class ServeOptions:
     objective: str = ""
     hidden_codec: str = ""
     dtype: str = ""
-    lanes: int = 0
 
 
 # ----------------------------------------------------------------------------- proto -> records
@@ -337,7 +336,7 @@ class CoordinatorClient:
             name=name, files=[transfer_pb.upload_file_to_pb(h) for h in headers],
             num_replicas=options.num_replicas, num_stages=options.num_stages, max_seq_len=options.max_seq_len,
             sessions_per_replica=options.sessions_per_replica, objective=options.objective,
-            hidden_codec=options.hidden_codec, dtype=options.dtype, lanes=options.lanes,
+            hidden_codec=options.hidden_codec, dtype=options.dtype,
         )
 
         def chunks() -> Iterator[ipb.ServeUploadChunk]:

@@ -68,12 +68,15 @@ def progress_from_pb(m: pb.ProgressReport) -> dict[str, Any]:
     if r["state"] not in PROGRESS_STATES:
         raise InvalidRequestError(f"progress state must be one of {', '.join(PROGRESS_STATES)}")
     if len(m.micro_batch_losses) > 4096 or len(m.checks) > 256 or len(m.blame_node_id) > 64 or \
-            len(m.param_digest) > 64:
-        raise InvalidRequestError("too many micro-batch losses or spot checks in one report")
+            len(m.param_digest) > 64 or len(m.param_sketch) > 256:
+        raise InvalidRequestError("too many micro-batch losses, spot checks or sketch values in one report")
+    if not all(math.isfinite(v) for v in m.param_sketch):
+        raise InvalidRequestError("param_sketch values must be finite")
     r["micro_batch_losses"] = [float(v) for v in m.micro_batch_losses]
     r["checks"] = [{"stage": c.stage, "replica": c.replica, "step": c.step, "micro_batch": c.micro_batch,
                     "what": c.what[:16], "match": c.match, "error": c.error, "tolerance": c.tolerance,
                     "repeated_match": c.repeated_match, "value": c.value} for c in m.checks]
     r["blame_node_id"] = m.blame_node_id
     r["param_digest"] = m.param_digest
+    r["param_sketch"] = tuple(float(v) for v in m.param_sketch)
     return r

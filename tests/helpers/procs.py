@@ -102,12 +102,14 @@ def launch_coordinator(state_dir: Path, *, port: int = 0, http_port: int = 0, ex
 
 
 def launch_node(coord: CoordinatorHandle | str, state_dir: Path, *, token: str | None = None, name: str | None = None,
-                extra_args: list[str] | None = None, timeout_s: float = 60.0, wait_for: str = "READY") -> NodeHandle:
+                extra_args: list[str] | None = None, timeout_s: float = 60.0, wait_for: str = "READY",
+                env: dict[str, str] | None = None) -> NodeHandle:
+    """``env``: extra environment variables for the node (e.g. ``SWARM_FAULT``)."""
     address = coord if isinstance(coord, str) else coord.address
     token = token if token is not None else coord.token  # type: ignore[union-attr]
     args = FAST_NODE_ARGS if extra_args is None else extra_args
     proc, ready = start_node(address, token, Path(state_dir), name=name or Path(state_dir).name, extra_args=args,
-                             timeout_s=timeout_s, wait_for=wait_for)
+                             timeout_s=timeout_s, wait_for=wait_for, env=child_env(env) if env else None)
     return NodeHandle(proc=proc, state_dir=Path(state_dir), port=int(ready["port"]), node_id=ready["node_id"])
 
 

@@ -49,6 +49,11 @@ class InferenceStageStub:
                 request_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepRequest.SerializeToString,
                 response_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepReply.FromString,
                 _registered_method=True)
+        self.StepStream = channel.stream_stream(
+                '/swarm.proto.v1.InferenceStage/StepStream',
+                request_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepRequest.SerializeToString,
+                response_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepReply.FromString,
+                _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/swarm.proto.v1.InferenceStage/CloseSession',
                 request_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeCloseSessionRequest.SerializeToString,
@@ -82,6 +87,15 @@ class InferenceStageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StepStream(self, request_iterator, context):
+        """The same steps on one persistent stream per chain link (coordinator -> stage 0, stage i ->
+        stage i+1): reply k answers request k. A failed step ends the stream with the status Step
+        would return; the caller opens a new stream for its next step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CloseSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -109,6 +123,11 @@ def add_InferenceStageServicer_to_server(servicer, server):
             ),
             'Step': grpc.unary_unary_rpc_method_handler(
                     servicer.Step,
+                    request_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepRequest.FromString,
+                    response_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepReply.SerializeToString,
+            ),
+            'StepStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.StepStream,
                     request_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepRequest.FromString,
                     response_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepReply.SerializeToString,
             ),
@@ -202,6 +221,33 @@ class InferenceStage:
             request,
             target,
             '/swarm.proto.v1.InferenceStage/Step',
+            swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepRequest.SerializeToString,
+            swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/swarm.proto.v1.InferenceStage/StepStream',
             swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepRequest.SerializeToString,
             swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepReply.FromString,
             options,

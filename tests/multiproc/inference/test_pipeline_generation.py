@@ -54,9 +54,8 @@ def test_three_node_pipeline_equals_single_process(tmp_path):
             node_proc(coord, tmp_path / "n0"), node_proc(coord, tmp_path / "n1"), node_proc(coord, tmp_path / "n2"):
         wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 3, timeout_s=30)
         for family, (d, cfg) in ckpts.items():
-            # llama: two pipelined lanes, so the two concurrent sessions are in flight at once
             info = coord.serve(d, name=f"tiny-{family}", num_replicas=1, num_stages=3, max_seq_len=128,
-                               sessions_per_replica=4, lanes=2 if family == "llama" else 1)
+                               sessions_per_replica=4)
             stages = info["replicas"][0]["stages"]
             assert len(stages) == 3 and len({s["node_id"] for s in stages}) == 3
             assert stages[0]["first_layer"] == 0 and stages[-1]["last_layer_excl"] == 4

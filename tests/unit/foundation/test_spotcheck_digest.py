@@ -12,8 +12,8 @@ import torch
 from swarm.faults import FaultConfig, FaultInjector
 from swarm.model import ModelConfig, StageModel, build_stage
 
-from coordinator.jobs.spotchecks import Judge
-from node.training.spotcheck import TOLERANCE, SpotResult, param_digest, recompute, rel_error
+from coordinator.jobs.spotchecks import SYNC_TOLERANCE, Judge, weights_distance
+from node.training.spotcheck import TOLERANCE, SpotResult, param_digest, param_sketch, recompute, rel_error
 
 CFG = ModelConfig(family="gpt2", vocab_size=32, hidden_size=32, num_layers=3, num_heads=2,
                   max_position_embeddings=16, tie_word_embeddings=False)
@@ -87,7 +87,7 @@ def test_honest_stage_passes_and_a_corrupting_stage_is_quarantined_with_the_same
     assert j.report("j", 1, CHECKER, ASG, {"step": 1, "param_digest": digest, "checks": bad}) == []
     (v,) = j.report("j", 1, TARGET, ASG, {"step": 1, "param_digest": digest})
     assert v.node_id == TARGET["node_id"] and v.first_bad_step == 1 and "same weights" in v.reason
-    assert j.stats("j") == {"checks": 4, "mismatches": 1, "unverifiable": 0}
+    assert j.stats("j") == {"checks": 4, "mismatches": 1, "unverifiable": 0, "weighed": 4}
 
 
 def test_drifted_replicas_are_never_compared():
@@ -110,11 +110,64 @@ def test_drifted_replicas_are_never_compared():
     j = Judge()
     assert j.report("j", 1, TARGET, ASG, {"step": 5, "param_digest": d_target}) == []
     assert j.report("j", 1, CHECKER, ASG, {"step": 5, "param_digest": d_checker, "checks": checks}) == []
-    assert j.stats("j") == {"checks": 2, "mismatches": 0, "unverifiable": 2}
+    assert j.stats("j") == {"checks": 2, "mismatches": 0, "unverifiable": 2, "weighed": 0}
+    # their sketches tell the same: far beyond SYNC_TOLERANCE
+    assert weights_distance(param_sketch(target.parameters()), param_sketch(checker.parameters())) > 10 * SYNC_TOLERANCE
     # a node that reports no digest (or an old node) is never judged either
     assert j.report("j", 1, TARGET, ASG, {"step": 6}) == []
     assert j.report("j", 1, CHECKER, ASG, {"step": 6, "param_digest": d_checker,
                                            "checks": [dict(c, step=6) for c in checks]}) == []
+
+
+def _fp16_round_trip_drift(model: StageModel, seed: int) -> None:
+    """What a successful hivemind round leaves between replicas: each holds the mean plus its own
+    fp16 rounding (of the delta it was sent), ~1e-4 relative (swarm/pipeline/averaging.py)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(p * torch.randn(p.shape, generator=g) * 2.0 ** -12)
+
+
+def test_near_replicas_are_weighed_by_their_sketches():
+    """Replicas after a successful averaging round differ by fp16 rounding: never bit-identical
+    (different digests) but within SYNC_TOLERANCE by their sketches, so checks weigh: an honest
+    target passes, a corrupting one is quarantined."""
+    target = _middle_stage()
+    checker = copy.deepcopy(target)
+    _fp16_round_trip_drift(target, 1)
+    _fp16_round_trip_drift(checker, 2)
+    assert param_digest(target.parameters()) != param_digest(checker.parameters())
+    rt, rc = ({"param_digest": param_digest(m.parameters()), "param_sketch": param_sketch(m.parameters())}
+              for m in (target, checker))
+    dist = weights_distance(rc["param_sketch"], rt["param_sketch"])
+    assert 1e-5 < dist < SYNC_TOLERANCE / 3, dist
+    j = Judge()
+    x, g_out = _inputs(7)
+    y, g_in = _run(target, x, g_out)
+    honest = _check(checker, x, y, g_out, g_in, step=2)
+    assert all(c["match"] and c["error"] < TOLERANCE[c["what"]] / 100 for c in honest), honest
+    assert j.report("j", 1, TARGET, ASG, {"step": 2, **rt}) == []
+    assert j.report("j", 1, CHECKER, ASG, {"step": 2, **rc, "checks": honest}) == []
+    bad_y = FaultInjector(FaultConfig(corrupt_activations=1.0)).corrupt_sent(y)
+    bad = _check(checker, x, bad_y, g_out, g_in, step=3)
+    assert j.report("j", 1, CHECKER, ASG, {"step": 3, **rc, "checks": bad}) == []  # waits for the target
+    (v,) = j.report("j", 1, TARGET, ASG, {"step": 3, **rt})
+    assert v.node_id == TARGET["node_id"] and v.first_bad_step == 3
+    assert j.stats("j") == {"checks": 4, "mismatches": 1, "unverifiable": 0, "weighed": 4}
+
+
+def test_sketch_distance_estimates_the_weights_distance():
+    a = _middle_stage()
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 1e-3)
+    flat = lambda m: torch.cat([p.detach().reshape(-1) for p in m.parameters()])  # noqa: E731
+    true = float((flat(b) - flat(a)).norm() / flat(a).norm())
+    est = weights_distance(param_sketch(b.parameters()), param_sketch(a.parameters()))
+    assert 0.5 * true < est < 2 * true, (est, true)
+    assert weights_distance(param_sketch(a.parameters()), param_sketch(a.parameters())) == 0.0
+    assert weights_distance((), param_sketch(a.parameters())) == float("inf")
 
 
 def test_a_check_of_another_step_than_the_report_is_ignored():
@@ -162,3 +215,18 @@ def test_stall_blame_spares_lost_nodes_and_nodes_waiting_on_someone_else():
     j.blame("j", "s0", "s1", 300.0)  # a silent node that is online and waits on nobody: stalled
     (v,) = j.resolve_blames("j", 400.0, grace_s=30.0)[0]
     assert v.node_id == "s1" and v.first_bad_step is None
+
+
+def test_a_stall_is_judged_on_silence_after_the_blame():
+    """The accuser starts waiting when it sent its step; the staller's report of its last step may
+    land a moment before the blame. Silent from then until grace_s after the blame: stalled. A
+    node that reports progress after the blame was only slow."""
+    j = Judge()
+    j.progress("j", "s1", 99.0)  # its last report, 1 s before the blame
+    j.blame("j", "s0", "s1", 100.0)
+    assert j.resolve_blames("j", 120.0, grace_s=30.0) == ([], False)  # not yet
+    (v,) = j.resolve_blames("j", 131.0, grace_s=30.0)[0]
+    assert v.node_id == "s1" and "stalled" in v.reason
+    j.blame("j", "s0", "s1", 200.0)
+    j.progress("j", "s1", 210.0)  # slow, not stalled
+    assert j.resolve_blames("j", 231.0, grace_s=30.0) == ([], True)

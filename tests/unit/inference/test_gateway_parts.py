@@ -126,3 +126,18 @@ def test_prompt_tokens_match_transformers(tmp_path):
     for text in ("The swarm pools volunteer GPUs.", "  spaces\tand\nnewlines ", "ünïcödé ✓ 42"):
         assert codec.encode(text) == ref(text)["input_ids"]
         assert codec.decode(codec.encode(text)) == ref.decode(ref(text)["input_ids"], skip_special_tokens=True)
+
+
+def test_a_model_stored_with_the_removed_lanes_option_still_loads(tmp_path):
+    from pathlib import Path
+
+    from coordinator.inference.store import ModelRecord
+
+    store = ModelStore(Database(tmp_path), tmp_path)
+    store.put(ModelRecord(name="old", digest="d" * 64, dir=Path(tmp_path), params=ServeParams(), state="ready",
+                          error="", size_bytes=1, created_at_s=0.0))
+    with store._conn:  # as a coordinator from before the removal of --lanes wrote it
+        store._conn.execute("UPDATE inference_models SET params_json = ? WHERE name = 'old'",
+                            ('{"lanes": 4, "dtype": "float16"}',))
+    rec = store.get("old")
+    assert rec.params.dtype == "float16" and not hasattr(rec.params, "lanes")

@@ -61,6 +61,20 @@ def test_replica_counts_keep_the_batch_in_whole_micro_batches():
 
 
 @pytest.mark.timeout(10)
+def test_growth_target_adds_whole_pipelines_that_split_the_batch():
+    kw = dict(batch_size=8, micro_batch_size=2)
+    # running 1 of 4 requested pipelines of 3 stages
+    assert churn.growth_target(current=1, requested=4, stages=3, idle_nodes=2, **kw) is None  # not one pipeline
+    assert churn.growth_target(current=1, requested=4, stages=3, idle_nodes=3, **kw) == 2
+    assert churn.growth_target(current=1, requested=4, stages=3, idle_nodes=8, **kw) == 2  # 3 does not split 8
+    assert churn.growth_target(current=1, requested=4, stages=3, idle_nodes=9, **kw) == 4
+    assert churn.growth_target(current=2, requested=2, stages=3, idle_nodes=9, **kw) is None  # already there
+    assert churn.growth_target(current=1, requested=0, stages=3, idle_nodes=9, **kw) is None  # planner's choice
+    f = churn.open_fence(attempt=2, assignments=_assignments(3, 1), live=[0], lost=[], at_s=1.0, grow_to=2)
+    assert f["grow_to"] == 2 and f["lost"] == [] and f["workers"] == ["0:0", "1:0", "2:0"]
+
+
+@pytest.mark.timeout(10)
 def test_registry_grace_after_a_restart_then_lost(tmp_path):
     clock = FakeClock()
     hw = HW

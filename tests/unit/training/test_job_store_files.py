@@ -39,6 +39,28 @@ def test_state_machine_allows_only_forward_moves(tmp_path):
     assert h["loss"] == 2.5 and h["tokens_per_s"] == 32.0 and h["bytes_saved"] == 300
 
 
+def test_history_counts_a_past_attempts_step_once_every_stage_reported_it(tmp_path):
+    """A fence ran some steps of attempt 1 with one of its two pipelines (the other was lost);
+    attempt 2 (current) runs two pipelines again: every committed step shows, nothing else."""
+    store = JobStore(Database(tmp_path), FakeClock())
+    store.create(job_id="j", spec=JobSpec(), model={}, num_samples=4, dataset_key="k", total_steps=9)
+
+    def report(attempt, step, workers):
+        for stage, replica in workers:
+            store.add_progress("j", attempt=attempt, stage=stage, replica=replica, step=step,
+                               loss=1.0 if stage == 1 else None, tokens=8, tokens_per_s=1.0, bytes_sent=0,
+                               bytes_raw=0, step_s=1.0, compute_s=1.0, wait_s=0.0, comm_s=0.0)
+
+    both = [(0, 0), (1, 0), (0, 1), (1, 1)]
+    report(1, 0, both)
+    report(1, 1, [(0, 0), (1, 0)])  # the fence: pipeline 0 alone
+    report(1, 2, [(0, 0)])  # stage 1 never ran it: not committed
+    report(2, 2, both[:3])  # the current attempt, one worker behind
+    assert [h["step"] for h in store.history("j", num_reporters=4, attempt=2)] == [0, 1]
+    report(2, 2, [(1, 1)])
+    assert [(h["step"], h["attempt"]) for h in store.history("j", num_reporters=4, attempt=2)] == [(0, 1), (1, 1), (2, 2)]
+
+
 def _receive(tmp_path, files, limits=UploadLimits()):
     r = FileReceiver(tmp_path / "up", roots=("data", "checkpoint"), limits=limits)
     for name, data, sha in files:
