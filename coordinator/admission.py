@@ -212,17 +212,28 @@ class Admission:
         if own:
             raise InvalidRequestError(
                 f"peer address {address!r} is this coordinator's own port; advertise the node's peer port")
+        holder = self.held_by_other(address, node_id, online)
+        if holder is not None:
+            raise InvalidRequestError(
+                f"peer address {address!r} is held by another online node ({holder[:8]}); "
+                "advertise this node's own address (--advertise-host, --port), or wait until that node is lost")
+
+    @staticmethod
+    def held_by_other(address: str, node_id: str, online: Iterable[NodeInfo]) -> str | None:
+        """The id of another online node whose published address is ``address``, else None. Nodes
+        whose dial-back is pending hold no address yet (two NAT'd nodes may advertise the same
+        private one); the dial-back checks again before publishing (issue 11)."""
+        host, port = normalize_address(address)
         for n in online:
-            if n.id == node_id or n.state != "online":
+            if n.id == node_id or n.state != "online" or n.reachability == "pending":
                 continue
             try:
                 theirs = normalize_address(n.peer_address)
             except (ValueError, InvalidRequestError):
                 continue
             if theirs == (host, port):
-                raise InvalidRequestError(
-                    f"peer address {address!r} is held by another online node ({n.id[:8]}); advertise this "
-                    "node's own address (--advertise-host, --port), or wait until that node is lost")
+                return n.id
+        return None
 
     def close(self) -> None:
         with self._lock:

@@ -29,6 +29,7 @@ from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
 from swarm.transport.auth import MAX_SESSION_CHARS, read_api_token, read_credentials
 from swarm.transport.channels import CONTROL_MAX_MESSAGE_BYTES, bind, make_server
 from swarm.transport.limits import StreamLimits
+from swarm.transport.relay import RelayLimits
 
 from coordinator import credentials
 from coordinator.admission import Admission, AdmissionPolicy, local_hosts
@@ -39,6 +40,7 @@ from coordinator.ca import CoordinatorCA
 from coordinator.http import HttpServer, build_web_app
 from coordinator.plugins import CoordinatorHost, CoordinatorPlugin
 from coordinator.network import MeasurementPolicy, MeasurementScheduler, NetworkStore, ProbeBook
+from coordinator.reachability import Reachability
 from coordinator.registry import NodeRegistry
 from coordinator.servicer import MAX_CLOCK_SKEW_S, CoordinatorServicer
 from coordinator.services import Services
@@ -84,9 +86,13 @@ class CoordinatorConfig:
     http_tls_cert: Path | None = None  # HTTPS on the HTTP port with a real certificate (--tls-cert/--tls-key)
     http_tls_key: Path | None = None
     bench_plaintext: bool = False  # BENCHMARK ONLY (SWARM_BENCH_PLAINTEXT=1): no TLS on gRPC
+    relay_port: int | None = 0  # the relay port for nodes behind NAT (coordinator/reachability.py); None: off
+    relay_limits: RelayLimits = field(default_factory=RelayLimits)  # its bandwidth cap and connection limits
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
+        if self.relay_port is not None and not 0 <= self.relay_port <= 65535:
+            raise ConfigError("--relay-port must be in 0..65535 (0 picks one, -1 turns relaying off)")
         for name in ("port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in 0..65535")
@@ -158,6 +164,7 @@ class CoordinatorApp:
         self.probes = ProbeBook(self.clock)  # both ends of each probe (coordinator/network.py)
         self.challenges = Challenges(self.registry.trust, self.clock)  # compute challenges at join
         self.admission = Admission(self.db, self.clock, config.admission, max_clock_skew_s=MAX_CLOCK_SKEW_S)
+        self.reachability = Reachability(self, relay_port=config.relay_port, relay_limits=config.relay_limits)
         self._sessions: dict[str, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -262,6 +269,7 @@ class CoordinatorApp:
         """Start gRPC, HTTP, plugins and the liveness sweeper; returns (grpc_port, http_port)."""
         cfg = self.config
         pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self), self.grpc_server)
+        self.reachability.install(self.grpc_server)
         self.plugins = plugin_registry.create_plugins(self.plugin_modules, self.host)
         for plugin in self.plugins:
             plugin.install_grpc(self.grpc_server)
@@ -278,6 +286,13 @@ class CoordinatorApp:
         except OSError as exc:
             self.grpc_server.stop(0)
             raise ConfigError(f"cannot serve HTTP on port {cfg.http_port} ({exc}); pick another --http-port") from exc
+        try:
+            if relay_port := self.reachability.start():
+                self.admission.own_ports.add(relay_port)
+        except ConfigError:
+            self.grpc_server.stop(0)
+            self.http.stop()
+            raise
         self.registry.begin_grace()  # counted from now: loading plugins may take seconds
         self._sweeper = threading.Thread(target=self._sweep_loop, name="liveness", daemon=True)
         self._sweeper.start()
@@ -316,6 +331,7 @@ class CoordinatorApp:
     def stop(self, grace_s: float = 1.0) -> None:
         self._stop.set()
         stop_plugins(self._started_plugins)
+        self.reachability.stop()
         if self.http is not None:
             self.http.stop()
         self.grpc_server.stop(grace_s).wait(grace_s + 5)

@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concurrent gRPC streams from one remote IP (default 16)")
     g.add_argument("--flush-interval-s", type=float, default=5.0,
                    help="write heartbeats to SQLite this often; kept in memory between (default 5)")
+    s.add_argument("--relay-port", type=int, default=int(_env("RELAY_PORT", 0)),
+                   help="TCP port relaying traffic to nodes nobody can dial (behind NAT); 0 picks one, -1 turns "
+                        "relaying off (default 0)")
+    s.add_argument("--relay-rate-mbit", type=float, default=float(_env("RELAY_RATE_MBIT", 1000)),
+                   help="cap on all relayed traffic, both ways together, in Mbit/s (default 1000)")
     s.add_argument("--advertise-host", action="append", default=[], help="a name or address nodes and users reach this coordinator by; added to its TLS certificate (repeatable)")
     s.add_argument("--tls-san", action="append", default=[], help="another name or IP for the coordinator's TLS certificate (repeatable)")
     s.add_argument("--node-cert-lifetime-s", type=float, default=86400.0, help="lifetime of nodes' TLS certificates, renewed over heartbeats past half of it (default 86400)")
@@ -141,6 +146,7 @@ def serve(args: argparse.Namespace) -> int:
     from coordinator.network import MeasurementPolicy
     from swarm.statedir import secure_state_dir
     from swarm.transport.limits import StreamLimits
+    from swarm.transport.relay import RelayLimits
     from swarm.transport.tls import bench_plaintext
 
     state_dir = Path(args.state_dir).expanduser()
@@ -172,6 +178,8 @@ def serve(args: argparse.Namespace) -> int:
             stream_limits=StreamLimits(idle_timeout_s=args.stream_idle_timeout_s,
                                        max_streams_per_peer=args.max_streams_per_peer),
             max_model_params=args.max_model_params, flush_interval_s=args.flush_interval_s,
+            relay_port=None if args.relay_port == -1 else args.relay_port,
+            relay_limits=RelayLimits(rate_Bps=args.relay_rate_mbit * 1e6 / 8),
         )
         app = CoordinatorApp(config)
         port, http_port = app.start()
@@ -205,7 +213,7 @@ def serve(args: argparse.Namespace) -> int:
             f.write(join_token + "\n")
     print(f"status page: {status_page_url(args, http_port, read_token)}", flush=True)
     print(f"READY port={port} http_port={http_port} token={join_token} admin_token={admin_token} "
-          f"read_token={read_token}", flush=True)
+          f"read_token={read_token} relay_port={app.reachability.relay_port}", flush=True)
     stop.wait()
     app.stop()
     return 0

@@ -35,7 +35,7 @@ import threading
 from aiohttp import web
 
 from swarm.errors import AuthError, InvalidRequestError, PermissionDeniedError
-from swarm.membership import link_json, node_json
+from swarm.membership import link_json, link_paths, node_json
 
 from coordinator.credentials import Access, api_access, read_access
 
@@ -218,12 +218,15 @@ async def api_nodes(request: web.Request) -> web.Response:
     if access_of(request) is not Access.FULL:
         for node in nodes:
             node.pop("peer_address", None)  # never public: where a stranger could reach a volunteer's machine
+            node.pop("observed_address", None)
     return web.json_response({"nodes": nodes, "server_time": now})
 
 
 async def api_network(request: web.Request) -> web.Response:
     app = request.app[APP_KEY]
-    nodes = [n for n in app.registry.snapshot() if n.state == "online"]
+    everyone = app.registry.snapshot()
+    path = link_paths(everyone)
+    nodes = [n for n in everyone if n.state == "online"]
     ids = [n.id for n in nodes]
     delay, bandwidth, measured = app.network.matrix(ids)
     return web.json_response({
@@ -232,9 +235,15 @@ async def api_network(request: web.Request) -> web.Response:
         "delay_s": [[_finite(v) for v in row] for row in delay],
         "bandwidth_Bps": [[_finite(v) for v in row] for row in bandwidth],
         "measured_at": [[_finite(v) for v in row] for row in measured],
-        "links": [link_json(link) for link in app.network.links()],
+        "links": [link_json(link, path) for link in app.network.links()],
         "server_time": app.clock.time(),
     })
+
+
+async def api_relay(request: web.Request) -> web.Response:
+    """The coordinator's relay port: who listens on it and the bytes relayed per node
+    (coordinator/reachability.py); node ids only, no addresses."""
+    return web.json_response(request.app[APP_KEY].reachability.usage())
 
 
 def build_web_app(app) -> web.Application:
@@ -242,6 +251,7 @@ def build_web_app(app) -> web.Application:
     web_app[APP_KEY] = app
     web_app.router.add_get("/api/nodes", api_nodes)
     web_app.router.add_get("/api/network", api_network)
+    web_app.router.add_get("/api/relay", api_relay)
     return web_app
 
 

@@ -24,13 +24,14 @@ import math
 import random
 import secrets
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
 from swarm.clock import Clock
-from swarm.membership import Link, NodeInfo
+from swarm.membership import Link, NodeInfo, link_paths
 
 from coordinator.store import Database
 
@@ -161,10 +162,34 @@ class ProbeBook:
         return out
 
 
+def relay_capped(bandwidth_Bps: np.ndarray, nodes: list[NodeInfo], caps_Bps: dict[str, float]) -> np.ndarray:
+    """The relay's own capacity as a planning constraint. Pure.
+
+    Links INTO a node reached through relay R (path ``relayed``, swarm/reachability.py) all cross
+    R, so they share its cap: each is priced at most cap_R / (the number of ``nodes`` R relays),
+    the share each gets when all of them receive at once (a pipeline's stages do). Measured
+    bandwidth below that stays as measured; unmeasured links (NaN) stay unmeasured; relays of
+    unknown capacity (volunteers do not report theirs yet) leave links as measured."""
+    path = link_paths(nodes)
+    load = Counter(n.relay_node_id for n in nodes if n.reachability == "relayed" and n.relay_node_id)
+    out = np.array(bandwidth_Bps, dtype=float, copy=True)
+    for j, dst in enumerate(nodes):
+        cap = caps_Bps.get(dst.relay_node_id) if dst.reachability == "relayed" else None
+        if cap is None:
+            continue
+        share = cap / load[dst.relay_node_id]
+        for i, src in enumerate(nodes):
+            if i != j and path(src.id, dst.id) == "relayed" and math.isfinite(out[i, j]):
+                out[i, j] = min(out[i, j], share)
+    return out
+
+
 class NetworkStore:
-    """Latest link per (src, dst); thread-safe."""
+    """Latest link per (src, dst); thread-safe. ``relay_caps``: bytes/s of each relay whose
+    capacity is known (the coordinator's own), for :meth:`planning_matrix`."""
 
     def __init__(self, db: Database) -> None:
+        self.relay_caps: dict[str, float] = {}
         self._lock = threading.Lock()
         self._conn = db.connect()
         self._links: dict[tuple[str, str], Link] = {}
@@ -220,6 +245,12 @@ class NetworkStore:
                         bandwidth[i, j] = link.bandwidth_Bps
                         measured[i, j] = link.measured_at_s
         return NetworkMatrix(delay, bandwidth, measured)
+
+    def planning_matrix(self, nodes: list[NodeInfo]) -> NetworkMatrix:
+        """:meth:`matrix` over ``nodes`` with relayed links priced within their relay's capacity
+        (:func:`relay_capped`): what planners use."""
+        m = self.matrix([n.id for n in nodes])
+        return NetworkMatrix(m.delay_s, relay_capped(m.bandwidth_Bps, list(nodes), self.relay_caps), m.measured_at)
 
     def close(self) -> None:
         with self._lock:

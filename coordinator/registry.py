@@ -141,8 +141,11 @@ class NodeRegistry:
 
     # -- mutations ---------------------------------------------------------------------------
     def register(
-        self, *, node_id: str, name: str, public_key: bytes, peer_address: str, hardware: HardwareInfo
+        self, *, node_id: str, name: str, public_key: bytes, peer_address: str, hardware: HardwareInfo,
+        reachability: str = "direct", relay_address: str = "",
     ) -> NodeInfo:
+        """``reachability="pending"`` (the servicer): not :meth:`online` until :meth:`set_reachability`
+        records the coordinator's dial-back; ``relay_address``: the node offers relaying there."""
         now = self._clock.time()
         with self._lock:
             old = self._nodes.get(node_id)
@@ -150,12 +153,29 @@ class NodeRegistry:
                 id=node_id, name=name, state="online", hardware=hardware, peer_address=peer_address,
                 registered_at_s=now, last_seen_at_s=now,
                 status=old.info.status if old else "", metrics=old.metrics if old else {},
+                reachability=reachability, advertised_address=peer_address, relay_address=relay_address,
             )
             entry = _Entry(info=info, public_key=public_key, metrics=info.metrics)
             self._save(entry)  # first: a full disk refuses the registration and changes nothing
             self._nodes[node_id] = entry
             self._restored.discard(node_id)
         log.info("node registered id=%s name=%s address=%s again=%s", node_id, name, peer_address, old is not None)
+        return info
+
+    def set_reachability(self, node_id: str, *, reachability: str, published_address: str, observed_address: str,
+                         relay_node_id: str = "") -> NodeInfo:
+        """Record the dial-back's decision (swarm/reachability.py): peers dial ``published_address``
+        from now on. Written at once (the address peers get is state worth keeping)."""
+        with self._lock:
+            entry = self._nodes.get(node_id)
+            if entry is None:
+                raise NotFoundError(f"node {node_id} is not registered; register first")
+            entry.info = replace(entry.info, reachability=reachability, peer_address=published_address,
+                                 observed_address=observed_address, relay_node_id=relay_node_id)
+            self._flush_one(entry)
+            info = entry.info
+        log.info("node reachability id=%s %s published=%s observed=%s relay=%s", node_id, reachability,
+                 published_address, observed_address, relay_node_id or "-")
         return info
 
     def heartbeat(
@@ -291,7 +311,8 @@ class NodeRegistry:
         return tuple(sorted(infos, key=lambda n: (n.registered_at_s, n.id)))
 
     def online(self) -> tuple[NodeInfo, ...]:
-        return tuple(n for n in self.snapshot() if n.state == "online")
+        """Online nodes peers may be sent to: a node whose dial-back is pending is left out."""
+        return tuple(n for n in self.snapshot() if n.state == "online" and n.reachability != "pending")
 
     def get(self, node_id: str) -> NodeInfo:
         with self._lock:

@@ -22,9 +22,8 @@ from swarm.transport.channels import parse_address
 from swarm.transport.convert import hardware_from_proto, link_to_proto, metrics_from_json, node_to_proto
 from swarm.transport.errors import grpc_errors
 
-from coordinator.network import bound_transfer, transfer_link
 from coordinator.credentials import Access
-from coordinator.network import transfer_link
+from coordinator.network import bound_transfer, transfer_link
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +138,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 f"this coordinator already knows {len(known)} nodes (its limit); ask its operator to raise it"
             )
         app.admission.admit_identity(request.token, node_id)  # per-token limits (coordinator/admission.py)
+        if not 0 <= payload.relay_port <= 65535:
+            raise InvalidRequestError("relay_port must be in 0..65535")
+        relay_address = ""
+        if payload.relay_port:
+            relay_address = f"{payload.peer_address.rpartition(':')[0]}:{payload.relay_port}"
+        # pending: no work and no peer is sent to it until CheckReachability proved its address
         app.registry.register(
             node_id=node_id, name=payload.name, public_key=bytes(request.public_key),
-            peer_address=payload.peer_address, hardware=hardware,
+            peer_address=payload.peer_address, hardware=hardware, reachability="pending",
+            relay_address=relay_address,
         )
         certificate = app.issue_certificate(node_id, payload.tls_public_key)  # AuthError for a bad key
         session = app.new_session(node_id)
@@ -150,6 +156,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             coordinator_version=swarm.__version__, protocol_version=swarm.PROTOCOL_VERSION,
             certificate_pem=certificate,
         )
+
+    @grpc_errors
+    def CheckReachability(self, request: pb.ReachabilityRequest, context) -> pb.ReachabilityReply:
+        node_id = self.app.authenticate_node(context)
+        if len(request.coordinator_host) > 253:
+            raise InvalidRequestError("coordinator_host is longer than a host name")
+        return self.app.reachability.check(node_id, peer=context.peer(), coordinator_host=request.coordinator_host)
 
     @grpc_errors
     def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:

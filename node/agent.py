@@ -43,6 +43,7 @@ from swarm.transport.auth import call_metadata
 from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, bind, make_server, parse_address
 from swarm.transport.convert import metrics_to_json
 from swarm.transport.limits import StreamLimits
+from swarm.transport.relay import RelayLimits
 from swarm.transport.tls import PlaintextSecurity, TlsSecurity, pinned_ca
 
 from node import plugins as plugin_registry
@@ -50,6 +51,7 @@ from node.plugins import NodeHost, NodePlugin
 from node.coordinator_link import Backoff, CoordinatorLink
 from node.measure import measure_link
 from node.peer_service import PeerServicer
+from node.relay_link import NodeRelay
 from node.traffic import Traffic
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,9 @@ class NodeConfig:
     stream_limits: StreamLimits = field(default_factory=StreamLimits)  # peer server: streams per peer, idle deadline
     bench_plaintext: bool = False  # BENCHMARK ONLY (SWARM_BENCH_PLAINTEXT=1): no TLS on gRPC
     faults: FaultConfig = NO_FAULTS  # SWARM_FAULT: injected misbehaviour, for tests only (swarm/faults.py)
+    relay_port: int | None = None  # --relay: offer relaying on this TCP port (0 picks one); None: don't
+    relay_limits: RelayLimits = field(default_factory=RelayLimits)
+    hole_punching: bool = True  # relayed: punch holes to other NAT'd nodes (--no-hole-punching: relay only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -82,6 +87,8 @@ class NodeConfig:
             raise ConfigError("a join token is needed: pass --token (printed by the coordinator at start)")
         if not 0 <= self.port <= 65535:
             raise ConfigError("--port must be in 0..65535")
+        if self.relay_port is not None and not 0 <= self.relay_port <= 65535:
+            raise ConfigError("--relay-port must be in 0..65535")
         if self.heartbeat_interval_s is not None and not 0.05 <= self.heartbeat_interval_s <= 60:
             raise ConfigError("--heartbeat-interval-s must be in 0.05..60")
         if not 0.01 <= self.matmul_duration_s <= 30:
@@ -154,6 +161,9 @@ class NodeAgent:
                              wait_registered=self.wait_registered, update_metrics=self.update_metrics,
                              traffic=self.traffic, security=self.security, faults=config.faults)
         self.peer_servicer: PeerServicer | None = None
+        self.relay = NodeRelay(node_id=self.node_id, security=self.security, coordinator_channel=self.coordinator_channel,
+                               call_metadata=self.call_metadata, offer_port=config.relay_port, bind_host=config.host,
+                               relay_limits=config.relay_limits, hole_punching=config.hole_punching)
 
     # -- seams for plugins -------------------------------------------------------------------
     def update_metrics(self, **values: Any) -> None:
@@ -184,6 +194,7 @@ class NodeAgent:
         self.plugins = plugin_registry.create_plugins(self.plugin_modules, self.host)
         for plugin in self.plugins:
             plugin.install(self.peer_server)
+        self.relay.install(self.peer_server)
         # Only holders of a swarm certificate complete a handshake here. Until this node is
         # certified it presents a placeholder nobody trusts (see TlsSecurity).
         self.peer_port = bind(self.peer_server, self.config.host, self.config.port, security=self.security,
@@ -197,6 +208,7 @@ class NodeAgent:
             else:
                 host = bind_host
         self.peer_address = f"{host}:{self.peer_port}"
+        self.relay.start_offer()
         for plugin in self.plugins:
             plugin.start()
             self._started_plugins.append(plugin)
@@ -213,6 +225,7 @@ class NodeAgent:
         stop_plugins(self._started_plugins)
         for t in self._threads:
             t.join(timeout=15)
+        self.relay.stop()
         with self._session_lock:
             session, self._session = self._session, None
         if leave and session is not None:
@@ -246,10 +259,14 @@ class NodeAgent:
     def _register(self) -> None:
         self._pin_ca()
         reg = self._link.register(name=self.name, peer_address=self.peer_address, hardware=self.hardware,
-                                  token=self.config.token, tls_public_key=self.tls_public_key)
+                                  token=self.config.token, tls_public_key=self.tls_public_key,
+                                  relay_port=self.relay.relay_port)
         self._take_certificate(reg.certificate_pem)
         with self._session_lock:
             self._session = reg.session
+        # serving the new certificate now: the coordinator dials back (proof of id) before it
+        # sends anyone here; relayed nodes start listening on their relay
+        self._check_reachability(reg.session)
         if self.config.heartbeat_interval_s is None:
             self.heartbeat_interval_s = reg.heartbeat_interval_s
         self._registered.set()
@@ -259,10 +276,18 @@ class NodeAgent:
         except queue.Full:
             log.warning("measurement queue full; the compute challenge waits for the next registration")
 
+    def _check_reachability(self, session: str) -> None:
+        local_host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else "::1" if self.config.host == "::" \
+            else self.config.host
+        self.relay.check(self._link, session, coordinator_address=self.coordinator_address,
+                         local_address=(local_host, self.peer_port), now_s=self.clock.monotonic())
+
     def _heartbeat(self) -> None:
         with self._session_lock:
             session = self._session
-        self.update_metrics(**self.traffic.totals())
+        if self.relay.due(self.clock.monotonic()):  # still pending: the dial-back failed or no relay yet
+            self._check_reachability(session)
+        self.update_metrics(**self.traffic.totals(), **self.relay.metrics())
         with self.metrics_lock:
             metrics = dict(self.metrics)
         try:

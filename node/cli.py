@@ -42,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--max-streams-per-peer", type=int, default=int(env("SWARM_MAX_STREAMS_PER_PEER", "8")),
                    help="concurrent peer streams from one remote IP (default 8)")
     j.add_argument("--token-file", default=env("SWARM_TOKEN_FILE"), help="read the token from this file (waits up to 120 s for it to appear), e.g. one the coordinator writes with --publish-token")
+    j.add_argument("--relay", action="store_true", default=env("SWARM_RELAY", "") == "1",
+                   help="offer relaying to nodes nobody can dial (behind NAT); only used when this node is itself "
+                        "reachable directly")
+    j.add_argument("--relay-port", type=int, default=int(env("SWARM_RELAY_PORT", "0")),
+                   help="with --relay: the TCP port to relay on (default 0: free)")
+    j.add_argument("--relay-rate-mbit", type=float, default=float(env("SWARM_RELAY_RATE_MBIT", "1000")),
+                   help="with --relay: cap on relayed traffic, both ways together, in Mbit/s (default 1000)")
+    j.add_argument("--no-hole-punching", action="store_true", default=env("SWARM_NO_HOLE_PUNCHING", "") == "1",
+                   help="behind NAT: reach other NAT'd nodes only through the relay (default: punch holes, "
+                        "falling back to the relay)")
     j.add_argument("--log-level", default=env("SWARM_LOG_LEVEL", "INFO"))
     return parser
 
@@ -51,6 +61,7 @@ def join(args: argparse.Namespace) -> int:
     from swarm.faults import FAULT_ENV, FaultConfig
     from swarm.statedir import secure_state_dir
     from swarm.transport.limits import StreamLimits
+    from swarm.transport.relay import RelayLimits
     from swarm.transport.tls import bench_plaintext
 
     target = target_from_args(args)
@@ -77,6 +88,8 @@ def join(args: argparse.Namespace) -> int:
                                        max_streams_per_peer=args.max_streams_per_peer),
             bench_plaintext=bench_plaintext(os.environ),
             faults=faults,
+            relay_port=args.relay_port if args.relay else None, hole_punching=not args.no_hole_punching,
+            relay_limits=RelayLimits(rate_Bps=args.relay_rate_mbit * 1e6 / 8),
         )
         agent = NodeAgent(config)
         port = agent.start()

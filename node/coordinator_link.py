@@ -69,11 +69,12 @@ class CoordinatorLink:
         self._lock = threading.Lock()
 
     def register(self, *, name: str, peer_address: str, hardware: HardwareInfo, token: str,
-                 tls_public_key: bytes) -> Registration:
+                 tls_public_key: bytes, relay_port: int = 0) -> Registration:
         payload = pb.RegistrationPayload(
             protocol_version=swarm.PROTOCOL_VERSION, node_id=self._identity.node_id, name=name,
             peer_address=peer_address, hardware=hardware_to_proto(hardware),
             timestamp_s=self._clock.time(), nonce=os.urandom(16), tls_public_key=tls_public_key,
+            relay_port=relay_port,
         ).SerializeToString()
         request = pb.RegisterRequest(
             payload=payload, public_key=self._identity.public_key,
@@ -84,6 +85,14 @@ class CoordinatorLink:
         return Registration(node_id=reply.node_id, session=reply.session,
                             heartbeat_interval_s=reply.heartbeat_interval_s or 2.0,
                             certificate_pem=reply.certificate_pem.encode())
+
+    def check_reachability(self, session: str, *, coordinator_host: str) -> pb.ReachabilityReply:
+        """Ask the coordinator to dial this node back (coordinator/reachability.py); the dial-back
+        takes up to a few seconds."""
+        with translate_rpc_errors(self._what):
+            return self.stub.CheckReachability(pb.ReachabilityRequest(coordinator_host=coordinator_host),
+                                               metadata=call_metadata(self._identity.node_id, session),
+                                               timeout=CALL_TIMEOUT_S + 5)
 
     def heartbeat(self, session: str, *, status: str, metrics_json: str, memory_free_bytes: int = 0,
                   transfers=(), probes_received=()) -> pb.HeartbeatReply:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from swarm.hardware import HardwareInfo
+from swarm.reachability import REACHABILITY, effective_reachability
+from swarm.reachability import link_paths as _link_paths
 
 NodeState = Literal["online", "lost", "left", "quarantined"]
 NODE_STATES: tuple[str, ...] = ("online", "lost", "left", "quarantined")
@@ -33,12 +36,20 @@ class NodeInfo:
     # what the coordinator measured (coordinator/verification.py); None = not measured yet
     measured_tflops: float | None = None
     quarantine_reason: str = ""  # set when state is "quarantined": why
+    # how peers reach it (swarm/reachability.py): "pending" until the coordinator dialled it back
+    reachability: str = "direct"
+    advertised_address: str = ""  # what the node advertised ("" = peer_address)
+    observed_address: str = ""  # its address as the coordinator sees its calls (its NAT's, if any)
+    relay_node_id: str = ""  # relayed: "coordinator" or the volunteer relay's id
+    relay_address: str = ""  # a node offering relaying (--relay): host:port of its relay port
 
     def __post_init__(self) -> None:
         if self.state not in NODE_STATES:
             raise ValueError(f"state must be one of {NODE_STATES}, got {self.state!r}")
         if not self.id:
             raise ValueError("node id must not be empty")
+        if self.reachability not in REACHABILITY:
+            raise ValueError(f"reachability must be one of {REACHABILITY}, got {self.reachability!r}")
 
     @property
     def is_online(self) -> bool:
@@ -84,6 +95,11 @@ class Link:
                 raise ValueError(f"{name} must be finite and >= 0, got {v}")
 
 
+def link_paths(nodes: Iterable[NodeInfo]) -> Callable[[str, str], str]:
+    """``path(src, dst)`` for :func:`link_json` from the nodes' reachability and punched peers."""
+    return _link_paths([(n.id, n.reachability, n.metrics) for n in nodes])
+
+
 def _finite_or_none(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
@@ -112,6 +128,9 @@ def node_json(node: NodeInfo, now_s: float) -> dict[str, Any]:
         "last_seen_at": node.last_seen_at_s,
         "registered_at": node.registered_at_s,
         "peer_address": node.peer_address,
+        "reachability": effective_reachability(node.reachability, node.metrics),
+        "observed_address": node.observed_address,
+        "relay": node.relay_node_id or None,
         "status": node.status,
         "metrics": node.metrics,
         # peer traffic since the node process started (node/traffic.py); None from older nodes
@@ -124,10 +143,12 @@ def _byte_count(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
-def link_json(link: Link) -> dict[str, Any]:
-    """``confirmed`` / ``disputed`` (both ends of a probe agreed / disagreed) appear only when true."""
+def link_json(link: Link, path: Callable[[str, str], str] | None = None) -> dict[str, Any]:
+    """``confirmed`` / ``disputed`` (both ends of a probe agreed / disagreed) appear only when true.
+    ``path`` ("direct" | "punched" | "relayed"): ``path(src, dst)``, from :func:`link_paths`."""
     flags = {k: True for k in ("confirmed", "disputed") if getattr(link, k)}
     return flags | {
+        "path": path(link.src, link.dst) if path is not None else "direct",
         "src": link.src,
         "dst": link.dst,
         "bandwidth_Bps": _finite_or_none(link.bandwidth_Bps),

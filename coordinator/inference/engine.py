@@ -330,7 +330,7 @@ class InferenceEngine:
         for k, st in enumerate(replica.stages):
             nxt = replica.stages[k + 1] if k + 1 < n else None
             prev = replica.stages[k - 1] if k > 0 else None
-            sources = self._peer_sources(m, st, first=k == 0, last=k == n - 1) + ["coordinator"]
+            sources = self._peer_sources(m, st, first=k == 0, last=k == n - 1) + [("coordinator", "")]
             a = pb.ServeStageAssignment(
                 model_name=m.record.name, model_digest=m.record.digest, replica=replica.index, stage=k, num_stages=n,
                 first_layer=st.first_layer, last_layer_excl=st.last_layer_excl,
@@ -338,7 +338,8 @@ class InferenceEngine:
                 prev_node_id=prev.node_id if prev else "",
                 max_seq_len=p.max_seq_len, max_sessions=p.sessions_per_replica,
                 hidden_codec=self._hop_codec(p.hidden_codec, st, nxt),
-                shard_sources=sources, session_timeout_s=p.session_timeout_s, dtype=p.dtype,
+                shard_sources=[a for a, _ in sources], shard_source_node_ids=[i for _, i in sources],
+                session_timeout_s=p.session_timeout_s, dtype=p.dtype,
             )
             with self._lock:
                 if len(self._issued) > 10_000:  # bounded: forget the oldest
@@ -378,7 +379,7 @@ class InferenceEngine:
         measured = float(bw[0][1])
         return "int8" if math.isfinite(measured) and measured < AUTO_INT8_BELOW_BPS else "none"
 
-    def _peer_sources(self, m: ServedModel, st: StageRef, *, first: bool, last: bool) -> list[str]:
+    def _peer_sources(self, m: ServedModel, st: StageRef, *, first: bool, last: bool) -> list[tuple[str, str]]:
         """Peers already holding a superset of these layers: fetch from them first."""
         out = []
         for r in m.replicas:
@@ -388,7 +389,7 @@ class InferenceEngine:
             for k, s in enumerate(r.stages):
                 if (s.first_layer <= st.first_layer and st.last_layer_excl <= s.last_layer_excl
                         and (not first or k == 0) and (not last or k == n - 1) and s.node_id != st.node_id):
-                    out.append(s.address)
+                    out.append((s.address, s.node_id))
         return out[:2]
 
     # ------------------------------------------------------------------ sessions

@@ -251,7 +251,7 @@ class JobService:
         others = [j for j in self.store.list(states=("running",), limit=1000) if j.id != job.id]
         busy = busy_node_ids(others)
         nodes = [n for n in self.registry.online() if n.id not in busy]
-        matrix = self.network.matrix([n.id for n in nodes])
+        matrix = self.network.planning_matrix(nodes)  # relayed links within their relay's cap (docs/nat.md)
         spec = job.spec
         counts = churn.replica_counts(spec.num_replicas, spec.batch_size, spec.micro_batch_size) \
             if degrade and spec.num_replicas > 1 else [spec.num_replicas]

@@ -214,9 +214,10 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 include_embeddings=a.stage == 0,
                 include_head=a.stage == a.num_stages - 1,
             )
+            ids = list(a.shard_source_node_ids) if len(a.shard_source_node_ids) == len(a.shard_sources) else []
             nbytes = fetch_shard(fetch, list(a.shard_sources) or ["coordinator"], shard_dir,
                                  open_coordinator_shard=self._open_coordinator_shard, security=self.security,
-                                 traffic=self.traffic)
+                                 traffic=self.traffic, node_ids=ids)
             dtype = DTYPES[a.dtype]
             stage = load_stage(
                 shard_dir, a.first_layer, a.last_layer_excl,

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 
 from swarm.errors import InvalidRequestError, NotFoundError, PeerError
+from swarm.identity import is_node_id
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel, parse_address
@@ -49,20 +50,26 @@ def validate_assignment(a: pb.ServeStageAssignment) -> None:
     for src in a.shard_sources:
         if src != "coordinator":
             parse_address(src)
+    if a.shard_source_node_ids and (len(a.shard_source_node_ids) != len(a.shard_sources) or not all(
+            i == "" or is_node_id(i) for i in a.shard_source_node_ids)):
+        raise InvalidRequestError("shard_source_node_ids must name a node id (or '') for each shard source")
 
 
 def fetch_shard(req: pb.ServeFetchShardRequest, sources: list[str], shard_dir: Path, *,
                 open_coordinator_shard: Callable[[pb.ServeFetchShardRequest], Iterator[pb.ServeShardChunk]],
-                security, traffic=None) -> int:
+                security, traffic=None, node_ids: list[str] = ()) -> int:
     """Fetch the tensors ``req`` names into ``shard_dir`` from the first source that has them
     ("coordinator" or a peer's host:port, at most 8 tried); returns the bytes received. Raises
-    PeerError naming every source's failure."""
+    PeerError naming every source's failure. ``node_ids`` (parallel to ``sources``, may be
+    empty): the node each peer source must prove to be, and the name a relay routes by
+    (swarm/transport/relay.py)."""
     errors = []
-    for src in sources[:8]:
+    for i, src in enumerate(sources[:8]):
         try:
             if src == "coordinator":
                 return receive_shard(open_coordinator_shard(req), shard_dir)
-            with data_channel(src, security=security) as ch:
+            node_id = node_ids[i] if i < len(node_ids) and node_ids[i] else None
+            with data_channel(src, security=security, node_id=node_id) as ch:
                 nbytes = receive_shard(pb_grpc.InferenceStageStub(ch).FetchShard(req, timeout=600), shard_dir)
             if traffic is not None:
                 traffic.add_received(nbytes)

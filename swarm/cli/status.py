@@ -13,7 +13,8 @@ import sys
 
 from swarm.cli.common import add_common_flags, connect
 from swarm.errors import SwarmError
-from swarm.membership import link_json, node_json
+from swarm.membership import link_json, link_paths, node_json
+from swarm.reachability import effective_reachability
 
 
 def add_parser(subparsers) -> None:
@@ -33,25 +34,29 @@ def _bytes(n: float) -> str:
 
 def status_json(snapshot) -> dict:
     now = snapshot.server_time_s
+    path = link_paths(snapshot.nodes)
     return {
         "nodes": [node_json(n, now) for n in snapshot.nodes],
-        "links": [link_json(link) for link in snapshot.links],
+        "links": [link_json(link, path) for link in snapshot.links],
     }
 
 
 def render_table(snapshot) -> str:
     now = snapshot.server_time_s
     nodes = snapshot.nodes
-    rows = [("NAME", "ID", "STATE", "DEVICE", "MEMORY", "TFLOPS", "LAST SEEN")]
+    rows = [("NAME", "ID", "STATE", "REACHABILITY", "DEVICE", "MEMORY", "TFLOPS", "LAST SEEN")]
     for n in nodes:
         hw = n.hardware
-        rows.append((n.name, n.id[:12], n.state, f"{hw.device} {hw.device_name}"[:40], _bytes(hw.memory_bytes),
+        reach = effective_reachability(n.reachability, n.metrics) + \
+            (f" via {n.relay_node_id[:12]}" if n.relay_node_id else "")
+        rows.append((n.name, n.id[:12], n.state, reach, f"{hw.device} {hw.device_name}"[:40], _bytes(hw.memory_bytes),
                      f"{hw.tflops:.3f} {hw.tflops_dtype}", f"{max(0.0, now - n.last_seen_at_s):.1f} s ago"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = [f"{len(nodes)} nodes ({sum(n.state == 'online' for n in nodes)} online)"]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     online = [n for n in nodes if n.state == "online"]
     links = {(link.src, link.dst): link for link in snapshot.links}
+    path = link_paths(nodes)
     if len(online) >= 2:
         names = [n.name[:14] for n in online]
         w = max(14, *(len(x) for x in names))
@@ -64,7 +69,9 @@ def render_table(snapshot) -> str:
                 cells = []
                 for b in online:
                     link = links.get((a.id, b.id))
-                    cells.append(("-" if a.id == b.id else "?" if link is None else fmt(link)).rjust(w))
+                    how = path(a.id, b.id)
+                    mark = "" if how == "direct" else f" ({how[0]})"  # (r) relayed, (p) punched
+                    cells.append(("-" if a.id == b.id else "?" if link is None else fmt(link) + mark).rjust(w))
                 out.append(name.ljust(w) + "  " + "  ".join(cells))
     return "\n".join(out)
 

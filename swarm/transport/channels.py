@@ -87,7 +87,12 @@ def control_channel(address: str, *, security) -> grpc.Channel:
 
 def data_channel(address: str, *, security, node_id: str | None = None) -> grpc.Channel:
     """A TLS channel to a node's peer service; with ``node_id`` its certificate must be that
-    node's, else any swarm node's. Presents this process's certificate (peers require one)."""
+    node's, else any swarm node's. Presents this process's certificate (peers require one).
+    ``security.route`` (a relayed node's hole-punching bridge) may send it another way; the TLS
+    name, and so who must answer, stays the same."""
+    route = getattr(security, "route", None)
+    if node_id and route is not None:
+        address = route(address, node_id)
     return security.channel(address, server_name=node_dns(node_id) if node_id else NODE_DNS,
                             options=_size_options(DATA_MAX_MESSAGE_BYTES) + _KEEPALIVE)
 

@@ -95,6 +95,9 @@ def node_to_proto(node: NodeInfo) -> pb.NodeRecord:
         status=node.status,
         measured_tflops=node.measured_tflops or 0.0,
         quarantine_reason=node.quarantine_reason,
+        reachability=node.reachability,
+        observed_address=node.observed_address,
+        relay_node_id=node.relay_node_id,
     )
 
 
@@ -112,6 +115,9 @@ def node_from_proto(msg: pb.NodeRecord) -> NodeInfo:
             metrics=metrics_from_json(msg.metrics_json),
             measured_tflops=msg.measured_tflops if msg.measured_tflops > 0 else None,
             quarantine_reason=msg.quarantine_reason,
+            reachability=msg.reachability or "direct",  # older coordinators: every node was dialled directly
+            observed_address=msg.observed_address,
+            relay_node_id=msg.relay_node_id,
         )
     except ValueError as exc:
         raise InvalidRequestError(f"coordinator sent an invalid node record: {exc}") from exc

@@ -123,6 +123,12 @@ class StreamGuard(grpc.ServerInterceptor):
     # -- bookkeeping -----------------------------------------------------------------------------
     def _admit(self, context, method: str) -> _Slot:
         peer = peer_host(context.peer())
+        if peer in ("127.0.0.1", "::1"):
+            # A relayed node's peers all arrive from loopback (its end of the relay splice,
+            # swarm/transport/relay.py): tell them apart by their verified certificate instead.
+            uris = (context.auth_context() or {}).get("peer_uri", ())
+            if uris:
+                peer = f"{peer}/{uris[0].decode(errors='replace')[:120]}"
         with self._lock:
             if len(self._slots) >= self.max_streams:
                 reason = f"this server runs at most {self.max_streams} streams at once and all are busy"

@@ -177,6 +177,9 @@ class TlsSecurity:
         self._cert = cert_pem
         self.generation = 0
         self._placeholder: tuple[bytes, bytes] | None = None
+        # where this process's channels to a node really go: (address, node id) -> address; set
+        # by a relayed node to its hole-punching bridge (swarm/transport/punch.py), else None
+        self.route: Callable[[str, str], str] | None = None
 
     # -- material ---------------------------------------------------------------------------------
     @property
@@ -262,6 +265,7 @@ class PlaintextSecurity:
     caller's identity is asserted in metadata, so authorization runs the same code as with TLS."""
 
     generation = 0
+    route = None  # no hole punching in the plaintext benchmark mode
 
     def __init__(self, identity: str) -> None:
         self.identity = identity

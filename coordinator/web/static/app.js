@@ -109,6 +109,7 @@
       id: String(pick(n, ["id", "node_id"]) || ""),
       name: String(pick(n, ["name"]) || ""),
       state: String(pick(n, ["state"]) || "unknown"),
+      reach: String(pick(n, ["reachability"]) || ""),  // direct | punched | relayed | pending (docs/nat.md)
       device: device === undefined || device === null ? "" : String(device),
       memory: num(pick(n, ["memory_bytes", "gpu_memory_bytes"])),
       tflops: num(pick(n, ["tflops"])),
@@ -196,6 +197,13 @@
       var id = h("td", "mono id", shortId(n.id)); id.title = n.id; tr.appendChild(id);
       var st = h("td", "state"); var pill = h("span", "pill " + stateClass(n.state), n.state);
       st.appendChild(pill); st.setAttribute("data-state", n.state); tr.appendChild(st);
+      if (n.reach && n.reach !== "direct") {  // behind NAT: reached through a relay (or a punched hole)
+        var rp = h("span", "pill reach reach-" + n.reach.replace(/[^a-z]/gi, ""), n.reach);
+        rp.title = n.reach === "relayed" ? "behind NAT: peers reach it through a relay" :
+          n.reach === "punched" ? "behind NAT: hole punched to some peers, relayed for the others" :
+          "not yet dialled back by the coordinator";
+        st.appendChild(document.createTextNode(" ")); st.appendChild(rp); st.setAttribute("data-reachability", n.reach);
+      }
       tr.appendChild(h("td", "device", n.device || "\u2013"));
       tr.appendChild(h("td", "num", n.memory === null ? "\u2013" : fmtBytes(n.memory)));
       tr.appendChild(h("td", "num", n.tflops === null ? "\u2013" : n.tflops >= 1 ? n.tflops.toFixed(1) :
@@ -239,7 +247,7 @@
     }
     var n = ids.length;
     function empty() { var m = []; for (var i = 0; i < n; i++) { m.push(new Array(n).fill(null)); } return m; }
-    var bw = empty(), lat = empty(), age = empty();
+    var bw = empty(), lat = empty(), age = empty(), path = empty();
     var bwBytes = data.bandwidth_Bps || data.bandwidth_bytes_per_s;
     var bwBits = data.bandwidth_bps || data.bandwidth_bits_per_s;
     // Round trips: an rtt matrix as is, a one-way delay matrix doubled; links' rtt_s win below.
@@ -265,10 +273,11 @@
       var lt = num(l.rtt_s !== undefined ? l.rtt_s : l.latency_s !== undefined ? l.latency_s : l.delay_s);
       if (lt !== null) lat[a][b] = lt;
       age[a][b] = ageOf(l, ["age_s"], ["measured_at", "measured_at_s"], serverNow);
+      if (typeof l.path === "string") path[a][b] = l.path;
     });
     var names = {};
     if (Array.isArray(data.names)) data.names.forEach(function (nm, k) { if (k < ids.length) names[ids[k]] = String(nm); });
-    return { ids: ids, bw: bw, lat: lat, age: age, names: names, fetchedAt: nowS() };
+    return { ids: ids, bw: bw, lat: lat, age: age, path: path, names: names, fetchedAt: nowS() };
   }
 
   var planNames = {};
@@ -288,7 +297,8 @@
     var common = { label: nameOf, tip: $("heatmap-tip"),
       ageText: function (i, j) {  // ages were taken at fetch time: add the time since
         var a = net.age[i] ? num(net.age[i][j]) : null;
-        return "measured " + fmtAge(a === null ? null : a + nowS() - net.fetchedAt);
+        var p = net.path && net.path[i] ? net.path[i][j] : null;  // relayed / punched links are marked
+        return "measured " + fmtAge(a === null ? null : a + nowS() - net.fetchedAt) + (p && p !== "direct" ? ", " + p : "");
       } };
     SwarmHeatmap.draw($("heatmap-bandwidth"), net.ids, net.bw, Object.assign({ goodHigh: true, format: fmtBits }, common));
     SwarmHeatmap.draw($("heatmap-latency"), net.ids, net.lat, Object.assign({ goodHigh: false, format: fmtSeconds }, common));

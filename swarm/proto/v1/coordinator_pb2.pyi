@@ -33,7 +33,7 @@ class Hardware(_message.Message):
     def __init__(self, device_kind: _Optional[str] = ..., device_name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ..., compute_capability: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., tflops: _Optional[float] = ..., tflops_dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class RegistrationPayload(_message.Message):
-    __slots__ = ("protocol_version", "node_id", "name", "peer_address", "hardware", "timestamp_s", "nonce", "tls_public_key")
+    __slots__ = ("protocol_version", "node_id", "name", "peer_address", "hardware", "timestamp_s", "nonce", "tls_public_key", "relay_port")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class RegistrationPayload(_message.Message):
     TIMESTAMP_S_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     TLS_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    RELAY_PORT_FIELD_NUMBER: _ClassVar[int]
     protocol_version: str
     node_id: str
     name: str
@@ -50,7 +51,8 @@ class RegistrationPayload(_message.Message):
     timestamp_s: float
     nonce: bytes
     tls_public_key: bytes
-    def __init__(self, protocol_version: _Optional[str] = ..., node_id: _Optional[str] = ..., name: _Optional[str] = ..., peer_address: _Optional[str] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., timestamp_s: _Optional[float] = ..., nonce: _Optional[bytes] = ..., tls_public_key: _Optional[bytes] = ...) -> None: ...
+    relay_port: int
+    def __init__(self, protocol_version: _Optional[str] = ..., node_id: _Optional[str] = ..., name: _Optional[str] = ..., peer_address: _Optional[str] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., timestamp_s: _Optional[float] = ..., nonce: _Optional[bytes] = ..., tls_public_key: _Optional[bytes] = ..., relay_port: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("payload", "public_key", "signature", "token")
@@ -178,8 +180,34 @@ class ListNodesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReachabilityRequest(_message.Message):
+    __slots__ = ("coordinator_host",)
+    COORDINATOR_HOST_FIELD_NUMBER: _ClassVar[int]
+    coordinator_host: str
+    def __init__(self, coordinator_host: _Optional[str] = ...) -> None: ...
+
+class ReachabilityReply(_message.Message):
+    __slots__ = ("reachability", "advertised_address", "observed_address", "published_address", "relay_address", "relay_node_id", "dial_error", "relay_peer_address")
+    REACHABILITY_FIELD_NUMBER: _ClassVar[int]
+    ADVERTISED_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RELAY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RELAY_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    DIAL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    RELAY_PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    reachability: str
+    advertised_address: str
+    observed_address: str
+    published_address: str
+    relay_address: str
+    relay_node_id: str
+    dial_error: str
+    relay_peer_address: str
+    def __init__(self, reachability: _Optional[str] = ..., advertised_address: _Optional[str] = ..., observed_address: _Optional[str] = ..., published_address: _Optional[str] = ..., relay_address: _Optional[str] = ..., relay_node_id: _Optional[str] = ..., dial_error: _Optional[str] = ..., relay_peer_address: _Optional[str] = ...) -> None: ...
+
 class NodeRecord(_message.Message):
-    __slots__ = ("node_id", "name", "state", "hardware", "peer_address", "registered_at_s", "last_seen_at_s", "metrics_json", "status", "measured_tflops", "quarantine_reason")
+    __slots__ = ("node_id", "name", "state", "hardware", "peer_address", "registered_at_s", "last_seen_at_s", "metrics_json", "status", "measured_tflops", "quarantine_reason", "reachability", "observed_address", "relay_node_id")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +219,9 @@ class NodeRecord(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MEASURED_TFLOPS_FIELD_NUMBER: _ClassVar[int]
     QUARANTINE_REASON_FIELD_NUMBER: _ClassVar[int]
+    REACHABILITY_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RELAY_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     state: str
@@ -202,7 +233,10 @@ class NodeRecord(_message.Message):
     status: str
     measured_tflops: float
     quarantine_reason: str
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., peer_address: _Optional[str] = ..., registered_at_s: _Optional[float] = ..., last_seen_at_s: _Optional[float] = ..., metrics_json: _Optional[str] = ..., status: _Optional[str] = ..., measured_tflops: _Optional[float] = ..., quarantine_reason: _Optional[str] = ...) -> None: ...
+    reachability: str
+    observed_address: str
+    relay_node_id: str
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., peer_address: _Optional[str] = ..., registered_at_s: _Optional[float] = ..., last_seen_at_s: _Optional[float] = ..., metrics_json: _Optional[str] = ..., status: _Optional[str] = ..., measured_tflops: _Optional[float] = ..., quarantine_reason: _Optional[str] = ..., reachability: _Optional[str] = ..., observed_address: _Optional[str] = ..., relay_node_id: _Optional[str] = ...) -> None: ...
 
 class ListNodesReply(_message.Message):
     __slots__ = ("nodes", "server_time_s")

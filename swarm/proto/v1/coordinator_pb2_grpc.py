@@ -39,6 +39,11 @@ class CoordinatorStub:
                 request_serializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.RegisterReply.FromString,
                 _registered_method=True)
+        self.CheckReachability = channel.unary_unary(
+                '/swarm.proto.v1.Coordinator/CheckReachability',
+                request_serializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.ReachabilityRequest.SerializeToString,
+                response_deserializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.ReachabilityReply.FromString,
+                _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/swarm.proto.v1.Coordinator/Heartbeat',
                 request_serializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
@@ -85,6 +90,12 @@ class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckReachability(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,6 +156,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Register,
                     request_deserializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.RegisterRequest.FromString,
                     response_serializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.RegisterReply.SerializeToString,
+            ),
+            'CheckReachability': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckReachability,
+                    request_deserializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.ReachabilityRequest.FromString,
+                    response_serializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.ReachabilityReply.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
@@ -214,6 +230,33 @@ class Coordinator:
             '/swarm.proto.v1.Coordinator/Register',
             swarm_dot_proto_dot_v1_dot_coordinator__pb2.RegisterRequest.SerializeToString,
             swarm_dot_proto_dot_v1_dot_coordinator__pb2.RegisterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckReachability(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.proto.v1.Coordinator/CheckReachability',
+            swarm_dot_proto_dot_v1_dot_coordinator__pb2.ReachabilityRequest.SerializeToString,
+            swarm_dot_proto_dot_v1_dot_coordinator__pb2.ReachabilityReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -78,7 +78,7 @@ class ServeCloseSessionReply(_message.Message):
     def __init__(self, num_closed: _Optional[int] = ...) -> None: ...
 
 class ServeStageAssignment(_message.Message):
-    __slots__ = ("model_name", "model_digest", "replica", "stage", "num_stages", "first_layer", "last_layer_excl", "next_address", "next_node_id", "max_seq_len", "max_sessions", "hidden_codec", "shard_sources", "session_timeout_s", "dtype", "prev_node_id")
+    __slots__ = ("model_name", "model_digest", "replica", "stage", "num_stages", "first_layer", "last_layer_excl", "next_address", "next_node_id", "max_seq_len", "max_sessions", "hidden_codec", "shard_sources", "session_timeout_s", "dtype", "prev_node_id", "shard_source_node_ids")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class ServeStageAssignment(_message.Message):
     SESSION_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     PREV_NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_SOURCE_NODE_IDS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_digest: str
     replica: int
@@ -111,7 +112,8 @@ class ServeStageAssignment(_message.Message):
     session_timeout_s: float
     dtype: str
     prev_node_id: str
-    def __init__(self, model_name: _Optional[str] = ..., model_digest: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., next_address: _Optional[str] = ..., next_node_id: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_sessions: _Optional[int] = ..., hidden_codec: _Optional[str] = ..., shard_sources: _Optional[_Iterable[str]] = ..., session_timeout_s: _Optional[float] = ..., dtype: _Optional[str] = ..., prev_node_id: _Optional[str] = ...) -> None: ...
+    shard_source_node_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_name: _Optional[str] = ..., model_digest: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., next_address: _Optional[str] = ..., next_node_id: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_sessions: _Optional[int] = ..., hidden_codec: _Optional[str] = ..., shard_sources: _Optional[_Iterable[str]] = ..., session_timeout_s: _Optional[float] = ..., dtype: _Optional[str] = ..., prev_node_id: _Optional[str] = ..., shard_source_node_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ServeLoadStageRequest(_message.Message):
     __slots__ = ("assignment",)

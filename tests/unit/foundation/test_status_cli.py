@@ -28,7 +28,7 @@ def test_json_keys():
     assert {"id", "name", "state", "device", "memory_bytes", "tflops", "last_seen_s"} <= set(node)
     assert node["last_seen_s"] == 5.0 and node["device"] == "cuda:0" and node["tflops"] == 612.5
     assert [n["state"] for n in doc["nodes"]] == ["online", "online", "lost"]
-    assert doc["links"] == [{"src": "a" * 32, "dst": "b" * 32, "bandwidth_Bps": 12.5e6, "delay_s": 0.02,
+    assert doc["links"] == [{"path": "direct", "src": "a" * 32, "dst": "b" * 32, "bandwidth_Bps": 12.5e6, "delay_s": 0.02,
                              "rtt_s": 0.04, "measured_at": 90.0, "source": "probe"}]
     json.dumps(doc, allow_nan=False)
 

@@ -87,6 +87,9 @@ class _Network:
         n = len(ids)
         return np.full((n, n), np.nan), np.full((n, n), np.nan)
 
+    def planning_matrix(self, nodes):
+        return self.matrix([n.id for n in nodes])
+
 
 def _service(tmp_path, n: int = 3) -> JobService:
     return JobService(store=JobStore(Database(tmp_path / "db"), FakeClock()), state_dir=tmp_path / "state",
