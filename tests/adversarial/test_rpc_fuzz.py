@@ -55,10 +55,11 @@ pytestmark = pytest.mark.timeout(120)
 # Which server serves each service. A new service must be added here (the coverage test fails).
 COORDINATOR, NODE = "coordinator", "node"
 TARGETS = {"Coordinator": COORDINATOR, "Training": COORDINATOR, "InferenceGateway": COORDINATOR,
-           "Peer": NODE, "PipelinePeer": NODE, "PipelineStream": NODE, "InferenceStage": NODE}
+           "Relay": COORDINATOR, "Peer": NODE, "PipelinePeer": NODE, "PipelineStream": NODE, "InferenceStage": NODE}
 # Calls that may legitimately wait for something the fuzz never sends (a token to generate, a
 # neighbour's tensor): their deadline may pass.
-MAY_WAIT = {"InferenceGateway.Generate", "Training.Rendezvous", "Training.PollAssignments", "PipelineStream.Open"}
+MAY_WAIT = {"InferenceGateway.Generate", "Training.Rendezvous", "Training.PollAssignments", "PipelineStream.Open",
+            "Relay.Listen"}
 CLEAN = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
          grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION,
          grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.ALREADY_EXISTS,
