@@ -90,6 +90,11 @@ def test_address_of_another_online_node_or_the_coordinator_is_refused(tmp_path):
     with coordinator(tmp_path / "c") as (app, stub):
         a, b = Identity.from_seed(b"a"), Identity.from_seed(b"b")
         stub.Register(make_register(app, a, address="127.0.0.1:23456"), timeout=10)
+        # while a's dial-back is pending it holds no address (two NAT'd nodes may advertise the
+        # same private one); once the dial-back proved it, the address is a's alone
+        stub.Register(make_register(app, b, address="127.0.0.1:23456"), timeout=10)
+        app.registry.set_reachability(a.node_id, reachability="direct", published_address="127.0.0.1:23456",
+                                      observed_address="127.0.0.1:23456")
         code, details = _code(lambda: stub.Register(make_register(app, b, address="127.0.0.1:23456"), timeout=10))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "another online node" in details
         stub.Register(make_register(app, a, address="127.0.0.1:23456"), timeout=10)  # its own address: fine
