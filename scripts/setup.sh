@@ -32,7 +32,7 @@ fi
 case "$what" in
   test)
     "$PY" scripts/gen_protos.py --check
-    exec "$PY" -m pytest -q tests
+    exec "$PY" -m pytest -q --durations=30 tests
     ;;
   demo)
     # the module, not the `swarm` script: with PYTHON=/venv/bin/python the venv is not on PATH,
