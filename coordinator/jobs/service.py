@@ -354,6 +354,8 @@ class JobService:
         if now - self._grow_tried.get(job.id, -GROW_RETRY_S) < GROW_RETRY_S:
             return
         current = max(a["num_replicas"] for a in job.assignments)
+        if job.spec.num_replicas <= current:
+            return  # the common case, decided without listing every running job each tick
         stages = max(a["stage"] for a in job.assignments) + 1
         busy = busy_node_ids(self.store.list(states=("running",), limit=1000))
         idle = [n.id for n in self.registry.online() if n.id not in busy]
