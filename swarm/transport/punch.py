@@ -207,6 +207,10 @@ class PunchBridge:
 
     def stop(self) -> None:
         self._stop.set()
+        try:  # close() alone does not wake a thread blocked in accept() (Linux): shutdown does
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._sock.close()
         self._thread.join(timeout=5)
 

@@ -266,6 +266,10 @@ class RelayServer:
     def stop(self) -> None:
         self._stop.set()
         if self._sock is not None:
+            try:  # close() alone does not wake a thread blocked in accept() (Linux): shutdown does
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._sock.close()
         with self._lock:
             socks = list(self._open)
