@@ -166,6 +166,31 @@ def start_coordinator(state_dir: Path, *, port: int = 0, http_port: int = 0, hos
     return proc, fields
 
 
+def spawn_node(coordinator_address: str, token: str, state_dir: Path, *, name: str | None = None,
+               device: str = "cpu", host: str = "127.0.0.1", extra_args: list[str] = (), prefix: list[str] = (),
+               env: dict[str, str] | None = None) -> ManagedProcess:
+    """Start ``swarm-node join`` without waiting for it (see :func:`node_ready`)."""
+    state_dir = Path(state_dir)
+    argv = [*prefix, sys.executable, "-m", "node.cli", "join", "--coordinator", coordinator_address, f"--token={token}",
+            "--device", device, "--host", host, "--state-dir", str(state_dir), *extra_args]
+    if name:
+        argv += ["--name", name]
+    return ManagedProcess(name or state_dir.name, argv, log_path=state_dir.parent / f"{state_dir.name}.log",
+                          env=env or child_env())
+
+
+def node_ready(proc: ManagedProcess, *, timeout_s: float = 60.0, wait_for: str = "READY") -> dict[str, str]:
+    """The READY (or STARTED) fields of a spawned node (port, node_id); stops it on a timeout."""
+    if wait_for not in ("READY", "STARTED"):
+        raise ValueError("wait_for must be READY or STARTED")
+    try:
+        m = proc.wait_for_line(rf"^{wait_for} port=(\d+) node_id=([0-9a-f]+)", timeout_s)
+    except TimeoutError:
+        proc.stop()
+        raise
+    return {"port": m.group(1), "node_id": m.group(2)}
+
+
 def start_node(coordinator_address: str, token: str, state_dir: Path, *, name: str | None = None,
                device: str = "cpu", host: str = "127.0.0.1", extra_args: list[str] = (), timeout_s: float = 60.0,
                prefix: list[str] = (), env: dict[str, str] | None = None,
@@ -176,19 +201,25 @@ def start_node(coordinator_address: str, token: str, state_dir: Path, *, name: s
     it (for tests of an unreachable coordinator or a refused registration)."""
     if wait_for not in ("READY", "STARTED"):
         raise ValueError("wait_for must be READY or STARTED")
-    state_dir = Path(state_dir)
-    argv = [*prefix, sys.executable, "-m", "node.cli", "join", "--coordinator", coordinator_address, f"--token={token}",
-            "--device", device, "--host", host, "--state-dir", str(state_dir), *extra_args]
-    if name:
-        argv += ["--name", name]
-    proc = ManagedProcess(name or state_dir.name, argv, log_path=state_dir.parent / f"{state_dir.name}.log",
-                          env=env or child_env())
+    proc = spawn_node(coordinator_address, token, state_dir, name=name, device=device, host=host,
+                      extra_args=extra_args, prefix=prefix, env=env)
+    return proc, node_ready(proc, timeout_s=timeout_s, wait_for=wait_for)
+
+
+def start_nodes(coordinator_address: str, token: str, state_dirs: list[Path], *, timeout_s: float = 90.0,
+                **kwargs) -> list[tuple[ManagedProcess, dict[str, str]]]:
+    """Start several nodes at once (their start-ups overlap) and wait until each is READY, in
+    order; ``kwargs`` as :func:`spawn_node`'s, with ``name`` taken from each state dir. On a
+    failure every node started here is stopped."""
+    procs: list[ManagedProcess] = []
     try:
-        m = proc.wait_for_line(rf"^{wait_for} port=(\d+) node_id=([0-9a-f]+)", timeout_s)
-    except TimeoutError:
-        proc.stop()
+        for d in state_dirs:
+            procs.append(spawn_node(coordinator_address, token, Path(d), name=Path(d).name, **kwargs))
+        return [(p, node_ready(p, timeout_s=timeout_s)) for p in procs]
+    except BaseException:
+        for p in procs:
+            p.stop()
         raise
-    return proc, {"port": m.group(1), "node_id": m.group(2)}
 
 
 class LocalSwarm:
@@ -241,8 +272,12 @@ class LocalSwarm:
                 self.state_dir / "coordinator", port=self._port, http_port=self._http_port, host=self._host,
                 extra_args=self._coordinator_args,
             )
-            for i in range(self.num_nodes):
-                self.add_node(f"node{i}")
+            started = start_nodes(self.coordinator_address, self.token,
+                                  [self.state_dir / f"node{i}" for i in range(self.num_nodes)], host=self._host,
+                                  extra_args=self._node_args)
+            for proc, fields in started:
+                self.nodes.append(proc)
+                self.node_ids.append(fields["node_id"])
         except BaseException:
             self.stop()
             raise

@@ -306,7 +306,7 @@ class JobService:
 
     def _watch(self, job: Job) -> None:
         verdicts, dispute = self.judge.resolve_blames(job.id, self.clock.time(), grace_s=job.spec.peer_timeout_s,
-                                                      is_online=self._is_online)
+                                                      is_online=self._is_online, attempt=job.attempt)
         for v in verdicts:
             self._quarantine(job, v)
         if dispute and not verdicts:
@@ -610,7 +610,7 @@ class JobService:
         if r["state"] == "failed" and blamed and blamed != node_id and any(
                 x["node_id"] == blamed for x in job.assignments):
             # weighed after peer_timeout_s (coordinator/jobs/spotchecks.py Judge.resolve_blames)
-            self.judge.blame(job.id, node_id, blamed, self.clock.time())
+            self.judge.blame(job.id, node_id, blamed, self.clock.time(), attempt=job.attempt)
             log.warning("stage failed blaming a neighbour job=%s reporter=%s blamed=%s: %s", job.id, node_id[:12],
                         blamed[:12], r["error"][:300])
         if r["state"] == "failed":

@@ -100,6 +100,13 @@ def verify_plans(assignments: list[dict[str, Any]], *, prob: float, secret: int 
     return out
 
 
+# A blame is judged this many peer timeouts after it was made. The blamed node may itself be
+# waiting on someone else: a neighbour (up to one peer timeout before it blames it) after a
+# gradient-averaging round with a silent replica (up to another: the round's timeout is the peer
+# timeout). Its own blame must have had time to arrive, or an honest node held up behind a
+# staller is judged a staller too (seen in the stall test on a loaded 2-core machine: the honest
+# stage-0 replica averaging with the staller was blamed by its stage 1 and quarantined with it).
+JUDGE_AFTER_PEER_TIMEOUTS = 3
 MAX_KEPT_STEPS = 256  # per job: digests, losses and waiting checks of older steps are forgotten
 
 
@@ -110,6 +117,8 @@ class _JobState:
     waiting: dict[tuple[int, int, int, int], list[dict]] = field(default_factory=dict)  # target key -> checks
     last_progress_s: dict[str, float] = field(default_factory=dict)  # node id -> time of its last report
     blames: dict[tuple[str, str], float] = field(default_factory=dict)  # (accuser, blamed) -> time
+    blamed_at: dict[str, float] = field(default_factory=dict)  # accuser -> time of its last blame (kept when judged)
+    blame_attempt: int = 0  # the attempt the blames belong to
     num_checks: int = 0
     num_mismatches: int = 0
     num_unverifiable: int = 0  # checks between different (or missing) weights: not weighed
@@ -227,34 +236,48 @@ class Judge:
                                            f"(stage {target['stage']}, replica {target['replica']}), recomputed "
                                            f"{recomputed:.4f}", step)]
 
-    def blame(self, job_id: str, accuser: str, blamed: str, now_s: float) -> None:
+    def blame(self, job_id: str, accuser: str, blamed: str, now_s: float, attempt: int = 0) -> None:
         with self._lock:
-            self._job(job_id).blames.setdefault((accuser, blamed), now_s)
+            st = self._job(job_id)
+            if attempt > st.blame_attempt:  # a re-plan: the last attempt's blames are settled
+                st.blames.clear()
+                st.blamed_at.clear()
+                st.blame_attempt = attempt
+            elif attempt < st.blame_attempt:
+                return
+            st.blames.setdefault((accuser, blamed), now_s)
+            st.blamed_at[accuser] = max(now_s, st.blamed_at.get(accuser, 0.0))
 
-    def resolve_blames(self, job_id: str, now_s: float, grace_s: float,
-                       is_online=lambda node_id: True) -> tuple[list[Verdict], bool]:
-        """(verdicts, dispute) for blames older than ``grace_s``: a blamed node that sent no
-        progress for the job from before the blame until now, still online (``is_online``:
-        heartbeating), that blamed nobody itself, is guilty of stalling."""
+    def resolve_blames(self, job_id: str, now_s: float, grace_s: float, is_online=lambda node_id: True,
+                       attempt: int = 0) -> tuple[list[Verdict], bool]:
+        """(verdicts, dispute) for the blames of ``attempt`` older than ``JUDGE_AFTER_PEER_TIMEOUTS
+        * grace_s`` (``grace_s``: the job's peer timeout; blames of earlier attempts are dropped):
+        a blamed node that sent no progress for the job from before the blame until now, still
+        online (``is_online``: heartbeating), that blamed nobody itself since it went silent, is
+        guilty of stalling."""
         out, dispute = [], False
         with self._lock:
             st = self._jobs.get(job_id)
             if st is None:
                 return [], False
-            accusers = {a for a, _ in st.blames}
+            if attempt > st.blame_attempt:
+                st.blames.clear()
+                st.blamed_at.clear()
+                st.blame_attempt = attempt
             for (accuser, blamed), at in list(st.blames.items()):
-                if now_s - at < grace_s:
+                if now_s - at < JUDGE_AFTER_PEER_TIMEOUTS * grace_s:
                     continue
                 del st.blames[(accuser, blamed)]
                 if st.blames.pop((blamed, accuser), None) is not None:
                     dispute = True
                     continue
-                if blamed in accusers or not is_online(blamed):
-                    # it was waiting on someone else itself (a chain behind a lost node), or it is
-                    # not heartbeating (lost, not stalling): nothing to hold against it
+                silent_since = st.last_progress_s.get(blamed, 0.0)
+                if st.blamed_at.get(blamed, -1.0) >= silent_since or not is_online(blamed):
+                    # it was waiting on someone else itself (a chain behind a lost node, a replica
+                    # held up in averaging by a staller), or it is not heartbeating (lost, not
+                    # stalling): nothing to hold against it
                     dispute = True
                     continue
-                silent_since = st.last_progress_s.get(blamed, 0.0)
                 # silent from before the blame until now (>= grace_s after it). Not "silent for
                 # grace_s before the blame": the accuser starts waiting as soon as it sent its
                 # step, while the blamed node's report of its last step may land a moment later,

@@ -36,7 +36,8 @@ from swarm.transport import tensors as wt
 from swarm.transport.channels import data_channel
 from swarm.transport.coordinator_client import CoordinatorClient
 from swarm.transport.tls import MISMATCH, TlsSecurity
-from tests.helpers.procs import FAST_COORDINATOR_ARGS, coordinator_proc, launch_node, node_proc, wait_until
+from tests.helpers.procs import (FAST_COORDINATOR_ARGS, coordinator_proc, launch_node, node_proc, nodes_proc,
+                                 wait_until)
 from tests.helpers.tls import TestPki, security_from_state_dir
 from tests.multiproc.training._common import write_inputs
 
@@ -129,8 +130,7 @@ def _spec(steps: int) -> JobSpec:
 @pytest.mark.timeout(150)
 def test_only_the_assigned_neighbour_may_push_and_the_job_finishes(tmp_path):
     model, data = write_inputs(tmp_path)
-    with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0"), \
-            node_proc(coord, tmp_path / "n1"), node_proc(coord, tmp_path / "n2"), node_proc(coord, tmp_path / "n3"):
+    with coordinator_proc(tmp_path / "coord") as coord, nodes_proc(coord, [tmp_path / f"n{i}" for i in range(4)]):
         _online(coord, 4)
         with coord.client() as client:
             job = client.submit_job(_spec(40), upload_files(model, data))

@@ -22,7 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from swarm.localswarm import ManagedProcess, child_env, require_online, start_coordinator, start_node, wait_until
+from swarm.localswarm import (ManagedProcess, child_env, require_online, start_coordinator, start_node, start_nodes,
+                              wait_until)
 from swarm.transport.coordinator_client import CoordinatorClient, ServeOptions
 
 # Short intervals for tests: heartbeat 0.3 s, lost after 3 s (robust on a loaded 2-core box), small probes.
@@ -113,6 +114,27 @@ def launch_node(coord: CoordinatorHandle | str, state_dir: Path, *, token: str |
     return NodeHandle(proc=proc, state_dir=Path(state_dir), port=int(ready["port"]), node_id=ready["node_id"])
 
 
+def launch_nodes(coord: CoordinatorHandle, state_dirs: list[Path], *, extra_args: list[str] | None = None,
+                 timeout_s: float = 90.0) -> list[NodeHandle]:
+    """Start nodes at once (their start-ups overlap: ~2.5 s each saved on 2 cores); READY in order."""
+    args = FAST_NODE_ARGS if extra_args is None else extra_args
+    started = start_nodes(coord.address, coord.token, [Path(d) for d in state_dirs], extra_args=args,
+                          timeout_s=timeout_s)
+    return [NodeHandle(proc=p, state_dir=Path(d), port=int(f["port"]), node_id=f["node_id"])
+            for (p, f), d in zip(started, state_dirs)]
+
+
+@contextmanager
+def nodes_proc(coord: CoordinatorHandle, state_dirs: list[Path], **kwargs):
+    """:func:`launch_nodes` as a context: yields the handles, stops every node on exit."""
+    handles = launch_nodes(coord, state_dirs, **kwargs)
+    try:
+        yield handles
+    finally:
+        for h in reversed(handles):
+            h.proc.stop()
+
+
 @contextmanager
 def coordinator_proc(state_dir: Path, **kwargs):
     handle = launch_coordinator(state_dir, **kwargs)
@@ -131,7 +153,8 @@ def node_proc(coord: CoordinatorHandle | str, state_dir: Path, **kwargs):
         handle.proc.stop()
 
 
-__all__ = ["CoordinatorHandle", "NodeHandle", "launch_coordinator", "launch_node", "coordinator_proc", "node_proc",
+__all__ = ["CoordinatorHandle", "NodeHandle", "launch_coordinator", "launch_node", "launch_nodes", "coordinator_proc",
+           "node_proc", "nodes_proc",
            "wait_until", "require_online", "child_env", "ManagedProcess", "FAST_COORDINATOR_ARGS", "FAST_NODE_ARGS"]
 
 

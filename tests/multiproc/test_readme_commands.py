@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.procs import child_env, coordinator_proc, node_proc, wait_until
+from tests.helpers.procs import child_env, coordinator_proc, nodes_proc, wait_until
 
 pytestmark = pytest.mark.multiproc
 
@@ -81,8 +81,7 @@ def test_readme_commands_run_against_a_local_swarm(tmp_path):
         "trained/": str(tmp_path / "trained"),
         "ckpt/": str(tmp_path / "ckpt"),
     }
-    with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0"), \
-            node_proc(coord, tmp_path / "n1"), node_proc(coord, tmp_path / "n2"):
+    with coordinator_proc(tmp_path / "coord") as coord, nodes_proc(coord, [tmp_path / f"n{i}" for i in range(3)]):
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 nodes online")
         env = {**child_env(), "SWARM_COORDINATOR": coord.address, "SWARM_TOKEN": coord.admin_token}
         placeholders["COORDINATOR:HTTP_PORT"] = f"{coord.host}:{coord.http_port}"

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 from swarm.errors import CapacityError, UnavailableError
 from swarm.inference.sampling import SamplingParams
 from swarm.model.testing import make_tiny_checkpoint
-from tests.helpers.procs import generate_events, node_proc, wait_until
+from tests.helpers.procs import generate_events, node_proc, nodes_proc, wait_until
 from tests.multiproc.inference.test_pipeline_generation import coordinator, reference
 
 pytestmark = pytest.mark.multiproc
@@ -25,8 +25,7 @@ def test_node_killed_mid_generation_replays_on_a_new_placement(tmp_path):
     params = SamplingParams(max_new_tokens=90, temperature=0.8, top_k=50, seed=5)
     want = reference(d, tok.encode(prompt).ids, params, None)
     assert len(want) == 90
-    with coordinator(tmp_path) as coord, node_proc(coord, tmp_path / "n0") as n0, \
-            node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2:
+    with coordinator(tmp_path) as coord, nodes_proc(coord, [tmp_path / f"n{i}" for i in range(3)]) as (n0, n1, n2):
         wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 3, timeout_s=30)
         info = coord.serve(d, name="tiny", num_replicas=1, num_stages=3, max_seq_len=128)
         chain = [s["node_id"] for s in info["replicas"][0]["stages"]]

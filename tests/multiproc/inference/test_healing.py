@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from swarm.inference.sampling import SamplingParams
 from swarm.model.testing import make_tiny_checkpoint
-from tests.helpers.procs import generate_events, node_proc, wait_until
+from tests.helpers.procs import generate_events, nodes_proc, wait_until
 from tests.multiproc.inference.test_pipeline_generation import coordinator, reference
 
 pytestmark = pytest.mark.multiproc
@@ -44,9 +44,7 @@ def test_killed_serving_node_is_replaced_and_replica_count_restored(tmp_path):
     greedy = SamplingParams(max_new_tokens=90, temperature=0.0)
     want = {p: reference(d, tok.encode(p).ids, greedy, None) for p in PROMPTS}
     with coordinator(tmp_path) as coord, \
-            node_proc(coord, tmp_path / "n0") as n0, node_proc(coord, tmp_path / "n1") as n1, \
-            node_proc(coord, tmp_path / "n2") as n2, node_proc(coord, tmp_path / "n3") as n3, \
-            node_proc(coord, tmp_path / "n4") as n4:
+            nodes_proc(coord, [tmp_path / f"n{i}" for i in range(5)]) as (n0, n1, n2, n3, n4):
         procs = {n.node_id: n for n in (n0, n1, n2, n3, n4)}
         wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 5, timeout_s=30)
         info = coord.serve(d, name="tiny", num_replicas=2, num_stages=2, max_seq_len=128)

@@ -12,7 +12,8 @@ from swarm.inference.sampling import SamplingParams
 from swarm.inference.stage_runtime import StageRuntime
 from swarm.model.checkpoint import load_config, load_stage
 from swarm.model.testing import make_tiny_checkpoint
-from tests.helpers.procs import FAST_COORDINATOR_ARGS, coordinator_proc, generate_events, node_proc, wait_until
+from tests.helpers.procs import (FAST_COORDINATOR_ARGS, coordinator_proc, generate_events, nodes_proc,
+                                 wait_until)
 
 pytestmark = pytest.mark.multiproc
 
@@ -51,7 +52,7 @@ def test_three_node_pipeline_equals_single_process(tmp_path):
         cfg = make_tiny_checkpoint(d, family, num_layers=4, hidden_size=64, num_heads=4, seed=1)
         ckpts[family] = (d, cfg)
     with coordinator(tmp_path) as coord, \
-            node_proc(coord, tmp_path / "n0"), node_proc(coord, tmp_path / "n1"), node_proc(coord, tmp_path / "n2"):
+            nodes_proc(coord, [tmp_path / f"n{i}" for i in range(3)]):
         wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 3, timeout_s=30)
         for family, (d, cfg) in ckpts.items():
             info = coord.serve(d, name=f"tiny-{family}", num_replicas=1, num_stages=3, max_seq_len=128,

@@ -10,7 +10,7 @@ from swarm.cli.train import upload_files
 from swarm.compression import CodecSpec
 from swarm.job_spec import JobSpec
 from swarm.transport.coordinator_client import CoordinatorClient
-from tests.helpers.procs import coordinator_proc, launch_coordinator, launch_node, node_proc, wait_until
+from tests.helpers.procs import coordinator_proc, launch_coordinator, launch_node, node_proc, nodes_proc, wait_until
 from tests.multiproc.training._common import write_inputs
 
 pytestmark = pytest.mark.multiproc
@@ -87,9 +87,8 @@ def test_losing_one_replica_the_survivors_carry_on_and_it_is_added_back_when_it_
     """Issue 14 item 2: a lost replica is dropped without rollback; when its node comes back (same
     state dir) the job grows back to --replicas 2 at a step boundary, again without rollback."""
     model, data = write_inputs(tmp_path)
-    with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0") as n0, \
-            node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2, \
-            node_proc(coord, tmp_path / "n3") as n3:
+    with coordinator_proc(tmp_path / "coord") as coord, \
+            nodes_proc(coord, [tmp_path / f"n{i}" for i in range(4)]) as (n0, n1, n2, n3):
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 4, 30, message="4 nodes online")
         with CoordinatorClient(coord.address, token=coord.admin_token) as client:
             job_id = client.submit_job(_spec(GROW_STEPS, stages=2, replicas=2), upload_files(model, data)).id
@@ -132,6 +131,7 @@ def test_losing_one_replica_the_survivors_carry_on_and_it_is_added_back_when_it_
             back.proc.stop()
         steps = [p["step"] for p in done["progress"]]
         assert steps == list(range(len(steps))) and len(steps) > grown["step"] + 10, steps
-        assert done["repeated_steps"] == []  # no rollback, neither when dropping nor when adding
+        # no rollback, neither when dropping nor when adding
+        assert done["repeated_steps"] == [], [(e["kind"], e["message"]) for e in done["events"]]
         kinds = _kinds(done)
         assert kinds.index("node_lost") < kinds.index("replica_dropped") < kinds.index("replica_added"), kinds

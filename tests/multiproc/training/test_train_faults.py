@@ -15,7 +15,7 @@ from swarm.proto.v1 import training_pb2_grpc
 from swarm.transport import tensors as wt
 from swarm.transport.coordinator_client import CoordinatorClient
 from swarm.transport.channels import data_channel
-from tests.helpers.procs import coordinator_proc, node_proc, wait_until
+from tests.helpers.procs import coordinator_proc, nodes_proc, wait_until
 from tests.helpers.tls import security_from_state_dir
 from tests.multiproc.training._common import write_inputs
 
@@ -33,8 +33,8 @@ def _spec(steps: int) -> JobSpec:
 @pytest.mark.timeout(120)
 def test_bad_tensor_rejected_then_killed_node_fails_job_keeping_checkpoint(tmp_path):
     model, data = write_inputs(tmp_path)
-    with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0") as n0, \
-            node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2:
+    with coordinator_proc(tmp_path / "coord") as coord, \
+            nodes_proc(coord, [tmp_path / f"n{i}" for i in range(3)]) as (n0, n1, n2):
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 nodes online")
         with CoordinatorClient(coord.address, token=coord.read_token) as client, pytest.raises(AuthError, match="token"):
             client.submit_job(_spec(4), upload_files(model, data))

@@ -10,7 +10,7 @@ from swarm.cli.train import upload_files
 from swarm.compression import CodecSpec
 from swarm.job_spec import JobSpec
 from swarm.transport.coordinator_client import CoordinatorClient
-from tests.helpers.procs import coordinator_proc, node_proc, wait_until
+from tests.helpers.procs import coordinator_proc, nodes_proc, wait_until
 from tests.multiproc.training._common import write_inputs
 
 pytestmark = pytest.mark.multiproc
@@ -21,8 +21,8 @@ def test_lost_node_is_replaced_and_the_job_resumes_from_its_checkpoint(tmp_path)
     model, data = write_inputs(tmp_path)
     spec = JobSpec(steps=150, batch_size=4, micro_batch_size=2, seq_len=16, lr=1e-3, codec=CodecSpec.parse("none"),
                    checkpoint_every=3, num_stages=2, num_replicas=1, peer_timeout_s=5.0)
-    with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0") as n0, \
-            node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2:
+    with coordinator_proc(tmp_path / "coord") as coord, \
+            nodes_proc(coord, [tmp_path / f"n{i}" for i in range(3)]) as (n0, n1, n2):
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 nodes online")
         with CoordinatorClient(coord.address, token=coord.admin_token) as client:
             job_id = client.submit_job(spec, upload_files(model, data)).id

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from swarm.cli import main as swarm_main
-from tests.helpers.procs import coordinator_proc, node_proc, wait_until
+from tests.helpers.procs import coordinator_proc, nodes_proc, wait_until
 from tests.multiproc.training._common import reference_losses, train_args, write_inputs
 
 pytestmark = pytest.mark.multiproc
@@ -28,8 +28,7 @@ def _last_json(capsys) -> dict:
 @pytest.mark.timeout(240)
 def test_bad_shape_is_refused_and_a_cancelled_job_downloads_and_resumes_exactly(tmp_path, capsys):
     model, data = write_inputs(tmp_path)
-    with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0"), \
-            node_proc(coord, tmp_path / "n1"), node_proc(coord, tmp_path / "n2"):
+    with coordinator_proc(tmp_path / "coord") as coord, nodes_proc(coord, [tmp_path / f"n{i}" for i in range(3)]):
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 nodes online")
         flags = ["--coordinator", coord.address, "--token", coord.admin_token]
 

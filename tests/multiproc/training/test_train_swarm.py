@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from swarm.cli import main as swarm_main
-from tests.helpers.procs import coordinator_proc, node_proc, wait_until
+from tests.helpers.procs import coordinator_proc, nodes_proc, wait_until
 from tests.multiproc.training._common import reference_losses, train_args, write_inputs
 
 pytestmark = pytest.mark.multiproc
@@ -30,8 +30,8 @@ def _run_job(capsys, coord, model, data, out, *, codec: str, steps: int) -> dict
 @pytest.mark.timeout(150)
 def test_three_node_job_matches_single_process_and_exports(tmp_path, capsys):
     model, data = write_inputs(tmp_path)
-    with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0") as n0, \
-            node_proc(coord, tmp_path / "n1") as n1, node_proc(coord, tmp_path / "n2") as n2:
+    with coordinator_proc(tmp_path / "coord") as coord, \
+            nodes_proc(coord, [tmp_path / f"n{i}" for i in range(3)]) as (n0, n1, n2):
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 nodes online")
         nodes = (n0, n1, n2)
 

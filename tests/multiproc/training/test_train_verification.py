@@ -13,7 +13,7 @@ import re
 import pytest
 
 from swarm.cli import main as swarm_main
-from tests.helpers.procs import coordinator_proc, node_proc, wait_until
+from tests.helpers.procs import coordinator_proc, nodes_proc, wait_until
 from tests.multiproc.training._common import train_args, write_inputs
 
 pytestmark = pytest.mark.multiproc
@@ -22,8 +22,7 @@ pytestmark = pytest.mark.multiproc
 @pytest.mark.timeout(300)
 def test_honest_replicas_with_spot_checks_finish_and_nobody_is_quarantined(tmp_path, capsys):
     model, data = write_inputs(tmp_path)
-    with coordinator_proc(tmp_path / "coord") as coord, node_proc(coord, tmp_path / "n0"), \
-            node_proc(coord, tmp_path / "n1"), node_proc(coord, tmp_path / "n2"), node_proc(coord, tmp_path / "n3"):
+    with coordinator_proc(tmp_path / "coord") as coord, nodes_proc(coord, [tmp_path / f"n{i}" for i in range(4)]):
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 4, 60, message="4 nodes online")
         # --verify-prob 1: every micro-batch of every stage is recomputed by its replica
         rc = swarm_main(train_args(coord, model, data, steps=20, stages=2, replicas=2,

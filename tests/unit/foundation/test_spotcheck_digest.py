@@ -12,7 +12,7 @@ import torch
 from swarm.faults import FaultConfig, FaultInjector
 from swarm.model import ModelConfig, StageModel, build_stage
 
-from coordinator.jobs.spotchecks import SYNC_TOLERANCE, Judge, weights_distance
+from coordinator.jobs.spotchecks import JUDGE_AFTER_PEER_TIMEOUTS, SYNC_TOLERANCE, Judge, weights_distance
 from node.training.spotcheck import TOLERANCE, SpotResult, param_digest, param_sketch, recompute, rel_error
 
 CFG = ModelConfig(family="gpt2", vocab_size=32, hidden_size=32, num_layers=3, num_heads=2,
@@ -212,8 +212,10 @@ def test_stall_blame_spares_lost_nodes_and_nodes_waiting_on_someone_else():
     j.blame("j", "s0", "s1", 101.0)
     verdicts, dispute = j.resolve_blames("j", 200.0, grace_s=30.0, is_online=lambda n: n != "s2")
     assert verdicts == [] and dispute  # s2 is lost (not stalling), s1 was waiting itself: re-plan, nobody quarantined
-    j.blame("j", "s0", "s1", 300.0)  # a silent node that is online and waits on nobody: stalled
-    (v,) = j.resolve_blames("j", 400.0, grace_s=30.0)[0]
+    # the re-plan's attempt: the old blames are settled; a silent node that is online and waits
+    # on nobody is stalled
+    j.blame("j", "s0", "s1", 300.0, attempt=1)
+    (v,) = j.resolve_blames("j", 400.0, grace_s=30.0, attempt=1)[0]
     assert v.node_id == "s1" and v.first_bad_step is None
 
 
@@ -224,9 +226,26 @@ def test_a_stall_is_judged_on_silence_after_the_blame():
     j = Judge()
     j.progress("j", "s1", 99.0)  # its last report, 1 s before the blame
     j.blame("j", "s0", "s1", 100.0)
-    assert j.resolve_blames("j", 120.0, grace_s=30.0) == ([], False)  # not yet
-    (v,) = j.resolve_blames("j", 131.0, grace_s=30.0)[0]
+    # not yet: s1 may be waiting on someone else, and its own blame may take two peer timeouts
+    assert j.resolve_blames("j", 100.0 + JUDGE_AFTER_PEER_TIMEOUTS * 30.0 - 1, grace_s=30.0) == ([], False)
+    (v,) = j.resolve_blames("j", 100.0 + JUDGE_AFTER_PEER_TIMEOUTS * 30.0, grace_s=30.0)[0]
     assert v.node_id == "s1" and "stalled" in v.reason
     j.blame("j", "s0", "s1", 200.0)
     j.progress("j", "s1", 210.0)  # slow, not stalled
-    assert j.resolve_blames("j", 231.0, grace_s=30.0) == ([], True)
+    assert j.resolve_blames("j", 300.0, grace_s=30.0) == ([], True)
+
+
+def test_a_node_held_up_behind_a_staller_blames_it_in_time_and_is_spared():
+    """A 2 x 2 job: s00 stalls; s01 (stage 0, replica 1) waits a peer timeout for s00 in gradient
+    averaging, so its stage 1 (s11) blames it; s01 then blames s11, which stopped, within two
+    peer timeouts. Only the staller is quarantined."""
+    j = Judge()
+    for n in ("s00", "s10", "s01", "s11"):
+        j.progress("j", n, 99.0)
+    j.blame("j", "s10", "s00", 130.0)  # stage 1 of replica 0 waited for the staller's activation
+    j.blame("j", "s11", "s01", 131.0)  # stage 1 of replica 1 waited for a node held up in averaging
+    j.blame("j", "s01", "s11", 185.0)  # that node, back from averaging, waited for s11 (stopped)
+    verdicts, dispute = j.resolve_blames("j", 131.0 + JUDGE_AFTER_PEER_TIMEOUTS * 30.0, grace_s=30.0)
+    assert [v.node_id for v in verdicts] == ["s00"] and dispute
+    # the job re-plans (attempt 1): the blame still pending from attempt 0 is dropped, not judged
+    assert j.resolve_blames("j", 500.0, grace_s=30.0, attempt=1) == ([], False) and not j.has_blames("j")
