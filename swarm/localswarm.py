@@ -146,6 +146,15 @@ class ManagedProcess:
         return self.proc.returncode
 
 
+def stop_all(procs: list[ManagedProcess], timeout_s: float = 10.0) -> None:
+    """Stop processes together: SIGTERM to every one first, then wait for each (their shutdowns
+    overlap instead of adding up)."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        p.stop(timeout_s)
+
+
 def start_coordinator(state_dir: Path, *, port: int = 0, http_port: int = 0, host: str = "127.0.0.1",
                       extra_args: list[str] = (), timeout_s: float = 60.0, prefix: list[str] = (),
                       env: dict[str, str] | None = None) -> tuple[ManagedProcess, dict[str, str]]:
@@ -217,8 +226,7 @@ def start_nodes(coordinator_address: str, token: str, state_dirs: list[Path], *,
             procs.append(spawn_node(coordinator_address, token, Path(d), name=Path(d).name, **kwargs))
         return [(p, node_ready(p, timeout_s=timeout_s)) for p in procs]
     except BaseException:
-        for p in procs:
-            p.stop()
+        stop_all(procs)
         raise
 
 
@@ -291,8 +299,7 @@ class LocalSwarm:
         return proc
 
     def stop(self) -> None:
-        for proc in reversed(self.nodes):
-            proc.stop()
+        stop_all(list(reversed(self.nodes)))
         if self.coordinator is not None:
             self.coordinator.stop()
 

@@ -54,6 +54,7 @@ from node.training.spotcheck import (RESYNC_EVERY_STEPS, WITNESS_KINDS, StageVer
 
 log = logging.getLogger(__name__)
 AQSGD_RAM_LIMIT_BYTES = 256 << 20  # per boundary side; larger caches go to disk (memmap)
+AVERAGER_SETUP_S = 60.0  # joining the replicas' averaging group (hivemind daemon + DHT), once per attempt
 
 
 def vars_of(obj) -> dict:
@@ -261,7 +262,10 @@ class StageWorker:
         req = lambda maddrs: pb.RendezvousRequest(job_id=a.job_id, stage=a.stage, replica=a.replica,  # noqa: E731
                                                   maddrs=maddrs, attempt=a.attempt)
         peers: list[str] = []
-        deadline = time.monotonic() + self.timeout_s
+        # set-up, once per attempt: every replica spawns its hivemind daemon and joins the DHT,
+        # which takes seconds on a busy machine; not bounded by the per-step peer timeout
+        setup_s = max(self.timeout_s, AVERAGER_SETUP_S)
+        deadline = time.monotonic() + setup_s
         if a.replica > 0:  # join the DHT of a replica that started before us (replica 0 starts alone)
             while not peers:
                 self._check_stop()
@@ -274,13 +278,14 @@ class StageWorker:
         try:
             self.averager = ReplicaAverager(params=list(self.module.parameters()),
                                             prefix=f"{a.job_id}_a{a.attempt}_s{a.stage}", num_replicas=a.num_replicas,
-                                            initial_peers=peers, host=host, timeout_s=self.timeout_s)
+                                            initial_peers=peers, host=host, timeout_s=self.timeout_s,
+                                            setup_timeout_s=setup_s)
         except Exception as exc:  # noqa: BLE001 -- hivemind's (P2PDaemonError: bootstrap peers gone)
             # the replica that started first went away (e.g. it gave up waiting for us): a peer
             # failure the coordinator re-plans, not a fault of this job
             raise PeerError(f"could not join the averaging group of stage {a.stage}'s replicas: {exc}") from exc
         self.client.rendezvous(req(self.averager.maddrs()))
-        self.averager.wait_for_peers(1, self.timeout_s)
+        self.averager.wait_for_peers(1, setup_s)
 
     # -- receiving ---------------------------------------------------------------------------------
     def _authorize_sender(self, caller: str, h: wt.TensorHeader) -> None:

@@ -47,6 +47,7 @@ class ReplicaAverager:
         host: str = "127.0.0.1",
         timeout_s: float = 30.0,
         matchmaking_s: float = 1.0,
+        setup_timeout_s: float | None = None,
     ) -> None:
         from hivemind.averaging import DecentralizedAverager
         from hivemind.compression import Float16Compression
@@ -70,7 +71,7 @@ class ReplicaAverager:
             # start() ourselves: run_in_background() installs a SIGINT handler, which only the main
             # thread may do, and stage workers run in their own threads.
             self.averager.start()
-            self.averager.wait_until_ready(timeout_s)
+            self.averager.wait_until_ready(setup_timeout_s or timeout_s)
         except BaseException:
             self.dht.shutdown()
             raise

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from swarm.localswarm import (ManagedProcess, child_env, require_online, start_coordinator, start_node, start_nodes,
-                              wait_until)
+                              stop_all, wait_until)
 from swarm.transport.coordinator_client import CoordinatorClient, ServeOptions
 
 # Short intervals for tests: heartbeat 0.3 s, lost after 3 s (robust on a loaded 2-core box), small probes.
@@ -131,8 +131,7 @@ def nodes_proc(coord: CoordinatorHandle, state_dirs: list[Path], **kwargs):
     try:
         yield handles
     finally:
-        for h in reversed(handles):
-            h.proc.stop()
+        stop_all([h.proc for h in handles])
 
 
 @contextmanager
@@ -154,7 +153,7 @@ def node_proc(coord: CoordinatorHandle | str, state_dir: Path, **kwargs):
 
 
 __all__ = ["CoordinatorHandle", "NodeHandle", "launch_coordinator", "launch_node", "launch_nodes", "coordinator_proc",
-           "node_proc", "nodes_proc",
+           "node_proc", "nodes_proc", "stop_all",
            "wait_until", "require_online", "child_env", "ManagedProcess", "FAST_COORDINATOR_ARGS", "FAST_NODE_ARGS"]
 
 

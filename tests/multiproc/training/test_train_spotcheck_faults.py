@@ -20,7 +20,8 @@ from swarm.cli.train import upload_files
 from swarm.compression import CodecSpec
 from swarm.job_spec import DEFAULT_VERIFY_PROB, JobSpec
 from swarm.transport.coordinator_client import CoordinatorClient
-from tests.helpers.procs import FAST_COORDINATOR_ARGS, coordinator_proc, launch_node, launch_nodes, wait_until
+from tests.helpers.procs import (FAST_COORDINATOR_ARGS, coordinator_proc, launch_node, launch_nodes, stop_all,
+                                 wait_until)
 from tests.multiproc.training._common import TEXT
 
 pytestmark = pytest.mark.multiproc
@@ -65,8 +66,7 @@ def _run_with_faulty_node(tmp_path, fault: str, spec: JobSpec, timeout_s: float)
                        message="job ended")
             return detail(), coord.get_json("/api/nodes")["nodes"], faulty.node_id
         finally:
-            for h in handles:
-                h.proc.stop()
+            stop_all([h.proc for h in handles])
 
 
 @pytest.mark.timeout(240)
