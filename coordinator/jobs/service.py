@@ -625,6 +625,10 @@ class JobService:
             return Ack(stop=True, reason="job failed")
         if job.fence is not None and churn.key(a["stage"], a["replica"]) not in job.fence["workers"]:
             return Ack(stop=True, reason="this replica was dropped (its pipeline lost a node)")
+        if r["state"] in ("ready", "fence", "fenced"):
+            # following the protocol is not stalling: a stage 0 waiting at a fence for its switch
+            # step, or a worker stopped there, sends no step progress but is not silent
+            self.judge.progress(job.id, node_id, self.clock.time())
         if r["state"] == "ready":
             return Ack(start=self._on_ready(job, a))
         if r["state"] in ("fence", "fenced"):

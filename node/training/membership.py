@@ -26,6 +26,7 @@ from swarm.proto.v1 import training_pb2 as pb
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often a waiting worker asks again
+SWITCH_POLL_S = 1.0  # how often a worker waiting for an input during a fence asks for the switch step
 DEFAULT_OUTAGE_S = 300.0  # how long a worker keeps training without the coordinator
 
 
@@ -49,6 +50,7 @@ class Membership:
         self.outage_s = outage_s
         self.fence_pending = threading.Event()
         self.switch_step = 0
+        self._last_switch_poll = 0.0
 
     def on_ack(self, ack: pb.ProgressAck) -> None:
         if ack.fence:
@@ -115,7 +117,18 @@ class Membership:
         """Called while the worker waits for an input of ``step``: raises FenceReached when
         ``step`` is the switch step (only a stage other than the first can wait there, for the
         first input of the step, which will not come: stage 0 does not start it). The switch
-        step arrives with progress replies and assignment polls."""
+        step arrives with progress replies and assignment polls; a worker waiting during a fence
+        whose switch step it does not know yet also asks for it (every ``SWITCH_POLL_S``), or it
+        would wait out its peer timeout and blame a stage 0 that stopped at the switch step."""
+        if self.fence_pending.is_set() and not self.switch_step \
+                and time.monotonic() - self._last_switch_poll >= SWITCH_POLL_S:
+            self._last_switch_poll = time.monotonic()
+            try:  # one try: the wait itself must not block on a coordinator outage
+                self.on_ack(self.client.report(pb.ProgressReport(
+                    job_id=self.a.job_id, attempt=self.a.attempt, stage=self.a.stage, replica=self.a.replica,
+                    step=step, state="fence")))
+            except SwarmError as exc:
+                log.debug("switch step poll failed: %s", exc)
         if self.fence_pending.is_set() and self.switch_step and step >= self.switch_step:
             raise FenceReached()
 

@@ -1,0 +1,57 @@
+"""A stage waiting for an input during a fence asks the coordinator for the switch step instead of
+waiting out its peer timeout (node/training/membership.py ``while_waiting``). No network: a fake
+client answers ReportProgress."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from node.training.membership import FenceReached, Membership
+from swarm.errors import UnavailableError
+from swarm.proto.v1 import training_pb2 as pb
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeClient:
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.reports: list[pb.ProgressReport] = []
+
+    def report(self, req):
+        self.reports.append(req)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def _membership(client) -> Membership:
+    a = SimpleNamespace(job_id="j", attempt=2, stage=1, replica=0, is_first=False)
+    return Membership(client, a, stop=threading.Event())
+
+
+def test_a_waiting_stage_learns_the_switch_step_by_asking():
+    client = FakeClient([pb.ProgressAck(fence=True, switch_step=0), pb.ProgressAck(fence=True, switch_step=9)])
+    m = _membership(client)
+    m.while_waiting(9)  # no fence known: nothing asked
+    assert client.reports == []
+    m.on_fence(0)  # a reply said "fence", without the switch step yet
+    m.while_waiting(9)
+    assert [(r.state, r.step, r.attempt) for r in client.reports] == [("fence", 9, 2)]
+    m.while_waiting(9)  # asked less than SWITCH_POLL_S ago: not again
+    assert len(client.reports) == 1
+    m._last_switch_poll -= 10.0
+    with pytest.raises(FenceReached):  # the answer names step 9: stop here
+        m.while_waiting(9)
+    assert m.switch_step == 9
+
+
+def test_a_failed_poll_changes_nothing():
+    m = _membership(FakeClient([UnavailableError("coordinator restarting")]))
+    m.on_fence(0)
+    m.while_waiting(4)  # no exception: the worker keeps waiting for its input
+    assert m.switch_step == 0 and m.fence_pending.is_set()
