@@ -5,6 +5,10 @@ sends one step to the first stage (prefill entries for sessions the chain has no
 one-token decode entries for the rest) on its persistent ``StepStream`` (swarm/transport/
 step_link.py: one message each way per token, no call setup), and hands each sampled token to
 its session.
+With spot checks on (``--verify-prob``, coordinator/inference/checks.py) every step asks the
+stages for commitments; a sampled session's token is held (the session sits out the next
+steps) until the check passed, and replays of other chains' checked steps (:class:`CheckTask`)
+ride in this chain's next step as temporary sessions, closed in the step after.
 Sessions that finished are closed on the stages in the next step (``close_session_ids``), or
 directly when the replica goes idle. A step that fails because a stage is unreachable marks
 the replica failed and hands its sessions back to the engine, which replays them elsewhere.
@@ -17,6 +21,8 @@ the groups only serialise there again, in smaller batches; docs/benchmarks.md, i
 from __future__ import annotations
 
 import logging
+import random
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -27,10 +33,11 @@ import grpc
 from swarm.errors import InvalidRequestError, NotFoundError, SwarmError
 from swarm.inference.session import GenerationState, TokenEvent
 from swarm.inference.stage_runtime import StepEntry
+from swarm.inference.verify import ChainResult, StageCommit
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
-from swarm.transport.inference import entries_to_pb, new_step_capability, step_metadata
+from swarm.transport.inference import commitments_from_pb, entries_to_pb, new_step_capability, step_metadata
 from swarm.transport.step_link import StepLink
 
 log = logging.getLogger(__name__)
@@ -61,6 +68,7 @@ class Session:
         self.cancelled = False
         self.closed = False
         self.waiting_since_s = 0.0
+        self.held: object | None = None  # ticket of a step whose token waits for its spot check
 
     def fail(self, exc: SwarmError) -> None:
         if not self.closed:
@@ -91,7 +99,11 @@ class Replica:
         on_finish: Callable[["Replica", Session], None],
         predicted_latency_s: float = 0.0,
         security=None,
+        checks=None,
+        verify_prob: float = 0.0,
     ) -> None:
+        """``checks`` (coordinator.inference.checks.Checks) and ``verify_prob``: spot checks of a
+        fraction of the session steps (none without ``checks`` or at 0)."""
         self.model = model
         self.index = index
         self.stages = stages
@@ -102,6 +114,10 @@ class Replica:
         self._on_finish = on_finish
         self._sessions: list[Session] = []
         self._closing: list[str] = []
+        self._tasks: list = []  # CheckTasks (other chains' replays) for the next step
+        self._checks = checks
+        self.verify_prob = verify_prob if checks is not None else 0.0
+        self._rng = random.Random(secrets.randbits(64))  # which steps are checked: unknown to the nodes
         self._cond = threading.Condition()
         self._stop = False
         # the chain's secret: issued to every stage with its assignment, sent on every stage call
@@ -127,7 +143,36 @@ class Replica:
             return len(self._sessions)
 
     def has_room(self) -> bool:
-        return self.state == "ready" and self.num_sessions < self.max_sessions
+        with self._cond:
+            used = len(self._sessions) + len(self._tasks)
+        return self.state == "ready" and used < self.max_sessions
+
+    def add_check(self, task) -> bool:
+        """Run ``task`` (a CheckTask) in the next step; False when this chain cannot (not ready,
+        stopping, or its stages have no session slot left for it)."""
+        with self._cond:
+            if self._stop or self.state != "ready" or len(self._sessions) + len(self._tasks) >= self.max_sessions:
+                return False
+            self._tasks.append(task)
+            self._cond.notify_all()
+        return True
+
+    def release(self, s: Session, ticket: object, token: int) -> None:
+        """Give a held step's token to its session (its check passed or was void); ignored when
+        the session moved meanwhile (its chain failed: it is replayed elsewhere)."""
+        with self._cond:
+            if s.held is not ticket or s.replica is not self or s.closed or self._stop:
+                return
+            ev = s.state.push(token)  # before the session is runnable again (entry() needs it)
+            s.held = None
+            self._cond.notify_all()
+        self._deliver(s, ev)
+
+    def _drop_tasks(self) -> None:
+        with self._cond:
+            tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.done(None)
 
     def attach(self, s: Session) -> None:
         with self._cond:
@@ -147,6 +192,7 @@ class Replica:
             left, self._sessions = self._sessions, []
             self._cond.notify_all()
         self._join()
+        self._drop_tasks()
         if unload:
             for stub, st in zip(self._stubs, self.stages):
                 try:
@@ -189,12 +235,13 @@ class Replica:
     def _drive(self, link: StepLink) -> None:
         while True:
             with self._cond:
-                idle = not self._sessions and not self._closing
+                idle = not self._sessions and not self._closing and not self._tasks
             if idle:
                 link.close()  # an idle replica holds no stream (nor a server thread) on its first stage
             with self._cond:
-                # also closes finished sessions when the replica is idle
-                while not self._stop and not self._sessions and not self._closing:
+                # also closes finished sessions when the replica is idle; held sessions sit out
+                while not self._stop and not self._closing and not self._tasks and all(
+                        s.held is not None and not s.cancelled for s in self._sessions):
                     self._cond.wait(timeout=1.0)
                 if self._stop:
                     return
@@ -202,19 +249,24 @@ class Replica:
                     self._sessions.remove(s)
                     self._closing.append(s.id)
                     s.closed = True
-                batch = list(self._sessions)
+                batch = [s for s in self._sessions if s.held is None]
                 closing, self._closing = self._closing, []
-            if not batch:
+                tasks, self._tasks = self._tasks, []
+            if not batch and not tasks:
                 if closing:
                     self._close_idle(closing)
                 continue
             try:
-                self._step(batch, closing, link)
+                self._step(batch, closing, link, tasks)
             except _ReplicaDown as exc:
+                for t in tasks:
+                    t.done(None)
                 self._fail(str(exc))
                 return
             except Exception:  # noqa: BLE001 -- a bug must not kill the loop silently
                 log.exception("replica step crashed model=%s replica=%d", self.model, self.index)
+                for t in tasks:
+                    t.done(None)
                 with self._cond:
                     for s in batch:
                         if s in self._sessions:
@@ -240,6 +292,7 @@ class Replica:
         self._join()
         with self._cond:
             left, self._sessions = self._sessions, []
+        self._drop_tasks()
         log.warning("replica failed model=%s replica=%d sessions=%d reason=%s", self.model, self.index, len(left), reason)
         self._on_failure(self, left, reason)
 
@@ -251,18 +304,26 @@ class Replica:
             except grpc.RpcError:
                 pass  # an unreachable stage frees its caches by timeout
 
-    def _step(self, batch: list[Session], closing: list[str], link: StepLink) -> None:
-        entries = [s.entry() for s in batch]
+    def _step(self, batch: list[Session], closing: list[str], link: StepLink, tasks: list | None = None) -> None:
+        tasks = tasks or []
+        entries = [s.entry() for s in batch] + [t.entry for t in tasks]
+        # every entry commits while checks are on, so a stage cannot tell which steps are checked
+        commit = [e.session_id for e in entries] if self.verify_prob > 0 or tasks else []
         req = pb.ServeStepRequest(
             model_name=self.model,
             replica=self.index,
             stage=0,
             entries=entries_to_pb(entries, with_tokens=True),
             close_session_ids=closing,
+            commit_session_ids=commit,
         )
         try:
             reply = link.step(req, timeout_s=STEP_TIMEOUT_S)
         except SwarmError as err:
+            for t in tasks:  # void checks; the next step closes their sessions wherever they opened
+                t.done(None)
+            with self._cond:
+                self._closing.extend(t.entry.session_id for t in tasks)
             if isinstance(err, InvalidRequestError) and "replay" in str(err) and self._replays < 2:
                 # a stage lost a session's cache (expired or restarted): replay the batch, twice at most
                 self._replays += 1
@@ -278,20 +339,39 @@ class Replica:
                 raise _ReplicaDown(str(err)) from err
             raise _ReplicaDown(f"{type(err).__name__}: {err}") from err
         self._replays = 0
-        if len(reply.token_ids) != len(batch):
-            raise _ReplicaDown(f"last stage returned {len(reply.token_ids)} tokens for {len(batch)} sessions")
+        if len(reply.token_ids) != len(entries):
+            for t in tasks:
+                t.done(None)
+            raise _ReplicaDown(f"last stage returned {len(reply.token_ids)} tokens for {len(entries)} sessions")
         self.steps += 1
+        commits = commitments_from_pb(reply, commit, len(self.stages)) if commit else {}
+        with self._cond:
+            self._closing.extend(t.entry.session_id for t in tasks)  # temporary sessions
+        for t, tok in zip(tasks, reply.token_ids[len(batch):]):
+            t.done(self._result(commits[t.entry.session_id], int(tok)))
         for s, e, tok in zip(batch, entries, reply.token_ids):
             if s.cancelled or s.closed:
                 continue
             s.kv_pos += e.num_tokens
-            ev: TokenEvent = s.state.push(int(tok))
-            self.tokens += 1
-            s.sink(ev)
-            if ev.finish_reason is not None:
-                s.closed = True
-                self._drop(s)
-                self._on_finish(self, s)
+            if self.verify_prob > 0 and self._rng.random() < self.verify_prob:
+                ticket = s.held = object()  # sits out until the check ends (Checks.begin)
+                self._checks.begin(self, s, ticket, context=tuple(s.state.all_ids), token=int(tok),
+                                   result=self._result(commits[s.id], int(tok)))
+                continue
+            self._deliver(s, s.state.push(int(tok)))
+
+    def _result(self, commits: list, token: int) -> ChainResult:
+        return ChainResult(replica=self.index, token=token, stages=tuple(
+            StageCommit(node_id=st.node_id, first_layer=st.first_layer, last_layer_excl=st.last_layer_excl,
+                        input=c[0], output=c[1]) for st, c in zip(self.stages, commits)))
+
+    def _deliver(self, s: Session, ev: TokenEvent) -> None:
+        self.tokens += 1
+        s.sink(ev)
+        if ev.finish_reason is not None:
+            s.closed = True
+            self._drop(s)
+            self._on_finish(self, s)
 
     def _drop(self, s: Session) -> None:
         with self._cond:
