@@ -384,6 +384,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 boundary=a.stage, replica=a.replica, sender_id=self.node_id,
             ),
             close_session_ids=request.close_session_ids,
+            commit_session_ids=request.commit_session_ids,
         )
         assert loaded.next_stubs is not None
         if self.traffic is not None:
