@@ -94,7 +94,7 @@ class Checks:
         try:
             m = e.get(serving.model)
         except Exception:  # noqa: BLE001 -- unserved meanwhile: nothing to check against
-            serving.release(s, ticket, token)
+            serving.release(s, ticket)
             return
         others = sorted((r for r in list(m.replicas) if r is not serving and r.state == "ready"),
                         key=lambda r: (r.num_sessions, r.index))
@@ -107,7 +107,7 @@ class Checks:
         task = CheckTask(entry=entry, done=done)
         if not any(r.add_check(task) for r in others):
             m.num_checks_void += 1
-            serving.release(s, ticket, token)  # nobody to check against: released unchecked
+            serving.release(s, ticket)  # nobody to check against: released unchecked
 
     def _finish(self, m, serving, s, ticket, context, token, result: ChainResult, other: ChainResult | None) -> None:
         try:
@@ -120,7 +120,7 @@ class Checks:
         e = self.engine
         if other is None:
             m.num_checks_void += 1
-            serving.release(s, ticket, token)
+            serving.release(s, ticket)
             return
         ref = None
         if not agree(result, other):
@@ -143,7 +143,7 @@ class Checks:
                 log.warning("quarantined node=%s model=%s: %s", node_id[:12], m.record.name, reason)
             e.suspect(node_id)
         if outcome.release:
-            serving.release(s, ticket, token)
+            serving.release(s, ticket)
         for index in outcome.retire:
             for r in list(m.replicas):
                 if r.index == index and r.state == "ready":

@@ -455,7 +455,7 @@ class InferenceEngine:
                 m.replicas.remove(replica)
             for s in sessions:
                 s.kv_pos = 0
-                s.held = None  # a token held for a check is dropped: the replay computes it again
+                s.pending = []  # tokens held for a check are dropped: the replay computes them again
                 s.num_replays += 1
                 s.replica = None
                 s.waiting_since_s = self.app.clock.monotonic()

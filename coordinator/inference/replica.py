@@ -6,8 +6,9 @@ one-token decode entries for the rest) on its persistent ``StepStream`` (swarm/t
 step_link.py: one message each way per token, no call setup), and hands each sampled token to
 its session.
 With spot checks on (``--verify-prob``, coordinator/inference/checks.py) every step asks the
-stages for commitments; a sampled session's token is held (the session sits out the next
-steps) until the check passed, and replays of other chains' checked steps (:class:`CheckTask`)
+stages for commitments; a sampled session's token is held, with every token the session
+generates after it (the session keeps decoding: its ``pending`` tokens), until the check passed;
+a failed chain drops what it held (the session replays from its released tokens). Replays of other chains' checked steps (:class:`CheckTask`)
 ride in this chain's next step as temporary sessions, closed in the step after.
 Sessions that finished are closed on the stages in the next step (``close_session_ids``), or
 directly when the replica goes idle. A step that fails because a stage is unreachable marks
@@ -68,15 +69,32 @@ class Session:
         self.cancelled = False
         self.closed = False
         self.waiting_since_s = 0.0
-        self.held: object | None = None  # ticket of a step whose token waits for its spot check
+        # generated, not yet given to the client: [token, check ticket or None, check passed]; the
+        # front is released once it has no ticket or its check passed (Replica._flush)
+        self.pending: list[list] = []
 
     def fail(self, exc: SwarmError) -> None:
         if not self.closed:
             self.closed = True
             self.sink(exc)
 
+    def ids(self) -> list[int]:
+        """Prompt, released and pending tokens: what the current chain has computed on."""
+        return self.state.all_ids + [p[0] for p in self.pending]
+
+    def runnable(self) -> bool:
+        """Whether a next token may be generated: not finished, and the pending tokens neither
+        reach max_new_tokens nor end with eos (a stop string is known only at release)."""
+        st = self.state
+        if st.done or self.closed:
+            return False
+        if not self.pending:
+            return True
+        return (len(st.generated) + len(self.pending) < st.params.max_new_tokens
+                and self.pending[-1][0] != st.eos_token_id)
+
     def entry(self) -> StepEntry:
-        ids = self.state.all_ids
+        ids = self.ids()
         if self.kv_pos == 0:
             return StepEntry(session_id=self.id, start_position=0, num_tokens=len(ids), token_ids=tuple(ids),
                              reset=True, sampling=self.state.params)
@@ -157,16 +175,31 @@ class Replica:
             self._cond.notify_all()
         return True
 
-    def release(self, s: Session, ticket: object, token: int) -> None:
-        """Give a held step's token to its session (its check passed or was void); ignored when
-        the session moved meanwhile (its chain failed: it is replayed elsewhere)."""
+    def release(self, s: Session, ticket: object) -> None:
+        """A held token's check passed (or was void): give the client every pending token up to
+        the next one still checked. Ignored when the session moved meanwhile (its chain failed:
+        it is replayed elsewhere and what was pending is gone)."""
         with self._cond:
-            if s.held is not ticket or s.replica is not self or s.closed or self._stop:
+            if s.replica is not self or s.closed:
                 return
-            ev = s.state.push(token)  # before the session is runnable again (entry() needs it)
-            s.held = None
+            for p in s.pending:
+                if p[1] is ticket:
+                    p[2] = True
+            events = self._flush(s)
             self._cond.notify_all()
-        self._deliver(s, ev)
+        for ev in events:
+            self._deliver(s, ev)
+
+    def _flush(self, s: Session) -> list[TokenEvent]:
+        """Release the front of ``s.pending`` that needs no more checking (under the lock)."""
+        events = []
+        while s.pending and (s.pending[0][1] is None or s.pending[0][2]):
+            token = s.pending.pop(0)[0]
+            if s.state.done:  # finished (a stop string) before it: what was generated past it is dropped
+                s.pending.clear()
+                break
+            events.append(s.state.push(token))
+        return events
 
     def _drop_tasks(self) -> None:
         with self._cond:
@@ -239,9 +272,10 @@ class Replica:
             if idle:
                 link.close()  # an idle replica holds no stream (nor a server thread) on its first stage
             with self._cond:
-                # also closes finished sessions when the replica is idle; held sessions sit out
+                # also closes finished sessions when the replica is idle; sessions waiting for
+                # their checks at max_new_tokens / eos sit out
                 while not self._stop and not self._closing and not self._tasks and all(
-                        s.held is not None and not s.cancelled for s in self._sessions):
+                        not s.runnable() and not s.cancelled for s in self._sessions):
                     self._cond.wait(timeout=1.0)
                 if self._stop:
                     return
@@ -249,7 +283,7 @@ class Replica:
                     self._sessions.remove(s)
                     self._closing.append(s.id)
                     s.closed = True
-                batch = [s for s in self._sessions if s.held is None]
+                batch = [s for s in self._sessions if s.runnable()]
                 closing, self._closing = self._closing, []
                 tasks, self._tasks = self._tasks, []
             if not batch and not tasks:
@@ -306,7 +340,8 @@ class Replica:
 
     def _step(self, batch: list[Session], closing: list[str], link: StepLink, tasks: list | None = None) -> None:
         tasks = tasks or []
-        entries = [s.entry() for s in batch] + [t.entry for t in tasks]
+        with self._cond:  # a release moves pending tokens to the state meanwhile
+            entries = [s.entry() for s in batch] + [t.entry for t in tasks]
         # every entry commits while checks are on, so a stage cannot tell which steps are checked
         commit = [e.session_id for e in entries] if self.verify_prob > 0 or tasks else []
         req = pb.ServeStepRequest(
@@ -349,16 +384,23 @@ class Replica:
             self._closing.extend(t.entry.session_id for t in tasks)  # temporary sessions
         for t, tok in zip(tasks, reply.token_ids[len(batch):]):
             t.done(self._result(commits[t.entry.session_id], int(tok)))
-        for s, e, tok in zip(batch, entries, reply.token_ids):
-            if s.cancelled or s.closed:
-                continue
-            s.kv_pos += e.num_tokens
-            if self.verify_prob > 0 and self._rng.random() < self.verify_prob:
-                ticket = s.held = object()  # sits out until the check ends (Checks.begin)
-                self._checks.begin(self, s, ticket, context=tuple(s.state.all_ids), token=int(tok),
-                                   result=self._result(commits[s.id], int(tok)))
-                continue
-            self._deliver(s, s.state.push(int(tok)))
+        checks, out = [], []
+        with self._cond:
+            for s, e, tok in zip(batch, entries, reply.token_ids):
+                if s.cancelled or s.closed:
+                    continue
+                s.kv_pos += e.num_tokens
+                ticket = None
+                if self.verify_prob > 0 and self._rng.random() < self.verify_prob:
+                    ticket = object()  # held, with what follows, until the check passed (Checks.begin)
+                    checks.append((s, ticket, tuple(s.ids()), int(tok)))
+                s.pending.append([int(tok), ticket, False])
+                out.append((s, self._flush(s)))
+        for s, ticket, context, tok in checks:
+            self._checks.begin(self, s, ticket, context=context, token=tok, result=self._result(commits[s.id], tok))
+        for s, events in out:
+            for ev in events:
+                self._deliver(s, ev)
 
     def _result(self, commits: list, token: int) -> ChainResult:
         return ChainResult(replica=self.index, token=token, stages=tuple(
@@ -366,6 +408,8 @@ class Replica:
                         input=c[0], output=c[1]) for st, c in zip(self.stages, commits)))
 
     def _deliver(self, s: Session, ev: TokenEvent) -> None:
+        if s.closed:
+            return
         self.tokens += 1
         s.sink(ev)
         if ev.finish_reason is not None:
