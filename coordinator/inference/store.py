@@ -46,8 +46,7 @@ CREATE TABLE IF NOT EXISTS inference_models (
 
 # Spot-check 5% of session steps by default: a node altering a fraction P of its steps is caught
 # after about 1 / (0.05 P) of them (20 at P = 1). Cost: one prefill of the context on another
-# chain per 20 session steps, and the checked session waits for it (bench/inference_checks.py,
-# docs/benchmarks.md: measured 35-45% tokens/s on a loaded 2-core box, above the 5% target).
+# chain per 20 session steps (bench/inference_checks.py, docs/benchmarks.md).
 DEFAULT_VERIFY_PROB = 0.05
 
 
