@@ -106,7 +106,8 @@ class Checks:
                           token_ids=context, reset=True, sampling=s.state.params)
         task = CheckTask(entry=entry, done=done)
         if not any(r.add_check(task) for r in others):
-            m.num_checks_void += 1
+            with e._lock:
+                m.num_checks_void += 1
             serving.release(s, ticket)  # nobody to check against: released unchecked
 
     def _finish(self, m, serving, s, ticket, context, token, result: ChainResult, other: ChainResult | None) -> None:
@@ -119,7 +120,8 @@ class Checks:
     def _judge(self, m, serving, s, ticket, context, token, result: ChainResult, other: ChainResult | None) -> None:
         e = self.engine
         if other is None:
-            m.num_checks_void += 1
+            with e._lock:
+                m.num_checks_void += 1
             serving.release(s, ticket)
             return
         ref = None
@@ -133,9 +135,10 @@ class Checks:
             except Exception:  # noqa: BLE001 -- no second opinion: resolve retires the serving chain
                 log.exception("the referee could not recompute model=%s", m.record.name)
         outcome = resolve(result, other, ref)
-        m.num_checks += 1
+        with e._lock:
+            m.num_checks += 1
+            m.num_check_failures += outcome.disputed
         if outcome.disputed:
-            m.num_check_failures += 1
             log.warning("spot check disagreement model=%s replicas=%d,%d: %s", m.record.name, result.replica,
                         other.replica, outcome.reason)
         for node_id, reason in outcome.quarantine:

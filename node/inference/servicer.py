@@ -45,7 +45,7 @@ from swarm.certs import COORDINATOR
 from swarm.errors import InvalidRequestError, NotFoundError, PeerError, PermissionDeniedError, SwarmError
 from swarm.faults import NO_FAULTS, FaultConfig, FaultInjector
 from swarm.inference.stage_runtime import StageRuntime
-from swarm.inference.verify import sketch
+from swarm.inference.verify import sketch_rows
 from swarm.model.checkpoint import load_stage
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
@@ -413,10 +413,13 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                      out: torch.Tensor, *, last: bool) -> list[pb.ServeCommitment]:
         """This stage's commitments (swarm/inference/verify.py) for the sampled entries: sketches of
         the last position of its input and of its output (logits rows on the last stage)."""
-        return [pb.ServeCommitment(stage=a.stage, session_id=entries[i].session_id,
-                                   input=sketch(hidden[row]) if hidden is not None else (),
-                                   output=sketch(out[i] if last else out[row]))
-                for i, row in ends]
+        if not ends:
+            return []
+        rows = torch.tensor([row for _, row in ends], device=out.device)
+        outs = sketch_rows(out[torch.tensor([i for i, _ in ends], device=out.device)] if last else out[rows])
+        ins = sketch_rows(hidden[rows.to(hidden.device)]) if hidden is not None else [()] * len(ends)
+        return [pb.ServeCommitment(stage=a.stage, session_id=entries[i].session_id, input=inp, output=o)
+                for (i, _), inp, o in zip(ends, ins, outs)]
 
     @grpc_errors
     def CloseSession(self, request: pb.ServeCloseSessionRequest, context) -> pb.ServeCloseSessionReply:

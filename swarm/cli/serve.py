@@ -75,6 +75,10 @@ def _print_model(m) -> None:
           + (f" ({m['error']})" if m.get("error") else ""))
     if m.get("healing"):
         print(f"  healing: {m['healing']}")
+    v = m["verification"]
+    if v["verify_prob"] > 0:
+        print(f"  spot checks: {v['verify_prob']:g} of steps; {v['checks']} done, {v['failed']} disagreed, "
+              f"{v['void']} void (no other chain)")
     for r in m["replicas"]:
         chain = " -> ".join(f"{s['node_id'][:10]}@{s['address']}[{s['first_layer']}:{s['last_layer_excl']})" for s in r["stages"])
         print(f"  replica {r['replica']} ({r['state']}, ~{r['predicted_latency_s'] * 1e3:.2f} ms/token): {chain}")

@@ -64,6 +64,14 @@ def sketch(x: torch.Tensor) -> tuple[float, ...]:
     return tuple(float(v) for v in (x @ _projection(x.numel(), x.device)).cpu())
 
 
+def sketch_rows(x: torch.Tensor) -> list[tuple[float, ...]]:
+    """:func:`sketch` of every row of ``x`` (n, D), in one product and one copy to the host."""
+    if x.shape[0] == 0:
+        return []
+    x = x.detach().float()
+    return [tuple(row) for row in (x @ _projection(x.shape[1], x.device)).cpu().tolist()]
+
+
 def distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     """Relative L2 distance ||a - b|| / ||b|| of two sketches; inf when either is missing or not
     finite (a stage that does not commit cannot pass)."""

@@ -120,7 +120,8 @@ class ModelRecord:
     healing: str = ""  # why it is below that count, while the coordinator waits for a spare node
     verify_prob: float = 0.0  # fraction of session steps spot-checked (0: off)
     num_checks: int = 0  # spot checks done since the model was placed
-    num_check_failures: int = 0  # of them, failed
+    num_check_failures: int = 0  # of them, the chains disagreed
+    num_checks_void: int = 0  # sampled steps released unchecked (no other chain could replay them)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -130,7 +131,7 @@ class ModelRecord:
             "replica_count": {"healthy": self.healthy_replicas, "requested": self.requested_replicas},
             "healing": self.healing,
             "verification": {"verify_prob": self.verify_prob, "checks": self.num_checks,
-                             "failed": self.num_check_failures},
+                             "failed": self.num_check_failures, "void": self.num_checks_void},
             "replicas": [
                 {"replica": r.replica, "state": r.state, "predicted_latency_s": r.predicted_latency_s,
                  "stages": [{"node_id": s.node_id, "address": s.address, "first_layer": s.first_layer,
@@ -180,6 +181,7 @@ def model_record(m: ipb.ServeModelInfo) -> ModelRecord:
         size_bytes=m.size_bytes, max_seq_len=m.max_seq_len, created_at_s=m.created_at_s, error=m.error,
         healthy_replicas=m.healthy_replicas, requested_replicas=m.requested_replicas, healing=m.healing,
         verify_prob=m.verify_prob, num_checks=m.num_checks, num_check_failures=m.num_check_failures,
+        num_checks_void=m.num_checks_void,
         replicas=tuple(
             ReplicaRecord(replica=r.replica, state=r.state, predicted_latency_s=r.predicted_latency_s,
                           stages=tuple(StageRecord(node_id=s.node_id, address=s.address, first_layer=s.first_layer,

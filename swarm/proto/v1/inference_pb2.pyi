@@ -266,7 +266,7 @@ class ServeReplicaInfo(_message.Message):
     def __init__(self, replica: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[ServeStageInfo, _Mapping]]] = ..., state: _Optional[str] = ..., predicted_latency_s: _Optional[float] = ...) -> None: ...
 
 class ServeModelInfo(_message.Message):
-    __slots__ = ("name", "family", "num_layers", "digest", "state", "replicas", "created_at_s", "size_bytes", "error", "max_seq_len", "healthy_replicas", "requested_replicas", "healing", "verify_prob", "num_checks", "num_check_failures")
+    __slots__ = ("name", "family", "num_layers", "digest", "state", "replicas", "created_at_s", "size_bytes", "error", "max_seq_len", "healthy_replicas", "requested_replicas", "healing", "verify_prob", "num_checks", "num_check_failures", "num_checks_void")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +283,7 @@ class ServeModelInfo(_message.Message):
     VERIFY_PROB_FIELD_NUMBER: _ClassVar[int]
     NUM_CHECKS_FIELD_NUMBER: _ClassVar[int]
     NUM_CHECK_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHECKS_VOID_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     num_layers: int
@@ -299,7 +300,8 @@ class ServeModelInfo(_message.Message):
     verify_prob: float
     num_checks: int
     num_check_failures: int
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., digest: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ServeReplicaInfo, _Mapping]]] = ..., created_at_s: _Optional[float] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., requested_replicas: _Optional[int] = ..., healing: _Optional[str] = ..., verify_prob: _Optional[float] = ..., num_checks: _Optional[int] = ..., num_check_failures: _Optional[int] = ...) -> None: ...
+    num_checks_void: int
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., digest: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ServeReplicaInfo, _Mapping]]] = ..., created_at_s: _Optional[float] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., requested_replicas: _Optional[int] = ..., healing: _Optional[str] = ..., verify_prob: _Optional[float] = ..., num_checks: _Optional[int] = ..., num_check_failures: _Optional[int] = ..., num_checks_void: _Optional[int] = ...) -> None: ...
 
 class ServeUploadReply(_message.Message):
     __slots__ = ("model",)

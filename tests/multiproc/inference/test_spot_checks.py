@@ -25,7 +25,7 @@ def test_wrong_tokens_node_is_quarantined_and_clients_get_the_clean_tokens(tmp_p
     d = tmp_path / "ckpt"
     make_tiny_checkpoint(d, "llama", num_layers=4, hidden_size=64, num_heads=4, seed=3)
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-    params = SamplingParams(max_new_tokens=24)  # greedy
+    params = SamplingParams(max_new_tokens=16)  # greedy
     want = [reference(d, tok.encode(p).ids, params, None) for p in PROMPTS]
     handles = []
     with coordinator(tmp_path) as coord:
