@@ -15,6 +15,10 @@ Protocol (coordinator side; the commitments and the decision are swarm/inference
   reason: it gets no new work), a chain judged wrong is failed (its sessions are replayed,
   prompt + released tokens, on a healthy chain: the client sees a pause), and the held token
   is released only when the serving chain was right.
+- A session's checks conclude in step order (``_drain``): once one fails, its chain is retired
+  and the later ones are void. A stage after the first is blamed on a step only if every earlier
+  step of the session on that chain was checked (``ChainResult.fresh``): otherwise its cache may
+  hold a wrong input of an unchecked step, and the chain is only retired. Replays are fresh.
 - Without another ready chain (one replica, or the other one busy) the check is void and the
   token is released unchecked; so is it when the checking chain fails before answering.
 """
@@ -37,6 +41,7 @@ from swarm.model.checkpoint import load_stage
 log = logging.getLogger(__name__)
 
 MAX_REFEREE_STAGES = 8  # loaded segments the referee keeps (least recently used dropped first)
+_WAITING = object()  # a check slot whose other chain has not answered yet
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,31 +104,49 @@ class Checks:
         others = sorted((r for r in list(m.replicas) if r is not serving and r.state == "ready"),
                         key=lambda r: (r.num_sessions, r.index))
 
+        slot = [serving, ticket, context, token, result, _WAITING]
+
         def done(other_result: ChainResult | None) -> None:  # on the other chain's driver: hand off
-            e._pool.submit(self._finish, m, serving, s, ticket, context, token, result, other_result)
+            slot[5] = other_result
+            e._pool.submit(self._drain, m, s)
 
         entry = StepEntry(session_id=uuid.uuid4().hex, start_position=0, num_tokens=len(context),
                           token_ids=context, reset=True, sampling=s.state.params)
         task = CheckTask(entry=entry, done=done)
+        with s.check_lock:
+            s.check_slots.append(slot)
         if not any(r.add_check(task) for r in others):
-            with e._lock:
-                m.num_checks_void += 1
-            serving.release(s, ticket)  # nobody to check against: released unchecked
+            done(None)  # nobody to check against: void, released unchecked (in its turn)
 
-    def _finish(self, m, serving, s, ticket, context, token, result: ChainResult, other: ChainResult | None) -> None:
-        try:
-            self._judge(m, serving, s, ticket, context, token, result, other)
-        except Exception:  # noqa: BLE001 -- a bug must not leave the session held forever
-            log.exception("spot check failed to conclude model=%s replica=%d", m.record.name, serving.index)
-            serving.fail("internal error in a spot check; see the coordinator's log")
+    def _drain(self, m, s) -> None:
+        """Conclude the session's checks in step order: a later step's check is judged only after
+        the earlier ones (their failure retires the chain, which voids the later ones)."""
+        retire: list[tuple[object, str]] = []
+        with s.check_lock:
+            while s.check_slots and s.check_slots[0][5] is not _WAITING:
+                serving, ticket, context, token, result, other = s.check_slots.popleft()
+                try:
+                    retire += self._judge(m, serving, s, ticket, context, token, result, other)
+                except Exception:  # noqa: BLE001 -- a bug must not leave the session held forever
+                    log.exception("spot check failed to conclude model=%s replica=%d", m.record.name, serving.index)
+                    retire.append((serving, "internal error in a spot check; see the coordinator's log"))
+                for r, _ in retire:
+                    r.state = "failing"  # not ready: later checks of its steps are void
+        # outside the lock: fail() waits for the chain's driver, which may be queueing a check
+        for r, reason in retire:
+            r.fail(reason)  # its sessions fail over, with what they held dropped
 
-    def _judge(self, m, serving, s, ticket, context, token, result: ChainResult, other: ChainResult | None) -> None:
+    def _judge(self, m, serving, s, ticket, context, token, result: ChainResult, other: ChainResult | None
+               ) -> list[tuple[object, str]]:
+        """Conclude one check; returns the chains to fail, with the reason."""
         e = self.engine
+        if serving.state != "ready" or s.replica is not serving:
+            return []  # the chain failed or the session moved: what it held is dropped, the replay recomputes it
         if other is None:
             with e._lock:
                 m.num_checks_void += 1
             serving.release(s, ticket)
-            return
+            return []
         ref = None
         if not agree(result, other):
             chains = [r for r in list(m.replicas) if r.index in (result.replica, other.replica)]
@@ -147,7 +170,5 @@ class Checks:
             e.suspect(node_id)
         if outcome.release:
             serving.release(s, ticket)
-        for index in outcome.retire:
-            for r in list(m.replicas):
-                if r.index == index and r.state == "ready":
-                    r.fail(f"spot check: {outcome.reason}")  # its sessions fail over (the held one too)
+        return [(r, f"spot check: {outcome.reason}") for r in list(m.replicas)
+                if r.index in outcome.retire and r.state == "ready"]

@@ -26,6 +26,7 @@ import random
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,6 +73,9 @@ class Session:
         # generated, not yet given to the client: [token, check ticket or None, check passed]; the
         # front is released once it has no ticket or its check passed (Replica._flush)
         self.pending: list[list] = []
+        self.history_checked = True  # every step on the current chain since its reset was sampled for a check
+        self.check_slots: deque = deque()  # checks in step order, concluded in that order (Checks)
+        self.check_lock = threading.Lock()
 
     def fail(self, exc: SwarmError) -> None:
         if not self.closed:
@@ -390,20 +394,25 @@ class Replica:
                 if s.cancelled or s.closed:
                     continue
                 s.kv_pos += e.num_tokens
+                if e.reset:
+                    s.history_checked = True  # the stages' caches of it hold this step only
                 ticket = None
                 if self.verify_prob > 0 and self._rng.random() < self.verify_prob:
                     ticket = object()  # held, with what follows, until the check passed (Checks.begin)
-                    checks.append((s, ticket, tuple(s.ids()), int(tok)))
+                    checks.append((s, ticket, tuple(s.ids()), int(tok), s.history_checked))
+                else:
+                    s.history_checked = False  # later steps ran on caches holding this unchecked one
                 s.pending.append([int(tok), ticket, False])
                 out.append((s, self._flush(s)))
-        for s, ticket, context, tok in checks:
-            self._checks.begin(self, s, ticket, context=context, token=tok, result=self._result(commits[s.id], tok))
+        for s, ticket, context, tok, fresh in checks:
+            self._checks.begin(self, s, ticket, context=context, token=tok,
+                               result=self._result(commits[s.id], tok, fresh=fresh))
         for s, events in out:
             for ev in events:
                 self._deliver(s, ev)
 
-    def _result(self, commits: list, token: int) -> ChainResult:
-        return ChainResult(replica=self.index, token=token, stages=tuple(
+    def _result(self, commits: list, token: int, *, fresh: bool = True) -> ChainResult:
+        return ChainResult(replica=self.index, token=token, fresh=fresh, stages=tuple(
             StageCommit(node_id=st.node_id, first_layer=st.first_layer, last_layer_excl=st.last_layer_excl,
                         input=c[0], output=c[1]) for st, c in zip(self.stages, commits)))
 

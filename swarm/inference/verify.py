@@ -115,6 +115,10 @@ class ChainResult:
     replica: int
     stages: tuple[StageCommit, ...]
     token: int
+    # every earlier step of the session on this chain was checked and passed (or there was none):
+    # the stages' caches hold only verified inputs. Otherwise a stage after the first may be wrong
+    # because of an input it received at an unchecked step, and it is not blamed.
+    fresh: bool = True
 
     def outputs(self) -> dict[int, tuple[float, ...]]:
         """Output sketch per layer boundary (the layer index the stage ends at)."""
@@ -168,7 +172,8 @@ def judge(chain: ChainResult, ref: Reference) -> Judgement:
     """Weigh one chain against the recomputation, stage by stage. The first stage whose own
     output commitment is beyond TOLERANCE is guilty. A stage whose *input* differs while the
     previous stage's output commitment matched means one of the two lies about the hop: nobody
-    can be blamed (ok False, guilty None). A wrong token with right logits blames the last stage."""
+    can be blamed (ok False, guilty None). A wrong token with right logits blames the last stage.
+    A stage after the first of a chain that is not ``fresh`` is not blamed (ok False, guilty None)."""
     prev: StageCommit | None = None
     for k, st in enumerate(chain.stages):
         if prev is not None:
@@ -179,6 +184,10 @@ def judge(chain: ChainResult, ref: Reference) -> Judgement:
                     f"replica {chain.replica}: stage {k} received a hidden state {d:.3g} (relative L2) away from "
                     f"what stage {k - 1} committed to sending; one of nodes {prev.node_id[:12]}, {st.node_id[:12]} lies"))
         d = distance(st.output, ref.outputs.get(st.last_layer_excl, ()))
+        if d > TOLERANCE and k > 0 and not chain.fresh:
+            return Judgement(ok=False, reason=(
+                f"replica {chain.replica}: stage {k} output {d:.3g} (relative L2) away from the recomputation, from "
+                "a right input, but its cache holds inputs of unchecked steps: not blamed"))
         if d > TOLERANCE:
             return Judgement(ok=False, guilty=st.node_id, reason=(
                 f"inference spot check: stage {k} (layers {st.first_layer}-{st.last_layer_excl}) of replica "

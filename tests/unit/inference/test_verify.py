@@ -119,3 +119,15 @@ def test_allowed_tokens_greedy_keeps_near_ties_only():
     assert allowed_tokens(logits, SamplingParams()) == frozenset({3, 5})
     sampled = allowed_tokens(logits, SamplingParams(temperature=1.0, top_k=3))
     assert sampled == frozenset({1, 3, 5})
+
+
+def test_a_stage_whose_cache_holds_unchecked_inputs_is_not_blamed_but_the_first_stage_is():
+    from dataclasses import replace
+
+    stale = replace(chain(0, bad={1: 1.0}), fresh=False)  # stage 1 wrong from a right input
+    j = judge(stale, REF)
+    assert not j.ok and j.guilty is None and "not blamed" in j.reason
+    out = resolve(stale, chain(1, "def"), REF)
+    assert not out.release and out.retire == (0,) and not out.quarantine
+    # the first stage's cache holds only tokens: it is blamed whatever the history
+    assert judge(replace(chain(0, bad={0: 1.0}), fresh=False), REF).guilty == "a"
