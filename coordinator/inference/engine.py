@@ -39,6 +39,7 @@ from swarm.transport.channels import data_channel
 from swarm.transport.errors import error_from_rpc
 from swarm.transport.inference import step_metadata
 
+from coordinator.inference.checks import Checks
 from coordinator.inference.replica import Replica, Session, StageRef
 from coordinator.inference.store import ModelRecord, ModelStore, ServeParams, served_params
 from coordinator.inference.text import TextCodec
@@ -86,6 +87,9 @@ class ServedModel:
     heal_failures: int = 0
     heal_backoff_until_s: float = 0.0
     heal_note: str = ""  # why the model is below its replica count, when the healer waits
+    num_checks: int = 0  # spot checks concluded (coordinator/inference/checks.py)
+    num_check_failures: int = 0  # of them, the chains disagreed
+    num_checks_void: int = 0  # sampled steps released unchecked (no other chain could replay them)
 
     def chains_node_ids(self) -> set[str]:
         """Nodes holding or loading a stage of this model (ready, loading, broken survivors)."""
@@ -132,6 +136,7 @@ class InferenceEngine:
         self._reaper = threading.Thread(target=self._reap_loop, name="inference-reaper", daemon=True)
         self._reaper.start()
         self.healer = None  # coordinator.inference.healer.Healer, attached by the plugin
+        self.checks = Checks(self)
 
     def close(self) -> None:
         self._stop.set()
@@ -244,7 +249,7 @@ class InferenceEngine:
             replica = Replica(model=m.record.name, index=index, stages=refs, max_sessions=p.sessions_per_replica,
                               security=self.app.security,
                               on_failure=self._on_replica_failure, on_finish=self._on_finish,
-                              predicted_latency_s=rp.latency_s)
+                              predicted_latency_s=rp.latency_s, checks=self.checks, verify_prob=p.verify_prob)
             futures.append((replica, self._pool.submit(self._load_replica, m, replica)))
         errors = []
         for replica, fut in futures:
@@ -450,6 +455,7 @@ class InferenceEngine:
                 m.replicas.remove(replica)
             for s in sessions:
                 s.kv_pos = 0
+                s.pending = []  # tokens held for a check are dropped: the replay computes them again
                 s.num_replays += 1
                 s.replica = None
                 s.waiting_since_s = self.app.clock.monotonic()

@@ -5,6 +5,11 @@ sends one step to the first stage (prefill entries for sessions the chain has no
 one-token decode entries for the rest) on its persistent ``StepStream`` (swarm/transport/
 step_link.py: one message each way per token, no call setup), and hands each sampled token to
 its session.
+With spot checks on (``--verify-prob``, coordinator/inference/checks.py) every step asks the
+stages for commitments; a sampled session's token is held, with every token the session
+generates after it (the session keeps decoding: its ``pending`` tokens), until the check passed;
+a failed chain drops what it held (the session replays from its released tokens). Replays of other chains' checked steps (:class:`CheckTask`)
+ride in this chain's next step as temporary sessions, closed in the step after.
 Sessions that finished are closed on the stages in the next step (``close_session_ids``), or
 directly when the replica goes idle. A step that fails because a stage is unreachable marks
 the replica failed and hands its sessions back to the engine, which replays them elsewhere.
@@ -17,8 +22,11 @@ the groups only serialise there again, in smaller batches; docs/benchmarks.md, i
 from __future__ import annotations
 
 import logging
+import random
+import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,10 +35,11 @@ import grpc
 from swarm.errors import InvalidRequestError, NotFoundError, SwarmError
 from swarm.inference.session import GenerationState, TokenEvent
 from swarm.inference.stage_runtime import StepEntry
+from swarm.inference.verify import ChainResult, StageCommit
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
-from swarm.transport.inference import entries_to_pb, new_step_capability, step_metadata
+from swarm.transport.inference import commitments_from_pb, entries_to_pb, new_step_capability, step_metadata
 from swarm.transport.step_link import StepLink
 
 log = logging.getLogger(__name__)
@@ -61,14 +70,35 @@ class Session:
         self.cancelled = False
         self.closed = False
         self.waiting_since_s = 0.0
+        # generated, not yet given to the client: [token, check ticket or None, check passed]; the
+        # front is released once it has no ticket or its check passed (Replica._flush)
+        self.pending: list[list] = []
+        self.history_checked = True  # every step on the current chain since its reset was sampled for a check
+        self.check_slots: deque = deque()  # checks in step order, concluded in that order (Checks)
+        self.check_lock = threading.Lock()
 
     def fail(self, exc: SwarmError) -> None:
         if not self.closed:
             self.closed = True
             self.sink(exc)
 
+    def ids(self) -> list[int]:
+        """Prompt, released and pending tokens: what the current chain has computed on."""
+        return self.state.all_ids + [p[0] for p in self.pending]
+
+    def runnable(self) -> bool:
+        """Whether a next token may be generated: not finished, and the pending tokens neither
+        reach max_new_tokens nor end with eos (a stop string is known only at release)."""
+        st = self.state
+        if st.done or self.closed:
+            return False
+        if not self.pending:
+            return True
+        return (len(st.generated) + len(self.pending) < st.params.max_new_tokens
+                and self.pending[-1][0] != st.eos_token_id)
+
     def entry(self) -> StepEntry:
-        ids = self.state.all_ids
+        ids = self.ids()
         if self.kv_pos == 0:
             return StepEntry(session_id=self.id, start_position=0, num_tokens=len(ids), token_ids=tuple(ids),
                              reset=True, sampling=self.state.params)
@@ -91,7 +121,11 @@ class Replica:
         on_finish: Callable[["Replica", Session], None],
         predicted_latency_s: float = 0.0,
         security=None,
+        checks=None,
+        verify_prob: float = 0.0,
     ) -> None:
+        """``checks`` (coordinator.inference.checks.Checks) and ``verify_prob``: spot checks of a
+        fraction of the session steps (none without ``checks`` or at 0)."""
         self.model = model
         self.index = index
         self.stages = stages
@@ -102,6 +136,10 @@ class Replica:
         self._on_finish = on_finish
         self._sessions: list[Session] = []
         self._closing: list[str] = []
+        self._tasks: list = []  # CheckTasks (other chains' replays) for the next step
+        self._checks = checks
+        self.verify_prob = verify_prob if checks is not None else 0.0
+        self._rng = random.Random(secrets.randbits(64))  # which steps are checked: unknown to the nodes
         self._cond = threading.Condition()
         self._stop = False
         # the chain's secret: issued to every stage with its assignment, sent on every stage call
@@ -127,7 +165,51 @@ class Replica:
             return len(self._sessions)
 
     def has_room(self) -> bool:
-        return self.state == "ready" and self.num_sessions < self.max_sessions
+        with self._cond:
+            used = len(self._sessions) + len(self._tasks)
+        return self.state == "ready" and used < self.max_sessions
+
+    def add_check(self, task) -> bool:
+        """Run ``task`` (a CheckTask) in the next step; False when this chain cannot (not ready,
+        stopping, or its stages have no session slot left for it)."""
+        with self._cond:
+            if self._stop or self.state != "ready" or len(self._sessions) + len(self._tasks) >= self.max_sessions:
+                return False
+            self._tasks.append(task)
+            self._cond.notify_all()
+        return True
+
+    def release(self, s: Session, ticket: object) -> None:
+        """A held token's check passed (or was void): give the client every pending token up to
+        the next one still checked. Ignored when the session moved meanwhile (its chain failed:
+        it is replayed elsewhere and what was pending is gone)."""
+        with self._cond:
+            if s.replica is not self or s.closed:
+                return
+            for p in s.pending:
+                if p[1] is ticket:
+                    p[2] = True
+            events = self._flush(s)
+            self._cond.notify_all()
+        for ev in events:
+            self._deliver(s, ev)
+
+    def _flush(self, s: Session) -> list[TokenEvent]:
+        """Release the front of ``s.pending`` that needs no more checking (under the lock)."""
+        events = []
+        while s.pending and (s.pending[0][1] is None or s.pending[0][2]):
+            token = s.pending.pop(0)[0]
+            if s.state.done:  # finished (a stop string) before it: what was generated past it is dropped
+                s.pending.clear()
+                break
+            events.append(s.state.push(token))
+        return events
+
+    def _drop_tasks(self) -> None:
+        with self._cond:
+            tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.done(None)
 
     def attach(self, s: Session) -> None:
         with self._cond:
@@ -147,6 +229,7 @@ class Replica:
             left, self._sessions = self._sessions, []
             self._cond.notify_all()
         self._join()
+        self._drop_tasks()
         if unload:
             for stub, st in zip(self._stubs, self.stages):
                 try:
@@ -189,12 +272,14 @@ class Replica:
     def _drive(self, link: StepLink) -> None:
         while True:
             with self._cond:
-                idle = not self._sessions and not self._closing
+                idle = not self._sessions and not self._closing and not self._tasks
             if idle:
                 link.close()  # an idle replica holds no stream (nor a server thread) on its first stage
             with self._cond:
-                # also closes finished sessions when the replica is idle
-                while not self._stop and not self._sessions and not self._closing:
+                # also closes finished sessions when the replica is idle; sessions waiting for
+                # their checks at max_new_tokens / eos sit out
+                while not self._stop and not self._closing and not self._tasks and all(
+                        not s.runnable() and not s.cancelled for s in self._sessions):
                     self._cond.wait(timeout=1.0)
                 if self._stop:
                     return
@@ -202,19 +287,24 @@ class Replica:
                     self._sessions.remove(s)
                     self._closing.append(s.id)
                     s.closed = True
-                batch = list(self._sessions)
+                batch = [s for s in self._sessions if s.runnable()]
                 closing, self._closing = self._closing, []
-            if not batch:
+                tasks, self._tasks = self._tasks, []
+            if not batch and not tasks:
                 if closing:
                     self._close_idle(closing)
                 continue
             try:
-                self._step(batch, closing, link)
+                self._step(batch, closing, link, tasks)
             except _ReplicaDown as exc:
+                for t in tasks:
+                    t.done(None)
                 self._fail(str(exc))
                 return
             except Exception:  # noqa: BLE001 -- a bug must not kill the loop silently
                 log.exception("replica step crashed model=%s replica=%d", self.model, self.index)
+                for t in tasks:
+                    t.done(None)
                 with self._cond:
                     for s in batch:
                         if s in self._sessions:
@@ -240,6 +330,7 @@ class Replica:
         self._join()
         with self._cond:
             left, self._sessions = self._sessions, []
+        self._drop_tasks()
         log.warning("replica failed model=%s replica=%d sessions=%d reason=%s", self.model, self.index, len(left), reason)
         self._on_failure(self, left, reason)
 
@@ -251,18 +342,27 @@ class Replica:
             except grpc.RpcError:
                 pass  # an unreachable stage frees its caches by timeout
 
-    def _step(self, batch: list[Session], closing: list[str], link: StepLink) -> None:
-        entries = [s.entry() for s in batch]
+    def _step(self, batch: list[Session], closing: list[str], link: StepLink, tasks: list | None = None) -> None:
+        tasks = tasks or []
+        with self._cond:  # a release moves pending tokens to the state meanwhile
+            entries = [s.entry() for s in batch] + [t.entry for t in tasks]
+        # every entry commits while checks are on, so a stage cannot tell which steps are checked
+        commit = [e.session_id for e in entries] if self.verify_prob > 0 or tasks else []
         req = pb.ServeStepRequest(
             model_name=self.model,
             replica=self.index,
             stage=0,
             entries=entries_to_pb(entries, with_tokens=True),
             close_session_ids=closing,
+            commit_session_ids=commit,
         )
         try:
             reply = link.step(req, timeout_s=STEP_TIMEOUT_S)
         except SwarmError as err:
+            for t in tasks:  # void checks; the next step closes their sessions wherever they opened
+                t.done(None)
+            with self._cond:
+                self._closing.extend(t.entry.session_id for t in tasks)
             if isinstance(err, InvalidRequestError) and "replay" in str(err) and self._replays < 2:
                 # a stage lost a session's cache (expired or restarted): replay the batch, twice at most
                 self._replays += 1
@@ -278,20 +378,53 @@ class Replica:
                 raise _ReplicaDown(str(err)) from err
             raise _ReplicaDown(f"{type(err).__name__}: {err}") from err
         self._replays = 0
-        if len(reply.token_ids) != len(batch):
-            raise _ReplicaDown(f"last stage returned {len(reply.token_ids)} tokens for {len(batch)} sessions")
+        if len(reply.token_ids) != len(entries):
+            for t in tasks:
+                t.done(None)
+            raise _ReplicaDown(f"last stage returned {len(reply.token_ids)} tokens for {len(entries)} sessions")
         self.steps += 1
-        for s, e, tok in zip(batch, entries, reply.token_ids):
-            if s.cancelled or s.closed:
-                continue
-            s.kv_pos += e.num_tokens
-            ev: TokenEvent = s.state.push(int(tok))
-            self.tokens += 1
-            s.sink(ev)
-            if ev.finish_reason is not None:
-                s.closed = True
-                self._drop(s)
-                self._on_finish(self, s)
+        commits = commitments_from_pb(reply, commit, len(self.stages)) if commit else {}
+        with self._cond:
+            self._closing.extend(t.entry.session_id for t in tasks)  # temporary sessions
+        for t, tok in zip(tasks, reply.token_ids[len(batch):]):
+            t.done(self._result(commits[t.entry.session_id], int(tok)))
+        checks, out = [], []
+        with self._cond:
+            for s, e, tok in zip(batch, entries, reply.token_ids):
+                if s.cancelled or s.closed:
+                    continue
+                s.kv_pos += e.num_tokens
+                if e.reset:
+                    s.history_checked = True  # the stages' caches of it hold this step only
+                ticket = None
+                if self.verify_prob > 0 and self._rng.random() < self.verify_prob:
+                    ticket = object()  # held, with what follows, until the check passed (Checks.begin)
+                    checks.append((s, ticket, tuple(s.ids()), int(tok), s.history_checked))
+                else:
+                    s.history_checked = False  # later steps ran on caches holding this unchecked one
+                s.pending.append([int(tok), ticket, False])
+                out.append((s, self._flush(s)))
+        for s, ticket, context, tok, fresh in checks:
+            self._checks.begin(self, s, ticket, context=context, token=tok,
+                               result=self._result(commits[s.id], tok, fresh=fresh))
+        for s, events in out:
+            for ev in events:
+                self._deliver(s, ev)
+
+    def _result(self, commits: list, token: int, *, fresh: bool = True) -> ChainResult:
+        return ChainResult(replica=self.index, token=token, fresh=fresh, stages=tuple(
+            StageCommit(node_id=st.node_id, first_layer=st.first_layer, last_layer_excl=st.last_layer_excl,
+                        input=c[0], output=c[1]) for st, c in zip(self.stages, commits)))
+
+    def _deliver(self, s: Session, ev: TokenEvent) -> None:
+        if s.closed:
+            return
+        self.tokens += 1
+        s.sink(ev)
+        if ev.finish_reason is not None:
+            s.closed = True
+            self._drop(s)
+            self._on_finish(self, s)
 
     def _drop(self, s: Session) -> None:
         with self._cond:

@@ -27,7 +27,7 @@ from swarm.transport.inference_shards import serve_shard
 
 from coordinator.credentials import Access
 from coordinator.inference.engine import InferenceEngine
-from coordinator.inference.store import ModelRecord, ModelStore, ServeParams, check_model_name
+from coordinator.inference.store import DEFAULT_VERIFY_PROB, ModelRecord, ModelStore, ServeParams, check_model_name
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ def model_info(engine: InferenceEngine, rec: ModelRecord, access: Access = Acces
     info = pb.ServeModelInfo(
         name=rec.name, digest=rec.digest, state=rec.state, created_at_s=rec.created_at_s,
         size_bytes=rec.size_bytes, error=rec.error, max_seq_len=rec.params.max_seq_len,
+        verify_prob=rec.params.verify_prob,
     )
     try:
         m = engine.get(rec.name)
@@ -50,6 +51,7 @@ def model_info(engine: InferenceEngine, rec: ModelRecord, access: Access = Acces
     info.error = m.error
     info.healthy_replicas, info.requested_replicas = engine.replica_count(m)
     info.healing = m.heal_note if info.healthy_replicas < info.requested_replicas else ""
+    info.num_checks, info.num_check_failures, info.num_checks_void = m.num_checks, m.num_check_failures, m.num_checks_void
     full = access is Access.FULL  # which node holds which layers, and where: read credentials only
     for r in list(m.replicas):
         info.replicas.append(pb.ServeReplicaInfo(
@@ -70,6 +72,7 @@ def params_from_header(h: pb.ServeUploadHeader) -> ServeParams:
         objective=h.objective or "latency",
         hidden_codec=h.hidden_codec or "none",
         dtype=h.dtype or "float32",
+        verify_prob=h.verify_prob if h.HasField("verify_prob") else DEFAULT_VERIFY_PROB,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import shutil
 import threading
@@ -43,6 +44,12 @@ CREATE TABLE IF NOT EXISTS inference_models (
 """
 
 
+# Spot-check 5% of session steps by default: a node altering a fraction P of its steps is caught
+# after about 1 / (0.05 P) of them (20 at P = 1). Cost: one prefill of the context on another
+# chain per 20 session steps (bench/inference_checks.py, docs/benchmarks.md).
+DEFAULT_VERIFY_PROB = 0.05
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServeParams:
     """How a model is served (from `swarm serve` flags)."""
@@ -55,6 +62,7 @@ class ServeParams:
     hidden_codec: str = "none"
     dtype: str = "float32"
     session_timeout_s: float = 120.0
+    verify_prob: float = DEFAULT_VERIFY_PROB  # fraction of session steps spot-checked (0: off)
 
     def __post_init__(self) -> None:
         if self.num_replicas is not None and not 1 <= self.num_replicas <= 64:
@@ -71,6 +79,8 @@ class ServeParams:
             raise InvalidRequestError("--hidden-codec must be none, int8 or auto (int8 on slow links)")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise InvalidRequestError("--dtype must be float32, float16 or bfloat16")
+        if not (math.isfinite(self.verify_prob) and 0.0 <= self.verify_prob <= 1.0):
+            raise InvalidRequestError("--verify-prob must be a fraction in 0..1 (0: no spot checks)")
 
 
 def _params_from_json(text: str) -> ServeParams:

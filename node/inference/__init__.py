@@ -35,6 +35,7 @@ class InferencePlugin(NodePlugin):
             security=host.security,
             identify=host.security.peer_identity,
             confirm_fetch=self._confirm_fetch,
+            faults=host.faults,
         )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -43,7 +43,9 @@ import torch
 
 from swarm.certs import COORDINATOR
 from swarm.errors import InvalidRequestError, NotFoundError, PeerError, PermissionDeniedError, SwarmError
+from swarm.faults import NO_FAULTS, FaultConfig, FaultInjector
 from swarm.inference.stage_runtime import StageRuntime
+from swarm.inference.verify import sketch_rows
 from swarm.model.checkpoint import load_stage
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
@@ -92,13 +94,17 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         security=None,
         identify: Callable[[object], str] | None = None,
         confirm_fetch: Callable[[str, str], bool] | None = None,
+        faults: FaultConfig = NO_FAULTS,
     ) -> None:
         """``confirm`` asks the coordinator whether it issued an assignment and returns the
         chain's step capability (None: not issued). Without ``confirm`` (tests without a
         coordinator) assignments are trusted and stage calls need no capability.
         ``security`` (swarm.transport.tls): channels to peers; ``identify(context)``: the caller
         from its certificate (None: callers are not checked -- tests without a coordinator);
-        ``confirm_fetch(node_id, model)``: whether the coordinator placed that node on that model."""
+        ``confirm_fetch(node_id, model)``: whether the coordinator placed that node on that model.
+        ``faults``: SWARM_FAULT (tests only): ``wrong-tokens=P`` alters the output of a fraction P
+        of the steps this node serves (swarm/faults.py)."""
+        self._faults = FaultInjector(faults) if faults.wrong_tokens > 0 else None
         self.security = security
         self._identify = identify
         self._confirm_fetch = confirm_fetch
@@ -348,17 +354,25 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 boundary=a.stage - 1,
                 replica=a.replica,
             )
+        # entries sampled for a spot check: (entry index, last row of the entry in the packed hidden)
+        committed, ends, off = set(request.commit_session_ids[:len(entries)]), [], 0
+        for i, e in enumerate(entries):
+            off += e.num_tokens
+            if e.session_id in committed:
+                ends.append((i, off - 1))
         t0 = time.perf_counter()
         if a.stage == a.num_stages - 1:
-            tokens = rt.run_and_sample(entries, hidden)
+            logits = self._altered(rt.run(entries, hidden))  # (num_entries, V)
+            tokens = rt.sample(entries, logits)
             compute = time.perf_counter() - t0
             self.steps += 1
             self.tokens += len(tokens)
-            reply = pb.ServeStepReply(token_ids=tokens, compute_s=compute)
+            reply = pb.ServeStepReply(token_ids=tokens, compute_s=compute,
+                                      commitments=self._commitments(a, entries, ends, hidden, logits, last=True))
             if a.stage > 0 and self.traffic is not None:
                 self.traffic.add_sent(reply.ByteSize())
             return reply
-        out = rt.run(entries, hidden)
+        out = self._altered(rt.run(entries, hidden))  # (sum num_tokens, H)
         compute = time.perf_counter() - t0
         nxt = pb.ServeStepRequest(
             model_name=a.model_name,
@@ -370,6 +384,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 boundary=a.stage, replica=a.replica, sender_id=self.node_id,
             ),
             close_session_ids=request.close_session_ids,
+            commit_session_ids=request.commit_session_ids,
         )
         assert loaded.next_stubs is not None
         if self.traffic is not None:
@@ -382,11 +397,29 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             raise
         self.steps += 1
         reply.compute_s += compute
+        reply.commitments.extend(self._commitments(a, entries, ends, hidden, out, last=False))
         if self.traffic is not None:
             self.traffic.add_received(reply.ByteSize())
             if a.stage > 0:
                 self.traffic.add_sent(reply.ByteSize())
         return reply
+
+    def _altered(self, out: torch.Tensor) -> torch.Tensor:
+        """SWARM_FAULT wrong-tokens (tests only): this step's output perturbed, with its probability."""
+        return out if self._faults is None else self._faults.corrupt_hidden(out)
+
+    @staticmethod
+    def _commitments(a: pb.ServeStageAssignment, entries, ends: list[tuple[int, int]], hidden: torch.Tensor | None,
+                     out: torch.Tensor, *, last: bool) -> list[pb.ServeCommitment]:
+        """This stage's commitments (swarm/inference/verify.py) for the sampled entries: sketches of
+        the last position of its input and of its output (logits rows on the last stage)."""
+        if not ends:
+            return []
+        rows = torch.tensor([row for _, row in ends], device=out.device)
+        outs = sketch_rows(out[torch.tensor([i for i, _ in ends], device=out.device)] if last else out[rows])
+        ins = sketch_rows(hidden[rows.to(hidden.device)]) if hidden is not None else [()] * len(ends)
+        return [pb.ServeCommitment(stage=a.stage, session_id=entries[i].session_id, input=inp, output=o)
+                for (i, _), inp, o in zip(ends, ins, outs)]
 
     @grpc_errors
     def CloseSession(self, request: pb.ServeCloseSessionRequest, context) -> pb.ServeCloseSessionReply:

@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
     s.add_argument("--hidden-codec", choices=("none", "int8", "auto"), default="none",
                    help="hidden states between stages: raw, 8-bit, or auto (8-bit on links measured < 100 Mbit/s)")
     s.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="weights on the nodes")
+    s.add_argument("--verify-prob", type=float, default=None,
+                   help="fraction of session steps spot-checked on another replica (docs/security.md); "
+                        "0: off (default 0.05; needs --replicas >= 2)")
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="list served models and where their layers are")
@@ -72,6 +75,10 @@ def _print_model(m) -> None:
           + (f" ({m['error']})" if m.get("error") else ""))
     if m.get("healing"):
         print(f"  healing: {m['healing']}")
+    v = m["verification"]
+    if v["verify_prob"] > 0:
+        print(f"  spot checks: {v['verify_prob']:g} of steps; {v['checks']} done, {v['failed']} disagreed, "
+              f"{v['void']} void (no other chain)")
     for r in m["replicas"]:
         chain = " -> ".join(f"{s['node_id'][:10]}@{s['address']}[{s['first_layer']}:{s['last_layer_excl']})" for s in r["stages"])
         print(f"  replica {r['replica']} ({r['state']}, ~{r['predicted_latency_s'] * 1e3:.2f} ms/token): {chain}")
@@ -97,7 +104,7 @@ def cmd_serve(args) -> int:
         options = ServeOptions(
             num_replicas=args.replicas, num_stages=args.stages, max_seq_len=args.max_seq_len,
             sessions_per_replica=args.sessions, objective=args.objective, hidden_codec=args.hidden_codec,
-            dtype=args.dtype,
+            dtype=args.dtype, verify_prob=args.verify_prob,
         )
         with connect(args) as client:
             info = client.upload_model(model_dir, name=name, options=options, on_bytes=progress)

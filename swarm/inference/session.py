@@ -57,6 +57,10 @@ class GenerationState:
         return self.finish_reason is not None
 
     @property
+    def eos_token_id(self) -> int | None:
+        return self._eos
+
+    @property
     def all_ids(self) -> list[int]:
         """Prompt plus generated tokens: what a replay must prefill."""
         return self.prompt_ids + self.generated

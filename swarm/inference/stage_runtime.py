@@ -312,6 +312,9 @@ class StageRuntime:
         """Last stage: run the step and pick one token per entry with its sampling params."""
         if not self.stage.is_last:
             raise InvalidRequestError("only the last stage samples tokens")
-        logits = self.run(entries, hidden).float().cpu()
+        return self.sample(entries, self.run(entries, hidden))
+
+    def sample(self, entries: list[StepEntry], logits: torch.Tensor) -> list[int]:
+        """One token per entry from the last stage's ``logits`` (num_entries, vocab)."""
         positions = [e.start_position + e.num_tokens for e in entries]
-        return sample_batch(logits, [e.sampling for e in entries], positions)
+        return sample_batch(logits.float().cpu(), [e.sampling for e in entries], positions)

@@ -118,6 +118,10 @@ class ModelRecord:
     healthy_replicas: int = 0  # ready replicas whose nodes are all online
     requested_replicas: int = 0  # the count the coordinator heals back to
     healing: str = ""  # why it is below that count, while the coordinator waits for a spare node
+    verify_prob: float = 0.0  # fraction of session steps spot-checked (0: off)
+    num_checks: int = 0  # spot checks done since the model was placed
+    num_check_failures: int = 0  # of them, the chains disagreed
+    num_checks_void: int = 0  # sampled steps released unchecked (no other chain could replay them)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -126,6 +130,8 @@ class ModelRecord:
             "created_at": self.created_at_s, "error": self.error,
             "replica_count": {"healthy": self.healthy_replicas, "requested": self.requested_replicas},
             "healing": self.healing,
+            "verification": {"verify_prob": self.verify_prob, "checks": self.num_checks,
+                             "failed": self.num_check_failures, "void": self.num_checks_void},
             "replicas": [
                 {"replica": r.replica, "state": r.state, "predicted_latency_s": r.predicted_latency_s,
                  "stages": [{"node_id": s.node_id, "address": s.address, "first_layer": s.first_layer,
@@ -155,6 +161,7 @@ class ServeOptions:
     objective: str = ""
     hidden_codec: str = ""
     dtype: str = ""
+    verify_prob: float | None = None  # fraction of steps spot-checked; None: the coordinator's default
 
 
 # ----------------------------------------------------------------------------- proto -> records
@@ -173,6 +180,8 @@ def model_record(m: ipb.ServeModelInfo) -> ModelRecord:
         name=m.name, family=m.family, num_layers=m.num_layers, digest=m.digest, state=m.state,
         size_bytes=m.size_bytes, max_seq_len=m.max_seq_len, created_at_s=m.created_at_s, error=m.error,
         healthy_replicas=m.healthy_replicas, requested_replicas=m.requested_replicas, healing=m.healing,
+        verify_prob=m.verify_prob, num_checks=m.num_checks, num_check_failures=m.num_check_failures,
+        num_checks_void=m.num_checks_void,
         replicas=tuple(
             ReplicaRecord(replica=r.replica, state=r.state, predicted_latency_s=r.predicted_latency_s,
                           stages=tuple(StageRecord(node_id=s.node_id, address=s.address, first_layer=s.first_layer,
@@ -336,7 +345,7 @@ class CoordinatorClient:
             name=name, files=[transfer_pb.upload_file_to_pb(h) for h in headers],
             num_replicas=options.num_replicas, num_stages=options.num_stages, max_seq_len=options.max_seq_len,
             sessions_per_replica=options.sessions_per_replica, objective=options.objective,
-            hidden_codec=options.hidden_codec, dtype=options.dtype,
+            hidden_codec=options.hidden_codec, dtype=options.dtype, verify_prob=options.verify_prob,
         )
 
         def chunks() -> Iterator[ipb.ServeUploadChunk]:

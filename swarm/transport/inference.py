@@ -169,3 +169,24 @@ def hidden_from_chunks(chunks, *, num_tokens: int, hidden_size: int, boundary: i
         raise InvalidRequestError(f"hidden codec {h.codec!r} unknown; use none or int8")
     wire.check_finite(x, what="hidden states")
     return x
+
+
+def commitments_from_pb(reply: pb.ServeStepReply, session_ids: list[str], num_stages: int
+                        ) -> dict[str, list[tuple[tuple[float, ...], tuple[float, ...]]]]:
+    """The stages' commitments in a step reply (swarm/inference/verify.py), validated: for each
+    of ``session_ids``, (input sketch, output sketch) per stage in order. What a stage did not
+    send, sent twice (the first counts) or sent malformed is ``((), ())``: it cannot pass a check."""
+    from swarm.inference.verify import SKETCH_DIM
+
+    wanted = set(session_ids)
+    out = {sid: [((), ())] * num_stages for sid in session_ids}
+    seen: set[tuple[str, int]] = set()
+    for c in reply.commitments[: len(session_ids) * num_stages]:
+        key = (c.session_id, c.stage)
+        if c.session_id not in wanted or not 0 <= c.stage < num_stages or key in seen:
+            continue
+        seen.add(key)
+        inp = tuple(c.input) if len(c.input) == SKETCH_DIM else ()
+        outp = tuple(c.output) if len(c.output) == SKETCH_DIM else ()
+        out[c.session_id][c.stage] = (inp, outp)
+    return out

@@ -36,7 +36,7 @@ class ServeSessionEntry(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[ServeSamplingSpec, _Mapping]] = ..., reset: _Optional[bool] = ...) -> None: ...
 
 class ServeStepRequest(_message.Message):
-    __slots__ = ("model_name", "replica", "stage", "entries", "hidden", "close_session_ids", "hidden_codec")
+    __slots__ = ("model_name", "replica", "stage", "entries", "hidden", "close_session_ids", "hidden_codec", "commit_session_ids")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class ServeStepRequest(_message.Message):
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     CLOSE_SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_CODEC_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     replica: int
     stage: int
@@ -51,15 +52,30 @@ class ServeStepRequest(_message.Message):
     hidden: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorChunk]
     close_session_ids: _containers.RepeatedScalarFieldContainer[str]
     hidden_codec: str
-    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ServeSessionEntry, _Mapping]]] = ..., hidden: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., close_session_ids: _Optional[_Iterable[str]] = ..., hidden_codec: _Optional[str] = ...) -> None: ...
+    commit_session_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ServeSessionEntry, _Mapping]]] = ..., hidden: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., close_session_ids: _Optional[_Iterable[str]] = ..., hidden_codec: _Optional[str] = ..., commit_session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ServeCommitment(_message.Message):
+    __slots__ = ("stage", "session_id", "input", "output")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    session_id: str
+    input: _containers.RepeatedScalarFieldContainer[float]
+    output: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, stage: _Optional[int] = ..., session_id: _Optional[str] = ..., input: _Optional[_Iterable[float]] = ..., output: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ServeStepReply(_message.Message):
-    __slots__ = ("token_ids", "compute_s")
+    __slots__ = ("token_ids", "compute_s", "commitments")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     compute_s: float
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., compute_s: _Optional[float] = ...) -> None: ...
+    commitments: _containers.RepeatedCompositeFieldContainer[ServeCommitment]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., compute_s: _Optional[float] = ..., commitments: _Optional[_Iterable[_Union[ServeCommitment, _Mapping]]] = ...) -> None: ...
 
 class ServeCloseSessionRequest(_message.Message):
     __slots__ = ("model_name", "replica", "session_ids")
@@ -180,7 +196,7 @@ class ServeShardChunk(_message.Message):
     def __init__(self, tensor_name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., tensor_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., tensor_crc32: _Optional[int] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class ServeUploadHeader(_message.Message):
-    __slots__ = ("name", "num_replicas", "files", "max_seq_len", "sessions_per_replica", "objective", "hidden_codec", "num_stages", "dtype")
+    __slots__ = ("name", "num_replicas", "files", "max_seq_len", "sessions_per_replica", "objective", "hidden_codec", "num_stages", "dtype", "verify_prob")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +206,7 @@ class ServeUploadHeader(_message.Message):
     HIDDEN_CODEC_FIELD_NUMBER: _ClassVar[int]
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_PROB_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_replicas: int
     files: _containers.RepeatedCompositeFieldContainer[ServeUploadFile]
@@ -199,7 +216,8 @@ class ServeUploadHeader(_message.Message):
     hidden_codec: str
     num_stages: int
     dtype: str
-    def __init__(self, name: _Optional[str] = ..., num_replicas: _Optional[int] = ..., files: _Optional[_Iterable[_Union[ServeUploadFile, _Mapping]]] = ..., max_seq_len: _Optional[int] = ..., sessions_per_replica: _Optional[int] = ..., objective: _Optional[str] = ..., hidden_codec: _Optional[str] = ..., num_stages: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+    verify_prob: float
+    def __init__(self, name: _Optional[str] = ..., num_replicas: _Optional[int] = ..., files: _Optional[_Iterable[_Union[ServeUploadFile, _Mapping]]] = ..., max_seq_len: _Optional[int] = ..., sessions_per_replica: _Optional[int] = ..., objective: _Optional[str] = ..., hidden_codec: _Optional[str] = ..., num_stages: _Optional[int] = ..., dtype: _Optional[str] = ..., verify_prob: _Optional[float] = ...) -> None: ...
 
 class ServeUploadFile(_message.Message):
     __slots__ = ("path", "size_bytes", "sha256")
@@ -248,7 +266,7 @@ class ServeReplicaInfo(_message.Message):
     def __init__(self, replica: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[ServeStageInfo, _Mapping]]] = ..., state: _Optional[str] = ..., predicted_latency_s: _Optional[float] = ...) -> None: ...
 
 class ServeModelInfo(_message.Message):
-    __slots__ = ("name", "family", "num_layers", "digest", "state", "replicas", "created_at_s", "size_bytes", "error", "max_seq_len", "healthy_replicas", "requested_replicas", "healing")
+    __slots__ = ("name", "family", "num_layers", "digest", "state", "replicas", "created_at_s", "size_bytes", "error", "max_seq_len", "healthy_replicas", "requested_replicas", "healing", "verify_prob", "num_checks", "num_check_failures", "num_checks_void")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +280,10 @@ class ServeModelInfo(_message.Message):
     HEALTHY_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     HEALING_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_PROB_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHECKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHECK_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHECKS_VOID_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     num_layers: int
@@ -275,7 +297,11 @@ class ServeModelInfo(_message.Message):
     healthy_replicas: int
     requested_replicas: int
     healing: str
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., digest: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ServeReplicaInfo, _Mapping]]] = ..., created_at_s: _Optional[float] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., requested_replicas: _Optional[int] = ..., healing: _Optional[str] = ...) -> None: ...
+    verify_prob: float
+    num_checks: int
+    num_check_failures: int
+    num_checks_void: int
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., digest: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ServeReplicaInfo, _Mapping]]] = ..., created_at_s: _Optional[float] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., requested_replicas: _Optional[int] = ..., healing: _Optional[str] = ..., verify_prob: _Optional[float] = ..., num_checks: _Optional[int] = ..., num_check_failures: _Optional[int] = ..., num_checks_void: _Optional[int] = ...) -> None: ...
 
 class ServeUploadReply(_message.Message):
     __slots__ = ("model",)

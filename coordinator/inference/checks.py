@@ -1,0 +1,174 @@
+"""Spot checks of served chains: replay on another chain, second opinion, quarantine.
+
+Protocol (coordinator side; the commitments and the decision are swarm/inference/verify.py):
+
+- While a model is served with ``--verify-prob`` p > 0, every step asks its chain for
+  commitments of every entry, so a stage cannot tell which of its steps are checked. The
+  replica's driver samples each session's step with probability p (a generator seeded from the
+  OS, unknown to the nodes) and holds that step's token back (:meth:`Checks.begin`).
+- The step's context (prompt + tokens before it) is replayed as a temporary session (an
+  ordinary random id) on another ready chain of the model, riding in that chain's next batch
+  (:class:`CheckTask`). Both chains' commitments and tokens are compared (``agree``).
+- When they disagree, the coordinator recomputes the context from the checkpoint it serves
+  (:class:`Referee`, CPU float32, only on disagreement) and ``resolve`` decides: a node whose
+  own commitment is wrong is quarantined (the registry's state ``quarantined`` with the
+  reason: it gets no new work), a chain judged wrong is failed (its sessions are replayed,
+  prompt + released tokens, on a healthy chain: the client sees a pause), and the held token
+  is released only when the serving chain was right.
+- A session's checks conclude in step order (``_drain``): once one fails, its chain is retired
+  and the later ones are void. A stage after the first is blamed on a step only if every earlier
+  step of the session on that chain was checked (``ChainResult.fresh``): otherwise its cache may
+  hold a wrong input of an unchecked step, and the chain is only retired. Replays are fresh.
+- Without another ready chain (one replica, or the other one busy) the check is void and the
+  token is released unchecked; so is it when the checking chain fails before answering.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from swarm.inference.stage_runtime import StepEntry
+from swarm.inference.verify import ChainResult, Reference, allowed_tokens, agree, resolve, sketch
+from swarm.model.checkpoint import load_stage
+
+log = logging.getLogger(__name__)
+
+MAX_REFEREE_STAGES = 8  # loaded segments the referee keeps (least recently used dropped first)
+_WAITING = object()  # a check slot whose other chain has not answered yet
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckTask:
+    """A replay riding in another chain's next step: ``entry`` is a reset entry of the checked
+    context; ``done`` gets that chain's :class:`ChainResult`, or None when it could not run it."""
+
+    entry: StepEntry
+    done: Callable[[ChainResult | None], None]
+
+
+class Referee:
+    """The second opinion: recomputes a context from the checkpoint, segment by segment between
+    the layer boundaries the disputing chains have. One recomputation at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stages: dict[tuple, torch.nn.Module] = {}
+
+    def _stage(self, directory: Path, digest: str, first: int, last: int, *, num_layers: int):
+        key = (str(directory), digest, first, last)
+        stage = self._stages.pop(key, None)
+        if stage is None:
+            stage = load_stage(directory, first, last, is_first=first == 0, is_last=last == num_layers,
+                               device="cpu", dtype=torch.float32).eval()
+        self._stages[key] = stage  # most recently used last
+        while len(self._stages) > MAX_REFEREE_STAGES:
+            del self._stages[next(iter(self._stages))]
+        return stage
+
+    def reference(self, directory: Path, digest: str, *, num_layers: int, boundaries: set[int],
+                  context: tuple[int, ...], params) -> Reference:
+        """Output sketches at every boundary (and the logits at ``num_layers``) of ``context``."""
+        with self._lock, torch.inference_mode():
+            x = torch.tensor([list(context)], dtype=torch.long)  # (1, T)
+            start, outputs = 0, {}
+            for end in sorted(set(boundaries) | {num_layers}):
+                x = self._stage(directory, digest, start, end, num_layers=num_layers)(x)  # (1, T, H) / (1, T, V)
+                outputs[end] = sketch(x[0, -1])
+                start = end
+            return Reference(outputs=outputs, tokens=allowed_tokens(x[0, -1], params))
+
+
+class Checks:
+    """Spot checks of one engine's chains (``engine``: coordinator.inference.engine.InferenceEngine)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.referee = Referee()
+
+    def begin(self, serving, s, ticket: object, *, context: tuple[int, ...], token: int, result: ChainResult) -> None:
+        """Check a held step of session ``s`` on ``serving`` (a Replica); the token is released
+        (``serving.release``) or withheld when the check ends."""
+        e = self.engine
+        try:
+            m = e.get(serving.model)
+        except Exception:  # noqa: BLE001 -- unserved meanwhile: nothing to check against
+            serving.release(s, ticket)
+            return
+        others = sorted((r for r in list(m.replicas) if r is not serving and r.state == "ready"),
+                        key=lambda r: (r.num_sessions, r.index))
+
+        slot = [serving, ticket, context, token, result, _WAITING]
+
+        def done(other_result: ChainResult | None) -> None:  # on the other chain's driver: hand off
+            slot[5] = other_result
+            e._pool.submit(self._drain, m, s)
+
+        entry = StepEntry(session_id=uuid.uuid4().hex, start_position=0, num_tokens=len(context),
+                          token_ids=context, reset=True, sampling=s.state.params)
+        task = CheckTask(entry=entry, done=done)
+        with s.check_lock:
+            s.check_slots.append(slot)
+        if not any(r.add_check(task) for r in others):
+            done(None)  # nobody to check against: void, released unchecked (in its turn)
+
+    def _drain(self, m, s) -> None:
+        """Conclude the session's checks in step order: a later step's check is judged only after
+        the earlier ones (their failure retires the chain, which voids the later ones)."""
+        retire: list[tuple[object, str]] = []
+        with s.check_lock:
+            while s.check_slots and s.check_slots[0][5] is not _WAITING:
+                serving, ticket, context, token, result, other = s.check_slots.popleft()
+                try:
+                    retire += self._judge(m, serving, s, ticket, context, token, result, other)
+                except Exception:  # noqa: BLE001 -- a bug must not leave the session held forever
+                    log.exception("spot check failed to conclude model=%s replica=%d", m.record.name, serving.index)
+                    retire.append((serving, "internal error in a spot check; see the coordinator's log"))
+                for r, _ in retire:
+                    r.state = "failing"  # not ready: later checks of its steps are void
+        # outside the lock: fail() waits for the chain's driver, which may be queueing a check
+        for r, reason in retire:
+            r.fail(reason)  # its sessions fail over, with what they held dropped
+
+    def _judge(self, m, serving, s, ticket, context, token, result: ChainResult, other: ChainResult | None
+               ) -> list[tuple[object, str]]:
+        """Conclude one check; returns the chains to fail, with the reason."""
+        e = self.engine
+        if serving.state != "ready" or s.replica is not serving:
+            return []  # the chain failed or the session moved: what it held is dropped, the replay recomputes it
+        if other is None:
+            with e._lock:
+                m.num_checks_void += 1
+            serving.release(s, ticket)
+            return []
+        ref = None
+        if not agree(result, other):
+            chains = [r for r in list(m.replicas) if r.index in (result.replica, other.replica)]
+            bounds = {st.last_layer_excl for r in chains for st in r.stages}
+            bounds |= {st.last_layer_excl for st in result.stages + other.stages}
+            try:
+                ref = self.referee.reference(m.record.dir, m.record.digest, num_layers=m.config.num_layers,
+                                             boundaries=bounds, context=context, params=s.state.params)
+            except Exception:  # noqa: BLE001 -- no second opinion: resolve retires the serving chain
+                log.exception("the referee could not recompute model=%s", m.record.name)
+        outcome = resolve(result, other, ref)
+        with e._lock:
+            m.num_checks += 1
+            m.num_check_failures += outcome.disputed
+        if outcome.disputed:
+            log.warning("spot check disagreement model=%s replicas=%d,%d: %s", m.record.name, result.replica,
+                        other.replica, outcome.reason)
+        for node_id, reason in outcome.quarantine:
+            if e.app.registry.quarantine(node_id, reason):
+                log.warning("quarantined node=%s model=%s: %s", node_id[:12], m.record.name, reason)
+            e.suspect(node_id)
+        if outcome.release:
+            serving.release(s, ticket)
+        return [(r, f"spot check: {outcome.reason}") for r in list(m.replicas)
+                if r.index in outcome.retire and r.state == "ready"]

@@ -1,0 +1,229 @@
+"""Spot checks of inference steps: commitments and the decision (docs/security.md, "Verification").
+
+Protocol (the coordinator's side is coordinator/inference/checks.py):
+
+- For a sampled entry of a step (a session's step, chosen with probability ``--verify-prob``)
+  the coordinator asks the chain to commit (``commit_session_ids``): every stage returns
+  :func:`sketch` of the last position of the hidden state it received (``input``, a witness of
+  the previous stage's output) and of what it output (hidden state sent on; logits on the last
+  stage). A sketch is ``SKETCH_DIM`` float32 values, 256 bytes per stage and entry for both.
+- The same context (prompt + tokens so far) is replayed as a temporary session on another ready
+  chain of the model, with the same request; :func:`agree` compares the two chains at every layer
+  boundary both have and their tokens. The token of a checked step reaches the client only
+  after the check passed.
+- When they disagree, the second opinion is the coordinator's recomputation from the checkpoint
+  it holds (:class:`Reference`); :func:`judge` weighs each chain against it, stage by stage, and
+  :func:`resolve` says what to do: release the token or not, whom to quarantine, which chains
+  to retire (their sessions are replayed elsewhere).
+
+Pure apart from :func:`sketch` (torch); everything the decision needs is in frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+
+SKETCH_DIM = 32  # the relative distance estimate spreads by about sqrt(2 / 32) = 25%
+# Relative L2 distance an honest recomputation may show: the training spot checks' output
+# tolerance (node/training/spotcheck.py, TOLERANCE["output"], chosen from measured honest
+# differences: CPU fp32 < 1e-5; a tensor perturbed by noise of its own scale, as SWARM_FAULT
+# does, shows ~1-1.4). Serving in bf16 / through the int8 hidden codec adds ~1e-2 (one rounding
+# per layer, and 8-bit rounding of the hop), still a tenth of it; the sketch's 25% spread does
+# not bring either side near it.
+TOLERANCE = 0.1
+# A token that differs from the recomputation's is wrong only when its recomputed logit is more
+# than this many logit RMS below the chosen token's: an honest relative error up to TOLERANCE
+# moves a logit by about TOLERANCE x RMS, so near-ties may flip honestly.
+TOKEN_SLACK_RMS = 2 * TOLERANCE
+
+_SKETCH_SEED = 0x70C10C
+_maps: dict[tuple[int, str], torch.Tensor] = {}
+_maps_lock = threading.Lock()
+
+
+def _projection(dim: int, device: torch.device) -> torch.Tensor:
+    key = (dim, str(device))
+    with _maps_lock:
+        p = _maps.get(key)
+        if p is None:
+            g = torch.Generator().manual_seed(_SKETCH_SEED + dim)
+            p = (torch.randn(dim, SKETCH_DIM, generator=g) / math.sqrt(SKETCH_DIM)).to(device)
+            _maps[key] = p
+        return p
+
+
+def sketch(x: torch.Tensor) -> tuple[float, ...]:
+    """A Gaussian projection of the vector ``x`` (D,) to SKETCH_DIM values: the same on every
+    node for the same D (fixed seed); distances between sketches estimate distances between
+    vectors (Johnson-Lindenstrauss)."""
+    x = x.detach().reshape(-1).float()
+    return tuple(float(v) for v in (x @ _projection(x.numel(), x.device)).cpu())
+
+
+def sketch_rows(x: torch.Tensor) -> list[tuple[float, ...]]:
+    """:func:`sketch` of every row of ``x`` (n, D), in one product and one copy to the host."""
+    if x.shape[0] == 0:
+        return []
+    x = x.detach().float()
+    return [tuple(row) for row in (x @ _projection(x.shape[1], x.device)).cpu().tolist()]
+
+
+def distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Relative L2 distance ||a - b|| / ||b|| of two sketches; inf when either is missing or not
+    finite (a stage that does not commit cannot pass)."""
+    if len(a) != SKETCH_DIM or len(b) != SKETCH_DIM or not all(map(math.isfinite, a + b)):
+        return math.inf
+    num = math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)))
+    den = math.sqrt(sum(y * y for y in b))
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def allowed_tokens(logits: torch.Tensor, params) -> frozenset[int]:
+    """Tokens an honest chain may return for these recomputed ``logits`` (V,) and sampling
+    ``params`` (swarm.inference.params.SamplingParams): greedy, those within TOKEN_SLACK_RMS
+    logit RMS of the top one; sampled, any token the filters keep (a draw cannot be judged)."""
+    x = logits.detach().float().reshape(-1)
+    if params.greedy:
+        rms = float(x.pow(2).mean().sqrt())
+        keep = x >= x.max() - TOKEN_SLACK_RMS * rms
+    else:
+        from swarm.inference.sampling import filtered_logits
+
+        keep = torch.isfinite(filtered_logits(x, params))
+    return frozenset(int(i) for i in torch.nonzero(keep).reshape(-1).tolist())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageCommit:
+    """What one stage of a chain committed to for a checked entry."""
+
+    node_id: str
+    first_layer: int
+    last_layer_excl: int
+    input: tuple[float, ...] = ()  # () on the first stage, or when the stage sent none
+    output: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChainResult:
+    """One chain's answer for a checked entry: its stages' commitments (in order) and its token."""
+
+    replica: int
+    stages: tuple[StageCommit, ...]
+    token: int
+    # every earlier step of the session on this chain was checked and passed (or there was none):
+    # the stages' caches hold only verified inputs. Otherwise a stage after the first may be wrong
+    # because of an input it received at an unchecked step, and it is not blamed.
+    fresh: bool = True
+
+    def outputs(self) -> dict[int, tuple[float, ...]]:
+        """Output sketch per layer boundary (the layer index the stage ends at)."""
+        return {s.last_layer_excl: s.output for s in self.stages}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reference:
+    """The coordinator's recomputation: output sketches per layer boundary (the last boundary,
+    the number of layers, holds the logits) and the tokens an honest chain may return."""
+
+    outputs: dict[int, tuple[float, ...]]
+    tokens: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Judgement:
+    ok: bool
+    guilty: str | None = None  # node id whose own commitment is wrong
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """What to do after a check. ``release``: give the serving chain's token to the client;
+    ``quarantine``: (node id, reason); ``retire``: replica indexes to fail over."""
+
+    release: bool
+    quarantine: tuple[tuple[str, str], ...] = ()
+    retire: tuple[int, ...] = ()
+    reason: str = ""
+    disputed: bool = False  # the chains disagreed (a second opinion was needed)
+
+
+def consistent(chain: ChainResult) -> bool:
+    """Whether every stage received (within TOLERANCE) what the stage before it committed to sending."""
+    return all(distance(st.input, prev.output) <= TOLERANCE for prev, st in zip(chain.stages, chain.stages[1:]))
+
+
+def agree(serving: ChainResult, checker: ChainResult) -> bool:
+    """Whether two consistent chains gave the same token and outputs within TOLERANCE at every
+    layer boundary both have (their layer splits may differ)."""
+    if serving.token != checker.token or not consistent(serving) or not consistent(checker):
+        return False
+    a, b = serving.outputs(), checker.outputs()
+    shared = set(a) & set(b)
+    return bool(shared) and all(distance(a[k], b[k]) <= TOLERANCE for k in shared)
+
+
+def judge(chain: ChainResult, ref: Reference) -> Judgement:
+    """Weigh one chain against the recomputation, stage by stage. The first stage whose own
+    output commitment is beyond TOLERANCE is guilty. A stage whose *input* differs while the
+    previous stage's output commitment matched means one of the two lies about the hop: nobody
+    can be blamed (ok False, guilty None). A wrong token with right logits blames the last stage.
+    A stage after the first of a chain that is not ``fresh`` is not blamed (ok False, guilty None)."""
+    prev: StageCommit | None = None
+    for k, st in enumerate(chain.stages):
+        if prev is not None:
+            want = ref.outputs.get(prev.last_layer_excl, ())
+            d = distance(st.input, want)
+            if d > TOLERANCE:
+                return Judgement(ok=False, reason=(
+                    f"replica {chain.replica}: stage {k} received a hidden state {d:.3g} (relative L2) away from "
+                    f"what stage {k - 1} committed to sending; one of nodes {prev.node_id[:12]}, {st.node_id[:12]} lies"))
+        d = distance(st.output, ref.outputs.get(st.last_layer_excl, ()))
+        if d > TOLERANCE and k > 0 and not chain.fresh:
+            return Judgement(ok=False, reason=(
+                f"replica {chain.replica}: stage {k} output {d:.3g} (relative L2) away from the recomputation, from "
+                "a right input, but its cache holds inputs of unchecked steps: not blamed"))
+        if d > TOLERANCE:
+            return Judgement(ok=False, guilty=st.node_id, reason=(
+                f"inference spot check: stage {k} (layers {st.first_layer}-{st.last_layer_excl}) of replica "
+                f"{chain.replica} output {d:.3g} relative L2 away from the recomputation (tolerance {TOLERANCE:g})"))
+        prev = st
+    if chain.token not in ref.tokens:
+        last = chain.stages[-1]
+        return Judgement(ok=False, guilty=last.node_id, reason=(
+            f"inference spot check: last stage of replica {chain.replica} returned token {chain.token}, "
+            f"which the recomputation rules out ({sorted(ref.tokens)[:4]} allowed)"))
+    return Judgement(ok=True)
+
+
+def resolve(serving: ChainResult, checker: ChainResult | None, ref: Reference | None) -> Outcome:
+    """The decision after a check. ``checker`` None: no other chain could replay it (void:
+    released unchecked). ``ref`` None while the chains agree (no second opinion needed); when
+    they disagree and no recomputation was possible, the serving chain is retired (its token
+    withheld, the session replayed elsewhere) and nobody is quarantined."""
+    if checker is None:
+        return Outcome(release=True, reason="no other chain to check against")
+    if agree(serving, checker):
+        return Outcome(release=True)
+    if ref is None:
+        return Outcome(release=False, retire=(serving.replica,), disputed=True,
+                       reason="chains disagree and no recomputation was possible")
+    quarantine, retire, reasons = [], [], []
+    release = True
+    for chain in (serving, checker):
+        j = judge(chain, ref)
+        if j.ok:
+            continue
+        retire.append(chain.replica)
+        reasons.append(j.reason)
+        if j.guilty is not None:
+            quarantine.append((j.guilty, j.reason))
+        if chain is serving:
+            release = False
+    return Outcome(release=release, quarantine=tuple(quarantine), retire=tuple(retire), disputed=True,
+                   reason="; ".join(reasons) or "chains disagreed; the recomputation agrees with both")
