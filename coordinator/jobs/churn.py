@@ -132,3 +132,41 @@ def growth_target(*, current: int, requested: int, stages: int, idle_nodes: int,
     fits = [k for k in replica_counts(requested, batch_size, micro_batch_size)
             if current < k and (k - current) * stages <= idle_nodes]
     return max(fits) if fits else None
+
+
+def state_sources(*, old: list[dict[str, Any]], new: list[dict[str, Any]], copies: dict[int, dict[str, Any]],
+                  step: int) -> list[dict[str, Any] | None]:
+    """Where each worker of a fence's re-plan (``new``, in order) copies its stage's state at the
+    switch ``step`` from, peer to peer; None: from the coordinator.
+
+    ``copies``: stage -> ``{"replica", "weights_sha256", "optimizer_sha256"}`` of the checkpoint
+    copy the coordinator resumes that stage from (the old attempt's worker that uploaded it).
+    The source of stage ``s`` is the node of that worker when it holds stage ``s`` in the new
+    plan too, with the same layers as before, and every new worker of stage ``s`` has those
+    layers (a different split needs the coordinator's re-assembled model); it loads its own copy
+    from disk, the others fetch it from it. Without the optimizer's hash (an old node's
+    checkpoint) there is nothing to verify a copy against: None."""
+    out: list[dict[str, Any] | None] = []
+    for a in new:
+        c = copies.get(a["stage"])
+        src_old = next((o for o in old if c and o["stage"] == a["stage"] and o["replica"] == c["replica"]), None)
+        src_new = next((n for n in new if src_old and n["node_id"] == src_old["node_id"]
+                        and n["stage"] == a["stage"]), None)
+        layers = lambda x: (x["first_layer"], x["last_layer_excl"])  # noqa: E731
+        same_split = src_new is not None and all(layers(n) == layers(src_old) for n in new if n["stage"] == a["stage"])
+        if not (same_split and c.get("weights_sha256") and c.get("optimizer_sha256")):
+            out.append(None)
+            continue
+        out.append({"node_id": src_new["node_id"], "address": src_new["address"], "step": int(step),
+                    "weights_sha256": c["weights_sha256"], "optimizer_sha256": c["optimizer_sha256"]})
+    return out
+
+
+def summarize_state_from(reports: dict[str, tuple[str, int]], added_keys: list[str]) -> tuple[str, int]:
+    """``("peer"|"coordinator", bytes)`` for the ``replica_added`` event: "peer" when every added
+    worker (``"stage:replica"`` keys) copied its state from a live replica, else "coordinator";
+    bytes: what the added workers copied over the network. ``reports``: key -> (state_from, bytes)
+    from their ``ready`` reports."""
+    got = [reports.get(k, ("coordinator", 0)) for k in added_keys]
+    source = "peer" if got and all(s == "peer" for s, _ in got) else "coordinator"
+    return source, sum(int(b) for _, b in got)

@@ -25,7 +25,7 @@ from swarm.job_detail import JobDetail
 from swarm.job_spec import MAX_STEPS, JobSpec
 from swarm.model.config import ModelConfig
 from swarm.pipeline.data import BatchOrder
-from swarm.transport.transfer import receive_files
+from swarm.transport.transfer import receive_files, sha256_file
 
 from coordinator.jobs import churn, files
 from coordinator.jobs.planning import JobPlan, busy_node_ids, check_layers, check_shape, nodes_needed, plan_job
@@ -77,6 +77,10 @@ class JobService:
         self.judge = Judge()  # spot checks and blame (coordinator/jobs/spotchecks.py)
         self._first_bad: dict[str, int] = {}  # job id -> first step a spot check found wrong
         self._grow_tried: dict[str, float] = {}  # job id -> when it last tried to grow back to --replicas
+        # (job, attempt) of a growth re-plan -> its replica_added event, recorded once the start fence
+        # passes (then every worker said where its state came from: churn.summarize_state_from)
+        self._adding: dict[tuple[str, int], dict[str, Any]] = {}
+        self._state_from: dict[tuple[str, int], dict[str, tuple[str, int]]] = {}
 
     # -- loop ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -435,6 +439,10 @@ class JobService:
             self._recover(job, f"cannot re-plan after the fence ({exc})")
             return
         optim = "with its optimizer state" if has_optim else "optimizer state restarts"
+        sources = churn.state_sources(old=job.assignments, new=jp.assignments, copies=self._state_copies(job, step),
+                                      step=step)
+        for a, src in zip(jp.assignments, sources):
+            a["state_source"] = src  # peer to peer, verified against the hashes of the copy (node/training/state_copy.py)
         nodes = len({a["node_id"] for a in jp.assignments})
         before = {a["node_id"] for a in job.assignments}
         added = sorted({a["node_id"] for a in jp.assignments} - before)
@@ -442,18 +450,51 @@ class JobService:
         why = ("adding replica(s) on idle nodes" if grew else
                "a growth fence whose idle nodes left before the switch step" if fence.get("grow_to") else
                "losing replica(s)")
+        key = (job.id, job.attempt + 1)
+        if grew:  # recorded when the new attempt starts: then its workers said where their state came from
+            with self._lock:
+                self._adding[key] = {"added": added, "num_replicas": jp.plan.d_dp, "resume_step": step,
+                                     "attempt": job.attempt + 1, "optim": optim,
+                                     "keys": sorted(churn.key(a["stage"], a["replica"]) for a in jp.assignments
+                                                    if a["node_id"] in added)}
         if self.store.replan(job.id, plan=jp.plan.to_json(), assignments=jp.assignments, attempt=job.attempt + 1,
                              resume_step=step, expect_attempt=job.attempt,
                              reason=f"re-planned without rollback after {why}: continuing at step "
-                                    f"{step} ({optim})") is not None:
-            if grew:
-                self.store.add_event(job.id, "replica_added", f"{len(added)} idle node(s) join as new replica(s): "
-                                     f"{jp.plan.d_dp} replica(s) from step {step}, starting from its checkpoint "
-                                     f"({optim}), no rollback", added=added, num_replicas=jp.plan.d_dp,
-                                     resume_step=step, attempt=job.attempt + 1)
+                                    f"{step} ({optim})") is None:
+            self._adding.pop(key, None)
+        else:
             self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on {nodes} node(s): "
                                  f"{jp.plan.d_dp} replica(s) carry the whole batch from step {step}, no rollback",
                                  attempt=job.attempt + 1, resume_step=step, fence=True, num_replicas=jp.plan.d_dp)
+
+    def _state_copies(self, job: Job, step: int) -> dict[int, dict[str, Any]]:
+        """stage -> the replica whose checkpoint copy at ``step`` the job resumes from, with the
+        SHA-256 of its weights and optimizer files (what a peer-to-peer copy must match)."""
+        by_dir = {c["dir"]: c["replica"] for c in self.store.checkpoints(job.id) if c["step"] == step}
+        out: dict[int, dict[str, Any]] = {}
+        for stage, d in self._full_checkpoints(job).get(step, {}).items():
+            w, o = d / "weights.safetensors", d / files.OPTIMIZER_FILE
+            if str(d) in by_dir and w.is_file() and o.is_file():
+                out[stage] = {"replica": by_dir[str(d)], "weights_sha256": sha256_file(w),
+                              "optimizer_sha256": sha256_file(o)}
+        return out
+
+    def _replica_added(self, job: Job) -> None:
+        """The growth re-plan's attempt started: its ``replica_added`` event, with where the new
+        replicas' state came from (``state_from``: "peer" | "coordinator") and the bytes copied."""
+        add = self._adding.pop((job.id, job.attempt), None)
+        reports = self._state_from.pop((job.id, job.attempt), {})
+        if add is None:
+            return
+        source, num_bytes = churn.summarize_state_from(reports, add["keys"])
+        per_worker = [{"worker": k, "state_from": reports.get(k, ("coordinator", 0))[0],
+                       "bytes": reports.get(k, ("coordinator", 0))[1]} for k in add["keys"]]
+        where = "copied from a live replica, hash-checked" if source == "peer" else "from the coordinator's checkpoint"
+        self.store.add_event(job.id, "replica_added", f"{len(add['added'])} idle node(s) joined as new replica(s): "
+                             f"{add['num_replicas']} replica(s) from step {add['resume_step']}, weights and optimizer "
+                             f"state {where} ({num_bytes} bytes; {add['optim']}), no rollback", added=add["added"],
+                             num_replicas=add["num_replicas"], resume_step=add["resume_step"], attempt=add["attempt"],
+                             state_from=source, state_bytes=num_bytes, state_sources=per_worker)
 
     def last_complete_checkpoint(self, job: Job, *, at_most: int | None = None) -> int | None:
         """The latest step (at most ``at_most``) for which every stage's checkpoint copy reached the
@@ -626,6 +667,10 @@ class JobService:
         if job.fence is not None and churn.key(a["stage"], a["replica"]) not in job.fence["workers"]:
             return Ack(stop=True, reason="this replica was dropped (its pipeline lost a node)")
         if r["state"] == "ready":
+            if r.get("state_from"):
+                with self._lock:
+                    self._state_from.setdefault((job.id, job.attempt), {})[churn.key(a["stage"], a["replica"])] = (
+                        r["state_from"], r["state_bytes"])
             return Ack(start=self._on_ready(job, a))
         if r["state"] in ("fence", "fenced"):
             return self._on_fence_report(job, a, r)
@@ -663,6 +708,7 @@ class JobService:
                 return False
             self.store.set_started(job.id, job.attempt)
             self._ready.pop((job.id, job.attempt), None)
+            self._replica_added(job)
         log.info("attempt started job=%s attempt=%d (every worker acknowledged it)", job.id, job.attempt)
         return True
 
