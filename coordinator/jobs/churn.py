@@ -135,31 +135,45 @@ def growth_target(*, current: int, requested: int, stages: int, idle_nodes: int,
 
 
 def state_sources(*, old: list[dict[str, Any]], new: list[dict[str, Any]], copies: dict[int, dict[str, Any]],
-                  step: int) -> list[dict[str, Any] | None]:
+                  step: int) -> tuple[list[dict[str, Any] | None], list[list[dict[str, Any]]]]:
     """Where each worker of a fence's re-plan (``new``, in order) copies its stage's state at the
-    switch ``step`` from, peer to peer; None: from the coordinator.
+    switch ``step`` from, peer to peer, and what each one serves to whom.
 
     ``copies``: stage -> ``{"replica", "weights_sha256", "optimizer_sha256"}`` of the checkpoint
-    copy the coordinator resumes that stage from (the old attempt's worker that uploaded it).
-    The source of stage ``s`` is the node of that worker when it holds stage ``s`` in the new
-    plan too, with the same layers as before, and every new worker of stage ``s`` has those
-    layers (a different split needs the coordinator's re-assembled model); it loads its own copy
-    from disk, the others fetch it from it. Without the optimizer's hash (an old node's
-    checkpoint) there is nothing to verify a copy against: None."""
-    out: list[dict[str, Any] | None] = []
+    copy the coordinator holds for that stage of the old attempt (``old``). A new worker's source
+    is the node of an old worker whose copy that is, holding the same layers, and which has a
+    place in the new plan (any stage: the planner does not keep nodes in place; its peer server
+    serves the files it saved). Preference: the worker's own node (it loads its own files), else
+    the first such node. Without one, or without the optimizer's hash (an old node's checkpoint:
+    nothing to verify a copy against), None: from the coordinator.
+
+    Returns (sources, serves): ``sources[i]`` for ``new[i]`` (``{"node_id", "address", "stage",
+    "step", "weights_sha256", "optimizer_sha256"}`` or None); ``serves[i]`` what ``new[i]``'s
+    node may send (``[{"stage", "step", "node_ids"}]``, the same on each of its assignments)."""
+    layers = lambda x: (x["first_layer"], x["last_layer_excl"])  # noqa: E731
+    address = {a["node_id"]: a["address"] for a in new}
+    holders = []  # (old worker, its copy's hashes) whose node is in the new plan
+    for s, c in sorted(copies.items()):
+        o = next((o for o in old if o["stage"] == s and o["replica"] == c["replica"]), None)
+        if o is not None and o["node_id"] in address and c.get("weights_sha256") and c.get("optimizer_sha256"):
+            holders.append((o, c))
+    sources: list[dict[str, Any] | None] = []
+    to: dict[tuple[str, int], list[str]] = {}  # (source node, old stage) -> nodes copying from it
     for a in new:
-        c = copies.get(a["stage"])
-        src_old = next((o for o in old if c and o["stage"] == a["stage"] and o["replica"] == c["replica"]), None)
-        src_new = next((n for n in new if src_old and n["node_id"] == src_old["node_id"]
-                        and n["stage"] == a["stage"]), None)
-        layers = lambda x: (x["first_layer"], x["last_layer_excl"])  # noqa: E731
-        same_split = src_new is not None and all(layers(n) == layers(src_old) for n in new if n["stage"] == a["stage"])
-        if not (same_split and c.get("weights_sha256") and c.get("optimizer_sha256")):
-            out.append(None)
+        fit = [(o, c) for o, c in holders if layers(o) == layers(a)]
+        fit.sort(key=lambda oc: oc[0]["node_id"] != a["node_id"])  # our own copy first
+        if not fit:
+            sources.append(None)
             continue
-        out.append({"node_id": src_new["node_id"], "address": src_new["address"], "step": int(step),
-                    "weights_sha256": c["weights_sha256"], "optimizer_sha256": c["optimizer_sha256"]})
-    return out
+        o, c = fit[0]
+        sources.append({"node_id": o["node_id"], "address": address[o["node_id"]], "stage": o["stage"],
+                        "step": int(step), "weights_sha256": c["weights_sha256"],
+                        "optimizer_sha256": c["optimizer_sha256"]})
+        if o["node_id"] != a["node_id"]:
+            to.setdefault((o["node_id"], o["stage"]), []).append(a["node_id"])
+    serves = [[{"stage": s, "step": int(step), "node_ids": sorted(ids)} for (n, s), ids in sorted(to.items())
+               if n == a["node_id"]] for a in new]
+    return sources, serves
 
 
 def summarize_state_from(reports: dict[str, tuple[str, int]], added_keys: list[str]) -> tuple[str, int]:

@@ -439,10 +439,11 @@ class JobService:
             self._recover(job, f"cannot re-plan after the fence ({exc})")
             return
         optim = "with its optimizer state" if has_optim else "optimizer state restarts"
-        sources = churn.state_sources(old=job.assignments, new=jp.assignments, copies=self._state_copies(job, step),
-                                      step=step)
-        for a, src in zip(jp.assignments, sources):
-            a["state_source"] = src  # peer to peer, verified against the hashes of the copy (node/training/state_copy.py)
+        sources, serves = churn.state_sources(old=job.assignments, new=jp.assignments,
+                                              copies=self._state_copies(job, step), step=step)
+        for a, src, serve in zip(jp.assignments, sources, serves):
+            # peer to peer, verified against the hashes of the copy (node/training/state_copy.py)
+            a["state_source"], a["state_serves"] = src, serve
         nodes = len({a["node_id"] for a in jp.assignments})
         before = {a["node_id"] for a in job.assignments}
         added = sorted({a["node_id"] for a in jp.assignments} - before)

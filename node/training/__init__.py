@@ -66,10 +66,9 @@ class TrainingPlugin(NodePlugin):
         pb_grpc.add_PipelinePeerServicer_to_server(peer, server)
         server.add_generic_rpc_handlers((peer.stream_receiver().handler(),))  # persistent tensor streams
 
-    def _assignment_of(self, job_id: str, stage: int) -> Assignment | None:
-        """This node's newest running assignment of ``stage`` of ``job_id`` (for FetchStageState)."""
-        mine = [w.a for w in list(self.workers.values())
-                if w.a.job_id == job_id and w.a.stage == stage and not w.stop_event.is_set()]
+    def _assignment_of(self, job_id: str) -> Assignment | None:
+        """This node's newest running assignment of ``job_id`` (for FetchStageState)."""
+        mine = [w.a for w in list(self.workers.values()) if w.a.job_id == job_id and not w.stop_event.is_set()]
         return max(mine, key=lambda a: a.attempt) if mine else None
 
     def start(self) -> None:

@@ -23,10 +23,12 @@ class Peer:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StateSource:
-    """Where a re-planned worker copies its stage's state at ``step`` from, and the SHA-256 (hex)
-    of the files the coordinator holds from that worker: a copy must match them."""
+    """Where a re-planned worker copies its stage's state at ``step`` from (the ``peer`` saved it
+    as ``stage`` of the attempt that fenced), and the SHA-256 (hex) of the files the coordinator
+    holds from that worker: a copy must match them."""
 
     peer: Peer
+    stage: int
     step: int
     weights_sha256: str
     optimizer_sha256: str
@@ -41,6 +43,15 @@ class StateSource:
     def hashes(self) -> dict[str, str]:
         """file name -> SHA-256 the copy must have (the files of node/training/checkpoints.py)."""
         return {"weights.safetensors": self.weights_sha256, "optimizer.safetensors": self.optimizer_sha256}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateServe:
+    """This node's saved state of ``stage`` at ``step`` may be sent to ``node_ids`` (and only them)."""
+
+    stage: int
+    step: int
+    node_ids: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,6 +76,7 @@ class Assignment:
     switch_step: int = 0  # the fence's switch step, 0 until decided
     verify_json: str = ""  # spot checks: node/training/spotcheck.py VerifyPlan.from_json
     state_source: StateSource | None = None  # a fence's re-plan: copy the state at resume_step from this peer
+    state_serves: tuple[StateServe, ...] = ()  # ... and what this node sends to the workers copying from it
 
     def __post_init__(self) -> None:
         if not (0 <= self.stage < self.num_stages and 0 <= self.replica < self.num_replicas):
@@ -103,8 +115,11 @@ class Assignment:
             spec=job_spec_from_pb(m.spec), model_config=json.loads(m.model_config_json), num_samples=m.num_samples,
             dataset_key=m.dataset_key, resume_step=m.resume_step, fence=m.fence, switch_step=m.switch_step,
             verify_json=m.verify_json,
-            state_source=StateSource(peer=peer(m.state_source.peer, True), step=m.state_source.step,
+            state_source=StateSource(peer=peer(m.state_source.peer, True), stage=m.state_source.stage,
+                                     step=m.state_source.step,
                                      weights_sha256=m.state_source.weights_sha256,
                                      optimizer_sha256=m.state_source.optimizer_sha256)
             if m.HasField("state_source") else None,
+            state_serves=tuple(StateServe(stage=s.stage, step=s.step, node_ids=frozenset(s.node_ids))
+                               for s in m.state_serves[:64]),
         )

@@ -113,7 +113,7 @@ def fetch_from_peer(a: Assignment, *, security, dest: Path, timeout_s: float) ->
     expected = src.hashes
     limits = transfer.TransferLimits(max_file_bytes=MAX_STATE_BYTES, max_total_bytes=MAX_STATE_BYTES,
                                      max_files=len(STATE_FILES))
-    req = pb.FetchStageStateRequest(job_id=a.job_id, stage=a.stage, attempt=a.attempt)
+    req = pb.FetchStageStateRequest(job_id=a.job_id, stage=src.stage, attempt=a.attempt)
     deadline = time.monotonic() + timeout_s
     channel = data_channel(src.peer.address, security=security, node_id=src.peer.node_id)
     try:
@@ -152,7 +152,7 @@ def obtain_stage_state(a: Assignment, *, node_id: str, state_dir: Path, security
     the module docstring); a failed or refused local/peer copy falls back to the coordinator."""
     if a.state_source is None or a.resume_step == 0:
         return from_coordinator()
-    d = local_state_dir(state_dir, a.job_id, a.stage, a.resume_step)
+    d = local_state_dir(state_dir, a.job_id, a.state_source.stage, a.resume_step)
     choice = choose_source(a, node_id=node_id, local_hashes=file_hashes(d) if d is not None else None)
     try:
         if choice == "local":
@@ -182,33 +182,28 @@ def obtain_stage_state(a: Assignment, *, node_id: str, state_dir: Path, security
 class StateServer:
     """The source's side of ``FetchStageState``: which files to send to whom.
 
-    ``assignment_of(job_id, stage)``: this node's current assignment of that stage of the job
-    (None when it holds none), as the coordinator last sent it."""
+    ``assignment_of(job_id)``: this node's newest running assignment of the job (None when it
+    holds none), as the coordinator last sent it; its ``state_serves`` say what may go to whom."""
 
-    def __init__(self, *, node_id: str, state_dir: Path,
-                 assignment_of: Callable[[str, int], Assignment | None]) -> None:
+    def __init__(self, *, node_id: str, state_dir: Path, assignment_of: Callable[[str], Assignment | None]) -> None:
         self.node_id = node_id
         self.state_dir = Path(state_dir)
         self.assignment_of = assignment_of
 
     def files(self, caller: str, job_id: str, stage: int, attempt: int) -> list[tuple[str, Path]]:
-        """(name, path) of the state to send ``caller``; raises PermissionDeniedError for a caller
-        the coordinator did not assign to the stage, UnavailableError while this node has not
-        switched to ``attempt``, NotFoundError when it is not the stage's source or lacks the files."""
-        a = self.assignment_of(job_id, stage)
+        """(name, path) of this node's state of ``stage`` (as saved at the fence) to send ``caller``.
+        Raises UnavailableError while this node has not switched to ``attempt``,
+        PermissionDeniedError for a caller the coordinator did not send here for that state,
+        NotFoundError when the files are gone."""
+        a = self.assignment_of(job_id)
         if a is None or a.attempt < attempt:
-            raise UnavailableError(f"node {self.node_id[:12]} holds no stage {stage} of job {job_id} at attempt "
-                                   f"{attempt} yet; retry")
+            raise UnavailableError(f"node {self.node_id[:12]} runs no attempt {attempt} of job {job_id} yet; retry")
         if a.attempt > attempt:
             raise PermissionDeniedError(f"attempt {attempt} of job {job_id} is over (this node is at {a.attempt})")
-        members = {p.node_id for p in a.stage_replicas} - {self.node_id}
-        if caller not in members:
-            raise PermissionDeniedError(f"node {caller[:12]} is not assigned to stage {stage} of job {job_id} attempt "
-                                        f"{attempt}; only its replicas may copy its state")
-        src = a.state_source
-        if src is None or src.peer.node_id != self.node_id:
-            raise NotFoundError(f"node {self.node_id[:12]} is not the state source of stage {stage} of job {job_id}; "
-                                "fetch it from the coordinator")
+        serve = next((s for s in a.state_serves if s.stage == stage and s.step == a.resume_step), None)
+        if serve is None or caller not in serve.node_ids:
+            raise PermissionDeniedError(f"node {caller[:12]} was not assigned to copy stage {stage}'s state of job "
+                                        f"{job_id} attempt {attempt} from node {self.node_id[:12]}")
         d = local_state_dir(self.state_dir, job_id, stage, a.resume_step)
         if d is None:
             raise NotFoundError(f"node {self.node_id[:12]} no longer holds stage {stage}'s state at step "

@@ -56,7 +56,13 @@ def state_source_to_pb(src: dict[str, Any] | None) -> pb.StateSource | None:
     if not src:
         return None
     return pb.StateSource(peer=pb.PeerRef(node_id=src["node_id"], address=src["address"]), step=int(src["step"]),
-                          weights_sha256=src["weights_sha256"], optimizer_sha256=src["optimizer_sha256"])
+                          weights_sha256=src["weights_sha256"], optimizer_sha256=src["optimizer_sha256"],
+                          stage=int(src["stage"]))
+
+
+def state_serves_to_pb(serves: list[dict[str, Any]] | None) -> list[pb.StateServe]:
+    return [pb.StateServe(stage=int(s["stage"]), step=int(s["step"]), node_ids=list(s["node_ids"]))
+            for s in serves or ()]
 
 
 def progress_from_pb(m: pb.ProgressReport) -> dict[str, Any]:
