@@ -29,9 +29,18 @@ node cannot run, the others (``live``) can. The job is not rolled back:
 **Growth fence** (a job running with fewer pipelines than ``--replicas`` asked for, after a
 replica loss or a degraded re-plan, while idle nodes could hold more: :func:`growth_target`).
 The same steps 1-4 with every pipeline live and nobody lost; the re-plan at ``S`` includes the
-idle nodes, which start from the checkpoint at ``S`` (weights and AdamW moments, hash-checked
-as every checkpoint transfer is), and the event ``replica_added`` names them. The batch is split
-over more pipelines from ``S`` on; nothing is rolled back.
+idle nodes. The batch is split over more pipelines from ``S`` on; nothing is rolled back.
+
+**State at the switch step** (every fence's re-plan: :func:`state_sources`). The coordinator
+names, in each new worker's assignment, the node of the live worker whose upload at ``S`` it
+resumes that worker's layers from (wherever the re-plan put that node), with the SHA-256 of the
+uploaded ``weights.safetensors`` and ``optimizer.safetensors``; that node's own assignment lists
+who may copy them (``state_serves``). The source loads its files from its disk; the others copy
+them from it peer to peer, refusing a file whose hash differs, and fall back to the
+coordinator's copy on any failure (node/training/state_copy.py). Each worker's ``ready`` report
+says where its state came from; when the grown attempt starts the event ``replica_added`` names
+the added nodes with ``state_from`` ("peer" only when every added worker copied from a live
+replica: :func:`summarize_state_from`) and ``state_bytes``.
 
 Nothing is done twice: steps ``< S`` ran in the old attempt, steps ``>= S`` run in the new one.
 The step in flight when the replica died and the steps up to ``S`` (usually 0-2) run without

@@ -25,10 +25,12 @@ from swarm.job_detail import JobDetail
 from swarm.job_spec import MAX_STEPS, JobSpec
 from swarm.model.config import ModelConfig
 from swarm.pipeline.data import BatchOrder
+from swarm.scheduling import Plan
 from swarm.transport.transfer import receive_files, sha256_file
 
 from coordinator.jobs import churn, files
-from coordinator.jobs.planning import JobPlan, busy_node_ids, check_layers, check_shape, nodes_needed, plan_job
+from coordinator.jobs.planning import (JobPlan, busy_node_ids, check_layers, check_shape, grow_plan, nodes_needed,
+                                      plan_job)
 from coordinator.jobs.spotchecks import Judge, Verdict, verify_plans
 from coordinator.jobs.store import Job, JobStore
 
@@ -432,7 +434,7 @@ class JobService:
         fence, step = job.fence, job.fence["switch_step"]
         jdir = files.job_dir(self.state_dir, job.id)
         try:
-            jp = self._plan(job, degrade=True)
+            jp = (self._grown_plan(job) if fence.get("grow_to") else None) or self._plan(job, degrade=True)
             _, has_optim = files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model),
                                                  self._stage_dirs(job, step), step=step)
         except (InfeasiblePlanError, SwarmError) as exc:
@@ -467,6 +469,29 @@ class JobService:
             self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on {nodes} node(s): "
                                  f"{jp.plan.d_dp} replica(s) carry the whole batch from step {step}, no rollback",
                                  attempt=job.attempt + 1, resume_step=step, fence=True, num_replicas=jp.plan.d_dp)
+
+    def _grown_plan(self, job: Job) -> JobPlan | None:
+        """A growth fence's re-plan: the running pipelines as they are plus new ones on idle nodes
+        (planning.grow_plan); None when that is not possible now (then the planner re-plans all)."""
+        online = {n.id: n for n in self.registry.online()}
+        if not job.plan or any(a["node_id"] not in online for a in job.assignments):
+            return None
+        plan = Plan.from_json(job.plan)
+        busy = busy_node_ids(self.store.list(states=("running",), limit=1000))
+        idle = [n for n in online.values() if n.id not in busy]
+        target = churn.growth_target(current=plan.d_dp, requested=job.spec.num_replicas, stages=len(plan.stages),
+                                     idle_nodes=len(idle), batch_size=job.spec.batch_size,
+                                     micro_batch_size=job.spec.micro_batch_size)
+        if target is None:
+            return None
+        try:
+            jp = grow_plan(plan, idle, online, num_replicas=target, spec=job.spec)
+        except InfeasiblePlanError as exc:
+            log.info("job cannot grow in place job=%s (%s); re-planning it whole", job.id, exc)
+            return None
+        for a, v in zip(jp.assignments, verify_plans(jp.assignments, prob=job.spec.verify_prob)):
+            a["verify"] = v
+        return jp
 
     def _state_copies(self, job: Job, step: int) -> dict[int, dict[str, Any]]:
         """stage -> the replica whose checkpoint copy at ``step`` the job resumes from, with the

@@ -170,3 +170,28 @@ def test_only_a_node_assigned_to_the_stage_may_copy_its_state(source, tmp_path, 
     got = obtain_stage_state(_assignment(C, address=address, attempt=2), node_id=C, state_dir=tmp_path / "c",
                              security=pki.node(C), from_coordinator=_coordinator_copy(calls), timeout_s=10)
     assert got.source == "coordinator" and calls == [1, 1]
+
+
+@pytest.mark.timeout(10)
+def test_growth_keeps_every_running_worker_in_place_and_adds_pipelines_on_the_same_split():
+    from swarm.errors import InfeasiblePlanError
+    from swarm.scheduling.plan import Plan, PlanStage
+
+    from coordinator.jobs.planning import grow_plan
+    from tests.unit.training.test_job_shape_events import _node
+
+    nodes = {n.id: n for n in (_node(i) for i in range(6))}
+    plan = Plan(stages=(PlanStage(layers=(0, 1), devices=("node3",)), PlanStage(layers=(1, 4), devices=("node0",))),
+                objective="dtfm_comm", cost_s=1.0, dp_s=0.0, pp_s=0.0)
+    idle = [nodes[i] for i in ("node1", "node2", "node4", "node5")]
+    spec = JobSpec(batch_size=4, micro_batch_size=2, seq_len=16, num_replicas=2)
+    jp = grow_plan(plan, idle, nodes, num_replicas=2, spec=spec)
+    assert [st.devices for st in jp.plan.stages] == [("node3", "node2"), ("node0", "node1")]  # heavy stage first
+    by = {(a["stage"], a["replica"]): a for a in jp.assignments}
+    assert by[(0, 0)]["node_id"] == "node3" and by[(1, 0)]["node_id"] == "node0"  # nobody moved
+    assert (by[(1, 1)]["first_layer"], by[(1, 1)]["last_layer_excl"]) == (1, 4)
+    assert by[(0, 1)]["next"]["node_id"] == "node1" and len(by[(1, 1)]["stage_replicas"]) == 2
+    with pytest.raises(InfeasiblePlanError):
+        grow_plan(plan, idle[:1], nodes, num_replicas=2, spec=spec)
+    with pytest.raises(InfeasiblePlanError):  # 4 samples do not split into 3 replicas of 2
+        grow_plan(plan, idle, nodes, num_replicas=3, spec=spec)
