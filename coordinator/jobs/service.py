@@ -26,9 +26,10 @@ from swarm.job_spec import MAX_STEPS, JobSpec
 from swarm.model.config import ModelConfig
 from swarm.pipeline.data import BatchOrder
 from swarm.scheduling import Plan
-from swarm.transport.transfer import receive_files, sha256_file
+from swarm.transport.transfer import receive_files
 
 from coordinator.jobs import churn, files
+from coordinator.jobs.handover import AddedReplicas, state_copies
 from coordinator.jobs.planning import (JobPlan, busy_node_ids, check_layers, check_shape, grow_plan, nodes_needed,
                                       plan_job)
 from coordinator.jobs.spotchecks import Judge, Verdict, verify_plans
@@ -79,10 +80,7 @@ class JobService:
         self.judge = Judge()  # spot checks and blame (coordinator/jobs/spotchecks.py)
         self._first_bad: dict[str, int] = {}  # job id -> first step a spot check found wrong
         self._grow_tried: dict[str, float] = {}  # job id -> when it last tried to grow back to --replicas
-        # (job, attempt) of a growth re-plan -> its replica_added event, recorded once the start fence
-        # passes (then every worker said where its state came from: churn.summarize_state_from)
-        self._adding: dict[tuple[str, int], dict[str, Any]] = {}
-        self._state_from: dict[tuple[str, int], dict[str, tuple[str, int]]] = {}
+        self.added = AddedReplicas(store)  # replica_added events, once the grown attempt starts (handover.py)
 
     # -- loop ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -442,7 +440,9 @@ class JobService:
             return
         optim = "with its optimizer state" if has_optim else "optimizer state restarts"
         sources, serves = churn.state_sources(old=job.assignments, new=jp.assignments,
-                                              copies=self._state_copies(job, step), step=step)
+                                              copies=state_copies(self.store.checkpoints(job.id),
+                                                                  self._full_checkpoints(job).get(step, {}),
+                                                                  step=step), step=step)
         for a, src, serve in zip(jp.assignments, sources, serves):
             # peer to peer, verified against the hashes of the copy (node/training/state_copy.py)
             a["state_source"], a["state_serves"] = src, serve
@@ -453,18 +453,15 @@ class JobService:
         why = ("adding replica(s) on idle nodes" if grew else
                "a growth fence whose idle nodes left before the switch step" if fence.get("grow_to") else
                "losing replica(s)")
-        key = (job.id, job.attempt + 1)
         if grew:  # recorded when the new attempt starts: then its workers said where their state came from
-            with self._lock:
-                self._adding[key] = {"added": added, "num_replicas": jp.plan.d_dp, "resume_step": step,
-                                     "attempt": job.attempt + 1, "optim": optim,
-                                     "keys": sorted(churn.key(a["stage"], a["replica"]) for a in jp.assignments
-                                                    if a["node_id"] in added)}
+            self.added.planned(job.id, job.attempt + 1, added=added, num_replicas=jp.plan.d_dp, resume_step=step,
+                               optim=optim, keys=[churn.key(a["stage"], a["replica"]) for a in jp.assignments
+                                                  if a["node_id"] in added])
         if self.store.replan(job.id, plan=jp.plan.to_json(), assignments=jp.assignments, attempt=job.attempt + 1,
                              resume_step=step, expect_attempt=job.attempt,
                              reason=f"re-planned without rollback after {why}: continuing at step "
                                     f"{step} ({optim})") is None:
-            self._adding.pop(key, None)
+            self.added.cancel(job.id, job.attempt + 1)
         else:
             self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on {nodes} node(s): "
                                  f"{jp.plan.d_dp} replica(s) carry the whole batch from step {step}, no rollback",
@@ -492,35 +489,6 @@ class JobService:
         for a, v in zip(jp.assignments, verify_plans(jp.assignments, prob=job.spec.verify_prob)):
             a["verify"] = v
         return jp
-
-    def _state_copies(self, job: Job, step: int) -> dict[int, dict[str, Any]]:
-        """stage -> the replica whose checkpoint copy at ``step`` the job resumes from, with the
-        SHA-256 of its weights and optimizer files (what a peer-to-peer copy must match)."""
-        by_dir = {c["dir"]: c["replica"] for c in self.store.checkpoints(job.id) if c["step"] == step}
-        out: dict[int, dict[str, Any]] = {}
-        for stage, d in self._full_checkpoints(job).get(step, {}).items():
-            w, o = d / "weights.safetensors", d / files.OPTIMIZER_FILE
-            if str(d) in by_dir and w.is_file() and o.is_file():
-                out[stage] = {"replica": by_dir[str(d)], "weights_sha256": sha256_file(w),
-                              "optimizer_sha256": sha256_file(o)}
-        return out
-
-    def _replica_added(self, job: Job) -> None:
-        """The growth re-plan's attempt started: its ``replica_added`` event, with where the new
-        replicas' state came from (``state_from``: "peer" | "coordinator") and the bytes copied."""
-        add = self._adding.pop((job.id, job.attempt), None)
-        reports = self._state_from.pop((job.id, job.attempt), {})
-        if add is None:
-            return
-        source, num_bytes = churn.summarize_state_from(reports, add["keys"])
-        per_worker = [{"worker": k, "state_from": reports.get(k, ("coordinator", 0))[0],
-                       "bytes": reports.get(k, ("coordinator", 0))[1]} for k in add["keys"]]
-        where = "copied from a live replica, hash-checked" if source == "peer" else "from the coordinator's checkpoint"
-        self.store.add_event(job.id, "replica_added", f"{len(add['added'])} idle node(s) joined as new replica(s): "
-                             f"{add['num_replicas']} replica(s) from step {add['resume_step']}, weights and optimizer "
-                             f"state {where} ({num_bytes} bytes; {add['optim']}), no rollback", added=add["added"],
-                             num_replicas=add["num_replicas"], resume_step=add["resume_step"], attempt=add["attempt"],
-                             state_from=source, state_bytes=num_bytes, state_sources=per_worker)
 
     def last_complete_checkpoint(self, job: Job, *, at_most: int | None = None) -> int | None:
         """The latest step (at most ``at_most``) for which every stage's checkpoint copy reached the
@@ -693,10 +661,8 @@ class JobService:
         if job.fence is not None and churn.key(a["stage"], a["replica"]) not in job.fence["workers"]:
             return Ack(stop=True, reason="this replica was dropped (its pipeline lost a node)")
         if r["state"] == "ready":
-            if r.get("state_from"):
-                with self._lock:
-                    self._state_from.setdefault((job.id, job.attempt), {})[churn.key(a["stage"], a["replica"])] = (
-                        r["state_from"], r["state_bytes"])
+            self.added.ready(job.id, job.attempt, churn.key(a["stage"], a["replica"]),
+                             state_from=r.get("state_from", ""), state_bytes=r.get("state_bytes", 0))
             return Ack(start=self._on_ready(job, a))
         if r["state"] in ("fence", "fenced"):
             return self._on_fence_report(job, a, r)
@@ -734,7 +700,7 @@ class JobService:
                 return False
             self.store.set_started(job.id, job.attempt)
             self._ready.pop((job.id, job.attempt), None)
-            self._replica_added(job)
+            self.added.started(job.id, job.attempt)
         log.info("attempt started job=%s attempt=%d (every worker acknowledged it)", job.id, job.attempt)
         return True
 

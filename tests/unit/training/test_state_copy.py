@@ -195,3 +195,42 @@ def test_growth_keeps_every_running_worker_in_place_and_adds_pipelines_on_the_sa
         grow_plan(plan, idle[:1], nodes, num_replicas=2, spec=spec)
     with pytest.raises(InfeasiblePlanError):  # 4 samples do not split into 3 replicas of 2
         grow_plan(plan, idle, nodes, num_replicas=3, spec=spec)
+
+
+@pytest.mark.timeout(10)
+def test_replica_added_event_waits_for_the_start_and_says_where_the_state_came_from(tmp_path):
+    from coordinator.jobs.handover import AddedReplicas, state_copies
+
+    class Store:
+        def __init__(self):
+            self.events = []
+
+        def add_event(self, job_id, kind, message, **fields):
+            self.events.append((job_id, kind, fields))
+
+    store = Store()
+    added = AddedReplicas(store)
+    added.planned("j", 3, added=[C], keys=["1:1", "0:1"], num_replicas=2, resume_step=STEP, optim="with it")
+    added.ready("j", 3, "1:1", state_from="peer", state_bytes=5000)
+    added.ready("j", 3, "1:0", state_from="local", state_bytes=0)
+    added.ready("j", 3, "0:1", state_from="peer", state_bytes=7000)
+    added.started("j", 2)  # another attempt: nothing
+    assert store.events == []
+    added.started("j", 3)
+    (job, kind, fields), = store.events
+    assert (job, kind, fields["state_from"], fields["state_bytes"]) == ("j", "replica_added", "peer", 12000)
+    assert fields["state_sources"] == [{"worker": "0:1", "state_from": "peer", "bytes": 7000},
+                                       {"worker": "1:1", "state_from": "peer", "bytes": 5000}]
+    added.started("j", 3)  # once
+    assert len(store.events) == 1
+    # the hashes a copy must match are those of the coordinator's copy, from the replica that sent it
+    d = tmp_path / "step-10" / "stage-1-r1"
+    d.mkdir(parents=True)
+    (d / "weights.safetensors").write_bytes(b"w")
+    (d / "optimizer.safetensors").write_bytes(b"o")
+    rows = [{"dir": str(d), "step": STEP, "replica": 1}]
+    sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+    assert state_copies(rows, {1: d}, step=STEP) == {1: {"replica": 1, "weights_sha256": sha(b"w"),
+                                                         "optimizer_sha256": sha(b"o")}}
+    (d / "optimizer.safetensors").unlink()  # an old node's upload without optimizer state: no peer copy
+    assert state_copies(rows, {1: d}, step=STEP) == {}
