@@ -28,8 +28,10 @@ node cannot run, the others (``live``) can. The job is not rolled back:
 
 **Growth fence** (a job running with fewer pipelines than ``--replicas`` asked for, after a
 replica loss or a degraded re-plan, while idle nodes could hold more: :func:`growth_target`).
-The same steps 1-4 with every pipeline live and nobody lost; the re-plan at ``S`` includes the
-idle nodes. The batch is split over more pipelines from ``S`` on; nothing is rolled back.
+The same steps 1-4 with every pipeline live and nobody lost; the re-plan at ``S`` keeps every
+running worker in place and adds pipelines on the idle nodes with the same layer split
+(coordinator/jobs/planning.py ``grow_plan``). The batch is split over more pipelines from ``S``
+on; nothing is rolled back.
 
 **State at the switch step** (every fence's re-plan: :func:`state_sources`). The coordinator
 names, in each new worker's assignment, the node of the live worker whose upload at ``S`` it
