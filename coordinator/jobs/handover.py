@@ -9,8 +9,7 @@ What the coordinator does, around the node's protocol in node/training/state_cop
    (:meth:`AddedReplicas.ready`);
 3. when a growth re-plan's attempt starts (the start fence passed), :meth:`AddedReplicas.started`
    records its ``replica_added`` event with ``state_from`` ("peer" | "coordinator"),
-   ``state_bytes`` and ``state_sources`` (per added worker). Kept in memory: an event pending
-   when the coordinator restarts is not recorded.
+   ``state_bytes`` and ``state_sources`` (per added worker).
 """
 
 from __future__ import annotations
@@ -41,43 +40,40 @@ def state_copies(checkpoints: list[dict[str, Any]], by_stage: dict[int, Path], *
 
 
 class AddedReplicas:
-    """The ``replica_added`` events of growth re-plans, recorded once their attempt starts. Thread-safe."""
+    """The ``replica_added`` events of growth re-plans, recorded once their attempt starts. Thread-safe.
+
+    The added workers are marked in the re-plan's assignments (``"added": true``, stored with the
+    job), so a coordinator restarted before the start fence still records the event (the workers
+    repeat their ``ready`` reports until the fence passes)."""
 
     def __init__(self, store) -> None:
         self.store = store
         self._lock = threading.Lock()
-        self._pending: dict[tuple[str, int], dict[str, Any]] = {}  # (job, attempt) -> what was added
         self._reports: dict[tuple[str, int], dict[str, tuple[str, int]]] = {}  # -> worker -> (from, bytes)
 
-    def planned(self, job_id: str, attempt: int, *, added: list[str], keys: list[str], num_replicas: int,
-                resume_step: int, optim: str) -> None:
-        """A growth re-plan to ``attempt`` adds nodes ``added`` as workers ``keys`` ("stage:replica")."""
-        with self._lock:
-            self._pending[(job_id, attempt)] = {"added": added, "keys": sorted(keys), "num_replicas": num_replicas,
-                                                "resume_step": resume_step, "attempt": attempt, "optim": optim}
-
-    def cancel(self, job_id: str, attempt: int) -> None:
-        with self._lock:
-            self._pending.pop((job_id, attempt), None)
-
     def ready(self, job_id: str, attempt: int, worker: str, *, state_from: str, state_bytes: int) -> None:
+        """A worker's ``ready`` report said where its state came from (``worker``: "stage:replica")."""
         if state_from:
             with self._lock:
                 self._reports.setdefault((job_id, attempt), {})[worker] = (state_from, int(state_bytes))
 
-    def started(self, job_id: str, attempt: int) -> None:
-        """``attempt`` passed its start fence: record its ``replica_added`` event, if it grew."""
+    def started(self, job, *, optim: str) -> None:
+        """``job``'s attempt passed its start fence: record its ``replica_added`` event, if it grew.
+        ``optim``: what the message says about the optimizer state."""
         with self._lock:
-            add = self._pending.pop((job_id, attempt), None)
-            reports = self._reports.pop((job_id, attempt), {})
-        if add is None:
+            reports = self._reports.pop((job.id, job.attempt), {})
+        mine = [a for a in job.assignments if a.get("added")]
+        if not mine:
             return
-        source, num_bytes = churn.summarize_state_from(reports, add["keys"])
+        keys = sorted(churn.key(a["stage"], a["replica"]) for a in mine)
+        added = sorted({a["node_id"] for a in mine})
+        num_replicas = max(a["num_replicas"] for a in job.assignments)
+        source, num_bytes = churn.summarize_state_from(reports, keys)
         per_worker = [{"worker": k, "state_from": reports.get(k, ("coordinator", 0))[0],
-                       "bytes": reports.get(k, ("coordinator", 0))[1]} for k in add["keys"]]
+                       "bytes": reports.get(k, ("coordinator", 0))[1]} for k in keys]
         where = "copied from a live replica, hash-checked" if source == "peer" else "from the coordinator's checkpoint"
-        self.store.add_event(job_id, "replica_added", f"{len(add['added'])} idle node(s) joined as new replica(s): "
-                             f"{add['num_replicas']} replica(s) from step {add['resume_step']}, weights and optimizer "
-                             f"state {where} ({num_bytes} bytes; {add['optim']}), no rollback", added=add["added"],
-                             num_replicas=add["num_replicas"], resume_step=add["resume_step"], attempt=add["attempt"],
+        self.store.add_event(job.id, "replica_added", f"{len(added)} idle node(s) joined as new replica(s): "
+                             f"{num_replicas} replica(s) from step {job.resume_step}, weights and optimizer state "
+                             f"{where} ({num_bytes} bytes; {optim}), no rollback", added=added,
+                             num_replicas=num_replicas, resume_step=job.resume_step, attempt=job.attempt,
                              state_from=source, state_bytes=num_bytes, state_sources=per_worker)

@@ -453,16 +453,12 @@ class JobService:
         why = ("adding replica(s) on idle nodes" if grew else
                "a growth fence whose idle nodes left before the switch step" if fence.get("grow_to") else
                "losing replica(s)")
-        if grew:  # recorded when the new attempt starts: then its workers said where their state came from
-            self.added.planned(job.id, job.attempt + 1, added=added, num_replicas=jp.plan.d_dp, resume_step=step,
-                               optim=optim, keys=[churn.key(a["stage"], a["replica"]) for a in jp.assignments
-                                                  if a["node_id"] in added])
+        for a in jp.assignments:  # replica_added is recorded when the attempt starts (handover.AddedReplicas)
+            a["added"] = grew and a["node_id"] in added
         if self.store.replan(job.id, plan=jp.plan.to_json(), assignments=jp.assignments, attempt=job.attempt + 1,
                              resume_step=step, expect_attempt=job.attempt,
                              reason=f"re-planned without rollback after {why}: continuing at step "
-                                    f"{step} ({optim})") is None:
-            self.added.cancel(job.id, job.attempt + 1)
-        else:
+                                    f"{step} ({optim})") is not None:
             self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on {nodes} node(s): "
                                  f"{jp.plan.d_dp} replica(s) carry the whole batch from step {step}, no rollback",
                                  attempt=job.attempt + 1, resume_step=step, fence=True, num_replicas=jp.plan.d_dp)
@@ -700,7 +696,9 @@ class JobService:
                 return False
             self.store.set_started(job.id, job.attempt)
             self._ready.pop((job.id, job.attempt), None)
-            self.added.started(job.id, job.attempt)
+            resume = files.job_dir(self.state_dir, job.id) / f"resume-{job.resume_step}"
+            optim = (resume / files.OPTIMIZER_FILE).is_file()
+            self.added.started(job, optim="with its optimizer state" if optim else "optimizer state restarts")
         log.info("attempt started job=%s attempt=%d (every worker acknowledged it)", job.id, job.attempt)
         return True
 

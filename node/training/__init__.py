@@ -60,7 +60,8 @@ class TrainingPlugin(NodePlugin):
             log.warning("emulating %.0f Mbit/s links to pipeline neighbours (benchmark setting)", self.emulate_link_bps / 1e6)
 
     def install(self, server) -> None:
-        state = StateServer(node_id=self.host.node_id, state_dir=self.host.state_dir, assignment_of=self._assignment_of)
+        state = StateServer(node_id=self.host.node_id, state_dir=self.host.state_dir,
+                            assignment_of=self._assignment_of)  # FetchStageState: replicas copy our state
         peer = PipelinePeerServicer(self.endpoints, traffic=self.host.traffic, identify=self.host.security.peer_identity,
                                     state_server=state)
         pb_grpc.add_PipelinePeerServicer_to_server(peer, server)

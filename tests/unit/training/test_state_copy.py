@@ -4,6 +4,7 @@ real copy from a live replica, a tampered one refused for the coordinator's, a c
 coordinator did not assign refused."""
 
 import hashlib
+from types import SimpleNamespace
 
 import pytest
 
@@ -210,19 +211,24 @@ def test_replica_added_event_waits_for_the_start_and_says_where_the_state_came_f
 
     store = Store()
     added = AddedReplicas(store)
-    added.planned("j", 3, added=[C], keys=["1:1", "0:1"], num_replicas=2, resume_step=STEP, optim="with it")
+    job = SimpleNamespace(id="j", attempt=3, resume_step=STEP, assignments=[
+        {"node_id": n, "stage": s, "replica": r, "num_replicas": 2, "added": r == 1}
+        for n, s, r in (("x0", 0, 0), (B, 1, 0), ("x1", 0, 1), (C, 1, 1))])
     added.ready("j", 3, "1:1", state_from="peer", state_bytes=5000)
     added.ready("j", 3, "1:0", state_from="local", state_bytes=0)
     added.ready("j", 3, "0:1", state_from="peer", state_bytes=7000)
-    added.started("j", 2)  # another attempt: nothing
-    assert store.events == []
-    added.started("j", 3)
-    (job, kind, fields), = store.events
-    assert (job, kind, fields["state_from"], fields["state_bytes"]) == ("j", "replica_added", "peer", 12000)
+    added.started(SimpleNamespace(id="j", attempt=2, resume_step=5, assignments=[{**a, "added": False}
+                                                                                 for a in job.assignments]), optim="")
+    assert store.events == []  # an attempt that added nobody
+    added.started(job, optim="with its optimizer state")
+    (job_id, kind, fields), = store.events
+    assert (job_id, kind, fields["state_from"], fields["state_bytes"]) == ("j", "replica_added", "peer", 12000)
+    assert fields["added"] == sorted([C, "x1"]) and fields["num_replicas"] == 2 and fields["resume_step"] == STEP
     assert fields["state_sources"] == [{"worker": "0:1", "state_from": "peer", "bytes": 7000},
                                        {"worker": "1:1", "state_from": "peer", "bytes": 5000}]
-    added.started("j", 3)  # once
-    assert len(store.events) == 1
+    # a coordinator restarted before the start fence heard no report yet: the coordinator's copy is assumed
+    AddedReplicas(store).started(job, optim="")
+    assert store.events[-1][2]["state_from"] == "coordinator"
     # the hashes a copy must match are those of the coordinator's copy, from the replica that sent it
     d = tmp_path / "step-10" / "stage-1-r1"
     d.mkdir(parents=True)
