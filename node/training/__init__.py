@@ -62,8 +62,8 @@ class TrainingPlugin(NodePlugin):
     def install(self, server) -> None:
         state = StateServer(node_id=self.host.node_id, state_dir=self.host.state_dir,
                             assignment_of=self._assignment_of)  # FetchStageState: replicas copy our state
-        peer = PipelinePeerServicer(self.endpoints, traffic=self.host.traffic, identify=self.host.security.peer_identity,
-                                    state_server=state)
+        peer = PipelinePeerServicer(self.endpoints, traffic=self.host.traffic,
+                                    identify=self.host.security.peer_identity, state_server=state)
         pb_grpc.add_PipelinePeerServicer_to_server(peer, server)
         server.add_generic_rpc_handlers((peer.stream_receiver().handler(),))  # persistent tensor streams
 
