@@ -28,10 +28,21 @@ node cannot run, the others (``live``) can. The job is not rolled back:
 
 **Growth fence** (a job running with fewer pipelines than ``--replicas`` asked for, after a
 replica loss or a degraded re-plan, while idle nodes could hold more: :func:`growth_target`).
-The same steps 1-4 with every pipeline live and nobody lost; the re-plan at ``S`` includes the
-idle nodes, which start from the checkpoint at ``S`` (weights and AdamW moments, hash-checked
-as every checkpoint transfer is), and the event ``replica_added`` names them. The batch is split
-over more pipelines from ``S`` on; nothing is rolled back.
+The same steps 1-4 with every pipeline live and nobody lost; the re-plan at ``S`` keeps every
+running worker in place and adds pipelines on the idle nodes with the same layer split
+(coordinator/jobs/planning.py ``grow_plan``). The batch is split over more pipelines from ``S``
+on; nothing is rolled back.
+
+**State at the switch step** (every fence's re-plan: :func:`state_sources`). The coordinator
+names, in each new worker's assignment, the node of the live worker whose upload at ``S`` it
+resumes that worker's layers from (wherever the re-plan put that node), with the SHA-256 of the
+uploaded ``weights.safetensors`` and ``optimizer.safetensors``; that node's own assignment lists
+who may copy them (``state_serves``). The source loads its files from its disk; the others copy
+them from it peer to peer, refusing a file whose hash differs, and fall back to the
+coordinator's copy on any failure (node/training/state_copy.py). Each worker's ``ready`` report
+says where its state came from; when the grown attempt starts the event ``replica_added`` names
+the added nodes with ``state_from`` ("peer" only when every added worker copied from a live
+replica: :func:`summarize_state_from`) and ``state_bytes``.
 
 Nothing is done twice: steps ``< S`` ran in the old attempt, steps ``>= S`` run in the new one.
 The step in flight when the replica died and the steps up to ``S`` (usually 0-2) run without
@@ -132,3 +143,55 @@ def growth_target(*, current: int, requested: int, stages: int, idle_nodes: int,
     fits = [k for k in replica_counts(requested, batch_size, micro_batch_size)
             if current < k and (k - current) * stages <= idle_nodes]
     return max(fits) if fits else None
+
+
+def state_sources(*, old: list[dict[str, Any]], new: list[dict[str, Any]], copies: dict[int, dict[str, Any]],
+                  step: int) -> tuple[list[dict[str, Any] | None], list[list[dict[str, Any]]]]:
+    """Where each worker of a fence's re-plan (``new``, in order) copies its stage's state at the
+    switch ``step`` from, peer to peer, and what each one serves to whom.
+
+    ``copies``: stage -> ``{"replica", "weights_sha256", "optimizer_sha256"}`` of the checkpoint
+    copy the coordinator holds for that stage of the old attempt (``old``). A new worker's source
+    is the node of an old worker whose copy that is, holding the same layers, and which has a
+    place in the new plan (any stage: the planner does not keep nodes in place; its peer server
+    serves the files it saved). Preference: the worker's own node (it loads its own files), else
+    the first such node. Without one, or without the optimizer's hash (an old node's checkpoint:
+    nothing to verify a copy against), None: from the coordinator.
+
+    Returns (sources, serves): ``sources[i]`` for ``new[i]`` (``{"node_id", "address", "stage",
+    "step", "weights_sha256", "optimizer_sha256"}`` or None); ``serves[i]`` what ``new[i]``'s
+    node may send (``[{"stage", "step", "node_ids"}]``, the same on each of its assignments)."""
+    layers = lambda x: (x["first_layer"], x["last_layer_excl"])  # noqa: E731
+    address = {a["node_id"]: a["address"] for a in new}
+    holders = []  # (old worker, its copy's hashes) whose node is in the new plan
+    for s, c in sorted(copies.items()):
+        o = next((o for o in old if o["stage"] == s and o["replica"] == c["replica"]), None)
+        if o is not None and o["node_id"] in address and c.get("weights_sha256") and c.get("optimizer_sha256"):
+            holders.append((o, c))
+    sources: list[dict[str, Any] | None] = []
+    to: dict[tuple[str, int], list[str]] = {}  # (source node, old stage) -> nodes copying from it
+    for a in new:
+        fit = [(o, c) for o, c in holders if layers(o) == layers(a)]
+        fit.sort(key=lambda oc: oc[0]["node_id"] != a["node_id"])  # our own copy first
+        if not fit:
+            sources.append(None)
+            continue
+        o, c = fit[0]
+        sources.append({"node_id": o["node_id"], "address": address[o["node_id"]], "stage": o["stage"],
+                        "step": int(step), "weights_sha256": c["weights_sha256"],
+                        "optimizer_sha256": c["optimizer_sha256"]})
+        if o["node_id"] != a["node_id"]:
+            to.setdefault((o["node_id"], o["stage"]), []).append(a["node_id"])
+    serves = [[{"stage": s, "step": int(step), "node_ids": sorted(ids)} for (n, s), ids in sorted(to.items())
+               if n == a["node_id"]] for a in new]
+    return sources, serves
+
+
+def summarize_state_from(reports: dict[str, tuple[str, int]], added_keys: list[str]) -> tuple[str, int]:
+    """``("peer"|"coordinator", bytes)`` for the ``replica_added`` event: "peer" when every added
+    worker (``"stage:replica"`` keys) copied its state from a live replica, else "coordinator";
+    bytes: what the added workers copied over the network. ``reports``: key -> (state_from, bytes)
+    from their ``ready`` reports."""
+    got = [reports.get(k, ("coordinator", 0)) for k in added_keys]
+    source = "peer" if got and all(s == "peer" for s, _ in got) else "coordinator"
+    return source, sum(int(b) for _, b in got)

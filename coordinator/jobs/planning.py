@@ -7,7 +7,7 @@ still be planned; measured links replace them as soon as the coordinator has the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -99,6 +99,35 @@ def plan_job(
     _check_batch(spec, plan.d_dp)
     by_id = {n.id: n for n in chosen}
     return JobPlan(plan=plan, assignments=assignments_from_plan(plan, by_id))
+
+
+def grow_plan(plan: Plan, idle: list[NodeInfo], nodes: dict[str, NodeInfo], *, num_replicas: int,
+              spec: JobSpec) -> JobPlan:
+    """``plan`` with pipelines added on ``idle`` nodes up to ``num_replicas`` (a growth fence).
+
+    Every current worker keeps its node, stage and layers, so a new replica is a copy of a live
+    one's state as it is (coordinator/jobs/churn.py :func:`state_sources`); the new pipelines take
+    the same layer split. Tie-breaks: the stages with the most layers pick first, each the
+    fastest idle node (then by id) with the memory the stage needs (when both are known).
+    ``nodes``: every node of ``plan`` and ``idle`` by id. Raises InfeasiblePlanError when the idle
+    nodes cannot hold the pipelines or the global batch does not split over them."""
+    _check_batch(spec, num_replicas)
+    free = sorted(idle, key=lambda n: (-n.planning_tflops, n.id))
+    added: dict[int, list[str]] = {s: [] for s in range(len(plan.stages))}
+    heavy_first = sorted(range(len(plan.stages)), key=lambda s: (-plan.stages[s].num_layers, s))
+    for _ in range(num_replicas - plan.d_dp):
+        for s in heavy_first:
+            need = plan.stages[s].memory_bytes
+            fit = next((n for n in free if not need or not (has := n.hardware.memory_free_bytes
+                                                             or n.hardware.memory_bytes) or has >= need), None)
+            if fit is None:
+                raise InfeasiblePlanError(f"no idle node can hold stage {s} (layers {list(plan.stages[s].layers)}) "
+                                          "of a new replica")
+            free.remove(fit)
+            added[s].append(fit.id)
+    stages = tuple(replace(st, devices=tuple(st.devices) + tuple(added[s])) for s, st in enumerate(plan.stages))
+    grown = replace(plan, stages=stages)
+    return JobPlan(plan=grown, assignments=assignments_from_plan(grown, nodes))
 
 
 def nodes_needed(spec: JobSpec) -> int:

@@ -25,10 +25,13 @@ from swarm.job_detail import JobDetail
 from swarm.job_spec import MAX_STEPS, JobSpec
 from swarm.model.config import ModelConfig
 from swarm.pipeline.data import BatchOrder
+from swarm.scheduling import Plan
 from swarm.transport.transfer import receive_files
 
 from coordinator.jobs import churn, files
-from coordinator.jobs.planning import JobPlan, busy_node_ids, check_layers, check_shape, nodes_needed, plan_job
+from coordinator.jobs.handover import AddedReplicas, state_copies
+from coordinator.jobs.planning import (JobPlan, busy_node_ids, check_layers, check_shape, grow_plan, nodes_needed,
+                                      plan_job)
 from coordinator.jobs.spotchecks import Judge, Verdict, verify_plans
 from coordinator.jobs.store import Job, JobStore
 
@@ -77,6 +80,7 @@ class JobService:
         self.judge = Judge()  # spot checks and blame (coordinator/jobs/spotchecks.py)
         self._first_bad: dict[str, int] = {}  # job id -> first step a spot check found wrong
         self._grow_tried: dict[str, float] = {}  # job id -> when it last tried to grow back to --replicas
+        self.added = AddedReplicas(store)  # replica_added events, once the grown attempt starts (handover.py)
 
     # -- loop ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -428,13 +432,20 @@ class JobService:
         fence, step = job.fence, job.fence["switch_step"]
         jdir = files.job_dir(self.state_dir, job.id)
         try:
-            jp = self._plan(job, degrade=True)
+            jp = (self._grown_plan(job) if fence.get("grow_to") else None) or self._plan(job, degrade=True)
             _, has_optim = files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model),
                                                  self._stage_dirs(job, step), step=step)
         except (InfeasiblePlanError, SwarmError) as exc:
             self._recover(job, f"cannot re-plan after the fence ({exc})")
             return
         optim = "with its optimizer state" if has_optim else "optimizer state restarts"
+        sources, serves = churn.state_sources(old=job.assignments, new=jp.assignments,
+                                              copies=state_copies(self.store.checkpoints(job.id),
+                                                                  self._full_checkpoints(job).get(step, {}),
+                                                                  step=step), step=step)
+        for a, src, serve in zip(jp.assignments, sources, serves):
+            # peer to peer, verified against the hashes of the copy (node/training/state_copy.py)
+            a["state_source"], a["state_serves"] = src, serve
         nodes = len({a["node_id"] for a in jp.assignments})
         before = {a["node_id"] for a in job.assignments}
         added = sorted({a["node_id"] for a in jp.assignments} - before)
@@ -442,18 +453,38 @@ class JobService:
         why = ("adding replica(s) on idle nodes" if grew else
                "a growth fence whose idle nodes left before the switch step" if fence.get("grow_to") else
                "losing replica(s)")
+        for a in jp.assignments:  # replica_added is recorded when the attempt starts (handover.AddedReplicas)
+            a["added"] = grew and a["node_id"] in added
         if self.store.replan(job.id, plan=jp.plan.to_json(), assignments=jp.assignments, attempt=job.attempt + 1,
                              resume_step=step, expect_attempt=job.attempt,
                              reason=f"re-planned without rollback after {why}: continuing at step "
                                     f"{step} ({optim})") is not None:
-            if grew:
-                self.store.add_event(job.id, "replica_added", f"{len(added)} idle node(s) join as new replica(s): "
-                                     f"{jp.plan.d_dp} replica(s) from step {step}, starting from its checkpoint "
-                                     f"({optim}), no rollback", added=added, num_replicas=jp.plan.d_dp,
-                                     resume_step=step, attempt=job.attempt + 1)
             self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on {nodes} node(s): "
                                  f"{jp.plan.d_dp} replica(s) carry the whole batch from step {step}, no rollback",
                                  attempt=job.attempt + 1, resume_step=step, fence=True, num_replicas=jp.plan.d_dp)
+
+    def _grown_plan(self, job: Job) -> JobPlan | None:
+        """A growth fence's re-plan: the running pipelines as they are plus new ones on idle nodes
+        (planning.grow_plan); None when that is not possible now (then the planner re-plans all)."""
+        online = {n.id: n for n in self.registry.online()}
+        if not job.plan or any(a["node_id"] not in online for a in job.assignments):
+            return None
+        plan = Plan.from_json(job.plan)
+        busy = busy_node_ids(self.store.list(states=("running",), limit=1000))
+        idle = [n for n in online.values() if n.id not in busy]
+        target = churn.growth_target(current=plan.d_dp, requested=job.spec.num_replicas, stages=len(plan.stages),
+                                     idle_nodes=len(idle), batch_size=job.spec.batch_size,
+                                     micro_batch_size=job.spec.micro_batch_size)
+        if target is None:
+            return None
+        try:
+            jp = grow_plan(plan, idle, online, num_replicas=target, spec=job.spec)
+        except InfeasiblePlanError as exc:
+            log.info("job cannot grow in place job=%s (%s); re-planning it whole", job.id, exc)
+            return None
+        for a, v in zip(jp.assignments, verify_plans(jp.assignments, prob=job.spec.verify_prob)):
+            a["verify"] = v
+        return jp
 
     def last_complete_checkpoint(self, job: Job, *, at_most: int | None = None) -> int | None:
         """The latest step (at most ``at_most``) for which every stage's checkpoint copy reached the
@@ -630,6 +661,8 @@ class JobService:
             # step, or a worker stopped there, sends no step progress but is not silent
             self.judge.progress(job.id, node_id, self.clock.time())
         if r["state"] == "ready":
+            self.added.ready(job.id, job.attempt, churn.key(a["stage"], a["replica"]),
+                             state_from=r.get("state_from", ""), state_bytes=r.get("state_bytes", 0))
             return Ack(start=self._on_ready(job, a))
         if r["state"] in ("fence", "fenced"):
             return self._on_fence_report(job, a, r)
@@ -667,6 +700,9 @@ class JobService:
                 return False
             self.store.set_started(job.id, job.attempt)
             self._ready.pop((job.id, job.attempt), None)
+            resume = files.job_dir(self.state_dir, job.id) / f"resume-{job.resume_step}"
+            optim = (resume / files.OPTIMIZER_FILE).is_file()
+            self.added.started(job, optim="with its optimizer state" if optim else "optimizer state restarts")
         log.info("attempt started job=%s attempt=%d (every worker acknowledged it)", job.id, job.attempt)
         return True
 

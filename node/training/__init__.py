@@ -21,6 +21,7 @@ from node.training.assignment import Assignment
 from node.training.client import TrainingClient
 from node.training.exchange import Endpoints, PipelinePeerServicer
 from node.training.membership import DEFAULT_OUTAGE_S
+from node.training.state_copy import StateServer
 from node.training.reconcile import (
     Action, ForgetWorker, PollView, StartWorker, StopWorker, WorkerKey, WorkerView, reconcile,
 )
@@ -59,9 +60,17 @@ class TrainingPlugin(NodePlugin):
             log.warning("emulating %.0f Mbit/s links to pipeline neighbours (benchmark setting)", self.emulate_link_bps / 1e6)
 
     def install(self, server) -> None:
-        peer = PipelinePeerServicer(self.endpoints, traffic=self.host.traffic, identify=self.host.security.peer_identity)
+        state = StateServer(node_id=self.host.node_id, state_dir=self.host.state_dir,
+                            assignment_of=self._assignment_of)  # FetchStageState: replicas copy our state
+        peer = PipelinePeerServicer(self.endpoints, traffic=self.host.traffic,
+                                    identify=self.host.security.peer_identity, state_server=state)
         pb_grpc.add_PipelinePeerServicer_to_server(peer, server)
         server.add_generic_rpc_handlers((peer.stream_receiver().handler(),))  # persistent tensor streams
+
+    def _assignment_of(self, job_id: str) -> Assignment | None:
+        """This node's newest running assignment of ``job_id`` (for FetchStageState)."""
+        mine = [w.a for w in list(self.workers.values()) if w.a.job_id == job_id and not w.stop_event.is_set()]
+        return max(mine, key=lambda a: a.attempt) if mine else None
 
     def start(self) -> None:
         self.client = TrainingClient(self.host)

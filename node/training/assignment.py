@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,11 +12,46 @@ from swarm.job_spec import JobSpec
 from swarm.proto.v1 import training_pb2 as pb
 from swarm.transport.jobs import job_spec_from_pb
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Peer:
     node_id: str
     address: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateSource:
+    """Where a re-planned worker copies its stage's state at ``step`` from (the ``peer`` saved it
+    as ``stage`` of the attempt that fenced), and the SHA-256 (hex) of the files the coordinator
+    holds from that worker: a copy must match them."""
+
+    peer: Peer
+    stage: int
+    step: int
+    weights_sha256: str
+    optimizer_sha256: str
+
+    def __post_init__(self) -> None:
+        if not all(_SHA256.match(h) for h in (self.weights_sha256, self.optimizer_sha256)):
+            raise InvalidRequestError("state source hashes must be 64 lowercase hex digits")
+        if self.step < 1:
+            raise InvalidRequestError("a state source names a step >= 1")
+
+    @property
+    def hashes(self) -> dict[str, str]:
+        """file name -> SHA-256 the copy must have (the files of node/training/checkpoints.py)."""
+        return {"weights.safetensors": self.weights_sha256, "optimizer.safetensors": self.optimizer_sha256}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateServe:
+    """This node's saved state of ``stage`` at ``step`` may be sent to ``node_ids`` (and only them)."""
+
+    stage: int
+    step: int
+    node_ids: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -39,6 +75,8 @@ class Assignment:
     fence: bool = False  # the coordinator is fencing this attempt (node/training/membership.py)
     switch_step: int = 0  # the fence's switch step, 0 until decided
     verify_json: str = ""  # spot checks: node/training/spotcheck.py VerifyPlan.from_json
+    state_source: StateSource | None = None  # a fence's re-plan: copy the state at resume_step from this peer
+    state_serves: tuple[StateServe, ...] = ()  # ... and what this node sends to the workers copying from it
 
     def __post_init__(self) -> None:
         if not (0 <= self.stage < self.num_stages and 0 <= self.replica < self.num_replicas):
@@ -49,6 +87,8 @@ class Assignment:
             raise InvalidRequestError("assignment without steps or samples")
         if not 0 <= self.resume_step < self.spec.steps:
             raise InvalidRequestError("assignment resumes outside the job's steps")
+        if self.state_source is not None and self.state_source.step != self.resume_step:
+            raise InvalidRequestError("assignment's state source is not at its resume step")
 
     @property
     def is_first(self) -> bool:
@@ -75,4 +115,11 @@ class Assignment:
             spec=job_spec_from_pb(m.spec), model_config=json.loads(m.model_config_json), num_samples=m.num_samples,
             dataset_key=m.dataset_key, resume_step=m.resume_step, fence=m.fence, switch_step=m.switch_step,
             verify_json=m.verify_json,
+            state_source=StateSource(peer=peer(m.state_source.peer, True), stage=m.state_source.stage,
+                                     step=m.state_source.step,
+                                     weights_sha256=m.state_source.weights_sha256,
+                                     optimizer_sha256=m.state_source.optimizer_sha256)
+            if m.HasField("state_source") else None,
+            state_serves=tuple(StateServe(stage=s.stage, step=s.step, node_ids=frozenset(s.node_ids))
+                               for s in m.state_serves[:64]),
         )

@@ -42,9 +42,10 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from swarm.errors import InvalidRequestError, PeerError, PermissionDeniedError, SwarmError, UnavailableError
-from swarm.proto.v1 import tensor_pb2, training_pb2_grpc
-from swarm.transport import streams
+from swarm.errors import (InvalidRequestError, NotFoundError, PeerError, PermissionDeniedError, SwarmError,
+                          UnavailableError)
+from swarm.proto.v1 import tensor_pb2, training_pb2, training_pb2_grpc
+from swarm.transport import streams, transfer, transfer_pb
 from swarm.transport import tensors as wt
 from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, data_channel
 from swarm.transport.errors import error_from_rpc, grpc_errors
@@ -203,11 +204,21 @@ class PipelinePeerServicer(training_pb2_grpc.PipelinePeerServicer):
     """Receives pushed tensors and hands them to the job's endpoint."""
 
     def __init__(self, endpoints: Endpoints, *, identify: Callable[[object], str],
-                 max_payload_bytes: int = wt.DEFAULT_MAX_PAYLOAD_BYTES, traffic=None) -> None:
+                 max_payload_bytes: int = wt.DEFAULT_MAX_PAYLOAD_BYTES, traffic=None, state_server=None) -> None:
         self.endpoints = endpoints
+        self.state_server = state_server  # node.training.state_copy.StateServer: FetchStageState
         self.identify = identify  # context -> caller's node id from its certificate (swarm.transport.tls)
         self.max_payload_bytes = max_payload_bytes
         self.traffic = traffic  # node.traffic.Traffic or None: counts what arrived, accepted or not
+
+    @grpc_errors
+    def FetchStageState(self, request, context):
+        """A replica's stage state at a re-plan's resume step (node/training/state_copy.py)."""
+        if self.state_server is None:
+            raise NotFoundError("this node serves no stage state")
+        paths = self.state_server.files(self.identify(context), request.job_id, request.stage, request.attempt)
+        on_bytes = self.traffic.add_sent if self.traffic is not None else None
+        yield from transfer_pb.to_messages(transfer.send_files(paths, on_bytes=on_bytes), training_pb2.FileChunk)
 
     @grpc_errors
     def PushTensor(self, request_iterator, context) -> tensor_pb2.TensorAck:

@@ -67,7 +67,7 @@ class Membership:
                      self.a.stage, self.a.replica)
             self.switch_step = int(switch_step)
 
-    def _report(self, state: str, step: int) -> pb.ProgressAck:
+    def _report(self, state: str, step: int, **extra) -> pb.ProgressAck:
         """One report, retried through a coordinator outage of up to ``outage_s``."""
         a = self.a
         deadline = time.monotonic() + self.outage_s
@@ -77,7 +77,7 @@ class Membership:
                 raise PeerError("stopped")
             try:
                 ack = self.client.report(pb.ProgressReport(job_id=a.job_id, attempt=a.attempt, stage=a.stage,
-                                                           replica=a.replica, step=step, state=state))
+                                                           replica=a.replica, step=step, state=state, **extra))
             except SwarmError as exc:
                 if not is_outage(exc):
                     raise
@@ -93,10 +93,11 @@ class Membership:
                 raise PeerError(f"stopped by the coordinator: {ack.reason}")
             return ack
 
-    def await_start(self, step: int) -> None:
-        """Report ``ready`` until every worker of the attempt is (the start fence)."""
+    def await_start(self, step: int, *, state_from: str = "", state_bytes: int = 0) -> None:
+        """Report ``ready`` until every worker of the attempt is (the start fence); the report
+        says where the stage's state came from (node/training/state_copy.py)."""
         t0 = time.monotonic()
-        while not self._report("ready", step).start:
+        while not self._report("ready", step, state_from=state_from, state_bytes=state_bytes).start:
             self.stop.wait(POLL_S)
         log.info("start fence passed job=%s attempt=%d stage=%d replica=%d after %.2f s", self.a.job_id,
                  self.a.attempt, self.a.stage, self.a.replica, time.monotonic() - t0)

@@ -49,12 +49,14 @@ from node.training.client import TrainingClient
 from node.training.exchange import Endpoint, Endpoints, PeerSender
 from node.training.membership import DEFAULT_OUTAGE_S, FenceReached, Membership
 from node.training.reporter import Reporter
+from node.training.state_copy import StageState, obtain_stage_state
 from node.training.spotcheck import (RESYNC_EVERY_STEPS, WITNESS_KINDS, StageVerifier, VerifyPlan, param_digest,
                                      param_sketch)
 
 log = logging.getLogger(__name__)
 AQSGD_RAM_LIMIT_BYTES = 256 << 20  # per boundary side; larger caches go to disk (memmap)
 AVERAGER_SETUP_S = 60.0  # joining the replicas' averaging group (hivemind daemon + DHT), once per attempt
+STATE_COPY_TIMEOUT_S = 30.0  # at most this long for a live replica's state before the coordinator's copy
 
 
 def vars_of(obj) -> dict:
@@ -81,7 +83,8 @@ class StageWorker:
         self.endpoints = endpoints
         self.node_id = node_id
         self.device = torch.device(device)
-        self.dir = Path(state_dir) / "training" / a.job_id / f"stage-{a.stage}-r{a.replica}"
+        self.state_dir = Path(state_dir)
+        self.dir = self.state_dir / "training" / a.job_id / f"stage-{a.stage}-r{a.replica}"
         self.on_metrics = on_metrics or (lambda **kw: None)
         self.emulate_link_bps = emulate_link_bps
         self.stop_event = threading.Event()
@@ -170,9 +173,12 @@ class StageWorker:
     def _setup(self) -> None:
         a, spec = self.a, self.a.spec
         self.config = ModelConfig.from_hf_config(a.model_config)
-        blob = self.client.fetch_weights(a.job_id, a.stage)
+        # at a fence's re-plan: from this node's disk or a live replica, hash-checked (state_copy.py)
+        state = obtain_stage_state(a, node_id=self.node_id, state_dir=self.state_dir, security=self.security,
+                                   from_coordinator=self._state_from_coordinator,
+                                   timeout_s=min(a.spec.peer_timeout_s, STATE_COPY_TIMEOUT_S))
         module = StageModel(self.config, a.first_layer, a.last_layer_excl, is_first=a.is_first, is_last=a.is_last)
-        module.load_hf_state(st_load(blob))
+        module.load_hf_state(st_load(state.weights))
         self.module = module.to(self.device)
         self.dataset = None
         if a.is_first or a.is_last:
@@ -191,7 +197,7 @@ class StageWorker:
                                      grad_clip=spec.grad_clip)
         self.optimizer = make_optimizer(self.module.parameters(), self.optim_cfg)
         if a.resume_step > 0:
-            self._load_optimizer_state()
+            self._load_optimizer_state(state.optimizer)
         self.runner = StageRunner(self.module, is_first=a.is_first, is_last=a.is_last, loss_scale=1.0 / self.M)
         self.codec_text = str(spec.codec)  # as tensor headers name it (checked by the receiver)
         key = state_key(a.job_id, a.dataset_key)
@@ -223,20 +229,31 @@ class StageWorker:
         self.verifier = StageVerifier(self, VerifyPlan.from_json(a.verify_json))
         if a.num_replicas > 1:
             self._start_averager()
-        self.membership.await_start(a.resume_step)  # every worker of the attempt is set up: go
+        # every worker of the attempt is set up: go
+        self.membership.await_start(a.resume_step, state_from=state.source, state_bytes=state.num_bytes)
         log.info("stage worker ready job=%s attempt=%d stage=%d/%d replica=%d/%d layers=[%d,%d) codec=%s steps=%d-%d",
                  a.job_id, a.attempt, a.stage, a.num_stages, a.replica, a.num_replicas, a.first_layer,
                  a.last_layer_excl, self.codec_text, a.resume_step, self.total_steps)
 
-    def _load_optimizer_state(self) -> None:
-        """AdamW's moments and step count at the resume step (by HF name: any earlier split works);
-        a checkpoint without them (nodes of an older version) restarts the optimizer."""
+    def _state_from_coordinator(self) -> StageState:
+        """The stage's weights (and, resuming, AdamW state) from the coordinator's copy; a checkpoint
+        without optimizer state (nodes of an older version) restarts the optimizer."""
         a = self.a
-        try:
-            blob = self.client.fetch_optimizer_state(a.job_id, a.stage)
-        except NotFoundError as exc:
-            log.warning("no optimizer state to resume from; AdamW restarts job=%s stage=%d step=%d: %s",
-                        a.job_id, a.stage, a.resume_step, exc)
+        weights = self.client.fetch_weights(a.job_id, a.stage)
+        optim = None
+        if a.resume_step > 0:
+            try:
+                optim = self.client.fetch_optimizer_state(a.job_id, a.stage)
+            except NotFoundError as exc:
+                log.warning("no optimizer state to resume from; AdamW restarts job=%s stage=%d step=%d: %s",
+                            a.job_id, a.stage, a.resume_step, exc)
+        return StageState(weights=weights, optimizer=optim, source="coordinator",
+                          num_bytes=len(weights) + len(optim or b""))
+
+    def _load_optimizer_state(self, blob: bytes | None) -> None:
+        """AdamW's moments and step count at the resume step (by HF name: any earlier split works)."""
+        a = self.a
+        if blob is None:
             return
         step = load_stage_optimizer_state(self.module, self.optimizer, st_load(blob))
         log.info("optimizer state restored job=%s stage=%d resume_step=%d adam_step=%d", a.job_id, a.stage,

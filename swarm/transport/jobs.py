@@ -47,6 +47,22 @@ def job_spec_from_pb(m: pb.JobSpec) -> JobSpec:
 
 # running/done/failed: training; ready/fence/fenced: the fences of node/training/membership.py
 PROGRESS_STATES = ("running", "done", "failed", "ready", "fence", "fenced")
+# where a worker's stage state at its resume step came from ("": not said, a node before the field)
+STATE_FROM = ("", "local", "peer", "coordinator")
+
+
+def state_source_to_pb(src: dict[str, Any] | None) -> pb.StateSource | None:
+    """A coordinator assignment's ``state_source`` (coordinator/jobs/churn.py state_sources)."""
+    if not src:
+        return None
+    return pb.StateSource(peer=pb.PeerRef(node_id=src["node_id"], address=src["address"]), step=int(src["step"]),
+                          weights_sha256=src["weights_sha256"], optimizer_sha256=src["optimizer_sha256"],
+                          stage=int(src["stage"]))
+
+
+def state_serves_to_pb(serves: list[dict[str, Any]] | None) -> list[pb.StateServe]:
+    return [pb.StateServe(stage=int(s["stage"]), step=int(s["step"]), node_ids=list(s["node_ids"]))
+            for s in serves or ()]
 
 
 def progress_from_pb(m: pb.ProgressReport) -> dict[str, Any]:
@@ -76,6 +92,9 @@ def progress_from_pb(m: pb.ProgressReport) -> dict[str, Any]:
     r["checks"] = [{"stage": c.stage, "replica": c.replica, "step": c.step, "micro_batch": c.micro_batch,
                     "what": c.what[:16], "match": c.match, "error": c.error, "tolerance": c.tolerance,
                     "repeated_match": c.repeated_match, "value": c.value} for c in m.checks]
+    if m.state_from not in STATE_FROM or not 0 <= m.state_bytes <= 1 << 50:
+        raise InvalidRequestError(f"progress state_from must be one of {STATE_FROM} and state_bytes in 0..2^50")
+    r["state_from"], r["state_bytes"] = m.state_from, int(m.state_bytes)
     r["blame_node_id"] = m.blame_node_id
     r["param_digest"] = m.param_digest
     r["param_sketch"] = tuple(float(v) for v in m.param_sketch)

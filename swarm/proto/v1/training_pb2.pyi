@@ -132,7 +132,7 @@ class PeerRef(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class StageAssignment(_message.Message):
-    __slots__ = ("job_id", "attempt", "stage", "num_stages", "replica", "num_replicas", "first_layer", "last_layer_excl", "prev", "next", "stage_replicas", "spec", "model_config_json", "num_samples", "dataset_key", "resume_step", "fence", "switch_step", "verify_json")
+    __slots__ = ("job_id", "attempt", "stage", "num_stages", "replica", "num_replicas", "first_layer", "last_layer_excl", "prev", "next", "stage_replicas", "spec", "model_config_json", "num_samples", "dataset_key", "resume_step", "fence", "switch_step", "verify_json", "state_source", "state_serves")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,8 @@ class StageAssignment(_message.Message):
     FENCE_FIELD_NUMBER: _ClassVar[int]
     SWITCH_STEP_FIELD_NUMBER: _ClassVar[int]
     VERIFY_JSON_FIELD_NUMBER: _ClassVar[int]
+    STATE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    STATE_SERVES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     stage: int
@@ -171,7 +173,33 @@ class StageAssignment(_message.Message):
     fence: bool
     switch_step: int
     verify_json: str
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., replica: _Optional[int] = ..., num_replicas: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., prev: _Optional[_Union[PeerRef, _Mapping]] = ..., next: _Optional[_Union[PeerRef, _Mapping]] = ..., stage_replicas: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., model_config_json: _Optional[str] = ..., num_samples: _Optional[int] = ..., dataset_key: _Optional[str] = ..., resume_step: _Optional[int] = ..., fence: _Optional[bool] = ..., switch_step: _Optional[int] = ..., verify_json: _Optional[str] = ...) -> None: ...
+    state_source: StateSource
+    state_serves: _containers.RepeatedCompositeFieldContainer[StateServe]
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., replica: _Optional[int] = ..., num_replicas: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., prev: _Optional[_Union[PeerRef, _Mapping]] = ..., next: _Optional[_Union[PeerRef, _Mapping]] = ..., stage_replicas: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., model_config_json: _Optional[str] = ..., num_samples: _Optional[int] = ..., dataset_key: _Optional[str] = ..., resume_step: _Optional[int] = ..., fence: _Optional[bool] = ..., switch_step: _Optional[int] = ..., verify_json: _Optional[str] = ..., state_source: _Optional[_Union[StateSource, _Mapping]] = ..., state_serves: _Optional[_Iterable[_Union[StateServe, _Mapping]]] = ...) -> None: ...
+
+class StateSource(_message.Message):
+    __slots__ = ("peer", "step", "weights_sha256", "optimizer_sha256", "stage")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    peer: PeerRef
+    step: int
+    weights_sha256: str
+    optimizer_sha256: str
+    stage: int
+    def __init__(self, peer: _Optional[_Union[PeerRef, _Mapping]] = ..., step: _Optional[int] = ..., weights_sha256: _Optional[str] = ..., optimizer_sha256: _Optional[str] = ..., stage: _Optional[int] = ...) -> None: ...
+
+class StateServe(_message.Message):
+    __slots__ = ("stage", "step", "node_ids")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    step: int
+    node_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stage: _Optional[int] = ..., step: _Optional[int] = ..., node_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PollAssignmentsRequest(_message.Message):
     __slots__ = ()
@@ -186,7 +214,7 @@ class PollAssignmentsReply(_message.Message):
     def __init__(self, assignments: _Optional[_Iterable[_Union[StageAssignment, _Mapping]]] = ..., cancelled_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ProgressReport(_message.Message):
-    __slots__ = ("job_id", "attempt", "stage", "replica", "step", "has_loss", "loss", "tokens_per_s", "bytes_sent", "bytes_raw", "step_s", "compute_s", "wait_s", "comm_s", "state", "error", "tokens", "bytes_forward", "bytes_backward", "micro_batch_losses", "checks", "blame_node_id", "param_digest", "param_sketch")
+    __slots__ = ("job_id", "attempt", "stage", "replica", "step", "has_loss", "loss", "tokens_per_s", "bytes_sent", "bytes_raw", "step_s", "compute_s", "wait_s", "comm_s", "state", "error", "tokens", "bytes_forward", "bytes_backward", "micro_batch_losses", "checks", "blame_node_id", "param_digest", "param_sketch", "state_from", "state_bytes")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +239,8 @@ class ProgressReport(_message.Message):
     BLAME_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PARAM_DIGEST_FIELD_NUMBER: _ClassVar[int]
     PARAM_SKETCH_FIELD_NUMBER: _ClassVar[int]
+    STATE_FROM_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     stage: int
@@ -235,7 +265,9 @@ class ProgressReport(_message.Message):
     blame_node_id: str
     param_digest: str
     param_sketch: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_raw: _Optional[int] = ..., step_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., comm_s: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes_forward: _Optional[int] = ..., bytes_backward: _Optional[int] = ..., micro_batch_losses: _Optional[_Iterable[float]] = ..., checks: _Optional[_Iterable[_Union[SpotCheck, _Mapping]]] = ..., blame_node_id: _Optional[str] = ..., param_digest: _Optional[str] = ..., param_sketch: _Optional[_Iterable[float]] = ...) -> None: ...
+    state_from: str
+    state_bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_raw: _Optional[int] = ..., step_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., comm_s: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes_forward: _Optional[int] = ..., bytes_backward: _Optional[int] = ..., micro_batch_losses: _Optional[_Iterable[float]] = ..., checks: _Optional[_Iterable[_Union[SpotCheck, _Mapping]]] = ..., blame_node_id: _Optional[str] = ..., param_digest: _Optional[str] = ..., param_sketch: _Optional[_Iterable[float]] = ..., state_from: _Optional[str] = ..., state_bytes: _Optional[int] = ...) -> None: ...
 
 class SpotCheck(_message.Message):
     __slots__ = ("stage", "replica", "step", "micro_batch", "what", "match", "error", "tolerance", "repeated_match", "value")
@@ -368,6 +400,16 @@ class RendezvousReply(_message.Message):
     maddrs: _containers.RepeatedScalarFieldContainer[str]
     num_joined: int
     def __init__(self, maddrs: _Optional[_Iterable[str]] = ..., num_joined: _Optional[int] = ...) -> None: ...
+
+class FetchStageStateRequest(_message.Message):
+    __slots__ = ("job_id", "stage", "attempt")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    stage: int
+    attempt: int
+    def __init__(self, job_id: _Optional[str] = ..., stage: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class TensorFrame(_message.Message):
     __slots__ = ("seq", "header", "payload")

@@ -574,6 +574,9 @@ class Training:
 class PipelinePeerStub:
     """On every node: the pipeline data plane. One stream per tensor (the fallback for tensors
     larger than one gRPC message, and for peers without PipelineStream).
+    FetchStageState: a worker of a re-planned attempt copies its stage's weights and AdamW state
+    at resume_step from the live worker the coordinator named (StageAssignment.state_source);
+    only a node assigned to that stage in that attempt may fetch (checked against its certificate).
     """
 
     def __init__(self, channel):
@@ -587,14 +590,28 @@ class PipelinePeerStub:
                 request_serializer=swarm_dot_proto_dot_v1_dot_tensor__pb2.TensorChunk.SerializeToString,
                 response_deserializer=swarm_dot_proto_dot_v1_dot_tensor__pb2.TensorAck.FromString,
                 _registered_method=True)
+        self.FetchStageState = channel.unary_stream(
+                '/swarm.proto.v1.PipelinePeer/FetchStageState',
+                request_serializer=swarm_dot_proto_dot_v1_dot_training__pb2.FetchStageStateRequest.SerializeToString,
+                response_deserializer=swarm_dot_proto_dot_v1_dot_training__pb2.FileChunk.FromString,
+                _registered_method=True)
 
 
 class PipelinePeerServicer:
     """On every node: the pipeline data plane. One stream per tensor (the fallback for tensors
     larger than one gRPC message, and for peers without PipelineStream).
+    FetchStageState: a worker of a re-planned attempt copies its stage's weights and AdamW state
+    at resume_step from the live worker the coordinator named (StageAssignment.state_source);
+    only a node assigned to that stage in that attempt may fetch (checked against its certificate).
     """
 
     def PushTensor(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchStageState(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -608,6 +625,11 @@ def add_PipelinePeerServicer_to_server(servicer, server):
                     request_deserializer=swarm_dot_proto_dot_v1_dot_tensor__pb2.TensorChunk.FromString,
                     response_serializer=swarm_dot_proto_dot_v1_dot_tensor__pb2.TensorAck.SerializeToString,
             ),
+            'FetchStageState': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchStageState,
+                    request_deserializer=swarm_dot_proto_dot_v1_dot_training__pb2.FetchStageStateRequest.FromString,
+                    response_serializer=swarm_dot_proto_dot_v1_dot_training__pb2.FileChunk.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'swarm.proto.v1.PipelinePeer', rpc_method_handlers)
@@ -619,6 +641,9 @@ def add_PipelinePeerServicer_to_server(servicer, server):
 class PipelinePeer:
     """On every node: the pipeline data plane. One stream per tensor (the fallback for tensors
     larger than one gRPC message, and for peers without PipelineStream).
+    FetchStageState: a worker of a re-planned attempt copies its stage's weights and AdamW state
+    at resume_step from the live worker the coordinator named (StageAssignment.state_source);
+    only a node assigned to that stage in that attempt may fetch (checked against its certificate).
     """
 
     @staticmethod
@@ -638,6 +663,33 @@ class PipelinePeer:
             '/swarm.proto.v1.PipelinePeer/PushTensor',
             swarm_dot_proto_dot_v1_dot_tensor__pb2.TensorChunk.SerializeToString,
             swarm_dot_proto_dot_v1_dot_tensor__pb2.TensorAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchStageState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/swarm.proto.v1.PipelinePeer/FetchStageState',
+            swarm_dot_proto_dot_v1_dot_training__pb2.FetchStageStateRequest.SerializeToString,
+            swarm_dot_proto_dot_v1_dot_training__pb2.FileChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -85,7 +85,8 @@ def test_coordinator_restart_then_lost_stage_waits_for_its_node_and_resumes(tmp_
 @pytest.mark.timeout(200)
 def test_losing_one_replica_the_survivors_carry_on_and_it_is_added_back_when_it_returns(tmp_path):
     """Issue 14 item 2: a lost replica is dropped without rollback; when its node comes back (same
-    state dir) the job grows back to --replicas 2 at a step boundary, again without rollback."""
+    state dir) the job grows back to --replicas 2 at a step boundary, again without rollback, the
+    new replica copying its state from a live one."""
     model, data = write_inputs(tmp_path)
     with coordinator_proc(tmp_path / "coord") as coord, \
             nodes_proc(coord, [tmp_path / f"n{i}" for i in range(4)]) as (n0, n1, n2, n3):
@@ -120,6 +121,8 @@ def test_losing_one_replica_the_survivors_carry_on_and_it_is_added_back_when_it_
                                message="the job grows back to 2 replicas")
             added = next(e for e in grown["events"] if e["kind"] == "replica_added")
             assert added["fields"]["num_replicas"] == 2 and added["fields"]["added"], added
+            # the new replicas copied weights + AdamW state from the live ones, peer to peer, hash-checked
+            assert added["fields"]["state_from"] == "peer" and added["fields"]["state_bytes"] > 0, added
             assert {a["node_id"] for a in grown["assignments"]} == set(handles), grown["assignments"]
             # steps committed by the grown plan (every one of its 4 workers reported them)
             wait_until(lambda: (detail()["step"] or 0) >= grown["step"] + 10, 90,
