@@ -195,6 +195,8 @@ class StateServer:
         Raises UnavailableError while this node has not switched to ``attempt``,
         PermissionDeniedError for a caller the coordinator did not send here for that state,
         NotFoundError when the files are gone."""
+        if not job_id or len(job_id) > 64 or attempt < 1 or stage < 0:
+            raise InvalidRequestError("FetchStageState needs a job id, an attempt >= 1 and a stage >= 0")
         a = self.assignment_of(job_id)
         if a is None or a.attempt < attempt:
             raise UnavailableError(f"node {self.node_id[:12]} runs no attempt {attempt} of job {job_id} yet; retry")

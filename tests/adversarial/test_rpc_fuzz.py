@@ -60,6 +60,9 @@ TARGETS = {"Coordinator": COORDINATOR, "Training": COORDINATOR, "InferenceGatewa
 # neighbour's tensor): their deadline may pass.
 MAY_WAIT = {"InferenceGateway.Generate", "Training.Rendezvous", "Training.PollAssignments", "PipelineStream.Open",
             "Relay.Listen"}
+# may answer UNAVAILABLE "... yet; retry" to a well-formed request naming an attempt this node has
+# not switched to (the copier retries: its source may not have polled its new assignment yet)
+NOT_YET = {"PipelinePeer.FetchStageState"}
 CLEAN = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
          grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION,
          grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.ALREADY_EXISTS,
@@ -350,7 +353,8 @@ def test_fuzz_rpc(swarm, service, method):
         seen.append((who, code, details))
         if name == "Coordinator.Leave" and who == "node session" and code == grpc.StatusCode.OK:
             swarm.register_other()
-        ok = code in CLEAN or (code == grpc.StatusCode.DEADLINE_EXCEEDED and name in MAY_WAIT)
+        ok = code in CLEAN or (code == grpc.StatusCode.DEADLINE_EXCEEDED and name in MAY_WAIT) or (
+            code == grpc.StatusCode.UNAVAILABLE and name in NOT_YET and details.endswith("yet; retry"))
         assert ok, f"{name} as {who} answered {code.name}: {details!r} to {[str(r)[:300] for r in requests]}"
         assert code == grpc.StatusCode.OK or details.strip(), f"{name} answered {code.name} without a message"
 
