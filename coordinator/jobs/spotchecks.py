@@ -102,8 +102,7 @@ def verify_plans(assignments: list[dict[str, Any]], *, prob: float, secret: int 
 
 # A blame is judged this many peer timeouts after it was made. The blamed node may itself be
 # waiting on someone else: a neighbour (up to one peer timeout before it blames it) after a
-# gradient-averaging round with a silent replica (up to another: the round's timeout is the peer
-# timeout). Its own blame must have had time to arrive, or an honest node held up behind a
+# gradient-averaging round with a silent replica (up to half another: node/training/worker.py). Its own blame must have had time to arrive, or an honest node held up behind a
 # staller is judged a staller too (seen in the stall test on a loaded 2-core machine: the honest
 # stage-0 replica averaging with the staller was blamed by its stage 1 and quarantined with it).
 JUDGE_AFTER_PEER_TIMEOUTS = 3

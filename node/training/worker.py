@@ -293,9 +293,12 @@ class StageWorker:
                     time.sleep(0.2)
         host = a.stage_replicas[a.replica].address.rpartition(":")[0] or "127.0.0.1"
         try:
+            # a round that cannot form its group gives up after half the peer timeout: the stage's
+            # neighbours wait for its next tensor meanwhile, and with the full peer timeout they
+            # gave up on it first (seen after a growth fence: a PeerError, then a rollback)
             self.averager = ReplicaAverager(params=list(self.module.parameters()),
                                             prefix=f"{a.job_id}_a{a.attempt}_s{a.stage}", num_replicas=a.num_replicas,
-                                            initial_peers=peers, host=host, timeout_s=self.timeout_s,
+                                            initial_peers=peers, host=host, timeout_s=self.timeout_s / 2,
                                             setup_timeout_s=setup_s)
         except Exception as exc:  # noqa: BLE001 -- hivemind's (P2PDaemonError: bootstrap peers gone)
             # the replica that started first went away (e.g. it gave up waiting for us): a peer
