@@ -66,7 +66,7 @@ def test_coordinator_restart_then_lost_stage_waits_for_its_node_and_resumes(tmp_
             # 3. the node comes back (same state dir, same id): the job resumes from its checkpoint
             with node_proc(coord, handle.state_dir) as back:
                 assert back.node_id == victim
-                done = wait_until(lambda: (d := detail())["state"] in ("succeeded", "failed") and d, 90,
+                done = wait_until(lambda: (d := detail())["state"] in ("succeeded", "failed") and d, 150,
                                   message="the job ends")
             assert done["state"] == "succeeded", done["reason"]
             steps = [p["step"] for p in done["progress"]]
