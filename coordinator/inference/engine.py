@@ -44,6 +44,7 @@ from swarm.transport.inference import step_metadata
 from coordinator.inference.checks import Checks
 from coordinator.inference.replica import Replica, Session, StageRef
 from coordinator.inference.router import Routes
+from coordinator.inference.routes import shared_split
 from coordinator.inference.store import ModelRecord, ModelStore, ServeParams, served_params
 from coordinator.inference.text import TextCodec
 
@@ -248,12 +249,15 @@ class InferenceEngine:
         placement = place(devices, links, model_shape(m.config, p), request)
         by_id = {n.id: n for n in nodes}
         futures = []
-        for rp in placement.replicas:
+        splits = [[(s.first_layer, s.last_layer_excl) for s in rp.stages] for rp in placement.replicas]
+        if p.routes:  # only chains with the same layer ranges can feed each other's stages
+            splits = shared_split(splits)
+        for rp, split in zip(placement.replicas, splits):
             with self._lock:
                 index = m.next_replica
                 m.next_replica += 1
-            refs = [StageRef(node_id=s.node_id, address=by_id[s.node_id].peer_address, first_layer=s.first_layer,
-                             last_layer_excl=s.last_layer_excl) for s in rp.stages]
+            refs = [StageRef(node_id=s.node_id, address=by_id[s.node_id].peer_address, first_layer=a,
+                             last_layer_excl=b) for s, (a, b) in zip(rp.stages, split)]
             replica = Replica(model=m.record.name, index=index, stages=refs, max_sessions=p.sessions_per_replica,
                               security=self.app.security,
                               on_failure=self._on_replica_failure, on_finish=self._on_finish,

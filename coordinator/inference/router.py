@@ -145,7 +145,14 @@ class Routes:
             d.stop()
 
     def _on_failure(self, driver: Replica, sessions: list[Session], reason: str) -> None:
-        self.engine._pool.submit(self._reroute, driver, sessions, reason)
+        def run() -> None:
+            try:
+                self._reroute(driver, sessions, reason)
+            except Exception:  # noqa: BLE001 -- a bug must not strand the sessions silently
+                log.exception("re-routing failed model=%s route=%s", driver.model, getattr(driver, "route", ()))
+                for s in sessions:
+                    s.fail(SwarmError("internal error while re-routing; see the coordinator's log"))
+        self.engine._pool.submit(run)
 
     def _reroute(self, driver: RouteDriver, sessions: list[Session], reason: str) -> None:
         eng = self.engine

@@ -105,6 +105,17 @@ def pick_route(
     return RouteChoice(hops=hops, predicted_s=c)
 
 
+def shared_split(splits: Sequence[Sequence[tuple[int, int]]]) -> list[list[tuple[int, int]]]:
+    """The layer ranges to load for routes: every chain with as many stages as the first takes
+    the first chain's ranges (placement's best chain), so their stages are interchangeable;
+    placement may have split them differently for their nodes' speeds (a chain with another
+    stage count keeps its own ranges and is routed only among its kind)."""
+    if not splits:
+        return []
+    first = list(splits[0])
+    return [list(first) if len(s) == len(first) else list(s) for s in splits]
+
+
 class LiveMap:
     """Per-node step time (exponential average of the stages' reported compute per step)."""
 

@@ -411,7 +411,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             entries=fwd_entries,  # as received (validated above): a copy in C, no rebuilding
             hidden=hidden_to_chunks(
                 fwd_out, codec=a.hidden_codec or "none", label=f"{a.model_name}/{a.replica}",
-                boundary=a.stage, replica=a.replica, sender_id=self.node_id,
+                boundary=a.stage, replica=hop[2], sender_id=self.node_id,  # the receiving stage's replica
             ),
             close_session_ids=request.close_session_ids,
             commit_session_ids=request.commit_session_ids,
@@ -426,13 +426,13 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 raise PeerError(f"next stage {a.stage + 1} ({hop[3][:12]} at {hop[4]}) failed: {err}") from err
             raise
         self.steps += 1
+        if self.traffic is not None:
+            self.traffic.add_received(reply.ByteSize())  # as the next stage sent it
         reply.compute_s += compute
         reply.stage_compute_s.append(compute)
         reply.commitments.extend(self._commitments(a, entries, ends, hidden, out, last=False))
-        if self.traffic is not None:
-            self.traffic.add_received(reply.ByteSize())
-            if a.stage > 0:
-                self.traffic.add_sent(reply.ByteSize())
+        if self.traffic is not None and a.stage > 0:
+            self.traffic.add_sent(reply.ByteSize())
         return reply
 
     def _altered(self, out: torch.Tensor) -> torch.Tensor:

@@ -127,3 +127,11 @@ def test_route_hop_validation():
         route_hop(a, pb.ServeStepRequest(route=[hop0, hop1]), "someone-else")
     with pytest.raises(InvalidRequestError):
         route_hop(a, pb.ServeStepRequest(route=[hop0, pb.ServeRouteHop(replica=0, node_id="", address="y:2")]), "me")
+
+
+def test_shared_split_makes_chains_interchangeable():
+    from coordinator.inference.routes import shared_split
+
+    splits = [[(0, 2), (2, 4)], [(0, 3), (3, 4)], [(0, 4)]]
+    assert shared_split(splits) == [[(0, 2), (2, 4)], [(0, 2), (2, 4)], [(0, 4)]]
+    assert shared_split([]) == []
