@@ -113,6 +113,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         ``faults``: SWARM_FAULT (tests only): ``wrong-tokens=P`` alters the output of a fraction P
         of the steps this node serves (swarm/faults.py)."""
         self._faults = FaultInjector(faults) if faults.wrong_tokens > 0 else None
+        self._step_delay_s = faults.step_delay_s  # SWARM_FAULT step-delay-s: an emulated slower device
         self.security = security
         self._identify = identify
         self._confirm_fetch = confirm_fetch
@@ -437,6 +438,8 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
 
     def _altered(self, out: torch.Tensor) -> torch.Tensor:
         """SWARM_FAULT wrong-tokens (tests only): this step's output perturbed, with its probability."""
+        if self._step_delay_s:
+            time.sleep(self._step_delay_s)  # inside the step's timed compute, as a slower device's would be
         return out if self._faults is None else self._faults.corrupt_hidden(out)
 
     @staticmethod

@@ -135,3 +135,14 @@ def test_shared_split_makes_chains_interchangeable():
     splits = [[(0, 2), (2, 4)], [(0, 3), (3, 4)], [(0, 4)]]
     assert shared_split(splits) == [[(0, 2), (2, 4)], [(0, 2), (2, 4)], [(0, 4)]]
     assert shared_split([]) == []
+
+
+def test_step_delay_fault_parses_and_is_bounded():
+    from swarm.errors import ConfigError
+    from swarm.faults import FaultConfig
+
+    assert FaultConfig.parse("step-delay-s=0.02").step_delay_s == 0.02
+    assert FaultConfig.parse("step-delay-s=0.02").any
+    for bad in ("step-delay-s=-1", "step-delay-s=nan", "step-delay-s=11"):
+        with pytest.raises(ConfigError):
+            FaultConfig.parse(bad)
