@@ -1,12 +1,12 @@
 """Serving a request stream on heterogeneous nodes: fixed replicas vs per-request routes (issue 17).
 
     python -m bench.serving [--clients 8] [--requests 48] [--repeats 3] [--slow-threads 1] [--fast-threads 3]
-    python -m bench.serving --slow-delay-s 0.01 --fast-threads 1    # a 2-core machine
+    python -m bench.serving --slowdown 3 --fast-threads 1    # a 2-core machine
 
 A coordinator and 4 node processes on this machine; node n0 is slowed: ``OMP_NUM_THREADS`` =
---slow-threads, the others --fast-threads (needs spare cores), or with --slow-delay-s S every
-step it serves takes S seconds longer (``SWARM_FAULT=step-delay-s=S``, an emulated slower device,
-for machines with too few cores to slow a node by its threads). One tiny llama checkpoint is served twice on the
+--slow-threads, the others --fast-threads (needs spare cores), or with --slowdown F every
+step it serves takes F times its compute time (``SWARM_FAULT=slowdown=F``, an emulated slower
+device, for machines with too few cores to slow a node by its threads). One tiny llama checkpoint is served twice on the
 same 4 nodes as 2 replicas x 2 stages, no spot checks: ``fixed`` (each session on one whole
 replica, the least loaded) and ``routes`` (``--routes``: each session on the route predicted
 fastest, coordinator/inference/routes.py). Runs alternate ``--repeats`` times; each run is
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--slow-threads", type=int, default=1)
     p.add_argument("--fast-threads", type=int, default=3)
-    p.add_argument("--slow-delay-s", type=float, default=0.0, help="n0's extra seconds per step (SWARM_FAULT)")
+    p.add_argument("--slowdown", type=float, default=1.0, help="n0's steps take this many times their compute (SWARM_FAULT)")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
     procs, runs, shares = [], {"fixed": [], "routes": []}, []
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(4):
                 threads = args.slow_threads if i == 0 else args.fast_threads
                 env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-                if i == 0 and args.slow_delay_s > 0:
-                    env["SWARM_FAULT"] = f"step-delay-s={args.slow_delay_s}"
+                if i == 0 and args.slowdown > 1:
+                    env["SWARM_FAULT"] = f"slowdown={args.slowdown}"
                 proc, f = start_node(address, ready["token"], root / f"n{i}", name=f"n{i}", extra_args=NODE_ARGS,
                                      env=child_env(env))
                 procs.append(proc)
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(["mode", "tokens/s", "TTFT p50 (ms)", "TBT p50 (ms)", "TBT p99 (ms)", "TBT p50 gain"], rows)
     slow_avg = statistics.mean(s for s, _ in shares) if shares else float("nan")
     peer_avg = statistics.mean(q for _, q in shares) if shares else float("nan")
-    slowed = f"{args.slow_threads} thread(s)" + (f", +{args.slow_delay_s * 1e3:g} ms per step" if args.slow_delay_s else "")
+    slowed = f"{args.slow_threads} thread(s)" + (f", slowdown x{args.slowdown:g}" if args.slowdown > 1 else "")
     share = (f"routes: the slowed node (n0, {slowed}) held {slow_avg:.2f} sessions on average, its "
              f"stage peer ({args.fast_threads} threads) {peer_avg:.2f} ({len(shares)} samples)")
     print(table)

@@ -379,7 +379,7 @@ class Replica:
                 t.done(None)
             raise _ReplicaDown(f"last stage returned {len(reply.token_ids)} tokens for {len(entries)} sessions")
         self.steps += 1
-        self._observed(reply, time.perf_counter() - t0)
+        self._observed(entries, reply, time.perf_counter() - t0)
         commits = commitments_from_pb(reply, commit, len(self.stages)) if commit else {}
         with self._cond:
             self._closing.extend(t.entry.session_id for t in tasks)  # temporary sessions
@@ -415,8 +415,8 @@ class Replica:
                                    entries=entries_to_pb(entries, with_tokens=True),
                                    close_session_ids=closing, commit_session_ids=commit)
 
-    def _observed(self, reply: pb.ServeStepReply, elapsed_s: float) -> None:
-        """A step came back after ``elapsed_s`` (a route driver records the stages' times)."""
+    def _observed(self, entries: list[StepEntry], reply: pb.ServeStepReply, elapsed_s: float) -> None:
+        """A step of ``entries`` came back after ``elapsed_s`` (a route driver records the stages' times)."""
 
     def _result(self, commits: list, token: int, *, fresh: bool = True) -> ChainResult:
         return ChainResult(replica=self.index, token=token, fresh=fresh, stages=tuple(

@@ -5,8 +5,9 @@ Each new session gets the route (one replica per stage, among ready chains with 
 layer ranges) with the lowest predicted time per token, :func:`pick_route`, from a live map:
 
 - step time per node: an exponential average of the compute time each stage reports for a
-  step (``ServeStepReply.stage_compute_s``); a node not yet measured counts as the mean of the
-  measured candidates of its stage (so it is tried, not avoided);
+  decode step (``ServeStepReply.stage_compute_s``), per session of the step (prefill steps are
+  not counted); a node not yet measured counts as the mean of the measured candidates of its
+  stage (so it is tried, not avoided);
 - queue depth per node: the sessions routed through it;
 - hop latency: the one-way delay of the network matrix (coordinator/network.py), or
   DEFAULT_HOP_S where a hop was not measured.
@@ -117,7 +118,7 @@ def shared_split(splits: Sequence[Sequence[tuple[int, int]]]) -> list[list[tuple
 
 
 class LiveMap:
-    """Per-node step time (exponential average of the stages' reported compute per step)."""
+    """Per-node step time per session (exponential average of the stages' reported compute)."""
 
     def __init__(self, alpha: float = EWMA_ALPHA) -> None:
         self.alpha = alpha
@@ -168,11 +169,13 @@ class RouteDriver(Replica):
         req.route.extend(self._hops)
         return req
 
-    def _observed(self, reply: pb.ServeStepReply, elapsed_s: float) -> None:
+    def _observed(self, entries, reply: pb.ServeStepReply, elapsed_s: float) -> None:
+        if not entries or any(e.num_tokens != 1 for e in entries):
+            return  # a prefill's time per session says little about decoding
         times = list(reply.stage_compute_s)[::-1]  # sent from the last stage back
         if len(times) == len(self.stages):
             for st, t in zip(self.stages, times):
-                self._live.observe(st.node_id, float(t))
+                self._live.observe(st.node_id, float(t) / len(entries))
 
     def _close_idle(self, ids: list[str]) -> None:
         for stub, c in zip(self._stubs, self.chains):

@@ -113,7 +113,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         ``faults``: SWARM_FAULT (tests only): ``wrong-tokens=P`` alters the output of a fraction P
         of the steps this node serves (swarm/faults.py)."""
         self._faults = FaultInjector(faults) if faults.wrong_tokens > 0 else None
-        self._step_delay_s = faults.step_delay_s  # SWARM_FAULT step-delay-s: an emulated slower device
+        self._slowdown = faults.slowdown  # SWARM_FAULT slowdown: an emulated slower device
         self.security = security
         self._identify = identify
         self._confirm_fetch = confirm_fetch
@@ -393,7 +393,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         if a.stage == a.num_stages - 1:
             logits = self._altered(rt.run(entries, hidden))  # (num_entries, V)
             tokens = rt.sample(entries, logits)
-            compute = time.perf_counter() - t0
+            compute = self._slowed(time.perf_counter() - t0)
             self.steps += 1
             self.tokens += len(tokens)
             reply = pb.ServeStepReply(token_ids=tokens, compute_s=compute, stage_compute_s=[compute],
@@ -402,7 +402,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 self.traffic.add_sent(reply.ByteSize())
             return reply
         out = self._altered(rt.run(entries, hidden))  # (sum num_tokens, H)
-        compute = time.perf_counter() - t0
+        compute = self._slowed(time.perf_counter() - t0)
         assert hop is not None
         fwd_entries, fwd_out = replayed_here(request.entries, out, a.stage)
         nxt = pb.ServeStepRequest(
@@ -438,9 +438,14 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
 
     def _altered(self, out: torch.Tensor) -> torch.Tensor:
         """SWARM_FAULT wrong-tokens (tests only): this step's output perturbed, with its probability."""
-        if self._step_delay_s:
-            time.sleep(self._step_delay_s)  # inside the step's timed compute, as a slower device's would be
         return out if self._faults is None else self._faults.corrupt_hidden(out)
+
+    def _slowed(self, compute_s: float) -> float:
+        """SWARM_FAULT slowdown=F (tests, benchmarks): the step takes F times its compute time."""
+        if self._slowdown > 1.0:
+            time.sleep((self._slowdown - 1.0) * compute_s)
+            return compute_s * self._slowdown
+        return compute_s
 
     @staticmethod
     def _commitments(a: pb.ServeStageAssignment, entries, ends: list[tuple[int, int]], hidden: torch.Tensor | None,

@@ -137,12 +137,12 @@ def test_shared_split_makes_chains_interchangeable():
     assert shared_split([]) == []
 
 
-def test_step_delay_fault_parses_and_is_bounded():
+def test_slowdown_fault_parses_and_is_bounded():
     from swarm.errors import ConfigError
     from swarm.faults import FaultConfig
 
-    assert FaultConfig.parse("step-delay-s=0.02").step_delay_s == 0.02
-    assert FaultConfig.parse("step-delay-s=0.02").any
-    for bad in ("step-delay-s=-1", "step-delay-s=nan", "step-delay-s=11"):
+    assert FaultConfig.parse("slowdown=3").slowdown == 3.0
+    assert FaultConfig.parse("slowdown=3").any and not FaultConfig().any
+    for bad in ("slowdown=0.5", "slowdown=nan", "slowdown=101"):
         with pytest.raises(ConfigError):
             FaultConfig.parse(bad)
