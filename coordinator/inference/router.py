@@ -52,13 +52,21 @@ class Routes:
         with self._lock:
             return [d for (name, _), d in self._drivers.items() if name == m.record.name]
 
-    def _queue(self, m) -> dict[str, int]:
+    def _queue(self, m) -> tuple[dict[str, int], dict[str, int], list[tuple[Hop, ...]]]:
+        """(sessions per node, routes with sessions per node, those routes' hops)."""
         q: dict[str, int] = {}
+        steps: dict[str, int] = {}
+        active = []
         for d in self._drivers_of(m):
             n = d.num_sessions
+            if n == 0:
+                continue
             for nid in d.node_ids:
                 q[nid] = q.get(nid, 0) + n
-        return q
+                steps[nid] = steps.get(nid, 0) + 1
+            if d.state == "ready":
+                active.append(tuple(Hop(replica=c.index, node_id=st.node_id) for c, st in zip(d.chains, d.stages)))
+        return q, steps, active
 
     def _hop_s(self, node_ids: list[str]):
         delay, _, _ = self.engine.app.network.matrix(node_ids)
@@ -82,7 +90,7 @@ class Routes:
             groups = groups or [[]]
             fixed = {k: Hop(replica=c.index, node_id=st.node_id)
                      for k, (c, st) in enumerate(zip(kept.chains, kept.stages)) if k not in lost}
-        queue = self._queue(m)
+        queue, steps, active = self._queue(m)
         best = None
         for chains in groups:
             num_stages = len(chains[0].stages) if chains else len(kept.stages)
@@ -93,7 +101,8 @@ class Routes:
             if any(not c for c in stages):
                 continue
             ids = sorted({h.node_id for c in stages for h in c})
-            choice = pick_route(stages, step_s=self.live.step_s(stages), queue=queue,
+            per, fixed_s = self.live.costs(stages)
+            choice = pick_route(stages, step_s=per, fixed_s=fixed_s, queue=queue, drivers=steps, active=active,
                                 capacity=m.record.params.sessions_per_replica, hop_s=self._hop_s(ids), fixed=fixed)
             if choice is not None and (best is None or choice.predicted_s < best[0].predicted_s):
                 by_index = {r.index: r for r in chains}
@@ -208,8 +217,8 @@ class Routes:
     # ------------------------------------------------------------------ views
     def views(self, m) -> list[dict]:
         """The routes of ``m`` with their sessions and predicted time per token now."""
-        queue = self._queue(m)
-        step_s = self.live.snapshot()
+        queue, steps, _ = self._queue(m)
+        live = self.live.snapshot()
         out = []
         for d in sorted(self._drivers_of(m), key=lambda d: d.route):
             n = d.num_sessions
@@ -217,7 +226,8 @@ class Routes:
                 continue
             ids = d.node_ids
             hop = self._hop_s(sorted(set(ids)))
-            pred = sum(node_cost(step_s.get(nid, 0.0), queue.get(nid, 0) - 1) for nid in ids)
+            pred = sum(node_cost(live.get(nid, (0.0, 0.0))[0], queue.get(nid, 0) - 1, fixed_s=live.get(nid, (0.0, 0.0))[1],
+                                 steps=steps.get(nid, 0)) for nid in ids)
             pred += sum(hop(a, b) for a, b in zip(ids, ids[1:]))
             out.append({"replicas": list(d.route), "node_ids": ids, "sessions": n, "predicted_s_per_token": pred})
         return out

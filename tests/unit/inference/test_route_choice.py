@@ -85,17 +85,37 @@ def test_fixed_stages_are_kept_even_when_full():
                       fixed={0: Hop(replica=5, node_id="gone")}) is None
 
 
-def test_live_map_prior_and_validation():
+def test_live_map_prior_fit_and_validation():
     live = LiveMap(alpha=0.5)
     stages = _grid(1, 3)
-    live.observe("n00", 0.02)
-    live.observe("n10", 0.04)
-    live.observe("n10", float("nan"))  # a node's nonsense report is ignored
-    live.observe("n10", -1.0)
-    s = live.step_s(stages)
-    assert s == {"n00": 0.02, "n10": 0.04, "n20": pytest.approx(0.03)}  # unmeasured: the stage's mean
-    live.observe("n00", 0.04)
-    assert live.snapshot()["n00"] == pytest.approx(0.03)
+    live.observe("n00", 2, 0.04)  # one batch size seen: all of it per session
+    live.observe("n10", 1, 0.04)
+    live.observe("n10", 1, float("nan"))  # a node's nonsense report is ignored
+    live.observe("n10", 0, 1.0)
+    per, fixed = live.costs(stages)
+    assert per == {"n00": 0.02, "n10": 0.04, "n20": pytest.approx(0.03)}  # unmeasured: the stage's mean
+    assert fixed == {"n00": 0.0, "n10": 0.0, "n20": 0.0}
+    fit = LiveMap(alpha=0.3)
+    for b in (1, 4, 2, 8, 1, 4, 2, 8):
+        fit.observe("n", b, 0.005 + 0.001 * b)  # 5 ms per step + 1 ms per session
+    (p, f), = fit.snapshot().values()
+    assert p == pytest.approx(0.001) and f == pytest.approx(0.005)
+
+
+def test_a_fixed_step_cost_makes_sessions_join_active_routes():
+    stages = _grid(2, 2)
+    per = {h.node_id: 0.001 for c in stages for h in c}
+    fixed_s = {h.node_id: 0.01 for c in stages for h in c}
+    active = [(Hop(replica=0, node_id="n00"), Hop(replica=0, node_id="n01"))]
+    kw = dict(step_s=per, fixed_s=fixed_s, capacity=8, hop_s=lambda a, b: 0.0, active=active)
+    # route (0, 0) steps with 3 sessions: joining costs 2 x (4 x 1 ms + 10 ms), a new route on idle
+    # nodes 2 x (1 ms + 10 ms)
+    new = pick_route(stages, queue={"n00": 3, "n01": 3}, drivers={"n00": 1, "n01": 1}, **kw)
+    assert [h.replica for h in new.hops] == [1, 1] and new.predicted_s == pytest.approx(0.022)
+    # with 1 session: joining costs 2 x (2 ms + 10 ms) = 24 ms, a mixed or new route more
+    join = pick_route(stages, queue={"n00": 1, "n01": 1, "n10": 1, "n11": 1},
+                      drivers={"n00": 1, "n01": 1, "n10": 1, "n11": 1}, **kw)
+    assert [h.replica for h in join.hops] == [0, 0] and join.predicted_s == pytest.approx(0.024)
 
 
 # ---------------------------------------------------------------- the node's side
