@@ -34,7 +34,7 @@ class Routes:
     def __init__(self, engine) -> None:
         self.engine = engine
         self.live = LiveMap()
-        self._drivers: dict[tuple[str, tuple[int, ...]], RouteDriver] = {}
+        self._drivers: dict[tuple[str, tuple[int, ...]], RouteDriver] = {}  # (model, chain ids)
         self._lock = threading.Lock()
         self.num_reroutes = 0  # sessions moved to a new replica of a lost stage
         self.num_full_replays = 0  # sessions that fell back to a whole replay
@@ -112,10 +112,12 @@ class Routes:
         return best
 
     def _driver(self, m, chains: list[Replica]) -> RouteDriver:
-        key = (m.record.name, tuple(c.index for c in chains))
+        # keyed by the chains themselves (a repaired chain keeps its index): a driver of stale
+        # chains keeps its sessions until they finish or its step fails, and is pruned when idle
+        key = (m.record.name, tuple(id(c) for c in chains))  # the driver holds them: ids stay unique
         with self._lock:
             d = self._drivers.get(key)
-            if d is not None and d.state == "ready" and all(a is b for a, b in zip(d.chains, chains)):
+            if d is not None and d.state == "ready":
                 return d
             p = m.record.params
             d = RouteDriver(chains=chains, live=self.live, security=self.engine.app.security,
