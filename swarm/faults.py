@@ -7,7 +7,10 @@
   forward, gradients backward) with noise of the tensor's own scale (so they look plausible);
 - ``wrong-tokens=P``: inference: alter the hidden state of a fraction P of the steps it serves;
 - ``claim-tflops=X``: report X TFLOPS instead of the measured figure;
-- ``stall-after-steps=N``: stop training after N steps of a job, but keep heartbeating.
+- ``stall-after-steps=N``: stop training after N steps of a job, but keep heartbeating;
+- ``slowdown=F``: inference: every step this node serves takes F times its compute time (an
+  emulated slower device, for bench/serving.py on a machine too small to slow a node by its
+  thread count).
 
 An honest node has ``FaultConfig()`` (no faults). Randomness comes from ``seed``.
 """
@@ -35,6 +38,7 @@ class FaultConfig:
     wrong_tokens: float = 0.0
     claim_tflops: float | None = None
     stall_after_steps: int | None = None
+    slowdown: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -44,13 +48,15 @@ class FaultConfig:
                 raise ConfigError(f"{FAULT_ENV}: {name.replace('_', '-')} must be a fraction in 0..1, got {v}")
         if self.claim_tflops is not None and not (math.isfinite(self.claim_tflops) and 0 <= self.claim_tflops <= 1e5):
             raise ConfigError(f"{FAULT_ENV}: claim-tflops must be in 0..1e5, got {self.claim_tflops}")
+        if not (math.isfinite(self.slowdown) and 1.0 <= self.slowdown <= 100.0):
+            raise ConfigError(f"{FAULT_ENV}: slowdown must be a factor in 1..100, got {self.slowdown}")
         if self.stall_after_steps is not None and self.stall_after_steps < 0:
             raise ConfigError(f"{FAULT_ENV}: stall-after-steps must be >= 0, got {self.stall_after_steps}")
 
     @property
     def any(self) -> bool:
         return (self.corrupt_activations > 0 or self.wrong_tokens > 0 or self.claim_tflops is not None
-                or self.stall_after_steps is not None)
+                or self.stall_after_steps is not None or self.slowdown > 1.0)
 
     @classmethod
     def parse(cls, text: str | None, *, seed: int = 0) -> FaultConfig:
@@ -65,13 +71,13 @@ class FaultConfig:
             if not sep:
                 raise ConfigError(f"{FAULT_ENV}: {item!r} must be NAME=VALUE")
             try:
-                if key in ("corrupt-activations", "wrong-tokens", "claim-tflops"):
+                if key in ("corrupt-activations", "wrong-tokens", "claim-tflops", "slowdown"):
                     values[key.replace("-", "_")] = float(raw)
                 elif key == "stall-after-steps":
                     values["stall_after_steps"] = int(raw)
                 else:
                     raise ConfigError(f"{FAULT_ENV}: unknown fault {key!r}; known: corrupt-activations, "
-                                      "wrong-tokens, claim-tflops, stall-after-steps")
+                                      "wrong-tokens, claim-tflops, stall-after-steps, slowdown")
             except ValueError as exc:
                 raise ConfigError(f"{FAULT_ENV}: {key} has a bad value {raw!r}") from exc
         return cls(seed=seed, **values)  # type: ignore[arg-type]

@@ -11,6 +11,8 @@
 - healing (coordinator/inference/healer.py): a failed replica whose model still has others is
   kept as a *broken* chain (its surviving stages stay loaded); the healer moves its lost stages
   to spare nodes, or adds chains, until the model is back at its requested replica count.
+- routes (``--routes``, coordinator/inference/router.py): sessions are attached to per-request
+  routes over the chains' stages instead of to whole chains; a lost node re-routes only its stage.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from swarm.transport.inference import step_metadata
 
 from coordinator.inference.checks import Checks
 from coordinator.inference.replica import Replica, Session, StageRef
+from coordinator.inference.router import Routes
+from coordinator.inference.routes import shared_split
 from coordinator.inference.store import ModelRecord, ModelStore, ServeParams, served_params
 from coordinator.inference.text import TextCodec
 
@@ -137,6 +141,7 @@ class InferenceEngine:
         self._reaper.start()
         self.healer = None  # coordinator.inference.healer.Healer, attached by the plugin
         self.checks = Checks(self)
+        self.routes = Routes(self)
 
     def close(self) -> None:
         self._stop.set()
@@ -145,6 +150,8 @@ class InferenceEngine:
         with self._lock:
             models = list(self._models.values())
         for m in models:
+            for s in self.routes.stop_model(m):
+                s.fail(UnavailableError("the coordinator is shutting down"))
             for r in m.replicas + m.loading:
                 for s in r.stop(unload=False):
                     s.fail(UnavailableError("the coordinator is shutting down"))
@@ -201,6 +208,8 @@ class InferenceEngine:
 
     def _retire(self, m: ServedModel, why: str) -> None:
         m.requested = 0  # nothing left to heal
+        for s in self.routes.stop_model(m):
+            s.fail(UnavailableError(why))
         for r in m.replicas + m.loading:
             for s in r.stop(unload=True):
                 s.fail(UnavailableError(why))
@@ -240,12 +249,15 @@ class InferenceEngine:
         placement = place(devices, links, model_shape(m.config, p), request)
         by_id = {n.id: n for n in nodes}
         futures = []
-        for rp in placement.replicas:
+        splits = [[(s.first_layer, s.last_layer_excl) for s in rp.stages] for rp in placement.replicas]
+        if p.routes:  # only chains with the same layer ranges can feed each other's stages
+            splits = shared_split(splits)
+        for rp, split in zip(placement.replicas, splits):
             with self._lock:
                 index = m.next_replica
                 m.next_replica += 1
-            refs = [StageRef(node_id=s.node_id, address=by_id[s.node_id].peer_address, first_layer=s.first_layer,
-                             last_layer_excl=s.last_layer_excl) for s in rp.stages]
+            refs = [StageRef(node_id=s.node_id, address=by_id[s.node_id].peer_address, first_layer=a,
+                             last_layer_excl=b) for s, (a, b) in zip(rp.stages, split)]
             replica = Replica(model=m.record.name, index=index, stages=refs, max_sessions=p.sessions_per_replica,
                               security=self.app.security,
                               on_failure=self._on_replica_failure, on_finish=self._on_finish,
@@ -428,8 +440,11 @@ class InferenceEngine:
                     m.waiting.remove(s)
 
     def _pump(self, m: ServedModel) -> None:
-        """Attach waiting sessions to replicas with room (least loaded first)."""
+        """Attach waiting sessions to replicas with room (least loaded first), or to routes."""
         with self._lock:
+            if m.record.params.routes:
+                self.routes.pump(m)
+                return
             while m.waiting:
                 ready = [r for r in m.replicas if r.has_room()]
                 if not ready:

@@ -65,6 +65,7 @@ class Session:
         self.state = state
         self.sink = sink
         self.kv_pos = 0  # tokens the current replica's caches hold for this session
+        self.replay_stages = 0  # > 0: only stages 0..replay_stages-1 need the prefix again (routes.py)
         self.replica: Replica | None = None
         self.num_replays = 0
         self.cancelled = False
@@ -99,9 +100,10 @@ class Session:
 
     def entry(self) -> StepEntry:
         ids = self.ids()
-        if self.kv_pos == 0:
+        if self.kv_pos == 0 or self.replay_stages:
             return StepEntry(session_id=self.id, start_position=0, num_tokens=len(ids), token_ids=tuple(ids),
-                             reset=True, sampling=self.state.params)
+                             reset=True, sampling=self.state.params,
+                             replay_stages=self.replay_stages if self.kv_pos else 0)
         assert self.kv_pos == len(ids) - 1, (self.kv_pos, len(ids))
         return StepEntry(session_id=self.id, start_position=self.kv_pos, num_tokens=1, token_ids=(ids[-1],),
                          sampling=self.state.params)
@@ -348,14 +350,8 @@ class Replica:
             entries = [s.entry() for s in batch] + [t.entry for t in tasks]
         # every entry commits while checks are on, so a stage cannot tell which steps are checked
         commit = [e.session_id for e in entries] if self.verify_prob > 0 or tasks else []
-        req = pb.ServeStepRequest(
-            model_name=self.model,
-            replica=self.index,
-            stage=0,
-            entries=entries_to_pb(entries, with_tokens=True),
-            close_session_ids=closing,
-            commit_session_ids=commit,
-        )
+        req = self._request(entries, closing, commit)
+        t0 = time.perf_counter()
         try:
             reply = link.step(req, timeout_s=STEP_TIMEOUT_S)
         except SwarmError as err:
@@ -383,6 +379,7 @@ class Replica:
                 t.done(None)
             raise _ReplicaDown(f"last stage returned {len(reply.token_ids)} tokens for {len(entries)} sessions")
         self.steps += 1
+        self._observed(entries, reply, time.perf_counter() - t0)
         commits = commitments_from_pb(reply, commit, len(self.stages)) if commit else {}
         with self._cond:
             self._closing.extend(t.entry.session_id for t in tasks)  # temporary sessions
@@ -393,7 +390,8 @@ class Replica:
             for s, e, tok in zip(batch, entries, reply.token_ids):
                 if s.cancelled or s.closed:
                     continue
-                s.kv_pos += e.num_tokens
+                s.kv_pos = e.start_position + e.num_tokens
+                s.replay_stages = 0
                 if e.reset:
                     s.history_checked = True  # the stages' caches of it hold this step only
                 ticket = None
@@ -410,6 +408,15 @@ class Replica:
         for s, events in out:
             for ev in events:
                 self._deliver(s, ev)
+
+    def _request(self, entries: list[StepEntry], closing: list[str], commit: list[str]) -> pb.ServeStepRequest:
+        """The step sent to the first stage (a route driver adds its route: routes.py)."""
+        return pb.ServeStepRequest(model_name=self.model, replica=self.index, stage=0,
+                                   entries=entries_to_pb(entries, with_tokens=True),
+                                   close_session_ids=closing, commit_session_ids=commit)
+
+    def _observed(self, entries: list[StepEntry], reply: pb.ServeStepReply, elapsed_s: float) -> None:
+        """A step of ``entries`` came back after ``elapsed_s`` (a route driver records the stages' times)."""
 
     def _result(self, commits: list, token: int, *, fresh: bool = True) -> ChainResult:
         return ChainResult(replica=self.index, token=token, fresh=fresh, stages=tuple(

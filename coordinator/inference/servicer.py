@@ -39,7 +39,7 @@ def model_info(engine: InferenceEngine, rec: ModelRecord, access: Access = Acces
     info = pb.ServeModelInfo(
         name=rec.name, digest=rec.digest, state=rec.state, created_at_s=rec.created_at_s,
         size_bytes=rec.size_bytes, error=rec.error, max_seq_len=rec.params.max_seq_len,
-        verify_prob=rec.params.verify_prob,
+        verify_prob=rec.params.verify_prob, routes_enabled=rec.params.routes,
     )
     try:
         m = engine.get(rec.name)
@@ -60,6 +60,9 @@ def model_info(engine: InferenceEngine, rec: ModelRecord, access: Access = Acces
                                       first_layer=s.first_layer, last_layer_excl=s.last_layer_excl, state=r.state)
                     for s in r.stages],
         ))
+    for v in engine.routes.views(m):
+        info.routes.append(pb.ServeRouteInfo(replicas=v["replicas"], node_ids=v["node_ids"] if full else [],
+                                             sessions=v["sessions"], predicted_s_per_token=v["predicted_s_per_token"]))
     return info
 
 
@@ -72,7 +75,9 @@ def params_from_header(h: pb.ServeUploadHeader) -> ServeParams:
         objective=h.objective or "latency",
         hidden_codec=h.hidden_codec or "none",
         dtype=h.dtype or "float32",
-        verify_prob=h.verify_prob if h.HasField("verify_prob") else DEFAULT_VERIFY_PROB,
+        # --routes serves without spot checks unless they are asked for (then ServeParams refuses)
+        verify_prob=h.verify_prob if h.HasField("verify_prob") else 0.0 if h.routes else DEFAULT_VERIFY_PROB,
+        routes=h.routes,
     )
 
 

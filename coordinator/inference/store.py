@@ -63,6 +63,7 @@ class ServeParams:
     dtype: str = "float32"
     session_timeout_s: float = 120.0
     verify_prob: float = DEFAULT_VERIFY_PROB  # fraction of session steps spot-checked (0: off)
+    routes: bool = False  # per-request routes over the replicas' stages (coordinator/inference/routes.py)
 
     def __post_init__(self) -> None:
         if self.num_replicas is not None and not 1 <= self.num_replicas <= 64:
@@ -81,6 +82,9 @@ class ServeParams:
             raise InvalidRequestError("--dtype must be float32, float16 or bfloat16")
         if not (math.isfinite(self.verify_prob) and 0.0 <= self.verify_prob <= 1.0):
             raise InvalidRequestError("--verify-prob must be a fraction in 0..1 (0: no spot checks)")
+        if self.routes and self.verify_prob > 0:
+            raise InvalidRequestError("--routes serves without spot checks (they compare whole chains); "
+                                      "drop --verify-prob or pass --verify-prob 0")
 
 
 def _params_from_json(text: str) -> ServeParams:

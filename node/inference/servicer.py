@@ -12,7 +12,13 @@ Protocol this participant follows (see protos/swarm/proto/v1/inference.proto):
   (its KV caches); unless last, send the step with the packed hidden states on to the next
   stage and return its reply; the last stage samples. Each incoming stream gets its own
   persistent link (swarm/transport/step_link.py) to the next stage, opened on its first step
-  and closed with it, so a hop costs one message each way. Every field from the network is
+  and closed with it, so a hop costs one message each way. A step may carry a per-request
+  route (``route``: one hop per stage, coordinator/inference/routes.py): the stage must be the
+  route's hop for its stage index, and forwards to the route's next hop (its replica, node,
+  address, and that chain's step capability as metadata; TLS checks the node's certificate)
+  instead of its chain's next stage. An entry with ``replay_stages`` = k+1 is a reset prefill
+  only up to stage k, which sends on the entry's last position alone, as a one-token decode.
+  Every field from the network is
   validated, every step of a stream is authorized as a unary Step is; a bad step fails only
   its call (a stream ends with the status, and the caller opens a new one).
 - Authentication: LoadStage is accepted only once the coordinator confirms the assignment over
@@ -25,7 +31,8 @@ Protocol this participant follows (see protos/swarm/proto/v1/inference.proto):
 - Who may call (caller from its TLS certificate, ``identify(context)``; checked before anything
   else, PERMISSION_DENIED otherwise): LoadStage / UnloadStage only the coordinator; Step /
   StepStream / CloseSession only the coordinator or the chain's previous stage (``prev_node_id`` of the
-  assignment; the step capability stays as defence in depth); FetchShard the coordinator or a
+  assignment, or the previous hop of the step's route, which only the coordinator's capability
+  holders can send; the step capability stays as defence in depth); FetchShard the coordinator or a
   node the coordinator confirms holds an assignment of that model (``confirm_fetch``).
 """
 
@@ -61,6 +68,7 @@ from swarm.transport.inference import (
     step_metadata,
 )
 
+from node.inference.routing import PeerStubs, replayed_here, route_hop
 from node.inference.shards import fetch_shard, safe_dir, same_weights, serve_shard, validate_assignment
 
 log = logging.getLogger(__name__)
@@ -105,6 +113,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         ``faults``: SWARM_FAULT (tests only): ``wrong-tokens=P`` alters the output of a fraction P
         of the steps this node serves (swarm/faults.py)."""
         self._faults = FaultInjector(faults) if faults.wrong_tokens > 0 else None
+        self._slowdown = faults.slowdown  # SWARM_FAULT slowdown: an emulated slower device
         self.security = security
         self._identify = identify
         self._confirm_fetch = confirm_fetch
@@ -116,6 +125,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         self._confirm = confirm
         self.traffic = traffic  # node.traffic.Traffic or None: peer bytes (hidden states, shards)
         self._stages: dict[tuple[str, int], _Loaded] = {}
+        self._peers = PeerStubs(security)  # to other chains' stages, for per-request routes
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
         self.steps = 0
@@ -141,11 +151,15 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             raise PermissionDeniedError(f"{method} on node {self.node_id[:12]} is for the coordinator only, "
                                         f"not node {caller[:12]}")
 
-    def _only_chain(self, loaded: _Loaded, caller: str | None, method: str) -> None:
-        """The coordinator, or the node of the previous stage of this chain (``caller``: from
-        :meth:`_caller`)."""
+    def _only_chain(self, loaded: _Loaded, caller: str | None, method: str,
+                    request: pb.ServeStepRequest | None = None) -> None:
+        """The coordinator, or the node of the previous stage of this chain or of the step's
+        route (``caller``: from :meth:`_caller`)."""
         a = loaded.assignment
         if caller is None or caller == COORDINATOR or (a.stage > 0 and caller == a.prev_node_id):
+            return
+        if request is not None and a.stage > 0 and len(request.route) == a.num_stages \
+                and caller == request.route[a.stage - 1].node_id:
             return
         raise PermissionDeniedError(
             f"{method} on model {a.model_name!r} replica {a.replica} stage {a.stage}: node {caller[:12]} is not the "
@@ -189,6 +203,20 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         for l in stages:
             if l.next_stubs is not None:
                 l.next_stubs.close()
+        self._peers.close()
+
+    def _next_hop(self, loaded: _Loaded, request: pb.ServeStepRequest) -> tuple | None:
+        """Where this step goes next: (stubs, capability, replica, node id, address), or None on
+        the last stage (node/inference/routing.py validates a route)."""
+        a = loaded.assignment
+        if a.stage == a.num_stages - 1:
+            return None
+        hop = route_hop(a, request, self.node_id)
+        if hop is None or (hop.replica, hop.node_id, hop.address) == (a.replica, a.next_node_id, a.next_address):
+            assert loaded.next_stubs is not None
+            cap = hop.capability if hop is not None and hop.capability else loaded.capability
+            return loaded.next_stubs, cap, a.replica, a.next_node_id, a.next_address
+        return self._peers.get(hop.node_id, hop.address), hop.capability, hop.replica, hop.node_id, hop.address
 
     # ------------------------------------------------------------------ RPCs
     @grpc_errors
@@ -289,9 +317,10 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
     @grpc_errors
     def Step(self, request: pb.ServeStepRequest, context) -> pb.ServeStepReply:
         loaded = self._get(request.model_name, request.replica)
-        self._only_chain(loaded, self._caller(context), "Step")
+        self._only_chain(loaded, self._caller(context), "Step", request)
         self._authorize(loaded, context, "Step")
-        return self._step(loaded, request, lambda nxt: self._forward_unary(loaded, nxt))
+        hop = self._next_hop(loaded, request)
+        return self._step(loaded, request, lambda nxt: self._forward_unary(hop, nxt), hop)
 
     @grpc_errors
     def StepStream(self, request_iterator, context) -> Iterator[pb.ServeStepReply]:
@@ -299,41 +328,41 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         forwarded on this stream's own link to the next stage, opened on its first step."""
         caller = self._caller(context)  # from the TLS certificate: the same for the whole stream
         link: StepLink | None = None
-        linked: _Loaded | None = None
+        linked: tuple | None = None  # (stage, next hop) the link was opened for
         try:
             for request in request_iterator:
                 loaded = self._get(request.model_name, request.replica)
-                self._only_chain(loaded, caller, "StepStream")
+                self._only_chain(loaded, caller, "StepStream", request)
                 self._authorize(loaded, context, "StepStream")  # a reloaded stage has a new capability
-                if loaded.next_stubs is not None and linked is not loaded:
+                hop = self._next_hop(loaded, request)
+                if hop is not None and (linked is None or linked[0] is not loaded or linked[1] != hop):
                     if link is not None:
                         link.close()
-                    link, linked = self._next_link(loaded), loaded
+                    link, linked = self._next_link(loaded, hop), (loaded, hop)
                 yield self._step(loaded, request,
-                                 lambda nxt: link.step(nxt, timeout_s=STEP_TIMEOUT_S))  # noqa: B023 -- called at once
+                                 lambda nxt: link.step(nxt, timeout_s=STEP_TIMEOUT_S), hop)  # noqa: B023 -- called at once
         finally:
             if link is not None:
                 link.close()
 
-    def _next_link(self, loaded: _Loaded) -> StepLink:
-        a = loaded.assignment
-        stubs = loaded.next_stubs
-        assert stubs is not None
+    def _next_link(self, loaded: _Loaded, hop: tuple) -> StepLink:
+        stubs, capability, _, _, address = hop
         return StepLink(lambda requests, metadata: stubs.stub.StepStream(requests, metadata=metadata),
-                        metadata=step_metadata(loaded.capability), what=f"stage {a.stage + 1} at {a.next_address}")
+                        metadata=step_metadata(capability),
+                        what=f"stage {loaded.assignment.stage + 1} at {address}")
 
-    def _forward_unary(self, loaded: _Loaded, nxt: pb.ServeStepRequest) -> pb.ServeStepReply:
-        a = loaded.assignment
-        assert loaded.next_stubs is not None
+    def _forward_unary(self, hop: tuple | None, nxt: pb.ServeStepRequest) -> pb.ServeStepReply:
+        assert hop is not None
+        stubs, capability, _, _, address = hop
         try:
-            return loaded.next_stubs.stub.Step(nxt, timeout=STEP_TIMEOUT_S, metadata=step_metadata(loaded.capability))
+            return stubs.stub.Step(nxt, timeout=STEP_TIMEOUT_S, metadata=step_metadata(capability))
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc, f"stage {a.stage + 1} at {a.next_address}") from exc
+            raise error_from_rpc(exc, f"stage {nxt.stage} at {address}") from exc
 
     def _step(self, loaded: _Loaded, request: pb.ServeStepRequest,
-              forward: Callable[[pb.ServeStepRequest], pb.ServeStepReply]) -> pb.ServeStepReply:
-        """Run one step on this stage; unless last, ``forward`` it to the next stage and return
-        that stage's reply (its errors raised as SwarmErrors)."""
+              forward: Callable[[pb.ServeStepRequest], pb.ServeStepReply], hop: tuple | None) -> pb.ServeStepReply:
+        """Run one step on this stage; unless last, ``forward`` it to the next stage (``hop``,
+        from :meth:`_next_hop`) and return that stage's reply (its errors raised as SwarmErrors)."""
         a = loaded.assignment
         if request.stage != a.stage:
             raise InvalidRequestError(
@@ -364,49 +393,59 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         if a.stage == a.num_stages - 1:
             logits = self._altered(rt.run(entries, hidden))  # (num_entries, V)
             tokens = rt.sample(entries, logits)
-            compute = time.perf_counter() - t0
+            compute = self._slowed(time.perf_counter() - t0)
             self.steps += 1
             self.tokens += len(tokens)
-            reply = pb.ServeStepReply(token_ids=tokens, compute_s=compute,
+            reply = pb.ServeStepReply(token_ids=tokens, compute_s=compute, stage_compute_s=[compute],
                                       commitments=self._commitments(a, entries, ends, hidden, logits, last=True))
             if a.stage > 0 and self.traffic is not None:
                 self.traffic.add_sent(reply.ByteSize())
             return reply
         out = self._altered(rt.run(entries, hidden))  # (sum num_tokens, H)
-        compute = time.perf_counter() - t0
+        compute = self._slowed(time.perf_counter() - t0)
+        assert hop is not None
+        fwd_entries, fwd_out = replayed_here(request.entries, out, a.stage)
         nxt = pb.ServeStepRequest(
             model_name=a.model_name,
-            replica=a.replica,
+            replica=hop[2],
             stage=a.stage + 1,
-            entries=request.entries,  # as received (validated above): a copy in C, no rebuilding
+            entries=fwd_entries,  # as received (validated above): a copy in C, no rebuilding
             hidden=hidden_to_chunks(
-                out, codec=a.hidden_codec or "none", label=f"{a.model_name}/{a.replica}",
-                boundary=a.stage, replica=a.replica, sender_id=self.node_id,
+                fwd_out, codec=a.hidden_codec or "none", label=f"{a.model_name}/{a.replica}",
+                boundary=a.stage, replica=hop[2], sender_id=self.node_id,  # the receiving stage's replica
             ),
             close_session_ids=request.close_session_ids,
             commit_session_ids=request.commit_session_ids,
+            route=request.route,
         )
-        assert loaded.next_stubs is not None
         if self.traffic is not None:
             self.traffic.add_sent(nxt.ByteSize())
         try:
             reply = forward(nxt)
         except SwarmError as err:
             if isinstance(err, PeerError) or err.retryable:
-                raise PeerError(f"next stage {a.stage + 1} ({a.next_node_id[:12]} at {a.next_address}) failed: {err}") from err
+                raise PeerError(f"next stage {a.stage + 1} ({hop[3][:12]} at {hop[4]}) failed: {err}") from err
             raise
         self.steps += 1
-        reply.compute_s += compute
-        reply.commitments.extend(self._commitments(a, entries, ends, hidden, out, last=False))
         if self.traffic is not None:
-            self.traffic.add_received(reply.ByteSize())
-            if a.stage > 0:
-                self.traffic.add_sent(reply.ByteSize())
+            self.traffic.add_received(reply.ByteSize())  # as the next stage sent it
+        reply.compute_s += compute
+        reply.stage_compute_s.append(compute)
+        reply.commitments.extend(self._commitments(a, entries, ends, hidden, out, last=False))
+        if self.traffic is not None and a.stage > 0:
+            self.traffic.add_sent(reply.ByteSize())
         return reply
 
     def _altered(self, out: torch.Tensor) -> torch.Tensor:
         """SWARM_FAULT wrong-tokens (tests only): this step's output perturbed, with its probability."""
         return out if self._faults is None else self._faults.corrupt_hidden(out)
+
+    def _slowed(self, compute_s: float) -> float:
+        """SWARM_FAULT slowdown=F (tests, benchmarks): the step takes F times its compute time."""
+        if self._slowdown > 1.0:
+            time.sleep((self._slowdown - 1.0) * compute_s)
+            return compute_s * self._slowdown
+        return compute_s
 
     @staticmethod
     def _commitments(a: pb.ServeStageAssignment, entries, ends: list[tuple[int, int]], hidden: torch.Tensor | None,
@@ -456,3 +495,4 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 return
         raise NotFoundError(f"this node holds no copy of layers [{request.first_layer}, {request.last_layer_excl}) "
                             f"of {request.model_name!r}; fetch them from the coordinator")
+

@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
     s.add_argument("--verify-prob", type=float, default=None,
                    help="fraction of session steps spot-checked on another replica (docs/security.md); "
                         "0: off (default 0.05; needs --replicas >= 2)")
+    s.add_argument("--routes", action="store_true",
+                   help="per-request routes: any replica of a stage may feed any replica of the next, each session "
+                        "takes the route predicted fastest, a lost node re-routes only its stage (no spot checks)")
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="list served models and where their layers are")
@@ -82,6 +85,9 @@ def _print_model(m) -> None:
     for r in m["replicas"]:
         chain = " -> ".join(f"{s['node_id'][:10]}@{s['address']}[{s['first_layer']}:{s['last_layer_excl']})" for s in r["stages"])
         print(f"  replica {r['replica']} ({r['state']}, ~{r['predicted_latency_s'] * 1e3:.2f} ms/token): {chain}")
+    for r in m["routes"]:
+        hops = " -> ".join(f"r{i}:{n[:10]}" for i, n in zip(r["replicas"], r["node_ids"] or [""] * len(r["replicas"])))
+        print(f"  route {hops}: {r['sessions']} session(s), ~{r['predicted_s_per_token'] * 1e3:.2f} ms/token predicted")
 
 
 def cmd_serve(args) -> int:
@@ -104,7 +110,7 @@ def cmd_serve(args) -> int:
         options = ServeOptions(
             num_replicas=args.replicas, num_stages=args.stages, max_seq_len=args.max_seq_len,
             sessions_per_replica=args.sessions, objective=args.objective, hidden_codec=args.hidden_codec,
-            dtype=args.dtype, verify_prob=args.verify_prob,
+            dtype=args.dtype, verify_prob=args.verify_prob, routes=args.routes,
         )
         with connect(args) as client:
             info = client.upload_model(model_dir, name=name, options=options, on_bytes=progress)

@@ -39,6 +39,9 @@ class StepEntry:
     token_ids: tuple[int, ...] = ()
     reset: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # > 0 on a reset prefill that re-routes one stage: only the first replay_stages stages need
+    # the prefix; the stage replay_stages - 1 sends on the last position alone (node servicer)
+    replay_stages: int = 0
 
     def __post_init__(self) -> None:
         if not self.session_id or len(self.session_id) > MAX_SESSION_ID_CHARS:
@@ -47,6 +50,8 @@ class StepEntry:
             raise InvalidRequestError(
                 f"session {self.session_id}: start_position must be >= 0 and num_tokens >= 1"
             )
+        if self.replay_stages < 0 or (self.replay_stages and not self.reset):
+            raise InvalidRequestError(f"session {self.session_id}: replay_stages must be >= 0, and only on a reset entry")
         if self.token_ids and len(self.token_ids) != self.num_tokens:
             raise InvalidRequestError(
                 f"session {self.session_id}: {len(self.token_ids)} token ids for num_tokens={self.num_tokens}"

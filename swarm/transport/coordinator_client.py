@@ -102,6 +102,17 @@ class ReplicaRecord:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RouteRecord:
+    """A per-request route in use: each stage's replica (and node), its sessions, and the
+    coordinator's predicted time per token on it."""
+
+    replicas: tuple[int, ...]
+    node_ids: tuple[str, ...]
+    sessions: int
+    predicted_s_per_token: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ModelRecord:
     """A served model and where its layers are. :meth:`to_json` is what ``swarm models --json`` prints."""
 
@@ -122,6 +133,8 @@ class ModelRecord:
     num_checks: int = 0  # spot checks done since the model was placed
     num_check_failures: int = 0  # of them, the chains disagreed
     num_checks_void: int = 0  # sampled steps released unchecked (no other chain could replay them)
+    routes_enabled: bool = False  # sessions take per-request routes (swarm serve --routes)
+    routes: tuple[RouteRecord, ...] = ()  # routes in use, with their sessions
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -138,6 +151,9 @@ class ModelRecord:
                              "last_layer_excl": s.last_layer_excl, "state": s.state} for s in r.stages]}
                 for r in self.replicas
             ],
+            "routes_enabled": self.routes_enabled,
+            "routes": [{"replicas": list(r.replicas), "node_ids": list(r.node_ids), "sessions": r.sessions,
+                        "predicted_s_per_token": r.predicted_s_per_token} for r in self.routes],
         }
 
 
@@ -162,6 +178,7 @@ class ServeOptions:
     hidden_codec: str = ""
     dtype: str = ""
     verify_prob: float | None = None  # fraction of steps spot-checked; None: the coordinator's default
+    routes: bool = False  # per-request routes over the replicas' stages (no spot checks)
 
 
 # ----------------------------------------------------------------------------- proto -> records
@@ -181,7 +198,9 @@ def model_record(m: ipb.ServeModelInfo) -> ModelRecord:
         size_bytes=m.size_bytes, max_seq_len=m.max_seq_len, created_at_s=m.created_at_s, error=m.error,
         healthy_replicas=m.healthy_replicas, requested_replicas=m.requested_replicas, healing=m.healing,
         verify_prob=m.verify_prob, num_checks=m.num_checks, num_check_failures=m.num_check_failures,
-        num_checks_void=m.num_checks_void,
+        num_checks_void=m.num_checks_void, routes_enabled=m.routes_enabled,
+        routes=tuple(RouteRecord(replicas=tuple(r.replicas), node_ids=tuple(r.node_ids), sessions=r.sessions,
+                                 predicted_s_per_token=r.predicted_s_per_token) for r in m.routes),
         replicas=tuple(
             ReplicaRecord(replica=r.replica, state=r.state, predicted_latency_s=r.predicted_latency_s,
                           stages=tuple(StageRecord(node_id=s.node_id, address=s.address, first_layer=s.first_layer,
@@ -346,6 +365,7 @@ class CoordinatorClient:
             num_replicas=options.num_replicas, num_stages=options.num_stages, max_seq_len=options.max_seq_len,
             sessions_per_replica=options.sessions_per_replica, objective=options.objective,
             hidden_codec=options.hidden_codec, dtype=options.dtype, verify_prob=options.verify_prob,
+            routes=options.routes,
         )
 
         def chunks() -> Iterator[ipb.ServeUploadChunk]:

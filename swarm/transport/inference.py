@@ -92,6 +92,7 @@ def entries_to_pb(entries: list[StepEntry], *, with_tokens: bool) -> list[pb.Ser
             token_ids=list(e.token_ids) if with_tokens else [],
             sampling=sampling_to_pb(e.sampling),
             reset=e.reset,
+            replay_stages=e.replay_stages,
         )
         for e in entries
     ]
@@ -116,6 +117,7 @@ def entries_from_pb(msgs, *, need_tokens: bool) -> list[StepEntry]:
                 token_ids=tuple(int(t) for t in m.token_ids) if need_tokens else (),
                 reset=bool(m.reset),
                 sampling=sampling_from_pb(m.sampling),
+                replay_stages=int(m.replay_stages),
             )
         )
     return out

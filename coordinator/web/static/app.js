@@ -420,7 +420,8 @@
 
   // ---------- models ----------
   /* /api/models: what `swarm models --json` prints (swarm/transport/coordinator_client.py
-   * ModelRecord.to_json): name, state, replica_count {healthy, requested}, healing, replicas. */
+   * ModelRecord.to_json): name, state, replica_count {healthy, requested}, healing, replicas,
+   * routes_enabled, routes [{replicas, node_ids, sessions, predicted_s_per_token}]. */
   function renderModels(payload) {
     var models = asList(payload, "models");
     $("models-count").textContent = models.length ? plural(models.length, "model") : "";
@@ -447,6 +448,21 @@
         }).join(" \u2192 ")));
       });
       tr.appendChild(chains);
+      // per-request routes (swarm serve --routes): the replica of each stage, and its sessions
+      var routes = h("td", "mono");
+      var rlist = Array.isArray(own(m, "routes")) ? own(m, "routes") : [];
+      if (!own(m, "routes_enabled")) routes.textContent = "fixed chains";
+      else if (!rlist.length) routes.textContent = "no sessions";
+      rlist.forEach(function (r) {
+        var reps = Array.isArray(own(r, "replicas")) ? own(r, "replicas") : [];
+        var ids = Array.isArray(own(r, "node_ids")) ? own(r, "node_ids") : [];
+        var pred = num(own(r, "predicted_s_per_token"));
+        routes.appendChild(h("div", null, reps.map(function (x, i) {
+          return "r" + x + (ids[i] ? " " + shortId(ids[i]) : "");
+        }).join(" \u2192 ") + ": " + plural(num(own(r, "sessions")) || 0, "session") +
+          (pred === null ? "" : ", ~" + (pred * 1e3).toFixed(2) + " ms/token")));
+      });
+      tr.appendChild(routes);
       frag.appendChild(tr);
     });
     $("models-body").replaceChildren(frag);

@@ -20,23 +20,37 @@ class ServeSamplingSpec(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ServeSessionEntry(_message.Message):
-    __slots__ = ("session_id", "start_position", "num_tokens", "token_ids", "sampling", "reset")
+    __slots__ = ("session_id", "start_position", "num_tokens", "token_ids", "sampling", "reset", "replay_stages")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_STAGES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start_position: int
     num_tokens: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: ServeSamplingSpec
     reset: bool
-    def __init__(self, session_id: _Optional[str] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[ServeSamplingSpec, _Mapping]] = ..., reset: _Optional[bool] = ...) -> None: ...
+    replay_stages: int
+    def __init__(self, session_id: _Optional[str] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[ServeSamplingSpec, _Mapping]] = ..., reset: _Optional[bool] = ..., replay_stages: _Optional[int] = ...) -> None: ...
+
+class ServeRouteHop(_message.Message):
+    __slots__ = ("replica", "node_id", "address", "capability")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    replica: int
+    node_id: str
+    address: str
+    capability: str
+    def __init__(self, replica: _Optional[int] = ..., node_id: _Optional[str] = ..., address: _Optional[str] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class ServeStepRequest(_message.Message):
-    __slots__ = ("model_name", "replica", "stage", "entries", "hidden", "close_session_ids", "hidden_codec", "commit_session_ids")
+    __slots__ = ("model_name", "replica", "stage", "entries", "hidden", "close_session_ids", "hidden_codec", "commit_session_ids", "route")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +59,7 @@ class ServeStepRequest(_message.Message):
     CLOSE_SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_CODEC_FIELD_NUMBER: _ClassVar[int]
     COMMIT_SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     replica: int
     stage: int
@@ -53,7 +68,8 @@ class ServeStepRequest(_message.Message):
     close_session_ids: _containers.RepeatedScalarFieldContainer[str]
     hidden_codec: str
     commit_session_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ServeSessionEntry, _Mapping]]] = ..., hidden: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., close_session_ids: _Optional[_Iterable[str]] = ..., hidden_codec: _Optional[str] = ..., commit_session_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    route: _containers.RepeatedCompositeFieldContainer[ServeRouteHop]
+    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ServeSessionEntry, _Mapping]]] = ..., hidden: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., close_session_ids: _Optional[_Iterable[str]] = ..., hidden_codec: _Optional[str] = ..., commit_session_ids: _Optional[_Iterable[str]] = ..., route: _Optional[_Iterable[_Union[ServeRouteHop, _Mapping]]] = ...) -> None: ...
 
 class ServeCommitment(_message.Message):
     __slots__ = ("stage", "session_id", "input", "output")
@@ -68,14 +84,16 @@ class ServeCommitment(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., session_id: _Optional[str] = ..., input: _Optional[_Iterable[float]] = ..., output: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ServeStepReply(_message.Message):
-    __slots__ = ("token_ids", "compute_s", "commitments")
+    __slots__ = ("token_ids", "compute_s", "commitments", "stage_compute_s")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     compute_s: float
     commitments: _containers.RepeatedCompositeFieldContainer[ServeCommitment]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., compute_s: _Optional[float] = ..., commitments: _Optional[_Iterable[_Union[ServeCommitment, _Mapping]]] = ...) -> None: ...
+    stage_compute_s: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., compute_s: _Optional[float] = ..., commitments: _Optional[_Iterable[_Union[ServeCommitment, _Mapping]]] = ..., stage_compute_s: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ServeCloseSessionRequest(_message.Message):
     __slots__ = ("model_name", "replica", "session_ids")
@@ -196,7 +214,7 @@ class ServeShardChunk(_message.Message):
     def __init__(self, tensor_name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., tensor_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., tensor_crc32: _Optional[int] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class ServeUploadHeader(_message.Message):
-    __slots__ = ("name", "num_replicas", "files", "max_seq_len", "sessions_per_replica", "objective", "hidden_codec", "num_stages", "dtype", "verify_prob")
+    __slots__ = ("name", "num_replicas", "files", "max_seq_len", "sessions_per_replica", "objective", "hidden_codec", "num_stages", "dtype", "verify_prob", "routes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +225,7 @@ class ServeUploadHeader(_message.Message):
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     VERIFY_PROB_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_replicas: int
     files: _containers.RepeatedCompositeFieldContainer[ServeUploadFile]
@@ -217,7 +236,8 @@ class ServeUploadHeader(_message.Message):
     num_stages: int
     dtype: str
     verify_prob: float
-    def __init__(self, name: _Optional[str] = ..., num_replicas: _Optional[int] = ..., files: _Optional[_Iterable[_Union[ServeUploadFile, _Mapping]]] = ..., max_seq_len: _Optional[int] = ..., sessions_per_replica: _Optional[int] = ..., objective: _Optional[str] = ..., hidden_codec: _Optional[str] = ..., num_stages: _Optional[int] = ..., dtype: _Optional[str] = ..., verify_prob: _Optional[float] = ...) -> None: ...
+    routes: bool
+    def __init__(self, name: _Optional[str] = ..., num_replicas: _Optional[int] = ..., files: _Optional[_Iterable[_Union[ServeUploadFile, _Mapping]]] = ..., max_seq_len: _Optional[int] = ..., sessions_per_replica: _Optional[int] = ..., objective: _Optional[str] = ..., hidden_codec: _Optional[str] = ..., num_stages: _Optional[int] = ..., dtype: _Optional[str] = ..., verify_prob: _Optional[float] = ..., routes: _Optional[bool] = ...) -> None: ...
 
 class ServeUploadFile(_message.Message):
     __slots__ = ("path", "size_bytes", "sha256")
@@ -266,7 +286,7 @@ class ServeReplicaInfo(_message.Message):
     def __init__(self, replica: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[ServeStageInfo, _Mapping]]] = ..., state: _Optional[str] = ..., predicted_latency_s: _Optional[float] = ...) -> None: ...
 
 class ServeModelInfo(_message.Message):
-    __slots__ = ("name", "family", "num_layers", "digest", "state", "replicas", "created_at_s", "size_bytes", "error", "max_seq_len", "healthy_replicas", "requested_replicas", "healing", "verify_prob", "num_checks", "num_check_failures", "num_checks_void")
+    __slots__ = ("name", "family", "num_layers", "digest", "state", "replicas", "created_at_s", "size_bytes", "error", "max_seq_len", "healthy_replicas", "requested_replicas", "healing", "verify_prob", "num_checks", "num_check_failures", "num_checks_void", "routes_enabled", "routes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +304,8 @@ class ServeModelInfo(_message.Message):
     NUM_CHECKS_FIELD_NUMBER: _ClassVar[int]
     NUM_CHECK_FAILURES_FIELD_NUMBER: _ClassVar[int]
     NUM_CHECKS_VOID_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     num_layers: int
@@ -301,7 +323,21 @@ class ServeModelInfo(_message.Message):
     num_checks: int
     num_check_failures: int
     num_checks_void: int
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., digest: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ServeReplicaInfo, _Mapping]]] = ..., created_at_s: _Optional[float] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., requested_replicas: _Optional[int] = ..., healing: _Optional[str] = ..., verify_prob: _Optional[float] = ..., num_checks: _Optional[int] = ..., num_check_failures: _Optional[int] = ..., num_checks_void: _Optional[int] = ...) -> None: ...
+    routes_enabled: bool
+    routes: _containers.RepeatedCompositeFieldContainer[ServeRouteInfo]
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., digest: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ServeReplicaInfo, _Mapping]]] = ..., created_at_s: _Optional[float] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., requested_replicas: _Optional[int] = ..., healing: _Optional[str] = ..., verify_prob: _Optional[float] = ..., num_checks: _Optional[int] = ..., num_check_failures: _Optional[int] = ..., num_checks_void: _Optional[int] = ..., routes_enabled: _Optional[bool] = ..., routes: _Optional[_Iterable[_Union[ServeRouteInfo, _Mapping]]] = ...) -> None: ...
+
+class ServeRouteInfo(_message.Message):
+    __slots__ = ("replicas", "node_ids", "sessions", "predicted_s_per_token")
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_S_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    replicas: _containers.RepeatedScalarFieldContainer[int]
+    node_ids: _containers.RepeatedScalarFieldContainer[str]
+    sessions: int
+    predicted_s_per_token: float
+    def __init__(self, replicas: _Optional[_Iterable[int]] = ..., node_ids: _Optional[_Iterable[str]] = ..., sessions: _Optional[int] = ..., predicted_s_per_token: _Optional[float] = ...) -> None: ...
 
 class ServeUploadReply(_message.Message):
     __slots__ = ("model",)

@@ -1,0 +1,199 @@
+"""Serving a request stream on heterogeneous nodes: fixed replicas vs per-request routes (issue 17).
+
+    python -m bench.serving [--clients 8] [--requests 48] [--repeats 3] [--slow-threads 1] [--fast-threads 3]
+    python -m bench.serving --slowdown 3 --fast-threads 1    # a 2-core machine
+
+A coordinator and 4 node processes on this machine; node n0 is slowed: ``OMP_NUM_THREADS`` =
+--slow-threads, the others --fast-threads (needs spare cores), or with --slowdown F every
+step it serves takes F times its compute time (``SWARM_FAULT=slowdown=F``, an emulated slower
+device, for machines with too few cores to slow a node by its threads). One tiny llama checkpoint is served twice on the
+same 4 nodes as 2 replicas x 2 stages, no spot checks: ``fixed`` (each session on one whole
+replica, the least loaded) and ``routes`` (``--routes``: each session on the route predicted
+fastest, coordinator/inference/routes.py). Runs alternate ``--repeats`` times; each run is
+--clients threads issuing --requests requests back to back from one seeded mix (prompts of 8-64
+words, 16-64 new tokens, greedy). Measured at the client: aggregate tokens/s (all tokens / wall
+time), time to first token (p50), time between tokens (p50, p99; an event's tokens share its
+gap). During routes runs the coordinator's route view is sampled every 0.1 s: the slowed node's
+session count against its peer's at the same stage (time average). Disaggregated prefill and
+decode (the issue's item 3) is not built, so not compared. Prints a table, appends it to
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._record import markdown_table, record
+from swarm.inference.sampling import SamplingParams
+from swarm.localswarm import child_env, start_coordinator, start_node, wait_until
+from swarm.model.testing import make_tiny_checkpoint
+from swarm.transport.coordinator_client import CoordinatorClient, ServeOptions
+
+COORDINATOR_ARGS = ["--heartbeat-interval-s", "1.0", "--node-timeout-s", "30", "--log-level", "WARNING"]
+NODE_ARGS = ["--probe-seconds", "0.2", "--log-level", "WARNING"]
+WORDS = "the swarm pools volunteer cards over ordinary links to train and serve models for everyone".split()
+
+
+def request_mix(n: int, seed: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    return [(" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 64))), rng.randint(16, 64)) for _ in range(n)]
+
+
+def run_stream(address: str, token: str, model: str, mix: list[tuple[str, int]], clients: int) -> dict:
+    todo = list(enumerate(mix))
+    lock = threading.Lock()
+    ttft, tbt, tokens, errors = [], [], [0], []
+
+    def client() -> None:
+        try:
+            serve()
+        except Exception as exc:  # noqa: BLE001 -- reported after the run: a failed request voids it
+            errors.append(exc)
+
+    def serve() -> None:
+        with CoordinatorClient(address, token=token) as c:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    _, (prompt, n) = todo.pop(0)
+                t0 = last = time.perf_counter()
+                first = True
+                for ev in c.generate(model=model, prompt=prompt, params=SamplingParams(max_new_tokens=n), timeout_s=600):
+                    if not ev.token_ids:
+                        continue
+                    now = time.perf_counter()
+                    with lock:
+                        if first:
+                            ttft.append(now - t0)
+                        else:
+                            tbt.extend([(now - last) / len(ev.token_ids)] * len(ev.token_ids))
+                        tokens[0] += len(ev.token_ids)
+                    first, last = False, now
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} request(s) of {model} failed: {errors[0]}")
+    tbt.sort()
+    return {"tok_s": tokens[0] / wall, "ttft_p50_s": statistics.median(ttft), "tbt_p50_s": tbt[len(tbt) // 2],
+            "tbt_p99_s": tbt[min(len(tbt) - 1, int(len(tbt) * 0.99))]}
+
+
+def sample_routes(address: str, token: str, slow: str, stop: threading.Event, out: list) -> None:
+    """(slowed node's sessions, its stage peer's sessions) every 0.1 s, while routes run."""
+    with CoordinatorClient(address, token=token) as c:
+        while not stop.wait(0.1):
+            m = next((m for m in c.list_models() if m.name == "routes"), None)
+            if m is None or not m.replicas:
+                continue
+            stage = next((k for r in m.replicas for k, s in enumerate(r.stages) if s.node_id == slow), None)
+            if stage is None:
+                continue
+            peer = next(r.stages[stage].node_id for r in m.replicas if r.stages[stage].node_id != slow)
+            load = {slow: 0, peer: 0}
+            for r in m.routes:
+                if r.node_ids and r.node_ids[stage] in load:
+                    load[r.node_ids[stage]] += r.sessions
+            if load[slow] or load[peer]:
+                out.append((load[slow], load[peer]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--slow-threads", type=int, default=1)
+    p.add_argument("--fast-threads", type=int, default=3)
+    p.add_argument("--slowdown", type=float, default=1.0, help="n0's steps take this many times their compute (SWARM_FAULT)")
+    p.add_argument("--no-record", action="store_true")
+    args = p.parse_args(argv)
+    procs, runs, shares = [], {"fixed": [], "routes": []}, []
+    mix = request_mix(args.requests, seed=7)
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        root = Path(tmp)
+        try:
+            coord, ready = start_coordinator(root / "coord", extra_args=COORDINATOR_ARGS)
+            procs.append(coord)
+            address = f"127.0.0.1:{ready['port']}"
+            ids = []
+            for i in range(4):
+                threads = args.slow_threads if i == 0 else args.fast_threads
+                env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+                if i == 0 and args.slowdown > 1:
+                    env["SWARM_FAULT"] = f"slowdown={args.slowdown}"
+                proc, f = start_node(address, ready["token"], root / f"n{i}", name=f"n{i}", extra_args=NODE_ARGS,
+                                     env=child_env(env))
+                procs.append(proc)
+                ids.append(f["node_id"])
+            ckpt = root / "ckpt"
+            make_tiny_checkpoint(ckpt, "llama", num_layers=args.layers, hidden_size=args.hidden, num_heads=8, seed=1)
+            with CoordinatorClient(address, token=ready["admin_token"]) as client:
+                wait_until(lambda: sum(n.state == "online" for n in client.snapshot().nodes) == 4, 60)
+                for name in ("fixed", "routes"):
+                    client.upload_model(ckpt, name=name, options=ServeOptions(
+                        num_replicas=2, num_stages=2, max_seq_len=512, sessions_per_replica=args.clients,
+                        verify_prob=0.0, routes=name == "routes"))
+                placed = {m.name: [[s.node_id[:8] for s in r.stages] for r in m.replicas] for m in client.list_models()}
+            run_stream(address, ready["read_token"], "routes", mix[:args.clients], args.clients)  # warm the live map
+            for _ in range(args.repeats):
+                for name in ("fixed", "routes"):
+                    stop, seen = threading.Event(), []
+                    sampler = threading.Thread(target=sample_routes, args=(address, ready["read_token"], ids[0], stop, seen))
+                    if name == "routes":
+                        sampler.start()
+                    runs[name].append(run_stream(address, ready["read_token"], name, mix, args.clients))
+                    stop.set()
+                    if name == "routes":
+                        sampler.join()
+                        shares.extend(seen)
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name])
+    rows = [[name, med(name, "tok_s"), med(name, "ttft_p50_s") * 1e3, med(name, "tbt_p50_s") * 1e3,
+             med(name, "tbt_p99_s") * 1e3] for name in ("fixed", "routes")]
+    rows[1].append(rows[0][3] / rows[1][3])
+    rows[0].append(1.0)
+    table = markdown_table(["mode", "tokens/s", "TTFT p50 (ms)", "TBT p50 (ms)", "TBT p99 (ms)", "TBT p50 gain"], rows)
+    slow_avg = statistics.mean(s for s, _ in shares) if shares else float("nan")
+    peer_avg = statistics.mean(q for _, q in shares) if shares else float("nan")
+    slowed = f"{args.slow_threads} thread(s)" + (f", slowdown x{args.slowdown:g}" if args.slowdown > 1 else "")
+    share = (f"routes: the slowed node (n0, {slowed}) held {slow_avg:.2f} sessions on average, its "
+             f"stage peer ({args.fast_threads} threads) {peer_avg:.2f} ({len(shares)} samples)")
+    print(table)
+    print(share)
+    print(json.dumps({"runs": runs, "placed": placed}))
+    if not args.no_record:
+        record("Serving: fixed replicas vs per-request routes, one node slowed (bench/serving.py)", table,
+               notes=(f"tiny llama {args.layers} layers, hidden {args.hidden}; 2 replicas x 2 stages on 4 node "
+                      f"processes of this machine, n0 with {slowed}, the others "
+                      f"{args.fast_threads}; {args.clients} clients, {args.requests} requests per run (prompts 8-64 "
+                      f"words, 16-64 new tokens, greedy); median of {args.repeats} alternating runs. {share}. "
+                      f"Placement: {placed}. All runs: {json.dumps(runs)}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
