@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
