@@ -128,6 +128,24 @@ def loss_curve(job: dict, points: int = 6) -> list[tuple[int, float]]:
     return [(s, by_step[s]) for s in picks if s in by_step]
 
 
+COST_PARTS = ("recompute_s", "weights_s", "resync_s", "witness_s")
+
+
+def cost_split(logs, job_ids) -> dict[str, float]:
+    """Share of the stage workers' step time each part of checking took in the ``job_ids`` runs,
+    from the ``spot-check cost`` lines the workers log at the end (node/training/worker.py)."""
+    totals = dict.fromkeys(("step_s",) + COST_PARTS, 0.0)
+    for path in logs:
+        for line in Path(path).read_text(errors="replace").splitlines():
+            if "spot-check cost" not in line:
+                continue
+            kv = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            if kv.get("job") in job_ids:
+                for k in totals:
+                    totals[k] += float(kv[k])
+    return {k: totals[k] / totals["step_s"] for k in COST_PARTS} if totals["step_s"] else {}
+
+
 def run(args) -> dict:
     out: dict = {"runs": {}}
     with tempfile.TemporaryDirectory(prefix="swarm-verify-") as tmp:
@@ -149,8 +167,11 @@ def run(args) -> dict:
                     out.setdefault("repeats", {}).setdefault(name, []).append(s["tokens_per_s"])
                     out["runs"][name] = s
                     print(f"{name}: {job['state']} {job['reason']} {s['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+                    if name == "checked":
+                        out.setdefault("checked_jobs", []).append(job_id)
             for name, values in out["repeats"].items():
                 out["runs"][name]["tokens_per_s"] = statistics.median(values)
+            out["cost_split"] = cost_split([p.log_path for p, _ in swarm.nodes.values()], out["checked_jobs"])
             # the faulty run: n3 makes way for the faulty node, then comes back as the spare
             swarm.stop_node("n3")
             faulty_id = swarm.add_node("faulty", fault=FAULT)
@@ -227,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
              f"(cost {100 * (1 - ratio):.1f}%). Faulty node "
              f"({FAULT}): {f['faulty_state']}, first detected bad step {f['first_bad_step']}, job at step "
              f"{f['step_at_quarantine']} when quarantined; honest nodes quarantined: {f['honest_quarantined']}; "
-             f"held-out loss faulty - checked: {f['heldout_loss'] - r['checked']['heldout_loss']:+.4f} nats.")
+             f"held-out loss faulty - checked: {f['heldout_loss'] - r['checked']['heldout_loss']:+.4f} nats. "
+             "Share of the checked runs' step time (all workers) spent on: "
+             + ", ".join(f"{k[:-2]} {100 * v:.1f}%" for k, v in res["cost_split"].items()) + ".")
     print(table)
     print(notes)
     if args.json:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -263,6 +264,8 @@ class StageVerifier:
         self._next_target = self._roles.get((a.stage + 1, a.replica))
         self.lossless = str(a.spec.codec) == "none"
         self.num_checks = self.num_mismatches = 0
+        # seconds spent on checking in this job's steps (node/training/worker.py logs them at the end)
+        self.cost = dict.fromkeys(("steps", "step_s", "recompute_s", "weights_s", "resync_s", "witness_s"), 0.0)
 
     @property
     def active(self) -> bool:
@@ -272,11 +275,12 @@ class StageVerifier:
     def _witness(self, role: WitnessRole | None, kind: str, step: int, m: int, ids, t: torch.Tensor) -> None:
         if role is None or not self.active or not sampled(role.seed, step, m, self.plan.prob):
             return
-        w = self.w
+        w, t0 = self.w, time.monotonic()
         payload = wt.raw_encode(t.detach().to("cpu", torch.float32).contiguous())
         h = witness_header(job_id=w.a.job_id, kind=kind, role=role, step=step, micro_batch=m, ids=ids,
                            payload=payload, shape=t.shape, sender_id=w.node_id, attempt=w.a.attempt)
         self._senders[role.checker_address].send(wt.WireTensor(header=h, payload=payload))
+        self.cost["witness_s"] += time.monotonic() - t0
 
     def sent_activation(self, step: int, m: int, ids, t: torch.Tensor) -> None:
         self._witness(self._next_target, "witness_input", step, m, ids, t)

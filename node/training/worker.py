@@ -465,17 +465,26 @@ class StageWorker:
             if self.averager is not None and not fencing.is_set():  # a fence: each pipeline on its own
                 self.averager.average_gradients(abort=fencing.is_set, step=step)
             t1 = time.monotonic()
+            cost = self.verifier.cost
             checks = self.verifier.check_step(step)  # weights are still this step's
             # what the step ran with: the coordinator weighs checks only between the same weights
             checked = self.verifier.active
+            tc = time.monotonic()
             digest = param_digest(self.module.parameters()) if checked else ""
             sketch = param_sketch(self.module.parameters()) if checked else ()
+            tw = time.monotonic()
             clip_and_step(self.optimizer, list(self.module.parameters()), step, self.optim_cfg)
+            to = time.monotonic()
             if checked and self.averager is not None and (step + 1) % RESYNC_EVERY_STEPS == 0 \
                     and not fencing.is_set():
                 # every replica at the same steps: replicas a failed round set apart meet again
                 self.averager.average_parameters(abort=fencing.is_set, step=step)
             t2 = time.monotonic()
+            cost["recompute_s"] += tc - t1
+            cost["weights_s"] += tw - tc
+            cost["resync_s"] += t2 - to
+            cost["steps"] += 1
+            cost["step_s"] += t2 - t_step
             comm += t1 - t0
             compute += t2 - t1
             mb_losses = [self.runner.losses[m] for m in sorted(self.runner.losses)] if a.is_last else []
@@ -499,6 +508,11 @@ class StageWorker:
     def _finish(self) -> None:
         for s in self.senders:
             s.flush()
+        c = self.verifier.cost
+        if self.verifier.active and c["steps"]:  # where checking's time went (bench/verification.py reads it)
+            log.info("spot-check cost job=%s stage=%d replica=%d steps=%d step_s=%.3f recompute_s=%.3f "
+                     "weights_s=%.3f resync_s=%.3f witness_s=%.3f", self.a.job_id, self.a.stage, self.a.replica,
+                     c["steps"], c["step_s"], c["recompute_s"], c["weights_s"], c["resync_s"], c["witness_s"])
         self._checkpoint(self.total_steps, final=True)
         self.checkpoints.wait()  # the coordinator needs the final copy to assemble the result
         self.reporter.final(state="done")
