@@ -462,6 +462,8 @@ class StageWorker:
                 comm += t3 - t2
             t0 = time.monotonic()
             fencing = self.membership.fence_pending
+            if self.averager is not None:  # a background parameter round (below) ends before the gradient round
+                self.averager.collect_parameter_round(abort=fencing.is_set)
             if self.averager is not None and not fencing.is_set():  # a fence: each pipeline on its own
                 self.averager.average_gradients(abort=fencing.is_set, step=step)
             t1 = time.monotonic()
@@ -472,13 +474,19 @@ class StageWorker:
             tc = time.monotonic()
             digest = param_digest(self.module.parameters()) if checked else ""
             sketch = param_sketch(self.module.parameters()) if checked else ()
+            if self.averager is not None:  # the previous step's parameter round: replicas meet again
+                self.averager.apply_parameter_round()
             tw = time.monotonic()
             clip_and_step(self.optimizer, list(self.module.parameters()), step, self.optim_cfg)
             to = time.monotonic()
             if checked and self.averager is not None and (step + 1) % RESYNC_EVERY_STEPS == 0 \
                     and not fencing.is_set():
-                # every replica at the same steps: replicas a failed round set apart meet again
-                self.averager.average_parameters(abort=fencing.is_set, step=step)
+                # every replica at the same steps: replicas a failed round set apart meet again, one
+                # step later (the round runs behind the next step's compute); the last step waits
+                if step + 1 < self.total_steps:
+                    self.averager.begin_parameter_round(step)
+                else:
+                    self.averager.average_parameters(abort=fencing.is_set, step=step)
             t2 = time.monotonic()
             cost["recompute_s"] += tc - t1
             cost["weights_s"] += tw - tc
