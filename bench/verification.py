@@ -128,7 +128,9 @@ def loss_curve(job: dict, points: int = 6) -> list[tuple[int, float]]:
     return [(s, by_step[s]) for s in picks if s in by_step]
 
 
-COST_PARTS = ("recompute_s", "weights_s", "resync_s", "witness_s")
+# recompute and weights (sketch + digest) run while the gradient round is in flight: round_s is
+# that round's whole wait, checking included (node/training/worker.py)
+COST_PARTS = ("recompute_s", "weights_s", "resync_s", "witness_s", "round_s")
 
 
 def cost_split(logs, job_ids) -> dict[str, float]:
@@ -142,7 +144,7 @@ def cost_split(logs, job_ids) -> dict[str, float]:
             kv = dict(f.split("=", 1) for f in line.split() if "=" in f)
             if kv.get("job") in job_ids:
                 for k in totals:
-                    totals[k] += float(kv[k])
+                    totals[k] += float(kv.get(k, 0.0))
     return {k: totals[k] / totals["step_s"] for k in COST_PARTS} if totals["step_s"] else {}
 
 

@@ -67,7 +67,7 @@ class ReplicaAverager:
         self.timeout_s = timeout_s
         self.num_ok = 0
         self.num_failed = 0
-        self._pending = None  # a background parameter round: (control, gather, step-t parameters)
+        self._pending = None  # the round in flight: (kind, control, gather, own parameters or None)
         self._delta: list[torch.Tensor] | None = None  # its outcome: mean - own, waiting to be applied
         self.dht = DHT(start=True, host_maddrs=[f"/ip4/{host}/tcp/0"], initial_peers=list(initial_peers))
         buffers = [torch.zeros_like(p, device="cpu", dtype=torch.float32) for p in self.params]
@@ -102,13 +102,27 @@ class ReplicaAverager:
     def average_gradients(self, abort=None, step: int = -1) -> bool:
         """Replace every gradient by the replicas' mean; False (gradients unchanged) on failure
         or when ``abort()`` (polled every 50 ms) turns true before the round ends."""
+        self.begin_gradient_round(step)
+        return self.finish_gradient_round(abort)
+
+    def begin_gradient_round(self, step: int) -> None:
+        """Start the gradient round of ``step`` (the gradients are copied now); the caller may
+        work meanwhile, without touching the gradients, until :meth:`finish_gradient_round`."""
+        self.collect_parameter_round()  # rounds never overlap: they share the buffers
         with self.averager.get_tensors() as bufs:
             for b, p in zip(bufs, self.params):
                 if p.grad is None:
                     b.zero_()
                 else:
                     b.copy_(p.grad.detach().to("cpu", torch.float32))
-        if not self._round(abort, ("grad", step)):
+        self._start("grad", step)
+
+    def finish_gradient_round(self, abort=None) -> bool:
+        """Wait for the gradient round and copy the mean into the gradients; False (gradients
+        unchanged) when none was started, it failed, or ``abort()`` turned true first."""
+        if self._pending is None or self._pending[0] != "grad":
+            return False
+        if not self._finish(abort):
             return False
         with self.averager.get_tensors() as bufs:
             for b, p in zip(bufs, self.params):
@@ -121,10 +135,12 @@ class ReplicaAverager:
         """Replace every parameter by the replicas' mean (the replicas must all call this at the
         same step: the round shares the gradients' buffers and group key); False (parameters
         unchanged) on failure or abort."""
+        self.collect_parameter_round()
         with self.averager.get_tensors() as bufs:
             for b, p in zip(bufs, self.params):
                 b.copy_(p.detach().to("cpu", torch.float32))
-        if not self._round(abort, ("params", step)):
+        self._start("params", step)
+        if not self._finish(abort):
             return False
         with torch.no_grad(), self.averager.get_tensors() as bufs:
             for b, p in zip(bufs, self.params):
@@ -140,24 +156,16 @@ class ReplicaAverager:
             for b, p in zip(bufs, self.params):
                 b.copy_(p.detach().to("cpu", torch.float32))
             own = [b.clone() for b in bufs]
-        gather = ["params", step]
-        try:
-            control = self.averager.step(gather=gather, timeout=self.timeout_s, allow_retries=False, wait=False)
-        except Exception as exc:  # noqa: BLE001 -- a failed round is data
-            log.warning("parameter averaging failed to start: %s", exc)
-            self.num_failed += 1
-            return
-        self._pending = (control, gather, own)
+        self._start("params", step, own)
 
     def collect_parameter_round(self, abort=None) -> bool:
-        """Wait for the background round (if any) and keep its outcome for
+        """Wait for a background parameter round (if any) and keep its outcome for
         :meth:`apply_parameter_round`; the parameters are not touched. False when none was
         pending, or it failed or was aborted."""
-        if self._pending is None:
+        if self._pending is None or self._pending[0] != "params" or self._pending[3] is None:
             return False
-        control, gather, own = self._pending
-        self._pending = None
-        if not self._conclude(self._result(control, abort), gather):
+        own = self._pending[3]
+        if not self._finish(abort):
             return False
         with self.averager.get_tensors() as bufs:
             for o, b in zip(own, bufs):
@@ -175,32 +183,31 @@ class ReplicaAverager:
                 p.add_(d.to(p.device, p.dtype))
         return True
 
-    def _round(self, abort, tag: tuple[str, int]) -> bool:
-        """One all-reduce of the buffers; True when they now hold the group mean of rounds with
-        the same ``tag`` (what is averaged, the step). Every member sends its tag (hivemind's
-        gather); a group that mixed tags (one replica's gradient round met another's late
-        parameter round) is void for every member, none copies the buffers back."""
-        self.collect_parameter_round(abort)  # rounds never overlap: they share the buffers
-        gather = list(tag)
+    def _start(self, kind: str, step: int, own: list[torch.Tensor] | None = None) -> None:
+        """Start one all-reduce of the buffers tagged (``kind``, ``step``); one at a time."""
+        if self._pending is not None:  # rounds never overlap (they share the buffers): one nobody finished ends first
+            self._finish(None)
+        gather = [kind, step]
         try:
-            if abort is None:
-                result = self.averager.step(gather=gather, timeout=self.timeout_s, allow_retries=False)
-            else:
-                control = self.averager.step(gather=gather, timeout=self.timeout_s, allow_retries=False, wait=False)
-                result = self._wait(control, abort)
+            control = self.averager.step(gather=gather, timeout=self.timeout_s, allow_retries=False, wait=False)
         except Exception as exc:  # noqa: BLE001 -- hivemind raises many kinds; a failed round is data
-            log.warning("gradient averaging failed: %s", exc)
-            result = None
-        return self._conclude(result, gather)
+            log.warning("averaging failed to start: %s", exc)
+            control = None
+        self._pending = (kind, control, gather, own)
 
-    def _result(self, control, abort):
-        try:
-            return self._wait(control, abort or (lambda: False))
-        except Exception as exc:  # noqa: BLE001 -- hivemind raises many kinds; a failed round is data
-            log.warning("parameter averaging failed: %s", exc)
-            return None
-
-    def _conclude(self, result, gather: list) -> bool:
+    def _finish(self, abort) -> bool:
+        """True when the pending round's buffers now hold the group mean of rounds with the same
+        tag (what is averaged, the step). Every member sends its tag (hivemind's gather); a group
+        that mixed tags (one replica's gradient round met another's late parameter round) is void
+        for every member, none copies the buffers back."""
+        _, control, gather, _ = self._pending
+        self._pending = None
+        result = None
+        if control is not None:
+            try:
+                result = self._wait(control, abort or (lambda: False))
+            except Exception as exc:  # noqa: BLE001 -- hivemind raises many kinds; a failed round is data
+                log.warning("averaging failed: %s", exc)
         if result is not None and any(list(v) != gather for v in result.values()):
             log.warning("averaging round void: the group mixed rounds %s", sorted({tuple(v) for v in result.values()}))
             result = None
@@ -223,7 +230,7 @@ class ReplicaAverager:
                     raise
             if abort():
                 control.cancel()
-                log.info("gradient averaging aborted (the attempt is being fenced); local gradients kept")
+                log.info("averaging aborted (the attempt is being fenced); local values kept")
                 return None
 
     def shutdown(self, timeout_s: float = 3.0) -> None:

@@ -1,4 +1,4 @@
-"""Background parameter rounds between two real hivemind averagers in this process
+"""Gradient rounds with work in between, and background parameter rounds, between two real hivemind averagers in this process
 (swarm/pipeline/averaging.py, step 4 of its protocol): the round runs while the replicas keep
 working, and applying it moves each replica by (mean - its own snapshot), so two replicas that a
 failed round set apart meet again even though they changed their parameters in the meantime."""
@@ -28,6 +28,24 @@ def test_background_parameter_round_brings_drifted_replicas_together() -> None:
         b = ReplicaAverager(params=params[1], prefix="bground", num_replicas=2, initial_peers=a.maddrs(), timeout_s=30)
         a.wait_for_peers(1, 30)
         b.wait_for_peers(1, 30)
+        # a gradient round in flight while the caller works (a spot check reads the weights)
+        grads = [torch.randn(4096, generator=g) for _ in range(2)]
+        for p, gr in zip(params, grads):
+            p[0].grad = gr.clone()
+        for k, av in enumerate((a, b)):
+            av.begin_gradient_round(step=4)
+        assert all(torch.equal(p[0].grad, gr) for p, gr in zip(params, grads))  # untouched until finished
+        finished = [None, None]
+        threads = [threading.Thread(target=lambda k=k, av=av: finished.__setitem__(k, av.finish_gradient_round()))
+                   for k, av in enumerate((a, b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert finished == [True, True]
+        mean = (grads[0] + grads[1]) / 2
+        for p in params:
+            assert (p[0].grad - mean).norm() / mean.norm() < 5e-3  # fp16 in transit
         for av in (a, b):
             av.begin_parameter_round(step=4)
         # the next step's work happens meanwhile: both replicas apply the same update
