@@ -73,6 +73,12 @@ class Swarm:
     def online(self) -> int:
         return sum(n["state"] == "online" for n in self.get("/api/nodes")["nodes"])
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the coordinator, the nodes and all their descendants
+        (hivemind's processes) have used so far, exited children that were waited for included."""
+        roots = [self.coord.proc.pid] + [p.proc.pid for p, _ in self.nodes.values()]
+        return tree_cpu_s(roots)
+
     def stop(self) -> None:
         for proc, _ in self.nodes.values():
             proc.stop()
@@ -130,6 +136,32 @@ def loss_curve(job: dict, points: int = 6) -> list[tuple[int, float]]:
 
 # recompute and weights (sketch + digest) run while the gradient round is in flight: round_s is
 # that round's whole wait, checking included (node/training/worker.py)
+def tree_cpu_s(roots: list[int]) -> float:
+    """utime + stime + cutime + cstime of ``roots`` and their live descendants, from /proc."""
+    import os
+
+    stats: dict[int, list[str]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stats[int(d.name)] = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # exited meanwhile
+    children: dict[int, list[int]] = {}
+    for pid, f in stats.items():
+        children.setdefault(int(f[1]), []).append(pid)  # f[1]: ppid (field 4)
+    total, todo, seen = 0, list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in stats:
+            continue
+        seen.add(pid)
+        f = stats[pid]
+        total += sum(int(v) for v in f[11:15])  # utime stime cutime cstime (fields 14-17)
+        todo += children.get(pid, [])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 COST_PARTS = ("recompute_s", "weights_s", "resync_s", "witness_s", "round_s")
 
 
@@ -162,11 +194,12 @@ def run(args) -> dict:
             # neighbour's load on a shared machine hits both alike
             for _ in range(args.repeats):
                 for name, prob in (("off", 0.0), ("checked", args.prob)):
-                    t0 = time.monotonic()
+                    t0, c0 = time.monotonic(), swarm.cpu_s()
                     job_id = submit(swarm, model, data, steps=args.steps, batch_size=args.batch_size, prob=prob)
                     job = wait_job(swarm, job_id, args.timeout_s)
                     s = _summary(job, root, heldout, time.monotonic() - t0)
                     out.setdefault("repeats", {}).setdefault(name, []).append(s["tokens_per_s"])
+                    out.setdefault("cpu_s", {}).setdefault(name, []).append(swarm.cpu_s() - c0)
                     out["runs"][name] = s
                     print(f"{name}: {job['state']} {job['reason']} {s['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
                     if name == "checked":
@@ -253,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
              f"held-out loss faulty - checked: {f['heldout_loss'] - r['checked']['heldout_loss']:+.4f} nats. "
              "Share of the checked runs' step time (all workers) spent on: "
              + ", ".join(f"{k[:-2]} {100 * v:.1f}%" for k, v in res["cost_split"].items()) + ".")
+    cpu = {k: statistics.median(v) for k, v in res["cpu_s"].items()}
+    notes += (f" CPU seconds per job (coordinator, nodes and hivemind's processes; medians; each run: "
+              + "; ".join(f"{k}: " + ", ".join(f"{v:.1f}" for v in vs) for k, vs in res["cpu_s"].items())
+              + f"): off {cpu['off']:.1f}, checked {cpu['checked']:.1f}; off / checked CPU "
+              f"{cpu['off'] / cpu['checked']:.3f} (the tokens/s ratio to expect where the CPU is the bottleneck).")
     print(table)
     print(notes)
     if args.json:

@@ -487,13 +487,10 @@ class StageWorker:
             clip_and_step(self.optimizer, list(self.module.parameters()), step, self.optim_cfg)
             to = time.monotonic()
             if checked and self.averager is not None and (step + 1) % RESYNC_EVERY_STEPS == 0 \
-                    and not fencing.is_set():
+                    and step + 1 < self.total_steps and not fencing.is_set():
                 # every replica at the same steps: replicas a failed round set apart meet again, one
-                # step later (the round runs behind the next step's compute); the last step waits
-                if step + 1 < self.total_steps:
-                    self.averager.begin_parameter_round(step)
-                else:
-                    self.averager.average_parameters(abort=fencing.is_set, step=step)
+                # step later (the round runs behind the next step's compute; no step checks after the last)
+                self.averager.begin_parameter_round(step)
             t2 = time.monotonic()
             cost["recompute_s"] += tc - tr  # within the round's time when averaging
             cost["weights_s"] += tw - tc
