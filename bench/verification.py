@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench._cpu import tree_cpu_s
 from bench._record import markdown_table, record
 from bench.chaos import heldout_loss, inputs
 from swarm.job_spec import DEFAULT_VERIFY_PROB
@@ -136,32 +137,6 @@ def loss_curve(job: dict, points: int = 6) -> list[tuple[int, float]]:
 
 # recompute and weights (sketch + digest) run while the gradient round is in flight: round_s is
 # that round's whole wait, checking included (node/training/worker.py)
-def tree_cpu_s(roots: list[int]) -> float:
-    """utime + stime + cutime + cstime of ``roots`` and their live descendants, from /proc."""
-    import os
-
-    stats: dict[int, list[str]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stats[int(d.name)] = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue  # exited meanwhile
-    children: dict[int, list[int]] = {}
-    for pid, f in stats.items():
-        children.setdefault(int(f[1]), []).append(pid)  # f[1]: ppid (field 4)
-    total, todo, seen = 0, list(roots), set()
-    while todo:
-        pid = todo.pop()
-        if pid in seen or pid not in stats:
-            continue
-        seen.add(pid)
-        f = stats[pid]
-        total += sum(int(v) for v in f[11:15])  # utime stime cutime cstime (fields 14-17)
-        todo += children.get(pid, [])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 COST_PARTS = ("recompute_s", "weights_s", "resync_s", "witness_s", "round_s")
 
 
