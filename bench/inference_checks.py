@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench._cpu import tree_cpu_s
 from bench._record import markdown_table, record
 from bench.inference import swarm_run
 from coordinator.inference.store import DEFAULT_VERIFY_PROB
@@ -57,9 +58,13 @@ def main(argv: list[str] | None = None) -> int:
                     client.upload_model(ckpt, name=name, options=ServeOptions(
                         num_replicas=2, num_stages=2, max_seq_len=128, sessions_per_replica=8, verify_prob=prob))
             runs: dict[str, list[float]] = {"off": [], "checked": []}
+            cpu: dict[str, list[float]] = {"off": [], "checked": []}  # CPU s per run: coordinator + nodes
+            pids = [p.proc.pid for p in procs]
             for _ in range(args.repeats):
                 for name in ("off", "checked"):
+                    c0 = tree_cpu_s(pids)
                     r = swarm_run(address, name, args.new_tokens, args.sessions, 1, token=ready["read_token"])
+                    cpu[name].append(tree_cpu_s(pids) - c0)
                     runs[name].append(r["agg_tok_s"])
             with CoordinatorClient(address, token=ready["read_token"]) as client:
                 models = {m.name: m for m in client.list_models()}
@@ -71,14 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = [["off", 0.0, off, 1.0, models["off"].num_checks, ""],
             ["checked", args.prob, checked, checked / off, m.num_checks, m.num_check_failures]]
     table = markdown_table(["run", "verify prob", "tokens/s (median)", "vs off", "checks", "failed"], rows)
+    cpu_off, cpu_checked = statistics.median(cpu["off"]), statistics.median(cpu["checked"])
+    cpu_note = (f"CPU seconds per run (coordinator and nodes; medians) off {cpu_off:.2f}, checked {cpu_checked:.2f}: "
+                f"off / checked CPU {cpu_off / cpu_checked:.3f} (the tokens/s ratio to expect where the CPU is the "
+                f"bottleneck); all runs: off {[round(v, 2) for v in cpu['off']]}, checked {[round(v, 2) for v in cpu['checked']]}")
     print(table)
-    print(json.dumps({"off_tok_s": runs["off"], "checked_tok_s": runs["checked"]}))
+    print(cpu_note)
+    print(json.dumps({"off_tok_s": runs["off"], "checked_tok_s": runs["checked"], "cpu_s": cpu}))
     if not args.no_record:
         record("Inference spot checks: tokens/s, checked vs off (bench/inference_checks.py)", table,
                notes=(f"tiny llama {args.layers} layers, hidden {args.hidden}; 2 replicas x 2 stages on 4 node "
                       f"processes of this machine; {args.sessions} concurrent greedy sessions x {args.new_tokens} "
                       f"tokens; median of {args.repeats} alternating runs; all runs: off {runs['off']}, "
-                      f"checked {runs['checked']}"))
+                      f"checked {runs['checked']}. {cpu_note}"))
     return 0
 
 

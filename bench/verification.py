@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench._cpu import tree_cpu_s
 from bench._record import markdown_table, record
 from bench.chaos import heldout_loss, inputs
 from swarm.job_spec import DEFAULT_VERIFY_PROB
@@ -72,6 +73,12 @@ class Swarm:
 
     def online(self) -> int:
         return sum(n["state"] == "online" for n in self.get("/api/nodes")["nodes"])
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the coordinator, the nodes and all their descendants
+        (hivemind's processes) have used so far, exited children that were waited for included."""
+        roots = [self.coord.proc.pid] + [p.proc.pid for p, _ in self.nodes.values()]
+        return tree_cpu_s(roots)
 
     def stop(self) -> None:
         for proc, _ in self.nodes.values():
@@ -128,6 +135,26 @@ def loss_curve(job: dict, points: int = 6) -> list[tuple[int, float]]:
     return [(s, by_step[s]) for s in picks if s in by_step]
 
 
+# recompute and weights (sketch + digest) run while the gradient round is in flight: round_s is
+# that round's whole wait, checking included (node/training/worker.py)
+COST_PARTS = ("recompute_s", "weights_s", "resync_s", "witness_s", "round_s")
+
+
+def cost_split(logs, job_ids) -> dict[str, float]:
+    """Share of the stage workers' step time each part of checking took in the ``job_ids`` runs,
+    from the ``spot-check cost`` lines the workers log at the end (node/training/worker.py)."""
+    totals = dict.fromkeys(("step_s",) + COST_PARTS, 0.0)
+    for path in logs:
+        for line in Path(path).read_text(errors="replace").splitlines():
+            if "spot-check cost" not in line:
+                continue
+            kv = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            if kv.get("job") in job_ids:
+                for k in totals:
+                    totals[k] += float(kv.get(k, 0.0))
+    return {k: totals[k] / totals["step_s"] for k in COST_PARTS} if totals["step_s"] else {}
+
+
 def run(args) -> dict:
     out: dict = {"runs": {}}
     with tempfile.TemporaryDirectory(prefix="swarm-verify-") as tmp:
@@ -142,15 +169,19 @@ def run(args) -> dict:
             # neighbour's load on a shared machine hits both alike
             for _ in range(args.repeats):
                 for name, prob in (("off", 0.0), ("checked", args.prob)):
-                    t0 = time.monotonic()
+                    t0, c0 = time.monotonic(), swarm.cpu_s()
                     job_id = submit(swarm, model, data, steps=args.steps, batch_size=args.batch_size, prob=prob)
                     job = wait_job(swarm, job_id, args.timeout_s)
                     s = _summary(job, root, heldout, time.monotonic() - t0)
                     out.setdefault("repeats", {}).setdefault(name, []).append(s["tokens_per_s"])
+                    out.setdefault("cpu_s", {}).setdefault(name, []).append(swarm.cpu_s() - c0)
                     out["runs"][name] = s
                     print(f"{name}: {job['state']} {job['reason']} {s['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+                    if name == "checked":
+                        out.setdefault("checked_jobs", []).append(job_id)
             for name, values in out["repeats"].items():
                 out["runs"][name]["tokens_per_s"] = statistics.median(values)
+            out["cost_split"] = cost_split([p.log_path for p, _ in swarm.nodes.values()], out["checked_jobs"])
             # the faulty run: n3 makes way for the faulty node, then comes back as the spare
             swarm.stop_node("n3")
             faulty_id = swarm.add_node("faulty", fault=FAULT)
@@ -227,7 +258,14 @@ def main(argv: list[str] | None = None) -> int:
              f"(cost {100 * (1 - ratio):.1f}%). Faulty node "
              f"({FAULT}): {f['faulty_state']}, first detected bad step {f['first_bad_step']}, job at step "
              f"{f['step_at_quarantine']} when quarantined; honest nodes quarantined: {f['honest_quarantined']}; "
-             f"held-out loss faulty - checked: {f['heldout_loss'] - r['checked']['heldout_loss']:+.4f} nats.")
+             f"held-out loss faulty - checked: {f['heldout_loss'] - r['checked']['heldout_loss']:+.4f} nats. "
+             "Share of the checked runs' step time (all workers) spent on: "
+             + ", ".join(f"{k[:-2]} {100 * v:.1f}%" for k, v in res["cost_split"].items()) + ".")
+    cpu = {k: statistics.median(v) for k, v in res["cpu_s"].items()}
+    notes += (f" CPU seconds per job (coordinator, nodes and hivemind's processes; medians; each run: "
+              + "; ".join(f"{k}: " + ", ".join(f"{v:.1f}" for v in vs) for k, vs in res["cpu_s"].items())
+              + f"): off {cpu['off']:.1f}, checked {cpu['checked']:.1f}; off / checked CPU "
+              f"{cpu['off'] / cpu['checked']:.3f} (the tokens/s ratio to expect where the CPU is the bottleneck).")
     print(table)
     print(notes)
     if args.json:

@@ -454,9 +454,12 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         the last position of its input and of its output (logits rows on the last stage)."""
         if not ends:
             return []
-        rows = torch.tensor([row for _, row in ends], device=out.device)
-        outs = sketch_rows(out[torch.tensor([i for i, _ in ends], device=out.device)] if last else out[rows])
-        ins = sketch_rows(hidden[rows.to(hidden.device)]) if hidden is not None else [()] * len(ends)
+        rows, idx = [row for _, row in ends], [i for i, _ in ends]
+        # every row committed (decode steps of sessions that all commit): no gather needed;
+        # rows and idx are increasing and distinct, so as many as the tensor has are all of them
+        pick = lambda t, sel: t if len(sel) == t.shape[0] else t[sel]  # noqa: E731
+        outs = sketch_rows(pick(out, idx if last else rows))
+        ins = sketch_rows(pick(hidden, rows)) if hidden is not None else [()] * len(ends)
         return [pb.ServeCommitment(stage=a.stage, session_id=entries[i].session_id, input=inp, output=o)
                 for (i, _), inp, o in zip(ends, ins, outs)]
 

@@ -25,6 +25,11 @@ Protocol (per checked stage T = (stage s, replica r); its checker C is the repli
   leaves each with its own gradients (~1e-2 apart); the second case is void, counted as
   unverifiable. To bring drifted replicas back, checked jobs average their *parameters* with the
   replicas every ``RESYNC_EVERY_STEPS`` steps (node/training/worker.py).
+- What checking costs a step (bench/verification.py measures it): the recomputations, the
+  digest and the sketch run while the step's gradient round is in flight (they only read the
+  weights), and the parameter round runs in the background behind the next step's compute
+  (swarm/pipeline/averaging.py); what is left on the step's path is the witness copies and the
+  work the overlapped parts take from the CPU.
 
 Only lossless boundaries are checked (codec ``none``); compressed boundaries are not yet
 (AQ-SGD's per-sample state would have to be mirrored on the checker).
@@ -35,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +62,8 @@ LOSS_TOLERANCE = 0.1  # nats, absolute
 # Checked jobs with replicas average their parameters every this many steps (after the
 # optimizer step), so replicas that a failed gradient round set apart are within the
 # coordinator's SYNC_TOLERANCE again: checks are void for at most this many steps after a
-# failed round. One extra all-reduce of the stage's parameters per period (bench/verification.py).
+# failed round (plus one step: the round runs behind the next step's compute). One extra
+# all-reduce of the stage's parameters per period, in the background (bench/verification.py).
 RESYNC_EVERY_STEPS = 5
 WITNESS_KINDS = ("witness_input", "witness_output", "witness_grad_out", "witness_grad_in")
 
@@ -263,6 +270,8 @@ class StageVerifier:
         self._next_target = self._roles.get((a.stage + 1, a.replica))
         self.lossless = str(a.spec.codec) == "none"
         self.num_checks = self.num_mismatches = 0
+        # seconds spent on checking in this job's steps (node/training/worker.py logs them at the end)
+        self.cost = dict.fromkeys(("steps", "step_s", "recompute_s", "weights_s", "resync_s", "witness_s", "round_s"), 0.0)
 
     @property
     def active(self) -> bool:
@@ -272,11 +281,12 @@ class StageVerifier:
     def _witness(self, role: WitnessRole | None, kind: str, step: int, m: int, ids, t: torch.Tensor) -> None:
         if role is None or not self.active or not sampled(role.seed, step, m, self.plan.prob):
             return
-        w = self.w
+        w, t0 = self.w, time.monotonic()
         payload = wt.raw_encode(t.detach().to("cpu", torch.float32).contiguous())
         h = witness_header(job_id=w.a.job_id, kind=kind, role=role, step=step, micro_batch=m, ids=ids,
                            payload=payload, shape=t.shape, sender_id=w.node_id, attempt=w.a.attempt)
         self._senders[role.checker_address].send(wt.WireTensor(header=h, payload=payload))
+        self.cost["witness_s"] += time.monotonic() - t0
 
     def sent_activation(self, step: int, m: int, ids, t: torch.Tensor) -> None:
         self._witness(self._next_target, "witness_input", step, m, ids, t)

@@ -465,22 +465,44 @@ class StageWorker:
                 comm += t3 - t2
             t0 = time.monotonic()
             fencing = self.membership.fence_pending
-            if self.averager is not None and not fencing.is_set():  # a fence: each pipeline on its own
-                self.averager.average_gradients(abort=fencing.is_set, step=step)
-            t1 = time.monotonic()
+            if self.averager is not None:  # a background parameter round (below) ends before the gradient round
+                self.averager.collect_parameter_round(abort=fencing.is_set)
+            averaging = self.averager is not None and not fencing.is_set()  # a fence: each pipeline on its own
+            if averaging:
+                self.averager.begin_gradient_round(step)
+            # While the replicas' gradient round is in flight (it neither reads nor changes the
+            # weights), this stage checks its target and fingerprints its weights: checking hides
+            # behind the round's network time instead of adding to the step.
+            tr = time.monotonic()
+            cost = self.verifier.cost
             checks = self.verifier.check_step(step)  # weights are still this step's
             # what the step ran with: the coordinator weighs checks only between the same weights
             checked = self.verifier.active
+            tc = time.monotonic()
             digest = param_digest(self.module.parameters()) if checked else ""
             sketch = param_sketch(self.module.parameters()) if checked else ()
+            tw = time.monotonic()
+            if averaging:
+                self.averager.finish_gradient_round(abort=fencing.is_set)
+            t1 = time.monotonic()
+            if self.averager is not None:  # the previous step's parameter round: replicas meet again
+                self.averager.apply_parameter_round()
             clip_and_step(self.optimizer, list(self.module.parameters()), step, self.optim_cfg)
+            to = time.monotonic()
             if checked and self.averager is not None and (step + 1) % RESYNC_EVERY_STEPS == 0 \
-                    and not fencing.is_set():
-                # every replica at the same steps: replicas a failed round set apart meet again
-                self.averager.average_parameters(abort=fencing.is_set, step=step)
+                    and step + 1 < self.total_steps and not fencing.is_set():
+                # every replica at the same steps: replicas a failed round set apart meet again, one
+                # step later (the round runs behind the next step's compute; no step checks after the last)
+                self.averager.begin_parameter_round(step)
             t2 = time.monotonic()
-            comm += t1 - t0
-            compute += t2 - t1
+            cost["recompute_s"] += tc - tr  # within the round's time when averaging
+            cost["weights_s"] += tw - tc
+            cost["round_s"] += t1 - tr  # the gradient round's wait, checking included
+            cost["resync_s"] += t2 - to
+            cost["steps"] += 1
+            cost["step_s"] += t2 - t_step
+            comm += (t1 - t0) - (tw - tr)  # checking is compute, even while the round is in flight
+            compute += (t2 - t1) + (tw - tr)
             mb_losses = [self.runner.losses[m] for m in sorted(self.runner.losses)] if a.is_last else []
             loss = self.runner.step_loss() if a.is_last else None
             step_s = time.monotonic() - t_step
@@ -502,6 +524,12 @@ class StageWorker:
     def _finish(self) -> None:
         for s in self.senders:
             s.flush()
+        c = self.verifier.cost
+        if self.verifier.active and c["steps"]:  # where checking's time went (bench/verification.py reads it)
+            log.info("spot-check cost job=%s stage=%d replica=%d steps=%d step_s=%.3f recompute_s=%.3f "
+                     "weights_s=%.3f resync_s=%.3f witness_s=%.3f round_s=%.3f", self.a.job_id, self.a.stage,
+                     self.a.replica, c["steps"], c["step_s"], c["recompute_s"], c["weights_s"], c["resync_s"],
+                     c["witness_s"], c["round_s"])
         self._checkpoint(self.total_steps, final=True)
         self.checkpoints.wait()  # the coordinator needs the final copy to assemble the result
         self.reporter.final(state="done")

@@ -41,12 +41,15 @@ TOLERANCE = 0.1
 TOKEN_SLACK_RMS = 2 * TOLERANCE
 
 _SKETCH_SEED = 0x70C10C
-_maps: dict[tuple[int, str], torch.Tensor] = {}
+_maps: dict[tuple[int, torch.device], torch.Tensor] = {}
 _maps_lock = threading.Lock()
 
 
 def _projection(dim: int, device: torch.device) -> torch.Tensor:
-    key = (dim, str(device))
+    key = (dim, device)
+    p = _maps.get(key)  # made once per (dim, device); every step of every stage looks it up
+    if p is not None:
+        return p
     with _maps_lock:
         p = _maps.get(key)
         if p is None:

@@ -14,7 +14,14 @@ Protocol a replica follows (one :class:`ReplicaAverager` per job and stage on ea
    bit-identical; a round the replicas agree to run on *parameters* instead
    (:meth:`ReplicaAverager.average_parameters`, same buffers) brings replicas that drifted apart
    after a failed round back together; ``abort`` (a callable polled while waiting) cancels a round that
-   can no longer complete, e.g. when the coordinator fences the attempt after losing a replica.
+   can no longer complete, e.g. when the coordinator fences the attempt after losing a replica;
+4. a parameter round may also run in the background, behind the next step's compute
+   (:meth:`ReplicaAverager.begin_parameter_round` after the optimizer step of step t, then
+   :meth:`collect_parameter_round` before the gradient round of step t+1, whose buffers it
+   shares, and :meth:`apply_parameter_round` when the caller is done with step t+1's weights):
+   each replica adds (mean of the replicas' step-t parameters - its own step-t parameters) to
+   its parameters, i.e. the replicas meet one step later than with a blocking round, without
+   waiting for it. Rounds never overlap: a round started while one is pending collects it first.
 
 hivemind is imported lazily: single-replica jobs never load it.
 """
@@ -60,6 +67,8 @@ class ReplicaAverager:
         self.timeout_s = timeout_s
         self.num_ok = 0
         self.num_failed = 0
+        self._pending = None  # the round in flight: (kind, control, gather, own parameters or None)
+        self._delta: list[torch.Tensor] | None = None  # its outcome: mean - own, waiting to be applied
         self.dht = DHT(start=True, host_maddrs=[f"/ip4/{host}/tcp/0"], initial_peers=list(initial_peers))
         buffers = [torch.zeros_like(p, device="cpu", dtype=torch.float32) for p in self.params]
         try:
@@ -93,13 +102,27 @@ class ReplicaAverager:
     def average_gradients(self, abort=None, step: int = -1) -> bool:
         """Replace every gradient by the replicas' mean; False (gradients unchanged) on failure
         or when ``abort()`` (polled every 50 ms) turns true before the round ends."""
+        self.begin_gradient_round(step)
+        return self.finish_gradient_round(abort)
+
+    def begin_gradient_round(self, step: int) -> None:
+        """Start the gradient round of ``step`` (the gradients are copied now); the caller may
+        work meanwhile, without touching the gradients, until :meth:`finish_gradient_round`."""
+        self.collect_parameter_round()  # rounds never overlap: they share the buffers
         with self.averager.get_tensors() as bufs:
             for b, p in zip(bufs, self.params):
                 if p.grad is None:
                     b.zero_()
                 else:
                     b.copy_(p.grad.detach().to("cpu", torch.float32))
-        if not self._round(abort, ("grad", step)):
+        self._start("grad", step)
+
+    def finish_gradient_round(self, abort=None) -> bool:
+        """Wait for the gradient round and copy the mean into the gradients; False (gradients
+        unchanged) when none was started, it failed, or ``abort()`` turned true first."""
+        if self._pending is None or self._pending[0] != "grad":
+            return False
+        if not self._finish(abort):
             return False
         with self.averager.get_tensors() as bufs:
             for b, p in zip(bufs, self.params):
@@ -112,38 +135,79 @@ class ReplicaAverager:
         """Replace every parameter by the replicas' mean (the replicas must all call this at the
         same step: the round shares the gradients' buffers and group key); False (parameters
         unchanged) on failure or abort."""
+        self.collect_parameter_round()
         with self.averager.get_tensors() as bufs:
             for b, p in zip(bufs, self.params):
                 b.copy_(p.detach().to("cpu", torch.float32))
-        if not self._round(abort, ("params", step)):
+        self._start("params", step)
+        if not self._finish(abort):
             return False
         with torch.no_grad(), self.averager.get_tensors() as bufs:
             for b, p in zip(bufs, self.params):
                 p.copy_(b.to(p.device, p.dtype))
         return True
 
-    def _round(self, abort, tag: tuple[str, int]) -> bool:
-        """One all-reduce of the buffers; True when they now hold the group mean of rounds with
-        the same ``tag`` (what is averaged, the step). Every member sends its tag (hivemind's
-        gather); a group that mixed tags (one replica's gradient round met another's late
-        parameter round) is void for every member, none copies the buffers back."""
-        gather = list(tag)
+    def begin_parameter_round(self, step: int) -> None:
+        """Start averaging the parameters (as they are now: after step ``step``'s optimizer
+        step) in the background; every replica must call this at the same step. Keeps one copy
+        of the parameters on the host until :meth:`collect_parameter_round`."""
+        self.collect_parameter_round()
+        with self.averager.get_tensors() as bufs:
+            for b, p in zip(bufs, self.params):
+                b.copy_(p.detach().to("cpu", torch.float32))
+            own = [b.clone() for b in bufs]
+        self._start("params", step, own)
+
+    def collect_parameter_round(self, abort=None) -> bool:
+        """Wait for a background parameter round (if any) and keep its outcome for
+        :meth:`apply_parameter_round`; the parameters are not touched. False when none was
+        pending, or it failed or was aborted."""
+        if self._pending is None or self._pending[0] != "params" or self._pending[3] is None:
+            return False
+        own = self._pending[3]
+        if not self._finish(abort):
+            return False
+        with self.averager.get_tensors() as bufs:
+            for o, b in zip(own, bufs):
+                torch.sub(b, o, out=o)  # mean - own, in place of own
+        self._delta = own
+        return True
+
+    def apply_parameter_round(self) -> bool:
+        """Add the collected round's (mean - own) to the parameters; False when there is none."""
+        delta, self._delta = self._delta, None
+        if delta is None:
+            return False
+        with torch.no_grad():
+            for d, p in zip(delta, self.params):
+                p.add_(d.to(p.device, p.dtype))
+        return True
+
+    def _start(self, kind: str, step: int, own: list[torch.Tensor] | None = None) -> None:
+        """Start one all-reduce of the buffers tagged (``kind``, ``step``); one at a time."""
+        if self._pending is not None:  # rounds never overlap (they share the buffers): one nobody finished ends first
+            self._finish(None)
+        gather = [kind, step]
         try:
-            if abort is None:
-                result = self.averager.step(gather=gather, timeout=self.timeout_s, allow_retries=False)
-            else:
-                control = self.averager.step(gather=gather, timeout=self.timeout_s, allow_retries=False, wait=False)
-                while not control.done() and not abort():
-                    time.sleep(0.05)
-                if control.done():
-                    result = control.result()
-                else:
-                    control.cancel()
-                    log.info("gradient averaging aborted (the attempt is being fenced); local gradients kept")
-                    result = None
+            control = self.averager.step(gather=gather, timeout=self.timeout_s, allow_retries=False, wait=False)
         except Exception as exc:  # noqa: BLE001 -- hivemind raises many kinds; a failed round is data
-            log.warning("gradient averaging failed: %s", exc)
-            result = None
+            log.warning("averaging failed to start: %s", exc)
+            control = None
+        self._pending = (kind, control, gather, own)
+
+    def _finish(self, abort) -> bool:
+        """True when the pending round's buffers now hold the group mean of rounds with the same
+        tag (what is averaged, the step). Every member sends its tag (hivemind's gather); a group
+        that mixed tags (one replica's gradient round met another's late parameter round) is void
+        for every member, none copies the buffers back."""
+        _, control, gather, _ = self._pending
+        self._pending = None
+        result = None
+        if control is not None:
+            try:
+                result = self._wait(control, abort or (lambda: False))
+            except Exception as exc:  # noqa: BLE001 -- hivemind raises many kinds; a failed round is data
+                log.warning("averaging failed: %s", exc)
         if result is not None and any(list(v) != gather for v in result.values()):
             log.warning("averaging round void: the group mixed rounds %s", sorted({tuple(v) for v in result.values()}))
             result = None
@@ -152,6 +216,22 @@ class ReplicaAverager:
             return False
         self.num_ok += 1
         return True
+
+    @staticmethod
+    def _wait(control, abort):
+        """The round's result as soon as it ends (a blocking wait: the 50 ms sleep-poll it
+        replaces made a 2-replica round on loopback take 154 ms instead of 92, medians measured on
+        a 2-core box); ``abort()`` is polled every 50 ms meanwhile and cancels the round (None)."""
+        while True:
+            try:
+                return control.result(timeout=0.05)
+            except TimeoutError:  # concurrent.futures' wait timed out -- or the round itself did
+                if control.done():
+                    raise
+            if abort():
+                control.cancel()
+                log.info("averaging aborted (the attempt is being fenced); local values kept")
+                return None
 
     def shutdown(self, timeout_s: float = 3.0) -> None:
         """Stop the averager and DHT processes; SIGKILL them if they linger.
