@@ -121,7 +121,10 @@ class Membership:
         step arrives with progress replies and assignment polls; a worker waiting during a fence
         whose switch step it does not know yet also asks for it (every ``SWITCH_POLL_S``), or it
         would wait out its peer timeout and blame a stage 0 that stopped at the switch step."""
-        if self.fence_pending.is_set() and not self.switch_step \
+        # only a stage after the first asks: its "fence" report does not set the switch step (a
+        # stage 0's boundary does), while a stage 0 asking from inside a step would name a step it
+        # is about to finish as its boundary (that step was then done by both attempts)
+        if not self.a.is_first and self.fence_pending.is_set() and not self.switch_step \
                 and time.monotonic() - self._last_switch_poll >= SWITCH_POLL_S:
             self._last_switch_poll = time.monotonic()
             try:  # one try: the wait itself must not block on a coordinator outage

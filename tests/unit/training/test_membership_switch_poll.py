@@ -50,6 +50,17 @@ def test_a_waiting_stage_learns_the_switch_step_by_asking():
     assert m.switch_step == 9
 
 
+def test_a_stage_0_never_asks_from_inside_a_step():
+    """Its "fence" report names its boundary and sets the switch step: asked while it waits for a
+    gradient of step 9, it would make 9 the switch step although it finishes step 9 (done twice)."""
+    client = FakeClient([])
+    a = SimpleNamespace(job_id="j", attempt=2, stage=0, replica=0, is_first=True)
+    m = Membership(client, a, stop=threading.Event())
+    m.on_fence(0)
+    m.while_waiting(9)
+    assert client.reports == []
+
+
 def test_a_failed_poll_changes_nothing():
     m = _membership(FakeClient([UnavailableError("coordinator restarting")]))
     m.on_fence(0)
