@@ -315,6 +315,17 @@ class PeerSender:
         self.check()
         self._queue.put(wire)
 
+    def try_send(self, wire: wt.WireTensor) -> bool:
+        """Queue ``wire`` unless the sender failed or its queue is full (never blocks): for
+        best-effort copies, such as spot-check witnesses, that must not hold up training."""
+        if self.error is not None:
+            return False
+        try:
+            self._queue.put_nowait(wire)
+        except queue.Full:
+            return False
+        return True
+
     def send_message(self, msg, ready=None, **fields) -> None:
         """Queue a codec message; ``fields`` are the TensorHeader's but for the payload size and
         checksum, which the sender's thread fills in while it serialises the message."""
