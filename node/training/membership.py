@@ -67,17 +67,20 @@ class Membership:
                      self.a.stage, self.a.replica)
             self.switch_step = int(switch_step)
 
+    def _request(self, state: str, step: int, **extra) -> pb.ProgressReport:
+        a = self.a
+        return pb.ProgressReport(job_id=a.job_id, attempt=a.attempt, stage=a.stage, replica=a.replica, step=step,
+                                 state=state, **extra)
+
     def _report(self, state: str, step: int, **extra) -> pb.ProgressAck:
         """One report, retried through a coordinator outage of up to ``outage_s``."""
-        a = self.a
         deadline = time.monotonic() + self.outage_s
         backoff = POLL_S
         while True:
             if self.stop.is_set():
                 raise PeerError("stopped")
             try:
-                ack = self.client.report(pb.ProgressReport(job_id=a.job_id, attempt=a.attempt, stage=a.stage,
-                                                           replica=a.replica, step=step, state=state, **extra))
+                ack = self.client.report(self._request(state, step, **extra))
             except SwarmError as exc:
                 if not is_outage(exc):
                     raise
@@ -128,9 +131,7 @@ class Membership:
                 and time.monotonic() - self._last_switch_poll >= SWITCH_POLL_S:
             self._last_switch_poll = time.monotonic()
             try:  # one try: the wait itself must not block on a coordinator outage
-                self.on_ack(self.client.report(pb.ProgressReport(
-                    job_id=self.a.job_id, attempt=self.a.attempt, stage=self.a.stage, replica=self.a.replica,
-                    step=step, state="fence")))
+                self.on_ack(self.client.report(self._request("fence", step)))
             except SwarmError as exc:
                 log.debug("switch step poll failed: %s", exc)
         if self.fence_pending.is_set() and self.switch_step and step >= self.switch_step:
