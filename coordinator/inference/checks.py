@@ -5,10 +5,19 @@ Protocol (coordinator side; the commitments and the decision are swarm/inference
 - While a model is served with ``--verify-prob`` p > 0, every step asks its chain for
   commitments of every entry, so a stage cannot tell which of its steps are checked. The
   replica's driver samples each session's step with probability p (a generator seeded from the
-  OS, unknown to the nodes) and holds that step's token back (:meth:`Checks.begin`).
-- The step's context (prompt + tokens before it) is replayed as a temporary session (an
-  ordinary random id) on another ready chain of the model, riding in that chain's next batch
-  (:class:`CheckTask`). Both chains' commitments and tokens are compared (``agree``).
+  OS, unknown to the nodes) and holds that step's token back (:meth:`Checks.hold`), with every
+  token after it.
+- A session's sampled steps are checked together by one replay (:meth:`Checks.begin`): its
+  context (prompt + tokens up to its latest sampled step) is prefilled as a temporary session
+  (an ordinary random id) on another ready chain of the model, riding in that chain's next
+  batch (:class:`CheckTask`), and every stage of that chain commits to the rows of the sampled
+  steps (``commit_points``; the prefill computes every row anyway), the last stage also to the
+  token each row gives. The replay is sent when :func:`replay_due` says so: once the oldest
+  sampled step of the batch has held ``REPLAY_WINDOW_TOKENS`` tokens back, or the session can
+  generate no further (max_new_tokens, eos), or the batch is full. One prefill per window, not
+  one per sampled step: the prefill of the whole context was what checking cost
+  (docs/benchmarks.md). Each sampled step is still compared on its own (``agree``): its serving
+  chain's commitments of that step against the replay's at that row.
 - When they disagree, the coordinator recomputes the context from the checkpoint it serves
   (:class:`Referee`, CPU float32, only on disagreement) and ``resolve`` decides: a node whose
   own commitment is wrong is quarantined (the registry's state ``quarantined`` with the
@@ -44,13 +53,30 @@ MAX_REFEREE_STAGES = 8  # loaded segments the referee keeps (least recently used
 _WAITING = object()  # a check slot whose other chain has not answered yet
 
 
+REPLAY_WINDOW_TOKENS = 32  # the most tokens a sampled step holds back before its replay is sent
+MAX_REPLAY_POINTS = 64  # sampled steps one replay checks (node side accepts up to 256)
+
+
+def replay_due(*, num_points: int, first_position: int, position: int, runnable: bool,
+               window_tokens: int = REPLAY_WINDOW_TOKENS) -> bool:
+    """Whether a session's batch of ``num_points`` unsent sampled steps (the oldest at
+    ``first_position``; the session is now at ``position``) is to be replayed now: when the
+    oldest has held ``window_tokens`` tokens back, when the session cannot generate further
+    (``runnable`` False: nothing more would join, and its last tokens wait), or when it is full."""
+    if num_points <= 0:
+        return False
+    return not runnable or position - first_position >= window_tokens or num_points >= MAX_REPLAY_POINTS
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckTask:
     """A replay riding in another chain's next step: ``entry`` is a reset entry of the checked
-    context; ``done`` gets that chain's :class:`ChainResult`, or None when it could not run it."""
+    context, ``points`` the positions of the rows checked; ``done`` gets that chain's
+    :class:`ChainResult` per point, or None when it could not run it."""
 
     entry: StepEntry
-    done: Callable[[ChainResult | None], None]
+    points: tuple[int, ...]
+    done: Callable[[dict[int, ChainResult] | None], None]
 
 
 class Referee:
@@ -92,29 +118,69 @@ class Checks:
         self.engine = engine
         self.referee = Referee()
 
-    def begin(self, serving, s, ticket: object, *, context: tuple[int, ...], token: int, result: ChainResult) -> None:
-        """Check a held step of session ``s`` on ``serving`` (a Replica); the token is released
-        (``serving.release``) or withheld when the check ends."""
-        e = self.engine
+    def hold(self, serving, s, ticket: object, *, context: tuple[int, ...], token: int, result: ChainResult) -> None:
+        """Hold a sampled step of session ``s`` on ``serving`` (its token is ``token``, ``context``
+        ends with the step's last input row) until its batch is replayed (:meth:`begin`) and judged."""
+        slot = [serving, ticket, context, token, result, _WAITING]
+        with s.check_lock:
+            s.check_slots.append(slot)
+        s.check_batch.append(slot)
+
+    def due(self, s, *, runnable: bool) -> bool:
+        """:func:`replay_due` for session ``s``'s unsent batch."""
+        b = s.check_batch
+        return bool(b) and replay_due(num_points=len(b), first_position=len(b[0][2]) - 1,
+                                      position=len(s.ids()) - 1, runnable=runnable)
+
+    def void(self, s) -> None:
+        """The session left its chain (failed, cancelled, closed): its unsent checks are void."""
+        batch, s.check_batch = s.check_batch, []
+        if batch:
+            m = self._model(s)
+            for slot in batch:
+                slot[5] = None
+            if m is None:
+                self._forget(s, batch)
+            else:
+                self.engine._pool.submit(self._drain, m, s)
+
+    @staticmethod
+    def _forget(s, batch: list) -> None:
+        with s.check_lock:
+            for slot in batch:
+                if slot in s.check_slots:
+                    s.check_slots.remove(slot)
+
+    def _model(self, s):
         try:
-            m = e.get(serving.model)
-        except Exception:  # noqa: BLE001 -- unserved meanwhile: nothing to check against
-            serving.release(s, ticket)
+            return self.engine.get(s.model)
+        except Exception:  # noqa: BLE001 -- unserved meanwhile
+            return None
+
+    def begin(self, serving, s) -> None:
+        """Replay session ``s``'s batch of held steps on another chain than ``serving`` (a Replica);
+        each held token is released (``serving.release``) or withheld when its check ends."""
+        batch, s.check_batch = s.check_batch, []
+        if not batch:
+            return
+        m = self._model(s)
+        if m is None:
+            self._forget(s, batch)
+            for slot in batch:
+                serving.release(s, slot[1])  # unserved meanwhile: nothing to check against
             return
         others = sorted((r for r in list(m.replicas) if r is not serving and r.state == "ready"),
                         key=lambda r: (r.num_sessions, r.index))
 
-        slot = [serving, ticket, context, token, result, _WAITING]
+        def done(results: dict[int, ChainResult] | None) -> None:  # on the other chain's driver: hand off
+            for slot in batch:
+                slot[5] = None if results is None else results.get(len(slot[2]) - 1)
+            self.engine._pool.submit(self._drain, m, s)
 
-        def done(other_result: ChainResult | None) -> None:  # on the other chain's driver: hand off
-            slot[5] = other_result
-            e._pool.submit(self._drain, m, s)
-
+        context = batch[-1][2]  # the others are its prefixes
         entry = StepEntry(session_id=uuid.uuid4().hex, start_position=0, num_tokens=len(context),
                           token_ids=context, reset=True, sampling=s.state.params)
-        task = CheckTask(entry=entry, done=done)
-        with s.check_lock:
-            s.check_slots.append(slot)
+        task = CheckTask(entry=entry, points=tuple(len(slot[2]) - 1 for slot in batch), done=done)
         if not any(r.add_check(task) for r in others):
             done(None)  # nobody to check against: void, released unchecked (in its turn)
 

@@ -8,8 +8,10 @@ its session.
 With spot checks on (``--verify-prob``, coordinator/inference/checks.py) every step asks the
 stages for commitments; a sampled session's token is held, with every token the session
 generates after it (the session keeps decoding: its ``pending`` tokens), until the check passed;
-a failed chain drops what it held (the session replays from its released tokens). Replays of other chains' checked steps (:class:`CheckTask`)
-ride in this chain's next step as temporary sessions, closed in the step after.
+a session's sampled steps are replayed together, once per window (checks.py ``replay_due``);
+a failed chain drops what it held (the session replays from its released tokens). Replays of
+other chains' checked steps (:class:`CheckTask`) ride in this chain's next step as temporary
+sessions committing to the checked rows (``commit_points``), closed in the step after.
 Sessions that finished are closed on the stages in the next step (``close_session_ids``), or
 directly when the replica goes idle. A step that fails because a stage is unreachable marks
 the replica failed and hands its sessions back to the engine, which replays them elsewhere.
@@ -39,7 +41,8 @@ from swarm.inference.verify import ChainResult, StageCommit
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
-from swarm.transport.inference import commitments_from_pb, entries_to_pb, new_step_capability, step_metadata
+from swarm.transport.inference import (commitments_from_pb, entries_to_pb, new_step_capability,
+                                       point_commitments_from_pb, step_metadata)
 from swarm.transport.step_link import StepLink
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,7 @@ class Session:
         self.pending: list[list] = []
         self.history_checked = True  # every step on the current chain since its reset was sampled for a check
         self.check_slots: deque = deque()  # checks in step order, concluded in that order (Checks)
+        self.check_batch: list = []  # held sampled steps whose replay is not sent yet (Checks.begin)
         self.check_lock = threading.Lock()
 
     def fail(self, exc: SwarmError) -> None:
@@ -232,6 +236,7 @@ class Replica:
             self._cond.notify_all()
         self._join()
         self._drop_tasks()
+        self._void(left)
         if unload:
             for stub, st in zip(self._stubs, self.stages):
                 try:
@@ -285,13 +290,15 @@ class Replica:
                     self._cond.wait(timeout=1.0)
                 if self._stop:
                     return
-                for s in [s for s in self._sessions if s.cancelled]:
+                cancelled = [s for s in self._sessions if s.cancelled]
+                for s in cancelled:
                     self._sessions.remove(s)
                     self._closing.append(s.id)
                     s.closed = True
                 batch = [s for s in self._sessions if s.runnable()]
                 closing, self._closing = self._closing, []
                 tasks, self._tasks = self._tasks, []
+            self._void(cancelled)
             if not batch and not tasks:
                 if closing:
                     self._close_idle(closing)
@@ -333,6 +340,7 @@ class Replica:
         with self._cond:
             left, self._sessions = self._sessions, []
         self._drop_tasks()
+        self._void(left)
         log.warning("replica failed model=%s replica=%d sessions=%d reason=%s", self.model, self.index, len(left), reason)
         self._on_failure(self, left, reason)
 
@@ -351,6 +359,7 @@ class Replica:
         # every entry commits while checks are on, so a stage cannot tell which steps are checked
         commit = [e.session_id for e in entries] if self.verify_prob > 0 or tasks else []
         req = self._request(entries, closing, commit)
+        req.commit_points.extend(pb.ServeCommitPoints(session_id=t.entry.session_id, positions=t.points) for t in tasks)
         t0 = time.perf_counter()
         try:
             reply = link.step(req, timeout_s=STEP_TIMEOUT_S)
@@ -383,8 +392,9 @@ class Replica:
         commits = commitments_from_pb(reply, commit, len(self.stages)) if commit else {}
         with self._cond:
             self._closing.extend(t.entry.session_id for t in tasks)  # temporary sessions
-        for t, tok in zip(tasks, reply.token_ids[len(batch):]):
-            t.done(self._result(commits[t.entry.session_id], int(tok)))
+        for t in tasks:
+            points = point_commitments_from_pb(reply, t.entry.session_id, list(t.points), len(self.stages))
+            t.done({p: self._result(c, -1 if tok is None else tok) for p, (c, tok) in points.items()})
         checks, out = [], []
         with self._cond:
             for s, e, tok in zip(batch, entries, reply.token_ids):
@@ -403,8 +413,13 @@ class Replica:
                 s.pending.append([int(tok), ticket, False])
                 out.append((s, self._flush(s)))
         for s, ticket, context, tok, fresh in checks:
-            self._checks.begin(self, s, ticket, context=context, token=tok,
-                               result=self._result(commits[s.id], tok, fresh=fresh))
+            self._checks.hold(self, s, ticket, context=context, token=tok,
+                              result=self._result(commits[s.id], tok, fresh=fresh))
+        if self._checks is not None:
+            with self._cond:
+                due = [s for s in batch if not s.closed and self._checks.due(s, runnable=s.runnable())]
+            for s in due:
+                self._checks.begin(self, s)
         for s, events in out:
             for ev in events:
                 self._deliver(s, ev)
@@ -438,6 +453,13 @@ class Replica:
             if s in self._sessions:
                 self._sessions.remove(s)
             self._closing.append(s.id)
+        self._void([s])
+
+    def _void(self, sessions: list[Session]) -> None:
+        """Sessions leaving this chain: their unsent checks are void (what they held is dropped)."""
+        if self._checks is not None:
+            for s in sessions:
+                self._checks.void(s)
 
 
 class _ReplicaDown(Exception):

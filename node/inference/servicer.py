@@ -68,6 +68,7 @@ from swarm.transport.inference import (
     step_metadata,
 )
 
+from node.inference.commitments import commit_points, point_commitments
 from node.inference.routing import PeerStubs, replayed_here, route_hop
 from node.inference.shards import fetch_shard, safe_dir, same_weights, serve_shard, validate_assignment
 
@@ -389,15 +390,20 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             off += e.num_tokens
             if e.session_id in committed:
                 ends.append((i, off - 1))
+        points = commit_points(request.commit_points, entries)  # {entry index: row offsets}
         t0 = time.perf_counter()
         if a.stage == a.num_stages - 1:
-            logits = self._altered(rt.run(entries, hidden))  # (num_entries, V)
+            logits, kept = rt.run_keeping(entries, hidden, points)  # (num_entries, V), {i: (k, V)}
+            logits = self._altered(logits)
+            kept = {i: self._altered(x) for i, x in kept.items()}
             tokens = rt.sample(entries, logits)
             compute = self._slowed(time.perf_counter() - t0)
             self.steps += 1
             self.tokens += len(tokens)
             reply = pb.ServeStepReply(token_ids=tokens, compute_s=compute, stage_compute_s=[compute],
                                       commitments=self._commitments(a, entries, ends, hidden, logits, last=True))
+            reply.commitments.extend(point_commitments(a.stage, entries, points, hidden, kept, last=True,
+                                                       sample=rt.sample))
             if a.stage > 0 and self.traffic is not None:
                 self.traffic.add_sent(reply.ByteSize())
             return reply
@@ -416,6 +422,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             ),
             close_session_ids=request.close_session_ids,
             commit_session_ids=request.commit_session_ids,
+            commit_points=request.commit_points,
             route=request.route,
         )
         if self.traffic is not None:
@@ -432,6 +439,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         reply.compute_s += compute
         reply.stage_compute_s.append(compute)
         reply.commitments.extend(self._commitments(a, entries, ends, hidden, out, last=False))
+        reply.commitments.extend(point_commitments(a.stage, entries, points, hidden, out, last=False))
         if self.traffic is not None and a.stage > 0:
             self.traffic.add_sent(reply.ByteSize())
         return reply

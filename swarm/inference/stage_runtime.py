@@ -208,6 +208,15 @@ class StageRuntime:
         Raises InvalidRequestError for inconsistent entries (nothing is changed then) and
         CapacityError when too many sessions are open.
         """
+        return self.run_keeping(entries, hidden)[0]
+
+    def run_keeping(self, entries: list[StepEntry], hidden: torch.Tensor | None = None,
+                    keep: dict[int, list[int]] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """:meth:`run`, also returning, on the last stage, the logits (k, vocab) of the rows
+        ``keep[i]`` (offsets within entry i) of entries that prefill (a spot check's replay commits
+        to several positions). Inner stages return every row anyway: the dict is empty there."""
+        keep = keep if keep and self.stage.is_last else {}
+        kept: dict[int, torch.Tensor] = {}
         if not entries:
             raise InvalidRequestError("a step needs at least one session entry")
         if len({e.session_id for e in entries}) != len(entries):
@@ -247,7 +256,7 @@ class StageRuntime:
             # new sessions with prompts of equal length prefill together, as one batch
             fresh: dict[int, list[int]] = {}
             for i in prefill:
-                if self._sessions[entries[i].session_id].length == 0:
+                if self._sessions[entries[i].session_id].length == 0 and i not in keep:
                     fresh.setdefault(entries[i].num_tokens, []).append(i)
             batched = {i for rows in fresh.values() if len(rows) > 1 for i in rows}
             for rows in fresh.values():
@@ -263,6 +272,8 @@ class StageRuntime:
                 x = self._input(e, hidden, offsets[i])  # (1, T) or (1, T, H)
                 y = self.stage(x, kv_cache=s.cache)
                 outs[i] = y[0, -1:] if self.stage.is_last else y[0]
+                if i in keep:
+                    kept[i] = y[0, keep[i]]
                 s.length += e.num_tokens
                 s.last_used_s = now
             if decode:
@@ -275,10 +286,12 @@ class StageRuntime:
                 y = self.stage(x, kv_cache=group)  # (B, 1, H|V)
                 for row, i in enumerate(decode):
                     outs[i] = y[row]
+                    if i in keep:
+                        kept[i] = y[row, [0] * len(keep[i])]
                     s = self._sessions[entries[i].session_id]
                     s.length += 1
                     s.last_used_s = now
-            return torch.cat(outs, dim=0)
+            return torch.cat(outs, dim=0), kept
 
     def _prefill_together(self, rows: list[int], entries: list[StepEntry], hidden: torch.Tensor | None,
                           offsets: list[int], outs: list, now: float) -> None:

@@ -183,7 +183,8 @@ def commitments_from_pb(reply: pb.ServeStepReply, session_ids: list[str], num_st
     wanted = set(session_ids)
     out = {sid: [((), ())] * num_stages for sid in session_ids}
     seen: set[tuple[str, int]] = set()
-    for c in reply.commitments[: len(session_ids) * num_stages]:
+    last_rows = [c for c in reply.commitments[: 2 * MAX_COMMITMENTS] if c.position == 0]
+    for c in last_rows[: len(session_ids) * num_stages]:
         key = (c.session_id, c.stage)
         if c.session_id not in wanted or not 0 <= c.stage < num_stages or key in seen:
             continue
@@ -192,3 +193,34 @@ def commitments_from_pb(reply: pb.ServeStepReply, session_ids: list[str], num_st
         outp = tuple(c.output) if len(c.output) == SKETCH_DIM else ()
         out[c.session_id][c.stage] = (inp, outp)
     return out
+
+
+MAX_COMMITMENTS = 1 << 16  # commitments read from one reply (a stage sends one per entry or point)
+
+
+def point_commitments_from_pb(reply: pb.ServeStepReply, session_id: str, positions: list[int], num_stages: int
+                              ) -> dict[int, tuple[list[tuple[tuple[float, ...], tuple[float, ...]]], int | None]]:
+    """The stages' commitments at the replay rows ``positions`` of ``session_id``
+    (``commit_points``; node/inference/commitments.py), validated: for each position, (input
+    sketch, output sketch) per stage in order, and the last stage's token (None when it sent
+    none). Missing, repeated (the first counts) or malformed ones are ``((), ())``: they cannot
+    pass a check."""
+    from swarm.inference.verify import SKETCH_DIM
+
+    wanted = set(positions)
+    out = {p: [((), ())] * num_stages for p in positions}
+    tokens: dict[int, int | None] = {p: None for p in positions}
+    seen: set[tuple[int, int]] = set()
+    for c in reply.commitments[: 2 * MAX_COMMITMENTS]:
+        p = c.position - 1
+        if c.position == 0 or c.session_id != session_id or p not in wanted or not 0 <= c.stage < num_stages:
+            continue
+        if (p, c.stage) in seen:
+            continue
+        seen.add((p, c.stage))
+        inp = tuple(c.input) if len(c.input) == SKETCH_DIM else ()
+        outp = tuple(c.output) if len(c.output) == SKETCH_DIM else ()
+        out[p] = out[p][: c.stage] + [(inp, outp)] + out[p][c.stage + 1:]
+        if c.stage == num_stages - 1:
+            tokens[p] = int(c.token)
+    return {p: (out[p], tokens[p]) for p in positions}

@@ -50,7 +50,7 @@ class ServeRouteHop(_message.Message):
     def __init__(self, replica: _Optional[int] = ..., node_id: _Optional[str] = ..., address: _Optional[str] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class ServeStepRequest(_message.Message):
-    __slots__ = ("model_name", "replica", "stage", "entries", "hidden", "close_session_ids", "hidden_codec", "commit_session_ids", "route")
+    __slots__ = ("model_name", "replica", "stage", "entries", "hidden", "close_session_ids", "hidden_codec", "commit_session_ids", "route", "commit_points")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class ServeStepRequest(_message.Message):
     HIDDEN_CODEC_FIELD_NUMBER: _ClassVar[int]
     COMMIT_SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_POINTS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     replica: int
     stage: int
@@ -69,19 +70,32 @@ class ServeStepRequest(_message.Message):
     hidden_codec: str
     commit_session_ids: _containers.RepeatedScalarFieldContainer[str]
     route: _containers.RepeatedCompositeFieldContainer[ServeRouteHop]
-    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ServeSessionEntry, _Mapping]]] = ..., hidden: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., close_session_ids: _Optional[_Iterable[str]] = ..., hidden_codec: _Optional[str] = ..., commit_session_ids: _Optional[_Iterable[str]] = ..., route: _Optional[_Iterable[_Union[ServeRouteHop, _Mapping]]] = ...) -> None: ...
+    commit_points: _containers.RepeatedCompositeFieldContainer[ServeCommitPoints]
+    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ServeSessionEntry, _Mapping]]] = ..., hidden: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., close_session_ids: _Optional[_Iterable[str]] = ..., hidden_codec: _Optional[str] = ..., commit_session_ids: _Optional[_Iterable[str]] = ..., route: _Optional[_Iterable[_Union[ServeRouteHop, _Mapping]]] = ..., commit_points: _Optional[_Iterable[_Union[ServeCommitPoints, _Mapping]]] = ...) -> None: ...
+
+class ServeCommitPoints(_message.Message):
+    __slots__ = ("session_id", "positions")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., positions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ServeCommitment(_message.Message):
-    __slots__ = ("stage", "session_id", "input", "output")
+    __slots__ = ("stage", "session_id", "input", "output", "position", "token")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     stage: int
     session_id: str
     input: _containers.RepeatedScalarFieldContainer[float]
     output: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, stage: _Optional[int] = ..., session_id: _Optional[str] = ..., input: _Optional[_Iterable[float]] = ..., output: _Optional[_Iterable[float]] = ...) -> None: ...
+    position: int
+    token: int
+    def __init__(self, stage: _Optional[int] = ..., session_id: _Optional[str] = ..., input: _Optional[_Iterable[float]] = ..., output: _Optional[_Iterable[float]] = ..., position: _Optional[int] = ..., token: _Optional[int] = ...) -> None: ...
 
 class ServeStepReply(_message.Message):
     __slots__ = ("token_ids", "compute_s", "commitments", "stage_compute_s")

@@ -66,3 +66,48 @@ def test_commitments_and_the_recomputation_blame_only_an_altering_stage(tmp_path
     finally:
         s0.stop(None)
         s1.stop(None)
+
+
+def test_one_replay_commits_to_every_sampled_row_as_the_decode_steps_did(tmp_path, ckpt):
+    """A replay prefill with ``commit_points`` gives, at each sampled row, the commitments and
+    the token the serving chain gave at that row's decode step (checks.py: one replay, many checks)."""
+    from swarm.inference.verify import agree
+    from swarm.transport.inference import point_commitments_from_pb
+
+    d, _ = ckpt
+    s1, a1 = _server(tmp_path, "b", d)
+    s0, a0 = _server(tmp_path, "a", d)
+    try:
+        with data_channel(a0, security=_coord(tmp_path)) as c0, data_channel(a1, security=_coord(tmp_path)) as c1:
+            st0, st1 = pb_grpc.InferenceStageStub(c0), pb_grpc.InferenceStageStub(c1)
+            st1.LoadStage(pb.ServeLoadStageRequest(assignment=assignment(1, 2, 2, 3)), timeout=30)
+            st0.LoadStage(pb.ServeLoadStageRequest(assignment=assignment(0, 2, 0, 2, a1)), timeout=30)
+
+            def chain(commits, token):
+                return ChainResult(replica=0, token=token, stages=tuple(
+                    StageCommit(node_id=n * 8, first_layer=f, last_layer_excl=l, input=c[0], output=c[1])
+                    for n, f, l, c in (("a", 0, 2, commits[0]), ("b", 2, 3, commits[1]))))
+
+            ids, served = [3, 1, 4, 1, 5], {}
+            for k in range(6):  # prefill, then decode steps; every step commits (as while checks are on)
+                e = entry("s", 0, ids) if k == 0 else entry("s", len(ids) - 1, [ids[-1]])
+                reply = st0.Step(pb.ServeStepRequest(model_name="m", replica=0, stage=0, entries=[e],
+                                                     commit_session_ids=["s"]), timeout=30)
+                tok = int(reply.token_ids[0])
+                served[len(ids) - 1] = chain(commitments_from_pb(reply, ["s"], 2)["s"], tok)
+                ids.append(tok)
+            points = [4, 6, 9]  # sampled steps: the rows their decode steps ended at
+            replay = st0.Step(pb.ServeStepRequest(
+                model_name="m", replica=0, stage=0, entries=[entry("r", 0, ids[:10], reset=True)],
+                commit_session_ids=["r"], commit_points=[pb.ServeCommitPoints(session_id="r", positions=points + [99])]),
+                timeout=30)
+            got = point_commitments_from_pb(replay, "r", points, 2)
+            for p in points:
+                commits, tok = got[p]
+                assert tok == served[p].token
+                assert agree(served[p], chain(commits, tok)), p
+            # the replay's own last row is still committed the ordinary way
+            assert len(commitments_from_pb(replay, ["r"], 2)["r"][1][1]) == SKETCH_DIM
+    finally:
+        s0.stop(None)
+        s1.stop(None)
