@@ -256,12 +256,12 @@ class StageRuntime:
             # new sessions with prompts of equal length prefill together, as one batch
             fresh: dict[int, list[int]] = {}
             for i in prefill:
-                if self._sessions[entries[i].session_id].length == 0 and i not in keep:
+                if self._sessions[entries[i].session_id].length == 0:
                     fresh.setdefault(entries[i].num_tokens, []).append(i)
             batched = {i for rows in fresh.values() if len(rows) > 1 for i in rows}
             for rows in fresh.values():
                 if len(rows) > 1:
-                    self._prefill_together(rows, entries, hidden, offsets, outs, now)
+                    self._prefill_together(rows, entries, hidden, offsets, outs, now, keep, kept)
             for i in prefill:
                 if i in batched:
                     continue
@@ -294,7 +294,8 @@ class StageRuntime:
             return torch.cat(outs, dim=0), kept
 
     def _prefill_together(self, rows: list[int], entries: list[StepEntry], hidden: torch.Tensor | None,
-                          offsets: list[int], outs: list, now: float) -> None:
+                          offsets: list[int], outs: list, now: float, keep: dict[int, list[int]],
+                          kept: dict[int, torch.Tensor]) -> None:
         """Prefill new sessions of equal prompt length as one batch of ``len(rows)`` rows. Their
         batch cache becomes their decode group, so a next step that decodes exactly these
         sessions in this order copies no cache."""
@@ -309,6 +310,8 @@ class StageRuntime:
         y = self.stage(x, kv_cache=cache)
         for row, i in enumerate(rows):
             outs[i] = y[row, -1:] if self.stage.is_last else y[row]
+            if i in keep:
+                kept[i] = y[row, keep[i]]
         while len(self._groups) >= MAX_GROUPS:
             self._dissolve(next(iter(self._groups)))
         key = tuple(ids)

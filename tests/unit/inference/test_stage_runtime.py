@@ -173,3 +173,20 @@ def test_new_sessions_of_equal_prompt_length_prefill_as_one_batch(ckpt):
         entries = [StepEntry(session_id=e.session_id, start_position=e.start_position + e.num_tokens, num_tokens=1,
                              token_ids=(t,)) for e, t in zip(entries, toks)]
     assert out == refs
+
+
+def test_kept_rows_are_the_logits_each_row_gives_as_a_last_row(ckpt):
+    """run_keeping: the last stage's logits at chosen rows of a prefill (a spot check's replay)
+    equal the logits a step ending at that row gives, alone and prefilled together (same length)."""
+    path, cfg = ckpt
+    n = cfg.num_layers
+    whole = runtime(path, 0, n, n, max_sessions=8)
+    ids = (5, 17, 42, 7, 99, 3, 11, 8)
+    want = {r: whole.run([StepEntry(session_id=f"w{r}", start_position=0, num_tokens=r + 1, token_ids=ids[:r + 1])])[0]
+            for r in (2, 5, 7)}
+    entries = [StepEntry(session_id=s, start_position=0, num_tokens=len(ids), token_ids=ids) for s in ("a", "b")]
+    out, kept = whole.run_keeping(entries, keep={0: [2, 5, 7], 1: [5]})
+    torch.testing.assert_close(out[0], want[7], atol=1e-5, rtol=1e-5)
+    for k, r in enumerate((2, 5, 7)):
+        torch.testing.assert_close(kept[0][k], want[r], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kept[1][0], want[5], atol=1e-5, rtol=1e-5)
