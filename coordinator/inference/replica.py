@@ -389,7 +389,6 @@ class Replica:
             raise _ReplicaDown(f"last stage returned {len(reply.token_ids)} tokens for {len(entries)} sessions")
         self.steps += 1
         self._observed(entries, reply, time.perf_counter() - t0)
-        commits = commitments_from_pb(reply, commit, len(self.stages)) if commit else {}
         with self._cond:
             self._closing.extend(t.entry.session_id for t in tasks)  # temporary sessions
         for t in tasks:
@@ -412,6 +411,10 @@ class Replica:
                     s.history_checked = False  # later steps ran on caches holding this unchecked one
                 s.pending.append([int(tok), ticket, False])
                 out.append((s, self._flush(s)))
+        # parsed only for the sampled entries (every entry's were computed and sent: the stages
+        # cannot tell which are checked; reading them all cost the coordinator on every step)
+        commits = commitments_from_pb(reply, [c[0].id for c in checks], len(self.stages),
+                                      num_committed=len(commit)) if checks else {}
         for s, ticket, context, tok, fresh in checks:
             self._checks.hold(self, s, ticket, context=context, token=tok,
                               result=self._result(commits[s.id], tok, fresh=fresh))

@@ -173,18 +173,20 @@ def hidden_from_chunks(chunks, *, num_tokens: int, hidden_size: int, boundary: i
     return x
 
 
-def commitments_from_pb(reply: pb.ServeStepReply, session_ids: list[str], num_stages: int
-                        ) -> dict[str, list[tuple[tuple[float, ...], tuple[float, ...]]]]:
+def commitments_from_pb(reply: pb.ServeStepReply, session_ids: list[str], num_stages: int, *,
+                        num_committed: int | None = None) -> dict[str, list[tuple[tuple[float, ...], tuple[float, ...]]]]:
     """The stages' commitments in a step reply (swarm/inference/verify.py), validated: for each
     of ``session_ids``, (input sketch, output sketch) per stage in order. What a stage did not
-    send, sent twice (the first counts) or sent malformed is ``((), ())``: it cannot pass a check."""
+    send, sent twice (the first counts) or sent malformed is ``((), ())``: it cannot pass a check.
+    ``num_committed``: how many entries the step asked commitments for (default: ``session_ids``);
+    at most that many per stage are read."""
     from swarm.inference.verify import SKETCH_DIM
 
     wanted = set(session_ids)
     out = {sid: [((), ())] * num_stages for sid in session_ids}
     seen: set[tuple[str, int]] = set()
     last_rows = [c for c in reply.commitments[: 2 * MAX_COMMITMENTS] if c.position == 0]
-    for c in last_rows[: len(session_ids) * num_stages]:
+    for c in last_rows[: (len(session_ids) if num_committed is None else num_committed) * num_stages]:
         key = (c.session_id, c.stage)
         if c.session_id not in wanted or not 0 <= c.stage < num_stages or key in seen:
             continue
