@@ -14,7 +14,8 @@ Protocol (coordinator side; the commitments and the decision are swarm/inference
   steps (``commit_points``; the prefill computes every row anyway), the last stage also to the
   token each row gives. The replay is sent when :func:`replay_due` says so: once the oldest
   sampled step of the batch has held ``REPLAY_WINDOW_TOKENS`` tokens back, or the session can
-  generate no further (max_new_tokens, eos), or the batch is full. One prefill per window, not
+  generate no further (max_new_tokens, eos) or is END_LEAD_TOKENS from max_new_tokens, or the
+  batch is full. One prefill per window, not
   one per sampled step: the prefill of the whole context was what checking cost
   (docs/benchmarks.md). Each sampled step is still compared on its own (``agree``): its serving
   chain's commitments of that step against the replay's at that row.
@@ -55,17 +56,23 @@ _WAITING = object()  # a check slot whose other chain has not answered yet
 
 REPLAY_WINDOW_TOKENS = 32  # the most tokens a sampled step holds back before its replay is sent
 MAX_REPLAY_POINTS = 64  # sampled steps one replay checks (node side accepts up to 256)
+# A session this close to max_new_tokens sends its batch now, so that the replay runs during its
+# last steps rather than after them (the end of a session waits for its last check); a step
+# sampled later gets a replay of its own.
+END_LEAD_TOKENS = 4
 
 
-def replay_due(*, num_points: int, first_position: int, position: int, runnable: bool,
+def replay_due(*, num_points: int, first_position: int, position: int, runnable: bool, tokens_left: int,
                window_tokens: int = REPLAY_WINDOW_TOKENS) -> bool:
     """Whether a session's batch of ``num_points`` unsent sampled steps (the oldest at
-    ``first_position``; the session is now at ``position``) is to be replayed now: when the
-    oldest has held ``window_tokens`` tokens back, when the session cannot generate further
-    (``runnable`` False: nothing more would join, and its last tokens wait), or when it is full."""
+    ``first_position``; the session is now at ``position``, ``tokens_left`` before its
+    max_new_tokens) is to be replayed now: when the oldest has held ``window_tokens`` tokens
+    back, when the session cannot generate further (``runnable`` False: nothing more would join,
+    and its last tokens wait) or is within END_LEAD_TOKENS of its end, or when it is full."""
     if num_points <= 0:
         return False
-    return not runnable or position - first_position >= window_tokens or num_points >= MAX_REPLAY_POINTS
+    return (not runnable or tokens_left <= END_LEAD_TOKENS or position - first_position >= window_tokens
+            or num_points >= MAX_REPLAY_POINTS)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -128,9 +135,10 @@ class Checks:
 
     def due(self, s, *, runnable: bool) -> bool:
         """:func:`replay_due` for session ``s``'s unsent batch."""
-        b = s.check_batch
+        b, st = s.check_batch, s.state
         return bool(b) and replay_due(num_points=len(b), first_position=len(b[0][2]) - 1,
-                                      position=len(s.ids()) - 1, runnable=runnable)
+                                      position=len(s.ids()) - 1, runnable=runnable,
+                                      tokens_left=st.params.max_new_tokens - len(st.generated) - len(s.pending))
 
     def void(self, s) -> None:
         """The session left its chain (failed, cancelled, closed): its unsent checks are void."""
