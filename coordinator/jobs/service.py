@@ -24,6 +24,7 @@ from swarm.clock import Clock
 from swarm.errors import InfeasiblePlanError, InvalidRequestError, NotFoundError, PermissionDeniedError, SwarmError
 from swarm.job_detail import JobDetail
 from swarm.job_spec import MAX_STEPS, JobSpec
+from coordinator.jobs.speedwatch import SpeedWatch
 from swarm.model.config import ModelConfig
 from swarm.pipeline.data import BatchOrder
 from swarm.transport.transfer import receive_files
@@ -79,6 +80,7 @@ class JobService(Fencing):
         self._first_bad: dict[str, int] = {}  # job id -> first step a spot check found wrong
         self._grow_tried: dict[str, float] = {}  # job id -> when it last tried to grow back to --replicas
         self.added = AddedReplicas(store)  # replica_added events, once the grown attempt starts (handover.py)
+        self.speeds = SpeedWatch(store=store, registry=registry, clock=clock)  # neighbours' view (speed.py)
 
     # -- loop ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -539,6 +541,7 @@ class JobService(Fencing):
             for v in self.judge.report(job.id, job.attempt, a, job.assignments, r):
                 self._quarantine(job, v)
             self._add_progress(job, a, r, attempt=job.attempt)
+            self.speeds.report(job, a, r)
             self._replans.pop(job.id, None)  # progress: the re-plans so far worked
         fence = job.fence
         return Ack(fence=fence is not None, switch_step=fence["switch_step"] if fence else 0)

@@ -514,7 +514,9 @@ class StageWorker:
                 bytes_sent=sent, bytes_raw=raw, step_s=step_s, compute_s=compute, wait_s=wait, comm_s=comm,
                 state="running", tokens=tokens, bytes_forward=sent_fw, bytes_backward=sent_bw,
                 micro_batch_losses=mb_losses, checks=[pb.SpotCheck(**vars_of(c)) for c in checks],
-                param_digest=digest, param_sketch=sketch))
+                param_digest=digest, param_sketch=sketch,
+                activation_interval_s=self.endpoint.arrival_interval("activation", step),
+                gradient_interval_s=self.endpoint.arrival_interval("gradient", step)))
             self.on_metrics(training={"job_id": a.job_id, "stage": a.stage, "replica": a.replica, "step": step,
                                       "loss": loss, "tokens_per_s": tokens / step_s, "bytes_sent": sent,
                                       "rejected_tensors": self.endpoint.num_rejected})
