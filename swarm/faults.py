@@ -8,9 +8,10 @@
 - ``wrong-tokens=P``: inference: alter the hidden state of a fraction P of the steps it serves;
 - ``claim-tflops=X``: report X TFLOPS instead of the measured figure;
 - ``stall-after-steps=N``: stop training after N steps of a job, but keep heartbeating;
-- ``slowdown=F``: inference: every step this node serves takes F times its compute time (an
-  emulated slower device, for bench/serving.py on a machine too small to slow a node by its
-  thread count).
+- ``slowdown=F``: every inference step this node serves, and every training forward and
+  backward it computes, takes F times its compute time (an emulated slower device, for
+  bench/serving.py on a machine too small to slow a node by its thread count, and for the
+  neighbour-seen speed estimate of coordinator/jobs/speed.py).
 
 An honest node has ``FaultConfig()`` (no faults). Randomness comes from ``seed``.
 """
@@ -114,6 +115,13 @@ class FaultInjector:
 
     def corrupt_hidden(self, t: torch.Tensor) -> torch.Tensor:
         return self.perturb(t, self.config.wrong_tokens)
+
+    def slow_down(self, compute_s: float) -> None:
+        """``slowdown=F``: sleep (F - 1) x ``compute_s`` (the work just done took F times as long)."""
+        if self.config.slowdown > 1.0 and compute_s > 0:
+            import time
+
+            time.sleep((self.config.slowdown - 1.0) * compute_s)
 
     def stalls_at(self, steps_done: int) -> bool:
         n = self.config.stall_after_steps

@@ -127,15 +127,17 @@ class CheckpointSummary:
 #   succeeded, failed (last_complete_checkpoint), cancelled,
 #   plan_error (error: an unexpected planning failure, the job failed with it),
 #   and, reserved for the churn work: replica_dropped / replica_added (node, stage, replica),
-#   coordinator_restart.
+#   coordinator_restart,
+#   slow_node (node_id, stage, replica, relative_speed, neighbour_wait_fraction, seen_tflops,
+#   planned_tflops, attempt: its neighbours saw it below half its planned speed; coordinator/jobs/speed.py).
 EVENT_KINDS: tuple[str, ...] = (
     "submitted", "planned", "node_lost", "replan", "resumed", "succeeded", "failed", "cancelled", "plan_error",
-    "replica_dropped", "replica_added", "coordinator_restart", "coordinator_reconnect", "quarantined",
+    "replica_dropped", "replica_added", "coordinator_restart", "coordinator_reconnect", "quarantined", "slow_node",
 )
 # Kinds the follow loop marks with "!" (something went wrong or the plan changed under the job).
 WARNING_EVENT_KINDS: frozenset[str] = frozenset(
     {"node_lost", "replan", "failed", "cancelled", "plan_error", "replica_dropped", "coordinator_restart",
-     "quarantined"})
+     "quarantined", "slow_node"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,27 +1,32 @@
 """What each training node was seen to do, by its neighbours (issue 13 item 1, second half).
 
-Protocol: every stage worker times, per step, the gaps between consecutive arrivals of the
-tensors its neighbours send it (node/training/exchange.py ``Endpoint.arrival_interval``) and
-reports their median in its progress: ``activation_interval_s`` (from the previous stage:
-one micro-batch's forward of that stage's layers) and ``gradient_interval_s`` (from the next
-stage: one micro-batch's backward). A node's pace is therefore reported by the nodes around it,
-never by itself. All decisions here are pure functions of those figures and the plan:
+Protocol: every stage worker reports, per step, how long it was blocked waiting for its
+neighbours' tensors: ``wait_activation_s`` (for the previous stage's activations) and
+``wait_gradient_s`` (for the next stage's gradients), with its ``step_s``. A node's pace is
+therefore reported by the nodes around it, never by itself. In a pipeline every stage runs at
+the pace of the slowest; the slowest never waits for its neighbours, and they wait for it: a
+stage planned to take as long as its neighbours that really takes 1/r times as long keeps them
+waiting about (1 - r) of their step. All decisions here are pure functions of these figures and
+the plan:
 
-- :func:`neighbour_views`: a report -> (node seen, seen TFLOPS) for the reporter's neighbours of
-  the same replica: the seen stage's FLOPs per micro-batch in that direction (its layers; the
-  backward is 2x the forward) over the interval. A lower bound of the node's speed (a node
-  starved by its own upstream is seen at its upstream's pace); :class:`SpeedBook` keeps, per
-  node, the lowest-bias view: the FASTER of its two neighbours' running estimates, so a node
-  downstream of a slow one is not blamed for it (its previous stage sees its backward at its own
-  pace).
-- :func:`relative_speeds`: each node's seen TFLOPS over the TFLOPS the planner gave it, divided
-  by the job's median of the same: 1.0 = as fast as planned relative to the rest. Overheads
-  common to all (Python, transport, bubbles) cancel.
-- :func:`assess`: a node below ``SLOW_RATIO`` (0.5) of plan for ``SLOW_WINDOW_S`` on at least
-  ``MIN_SAMPLES`` observations is slow: the job records a ``slow_node`` event with the figures,
-  once per attempt (coordinator/jobs/service.py), and the node's running estimate (TrustStore,
-  ``observed_tflops``) becomes ``planned TFLOPS x relative speed``, so the next plan (and the
-  plan preview) uses what it was seen to do; a claim more than 2x above it is replaced
+- :func:`neighbour_views`: a report -> (node seen, direction, wait fraction) for the reporter's
+  neighbours of the same replica: the share of the reporter's step it spent waiting for that
+  neighbour (clamped to [0, MAX_WAIT_FRACTION]).
+- :class:`SpeedBook` keeps a running estimate (EMA) per node and direction, and per node the
+  LOWER of its directions: a node downstream of a slow one keeps its next stage waiting (its
+  activations come late) but not its previous stage (its gradients come at its own pace), so it
+  is not blamed for the slow one.
+- :func:`relative_speeds`: a node's pace relative to plan, ``(1 - wait fraction)`` over the
+  median of the same among the job's other nodes (the pipeline's fill and drain make every
+  neighbour wait a little; that cancels). 1.0 = as planned relative to the rest; a node doing
+  half the work per second its plan gave it is near 0.5. The plan's layer split (layers per
+  node by planned TFLOPS) is the normalisation: the waits compare real time against the plan's
+  balance. The node's speed as seen is ``planned TFLOPS x relative speed`` (at most its plan).
+- :func:`assess`: a node below ``SLOW_RATIO`` (0.5) for ``MIN_SAMPLES`` consecutive
+  observations spanning ``SLOW_WINDOW_S`` is slow: the job records a ``slow_node`` event with
+  the figures, once per attempt (coordinator/jobs/speedwatch.py), and the node's running
+  estimate in the trust store (``observed_tflops``) is its speed as seen, which the next plan
+  and the plan preview use: a claim more than 2x above it is replaced
   (swarm.membership.effective_tflops).
 """
 
@@ -32,46 +37,46 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-SLOW_RATIO = 0.5  # seen / planned speed (relative to the job) below which a node is slow
-SLOW_WINDOW_S = 20.0  # ... sustained this long
-MIN_SAMPLES = 5  # ... over at least this many neighbour observations
+SLOW_RATIO = 0.5  # seen / planned speed (relative to the job's other nodes) below which a node is slow
+SLOW_WINDOW_S = 5.0  # ... sustained this long
+MIN_SAMPLES = 8  # ... over at least this many consecutive neighbour observations (steps)
 EMA = 0.3  # weight of a new observation in a node's running estimate per direction
+MAX_WAIT_FRACTION = 0.99
 
 
-def stage_flops_per_micro_batch(*, num_layers: int, flops_per_token_per_layer: float, tokens: int,
-                                direction: str) -> float:
-    """FLOPs of one micro-batch through ``num_layers`` layers: the forward is a third of the
-    training FLOPs (6 x params = 2 forward + 4 backward), the backward two thirds."""
-    share = 1.0 / 3.0 if direction == "forward" else 2.0 / 3.0
-    return num_layers * flops_per_token_per_layer * tokens * share
-
-
-def neighbour_views(report: dict[str, Any], reporter: dict[str, Any], assignments: list[dict[str, Any]], *,
-                    flops_per_token_per_layer: float, tokens_per_micro_batch: int) -> list[tuple[str, str, float]]:
-    """(node id, direction, seen TFLOPS) for the neighbours the report's intervals time. Ignores
-    figures that are missing, not finite or not positive."""
+def neighbour_views(report: dict[str, Any], reporter: dict[str, Any], assignments: list[dict[str, Any]]
+                    ) -> list[tuple[str, str, float]]:
+    """(node id, direction, fraction of the reporter's step spent waiting for it) for the
+    reporter's neighbours of its replica. Ignores figures that are missing, not finite or
+    negative, and a step of no length."""
+    step_s = report.get("step_s") or 0.0
+    if not (math.isfinite(step_s) and step_s > 0):
+        return []
     by_key = {(a["stage"], a["replica"]): a for a in assignments}
     out = []
-    for field_name, stage, direction in (("activation_interval_s", reporter["stage"] - 1, "forward"),
-                                         ("gradient_interval_s", reporter["stage"] + 1, "backward")):
-        gap = report.get(field_name) or 0.0
+    for field_name, stage, direction in (("wait_activation_s", reporter["stage"] - 1, "forward"),
+                                         ("wait_gradient_s", reporter["stage"] + 1, "backward")):
+        wait = report.get(field_name)
         seen = by_key.get((stage, reporter["replica"]))
-        if seen is None or seen["node_id"] == reporter["node_id"] or not (math.isfinite(gap) and gap > 0):
+        if seen is None or seen["node_id"] == reporter["node_id"] or wait is None or not (math.isfinite(wait)
+                                                                                         and wait >= 0):
             continue
-        flops = stage_flops_per_micro_batch(num_layers=seen["last_layer_excl"] - seen["first_layer"],
-                                            flops_per_token_per_layer=flops_per_token_per_layer,
-                                            tokens=tokens_per_micro_batch, direction=direction)
-        out.append((seen["node_id"], direction, flops / gap / 1e12))
+        out.append((seen["node_id"], direction, min(MAX_WAIT_FRACTION, wait / step_s)))
     return out
 
 
-def relative_speeds(seen_tflops: dict[str, float], planned_tflops: dict[str, float]) -> dict[str, float]:
-    """Per node: (seen / planned) / the median of that ratio over the job's nodes with both."""
-    eff = {n: s / planned_tflops[n] for n, s in seen_tflops.items() if planned_tflops.get(n, 0) > 0 and s > 0}
-    if len(eff) < 2:
+def relative_speeds(wait_fractions: dict[str, float]) -> dict[str, float]:
+    """Per node: (1 - the wait it imposes) over the median of that among the job's other nodes
+    (in a 2-node job the slow node does not pull its own reference down)."""
+    pace = {n: 1.0 - min(MAX_WAIT_FRACTION, max(0.0, q)) for n, q in wait_fractions.items()}
+    if len(pace) < 2:
         return {}  # one node has nothing to be compared with
-    mid = statistics.median(eff.values())
-    return {n: e / mid for n, e in eff.items()} if mid > 0 else {}
+    out = {}
+    for n, p in pace.items():
+        mid = statistics.median(v for m, v in pace.items() if m != n)
+        if mid > 0:
+            out[n] = p / mid
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,27 +98,27 @@ def assess(state: SlowState, relative: float, now_s: float) -> tuple[SlowState, 
 
 @dataclass(slots=True)
 class SpeedBook:
-    """Running estimates of one job attempt: per node and direction, an EMA of the seen TFLOPS;
-    and per node the :class:`SlowState`. Not thread-safe (the job service holds its lock)."""
+    """Running estimates of one job attempt: per node and direction, an EMA of the wait fraction
+    it imposes; and per node the :class:`SlowState`. Not thread-safe (the caller locks)."""
 
     estimates: dict[tuple[str, str], float] = field(default_factory=dict)
     slow: dict[str, SlowState] = field(default_factory=dict)
 
-    def add(self, node_id: str, direction: str, tflops: float) -> None:
+    def add(self, node_id: str, direction: str, wait_fraction: float) -> None:
         prev = self.estimates.get((node_id, direction))
-        self.estimates[(node_id, direction)] = tflops if prev is None else (1 - EMA) * prev + EMA * tflops
+        self.estimates[(node_id, direction)] = wait_fraction if prev is None else (1 - EMA) * prev + EMA * wait_fraction
 
-    def seen(self) -> dict[str, float]:
-        """Per node, the faster of its directions' estimates (the less biased lower bound)."""
+    def imposed(self) -> dict[str, float]:
+        """Per node, the lower of its directions' wait fractions."""
         out: dict[str, float] = {}
         for (node, _), v in self.estimates.items():
-            out[node] = max(out.get(node, 0.0), v)
+            out[node] = min(out.get(node, 1.0), v)
         return out
 
-    def observe(self, node_id: str, planned: dict[str, float], now_s: float) -> tuple[float | None, bool]:
+    def observe(self, node_id: str, now_s: float) -> tuple[float | None, bool]:
         """After a new observation of ``node_id``: its relative speed (None while nothing to
         compare with) and whether it is now to be reported slow."""
-        rel = relative_speeds(self.seen(), planned).get(node_id)
+        rel = relative_speeds(self.imposed()).get(node_id)
         if rel is None:
             return None, False
         state, due = assess(self.slow.get(node_id, SlowState()), rel, now_s)

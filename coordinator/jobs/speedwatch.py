@@ -1,5 +1,5 @@
 """Carries out coordinator/jobs/speed.py's decisions for the job service: folds each progress
-report's neighbour intervals into the attempt's :class:`~coordinator.jobs.speed.SpeedBook`,
+report's waits for its neighbours into the attempt's :class:`~coordinator.jobs.speed.SpeedBook`,
 updates the seen node's running estimate in the trust store (``observed_tflops``: planned
 TFLOPS x relative speed, what the next plan and the plan preview use), and records a job event
 ``slow_node`` (with the figures) when a node stays below half its planned speed.
@@ -16,7 +16,6 @@ import threading
 from typing import Any
 
 from coordinator.jobs.speed import SLOW_RATIO, SpeedBook, neighbour_views
-from swarm.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +28,10 @@ class SpeedWatch:
         self.registry = registry
         self.clock = clock
         self._lock = threading.Lock()
-        # (job, attempt) -> (book, planned TFLOPS per node as planned, FLOPs per token and layer)
-        self._books: dict[tuple[str, int], tuple[SpeedBook, dict[str, float], float]] = {}
+        # (job, attempt) -> (book, planned TFLOPS per node, read when the attempt's first report came)
+        self._books: dict[tuple[str, int], tuple[SpeedBook, dict[str, float]]] = {}
 
-    def _book(self, job) -> tuple[SpeedBook, dict[str, float], float]:
+    def _book(self, job) -> tuple[SpeedBook, dict[str, float]]:
         key = (job.id, job.attempt)
         got = self._books.get(key)
         if got is None:
@@ -44,39 +43,44 @@ class SpeedWatch:
                     planned[a["node_id"]] = float(self.registry.get(a["node_id"]).planning_tflops)
                 except Exception:  # noqa: BLE001 -- gone from the registry: not compared
                     pass
-            cfg = ModelConfig.from_hf_config(job.model)
-            per_layer = 6.0 * cfg.num_parameters() / cfg.num_layers + 12.0 * job.spec.seq_len * cfg.hidden_size
-            got = self._books[key] = (SpeedBook(), planned, per_layer)
+            got = self._books[key] = (SpeedBook(), planned)
         return got
 
     def report(self, job, reporter: dict[str, Any], r: dict[str, Any]) -> None:
         """A running step's report by the worker of assignment ``reporter``."""
-        if not (r.get("activation_interval_s") or r.get("gradient_interval_s")):
-            return
         with self._lock:
-            book, planned, per_layer = self._book(job)
-            views = neighbour_views(r, reporter, job.assignments, flops_per_token_per_layer=per_layer,
-                                    tokens_per_micro_batch=job.spec.micro_batch_size * job.spec.seq_len)
+            book, planned = self._book(job)
             now = self.clock.time()
             found = []
-            for node_id, direction, tflops in views:
-                book.add(node_id, direction, tflops)
-                rel, slow = book.observe(node_id, planned, now)
-                found.append((node_id, rel, slow, book.seen().get(node_id, 0.0)))
-        for node_id, rel, slow, seen in found:
+            for node_id, direction, q in neighbour_views(r, reporter, job.assignments):
+                book.add(node_id, direction, q)
+                rel, slow = book.observe(node_id, now)
+                found.append((node_id, rel, slow, book.imposed().get(node_id, 0.0)))
+        for node_id, rel, slow, imposed in found:
+            log.debug("neighbour-seen speed job=%s node=%s imposed_wait=%.3f relative=%s", job.id, node_id[:12],
+                      imposed, "-" if rel is None else f"{rel:.3f}")
             if rel is None or node_id not in planned:
                 continue
+            seen = planned[node_id] * min(1.0, rel)
             try:
-                self.registry.trust.observe(node_id, planned[node_id] * min(1.0, rel))
+                self.registry.trust.observe(node_id, seen)
             except Exception:  # noqa: BLE001 -- the estimate is advisory; never fail a report on it
                 log.exception("could not record the observed speed of node=%s", node_id[:12])
             if slow:
                 a = next((x for x in job.assignments if x["node_id"] == node_id), {})
                 msg = (f"node {node_id[:12]} (stage {a.get('stage')} replica {a.get('replica')}) runs at "
                        f"{rel:.2f}x its planned speed relative to the job's other nodes (below {SLOW_RATIO:g}x), "
-                       f"as its neighbours see it: {seen:.4g} TFLOPS seen, {planned[node_id]:.4g} planned; "
+                       f"as its neighbours see it (they wait {imposed:.0%} of their step for it): {seen:.4g} "
+                       f"TFLOPS seen, {planned[node_id]:.4g} planned; "
                        "the next plan uses what was seen")
                 log.warning("slow node job=%s %s", job.id, msg)
-                self.store.add_event(job.id, "slow_node", msg, node_id=node_id, stage=a.get("stage"),
-                                     replica=a.get("replica"), relative_speed=round(rel, 4),
-                                     seen_tflops=seen, planned_tflops=planned[node_id], attempt=job.attempt)
+                self._event(job, msg, node_id=node_id, stage=a.get("stage"),
+                            replica=a.get("replica"), relative_speed=round(rel, 4),
+                            neighbour_wait_fraction=round(imposed, 4),
+                            seen_tflops=seen, planned_tflops=planned[node_id], attempt=job.attempt)
+
+    def _event(self, job, msg: str, **fields) -> None:
+        try:
+            self.store.add_event(job.id, "slow_node", msg, **fields)
+        except Exception:  # noqa: BLE001 -- never fail the reporting worker's progress on it
+            log.exception("could not record a slow_node event job=%s", job.id)

@@ -85,18 +85,6 @@ class Endpoint:
         self.num_rejected = 0
         self.last_rejection = ""
         self.bytes_received = 0
-        self._arrivals: dict[tuple[str, int], list[float]] = {}  # (kind, step) -> arrival times
-
-    def arrival_interval(self, kind: str, step: int) -> float:
-        """Median gap between consecutive arrivals of ``kind`` tensors of ``step`` (the sending
-        neighbour's pace per micro-batch; coordinator/jobs/speed.py), 0.0 with fewer than two;
-        forgets that step's arrivals and any older ones."""
-        with self._cond:
-            times = sorted(self._arrivals.pop((kind, step), []))
-            for key in [k for k in self._arrivals if k[0] == kind and k[1] < step]:
-                del self._arrivals[key]
-        gaps = sorted(b - a for a, b in zip(times, times[1:]))
-        return gaps[len(gaps) // 2] if gaps else 0.0
 
     def authorize(self, caller: str, header: wt.TensorHeader) -> None:
         """Refuse a push whose caller (from its certificate) is not the header's sender or not the
@@ -149,8 +137,6 @@ class Endpoint:
             raise
         with self._cond:
             self._items[key] = _Slot(tensor)
-            if len(self._arrivals) < 64:  # bounded: the worker reads (and forgets) them every step
-                self._arrivals.setdefault((header.kind, header.step), []).append(time.monotonic())
             self.bytes_received += header.payload_bytes
             self._cond.notify_all()
 

@@ -421,7 +421,7 @@ class StageWorker:
             self._cur_step = step
             self.membership.at_boundary(step)  # raises FenceReached at a fence's switch step
             t_step = time.monotonic()
-            compute = wait = comm = 0.0
+            compute = wait = comm = wait_fw = 0.0
             sent_fw = sent_bw = raw = 0
             mbs = self.order.micro_batches(step, a.replica)
             for op in ops:
@@ -437,6 +437,7 @@ class StageWorker:
                     if not a.is_first:
                         self.verifier.received_activation(step, op.micro_batch, ids, x)
                     out = self.runner.forward(op.micro_batch, x, labels)
+                    self.faults.slow_down(time.monotonic() - t1)  # SWARM_FAULT slowdown (tests)
                     t2 = time.monotonic()
                     if out is not None:
                         out = self.faults.corrupt_sent(out)
@@ -445,6 +446,7 @@ class StageWorker:
                         sent_fw += self._send(self.next_sender, "activation", step, op.micro_batch, ids, msg, a.stage)
                         raw += raw_bytes
                     t3 = time.monotonic()
+                    wait_fw += t1 - t0
                 else:
                     t0 = time.monotonic()
                     g = None if a.is_last else self._receive("gradient", step, op.micro_batch)
@@ -452,6 +454,7 @@ class StageWorker:
                     if g is not None:
                         self.verifier.received_gradient(step, op.micro_batch, ids, g)
                     gin = self.runner.backward(op.micro_batch, g)
+                    self.faults.slow_down(time.monotonic() - t1)  # SWARM_FAULT slowdown (tests)
                     t2 = time.monotonic()
                     if gin is not None:
                         gin = self.faults.corrupt_sent(gin)
@@ -515,8 +518,7 @@ class StageWorker:
                 state="running", tokens=tokens, bytes_forward=sent_fw, bytes_backward=sent_bw,
                 micro_batch_losses=mb_losses, checks=[pb.SpotCheck(**vars_of(c)) for c in checks],
                 param_digest=digest, param_sketch=sketch,
-                activation_interval_s=self.endpoint.arrival_interval("activation", step),
-                gradient_interval_s=self.endpoint.arrival_interval("gradient", step)))
+                wait_activation_s=wait_fw, wait_gradient_s=wait - wait_fw))
             self.on_metrics(training={"job_id": a.job_id, "stage": a.stage, "replica": a.replica, "step": step,
                                       "loss": loss, "tokens_per_s": tokens / step_s, "bytes_sent": sent,
                                       "rejected_tensors": self.endpoint.num_rejected})

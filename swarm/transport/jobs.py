@@ -74,10 +74,9 @@ def progress_from_pb(m: pb.ProgressReport) -> dict[str, Any]:
         "tokens_per_s": m.tokens_per_s, "bytes_sent": m.bytes_sent, "bytes_raw": m.bytes_raw, "step_s": m.step_s,
         "compute_s": m.compute_s, "wait_s": m.wait_s, "comm_s": m.comm_s, "state": m.state, "error": m.error,
         "tokens": m.tokens, "bytes_forward": m.bytes_forward, "bytes_backward": m.bytes_backward,
-        "activation_interval_s": m.activation_interval_s, "gradient_interval_s": m.gradient_interval_s,
+        "wait_activation_s": m.wait_activation_s, "wait_gradient_s": m.wait_gradient_s,
     }
-    for k in ("tokens_per_s", "step_s", "compute_s", "wait_s", "comm_s", "activation_interval_s",
-              "gradient_interval_s"):
+    for k in ("tokens_per_s", "step_s", "compute_s", "wait_s", "comm_s", "wait_activation_s", "wait_gradient_s"):
         if not math.isfinite(r[k]) or r[k] < 0:
             raise InvalidRequestError(f"progress field {k} must be finite and >= 0")
     for k in ("bytes_sent", "bytes_raw", "bytes_forward", "bytes_backward", "tokens"):

@@ -7,99 +7,92 @@ import random
 import pytest
 
 from coordinator.jobs.speed import (MIN_SAMPLES, SLOW_WINDOW_S, SlowState, SpeedBook, assess, neighbour_views,
-                                    relative_speeds, stage_flops_per_micro_batch)
+                                    relative_speeds)
 
 pytestmark = pytest.mark.timeout(30)
 
-PER_LAYER, TOKENS = 1e6, 100
+
+def assignments(num_stages=2, num_replicas=1):
+    return [{"node_id": f"n{s}{r}", "stage": s, "replica": r} for s in range(num_stages) for r in range(num_replicas)]
 
 
-def assignments(num_stages=2, num_replicas=1, layers=(2, 2)):
-    out, first = [], 0
-    bounds = []
-    for n in layers:
-        bounds.append((first, first + n))
-        first += n
-    for s in range(num_stages):
-        for r in range(num_replicas):
-            out.append({"node_id": f"n{s}{r}", "stage": s, "replica": r,
-                        "first_layer": bounds[s][0], "last_layer_excl": bounds[s][1]})
-    return out
-
-
-def test_the_next_stage_times_the_forward_and_the_previous_the_backward():
-    a = assignments(3, 1, (1, 2, 3))
-    views = neighbour_views({"activation_interval_s": 0.01, "gradient_interval_s": 0.02}, a[1], a,
-                            flops_per_token_per_layer=PER_LAYER, tokens_per_micro_batch=TOKENS)
-    fwd = stage_flops_per_micro_batch(num_layers=1, flops_per_token_per_layer=PER_LAYER, tokens=TOKENS,
-                                      direction="forward")
-    bwd = stage_flops_per_micro_batch(num_layers=3, flops_per_token_per_layer=PER_LAYER, tokens=TOKENS,
-                                      direction="backward")
-    assert views == [("n00", "forward", pytest.approx(fwd / 0.01 / 1e12)),
-                     ("n20", "backward", pytest.approx(bwd / 0.02 / 1e12))]
+def test_a_report_times_the_previous_stage_forward_and_the_next_backward():
+    a = assignments(3, 2)
+    r = {"step_s": 2.0, "wait_activation_s": 0.5, "wait_gradient_s": 1.0}
+    assert neighbour_views(r, a[3], a) == [("n01", "forward", 0.25), ("n21", "backward", 0.5)]
 
 
 def test_a_node_is_never_timed_by_itself_nor_by_bad_figures():
     a = assignments(2, 1)
-    for r in ({"activation_interval_s": 0.0}, {"gradient_interval_s": float("nan")}, {"gradient_interval_s": -1.0}):
-        assert neighbour_views(r, a[1], a, flops_per_token_per_layer=PER_LAYER, tokens_per_micro_batch=TOKENS) == []
-    # the first stage has no previous stage: its activation figure names nobody
-    assert neighbour_views({"activation_interval_s": 0.1}, a[0], a, flops_per_token_per_layer=PER_LAYER,
-                           tokens_per_micro_batch=TOKENS) == []
+    for r in ({"step_s": 0.0, "wait_activation_s": 0.1}, {"step_s": 1.0, "wait_activation_s": float("nan")},
+              {"step_s": 1.0, "wait_activation_s": -1.0}, {"step_s": float("inf"), "wait_activation_s": 1.0}):
+        assert neighbour_views(r, a[1], a) == []
+    # the first stage has no previous stage: its activation wait names nobody
+    assert neighbour_views({"step_s": 1.0, "wait_activation_s": 0.5}, a[0], a) == []
+    # a node holding two stages of a replica is not its own neighbour
+    same = [{"node_id": "x", "stage": 0, "replica": 0}, {"node_id": "x", "stage": 1, "replica": 0}]
+    assert neighbour_views({"step_s": 1.0, "wait_activation_s": 0.5}, same[1], same) == []
 
 
-def test_relative_speed_cancels_common_overheads():
-    # every node runs at 10% of its planned TFLOPS (Python, transport): all are "as planned"
-    rel = relative_speeds({"a": 1.0, "b": 2.0, "c": 0.5}, {"a": 10.0, "b": 20.0, "c": 5.0})
-    assert rel == pytest.approx({"a": 1.0, "b": 1.0, "c": 1.0})
-    rel = relative_speeds({"a": 1.0, "b": 2.0, "c": 0.1}, {"a": 10.0, "b": 20.0, "c": 5.0})
-    assert rel["c"] == pytest.approx(0.2)
-    assert relative_speeds({"a": 1.0}, {"a": 1.0}) == {}
+def test_relative_speed_cancels_the_waits_every_node_imposes():
+    # the pipeline's fill and drain make every neighbour wait ~20%: all are "as planned"
+    assert relative_speeds({"a": 0.2, "b": 0.2, "c": 0.2}) == pytest.approx({"a": 1.0, "b": 1.0, "c": 1.0})
+    # c keeps its neighbours waiting 80% of their step: a quarter of the others' pace
+    rel = relative_speeds({"a": 0.2, "b": 0.2, "c": 0.8})
+    assert rel["c"] == pytest.approx(0.25) and rel["a"] == pytest.approx(0.8 / 0.5)
+    assert relative_speeds({"a": 0.1}) == {}
 
 
 def test_slow_only_when_sustained_and_reported_once():
-    s, now = SlowState(), 1000.0
-    fired = []
+    s, fired = SlowState(), []
     for k in range(40):
-        s, due = assess(s, 0.3, now + k)
+        s, due = assess(s, 0.3, 1000.0 + k)
         fired.append(due)
     assert fired.count(True) == 1
     first = fired.index(True)
     assert first >= MIN_SAMPLES - 1 and first >= SLOW_WINDOW_S
-    # a recovery in between restarts the window
-    s, now = SlowState(), 0.0
+    # a recovery in between restarts the run of slow observations
+    s = SlowState()
     for k in range(30):
-        s, due = assess(s, 0.3 if k % 10 else 0.9, float(k))
+        s, due = assess(s, 0.3 if k % MIN_SAMPLES else 0.9, float(k))
         assert not due
 
 
-def test_a_slowed_node_is_found_and_its_downstream_neighbour_is_not_blamed():
-    """Seeded simulation: 3 stages x 2 replicas, equal plan; n10 (stage 1, replica 0) runs at a
-    quarter of its speed. Its neighbours see it slow in both directions; n20 (downstream of it)
-    receives activations at n10's pace, but n10 sees n20's gradients at n20's own pace."""
-    rng = random.Random(3)
-    a = assignments(3, 2, (2, 2, 2))
-    planned = {x["node_id"]: 10.0 for x in a}
-    base = {"forward": 0.01, "backward": 0.02}  # seconds per micro-batch of an honest stage
-    slow_factor = {"n10": 4.0}
-    book, reported = SpeedBook(), []
+def _simulate(num_stages, num_replicas, slow: dict[str, float], steps=60, seed=3):
+    """Seeded: each stage does the same planned work per step; a node with factor F takes F times
+    as long. Every stage runs at its replica's slowest pace; a stage waits for its previous stage
+    in proportion to how much slower the stages up to it are, and for its next stage likewise."""
+    rng = random.Random(seed)
+    a = assignments(num_stages, num_replicas)
     by = {(x["stage"], x["replica"]): x for x in a}
-    for step in range(60):
-        now = 100.0 + step
+    book, reported, rels = SpeedBook(), [], {}
+    busy = lambda s, r: slow.get(by[(s, r)]["node_id"], 1.0)  # noqa: E731
+    for step in range(steps):
         for x in a:
             s, r = x["stage"], x["replica"]
-            report = {}
-            if s > 0:  # the previous stage's forward pace, or its own upstream's if slower
-                pace = max(slow_factor.get(by[(k, r)]["node_id"], 1.0) for k in range(s))
-                report["activation_interval_s"] = base["forward"] * pace * rng.uniform(0.9, 1.1)
-            if s < 2:  # the next stage's backward pace
-                nxt = by[(s + 1, r)]["node_id"]
-                report["gradient_interval_s"] = base["backward"] * slow_factor.get(nxt, 1.0) * rng.uniform(0.9, 1.1)
-            for node_id, direction, tf in neighbour_views(report, x, a, flops_per_token_per_layer=PER_LAYER,
-                                                          tokens_per_micro_batch=TOKENS):
-                book.add(node_id, direction, tf)
-                rel, due = book.observe(node_id, planned, now)
+            pace = max(busy(k, r) for k in range(num_stages)) * 1.2  # + fill and drain
+            up = max([busy(k, r) for k in range(s)], default=0.0)  # activations come at the upstream's pace
+            down = max([busy(k, r) for k in range(s + 1, num_stages)], default=0.0)
+            noise = lambda: rng.uniform(0.9, 1.1)  # noqa: E731
+            report = {"step_s": pace,
+                      "wait_activation_s": max(0.0, up - busy(s, r)) + 0.1 * noise() if s > 0 else 0.0,
+                      "wait_gradient_s": max(0.0, down - busy(s, r)) + 0.1 * noise() if s < num_stages - 1 else 0.0}
+            for node_id, direction, q in neighbour_views(report, x, a):
+                book.add(node_id, direction, q)
+                rel, due = book.observe(node_id, 100.0 + step)
+                rels[node_id] = rel
                 if due:
-                    reported.append((node_id, rel))
-    assert [n for n, _ in reported] == ["n10"]
-    assert reported[0][1] < 0.5
+                    reported.append(node_id)
+    return reported, rels
+
+
+@pytest.mark.parametrize("num_stages,num_replicas,who", [(2, 1, "n00"), (2, 1, "n10"), (3, 2, "n10"), (3, 1, "n20")])
+def test_a_slowed_node_is_found_and_its_neighbours_are_not_blamed(num_stages, num_replicas, who):
+    reported, rels = _simulate(num_stages, num_replicas, {who: 4.0})
+    assert reported == [who]
+    assert rels[who] < 0.5 and all(v > 0.5 for n, v in rels.items() if n != who)
+
+
+def test_an_honest_job_reports_nobody():
+    reported, rels = _simulate(3, 2, {})
+    assert reported == [] and all(0.8 < v < 1.25 for v in rels.values())
