@@ -69,3 +69,68 @@ def test_tokens_generated_past_a_stop_string_are_dropped_at_release():
     s.pending = [[5, t, False], [6, None, False], [7, None, False]]
     r.release(s, t)
     assert tokens(got) == [5, 6] and got[-1].finish_reason == "stop" and s.closed and not s.pending
+
+
+class _Now:
+    """An executor that runs at once (the drain) and a fake engine holding one model."""
+
+    def submit(self, fn, *args):
+        fn(*args)
+
+
+class _Other:
+    """Another ready chain: records the replays it is given."""
+
+    def __init__(self):
+        self.state, self.index, self.num_sessions, self.tasks = "ready", 1, 0, []
+
+    def add_check(self, task):
+        self.tasks.append(task)
+        return True
+
+
+def _checks(serving, other):
+    from types import SimpleNamespace
+
+    from coordinator.inference.checks import Checks
+
+    m = SimpleNamespace(replicas=[serving, other], num_checks=0, num_checks_void=0, num_check_failures=0,
+                        record=SimpleNamespace(name="m"))
+    engine = SimpleNamespace(_pool=_Now(), get=lambda name: m, _lock=__import__("threading").Lock())
+    return Checks(engine), m
+
+
+def test_a_sessions_sampled_steps_ride_one_replay_and_release_in_order():
+    """Two sampled steps, one replay naming both rows; each passes on its own row's answer."""
+    from swarm.inference.verify import ChainResult, StageCommit
+
+    r, s, got = setup(max_new_tokens=20)
+    r.state = "ready"
+    other = _Other()
+    checks, m = _checks(r, other)
+    commit = (StageCommit(node_id="a", first_layer=0, last_layer_excl=2, output=tuple(float(i + 1) for i in range(32))),)
+    t1, t2 = object(), object()
+    s.pending = [[5, t1, False], [6, None, False], [7, t2, False]]
+    checks.hold(r, s, t1, context=(1, 2), token=5, result=ChainResult(replica=0, stages=commit, token=5))
+    checks.hold(r, s, t2, context=(1, 2, 5, 6), token=7, result=ChainResult(replica=0, stages=commit, token=7))
+    assert not other.tasks and checks.due(s, runnable=True) is False
+    assert checks.due(s, runnable=False)  # nothing more would join: replay now
+    checks.begin(r, s)
+    (task,) = other.tasks
+    assert task.entry.token_ids == (1, 2, 5, 6) and task.points == (1, 3) and not s.check_batch
+    task.done({1: ChainResult(replica=1, stages=commit, token=5), 3: ChainResult(replica=1, stages=commit, token=7)})
+    assert tokens(got) == [5, 6, 7] and m.num_checks == 2 and not s.check_slots
+
+
+def test_unsent_checks_of_a_session_leaving_its_chain_are_void():
+    from swarm.inference.verify import ChainResult
+
+    r, s, got = setup(max_new_tokens=20)
+    r.state = "ready"
+    other = _Other()
+    checks, m = _checks(r, other)
+    t1 = object()
+    s.pending = [[5, t1, False]]
+    checks.hold(r, s, t1, context=(1, 2), token=5, result=ChainResult(replica=0, stages=(), token=5))
+    checks.void(s)
+    assert not other.tasks and not s.check_slots and not s.check_batch and m.num_checks_void == 1
