@@ -300,6 +300,9 @@ class NodeRegistry:
             info = replace(info, state="quarantined", quarantine_reason=rec.quarantine_reason)
         elif info.state == "online" and now - info.last_seen_at_s > self._timeout_s and not self._graced(info.id, now):
             info = replace(info, state="lost")
+        slow = self.trust.slow_reason(info.id)
+        if slow:
+            info = replace(info, slow_reason=slow)
         measured = measured_tflops(rec.challenge_tflops, rec.observed_tflops)
         return info if measured is None else replace(info, measured_tflops=measured)
 

@@ -79,9 +79,22 @@ class TrustStore:
         with self._conn:
             self._conn.executescript(_SCHEMA)
         self._rows: dict[str, TrustRecord] = {}
+        self._slow: dict[str, str] = {}  # node -> why its neighbours see it slow (speed.py), in memory
         for node_id, ct, ot, reason, at in self._conn.execute(
                 "SELECT node_id, challenge_tflops, observed_tflops, quarantine_reason, quarantined_at FROM trust"):
             self._rows[node_id] = TrustRecord(ct, ot, reason or "", at)
+
+    def mark_slow(self, node_id: str, reason: str) -> None:
+        """Why the node's neighbours see it slow ("" = they no longer do); kept in memory only."""
+        with self._lock:
+            if reason:
+                self._slow[node_id] = reason[:1000]
+            else:
+                self._slow.pop(node_id, None)
+
+    def slow_reason(self, node_id: str) -> str:
+        with self._lock:
+            return self._slow.get(node_id, "")
 
     def get(self, node_id: str) -> TrustRecord:
         with self._lock:

@@ -36,6 +36,7 @@ class NodeInfo:
     # what the coordinator measured (coordinator/verification.py); None = not measured yet
     measured_tflops: float | None = None
     quarantine_reason: str = ""  # set when state is "quarantined": why
+    slow_reason: str = ""  # its neighbours see it below half its planned speed (coordinator/jobs/speed.py)
     # how peers reach it (swarm/reachability.py): "pending" until the coordinator dialled it back
     reachability: str = "direct"
     advertised_address: str = ""  # what the node advertised ("" = peer_address)
@@ -120,6 +121,7 @@ def node_json(node: NodeInfo, now_s: float) -> dict[str, Any]:
         "tflops": hw.tflops,
         "measured_tflops": node.measured_tflops,
         "quarantine_reason": node.quarantine_reason,
+        "slow_reason": node.slow_reason,
         "tflops_dtype": hw.tflops_dtype,
         "cpu_cores": hw.cpu_cores,
         "ram_bytes": hw.ram_bytes,

@@ -66,6 +66,8 @@ class SpeedWatch:
                 self.registry.trust.observe(node_id, seen)
             except Exception:  # noqa: BLE001 -- the estimate is advisory; never fail a report on it
                 log.exception("could not record the observed speed of node=%s", node_id[:12])
+            if rel >= SLOW_RATIO:
+                self.registry.trust.mark_slow(node_id, "")  # seen at pace again
             if slow:
                 a = next((x for x in job.assignments if x["node_id"] == node_id), {})
                 msg = (f"node {node_id[:12]} (stage {a.get('stage')} replica {a.get('replica')}) runs at "
@@ -74,6 +76,7 @@ class SpeedWatch:
                        f"TFLOPS seen, {planned[node_id]:.4g} planned; "
                        "the next plan uses what was seen")
                 log.warning("slow node job=%s %s", job.id, msg)
+                self.registry.trust.mark_slow(node_id, f"job {job.id}: {msg}")
                 self._event(job, msg, node_id=node_id, stage=a.get("stage"),
                             replica=a.get("replica"), relative_speed=round(rel, 4),
                             neighbour_wait_fraction=round(imposed, 4),

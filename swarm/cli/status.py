@@ -1,7 +1,7 @@
 """``swarm status --coordinator HOST:PORT [--json]``: nodes and the measured network.
 
 ``--json`` prints one object: ``{"nodes": [{"id", "name", "state", "device", "memory_bytes",
-"tflops", "last_seen_s", ...}], "links": [{"src", "dst", "bandwidth_Bps", "delay_s",
+"tflops", "measured_tflops", "quarantine_reason", "slow_reason", "last_seen_s", ...}], "links": [{"src", "dst", "bandwidth_Bps", "delay_s",
 "measured_at", ...}]}`` (``last_seen_s``: seconds since the node was last heard from).
 """
 

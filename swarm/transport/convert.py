@@ -95,6 +95,7 @@ def node_to_proto(node: NodeInfo) -> pb.NodeRecord:
         status=node.status,
         measured_tflops=node.measured_tflops or 0.0,
         quarantine_reason=node.quarantine_reason,
+        slow_reason=node.slow_reason,
         reachability=node.reachability,
         observed_address=node.observed_address,
         relay_node_id=node.relay_node_id,
@@ -115,6 +116,7 @@ def node_from_proto(msg: pb.NodeRecord) -> NodeInfo:
             metrics=metrics_from_json(msg.metrics_json),
             measured_tflops=msg.measured_tflops if msg.measured_tflops > 0 else None,
             quarantine_reason=msg.quarantine_reason,
+            slow_reason=msg.slow_reason[:1000],
             reachability=msg.reachability or "direct",  # older coordinators: every node was dialled directly
             observed_address=msg.observed_address,
             relay_node_id=msg.relay_node_id,
