@@ -47,7 +47,14 @@ class SpeedWatch:
         return got
 
     def report(self, job, reporter: dict[str, Any], r: dict[str, Any]) -> None:
-        """A running step's report by the worker of assignment ``reporter``."""
+        """A running step's report by the worker of assignment ``reporter``. Never raises: the
+        estimate is advisory, the report it came with must count."""
+        try:
+            self._report(job, reporter, r)
+        except Exception:  # noqa: BLE001
+            log.exception("neighbour-seen speed failed job=%s", job.id)
+
+    def _report(self, job, reporter: dict[str, Any], r: dict[str, Any]) -> None:
         with self._lock:
             book, planned = self._book(job)
             now = self.clock.time()
