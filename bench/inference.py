@@ -83,6 +83,35 @@ def local_run(path: Path, num_layers: int, prompt_ids: list[int], new_tokens: in
             "ms_per_token": 1e3 / decode}
 
 
+def trace_table(directory: Path, stages: list[int], sessions: list[int]) -> str:
+    """Median milliseconds of each segment of a decode step's round trip, per configuration,
+    from the swarm's SWARM_STEP_TRACE files (swarm/steptrace.py)."""
+    from swarm.steptrace import hop_breakdown, read_traces
+
+    records = [r for r in read_traces(directory) if r["key"][1] > 0]  # decode steps (prefill starts at 0)
+    columns, cells = [], {}
+    for k in stages:
+        for s in sessions:
+            picked = [r for r in records if r["model"] == f"bench-{k}" and r["entries"] == s]
+            seg = hop_breakdown(picked, k)
+            if not seg:
+                continue
+            columns.append(f"{k} stage(s), {s} session(s)")
+            for name, values in seg.items():
+                cells.setdefault(name, {})[columns[-1]] = statistics.median(values)
+    if not columns:
+        return "Trace: no complete decode step was traced."
+    k = max(stages)  # down the chain, then the replies back up
+    order = (["coord->s0"] + [f"s{i} {what}" for i in range(k) for what in ("parse", "compute", "pack")]
+             + [f"s{i}->s{i + 1}" for i in range(k - 1)] + [f"s{i} sample" for i in range(k)]
+             + [x for i in reversed(range(k - 1)) for x in (f"s{i + 1}->s{i}", f"s{i} reply")] + ["s0->coord", "total"])
+    order = [n for n in order if n in cells]
+    rows = [[name] + [f"{cells[name][c]:.3f}" if c in cells[name] else "" for c in columns] for name in order]
+    return ("\nWhere a decode step's time goes (median ms per step over every traced decode step; "
+            "`a->b` = message from a taken off b's stream; compute includes one device sync):\n\n"
+            + markdown_table(["segment"] + columns, rows))
+
+
 # ----------------------------------------------------------------------------- the swarm
 def one_generation(address: str, model: str, new_tokens: int, out: list, barrier: threading.Barrier | None,
                    token: str | None = None) -> None:
@@ -219,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads of generate (default: BENCH_NODE_THREADS, one node process's: the stages of "
                          "a chain compute one after the other)")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--trace", action="store_true",
+                    help="time every hop of every decode step (SWARM_STEP_TRACE) and print where a token's time goes")
     args = ap.parse_args(argv)
     if args.quick:
         args.stages, args.sessions, args.new_tokens, args.repeats = "1,2", "1,8", 32, 3
@@ -239,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
 
         prompt_ids = Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(PROMPT).ids
         params_m = cfg.num_parameters() / 1e6
+        if args.trace:
+            os.environ["SWARM_STEP_TRACE"] = str(root / "trace")  # the swarm's processes inherit it
         swarm = Swarm(root, max(stages), device=args.device, netns=args.netns, rate_mbit=args.rate_mbit, delay_ms=args.delay_ms)
         try:
             for k in stages:
@@ -275,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round done: {len(best)} configurations", file=out, flush=True)
         finally:
             swarm.close()
+        trace_notes = trace_table(root / "trace", stages, sessions) if args.trace else ""
         order = {"HF generate (baseline)": 0, "single process": 1}
         base = {s: r["agg_tok_s"] for (where, _, s), r in best.items() if where == "HF generate (baseline)"}
         runs = []
@@ -313,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         a, b = by.get((False, k, 1)), by.get((False, k, 8))
         if a and b:
             notes.append(f"- {k} stage(s): 8 concurrent sessions give {b[6] / a[6]:.2f}x the aggregate throughput of one")
+    if trace_notes:
+        notes.append(trace_notes)
     print("\n".join(notes), file=out)
     if args.json:
         first = sessions[0]

@@ -37,12 +37,14 @@ from swarm.inference.session import GenerationState, TokenEvent
 from swarm.inference.stage_runtime import StepEntry
 from swarm.inference.verify import ChainResult, StageCommit
 from swarm.proto.v1 import inference_pb2 as pb
+from swarm.steptrace import StepTrace
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
 from swarm.transport.inference import commitments_from_pb, entries_to_pb, new_step_capability, step_metadata
 from swarm.transport.step_link import StepLink
 
 log = logging.getLogger(__name__)
+_TRACE = StepTrace("coordinator")  # SWARM_STEP_TRACE=DIR: per-step timestamps (swarm/steptrace.py)
 
 STEP_TIMEOUT_S = 120.0
 
@@ -354,6 +356,9 @@ class Replica:
         t0 = time.perf_counter()
         try:
             reply = link.step(req, timeout_s=STEP_TIMEOUT_S)
+            if _TRACE.enabled and entries:
+                _TRACE.write((entries[0].session_id, entries[0].start_position), -1,
+                             {"send": t0, "reply": _TRACE.now()}, model=self.model, entries=len(entries))
         except SwarmError as err:
             for t in tasks:  # void checks; the next step closes their sessions wherever they opened
                 t.done(None)
