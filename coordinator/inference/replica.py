@@ -351,7 +351,8 @@ class Replica:
         with self._cond:  # a release moves pending tokens to the state meanwhile
             entries = [s.entry() for s in batch] + [t.entry for t in tasks]
         # every entry commits while checks are on, so a stage cannot tell which steps are checked
-        commit = [e.session_id for e in entries] if self.verify_prob > 0 or tasks else []
+        checking = self.verify_prob > 0 and self._checks.can_check(self)
+        commit = [e.session_id for e in entries] if checking or tasks else []
         req = self._request(entries, closing, commit)
         t0 = time.perf_counter()
         try:
@@ -400,7 +401,7 @@ class Replica:
                 if e.reset:
                     s.history_checked = True  # the stages' caches of it hold this step only
                 ticket = None
-                if self.verify_prob > 0 and self._rng.random() < self.verify_prob:
+                if checking and self._rng.random() < self.verify_prob:
                     ticket = object()  # held, with what follows, until the check passed (Checks.begin)
                     checks.append((s, ticket, tuple(s.ids()), int(tok), s.history_checked))
                 else:

@@ -53,6 +53,8 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
+          torch.uint8: np.uint8}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -280,7 +282,7 @@ def raw_decode(payload: bytes, *, shape: tuple[int, ...], dtype: str) -> torch.T
     numel = 1
     for d in shape:
         numel *= d
-    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    itemsize = torch_dtype.itemsize
     if len(payload) != numel * itemsize:
         raise InvalidRequestError(
             f"raw tensor payload has {len(payload)} bytes, shape {tuple(shape)} of {dtype} needs {numel * itemsize}"
@@ -288,7 +290,7 @@ def raw_decode(payload: bytes, *, shape: tuple[int, ...], dtype: str) -> torch.T
     if torch_dtype == torch.bfloat16:
         arr = np.frombuffer(payload, dtype=np.int16).copy()
         return torch.from_numpy(arr).view(torch.bfloat16).reshape(shape)
-    arr = np.frombuffer(payload, dtype=torch.empty((), dtype=torch_dtype).numpy().dtype).copy()
+    arr = np.frombuffer(payload, dtype=_NUMPY[torch_dtype]).copy()
     return torch.from_numpy(arr).reshape(shape)
 
 
