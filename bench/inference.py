@@ -187,7 +187,9 @@ class Swarm:
         for i in range(num_nodes):
             prefix = (["ip", "netns", "exec", self.netns[i]] if netns else []) + self._pin(i + 1)
             node_host = f"10.77.0.{i + 2}" if netns else "127.0.0.1"
-            p, _ = start_node(self.address, ready["token"], root / f"n{i}", device=device, host=node_host, prefix=prefix,
+            devices = device.split(",")  # a comma list: node i on the i-th device (cycling)
+            p, _ = start_node(self.address, ready["token"], root / f"n{i}", device=devices[i % len(devices)], host=node_host,
+                              prefix=prefix,
                               extra_args=["--probe-seconds", "0.2", "--log-level", "WARNING"],
                               env=child_env({"OMP_NUM_THREADS": os.environ.get("BENCH_NODE_THREADS", "1")}))
             self.procs.append(p)
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--family", default="gpt2", choices=("gpt2", "llama"))
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:K; a comma list spreads the nodes (node i on the i-th)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-seq-len", type=int, default=128, help="served context per session (KV cache length)")
@@ -272,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = [int(s) for s in args.stages.split(",")]
     sessions = [int(s) for s in args.sessions.split(",")]
     dtype = getattr(torch, args.dtype)
+    local_device = args.device.split(",")[0]  # --device cuda:0,cuda:1: nodes spread, baselines on the first
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
@@ -303,14 +306,14 @@ def main(argv: list[str] | None = None) -> int:
                     if not args.no_baseline:
                         from bench.baselines import hf_generate
 
-                        r = hf_generate(ckpt, prompt_ids, new_tokens=args.new_tokens, batch=s, device=args.device,
+                        r = hf_generate(ckpt, prompt_ids, new_tokens=args.new_tokens, batch=s, device=local_device,
                                         dtype=dtype, threads=args.baseline_threads)
                         r = {"ttft_s": r["ttft_s"], "decode_tok_s": 1e3 / r["ms_per_token"], "agg_tok_s": r["tokens_per_s"],
                              "ms_per_token": r["ms_per_token"]}
                         key = ("HF generate (baseline)", 1, s)
                         if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
                             best[key] = r
-                    r = local_run(ckpt, args.layers, prompt_ids, args.new_tokens, s, args.device, dtype, args.max_seq_len)
+                    r = local_run(ckpt, args.layers, prompt_ids, args.new_tokens, s, local_device, dtype, args.max_seq_len)
                     key = ("single process", 1, s)
                     if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
                         best[key] = r
