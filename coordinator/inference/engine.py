@@ -41,6 +41,7 @@ from swarm.transport.errors import error_from_rpc
 from swarm.transport.inference import step_metadata
 
 from coordinator.inference.checks import Checks
+from coordinator.inference.disagg import Disagg
 from coordinator.inference.replica import Replica, Session, StageRef
 from coordinator.inference.router import Routes
 from coordinator.inference.routes import shared_split
@@ -141,6 +142,7 @@ class InferenceEngine:
         self.healer = None  # coordinator.inference.healer.Healer, attached by the plugin
         self.checks = Checks(self)
         self.routes = Routes(self)
+        self.disagg = Disagg(self)
 
     def close(self) -> None:
         self._stop.set()
@@ -185,7 +187,10 @@ class InferenceEngine:
         with self._lock:
             self._models[record.name] = m
         try:
-            self._place(m, exclude=set())
+            if record.params.disaggregate:
+                self.disagg.place(m)
+            else:
+                self._place(m, exclude=set())
             ready = sorted((r for r in m.replicas if r.state == "ready"), key=lambda r: r.index)
             m.layout = tuple((s.first_layer, s.last_layer_excl) for s in ready[0].stages)
             m.requested = record.params.num_replicas or len(ready)  # "as many as fit": as many as fit now
@@ -196,6 +201,8 @@ class InferenceEngine:
                 self._models.pop(record.name, None)
             raise
         self.store.set_state(record.name, m.state)
+        if not record.params.disaggregate:
+            self.disagg.assess(m)  # what disaggregating would give, for `swarm models`
         return m
 
     def unserve(self, name: str) -> bool:
@@ -203,6 +210,7 @@ class InferenceEngine:
             m = self._models.pop(name, None)
         if m is not None:
             self._retire(m, f"model {name!r} is no longer served")
+        self.disagg.forget(name)
         return self.store.remove(name) or m is not None
 
     def _retire(self, m: ServedModel, why: str) -> None:
@@ -221,10 +229,7 @@ class InferenceEngine:
         """Plan replicas over online nodes (minus ``exclude`` and nodes busy with this model)
         and load them. Raises InfeasiblePlanError / UnavailableError."""
         p = m.record.params
-        busy = {nid for r in m.replicas if r.state == "ready" for nid in r.node_ids}
-        busy |= {nid for r in m.loading for nid in r.node_ids}
-        nodes = [n for n in self.app.registry.online() if n.id not in exclude and n.id not in busy and n.peer_address]
-        nodes.sort(key=lambda n: n.id)
+        nodes, devices = self._candidates(m, exclude)
         want = p.num_replicas if num_replicas is None else num_replicas
         stages = p.num_stages
         if stages is not None and len(nodes) < stages * (want or 1):
@@ -234,12 +239,6 @@ class InferenceEngine:
                     f"{len(nodes)} are online; lower --stages/--replicas or start more nodes")
             # after a failure: keep serving with shorter chains rather than not at all
             stages = max(1, len(nodes) // (want or 1)) if nodes else None
-        devices = [
-            PlacementDevice(node_id=n.id, tflops=max(n.planning_tflops, 1e-6),
-                            memory_bytes=int(n.hardware.memory_free_bytes or n.hardware.memory_bytes) - self._reserved(n.id))
-            for n in nodes
-        ]
-        devices = [d if d.memory_bytes >= 0 else PlacementDevice(node_id=d.node_id, tflops=d.tflops, memory_bytes=0) for d in devices]
         links = self._links([n.id for n in nodes])
         request = PlacementRequest(
             num_replicas=want, sessions_per_replica=p.sessions_per_replica, max_seq_len=p.max_seq_len,
@@ -247,7 +246,7 @@ class InferenceEngine:
         )
         placement = place(devices, links, model_shape(m.config, p), request)
         by_id = {n.id: n for n in nodes}
-        futures = []
+        replicas = []
         splits = [[(s.first_layer, s.last_layer_excl) for s in rp.stages] for rp in placement.replicas]
         if p.routes:  # only chains with the same layer ranges can feed each other's stages
             splits = shared_split(splits)
@@ -257,11 +256,33 @@ class InferenceEngine:
                 m.next_replica += 1
             refs = [StageRef(node_id=s.node_id, address=by_id[s.node_id].peer_address, first_layer=a,
                              last_layer_excl=b) for s, (a, b) in zip(rp.stages, split)]
-            replica = Replica(model=m.record.name, index=index, stages=refs, max_sessions=p.sessions_per_replica,
-                              security=self.app.security,
-                              on_failure=self._on_replica_failure, on_finish=self._on_finish,
-                              predicted_latency_s=rp.latency_s, checks=self.checks, verify_prob=p.verify_prob)
-            futures.append((replica, self._pool.submit(self._load_replica, m, replica)))
+            replicas.append(self._new_replica(m, index, refs, rp.latency_s))
+        self._load_all(m, replicas)
+
+    def _candidates(self, m: ServedModel, exclude: set[str]) -> tuple[list, list[PlacementDevice]]:
+        """(online nodes with a peer address, not in ``exclude`` nor busy with ``m``, by id; their
+        placement devices: measured TFLOPS, memory left after other models' stages)."""
+        busy = {nid for r in m.replicas if r.state == "ready" for nid in r.node_ids}
+        busy |= {nid for r in m.loading for nid in r.node_ids}
+        nodes = [n for n in self.app.registry.online() if n.id not in exclude and n.id not in busy and n.peer_address]
+        nodes.sort(key=lambda n: n.id)
+        devices = [
+            PlacementDevice(node_id=n.id, tflops=max(n.planning_tflops, 1e-6),
+                            memory_bytes=max(0, int(n.hardware.memory_free_bytes or n.hardware.memory_bytes)
+                                             - self._reserved(n.id)))
+            for n in nodes
+        ]
+        return nodes, devices
+
+    def _new_replica(self, m: ServedModel, index: int, refs: list[StageRef], latency_s: float) -> Replica:
+        p = m.record.params
+        return Replica(model=m.record.name, index=index, stages=refs, max_sessions=p.sessions_per_replica,
+                       security=self.app.security, on_failure=self._on_replica_failure, on_finish=self._on_finish,
+                       predicted_latency_s=latency_s, checks=self.checks, verify_prob=p.verify_prob)
+
+    def _load_all(self, m: ServedModel, replicas: list[Replica]) -> None:
+        """Load ``replicas`` at once and start those that loaded; raises UnavailableError when none did."""
+        futures = [(r, self._pool.submit(self._load_replica, m, r)) for r in replicas]
         errors = []
         for replica, fut in futures:
             try:
@@ -356,6 +377,7 @@ class InferenceEngine:
                 hidden_codec=self._hop_codec(p.hidden_codec, st, nxt),
                 shard_sources=[a for a, _ in sources], shard_source_node_ids=[i for _, i in sources],
                 session_timeout_s=p.session_timeout_s, dtype=p.dtype,
+                kv_source_node_ids=self.disagg.kv_sources(m, replica, k),
             )
             with self._lock:
                 if len(self._issued) > 10_000:  # bounded: forget the oldest
@@ -443,6 +465,8 @@ class InferenceEngine:
         with self._lock:
             if m.record.params.routes:
                 self.routes.pump(m)
+                return
+            if self.disagg.pump(m):
                 return
             while m.waiting:
                 ready = [r for r in m.replicas if r.has_room()]
