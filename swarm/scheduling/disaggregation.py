@@ -36,6 +36,7 @@ from swarm.scheduling.placement import Links, ModelShape, PlacementDevice
 
 DEFAULT_BYTES_PER_FLOP = 0.1  # memory bytes/s per FLOP/s when unmeasured: a CPU's ratio (~50 GB/s per 0.5 TFLOPS)
 AUTO_MIN_GAIN = 1.1  # automatic disaggregation only for a predicted throughput gain of 10% or more
+ALIKE_RATIO = 1.25  # measured speeds within 25% of each other: the same hardware, up to measurement noise
 EXACT_PAIRING_MAX_STAGES = 6  # 6! = 720 permutations; greedy beyond
 
 
@@ -165,15 +166,16 @@ def plan_disaggregation(devices: Sequence[PlacementDevice], links: Links, shape:
     thr, tbt, pre, dec = best
     gain, tbt_ratio = thr / coloc_thr, tbt / coloc_tbt
     slow = min(speed[n] for c in pre for n in c) / 1e12
-    fast = max(speed[n] for c in dec for n in c) / 1e12
+    used = [speed[n] for c in pre + dec for n in c]
+    alike = max(used) <= min(used) * ALIKE_RATIO
     mix = f"{P}-token prompts, {R}-token responses, {B} sessions"
     if gain >= 1.0:
         reason = (f"predicted {gain:.2f}x throughput over colocated chains ({mix}): prefill on the "
                   f"{len(pre) * K} compute-richest node(s) (>= {slow:.3g} TFLOPS), decode on {len(dec) * K}")
     else:
         why = ("the nodes are alike, so colocated chains already keep every node busy with both phases"
-               if fast >= slow * 0.999 else "the decode chains' memory-bound steps do not gain enough to "
-               "pay for the prefill nodes idling between prompts")
+               if alike else f"with nodes of {min(used) / 1e12:.3g}-{max(used) / 1e12:.3g} TFLOPS, the decode "
+               "chains' steps do not gain enough to pay for the prefill nodes idling between prompts")
         reason = f"predicted no throughput gain ({gain:.2f}x colocated, {mix}): {why}"
     reason += f"; p99 time between tokens predicted {tbt_ratio:.2f}x (decode steps never wait for a prefill)"
     enabled = requested or gain >= AUTO_MIN_GAIN
