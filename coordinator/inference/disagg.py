@@ -134,6 +134,7 @@ class Disagg:
         with self._lock:
             self._state[m.record.name] = st
         replicas = []
+        latency = placement.replicas[0].latency_s  # the prefill chain's predicted time per token (same split)
         for role, chains in (("prefill", pre_chains), ("decode", dec_chains)):
             for chain in chains:
                 with e._lock:
@@ -141,7 +142,7 @@ class Disagg:
                     m.next_replica += 1
                 (st.prefill if role == "prefill" else st.decode).add(index)
                 refs = [_ref(by_id[n], a, b) for n, (a, b) in zip(chain, split)]
-                replicas.append(e._new_replica(m, index, refs, 0.0))
+                replicas.append(e._new_replica(m, index, refs, latency))
         log.info("disaggregated model=%s prefill=%s decode=%s: %s", m.record.name,
                  [[n[:8] for n in c] for c in pre_chains], [[n[:8] for n in c] for c in dec_chains], final.reason)
         e._load_all(m, replicas)
@@ -218,9 +219,9 @@ class Disagg:
             else:
                 st.kv_bytes_moved += moved
                 st.num_handoffs += 1
-            if s.closed or s.cancelled:
+            if s.closed:
                 return
-            target.attach(s)
+            target.attach(s)  # (cancelled meanwhile: its driver closes it on the decode stages)
         finally:
             if st is not None:
                 with self._lock:

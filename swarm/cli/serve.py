@@ -30,7 +30,9 @@ def add_parser(sub) -> None:
     add_common_flags(s, json=True, json_help="print the placement as JSON")
     s.add_argument("--model", required=True, help="HF-format checkpoint directory (config.json, *.safetensors, tokenizer.json)")
     s.add_argument("--name", default=None, help="name clients use (default: the directory name)")
-    s.add_argument("--replicas", type=int, default=1, help="replicas (chains) to place; 0: as many as fit (default 1)")
+    s.add_argument("--replicas", type=int, default=None,
+                   help="replicas (chains) to place; 0: as many as fit (default 1; with --disaggregate 2: "
+                        "the prefill and the decode chains together)")
     s.add_argument("--stages", type=int, default=0, help="exact stages per replica (default 0: placement decides)")
     s.add_argument("--max-seq-len", type=int, default=0,
                    help="context (prompt + new tokens) per session, at most the model's max_position_embeddings "
@@ -118,7 +120,8 @@ def cmd_serve(args) -> int:
                       end="", file=sys.stderr, flush=True)
 
         options = ServeOptions(
-            num_replicas=args.replicas, num_stages=args.stages, max_seq_len=args.max_seq_len,
+            num_replicas=args.replicas if args.replicas is not None else 2 if args.disaggregate else 1,
+            num_stages=args.stages, max_seq_len=args.max_seq_len,
             sessions_per_replica=args.sessions, objective=args.objective, hidden_codec=args.hidden_codec,
             dtype=args.dtype, verify_prob=args.verify_prob, routes=args.routes, disaggregate=args.disaggregate,
         )
