@@ -36,7 +36,10 @@ import grpc
 from swarm.errors import InfeasiblePlanError
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.scheduling.disaggregation import DisaggPlan, Workload, pair_stages, plan_disaggregation
-from swarm.scheduling.placement import PlacementRequest, place
+from swarm.scheduling.placement import PlacementDevice, PlacementRequest, place
+
+from coordinator.inference.replica import StageRef
+from coordinator.inference.shape import model_shape
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,6 @@ class Disagg:
     def _plan(self, m, devices, *, requested: bool, num_stages: int) -> DisaggPlan:
         """The split of the ``--replicas`` (or as many as fit) chains' worth of compute-richest ``devices``."""
         e, p = self.engine, m.record.params
-        from coordinator.inference.engine import model_shape  # (engine imports this module)
         chains = p.num_replicas or len(devices) // num_stages
         ranked = sorted(devices, key=lambda d: (-d.tflops, d.node_id))[:chains * num_stages]
         return plan_disaggregation(ranked, e._links([d.node_id for d in ranked]), model_shape(m.config, p),
@@ -86,7 +88,6 @@ class Disagg:
         chains = [r for r in m.replicas if r.state == "ready"]
         if not chains:
             return
-        from swarm.scheduling.placement import PlacementDevice
         by_id = {n.id: n for n in self.engine.app.registry.online()}
         used = sorted({nid for r in chains for nid in r.node_ids} & set(by_id))
         devices = [PlacementDevice(node_id=i, tflops=max(by_id[i].planning_tflops, 1e-6), memory_bytes=0) for i in used]
@@ -111,7 +112,6 @@ class Disagg:
         by_id = {n.id: n for n in nodes}
         dev = {d.node_id: d for d in devices}
         pre_ids = plan.prefill_nodes
-        from coordinator.inference.engine import model_shape
         placement = place([dev[i] for i in sorted(pre_ids)], e._links(sorted(pre_ids)), model_shape(m.config, p),
                           PlacementRequest(num_replicas=len(plan.prefill_chains), num_stages=K, max_seq_len=p.max_seq_len,
                                            sessions_per_replica=p.sessions_per_replica, objective=p.objective))
@@ -274,6 +274,5 @@ class Disagg:
             self._state.pop(name, None)
 
 
-def _ref(node, first: int, last: int):
-    from coordinator.inference.replica import StageRef
+def _ref(node, first: int, last: int) -> StageRef:
     return StageRef(node_id=node.id, address=node.peer_address, first_layer=first, last_layer_excl=last)

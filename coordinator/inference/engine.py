@@ -35,17 +35,18 @@ from swarm.model.checkpoint import load_config
 from swarm.model.config import ModelConfig
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
-from swarm.scheduling.placement import Links, ModelShape, PlacementDevice, PlacementRequest, place
+from swarm.scheduling.placement import Links, PlacementDevice, PlacementRequest, place
 from swarm.transport.channels import data_channel
 from swarm.transport.errors import error_from_rpc
 from swarm.transport.inference import step_metadata
 
 from coordinator.inference.checks import Checks
 from coordinator.inference.disagg import Disagg
+from coordinator.inference.shape import model_shape
 from coordinator.inference.replica import Replica, Session, StageRef
 from coordinator.inference.router import Routes
 from coordinator.inference.routes import shared_split
-from coordinator.inference.store import ModelRecord, ModelStore, ServeParams, served_params
+from coordinator.inference.store import ModelRecord, ModelStore, served_params
 from coordinator.inference.text import TextCodec
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,6 @@ SUSPECT_S = 120.0  # a node that failed a step is not placed on again for this l
 # --hidden-codec auto: 8-bit hidden states on hops measured slower than this (bytes/s); a 4 KB
 # hidden state (hidden 1024, fp32) then costs < 0.3 ms on the wire either way above it
 AUTO_INT8_BELOW_BPS = 12.5e6  # 100 Mbit/s
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(slots=True)
@@ -101,25 +101,6 @@ class ServedModel:
         out |= {nid for r in self.loading for nid in r.node_ids}
         out |= {s.node_id for b in self.broken for s in b.stages if s.node_id not in b.lost}
         return out
-
-
-def model_shape(config: ModelConfig, params: ServeParams) -> ModelShape:
-    """Bytes and FLOPs placement needs, from the model config and the serving dtype."""
-    b = _DTYPE_BYTES[params.dtype]
-    body = config.num_parameters(include_embeddings=False)
-    head = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
-    per_layer = max(1, (body - head) // config.num_layers)
-    emb = config.num_parameters() - body
-    return ModelShape(
-        num_layers=config.num_layers,
-        hidden_size=config.hidden_size,
-        layer_bytes=per_layer * b,
-        embed_bytes=emb * b,
-        head_bytes=(head or config.vocab_size * config.hidden_size) * b,
-        kv_bytes_per_token_per_layer=2 * config.num_kv_heads * config.head_dim * b,
-        flops_per_token_per_layer=2.0 * per_layer,
-        activation_bytes_per_token=config.hidden_size * (1 if params.hidden_codec in ("int8", "auto") else 4),
-    )
 
 
 class InferenceEngine:
