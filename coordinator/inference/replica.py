@@ -69,6 +69,9 @@ class Session:
         self.kv_pos = 0  # tokens the current replica's caches hold for this session
         self.replay_stages = 0  # > 0: only stages 0..replay_stages-1 need the prefix again (routes.py)
         self.replica: Replica | None = None
+        # disaggregated serving (disagg.py): called as handoff(replica, session) once a step
+        # prefilled the session, after it was detached from the replica (its KV moves elsewhere)
+        self.handoff: Callable[["Replica", "Session"], None] | None = None
         self.num_replays = 0
         self.cancelled = False
         self.closed = False
@@ -414,6 +417,21 @@ class Replica:
         for s, events in out:
             for ev in events:
                 self._deliver(s, ev)
+        self._hand_off(batch)
+
+    def _hand_off(self, batch: list[Session]) -> None:
+        """Detach the sessions of ``batch`` that carry a ``handoff`` and are still generating, and
+        call it (disaggregated serving: their decoding continues on another chain)."""
+        moved = []
+        with self._cond:
+            for s in batch:
+                if s.handoff is not None and s.kv_pos > 0 and not s.closed and not s.cancelled and s in self._sessions:
+                    self._sessions.remove(s)
+                    s.replica = None
+                    moved.append(s)
+        for s in moved:
+            handoff, s.handoff = s.handoff, None
+            handoff(self, s)
 
     def _request(self, entries: list[StepEntry], closing: list[str], commit: list[str]) -> pb.ServeStepRequest:
         """The step sent to the first stage (a route driver adds its route: routes.py)."""

@@ -69,6 +69,9 @@ from swarm.transport.inference import (
     step_metadata,
 )
 
+from swarm.transport.kv import kv_target
+
+from node.inference.kv_handoff import import_kv, push_kv
 from node.inference.routing import PeerStubs, replayed_here, route_hop
 from node.inference.shards import fetch_shard, safe_dir, same_weights, serve_shard, validate_assignment
 
@@ -501,6 +504,31 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         self._authorize(loaded, context, "CloseSession")
         n = loaded.runtime.close(list(request.session_ids))
         return pb.ServeCloseSessionReply(num_closed=n)
+
+    @grpc_errors
+    def PushKV(self, request: pb.ServePushKVRequest, context) -> pb.ServePushKVReply:
+        """Disaggregated serving: send a prefilled session's cache on (node/inference/kv_handoff.py)."""
+        self._only_coordinator(context, "PushKV")
+        loaded = self._get(request.model_name, request.replica)
+        self._authorize(loaded, context, "PushKV")
+        n = push_kv(loaded.runtime, loaded.assignment, request, node_id=self.node_id, peers=self._peers)
+        if self.traffic is not None:
+            self.traffic.add_sent(n)
+        return pb.ServePushKVReply(kv_bytes=n)
+
+    @grpc_errors
+    def ImportKV(self, request_iterator, context) -> pb.ServeImportKVReply:
+        """Disaggregated serving: take a session's cache from a prefill node named in the assignment."""
+        caller = self._caller(context)
+        first = next(request_iterator, None)
+        loaded = self._get(*kv_target(first))
+        if caller == COORDINATOR:
+            raise PermissionDeniedError("ImportKV is for the prefill nodes the coordinator named, not the coordinator")
+        self._authorize(loaded, context, "ImportKV")
+        n = import_kv(loaded.runtime, loaded.assignment, first, request_iterator, caller=caller)
+        if self.traffic is not None:
+            self.traffic.add_received(n)
+        return pb.ServeImportKVReply(kv_bytes=n)
 
     @grpc_errors
     def FetchShard(self, request: pb.ServeFetchShardRequest, context) -> Iterator[pb.ServeShardChunk]:

@@ -31,7 +31,8 @@ MAX_CODEC_META_BYTES = 4 << 20  # per-channel scales of a large tensor fit easil
 MAX_SAMPLE_IDS = 1 << 16
 MAX_NDIM = 8
 
-KINDS = ("activation", "gradient", "hidden", "witness_input", "witness_output", "witness_grad_out", "witness_grad_in")
+KINDS = ("activation", "gradient", "hidden", "witness_input", "witness_output", "witness_grad_out", "witness_grad_in",
+         "kv_cache")
 _KIND_TO_PB = {
     "activation": pb.TENSOR_KIND_ACTIVATION,
     "gradient": pb.TENSOR_KIND_GRADIENT,
@@ -41,6 +42,8 @@ _KIND_TO_PB = {
     "witness_output": pb.TENSOR_KIND_WITNESS_OUTPUT,
     "witness_grad_out": pb.TENSOR_KIND_WITNESS_GRAD_OUT,
     "witness_grad_in": pb.TENSOR_KIND_WITNESS_GRAD_IN,
+    # disaggregated serving: a session's KV cache, prefill stage -> decode stage (node/inference/kv_handoff.py)
+    "kv_cache": pb.TENSOR_KIND_KV_CACHE,
 }
 _PB_TO_KIND = {v: k for k, v in _KIND_TO_PB.items()}
 
