@@ -17,6 +17,7 @@ The trace is a diagnostic of one's own machines: it writes session ids, never to
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -35,8 +36,13 @@ class StepTrace:
         self._file = None
         if self.enabled:
             path = Path(directory)
-            path.mkdir(parents=True, exist_ok=True)
-            self._file = open(path / f"{role}-{os.getpid()}.jsonl", "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                self._file = open(path / f"{role}-{os.getpid()}.jsonl", "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            except OSError as exc:  # a diagnostic never stops the process
+                logging.getLogger(__name__).warning("%s=%s: cannot write step traces there (%s); tracing is off",
+                                                    _ENV, directory, exc)
+                self.enabled = False
 
     @staticmethod
     def now() -> float:
