@@ -83,6 +83,39 @@ def local_run(path: Path, num_layers: int, prompt_ids: list[int], new_tokens: in
             "ms_per_token": 1e3 / decode}
 
 
+def trace_table(directory: Path, stages: list[int], sessions: list[int]) -> str:
+    """Median milliseconds of each segment of a decode step's round trip, per configuration,
+    from the swarm's SWARM_STEP_TRACE files (swarm/steptrace.py)."""
+    from swarm.steptrace import hop_breakdown, read_traces
+
+    records = [r for r in read_traces(directory) if r["key"][1] > 0]  # decode steps (prefill starts at 0)
+    columns, cells = [], {}
+    for k in stages:
+        for s in sessions:
+            picked = [r for r in records if r["model"] == f"bench-{k}" and r["entries"] == s]
+            runs = {}  # one generation per first session: keep the fastest, as the table above keeps its best run
+            for r in picked:
+                runs.setdefault(r["key"][0], []).append(r)
+            segs = [seg for seg in (hop_breakdown(rs, k) for rs in runs.values()) if seg]
+            if not segs:
+                continue
+            seg = min(segs, key=lambda g: statistics.median(g["total"]))
+            columns.append(f"{k} stage(s), {s} session(s)")
+            for name, values in seg.items():
+                cells.setdefault(name, {})[columns[-1]] = statistics.median(values)
+    if not columns:
+        return "Trace: no complete decode step was traced."
+    k = max(stages)  # down the chain, then the replies back up
+    order = (["coord->s0"] + [f"s{i} {what}" for i in range(k) for what in ("parse", "compute", "pack")]
+             + [f"s{i}->s{i + 1}" for i in range(k - 1)] + [f"s{i} sample" for i in range(k)]
+             + [x for i in reversed(range(k - 1)) for x in (f"s{i + 1}->s{i}", f"s{i} reply")] + ["s0->coord", "total"])
+    order = [n for n in order if n in cells]
+    rows = [[name] + [f"{cells[name][c]:.3f}" if c in cells[name] else "" for c in columns] for name in order]
+    return ("\nWhere a decode step's time goes (median ms per decode step of the fastest traced run; "
+            "`a->b` = message from a taken off b's stream; compute includes one device sync):\n\n"
+            + markdown_table(["segment"] + columns, rows))
+
+
 # ----------------------------------------------------------------------------- the swarm
 def one_generation(address: str, model: str, new_tokens: int, out: list, barrier: threading.Barrier | None,
                    token: str | None = None) -> None:
@@ -126,8 +159,10 @@ def swarm_run(address: str, model: str, new_tokens: int, sessions: int, repeats:
 class Swarm:
     """A coordinator and nodes as processes; optionally each node in its own network namespace."""
 
-    def __init__(self, root: Path, num_nodes: int, *, device: str, netns: bool, rate_mbit: float, delay_ms: float) -> None:
+    def __init__(self, root: Path, num_nodes: int, *, device: str, netns: bool, rate_mbit: float, delay_ms: float,
+                 pin_cores: bool = False) -> None:
         self.procs = []
+        self.pin_cores = pin_cores
         self.netns: list[str] = []
         # a fixed token: a random one may start with '-', which argparse takes for a flag
         # generous liveness: on a shaped link, probes and steps can delay heartbeats
@@ -145,19 +180,25 @@ class Swarm:
         if netns:
             host = "10.77.0.1"
             self._setup_netns(num_nodes, rate_mbit, delay_ms)
-        proc, ready = start_coordinator(root / "coord", host="0.0.0.0", extra_args=coord_args)
+        proc, ready = start_coordinator(root / "coord", host="0.0.0.0", extra_args=coord_args, prefix=self._pin(0))
         self.procs.append(proc)
         self.address = f"{host}:{ready['port']}"
         self.token = ready["admin_token"]  # serves models and generates; pins the coordinator's CA too
         for i in range(num_nodes):
-            prefix = ["ip", "netns", "exec", self.netns[i]] if netns else []
+            prefix = (["ip", "netns", "exec", self.netns[i]] if netns else []) + self._pin(i + 1)
             node_host = f"10.77.0.{i + 2}" if netns else "127.0.0.1"
-            p, _ = start_node(self.address, ready["token"], root / f"n{i}", device=device, host=node_host, prefix=prefix,
+            devices = device.split(",")  # a comma list: node i on the i-th device (cycling)
+            p, _ = start_node(self.address, ready["token"], root / f"n{i}", device=devices[i % len(devices)], host=node_host,
+                              prefix=prefix,
                               extra_args=["--probe-seconds", "0.2", "--log-level", "WARNING"],
                               env=child_env({"OMP_NUM_THREADS": os.environ.get("BENCH_NODE_THREADS", "1")}))
             self.procs.append(p)
         wait_until(lambda: len([n for n in CoordinatorClient(self.address, token=self.token).snapshot().nodes if n.state == "online"]) == num_nodes,
                    timeout_s=60, message="all nodes online")
+
+    def _pin(self, index: int) -> list[str]:
+        """--pin-cores: process ``index`` (0 = the coordinator) on a core of its own."""
+        return ["taskset", "-c", str(index % (os.cpu_count() or 1))] if self.pin_cores else []
 
     def _setup_netns(self, n: int, rate_mbit: float, delay_ms: float) -> None:
         """A bridge in the root namespace at 10.77.0.1; node i in namespace swb<i> at 10.77.0.<i+2>;
@@ -202,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--family", default="gpt2", choices=("gpt2", "llama"))
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:K; a comma list spreads the nodes (node i on the i-th)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-seq-len", type=int, default=128, help="served context per session (KV cache length)")
@@ -219,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads of generate (default: BENCH_NODE_THREADS, one node process's: the stages of "
                          "a chain compute one after the other)")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--pin-cores", action="store_true",
+                    help="run the coordinator and each node process on a CPU core of its own (taskset)")
+    ap.add_argument("--trace", action="store_true",
+                    help="time every hop of every decode step (SWARM_STEP_TRACE) and print where a token's time goes")
+    ap.add_argument("--trace-dir", default=None, help="keep the --trace files here (default: a temporary directory)")
     args = ap.parse_args(argv)
     if args.quick:
         args.stages, args.sessions, args.new_tokens, args.repeats = "1,2", "1,8", 32, 3
@@ -228,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = [int(s) for s in args.stages.split(",")]
     sessions = [int(s) for s in args.sessions.split(",")]
     dtype = getattr(torch, args.dtype)
+    local_device = args.device.split(",")[0]  # --device cuda:0,cuda:1: nodes spread, baselines on the first
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
@@ -239,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
 
         prompt_ids = Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(PROMPT).ids
         params_m = cfg.num_parameters() / 1e6
-        swarm = Swarm(root, max(stages), device=args.device, netns=args.netns, rate_mbit=args.rate_mbit, delay_ms=args.delay_ms)
+        if args.trace:
+            trace_dir = Path(args.trace_dir) if args.trace_dir else root / "trace"
+            os.environ["SWARM_STEP_TRACE"] = str(trace_dir)  # the swarm's processes inherit it
+        swarm = Swarm(root, max(stages), device=args.device, netns=args.netns, rate_mbit=args.rate_mbit, delay_ms=args.delay_ms,
+                      pin_cores=args.pin_cores)
         try:
             for k in stages:
                 with CoordinatorClient(swarm.address, token=swarm.token) as client:
@@ -255,14 +306,14 @@ def main(argv: list[str] | None = None) -> int:
                     if not args.no_baseline:
                         from bench.baselines import hf_generate
 
-                        r = hf_generate(ckpt, prompt_ids, new_tokens=args.new_tokens, batch=s, device=args.device,
+                        r = hf_generate(ckpt, prompt_ids, new_tokens=args.new_tokens, batch=s, device=local_device,
                                         dtype=dtype, threads=args.baseline_threads)
                         r = {"ttft_s": r["ttft_s"], "decode_tok_s": 1e3 / r["ms_per_token"], "agg_tok_s": r["tokens_per_s"],
                              "ms_per_token": r["ms_per_token"]}
                         key = ("HF generate (baseline)", 1, s)
                         if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
                             best[key] = r
-                    r = local_run(ckpt, args.layers, prompt_ids, args.new_tokens, s, args.device, dtype, args.max_seq_len)
+                    r = local_run(ckpt, args.layers, prompt_ids, args.new_tokens, s, local_device, dtype, args.max_seq_len)
                     key = ("single process", 1, s)
                     if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
                         best[key] = r
@@ -275,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round done: {len(best)} configurations", file=out, flush=True)
         finally:
             swarm.close()
+        trace_notes = trace_table(trace_dir, stages, sessions) if args.trace else ""
         order = {"HF generate (baseline)": 0, "single process": 1}
         base = {s: r["agg_tok_s"] for (where, _, s), r in best.items() if where == "HF generate (baseline)"}
         runs = []
@@ -300,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.dtype} on {args.device}; prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, greedy, "
              f"KV cache {args.max_seq_len} positions per session; "
              f"best of {args.repeats} interleaved runs; hidden codec {args.hidden_codec}; one node process per stage"
-             + ("; nodes in network namespaces behind tc tbf" if args.netns else "; loopback") + "; "
+             + ("; nodes in network namespaces behind tc tbf" if args.netns else "; loopback")
+             + ("; coordinator and nodes each pinned to one core (--pin-cores)" if args.pin_cores else "") + "; "
              + f"node processes {node_threads} torch thread(s) each; baseline `generate` "
              + f"{args.baseline_threads} thread(s) (a chain's stages compute one after the other)."]
     by = {(r[0].split(" ")[0] in ("single", "HF"), r[1], r[2]): r for r in rows if not r[0].startswith("HF")}
@@ -313,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         a, b = by.get((False, k, 1)), by.get((False, k, 8))
         if a and b:
             notes.append(f"- {k} stage(s): 8 concurrent sessions give {b[6] / a[6]:.2f}x the aggregate throughput of one")
+    if trace_notes:
+        notes.append(trace_notes)
     print("\n".join(notes), file=out)
     if args.json:
         first = sessions[0]

@@ -102,7 +102,8 @@ class Swarm:
         for i in range(num_nodes):
             prefix = ["ip", "netns", "exec", self.netns[i]] if rate_mbit else []
             node_host = f"{SUBNET}.{i + 2}" if rate_mbit else "127.0.0.1"
-            p, _ = start_node(self.address, self.token, root / f"n{i}", device=device, host=node_host, prefix=prefix,
+            node_device = device.split(",")[i % len(device.split(","))]  # a comma list: node i on the i-th
+            p, _ = start_node(self.address, self.token, root / f"n{i}", device=node_device, host=node_host, prefix=prefix,
                               extra_args=["--probe-seconds", "0.2", "--log-level", "INFO"],
                               env=child_env({"OMP_NUM_THREADS": str(threads),
                                              "SWARM_EMULATE_LINK_MBIT": str(emulate_mbit or 0), **extra_env}))
@@ -244,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds; each configuration keeps its best")
     ap.add_argument("--warm-epochs", type=float, default=2.0, help="skip the steps of the first epochs")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu",
+                    help="torch device of the nodes and the baseline; a comma list (cuda:0,cuda:1) puts node i on the "
+                         "i-th (cycling) and the baseline on the first, and prints the ideal 1F1B speed-up")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per node process")
     ap.add_argument("--job-timeout-s", type=float, default=300.0)
     ap.add_argument("--emulate", action="store_true",
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                                        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                                        num_samples=args.num_samples, steps=args.steps,
                                        warm_from_step=int(math.ceil(args.warm_epochs * (args.num_samples // args.batch_size))),
-                                       lr=1e-3, device=args.device, threads=th)
+                                       lr=1e-3, device=args.device.split(",")[0], threads=th)
                         print(json.dumps({"baseline": b}), file=out, flush=True)
                         if baseline is None or b["tokens_per_s"] > baseline["tokens_per_s"]:
                             baseline = b
@@ -380,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
          "tbf shapes both ends of every node's veth, so each hop crosses two shaped links at the given rate; "
          "a middle stage's activations and gradients share its one uplink."),
     ]
+    if "," in args.device and base_tps:  # stages on their own devices: against the ideal 1F1B speed-up
+        m = args.batch_size // args.micro_batch_size
+        ideal = args.stages * m / (m + args.stages - 1)
+        for r in results:
+            got = r["tokens_per_s"] / base_tps
+            notes.append(f"- {r['setting']} {r['codec']}: {got:.2f}x the one-device loop = {100 * got / ideal:.0f}% of the "
+                         f"ideal 1F1B speed-up p*m/(m+p-1) = {ideal:.2f}x (p={args.stages} devices, m={m} micro-batches)")
     print("\n".join(notes), file=out)
     runs = [{"codec": r["codec"], "link": r["setting"], "tokens_per_s": r["tokens_per_s"],
              "ratio_to_baseline": r["tokens_per_s"] / base_tps if base_tps else None,

@@ -1,7 +1,9 @@
-"""Serving a request stream on heterogeneous nodes: fixed replicas vs per-request routes (issue 17).
+"""Serving a request stream on heterogeneous nodes: fixed replicas vs per-request routes, and
+colocated vs disaggregated prefill/decode (issue 17).
 
     python -m bench.serving [--clients 8] [--requests 48] [--repeats 3] [--slow-threads 1] [--fast-threads 3]
     python -m bench.serving --slowdown 3 --fast-threads 1    # a 2-core machine
+    python -m bench.serving --arms disagg --quick            # disaggregation only, a short run
 
 A coordinator and 4 node processes on this machine; node n0 is slowed: ``OMP_NUM_THREADS`` =
 --slow-threads, the others --fast-threads (needs spare cores), or with --slowdown F every
@@ -14,15 +16,20 @@ fastest, coordinator/inference/routes.py). Runs alternate ``--repeats`` times; e
 words, 16-64 new tokens, greedy). Measured at the client: aggregate tokens/s (all tokens / wall
 time), time to first token (p50), time between tokens (p50, p99; an event's tokens share its
 gap). During routes runs the coordinator's route view is sampled every 0.1 s: the slowed node's
-session count against its peer's at the same stage (time average). Disaggregated prefill and
-decode (the issue's item 3) is not built, so not compared. Prints a table, appends it to
-docs/benchmarks.md.
+session count against its peer's at the same stage (time average).
+
+Disaggregation arm (``--arms disagg`` or ``all``): the same checkpoint served a third time with
+``--disaggregate`` (a prefill chain and a decode chain on the same 4 nodes) against the
+``fixed`` (colocated) model, on a prefill-heavy mix (prompts of 40-70 words, ~3 tokens each;
+4-12 new tokens), same metrics, plus the coordinator's predicted gain and its reason and the KV
+bytes it moved. Prints the tables, appends them to docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -45,9 +52,13 @@ NODE_ARGS = ["--probe-seconds", "0.2", "--log-level", "WARNING"]
 WORDS = "the swarm pools volunteer cards over ordinary links to train and serve models for everyone".split()
 
 
-def request_mix(n: int, seed: int) -> list[tuple[str, int]]:
+def request_mix(n: int, seed: int, *, words: tuple[int, int] = (8, 64), new: tuple[int, int] = (16, 64)
+                ) -> list[tuple[str, int]]:
     rng = random.Random(seed)
-    return [(" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 64))), rng.randint(16, 64)) for _ in range(n)]
+    return [(" ".join(rng.choice(WORDS) for _ in range(rng.randint(*words))), rng.randint(*new)) for _ in range(n)]
+
+
+PREFILL_HEAVY = {"words": (40, 70), "new": (4, 12)}  # ~3 tokens a word: fits the tiny 256-token context
 
 
 def run_stream(address: str, token: str, model: str, mix: list[tuple[str, int]], clients: int) -> dict:
@@ -125,10 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow-threads", type=int, default=1)
     p.add_argument("--fast-threads", type=int, default=3)
     p.add_argument("--slowdown", type=float, default=1.0, help="n0's steps take this many times their compute (SWARM_FAULT)")
+    p.add_argument("--arms", choices=("routes", "disagg", "all"), default="all",
+                   help="routes: fixed vs per-request routes; disagg: colocated vs disaggregated (default all)")
+    p.add_argument("--quick", action="store_true", help="a short run: 4 clients, 12 requests, 1 repeat, 4 layers")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
-    procs, runs, shares = [], {"fixed": [], "routes": []}, []
+    if args.quick:
+        args.clients, args.requests, args.repeats, args.layers = 4, 12, 1, 4
+    arms = ("routes", "disagg") if args.arms == "all" else (args.arms,)
+    procs, runs, shares = [], {"fixed": [], "routes": [], "colocated": [], "disagg": []}, []
     mix = request_mix(args.requests, seed=7)
+    heavy = request_mix(args.requests, seed=8, **PREFILL_HEAVY)
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         root = Path(tmp)
         try:
@@ -149,13 +167,16 @@ def main(argv: list[str] | None = None) -> int:
             make_tiny_checkpoint(ckpt, "llama", num_layers=args.layers, hidden_size=args.hidden, num_heads=8, seed=1)
             with CoordinatorClient(address, token=ready["admin_token"]) as client:
                 wait_until(lambda: sum(n.state == "online" for n in client.snapshot().nodes) == 4, 60)
-                for name in ("fixed", "routes"):
+                for name in ("fixed",) + tuple(a for a in arms):
                     client.upload_model(ckpt, name=name, options=ServeOptions(
                         num_replicas=2, num_stages=2, max_seq_len=512, sessions_per_replica=args.clients,
-                        verify_prob=0.0, routes=name == "routes"))
+                        verify_prob=0.0, routes=name == "routes", disaggregate=name == "disagg"))
                 placed = {m.name: [[s.node_id[:8] for s in r.stages] for r in m.replicas] for m in client.list_models()}
-            run_stream(address, ready["read_token"], "routes", mix[:args.clients], args.clients)  # warm the live map
-            for _ in range(args.repeats):
+            if "disagg" in arms:
+                runs_disagg(address, ready, heavy, args, runs)
+            if "routes" in arms:
+                run_stream(address, ready["read_token"], "routes", mix[:args.clients], args.clients)  # warm the live map
+            for _ in range(args.repeats if "routes" in arms else 0):
                 for name in ("fixed", "routes"):
                     stop, seen = threading.Event(), []
                     sampler = threading.Thread(target=sample_routes, args=(address, ready["read_token"], ids[0], stop, seen))
@@ -166,9 +187,15 @@ def main(argv: list[str] | None = None) -> int:
                     if name == "routes":
                         sampler.join()
                         shares.extend(seen)
+            with CoordinatorClient(address, token=ready["admin_token"]) as client:
+                disagg = next((m.disaggregation for m in client.list_models() if m.name == "disagg"), None)
         finally:
             for proc in reversed(procs):
                 proc.stop()
+    if "disagg" in arms:
+        report_disagg(runs, disagg, args, placed)
+    if "routes" not in arms:
+        return 0
 
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name])
@@ -193,6 +220,47 @@ def main(argv: list[str] | None = None) -> int:
                       f"words, 16-64 new tokens, greedy); median of {args.repeats} alternating runs. {share}. "
                       f"Placement: {placed}. All runs: {json.dumps(runs)}"))
     return 0
+
+
+def runs_disagg(address: str, ready: dict, heavy: list, args, runs: dict) -> None:
+    """Alternate colocated (the ``fixed`` model) and disaggregated runs of the prefill-heavy mix."""
+    run_stream(address, ready["read_token"], "disagg", heavy[:args.clients], args.clients)  # warm up
+    for _ in range(args.repeats):
+        runs["colocated"].append(run_stream(address, ready["read_token"], "fixed", heavy, args.clients))
+        runs["disagg"].append(run_stream(address, ready["read_token"], "disagg", heavy, args.clients))
+
+
+def report_disagg(runs: dict, disagg, args, placed: dict) -> None:
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name])
+    rows = [[name, med(name, "tok_s"), med(name, "ttft_p50_s") * 1e3, med(name, "tbt_p50_s") * 1e3,
+             med(name, "tbt_p99_s") * 1e3] for name in ("colocated", "disagg")]
+    rows[0].append(1.0)
+    rows[1].append(rows[1][1] / rows[0][1])
+    table = markdown_table(["mode", "tokens/s", "TTFT p50 (ms)", "TBT p50 (ms)", "TBT p99 (ms)", "throughput gain"],
+                           rows)
+    gain = rows[1][1] / rows[0][1]
+    verdict = (f"measured {gain:.2f}x throughput: " + ("a gain" if gain > 1.05 else "no gain" if gain < 0.95 else
+                                                       "no difference beyond noise"))
+    pred = (f"coordinator predicted {disagg.predicted_gain:.2f}x throughput, {disagg.predicted_tbt_p99_ratio:.2f}x "
+            f"TBT p99: {disagg.reason}; {disagg.num_handoffs} KV hand-offs moved {disagg.kv_bytes_moved} bytes, "
+            f"{disagg.num_handoff_failures} failed") if disagg is not None else "no prediction (model missing)"
+    shared = (f"The {os.cpu_count()} cores of this machine are shared by all 4 node processes: a prefill on the "
+              "prefill chain takes CPU from the decode chain's steps too, so the separation disaggregation buys on "
+              "separate devices is not there to measure. " if (os.cpu_count() or 1) < 8 else "")
+    print(table)
+    print(verdict)
+    print(shared)
+    print(pred)
+    print(json.dumps({"colocated": runs["colocated"], "disagg": runs["disagg"]}))
+    if not args.no_record:
+        record("Serving: disaggregated prefill/decode vs colocated, prefill-heavy mix (bench/serving.py)", table,
+               notes=(f"tiny llama {args.layers} layers, hidden {args.hidden}; the same 4 node processes of this "
+                      f"machine serve `fixed` (colocated: 2 replicas x 2 stages) and `disagg` (`--disaggregate`: "
+                      f"a prefill chain + a decode chain); {args.clients} clients, {args.requests} requests per run "
+                      f"(prompts 40-70 words, ~3 tokens each, 4-12 new tokens, greedy); median of {args.repeats} "
+                      f"alternating runs. {verdict}. {pred}. {shared}Placement: {placed}. "
+                      f"All runs: {json.dumps({k: runs[k] for k in ('colocated', 'disagg')})}"))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ Protocol (coordinator side; the commitments and the decision are swarm/inference
   step of the session on that chain was checked (``ChainResult.fresh``): otherwise its cache may
   hold a wrong input of an unchecked step, and the chain is only retired. Replays are fresh.
 - Without another ready chain (one replica, or the other one busy) the check is void and the
-  token is released unchecked; so is it when the checking chain fails before answering.
+  token is released unchecked; so is it when the checking chain fails before answering. While
+  a model has no other ready chain at all, its steps ask no commitments and draw no checks
+  (:meth:`Checks.can_check`): they could only be void.
 """
 
 from __future__ import annotations
@@ -124,6 +126,16 @@ class Checks:
     def __init__(self, engine) -> None:
         self.engine = engine
         self.referee = Referee()
+
+    def can_check(self, serving) -> bool:
+        """Whether a step of ``serving`` could be checked now: another chain of its model is
+        ready. Without one every check is void, so the driver asks no commitments (they cost the
+        stages a sketch per step) and draws no checks."""
+        try:
+            m = self.engine.get(serving.model)
+        except Exception:  # noqa: BLE001 -- unserved meanwhile
+            return False
+        return any(r is not serving and r.state == "ready" for r in list(m.replicas))
 
     def hold(self, serving, s, ticket: object, *, context: tuple[int, ...], token: int, result: ChainResult) -> None:
         """Hold a sampled step of session ``s`` on ``serving`` (its token is ``token``, ``context``

@@ -35,16 +35,18 @@ from swarm.model.checkpoint import load_config
 from swarm.model.config import ModelConfig
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
-from swarm.scheduling.placement import Links, ModelShape, PlacementDevice, PlacementRequest, place
+from swarm.scheduling.placement import Links, PlacementDevice, PlacementRequest, place
 from swarm.transport.channels import data_channel
 from swarm.transport.errors import error_from_rpc
 from swarm.transport.inference import step_metadata
 
 from coordinator.inference.checks import Checks
+from coordinator.inference.disagg import Disagg
+from coordinator.inference.shape import model_shape
 from coordinator.inference.replica import Replica, Session, StageRef
 from coordinator.inference.router import Routes
 from coordinator.inference.routes import shared_split
-from coordinator.inference.store import ModelRecord, ModelStore, ServeParams, served_params
+from coordinator.inference.store import ModelRecord, ModelStore, served_params
 from coordinator.inference.text import TextCodec
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,6 @@ SUSPECT_S = 120.0  # a node that failed a step is not placed on again for this l
 # --hidden-codec auto: 8-bit hidden states on hops measured slower than this (bytes/s); a 4 KB
 # hidden state (hidden 1024, fp32) then costs < 0.3 ms on the wire either way above it
 AUTO_INT8_BELOW_BPS = 12.5e6  # 100 Mbit/s
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(slots=True)
@@ -102,25 +103,6 @@ class ServedModel:
         return out
 
 
-def model_shape(config: ModelConfig, params: ServeParams) -> ModelShape:
-    """Bytes and FLOPs placement needs, from the model config and the serving dtype."""
-    b = _DTYPE_BYTES[params.dtype]
-    body = config.num_parameters(include_embeddings=False)
-    head = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
-    per_layer = max(1, (body - head) // config.num_layers)
-    emb = config.num_parameters() - body
-    return ModelShape(
-        num_layers=config.num_layers,
-        hidden_size=config.hidden_size,
-        layer_bytes=per_layer * b,
-        embed_bytes=emb * b,
-        head_bytes=(head or config.vocab_size * config.hidden_size) * b,
-        kv_bytes_per_token_per_layer=2 * config.num_kv_heads * config.head_dim * b,
-        flops_per_token_per_layer=2.0 * per_layer,
-        activation_bytes_per_token=config.hidden_size * (1 if params.hidden_codec in ("int8", "auto") else 4),
-    )
-
-
 class InferenceEngine:
     """Owns served models and their replicas. Thread-safe; never blocks an event loop in submit."""
 
@@ -141,6 +123,7 @@ class InferenceEngine:
         self.healer = None  # coordinator.inference.healer.Healer, attached by the plugin
         self.checks = Checks(self)
         self.routes = Routes(self)
+        self.disagg = Disagg(self)
 
     def close(self) -> None:
         self._stop.set()
@@ -185,7 +168,10 @@ class InferenceEngine:
         with self._lock:
             self._models[record.name] = m
         try:
-            self._place(m, exclude=set())
+            if record.params.disaggregate:
+                self.disagg.place(m)
+            else:
+                self._place(m, exclude=set())
             ready = sorted((r for r in m.replicas if r.state == "ready"), key=lambda r: r.index)
             m.layout = tuple((s.first_layer, s.last_layer_excl) for s in ready[0].stages)
             m.requested = record.params.num_replicas or len(ready)  # "as many as fit": as many as fit now
@@ -196,6 +182,8 @@ class InferenceEngine:
                 self._models.pop(record.name, None)
             raise
         self.store.set_state(record.name, m.state)
+        if not record.params.disaggregate:
+            self.disagg.assess(m)  # what disaggregating would give, for `swarm models`
         return m
 
     def unserve(self, name: str) -> bool:
@@ -203,6 +191,7 @@ class InferenceEngine:
             m = self._models.pop(name, None)
         if m is not None:
             self._retire(m, f"model {name!r} is no longer served")
+        self.disagg.forget(name)
         return self.store.remove(name) or m is not None
 
     def _retire(self, m: ServedModel, why: str) -> None:
@@ -221,10 +210,7 @@ class InferenceEngine:
         """Plan replicas over online nodes (minus ``exclude`` and nodes busy with this model)
         and load them. Raises InfeasiblePlanError / UnavailableError."""
         p = m.record.params
-        busy = {nid for r in m.replicas if r.state == "ready" for nid in r.node_ids}
-        busy |= {nid for r in m.loading for nid in r.node_ids}
-        nodes = [n for n in self.app.registry.online() if n.id not in exclude and n.id not in busy and n.peer_address]
-        nodes.sort(key=lambda n: n.id)
+        nodes, devices = self._candidates(m, exclude)
         want = p.num_replicas if num_replicas is None else num_replicas
         stages = p.num_stages
         if stages is not None and len(nodes) < stages * (want or 1):
@@ -234,12 +220,6 @@ class InferenceEngine:
                     f"{len(nodes)} are online; lower --stages/--replicas or start more nodes")
             # after a failure: keep serving with shorter chains rather than not at all
             stages = max(1, len(nodes) // (want or 1)) if nodes else None
-        devices = [
-            PlacementDevice(node_id=n.id, tflops=max(n.planning_tflops, 1e-6),
-                            memory_bytes=int(n.hardware.memory_free_bytes or n.hardware.memory_bytes) - self._reserved(n.id))
-            for n in nodes
-        ]
-        devices = [d if d.memory_bytes >= 0 else PlacementDevice(node_id=d.node_id, tflops=d.tflops, memory_bytes=0) for d in devices]
         links = self._links([n.id for n in nodes])
         request = PlacementRequest(
             num_replicas=want, sessions_per_replica=p.sessions_per_replica, max_seq_len=p.max_seq_len,
@@ -247,7 +227,7 @@ class InferenceEngine:
         )
         placement = place(devices, links, model_shape(m.config, p), request)
         by_id = {n.id: n for n in nodes}
-        futures = []
+        replicas = []
         splits = [[(s.first_layer, s.last_layer_excl) for s in rp.stages] for rp in placement.replicas]
         if p.routes:  # only chains with the same layer ranges can feed each other's stages
             splits = shared_split(splits)
@@ -257,11 +237,33 @@ class InferenceEngine:
                 m.next_replica += 1
             refs = [StageRef(node_id=s.node_id, address=by_id[s.node_id].peer_address, first_layer=a,
                              last_layer_excl=b) for s, (a, b) in zip(rp.stages, split)]
-            replica = Replica(model=m.record.name, index=index, stages=refs, max_sessions=p.sessions_per_replica,
-                              security=self.app.security,
-                              on_failure=self._on_replica_failure, on_finish=self._on_finish,
-                              predicted_latency_s=rp.latency_s, checks=self.checks, verify_prob=p.verify_prob)
-            futures.append((replica, self._pool.submit(self._load_replica, m, replica)))
+            replicas.append(self._new_replica(m, index, refs, rp.latency_s))
+        self._load_all(m, replicas)
+
+    def _candidates(self, m: ServedModel, exclude: set[str]) -> tuple[list, list[PlacementDevice]]:
+        """(online nodes with a peer address, not in ``exclude`` nor busy with ``m``, by id; their
+        placement devices: measured TFLOPS, memory left after other models' stages)."""
+        busy = {nid for r in m.replicas if r.state == "ready" for nid in r.node_ids}
+        busy |= {nid for r in m.loading for nid in r.node_ids}
+        nodes = [n for n in self.app.registry.online() if n.id not in exclude and n.id not in busy and n.peer_address]
+        nodes.sort(key=lambda n: n.id)
+        devices = [
+            PlacementDevice(node_id=n.id, tflops=max(n.planning_tflops, 1e-6),
+                            memory_bytes=max(0, int(n.hardware.memory_free_bytes or n.hardware.memory_bytes)
+                                             - self._reserved(n.id)))
+            for n in nodes
+        ]
+        return nodes, devices
+
+    def _new_replica(self, m: ServedModel, index: int, refs: list[StageRef], latency_s: float) -> Replica:
+        p = m.record.params
+        return Replica(model=m.record.name, index=index, stages=refs, max_sessions=p.sessions_per_replica,
+                       security=self.app.security, on_failure=self._on_replica_failure, on_finish=self._on_finish,
+                       predicted_latency_s=latency_s, checks=self.checks, verify_prob=p.verify_prob)
+
+    def _load_all(self, m: ServedModel, replicas: list[Replica]) -> None:
+        """Load ``replicas`` at once and start those that loaded; raises UnavailableError when none did."""
+        futures = [(r, self._pool.submit(self._load_replica, m, r)) for r in replicas]
         errors = []
         for replica, fut in futures:
             try:
@@ -356,6 +358,7 @@ class InferenceEngine:
                 hidden_codec=self._hop_codec(p.hidden_codec, st, nxt),
                 shard_sources=[a for a, _ in sources], shard_source_node_ids=[i for _, i in sources],
                 session_timeout_s=p.session_timeout_s, dtype=p.dtype,
+                kv_source_node_ids=self.disagg.kv_sources(m, replica, k),
             )
             with self._lock:
                 if len(self._issued) > 10_000:  # bounded: forget the oldest
@@ -443,6 +446,8 @@ class InferenceEngine:
         with self._lock:
             if m.record.params.routes:
                 self.routes.pump(m)
+                return
+            if self.disagg.pump(m):
                 return
             while m.waiting:
                 ready = [r for r in m.replicas if r.has_room()]

@@ -39,6 +39,7 @@ from swarm.inference.session import GenerationState, TokenEvent
 from swarm.inference.stage_runtime import StepEntry
 from swarm.inference.verify import ChainResult, StageCommit
 from swarm.proto.v1 import inference_pb2 as pb
+from swarm.steptrace import StepTrace
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
 from swarm.transport.inference import (commitments_from_pb, entries_to_pb, new_step_capability,
@@ -46,6 +47,7 @@ from swarm.transport.inference import (commitments_from_pb, entries_to_pb, new_s
 from swarm.transport.step_link import StepLink
 
 log = logging.getLogger(__name__)
+_TRACE = StepTrace("coordinator")  # SWARM_STEP_TRACE=DIR: per-step timestamps (swarm/steptrace.py)
 
 STEP_TIMEOUT_S = 120.0
 
@@ -70,6 +72,9 @@ class Session:
         self.kv_pos = 0  # tokens the current replica's caches hold for this session
         self.replay_stages = 0  # > 0: only stages 0..replay_stages-1 need the prefix again (routes.py)
         self.replica: Replica | None = None
+        # disaggregated serving (disagg.py): called as handoff(replica, session) once a step
+        # prefilled the session, after it was detached from the replica (its KV moves elsewhere)
+        self.handoff: Callable[["Replica", "Session"], None] | None = None
         self.num_replays = 0
         self.cancelled = False
         self.closed = False
@@ -357,12 +362,16 @@ class Replica:
         with self._cond:  # a release moves pending tokens to the state meanwhile
             entries = [s.entry() for s in batch] + [t.entry for t in tasks]
         # every entry commits while checks are on, so a stage cannot tell which steps are checked
-        commit = [e.session_id for e in entries] if self.verify_prob > 0 or tasks else []
+        checking = self.verify_prob > 0 and self._checks.can_check(self)
+        commit = [e.session_id for e in entries] if checking or tasks else []
         req = self._request(entries, closing, commit)
         req.commit_points.extend(pb.ServeCommitPoints(session_id=t.entry.session_id, positions=t.points) for t in tasks)
         t0 = time.perf_counter()
         try:
             reply = link.step(req, timeout_s=STEP_TIMEOUT_S)
+            if _TRACE.enabled and entries:
+                _TRACE.write((entries[0].session_id, entries[0].start_position), -1,
+                             {"send": t0, "reply": _TRACE.now()}, model=self.model, entries=len(entries))
         except SwarmError as err:
             for t in tasks:  # void checks; the next step closes their sessions wherever they opened
                 t.done(None)
@@ -404,7 +413,7 @@ class Replica:
                 if e.reset:
                     s.history_checked = True  # the stages' caches of it hold this step only
                 ticket = None
-                if self.verify_prob > 0 and self._rng.random() < self.verify_prob:
+                if checking and self._rng.random() < self.verify_prob:
                     ticket = object()  # held, with what follows, until the check passed (Checks.begin)
                     checks.append((s, ticket, tuple(s.ids()), int(tok), s.history_checked))
                 else:
@@ -426,6 +435,22 @@ class Replica:
         for s, events in out:
             for ev in events:
                 self._deliver(s, ev)
+        self._hand_off(batch)
+
+    def _hand_off(self, batch: list[Session]) -> None:
+        """Detach the sessions of ``batch`` that carry a ``handoff`` and are still generating, and
+        call it (disaggregated serving: their decoding continues on another chain)."""
+        moved = []
+        with self._cond:
+            for s in batch:
+                if s.handoff is not None and s.kv_pos > 0 and not s.closed and not s.cancelled and s in self._sessions:
+                    self._sessions.remove(s)
+                    s.replica = None
+                    moved.append(s)
+        self._void(moved)  # its unsent checks: what this chain held for it is not its to release
+        for s in moved:
+            handoff, s.handoff = s.handoff, None
+            handoff(self, s)
 
     def _request(self, entries: list[StepEntry], closing: list[str], commit: list[str]) -> pb.ServeStepRequest:
         """The step sent to the first stage (a route driver adds its route: routes.py)."""

@@ -59,6 +59,7 @@ def model_info(engine: InferenceEngine, rec: ModelRecord, access: Access = Acces
                                       first_layer=s.first_layer, last_layer_excl=s.last_layer_excl, state=r.state)
                     for s in r.stages],
         ))
+    engine.disagg.describe(m, info.disaggregation, full=full)
     for v in engine.routes.views(m):
         info.routes.append(pb.ServeRouteInfo(replicas=v["replicas"], node_ids=v["node_ids"] if full else [],
                                              sessions=v["sessions"], predicted_s_per_token=v["predicted_s_per_token"]))
@@ -74,9 +75,11 @@ def params_from_header(h: pb.ServeUploadHeader) -> ServeParams:
         objective=h.objective or "latency",
         hidden_codec=h.hidden_codec or "none",
         dtype=h.dtype or "float32",
-        # --routes serves without spot checks unless they are asked for (then ServeParams refuses)
-        verify_prob=h.verify_prob if h.HasField("verify_prob") else 0.0 if h.routes else DEFAULT_VERIFY_PROB,
+        # --routes / --disaggregate serve without spot checks unless they are asked for (then ServeParams refuses)
+        verify_prob=(h.verify_prob if h.HasField("verify_prob")
+                     else 0.0 if h.routes or h.disaggregate else DEFAULT_VERIFY_PROB),
         routes=h.routes,
+        disaggregate=h.disaggregate,
     )
 
 

@@ -64,6 +64,7 @@ class ServeParams:
     session_timeout_s: float = 120.0
     verify_prob: float = DEFAULT_VERIFY_PROB  # fraction of session steps spot-checked (0: off)
     routes: bool = False  # per-request routes over the replicas' stages (coordinator/inference/routes.py)
+    disaggregate: bool = False  # prefill and decode on separate chains (coordinator/inference/disagg.py)
 
     def __post_init__(self) -> None:
         if self.num_replicas is not None and not 1 <= self.num_replicas <= 64:
@@ -85,6 +86,15 @@ class ServeParams:
         if self.routes and self.verify_prob > 0:
             raise InvalidRequestError("--routes serves without spot checks (they compare whole chains); "
                                       "drop --verify-prob or pass --verify-prob 0")
+        if self.disaggregate and self.routes:
+            raise InvalidRequestError("--disaggregate and --routes cannot be combined (a session's KV moves between "
+                                      "fixed prefill and decode chains); drop one of them")
+        if self.disaggregate and self.verify_prob > 0:
+            raise InvalidRequestError("--disaggregate serves without spot checks (they replay whole chains, and "
+                                      "no chain both prefills and decodes); drop --verify-prob or pass --verify-prob 0")
+        if self.disaggregate and self.num_replicas == 1:
+            raise InvalidRequestError("--disaggregate needs 2+ chains (a prefill and a decode chain); pass "
+                                      "--replicas 2 or more (the total of both), or 0 for as many as fit")
 
 
 def _params_from_json(text: str) -> ServeParams:

@@ -55,6 +55,7 @@ from swarm.inference.stage_runtime import StageRuntime
 from swarm.inference.verify import sketch_rows
 from swarm.model.checkpoint import load_stage
 from swarm.proto.v1 import inference_pb2 as pb
+from swarm.steptrace import StepTrace
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
 from swarm.transport.errors import error_from_rpc, grpc_errors
@@ -68,13 +69,17 @@ from swarm.transport.inference import (
     step_metadata,
 )
 
+from swarm.transport.kv import kv_target
+
 from node.inference.commitments import commit_points, point_commitments
+from node.inference.kv_handoff import import_kv, push_kv
 from node.inference.routing import PeerStubs, replayed_here, route_hop
 from node.inference.shards import fetch_shard, safe_dir, same_weights, serve_shard, validate_assignment
 
 log = logging.getLogger(__name__)
 
 STEP_TIMEOUT_S = 120.0
+_TRACE = StepTrace("node")  # SWARM_STEP_TRACE=DIR: per-step timestamps (swarm/steptrace.py)
 DTYPES = {"": torch.float32, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -365,6 +370,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         """Run one step on this stage; unless last, ``forward`` it to the next stage (``hop``,
         from :meth:`_next_hop`) and return that stage's reply (its errors raised as SwarmErrors)."""
         a = loaded.assignment
+        marks = {"in": _TRACE.now()} if _TRACE.enabled else None
         if request.stage != a.stage:
             raise InvalidRequestError(
                 f"step for stage {request.stage} reached the node holding stage {a.stage} of replica {a.replica}"
@@ -392,10 +398,13 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 ends.append((i, off - 1))
         points = commit_points(request.commit_points, entries)  # {entry index: row offsets}
         t0 = time.perf_counter()
+        if marks is not None:
+            marks["parsed"] = t0
         if a.stage == a.num_stages - 1:
             logits, kept = rt.run_keeping(entries, hidden, points)  # (num_entries, V), {i: (k, V)}
             logits = self._altered(logits)
             kept = {i: self._altered(x) for i, x in kept.items()}
+            self._mark(marks, "computed", logits)
             tokens = rt.sample(entries, logits)
             compute = self._slowed(time.perf_counter() - t0)
             self.steps += 1
@@ -406,8 +415,10 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                                                        sample=rt.sample))
             if a.stage > 0 and self.traffic is not None:
                 self.traffic.add_sent(reply.ByteSize())
+            self._trace(marks, "out", entries, a)
             return reply
         out = self._altered(rt.run(entries, hidden))  # (sum num_tokens, H)
+        self._mark(marks, "computed", out)
         compute = self._slowed(time.perf_counter() - t0)
         assert hop is not None
         fwd_entries, fwd_out = replayed_here(request.entries, out, a.stage)
@@ -427,12 +438,14 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         )
         if self.traffic is not None:
             self.traffic.add_sent(nxt.ByteSize())
+        self._mark(marks, "packed")
         try:
             reply = forward(nxt)
         except SwarmError as err:
             if isinstance(err, PeerError) or err.retryable:
                 raise PeerError(f"next stage {a.stage + 1} ({hop[3][:12]} at {hop[4]}) failed: {err}") from err
             raise
+        self._mark(marks, "back")
         self.steps += 1
         if self.traffic is not None:
             self.traffic.add_received(reply.ByteSize())  # as the next stage sent it
@@ -442,7 +455,23 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         reply.commitments.extend(point_commitments(a.stage, entries, points, hidden, out, last=False))
         if self.traffic is not None and a.stage > 0:
             self.traffic.add_sent(reply.ByteSize())
+        self._trace(marks, "out", entries, a)
         return reply
+
+    @staticmethod
+    def _mark(marks: dict | None, name: str, synced: torch.Tensor | None = None) -> None:
+        """SWARM_STEP_TRACE only: a timestamp (after the device finished ``synced``'s work)."""
+        if marks is not None:
+            if synced is not None and synced.is_cuda:
+                torch.cuda.synchronize(synced.device)
+            marks[name] = _TRACE.now()
+
+    @staticmethod
+    def _trace(marks: dict | None, last: str, entries, a) -> None:
+        if marks is not None and entries:
+            marks[last] = _TRACE.now()
+            _TRACE.write((entries[0].session_id, entries[0].start_position), a.stage, marks,
+                         model=a.model_name, entries=len(entries))
 
     def _altered(self, out: torch.Tensor) -> torch.Tensor:
         """SWARM_FAULT wrong-tokens (tests only): this step's output perturbed, with its probability."""
@@ -483,6 +512,31 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         self._authorize(loaded, context, "CloseSession")
         n = loaded.runtime.close(list(request.session_ids))
         return pb.ServeCloseSessionReply(num_closed=n)
+
+    @grpc_errors
+    def PushKV(self, request: pb.ServePushKVRequest, context) -> pb.ServePushKVReply:
+        """Disaggregated serving: send a prefilled session's cache on (node/inference/kv_handoff.py)."""
+        self._only_coordinator(context, "PushKV")
+        loaded = self._get(request.model_name, request.replica)
+        self._authorize(loaded, context, "PushKV")
+        n = push_kv(loaded.runtime, loaded.assignment, request, node_id=self.node_id, peers=self._peers)
+        if self.traffic is not None:
+            self.traffic.add_sent(n)
+        return pb.ServePushKVReply(kv_bytes=n)
+
+    @grpc_errors
+    def ImportKV(self, request_iterator, context) -> pb.ServeImportKVReply:
+        """Disaggregated serving: take a session's cache from a prefill node named in the assignment."""
+        caller = self._caller(context)
+        first = next(request_iterator, None)
+        loaded = self._get(*kv_target(first))
+        if caller == COORDINATOR:
+            raise PermissionDeniedError("ImportKV is for the prefill nodes the coordinator named, not the coordinator")
+        self._authorize(loaded, context, "ImportKV")
+        n = import_kv(loaded.runtime, loaded.assignment, first, request_iterator, caller=caller)
+        if self.traffic is not None:
+            self.traffic.add_received(n)
+        return pb.ServeImportKVReply(kv_bytes=n)
 
     @grpc_errors
     def FetchShard(self, request: pb.ServeFetchShardRequest, context) -> Iterator[pb.ServeShardChunk]:

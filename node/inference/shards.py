@@ -47,6 +47,8 @@ def validate_assignment(a: pb.ServeStageAssignment) -> None:
         raise InvalidRequestError("the last stage has no next address")
     if a.hidden_codec not in ("", "none", "int8"):
         raise InvalidRequestError(f"hidden codec {a.hidden_codec!r} unknown; use none or int8")
+    if len(a.kv_source_node_ids) > 64 or not all(0 < len(n) <= 128 for n in a.kv_source_node_ids):
+        raise InvalidRequestError("assignment kv_source_node_ids: at most 64 node ids of 1..128 characters")
     for src in a.shard_sources:
         if src != "coordinator":
             parse_address(src)

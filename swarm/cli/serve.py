@@ -30,7 +30,9 @@ def add_parser(sub) -> None:
     add_common_flags(s, json=True, json_help="print the placement as JSON")
     s.add_argument("--model", required=True, help="HF-format checkpoint directory (config.json, *.safetensors, tokenizer.json)")
     s.add_argument("--name", default=None, help="name clients use (default: the directory name)")
-    s.add_argument("--replicas", type=int, default=1, help="replicas (chains) to place; 0: as many as fit (default 1)")
+    s.add_argument("--replicas", type=int, default=None,
+                   help="replicas (chains) to place; 0: as many as fit (default 1; with --disaggregate 2: "
+                        "the prefill and the decode chains together)")
     s.add_argument("--stages", type=int, default=0, help="exact stages per replica (default 0: placement decides)")
     s.add_argument("--max-seq-len", type=int, default=0,
                    help="context (prompt + new tokens) per session, at most the model's max_position_embeddings "
@@ -46,6 +48,9 @@ def add_parser(sub) -> None:
     s.add_argument("--routes", action="store_true",
                    help="per-request routes: any replica of a stage may feed any replica of the next, each session "
                         "takes the route predicted fastest, a lost node re-routes only its stage (no spot checks)")
+    s.add_argument("--disaggregate", action="store_true",
+                   help="prefill prompts on the compute-richest chain(s), move each session's KV cache to decode "
+                        "chain(s) and decode there (needs --replicas >= 2 in total; no spot checks, no --routes)")
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="list served models and where their layers are")
@@ -85,6 +90,13 @@ def _print_model(m) -> None:
     for r in m["replicas"]:
         chain = " -> ".join(f"{s['node_id'][:10]}@{s['address']}[{s['first_layer']}:{s['last_layer_excl']})" for s in r["stages"])
         print(f"  replica {r['replica']} ({r['state']}, ~{r['predicted_latency_s'] * 1e3:.2f} ms/token): {chain}")
+    d = m["disaggregation"]
+    if d["reason"]:
+        sides = (f": prefill {', '.join(n[:10] for n in d['prefill_nodes'])}; decode "
+                 f"{', '.join(n[:10] for n in d['decode_nodes'])}; {d['num_handoffs']} KV hand-off(s), "
+                 f"{d['kv_bytes_moved']} bytes moved" if d["enabled"] else "")
+        print(f"  disaggregation {'on' if d['enabled'] else 'off'}{sides}")
+        print(f"    {d['reason']}")
     for r in m["routes"]:
         hops = " -> ".join(f"r{i}:{n[:10]}" for i, n in zip(r["replicas"], r["node_ids"] or [""] * len(r["replicas"])))
         print(f"  route {hops}: {r['sessions']} session(s), ~{r['predicted_s_per_token'] * 1e3:.2f} ms/token predicted")
@@ -108,9 +120,10 @@ def cmd_serve(args) -> int:
                       end="", file=sys.stderr, flush=True)
 
         options = ServeOptions(
-            num_replicas=args.replicas, num_stages=args.stages, max_seq_len=args.max_seq_len,
+            num_replicas=args.replicas if args.replicas is not None else 2 if args.disaggregate else 1,
+            num_stages=args.stages, max_seq_len=args.max_seq_len,
             sessions_per_replica=args.sessions, objective=args.objective, hidden_codec=args.hidden_codec,
-            dtype=args.dtype, verify_prob=args.verify_prob, routes=args.routes,
+            dtype=args.dtype, verify_prob=args.verify_prob, routes=args.routes, disaggregate=args.disaggregate,
         )
         with connect(args) as client:
             info = client.upload_model(model_dir, name=name, options=options, on_bytes=progress)

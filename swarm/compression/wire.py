@@ -219,12 +219,25 @@ def decode_tensor(
     return flat.view(enc.shape).to(dtype)
 
 
+# exponent bits of each float format: all ones means Inf or NaN
+_EXPONENT = {torch.float32: (torch.int32, 0x7F800000), torch.float16: (torch.int16, 0x7C00),
+             torch.bfloat16: (torch.int16, 0x7F80)}
+_SMALL = 1 << 16  # elements: below this, torch's per-op overhead outweighs the work
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """True when no value of ``x`` is NaN or Inf. One reduction instead of a mask: the sum of
     finite values is finite unless it overflows, so only a non-finite sum (NaN/Inf present, or
-    an overflow) pays for the exact check."""
+    an overflow) pays for the exact check. A small host tensor (an inference step's hidden
+    states) is checked exactly on its exponent bits with numpy instead: a few microseconds
+    against two torch ops' dispatch."""
     if not x.is_floating_point() or x.numel() == 0:
         return True
+    bits = _EXPONENT.get(x.dtype)
+    if bits is not None and x.device.type == "cpu" and x.numel() <= _SMALL and x.is_contiguous():
+        as_int, mask = bits
+        a = x.view(as_int).numpy()
+        return not bool(((a & mask) == mask).any())
     if bool(torch.isfinite(x.sum(dtype=torch.float32))):
         return True
     return bool(torch.isfinite(x).all())

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from swarm.clock import Clock, SystemClock
-from swarm.errors import CapacityError, InvalidRequestError
+from swarm.errors import CapacityError, InvalidRequestError, NotFoundError
 from swarm.inference.sampling import SamplingParams, sample_batch
 from swarm.model.kv_cache import KVCache
 from swarm.model.stage import StageModel
@@ -171,6 +171,47 @@ class StageRuntime:
         group = caches[0] if len(caches) == 1 else KVCache.cat(caches)
         self._groups[key] = group
         return group
+
+    # ------------------------------------------------------------------ KV hand-off
+    def export_kv(self, session_id: str) -> tuple[torch.Tensor, int]:
+        """A copy of a session's cache: (layers, 2, kv_heads, length, head_dim) (K then V) and its
+        length (disaggregated serving moves it to a decode stage). Raises NotFoundError."""
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is None:
+                raise NotFoundError(f"session {session_id[:40]} is not on this stage (closed or expired); replay it")
+            if s.cache is None:  # a row of a batch cache: give it back its own first
+                self._dissolve(self._group_of[session_id])
+            c, n = s.cache, s.length
+            assert c is not None
+            return torch.stack([torch.stack([k[0, :, :n], v[0, :, :n]]) for k, v in zip(c.keys, c.values)]), n
+
+    def kv_shape(self, length: int) -> tuple[int, ...]:
+        """The shape :meth:`import_kv` accepts for a session of ``length`` positions."""
+        cfg = self.stage.config
+        return (len(self.stage.layers), 2, cfg.num_kv_heads, length, cfg.head_dim)
+
+    def import_kv(self, session_id: str, kv: torch.Tensor) -> None:
+        """Open (or replace) a session holding ``kv`` (:meth:`export_kv`'s layout, any float
+        dtype): its next step starts at position ``kv.shape[3]``. Raises InvalidRequestError for
+        a wrong shape or a length without room for one more token, CapacityError when full."""
+        if kv.dim() != 5 or tuple(kv.shape) != self.kv_shape(int(kv.shape[3])):
+            raise InvalidRequestError(f"KV cache of shape {tuple(kv.shape)} does not fit this stage: "
+                                      f"expected {self.kv_shape(0)[:3]} x length x {self.kv_shape(0)[4]}")
+        n = int(kv.shape[3])
+        if not 1 <= n < self.max_seq_len:
+            raise InvalidRequestError(f"KV cache of {n} positions: this stage serves 1..{self.max_seq_len - 1}")
+        cache = self.stage.new_kv_cache(batch_size=1, max_length=self.max_seq_len)
+        kv = kv.to(device=self.device, dtype=self.dtype)
+        for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+            k[0, :, :n] = kv[i, 0]
+            v[0, :, :n] = kv[i, 1]
+        cache.lengths[:] = n
+        with self._lock:
+            self._close_locked([session_id])
+            if len(self._sessions) >= self.max_sessions:
+                raise CapacityError(f"stage holds its maximum of {self.max_sessions} sessions; retry later")
+            self._sessions[session_id] = _Session(cache=cache, length=n, last_used_s=self._clock.monotonic())
 
     # ------------------------------------------------------------------ the step
     def _prepare(self, entry: StepEntry) -> None:

@@ -113,6 +113,31 @@ class RouteRecord:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DisaggRecord:
+    """Disaggregated prefill and decode of a model: whether it is on, the nodes of each side, the
+    coordinator's prediction against colocated serving (``predicted_gain``: throughput ratio) and why,
+    and the KV cache bytes moved so far."""
+
+    enabled: bool = False
+    requested: bool = False
+    prefill_nodes: tuple[str, ...] = ()
+    decode_nodes: tuple[str, ...] = ()
+    predicted_gain: float = 0.0
+    predicted_tbt_p99_ratio: float = 0.0
+    reason: str = ""
+    kv_bytes_moved: int = 0
+    num_handoffs: int = 0
+    num_handoff_failures: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "requested": self.requested, "prefill_nodes": list(self.prefill_nodes),
+                "decode_nodes": list(self.decode_nodes), "predicted_gain": self.predicted_gain,
+                "predicted_tbt_p99_ratio": self.predicted_tbt_p99_ratio, "reason": self.reason,
+                "kv_bytes_moved": self.kv_bytes_moved, "num_handoffs": self.num_handoffs,
+                "num_handoff_failures": self.num_handoff_failures}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ModelRecord:
     """A served model and where its layers are. :meth:`to_json` is what ``swarm models --json`` prints."""
 
@@ -135,6 +160,7 @@ class ModelRecord:
     num_checks_void: int = 0  # sampled steps released unchecked (no other chain could replay them)
     routes_enabled: bool = False  # sessions take per-request routes (swarm serve --routes)
     routes: tuple[RouteRecord, ...] = ()  # routes in use, with their sessions
+    disaggregation: DisaggRecord | None = None  # prefill/decode split, prediction and KV moved
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -154,6 +180,7 @@ class ModelRecord:
             "routes_enabled": self.routes_enabled,
             "routes": [{"replicas": list(r.replicas), "node_ids": list(r.node_ids), "sessions": r.sessions,
                         "predicted_s_per_token": r.predicted_s_per_token} for r in self.routes],
+            "disaggregation": (self.disaggregation or DisaggRecord()).to_json(),
         }
 
 
@@ -179,6 +206,7 @@ class ServeOptions:
     dtype: str = ""
     verify_prob: float | None = None  # fraction of steps spot-checked; None: the coordinator's default
     routes: bool = False  # per-request routes over the replicas' stages (no spot checks)
+    disaggregate: bool = False  # prefill and decode on separate chains (no spot checks, no routes)
 
 
 # ----------------------------------------------------------------------------- proto -> records
@@ -201,6 +229,13 @@ def model_record(m: ipb.ServeModelInfo) -> ModelRecord:
         num_checks_void=m.num_checks_void, routes_enabled=m.routes_enabled,
         routes=tuple(RouteRecord(replicas=tuple(r.replicas), node_ids=tuple(r.node_ids), sessions=r.sessions,
                                  predicted_s_per_token=r.predicted_s_per_token) for r in m.routes),
+        disaggregation=DisaggRecord(
+            enabled=m.disaggregation.enabled, requested=m.disaggregation.requested,
+            prefill_nodes=tuple(m.disaggregation.prefill_nodes), decode_nodes=tuple(m.disaggregation.decode_nodes),
+            predicted_gain=m.disaggregation.predicted_gain,
+            predicted_tbt_p99_ratio=m.disaggregation.predicted_tbt_p99_ratio, reason=m.disaggregation.reason,
+            kv_bytes_moved=m.disaggregation.kv_bytes_moved, num_handoffs=m.disaggregation.num_handoffs,
+            num_handoff_failures=m.disaggregation.num_handoff_failures),
         replicas=tuple(
             ReplicaRecord(replica=r.replica, state=r.state, predicted_latency_s=r.predicted_latency_s,
                           stages=tuple(StageRecord(node_id=s.node_id, address=s.address, first_layer=s.first_layer,
@@ -365,7 +400,7 @@ class CoordinatorClient:
             num_replicas=options.num_replicas, num_stages=options.num_stages, max_seq_len=options.max_seq_len,
             sessions_per_replica=options.sessions_per_replica, objective=options.objective,
             hidden_codec=options.hidden_codec, dtype=options.dtype, verify_prob=options.verify_prob,
-            routes=options.routes,
+            routes=options.routes, disaggregate=options.disaggregate,
         )
 
         def chunks() -> Iterator[ipb.ServeUploadChunk]:

@@ -31,7 +31,8 @@ MAX_CODEC_META_BYTES = 4 << 20  # per-channel scales of a large tensor fit easil
 MAX_SAMPLE_IDS = 1 << 16
 MAX_NDIM = 8
 
-KINDS = ("activation", "gradient", "hidden", "witness_input", "witness_output", "witness_grad_out", "witness_grad_in")
+KINDS = ("activation", "gradient", "hidden", "witness_input", "witness_output", "witness_grad_out", "witness_grad_in",
+         "kv_cache")
 _KIND_TO_PB = {
     "activation": pb.TENSOR_KIND_ACTIVATION,
     "gradient": pb.TENSOR_KIND_GRADIENT,
@@ -41,6 +42,8 @@ _KIND_TO_PB = {
     "witness_output": pb.TENSOR_KIND_WITNESS_OUTPUT,
     "witness_grad_out": pb.TENSOR_KIND_WITNESS_GRAD_OUT,
     "witness_grad_in": pb.TENSOR_KIND_WITNESS_GRAD_IN,
+    # disaggregated serving: a session's KV cache, prefill stage -> decode stage (node/inference/kv_handoff.py)
+    "kv_cache": pb.TENSOR_KIND_KV_CACHE,
 }
 _PB_TO_KIND = {v: k for k, v in _KIND_TO_PB.items()}
 
@@ -53,6 +56,8 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
+          torch.uint8: np.uint8}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -280,7 +285,7 @@ def raw_decode(payload: bytes, *, shape: tuple[int, ...], dtype: str) -> torch.T
     numel = 1
     for d in shape:
         numel *= d
-    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    itemsize = torch_dtype.itemsize
     if len(payload) != numel * itemsize:
         raise InvalidRequestError(
             f"raw tensor payload has {len(payload)} bytes, shape {tuple(shape)} of {dtype} needs {numel * itemsize}"
@@ -288,7 +293,7 @@ def raw_decode(payload: bytes, *, shape: tuple[int, ...], dtype: str) -> torch.T
     if torch_dtype == torch.bfloat16:
         arr = np.frombuffer(payload, dtype=np.int16).copy()
         return torch.from_numpy(arr).view(torch.bfloat16).reshape(shape)
-    arr = np.frombuffer(payload, dtype=torch.empty((), dtype=torch_dtype).numpy().dtype).copy()
+    arr = np.frombuffer(payload, dtype=_NUMPY[torch_dtype]).copy()
     return torch.from_numpy(arr).reshape(shape)
 
 

@@ -421,7 +421,8 @@
   // ---------- models ----------
   /* /api/models: what `swarm models --json` prints (swarm/transport/coordinator_client.py
    * ModelRecord.to_json): name, state, replica_count {healthy, requested}, healing, replicas,
-   * routes_enabled, routes [{replicas, node_ids, sessions, predicted_s_per_token}]. */
+   * routes_enabled, routes [{replicas, node_ids, sessions, predicted_s_per_token}], disaggregation
+   * {enabled, prefill_nodes, decode_nodes, predicted_gain, reason, kv_bytes_moved, num_handoffs}. */
   function renderModels(payload) {
     var models = asList(payload, "models");
     $("models-count").textContent = models.length ? plural(models.length, "model") : "";
@@ -451,7 +452,18 @@
       // per-request routes (swarm serve --routes): the replica of each stage, and its sessions
       var routes = h("td", "mono");
       var rlist = Array.isArray(own(m, "routes")) ? own(m, "routes") : [];
-      if (!own(m, "routes_enabled")) routes.textContent = "fixed chains";
+      // disaggregated prefill and decode (swarm serve --disaggregate): the split, its KV moves, the prediction
+      var dis = own(m, "disaggregation") || {};
+      if (own(dis, "enabled")) {
+        var pre = Array.isArray(own(dis, "prefill_nodes")) ? own(dis, "prefill_nodes") : [];
+        var dec = Array.isArray(own(dis, "decode_nodes")) ? own(dis, "decode_nodes") : [];
+        var gain = num(own(dis, "predicted_gain"));
+        routes.appendChild(h("div", null, "disaggregated: prefill " + pre.map(shortId).join(", ") + " \u21d2 decode " +
+          dec.map(shortId).join(", ") + "; " + plural(num(own(dis, "num_handoffs")) || 0, "KV hand-off") + ", " +
+          ((num(own(dis, "kv_bytes_moved")) || 0) / 1024).toFixed(1) + " KiB moved" +
+          (gain === null ? "" : "; predicted " + gain.toFixed(2) + "\u00d7 throughput")));
+        if (own(dis, "reason")) routes.appendChild(h("div", "info", String(own(dis, "reason"))));
+      } else if (!own(m, "routes_enabled")) routes.textContent = "fixed chains";
       else if (!rlist.length) routes.textContent = "no sessions";
       rlist.forEach(function (r) {
         var reps = Array.isArray(own(r, "replicas")) ? own(r, "replicas") : [];

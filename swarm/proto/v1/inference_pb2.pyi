@@ -126,7 +126,7 @@ class ServeCloseSessionReply(_message.Message):
     def __init__(self, num_closed: _Optional[int] = ...) -> None: ...
 
 class ServeStageAssignment(_message.Message):
-    __slots__ = ("model_name", "model_digest", "replica", "stage", "num_stages", "first_layer", "last_layer_excl", "next_address", "next_node_id", "max_seq_len", "max_sessions", "hidden_codec", "shard_sources", "session_timeout_s", "dtype", "prev_node_id", "shard_source_node_ids")
+    __slots__ = ("model_name", "model_digest", "replica", "stage", "num_stages", "first_layer", "last_layer_excl", "next_address", "next_node_id", "max_seq_len", "max_sessions", "hidden_codec", "shard_sources", "session_timeout_s", "dtype", "prev_node_id", "shard_source_node_ids", "kv_source_node_ids")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class ServeStageAssignment(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     PREV_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SHARD_SOURCE_NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    KV_SOURCE_NODE_IDS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_digest: str
     replica: int
@@ -161,7 +162,8 @@ class ServeStageAssignment(_message.Message):
     dtype: str
     prev_node_id: str
     shard_source_node_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_name: _Optional[str] = ..., model_digest: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., next_address: _Optional[str] = ..., next_node_id: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_sessions: _Optional[int] = ..., hidden_codec: _Optional[str] = ..., shard_sources: _Optional[_Iterable[str]] = ..., session_timeout_s: _Optional[float] = ..., dtype: _Optional[str] = ..., prev_node_id: _Optional[str] = ..., shard_source_node_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    kv_source_node_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_name: _Optional[str] = ..., model_digest: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., next_address: _Optional[str] = ..., next_node_id: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., max_sessions: _Optional[int] = ..., hidden_codec: _Optional[str] = ..., shard_sources: _Optional[_Iterable[str]] = ..., session_timeout_s: _Optional[float] = ..., dtype: _Optional[str] = ..., prev_node_id: _Optional[str] = ..., shard_source_node_ids: _Optional[_Iterable[str]] = ..., kv_source_node_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ServeLoadStageRequest(_message.Message):
     __slots__ = ("assignment",)
@@ -228,7 +230,7 @@ class ServeShardChunk(_message.Message):
     def __init__(self, tensor_name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., tensor_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., tensor_crc32: _Optional[int] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class ServeUploadHeader(_message.Message):
-    __slots__ = ("name", "num_replicas", "files", "max_seq_len", "sessions_per_replica", "objective", "hidden_codec", "num_stages", "dtype", "verify_prob", "routes")
+    __slots__ = ("name", "num_replicas", "files", "max_seq_len", "sessions_per_replica", "objective", "hidden_codec", "num_stages", "dtype", "verify_prob", "routes", "disaggregate")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +242,7 @@ class ServeUploadHeader(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     VERIFY_PROB_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
+    DISAGGREGATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_replicas: int
     files: _containers.RepeatedCompositeFieldContainer[ServeUploadFile]
@@ -251,7 +254,8 @@ class ServeUploadHeader(_message.Message):
     dtype: str
     verify_prob: float
     routes: bool
-    def __init__(self, name: _Optional[str] = ..., num_replicas: _Optional[int] = ..., files: _Optional[_Iterable[_Union[ServeUploadFile, _Mapping]]] = ..., max_seq_len: _Optional[int] = ..., sessions_per_replica: _Optional[int] = ..., objective: _Optional[str] = ..., hidden_codec: _Optional[str] = ..., num_stages: _Optional[int] = ..., dtype: _Optional[str] = ..., verify_prob: _Optional[float] = ..., routes: _Optional[bool] = ...) -> None: ...
+    disaggregate: bool
+    def __init__(self, name: _Optional[str] = ..., num_replicas: _Optional[int] = ..., files: _Optional[_Iterable[_Union[ServeUploadFile, _Mapping]]] = ..., max_seq_len: _Optional[int] = ..., sessions_per_replica: _Optional[int] = ..., objective: _Optional[str] = ..., hidden_codec: _Optional[str] = ..., num_stages: _Optional[int] = ..., dtype: _Optional[str] = ..., verify_prob: _Optional[float] = ..., routes: _Optional[bool] = ..., disaggregate: _Optional[bool] = ...) -> None: ...
 
 class ServeUploadFile(_message.Message):
     __slots__ = ("path", "size_bytes", "sha256")
@@ -300,7 +304,7 @@ class ServeReplicaInfo(_message.Message):
     def __init__(self, replica: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[ServeStageInfo, _Mapping]]] = ..., state: _Optional[str] = ..., predicted_latency_s: _Optional[float] = ...) -> None: ...
 
 class ServeModelInfo(_message.Message):
-    __slots__ = ("name", "family", "num_layers", "digest", "state", "replicas", "created_at_s", "size_bytes", "error", "max_seq_len", "healthy_replicas", "requested_replicas", "healing", "verify_prob", "num_checks", "num_check_failures", "num_checks_void", "routes_enabled", "routes")
+    __slots__ = ("name", "family", "num_layers", "digest", "state", "replicas", "created_at_s", "size_bytes", "error", "max_seq_len", "healthy_replicas", "requested_replicas", "healing", "verify_prob", "num_checks", "num_check_failures", "num_checks_void", "routes_enabled", "routes", "disaggregation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -320,6 +324,7 @@ class ServeModelInfo(_message.Message):
     NUM_CHECKS_VOID_FIELD_NUMBER: _ClassVar[int]
     ROUTES_ENABLED_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
+    DISAGGREGATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     num_layers: int
@@ -339,7 +344,32 @@ class ServeModelInfo(_message.Message):
     num_checks_void: int
     routes_enabled: bool
     routes: _containers.RepeatedCompositeFieldContainer[ServeRouteInfo]
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., digest: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ServeReplicaInfo, _Mapping]]] = ..., created_at_s: _Optional[float] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., requested_replicas: _Optional[int] = ..., healing: _Optional[str] = ..., verify_prob: _Optional[float] = ..., num_checks: _Optional[int] = ..., num_check_failures: _Optional[int] = ..., num_checks_void: _Optional[int] = ..., routes_enabled: _Optional[bool] = ..., routes: _Optional[_Iterable[_Union[ServeRouteInfo, _Mapping]]] = ...) -> None: ...
+    disaggregation: ServeDisaggInfo
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., digest: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ServeReplicaInfo, _Mapping]]] = ..., created_at_s: _Optional[float] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., requested_replicas: _Optional[int] = ..., healing: _Optional[str] = ..., verify_prob: _Optional[float] = ..., num_checks: _Optional[int] = ..., num_check_failures: _Optional[int] = ..., num_checks_void: _Optional[int] = ..., routes_enabled: _Optional[bool] = ..., routes: _Optional[_Iterable[_Union[ServeRouteInfo, _Mapping]]] = ..., disaggregation: _Optional[_Union[ServeDisaggInfo, _Mapping]] = ...) -> None: ...
+
+class ServeDisaggInfo(_message.Message):
+    __slots__ = ("enabled", "prefill_nodes", "decode_nodes", "predicted_gain", "predicted_tbt_p99_ratio", "reason", "kv_bytes_moved", "num_handoffs", "num_handoff_failures", "requested")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_NODES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_NODES_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_GAIN_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TBT_P99_RATIO_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    NUM_HANDOFFS_FIELD_NUMBER: _ClassVar[int]
+    NUM_HANDOFF_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    prefill_nodes: _containers.RepeatedScalarFieldContainer[str]
+    decode_nodes: _containers.RepeatedScalarFieldContainer[str]
+    predicted_gain: float
+    predicted_tbt_p99_ratio: float
+    reason: str
+    kv_bytes_moved: int
+    num_handoffs: int
+    num_handoff_failures: int
+    requested: bool
+    def __init__(self, enabled: _Optional[bool] = ..., prefill_nodes: _Optional[_Iterable[str]] = ..., decode_nodes: _Optional[_Iterable[str]] = ..., predicted_gain: _Optional[float] = ..., predicted_tbt_p99_ratio: _Optional[float] = ..., reason: _Optional[str] = ..., kv_bytes_moved: _Optional[int] = ..., num_handoffs: _Optional[int] = ..., num_handoff_failures: _Optional[int] = ..., requested: _Optional[bool] = ...) -> None: ...
 
 class ServeRouteInfo(_message.Message):
     __slots__ = ("replicas", "node_ids", "sessions", "predicted_s_per_token")
@@ -438,3 +468,39 @@ class ServeUnserveReply(_message.Message):
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     removed: bool
     def __init__(self, removed: _Optional[bool] = ...) -> None: ...
+
+class ServePushKVRequest(_message.Message):
+    __slots__ = ("model_name", "replica", "session_id", "target", "num_positions")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    NUM_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    replica: int
+    session_id: str
+    target: ServeRouteHop
+    num_positions: int
+    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., session_id: _Optional[str] = ..., target: _Optional[_Union[ServeRouteHop, _Mapping]] = ..., num_positions: _Optional[int] = ...) -> None: ...
+
+class ServePushKVReply(_message.Message):
+    __slots__ = ("kv_bytes",)
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    kv_bytes: int
+    def __init__(self, kv_bytes: _Optional[int] = ...) -> None: ...
+
+class ServeKVChunk(_message.Message):
+    __slots__ = ("model_name", "replica", "tensor")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    replica: int
+    tensor: _tensor_pb2.TensorChunk
+    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class ServeImportKVReply(_message.Message):
+    __slots__ = ("kv_bytes",)
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    kv_bytes: int
+    def __init__(self, kv_bytes: _Optional[int] = ...) -> None: ...

@@ -64,6 +64,16 @@ class InferenceStageStub:
                 request_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeFetchShardRequest.SerializeToString,
                 response_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeShardChunk.FromString,
                 _registered_method=True)
+        self.PushKV = channel.unary_unary(
+                '/swarm.proto.v1.InferenceStage/PushKV',
+                request_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServePushKVRequest.SerializeToString,
+                response_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServePushKVReply.FromString,
+                _registered_method=True)
+        self.ImportKV = channel.stream_unary(
+                '/swarm.proto.v1.InferenceStage/ImportKV',
+                request_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeKVChunk.SerializeToString,
+                response_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeImportKVReply.FromString,
+                _registered_method=True)
 
 
 class InferenceStageServicer:
@@ -108,6 +118,20 @@ class InferenceStageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushKV(self, request, context):
+        """Disaggregated serving: the coordinator asks a prefill stage to push a session's KV cache to
+        the matching stage of a decode chain (which accepts it only from its kv_source_node_ids).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportKV(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceStageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +164,16 @@ def add_InferenceStageServicer_to_server(servicer, server):
                     servicer.FetchShard,
                     request_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeFetchShardRequest.FromString,
                     response_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeShardChunk.SerializeToString,
+            ),
+            'PushKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushKV,
+                    request_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServePushKVRequest.FromString,
+                    response_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServePushKVReply.SerializeToString,
+            ),
+            'ImportKV': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportKV,
+                    request_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeKVChunk.FromString,
+                    response_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeImportKVReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +338,60 @@ class InferenceStage:
             '/swarm.proto.v1.InferenceStage/FetchShard',
             swarm_dot_proto_dot_v1_dot_inference__pb2.ServeFetchShardRequest.SerializeToString,
             swarm_dot_proto_dot_v1_dot_inference__pb2.ServeShardChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.proto.v1.InferenceStage/PushKV',
+            swarm_dot_proto_dot_v1_dot_inference__pb2.ServePushKVRequest.SerializeToString,
+            swarm_dot_proto_dot_v1_dot_inference__pb2.ServePushKVReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportKV(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/swarm.proto.v1.InferenceStage/ImportKV',
+            swarm_dot_proto_dot_v1_dot_inference__pb2.ServeKVChunk.SerializeToString,
+            swarm_dot_proto_dot_v1_dot_inference__pb2.ServeImportKVReply.FromString,
             options,
             channel_credentials,
             insecure,

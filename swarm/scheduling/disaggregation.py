@@ -1,0 +1,187 @@
+"""Disaggregated prefill and decode (HexGen-2 style): which nodes prefill, which decode, and
+whether that beats colocated serving on the same nodes. Pure: no network, no clock.
+
+The served nodes are cut into chains of ``num_stages`` nodes. Colocated, every chain runs both
+phases (a new session's prefill rides in the step of the decoding sessions). Disaggregated,
+``p`` chains prefill (the compute-rich nodes: highest TFLOPS, as HexGen-2 gives prefill the
+compute) and the rest decode; after its prefill a session's KV cache moves, stage by stage, from
+the prefill chain's stage k to the decode chain's stage k. Each decode chain's stage k is the
+decode node with the fastest link from prefill stage k (the assignment maximises the slowest
+KV link, then the sum: :func:`pair_stages`).
+
+Cost model (per request: P prompt tokens, R generated tokens, B sessions decoding at once;
+l = layers per stage, F = FLOPs per token per layer; nodes of a chain work one after another):
+- prefill of a chain: Tp = sum_k P F l / flops_k + hop delays (compute-bound);
+- a decode step of b sessions: Td(b) = sum_k l (layer_bytes / mem_bw_k + b F / flops_k) + hop
+  delays (weights read once per step: memory-bound at small b). ``mem_bw`` unmeasured: assumed
+  DEFAULT_BYTES_PER_FLOP x flops (so the two phases scale alike and only link and interference
+  effects remain);
+- KV move of a session: max_k P kv_bytes_per_token_per_layer l / bandwidth(k -> k') + delay.
+Throughput (requests/s): colocated sum_c 1 / (Tp(c) + R Td(c, B) / B); disaggregated
+min(sum_prefill 1 / Tp(c), sum_decode B / (R Td(c, B)), sum_prefill 1 / Tkv(c)).
+Time between tokens, p99: colocated a step that carries a new session's prefill, Td + Tp;
+disaggregated Td of the decode chain. ``predicted_gain`` = throughput ratio (disaggregated /
+colocated); automatic enabling needs AUTO_MIN_GAIN.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from swarm.errors import InvalidRequestError
+from swarm.scheduling.placement import Links, ModelShape, PlacementDevice
+
+DEFAULT_BYTES_PER_FLOP = 0.1  # memory bytes/s per FLOP/s when unmeasured: a CPU's ratio (~50 GB/s per 0.5 TFLOPS)
+AUTO_MIN_GAIN = 1.1  # automatic disaggregation only for a predicted throughput gain of 10% or more
+ALIKE_RATIO = 1.25  # measured speeds within 25% of each other: the same hardware, up to measurement noise
+EXACT_PAIRING_MAX_STAGES = 6  # 6! = 720 permutations; greedy beyond
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Workload:
+    """The request mix the prediction assumes: mean prompt and response tokens, sessions decoding at once."""
+
+    prompt_tokens: int = 512
+    response_tokens: int = 32
+    batch_sessions: int = 8
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1 or self.response_tokens < 1 or self.batch_sessions < 1:
+            raise InvalidRequestError("workload prompt_tokens, response_tokens and batch_sessions must be >= 1")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DisaggPlan:
+    """``prefill_chains`` / ``decode_chains``: node ids per stage; decode chain i takes its KV from
+    prefill chain i % len(prefill_chains), stage k from stage k."""
+
+    enabled: bool
+    prefill_chains: tuple[tuple[str, ...], ...]
+    decode_chains: tuple[tuple[str, ...], ...]
+    predicted_gain: float  # throughput, disaggregated / colocated on the same nodes
+    predicted_tbt_p99_ratio: float  # p99 time between tokens, disaggregated / colocated
+    reason: str
+
+    @property
+    def prefill_nodes(self) -> tuple[str, ...]:
+        return tuple(n for c in self.prefill_chains for n in c)
+
+    @property
+    def decode_nodes(self) -> tuple[str, ...]:
+        return tuple(n for c in self.decode_chains for n in c)
+
+
+def pair_stages(prefill_chain: Sequence[str], decode_nodes: Sequence[str],
+                bandwidth: Callable[[str, str], float]) -> tuple[str, ...]:
+    """The decode node for each prefill stage (as many as stages, from ``decode_nodes``): the
+    assignment whose slowest KV link (prefill stage k -> its decode node) is fastest, then the
+    largest summed bandwidth; ties: the lower node-id sequence. Exact up to
+    EXACT_PAIRING_MAX_STAGES stages, greedy (fastest remaining link first) beyond."""
+    k = len(prefill_chain)
+    if len(decode_nodes) < k:
+        raise InvalidRequestError(f"{k} prefill stages need {k} decode nodes, got {len(decode_nodes)}")
+    cands = sorted(decode_nodes)
+    if k <= EXACT_PAIRING_MAX_STAGES and len(cands) <= EXACT_PAIRING_MAX_STAGES + 2:
+        def key(perm):
+            bws = [bandwidth(a, b) for a, b in zip(prefill_chain, perm)]
+            return (-min(bws), -sum(bws), perm)
+        return tuple(min(itertools.permutations(cands, k), key=key))
+    out: list[str | None] = [None] * k
+    left = set(cands)
+    pairs = sorted(((-bandwidth(a, b), i, b) for i, a in enumerate(prefill_chain) for b in cands))
+    for _, i, b in pairs:
+        if out[i] is None and b in left:
+            out[i] = b
+            left.discard(b)
+    return tuple(out)  # type: ignore[arg-type]
+
+
+def plan_disaggregation(devices: Sequence[PlacementDevice], links: Links, shape: ModelShape, *, num_stages: int,
+                        workload: Workload = Workload(), requested: bool = False,
+                        mem_bandwidth_Bps: Mapping[str, float] | None = None) -> DisaggPlan:
+    """Split ``devices`` (indexed like ``links``) into prefill and decode chains of
+    ``num_stages`` nodes and predict the gain over colocated chains on the same nodes.
+    ``enabled``: ``requested``, or a predicted gain >= AUTO_MIN_GAIN. Raises
+    InvalidRequestError when fewer than two chains fit and disaggregation is requested."""
+    K = num_stages
+    if K < 1:
+        raise InvalidRequestError("num_stages must be >= 1")
+    C = len(devices) // K
+    if C < 2:
+        if requested:
+            raise InvalidRequestError(
+                f"--disaggregate needs a prefill and a decode chain: 2 x {K} stage(s) = {2 * K} nodes, "
+                f"{len(devices)} are available; start more nodes or lower --stages")
+        return DisaggPlan(enabled=False, prefill_chains=(), decode_chains=(), predicted_gain=1.0,
+                          predicted_tbt_p99_ratio=1.0,
+                          reason=f"not disaggregated: {len(devices)} node(s) make fewer than 2 chains of {K}")
+    index = {d.node_id: i for i, d in enumerate(devices)}
+    speed = {d.node_id: d.tflops * 1e12 for d in devices}
+    mem_bw = {d.node_id: (mem_bandwidth_Bps or {}).get(d.node_id) or d.tflops * 1e12 * DEFAULT_BYTES_PER_FLOP
+              for d in devices}
+    l = shape.num_layers / K  # layers per stage (the prediction's even split)
+    F, P, R, B = shape.flops_per_token_per_layer, workload.prompt_tokens, workload.response_tokens, workload.batch_sessions
+
+    def delay(a: str, b: str) -> float:
+        return links.delay_s[index[a]][index[b]]
+
+    def bw(a: str, b: str) -> float:
+        return math.inf if a == b else links.bandwidth_Bps[index[a]][index[b]]
+
+    def hops(c: Sequence[str]) -> float:
+        return sum(delay(a, b) for a, b in zip(c, c[1:]))
+
+    def t_prefill(c: Sequence[str]) -> float:
+        return sum(P * F * l / speed[n] for n in c) + hops(c)
+
+    def t_decode(c: Sequence[str], b: int) -> float:
+        return sum(l * (shape.layer_bytes / mem_bw[n] + b * F / speed[n]) for n in c) + hops(c)
+
+    def t_kv(src: Sequence[str], dst: Sequence[str]) -> float:
+        nbytes = P * shape.kv_bytes_per_token_per_layer * l
+        return max(nbytes / bw(a, b) + (delay(a, b) if a != b else 0.0) for a, b in zip(src, dst))
+
+    ranked = [d.node_id for d in sorted(devices, key=lambda d: (-d.tflops, d.node_id))][:C * K]  # compute-rich first
+    chains = [tuple(ranked[i * K:(i + 1) * K]) for i in range(C)]
+    coloc_thr = sum(1.0 / (t_prefill(c) + R * t_decode(c, B) / B) for c in chains)
+    coloc_tbt = max(t_decode(c, B) + t_prefill(c) for c in chains)
+    best = None
+    for p in range(1, C):
+        pre = chains[:p]
+        rest = list(ranked[p * K:])
+        dec = []
+        for i in range(C - p):
+            d = pair_stages(pre[i % p], rest, bw)
+            rest = [n for n in rest if n not in d]
+            dec.append(d)
+        thr = min(sum(1.0 / t_prefill(c) for c in pre),
+                  sum(B / (R * t_decode(c, B)) for c in dec),
+                  sum(1.0 / t_kv(pre[i % p], d) for i, d in enumerate(dec[:p])) if dec else 0.0)
+        tbt = max(t_decode(c, B) for c in dec)
+        if best is None or thr > best[0] * (1 + 1e-9):  # ties: fewer prefill chains (decode is the bulk)
+            best = (thr, tbt, tuple(pre), tuple(dec))
+    thr, tbt, pre, dec = best
+    gain, tbt_ratio = thr / coloc_thr, tbt / coloc_tbt
+    slow = min(speed[n] for c in pre for n in c) / 1e12
+    used = [speed[n] for c in pre + dec for n in c]
+    alike = max(used) <= min(used) * ALIKE_RATIO
+    mix = f"{P}-token prompts, {R}-token responses, {B} sessions"
+    if gain >= 1.0:
+        reason = (f"predicted {gain:.2f}x throughput over colocated chains ({mix}): prefill on the "
+                  f"{len(pre) * K} compute-richest node(s) (>= {slow:.3g} TFLOPS), decode on {len(dec) * K}")
+    else:
+        why = ("the nodes are alike, so colocated chains already keep every node busy with both phases"
+               if alike else f"with nodes of {min(used) / 1e12:.3g}-{max(used) / 1e12:.3g} TFLOPS, the decode "
+               "chains' steps do not gain enough to pay for the prefill nodes idling between prompts")
+        reason = f"predicted no throughput gain ({gain:.2f}x colocated, {mix}): {why}"
+    reason += f"; p99 time between tokens predicted {tbt_ratio:.2f}x (decode steps never wait for a prefill)"
+    enabled = requested or gain >= AUTO_MIN_GAIN
+    if requested and gain < AUTO_MIN_GAIN:
+        reason += "; served disaggregated because --disaggregate asked for it"
+    elif not enabled:
+        reason += f"; not disaggregated (automatic needs >= {AUTO_MIN_GAIN:g}x; --disaggregate forces it)"
+    return DisaggPlan(enabled=enabled, prefill_chains=pre, decode_chains=dec, predicted_gain=gain,
+                      predicted_tbt_p99_ratio=tbt_ratio, reason=reason)
