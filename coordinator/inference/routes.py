@@ -45,7 +45,7 @@ from coordinator.inference.replica import Replica, Session
 log = logging.getLogger(__name__)
 
 DEFAULT_STEP_S = 1e-3  # a stage no node of which was measured yet: only the queue tells them apart
-DEFAULT_HOP_S = 5e-4  # an unmeasured hop (same order as engine.DEFAULT_DELAY_S's LAN hop, one way)
+DEFAULT_HOP_S = 5e-4  # an unmeasured hop (same order as placing.DEFAULT_DELAY_S's LAN hop, one way)
 EWMA_ALPHA = 0.2  # weight of a new step time in a node's average
 
 
