@@ -29,7 +29,7 @@ from swarm.model.config import ModelConfig
 from swarm.pipeline.data import BatchOrder
 from swarm.transport.transfer import receive_files
 
-from coordinator.jobs import churn, files
+from coordinator.jobs import churn, files, keepers
 from coordinator.jobs.fencing import Fencing
 from coordinator.jobs.handover import AddedReplicas
 from coordinator.jobs.planning import (JobPlan, busy_node_ids, check_layers, check_shape, nodes_needed,
@@ -241,6 +241,10 @@ class JobService(Fencing):
                 raise NotFoundError(f"job {job.id} ({job.state}) has no complete checkpoint yet; "
                                     "--checkpoint-every sets how often the stages save one")
             out = jdir / f"resume-{step}"
+            if (out / keepers.INCOMPLETE).is_file():
+                raise NotFoundError(f"job {job.id}'s checkpoint at step {step} is incomplete on the coordinator (a "
+                                    "stage's copy was lost and resumes from a node's copy); try again after the "
+                                    "next checkpoint")
             if not (out / "config.json").is_file():
                 files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model), self._stage_dirs(job, step), step=step)
             return step, files.download_files(out)
@@ -271,6 +275,7 @@ class JobService(Fencing):
             raise AssertionError("replica_counts always holds the requested count")
         for a, v in zip(jp.assignments, verify_plans(jp.assignments, prob=spec.verify_prob)):
             a["verify"] = v
+        jp.assignments[:] = churn.with_keepers(jp.assignments)  # a second copy of each checkpoint
         return jp
 
     def _try_plan(self, job: Job) -> None:
@@ -387,11 +392,18 @@ class JobService(Fencing):
         jdir = files.job_dir(self.state_dir, job.id)
         try:
             has_optim = resume == 0 or (jdir / f"resume-{resume}" / files.OPTIMIZER_FILE).is_file()
-            stage_dirs = self._stage_dirs(job, resume) if resume > 0 else []
+            by_stage = self._full_checkpoints(job).get(resume, {}) if resume > 0 else {}
+            # stages whose copy here is gone or corrupt resume from their keeper's (coordinator/jobs/keepers.py)
+            lost = keepers.lost_copies(self.store.checkpoints(job.id), by_stage, step=resume)
+            stage_dirs = keepers.fill_lost(jdir, lost, by_stage, step=resume)
             if stage_dirs:  # a checkpoint of this job (not only the one it was --resumed from)
-                _, has_optim = files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model), stage_dirs,
-                                                     step=resume)
+                out, has_optim = files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model), stage_dirs,
+                                                       step=resume)
+                if lost:
+                    (out / keepers.INCOMPLETE).write_text(f"stages {sorted(lost)} are filler; see their keepers\n")
             jp = self._plan(job, degrade=True)
+            if lost:
+                self._from_keepers(jp.assignments, lost, step=resume)
         except InfeasiblePlanError as exc:
             if job.spec.node_wait_s <= 0:
                 self._fail(job, f"{what}; cannot re-plan ({exc}); {self._checkpoint_note(job.id)}")
@@ -415,6 +427,18 @@ class JobService(Fencing):
             self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on "
                                  f"{len({a['node_id'] for a in jp.assignments})} node(s): resuming from step {resume} "
                                  f"({optim})", attempt=job.attempt + 1, resume_step=resume)
+
+    def _from_keepers(self, assignments: list[dict[str, Any]], lost: dict[int, dict[str, Any]], *, step: int) -> None:
+        """Name each lost stage's keeper as the required state source of the new workers holding its
+        layers. Raises NotFoundError when some lost stage's keeper is not in the new plan."""
+        sources, serves = churn.keeper_sources(bad=lost, new=assignments, step=step)
+        layers = {(r["first_layer"], r["last_layer_excl"]) for r in lost.values() if "first_layer" in r}
+        for a, src, serve in zip(assignments, sources, serves):
+            if (a["first_layer"], a["last_layer_excl"]) in layers and src is None:
+                raise NotFoundError(f"the coordinator's copy of layers {a['first_layer']}-{a['last_layer_excl']} at "
+                                    f"step {step} is lost and the node keeping the second copy is not available")
+            a["state_source"], a["state_serves"] = src, serve
+        log.warning("resuming lost stage copies from their keepers step=%d stages=%s", step, sorted(lost))
 
     def _is_online(self, node_id: str) -> bool:
         try:
@@ -611,7 +635,8 @@ class JobService(Fencing):
             if job.terminal and not final:
                 raise InvalidRequestError(f"job {job_id} is {job.state}; checkpoint of step {step} not needed")
             self.store.add_checkpoint(job_id, stage=stage, replica=replica, step=step, final=final,
-                                      directory=str(directory))
+                                      directory=str(directory),
+                                      copy=keepers.copy_record(directory, job.assignments, stage=stage, replica=replica))
         log.info("checkpoint received job=%s stage=%d replica=%d step=%d final=%s", job_id, stage, replica, step, final)
 
     def rendezvous(self, job_id: str, node_id: str, stage: int, replica: int, maddrs: list[str],

@@ -82,6 +82,7 @@ CREATE TABLE IF NOT EXISTS job_checkpoints (
     final INTEGER NOT NULL,
     dir TEXT NOT NULL,
     at REAL NOT NULL,
+    copy_json TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (job_id, stage, replica, step)
 );
 CREATE TABLE IF NOT EXISTS job_events (
@@ -178,6 +179,9 @@ class JobStore:
                 self._conn.execute("ALTER TABLE jobs ADD COLUMN started_attempt INTEGER NOT NULL DEFAULT 0")
                 self._conn.execute("ALTER TABLE jobs ADD COLUMN fence_json TEXT NOT NULL DEFAULT ''")
                 self._conn.execute("ALTER TABLE jobs ADD COLUMN waiting_since REAL")
+            cols = {r[1] for r in self._conn.execute("PRAGMA table_info(job_checkpoints)").fetchall()}
+            if "copy_json" not in cols:  # a state dir from before checkpoint keepers existed
+                self._conn.execute("ALTER TABLE job_checkpoints ADD COLUMN copy_json TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
@@ -376,11 +380,16 @@ class JobStore:
         ]
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def add_checkpoint(self, job_id: str, *, stage: int, replica: int, step: int, final: bool, directory: str) -> None:
+    def add_checkpoint(self, job_id: str, *, stage: int, replica: int, step: int, final: bool, directory: str,
+                       copy: dict[str, Any] | None = None) -> None:
+        """``copy``: what is known of the upload apart from its files (``weights_sha256``,
+        ``optimizer_sha256``, the ``keeper`` node holding a second copy, its layers), so a copy
+        the coordinator's disk lost can still be found and checked."""
         with self._lock, self._conn:
             self._conn.execute(
-                "INSERT OR REPLACE INTO job_checkpoints VALUES (?,?,?,?,?,?,?)",
-                (job_id, stage, replica, step, int(final), directory, self._clock.time()),
+                "INSERT OR REPLACE INTO job_checkpoints (job_id, stage, replica, step, final, dir, at, copy_json)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (job_id, stage, replica, step, int(final), directory, self._clock.time(), json.dumps(copy or {})),
             )
 
     def drop_checkpoints_after(self, job_id: str, step: int) -> int:
@@ -393,10 +402,11 @@ class JobStore:
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT stage, replica, step, final, dir, at FROM job_checkpoints WHERE job_id = ?"
+                "SELECT stage, replica, step, final, dir, at, copy_json FROM job_checkpoints WHERE job_id = ?"
                 " ORDER BY step, stage, replica", (job_id,),
             ).fetchall()
-        return [{"stage": r[0], "replica": r[1], "step": r[2], "final": bool(r[3]), "dir": r[4], "at": r[5]} for r in rows]
+        return [{"stage": r[0], "replica": r[1], "step": r[2], "final": bool(r[3]), "dir": r[4], "at": r[5],
+                 "copy": json.loads(r[6]) if r[6] else {}} for r in rows]
 
     # -- events ----------------------------------------------------------------------------------
     def add_event(self, job_id: str, kind: str, message: str, **fields: Any) -> dict[str, Any]:

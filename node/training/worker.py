@@ -45,6 +45,7 @@ from swarm.transport import tensors as wt
 
 from node.training.assignment import Assignment
 from node.training.checkpoints import CheckpointWriter, Snapshot, snapshot_tensors
+from node.training.kept import CheckpointKeeper
 from node.training.client import TrainingClient
 from node.training.exchange import Endpoint, Endpoints, PeerSender
 from node.training.membership import DEFAULT_OUTAGE_S, FenceReached, Membership
@@ -120,6 +121,8 @@ class StageWorker:
         self.reporter = Reporter(self.client, a, on_stop=self.stop, on_ack=self.membership.on_ack,
                                  outage_s=self.outage_s, stop=self.stop_event)
         self.checkpoints = CheckpointWriter(self.client, a, self.dir, outage_s=self.outage_s, stop=self.stop_event)
+        # a second copy of other stages' checkpoints, fetched in the background (node/training/kept.py)
+        self.keeper = CheckpointKeeper(a, state_dir=self.state_dir, security=self.security, stop=self.stop_event)
         try:
             self._setup()
             try:
@@ -164,6 +167,7 @@ class StageWorker:
                 log.exception("averager shutdown failed")
         self.reporter.close()
         self.checkpoints.close()
+        self.keeper.close()
 
     def _check_stop(self) -> None:
         if self.stop_event.is_set():
@@ -524,6 +528,7 @@ class StageWorker:
                                       "rejected_tensors": self.endpoint.num_rejected})
             if every and (step + 1) % every == 0 and step + 1 < self.total_steps:
                 self._checkpoint(step + 1, final=False)
+                self.keeper.submit(step + 1)  # the kept workers checkpoint this step too
 
     def _finish(self) -> None:
         for s in self.senders:
