@@ -85,3 +85,21 @@ def fill_lost(jdir: Path, lost: dict[int, dict[str, Any]], by_stage: dict[int, P
         (filler / OPTIMIZER).write_bytes(st_save({}))
         out.append(filler)
     return out
+
+
+def kept_stages(assignments: list[dict[str, Any]], node_id: str) -> list[int]:
+    """The stages whose checkpoints ``node_id`` keeps in this attempt."""
+    return sorted(int(k.split(":")[0]) for k, n in churn.checkpoint_keepers(assignments).items() if n == node_id)
+
+
+def resume_point(steps_newest_first: list[int], lost_at) -> tuple[int, dict[int, dict[str, Any]]]:
+    """(step, lost copies there) to resume from: the newest complete checkpoint step whose lost
+    copies (``lost_at(step)``, :func:`lost_copies`) were all reported kept by their keepers; 0
+    (from the start, nothing lost) when none is."""
+    for step in steps_newest_first:
+        lost = lost_at(step)
+        if all(rec.get("kept") for rec in lost.values()):
+            return step, lost
+        log.warning("checkpoint of step %d lost on the coordinator for stages %s and not reported kept by their "
+                    "keepers; trying an earlier one", step, sorted(lost))
+    return 0, {}

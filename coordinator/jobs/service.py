@@ -71,6 +71,7 @@ class JobService(Fencing):
         self._stop = threading.Event()
         self._logged: set[tuple[str, str]] = set()  # (job, error) the loop already logged with its traceback
         self._resumed: set[tuple[str, int]] = set()  # (job, attempt) whose "resumed" event was recorded
+        self._kept_seen: dict[tuple[str, str], int] = {}  # (job, keeper node) -> the kept_step it last reported
         self._ready: dict[tuple[str, int], set[str]] = {}  # (job, attempt) -> "stage:replica" ready to start
         self._peer_failed: dict[tuple[str, int], tuple[float, str]] = {}  # (job, attempt) -> (when, what)
         self._restarted: dict[str, float] = {}  # running job -> when this coordinator started (not heard since)
@@ -282,6 +283,11 @@ class JobService(Fencing):
         waited = job.waiting_since_s is not None
         try:
             jp = self._plan(job, degrade=True) if waited else self._plan(job)
+            resume_dir = files.job_dir(self.state_dir, job.id) / f"resume-{job.resume_step}"
+            if job.resume_step > 0 and (resume_dir / keepers.INCOMPLETE).is_file():  # a copy was lost: keepers
+                lost = keepers.lost_copies(self.store.checkpoints(job.id),
+                                           self._full_checkpoints(job).get(job.resume_step, {}), step=job.resume_step)
+                self._from_keepers(jp.assignments, lost, step=job.resume_step)
         except InfeasiblePlanError as exc:
             if waited and self.clock.time() - job.waiting_since_s > job.spec.node_wait_s:
                 self._fail(job, f"lost a stage and no node could take it over within {job.spec.node_wait_s:g} s "
@@ -377,6 +383,11 @@ class JobService(Fencing):
         row without progress or when it may not wait."""
         # before the first step a spot check found wrong: a checkpoint k holds the state before step k
         resume = self.last_complete_checkpoint(job, at_most=self._first_bad.get(job.id)) or 0
+        # a stage whose copy the coordinator's disk lost resumes from its keeper's (coordinator/jobs/keepers.py)
+        full, rows = self._full_checkpoints(job), self.store.checkpoints(job.id)
+        if resume > 0 and not (job.resumed_from and resume == int(job.resumed_from["step"])):
+            steps = [s for s in sorted(full, reverse=True) if s <= resume and set(full[s]) >= set(full[resume])]
+            resume, _ = keepers.resume_point(steps, lambda s: keepers.lost_copies(rows, full[s], step=s))
         if self._first_bad.pop(job.id, None) is not None:
             # the checkpoints after it may hold a wrong result: they never count again (the new
             # attempt writes its own), nor do results assembled from them
@@ -392,9 +403,8 @@ class JobService(Fencing):
         jdir = files.job_dir(self.state_dir, job.id)
         try:
             has_optim = resume == 0 or (jdir / f"resume-{resume}" / files.OPTIMIZER_FILE).is_file()
-            by_stage = self._full_checkpoints(job).get(resume, {}) if resume > 0 else {}
-            # stages whose copy here is gone or corrupt resume from their keeper's (coordinator/jobs/keepers.py)
-            lost = keepers.lost_copies(self.store.checkpoints(job.id), by_stage, step=resume)
+            by_stage = full.get(resume, {}) if resume > 0 else {}
+            lost = keepers.lost_copies(rows, by_stage, step=resume)
             stage_dirs = keepers.fill_lost(jdir, lost, by_stage, step=resume)
             if stage_dirs:  # a checkpoint of this job (not only the one it was --resumed from)
                 out, has_optim = files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model), stage_dirs,
@@ -414,7 +424,7 @@ class JobService(Fencing):
                                      resume_step=resume) is not None:
                 self.store.add_event(job.id, "replan", f"waiting for a node: no idle node can take over ({exc}); "
                                      f"will resume from step {resume}", attempt=job.attempt, resume_step=resume,
-                                     waiting=True)
+                                     waiting=True, **({"from_keepers": sorted(lost)} if lost else {}))
             return
         except SwarmError as exc:
             self._fail(job, f"{what}; cannot re-plan ({exc}); {self._checkpoint_note(job.id)}")
@@ -424,19 +434,21 @@ class JobService(Fencing):
                              resume_step=resume, expect_attempt=job.attempt,
                              reason=f"re-planned after {what}: resuming from step {resume} ({optim})") is not None:
             self._replans[job.id] = tries + 1
+            kept = f"; stage(s) {sorted(lost)} from their keepers' copies" if lost else ""
             self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on "
                                  f"{len({a['node_id'] for a in jp.assignments})} node(s): resuming from step {resume} "
-                                 f"({optim})", attempt=job.attempt + 1, resume_step=resume)
+                                 f"({optim}{kept})", attempt=job.attempt + 1, resume_step=resume,
+                                 **({"from_keepers": sorted(lost)} if lost else {}))
 
     def _from_keepers(self, assignments: list[dict[str, Any]], lost: dict[int, dict[str, Any]], *, step: int) -> None:
         """Name each lost stage's keeper as the required state source of the new workers holding its
-        layers. Raises NotFoundError when some lost stage's keeper is not in the new plan."""
+        layers. Raises InfeasiblePlanError (wait for it) when some lost stage's keeper is not in the new plan."""
         sources, serves = churn.keeper_sources(bad=lost, new=assignments, step=step)
         layers = {(r["first_layer"], r["last_layer_excl"]) for r in lost.values() if "first_layer" in r}
         for a, src, serve in zip(assignments, sources, serves):
             if (a["first_layer"], a["last_layer_excl"]) in layers and src is None:
-                raise NotFoundError(f"the coordinator's copy of layers {a['first_layer']}-{a['last_layer_excl']} at "
-                                    f"step {step} is lost and the node keeping the second copy is not available")
+                raise InfeasiblePlanError(f"the coordinator's copy of layers {a['first_layer']}-{a['last_layer_excl']} "
+                                          f"at step {step} is lost and the node keeping its second copy is not online")
             a["state_source"], a["state_serves"] = src, serve
         log.warning("resuming lost stage copies from their keepers step=%d stages=%s", step, sorted(lost))
 
@@ -553,6 +565,9 @@ class JobService(Fencing):
             return Ack(start=self._on_ready(job, a))
         if r["state"] in ("fence", "fenced"):
             return self._on_fence_report(job, a, r)
+        if r.get("kept_step") and self._kept_seen.get((job.id, node_id)) != r["kept_step"]:
+            self._kept_seen[(job.id, node_id)] = r["kept_step"]
+            self.store.mark_kept(job.id, stages=keepers.kept_stages(job.assignments, node_id), step=r["kept_step"])
         if r["state"] == "running" and not 0 <= r["step"] < job.total_steps:
             raise InvalidRequestError(f"progress for step {r['step']} outside 0..{job.total_steps - 1}")
         if r["state"] == "running" and job.resume_step and r["step"] == job.resume_step and \

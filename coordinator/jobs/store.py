@@ -392,6 +392,19 @@ class JobStore:
                 (job_id, stage, replica, step, int(final), directory, self._clock.time(), json.dumps(copy or {})),
             )
 
+    def mark_kept(self, job_id: str, *, stages: list[int], step: int) -> None:
+        """Note that a second copy of the replica-0 checkpoints of ``stages`` at ``step`` is on their
+        keeper (its progress report said so)."""
+        with self._lock, self._conn:
+            for stage in stages:
+                row = self._conn.execute("SELECT copy_json FROM job_checkpoints WHERE job_id = ? AND stage = ? AND"
+                                         " replica = 0 AND step = ?", (job_id, stage, step)).fetchone()
+                copy = json.loads(row[0]) if row and row[0] else {}
+                if copy:  # a copy with weights (the record of one without is empty)
+                    copy["kept"] = True
+                    self._conn.execute("UPDATE job_checkpoints SET copy_json = ? WHERE job_id = ? AND stage = ? AND"
+                                       " replica = 0 AND step = ?", (json.dumps(copy), job_id, stage, step))
+
     def drop_checkpoints_after(self, job_id: str, step: int) -> int:
         """Forget the job's checkpoints of steps after ``step`` (a rollback past a wrong result);
         returns how many rows went."""

@@ -15,6 +15,9 @@ disk (asked again for up to ``timeout_s``). Files are size-bounded and checked a
 headers' SHA-256, land in a temporary directory, are made 0600 and renamed at once to
 ``training/<job>/kept-stage-<S>/step-<N>/``; the newest :data:`KEEP` steps are kept. Training
 never waits for this, and a failed copy is only logged: the coordinator's copy is the first one.
+Each progress report carries ``kept_step``, the newest step kept of every kept worker; the
+coordinator marks those copies ``kept`` and resumes a lost stage only from a step its keeper
+reported.
 
 When the coordinator's copy of a stage is missing or corrupt at a re-plan, it names the keeper
 as that stage's ``state_source`` (``required``), with the SHA-256 it recorded at upload; the
@@ -56,6 +59,7 @@ class CheckpointKeeper:
         self.timeout_s = timeout_s
         self._stop = stop
         self.kept: list[tuple[int, int]] = []  # (stage, step) copies made, for tests and logs
+        self.newest = 0  # the newest step of which every kept worker's copy is here (progress reports)
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="checkpoint-keeper", daemon=True)
         self._thread.start()
@@ -78,14 +82,18 @@ class CheckpointKeeper:
             try:
                 if step is None:
                     return
+                done = 0
                 for k in self.a.keeps:
                     if self._stop.is_set():
                         break
                     try:
                         self.keep(k.stage, k.replica, k.peer, step)
+                        done += 1
                     except (SwarmError, OSError) as exc:
                         log.warning("no second copy of job=%s stage=%d step=%d from node %s: %s", self.a.job_id,
                                     k.stage, step, k.peer.node_id[:12], exc)
+                if done == len(self.a.keeps):
+                    self.newest = max(self.newest, step)
             finally:
                 self._queue.task_done()
 

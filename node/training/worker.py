@@ -517,7 +517,7 @@ class StageWorker:
             sent = sent_fw + sent_bw
             self.reporter.progress(pb.ProgressReport(
                 job_id=a.job_id, attempt=a.attempt, stage=a.stage, replica=a.replica, step=step,
-                has_loss=loss is not None, loss=loss if loss is not None else 0.0, tokens_per_s=tokens / step_s,
+                kept_step=self.keeper.newest, has_loss=loss is not None, loss=loss if loss is not None else 0.0, tokens_per_s=tokens / step_s,
                 bytes_sent=sent, bytes_raw=raw, step_s=step_s, compute_s=compute, wait_s=wait, comm_s=comm,
                 state="running", tokens=tokens, bytes_forward=sent_fw, bytes_backward=sent_bw,
                 micro_batch_losses=mb_losses, checks=[pb.SpotCheck(**vars_of(c)) for c in checks],

@@ -106,6 +106,9 @@ def progress_from_pb(m: pb.ProgressReport) -> dict[str, Any]:
     if m.state_from not in STATE_FROM or not 0 <= m.state_bytes <= 1 << 50:
         raise InvalidRequestError(f"progress state_from must be one of {STATE_FROM} and state_bytes in 0..2^50")
     r["state_from"], r["state_bytes"] = m.state_from, int(m.state_bytes)
+    if not 0 <= m.kept_step <= 1 << 50:
+        raise InvalidRequestError("progress kept_step must be in 0..2^50")
+    r["kept_step"] = int(m.kept_step)
     r["blame_node_id"] = m.blame_node_id
     r["param_digest"] = m.param_digest
     r["param_sketch"] = tuple(float(v) for v in m.param_sketch)

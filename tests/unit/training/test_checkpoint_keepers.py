@@ -81,6 +81,26 @@ def test_a_copy_differing_from_its_recorded_hash_or_gone_is_lost(tmp_path):
     assert keepers.lost_copies([{**rows[0], "copy": {}}], {0: d}, step=STEP) == {}  # recorded before hashes were
 
 
+@pytest.mark.timeout(10)
+def test_resume_point_skips_lost_copies_their_keeper_did_not_report(tmp_path):
+    from swarm.clock import FakeClock
+
+    from coordinator.jobs.store import JobStore
+    from coordinator.store import Database
+
+    lost = {30: {1: {"keeper": "n00"}}, 20: {1: {"keeper": "n00", "kept": True}}, 10: {}}
+    assert keepers.resume_point([30, 20, 10], lost.get) == (20, lost[20])
+    assert keepers.resume_point([30, 10], lost.get) == (10, {})
+    assert keepers.resume_point([30], lost.get) == (0, {})  # from the start rather than from filler
+    assert keepers.kept_stages(_plan(3, 1), "n00") == [2]
+    # a keeper's report marks the recorded copy kept
+    store = JobStore(Database(tmp_path), FakeClock())
+    store.add_checkpoint("j", stage=2, replica=0, step=STEP, final=False, directory="d", copy={"keeper": "n00"})
+    store.add_checkpoint("j", stage=1, replica=0, step=STEP, final=False, directory="e", copy={})
+    store.mark_kept("j", stages=[1, 2], step=STEP)
+    assert [c["copy"] for c in store.checkpoints("j")] == [{}, {"keeper": "n00", "kept": True}]
+
+
 # ----------------------------------------------------------------------------- over mTLS
 def _assignment(node_id: str, *, stage: int, address: str = "127.0.0.1:1", keeper: str | None = K,
                 source: StateSource | None = None, attempt: int = 2, resume_step: int = 0) -> Assignment:
