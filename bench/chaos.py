@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.steps = args.steps or 30
     every = args.fault_every_s or 60.0  # (--quick: faults follow the job's steps instead)
-    # --quick: the node comes back after the coordinator did (a node back before its loss was noticed
-    # is not handled well yet: docs/training.md, "Known limits")
+    # --quick: the node comes back after the coordinator did (a node back before its loss was
+    # noticed: tests/unit/training/test_restarted_worker.py)
     restart_after = args.restart_after_s or (15.0 if args.quick else 20.0)
     rng = random.Random(args.seed)
     t_start = time.monotonic()

@@ -72,6 +72,9 @@ class JobService(Fencing):
         self._logged: set[tuple[str, str]] = set()  # (job, error) the loop already logged with its traceback
         self._resumed: set[tuple[str, int]] = set()  # (job, attempt) whose "resumed" event was recorded
         self._kept_seen: dict[tuple[str, str], int] = {}  # (job, keeper node) -> the kept_step it last reported
+        # (job, attempt) -> nodes whose worker of it set up again after running steps: the node
+        # restarted (killed and back before it was noticed lost) and lost that worker's state
+        self._restarted: dict[tuple[str, int], set[str]] = {}
         self._ready: dict[tuple[str, int], set[str]] = {}  # (job, attempt) -> "stage:replica" ready to start
         self._peer_failed: dict[tuple[str, int], tuple[float, str]] = {}  # (job, attempt) -> (when, what)
         self._restarted: dict[str, float] = {}  # running job -> when this coordinator started (not heard since)
@@ -335,6 +338,8 @@ class JobService(Fencing):
                 state = "lost"
             if state != "online":
                 lost[a["node_id"]] = state
+        for node_id in self._restarted.get((job.id, job.attempt), ()):
+            lost.setdefault(node_id, "restarted")
         if lost and job.id in self._first_bad and any(st == "quarantined" for st in lost.values()):
             # a node computed something wrong: every replica may hold its effect (averaged
             # gradients), so roll back to before the first bad step instead of fencing the survivors
@@ -559,6 +564,13 @@ class JobService(Fencing):
             # following the protocol is not stalling: a stage 0 waiting at a fence for its switch
             # step, or a worker stopped there, sends no step progress but is not silent
             self.judge.progress(job.id, node_id, self.clock.time())
+        if r["state"] == "ready" and job.started_attempt >= job.attempt and self.store.worker_progressed(
+                job.id, attempt=job.attempt, stage=a["stage"], replica=a["replica"]):
+            # only a new process sets a worker up again: its node restarted; _watch treats it as lost
+            self._restarted.setdefault((job.id, job.attempt), set()).add(node_id)
+            log.warning("worker set up again after running steps: node restarted job=%s node=%s stage=%d replica=%d",
+                        job.id, node_id[:12], a["stage"], a["replica"])
+            return Ack(stop=True, reason="this node restarted and lost its worker's state; the job goes on without it")
         if r["state"] == "ready":
             self.added.ready(job.id, job.attempt, churn.key(a["stage"], a["replica"]),
                              state_from=r.get("state_from", ""), state_bytes=r.get("state_bytes", 0))

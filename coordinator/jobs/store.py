@@ -329,6 +329,12 @@ class JobStore:
                  bytes_raw, step_s, compute_s, wait_s, comm_s, self._clock.time(), bytes_forward, bytes_backward),
             )
 
+    def worker_progressed(self, job_id: str, *, attempt: int, stage: int, replica: int) -> bool:
+        """True when worker (``stage``, ``replica``) of ``attempt`` reported a step."""
+        with self._lock:
+            return self._conn.execute("SELECT 1 FROM job_progress WHERE job_id = ? AND attempt = ? AND stage = ? AND"
+                                      " replica = ? LIMIT 1", (job_id, attempt, stage, replica)).fetchone() is not None
+
     def history(self, job_id: str, *, num_reporters: int, attempt: int | None = None) -> list[dict[str, Any]]:
         """Per step: loss (mean over replicas' last stages), tokens/s, bytes, time split.
 

@@ -13,7 +13,8 @@ from bench import chaos
 # the surviving pipeline, which finished the job on its own (replica 1 uploads no weights), so the
 # job rolled back to its last checkpoint 60 s later and failed assembling the result. Earlier
 # failures: a worker set-up call failing on the coordinator outage (fixed: retried), a node killed
-# and restarted before its loss was noticed (stalled until quarantined; --quick avoids it). Run it
+# and restarted before its loss was noticed (stalled until quarantined; now dropped as "restarted",
+# tests/unit/training/test_restarted_worker.py; --quick brings the node back later anyway). Run it
 # with SWARM_CHAOS_TEST=1 (the churn guarantees themselves are in test_train_churn.py).
 pytestmark = [pytest.mark.multiproc,
               pytest.mark.skipif(os.environ.get("SWARM_CHAOS_TEST") != "1",
