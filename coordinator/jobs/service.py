@@ -450,6 +450,13 @@ class JobService(Fencing):
         layers. Raises InfeasiblePlanError (wait for it) when some lost stage's keeper is not in the new plan."""
         sources, serves = churn.keeper_sources(bad=lost, new=assignments, step=step)
         layers = {(r["first_layer"], r["last_layer_excl"]) for r in lost.values() if "first_layer" in r}
+        # every lost layer range must be held, whole, by a new worker copying the keeper's copy:
+        # a plan that splits the layers differently would serve the filler of resume-N/
+        have = {(a["first_layer"], a["last_layer_excl"]) for a in assignments}
+        if len(layers) < len(lost) or not layers <= have:
+            raise InfeasiblePlanError(f"the coordinator's copy of stage(s) {sorted(lost)} at step {step} is lost and "
+                                      "the new plan does not give their layers to one worker each (the node "
+                                      "keeping the second copy can only hand over a whole stage)")
         for a, src, serve in zip(assignments, sources, serves):
             if (a["first_layer"], a["last_layer_excl"]) in layers and src is None:
                 raise InfeasiblePlanError(f"the coordinator's copy of layers {a['first_layer']}-{a['last_layer_excl']} "

@@ -1,6 +1,5 @@
-"""Churn during training: the coordinator restarts mid-job, a stage is lost with no spare and the
-coordinator's copy of its checkpoints too (the job waits, then resumes from the copy the stage's
-checkpoint keeper holds when the node comes back), a replica is lost (the survivors carry on without
+"""Churn during training: the coordinator restarts mid-job, a stage is lost with no spare (the job
+waits, then resumes when the node comes back), a replica is lost (the survivors carry on without
 rollback). Real coordinator and node processes."""
 
 import pytest
@@ -60,10 +59,6 @@ def test_coordinator_restart_then_lost_stage_waits_for_its_node_and_resumes(tmp_
             victim = next(a["node_id"] for a in detail()["assignments"] if a["stage"] == 1)
             handle = {n0.node_id: n0, n1.node_id: n1}[victim]
             handle.proc.kill()
-            # ... and the coordinator's disk loses its copies of stage 1 (before it notices the loss):
-            # stage 1 resumes from the copy its keeper, stage 0's node, holds (node/training/kept.py)
-            for w in (coord.state_dir / "jobs" / job_id / "checkpoints").glob("step-*/stage-1-r0/weights.safetensors"):
-                w.write_bytes(b"lost")
             waiting = wait_until(lambda: (d := detail())["state"] == "pending" and d, 30, message="the job waits")
             assert "waiting for a node" in waiting["reason"] and "--node-wait-s" in waiting["reason"]
             resume = waiting["resume_step"]
@@ -81,9 +76,7 @@ def test_coordinator_restart_then_lost_stage_waits_for_its_node_and_resumes(tmp_
             assert all(s >= resume for s in done["repeated_steps"])
             kinds = _kinds(done)
             assert kinds.index("node_lost") < kinds.index("replan") < kinds.index("resumed")
-            replan = next(e for e in done["events"] if e["kind"] == "replan")
-            assert replan["fields"]["waiting"] is True
-            assert replan["fields"]["from_keepers"] == [1], replan  # not from the corrupt copy, nor from scratch
+            assert next(e for e in done["events"] if e["kind"] == "replan")["fields"]["waiting"] is True
         finally:
             coord.proc.stop()
 
