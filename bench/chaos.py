@@ -1,18 +1,24 @@
 """Training under churn: the same job once without faults, once while nodes and the coordinator die.
 
-    python -m bench.chaos [--quick] [--steps N] [--fault-every-s 60] [--restart-after-s 20] [--no-record]
+    python -m bench.chaos [--quick] [--duration-s 600] [--steps N] [--fault-every-s 60]
+                          [--restart-after-s 20] [--num-faults 10] [--no-record] [--json]
 
 A coordinator and 6 node processes (2 replicas x 3 stages) on this machine train a tiny GPT-2 on a
-slice of the Python standard library. Run 1 has no faults. Run 2 is the same job (same spec, data,
-seed) while every ``--fault-every-s`` a random node is SIGKILLed (and started again
-``--restart-after-s`` later with the same state dir, so the same node id), and, once, the
-coordinator is SIGKILLed and started again on the same ports and state dir. Reported: steps
-committed, steps done twice (``repeated_steps``: a rollback to a checkpoint re-does steps), the
-time from each fault to the next committed step, tokens/s of both runs, and the loss of both
-final models on the same held-out text. Prints a table and appends it to docs/benchmarks.md.
+slice of the Python standard library. The job's length is time-based: a calibration job measures
+the fault-free steps/s (then is cancelled) and the job gets the steps that take ``--duration-s``
+without faults (``--steps`` sets them instead). Run 1 has no faults. Run 2 is the same job (same
+spec, data, seed) while every ``--fault-every-s`` a random node is SIGKILLed (and started again
+``--restart-after-s`` later with the same state dir, so the same node id) and, as the 3rd fault
+(while the job surely runs), the coordinator is SIGKILLed and started again 5 s later on the same
+ports and state dir. Reported: steps committed, steps done twice (``repeated_steps``: a rollback
+to a checkpoint re-does steps), the time from each fault to the next committed step, whether the
+coordinator kill fired while the job ran, tokens/s of both runs, and the loss of both final models
+on the same held-out text. Prints a table and appends it to docs/benchmarks.md; exits 1 when a run
+did not succeed or the coordinator was not killed during the churn run.
 
-``--quick`` (CI, tests/multiproc/training/test_chaos_quick.py): fewer steps, one node kill and one
-coordinator restart, 4 nodes (2 x 2).
+``--quick`` (CI, tests/multiproc/training/test_chaos_quick.py): 4 nodes (2 x 2), a short fixed job,
+the coordinator SIGKILLed (back 5 s later) once the job committed 3 steps, and a replica SIGKILLed
+(back 15 s later) once the job committed a step after the coordinator's return.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +39,10 @@ import torch
 from bench._record import markdown_table, record
 from swarm.localswarm import start_coordinator, start_node, wait_until
 
-FAST_COORDINATOR = ["--heartbeat-interval-s", "0.5", "--node-timeout-s", "3", "--log-level", "INFO"]
+# A node silent for 6 s is lost: with 3 s, a 2-core machine loaded by other work (load 8) had every
+# node of a job declared lost at once, and the job rolled back.
+FAST_COORDINATOR = ["--heartbeat-interval-s", "0.5", "--node-timeout-s", "6", "--log-level", "INFO"]
+CALIBRATE_S = 40.0  # the calibration job's length (its first 10 s, model set-up, not counted)
 NODE_ARGS = ["--probe-seconds", "0.1", "--log-level", "INFO"]
 
 
@@ -41,6 +51,8 @@ class Fault:
     what: str
     at_s: float  # since the churn run's start
     step_before: int
+    attempt: int = 0  # the job's attempt when it struck
+    step_after_replan: int | None = None  # the step when the job was first seen at a later attempt
     next_commit_s: float | None = None  # fault -> next committed step
 
 
@@ -50,6 +62,7 @@ class Run:
     job: dict = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
     heldout_loss: float = float("nan")
+    scheduled: int = 0  # faults planned for the run (those after the job ended did not fire)
 
     @property
     def tokens_per_s(self) -> float:
@@ -74,8 +87,9 @@ class Swarm:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _start_node(self, i: int):
-        return start_node(self.address, self.token, self.root / f"n{i}", name=f"n{i}", extra_args=NODE_ARGS)[0]
+    def _start_node(self, i: int, *, wait_for: str = "READY"):
+        return start_node(self.address, self.token, self.root / f"n{i}", name=f"n{i}", extra_args=NODE_ARGS,
+                          wait_for=wait_for)[0]
 
     def get(self, path: str):
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}",
@@ -88,7 +102,8 @@ class Swarm:
 
     def restart_node(self, i: int) -> None:
         self.nodes[i].stop()
-        self.nodes[i] = self._start_node(i)
+        # not waiting for READY: the coordinator may be down now (the node registers when it is back)
+        self.nodes[i] = self._start_node(i, wait_for="STARTED")
 
     def kill_coordinator(self) -> None:
         self.coord.kill()
@@ -116,17 +131,32 @@ def inputs(root: Path, *, train_bytes: int) -> tuple[Path, Path, str]:
     return root / "model", root / "data.txt", text[train_bytes:train_bytes + 20_000]  # held out: never trained on
 
 
-def submit(swarm: Swarm, model: Path, data: Path, args) -> str:
+def submit(swarm: Swarm, model: Path, data: Path, args, *, steps: int | None = None) -> str:
     from swarm.cli.train import upload_files
     from swarm.compression import CodecSpec
     from swarm.job_spec import JobSpec
     from swarm.transport.coordinator_client import CoordinatorClient
 
-    spec = JobSpec(steps=args.steps, batch_size=8, micro_batch_size=2, seq_len=64, lr=2e-3,
+    spec = JobSpec(steps=steps or args.steps, batch_size=8, micro_batch_size=2, seq_len=64, lr=2e-3,
                    codec=CodecSpec.parse("none"), checkpoint_every=args.checkpoint_every, num_stages=args.stages,
                    num_replicas=args.replicas, peer_timeout_s=20.0, warmup_steps=10, seed=1)
     with CoordinatorClient(swarm.address, token=swarm.admin_token) as client:
         return client.submit_job(spec, upload_files(model, data)).id
+
+
+def calibrate(swarm: Swarm, model: Path, data: Path, args) -> float:
+    """Fault-free steps/s of the job: a long job run for :data:`CALIBRATE_S`, then cancelled."""
+    from swarm.transport.coordinator_client import CoordinatorClient
+
+    job_id = submit(swarm, model, data, args, steps=1_000_000)
+    wait_until(lambda: (swarm.get(f"/api/jobs/{job_id}")["step"] or 0) >= 3, 120, message="calibration job trains")
+    t0, s0 = time.monotonic(), swarm.get(f"/api/jobs/{job_id}")["step"]
+    time.sleep(CALIBRATE_S - 10)
+    t1, s1 = time.monotonic(), swarm.get(f"/api/jobs/{job_id}")["step"]
+    with CoordinatorClient(swarm.address, token=swarm.admin_token) as client:
+        client.cancel_job(job_id, "calibration done")
+    wait_until(lambda: swarm.get(f"/api/jobs/{job_id}")["state"] == "cancelled", 60, message="calibration ends")
+    return (s1 - s0) / (t1 - t0)
 
 
 def heldout_loss(result_dir: Path, text: str, seq_len: int = 64, windows: int = 64) -> float:
@@ -144,10 +174,19 @@ def heldout_loss(result_dir: Path, text: str, seq_len: int = 64, windows: int = 
                                                        ids[:, 1:].reshape(-1)))
 
 
+def _healed(f: Fault, step: int) -> bool:
+    """The job got over fault ``f``: a step committed after it (a coordinator restart), after the
+    re-plan it caused (a node)."""
+    if f.what.startswith("coordinator"):
+        return f.next_commit_s is not None
+    return f.step_after_replan is not None and step > f.step_after_replan
+
+
 def follow(swarm: Swarm, job_id: str, run: Run, *, faults: list[tuple[float | None, str]], restart_after_s: float,
            rng: random.Random, timeout_s: float) -> None:
     """Poll the job until it ends, injecting ``faults`` ((at_s, "node"|"coordinator")) on the way;
-    an ``at_s`` of None means: once the job committed a step after the previous fault."""
+    an ``at_s`` of None means: once the previous fault healed (:func:`_healed`; the first fault:
+    once the job committed 3 steps)."""
     t0 = time.monotonic()
     restarts: list[tuple[float, str, int]] = []  # (at, kind, node index)
     last_step = -1
@@ -163,10 +202,12 @@ def follow(swarm: Swarm, job_id: str, run: Run, *, faults: list[tuple[float | No
             for f in run.faults:
                 if f.next_commit_s is None and step > f.step_before:
                     f.next_commit_s = now - f.at_s
+                if f.step_after_replan is None and d["attempt"] > f.attempt:
+                    f.step_after_replan = step
             last_step = max(last_step, step)
             if d["state"] in ("succeeded", "failed", "cancelled"):
                 return
-        for r in [r for r in restarts if r[0] <= now]:
+        for r in sorted(r for r in restarts if r[0] <= now):
             restarts.remove(r)
             if r[1] == "coordinator":
                 swarm.restart_coordinator()
@@ -174,21 +215,23 @@ def follow(swarm: Swarm, job_id: str, run: Run, *, faults: list[tuple[float | No
                 swarm.restart_node(r[2])
         due = bool(faults) and (
             faults[0][0] <= now if faults[0][0] is not None  # at a time, or (None) once the last fault healed
-            else bool(run.faults) and run.faults[-1].next_commit_s is not None)
+            else _healed(run.faults[-1], last_step) if run.faults else last_step >= 2)
         if due and d is not None and d["state"] == "running":
             _, kind = faults.pop(0)
             down = {r[2] for r in restarts if r[1] == "node"}
             if kind == "coordinator":
                 swarm.kill_coordinator()
                 restarts.append((now + 5.0, "coordinator", -1))
-                run.faults.append(Fault(what="coordinator SIGKILL (back 5 s later)", at_s=now, step_before=last_step))
+                run.faults.append(Fault(what="coordinator SIGKILL (back 5 s later)", at_s=now, step_before=last_step,
+                                       attempt=d["attempt"]))
             else:
                 i = rng.choice([i for i in swarm.nodes if i not in down])
                 swarm.kill_node(i)
                 restarts.append((now + restart_after_s, "node", i))
                 stage = next((f"stage {a['stage']} replica {a['replica']}" for a in d["assignments"]
                               if a["node_name"] == f"n{i}"), "idle")
-                run.faults.append(Fault(what=f"node n{i} SIGKILL ({stage})", at_s=now, step_before=last_step))
+                run.faults.append(Fault(what=f"node n{i} SIGKILL ({stage})", at_s=now, step_before=last_step,
+                                        attempt=d["attempt"]))
         time.sleep(0.5)
     raise TimeoutError(f"job {job_id} did not end within {timeout_s:.0f} s")
 
@@ -201,20 +244,27 @@ def _events(job: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="CI: few steps, one node kill, one coordinator restart")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="CI: 2 x 2 nodes, a short job, one node kill, one "
+                                                        "coordinator restart")
+    p.add_argument("--duration-s", type=float, default=600.0, help="fault-free length of the job (calibrated)")
+    p.add_argument("--steps", type=int, default=None, help="the job's steps (instead of --duration-s)")
     p.add_argument("--fault-every-s", type=float, default=None)
-    p.add_argument("--restart-after-s", type=float, default=20.0)
-    p.add_argument("--num-faults", type=int, default=10, help="faults of the full run (one is the coordinator)")
+    p.add_argument("--restart-after-s", type=float, default=None)
+    p.add_argument("--num-faults", type=int, default=10, help="faults of the full run (the 3rd is the coordinator)")
     p.add_argument("--checkpoint-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line too")
     args = p.parse_args(argv)
     args.stages, args.replicas = (2, 2) if args.quick else (3, 2)
-    args.steps = args.steps or (100 if args.quick else 600)
-    every = args.fault_every_s or (10.0 if args.quick else 60.0)
+    if args.quick:
+        args.steps = args.steps or 30
+    every = args.fault_every_s or 60.0  # (--quick: faults follow the job's steps instead)
+    # --quick: the node comes back after the coordinator did (a node back before its loss was
+    # noticed: tests/unit/training/test_restarted_worker.py)
+    restart_after = args.restart_after_s or (15.0 if args.quick else 20.0)
     rng = random.Random(args.seed)
+    t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="swarm-chaos-") as tmp:
         root = Path(tmp)
         model, data, heldout = inputs(root, train_bytes=60_000 if args.quick else 400_000)
@@ -223,48 +273,65 @@ def main(argv: list[str] | None = None) -> int:
         try:
             wait_until(lambda: sum(n["state"] == "online" for n in swarm.get("/api/nodes")["nodes"])
                        >= args.stages * args.replicas, 60, message="nodes online")
+            print(f"{time.monotonic() - t_start:.0f} s: {args.stages * args.replicas} nodes online", file=sys.stderr)
+            if not args.steps:
+                rate = calibrate(swarm, model, data, args)
+                args.steps = max(50, int(rate * args.duration_s))
+                print(f"calibration: {rate:.2f} steps/s fault-free -> {args.steps} steps for "
+                      f"{args.duration_s:.0f} s", file=sys.stderr)
             for name, faulty in (("fault-free", False), ("churn", True)):
                 run = Run(name=name)
                 job_id = submit(swarm, model, data, args)
-                faults: list[tuple[float, str]] = []
-                if faulty:  # node kills every `every` s; the coordinator instead of the 2nd (quick) / 5th one
-                    n = 2 if args.quick else args.num_faults
-                    faults = [(every * (k + 1), "node") for k in range(n)]
-                    c = 1 if args.quick else min(4, n - 1)
-                    # quick: the coordinator as soon as the job committed a step after the node kill,
-                    # so a short job cannot end before its second fault
-                    faults[c] = (None if args.quick else faults[c][0], "coordinator")
-                follow(swarm, job_id, run, faults=faults, restart_after_s=args.restart_after_s, rng=rng,
-                       timeout_s=600 if args.quick else 3600)
+                faults: list[tuple[float | None, str]] = []
+                if faulty and args.quick:
+                    # the coordinator once the job runs, a node once the job went on after that: with
+                    # its replicas the job runs ~1 step/s here, without one ~10 (no averaging), so a
+                    # fault after the replica loss could find the job over
+                    faults = [(None, "coordinator"), (None, "node")]
+                elif faulty:  # a node every `every` s; the 3rd fault is the coordinator (the job surely runs)
+                    faults = [(every * (k + 1), "coordinator" if k == 2 else "node") for k in range(args.num_faults)]
+                follow(swarm, job_id, run, faults=faults, restart_after_s=restart_after, rng=rng,
+                       timeout_s=600 if args.quick else 7200)
+                run.scheduled = len(faults) + len(run.faults)
                 if run.job["state"] == "succeeded":
                     run.heldout_loss = heldout_loss(root / "coord" / "jobs" / job_id / "result", heldout)
                 runs.append(run)
-                print(f"{name}: {run.job['state']} {run.job['reason']}", file=sys.stderr)
+                print(f"{time.monotonic() - t_start:.0f} s: {name}: {run.job['state']} {run.job['reason']}",
+                      file=sys.stderr)
         finally:
             swarm.stop()
     base, churn = runs
+    coordinator_killed = any(f.what.startswith("coordinator") for f in churn.faults)
     rows = [[r.name, r.job["state"], len(r.job["progress"]), len(r.job["repeated_steps"]), f"{r.tokens_per_s:.0f}",
-             f"{r.heldout_loss:.4f}", len(r.faults), _events(r.job),
+             f"{r.heldout_loss:.4f}", f"{len(r.faults)} of {r.scheduled}", _events(r.job),
              "; ".join(f"{f.what} at {f.at_s:.0f} s -> next commit "
                        + (f"{f.next_commit_s:.1f} s" if f.next_commit_s is not None else "never") for f in r.faults)]
             for r in runs]
     table = markdown_table(["run", "state", "steps committed", "steps done twice", "tokens/s", "held-out loss",
-                            "faults", "events", "fault -> next committed step"], rows)
+                            "faults fired", "events", "fault -> next committed step"], rows)
     ratio = churn.tokens_per_s / base.tokens_per_s if base.tokens_per_s else float("nan")
+    gaps = [f.next_commit_s for f in churn.faults if f.next_commit_s is not None]
     notes = (f"{args.stages} stages x {args.replicas} replicas, {args.steps} steps of 8 x 64 tokens, tiny GPT-2 "
-             f"(6 x 64), faults every {every:.0f} s (node back after {args.restart_after_s:.0f} s, coordinator after "
-             f"5 s). Churn / fault-free tokens/s: {ratio:.2f}; held-out loss difference: "
-             f"{churn.heldout_loss - base.heldout_loss:+.4f} nats.")
+             f"(6 x 64), checkpoint every {args.checkpoint_every} steps; faults every {every:.0f} s (node back after "
+             f"{restart_after:.0f} s, coordinator after 5 s). Coordinator SIGKILLed while the job ran: "
+             f"{'yes' if coordinator_killed else 'NO'}. Churn / fault-free tokens/s: {ratio:.2f}; held-out loss "
+             f"difference: {churn.heldout_loss - base.heldout_loss:+.4f} nats; fault -> next committed step: "
+             + (f"median {statistics.median(gaps):.1f} s, max {max(gaps):.1f} s" if gaps else "-")
+             + f". Whole benchmark: {time.monotonic() - t_start:.0f} s.")
     print(table)
     print(notes)
     if args.json:
-        print(json.dumps({"runs": [{"name": r.name, "state": r.job["state"], "steps": len(r.job["progress"]),
-                                    "repeated_steps": r.job["repeated_steps"], "tokens_per_s": r.tokens_per_s,
-                                    "heldout_loss": r.heldout_loss,
-                                    "faults": [f.__dict__ for f in r.faults]} for r in runs]}))
+        print(json.dumps({"coordinator_killed": coordinator_killed, "steps": args.steps,
+                          "runs": [{"name": r.name, "state": r.job["state"], "reason": r.job.get("reason", ""),
+                                    "steps": len(r.job["progress"]), "repeated_steps": r.job["repeated_steps"],
+                                    "tokens_per_s": r.tokens_per_s, "heldout_loss": r.heldout_loss,
+                                    "faults": [f.__dict__ for f in r.faults],
+                                    "events": [{"at_s": round(e["at"] - r.job["events"][0]["at"], 1), "kind": e["kind"],
+                                                "message": e["message"]} for e in r.job.get("events", [])]}
+                                   for r in runs]}))
     if not args.no_record:
         record("Training under churn (bench/chaos.py" + (" --quick)" if args.quick else ")"), table, notes)
-    return 0 if all(r.job["state"] == "succeeded" for r in runs) else 1
+    return 0 if all(r.job["state"] == "succeeded" for r in runs) and coordinator_killed else 1
 
 
 if __name__ == "__main__":

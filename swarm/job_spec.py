@@ -21,7 +21,7 @@ from typing import Any
 
 from swarm.compression.spec import CodecSpec
 from swarm.errors import ConfigError, InvalidRequestError
-from swarm.job_defaults import DEFAULT_VERIFY_PROB  # re-exported: defined torch-free there for the CLI
+from swarm.job_defaults import DEFAULT_CHECKPOINT_EVERY, DEFAULT_VERIFY_PROB  # re-exported: defined torch-free there for the CLI
 
 MAX_STEPS = 10_000_000
 SCHEDULES = ("1f1b", "gpipe")
@@ -42,7 +42,9 @@ class JobSpec:
     one epoch). ``batch_size`` sequences per step over all replicas, split into micro-batches of
     ``micro_batch_size``; ``seq_len`` tokens per sequence. ``codec``: how pipeline boundaries
     compress activations and gradients. ``num_stages``/``num_replicas`` 0: the planner chooses.
-    ``checkpoint_every`` 0: checkpoint only at the end. ``grad_clip`` 0: no clipping.
+    ``checkpoint_every`` 0: checkpoint only at the end; the default, :data:`DEFAULT_CHECKPOINT_EVERY`,
+    is short because checkpoints are asynchronous and kept twice (docs/training.md, "Checkpoints").
+    ``grad_clip`` 0: no clipping.
     """
 
     name: str = ""
@@ -53,7 +55,7 @@ class JobSpec:
     seq_len: int = 64
     lr: float = 3e-4
     codec: CodecSpec = field(default=CodecSpec(kind="none"))
-    checkpoint_every: int = 0
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     seed: int = 0
     warmup_steps: int = 0
     weight_decay: float = 0.0

@@ -195,3 +195,59 @@ def summarize_state_from(reports: dict[str, tuple[str, int]], added_keys: list[s
     got = [reports.get(k, ("coordinator", 0)) for k in added_keys]
     source = "peer" if got and all(s == "peer" for s, _ in got) else "coordinator"
     return source, sum(int(b) for _, b in got)
+
+
+def checkpoint_keepers(assignments: list[dict[str, Any]]) -> dict[str, str]:
+    """``"stage:replica"`` -> node id of the worker that keeps a second copy of that worker's
+    periodic checkpoints (node/training/kept.py), for the workers whose upload is the
+    coordinator's copy (replica 0: the others upload only their meta).
+
+    The keeper is the next stage's replica-0 node (stage + 1, wrapping to stage 0), so a stage
+    and its copy are on different nodes and one lost node never takes both; the next stage's
+    node is already a neighbour of the pipeline. Tie-breaks: a node holding that stage too (it
+    cannot be its own keeper) passes to the stage after it; a one-stage job uses replica 1, 2,
+    ... of the same stage; with no other node (a 1 x 1 job) there is no keeper."""
+    by = {(int(a["stage"]), int(a["replica"])): a["node_id"] for a in assignments}
+    stages = sorted({s for s, _ in by})
+    out: dict[str, str] = {}
+    for (s, r), node in sorted(by.items()):
+        if r != 0:
+            continue
+        i = stages.index(s)
+        ring = [by.get((stages[(i + k) % len(stages)], 0)) for k in range(1, len(stages))]
+        ring += [by[(s, rr)] for rr in sorted(rr for ss, rr in by if ss == s and rr != 0)]
+        keeper = next((n for n in ring if n is not None and n != node), None)
+        if keeper is not None:
+            out[key(s, r)] = keeper
+    return out
+
+
+def with_keepers(assignments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``assignments`` with each one's ``checkpoint_keeper`` (``{"node_id", "address"}`` or None)
+    and ``keeps`` (``[{"node_id", "address", "stage", "replica"}]``: the workers whose checkpoints
+    its node keeps) from :func:`checkpoint_keepers`."""
+    keepers = checkpoint_keepers(assignments)
+    address = {a["node_id"]: a["address"] for a in assignments}
+    out = []
+    for a in assignments:
+        k = keepers.get(key(a["stage"], a["replica"]))
+        keeps = [{"node_id": o["node_id"], "address": o["address"], "stage": o["stage"], "replica": o["replica"]}
+                 for o in assignments if keepers.get(key(o["stage"], o["replica"])) == a["node_id"]]
+        out.append({**a, "checkpoint_keeper": {"node_id": k, "address": address[k]} if k else None, "keeps": keeps})
+    return out
+
+
+def keeper_sources(*, bad: dict[int, dict[str, Any]], new: list[dict[str, Any]],
+                   step: int) -> tuple[list[dict[str, Any] | None], list[list[dict[str, Any]]]]:
+    """Where the workers of a re-plan from the checkpoint at ``step`` take the state of the stages
+    whose coordinator copy is missing or corrupt (``bad``: stage -> ``{"keeper", "first_layer",
+    "last_layer_excl", "weights_sha256", "optimizer_sha256"}`` as recorded when the copy was
+    uploaded): from that stage's checkpoint keeper, when it is in the new plan and a new worker
+    holds the same layers. Same shape as :func:`state_sources`; each source is ``required`` (the
+    coordinator has no copy to fall back to)."""
+    old = [{"stage": s, "replica": 0, "node_id": b["keeper"], "first_layer": b["first_layer"],
+            "last_layer_excl": b["last_layer_excl"]} for s, b in bad.items() if b.get("keeper")]
+    copies = {s: {"replica": 0, "weights_sha256": b.get("weights_sha256"),
+                  "optimizer_sha256": b.get("optimizer_sha256")} for s, b in bad.items()}
+    sources, serves = state_sources(old=old, new=new, copies=copies, step=step)
+    return [dict(s, required=True) if s else None for s in sources], serves

@@ -176,4 +176,5 @@ class Fencing:
             return None
         for a, v in zip(jp.assignments, verify_plans(jp.assignments, prob=job.spec.verify_prob)):
             a["verify"] = v
+        jp.assignments[:] = churn.with_keepers(jp.assignments)
         return jp

@@ -29,7 +29,7 @@ from swarm.model.config import ModelConfig
 from swarm.pipeline.data import BatchOrder
 from swarm.transport.transfer import receive_files
 
-from coordinator.jobs import churn, files
+from coordinator.jobs import churn, files, keepers
 from coordinator.jobs.fencing import Fencing
 from coordinator.jobs.handover import AddedReplicas
 from coordinator.jobs.planning import (JobPlan, busy_node_ids, check_layers, check_shape, nodes_needed,
@@ -71,6 +71,10 @@ class JobService(Fencing):
         self._stop = threading.Event()
         self._logged: set[tuple[str, str]] = set()  # (job, error) the loop already logged with its traceback
         self._resumed: set[tuple[str, int]] = set()  # (job, attempt) whose "resumed" event was recorded
+        self._kept_seen: dict[tuple[str, str], int] = {}  # (job, keeper node) -> the kept_step it last reported
+        # (job, attempt) -> nodes whose worker of it set up again after running steps: the node
+        # restarted (killed and back before it was noticed lost) and lost that worker's state
+        self._restarted: dict[tuple[str, int], set[str]] = {}
         self._ready: dict[tuple[str, int], set[str]] = {}  # (job, attempt) -> "stage:replica" ready to start
         self._peer_failed: dict[tuple[str, int], tuple[float, str]] = {}  # (job, attempt) -> (when, what)
         self._restarted: dict[str, float] = {}  # running job -> when this coordinator started (not heard since)
@@ -241,6 +245,10 @@ class JobService(Fencing):
                 raise NotFoundError(f"job {job.id} ({job.state}) has no complete checkpoint yet; "
                                     "--checkpoint-every sets how often the stages save one")
             out = jdir / f"resume-{step}"
+            if (out / keepers.INCOMPLETE).is_file():
+                raise NotFoundError(f"job {job.id}'s checkpoint at step {step} is incomplete on the coordinator (a "
+                                    "stage's copy was lost and resumes from a node's copy); try again after the "
+                                    "next checkpoint")
             if not (out / "config.json").is_file():
                 files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model), self._stage_dirs(job, step), step=step)
             return step, files.download_files(out)
@@ -271,12 +279,18 @@ class JobService(Fencing):
             raise AssertionError("replica_counts always holds the requested count")
         for a, v in zip(jp.assignments, verify_plans(jp.assignments, prob=spec.verify_prob)):
             a["verify"] = v
+        jp.assignments[:] = churn.with_keepers(jp.assignments)  # a second copy of each checkpoint
         return jp
 
     def _try_plan(self, job: Job) -> None:
         waited = job.waiting_since_s is not None
         try:
             jp = self._plan(job, degrade=True) if waited else self._plan(job)
+            resume_dir = files.job_dir(self.state_dir, job.id) / f"resume-{job.resume_step}"
+            if job.resume_step > 0 and (resume_dir / keepers.INCOMPLETE).is_file():  # a copy was lost: keepers
+                lost = keepers.lost_copies(self.store.checkpoints(job.id),
+                                           self._full_checkpoints(job).get(job.resume_step, {}), step=job.resume_step)
+                self._from_keepers(jp.assignments, lost, step=job.resume_step)
         except InfeasiblePlanError as exc:
             if waited and self.clock.time() - job.waiting_since_s > job.spec.node_wait_s:
                 self._fail(job, f"lost a stage and no node could take it over within {job.spec.node_wait_s:g} s "
@@ -324,6 +338,8 @@ class JobService(Fencing):
                 state = "lost"
             if state != "online":
                 lost[a["node_id"]] = state
+        for node_id in self._restarted.get((job.id, job.attempt), ()):
+            lost.setdefault(node_id, "restarted")
         if lost and job.id in self._first_bad and any(st == "quarantined" for st in lost.values()):
             # a node computed something wrong: every replica may hold its effect (averaged
             # gradients), so roll back to before the first bad step instead of fencing the survivors
@@ -372,6 +388,11 @@ class JobService(Fencing):
         row without progress or when it may not wait."""
         # before the first step a spot check found wrong: a checkpoint k holds the state before step k
         resume = self.last_complete_checkpoint(job, at_most=self._first_bad.get(job.id)) or 0
+        # a stage whose copy the coordinator's disk lost resumes from its keeper's (coordinator/jobs/keepers.py)
+        full, rows = self._full_checkpoints(job), self.store.checkpoints(job.id)
+        if resume > 0 and not (job.resumed_from and resume == int(job.resumed_from["step"])):
+            steps = [s for s in sorted(full, reverse=True) if s <= resume and set(full[s]) >= set(full[resume])]
+            resume, _ = keepers.resume_point(steps, lambda s: keepers.lost_copies(rows, full[s], step=s))
         if self._first_bad.pop(job.id, None) is not None:
             # the checkpoints after it may hold a wrong result: they never count again (the new
             # attempt writes its own), nor do results assembled from them
@@ -387,11 +408,17 @@ class JobService(Fencing):
         jdir = files.job_dir(self.state_dir, job.id)
         try:
             has_optim = resume == 0 or (jdir / f"resume-{resume}" / files.OPTIMIZER_FILE).is_file()
-            stage_dirs = self._stage_dirs(job, resume) if resume > 0 else []
+            by_stage = full.get(resume, {}) if resume > 0 else {}
+            lost = keepers.lost_copies(rows, by_stage, step=resume)
+            stage_dirs = keepers.fill_lost(jdir, lost, by_stage, step=resume)
             if stage_dirs:  # a checkpoint of this job (not only the one it was --resumed from)
-                _, has_optim = files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model), stage_dirs,
-                                                     step=resume)
+                out, has_optim = files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model), stage_dirs,
+                                                       step=resume)
+                if lost:
+                    (out / keepers.INCOMPLETE).write_text(f"stages {sorted(lost)} are filler; see their keepers\n")
             jp = self._plan(job, degrade=True)
+            if lost:
+                self._from_keepers(jp.assignments, lost, step=resume)
         except InfeasiblePlanError as exc:
             if job.spec.node_wait_s <= 0:
                 self._fail(job, f"{what}; cannot re-plan ({exc}); {self._checkpoint_note(job.id)}")
@@ -402,7 +429,7 @@ class JobService(Fencing):
                                      resume_step=resume) is not None:
                 self.store.add_event(job.id, "replan", f"waiting for a node: no idle node can take over ({exc}); "
                                      f"will resume from step {resume}", attempt=job.attempt, resume_step=resume,
-                                     waiting=True)
+                                     waiting=True, **({"from_keepers": sorted(lost)} if lost else {}))
             return
         except SwarmError as exc:
             self._fail(job, f"{what}; cannot re-plan ({exc}); {self._checkpoint_note(job.id)}")
@@ -412,9 +439,30 @@ class JobService(Fencing):
                              resume_step=resume, expect_attempt=job.attempt,
                              reason=f"re-planned after {what}: resuming from step {resume} ({optim})") is not None:
             self._replans[job.id] = tries + 1
+            kept = f"; stage(s) {sorted(lost)} from their keepers' copies" if lost else ""
             self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on "
                                  f"{len({a['node_id'] for a in jp.assignments})} node(s): resuming from step {resume} "
-                                 f"({optim})", attempt=job.attempt + 1, resume_step=resume)
+                                 f"({optim}{kept})", attempt=job.attempt + 1, resume_step=resume,
+                                 **({"from_keepers": sorted(lost)} if lost else {}))
+
+    def _from_keepers(self, assignments: list[dict[str, Any]], lost: dict[int, dict[str, Any]], *, step: int) -> None:
+        """Name each lost stage's keeper as the required state source of the new workers holding its
+        layers. Raises InfeasiblePlanError (wait for it) when some lost stage's keeper is not in the new plan."""
+        sources, serves = churn.keeper_sources(bad=lost, new=assignments, step=step)
+        layers = {(r["first_layer"], r["last_layer_excl"]) for r in lost.values() if "first_layer" in r}
+        # every lost layer range must be held, whole, by a new worker copying the keeper's copy:
+        # a plan that splits the layers differently would serve the filler of resume-N/
+        have = {(a["first_layer"], a["last_layer_excl"]) for a in assignments}
+        if len(layers) < len(lost) or not layers <= have:
+            raise InfeasiblePlanError(f"the coordinator's copy of stage(s) {sorted(lost)} at step {step} is lost and "
+                                      "the new plan does not give their layers to one worker each (the node "
+                                      "keeping the second copy can only hand over a whole stage)")
+        for a, src, serve in zip(assignments, sources, serves):
+            if (a["first_layer"], a["last_layer_excl"]) in layers and src is None:
+                raise InfeasiblePlanError(f"the coordinator's copy of layers {a['first_layer']}-{a['last_layer_excl']} "
+                                          f"at step {step} is lost and the node keeping its second copy is not online")
+            a["state_source"], a["state_serves"] = src, serve
+        log.warning("resuming lost stage copies from their keepers step=%d stages=%s", step, sorted(lost))
 
     def _is_online(self, node_id: str) -> bool:
         try:
@@ -523,12 +571,22 @@ class JobService(Fencing):
             # following the protocol is not stalling: a stage 0 waiting at a fence for its switch
             # step, or a worker stopped there, sends no step progress but is not silent
             self.judge.progress(job.id, node_id, self.clock.time())
+        if r["state"] == "ready" and job.started_attempt >= job.attempt and self.store.worker_progressed(
+                job.id, attempt=job.attempt, stage=a["stage"], replica=a["replica"]):
+            # only a new process sets a worker up again: its node restarted; _watch treats it as lost
+            self._restarted.setdefault((job.id, job.attempt), set()).add(node_id)
+            log.warning("worker set up again after running steps: node restarted job=%s node=%s stage=%d replica=%d",
+                        job.id, node_id[:12], a["stage"], a["replica"])
+            return Ack(stop=True, reason="this node restarted and lost its worker's state; the job goes on without it")
         if r["state"] == "ready":
             self.added.ready(job.id, job.attempt, churn.key(a["stage"], a["replica"]),
                              state_from=r.get("state_from", ""), state_bytes=r.get("state_bytes", 0))
             return Ack(start=self._on_ready(job, a))
         if r["state"] in ("fence", "fenced"):
             return self._on_fence_report(job, a, r)
+        if r.get("kept_step") and self._kept_seen.get((job.id, node_id)) != r["kept_step"]:
+            self._kept_seen[(job.id, node_id)] = r["kept_step"]
+            self.store.mark_kept(job.id, stages=keepers.kept_stages(job.assignments, node_id), step=r["kept_step"])
         if r["state"] == "running" and not 0 <= r["step"] < job.total_steps:
             raise InvalidRequestError(f"progress for step {r['step']} outside 0..{job.total_steps - 1}")
         if r["state"] == "running" and job.resume_step and r["step"] == job.resume_step and \
@@ -611,7 +669,8 @@ class JobService(Fencing):
             if job.terminal and not final:
                 raise InvalidRequestError(f"job {job_id} is {job.state}; checkpoint of step {step} not needed")
             self.store.add_checkpoint(job_id, stage=stage, replica=replica, step=step, final=final,
-                                      directory=str(directory))
+                                      directory=str(directory),
+                                      copy=keepers.copy_record(directory, job.assignments, stage=stage, replica=replica))
         log.info("checkpoint received job=%s stage=%d replica=%d step=%d final=%s", job_id, stage, replica, step, final)
 
     def rendezvous(self, job_id: str, node_id: str, stage: int, replica: int, maddrs: list[str],

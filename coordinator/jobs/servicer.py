@@ -19,8 +19,8 @@ from swarm.proto.v1 import training_pb2 as pb
 from swarm.proto.v1 import training_pb2_grpc as pb_grpc
 from swarm.transport import transfer, transfer_pb
 from swarm.transport.errors import grpc_errors
-from swarm.transport.jobs import (job_spec_from_pb, job_spec_to_pb, progress_from_pb, state_serves_to_pb,
-                                  state_source_to_pb)
+from swarm.transport.jobs import (job_spec_from_pb, job_spec_to_pb, keeper_to_pb, keeps_to_pb, progress_from_pb,
+                                  state_serves_to_pb, state_source_to_pb)
 
 from swarm.job_detail import public_job_json
 
@@ -138,6 +138,7 @@ class TrainingServicer(pb_grpc.TrainingServicer):
                 fence=job.fence is not None, switch_step=(job.fence or {}).get("switch_step", 0),
                 verify_json=json.dumps(a.get("verify") or {}), state_source=state_source_to_pb(a.get("state_source")),
                 state_serves=state_serves_to_pb(a.get("state_serves")),
+                checkpoint_keeper=keeper_to_pb(a.get("checkpoint_keeper")), keeps=keeps_to_pb(a.get("keeps")),
             ))
         return pb.PollAssignmentsReply(assignments=out, cancelled_job_ids=stop)
 

@@ -115,6 +115,7 @@ class _JobState:
     weights: dict[tuple[int, int, int, int], dict] = field(default_factory=dict)  # digest+sketch by (attempt, s, r, step)
     waiting: dict[tuple[int, int, int, int], list[dict]] = field(default_factory=dict)  # target key -> checks
     last_progress_s: dict[str, float] = field(default_factory=dict)  # node id -> time of its last report
+    watched_since_s: float | None = None  # first report or blame seen (this coordinator process's memory)
     blames: dict[tuple[str, str], float] = field(default_factory=dict)  # (accuser, blamed) -> time
     blamed_at: dict[str, float] = field(default_factory=dict)  # accuser -> time of its last blame (kept when judged)
     blame_attempt: int = 0  # the attempt the blames belong to
@@ -154,7 +155,9 @@ class Judge:
 
     def progress(self, job_id: str, node_id: str, now_s: float) -> None:
         with self._lock:
-            self._job(job_id).last_progress_s[node_id] = now_s
+            st = self._job(job_id)
+            st.last_progress_s[node_id] = now_s
+            st.watched_since_s = now_s if st.watched_since_s is None else st.watched_since_s
 
     def report(self, job_id: str, attempt: int, a: dict[str, Any], assignments: list[dict[str, Any]],
                r: dict[str, Any]) -> list[Verdict]:
@@ -238,6 +241,7 @@ class Judge:
     def blame(self, job_id: str, accuser: str, blamed: str, now_s: float, attempt: int = 0) -> None:
         with self._lock:
             st = self._job(job_id)
+            st.watched_since_s = now_s if st.watched_since_s is None else st.watched_since_s
             if attempt > st.blame_attempt:  # a re-plan: the last attempt's blames are settled
                 st.blames.clear()
                 st.blamed_at.clear()
@@ -270,7 +274,9 @@ class Judge:
                 if st.blames.pop((blamed, accuser), None) is not None:
                     dispute = True
                     continue
-                silent_since = st.last_progress_s.get(blamed, 0.0)
+                # never reported since this process watches the job (a restarted coordinator):
+                # silent at least since it started watching, not since 1970
+                silent_since = st.last_progress_s.get(blamed, st.watched_since_s or 0.0)
                 if st.blamed_at.get(blamed, -1.0) >= silent_since or not is_online(blamed):
                     # it was waiting on someone else itself (a chain behind a lost node, a replica
                     # held up in averaging by a staller), or it is not heartbeating (lost, not

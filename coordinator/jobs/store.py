@@ -82,6 +82,7 @@ CREATE TABLE IF NOT EXISTS job_checkpoints (
     final INTEGER NOT NULL,
     dir TEXT NOT NULL,
     at REAL NOT NULL,
+    copy_json TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (job_id, stage, replica, step)
 );
 CREATE TABLE IF NOT EXISTS job_events (
@@ -178,6 +179,9 @@ class JobStore:
                 self._conn.execute("ALTER TABLE jobs ADD COLUMN started_attempt INTEGER NOT NULL DEFAULT 0")
                 self._conn.execute("ALTER TABLE jobs ADD COLUMN fence_json TEXT NOT NULL DEFAULT ''")
                 self._conn.execute("ALTER TABLE jobs ADD COLUMN waiting_since REAL")
+            cols = {r[1] for r in self._conn.execute("PRAGMA table_info(job_checkpoints)").fetchall()}
+            if "copy_json" not in cols:  # a state dir from before checkpoint keepers existed
+                self._conn.execute("ALTER TABLE job_checkpoints ADD COLUMN copy_json TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
@@ -325,6 +329,12 @@ class JobStore:
                  bytes_raw, step_s, compute_s, wait_s, comm_s, self._clock.time(), bytes_forward, bytes_backward),
             )
 
+    def worker_progressed(self, job_id: str, *, attempt: int, stage: int, replica: int) -> bool:
+        """True when worker (``stage``, ``replica``) of ``attempt`` reported a step."""
+        with self._lock:
+            return self._conn.execute("SELECT 1 FROM job_progress WHERE job_id = ? AND attempt = ? AND stage = ? AND"
+                                      " replica = ? LIMIT 1", (job_id, attempt, stage, replica)).fetchone() is not None
+
     def history(self, job_id: str, *, num_reporters: int, attempt: int | None = None) -> list[dict[str, Any]]:
         """Per step: loss (mean over replicas' last stages), tokens/s, bytes, time split.
 
@@ -376,12 +386,30 @@ class JobStore:
         ]
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def add_checkpoint(self, job_id: str, *, stage: int, replica: int, step: int, final: bool, directory: str) -> None:
+    def add_checkpoint(self, job_id: str, *, stage: int, replica: int, step: int, final: bool, directory: str,
+                       copy: dict[str, Any] | None = None) -> None:
+        """``copy``: what is known of the upload apart from its files (``weights_sha256``,
+        ``optimizer_sha256``, the ``keeper`` node holding a second copy, its layers), so a copy
+        the coordinator's disk lost can still be found and checked."""
         with self._lock, self._conn:
             self._conn.execute(
-                "INSERT OR REPLACE INTO job_checkpoints VALUES (?,?,?,?,?,?,?)",
-                (job_id, stage, replica, step, int(final), directory, self._clock.time()),
+                "INSERT OR REPLACE INTO job_checkpoints (job_id, stage, replica, step, final, dir, at, copy_json)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (job_id, stage, replica, step, int(final), directory, self._clock.time(), json.dumps(copy or {})),
             )
+
+    def mark_kept(self, job_id: str, *, stages: list[int], step: int) -> None:
+        """Note that a second copy of the replica-0 checkpoints of ``stages`` at ``step`` is on their
+        keeper (its progress report said so)."""
+        with self._lock, self._conn:
+            for stage in stages:
+                row = self._conn.execute("SELECT copy_json FROM job_checkpoints WHERE job_id = ? AND stage = ? AND"
+                                         " replica = 0 AND step = ?", (job_id, stage, step)).fetchone()
+                copy = json.loads(row[0]) if row and row[0] else {}
+                if copy:  # a copy with weights (the record of one without is empty)
+                    copy["kept"] = True
+                    self._conn.execute("UPDATE job_checkpoints SET copy_json = ? WHERE job_id = ? AND stage = ? AND"
+                                       " replica = 0 AND step = ?", (json.dumps(copy), job_id, stage, step))
 
     def drop_checkpoints_after(self, job_id: str, step: int) -> int:
         """Forget the job's checkpoints of steps after ``step`` (a rollback past a wrong result);
@@ -393,10 +421,11 @@ class JobStore:
     def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT stage, replica, step, final, dir, at FROM job_checkpoints WHERE job_id = ?"
+                "SELECT stage, replica, step, final, dir, at, copy_json FROM job_checkpoints WHERE job_id = ?"
                 " ORDER BY step, stage, replica", (job_id,),
             ).fetchall()
-        return [{"stage": r[0], "replica": r[1], "step": r[2], "final": bool(r[3]), "dir": r[4], "at": r[5]} for r in rows]
+        return [{"stage": r[0], "replica": r[1], "step": r[2], "final": bool(r[3]), "dir": r[4], "at": r[5],
+                 "copy": json.loads(r[6]) if r[6] else {}} for r in rows]
 
     # -- events ----------------------------------------------------------------------------------
     def add_event(self, job_id: str, kind: str, message: str, **fields: Any) -> dict[str, Any]:

@@ -32,6 +32,7 @@ class StateSource:
     step: int
     weights_sha256: str
     optimizer_sha256: str
+    required: bool = False  # the coordinator has no good copy: this one or none (no fallback)
 
     def __post_init__(self) -> None:
         if not all(_SHA256.match(h) for h in (self.weights_sha256, self.optimizer_sha256)):
@@ -52,6 +53,16 @@ class StateServe:
     stage: int
     step: int
     node_ids: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeptStage:
+    """A worker (``stage``, ``replica``, on ``peer``) whose periodic checkpoints this node keeps a
+    second copy of (node/training/kept.py)."""
+
+    peer: Peer
+    stage: int
+    replica: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,6 +88,8 @@ class Assignment:
     verify_json: str = ""  # spot checks: node/training/spotcheck.py VerifyPlan.from_json
     state_source: StateSource | None = None  # a fence's re-plan: copy the state at resume_step from this peer
     state_serves: tuple[StateServe, ...] = ()  # ... and what this node sends to the workers copying from it
+    checkpoint_keeper: Peer | None = None  # the node that keeps a second copy of our checkpoints
+    keeps: tuple[KeptStage, ...] = ()  # the workers whose checkpoints this node keeps a copy of
 
     def __post_init__(self) -> None:
         if not (0 <= self.stage < self.num_stages and 0 <= self.replica < self.num_replicas):
@@ -89,6 +102,8 @@ class Assignment:
             raise InvalidRequestError("assignment resumes outside the job's steps")
         if self.state_source is not None and self.state_source.step != self.resume_step:
             raise InvalidRequestError("assignment's state source is not at its resume step")
+        if any(not (0 <= k.stage < self.num_stages and k.replica >= 0 and k.peer.node_id) for k in self.keeps):
+            raise InvalidRequestError("assignment keeps checkpoints of a stage outside the job")
 
     @property
     def is_first(self) -> bool:
@@ -118,8 +133,12 @@ class Assignment:
             state_source=StateSource(peer=peer(m.state_source.peer, True), stage=m.state_source.stage,
                                      step=m.state_source.step,
                                      weights_sha256=m.state_source.weights_sha256,
-                                     optimizer_sha256=m.state_source.optimizer_sha256)
+                                     optimizer_sha256=m.state_source.optimizer_sha256,
+                                     required=m.state_source.required)
             if m.HasField("state_source") else None,
             state_serves=tuple(StateServe(stage=s.stage, step=s.step, node_ids=frozenset(s.node_ids))
                                for s in m.state_serves[:64]),
+            checkpoint_keeper=peer(m.checkpoint_keeper, m.HasField("checkpoint_keeper")),
+            keeps=tuple(KeptStage(peer=Peer(node_id=k.peer.node_id, address=k.peer.address), stage=k.stage,
+                                  replica=k.replica) for k in m.keeps[:64]),
         )

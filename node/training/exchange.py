@@ -216,7 +216,8 @@ class PipelinePeerServicer(training_pb2_grpc.PipelinePeerServicer):
         """A replica's stage state at a re-plan's resume step (node/training/state_copy.py)."""
         if self.state_server is None:
             raise NotFoundError("this node serves no stage state")
-        paths = self.state_server.files(self.identify(context), request.job_id, request.stage, request.attempt)
+        paths = self.state_server.files(self.identify(context), request.job_id, request.stage, request.attempt,
+                                         step=request.step, replica=request.replica)
         on_bytes = self.traffic.add_sent if self.traffic is not None else None
         yield from transfer_pb.to_messages(transfer.send_files(paths, on_bytes=on_bytes), training_pb2.FileChunk)
 

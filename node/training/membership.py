@@ -19,11 +19,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from swarm.errors import AuthError, PeerError, SwarmError
 from swarm.proto.v1 import training_pb2 as pb
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 POLL_S = 0.2  # how often a waiting worker asks again
 SWITCH_POLL_S = 1.0  # how often a worker waiting for an input during a fence asks for the switch step
@@ -34,6 +37,27 @@ def is_outage(exc: SwarmError) -> bool:
     """True when retrying a coordinator call can help: it is unreachable (restarting) or no longer
     knows this node's session (restarted; the agent registers again)."""
     return exc.retryable or type(exc) is AuthError
+
+
+def through_outage(call: Callable[[], T], *, outage_s: float, stop: threading.Event) -> T:
+    """``call()``, retried with backoff (up to 2 s) while the coordinator is unreachable or restarting
+    (:func:`is_outage`), for up to ``outage_s``. Raises PeerError when stopped or after that, and any
+    other SwarmError of the call at once."""
+    deadline = time.monotonic() + outage_s
+    backoff = POLL_S
+    while True:
+        if stop.is_set():
+            raise PeerError("stopped")
+        try:
+            return call()
+        except SwarmError as exc:
+            if not is_outage(exc):
+                raise
+            if time.monotonic() + backoff > deadline:
+                raise PeerError(f"the coordinator was unreachable for {outage_s:.0f} s: {exc}") from exc
+            log.debug("coordinator unreachable (%s); retrying", exc)
+            stop.wait(backoff)
+            backoff = min(2.0, backoff * 2)
 
 
 class FenceReached(Exception):
@@ -74,27 +98,13 @@ class Membership:
 
     def _report(self, state: str, step: int, **extra) -> pb.ProgressAck:
         """One report, retried through a coordinator outage of up to ``outage_s``."""
-        deadline = time.monotonic() + self.outage_s
-        backoff = POLL_S
-        while True:
-            if self.stop.is_set():
-                raise PeerError("stopped")
-            try:
-                ack = self.client.report(self._request(state, step, **extra))
-            except SwarmError as exc:
-                if not is_outage(exc):
-                    raise
-                if time.monotonic() + backoff > deadline:
-                    raise PeerError(f"the coordinator was unreachable for {self.outage_s:.0f} s: {exc}") from exc
-                log.debug("coordinator unreachable (%s); retrying", exc)
-                self.stop.wait(backoff)
-                backoff = min(2.0, backoff * 2)
-                continue
-            self.on_ack(ack)
-            if ack.stop:
-                self.stop.set()
-                raise PeerError(f"stopped by the coordinator: {ack.reason}")
-            return ack
+        ack = through_outage(lambda: self.client.report(self._request(state, step, **extra)),
+                             outage_s=self.outage_s, stop=self.stop)
+        self.on_ack(ack)
+        if ack.stop:
+            self.stop.set()
+            raise PeerError(f"stopped by the coordinator: {ack.reason}")
+        return ack
 
     def await_start(self, step: int, *, state_from: str = "", state_bytes: int = 0) -> None:
         """Report ``ready`` until every worker of the attempt is (the start fence); the report

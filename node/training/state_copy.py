@@ -42,7 +42,7 @@ from swarm.transport import transfer, transfer_pb
 from swarm.transport.channels import data_channel
 from swarm.transport.errors import translate_rpc_errors
 
-from node.training.assignment import Assignment
+from node.training.assignment import Assignment, Peer
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,12 @@ def choose_source(a: Assignment, *, node_id: str, local_hashes: dict[str, str] |
     return "coordinator"  # we are the source but our files are gone or differ
 
 
-def check_offered(expected: dict[str, str], header: transfer.FileHeader, *, peer: str) -> None:
+def check_offered(expected: dict[str, str] | None, header: transfer.FileHeader, *, peer: str) -> None:
     """Refuse (InvalidRequestError) a file a source offers that is not one the coordinator
-    recorded, with that SHA-256; called before any byte of it is read."""
+    recorded, with that SHA-256 (``expected`` None: not one of :data:`STATE_FILES`); called
+    before any byte of it is read."""
+    if expected is None:
+        expected = {n: header.sha256 for n in STATE_FILES}
     want = expected.get(header.name)
     if want is None:
         raise InvalidRequestError(f"node {peer[:12]} offered {header.name[:80]!r}, not one of {sorted(expected)}")
@@ -89,9 +92,11 @@ def check_offered(expected: dict[str, str], header: transfer.FileHeader, *, peer
 
 # ----------------------------------------------------------------------------- local files
 def local_state_dir(state_dir: Path, job_id: str, stage: int, step: int) -> Path | None:
-    """This node's newest saved state of ``stage`` at ``step`` (under any replica index it had)."""
+    """This node's newest saved state of ``stage`` at ``step`` (under any replica index it had, or
+    the copy it keeps of another node's checkpoint: node/training/kept.py)."""
     root = Path(state_dir) / "training" / job_id
-    found = [d for d in root.glob(f"stage-{stage}-r*/step-{step:08d}") if all((d / n).is_file() for n in STATE_FILES)]
+    found = [d for pattern in (f"stage-{stage}-r*/step-{step:08d}", f"kept-stage-{stage}/step-{step:08d}")
+             for d in root.glob(pattern) if all((d / n).is_file() for n in STATE_FILES)]
     return max(found, key=lambda d: d.stat().st_mtime) if found else None
 
 
@@ -105,35 +110,35 @@ def _read(directory: Path, *, source: str, num_bytes: int) -> StageState:
 
 
 # ----------------------------------------------------------------------------- fetching
-def fetch_from_peer(a: Assignment, *, security, dest: Path, timeout_s: float) -> int:
-    """Copy the stage's state files from ``a.state_source`` into ``dest``, each checked against the
-    coordinator's hash; returns the bytes received. Raises SwarmError (nothing kept in ``dest``)."""
-    src = a.state_source
-    assert src is not None
-    expected = src.hashes
+def fetch_files(peer: Peer, req: pb.FetchStageStateRequest, *, expected: dict[str, str] | None, security,
+                dest: Path, timeout_s: float, what: str) -> int:
+    """Copy the state files ``req`` names from ``peer`` (``FetchStageState``) into ``dest``; each file
+    offered is checked against ``expected`` (name -> SHA-256; None: any of :data:`STATE_FILES`,
+    checked only against its header) before a byte of it is read, and every file against its
+    header. Returns the bytes received. A peer answering UNAVAILABLE is asked again every
+    :data:`RETRY_S` for up to ``timeout_s``. Raises SwarmError (nothing kept in ``dest``)."""
     limits = transfer.TransferLimits(max_file_bytes=MAX_STATE_BYTES, max_total_bytes=MAX_STATE_BYTES,
                                      max_files=len(STATE_FILES))
-    req = pb.FetchStageStateRequest(job_id=a.job_id, stage=src.stage, attempt=a.attempt)
     deadline = time.monotonic() + timeout_s
-    channel = data_channel(src.peer.address, security=security, node_id=src.peer.node_id)
+    channel = data_channel(peer.address, security=security, node_id=peer.node_id)
     try:
         stub = pb_grpc.PipelinePeerStub(channel)
         while True:
             receiver = transfer.FileReceiver(dest, limits=limits)
             try:
-                with translate_rpc_errors(f"node {src.peer.node_id[:12]} (stage {a.stage}'s state source)"):
+                with translate_rpc_errors(f"node {peer.node_id[:12]} ({what})"):
                     for item in transfer_pb.from_messages(stub.FetchStageState(req, timeout=timeout_s)):
                         if isinstance(item, transfer.FileHeader):
-                            check_offered(expected, item, peer=src.peer.node_id)
+                            check_offered(expected, item, peer=peer.node_id)
                             receiver.start(item)
                         else:
                             receiver.write(item)
                     names = {str(n) for n in receiver.finish()}
-                if names != set(expected):
-                    raise InvalidRequestError(f"node {src.peer.node_id[:12]} sent {sorted(names)}, not the stage's "
-                                              f"state {sorted(expected)}")
+                if names != set(STATE_FILES):
+                    raise InvalidRequestError(f"node {peer.node_id[:12]} sent {sorted(names)}, not the stage's "
+                                              f"state {sorted(STATE_FILES)}")
                 return receiver.total_bytes
-            except UnavailableError:  # the source has not switched to this attempt yet
+            except UnavailableError:  # the source has not switched to this attempt / saved that step yet
                 receiver.abort()
                 if time.monotonic() + RETRY_S > deadline:
                     raise
@@ -146,6 +151,16 @@ def fetch_from_peer(a: Assignment, *, security, dest: Path, timeout_s: float) ->
         channel.close()
 
 
+def fetch_from_peer(a: Assignment, *, security, dest: Path, timeout_s: float) -> int:
+    """Copy the stage's state files from ``a.state_source`` into ``dest``, each checked against the
+    coordinator's hash; returns the bytes received. Raises SwarmError (nothing kept in ``dest``)."""
+    src = a.state_source
+    assert src is not None
+    req = pb.FetchStageStateRequest(job_id=a.job_id, stage=src.stage, attempt=a.attempt)
+    return fetch_files(src.peer, req, expected=src.hashes, security=security, dest=dest, timeout_s=timeout_s,
+                       what=f"stage {a.stage}'s state source")
+
+
 def obtain_stage_state(a: Assignment, *, node_id: str, state_dir: Path, security,
                        from_coordinator: Callable[[], StageState], timeout_s: float) -> StageState:
     """The stage's state at ``a.resume_step``: from disk, a live replica or the coordinator (see
@@ -154,6 +169,9 @@ def obtain_stage_state(a: Assignment, *, node_id: str, state_dir: Path, security
         return from_coordinator()
     d = local_state_dir(state_dir, a.job_id, a.state_source.stage, a.resume_step)
     choice = choose_source(a, node_id=node_id, local_hashes=file_hashes(d) if d is not None else None)
+    if choice == "coordinator" and a.state_source.required:
+        raise NotFoundError(f"stage {a.stage}'s state at step {a.resume_step} is lost on the coordinator and this "
+                            f"node (its named keeper) no longer holds the recorded copy")
     try:
         if choice == "local":
             log.info("stage state from this node's disk job=%s stage=%d step=%d dir=%s", a.job_id, a.stage,
@@ -172,6 +190,10 @@ def obtain_stage_state(a: Assignment, *, node_id: str, state_dir: Path, security
                      a.job_id, a.stage, a.resume_step, a.state_source.peer.node_id[:12], n, time.monotonic() - t0)
             return state
     except (SwarmError, OSError) as exc:
+        if a.state_source.required:
+            raise UnavailableError(f"stage {a.stage}'s state at step {a.resume_step} exists only on node "
+                                   f"{a.state_source.peer.node_id[:12]} (the coordinator's copy is lost) and "
+                                   f"could not be copied: {exc}") from exc
         log.warning("stage state of job=%s stage=%d at step %d not taken from %s (%s); using the coordinator's copy",
                     a.job_id, a.stage, a.resume_step, choice if choice == "local" else
                     f"node {a.state_source.peer.node_id[:12]}", exc)
@@ -190,18 +212,24 @@ class StateServer:
         self.state_dir = Path(state_dir)
         self.assignment_of = assignment_of
 
-    def files(self, caller: str, job_id: str, stage: int, attempt: int) -> list[tuple[str, Path]]:
-        """(name, path) of this node's state of ``stage`` (as saved at the fence) to send ``caller``.
+    def files(self, caller: str, job_id: str, stage: int, attempt: int, *, step: int = 0,
+              replica: int = 0) -> list[tuple[str, Path]]:
+        """(name, path) of this node's state of ``stage`` (as saved at the fence; ``step`` > 0: its
+        periodic checkpoint of that step as ``stage``/``replica``, for its checkpoint keeper) to
+        send ``caller``.
         Raises UnavailableError while this node has not switched to ``attempt``,
         PermissionDeniedError for a caller the coordinator did not send here for that state,
         NotFoundError when the files are gone."""
-        if not job_id or len(job_id) > 64 or attempt < 1 or stage < 0:
-            raise InvalidRequestError("FetchStageState needs a job id, an attempt >= 1 and a stage >= 0")
+        if not job_id or len(job_id) > 64 or attempt < 1 or stage < 0 or step < 0 or replica < 0:
+            raise InvalidRequestError("FetchStageState needs a job id, an attempt >= 1, a stage >= 0, step >= 0 "
+                                      "and replica >= 0")
         a = self.assignment_of(job_id)
         if a is None or a.attempt < attempt:
             raise UnavailableError(f"node {self.node_id[:12]} runs no attempt {attempt} of job {job_id} yet; retry")
         if a.attempt > attempt:
             raise PermissionDeniedError(f"attempt {attempt} of job {job_id} is over (this node is at {a.attempt})")
+        if step > 0:
+            return self._checkpoint_files(a, caller, stage, replica, step)
         serve = next((s for s in a.state_serves if s.stage == stage and s.step == a.resume_step), None)
         if serve is None or caller not in serve.node_ids:
             raise PermissionDeniedError(f"node {caller[:12]} was not assigned to copy stage {stage}'s state of job "
@@ -211,4 +239,18 @@ class StateServer:
             raise NotFoundError(f"node {self.node_id[:12]} no longer holds stage {stage}'s state at step "
                                 f"{a.resume_step}; fetch it from the coordinator")
         log.info("sending stage state job=%s stage=%d step=%d to=%s", job_id, stage, a.resume_step, caller[:12])
+        return [(n, d / n) for n in STATE_FILES]
+
+    def _checkpoint_files(self, a: Assignment, caller: str, stage: int, replica: int, step: int) -> list[tuple[str, Path]]:
+        """The keeper's fetch of this worker's checkpoint at ``step`` (node/training/kept.py)."""
+        if (stage, replica) != (a.stage, a.replica) or a.checkpoint_keeper is None \
+                or caller != a.checkpoint_keeper.node_id:
+            raise PermissionDeniedError(f"node {caller[:12]} is not the checkpoint keeper the coordinator named "
+                                        f"for stage {stage} replica {replica} of job {a.job_id} on node "
+                                        f"{self.node_id[:12]}")
+        d = self.state_dir / "training" / a.job_id / f"stage-{stage}-r{replica}" / f"step-{step:08d}"
+        # meta.json is written last (node/training/checkpoints.py): both tensor files are complete
+        if not all((d / n).is_file() for n in (*STATE_FILES, "meta.json")):
+            raise UnavailableError(f"node {self.node_id[:12]} has not saved step {step} of stage {stage} (yet); retry")
+        log.info("sending checkpoint copy job=%s stage=%d step=%d to keeper=%s", a.job_id, stage, step, caller[:12])
         return [(n, d / n) for n in STATE_FILES]

@@ -45,9 +45,10 @@ from swarm.transport import tensors as wt
 
 from node.training.assignment import Assignment
 from node.training.checkpoints import CheckpointWriter, Snapshot, snapshot_tensors
+from node.training.kept import CheckpointKeeper
 from node.training.client import TrainingClient
 from node.training.exchange import Endpoint, Endpoints, PeerSender
-from node.training.membership import DEFAULT_OUTAGE_S, FenceReached, Membership
+from node.training.membership import DEFAULT_OUTAGE_S, FenceReached, Membership, through_outage
 from node.training.reporter import Reporter
 from node.training.state_copy import StageState, obtain_stage_state
 from node.training.spotcheck import (RESYNC_EVERY_STEPS, WITNESS_KINDS, StageVerifier, VerifyPlan, param_digest,
@@ -120,6 +121,8 @@ class StageWorker:
         self.reporter = Reporter(self.client, a, on_stop=self.stop, on_ack=self.membership.on_ack,
                                  outage_s=self.outage_s, stop=self.stop_event)
         self.checkpoints = CheckpointWriter(self.client, a, self.dir, outage_s=self.outage_s, stop=self.stop_event)
+        # a second copy of other stages' checkpoints, fetched in the background (node/training/kept.py)
+        self.keeper = CheckpointKeeper(a, state_dir=self.state_dir, security=self.security, stop=self.stop_event)
         try:
             self._setup()
             try:
@@ -164,6 +167,11 @@ class StageWorker:
                 log.exception("averager shutdown failed")
         self.reporter.close()
         self.checkpoints.close()
+        self.keeper.close()
+
+    def _from_coordinator(self, call):
+        """A set-up call to the coordinator, retried through an outage (it may be restarting)."""
+        return through_outage(call, outage_s=self.outage_s, stop=self.stop_event)
 
     def _check_stop(self) -> None:
         if self.stop_event.is_set():
@@ -182,7 +190,7 @@ class StageWorker:
         self.module = module.to(self.device)
         self.dataset = None
         if a.is_first or a.is_last:
-            raw = self.client.fetch_data(a.job_id)
+            raw = self._from_coordinator(lambda: self.client.fetch_data(a.job_id))
             self.dataset = TokenDataset.load(io.BytesIO(raw))
             if self.dataset.key != a.dataset_key or self.dataset.num_samples != a.num_samples:
                 raise InvalidRequestError("the job's data does not match its assignment (content hash differs)")
@@ -239,11 +247,11 @@ class StageWorker:
         """The stage's weights (and, resuming, AdamW state) from the coordinator's copy; a checkpoint
         without optimizer state (nodes of an older version) restarts the optimizer."""
         a = self.a
-        weights = self.client.fetch_weights(a.job_id, a.stage)
+        weights = self._from_coordinator(lambda: self.client.fetch_weights(a.job_id, a.stage))
         optim = None
         if a.resume_step > 0:
             try:
-                optim = self.client.fetch_optimizer_state(a.job_id, a.stage)
+                optim = self._from_coordinator(lambda: self.client.fetch_optimizer_state(a.job_id, a.stage))
             except NotFoundError as exc:
                 log.warning("no optimizer state to resume from; AdamW restarts job=%s stage=%d step=%d: %s",
                             a.job_id, a.stage, a.resume_step, exc)
@@ -286,7 +294,7 @@ class StageWorker:
         if a.replica > 0:  # join the DHT of a replica that started before us (replica 0 starts alone)
             while not peers:
                 self._check_stop()
-                peers = list(self.client.rendezvous(req([])).maddrs)
+                peers = list(self._from_coordinator(lambda: self.client.rendezvous(req([]))).maddrs)
                 if not peers:
                     if time.monotonic() > deadline:
                         raise PeerError(f"replica 0 of stage {a.stage} never joined the rendezvous")
@@ -304,7 +312,7 @@ class StageWorker:
             # the replica that started first went away (e.g. it gave up waiting for us): a peer
             # failure the coordinator re-plans, not a fault of this job
             raise PeerError(f"could not join the averaging group of stage {a.stage}'s replicas: {exc}") from exc
-        self.client.rendezvous(req(self.averager.maddrs()))
+        self._from_coordinator(lambda: self.client.rendezvous(req(self.averager.maddrs())))
         self.averager.wait_for_peers(1, setup_s)
 
     # -- receiving ---------------------------------------------------------------------------------
@@ -513,7 +521,7 @@ class StageWorker:
             sent = sent_fw + sent_bw
             self.reporter.progress(pb.ProgressReport(
                 job_id=a.job_id, attempt=a.attempt, stage=a.stage, replica=a.replica, step=step,
-                has_loss=loss is not None, loss=loss if loss is not None else 0.0, tokens_per_s=tokens / step_s,
+                kept_step=self.keeper.newest, has_loss=loss is not None, loss=loss if loss is not None else 0.0, tokens_per_s=tokens / step_s,
                 bytes_sent=sent, bytes_raw=raw, step_s=step_s, compute_s=compute, wait_s=wait, comm_s=comm,
                 state="running", tokens=tokens, bytes_forward=sent_fw, bytes_backward=sent_bw,
                 micro_batch_losses=mb_losses, checks=[pb.SpotCheck(**vars_of(c)) for c in checks],
@@ -524,6 +532,7 @@ class StageWorker:
                                       "rejected_tensors": self.endpoint.num_rejected})
             if every and (step + 1) % every == 0 and step + 1 < self.total_steps:
                 self._checkpoint(step + 1, final=False)
+                self.keeper.submit(step + 1)  # the kept workers checkpoint this step too
 
     def _finish(self) -> None:
         for s in self.senders:

@@ -26,7 +26,7 @@ from pathlib import Path
 from swarm.cli.common import add_common_flags, connect
 from swarm.cli.follow import _num, event_line, follow, progress_line  # noqa: F401 -- progress_line: re-exported
 from swarm.errors import ConfigError, InvalidRequestError, SwarmError
-from swarm.job_defaults import DEFAULT_VERIFY_PROB
+from swarm.job_defaults import DEFAULT_CHECKPOINT_EVERY, DEFAULT_VERIFY_PROB
 
 MODEL_FILES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -52,7 +52,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
     p.add_argument("--compression", default="none",
                    help="boundary codec: none, direct:fw=8,bw=8, aqsgd:fw=4,bw=8, aqsgd:fw=2,bw=4 (default none)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY,
+                   help=f"steps between checkpoints (0: only at the end; default {DEFAULT_CHECKPOINT_EVERY})")
     p.add_argument("--out", type=Path, default=None, help="write the trained HF checkpoint here when done")
     p.add_argument("--follow", action="store_true", help="show progress until the job ends")
     p.add_argument("--stages", type=int, default=0, help="pipeline stages (default: planner decides)")

@@ -57,7 +57,17 @@ def state_source_to_pb(src: dict[str, Any] | None) -> pb.StateSource | None:
         return None
     return pb.StateSource(peer=pb.PeerRef(node_id=src["node_id"], address=src["address"]), step=int(src["step"]),
                           weights_sha256=src["weights_sha256"], optimizer_sha256=src["optimizer_sha256"],
-                          stage=int(src["stage"]))
+                          stage=int(src["stage"]), required=bool(src.get("required")))
+
+
+def keeper_to_pb(k: dict[str, Any] | None) -> pb.PeerRef | None:
+    """An assignment's ``checkpoint_keeper`` (coordinator/jobs/churn.py with_keepers)."""
+    return pb.PeerRef(node_id=k["node_id"], address=k["address"]) if k else None
+
+
+def keeps_to_pb(keeps: list[dict[str, Any]] | None) -> list[pb.KeptStage]:
+    return [pb.KeptStage(peer=pb.PeerRef(node_id=k["node_id"], address=k["address"]), stage=int(k["stage"]),
+                         replica=int(k["replica"])) for k in keeps or ()]
 
 
 def state_serves_to_pb(serves: list[dict[str, Any]] | None) -> list[pb.StateServe]:
@@ -96,6 +106,9 @@ def progress_from_pb(m: pb.ProgressReport) -> dict[str, Any]:
     if m.state_from not in STATE_FROM or not 0 <= m.state_bytes <= 1 << 50:
         raise InvalidRequestError(f"progress state_from must be one of {STATE_FROM} and state_bytes in 0..2^50")
     r["state_from"], r["state_bytes"] = m.state_from, int(m.state_bytes)
+    if not 0 <= m.kept_step <= 1 << 50:
+        raise InvalidRequestError("progress kept_step must be in 0..2^50")
+    r["kept_step"] = int(m.kept_step)
     r["blame_node_id"] = m.blame_node_id
     r["param_digest"] = m.param_digest
     r["param_sketch"] = tuple(float(v) for v in m.param_sketch)

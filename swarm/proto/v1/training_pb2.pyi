@@ -132,7 +132,7 @@ class PeerRef(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class StageAssignment(_message.Message):
-    __slots__ = ("job_id", "attempt", "stage", "num_stages", "replica", "num_replicas", "first_layer", "last_layer_excl", "prev", "next", "stage_replicas", "spec", "model_config_json", "num_samples", "dataset_key", "resume_step", "fence", "switch_step", "verify_json", "state_source", "state_serves")
+    __slots__ = ("job_id", "attempt", "stage", "num_stages", "replica", "num_replicas", "first_layer", "last_layer_excl", "prev", "next", "stage_replicas", "spec", "model_config_json", "num_samples", "dataset_key", "resume_step", "fence", "switch_step", "verify_json", "state_source", "state_serves", "checkpoint_keeper", "keeps")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,8 @@ class StageAssignment(_message.Message):
     VERIFY_JSON_FIELD_NUMBER: _ClassVar[int]
     STATE_SOURCE_FIELD_NUMBER: _ClassVar[int]
     STATE_SERVES_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_KEEPER_FIELD_NUMBER: _ClassVar[int]
+    KEEPS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     stage: int
@@ -175,21 +177,35 @@ class StageAssignment(_message.Message):
     verify_json: str
     state_source: StateSource
     state_serves: _containers.RepeatedCompositeFieldContainer[StateServe]
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., replica: _Optional[int] = ..., num_replicas: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., prev: _Optional[_Union[PeerRef, _Mapping]] = ..., next: _Optional[_Union[PeerRef, _Mapping]] = ..., stage_replicas: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., model_config_json: _Optional[str] = ..., num_samples: _Optional[int] = ..., dataset_key: _Optional[str] = ..., resume_step: _Optional[int] = ..., fence: _Optional[bool] = ..., switch_step: _Optional[int] = ..., verify_json: _Optional[str] = ..., state_source: _Optional[_Union[StateSource, _Mapping]] = ..., state_serves: _Optional[_Iterable[_Union[StateServe, _Mapping]]] = ...) -> None: ...
+    checkpoint_keeper: PeerRef
+    keeps: _containers.RepeatedCompositeFieldContainer[KeptStage]
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., replica: _Optional[int] = ..., num_replicas: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., prev: _Optional[_Union[PeerRef, _Mapping]] = ..., next: _Optional[_Union[PeerRef, _Mapping]] = ..., stage_replicas: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., model_config_json: _Optional[str] = ..., num_samples: _Optional[int] = ..., dataset_key: _Optional[str] = ..., resume_step: _Optional[int] = ..., fence: _Optional[bool] = ..., switch_step: _Optional[int] = ..., verify_json: _Optional[str] = ..., state_source: _Optional[_Union[StateSource, _Mapping]] = ..., state_serves: _Optional[_Iterable[_Union[StateServe, _Mapping]]] = ..., checkpoint_keeper: _Optional[_Union[PeerRef, _Mapping]] = ..., keeps: _Optional[_Iterable[_Union[KeptStage, _Mapping]]] = ...) -> None: ...
+
+class KeptStage(_message.Message):
+    __slots__ = ("peer", "stage", "replica")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    peer: PeerRef
+    stage: int
+    replica: int
+    def __init__(self, peer: _Optional[_Union[PeerRef, _Mapping]] = ..., stage: _Optional[int] = ..., replica: _Optional[int] = ...) -> None: ...
 
 class StateSource(_message.Message):
-    __slots__ = ("peer", "step", "weights_sha256", "optimizer_sha256", "stage")
+    __slots__ = ("peer", "step", "weights_sha256", "optimizer_sha256", "stage", "required")
     PEER_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_SHA256_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
     peer: PeerRef
     step: int
     weights_sha256: str
     optimizer_sha256: str
     stage: int
-    def __init__(self, peer: _Optional[_Union[PeerRef, _Mapping]] = ..., step: _Optional[int] = ..., weights_sha256: _Optional[str] = ..., optimizer_sha256: _Optional[str] = ..., stage: _Optional[int] = ...) -> None: ...
+    required: bool
+    def __init__(self, peer: _Optional[_Union[PeerRef, _Mapping]] = ..., step: _Optional[int] = ..., weights_sha256: _Optional[str] = ..., optimizer_sha256: _Optional[str] = ..., stage: _Optional[int] = ..., required: _Optional[bool] = ...) -> None: ...
 
 class StateServe(_message.Message):
     __slots__ = ("stage", "step", "node_ids")
@@ -214,7 +230,7 @@ class PollAssignmentsReply(_message.Message):
     def __init__(self, assignments: _Optional[_Iterable[_Union[StageAssignment, _Mapping]]] = ..., cancelled_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ProgressReport(_message.Message):
-    __slots__ = ("job_id", "attempt", "stage", "replica", "step", "has_loss", "loss", "tokens_per_s", "bytes_sent", "bytes_raw", "step_s", "compute_s", "wait_s", "comm_s", "state", "error", "tokens", "bytes_forward", "bytes_backward", "micro_batch_losses", "checks", "blame_node_id", "param_digest", "param_sketch", "state_from", "state_bytes", "wait_activation_s", "wait_gradient_s")
+    __slots__ = ("job_id", "attempt", "stage", "replica", "step", "has_loss", "loss", "tokens_per_s", "bytes_sent", "bytes_raw", "step_s", "compute_s", "wait_s", "comm_s", "state", "error", "tokens", "bytes_forward", "bytes_backward", "micro_batch_losses", "checks", "blame_node_id", "param_digest", "param_sketch", "state_from", "state_bytes", "wait_activation_s", "wait_gradient_s", "kept_step")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +259,7 @@ class ProgressReport(_message.Message):
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     WAIT_ACTIVATION_S_FIELD_NUMBER: _ClassVar[int]
     WAIT_GRADIENT_S_FIELD_NUMBER: _ClassVar[int]
+    KEPT_STEP_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     stage: int
@@ -271,7 +288,8 @@ class ProgressReport(_message.Message):
     state_bytes: int
     wait_activation_s: float
     wait_gradient_s: float
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_raw: _Optional[int] = ..., step_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., comm_s: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes_forward: _Optional[int] = ..., bytes_backward: _Optional[int] = ..., micro_batch_losses: _Optional[_Iterable[float]] = ..., checks: _Optional[_Iterable[_Union[SpotCheck, _Mapping]]] = ..., blame_node_id: _Optional[str] = ..., param_digest: _Optional[str] = ..., param_sketch: _Optional[_Iterable[float]] = ..., state_from: _Optional[str] = ..., state_bytes: _Optional[int] = ..., wait_activation_s: _Optional[float] = ..., wait_gradient_s: _Optional[float] = ...) -> None: ...
+    kept_step: int
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_raw: _Optional[int] = ..., step_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., comm_s: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes_forward: _Optional[int] = ..., bytes_backward: _Optional[int] = ..., micro_batch_losses: _Optional[_Iterable[float]] = ..., checks: _Optional[_Iterable[_Union[SpotCheck, _Mapping]]] = ..., blame_node_id: _Optional[str] = ..., param_digest: _Optional[str] = ..., param_sketch: _Optional[_Iterable[float]] = ..., state_from: _Optional[str] = ..., state_bytes: _Optional[int] = ..., wait_activation_s: _Optional[float] = ..., wait_gradient_s: _Optional[float] = ..., kept_step: _Optional[int] = ...) -> None: ...
 
 class SpotCheck(_message.Message):
     __slots__ = ("stage", "replica", "step", "micro_batch", "what", "match", "error", "tolerance", "repeated_match", "value")
@@ -406,14 +424,18 @@ class RendezvousReply(_message.Message):
     def __init__(self, maddrs: _Optional[_Iterable[str]] = ..., num_joined: _Optional[int] = ...) -> None: ...
 
 class FetchStageStateRequest(_message.Message):
-    __slots__ = ("job_id", "stage", "attempt")
+    __slots__ = ("job_id", "stage", "attempt", "step", "replica")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     stage: int
     attempt: int
-    def __init__(self, job_id: _Optional[str] = ..., stage: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+    step: int
+    replica: int
+    def __init__(self, job_id: _Optional[str] = ..., stage: _Optional[int] = ..., attempt: _Optional[int] = ..., step: _Optional[int] = ..., replica: _Optional[int] = ...) -> None: ...
 
 class TensorFrame(_message.Message):
     __slots__ = ("seq", "header", "payload")

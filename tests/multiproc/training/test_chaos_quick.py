@@ -1,5 +1,5 @@
-"""bench/chaos.py --quick: a 2 x 2 job once without faults, once with a replica SIGKILLed and the
-coordinator SIGKILLed and restarted; the churn run commits every step once."""
+"""bench/chaos.py --quick: a 2 x 2 job once without faults, once with the coordinator SIGKILLed and
+restarted and then a replica SIGKILLed; the churn run commits every step once."""
 
 import json
 import os
@@ -8,9 +8,14 @@ import pytest
 
 from bench import chaos
 
-# Out of the default run: it failed 1 of 3 full-suite runs on the 2-core CI machine (one of the
-# two jobs did not succeed; cause not yet diagnosed), and CI must not be flaky. Run it with
-# SWARM_CHAOS_TEST=1 (the churn guarantees themselves are in test_train_churn.py).
+# Out of the default run: CI must not be flaky. On 2026-11-30 (this 2-core machine, load 5-8 from
+# other work) it passed 2 of 3 runs (~75 s each); the third run's replica-loss fence did not stop
+# the surviving pipeline, which finished the job on its own (replica 1 uploads no weights), so the
+# job rolled back to its last checkpoint 60 s later and failed assembling the result. Earlier
+# failures: a worker set-up call failing on the coordinator outage (fixed: retried), a node killed
+# and restarted before its loss was noticed (stalled until quarantined; now dropped as "restarted",
+# tests/unit/training/test_restarted_worker.py; --quick brings the node back later anyway). Run it
+# with SWARM_CHAOS_TEST=1 (the churn guarantees themselves are in test_train_churn.py).
 pytestmark = [pytest.mark.multiproc,
               pytest.mark.skipif(os.environ.get("SWARM_CHAOS_TEST") != "1",
                                  reason="bench/chaos.py --quick: set SWARM_CHAOS_TEST=1 (not yet reliable on 2 cores)")]
@@ -23,7 +28,8 @@ def test_chaos_quick_commits_every_step_once(capsys):
     base, churn = out["runs"]
     assert rc == 0 and base["state"] == churn["state"] == "succeeded", (base["state"], base.get("reason"),
                                                                           churn["state"], churn.get("reason"))
-    assert churn["steps"] == base["steps"] == 100
+    assert churn["steps"] == base["steps"] == out["steps"]
     assert churn["repeated_steps"] == []  # a replica drop and a coordinator restart roll nothing back
-    assert [f["what"].split()[0] for f in churn["faults"]] == ["node", "coordinator"]
+    assert out["coordinator_killed"]  # while the job ran
+    assert [f["what"].split()[0] for f in churn["faults"]] == ["coordinator", "node"]
     assert all(f["next_commit_s"] is not None and f["next_commit_s"] < 30 for f in churn["faults"])

@@ -235,6 +235,14 @@ def test_a_stall_is_judged_on_silence_after_the_blame():
     assert j.resolve_blames("j", 300.0, grace_s=30.0) == ([], True)
 
 
+def test_a_stall_seen_only_after_a_coordinator_restart_is_timed_from_the_restart():
+    j = Judge()  # a restarted coordinator: no report of s1 in memory
+    j.progress("j", "s0", 1000.0)
+    j.blame("j", "s0", "s1", 1001.0)
+    (v,) = j.resolve_blames("j", 1001.0 + JUDGE_AFTER_PEER_TIMEOUTS * 30.0, grace_s=30.0)[0]
+    assert v.node_id == "s1" and "no progress for 91 s" in v.reason  # not for 1091 s
+
+
 def test_a_node_held_up_behind_a_staller_blames_it_in_time_and_is_spared():
     """A 2 x 2 job: s00 stalls; s01 (stage 0, replica 1) waits a peer timeout for s00 in gradient
     averaging, so its stage 1 (s11) blames it; s01 then blames s11, which stopped, within two
