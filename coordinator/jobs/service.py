@@ -6,7 +6,9 @@ online nodes, recovers running jobs whose nodes were lost (a fence and a re-plan
 rollback while a whole pipeline survives, else a re-plan from the last complete checkpoint, or a
 wait for nodes), and assembles the result of jobs whose every stage delivered its final
 checkpoint. The fences are applied in :mod:`coordinator.jobs.fencing`; their rules are in
-:mod:`coordinator.jobs.churn`.
+:mod:`coordinator.jobs.churn`. Checkpoints (receiving, completeness, keepers, export, resume) are
+in :mod:`coordinator.jobs.checkpointing`; workers' assignments, reports and rendezvous in
+:mod:`coordinator.jobs.reports`.
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ import logging
 import shutil
 import threading
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from swarm.clock import Clock
-from swarm.errors import InfeasiblePlanError, InvalidRequestError, NotFoundError, PermissionDeniedError, SwarmError
+from swarm.errors import InfeasiblePlanError, InvalidRequestError, NotFoundError, SwarmError
 from swarm.job_detail import JobDetail
 from swarm.job_spec import MAX_STEPS, JobSpec
 from coordinator.jobs.speedwatch import SpeedWatch
@@ -30,7 +31,9 @@ from swarm.pipeline.data import BatchOrder
 from swarm.transport.transfer import receive_files
 
 from coordinator.jobs import churn, files, keepers
+from coordinator.jobs.checkpointing import Checkpointing
 from coordinator.jobs.fencing import Fencing
+from coordinator.jobs.reports import Reporting
 from coordinator.jobs.handover import AddedReplicas
 from coordinator.jobs.planning import (JobPlan, busy_node_ids, check_layers, check_shape, nodes_needed,
                                       plan_job)
@@ -43,18 +46,8 @@ MAX_REPLANS = 3  # a job re-planned from a checkpoint this often after losing no
 PEER_FAILURE_GRACE_S = 10.0  # a worker that lost its neighbour, with no node lost this long: re-plan
 
 
-@dataclass(frozen=True, slots=True)
-class Ack:
-    """The answer to a progress report (ProgressAck)."""
 
-    stop: bool = False
-    reason: str = ""
-    start: bool = False
-    fence: bool = False
-    switch_step: int = 0
-
-
-class JobService(Fencing):
+class JobService(Checkpointing, Reporting, Fencing):
     """Thread-safe. ``state_dir`` holds the job files; ``registry``/``network`` are the app's."""
 
     def __init__(self, *, store: JobStore, state_dir: Path, registry, network, clock: Clock,
@@ -170,90 +163,6 @@ class JobService(Fencing):
             except InfeasiblePlanError as exc:
                 raise InvalidRequestError(str(exc)) from None
 
-    def resume(self, source_id: str, spec: JobSpec) -> Job:
-        """A new job that starts from ``source_id``'s last complete checkpoint (weights, AdamW state,
-        data position = the step) with ``spec`` (the source's spec with the user's changes).
-        Raises InvalidRequestError (source still running, changed data-shaping flags, steps not past
-        the checkpoint) or NotFoundError (no complete checkpoint)."""
-        with self._lock:
-            src = self.store.get(source_id)
-            if not src.terminal:
-                raise InvalidRequestError(f"job {src.id} is {src.state}; cancel it first (`swarm cancel {src.id}`) "
-                                          "or wait for it to end, then --resume it")
-            step = self.last_complete_checkpoint(src)
-            if step is None:
-                raise NotFoundError(f"job {src.id} has no complete checkpoint to resume from (it ended before every "
-                                    "stage saved one; --checkpoint-every sets how often they do)")
-            for flag, name in (("--seq-len", "seq_len"), ("--batch-size", "batch_size"), ("--seed", "seed")):
-                if getattr(spec, name) != getattr(src.spec, name):
-                    raise InvalidRequestError(
-                        f"{flag} {getattr(spec, name)} differs from job {src.id}'s {getattr(src.spec, name)}; a resumed "
-                        "job keeps the data and its order (leave the flag out)")
-            config = ModelConfig.from_hf_config(src.model)
-            check_layers(spec, config)
-            self._check_online(spec)
-            order = BatchOrder(num_samples=src.num_samples, batch_size=spec.batch_size,
-                               micro_batch_size=spec.micro_batch_size, seed=spec.seed)
-            total = spec.steps or order.steps_for_epochs(spec.epochs)
-            if not step < total <= MAX_STEPS:
-                raise InvalidRequestError(f"job {src.id}'s checkpoint is at step {step}: the resumed job needs more "
-                                          f"steps than that (it would have {total}); pass --steps N with N > {step}")
-            job_id = uuid.uuid4().hex[:12]
-            sdir, jdir = files.job_dir(self.state_dir, src.id), files.job_dir(self.state_dir, job_id)
-            try:
-                jdir.mkdir(parents=True)
-                files.link_or_copy_tree(sdir / "init", jdir / "init")
-                files.link_or_copy(sdir / "data.npy", jdir / "data.npy")
-                _, has_optim = files.assemble_resume(jdir, config, self._stage_dirs(src, step), step=step)
-            except BaseException:
-                shutil.rmtree(jdir, ignore_errors=True)
-                raise
-            job = self.store.create(job_id=job_id, spec=spec, model=src.model, num_samples=src.num_samples,
-                                    dataset_key=src.dataset_key, total_steps=total,
-                                    resumed_from={"job_id": src.id, "step": step})
-            note = "with its optimizer state" if has_optim else "optimizer state restarts: the checkpoint has none"
-            self.store.add_event(job.id, "submitted", f"submitted: resumes job {src.id} at step {step} of {total} "
-                                 f"({note})", total_steps=total, resumed_from=src.id, step=step)
-            self.tick()
-            return self.store.get(job.id)
-
-    def _full_checkpoints(self, job: Job) -> dict[int, dict[int, Path]]:
-        """step -> stage -> the coordinator's copy holding the stage's weights at that step (replica
-        0's when it sent one, else the lowest replica's: after a fence replica 0 may be gone)."""
-        out: dict[int, dict[int, Path]] = {}
-        for c in sorted(self.store.checkpoints(job.id), key=lambda c: -c["replica"]):
-            d = Path(c["dir"])
-            if c["replica"] == 0 or (d / "weights.safetensors").is_file():
-                out.setdefault(c["step"], {})[c["stage"]] = d
-        return out
-
-    def _stage_dirs(self, job: Job, step: int) -> list[Path]:
-        """The coordinator's copies of the stage checkpoints at ``step``, by stage."""
-        by_stage = self._full_checkpoints(job).get(step, {})
-        return [by_stage[s] for s in sorted(by_stage)]
-
-    def download(self, job_id: str) -> tuple[int, list[Path]]:
-        """(step, files) of the job's final model when it succeeded, else of its last complete
-        checkpoint (assembled on demand). Raises NotFoundError when there is neither."""
-        with self._lock:
-            job = self.store.get(job_id)
-            jdir = files.job_dir(self.state_dir, job.id)
-            if job.result_ready:
-                return job.total_steps, files.download_files(jdir / "result")
-            step = self.last_complete_checkpoint(job)
-            if step is None:
-                raise NotFoundError(f"job {job.id} ({job.state}) has no complete checkpoint yet; "
-                                    "--checkpoint-every sets how often the stages save one")
-            out = jdir / f"resume-{step}"
-            if (out / keepers.INCOMPLETE).is_file():
-                raise NotFoundError(f"job {job.id}'s checkpoint at step {step} is incomplete on the coordinator (a "
-                                    "stage's copy was lost and resumes from a node's copy); try again after the "
-                                    "next checkpoint")
-            if not (out / "config.json").is_file():
-                files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model), self._stage_dirs(job, step), step=step)
-            return step, files.download_files(out)
-
-    # -- planning and watching --------------------------------------------------------------------
     def _plan(self, job: Job, *, degrade: bool = False) -> JobPlan:
         """Plan ``job`` over the online nodes no other running job holds (its own count as free:
         a running job being re-planned gives its nodes back). ``degrade``: a job that already ran
@@ -365,22 +274,6 @@ class JobService(Fencing):
             return
         self._maybe_grow(job)
 
-    def last_complete_checkpoint(self, job: Job, *, at_most: int | None = None) -> int | None:
-        """The latest step (at most ``at_most``) for which every stage's checkpoint copy reached the
-        coordinator (for a job started with --resume, at least the step it started from)."""
-        stages = {a["stage"] for a in job.assignments}
-        complete = [step for step, have in self._full_checkpoints(job).items()
-                    if stages and set(have) >= stages and (at_most is None or step <= at_most)]
-        if job.resumed_from:
-            complete.append(int(job.resumed_from["step"]))  # its resume-N/ is complete by construction
-        return max(complete) if complete else None
-
-    def _checkpoint_note(self, job_id: str) -> str:
-        step = self.last_complete_checkpoint(self.store.get(job_id))
-        if step is None:
-            return "no complete checkpoint was taken yet"
-        return f"last complete checkpoint: step {step}, kept in the coordinator and on the nodes"
-
     def _recover(self, job: Job, what: str) -> None:
         """Re-plan a running job that lost a stage over the idle online nodes, resuming after its
         last complete checkpoint; with no nodes for it, wait for some (pending, with the reason)
@@ -445,25 +338,6 @@ class JobService(Fencing):
                                  f"({optim}{kept})", attempt=job.attempt + 1, resume_step=resume,
                                  **({"from_keepers": sorted(lost)} if lost else {}))
 
-    def _from_keepers(self, assignments: list[dict[str, Any]], lost: dict[int, dict[str, Any]], *, step: int) -> None:
-        """Name each lost stage's keeper as the required state source of the new workers holding its
-        layers. Raises InfeasiblePlanError (wait for it) when some lost stage's keeper is not in the new plan."""
-        sources, serves = churn.keeper_sources(bad=lost, new=assignments, step=step)
-        layers = {(r["first_layer"], r["last_layer_excl"]) for r in lost.values() if "first_layer" in r}
-        # every lost layer range must be held, whole, by a new worker copying the keeper's copy:
-        # a plan that splits the layers differently would serve the filler of resume-N/
-        have = {(a["first_layer"], a["last_layer_excl"]) for a in assignments}
-        if len(layers) < len(lost) or not layers <= have:
-            raise InfeasiblePlanError(f"the coordinator's copy of stage(s) {sorted(lost)} at step {step} is lost and "
-                                      "the new plan does not give their layers to one worker each (the node "
-                                      "keeping the second copy can only hand over a whole stage)")
-        for a, src, serve in zip(assignments, sources, serves):
-            if (a["first_layer"], a["last_layer_excl"]) in layers and src is None:
-                raise InfeasiblePlanError(f"the coordinator's copy of layers {a['first_layer']}-{a['last_layer_excl']} "
-                                          f"at step {step} is lost and the node keeping its second copy is not online")
-            a["state_source"], a["state_serves"] = src, serve
-        log.warning("resuming lost stage copies from their keepers step=%d stages=%s", step, sorted(lost))
-
     def _is_online(self, node_id: str) -> bool:
         try:
             return self.registry.get(node_id).state == "online"
@@ -510,182 +384,6 @@ class JobService(Fencing):
                                  "(`swarm job ID --download DIR`)")
 
     # -- node side -------------------------------------------------------------------------------
-    def assignment_of(self, job_id: str, node_id: str, *, stage: int | None = None, replica: int | None = None
-                      ) -> tuple[Job, dict[str, Any]]:
-        job = self.store.get(job_id)
-        for a in job.assignments:
-            if a["node_id"] == node_id and (stage is None or a["stage"] == stage) and (
-                    replica is None or a["replica"] == replica):
-                return job, a
-        raise PermissionDeniedError(f"node {node_id[:12]} holds no such part of job {job_id}")
-
-    def assignments_for(self, node_id: str) -> tuple[list[tuple[Job, dict[str, Any]]], list[str]]:
-        """(running assignments of the node, ids of recently ended jobs the node must stop)."""
-        active, stop = [], []
-        now = self.clock.time()
-        for job in self.store.list(limit=200):
-            mine = [a for a in job.assignments if a["node_id"] == node_id]
-            if job.fence is not None:  # the broken pipelines' workers stop (reconcile: unassigned)
-                mine = [a for a in mine if churn.key(a["stage"], a["replica"]) in job.fence["workers"]]
-            if not mine:
-                continue
-            if job.state == "running":
-                active += [(job, a) for a in mine]
-            elif job.state in ("failed", "cancelled") and now - (job.finished_at_s or now) < 600:
-                stop.append(job.id)
-        return active, stop
-
-    def report(self, node_id: str, r: dict[str, Any]) -> Ack:
-        """Record one progress report (or a fence's ``ready``/``fence``/``fenced``); returns the
-        answer for the node (stop, start, fence, switch step)."""
-        job, a = self.assignment_of(r["job_id"], node_id, stage=r["stage"], replica=r["replica"])
-        if job.terminal:
-            return Ack(stop=True, reason=f"job is {job.state}: {job.reason}")
-        self._reconnected(job)
-        if r["attempt"] != job.attempt:
-            if r["state"] == "running" and r["attempt"] < job.attempt and 0 <= r["step"] < job.resume_step:
-                self._add_progress(job, a, r, attempt=r["attempt"])  # done before the switch: a late report
-            return Ack(stop=True, reason=f"stale attempt {r['attempt']} (job is at attempt {job.attempt})")
-        if job.state != "running":
-            return Ack(stop=True, reason=f"job is {job.state}: {job.reason}")
-        blamed = r.get("blame_node_id") or ""
-        if r["state"] == "failed" and blamed and blamed != node_id and any(
-                x["node_id"] == blamed for x in job.assignments):
-            # weighed after peer_timeout_s (coordinator/jobs/spotchecks.py Judge.resolve_blames)
-            self.judge.blame(job.id, node_id, blamed, self.clock.time(), attempt=job.attempt)
-            log.warning("stage failed blaming a neighbour job=%s reporter=%s blamed=%s: %s", job.id, node_id[:12],
-                        blamed[:12], r["error"][:300])
-        if r["state"] == "failed":
-            if r["error"].startswith("PeerError"):
-                # its neighbour stopped answering: usually a lost node the sweeper is about to report,
-                # which re-plans the job; if no node is lost, _watch re-plans it after a grace period
-                self._peer_failed.setdefault((job.id, job.attempt), (self.clock.time(), (
-                    f"stage {a['stage']} replica {a['replica']} lost contact with a neighbour: {r['error'][:300]}")))
-                return Ack(stop=True, reason="waiting for the coordinator to re-plan")
-            self._fail(job, f"stage {a['stage']} replica {a['replica']} on node {node_id[:12]} failed: "
-                            f"{r['error'][:500]}; {self._checkpoint_note(job.id)}")
-            return Ack(stop=True, reason="job failed")
-        if job.fence is not None and churn.key(a["stage"], a["replica"]) not in job.fence["workers"]:
-            return Ack(stop=True, reason="this replica was dropped (its pipeline lost a node)")
-        if r["state"] in ("ready", "fence", "fenced"):
-            # following the protocol is not stalling: a stage 0 waiting at a fence for its switch
-            # step, or a worker stopped there, sends no step progress but is not silent
-            self.judge.progress(job.id, node_id, self.clock.time())
-        if r["state"] == "ready" and job.started_attempt >= job.attempt and self.store.worker_progressed(
-                job.id, attempt=job.attempt, stage=a["stage"], replica=a["replica"]):
-            # only a new process sets a worker up again: its node restarted; _watch treats it as lost
-            self._restarted.setdefault((job.id, job.attempt), set()).add(node_id)
-            log.warning("worker set up again after running steps: node restarted job=%s node=%s stage=%d replica=%d",
-                        job.id, node_id[:12], a["stage"], a["replica"])
-            return Ack(stop=True, reason="this node restarted and lost its worker's state; the job goes on without it")
-        if r["state"] == "ready":
-            self.added.ready(job.id, job.attempt, churn.key(a["stage"], a["replica"]),
-                             state_from=r.get("state_from", ""), state_bytes=r.get("state_bytes", 0))
-            return Ack(start=self._on_ready(job, a))
-        if r["state"] in ("fence", "fenced"):
-            return self._on_fence_report(job, a, r)
-        if r.get("kept_step") and self._kept_seen.get((job.id, node_id)) != r["kept_step"]:
-            self._kept_seen[(job.id, node_id)] = r["kept_step"]
-            self.store.mark_kept(job.id, stages=keepers.kept_stages(job.assignments, node_id), step=r["kept_step"])
-        if r["state"] == "running" and not 0 <= r["step"] < job.total_steps:
-            raise InvalidRequestError(f"progress for step {r['step']} outside 0..{job.total_steps - 1}")
-        if r["state"] == "running" and job.resume_step and r["step"] == job.resume_step and \
-                (job.id, job.attempt) not in self._resumed:
-            self._resumed.add((job.id, job.attempt))
-            self.store.add_event(job.id, "resumed", f"resumed at step {job.resume_step} (attempt {job.attempt})",
-                                 step=job.resume_step, attempt=job.attempt)
-        if r["state"] == "running":
-            self.judge.progress(job.id, node_id, self.clock.time())
-            for v in self.judge.report(job.id, job.attempt, a, job.assignments, r):
-                self._quarantine(job, v)
-            self._add_progress(job, a, r, attempt=job.attempt)
-            self.speeds.report(job, a, r)
-            self._replans.pop(job.id, None)  # progress: the re-plans so far worked
-        fence = job.fence
-        return Ack(fence=fence is not None, switch_step=fence["switch_step"] if fence else 0)
-
-    def _add_progress(self, job: Job, a: dict[str, Any], r: dict[str, Any], *, attempt: int) -> None:
-        self.store.add_progress(job.id, attempt=attempt, stage=a["stage"], replica=a["replica"],
-                                step=r["step"], loss=r["loss"], tokens=r["tokens"], tokens_per_s=r["tokens_per_s"],
-                                bytes_sent=r["bytes_sent"], bytes_raw=r["bytes_raw"], step_s=r["step_s"],
-                                compute_s=r["compute_s"], wait_s=r["wait_s"], comm_s=r["comm_s"],
-                                bytes_forward=r["bytes_forward"], bytes_backward=r["bytes_backward"])
-
-    def _on_ready(self, job: Job, a: dict[str, Any]) -> bool:
-        """The start fence: True once every worker of the job's attempt reported ready."""
-        if job.started_attempt >= job.attempt:
-            return True
-        with self._lock:
-            ready = self._ready.setdefault((job.id, job.attempt), set())
-            ready.add(churn.key(a["stage"], a["replica"]))
-            if not churn.all_ready(job.assignments, ready):
-                return False
-            self.store.set_started(job.id, job.attempt)
-            self._ready.pop((job.id, job.attempt), None)
-            resume = files.job_dir(self.state_dir, job.id) / f"resume-{job.resume_step}"
-            optim = (resume / files.OPTIMIZER_FILE).is_file()
-            self.added.started(job, optim="with its optimizer state" if optim else "optimizer state restarts")
-        log.info("attempt started job=%s attempt=%d (every worker acknowledged it)", job.id, job.attempt)
-        return True
-
-    def _on_fence_report(self, job: Job, a: dict[str, Any], r: dict[str, Any]) -> Ack:
-        with self._lock:
-            job = self.store.get(job.id)
-            fence = job.fence
-            if fence is None:
-                return Ack()
-            new = churn.on_fence_report(fence, stage=a["stage"], replica=a["replica"], state=r["state"], step=r["step"])
-            if new != fence:
-                self.store.set_fence(job.id, new, expect_attempt=job.attempt)
-                if new["switch_step"] and not fence["switch_step"]:
-                    log.info("fence switch step job=%s attempt=%d step=%d", job.id, job.attempt, new["switch_step"])
-                if churn.fence_complete(new):
-                    self._complete_fence(self.store.get(job.id))
-            return Ack(fence=True, switch_step=new["switch_step"])
-
-    def _reconnected(self, job: Job) -> None:
-        """The first report of a job after a coordinator restart: its nodes are back."""
-        since = self._restarted.pop(job.id, None)
-        if since is not None:
-            self.store.add_event(job.id, "coordinator_reconnect", f"the job's nodes reconnected "
-                                 f"{self.clock.time() - since:.1f} s after the coordinator restarted; reports made "
-                                 "meanwhile are re-sent", after_s=round(self.clock.time() - since, 3))
-
-    def check_checkpoint(self, job: Job, *, stage: int, replica: int, attempt: int) -> None:
-        """Refuse (PermissionDeniedError) a checkpoint of another attempt than the job's, or of a
-        worker a fence left out (its pipeline is broken: its state is not the survivors')."""
-        if attempt and attempt != job.attempt:
-            raise PermissionDeniedError(f"checkpoint of attempt {attempt}; job {job.id} is at attempt {job.attempt}")
-        if job.fence is not None and churn.key(stage, replica) not in job.fence["workers"]:
-            raise PermissionDeniedError(f"stage {stage} replica {replica} of job {job.id} was dropped")
-
-    def checkpoint_received(self, job_id: str, node_id: str, *, stage: int, replica: int, step: int, final: bool,
-                            directory: Path) -> None:
-        """Record a received checkpoint. Raises InvalidRequestError (and records nothing) when the
-        job ended while it was uploading: a cancelled or failed job's last complete checkpoint,
-        which the user was told and may download, never moves afterwards."""
-        with self._lock:  # against cancel() and _fail(): the state is read and the row written at once
-            job = self.store.get(job_id)
-            if job.terminal and not final:
-                raise InvalidRequestError(f"job {job_id} is {job.state}; checkpoint of step {step} not needed")
-            self.store.add_checkpoint(job_id, stage=stage, replica=replica, step=step, final=final,
-                                      directory=str(directory),
-                                      copy=keepers.copy_record(directory, job.assignments, stage=stage, replica=replica))
-        log.info("checkpoint received job=%s stage=%d replica=%d step=%d final=%s", job_id, stage, replica, step, final)
-
-    def rendezvous(self, job_id: str, node_id: str, stage: int, replica: int, maddrs: list[str],
-                   attempt: int) -> list[str]:
-        job, _ = self.assignment_of(job_id, node_id, stage=stage, replica=replica)
-        if attempt != job.attempt:
-            raise PermissionDeniedError(f"attempt {attempt} of job {job_id} is over (the job is at {job.attempt})")
-        if len(maddrs) > 16 or any(len(m) > 300 for m in maddrs):
-            raise InvalidRequestError("at most 16 multiaddrs of at most 300 characters")
-        with self._lock:
-            members = self._rendezvous.setdefault((job_id, attempt, stage), {})
-            members[replica] = list(maddrs)
-            return [m for r, ms in sorted(members.items()) for m in ms]
-
-    # -- user side -------------------------------------------------------------------------------
     def cancel(self, job_id: str, reason: str = "") -> Job:
         job = self.store.get(job_id)
         if job.terminal:
@@ -745,13 +443,6 @@ class JobService(Fencing):
             "repeated_steps": self.store.repeated_steps(job.id),
             "spot_checks": self.judge.stats(job.id),
         })
-
-    def result_files(self, job_id: str) -> list[Path]:
-        job = self.store.get(job_id)
-        if not job.result_ready:
-            raise NotFoundError(f"job {job_id} has no result yet (state {job.state})")
-        return files.download_files(files.job_dir(self.state_dir, job_id) / "result")
-
 
 def detail_json(service: JobService, job: Job) -> str:
     return json.dumps(service.detail(job), default=float)
