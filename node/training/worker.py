@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as st_load
 
-from swarm.compression import CodecMessage
-from swarm.errors import InvalidRequestError, NotFoundError, PeerError, PermissionDeniedError
+from swarm.errors import InvalidRequestError, NotFoundError, PeerError
 from swarm.faults import NO_FAULTS, FaultConfig, FaultInjector
 from swarm.model.config import ModelConfig
 from swarm.model.stage import StageModel
@@ -41,7 +40,6 @@ from swarm.pipeline.optim import OptimConfig, clip_and_step, make_optimizer
 from swarm.pipeline.optim_state import load_stage_optimizer_state, stage_optimizer_state
 from swarm.pipeline.stage import StageRunner
 from swarm.proto.v1 import training_pb2 as pb
-from swarm.transport import tensors as wt
 
 from node.training.assignment import Assignment
 from node.training.checkpoints import CheckpointWriter, Snapshot, snapshot_tensors
@@ -51,7 +49,8 @@ from node.training.exchange import Endpoint, Endpoints, PeerSender
 from node.training.membership import DEFAULT_OUTAGE_S, FenceReached, Membership, through_outage
 from node.training.reporter import Reporter
 from node.training.state_copy import StageState, obtain_stage_state
-from node.training.spotcheck import (RESYNC_EVERY_STEPS, WITNESS_KINDS, StageVerifier, VerifyPlan, param_digest,
+from node.training.tensor_io import TensorIO
+from node.training.spotcheck import (RESYNC_EVERY_STEPS, StageVerifier, VerifyPlan, param_digest,
                                      param_sketch)
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ class StopRequested(Exception):
     """The coordinator ended the job (or the node is stopping)."""
 
 
-class StageWorker:
+class StageWorker(TensorIO):
     def __init__(self, a: Assignment, *, client: TrainingClient, endpoints: Endpoints, node_id: str,
                  device: str, state_dir: Path, on_metrics=None, emulate_link_bps: float = 0.0,
                  traffic=None, security=None, outage_s: float = DEFAULT_OUTAGE_S,
@@ -267,19 +266,6 @@ class StageWorker:
         log.info("optimizer state restored job=%s stage=%d resume_step=%d adam_step=%d", a.job_id, a.stage,
                  a.resume_step, step)
 
-    def _on_sent(self, dst_node_id: str):
-        """Count a delivered tensor and keep it as a link observation (node/traffic.py).
-
-        The time is the PushTensor call's wall time: it includes the receiver's reassembly,
-        validation and decode (not its compute: the receiver only queues the tensor), so
-        bytes / seconds is a lower bound of the link's bandwidth; the coordinator only lets
-        it raise a link's bandwidth (coordinator/network.py ``transfer_link``)."""
-        def on_sent(num_bytes: int, seconds: float) -> None:
-            if self.traffic is not None:
-                self.traffic.add_sent(num_bytes)
-                self.traffic.observe(dst_node_id, num_bytes, seconds)
-        return on_sent
-
     def _start_averager(self) -> None:
         from swarm.pipeline.averaging import ReplicaAverager
 
@@ -315,105 +301,6 @@ class StageWorker:
         self._from_coordinator(lambda: self.client.rendezvous(req(self.averager.maddrs())))
         self.averager.wait_for_peers(1, setup_s)
 
-    # -- receiving ---------------------------------------------------------------------------------
-    def _authorize_sender(self, caller: str, h: wt.TensorHeader) -> None:
-        """Only the neighbour the coordinator named for this attempt may push: activations from
-        the previous stage, gradients from the next. ``caller`` comes from its TLS certificate."""
-        a = self.a
-        if h.kind in WITNESS_KINDS:  # spot-check copies: only from the assigned neighbours of the checked stage
-            check = self.verifier.plan.check if self.verifier is not None else None
-            if check is None or caller not in check.witness_ids or (h.boundary, h.replica) != (check.stage,
-                                                                                               check.replica):
-                raise PermissionDeniedError(
-                    f"node {caller[:12]} may not send spot-check copies to stage {a.stage} replica {a.replica} of job "
-                    f"{a.job_id} attempt {a.attempt}: only the neighbours of the stage it checks may")
-            return
-        expected = {"activation": a.prev, "gradient": a.next}.get(h.kind)
-        if expected is None or caller != expected.node_id:  # (a stale attempt is the precheck's INVALID_ARGUMENT)
-            raise PermissionDeniedError(
-                f"node {caller[:12]} may not push {h.kind[:20]}s to stage {a.stage} of job {a.job_id} attempt "
-                f"{a.attempt}: only its assigned {'previous' if h.kind == 'activation' else 'next'} stage may")
-    def _check_header(self, h: wt.TensorHeader):
-        """Check a received header against this assignment, before its payload is read.
-
-        Returns (codec to decode with, the micro-batch's sample ids, expected shape). Raises
-        InvalidRequestError naming the first wrong field.
-        """
-        a = self.a
-        if h.kind in WITNESS_KINDS:  # a copy for a spot check this stage runs (node/training/spotcheck.py)
-            if self.verifier is None:
-                raise InvalidRequestError("this stage is not ready to check")
-            return self.verifier.check_header(h)
-        if h.kind == "activation":
-            if a.is_first:
-                raise InvalidRequestError("the first stage takes no activations")
-            sender, boundary, codec = a.prev.node_id, a.stage - 1, self.down
-        elif h.kind == "gradient":
-            if a.is_last:
-                raise InvalidRequestError("the last stage takes no gradients")
-            sender, boundary, codec = a.next.node_id, a.stage, self.up
-        else:
-            raise InvalidRequestError(f"a training stage takes activations and gradients, not {h.kind}")
-        shape = (self.b, self.S, self.H)
-        wt.validate_header(h, wt.TensorExpectation(
-            job_id=a.job_id, kind=h.kind, shape=shape, dtype="float32", codec=self.codec_text, boundary=boundary,
-            replica=a.replica, attempt=a.attempt, sender_ids=frozenset({sender}), num_sample_ids=self.b))
-        cur = self._cur_step
-        if not (cur <= h.step <= cur + 1 and h.step < self.total_steps):
-            raise InvalidRequestError(f"tensor rejected: step is {h.step}, this stage is at step {cur}")
-        if not 0 <= h.micro_batch < self.M:
-            raise InvalidRequestError(f"tensor rejected: micro_batch is {h.micro_batch}, the step has {self.M}")
-        ids = self.order.micro_batches(h.step, a.replica)[h.micro_batch]
-        if tuple(h.sample_ids) != tuple(int(i) for i in ids):
-            raise InvalidRequestError("tensor rejected: sample ids differ from the micro-batch's samples")
-        # a codec message is at most the raw float32 tensor plus its headers
-        if h.payload_bytes > 4 * self.b * self.S * self.H + 64 * 1024:
-            raise InvalidRequestError(f"tensor rejected: payload of {h.payload_bytes} bytes is larger than any encoding")
-        return codec, ids, shape
-
-    def _validate(self, h: wt.TensorHeader, payload: bytes) -> torch.Tensor:
-        """Check a received tensor against this assignment and decode it (runs in gRPC threads)."""
-        if h.kind in WITNESS_KINDS:
-            return self.verifier.decode(h, payload)
-        codec, ids, shape = self._check_header(h)
-        msg = CodecMessage.from_bytes(payload, device=self.device)
-        if h.kind == "activation":
-            t = codec.decode_forward(msg, ids, dtype=torch.float32, expected_row_shape=(self.S, self.H))
-        else:
-            t = codec.decode_backward(msg, ids, dtype=torch.float32, expected_shape=shape)
-        if tuple(t.shape) != shape:
-            raise InvalidRequestError(f"tensor rejected: decoded shape {tuple(t.shape)}, expected {shape}")
-        return t.to(self.device)
-
-    def _receive(self, kind: str, step: int, m: int) -> torch.Tensor:
-        what = f"stage {self.a.stage - 1 if kind == 'activation' else self.a.stage + 1}"
-
-        def check():
-            for s in self.senders:
-                s.check()
-            self.membership.while_waiting(step)  # raises FenceReached at a fence's switch step
-
-        try:
-            return self.endpoint.get(kind, step, m, timeout_s=self.timeout_s, stop=self.stop_event, what=what,
-                                     check=check)
-        except PeerError:
-            if not self.stop_event.is_set():  # who stopped answering: the coordinator weighs the blame
-                peer = self.a.prev if kind == "activation" else self.a.next
-                self.blame = peer.node_id if peer is not None else ""
-            raise
-
-    # -- sending -----------------------------------------------------------------------------------
-    def _send(self, sender: PeerSender, kind: str, step: int, m: int, ids, msg: CodecMessage, boundary: int) -> int:
-        # The compute thread only starts the (pinned, non-blocking) copy to the host; the
-        # sender's thread waits for it, serialises and frames the message (issue 16).
-        msg, ready = msg.to_host()
-        sender.send_message(msg, ready, job_id=self.a.job_id, step=step, micro_batch=m,
-                            sample_ids=tuple(int(i) for i in ids), shape=(self.b, self.S, self.H), dtype="float32",
-                            codec=self.codec_text, kind=kind, boundary=boundary, sender_id=self.node_id,
-                            replica=self.a.replica, attempt=self.a.attempt)
-        return msg.nbytes
-
-    # -- training ----------------------------------------------------------------------------------
     def _train(self) -> None:
         a = self.a
         ops = schedule.build(a.spec.schedule, num_micro_batches=self.M, stage=a.stage,
