@@ -364,11 +364,15 @@ class JobService(Checkpointing, Reporting, Fencing):
                                  last_complete_checkpoint=self.last_complete_checkpoint(self.store.get(job.id)))
         log.warning("job failed job=%s reason=%s", job.id, reason)
 
-    def _finish(self, job: Job) -> None:
+    def _finish(self, job: Job, *, replicas: list[int] | None = None) -> None:
+        """Assemble the result from each stage's final checkpoint of replica 0, or (``replicas``:
+        the live pipelines of a fence they outran) of the lowest of ``replicas`` that sent one."""
         config = ModelConfig.from_hf_config(job.model)
         jdir = files.job_dir(self.state_dir, job.id)
-        finals = [c for c in self.store.checkpoints(job.id) if c["final"] and c["replica"] == 0]
-        by_stage = {c["stage"]: Path(c["dir"]) for c in finals}
+        keep = set(replicas) if replicas is not None else {0}
+        finals = [c for c in self.store.checkpoints(job.id) if c["final"] and c["replica"] in keep
+                  and (c["replica"] == 0 or (Path(c["dir"]) / "weights.safetensors").is_file())]
+        by_stage = {c["stage"]: Path(c["dir"]) for c in sorted(finals, key=lambda c: -c["replica"])}
         num_stages = max(a["stage"] for a in job.assignments) + 1
         if set(by_stage) != set(range(num_stages)):
             self._fail(job, f"stages {sorted(set(range(num_stages)) - set(by_stage))} finished without a final checkpoint")
