@@ -11,7 +11,8 @@
 - ``rendezvous``: the hivemind multiaddrs of a stage's replicas, for their averaging group.
 
 The host class provides ``store``, ``clock``, ``judge``, ``speeds``, ``added``, ``state_dir``,
-``_lock`` and the job bookkeeping it updates (``_ready``, ``_replans``, ``_resumed``, ...).
+``_lock`` and the job bookkeeping it updates (``_ready``, ``_replans``, ``_resumed``,
+``_restarted`` (jobs since a coordinator restart), ``_restarted_nodes`` (nodes whose process restarted), ...).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class Reporting:
         if r["state"] == "ready" and job.started_attempt >= job.attempt and self.store.worker_progressed(
                 job.id, attempt=job.attempt, stage=a["stage"], replica=a["replica"]):
             # only a new process sets a worker up again: its node restarted; _watch treats it as lost
-            self._restarted.setdefault((job.id, job.attempt), set()).add(node_id)
+            self._restarted_nodes.setdefault((job.id, job.attempt), set()).add(node_id)
             log.warning("worker set up again after running steps: node restarted job=%s node=%s stage=%d replica=%d",
                         job.id, node_id[:12], a["stage"], a["replica"])
             return Ack(stop=True, reason="this node restarted and lost its worker's state; the job goes on without it")

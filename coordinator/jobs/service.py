@@ -67,7 +67,7 @@ class JobService(Checkpointing, Reporting, Fencing):
         self._kept_seen: dict[tuple[str, str], int] = {}  # (job, keeper node) -> the kept_step it last reported
         # (job, attempt) -> nodes whose worker of it set up again after running steps: the node
         # restarted (killed and back before it was noticed lost) and lost that worker's state
-        self._restarted: dict[tuple[str, int], set[str]] = {}
+        self._restarted_nodes: dict[tuple[str, int], set[str]] = {}
         self._ready: dict[tuple[str, int], set[str]] = {}  # (job, attempt) -> "stage:replica" ready to start
         self._peer_failed: dict[tuple[str, int], tuple[float, str]] = {}  # (job, attempt) -> (when, what)
         self._restarted: dict[str, float] = {}  # running job -> when this coordinator started (not heard since)
@@ -247,7 +247,7 @@ class JobService(Checkpointing, Reporting, Fencing):
                 state = "lost"
             if state != "online":
                 lost[a["node_id"]] = state
-        for node_id in self._restarted.get((job.id, job.attempt), ()):
+        for node_id in self._restarted_nodes.get((job.id, job.attempt), ()):
             lost.setdefault(node_id, "restarted")
         if lost and job.id in self._first_bad and any(st == "quarantined" for st in lost.values()):
             # a node computed something wrong: every replica may hold its effect (averaged
