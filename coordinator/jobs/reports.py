@@ -73,6 +73,11 @@ class Reporting:
         answer for the node (stop, start, fence, switch step)."""
         job, a = self.assignment_of(r["job_id"], node_id, stage=r["stage"], replica=r["replica"])
         if job.terminal:
+            if job.state == "succeeded" and r["state"] == "running" and r["attempt"] == job.attempt \
+                    and 0 <= r["step"] < job.total_steps:
+                # a step done before the end whose report was held up (re-sent after a coordinator
+                # outage, behind the final checkpoints that ended the job): it still counts
+                self._add_progress(job, a, r, attempt=job.attempt)
             return Ack(stop=True, reason=f"job is {job.state}: {job.reason}")
         self._reconnected(job)
         if r["attempt"] != job.attempt:

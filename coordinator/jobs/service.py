@@ -408,8 +408,11 @@ class JobService(Checkpointing, Reporting, Fencing):
 
     def detail_record(self, job: Job) -> JobDetail:
         """The job as the typed record its JSON is made from (:class:`swarm.job_detail.JobDetail`)."""
-        reporters = len(job.assignments)
-        history = self.store.history(job.id, num_reporters=reporters, attempt=job.attempt) if reporters else []
+        # a step counts once every worker of the attempt reported it; with a fence open (or one the
+        # live replicas outran to the end), every worker of the live pipelines
+        reporters = len(job.fence["workers"]) if job.fence else len(job.assignments)
+        history = self.store.history(job.id, num_reporters=reporters, attempt=job.attempt,
+                                     over=job.state == "succeeded") if reporters else []
         last = history[-1] if history else None
         names = {n.id: n.name for n in self.registry.snapshot()}
         cfg = job.model

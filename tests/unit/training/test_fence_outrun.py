@@ -119,3 +119,38 @@ def test_fence_outrun_rule():
     assert not churn.fence_outrun(fence, finals={"0:0", "1:0"})  # the dropped pipeline's finals do not count
     assert churn.fence_outrun(fence, finals={"0:1", "1:1", "1:0"})
     assert not churn.fence_outrun({**fence, "workers": []}, finals={"0:1", "1:1"})
+
+
+@pytest.mark.timeout(30)
+def test_every_step_counts_when_the_dead_replica_did_not_report_the_last_ones(tmp_path):
+    service, job = _running_2x2(tmp_path)
+    dead = next(a for a in job.assignments if (a["stage"], a["replica"]) == (0, 0))
+    last = job.total_steps - 1
+    for a in job.assignments:
+        if a["replica"] == 1:
+            _report(service, job, a, "running", last)
+            _final(service, tmp_path, job, a)
+    service.registry.lose(dead["node_id"])
+    for _ in range(3):
+        service.tick()
+    job = service.store.get("j1")
+    assert job.state == "succeeded"
+    steps = [h["step"] for h in service.detail(job)["progress"]]
+    assert steps == list(range(job.total_steps))  # the last step, run by replica 1 alone, is committed
+
+
+@pytest.mark.timeout(30)
+def test_a_report_held_up_behind_the_final_checkpoints_still_counts(tmp_path):
+    service, job = _running_2x2(tmp_path)
+    last = job.total_steps - 1
+    late = [a for a in job.assignments if a["stage"] == 0]  # their reporters are behind (a coordinator outage)
+    for a in job.assignments:
+        if a not in late:
+            _report(service, job, a, "running", last)
+        _final(service, tmp_path, job, a)  # checkpoints go through their own channel
+    service.tick()
+    assert service.store.get("j1").state == "succeeded"
+    assert [h["step"] for h in service.detail(service.store.get("j1"))["progress"]] == list(range(last))
+    # the last report, re-sent once the coordinator is back: answered stop (the job is over), but kept
+    assert _report(service, job, late[0], "running", last).stop
+    assert [h["step"] for h in service.detail(service.store.get("j1"))["progress"]] == list(range(job.total_steps))
