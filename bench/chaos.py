@@ -262,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.stages, args.replicas = (2, 2) if args.quick else (3, 2)
     if args.quick:
-        args.steps = args.steps or 30
+        # the nodes train on while the coordinator is away (~25 steps here): with 30 steps the
+        # replica was killed in the job's last steps or after its end, never in the middle
+        args.steps = args.steps or 40
     every = args.fault_every_s or 60.0  # (--quick: faults follow the job's steps instead)
     # --quick: the node comes back after the coordinator did (a node back before its loss was
     # noticed: tests/unit/training/test_restarted_worker.py)

@@ -287,17 +287,16 @@ class JobService(Checkpointing, Reporting, Fencing):
             steps = [s for s in sorted(full, reverse=True) if s <= resume and set(full[s]) >= set(full[resume])]
             resume, _ = keepers.resume_point(steps, lambda s: keepers.lost_copies(rows, full[s], step=s))
         if self._first_bad.pop(job.id, None) is not None:
-            # the checkpoints after it may hold a wrong result: they never count again (the new
-            # attempt writes its own), nor do results assembled from them
-            self.store.drop_checkpoints_after(job.id, resume)
-            jdir = files.job_dir(self.state_dir, job.id)
-            for d in jdir.glob("resume-*"):
-                if d.name.removeprefix("resume-").isdigit() and int(d.name.removeprefix("resume-")) > resume:
-                    shutil.rmtree(d, ignore_errors=True)
+            # the checkpoints after it may hold a wrong result: they never count again, even if the job fails now
+            self._drop_checkpoints_after(job, resume)
         tries = self._replans.get(job.id, 0)
         if tries >= MAX_REPLANS:
             self._fail(job, f"{what}; re-planned {MAX_REPLANS} times without progress; {self._checkpoint_note(job.id)}")
             return
+        # a rollback: what the old attempt saved after `resume` (incomplete checkpoints, the final
+        # checkpoints of the stages that got to the end) is thrown away with its steps; kept, a
+        # new attempt's upload of the other stages would complete them with two attempts' weights
+        self._drop_checkpoints_after(job, resume)
         jdir = files.job_dir(self.state_dir, job.id)
         try:
             has_optim = resume == 0 or (jdir / f"resume-{resume}" / files.OPTIMIZER_FILE).is_file()
@@ -337,6 +336,14 @@ class JobService(Checkpointing, Reporting, Fencing):
                                  f"{len({a['node_id'] for a in jp.assignments})} node(s): resuming from step {resume} "
                                  f"({optim}{kept})", attempt=job.attempt + 1, resume_step=resume,
                                  **({"from_keepers": sorted(lost)} if lost else {}))
+
+    def _drop_checkpoints_after(self, job: Job, step: int) -> None:
+        """Forget the job's checkpoints after ``step`` (the new attempt writes its own), and the
+        results assembled from them."""
+        self.store.drop_checkpoints_after(job.id, step)
+        for d in files.job_dir(self.state_dir, job.id).glob("resume-*"):
+            if d.name.removeprefix("resume-").isdigit() and int(d.name.removeprefix("resume-")) > step:
+                shutil.rmtree(d, ignore_errors=True)
 
     def _is_online(self, node_id: str) -> bool:
         try:
@@ -408,8 +415,8 @@ class JobService(Checkpointing, Reporting, Fencing):
 
     def detail_record(self, job: Job) -> JobDetail:
         """The job as the typed record its JSON is made from (:class:`swarm.job_detail.JobDetail`)."""
-        # a step counts once every worker of the attempt reported it; with a fence open (or one the
-        # live replicas outran to the end), every worker of the live pipelines
+        # a step counts once every worker of the attempt reported it (with a fence open: every
+        # worker of the live pipelines); once the job succeeded, once every stage reported it
         reporters = len(job.fence["workers"]) if job.fence else len(job.assignments)
         history = self.store.history(job.id, num_reporters=reporters, attempt=job.attempt,
                                      over=job.state == "succeeded") if reporters else []

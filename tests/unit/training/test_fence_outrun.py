@@ -3,7 +3,9 @@ coordinator notices the loss (a node is lost only after ``--node-timeout-s`` of 
 survivor whose averaging partner is gone runs on alone). The fence opened then can never reach a
 switch step (the survivors ran past the last boundary and exited), so it used to wait out
 ``FENCE_TIMEOUT_S`` and roll the job back to its last checkpoint, which then failed
-(bench/chaos.py --quick, issue 14). The job must succeed with the survivors' final checkpoints."""
+(bench/chaos.py --quick, issue 14). The job must succeed with the survivors' final checkpoints,
+and every step it ran must count: those only the survivors reported, and those whose reports
+a coordinator outage held up behind the final checkpoints that ended the job."""
 
 from dataclasses import replace
 
@@ -29,7 +31,7 @@ def _report(service, job, a, state: str, step: int):
 def _final(service, tmp_path, job, a) -> None:
     """The worker's final checkpoint, as the coordinator receives it (weights and optimizer state)."""
     d = tmp_path / f"upload-{a['stage']}-{a['replica']}"
-    d.mkdir()
+    d.mkdir(parents=True)
     torch.manual_seed(a["stage"])
     stage = StageModel(CFG, a["first_layer"], a["last_layer_excl"], is_first=a["stage"] == 0,
                        is_last=a["stage"] == a["num_stages"] - 1)
@@ -154,3 +156,28 @@ def test_a_report_held_up_behind_the_final_checkpoints_still_counts(tmp_path):
     # the last report, re-sent once the coordinator is back: answered stop (the job is over), but kept
     assert _report(service, job, late[0], "running", last).stop
     assert [h["step"] for h in service.detail(service.store.get("j1"))["progress"]] == list(range(job.total_steps))
+
+
+@pytest.mark.timeout(30)
+def test_a_rollback_forgets_the_final_checkpoints_of_the_attempt_it_throws_away(tmp_path):
+    """No replicas: stage 1 got to the end and sent its final checkpoint, stage 0's node died
+    before sending its own. The re-plan resumes from the last complete checkpoint; the new
+    attempt's stage 0 final alone must not finish the job with the old attempt's stage 1."""
+    service = _service(tmp_path, n=3)
+    service.registry = _Registry(service.registry.nodes)
+    _pending(service, "j1", SPEC.replace(num_stages=2, num_replicas=1, batch_size=4, micro_batch_size=2))
+    service.tick()
+    job = service.store.get("j1")
+    for a in job.assignments:
+        _report(service, job, a, "ready", 0)
+    s0, s1 = sorted(job.assignments, key=lambda a: a["stage"])
+    _final(service, tmp_path / "a1", job, s1)
+    service.registry.lose(s0["node_id"])
+    service.tick()
+    job = service.store.get("j1")
+    assert job.state == "running" and job.attempt == 2 and job.resume_step == 0  # rolled back
+    assert not [c for c in service.store.checkpoints("j1") if c["final"]]
+    new0 = next(a for a in job.assignments if a["stage"] == 0)
+    _final(service, tmp_path / "a2", job, new0)
+    service.tick()
+    assert service.store.get("j1").state == "running"  # waits for the new attempt's stage 1
