@@ -415,9 +415,9 @@ class JobService(Checkpointing, Reporting, Fencing):
 
     def detail_record(self, job: Job) -> JobDetail:
         """The job as the typed record its JSON is made from (:class:`swarm.job_detail.JobDetail`)."""
-        # a step counts once every worker of the attempt reported it (with a fence open: every
-        # worker of the live pipelines); once the job succeeded, once every stage reported it
-        reporters = len(job.fence["workers"]) if job.fence else len(job.assignments)
+        # a step counts once every worker of the attempt reported it; once the job succeeded,
+        # once every stage did (a replica lost in the last steps left them to the others)
+        reporters = len(job.assignments)
         history = self.store.history(job.id, num_reporters=reporters, attempt=job.attempt,
                                      over=job.state == "succeeded") if reporters else []
         last = history[-1] if history else None
