@@ -1,7 +1,7 @@
 """Training under churn: the same job once without faults, once while nodes and the coordinator die.
 
     python -m bench.chaos [--quick] [--duration-s 600] [--steps N] [--fault-every-s 60]
-                          [--restart-after-s 20] [--num-faults 10] [--no-record] [--json]
+                          [--restart-after-s 20] [--num-faults 10] [--no-record] [--json] [--keep-dir DIR]
 
 A coordinator and 6 node processes (2 replicas x 3 stages) on this machine train a tiny GPT-2 on a
 slice of the Python standard library. The job's length is time-based: a calibration job measures
@@ -24,6 +24,7 @@ the coordinator SIGKILLed (back 5 s later) once the job committed 3 steps, and a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -255,18 +256,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line too")
+    p.add_argument("--keep-dir", type=Path, default=None,
+                   help="run in this directory and keep it (coordinator and node logs, state dirs) instead of a "
+                        "temporary one")
     args = p.parse_args(argv)
     args.stages, args.replicas = (2, 2) if args.quick else (3, 2)
     if args.quick:
-        args.steps = args.steps or 30
+        # the nodes train on while the coordinator is away (~25 steps here): with 30 steps the
+        # replica was killed in the job's last steps or after its end, never in the middle
+        args.steps = args.steps or 40
     every = args.fault_every_s or 60.0  # (--quick: faults follow the job's steps instead)
     # --quick: the node comes back after the coordinator did (a node back before its loss was
     # noticed: tests/unit/training/test_restarted_worker.py)
     restart_after = args.restart_after_s or (15.0 if args.quick else 20.0)
     rng = random.Random(args.seed)
     t_start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="swarm-chaos-") as tmp:
+    with (contextlib.nullcontext(str(args.keep_dir)) if args.keep_dir
+          else tempfile.TemporaryDirectory(prefix="swarm-chaos-")) as tmp:
         root = Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
         model, data, heldout = inputs(root, train_bytes=60_000 if args.quick else 400_000)
         swarm = Swarm(root, args.stages * args.replicas)
         runs = []

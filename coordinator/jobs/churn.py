@@ -44,6 +44,10 @@ says where its state came from; when the grown attempt starts the event ``replic
 the added nodes with ``state_from`` ("peer" only when every added worker copied from a live
 replica: :func:`summarize_state_from`) and ``state_bytes``.
 
+**Outrun fence**: when every live worker already delivered its final checkpoint (the replica
+was lost in the last steps and noticed after the survivors ended: :func:`fence_outrun`), the
+job finishes with the live pipelines' final checkpoints; nothing is re-planned.
+
 Nothing is done twice: steps ``< S`` ran in the old attempt, steps ``>= S`` run in the new one.
 The step in flight when the replica died and the steps up to ``S`` (usually 0-2) run without
 the dead pipeline's share of the batch. A live worker lost during the fence removes its
@@ -119,6 +123,18 @@ def on_fence_report(fence: dict[str, Any], *, stage: int, replica: int, state: s
 
 def fence_complete(fence: dict[str, Any]) -> bool:
     return bool(fence["workers"]) and all(k in fence["done"] for k in fence["workers"])
+
+
+def fence_outrun(fence: dict[str, Any], finals: set[str]) -> bool:
+    """The live pipelines finished the job before they could stop at a switch step: every worker
+    of the fence delivered its final checkpoint (``finals``: ``"stage:replica"`` keys).
+
+    A node is lost only after its silence outlasts the node timeout, and a survivor whose
+    averaging partner died runs on alone meanwhile, so a replica lost in the job's last steps is
+    often noticed after the survivors ran their last step and exited. Their last boundary is
+    behind them: no switch step can come and the fence would time out into a rollback. Their
+    final checkpoints (every replica uploads its final weights) are the job's result instead."""
+    return bool(fence["workers"]) and all(k in finals for k in fence["workers"])
 
 
 def replica_counts(num_replicas: int, batch_size: int, micro_batch_size: int) -> list[int]:

@@ -11,7 +11,8 @@ fence instead of a rollback. The protocol and its pure rules are in
   at the switch step with its checkpoint, re-plan from it (a growth keeps the running pipelines in
   place, :meth:`Fencing._grown_plan`), naming for each worker where its state comes from (a live
   replica, peer to peer, or the coordinator's copy); a fence not done in ``FENCE_TIMEOUT_S``
-  falls back to the last checkpoint.
+  falls back to the last checkpoint; a fence whose live workers all finished the job instead
+  (:func:`coordinator.jobs.churn.fence_outrun`) finishes it with their final checkpoints.
 
 The host class provides ``store``, ``registry``, ``clock``, ``state_dir``, ``_grow_tried``,
 ``_plan``, ``_recover``, ``_stage_dirs`` and ``_full_checkpoints``.
@@ -114,7 +115,11 @@ class Fencing:
         fence = job.fence
         if fence is None or job.state != "running":
             return
-        if churn.fence_complete(fence):
+        finals = {churn.key(c["stage"], c["replica"]) for c in self.store.checkpoints(job.id) if c["final"]}
+        if churn.fence_outrun(fence, finals):
+            log.info("fence outrun job=%s: the live replicas %s finished the job", job.id, fence["live"])
+            self._finish(job, replicas=fence["live"])
+        elif churn.fence_complete(fence):
             self._complete_fence(job)
         elif self.clock.time() - fence["opened_at"] > FENCE_TIMEOUT_S:
             self._recover(job, f"the surviving replicas did not stop together within {FENCE_TIMEOUT_S:.0f} s")

@@ -11,7 +11,8 @@
 - ``rendezvous``: the hivemind multiaddrs of a stage's replicas, for their averaging group.
 
 The host class provides ``store``, ``clock``, ``judge``, ``speeds``, ``added``, ``state_dir``,
-``_lock`` and the job bookkeeping it updates (``_ready``, ``_replans``, ``_resumed``, ...).
+``_lock`` and the job bookkeeping it updates (``_ready``, ``_replans``, ``_resumed``,
+``_restarted`` (jobs since a coordinator restart), ``_restarted_nodes`` (nodes whose process restarted), ...).
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ class Reporting:
         answer for the node (stop, start, fence, switch step)."""
         job, a = self.assignment_of(r["job_id"], node_id, stage=r["stage"], replica=r["replica"])
         if job.terminal:
+            if job.state == "succeeded" and r["state"] == "running" and r["attempt"] == job.attempt \
+                    and 0 <= r["step"] < job.total_steps:
+                # a step done before the end whose report was held up (re-sent after a coordinator
+                # outage, behind the final checkpoints that ended the job): it still counts
+                self._add_progress(job, a, r, attempt=job.attempt)
             return Ack(stop=True, reason=f"job is {job.state}: {job.reason}")
         self._reconnected(job)
         if r["attempt"] != job.attempt:
@@ -106,7 +112,7 @@ class Reporting:
         if r["state"] == "ready" and job.started_attempt >= job.attempt and self.store.worker_progressed(
                 job.id, attempt=job.attempt, stage=a["stage"], replica=a["replica"]):
             # only a new process sets a worker up again: its node restarted; _watch treats it as lost
-            self._restarted.setdefault((job.id, job.attempt), set()).add(node_id)
+            self._restarted_nodes.setdefault((job.id, job.attempt), set()).add(node_id)
             log.warning("worker set up again after running steps: node restarted job=%s node=%s stage=%d replica=%d",
                         job.id, node_id[:12], a["stage"], a["replica"])
             return Ack(stop=True, reason="this node restarted and lost its worker's state; the job goes on without it")

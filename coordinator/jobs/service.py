@@ -67,7 +67,7 @@ class JobService(Checkpointing, Reporting, Fencing):
         self._kept_seen: dict[tuple[str, str], int] = {}  # (job, keeper node) -> the kept_step it last reported
         # (job, attempt) -> nodes whose worker of it set up again after running steps: the node
         # restarted (killed and back before it was noticed lost) and lost that worker's state
-        self._restarted: dict[tuple[str, int], set[str]] = {}
+        self._restarted_nodes: dict[tuple[str, int], set[str]] = {}
         self._ready: dict[tuple[str, int], set[str]] = {}  # (job, attempt) -> "stage:replica" ready to start
         self._peer_failed: dict[tuple[str, int], tuple[float, str]] = {}  # (job, attempt) -> (when, what)
         self._restarted: dict[str, float] = {}  # running job -> when this coordinator started (not heard since)
@@ -247,7 +247,7 @@ class JobService(Checkpointing, Reporting, Fencing):
                 state = "lost"
             if state != "online":
                 lost[a["node_id"]] = state
-        for node_id in self._restarted.get((job.id, job.attempt), ()):
+        for node_id in self._restarted_nodes.get((job.id, job.attempt), ()):
             lost.setdefault(node_id, "restarted")
         if lost and job.id in self._first_bad and any(st == "quarantined" for st in lost.values()):
             # a node computed something wrong: every replica may hold its effect (averaged
@@ -287,17 +287,16 @@ class JobService(Checkpointing, Reporting, Fencing):
             steps = [s for s in sorted(full, reverse=True) if s <= resume and set(full[s]) >= set(full[resume])]
             resume, _ = keepers.resume_point(steps, lambda s: keepers.lost_copies(rows, full[s], step=s))
         if self._first_bad.pop(job.id, None) is not None:
-            # the checkpoints after it may hold a wrong result: they never count again (the new
-            # attempt writes its own), nor do results assembled from them
-            self.store.drop_checkpoints_after(job.id, resume)
-            jdir = files.job_dir(self.state_dir, job.id)
-            for d in jdir.glob("resume-*"):
-                if d.name.removeprefix("resume-").isdigit() and int(d.name.removeprefix("resume-")) > resume:
-                    shutil.rmtree(d, ignore_errors=True)
+            # the checkpoints after it may hold a wrong result: they never count again, even if the job fails now
+            self._drop_checkpoints_after(job, resume)
         tries = self._replans.get(job.id, 0)
         if tries >= MAX_REPLANS:
             self._fail(job, f"{what}; re-planned {MAX_REPLANS} times without progress; {self._checkpoint_note(job.id)}")
             return
+        # a rollback: what the old attempt saved after `resume` (incomplete checkpoints, the final
+        # checkpoints of the stages that got to the end) is thrown away with its steps; kept, a
+        # new attempt's upload of the other stages would complete them with two attempts' weights
+        self._drop_checkpoints_after(job, resume)
         jdir = files.job_dir(self.state_dir, job.id)
         try:
             has_optim = resume == 0 or (jdir / f"resume-{resume}" / files.OPTIMIZER_FILE).is_file()
@@ -338,6 +337,14 @@ class JobService(Checkpointing, Reporting, Fencing):
                                  f"({optim}{kept})", attempt=job.attempt + 1, resume_step=resume,
                                  **({"from_keepers": sorted(lost)} if lost else {}))
 
+    def _drop_checkpoints_after(self, job: Job, step: int) -> None:
+        """Forget the job's checkpoints after ``step`` (the new attempt writes its own), and the
+        results assembled from them."""
+        self.store.drop_checkpoints_after(job.id, step)
+        for d in files.job_dir(self.state_dir, job.id).glob("resume-*"):
+            if d.name.removeprefix("resume-").isdigit() and int(d.name.removeprefix("resume-")) > step:
+                shutil.rmtree(d, ignore_errors=True)
+
     def _is_online(self, node_id: str) -> bool:
         try:
             return self.registry.get(node_id).state == "online"
@@ -364,11 +371,15 @@ class JobService(Checkpointing, Reporting, Fencing):
                                  last_complete_checkpoint=self.last_complete_checkpoint(self.store.get(job.id)))
         log.warning("job failed job=%s reason=%s", job.id, reason)
 
-    def _finish(self, job: Job) -> None:
+    def _finish(self, job: Job, *, replicas: list[int] | None = None) -> None:
+        """Assemble the result from each stage's final checkpoint of replica 0, or (``replicas``:
+        the live pipelines of a fence they outran) of the lowest of ``replicas`` that sent one."""
         config = ModelConfig.from_hf_config(job.model)
         jdir = files.job_dir(self.state_dir, job.id)
-        finals = [c for c in self.store.checkpoints(job.id) if c["final"] and c["replica"] == 0]
-        by_stage = {c["stage"]: Path(c["dir"]) for c in finals}
+        keep = set(replicas) if replicas is not None else {0}
+        finals = [c for c in self.store.checkpoints(job.id) if c["final"] and c["replica"] in keep
+                  and (c["replica"] == 0 or (Path(c["dir"]) / "weights.safetensors").is_file())]
+        by_stage = {c["stage"]: Path(c["dir"]) for c in sorted(finals, key=lambda c: -c["replica"])}
         num_stages = max(a["stage"] for a in job.assignments) + 1
         if set(by_stage) != set(range(num_stages)):
             self._fail(job, f"stages {sorted(set(range(num_stages)) - set(by_stage))} finished without a final checkpoint")
@@ -404,8 +415,11 @@ class JobService(Checkpointing, Reporting, Fencing):
 
     def detail_record(self, job: Job) -> JobDetail:
         """The job as the typed record its JSON is made from (:class:`swarm.job_detail.JobDetail`)."""
+        # a step counts once every worker of the attempt reported it; once the job succeeded,
+        # once every stage did (a replica lost in the last steps left them to the others)
         reporters = len(job.assignments)
-        history = self.store.history(job.id, num_reporters=reporters, attempt=job.attempt) if reporters else []
+        history = self.store.history(job.id, num_reporters=reporters, attempt=job.attempt,
+                                     over=job.state == "succeeded") if reporters else []
         last = history[-1] if history else None
         names = {n.id: n.name for n in self.registry.snapshot()}
         cfg = job.model

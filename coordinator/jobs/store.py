@@ -335,14 +335,16 @@ class JobStore:
             return self._conn.execute("SELECT 1 FROM job_progress WHERE job_id = ? AND attempt = ? AND stage = ? AND"
                                       " replica = ? LIMIT 1", (job_id, attempt, stage, replica)).fetchone() is not None
 
-    def history(self, job_id: str, *, num_reporters: int, attempt: int | None = None) -> list[dict[str, Any]]:
+    def history(self, job_id: str, *, num_reporters: int, attempt: int | None = None,
+                over: bool = False) -> list[dict[str, Any]]:
         """Per step: loss (mean over replicas' last stages), tokens/s, bytes, time split.
 
         A step of the current ``attempt`` (or of any attempt, when None) appears once
         ``num_reporters`` stage workers of it reported it. A step of an earlier attempt appears
         once every stage of that attempt reported it: its plan is over, and a fence may have run
-        it with fewer pipelines than it started with (a lost replica's share). When a
-        re-planned job repeated steps, the latest attempt's rows count.
+        it with fewer pipelines than it started with (a lost replica's share). ``over``: the
+        current attempt is over too (the job succeeded; a replica lost in its last steps left
+        them to the others). When a re-planned job repeated steps, the latest attempt's rows count.
         """
         with self._lock:
             rows = self._conn.execute(
@@ -355,7 +357,7 @@ class JobStore:
                 "SELECT attempt, MAX(stage) + 1 FROM job_progress WHERE job_id = ? GROUP BY attempt", (job_id,)).fetchall())
         by_step: dict[int, dict[str, Any]] = {}
         for step, att, loss, tokens, step_s, sent, raw, comp, wait, comm, count, at, stages in rows:
-            if attempt is None or att == attempt:
+            if (attempt is None or att == attempt) and not over:
                 if count < num_reporters:
                     continue
             elif stages < stages_of[att]:

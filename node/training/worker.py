@@ -458,8 +458,10 @@ class StageWorker(TensorIO):
         meta = {"job_id": a.job_id, "stage": a.stage, "replica": a.replica, "step": step, "data_cursor": step,
                 "layers": [a.first_layer, a.last_layer_excl], "final": final, "optimizer": "optimizer.safetensors"}
         # Replicas hold the same weights and (averaged gradients) optimizer state; one copy per
-        # stage is enough for the coordinator, except at a fence (the replica 0 pipeline may be gone).
+        # stage is enough for the coordinator, except at a fence (the replica 0 pipeline may be
+        # gone) and at the end: a replica lost in the last steps is noticed after the survivors
+        # finished, and their finals are then the result (coordinator/jobs/churn.py fence_outrun).
         self.checkpoints.submit(Snapshot(
             step=step, final=final, weights=snapshot_tensors(self.module.hf_state_dict()),
             optimizer=snapshot_tensors(stage_optimizer_state(self.module, self.optimizer)), meta=meta,
-            upload_weights=a.replica == 0 if upload_weights is None else upload_weights))
+            upload_weights=(a.replica == 0 or final) if upload_weights is None else upload_weights))

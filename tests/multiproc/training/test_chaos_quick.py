@@ -2,26 +2,23 @@
 restarted and then a replica SIGKILLed; the churn run commits every step once."""
 
 import json
-import os
 
 import pytest
 
 from bench import chaos
 
-# Out of the default run: CI must not be flaky. On 2026-11-30 (this 2-core machine, load 5-8 from
-# other work) it passed 2 of 3 runs (~75 s each); the third run's replica-loss fence did not stop
-# the surviving pipeline, which finished the job on its own (replica 1 uploads no weights), so the
-# job rolled back to its last checkpoint 60 s later and failed assembling the result. Earlier
-# failures: a worker set-up call failing on the coordinator outage (fixed: retried), a node killed
-# and restarted before its loss was noticed (stalled until quarantined; now dropped as "restarted",
-# tests/unit/training/test_restarted_worker.py; --quick brings the node back later anyway). Run it
-# with SWARM_CHAOS_TEST=1 (the churn guarantees themselves are in test_train_churn.py).
-pytestmark = [pytest.mark.multiproc,
-              pytest.mark.skipif(os.environ.get("SWARM_CHAOS_TEST") != "1",
-                                 reason="bench/chaos.py --quick: set SWARM_CHAOS_TEST=1 (not yet reliable on 2 cores)")]
+# ~80-100 s on this loaded 2-core machine (2026-12-01: 6 of 6 runs passed, 80-100 s). It used to fail ~1 run in 3:
+# the replica killed after the coordinator's return died in the job's last steps, the survivors
+# finished the job before the loss was noticed, and the replica-loss fence (which could never
+# reach a switch step) timed out into a rollback; such a fence now finishes the job with the
+# survivors' final checkpoints (tests/unit/training/test_fence_outrun.py). Earlier failures: a
+# worker set-up call failing on the coordinator outage (fixed: retried), a node killed and
+# restarted before its loss was noticed (now dropped as "restarted",
+# tests/unit/training/test_restarted_worker.py; --quick brings the node back later anyway).
+pytestmark = [pytest.mark.multiproc]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(300)  # ~3x its time here: a hang costs CI 5 minutes, not 10
 def test_chaos_quick_commits_every_step_once(capsys):
     rc = chaos.main(["--quick", "--no-record", "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -32,4 +29,6 @@ def test_chaos_quick_commits_every_step_once(capsys):
     assert churn["repeated_steps"] == []  # a replica drop and a coordinator restart roll nothing back
     assert out["coordinator_killed"]  # while the job ran
     assert [f["what"].split()[0] for f in churn["faults"]] == ["coordinator", "node"]
-    assert all(f["next_commit_s"] is not None and f["next_commit_s"] < 30 for f in churn["faults"])
+    # a fault after the last step was committed (the job outran it) has no next committed step
+    assert all(f["next_commit_s"] is not None and f["next_commit_s"] < 30 for f in churn["faults"]
+               if f["step_before"] < out["steps"] - 1), churn["faults"]
