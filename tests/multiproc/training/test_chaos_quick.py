@@ -29,6 +29,7 @@ def test_chaos_quick_commits_every_step_once(capsys):
     assert churn["repeated_steps"] == []  # a replica drop and a coordinator restart roll nothing back
     assert out["coordinator_killed"]  # while the job ran
     assert [f["what"].split()[0] for f in churn["faults"]] == ["coordinator", "node"]
-    # a fault after the last step was committed (the job outran it) has no next committed step
-    assert all(f["next_commit_s"] is not None and f["next_commit_s"] < 30 for f in churn["faults"]
+    # every fault is followed by a committed step (how soon is the benchmark's figure: tests assert
+    # behaviour, not timings); a fault after the last step was committed has none to follow it
+    assert all(f["next_commit_s"] is not None for f in churn["faults"]
                if f["step_before"] < out["steps"] - 1), churn["faults"]
