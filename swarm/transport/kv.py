@@ -66,13 +66,13 @@ def kv_from_chunks(first: pb.ServeKVChunk, rest: Iterable[pb.ServeKVChunk], expe
         wire.validate_header(h, wire.TensorExpectation(
             job_id=h.job_id, kind="kv_cache", shape=expect.shape(h.step), dtype=expect.dtype, codec="none",
             boundary=expect.stage, replica=expect.replica, sender_ids=expect.senders))
-        itemsize = torch.empty((), dtype=wire.DTYPES[h.dtype]).element_size()
+        itemsize = wire.DTYPES[h.dtype].itemsize
         if h.payload_bytes != h.numel * itemsize:
             raise InvalidRequestError(f"KV cache payload of {h.payload_bytes} bytes, shape {h.shape} needs "
                                       f"{h.numel * itemsize}")
 
     shape_max = expect.shape(expect.max_positions)
-    itemsize = torch.empty((), dtype=wire.DTYPES[expect.dtype]).element_size()
+    itemsize = wire.DTYPES[expect.dtype].itemsize
     limit = itemsize
     for d in shape_max:
         limit *= d
