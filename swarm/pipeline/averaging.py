@@ -69,9 +69,13 @@ class ReplicaAverager:
         self.num_failed = 0
         self._pending = None  # the round in flight: (kind, control, gather, own parameters or None)
         self._delta: list[torch.Tensor] | None = None  # its outcome: mean - own, waiting to be applied
-        self.dht = DHT(start=True, host_maddrs=[f"/ip4/{host}/tcp/0"], initial_peers=list(initial_peers))
+        # a bounded wait for the DHT's process (hivemind's own waits forever): a child that never
+        # comes up becomes an error the caller reports, not a stage that hangs
+        self.dht = DHT(start=True, await_ready=False, host_maddrs=[f"/ip4/{host}/tcp/0"],
+                       initial_peers=list(initial_peers))
         buffers = [torch.zeros_like(p, device="cpu", dtype=torch.float32) for p in self.params]
         try:
+            self.dht.wait_until_ready(setup_timeout_s or timeout_s)
             self.averager = DecentralizedAverager(
                 buffers, self.dht, start=False, prefix=prefix, target_group_size=num_replicas, min_group_size=2,
                 min_matchmaking_time=matchmaking_s, request_timeout=matchmaking_s / 2,
@@ -82,7 +86,7 @@ class ReplicaAverager:
             self.averager.start()
             self.averager.wait_until_ready(setup_timeout_s or timeout_s)
         except BaseException:
-            self.dht.shutdown()
+            _stop(self.dht, self.dht.shutdown, 3.0)
             raise
 
     def maddrs(self) -> list[str]:
@@ -240,17 +244,22 @@ class ReplicaAverager:
         SIGTERM hivemind uses as a last resort may not end them.
         """
         for proc, stop in ((self.averager, self.averager.shutdown), (self.dht, self.dht.shutdown)):
-            try:
-                stop()
-            except Exception as exc:  # noqa: BLE001 -- still make sure the process is gone
-                log.debug("hivemind shutdown: %s", exc)
-            proc.join(timeout_s)
-            if proc.is_alive() and proc.pid is not None:
-                try:
-                    os.kill(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.join(timeout_s)
+            _stop(proc, stop, timeout_s)
+
+
+def _stop(proc, stop, timeout_s: float) -> None:
+    """Ask a hivemind process to stop (``stop()``), then SIGKILL it if it lingers."""
+    try:
+        stop()
+    except Exception as exc:  # noqa: BLE001 -- still make sure the process is gone
+        log.debug("hivemind shutdown: %s", exc)
+    proc.join(timeout_s)
+    if proc.is_alive() and proc.pid is not None:
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.join(timeout_s)
 
 
 async def _routing_peers(dht, node) -> list:
