@@ -79,6 +79,7 @@ class NodeConfig:
     relay_port: int | None = None  # --relay: offer relaying on this TCP port (0 picks one); None: don't
     relay_limits: RelayLimits = field(default_factory=RelayLimits)
     hole_punching: bool = True  # relayed: punch holes to other NAT'd nodes (--no-hole-punching: relay only)
+    step_wire_port: int = 0  # inference steps' TLS socket (swarm/transport/step_wire.py): 0 picks one, -1: none
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -89,6 +90,8 @@ class NodeConfig:
             raise ConfigError("--port must be in 0..65535")
         if self.relay_port is not None and not 0 <= self.relay_port <= 65535:
             raise ConfigError("--relay-port must be in 0..65535")
+        if not -1 <= self.step_wire_port <= 65535:
+            raise ConfigError("--step-wire-port must be in 0..65535 (0: a free port), or -1 for none")
         if self.heartbeat_interval_s is not None and not 0.05 <= self.heartbeat_interval_s <= 60:
             raise ConfigError("--heartbeat-interval-s must be in 0.05..60")
         if not 0.01 <= self.matmul_duration_s <= 30:
@@ -159,7 +162,8 @@ class NodeAgent:
         self.host = NodeHost(node_id=self.node_id, device=self.device, state_dir=self.state_dir, clock=self.clock,
                              coordinator_channel=self.coordinator_channel, call_metadata=self.call_metadata,
                              wait_registered=self.wait_registered, update_metrics=self.update_metrics,
-                             traffic=self.traffic, security=self.security, faults=config.faults)
+                             traffic=self.traffic, security=self.security, faults=config.faults,
+                             listen_host=config.host, step_wire_port=config.step_wire_port)
         self.peer_servicer: PeerServicer | None = None
         self.relay = NodeRelay(node_id=self.node_id, security=self.security, coordinator_channel=self.coordinator_channel,
                                call_metadata=self.call_metadata, offer_port=config.relay_port, bind_host=config.host,

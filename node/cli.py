@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--no-hole-punching", action="store_true", default=env("SWARM_NO_HOLE_PUNCHING", "") == "1",
                    help="behind NAT: reach other NAT'd nodes only through the relay (default: punch holes, "
                         "falling back to the relay)")
+    j.add_argument("--step-wire-port", type=int, default=int(env("SWARM_STEP_WIRE_PORT", "0")),
+                   help="TCP port of the inference step wire, the fast path of generation steps between stages "
+                        "(default 0: free; -1: none, steps go over gRPC). Open it like --port to be fast for peers")
     j.add_argument("--log-level", default=env("SWARM_LOG_LEVEL", "INFO"))
     return parser
 
@@ -89,6 +92,7 @@ def join(args: argparse.Namespace) -> int:
             bench_plaintext=bench_plaintext(os.environ),
             faults=faults,
             relay_port=args.relay_port if args.relay else None, hole_punching=not args.no_hole_punching,
+            step_wire_port=args.step_wire_port,
             relay_limits=RelayLimits(rate_Bps=args.relay_rate_mbit * 1e6 / 8),
         )
         agent = NodeAgent(config)

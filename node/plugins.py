@@ -52,6 +52,8 @@ class NodeHost:
     - ``traffic`` (:class:`node.traffic.Traffic`): add the bytes exchanged with peers and observe
       large pushes; totals go out as the ``bytes_sent`` / ``bytes_received`` metrics and
       observations as link measurements with every heartbeat;
+    - ``listen_host`` / ``step_wire_port``: where plugins' own ports listen (the inference step
+      wire, swarm/transport/step_wire.py; -1: none);
     - ``security`` (swarm.transport.tls): ``data_channel(address, security=host.security,
       node_id=...)`` dials a peer with this node's certificate; ``security.peer_identity(context)``
       is the caller of a servicer method (node id or ``"coordinator"``, from its certificate).
@@ -68,6 +70,8 @@ class NodeHost:
     traffic: Traffic
     security: Any = None
     faults: FaultConfig = NO_FAULTS  # SWARM_FAULT (tests only): what this node does wrong on purpose
+    listen_host: str = "0.0.0.0"  # where the peer server listens (--host); extra ports listen there too
+    step_wire_port: int = 0  # --step-wire-port: 0 picks a free port, -1: no step wire
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))

@@ -45,6 +45,7 @@ from swarm.transport.channels import data_channel
 from swarm.transport.inference import (commitments_from_pb, entries_to_pb, new_step_capability,
                                        point_commitments_from_pb, step_metadata)
 from swarm.transport.step_link import StepLink
+from swarm.transport.step_wire import wire_target
 
 log = logging.getLogger(__name__)
 _TRACE = StepTrace("coordinator")  # SWARM_STEP_TRACE=DIR: per-step timestamps (swarm/steptrace.py)
@@ -157,6 +158,7 @@ class Replica:
         self.capability = new_step_capability()
         self._metadata = step_metadata(self.capability)
         # TLS as the coordinator (swarm://coordinator); each stage's certificate must name its node
+        self._security = security
         self._channels = [data_channel(s.address, security=security, node_id=s.node_id) for s in stages]
         self._stubs = [pb_grpc.InferenceStageStub(c) for c in self._channels]
         self._thread: threading.Thread | None = None
@@ -274,8 +276,10 @@ class Replica:
 
     def _run(self) -> None:
         # the persistent step stream to the first stage (opened on the first step)
+        first = self.stages[0]
         link = StepLink(lambda requests, metadata: self._stubs[0].StepStream(requests, metadata=metadata),
-                        metadata=self._metadata, what=f"first stage of replica {self.index}")
+                        metadata=self._metadata, what=f"first stage of replica {self.index}",
+                        wire=wire_target(self._security, first.address, first.node_id, self._stubs[0]))
         try:
             self._drive(link)
         finally:

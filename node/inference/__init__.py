@@ -10,6 +10,7 @@ import grpc
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.errors import error_from_rpc
+from swarm.transport.step_wire import WireServer
 
 from node.inference.servicer import InferenceStageServicer
 from node.plugins import NodeHost, NodePlugin
@@ -39,6 +40,7 @@ class InferencePlugin(NodePlugin):
         )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.wire: WireServer | None = None
 
     def _open_coordinator_shard(self, req):
         stub = pb_grpc.InferenceGatewayStub(self.host.coordinator_channel)
@@ -76,12 +78,24 @@ class InferencePlugin(NodePlugin):
                 log.exception("session expiry failed")
 
     def start(self) -> None:
+        if self.host.step_wire_port >= 0 and hasattr(self.host.security, "ssl_context"):
+            try:
+                self.wire = WireServer(security=self.host.security, host=self.host.listen_host,
+                                       port=self.host.step_wire_port,
+                                       serve_stream=self.servicer.StepStream).start()
+                self.servicer.wire_port = self.wire.port
+                log.info("step wire listening on port %d", self.wire.port)
+            except OSError as exc:
+                log.warning("no step wire (cannot listen on port %d: %s); generation steps go over gRPC; "
+                            "pick a free --step-wire-port", self.host.step_wire_port, exc)
         t = threading.Thread(target=self._expire_loop, name="inference-expire", daemon=True)
         t.start()
         self._threads.append(t)
 
     def stop(self) -> None:
         self._stop.set()
+        if self.wire is not None:
+            self.wire.stop()
         for t in self._threads:
             t.join(timeout=5)
         self.servicer.close_all()

@@ -58,6 +58,7 @@ from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
 from swarm.transport.errors import error_from_rpc, grpc_errors
 from swarm.transport.step_link import StepLink
+from swarm.transport.step_wire import wire_target
 from swarm.transport.tls import RenewingStub
 from swarm.transport.inference import check_step_capability, step_metadata
 
@@ -113,6 +114,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         self._identify = identify
         self._confirm_fetch = confirm_fetch
         self.node_id = node_id
+        self.wire_port = 0  # the step wire's port once the plugin started it (node/inference/__init__.py)
         self.device = device
         self.state_dir = Path(state_dir) / "inference"
         self._open_coordinator_shard = open_coordinator_shard
@@ -341,10 +343,17 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 link.close()
 
     def _next_link(self, loaded: _Loaded, hop: tuple) -> StepLink:
-        stubs, capability, _, _, address = hop
+        stubs, capability, _, node_id, address = hop
         return StepLink(lambda requests, metadata: stubs.stub.StepStream(requests, metadata=metadata),
                         metadata=step_metadata(capability),
-                        what=f"stage {loaded.assignment.stage + 1} at {address}")
+                        what=f"stage {loaded.assignment.stage + 1} at {address}",
+                        wire=wire_target(self.security, address, node_id, stubs.stub))
+
+    @grpc_errors
+    def StepWire(self, request: pb.ServeStepWireRequest, context) -> pb.ServeStepWireReply:
+        """The port of this node's step wire (0: none); any swarm certificate may ask."""
+        self._caller(context)
+        return pb.ServeStepWireReply(port=self.wire_port)
 
     def _forward_unary(self, hop: tuple | None, nxt: pb.ServeStepRequest) -> pb.ServeStepReply:
         assert hop is not None

@@ -17,11 +17,17 @@ call setup, no new HTTP/2 stream, no server thread hand-off per step as a unary 
 - Stages cancel streams idle for longer than their ``--stream-idle-timeout-s`` (60 s by default,
   swarm/transport/limits.py); a link idle for :data:`REOPEN_IDLE_S` or whose stream has ended
   opens a new one before sending, so an idle chain never fails its next step for that.
+- Given a ``wire`` (:class:`~swarm.transport.step_wire.WireTarget`), the link carries its steps
+  over the stage's step wire instead (the same steps and checks without gRPC's thread hand-offs,
+  swarm/transport/step_wire.py): it asks the stage's port once, connects, and on any failure to
+  connect (no wire, port unreachable behind NAT) uses the gRPC stream for
+  :data:`WIRE_RETRY_S` before trying again. ``SWARM_STEP_WIRE=0`` turns the wire off.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -30,14 +36,20 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from swarm.errors import PeerError
+from swarm.errors import PeerError, SwarmError
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.transport.errors import error_from_rpc
+from swarm.transport.step_wire import WireConnection, WireTarget
 
 log = logging.getLogger(__name__)
 
 REOPEN_IDLE_S = 20.0  # well under the stages' default idle-stream timeout (60 s)
 WATCH_INTERVAL_S = 0.5
+WIRE_RETRY_S = 60.0  # after a wire could not be connected, the gRPC stream this long
+
+
+def wire_enabled() -> bool:
+    return os.environ.get("SWARM_STEP_WIRE", "1") != "0"
 _END = object()
 
 
@@ -45,12 +57,18 @@ class StepLink:
     """A persistent step stream to one stage. One step in flight at a time (the caller's thread
     blocks in :meth:`step`); not shared between threads."""
 
-    def __init__(self, open_stream: Callable[..., object], *, metadata, what: str) -> None:
+    def __init__(self, open_stream: Callable[..., object], *, metadata, what: str,
+                 wire: WireTarget | None = None) -> None:
         """``open_stream``: a stub's ``StepStream`` method (``open_stream(requests, metadata=...)``);
-        ``metadata``: sent when the stream opens; ``what`` names the stage in errors."""
+        ``metadata``: sent when the stream opens; ``what`` names the stage in errors; ``wire``:
+        the stage's step wire, tried first (None or ``SWARM_STEP_WIRE=0``: gRPC only)."""
         self._open_stream = open_stream
         self._metadata = metadata
         self.what = what
+        self._wire_target = wire if wire_enabled() else None
+        self._wire: WireConnection | None = None
+        self._wire_failed_s = -WIRE_RETRY_S
+        self.transport = "grpc"  # of the last step: "grpc" or "wire"
         self._requests: queue.SimpleQueue | None = None
         self._responses = None
         self._last_used_s = 0.0
@@ -61,6 +79,15 @@ class StepLink:
         """Send one step and wait for its reply. Raises the SwarmError the stage answered with
         (the stream is closed then; the next step opens a new one)."""
         now = time.monotonic()
+        wire = self._connected_wire(now)
+        if wire is not None:
+            self.transport = "wire"
+            try:
+                return wire.step(request, timeout_s=timeout_s)
+            finally:
+                if wire.closed:
+                    self._wire = None
+        self.transport = "grpc"
         if self._responses is not None and (self._responses.done() or now - self._last_used_s > REOPEN_IDLE_S):
             self.close()
         if self._responses is None:
@@ -82,6 +109,26 @@ class StepLink:
             self.deadline_s = None
         self._last_used_s = time.monotonic()
         return reply
+
+    def _connected_wire(self, now: float) -> WireConnection | None:
+        """The step wire to use for this step, connected now if needed; None: use gRPC."""
+        if self._wire is not None or self._wire_target is None or now - self._wire_failed_s < WIRE_RETRY_S:
+            return self._wire
+        target = self._wire_target
+        try:
+            port = int(target.ask_port())
+            if not 0 < port <= 65535:
+                raise PeerError("it has no step wire")
+            self._wire = WireConnection(target, port, metadata=self._metadata, what=self.what)
+        except (OSError, SwarmError, grpc.RpcError) as exc:  # ssl.SSLError is an OSError
+            self._wire_failed_s = now
+            log.info("step wire to %s not usable (%s); steps go over gRPC for %.0f s", self.what,
+                     exc.details() if isinstance(exc, grpc.RpcError) else exc, WIRE_RETRY_S)
+            return None
+        self.num_opened += 1
+        if self._responses is not None:  # the gRPC stream is not needed any more
+            self._close_stream()
+        return self._wire
 
     def _open(self) -> None:
         requests: queue.SimpleQueue = queue.SimpleQueue()
@@ -108,7 +155,13 @@ class StepLink:
         return True
 
     def close(self) -> None:
-        """End the stream (idempotent)."""
+        """End the stream and the wire (idempotent)."""
+        if self._wire is not None:
+            self._wire.close()
+            self._wire = None
+        self._close_stream()
+
+    def _close_stream(self) -> None:
         if self._requests is not None:
             self._requests.put(_END)
         if self._responses is not None:

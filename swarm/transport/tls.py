@@ -180,6 +180,7 @@ class TlsSecurity:
         # where this process's channels to a node really go: (address, node id) -> address; set
         # by a relayed node to its hole-punching bridge (swarm/transport/punch.py), else None
         self.route: Callable[[str, str], str] | None = None
+        self._ssl_cache: dict[bool, tuple[int, ssl.SSLContext]] = {}  # server? -> (generation, context)
 
     # -- material ---------------------------------------------------------------------------------
     @property
@@ -248,6 +249,26 @@ class TlsSecurity:
                                              certificate_chain=cert if key else None)
         return grpc.secure_channel(address, creds, options=[*options, ("grpc.ssl_target_name_override", server_name)])
 
+    # -- plain sockets (the inference step wire, swarm/transport/step_wire.py) ---------------------
+    def ssl_context(self, *, server: bool) -> ssl.SSLContext:
+        """An ``ssl`` context with this process's certificate that trusts only the swarm CA: a
+        server's requires the peer's certificate; a client's checks the server's name (pass
+        ``server_hostname``). Made anew when the material changed (a renewed certificate)."""
+        ca, key, cert, gen = self._material()
+        if ca is None or key is None or cert is None:
+            raise UnavailableError("no certificate yet (not registered with the coordinator); retry shortly")
+        cache = self._ssl_cache
+        got = cache.get(server)
+        if got is not None and got[0] == gen:
+            return got[1]
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cadata=ca.decode())
+        _load_chain(ctx, key, cert)
+        cache[server] = (gen, ctx)
+        return ctx
+
     # -- who is calling ---------------------------------------------------------------------------
     @staticmethod
     def peer_identity(context) -> str:
@@ -258,6 +279,21 @@ class TlsSecurity:
         if who is None:
             raise AuthError("this call needs a swarm certificate (a node's or the coordinator's) and came without one")
         return who
+
+
+def _load_chain(ctx: ssl.SSLContext, key_pem: bytes, cert_pem: bytes) -> None:
+    """``load_cert_chain`` reads files only: a private temporary file, removed at once."""
+    import os
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="swarm-tls-", suffix=".pem")  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(key_pem if key_pem.endswith(b"\n") else key_pem + b"\n")
+            f.write(cert_pem)
+        ctx.load_cert_chain(path)
+    finally:
+        os.unlink(path)
 
 
 class PlaintextSecurity:

@@ -181,6 +181,16 @@ class ServeLoadStageReply(_message.Message):
     load_s: float
     def __init__(self, node_id: _Optional[str] = ..., loaded_bytes: _Optional[int] = ..., load_s: _Optional[float] = ...) -> None: ...
 
+class ServeStepWireRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServeStepWireReply(_message.Message):
+    __slots__ = ("port",)
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    def __init__(self, port: _Optional[int] = ...) -> None: ...
+
 class ServeUnloadStageRequest(_message.Message):
     __slots__ = ("model_name", "replica")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,11 @@ class InferenceStageStub:
                 request_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeFetchShardRequest.SerializeToString,
                 response_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeShardChunk.FromString,
                 _registered_method=True)
+        self.StepWire = channel.unary_unary(
+                '/swarm.proto.v1.InferenceStage/StepWire',
+                request_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepWireRequest.SerializeToString,
+                response_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepWireReply.FromString,
+                _registered_method=True)
         self.PushKV = channel.unary_unary(
                 '/swarm.proto.v1.InferenceStage/PushKV',
                 request_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServePushKVRequest.SerializeToString,
@@ -118,6 +123,14 @@ class InferenceStageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StepWire(self, request, context):
+        """The port of this node's step wire (swarm/transport/step_wire.py): the same steps as
+        StepStream over one TLS socket per link, without gRPC's per-message thread hand-offs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PushKV(self, request, context):
         """Disaggregated serving: the coordinator asks a prefill stage to push a session's KV cache to
         the matching stage of a decode chain (which accepts it only from its kv_source_node_ids).
@@ -164,6 +177,11 @@ def add_InferenceStageServicer_to_server(servicer, server):
                     servicer.FetchShard,
                     request_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeFetchShardRequest.FromString,
                     response_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeShardChunk.SerializeToString,
+            ),
+            'StepWire': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepWire,
+                    request_deserializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepWireRequest.FromString,
+                    response_serializer=swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepWireReply.SerializeToString,
             ),
             'PushKV': grpc.unary_unary_rpc_method_handler(
                     servicer.PushKV,
@@ -338,6 +356,33 @@ class InferenceStage:
             '/swarm.proto.v1.InferenceStage/FetchShard',
             swarm_dot_proto_dot_v1_dot_inference__pb2.ServeFetchShardRequest.SerializeToString,
             swarm_dot_proto_dot_v1_dot_inference__pb2.ServeShardChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepWire(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.proto.v1.InferenceStage/StepWire',
+            swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepWireRequest.SerializeToString,
+            swarm_dot_proto_dot_v1_dot_inference__pb2.ServeStepWireReply.FromString,
             options,
             channel_credentials,
             insecure,

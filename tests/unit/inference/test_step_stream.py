@@ -42,6 +42,7 @@ def start_stage_server(pki: TestPki, tmp_path, name, ckpt_dir):
     pb_grpc.add_InferenceStageServicer_to_server(servicer, server)
     port = bind(server, "127.0.0.1", 0, security=sec)
     server.start()
+    server.servicer = servicer  # for tests that start its step wire (test_step_wire.py)
     return server, f"127.0.0.1:{port}"
 
 
