@@ -224,6 +224,14 @@ class Swarm:
                 sh(*pre, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit",
                    "burst", str(burst), "latency", "50ms")
 
+    def wire_share(self) -> tuple[int, int]:
+        """(steps the nodes answered over the step wire, steps they ran), from their metrics
+        (sent with heartbeats: refreshed every few seconds)."""
+        time.sleep(7)
+        nodes = CoordinatorClient(self.address, token=self.token).snapshot().nodes
+        return (sum(int(n.metrics.get("step_wire_steps", 0)) for n in nodes),
+                sum(int(n.metrics.get("inference_steps", 0)) for n in nodes))
+
     def close(self) -> None:
         for p in reversed(getattr(self, "procs", [])):
             p.stop()
@@ -262,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--pin-cores", action="store_true",
                     help="run the coordinator and each node process on a CPU core of its own (taskset)")
+    ap.add_argument("--step-transport", choices=("wire", "grpc"), default="wire",
+                    help="how steps go between the coordinator and stages: the step wire (TLS sockets, the "
+                         "default) or gRPC streams (SWARM_STEP_WIRE=0), for a before/after in one session")
     ap.add_argument("--trace", action="store_true",
                     help="time every hop of every decode step (SWARM_STEP_TRACE) and print where a token's time goes")
     ap.add_argument("--trace-dir", default=None, help="keep the --trace files here (default: a temporary directory)")
@@ -289,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.trace:
             trace_dir = Path(args.trace_dir) if args.trace_dir else root / "trace"
             os.environ["SWARM_STEP_TRACE"] = str(trace_dir)  # the swarm's processes inherit it
+        os.environ["SWARM_STEP_WIRE"] = "1" if args.step_transport == "wire" else "0"  # inherited too
         swarm = Swarm(root, max(stages), device=args.device, netns=args.netns, rate_mbit=args.rate_mbit, delay_ms=args.delay_ms,
                       pin_cores=args.pin_cores)
         try:
@@ -324,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                         if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
                             best[key] = r
                 print(f"round done: {len(best)} configurations", file=out, flush=True)
+            wire_steps = swarm.wire_share()
         finally:
             swarm.close()
         trace_notes = trace_table(trace_dir, stages, sessions) if args.trace else ""
@@ -366,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         a, b = by.get((False, k, 1)), by.get((False, k, 8))
         if a and b:
             notes.append(f"- {k} stage(s): 8 concurrent sessions give {b[6] / a[6]:.2f}x the aggregate throughput of one")
+    notes.append(f"- steps between processes: --step-transport {args.step_transport}; the nodes answered "
+                 f"{wire_steps[0]} of their {wire_steps[1]} steps over the step wire")
     if trace_notes:
         notes.append(trace_notes)
     print("\n".join(notes), file=out)
@@ -377,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"headers": headers, "rows": rows, "notes": notes}, indent=2))
     if not args.no_record:
-        title = f"Inference: pipeline chains ({args.device}{', netns tbf' if args.netns else ', loopback'})"
+        title = (f"Inference: pipeline chains ({args.device}{', netns tbf' if args.netns else ', loopback'}, "
+                 f"steps over {'the step wire' if args.step_transport == 'wire' else 'gRPC streams'})")
         record(title, table, "\n".join(notes), doc=Path(args.record_to) if args.record_to else None)
     return 0
 

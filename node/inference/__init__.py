@@ -72,8 +72,8 @@ class InferencePlugin(NodePlugin):
     def _expire_loop(self) -> None:
         while not self._stop.wait(_EXPIRE_INTERVAL_S):
             try:
-                if self.servicer.expire_sessions():
-                    self.servicer._changed()
+                self.servicer.expire_sessions()
+                self.servicer._changed()  # sessions, steps, step-wire counters: sent with the next heartbeat
             except Exception:  # noqa: BLE001 -- the loop must survive
                 log.exception("session expiry failed")
 
@@ -83,7 +83,7 @@ class InferencePlugin(NodePlugin):
                 self.wire = WireServer(security=self.host.security, host=self.host.listen_host,
                                        port=self.host.step_wire_port,
                                        serve_stream=self.servicer.StepStream).start()
-                self.servicer.wire_port = self.wire.port
+                self.servicer.wire = self.wire
                 log.info("step wire listening on port %d", self.wire.port)
             except OSError as exc:
                 log.warning("no step wire (cannot listen on port %d: %s); generation steps go over gRPC; "

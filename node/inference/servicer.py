@@ -114,7 +114,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         self._identify = identify
         self._confirm_fetch = confirm_fetch
         self.node_id = node_id
-        self.wire_port = 0  # the step wire's port once the plugin started it (node/inference/__init__.py)
+        self.wire = None  # the step wire (swarm/transport/step_wire.py) once the plugin started it
         self.device = device
         self.state_dir = Path(state_dir) / "inference"
         self._open_coordinator_shard = open_coordinator_shard
@@ -179,8 +179,10 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                  "sessions": v.runtime.num_sessions}
                 for k, v in self._stages.items()
             ]
+        wire = self.wire
         return {"inference_stages": stages, "inference_steps": self._runner.steps,
-                "inference_tokens": self._runner.tokens}
+                "inference_tokens": self._runner.tokens, "step_wire_port": wire.port if wire is not None else 0,
+                "step_wire_steps": wire.steps if wire is not None else 0}
 
     def _changed(self) -> None:
         if self._on_change is not None:
@@ -353,7 +355,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
     def StepWire(self, request: pb.ServeStepWireRequest, context) -> pb.ServeStepWireReply:
         """The port of this node's step wire (0: none); any swarm certificate may ask."""
         self._caller(context)
-        return pb.ServeStepWireReply(port=self.wire_port)
+        return pb.ServeStepWireReply(port=self.wire.port if self.wire is not None else 0)
 
     def _forward_unary(self, hop: tuple | None, nxt: pb.ServeStepRequest) -> pb.ServeStepReply:
         assert hop is not None

@@ -168,6 +168,7 @@ class WireServer:
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, str | None] = {}
         self._stopped = False
+        self.steps = 0  # steps answered over the wire (a node metric)
         self._thread = threading.Thread(target=self._accept_loop, name="step-wire-accept", daemon=True)
 
     def start(self) -> "WireServer":
@@ -263,6 +264,7 @@ class WireServer:
         try:
             for reply in self._serve_stream(requests(), context):
                 write_frame(tls, REPLY, reply.SerializeToString())
+                self.steps += 1
         except _Aborted as exc:
             _send_error(tls, exc.code, exc.message)
 

@@ -31,7 +31,7 @@ def start_stage(pki, tmp_path, name, ckpt):
     server, address = start_stage_server(pki, tmp_path, name, ckpt)
     servicer = server.servicer
     wire = WireServer(security=servicer.security, host="127.0.0.1", port=0, serve_stream=servicer.StepStream).start()
-    servicer.wire_port = wire.port
+    servicer.wire = wire
     return server, wire, address
 
 
