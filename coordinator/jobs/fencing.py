@@ -32,7 +32,7 @@ from swarm.scheduling import Plan
 
 from coordinator.jobs import churn, files, rebalance
 from coordinator.jobs.handover import state_copies
-from coordinator.jobs.planning import JobPlan, busy_node_ids, grow_plan, predicted_step_s
+from coordinator.jobs.planning import JobPlan, busy_node_ids, grow_plan, predicted_times
 from coordinator.jobs.spotchecks import verify_plans
 from coordinator.jobs.store import Job
 
@@ -103,8 +103,9 @@ class Fencing:
             return
         try:
             jp = self._plan(job, degrade=True, tflops=seen)
-            current_s = self._predicted_step_s(job, Plan.from_json(job.plan), seen)
-            new_s = self._predicted_step_s(job, jp.plan, seen)
+            current_s, new_s = rebalance.calibrated(measured_step_s=self.speeds.step_s(job),
+                                                    current=self._predicted(job, Plan.from_json(job.plan), seen),
+                                                    new=self._predicted(job, jp.plan, seen))
         except (InfeasiblePlanError, SwarmError) as exc:
             log.info("cannot weigh a re-balance job=%s node=%s (%s)", job.id, node[:12], exc)
             return
@@ -127,10 +128,10 @@ class Fencing:
         if self.store.set_fence(job.id, fence, expect_attempt=job.attempt):
             log.info("job re-balances job=%s around node=%s (%s)", job.id, node[:12], decision.why)
 
-    def _predicted_step_s(self, job: Job, plan: Plan, tflops: dict[str, float]) -> float:
+    def _predicted(self, job: Job, plan: Plan, tflops: dict[str, float]) -> tuple[float, float]:
         nodes = self.registry.online()
         delay, bandwidth = self.network.planning_matrix(nodes)[:2]
-        return predicted_step_s(plan, spec=job.spec, config=ModelConfig.from_hf_config(job.model), nodes=nodes,
+        return predicted_times(plan, spec=job.spec, config=ModelConfig.from_hf_config(job.model), nodes=nodes,
                                 delay_s=delay, bandwidth_Bps=bandwidth, tflops=tflops)
 
     def _on_lost(self, job: Job, lost: dict[str, str]) -> None:

@@ -113,10 +113,11 @@ def _cluster_and_shape(spec: JobSpec, config: ModelConfig, chosen: list[NodeInfo
     return cluster, shape
 
 
-def predicted_step_s(plan: Plan, *, spec: JobSpec, config: ModelConfig, nodes: list[NodeInfo], delay_s: np.ndarray,
-                     bandwidth_Bps: np.ndarray, tflops: dict[str, float]) -> float:
-    """``plan``'s predicted step time (compute with its bubble plus communication) if its nodes
-    ran at ``tflops`` (``nodes``: with the matrices, in the same order; must hold the plan's)."""
+def predicted_times(plan: Plan, *, spec: JobSpec, config: ModelConfig, nodes: list[NodeInfo], delay_s: np.ndarray,
+                    bandwidth_Bps: np.ndarray, tflops: dict[str, float]) -> tuple[float, float]:
+    """``plan``'s predicted step time if its nodes ran at ``tflops`` (else at their planning
+    speed), as (compute with its 1F1B bubble, communication) seconds. ``nodes``: with the
+    matrices, in the same order; must hold the plan's."""
     ids = {str(d) for st in plan.stages for d in st.devices}
     order = [i for i, n in enumerate(nodes) if n.id in ids]
     if len(order) != len(ids):
@@ -125,7 +126,8 @@ def predicted_step_s(plan: Plan, *, spec: JobSpec, config: ModelConfig, nodes: l
                                         np.asarray(delay_s)[np.ix_(order, order)],
                                         np.asarray(bandwidth_Bps)[np.ix_(order, order)], tflops,
                                         dp=plan.d_dp, pp=plan.d_pp)
-    return evaluate_plan(cluster, shape, plan, objective="predicted_iteration").cost_s
+    scored = evaluate_plan(cluster, shape, plan, objective="predicted_iteration")
+    return scored.compute_s, scored.cost_s - scored.compute_s
 
 
 def grow_plan(plan: Plan, idle: list[NodeInfo], nodes: dict[str, NodeInfo], *, num_replicas: int,

@@ -81,6 +81,22 @@ def predicted_gain(current_step_s: float, new_step_s: float) -> float:
     return 1.0 - new_step_s / current_step_s
 
 
+def calibrated(*, measured_step_s: float | None, current: tuple[float, float],
+               new: tuple[float, float]) -> tuple[float, float]:
+    """(current, new) predicted step seconds from the scheduler's (compute, communication) of each
+    plan under the seen speeds, with compute scaled so the current plan predicts the step time
+    the workers measured. The scheduler prices compute from peak TFLOPS x a fixed efficiency;
+    real stages also spend framework time per layer, which the waits that measured the speeds
+    include, so on small models its compute is far below what the workers see and communication
+    would look dominant. The scale is the same for both plans (only the split differs). Without a
+    measurement, or one the model's communication alone exceeds, unscaled."""
+    (cc, cm), (nc, nm) = current, new
+    k = 1.0
+    if measured_step_s is not None and math.isfinite(measured_step_s) and cc > 0 and measured_step_s > cc + cm:
+        k = (measured_step_s - cm) / cc
+    return cc * k + cm, nc * k + nm
+
+
 def decide(c: Candidate, past: Iterable[Past]) -> Decision:
     """Re-balance around ``c.node_id`` now? ``past``: the job's earlier re-balances."""
     gain = predicted_gain(c.current_step_s, c.new_step_s)

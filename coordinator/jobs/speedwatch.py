@@ -14,10 +14,11 @@ reason, use what was seen.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import Any
 
-from coordinator.jobs.speed import SLOW_RATIO, SpeedBook, neighbour_views, relative_speeds
+from coordinator.jobs.speed import EMA, SLOW_RATIO, SpeedBook, neighbour_views, relative_speeds
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class SpeedWatch:
         # (job, attempt) -> (book, planned TFLOPS per node, read when the attempt's first report came)
         self._books: dict[tuple[str, int], tuple[SpeedBook, dict[str, float]]] = {}
         self._first_s: dict[tuple[str, int], float] = {}  # (job, attempt) -> when its first report came
+        self._step_s: dict[tuple[str, int], float] = {}  # (job, attempt) -> EMA of the workers' step times
 
     def _book(self, job) -> tuple[SpeedBook, dict[str, float]]:
         key = (job.id, job.attempt)
@@ -48,6 +50,7 @@ class SpeedWatch:
                     pass
             got = self._books[key] = (SpeedBook(), planned)
             self._first_s = {k: v for k, v in self._first_s.items() if k[0] != job.id}
+            self._step_s = {k: v for k, v in self._step_s.items() if k[0] != job.id}
             self._first_s[key] = self.clock.time()
         return got
 
@@ -70,6 +73,11 @@ class SpeedWatch:
                 return []
             return sorted(n for n, st in got[0].slow.items() if st.reported and st.since_s is not None)
 
+    def step_s(self, job) -> float | None:
+        """A running estimate (EMA) of the step time ``job``'s workers report in this attempt."""
+        with self._lock:
+            return self._step_s.get((job.id, job.attempt))
+
     def attempt_age_s(self, job) -> float:
         """How long ago ``job``'s current attempt sent its first report (0 before it did)."""
         with self._lock:
@@ -88,6 +96,11 @@ class SpeedWatch:
         with self._lock:
             book, planned = self._book(job)
             now = self.clock.time()
+            step_s = r.get("step_s")
+            if isinstance(step_s, (int, float)) and math.isfinite(step_s) and step_s > 0:
+                key = (job.id, job.attempt)
+                prev = self._step_s.get(key)
+                self._step_s[key] = step_s if prev is None else (1 - EMA) * prev + EMA * step_s
             found = []
             for node_id, direction, q in neighbour_views(r, reporter, job.assignments):
                 book.add(node_id, direction, q)
