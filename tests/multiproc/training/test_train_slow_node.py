@@ -65,7 +65,7 @@ def test_a_slowed_node_gets_fewer_layers_at_a_fence_without_rollback(tmp_path):
     args = [*FAST_COORDINATOR_ARGS, "--node-timeout-s", "20"]
     # the same claimed speed everywhere (low enough that no measurement replaces it): an even
     # first split, 2 layers per stage; the slowed node's neighbours then see it at ~0.1-0.3x
-    claim = "claim-tflops=0.01"
+    claim = "claim-tflops=0.0001"
     with coordinator_proc(tmp_path / "coord", extra_args=args) as coord, \
             _nodes(coord, tmp_path, [claim, claim, f"{claim},slowdown=10"]) as (*fast, s):
         wait_until(lambda: sum(n["state"] == "online" for n in coord.get_json("/api/nodes")["nodes"]) == 3, 60,
@@ -102,7 +102,7 @@ def test_a_slowed_node_gets_fewer_layers_at_a_fence_without_rollback(tmp_path):
           f"{_mean_step(done, rb['resume_step'] + 2, STEPS):.3f} s")
 
 
-STEPS = 30
+STEPS = 60
 
 
 @contextmanager
