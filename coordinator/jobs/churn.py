@@ -44,6 +44,13 @@ says where its state came from; when the grown attempt starts the event ``replic
 the added nodes with ``state_from`` ("peer" only when every added worker copied from a live
 replica: :func:`summarize_state_from`) and ``state_bytes``.
 
+**Re-balance fence** (a node is seen far below its planned speed and re-planning with the seen
+speeds predicts a much faster step: coordinator/jobs/rebalance.py). The same steps 1-4 with
+every pipeline live and nobody lost; the re-plan at ``S`` runs the planner with the seen speeds,
+so layer boundaries move (the slow node holds fewer layers). Workers whose layers changed load
+them from the checkpoint at ``S`` (the coordinator's copy, assembled from every stage's upload);
+nothing is rolled back.
+
 **Outrun fence**: when every live worker already delivered its final checkpoint (the replica
 was lost in the last steps and noticed after the survivors ended: :func:`fence_outrun`), the
 job finishes with the live pipelines' final checkpoints; nothing is re-planned.
@@ -81,12 +88,15 @@ def live_pipelines(assignments: list[dict[str, Any]], lost_nodes: set[str]) -> l
 
 
 def open_fence(*, attempt: int, assignments: list[dict[str, Any]], live: list[int], lost: list[str],
-               at_s: float, grow_to: int = 0) -> dict[str, Any]:
+               at_s: float, grow_to: int = 0, rebalance: dict[str, Any] | None = None) -> dict[str, Any]:
     """A fence over the ``live`` pipelines of ``attempt`` (JSON-able; stored with the job): a
     replica-loss fence, or with ``grow_to`` a growth fence (no node lost; the re-plan at the
-    switch step adds pipelines on idle nodes, up to ``grow_to`` replicas)."""
+    switch step adds pipelines on idle nodes, up to ``grow_to`` replicas), or with ``rebalance``
+    a re-balance fence (no node lost; the re-plan at the switch step uses the seen speeds in
+    ``rebalance["tflops"]``: coordinator/jobs/rebalance.py)."""
     return {
         "attempt": attempt, "live": sorted(live), "lost": sorted(lost), "opened_at": at_s, "grow_to": int(grow_to),
+        "rebalance": rebalance,
         "workers": sorted(key(a["stage"], a["replica"]) for a in assignments if a["replica"] in live),
         "stage0": sorted(key(0, r) for r in live), "ready": {}, "done": {}, "switch_step": 0,
     }

@@ -7,6 +7,9 @@ fence instead of a rollback. The protocol and its pure rules are in
 - :meth:`Fencing._on_lost`: nodes of a running job are lost: a replica-loss fence over the whole
   pipelines, or a re-plan from the last complete checkpoint when none is whole;
 - :meth:`Fencing._maybe_grow`: idle nodes could hold more pipelines: a growth fence;
+- :meth:`Fencing._maybe_rebalance`: a node is seen far below its planned speed and re-planning
+  with the seen speeds pays (coordinator/jobs/rebalance.py): a re-balance fence, whose re-plan
+  moves the layer boundaries (job event ``rebalance``);
 - :meth:`Fencing._watch_fence` / :meth:`Fencing._complete_fence`: once every live worker stopped
   at the switch step with its checkpoint, re-plan from it (a growth keeps the running pipelines in
   place, :meth:`Fencing._grown_plan`), naming for each worker where its state comes from (a live
@@ -15,7 +18,8 @@ fence instead of a rollback. The protocol and its pure rules are in
   (:func:`coordinator.jobs.churn.fence_outrun`) finishes it with their final checkpoints.
 
 The host class provides ``store``, ``registry``, ``clock``, ``state_dir``, ``_grow_tried``,
-``_plan``, ``_recover``, ``_stage_dirs`` and ``_full_checkpoints``.
+``_plan``, ``_recover``, ``_stage_dirs``, ``_full_checkpoints``, ``speeds`` (a SpeedWatch),
+``network`` and ``_rebalance_tried``.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from swarm.errors import InfeasiblePlanError, SwarmError
 from swarm.model.config import ModelConfig
 from swarm.scheduling import Plan
 
-from coordinator.jobs import churn, files
+from coordinator.jobs import churn, files, rebalance
 from coordinator.jobs.handover import state_copies
-from coordinator.jobs.planning import JobPlan, busy_node_ids, grow_plan
+from coordinator.jobs.planning import JobPlan, busy_node_ids, grow_plan, predicted_times
 from coordinator.jobs.spotchecks import verify_plans
 from coordinator.jobs.store import Job
 
@@ -78,6 +82,57 @@ class Fencing:
         if self.store.set_fence(job.id, fence, expect_attempt=job.attempt):
             log.info("job grows job=%s replicas %d -> %d idle=%s", job.id, current, jp.plan.d_dp,
                      ",".join(n[:12] for n in idle))
+
+    def _maybe_rebalance(self, job: Job) -> None:
+        """A node of the running attempt is seen slow: weigh re-planning with the seen speeds
+        (coordinator/jobs/rebalance.py :func:`~coordinator.jobs.rebalance.decide`) and, when it
+        pays, open a re-balance fence. Weighed at most once per ``rebalance.RETRY_S`` per job
+        (each time runs the planner)."""
+        if (not job.assignments or job.state != "running" or job.started_attempt != job.attempt
+                or job.fence is not None):
+            return
+        slow = self.speeds.slow_now(job)
+        now = self.clock.time()
+        if not slow or now - self._rebalance_tried.get(job.id, -rebalance.RETRY_S) < rebalance.RETRY_S:
+            return
+        self._rebalance_tried[job.id] = now
+        seen, rel = self.speeds.seen(job)
+        node = min(slow, key=lambda n: (rel.get(n, 1.0), n))  # the slowest; ties by id
+        steps = [w["step"] for w in self.store.per_worker(job.id)]
+        if not job.plan or node not in seen or len(steps) < len(job.assignments):
+            return
+        try:
+            jp = self._plan(job, degrade=True, tflops=seen)
+            current_s, new_s = rebalance.calibrated(measured_step_s=self.speeds.step_s(job),
+                                                    current=self._predicted(job, Plan.from_json(job.plan), seen),
+                                                    new=self._predicted(job, jp.plan, seen))
+        except (InfeasiblePlanError, SwarmError) as exc:
+            log.info("cannot weigh a re-balance job=%s node=%s (%s)", job.id, node[:12], exc)
+            return
+        cand = rebalance.Candidate(node_id=node, seen_ratio=rel.get(node, 1.0), seen_tflops=seen[node],
+                                   current_step_s=current_s, new_step_s=new_s,
+                                   steps_left=job.total_steps - min(steps), attempt_age_s=self.speeds.attempt_age_s(job),
+                                   now_s=now)
+        decision = rebalance.decide(cand, rebalance.history(self.store.events(job.id)))
+        log.info("re-balance weighed job=%s node=%s go=%s: %s", job.id, node[:12], decision.go, decision.why)
+        if not decision.go:
+            return
+        planned = seen[node] / max(1e-12, min(1.0, rel.get(node, 1.0)))
+        info = {"node": node, "seen_planned_ratio": round(cand.seen_ratio, 4), "seen_tflops": seen[node],
+                "planned_tflops": planned, "predicted_gain": round(decision.gain, 4), "current_step_s": current_s,
+                "new_step_s": new_s, "tflops": seen, "layers_before": rebalance.layers_of(job.assignments, node),
+                "decided_at": now}
+        live = sorted({a["replica"] for a in job.assignments})
+        fence = churn.open_fence(attempt=job.attempt, assignments=job.assignments, live=live, lost=[], at_s=now,
+                                 rebalance=info)
+        if self.store.set_fence(job.id, fence, expect_attempt=job.attempt):
+            log.info("job re-balances job=%s around node=%s (%s)", job.id, node[:12], decision.why)
+
+    def _predicted(self, job: Job, plan: Plan, tflops: dict[str, float]) -> tuple[float, float]:
+        nodes = self.registry.online()
+        delay, bandwidth = self.network.planning_matrix(nodes)[:2]
+        return predicted_times(plan, spec=job.spec, config=ModelConfig.from_hf_config(job.model), nodes=nodes,
+                                delay_s=delay, bandwidth_Bps=bandwidth, tflops=tflops)
 
     def _on_lost(self, job: Job, lost: dict[str, str]) -> None:
         """Nodes of a running job are lost: fence the surviving pipelines (no rollback) when one is
@@ -129,7 +184,9 @@ class Fencing:
         fence, step = job.fence, job.fence["switch_step"]
         jdir = files.job_dir(self.state_dir, job.id)
         try:
-            jp = (self._grown_plan(job) if fence.get("grow_to") else None) or self._plan(job, degrade=True)
+            rb = fence.get("rebalance") or None
+            jp = ((self._grown_plan(job) if fence.get("grow_to") else None)
+                  or self._plan(job, degrade=True, tflops=rb["tflops"] if rb else None))
             _, has_optim = files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model),
                                                  self._stage_dirs(job, step), step=step)
         except (InfeasiblePlanError, SwarmError) as exc:
@@ -147,7 +204,8 @@ class Fencing:
         before = {a["node_id"] for a in job.assignments}
         added = sorted({a["node_id"] for a in jp.assignments} - before)
         grew = bool(fence.get("grow_to")) and jp.plan.d_dp > max(a["num_replicas"] for a in job.assignments)
-        why = ("adding replica(s) on idle nodes" if grew else
+        why = (f"re-balancing the layers around slow node {rb['node'][:12]}" if rb else
+               "adding replica(s) on idle nodes" if grew else
                "a growth fence whose idle nodes left before the switch step" if fence.get("grow_to") else
                "losing replica(s)")
         for a in jp.assignments:  # replica_added is recorded when the attempt starts (handover.AddedReplicas)
@@ -159,6 +217,23 @@ class Fencing:
             self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on {nodes} node(s): "
                                  f"{jp.plan.d_dp} replica(s) carry the whole batch from step {step}, no rollback",
                                  attempt=job.attempt + 1, resume_step=step, fence=True, num_replicas=jp.plan.d_dp)
+            if rb:
+                self._rebalanced(job, rb, jp, step)
+
+    def _rebalanced(self, job: Job, rb: dict, jp: JobPlan, step: int) -> None:
+        after = rebalance.layers_of(jp.assignments, rb["node"])
+        split = lambda asg: [a["last_layer_excl"] - a["first_layer"] for a in sorted(  # noqa: E731
+            (a for a in asg if a["replica"] == 0), key=lambda a: a["stage"])]
+        self.store.add_event(
+            job.id, "rebalance", f"re-balanced the layers around node {rb['node'][:12]}, seen at "
+            f"{rb['seen_planned_ratio']:.2f}x its planned speed: it holds {after} layer(s) instead of "
+            f"{rb['layers_before']} (split {split(job.assignments)} -> {split(jp.assignments)}), predicted step "
+            f"{rb['current_step_s']:.3g} s -> {rb['new_step_s']:.3g} s ({rb['predicted_gain']:.0%} faster); "
+            f"continuing at step {step}, no rollback", node=rb["node"], seen_planned_ratio=rb["seen_planned_ratio"],
+            seen_tflops=rb["seen_tflops"], planned_tflops=rb["planned_tflops"], predicted_gain=rb["predicted_gain"],
+            resume_step=step, rollback=False, layers_before=rb["layers_before"], layers_after=after,
+            split_before=split(job.assignments), split_after=split(jp.assignments), decided_at=rb["decided_at"],
+            attempt=job.attempt + 1)
 
     def _grown_plan(self, job: Job) -> JobPlan | None:
         """A growth fence's re-plan: the running pipelines as they are plus new ones on idle nodes

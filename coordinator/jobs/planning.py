@@ -17,6 +17,7 @@ from swarm.job_spec import JobSpec
 from swarm.membership import NodeInfo
 from swarm.model.config import ModelConfig
 from swarm.scheduling import Cluster, Device, JobShape, Plan, plan_training
+from swarm.scheduling.evaluate import evaluate_plan
 
 DEFAULT_DELAY_S = 0.005  # unmeasured link: assume a LAN-ish 5 ms
 DEFAULT_BANDWIDTH_BPS = 12.5e6  # unmeasured link: assume 100 Mbit/s
@@ -45,6 +46,7 @@ def plan_job(
     delay_s: np.ndarray,
     bandwidth_Bps: np.ndarray,
     seed: int = 0,
+    tflops: dict[str, float] | None = None,
 ) -> JobPlan:
     """Plan ``spec`` over ``nodes`` (with their delay/bandwidth matrices, same order).
 
@@ -53,7 +55,8 @@ def plan_job(
     ``spec.codec`` in both directions (activations forward, gradients backward, AQ-SGD at its
     steady state; see :meth:`~swarm.compression.CodecSpec.forward_bytes_per_value`). Raises
     InfeasiblePlanError with the reason (no nodes, too few nodes for the flags, not enough
-    memory) and InvalidRequestError when ``--stages`` exceeds the model's layers.
+    memory) and InvalidRequestError when ``--stages`` exceeds the model's layers. ``tflops``:
+    speeds to plan with instead of the nodes' (a re-balance: the speeds seen in training).
     """
     check_shape(spec, config, num_nodes=len(nodes), where="idle")
     order = sorted(range(len(nodes)), key=lambda i: nodes[i].id)
@@ -69,13 +72,25 @@ def plan_job(
         order = order[: len(order) - len(order) % dp]
     assert order, "check_shape lets no empty node list through"
     chosen = [nodes[i] for i in order]
-    idx = np.array(order)
-    delay = _fill(np.asarray(delay_s)[np.ix_(idx, idx)], DEFAULT_DELAY_S)
-    bandwidth = _fill(np.asarray(bandwidth_Bps)[np.ix_(idx, idx)], DEFAULT_BANDWIDTH_BPS)
+    cluster, shape = _cluster_and_shape(spec, config, chosen, np.asarray(delay_s)[np.ix_(order, order)],
+                                        np.asarray(bandwidth_Bps)[np.ix_(order, order)], tflops, dp=dp, pp=pp)
+    plan = plan_training(cluster, shape, seed=seed, time_budget_s=PLAN_TIME_BUDGET_S)
+    _check_batch(spec, plan.d_dp)
+    by_id = {n.id: n for n in chosen}
+    return JobPlan(plan=plan, assignments=assignments_from_plan(plan, by_id))
+
+
+def _cluster_and_shape(spec: JobSpec, config: ModelConfig, chosen: list[NodeInfo], delay_s: np.ndarray,
+                       bandwidth_Bps: np.ndarray, tflops: dict[str, float] | None, *, dp: int | None,
+                       pp: int | None) -> tuple[Cluster, JobShape]:
+    """The scheduler's view of ``chosen`` (matrices in the same order) and of the job."""
+    delay = _fill(delay_s, DEFAULT_DELAY_S)
+    bandwidth = _fill(bandwidth_Bps, DEFAULT_BANDWIDTH_BPS)
+    speed = lambda n: (tflops or {}).get(n.id, n.planning_tflops)  # noqa: E731 -- claims checked: swarm.membership
     devices = tuple(
         Device(
             id=n.id,
-            tflops=n.planning_tflops if n.planning_tflops > 0 else None,  # claims checked: swarm.membership
+            tflops=speed(n) if speed(n) > 0 else None,
             memory_bytes=(n.hardware.memory_free_bytes or n.hardware.memory_bytes) or None,
         )
         for n in chosen
@@ -95,10 +110,24 @@ def plan_job(
         dp=dp,
         pp=pp,
     )
-    plan = plan_training(cluster, shape, seed=seed, time_budget_s=PLAN_TIME_BUDGET_S)
-    _check_batch(spec, plan.d_dp)
-    by_id = {n.id: n for n in chosen}
-    return JobPlan(plan=plan, assignments=assignments_from_plan(plan, by_id))
+    return cluster, shape
+
+
+def predicted_times(plan: Plan, *, spec: JobSpec, config: ModelConfig, nodes: list[NodeInfo], delay_s: np.ndarray,
+                    bandwidth_Bps: np.ndarray, tflops: dict[str, float]) -> tuple[float, float]:
+    """``plan``'s predicted step time if its nodes ran at ``tflops`` (else at their planning
+    speed), as (compute with its 1F1B bubble, communication) seconds. ``nodes``: with the
+    matrices, in the same order; must hold the plan's."""
+    ids = {str(d) for st in plan.stages for d in st.devices}
+    order = [i for i, n in enumerate(nodes) if n.id in ids]
+    if len(order) != len(ids):
+        raise InfeasiblePlanError("a node of the plan is not online")
+    cluster, shape = _cluster_and_shape(spec, config, [nodes[i] for i in order],
+                                        np.asarray(delay_s)[np.ix_(order, order)],
+                                        np.asarray(bandwidth_Bps)[np.ix_(order, order)], tflops,
+                                        dp=plan.d_dp, pp=plan.d_pp)
+    scored = evaluate_plan(cluster, shape, plan, objective="predicted_iteration")
+    return scored.compute_s, scored.cost_s - scored.compute_s
 
 
 def grow_plan(plan: Plan, idle: list[NodeInfo], nodes: dict[str, NodeInfo], *, num_replicas: int,

@@ -76,6 +76,7 @@ class JobService(Checkpointing, Reporting, Fencing):
         self.judge = Judge()  # spot checks and blame (coordinator/jobs/spotchecks.py)
         self._first_bad: dict[str, int] = {}  # job id -> first step a spot check found wrong
         self._grow_tried: dict[str, float] = {}  # job id -> when it last tried to grow back to --replicas
+        self._rebalance_tried: dict[str, float] = {}  # job id -> when it last weighed a re-balance
         self.added = AddedReplicas(store)  # replica_added events, once the grown attempt starts (handover.py)
         self.speeds = SpeedWatch(store=store, registry=registry, clock=clock)  # neighbours' view (speed.py)
 
@@ -163,12 +164,13 @@ class JobService(Checkpointing, Reporting, Fencing):
             except InfeasiblePlanError as exc:
                 raise InvalidRequestError(str(exc)) from None
 
-    def _plan(self, job: Job, *, degrade: bool = False) -> JobPlan:
+    def _plan(self, job: Job, *, degrade: bool = False, tflops: dict[str, float] | None = None) -> JobPlan:
         """Plan ``job`` over the online nodes no other running job holds (its own count as free:
         a running job being re-planned gives its nodes back). ``degrade``: a job that already ran
         may fall back to fewer data-parallel replicas than ``--replicas`` when the nodes for all
         of them are missing (the global batch stays the same). Each assignment gets its
-        spot-check plan (coordinator/jobs/spotchecks.py). Raises InfeasiblePlanError."""
+        spot-check plan (coordinator/jobs/spotchecks.py). ``tflops``: speeds to plan with instead
+        of the nodes' (a re-balance). Raises InfeasiblePlanError."""
         others = [j for j in self.store.list(states=("running",), limit=1000) if j.id != job.id]
         busy = busy_node_ids(others)
         nodes = [n for n in self.registry.online() if n.id not in busy]
@@ -179,7 +181,7 @@ class JobService(Checkpointing, Reporting, Fencing):
         for i, k in enumerate(counts):
             try:
                 jp = plan_job(spec=spec.replace(num_replicas=k), config=ModelConfig.from_hf_config(job.model),
-                              nodes=nodes, delay_s=matrix[0], bandwidth_Bps=matrix[1], seed=spec.seed)
+                              nodes=nodes, delay_s=matrix[0], bandwidth_Bps=matrix[1], seed=spec.seed, tflops=tflops)
                 break
             except InfeasiblePlanError:
                 if i == len(counts) - 1:
@@ -273,6 +275,7 @@ class JobService(Checkpointing, Reporting, Fencing):
             self._finish(job)
             return
         self._maybe_grow(job)
+        self._maybe_rebalance(self.store.get(job.id))
 
     def _recover(self, job: Job, what: str) -> None:
         """Re-plan a running job that lost a stage over the idle online nodes, resuming after its

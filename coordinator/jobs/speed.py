@@ -27,7 +27,8 @@ the plan:
   the figures, once per attempt (coordinator/jobs/speedwatch.py), and the node's running
   estimate in the trust store (``observed_tflops``) is its speed as seen, which the next plan
   and the plan preview use: a claim more than 2x above it is replaced
-  (swarm.membership.effective_tflops).
+  (swarm.membership.effective_tflops). The job loop may then re-balance the job's layers
+  around it at a fence, without rollback (coordinator/jobs/rebalance.py).
 """
 
 from __future__ import annotations

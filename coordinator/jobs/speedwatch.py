@@ -4,18 +4,21 @@ updates the seen node's running estimate in the trust store (``observed_tflops``
 TFLOPS x relative speed, what the next plan and the plan preview use), and records a job event
 ``slow_node`` (with the figures) when a node stays below half its planned speed.
 
-Not done here: the job is not re-planned on a ``slow_node`` (a re-plan costs a restart from the
-last checkpoint; the event and the lowered estimate make the next re-plan, for any reason, use
-what was seen).
+What happens next is decided elsewhere: the job loop reads :meth:`SpeedWatch.slow_now` and
+:meth:`SpeedWatch.seen` and may re-balance the job's layers around the slow node through a fence,
+without rollback (coordinator/jobs/rebalance.py decides, coordinator/jobs/fencing.py carries it
+out; job event ``rebalance``). Either way the lowered estimate makes the next plan, for any
+reason, use what was seen.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import Any
 
-from coordinator.jobs.speed import SLOW_RATIO, SpeedBook, neighbour_views
+from coordinator.jobs.speed import EMA, SLOW_RATIO, SpeedBook, neighbour_views, relative_speeds
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,8 @@ class SpeedWatch:
         self._lock = threading.Lock()
         # (job, attempt) -> (book, planned TFLOPS per node, read when the attempt's first report came)
         self._books: dict[tuple[str, int], tuple[SpeedBook, dict[str, float]]] = {}
+        self._first_s: dict[tuple[str, int], float] = {}  # (job, attempt) -> when its first report came
+        self._step_s: dict[tuple[str, int], float] = {}  # (job, attempt) -> EMA of the workers' step times
 
     def _book(self, job) -> tuple[SpeedBook, dict[str, float]]:
         key = (job.id, job.attempt)
@@ -44,7 +49,40 @@ class SpeedWatch:
                 except Exception:  # noqa: BLE001 -- gone from the registry: not compared
                     pass
             got = self._books[key] = (SpeedBook(), planned)
+            self._first_s = {k: v for k, v in self._first_s.items() if k[0] != job.id}
+            self._step_s = {k: v for k, v in self._step_s.items() if k[0] != job.id}
+            self._first_s[key] = self.clock.time()
         return got
+
+    def seen(self, job) -> tuple[dict[str, float], dict[str, float]]:
+        """For ``job``'s current attempt: (per node, TFLOPS as seen: planned x relative speed, at
+        most planned; planned where not seen yet), (per node seen, relative speed)."""
+        with self._lock:
+            got = self._books.get((job.id, job.attempt))
+            if got is None:
+                return {}, {}
+            book, planned = got
+            rel = relative_speeds(book.imposed())
+        return {n: p * min(1.0, rel.get(n, 1.0)) for n, p in planned.items()}, rel
+
+    def slow_now(self, job) -> list[str]:
+        """Nodes of ``job``'s current attempt reported slow (``slow_node``) and still below."""
+        with self._lock:
+            got = self._books.get((job.id, job.attempt))
+            if got is None:
+                return []
+            return sorted(n for n, st in got[0].slow.items() if st.reported and st.since_s is not None)
+
+    def step_s(self, job) -> float | None:
+        """A running estimate (EMA) of the step time ``job``'s workers report in this attempt."""
+        with self._lock:
+            return self._step_s.get((job.id, job.attempt))
+
+    def attempt_age_s(self, job) -> float:
+        """How long ago ``job``'s current attempt sent its first report (0 before it did)."""
+        with self._lock:
+            first = self._first_s.get((job.id, job.attempt))
+        return 0.0 if first is None else max(0.0, self.clock.time() - first)
 
     def report(self, job, reporter: dict[str, Any], r: dict[str, Any]) -> None:
         """A running step's report by the worker of assignment ``reporter``. Never raises: the
@@ -58,6 +96,11 @@ class SpeedWatch:
         with self._lock:
             book, planned = self._book(job)
             now = self.clock.time()
+            step_s = r.get("step_s")
+            if isinstance(step_s, (int, float)) and math.isfinite(step_s) and step_s > 0:
+                key = (job.id, job.attempt)
+                prev = self._step_s.get(key)
+                self._step_s[key] = step_s if prev is None else (1 - EMA) * prev + EMA * step_s
             found = []
             for node_id, direction, q in neighbour_views(r, reporter, job.assignments):
                 book.add(node_id, direction, q)
@@ -81,7 +124,7 @@ class SpeedWatch:
                        f"{rel:.2f}x its planned speed relative to the job's other nodes (below {SLOW_RATIO:g}x), "
                        f"as its neighbours see it (they wait {imposed:.0%} of their step for it): {seen:.4g} "
                        f"TFLOPS seen, {planned[node_id]:.4g} planned; "
-                       "the next plan uses what was seen")
+                       "the next plan uses what was seen; the job re-balances its layers if that pays")
                 log.warning("slow node job=%s %s", job.id, msg)
                 self.registry.trust.mark_slow(node_id, f"job {job.id}: {msg}")
                 self._event(job, msg, node_id=node_id, stage=a.get("stage"),
