@@ -81,6 +81,7 @@ class CoordinatorConfig:
     admission: AdmissionPolicy = field(default_factory=AdmissionPolicy)  # per-token limits, lost-node TTL
     flush_interval_s: float = 5.0  # heartbeats are written to SQLite this often (kept in memory between)
     max_model_params: int = 2_000_000_000  # a job's model (config-only uploads included) may not be larger
+    rebalance: bool = True  # re-balance a job's layers around a node seen slow (--no-rebalance: only report it)
     tls_sans: tuple[str, ...] = ()  # more names/IPs for the coordinator's certificate (--tls-san)
     node_cert_lifetime_s: float = 86400.0  # nodes' certificates; renewed past half of it
     http_tls_cert: Path | None = None  # HTTPS on the HTTP port with a real certificate (--tls-cert/--tls-key)
@@ -174,7 +175,8 @@ class CoordinatorApp:
                                     network=self.network, authenticate_node=self.authenticate_node,
                                     authenticate_user=self.authenticate_user, authorize_read=self.authorize_read,
                                     services=self.services,
-                                    max_model_params=config.max_model_params, security=self.security)
+                                    max_model_params=config.max_model_params, security=self.security,
+                                    rebalance=config.rebalance)
         self.plugin_modules = plugin_registry.load_plugins(config.plugins)
         self.plugins: list[CoordinatorPlugin] = []
         self.grpc_server = make_server(max_message_bytes=CONTROL_MAX_MESSAGE_BYTES, max_workers=config.max_workers,

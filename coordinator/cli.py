@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-cert", default=_env("TLS_CERT", None), help="serve the HTTP port as HTTPS with this PEM certificate chain (a real certificate for a public host)")
     s.add_argument("--tls-key", default=_env("TLS_KEY", None), help="the private key of --tls-cert")
     s.add_argument("--publish-token", default=None, help="also write the token to this file (0600), e.g. a volume that local nodes read with --token-file")
+    s.add_argument("--no-rebalance", action="store_true", default=_env("NO_REBALANCE", "") == "1",
+                   help="never move a running job's layers around a node its neighbours see slow (default: "
+                        "re-balance at a fence when that predicts a 20%% faster step; slow_node is reported either way)")
     s.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     t = sub.add_parser("token", help="create the CA and the tokens in --state-dir (if missing) and print one, without serving")
     t.add_argument("--state-dir", default=_env("STATE_DIR", str(Path.home() / ".swarm" / "coordinator")))
@@ -178,6 +181,7 @@ def serve(args: argparse.Namespace) -> int:
             stream_limits=StreamLimits(idle_timeout_s=args.stream_idle_timeout_s,
                                        max_streams_per_peer=args.max_streams_per_peer),
             max_model_params=args.max_model_params, flush_interval_s=args.flush_interval_s,
+            rebalance=not args.no_rebalance,
             relay_port=None if args.relay_port == -1 else args.relay_port,
             relay_limits=RelayLimits(rate_Bps=args.relay_rate_mbit * 1e6 / 8),
         )

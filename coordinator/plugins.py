@@ -78,6 +78,7 @@ class CoordinatorHost:
     authorize_read: Callable[[grpc.ServicerContext], Any]
     services: Services
     max_model_params: int = 2_000_000_000
+    rebalance: bool = True  # --no-rebalance: a node seen slow is reported (slow_node), never re-balanced
     security: Any = None
 
     def __post_init__(self) -> None:

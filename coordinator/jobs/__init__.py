@@ -24,7 +24,8 @@ class JobsPlugin(CoordinatorPlugin):
         self.host = host
         self.service = JobService(store=JobStore(host.db, host.clock), state_dir=host.state_dir,
                                   registry=host.registry, network=host.network, clock=host.clock,
-                                  limits=UploadLimits(max_model_params=host.max_model_params))
+                                  limits=UploadLimits(max_model_params=host.max_model_params),
+                                  rebalance=host.rebalance)
         host.services.provide_jobs(self.service)
 
     def install_grpc(self, server) -> None:

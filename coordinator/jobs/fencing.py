@@ -88,8 +88,8 @@ class Fencing:
         (coordinator/jobs/rebalance.py :func:`~coordinator.jobs.rebalance.decide`) and, when it
         pays, open a re-balance fence. Weighed at most once per ``rebalance.RETRY_S`` per job
         (each time runs the planner)."""
-        if (not job.assignments or job.state != "running" or job.started_attempt != job.attempt
-                or job.fence is not None):
+        if (not self.rebalance or not job.assignments or job.state != "running"
+                or job.started_attempt != job.attempt or job.fence is not None):
             return
         slow = self.speeds.slow_now(job)
         now = self.clock.time()

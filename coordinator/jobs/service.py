@@ -51,8 +51,12 @@ class JobService(Checkpointing, Reporting, Fencing):
     """Thread-safe. ``state_dir`` holds the job files; ``registry``/``network`` are the app's."""
 
     def __init__(self, *, store: JobStore, state_dir: Path, registry, network, clock: Clock,
-                 limits: files.UploadLimits | None = None, tick_interval_s: float = 0.5) -> None:
+                 limits: files.UploadLimits | None = None, tick_interval_s: float = 0.5,
+                 rebalance: bool = True) -> None:
+        """``rebalance``: move a job's layers around a node seen slow (coordinator/jobs/rebalance.py);
+        False: only report it (``slow_node``)."""
         self.store = store
+        self.rebalance = rebalance
         self.state_dir = Path(state_dir)
         self.registry = registry
         self.network = network

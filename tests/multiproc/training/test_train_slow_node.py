@@ -15,8 +15,8 @@ from swarm.compression import CodecSpec
 from swarm.job_spec import JobSpec
 from swarm.transport.coordinator_client import CoordinatorClient
 from swarm.localswarm import node_ready, spawn_node, stop_all
-from tests.helpers.procs import (FAST_COORDINATOR_ARGS, FAST_NODE_ARGS, NodeHandle, child_env, coordinator_proc,
-                                 node_proc, wait_until)
+from tests.helpers.procs import (FAST_COORDINATOR_ARGS, FAST_NODE_ARGS, REBALANCE_COORDINATOR_ARGS, NodeHandle,
+                                 child_env, coordinator_proc, node_proc, wait_until)
 from tests.multiproc.training._common import TEXT
 
 pytestmark = pytest.mark.multiproc
@@ -62,7 +62,7 @@ def test_a_slowed_node_gets_fewer_layers_at_a_fence_without_rollback(tmp_path):
 
     make_tiny_checkpoint(tmp_path / "model", num_layers=6, hidden_size=64, num_heads=4, max_position_embeddings=64)
     (tmp_path / "data.txt").write_text(TEXT * 8)
-    args = [*FAST_COORDINATOR_ARGS, "--node-timeout-s", "20"]
+    args = [*REBALANCE_COORDINATOR_ARGS, "--node-timeout-s", "20"]
     # the same claimed speed everywhere (low enough that no measurement replaces it): an even
     # first split, 2 layers per stage; the slowed node's neighbours then see it at ~0.1-0.3x
     claim = "claim-tflops=0.0001"
