@@ -26,7 +26,8 @@ Protocol (a node's side is :class:`WireServer`, a caller's :class:`WireConnectio
 - Failures: a malformed frame, a frame over the limit or a HELLO that is not one gets ``ERROR
   INVALID_ARGUMENT``; a handshake or HELLO not done within :data:`HANDSHAKE_S`, or a connection
   idle for :data:`IDLE_S`, is closed; at most :data:`MAX_CONNECTIONS` at once
-  (:data:`MAX_PER_CALLER` per certificate), more are closed at once. A caller whose step is not
+  (:data:`MAX_PER_CALLER` per certificate: one over gets ``ERROR RESOURCE_EXHAUSTED`` before
+  any step is read, and its caller sends that step over gRPC), more are closed at once. A caller whose step is not
   answered within its timeout closes the connection and fails the step (``PeerError``); the next
   step connects again. A caller that cannot connect (the port not reachable: NAT, a firewall)
   uses the gRPC stream instead (swarm/transport/step_link.py).
@@ -62,7 +63,7 @@ HANDSHAKE_S = 10.0
 IDLE_S = 300.0
 CONNECT_S = 3.0
 MAX_CONNECTIONS = 64
-MAX_PER_CALLER = 16
+MAX_PER_CALLER = 32
 
 
 # ----------------------------------------------------------------------------------- frames
@@ -220,10 +221,15 @@ class WireServer:
             if caller is None:
                 return  # a CA-signed certificate that names no node nor the coordinator
             with self._lock:
-                if sum(1 for c in self._conns.values() if c == caller) >= MAX_PER_CALLER:
-                    log.info("step wire: refused a connection from %s (already %d open)", caller[:12], MAX_PER_CALLER)
-                    return
-                self._conns[raw] = caller
+                full = sum(1 for c in self._conns.values() if c == caller) >= MAX_PER_CALLER
+                if not full:
+                    self._conns[raw] = caller
+            if full:  # before any step is read: the caller sends this one over gRPC instead
+                log.info("step wire: refused a connection from %s (already %d open)", caller[:12], MAX_PER_CALLER)
+                _send_error(tls, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"this node already serves {MAX_PER_CALLER} step-wire connections of yours; use gRPC",
+                            refused=True)
+                return
             self._serve_tls(tls, uris)
         except (OSError, ssl.SSLError, ConnectionError) as exc:
             log.debug("step wire connection ended: %s", exc)
@@ -269,9 +275,14 @@ class WireServer:
             _send_error(tls, exc.code, exc.message)
 
 
-def _send_error(sock, code: grpc.StatusCode, message: str) -> None:
+def _send_error(sock, code: grpc.StatusCode, message: str, *, refused: bool = False) -> None:
+    """``refused``: the connection is turned away before any step was read (the caller may send
+    its step another way)."""
+    body = {"code": code.name, "message": message[:4000]}
+    if refused:
+        body["refused"] = True
     try:
-        write_frame(sock, ERROR, _json_frame({"code": code.name, "message": message[:4000]}))
+        write_frame(sock, ERROR, _json_frame(body))
     except OSError:
         pass
 
@@ -298,13 +309,18 @@ class _Status(grpc.RpcError):
         return self._details
 
 
-def _status_from(body: bytes) -> _Status:
+class WireRefused(PeerError):
+    """The node turned the connection away before reading the step: send it over gRPC."""
+
+
+def _status_from(body: bytes) -> tuple[_Status, bool]:
+    """The error frame's status, and whether it refused the connection before any step."""
     try:
         obj = json.loads(body.decode())
         code = grpc.StatusCode[str(obj["code"])]
-        return _Status(code, str(obj.get("message", ""))[:4000])
+        return _Status(code, str(obj.get("message", ""))[:4000]), obj.get("refused") is True
     except (UnicodeDecodeError, ValueError, KeyError, TypeError):
-        return _Status(grpc.StatusCode.UNKNOWN, "malformed error frame")
+        return _Status(grpc.StatusCode.UNKNOWN, "malformed error frame"), False
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,7 +376,10 @@ class WireConnection:
                 raise PeerError(f"{self.what} sent a malformed step reply ({exc})") from exc
         self.close()
         if kind == ERROR:
-            raise error_from_rpc(_status_from(body), self.what)
+            status, refused = _status_from(body)
+            if refused:
+                raise WireRefused(f"{self.what} refused the step-wire connection: {status.details()}")
+            raise error_from_rpc(status, self.what)
         raise PeerError(f"{self.what} sent step-wire frame kind {kind} where a reply was due")
 
     def close(self) -> None:

@@ -151,3 +151,20 @@ def test_an_unreachable_wire_falls_back_to_grpc(chain):
     link.close()
     # the node's StepWire call tells its real port
     assert chain["st0"].StepWire(pb.ServeStepWireRequest(), timeout=5).port == chain["w0"].port
+
+
+@pytest.mark.timeout(60)
+def test_a_caller_over_its_connection_limit_sends_that_step_over_grpc(chain, monkeypatch):
+    import swarm.transport.step_wire as step_wire
+
+    monkeypatch.setattr(step_wire, "MAX_PER_CALLER", 1)
+    entry = lambda sid: step_request([pb.ServeSessionEntry(session_id=sid, start_position=0, num_tokens=2,  # noqa: E731
+                                                           token_ids=[1, 2])])
+    first, second = _link(chain), _link(chain)
+    assert len(first.step(entry("p"), timeout_s=30).token_ids) == 1 and first.transport == "wire"
+    r = second.step(entry("q"), timeout_s=30)  # refused on the wire before the step was read: gRPC
+    assert len(r.token_ids) == 1 and second.transport == "grpc"
+    decode = step_request([pb.ServeSessionEntry(session_id="q", start_position=2, num_tokens=1, token_ids=[3])])
+    assert len(second.step(decode, timeout_s=30).token_ids) == 1 and second.transport == "grpc"  # gRPC for a while
+    first.close()
+    second.close()
