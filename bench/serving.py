@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name in ("fixed",) + tuple(a for a in arms):
                     client.upload_model(ckpt, name=name, options=ServeOptions(
                         num_replicas=2, num_stages=2, max_seq_len=512, sessions_per_replica=args.clients,
-                        verify_prob=0.0, routes=name == "routes", disaggregate=name == "disagg"))
+                        verify_prob=0.0, routes=name == "routes", disaggregate="on" if name == "disagg" else "off"))
                 placed = {m.name: [[s.node_id[:8] for s in r.stages] for r in m.replicas] for m in client.list_models()}
             if "disagg" in arms:
                 runs_disagg(address, ready, heavy, args, runs)

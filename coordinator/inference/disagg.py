@@ -1,4 +1,11 @@
-"""Disaggregated prefill and decode (``swarm serve --disaggregate``, HexGen-2 style).
+"""Disaggregated prefill and decode (``swarm serve --disaggregate {auto,on,off}``, HexGen-2 style).
+
+Decision (:meth:`Disagg.place_if_chosen`, the pure rule in
+:func:`swarm.scheduling.disaggregation.decide_disaggregation`): ``on`` places disaggregated;
+``auto`` predicts on the candidate nodes and places disaggregated only when the options allow it
+and the gain is at least AUTO_MIN_GAIN (a failed disaggregated placement then falls back to
+colocated, saying so); otherwise the engine places colocated chains and ``swarm models`` shows the
+prediction and why it was not applied.
 
 Placement: the pure :func:`swarm.scheduling.disaggregation.plan_disaggregation` splits the
 online nodes into prefill chains (the compute-richest nodes) and decode chains, and predicts the
@@ -29,13 +36,14 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 
 from swarm.errors import InfeasiblePlanError
 from swarm.proto.v1 import inference_pb2 as pb
-from swarm.scheduling.disaggregation import DisaggPlan, Workload, pair_stages, plan_disaggregation
+from swarm.scheduling.disaggregation import (DisaggPlan, Workload, auto_blocker, pair_stages,
+                                              plan_disaggregation)
 from swarm.scheduling.placement import PlacementDevice, PlacementRequest, place
 
 from coordinator.inference.replica import StageRef
@@ -49,7 +57,8 @@ PUSH_TIMEOUT_S = 120.0
 @dataclass(slots=True)
 class _State:
     plan: DisaggPlan
-    requested: bool
+    mode: str  # the served --disaggregate mode
+    active: bool  # served disaggregated: roles, hand-offs (else only the prediction, for display)
     prefill: set[int] = field(default_factory=set)  # replica indices by role
     decode: set[int] = field(default_factory=set)
     moving: set = field(default_factory=set)  # sessions whose KV is being pushed
@@ -66,7 +75,7 @@ def assumed_workload(params) -> Workload:
 
 
 class Disagg:
-    """Roles, hand-offs and counters of the models served with ``--disaggregate``."""
+    """Decisions, roles, hand-offs and counters of disaggregated serving, per model."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
@@ -75,40 +84,80 @@ class Disagg:
         self._push_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kv-push")
 
     # ------------------------------------------------------------------ placement
-    def _plan(self, m, devices, *, requested: bool, num_stages: int) -> DisaggPlan:
-        """The split of the ``--replicas`` (or as many as fit) chains' worth of compute-richest ``devices``."""
+    def _plan(self, m, devices, *, num_stages: int) -> DisaggPlan:
+        """The split of the ``--replicas`` (or as many as fit) chains' worth of compute-richest
+        ``devices``, decided for ``m``'s mode and options."""
         e, p = self.engine, m.record.params
         chains = p.num_replicas or len(devices) // num_stages
         ranked = sorted(devices, key=lambda d: (-d.tflops, d.node_id))[:chains * num_stages]
+        blocker = auto_blocker(routes=p.routes, verify_prob=p.verify_prob, num_replicas=p.num_replicas)
         return plan_disaggregation(ranked, e._links([d.node_id for d in ranked]), model_shape(m.config, p),
-                                   num_stages=num_stages, workload=assumed_workload(p), requested=requested)
+                                   num_stages=num_stages, workload=assumed_workload(p), mode=p.disaggregate,
+                                   blocker=blocker)
+
+    @staticmethod
+    def _num_stages(p, devices) -> int:
+        """Stages per chain when disaggregated: ``--stages``, else the candidates shared by 2+ chains."""
+        return p.num_stages or max(1, len(devices) // max(2, p.num_replicas or 2))
+
+    def place_if_chosen(self, m) -> bool:
+        """Place ``m`` disaggregated when its mode is on, or auto and the prediction on the candidate
+        nodes says so; False: the engine places colocated chains (the decision is recorded for
+        `swarm models`, or :meth:`assess` records it once they are placed). Raises as :meth:`place`."""
+        p = m.record.params
+        self.forget(m.record.name)  # a re-upload of the same name decides afresh
+        if p.disaggregate == "on":
+            self.place(m)
+            return True
+        if p.disaggregate == "off" or auto_blocker(routes=p.routes, verify_prob=p.verify_prob,
+                                                   num_replicas=p.num_replicas):
+            return False
+        _, devices = self.engine._candidates(m, exclude=set())
+        plan = self._plan(m, devices, num_stages=self._num_stages(p, devices))
+        if plan.enabled:
+            try:
+                self.place(m, plan)
+                return True
+            except InfeasiblePlanError as exc:
+                if m.replicas or m.loading:  # chains were started: not a clean fallback
+                    raise
+                plan = replace(plan, enabled=False, reason=f"auto: the disaggregated placement failed ({exc}); "
+                               f"served colocated; {plan.reason}")
+        with self._lock:
+            self._state[m.record.name] = _State(plan=plan, mode=p.disaggregate, active=False)
+        return False
 
     def assess(self, m) -> None:
-        """Record what disaggregating ``m`` would give on its nodes (for `swarm models`; not applied)."""
+        """Record what disaggregating ``m`` would give on its nodes (for `swarm models`; not applied),
+        unless :meth:`place_if_chosen` recorded its auto decision already."""
         chains = [r for r in m.replicas if r.state == "ready"]
-        if not chains:
+        with self._lock:
+            decided = m.record.name in self._state
+        if not chains or decided:
             return
         by_id = {n.id: n for n in self.engine.app.registry.online()}
         used = sorted({nid for r in chains for nid in r.node_ids} & set(by_id))
         devices = [PlacementDevice(node_id=i, tflops=max(by_id[i].planning_tflops, 1e-6), memory_bytes=0) for i in used]
         try:
-            plan = self._plan(m, devices, requested=False, num_stages=len(chains[0].stages))
+            plan = self._plan(m, devices, num_stages=len(chains[0].stages))
         except Exception:  # noqa: BLE001 -- a prediction for display must never fail serving
             log.debug("disaggregation assessment failed", exc_info=True)
             return
-        if plan.enabled:  # automatic enabling is not implemented: say how to get it
-            plan = DisaggPlan(enabled=False, prefill_chains=plan.prefill_chains, decode_chains=plan.decode_chains,
-                              predicted_gain=plan.predicted_gain, predicted_tbt_p99_ratio=plan.predicted_tbt_p99_ratio,
-                              reason=plan.reason + "; not applied: serve with --disaggregate to use it")
+        assert not plan.enabled, "off or blocked: place_if_chosen placed the others"
         with self._lock:
-            self._state[m.record.name] = _State(plan=plan, requested=False)
+            self._state[m.record.name] = _State(plan=plan, mode=m.record.params.disaggregate, active=False)
 
-    def place(self, m) -> None:
-        """Place and load ``m``'s prefill and decode chains (raises InfeasiblePlanError / UnavailableError)."""
+    def place(self, m, plan: DisaggPlan | None = None) -> None:
+        """Place and load ``m``'s prefill and decode chains, by ``plan`` (decided on the current
+        candidates) or a new one (raises InfeasiblePlanError / UnavailableError)."""
         e, p = self.engine, m.record.params
         nodes, devices = e._candidates(m, exclude=set())
-        K = p.num_stages or max(1, len(devices) // max(2, p.num_replicas or 2))
-        plan = self._plan(m, devices, requested=True, num_stages=K)
+        K = self._num_stages(p, devices)
+        if plan is None or not set(plan.prefill_nodes + plan.decode_nodes) <= {d.node_id for d in devices}:
+            plan = self._plan(m, devices, num_stages=K)  # none yet, or a planned node left meanwhile
+        if not plan.enabled:
+            raise InfeasiblePlanError(f"the nodes changed while placing and no longer favour disaggregating: "
+                                      f"{plan.reason}")
         by_id = {n.id: n for n in nodes}
         dev = {d.node_id: d for d in devices}
         pre_ids = plan.prefill_nodes
@@ -130,7 +179,7 @@ class Disagg:
         final = DisaggPlan(enabled=True, prefill_chains=tuple(tuple(c) for c in pre_chains),
                            decode_chains=tuple(tuple(c) for c in dec_chains), predicted_gain=plan.predicted_gain,
                            predicted_tbt_p99_ratio=plan.predicted_tbt_p99_ratio, reason=plan.reason)
-        st = _State(plan=final, requested=True)
+        st = _State(plan=final, mode=p.disaggregate, active=True)
         with self._lock:
             self._state[m.record.name] = st
         replicas = []
@@ -152,7 +201,7 @@ class Disagg:
         prefill chains' nodes of that stage; none otherwise."""
         with self._lock:
             st = self._state.get(m.record.name)
-        if st is None or not st.requested or replica.index not in st.decode:
+        if st is None or not st.active or replica.index not in st.decode:
             return []
         return sorted({c[stage] for c in st.plan.prefill_chains if stage < len(c)})
 
@@ -162,7 +211,7 @@ class Disagg:
         disaggregated or has no chain of either role ready (the engine's own pump then)."""
         with self._lock:
             st = self._state.get(m.record.name)
-        if st is None or not st.requested:
+        if st is None or not st.active:
             return False
         pre = [r for r in m.replicas if r.index in st.prefill and r.state == "ready"]
         dec = [r for r in m.replicas if r.index in st.decode and r.state == "ready"]
@@ -258,8 +307,9 @@ class Disagg:
         if st is None:
             return
         plan = st.plan
-        info.enabled = st.requested
-        info.requested = st.requested
+        info.enabled = st.active
+        info.requested = st.mode == "on"
+        info.mode = st.mode
         if full:
             info.prefill_nodes.extend(plan.prefill_nodes)
             info.decode_nodes.extend(plan.decode_nodes)

@@ -161,9 +161,7 @@ class InferenceEngine(Placing):
         with self._lock:
             self._models[record.name] = m
         try:
-            if record.params.disaggregate:
-                self.disagg.place(m)
-            else:
+            if not self.disagg.place_if_chosen(m):  # --disaggregate on, or auto predicting a gain
                 self._place(m, exclude=set())
             ready = sorted((r for r in m.replicas if r.state == "ready"), key=lambda r: r.index)
             m.layout = tuple((s.first_layer, s.last_layer_excl) for s in ready[0].stages)
@@ -175,8 +173,7 @@ class InferenceEngine(Placing):
                 self._models.pop(record.name, None)
             raise
         self.store.set_state(record.name, m.state)
-        if not record.params.disaggregate:
-            self.disagg.assess(m)  # what disaggregating would give, for `swarm models`
+        self.disagg.assess(m)  # served colocated: what disaggregating would give, for `swarm models`
         return m
 
     def unserve(self, name: str) -> bool:

@@ -67,6 +67,8 @@ def model_info(engine: InferenceEngine, rec: ModelRecord, access: Access = Acces
 
 
 def params_from_header(h: pb.ServeUploadHeader) -> ServeParams:
+    # a client older than the modes sends only the bool: true is "on"; nothing is the default, "auto"
+    mode = h.disaggregate_mode or ("on" if h.disaggregate else "auto")
     return ServeParams(
         num_replicas=h.num_replicas if h.num_replicas > 0 else None,
         num_stages=h.num_stages or None,
@@ -75,11 +77,12 @@ def params_from_header(h: pb.ServeUploadHeader) -> ServeParams:
         objective=h.objective or "latency",
         hidden_codec=h.hidden_codec or "none",
         dtype=h.dtype or "float32",
-        # --routes / --disaggregate serve without spot checks unless they are asked for (then ServeParams refuses)
+        # --routes / --disaggregate on serve without spot checks unless they are asked for (then
+        # ServeParams refuses); auto keeps them, so it never drops checks on its own
         verify_prob=(h.verify_prob if h.HasField("verify_prob")
-                     else 0.0 if h.routes or h.disaggregate else DEFAULT_VERIFY_PROB),
+                     else 0.0 if h.routes or mode == "on" else DEFAULT_VERIFY_PROB),
         routes=h.routes,
-        disaggregate=h.disaggregate,
+        disaggregate=mode,
     )
 
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from swarm.errors import CapacityError, InvalidRequestError, NotFoundError
+from swarm.scheduling.disaggregation import MODES
 from swarm.transport.coordinator_client import MAX_UPLOAD_FILES, UPLOAD_SUFFIXES
 from swarm.transport.transfer import FileHeader, FileReceiver, TransferLimits
 
@@ -64,7 +65,9 @@ class ServeParams:
     session_timeout_s: float = 120.0
     verify_prob: float = DEFAULT_VERIFY_PROB  # fraction of session steps spot-checked (0: off)
     routes: bool = False  # per-request routes over the replicas' stages (coordinator/inference/routes.py)
-    disaggregate: bool = False  # prefill and decode on separate chains (coordinator/inference/disagg.py)
+    # prefill and decode on separate chains (coordinator/inference/disagg.py): "on", "off", or "auto"
+    # (when the options allow it and the placement predicts a gain: swarm.scheduling.disaggregation)
+    disaggregate: str = "auto"
 
     def __post_init__(self) -> None:
         if self.num_replicas is not None and not 1 <= self.num_replicas <= 64:
@@ -86,22 +89,28 @@ class ServeParams:
         if self.routes and self.verify_prob > 0:
             raise InvalidRequestError("--routes serves without spot checks (they compare whole chains); "
                                       "drop --verify-prob or pass --verify-prob 0")
-        if self.disaggregate and self.routes:
+        if self.disaggregate not in MODES:
+            raise InvalidRequestError(f"--disaggregate must be one of {', '.join(MODES)}, got {self.disaggregate!r}")
+        if self.disaggregate == "on" and self.routes:
             raise InvalidRequestError("--disaggregate and --routes cannot be combined (a session's KV moves between "
                                       "fixed prefill and decode chains); drop one of them")
-        if self.disaggregate and self.verify_prob > 0:
+        if self.disaggregate == "on" and self.verify_prob > 0:
             raise InvalidRequestError("--disaggregate serves without spot checks (they replay whole chains, and "
                                       "no chain both prefills and decodes); drop --verify-prob or pass --verify-prob 0")
-        if self.disaggregate and self.num_replicas == 1:
+        if self.disaggregate == "on" and self.num_replicas == 1:
             raise InvalidRequestError("--disaggregate needs 2+ chains (a prefill and a decode chain); pass "
                                       "--replicas 2 or more (the total of both), or 0 for as many as fit")
 
 
 def _params_from_json(text: str) -> ServeParams:
     """Stored params; keys a newer coordinator dropped (``lanes``) are ignored, so rows written
-    by an older one still load after an upgrade."""
+    by an older one still load after an upgrade. ``disaggregate`` was a bool before the modes:
+    true is "on", false "off" (a model served colocated before stays colocated)."""
     known = {f.name for f in fields(ServeParams)}
-    return ServeParams(**{k: v for k, v in json.loads(text).items() if k in known})
+    raw = {k: v for k, v in json.loads(text).items() if k in known}
+    if isinstance(raw.get("disaggregate"), bool):
+        raw["disaggregate"] = "on" if raw["disaggregate"] else "off"
+    return ServeParams(**raw)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,6 +1,7 @@
 """`swarm serve`, `swarm models`, `swarm generate`, `swarm unserve`: inference from the command line.
 
     swarm serve [--coordinator HOST:PORT] [--token T] --model CHECKPOINT_DIR [--replicas R] [--name NAME]
+                [--disaggregate [{auto,on,off}]]
     swarm models [--coordinator HOST:PORT] [--json]
     swarm generate [--coordinator HOST:PORT] --model NAME --prompt TEXT [--max-new-tokens N]
                    [--temperature T] [--json]
@@ -31,7 +32,7 @@ def add_parser(sub) -> None:
     s.add_argument("--model", required=True, help="HF-format checkpoint directory (config.json, *.safetensors, tokenizer.json)")
     s.add_argument("--name", default=None, help="name clients use (default: the directory name)")
     s.add_argument("--replicas", type=int, default=None,
-                   help="replicas (chains) to place; 0: as many as fit (default 1; with --disaggregate 2: "
+                   help="replicas (chains) to place; 0: as many as fit (default 1; with --disaggregate on 2: "
                         "the prefill and the decode chains together)")
     s.add_argument("--stages", type=int, default=0, help="exact stages per replica (default 0: placement decides)")
     s.add_argument("--max-seq-len", type=int, default=0,
@@ -48,9 +49,12 @@ def add_parser(sub) -> None:
     s.add_argument("--routes", action="store_true",
                    help="per-request routes: any replica of a stage may feed any replica of the next, each session "
                         "takes the route predicted fastest, a lost node re-routes only its stage (no spot checks)")
-    s.add_argument("--disaggregate", action="store_true",
+    s.add_argument("--disaggregate", nargs="?", choices=("auto", "on", "off"), const="on", default="auto",
                    help="prefill prompts on the compute-richest chain(s), move each session's KV cache to decode "
-                        "chain(s) and decode there (needs --replicas >= 2 in total; no spot checks, no --routes)")
+                        "chain(s) and decode there. on (also the bare flag): always (needs --replicas >= 2 in total; "
+                        "no spot checks, no --routes); off: never; auto (default): only when the options allow it "
+                        "(--verify-prob 0, no --routes, --replicas 0 or >= 2) and the placement predicts a throughput "
+                        "gain of 1.15x or more; `swarm models` says why it did or did not")
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="list served models and where their layers are")
@@ -95,7 +99,8 @@ def _print_model(m) -> None:
         sides = (f": prefill {', '.join(n[:10] for n in d['prefill_nodes'])}; decode "
                  f"{', '.join(n[:10] for n in d['decode_nodes'])}; {d['num_handoffs']} KV hand-off(s), "
                  f"{d['kv_bytes_moved']} bytes moved" if d["enabled"] else "")
-        print(f"  disaggregation {'on' if d['enabled'] else 'off'}{sides}")
+        mode = f" (--disaggregate {d['mode']})" if d.get("mode") else ""
+        print(f"  disaggregation {'on' if d['enabled'] else 'off'}{mode}{sides}")
         print(f"    {d['reason']}")
     for r in m["routes"]:
         hops = " -> ".join(f"r{i}:{n[:10]}" for i, n in zip(r["replicas"], r["node_ids"] or [""] * len(r["replicas"])))
@@ -120,7 +125,7 @@ def cmd_serve(args) -> int:
                       end="", file=sys.stderr, flush=True)
 
         options = ServeOptions(
-            num_replicas=args.replicas if args.replicas is not None else 2 if args.disaggregate else 1,
+            num_replicas=args.replicas if args.replicas is not None else 2 if args.disaggregate == "on" else 1,
             num_stages=args.stages, max_seq_len=args.max_seq_len,
             sessions_per_replica=args.sessions, objective=args.objective, hidden_codec=args.hidden_codec,
             dtype=args.dtype, verify_prob=args.verify_prob, routes=args.routes, disaggregate=args.disaggregate,

@@ -120,6 +120,7 @@ class DisaggRecord:
 
     enabled: bool = False
     requested: bool = False
+    mode: str = ""  # the served --disaggregate mode: auto, on, off ("" from a coordinator older than modes)
     prefill_nodes: tuple[str, ...] = ()
     decode_nodes: tuple[str, ...] = ()
     predicted_gain: float = 0.0
@@ -130,7 +131,7 @@ class DisaggRecord:
     num_handoff_failures: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "requested": self.requested, "prefill_nodes": list(self.prefill_nodes),
+        return {"mode": self.mode, "enabled": self.enabled, "requested": self.requested, "prefill_nodes": list(self.prefill_nodes),
                 "decode_nodes": list(self.decode_nodes), "predicted_gain": self.predicted_gain,
                 "predicted_tbt_p99_ratio": self.predicted_tbt_p99_ratio, "reason": self.reason,
                 "kv_bytes_moved": self.kv_bytes_moved, "num_handoffs": self.num_handoffs,
@@ -206,7 +207,13 @@ class ServeOptions:
     dtype: str = ""
     verify_prob: float | None = None  # fraction of steps spot-checked; None: the coordinator's default
     routes: bool = False  # per-request routes over the replicas' stages (no spot checks)
-    disaggregate: bool = False  # prefill and decode on separate chains (no spot checks, no routes)
+    # prefill and decode on separate chains: "on" (no spot checks, no routes), "off", "auto" (when the
+    # options allow it and the placement predicts a gain); "": the coordinator's default (auto)
+    disaggregate: str = ""
+
+    def __post_init__(self) -> None:
+        if self.disaggregate not in ("", "auto", "on", "off"):
+            raise InvalidRequestError(f"disaggregate must be auto, on or off (or empty), got {self.disaggregate!r}")
 
 
 # ----------------------------------------------------------------------------- proto -> records
@@ -230,7 +237,7 @@ def model_record(m: ipb.ServeModelInfo) -> ModelRecord:
         routes=tuple(RouteRecord(replicas=tuple(r.replicas), node_ids=tuple(r.node_ids), sessions=r.sessions,
                                  predicted_s_per_token=r.predicted_s_per_token) for r in m.routes),
         disaggregation=DisaggRecord(
-            enabled=m.disaggregation.enabled, requested=m.disaggregation.requested,
+            enabled=m.disaggregation.enabled, requested=m.disaggregation.requested, mode=m.disaggregation.mode,
             prefill_nodes=tuple(m.disaggregation.prefill_nodes), decode_nodes=tuple(m.disaggregation.decode_nodes),
             predicted_gain=m.disaggregation.predicted_gain,
             predicted_tbt_p99_ratio=m.disaggregation.predicted_tbt_p99_ratio, reason=m.disaggregation.reason,
@@ -400,7 +407,8 @@ class CoordinatorClient:
             num_replicas=options.num_replicas, num_stages=options.num_stages, max_seq_len=options.max_seq_len,
             sessions_per_replica=options.sessions_per_replica, objective=options.objective,
             hidden_codec=options.hidden_codec, dtype=options.dtype, verify_prob=options.verify_prob,
-            routes=options.routes, disaggregate=options.disaggregate,
+            routes=options.routes, disaggregate=options.disaggregate == "on",  # the bool: for older coordinators
+            disaggregate_mode=options.disaggregate,
         )
 
         def chunks() -> Iterator[ipb.ServeUploadChunk]:

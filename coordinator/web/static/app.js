@@ -422,7 +422,7 @@
   /* /api/models: what `swarm models --json` prints (swarm/transport/coordinator_client.py
    * ModelRecord.to_json): name, state, replica_count {healthy, requested}, healing, replicas,
    * routes_enabled, routes [{replicas, node_ids, sessions, predicted_s_per_token}], disaggregation
-   * {enabled, prefill_nodes, decode_nodes, predicted_gain, reason, kv_bytes_moved, num_handoffs}. */
+   * {mode, enabled, prefill_nodes, decode_nodes, predicted_gain, reason, kv_bytes_moved, num_handoffs}. */
   function renderModels(payload) {
     var models = asList(payload, "models");
     $("models-count").textContent = models.length ? plural(models.length, "model") : "";
@@ -452,19 +452,26 @@
       // per-request routes (swarm serve --routes): the replica of each stage, and its sessions
       var routes = h("td", "mono");
       var rlist = Array.isArray(own(m, "routes")) ? own(m, "routes") : [];
-      // disaggregated prefill and decode (swarm serve --disaggregate): the split, its KV moves, the prediction
+      // disaggregated prefill and decode (swarm serve --disaggregate {auto,on,off}): the split, its KV
+      // moves, the prediction; served colocated, the mode and why it was not applied
       var dis = own(m, "disaggregation") || {};
+      var dmode = own(dis, "mode") ? " (--disaggregate " + String(own(dis, "mode")) + ")" : "";
       if (own(dis, "enabled")) {
         var pre = Array.isArray(own(dis, "prefill_nodes")) ? own(dis, "prefill_nodes") : [];
         var dec = Array.isArray(own(dis, "decode_nodes")) ? own(dis, "decode_nodes") : [];
         var gain = num(own(dis, "predicted_gain"));
-        routes.appendChild(h("div", null, "disaggregated: prefill " + pre.map(shortId).join(", ") + " \u21d2 decode " +
+        routes.appendChild(h("div", null, "disaggregated" + dmode + ": prefill " + pre.map(shortId).join(", ") + " \u21d2 decode " +
           dec.map(shortId).join(", ") + "; " + plural(num(own(dis, "num_handoffs")) || 0, "KV hand-off") + ", " +
           ((num(own(dis, "kv_bytes_moved")) || 0) / 1024).toFixed(1) + " KiB moved" +
           (gain === null ? "" : "; predicted " + gain.toFixed(2) + "\u00d7 throughput")));
         if (own(dis, "reason")) routes.appendChild(h("div", "info", String(own(dis, "reason"))));
       } else if (!own(m, "routes_enabled")) routes.textContent = "fixed chains";
       else if (!rlist.length) routes.textContent = "no sessions";
+      if (!own(dis, "enabled") && own(dis, "reason")) {
+        var dgain = num(own(dis, "predicted_gain"));
+        routes.appendChild(h("div", "info", "not disaggregated" + dmode +
+          (dgain === null ? "" : ", predicted " + dgain.toFixed(2) + "\u00d7") + ": " + String(own(dis, "reason"))));
+      }
       rlist.forEach(function (r) {
         var reps = Array.isArray(own(r, "replicas")) ? own(r, "replicas") : [];
         var ids = Array.isArray(own(r, "node_ids")) ? own(r, "node_ids") : [];

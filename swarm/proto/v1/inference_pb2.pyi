@@ -240,7 +240,7 @@ class ServeShardChunk(_message.Message):
     def __init__(self, tensor_name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., tensor_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., tensor_crc32: _Optional[int] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class ServeUploadHeader(_message.Message):
-    __slots__ = ("name", "num_replicas", "files", "max_seq_len", "sessions_per_replica", "objective", "hidden_codec", "num_stages", "dtype", "verify_prob", "routes", "disaggregate")
+    __slots__ = ("name", "num_replicas", "files", "max_seq_len", "sessions_per_replica", "objective", "hidden_codec", "num_stages", "dtype", "verify_prob", "routes", "disaggregate", "disaggregate_mode")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +253,7 @@ class ServeUploadHeader(_message.Message):
     VERIFY_PROB_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
     DISAGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    DISAGGREGATE_MODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_replicas: int
     files: _containers.RepeatedCompositeFieldContainer[ServeUploadFile]
@@ -265,7 +266,8 @@ class ServeUploadHeader(_message.Message):
     verify_prob: float
     routes: bool
     disaggregate: bool
-    def __init__(self, name: _Optional[str] = ..., num_replicas: _Optional[int] = ..., files: _Optional[_Iterable[_Union[ServeUploadFile, _Mapping]]] = ..., max_seq_len: _Optional[int] = ..., sessions_per_replica: _Optional[int] = ..., objective: _Optional[str] = ..., hidden_codec: _Optional[str] = ..., num_stages: _Optional[int] = ..., dtype: _Optional[str] = ..., verify_prob: _Optional[float] = ..., routes: _Optional[bool] = ..., disaggregate: _Optional[bool] = ...) -> None: ...
+    disaggregate_mode: str
+    def __init__(self, name: _Optional[str] = ..., num_replicas: _Optional[int] = ..., files: _Optional[_Iterable[_Union[ServeUploadFile, _Mapping]]] = ..., max_seq_len: _Optional[int] = ..., sessions_per_replica: _Optional[int] = ..., objective: _Optional[str] = ..., hidden_codec: _Optional[str] = ..., num_stages: _Optional[int] = ..., dtype: _Optional[str] = ..., verify_prob: _Optional[float] = ..., routes: _Optional[bool] = ..., disaggregate: _Optional[bool] = ..., disaggregate_mode: _Optional[str] = ...) -> None: ...
 
 class ServeUploadFile(_message.Message):
     __slots__ = ("path", "size_bytes", "sha256")
@@ -358,7 +360,7 @@ class ServeModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., digest: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ServeReplicaInfo, _Mapping]]] = ..., created_at_s: _Optional[float] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., requested_replicas: _Optional[int] = ..., healing: _Optional[str] = ..., verify_prob: _Optional[float] = ..., num_checks: _Optional[int] = ..., num_check_failures: _Optional[int] = ..., num_checks_void: _Optional[int] = ..., routes_enabled: _Optional[bool] = ..., routes: _Optional[_Iterable[_Union[ServeRouteInfo, _Mapping]]] = ..., disaggregation: _Optional[_Union[ServeDisaggInfo, _Mapping]] = ...) -> None: ...
 
 class ServeDisaggInfo(_message.Message):
-    __slots__ = ("enabled", "prefill_nodes", "decode_nodes", "predicted_gain", "predicted_tbt_p99_ratio", "reason", "kv_bytes_moved", "num_handoffs", "num_handoff_failures", "requested")
+    __slots__ = ("enabled", "prefill_nodes", "decode_nodes", "predicted_gain", "predicted_tbt_p99_ratio", "reason", "kv_bytes_moved", "num_handoffs", "num_handoff_failures", "requested", "mode")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     PREFILL_NODES_FIELD_NUMBER: _ClassVar[int]
     DECODE_NODES_FIELD_NUMBER: _ClassVar[int]
@@ -369,6 +371,7 @@ class ServeDisaggInfo(_message.Message):
     NUM_HANDOFFS_FIELD_NUMBER: _ClassVar[int]
     NUM_HANDOFF_FAILURES_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     prefill_nodes: _containers.RepeatedScalarFieldContainer[str]
     decode_nodes: _containers.RepeatedScalarFieldContainer[str]
@@ -379,7 +382,8 @@ class ServeDisaggInfo(_message.Message):
     num_handoffs: int
     num_handoff_failures: int
     requested: bool
-    def __init__(self, enabled: _Optional[bool] = ..., prefill_nodes: _Optional[_Iterable[str]] = ..., decode_nodes: _Optional[_Iterable[str]] = ..., predicted_gain: _Optional[float] = ..., predicted_tbt_p99_ratio: _Optional[float] = ..., reason: _Optional[str] = ..., kv_bytes_moved: _Optional[int] = ..., num_handoffs: _Optional[int] = ..., num_handoff_failures: _Optional[int] = ..., requested: _Optional[bool] = ...) -> None: ...
+    mode: str
+    def __init__(self, enabled: _Optional[bool] = ..., prefill_nodes: _Optional[_Iterable[str]] = ..., decode_nodes: _Optional[_Iterable[str]] = ..., predicted_gain: _Optional[float] = ..., predicted_tbt_p99_ratio: _Optional[float] = ..., reason: _Optional[str] = ..., kv_bytes_moved: _Optional[int] = ..., num_handoffs: _Optional[int] = ..., num_handoff_failures: _Optional[int] = ..., requested: _Optional[bool] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class ServeRouteInfo(_message.Message):
     __slots__ = ("replicas", "node_ids", "sessions", "predicted_s_per_token")

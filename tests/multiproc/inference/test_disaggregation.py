@@ -29,7 +29,7 @@ def test_disaggregated_serving_moves_the_kv_and_gives_single_process_tokens(tmp_
     with coordinator(tmp_path) as coord, nodes_proc(coord, [tmp_path / f"n{i}" for i in range(4)]):
         wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 4, timeout_s=30)
         info = coord.serve(d, name="tiny", num_replicas=2, num_stages=2, max_seq_len=128, sessions_per_replica=4,
-                           disaggregate=True)
+                           disaggregate="on")
         dis = info["disaggregation"]
         assert dis["enabled"] and len(dis["prefill_nodes"]) == 2 and len(dis["decode_nodes"]) == 2
         assert set(dis["prefill_nodes"]).isdisjoint(dis["decode_nodes"])

@@ -28,7 +28,7 @@ def devs(tflops: list[float]) -> list[PlacementDevice]:
 
 def test_prefill_goes_to_the_compute_richest_nodes():
     d = devs([1.0, 8.0, 1.0, 8.0])
-    plan = plan_disaggregation(d, links(4), SHAPE, num_stages=2, requested=True)
+    plan = plan_disaggregation(d, links(4), SHAPE, num_stages=2, mode="on")
     assert set(plan.prefill_nodes) == {"n1", "n3"} and set(plan.decode_nodes) == {"n0", "n2"}
     assert plan.enabled
 
@@ -39,8 +39,8 @@ def test_alike_nodes_predict_no_throughput_gain_and_say_so():
     assert not plan.enabled  # automatic: needs a predicted gain
     assert "no throughput gain" in plan.reason and "alike" in plan.reason and "--disaggregate" in plan.reason
     assert plan.predicted_tbt_p99_ratio < 1.0  # decode steps no longer carry prefills
-    forced = plan_disaggregation(devs([2.0] * 4), links(4), SHAPE, num_stages=2, requested=True)
-    assert forced.enabled and "because --disaggregate asked" in forced.reason
+    forced = plan_disaggregation(devs([2.0] * 4), links(4), SHAPE, num_stages=2, mode="on")
+    assert forced.enabled and "because --disaggregate on asked" in forced.reason
 
 
 def test_compute_rich_prefill_with_memory_bound_decode_predicts_a_gain_and_enables_itself():
@@ -59,7 +59,7 @@ def test_kv_moves_on_the_fastest_links():
     # prefill n0 (stage 0), n1 (stage 1); n2 <-> n1 and n3 <-> n0 are the fast pairs
     d = devs([4.0, 4.0, 1.0, 1.0])
     plan = plan_disaggregation(d, links(4, {(0, 3): 1e10, (1, 2): 1e10}, default=1e7), SHAPE, num_stages=2,
-                               requested=True)
+                               mode="on")
     pre, dec = plan.prefill_chains[0], plan.decode_chains[0]
     pairs = dict(zip(pre, dec))
     assert pairs == {"n0": "n3", "n1": "n2"}
@@ -81,14 +81,14 @@ def test_pair_stages_greedy_beyond_the_exact_size():
 
 def test_too_few_nodes_are_refused_when_asked_and_reported_otherwise():
     with pytest.raises(InvalidRequestError, match="start more nodes or lower --stages"):
-        plan_disaggregation(devs([1.0] * 3), links(3), SHAPE, num_stages=2, requested=True)
+        plan_disaggregation(devs([1.0] * 3), links(3), SHAPE, num_stages=2, mode="on")
     plan = plan_disaggregation(devs([1.0] * 3), links(3), SHAPE, num_stages=2)
     assert not plan.enabled and "fewer than 2 chains" in plan.reason
 
 
 def test_more_chains_pick_the_best_number_of_prefill_chains_deterministically():
     d = devs([4.0, 4.0, 2.0, 2.0, 1.0, 1.0])
-    a = plan_disaggregation(d, links(6), SHAPE, num_stages=2, requested=True)
-    b = plan_disaggregation(list(reversed(d)), links(6), SHAPE, num_stages=2, requested=True)
+    a = plan_disaggregation(d, links(6), SHAPE, num_stages=2, mode="on")
+    b = plan_disaggregation(list(reversed(d)), links(6), SHAPE, num_stages=2, mode="on")
     assert a.prefill_chains == b.prefill_chains and len(a.prefill_chains) + len(a.decode_chains) == 3
     assert set(a.prefill_nodes).isdisjoint(a.decode_nodes)
