@@ -39,7 +39,7 @@ import grpc
 from swarm.errors import PeerError, SwarmError
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.transport.errors import error_from_rpc
-from swarm.transport.step_wire import WireConnection, WireRefused, WireTarget
+from swarm.transport.step_wire import WireConnection, WireTarget
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,6 @@ class StepLink:
             self.transport = "wire"
             try:
                 return wire.step(request, timeout_s=timeout_s)
-            except WireRefused:  # the node turned the connection away before reading the step
-                self._wire_failed_s = now
-                log.info("step wire to %s full; steps go over gRPC for %.0f s", self.what, WIRE_RETRY_S)
             finally:
                 if wire.closed:
                     self._wire = None

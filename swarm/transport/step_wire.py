@@ -18,16 +18,17 @@ Protocol (a node's side is :class:`WireServer`, a caller's :class:`WireConnectio
   most :data:`MAX_FRAME_BYTES`. Kinds: ``HELLO`` (first frame from the caller: JSON
   ``{"metadata": [[key, value], ...]}``, what gRPC sends as call metadata: the chain's step
   capability), ``STEP`` (a ``ServeStepRequest``), ``REPLY`` (a ``ServeStepReply``, answering the
-  STEP before it), ``ERROR`` (JSON ``{"code": "<gRPC status name>", "message": ...}``; the node
-  closes the connection after it).
+  STEP before it), ``READY`` (empty: the node's answer to a HELLO it accepted; only then does the
+  caller send steps), ``ERROR`` (JSON ``{"code": "<gRPC status name>", "message": ...}``, with
+  ``"refused": true`` when it answers the HELLO; the node closes the connection after it).
 - The node serves a connection on one thread: it reads a STEP, runs it through exactly the code
   of a gRPC ``StepStream`` (same checks of caller, chain and capability; the servicer cannot tell
   the transports apart) and writes the REPLY. One step in flight per connection.
 - Failures: a malformed frame, a frame over the limit or a HELLO that is not one gets ``ERROR
   INVALID_ARGUMENT``; a handshake or HELLO not done within :data:`HANDSHAKE_S`, or a connection
   idle for :data:`IDLE_S`, is closed; at most :data:`MAX_CONNECTIONS` at once
-  (:data:`MAX_PER_CALLER` per certificate: one over gets ``ERROR RESOURCE_EXHAUSTED`` before
-  any step is read, and its caller sends that step over gRPC), more are closed at once. A caller whose step is not
+  (:data:`MAX_PER_CALLER` per certificate: one over gets ``ERROR RESOURCE_EXHAUSTED`` for its
+  HELLO, and its caller uses gRPC), more are closed at once. A caller whose step is not
   answered within its timeout closes the connection and fails the step (``PeerError``); the next
   step connects again. A caller that cannot connect (the port not reachable: NAT, a firewall)
   uses the gRPC stream instead (swarm/transport/step_link.py).
@@ -56,7 +57,7 @@ from swarm.transport.errors import error_from_rpc
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<IB")
-HELLO, STEP, REPLY, ERROR = 1, 2, 3, 4
+HELLO, STEP, REPLY, ERROR, READY = 1, 2, 3, 4, 5
 MAX_FRAME_BYTES = DATA_MAX_MESSAGE_BYTES
 MAX_HELLO_BYTES = 16 << 10
 HANDSHAKE_S = 10.0
@@ -87,7 +88,7 @@ def read_frame(sock, *, max_bytes: int = MAX_FRAME_BYTES) -> tuple[int, bytes] |
     if head is None:
         return None
     size, kind = HEADER.unpack(head)
-    if kind not in (HELLO, STEP, REPLY, ERROR):
+    if kind not in (HELLO, STEP, REPLY, ERROR, READY):
         raise InvalidRequestError(f"unknown step-wire frame kind {kind}")
     if size > max_bytes:
         raise InvalidRequestError(f"step-wire frame of {size} bytes is over the limit of {max_bytes}")
@@ -224,7 +225,7 @@ class WireServer:
                 full = sum(1 for c in self._conns.values() if c == caller) >= MAX_PER_CALLER
                 if not full:
                     self._conns[raw] = caller
-            if full:  # before any step is read: the caller sends this one over gRPC instead
+            if full:  # the answer to its HELLO: the caller uses gRPC instead
                 log.info("step wire: refused a connection from %s (already %d open)", caller[:12], MAX_PER_CALLER)
                 _send_error(tls, grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"this node already serves {MAX_PER_CALLER} step-wire connections of yours; use gRPC",
@@ -249,8 +250,9 @@ class WireServer:
                 raise InvalidRequestError("a step-wire connection starts with a HELLO frame")
             metadata = _parse_hello(first[1])
         except InvalidRequestError as exc:
-            _send_error(tls, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            _send_error(tls, grpc.StatusCode.INVALID_ARGUMENT, str(exc), refused=True)
             return
+        write_frame(tls, READY, b"")
         tls.settimeout(IDLE_S)
         context = _WireContext(uris, metadata)
 
@@ -347,9 +349,16 @@ class WireConnection:
             self._sock = target.security.ssl_context(server=False).wrap_socket(
                 raw, server_hostname=node_dns(target.node_id))
             write_frame(self._sock, HELLO, _json_frame({"metadata": [list(kv) for kv in metadata]}))
+            frame = read_frame(self._sock, max_bytes=MAX_HELLO_BYTES)
         except BaseException:
             _close(raw)
             raise
+        if frame is None or frame[0] != READY:
+            self.close()
+            if frame is not None and frame[0] == ERROR:
+                status, _ = _status_from(frame[1])
+                raise WireRefused(f"{what} refused the step-wire connection: {status.details()}")
+            raise PeerError(f"{what} did not accept the step-wire connection")
 
     def step(self, request: pb.ServeStepRequest, *, timeout_s: float) -> pb.ServeStepReply:
         """Send one step, wait for its reply. Raises the stage's error (then the connection is
@@ -376,10 +385,7 @@ class WireConnection:
                 raise PeerError(f"{self.what} sent a malformed step reply ({exc})") from exc
         self.close()
         if kind == ERROR:
-            status, refused = _status_from(body)
-            if refused:
-                raise WireRefused(f"{self.what} refused the step-wire connection: {status.details()}")
-            raise error_from_rpc(status, self.what)
+            raise error_from_rpc(_status_from(body)[0], self.what)
         raise PeerError(f"{self.what} sent step-wire frame kind {kind} where a reply was due")
 
     def close(self) -> None:

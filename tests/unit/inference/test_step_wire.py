@@ -22,7 +22,7 @@ from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
 from swarm.transport.inference import step_metadata
 from swarm.transport.step_link import StepLink
-from swarm.transport.step_wire import ERROR, HEADER, HELLO, WireServer, WireTarget, read_frame, wire_target
+from swarm.transport.step_wire import ERROR, HEADER, HELLO, READY, WireServer, WireTarget, read_frame, wire_target
 from tests.helpers.tls import TestPki
 from tests.unit.inference.test_step_stream import CAP, _id, assignment, start_stage_server, step_request
 
@@ -128,6 +128,7 @@ def test_malformed_and_unauthenticated_connections_are_refused_and_the_wire_keep
     # a good HELLO, then a STEP that is not a ServeStepRequest
     s = _tls_to(port, chain["coord"])
     s.sendall(HEADER.pack(len(b'{"metadata":[]}'), HELLO) + b'{"metadata":[]}' + struct.pack("<IB", 3, 2) + b"\xff\xff\xff")
+    assert read_frame(s) == (READY, b"")
     frame = read_frame(s)
     assert frame is not None and frame[0] == ERROR and b"INVALID_ARGUMENT" in frame[1]
     s.close()
@@ -162,7 +163,7 @@ def test_a_caller_over_its_connection_limit_sends_that_step_over_grpc(chain, mon
                                                            token_ids=[1, 2])])
     first, second = _link(chain), _link(chain)
     assert len(first.step(entry("p"), timeout_s=30).token_ids) == 1 and first.transport == "wire"
-    r = second.step(entry("q"), timeout_s=30)  # refused on the wire before the step was read: gRPC
+    r = second.step(entry("q"), timeout_s=30)  # its wire's HELLO refused: gRPC
     assert len(r.token_ids) == 1 and second.transport == "grpc"
     decode = step_request([pb.ServeSessionEntry(session_id="q", start_position=2, num_tokens=1, token_ids=[3])])
     assert len(second.step(decode, timeout_s=30).token_ids) == 1 and second.transport == "grpc"  # gRPC for a while
