@@ -106,10 +106,12 @@ class CodecMessage:
             out.copy_(t, non_blocking=True)
             return out
 
-        moved = [None if p is None else dataclasses.replace(p, data=host(p.data), scales=host(p.scales))
-                 for p in (self.fresh, self.delta)]
-        event = torch.cuda.Event()
-        event.record()
+        device = next(p.data.device for p in parts if p.data.device.type == "cuda")
+        with torch.cuda.device(device):  # the copies queue on that GPU's stream: so must the event
+            moved = [None if p is None else dataclasses.replace(p, data=host(p.data), scales=host(p.scales))
+                     for p in (self.fresh, self.delta)]
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
         return dataclasses.replace(self, fresh=moved[0], delta=moved[1]), event
 
     @classmethod
