@@ -258,7 +258,10 @@ class WireServer:
 
         def requests() -> Iterator[pb.ServeStepRequest]:
             while True:
-                frame = read_frame(tls)
+                try:
+                    frame = read_frame(tls)
+                except (OSError, ConnectionError):  # the caller went away, or idle past IDLE_S: the end
+                    return
                 if frame is None:
                     return
                 kind, body = frame
@@ -269,12 +272,15 @@ class WireServer:
                 except Exception as exc:  # noqa: BLE001 -- protobuf's DecodeError and friends
                     raise InvalidRequestError(f"malformed ServeStepRequest: {exc}") from exc
 
+        stream = self._serve_stream(requests(), context)
         try:
-            for reply in self._serve_stream(requests(), context):
+            for reply in stream:
                 write_frame(tls, REPLY, reply.SerializeToString())
                 self.steps += 1
         except _Aborted as exc:
             _send_error(tls, exc.code, exc.message)
+        finally:
+            stream.close()  # its link to the next stage closes now, not when collected
 
 
 def _send_error(sock, code: grpc.StatusCode, message: str, *, refused: bool = False) -> None:
