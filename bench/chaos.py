@@ -5,8 +5,9 @@
 
 A coordinator and 6 node processes (2 replicas x 3 stages) on this machine train a tiny GPT-2 on a
 slice of the Python standard library. The job's length is time-based: a calibration job measures
-the fault-free steps/s (then is cancelled) and the job gets the steps that take ``--duration-s``
-without faults (``--steps`` sets them instead). Run 1 has no faults. Run 2 is the same job (same
+the fault-free median step time (then is cancelled) and the job gets the steps that take
+``--duration-s`` at that pace (``--steps`` sets them instead; averaging stalls make the runs last
+longer). Run 1 has no faults. Run 2 is the same job (same
 spec, data, seed) while ``--num-faults`` faults strike: a random node is SIGKILLed (and started
 again ``--restart-after-s`` later with the same state dir, so the same node id), and the 3rd fault
 is the coordinator, SIGKILLed and started again 5 s later on the same ports and state dir.
@@ -154,18 +155,30 @@ def submit(swarm: Swarm, model: Path, data: Path, args, *, steps: int | None = N
 
 
 def calibrate(swarm: Swarm, model: Path, data: Path, args) -> float:
-    """Fault-free steps/s of the job: a long job run for :data:`CALIBRATE_S`, then cancelled."""
+    """Fault-free steps/s of the job, from a long job run for :data:`CALIBRATE_S`, then cancelled:
+    one over the median time of its steps (:func:`steps_per_s`)."""
     from swarm.transport.coordinator_client import CoordinatorClient
 
     job_id = submit(swarm, model, data, args, steps=1_000_000)
     wait_until(lambda: (swarm.get(f"/api/jobs/{job_id}")["step"] or 0) >= 3, 120, message="calibration job trains")
-    t0, s0 = time.monotonic(), swarm.get(f"/api/jobs/{job_id}")["step"]
     time.sleep(CALIBRATE_S - 10)
-    t1, s1 = time.monotonic(), swarm.get(f"/api/jobs/{job_id}")["step"]
+    progress = swarm.get(f"/api/jobs/{job_id}")["progress"]
     with CoordinatorClient(swarm.address, token=swarm.admin_token) as client:
         client.cancel_job(job_id, "calibration done")
     wait_until(lambda: swarm.get(f"/api/jobs/{job_id}")["state"] == "cancelled", 60, message="calibration ends")
-    return (s1 - s0) / (t1 - t0)
+    return steps_per_s(progress)
+
+
+def steps_per_s(progress: list[dict]) -> float:
+    """One over the median step time of a job's committed steps (their first 3, set-up, not
+    counted). Not steps over the window's time: a single 10 s averaging stall (hivemind's
+    matchmaking on a loaded box, swarm/pipeline/averaging.py) in a 30 s window of ~0.7 s steps
+    halved that rate, and the job was sized to half the time it then took."""
+    times = [p["step_s"] for p in progress[3:] if p.get("step_s")]
+    if len(times) < 5:
+        raise RuntimeError(f"the calibration job committed only {len(times)} timed steps in {CALIBRATE_S:.0f} s: "
+                           "the machine is too loaded to size the job; give --steps instead")
+    return 1.0 / statistics.median(times)
 
 
 def heldout_loss(result_dir: Path, text: str, seq_len: int = 64, windows: int = 64) -> float:
