@@ -13,8 +13,9 @@ again ``--restart-after-s`` later with the same state dir, so the same node id),
 is the coordinator, SIGKILLed and started again 5 s later on the same ports and state dir.
 
 When the faults strike (:func:`fault_steps`): by the churn run's own progress, fault k once the job
-committed k/(num_faults+1) of its steps, so every fault fires while the job runs however fast the
-churn run goes (a run that lost a replica skips gradient averaging and may run faster than the
+committed k/(num_faults+1) of its steps, once the previous fault's process is up again and
+``--restart-after-s`` + 10 s passed since it (faults never overlap), so the faults fire while the
+job runs however fast the churn run goes (a run that lost a replica skips gradient averaging and may run faster than the
 fault-free one); with the default 600 s and 10 faults that is one fault per ~55 s of fault-free
 time. ``--fault-every-s S`` schedules them by the clock instead (fault k at k*S s), and faults due
 after the job ended do not fire ("faults fired" says how many did).
@@ -215,15 +216,19 @@ def fault_steps(steps: int, num_faults: int) -> list[int]:
             for k in range(1, num_faults + 1)]
 
 
-def fault_due(trigger: tuple[str, float | None], now_s: float, step: int, last: Fault | None) -> bool:
+def fault_due(trigger: tuple[str, float | None], now_s: float, step: int, last: Fault | None, *,
+              down: bool = False, min_gap_s: float = 0.0) -> bool:
     """Whether a fault with ``trigger`` strikes now: ("at_s", t) once ``now_s`` >= t; ("step", n)
-    once the job committed step n; ("healed", None) once the previous fault ``last`` healed
-    (:func:`_healed`; with none before it, once the job committed 3 steps)."""
+    once the job committed step n, nothing is ``down`` (every killed process was started again) and
+    ``min_gap_s`` passed since ``last`` struck (the job jumps many steps when a lost replica
+    leaves it averaging-free or the coordinator's return brings the reports it missed: without
+    these, one poll after another killed every node); ("healed", None) once the previous fault
+    ``last`` healed (:func:`_healed`; with none before it, once the job committed 3 steps)."""
     kind, value = trigger
     if kind == "at_s":
         return now_s >= value
     if kind == "step":
-        return step >= value
+        return step >= value and not down and (last is None or now_s - last.at_s >= min_gap_s)
     return _healed(last, step) if last is not None else step >= 2
 
 
@@ -257,17 +262,18 @@ def follow(swarm: Swarm, job_id: str, run: Run, *, faults: list[tuple[tuple[str,
                 swarm.restart_coordinator()
             else:
                 swarm.restart_node(r[2])
-        due = bool(faults) and fault_due(faults[0][0], now, last_step, run.faults[-1] if run.faults else None)
+        due = bool(faults) and fault_due(faults[0][0], now, last_step, run.faults[-1] if run.faults else None,
+                                         down=bool(restarts), min_gap_s=restart_after_s + 10.0)
         if due and d is not None and d["state"] == "running":
             _, kind = faults.pop(0)
             down = {r[2] for r in restarts if r[1] == "node"}
-            if kind == "coordinator":
+            if kind == "coordinator":  # (a node fault finds one up: faults by step wait until none is down)
                 swarm.kill_coordinator()
                 restarts.append((now + 5.0, "coordinator", -1))
                 run.faults.append(Fault(what="coordinator SIGKILL (back 5 s later)", at_s=now, step_before=last_step,
                                        attempt=d["attempt"]))
             else:
-                i = rng.choice([i for i in swarm.nodes if i not in down])
+                i = rng.choice([i for i in swarm.nodes if i not in down] or sorted(swarm.nodes))
                 swarm.kill_node(i)
                 restarts.append((now + restart_after_s, "node", i))
                 stage = next((f"stage {a['stage']} replica {a['replica']}" for a in d["assignments"]

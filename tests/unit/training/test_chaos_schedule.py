@@ -33,3 +33,10 @@ def test_triggers():
     assert not fault_due(("healed", None), 9.0, 5, coordinator)
     coordinator.next_commit_s = 3.0
     assert fault_due(("healed", None), 9.0, 6, coordinator)
+
+
+def test_a_step_fault_waits_for_the_last_one_to_be_undone():
+    last = Fault(what="node n1 SIGKILL", at_s=100.0, step_before=50)
+    assert not fault_due(("step", 60), 110.0, 200, last, min_gap_s=30.0)  # the job raced past two thresholds
+    assert not fault_due(("step", 60), 140.0, 200, last, down=True, min_gap_s=30.0)  # n1 not started again yet
+    assert fault_due(("step", 60), 130.0, 200, last, min_gap_s=30.0)
