@@ -40,17 +40,6 @@ from swarm.errors import PeerError
 
 log = logging.getLogger(__name__)
 
-# hivemind's matchmaking: a follower waits ``request_timeout`` for its leader's answer, and a leader
-# whose group is full (``target_group_size``) assembles it -- follower included -- the moment it
-# accepts the request, without waiting for ``min_matchmaking_time``. With 0.5 s, a follower on a
-# loaded machine (2 cores, load 8-11) gave up on an answer already sent now and then: the leader
-# ran the all-reduce without it ("Reducer: received 3% of input tensors"), the follower found no
-# group ("could not find a group"), and both stalled for the whole round timeout (10 s; 6 rounds in
-# 280 s of bench/chaos.py's fault-free run). The full-group path never waits for these, so they
-# are generous; only a round that misses a replica waits ``min_matchmaking_time`` (within its timeout).
-MATCHMAKING_S = 4.0
-REQUEST_TIMEOUT_S = 2.0
-
 
 class ReplicaAverager:
     """Averages gradients of ``params`` with the other replicas of a stage under ``prefix``."""
@@ -64,7 +53,7 @@ class ReplicaAverager:
         initial_peers: Sequence[str] = (),
         host: str = "127.0.0.1",
         timeout_s: float = 30.0,
-        matchmaking_s: float = MATCHMAKING_S,
+        matchmaking_s: float = 1.0,
         setup_timeout_s: float | None = None,
     ) -> None:
         from hivemind.averaging import DecentralizedAverager
@@ -89,7 +78,7 @@ class ReplicaAverager:
             self.dht.wait_until_ready(setup_timeout_s or timeout_s)
             self.averager = DecentralizedAverager(
                 buffers, self.dht, start=False, prefix=prefix, target_group_size=num_replicas, min_group_size=2,
-                min_matchmaking_time=matchmaking_s, request_timeout=min(REQUEST_TIMEOUT_S, matchmaking_s / 2),
+                min_matchmaking_time=matchmaking_s, request_timeout=matchmaking_s / 2,
                 allreduce_timeout=timeout_s, compression=Float16Compression(), shutdown_timeout=2,
             )
             # start() ourselves: run_in_background() installs a SIGINT handler, which only the main
