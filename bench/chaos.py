@@ -1,20 +1,30 @@
 """Training under churn: the same job once without faults, once while nodes and the coordinator die.
 
-    python -m bench.chaos [--quick] [--duration-s 600] [--steps N] [--fault-every-s 60]
-                          [--restart-after-s 20] [--num-faults 10] [--no-record] [--json] [--keep-dir DIR]
+    python -m bench.chaos [--quick] [--duration-s 600] [--steps N] [--num-faults 10] [--fault-every-s S]
+                          [--restart-after-s 20] [--no-record] [--json] [--keep-dir DIR]
 
 A coordinator and 6 node processes (2 replicas x 3 stages) on this machine train a tiny GPT-2 on a
 slice of the Python standard library. The job's length is time-based: a calibration job measures
-the fault-free steps/s (then is cancelled) and the job gets the steps that take ``--duration-s``
-without faults (``--steps`` sets them instead). Run 1 has no faults. Run 2 is the same job (same
-spec, data, seed) while every ``--fault-every-s`` a random node is SIGKILLed (and started again
-``--restart-after-s`` later with the same state dir, so the same node id) and, as the 3rd fault
-(while the job surely runs), the coordinator is SIGKILLed and started again 5 s later on the same
-ports and state dir. Reported: steps committed, steps done twice (``repeated_steps``: a rollback
-to a checkpoint re-does steps), the time from each fault to the next committed step, whether the
-coordinator kill fired while the job ran, tokens/s of both runs, and the loss of both final models
-on the same held-out text. Prints a table and appends it to docs/benchmarks.md; exits 1 when a run
-did not succeed or the coordinator was not killed during the churn run.
+the fault-free median step time (then is cancelled) and the job gets the steps that take
+``--duration-s`` at that pace (``--steps`` sets them instead; averaging stalls make the runs last
+longer). Run 1 has no faults. Run 2 is the same job (same
+spec, data, seed) while ``--num-faults`` faults strike: a random node is SIGKILLed (and started
+again ``--restart-after-s`` later with the same state dir, so the same node id), and the 3rd fault
+is the coordinator, SIGKILLed and started again 5 s later on the same ports and state dir.
+
+When the faults strike (:func:`fault_steps`): by the churn run's own progress, fault k once the job
+committed k/(num_faults+1) of its steps, once the previous fault's process is up again and
+``--restart-after-s`` + 10 s passed since it (faults never overlap), so the faults fire while the
+job runs however fast the churn run goes (a run that lost a replica skips gradient averaging and may run faster than the
+fault-free one); with the default 600 s and 10 faults that is one fault per ~55 s of fault-free
+time. ``--fault-every-s S`` schedules them by the clock instead (fault k at k*S s), and faults due
+after the job ended do not fire ("faults fired" says how many did).
+
+Reported: steps committed, steps done twice (``repeated_steps``: a rollback to a checkpoint re-does
+steps), the time from each fault to the next committed step, whether the coordinator kill fired
+while the job ran, tokens/s of both runs, and the loss of both final models on the same held-out
+text. Prints a table and appends it to docs/benchmarks.md; exits 1 when a run did not succeed or
+the coordinator was not killed during the churn run.
 
 ``--quick`` (CI, tests/multiproc/training/test_chaos_quick.py): 4 nodes (2 x 2), a short fixed job,
 the coordinator SIGKILLed (back 5 s later) once the job committed 3 steps, and a replica SIGKILLed
@@ -146,18 +156,30 @@ def submit(swarm: Swarm, model: Path, data: Path, args, *, steps: int | None = N
 
 
 def calibrate(swarm: Swarm, model: Path, data: Path, args) -> float:
-    """Fault-free steps/s of the job: a long job run for :data:`CALIBRATE_S`, then cancelled."""
+    """Fault-free steps/s of the job, from a long job run for :data:`CALIBRATE_S`, then cancelled:
+    one over the median time of its steps (:func:`steps_per_s`)."""
     from swarm.transport.coordinator_client import CoordinatorClient
 
     job_id = submit(swarm, model, data, args, steps=1_000_000)
     wait_until(lambda: (swarm.get(f"/api/jobs/{job_id}")["step"] or 0) >= 3, 120, message="calibration job trains")
-    t0, s0 = time.monotonic(), swarm.get(f"/api/jobs/{job_id}")["step"]
     time.sleep(CALIBRATE_S - 10)
-    t1, s1 = time.monotonic(), swarm.get(f"/api/jobs/{job_id}")["step"]
+    progress = swarm.get(f"/api/jobs/{job_id}")["progress"]
     with CoordinatorClient(swarm.address, token=swarm.admin_token) as client:
         client.cancel_job(job_id, "calibration done")
     wait_until(lambda: swarm.get(f"/api/jobs/{job_id}")["state"] == "cancelled", 60, message="calibration ends")
-    return (s1 - s0) / (t1 - t0)
+    return steps_per_s(progress)
+
+
+def steps_per_s(progress: list[dict]) -> float:
+    """One over the median step time of a job's committed steps (their first 3, set-up, not
+    counted). Not steps over the window's time: a single 10 s averaging stall (hivemind's
+    matchmaking on a loaded box, swarm/pipeline/averaging.py) in a 30 s window of ~0.7 s steps
+    halved that rate, and the job was sized to half the time it then took."""
+    times = [p["step_s"] for p in progress[3:] if p.get("step_s")]
+    if len(times) < 5:
+        raise RuntimeError(f"the calibration job committed only {len(times)} timed steps in {CALIBRATE_S:.0f} s: "
+                           "the machine is too loaded to size the job; give --steps instead")
+    return 1.0 / statistics.median(times)
 
 
 def heldout_loss(result_dir: Path, text: str, seq_len: int = 64, windows: int = 64) -> float:
@@ -183,11 +205,37 @@ def _healed(f: Fault, step: int) -> bool:
     return f.step_after_replan is not None and step > f.step_after_replan
 
 
-def follow(swarm: Swarm, job_id: str, run: Run, *, faults: list[tuple[float | None, str]], restart_after_s: float,
-           rng: random.Random, timeout_s: float) -> None:
-    """Poll the job until it ends, injecting ``faults`` ((at_s, "node"|"coordinator")) on the way;
-    an ``at_s`` of None means: once the previous fault healed (:func:`_healed`; the first fault:
-    once the job committed 3 steps)."""
+def fault_steps(steps: int, num_faults: int) -> list[int]:
+    """The committed steps after which the churn run's faults strike: evenly through the job
+    (fault k at k/(num_faults+1) of it), each after a different step, none before step 3 (the job
+    runs) nor at its last step (the fault would find it over)."""
+    if steps < num_faults + 4:
+        raise ValueError(f"{steps} steps cannot hold {num_faults} faults: give --steps of at least "
+                         f"{num_faults + 4} or fewer --num-faults")
+    return [max(3 + k - 1, min(steps - 2 - (num_faults - k), round(steps * k / (num_faults + 1))))
+            for k in range(1, num_faults + 1)]
+
+
+def fault_due(trigger: tuple[str, float | None], now_s: float, step: int, last: Fault | None, *,
+              down: bool = False, min_gap_s: float = 0.0) -> bool:
+    """Whether a fault with ``trigger`` strikes now: ("at_s", t) once ``now_s`` >= t; ("step", n)
+    once the job committed step n, nothing is ``down`` (every killed process was started again) and
+    ``min_gap_s`` passed since ``last`` struck (the job jumps many steps when a lost replica
+    leaves it averaging-free or the coordinator's return brings the reports it missed: without
+    these, one poll after another killed every node); ("healed", None) once the previous fault
+    ``last`` healed (:func:`_healed`; with none before it, once the job committed 3 steps)."""
+    kind, value = trigger
+    if kind == "at_s":
+        return now_s >= value
+    if kind == "step":
+        return step >= value and not down and (last is None or now_s - last.at_s >= min_gap_s)
+    return _healed(last, step) if last is not None else step >= 2
+
+
+def follow(swarm: Swarm, job_id: str, run: Run, *, faults: list[tuple[tuple[str, float | None], str]],
+           restart_after_s: float, rng: random.Random, timeout_s: float) -> None:
+    """Poll the job until it ends, injecting ``faults`` ((trigger, "node"|"coordinator"), triggers
+    as :func:`fault_due` reads them) on the way."""
     t0 = time.monotonic()
     restarts: list[tuple[float, str, int]] = []  # (at, kind, node index)
     last_step = -1
@@ -214,19 +262,18 @@ def follow(swarm: Swarm, job_id: str, run: Run, *, faults: list[tuple[float | No
                 swarm.restart_coordinator()
             else:
                 swarm.restart_node(r[2])
-        due = bool(faults) and (
-            faults[0][0] <= now if faults[0][0] is not None  # at a time, or (None) once the last fault healed
-            else _healed(run.faults[-1], last_step) if run.faults else last_step >= 2)
+        due = bool(faults) and fault_due(faults[0][0], now, last_step, run.faults[-1] if run.faults else None,
+                                         down=bool(restarts), min_gap_s=restart_after_s + 10.0)
         if due and d is not None and d["state"] == "running":
             _, kind = faults.pop(0)
             down = {r[2] for r in restarts if r[1] == "node"}
-            if kind == "coordinator":
+            if kind == "coordinator":  # (a node fault finds one up: faults by step wait until none is down)
                 swarm.kill_coordinator()
                 restarts.append((now + 5.0, "coordinator", -1))
                 run.faults.append(Fault(what="coordinator SIGKILL (back 5 s later)", at_s=now, step_before=last_step,
                                        attempt=d["attempt"]))
             else:
-                i = rng.choice([i for i in swarm.nodes if i not in down])
+                i = rng.choice([i for i in swarm.nodes if i not in down] or sorted(swarm.nodes))
                 swarm.kill_node(i)
                 restarts.append((now + restart_after_s, "node", i))
                 stage = next((f"stage {a['stage']} replica {a['replica']}" for a in d["assignments"]
@@ -265,7 +312,6 @@ def main(argv: list[str] | None = None) -> int:
         # the nodes train on while the coordinator is away (~25 steps here): with 30 steps the
         # replica was killed in the job's last steps or after its end, never in the middle
         args.steps = args.steps or 40
-    every = args.fault_every_s or 60.0  # (--quick: faults follow the job's steps instead)
     # --quick: the node comes back after the coordinator did (a node back before its loss was
     # noticed: tests/unit/training/test_restarted_worker.py)
     restart_after = args.restart_after_s or (15.0 if args.quick else 20.0)
@@ -290,14 +336,16 @@ def main(argv: list[str] | None = None) -> int:
             for name, faulty in (("fault-free", False), ("churn", True)):
                 run = Run(name=name)
                 job_id = submit(swarm, model, data, args)
-                faults: list[tuple[float | None, str]] = []
+                faults: list[tuple[tuple[str, float | None], str]] = []
                 if faulty and args.quick:
                     # the coordinator once the job runs, a node once the job went on after that: with
                     # its replicas the job runs ~1 step/s here, without one ~10 (no averaging), so a
                     # fault after the replica loss could find the job over
-                    faults = [(None, "coordinator"), (None, "node")]
-                elif faulty:  # a node every `every` s; the 3rd fault is the coordinator (the job surely runs)
-                    faults = [(every * (k + 1), "coordinator" if k == 2 else "node") for k in range(args.num_faults)]
+                    faults = [(("healed", None), "coordinator"), (("healed", None), "node")]
+                elif faulty:  # the 3rd fault is the coordinator, the others nodes
+                    triggers = ([("at_s", args.fault_every_s * k) for k in range(1, args.num_faults + 1)]
+                                if args.fault_every_s else [("step", n) for n in fault_steps(args.steps, args.num_faults)])
+                    faults = [(t, "coordinator" if k == 2 else "node") for k, t in enumerate(triggers)]
                 follow(swarm, job_id, run, faults=faults, restart_after_s=restart_after, rng=rng,
                        timeout_s=600 if args.quick else 7200)
                 run.scheduled = len(faults) + len(run.faults)
@@ -318,10 +366,16 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(["run", "state", "steps committed", "steps done twice", "tokens/s", "held-out loss",
                             "faults fired", "events", "fault -> next committed step"], rows)
     ratio = churn.tokens_per_s / base.tokens_per_s if base.tokens_per_s else float("nan")
+    schedule = ("after the coordinator's return" if args.quick else f"every {args.fault_every_s:.0f} s"
+                if args.fault_every_s else f"after steps {', '.join(map(str, fault_steps(args.steps, args.num_faults)))}")
+    fired = [f.at_s for f in churn.faults]
+    spacing = (f", fired {len(fired)} of {churn.scheduled} at {fired[0]:.0f}-{fired[-1]:.0f} s of the churn run "
+               f"(every {statistics.mean(b - a for a, b in zip(fired, fired[1:])):.0f} s on average)"
+               if len(fired) > 1 else f", fired {len(fired)} of {churn.scheduled}")
     gaps = [f.next_commit_s for f in churn.faults if f.next_commit_s is not None]
     notes = (f"{args.stages} stages x {args.replicas} replicas, {args.steps} steps of 8 x 64 tokens, tiny GPT-2 "
-             f"(6 x 64), checkpoint every {args.checkpoint_every} steps; faults every {every:.0f} s (node back after "
-             f"{restart_after:.0f} s, coordinator after 5 s). Coordinator SIGKILLed while the job ran: "
+             f"(6 x 64), checkpoint every {args.checkpoint_every} steps; faults {schedule} (node back after "
+             f"{restart_after:.0f} s, coordinator after 5 s){spacing}. Coordinator SIGKILLed while the job ran: "
              f"{'yes' if coordinator_killed else 'NO'}. Churn / fault-free tokens/s: {ratio:.2f}; held-out loss "
              f"difference: {churn.heldout_loss - base.heldout_loss:+.4f} nats; fault -> next committed step: "
              + (f"median {statistics.median(gaps):.1f} s, max {max(gaps):.1f} s" if gaps else "-")
@@ -330,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     print(notes)
     if args.json:
         print(json.dumps({"coordinator_killed": coordinator_killed, "steps": args.steps,
+                          "faults_scheduled": churn.scheduled, "faults_fired": len(churn.faults),
                           "runs": [{"name": r.name, "state": r.job["state"], "reason": r.job.get("reason", ""),
                                     "steps": len(r.job["progress"]), "repeated_steps": r.job["repeated_steps"],
                                     "tokens_per_s": r.tokens_per_s, "heldout_loss": r.heldout_loss,

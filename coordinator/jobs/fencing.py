@@ -5,7 +5,8 @@ fence instead of a rollback. The protocol and its pure rules are in
 :mod:`coordinator.jobs.churn`; this module applies them to the stored job:
 
 - :meth:`Fencing._on_lost`: nodes of a running job are lost: a replica-loss fence over the whole
-  pipelines, or a re-plan from the last complete checkpoint when none is whole;
+  pipelines, or a re-plan from the last complete checkpoint when none is whole or the attempt
+  has not started yet (its start fence is open: no worker would reach a step boundary);
 - :meth:`Fencing._maybe_grow`: idle nodes could hold more pipelines: a growth fence;
 - :meth:`Fencing._maybe_rebalance`: a node is seen far below its planned speed and re-planning
   with the seen speeds pays (coordinator/jobs/rebalance.py): a re-balance fence, whose re-plan
@@ -147,7 +148,11 @@ class Fencing:
         live = churn.live_pipelines(job.assignments, set(lost))
         num_replicas = max(a["num_replicas"] for a in job.assignments)
         what = ", ".join(f"node {n[:12]} is {st}" for n, st in sorted(lost.items()))
-        if num_replicas < 2 or not live:
+        if num_replicas < 2 or not live or job.started_attempt < job.attempt:
+            # an attempt whose start fence is still open ran no step: its live workers wait for
+            # `start` and never reach a step boundary, so a replica-loss fence could only time out
+            # (FENCE_TIMEOUT_S; bench/chaos.py saw 60 s without a commit); re-plan from its resume
+            # point at once (the checkpoint it started from: nothing is rolled back)
             self._recover(job, what)
             return
         now = self.clock.time()

@@ -52,3 +52,22 @@ def test_a_late_ready_of_a_worker_that_ran_no_step_is_not_a_restart(tmp_path):
     assert _report(service, job, a, "ready", 0).start  # e.g. its ready was re-sent after an outage
     service.tick()
     assert service.store.get("j1").fence is None
+
+
+@pytest.mark.timeout(20)
+def test_a_replica_lost_before_its_attempt_started_replans_at_once(tmp_path):
+    """Not a replica-loss fence: the live workers wait for `start` and would never reach a step
+    boundary (bench/chaos.py: 60 s without a commit until the fence timed out)."""
+    service = _service(tmp_path, n=4)
+    _pending(service, "j1", SPEC.replace(num_stages=2, num_replicas=2, batch_size=4, micro_batch_size=2))
+    service.tick()
+    job = service.store.get("j1")
+    victim = next(a for a in job.assignments if (a["stage"], a["replica"]) == (1, 1))
+    for a in job.assignments:
+        if a is not victim:
+            assert not _report(service, job, a, "ready", 0).start  # the start fence waits for the victim
+    service._on_lost(service.store.get("j1"), {victim["node_id"]: "lost"})
+    job = service.store.get("j1")
+    kinds = [e["kind"] for e in service.store.events("j1")]
+    assert job.fence is None and "replica_dropped" not in kinds and "node_lost" in kinds
+    assert job.attempt == 2 or job.state == "pending", (job.attempt, job.state, kinds)
