@@ -34,7 +34,7 @@ from swarm.errors import (
     AuthError, ConfigError, InvalidRequestError, NotFoundError, SwarmError, UnavailableError, VersionMismatchError,
 )
 from swarm.faults import NO_FAULTS, FaultConfig
-from swarm.hardware import HardwareInfo, free_memory_bytes, probe
+from swarm.hardware import HardwareInfo, free_memory_bytes, probe, use_device
 from swarm.identity import Identity
 from swarm.plugins import stop_plugins
 from swarm.proto.v1 import coordinator_pb2 as pb
@@ -130,13 +130,7 @@ class NodeAgent:
                         self.hardware.tflops)
             self.hardware = dataclasses.replace(self.hardware, tflops=config.faults.claim_tflops)
         self.device = self.hardware.device
-        if self.device.startswith("cuda"):
-            import torch
-
-            # the process's current device from now on: what torch does without naming a device
-            # (pinned host buffers, CUDA events, default streams) must be on the GPU this node
-            # computes on, not cuda:0 (an event recorded there never waits for copies on cuda:1)
-            torch.cuda.set_device(torch.device(self.device))
+        use_device(self.device)
         self.metrics: dict[str, Any] = {}
         self.metrics_lock = threading.Lock()
         self.traffic = Traffic()

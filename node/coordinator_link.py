@@ -22,7 +22,7 @@ from swarm.transport.auth import call_metadata
 from swarm.transport.channels import control_channel
 from swarm.transport.convert import hardware_to_proto
 from swarm.transport.errors import translate_rpc_errors
-from swarm.transport.tls import DeferredChannel
+from swarm.transport.lazy_channels import DeferredChannel
 
 CALL_TIMEOUT_S = 10.0
 

@@ -145,6 +145,17 @@ def free_memory_bytes(device: str) -> int:
         return 0
 
 
+def use_device(device: str) -> None:
+    """Make ``device`` this process's current CUDA device (nothing for the CPU): what torch does
+    without naming a device (pinned host buffers, CUDA events, default streams) must then be on
+    the GPU this node computes on, not cuda:0 (an event recorded there never waits for copies
+    queued on cuda:1). A node calls it once, after :func:`probe`."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
+
+
 def probe(device: str = "cpu", *, disk_path: str | Path = ".", matmul_duration_s: float = 1.0) -> HardwareInfo:
     """Probe this machine for ``device`` ("cpu", "cuda", "cuda:K")."""
     import torch

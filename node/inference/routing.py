@@ -1,5 +1,6 @@
 """A stage's side of per-request routes (coordinator/inference/routes.py): the next hop a step
-names, channels to other chains' stages, and the end of a one-stage replay.
+names, channels to other chains' stages, the link a step goes on by (:func:`next_link`: the step
+wire or the gRPC stream; :func:`forward_unary` for a unary Step), and the end of a one-stage replay.
 
 - A step's ``route`` has one hop per stage; this stage must be its own hop (same replica, this
   node), and forwards to ``route[stage + 1]``: that replica, on that node (TLS checks the
@@ -13,13 +14,18 @@ from __future__ import annotations
 
 import threading
 
+import grpc
 import torch
 
 from swarm.errors import InvalidRequestError
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
-from swarm.transport.tls import RenewingStub
+from swarm.transport.errors import error_from_rpc
+from swarm.transport.inference import step_metadata
+from swarm.transport.lazy_channels import RenewingStub
+from swarm.transport.step_link import StepLink
+from swarm.transport.step_wire import wire_target
 
 MAX_PEER_CHANNELS = 64  # channels to other chains' stages kept open; the oldest is closed first
 
@@ -92,3 +98,22 @@ def replayed_here(entries, out: torch.Tensor, stage: int):
             rows.extend(range(off, off + n))
         off += n
     return fwd, out[torch.tensor(rows, device=out.device)]
+
+
+def next_link(security, stage: int, hop: tuple) -> StepLink:
+    """A persistent link to ``stage`` at ``hop`` (the servicer's ``_next_hop``: stubs,
+    capability, replica, node id, address): its step wire where it can, else its StepStream."""
+    stubs, capability, _, node_id, address = hop
+    return StepLink(lambda requests, metadata: stubs.stub.StepStream(requests, metadata=metadata),
+                    metadata=step_metadata(capability), what=f"stage {stage} at {address}",
+                    wire=wire_target(security, address, node_id, stubs.stub))
+
+
+def forward_unary(hop: tuple | None, nxt: pb.ServeStepRequest, *, timeout_s: float) -> pb.ServeStepReply:
+    """One unary Step to ``hop`` (a unary Step is forwarded as one)."""
+    assert hop is not None
+    stubs, capability, _, _, address = hop
+    try:
+        return stubs.stub.Step(nxt, timeout=timeout_s, metadata=step_metadata(capability))
+    except grpc.RpcError as exc:
+        raise error_from_rpc(exc, f"stage {nxt.stage} at {address}") from exc

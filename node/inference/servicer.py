@@ -45,7 +45,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import torch
 
 from swarm.certs import COORDINATOR
@@ -56,16 +55,15 @@ from swarm.model.checkpoint import load_stage
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
-from swarm.transport.errors import error_from_rpc, grpc_errors
+from swarm.transport.errors import grpc_errors
 from swarm.transport.step_link import StepLink
-from swarm.transport.step_wire import wire_target
-from swarm.transport.tls import RenewingStub
-from swarm.transport.inference import check_step_capability, step_metadata
+from swarm.transport.lazy_channels import RenewingStub
+from swarm.transport.inference import check_step_capability
 
 from swarm.transport.kv import kv_target
 
 from node.inference.kv_handoff import import_kv, push_kv
-from node.inference.routing import PeerStubs, route_hop
+from node.inference.routing import PeerStubs, forward_unary, next_link, route_hop
 from node.inference.step import StepRunner
 from node.inference.shards import fetch_shard, safe_dir, same_weights, serve_shard, validate_assignment
 
@@ -319,7 +317,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         self._only_chain(loaded, self._caller(context), "Step", request)
         self._authorize(loaded, context, "Step")
         hop = self._next_hop(loaded, request)
-        return self._step(loaded, request, lambda nxt: self._forward_unary(hop, nxt), hop)
+        return self._step(loaded, request, lambda nxt: forward_unary(hop, nxt, timeout_s=STEP_TIMEOUT_S), hop)
 
     @grpc_errors
     def StepStream(self, request_iterator, context) -> Iterator[pb.ServeStepReply]:
@@ -337,19 +335,12 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 if hop is not None and (linked is None or linked[0] is not loaded or linked[1] != hop):
                     if link is not None:
                         link.close()
-                    link, linked = self._next_link(loaded, hop), (loaded, hop)
+                    link, linked = next_link(self.security, loaded.assignment.stage + 1, hop), (loaded, hop)
                 yield self._step(loaded, request,
                                  lambda nxt: link.step(nxt, timeout_s=STEP_TIMEOUT_S), hop)  # noqa: B023 -- called at once
         finally:
             if link is not None:
                 link.close()
-
-    def _next_link(self, loaded: _Loaded, hop: tuple) -> StepLink:
-        stubs, capability, _, node_id, address = hop
-        return StepLink(lambda requests, metadata: stubs.stub.StepStream(requests, metadata=metadata),
-                        metadata=step_metadata(capability),
-                        what=f"stage {loaded.assignment.stage + 1} at {address}",
-                        wire=wire_target(self.security, address, node_id, stubs.stub))
 
     @grpc_errors
     def StepWire(self, request: pb.ServeStepWireRequest, context) -> pb.ServeStepWireReply:
@@ -357,13 +348,6 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         self._caller(context)
         return pb.ServeStepWireReply(port=self.wire.port if self.wire is not None else 0)
 
-    def _forward_unary(self, hop: tuple | None, nxt: pb.ServeStepRequest) -> pb.ServeStepReply:
-        assert hop is not None
-        stubs, capability, _, _, address = hop
-        try:
-            return stubs.stub.Step(nxt, timeout=STEP_TIMEOUT_S, metadata=step_metadata(capability))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, f"stage {nxt.stage} at {address}") from exc
 
     def _step(self, loaded: _Loaded, request: pb.ServeStepRequest,
               forward: Callable[[pb.ServeStepRequest], pb.ServeStepReply], hop: tuple | None) -> pb.ServeStepReply:

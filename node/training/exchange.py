@@ -49,7 +49,7 @@ from swarm.transport import streams, transfer, transfer_pb
 from swarm.transport import tensors as wt
 from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, data_channel
 from swarm.transport.errors import error_from_rpc, grpc_errors
-from swarm.transport.tls import RenewingStub
+from swarm.transport.lazy_channels import RenewingStub
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,8 @@ from swarm.transport.auth import api_token_metadata
 from swarm.transport.channels import control_channel, parse_address
 from swarm.transport.convert import link_from_proto, node_from_proto, sampling_to_pb
 from swarm.transport.errors import translate_rpc_errors
-from swarm.transport.tls import DeferredChannel, TlsSecurity, fetch_ca
+from swarm.transport.lazy_channels import DeferredChannel
+from swarm.transport.tls import TlsSecurity, fetch_ca
 
 if TYPE_CHECKING:
     from swarm.inference.params import SamplingParams

@@ -8,7 +8,8 @@ import pytest
 
 from swarm import certs
 from swarm.errors import AuthError
-from swarm.transport.tls import RenewingStub, TlsSecurity
+from swarm.transport.lazy_channels import RenewingStub
+from swarm.transport.tls import TlsSecurity
 from tests.helpers.tls import TestPki
 
 FP = "ab" * 32
