@@ -46,7 +46,7 @@ from swarm.scheduling.disaggregation import (DisaggPlan, Workload, auto_blocker,
                                               plan_disaggregation)
 from swarm.scheduling.placement import PlacementDevice, PlacementRequest, place
 
-from coordinator.inference.replica import StageRef
+from coordinator.inference.sessions import StageRef
 from coordinator.inference.shape import model_shape
 
 log = logging.getLogger(__name__)

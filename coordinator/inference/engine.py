@@ -41,7 +41,8 @@ from coordinator.inference.checks import Checks
 from coordinator.inference.disagg import Disagg
 from coordinator.inference.placing import Placing
 from coordinator.inference.shape import model_shape  # noqa: F401 -- imported from here by the healer
-from coordinator.inference.replica import Replica, Session, StageRef
+from coordinator.inference.replica import Replica
+from coordinator.inference.sessions import Session, StageRef
 from coordinator.inference.router import Routes
 from coordinator.inference.store import ModelRecord, ModelStore, served_params
 from coordinator.inference.text import TextCodec

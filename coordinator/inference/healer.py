@@ -28,7 +28,8 @@ from swarm.scheduling.healing import (AddChain, Chain, ChainStage, DropChain, He
                                       RetireChain, Wait, heal)
 
 from coordinator.inference.engine import BrokenChain, InferenceEngine, ServedModel, model_shape
-from coordinator.inference.replica import Replica, StageRef
+from coordinator.inference.replica import Replica
+from coordinator.inference.sessions import StageRef
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ from swarm.scheduling.placement import Links, PlacementDevice, PlacementRequest,
 from swarm.transport.channels import data_channel
 from swarm.transport.errors import error_from_rpc
 
-from coordinator.inference.replica import Replica, StageRef
+from coordinator.inference.replica import Replica
+from coordinator.inference.sessions import StageRef
 from coordinator.inference.routes import shared_split
 from coordinator.inference.shape import model_shape
 

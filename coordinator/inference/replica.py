@@ -2,9 +2,9 @@
 
 Protocol (coordinator side): a driver thread repeatedly takes every session of the replica and
 sends one step to the first stage (prefill entries for sessions the chain has not seen,
-one-token decode entries for the rest) on its persistent ``StepStream`` (swarm/transport/
-step_link.py: one message each way per token, no call setup), and hands each sampled token to
-its session.
+one-token decode entries for the rest) on its persistent link (swarm/transport/step_link.py:
+the stage's step wire, else its ``StepStream``; one message each way per token, no call setup),
+and hands each sampled token to its session (coordinator/inference/sessions.py).
 With spot checks on (``--verify-prob``, coordinator/inference/checks.py) every step asks the
 stages for commitments; a sampled session's token is held, with every token the session
 generates after it (the session keeps decoding: its ``pending`` tokens), until the check passed;
@@ -28,14 +28,13 @@ import random
 import secrets
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import grpc
 
+from coordinator.inference.sessions import Session, StageRef
 from swarm.errors import InvalidRequestError, NotFoundError, SwarmError
-from swarm.inference.session import GenerationState, TokenEvent
+from swarm.inference.session import TokenEvent
 from swarm.inference.stage_runtime import StepEntry
 from swarm.inference.verify import ChainResult, StageCommit
 from swarm.proto.v1 import inference_pb2 as pb
@@ -51,72 +50,6 @@ log = logging.getLogger(__name__)
 _TRACE = StepTrace("coordinator")  # SWARM_STEP_TRACE=DIR: per-step timestamps (swarm/steptrace.py)
 
 STEP_TIMEOUT_S = 120.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StageRef:
-    node_id: str
-    address: str
-    first_layer: int
-    last_layer_excl: int
-
-
-class Session:
-    """A generation request as the engine tracks it. ``sink`` receives TokenEvents, then None at
-    the end, or an exception (a SwarmError) if it failed."""
-
-    def __init__(self, *, session_id: str, model: str, state: GenerationState, sink: Callable[[object], None]) -> None:
-        self.id = session_id
-        self.model = model
-        self.state = state
-        self.sink = sink
-        self.kv_pos = 0  # tokens the current replica's caches hold for this session
-        self.replay_stages = 0  # > 0: only stages 0..replay_stages-1 need the prefix again (routes.py)
-        self.replica: Replica | None = None
-        # disaggregated serving (disagg.py): called as handoff(replica, session) once a step
-        # prefilled the session, after it was detached from the replica (its KV moves elsewhere)
-        self.handoff: Callable[["Replica", "Session"], None] | None = None
-        self.num_replays = 0
-        self.cancelled = False
-        self.closed = False
-        self.waiting_since_s = 0.0
-        # generated, not yet given to the client: [token, check ticket or None, check passed]; the
-        # front is released once it has no ticket or its check passed (Replica._flush)
-        self.pending: list[list] = []
-        self.history_checked = True  # every step on the current chain since its reset was sampled for a check
-        self.check_slots: deque = deque()  # checks in step order, concluded in that order (Checks)
-        self.check_batch: list = []  # held sampled steps whose replay is not sent yet (Checks.begin)
-        self.check_lock = threading.Lock()
-
-    def fail(self, exc: SwarmError) -> None:
-        if not self.closed:
-            self.closed = True
-            self.sink(exc)
-
-    def ids(self) -> list[int]:
-        """Prompt, released and pending tokens: what the current chain has computed on."""
-        return self.state.all_ids + [p[0] for p in self.pending]
-
-    def runnable(self) -> bool:
-        """Whether a next token may be generated: not finished, and the pending tokens neither
-        reach max_new_tokens nor end with eos (a stop string is known only at release)."""
-        st = self.state
-        if st.done or self.closed:
-            return False
-        if not self.pending:
-            return True
-        return (len(st.generated) + len(self.pending) < st.params.max_new_tokens
-                and self.pending[-1][0] != st.eos_token_id)
-
-    def entry(self) -> StepEntry:
-        ids = self.ids()
-        if self.kv_pos == 0 or self.replay_stages:
-            return StepEntry(session_id=self.id, start_position=0, num_tokens=len(ids), token_ids=tuple(ids),
-                             reset=True, sampling=self.state.params,
-                             replay_stages=self.replay_stages if self.kv_pos else 0)
-        assert self.kv_pos == len(ids) - 1, (self.kv_pos, len(ids))
-        return StepEntry(session_id=self.id, start_position=self.kv_pos, num_tokens=1, token_ids=(ids[-1],),
-                         sampling=self.state.params)
 
 
 class Replica:

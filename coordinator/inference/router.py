@@ -21,7 +21,8 @@ import threading
 
 from swarm.errors import SwarmError
 
-from coordinator.inference.replica import Replica, Session
+from coordinator.inference.replica import Replica
+from coordinator.inference.sessions import Session
 from coordinator.inference.routes import DEFAULT_HOP_S, Hop, LiveMap, RouteDriver, node_cost, pick_route
 
 log = logging.getLogger(__name__)

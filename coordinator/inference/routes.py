@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.transport.inference import step_metadata
 
-from coordinator.inference.replica import Replica, Session
+from coordinator.inference.replica import Replica
+from coordinator.inference.sessions import Session
 
 log = logging.getLogger(__name__)
 

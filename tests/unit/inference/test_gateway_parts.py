@@ -91,7 +91,7 @@ def test_auto_codec_uses_int8_on_slow_measured_links(tmp_path):
     import numpy as np
 
     from coordinator.inference.engine import InferenceEngine
-    from coordinator.inference.replica import StageRef
+    from coordinator.inference.sessions import StageRef
     from swarm.clock import FakeClock
 
     class Net:

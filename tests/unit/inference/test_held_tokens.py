@@ -10,7 +10,8 @@ import pytest
 from swarm.inference.params import SamplingParams
 from swarm.inference.session import GenerationState
 
-from coordinator.inference.replica import Replica, Session
+from coordinator.inference.replica import Replica
+from coordinator.inference.sessions import Session
 
 pytestmark = pytest.mark.timeout(30)
 
