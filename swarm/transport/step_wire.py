@@ -168,6 +168,8 @@ class WireServer:
         self._listener = socket.create_server((host, port), reuse_port=False, backlog=64)
         self.port = self._listener.getsockname()[1]
         self._lock = threading.Lock()
+        # open connections -> their caller (None until the handshake named it); the TLS socket
+        # replaces the raw one once wrapped (wrapping detaches the raw socket: closing it does nothing)
         self._conns: dict[socket.socket, str | None] = {}
         self._stopped = False
         self.steps = 0  # steps answered over the wire (a node metric)
@@ -185,7 +187,11 @@ class WireServer:
             pass
         with self._lock:
             conns = list(self._conns)
-        for c in conns:
+        for c in conns:  # shut down first: a close alone does not wake a thread blocked reading
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             _close(c)
 
     @property
@@ -222,9 +228,10 @@ class WireServer:
             if caller is None:
                 return  # a CA-signed certificate that names no node nor the coordinator
             with self._lock:
+                self._conns.pop(raw, None)
                 full = sum(1 for c in self._conns.values() if c == caller) >= MAX_PER_CALLER
                 if not full:
-                    self._conns[raw] = caller
+                    self._conns[tls] = caller
             if full:  # the answer to its HELLO: the caller uses gRPC instead
                 log.info("step wire: refused a connection from %s (already %d open)", caller[:12], MAX_PER_CALLER)
                 _send_error(tls, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -239,6 +246,8 @@ class WireServer:
         finally:
             with self._lock:
                 self._conns.pop(raw, None)
+                if tls is not None:
+                    self._conns.pop(tls, None)
             _close(tls if tls is not None else raw)
 
     def _serve_tls(self, tls: ssl.SSLSocket, uris: list[str]) -> None:

@@ -5,6 +5,7 @@ reached carries on over gRPC."""
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import struct
@@ -97,6 +98,12 @@ def test_the_wire_checks_capability_and_caller_like_step_stream(chain):
     assert stranger.transport == "wire"
 
 
+def _hello(sock, metadata):
+    body = json.dumps({"metadata": metadata}).encode()
+    sock.sendall(HEADER.pack(len(body), HELLO) + body)
+    return read_frame(sock)
+
+
 def _tls_to(port, security, node="a"):
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
     ctx = security.ssl_context(server=False) if security is not None else _no_cert_context()
@@ -169,3 +176,14 @@ def test_a_caller_over_its_connection_limit_sends_that_step_over_grpc(chain, mon
     assert len(second.step(decode, timeout_s=30).token_ids) == 1 and second.transport == "grpc"  # gRPC for a while
     first.close()
     second.close()
+
+
+@pytest.mark.timeout(60)
+def test_stopping_the_wire_closes_its_open_connections(chain):
+    s = _tls_to(chain["w0"].port, chain["coord"])
+    assert _hello(s, []) == (READY, b"")
+    assert chain["w0"].num_connections == 1
+    chain["w0"].stop()
+    s.settimeout(10)
+    assert read_frame(s) is None  # closed by the node, not left open on a thread of its own
+    s.close()
