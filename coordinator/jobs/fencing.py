@@ -88,8 +88,12 @@ class Fencing:
         """A node of the running attempt is seen slow: weigh re-planning with the seen speeds
         (coordinator/jobs/rebalance.py :func:`~coordinator.jobs.rebalance.decide`) and, when it
         pays, open a re-balance fence. Weighed at most once per ``rebalance.RETRY_S`` per job
-        (each time runs the planner)."""
-        if (not self.rebalance or not job.assignments or job.state != "running"
+        (each time runs the planner). ``job`` may be stale (the loop's copy): it is read again only
+        when a node of it is slow."""
+        if not self.rebalance or not self.speeds.slow_now(job):
+            return
+        job = self.store.get(job.id)  # the fence or attempt may have changed this tick (_maybe_grow)
+        if (not job.assignments or job.state != "running"
                 or job.started_attempt != job.attempt or job.fence is not None):
             return
         slow = self.speeds.slow_now(job)

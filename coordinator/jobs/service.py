@@ -279,7 +279,7 @@ class JobService(Checkpointing, Reporting, Fencing):
             self._finish(job)
             return
         self._maybe_grow(job)
-        self._maybe_rebalance(self.store.get(job.id))
+        self._maybe_rebalance(job)
 
     def _recover(self, job: Job, what: str) -> None:
         """Re-plan a running job that lost a stage over the idle online nodes, resuming after its

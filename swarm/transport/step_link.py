@@ -19,7 +19,7 @@ call setup, no new HTTP/2 stream, no server thread hand-off per step as a unary 
   opens a new one before sending, so an idle chain never fails its next step for that.
 - Given a ``wire`` (:class:`~swarm.transport.step_wire.WireTarget`), the link carries its steps
   over the stage's step wire instead (the same steps and checks without gRPC's thread hand-offs,
-  swarm/transport/step_wire.py): it asks the stage's port once, connects, and on any failure to
+  swarm/transport/step_wire.py): it asks the stage its port and connects; on any failure to
   connect (no wire, port unreachable behind NAT) uses the gRPC stream for
   :data:`WIRE_RETRY_S` before trying again. ``SWARM_STEP_WIRE=0`` turns the wire off.
 """
