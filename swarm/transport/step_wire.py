@@ -65,15 +65,21 @@ IDLE_S = 300.0
 CONNECT_S = 3.0
 MAX_CONNECTIONS = 64
 MAX_PER_CALLER = 32
+READ_CHUNK = 1 << 20
 
 
 # ----------------------------------------------------------------------------------- frames
 def _read_exact(sock, n: int) -> bytes | None:
-    """``n`` bytes, or None when the peer closed before the first byte; raises on a short read."""
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
+    """``n`` bytes, or None when the peer closed before the first byte; raises on a short read.
+    The buffer starts at :data:`READ_CHUNK` and doubles as the bytes arrive: a header claiming a
+    large frame reserves no memory the peer does not fill."""
+    buf = bytearray(min(n, READ_CHUNK))
+    got = 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        if got == len(buf):
+            buf.extend(bytes(min(n - got, len(buf))))
+        with memoryview(buf) as view:  # released before the next extend
+            k = sock.recv_into(view[got:], len(buf) - got)
         if k == 0:
             if got == 0:
                 return None

@@ -23,7 +23,7 @@ from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
 from swarm.transport.inference import step_metadata
 from swarm.transport.step_link import StepLink
-from swarm.transport.step_wire import ERROR, HEADER, HELLO, READY, WireServer, WireTarget, read_frame, wire_target
+from swarm.transport.step_wire import ERROR, HEADER, HELLO, READY, STEP, WireServer, WireTarget, read_frame, wire_target
 from tests.helpers.tls import TestPki
 from tests.unit.inference.test_step_stream import CAP, _id, assignment, start_stage_server, step_request
 
@@ -187,3 +187,21 @@ def test_stopping_the_wire_closes_its_open_connections(chain):
     s.settimeout(10)
     assert read_frame(s) is None  # closed by the node, not left open on a thread of its own
     s.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_frame_header_claiming_megabytes_reserves_only_what_arrives():
+    import tracemalloc
+
+    a, b = socket.socketpair()
+    a.sendall(HEADER.pack(60 << 20, STEP) + b"x" * 10)  # claims 60 MiB (under the limit), sends 10 bytes
+    a.close()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConnectionError, match="10 of"):
+            read_frame(b)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        b.close()
+    assert peak < 4 << 20, peak
