@@ -188,18 +188,23 @@ class Replica:
             c.close()
         return left
 
-    def probe(self, timeout_s: float = 2.0) -> list[str]:
-        """Node ids of stages that do not answer a trivial call (dead or unreachable)."""
-        dead = []
-        for stub, st in zip(self._stubs, self.stages):
-            try:
-                stub.CloseSession(pb.ServeCloseSessionRequest(model_name=self.model, replica=self.index), timeout=timeout_s,
-                                  metadata=self._metadata)
-            except grpc.RpcError as exc:
-                # a stage reloaded for another chain refuses our capability: it answered, so it is alive
-                if exc.code() not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-                    dead.append(st.node_id)
-        return dead
+    def probe(self, timeout_s: float = 2.0, retry_timeout_s: float = 6.0) -> list[str]:
+        """Node ids of stages that do not answer a trivial call (dead or unreachable). A stage
+        silent for ``timeout_s`` is asked once more for ``retry_timeout_s``: on a loaded host a
+        live node's answer (a fresh TLS connection among them) can take over 2 s, and a survivor
+        taken for dead is suspected and its chain re-placed instead of relinked; a killed node's
+        port refuses at once, so the second ask costs nothing there."""
+        silent = [(stub, st) for stub, st in zip(self._stubs, self.stages) if not self._answers(stub, timeout_s)]
+        return [st.node_id for stub, st in silent if not self._answers(stub, retry_timeout_s)]
+
+    def _answers(self, stub, timeout_s: float) -> bool:
+        try:
+            stub.CloseSession(pb.ServeCloseSessionRequest(model_name=self.model, replica=self.index), timeout=timeout_s,
+                              metadata=self._metadata)
+        except grpc.RpcError as exc:
+            # a stage reloaded for another chain refuses our capability: it answered, so it is alive
+            return exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+        return True
 
     # ------------------------------------------------------------------ driver
     def _join(self) -> None:
