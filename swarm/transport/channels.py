@@ -34,6 +34,15 @@ _KEEPALIVE = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+# gRPC backs off between connection attempts up to 120 s by default, and a call made meanwhile
+# fails at once without trying: a node whose coordinator (or a peer) was down half a minute stayed
+# cut off ~10 s after it was back, long enough to be declared lost. Capped at 2 s: an attempt is
+# one TCP connect (and a TLS handshake once it succeeds).
+_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
 
 
 def _size_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -82,7 +91,7 @@ def bind(server: grpc.Server, host: str, port: int, *, security, require_client_
 def control_channel(address: str, *, security) -> grpc.Channel:
     """A TLS channel to a coordinator (its certificate must name ``coordinator.swarm``)."""
     return security.channel(address, server_name=COORDINATOR_DNS,
-                            options=_size_options(CONTROL_MAX_MESSAGE_BYTES) + _KEEPALIVE)
+                            options=_size_options(CONTROL_MAX_MESSAGE_BYTES) + _KEEPALIVE + _RECONNECT)
 
 
 def data_channel(address: str, *, security, node_id: str | None = None) -> grpc.Channel:
@@ -94,7 +103,7 @@ def data_channel(address: str, *, security, node_id: str | None = None) -> grpc.
     if node_id and route is not None:
         address = route(address, node_id)
     return security.channel(address, server_name=node_dns(node_id) if node_id else NODE_DNS,
-                            options=_size_options(DATA_MAX_MESSAGE_BYTES) + _KEEPALIVE)
+                            options=_size_options(DATA_MAX_MESSAGE_BYTES) + _KEEPALIVE + _RECONNECT)
 
 
 def parse_address(address: str) -> tuple[str, int]:
