@@ -93,7 +93,20 @@ class Disagg:
         blocker = auto_blocker(routes=p.routes, verify_prob=p.verify_prob, num_replicas=p.num_replicas)
         return plan_disaggregation(ranked, e._links([d.node_id for d in ranked]), model_shape(m.config, p),
                                    num_stages=num_stages, workload=assumed_workload(p), mode=p.disaggregate,
-                                   blocker=blocker)
+                                   blocker=blocker, mem_bandwidth_Bps=self._mem_bandwidths(ranked))
+
+    def _mem_bandwidths(self, devices) -> dict[str, float]:
+        """The measured memory bandwidth of each of ``devices`` that reported one (bytes/s, as
+        believed: ``NodeInfo.planning_mem_bandwidth_Bps``); the others are left to the model's default."""
+        out = {}
+        for d in devices:
+            try:
+                bw = self.engine.app.registry.get(d.node_id).planning_mem_bandwidth_Bps
+            except Exception:  # noqa: BLE001 -- gone meanwhile: unmeasured
+                continue
+            if bw:
+                out[d.node_id] = bw
+        return out
 
     @staticmethod
     def _num_stages(p, devices) -> int:

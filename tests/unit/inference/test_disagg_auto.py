@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 
-import coordinator.inference.disagg as disagg_mod
 from coordinator.inference.disagg import Disagg
 from coordinator.inference.store import ServeParams
 from swarm.errors import InfeasiblePlanError
@@ -50,12 +49,15 @@ def described(d: Disagg, m) -> pb.ServeDisaggInfo:
     return info
 
 
+MEM_RICH = {"n0": 2e10, "n1": 2e10, "n2": 1e12, "n3": 1e12}
+
+
 @pytest.fixture
-def memory_rich_decode(monkeypatch):
-    """Nodes n2, n3 with 50x the memory bandwidth of n0, n1: the HexGen-2 case that predicts a gain."""
-    real = disagg_mod.plan_disaggregation
-    mem = {"n0": 2e10, "n1": 2e10, "n2": 1e12, "n3": 1e12}
-    monkeypatch.setattr(disagg_mod, "plan_disaggregation", lambda *a, **kw: real(*a, mem_bandwidth_Bps=mem, **kw))
+def memory_rich_decode():
+    """Nodes n2, n3 measured 50x the memory bandwidth of n0, n1 (what they reported at
+    registration, as the registry believes it): the HexGen-2 case that predicts a gain."""
+    nodes = {i: SimpleNamespace(planning_mem_bandwidth_Bps=bw) for i, bw in MEM_RICH.items()}
+    return SimpleNamespace(registry=SimpleNamespace(get=nodes.__getitem__))
 
 
 def test_auto_on_alike_nodes_serves_colocated_and_says_why():
@@ -78,6 +80,7 @@ def test_auto_blocked_by_the_options_does_not_even_predict():
 
 def test_auto_with_a_predicted_gain_places_disaggregated(memory_rich_decode):
     e = FakeEngine(tflops=(8.0, 8.0, 2.0, 2.0))
+    e.app = memory_rich_decode
     d = Disagg(e)
     placed = []
     d.place = lambda m, plan=None: placed.append(plan)
@@ -89,6 +92,7 @@ def test_auto_with_a_predicted_gain_places_disaggregated(memory_rich_decode):
 
 def test_auto_falls_back_to_colocated_when_the_split_cannot_be_placed(memory_rich_decode):
     e = FakeEngine(tflops=(8.0, 8.0, 2.0, 2.0))
+    e.app = memory_rich_decode
     d = Disagg(e)
 
     def infeasible(m, plan=None):
@@ -108,3 +112,13 @@ def test_a_reupload_decides_afresh():
     off = model(num_replicas=None, verify_prob=0.0, disaggregate="off")
     assert d.place_if_chosen(off) is False
     assert described(d, off).reason == ""  # the old auto decision is gone; assess records off once placed
+
+
+def test_the_same_nodes_without_measured_bandwidth_predict_no_gain():
+    """Unmeasured (older nodes): bandwidth assumed proportional to TFLOPS, no decode advantage."""
+    e = FakeEngine(tflops=(8.0, 8.0, 2.0, 2.0))
+    e.app = SimpleNamespace(registry=SimpleNamespace(get=lambda i: SimpleNamespace(planning_mem_bandwidth_Bps=None)))
+    d = Disagg(e)
+    m = model(num_replicas=None, verify_prob=0.0)
+    assert d.place_if_chosen(m) is False
+    assert not described(d, m).enabled

@@ -149,3 +149,26 @@ def test_client_options_and_json_carry_the_mode():
     out = rec.to_json()
     assert out["mode"] == "auto" and out["enabled"] is False and out["predicted_gain"] == 1.04
     assert out["reason"].startswith("auto: not disaggregated")
+
+
+# ----------------------------------------------------------------------------- measured memory bandwidth
+def test_measured_bandwidth_is_what_lets_auto_engage():
+    """Compute-rich n0, n1 (8 TFLOPS) and compute-poor n2, n3 (2 TFLOPS): unmeasured, bandwidth is
+    assumed to follow TFLOPS and no decode advantage appears; measured, with n2, n3 reading memory
+    50x faster (the HexGen-2 case), decode moves there and auto engages."""
+    nodes, mesh = devs([8.0, 8.0, 2.0, 2.0]), links(4)
+    kw = dict(num_stages=1, workload=Workload(prompt_tokens=128, response_tokens=16, batch_sessions=4))
+    unmeasured = plan_disaggregation(nodes, mesh, SHAPE, **kw)
+    assert not unmeasured.enabled and unmeasured.predicted_gain < AUTO_MIN_GAIN
+    measured = plan_disaggregation(nodes, mesh, SHAPE, **kw,
+                                   mem_bandwidth_Bps={"n0": 2e10, "n1": 2e10, "n2": 1e12, "n3": 1e12})
+    assert measured.enabled and measured.predicted_gain >= AUTO_MIN_GAIN
+    assert set(measured.prefill_nodes) == {"n0", "n1"} and set(measured.decode_nodes) == {"n2", "n3"}
+    # bandwidth measured alike on every node: decode gains nothing from moving
+    alike = plan_disaggregation(nodes, mesh, SHAPE, **kw, mem_bandwidth_Bps={f"n{i}": 1e11 for i in range(4)})
+    assert not alike.enabled
+
+
+def test_default_spot_checks_no_longer_block_auto():
+    assert auto_blocker(routes=False, verify_prob=0.05, num_replicas=None) == ""
+    assert auto_blocker(routes=False, verify_prob=1.0, num_replicas=2) == ""
