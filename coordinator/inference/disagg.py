@@ -90,7 +90,7 @@ class Disagg:
         e, p = self.engine, m.record.params
         chains = p.num_replicas or len(devices) // num_stages
         ranked = sorted(devices, key=lambda d: (-d.tflops, d.node_id))[:chains * num_stages]
-        blocker = auto_blocker(routes=p.routes, verify_prob=p.verify_prob, num_replicas=p.num_replicas)
+        blocker = auto_blocker(routes=p.routes, num_replicas=p.num_replicas)
         return plan_disaggregation(ranked, e._links([d.node_id for d in ranked]), model_shape(m.config, p),
                                    num_stages=num_stages, workload=assumed_workload(p), mode=p.disaggregate,
                                    blocker=blocker, mem_bandwidth_Bps=self._mem_bandwidths(ranked))
@@ -122,8 +122,7 @@ class Disagg:
         if p.disaggregate == "on":
             self.place(m)
             return True
-        if p.disaggregate == "off" or auto_blocker(routes=p.routes, verify_prob=p.verify_prob,
-                                                   num_replicas=p.num_replicas):
+        if p.disaggregate == "off" or auto_blocker(routes=p.routes, num_replicas=p.num_replicas):
             return False
         _, devices = self.engine._candidates(m, exclude=set())
         plan = self._plan(m, devices, num_stages=self._num_stages(p, devices))
@@ -209,6 +208,13 @@ class Disagg:
                  [[n[:8] for n in c] for c in pre_chains], [[n[:8] for n in c] for c in dec_chains], final.reason)
         e._load_all(m, replicas)
 
+    def prefill_indices(self, m) -> set[int]:
+        """Replica indices of ``m``'s prefill chains while it is served disaggregated (else empty):
+        spot checks replay on them first (checks.py)."""
+        with self._lock:
+            st = self._state.get(m.record.name)
+            return set(st.prefill) if st is not None and st.active else set()
+
     def kv_sources(self, m, replica, stage: int) -> list[str]:
         """The nodes that may send stage ``stage`` of ``replica`` KV caches: for a decode chain, the
         prefill chains' nodes of that stage; none otherwise."""
@@ -281,9 +287,11 @@ class Disagg:
             else:
                 st.kv_bytes_moved += moved
                 st.num_handoffs += 1
+                s.kv_pushed = s.kv_pos > 0  # (0: its prefill was judged wrong meanwhile: replay)
             if s.closed:
                 return
             target.attach(s)  # (cancelled meanwhile: its driver closes it on the decode stages)
+            target.release(s, None)  # tokens whose check concluded while the KV moved
         finally:
             if st is not None:
                 with self._lock:
@@ -303,6 +311,23 @@ class Disagg:
             return int(replica._stubs[k].PushKV(req, timeout=PUSH_TIMEOUT_S, metadata=replica._metadata).kv_bytes)
         futures = [self._push_pool.submit(one, k) for k in range(len(replica.stages))]
         return sum(f.result() for f in futures)
+
+    def replay(self, m, s) -> None:
+        """A handed-off session whose prefill a spot check found wrong: its decode caches began with
+        that KV, so it leaves its decode chain and replays from its released tokens (on the queue;
+        while its KV is still moving, the decode chain prefills it afresh)."""
+        holder = s.replica
+        if holder is not None:
+            holder._drop(s)  # its caches there are closed in that chain's next step
+        with self.engine._lock:
+            s.pending = []  # held tokens are dropped: the replay computes them again
+            s.kv_pushed = False
+            if holder is None:
+                s.kv_pos = 0
+                return
+        if not s.closed:
+            self._requeue(m, s)
+            self.engine._pump(m)
 
     def _requeue(self, m, s) -> None:
         e = self.engine

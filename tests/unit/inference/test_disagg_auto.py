@@ -74,8 +74,19 @@ def test_auto_on_alike_nodes_serves_colocated_and_says_why():
 def test_auto_blocked_by_the_options_does_not_even_predict():
     e = FakeEngine()
     d = Disagg(e)
-    assert d.place_if_chosen(model(num_replicas=2)) is False  # default spot checks keep auto off
+    assert d.place_if_chosen(model(num_replicas=1)) is False  # one chain: nothing to split
     assert e.candidate_calls == 0
+
+
+def test_default_spot_checks_leave_auto_free_to_engage(memory_rich_decode):
+    e = FakeEngine(tflops=(8.0, 8.0, 2.0, 2.0))
+    e.app = memory_rich_decode
+    d = Disagg(e)
+    placed = []
+    d.place = lambda m, plan=None: placed.append(plan)
+    m = model(num_replicas=None)  # --verify-prob at its default, 0.05
+    assert m.record.params.verify_prob > 0
+    assert d.place_if_chosen(m) is True and placed[0].enabled
 
 
 def test_auto_with_a_predicted_gain_places_disaggregated(memory_rich_decode):
