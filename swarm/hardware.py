@@ -167,18 +167,24 @@ def measure_matmul_tflops(device: str = "cpu", *, duration_s: float = 1.0, n: in
 
 def measure_mem_bandwidth_Bps(device: str = "cpu", *, duration_s: float = 0.2, nbytes: int | None = None) -> float:
     """Measured memory bandwidth of ``device`` in bytes/s: copies of an ``nbytes`` buffer
-    (default 64 MiB on CPU, 512 MiB on CUDA: far beyond their caches, so the copy streams from
-    memory) for about ``duration_s`` after one warm-up copy, counting each byte read and written
-    (2 x nbytes per copy, as STREAM's copy does). Capped to an eighth of the free memory."""
+    (default 64 MiB on CPU, 512 MiB on CUDA: beyond their caches, so the copy streams from
+    memory), counting each byte read and written (2 x nbytes per copy, as STREAM's copy does).
+    The first copy (pages touched, kernels loaded) is not counted; the call lasts about
+    ``duration_s`` in all, allocation included, and at least two timed copies. The buffer is
+    capped to an eighth of the free memory. On hosts whose last-level cache holds the buffer
+    (some server CPUs have hundreds of MiB) the figure is partly cache bandwidth: an over-estimate,
+    which the coordinator's bounds (:func:`check_mem_bandwidth`) do not catch; a larger buffer
+    would cost the node's start seconds."""
     import torch
 
+    t_start = time.perf_counter()
     dev = torch.device(device)
     nbytes = nbytes or ((512 << 20) if dev.type == "cuda" else (64 << 20))
     free = free_memory_bytes(str(dev))
     if free > 0:
         nbytes = max(1 << 20, min(nbytes, free // 8))
     n = nbytes // 4
-    src = torch.ones(n, device=dev, dtype=torch.float32)
+    src = torch.empty(n, device=dev, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
 
     def sync() -> None:
@@ -187,15 +193,14 @@ def measure_mem_bandwidth_Bps(device: str = "cpu", *, duration_s: float = 0.2, n
 
     dst.copy_(src)  # warm-up: pages touched, kernels loaded
     sync()
-    reps, elapsed = 0, 0.0
+    reps = 0
     start = time.perf_counter()
-    while elapsed < duration_s or reps < 2:
+    while reps < 2 or time.perf_counter() - t_start < duration_s:
         for _ in range(4 if dev.type == "cuda" else 1):  # queue a few so launch latency does not count
             dst.copy_(src)
             reps += 1
         sync()
-        elapsed = time.perf_counter() - start
-    return 2.0 * n * 4 * reps / elapsed
+    return 2.0 * n * 4 * reps / (time.perf_counter() - start)
 
 
 def free_memory_bytes(device: str) -> int:
