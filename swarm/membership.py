@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from swarm.hardware import HardwareInfo
+from swarm.hardware import MAX_MEM_BYTES_PER_FLOP, HardwareInfo
 from swarm.reachability import REACHABILITY, effective_reachability
 from swarm.reachability import link_paths as _link_paths
 
@@ -82,14 +82,18 @@ def effective_tflops(claimed: float, measured: float | None) -> float:
 
 def effective_mem_bandwidth(claimed_Bps: float, *, claimed_tflops: float, planning_tflops: float) -> float | None:
     """A node's memory bandwidth as placement believes it: None when unmeasured (0); else the
-    claim, scaled down by as much as its TFLOPS claim was (:func:`effective_tflops`): the
-    coordinator times no memory-bound challenge, so a node caught inflating its compute is
-    believed no more about its memory (docs/security.md, "Memory bandwidth"). Pure."""
+    claim, scaled down by as much as its TFLOPS claim was (:func:`effective_tflops`), and at most
+    MAX_MEM_BYTES_PER_FLOP bytes per FLOP/s of ``planning_tflops`` (no device has more): the
+    coordinator times no memory-bound challenge, so the claim is believed no further than the
+    compute it measured allows (docs/security.md, memory bandwidth). Pure."""
     if not claimed_Bps > 0:
         return None
+    bw = claimed_Bps
     if claimed_tflops > 0 and 0 < planning_tflops < claimed_tflops:
-        return claimed_Bps * planning_tflops / claimed_tflops
-    return claimed_Bps
+        bw = claimed_Bps * planning_tflops / claimed_tflops
+    if planning_tflops > 0:
+        bw = min(bw, MAX_MEM_BYTES_PER_FLOP * planning_tflops * 1e12)
+    return bw
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

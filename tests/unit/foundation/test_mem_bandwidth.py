@@ -26,7 +26,7 @@ HW = HardwareInfo(device="cuda:0", device_kind="cuda", device_name="gpu", memory
 def test_the_probe_measures_a_plausible_figure_quickly():
     bw = measure_mem_bandwidth_Bps("cpu", duration_s=0.05, nbytes=8 << 20)
     assert 1e8 <= bw <= MAX_MEM_BANDWIDTH_BPS
-    check_mem_bandwidth(bw, tflops=0.0)
+    check_mem_bandwidth(bw)
 
 
 def test_it_travels_in_registration_and_back():
@@ -55,12 +55,11 @@ def test_implausible_figures_are_refused_with_what_to_do(value, words):
     assert "mem_bandwidth_Bps" in str(err.value)
 
 
-def test_more_bytes_per_flop_than_any_device_is_refused():
-    cpu = dict(tflops=0.01)  # a slow CPU: 10 GFLOPS; 20 bytes per FLOP/s is 200 GB/s
-    check_mem_bandwidth(1.5e11, **cpu)
-    with pytest.raises(InvalidRequestError, match="bytes per FLOP/s"):
-        check_mem_bandwidth(3e11, **cpu)
-    check_mem_bandwidth(3e11, tflops=0.0)  # no compute figure to compare with: the range only
+def test_a_node_claiming_little_compute_still_registers():
+    """SWARM_FAULT claim-tflops=0.0001 (tests/multiproc/training/test_train_slow_node.py): a ratio
+    of two claims proves nothing, so only the range is refused at registration."""
+    check_mem_bandwidth(5e9)
+    HardwareInfo(**{**dataclasses.asdict(HW), "tflops": 0.0001, "mem_bandwidth_Bps": 5e9})
 
 
 def test_it_survives_a_coordinator_restart_and_shows_in_status(tmp_path):
@@ -91,6 +90,8 @@ def test_placement_believes_bandwidth_no_more_than_the_compute_claim():
     assert effective_mem_bandwidth(2e12, claimed_tflops=100.0, planning_tflops=100.0) == 2e12
     # the join challenge found a tenth of the claimed compute: the bandwidth claim is cut alike
     assert effective_mem_bandwidth(2e12, claimed_tflops=100.0, planning_tflops=10.0) == pytest.approx(2e11)
+    # more than 20 bytes per measured FLOP/s is no device's: believed up to that
+    assert effective_mem_bandwidth(1e12, claimed_tflops=0.01, planning_tflops=0.01) == pytest.approx(2e11)
 
 
 def _node(hw):
