@@ -74,7 +74,7 @@ def test_checked_disaggregated_serving_drops_a_wrong_decode_node_and_gives_the_c
     want = [reference(d, tok.encode(p).ids, greedy, None) for p in prompts]
     with coordinator(tmp_path) as coord:
         honest = launch_node(coord, tmp_path / "n0")
-        faulty = launch_node(coord, tmp_path / "n1", env={"SWARM_FAULT": "wrong-tokens=0.5,claim-tflops=0.005"})
+        faulty = launch_node(coord, tmp_path / "n1", env={"SWARM_FAULT": "wrong-tokens=0.5,claim-tflops=0.0001"})
         try:
             wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 2, 30, message="2 online")
             info = coord.serve(d, name="tiny", num_replicas=2, num_stages=1, max_seq_len=96, verify_prob=1.0,
