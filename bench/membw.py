@@ -47,9 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
-    import torch  # noqa: F401 -- imported before timing: the node has it loaded when it probes
-
-    measure_mem_bandwidth_Bps(args.device, duration_s=0.05, nbytes=1 << 20)  # torch's own first-call costs
+    # torch's import and first-call costs are not the probe's: the node has torch loaded when it probes
+    measure_mem_bandwidth_Bps(args.device, duration_s=0.05, nbytes=1 << 20)
     bws, secs = [], []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
