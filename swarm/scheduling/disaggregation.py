@@ -239,6 +239,10 @@ def plan_disaggregation(devices: Sequence[PlacementDevice], links: Links, shape:
                "chains' steps do not gain enough to pay for the prefill nodes idling between prompts")
         reason = f"predicted no throughput gain ({gain:.2f}x colocated, {mix}): {why}"
     reason += f"; p99 time between tokens predicted {tbt_ratio:.2f}x (decode steps never wait for a prefill)"
+    unmeasured = sorted(n for c in pre + dec for n in c if not (mem_bandwidth_Bps or {}).get(n))
+    if unmeasured:  # the usual reason auto stays off on swarms of older nodes: say it
+        reason += (f"; memory bandwidth not measured on {len(unmeasured)} of {len(used)} node(s) (older nodes), "
+                   f"assumed {DEFAULT_BYTES_PER_FLOP:g} byte per FLOP/s")
     d = decide_disaggregation(mode, blocker=blocker, predicted_gain=gain, prediction=reason)
     return DisaggPlan(enabled=d.enabled, prefill_chains=pre, decode_chains=dec, predicted_gain=gain,
                       predicted_tbt_p99_ratio=tbt_ratio, reason=d.reason)

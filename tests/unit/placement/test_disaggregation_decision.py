@@ -162,10 +162,12 @@ def test_measured_bandwidth_is_what_lets_auto_engage():
     kw = dict(num_stages=1, workload=Workload(prompt_tokens=128, response_tokens=16, batch_sessions=4))
     unmeasured = plan_disaggregation(nodes, mesh, SHAPE, **kw)
     assert not unmeasured.enabled and unmeasured.predicted_gain < AUTO_MIN_GAIN
+    assert "memory bandwidth not measured on 4 of 4 node(s)" in unmeasured.reason
     measured = plan_disaggregation(nodes, mesh, SHAPE, **kw,
                                    mem_bandwidth_Bps={"n0": 2e10, "n1": 2e10, "n2": 1e12, "n3": 1e12})
     assert measured.enabled and measured.predicted_gain >= AUTO_MIN_GAIN
     assert set(measured.prefill_nodes) == {"n0", "n1"} and set(measured.decode_nodes) == {"n2", "n3"}
+    assert "not measured" not in measured.reason
     # bandwidth measured alike on every node: decode gains nothing from moving
     alike = plan_disaggregation(nodes, mesh, SHAPE, **kw, mem_bandwidth_Bps={f"n{i}": 1e11 for i in range(4)})
     assert not alike.enabled
