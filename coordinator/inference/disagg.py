@@ -43,7 +43,7 @@ import grpc
 from swarm.errors import InfeasiblePlanError
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.scheduling.disaggregation import (DisaggPlan, Workload, auto_blocker, pair_stages,
-                                              plan_disaggregation)
+                                              plan_disaggregation, pool_alike)
 from swarm.scheduling.placement import PlacementDevice, PlacementRequest, place
 
 from coordinator.inference.sessions import StageRef
@@ -91,22 +91,25 @@ class Disagg:
         chains = p.num_replicas or len(devices) // num_stages
         ranked = sorted(devices, key=lambda d: (-d.tflops, d.node_id))[:chains * num_stages]
         blocker = auto_blocker(routes=p.routes, num_replicas=p.num_replicas)
-        return plan_disaggregation(ranked, e._links([d.node_id for d in ranked]), model_shape(m.config, p),
+        seen, mem_bw = pool_alike(ranked, *self._measured(ranked))
+        return plan_disaggregation(seen, e._links([d.node_id for d in seen]), model_shape(m.config, p),
                                    num_stages=num_stages, workload=assumed_workload(p), mode=p.disaggregate,
-                                   blocker=blocker, mem_bandwidth_Bps=self._mem_bandwidths(ranked))
+                                   blocker=blocker, mem_bandwidth_Bps=mem_bw)
 
-    def _mem_bandwidths(self, devices) -> dict[str, float]:
+    def _measured(self, devices) -> tuple[dict[str, float], dict[str, str]]:
         """The measured memory bandwidth of each of ``devices`` that reported one (bytes/s, as
-        believed: ``NodeInfo.planning_mem_bandwidth_Bps``); the others are left to the model's default."""
-        out = {}
+        believed: ``NodeInfo.planning_mem_bandwidth_Bps``; the others are left to the model's
+        default) and each one's device model (for :func:`pool_alike`)."""
+        bws, models = {}, {}
         for d in devices:
             try:
-                bw = self.engine.app.registry.get(d.node_id).planning_mem_bandwidth_Bps
+                node = self.engine.app.registry.get(d.node_id)
             except Exception:  # noqa: BLE001 -- gone meanwhile: unmeasured
                 continue
-            if bw:
-                out[d.node_id] = bw
-        return out
+            if node.planning_mem_bandwidth_Bps:
+                bws[d.node_id] = node.planning_mem_bandwidth_Bps
+            models[d.node_id] = f"{node.hardware.device_kind}:{node.hardware.device_name}"
+        return bws, models
 
     @staticmethod
     def _num_stages(p, devices) -> int:

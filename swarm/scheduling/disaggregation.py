@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from swarm.errors import InvalidRequestError
 from swarm.scheduling.placement import Links, ModelShape, PlacementDevice
@@ -129,6 +130,30 @@ def decide_disaggregation(mode: str, *, blocker: str = "", predicted_gain: float
                               f"{predicted_gain:.2f}x is under {min_gain:g}x (--disaggregate on forces it){tail}")
     return DisaggDecision(mode=mode, enabled=True,
                           reason=f"auto: disaggregated: predicted gain {predicted_gain:.2f}x >= {min_gain:g}x{tail}")
+
+
+def pool_alike(devices: Sequence[PlacementDevice], mem_bandwidth_Bps: Mapping[str, float],
+               device_models: Mapping[str, str]) -> tuple[list[PlacementDevice], dict[str, float]]:
+    """The figures the prediction uses: nodes of the same device model (``device_models``: node id
+    -> e.g. "cuda:NVIDIA H100 80GB HBM3"; nodes without one are left alone) are the same
+    hardware, and their measured TFLOPS and memory bandwidth differ only by measurement noise (on
+    a loaded 2-core box two node processes of one CPU measured 0.003 and 0.014 TFLOPS), which
+    must not make `auto` see a prefill/decode split where there is none. Each model's nodes get
+    its median figures (bandwidth: over those that measured it). Order of ``devices`` kept."""
+    groups: dict[str, list[str]] = {}
+    for d in devices:
+        if device_models.get(d.node_id):
+            groups.setdefault(device_models[d.node_id], []).append(d.node_id)
+    speed = {d.node_id: d.tflops for d in devices}
+    tflops, bw = {}, dict(mem_bandwidth_Bps)
+    for ids in groups.values():
+        t = statistics.median(speed[i] for i in ids)
+        measured = [mem_bandwidth_Bps[i] for i in ids if mem_bandwidth_Bps.get(i)]
+        for i in ids:
+            tflops[i] = t
+            if measured:
+                bw[i] = statistics.median(measured)
+    return [replace(d, tflops=tflops.get(d.node_id, d.tflops)) for d in devices], bw
 
 
 def pair_stages(prefill_chain: Sequence[str], decode_nodes: Sequence[str],

@@ -56,8 +56,15 @@ MEM_RICH = {"n0": 2e10, "n1": 2e10, "n2": 1e12, "n3": 1e12}
 def memory_rich_decode():
     """Nodes n2, n3 measured 50x the memory bandwidth of n0, n1 (what they reported at
     registration, as the registry believes it): the HexGen-2 case that predicts a gain."""
-    nodes = {i: SimpleNamespace(planning_mem_bandwidth_Bps=bw) for i, bw in MEM_RICH.items()}
+    models = {"n0": "compute-rich", "n1": "compute-rich", "n2": "memory-rich", "n3": "memory-rich"}
+    nodes = {i: registered(bw, models[i]) for i, bw in MEM_RICH.items()}
     return SimpleNamespace(registry=SimpleNamespace(get=nodes.__getitem__))
+
+
+def registered(mem_bandwidth_Bps, device_name: str) -> SimpleNamespace:
+    """What Disagg reads of a registered node: its believed bandwidth and its device model."""
+    return SimpleNamespace(planning_mem_bandwidth_Bps=mem_bandwidth_Bps,
+                           hardware=SimpleNamespace(device_kind="cuda", device_name=device_name))
 
 
 def test_auto_on_alike_nodes_serves_colocated_and_says_why():
@@ -128,8 +135,19 @@ def test_a_reupload_decides_afresh():
 def test_the_same_nodes_without_measured_bandwidth_predict_no_gain():
     """Unmeasured (older nodes): bandwidth assumed proportional to TFLOPS, no decode advantage."""
     e = FakeEngine(tflops=(8.0, 8.0, 2.0, 2.0))
-    e.app = SimpleNamespace(registry=SimpleNamespace(get=lambda i: SimpleNamespace(planning_mem_bandwidth_Bps=None)))
+    e.app = SimpleNamespace(registry=SimpleNamespace(get=lambda i: registered(None, f"gpu-{i}")))
     d = Disagg(e)
     m = model(num_replicas=None, verify_prob=0.0)
     assert d.place_if_chosen(m) is False
     assert not described(d, m).enabled
+
+
+def test_nodes_of_one_device_model_measuring_differently_are_alike():
+    """Two CPUs of one model on a loaded box measured 4x apart: noise, not a split to exploit."""
+    e = FakeEngine(tflops=(8.0, 8.0, 2.0, 2.0))
+    e.app = SimpleNamespace(registry=SimpleNamespace(get=lambda i: registered(MEM_RICH[i], "one cpu")))
+    d = Disagg(e)
+    m = model(num_replicas=None)
+    assert d.place_if_chosen(m) is False
+    info = described(d, m)
+    assert not info.enabled and "alike" in info.reason

@@ -177,3 +177,18 @@ def test_default_spot_checks_no_longer_block_auto():
     """Spot checks replay on the prefill chains, so the default --verify-prob 0.05 leaves auto free."""
     assert auto_blocker(routes=False, num_replicas=None) == ""
     assert decide_disaggregation("auto", blocker=auto_blocker(routes=False, num_replicas=2), predicted_gain=2.0).enabled
+
+
+def test_nodes_of_one_device_model_are_pooled_to_their_medians():
+    from swarm.scheduling.disaggregation import pool_alike
+
+    nodes = devs([8.0, 2.0, 4.0, 1.0])
+    models = {"n0": "cpu:x", "n1": "cpu:x", "n2": "cuda:y"}  # n3: no model known, left as measured
+    seen, bw = pool_alike(nodes, {"n0": 1e11, "n1": 3e11, "n3": 5e10}, models)
+    assert [d.node_id for d in seen] == ["n0", "n1", "n2", "n3"]
+    assert [d.tflops for d in seen] == [5.0, 5.0, 4.0, 1.0]
+    assert bw == {"n0": 2e11, "n1": 2e11, "n3": 5e10}  # n2 measured none: still unmeasured
+    # the noisy HexGen-looking case on one device model predicts no gain once pooled
+    seen, bw = pool_alike(devs([8.0, 8.0, 2.0, 2.0]), {"n0": 2e10, "n1": 2e10, "n2": 1e12, "n3": 1e12},
+                          {f"n{i}": "cpu:x" for i in range(4)})
+    assert not plan_disaggregation(seen, links(4), SHAPE, num_stages=1, mem_bandwidth_Bps=bw).enabled
