@@ -91,7 +91,10 @@ class Disagg:
         chains = p.num_replicas or len(devices) // num_stages
         ranked = sorted(devices, key=lambda d: (-d.tflops, d.node_id))[:chains * num_stages]
         blocker = auto_blocker(routes=p.routes, num_replicas=p.num_replicas)
-        seen, mem_bw = pool_alike(ranked, *self._measured(ranked))
+        mem_bw, models = self._measured(ranked)
+        seen = ranked
+        if p.disaggregate != "on":  # a decision to make: noise must not make it (on: roles by measured speed)
+            seen, mem_bw = pool_alike(ranked, mem_bw, models)
         return plan_disaggregation(seen, e._links([d.node_id for d in seen]), model_shape(m.config, p),
                                    num_stages=num_stages, workload=assumed_workload(p), mode=p.disaggregate,
                                    blocker=blocker, mem_bandwidth_Bps=mem_bw)
