@@ -1,8 +1,11 @@
-"""What this machine can do: device, memory, cores, disk and *measured* matmul TFLOPS.
+"""What this machine can do: device, memory, cores, disk, *measured* matmul TFLOPS and memory bandwidth.
 
 :func:`probe` fills a :class:`HardwareInfo`. The TFLOPS figure is measured, not looked up:
 dense square matmuls in the dtype the node would train in (float32 on CPU, bfloat16 on
-GPUs that support it, float16 otherwise) for about ``duration_s`` seconds.
+GPUs that support it, float16 otherwise) for about ``duration_s`` seconds. The memory
+bandwidth is measured next to it (:func:`measure_mem_bandwidth_Bps`): timed copies of a
+buffer far larger than any cache, on the device (a decode step is bound by it, a prefill by
+the TFLOPS: swarm/scheduling/disaggregation.py). 0 means unmeasured (nodes older than it).
 """
 
 from __future__ import annotations
@@ -20,6 +23,13 @@ log = logging.getLogger(__name__)
 
 DEVICE_KINDS = ("cpu", "cuda")
 MAX_TFLOPS = 1e5  # nothing a volunteer owns comes near 100 PFLOPS: beyond is a lie or a bug
+# Memory bandwidth, when measured: an H200 has 4.8 TB/s, a B200 8 TB/s; 50 TB/s is beyond any
+# single device a volunteer owns. Under 100 MB/s no device could serve a model at all.
+MIN_MEM_BANDWIDTH_BPS, MAX_MEM_BANDWIDTH_BPS = 1e8, 5e13
+# ...and per FLOP/s: CPUs show ~0.1-1 byte per FLOP, GPUs ~0.005-0.05 (H100: 3.35e12 / 9.9e14).
+# 20 is 20x past a slow, loaded CPU: placement believes no more than that per FLOP/s the
+# coordinator measured (swarm.membership.effective_mem_bandwidth).
+MAX_MEM_BYTES_PER_FLOP = 20.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -37,6 +47,7 @@ class HardwareInfo:
     disk_free_bytes: int
     tflops: float
     tflops_dtype: str
+    mem_bandwidth_Bps: float = 0.0  # measured device memory bandwidth, bytes/s; 0 = unmeasured (older node)
 
     def __post_init__(self) -> None:
         from swarm.errors import InvalidRequestError
@@ -57,9 +68,28 @@ class HardwareInfo:
             raise InvalidRequestError(f"tflops must be finite and in 0..{MAX_TFLOPS:g}, got {self.tflops}")
         if self.tflops_dtype not in ("float32", "bfloat16", "float16"):
             raise InvalidRequestError(f"tflops_dtype must be float32, bfloat16 or float16, got {self.tflops_dtype!r}")
+        check_mem_bandwidth(self.mem_bandwidth_Bps)
         for name in ("device", "device_name", "compute_capability"):
             if len(getattr(self, name)) > 200:
                 raise InvalidRequestError(f"{name} is longer than 200 characters")
+
+
+def check_mem_bandwidth(mem_bandwidth_Bps: float) -> None:
+    """Raises InvalidRequestError unless ``mem_bandwidth_Bps`` is 0 (unmeasured) or a plausible
+    measurement: finite, in MIN..MAX_MEM_BANDWIDTH_BPS. (Its ratio to the TFLOPS is bounded
+    where it is used, against the coordinator's own measurement: a ratio of two claims proves
+    nothing, and a node told to claim less compute, SWARM_FAULT claim-tflops, must still start.)"""
+    from swarm.errors import InvalidRequestError
+
+    v = mem_bandwidth_Bps
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise InvalidRequestError(f"mem_bandwidth_Bps must be a finite number of bytes/s, got {v!r}")
+    if v == 0:
+        return
+    if not MIN_MEM_BANDWIDTH_BPS <= v <= MAX_MEM_BANDWIDTH_BPS:
+        raise InvalidRequestError(
+            f"mem_bandwidth_Bps {v:.4g} is outside the plausible {MIN_MEM_BANDWIDTH_BPS:g}..{MAX_MEM_BANDWIDTH_BPS:g} "
+            "bytes/s; send 0 when it was not measured, or re-probe (swarm-node probe)")
 
 
 def _cpu_name() -> str:
@@ -133,6 +163,44 @@ def measure_matmul_tflops(device: str = "cpu", *, duration_s: float = 1.0, n: in
     return flops / elapsed / 1e12, str(dtype).removeprefix("torch.")
 
 
+def measure_mem_bandwidth_Bps(device: str = "cpu", *, duration_s: float = 0.2, nbytes: int | None = None) -> float:
+    """Measured memory bandwidth of ``device`` in bytes/s: copies of an ``nbytes`` buffer
+    (default 64 MiB on CPU, 512 MiB on CUDA: beyond their caches, so the copy streams from
+    memory), counting each byte read and written (2 x nbytes per copy, as STREAM's copy does).
+    The first copy (pages touched, kernels loaded) is not counted; the call lasts about
+    ``duration_s`` in all, allocation included, and at least two timed copies. The buffer is
+    capped to an eighth of the free memory. On hosts whose last-level cache holds the buffer
+    (some server CPUs have hundreds of MiB) the figure is partly cache bandwidth: an over-estimate,
+    which the coordinator's bounds (:func:`check_mem_bandwidth`) do not catch; a larger buffer
+    would cost the node's start seconds."""
+    import torch
+
+    t_start = time.perf_counter()
+    dev = torch.device(device)
+    nbytes = nbytes or ((512 << 20) if dev.type == "cuda" else (64 << 20))
+    free = free_memory_bytes(str(dev))
+    if free > 0:
+        nbytes = max(1 << 20, min(nbytes, free // 8))
+    n = nbytes // 4
+    src = torch.empty(n, device=dev, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    dst.copy_(src)  # warm-up: pages touched, kernels loaded
+    sync()
+    reps = 0
+    start = time.perf_counter()
+    while reps < 2 or time.perf_counter() - t_start < duration_s:
+        for _ in range(4 if dev.type == "cuda" else 1):  # queue a few so launch latency does not count
+            dst.copy_(src)
+            reps += 1
+        sync()
+    return 2.0 * n * 4 * reps / (time.perf_counter() - start)
+
+
 def free_memory_bytes(device: str) -> int:
     """Free memory of ``device`` now (available RAM for cpu); 0 when it cannot be read."""
     try:
@@ -187,6 +255,14 @@ def probe(device: str = "cpu", *, disk_path: str | Path = ".", matmul_duration_s
     else:
         raise ConfigError(f"device {device!r} is not supported; use cpu, cuda or cuda:K")
     tflops, dtype = measure_matmul_tflops(str(dev), duration_s=matmul_duration_s)
+    tflops = float(min(tflops, MAX_TFLOPS))
+    t0 = time.perf_counter()
+    mem_bw = measure_mem_bandwidth_Bps(str(dev), duration_s=min(0.2, matmul_duration_s))
+    mem_s = time.perf_counter() - t0
+    # a figure out of range is this machine's oddity (or a loaded one), not a reason to refuse to start
+    mem_bw = min(mem_bw, MAX_MEM_BANDWIDTH_BPS)
+    if mem_bw < MIN_MEM_BANDWIDTH_BPS:
+        mem_bw = 0.0
     info = HardwareInfo(
         device=str(dev),
         device_kind=dev.type,
@@ -197,8 +273,10 @@ def probe(device: str = "cpu", *, disk_path: str | Path = ".", matmul_duration_s
         cpu_cores=int(cores),
         ram_bytes=int(ram_total),
         disk_free_bytes=int(disk_free),
-        tflops=float(min(tflops, MAX_TFLOPS)),
+        tflops=tflops,
         tflops_dtype=dtype,
+        mem_bandwidth_Bps=float(mem_bw),
     )
-    log.info("hardware probed device=%s name=%r tflops=%.3f dtype=%s", info.device, name, info.tflops, dtype)
+    log.info("hardware probed device=%s name=%r tflops=%.3f dtype=%s mem_bandwidth=%.3g B/s (%.2f s)", info.device,
+             name, info.tflops, dtype, info.mem_bandwidth_Bps, mem_s)
     return info

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from swarm.hardware import HardwareInfo
+from swarm.hardware import MAX_MEM_BYTES_PER_FLOP, HardwareInfo
 from swarm.reachability import REACHABILITY, effective_reachability
 from swarm.reachability import link_paths as _link_paths
 
@@ -61,6 +61,13 @@ class NodeInfo:
         """The speed planners (and the plan preview) use: see :func:`effective_tflops`."""
         return effective_tflops(self.hardware.tflops, self.measured_tflops)
 
+    @property
+    def planning_mem_bandwidth_Bps(self) -> float | None:
+        """The memory bandwidth placement uses: see :func:`effective_mem_bandwidth`."""
+        hw = self.hardware
+        return effective_mem_bandwidth(hw.mem_bandwidth_Bps, claimed_tflops=hw.tflops,
+                                       planning_tflops=self.planning_tflops)
+
 
 CLAIM_SLACK = 2.0  # a claim up to 2x the measurement stands (the challenge under-measures a little)
 
@@ -71,6 +78,22 @@ def effective_tflops(claimed: float, measured: float | None) -> float:
     if measured is None or measured <= 0:
         return claimed
     return measured if claimed > CLAIM_SLACK * measured else claimed
+
+
+def effective_mem_bandwidth(claimed_Bps: float, *, claimed_tflops: float, planning_tflops: float) -> float | None:
+    """A node's memory bandwidth as placement believes it: None when unmeasured (0); else the
+    claim, scaled down by as much as its TFLOPS claim was (:func:`effective_tflops`), and at most
+    MAX_MEM_BYTES_PER_FLOP bytes per FLOP/s of ``planning_tflops`` (no device has more): the
+    coordinator times no memory-bound challenge, so the claim is believed no further than the
+    compute it measured allows (docs/security.md, memory bandwidth). Pure."""
+    if not claimed_Bps > 0:
+        return None
+    bw = claimed_Bps
+    if claimed_tflops > 0 and 0 < planning_tflops < claimed_tflops:
+        bw = claimed_Bps * planning_tflops / claimed_tflops
+    if planning_tflops > 0:
+        bw = min(bw, MAX_MEM_BYTES_PER_FLOP * planning_tflops * 1e12)
+    return bw
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,6 +146,7 @@ def node_json(node: NodeInfo, now_s: float) -> dict[str, Any]:
         "quarantine_reason": node.quarantine_reason,
         "slow_reason": node.slow_reason,
         "tflops_dtype": hw.tflops_dtype,
+        "mem_bandwidth_Bps": hw.mem_bandwidth_Bps or None,  # None: not measured (an older node)
         "cpu_cores": hw.cpu_cores,
         "ram_bytes": hw.ram_bytes,
         "disk_free_bytes": hw.disk_free_bytes,

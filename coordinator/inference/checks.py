@@ -29,6 +29,16 @@ Protocol (coordinator side; the commitments and the decision are swarm/inference
   and the later ones are void. A stage after the first is blamed on a step only if every earlier
   step of the session on that chain was checked (``ChainResult.fresh``): otherwise its cache may
   hold a wrong input of an unchecked step, and the chain is only retired. Replays are fresh.
+- Disaggregated models (disagg.py): replays ride on the prefill chains first (compute-rich, idle
+  between prompts: the natural checkers of the decode chains' steps), then on the others. A
+  prefill chain's own step (the prompt's prefill and its first token) is replayed when the
+  session is handed off, on another chain; the session decodes meanwhile, its first token held,
+  and the check concludes after the move (``Session.handed_off_from``): passed, the token is
+  released wherever the session is; failed, the prefill chain is retired and the session, whose
+  decode caches began with that chain's KV, is replayed from its released tokens. A decode
+  chain's caches begin with pushed KV (``ChainResult.cache_pushed``): a stage's wrong output
+  from a right input may be the pusher's, so it is not blamed (the chain is retired and the node
+  avoided for a while, ``engine.suspect``); a wrong token from right logits still is.
 - Without another ready chain (one replica, or the other one busy) the check is void and the
   token is released unchecked; so is it when the checking chain fails before answering. While
   a model has no other ready chain at all, its steps ask no commitments and draw no checks
@@ -189,8 +199,9 @@ class Checks:
             for slot in batch:
                 serving.release(s, slot[1])  # unserved meanwhile: nothing to check against
             return
+        prefill = self.engine.disagg.prefill_indices(m)  # checkers first (empty unless disaggregated)
         others = sorted((r for r in list(m.replicas) if r is not serving and r.state == "ready"),
-                        key=lambda r: (r.num_sessions, r.index))
+                        key=lambda r: (r.index not in prefill, r.num_sessions, r.index))
 
         def done(results: dict[int, ChainResult] | None) -> None:  # on the other chain's driver: hand off
             for slot in batch:
@@ -226,12 +237,14 @@ class Checks:
                ) -> list[tuple[object, str]]:
         """Conclude one check; returns the chains to fail, with the reason."""
         e = self.engine
-        if serving.state != "ready" or s.replica is not serving:
+        moved = s.handed_off_from is serving and s.replica is not serving  # a prefill's step, handed off since
+        if not moved and (serving.state != "ready" or s.replica is not serving):
             return []  # the chain failed or the session moved: what it held is dropped, the replay recomputes it
+        release = (lambda: _release_moved(s, ticket)) if moved else (lambda: serving.release(s, ticket))
         if other is None:
             with e._lock:
                 m.num_checks_void += 1
-            serving.release(s, ticket)
+            release()
             return []
         ref = None
         if not agree(result, other):
@@ -254,7 +267,24 @@ class Checks:
             if e.app.registry.quarantine(node_id, reason):
                 log.warning("quarantined node=%s model=%s: %s", node_id[:12], m.record.name, reason)
             e.suspect(node_id)
+        for chain in (result, other):  # retired without a culprit: avoid its nodes for a while
+            if chain.cache_pushed and chain.replica in outcome.retire and not outcome.quarantine:
+                for st in chain.stages:
+                    e.suspect(st.node_id)
         if outcome.release:
-            serving.release(s, ticket)
+            release()
+        elif moved:
+            e.disagg.replay(m, s)  # its decode caches began with the wrong chain's KV
         return [(r, f"spot check: {outcome.reason}") for r in list(m.replicas)
                 if r.index in outcome.retire and r.state == "ready"]
+
+
+def _release_moved(s, ticket: object) -> None:
+    """Release a held token of a session that moved since (disaggregated hand-off): flag it, and let
+    the chain it is on now flush (while its KV is moving, disagg.py flushes once it is attached)."""
+    for p in list(s.pending):
+        if p[1] is ticket:
+            p[2] = True
+    holder = s.replica
+    if holder is not None:
+        holder.release(s, ticket)

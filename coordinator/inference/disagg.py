@@ -43,7 +43,7 @@ import grpc
 from swarm.errors import InfeasiblePlanError
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.scheduling.disaggregation import (DisaggPlan, Workload, auto_blocker, pair_stages,
-                                              plan_disaggregation)
+                                              plan_disaggregation, pool_alike)
 from swarm.scheduling.placement import PlacementDevice, PlacementRequest, place
 
 from coordinator.inference.sessions import StageRef
@@ -90,10 +90,29 @@ class Disagg:
         e, p = self.engine, m.record.params
         chains = p.num_replicas or len(devices) // num_stages
         ranked = sorted(devices, key=lambda d: (-d.tflops, d.node_id))[:chains * num_stages]
-        blocker = auto_blocker(routes=p.routes, verify_prob=p.verify_prob, num_replicas=p.num_replicas)
-        return plan_disaggregation(ranked, e._links([d.node_id for d in ranked]), model_shape(m.config, p),
+        blocker = auto_blocker(routes=p.routes, num_replicas=p.num_replicas)
+        mem_bw, models = self._measured(ranked)
+        seen = ranked
+        if p.disaggregate != "on":  # a decision to make: noise must not make it (on: roles by measured speed)
+            seen, mem_bw = pool_alike(ranked, mem_bw, models)
+        return plan_disaggregation(seen, e._links([d.node_id for d in seen]), model_shape(m.config, p),
                                    num_stages=num_stages, workload=assumed_workload(p), mode=p.disaggregate,
-                                   blocker=blocker)
+                                   blocker=blocker, mem_bandwidth_Bps=mem_bw)
+
+    def _measured(self, devices) -> tuple[dict[str, float], dict[str, str]]:
+        """The measured memory bandwidth of each of ``devices`` that reported one (bytes/s, as
+        believed: ``NodeInfo.planning_mem_bandwidth_Bps``; the others are left to the model's
+        default) and each one's device model (for :func:`pool_alike`)."""
+        bws, models = {}, {}
+        for d in devices:
+            try:
+                node = self.engine.app.registry.get(d.node_id)
+            except Exception:  # noqa: BLE001 -- gone meanwhile: unmeasured
+                continue
+            if node.planning_mem_bandwidth_Bps:
+                bws[d.node_id] = node.planning_mem_bandwidth_Bps
+            models[d.node_id] = f"{node.hardware.device_kind}:{node.hardware.device_name}"
+        return bws, models
 
     @staticmethod
     def _num_stages(p, devices) -> int:
@@ -109,8 +128,7 @@ class Disagg:
         if p.disaggregate == "on":
             self.place(m)
             return True
-        if p.disaggregate == "off" or auto_blocker(routes=p.routes, verify_prob=p.verify_prob,
-                                                   num_replicas=p.num_replicas):
+        if p.disaggregate == "off" or auto_blocker(routes=p.routes, num_replicas=p.num_replicas):
             return False
         _, devices = self.engine._candidates(m, exclude=set())
         plan = self._plan(m, devices, num_stages=self._num_stages(p, devices))
@@ -196,6 +214,13 @@ class Disagg:
                  [[n[:8] for n in c] for c in pre_chains], [[n[:8] for n in c] for c in dec_chains], final.reason)
         e._load_all(m, replicas)
 
+    def prefill_indices(self, m) -> set[int]:
+        """Replica indices of ``m``'s prefill chains while it is served disaggregated (else empty):
+        spot checks replay on them first (checks.py)."""
+        with self._lock:
+            st = self._state.get(m.record.name)
+            return set(st.prefill) if st is not None and st.active else set()
+
     def kv_sources(self, m, replica, stage: int) -> list[str]:
         """The nodes that may send stage ``stage`` of ``replica`` KV caches: for a decode chain, the
         prefill chains' nodes of that stage; none otherwise."""
@@ -268,9 +293,11 @@ class Disagg:
             else:
                 st.kv_bytes_moved += moved
                 st.num_handoffs += 1
+                s.kv_pushed = s.kv_pos > 0  # (0: its prefill was judged wrong meanwhile: replay)
             if s.closed:
                 return
             target.attach(s)  # (cancelled meanwhile: its driver closes it on the decode stages)
+            target.release(s, None)  # tokens whose check concluded while the KV moved
         finally:
             if st is not None:
                 with self._lock:
@@ -290,6 +317,23 @@ class Disagg:
             return int(replica._stubs[k].PushKV(req, timeout=PUSH_TIMEOUT_S, metadata=replica._metadata).kv_bytes)
         futures = [self._push_pool.submit(one, k) for k in range(len(replica.stages))]
         return sum(f.result() for f in futures)
+
+    def replay(self, m, s) -> None:
+        """A handed-off session whose prefill a spot check found wrong: its decode caches began with
+        that KV, so it leaves its decode chain and replays from its released tokens (on the queue;
+        while its KV is still moving, the decode chain prefills it afresh)."""
+        holder = s.replica
+        if holder is not None:
+            holder._drop(s)  # its caches there are closed in that chain's next step
+        with self.engine._lock:
+            s.pending = []  # held tokens are dropped: the replay computes them again
+            s.kv_pushed = False
+            if holder is None:
+                s.kv_pos = 0
+                return
+        if not s.closed:
+            self._requeue(m, s)
+            self.engine._pump(m)
 
     def _requeue(self, m, s) -> None:
         e = self.engine

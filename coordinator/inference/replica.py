@@ -348,16 +348,17 @@ class Replica:
         checks, out = [], []
         with self._cond:
             for s, e, tok in zip(batch, entries, reply.token_ids):
-                if s.cancelled or s.closed:
+                if s.cancelled or s.closed or s.replica is not self:  # (left meanwhile: a check replays it)
                     continue
                 s.kv_pos = e.start_position + e.num_tokens
                 s.replay_stages = 0
                 if e.reset:
                     s.history_checked = True  # the stages' caches of it hold this step only
+                    s.kv_pushed = False
                 ticket = None
                 if checking and self._rng.random() < self.verify_prob:
                     ticket = object()  # held, with what follows, until the check passed (Checks.begin)
-                    checks.append((s, ticket, tuple(s.ids()), int(tok), s.history_checked))
+                    checks.append((s, ticket, tuple(s.ids()), int(tok), (s.history_checked, s.kv_pushed)))
                 else:
                     s.history_checked = False  # later steps ran on caches holding this unchecked one
                 s.pending.append([int(tok), ticket, False])
@@ -366,9 +367,9 @@ class Replica:
         # cannot tell which are checked; reading them all cost the coordinator on every step)
         commits = commitments_from_pb(reply, [c[0].id for c in checks], len(self.stages),
                                       num_committed=len(commit)) if checks else {}
-        for s, ticket, context, tok, fresh in checks:
+        for s, ticket, context, tok, (fresh, pushed) in checks:
             self._checks.hold(self, s, ticket, context=context, token=tok,
-                              result=self._result(commits[s.id], tok, fresh=fresh))
+                              result=self._result(commits[s.id], tok, fresh=fresh, pushed=pushed))
         if self._checks is not None:
             with self._cond:
                 due = [s for s in batch if not s.closed and self._checks.due(s, runnable=s.runnable())]
@@ -388,8 +389,11 @@ class Replica:
                 if s.handoff is not None and s.kv_pos > 0 and not s.closed and not s.cancelled and s in self._sessions:
                     self._sessions.remove(s)
                     s.replica = None
+                    s.handed_off_from = self
                     moved.append(s)
-        self._void(moved)  # its unsent checks: what this chain held for it is not its to release
+        for s in moved:  # its held steps (the prefill's token) are replayed now and judged after the move
+            if self._checks is not None:
+                self._checks.begin(self, s)
         for s in moved:
             handoff, s.handoff = s.handoff, None
             handoff(self, s)
@@ -403,8 +407,8 @@ class Replica:
     def _observed(self, entries: list[StepEntry], reply: pb.ServeStepReply, elapsed_s: float) -> None:
         """A step of ``entries`` came back after ``elapsed_s`` (a route driver records the stages' times)."""
 
-    def _result(self, commits: list, token: int, *, fresh: bool = True) -> ChainResult:
-        return ChainResult(replica=self.index, token=token, fresh=fresh, stages=tuple(
+    def _result(self, commits: list, token: int, *, fresh: bool = True, pushed: bool = False) -> ChainResult:
+        return ChainResult(replica=self.index, token=token, fresh=fresh, cache_pushed=pushed, stages=tuple(
             StageCommit(node_id=st.node_id, first_layer=st.first_layer, last_layer_excl=st.last_layer_excl,
                         input=c[0], output=c[1]) for st, c in zip(self.stages, commits)))
 

@@ -77,10 +77,10 @@ def params_from_header(h: pb.ServeUploadHeader) -> ServeParams:
         objective=h.objective or "latency",
         hidden_codec=h.hidden_codec or "none",
         dtype=h.dtype or "float32",
-        # --routes / --disaggregate on serve without spot checks unless they are asked for (then
-        # ServeParams refuses); auto keeps them, so it never drops checks on its own
+        # --routes serves without spot checks unless they are asked for (then ServeParams refuses);
+        # every --disaggregate mode keeps them (their replays ride on the prefill chains)
         verify_prob=(h.verify_prob if h.HasField("verify_prob")
-                     else 0.0 if h.routes or mode == "on" else DEFAULT_VERIFY_PROB),
+                     else 0.0 if h.routes else DEFAULT_VERIFY_PROB),
         routes=h.routes,
         disaggregate=mode,
     )

@@ -51,6 +51,10 @@ class Session:
         # front is released once it has no ticket or its check passed (Replica._flush)
         self.pending: list[list] = []
         self.history_checked = True  # every step on the current chain since its reset was sampled for a check
+        # disaggregated serving: the current chain's caches start from KV another chain pushed
+        # (disagg.py); a stage's wrong output is then not its own for sure (verify.py ``cache_pushed``)
+        self.kv_pushed = False
+        self.handed_off_from: "Replica | None" = None  # the prefill chain it left: its held checks conclude after
         self.check_slots: deque = deque()  # checks in step order, concluded in that order (Checks)
         self.check_batch: list = []  # held sampled steps whose replay is not sent yet (Checks.begin)
         self.check_lock = threading.Lock()

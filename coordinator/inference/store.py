@@ -94,9 +94,6 @@ class ServeParams:
         if self.disaggregate == "on" and self.routes:
             raise InvalidRequestError("--disaggregate and --routes cannot be combined (a session's KV moves between "
                                       "fixed prefill and decode chains); drop one of them")
-        if self.disaggregate == "on" and self.verify_prob > 0:
-            raise InvalidRequestError("--disaggregate serves without spot checks (they replay whole chains, and "
-                                      "no chain both prefills and decodes); drop --verify-prob or pass --verify-prob 0")
         if self.disaggregate == "on" and self.num_replicas == 1:
             raise InvalidRequestError("--disaggregate needs 2+ chains (a prefill and a decode chain); pass "
                                       "--replicas 2 or more (the total of both), or 0 for as many as fit")

@@ -12,7 +12,8 @@ Families (all labels are ids, never free text, except ``swarm_node_info``):
 - ``swarm_nodes{state}``: nodes known to the coordinator, by state (online, lost, left).
 - ``swarm_node_info{node,name,device,device_name,state}``: 1 per node, to join names onto ids.
 - ``swarm_node_up{node}``, ``swarm_node_heartbeat_age_seconds{node}``,
-  ``swarm_node_tflops{node}``, ``swarm_node_memory_bytes{node}``.
+  ``swarm_node_tflops{node}``, ``swarm_node_memory_bytes{node}``,
+  ``swarm_node_memory_bandwidth_bytes_per_second{node}`` (as measured by the node; absent when not).
 - ``swarm_node_sent_bytes_total{node}``, ``swarm_node_received_bytes_total{node}``: bytes on the
   wire as the node reports them (counters: they reset when a node restarts).
 - ``swarm_jobs{state}``, ``swarm_job_progress_ratio{job}``, ``swarm_job_step{job}``,
@@ -120,6 +121,8 @@ def _node_families(nodes: Sequence[Mapping[str, Any]]) -> list[MetricFamily]:
     age = MetricFamily("swarm_node_heartbeat_age_seconds", "gauge", "Seconds since the node's last heartbeat.")
     tflops = MetricFamily("swarm_node_tflops", "gauge", "Measured dense matmul TFLOPS of the node.")
     memory = MetricFamily("swarm_node_memory_bytes", "gauge", "Accelerator memory of the node in bytes.")
+    mem_bw = MetricFamily("swarm_node_memory_bandwidth_bytes_per_second", "gauge",
+                          "Device memory bandwidth the node measured at start (bytes/s).")
     sent = MetricFamily("swarm_node_sent_bytes_total", "counter", "Bytes the node has sent to peers, as it reports.")
     received = MetricFamily(
         "swarm_node_received_bytes_total", "counter", "Bytes the node has received from peers, as it reports."
@@ -138,11 +141,12 @@ def _node_families(nodes: Sequence[Mapping[str, Any]]) -> list[MetricFamily]:
         age.add(as_number(pick(node, "last_seen_s")), node=node_id)
         tflops.add(as_number(pick(node, "tflops")), node=node_id)
         memory.add(as_number(pick(node, "memory_bytes")), node=node_id)
+        mem_bw.add(as_number(pick(node, "mem_bandwidth_Bps")), node=node_id)
         sent.add(as_number(pick(node, "bytes_sent")), node=node_id)
         received.add(as_number(pick(node, "bytes_received")), node=node_id)
     for state, count in counts.items():
         by_state.add(count, state=state)
-    return [by_state, info, up, age, tflops, memory, sent, received]
+    return [by_state, info, up, age, tflops, memory, mem_bw, sent, received]
 
 
 def _job_families(jobs: Sequence[Mapping[str, Any]]) -> list[MetricFamily]:

@@ -52,9 +52,10 @@ def add_parser(sub) -> None:
     s.add_argument("--disaggregate", nargs="?", choices=("auto", "on", "off"), const="on", default="auto",
                    help="prefill prompts on the compute-richest chain(s), move each session's KV cache to decode "
                         "chain(s) and decode there. on (also the bare flag): always (needs --replicas >= 2 in total; "
-                        "no spot checks, no --routes); off: never; auto (default): only when the options allow it "
-                        "(--verify-prob 0, no --routes, --replicas 0 or >= 2) and the placement predicts a throughput "
-                        "gain of 1.15x or more; `swarm models` says why it did or did not")
+                        "no --routes); off: never; auto (default): only when the options allow it "
+                        "(no --routes, --replicas 0 or >= 2) and the placement predicts a throughput gain of 1.15x "
+                        "or more from the nodes' measured TFLOPS and memory bandwidth; spot checks replay on the "
+                        "prefill chains; `swarm models` says why it did or did not")
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="list served models and where their layers are")

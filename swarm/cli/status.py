@@ -1,7 +1,7 @@
 """``swarm status --coordinator HOST:PORT [--json]``: nodes and the measured network.
 
 ``--json`` prints one object: ``{"nodes": [{"id", "name", "state", "device", "memory_bytes",
-"tflops", "measured_tflops", "quarantine_reason", "slow_reason", "last_seen_s", ...}], "links": [{"src", "dst", "bandwidth_Bps", "delay_s",
+"tflops", "mem_bandwidth_Bps" (bytes/s; null: not measured), "measured_tflops", "quarantine_reason", "slow_reason", "last_seen_s", ...}], "links": [{"src", "dst", "bandwidth_Bps", "delay_s",
 "measured_at", ...}]}`` (``last_seen_s``: seconds since the node was last heard from).
 """
 
@@ -44,13 +44,14 @@ def status_json(snapshot) -> dict:
 def render_table(snapshot) -> str:
     now = snapshot.server_time_s
     nodes = snapshot.nodes
-    rows = [("NAME", "ID", "STATE", "REACHABILITY", "DEVICE", "MEMORY", "TFLOPS", "LAST SEEN")]
+    rows = [("NAME", "ID", "STATE", "REACHABILITY", "DEVICE", "MEMORY", "TFLOPS", "MEM BW", "LAST SEEN")]
     for n in nodes:
         hw = n.hardware
         reach = effective_reachability(n.reachability, n.metrics) + \
             (f" via {n.relay_node_id[:12]}" if n.relay_node_id else "")
         rows.append((n.name, n.id[:12], n.state, reach, f"{hw.device} {hw.device_name}"[:40], _bytes(hw.memory_bytes),
-                     f"{hw.tflops:.3f} {hw.tflops_dtype}", f"{max(0.0, now - n.last_seen_at_s):.1f} s ago"))
+                     f"{hw.tflops:.3f} {hw.tflops_dtype}",
+                     f"{hw.mem_bandwidth_Bps / 1e9:.1f} GB/s" if hw.mem_bandwidth_Bps > 0 else "-", f"{max(0.0, now - n.last_seen_at_s):.1f} s ago"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = [f"{len(nodes)} nodes ({sum(n.state == 'online' for n in nodes)} online)"]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -122,6 +122,9 @@ class ChainResult:
     # the stages' caches hold only verified inputs. Otherwise a stage after the first may be wrong
     # because of an input it received at an unchecked step, and it is not blamed.
     fresh: bool = True
+    # the chain's caches of the session began with KV pushed by another chain's stages (disaggregated
+    # serving): a stage's wrong output from a right input may be the pusher's, so nobody is blamed for it
+    cache_pushed: bool = False
 
     def outputs(self) -> dict[int, tuple[float, ...]]:
         """Output sketch per layer boundary (the layer index the stage ends at)."""
@@ -176,7 +179,8 @@ def judge(chain: ChainResult, ref: Reference) -> Judgement:
     output commitment is beyond TOLERANCE is guilty. A stage whose *input* differs while the
     previous stage's output commitment matched means one of the two lies about the hop: nobody
     can be blamed (ok False, guilty None). A wrong token with right logits blames the last stage.
-    A stage after the first of a chain that is not ``fresh`` is not blamed (ok False, guilty None)."""
+    A stage after the first of a chain that is not ``fresh``, and any stage of a chain whose caches
+    were pushed (``cache_pushed``), is not blamed for its output (ok False, guilty None)."""
     prev: StageCommit | None = None
     for k, st in enumerate(chain.stages):
         if prev is not None:
@@ -191,6 +195,10 @@ def judge(chain: ChainResult, ref: Reference) -> Judgement:
             return Judgement(ok=False, reason=(
                 f"replica {chain.replica}: stage {k} output {d:.3g} (relative L2) away from the recomputation, from "
                 "a right input, but its cache holds inputs of unchecked steps: not blamed"))
+        if d > TOLERANCE and chain.cache_pushed:
+            return Judgement(ok=False, reason=(
+                f"replica {chain.replica}: stage {k} output {d:.3g} (relative L2) away from the recomputation, from "
+                "a right input, but its cache began with KV a prefill node pushed: not blamed"))
         if d > TOLERANCE:
             return Judgement(ok=False, guilty=st.node_id, reason=(
                 f"inference spot check: stage {k} (layers {st.first_layer}-{st.last_layer_excl}) of replica "

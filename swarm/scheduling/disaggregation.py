@@ -13,9 +13,10 @@ Cost model (per request: P prompt tokens, R generated tokens, B sessions decodin
 l = layers per stage, F = FLOPs per token per layer; nodes of a chain work one after another):
 - prefill of a chain: Tp = sum_k P F l / flops_k + hop delays (compute-bound);
 - a decode step of b sessions: Td(b) = sum_k l (layer_bytes / mem_bw_k + b F / flops_k) + hop
-  delays (weights read once per step: memory-bound at small b). ``mem_bw`` unmeasured: assumed
-  DEFAULT_BYTES_PER_FLOP x flops (so the two phases scale alike and only link and interference
-  effects remain);
+  delays (weights read once per step: memory-bound at small b). ``mem_bw``: what the node measured
+  at probe time (swarm/hardware.py, as the coordinator believes it); unmeasured (older nodes):
+  assumed DEFAULT_BYTES_PER_FLOP x flops (so the two phases scale alike and only link and
+  interference effects remain: auto then never predicts a decode advantage);
 - KV move of a session: max_k P kv_bytes_per_token_per_layer l / bandwidth(k -> k') + delay.
 Throughput (requests/s): colocated sum_c 1 / (Tp(c) + R Td(c, B) / B); disaggregated
 min(sum_prefill 1 / Tp(c), sum_decode B / (R Td(c, B)), sum_prefill 1 / Tkv(c)).
@@ -25,17 +26,18 @@ colocated).
 
 Decision (:func:`decide_disaggregation`, ``swarm serve --disaggregate {auto,on,off}``): ``on``
 always disaggregates (too few nodes is an error), ``off`` never does; ``auto`` (the default) only
-when the serve options allow it (:func:`auto_blocker`: no ``--routes``, no spot checks, 2+
-chains), the nodes make 2+ chains, and the predicted gain is at least AUTO_MIN_GAIN. Otherwise
-it serves colocated and the reason says why.
+when the serve options allow it (:func:`auto_blocker`: no ``--routes``, 2+ chains; spot checks
+work disaggregated: coordinator/inference/checks.py), the nodes make 2+ chains, and the predicted
+gain is at least AUTO_MIN_GAIN. Otherwise it serves colocated and the reason says why.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from swarm.errors import InvalidRequestError
 from swarm.scheduling.placement import Links, ModelShape, PlacementDevice
@@ -93,14 +95,12 @@ class DisaggDecision:
     reason: str
 
 
-def auto_blocker(*, routes: bool, verify_prob: float, num_replicas: int | None) -> str:
+def auto_blocker(*, routes: bool, num_replicas: int | None) -> str:
     """Why the serve options rule out automatic disaggregation ("" when they allow it);
-    ``num_replicas`` None: as many as fit."""
+    ``num_replicas`` None: as many as fit. Spot checks (``--verify-prob``) do not: their replays
+    ride on the prefill chains (coordinator/inference/checks.py)."""
     if routes:
         return "--routes is on (a session's KV cannot move between routed stages)"
-    if verify_prob > 0:
-        return (f"spot checks are on (--verify-prob {verify_prob:g}: they replay whole chains); "
-                "pass --verify-prob 0 to allow it")
     if num_replicas is not None and num_replicas < 2:
         return f"--replicas {num_replicas} leaves no decode chain; pass --replicas 2 or more, or 0"
     return ""
@@ -130,6 +130,30 @@ def decide_disaggregation(mode: str, *, blocker: str = "", predicted_gain: float
                               f"{predicted_gain:.2f}x is under {min_gain:g}x (--disaggregate on forces it){tail}")
     return DisaggDecision(mode=mode, enabled=True,
                           reason=f"auto: disaggregated: predicted gain {predicted_gain:.2f}x >= {min_gain:g}x{tail}")
+
+
+def pool_alike(devices: Sequence[PlacementDevice], mem_bandwidth_Bps: Mapping[str, float],
+               device_models: Mapping[str, str]) -> tuple[list[PlacementDevice], dict[str, float]]:
+    """The figures the prediction uses: nodes of the same device model (``device_models``: node id
+    -> e.g. "cuda:NVIDIA H100 80GB HBM3"; nodes without one are left alone) are the same
+    hardware, and their measured TFLOPS and memory bandwidth differ only by measurement noise (on
+    a loaded 2-core box two node processes of one CPU measured 0.003 and 0.014 TFLOPS), which
+    must not make `auto` see a prefill/decode split where there is none. Each model's nodes get
+    its median figures (bandwidth: over those that measured it). Order of ``devices`` kept."""
+    groups: dict[str, list[str]] = {}
+    for d in devices:
+        if device_models.get(d.node_id):
+            groups.setdefault(device_models[d.node_id], []).append(d.node_id)
+    speed = {d.node_id: d.tflops for d in devices}
+    tflops, bw = {}, dict(mem_bandwidth_Bps)
+    for ids in groups.values():
+        t = statistics.median(speed[i] for i in ids)
+        measured = [mem_bandwidth_Bps[i] for i in ids if mem_bandwidth_Bps.get(i)]
+        for i in ids:
+            tflops[i] = t
+            if measured:
+                bw[i] = statistics.median(measured)
+    return [replace(d, tflops=tflops.get(d.node_id, d.tflops)) for d in devices], bw
 
 
 def pair_stages(prefill_chain: Sequence[str], decode_nodes: Sequence[str],
@@ -179,6 +203,9 @@ def plan_disaggregation(devices: Sequence[PlacementDevice], links: Links, shape:
                           predicted_tbt_p99_ratio=1.0, reason=d.reason)
     index = {d.node_id: i for i, d in enumerate(devices)}
     speed = {d.node_id: d.tflops * 1e12 for d in devices}
+    for node_id, v in (mem_bandwidth_Bps or {}).items():
+        if not (math.isfinite(v) and v > 0):
+            raise InvalidRequestError(f"memory bandwidth of {node_id} must be finite and > 0 bytes/s, got {v!r}")
     mem_bw = {d.node_id: (mem_bandwidth_Bps or {}).get(d.node_id) or d.tflops * 1e12 * DEFAULT_BYTES_PER_FLOP
               for d in devices}
     l = shape.num_layers / K  # layers per stage (the prediction's even split)
@@ -237,6 +264,10 @@ def plan_disaggregation(devices: Sequence[PlacementDevice], links: Links, shape:
                "chains' steps do not gain enough to pay for the prefill nodes idling between prompts")
         reason = f"predicted no throughput gain ({gain:.2f}x colocated, {mix}): {why}"
     reason += f"; p99 time between tokens predicted {tbt_ratio:.2f}x (decode steps never wait for a prefill)"
+    unmeasured = sorted(n for c in pre + dec for n in c if not (mem_bandwidth_Bps or {}).get(n))
+    if unmeasured:  # the usual reason auto stays off on swarms of older nodes: say it
+        reason += (f"; memory bandwidth not measured on {len(unmeasured)} of {len(used)} node(s) (older nodes), "
+                   f"assumed {DEFAULT_BYTES_PER_FLOP:g} byte per FLOP/s")
     d = decide_disaggregation(mode, blocker=blocker, predicted_gain=gain, prediction=reason)
     return DisaggPlan(enabled=d.enabled, prefill_chains=pre, decode_chains=dec, predicted_gain=gain,
                       predicted_tbt_p99_ratio=tbt_ratio, reason=d.reason)

@@ -33,6 +33,7 @@ def hardware_to_proto(hw: HardwareInfo) -> pb.Hardware:
         tflops=hw.tflops,
         tflops_dtype=hw.tflops_dtype,
         device=hw.device,
+        mem_bandwidth_Bps=hw.mem_bandwidth_Bps,
     )
 
 
@@ -51,6 +52,7 @@ def hardware_from_proto(msg: pb.Hardware) -> HardwareInfo:
             disk_free_bytes=int(msg.disk_free_bytes),
             tflops=float(msg.tflops),
             tflops_dtype=msg.tflops_dtype,
+            mem_bandwidth_Bps=float(msg.mem_bandwidth_Bps),  # 0 (absent: an older node) = unmeasured
         )
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"invalid hardware in request: {exc}") from exc

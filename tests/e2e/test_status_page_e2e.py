@@ -81,6 +81,7 @@ def test_page_shows_real_nodes_and_a_killed_node_turns_lost(tmp_path: Path) -> N
                                   ".map(td => td.textContent)")
             assert row[0] == "volunteer-0" and "cpu" in row[3] and row[4].endswith("GiB")
             assert float(row[5]) > 0  # measured TFLOPS
+            assert row[6].endswith(" GB/s") and float(row[6].split()[0]) > 0  # measured memory bandwidth
             # The coordinator measures the links between the nodes; the heatmap legend gets a range.
             await page.wait_for("document.querySelector('#heatmap-bandwidth .legend').textContent.includes('bit/s')",
                                 timeout_s=30)

@@ -113,6 +113,7 @@
       device: device === undefined || device === null ? "" : String(device),
       memory: num(pick(n, ["memory_bytes", "gpu_memory_bytes"])),
       tflops: num(pick(n, ["tflops"])),
+      memBw: num(pick(n, ["mem_bandwidth_Bps"])),  // null: not measured (an older node)
       stage: stage === undefined || stage === null || stage === "" ? "\u2013" : String(stage),
       age: ageOf(n, ["last_seen_age_s", "heartbeat_age_s", "last_seen_s"], ["last_seen_at", "last_heartbeat_at"]),
       // A node's own counters when it reports them; else what it sent for the running job.
@@ -208,6 +209,7 @@
       tr.appendChild(h("td", "num", n.memory === null ? "\u2013" : fmtBytes(n.memory)));
       tr.appendChild(h("td", "num", n.tflops === null ? "\u2013" : n.tflops >= 1 ? n.tflops.toFixed(1) :
         n.tflops > 0 ? n.tflops.toPrecision(2) : "0"));  // CPUs measure well below 1 TFLOPS
+      tr.appendChild(h("td", "num mem-bw", n.memBw === null ? "\u2013" : (n.memBw / 1e9).toFixed(n.memBw >= 1e11 ? 0 : 1) + " GB/s"));
       tr.appendChild(h("td", "stage-cell", n.stage));
       var age = h("td", "num age", fmtAge(n.age));
       if (n.state === "online" && n.age !== null && n.age > 6) age.classList.add("stale");

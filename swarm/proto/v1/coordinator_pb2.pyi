@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hardware(_message.Message):
-    __slots__ = ("device_kind", "device_name", "memory_bytes", "memory_free_bytes", "compute_capability", "cpu_cores", "ram_bytes", "disk_free_bytes", "tflops", "tflops_dtype", "device")
+    __slots__ = ("device_kind", "device_name", "memory_bytes", "memory_free_bytes", "compute_capability", "cpu_cores", "ram_bytes", "disk_free_bytes", "tflops", "tflops_dtype", "device", "mem_bandwidth_Bps")
     DEVICE_KIND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class Hardware(_message.Message):
     TFLOPS_FIELD_NUMBER: _ClassVar[int]
     TFLOPS_DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MEM_BANDWIDTH_BPS_FIELD_NUMBER: _ClassVar[int]
     device_kind: str
     device_name: str
     memory_bytes: int
@@ -30,7 +31,8 @@ class Hardware(_message.Message):
     tflops: float
     tflops_dtype: str
     device: str
-    def __init__(self, device_kind: _Optional[str] = ..., device_name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ..., compute_capability: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., tflops: _Optional[float] = ..., tflops_dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    mem_bandwidth_Bps: float
+    def __init__(self, device_kind: _Optional[str] = ..., device_name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., memory_free_bytes: _Optional[int] = ..., compute_capability: _Optional[str] = ..., cpu_cores: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., tflops: _Optional[float] = ..., tflops_dtype: _Optional[str] = ..., device: _Optional[str] = ..., mem_bandwidth_Bps: _Optional[float] = ...) -> None: ...
 
 class RegistrationPayload(_message.Message):
     __slots__ = ("protocol_version", "node_id", "name", "peer_address", "hardware", "timestamp_s", "nonce", "tls_public_key", "relay_port")

@@ -1,7 +1,8 @@
 """Disaggregated prefill and decode on real processes (`swarm serve --disaggregate`): 4 nodes,
 2 stages, a prefill chain and a decode chain. Every session is prefilled on the prefill chain,
 its KV cache moves stage by stage to the decode chain (node to node, TLS), and decoding there
-gives the single-process greedy tokens."""
+gives the single-process greedy tokens. With spot checks on, a decode node altering half its
+steps (``SWARM_FAULT=wrong-tokens=0.5``) loses its work and the client still gets the clean tokens."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from tokenizers import Tokenizer
 
 from swarm.inference.sampling import SamplingParams
 from swarm.model.testing import make_tiny_checkpoint
-from tests.helpers.procs import generate_events, nodes_proc, wait_until
-from tests.multiproc.inference.test_pipeline_generation import coordinator, reference
+from tests.helpers.procs import generate_events, launch_node, nodes_proc, wait_until
+from tests.multiproc.inference.test_pipeline_generation import collect, coordinator, reference
 
 pytestmark = pytest.mark.multiproc
 
@@ -34,7 +35,7 @@ def test_disaggregated_serving_moves_the_kv_and_gives_single_process_tokens(tmp_
         assert dis["enabled"] and len(dis["prefill_nodes"]) == 2 and len(dis["decode_nodes"]) == 2
         assert set(dis["prefill_nodes"]).isdisjoint(dis["decode_nodes"])
         assert dis["predicted_gain"] > 0 and dis["reason"]
-        assert info["verification"]["verify_prob"] == 0  # --disaggregate serves without spot checks
+        assert info["verification"]["verify_prob"] == 0.05  # spot checks on by default: replays on the prefill chain
         chains = {tuple(s["node_id"] for s in r["stages"]) for r in info["replicas"]}
         assert chains == {tuple(dis["prefill_nodes"]), tuple(dis["decode_nodes"])}
 
@@ -55,3 +56,39 @@ def test_disaggregated_serving_moves_the_kv_and_gives_single_process_tokens(tmp_
         # each session's cache of its prompt moved: per position, every layer's K and V in float32
         positions = sum(len(tok.encode(p).ids) for p in prompts)
         assert dis["kv_bytes_moved"] == positions * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4
+
+
+@pytest.mark.timeout(120)
+def test_checked_disaggregated_serving_drops_a_wrong_decode_node_and_gives_the_clean_tokens(tmp_path):
+    """2 nodes, 1 stage: a prefill chain and a decode chain, every step checked (--verify-prob 1).
+    The faulty node claims a tiny TFLOPS so that placement makes it the decode chain. Its decode
+    steps are replayed on the prefill chain; its caches began with pushed KV, so a wrong output
+    retires its chain (and the node is avoided) rather than blaming it; its replays of the prefill
+    chain's steps are its own, and a wrong one quarantines it. Either way it serves no more, the
+    honest node is never blamed, and every client gets the single-process greedy tokens."""
+    d = tmp_path / "ckpt"
+    make_tiny_checkpoint(d, "llama", num_layers=2, hidden_size=64, num_heads=4, seed=7)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    prompts = ["Checks ride on the prefill chain", "a decode node that lies", "loses its work"]
+    greedy = SamplingParams(max_new_tokens=10)
+    want = [reference(d, tok.encode(p).ids, greedy, None) for p in prompts]
+    with coordinator(tmp_path) as coord:
+        honest = launch_node(coord, tmp_path / "n0")
+        faulty = launch_node(coord, tmp_path / "n1", env={"SWARM_FAULT": "wrong-tokens=0.5,claim-tflops=0.0001"})
+        try:
+            wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 2, 30, message="2 online")
+            info = coord.serve(d, name="tiny", num_replicas=2, num_stages=1, max_seq_len=96, verify_prob=1.0,
+                               disaggregate="on")
+            dis = info["disaggregation"]
+            assert dis["enabled"] and dis["prefill_nodes"] == [honest.node_id] and dis["decode_nodes"] == [faulty.node_id]
+            got = [collect(coord, "tiny", p, greedy) for p in prompts]
+            nodes = {n["id"]: n for n in coord.get_json("/api/nodes")["nodes"]}
+            model = coord.models()[0]
+        finally:
+            honest.proc.stop()
+            faulty.proc.stop()
+    assert got == want
+    assert nodes[honest.node_id]["state"] == "online", nodes[honest.node_id]
+    serving = {s["node_id"] for r in model["replicas"] if r["state"] == "ready" for s in r["stages"]}
+    assert faulty.node_id not in serving or nodes[faulty.node_id]["state"] == "quarantined", (model, nodes)
+    assert model["verification"]["failed"] >= 1, model

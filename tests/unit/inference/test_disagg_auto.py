@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 
-import coordinator.inference.disagg as disagg_mod
 from coordinator.inference.disagg import Disagg
 from coordinator.inference.store import ServeParams
 from swarm.errors import InfeasiblePlanError
@@ -50,12 +49,22 @@ def described(d: Disagg, m) -> pb.ServeDisaggInfo:
     return info
 
 
+MEM_RICH = {"n0": 2e10, "n1": 2e10, "n2": 1e12, "n3": 1e12}
+
+
 @pytest.fixture
-def memory_rich_decode(monkeypatch):
-    """Nodes n2, n3 with 50x the memory bandwidth of n0, n1: the HexGen-2 case that predicts a gain."""
-    real = disagg_mod.plan_disaggregation
-    mem = {"n0": 2e10, "n1": 2e10, "n2": 1e12, "n3": 1e12}
-    monkeypatch.setattr(disagg_mod, "plan_disaggregation", lambda *a, **kw: real(*a, mem_bandwidth_Bps=mem, **kw))
+def memory_rich_decode():
+    """Nodes n2, n3 measured 50x the memory bandwidth of n0, n1 (what they reported at
+    registration, as the registry believes it): the HexGen-2 case that predicts a gain."""
+    models = {"n0": "compute-rich", "n1": "compute-rich", "n2": "memory-rich", "n3": "memory-rich"}
+    nodes = {i: registered(bw, models[i]) for i, bw in MEM_RICH.items()}
+    return SimpleNamespace(registry=SimpleNamespace(get=nodes.__getitem__))
+
+
+def registered(mem_bandwidth_Bps, device_name: str) -> SimpleNamespace:
+    """What Disagg reads of a registered node: its believed bandwidth and its device model."""
+    return SimpleNamespace(planning_mem_bandwidth_Bps=mem_bandwidth_Bps,
+                           hardware=SimpleNamespace(device_kind="cuda", device_name=device_name))
 
 
 def test_auto_on_alike_nodes_serves_colocated_and_says_why():
@@ -72,12 +81,24 @@ def test_auto_on_alike_nodes_serves_colocated_and_says_why():
 def test_auto_blocked_by_the_options_does_not_even_predict():
     e = FakeEngine()
     d = Disagg(e)
-    assert d.place_if_chosen(model(num_replicas=2)) is False  # default spot checks keep auto off
+    assert d.place_if_chosen(model(num_replicas=1)) is False  # one chain: nothing to split
     assert e.candidate_calls == 0
+
+
+def test_default_spot_checks_leave_auto_free_to_engage(memory_rich_decode):
+    e = FakeEngine(tflops=(8.0, 8.0, 2.0, 2.0))
+    e.app = memory_rich_decode
+    d = Disagg(e)
+    placed = []
+    d.place = lambda m, plan=None: placed.append(plan)
+    m = model(num_replicas=None)  # --verify-prob at its default, 0.05
+    assert m.record.params.verify_prob > 0
+    assert d.place_if_chosen(m) is True and placed[0].enabled
 
 
 def test_auto_with_a_predicted_gain_places_disaggregated(memory_rich_decode):
     e = FakeEngine(tflops=(8.0, 8.0, 2.0, 2.0))
+    e.app = memory_rich_decode
     d = Disagg(e)
     placed = []
     d.place = lambda m, plan=None: placed.append(plan)
@@ -89,6 +110,7 @@ def test_auto_with_a_predicted_gain_places_disaggregated(memory_rich_decode):
 
 def test_auto_falls_back_to_colocated_when_the_split_cannot_be_placed(memory_rich_decode):
     e = FakeEngine(tflops=(8.0, 8.0, 2.0, 2.0))
+    e.app = memory_rich_decode
     d = Disagg(e)
 
     def infeasible(m, plan=None):
@@ -108,3 +130,24 @@ def test_a_reupload_decides_afresh():
     off = model(num_replicas=None, verify_prob=0.0, disaggregate="off")
     assert d.place_if_chosen(off) is False
     assert described(d, off).reason == ""  # the old auto decision is gone; assess records off once placed
+
+
+def test_the_same_nodes_without_measured_bandwidth_predict_no_gain():
+    """Unmeasured (older nodes): bandwidth assumed proportional to TFLOPS, no decode advantage."""
+    e = FakeEngine(tflops=(8.0, 8.0, 2.0, 2.0))
+    e.app = SimpleNamespace(registry=SimpleNamespace(get=lambda i: registered(None, f"gpu-{i}")))
+    d = Disagg(e)
+    m = model(num_replicas=None, verify_prob=0.0)
+    assert d.place_if_chosen(m) is False
+    assert not described(d, m).enabled
+
+
+def test_nodes_of_one_device_model_measuring_differently_are_alike():
+    """Two CPUs of one model on a loaded box measured 4x apart: noise, not a split to exploit."""
+    e = FakeEngine(tflops=(8.0, 8.0, 2.0, 2.0))
+    e.app = SimpleNamespace(registry=SimpleNamespace(get=lambda i: registered(MEM_RICH[i], "one cpu")))
+    d = Disagg(e)
+    m = model(num_replicas=None)
+    assert d.place_if_chosen(m) is False
+    info = described(d, m)
+    assert not info.enabled and "alike" in info.reason

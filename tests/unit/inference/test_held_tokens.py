@@ -97,7 +97,8 @@ def _checks(serving, other):
 
     m = SimpleNamespace(replicas=[serving, other], num_checks=0, num_checks_void=0, num_check_failures=0,
                         record=SimpleNamespace(name="m"))
-    engine = SimpleNamespace(_pool=_Now(), get=lambda name: m, _lock=__import__("threading").Lock())
+    engine = SimpleNamespace(_pool=_Now(), get=lambda name: m, _lock=__import__("threading").Lock(),
+                             disagg=SimpleNamespace(prefill_indices=lambda m: set()))  # served colocated
     return Checks(engine), m
 
 

@@ -33,7 +33,7 @@ def devs(tflops: list[float]) -> list[PlacementDevice]:
     return [PlacementDevice(node_id=f"n{i}", tflops=t, memory_bytes=1 << 34) for i, t in enumerate(tflops)]
 
 
-ALLOWED = dict(routes=False, verify_prob=0.0, num_replicas=2)
+ALLOWED = dict(routes=False, num_replicas=2)
 
 
 # ----------------------------------------------------------------------------- the pure decision
@@ -50,7 +50,6 @@ def test_auto_enables_only_at_or_above_the_threshold():
 
 @pytest.mark.parametrize("options, words", [
     (dict(ALLOWED, routes=True), "--routes"),
-    (dict(ALLOWED, verify_prob=0.05), "--verify-prob 0"),
     (dict(ALLOWED, num_replicas=1), "--replicas 2"),
 ])
 def test_options_that_forbid_auto_keep_it_off_whatever_the_gain(options, words):
@@ -62,7 +61,7 @@ def test_options_that_forbid_auto_keep_it_off_whatever_the_gain(options, words):
 
 def test_options_that_allow_auto():
     assert auto_blocker(**ALLOWED) == ""
-    assert auto_blocker(routes=False, verify_prob=0.0, num_replicas=None) == ""  # --replicas 0: as many as fit
+    assert auto_blocker(routes=False, num_replicas=None) == ""  # --replicas 0: as many as fit
 
 
 def test_too_few_nodes_keep_auto_off_and_say_so():
@@ -94,7 +93,7 @@ def _hexgen_case(**kw):
 def test_the_plan_applies_the_decision_for_its_mode_and_blocker():
     auto = _hexgen_case(mode="auto")
     assert auto.predicted_gain >= AUTO_MIN_GAIN and auto.enabled and auto.reason.startswith("auto: disaggregated")
-    blocked = _hexgen_case(mode="auto", blocker=auto_blocker(**dict(ALLOWED, verify_prob=0.05)))
+    blocked = _hexgen_case(mode="auto", blocker=auto_blocker(**dict(ALLOWED, routes=True)))
     assert not blocked.enabled and blocked.predicted_gain == auto.predicted_gain  # the prediction is still shown
     assert not _hexgen_case(mode="off").enabled
     alike = plan_disaggregation(devs([2.0] * 4), links(4), SHAPE, num_stages=2, mode="auto")
@@ -124,7 +123,9 @@ def test_header_modes_and_their_spot_check_defaults():
     auto = params_from_header(pb.ServeUploadHeader(num_replicas=2, disaggregate_mode="auto"))
     assert auto.verify_prob == DEFAULT_VERIFY_PROB  # auto never drops spot checks by itself
     legacy_on = params_from_header(pb.ServeUploadHeader(num_replicas=2, disaggregate=True))
-    assert legacy_on.disaggregate == "on" and legacy_on.verify_prob == 0.0
+    assert legacy_on.disaggregate == "on" and legacy_on.verify_prob == DEFAULT_VERIFY_PROB  # checks work disaggregated
+    on_unchecked = params_from_header(pb.ServeUploadHeader(num_replicas=2, disaggregate_mode="on", verify_prob=0.0))
+    assert on_unchecked.verify_prob == 0.0
     with pytest.raises(InvalidRequestError, match="--disaggregate must be one of"):
         params_from_header(pb.ServeUploadHeader(num_replicas=2, disaggregate_mode="sometimes"))
 
@@ -132,6 +133,7 @@ def test_header_modes_and_their_spot_check_defaults():
 def test_auto_and_off_combine_with_any_options():
     ServeParams(num_replicas=1, routes=True, verify_prob=0.0, disaggregate="auto")
     ServeParams(num_replicas=1, verify_prob=0.05, disaggregate="off")
+    ServeParams(num_replicas=2, verify_prob=0.05, disaggregate="on")  # spot checks ride on the prefill chains
     with pytest.raises(InvalidRequestError):
         ServeParams(num_replicas=1, verify_prob=0.0, disaggregate="on")
 
@@ -149,3 +151,44 @@ def test_client_options_and_json_carry_the_mode():
     out = rec.to_json()
     assert out["mode"] == "auto" and out["enabled"] is False and out["predicted_gain"] == 1.04
     assert out["reason"].startswith("auto: not disaggregated")
+
+
+# ----------------------------------------------------------------------------- measured memory bandwidth
+def test_measured_bandwidth_is_what_lets_auto_engage():
+    """Compute-rich n0, n1 (8 TFLOPS) and compute-poor n2, n3 (2 TFLOPS): unmeasured, bandwidth is
+    assumed to follow TFLOPS and no decode advantage appears; measured, with n2, n3 reading memory
+    50x faster (the HexGen-2 case), decode moves there and auto engages."""
+    nodes, mesh = devs([8.0, 8.0, 2.0, 2.0]), links(4)
+    kw = dict(num_stages=1, workload=Workload(prompt_tokens=128, response_tokens=16, batch_sessions=4))
+    unmeasured = plan_disaggregation(nodes, mesh, SHAPE, **kw)
+    assert not unmeasured.enabled and unmeasured.predicted_gain < AUTO_MIN_GAIN
+    assert "memory bandwidth not measured on 4 of 4 node(s)" in unmeasured.reason
+    measured = plan_disaggregation(nodes, mesh, SHAPE, **kw,
+                                   mem_bandwidth_Bps={"n0": 2e10, "n1": 2e10, "n2": 1e12, "n3": 1e12})
+    assert measured.enabled and measured.predicted_gain >= AUTO_MIN_GAIN
+    assert set(measured.prefill_nodes) == {"n0", "n1"} and set(measured.decode_nodes) == {"n2", "n3"}
+    assert "not measured" not in measured.reason
+    # bandwidth measured alike on every node: decode gains nothing from moving
+    alike = plan_disaggregation(nodes, mesh, SHAPE, **kw, mem_bandwidth_Bps={f"n{i}": 1e11 for i in range(4)})
+    assert not alike.enabled
+
+
+def test_default_spot_checks_no_longer_block_auto():
+    """Spot checks replay on the prefill chains, so the default --verify-prob 0.05 leaves auto free."""
+    assert auto_blocker(routes=False, num_replicas=None) == ""
+    assert decide_disaggregation("auto", blocker=auto_blocker(routes=False, num_replicas=2), predicted_gain=2.0).enabled
+
+
+def test_nodes_of_one_device_model_are_pooled_to_their_medians():
+    from swarm.scheduling.disaggregation import pool_alike
+
+    nodes = devs([8.0, 2.0, 4.0, 1.0])
+    models = {"n0": "cpu:x", "n1": "cpu:x", "n2": "cuda:y"}  # n3: no model known, left as measured
+    seen, bw = pool_alike(nodes, {"n0": 1e11, "n1": 3e11, "n3": 5e10}, models)
+    assert [d.node_id for d in seen] == ["n0", "n1", "n2", "n3"]
+    assert [d.tflops for d in seen] == [5.0, 5.0, 4.0, 1.0]
+    assert bw == {"n0": 2e11, "n1": 2e11, "n3": 5e10}  # n2 measured none: still unmeasured
+    # the noisy HexGen-looking case on one device model predicts no gain once pooled
+    seen, bw = pool_alike(devs([8.0, 8.0, 2.0, 2.0]), {"n0": 2e10, "n1": 2e10, "n2": 1e12, "n3": 1e12},
+                          {f"n{i}": "cpu:x" for i in range(4)})
+    assert not plan_disaggregation(seen, links(4), SHAPE, num_stages=1, mem_bandwidth_Bps=bw).enabled

@@ -119,3 +119,9 @@ def test_format_value(value: float, text: str) -> None:
 
 def test_escape_label_value() -> None:
     assert escape_label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+
+
+def test_memory_bandwidth_is_exported_only_where_measured() -> None:
+    fams = _families(render_metrics(nodes=[_node("a", "online", mem_bandwidth_Bps=2.5e10),
+                                           _node("b", "online", mem_bandwidth_Bps=None)]))
+    assert _samples(fams["swarm_node_memory_bandwidth_bytes_per_second"]) == {(("node", "a"),): 2.5e10}
