@@ -12,15 +12,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from swarm.cli.common import add_common_flags, connect
 from swarm.errors import SwarmError
+
+if TYPE_CHECKING:  # imported where a command uses it (see below)
+    from swarm.inference.params import SamplingParams
 
 # No torch on these paths: they only talk to the coordinator (SamplingParams comes from the
 # torch-free swarm.inference.params), so every command starts in well under a second.
@@ -184,7 +187,7 @@ class GenerationResult:
     num_replays: int
 
 
-def run_generation(client, *, model: str, prompt: str, params: "SamplingParams", on_text=None) -> GenerationResult:
+def run_generation(client, *, model: str, prompt: str, params: SamplingParams, on_text=None) -> GenerationResult:
     """Stream one generation through ``client`` (a CoordinatorClient); ``on_text`` gets each new
     piece of text. Raises SwarmError."""
     t0 = time.perf_counter()
