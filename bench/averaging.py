@@ -59,11 +59,9 @@ def run(steps: int, replicas: int, numel: int, stall_s: float, skew_s: float = 0
                                        initial_peers=peers, timeout_s=15.0))
         for av in avs:
             av.wait_for_peers(1, 30)
-        set_members = getattr(avs[0], "set_members", None)
-        if set_members is not None:  # a fixed group: every member is told the group once
-            maddrs = [m for av in avs for m in av.maddrs()]
-            for av in avs:
-                av.set_members(maddrs)
+        maddrs = [m for av in avs for m in av.maddrs()]
+        for av in avs:  # the group, learnt once (a stage worker: from the coordinator's rendezvous)
+            av.set_members(maddrs)
         setup_s = time.monotonic() - t0
         round_s, mm_s, ar_s = [], [], []
         for step in range(steps):
