@@ -231,9 +231,9 @@ class ReplicaAverager:
 
     def _finish(self, abort) -> bool:
         """True when the pending round's buffers now hold the group mean of rounds with the same
-        tag (what is averaged, the step). Every member sends its tag (hivemind's gather); a group
-        that mixed tags (one replica's gradient round met another's late parameter round) is void
-        for every member, none copies the buffers back."""
+        tag (what is averaged, the step). The tag names the round's group (fixed_group.py), so
+        members meet only in the round they all mean; the gathered tags are checked again anyway: a
+        group that mixed tags would be void for every member, none copies the buffers back."""
         _, control, gather, _ = self._pending
         self._pending = None
         result = None

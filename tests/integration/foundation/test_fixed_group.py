@@ -112,3 +112,17 @@ def test_a_gone_replica_fails_the_round_without_blocking_the_other(pair) -> None
     assert a.num_failed == before + 1
     assert torch.equal(params[0][0].grad, grads[0])
     assert took < a.timeout_s, took
+
+
+def test_group_of_is_the_same_on_every_member_and_differs_per_round() -> None:
+    from hivemind.utils.serializer import MSGPackSerializer as S
+
+    from swarm.pipeline.fixed_group import group_of
+
+    ids = ["QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"]
+    data = lambda step, members: S.dumps([None, 0, S.dumps(["grad", step, members])])  # noqa: E731
+    gid, order = group_of("p", data(3, sorted(ids)), ids)
+    assert (gid, order) == group_of("p", data(3, sorted(ids)), list(reversed(ids)))  # members in any order
+    assert [str(p) for p in order] == sorted(ids)
+    assert gid != group_of("p", data(4, sorted(ids)), ids)[0]  # another step
+    assert gid != group_of("q", data(3, sorted(ids)), ids)[0]  # another job/attempt/stage
