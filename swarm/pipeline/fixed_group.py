@@ -118,7 +118,8 @@ class FixedGroupAverager(DecentralizedAverager):
     async def _watch(self, run: asyncio.Task, cancelled: asyncio.Task, group_id: bytes, timeout_s: float) -> str:
         """Wait for the all-reduce; why it must stop early ("" when it ended): cancelled by the
         caller, past the deadline, or already incomplete (a groupmate could not be reached: the
-        round can no longer count, so the caller is not kept waiting for the timeout)."""
+        round can no longer count, so the caller is not kept waiting for the timeout; that is when
+        hivemind notices: a refused connection at once, a peer whose host vanished only at the timeout)."""
         deadline = get_dht_time() + timeout_s
         while True:
             remaining = deadline - get_dht_time()
