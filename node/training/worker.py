@@ -298,7 +298,19 @@ class StageWorker(TensorIO):
             # the replica that started first went away (e.g. it gave up waiting for us): a peer
             # failure the coordinator re-plans, not a fault of this job
             raise PeerError(f"could not join the averaging group of stage {a.stage}'s replicas: {exc}") from exc
-        self._from_coordinator(lambda: self.client.rendezvous(req(self.averager.maddrs())))
+        # the group is fixed for the attempt: wait until every replica registered its addresses
+        # (their /p2p/ parts are the peer ids the all-reduce runs among; no per-step matchmaking)
+        while True:
+            self._check_stop()
+            known = list(self._from_coordinator(lambda: self.client.rendezvous(req(self.averager.maddrs()))).maddrs)
+            try:
+                self.averager.set_members(known)
+                break
+            except ValueError as exc:
+                if time.monotonic() > deadline:
+                    raise PeerError(f"not all {a.num_replicas} replicas of stage {a.stage} joined the rendezvous "
+                                    f"within {setup_s:.0f} s: {exc}") from exc
+                time.sleep(0.2)
         self.averager.wait_for_peers(1, setup_s)
 
     def _train(self) -> None:

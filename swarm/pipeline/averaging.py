@@ -4,9 +4,12 @@ Protocol a replica follows (one :class:`ReplicaAverager` per job and stage on ea
 
 1. start a hivemind DHT on this host (``host_maddrs``) joined to ``initial_peers`` (the
    multiaddrs of replicas that started earlier, learnt through the coordinator's rendezvous);
-2. every step, copy the stage's gradients into the averager's buffers and call
-   ``DecentralizedAverager.step`` with a bounded timeout: the group forms as soon as all
-   ``num_replicas`` members declared themselves; the payload travels as float16;
+   learn the group once, :meth:`ReplicaAverager.set_members`: the multiaddrs of all
+   ``num_replicas`` replicas (the rendezvous' answer), whose ``/p2p/`` parts are their peer ids;
+2. every step, copy the stage's gradients into the averager's buffers and call the averager's
+   ``step`` with a bounded timeout: the group is fixed (swarm/pipeline/fixed_group.py), so the
+   all-reduce starts at once, no matchmaking; the payload travels as float16. (Matchmaking cost
+   ~1 s a round and stalled ~10 s in 12 of 482 rounds: docs/benchmarks.md, "Gradient averaging");
 3. on success the buffers hold the group mean and are copied back into the gradients; on a
    timeout or a missing replica the step keeps the local gradients (the others are not blocked)
    and the failure is counted; every replica's copy of the mean differs from the others' by
@@ -53,18 +56,19 @@ class ReplicaAverager:
         initial_peers: Sequence[str] = (),
         host: str = "127.0.0.1",
         timeout_s: float = 30.0,
-        matchmaking_s: float = 1.0,
         setup_timeout_s: float | None = None,
     ) -> None:
-        from hivemind.averaging import DecentralizedAverager
         from hivemind.compression import Float16Compression
         from hivemind.dht import DHT
+
+        from swarm.pipeline.fixed_group import FixedGroupAverager
 
         if num_replicas < 2:
             raise ValueError("averaging needs at least two replicas")
         self.params = [p for p in params if p.requires_grad]
         self.num_replicas = num_replicas
         self.timeout_s = timeout_s
+        self.members: list[str] = []  # peer ids of the group, this replica's included (set_members)
         self.num_ok = 0
         self.num_failed = 0
         self._pending = None  # the round in flight: (kind, control, gather, own parameters or None)
@@ -76,10 +80,12 @@ class ReplicaAverager:
         buffers = [torch.zeros_like(p, device="cpu", dtype=torch.float32) for p in self.params]
         try:
             self.dht.wait_until_ready(setup_timeout_s or timeout_s)
-            self.averager = DecentralizedAverager(
+            # no state sharing (joiners copy weights from the coordinator or a live replica, not
+            # hivemind): its periodic DHT declarations would only load the machine
+            self.averager = FixedGroupAverager(
                 buffers, self.dht, start=False, prefix=prefix, target_group_size=num_replicas, min_group_size=2,
-                min_matchmaking_time=matchmaking_s, request_timeout=matchmaking_s / 2,
                 allreduce_timeout=timeout_s, compression=Float16Compression(), shutdown_timeout=2,
+                allow_state_sharing=False,
             )
             # start() ourselves: run_in_background() installs a SIGINT handler, which only the main
             # thread may do, and stage workers run in their own threads.
@@ -91,6 +97,24 @@ class ReplicaAverager:
 
     def maddrs(self) -> list[str]:
         return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    def peer_id(self) -> str:
+        return str(self.dht.peer_id)
+
+    def set_members(self, maddrs: Sequence[str]) -> None:
+        """The group: multiaddrs of all ``num_replicas`` replicas, this one's included (the peer id
+        is each address' ``/p2p/`` part; several addresses of one peer count once). Raises
+        ValueError when they do not name exactly ``num_replicas`` peers including this one."""
+        ids = set()
+        for m in maddrs:
+            _, sep, pid = str(m).rpartition("/p2p/")
+            if not sep or not pid or "/" in pid:
+                raise ValueError(f"multiaddr {m!r} has no /p2p/<peer id> part; pass the replicas' maddrs()")
+            ids.add(pid)
+        if len(ids) != self.num_replicas or self.peer_id() not in ids:
+            raise ValueError(f"the averaging group must be the {self.num_replicas} replicas of the stage, this one "
+                             f"({self.peer_id()}) included; got {sorted(ids)}")
+        self.members = sorted(ids)
 
     def wait_for_peers(self, num_peers: int, timeout_s: float) -> None:
         """Block until this DHT knows ``num_peers`` other peers; raises PeerError on timeout."""
@@ -189,11 +213,17 @@ class ReplicaAverager:
 
     def _start(self, kind: str, step: int, own: list[torch.Tensor] | None = None) -> None:
         """Start one all-reduce of the buffers tagged (``kind``, ``step``); one at a time."""
+        from hivemind.utils.timed_storage import get_dht_time
+
         if self._pending is not None:  # rounds never overlap (they share the buffers): one nobody finished ends first
             self._finish(None)
-        gather = [kind, step]
+        gather = [kind, step, self.members]
         try:
-            control = self.averager.step(gather=gather, timeout=self.timeout_s, allow_retries=False, wait=False)
+            if not self.members:
+                raise RuntimeError("the averaging group is not known yet: call set_members() first")
+            # scheduled now: hivemind's default (now + its matchmaking time, 5 s) must fit in the timeout
+            control = self.averager.step(gather=gather, scheduled_time=get_dht_time(), timeout=self.timeout_s,
+                                         allow_retries=False, wait=False)
         except Exception as exc:  # noqa: BLE001 -- hivemind raises many kinds; a failed round is data
             log.warning("averaging failed to start: %s", exc)
             control = None
@@ -201,9 +231,9 @@ class ReplicaAverager:
 
     def _finish(self, abort) -> bool:
         """True when the pending round's buffers now hold the group mean of rounds with the same
-        tag (what is averaged, the step). Every member sends its tag (hivemind's gather); a group
-        that mixed tags (one replica's gradient round met another's late parameter round) is void
-        for every member, none copies the buffers back."""
+        tag (what is averaged, the step). The tag names the round's group (fixed_group.py), so
+        members meet only in the round they all mean; the gathered tags are checked again anyway: a
+        group that mixed tags would be void for every member, none copies the buffers back."""
         _, control, gather, _ = self._pending
         self._pending = None
         result = None

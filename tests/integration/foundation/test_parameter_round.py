@@ -28,6 +28,8 @@ def test_background_parameter_round_brings_drifted_replicas_together() -> None:
         b = ReplicaAverager(params=params[1], prefix="bground", num_replicas=2, initial_peers=a.maddrs(), timeout_s=30)
         a.wait_for_peers(1, 30)
         b.wait_for_peers(1, 30)
+        for av in (a, b):
+            av.set_members(a.maddrs() + b.maddrs())
         # a gradient round in flight while the caller works (a spot check reads the weights)
         grads = [torch.randn(4096, generator=g) for _ in range(2)]
         for p, gr in zip(params, grads):
