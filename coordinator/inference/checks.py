@@ -56,12 +56,38 @@ MAX_REFEREE_STAGES = 8  # loaded segments the referee keeps (least recently used
 _WAITING = object()  # a check slot whose other chain has not answered yet
 
 
-REPLAY_WINDOW_TOKENS = 32  # the most tokens a sampled step holds back before its replay is sent
-MAX_REPLAY_POINTS = 64  # sampled steps one replay checks (node side accepts up to 256)
+# Check windows: the unit sampled (issue 13). A window is a run of a session's consecutive steps,
+# as long as the context it starts at (so that its replay, a prefill of the context up to the
+# window's end, costs at most about 2 replay tokens per token of the window), but at least
+# MIN_WINDOW_TOKENS (a short prompt would otherwise make windows of a step or two) and at most
+# MAX_WINDOW_TOKENS (tokens held back: a checked window reaches the client when its replay passed).
+MIN_WINDOW_TOKENS = 32
+MAX_WINDOW_TOKENS = 64
+REPLAY_WINDOW_TOKENS = MIN_WINDOW_TOKENS  # the most tokens held back by default (replay_due)
+MAX_REPLAY_POINTS = MAX_WINDOW_TOKENS  # sampled steps one replay checks (node side accepts up to 256)
 # A session this close to max_new_tokens sends its batch now, so that the replay runs during its
 # last steps rather than after them (the end of a session waits for its last check); a step
 # sampled later gets a replay of its own.
 END_LEAD_TOKENS = 4
+
+
+def window_tokens(context_len: int) -> int:
+    """Length, in steps, of the check window that starts at a step whose context (the rows
+    computed, prompt included) is ``context_len`` tokens: the context's length, clamped to
+    [MIN_WINDOW_TOKENS, MAX_WINDOW_TOKENS]."""
+    if context_len < 1:
+        raise ValueError(f"a check window starts at a context of at least one token, got {context_len}")
+    return max(MIN_WINDOW_TOKENS, min(MAX_WINDOW_TOKENS, context_len))
+
+
+def window_step(*, position: int, window_end: int | None, reset: bool) -> int | None:
+    """Where a session's check window ends (exclusive, a row position) after its step whose last
+    row is ``position``, when that step starts a new window; None while the current window
+    (ending at ``window_end``) goes on. A step that resets the session's caches (a new chain)
+    starts a window; so does the first step past the previous window."""
+    if reset or window_end is None or position >= window_end:
+        return position + window_tokens(position + 1)
+    return None
 
 
 def replay_due(*, num_points: int, first_position: int, position: int, runnable: bool, tokens_left: int,
@@ -69,8 +95,9 @@ def replay_due(*, num_points: int, first_position: int, position: int, runnable:
     """Whether a session's batch of ``num_points`` unsent sampled steps (the oldest at
     ``first_position``; the session is now at ``position``, ``tokens_left`` before its
     max_new_tokens) is to be replayed now: when the oldest has held ``window_tokens`` tokens
-    back, when the session cannot generate further (``runnable`` False: nothing more would join,
-    and its last tokens wait) or is within END_LEAD_TOKENS of its end, or when it is full."""
+    back (its window ended), when the session cannot generate further (``runnable`` False:
+    nothing more would join, and its last tokens wait) or is within END_LEAD_TOKENS of its end,
+    or when it is full."""
     if num_points <= 0:
         return False
     return (not runnable or tokens_left <= END_LEAD_TOKENS or position - first_position >= window_tokens
@@ -148,9 +175,13 @@ class Checks:
     def due(self, s, *, runnable: bool) -> bool:
         """:func:`replay_due` for session ``s``'s unsent batch."""
         b, st = s.check_batch, s.state
-        return bool(b) and replay_due(num_points=len(b), first_position=len(b[0][2]) - 1,
-                                      position=len(s.ids()) - 1, runnable=runnable,
-                                      tokens_left=st.params.max_new_tokens - len(st.generated) - len(s.pending))
+        if not b:
+            return False
+        first = len(b[0][2]) - 1  # the window's first step: every step of a checked window is held
+        window = s.window_end - first if s.window_end is not None and s.window_end > first else REPLAY_WINDOW_TOKENS
+        return replay_due(num_points=len(b), first_position=first, position=len(s.ids()) - 1, runnable=runnable,
+                          tokens_left=st.params.max_new_tokens - len(st.generated) - len(s.pending),
+                          window_tokens=window)
 
     def void(self, s) -> None:
         """The session left its chain (failed, cancelled, closed): its unsent checks are void."""

@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import grpc
 
+from coordinator.inference.checks import window_step
 from coordinator.inference.sessions import Session, StageRef
 from swarm.errors import InvalidRequestError, NotFoundError, SwarmError
 from swarm.inference.session import TokenEvent
@@ -350,7 +351,14 @@ class Replica:
                 if e.reset:
                     s.history_checked = True  # the stages' caches of it hold this step only
                 ticket = None
-                if checking and self._rng.random() < self.verify_prob:
+                if checking:
+                    end = window_step(position=e.start_position + e.num_tokens - 1, window_end=s.window_end,
+                                      reset=e.reset)
+                    if end is not None:  # a new window: checked (every step of it) or not, as a whole
+                        s.window_end, s.window_checked = end, self._rng.random() < self.verify_prob
+                else:
+                    s.window_end = None  # no check can run: the next window starts when one can
+                if checking and s.window_checked:
                     ticket = object()  # held, with what follows, until the check passed (Checks.begin)
                     checks.append((s, ticket, tuple(s.ids()), int(tok), s.history_checked))
                 else:
