@@ -65,43 +65,45 @@ MIN_WINDOW_TOKENS = 32
 MAX_WINDOW_TOKENS = 64
 REPLAY_WINDOW_TOKENS = MIN_WINDOW_TOKENS  # the most tokens held back by default (replay_due)
 MAX_REPLAY_POINTS = MAX_WINDOW_TOKENS  # sampled steps one replay checks (node side accepts up to 256)
-# A session this close to max_new_tokens sends its batch now, so that the replay runs during its
-# last steps rather than after them (the end of a session waits for its last check); a step
-# sampled later gets a replay of its own.
-END_LEAD_TOKENS = 4
-
-
-def window_tokens(context_len: int) -> int:
+def window_tokens(context_len: int, steps_left: int) -> int:
     """Length, in steps, of the check window that starts at a step whose context (the rows
-    computed, prompt included) is ``context_len`` tokens: the context's length, clamped to
-    [MIN_WINDOW_TOKENS, MAX_WINDOW_TOKENS]."""
-    if context_len < 1:
-        raise ValueError(f"a check window starts at a context of at least one token, got {context_len}")
-    return max(MIN_WINDOW_TOKENS, min(MAX_WINDOW_TOKENS, context_len))
+    computed, prompt included) is ``context_len`` tokens, ``steps_left`` steps (this one
+    included) before the session's max_new_tokens: the context's length, clamped to
+    [MIN_WINDOW_TOKENS, MAX_WINDOW_TOKENS], and stretched (up to MAX_WINDOW_TOKENS) over the
+    session's last steps when fewer than MIN_WINDOW_TOKENS would be left after it: a short
+    last window would cost a prefill of the whole context for a few steps."""
+    if context_len < 1 or steps_left < 1:
+        raise ValueError(f"a check window starts at a context of at least one token and a step to take, "
+                         f"got context {context_len}, {steps_left} steps left")
+    w = max(MIN_WINDOW_TOKENS, min(MAX_WINDOW_TOKENS, context_len))
+    if steps_left - w < MIN_WINDOW_TOKENS:
+        w = max(w, min(steps_left, MAX_WINDOW_TOKENS))
+    return w
 
 
-def window_step(*, position: int, window_end: int | None, reset: bool) -> int | None:
+def window_step(*, position: int, window_end: int | None, reset: bool, steps_left: int) -> int | None:
     """Where a session's check window ends (exclusive, a row position) after its step whose last
-    row is ``position``, when that step starts a new window; None while the current window
-    (ending at ``window_end``) goes on. A step that resets the session's caches (a new chain)
-    starts a window; so does the first step past the previous window."""
+    row is ``position`` (``steps_left``: as in :func:`window_tokens`), when that step starts a
+    new window; None while the current window (ending at ``window_end``) goes on. A step that
+    resets the session's caches (a new chain) starts a window; so does the first step past the
+    previous window."""
     if reset or window_end is None or position >= window_end:
-        return position + window_tokens(position + 1)
+        return position + window_tokens(position + 1, steps_left)
     return None
 
 
-def replay_due(*, num_points: int, first_position: int, position: int, runnable: bool, tokens_left: int,
+def replay_due(*, num_points: int, first_position: int, position: int, runnable: bool,
                window_tokens: int = REPLAY_WINDOW_TOKENS) -> bool:
-    """Whether a session's batch of ``num_points`` unsent sampled steps (the oldest at
-    ``first_position``; the session is now at ``position``, ``tokens_left`` before its
-    max_new_tokens) is to be replayed now: when the oldest has held ``window_tokens`` tokens
-    back (its window ended), when the session cannot generate further (``runnable`` False:
-    nothing more would join, and its last tokens wait) or is within END_LEAD_TOKENS of its end,
-    or when it is full."""
+    """Whether a session's batch of ``num_points`` unsent held steps (the oldest at
+    ``first_position``; the session is now at ``position``) is to be replayed now: when the
+    oldest has held ``window_tokens`` tokens back (its window ended), when the session cannot
+    generate further (``runnable`` False: nothing more would join, and its last tokens wait), or
+    when it is full. Not earlier near the session's end: a replay sent a few steps before the
+    end would need a second prefill of the whole context for the steps after it (measured: it
+    made the last window cost twice), against one replay's wait at the end."""
     if num_points <= 0:
         return False
-    return (not runnable or tokens_left <= END_LEAD_TOKENS or position - first_position >= window_tokens
-            or num_points >= MAX_REPLAY_POINTS)
+    return not runnable or position - first_position >= window_tokens or num_points >= MAX_REPLAY_POINTS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -174,13 +176,12 @@ class Checks:
 
     def due(self, s, *, runnable: bool) -> bool:
         """:func:`replay_due` for session ``s``'s unsent batch."""
-        b, st = s.check_batch, s.state
+        b = s.check_batch
         if not b:
             return False
         first = len(b[0][2]) - 1  # the window's first step: every step of a checked window is held
         window = s.window_end - first if s.window_end is not None and s.window_end > first else REPLAY_WINDOW_TOKENS
         return replay_due(num_points=len(b), first_position=first, position=len(s.ids()) - 1, runnable=runnable,
-                          tokens_left=st.params.max_new_tokens - len(st.generated) - len(s.pending),
                           window_tokens=window)
 
     def void(self, s) -> None:

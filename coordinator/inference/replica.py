@@ -353,7 +353,8 @@ class Replica:
                 ticket = None
                 if checking:
                     end = window_step(position=e.start_position + e.num_tokens - 1, window_end=s.window_end,
-                                      reset=e.reset)
+                                      reset=e.reset, steps_left=max(1, s.state.params.max_new_tokens
+                                                                    - len(s.state.generated) - len(s.pending)))
                     if end is not None:  # a new window: checked (every step of it) or not, as a whole
                         s.window_end, s.window_checked = end, self._rng.random() < self.verify_prob
                 else:
