@@ -3,22 +3,28 @@
 Protocol (coordinator side; the commitments and the decision are swarm/inference/verify.py):
 
 - While a model is served with ``--verify-prob`` p > 0, every step asks its chain for
-  commitments of every entry, so a stage cannot tell which of its steps are checked. The
-  replica's driver samples each session's step with probability p (a generator seeded from the
-  OS, unknown to the nodes) and holds that step's token back (:meth:`Checks.hold`), with every
-  token after it.
-- A session's sampled steps are checked together by one replay (:meth:`Checks.begin`): its
-  context (prompt + tokens up to its latest sampled step) is prefilled as a temporary session
+  commitments of every entry, so a stage cannot tell which of its steps are checked.
+- The unit sampled is a **check window**: a run of a session's consecutive steps, as long as the
+  context it starts at, within [MIN_WINDOW_TOKENS, MAX_WINDOW_TOKENS], stretched over the
+  session's last steps when fewer than MIN_WINDOW_TOKENS would be left (:func:`window_step`;
+  a step that resets the session's caches, a new chain, starts one). At a window's first step
+  the replica's driver draws it checked with probability p (a generator seeded from the OS,
+  unknown to the nodes). Every step of a checked window is held (:meth:`Checks.hold`: its token
+  and every later one wait) and checked; a step of an unchecked window is not. A given step is
+  still checked with probability p, as when steps were sampled one by one; what changed is the
+  cost: one replay of a context of ~c tokens checks ~c steps, so the expected replay tokens per
+  generated token are about p x (context at the window's end) / (window), at most ~2p while
+  contexts stay within MAX_WINDOW_TOKENS (per-step sampling, one replay per 32 steps, cost
+  ~1.2 replay tokens per generated token at p = 0.05 on 48-token sessions: docs/benchmarks.md).
+- A window's held steps are checked together by one replay (:meth:`Checks.begin`): its
+  context (prompt + tokens up to its latest held step) is prefilled as a temporary session
   (an ordinary random id) on another ready chain of the model, riding in that chain's next
-  batch (:class:`CheckTask`), and every stage of that chain commits to the rows of the sampled
+  batch (:class:`CheckTask`), and every stage of that chain commits to the rows of the held
   steps (``commit_points``; the prefill computes every row anyway), the last stage also to the
-  token each row gives. The replay is sent when :func:`replay_due` says so: once the oldest
-  sampled step of the batch has held ``REPLAY_WINDOW_TOKENS`` tokens back, or the session can
-  generate no further (max_new_tokens, eos) or is END_LEAD_TOKENS from max_new_tokens, or the
-  batch is full. One prefill per window, not
-  one per sampled step: the prefill of the whole context was what checking cost
-  (docs/benchmarks.md). Each sampled step is still compared on its own (``agree``): its serving
-  chain's commitments of that step against the replay's at that row.
+  token each row gives. The replay is sent when :func:`replay_due` says so: at the window's
+  last step, when the session can generate no further (max_new_tokens, eos), or when the batch
+  is full. Each held step is compared on its own (``agree``): its serving chain's commitments
+  of that step against the replay's at that row.
 - When they disagree, the coordinator recomputes the context from the checkpoint it serves
   (:class:`Referee`, CPU float32, only on disagreement) and ``resolve`` decides: a node whose
   own commitment is wrong is quarantined (the registry's state ``quarantined`` with the

@@ -6,9 +6,10 @@ one-token decode entries for the rest) on its persistent link (swarm/transport/s
 the stage's step wire, else its ``StepStream``; one message each way per token, no call setup),
 and hands each sampled token to its session (coordinator/inference/sessions.py).
 With spot checks on (``--verify-prob``, coordinator/inference/checks.py) every step asks the
-stages for commitments; a sampled session's token is held, with every token the session
-generates after it (the session keeps decoding: its ``pending`` tokens), until the check passed;
-a session's sampled steps are replayed together, once per window (checks.py ``replay_due``);
+stages for commitments; each session's steps fall in check windows (checks.py ``window_step``),
+each drawn checked with probability ``verify_prob`` at its first step; every token of a checked
+window is held, with every token the session generates after it (the session keeps decoding:
+its ``pending`` tokens), until its check passed; a window is replayed once (``replay_due``);
 a failed chain drops what it held (the session replays from its released tokens). Replays of
 other chains' checked steps (:class:`CheckTask`) ride in this chain's next step as temporary
 sessions committing to the checked rows (``commit_points``), closed in the step after.
