@@ -172,6 +172,21 @@ class Checks:
             return False
         return any(r is not serving and r.state == "ready" for r in list(m.replicas))
 
+    @staticmethod
+    def checked_step(s, e: StepEntry, *, checking: bool, draw: Callable[[], bool]) -> bool:
+        """Whether the step ``e`` just taken by session ``s`` is checked: it falls in a checked
+        window, drawn (``draw``) at the window's first step (:func:`window_step`). While no check
+        can run (``checking`` False) none is, and the next window starts when one can."""
+        if not checking:
+            s.window_end = None
+            return False
+        st = s.state
+        end = window_step(position=e.start_position + e.num_tokens - 1, window_end=s.window_end, reset=e.reset,
+                          steps_left=max(1, st.params.max_new_tokens - len(st.generated) - len(s.pending)))
+        if end is not None:  # a new window: checked (every step of it) or not, as a whole
+            s.window_end, s.window_checked = end, draw()
+        return s.window_checked
+
     def hold(self, serving, s, ticket: object, *, context: tuple[int, ...], token: int, result: ChainResult) -> None:
         """Hold a sampled step of session ``s`` on ``serving`` (its token is ``token``, ``context``
         ends with the step's last input row) until its batch is replayed (:meth:`begin`) and judged."""

@@ -33,7 +33,6 @@ from collections.abc import Callable
 
 import grpc
 
-from coordinator.inference.checks import window_step
 from coordinator.inference.sessions import Session, StageRef
 from swarm.errors import InvalidRequestError, NotFoundError, SwarmError
 from swarm.inference.session import TokenEvent
@@ -352,15 +351,8 @@ class Replica:
                 if e.reset:
                     s.history_checked = True  # the stages' caches of it hold this step only
                 ticket = None
-                if checking:
-                    end = window_step(position=e.start_position + e.num_tokens - 1, window_end=s.window_end,
-                                      reset=e.reset, steps_left=max(1, s.state.params.max_new_tokens
-                                                                    - len(s.state.generated) - len(s.pending)))
-                    if end is not None:  # a new window: checked (every step of it) or not, as a whole
-                        s.window_end, s.window_checked = end, self._rng.random() < self.verify_prob
-                else:
-                    s.window_end = None  # no check can run: the next window starts when one can
-                if checking and s.window_checked:
+                if self._checks is not None and self._checks.checked_step(
+                        s, e, checking=checking, draw=lambda: self._rng.random() < self.verify_prob):
                     ticket = object()  # held, with what follows, until the check passed (Checks.begin)
                     checks.append((s, ticket, tuple(s.ids()), int(tok), s.history_checked))
                 else:

@@ -107,3 +107,32 @@ def test_a_node_altering_half_its_steps_is_caught_in_every_checked_window():
     share = sum(c is not None for c in caught) / n
     assert 0.035 < share < 0.07, share  # p: a 48-token session is one window
     assert all(c is None or c >= MIN_WINDOW_TOKENS for c in caught)  # at the window's end
+
+
+def test_the_driver_draws_once_per_window_and_none_while_no_check_can_run():
+    from coordinator.inference.checks import Checks
+    from coordinator.inference.sessions import Session
+    from swarm.inference.params import SamplingParams
+    from swarm.inference.session import GenerationState
+    from swarm.inference.stage_runtime import StepEntry
+
+    state = GenerationState(prompt_ids=list(range(10)), params=SamplingParams(max_new_tokens=200),
+                            decode=lambda ids: "", eos_token_id=None)
+    s = Session(session_id="s", model="m", state=state, sink=lambda ev: None)
+    draws = []
+
+    def draw() -> bool:
+        draws.append(len(s.pending))
+        return True
+
+    def step(k: int, *, checking: bool = True) -> bool:
+        e = (StepEntry(session_id="s", start_position=0, num_tokens=10, token_ids=tuple(range(10)), reset=True)
+             if k == 0 else StepEntry(session_id="s", start_position=9 + k, num_tokens=1, token_ids=(1,)))
+        got = Checks.checked_step(s, e, checking=checking, draw=draw)
+        s.pending.append([1, None, False])
+        return got
+
+    assert all(step(k) for k in range(MIN_WINDOW_TOKENS + 1))
+    assert draws == [0, MIN_WINDOW_TOKENS]  # the prefill's window, then the next one
+    assert not step(MIN_WINDOW_TOKENS + 1, checking=False) and s.window_end is None
+    assert step(MIN_WINDOW_TOKENS + 2) and draws[-1] == MIN_WINDOW_TOKENS + 2  # a new window once checks can run
