@@ -281,7 +281,10 @@ class Checks:
         e = self.engine
         if serving.state != "ready" or s.replica is not serving:
             return []  # the chain failed or the session moved: what it held is dropped, the replay recomputes it
-        if other is None:
+        if other is None or not any(r.index == other.replica and r.state == "ready" for r in list(m.replicas)):
+            # no answer, or the checking chain was retired since (a check of this batch found it
+            # wrong): void, as when it fails before answering; a window's later steps would
+            # otherwise each cost a recomputation against the same wrong chain
             with e._lock:
                 m.num_checks_void += 1
             serving.release(s, ticket)
