@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"bottleneck); all runs: off {[round(v, 2) for v in cpu['off']]}, checked {[round(v, 2) for v in cpu['checked']]}; "
                 f"of which the coordinator (medians) off {statistics.median(coord_cpu['off']):.2f}, "
                 f"checked {statistics.median(coord_cpu['checked']):.2f}")
+    # checked / off of each alternating pair: the box's load drifts between pairs more than within one
+    pairs = [c / o for o, c in zip(runs["off"], runs["checked"])]
+    cpu_pairs = [o / c for o, c in zip(cpu["off"], cpu["checked"])]
+    cpu_note += (f". Per alternating pair (medians): checked / off tokens/s {statistics.median(pairs):.3f}, "
+                 f"off / checked CPU {statistics.median(cpu_pairs):.3f}")
     print(table)
     print(cpu_note)
     print(json.dumps({"off_tok_s": runs["off"], "checked_tok_s": runs["checked"], "cpu_s": cpu, "coordinator_cpu_s": coord_cpu}))
