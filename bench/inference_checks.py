@@ -59,12 +59,14 @@ def main(argv: list[str] | None = None) -> int:
                         num_replicas=2, num_stages=2, max_seq_len=128, sessions_per_replica=8, verify_prob=prob))
             runs: dict[str, list[float]] = {"off": [], "checked": []}
             cpu: dict[str, list[float]] = {"off": [], "checked": []}  # CPU s per run: coordinator + nodes
+            coord_cpu: dict[str, list[float]] = {"off": [], "checked": []}  # of which the coordinator's
             pids = [p.proc.pid for p in procs]
             for _ in range(args.repeats):
                 for name in ("off", "checked"):
-                    c0 = tree_cpu_s(pids)
+                    c0, k0 = tree_cpu_s(pids), tree_cpu_s(pids[:1])
                     r = swarm_run(address, name, args.new_tokens, args.sessions, 1, token=ready["read_token"])
                     cpu[name].append(tree_cpu_s(pids) - c0)
+                    coord_cpu[name].append(tree_cpu_s(pids[:1]) - k0)
                     runs[name].append(r["agg_tok_s"])
             with CoordinatorClient(address, token=ready["read_token"]) as client:
                 models = {m.name: m for m in client.list_models()}
@@ -79,10 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     cpu_off, cpu_checked = statistics.median(cpu["off"]), statistics.median(cpu["checked"])
     cpu_note = (f"CPU seconds per run (coordinator and nodes; medians) off {cpu_off:.2f}, checked {cpu_checked:.2f}: "
                 f"off / checked CPU {cpu_off / cpu_checked:.3f} (the tokens/s ratio to expect where the CPU is the "
-                f"bottleneck); all runs: off {[round(v, 2) for v in cpu['off']]}, checked {[round(v, 2) for v in cpu['checked']]}")
+                f"bottleneck); all runs: off {[round(v, 2) for v in cpu['off']]}, checked {[round(v, 2) for v in cpu['checked']]}; "
+                f"of which the coordinator (medians) off {statistics.median(coord_cpu['off']):.2f}, "
+                f"checked {statistics.median(coord_cpu['checked']):.2f}")
+    # checked / off of each alternating pair: the box's load drifts between pairs more than within one
+    pairs = [c / o for o, c in zip(runs["off"], runs["checked"])]
+    cpu_pairs = [o / c for o, c in zip(cpu["off"], cpu["checked"])]
+    cpu_note += (f". Per alternating pair (medians): checked / off tokens/s {statistics.median(pairs):.3f}, "
+                 f"off / checked CPU {statistics.median(cpu_pairs):.3f}")
     print(table)
     print(cpu_note)
-    print(json.dumps({"off_tok_s": runs["off"], "checked_tok_s": runs["checked"], "cpu_s": cpu}))
+    print(json.dumps({"off_tok_s": runs["off"], "checked_tok_s": runs["checked"], "cpu_s": cpu, "coordinator_cpu_s": coord_cpu}))
     if not args.no_record:
         record("Inference spot checks: tokens/s, checked vs off (bench/inference_checks.py)", table,
                notes=(f"tiny llama {args.layers} layers, hidden {args.hidden}; 2 replicas x 2 stages on 4 node "

@@ -3,22 +3,28 @@
 Protocol (coordinator side; the commitments and the decision are swarm/inference/verify.py):
 
 - While a model is served with ``--verify-prob`` p > 0, every step asks its chain for
-  commitments of every entry, so a stage cannot tell which of its steps are checked. The
-  replica's driver samples each session's step with probability p (a generator seeded from the
-  OS, unknown to the nodes) and holds that step's token back (:meth:`Checks.hold`), with every
-  token after it.
-- A session's sampled steps are checked together by one replay (:meth:`Checks.begin`): its
-  context (prompt + tokens up to its latest sampled step) is prefilled as a temporary session
+  commitments of every entry, so a stage cannot tell which of its steps are checked.
+- The unit sampled is a **check window**: a run of a session's consecutive steps, as long as the
+  context it starts at, within [MIN_WINDOW_TOKENS, MAX_WINDOW_TOKENS], stretched over the
+  session's last steps when fewer than MIN_WINDOW_TOKENS would be left (:func:`window_step`;
+  a step that resets the session's caches, a new chain, starts one). At a window's first step
+  the replica's driver draws it checked with probability p (a generator seeded from the OS,
+  unknown to the nodes). Every step of a checked window is held (:meth:`Checks.hold`: its token
+  and every later one wait) and checked; a step of an unchecked window is not. A given step is
+  still checked with probability p, as when steps were sampled one by one; what changed is the
+  cost: one replay of a context of ~c tokens checks ~c steps, so the expected replay tokens per
+  generated token are about p x (context at the window's end) / (window), at most ~2p while
+  contexts stay within MAX_WINDOW_TOKENS (per-step sampling, one replay per 32 steps, cost
+  ~1.2 replay tokens per generated token at p = 0.05 on 48-token sessions: docs/benchmarks.md).
+- A window's held steps are checked together by one replay (:meth:`Checks.begin`): its
+  context (prompt + tokens up to its latest held step) is prefilled as a temporary session
   (an ordinary random id) on another ready chain of the model, riding in that chain's next
-  batch (:class:`CheckTask`), and every stage of that chain commits to the rows of the sampled
+  batch (:class:`CheckTask`), and every stage of that chain commits to the rows of the held
   steps (``commit_points``; the prefill computes every row anyway), the last stage also to the
-  token each row gives. The replay is sent when :func:`replay_due` says so: once the oldest
-  sampled step of the batch has held ``REPLAY_WINDOW_TOKENS`` tokens back, or the session can
-  generate no further (max_new_tokens, eos) or is END_LEAD_TOKENS from max_new_tokens, or the
-  batch is full. One prefill per window, not
-  one per sampled step: the prefill of the whole context was what checking cost
-  (docs/benchmarks.md). Each sampled step is still compared on its own (``agree``): its serving
-  chain's commitments of that step against the replay's at that row.
+  token each row gives. The replay is sent when :func:`replay_due` says so: at the window's
+  last step, when the session can generate no further (max_new_tokens, eos), or when the batch
+  is full. Each held step is compared on its own (``agree``): its serving chain's commitments
+  of that step against the replay's at that row.
 - When they disagree, the coordinator recomputes the context from the checkpoint it serves
   (:class:`Referee`, CPU float32, only on disagreement) and ``resolve`` decides: a node whose
   own commitment is wrong is quarantined (the registry's state ``quarantined`` with the
@@ -66,25 +72,54 @@ MAX_REFEREE_STAGES = 8  # loaded segments the referee keeps (least recently used
 _WAITING = object()  # a check slot whose other chain has not answered yet
 
 
-REPLAY_WINDOW_TOKENS = 32  # the most tokens a sampled step holds back before its replay is sent
-MAX_REPLAY_POINTS = 64  # sampled steps one replay checks (node side accepts up to 256)
-# A session this close to max_new_tokens sends its batch now, so that the replay runs during its
-# last steps rather than after them (the end of a session waits for its last check); a step
-# sampled later gets a replay of its own.
-END_LEAD_TOKENS = 4
+# Check windows: the unit sampled (issue 13). A window is a run of a session's consecutive steps,
+# as long as the context it starts at (so that its replay, a prefill of the context up to the
+# window's end, costs at most about 2 replay tokens per token of the window), but at least
+# MIN_WINDOW_TOKENS (a short prompt would otherwise make windows of a step or two) and at most
+# MAX_WINDOW_TOKENS (tokens held back: a checked window reaches the client when its replay passed).
+MIN_WINDOW_TOKENS = 32
+MAX_WINDOW_TOKENS = 64
+REPLAY_WINDOW_TOKENS = MIN_WINDOW_TOKENS  # the most tokens held back by default (replay_due)
+MAX_REPLAY_POINTS = MAX_WINDOW_TOKENS  # sampled steps one replay checks (node side accepts up to 256)
+def window_tokens(context_len: int, steps_left: int) -> int:
+    """Length, in steps, of the check window that starts at a step whose context (the rows
+    computed, prompt included) is ``context_len`` tokens, ``steps_left`` steps (this one
+    included) before the session's max_new_tokens: the context's length, clamped to
+    [MIN_WINDOW_TOKENS, MAX_WINDOW_TOKENS], and stretched (up to MAX_WINDOW_TOKENS) over the
+    session's last steps when fewer than MIN_WINDOW_TOKENS would be left after it: a short
+    last window would cost a prefill of the whole context for a few steps."""
+    if context_len < 1 or steps_left < 1:
+        raise ValueError(f"a check window starts at a context of at least one token and a step to take, "
+                         f"got context {context_len}, {steps_left} steps left")
+    w = max(MIN_WINDOW_TOKENS, min(MAX_WINDOW_TOKENS, context_len))
+    if steps_left - w < MIN_WINDOW_TOKENS:
+        w = max(w, min(steps_left, MAX_WINDOW_TOKENS))
+    return w
 
 
-def replay_due(*, num_points: int, first_position: int, position: int, runnable: bool, tokens_left: int,
+def window_step(*, position: int, window_end: int | None, reset: bool, steps_left: int) -> int | None:
+    """Where a session's check window ends (exclusive, a row position) after its step whose last
+    row is ``position`` (``steps_left``: as in :func:`window_tokens`), when that step starts a
+    new window; None while the current window (ending at ``window_end``) goes on. A step that
+    resets the session's caches (a new chain) starts a window; so does the first step past the
+    previous window."""
+    if reset or window_end is None or position >= window_end:
+        return position + window_tokens(position + 1, steps_left)
+    return None
+
+
+def replay_due(*, num_points: int, first_position: int, position: int, runnable: bool,
                window_tokens: int = REPLAY_WINDOW_TOKENS) -> bool:
-    """Whether a session's batch of ``num_points`` unsent sampled steps (the oldest at
-    ``first_position``; the session is now at ``position``, ``tokens_left`` before its
-    max_new_tokens) is to be replayed now: when the oldest has held ``window_tokens`` tokens
-    back, when the session cannot generate further (``runnable`` False: nothing more would join,
-    and its last tokens wait) or is within END_LEAD_TOKENS of its end, or when it is full."""
+    """Whether a session's batch of ``num_points`` unsent held steps (the oldest at
+    ``first_position``; the session is now at ``position``) is to be replayed now: when the
+    oldest has held ``window_tokens`` tokens back (its window ended), when the session cannot
+    generate further (``runnable`` False: nothing more would join, and its last tokens wait), or
+    when it is full. Not earlier near the session's end: a replay sent a few steps before the
+    end would need a second prefill of the whole context for the steps after it (measured: it
+    made the last window cost twice), against one replay's wait at the end."""
     if num_points <= 0:
         return False
-    return (not runnable or tokens_left <= END_LEAD_TOKENS or position - first_position >= window_tokens
-            or num_points >= MAX_REPLAY_POINTS)
+    return not runnable or position - first_position >= window_tokens or num_points >= MAX_REPLAY_POINTS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -147,6 +182,21 @@ class Checks:
             return False
         return any(r is not serving and r.state == "ready" for r in list(m.replicas))
 
+    @staticmethod
+    def checked_step(s, e: StepEntry, *, checking: bool, draw: Callable[[], bool]) -> bool:
+        """Whether the step ``e`` just taken by session ``s`` is checked: it falls in a checked
+        window, drawn (``draw``) at the window's first step (:func:`window_step`). While no check
+        can run (``checking`` False) none is, and the next window starts when one can."""
+        if not checking:
+            s.window_end = None
+            return False
+        st = s.state
+        end = window_step(position=e.start_position + e.num_tokens - 1, window_end=s.window_end, reset=e.reset,
+                          steps_left=max(1, st.params.max_new_tokens - len(st.generated) - len(s.pending)))
+        if end is not None:  # a new window: checked (every step of it) or not, as a whole
+            s.window_end, s.window_checked = end, draw()
+        return s.window_checked
+
     def hold(self, serving, s, ticket: object, *, context: tuple[int, ...], token: int, result: ChainResult) -> None:
         """Hold a sampled step of session ``s`` on ``serving`` (its token is ``token``, ``context``
         ends with the step's last input row) until its batch is replayed (:meth:`begin`) and judged."""
@@ -157,10 +207,13 @@ class Checks:
 
     def due(self, s, *, runnable: bool) -> bool:
         """:func:`replay_due` for session ``s``'s unsent batch."""
-        b, st = s.check_batch, s.state
-        return bool(b) and replay_due(num_points=len(b), first_position=len(b[0][2]) - 1,
-                                      position=len(s.ids()) - 1, runnable=runnable,
-                                      tokens_left=st.params.max_new_tokens - len(st.generated) - len(s.pending))
+        b = s.check_batch
+        if not b:
+            return False
+        first = len(b[0][2]) - 1  # the window's first step: every step of a checked window is held
+        window = s.window_end - first if s.window_end is not None and s.window_end > first else REPLAY_WINDOW_TOKENS
+        return replay_due(num_points=len(b), first_position=first, position=len(s.ids()) - 1, runnable=runnable,
+                          window_tokens=window)
 
     def void(self, s) -> None:
         """The session left its chain (failed, cancelled, closed): its unsent checks are void."""
@@ -241,7 +294,10 @@ class Checks:
         if not moved and (serving.state != "ready" or s.replica is not serving):
             return []  # the chain failed or the session moved: what it held is dropped, the replay recomputes it
         release = (lambda: _release_moved(s, ticket)) if moved else (lambda: serving.release(s, ticket))
-        if other is None:
+        if other is None or not any(r.index == other.replica and r.state == "ready" for r in list(m.replicas)):
+            # no answer, or the checking chain was retired since (a check of this batch found it
+            # wrong): void, as when it fails before answering; a window's later steps would
+            # otherwise each cost a recomputation against the same wrong chain
             with e._lock:
                 m.num_checks_void += 1
             release()

@@ -6,9 +6,10 @@ one-token decode entries for the rest) on its persistent link (swarm/transport/s
 the stage's step wire, else its ``StepStream``; one message each way per token, no call setup),
 and hands each sampled token to its session (coordinator/inference/sessions.py).
 With spot checks on (``--verify-prob``, coordinator/inference/checks.py) every step asks the
-stages for commitments; a sampled session's token is held, with every token the session
-generates after it (the session keeps decoding: its ``pending`` tokens), until the check passed;
-a session's sampled steps are replayed together, once per window (checks.py ``replay_due``);
+stages for commitments; each session's steps fall in check windows (checks.py ``window_step``),
+each drawn checked with probability ``verify_prob`` at its first step; every token of a checked
+window is held, with every token the session generates after it (the session keeps decoding:
+its ``pending`` tokens), until its check passed; a window is replayed once (``replay_due``);
 a failed chain drops what it held (the session replays from its released tokens). Replays of
 other chains' checked steps (:class:`CheckTask`) ride in this chain's next step as temporary
 sessions committing to the checked rows (``commit_points``), closed in the step after.
@@ -356,7 +357,8 @@ class Replica:
                     s.history_checked = True  # the stages' caches of it hold this step only
                     s.kv_pushed = False
                 ticket = None
-                if checking and self._rng.random() < self.verify_prob:
+                if self._checks is not None and self._checks.checked_step(
+                        s, e, checking=checking, draw=lambda: self._rng.random() < self.verify_prob):
                     ticket = object()  # held, with what follows, until the check passed (Checks.begin)
                     checks.append((s, ticket, tuple(s.ids()), int(tok), (s.history_checked, s.kv_pushed)))
                 else:

@@ -50,6 +50,10 @@ class Session:
         # generated, not yet given to the client: [token, check ticket or None, check passed]; the
         # front is released once it has no ticket or its check passed (Replica._flush)
         self.pending: list[list] = []
+        # the check window the session is in (checks.py window_step): where it ends (a row
+        # position; None: none started) and whether its steps are checked (drawn at its start)
+        self.window_end: int | None = None
+        self.window_checked = False
         self.history_checked = True  # every step on the current chain since its reset was sampled for a check
         # disaggregated serving: the current chain's caches start from KV another chain pushed
         # (disagg.py); a stage's wrong output is then not its own for sure (verify.py ``cache_pushed``)

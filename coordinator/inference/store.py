@@ -63,7 +63,7 @@ class ServeParams:
     hidden_codec: str = "none"
     dtype: str = "float32"
     session_timeout_s: float = 120.0
-    verify_prob: float = DEFAULT_VERIFY_PROB  # fraction of session steps spot-checked (0: off)
+    verify_prob: float = DEFAULT_VERIFY_PROB  # fraction of check windows (so of steps) spot-checked (0: off)
     routes: bool = False  # per-request routes over the replicas' stages (coordinator/inference/routes.py)
     # prefill and decode on separate chains (coordinator/inference/disagg.py): "on", "off", or "auto"
     # (when the options allow it and the placement predicts a gain: swarm.scheduling.disaggregation)

@@ -48,3 +48,26 @@ def test_finite_check_finds_every_nan_and_inf(dtype, numel):
             assert not all_finite(y), (bad, where)
     assert all_finite(torch.full((numel,), torch.finfo(dtype).max, dtype=dtype))  # large but finite
     assert all_finite(-torch.full((numel,), torch.finfo(dtype).tiny, dtype=dtype))  # negative, tiny
+
+
+def test_a_check_against_a_chain_retired_since_is_void_not_refereed():
+    """A window's steps share one replay: once a check found the checking chain wrong (it is
+    retired), the window's later checks against it are void, not one recomputation each."""
+    import threading
+
+    from swarm.inference.verify import ChainResult, StageCommit
+
+    released = []
+    serving = SimpleNamespace(index=0, state="ready", release=lambda s, t: released.append(t))
+    checker = SimpleNamespace(index=1, state="failing")
+    m = SimpleNamespace(replicas=[serving, checker], num_checks_void=0)
+    engine = _Engine({"m": m})
+    engine._lock = threading.Lock()
+    checks = Checks(engine)
+    checks.referee = None  # a recomputation would fail loudly
+    s = SimpleNamespace(replica=serving)
+    chain = lambda i, out: ChainResult(replica=i, token=1, stages=(  # noqa: E731
+        StageCommit(node_id="n", first_layer=0, last_layer_excl=2, output=out),))
+    ticket = object()
+    assert checks._judge(m, serving, s, ticket, (1, 2), 1, chain(0, (1.0,) * 32), chain(1, (9.0,) * 32)) == []
+    assert released == [ticket] and m.num_checks_void == 1

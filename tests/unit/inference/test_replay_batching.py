@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from coordinator.inference.checks import END_LEAD_TOKENS, MAX_REPLAY_POINTS, REPLAY_WINDOW_TOKENS, replay_due
+from coordinator.inference.checks import MAX_REPLAY_POINTS, REPLAY_WINDOW_TOKENS, replay_due
 from node.inference.commitments import MAX_POINTS_PER_ENTRY, commit_points
 from swarm.inference.stage_runtime import StepEntry
 from swarm.proto.v1 import inference_pb2 as pb
@@ -16,27 +16,26 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def test_nothing_to_replay_is_never_due():
-    assert not replay_due(num_points=0, first_position=0, position=500, runnable=False, tokens_left=0)
+    assert not replay_due(num_points=0, first_position=0, position=500, runnable=False)
 
 
 def test_due_once_the_oldest_held_step_reaches_the_window():
-    kw = dict(num_points=2, first_position=40, window_tokens=32, runnable=True, tokens_left=100)
+    kw = dict(num_points=2, first_position=40, window_tokens=32, runnable=True)
     assert not replay_due(position=71, **kw)
     assert replay_due(position=72, **kw)
 
 
 def test_due_at_once_when_the_session_cannot_generate_further():
-    assert replay_due(num_points=1, first_position=40, position=41, runnable=False, tokens_left=100)
+    assert replay_due(num_points=1, first_position=40, position=41, runnable=False)
 
 
-def test_due_near_the_end_so_the_replay_overlaps_the_last_steps():
-    kw = dict(num_points=1, first_position=40, position=41, runnable=True)
-    assert not replay_due(tokens_left=END_LEAD_TOKENS + 1, **kw)
-    assert replay_due(tokens_left=END_LEAD_TOKENS, **kw)
+def test_not_due_near_the_end_while_the_session_still_generates():
+    """A replay sent a few steps before the end would need a second one for the steps after it."""
+    assert not replay_due(num_points=3, first_position=40, position=43, runnable=True)
 
 
 def test_due_when_the_batch_is_full():
-    assert replay_due(num_points=MAX_REPLAY_POINTS, first_position=40, position=41, runnable=True, tokens_left=100)
+    assert replay_due(num_points=MAX_REPLAY_POINTS, first_position=40, position=41, runnable=True)
 
 
 def test_a_simulated_session_sends_few_replays_and_holds_no_token_past_the_window():
@@ -52,7 +51,7 @@ def test_a_simulated_session_sends_few_replays_and_holds_no_token_past_the_windo
                 samples += 1
             runnable = pos < 57
             if replay_due(num_points=len(batch), first_position=batch[0] if batch else 0, position=pos + 1,
-                          runnable=runnable, tokens_left=57 - pos):
+                          runnable=runnable):
                 assert pos + 1 - batch[0] <= REPLAY_WINDOW_TOKENS
                 replays += 1
                 batch = []
