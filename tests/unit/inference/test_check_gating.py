@@ -65,7 +65,7 @@ def test_a_check_against_a_chain_retired_since_is_void_not_refereed():
     engine._lock = threading.Lock()
     checks = Checks(engine)
     checks.referee = None  # a recomputation would fail loudly
-    s = SimpleNamespace(replica=serving)
+    s = SimpleNamespace(replica=serving, handed_off_from=None)  # not a disaggregated prefill's step
     chain = lambda i, out: ChainResult(replica=i, token=1, stages=(  # noqa: E731
         StageCommit(node_id="n", first_layer=0, last_layer_excl=2, output=out),))
     ticket = object()
