@@ -81,6 +81,8 @@ MIN_WINDOW_TOKENS = 32
 MAX_WINDOW_TOKENS = 64
 REPLAY_WINDOW_TOKENS = MIN_WINDOW_TOKENS  # the most tokens held back by default (replay_due)
 MAX_REPLAY_POINTS = MAX_WINDOW_TOKENS  # sampled steps one replay checks (node side accepts up to 256)
+
+
 def window_tokens(context_len: int, steps_left: int) -> int:
     """Length, in steps, of the check window that starts at a step whose context (the rows
     computed, prompt included) is ``context_len`` tokens, ``steps_left`` steps (this one
