@@ -48,7 +48,7 @@ from swarm.transport.coordinator_client import CoordinatorClient
 from swarm.transport.tls import BENCH_PLAINTEXT_ENV, PlaintextSecurity
 
 TOKEN = "bench-pipeline-token-0123456789abcdef"
-SUBNET = "10.78.0"
+SUBNET = "10.78"  # + ".<pid-derived byte>": this swarm's /24 (Swarm.subnet)
 
 
 def corpus(min_chars: int) -> str:
@@ -84,10 +84,18 @@ class Swarm:
         # measures what TLS costs; every process of this swarm gets it, nothing else can.
         extra_env = {BENCH_PLAINTEXT_ENV: "1"} if plaintext else {}
         self.root = root
+        # names and subnet carry the pid: concurrent runs (tests, benchmarks) do not collide, and
+        # what a killed run left behind does not make the next one fail
+        self.tag = f"{os.getpid() % 100000}"
+        self.subnet = f"{SUBNET}.{os.getpid() % 250}"
         host = "127.0.0.1"
         if rate_mbit:
-            host = f"{SUBNET}.1"
-            self._setup_netns(num_nodes, rate_mbit)
+            host = f"{self.subnet}.1"
+            try:
+                self._setup_netns(num_nodes, rate_mbit)
+            except BaseException:
+                self._teardown_netns()
+                raise
         coord_args = ["--token", TOKEN, "--heartbeat-interval-s", "0.5", "--node-timeout-s", "10",
                       "--probe-bytes", str(256 << 10), "--log-level", "INFO"]
         proc, ready = start_coordinator(root / "coord", host="0.0.0.0" if rate_mbit else host, extra_args=coord_args,
@@ -101,7 +109,7 @@ class Swarm:
         self.state_dir = root / "coord"
         for i in range(num_nodes):
             prefix = ["ip", "netns", "exec", self.netns[i]] if rate_mbit else []
-            node_host = f"{SUBNET}.{i + 2}" if rate_mbit else "127.0.0.1"
+            node_host = f"{self.subnet}.{i + 2}" if rate_mbit else "127.0.0.1"
             node_device = device.split(",")[i % len(device.split(","))]  # a comma list: node i on the i-th
             p, _ = start_node(self.address, self.token, root / f"n{i}", device=node_device, host=node_host, prefix=prefix,
                               extra_args=["--probe-seconds", "0.2", "--log-level", "INFO"],
@@ -117,28 +125,43 @@ class Swarm:
             return _PlaintextClient(self.local_address, token=self.admin_token)
         return CoordinatorClient(self.local_address, token=self.admin_token)
 
+    def _dev(self, kind: str, i: int | None = None) -> str:
+        """This swarm's name of a bridge ("b"), host-side veth ("v") or namespace-side veth ("p")."""
+        return f"sw{kind}{self.tag}" + ("" if i is None else f"_{i}")  # at most 12 characters (limit 15)
+
     def _setup_netns(self, n: int, rate_mbit: float) -> None:
         def sh(*cmd: str) -> None:
             subprocess.run(cmd, check=True, capture_output=True)
 
-        sh("ip", "link", "add", "swtbr0", "type", "bridge")
-        sh("ip", "addr", "add", f"{SUBNET}.1/24", "dev", "swtbr0")
-        sh("ip", "link", "set", "swtbr0", "up")
+        br = self._dev("b")
+        sh("ip", "link", "add", br, "type", "bridge")
+        self._bridge = br
+        sh("ip", "addr", "add", f"{self.subnet}.1/24", "dev", br)
+        sh("ip", "link", "set", br, "up")
         burst = max(int(rate_mbit * 1e6 / 8 / 250), 16000)  # 4 ms of traffic, at least 16 kB
         for i in range(n):
-            ns = f"swt{i}"
+            ns, veth, peer = f"swt{self.tag}_{i}", self._dev("v", i), self._dev("p", i)
             sh("ip", "netns", "add", ns)
             self.netns.append(ns)
-            sh("ip", "link", "add", f"swtv{i}", "type", "veth", "peer", "name", f"swtp{i}")
-            sh("ip", "link", "set", f"swtp{i}", "netns", ns)
-            sh("ip", "link", "set", f"swtv{i}", "master", "swtbr0")
-            sh("ip", "link", "set", f"swtv{i}", "up")
-            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{SUBNET}.{i + 2}/24", "dev", f"swtp{i}")
-            sh("ip", "netns", "exec", ns, "ip", "link", "set", f"swtp{i}", "up")
+            sh("ip", "link", "add", veth, "type", "veth", "peer", "name", peer)
+            sh("ip", "link", "set", peer, "netns", ns)
+            sh("ip", "link", "set", veth, "master", br)
+            sh("ip", "link", "set", veth, "up")
+            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{self.subnet}.{i + 2}/24", "dev", peer)
+            sh("ip", "netns", "exec", ns, "ip", "link", "set", peer, "up")
             sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-            for dev, pre in ((f"swtv{i}", []), (f"swtp{i}", ["ip", "netns", "exec", ns])):
+            for dev, pre in ((veth, []), (peer, ["ip", "netns", "exec", ns])):
                 sh(*pre, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit",
                    "burst", str(burst), "latency", "100ms")
+
+    def _teardown_netns(self) -> None:
+        for i, ns in enumerate(self.netns):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            subprocess.run(["ip", "link", "del", self._dev("v", i)], capture_output=True)
+        self.netns = []
+        if getattr(self, "_bridge", None):
+            subprocess.run(["ip", "link", "del", self._bridge], capture_output=True)
+            self._bridge = None
 
     def set_rate(self, rate_mbit: float | None) -> None:
         """Re-shape every veth to ``rate_mbit`` (None: remove shaping) without restarting anything."""
@@ -148,7 +171,7 @@ class Swarm:
             return
         burst = max(int((rate_mbit or 0) * 1e6 / 8 / 250), 16000)
         for i, ns in enumerate(self.netns):
-            for dev, pre in ((f"swtv{i}", []), (f"swtp{i}", ["ip", "netns", "exec", ns])):
+            for dev, pre in ((self._dev("v", i), []), (self._dev("p", i), ["ip", "netns", "exec", ns])):
                 subprocess.run([*pre, "tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
                 if rate_mbit:
                     subprocess.run([*pre, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit",
@@ -158,11 +181,7 @@ class Swarm:
     def close(self) -> None:
         for p in reversed(self.procs):
             p.stop()
-        for i, ns in enumerate(self.netns):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-            subprocess.run(["ip", "link", "del", f"swtv{i}"], capture_output=True)
-        if self.netns:
-            subprocess.run(["ip", "link", "del", "swtbr0"], capture_output=True)
+        self._teardown_netns()
 
 
 def run_job(swarm: Swarm, model: Path, data: Path, *, codec: str, args) -> dict:

@@ -19,7 +19,7 @@ def _netns_available() -> bool:
 @pytest.mark.timeout(150)
 @pytest.mark.skipif(not _netns_available(), reason="needs root, ip and tc")
 def test_aqsgd_job_trains_across_shaped_namespaces(tmp_path):
-    from bench.pipeline import SUBNET, Swarm
+    from bench.pipeline import Swarm
     from swarm.cli.train import upload_files
     from swarm.compression import CodecSpec
     from swarm.job_spec import JobSpec
@@ -33,7 +33,7 @@ def test_aqsgd_job_trains_across_shaped_namespaces(tmp_path):
     try:
         with CoordinatorClient(swarm.local_address, token=swarm.admin_token) as client:
             nodes = client.snapshot().nodes
-        assert all(n.peer_address.startswith(SUBNET + ".") for n in nodes)
+        assert all(n.peer_address.startswith(swarm.subnet + ".") for n in nodes)
         spec = JobSpec(steps=12, batch_size=8, micro_batch_size=2, seq_len=32, lr=3e-3,
                        codec=CodecSpec.parse("aqsgd:fw=4,bw=8"), num_stages=3, num_replicas=1, peer_timeout_s=30.0)
         with CoordinatorClient(swarm.local_address, token=swarm.admin_token) as client:
