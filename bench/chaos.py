@@ -309,9 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.stages, args.replicas = (2, 2) if args.quick else (3, 2)
     if args.quick:
-        # the nodes train on while the coordinator is away (~25 steps here): with 30 steps the
-        # replica was killed in the job's last steps or after its end, never in the middle
-        args.steps = args.steps or 40
+        # the nodes train on while the coordinator is away: ~25 steps here at ~1 s a step, ~60 on
+        # a quiet box since replicas average without matchmaking (~0.4 s a step). With 30 steps the
+        # replica was killed in the job's last steps or after its end; with 40 the job once ended
+        # during the outage and the replica was never killed (CI, 2026-12-01)
+        args.steps = args.steps or 100
     # --quick: the node comes back after the coordinator did (a node back before its loss was
     # noticed: tests/unit/training/test_restarted_worker.py)
     restart_after = args.restart_after_s or (15.0 if args.quick else 20.0)

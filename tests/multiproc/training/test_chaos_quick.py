@@ -7,7 +7,9 @@ import pytest
 
 from bench import chaos
 
-# ~80-100 s on this loaded 2-core machine (2026-12-01: 6 of 6 runs passed, 80-100 s). It used to fail ~1 run in 3:
+# ~100-160 s on this 2-core machine since the job has 100 steps (it had 40: with replicas averaging
+# without matchmaking, the job once ended while the coordinator was away, before the replica kill;
+# CI 2026-12-01). Earlier, with 40 steps: 80-100 s, 6 of 6 runs passed. It used to fail ~1 run in 3:
 # the replica killed after the coordinator's return died in the job's last steps, the survivors
 # finished the job before the loss was noticed, and the replica-loss fence (which could never
 # reach a switch step) timed out into a rollback; such a fence now finishes the job with the
