@@ -35,6 +35,14 @@ Protocol (coordinator side; the commitments and the decision are swarm/inference
   and the later ones are void. A stage after the first is blamed on a step only if every earlier
   step of the session on that chain was checked (``ChainResult.fresh``): otherwise its cache may
   hold a wrong input of an unchecked step, and the chain is only retired. Replays are fresh.
+- Probation (swarm/inference/probation.py; the book: coordinator/inference/probation.py): every
+  concluded check goes through ``Probations.after_check``. The nodes of a chain a check retired
+  without a culprit go on probation; while a chain holds one (:meth:`Checks.watched`) every window
+  of its sessions is drawn checked (p = 1 for that chain, ``Replica._draw``): a session attached
+  after that is checked from its first step, so a faulty later stage is blamed as above. A node
+  leaves probation after PROBATION_WINDOWS passed windows (the replay's last held step,
+  ``window_done``) on fresh, unpushed chains, twice as many at each new probation. Probation only
+  costs checks; quarantine comes from ``resolve`` alone. Replays prefer chains without such nodes.
 - Disaggregated models (disagg.py): replays ride on the prefill chains first (compute-rich, idle
   between prompts: the natural checkers of the decode chains' steps), then on the others. A
   prefill chain's own step (the prompt's prefill and its first token) is replayed when the
