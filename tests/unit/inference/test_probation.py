@@ -116,3 +116,60 @@ def test_the_book_survives_a_restart_of_the_coordinator(tmp_path):
     store.close()
     again = Probations(store=ModelStore(db, tmp_path))
     assert set(again.active()) == {"a"} and again.active()["a"].since_s == 100.0
+
+
+def test_a_later_stage_retired_unblamed_is_watched_then_quarantined_at_its_next_fault():
+    """Checks._judge end to end, without processes: a wrong later stage on a chain whose session had
+    unchecked steps retires the chain (no blame) and puts its nodes on probation; the healer loads the
+    same nodes again (a new chain), whose every window is drawn checked (fresh), and the next wrong
+    output quarantines the faulty node, not its neighbour."""
+    import threading
+    from pathlib import Path
+
+    from coordinator.inference.replica import Replica
+    from coordinator.inference.sessions import StageRef
+    from swarm.inference.verify import Reference
+
+    right, logits, wrong = (1.0,) * 32, (2.0,) * 32, (-5.0,) * 32
+    quarantined = []
+    e = SimpleNamespace(_lock=threading.Lock(), suspect=lambda nid: None, app=SimpleNamespace(
+        registry=SimpleNamespace(quarantine=lambda nid, why: quarantined.append(nid) or True)))
+    checks = Checks(e, Probations(clock=FakeClock()))
+    checks.referee = SimpleNamespace(reference=lambda *a, **k: Reference(outputs={1: right, 2: logits},
+                                                                         tokens=frozenset({1})))
+
+    def result(replica, *, fresh, bad_output):
+        return ChainResult(replica=replica, token=1, fresh=fresh, stages=(
+            StageCommit(node_id="a", first_layer=0, last_layer_excl=1, output=right),
+            StageCommit(node_id="bad", first_layer=1, last_layer_excl=2, input=right, output=bad_output)))
+
+    checker = ChainResult(replica=9, token=1, stages=(
+        StageCommit(node_id="c", first_layer=0, last_layer_excl=1, output=right),
+        StageCommit(node_id="d", first_layer=1, last_layer_excl=2, input=right, output=logits)))
+
+    def judge(serving, res):
+        m = SimpleNamespace(replicas=[serving, SimpleNamespace(index=9, state="ready", stages=[])], num_checks=0,
+                            num_check_failures=0, record=SimpleNamespace(name="m", dir=Path("."), digest="x"),
+                            config=SimpleNamespace(num_layers=2))
+        s = SimpleNamespace(replica=serving, handed_off_from=None, state=SimpleNamespace(params=None))
+        return checks._judge(m, serving, s, object(), (1, 2), 1, res, checker, window_done=True)
+
+    def chain(index):
+        r = Replica(model="m", index=index, stages=[], max_sessions=4, on_failure=lambda *a: None,
+                    on_finish=lambda *a: None, checks=checks, verify_prob=0.0001)
+        r.stages = [StageRef(node_id=n, address="127.0.0.1:9", first_layer=k, last_layer_excl=k + 1)
+                    for k, n in enumerate(("a", "bad"))]  # (no channels: nothing is sent)
+        r.state = "ready"
+        r._rng = SimpleNamespace(random=lambda: 0.5)  # an unchecked window, unless watched
+        return r
+
+    first = chain(0)
+    assert not first._draw()
+    retire = judge(first, result(0, fresh=False, bad_output=wrong))
+    assert [r for r, _ in retire] == [first] and quarantined == []  # retired, nobody blamed
+    assert set(checks.probation.active()) == {"a", "bad"}
+    again = chain(1)  # the healer loads the same nodes
+    assert again._draw() and checks.watched(again)  # every window of its sessions is checked: fresh
+    retire = judge(again, result(1, fresh=True, bad_output=wrong))
+    assert quarantined == ["bad"] and [r for r, _ in retire] == [again]
+    assert set(checks.probation.active()) == {"a"}  # the honest neighbour is only watched
