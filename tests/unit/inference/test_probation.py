@@ -173,3 +173,25 @@ def test_a_later_stage_retired_unblamed_is_watched_then_quarantined_at_its_next_
     retire = judge(again, result(1, fresh=True, bad_output=wrong))
     assert quarantined == ["bad"] and [r for r, _ in retire] == [again]
     assert set(checks.probation.active()) == {"a"}  # the honest neighbour is only watched
+
+
+def test_replays_prefer_chains_without_nodes_on_probation():
+    class Other:
+        def __init__(self, index, nodes, num_sessions):
+            self.index, self.node_ids, self.num_sessions, self.state, self.tasks = index, nodes, num_sessions, "ready", []
+
+        def add_check(self, task):
+            self.tasks.append(task)
+            return True
+
+    book = Probations(clock=FakeClock())
+    book.after_check(model="m", serving=SERVING, checker=CHECKER, outcome=RETIRED, window_done=False)
+    serving = SimpleNamespace(index=0, node_ids=["x"], state="ready")
+    watched, clean = Other(1, ["bad"], 0), Other(2, ["y"], 3)  # the watched one is idler
+    m = SimpleNamespace(replicas=[serving, watched, clean])
+    checks = Checks(SimpleNamespace(get=lambda name: m, disagg=SimpleNamespace(prefill_indices=lambda m: set())), book)
+    s = SimpleNamespace(model="m", check_batch=[[serving, object(), (1, 2, 3), 4, None, None]],
+                        state=SimpleNamespace(params=None))
+    checks.begin(serving, s)
+    assert len(clean.tasks) == 1 and watched.tasks == []
+    assert s.check_batch == [] and clean.tasks[0].points == (2,)
