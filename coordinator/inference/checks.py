@@ -35,6 +35,14 @@ Protocol (coordinator side; the commitments and the decision are swarm/inference
   and the later ones are void. A stage after the first is blamed on a step only if every earlier
   step of the session on that chain was checked (``ChainResult.fresh``): otherwise its cache may
   hold a wrong input of an unchecked step, and the chain is only retired. Replays are fresh.
+- Probation (swarm/inference/probation.py; the book: coordinator/inference/probation.py): every
+  concluded check goes through ``Probations.after_check``. The nodes of a chain a check retired
+  without a culprit go on probation; while a chain holds one (:meth:`Checks.watched`) every window
+  of its sessions is drawn checked (p = 1 for that chain, ``Replica._draw``): a session attached
+  after that is checked from its first step, so a faulty later stage is blamed as above. A node
+  leaves probation after PROBATION_WINDOWS passed windows (the replay's last held step,
+  ``window_done``) on fresh, unpushed chains, twice as many at each new probation. Probation only
+  costs checks; quarantine comes from ``resolve`` alone. Replays prefer chains without such nodes.
 - Disaggregated models (disagg.py): replays ride on the prefill chains first (compute-rich, idle
   between prompts: the natural checkers of the decode chains' steps), then on the others. A
   prefill chain's own step (the prompt's prefill and its first token) is replayed when the
@@ -62,6 +70,7 @@ from pathlib import Path
 
 import torch
 
+from coordinator.inference.probation import Probations
 from swarm.inference.stage_runtime import StepEntry
 from swarm.inference.verify import ChainResult, Reference, allowed_tokens, agree, resolve, sketch
 from swarm.model.checkpoint import load_stage
@@ -170,9 +179,14 @@ class Referee:
 class Checks:
     """Spot checks of one engine's chains (``engine``: coordinator.inference.engine.InferenceEngine)."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, probation: Probations | None = None) -> None:
         self.engine = engine
         self.referee = Referee()
+        self.probation = probation or Probations()
+
+    def watched(self, serving) -> bool:
+        """Whether ``serving`` holds a node on probation: every window of its sessions is checked."""
+        return bool(self.probation.of(serving.node_ids))
 
     def can_check(self, serving) -> bool:
         """Whether a step of ``serving`` could be checked now: another chain of its model is
@@ -256,7 +270,7 @@ class Checks:
             return
         prefill = self.engine.disagg.prefill_indices(m)  # checkers first (empty unless disaggregated)
         others = sorted((r for r in list(m.replicas) if r is not serving and r.state == "ready"),
-                        key=lambda r: (r.index not in prefill, r.num_sessions, r.index))
+                        key=lambda r: (self.watched(r), r.index not in prefill, r.num_sessions, r.index))
 
         def done(results: dict[int, ChainResult] | None) -> None:  # on the other chain's driver: hand off
             for slot in batch:
@@ -264,6 +278,7 @@ class Checks:
             self.engine._pool.submit(self._drain, m, s)
 
         context = batch[-1][2]  # the others are its prefixes
+        batch[-1].append(True)  # the window's last held step: it concludes the window (probation counts)
         entry = StepEntry(session_id=uuid.uuid4().hex, start_position=0, num_tokens=len(context),
                           token_ids=context, reset=True, sampling=s.state.params)
         task = CheckTask(entry=entry, points=tuple(len(slot[2]) - 1 for slot in batch), done=done)
@@ -276,9 +291,11 @@ class Checks:
         retire: list[tuple[object, str]] = []
         with s.check_lock:
             while s.check_slots and s.check_slots[0][5] is not _WAITING:
-                serving, ticket, context, token, result, other = s.check_slots.popleft()
+                slot = s.check_slots.popleft()
+                serving, ticket, context, token, result, other = slot[:6]
                 try:
-                    retire += self._judge(m, serving, s, ticket, context, token, result, other)
+                    retire += self._judge(m, serving, s, ticket, context, token, result, other,
+                                          window_done=len(slot) > 6)
                 except Exception:  # noqa: BLE001 -- a bug must not leave the session held forever
                     log.exception("spot check failed to conclude model=%s replica=%d", m.record.name, serving.index)
                     retire.append((serving, "internal error in a spot check; see the coordinator's log"))
@@ -288,9 +305,10 @@ class Checks:
         for r, reason in retire:
             r.fail(reason)  # its sessions fail over, with what they held dropped
 
-    def _judge(self, m, serving, s, ticket, context, token, result: ChainResult, other: ChainResult | None
-               ) -> list[tuple[object, str]]:
-        """Conclude one check; returns the chains to fail, with the reason."""
+    def _judge(self, m, serving, s, ticket, context, token, result: ChainResult, other: ChainResult | None, *,
+               window_done: bool = False) -> list[tuple[object, str]]:
+        """Conclude one check; returns the chains to fail, with the reason. ``window_done``: the last
+        held step of its replay (a passed window, for probation, when it passes)."""
         e = self.engine
         moved = s.handed_off_from is serving and s.replica is not serving  # a prefill's step, handed off since
         if not moved and (serving.state != "ready" or s.replica is not serving):
@@ -321,6 +339,8 @@ class Checks:
         if outcome.disputed:
             log.warning("spot check disagreement model=%s replicas=%d,%d: %s", m.record.name, result.replica,
                         other.replica, outcome.reason)
+        self.probation.after_check(model=m.record.name, serving=result, checker=other, outcome=outcome,
+                                   window_done=window_done)
         for node_id, reason in outcome.quarantine:
             if e.app.registry.quarantine(node_id, reason):
                 log.warning("quarantined node=%s model=%s: %s", node_id[:12], m.record.name, reason)

@@ -40,6 +40,7 @@ from swarm.transport.inference import step_metadata
 from coordinator.inference.checks import Checks
 from coordinator.inference.disagg import Disagg
 from coordinator.inference.placing import Placing
+from coordinator.inference.probation import Probations
 from coordinator.inference.shape import model_shape  # noqa: F401 -- imported from here by the healer
 from coordinator.inference.replica import Replica
 from coordinator.inference.sessions import Session, StageRef
@@ -115,7 +116,7 @@ class InferenceEngine(Placing):
         self._reaper = threading.Thread(target=self._reap_loop, name="inference-reaper", daemon=True)
         self._reaper.start()
         self.healer = None  # coordinator.inference.healer.Healer, attached by the plugin
-        self.checks = Checks(self)
+        self.checks = Checks(self, Probations(clock=app.clock, store=store))
         self.routes = Routes(self)
         self.disagg = Disagg(self)
 

@@ -358,7 +358,7 @@ class Replica:
                     s.kv_pushed = False
                 ticket = None
                 if self._checks is not None and self._checks.checked_step(
-                        s, e, checking=checking, draw=lambda: self._rng.random() < self.verify_prob):
+                        s, e, checking=checking, draw=self._draw):
                     ticket = object()  # held, with what follows, until the check passed (Checks.begin)
                     checks.append((s, ticket, tuple(s.ids()), int(tok), (s.history_checked, s.kv_pushed)))
                 else:
@@ -399,6 +399,11 @@ class Replica:
         for s in moved:
             handoff, s.handoff = s.handoff, None
             handoff(self, s)
+
+    def _draw(self) -> bool:
+        """Whether a check window starting now is checked: always while the chain holds a node on
+        probation (checks.py), else with probability ``verify_prob``."""
+        return self._checks.watched(self) or self._rng.random() < self.verify_prob
 
     def _request(self, entries: list[StepEntry], closing: list[str], commit: list[str]) -> pb.ServeStepRequest:
         """The step sent to the first stage (a route driver adds its route: routes.py)."""

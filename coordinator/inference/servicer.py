@@ -59,6 +59,8 @@ def model_info(engine: InferenceEngine, rec: ModelRecord, access: Access = Acces
                                       first_layer=s.first_layer, last_layer_excl=s.last_layer_excl, state=r.state)
                     for s in r.stages],
         ))
+    if full:  # nodes of its chains on probation: every window they serve is checked (checks.py)
+        info.probation_node_ids.extend(sorted(set(engine.checks.probation.of(m.chains_node_ids()))))
     engine.disagg.describe(m, info.disaggregation, full=full)
     for v in engine.routes.views(m):
         info.routes.append(pb.ServeRouteInfo(replicas=v["replicas"], node_ids=v["node_ids"] if full else [],

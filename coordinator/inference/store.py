@@ -42,6 +42,13 @@ CREATE TABLE IF NOT EXISTS inference_models (
     size_bytes INTEGER NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS inference_probation (
+    node_id TEXT PRIMARY KEY,
+    strikes INTEGER NOT NULL,
+    passed INTEGER NOT NULL,
+    since REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 """
 
 
@@ -187,6 +194,18 @@ class ModelStore:
             cur = self._conn.execute("DELETE FROM inference_models WHERE name = ?", (name,))
         shutil.rmtree(self.root / name, ignore_errors=True)
         return cur.rowcount > 0
+
+    # ------------------------------------------------------------------ probation (checks.py)
+    def probation(self) -> list[tuple[str, int, int, float, str]]:
+        """Probation records: (node id, strikes, passed windows, since (epoch s), reason)."""
+        with self._lock:
+            return [tuple(r) for r in self._conn.execute(
+                "SELECT node_id, strikes, passed, since, reason FROM inference_probation").fetchall()]
+
+    def put_probation(self, rows: Iterable[tuple[str, int, int, float, str]], removed: Iterable[str] = ()) -> None:
+        with self._lock, self._conn:
+            self._conn.executemany("INSERT OR REPLACE INTO inference_probation VALUES (?, ?, ?, ?, ?)", list(rows))
+            self._conn.executemany("DELETE FROM inference_probation WHERE node_id = ?", [(n,) for n in removed])
 
     # ------------------------------------------------------------------ uploads
     def receive(self, name: str, files: list[tuple[str, int, str]], data: Iterable[tuple[str, bytes]],

@@ -95,6 +95,8 @@ def _print_model(m) -> None:
     if v["verify_prob"] > 0:
         print(f"  spot checks: {v['verify_prob']:g} of steps; {v['checks']} done, {v['failed']} disagreed, "
               f"{v['void']} void (no other chain)")
+    if v.get("probation"):
+        print(f"  probation (every window of their chains checked): {', '.join(n[:12] for n in v['probation'])}")
     for r in m["replicas"]:
         chain = " -> ".join(f"{s['node_id'][:10]}@{s['address']}[{s['first_layer']}:{s['last_layer_excl']})" for s in r["stages"])
         print(f"  replica {r['replica']} ({r['state']}, ~{r['predicted_latency_s'] * 1e3:.2f} ms/token): {chain}")

@@ -163,6 +163,7 @@ class ModelRecord:
     routes_enabled: bool = False  # sessions take per-request routes (swarm serve --routes)
     routes: tuple[RouteRecord, ...] = ()  # routes in use, with their sessions
     disaggregation: DisaggRecord | None = None  # prefill/decode split, prediction and KV moved
+    probation: tuple[str, ...] = ()  # node ids of its chains on probation (every window they serve is checked)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -172,9 +173,11 @@ class ModelRecord:
             "replica_count": {"healthy": self.healthy_replicas, "requested": self.requested_replicas},
             "healing": self.healing,
             "verification": {"verify_prob": self.verify_prob, "checks": self.num_checks,
-                             "failed": self.num_check_failures, "void": self.num_checks_void},
+                             "failed": self.num_check_failures, "void": self.num_checks_void,
+                             "probation": list(self.probation)},
             "replicas": [
                 {"replica": r.replica, "state": r.state, "predicted_latency_s": r.predicted_latency_s,
+                 "probation": [s.node_id for s in r.stages if s.node_id and s.node_id in self.probation],
                  "stages": [{"node_id": s.node_id, "address": s.address, "first_layer": s.first_layer,
                              "last_layer_excl": s.last_layer_excl, "state": s.state} for s in r.stages]}
                 for r in self.replicas
@@ -234,7 +237,7 @@ def model_record(m: ipb.ServeModelInfo) -> ModelRecord:
         size_bytes=m.size_bytes, max_seq_len=m.max_seq_len, created_at_s=m.created_at_s, error=m.error,
         healthy_replicas=m.healthy_replicas, requested_replicas=m.requested_replicas, healing=m.healing,
         verify_prob=m.verify_prob, num_checks=m.num_checks, num_check_failures=m.num_check_failures,
-        num_checks_void=m.num_checks_void, routes_enabled=m.routes_enabled,
+        num_checks_void=m.num_checks_void, routes_enabled=m.routes_enabled, probation=tuple(m.probation_node_ids),
         routes=tuple(RouteRecord(replicas=tuple(r.replicas), node_ids=tuple(r.node_ids), sessions=r.sessions,
                                  predicted_s_per_token=r.predicted_s_per_token) for r in m.routes),
         disaggregation=DisaggRecord(

@@ -35,6 +35,7 @@ class _Checker:
 
     def __init__(self, index: int, num_sessions: int = 0) -> None:
         self.state, self.index, self.num_sessions, self.tasks, self.stages = "ready", index, num_sessions, [], []
+        self.node_ids = [f"checker-{index}"]
 
     def add_check(self, task) -> bool:
         self.tasks.append(task)

@@ -84,6 +84,7 @@ class _Other:
 
     def __init__(self):
         self.state, self.index, self.num_sessions, self.tasks = "ready", 1, 0, []
+        self.node_ids = ["other"]
 
     def add_check(self, task):
         self.tasks.append(task)

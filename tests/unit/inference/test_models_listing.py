@@ -33,3 +33,12 @@ def test_text_shows_the_count_and_why_it_waits(capsys):
     assert "replicas 1/2 healthy" in out and "healing: no spare node" in out
     _print_model(model_record(_info(healthy_replicas=2, requested_replicas=2)))
     assert "healing" not in capsys.readouterr().out
+
+
+def test_nodes_on_probation_show_per_model_and_per_replica(capsys):
+    rec = model_record(_info(verify_prob=0.05, probation_node_ids=["n" * 16]))
+    j = rec.to_json()
+    assert j["verification"]["probation"] == ["n" * 16] and j["replicas"][0]["probation"] == ["n" * 16]
+    assert model_record(_info()).to_json()["replicas"][0]["probation"] == []
+    _print_model(rec)
+    assert "probation (every window of their chains checked): nnnnnnnnnnnn" in capsys.readouterr().out
