@@ -1,0 +1,37 @@
+"""Steps done twice, told apart: a rollback's redo (a stage lost without a replica) from work the
+fence protocol promises never to repeat (coordinator/jobs/churn.py split_repeats)."""
+
+from coordinator.jobs import churn
+
+
+def _replan(attempt: int, resume: int, **fields) -> dict:
+    return {"kind": "replan", "message": "", "fields": {"attempt": attempt, "resume_step": resume, **fields}}
+
+
+def test_rollback_attempts_are_the_replans_that_resume_from_a_checkpoint():
+    events = [{"kind": "planned", "fields": {"attempt": 1}}, _replan(2, 40, fence=True), _replan(2, 30, waiting=True),
+              _replan(3, 30, waited=True), _replan(4, 50)]
+    assert churn.rollback_attempts(events) == {3: 30, 4: 50}
+
+
+def test_a_rollbacks_redo_is_apart_from_a_fences_repeat():
+    # attempt 1 ran to step 12, a stage loss rolled back to 10 (attempt 2), which ran to 20; a
+    # fence switched at 20 (attempt 3), and attempt 2 had also done step 20 (the bug kind)
+    doers = {(10, 0): {1, 2}, (11, 1): {1, 2}, (20, 0): {2, 3}}
+    assert churn.split_repeats(doers, {2: 10}) == ([10, 11], [20])
+
+
+def test_a_redo_before_the_rollbacks_checkpoint_is_not_the_rollbacks():
+    # attempt 2 resumed at 10: its step 8 cannot be the rollback's redo
+    assert churn.split_repeats({(8, 0): {1, 2}}, {2: 10}) == ([], [8])
+
+
+def test_the_rollback_may_be_any_attempt_between_the_two_that_did_the_step():
+    # attempt 2 (a fence from 15) never reached step 12; attempt 3 rolled back to 10 and redid it
+    assert churn.split_repeats({(12, 0): {1, 3}}, {3: 10}) == ([12], [])
+    # three attempts: 1 -> 2 is a rollback's redo, 2 -> 3 (a fence) is not: done twice
+    assert churn.split_repeats({(12, 0): {1, 2, 3}}, {2: 10}) == ([], [12])
+
+
+def test_a_step_counts_as_done_twice_if_any_stage_repeated_it_outside_a_rollback():
+    assert churn.split_repeats({(12, 0): {1, 2}, (12, 1): {2, 3}}, {2: 10}) == ([], [12])
