@@ -35,3 +35,21 @@ def test_the_rollback_may_be_any_attempt_between_the_two_that_did_the_step():
 
 def test_a_step_counts_as_done_twice_if_any_stage_repeated_it_outside_a_rollback():
     assert churn.split_repeats({(12, 0): {1, 2}, (12, 1): {2, 3}}, {2: 10}) == ([], [12])
+
+
+def test_the_store_names_the_attempts_of_each_step_done_twice(tmp_path):
+    from swarm.clock import FakeClock
+    from swarm.job_spec import JobSpec
+
+    from coordinator.jobs.store import JobStore
+    from coordinator.store import Database
+
+    store = JobStore(Database(tmp_path), FakeClock())
+    store.create(job_id="j1", spec=JobSpec(), model={}, num_samples=4, dataset_key="k", total_steps=30)
+    for attempt, stage, replica, step in [(1, 0, 0, 10), (1, 0, 1, 10), (2, 0, 0, 10), (1, 1, 0, 10), (1, 0, 0, 11),
+                                          (3, 0, 0, 11), (2, 1, 0, 12)]:
+        store.add_progress("j1", attempt=attempt, stage=stage, replica=replica, step=step, loss=None, tokens=1,
+                           tokens_per_s=1.0, bytes_sent=0, bytes_raw=0, step_s=1.0, compute_s=0.0, wait_s=0.0,
+                           comm_s=0.0)
+    assert store.repeat_attempts("j1") == {(10, 0): {1, 2}, (11, 0): {1, 3}}
+    assert store.repeated_steps("j1") == [10, 11]
