@@ -8,9 +8,13 @@ def _replan(attempt: int, resume: int, **fields) -> dict:
     return {"kind": "replan", "message": "", "fields": {"attempt": attempt, "resume_step": resume, **fields}}
 
 
-def test_rollback_attempts_are_the_replans_that_resume_from_a_checkpoint():
-    events = [{"kind": "planned", "fields": {"attempt": 1}}, _replan(2, 40, fence=True), _replan(2, 30, waiting=True),
-              _replan(3, 30, waited=True), _replan(4, 50)]
+def test_rollback_attempts_are_the_replans_that_roll_back_by_design():
+    events = [{"kind": "planned", "fields": {"attempt": 1}}, _replan(2, 40, fence=True),
+              _replan(2, 30, waiting=True, cause="stage_lost"), _replan(3, 30, waited=True),
+              _replan(4, 50, cause="wrong_result"), _replan(5, 60, cause="fence_timeout"),
+              _replan(6, 60, cause="not_started"), _replan(7, 70, cause="peer_failure"),
+              _replan(7, 70, waiting=True, cause="fence_timeout"), _replan(8, 70, waited=True)]
+    # a fence that timed out, a failed link, an attempt lost before it started: no redo is by design
     assert churn.rollback_attempts(events) == {3: 30, 4: 50}
 
 
