@@ -292,6 +292,13 @@ def _twice(job: dict) -> str:
     return f"{len(job['repeated_steps'])} ({len(job['rolled_back_steps'])})"
 
 
+def _rollbacks(job: dict) -> str:
+    """The causes of the job's rollback re-plans (their ``replan`` events' ``cause``), counted."""
+    causes = [e["fields"]["cause"] for e in job.get("events", [])
+              if e["kind"] == "replan" and e.get("fields", {}).get("cause") and not e["fields"].get("waited")]
+    return ", ".join(f"{c} x{causes.count(c)}" for c in dict.fromkeys(causes)) or "none"
+
+
 def _events(job: dict) -> str:
     """The job's churn events, counted by kind."""
     kinds = [e["kind"] for e in job.get("events", []) if e["kind"] not in ("submitted", "planned", "succeeded")]
@@ -387,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{'yes' if coordinator_killed else 'NO'}. Churn / fault-free tokens/s: {ratio:.2f}; held-out loss "
              f"difference: {churn.heldout_loss - base.heldout_loss:+.4f} nats; fault -> next committed step: "
              + (f"median {statistics.median(gaps):.1f} s, max {max(gaps):.1f} s" if gaps else "-")
+             + f". Rollback causes (churn run): {_rollbacks(churn.job)}; steps done twice in brackets are those "
+             "rollbacks by design (stage_lost, wrong_result) redid"
              + f". Whole benchmark: {time.monotonic() - t_start:.0f} s.")
     print(table)
     print(notes)
