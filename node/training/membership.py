@@ -124,7 +124,8 @@ class Membership:
         while self.a.is_first and not self.switch_step:
             self.stop.wait(POLL_S)
             self._report("fence", step)
-        self._check_switch(step)
+        if self.switch_step and step >= self.switch_step:
+            raise FenceReached()
 
     def while_waiting(self, step: int) -> None:
         """Called while the worker waits for an input of ``step``: raises FenceReached when
@@ -143,23 +144,8 @@ class Membership:
                 self.on_ack(self.client.report(self._request("fence", step)))
             except SwarmError as exc:
                 log.debug("switch step poll failed: %s", exc)
-        if self.fence_pending.is_set():
-            self._check_switch(step)
-
-    def _check_switch(self, step: int) -> None:
-        """Raises FenceReached when ``step`` (the step about to run or waited for) is the switch step.
-        A worker already past it cannot stop there: its checkpoint would be labelled with the switch
-        step while its weights hold the steps after it, and the re-plan would do those steps again
-        on top of them. Nobody runs past the switch step (it is the furthest stage 0's boundary), so
-        that is a wrong answer from the coordinator: PeerError (the job is re-planned) rather than a
-        silently wrong checkpoint."""
-        if not self.switch_step or step < self.switch_step:
-            return
-        if step > self.switch_step:
-            raise PeerError(f"the coordinator's switch step {self.switch_step} for job {self.a.job_id} attempt "
-                            f"{self.a.attempt} is behind this worker (stage {self.a.stage}, at step {step}); "
-                            "it cannot stop there")
-        raise FenceReached()
+        if self.fence_pending.is_set() and self.switch_step and step >= self.switch_step:
+            raise FenceReached()
 
     def fenced(self, step: int) -> None:
         self._report("fenced", step)

@@ -66,22 +66,3 @@ def test_a_failed_poll_changes_nothing():
     m.on_fence(0)
     m.while_waiting(4)  # no exception: the worker keeps waiting for its input
     assert m.switch_step == 0 and m.fence_pending.is_set()
-
-
-def test_a_worker_past_the_switch_step_fails_instead_of_checkpointing_under_its_label():
-    """A switch step behind the worker (a stale boundary) would label its checkpoint with a step
-    its weights are past: the re-plan would do the steps between twice, on top of themselves."""
-    from swarm.errors import PeerError
-
-    a = SimpleNamespace(job_id="j", attempt=2, stage=0, replica=0, is_first=True)
-    m = Membership(FakeClient([pb.ProgressAck(fence=True, switch_step=7)]), a, stop=threading.Event())
-    m.on_fence(0)
-    with pytest.raises(PeerError, match="switch step 7"):
-        m.at_boundary(9)
-    m = _membership(FakeClient([]))
-    m.on_fence(7)
-    m.while_waiting(6)  # before the switch step: carries on
-    with pytest.raises(FenceReached):
-        m.while_waiting(7)
-    with pytest.raises(PeerError):
-        m.while_waiting(8)
