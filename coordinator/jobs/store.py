@@ -12,7 +12,7 @@ import logging
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from swarm.clock import Clock
 from swarm.errors import InvalidRequestError, NotFoundError
@@ -159,6 +159,19 @@ def _job(row) -> Job:
 def _num(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
+
+
+def committed_resumes(fields_json: Iterable[str]) -> list[tuple[int, int]]:
+    """(attempt, resume step) of each ``resumed`` event's fields; malformed ones are skipped."""
+    out = []
+    for text in fields_json:
+        try:
+            f = json.loads(text or "{}")
+        except ValueError:
+            continue
+        if isinstance(f, dict) and isinstance(f.get("attempt"), int) and isinstance(f.get("step"), int):
+            out.append((f["attempt"], f["step"]))
+    return out
 
 class JobStore:
     """Thread-safe access to the job tables (one connection guarded by a lock)."""
@@ -345,6 +358,9 @@ class JobStore:
         it with fewer pipelines than it started with (a lost replica's share). ``over``: the
         current attempt is over too (the job succeeded; a replica lost in its last steps left
         them to the others). When a re-planned job repeated steps, the latest attempt's rows count.
+        A step of an earlier attempt below a later attempt's resume step appears even when a stage's
+        report of it is missing: that attempt resumed from a complete checkpoint after it, so every
+        stage did it (a worker killed after uploading its checkpoint, before its report got out).
         """
         with self._lock:
             rows = self._conn.execute(
@@ -355,12 +371,15 @@ class JobStore:
             ).fetchall()
             stages_of = dict(self._conn.execute(
                 "SELECT attempt, MAX(stage) + 1 FROM job_progress WHERE job_id = ? GROUP BY attempt", (job_id,)).fetchall())
+            resumed = self._conn.execute("SELECT fields_json FROM job_events WHERE job_id = ? AND kind = 'resumed'",
+                                         (job_id,)).fetchall()
+        resumes = committed_resumes(f for (f,) in resumed)
         by_step: dict[int, dict[str, Any]] = {}
         for step, att, loss, tokens, step_s, sent, raw, comp, wait, comm, count, at, stages in rows:
             if (attempt is None or att == attempt) and not over:
                 if count < num_reporters:
                     continue
-            elif stages < stages_of[att]:
+            elif stages < stages_of[att] and not any(a > att and step < r for a, r in resumes):
                 continue
             by_step[step] = {
                 "step": step, "attempt": att, "loss": loss, "tokens": tokens, "step_s": step_s,

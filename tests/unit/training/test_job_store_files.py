@@ -61,6 +61,30 @@ def test_history_counts_a_past_attempts_step_once_every_stage_reported_it(tmp_pa
     assert [(h["step"], h["attempt"]) for h in store.history("j", num_reporters=4, attempt=2)] == [(0, 1), (1, 1), (2, 2)]
 
 
+
+def test_history_shows_a_step_a_later_attempt_resumed_after_though_a_report_of_it_is_missing(tmp_path):
+    """Stage 1 uploaded its checkpoint of step 2 (the state after step 1) and was killed before
+    its report of step 1 got out; attempt 2 resumed at step 2 from that complete checkpoint, so
+    step 1 was done by every stage and shows (seen in CI: a step missing from the progress)."""
+    store = JobStore(Database(tmp_path), FakeClock())
+    store.create(job_id="j", spec=JobSpec(), model={}, num_samples=4, dataset_key="k", total_steps=4)
+
+    def report(attempt, step, stages):
+        for stage in stages:
+            store.add_progress("j", attempt=attempt, stage=stage, replica=0, step=step,
+                               loss=1.0 if stage == 1 else None, tokens=8, tokens_per_s=1.0, bytes_sent=0,
+                               bytes_raw=0, step_s=1.0, compute_s=1.0, wait_s=0.0, comm_s=0.0)
+
+    report(1, 0, [0, 1])
+    report(1, 1, [0])  # stage 1's report of step 1 was lost with the node
+    report(1, 2, [0])  # stage 0 ran on; stage 1 never did step 2
+    report(2, 2, [0, 1])
+    assert [h["step"] for h in store.history("j", num_reporters=2, attempt=2)] == [0, 2]
+    store.add_event("j", "resumed", "resumed at step 2 (attempt 2)", step=2, attempt=2)
+    assert [(h["step"], h["attempt"]) for h in store.history("j", num_reporters=2, attempt=2)] == [(0, 1), (1, 1), (2, 2)]
+    store.add_event("j", "resumed", "not json fields", step="2", attempt=None)  # malformed: ignored
+    assert [h["step"] for h in store.history("j", num_reporters=2, attempt=2)] == [0, 1, 2]
+
 def _receive(tmp_path, files, limits=UploadLimits()):
     r = FileReceiver(tmp_path / "up", roots=("data", "checkpoint"), limits=limits)
     for name, data, sha in files:
