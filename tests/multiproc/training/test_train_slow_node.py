@@ -70,7 +70,7 @@ def test_a_slowed_node_gets_fewer_layers_at_a_fence_without_rollback(tmp_path):
             _nodes(coord, tmp_path, [claim, claim, f"{claim},slowdown=10"]) as (*fast, s):
         wait_until(lambda: sum(n["state"] == "online" for n in coord.get_json("/api/nodes")["nodes"]) == 3, 60,
                    message="3 nodes online")
-        spec = JobSpec(steps=STEPS, batch_size=8, micro_batch_size=2, seq_len=32, lr=1e-3,
+        spec = JobSpec(steps=REBALANCE_STEPS, batch_size=8, micro_batch_size=2, seq_len=32, lr=1e-3,
                        codec=CodecSpec.parse("none"), checkpoint_every=0, num_stages=3, num_replicas=1,
                        peer_timeout_s=30.0, node_wait_s=0.0)
         with CoordinatorClient(coord.address, token=coord.admin_token) as client:
@@ -91,7 +91,7 @@ def test_a_slowed_node_gets_fewer_layers_at_a_fence_without_rollback(tmp_path):
     assert layers(done["assignments"]) == rb["layers_after"] < before, (rb, done["assignments"])
     assert {a["node_id"] for a in done["assignments"]} == {s.node_id, *(f.node_id for f in fast)}
     steps = [p["step"] for p in done["progress"]]
-    assert steps == list(range(STEPS)), steps
+    assert steps == list(range(REBALANCE_STEPS)), steps
     assert done["repeated_steps"] == [], [(e["kind"], e["message"]) for e in done["events"]]
     # what it cost: from the slow_node event to the first step committed under the new plan
     after = next(p for p in done["progress"] if p["step"] >= rb["resume_step"])
@@ -99,10 +99,13 @@ def test_a_slowed_node_gets_fewer_layers_at_a_fence_without_rollback(tmp_path):
           f"gain {rb['predicted_gain']:.0%}; slow_node -> rebalance event {ev['rebalance']['at'] - slow['at']:.1f} s, "
           f"-> first step committed under the new plan {after['at'] - slow['at']:.1f} s; "
           f"step times before/after: {_mean_step(done, 0, rb['resume_step']):.3f} s / "
-          f"{_mean_step(done, rb['resume_step'] + 2, STEPS):.3f} s")
+          f"{_mean_step(done, rb['resume_step'] + 2, REBALANCE_STEPS):.3f} s")
 
 
 STEPS = 60
+# the re-balance test's job: on a quiet box 60 steps took 8 s, and the slow node was seen with only
+# 6 steps left (the job finishes as is below MIN_STEPS_LEFT: CI 2026-12-01); 160 leave ~100 after it
+REBALANCE_STEPS = 160
 
 
 @contextmanager
