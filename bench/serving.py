@@ -14,8 +14,10 @@ replica, the least loaded) and ``routes`` (``--routes``: each session on the rou
 fastest, coordinator/inference/routes.py). Runs alternate ``--repeats`` times; each run is
 --clients threads issuing --requests requests back to back from one seeded mix (prompts of 8-64
 words, 16-64 new tokens, greedy). Measured at the client: aggregate tokens/s (all tokens / wall
-time), time to first token (p50), time between tokens (p50, p99; an event's tokens share its
-gap). During routes runs the coordinator's route view is sampled every 0.1 s: the slowed node's
+time), time to first token (p50), time between tokens (p50, p99 and mean over every token; an
+event's tokens share its gap), and each request's own mean time between tokens (p50 and p90 over
+requests: what one user sees; closed-loop clients send fewer requests through a slow chain, so
+the per-token figures lean on the fast ones). During routes runs the coordinator's route view is sampled every 0.1 s: the slowed node's
 session count against its peer's at the same stage (time average).
 
 Disaggregation arm (``--arms disagg`` or ``all``): the same checkpoint served a third time with
@@ -64,7 +66,7 @@ PREFILL_HEAVY = {"words": (40, 70), "new": (4, 12)}  # ~3 tokens a word: fits th
 def run_stream(address: str, token: str, model: str, mix: list[tuple[str, int]], clients: int) -> dict:
     todo = list(enumerate(mix))
     lock = threading.Lock()
-    ttft, tbt, tokens, errors = [], [], [0], []
+    ttft, tbt, tokens, errors, per_request = [], [], [0], [], []
 
     def client() -> None:
         try:
@@ -80,7 +82,7 @@ def run_stream(address: str, token: str, model: str, mix: list[tuple[str, int]],
                         return
                     _, (prompt, n) = todo.pop(0)
                 t0 = last = time.perf_counter()
-                first = True
+                first, gaps = True, 0
                 for ev in c.generate(model=model, prompt=prompt, params=SamplingParams(max_new_tokens=n), timeout_s=600):
                     if not ev.token_ids:
                         continue
@@ -88,10 +90,15 @@ def run_stream(address: str, token: str, model: str, mix: list[tuple[str, int]],
                     with lock:
                         if first:
                             ttft.append(now - t0)
+                            first_at = now
                         else:
                             tbt.extend([(now - last) / len(ev.token_ids)] * len(ev.token_ids))
+                            gaps += len(ev.token_ids)
                         tokens[0] += len(ev.token_ids)
                     first, last = False, now
+                if gaps:  # the request's mean time between tokens (its decode time / its later tokens)
+                    with lock:
+                        per_request.append((last - first_at) / gaps)
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -103,8 +110,11 @@ def run_stream(address: str, token: str, model: str, mix: list[tuple[str, int]],
     if errors:
         raise RuntimeError(f"{len(errors)} request(s) of {model} failed: {errors[0]}")
     tbt.sort()
+    per_request.sort()
     return {"tok_s": tokens[0] / wall, "ttft_p50_s": statistics.median(ttft), "tbt_p50_s": tbt[len(tbt) // 2],
-            "tbt_p99_s": tbt[min(len(tbt) - 1, int(len(tbt) * 0.99))]}
+            "tbt_p99_s": tbt[min(len(tbt) - 1, int(len(tbt) * 0.99))], "tbt_mean_s": statistics.mean(tbt),
+            "request_tbt_p50_s": statistics.median(per_request),
+            "request_tbt_p90_s": per_request[min(len(per_request) - 1, int(len(per_request) * 0.9))]}
 
 
 def sample_routes(address: str, token: str, slow: str, stop: threading.Event, out: list) -> None:
@@ -200,10 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name])
     rows = [[name, med(name, "tok_s"), med(name, "ttft_p50_s") * 1e3, med(name, "tbt_p50_s") * 1e3,
-             med(name, "tbt_p99_s") * 1e3] for name in ("fixed", "routes")]
+             med(name, "tbt_p99_s") * 1e3, med(name, "tbt_mean_s") * 1e3, med(name, "request_tbt_p50_s") * 1e3,
+             med(name, "request_tbt_p90_s") * 1e3] for name in ("fixed", "routes")]
     rows[1].append(rows[0][3] / rows[1][3])
     rows[0].append(1.0)
-    table = markdown_table(["mode", "tokens/s", "TTFT p50 (ms)", "TBT p50 (ms)", "TBT p99 (ms)", "TBT p50 gain"], rows)
+    table = markdown_table(["mode", "tokens/s", "TTFT p50 (ms)", "TBT p50 (ms)", "TBT p99 (ms)", "TBT mean (ms)",
+                            "request TBT p50 (ms)", "request TBT p90 (ms)", "TBT p50 gain"], rows)
     slow_avg = statistics.mean(s for s, _ in shares) if shares else float("nan")
     peer_avg = statistics.mean(q for _, q in shares) if shares else float("nan")
     slowed = f"{args.slow_threads} thread(s)" + (f", slowdown x{args.slowdown:g}" if args.slowdown > 1 else "")

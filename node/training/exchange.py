@@ -45,13 +45,29 @@ import torch
 from swarm.errors import (InvalidRequestError, NotFoundError, PeerError, PermissionDeniedError, SwarmError,
                           UnavailableError)
 from swarm.proto.v1 import tensor_pb2, training_pb2, training_pb2_grpc
-from swarm.transport import streams, transfer, transfer_pb
+from swarm.transport import shm, streams, transfer, transfer_pb
 from swarm.transport import tensors as wt
 from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, data_channel
 from swarm.transport.errors import error_from_rpc, grpc_errors
 from swarm.transport.lazy_channels import RenewingStub
+from swarm.transport.tls import PlaintextSecurity
 
 log = logging.getLogger(__name__)
+
+
+_swept = threading.Lock()
+_sweep_done = False
+
+
+def _sweep_once() -> None:
+    """Remove shared-memory slots that killed node processes of this user left (once per process)."""
+    global _sweep_done
+    with _swept:
+        if not _sweep_done:
+            _sweep_done = True
+            n = shm.sweep()
+            if n:
+                log.info("removed %d shared-memory slot(s) of node processes that are gone", n)
 
 
 @dataclass(slots=True)
@@ -258,7 +274,8 @@ class PipelinePeerServicer(training_pb2_grpc.PipelinePeerServicer):
 
     def stream_receiver(self) -> streams.StreamReceiver:
         """The ``PipelineStream`` service feeding :meth:`take`; add its ``handler()`` to the server."""
-        return streams.StreamReceiver(self.take, identify=self.identify, max_payload_bytes=self.max_payload_bytes)
+        return streams.StreamReceiver(self.take, identify=self.identify, max_payload_bytes=self.max_payload_bytes,
+                                      shm=shm.ShmReader() if shm.enabled() else None)
 
 
 @dataclass(slots=True)
@@ -291,6 +308,7 @@ class PeerSender:
                  emulate_bps: float = 0.0) -> None:
         self.emulate_bps = float(emulate_bps)
         self.address = address
+        self._checksum = isinstance(security, PlaintextSecurity)  # TLS authenticates every record
         self.what = what
         self.timeout_s = timeout_s
         # TLS to the neighbour (its certificate must name ``node_id``), rebuilt after a renewal
@@ -307,8 +325,12 @@ class PeerSender:
         self.send_s = 0.0
         self._closed = False
         self._link_free_at = 0.0  # emulate_bps: when the emulated link has sent what it holds
+        slots = None
+        if shm.enabled() and shm.is_local_address(address) and not emulate_bps:  # a neighbour on this host
+            _sweep_once()
+            slots = shm.ShmSlots(max_queued)
         self._stream = streams.StreamSender(lambda: self._stream_stubs.stub, what=what, timeout_s=timeout_s, window=max_queued,
-                                            on_acked=self._acked, fallback=self._push)
+                                            on_acked=self._acked, fallback=self._push, shm_slots=slots)
         self._thread = threading.Thread(target=self._run, name=f"send-{what}", daemon=True)
         self._thread.start()
 
@@ -378,7 +400,7 @@ class PeerSender:
             if item.ready is not None:
                 item.ready.synchronize()  # the device-to-host copy the worker started
             parts = item.msg.buffers()
-            header = streams.payload_header(parts, **item.fields)
+            header = streams.payload_header(parts, checksum=self._checksum, **item.fields)
         else:
             parts, header = [item.payload], item.header
         self._emulate(header.payload_bytes)
@@ -386,8 +408,7 @@ class PeerSender:
             self._stream.flush()  # keep the order: everything before it has arrived
             self._deliver(wt.WireTensor(header=header, payload=b"".join(parts)))
             return
-        seq = self._stream.next_seq()
-        self._stream.send(seq, streams.encode_frame(seq, header, parts), header.payload_bytes)
+        self._stream.send_parts(header, parts)
 
     def _push(self, header: wt.TensorHeader, payload) -> None:
         self._deliver(wt.WireTensor(header=header, payload=bytes(payload)))

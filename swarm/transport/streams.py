@@ -18,6 +18,11 @@ sender joins header and payload buffers into one message (the frame is protobuf'
 written by hand, so no protobuf copies), the receiver reads the payload as a slice of the
 received message. Tensors larger than one message (``max_frame_bytes``) are for the caller
 to send another way (PushTensor's chunks).
+
+Between two nodes of one host the payload travels through shared memory instead
+(swarm/transport/shm.py): the frame carries the name of the sender's slot (field 4) in place of
+the payload; everything else (seq, header with size and CRC-32, acks, re-sends) is the same. A
+receiver that cannot read the slot answers FAILED_PRECONDITION and the sender goes inline.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import grpc
 
 from swarm.errors import InvalidRequestError, PeerError, SwarmError, UnavailableError
 from swarm.proto.v1 import tensor_pb2
+from swarm.transport import shm as shm_mod
 from swarm.transport import tensors as wt
 from swarm.transport.errors import error_from_rpc, grpc_errors
 
@@ -84,11 +90,21 @@ def encode_frame(seq: int, header: wt.TensorHeader, parts: Sequence) -> bytes:
     return b"".join([head, *parts])
 
 
-def decode_frame(buf: bytes, *, max_payload_bytes: int) -> tuple[int, wt.TensorHeader, memoryview]:
-    """(seq, header, payload) of a received frame; the payload is a view into ``buf`` (no copy).
+def encode_ref_frame(seq: int, header: wt.TensorHeader, slot_name: str) -> bytes:
+    """A TensorFrame whose payload is in the shared-memory slot ``slot_name`` (field 4)."""
+    h = wt.header_to_pb(header).SerializeToString()
+    name = slot_name.encode()
+    return b"\x08" + _varint(seq) + b"\x12" + _varint(len(h)) + h + b"\x22" + _varint(len(name)) + name
+
+
+def decode_frame(buf: bytes, *, max_payload_bytes: int,
+                 shm: shm_mod.ShmReader | None = None) -> tuple[int, wt.TensorHeader, memoryview]:
+    """(seq, header, payload) of a received frame; the payload is a view into ``buf`` (no copy),
+    or a copy out of the shared-memory slot the frame names (only with a ``shm`` reader).
 
     Raises InvalidRequestError when fields are missing, repeated, out of order or unknown, the
-    payload is larger than ``max_payload_bytes`` or its header says, or the CRC-32 differs."""
+    payload is larger than ``max_payload_bytes`` or its header says, or the CRC-32 differs;
+    ShmUnavailableError when the named slot cannot be read here."""
     mv = memoryview(buf)
     if len(mv) < 2 or mv[0] != 0x08:
         raise InvalidRequestError("tensor frame must start with its seq")
@@ -106,6 +122,15 @@ def decode_frame(buf: bytes, *, max_payload_bytes: int) -> tuple[int, wt.TensorH
             "use smaller micro-batches or a compressing codec")
     if off == len(mv):  # proto3 leaves an empty payload out
         payload = mv[off:off]
+    elif mv[off] == 0x22 and shm is not None:  # the payload is in a shared-memory slot
+        nlen, off = _read_varint(mv, off + 1)
+        if nlen > 128 or off + nlen != len(mv):
+            raise InvalidRequestError("tensor frame's shared-memory slot name is malformed")
+        try:
+            name = bytes(mv[off:]).decode("ascii")
+        except UnicodeDecodeError:
+            raise InvalidRequestError("tensor frame's shared-memory slot name is not ASCII") from None
+        payload = memoryview(shm.read(name, header.payload_bytes))
     else:
         if mv[off] != 0x1A:
             raise InvalidRequestError("tensor frame has an unknown field after its header")
@@ -115,7 +140,7 @@ def decode_frame(buf: bytes, *, max_payload_bytes: int) -> tuple[int, wt.TensorH
         payload = mv[off:]
     if len(payload) != header.payload_bytes:
         raise InvalidRequestError(f"tensor payload has {len(payload)} bytes, header announced {header.payload_bytes}")
-    if zlib.crc32(payload) & 0xFFFFFFFF != header.payload_crc32:
+    if header.payload_crc32 and zlib.crc32(payload) & 0xFFFFFFFF != header.payload_crc32:
         raise InvalidRequestError("tensor payload checksum mismatch: the data was corrupted in transit")
     return seq, header, payload
 
@@ -133,11 +158,17 @@ def decode_ack(buf: bytes) -> int:
     return _read_varint(mv, 1)[0]
 
 
-def payload_header(parts: Sequence, **fields) -> wt.TensorHeader:
-    """A header for the payload made of ``parts`` (size and CRC-32 over all of them)."""
+def payload_header(parts: Sequence, *, checksum: bool = True, **fields) -> wt.TensorHeader:
+    """A header for the payload made of ``parts`` (size and CRC-32 over all of them).
+
+    ``checksum=False`` leaves the CRC 0, which receivers take as "not computed": for streams
+    over TLS, whose records are authenticated (AES-GCM) so a CRC adds nothing but ~0.4 ms of CPU
+    per MiB on each side; plaintext streams (benchmarks only) keep it. A CRC never defended
+    against a hostile peer, who can compute one."""
     crc, n = 0, 0
     for p in parts:
-        crc = zlib.crc32(p, crc)
+        if checksum:
+            crc = zlib.crc32(p, crc)
         n += memoryview(p).nbytes
     return wt.TensorHeader(payload_bytes=n, payload_crc32=crc & 0xFFFFFFFF, **fields)
 
@@ -152,8 +183,12 @@ class StreamReceiver:
     Register with ``server.add_generic_rpc_handlers((receiver.handler(),))``."""
 
     def __init__(self, on_frame: Callable[[str, wt.TensorHeader, memoryview], None], *,
-                 identify: Callable[[object], str], max_payload_bytes: int = wt.DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+                 identify: Callable[[object], str], max_payload_bytes: int = wt.DEFAULT_MAX_PAYLOAD_BYTES,
+                 shm: shm_mod.ShmReader | None = None) -> None:
+        """``shm``: reads payloads of senders on this host (None: such frames are refused as
+        malformed, and their senders go inline)."""
         self._on_frame = on_frame
+        self._shm = shm
         self._identify = identify
         self.max_payload_bytes = max_payload_bytes
         self._lock = threading.Lock()
@@ -195,7 +230,7 @@ class StreamReceiver:
                 if context.is_active():
                     raise
                 return
-            seq, header, payload = decode_frame(raw, max_payload_bytes=self.max_payload_bytes)
+            seq, header, payload = decode_frame(raw, max_payload_bytes=self.max_payload_bytes, shm=self._shm)
             with st[0]:
                 if seq > st[1]:
                     self._on_frame(caller, header, payload)
@@ -215,6 +250,7 @@ class _Frame:
     data: bytes
     payload_bytes: int
     queued_at: float
+    header: wt.TensorHeader | None = None  # a shared-memory frame's header (to re-send it inline)
 
 
 class StreamSender:
@@ -229,9 +265,13 @@ class StreamSender:
     def __init__(self, method: Callable[[], Callable], *, what: str, timeout_s: float, window: int = DEFAULT_WINDOW,
                  metadata: Sequence[tuple[str, str]] = (),
                  on_acked: Callable[[int, float], None] | None = None,
-                 fallback: Callable[[wt.TensorHeader, bytes], None] | None = None) -> None:
+                 fallback: Callable[[wt.TensorHeader, bytes], None] | None = None,
+                 shm_slots: shm_mod.ShmSlots | None = None) -> None:
         """``fallback(header, payload)`` delivers a tensor another way (PushTensor) to a peer that
-        answers UNIMPLEMENTED (a node of an older version): from then on every frame goes there."""
+        answers UNIMPLEMENTED (a node of an older version): from then on every frame goes there.
+        ``shm_slots``: payloads go through shared memory (a neighbour on this host) until the
+        receiver says it cannot read them."""
+        self._slots = shm_slots
         self.what = what
         self.timeout_s = timeout_s
         self.window = max(1, window)
@@ -254,6 +294,37 @@ class StreamSender:
         """The seq the next frame must carry (only the sending thread calls this and ``send``)."""
         return self._seq + 1
 
+    @property
+    def shared_memory(self) -> bool:
+        """True while payloads go through shared memory."""
+        return self._slots is not None
+
+    def send_parts(self, header: wt.TensorHeader, parts: Sequence) -> None:
+        """Queue the next frame of ``header`` (size and CRC-32 filled in) and payload ``parts``:
+        through a shared-memory slot while the receiver reads them, else inline."""
+        seq = self.next_seq()
+        if self._slots is not None and not self.unsupported:
+            self._wait_window()  # the slot of seq - window is free only once that frame was acknowledged
+            with self._cond:  # the ack thread cannot switch to inline meanwhile
+                slots = self._slots
+                if slots is not None:
+                    self.check()
+                    data = encode_ref_frame(seq, header, slots.put(seq, parts, header.payload_bytes))
+                    self._enqueue_locked(seq, data, header.payload_bytes, header)
+                    return
+        self.send(seq, encode_frame(seq, header, parts), header.payload_bytes)
+
+    def _wait_window(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        with self._cond:
+            while len(self._outbox) >= self.window and self.error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PeerError(f"{self.what} acknowledged no tensor within {self.timeout_s:.0f} s; "
+                                    "the peer may have died")
+                self._cond.wait(min(left, 0.5))
+            self.check()
+
     def send(self, seq: int, data: bytes, payload_bytes: int) -> None:
         """Queue a frame made by :func:`encode_frame` with ``seq == next_seq()``."""
         if seq != self._seq + 1:
@@ -264,22 +335,21 @@ class StreamSender:
             _, header, payload = decode_frame(data, max_payload_bytes=payload_bytes)
             self._fallback(header, payload)  # raises a SwarmError when the peer refuses it
             return
-        deadline = time.monotonic() + self.timeout_s
+        self._wait_window()
         with self._cond:
-            while len(self._outbox) >= self.window and self.error is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PeerError(f"{self.what} acknowledged no tensor within {self.timeout_s:.0f} s; "
-                                    "the peer may have died")
-                self._cond.wait(min(left, 0.5))
             self.check()
-            self._seq = seq
-            frame = _Frame(seq=seq, data=data, payload_bytes=payload_bytes, queued_at=time.monotonic())
-            self._outbox.append(frame)
-            if self._requests is None:
-                self._open_locked()
-            else:
-                self._requests.put(frame.data)
+            self._enqueue_locked(seq, data, payload_bytes, None)
+
+    def _enqueue_locked(self, seq: int, data: bytes, payload_bytes: int, header: wt.TensorHeader | None) -> None:
+        if seq != self._seq + 1:
+            raise ValueError(f"frames go in order: expected seq {self._seq + 1}, got {seq}")
+        self._seq = seq
+        frame = _Frame(seq=seq, data=data, payload_bytes=payload_bytes, queued_at=time.monotonic(), header=header)
+        self._outbox.append(frame)
+        if self._requests is None:
+            self._open_locked()
+        else:
+            self._requests.put(frame.data)
 
     def check(self) -> None:
         if self.error is not None:
@@ -311,6 +381,8 @@ class StreamSender:
             requests.put(None)
         if call is not None:
             call.cancel()
+        if self._slots is not None:
+            self._slots.close()
 
     # -- internals --------------------------------------------------------------------------------
     def _open_locked(self) -> None:
@@ -331,6 +403,10 @@ class StreamSender:
                     while self._outbox and self._outbox[0].seq <= seq:
                         done.append(self._outbox.popleft())
                     self._failing_since = None
+                    if self._slots is not None:
+                        for f in done:
+                            if f.header is not None:
+                                self._slots.acked(f.seq)
                     self._cond.notify_all()
                 if self._on_acked is not None:
                     now = time.monotonic()
@@ -346,9 +422,13 @@ class StreamSender:
             requests.put(None)  # ends the request iterator of the dead call
             if self._closed.is_set() or not self._outbox:
                 return  # idle: the next send opens a new stream
+            if self._slots is not None and _refuses_shm(exc):
+                self._go_inline_locked(exc)
+                exc = UnavailableError(f"{self.what} reads no shared memory; re-sending inline")
             if (isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNIMPLEMENTED
                     and self._fallback is not None):
                 self.unsupported = True
+                self._go_inline_locked(exc)
                 pending = list(self._outbox)
             else:
                 pending = None
@@ -375,6 +455,19 @@ class StreamSender:
                 self._open_locked()
 
 
+    def _go_inline_locked(self, why) -> None:
+        """Stop using shared memory: every unacknowledged frame is rebuilt with its payload inline."""
+        slots, self._slots = self._slots, None
+        if slots is None:
+            return
+        log.info("tensor stream to %s goes inline (no shared memory): %s", self.what,
+                 why.details() if isinstance(why, grpc.RpcError) else why)
+        for f in self._outbox:
+            if f.header is not None:
+                f.data = encode_frame(f.seq, f.header, [slots.payload(f.seq, f.payload_bytes)])
+                f.header = None
+        slots.close()
+
     def _drain_to_fallback(self, pending: list[_Frame]) -> None:
         """Deliver the unacknowledged frames through the fallback, in order (ack thread)."""
         log.info("%s has no persistent tensor streams; using PushTensor", self.what)
@@ -392,6 +485,16 @@ class StreamSender:
                 if self._outbox and self._outbox[0] is f:
                     self._outbox.popleft()
             self._cond.notify_all()
+
+
+def _refuses_shm(exc) -> bool:
+    """The receiver cannot read our shared-memory slots (another host or user), or is a node of an
+    older version that does not know the frame's slot field."""
+    if not isinstance(exc, grpc.RpcError):
+        return False
+    details = exc.details() or ""
+    return ((exc.code() == grpc.StatusCode.FAILED_PRECONDITION and shm_mod.UNAVAILABLE_TAG in details)
+            or (exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown field after its header" in details))
 
 
 def _drain(requests: queue.SimpleQueue):
