@@ -115,7 +115,9 @@ class _Slot:
         path = os.path.join(shm_dir, self.name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
-            os.ftruncate(fd, size)
+            # reserve the pages now: a full /dev/shm (Docker's default is 64 MiB) fails here with
+            # ENOSPC, not later with SIGBUS when the slot is written
+            os.posix_fallocate(fd, 0, size)
             self.mm = mmap.mmap(fd, size)
         except BaseException:
             os.unlink(path)
@@ -137,11 +139,13 @@ class ShmSlots:
         self._lock = threading.Lock()
 
     def put(self, seq: int, parts: Sequence, nbytes: int) -> str:
+        """Raises OSError when no slot can be made (``/dev/shm`` full): send inline then."""
         with self._lock:
             slot = self._slots.get(seq % self.window)
             if slot is None or slot.size < nbytes:
                 if slot is not None:
                     self._drop(slot)
+                    del self._slots[seq % self.window]
                 slot = self._slots[seq % self.window] = _Slot(self.shm_dir, max(nbytes, 1 << 16))
             self._by_seq[seq] = slot
         off = 0

@@ -309,9 +309,13 @@ class StreamSender:
                 slots = self._slots
                 if slots is not None:
                     self.check()
-                    data = encode_ref_frame(seq, header, slots.put(seq, parts, header.payload_bytes))
-                    self._enqueue_locked(seq, data, header.payload_bytes, header)
-                    return
+                    try:
+                        name = slots.put(seq, parts, header.payload_bytes)
+                    except OSError as exc:  # /dev/shm is full: this stream goes inline
+                        self._go_inline_locked(f"no room for a slot: {exc}")
+                    else:
+                        self._enqueue_locked(seq, encode_ref_frame(seq, header, name), header.payload_bytes, header)
+                        return
         self.send(seq, encode_frame(seq, header, parts), header.payload_bytes)
 
     def _wait_window(self) -> None:

@@ -147,3 +147,29 @@ def test_sweep_removes_slots_of_dead_processes_only(tmp_path):
         f.write_bytes(b"x")
     assert shm.sweep(str(tmp_path)) == 1
     assert not gone.exists() and alive.exists() and other.exists()
+
+
+def test_a_full_dev_shm_sends_inline_and_loses_nothing(pki, monkeypatch):
+    if not shm.enabled():
+        pytest.skip("no /dev/shm on this machine")
+    srv, endpoints, address = _server(pki, monkeypatch, receiver_shm=True)
+    ep = Endpoint("job", _validate)
+    endpoints.add(ep)
+
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(shm.os, "posix_fallocate", full)
+    sender = PeerSender(address, security=pki.node(A), node_id=B, what="peer", timeout_s=10, max_queued=4)
+    try:
+        sent = [torch.randn(*SHAPE) for _ in range(3)]
+        for mb, t in enumerate(sent):
+            sender.send(_wire(t, mb=mb))
+        sender.flush()
+        stop = threading.Event()
+        assert [torch.equal(ep.get("activation", 0, mb, timeout_s=5, stop=stop, what="peer"), t)
+                for mb, t in enumerate(sent)] == [True] * 3
+        assert not sender._stream.shared_memory
+    finally:
+        sender.close()
+        srv.stop(0)
+    assert _our_slots() == []
