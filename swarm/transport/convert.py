@@ -9,7 +9,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from swarm.errors import InvalidRequestError
-from swarm.hardware import HardwareInfo
+from swarm.hardware import HardwareInfo, reported_mem_bandwidth
 from swarm.membership import Link, NodeInfo
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import inference_pb2 as ipb
@@ -52,7 +52,8 @@ def hardware_from_proto(msg: pb.Hardware) -> HardwareInfo:
             disk_free_bytes=int(msg.disk_free_bytes),
             tflops=float(msg.tflops),
             tflops_dtype=msg.tflops_dtype,
-            mem_bandwidth_Bps=float(msg.mem_bandwidth_Bps),  # 0 (absent: an older node) = unmeasured
+            # 0 (absent: an older node) or under the floor (a starved probe) = unmeasured
+            mem_bandwidth_Bps=reported_mem_bandwidth(float(msg.mem_bandwidth_Bps)),
         )
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"invalid hardware in request: {exc}") from exc
