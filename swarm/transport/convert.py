@@ -102,6 +102,7 @@ def node_to_proto(node: NodeInfo) -> pb.NodeRecord:
         reachability=node.reachability,
         observed_address=node.observed_address,
         relay_node_id=node.relay_node_id,
+        seen_mem_bandwidth_Bps=node.seen_mem_bandwidth_Bps or 0.0,
     )
 
 
@@ -118,6 +119,8 @@ def node_from_proto(msg: pb.NodeRecord) -> NodeInfo:
             status=msg.status,
             metrics=metrics_from_json(msg.metrics_json),
             measured_tflops=msg.measured_tflops if msg.measured_tflops > 0 else None,
+            seen_mem_bandwidth_Bps=(msg.seen_mem_bandwidth_Bps if math.isfinite(msg.seen_mem_bandwidth_Bps)
+                                    and msg.seen_mem_bandwidth_Bps > 0 else None),
             quarantine_reason=msg.quarantine_reason,
             slow_reason=msg.slow_reason[:1000],
             reachability=msg.reachability or "direct",  # older coordinators: every node was dialled directly
