@@ -303,6 +303,9 @@ class NodeRegistry:
         slow = self.trust.slow_reason(info.id)
         if slow:
             info = replace(info, slow_reason=slow)
+        seen_bw = self.trust.seen_mem_bandwidth(info.id)
+        if seen_bw is not None:
+            info = replace(info, seen_mem_bandwidth_Bps=seen_bw)
         measured = measured_tflops(rec.challenge_tflops, rec.observed_tflops)
         return info if measured is None else replace(info, measured_tflops=measured)
 

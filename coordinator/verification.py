@@ -43,7 +43,12 @@ CREATE TABLE IF NOT EXISTS trust (
     quarantine_reason TEXT NOT NULL DEFAULT '',
     quarantined_at REAL
 );
+CREATE TABLE IF NOT EXISTS mem_bandwidth_seen (
+    node_id TEXT PRIMARY KEY,
+    seen_Bps REAL NOT NULL
+);
 """
+SEEN_WRITE_STEP = 1.1  # a higher seen bandwidth is written to SQLite when 10% over the stored one (not every step)
 
 
 def measured_tflops(challenge_tflops: float | None, observed_tflops: float | None) -> float | None:
@@ -83,6 +88,10 @@ class TrustStore:
         for node_id, ct, ot, reason, at in self._conn.execute(
                 "SELECT node_id, challenge_tflops, observed_tflops, quarantine_reason, quarantined_at FROM trust"):
             self._rows[node_id] = TrustRecord(ct, ot, reason or "", at)
+        self._seen_bw: dict[str, float] = {}  # node -> the highest memory bandwidth its decode steps showed
+        self._seen_bw_stored: dict[str, float] = {}
+        for node_id, bw in self._conn.execute("SELECT node_id, seen_Bps FROM mem_bandwidth_seen"):
+            self._seen_bw[node_id] = self._seen_bw_stored[node_id] = float(bw)
 
     def mark_slow(self, node_id: str, reason: str) -> None:
         """Why the node's neighbours see it slow ("" = they no longer do); kept in memory only."""
@@ -125,6 +134,32 @@ class TrustStore:
             new = tflops if prev is None else (1 - OBSERVED_EMA) * prev + OBSERVED_EMA * tflops
             self._rows[node_id] = TrustRecord(old.challenge_tflops, new, old.quarantine_reason, old.quarantined_at_s)
             return new
+
+    def observe_mem_bandwidth(self, node_id: str, seen_Bps: float) -> None:
+        """One decode step's lower bound of the node's memory bandwidth (bytes/s,
+        swarm.scheduling.disaggregation.seen_stage_bandwidths): the highest one is kept, since
+        each proves the node at least that fast (a neighbour that forges a stage time slower than
+        it was cannot lower it). Persisted, in steps of SEEN_WRITE_STEP."""
+        if not (math.isfinite(seen_Bps) and seen_Bps > 0):
+            return
+        with self._lock:
+            if seen_Bps <= self._seen_bw.get(node_id, 0.0):
+                return
+            self._seen_bw[node_id] = seen_Bps
+            if seen_Bps < SEEN_WRITE_STEP * self._seen_bw_stored.get(node_id, 0.0):
+                return
+            self._seen_bw_stored[node_id] = seen_Bps
+            try:
+                with self._conn:
+                    self._conn.execute("INSERT OR REPLACE INTO mem_bandwidth_seen (node_id, seen_Bps) VALUES (?,?)",
+                                       (node_id, seen_Bps))
+            except Exception as exc:  # noqa: BLE001 -- memory stays right; a later step writes it
+                log.warning("could not write seen memory bandwidth of %s: %s", node_id[:12], exc)
+
+    def seen_mem_bandwidth(self, node_id: str) -> float | None:
+        """The highest memory bandwidth the node's decode steps showed (bytes/s); None: none seen."""
+        with self._lock:
+            return self._seen_bw.get(node_id)
 
     def quarantine(self, node_id: str, reason: str) -> bool:
         """Quarantine ``node_id``; returns False when it already was."""

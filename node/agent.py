@@ -129,6 +129,12 @@ class NodeAgent:
             log.warning("SWARM_FAULT: claiming %.1f TFLOPS (measured %.4f)", config.faults.claim_tflops,
                         self.hardware.tflops)
             self.hardware = dataclasses.replace(self.hardware, tflops=config.faults.claim_tflops)
+        if config.faults.claim_mem_bandwidth is not None or config.faults.claim_device is not None:
+            f = config.faults  # claimed hardware (testing placement on one machine's nodes)
+            log.warning("SWARM_FAULT: claiming mem_bandwidth=%s device=%s", f.claim_mem_bandwidth, f.claim_device)
+            self.hardware = dataclasses.replace(
+                self.hardware, mem_bandwidth_Bps=f.claim_mem_bandwidth or self.hardware.mem_bandwidth_Bps,
+                device_name=f.claim_device or self.hardware.device_name)
         self.device = self.hardware.device
         use_device(self.device)
         self.metrics: dict[str, Any] = {}

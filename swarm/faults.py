@@ -7,6 +7,9 @@
   forward, gradients backward) with noise of the tensor's own scale (so they look plausible);
 - ``wrong-tokens=P``: inference: alter the hidden state of a fraction P of the steps it serves;
 - ``claim-tflops=X``: report X TFLOPS instead of the measured figure;
+- ``claim-mem-bandwidth=X``: report X bytes/s of memory bandwidth instead of the measured figure;
+- ``claim-device=NAME``: report device name NAME (nodes of one machine then look like different
+  hardware to placement, which pools the figures of one device model: disaggregation.pool_alike);
 - ``stall-after-steps=N``: stop training after N steps of a job, but keep heartbeating;
 - ``slowdown=F``: every inference step this node serves, and every training forward and
   backward it computes, takes F times its compute time (an emulated slower device, for
@@ -38,6 +41,8 @@ class FaultConfig:
     corrupt_activations: float = 0.0
     wrong_tokens: float = 0.0
     claim_tflops: float | None = None
+    claim_mem_bandwidth: float | None = None
+    claim_device: str | None = None
     stall_after_steps: int | None = None
     slowdown: float = 1.0
     seed: int = 0
@@ -49,6 +54,11 @@ class FaultConfig:
                 raise ConfigError(f"{FAULT_ENV}: {name.replace('_', '-')} must be a fraction in 0..1, got {v}")
         if self.claim_tflops is not None and not (math.isfinite(self.claim_tflops) and 0 <= self.claim_tflops <= 1e5):
             raise ConfigError(f"{FAULT_ENV}: claim-tflops must be in 0..1e5, got {self.claim_tflops}")
+        if self.claim_mem_bandwidth is not None and not (math.isfinite(self.claim_mem_bandwidth)
+                                                         and 1e8 <= self.claim_mem_bandwidth <= 5e13):
+            raise ConfigError(f"{FAULT_ENV}: claim-mem-bandwidth must be in 1e8..5e13 bytes/s, got {self.claim_mem_bandwidth}")
+        if self.claim_device is not None and not 0 < len(self.claim_device) <= 200:
+            raise ConfigError(f"{FAULT_ENV}: claim-device must be 1..200 characters")
         if not (math.isfinite(self.slowdown) and 1.0 <= self.slowdown <= 100.0):
             raise ConfigError(f"{FAULT_ENV}: slowdown must be a factor in 1..100, got {self.slowdown}")
         if self.stall_after_steps is not None and self.stall_after_steps < 0:
@@ -57,6 +67,7 @@ class FaultConfig:
     @property
     def any(self) -> bool:
         return (self.corrupt_activations > 0 or self.wrong_tokens > 0 or self.claim_tflops is not None
+                or self.claim_mem_bandwidth is not None or self.claim_device is not None
                 or self.stall_after_steps is not None or self.slowdown > 1.0)
 
     @classmethod
@@ -72,13 +83,15 @@ class FaultConfig:
             if not sep:
                 raise ConfigError(f"{FAULT_ENV}: {item!r} must be NAME=VALUE")
             try:
-                if key in ("corrupt-activations", "wrong-tokens", "claim-tflops", "slowdown"):
+                if key in ("corrupt-activations", "wrong-tokens", "claim-tflops", "claim-mem-bandwidth", "slowdown"):
                     values[key.replace("-", "_")] = float(raw)
+                elif key == "claim-device":
+                    values["claim_device"] = raw.strip()
                 elif key == "stall-after-steps":
                     values["stall_after_steps"] = int(raw)
                 else:
                     raise ConfigError(f"{FAULT_ENV}: unknown fault {key!r}; known: corrupt-activations, "
-                                      "wrong-tokens, claim-tflops, stall-after-steps, slowdown")
+                                      "wrong-tokens, claim-tflops, claim-mem-bandwidth, claim-device, stall-after-steps, slowdown")
             except ValueError as exc:
                 raise ConfigError(f"{FAULT_ENV}: {key} has a bad value {raw!r}") from exc
         return cls(seed=seed, **values)  # type: ignore[arg-type]

@@ -76,7 +76,9 @@ class HardwareInfo:
 
 def check_mem_bandwidth(mem_bandwidth_Bps: float) -> None:
     """Raises InvalidRequestError unless ``mem_bandwidth_Bps`` is 0 (unmeasured) or a plausible
-    measurement: finite, in MIN..MAX_MEM_BANDWIDTH_BPS. (Its ratio to the TFLOPS is bounded
+    measurement: finite, in MIN..MAX_MEM_BANDWIDTH_BPS (what a :class:`HardwareInfo` holds; a
+    figure from the network passes :func:`reported_mem_bandwidth` first, which takes a too-low one
+    as unmeasured). (Its ratio to the TFLOPS is bounded
     where it is used, against the coordinator's own measurement: a ratio of two claims proves
     nothing, and a node told to claim less compute, SWARM_FAULT claim-tflops, must still start.)"""
     from swarm.errors import InvalidRequestError
@@ -89,7 +91,26 @@ def check_mem_bandwidth(mem_bandwidth_Bps: float) -> None:
     if not MIN_MEM_BANDWIDTH_BPS <= v <= MAX_MEM_BANDWIDTH_BPS:
         raise InvalidRequestError(
             f"mem_bandwidth_Bps {v:.4g} is outside the plausible {MIN_MEM_BANDWIDTH_BPS:g}..{MAX_MEM_BANDWIDTH_BPS:g} "
-            "bytes/s; send 0 when it was not measured, or re-probe (swarm-node probe)")
+            "bytes/s; send 0 when it was not measured; a figure this high is a cache's, not memory's: "
+            "restart swarm-node join (it re-probes) on an idle machine, or update swarm-node")
+
+
+def reported_mem_bandwidth(mem_bandwidth_Bps: float) -> float:
+    """What a node's reported memory bandwidth is taken as: 0 (unmeasured) when it is under
+    MIN_MEM_BANDWIDTH_BPS (a starved probe: a node loaded enough that its timed copies crawl
+    measured that, honestly; it registers as unmeasured, and its decode steps, once seen, tell
+    how slow it is: swarm.membership.effective_mem_bandwidth), else the figure. Raises
+    InvalidRequestError for what no measurement gives (not finite, negative) and for a figure
+    above MAX_MEM_BANDWIDTH_BPS (an over-estimate the node must fix: :func:`check_mem_bandwidth`)."""
+    from swarm.errors import InvalidRequestError
+
+    v = mem_bandwidth_Bps
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise InvalidRequestError(f"mem_bandwidth_Bps must be a finite number of bytes/s, got {v!r}")
+    if 0 <= v < MIN_MEM_BANDWIDTH_BPS:
+        return 0.0
+    check_mem_bandwidth(v)
+    return float(v)
 
 
 def _cpu_name() -> str:
@@ -259,10 +280,9 @@ def probe(device: str = "cpu", *, disk_path: str | Path = ".", matmul_duration_s
     t0 = time.perf_counter()
     mem_bw = measure_mem_bandwidth_Bps(str(dev), duration_s=min(0.2, matmul_duration_s))
     mem_s = time.perf_counter() - t0
-    # a figure out of range is this machine's oddity (or a loaded one), not a reason to refuse to start
-    mem_bw = min(mem_bw, MAX_MEM_BANDWIDTH_BPS)
-    if mem_bw < MIN_MEM_BANDWIDTH_BPS:
-        mem_bw = 0.0
+    # a figure out of range is this machine's oddity (or a loaded one), not a reason to refuse to
+    # start: too high is capped, too low (a starved probe) is sent as 0 = unmeasured
+    mem_bw = reported_mem_bandwidth(min(mem_bw, MAX_MEM_BANDWIDTH_BPS))
     info = HardwareInfo(
         device=str(dev),
         device_kind=dev.type,

@@ -35,6 +35,8 @@ class NodeInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     # what the coordinator measured (coordinator/verification.py); None = not measured yet
     measured_tflops: float | None = None
+    # memory bandwidth its decode steps showed (bytes/s, a lower bound: coordinator/inference/memwatch.py)
+    seen_mem_bandwidth_Bps: float | None = None
     quarantine_reason: str = ""  # set when state is "quarantined": why
     slow_reason: str = ""  # its neighbours see it below half its planned speed (coordinator/jobs/speed.py)
     # how peers reach it (swarm/reachability.py): "pending" until the coordinator dialled it back
@@ -66,10 +68,18 @@ class NodeInfo:
         """The memory bandwidth placement uses: see :func:`effective_mem_bandwidth`."""
         hw = self.hardware
         return effective_mem_bandwidth(hw.mem_bandwidth_Bps, claimed_tflops=hw.tflops,
-                                       planning_tflops=self.planning_tflops)
+                                       planning_tflops=self.planning_tflops, seen_Bps=self.seen_mem_bandwidth_Bps)
 
 
 CLAIM_SLACK = 2.0  # a claim up to 2x the measurement stands (the challenge under-measures a little)
+# A memory-bandwidth claim up to 4x what the node's decode steps showed stands. The steps show a
+# LOWER bound (bytes a step must read / its compute time): the time also holds what is not memory
+# traffic (kernel launches, Python per layer, sampling, attention's scattered KV reads), and the
+# probe times the device's best case (one long streaming copy). A 4x margin leaves an honest node
+# room for a decode step that reaches a quarter of its streaming figure; a claim beyond is believed
+# no further than the steps show. (On tiny models the fixed costs dominate and every node's claim
+# is replaced: placement then uses what decode steps really take there, which is what it predicts.)
+MEM_BANDWIDTH_SEEN_SLACK = 4.0
 
 
 def effective_tflops(claimed: float, measured: float | None) -> float:
@@ -80,12 +90,15 @@ def effective_tflops(claimed: float, measured: float | None) -> float:
     return measured if claimed > CLAIM_SLACK * measured else claimed
 
 
-def effective_mem_bandwidth(claimed_Bps: float, *, claimed_tflops: float, planning_tflops: float) -> float | None:
+def effective_mem_bandwidth(claimed_Bps: float, *, claimed_tflops: float, planning_tflops: float,
+                            seen_Bps: float | None = None) -> float | None:
     """A node's memory bandwidth as placement believes it: None when unmeasured (0); else the
     claim, scaled down by as much as its TFLOPS claim was (:func:`effective_tflops`), and at most
     MAX_MEM_BYTES_PER_FLOP bytes per FLOP/s of ``planning_tflops`` (no device has more): the
     coordinator times no memory-bound challenge, so the claim is believed no further than the
-    compute it measured allows (docs/security.md, memory bandwidth). Pure."""
+    compute it measured allows (docs/security.md, memory bandwidth). Then, when its decode steps
+    were seen (``seen_Bps``, bytes/s) and the figure so far is more than MEM_BANDWIDTH_SEEN_SLACK x
+    that, the seen figure replaces it (as :func:`effective_tflops` replaces a TFLOPS claim). Pure."""
     if not claimed_Bps > 0:
         return None
     bw = claimed_Bps
@@ -93,6 +106,8 @@ def effective_mem_bandwidth(claimed_Bps: float, *, claimed_tflops: float, planni
         bw = claimed_Bps * planning_tflops / claimed_tflops
     if planning_tflops > 0:
         bw = min(bw, MAX_MEM_BYTES_PER_FLOP * planning_tflops * 1e12)
+    if seen_Bps is not None and seen_Bps > 0 and bw > MEM_BANDWIDTH_SEEN_SLACK * seen_Bps:
+        bw = seen_Bps
     return bw
 
 
@@ -147,6 +162,9 @@ def node_json(node: NodeInfo, now_s: float) -> dict[str, Any]:
         "slow_reason": node.slow_reason,
         "tflops_dtype": hw.tflops_dtype,
         "mem_bandwidth_Bps": hw.mem_bandwidth_Bps or None,  # None: not measured (an older node)
+        # what its decode steps showed (a lower bound), None: none seen; the planner's figure:
+        "mem_bandwidth_seen_Bps": node.seen_mem_bandwidth_Bps,
+        "mem_bandwidth_planning_Bps": node.planning_mem_bandwidth_Bps,
         "cpu_cores": hw.cpu_cores,
         "ram_bytes": hw.ram_bytes,
         "disk_free_bytes": hw.disk_free_bytes,

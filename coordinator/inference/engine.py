@@ -39,6 +39,7 @@ from swarm.transport.inference import step_metadata
 
 from coordinator.inference.checks import Checks
 from coordinator.inference.disagg import Disagg
+from coordinator.inference.memwatch import MemBandwidthWatch
 from coordinator.inference.placing import Placing
 from coordinator.inference.probation import Probations
 from coordinator.inference.shape import model_shape  # noqa: F401 -- imported from here by the healer
@@ -119,6 +120,7 @@ class InferenceEngine(Placing):
         self.checks = Checks(self, Probations(clock=app.clock, store=store))
         self.routes = Routes(self)
         self.disagg = Disagg(self)
+        self.memwatch = MemBandwidthWatch(lambda: app.registry.trust)
 
     def close(self) -> None:
         self._stop.set()

@@ -175,7 +175,7 @@ class Healer:
         return Replica(model=m.record.name, index=index, stages=stages, max_sessions=p.sessions_per_replica,
                        security=e.app.security, on_failure=e._on_replica_failure,
                        on_finish=e._on_finish, predicted_latency_s=latency_s, checks=e.checks,
-                       verify_prob=p.verify_prob)
+                       verify_prob=p.verify_prob, on_decode_step=e.memwatch.observer(model_shape(m.config, p)))
 
     def _load(self, m: ServedModel, replica: Replica, was: BrokenChain | None, new_nodes: set[str]) -> None:
         e = self.engine

@@ -101,7 +101,8 @@ class Placing:
         p = m.record.params
         return Replica(model=m.record.name, index=index, stages=refs, max_sessions=p.sessions_per_replica,
                        security=self.app.security, on_failure=self._on_replica_failure, on_finish=self._on_finish,
-                       predicted_latency_s=latency_s, checks=self.checks, verify_prob=p.verify_prob)
+                       predicted_latency_s=latency_s, checks=self.checks, verify_prob=p.verify_prob,
+                       on_decode_step=self.memwatch.observer(model_shape(m.config, p)))
 
     def _load_all(self, m: ServedModel, replicas: list[Replica]) -> None:
         """Load ``replicas`` at once and start those that loaded; raises UnavailableError when none did."""

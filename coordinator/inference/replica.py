@@ -69,9 +69,12 @@ class Replica:
         security=None,
         checks=None,
         verify_prob: float = 0.0,
+        on_decode_step: Callable[[list[StageRef], list[StepEntry], list[float]], None] | None = None,
     ) -> None:
         """``checks`` (coordinator.inference.checks.Checks) and ``verify_prob``: spot checks of a
-        fraction of the session steps (none without ``checks`` or at 0)."""
+        fraction of the session steps (none without ``checks`` or at 0). ``on_decode_step``: called
+        after each decode step with the stages, the entries and each stage's compute time, first
+        stage first (coordinator/inference/memwatch.py)."""
         self.model = model
         self.index = index
         self.stages = stages
@@ -80,6 +83,7 @@ class Replica:
         self.state = "loading"
         self._on_failure = on_failure
         self._on_finish = on_finish
+        self._on_decode_step = on_decode_step
         self._sessions: list[Session] = []
         self._closing: list[str] = []
         self._tasks: list = []  # CheckTasks (other chains' replays) for the next step
@@ -412,7 +416,13 @@ class Replica:
                                    close_session_ids=closing, commit_session_ids=commit)
 
     def _observed(self, entries: list[StepEntry], reply: pb.ServeStepReply, elapsed_s: float) -> None:
-        """A step of ``entries`` came back after ``elapsed_s`` (a route driver records the stages' times)."""
+        """A step of ``entries`` came back after ``elapsed_s``: a decode step's stage times go to
+        ``on_decode_step`` (a route driver also records them in its live map)."""
+        if self._on_decode_step is None or not entries or any(e.num_tokens != 1 for e in entries):
+            return  # a prefill's time is compute-bound: it says nothing of memory bandwidth
+        times = list(reply.stage_compute_s)[::-1]  # sent from the last stage back
+        if len(times) == len(self.stages):
+            self._on_decode_step(self.stages, entries, times)
 
     def _result(self, commits: list, token: int, *, fresh: bool = True, pushed: bool = False) -> ChainResult:
         return ChainResult(replica=self.index, token=token, fresh=fresh, cache_pushed=pushed, stages=tuple(

@@ -23,6 +23,7 @@ from swarm.errors import SwarmError
 
 from coordinator.inference.replica import Replica
 from coordinator.inference.sessions import Session
+from coordinator.inference.shape import model_shape
 from coordinator.inference.routes import DEFAULT_HOP_S, Hop, LiveMap, RouteDriver, node_cost, pick_route
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ class Routes:
             p = m.record.params
             d = RouteDriver(chains=chains, live=self.live, security=self.engine.app.security,
                             max_sessions=p.sessions_per_replica * len(chains), on_failure=self._on_failure,
-                            on_finish=self.engine._on_finish)
+                            on_finish=self.engine._on_finish, on_decode_step=self.engine.memwatch.observer(
+                                model_shape(m.config, p)))
             old, self._drivers[key] = self._drivers.get(key), d
         if old is not None:
             old.stop()

@@ -205,6 +205,7 @@ class RouteDriver(Replica):
         return req
 
     def _observed(self, entries, reply: pb.ServeStepReply, elapsed_s: float) -> None:
+        super()._observed(entries, reply, elapsed_s)
         if not entries or any(e.num_tokens != 1 for e in entries):
             return  # a prefill's time per session says little about decoding
         times = list(reply.stage_compute_s)[::-1]  # sent from the last stage back

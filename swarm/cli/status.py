@@ -1,7 +1,8 @@
 """``swarm status --coordinator HOST:PORT [--json]``: nodes and the measured network.
 
 ``--json`` prints one object: ``{"nodes": [{"id", "name", "state", "device", "memory_bytes",
-"tflops", "mem_bandwidth_Bps" (bytes/s; null: not measured), "measured_tflops", "quarantine_reason", "slow_reason", "last_seen_s", ...}], "links": [{"src", "dst", "bandwidth_Bps", "delay_s",
+"tflops", "mem_bandwidth_Bps" (bytes/s; null: not measured), "mem_bandwidth_seen_Bps" (what its decode steps
+showed, a lower bound; null: none seen), "mem_bandwidth_planning_Bps" (what placement believes), "measured_tflops", "quarantine_reason", "slow_reason", "last_seen_s", ...}], "links": [{"src", "dst", "bandwidth_Bps", "delay_s",
 "measured_at", ...}]}`` (``last_seen_s``: seconds since the node was last heard from).
 """
 

@@ -271,3 +271,26 @@ def plan_disaggregation(devices: Sequence[PlacementDevice], links: Links, shape:
     d = decide_disaggregation(mode, blocker=blocker, predicted_gain=gain, prediction=reason)
     return DisaggPlan(enabled=d.enabled, prefill_chains=pre, decode_chains=dec, predicted_gain=gain,
                       predicted_tbt_p99_ratio=tbt_ratio, reason=d.reason)
+
+
+def decode_step_bytes(shape: ModelShape, *, num_layers: int, context_tokens: Sequence[int],
+                      last_stage: bool = False) -> float:
+    """Bytes a decode step of a stage of ``num_layers`` layers must read from memory: its weights
+    once (the LM head's too on the last stage) and, per session, the K and V of every position it
+    attends to (``context_tokens``: one count per session, the new token included)."""
+    weights = num_layers * shape.layer_bytes + (shape.head_bytes if last_stage else 0)
+    return float(weights + num_layers * shape.kv_bytes_per_token_per_layer * sum(context_tokens))
+
+
+def seen_stage_bandwidths(shape: ModelShape, *, stages: Sequence[tuple[int, int]], context_tokens: Sequence[int],
+                          compute_s: Sequence[float]) -> list[float | None]:
+    """The memory bandwidth each stage of a decode step showed, bytes/s: :func:`decode_step_bytes`
+    of its layers (``stages``: (first, last exclusive) layer) over its compute time; a LOWER bound
+    of its real bandwidth (the step read at least that much in that time). None for a stage whose
+    time is not a positive finite number (a report is data, not trusted)."""
+    out: list[float | None] = []
+    for (first, last), t in zip(stages, compute_s):
+        ok = isinstance(t, (int, float)) and math.isfinite(t) and t > 0 and last > first
+        out.append(decode_step_bytes(shape, num_layers=last - first, context_tokens=context_tokens,
+                                     last_stage=last >= shape.num_layers) / t if ok else None)
+    return out

@@ -9,7 +9,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from swarm.errors import InvalidRequestError
-from swarm.hardware import HardwareInfo
+from swarm.hardware import HardwareInfo, reported_mem_bandwidth
 from swarm.membership import Link, NodeInfo
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import inference_pb2 as ipb
@@ -52,7 +52,8 @@ def hardware_from_proto(msg: pb.Hardware) -> HardwareInfo:
             disk_free_bytes=int(msg.disk_free_bytes),
             tflops=float(msg.tflops),
             tflops_dtype=msg.tflops_dtype,
-            mem_bandwidth_Bps=float(msg.mem_bandwidth_Bps),  # 0 (absent: an older node) = unmeasured
+            # 0 (absent: an older node) or under the floor (a starved probe) = unmeasured
+            mem_bandwidth_Bps=reported_mem_bandwidth(float(msg.mem_bandwidth_Bps)),
         )
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"invalid hardware in request: {exc}") from exc
@@ -101,6 +102,7 @@ def node_to_proto(node: NodeInfo) -> pb.NodeRecord:
         reachability=node.reachability,
         observed_address=node.observed_address,
         relay_node_id=node.relay_node_id,
+        seen_mem_bandwidth_Bps=node.seen_mem_bandwidth_Bps or 0.0,
     )
 
 
@@ -117,6 +119,8 @@ def node_from_proto(msg: pb.NodeRecord) -> NodeInfo:
             status=msg.status,
             metrics=metrics_from_json(msg.metrics_json),
             measured_tflops=msg.measured_tflops if msg.measured_tflops > 0 else None,
+            seen_mem_bandwidth_Bps=(msg.seen_mem_bandwidth_Bps if math.isfinite(msg.seen_mem_bandwidth_Bps)
+                                    and msg.seen_mem_bandwidth_Bps > 0 else None),
             quarantine_reason=msg.quarantine_reason,
             slow_reason=msg.slow_reason[:1000],
             reachability=msg.reachability or "direct",  # older coordinators: every node was dialled directly

@@ -100,6 +100,7 @@
   }
 
   // ---------- nodes ----------
+  function fmtGBs(v) { return (v / 1e9).toFixed(v >= 1e11 ? 0 : v >= 1e8 ? 1 : 3) + " GB/s"; }
   function normNode(n) {
     var device = pick(n, ["device", "gpu"]), deviceName = pick(n, ["device_name"]);
     if (device && typeof device === "object") device = [device.kind, device.name].filter(Boolean).join(" ");
@@ -114,6 +115,8 @@
       memory: num(pick(n, ["memory_bytes", "gpu_memory_bytes"])),
       tflops: num(pick(n, ["tflops"])),
       memBw: num(pick(n, ["mem_bandwidth_Bps"])),  // null: not measured (an older node)
+      memBwSeen: num(pick(n, ["mem_bandwidth_seen_Bps"])),  // null: no decode step seen yet
+      memBwPlan: num(pick(n, ["mem_bandwidth_planning_Bps"])),  // what placement believes
       stage: stage === undefined || stage === null || stage === "" ? "\u2013" : String(stage),
       age: ageOf(n, ["last_seen_age_s", "heartbeat_age_s", "last_seen_s"], ["last_seen_at", "last_heartbeat_at"]),
       // A node's own counters when it reports them; else what it sent for the running job.
@@ -209,7 +212,14 @@
       tr.appendChild(h("td", "num", n.memory === null ? "\u2013" : fmtBytes(n.memory)));
       tr.appendChild(h("td", "num", n.tflops === null ? "\u2013" : n.tflops >= 1 ? n.tflops.toFixed(1) :
         n.tflops > 0 ? n.tflops.toPrecision(2) : "0"));  // CPUs measure well below 1 TFLOPS
-      tr.appendChild(h("td", "num mem-bw", n.memBw === null ? "\u2013" : (n.memBw / 1e9).toFixed(n.memBw >= 1e11 ? 0 : 1) + " GB/s"));
+      var bw = h("td", "num mem-bw", n.memBw === null ? "\u2013" : fmtGBs(n.memBw));
+      if (n.memBwSeen !== null) {  // what its decode steps showed (a lower bound: coordinator/inference/memwatch.py)
+        var cut = n.memBw !== null && n.memBwPlan !== null && n.memBwPlan < n.memBw;
+        bw.appendChild(h("div", "sub mem-bw-seen" + (cut ? " cut" : ""), "seen " + fmtGBs(n.memBwSeen)));
+        bw.title = "claimed (probe) " + (n.memBw === null ? "not measured" : fmtGBs(n.memBw)) + "; decode steps showed at least " +
+          fmtGBs(n.memBwSeen) + (cut ? "; placement uses " + fmtGBs(n.memBwPlan) + " (the claim is more than 4x what was seen)" : "");
+      }
+      tr.appendChild(bw);
       tr.appendChild(h("td", "stage-cell", n.stage));
       var age = h("td", "num age", fmtAge(n.age));
       if (n.state === "online" && n.age !== null && n.age > 6) age.classList.add("stale");

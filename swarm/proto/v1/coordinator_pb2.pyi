@@ -209,7 +209,7 @@ class ReachabilityReply(_message.Message):
     def __init__(self, reachability: _Optional[str] = ..., advertised_address: _Optional[str] = ..., observed_address: _Optional[str] = ..., published_address: _Optional[str] = ..., relay_address: _Optional[str] = ..., relay_node_id: _Optional[str] = ..., dial_error: _Optional[str] = ..., relay_peer_address: _Optional[str] = ...) -> None: ...
 
 class NodeRecord(_message.Message):
-    __slots__ = ("node_id", "name", "state", "hardware", "peer_address", "registered_at_s", "last_seen_at_s", "metrics_json", "status", "measured_tflops", "quarantine_reason", "reachability", "observed_address", "relay_node_id", "slow_reason")
+    __slots__ = ("node_id", "name", "state", "hardware", "peer_address", "registered_at_s", "last_seen_at_s", "metrics_json", "status", "measured_tflops", "quarantine_reason", "reachability", "observed_address", "relay_node_id", "slow_reason", "seen_mem_bandwidth_Bps")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +225,7 @@ class NodeRecord(_message.Message):
     OBSERVED_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RELAY_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SLOW_REASON_FIELD_NUMBER: _ClassVar[int]
+    SEEN_MEM_BANDWIDTH_BPS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     state: str
@@ -240,7 +241,8 @@ class NodeRecord(_message.Message):
     observed_address: str
     relay_node_id: str
     slow_reason: str
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., peer_address: _Optional[str] = ..., registered_at_s: _Optional[float] = ..., last_seen_at_s: _Optional[float] = ..., metrics_json: _Optional[str] = ..., status: _Optional[str] = ..., measured_tflops: _Optional[float] = ..., quarantine_reason: _Optional[str] = ..., reachability: _Optional[str] = ..., observed_address: _Optional[str] = ..., relay_node_id: _Optional[str] = ..., slow_reason: _Optional[str] = ...) -> None: ...
+    seen_mem_bandwidth_Bps: float
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., hardware: _Optional[_Union[Hardware, _Mapping]] = ..., peer_address: _Optional[str] = ..., registered_at_s: _Optional[float] = ..., last_seen_at_s: _Optional[float] = ..., metrics_json: _Optional[str] = ..., status: _Optional[str] = ..., measured_tflops: _Optional[float] = ..., quarantine_reason: _Optional[str] = ..., reachability: _Optional[str] = ..., observed_address: _Optional[str] = ..., relay_node_id: _Optional[str] = ..., slow_reason: _Optional[str] = ..., seen_mem_bandwidth_Bps: _Optional[float] = ...) -> None: ...
 
 class ListNodesReply(_message.Message):
     __slots__ = ("nodes", "server_time_s")

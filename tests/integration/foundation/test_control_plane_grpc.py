@@ -12,7 +12,9 @@ from swarm.identity import Identity
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.transport.auth import api_token_metadata, call_metadata
 
-from tests.helpers.foundation import make_register
+from swarm.transport.convert import hardware_to_proto
+
+from tests.helpers.foundation import HW, make_register
 
 A = Identity.from_seed(b"node-a")
 B = Identity.from_seed(b"node-b")
@@ -121,3 +123,15 @@ def test_node_limit_is_resource_exhausted(app, stub):
     stub.Register(make_register(app, A), timeout=5)  # a known node may always re-register
     code, msg = code_of(stub.Register, make_register(app, B), timeout=5)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit" in msg
+
+
+def test_a_starved_bandwidth_probe_registers_and_an_inflated_one_is_refused(app, stub):
+    """A node whose memory-bandwidth probe crawled (a loaded box) registers as unmeasured; one
+    over 5e13 bytes/s is refused with what to do (swarm.hardware.reported_mem_bandwidth)."""
+    hw = hardware_to_proto(HW)
+    hw.mem_bandwidth_Bps = 4e6
+    stub.Register(make_register(app, A, hardware=hw), timeout=5)
+    assert app.registry.get(A.node_id).hardware.mem_bandwidth_Bps == 0.0
+    hw.mem_bandwidth_Bps = 9e13
+    code, msg = code_of(stub.Register, make_register(app, B, hardware=hw), timeout=5)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "restart swarm-node join" in msg, msg

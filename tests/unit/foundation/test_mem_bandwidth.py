@@ -13,7 +13,8 @@ from coordinator.registry import NodeRegistry
 from coordinator.store import Database
 from swarm.clock import FakeClock
 from swarm.errors import InvalidRequestError
-from swarm.hardware import (MAX_MEM_BANDWIDTH_BPS, HardwareInfo, check_mem_bandwidth, measure_mem_bandwidth_Bps)
+from swarm.hardware import (MAX_MEM_BANDWIDTH_BPS, HardwareInfo, check_mem_bandwidth, measure_mem_bandwidth_Bps,
+                            reported_mem_bandwidth)
 from swarm.membership import effective_mem_bandwidth, node_json
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.transport.convert import hardware_from_proto, hardware_to_proto
@@ -44,7 +45,7 @@ def test_an_older_node_without_the_field_registers_as_unmeasured():
 
 
 @pytest.mark.parametrize("value, words", [
-    (math.nan, "finite"), (math.inf, "finite"), (-1.0, "plausible"), (5e7, "plausible"), (1e15, "plausible"),
+    (math.nan, "finite"), (math.inf, "finite"), (-1.0, "plausible"), (1e15, "restart swarm-node join"),
     (1.5e16, "plausible"),
 ])
 def test_implausible_figures_are_refused_with_what_to_do(value, words):
@@ -53,6 +54,19 @@ def test_implausible_figures_are_refused_with_what_to_do(value, words):
     with pytest.raises(InvalidRequestError, match=words) as err:
         hardware_from_proto(msg)
     assert "mem_bandwidth_Bps" in str(err.value)
+
+
+@pytest.mark.parametrize("value", [1.0, 5e7, 9.99e7])
+def test_a_starved_probe_under_the_floor_registers_as_unmeasured(value):
+    """A node so loaded that its timed copies crawl is honest and slow: it registers (unmeasured),
+    it is not refused at join (an older node may send such a figure; a new one sends 0)."""
+    msg = hardware_to_proto(HW)
+    msg.mem_bandwidth_Bps = value
+    hw = hardware_from_proto(pb.Hardware.FromString(msg.SerializeToString()))
+    assert hw.mem_bandwidth_Bps == 0.0
+    assert node_json(_node(hw), 0.0)["mem_bandwidth_Bps"] is None
+    assert reported_mem_bandwidth(value) == 0.0
+    assert reported_mem_bandwidth(1e8) == 1e8  # the floor itself is a measurement
 
 
 def test_a_node_claiming_little_compute_still_registers():

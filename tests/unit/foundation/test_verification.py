@@ -22,7 +22,9 @@ def test_fault_config_parses_once_and_refuses_nonsense():
     f = FaultConfig.parse("corrupt-activations=0.2, claim-tflops=10000,stall-after-steps=5")
     assert (f.corrupt_activations, f.claim_tflops, f.stall_after_steps, f.wrong_tokens) == (0.2, 10000.0, 5, 0.0)
     assert not FaultConfig.parse("").any and FaultConfig.parse(None) == FaultConfig()
-    for bad in ("corrupt-activations=2", "fly=1", "stall-after-steps", "claim-tflops=x"):
+    g = FaultConfig.parse("claim-mem-bandwidth=4e8,claim-device=fast gpu")
+    assert (g.claim_mem_bandwidth, g.claim_device, g.any) == (4e8, "fast gpu", True)
+    for bad in ("corrupt-activations=2", "fly=1", "stall-after-steps", "claim-tflops=x", "claim-mem-bandwidth=1e3"):
         with pytest.raises(ConfigError):
             FaultConfig.parse(bad)
 
