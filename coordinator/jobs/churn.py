@@ -147,6 +147,55 @@ def fence_outrun(fence: dict[str, Any], finals: set[str]) -> bool:
     return bool(fence["workers"]) and all(k in finals for k in fence["workers"])
 
 
+# Why a re-plan rolled a job back to a checkpoint (``cause`` of its ``replan`` event,
+# coordinator/jobs/service.py ``_recover``); only these two redo steps by design: a stage lost with
+# no replica to carry on (``stage_lost``), and a node found computing wrong results (``wrong_result``:
+# back to before its first bad step). The others (``fence_timeout``, ``fence_replan_failed``,
+# ``peer_failure``, ``not_started``) are fallbacks where a fence or a start should have lost nothing.
+ROLLBACK_BY_DESIGN = frozenset({"stage_lost", "wrong_result"})
+
+
+def rollback_attempts(events: list[dict[str, Any]]) -> dict[int, int]:
+    """attempt -> resume step of the attempts a re-plan started by rolling back to a checkpoint by
+    design (:data:`ROLLBACK_BY_DESIGN`), from the job's ``replan`` events: ``_recover``'s, or after
+    waiting for a node the one that ends the wait (``waited``; its cause is the ``waiting`` event's
+    before it). A fence's re-plan (``fence``: no rollback) is not one."""
+    out: dict[int, int] = {}
+    cause = ""
+    for e in events:
+        f = e.get("fields") or {}
+        if e.get("kind") != "replan" or f.get("fence") or "attempt" not in f:
+            continue
+        if f.get("waiting"):
+            cause = f.get("cause") or ""
+            continue
+        if (cause if f.get("waited") else f.get("cause")) in ROLLBACK_BY_DESIGN:
+            out[int(f["attempt"])] = int(f.get("resume_step") or 0)
+    return out
+
+
+def split_repeats(doers: dict[tuple[int, int], set[int]], rollbacks: dict[int, int]) -> tuple[list[int], list[int]]:
+    """(steps a rollback redid, steps done twice otherwise) of the steps done by workers of more
+    than one attempt: ``doers``: (step, stage) -> the attempts whose workers reported it;
+    ``rollbacks``: :func:`rollback_attempts`.
+
+    A stage lost without a replica rolls the job back to its last complete checkpoint: the steps
+    from there are done again by design. A step redone between two attempts ``a < b`` that did it
+    is such a redo when an attempt in ``(a, b]`` rolled back to a step at most it; otherwise
+    (a fence's switch, a fence that timed out into a rollback, a late report counted in the wrong
+    attempt) it is work done twice that the protocol promises never happens. A step of a stage counts as the latter if any of its redos is."""
+    redone: set[int] = set()
+    twice: set[int] = set()
+    for (step, _stage), attempts in doers.items():
+        order = sorted(attempts)
+        if len(order) < 2:
+            continue
+        by_rollback = all(any(a < r <= b and rollbacks[r] <= step for r in rollbacks)
+                          for a, b in zip(order, order[1:]))
+        (redone if by_rollback else twice).add(int(step))
+    return sorted(redone - twice), sorted(twice)
+
+
 def replica_counts(num_replicas: int, batch_size: int, micro_batch_size: int) -> list[int]:
     """Replica counts a re-plan may fall back to, most first: ``num_replicas`` down to 1, each
     splitting the global batch into whole micro-batches (the effective batch never changes)."""

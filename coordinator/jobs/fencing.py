@@ -157,7 +157,7 @@ class Fencing:
             # `start` and never reach a step boundary, so a replica-loss fence could only time out
             # (FENCE_TIMEOUT_S; bench/chaos.py saw 60 s without a commit); re-plan from its resume
             # point at once (the checkpoint it started from: nothing is rolled back)
-            self._recover(job, what)
+            self._recover(job, what, cause="not_started" if num_replicas >= 2 and live else "stage_lost")
             return
         now = self.clock.time()
         if fence is None:
@@ -186,7 +186,8 @@ class Fencing:
         elif churn.fence_complete(fence):
             self._complete_fence(job)
         elif self.clock.time() - fence["opened_at"] > FENCE_TIMEOUT_S:
-            self._recover(job, f"the surviving replicas did not stop together within {FENCE_TIMEOUT_S:.0f} s")
+            self._recover(job, f"the surviving replicas did not stop together within {FENCE_TIMEOUT_S:.0f} s",
+                          cause="fence_timeout")
 
     def _complete_fence(self, job: Job) -> None:
         """Every live worker stopped at the switch step with its checkpoint uploaded: re-plan from it."""
@@ -199,7 +200,7 @@ class Fencing:
             _, has_optim = files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model),
                                                  self._stage_dirs(job, step), step=step)
         except (InfeasiblePlanError, SwarmError) as exc:
-            self._recover(job, f"cannot re-plan after the fence ({exc})")
+            self._recover(job, f"cannot re-plan after the fence ({exc})", cause="fence_replan_failed")
             return
         optim = "with its optimizer state" if has_optim else "optimizer state restarts"
         sources, serves = churn.state_sources(old=job.assignments, new=jp.assignments,

@@ -169,6 +169,11 @@ class Reporting:
     def _on_fence_report(self, job: Job, a: dict[str, Any], r: dict[str, Any]) -> Ack:
         with self._lock:
             job = self.store.get(job.id)
+            if job.attempt != r["attempt"] or job.state != "running":
+                # the job moved on since report() looked (a fence completed under this lock): a stale
+                # boundary applied to the new attempt's fence would set its switch step below that
+                # attempt's resume step, and the steps between were done twice
+                return Ack(stop=True, reason=f"stale attempt {r['attempt']} (job is at attempt {job.attempt})")
             fence = job.fence
             if fence is None:
                 return Ack()
