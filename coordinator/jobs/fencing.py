@@ -15,7 +15,8 @@ fence instead of a rollback. The protocol and its pure rules are in
   at the switch step with its checkpoint, re-plan from it (a growth keeps the running pipelines in
   place, :meth:`Fencing._grown_plan`), naming for each worker where its state comes from (a live
   replica, peer to peer, or the coordinator's copy); a fence not done in ``FENCE_TIMEOUT_S``
-  falls back to the last checkpoint; a fence whose live workers all finished the job instead
+  falls back to the last checkpoint, and so does one a worker ran past (it should not happen:
+  coordinator/jobs/churn.py); a fence whose live workers all finished the job instead
   (:func:`coordinator.jobs.churn.fence_outrun`) finishes it with their final checkpoints.
 
 The host class provides ``store``, ``registry``, ``clock``, ``state_dir``, ``_grow_tried``,
@@ -183,6 +184,10 @@ class Fencing:
         if churn.fence_outrun(fence, finals):
             log.info("fence outrun job=%s: the live replicas %s finished the job", job.id, fence["live"])
             self._finish(job, replicas=fence["live"])
+        elif churn.fence_overrun(fence):
+            # a worker past the switch step: its checkpoint at S would hold later weights
+            self._recover(job, f"worker(s) {fence['overrun']} ran past the fence's switch step "
+                          f"{fence['switch_step']}", cause="fence_overrun")
         elif churn.fence_complete(fence):
             self._complete_fence(job)
         elif self.clock.time() - fence["opened_at"] > FENCE_TIMEOUT_S:

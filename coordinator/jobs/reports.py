@@ -184,6 +184,10 @@ class Reporting:
                     log.info("fence switch step job=%s attempt=%d step=%d", job.id, job.attempt, new["switch_step"])
                 if churn.fence_complete(new):
                     self._complete_fence(self.store.get(job.id))
+                elif churn.fence_overrun(new) and not churn.fence_overrun(fence):
+                    log.warning("fence overrun job=%s attempt=%d worker=%s step=%d switch_step=%d", job.id,
+                                job.attempt, churn.key(a["stage"], a["replica"]), r["step"], new["switch_step"])
+                    self._watch_fence(self.store.get(job.id))  # falls back to the last checkpoint
             return Ack(fence=True, switch_step=new["switch_step"])
 
     def _reconnected(self, job: Job) -> None:
