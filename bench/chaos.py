@@ -20,9 +20,11 @@ fault-free one); with the default 600 s and 10 faults that is one fault per ~55 
 time. ``--fault-every-s S`` schedules them by the clock instead (fault k at k*S s), and faults due
 after the job ended do not fire ("faults fired" says how many did).
 
-Reported: steps committed, steps done twice (``repeated_steps``: a rollback to a checkpoint re-does
-steps), the time from each fault to the next committed step, whether the coordinator kill fired
-while the job ran, tokens/s of both runs, and the loss of both final models on the same held-out
+Reported: steps committed, steps done twice (``repeated_steps``) and in brackets how many of them
+a rollback to a checkpoint redid (``rolled_back_steps``: a stage lost without a replica re-does the
+steps since its last checkpoint by design; any other step done twice breaks the fences' promise),
+the time from each fault to the next committed step, whether the coordinator kill fired while the
+job ran, tokens/s of both runs, and the loss of both final models on the same held-out
 text. Prints a table and appends it to docs/benchmarks.md; exits 1 when a run did not succeed or
 the coordinator was not killed during the churn run.
 
@@ -284,6 +286,19 @@ def follow(swarm: Swarm, job_id: str, run: Run, *, faults: list[tuple[tuple[str,
     raise TimeoutError(f"job {job_id} did not end within {timeout_s:.0f} s")
 
 
+def _twice(job: dict) -> str:
+    """Steps done twice, with how many of them a rollback to a checkpoint redid (a stage lost
+    without a replica: by design); the rest a replica loss, a growth or a restart did twice."""
+    return f"{len(job['repeated_steps'])} ({len(job['rolled_back_steps'])})"
+
+
+def _rollbacks(job: dict) -> str:
+    """The causes of the job's rollback re-plans (their ``replan`` events' ``cause``), counted."""
+    causes = [e["fields"]["cause"] for e in job.get("events", [])
+              if e["kind"] == "replan" and e.get("fields", {}).get("cause") and not e["fields"].get("waited")]
+    return ", ".join(f"{c} x{causes.count(c)}" for c in dict.fromkeys(causes)) or "none"
+
+
 def _events(job: dict) -> str:
     """The job's churn events, counted by kind."""
     kinds = [e["kind"] for e in job.get("events", []) if e["kind"] not in ("submitted", "planned", "succeeded")]
@@ -360,12 +375,12 @@ def main(argv: list[str] | None = None) -> int:
             swarm.stop()
     base, churn = runs
     coordinator_killed = any(f.what.startswith("coordinator") for f in churn.faults)
-    rows = [[r.name, r.job["state"], len(r.job["progress"]), len(r.job["repeated_steps"]), f"{r.tokens_per_s:.0f}",
+    rows = [[r.name, r.job["state"], len(r.job["progress"]), _twice(r.job), f"{r.tokens_per_s:.0f}",
              f"{r.heldout_loss:.4f}", f"{len(r.faults)} of {r.scheduled}", _events(r.job),
              "; ".join(f"{f.what} at {f.at_s:.0f} s -> next commit "
                        + (f"{f.next_commit_s:.1f} s" if f.next_commit_s is not None else "never") for f in r.faults)]
             for r in runs]
-    table = markdown_table(["run", "state", "steps committed", "steps done twice", "tokens/s", "held-out loss",
+    table = markdown_table(["run", "state", "steps committed", "steps done twice (rollback redos)", "tokens/s", "held-out loss",
                             "faults fired", "events", "fault -> next committed step"], rows)
     ratio = churn.tokens_per_s / base.tokens_per_s if base.tokens_per_s else float("nan")
     schedule = ("after the coordinator's return" if args.quick else f"every {args.fault_every_s:.0f} s"
@@ -381,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{'yes' if coordinator_killed else 'NO'}. Churn / fault-free tokens/s: {ratio:.2f}; held-out loss "
              f"difference: {churn.heldout_loss - base.heldout_loss:+.4f} nats; fault -> next committed step: "
              + (f"median {statistics.median(gaps):.1f} s, max {max(gaps):.1f} s" if gaps else "-")
+             + f". Rollback causes (churn run): {_rollbacks(churn.job)}; steps done twice in brackets are those "
+             "rollbacks by design (stage_lost, wrong_result) redid"
              + f". Whole benchmark: {time.monotonic() - t_start:.0f} s.")
     print(table)
     print(notes)
@@ -389,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                           "faults_scheduled": churn.scheduled, "faults_fired": len(churn.faults),
                           "runs": [{"name": r.name, "state": r.job["state"], "reason": r.job.get("reason", ""),
                                     "steps": len(r.job["progress"]), "repeated_steps": r.job["repeated_steps"],
+                                    "rolled_back_steps": r.job["rolled_back_steps"],
                                     "tokens_per_s": r.tokens_per_s, "heldout_loss": r.heldout_loss,
                                     "faults": [f.__dict__ for f in r.faults],
                                     "events": [{"at_s": round(e["at"] - r.job["events"][0]["at"], 1), "kind": e["kind"],

@@ -196,7 +196,10 @@ class JobDetail:
     last_complete_checkpoint: int | None
     resumed_from: Mapping[str, Any] | None  # {"job_id", "step"} when started with `swarm train --resume`
     events: tuple[JobEvent, ...]  # oldest first
-    repeated_steps: tuple[int, ...]  # steps workers of two attempts both did (a re-plan's rollback)
+    repeated_steps: tuple[int, ...]  # steps workers of two attempts both did (work done twice)
+    # of those, the steps a rollback to a checkpoint redid (a stage lost without a replica: by
+    # design); the others were done twice where the protocol promises not (coordinator/jobs/churn.py)
+    rolled_back_steps: tuple[int, ...]
     # training spot checks since the coordinator started (coordinator/jobs/spotchecks.py Judge.stats):
     # {"checks", "weighed", "unverifiable", "mismatches"}
     spot_checks: Mapping[str, int]
@@ -205,6 +208,7 @@ class JobDetail:
         if not isinstance(self.id, str) or not self.id:
             raise ValueError("a job detail needs a non-empty id")
         object.__setattr__(self, "repeated_steps", tuple(int(x) for x in self.repeated_steps))
+        object.__setattr__(self, "rolled_back_steps", tuple(int(x) for x in self.rolled_back_steps))
         for name, cls in _NESTED.items():
             items = tuple(getattr(self, name))
             if not all(isinstance(x, cls) for x in items):
@@ -229,6 +233,7 @@ class JobDetail:
         out = _plain_json(self)
         out["model"] = self.model.to_json()
         out["repeated_steps"] = list(self.repeated_steps)
+        out["rolled_back_steps"] = list(self.rolled_back_steps)
         for name in _NESTED:
             out[name] = [x.to_json() for x in getattr(self, name)]
         return out

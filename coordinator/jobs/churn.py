@@ -16,10 +16,11 @@ node cannot run, the others (``live``) can. The job is not rolled back:
    ``fence``; averaging between replicas is skipped from then on (each pipeline uses its own
    gradients), so nobody waits for the dead replica;
 2. each live worker reports ``fence`` at its next step boundary ``b`` (before starting step
-   ``b``); stage 0 of a pipeline does not start the next step until the switch step is known,
-   and every other stage can only run the steps stage 0 starts;
-3. once every live stage 0 reported, the switch step ``S`` is the largest of their boundaries
-   (:func:`on_fence_report`): every live worker runs up to ``S`` (stage 0s that stopped earlier
+   ``b``; a worker waiting for an input of step ``b`` reports ``b`` too); stage 0 of a pipeline
+   does not start the next step until the switch step is known, and every other stage can only
+   run the steps stage 0 starts;
+3. once every live worker reported, the switch step ``S`` is the largest of their boundaries
+   (:func:`on_fence_report`): every live worker runs up to ``S`` (those that stopped earlier
    carry on), saves and uploads a full checkpoint at ``S`` and reports ``fenced``;
 4. once every live worker is ``fenced`` (:func:`fence_complete`), the job is re-planned from
    step ``S`` with the checkpoint just taken: the surviving pipelines carry the whole batch
@@ -54,6 +55,24 @@ nothing is rolled back.
 **Outrun fence**: when every live worker already delivered its final checkpoint (the replica
 was lost in the last steps and noticed after the survivors ended: :func:`fence_outrun`), the
 job finishes with the live pipelines' final checkpoints; nothing is re-planned.
+
+**Why every live worker's boundary, not only stage 0's.** ``S`` must never be below a live
+worker's position: a worker past ``S`` cannot stop there (its weights hold the steps after
+``S``), and whatever it did from ``S`` on is done again by the new attempt. Stage 0's boundary
+bounds its pipeline only while the coordinator knows where stage 0 is, and a worker's position
+is only known from its own report: the workers train on through a coordinator outage
+(node/training/membership.py), so after a restart the coordinator's picture of the job (its
+progress rows, a report re-sent late) can lag the workers by many steps, and a report that
+raced a fence's opening may come from an earlier boundary. Waiting for a report from every live
+worker costs at most one assignment poll or switch-step poll (under 1 s): a worker blocked on an
+input polls during a fence (``SWITCH_POLL_S``). Once every live worker reported, stage 0s stand
+still at their boundaries (they wait for ``S``) and every other stage can only run the steps
+they started, so nobody passes the max. A ``fence`` report beyond ``S`` after it is set breaks
+that reasoning (it should not happen): the fence is marked ``overrun`` and the job falls back to
+its last checkpoint at once (:func:`fence_overrun`; ``cause`` ``fence_overrun``, work done twice,
+not a rollback by design) instead of re-planning from a checkpoint labelled ``S`` that holds later
+weights; the worker past ``S`` neither stops at ``S`` nor runs on: it waits at its boundary
+until the re-plan stops it.
 
 Nothing is done twice: steps ``< S`` ran in the old attempt, steps ``>= S`` run in the new one.
 The step in flight when the replica died and the steps up to ``S`` (usually 0-2) run without
@@ -123,12 +142,21 @@ def on_fence_report(fence: dict[str, Any], *, stage: int, replica: int, state: s
     fence = {**fence, "ready": dict(fence["ready"]), "done": dict(fence["done"])}
     if state == "fence":
         fence["ready"][k] = max(int(step), fence["ready"].get(k, 0))
+        if fence["switch_step"] and step > fence["switch_step"]:
+            fence["overrun"] = sorted(set(fence.get("overrun") or []) | {k})  # see the module docstring
     elif state == "fenced" and fence["switch_step"] and step == fence["switch_step"]:
         fence["done"][k] = int(step)
-    if not fence["switch_step"] and fence["stage0"] and all(s in fence["ready"] for s in fence["stage0"]):
-        # the furthest stage 0: nobody is past it (other stages only run the steps a stage 0 started)
-        fence["switch_step"] = max(fence["ready"][s] for s in fence["stage0"])
+    if not fence["switch_step"] and fence["stage0"] and all(w in fence["ready"] for w in fence["workers"]):
+        # the furthest live worker: nobody is past it (module docstring: not only stage 0's)
+        fence["switch_step"] = max(fence["ready"][w] for w in fence["workers"])
     return fence
+
+
+def fence_overrun(fence: dict[str, Any]) -> bool:
+    """A live worker reported a boundary past the switch step: the fence cannot re-plan from ``S``
+    without doing that worker's steps after ``S`` twice (on top of themselves); the job falls back
+    to its last complete checkpoint."""
+    return bool(fence.get("overrun"))
 
 
 def fence_complete(fence: dict[str, Any]) -> bool:
@@ -145,6 +173,56 @@ def fence_outrun(fence: dict[str, Any], finals: set[str]) -> bool:
     behind them: no switch step can come and the fence would time out into a rollback. Their
     final checkpoints (every replica uploads its final weights) are the job's result instead."""
     return bool(fence["workers"]) and all(k in finals for k in fence["workers"])
+
+
+# Why a re-plan rolled a job back to a checkpoint (``cause`` of its ``replan`` event,
+# coordinator/jobs/service.py ``_recover``); only these two redo steps by design: a stage lost with
+# no replica to carry on (``stage_lost``), and a node found computing wrong results (``wrong_result``:
+# back to before its first bad step). The others (``fence_timeout``, ``fence_replan_failed``,
+# ``fence_overrun``, ``peer_failure``, ``not_started``) are fallbacks where a fence or a start
+# should have lost nothing.
+ROLLBACK_BY_DESIGN = frozenset({"stage_lost", "wrong_result"})
+
+
+def rollback_attempts(events: list[dict[str, Any]]) -> dict[int, int]:
+    """attempt -> resume step of the attempts a re-plan started by rolling back to a checkpoint by
+    design (:data:`ROLLBACK_BY_DESIGN`), from the job's ``replan`` events: ``_recover``'s, or after
+    waiting for a node the one that ends the wait (``waited``; its cause is the ``waiting`` event's
+    before it). A fence's re-plan (``fence``: no rollback) is not one."""
+    out: dict[int, int] = {}
+    cause = ""
+    for e in events:
+        f = e.get("fields") or {}
+        if e.get("kind") != "replan" or f.get("fence") or "attempt" not in f:
+            continue
+        if f.get("waiting"):
+            cause = f.get("cause") or ""
+            continue
+        if (cause if f.get("waited") else f.get("cause")) in ROLLBACK_BY_DESIGN:
+            out[int(f["attempt"])] = int(f.get("resume_step") or 0)
+    return out
+
+
+def split_repeats(doers: dict[tuple[int, int], set[int]], rollbacks: dict[int, int]) -> tuple[list[int], list[int]]:
+    """(steps a rollback redid, steps done twice otherwise) of the steps done by workers of more
+    than one attempt: ``doers``: (step, stage) -> the attempts whose workers reported it;
+    ``rollbacks``: :func:`rollback_attempts`.
+
+    A stage lost without a replica rolls the job back to its last complete checkpoint: the steps
+    from there are done again by design. A step redone between two attempts ``a < b`` that did it
+    is such a redo when an attempt in ``(a, b]`` rolled back to a step at most it; otherwise
+    (a fence's switch, a fence that timed out into a rollback, a late report counted in the wrong
+    attempt) it is work done twice that the protocol promises never happens. A step of a stage counts as the latter if any of its redos is."""
+    redone: set[int] = set()
+    twice: set[int] = set()
+    for (step, _stage), attempts in doers.items():
+        order = sorted(attempts)
+        if len(order) < 2:
+            continue
+        by_rollback = all(any(a < r <= b and rollbacks[r] <= step for r in rollbacks)
+                          for a, b in zip(order, order[1:]))
+        (redone if by_rollback else twice).add(int(step))
+    return sorted(redone - twice), sorted(twice)
 
 
 def replica_counts(num_replicas: int, batch_size: int, micro_batch_size: int) -> list[int]:

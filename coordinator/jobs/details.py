@@ -10,6 +10,7 @@ from typing import Any
 from swarm.job_detail import JobDetail
 from swarm.model.config import ModelConfig
 
+from coordinator.jobs import churn
 from coordinator.jobs.store import Job
 
 
@@ -66,5 +67,7 @@ class Details:
             "resumed_from": job.resumed_from,
             "events": self.store.events(job.id),
             "repeated_steps": self.store.repeated_steps(job.id),
+            "rolled_back_steps": churn.split_repeats(self.store.repeat_attempts(job.id),
+                                                     churn.rollback_attempts(self.store.events(job.id)))[0],
             "spot_checks": self.judge.stats(job.id),
         })

@@ -15,7 +15,8 @@ fence instead of a rollback. The protocol and its pure rules are in
   at the switch step with its checkpoint, re-plan from it (a growth keeps the running pipelines in
   place, :meth:`Fencing._grown_plan`), naming for each worker where its state comes from (a live
   replica, peer to peer, or the coordinator's copy); a fence not done in ``FENCE_TIMEOUT_S``
-  falls back to the last checkpoint; a fence whose live workers all finished the job instead
+  falls back to the last checkpoint, and so does one a worker ran past (it should not happen:
+  coordinator/jobs/churn.py); a fence whose live workers all finished the job instead
   (:func:`coordinator.jobs.churn.fence_outrun`) finishes it with their final checkpoints.
 
 The host class provides ``store``, ``registry``, ``clock``, ``state_dir``, ``_grow_tried``,
@@ -157,7 +158,7 @@ class Fencing:
             # `start` and never reach a step boundary, so a replica-loss fence could only time out
             # (FENCE_TIMEOUT_S; bench/chaos.py saw 60 s without a commit); re-plan from its resume
             # point at once (the checkpoint it started from: nothing is rolled back)
-            self._recover(job, what)
+            self._recover(job, what, cause="not_started" if num_replicas >= 2 and live else "stage_lost")
             return
         now = self.clock.time()
         if fence is None:
@@ -183,10 +184,15 @@ class Fencing:
         if churn.fence_outrun(fence, finals):
             log.info("fence outrun job=%s: the live replicas %s finished the job", job.id, fence["live"])
             self._finish(job, replicas=fence["live"])
+        elif churn.fence_overrun(fence):
+            # a worker past the switch step: its checkpoint at S would hold later weights
+            self._recover(job, f"worker(s) {fence['overrun']} ran past the fence's switch step "
+                          f"{fence['switch_step']}", cause="fence_overrun")
         elif churn.fence_complete(fence):
             self._complete_fence(job)
         elif self.clock.time() - fence["opened_at"] > FENCE_TIMEOUT_S:
-            self._recover(job, f"the surviving replicas did not stop together within {FENCE_TIMEOUT_S:.0f} s")
+            self._recover(job, f"the surviving replicas did not stop together within {FENCE_TIMEOUT_S:.0f} s",
+                          cause="fence_timeout")
 
     def _complete_fence(self, job: Job) -> None:
         """Every live worker stopped at the switch step with its checkpoint uploaded: re-plan from it."""
@@ -199,7 +205,7 @@ class Fencing:
             _, has_optim = files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model),
                                                  self._stage_dirs(job, step), step=step)
         except (InfeasiblePlanError, SwarmError) as exc:
-            self._recover(job, f"cannot re-plan after the fence ({exc})")
+            self._recover(job, f"cannot re-plan after the fence ({exc})", cause="fence_replan_failed")
             return
         optim = "with its optimizer state" if has_optim else "optimizer state restarts"
         sources, serves = churn.state_sources(old=job.assignments, new=jp.assignments,

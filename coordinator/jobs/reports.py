@@ -169,6 +169,11 @@ class Reporting:
     def _on_fence_report(self, job: Job, a: dict[str, Any], r: dict[str, Any]) -> Ack:
         with self._lock:
             job = self.store.get(job.id)
+            if job.attempt != r["attempt"] or job.state != "running":
+                # the job moved on since report() looked (a fence completed under this lock): a stale
+                # boundary applied to the new attempt's fence would set its switch step below that
+                # attempt's resume step, and the steps between were done twice
+                return Ack(stop=True, reason=f"stale attempt {r['attempt']} (job is at attempt {job.attempt})")
             fence = job.fence
             if fence is None:
                 return Ack()
@@ -179,6 +184,10 @@ class Reporting:
                     log.info("fence switch step job=%s attempt=%d step=%d", job.id, job.attempt, new["switch_step"])
                 if churn.fence_complete(new):
                     self._complete_fence(self.store.get(job.id))
+                elif churn.fence_overrun(new) and not churn.fence_overrun(fence):
+                    log.warning("fence overrun job=%s attempt=%d worker=%s step=%d switch_step=%d", job.id,
+                                job.attempt, churn.key(a["stage"], a["replica"]), r["step"], new["switch_step"])
+                    self._watch_fence(self.store.get(job.id))  # falls back to the last checkpoint
             return Ack(fence=True, switch_step=new["switch_step"])
 
     def _reconnected(self, job: Job) -> None:

@@ -241,7 +241,7 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
         for v in verdicts:
             self._quarantine(job, v)
         if dispute and not verdicts:
-            self._recover(job, "two stages blame each other for stopping")
+            self._recover(job, "two stages blame each other for stopping", cause="peer_failure")
             return
         lost: dict[str, str] = {}
         for a in job.assignments:
@@ -256,7 +256,8 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
         if lost and job.id in self._first_bad and any(st == "quarantined" for st in lost.values()):
             # a node computed something wrong: every replica may hold its effect (averaged
             # gradients), so roll back to before the first bad step instead of fencing the survivors
-            self._recover(job, ", ".join(f"node {n[:12]} is {st}" for n, st in sorted(lost.items())))
+            self._recover(job, ", ".join(f"node {n[:12]} is {st}" for n, st in sorted(lost.items())),
+                          cause="wrong_result")
             return
         if lost:
             self._on_lost(job, lost)
@@ -268,7 +269,7 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
         # a blamed neighbour is weighed first (Judge.resolve_blames): it may be a staller to quarantine
         if failed and self.clock.time() - failed[0] > PEER_FAILURE_GRACE_S and not self.judge.has_blames(job.id):
             # a worker lost its neighbour but no node is lost: a broken link, a crashed worker
-            self._recover(job, failed[1])
+            self._recover(job, failed[1], cause="peer_failure")
             return
         # from the store, not memory: a coordinator restarted mid-job still sees the stages that finished
         done = {(c["stage"], c["replica"]) for c in self.store.checkpoints(job.id) if c["final"]}
@@ -279,7 +280,7 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
         self._maybe_grow(job)
         self._maybe_rebalance(job)
 
-    def _recover(self, job: Job, what: str) -> None:
+    def _recover(self, job: Job, what: str, *, cause: str) -> None:
         """Re-plan a running job that lost a stage over the idle online nodes, resuming after its
         last complete checkpoint; with no nodes for it, wait for some (pending, with the reason)
         for up to ``--node-wait-s``; fail it (keeping the checkpoints) after too many re-plans in a
@@ -326,7 +327,7 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
                                      resume_step=resume) is not None:
                 self.store.add_event(job.id, "replan", f"waiting for a node: no idle node can take over ({exc}); "
                                      f"will resume from step {resume}", attempt=job.attempt, resume_step=resume,
-                                     waiting=True, **({"from_keepers": sorted(lost)} if lost else {}))
+                                     waiting=True, cause=cause, **({"from_keepers": sorted(lost)} if lost else {}))
             return
         except SwarmError as exc:
             self._fail(job, f"{what}; cannot re-plan ({exc}); {self._checkpoint_note(job.id)}")
@@ -339,7 +340,7 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
             kept = f"; stage(s) {sorted(lost)} from their keepers' copies" if lost else ""
             self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on "
                                  f"{len({a['node_id'] for a in jp.assignments})} node(s): resuming from step {resume} "
-                                 f"({optim}{kept})", attempt=job.attempt + 1, resume_step=resume,
+                                 f"({optim}{kept})", attempt=job.attempt + 1, resume_step=resume, cause=cause,
                                  **({"from_keepers": sorted(lost)} if lost else {}))
 
     def _drop_checkpoints_after(self, job: Job, step: int) -> None:

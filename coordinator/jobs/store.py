@@ -322,6 +322,19 @@ class JobStore:
                 " ORDER BY step", (job_id,)).fetchall()
         return sorted({r[0] for r in rows})
 
+    def repeat_attempts(self, job_id: str) -> dict[tuple[int, int], set[int]]:
+        """(step, stage) -> the attempts whose workers reported it, for those more than one did
+        (:meth:`repeated_steps`; churn.split_repeats tells a rollback's redo from the rest)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT step, stage, attempt FROM job_progress WHERE job_id = ? AND (step, stage) IN (SELECT step, stage"
+                " FROM job_progress WHERE job_id = ? GROUP BY step, stage HAVING COUNT(DISTINCT attempt) > 1)",
+                (job_id, job_id)).fetchall()
+        out: dict[tuple[int, int], set[int]] = {}
+        for step, stage, attempt in rows:
+            out.setdefault((int(step), int(stage)), set()).add(int(attempt))
+        return out
+
     def set_reason(self, job_id: str, reason: str) -> None:
         with self._lock, self._conn:
             self._conn.execute("UPDATE jobs SET reason = ?, updated_at = ? WHERE id = ?", (reason, self._clock.time(), job_id))

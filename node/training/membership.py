@@ -124,8 +124,23 @@ class Membership:
         while self.a.is_first and not self.switch_step:
             self.stop.wait(POLL_S)
             self._report("fence", step)
-        if self.switch_step and step >= self.switch_step:
+        if self.switch_step and step > self.switch_step:
+            self._wait_past_switch(step)
+        if self.switch_step and step == self.switch_step:
             raise FenceReached()
+
+    def _wait_past_switch(self, step: int) -> None:
+        """The worker stands at boundary ``step``, past the switch step (coordinator/jobs/churn.py
+        says why that should not happen). It cannot stop at the switch step (its weights hold the
+        steps after it) and must not run on (each step would be done again by the re-plan): it
+        keeps reporting its boundary, which makes the coordinator fall back to its last checkpoint
+        (fence ``overrun``), until the coordinator stops this attempt (PeerError, stop set)."""
+        log.error("fence: job=%s attempt=%d stage=%d replica=%d stands at step %d, past the switch step %d; "
+                  "waiting for the coordinator to re-plan", self.a.job_id, self.a.attempt, self.a.stage,
+                  self.a.replica, step, self.switch_step)
+        while True:
+            self.stop.wait(SWITCH_POLL_S)
+            self._report("fence", step)
 
     def while_waiting(self, step: int) -> None:
         """Called while the worker waits for an input of ``step``: raises FenceReached when
@@ -134,17 +149,20 @@ class Membership:
         step arrives with progress replies and assignment polls; a worker waiting during a fence
         whose switch step it does not know yet also asks for it (every ``SWITCH_POLL_S``), or it
         would wait out its peer timeout and blame a stage 0 that stopped at the switch step."""
-        # only a stage after the first asks: its "fence" report does not set the switch step (a
-        # stage 0's boundary does), while a stage 0 asking from inside a step would name a step it
-        # is about to finish as its boundary (that step was then done by both attempts)
-        if not self.a.is_first and self.fence_pending.is_set() and not self.switch_step \
+        # only a stage after the first asks (its report of the step it waits for is its boundary,
+        # one the coordinator waits for before it sets the switch step), while a stage 0 asking
+        # from inside a step would name a step it is about to finish as its boundary (that step
+        # was then done by both attempts). A worker waiting past the switch step says so: the
+        # coordinator falls back to its last checkpoint (churn.py, fence "overrun")
+        past = bool(self.switch_step) and step > self.switch_step
+        if not self.a.is_first and self.fence_pending.is_set() and (past or not self.switch_step) \
                 and time.monotonic() - self._last_switch_poll >= SWITCH_POLL_S:
             self._last_switch_poll = time.monotonic()
             try:  # one try: the wait itself must not block on a coordinator outage
                 self.on_ack(self.client.report(self._request("fence", step)))
             except SwarmError as exc:
                 log.debug("switch step poll failed: %s", exc)
-        if self.fence_pending.is_set() and self.switch_step and step >= self.switch_step:
+        if self.fence_pending.is_set() and self.switch_step and step == self.switch_step:
             raise FenceReached()
 
     def fenced(self, step: int) -> None:

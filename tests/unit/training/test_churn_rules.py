@@ -40,6 +40,9 @@ def test_replica_fence_switches_at_the_furthest_stage0_and_completes_when_all_fe
     f = churn.on_fence_report(f, stage=2, replica=2, state="fence", step=6)
     assert f["switch_step"] == 0  # stage 0 of pipeline 2 has not reported
     f = churn.on_fence_report(f, stage=0, replica=2, state="fence", step=8)
+    assert f["switch_step"] == 0  # every stage 0 reported, but not every live worker (1:0, 1:2, 2:0)
+    for s, r in [(1, 0), (1, 2), (2, 0)]:
+        f = churn.on_fence_report(f, stage=s, replica=r, state="fence", step=7)
     assert f["switch_step"] == 8
     for k in f["workers"]:
         s, r = map(int, k.split(":"))

@@ -181,3 +181,20 @@ def test_a_rollback_forgets_the_final_checkpoints_of_the_attempt_it_throws_away(
     _final(service, tmp_path / "a2", job, new0)
     service.tick()
     assert service.store.get("j1").state == "running"  # waits for the new attempt's stage 1
+
+
+@pytest.mark.timeout(30)
+def test_a_fence_report_of_an_attempt_that_ended_meanwhile_changes_no_fence(tmp_path):
+    """report() checks the attempt before it takes the fence lock; a fence that completes meanwhile
+    (under that lock) re-plans the job. The late report's boundary must not become the switch step
+    of the new attempt's fence: that would stop it below its resume step and redo the steps between."""
+    service, stale = _running_2x2(tmp_path)
+    stage0 = next(a for a in stale.assignments if (a["stage"], a["replica"]) == (0, 1))
+    job = service.store.replan("j1", plan=stale.plan, assignments=stale.assignments, attempt=2, resume_step=5,
+                               expect_attempt=1, reason="a fence completed")
+    fence = churn.open_fence(attempt=2, assignments=job.assignments, live=[0, 1], lost=[], at_s=0.0, grow_to=2)
+    assert service.store.set_fence("j1", fence, expect_attempt=2)
+    r = progress_from_pb(pb.ProgressReport(job_id="j1", attempt=1, stage=0, replica=1, step=3, state="fence"))
+    ack = service._on_fence_report(stale, stage0, r)
+    assert ack.stop and not ack.switch_step
+    assert service.store.get("j1").fence == fence  # no boundary, no switch step from attempt 1

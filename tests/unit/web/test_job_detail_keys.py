@@ -36,7 +36,7 @@ def _detail_json() -> dict:
         "result_ready": False, "last_complete_checkpoint": None, "resumed_from": None,
         "events": [{"seq": 1, "at": 1.0, "kind": "submitted", "message": "submitted: 10 steps",
                     "fields": {"total_steps": 10}}],
-        "repeated_steps": [],
+        "repeated_steps": [], "rolled_back_steps": [],
         "spot_checks": {"checks": 4, "weighed": 3, "unverifiable": 1, "mismatches": 0},
     }
 
