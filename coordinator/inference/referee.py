@@ -79,7 +79,9 @@ class RefereeReplays:
     result) and returns True, or returns False at once (void)."""
 
     def __init__(self, referee: Referee, clock, *, tokens_per_s: float | None = None,
-                 flops_per_s: float = REFEREE_FLOPS_PER_S, max_queue: int = MAX_REFEREE_QUEUE) -> None:
+                 flops_per_s: float = REFEREE_FLOPS_PER_S, max_queue: int = MAX_REFEREE_QUEUE,
+                 executor=None) -> None:
+        """``executor``: runs the replays (default: one worker thread of its own)."""
         self.referee = referee
         self._clock = clock
         self._tokens_per_s = tokens_per_s
@@ -88,7 +90,8 @@ class RefereeReplays:
         self._lock = threading.Lock()
         self._budgets: dict[str, TokenBudget] = {}
         self._queued = 0
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="referee")
+        self._own_pool = executor is None
+        self._pool = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="referee")
 
     def rate(self, m) -> float:
         """Replay tokens per second model ``m`` (an engine's ServedModel) may spend on the referee."""
@@ -141,4 +144,5 @@ class RefereeReplays:
         return True
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._own_pool:
+            self._pool.shutdown(wait=False, cancel_futures=True)
