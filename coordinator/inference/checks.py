@@ -1,4 +1,4 @@
-"""Spot checks of served chains: replay on another chain, second opinion, quarantine.
+"""Spot checks of served chains: replay on another chain or the referee, second opinion, quarantine.
 
 Protocol (coordinator side; the commitments and the decision are swarm/inference/verify.py):
 
@@ -26,7 +26,7 @@ Protocol (coordinator side; the commitments and the decision are swarm/inference
   is full. Each held step is compared on its own (``agree``): its serving chain's commitments
   of that step against the replay's at that row.
 - When they disagree, the coordinator recomputes the context from the checkpoint it serves
-  (:class:`Referee`, CPU float32, only on disagreement) and ``resolve`` decides: a node whose
+  (:class:`Referee`, CPU float32; between two chains only on disagreement) and ``resolve`` decides: a node whose
   own commitment is wrong is quarantined (the registry's state ``quarantined`` with the
   reason: it gets no new work), a chain judged wrong is failed (its sessions are replayed,
   prompt + released tokens, on a healthy chain: the client sees a pause), and the held token
@@ -53,9 +53,24 @@ Protocol (coordinator side; the commitments and the decision are swarm/inference
   chain's caches begin with pushed KV (``ChainResult.cache_pushed``): a stage's wrong output
   from a right input may be the pusher's, so it is not blamed (the chain is retired and the node
   avoided for a while, ``engine.suspect``); a wrong token from right logits still is.
-- Without another ready chain (one replica, or the other one busy) the check is void and the
-  token is released unchecked; so is it when the checking chain fails before answering. While
-  a model has no other ready chain at all, its steps ask no commitments and draw no checks
+- Without another ready chain with room (one replica, or the others full) the window is
+  replayed on the **referee** instead (:meth:`Checks._referee_replay`, coordinator/inference/
+  referee.py): one CPU float32 prefill of the context from the checkpoint gives every held row's
+  boundary sketches and allowed tokens, and each held step is judged against them alone
+  (``resolve_by_reference``: the stage whose own output is wrong is quarantined, the chain is
+  failed, its sessions replayed on a healthy or re-placed chain, the token released only when
+  right), concluding in step order as above. Where it runs is swarm/inference/referee.py
+  ``choose_checker``: a chain with room first (a prefill riding in its batch); a full chain is
+  not waited for (a slot frees only when one of its sessions ends, all the while the tokens are
+  held), so the referee whenever it may; else void. The referee is bounded per model by a
+  budget of replay tokens per second (``TokenBudget``; default REFEREE_FLOPS_PER_S over the
+  model's size, ~1.4 tokens/s for 7B parameters) and, all models together, by MAX_REFEREE_QUEUE
+  replays waiting; it runs on its own worker thread, never on a gRPC or driver thread. Over
+  budget the window is void and counted (``num_referee_void``; its steps in ``num_checks_void``).
+- The check is void and the token released unchecked when nobody can replay it (no chain with
+  room, the referee over budget or off), or when the checking chain fails before answering (or
+  the referee cannot recompute). While a model has no other ready chain and no referee budget
+  (``referee_tokens_per_s=0``), its steps ask no commitments and draw no checks
   (:meth:`Checks.can_check`): they could only be void.
 """
 
