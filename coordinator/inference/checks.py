@@ -247,8 +247,9 @@ class Checks:
             return None
 
     def begin(self, serving, s) -> None:
-        """Replay session ``s``'s batch of held steps on another chain than ``serving`` (a Replica);
-        each held token is released (``serving.release``) or withheld when its check ends."""
+        """Replay session ``s``'s batch of held steps on another chain than ``serving`` (a Replica)
+        with room, else on the referee within its budget, else void; each held token is released
+        (``serving.release``) or withheld when its check ends."""
         batch, s.check_batch = s.check_batch, []
         if not batch:
             return

@@ -88,7 +88,7 @@ class ServedModel:
     heal_note: str = ""  # why the model is below its replica count, when the healer waits
     num_checks: int = 0  # spot checks concluded (coordinator/inference/checks.py)
     num_check_failures: int = 0  # of them, the chains disagreed
-    num_checks_void: int = 0  # sampled steps released unchecked (no other chain could replay them)
+    num_checks_void: int = 0  # sampled steps released unchecked (no other chain nor the referee could replay them)
     num_referee_checks: int = 0  # of num_checks, steps whose window the coordinator's referee replayed
     num_referee_void: int = 0  # windows void because the referee was over its budget (or backlog)
 

@@ -159,7 +159,7 @@ class ModelRecord:
     verify_prob: float = 0.0  # fraction of session steps spot-checked (0: off)
     num_checks: int = 0  # spot checks done since the model was placed
     num_check_failures: int = 0  # of them, the chains disagreed
-    num_checks_void: int = 0  # sampled steps released unchecked (no other chain could replay them)
+    num_checks_void: int = 0  # sampled steps released unchecked (no other chain nor the referee could replay them)
     num_referee_checks: int = 0  # of num_checks, steps whose window the coordinator's referee replayed
     num_referee_void: int = 0  # windows void because the referee was over its budget
     routes_enabled: bool = False  # sessions take per-request routes (swarm serve --routes)
