@@ -1,4 +1,4 @@
-"""Spot checks of served chains: replay on another chain, second opinion, quarantine.
+"""Spot checks of served chains: replay on another chain or the referee, second opinion, quarantine.
 
 Protocol (coordinator side; the commitments and the decision are swarm/inference/verify.py):
 
@@ -26,7 +26,7 @@ Protocol (coordinator side; the commitments and the decision are swarm/inference
   is full. Each held step is compared on its own (``agree``): its serving chain's commitments
   of that step against the replay's at that row.
 - When they disagree, the coordinator recomputes the context from the checkpoint it serves
-  (:class:`Referee`, CPU float32, only on disagreement) and ``resolve`` decides: a node whose
+  (:class:`Referee`, CPU float32; between two chains only on disagreement) and ``resolve`` decides: a node whose
   own commitment is wrong is quarantined (the registry's state ``quarantined`` with the
   reason: it gets no new work), a chain judged wrong is failed (its sessions are replayed,
   prompt + released tokens, on a healthy chain: the client sees a pause), and the held token
@@ -53,32 +53,45 @@ Protocol (coordinator side; the commitments and the decision are swarm/inference
   chain's caches begin with pushed KV (``ChainResult.cache_pushed``): a stage's wrong output
   from a right input may be the pusher's, so it is not blamed (the chain is retired and the node
   avoided for a while, ``engine.suspect``); a wrong token from right logits still is.
-- Without another ready chain (one replica, or the other one busy) the check is void and the
-  token is released unchecked; so is it when the checking chain fails before answering. While
-  a model has no other ready chain at all, its steps ask no commitments and draw no checks
+- Without another ready chain with room (one replica, or the others full) the window is
+  replayed on the **referee** instead (:meth:`Checks._referee_replay`, coordinator/inference/
+  referee.py): one CPU float32 prefill of the context from the checkpoint gives every held row's
+  boundary sketches and allowed tokens, and each held step is judged against them alone
+  (``resolve_by_reference``: the stage whose own output is wrong is quarantined, the chain is
+  failed, its sessions replayed on a healthy or re-placed chain, the token released only when
+  right), concluding in step order as above. Where it runs is swarm/inference/referee.py
+  ``choose_checker``: a chain with room first (a prefill riding in its batch); a full chain is
+  not waited for (a slot frees only when one of its sessions ends, all the while the tokens are
+  held), so the referee whenever it may; else void. The referee is bounded per model by a
+  budget of replay tokens per second (``TokenBudget``; default REFEREE_FLOPS_PER_S over the
+  model's size, ~1.4 tokens/s for 7B parameters) and, all models together, by MAX_REFEREE_QUEUE
+  replays waiting; it runs on its own worker thread, never on a gRPC or driver thread. Over
+  budget the window is void and counted (``num_referee_void``; its steps in ``num_checks_void``).
+- The check is void and the token released unchecked when nobody can replay it (no chain with
+  room, the referee over budget or off), or when the checking chain fails before answering (or
+  the referee cannot recompute). While a model has no other ready chain and no referee budget
+  (``referee_tokens_per_s=0``), its steps ask no commitments and draw no checks
   (:meth:`Checks.can_check`): they could only be void.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-
-import torch
 
 from coordinator.inference.probation import Probations
+from coordinator.inference.referee import Referee, RefereeReplays
+from swarm.clock import SystemClock
 from swarm.inference.stage_runtime import StepEntry
-from swarm.inference.verify import ChainResult, Reference, allowed_tokens, agree, resolve, sketch
-from swarm.model.checkpoint import load_stage
+from swarm.inference.verify import ChainResult, Reference, agree, resolve, resolve_by_reference
 
 log = logging.getLogger(__name__)
 
-MAX_REFEREE_STAGES = 8  # loaded segments the referee keeps (least recently used dropped first)
 _WAITING = object()  # a check slot whose other chain has not answered yet
+# The checker of a window the referee replayed, for probation (it holds no node, so it blames none)
+REFEREE_CHAIN = ChainResult(replica=-1, stages=(), token=-1)
 
 
 # Check windows: the unit sampled (issue 13). A window is a run of a session's consecutive steps,
@@ -144,45 +157,21 @@ class CheckTask:
     done: Callable[[dict[int, ChainResult] | None], None]
 
 
-class Referee:
-    """The second opinion: recomputes a context from the checkpoint, segment by segment between
-    the layer boundaries the disputing chains have. One recomputation at a time."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._stages: dict[tuple, torch.nn.Module] = {}
-
-    def _stage(self, directory: Path, digest: str, first: int, last: int, *, num_layers: int):
-        key = (str(directory), digest, first, last)
-        stage = self._stages.pop(key, None)
-        if stage is None:
-            stage = load_stage(directory, first, last, is_first=first == 0, is_last=last == num_layers,
-                               device="cpu", dtype=torch.float32).eval()
-        self._stages[key] = stage  # most recently used last
-        while len(self._stages) > MAX_REFEREE_STAGES:
-            del self._stages[next(iter(self._stages))]
-        return stage
-
-    def reference(self, directory: Path, digest: str, *, num_layers: int, boundaries: set[int],
-                  context: tuple[int, ...], params) -> Reference:
-        """Output sketches at every boundary (and the logits at ``num_layers``) of ``context``."""
-        with self._lock, torch.inference_mode():
-            x = torch.tensor([list(context)], dtype=torch.long)  # (1, T)
-            start, outputs = 0, {}
-            for end in sorted(set(boundaries) | {num_layers}):
-                x = self._stage(directory, digest, start, end, num_layers=num_layers)(x)  # (1, T, H) / (1, T, V)
-                outputs[end] = sketch(x[0, -1])
-                start = end
-            return Reference(outputs=outputs, tokens=allowed_tokens(x[0, -1], params))
-
-
 class Checks:
     """Spot checks of one engine's chains (``engine``: coordinator.inference.engine.InferenceEngine)."""
 
-    def __init__(self, engine, probation: Probations | None = None) -> None:
+    def __init__(self, engine, probation: Probations | None = None, *, clock=None,
+                 referee_tokens_per_s: float | None = None) -> None:
+        """``referee_tokens_per_s``: every model's budget of window replays on the referee (0: none,
+        a model without another ready chain goes unchecked); None: from each model's size
+        (swarm/inference/referee.py)."""
         self.engine = engine
         self.referee = Referee()
         self.probation = probation or Probations()
+        self.replays = RefereeReplays(self.referee, clock or SystemClock(), tokens_per_s=referee_tokens_per_s)
+
+    def close(self) -> None:
+        self.replays.close()
 
     def watched(self, serving) -> bool:
         """Whether ``serving`` holds a node on probation: every window of its sessions is checked."""
@@ -190,13 +179,14 @@ class Checks:
 
     def can_check(self, serving) -> bool:
         """Whether a step of ``serving`` could be checked now: another chain of its model is
-        ready. Without one every check is void, so the driver asks no commitments (they cost the
-        stages a sketch per step) and draws no checks."""
+        ready, or the model may use the referee (a budget above 0; over it for now, windows are
+        drawn and void, counted). Without either every check is void, so the driver asks no
+        commitments (they cost the stages a sketch per step) and draws no checks."""
         try:
             m = self.engine.get(serving.model)
         except Exception:  # noqa: BLE001 -- unserved meanwhile
             return False
-        return any(r is not serving and r.state == "ready" for r in list(m.replicas))
+        return any(r is not serving and r.state == "ready" for r in list(m.replicas)) or self.replays.enabled(m)
 
     @staticmethod
     def checked_step(s, e: StepEntry, *, checking: bool, draw: Callable[[], bool]) -> bool:
@@ -257,8 +247,9 @@ class Checks:
             return None
 
     def begin(self, serving, s) -> None:
-        """Replay session ``s``'s batch of held steps on another chain than ``serving`` (a Replica);
-        each held token is released (``serving.release``) or withheld when its check ends."""
+        """Replay session ``s``'s batch of held steps on another chain than ``serving`` (a Replica)
+        with room, else on the referee within its budget, else void; each held token is released
+        (``serving.release``) or withheld when its check ends."""
         batch, s.check_batch = s.check_batch, []
         if not batch:
             return
@@ -282,8 +273,29 @@ class Checks:
         entry = StepEntry(session_id=uuid.uuid4().hex, start_position=0, num_tokens=len(context),
                           token_ids=context, reset=True, sampling=s.state.params)
         task = CheckTask(entry=entry, points=tuple(len(slot[2]) - 1 for slot in batch), done=done)
-        if not any(r.add_check(task) for r in others):
-            done(None)  # nobody to check against: void, released unchecked (in its turn)
+        if any(r.add_check(task) for r in others):
+            return
+        if self.replays.submit(m, len(context), lambda: self._referee_replay(m, batch, task.points, context, s)):
+            return
+        if self.replays.enabled(m):
+            with self.engine._lock:
+                m.num_referee_void += 1
+        done(None)  # nobody to check against: void, released unchecked (in its turn)
+
+    def _referee_replay(self, m, batch: list, points: tuple[int, ...], context: tuple[int, ...], s) -> None:
+        """On the referee's worker: recompute the window's rows and conclude its checks as a
+        replay's answer would (a failed recomputation voids them)."""
+        bounds = {st.last_layer_excl for st in batch[0][4].stages}  # the serving chain's boundaries
+        try:
+            refs = self.referee.references(m.record.dir, m.record.digest, num_layers=m.config.num_layers,
+                                           boundaries=bounds, context=context, points=points,
+                                           params=s.state.params)
+        except Exception:  # noqa: BLE001 -- void, as when a checking chain fails before answering
+            log.exception("the referee could not replay a window model=%s", m.record.name)
+            refs = {}
+        for slot in batch:
+            slot[5] = refs.get(len(slot[2]) - 1)
+        self.engine._pool.submit(self._drain, m, s)
 
     def _drain(self, m, s) -> None:
         """Conclude the session's checks in step order: a later step's check is judged only after
@@ -314,6 +326,8 @@ class Checks:
         if not moved and (serving.state != "ready" or s.replica is not serving):
             return []  # the chain failed or the session moved: what it held is dropped, the replay recomputes it
         release = (lambda: _release_moved(s, ticket)) if moved else (lambda: serving.release(s, ticket))
+        if isinstance(other, Reference):
+            return self._judge_by_referee(m, s, result, other, release, moved, window_done=window_done)
         if other is None or not any(r.index == other.replica and r.state == "ready" for r in list(m.replicas)):
             # no answer, or the checking chain was retired since (a check of this batch found it
             # wrong): void, as when it fails before answering; a window's later steps would
@@ -341,6 +355,27 @@ class Checks:
                         other.replica, outcome.reason)
         self.probation.after_check(model=m.record.name, serving=result, checker=other, outcome=outcome,
                                    window_done=window_done)
+        return self._carry_out(m, s, result, other, outcome, release, moved)
+
+    def _judge_by_referee(self, m, s, result: ChainResult, ref: Reference, release, moved: bool, *,
+                          window_done: bool) -> list[tuple[object, str]]:
+        """Conclude one check whose window the referee replayed: the serving chain against the
+        recomputation alone (``resolve_by_reference``)."""
+        outcome = resolve_by_reference(result, ref)
+        with self.engine._lock:
+            m.num_checks += 1
+            m.num_check_failures += outcome.disputed
+            m.num_referee_checks += 1
+        if outcome.disputed:
+            log.warning("referee check failed model=%s replica=%d: %s", m.record.name, result.replica, outcome.reason)
+        self.probation.after_check(model=m.record.name, serving=result, checker=REFEREE_CHAIN, outcome=outcome,
+                                   window_done=window_done)
+        return self._carry_out(m, s, result, REFEREE_CHAIN, outcome, release, moved)
+
+    def _carry_out(self, m, s, result: ChainResult, other: ChainResult, outcome, release, moved: bool
+                   ) -> list[tuple[object, str]]:
+        """Quarantine, avoid, release or replay as ``outcome`` says; returns the chains to fail."""
+        e = self.engine
         for node_id, reason in outcome.quarantine:
             if e.app.registry.quarantine(node_id, reason):
                 log.warning("quarantined node=%s model=%s: %s", node_id[:12], m.record.name, reason)

@@ -89,7 +89,9 @@ class ServedModel:
     heal_note: str = ""  # why the model is below its replica count, when the healer waits
     num_checks: int = 0  # spot checks concluded (coordinator/inference/checks.py)
     num_check_failures: int = 0  # of them, the chains disagreed
-    num_checks_void: int = 0  # sampled steps released unchecked (no other chain could replay them)
+    num_checks_void: int = 0  # sampled steps released unchecked (no other chain nor the referee could replay them)
+    num_referee_checks: int = 0  # of num_checks, steps whose window the coordinator's referee replayed
+    num_referee_void: int = 0  # windows void because the referee was over its budget (or backlog)
 
     def chains_node_ids(self) -> set[str]:
         """Nodes holding or loading a stage of this model (ready, loading, broken survivors)."""
@@ -117,7 +119,7 @@ class InferenceEngine(Placing):
         self._reaper = threading.Thread(target=self._reap_loop, name="inference-reaper", daemon=True)
         self._reaper.start()
         self.healer = None  # coordinator.inference.healer.Healer, attached by the plugin
-        self.checks = Checks(self, Probations(clock=app.clock, store=store))
+        self.checks = Checks(self, Probations(clock=app.clock, store=store), clock=app.clock)
         self.routes = Routes(self)
         self.disagg = Disagg(self)
         self.memwatch = MemBandwidthWatch(lambda: app.registry.trust)
@@ -134,6 +136,7 @@ class InferenceEngine(Placing):
             for r in m.replicas + m.loading:
                 for s in r.stop(unload=False):
                     s.fail(UnavailableError("the coordinator is shutting down"))
+        self.checks.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ queries

@@ -51,6 +51,7 @@ def model_info(engine: InferenceEngine, rec: ModelRecord, access: Access = Acces
     info.healthy_replicas, info.requested_replicas = engine.replica_count(m)
     info.healing = m.heal_note if info.healthy_replicas < info.requested_replicas else ""
     info.num_checks, info.num_check_failures, info.num_checks_void = m.num_checks, m.num_check_failures, m.num_checks_void
+    info.num_referee_checks, info.num_referee_void = m.num_referee_checks, m.num_referee_void
     full = access is Access.FULL  # which node holds which layers, and where: read credentials only
     for r in list(m.replicas):
         info.replicas.append(pb.ServeReplicaInfo(

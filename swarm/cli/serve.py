@@ -94,7 +94,8 @@ def _print_model(m) -> None:
     v = m["verification"]
     if v["verify_prob"] > 0:
         print(f"  spot checks: {v['verify_prob']:g} of steps; {v['checks']} done, {v['failed']} disagreed, "
-              f"{v['void']} void (no other chain)")
+              f"{v['void']} void (no other chain or referee budget); {v.get('referee_checks', 0)} by the "
+              f"coordinator's referee, {v.get('referee_void', 0)} windows over its budget")
     if v.get("probation"):
         print(f"  probation (every window of their chains checked): {', '.join(n[:12] for n in v['probation'])}")
     for r in m["replicas"]:

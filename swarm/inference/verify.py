@@ -11,6 +11,9 @@ Protocol (the coordinator's side is coordinator/inference/checks.py):
   chain of the model, with the same request; :func:`agree` compares the two chains at every layer
   boundary both have and their tokens. The token of a checked step reaches the client only
   after the check passed.
+- Without another chain to replay it, the context is recomputed by the coordinator (the referee,
+  within a budget: swarm/inference/referee.py) and :func:`resolve_by_reference` judges the serving
+  chain against it alone.
 - When they disagree, the second opinion is the coordinator's recomputation from the checkpoint
   it holds (:class:`Reference`); :func:`judge` weighs each chain against it, stage by stage, and
   :func:`resolve` says what to do: release the token or not, whom to quarantine, which chains
@@ -238,3 +241,15 @@ def resolve(serving: ChainResult, checker: ChainResult | None, ref: Reference | 
             release = False
     return Outcome(release=release, quarantine=tuple(quarantine), retire=tuple(retire), disputed=True,
                    reason="; ".join(reasons) or "chains disagreed; the recomputation agrees with both")
+
+
+def resolve_by_reference(serving: ChainResult, ref: Reference) -> Outcome:
+    """The decision after a check whose replay ran on the coordinator's recomputation (no other
+    chain could replay it: checks.py, "referee"): ``serving`` is judged against ``ref`` directly,
+    as :func:`resolve` judges a disputed chain. Judged wrong, its token is withheld and the chain
+    retired; the stage whose own commitment is wrong, if one is, is quarantined."""
+    j = judge(serving, ref)
+    if j.ok:
+        return Outcome(release=True)
+    return Outcome(release=False, retire=(serving.replica,), disputed=True, reason=j.reason,
+                   quarantine=((j.guilty, j.reason),) if j.guilty is not None else ())

@@ -159,7 +159,9 @@ class ModelRecord:
     verify_prob: float = 0.0  # fraction of session steps spot-checked (0: off)
     num_checks: int = 0  # spot checks done since the model was placed
     num_check_failures: int = 0  # of them, the chains disagreed
-    num_checks_void: int = 0  # sampled steps released unchecked (no other chain could replay them)
+    num_checks_void: int = 0  # sampled steps released unchecked (no other chain nor the referee could replay them)
+    num_referee_checks: int = 0  # of num_checks, steps whose window the coordinator's referee replayed
+    num_referee_void: int = 0  # windows void because the referee was over its budget
     routes_enabled: bool = False  # sessions take per-request routes (swarm serve --routes)
     routes: tuple[RouteRecord, ...] = ()  # routes in use, with their sessions
     disaggregation: DisaggRecord | None = None  # prefill/decode split, prediction and KV moved
@@ -174,6 +176,7 @@ class ModelRecord:
             "healing": self.healing,
             "verification": {"verify_prob": self.verify_prob, "checks": self.num_checks,
                              "failed": self.num_check_failures, "void": self.num_checks_void,
+                             "referee_checks": self.num_referee_checks, "referee_void": self.num_referee_void,
                              "probation": list(self.probation)},
             "replicas": [
                 {"replica": r.replica, "state": r.state, "predicted_latency_s": r.predicted_latency_s,
@@ -237,7 +240,8 @@ def model_record(m: ipb.ServeModelInfo) -> ModelRecord:
         size_bytes=m.size_bytes, max_seq_len=m.max_seq_len, created_at_s=m.created_at_s, error=m.error,
         healthy_replicas=m.healthy_replicas, requested_replicas=m.requested_replicas, healing=m.healing,
         verify_prob=m.verify_prob, num_checks=m.num_checks, num_check_failures=m.num_check_failures,
-        num_checks_void=m.num_checks_void, routes_enabled=m.routes_enabled, probation=tuple(m.probation_node_ids),
+        num_checks_void=m.num_checks_void, num_referee_checks=m.num_referee_checks,
+        num_referee_void=m.num_referee_void, routes_enabled=m.routes_enabled, probation=tuple(m.probation_node_ids),
         routes=tuple(RouteRecord(replicas=tuple(r.replicas), node_ids=tuple(r.node_ids), sessions=r.sessions,
                                  predicted_s_per_token=r.predicted_s_per_token) for r in m.routes),
         disaggregation=DisaggRecord(

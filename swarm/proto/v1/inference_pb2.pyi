@@ -316,7 +316,7 @@ class ServeReplicaInfo(_message.Message):
     def __init__(self, replica: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[ServeStageInfo, _Mapping]]] = ..., state: _Optional[str] = ..., predicted_latency_s: _Optional[float] = ...) -> None: ...
 
 class ServeModelInfo(_message.Message):
-    __slots__ = ("name", "family", "num_layers", "digest", "state", "replicas", "created_at_s", "size_bytes", "error", "max_seq_len", "healthy_replicas", "requested_replicas", "healing", "verify_prob", "num_checks", "num_check_failures", "num_checks_void", "routes_enabled", "routes", "disaggregation", "probation_node_ids")
+    __slots__ = ("name", "family", "num_layers", "digest", "state", "replicas", "created_at_s", "size_bytes", "error", "max_seq_len", "healthy_replicas", "requested_replicas", "healing", "verify_prob", "num_checks", "num_check_failures", "num_checks_void", "routes_enabled", "routes", "disaggregation", "probation_node_ids", "num_referee_checks", "num_referee_void")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -338,6 +338,8 @@ class ServeModelInfo(_message.Message):
     ROUTES_FIELD_NUMBER: _ClassVar[int]
     DISAGGREGATION_FIELD_NUMBER: _ClassVar[int]
     PROBATION_NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REFEREE_CHECKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REFEREE_VOID_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     num_layers: int
@@ -359,7 +361,9 @@ class ServeModelInfo(_message.Message):
     routes: _containers.RepeatedCompositeFieldContainer[ServeRouteInfo]
     disaggregation: ServeDisaggInfo
     probation_node_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., digest: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ServeReplicaInfo, _Mapping]]] = ..., created_at_s: _Optional[float] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., requested_replicas: _Optional[int] = ..., healing: _Optional[str] = ..., verify_prob: _Optional[float] = ..., num_checks: _Optional[int] = ..., num_check_failures: _Optional[int] = ..., num_checks_void: _Optional[int] = ..., routes_enabled: _Optional[bool] = ..., routes: _Optional[_Iterable[_Union[ServeRouteInfo, _Mapping]]] = ..., disaggregation: _Optional[_Union[ServeDisaggInfo, _Mapping]] = ..., probation_node_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    num_referee_checks: int
+    num_referee_void: int
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., num_layers: _Optional[int] = ..., digest: _Optional[str] = ..., state: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ServeReplicaInfo, _Mapping]]] = ..., created_at_s: _Optional[float] = ..., size_bytes: _Optional[int] = ..., error: _Optional[str] = ..., max_seq_len: _Optional[int] = ..., healthy_replicas: _Optional[int] = ..., requested_replicas: _Optional[int] = ..., healing: _Optional[str] = ..., verify_prob: _Optional[float] = ..., num_checks: _Optional[int] = ..., num_check_failures: _Optional[int] = ..., num_checks_void: _Optional[int] = ..., routes_enabled: _Optional[bool] = ..., routes: _Optional[_Iterable[_Union[ServeRouteInfo, _Mapping]]] = ..., disaggregation: _Optional[_Union[ServeDisaggInfo, _Mapping]] = ..., probation_node_ids: _Optional[_Iterable[str]] = ..., num_referee_checks: _Optional[int] = ..., num_referee_void: _Optional[int] = ...) -> None: ...
 
 class ServeDisaggInfo(_message.Message):
     __slots__ = ("enabled", "prefill_nodes", "decode_nodes", "predicted_gain", "predicted_tbt_p99_ratio", "reason", "kv_bytes_moved", "num_handoffs", "num_handoff_failures", "requested", "mode")

@@ -32,7 +32,9 @@ def test_a_model_without_another_ready_chain_cannot_be_checked():
     assert not checks.can_check(a)  # the other chain is not ready: every check would be void
     b.state = "ready"
     assert checks.can_check(a) and checks.can_check(b)
-    assert not Checks(_Engine({"m": SimpleNamespace(replicas=[a])})).can_check(a)  # one replica
+    one = _Engine({"m": SimpleNamespace(replicas=[a])})
+    assert not Checks(one, referee_tokens_per_s=0).can_check(a)  # one replica, and no referee budget
+    assert Checks(one, referee_tokens_per_s=1.0).can_check(a)  # one replica: the referee replays its windows
     assert not Checks(_Engine({})).can_check(a)  # unserved meanwhile
 
 

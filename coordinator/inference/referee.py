@@ -1,0 +1,148 @@
+"""The coordinator's referee: recomputations from the checkpoint it serves (CPU, float32).
+
+Two uses (checks.py): the second opinion when two chains disagree, and the replay of a held check
+window when no other chain of the model can replay it (:class:`RefereeReplays`: per-model budget,
+one worker thread, never on a gRPC or driver thread; swarm/inference/referee.py decides).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from swarm.inference.referee import (MAX_REFEREE_QUEUE, REFEREE_FLOPS_PER_S, Checker, TokenBudget, choose_checker,
+                                     referee_tokens_per_s)
+from swarm.inference.verify import Reference, allowed_tokens, sketch_rows
+from swarm.model.checkpoint import load_stage
+
+log = logging.getLogger(__name__)
+
+MAX_REFEREE_STAGES = 8  # loaded segments the referee keeps (least recently used dropped first)
+
+
+class Referee:
+    """Recomputes a context from the checkpoint, segment by segment between the layer boundaries
+    asked for. One recomputation at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stages: dict[tuple, torch.nn.Module] = {}
+
+    def _stage(self, directory: Path, digest: str, first: int, last: int, *, num_layers: int):
+        key = (str(directory), digest, first, last)
+        stage = self._stages.pop(key, None)
+        if stage is None:
+            stage = load_stage(directory, first, last, is_first=first == 0, is_last=last == num_layers,
+                               device="cpu", dtype=torch.float32).eval()
+        self._stages[key] = stage  # most recently used last
+        while len(self._stages) > MAX_REFEREE_STAGES:
+            del self._stages[next(iter(self._stages))]
+        return stage
+
+    def references(self, directory: Path, digest: str, *, num_layers: int, boundaries: set[int],
+                   context: tuple[int, ...], points: tuple[int, ...], params) -> dict[int, Reference]:
+        """Output sketches at every boundary (and the logits at ``num_layers``) of the rows
+        ``points`` of ``context``, in one prefill: row p sees ``context[:p + 1]`` only (causal)."""
+        if not points or min(points) < 0 or max(points) >= len(context):
+            raise ValueError(f"rows to recompute must lie in the context of {len(context)} tokens, got {points}")
+        rows = list(points)
+        with self._lock, torch.inference_mode():
+            x = torch.tensor([list(context)], dtype=torch.long)  # (1, T)
+            start, outputs = 0, {}
+            for end in sorted(set(boundaries) | {num_layers}):
+                x = self._stage(directory, digest, start, end, num_layers=num_layers)(x)  # (1, T, H) / (1, T, V)
+                outputs[end] = sketch_rows(x[0, rows])  # (P, SKETCH_DIM)
+                start = end
+            return {p: Reference(outputs={b: out[i] for b, out in outputs.items()},
+                                 tokens=allowed_tokens(x[0, p], params)) for i, p in enumerate(rows)}
+
+    def reference(self, directory: Path, digest: str, *, num_layers: int, boundaries: set[int],
+                  context: tuple[int, ...], params) -> Reference:
+        """Output sketches at every boundary (and the logits at ``num_layers``) of ``context``'s last row."""
+        p = len(context) - 1
+        return self.references(directory, digest, num_layers=num_layers, boundaries=boundaries, context=context,
+                               points=(p,), params=params)[p]
+
+
+class RefereeReplays:
+    """Check windows replayed on the referee: per-model budgets of replay tokens per second
+    (``tokens_per_s`` for every model, or by default from the model's size and
+    REFEREE_FLOPS_PER_S), at most MAX_REFEREE_QUEUE waiting, run one at a time on a worker thread.
+
+    Protocol: :meth:`submit` is called on a driver thread with the replay's cost; it decides
+    (``choose_checker``) and either queues ``job`` (which runs on the worker and reports its own
+    result) and returns True, or returns False at once (void)."""
+
+    def __init__(self, referee: Referee, clock, *, tokens_per_s: float | None = None,
+                 flops_per_s: float = REFEREE_FLOPS_PER_S, max_queue: int = MAX_REFEREE_QUEUE,
+                 executor=None) -> None:
+        """``executor``: runs the replays (default: one worker thread of its own)."""
+        self.referee = referee
+        self._clock = clock
+        self._tokens_per_s = tokens_per_s
+        self._flops_per_s = flops_per_s
+        self._max_queue = max_queue
+        self._lock = threading.Lock()
+        self._budgets: dict[str, TokenBudget] = {}
+        self._queued = 0
+        self._own_pool = executor is None
+        self._pool = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="referee")
+
+    def rate(self, m) -> float:
+        """Replay tokens per second model ``m`` (an engine's ServedModel) may spend on the referee."""
+        if self._tokens_per_s is not None:
+            return self._tokens_per_s
+        config = getattr(m, "config", None)
+        if config is None:
+            return 0.0
+        return referee_tokens_per_s(max(1, config.num_parameters(include_embeddings=False)), self._flops_per_s)
+
+    def enabled(self, m) -> bool:
+        """Whether model ``m``'s windows may be replayed on the referee at all (a budget above 0)."""
+        return self.rate(m) > 0
+
+    def _budget(self, m) -> TokenBudget:
+        key = f"{m.record.name}@{m.record.digest}"
+        b = self._budgets.get(key)
+        if b is None:
+            b = self._budgets[key] = TokenBudget(tokens_per_s=self.rate(m))
+        return b
+
+    def submit(self, m, cost_tokens: int, job: Callable[[], None]) -> bool:
+        """Queue ``job`` (a replay of ``cost_tokens``) for model ``m`` if the budget and the backlog
+        allow it; False when they do not (the window is void)."""
+        now = self._clock.monotonic()
+        with self._lock:
+            enabled = self.enabled(m)
+            budget = self._budget(m) if enabled else None
+            choice = choose_checker(chain_has_room=False, referee_enabled=enabled,
+                                    budget_admits=budget is not None and budget.admits(now),
+                                    referee_queued=self._queued, max_queue=self._max_queue)
+            if choice is not Checker.REFEREE:
+                return False
+            budget.take(cost_tokens, now)
+            self._queued += 1
+
+        def run() -> None:
+            try:
+                job()
+            finally:
+                with self._lock:
+                    self._queued -= 1
+
+        try:
+            self._pool.submit(run)
+        except RuntimeError:  # shut down meanwhile
+            with self._lock:
+                self._queued -= 1
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._own_pool:
+            self._pool.shutdown(wait=False, cancel_futures=True)
