@@ -8,6 +8,7 @@ one worker thread, never on a gRPC or driver thread; swarm/inference/referee.py 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,17 @@ from swarm.model.checkpoint import load_stage
 log = logging.getLogger(__name__)
 
 MAX_REFEREE_STAGES = 8  # loaded segments the referee keeps (least recently used dropped first)
+# A one-chain model is replayed on the referee only if its float32 copy fits in this fraction of the
+# coordinator's memory: the referee loads the whole model, and the coordinator must not be the
+# node that runs out of memory (a 7B model needs 28 GiB).
+REFEREE_MEMORY_FRACTION = 0.25
+
+
+def _physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 class Referee:
@@ -80,8 +92,9 @@ class RefereeReplays:
 
     def __init__(self, referee: Referee, clock, *, tokens_per_s: float | None = None,
                  flops_per_s: float = REFEREE_FLOPS_PER_S, max_queue: int = MAX_REFEREE_QUEUE,
-                 executor=None) -> None:
-        """``executor``: runs the replays (default: one worker thread of its own)."""
+                 executor=None, memory_bytes: int | None = None) -> None:
+        """``executor``: runs the replays (default: one worker thread of its own); ``memory_bytes``:
+        this machine's memory (default: measured), which bounds the models the referee loads."""
         self.referee = referee
         self._clock = clock
         self._tokens_per_s = tokens_per_s
@@ -90,6 +103,8 @@ class RefereeReplays:
         self._lock = threading.Lock()
         self._budgets: dict[str, TokenBudget] = {}
         self._queued = 0
+        self._memory_bytes = memory_bytes if memory_bytes is not None else _physical_memory_bytes()
+        self._too_big: set[str] = set()  # models already logged as too large for the referee
         self._own_pool = executor is None
         self._pool = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="referee")
 
@@ -99,6 +114,15 @@ class RefereeReplays:
             return self._tokens_per_s
         config = getattr(m, "config", None)
         if config is None:
+            return 0.0
+        need = 4 * config.num_parameters(include_embeddings=True)  # the whole model in float32
+        if need > REFEREE_MEMORY_FRACTION * self._memory_bytes:
+            if m.record.name not in self._too_big:
+                self._too_big.add(m.record.name)
+                log.warning("model %s needs %.1f GiB in float32, more than %.0f%% of this coordinator's %.1f GiB: "
+                            "its one-chain check windows stay void (serve it with --replicas 2 or more to check it "
+                            "on another chain)", m.record.name, need / 2**30, 100 * REFEREE_MEMORY_FRACTION,
+                            self._memory_bytes / 2**30)
             return 0.0
         return referee_tokens_per_s(max(1, config.num_parameters(include_embeddings=False)), self._flops_per_s)
 

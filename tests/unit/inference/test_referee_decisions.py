@@ -244,3 +244,14 @@ def test_resolve_by_reference_blames_the_stage_whose_own_output_is_wrong(ckpt):
     assert resolve_by_reference(_chain(refs, p), refs[p]).release
     out = resolve_by_reference(_chain(refs, p, bad_stage=0), refs[p])
     assert not out.release and out.retire == (0,) and [n for n, _ in out.quarantine] == ["a"] and out.disputed
+
+
+def test_a_model_too_large_for_the_coordinators_memory_is_never_loaded_by_the_referee(ckpt):
+    cfg = load_config(ckpt)
+    m = SimpleNamespace(record=SimpleNamespace(name="m", digest="d" * 64), config=cfg)
+    fp32 = 4 * cfg.num_parameters(include_embeddings=True)
+    fits = RefereeReplays(Referee(), FakeClock(), executor=_Now(), memory_bytes=8 * fp32)
+    assert fits.enabled(m) and fits.rate(m) > 0
+    small = RefereeReplays(Referee(), FakeClock(), executor=_Now(), memory_bytes=2 * fp32)  # 50%: over the 25% share
+    assert not small.enabled(m)
+    assert small.submit(m, 10, lambda: pytest.fail("the referee must not replay a model it cannot hold")) is False
