@@ -45,7 +45,7 @@ import torch
 from swarm.errors import (InvalidRequestError, NotFoundError, PeerError, PermissionDeniedError, SwarmError,
                           UnavailableError)
 from swarm.proto.v1 import tensor_pb2, training_pb2, training_pb2_grpc
-from swarm.transport import shm, streams, transfer, transfer_pb
+from swarm.transport import frames, shm, streams, transfer, transfer_pb
 from swarm.transport import tensors as wt
 from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, data_channel
 from swarm.transport.errors import error_from_rpc, grpc_errors
@@ -400,7 +400,7 @@ class PeerSender:
             if item.ready is not None:
                 item.ready.synchronize()  # the device-to-host copy the worker started
             parts = item.msg.buffers()
-            header = streams.payload_header(parts, checksum=self._checksum, **item.fields)
+            header = frames.payload_header(parts, checksum=self._checksum, **item.fields)
         else:
             parts, header = [item.payload], item.header
         self._emulate(header.payload_bytes)

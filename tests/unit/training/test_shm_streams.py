@@ -11,7 +11,7 @@ import torch
 
 from swarm.errors import InvalidRequestError
 from swarm.proto.v1 import training_pb2_grpc
-from swarm.transport import shm, streams
+from swarm.transport import frames, shm
 from swarm.transport import tensors as wt
 from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, bind, make_server
 from swarm.transport.tls import TlsSecurity
@@ -119,19 +119,19 @@ def test_reader_refuses_slots_that_are_not_private_files_of_this_user(tmp_path):
 
 def test_frame_through_a_slot_checks_its_crc():
     payload = os.urandom(1000)
-    h = streams.payload_header([payload], job_id="job", kind="activation", sender_id=A, shape=(250,),
+    h = frames.payload_header([payload], job_id="job", kind="activation", sender_id=A, shape=(250,),
                                dtype="float32", step=0, micro_batch=0)
     slots = shm.ShmSlots(1)
     reader = shm.ShmReader()
     try:
-        frame = streams.encode_ref_frame(3, h, slots.put(3, [payload], len(payload)))
-        seq, h2, got = streams.decode_frame(frame, max_payload_bytes=1 << 20, shm=reader)
+        frame = frames.encode_ref_frame(3, h, slots.put(3, [payload], len(payload)))
+        seq, h2, got = frames.decode_frame(frame, max_payload_bytes=1 << 20, shm=reader)
         assert (seq, bytes(got), h2.payload_crc32) == (3, payload, h.payload_crc32)
         with pytest.raises(InvalidRequestError, match="unknown field"):  # a receiver without shared memory
-            streams.decode_frame(frame, max_payload_bytes=1 << 20)
+            frames.decode_frame(frame, max_payload_bytes=1 << 20)
         slots.put(3, [bytes(1000)], 1000)  # the slot changed under the frame
         with pytest.raises(InvalidRequestError, match="checksum"):
-            streams.decode_frame(frame, max_payload_bytes=1 << 20, shm=reader)
+            frames.decode_frame(frame, max_payload_bytes=1 << 20, shm=reader)
     finally:
         slots.close()
         reader.close()

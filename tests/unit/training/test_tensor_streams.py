@@ -7,7 +7,7 @@ import torch
 
 from swarm.errors import InvalidRequestError, PeerError
 from swarm.proto.v1 import training_pb2, training_pb2_grpc
-from swarm.transport import streams
+from swarm.transport import frames, streams
 from swarm.transport import tensors as wt
 from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, bind, make_server
 
@@ -27,7 +27,7 @@ def _validate(h: wt.TensorHeader, payload) -> torch.Tensor:
 
 
 def _header(parts, *, mb=0, shape=SHAPE, sender=A):
-    return streams.payload_header(parts, job_id="job", step=0, micro_batch=mb, shape=shape, dtype="float32",
+    return frames.payload_header(parts, job_id="job", step=0, micro_batch=mb, shape=shape, dtype="float32",
                                   kind="activation", sender_id=sender)
 
 
@@ -35,18 +35,18 @@ def test_frame_is_the_protobuf_message_and_round_trips():
     t = torch.randn(*SHAPE)
     parts = [b"", memoryview(t.numpy()).cast("B")]
     h = _header(parts)
-    frame = streams.encode_frame(7, h, parts)
+    frame = frames.encode_frame(7, h, parts)
     msg = training_pb2.TensorFrame.FromString(frame)  # any protobuf reader understands it
     assert msg.seq == 7 and msg.payload == t.numpy().tobytes() and msg.header.payload_crc32 == h.payload_crc32
-    seq, h2, payload = streams.decode_frame(frame, max_payload_bytes=1 << 20)
+    seq, h2, payload = frames.decode_frame(frame, max_payload_bytes=1 << 20)
     assert seq == 7 and h2 == h and bytes(payload) == t.numpy().tobytes()
-    assert streams.decode_ack(training_pb2.TensorFrameAck(seq=300).SerializeToString()) == 300
+    assert frames.decode_ack(training_pb2.TensorFrameAck(seq=300).SerializeToString()) == 300
     corrupt = bytearray(frame)
     corrupt[-1] ^= 1
     with pytest.raises(InvalidRequestError, match="checksum"):
-        streams.decode_frame(bytes(corrupt), max_payload_bytes=1 << 20)
+        frames.decode_frame(bytes(corrupt), max_payload_bytes=1 << 20)
     with pytest.raises(InvalidRequestError, match="exceeds"):
-        streams.decode_frame(frame, max_payload_bytes=16)
+        frames.decode_frame(frame, max_payload_bytes=16)
 
 
 def test_receiver_applies_a_resent_frame_once():
@@ -57,13 +57,13 @@ def test_receiver_applies_a_resent_frame_once():
         def invocation_metadata(self):
             return ((streams.STREAM_ID_KEY, "s1"),)
 
-    frames = []
+    sent = []
     for mb in range(3):
         parts = [torch.full(SHAPE, float(mb)).numpy().tobytes()]
-        frames.append(streams.encode_frame(mb + 1, _header(parts, mb=mb), parts))
-    acks = list(rx.Open(iter(frames[:2]), Ctx()))
-    acks += list(rx.Open(iter(frames[1:]), Ctx()))  # a reconnected stream re-sends frame 2
-    assert [streams.decode_ack(a) for a in acks] == [1, 2, 2, 3]
+        sent.append(frames.encode_frame(mb + 1, _header(parts, mb=mb), parts))
+    acks = list(rx.Open(iter(sent[:2]), Ctx()))
+    acks += list(rx.Open(iter(sent[1:]), Ctx()))  # a reconnected stream re-sends frame 2
+    assert [frames.decode_ack(a) for a in acks] == [1, 2, 2, 3]
     assert got == [(A, 0), (A, 1), (A, 2)]
 
 
