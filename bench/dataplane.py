@@ -36,7 +36,8 @@ import torch
 from bench._record import markdown_table, record
 from swarm import certs
 from swarm.transport.tls import PlaintextSecurity, TlsSecurity
-from node.training.exchange import Endpoint, Endpoints, PeerSender, PipelinePeerServicer
+from node.training.exchange import Endpoint, Endpoints, PipelinePeerServicer
+from node.training.sender import PeerSender
 from swarm.compression import CodecMessage, decode_tensor, encode_tensor
 from swarm.proto.v1 import training_pb2_grpc
 from swarm.transport import tensors as wt

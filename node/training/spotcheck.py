@@ -253,7 +253,7 @@ class StageVerifier:
     dataset, batch order, endpoint and stop event are used; nothing else)."""
 
     def __init__(self, worker, plan: VerifyPlan) -> None:
-        from node.training.exchange import PeerSender
+        from node.training.sender import PeerSender
 
         self.w = worker
         self.plan = plan

@@ -28,7 +28,7 @@ from swarm.compression import CodecMessage
 from swarm.errors import InvalidRequestError, PeerError, PermissionDeniedError
 from swarm.transport import tensors as wt
 
-from node.training.exchange import PeerSender
+from node.training.sender import PeerSender
 from node.training.spotcheck import WITNESS_KINDS
 
 

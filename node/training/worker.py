@@ -6,6 +6,7 @@ Protocol it follows (see also protos/swarm/proto/v1/training.proto):
    coordinator; build the stage; open its boundary codecs and its endpoint for incoming tensors;
 2. with replicas, meet them through the coordinator's rendezvous and start a hivemind averager;
    then report ``ready`` and wait for ``start`` (the start fence, node/training/membership.py);
+   steps 1 and 2 are node/training/worker_setup.py;
 3. each step (during a replica-loss fence: stop at the switch step, see coordinator/jobs/churn.py), run the schedule (1F1B or GPipe): forward micro-batches (stage 0 reads tokens,
    others wait for the previous stage's activations), send outputs to the next stage; backward
    (the last stage starts from the loss, others wait for the next stage's gradients), send input
@@ -20,43 +21,33 @@ Protocol it follows (see also protos/swarm/proto/v1/training.proto):
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
 
-from swarm.errors import InvalidRequestError, NotFoundError, PeerError
+from swarm.errors import PeerError
 from swarm.faults import NO_FAULTS, FaultConfig, FaultInjector
-from swarm.model.config import ModelConfig
-from swarm.model.stage import StageModel
 from swarm.pipeline import schedule
-from swarm.pipeline.codecs import make_codec, state_key
-from swarm.pipeline.data import BatchOrder, TokenDataset
-from swarm.pipeline.optim import OptimConfig, clip_and_step, make_optimizer
-from swarm.pipeline.optim_state import load_stage_optimizer_state, stage_optimizer_state
-from swarm.pipeline.stage import StageRunner
+from swarm.pipeline.optim import clip_and_step
+from swarm.pipeline.optim_state import stage_optimizer_state
 from swarm.proto.v1 import training_pb2 as pb
 
 from node.training.assignment import Assignment
 from node.training.checkpoints import CheckpointWriter, Snapshot, snapshot_tensors
 from node.training.kept import CheckpointKeeper
 from node.training.client import TrainingClient
-from node.training.exchange import Endpoint, Endpoints, PeerSender
+from node.training.exchange import Endpoint, Endpoints
 from node.training.membership import DEFAULT_OUTAGE_S, FenceReached, Membership, through_outage
 from node.training.reporter import Reporter
-from node.training.state_copy import StageState, obtain_stage_state
+from node.training.sender import PeerSender
 from node.training.tensor_io import TensorIO
-from node.training.spotcheck import (RESYNC_EVERY_STEPS, StageVerifier, VerifyPlan, param_digest,
-                                     param_sketch)
+from node.training.spotcheck import RESYNC_EVERY_STEPS, StageVerifier, param_digest, param_sketch
+from node.training.worker_setup import WorkerSetup
 
 log = logging.getLogger(__name__)
-AQSGD_RAM_LIMIT_BYTES = 256 << 20  # per boundary side; larger caches go to disk (memmap)
-AVERAGER_SETUP_S = 60.0  # joining the replicas' averaging group (hivemind daemon + DHT), once per attempt
-STATE_COPY_TIMEOUT_S = 30.0  # at most this long for a live replica's state before the coordinator's copy
 
 
 def vars_of(obj) -> dict:
@@ -67,7 +58,7 @@ class StopRequested(Exception):
     """The coordinator ended the job (or the node is stopping)."""
 
 
-class StageWorker(TensorIO):
+class StageWorker(WorkerSetup, TensorIO):
     def __init__(self, a: Assignment, *, client: TrainingClient, endpoints: Endpoints, node_id: str,
                  device: str, state_dir: Path, on_metrics=None, emulate_link_bps: float = 0.0,
                  traffic=None, security=None, outage_s: float = DEFAULT_OUTAGE_S,
@@ -175,143 +166,6 @@ class StageWorker(TensorIO):
     def _check_stop(self) -> None:
         if self.stop_event.is_set():
             raise StopRequested()
-
-    # -- set-up ----------------------------------------------------------------------------------
-    def _setup(self) -> None:
-        a, spec = self.a, self.a.spec
-        self.config = ModelConfig.from_hf_config(a.model_config)
-        # at a fence's re-plan: from this node's disk or a live replica, hash-checked (state_copy.py)
-        state = obtain_stage_state(a, node_id=self.node_id, state_dir=self.state_dir, security=self.security,
-                                   from_coordinator=self._state_from_coordinator,
-                                   timeout_s=min(a.spec.peer_timeout_s, STATE_COPY_TIMEOUT_S))
-        module = StageModel(self.config, a.first_layer, a.last_layer_excl, is_first=a.is_first, is_last=a.is_last)
-        module.load_hf_state(st_load(state.weights))
-        self.module = module.to(self.device)
-        self.dataset = None
-        if a.is_first or a.is_last:
-            raw = self._from_coordinator(lambda: self.client.fetch_data(a.job_id))
-            self.dataset = TokenDataset.load(io.BytesIO(raw))
-            if self.dataset.key != a.dataset_key or self.dataset.num_samples != a.num_samples:
-                raise InvalidRequestError("the job's data does not match its assignment (content hash differs)")
-        self.order = BatchOrder(num_samples=a.num_samples, batch_size=spec.batch_size,
-                                micro_batch_size=spec.micro_batch_size, num_replicas=a.num_replicas, seed=spec.seed)
-        self.M = self.order.num_micro_batches
-        self.b, self.S, self.H = spec.micro_batch_size, spec.seq_len, self.config.hidden_size
-        self.total_steps = spec.steps
-        self._cur_step = a.resume_step
-        self.optim_cfg = OptimConfig(lr=spec.lr, weight_decay=spec.weight_decay, warmup_steps=spec.warmup_steps,
-                                     total_steps=self.total_steps, min_lr_ratio=spec.min_lr_ratio,
-                                     grad_clip=spec.grad_clip)
-        self.optimizer = make_optimizer(self.module.parameters(), self.optim_cfg)
-        if a.resume_step > 0:
-            self._load_optimizer_state(state.optimizer)
-        self.runner = StageRunner(self.module, is_first=a.is_first, is_last=a.is_last, loss_scale=1.0 / self.M)
-        self.codec_text = str(spec.codec)  # as tensor headers name it (checked by the receiver)
-        key = state_key(a.job_id, a.dataset_key)
-        # AQ-SGD keeps m(x) per sample and side: in (device) memory while small, else memory-mapped
-        # files under the node's state dir.
-        cache_bytes = a.num_samples * self.S * self.H * 2
-        storage = "ram" if cache_bytes <= AQSGD_RAM_LIMIT_BYTES else str(self.dir / "aqsgd-cache")
-        common = dict(key=key, num_samples=a.num_samples, row_shape=(self.S, self.H), device=self.device,
-                      storage=storage)
-        self.down = make_codec(spec.codec, side="down", boundary=a.stage - 1, **common) if not a.is_first else None
-        self.up = make_codec(spec.codec, side="up", boundary=a.stage, **common) if not a.is_last else None
-        self.timeout_s = spec.peer_timeout_s
-        self.endpoint = Endpoint(a.job_id, self._validate, precheck=self._check_header,
-                                 authorize=self._authorize_sender, attempt=a.attempt)
-        self.endpoints.add(self.endpoint)
-        self.next_sender = self.prev_sender = None
-        if a.next is not None:
-            self.next_sender = PeerSender(a.next.address, security=self.security, node_id=a.next.node_id,
-                                          what=f"stage {a.stage + 1} ({a.next.node_id[:12]})",
-                                          timeout_s=self.timeout_s, emulate_bps=self.emulate_link_bps,
-                                          on_sent=self._on_sent(a.next.node_id))
-            self.senders.append(self.next_sender)
-        if a.prev is not None:
-            self.prev_sender = PeerSender(a.prev.address, security=self.security, node_id=a.prev.node_id,
-                                          what=f"stage {a.stage - 1} ({a.prev.node_id[:12]})",
-                                          timeout_s=self.timeout_s, emulate_bps=self.emulate_link_bps,
-                                          on_sent=self._on_sent(a.prev.node_id))
-            self.senders.append(self.prev_sender)
-        self.verifier = StageVerifier(self, VerifyPlan.from_json(a.verify_json))
-        if a.num_replicas > 1:
-            self._start_averager()
-        # every worker of the attempt is set up: go
-        self.membership.await_start(a.resume_step, state_from=state.source, state_bytes=state.num_bytes)
-        log.info("stage worker ready job=%s attempt=%d stage=%d/%d replica=%d/%d layers=[%d,%d) codec=%s steps=%d-%d",
-                 a.job_id, a.attempt, a.stage, a.num_stages, a.replica, a.num_replicas, a.first_layer,
-                 a.last_layer_excl, self.codec_text, a.resume_step, self.total_steps)
-
-    def _state_from_coordinator(self) -> StageState:
-        """The stage's weights (and, resuming, AdamW state) from the coordinator's copy; a checkpoint
-        without optimizer state (nodes of an older version) restarts the optimizer."""
-        a = self.a
-        weights = self._from_coordinator(lambda: self.client.fetch_weights(a.job_id, a.stage))
-        optim = None
-        if a.resume_step > 0:
-            try:
-                optim = self._from_coordinator(lambda: self.client.fetch_optimizer_state(a.job_id, a.stage))
-            except NotFoundError as exc:
-                log.warning("no optimizer state to resume from; AdamW restarts job=%s stage=%d step=%d: %s",
-                            a.job_id, a.stage, a.resume_step, exc)
-        return StageState(weights=weights, optimizer=optim, source="coordinator",
-                          num_bytes=len(weights) + len(optim or b""))
-
-    def _load_optimizer_state(self, blob: bytes | None) -> None:
-        """AdamW's moments and step count at the resume step (by HF name: any earlier split works)."""
-        a = self.a
-        if blob is None:
-            return
-        step = load_stage_optimizer_state(self.module, self.optimizer, st_load(blob))
-        log.info("optimizer state restored job=%s stage=%d resume_step=%d adam_step=%d", a.job_id, a.stage,
-                 a.resume_step, step)
-
-    def _start_averager(self) -> None:
-        from swarm.pipeline.averaging import ReplicaAverager
-
-        a = self.a
-        req = lambda maddrs: pb.RendezvousRequest(job_id=a.job_id, stage=a.stage, replica=a.replica,  # noqa: E731
-                                                  maddrs=maddrs, attempt=a.attempt)
-        peers: list[str] = []
-        # set-up, once per attempt: every replica spawns its hivemind daemon and joins the DHT,
-        # which takes seconds on a busy machine; not bounded by the per-step peer timeout
-        setup_s = max(self.timeout_s, AVERAGER_SETUP_S)
-        deadline = time.monotonic() + setup_s
-        if a.replica > 0:  # join the DHT of a replica that started before us (replica 0 starts alone)
-            while not peers:
-                self._check_stop()
-                peers = list(self._from_coordinator(lambda: self.client.rendezvous(req([]))).maddrs)
-                if not peers:
-                    if time.monotonic() > deadline:
-                        raise PeerError(f"replica 0 of stage {a.stage} never joined the rendezvous")
-                    time.sleep(0.2)
-        host = a.stage_replicas[a.replica].address.rpartition(":")[0] or "127.0.0.1"
-        try:
-            # a round that cannot form its group gives up after half the peer timeout: the stage's
-            # neighbours wait for its next tensor meanwhile, and with the full peer timeout they
-            # gave up on it first (seen after a growth fence: a PeerError, then a rollback)
-            self.averager = ReplicaAverager(params=list(self.module.parameters()),
-                                            prefix=f"{a.job_id}_a{a.attempt}_s{a.stage}", num_replicas=a.num_replicas,
-                                            initial_peers=peers, host=host, timeout_s=self.timeout_s / 2,
-                                            setup_timeout_s=setup_s)
-        except Exception as exc:  # noqa: BLE001 -- hivemind's (P2PDaemonError: bootstrap peers gone)
-            # the replica that started first went away (e.g. it gave up waiting for us): a peer
-            # failure the coordinator re-plans, not a fault of this job
-            raise PeerError(f"could not join the averaging group of stage {a.stage}'s replicas: {exc}") from exc
-        # the group is fixed for the attempt: wait until every replica registered its addresses
-        # (their /p2p/ parts are the peer ids the all-reduce runs among; no per-step matchmaking)
-        while True:
-            self._check_stop()
-            known = list(self._from_coordinator(lambda: self.client.rendezvous(req(self.averager.maddrs()))).maddrs)
-            try:
-                self.averager.set_members(known)
-                break
-            except ValueError as exc:
-                if time.monotonic() > deadline:
-                    raise PeerError(f"not all {a.num_replicas} replicas of stage {a.stage} joined the rendezvous "
-                                    f"within {setup_s:.0f} s: {exc}") from exc
-                time.sleep(0.2)
-        self.averager.wait_for_peers(1, setup_s)
 
     def _train(self) -> None:
         a = self.a

@@ -11,7 +11,8 @@ import torch
 from coordinator.network import transfer_link
 from coordinator.servicer import MAX_TRAFFIC_BYTES, check_traffic_metrics, check_transfers
 from node.traffic import MIN_OBSERVED_BYTES, Traffic
-from node.training.exchange import Endpoint, Endpoints, PeerSender, PipelinePeerServicer
+from node.training.exchange import Endpoint, Endpoints, PipelinePeerServicer
+from node.training.sender import PeerSender
 from node.training.worker import StageWorker
 from swarm.errors import InvalidRequestError
 from swarm.hardware import HardwareInfo

@@ -13,7 +13,8 @@ from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, bind, make_server
 
 from swarm.transport.tls import TlsSecurity
 
-from node.training.exchange import Endpoint, Endpoints, PeerSender, PipelinePeerServicer
+from node.training.exchange import Endpoint, Endpoints, PipelinePeerServicer
+from node.training.sender import PeerSender
 from tests.helpers.tls import TestPki
 
 pytestmark = pytest.mark.timeout(60)

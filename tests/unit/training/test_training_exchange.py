@@ -10,7 +10,8 @@ from swarm.transport import tensors as wt
 from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, bind, make_server
 from swarm.proto.v1 import training_pb2_grpc
 
-from node.training.exchange import Endpoint, Endpoints, PeerSender, PipelinePeerServicer
+from node.training.exchange import Endpoint, Endpoints, PipelinePeerServicer
+from node.training.sender import PeerSender
 from swarm.transport.tls import TlsSecurity
 from tests.helpers.tls import TestPki
 
