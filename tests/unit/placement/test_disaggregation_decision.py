@@ -16,7 +16,7 @@ from swarm.proto.v1 import inference_pb2 as pb
 from swarm.scheduling.disaggregation import (AUTO_MIN_GAIN, Workload, auto_blocker, decide_disaggregation,
                                               plan_disaggregation)
 from swarm.scheduling.placement import Links, ModelShape, PlacementDevice
-from swarm.transport.coordinator_client import DisaggRecord, ServeOptions
+from swarm.transport.client_records import DisaggRecord, ServeOptions
 
 SHAPE = ModelShape(num_layers=8, hidden_size=1024, layer_bytes=50_000_000, embed_bytes=100_000_000,
                    head_bytes=100_000_000, kv_bytes_per_token_per_layer=8192, flops_per_token_per_layer=1e8,

@@ -1,12 +1,12 @@
 """The status page's disaggregation cell reads only keys of `swarm models --json`'s
-``disaggregation`` object (swarm/transport/coordinator_client.py DisaggRecord), the mode included."""
+``disaggregation`` object (swarm/transport/client_records.py DisaggRecord), the mode included."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from swarm.transport.coordinator_client import DisaggRecord
+from swarm.transport.client_records import DisaggRecord
 
 APP_JS = Path(__file__).resolve().parents[3] / "coordinator" / "web" / "static" / "app.js"
 
