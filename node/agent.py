@@ -2,7 +2,7 @@
 
 Protocol with the coordinator (see coordinator.proto): register with a signed payload and the
 join token; heartbeat every interval (the reply may hand out link measurements, run on a
-worker thread and reported back); when a heartbeat says the session is unknown (coordinator
+worker thread and reported back: node/measure_worker.py); when a heartbeat says the session is unknown (coordinator
 restarted) register again; when the coordinator is unreachable, log it, back off and retry;
 on stop, leave cleanly.
 
@@ -49,14 +49,13 @@ from swarm.transport.tls import PlaintextSecurity, TlsSecurity, pinned_ca
 from node import plugins as plugin_registry
 from node.plugins import NodeHost, NodePlugin
 from node.coordinator_link import Backoff, CoordinatorLink
-from node.measure import measure_link
+from node.measure_worker import CHALLENGE_TASK, MeasureWorker
 from node.peer_service import PeerServicer
 from node.relay_link import NodeRelay
 from node.traffic import Traffic
 
 log = logging.getLogger(__name__)
 RECONNECT_MAX_S = 2.0
-CHALLENGE_TASK = object()  # marker in the measurement queue: run the compute challenge
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,7 +113,7 @@ def default_name(node_id: str) -> str:
     return f"{host}-{node_id[:6]}"
 
 
-class NodeAgent:
+class NodeAgent(MeasureWorker):
     def __init__(self, config: NodeConfig, *, hardware: HardwareInfo | None = None, clock: Clock | None = None) -> None:
         self.config = config
         self.clock: Clock = clock or SystemClock()
@@ -369,56 +368,3 @@ class NodeAgent:
         log.error("the coordinator refused this node: %s", exc)
         self.fatal_error = exc
         self._stop.set()
-
-    def _measure_worker(self) -> None:
-        while not self._stop.is_set():
-            try:
-                task = self._tasks.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if task is CHALLENGE_TASK:
-                self._run_challenge()
-                continue
-            report = pb.MeasurementReport(task_id=task.task_id, dst_node_id=task.dst_node_id)
-            try:
-                sample = measure_link(task.dst_address, probe_bytes=int(task.probe_bytes),
-                                      num_pings=int(task.num_pings), expected_node_id=task.dst_node_id,
-                                      security=self.security,
-                                      # the destination learns of the task on its next heartbeat
-                                      authorize_wait_s=3 * self.heartbeat_interval_s + 1.0,
-                                      task_id=task.task_id)
-                self.traffic.add_sent(sample.probe_bytes)
-                report.rtt_s = sample.rtt_s
-                report.bandwidth_Bps = sample.bandwidth_Bps
-                report.probe_bytes = sample.probe_bytes
-            except SwarmError as exc:
-                report.error = str(exc)[:1000]
-            except Exception as exc:  # noqa: BLE001 -- report, keep the worker alive
-                log.exception("measurement to %s failed", task.dst_address)
-                report.error = f"{type(exc).__name__}: {exc}"[:1000]
-            with self._session_lock:
-                session = self._session
-            if session is None:
-                continue
-            try:
-                self._link.report(session, report)
-            except SwarmError as exc:
-                log.warning("could not report measurement: %s", exc)
-
-    def _run_challenge(self) -> None:
-        """The coordinator's compute challenge (swarm/challenge.py): it times it and keeps the result."""
-        with self._session_lock:
-            session = self._session
-        if session is None:
-            return
-        try:
-            result = self._link.run_challenge(session, device=self.device)
-            if result.passed:
-                log.info("compute challenge passed measured_tflops=%.4f (probe said %.4f)", result.measured_tflops,
-                         self.hardware.tflops)
-            else:
-                log.error("compute challenge failed: %s", result.message)
-        except SwarmError as exc:
-            log.warning("compute challenge did not complete: %s", exc)
-        except Exception:  # noqa: BLE001 -- keep the worker alive
-            log.exception("compute challenge crashed")
