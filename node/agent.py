@@ -2,9 +2,9 @@
 
 Protocol with the coordinator (see coordinator.proto): register with a signed payload and the
 join token; heartbeat every interval (the reply may hand out link measurements, run on a
-worker thread and reported back: node/measure_worker.py); when a heartbeat says the session is unknown (coordinator
-restarted) register again; when the coordinator is unreachable, log it, back off and retry;
-on stop, leave cleanly.
+worker thread and reported back: node/measure_worker.py); when a heartbeat says the session is
+unknown (coordinator restarted) register again; when the coordinator is unreachable, log it,
+back off and retry; on stop, leave cleanly.
 
 Extension seams: plugins never get this object. Each plugin module listed in
 :mod:`node.plugins` has a factory ``create(host)``; the agent builds one
