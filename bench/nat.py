@@ -38,7 +38,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._record import markdown_table, record  # noqa: E402
-from bench.pipeline import measure, prepare_inputs, run_job  # noqa: E402
+from bench.pipeline_swarm import measure, prepare_inputs, run_job  # noqa: E402
 from swarm.localswarm import child_env, start_coordinator, start_node, wait_until  # noqa: E402
 from swarm.transport.coordinator_client import CoordinatorClient  # noqa: E402
 
@@ -47,7 +47,7 @@ NODE = "ab" * 16  # the relay CPU benchmark's fake node id
 
 
 class NatSwarm:
-    """A coordinator in the public namespace and one node per home namespace (bench.pipeline's
+    """A coordinator in the public namespace and one node per home namespace (bench.pipeline_swarm's
     ``run_job`` / ``measure`` take it: ``client()`` and ``state_dir``)."""
 
     def __init__(self, root: Path, net, *, hole_punching: bool, threads: int) -> None:

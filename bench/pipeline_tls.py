@@ -1,5 +1,5 @@
 """What TLS costs the training pipeline: ``python -m bench.pipeline --tls-cost`` (this module holds
-its implementation; flags and the swarm it drives are bench/pipeline.py's).
+its implementation; its flags are bench/pipeline.py's, the swarm it drives bench/pipeline_swarm.py's).
 
 Each configuration runs with TLS (every gRPC channel, as users run it) and with the
 benchmark-only plaintext transport (``SWARM_BENCH_PLAINTEXT=1``: swarm/transport/tls.py
@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from bench._record import markdown_table, record
-from bench.pipeline import Swarm, measure, prepare_inputs, run_job
+from bench.pipeline_swarm import Swarm, measure, prepare_inputs, run_job
 
 
 def cpu_seconds(swarm: Swarm) -> float:

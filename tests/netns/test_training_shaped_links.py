@@ -19,7 +19,7 @@ def _netns_available() -> bool:
 @pytest.mark.timeout(150)
 @pytest.mark.skipif(not _netns_available(), reason="needs root, ip and tc")
 def test_aqsgd_job_trains_across_shaped_namespaces(tmp_path):
-    from bench.pipeline import Swarm
+    from bench.pipeline_swarm import Swarm
     from swarm.cli.train import upload_files
     from swarm.compression import CodecSpec
     from swarm.job_spec import JobSpec
