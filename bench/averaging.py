@@ -110,7 +110,7 @@ def run_job(steps: int, replicas: int, stages: int, stall_s: float) -> dict:
     import tempfile
     from types import SimpleNamespace
 
-    from bench.chaos import Swarm, inputs, submit
+    from bench.chaos_swarm import Swarm, inputs, submit
     from swarm.localswarm import wait_until
 
     with tempfile.TemporaryDirectory(prefix="swarm-avgbench-") as tmp:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from bench._cpu import tree_cpu_s
 from bench._record import markdown_table, record
-from bench.chaos import heldout_loss, inputs
+from bench.chaos_swarm import heldout_loss, inputs
 from swarm.job_spec import DEFAULT_VERIFY_PROB
 from swarm.localswarm import child_env, start_coordinator, start_node, wait_until
 
