@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
              "Share of the checked runs' step time (all workers) spent on: "
              + ", ".join(f"{k[:-2]} {100 * v:.1f}%" for k, v in res["cost_split"].items()) + ".")
     cpu = {k: statistics.median(v) for k, v in res["cpu_s"].items()}
-    notes += (f" CPU seconds per job (coordinator, nodes and hivemind's processes; medians; each run: "
+    notes += (" CPU seconds per job (coordinator, nodes and hivemind's processes; medians; each run: "
               + "; ".join(f"{k}: " + ", ".join(f"{v:.1f}" for v in vs) for k, vs in res["cpu_s"].items())
               + f"): off {cpu['off']:.1f}, checked {cpu['checked']:.1f}; off / checked CPU "
               f"{cpu['off'] / cpu['checked']:.3f} (the tokens/s ratio to expect where the CPU is the bottleneck).")
