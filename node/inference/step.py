@@ -28,7 +28,7 @@ import torch
 from swarm.errors import InvalidRequestError, PeerError, SwarmError
 from swarm.faults import FaultConfig, FaultInjector
 from swarm.inference.stage_runtime import StageRuntime
-from swarm.inference.verify import sketch_rows
+from swarm.inference.verify import sketch_rows_done, sketch_rows_start
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.steptrace import StepTrace
 from swarm.transport.inference import entries_from_pb, hidden_from_chunks, hidden_to_chunks
@@ -106,6 +106,8 @@ class StepRunner:
         self._mark(marks, "computed", out)
         compute = self._slowed(time.perf_counter() - t0)
         assert hop is not None
+        # launched before the output goes to the host, read after the reply: off the critical path
+        pending = self._commitments_start(entries, ends, hidden, out, last=False)
         fwd_entries, fwd_out = replayed_here(request.entries, out, a.stage)
         nxt = pb.ServeStepRequest(
             model_name=a.model_name,
@@ -136,7 +138,7 @@ class StepRunner:
             self.traffic.add_received(reply.ByteSize())  # as the next stage sent it
         reply.compute_s += compute
         reply.stage_compute_s.append(compute)
-        reply.commitments.extend(self._commitments(a, entries, ends, hidden, out, last=False))
+        reply.commitments.extend(self._commitments_done(a, entries, ends, pending))
         reply.commitments.extend(point_commitments(a.stage, entries, points, hidden, out, last=False))
         if self.traffic is not None and a.stage > 0:
             self.traffic.add_sent(reply.ByteSize())
@@ -169,18 +171,33 @@ class StepRunner:
             return compute_s * self._slowdown
         return compute_s
 
-    @staticmethod
-    def _commitments(a: pb.ServeStageAssignment, entries, ends: list[tuple[int, int]], hidden: torch.Tensor | None,
-                     out: torch.Tensor, *, last: bool) -> list[pb.ServeCommitment]:
+    @classmethod
+    def _commitments(cls, a: pb.ServeStageAssignment, entries, ends: list[tuple[int, int]],
+                     hidden: torch.Tensor | None, out: torch.Tensor, *, last: bool) -> list[pb.ServeCommitment]:
         """This stage's commitments (swarm/inference/verify.py) for the sampled entries: sketches of
         the last position of its input and of its output (logits rows on the last stage)."""
+        return cls._commitments_done(a, entries, ends, cls._commitments_start(entries, ends, hidden, out, last=last))
+
+    @staticmethod
+    def _commitments_start(entries, ends: list[tuple[int, int]], hidden: torch.Tensor | None, out: torch.Tensor,
+                           *, last: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The commitments' sketches, computed on the device and not waited for (None: no entry sampled)."""
         if not ends:
-            return []
+            return None
         rows, idx = [row for _, row in ends], [i for i, _ in ends]
         # every row committed (decode steps of sessions that all commit): no gather needed;
         # rows and idx are increasing and distinct, so as many as the tensor has are all of them
         pick = lambda t, sel: t if len(sel) == t.shape[0] else t[sel]  # noqa: E731
-        outs = sketch_rows(pick(out, idx if last else rows))
-        ins = sketch_rows(pick(hidden, rows)) if hidden is not None else [()] * len(ends)
+        outs = sketch_rows_start(pick(out, idx if last else rows))
+        ins = sketch_rows_start(pick(hidden, rows)) if hidden is not None else None
+        return outs, ins
+
+    @staticmethod
+    def _commitments_done(a: pb.ServeStageAssignment, entries, ends: list[tuple[int, int]],
+                          pending: tuple[torch.Tensor, torch.Tensor | None] | None) -> list[pb.ServeCommitment]:
+        if pending is None:
+            return []
+        outs = sketch_rows_done(pending[0])
+        ins = sketch_rows_done(pending[1]) if pending[1] is not None else [()] * len(ends)
         return [pb.ServeCommitment(stage=a.stage, session_id=entries[i].session_id, input=inp, output=o)
                 for (i, _), inp, o in zip(ends, ins, outs)]

@@ -72,10 +72,21 @@ def sketch(x: torch.Tensor) -> tuple[float, ...]:
 
 def sketch_rows(x: torch.Tensor) -> list[tuple[float, ...]]:
     """:func:`sketch` of every row of ``x`` (n, D), in one product and one copy to the host."""
-    if x.shape[0] == 0:
-        return []
+    return sketch_rows_done(sketch_rows_start(x))
+
+
+def sketch_rows_start(x: torch.Tensor) -> torch.Tensor:
+    """The sketches of ``x``'s rows (n, SKETCH_DIM) on ``x``'s device, not waited for: launched
+    before a stage's output is copied to the host, they are done by the time it is sent."""
     x = x.detach().float()
-    return [tuple(row) for row in (x @ _projection(x.shape[1], x.device)).cpu().tolist()]
+    return x @ _projection(x.shape[1], x.device)
+
+
+def sketch_rows_done(sketches: torch.Tensor) -> list[tuple[float, ...]]:
+    """The rows of :func:`sketch_rows_start`'s result, on the host."""
+    if sketches.shape[0] == 0:
+        return []
+    return [tuple(row) for row in sketches.cpu().tolist()]
 
 
 def distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:
