@@ -65,6 +65,7 @@ LOSS_TOLERANCE = 0.1  # nats, absolute
 # failed round (plus one step: the round runs behind the next step's compute). One extra
 # all-reduce of the stage's parameters per period, in the background (bench/verification.py).
 RESYNC_EVERY_STEPS = 5
+WITNESS_WAIT_S = 10.0  # how long a checker waits for one witness copy (at most the job's peer timeout)
 WITNESS_KINDS = ("witness_input", "witness_output", "witness_grad_out", "witness_grad_in")
 
 
@@ -331,12 +332,20 @@ class StageVerifier:
 
     # -- checking ----------------------------------------------------------------------------------
     def _get(self, kind: str, step: int, m: int) -> torch.Tensor | None:
+        """A witness copy, or None (logged) when it does not come within WITNESS_WAIT_S or the
+        attempt is being fenced: the checked replica may be the one lost, and a checker waiting
+        for its witnesses would hold up the fence (a stage-0 loss cost 40 s: 10 s per copy)."""
         from swarm.errors import PeerError
 
         w = self.w
+        fencing = w.membership.fence_pending
+
+        def fenced() -> None:
+            if fencing.is_set():
+                raise PeerError("the attempt is being fenced (a replica changed); the check is void")
         try:
-            return w.endpoint.get(kind, step, m, timeout_s=min(w.timeout_s, 10.0), stop=w.stop_event,
-                                  what=f"a witness of stage {self.plan.check.stage}")
+            return w.endpoint.get(kind, step, m, timeout_s=min(w.timeout_s, WITNESS_WAIT_S), stop=w.stop_event,
+                                  what=f"a witness of stage {self.plan.check.stage}", check=fenced)
         except PeerError as exc:
             log.warning("spot check skipped job=%s step=%d micro_batch=%d: %s", w.a.job_id, step, m, exc)
             return None
@@ -354,12 +363,12 @@ class StageVerifier:
                 continue
             ids = w.order.micro_batches(step, c.replica)[m]
             x = torch.from_numpy(w.dataset.inputs(ids)).to(w.device) if is_first else self._get("witness_input", step, m)
-            y = None if is_last else self._get("witness_output", step, m)
+            y = None if (is_last or x is None) else self._get("witness_output", step, m)
+            if x is None or (not is_last and y is None):
+                break  # a witness is missing: so will the step's others be (its sender died, or a fence)
             g_out = None if (is_first or is_last) else self._get("witness_grad_out", step, m)
             g_in = None if is_first else self._get("witness_grad_in", step, m)
             labels = torch.from_numpy(w.dataset.labels(ids)).to(w.device) if is_last else None
-            if x is None or (not is_last and y is None):
-                continue
             run = lambda: recompute(w.module, x=x, is_first=is_first, is_last=is_last, labels=labels,  # noqa: E731
                                     grad_out=g_out, loss_scale=w.runner.loss_scale)
             first = run()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import pytest
 import torch
 
 from swarm.faults import FaultConfig, FaultInjector
@@ -257,3 +258,35 @@ def test_a_node_held_up_behind_a_staller_blames_it_in_time_and_is_spared():
     assert [v.node_id for v in verdicts] == ["s00"] and dispute
     # the job re-plans (attempt 1): the blame still pending from attempt 0 is dropped, not judged
     assert j.resolve_blames("j", 500.0, grace_s=30.0, attempt=1) == ([], False) and not j.has_blames("j")
+
+
+@pytest.mark.timeout(60)
+def test_a_checker_waits_for_no_witness_while_the_attempt_is_fenced(monkeypatch):
+    """A stage-0 replica lost: its pipeline's stages send no more witnesses, and a checker that
+    waited 10 s for each copy held up the fence (40 s measured); during a fence it gives up at once,
+    and after one missing copy it waits for no other of the step."""
+    import threading
+    from types import SimpleNamespace
+
+    from node.training import spotcheck
+    from node.training.exchange import Endpoint
+    from node.training.spotcheck import CheckRole, StageVerifier, VerifyPlan
+
+    monkeypatch.setattr(spotcheck, "WITNESS_WAIT_S", 3600.0)  # only the fence can end the wait
+
+    plan = VerifyPlan(prob=1.0, check=CheckRole(stage=1, replica=0, node_id="n10", seed=1,
+                                                witness_ids=frozenset({"n00", "n20"})))
+    fence = threading.Event()
+    asked = []
+    endpoint = Endpoint("j", lambda h, p: None)
+    real_get = endpoint.get
+    endpoint.get = lambda kind, *a, **k: asked.append(kind) or real_get(kind, *a, **k)
+    w = SimpleNamespace(a=SimpleNamespace(stage=1, replica=1, job_id="j", is_first=False, is_last=False,
+                                          spec=SimpleNamespace(codec="none")),
+                        M=4, timeout_s=3600.0, stop_event=threading.Event(), endpoint=endpoint,
+                        membership=SimpleNamespace(fence_pending=fence),
+                        order=SimpleNamespace(micro_batches=lambda step, replica: [[0], [1], [2], [3]]))
+    v = StageVerifier(w, plan)
+    fence.set()
+    assert v.check_step(5) == []
+    assert asked == ["witness_input"]  # the first missing copy ends the step's checks
