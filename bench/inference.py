@@ -242,6 +242,12 @@ class Swarm:
             subprocess.run(["ip", "link", "del", "swbr0"], capture_output=True)
 
 
+def _progress(out, key: tuple[str, int, int], r: dict) -> None:
+    """Each measurement as it is made, so a run stopped at a time limit still leaves its figures."""
+    print(f"measured: {key[0]}, {key[1]} stage(s), {key[2]} session(s): {r['ms_per_token']:.2f} ms/token, "
+          f"{r['agg_tok_s']:.1f} tok/s aggregate, TTFT {r['ttft_s'] * 1e3:.1f} ms", file=out, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", default="1,2,4")
@@ -323,16 +329,19 @@ def main(argv: list[str] | None = None) -> int:
                         r = {"ttft_s": r["ttft_s"], "decode_tok_s": 1e3 / r["ms_per_token"], "agg_tok_s": r["tokens_per_s"],
                              "ms_per_token": r["ms_per_token"]}
                         key = ("HF generate (baseline)", 1, s)
+                        _progress(out, key, r)
                         if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
                             best[key] = r
                     r = local_run(ckpt, args.layers, prompt_ids, args.new_tokens, s, local_device, dtype, args.max_seq_len)
                     key = ("single process", 1, s)
+                    _progress(out, key, r)
                     if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
                         best[key] = r
                     for k in stages:
                         r = swarm_run(swarm.address, f"bench-{k}", args.new_tokens, s, 1, token=swarm.token)
                         where = f"{k}-stage swarm ({'tbf ' + str(args.rate_mbit) + ' Mbit/s netns' if args.netns else 'loopback'})"
                         key = (where, k, s)
+                        _progress(out, key, r)
                         if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
                             best[key] = r
                 print(f"round done: {len(best)} configurations", file=out, flush=True)
