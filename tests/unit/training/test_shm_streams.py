@@ -10,14 +10,12 @@ import pytest
 import torch
 
 from swarm.errors import InvalidRequestError
-from swarm.proto.v1 import training_pb2_grpc
 from swarm.transport import frames, shm
 from swarm.transport import tensors as wt
-from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, bind, make_server
-from swarm.transport.tls import TlsSecurity
 
-from node.training.exchange import Endpoint, Endpoints, PipelinePeerServicer
+from node.training.exchange import Endpoint
 from node.training.sender import PeerSender
+from tests.helpers.peer_server import start_peer_server
 from tests.helpers.tls import TestPki
 
 pytestmark = pytest.mark.timeout(60)
@@ -50,15 +48,9 @@ def pki(tmp_path):
 def _server(pki, monkeypatch, *, receiver_shm: bool):
     if not receiver_shm:  # a receiver that reads no shared memory (as a node on another host)
         monkeypatch.setenv(shm.ENV_DISABLE, "1")
-    endpoints = Endpoints()
-    srv = make_server(max_message_bytes=DATA_MAX_MESSAGE_BYTES, max_workers=4)
-    servicer = PipelinePeerServicer(endpoints, identify=TlsSecurity.peer_identity)
-    training_pb2_grpc.add_PipelinePeerServicer_to_server(servicer, srv)
-    srv.add_generic_rpc_handlers((servicer.stream_receiver().handler(),))
-    port = bind(srv, "127.0.0.1", 0, security=pki.node(B))
-    srv.start()
+    srv, endpoints, address = start_peer_server(pki.node(B))
     monkeypatch.delenv(shm.ENV_DISABLE, raising=False)
-    return srv, endpoints, f"127.0.0.1:{port}"
+    return srv, endpoints, address
 
 
 @pytest.mark.parametrize("receiver_shm", [True, False])

@@ -6,15 +6,14 @@ import pytest
 import torch
 
 from swarm.errors import InvalidRequestError, PeerError
-from swarm.proto.v1 import training_pb2, training_pb2_grpc
+from swarm.proto.v1 import training_pb2
 from swarm.transport import frames, streams
 from swarm.transport import tensors as wt
-from swarm.transport.channels import DATA_MAX_MESSAGE_BYTES, bind, make_server
 
-from swarm.transport.tls import TlsSecurity
 
-from node.training.exchange import Endpoint, Endpoints, PipelinePeerServicer
+from node.training.exchange import Endpoint
 from node.training.sender import PeerSender
+from tests.helpers.peer_server import start_peer_server
 from tests.helpers.tls import TestPki
 
 pytestmark = pytest.mark.timeout(60)
@@ -80,14 +79,8 @@ def sec_a(pki):
 
 @pytest.fixture()
 def server(pki):
-    endpoints = Endpoints()
-    srv = make_server(max_message_bytes=DATA_MAX_MESSAGE_BYTES, max_workers=4)
-    peer = PipelinePeerServicer(endpoints, identify=TlsSecurity.peer_identity)
-    training_pb2_grpc.add_PipelinePeerServicer_to_server(peer, srv)
-    srv.add_generic_rpc_handlers((peer.stream_receiver().handler(),))
-    port = bind(srv, "127.0.0.1", 0, security=pki.node(B))
-    srv.start()
-    yield endpoints, f"127.0.0.1:{port}"
+    srv, endpoints, address = start_peer_server(pki.node(B))
+    yield endpoints, address
     srv.stop(0)
 
 
