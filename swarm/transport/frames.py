@@ -12,6 +12,8 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 
+from google.protobuf.message import DecodeError
+
 from swarm.errors import InvalidRequestError
 from swarm.proto.v1 import tensor_pb2
 from swarm.transport import shm as shm_mod
@@ -77,7 +79,11 @@ def decode_frame(buf: bytes, *, max_payload_bytes: int,
     hlen, off = _read_varint(mv, off + 1)
     if hlen > MAX_HEADER_BYTES or off + hlen > len(mv):
         raise InvalidRequestError(f"tensor frame header of {hlen} bytes is truncated or too large")
-    header = wt.header_from_pb(tensor_pb2.TensorHeader.FromString(mv[off:off + hlen]))
+    try:
+        header_pb = tensor_pb2.TensorHeader.FromString(mv[off:off + hlen])
+    except DecodeError:
+        raise InvalidRequestError("tensor frame header is not a valid TensorHeader message") from None
+    header = wt.header_from_pb(header_pb)
     off += hlen
     if header.payload_bytes > max_payload_bytes:
         raise InvalidRequestError(

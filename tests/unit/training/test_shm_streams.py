@@ -122,6 +122,8 @@ def test_frame_through_a_slot_checks_its_crc():
         assert (seq, bytes(got), h2.payload_crc32) == (3, payload, h.payload_crc32)
         with pytest.raises(InvalidRequestError, match="unknown field"):  # a receiver without shared memory
             frames.decode_frame(frame, max_payload_bytes=1 << 20)
+        with pytest.raises(InvalidRequestError, match="not a valid TensorHeader"):  # garbage where the header is
+            frames.decode_frame(b"\x08\x01\x12\x02\x00\x00", max_payload_bytes=1 << 20, shm=reader)
         slots.put(3, [bytes(1000)], 1000)  # the slot changed under the frame
         with pytest.raises(InvalidRequestError, match="checksum"):
             frames.decode_frame(frame, max_payload_bytes=1 << 20, shm=reader)
