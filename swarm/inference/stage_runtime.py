@@ -19,6 +19,7 @@ import torch
 
 from swarm.clock import Clock, SystemClock
 from swarm.errors import CapacityError, InvalidRequestError, NotFoundError
+from swarm.inference.graphs import DecodeGraphs, graphs_enabled
 from swarm.inference.sampling import SamplingParams, sample_batch
 from swarm.model.kv_cache import KVCache
 from swarm.model.stage import StageModel
@@ -99,6 +100,8 @@ class StageRuntime:
         self._lock = threading.Lock()
         p = next(stage.parameters())
         self.device, self.dtype = p.device, p.dtype
+        # decode steps as CUDA graphs on GPUs (swarm/inference/graphs.py; SWARM_CUDA_GRAPHS=0: off)
+        self._graphs = DecodeGraphs(self.stage) if graphs_enabled(self.device) else None
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -324,7 +327,9 @@ class StageRuntime:
                     x = torch.tensor([[entries[i].token_ids[0]] for i in decode], dtype=torch.long, device=self.device)
                 else:
                     x = torch.stack([hidden[offsets[i]] for i in decode])[:, None, :]  # (B, 1, H)
-                y = self.stage(x, kv_cache=group)  # (B, 1, H|V)
+                y = self._graphs.step(group, x) if self._graphs is not None else None
+                if y is None:
+                    y = self.stage(x, kv_cache=group)  # (B, 1, H|V)
                 for row, i in enumerate(decode):
                     outs[i] = y[row]
                     if i in keep:

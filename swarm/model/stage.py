@@ -8,7 +8,7 @@ from torch import nn
 from swarm.errors import InvalidRequestError
 from swarm.model.config import ModelConfig
 from swarm.model.hf_names import hf_to_stage_state, stage_state_to_hf
-from swarm.model.kv_cache import KVCache
+from swarm.model.kv_cache import CacheStep, KVCache
 from swarm.model.layers import GPT2Block, LlamaBlock, RMSNorm, rotary_cos_sin
 
 
@@ -178,6 +178,31 @@ class StageModel(nn.Module):
         if self.is_last:
             h = self.ln_f(h) if self.config.family == "gpt2" else self.norm(h)
             return self.lm_head(h)  # (B, T, vocab)
+        return h
+
+    def decode_fixed(self, x: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        """One decode position per row (T = 1) with shapes that never change and no host sync:
+        the queries read the whole preallocated cache, masked by each row's length (a tensor on
+        the device), instead of :meth:`forward`'s span up to the longest row. The same result as
+        ``forward(x, kv_cache=kv_cache)`` up to rounding; what :mod:`swarm.inference.graphs`
+        captures into a CUDA graph. The caller checks room (the runtime knows every row's length)."""
+        lengths = kv_cache.lengths
+        positions = lengths[:, None]  # (B, 1)
+        key_pos = torch.arange(kv_cache.max_length, device=lengths.device)
+        step = CacheStep(kv_len=kv_cache.max_length, mask=key_pos[None, None, None, :] <= positions[:, None, :, None])
+        if self.is_first:
+            h = self.wte(x) + self.wpe(positions) if self.config.family == "gpt2" else self.embed_tokens(x)
+        else:
+            h = x
+        rope = None
+        if self.config.family == "llama" and self.layers:
+            rope = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        for i, block in enumerate(self.layers):
+            h = block(h, kv_cache=kv_cache, layer=i, step=step, rope=rope)
+        kv_cache.advance(1)
+        if self.is_last:
+            h = self.ln_f(h) if self.config.family == "gpt2" else self.norm(h)
+            return self.lm_head(h)
         return h
 
 

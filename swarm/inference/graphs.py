@@ -1,0 +1,121 @@
+"""Decode steps replayed as CUDA graphs: a stage's layers cost one launch per token, not hundreds.
+
+At batch 1 a decode step of a few layers is bound by kernel launches, not by the GPU: each layer
+is ~15 small kernels, each launched from Python (~0.7 ms a layer of a 1024-wide model on an
+H200, where the arithmetic takes microseconds). A CUDA graph records the step's kernels once and
+replays them with one call. What it takes (StageModel.decode_fixed): fixed shapes (the whole
+preallocated cache, masked by each row's length) and no host sync inside the step.
+
+How a batch cache (one session, or several decoding together: StageRuntime's groups) gets one:
+
+- its first decode step runs eagerly (:meth:`StageModel.forward`), like every prefill; a group
+  that decodes once and dissolves never pays for a capture;
+- its second runs ``decode_fixed`` for real on a side stream (CUDA's required warm-up, which
+  here is the step itself), then records it into a graph (recording runs nothing, so the cache
+  is changed once);
+- from the third on the graph is replayed: the input is copied into the graph's static input,
+  one replay runs the layers, writes the new keys and values at each row's length and advances
+  the lengths on the device.
+
+Graphs are kept for the :data:`MAX_GRAPHS` most recently used caches, each tied to its cache
+object (a weak reference: a dissolved group's graph is dropped, never replayed over freed
+memory). A capture that fails turns graphs off for the runtime (logged once) and the step's
+result stands. ``SWARM_CUDA_GRAPHS=0`` turns them off; CPU stages never use them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from swarm.model.kv_cache import KVCache
+from swarm.model.stage import StageModel
+
+log = logging.getLogger(__name__)
+
+MAX_GRAPHS = 8
+
+
+def graphs_enabled(device: torch.device) -> bool:
+    """CUDA graphs for this device: CUDA only, unless SWARM_CUDA_GRAPHS=0."""
+    return device.type == "cuda" and os.environ.get("SWARM_CUDA_GRAPHS", "1") != "0"
+
+
+@dataclass
+class _Graph:
+    cache: weakref.ref  # the KVCache the graph writes into
+    steps: int  # decode steps this cache has taken here (graph or not)
+    graph: torch.cuda.CUDAGraph | None = None
+    static_in: torch.Tensor | None = None
+    static_out: torch.Tensor | None = None
+
+
+class DecodeGraphs:
+    """The CUDA graphs of one stage's decode steps, per batch cache. Not thread-safe: the
+    runtime calls it under its step lock."""
+
+    def __init__(self, stage: StageModel) -> None:
+        self.stage = stage
+        self.enabled = True
+        self._graphs: OrderedDict[int, _Graph] = OrderedDict()  # id(cache) -> graph, LRU order
+        self._pool = None
+        self.captures = 0
+        self.replays = 0
+
+    def step(self, cache: KVCache, x: torch.Tensor) -> torch.Tensor | None:
+        """The decode step of ``cache``'s rows with input ``x`` ((B, 1) ids or (B, 1, H)) through
+        a graph (its result, valid until the next step), or None: run it eagerly (the cache's first
+        decode step here, or graphs off). The caller has checked that every row has room."""
+        if not self.enabled:
+            return None
+        key = id(cache)
+        entry = self._graphs.get(key)
+        if entry is not None and entry.cache() is not cache:  # id reused by a new cache
+            del self._graphs[key]
+            entry = None
+        if entry is None:
+            self._graphs[key] = _Graph(cache=weakref.ref(cache), steps=1)
+            self._trim()
+            return None
+        self._graphs.move_to_end(key)
+        entry.steps += 1
+        if entry.graph is not None and entry.static_in.shape == x.shape and entry.static_in.dtype == x.dtype:
+            entry.static_in.copy_(x)
+            entry.graph.replay()
+            self.replays += 1
+            return entry.static_out
+        return self._capture(entry, cache, x)
+
+    def _capture(self, entry: _Graph, cache: KVCache, x: torch.Tensor) -> torch.Tensor:
+        """Run the step for real (the warm-up CUDA asks for), then record it."""
+        static_in = x.clone()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            out = self.stage.decode_fixed(static_in, cache)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        try:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                static_out = self.stage.decode_fixed(static_in, cache)
+        except Exception as exc:  # noqa: BLE001 -- a kernel that cannot be captured: eager from now on
+            log.warning("CUDA graph capture of a decode step failed (%s); decoding without graphs", exc)
+            self.enabled = False
+            self._graphs.clear()
+            return out
+        entry.graph, entry.static_in, entry.static_out = graph, static_in, static_out
+        self.captures += 1
+        return out
+
+    def _trim(self) -> None:
+        for key in [k for k, e in self._graphs.items() if e.cache() is None]:
+            del self._graphs[key]
+        while len(self._graphs) > MAX_GRAPHS:
+            self._graphs.popitem(last=False)
