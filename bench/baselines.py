@@ -108,7 +108,7 @@ def hf_generate(model_dir: Path, prompt_ids: list[int], *, new_tokens: int, batc
             assert out.shape[1] == ids.shape[1] + n, out.shape
             return time.perf_counter() - t0
 
-        gen(2)  # warm-up
+        gen(new_tokens)  # warm-up: the first call in a process was 5x slower on the H200 (gen(2) was not enough)
         best = None
         for _ in range(max(1, repeats)):
             ttft = gen(1)

@@ -62,9 +62,15 @@ def local_run(path: Path, num_layers: int, prompt_ids: list[int], new_tokens: in
     chain = LocalChain([rt])
     params = SamplingParams(max_new_tokens=new_tokens)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    # warm-up
-    chain.step([StepEntry(session_id="w", start_position=0, num_tokens=len(prompt_ids), token_ids=tuple(prompt_ids))])
-    rt.close(["w"])
+    # warm-up: a few tokens per session, as the swarm's warm-up generation (kernels loaded; on a
+    # GPU each batch cache's decode graph recorded, which the measured sessions reuse)
+    warm = [f"w{i}" for i in range(sessions)]
+    toks = chain.step([StepEntry(session_id=w, start_position=0, num_tokens=len(prompt_ids), token_ids=tuple(prompt_ids))
+                       for w in warm])
+    for pos in range(len(prompt_ids), len(prompt_ids) + 4):
+        toks = chain.step([StepEntry(session_id=w, start_position=pos, num_tokens=1, token_ids=(t,))
+                           for w, t in zip(warm, toks)])
+    rt.close(warm)
     ids = [f"s{i}" for i in range(sessions)]
     t0 = time.perf_counter()
     toks = chain.step([StepEntry(session_id=s, start_position=0, num_tokens=len(prompt_ids), token_ids=tuple(prompt_ids),
@@ -232,6 +238,25 @@ class Swarm:
         return (sum(int(n.metrics.get("step_wire_steps", 0)) for n in nodes),
                 sum(int(n.metrics.get("inference_steps", 0)) for n in nodes))
 
+    def graph_use(self) -> str:
+        """Each served stage's CUDA-graph decode use, from the nodes' metrics (after wire_share's wait)."""
+        parts = []
+        for n in CoordinatorClient(self.address, token=self.token).snapshot().nodes:
+            for st in n.metrics.get("inference_stages", []) or []:
+                if "graph_replays" in st:
+                    parts.append(f"{st['model']} s{st['stage']}: {'on' if st['graphs_on'] else 'OFF'}, "
+                                 f"{st['graph_captures']} captured, {st['graph_replays']} replayed")
+        return "; ".join(sorted(parts))
+
+    def keep_logs(self, directory: str) -> None:
+        """--keep-logs: the coordinator's and nodes' logs copied to ``directory``."""
+        import shutil
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        for p in getattr(self, "procs", []):
+            if p.log_path.exists():
+                shutil.copy(p.log_path, Path(directory) / p.log_path.name)
+
     def close(self) -> None:
         for p in reversed(getattr(self, "procs", [])):
             p.stop()
@@ -281,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                          "default) or gRPC streams (SWARM_STEP_WIRE=0), for a before/after in one session")
     ap.add_argument("--trace", action="store_true",
                     help="time every hop of every decode step (SWARM_STEP_TRACE) and print where a token's time goes")
+    ap.add_argument("--keep-logs", default=None, metavar="DIR",
+                    help="copy the coordinator's and nodes' logs to DIR before they are deleted")
     ap.add_argument("--trace-dir", default=None, help="keep the --trace files here (default: a temporary directory)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -307,6 +334,29 @@ def main(argv: list[str] | None = None) -> int:
             trace_dir = Path(args.trace_dir) if args.trace_dir else root / "trace"
             os.environ["SWARM_STEP_TRACE"] = str(trace_dir)  # the swarm's processes inherit it
         os.environ["SWARM_STEP_WIRE"] = "1" if args.step_transport == "wire" else "0"  # inherited too
+        best: dict[tuple[str, int, int], dict] = {}
+
+        def keep(key: tuple[str, int, int], r: dict) -> None:
+            _progress(out, key, r)
+            if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
+                best[key] = r
+
+        def single_process_runs(s: int) -> None:
+            """The baseline and the single-process runtime, each kept at its best."""
+            if not args.no_baseline:
+                from bench.baselines import hf_generate
+
+                r = hf_generate(ckpt, prompt_ids, new_tokens=args.new_tokens, batch=s, device=local_device,
+                                dtype=dtype, threads=args.baseline_threads)
+                keep(("HF generate (baseline)", 1, s), {"ttft_s": r["ttft_s"], "decode_tok_s": 1e3 / r["ms_per_token"],
+                                                        "agg_tok_s": r["tokens_per_s"], "ms_per_token": r["ms_per_token"]})
+            keep(("single process", 1, s),
+                 local_run(ckpt, args.layers, prompt_ids, args.new_tokens, s, local_device, dtype, args.max_seq_len))
+
+        # once before the swarm's processes exist, then interleaved with the swarm's runs; the
+        # best run counts, so the baselines are never measured only beside the swarm's processes
+        for s in sessions:
+            single_process_runs(s)
         swarm = Swarm(root, max(stages), device=args.device, netns=args.netns, rate_mbit=args.rate_mbit, delay_ms=args.delay_ms,
                       pin_cores=args.pin_cores)
         try:
@@ -318,35 +368,19 @@ def main(argv: list[str] | None = None) -> int:
                 one_generation(swarm.address, f"bench-{k}", 4, [], None, swarm.token)  # warm-up
             # interleave configurations so they share the same machine conditions; keep each
             # configuration's best run (highest aggregate throughput): the least disturbed one
-            best: dict[tuple[str, int, int], dict] = {}
             for _ in range(args.repeats):
                 for s in sessions:
-                    if not args.no_baseline:
-                        from bench.baselines import hf_generate
-
-                        r = hf_generate(ckpt, prompt_ids, new_tokens=args.new_tokens, batch=s, device=local_device,
-                                        dtype=dtype, threads=args.baseline_threads)
-                        r = {"ttft_s": r["ttft_s"], "decode_tok_s": 1e3 / r["ms_per_token"], "agg_tok_s": r["tokens_per_s"],
-                             "ms_per_token": r["ms_per_token"]}
-                        key = ("HF generate (baseline)", 1, s)
-                        _progress(out, key, r)
-                        if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
-                            best[key] = r
-                    r = local_run(ckpt, args.layers, prompt_ids, args.new_tokens, s, local_device, dtype, args.max_seq_len)
-                    key = ("single process", 1, s)
-                    _progress(out, key, r)
-                    if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
-                        best[key] = r
+                    single_process_runs(s)
                     for k in stages:
                         r = swarm_run(swarm.address, f"bench-{k}", args.new_tokens, s, 1, token=swarm.token)
                         where = f"{k}-stage swarm ({'tbf ' + str(args.rate_mbit) + ' Mbit/s netns' if args.netns else 'loopback'})"
-                        key = (where, k, s)
-                        _progress(out, key, r)
-                        if key not in best or r["agg_tok_s"] > best[key]["agg_tok_s"]:
-                            best[key] = r
+                        keep((where, k, s), r)
                 print(f"round done: {len(best)} configurations", file=out, flush=True)
             wire_steps = swarm.wire_share()
+            graph_use = swarm.graph_use()
         finally:
+            if args.keep_logs:
+                swarm.keep_logs(args.keep_logs)
             swarm.close()
         trace_notes = trace_table(trace_dir, stages, sessions) if args.trace else ""
         order = {"HF generate (baseline)": 0, "single process": 1}
@@ -390,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"- {k} stage(s): 8 concurrent sessions give {b[6] / a[6]:.2f}x the aggregate throughput of one")
     notes.append(f"- steps between processes: --step-transport {args.step_transport}; the nodes answered "
                  f"{wire_steps[0]} of their {wire_steps[1]} steps over the step wire")
+    if graph_use:
+        notes.append(f"- CUDA-graph decode per stage (swarm/inference/graphs.py): {graph_use}")
     if trace_notes:
         notes.append(trace_notes)
     print("\n".join(notes), file=out)

@@ -174,7 +174,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             stages = [
                 {"model": k[0], "replica": k[1], "stage": v.assignment.stage,
                  "layers": [v.assignment.first_layer, v.assignment.last_layer_excl],
-                 "sessions": v.runtime.num_sessions}
+                 "sessions": v.runtime.num_sessions, **v.runtime.graph_stats}
                 for k, v in self._stages.items()
             ]
         wire = self.wire

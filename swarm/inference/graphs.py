@@ -19,7 +19,10 @@ How a batch cache (one session, or several decoding together: StageRuntime's gro
 
 Graphs are kept for the :data:`MAX_GRAPHS` most recently used caches, each tied to its cache
 object (a weak reference: a dissolved group's graph is dropped, never replayed over freed
-memory). A capture that fails turns graphs off for the runtime (logged once) and the step's
+memory). Each graph has its own private memory pool: with one pool shared by all of a
+runtime's graphs, the pool's use count fell to 0 when the graphs of finished sessions were
+dropped, and torch 2.13's allocator then failed the next capture ("use_count > 0 INTERNAL
+ASSERT FAILED"; seen on the H200 in node processes, where sessions come and go). A capture that fails turns graphs off for the runtime (logged once) and the step's
 result stands. ``SWARM_CUDA_GRAPHS=0`` turns them off; CPU stages never use them.
 """
 
@@ -63,7 +66,6 @@ class DecodeGraphs:
         self.stage = stage
         self.enabled = True
         self._graphs: OrderedDict[int, _Graph] = OrderedDict()  # id(cache) -> graph, LRU order
-        self._pool = None
         self.captures = 0
         self.replays = 0
 
@@ -100,10 +102,8 @@ class DecodeGraphs:
             out = self.stage.decode_fixed(static_in, cache)
         torch.cuda.current_stream(x.device).wait_stream(side)
         try:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # a private pool: see above
                 static_out = self.stage.decode_fixed(static_in, cache)
         except Exception as exc:  # noqa: BLE001 -- a kernel that cannot be captured: eager from now on
             log.warning("CUDA graph capture of a decode step failed (%s); decoding without graphs", exc)

@@ -97,6 +97,9 @@ class StageRuntime:
         # batch caches: group key (session ids in row order) -> cache; insertion order = LRU order
         self._groups: dict[tuple[str, ...], KVCache] = {}
         self._group_of: dict[str, tuple[str, ...]] = {}
+        # emptied caches kept for the next sessions, by batch size: a new session's cache costs no
+        # allocation, and a CUDA graph recorded over a cache replays for every session it serves
+        self._spare: dict[int, list[KVCache]] = {}
         self._lock = threading.Lock()
         p = next(stage.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -104,6 +107,13 @@ class StageRuntime:
         self._graphs = DecodeGraphs(self.stage) if graphs_enabled(self.device) else None
 
     # ------------------------------------------------------------------ bookkeeping
+    @property
+    def graph_stats(self) -> dict:
+        """CUDA-graph decode (swarm/inference/graphs.py): on, graphs captured, steps replayed."""
+        g = self._graphs
+        return {"graphs_on": bool(g is not None and g.enabled), "graph_captures": g.captures if g else 0,
+                "graph_replays": g.replays if g else 0}
+
     @property
     def num_sessions(self) -> int:
         return len(self._sessions)
@@ -115,7 +125,25 @@ class StageRuntime:
     def kv_cache_bytes(self) -> int:
         with self._lock:
             total = sum(s.cache.nbytes() for s in self._sessions.values() if s.cache is not None)
-            return total + sum(g.nbytes() for g in self._groups.values())
+            spare = sum(c.nbytes() for caches in self._spare.values() for c in caches)
+            return total + spare + sum(g.nbytes() for g in self._groups.values())
+
+    def _take(self, batch_size: int) -> KVCache:
+        """An empty cache of ``batch_size`` rows: a spare one (emptied) or a new one."""
+        spare = self._spare.get(batch_size)
+        if spare:
+            cache = spare.pop()
+            with torch.inference_mode():  # the runtime's caches are inference tensors
+                cache.reset()
+            return cache
+        return self.stage.new_kv_cache(batch_size=batch_size, max_length=self.max_seq_len)
+
+    def _give(self, cache: KVCache) -> None:
+        """Keep a cache no session uses any more, while the spare rows and the open sessions
+        together stay within max_sessions (memory the runtime may hold anyway); else drop it."""
+        spare_rows = sum(b * len(caches) for b, caches in self._spare.items())
+        if spare_rows + cache.batch_size + len(self._sessions) <= self.max_sessions:
+            self._spare.setdefault(cache.batch_size, []).append(cache)
 
     def close(self, session_ids: list[str]) -> int:
         """Free the caches of these sessions; unknown ids are ignored. Returns how many closed."""
@@ -126,11 +154,17 @@ class StageRuntime:
         closed = [sid for sid in session_ids if sid in self._sessions]
         if not closed:
             return 0
+        closing = set(closed)
+        freed = []
         for sid in closed:
             if sid in self._group_of:
-                self._dissolve(self._group_of[sid])
+                freed += self._dissolve(self._group_of[sid], closing=closing)
         for sid in closed:
-            del self._sessions[sid]
+            s = self._sessions.pop(sid)
+            if s.cache is not None:
+                freed.append(s.cache)
+        for cache in freed:
+            self._give(cache)
         return len(closed)
 
     def expire(self) -> list[str]:
@@ -139,19 +173,29 @@ class StageRuntime:
             now = self._clock.monotonic()
             old = [sid for sid, s in self._sessions.items() if now - s.last_used_s > self.session_timeout_s]
             self._close_locked(old)
+            if old and not self._sessions:  # an idle stage gives its memory back, spare caches too
+                self._spare.clear()
         if old:
             log.info("expired idle sessions count=%d", len(old))
         return old
 
-    def _dissolve(self, key: tuple[str, ...]) -> None:
-        """Move every row of a batch cache back into its session's own cache."""
+    def _dissolve(self, key: tuple[str, ...], closing: set[str] = frozenset()) -> list[KVCache]:
+        """Move every row of a batch cache back into its session's own cache (rows of sessions
+        in ``closing`` are dropped). Returns the caches no session holds any more (the caller
+        gives them back with :meth:`_give` once the closing sessions are gone)."""
         group = self._groups.pop(key, None)
         if group is None:
-            return
+            return []
+        keeps = False
         for row, sid in enumerate(key):
             self._group_of.pop(sid, None)
-            if sid in self._sessions and self._sessions[sid].cache is None:
-                self._sessions[sid].cache = group.select([row]) if len(key) > 1 else group
+            if sid in self._sessions and sid not in closing and self._sessions[sid].cache is None:
+                if len(key) > 1:
+                    with torch.inference_mode():  # copies into a spare cache (an inference tensor)
+                        self._sessions[sid].cache = group.select([row], out=self._take(1))
+                else:
+                    self._sessions[sid].cache, keeps = group, True
+        return [] if keeps else [group]
 
     def _ensure_group(self, ids: list[str]) -> KVCache:
         key = tuple(ids)
@@ -161,9 +205,9 @@ class StageRuntime:
             return group
         for sid in ids:  # a session is in one batch cache at most
             if sid in self._group_of:
-                self._dissolve(self._group_of[sid])
+                self._give_all(self._dissolve(self._group_of[sid]))
         while len(self._groups) >= MAX_GROUPS:
-            self._dissolve(next(iter(self._groups)))
+            self._give_all(self._dissolve(next(iter(self._groups))))
         caches = []
         for sid in ids:
             s = self._sessions[sid]
@@ -171,9 +215,17 @@ class StageRuntime:
             caches.append(s.cache)
             s.cache = None
             self._group_of[sid] = key
-        group = caches[0] if len(caches) == 1 else KVCache.cat(caches)
+        if len(caches) == 1:
+            group = caches[0]
+        else:
+            group = KVCache.cat(caches, out=self._take(len(caches)))
+            self._give_all(caches)
         self._groups[key] = group
         return group
+
+    def _give_all(self, caches: list[KVCache]) -> None:
+        for cache in caches:
+            self._give(cache)
 
     # ------------------------------------------------------------------ KV hand-off
     def export_kv(self, session_id: str) -> tuple[torch.Tensor, int]:
@@ -184,7 +236,7 @@ class StageRuntime:
             if s is None:
                 raise NotFoundError(f"session {session_id[:40]} is not on this stage (closed or expired); replay it")
             if s.cache is None:  # a row of a batch cache: give it back its own first
-                self._dissolve(self._group_of[session_id])
+                self._give_all(self._dissolve(self._group_of[session_id]))
             c, n = s.cache, s.length
             assert c is not None
             return torch.stack([torch.stack([k[0, :, :n], v[0, :, :n]]) for k, v in zip(c.keys, c.values)]), n
@@ -232,8 +284,7 @@ class StageRuntime:
                 raise CapacityError(
                     f"stage holds its maximum of {self.max_sessions} sessions; retry later or add a replica"
                 )
-            cache = self.stage.new_kv_cache(batch_size=1, max_length=self.max_seq_len)
-            self._sessions[entry.session_id] = _Session(cache=cache, length=0, last_used_s=self._clock.monotonic())
+            self._sessions[entry.session_id] = _Session(cache=self._take(1), length=0, last_used_s=self._clock.monotonic())
         elif entry.start_position != s.length:
             raise InvalidRequestError(
                 f"session {entry.session_id} is at position {s.length} on this stage, the step starts at "
@@ -312,7 +363,7 @@ class StageRuntime:
                 e = entries[i]
                 s = self._sessions[e.session_id]
                 if s.cache is None:  # a row of a batch cache that is re-prefilled: give it back its cache
-                    self._dissolve(self._group_of[e.session_id])
+                    self._give_all(self._dissolve(self._group_of[e.session_id]))
                 x = self._input(e, hidden, offsets[i])  # (1, T) or (1, T, H)
                 y = self.stage(x, kv_cache=s.cache)
                 outs[i] = y[0, -1:] if self.stage.is_last else y[0]
@@ -347,7 +398,12 @@ class StageRuntime:
         sessions in this order copies no cache."""
         ids = [entries[i].session_id for i in rows]
         T = entries[rows[0]].num_tokens
-        cache = self.stage.new_kv_cache(batch_size=len(rows), max_length=self.max_seq_len)
+        for sid in ids:  # their own (empty) caches from _prepare: the batch cache replaces them
+            s = self._sessions[sid]
+            if s.cache is not None:
+                self._give(s.cache)
+                s.cache = None
+        cache = self._take(len(rows))
         if self.stage.is_first:
             x = torch.tensor([list(entries[i].token_ids) for i in rows], dtype=torch.long, device=self.device)  # (B, T)
         else:
@@ -359,7 +415,7 @@ class StageRuntime:
             if i in keep:
                 kept[i] = y[row, keep[i]]
         while len(self._groups) >= MAX_GROUPS:
-            self._dissolve(next(iter(self._groups)))
+            self._give_all(self._dissolve(next(iter(self._groups))))
         key = tuple(ids)
         for sid in ids:
             s = self._sessions[sid]

@@ -126,22 +126,31 @@ class KVCache:
     def advance(self, num_new_tokens: int) -> None:
         self.lengths += num_new_tokens
 
-    def select(self, rows: list[int] | torch.Tensor) -> "KVCache":
-        """A new cache holding copies of the given rows (sessions), in that order.
+    def reset(self) -> None:
+        """Empty every row in place (zeros, as a new cache), keeping the tensors: a CUDA graph
+        recorded over this cache (swarm/inference/graphs.py) stays valid for its next sessions."""
+        for t in self.keys + self.values:
+            t.zero_()
+        self.lengths.zero_()
+
+    def select(self, rows: list[int] | torch.Tensor, out: "KVCache | None" = None) -> "KVCache":
+        """A cache holding copies of the given rows (sessions), in that order: ``out`` (an empty
+        cache of as many rows, e.g. a reused one) or a new one.
 
         Copies only the filled positions (up to the longest selected row), not ``max_length``."""
         rows_t = torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)
         lengths = self.lengths.index_select(0, rows_t)
-        out = self._empty_like(len(lengths))
+        out = self._check_out(out, len(lengths)) if out is not None else self._empty_like(len(lengths))
         n = int(lengths.max().item()) if len(lengths) else 0
         for dst, src in zip(out.keys + out.values, self.keys + self.values):
             dst[:, :, :n] = src[:, :, :n].index_select(0, rows_t)
-        out.lengths = lengths
+        out.lengths.copy_(lengths)  # in place: a graph over ``out`` reads this tensor
         return out
 
     @staticmethod
-    def cat(caches: list["KVCache"]) -> "KVCache":
-        """Stack sessions of several caches (same stage, same max_length) into one batch.
+    def cat(caches: list["KVCache"], out: "KVCache | None" = None) -> "KVCache":
+        """Stack sessions of several caches (same stage, same max_length) into one batch: into
+        ``out`` (an empty cache of as many rows in all) or a new one.
 
         Copies only each cache's filled positions (up to its longest row), not ``max_length``."""
         if not caches:
@@ -149,14 +158,21 @@ class KVCache:
         first = caches[0]
         if any(c.max_length != first.max_length or c.num_layers != first.num_layers for c in caches):
             raise InvalidRequestError("KV caches to batch together need the same max_length and layer count")
-        out = first._empty_like(sum(c.batch_size for c in caches))
+        rows = sum(c.batch_size for c in caches)
+        out = first._check_out(out, rows) if out is not None else first._empty_like(rows)
         row = 0
         for c in caches:
             n = int(c.lengths.max().item()) if c.batch_size else 0
             for dst, src in zip(out.keys + out.values, c.keys + c.values):
                 dst[row : row + c.batch_size, :, :n] = src[:, :, :n]
             row += c.batch_size
-        out.lengths = torch.cat([c.lengths for c in caches])
+        out.lengths.copy_(torch.cat([c.lengths for c in caches]))
+        return out
+
+    def _check_out(self, out: "KVCache", batch_size: int) -> "KVCache":
+        if (out.batch_size != batch_size or out.max_length != self.max_length or out.num_layers != self.num_layers
+                or (self.keys and out.keys[0].shape[1:] != self.keys[0].shape[1:])):
+            raise InvalidRequestError("the KV cache to copy into has another shape")
         return out
 
     def _empty_like(self, batch_size: int) -> "KVCache":

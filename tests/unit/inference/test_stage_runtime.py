@@ -190,3 +190,62 @@ def test_kept_rows_are_the_logits_each_row_gives_as_a_last_row(ckpt):
     for k, r in enumerate((2, 5, 7)):
         torch.testing.assert_close(kept[0][k], want[r], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kept[1][0], want[5], atol=1e-5, rtol=1e-5)
+
+
+def _generate_batch(rt: StageRuntime, prompts: dict[str, list[int]], steps: int) -> dict[str, list[int]]:
+    """Greedy tokens of sessions stepped together (prefill in one step, then decode steps)."""
+    out = {sid: [] for sid in prompts}
+    entries = [StepEntry(session_id=sid, start_position=0, num_tokens=len(p), token_ids=tuple(p),
+                         sampling=SamplingParams(max_new_tokens=steps)) for sid, p in prompts.items()]
+    for _ in range(steps):
+        tokens = rt.run_and_sample(entries)
+        for e, t in zip(entries, tokens):
+            out[e.session_id].append(t)
+        entries = [StepEntry(session_id=e.session_id, start_position=e.start_position + e.num_tokens, num_tokens=1,
+                             token_ids=(t,), sampling=e.sampling) for e, t in zip(entries, tokens)]
+    return out
+
+
+def test_a_closed_sessions_cache_serves_the_next_session_and_leaks_nothing(ckpt):
+    """Caches are reused (no allocation; a CUDA graph over a cache keeps replaying), emptied in
+    between: the next sessions' tokens equal a fresh runtime's."""
+    path, cfg = ckpt
+    n = cfg.num_layers
+    rt = runtime(path, 0, n, n, max_sessions=4)
+    first = _generate_batch(rt, {"a": [5, 17, 42, 7]}, 6)
+    cache = rt._sessions["a"].cache if rt._sessions["a"].cache is not None else rt._groups[("a",)]
+    rt.close(["a"])
+    assert rt._spare[1] == [cache]
+    again = _generate_batch(rt, {"b": [9, 3]}, 6)  # shorter prompt: stale positions must not be read
+    reused = rt._sessions["b"].cache if rt._sessions["b"].cache is not None else rt._groups[("b",)]
+    assert reused is cache
+    assert again == _generate_batch(runtime(path, 0, n, n), {"b": [9, 3]}, 6)
+    assert first == _generate_batch(runtime(path, 0, n, n), {"a": [5, 17, 42, 7]}, 6)
+    # a batch cache of sessions that prefilled together comes back for the next pair
+    pair = {"c": [1, 2, 3], "d": [4, 5, 6]}
+    want = _generate_batch(runtime(path, 0, n, n), pair, 5)
+    assert _generate_batch(rt, pair, 5) == want
+    batch = rt._groups[("c", "d")]
+    rt.close(["b", "c", "d"])
+    assert batch in rt._spare[2] and rt.num_sessions == 0
+    pair2 = {"e": [7, 8, 9], "f": [1, 1, 1]}
+    assert _generate_batch(rt, pair2, 5) == _generate_batch(runtime(path, 0, n, n), pair2, 5)
+    assert rt._groups[("e", "f")] is batch
+
+
+def test_spare_caches_stay_within_max_sessions(ckpt):
+    path, cfg = ckpt
+    n = cfg.num_layers
+    rt = runtime(path, 0, n, n, max_sessions=3)
+    one = rt.kv_cache_bytes() or None
+    for sid in ("a", "b", "c"):
+        rt.run([StepEntry(session_id=sid, start_position=0, num_tokens=2, token_ids=(1, 2))])
+    per_session = rt.kv_cache_bytes() // 3
+    assert one is None and per_session > 0
+    rt.close(["a", "b"])  # spare 2 + open 1 = 3: both kept, and counted
+    assert sum(len(v) for v in rt._spare.values()) == 2 and rt.kv_cache_bytes() == 3 * per_session
+    for sid in ("d", "e"):  # take both spares back
+        rt.run([StepEntry(session_id=sid, start_position=0, num_tokens=2, token_ids=(1, 2))])
+    assert sum(len(v) for v in rt._spare.values()) == 0 and rt.kv_cache_bytes() == 3 * per_session
+    rt.close(["c", "d", "e"])
+    assert rt.kv_cache_bytes() <= 3 * per_session

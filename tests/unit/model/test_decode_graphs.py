@@ -135,3 +135,33 @@ def test_a_runtime_with_graphs_decodes_the_same_tokens(monkeypatch):
         return out
 
     assert decode(True) == decode(False)
+
+
+@CUDA
+def test_graphs_keep_working_as_sessions_come_and_go():
+    """A closed session's cache (and its graph) serves the next session: one capture, replays
+    from the next sessions' first decode step; a cache dropped for good gets a new graph (a
+    memory pool shared by all graphs failed that second capture with an allocator assert in
+    torch 2.13)."""
+    rt = StageRuntime(build_stage(_config("llama"), 0, 3, seed=10).cuda(), max_seq_len=40, max_sessions=2)
+    for n in range(4):
+        sid = f"s{n}"
+        entries = [StepEntry(session_id=sid, start_position=0, num_tokens=3, token_ids=(1, 2, 3))]
+        for _ in range(5):
+            tokens = rt.run_and_sample(entries)
+            e = entries[0]
+            entries = [StepEntry(session_id=sid, start_position=e.start_position + e.num_tokens, num_tokens=1,
+                                 token_ids=(tokens[0],))]
+        rt.close([sid])
+        gc.collect()
+    stats = rt.graph_stats
+    assert stats["graphs_on"], stats
+    assert stats["graph_captures"] == 1 and stats["graph_replays"] == 2 + 3 * 4, stats
+    rt._spare.clear()  # the cache is gone: the next session needs a new graph, captured as well
+    gc.collect()
+    entries = [StepEntry(session_id="z", start_position=0, num_tokens=3, token_ids=(1, 2, 3))]
+    for _ in range(5):
+        tokens = rt.run_and_sample(entries)
+        entries = [StepEntry(session_id="z", start_position=entries[0].start_position + entries[0].num_tokens,
+                             num_tokens=1, token_ids=(tokens[0],))]
+    assert rt.graph_stats["graphs_on"] and rt.graph_stats["graph_captures"] == 2, rt.graph_stats
