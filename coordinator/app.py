@@ -13,6 +13,8 @@ registry ``host.services`` (:mod:`coordinator.services`: ``services.jobs``,
 
 from __future__ import annotations
 
+import math
+
 import hmac
 import logging
 import secrets
@@ -81,6 +83,9 @@ class CoordinatorConfig:
     admission: AdmissionPolicy = field(default_factory=AdmissionPolicy)  # per-token limits, lost-node TTL
     flush_interval_s: float = 5.0  # heartbeats are written to SQLite this often (kept in memory between)
     max_model_params: int = 2_000_000_000  # a job's model (config-only uploads included) may not be larger
+    # CPU FLOP/s per model the referee may spend replaying check windows of one-chain models
+    # (--referee-gflops; swarm/inference/referee.py); 0: no referee (such windows stay void)
+    referee_flops_per_s: float = 20e9
     rebalance: bool = True  # re-balance a job's layers around a node seen slow (--no-rebalance: only report it)
     tls_sans: tuple[str, ...] = ()  # more names/IPs for the coordinator's certificate (--tls-san)
     node_cert_lifetime_s: float = 86400.0  # nodes' certificates; renewed past half of it
@@ -114,6 +119,8 @@ class CoordinatorConfig:
             raise ConfigError("--node-cert-lifetime-s must be in 2..2592000 (30 days)")
         if (self.http_tls_cert is None) != (self.http_tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")
+        if not (math.isfinite(self.referee_flops_per_s) and 0 <= self.referee_flops_per_s <= 1e16):
+            raise ConfigError("--referee-gflops must be a number in 0..10000000 (0 turns the referee off)")
 
 
 def prepare_tokens(db: Database, state_dir: Path, ca: CoordinatorCA, *, join: str | None = None,
@@ -176,7 +183,7 @@ class CoordinatorApp:
                                     authenticate_user=self.authenticate_user, authorize_read=self.authorize_read,
                                     services=self.services,
                                     max_model_params=config.max_model_params, security=self.security,
-                                    rebalance=config.rebalance)
+                                    rebalance=config.rebalance, referee_flops_per_s=config.referee_flops_per_s)
         self.plugin_modules = plugin_registry.load_plugins(config.plugins)
         self.plugins: list[CoordinatorPlugin] = []
         self.grpc_server = make_server(max_message_bytes=CONTROL_MAX_MESSAGE_BYTES, max_workers=config.max_workers,

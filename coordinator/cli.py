@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-rebalance", action="store_true", default=_env("NO_REBALANCE", "") == "1",
                    help="never move a running job's layers around a node its neighbours see slow (default: "
                         "re-balance at a fence when that predicts a 20%% faster step; slow_node is reported either way)")
+    s.add_argument("--referee-gflops", type=float, default=float(_env("REFEREE_GFLOPS", 20)),
+                   help="CPU GFLOP/s per served model the coordinator may spend re-computing spot-check windows of "
+                        "models with no second chain (docs/inference.md, 'Without another chain'); 0: no referee, "
+                        "such windows go unchecked (default 20)")
     s.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     t = sub.add_parser("token", help="create the CA and the tokens in --state-dir (if missing) and print one, without serving")
     t.add_argument("--state-dir", default=_env("STATE_DIR", str(Path.home() / ".swarm" / "coordinator")))
@@ -181,7 +185,7 @@ def serve(args: argparse.Namespace) -> int:
             stream_limits=StreamLimits(idle_timeout_s=args.stream_idle_timeout_s,
                                        max_streams_per_peer=args.max_streams_per_peer),
             max_model_params=args.max_model_params, flush_interval_s=args.flush_interval_s,
-            rebalance=not args.no_rebalance,
+            rebalance=not args.no_rebalance, referee_flops_per_s=args.referee_gflops * 1e9,
             relay_port=None if args.relay_port == -1 else args.relay_port,
             relay_limits=RelayLimits(rate_Bps=args.relay_rate_mbit * 1e6 / 8),
         )

@@ -64,6 +64,8 @@ class CoordinatorHost:
     - ``services``: the typed services of other plugins (``services.jobs``, ``services.inference``);
     - ``max_model_params``: the largest config-only model a job may ask the coordinator to
       initialise (``swarm-coordinator serve --max-model-params``).
+    - ``referee_flops_per_s``: CPU FLOP/s per served model the inference referee may spend on
+      check windows (``--referee-gflops``; 0: no referee).
     - ``security`` (swarm.transport.tls): pass it to ``data_channel(address, security=...,
       node_id=...)`` to call a node's peer service as the coordinator (``swarm://coordinator``).
     """
@@ -80,6 +82,7 @@ class CoordinatorHost:
     max_model_params: int = 2_000_000_000
     rebalance: bool = True  # --no-rebalance: a node seen slow is reported (slow_node), never re-balanced
     security: Any = None
+    referee_flops_per_s: float = 20e9  # --referee-gflops: the inference referee's CPU budget per model
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))

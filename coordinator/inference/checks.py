@@ -84,6 +84,7 @@ from dataclasses import dataclass
 from coordinator.inference.probation import Probations
 from coordinator.inference.referee import Referee, RefereeReplays
 from swarm.clock import SystemClock
+from swarm.inference.referee import REFEREE_FLOPS_PER_S
 from swarm.inference.stage_runtime import StepEntry
 from swarm.inference.verify import ChainResult, Reference, agree, resolve, resolve_by_reference
 
@@ -161,14 +162,15 @@ class Checks:
     """Spot checks of one engine's chains (``engine``: coordinator.inference.engine.InferenceEngine)."""
 
     def __init__(self, engine, probation: Probations | None = None, *, clock=None,
-                 referee_tokens_per_s: float | None = None) -> None:
+                 referee_tokens_per_s: float | None = None, referee_flops_per_s: float = REFEREE_FLOPS_PER_S) -> None:
         """``referee_tokens_per_s``: every model's budget of window replays on the referee (0: none,
-        a model without another ready chain goes unchecked); None: from each model's size
-        (swarm/inference/referee.py)."""
+        a model without another ready chain goes unchecked); None: from each model's size and
+        ``referee_flops_per_s`` (``--referee-gflops``; swarm/inference/referee.py)."""
         self.engine = engine
         self.referee = Referee()
         self.probation = probation or Probations()
-        self.replays = RefereeReplays(self.referee, clock or SystemClock(), tokens_per_s=referee_tokens_per_s)
+        self.replays = RefereeReplays(self.referee, clock or SystemClock(), tokens_per_s=referee_tokens_per_s,
+                                      flops_per_s=referee_flops_per_s)
 
     def close(self) -> None:
         self.replays.close()

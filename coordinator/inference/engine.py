@@ -28,6 +28,7 @@ import grpc
 
 from swarm.errors import (CapacityError, InvalidRequestError, NotFoundError, SwarmError,
                           UnavailableError)
+from swarm.inference.referee import REFEREE_FLOPS_PER_S
 from swarm.inference.sampling import SamplingParams
 from swarm.inference.session import GenerationState
 from swarm.model.checkpoint import load_config
@@ -119,7 +120,8 @@ class InferenceEngine(Placing):
         self._reaper = threading.Thread(target=self._reap_loop, name="inference-reaper", daemon=True)
         self._reaper.start()
         self.healer = None  # coordinator.inference.healer.Healer, attached by the plugin
-        self.checks = Checks(self, Probations(clock=app.clock, store=store), clock=app.clock)
+        self.checks = Checks(self, Probations(clock=app.clock, store=store), clock=app.clock,
+                             referee_flops_per_s=getattr(app, "referee_flops_per_s", REFEREE_FLOPS_PER_S))
         self.routes = Routes(self)
         self.disagg = Disagg(self)
         self.memwatch = MemBandwidthWatch(lambda: app.registry.trust)

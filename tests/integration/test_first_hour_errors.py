@@ -140,3 +140,23 @@ def test_https_status_page_given_as_coordinator_says_so_too(tmp_path):
         with CoordinatorClient(f"127.0.0.1:{app.grpc_port}", token=certs.format_token("0" * 64, secret)) as client:
             with pytest.raises(AuthError, match="someone in the middle"):
                 client.list_models()
+
+
+@pytest.mark.timeout(60)
+def test_referee_budget_flag_reaches_the_checks_and_bad_values_are_refused(tmp_path):
+    """--referee-gflops sets the inference referee's CPU budget (0: no referee); a negative or
+    non-finite value stops the coordinator at start with a message naming the flag."""
+    from coordinator.app import CoordinatorConfig
+    from swarm.errors import ConfigError
+
+    with inprocess_coordinator(tmp_path / "c0", plugins=("coordinator.inference",), referee_flops_per_s=0.0) as app:
+        assert app.services.inference.checks.replays._flops_per_s == 0.0
+    with inprocess_coordinator(tmp_path / "c1", plugins=("coordinator.inference",), referee_flops_per_s=5e9) as app:
+        assert app.services.inference.checks.replays._flops_per_s == 5e9
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="--referee-gflops"):
+            CoordinatorConfig(state_dir=tmp_path / "c2", referee_flops_per_s=bad)
+    proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "serve", "--state-dir", str(tmp_path / "c3"),
+                           "--port", "0", "--http-port", "0", "--referee-gflops", "-5"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "--referee-gflops" in proc.stderr, proc.stderr
