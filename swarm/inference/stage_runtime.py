@@ -19,6 +19,7 @@ import torch
 
 from swarm.clock import Clock, SystemClock
 from swarm.errors import CapacityError, InvalidRequestError, NotFoundError
+from swarm.inference.cache_pool import CachePool
 from swarm.inference.graphs import DecodeGraphs, graphs_enabled
 from swarm.inference.sampling import SamplingParams, sample_batch
 from swarm.model.kv_cache import KVCache
@@ -97,14 +98,14 @@ class StageRuntime:
         # batch caches: group key (session ids in row order) -> cache; insertion order = LRU order
         self._groups: dict[tuple[str, ...], KVCache] = {}
         self._group_of: dict[str, tuple[str, ...]] = {}
-        # emptied caches kept for the next sessions, by batch size: a new session's cache costs no
-        # allocation, and a CUDA graph recorded over a cache replays for every session it serves
-        self._spare: dict[int, list[KVCache]] = {}
         self._lock = threading.Lock()
         p = next(stage.parameters())
         self.device, self.dtype = p.device, p.dtype
         # decode steps as CUDA graphs on GPUs (swarm/inference/graphs.py; SWARM_CUDA_GRAPHS=0: off)
         self._graphs = DecodeGraphs(self.stage) if graphs_enabled(self.device) else None
+        # emptied caches kept for the next sessions (swarm/inference/cache_pool.py)
+        self._pool = CachePool(lambda b: self.stage.new_kv_cache(batch_size=b, max_length=self.max_seq_len),
+                               max_rows=max_sessions)
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -125,25 +126,10 @@ class StageRuntime:
     def kv_cache_bytes(self) -> int:
         with self._lock:
             total = sum(s.cache.nbytes() for s in self._sessions.values() if s.cache is not None)
-            spare = sum(c.nbytes() for caches in self._spare.values() for c in caches)
-            return total + spare + sum(g.nbytes() for g in self._groups.values())
-
-    def _take(self, batch_size: int) -> KVCache:
-        """An empty cache of ``batch_size`` rows: a spare one (emptied) or a new one."""
-        spare = self._spare.get(batch_size)
-        if spare:
-            cache = spare.pop()
-            with torch.inference_mode():  # the runtime's caches are inference tensors
-                cache.reset()
-            return cache
-        return self.stage.new_kv_cache(batch_size=batch_size, max_length=self.max_seq_len)
+            return total + self._pool.nbytes() + sum(g.nbytes() for g in self._groups.values())
 
     def _give(self, cache: KVCache) -> None:
-        """Keep a cache no session uses any more, while the spare rows and the open sessions
-        together stay within max_sessions (memory the runtime may hold anyway); else drop it."""
-        spare_rows = sum(b * len(caches) for b, caches in self._spare.items())
-        if spare_rows + cache.batch_size + len(self._sessions) <= self.max_sessions:
-            self._spare.setdefault(cache.batch_size, []).append(cache)
+        self._pool.give(cache, open_sessions=len(self._sessions))
 
     def close(self, session_ids: list[str]) -> int:
         """Free the caches of these sessions; unknown ids are ignored. Returns how many closed."""
@@ -174,7 +160,7 @@ class StageRuntime:
             old = [sid for sid, s in self._sessions.items() if now - s.last_used_s > self.session_timeout_s]
             self._close_locked(old)
             if old and not self._sessions:  # an idle stage gives its memory back, spare caches too
-                self._spare.clear()
+                self._pool.clear()
         if old:
             log.info("expired idle sessions count=%d", len(old))
         return old
@@ -192,7 +178,7 @@ class StageRuntime:
             if sid in self._sessions and sid not in closing and self._sessions[sid].cache is None:
                 if len(key) > 1:
                     with torch.inference_mode():  # copies into a spare cache (an inference tensor)
-                        self._sessions[sid].cache = group.select([row], out=self._take(1))
+                        self._sessions[sid].cache = group.select([row], out=self._pool.take(1))
                 else:
                     self._sessions[sid].cache, keeps = group, True
         return [] if keeps else [group]
@@ -218,7 +204,7 @@ class StageRuntime:
         if len(caches) == 1:
             group = caches[0]
         else:
-            group = KVCache.cat(caches, out=self._take(len(caches)))
+            group = KVCache.cat(caches, out=self._pool.take(len(caches)))
             self._give_all(caches)
         self._groups[key] = group
         return group
@@ -284,7 +270,7 @@ class StageRuntime:
                 raise CapacityError(
                     f"stage holds its maximum of {self.max_sessions} sessions; retry later or add a replica"
                 )
-            self._sessions[entry.session_id] = _Session(cache=self._take(1), length=0, last_used_s=self._clock.monotonic())
+            self._sessions[entry.session_id] = _Session(cache=self._pool.take(1), length=0, last_used_s=self._clock.monotonic())
         elif entry.start_position != s.length:
             raise InvalidRequestError(
                 f"session {entry.session_id} is at position {s.length} on this stage, the step starts at "
@@ -403,7 +389,7 @@ class StageRuntime:
             if s.cache is not None:
                 self._give(s.cache)
                 s.cache = None
-        cache = self._take(len(rows))
+        cache = self._pool.take(len(rows))
         if self.stage.is_first:
             x = torch.tensor([list(entries[i].token_ids) for i in rows], dtype=torch.long, device=self.device)  # (B, T)
         else:

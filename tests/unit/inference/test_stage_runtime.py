@@ -215,7 +215,7 @@ def test_a_closed_sessions_cache_serves_the_next_session_and_leaks_nothing(ckpt)
     first = _generate_batch(rt, {"a": [5, 17, 42, 7]}, 6)
     cache = rt._sessions["a"].cache if rt._sessions["a"].cache is not None else rt._groups[("a",)]
     rt.close(["a"])
-    assert rt._spare[1] == [cache]
+    assert rt._pool.count(1) == 1 and rt._pool.holds(cache)
     again = _generate_batch(rt, {"b": [9, 3]}, 6)  # shorter prompt: stale positions must not be read
     reused = rt._sessions["b"].cache if rt._sessions["b"].cache is not None else rt._groups[("b",)]
     assert reused is cache
@@ -227,7 +227,7 @@ def test_a_closed_sessions_cache_serves_the_next_session_and_leaks_nothing(ckpt)
     assert _generate_batch(rt, pair, 5) == want
     batch = rt._groups[("c", "d")]
     rt.close(["b", "c", "d"])
-    assert batch in rt._spare[2] and rt.num_sessions == 0
+    assert rt._pool.holds(batch) and rt.num_sessions == 0
     pair2 = {"e": [7, 8, 9], "f": [1, 1, 1]}
     assert _generate_batch(rt, pair2, 5) == _generate_batch(runtime(path, 0, n, n), pair2, 5)
     assert rt._groups[("e", "f")] is batch
@@ -243,9 +243,9 @@ def test_spare_caches_stay_within_max_sessions(ckpt):
     per_session = rt.kv_cache_bytes() // 3
     assert one is None and per_session > 0
     rt.close(["a", "b"])  # spare 2 + open 1 = 3: both kept, and counted
-    assert sum(len(v) for v in rt._spare.values()) == 2 and rt.kv_cache_bytes() == 3 * per_session
+    assert rt._pool.count() == 2 and rt.kv_cache_bytes() == 3 * per_session
     for sid in ("d", "e"):  # take both spares back
         rt.run([StepEntry(session_id=sid, start_position=0, num_tokens=2, token_ids=(1, 2))])
-    assert sum(len(v) for v in rt._spare.values()) == 0 and rt.kv_cache_bytes() == 3 * per_session
+    assert rt._pool.count() == 0 and rt.kv_cache_bytes() == 3 * per_session
     rt.close(["c", "d", "e"])
     assert rt.kv_cache_bytes() <= 3 * per_session

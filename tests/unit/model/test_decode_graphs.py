@@ -157,7 +157,7 @@ def test_graphs_keep_working_as_sessions_come_and_go():
     stats = rt.graph_stats
     assert stats["graphs_on"], stats
     assert stats["graph_captures"] == 1 and stats["graph_replays"] == 2 + 3 * 4, stats
-    rt._spare.clear()  # the cache is gone: the next session needs a new graph, captured as well
+    rt._pool.clear()  # the cache is gone: the next session needs a new graph, captured as well
     gc.collect()
     entries = [StepEntry(session_id="z", start_position=0, num_tokens=3, token_ids=(1, 2, 3))]
     for _ in range(5):
