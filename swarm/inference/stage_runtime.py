@@ -20,7 +20,7 @@ import torch
 from swarm.clock import Clock, SystemClock
 from swarm.errors import CapacityError, InvalidRequestError, NotFoundError
 from swarm.inference.cache_pool import CachePool
-from swarm.inference.graphs import DecodeGraphs, graphs_enabled
+from swarm.inference.graphs import DecodeGraphs, graphs_enabled, no_cudnn_attention
 from swarm.inference.sampling import SamplingParams, sample_batch
 from swarm.model.kv_cache import KVCache
 from swarm.model.stage import StageModel
@@ -101,6 +101,7 @@ class StageRuntime:
         self._lock = threading.Lock()
         p = next(stage.parameters())
         self.device, self.dtype = p.device, p.dtype
+        no_cudnn_attention(self.device)
         # decode steps as CUDA graphs on GPUs (swarm/inference/graphs.py; SWARM_CUDA_GRAPHS=0: off)
         self._graphs = DecodeGraphs(self.stage) if graphs_enabled(self.device) else None
         # emptied caches kept for the next sessions (swarm/inference/cache_pool.py)

@@ -12,16 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from swarm.model.config import ModelConfig
 from swarm.model.kv_cache import CacheStep, KVCache
-
-# Cached (inference) attention never uses cuDNN's kernel: cuDNN builds an execution plan for every
-# new shape, and a cached pass's key length changes with every token. Measured on the H200: a
-# 3-layer decode step took ~50 ms (70% of a node's samples in py-spy inside this call) until every
-# length had been seen once, against ~1 ms with the flash or memory-efficient kernels.
-_CACHED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class RMSNorm(nn.Module):
@@ -85,10 +78,7 @@ def attend(
     if n_rep > 1:  # grouped-query attention: query head i reads kv head i // n_rep
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)
-    if kv_cache is None or not q.is_cuda:  # training: fixed shapes, any kernel
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0 / math.sqrt(d))
-    with sdpa_kernel(_CACHED_SDPA):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0 / math.sqrt(d))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=1.0 / math.sqrt(d))
 
 
 class GPT2Attention(nn.Module):
