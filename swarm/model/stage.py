@@ -161,6 +161,13 @@ class StageModel(nn.Module):
                 f"{self.config.max_position_embeddings}; shorten the input"
             )
 
+        return self._layers(x, positions, kv_cache, step, T)  # (B, T, H|vocab)
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache | None, step: CacheStep | None,
+                advance: int) -> torch.Tensor:
+        """Embed (first stage), run the layers at ``positions`` (B, T), advance the cache by
+        ``advance`` and apply the head (last stage): what :meth:`forward` and
+        :meth:`decode_fixed` share."""
         if self.is_first:
             if self.config.family == "gpt2":
                 h = self.wte(x) + self.wpe(positions)  # (B, T, H)
@@ -174,10 +181,10 @@ class StageModel(nn.Module):
         for i, block in enumerate(self.layers):
             h = block(h, kv_cache=kv_cache, layer=i, step=step, rope=rope)
         if kv_cache is not None:
-            kv_cache.advance(T)
+            kv_cache.advance(advance)
         if self.is_last:
             h = self.ln_f(h) if self.config.family == "gpt2" else self.norm(h)
-            return self.lm_head(h)  # (B, T, vocab)
+            return self.lm_head(h)
         return h
 
     def decode_fixed(self, x: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
@@ -190,20 +197,7 @@ class StageModel(nn.Module):
         positions = lengths[:, None]  # (B, 1)
         key_pos = torch.arange(kv_cache.max_length, device=lengths.device)
         step = CacheStep(kv_len=kv_cache.max_length, mask=key_pos[None, None, None, :] <= positions[:, None, :, None])
-        if self.is_first:
-            h = self.wte(x) + self.wpe(positions) if self.config.family == "gpt2" else self.embed_tokens(x)
-        else:
-            h = x
-        rope = None
-        if self.config.family == "llama" and self.layers:
-            rope = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
-        for i, block in enumerate(self.layers):
-            h = block(h, kv_cache=kv_cache, layer=i, step=step, rope=rope)
-        kv_cache.advance(1)
-        if self.is_last:
-            h = self.ln_f(h) if self.config.family == "gpt2" else self.norm(h)
-            return self.lm_head(h)
-        return h
+        return self._layers(x, positions, kv_cache, step, 1)
 
 
 def init_weights(stage: StageModel, *, generator: torch.Generator | None = None, std: float = 0.02) -> None:
