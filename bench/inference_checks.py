@@ -3,7 +3,8 @@
     python -m bench.inference_checks [--sessions 4] [--new-tokens 48] [--repeats 3] [--no-record]
 
 A coordinator and 4 node processes on this machine serve a tiny llama checkpoint as 2 replicas x
-2 stages, twice under two names: ``off`` (``--verify-prob 0``) and ``checked`` (the default,
+2 stages (``--replicas 1``: one chain, whose checked windows replay on the coordinator's referee),
+twice under two names: ``off`` (``--verify-prob 0``) and ``checked`` (the default,
 ``DEFAULT_VERIFY_PROB``). Both are on the same nodes, so the two runs differ only in checking.
 Runs alternate ``--repeats`` times; each run generates ``--sessions`` concurrent greedy sessions
 of ``--new-tokens`` tokens. Reported: aggregate tokens/s (median run), the checked / off ratio,
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--replicas", type=int, choices=(1, 2), default=2,
+                   help="chains per model: 2 (a replay runs on the other chain) or 1 (on the coordinator's referee)")
     p.add_argument("--prob", type=float, default=DEFAULT_VERIFY_PROB, help="verify prob of the checked run")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 wait_until(lambda: sum(n.state == "online" for n in client.snapshot().nodes) == 4, 60)
                 for name, prob in (("off", 0.0), ("checked", args.prob)):
                     client.upload_model(ckpt, name=name, options=ServeOptions(
-                        num_replicas=2, num_stages=2, max_seq_len=128, sessions_per_replica=8, verify_prob=prob))
+                        num_replicas=args.replicas, num_stages=2, max_seq_len=128, sessions_per_replica=8, verify_prob=prob))
             runs: dict[str, list[float]] = {"off": [], "checked": []}
             cpu: dict[str, list[float]] = {"off": [], "checked": []}  # CPU s per run: coordinator + nodes
             coord_cpu: dict[str, list[float]] = {"off": [], "checked": []}  # of which the coordinator's
@@ -94,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"off_tok_s": runs["off"], "checked_tok_s": runs["checked"], "cpu_s": cpu, "coordinator_cpu_s": coord_cpu}))
     if not args.no_record:
         record("Inference spot checks: tokens/s, checked vs off (bench/inference_checks.py)", table,
-               notes=(f"tiny llama {args.layers} layers, hidden {args.hidden}; 2 replicas x 2 stages on 4 node "
-                      f"processes of this machine; {args.sessions} concurrent greedy sessions x {args.new_tokens} "
+               notes=(f"tiny llama {args.layers} layers, hidden {args.hidden}; {args.replicas} replica(s) x 2 stages "
+                      f"per model on 4 node processes of this machine"
+                      + ("" if args.replicas == 2 else " (one chain: checked windows replay on the coordinator's referee)")
+                      + f"; {args.sessions} concurrent greedy sessions x {args.new_tokens} "
                       f"tokens; median of {args.repeats} alternating runs; all runs: off {runs['off']}, "
                       f"checked {runs['checked']}. {cpu_note}"))
     return 0
