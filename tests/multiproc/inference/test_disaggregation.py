@@ -6,6 +6,7 @@ steps (``SWARM_FAULT=wrong-tokens=0.5``) loses its work and the client still get
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -117,7 +118,7 @@ def test_auto_disaggregates_heterogeneous_nodes_and_gives_single_process_tokens(
             wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 2, 30, message="2 online")
             info = coord.serve(d, name="tiny", num_replicas=2, num_stages=1, max_seq_len=96, disaggregate="auto")
             dis = info["disaggregation"]
-            assert dis["enabled"], dis
+            assert dis["enabled"], json.dumps(dis)
             assert dis["reason"].startswith("auto: disaggregated"), dis["reason"]
             assert dis["prefill_nodes"] == [rich.node_id] and dis["decode_nodes"] == [lean.node_id], dis
             got = [collect(coord, "tiny", p, greedy) for p in prompts]
