@@ -13,18 +13,12 @@ import torch
 
 from swarm.inference.graphs import DecodeGraphs, graphs_enabled
 from swarm.inference.stage_runtime import StageRuntime, StepEntry
-from swarm.model import ModelConfig, build_stage
+from swarm.model import build_stage
 from swarm.model.kv_cache import KVCache
 
+from tests.unit.model.test_kv_cache_span import _config  # the same tiny configs
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-
-
-def _config(family: str) -> ModelConfig:
-    if family == "gpt2":
-        return ModelConfig(family="gpt2", vocab_size=61, hidden_size=32, num_layers=3, num_heads=4,
-                           max_position_embeddings=64, tie_word_embeddings=False)
-    return ModelConfig(family="llama", vocab_size=61, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
-                       intermediate_size=48, max_position_embeddings=64, tie_word_embeddings=False)
 
 
 def _two_rows(model, device, a, b):
