@@ -17,9 +17,13 @@ l = layers per stage, F = FLOPs per token per layer; nodes of a chain work one a
   at probe time (swarm/hardware.py, as the coordinator believes it); unmeasured (older nodes):
   assumed DEFAULT_BYTES_PER_FLOP x flops (so the two phases scale alike and only link and
   interference effects remain: auto then never predicts a decode advantage);
-- KV move of a session: max_k P kv_bytes_per_token_per_layer l / bandwidth(k -> k') + delay.
+- KV move of a session: Tkv = max_k P kv_bytes_per_token_per_layer l / bandwidth(k -> k') + delay.
+  Moves overlap (coordinator/inference/disagg.py pushes each detached session on its own thread,
+  and a prefill step detaches up to B sessions at once), so a link's delay costs a session its
+  time to first token, not the chain its throughput: the KV links carry
+  min(1 / max_k(bytes_k / bandwidth_k), B / Tkv) sessions/s.
 Throughput (requests/s): colocated sum_c 1 / (Tp(c) + R Td(c, B) / B); disaggregated
-min(sum_prefill 1 / Tp(c), sum_decode B / (R Td(c, B)), sum_prefill 1 / Tkv(c)).
+min(sum_prefill 1 / Tp(c), sum_decode B / (R Td(c, B)), KV links' rate summed over prefill chains).
 Time between tokens, p99: colocated a step that carries a new session's prefill, Td + Tp;
 disaggregated Td of the decode chain. ``predicted_gain`` = throughput ratio (disaggregated /
 colocated).
@@ -226,9 +230,12 @@ def plan_disaggregation(devices: Sequence[PlacementDevice], links: Links, shape:
     def t_decode(c: Sequence[str], b: int) -> float:
         return sum(l * (shape.layer_bytes / mem_bw[n] + b * F / speed[n]) for n in c) + hops(c)
 
-    def t_kv(src: Sequence[str], dst: Sequence[str]) -> float:
+    def kv_rate(src: Sequence[str], dst: Sequence[str]) -> float:
+        """Sessions/s the KV links from ``src`` to ``dst`` carry: bandwidth-bound, with up to B moves in flight."""
         nbytes = P * shape.kv_bytes_per_token_per_layer * l
-        return max(nbytes / bw(a, b) + (delay(a, b) if a != b else 0.0) for a, b in zip(src, dst))
+        wire = max(nbytes / bw(a, b) for a, b in zip(src, dst))
+        latency = max(nbytes / bw(a, b) + (delay(a, b) if a != b else 0.0) for a, b in zip(src, dst))
+        return min(1.0 / wire if wire > 0 else math.inf, B / latency if latency > 0 else math.inf)
 
     ranked = [d.node_id for d in sorted(devices, key=lambda d: (-d.tflops, d.node_id))][:C * K]  # compute-rich first
     chains = [tuple(ranked[i * K:(i + 1) * K]) for i in range(C)]
@@ -245,7 +252,7 @@ def plan_disaggregation(devices: Sequence[PlacementDevice], links: Links, shape:
             dec.append(d)
         thr = min(sum(1.0 / t_prefill(c) for c in pre),
                   sum(B / (R * t_decode(c, B)) for c in dec),
-                  sum(1.0 / t_kv(pre[i % p], d) for i, d in enumerate(dec[:p])) if dec else 0.0)
+                  sum(kv_rate(pre[i % p], d) for i, d in enumerate(dec[:p])) if dec else 0.0)
         tbt = max(t_decode(c, B) for c in dec)
         if best is None or thr > best[0] * (1 + 1e-9):  # ties: fewer prefill chains (decode is the bulk)
             best = (thr, tbt, tuple(pre), tuple(dec))

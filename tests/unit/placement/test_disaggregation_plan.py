@@ -55,6 +55,28 @@ def test_compute_rich_prefill_with_memory_bound_decode_predicts_a_gain_and_enabl
     assert set(plan.prefill_nodes) == {"n0", "n1"}
 
 
+def test_kv_link_delay_costs_latency_not_throughput_while_the_batch_moves_at_once():
+    # 1-stage chains, the HexGen-2 case above; KV links of a fast bandwidth but a long delay.
+    # Prefill makes ~10 sessions/s here. The moves overlap (up to B in flight), so a delay of
+    # 300 ms (one move at a time: 3 sessions/s) must not cap the prediction; it did when each move
+    # was costed as if it waited for the one before (on loopback links of a loaded machine that
+    # made `auto` flip). A delay that B moves in flight cannot cover does, and so does too little
+    # bandwidth.
+    d = devs([8.0, 2.0])
+    mem = {"n0": 2e10, "n1": 1e12}
+    w = Workload(prompt_tokens=1024, response_tokens=32, batch_sessions=8)
+
+    def gain(delay: float, bw: float) -> float:
+        lk = Links(delay_s=((0.0, delay), (delay, 0.0)), bandwidth_Bps=((float("inf"), bw), (bw, float("inf"))))
+        return plan_disaggregation(d, lk, SHAPE, num_stages=1, mem_bandwidth_Bps=mem, workload=w).predicted_gain
+
+    near = gain(1e-4, 1e10)
+    assert near >= AUTO_MIN_GAIN
+    assert gain(0.3, 1e10) == pytest.approx(near)  # 8 moves in flight: 26 sessions/s
+    assert gain(5.0, 1e10) < near / 2  # 8 in flight over 5 s: 1.6 sessions/s
+    assert gain(1e-4, 1e8) < near / 2  # 67 MB per session at 100 MB/s: 1.5 sessions/s
+
+
 def test_kv_moves_on_the_fastest_links():
     # prefill n0 (stage 0), n1 (stage 1); n2 <-> n1 and n3 <-> n0 are the fast pairs
     d = devs([4.0, 4.0, 1.0, 1.0])
