@@ -169,7 +169,8 @@ class NodeAgent(MeasureWorker):
                              coordinator_channel=self.coordinator_channel, call_metadata=self.call_metadata,
                              wait_registered=self.wait_registered, update_metrics=self.update_metrics,
                              traffic=self.traffic, security=self.security, faults=config.faults,
-                             listen_host=config.host, step_wire_port=config.step_wire_port)
+                             listen_host=config.host, step_wire_port=config.step_wire_port,
+                             sign=self.identity.sign)
         self.peer_servicer: PeerServicer | None = None
         self.relay = NodeRelay(node_id=self.node_id, security=self.security, coordinator_channel=self.coordinator_channel,
                                call_metadata=self.call_metadata, offer_port=config.relay_port, bind_host=config.host,

@@ -54,6 +54,8 @@ class NodeHost:
       observations as link measurements with every heartbeat;
     - ``listen_host`` / ``step_wire_port``: where plugins' own ports listen (the inference step
       wire, swarm/transport/step_wire.py; -1: none);
+    - ``sign(data)``: a signature by this node's identity key (Ed25519), which the coordinator
+      verifies with the public key the node registered (swarm/inference/kv_receipt.py);
     - ``security`` (swarm.transport.tls): ``data_channel(address, security=host.security,
       node_id=...)`` dials a peer with this node's certificate; ``security.peer_identity(context)``
       is the caller of a servicer method (node id or ``"coordinator"``, from its certificate).
@@ -72,6 +74,7 @@ class NodeHost:
     faults: FaultConfig = NO_FAULTS  # SWARM_FAULT (tests only): what this node does wrong on purpose
     listen_host: str = "0.0.0.0"  # where the peer server listens (--host); extra ports listen there too
     step_wire_port: int = 0  # --step-wire-port: 0 picks a free port, -1: no step wire
+    sign: Callable[[bytes], bytes] | None = None  # signs with the node's identity key (KV hand-off receipts)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))

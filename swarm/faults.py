@@ -6,6 +6,9 @@
 - ``corrupt-activations=P``: perturb a fraction P of the tensors this node sends (activations
   forward, gradients backward) with noise of the tensor's own scale (so they look plausible);
 - ``wrong-tokens=P``: inference: alter the hidden state of a fraction P of the steps it serves;
+- ``corrupt-kv=P``: disaggregated serving: perturb a fraction P of the KV caches this node
+  pushes to decode nodes (committing to what it sent, as a liar that cannot forge the decode
+  node's receipt must: swarm/inference/kv_receipt.py);
 - ``claim-tflops=X``: report X TFLOPS instead of the measured figure;
 - ``claim-mem-bandwidth=X``: report X bytes/s of memory bandwidth instead of the measured figure;
 - ``claim-device=NAME``: report device name NAME (nodes of one machine then look like different
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 class FaultConfig:
     corrupt_activations: float = 0.0
     wrong_tokens: float = 0.0
+    corrupt_kv: float = 0.0
     claim_tflops: float | None = None
     claim_mem_bandwidth: float | None = None
     claim_device: str | None = None
@@ -48,7 +52,7 @@ class FaultConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("corrupt_activations", "wrong_tokens"):
+        for name in ("corrupt_activations", "wrong_tokens", "corrupt_kv"):
             v = getattr(self, name)
             if not (math.isfinite(v) and 0.0 <= v <= 1.0):
                 raise ConfigError(f"{FAULT_ENV}: {name.replace('_', '-')} must be a fraction in 0..1, got {v}")
@@ -66,7 +70,8 @@ class FaultConfig:
 
     @property
     def any(self) -> bool:
-        return (self.corrupt_activations > 0 or self.wrong_tokens > 0 or self.claim_tflops is not None
+        return (self.corrupt_activations > 0 or self.wrong_tokens > 0 or self.corrupt_kv > 0
+                or self.claim_tflops is not None
                 or self.claim_mem_bandwidth is not None or self.claim_device is not None
                 or self.stall_after_steps is not None or self.slowdown > 1.0)
 
@@ -83,7 +88,8 @@ class FaultConfig:
             if not sep:
                 raise ConfigError(f"{FAULT_ENV}: {item!r} must be NAME=VALUE")
             try:
-                if key in ("corrupt-activations", "wrong-tokens", "claim-tflops", "claim-mem-bandwidth", "slowdown"):
+                if key in ("corrupt-activations", "wrong-tokens", "corrupt-kv", "claim-tflops", "claim-mem-bandwidth",
+                           "slowdown"):
                     values[key.replace("-", "_")] = float(raw)
                 elif key == "claim-device":
                     values["claim_device"] = raw.strip()
@@ -91,7 +97,8 @@ class FaultConfig:
                     values["stall_after_steps"] = int(raw)
                 else:
                     raise ConfigError(f"{FAULT_ENV}: unknown fault {key!r}; known: corrupt-activations, "
-                                      "wrong-tokens, claim-tflops, claim-mem-bandwidth, claim-device, stall-after-steps, slowdown")
+                                      "wrong-tokens, corrupt-kv, claim-tflops, claim-mem-bandwidth, claim-device, "
+                                      "stall-after-steps, slowdown")
             except ValueError as exc:
                 raise ConfigError(f"{FAULT_ENV}: {key} has a bad value {raw!r}") from exc
         return cls(seed=seed, **values)  # type: ignore[arg-type]

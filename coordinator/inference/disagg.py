@@ -25,7 +25,13 @@ Protocol of a session (coordinator side):
    once), and the session joins the least-loaded decode chain at its prompt length: its next
    step there is a one-token decode;
 3. a failed push (a prefill or decode node lost, a refusal) costs a replay, not an error: the
-   session joins the decode chain at position 0 and re-prefills there (``num_handoff_failures``).
+   session joins the decode chain at position 0 and re-prefills there (``num_handoff_failures``);
+4. each stage's push answers with both ends' commitments (swarm/inference/kv_receipt.py: the
+   prefill node's digest and sketch of what it sent, the decode node's signed receipt of what it
+   took in), checked here (``check_handoff``). Two ends that disagree fail the hand-off as in 3
+   (and both nodes are avoided for a while: one of them lies); an accepted one is kept on the
+   session (``kv_receipts``), so that a spot check can tell whether a wrong decode output came
+   from a wrong pushed cache (its pusher is to blame) or not (swarm/inference/verify.py ``judge``).
 Without a ready prefill chain sessions go to a decode chain and prefill there (colocated);
 without a ready decode chain the prefill chain serves them whole. A chain that fails follows the
 engine's usual path (broken chain, healer; the repaired chain keeps its role by replica index).
@@ -41,6 +47,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from swarm.errors import InfeasiblePlanError
+from swarm.inference.kv_receipt import HandoffMismatch, PushedKV, check_handoff
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.scheduling.disaggregation import (DisaggPlan, Workload, auto_blocker, pair_stages,
                                               plan_disaggregation, pool_alike)
@@ -282,18 +289,26 @@ class Disagg:
                 return
             target = min(dec, key=lambda r: (r.num_sessions, r.index))
             try:
-                moved = self._push(replica, target, s)
-            except grpc.RpcError as exc:
-                log.warning("KV hand-off of session %s failed (%s: %s); it replays on replica %d", s.id[:8],
-                            exc.code().name, exc.details(), target.index)
+                moved, receipts = self._push(replica, target, s)
+            except (grpc.RpcError, HandoffMismatch) as exc:
+                if isinstance(exc, HandoffMismatch):  # one end lies (or is broken): which, nobody can tell
+                    why = str(exc)
+                    for node_id in {x.node_id for x in replica.stages + target.stages}:
+                        e.suspect(node_id)
+                else:
+                    why = f"{exc.code().name}: {exc.details()}"
+                log.warning("KV hand-off of session %s failed (%s); it replays on replica %d", s.id[:8], why,
+                            target.index)
                 st.num_handoff_failures += 1
                 replica._drop(s)  # its prefill caches are closed in that chain's next step
                 s.kv_pos = 0
                 s.num_replays += 1
+                s.kv_receipts = ()
             else:
                 st.kv_bytes_moved += moved
                 st.num_handoffs += 1
                 s.kv_pushed = s.kv_pos > 0  # (0: its prefill was judged wrong meanwhile: replay)
+                s.kv_receipts = receipts if s.kv_pushed else ()
             if s.closed:
                 return
             target.attach(s)  # (cancelled meanwhile: its driver closes it on the decode stages)
@@ -305,18 +320,36 @@ class Disagg:
             if m is not None:
                 e._pump(m)
 
-    def _push(self, replica, target, s) -> int:
+    def _push(self, replica, target, s) -> tuple[int, tuple[PushedKV, ...]]:
         """Ask every prefill stage of ``replica`` at once to push ``s``'s cache to ``target``'s
-        matching stage; returns the bytes moved (raises grpc.RpcError)."""
-        def one(k: int) -> int:
+        matching stage; returns the bytes moved and each stage's accepted hand-off (both ends'
+        commitments checked: swarm/inference/kv_receipt.py). Raises grpc.RpcError, or
+        HandoffMismatch when the two ends of a stage disagree on what moved."""
+        positions = s.kv_pos
+
+        def one(k: int) -> pb.ServePushKVReply:
             st = target.stages[k]
             req = pb.ServePushKVRequest(
-                model_name=replica.model, replica=replica.index, session_id=s.id, num_positions=s.kv_pos,
+                model_name=replica.model, replica=replica.index, session_id=s.id, num_positions=positions,
                 target=pb.ServeRouteHop(replica=target.index, node_id=st.node_id, address=st.address,
                                         capability=target.capability))
-            return int(replica._stubs[k].PushKV(req, timeout=PUSH_TIMEOUT_S, metadata=replica._metadata).kv_bytes)
+            return replica._stubs[k].PushKV(req, timeout=PUSH_TIMEOUT_S, metadata=replica._metadata)
         futures = [self._push_pool.submit(one, k) for k in range(len(replica.stages))]
-        return sum(f.result() for f in futures)
+        replies = [f.result() for f in futures]
+        records = []
+        for k, reply in enumerate(replies):
+            src, dst = replica.stages[k].node_id, target.stages[k].node_id
+            try:
+                key = self.engine.app.registry.public_key(dst)
+            except Exception:  # noqa: BLE001 -- gone from the registry meanwhile: nothing to verify with
+                key = b""
+            r = reply.receipt
+            records.append(check_handoff(
+                model=replica.model, decode_replica=target.index, stage=k, session_id=s.id, positions=positions,
+                prefill_node=src, decode_node=dst, decode_public_key=key, sent_digest=reply.sent_digest,
+                sent_sketch=reply.sent_sketch, receipt_digest=r.digest, receipt_sketch=r.sketch,
+                receipt_positions=r.positions, signature=r.signature))
+        return sum(int(r.kv_bytes) for r in replies), tuple(records)
 
     def replay(self, m, s) -> None:
         """A handed-off session whose prefill a spot check found wrong: its decode caches began with
@@ -328,6 +361,7 @@ class Disagg:
         with self.engine._lock:
             s.pending = []  # held tokens are dropped: the replay computes them again
             s.kv_pushed = False
+            s.kv_receipts = ()
             if holder is None:
                 s.kv_pos = 0
                 return

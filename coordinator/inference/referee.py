@@ -1,7 +1,8 @@
 """The coordinator's referee: recomputations from the checkpoint it serves (CPU, float32).
 
-Two uses (checks.py): the second opinion when two chains disagree, and the replay of a held check
-window when no other chain of the model can replay it (:class:`RefereeReplays`: per-model budget,
+Two uses (checks.py): the second opinion when two chains disagree (with, for a decode chain of a
+disaggregated model, the KV its pushed caches should hold: :meth:`Referee.kv_sketches`), and the
+replay of a held check window when no other chain of the model can replay it (:class:`RefereeReplays`: per-model budget,
 one worker thread, never on a gRPC or driver thread; swarm/inference/referee.py decides).
 """
 
@@ -18,7 +19,8 @@ import torch
 
 from swarm.inference.referee import (MAX_REFEREE_QUEUE, REFEREE_FLOPS_PER_S, Checker, TokenBudget, choose_checker,
                                      referee_tokens_per_s)
-from swarm.inference.verify import Reference, allowed_tokens, sketch_rows
+from swarm.inference.kv_receipt import kv_sketch
+from swarm.inference.verify import PushedKV, Reference, allowed_tokens, sketch_rows
 from swarm.model.checkpoint import load_stage
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,28 @@ class Referee:
                 start = end
             return {p: Reference(outputs={b: out[i] for b, out in outputs.items()},
                                  tokens=allowed_tokens(x[0, p], params)) for i, p in enumerate(rows)}
+
+    def kv_sketches(self, directory: Path, digest: str, *, num_layers: int, context: tuple[int, ...],
+                    pushed: tuple[PushedKV, ...], layers: dict[int, tuple[int, int]]) -> dict[int, tuple[float, ...]]:
+        """Per stage index of ``pushed`` (a decode chain's accepted hand-offs): the sketch
+        (kv_receipt.kv_sketch, seeded by that hand-off's digest) of the KV that stage's layers
+        (``layers[stage]``: first, last exclusive) hold for the first ``positions`` tokens of
+        ``context``, recomputed. Hand-offs whose layers or positions do not fit are left out."""
+        out: dict[int, tuple[float, ...]] = {}
+        with self._lock, torch.inference_mode():
+            for p in pushed:
+                first, last = layers.get(p.stage, (0, 0))
+                if not (0 <= first < last <= num_layers and 1 <= p.positions <= len(context)):
+                    continue
+                x = torch.tensor([list(context[:p.positions])], dtype=torch.long)  # the pushed positions' tokens
+                if first > 0:
+                    x = self._stage(directory, digest, 0, first, num_layers=num_layers)(x)
+                stage = self._stage(directory, digest, first, last, num_layers=num_layers)
+                cache = stage.new_kv_cache(batch_size=1, max_length=p.positions)
+                stage(x, kv_cache=cache)
+                kv = torch.stack([torch.stack([k[0], v[0]]) for k, v in zip(cache.keys, cache.values)])
+                out[p.stage] = kv_sketch(kv, p.digest)
+        return out
 
     def reference(self, directory: Path, digest: str, *, num_layers: int, boundaries: set[int],
                   context: tuple[int, ...], params) -> Reference:

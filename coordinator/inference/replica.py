@@ -360,11 +360,12 @@ class Replica:
                 if e.reset:
                     s.history_checked = True  # the stages' caches of it hold this step only
                     s.kv_pushed = False
+                    s.kv_receipts = ()
                 ticket = None
                 if self._checks is not None and self._checks.checked_step(
                         s, e, checking=checking, draw=self._draw):
                     ticket = object()  # held, with what follows, until the check passed (Checks.begin)
-                    checks.append((s, ticket, tuple(s.ids()), int(tok), (s.history_checked, s.kv_pushed)))
+                    checks.append((s, ticket, tuple(s.ids()), int(tok), (s.history_checked, s.kv_pushed, s.kv_receipts)))
                 else:
                     s.history_checked = False  # later steps ran on caches holding this unchecked one
                 s.pending.append([int(tok), ticket, False])
@@ -373,9 +374,9 @@ class Replica:
         # cannot tell which are checked; reading them all cost the coordinator on every step)
         commits = commitments_from_pb(reply, [c[0].id for c in checks], len(self.stages),
                                       num_committed=len(commit)) if checks else {}
-        for s, ticket, context, tok, (fresh, pushed) in checks:
+        for s, ticket, context, tok, (fresh, pushed, receipts) in checks:
             self._checks.hold(self, s, ticket, context=context, token=tok,
-                              result=self._result(commits[s.id], tok, fresh=fresh, pushed=pushed))
+                              result=self._result(commits[s.id], tok, fresh=fresh, pushed=pushed, pushed_kv=receipts))
         if self._checks is not None:
             with self._cond:
                 due = [s for s in batch if not s.closed and self._checks.due(s, runnable=s.runnable())]
@@ -424,8 +425,10 @@ class Replica:
         if len(times) == len(self.stages):
             self._on_decode_step(self.stages, entries, times)
 
-    def _result(self, commits: list, token: int, *, fresh: bool = True, pushed: bool = False) -> ChainResult:
-        return ChainResult(replica=self.index, token=token, fresh=fresh, cache_pushed=pushed, stages=tuple(
+    def _result(self, commits: list, token: int, *, fresh: bool = True, pushed: bool = False,
+                pushed_kv: tuple = ()) -> ChainResult:
+        return ChainResult(replica=self.index, token=token, fresh=fresh, cache_pushed=pushed,
+                           pushed_kv=pushed_kv if pushed else (), stages=tuple(
             StageCommit(node_id=st.node_id, first_layer=st.first_layer, last_layer_excl=st.last_layer_excl,
                         input=c[0], output=c[1]) for st, c in zip(self.stages, commits)))
 

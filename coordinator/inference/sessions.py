@@ -58,6 +58,8 @@ class Session:
         # disaggregated serving: the current chain's caches start from KV another chain pushed
         # (disagg.py); a stage's wrong output is then not its own for sure (verify.py ``cache_pushed``)
         self.kv_pushed = False
+        # the accepted hand-offs of those pushed caches, one per stage (swarm/inference/kv_receipt.py)
+        self.kv_receipts: tuple = ()
         self.handed_off_from: "Replica | None" = None  # the prefill chain it left: its held checks conclude after
         self.check_slots: deque = deque()  # checks in step order, concluded in that order (Checks)
         self.check_batch: list = []  # held sampled steps whose replay is not sent yet (Checks.begin)

@@ -37,6 +37,7 @@ class InferencePlugin(NodePlugin):
             identify=host.security.peer_identity,
             confirm_fetch=self._confirm_fetch,
             faults=host.faults,
+            sign=host.sign,
         )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -10,13 +10,21 @@ stage of a decode chain, and take one in (coordinator/inference/disagg.py has th
   sender id must be that caller; the decode chain's capability is checked as for a step; shape,
   dtype, positions, stage, replica and size must be what this stage holds. The session then
   exists here at ``positions``: its next step is a one-token decode.
+- Both ends commit to what moved (swarm/inference/kv_receipt.py): the decode stage answers with a
+  receipt it signs (digest and sketch of what it took in), and the prefill stage answers the
+  coordinator with its own digest and sketch of what it sent and the receipt, relayed unchanged.
 """
 
 from __future__ import annotations
 
 import grpc
 
+from collections.abc import Callable
+
+import torch
+
 from swarm.errors import InvalidRequestError, PermissionDeniedError
+from swarm.inference.kv_receipt import kv_digest, kv_sketch, receipt_payload
 from swarm.inference.stage_runtime import StageRuntime
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.transport import tensors as wire
@@ -28,9 +36,11 @@ PUSH_TIMEOUT_S = 120.0
 
 
 def push_kv(runtime: StageRuntime, a: pb.ServeStageAssignment, request: pb.ServePushKVRequest, *, node_id: str,
-            peers) -> int:
+            peers, alter: Callable[[torch.Tensor], torch.Tensor] | None = None) -> pb.ServePushKVReply:
     """Send the session's cache to ``request.target`` (``peers``: node/inference/routing.PeerStubs);
-    returns the payload bytes sent. Raises InvalidRequestError / NotFoundError / PeerError."""
+    returns the reply for the coordinator: payload bytes sent, this end's commitment to them and
+    the decode stage's receipt. ``alter``: SWARM_FAULT corrupt-kv (tests). Raises
+    InvalidRequestError / NotFoundError / PeerError."""
     t = request.target
     if not (0 <= t.replica < 1 << 20 and 0 < len(t.node_id) <= 128 and 0 < len(t.address) <= 256
             and 0 < len(t.capability) <= 256) or t.node_id == node_id:
@@ -39,6 +49,11 @@ def push_kv(runtime: StageRuntime, a: pb.ServeStageAssignment, request: pb.Serve
     if n != request.num_positions:
         raise InvalidRequestError(f"session {request.session_id[:40]} holds {n} positions on this stage, the "
                                   f"coordinator expects {request.num_positions}; replay it")
+    kv = kv.cpu()
+    if alter is not None:
+        kv = alter(kv)
+    digest = kv_digest(kv)
+    sketch = kv_sketch(kv, digest)
     chunks = kv_to_chunks(kv, session_id=request.session_id, model_name=a.model_name, stage=a.stage,
                           replica=t.replica, sender_id=node_id)
     try:
@@ -47,13 +62,15 @@ def push_kv(runtime: StageRuntime, a: pb.ServeStageAssignment, request: pb.Serve
     except grpc.RpcError as exc:
         raise error_from_rpc(exc, f"decode stage {a.stage} ({t.node_id[:12]} at {t.address})") from exc
     runtime.close([request.session_id])
-    return int(reply.kv_bytes)
+    return pb.ServePushKVReply(kv_bytes=int(reply.kv_bytes), sent_digest=digest, sent_sketch=sketch,
+                               receipt=reply.receipt)
 
 
 def import_kv(runtime: StageRuntime, a: pb.ServeStageAssignment, first: pb.ServeKVChunk, rest, *,
-              caller: str | None) -> int:
-    """Take a session's cache from an ImportKV stream; returns its payload bytes. ``caller``: the
-    sender from its TLS certificate (None only in tests without a coordinator)."""
+              caller: str | None, sign: Callable[[bytes], bytes] | None = None) -> pb.ServeImportKVReply:
+    """Take a session's cache from an ImportKV stream; returns its payload bytes and the receipt,
+    signed with ``sign`` (the node identity's; None only in tests without a coordinator: unsigned).
+    ``caller``: the sender from its TLS certificate (None only in tests without a coordinator)."""
     sources = frozenset(a.kv_source_node_ids)
     if caller is not None and caller not in sources:
         raise PermissionDeniedError(
@@ -64,4 +81,10 @@ def import_kv(runtime: StageRuntime, a: pb.ServeStageAssignment, first: pb.Serve
                            max_positions=runtime.max_seq_len, shape=runtime.kv_shape)
     session_id, kv = kv_from_chunks(first, rest, expect)
     runtime.import_kv(session_id, kv)
-    return kv.numel() * kv.element_size()
+    digest = kv_digest(kv)
+    sketch = kv_sketch(kv, digest)
+    n = int(kv.shape[3])
+    payload = receipt_payload(model=a.model_name, replica=a.replica, stage=a.stage, session_id=session_id,
+                              positions=n, digest=digest, sketch=sketch)
+    receipt = pb.ServeKVReceipt(digest=digest, sketch=sketch, positions=n, signature=sign(payload) if sign else b"")
+    return pb.ServeImportKVReply(kv_bytes=kv.numel() * kv.element_size(), receipt=receipt)

@@ -49,7 +49,7 @@ import torch
 
 from swarm.certs import COORDINATOR
 from swarm.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
-from swarm.faults import NO_FAULTS, FaultConfig
+from swarm.faults import NO_FAULTS, FaultConfig, FaultInjector
 from swarm.inference.stage_runtime import StageRuntime
 from swarm.model.checkpoint import load_stage
 from swarm.proto.v1 import inference_pb2 as pb
@@ -99,6 +99,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         identify: Callable[[object], str] | None = None,
         confirm_fetch: Callable[[str, str], bool] | None = None,
         faults: FaultConfig = NO_FAULTS,
+        sign: Callable[[bytes], bytes] | None = None,
     ) -> None:
         """``confirm`` asks the coordinator whether it issued an assignment and returns the
         chain's step capability (None: not issued). Without ``confirm`` (tests without a
@@ -107,8 +108,13 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         from its certificate (None: callers are not checked -- tests without a coordinator);
         ``confirm_fetch(node_id, model)``: whether the coordinator placed that node on that model.
         ``faults``: SWARM_FAULT (tests only): ``wrong-tokens=P`` alters the output of a fraction P
-        of the steps this node serves (swarm/faults.py)."""
+        of the steps this node serves, ``corrupt-kv=P`` a fraction P of the KV caches it pushes
+        (swarm/faults.py). ``sign``: signs with this node's identity key (the KV hand-off receipts
+        of node/inference/kv_handoff.py; None: unsigned, tests without a coordinator)."""
         self.security = security
+        self._sign = sign
+        injector = FaultInjector(faults) if faults.corrupt_kv > 0 else None
+        self._alter_kv = (lambda kv: injector.perturb(kv, faults.corrupt_kv)) if injector is not None else None
         self._identify = identify
         self._confirm_fetch = confirm_fetch
         self.node_id = node_id
@@ -373,10 +379,11 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         self._only_coordinator(context, "PushKV")
         loaded = self._get(request.model_name, request.replica)
         self._authorize(loaded, context, "PushKV")
-        n = push_kv(loaded.runtime, loaded.assignment, request, node_id=self.node_id, peers=self._peers)
+        reply = push_kv(loaded.runtime, loaded.assignment, request, node_id=self.node_id, peers=self._peers,
+                        alter=self._alter_kv)
         if self.traffic is not None:
-            self.traffic.add_sent(n)
-        return pb.ServePushKVReply(kv_bytes=n)
+            self.traffic.add_sent(reply.kv_bytes)
+        return reply
 
     @grpc_errors
     def ImportKV(self, request_iterator, context) -> pb.ServeImportKVReply:
@@ -387,10 +394,10 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         if caller == COORDINATOR:
             raise PermissionDeniedError("ImportKV is for the prefill nodes the coordinator named, not the coordinator")
         self._authorize(loaded, context, "ImportKV")
-        n = import_kv(loaded.runtime, loaded.assignment, first, request_iterator, caller=caller)
+        reply = import_kv(loaded.runtime, loaded.assignment, first, request_iterator, caller=caller, sign=self._sign)
         if self.traffic is not None:
-            self.traffic.add_received(n)
-        return pb.ServeImportKVReply(kv_bytes=n)
+            self.traffic.add_received(reply.kv_bytes)
+        return reply
 
     @grpc_errors
     def FetchShard(self, request: pb.ServeFetchShardRequest, context) -> Iterator[pb.ServeShardChunk]:

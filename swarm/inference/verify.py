@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -126,6 +126,20 @@ class StageCommit:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PushedKV:
+    """An accepted KV hand-off of one stage of a decode chain (swarm/inference/kv_receipt.py): who
+    pushed to whom, how many positions, and the digest (the sketch's seed) and sketch both ends
+    agreed on."""
+
+    stage: int
+    prefill_node: str
+    decode_node: str
+    positions: int
+    digest: bytes
+    sketch: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ChainResult:
     """One chain's answer for a checked entry: its stages' commitments (in order) and its token."""
 
@@ -139,6 +153,12 @@ class ChainResult:
     # the chain's caches of the session began with KV pushed by another chain's stages (disaggregated
     # serving): a stage's wrong output from a right input may be the pusher's, so nobody is blamed for it
     cache_pushed: bool = False
+    # the accepted hand-offs of those pushed caches, one per stage (empty when they carried no
+    # commitment): with the referee's recomputation of the KV they say who is to blame
+    pushed_kv: tuple[PushedKV, ...] = ()
+
+    def pushed(self, stage: int) -> PushedKV | None:
+        return next((p for p in self.pushed_kv if p.stage == stage), None)
 
     def outputs(self) -> dict[int, tuple[float, ...]]:
         """Output sketch per layer boundary (the layer index the stage ends at)."""
@@ -152,6 +172,9 @@ class Reference:
 
     outputs: dict[int, tuple[float, ...]]
     tokens: frozenset[int]
+    # stage index -> sketch of the KV that stage's pushed positions should hold, with the seed of
+    # the serving chain's record (:class:`PushedKV`); only for chains whose caches were pushed
+    kv: dict[int, tuple[float, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -193,8 +216,11 @@ def judge(chain: ChainResult, ref: Reference) -> Judgement:
     output commitment is beyond TOLERANCE is guilty. A stage whose *input* differs while the
     previous stage's output commitment matched means one of the two lies about the hop: nobody
     can be blamed (ok False, guilty None). A wrong token with right logits blames the last stage.
-    A stage after the first of a chain that is not ``fresh``, and any stage of a chain whose caches
-    were pushed (``cache_pushed``), is not blamed for its output (ok False, guilty None)."""
+    A stage after the first of a chain that is not ``fresh`` is not blamed for its output (ok
+    False, guilty None). A stage of a chain whose caches were pushed (``cache_pushed``) is weighed
+    by its hand-off's commitment (``pushed_kv``) against the recomputed KV (``ref.kv``): a wrong
+    pushed cache blames its pusher, a right one leaves the stage's output its own; without both,
+    it is not blamed."""
     prev: StageCommit | None = None
     for k, st in enumerate(chain.stages):
         if prev is not None:
@@ -205,14 +231,24 @@ def judge(chain: ChainResult, ref: Reference) -> Judgement:
                     f"replica {chain.replica}: stage {k} received a hidden state {d:.3g} (relative L2) away from "
                     f"what stage {k - 1} committed to sending; one of nodes {prev.node_id[:12]}, {st.node_id[:12]} lies"))
         d = distance(st.output, ref.outputs.get(st.last_layer_excl, ()))
+        pushed, want_kv = chain.pushed(k), ref.kv.get(k)
+        if d > TOLERANCE and chain.cache_pushed and pushed is not None and want_kv is not None:
+            kd = distance(pushed.sketch, want_kv)
+            if kd > TOLERANCE:  # the cache it was given was wrong, and its pusher committed to it
+                return Judgement(ok=False, guilty=pushed.prefill_node, reason=(
+                    f"inference spot check: node {pushed.prefill_node[:12]} pushed stage {k}'s KV cache of "
+                    f"{pushed.positions} positions {kd:.3g} relative L2 away from the recomputation (tolerance "
+                    f"{TOLERANCE:g}), as both ends of the hand-off committed"))
         if d > TOLERANCE and k > 0 and not chain.fresh:
             return Judgement(ok=False, reason=(
                 f"replica {chain.replica}: stage {k} output {d:.3g} (relative L2) away from the recomputation, from "
                 "a right input, but its cache holds inputs of unchecked steps: not blamed"))
-        if d > TOLERANCE and chain.cache_pushed:
+        if d > TOLERANCE and chain.cache_pushed and (pushed is None or want_kv is None):
             return Judgement(ok=False, reason=(
                 f"replica {chain.replica}: stage {k} output {d:.3g} (relative L2) away from the recomputation, from "
-                "a right input, but its cache began with KV a prefill node pushed: not blamed"))
+                "a right input, but its cache began with KV a prefill node pushed and no commitment of it can be "
+                "weighed: not blamed"))
+        # a pushed cache shown right leaves the stage's output its own
         if d > TOLERANCE:
             return Judgement(ok=False, guilty=st.node_id, reason=(
                 f"inference spot check: stage {k} (layers {st.first_layer}-{st.last_layer_excl}) of replica "

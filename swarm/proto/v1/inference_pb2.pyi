@@ -504,10 +504,28 @@ class ServePushKVRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., session_id: _Optional[str] = ..., target: _Optional[_Union[ServeRouteHop, _Mapping]] = ..., num_positions: _Optional[int] = ...) -> None: ...
 
 class ServePushKVReply(_message.Message):
-    __slots__ = ("kv_bytes",)
+    __slots__ = ("kv_bytes", "sent_digest", "sent_sketch", "receipt")
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SENT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SENT_SKETCH_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     kv_bytes: int
-    def __init__(self, kv_bytes: _Optional[int] = ...) -> None: ...
+    sent_digest: bytes
+    sent_sketch: _containers.RepeatedScalarFieldContainer[float]
+    receipt: ServeKVReceipt
+    def __init__(self, kv_bytes: _Optional[int] = ..., sent_digest: _Optional[bytes] = ..., sent_sketch: _Optional[_Iterable[float]] = ..., receipt: _Optional[_Union[ServeKVReceipt, _Mapping]] = ...) -> None: ...
+
+class ServeKVReceipt(_message.Message):
+    __slots__ = ("digest", "sketch", "positions", "signature")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SKETCH_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    digest: bytes
+    sketch: _containers.RepeatedScalarFieldContainer[float]
+    positions: int
+    signature: bytes
+    def __init__(self, digest: _Optional[bytes] = ..., sketch: _Optional[_Iterable[float]] = ..., positions: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ServeKVChunk(_message.Message):
     __slots__ = ("model_name", "replica", "tensor")
@@ -520,7 +538,9 @@ class ServeKVChunk(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class ServeImportKVReply(_message.Message):
-    __slots__ = ("kv_bytes",)
+    __slots__ = ("kv_bytes", "receipt")
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     kv_bytes: int
-    def __init__(self, kv_bytes: _Optional[int] = ...) -> None: ...
+    receipt: ServeKVReceipt
+    def __init__(self, kv_bytes: _Optional[int] = ..., receipt: _Optional[_Union[ServeKVReceipt, _Mapping]] = ...) -> None: ...

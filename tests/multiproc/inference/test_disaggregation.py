@@ -63,9 +63,10 @@ def test_disaggregated_serving_moves_the_kv_and_gives_single_process_tokens(tmp_
 def test_checked_disaggregated_serving_drops_a_wrong_decode_node_and_gives_the_clean_tokens(tmp_path):
     """2 nodes, 1 stage: a prefill chain and a decode chain, every step checked (--verify-prob 1).
     The faulty node claims a tiny TFLOPS so that placement makes it the decode chain. Its decode
-    steps are replayed on the prefill chain; its caches began with pushed KV, so a wrong output
-    retires its chain (and the node is avoided) rather than blaming it; its replays of the prefill
-    chain's steps are its own, and a wrong one quarantines it. Either way it serves no more, the
+    steps are replayed on the prefill chain; its caches began with pushed KV, whose hand-off both
+    ends committed to (swarm/inference/kv_receipt.py), so the referee's recomputation of that KV
+    shows the pushed cache was right and the wrong output its own: it is quarantined (its replays
+    of the prefill chain's steps are its own too, and a wrong one quarantines it as well). The
     honest node is never blamed, and every client gets the single-process greedy tokens."""
     d = tmp_path / "ckpt"
     make_tiny_checkpoint(d, "llama", num_layers=2, hidden_size=64, num_heads=4, seed=7)
@@ -90,8 +91,44 @@ def test_checked_disaggregated_serving_drops_a_wrong_decode_node_and_gives_the_c
             faulty.proc.stop()
     assert got == want
     assert nodes[honest.node_id]["state"] == "online", nodes[honest.node_id]
-    serving = {s["node_id"] for r in model["replicas"] if r["state"] == "ready" for s in r["stages"]}
-    assert faulty.node_id not in serving or nodes[faulty.node_id]["state"] == "quarantined", (model, nodes)
+    assert nodes[faulty.node_id]["state"] == "quarantined", (model, nodes)
+    assert model["verification"]["failed"] >= 1, model
+
+
+@pytest.mark.timeout(150)
+def test_a_prefill_node_pushing_wrong_kv_is_quarantined_and_the_decode_node_is_not(tmp_path):
+    """3 nodes, 1 stage, 2 chains, every step checked. The faulty node is the compute-rich one
+    (the others claim a tiny TFLOPS), so it prefills; it computes honestly but alters every KV cache
+    it pushes (SWARM_FAULT corrupt-kv=1), committing to what it sent (it cannot forge the decode
+    node's signed receipt). The honest decode node's outputs are then wrong from a right input;
+    the referee recomputes the pushed KV, finds the committed cache wrong and quarantines its
+    pusher, never the decode node; the chains are re-placed on the honest nodes and every client
+    gets the single-process greedy tokens."""
+    d = tmp_path / "ckpt"
+    make_tiny_checkpoint(d, "llama", num_layers=2, hidden_size=64, num_heads=4, seed=13)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    prompts = ["the pusher alters the cache", "the decode node is honest", "and is not blamed"]
+    greedy = SamplingParams(max_new_tokens=8)
+    want = [reference(d, tok.encode(p).ids, greedy, None) for p in prompts]
+    with coordinator(tmp_path) as coord:
+        faulty = launch_node(coord, tmp_path / "n0", env={"SWARM_FAULT": "corrupt-kv=1"})
+        honest = [launch_node(coord, tmp_path / f"n{i}", env={"SWARM_FAULT": "claim-tflops=0.0001"}) for i in (1, 2)]
+        try:
+            wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 3, 30, message="3 online")
+            info = coord.serve(d, name="tiny", num_replicas=2, num_stages=1, max_seq_len=96, verify_prob=1.0,
+                               disaggregate="on")
+            dis = info["disaggregation"]
+            assert dis["enabled"] and dis["prefill_nodes"] == [faulty.node_id], dis
+            got = [collect(coord, "tiny", p, greedy) for p in prompts]
+            nodes = {n["id"]: n for n in coord.get_json("/api/nodes")["nodes"]}
+            model = coord.models()[0]
+        finally:
+            for h in [faulty, *honest]:
+                h.proc.stop()
+    assert got == want
+    assert nodes[faulty.node_id]["state"] == "quarantined", (model, nodes[faulty.node_id])
+    for h in honest:
+        assert nodes[h.node_id]["state"] == "online", nodes[h.node_id]
     assert model["verification"]["failed"] >= 1, model
 
 

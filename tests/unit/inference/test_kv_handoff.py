@@ -40,7 +40,7 @@ def move(src: StageRuntime, dst: StageRuntime, sid: str, *, stage: int, caller: 
          replica: int = 1, a=None, kv=None) -> int:
     kv = src.export_kv(sid)[0] if kv is None else kv
     chunks = list(kv_to_chunks(kv, session_id=sid, model_name="m", stage=stage, replica=replica, sender_id=sender))
-    return import_kv(dst, a or assignment(stage), chunks[0], iter(chunks[1:]), caller=caller)
+    return import_kv(dst, a or assignment(stage), chunks[0], iter(chunks[1:]), caller=caller).kv_bytes
 
 
 def test_prefill_here_decode_there_equals_one_process(ckpt):
