@@ -53,7 +53,7 @@ Protocol (coordinator side; the commitments and the decision are swarm/inference
   chain's caches begin with pushed KV (``ChainResult.cache_pushed``): a stage's wrong output
   from a right input may be the pusher's. Each accepted hand-off carries both ends' commitment
   to what moved (``ChainResult.pushed_kv``, swarm/inference/kv_receipt.py), so the referee also
-  recomputes the KV the pushed positions should hold (:meth:`Checks._kv_reference`): a wrong
+  recomputes the KV the pushed positions should hold (referee.py ``kv_reference``): a wrong
   pushed cache blames its pusher, a right one leaves the output the decode stage's own (verify.py
   ``judge``). Without a commitment to weigh it is not blamed (the chain is retired and the node
   avoided for a while, ``engine.suspect``); a wrong token from right logits still is.
@@ -86,7 +86,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from coordinator.inference.probation import Probations
-from coordinator.inference.referee import Referee, RefereeReplays
+from coordinator.inference.referee import Referee, RefereeReplays, kv_reference
 from swarm.clock import SystemClock
 from swarm.inference.referee import REFEREE_FLOPS_PER_S
 from swarm.inference.stage_runtime import StepEntry
@@ -299,25 +299,11 @@ class Checks:
         except Exception:  # noqa: BLE001 -- void, as when a checking chain fails before answering
             log.exception("the referee could not replay a window model=%s", m.record.name)
             refs = {}
-        kv = self._kv_reference(m, batch[0][4], context) if refs else {}
+        kv = kv_reference(self.referee, m, batch[0][4], context) if refs else {}
         for slot in batch:
             ref = refs.get(len(slot[2]) - 1)
             slot[5] = replace(ref, kv=kv) if ref is not None and kv else ref
         self.engine._pool.submit(self._drain, m, s)
-
-    def _kv_reference(self, m, chain: ChainResult, context: tuple[int, ...]) -> dict[int, tuple[float, ...]]:
-        """For a chain whose caches of the session began with pushed KV: the referee's sketch of what
-        each pushed stage's cache should hold (verify.py ``judge`` weighs the hand-off with it);
-        {} for other chains, or when the referee cannot recompute it."""
-        if not chain.cache_pushed or not chain.pushed_kv:
-            return {}
-        layers = {k: (st.first_layer, st.last_layer_excl) for k, st in enumerate(chain.stages)}
-        try:
-            return self.referee.kv_sketches(m.record.dir, m.record.digest, num_layers=m.config.num_layers,
-                                            context=context, pushed=chain.pushed_kv, layers=layers)
-        except Exception:  # noqa: BLE001 -- then the hand-off cannot be weighed: nobody is blamed for it
-            log.exception("the referee could not recompute a pushed KV cache model=%s", m.record.name)
-            return {}
 
     def _drain(self, m, s) -> None:
         """Conclude the session's checks in step order: a later step's check is judged only after
@@ -368,7 +354,7 @@ class Checks:
                                              boundaries=bounds, context=context, params=s.state.params)
             except Exception:  # noqa: BLE001 -- no second opinion: resolve retires the serving chain
                 log.exception("the referee could not recompute model=%s", m.record.name)
-            kv = self._kv_reference(m, result, context) if ref is not None else {}
+            kv = kv_reference(self.referee, m, result, context) if ref is not None else {}
             if kv:
                 ref = replace(ref, kv=kv)
         outcome = resolve(result, other, ref)

@@ -20,7 +20,7 @@ import torch
 from swarm.inference.referee import (MAX_REFEREE_QUEUE, REFEREE_FLOPS_PER_S, Checker, TokenBudget, choose_checker,
                                      referee_tokens_per_s)
 from swarm.inference.kv_receipt import kv_sketch
-from swarm.inference.verify import PushedKV, Reference, allowed_tokens, sketch_rows
+from swarm.inference.verify import ChainResult, PushedKV, Reference, allowed_tokens, sketch_rows
 from swarm.model.checkpoint import load_stage
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,21 @@ class Referee:
         p = len(context) - 1
         return self.references(directory, digest, num_layers=num_layers, boundaries=boundaries, context=context,
                                points=(p,), params=params)[p]
+
+
+def kv_reference(referee: Referee, m, chain: ChainResult, context: tuple[int, ...]) -> dict[int, tuple[float, ...]]:
+    """For a chain whose caches of a session began with pushed KV (``chain.pushed_kv``), served as
+    model ``m``: the referee's sketch of what each pushed stage's cache should hold (verify.py
+    ``judge`` weighs the hand-off with it); {} for other chains, or when it cannot be recomputed."""
+    if not chain.cache_pushed or not chain.pushed_kv:
+        return {}
+    layers = {k: (st.first_layer, st.last_layer_excl) for k, st in enumerate(chain.stages)}
+    try:
+        return referee.kv_sketches(m.record.dir, m.record.digest, num_layers=m.config.num_layers, context=context,
+                                   pushed=chain.pushed_kv, layers=layers)
+    except Exception:  # noqa: BLE001 -- then the hand-off cannot be weighed: nobody is blamed for it
+        log.exception("the referee could not recompute a pushed KV cache model=%s", m.record.name)
+        return {}
 
 
 class RefereeReplays:
