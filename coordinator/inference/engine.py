@@ -111,7 +111,7 @@ class InferenceEngine(Placing):
         self.failover_timeout_s = failover_timeout_s
         self._models: dict[str, ServedModel] = {}
         self._lock = threading.RLock()
-        self._suspects: dict[str, float] = {}
+        self._suspects: dict[str, float] = {}  # node id -> monotonic time until which it is not placed on
         # (node id, model, replica, stage) -> (serialized assignment, the replica's step capability),
         # for ConfirmAssignment
         self._issued: dict[tuple[str, str, int, int], tuple[bytes, str]] = {}
@@ -205,15 +205,17 @@ class InferenceEngine(Placing):
         while m.waiting:
             m.waiting.popleft().fail(UnavailableError(why))
 
-    def suspect(self, node_id: str) -> None:
-        """Do not place on ``node_id`` for SUSPECT_S (it failed a step or a load)."""
+    def suspect(self, node_id: str, for_s: float = SUSPECT_S) -> None:
+        """Do not place on ``node_id`` for ``for_s`` seconds (it failed a step or a load); a longer
+        suspicion already running is kept."""
+        until = self.app.clock.monotonic() + for_s
         with self._lock:
-            self._suspects[node_id] = self.app.clock.monotonic()
+            self._suspects[node_id] = max(until, self._suspects.get(node_id, until))
 
     def suspects(self) -> set[str]:
         now = self.app.clock.monotonic()
         with self._lock:
-            return {nid for nid, t in self._suspects.items() if now - t < SUSPECT_S}
+            return {nid for nid, until in self._suspects.items() if now < until}
 
     def replica_count(self, m: ServedModel) -> tuple[int, int]:
         """(healthy, requested): ready replicas whose nodes are all online, and the count to keep."""
@@ -331,10 +333,8 @@ class InferenceEngine(Placing):
 
     def _finish_failure(self, m: ServedModel, replica: Replica, need_replace: bool) -> None:
         dead = replica.probe()
-        now = self.app.clock.monotonic()
-        with self._lock:
-            for nid in dead:
-                self._suspects[nid] = now
+        for nid in dead:
+            self.suspect(nid)
         log.warning("replica %d of %s lost; unreachable nodes=%s", replica.index, m.record.name, [d[:12] for d in dead])
         if not need_replace and m.requested:
             # keep the survivors loaded: the healer moves only the lost stages to spare nodes
@@ -354,7 +354,7 @@ class InferenceEngine(Placing):
         for b in list(m.broken):  # their survivors may be needed for the re-placement
             self.drop_broken(m, b)
         try:
-            exclude = {nid for nid, t in self._suspects.items() if now - t < SUSPECT_S}
+            exclude = self.suspects()
             self._place(m, exclude=exclude, num_replicas=1, strict=False)
             self.store.set_state(m.record.name, m.state)
         except SwarmError as exc:

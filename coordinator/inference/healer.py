@@ -15,8 +15,10 @@ actions out:
 - ``DropChain``: unload a broken chain the model no longer needs;
 - ``Wait``: record why (``swarm models`` shows it) and try again next tick.
 
-A failed load is data: the nodes that do not answer (else the spares) are suspected for
-SUSPECT_S, the model backs off (1, 2, 4 ... 30 s) and the chain stays broken.
+A failed load is data: the nodes that do not answer are suspected for SUSPECT_S; when all
+answer, the new nodes (the spares) are suspected for LOAD_SUSPECT_S, doubling with each failed
+load on the same node up to SUSPECT_S (a transient fault is retried soon, a node that keeps
+failing waits longer); the model backs off (1, 2, 4 ... 30 s) and the chain stays broken.
 """
 
 from __future__ import annotations
@@ -27,13 +29,20 @@ import threading
 from swarm.scheduling.healing import (AddChain, Chain, ChainStage, DropChain, HealNode, ModelNeeds, RepairChain,
                                       RetireChain, Wait, heal)
 
-from coordinator.inference.engine import BrokenChain, InferenceEngine, ServedModel, model_shape
+from coordinator.inference.engine import SUSPECT_S, BrokenChain, InferenceEngine, ServedModel, model_shape
 from coordinator.inference.replica import Replica
 from coordinator.inference.sessions import StageRef
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
+LOAD_SUSPECT_S = 5.0  # a spare that answers but failed a load is first passed over for this long
+
+
+def load_suspicion_s(strikes: int) -> float:
+    """How long a node that answers but failed a load is passed over, after ``strikes`` earlier
+    such failures: LOAD_SUSPECT_S, doubling, at most SUSPECT_S."""
+    return min(SUSPECT_S, LOAD_SUSPECT_S * 2.0 ** min(strikes, 32))
 
 
 class Healer:
@@ -45,6 +54,7 @@ class Healer:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="inference-healer", daemon=True)
+        self._load_strikes: dict[str, int] = {}  # node id -> loads that failed on it while it answered
         engine.healer = self
 
     def start(self) -> None:
@@ -184,8 +194,15 @@ class Healer:
             e._load_replica(m, replica)
         except Exception as exc:  # noqa: BLE001 -- a failed load is data: back off, keep the chain broken
             dead = replica.probe()
-            for nid in dead or new_nodes:
+            for nid in dead:
                 e.suspect(nid)
+            for nid in (new_nodes if not dead else ()):
+                # a new node that answers yet failed the load: a transient fault (a TLS handshake cut
+                # short on a loaded machine, seen in CI) is retried soon, a node that keeps failing
+                # waits longer each time (LOAD_SUSPECT_S, doubling, up to SUSPECT_S)
+                strikes = self._load_strikes.get(nid, 0)
+                self._load_strikes[nid] = strikes + 1
+                e.suspect(nid, for_s=load_suspicion_s(strikes))
             replica.stop(unload=False)
             with e._lock:
                 if replica in m.loading:
@@ -210,6 +227,8 @@ class Healer:
                 replica.start()
                 m.replicas.append(replica)
                 m.heal_failures, m.heal_note = 0, ""
+        for nid in new_nodes:
+            self._load_strikes.pop(nid, None)
         if stale:
             replica.stop(unload=True)
             return

@@ -11,6 +11,9 @@ fence instead of a rollback. The protocol and its pure rules are in
 - :meth:`Fencing._maybe_rebalance`: a node is seen far below its planned speed and re-planning
   with the seen speeds pays (coordinator/jobs/rebalance.py): a re-balance fence, whose re-plan
   moves the layer boundaries (job event ``rebalance``);
+- :meth:`Fencing._maybe_absorb`: idle nodes too few for a whole pipeline (a volunteer that just
+  joined) would make the step faster if the job were re-planned with them: the same re-balance
+  fence, whose re-plan takes them in (event ``rebalance`` with ``cause`` "join");
 - :meth:`Fencing._watch_fence` / :meth:`Fencing._complete_fence`: once every live worker stopped
   at the switch step with its checkpoint, re-plan from it (a growth keeps the running pipelines in
   place, :meth:`Fencing._grown_plan`), naming for each worker where its state comes from (a live
@@ -20,6 +23,7 @@ fence instead of a rollback. The protocol and its pure rules are in
   (:func:`coordinator.jobs.churn.fence_outrun`) finishes it with their final checkpoints.
 
 The host class provides ``store``, ``registry``, ``clock``, ``state_dir``, ``_grow_tried``,
+``_absorb_tried``, ``_absorb_seen``,
 ``_plan``, ``_recover``, ``_stage_dirs``, ``_full_checkpoints``, ``speeds`` (a SpeedWatch),
 ``network`` and ``_rebalance_tried``.
 """
@@ -43,6 +47,7 @@ log = logging.getLogger(__name__)
 FENCE_TIMEOUT_S = 60.0  # a replica-loss fence not done by then falls back to the last checkpoint
 GROW_RETRY_S = 15.0  # a job that could not grow back to --replicas tries again after this long
 GROW_MIN_STEPS_LEFT = 10  # a job this close to its end finishes with the replicas it has
+ABSORB_RETRY_S = 10.0  # idle nodes a job could take in are weighed at most this often (the planner runs)
 
 
 class Fencing:
@@ -134,6 +139,68 @@ class Fencing:
         if self.store.set_fence(job.id, fence, expect_attempt=job.attempt):
             log.info("job re-balances job=%s around node=%s (%s)", job.id, node[:12], decision.why)
 
+    def _maybe_absorb(self, job: Job) -> None:
+        """Idle nodes the job could use, though not as whole new pipelines (a single volunteer that
+        joined, say): weigh re-planning the running job with them (the planner may move layers to
+        a newcomer, or swap one in for a slower node) under the speeds as seen, and, when the
+        predicted step time drops enough (:func:`coordinator.jobs.rebalance.decide`), open a
+        re-balance fence whose re-plan takes them in: the newcomer loads its layers' weights and
+        optimizer state from the checkpoint at the switch step, peer to peer and verified by hash,
+        and no step is redone. Weighed once per change of the idle set (each time runs the planner),
+        at most once per ABSORB_RETRY_S per job."""
+        if not self.rebalance or not job.assignments or job.started_attempt != job.attempt or job.fence is not None:
+            return
+        now = self.clock.time()
+        if now - self._absorb_tried.get(job.id, -ABSORB_RETRY_S) < ABSORB_RETRY_S:
+            return
+        busy = busy_node_ids(self.store.list(states=("running",), limit=1000))
+        idle = frozenset(n.id for n in self.registry.online() if n.id not in busy)
+        if not idle or self._absorb_seen.get(job.id) == (job.attempt, idle):
+            return
+        job = self.store.get(job.id)  # a fence may have opened this tick (_maybe_grow, _maybe_rebalance)
+        if job.state != "running" or job.fence is not None or job.started_attempt != job.attempt:
+            return
+        steps = [w["step"] for w in self.store.per_worker(job.id)]
+        if len(steps) < len(job.assignments) or self.speeds.attempt_age_s(job) < rebalance.SETTLE_S:
+            return  # a worker has not reported yet, or the attempt's speeds are not its own yet
+        self._absorb_tried[job.id] = now
+        self._absorb_seen[job.id] = (job.attempt, idle)
+        seen, _ = self.speeds.seen(job)
+        try:
+            jp = self._plan(job, degrade=True, tflops=seen or None)
+            newcomers = sorted({a["node_id"] for a in jp.assignments} & idle)
+            if not newcomers or not job.plan:
+                log.info("idle node(s) not taken in job=%s: the planner would not use %s", job.id,
+                         ",".join(n[:12] for n in sorted(idle)))
+                return
+            current_s, new_s = rebalance.calibrated(measured_step_s=self.speeds.step_s(job),
+                                                    current=self._predicted(job, Plan.from_json(job.plan), seen),
+                                                    new=self._predicted(job, jp.plan, seen))
+        except (InfeasiblePlanError, SwarmError) as exc:
+            log.info("cannot weigh taking in idle nodes job=%s (%s)", job.id, exc)
+            return
+        node = newcomers[0]
+        speed = next((n.planning_tflops for n in self.registry.online() if n.id == node), 0.0)
+        cand = rebalance.Candidate(node_id=node, seen_ratio=1.0, seen_tflops=speed, current_step_s=current_s,
+                                   new_step_s=new_s, steps_left=job.total_steps - min(steps),
+                                   attempt_age_s=self.speeds.attempt_age_s(job), now_s=now)
+        decision = rebalance.decide(cand, rebalance.history(self.store.events(job.id)))
+        log.info("taking in idle node(s) weighed job=%s nodes=%s go=%s: %s (seen %s; split %s)", job.id,
+                 ",".join(n[:12] for n in newcomers), decision.go, decision.why,
+                 {n[:8]: round(v, 6) for n, v in seen.items()},
+                 [(a["node_id"][:8], a["last_layer_excl"] - a["first_layer"]) for a in jp.assignments])
+        if not decision.go:
+            return
+        info = {"cause": "join", "node": node, "joined": newcomers, "seen_planned_ratio": 1.0, "seen_tflops": speed,
+                "planned_tflops": speed, "predicted_gain": round(decision.gain, 4), "current_step_s": current_s,
+                "new_step_s": new_s, "tflops": dict(seen), "layers_before": 0, "decided_at": now}
+        live = sorted({a["replica"] for a in job.assignments})
+        fence = churn.open_fence(attempt=job.attempt, assignments=job.assignments, live=live, lost=[], at_s=now,
+                                 rebalance=info)
+        if self.store.set_fence(job.id, fence, expect_attempt=job.attempt):
+            log.info("job takes in idle node(s) job=%s nodes=%s (%s)", job.id, ",".join(n[:12] for n in newcomers),
+                     decision.why)
+
     def _predicted(self, job: Job, plan: Plan, tflops: dict[str, float]) -> tuple[float, float]:
         nodes = self.registry.online()
         delay, bandwidth = self.network.planning_matrix(nodes)[:2]
@@ -219,7 +286,8 @@ class Fencing:
         before = {a["node_id"] for a in job.assignments}
         added = sorted({a["node_id"] for a in jp.assignments} - before)
         grew = bool(fence.get("grow_to")) and jp.plan.d_dp > max(a["num_replicas"] for a in job.assignments)
-        why = (f"re-balancing the layers around slow node {rb['node'][:12]}" if rb else
+        why = (f"taking in idle node(s) {', '.join(n[:12] for n in rb['joined'])}" if rb and rb.get("joined") else
+               f"re-balancing the layers around slow node {rb['node'][:12]}" if rb else
                "adding replica(s) on idle nodes" if grew else
                "a growth fence whose idle nodes left before the switch step" if fence.get("grow_to") else
                "losing replica(s)")
@@ -239,12 +307,19 @@ class Fencing:
         after = rebalance.layers_of(jp.assignments, rb["node"])
         split = lambda asg: [a["last_layer_excl"] - a["first_layer"] for a in sorted(  # noqa: E731
             (a for a in asg if a["replica"] == 0), key=lambda a: a["stage"])]
+        gone = sorted({a["node_id"] for a in job.assignments} - {a["node_id"] for a in jp.assignments})
+        what = (f"took in idle node {rb['node'][:12]}" + (f" (and {len(rb['joined']) - 1} more)" if len(rb["joined"]) > 1
+                                                        else "")
+                + (f" in place of {', '.join(n[:12] for n in gone)}" if gone else "")
+                if rb.get("cause") == "join" else
+                f"re-balanced the layers around node {rb['node'][:12]}, seen at {rb['seen_planned_ratio']:.2f}x its "
+                "planned speed")
         self.store.add_event(
-            job.id, "rebalance", f"re-balanced the layers around node {rb['node'][:12]}, seen at "
-            f"{rb['seen_planned_ratio']:.2f}x its planned speed: it holds {after} layer(s) instead of "
+            job.id, "rebalance", f"{what}: it holds {after} layer(s) instead of "
             f"{rb['layers_before']} (split {split(job.assignments)} -> {split(jp.assignments)}), predicted step "
             f"{rb['current_step_s']:.3g} s -> {rb['new_step_s']:.3g} s ({rb['predicted_gain']:.0%} faster); "
-            f"continuing at step {step}, no rollback", node=rb["node"], seen_planned_ratio=rb["seen_planned_ratio"],
+            f"continuing at step {step}, no rollback", cause=rb.get("cause", "slow"), joined=rb.get("joined", []),
+            node=rb["node"], seen_planned_ratio=rb["seen_planned_ratio"],
             seen_tflops=rb["seen_tflops"], planned_tflops=rb["planned_tflops"], predicted_gain=rb["predicted_gain"],
             resume_step=step, rollback=False, layers_before=rb["layers_before"], layers_after=after,
             split_before=split(job.assignments), split_after=split(jp.assignments), decided_at=rb["decided_at"],

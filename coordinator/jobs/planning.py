@@ -50,8 +50,9 @@ def plan_job(
 ) -> JobPlan:
     """Plan ``spec`` over ``nodes`` (with their delay/bandwidth matrices, same order).
 
-    Uses ``spec.num_stages`` x ``spec.num_replicas`` nodes when both are set (the first ones by
-    id), else every node with the planner choosing the split. Boundary traffic is priced from
+    Uses ``spec.num_stages`` x ``spec.num_replicas`` nodes when both are set (the fastest, at
+    ``tflops`` or their planning speed; ties by id), else every node with the planner choosing the
+    split. Boundary traffic is priced from
     ``spec.codec`` in both directions (activations forward, gradients backward, AQ-SGD at its
     steady state; see :meth:`~swarm.compression.CodecSpec.forward_bytes_per_value`). Raises
     InfeasiblePlanError with the reason (no nodes, too few nodes for the flags, not enough
@@ -59,11 +60,14 @@ def plan_job(
     speeds to plan with instead of the nodes' (a re-balance: the speeds seen in training).
     """
     check_shape(spec, config, num_nodes=len(nodes), where="idle")
-    order = sorted(range(len(nodes)), key=lambda i: nodes[i].id)
+    speed = lambda n: (tflops or {}).get(n.id, n.planning_tflops)  # noqa: E731 -- as _cluster_and_shape
+    order = sorted(range(len(nodes)), key=lambda i: (-speed(nodes[i]), nodes[i].id))
     pp = spec.num_stages or None
     dp = spec.num_replicas or None
-    # Fixed shapes take a whole number of pipelines: the first nodes by id (deterministic), the
-    # rest stay idle. check_shape guaranteed at least one pipeline's worth, so never empty.
+    # Fixed shapes take a whole number of pipelines: the fastest nodes (ties by id: deterministic),
+    # the rest stay idle (a slow volunteer is left out while faster ones wait; a running job takes
+    # in a faster newcomer the same way, coordinator/jobs/fencing.py ``_maybe_absorb``).
+    # check_shape guaranteed at least one pipeline's worth, so never empty.
     if pp and dp:
         order = order[: pp * dp]
     elif pp:

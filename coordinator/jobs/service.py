@@ -79,6 +79,8 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
         self._first_bad: dict[str, int] = {}  # job id -> first step a spot check found wrong
         self._grow_tried: dict[str, float] = {}  # job id -> when it last tried to grow back to --replicas
         self._rebalance_tried: dict[str, float] = {}  # job id -> when it last weighed a re-balance
+        self._absorb_tried: dict[str, float] = {}  # job id -> when it last weighed taking in idle nodes
+        self._absorb_seen: dict[str, tuple] = {}  # job id -> (attempt, the idle node ids it weighed)
         self.added = AddedReplicas(store)  # replica_added events, once the grown attempt starts (handover.py)
         self.speeds = SpeedWatch(store=store, registry=registry, clock=clock)  # neighbours' view (speed.py)
 
@@ -279,6 +281,7 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
             return
         self._maybe_grow(job)
         self._maybe_rebalance(job)
+        self._maybe_absorb(job)
 
     def _recover(self, job: Job, what: str, *, cause: str) -> None:
         """Re-plan a running job that lost a stage over the idle online nodes, resuming after its

@@ -141,3 +141,31 @@ def test_a_model_stored_with_the_removed_lanes_option_still_loads(tmp_path):
                             ('{"lanes": 4, "dtype": "float16"}',))
     rec = store.get("old")
     assert rec.params.dtype == "float16" and not hasattr(rec.params, "lanes")
+
+
+def test_suspicion_lasts_as_long_as_asked_and_a_failed_load_escalates(tmp_path):
+    from coordinator.inference.engine import SUSPECT_S, InferenceEngine
+    from coordinator.inference.healer import LOAD_SUSPECT_S, load_suspicion_s
+    from swarm.clock import FakeClock
+
+    class App:
+        clock = FakeClock()
+
+    store = ModelStore(Database(tmp_path), tmp_path)
+    engine = InferenceEngine(App(), store)
+    try:
+        engine.suspect("dead")  # failed a step: the long default
+        engine.suspect("spare", for_s=load_suspicion_s(0))  # answered, but a load on it failed once
+        assert engine.suspects() == {"dead", "spare"}
+        App.clock.advance(LOAD_SUSPECT_S + 0.1)
+        assert engine.suspects() == {"dead"}  # the spare is tried again soon (a transient fault)
+        engine.suspect("dead", for_s=1.0)  # a shorter suspicion never cuts a longer one short
+        App.clock.advance(SUSPECT_S - LOAD_SUSPECT_S - 1.0)
+        assert engine.suspects() == {"dead"}
+        App.clock.advance(1.0)
+        assert engine.suspects() == set()
+    finally:
+        engine.close()
+        store.close()
+    assert [load_suspicion_s(k) for k in range(3)] == [LOAD_SUSPECT_S, 2 * LOAD_SUSPECT_S, 4 * LOAD_SUSPECT_S]
+    assert load_suspicion_s(100) == SUSPECT_S
