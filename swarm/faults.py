@@ -9,6 +9,8 @@
 - ``corrupt-kv=P``: disaggregated serving: perturb a fraction P of the KV caches this node
   pushes to decode nodes (committing to what it sent, as a liar that cannot forge the decode
   node's receipt must: swarm/inference/kv_receipt.py);
+- ``tamper-relayed=1``: inference: alter the later stages' commitments in every step reply it
+  relays back (a relaying stage framing the next; swarm/inference/commit_sig.py stops it);
 - ``claim-tflops=X``: report X TFLOPS instead of the measured figure;
 - ``claim-mem-bandwidth=X``: report X bytes/s of memory bandwidth instead of the measured figure;
 - ``claim-device=NAME``: report device name NAME (nodes of one machine then look like different
@@ -44,6 +46,7 @@ class FaultConfig:
     corrupt_activations: float = 0.0
     wrong_tokens: float = 0.0
     corrupt_kv: float = 0.0
+    tamper_relayed: bool = False
     claim_tflops: float | None = None
     claim_mem_bandwidth: float | None = None
     claim_device: str | None = None
@@ -70,7 +73,7 @@ class FaultConfig:
 
     @property
     def any(self) -> bool:
-        return (self.corrupt_activations > 0 or self.wrong_tokens > 0 or self.corrupt_kv > 0
+        return (self.corrupt_activations > 0 or self.wrong_tokens > 0 or self.corrupt_kv > 0 or self.tamper_relayed
                 or self.claim_tflops is not None
                 or self.claim_mem_bandwidth is not None or self.claim_device is not None
                 or self.stall_after_steps is not None or self.slowdown > 1.0)
@@ -91,13 +94,15 @@ class FaultConfig:
                 if key in ("corrupt-activations", "wrong-tokens", "corrupt-kv", "claim-tflops", "claim-mem-bandwidth",
                            "slowdown"):
                     values[key.replace("-", "_")] = float(raw)
+                elif key == "tamper-relayed":
+                    values["tamper_relayed"] = raw.strip() not in ("0", "false", "")
                 elif key == "claim-device":
                     values["claim_device"] = raw.strip()
                 elif key == "stall-after-steps":
                     values["stall_after_steps"] = int(raw)
                 else:
                     raise ConfigError(f"{FAULT_ENV}: unknown fault {key!r}; known: corrupt-activations, "
-                                      "wrong-tokens, corrupt-kv, claim-tflops, claim-mem-bandwidth, claim-device, "
+                                      "wrong-tokens, corrupt-kv, tamper-relayed, claim-tflops, claim-mem-bandwidth, claim-device, "
                                       "stall-after-steps, slowdown")
             except ValueError as exc:
                 raise ConfigError(f"{FAULT_ENV}: {key} has a bad value {raw!r}") from exc

@@ -179,6 +179,10 @@ class Checks:
     def close(self) -> None:
         self.replays.close()
 
+    def public_key(self, node_id: str) -> bytes:
+        """The identity key ``node_id`` registered (its step commitments are signed with it)."""
+        return self.engine.app.registry.public_key(node_id)
+
     def watched(self, serving) -> bool:
         """Whether ``serving`` holds a node on probation: every window of its sessions is checked."""
         return bool(self.probation.of(serving.node_ids))
@@ -392,7 +396,8 @@ class Checks:
                 log.warning("quarantined node=%s model=%s: %s", node_id[:12], m.record.name, reason)
             e.suspect(node_id)
         for chain in (result, other):  # retired without a culprit: avoid its nodes for a while
-            if chain.cache_pushed and chain.replica in outcome.retire and not outcome.quarantine:
+            unsigned = not all(st.authentic for st in chain.stages)  # a relaying stage altered commitments
+            if (chain.cache_pushed or unsigned) and chain.replica in outcome.retire and not outcome.quarantine:
                 for st in chain.stages:
                     e.suspect(st.node_id)
         if outcome.release:

@@ -35,6 +35,7 @@ import grpc
 
 from coordinator.inference.sessions import Session, StageRef
 from swarm.errors import InvalidRequestError, NotFoundError, SwarmError
+from swarm.inference.commit_sig import NONCE_BYTES, authentic_stages
 from swarm.inference.session import TokenEvent
 from swarm.inference.stage_runtime import StepEntry
 from swarm.inference.verify import ChainResult, StageCommit
@@ -313,6 +314,8 @@ class Replica:
         commit = [e.session_id for e in entries] if checking or tasks else []
         req = self._request(entries, closing, commit)
         req.commit_points.extend(pb.ServeCommitPoints(session_id=t.entry.session_id, positions=t.points) for t in tasks)
+        nonce = secrets.token_bytes(NONCE_BYTES) if commit else b""  # the stages sign their commitments with it
+        req.step_nonce = nonce
         t0 = time.perf_counter()
         try:
             reply = link.step(req, timeout_s=STEP_TIMEOUT_S)
@@ -347,9 +350,10 @@ class Replica:
         self._observed(entries, reply, time.perf_counter() - t0)
         with self._cond:
             self._closing.extend(t.entry.session_id for t in tasks)  # temporary sessions
+        signed = self._authentic(reply, nonce) if tasks else None
         for t in tasks:
             points = point_commitments_from_pb(reply, t.entry.session_id, list(t.points), len(self.stages))
-            t.done({p: self._result(c, -1 if tok is None else tok) for p, (c, tok) in points.items()})
+            t.done({p: self._result(c, -1 if tok is None else tok, authentic=signed) for p, (c, tok) in points.items()})
         checks, out = [], []
         with self._cond:
             for s, e, tok in zip(batch, entries, reply.token_ids):
@@ -374,9 +378,11 @@ class Replica:
         # cannot tell which are checked; reading them all cost the coordinator on every step)
         commits = commitments_from_pb(reply, [c[0].id for c in checks], len(self.stages),
                                       num_committed=len(commit)) if checks else {}
+        if checks and signed is None:
+            signed = self._authentic(reply, nonce)
         for s, ticket, context, tok, (fresh, pushed, receipts) in checks:
-            self._checks.hold(self, s, ticket, context=context, token=tok,
-                              result=self._result(commits[s.id], tok, fresh=fresh, pushed=pushed, pushed_kv=receipts))
+            self._checks.hold(self, s, ticket, context=context, token=tok, result=self._result(
+                commits[s.id], tok, fresh=fresh, pushed=pushed, pushed_kv=receipts, authentic=signed))
         if self._checks is not None:
             with self._cond:
                 due = [s for s in batch if not s.closed and self._checks.due(s, runnable=s.runnable())]
@@ -425,12 +431,19 @@ class Replica:
         if len(times) == len(self.stages):
             self._on_decode_step(self.stages, entries, times)
 
+    def _authentic(self, reply: pb.ServeStepReply, nonce: bytes) -> list[bool]:
+        """Per stage, whether its commitments in ``reply`` carry its node's signature for this step
+        (swarm/inference/commit_sig.py): the stages before it relay them."""
+        return authentic_stages(reply, model=self.model, nonce=nonce, node_ids=[st.node_id for st in self.stages],
+                                public_key=self._checks.public_key)
+
     def _result(self, commits: list, token: int, *, fresh: bool = True, pushed: bool = False,
-                pushed_kv: tuple = ()) -> ChainResult:
+                pushed_kv: tuple = (), authentic: list[bool] | None = None) -> ChainResult:
+        signed = authentic or [True] * len(self.stages)
         return ChainResult(replica=self.index, token=token, fresh=fresh, cache_pushed=pushed,
                            pushed_kv=pushed_kv if pushed else (), stages=tuple(
             StageCommit(node_id=st.node_id, first_layer=st.first_layer, last_layer_excl=st.last_layer_excl,
-                        input=c[0], output=c[1]) for st, c in zip(self.stages, commits)))
+                        input=c[0], output=c[1], authentic=ok) for st, c, ok in zip(self.stages, commits, signed)))
 
     def _deliver(self, s: Session, ev: TokenEvent) -> None:
         if s.closed:

@@ -129,7 +129,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         self._peers = PeerStubs(security)  # to other chains' stages, for per-request routes
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
-        self._runner = StepRunner(node_id=node_id, traffic=traffic, faults=faults)
+        self._runner = StepRunner(node_id=node_id, traffic=traffic, faults=faults, sign=sign)
 
     # ------------------------------------------------------------------ helpers
     def _get(self, model: str, replica: int) -> _Loaded:

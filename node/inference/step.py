@@ -27,6 +27,7 @@ import torch
 
 from swarm.errors import InvalidRequestError, PeerError, SwarmError
 from swarm.faults import FaultConfig, FaultInjector
+from swarm.inference.commit_sig import MAX_NONCE_BYTES, keep_later, sign_stage
 from swarm.inference.stage_runtime import StageRuntime
 from swarm.inference.verify import sketch_rows_done, sketch_rows_start
 from swarm.proto.v1 import inference_pb2 as pb
@@ -42,9 +43,14 @@ _TRACE = StepTrace("node")  # SWARM_STEP_TRACE=DIR: per-step timestamps (swarm/s
 class StepRunner:
     """Runs the steps this node's stages receive; counts steps and tokens for its metrics."""
 
-    def __init__(self, *, node_id: str, traffic=None, faults: FaultConfig) -> None:
-        """``traffic``: node.traffic.Traffic or None (peer bytes); ``faults``: SWARM_FAULT."""
+    def __init__(self, *, node_id: str, traffic=None, faults: FaultConfig,
+                 sign: Callable[[bytes], bytes] | None = None) -> None:
+        """``traffic``: node.traffic.Traffic or None (peer bytes); ``faults``: SWARM_FAULT;
+        ``sign``: this node's identity signature (its commitments, swarm/inference/commit_sig.py;
+        None: unsigned, tests without a coordinator)."""
         self.node_id = node_id
+        self._sign = sign
+        self._tamper = faults.tamper_relayed  # SWARM_FAULT tamper-relayed (tests): alter later stages' commitments
         self.traffic = traffic
         self._faults = FaultInjector(faults) if faults.wrong_tokens > 0 else None
         self._slowdown = faults.slowdown  # an emulated slower device
@@ -61,6 +67,8 @@ class StepRunner:
             raise InvalidRequestError(
                 f"step for stage {request.stage} reached the node holding stage {a.stage} of replica {a.replica}"
             )
+        if len(request.step_nonce) > MAX_NONCE_BYTES:
+            raise InvalidRequestError(f"step_nonce of {len(request.step_nonce)} bytes; at most {MAX_NONCE_BYTES}")
         if request.close_session_ids:
             rt.close(list(request.close_session_ids)[:4096])
         entries = entries_from_pb(request.entries, need_tokens=a.stage == 0)
@@ -98,6 +106,7 @@ class StepRunner:
                                       commitments=self._commitments(a, entries, ends, hidden, logits, last=True))
             reply.commitments.extend(point_commitments(a.stage, entries, points, hidden, kept, last=True,
                                                        sample=rt.sample))
+            self._signed(reply, a, request.step_nonce, last=True)
             if a.stage > 0 and self.traffic is not None:
                 self.traffic.add_sent(reply.ByteSize())
             self._trace(marks, "out", entries, a)
@@ -122,6 +131,7 @@ class StepRunner:
             commit_session_ids=request.commit_session_ids,
             commit_points=request.commit_points,
             route=request.route,
+            step_nonce=request.step_nonce,
         )
         if self.traffic is not None:
             self.traffic.add_sent(nxt.ByteSize())
@@ -138,12 +148,30 @@ class StepRunner:
             self.traffic.add_received(reply.ByteSize())  # as the next stage sent it
         reply.compute_s += compute
         reply.stage_compute_s.append(compute)
+        if self._tamper:
+            self._tamper_later(reply, a.stage)
+        if request.step_nonce:
+            keep_later(reply, a.stage)  # a later stage cannot speak for this one or an earlier one
         reply.commitments.extend(self._commitments_done(a, entries, ends, pending))
         reply.commitments.extend(point_commitments(a.stage, entries, points, hidden, out, last=False))
+        self._signed(reply, a, request.step_nonce, last=False)
         if self.traffic is not None and a.stage > 0:
             self.traffic.add_sent(reply.ByteSize())
         self._trace(marks, "out", entries, a)
         return reply
+
+    def _signed(self, reply: pb.ServeStepReply, a: pb.ServeStageAssignment, nonce: bytes, *, last: bool) -> None:
+        """Sign this stage's commitments in ``reply`` for the step of ``nonce`` (when it asked some)."""
+        if nonce and self._sign is not None:
+            sign_stage(reply, model=a.model_name, stage=a.stage, nonce=nonce, last=last, sign=self._sign)
+
+    @staticmethod
+    def _tamper_later(reply: pb.ServeStepReply, stage: int) -> None:
+        """SWARM_FAULT tamper-relayed (tests only): as a relaying stage bent on framing the next one,
+        turn every later stage's output commitment around."""
+        for c in reply.commitments:
+            if c.stage > stage and len(c.output):
+                c.output[:] = [-v for v in c.output]
 
     @staticmethod
     def _mark(marks: dict | None, name: str, synced: torch.Tensor | None = None) -> None:

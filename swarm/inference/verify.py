@@ -123,6 +123,9 @@ class StageCommit:
     last_layer_excl: int
     input: tuple[float, ...] = ()  # () on the first stage, or when the stage sent none
     output: tuple[float, ...] = ()
+    # signed by its node for this step (swarm/inference/commit_sig.py); False: the stages relaying
+    # the reply may have altered them (or it sent none), so nobody is judged on them
+    authentic: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,6 +209,8 @@ def agree(serving: ChainResult, checker: ChainResult) -> bool:
     layer boundary both have (their layer splits may differ)."""
     if serving.token != checker.token or not consistent(serving) or not consistent(checker):
         return False
+    if not all(st.authentic for st in serving.stages + checker.stages):
+        return False
     a, b = serving.outputs(), checker.outputs()
     shared = set(a) & set(b)
     return bool(shared) and all(distance(a[k], b[k]) <= TOLERANCE for k in shared)
@@ -216,11 +221,19 @@ def judge(chain: ChainResult, ref: Reference) -> Judgement:
     output commitment is beyond TOLERANCE is guilty. A stage whose *input* differs while the
     previous stage's output commitment matched means one of the two lies about the hop: nobody
     can be blamed (ok False, guilty None). A wrong token with right logits blames the last stage.
+    A chain with a stage whose commitments are not ``authentic`` (unsigned for the step: altered by
+    a relaying stage, or never sent) is wrong and nobody is blamed.
     A stage after the first of a chain that is not ``fresh`` is not blamed for its output (ok
     False, guilty None). A stage of a chain whose caches were pushed (``cache_pushed``) is weighed
     by its hand-off's commitment (``pushed_kv``) against the recomputed KV (``ref.kv``): a wrong
     pushed cache blames its pusher, a right one leaves the stage's output its own; without both,
     it is not blamed."""
+    forged = next((k for k, st in enumerate(chain.stages) if not st.authentic), None)
+    if forged is not None:
+        st = chain.stages[forged]
+        return Judgement(ok=False, reason=(
+            f"replica {chain.replica}: stage {forged}'s commitments are not signed by its node {st.node_id[:12]} for "
+            "this step: a stage relaying the reply altered them, or it sent none; nobody can be blamed"))
     prev: StageCommit | None = None
     for k, st in enumerate(chain.stages):
         if prev is not None:

@@ -50,7 +50,7 @@ class ServeRouteHop(_message.Message):
     def __init__(self, replica: _Optional[int] = ..., node_id: _Optional[str] = ..., address: _Optional[str] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class ServeStepRequest(_message.Message):
-    __slots__ = ("model_name", "replica", "stage", "entries", "hidden", "close_session_ids", "hidden_codec", "commit_session_ids", "route", "commit_points")
+    __slots__ = ("model_name", "replica", "stage", "entries", "hidden", "close_session_ids", "hidden_codec", "commit_session_ids", "route", "commit_points", "step_nonce")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class ServeStepRequest(_message.Message):
     COMMIT_SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     COMMIT_POINTS_FIELD_NUMBER: _ClassVar[int]
+    STEP_NONCE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     replica: int
     stage: int
@@ -71,7 +72,8 @@ class ServeStepRequest(_message.Message):
     commit_session_ids: _containers.RepeatedScalarFieldContainer[str]
     route: _containers.RepeatedCompositeFieldContainer[ServeRouteHop]
     commit_points: _containers.RepeatedCompositeFieldContainer[ServeCommitPoints]
-    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ServeSessionEntry, _Mapping]]] = ..., hidden: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., close_session_ids: _Optional[_Iterable[str]] = ..., hidden_codec: _Optional[str] = ..., commit_session_ids: _Optional[_Iterable[str]] = ..., route: _Optional[_Iterable[_Union[ServeRouteHop, _Mapping]]] = ..., commit_points: _Optional[_Iterable[_Union[ServeCommitPoints, _Mapping]]] = ...) -> None: ...
+    step_nonce: bytes
+    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ServeSessionEntry, _Mapping]]] = ..., hidden: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., close_session_ids: _Optional[_Iterable[str]] = ..., hidden_codec: _Optional[str] = ..., commit_session_ids: _Optional[_Iterable[str]] = ..., route: _Optional[_Iterable[_Union[ServeRouteHop, _Mapping]]] = ..., commit_points: _Optional[_Iterable[_Union[ServeCommitPoints, _Mapping]]] = ..., step_nonce: _Optional[bytes] = ...) -> None: ...
 
 class ServeCommitPoints(_message.Message):
     __slots__ = ("session_id", "positions")
@@ -98,16 +100,26 @@ class ServeCommitment(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., session_id: _Optional[str] = ..., input: _Optional[_Iterable[float]] = ..., output: _Optional[_Iterable[float]] = ..., position: _Optional[int] = ..., token: _Optional[int] = ...) -> None: ...
 
 class ServeStepReply(_message.Message):
-    __slots__ = ("token_ids", "compute_s", "commitments", "stage_compute_s")
+    __slots__ = ("token_ids", "compute_s", "commitments", "stage_compute_s", "signatures")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
     STAGE_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     compute_s: float
     commitments: _containers.RepeatedCompositeFieldContainer[ServeCommitment]
     stage_compute_s: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., compute_s: _Optional[float] = ..., commitments: _Optional[_Iterable[_Union[ServeCommitment, _Mapping]]] = ..., stage_compute_s: _Optional[_Iterable[float]] = ...) -> None: ...
+    signatures: _containers.RepeatedCompositeFieldContainer[ServeStageSignature]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., compute_s: _Optional[float] = ..., commitments: _Optional[_Iterable[_Union[ServeCommitment, _Mapping]]] = ..., stage_compute_s: _Optional[_Iterable[float]] = ..., signatures: _Optional[_Iterable[_Union[ServeStageSignature, _Mapping]]] = ...) -> None: ...
+
+class ServeStageSignature(_message.Message):
+    __slots__ = ("stage", "signature")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    signature: bytes
+    def __init__(self, stage: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ServeCloseSessionRequest(_message.Message):
     __slots__ = ("model_name", "replica", "session_ids")

@@ -1,0 +1,107 @@
+"""Signed step commitments: a stage's commitments reach the coordinator through the stages before
+it, which must not be able to alter them unseen.
+
+Why: a step's reply travels back from the last stage through every earlier stage, each adding its
+own commitments (swarm/inference/verify.py). Unsigned, a stage relaying the reply could rewrite a
+later stage's commitments (or the tokens) and a spot check would then blame that honest stage:
+framing by relay.
+
+Protocol (node/inference/step.py, coordinator/inference/replica.py):
+
+- A step that asks commitments carries a fresh ``step_nonce`` (the coordinator's), forwarded
+  unchanged to every stage.
+- Each stage, once it made its own commitments, drops any commitment or signature in the reply
+  coming back that claims its stage or an earlier one (a later stage cannot speak for it), appends
+  its commitments and a :class:`ServeStageSignature`: its node identity's Ed25519 signature over
+  :func:`stage_payload` (model, stage, nonce, its commitments in reply order and, on the last
+  stage, the tokens).
+- The coordinator (:func:`authentic_stages`) checks, for the steps whose commitments it weighs,
+  each stage's signature against the public key that stage's node registered. A stage whose
+  signature is missing or wrong has commitments nobody can vouch for: a relaying stage altered
+  them or it sent none, and which cannot be told, so a check never blames on them (verify.py
+  ``judge``).
+
+Pure apart from the signature check.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable, Sequence
+
+from swarm.identity import verify as verify_signature
+from swarm.proto.v1 import inference_pb2 as pb
+
+PAYLOAD_VERSION = b"swarm-step-commit-v1"
+NONCE_BYTES = 12
+MAX_NONCE_BYTES = 64
+
+
+def _str(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("<I", len(b)) + b
+
+
+def _floats(xs: Sequence[float]) -> bytes:
+    return struct.pack(f"<I{len(xs)}f", len(xs), *xs)
+
+
+def stage_payload(*, model: str, stage: int, nonce: bytes, commitments: Iterable[pb.ServeCommitment],
+                  tokens: Sequence[int] = ()) -> bytes:
+    """The bytes stage ``stage`` signs: its commitments of one step, in the order they are in the
+    reply, bound to the step by ``nonce``; the last stage adds the step's tokens."""
+    parts = [PAYLOAD_VERSION, _str(model), struct.pack("<i", stage), _str(nonce.hex())]
+    for c in commitments:
+        parts += [_str(c.session_id), struct.pack("<iiq", c.stage, c.position, c.token), _floats(c.input),
+                  _floats(c.output)]
+    parts.append(struct.pack(f"<I{len(tokens)}q", len(tokens), *tokens))
+    return b"".join(parts)
+
+
+def own_commitments(reply: pb.ServeStepReply, stage: int) -> list[pb.ServeCommitment]:
+    """The commitments of ``stage`` in ``reply``, in order."""
+    return [c for c in reply.commitments if c.stage == stage]
+
+
+def keep_later(reply: pb.ServeStepReply, stage: int) -> None:
+    """Drop from ``reply`` (coming back from the next stage) every commitment and signature that
+    claims ``stage`` or an earlier one: only that stage itself may speak for it."""
+    if any(c.stage <= stage for c in reply.commitments):
+        later = [c for c in reply.commitments if c.stage > stage]
+        del reply.commitments[:]
+        reply.commitments.extend(later)
+    if any(s.stage <= stage for s in reply.signatures):
+        later_sigs = [s for s in reply.signatures if s.stage > stage]
+        del reply.signatures[:]
+        reply.signatures.extend(later_sigs)
+
+
+def sign_stage(reply: pb.ServeStepReply, *, model: str, stage: int, nonce: bytes, last: bool,
+               sign: Callable[[bytes], bytes]) -> None:
+    """Append ``stage``'s signature over its commitments in ``reply`` (and the tokens when ``last``)."""
+    payload = stage_payload(model=model, stage=stage, nonce=nonce, commitments=own_commitments(reply, stage),
+                            tokens=list(reply.token_ids) if last else ())
+    reply.signatures.append(pb.ServeStageSignature(stage=stage, signature=sign(payload)))
+
+
+def authentic_stages(reply: pb.ServeStepReply, *, model: str, nonce: bytes, node_ids: Sequence[str],
+                     public_key: Callable[[str], bytes]) -> list[bool]:
+    """Per stage of the chain (``node_ids`` in stage order): whether its commitments in ``reply``
+    carry its node's signature for this step (the first signature naming the stage counts;
+    ``public_key(node_id)`` the key it registered, raising or returning b"" when unknown)."""
+    sigs: dict[int, bytes] = {}
+    for s in reply.signatures[: 4 * max(1, len(node_ids))]:
+        sigs.setdefault(int(s.stage), bytes(s.signature))
+    out = []
+    for k, node_id in enumerate(node_ids):
+        sig = sigs.get(k)
+        if not sig:
+            out.append(False)
+            continue
+        payload = stage_payload(model=model, stage=k, nonce=nonce, commitments=own_commitments(reply, k),
+                                tokens=list(reply.token_ids) if k == len(node_ids) - 1 else ())
+        try:
+            out.append(verify_signature(public_key(node_id), sig, payload) == node_id)
+        except Exception:  # noqa: BLE001 -- a bad signature (AuthError), an unknown node: not vouched for
+            out.append(False)
+    return out
