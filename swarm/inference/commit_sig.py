@@ -37,23 +37,18 @@ NONCE_BYTES = 12
 MAX_NONCE_BYTES = 64
 
 
-def _str(s: str) -> bytes:
-    b = s.encode()
+def _blob(b: bytes) -> bytes:
     return struct.pack("<I", len(b)) + b
-
-
-def _floats(xs: Sequence[float]) -> bytes:
-    return struct.pack(f"<I{len(xs)}f", len(xs), *xs)
 
 
 def stage_payload(*, model: str, stage: int, nonce: bytes, commitments: Iterable[pb.ServeCommitment],
                   tokens: Sequence[int] = ()) -> bytes:
     """The bytes stage ``stage`` signs: its commitments of one step, in the order they are in the
-    reply, bound to the step by ``nonce``; the last stage adds the step's tokens."""
-    parts = [PAYLOAD_VERSION, _str(model), struct.pack("<i", stage), _str(nonce.hex())]
-    for c in commitments:
-        parts += [_str(c.session_id), struct.pack("<iiq", c.stage, c.position, c.token), _floats(c.input),
-                  _floats(c.output)]
+    reply (each as its deterministic protobuf encoding: what the coordinator parses re-encodes to
+    the same bytes, and an added or changed field, known or not, does not), bound to the step by
+    ``nonce``; the last stage adds the step's tokens."""
+    parts = [PAYLOAD_VERSION, _blob(model.encode()), struct.pack("<i", stage), _blob(nonce)]
+    parts += [_blob(c.SerializeToString(deterministic=True)) for c in commitments]
     parts.append(struct.pack(f"<I{len(tokens)}q", len(tokens), *tokens))
     return b"".join(parts)
 
