@@ -15,8 +15,8 @@ from tokenizers import Tokenizer
 from swarm.identity import Identity
 from swarm.inference.sampling import SamplingParams
 from swarm.model.testing import make_tiny_checkpoint
-from tests.helpers.procs import launch_node, wait_until
-from tests.multiproc.inference.test_pipeline_generation import collect, coordinator, reference
+from tests.helpers.procs import FAST_COORDINATOR_ARGS, coordinator_proc, launch_node, wait_until
+from tests.multiproc.inference.test_pipeline_generation import TOKEN, collect, reference
 
 pytestmark = pytest.mark.multiproc
 
@@ -32,7 +32,10 @@ def test_a_relaying_stage_cannot_frame_the_next_one(tmp_path):
     # a two-node chain runs in node id order: the tamperer gets the lower id, so it is stage 0
     dirs = sorted((tmp_path / n for n in ("a", "b")), key=lambda p: Identity.load_or_create(p).node_id)
     handles = []
-    with coordinator(tmp_path) as coord:
+    # chains are retired and re-placed while the referee recomputes: on a loaded 2-core box a node
+    # can go silent for longer than FAST_COORDINATOR_ARGS' 3 s, which is not what this test is about
+    args = [*FAST_COORDINATOR_ARGS, "--token", TOKEN, "--node-timeout-s", "15"]
+    with coordinator_proc(tmp_path / "coord", extra_args=args) as coord:
         try:
             handles.append(launch_node(coord, dirs[0], env={"SWARM_FAULT": "tamper-relayed=1"}))
             handles.append(launch_node(coord, dirs[1]))

@@ -14,8 +14,9 @@ from tokenizers import Tokenizer
 
 from swarm.inference.sampling import SamplingParams
 from swarm.model.testing import make_tiny_checkpoint
-from tests.helpers.procs import generate_events, launch_node, nodes_proc, wait_until
-from tests.multiproc.inference.test_pipeline_generation import collect, coordinator, reference
+from tests.helpers.procs import (FAST_COORDINATOR_ARGS, coordinator_proc, generate_events, launch_node, nodes_proc,
+                                 wait_until)
+from tests.multiproc.inference.test_pipeline_generation import TOKEN, collect, coordinator, reference
 
 pytestmark = pytest.mark.multiproc
 
@@ -110,7 +111,10 @@ def test_a_prefill_node_pushing_wrong_kv_is_quarantined_and_the_decode_node_is_n
     prompts = ["the pusher alters the cache", "the decode node is honest", "and is not blamed"]
     greedy = SamplingParams(max_new_tokens=8)
     want = [reference(d, tok.encode(p).ids, greedy, None) for p in prompts]
-    with coordinator(tmp_path) as coord:
+    # a node silent for 3 s (FAST_COORDINATOR_ARGS) is lost; the retired chains' re-placement loads
+    # stages while the referee recomputes, and on a loaded 2-core box a node once went silent that long
+    args = [*FAST_COORDINATOR_ARGS, "--token", TOKEN, "--node-timeout-s", "15"]
+    with coordinator_proc(tmp_path / "coord", extra_args=args) as coord:
         faulty = launch_node(coord, tmp_path / "n0", env={"SWARM_FAULT": "corrupt-kv=1"})
         honest = [launch_node(coord, tmp_path / f"n{i}", env={"SWARM_FAULT": "claim-tflops=0.0001"}) for i in (1, 2)]
         try:
