@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 FENCE_TIMEOUT_S = 60.0  # a replica-loss fence not done by then falls back to the last checkpoint
 GROW_RETRY_S = 15.0  # a job that could not grow back to --replicas tries again after this long
 GROW_MIN_STEPS_LEFT = 10  # a job this close to its end finishes with the replicas it has
-ABSORB_RETRY_S = 10.0  # idle nodes a job could take in are weighed at most this often (the planner runs)
+ABSORB_RETRY_S = 5.0  # idle nodes a job could take in are weighed at most this often (the planner runs)
 
 
 class Fencing:
@@ -150,9 +150,12 @@ class Fencing:
         at most once per ABSORB_RETRY_S per job."""
         if not self.rebalance or not job.assignments or job.started_attempt != job.attempt or job.fence is not None:
             return
+        if self.speeds.attempt_age_s(job) < rebalance.SETTLE_S:
+            return  # the attempt's speeds are not its own yet
         now = self.clock.time()
         if now - self._absorb_tried.get(job.id, -ABSORB_RETRY_S) < ABSORB_RETRY_S:
             return
+        self._absorb_tried[job.id] = now  # what follows reads the store: at most once per ABSORB_RETRY_S
         busy = busy_node_ids(self.store.list(states=("running",), limit=1000))
         idle = frozenset(n.id for n in self.registry.online() if n.id not in busy)
         if not idle or self._absorb_seen.get(job.id) == (job.attempt, idle):
@@ -161,9 +164,8 @@ class Fencing:
         if job.state != "running" or job.fence is not None or job.started_attempt != job.attempt:
             return
         steps = [w["step"] for w in self.store.per_worker(job.id)]
-        if len(steps) < len(job.assignments) or self.speeds.attempt_age_s(job) < rebalance.SETTLE_S:
-            return  # a worker has not reported yet, or the attempt's speeds are not its own yet
-        self._absorb_tried[job.id] = now
+        if len(steps) < len(job.assignments):
+            return  # a worker has not reported yet
         self._absorb_seen[job.id] = (job.attempt, idle)
         seen, _ = self.speeds.seen(job)
         try:
