@@ -16,17 +16,19 @@ Protocol (per checked stage T = (stage s, replica r); its checker C is the repli
   error (loss: absolute) against :data:`TOLERANCE`; on a mismatch it recomputes once more (the
   second opinion available with two replicas) and reports a :class:`SpotResult` with its
   ProgressReport. The coordinator judges and quarantines (coordinator/jobs/spotchecks.py).
-- Every worker of a checked job reports :func:`param_digest` (exact bytes) and :func:`param_sketch`
-  (a linear sketch) of its stage's parameters for every step (the weights that step ran with).
-  The coordinator weighs a check only when the checker and the checked node ran the same weights:
-  equal digests, or sketches within ``SYNC_TOLERANCE`` (relative L2 distance of the weights,
-  coordinator/jobs/spotchecks.py). Replicas are never bit-identical after a successful hivemind
+- Every worker of a checked job reports :func:`param_sketch` (a linear sketch) of its stage's
+  parameters for every step (the weights that step ran with). The coordinator weighs a check only
+  when the checker and the checked node ran the same weights: sketches within ``SYNC_TOLERANCE``
+  (relative L2 distance of the weights, coordinator/jobs/spotchecks.py; exact copies are 0 apart).
+  (:func:`param_digest`, exact bytes, was reported too: it cost a second pass over the weights every
+  step, 3.3% of a checked step on the 2-core box, and decided nothing the sketch does not; a digest
+  an older node still sends is honoured.) Replicas are never bit-identical after a successful hivemind
   round (each adds an fp16-compressed delta to its own copy: ~1e-4 apart), and a failed round
   leaves each with its own gradients (~1e-2 apart); the second case is void, counted as
   unverifiable. To bring drifted replicas back, checked jobs average their *parameters* with the
   replicas every ``RESYNC_EVERY_STEPS`` steps (node/training/worker.py).
 - What checking costs a step (bench/verification.py measures it): the recomputations, the
-  digest and the sketch run while the step's gradient round is in flight (they only read the
+  sketch run while the step's gradient round is in flight (they only read the
   weights), and the parameter round runs in the background behind the next step's compute
   (swarm/pipeline/averaging.py); what is left on the step's path is the witness copies and the
   work the overlapped parts take from the CPU.

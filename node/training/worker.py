@@ -44,7 +44,7 @@ from node.training.membership import DEFAULT_OUTAGE_S, FenceReached, Membership,
 from node.training.reporter import Reporter
 from node.training.sender import PeerSender
 from node.training.tensor_io import TensorIO
-from node.training.spotcheck import RESYNC_EVERY_STEPS, StageVerifier, param_digest, param_sketch
+from node.training.spotcheck import RESYNC_EVERY_STEPS, StageVerifier, param_sketch
 from node.training.worker_setup import WorkerSetup
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,10 @@ class StageWorker(WorkerSetup, TensorIO):
             # what the step ran with: the coordinator weighs checks only between the same weights
             checked = self.verifier.active
             tc = time.monotonic()
-            digest = param_digest(self.module.parameters()) if checked else ""
+            # the sketch alone says whether two replicas ran the same weights (coordinator/jobs/
+            # spotchecks.py same_weights: exact copies are 0 apart); the exact-bytes digest, a second
+            # pass over the weights every step, is no longer sent (its field stays empty)
+            digest = ""
             sketch = param_sketch(self.module.parameters()) if checked else ()
             tw = time.monotonic()
             if averaging:
