@@ -7,7 +7,8 @@
 - failure: a replica whose step fails is dropped; its sessions are replayed (prompt + tokens so
   far) on another replica. With none left, the model is re-placed on the nodes that still
   answer and the sessions wait (a pause, not an error) until it is ready, or fail with a clear
-  error after ``failover_timeout_s`` or when no placement is possible.
+  error after ``failover_timeout_s`` or when no placement is possible and no chain is serving
+  or being loaded (the healer's: its nodes are busy loading, not free for the re-placement).
 - healing (coordinator/inference/healer.py): a failed replica whose model still has others is
   kept as a *broken* chain (its surviving stages stay loaded); the healer moves its lost stages
   to spare nodes, or adds chains, until the model is back at its requested replica count.
@@ -358,11 +359,23 @@ class InferenceEngine(Placing):
             self._place(m, exclude=exclude, num_replicas=1, strict=False)
             self.store.set_state(m.record.name, m.state)
         except SwarmError as exc:
-            log.error("re-placement of %s failed: %s", m.record.name, exc)
             with self._lock:
-                m.state, m.error = "failed", str(exc)
-                waiting = list(m.waiting)
-                m.waiting.clear()
+                # a chain still serving, or one the healer is loading (its nodes are busy with it, so
+                # they were no candidates here): the sessions wait for it (a pause, not an error; the
+                # reaper fails them after failover_timeout_s if it never comes)
+                coming = any(r.state == "ready" for r in m.replicas) or bool(m.loading)
+                if coming:
+                    m.state, m.error = "degraded", str(exc)
+                    waiting = []
+                else:
+                    m.state, m.error = "failed", str(exc)
+                    waiting = list(m.waiting)
+                    m.waiting.clear()
+            if coming:
+                log.warning("re-placement of %s failed (%s); its sessions wait for the chains serving or loading",
+                            m.record.name, exc)
+            else:
+                log.error("re-placement of %s failed: %s", m.record.name, exc)
             for s in waiting:
                 s.fail(CapacityError(f"no capacity left to serve {m.record.name!r} after a node failure: {exc}"))
         finally:
