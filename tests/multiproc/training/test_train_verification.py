@@ -1,7 +1,7 @@
 """Trust but verify, end to end: honest 2 x 2 training with spot checks on (every micro-batch
 sampled) finishes with nobody quarantined, whether or not the replicas' averaging rounds succeed
 (coordinator + 4 node processes), and most checks are weighed: replicas are compared by their
-parameter sketches and re-synchronised every 5 steps (docs/security.md "Verification"; before
+parameter sketches and re-synchronised every 20 steps (docs/security.md "Verification"; before
 that, 4 of 80 comparisons were weighed in this test).
 
 Catching a corrupting node on real processes: tests/multiproc/training/test_train_spotcheck_faults.py;
