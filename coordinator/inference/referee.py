@@ -82,19 +82,23 @@ class Referee:
         (``layers[stage]``: first, last exclusive) hold for the first ``positions`` tokens of
         ``context``, recomputed. Hand-offs whose layers or positions do not fit are left out."""
         out: dict[int, tuple[float, ...]] = {}
+        fit = [(layers[p.stage], p) for p in pushed if p.stage in layers and 0 <= layers[p.stage][0]
+               < layers[p.stage][1] <= num_layers and 1 <= p.positions <= len(context)]
+        by_positions: dict[int, list] = {}
+        for (first, last), p in sorted(fit, key=lambda f: f[0]):
+            by_positions.setdefault(p.positions, []).append((first, last, p))
         with self._lock, torch.inference_mode():
-            for p in pushed:
-                first, last = layers.get(p.stage, (0, 0))
-                if not (0 <= first < last <= num_layers and 1 <= p.positions <= len(context)):
-                    continue
-                x = torch.tensor([list(context[:p.positions])], dtype=torch.long)  # the pushed positions' tokens
-                if first > 0:
-                    x = self._stage(directory, digest, 0, first, num_layers=num_layers)(x)
-                stage = self._stage(directory, digest, first, last, num_layers=num_layers)
-                cache = stage.new_kv_cache(batch_size=1, max_length=p.positions)
-                stage(x, kv_cache=cache)
-                kv = torch.stack([torch.stack([k[0], v[0]]) for k, v in zip(cache.keys, cache.values)])
-                out[p.stage] = kv_sketch(kv, p.digest)
+            for n, stages in by_positions.items():  # one pass over the layers per prompt length (one, usually)
+                x, at = torch.tensor([list(context[:n])], dtype=torch.long), 0  # the pushed positions' tokens
+                for first, last, p in stages:
+                    if first < at:
+                        continue  # overlapping ranges: not a chain's split
+                    if first > at:
+                        x = self._stage(directory, digest, at, first, num_layers=num_layers)(x)
+                    stage = self._stage(directory, digest, first, last, num_layers=num_layers)
+                    cache = stage.new_kv_cache(batch_size=1, max_length=n)
+                    x, at = stage(x, kv_cache=cache), last
+                    out[p.stage] = kv_sketch(cache.export_row(0, n), p.digest)
         return out
 
     def reference(self, directory: Path, digest: str, *, num_layers: int, boundaries: set[int],

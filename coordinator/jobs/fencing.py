@@ -178,11 +178,11 @@ class Fencing:
             current_s, new_s = rebalance.calibrated(measured_step_s=self.speeds.step_s(job),
                                                     current=self._predicted(job, Plan.from_json(job.plan), seen),
                                                     new=self._predicted(job, jp.plan, seen))
+            node = newcomers[0]
+            speed = self.registry.get(node).planning_tflops  # (gone meanwhile: NotFoundError, a SwarmError)
         except (InfeasiblePlanError, SwarmError) as exc:
             log.info("cannot weigh taking in idle nodes job=%s (%s)", job.id, exc)
             return
-        node = newcomers[0]
-        speed = next((n.planning_tflops for n in self.registry.online() if n.id == node), 0.0)
         cand = rebalance.Candidate(node_id=node, seen_ratio=1.0, seen_tflops=speed, current_step_s=current_s,
                                    new_step_s=new_s, steps_left=job.total_steps - min(steps),
                                    attempt_age_s=self.speeds.attempt_age_s(job), now_s=now)

@@ -17,14 +17,13 @@ stage of a decode chain, and take one in (coordinator/inference/disagg.py has th
 
 from __future__ import annotations
 
-import grpc
-
 from collections.abc import Callable
 
+import grpc
 import torch
 
 from swarm.errors import InvalidRequestError, PermissionDeniedError
-from swarm.inference.kv_receipt import kv_digest, kv_sketch, receipt_payload
+from swarm.inference.kv_receipt import kv_sketch, payload_digest, receipt_payload
 from swarm.inference.stage_runtime import StageRuntime
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.transport import tensors as wire
@@ -49,13 +48,13 @@ def push_kv(runtime: StageRuntime, a: pb.ServeStageAssignment, request: pb.Serve
     if n != request.num_positions:
         raise InvalidRequestError(f"session {request.session_id[:40]} holds {n} positions on this stage, the "
                                   f"coordinator expects {request.num_positions}; replay it")
-    kv = kv.cpu()
     if alter is not None:
         kv = alter(kv)
-    digest = kv_digest(kv)
-    sketch = kv_sketch(kv, digest)
+    payload = wire.raw_encode(kv)  # the bytes that travel (on the host), hashed once and sent
+    digest = payload_digest(payload)
+    sketch = kv_sketch(kv, digest)  # on the stage's device
     chunks = kv_to_chunks(kv, session_id=request.session_id, model_name=a.model_name, stage=a.stage,
-                          replica=t.replica, sender_id=node_id)
+                          replica=t.replica, sender_id=node_id, payload=payload)
     try:
         reply = peers.get(t.node_id, t.address).stub.ImportKV(chunks, timeout=PUSH_TIMEOUT_S,
                                                               metadata=step_metadata(t.capability))
@@ -79,10 +78,10 @@ def import_kv(runtime: StageRuntime, a: pb.ServeStageAssignment, first: pb.Serve
     expect = KVExpectation(stage=a.stage, replica=a.replica, dtype=wire.dtype_name(runtime.dtype),
                            senders=frozenset({caller}) if caller is not None else sources,
                            max_positions=runtime.max_seq_len, shape=runtime.kv_shape)
-    session_id, kv = kv_from_chunks(first, rest, expect)
+    session_id, kv, received = kv_from_chunks(first, rest, expect)
     runtime.import_kv(session_id, kv)
-    digest = kv_digest(kv)
-    sketch = kv_sketch(kv, digest)
+    digest = payload_digest(received)
+    sketch = kv_sketch(kv, digest)  # of the decoded copy, on the host
     n = int(kv.shape[3])
     payload = receipt_payload(model=a.model_name, replica=a.replica, stage=a.stage, session_id=session_id,
                               positions=n, digest=digest, sketch=sketch)

@@ -52,9 +52,14 @@ DIGEST_BYTES = 32
 SKETCH_AGREEMENT = 1e-3
 
 
+def payload_digest(payload: bytes) -> bytes:
+    """SHA-256 of a cache's bytes as they travel (swarm/transport/kv.py: raw, little-endian)."""
+    return hashlib.sha256(payload).digest()
+
+
 def kv_digest(kv: torch.Tensor) -> bytes:
-    """SHA-256 of the cache's bytes as they travel (swarm/transport/kv.py: raw, little-endian)."""
-    return hashlib.sha256(wire.raw_encode(kv)).digest()
+    """:func:`payload_digest` of ``kv`` encoded for the wire."""
+    return payload_digest(wire.raw_encode(kv))
 
 
 def _seed(digest: bytes) -> int:

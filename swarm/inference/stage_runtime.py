@@ -226,7 +226,7 @@ class StageRuntime:
                 self._give_all(self._dissolve(self._group_of[session_id]))
             c, n = s.cache, s.length
             assert c is not None
-            return torch.stack([torch.stack([k[0, :, :n], v[0, :, :n]]) for k, v in zip(c.keys, c.values)]), n
+            return c.export_row(0, n), n
 
     def kv_shape(self, length: int) -> tuple[int, ...]:
         """The shape :meth:`import_kv` accepts for a session of ``length`` positions."""

@@ -126,6 +126,12 @@ class KVCache:
     def advance(self, num_new_tokens: int) -> None:
         self.lengths += num_new_tokens
 
+    def export_row(self, row: int, length: int) -> torch.Tensor:
+        """A copy of positions ``[0, length)`` of row ``row``: every layer's K then V, shape
+        (layers, 2, kv_heads, length, head_dim) (the layout a KV hand-off moves)."""
+        return torch.stack([torch.stack([k[row, :, :length], v[row, :, :length]])
+                            for k, v in zip(self.keys, self.values)])
+
     def reset(self) -> None:
         """Empty every row in place (zeros, as a new cache), keeping the tensors: a CUDA graph
         recorded over this cache (swarm/inference/graphs.py) stays valid for its next sessions."""

@@ -24,10 +24,11 @@ MAX_NAME_CHARS = 128
 
 
 def kv_to_chunks(kv: torch.Tensor, *, session_id: str, model_name: str, stage: int, replica: int,
-                 sender_id: str) -> Iterator[pb.ServeKVChunk]:
+                 sender_id: str, payload: bytes | None = None) -> Iterator[pb.ServeKVChunk]:
     """The ImportKV messages carrying ``kv`` (layers, 2, kv_heads, positions, head_dim) to the
-    stage ``stage`` of replica ``replica``."""
-    payload = wire.raw_encode(kv)
+    stage ``stage`` of replica ``replica``. ``payload``: ``wire.raw_encode(kv)`` when the caller
+    already made it (the sender hashes those bytes: swarm/inference/kv_receipt.py)."""
+    payload = wire.raw_encode(kv) if payload is None else payload
     header = wire.make_header(payload, job_id=session_id, step=int(kv.shape[3]), micro_batch=0, shape=tuple(kv.shape),
                               dtype=wire.dtype_name(kv.dtype), codec="none", kind="kv_cache", boundary=stage,
                               sender_id=sender_id, replica=replica)
@@ -56,8 +57,9 @@ class KVExpectation:
 
 
 def kv_from_chunks(first: pb.ServeKVChunk, rest: Iterable[pb.ServeKVChunk], expect: KVExpectation
-                   ) -> tuple[str, torch.Tensor]:
-    """(session id, KV tensor) from an ImportKV stream, every field validated (InvalidRequestError)."""
+                   ) -> tuple[str, torch.Tensor, bytes]:
+    """(session id, KV tensor, its payload bytes as received) from an ImportKV stream, every field
+    validated (InvalidRequestError)."""
     def on_header(h: wire.TensorHeader) -> None:
         if not 1 <= len(h.job_id) <= MAX_SESSION_ID_CHARS:
             raise InvalidRequestError(f"KV cache: session id must be 1..{MAX_SESSION_ID_CHARS} characters")
@@ -85,4 +87,4 @@ def kv_from_chunks(first: pb.ServeKVChunk, rest: Iterable[pb.ServeKVChunk], expe
     t = wire.from_chunks(chunks(), max_payload_bytes=limit, on_header=on_header)
     kv = wire.raw_decode(t.payload, shape=t.header.shape, dtype=t.header.dtype)
     wire.check_finite(kv, what="KV cache")
-    return t.header.job_id, kv
+    return t.header.job_id, kv, t.payload

@@ -129,6 +129,19 @@ def test_the_referee_recomputes_the_pushed_kv(ckpt, first, last):
     assert Referee().kv_sketches(path, "digest", num_layers=4, context=PROMPT, pushed=(rec,), layers={1: (2, 9)}) == {}
 
 
+def test_the_referee_recomputes_every_pushed_stage_of_a_chain_in_one_pass(ckpt):
+    path, _ = ckpt
+    recs = []
+    for stage, (first, last) in enumerate([(0, 2), (2, 4)]):
+        kv = prefilled_kv(path, first, last)
+        d = kv_digest(kv)
+        recs.append(PushedKV(stage=stage, prefill_node="p", decode_node="d", positions=len(PROMPT), digest=d,
+                             sketch=kv_sketch(kv, d)))
+    got = Referee().kv_sketches(path, "digest", num_layers=4, context=PROMPT, pushed=tuple(recs),
+                                layers={0: (0, 2), 1: (2, 4)})
+    assert sorted(got) == [0, 1] and all(distance(r.sketch, got[r.stage]) < 1e-4 for r in recs)
+
+
 def _chain(*, pushed: PushedKV | None, out_off: bool) -> tuple[ChainResult, Reference]:
     right = tuple(float(i + 1) for i in range(32))
     wrong = tuple(-v for v in right)
