@@ -142,6 +142,8 @@ def one_generation(address: str, model: str, new_tokens: int, out: list, barrier
 
 
 def swarm_run(address: str, model: str, new_tokens: int, sessions: int, repeats: int, token: str | None = None) -> dict:
+    """``sessions`` generations at once (a barrier starts them together), ``repeats`` times: the
+    median run by aggregate throughput."""
     results = []
     for _ in range(repeats):
         out: list = []
@@ -154,9 +156,11 @@ def swarm_run(address: str, model: str, new_tokens: int, sessions: int, repeats:
         start = min(r["t0"] for r in out)
         end = max(r["last"] for r in out)
         ttft = statistics.mean(r["first"] - r["t0"] for r in out)
-        decode = statistics.mean((r["n"] - 1) / (r["last"] - r["first"]) for r in out if r["n"] > 1)
-        results.append({"ttft_s": ttft, "decode_tok_s": decode, "agg_tok_s": sum(r["n"] for r in out) / (end - start),
-                        "ms_per_token": 1e3 / decode})
+        # the mean time between a session's tokens (not the mean of rates: a session whose tokens
+        # came in a burst, e.g. held for a spot check, would dominate that)
+        gap = statistics.mean((r["last"] - r["first"]) / (r["n"] - 1) for r in out if r["n"] > 1)
+        results.append({"ttft_s": ttft, "decode_tok_s": 1.0 / gap, "agg_tok_s": sum(r["n"] for r in out) / (end - start),
+                        "ms_per_token": 1e3 * gap})
     # median run by aggregate throughput
     results.sort(key=lambda r: r["agg_tok_s"])
     return results[len(results) // 2]
@@ -290,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate-mbit", type=float, default=100.0)
     ap.add_argument("--delay-ms", type=float, default=0.0)
     ap.add_argument("--hidden-codec", default="none", choices=("none", "int8", "auto"))
+    ap.add_argument("--verify-prob", type=float, default=None,
+                    help="spot-check probability the model is served with (default: the coordinator's, as users "
+                         "run it; 0: off, the data plane alone)")
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--record-to", default=None, help="append the section to this file instead of docs/benchmarks.md")
     ap.add_argument("--json-out", default=None, help="also write the rows as JSON here")
@@ -364,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                 with CoordinatorClient(swarm.address, token=swarm.token) as client:
                     client.upload_model(ckpt, name=f"bench-{k}", options=ServeOptions(
                         num_replicas=1, num_stages=k, max_seq_len=args.max_seq_len, sessions_per_replica=max(sessions),
-                        hidden_codec=args.hidden_codec, dtype=args.dtype))
+                        hidden_codec=args.hidden_codec, dtype=args.dtype, verify_prob=args.verify_prob))
                 one_generation(swarm.address, f"bench-{k}", 4, [], None, swarm.token)  # warm-up
             # interleave configurations so they share the same machine conditions; keep each
             # configuration's best run (highest aggregate throughput): the least disturbed one
@@ -411,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
              + ("; nodes in network namespaces behind tc tbf" if args.netns else "; loopback")
              + ("; coordinator and nodes each pinned to one core (--pin-cores)" if args.pin_cores else "") + "; "
              + f"node processes {node_threads} torch thread(s) each; baseline `generate` "
-             + f"{args.baseline_threads} thread(s) (a chain's stages compute one after the other)."]
+             + f"{args.baseline_threads} thread(s) (a chain's stages compute one after the other); spot checks "
+             + (f"at p = {args.verify_prob:g}" if args.verify_prob is not None else "at the coordinator's default")
+             + " (held tokens reach a session in bursts: its ms/token is the mean time between its tokens)."]
     by = {(r[0].split(" ")[0] in ("single", "HF"), r[1], r[2]): r for r in rows if not r[0].startswith("HF")}
     one = by.get((False, 1, 1))
     for k in stages:

@@ -6,24 +6,29 @@ H200, where the arithmetic takes microseconds). A CUDA graph records the step's 
 replays them with one call. What it takes (StageModel.decode_fixed): fixed shapes (the whole
 preallocated cache, masked by each row's length) and no host sync inside the step.
 
-How a batch cache (one session, or several decoding together: StageRuntime's groups) gets one:
+How a stage gets them: on a GPU the runtime keeps every session in one cache of fixed rows
+(swarm/inference/slots.py), and a decode step runs over a power-of-two bucket of its first rows.
+Sessions joining or leaving change only which rows advance (``active``), never the shapes, so
+each bucket is recorded once, at its first decode step:
 
-- its first decode step runs eagerly (:meth:`StageModel.forward`), like every prefill; a group
-  that decodes once and dissolves never pays for a capture;
-- its second runs ``decode_fixed`` for real on a side stream (CUDA's required warm-up, which
-  here is the step itself), then records it into a graph (recording runs nothing, so the cache
-  is changed once);
-- from the third on the graph is replayed: the input is copied into the graph's static input,
-  one replay runs the layers, writes the new keys and values at each row's length and advances
-  the lengths on the device.
+- that step runs ``decode_fixed`` for real on a side stream (CUDA's required warm-up, which here
+  is the step itself), then records it into a graph (recording runs nothing, so the cache is
+  changed once);
+- every later step of the bucket is replayed: the input and the active rows are copied into the
+  graph's static tensors, and one replay runs the layers, writes the new keys and values at each
+  row's length and advances the active rows' lengths on the device.
+
+(Before, a graph belonged to a batch cache per set of sessions, and every change of the set cost
+a copy, an eager step and a new capture: docs/benchmarks.md, issue 16.)
 
 Graphs are kept for the :data:`MAX_GRAPHS` most recently used caches, each tied to its cache
-object (a weak reference: a dissolved group's graph is dropped, never replayed over freed
-memory). Each graph has its own private memory pool: with one pool shared by all of a
-runtime's graphs, the pool's use count fell to 0 when the graphs of finished sessions were
+object (a weak reference: the views of a slot cache that grew are dropped, and their graphs with
+them, never replayed over freed memory). Each graph has its own private memory pool: with one
+pool shared by all of a runtime's graphs, the pool's use count fell to 0 when graphs were
 dropped, and torch 2.13's allocator then failed the next capture ("use_count > 0 INTERNAL
-ASSERT FAILED"; seen on the H200 in node processes, where sessions come and go). A capture that fails turns graphs off for the runtime (logged once) and the step's
-result stands. ``SWARM_CUDA_GRAPHS=0`` turns them off; CPU stages never use them.
+ASSERT FAILED"; seen on the H200 in node processes). A capture that fails turns graphs off for
+the runtime (logged once; its steps run ``decode_fixed`` eagerly) and the step's result stands.
+``SWARM_CUDA_GRAPHS=0`` turns them off; CPU stages never use them.
 """
 
 from __future__ import annotations
@@ -62,11 +67,11 @@ def graphs_enabled(device: torch.device) -> bool:
 
 @dataclass
 class _Graph:
-    cache: weakref.ref  # the KVCache the graph writes into
-    steps: int  # decode steps this cache has taken here (graph or not)
+    cache: weakref.ref  # the KVCache (a slot cache's bucket view) the graph writes into
     graph: torch.cuda.CUDAGraph | None = None
     static_in: torch.Tensor | None = None
     static_out: torch.Tensor | None = None
+    static_active: torch.Tensor | None = None
 
 
 class DecodeGraphs:
@@ -80,10 +85,12 @@ class DecodeGraphs:
         self.captures = 0
         self.replays = 0
 
-    def step(self, cache: KVCache, x: torch.Tensor) -> torch.Tensor | None:
-        """The decode step of ``cache``'s rows with input ``x`` ((B, 1) ids or (B, 1, H)) through
-        a graph (its result, valid until the next step), or None: run it eagerly (the cache's first
-        decode step here, or graphs off). The caller has checked that every row has room."""
+    def step(self, cache: KVCache, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor | None:
+        """The decode step of ``cache``'s rows (a bucket of a slot cache) with input ``x`` ((B, 1)
+        ids or (B, 1, H)), rows ``active`` (B,) 0/1 advancing (StageModel.decode_fixed), through a
+        graph: its result, valid until the next step; recorded at the cache's first step here.
+        None when graphs are off: the caller runs ``decode_fixed`` eagerly. The caller has checked
+        that every active row has room."""
         if not self.enabled:
             return None
         key = id(cache)
@@ -92,36 +99,35 @@ class DecodeGraphs:
             del self._graphs[key]
             entry = None
         if entry is None:
-            self._graphs[key] = _Graph(cache=weakref.ref(cache), steps=1)
+            entry = self._graphs[key] = _Graph(cache=weakref.ref(cache))
             self._trim()
-            return None
         self._graphs.move_to_end(key)
-        entry.steps += 1
         if entry.graph is not None and entry.static_in.shape == x.shape and entry.static_in.dtype == x.dtype:
             entry.static_in.copy_(x)
+            entry.static_active.copy_(active)
             entry.graph.replay()
             self.replays += 1
             return entry.static_out
-        return self._capture(entry, cache, x)
+        return self._capture(entry, cache, x, active)
 
-    def _capture(self, entry: _Graph, cache: KVCache, x: torch.Tensor) -> torch.Tensor:
+    def _capture(self, entry: _Graph, cache: KVCache, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Run the step for real (the warm-up CUDA asks for), then record it."""
-        static_in = x.clone()
+        static_in, static_active = x.clone(), active.clone()
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):
-            out = self.stage.decode_fixed(static_in, cache)
+            out = self.stage.decode_fixed(static_in, cache, static_active)
         torch.cuda.current_stream(x.device).wait_stream(side)
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # a private pool: see above
-                static_out = self.stage.decode_fixed(static_in, cache)
+                static_out = self.stage.decode_fixed(static_in, cache, static_active)
         except Exception as exc:  # noqa: BLE001 -- a kernel that cannot be captured: eager from now on
             log.warning("CUDA graph capture of a decode step failed (%s); decoding without graphs", exc)
             self.enabled = False
             self._graphs.clear()
             return out
-        entry.graph, entry.static_in, entry.static_out = graph, static_in, static_out
+        entry.graph, entry.static_in, entry.static_out, entry.static_active = graph, static_in, static_out, static_active
         self.captures += 1
         return out
 

@@ -4,9 +4,15 @@ A step is a list of :class:`StepEntry` (one per session) plus, on every stage bu
 the entries' hidden states packed along the token axis: (sum of num_tokens, hidden). Prefill
 entries (several tokens, or a session the stage has not seen) run one by one; decode entries
 (one token of a known session) run together as one batch over a shared :class:`KVCache` whose
-rows are those sessions. Batch caches are kept between steps (a few at once, least recently
-used dropped first) and rebuilt only when a group's set of sessions changes, so steady-state
-decoding copies no cache at all.
+rows are those sessions. Two ways to keep those rows:
+
+- on a GPU (and wherever ``slots=True``), every session holds a row of one cache of fixed rows
+  (swarm/inference/slots.py) from its first step to its close, and a decode step runs over a
+  power-of-two bucket of those rows, replayed as a CUDA graph (swarm/inference/graphs.py): the
+  shapes never change, whichever sessions take part;
+- on a CPU, where idle rows would cost real arithmetic, batch caches per set of decoding
+  sessions are kept between steps (a few at once, least recently used dropped first) and
+  rebuilt only when a group's set of sessions changes, so steady-state decoding copies no cache.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from swarm.errors import CapacityError, InvalidRequestError, NotFoundError
 from swarm.inference.cache_pool import CachePool
 from swarm.inference.graphs import DecodeGraphs, graphs_enabled, no_cudnn_attention
 from swarm.inference.sampling import SamplingParams, sample_batch
+from swarm.inference.slots import SlotCache
 from swarm.model.kv_cache import KVCache
 from swarm.model.stage import StageModel
 
@@ -65,9 +72,10 @@ StageEntryList = list  # list[StepEntry]
 
 @dataclass(slots=True)
 class _Session:
-    cache: KVCache | None  # None while the session is a row of the decode batch
+    cache: KVCache | None  # None while the session is a row of a batch cache or of the slot cache
     length: int
     last_used_s: float
+    slot: int = -1  # its row of the slot cache (slot mode)
 
 
 class StageRuntime:
@@ -86,7 +94,9 @@ class StageRuntime:
         max_sessions: int,
         session_timeout_s: float = 300.0,
         clock: Clock | None = None,
+        slots: bool | None = None,
     ) -> None:
+        """``slots``: keep sessions in a slot cache (swarm/inference/slots.py); default: on CUDA."""
         if max_seq_len < 1 or max_sessions < 1 or session_timeout_s <= 0:
             raise InvalidRequestError("max_seq_len, max_sessions and session_timeout_s must be positive")
         self.stage = stage.eval()
@@ -102,8 +112,15 @@ class StageRuntime:
         p = next(stage.parameters())
         self.device, self.dtype = p.device, p.dtype
         no_cudnn_attention(self.device)
-        # decode steps as CUDA graphs on GPUs (swarm/inference/graphs.py; SWARM_CUDA_GRAPHS=0: off)
-        self._graphs = DecodeGraphs(self.stage) if graphs_enabled(self.device) else None
+        if slots is None:
+            slots = self.device.type == "cuda"
+        cfg, n_layers = stage.config, stage.num_layers
+        self._slots = SlotCache(lambda b: KVCache(cfg, n_layers, batch_size=b, max_length=self.max_seq_len,
+                                                  device=self.device, dtype=self.dtype, scratch_positions=1),
+                                max_rows=max_sessions) if slots else None
+        # decode steps of the slot cache as CUDA graphs on GPUs (swarm/inference/graphs.py;
+        # SWARM_CUDA_GRAPHS=0: off)
+        self._graphs = DecodeGraphs(self.stage) if slots and graphs_enabled(self.device) else None
         # emptied caches kept for the next sessions (swarm/inference/cache_pool.py)
         self._pool = CachePool(lambda b: self.stage.new_kv_cache(batch_size=b, max_length=self.max_seq_len),
                                max_rows=max_sessions)
@@ -127,7 +144,8 @@ class StageRuntime:
     def kv_cache_bytes(self) -> int:
         with self._lock:
             total = sum(s.cache.nbytes() for s in self._sessions.values() if s.cache is not None)
-            return total + self._pool.nbytes() + sum(g.nbytes() for g in self._groups.values())
+            slots = self._slots.nbytes() if self._slots is not None else 0
+            return total + slots + self._pool.nbytes() + sum(g.nbytes() for g in self._groups.values())
 
     def _give(self, cache: KVCache) -> None:
         self._pool.give(cache, open_sessions=len(self._sessions))
@@ -150,6 +168,8 @@ class StageRuntime:
             s = self._sessions.pop(sid)
             if s.cache is not None:
                 freed.append(s.cache)
+            if s.slot >= 0:
+                self._slots.give(s.slot)
         for cache in freed:
             self._give(cache)
         return len(closed)
@@ -162,6 +182,8 @@ class StageRuntime:
             self._close_locked(old)
             if old and not self._sessions:  # an idle stage gives its memory back, spare caches too
                 self._pool.clear()
+                if self._slots is not None:
+                    self._slots.clear()
         if old:
             log.info("expired idle sessions count=%d", len(old))
         return old
@@ -222,6 +244,8 @@ class StageRuntime:
             s = self._sessions.get(session_id)
             if s is None:
                 raise NotFoundError(f"session {session_id[:40]} is not on this stage (closed or expired); replay it")
+            if s.slot >= 0:
+                return self._slots.cache.export_row(s.slot, s.length), s.length
             if s.cache is None:  # a row of a batch cache: give it back its own first
                 self._give_all(self._dissolve(self._group_of[session_id]))
             c, n = s.cache, s.length
@@ -243,17 +267,19 @@ class StageRuntime:
         n = int(kv.shape[3])
         if not 1 <= n < self.max_seq_len:
             raise InvalidRequestError(f"KV cache of {n} positions: this stage serves 1..{self.max_seq_len - 1}")
-        cache = self.stage.new_kv_cache(batch_size=1, max_length=self.max_seq_len)
         kv = kv.to(device=self.device, dtype=self.dtype)
-        for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
-            k[0, :, :n] = kv[i, 0]
-            v[0, :, :n] = kv[i, 1]
-        cache.lengths[:] = n
-        with self._lock:
+        with self._lock, torch.inference_mode():
             self._close_locked([session_id])
             if len(self._sessions) >= self.max_sessions:
                 raise CapacityError(f"stage holds its maximum of {self.max_sessions} sessions; retry later")
-            self._sessions[session_id] = _Session(cache=cache, length=n, last_used_s=self._clock.monotonic())
+            slot = self._slots.take() if self._slots is not None else -1
+            cache = self._slots.row(slot) if slot >= 0 else self._pool.take(1)
+            for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+                k[0, :, :n] = kv[i, 0]
+                v[0, :, :n] = kv[i, 1]
+            cache.lengths[:] = n
+            self._sessions[session_id] = _Session(cache=None if slot >= 0 else cache, length=n,
+                                                  last_used_s=self._clock.monotonic(), slot=slot)
 
     # ------------------------------------------------------------------ the step
     def _prepare(self, entry: StepEntry) -> None:
@@ -271,7 +297,11 @@ class StageRuntime:
                 raise CapacityError(
                     f"stage holds its maximum of {self.max_sessions} sessions; retry later or add a replica"
                 )
-            self._sessions[entry.session_id] = _Session(cache=self._pool.take(1), length=0, last_used_s=self._clock.monotonic())
+            now = self._clock.monotonic()
+            if self._slots is not None:
+                self._sessions[entry.session_id] = _Session(cache=None, length=0, last_used_s=now, slot=self._slots.take())
+            else:
+                self._sessions[entry.session_id] = _Session(cache=self._pool.take(1), length=0, last_used_s=now)
         elif entry.start_position != s.length:
             raise InvalidRequestError(
                 f"session {entry.session_id} is at position {s.length} on this stage, the step starts at "
@@ -349,25 +379,32 @@ class StageRuntime:
                     continue
                 e = entries[i]
                 s = self._sessions[e.session_id]
-                if s.cache is None:  # a row of a batch cache that is re-prefilled: give it back its cache
+                if s.slot < 0 and s.cache is None:  # a row of a batch cache that is re-prefilled: give it back its cache
                     self._give_all(self._dissolve(self._group_of[e.session_id]))
                 x = self._input(e, hidden, offsets[i])  # (1, T) or (1, T, H)
-                y = self.stage(x, kv_cache=s.cache)
+                y = self.stage(x, kv_cache=s.cache if s.slot < 0 else self._slots.row(s.slot))
                 outs[i] = y[0, -1:] if self.stage.is_last else y[0]
                 if i in keep:
                     kept[i] = y[0, keep[i]]
                 s.length += e.num_tokens
                 s.last_used_s = now
-            if decode:
+            if decode and self._slots is not None:
+                y = self._decode_slots([entries[i] for i in decode], [offsets[i] for i in decode], hidden)
+                for row, i in enumerate(decode):
+                    outs[i] = y[row]
+                    if i in keep:
+                        kept[i] = y[row, [0] * len(keep[i])]
+                    s = self._sessions[entries[i].session_id]
+                    s.length += 1
+                    s.last_used_s = now
+            elif decode:
                 ids = [entries[i].session_id for i in decode]
                 group = self._ensure_group(ids)
                 if self.stage.is_first:
                     x = torch.tensor([[entries[i].token_ids[0]] for i in decode], dtype=torch.long, device=self.device)
                 else:
                     x = torch.stack([hidden[offsets[i]] for i in decode])[:, None, :]  # (B, 1, H)
-                y = self._graphs.step(group, x) if self._graphs is not None else None
-                if y is None:
-                    y = self.stage(x, kv_cache=group)  # (B, 1, H|V)
+                y = self.stage(x, kv_cache=group)  # (B, 1, H|V)
                 for row, i in enumerate(decode):
                     outs[i] = y[row]
                     if i in keep:
@@ -376,6 +413,35 @@ class StageRuntime:
                     s.length += 1
                     s.last_used_s = now
             return torch.cat(outs, dim=0), kept
+
+    def _decode_slots(self, es: list[StepEntry], offsets: list[int], hidden: torch.Tensor | None) -> torch.Tensor:
+        """One decode step of the sessions of ``es`` (rows of the slot cache) over the smallest
+        bucket of rows that holds them all: (len(es), 1, H|V), in ``es``'s order. One copy to the
+        device carries the tokens (first stage), the active rows and the gather indices."""
+        rows = [self._sessions[e.session_id].slot for e in es]
+        view = self._slots.view(max(rows) + 1)
+        b, n = view.batch_size, len(rows)
+        # host side: [tokens (b) |] active (b) | rows (n) [| hidden offsets (n)]
+        first = self.stage.is_first
+        host = torch.zeros((b if first else 0) + b + n + (0 if first else n), dtype=torch.long)
+        a0 = b if first else 0
+        host[a0 + torch.tensor(rows)] = 1
+        host[a0 + b: a0 + b + n] = torch.tensor(rows)
+        if first:
+            host[torch.tensor(rows)] = torch.tensor([e.token_ids[0] for e in es])
+        else:
+            host[a0 + b + n:] = torch.tensor(offsets)
+        dev = host.to(self.device, non_blocking=False)
+        active, idx = dev[a0: a0 + b], dev[a0 + b: a0 + b + n]
+        if first:
+            x = dev[:b].view(b, 1)
+        else:
+            x = torch.zeros((b, 1, hidden.shape[-1]), dtype=self.dtype, device=self.device)
+            x.index_copy_(0, idx, hidden.index_select(0, dev[a0 + b + n:])[:, None, :])
+        y = self._graphs.step(view, x, active) if self._graphs is not None else None
+        if y is None:
+            y = self.stage.decode_fixed(x, view, active)
+        return y.index_select(0, idx)
 
     def _prefill_together(self, rows: list[int], entries: list[StepEntry], hidden: torch.Tensor | None,
                           offsets: list[int], outs: list, now: float, keep: dict[int, list[int]],
@@ -390,7 +456,7 @@ class StageRuntime:
             if s.cache is not None:
                 self._give(s.cache)
                 s.cache = None
-        cache = self._pool.take(len(rows))
+        cache = self._pool.take(len(rows))  # slot mode: a scratch batch, whose rows go to the slots
         if self.stage.is_first:
             x = torch.tensor([list(entries[i].token_ids) for i in rows], dtype=torch.long, device=self.device)  # (B, T)
         else:
@@ -401,6 +467,14 @@ class StageRuntime:
             outs[i] = y[row, -1:] if self.stage.is_last else y[row]
             if i in keep:
                 kept[i] = y[row, keep[i]]
+        if self._slots is not None:
+            for row, sid in enumerate(ids):
+                s = self._sessions[sid]
+                self._slots.put(s.slot, cache, row, T)
+                s.length += T
+                s.last_used_s = now
+            self._give(cache)
+            return
         while len(self._groups) >= MAX_GROUPS:
             self._give_all(self._dissolve(next(iter(self._groups))))
         key = tuple(ids)

@@ -44,7 +44,11 @@ class KVCache:
         max_length: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        scratch_positions: int = 0,
     ) -> None:
+        """``scratch_positions``: that many more positions past ``max_length`` (counted in
+        ``max_length``), for writes that must land somewhere harmless: the idle rows of a fixed-shape
+        decode step (swarm/inference/slots.py). The model's position limit applies to the rest."""
         if batch_size <= 0 or max_length <= 0 or num_layers < 0:
             raise InvalidRequestError(
                 f"KV cache needs positive batch_size and max_length (got {batch_size}, {max_length})"
@@ -54,6 +58,9 @@ class KVCache:
                 f"max_length {max_length} exceeds the model's max_position_embeddings "
                 f"{config.max_position_embeddings}; ask for a shorter generation"
             )
+        if scratch_positions < 0:
+            raise InvalidRequestError("scratch_positions must be >= 0")
+        max_length += scratch_positions
         shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
         self.config = config
         self.max_length = max_length
@@ -173,6 +180,18 @@ class KVCache:
                 dst[row : row + c.batch_size, :, :n] = src[:, :, :n]
             row += c.batch_size
         out.lengths.copy_(torch.cat([c.lengths for c in caches]))
+        return out
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows ``[start, stop)`` as a cache that shares this one's memory (views): what a step
+        writes through it, lengths included, lands here."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise InvalidRequestError(f"rows [{start}, {stop}) of a KV cache of {self.batch_size}")
+        out = KVCache.__new__(KVCache)
+        out.config, out.max_length = self.config, self.max_length
+        out.keys = [k[start:stop] for k in self.keys]
+        out.values = [v[start:stop] for v in self.values]
+        out.lengths = self.lengths[start:stop]
         return out
 
     def _check_out(self, out: "KVCache", batch_size: int) -> "KVCache":

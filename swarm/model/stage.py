@@ -164,7 +164,7 @@ class StageModel(nn.Module):
         return self._layers(x, positions, kv_cache, step, T)  # (B, T, H|vocab)
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache | None, step: CacheStep | None,
-                advance: int) -> torch.Tensor:
+                advance: int | torch.Tensor) -> torch.Tensor:
         """Embed (first stage), run the layers at ``positions`` (B, T), advance the cache by
         ``advance`` and apply the head (last stage): what :meth:`forward` and
         :meth:`decode_fixed` share."""
@@ -187,17 +187,24 @@ class StageModel(nn.Module):
             return self.lm_head(h)
         return h
 
-    def decode_fixed(self, x: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+    def decode_fixed(self, x: torch.Tensor, kv_cache: KVCache, active: torch.Tensor | None = None) -> torch.Tensor:
         """One decode position per row (T = 1) with shapes that never change and no host sync:
         the queries read the whole preallocated cache, masked by each row's length (a tensor on
         the device), instead of :meth:`forward`'s span up to the longest row. The same result as
         ``forward(x, kv_cache=kv_cache)`` up to rounding; what :mod:`swarm.inference.graphs`
-        captures into a CUDA graph. The caller checks room (the runtime knows every row's length)."""
+        captures into a CUDA graph. The caller checks room (the runtime knows every row's length).
+
+        ``active`` (B,) int64 of 0/1: only rows with 1 advance; the others (idle slots of a fixed
+        batch, swarm/inference/slots.py) still compute, and write their keys and values at their
+        length, which a later step overwrites or, for a full row, a scratch position past the
+        served length takes (the cache's ``scratch_positions``)."""
         lengths = kv_cache.lengths
         positions = lengths[:, None]  # (B, 1)
+        if active is not None:  # an idle row may sit at the scratch position: past the model's limit
+            positions = positions.clamp(max=self.config.max_position_embeddings - 1)
         key_pos = torch.arange(kv_cache.max_length, device=lengths.device)
-        step = CacheStep(kv_len=kv_cache.max_length, mask=key_pos[None, None, None, :] <= positions[:, None, :, None])
-        return self._layers(x, positions, kv_cache, step, 1)
+        step = CacheStep(kv_len=kv_cache.max_length, mask=key_pos[None, None, None, :] <= lengths[:, None, None, None])
+        return self._layers(x, positions, kv_cache, step, 1 if active is None else active)
 
 
 def init_weights(stage: StageModel, *, generator: torch.Generator | None = None, std: float = 0.02) -> None:

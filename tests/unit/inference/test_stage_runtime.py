@@ -1,4 +1,6 @@
-"""Stage runtime: a split model with per-session KV caches equals the whole model, batching too."""
+"""Stage runtime: a split model with per-session KV caches equals the whole model, batching too.
+``slots``: the same behaviour with every session in a row of one slot cache (the GPU layout,
+swarm/inference/slots.py; tests/unit/inference/test_slots.py has what is particular to it)."""
 
 from __future__ import annotations
 
@@ -26,11 +28,16 @@ def runtime(path, first, last, n, **kw) -> StageRuntime:
     return StageRuntime(stage, max_seq_len=kw.pop("max_seq_len", 96), max_sessions=kw.pop("max_sessions", 4), **kw)
 
 
-def test_pipeline_equals_whole_model_greedy_and_sampled(ckpt):
+SLOTS = pytest.mark.parametrize("slots", [False, True], ids=["groups", "slots"])
+
+
+@SLOTS
+def test_pipeline_equals_whole_model_greedy_and_sampled(ckpt, slots):
     path, cfg = ckpt
     n = cfg.num_layers
     whole = runtime(path, 0, n, n)
-    chain = LocalChain([runtime(path, 0, 2, n), runtime(path, 2, 3, n), runtime(path, 3, n, n)])
+    chain = LocalChain([runtime(path, 0, 2, n, slots=slots), runtime(path, 2, 3, n, slots=slots),
+                        runtime(path, 3, n, n, slots=slots)])
     prompt = [5, 17, 42, 7, 99, 3]
     for params in (SamplingParams(max_new_tokens=20), SamplingParams(temperature=0.8, top_k=50, seed=3, max_new_tokens=20)):
         ref = generate_local(whole.run_and_sample, prompt, params, session_id="a")
@@ -54,10 +61,11 @@ def test_matches_transformers_greedy(ckpt):
     assert generate_local(whole.run_and_sample, prompt, SamplingParams(max_new_tokens=12)) == want
 
 
-def test_concurrent_sessions_batched_equal_alone(ckpt):
+@SLOTS
+def test_concurrent_sessions_batched_equal_alone(ckpt, slots):
     path, cfg = ckpt
     n = cfg.num_layers
-    chain = LocalChain([runtime(path, 0, 3, n), runtime(path, 3, n, n)])
+    chain = LocalChain([runtime(path, 0, 3, n, slots=slots), runtime(path, 3, n, n, slots=slots)])
     whole = runtime(path, 0, n, n)
     prompts = {"s1": [1, 2, 3], "s2": [9, 8, 7, 6, 5], "s3": [11]}
     p = SamplingParams(max_new_tokens=10)
@@ -93,10 +101,11 @@ def test_concurrent_sessions_batched_equal_alone(ckpt):
     assert all(st.num_sessions == 0 for st in chain.stages)
 
 
-def test_bad_steps_are_refused_without_damage(ckpt):
+@SLOTS
+def test_bad_steps_are_refused_without_damage(ckpt, slots):
     path, cfg = ckpt
     n = cfg.num_layers
-    first = runtime(path, 0, 2, n, max_sessions=1)
+    first = runtime(path, 0, 2, n, max_sessions=1, slots=slots)
     first.run([StepEntry(session_id="a", start_position=0, num_tokens=2, token_ids=(1, 2))])
     with pytest.raises(InvalidRequestError, match="position"):
         first.run([StepEntry(session_id="a", start_position=5, num_tokens=1, token_ids=(1,))])
@@ -109,15 +118,16 @@ def test_bad_steps_are_refused_without_damage(ckpt):
     with pytest.raises(InvalidRequestError, match="context"):
         first.run([StepEntry(session_id="a", start_position=2, num_tokens=95, token_ids=tuple([1] * 95))])
     assert first.session_length("a") == 2
-    second = runtime(path, 2, n, n)
+    second = runtime(path, 2, n, n, slots=slots)
     with pytest.raises(InvalidRequestError, match="shape"):
         second.run([StepEntry(session_id="a", start_position=0, num_tokens=2)], torch.zeros(3, cfg.hidden_size))
 
 
-def test_idle_sessions_expire(ckpt):
+@SLOTS
+def test_idle_sessions_expire(ckpt, slots):
     path, cfg = ckpt
     clock = FakeClock()
-    rt = runtime(path, 0, cfg.num_layers, cfg.num_layers, session_timeout_s=10.0, clock=clock)
+    rt = runtime(path, 0, cfg.num_layers, cfg.num_layers, session_timeout_s=10.0, clock=clock, slots=slots)
     rt.run([StepEntry(session_id="a", start_position=0, num_tokens=1, token_ids=(1,))])
     clock.advance(5)
     assert rt.expire() == []
@@ -153,10 +163,12 @@ def test_alternating_groups_keep_their_batch_caches(ckpt):
         assert state[sid]["out"] == refs[sid], sid
 
 
-def test_new_sessions_of_equal_prompt_length_prefill_as_one_batch(ckpt):
+@SLOTS
+def test_new_sessions_of_equal_prompt_length_prefill_as_one_batch(ckpt, slots):
     path, cfg = ckpt
     n = cfg.num_layers
-    chain = LocalChain([runtime(path, 0, 2, n, max_sessions=4), runtime(path, 2, n, n, max_sessions=4)])
+    chain = LocalChain([runtime(path, 0, 2, n, max_sessions=4, slots=slots),
+                        runtime(path, 2, n, n, max_sessions=4, slots=slots)])
     whole = runtime(path, 0, n, n)
     prompts = {"a": [1, 2, 3], "b": [4, 5, 6], "c": [7], "d": [9, 8, 7]}  # a, b, d batch; c alone
     p = SamplingParams(max_new_tokens=6)
@@ -168,19 +180,20 @@ def test_new_sessions_of_equal_prompt_length_prefill_as_one_batch(ckpt):
         toks = chain.step(entries)
         for e, t in zip(entries, toks):
             out[e.session_id].append(t)
-        if _ == 0:  # the equal-length prompts share one batch cache on every stage, already a decode group
+        if _ == 0 and not slots:  # the equal-length prompts share one batch cache on every stage, already a decode group
             assert all(list(st._groups) == [("a", "b", "d")] for st in chain.stages)
         entries = [StepEntry(session_id=e.session_id, start_position=e.start_position + e.num_tokens, num_tokens=1,
                              token_ids=(t,)) for e, t in zip(entries, toks)]
     assert out == refs
 
 
-def test_kept_rows_are_the_logits_each_row_gives_as_a_last_row(ckpt):
+@SLOTS
+def test_kept_rows_are_the_logits_each_row_gives_as_a_last_row(ckpt, slots):
     """run_keeping: the last stage's logits at chosen rows of a prefill (a spot check's replay)
     equal the logits a step ending at that row gives, alone and prefilled together (same length)."""
     path, cfg = ckpt
     n = cfg.num_layers
-    whole = runtime(path, 0, n, n, max_sessions=8)
+    whole = runtime(path, 0, n, n, max_sessions=8, slots=slots)
     ids = (5, 17, 42, 7, 99, 3, 11, 8)
     want = {r: whole.run([StepEntry(session_id=f"w{r}", start_position=0, num_tokens=r + 1, token_ids=ids[:r + 1])])[0]
             for r in (2, 5, 7)}

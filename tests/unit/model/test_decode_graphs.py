@@ -76,14 +76,13 @@ def test_graph_replays_equal_eager_steps(family):
     graphs = DecodeGraphs(model)
     with torch.inference_mode():
         eager, graphed = _two_rows(model, "cuda", a, b), _two_rows(model, "cuda", a, b)
+        both = torch.ones(2, dtype=torch.long, device="cuda")
         for t in range(8):
             x = torch.stack([a[:, 7 + t], b[:, 2 + t]]).view(2, 1).cuda()
             want = model(x, kv_cache=eager)
-            got = graphs.step(graphed, x)
-            if got is None:  # the cache's first step: eager, as the runtime does
-                got = model(x, kv_cache=graphed)
+            got = graphs.step(graphed, x, both)  # the first step records (and runs) the graph
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert graphs.captures == 1 and graphs.replays == 6
+    assert graphs.captures == 1 and graphs.replays == 7
     assert torch.equal(eager.lengths, graphed.lengths)
 
 
@@ -92,18 +91,20 @@ def test_a_dead_cache_never_gets_its_graph_replayed():
     model = build_stage(_config("llama"), 0, 3, seed=8).cuda().eval()
     graphs = DecodeGraphs(model)
     x = torch.tensor([[3]], device="cuda")
+    one = torch.ones(1, dtype=torch.long, device="cuda")
     with torch.inference_mode():
         cache = model.new_kv_cache(batch_size=1, max_length=40)
         model(torch.tensor([[1, 2]], device="cuda"), kv_cache=cache)
         for _ in range(3):
-            if graphs.step(cache, x) is None:
-                model(x, kv_cache=cache)
-        assert graphs.captures == 1
+            graphs.step(cache, x, one)
+        assert graphs.captures == 1 and graphs.replays == 2
         del cache
         gc.collect()
         fresh = model.new_kv_cache(batch_size=1, max_length=40)  # may reuse the dead cache's id
         model(torch.tensor([[1, 2]], device="cuda"), kv_cache=fresh)
-        assert graphs.step(fresh, x) is None  # a new cache starts eager, whatever its id
+        graphs.step(fresh, x, one)  # a new cache gets its own graph, whatever its id
+        assert graphs.captures == 2 and graphs.replays == 2
+        assert int(fresh.lengths[0]) == 3
 
 
 @CUDA
@@ -125,7 +126,7 @@ def test_a_runtime_with_graphs_decodes_the_same_tokens(monkeypatch):
                                  num_tokens=1, token_ids=(t,)) for e, t in zip(entries, tokens)]
         assert (rt._graphs is not None) == graphs_on
         if graphs_on:
-            assert rt._graphs.replays >= 7
+            assert rt._graphs.captures == 1 and rt._graphs.replays == 8
         return out
 
     assert decode(True) == decode(False)
@@ -133,10 +134,10 @@ def test_a_runtime_with_graphs_decodes_the_same_tokens(monkeypatch):
 
 @CUDA
 def test_graphs_keep_working_as_sessions_come_and_go():
-    """A closed session's cache (and its graph) serves the next session: one capture, replays
-    from the next sessions' first decode step; a cache dropped for good gets a new graph (a
-    memory pool shared by all graphs failed that second capture with an allocator assert in
-    torch 2.13)."""
+    """A closed session's row of the slot cache (and its bucket's graph) serves the next session:
+    one capture, replays from the next sessions' first decode step; a slot cache dropped (an idle
+    stage) gets a new graph (a memory pool shared by all graphs failed that second capture with an
+    allocator assert in torch 2.13)."""
     rt = StageRuntime(build_stage(_config("llama"), 0, 3, seed=10).cuda(), max_seq_len=40, max_sessions=2)
     for n in range(4):
         sid = f"s{n}"
@@ -150,8 +151,8 @@ def test_graphs_keep_working_as_sessions_come_and_go():
         gc.collect()
     stats = rt.graph_stats
     assert stats["graphs_on"], stats
-    assert stats["graph_captures"] == 1 and stats["graph_replays"] == 2 + 3 * 4, stats
-    rt._pool.clear()  # the cache is gone: the next session needs a new graph, captured as well
+    assert stats["graph_captures"] == 1 and stats["graph_replays"] == 3 + 4 * 3, stats
+    rt._slots.clear()  # the cache is gone: the next session needs a new graph, captured as well
     gc.collect()
     entries = [StepEntry(session_id="z", start_position=0, num_tokens=3, token_ids=(1, 2, 3))]
     for _ in range(5):

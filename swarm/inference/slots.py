@@ -1,0 +1,127 @@
+"""Every session of a GPU stage in one KV cache of fixed rows (slots), so that a decode step has
+the same shapes whichever sessions take part, and one CUDA graph per batch size replays it.
+
+Why: with a batch cache per set of sessions (StageRuntime's groups, the CPU path), every change
+of that set (a session joins, finishes, or sits a step out) copied the rows into a new cache,
+ran its first step eagerly and recorded a new graph on the next. Eight sessions started a few
+steps apart changed the set a dozen times; on the H200 a 4-stage chain did a step of 8 sessions in
+8.3 ms while each session saw 21 ms per token (docs/benchmarks.md, issue 16).
+
+Layout: one :class:`KVCache` of ``capacity`` rows and ``max_seq_len + 1`` positions. A session
+holds one row from its first step to its close (the lowest free row), so a step copies no cache.
+A decode step runs over the first ``bucket`` rows (the smallest power of two that covers every
+row taking part, at most ``capacity``): rows taking part advance, the others compute too and
+write their keys and values at their length, which is past their filled positions (a later step
+overwrites it) or, for a full row, the scratch position ``max_seq_len`` that no session reaches.
+Idle rows cost little: at the batch sizes served a decode step is bound by reading the weights.
+
+Capacity grows by doubling (rows copied once, graphs recorded again) up to the runtime's
+``max_sessions``, starting at :data:`FIRST_CAPACITY`; an idle stage drops the cache. Not
+thread-safe: the runtime calls it under its lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from swarm.errors import CapacityError
+from swarm.model.kv_cache import KVCache
+
+FIRST_CAPACITY = 8
+
+
+def bucket(rows_needed: int, capacity: int) -> int:
+    """The number of rows a step over rows ``[0, rows_needed)`` runs: a power of two, at most
+    ``capacity`` (so a handful of graphs cover every mix of sessions)."""
+    b = 1
+    while b < rows_needed:
+        b *= 2
+    return min(b, capacity)
+
+
+class SlotCache:
+    """Rows of one growing KV cache handed to sessions; views of its first rows per bucket."""
+
+    def __init__(self, new: Callable[[int], KVCache], max_rows: int) -> None:
+        """``new(rows)``: an empty cache of that many rows (with one scratch position)."""
+        self._new = new
+        self.max_rows = max_rows
+        self.cache: KVCache | None = None
+        self._free: list[int] = []  # free rows, kept sorted: the lowest is taken first
+        self._views: dict[int, KVCache] = {}
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.cache is None else self.cache.batch_size
+
+    @property
+    def used(self) -> int:
+        return self.capacity - len(self._free)
+
+    def nbytes(self) -> int:
+        return 0 if self.cache is None else self.cache.nbytes()
+
+    def take(self) -> int:
+        """A free row, emptied (zeros, length 0); grows the cache when none is free. Raises
+        CapacityError at ``max_rows`` rows in use."""
+        if not self._free:
+            self._grow()
+        row = self._free.pop(0)
+        c = self.cache
+        assert c is not None
+        with torch.inference_mode():  # the runtime's caches are inference tensors
+            for t in c.keys + c.values:
+                t[row].zero_()
+            c.lengths[row] = 0
+        return row
+
+    def give(self, row: int) -> None:
+        """Free a row (its contents stay until the next :meth:`take` of it empties them)."""
+        if 0 <= row < self.capacity and row not in self._free:
+            self._free.append(row)
+            self._free.sort()
+
+    def put(self, row: int, src: KVCache, src_row: int, length: int) -> None:
+        """Copy positions ``[0, length)`` of ``src``'s row ``src_row`` into ``row``, which then
+        holds ``length`` positions (a batch prefilled together lands in its sessions' rows)."""
+        c = self.cache
+        assert c is not None
+        for dst, t in zip(c.keys + c.values, src.keys + src.values):
+            dst[row, :, :length] = t[src_row, :, :length]
+        c.lengths[row] = length
+
+    def view(self, rows_needed: int) -> KVCache:
+        """The cache's first ``bucket(rows_needed)`` rows, the same object every time (a CUDA graph
+        recorded over it replays while the object lives; growing the cache drops every view)."""
+        assert self.cache is not None
+        b = bucket(rows_needed, self.capacity)
+        v = self._views.get(b)
+        if v is None:
+            v = self._views[b] = self.cache if b == self.capacity else self.cache.rows(0, b)
+        return v
+
+    def row(self, row: int) -> KVCache:
+        """One row as a cache of its own (views): a prefill of that session runs through it."""
+        assert self.cache is not None
+        return self.cache.rows(row, row + 1)
+
+    def clear(self) -> None:
+        """Drop the cache (an idle stage gives its memory back); rows in use are the caller's to
+        have closed first."""
+        self.cache, self._free, self._views = None, [], {}
+
+    def _grow(self) -> None:
+        old = self.capacity
+        if old >= self.max_rows:
+            raise CapacityError(f"stage holds its maximum of {self.max_rows} sessions; retry later or add a replica")
+        cap = min(max(FIRST_CAPACITY, 2 * old), self.max_rows)
+        new = self._new(cap)
+        if self.cache is not None:
+            with torch.inference_mode():
+                for dst, src in zip(new.keys + new.values, self.cache.keys + self.cache.values):
+                    dst[:old].copy_(src)
+                new.lengths[:old].copy_(self.cache.lengths)
+        self.cache, self._views = new, {}
+        self._free = sorted(set(self._free) | set(range(old, cap)))
