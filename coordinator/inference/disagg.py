@@ -40,6 +40,7 @@ engine's usual path (broken chain, healer; the repaired chain keeps its role by 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -47,7 +48,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from swarm.errors import InfeasiblePlanError
-from swarm.inference.kv_receipt import HandoffMismatch, PushedKV, check_handoff
+from swarm.inference.kv_receipt import NONCE_BYTES, HandoffMismatch, PushedKV, check_handoff
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.scheduling.disaggregation import (DisaggPlan, Workload, auto_blocker, pair_stages,
                                               plan_disaggregation, pool_alike)
@@ -326,13 +327,14 @@ class Disagg:
         commitments checked: swarm/inference/kv_receipt.py). Raises grpc.RpcError, or
         HandoffMismatch when the two ends of a stage disagree on what moved."""
         positions = s.kv_pos
+        nonce = secrets.token_bytes(NONCE_BYTES)  # this hand-off's: every receipt must be signed for it
 
         def one(k: int) -> pb.ServePushKVReply:
             st = target.stages[k]
             req = pb.ServePushKVRequest(
                 model_name=replica.model, replica=replica.index, session_id=s.id, num_positions=positions,
                 target=pb.ServeRouteHop(replica=target.index, node_id=st.node_id, address=st.address,
-                                        capability=target.capability))
+                                        capability=target.capability), handoff_nonce=nonce)
             return replica._stubs[k].PushKV(req, timeout=PUSH_TIMEOUT_S, metadata=replica._metadata)
         futures = [self._push_pool.submit(one, k) for k in range(len(replica.stages))]
         replies = [f.result() for f in futures]
@@ -346,7 +348,7 @@ class Disagg:
             r = reply.receipt
             records.append(check_handoff(
                 model=replica.model, decode_replica=target.index, stage=k, session_id=s.id, positions=positions,
-                prefill_node=src, decode_node=dst, decode_public_key=key, sent_digest=reply.sent_digest,
+                nonce=nonce, prefill_node=src, decode_node=dst, decode_public_key=key, sent_digest=reply.sent_digest,
                 sent_sketch=reply.sent_sketch, receipt_digest=r.digest, receipt_sketch=r.sketch,
                 receipt_positions=r.positions, signature=r.signature))
         return sum(int(r.kv_bytes) for r in replies), tuple(records)

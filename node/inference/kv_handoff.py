@@ -11,8 +11,10 @@ stage of a decode chain, and take one in (coordinator/inference/disagg.py has th
   dtype, positions, stage, replica and size must be what this stage holds. The session then
   exists here at ``positions``: its next step is a one-token decode.
 - Both ends commit to what moved (swarm/inference/kv_receipt.py): the decode stage answers with a
-  receipt it signs (digest and sketch of what it took in), and the prefill stage answers the
-  coordinator with its own digest and sketch of what it sent and the receipt, relayed unchanged.
+  receipt it signs (digest and sketch of what it took in, and the coordinator's nonce for this
+  hand-off, which the prefill stage passes on in the stream's first message), and the prefill
+  stage answers the coordinator with its own digest and sketch of what it sent and the receipt,
+  relayed unchanged.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import grpc
 import torch
 
 from swarm.errors import InvalidRequestError, PermissionDeniedError
-from swarm.inference.kv_receipt import kv_sketch, payload_digest, receipt_payload
+from swarm.inference.kv_receipt import check_nonce, kv_sketch, payload_digest, receipt_payload
 from swarm.inference.stage_runtime import StageRuntime
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.transport import tensors as wire
@@ -44,6 +46,7 @@ def push_kv(runtime: StageRuntime, a: pb.ServeStageAssignment, request: pb.Serve
     if not (0 <= t.replica < 1 << 20 and 0 < len(t.node_id) <= 128 and 0 < len(t.address) <= 256
             and 0 < len(t.capability) <= 256) or t.node_id == node_id:
         raise InvalidRequestError("PushKV target is malformed (replica, node id, address, capability) or this node")
+    nonce = check_nonce(request.handoff_nonce)
     kv, n = runtime.export_kv(request.session_id[:200])
     if n != request.num_positions:
         raise InvalidRequestError(f"session {request.session_id[:40]} holds {n} positions on this stage, the "
@@ -54,7 +57,7 @@ def push_kv(runtime: StageRuntime, a: pb.ServeStageAssignment, request: pb.Serve
     digest = payload_digest(payload)
     sketch = kv_sketch(kv, digest)  # on the stage's device
     chunks = kv_to_chunks(kv, session_id=request.session_id, model_name=a.model_name, stage=a.stage,
-                          replica=t.replica, sender_id=node_id, payload=payload)
+                          replica=t.replica, sender_id=node_id, payload=payload, nonce=nonce)
     try:
         reply = peers.get(t.node_id, t.address).stub.ImportKV(chunks, timeout=PUSH_TIMEOUT_S,
                                                               metadata=step_metadata(t.capability))
@@ -78,12 +81,13 @@ def import_kv(runtime: StageRuntime, a: pb.ServeStageAssignment, first: pb.Serve
     expect = KVExpectation(stage=a.stage, replica=a.replica, dtype=wire.dtype_name(runtime.dtype),
                            senders=frozenset({caller}) if caller is not None else sources,
                            max_positions=runtime.max_seq_len, shape=runtime.kv_shape)
+    nonce = check_nonce(first.handoff_nonce)
     session_id, kv, received = kv_from_chunks(first, rest, expect)
     runtime.import_kv(session_id, kv)
     digest = payload_digest(received)
     sketch = kv_sketch(kv, digest)  # of the decoded copy, on the host
     n = int(kv.shape[3])
     payload = receipt_payload(model=a.model_name, replica=a.replica, stage=a.stage, session_id=session_id,
-                              positions=n, digest=digest, sketch=sketch)
+                              positions=n, nonce=nonce, digest=digest, sketch=sketch)
     receipt = pb.ServeKVReceipt(digest=digest, sketch=sketch, positions=n, signature=sign(payload) if sign else b"")
     return pb.ServeImportKVReply(kv_bytes=kv.numel() * kv.element_size(), receipt=receipt)

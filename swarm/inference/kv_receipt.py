@@ -11,8 +11,14 @@ Protocol (node/inference/kv_handoff.py, coordinator/inference/disagg.py):
   head_dim), and streams it to the decode stage (TLS, both ends named by the coordinator).
 - The decode stage validates and takes it in, then answers with a **receipt** signed with its
   node identity (Ed25519; the coordinator holds the public key from registration): the model,
-  the decode replica, the stage, the session, the positions, the SHA-256 of the tensor's bytes
-  as received (:func:`kv_digest`) and a sketch of the tensor (:func:`kv_sketch`).
+  the decode replica, the stage, the session, the positions, the coordinator's nonce for this
+  hand-off, the SHA-256 of the tensor's bytes as received (:func:`kv_digest`) and a sketch of the
+  tensor (:func:`kv_sketch`).
+- The nonce (NONCE_BYTES random bytes, fresh for every hand-off, sent in the PushKV request and
+  passed on by the prefill stage in the ImportKV stream) makes every receipt good for one
+  hand-off: a prefill node handing the same session to the same decode node again (after a
+  replay) cannot relay the decode node's receipt of the earlier hand-off while sending other
+  bytes. Passing on another nonce only gets a receipt the coordinator refuses.
 - The prefill stage answers the coordinator's PushKV with its own digest and sketch of what it
   sent, and the receipt relayed unchanged (it cannot forge the decode node's signature).
 - The sketch's random projection is seeded by the digest: neither end knows the projection
@@ -45,8 +51,9 @@ from swarm.identity import verify as verify_signature
 from swarm.inference.verify import SKETCH_DIM, PushedKV, distance  # noqa: F401 -- PushedKV: its record
 from swarm.transport import tensors as wire
 
-RECEIPT_VERSION = "swarm-kv-receipt-v1"
+RECEIPT_VERSION = "swarm-kv-receipt-v2"  # v2: the coordinator's hand-off nonce is signed in
 DIGEST_BYTES = 32
+NONCE_BYTES = 16
 # Both ends sketch the same bytes with the same seed; they differ only by the arithmetic of their
 # devices (float32 sums in another order: ~1e-6 relative), never by this much.
 SKETCH_AGREEMENT = 1e-3
@@ -84,11 +91,19 @@ def kv_sketch(kv: torch.Tensor, digest: bytes) -> tuple[float, ...]:
     return tuple(float(v) for v in s.cpu())
 
 
-def receipt_payload(*, model: str, replica: int, stage: int, session_id: str, positions: int, digest: bytes,
-                    sketch: tuple[float, ...]) -> bytes:
-    """The bytes a decode node signs: what it took in, and for which assignment and session."""
-    head = json.dumps([RECEIPT_VERSION, model, int(replica), int(stage), session_id, int(positions), digest.hex()],
-                      separators=(",", ":")).encode()
+def check_nonce(nonce: bytes) -> bytes:
+    """A hand-off nonce as it arrived from the network: exactly NONCE_BYTES, else InvalidRequestError."""
+    if len(nonce) != NONCE_BYTES:
+        raise InvalidRequestError(f"a KV hand-off needs the coordinator's nonce of {NONCE_BYTES} bytes, got "
+                                  f"{len(nonce)}; update the node that sent it (swarm-node)")
+    return nonce
+
+
+def receipt_payload(*, model: str, replica: int, stage: int, session_id: str, positions: int, nonce: bytes,
+                    digest: bytes, sketch: tuple[float, ...]) -> bytes:
+    """The bytes a decode node signs: what it took in, for which assignment, session and hand-off."""
+    head = json.dumps([RECEIPT_VERSION, model, int(replica), int(stage), session_id, int(positions), nonce.hex(),
+                       digest.hex()], separators=(",", ":")).encode()
     return head + b"\0" + struct.pack(f"<{len(sketch)}f", *sketch)
 
 
@@ -97,12 +112,13 @@ class HandoffMismatch(Exception):
     node's): one of them lies, or is broken. The hand-off is treated as failed."""
 
 
-def check_handoff(*, model: str, decode_replica: int, stage: int, session_id: str, positions: int,
+def check_handoff(*, model: str, decode_replica: int, stage: int, session_id: str, positions: int, nonce: bytes,
                   prefill_node: str, decode_node: str, decode_public_key: bytes, sent_digest: bytes,
                   sent_sketch, receipt_digest: bytes, receipt_sketch, receipt_positions: int,
                   signature: bytes) -> PushedKV:
     """The coordinator's check of one stage's hand-off (the fields of a PushKV reply); returns its
-    record, or raises HandoffMismatch saying what disagrees."""
+    record, or raises HandoffMismatch saying what disagrees. ``nonce``: the one this hand-off's
+    PushKV request carried (a receipt signed for another is refused)."""
     sent_sketch, receipt_sketch = tuple(float(v) for v in sent_sketch), tuple(float(v) for v in receipt_sketch)
     who = f"KV hand-off of stage {stage} ({prefill_node[:12]} -> {decode_node[:12]})"
     if len(receipt_digest) != DIGEST_BYTES or len(receipt_sketch) != SKETCH_DIM or not signature:
@@ -110,11 +126,12 @@ def check_handoff(*, model: str, decode_replica: int, stage: int, session_id: st
     if receipt_positions != positions:
         raise HandoffMismatch(f"{who}: the receipt is for {receipt_positions} positions, {positions} were pushed")
     payload = receipt_payload(model=model, replica=decode_replica, stage=stage, session_id=session_id,
-                              positions=positions, digest=receipt_digest, sketch=receipt_sketch)
+                              positions=positions, nonce=nonce, digest=receipt_digest, sketch=receipt_sketch)
     try:
         signer = verify_signature(decode_public_key, signature, payload)
     except AuthError as exc:
-        raise HandoffMismatch(f"{who}: the receipt is not signed by the decode node ({exc})") from exc
+        raise HandoffMismatch(f"{who}: the receipt is not signed by the decode node for this hand-off (an "
+                              f"earlier hand-off's receipt, or not the decode node's: {exc})") from exc
     if signer != decode_node:
         raise HandoffMismatch(f"{who}: the receipt is signed by {signer[:12]}, not the decode node")
     if len(sent_digest) != DIGEST_BYTES or len(sent_sketch) != SKETCH_DIM:

@@ -24,16 +24,18 @@ MAX_NAME_CHARS = 128
 
 
 def kv_to_chunks(kv: torch.Tensor, *, session_id: str, model_name: str, stage: int, replica: int,
-                 sender_id: str, payload: bytes | None = None) -> Iterator[pb.ServeKVChunk]:
+                 sender_id: str, payload: bytes | None = None, nonce: bytes = b"") -> Iterator[pb.ServeKVChunk]:
     """The ImportKV messages carrying ``kv`` (layers, 2, kv_heads, positions, head_dim) to the
     stage ``stage`` of replica ``replica``. ``payload``: ``wire.raw_encode(kv)`` when the caller
-    already made it (the sender hashes those bytes: swarm/inference/kv_receipt.py)."""
+    already made it (the sender hashes those bytes: swarm/inference/kv_receipt.py); ``nonce``:
+    the coordinator's for this hand-off, in the first message (signed into the receipt)."""
     payload = wire.raw_encode(kv) if payload is None else payload
     header = wire.make_header(payload, job_id=session_id, step=int(kv.shape[3]), micro_batch=0, shape=tuple(kv.shape),
                               dtype=wire.dtype_name(kv.dtype), codec="none", kind="kv_cache", boundary=stage,
                               sender_id=sender_id, replica=replica)
     for i, chunk in enumerate(wire.to_chunks(wire.WireTensor(header=header, payload=payload))):
-        yield pb.ServeKVChunk(model_name=model_name if i == 0 else "", replica=replica if i == 0 else 0, tensor=chunk)
+        yield pb.ServeKVChunk(model_name=model_name if i == 0 else "", replica=replica if i == 0 else 0, tensor=chunk,
+                              handoff_nonce=nonce if i == 0 else b"")
 
 
 def kv_target(first: pb.ServeKVChunk | None) -> tuple[str, int]:

@@ -502,18 +502,20 @@ class ServeUnserveReply(_message.Message):
     def __init__(self, removed: _Optional[bool] = ...) -> None: ...
 
 class ServePushKVRequest(_message.Message):
-    __slots__ = ("model_name", "replica", "session_id", "target", "num_positions")
+    __slots__ = ("model_name", "replica", "session_id", "target", "num_positions", "handoff_nonce")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     NUM_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_NONCE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     replica: int
     session_id: str
     target: ServeRouteHop
     num_positions: int
-    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., session_id: _Optional[str] = ..., target: _Optional[_Union[ServeRouteHop, _Mapping]] = ..., num_positions: _Optional[int] = ...) -> None: ...
+    handoff_nonce: bytes
+    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., session_id: _Optional[str] = ..., target: _Optional[_Union[ServeRouteHop, _Mapping]] = ..., num_positions: _Optional[int] = ..., handoff_nonce: _Optional[bytes] = ...) -> None: ...
 
 class ServePushKVReply(_message.Message):
     __slots__ = ("kv_bytes", "sent_digest", "sent_sketch", "receipt")
@@ -540,14 +542,16 @@ class ServeKVReceipt(_message.Message):
     def __init__(self, digest: _Optional[bytes] = ..., sketch: _Optional[_Iterable[float]] = ..., positions: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ServeKVChunk(_message.Message):
-    __slots__ = ("model_name", "replica", "tensor")
+    __slots__ = ("model_name", "replica", "tensor", "handoff_nonce")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_NONCE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     replica: int
     tensor: _tensor_pb2.TensorChunk
-    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+    handoff_nonce: bytes
+    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., handoff_nonce: _Optional[bytes] = ...) -> None: ...
 
 class ServeImportKVReply(_message.Message):
     __slots__ = ("kv_bytes", "receipt")

@@ -39,7 +39,8 @@ def assignment(stage: int, *, replica: int = 1, sources=("p0",)) -> pb.ServeStag
 def move(src: StageRuntime, dst: StageRuntime, sid: str, *, stage: int, caller: str = "p0", sender: str = "p0",
          replica: int = 1, a=None, kv=None) -> int:
     kv = src.export_kv(sid)[0] if kv is None else kv
-    chunks = list(kv_to_chunks(kv, session_id=sid, model_name="m", stage=stage, replica=replica, sender_id=sender))
+    chunks = list(kv_to_chunks(kv, session_id=sid, model_name="m", stage=stage, replica=replica, sender_id=sender,
+                               nonce=b"n" * 16))
     return import_kv(dst, a or assignment(stage), chunks[0], iter(chunks[1:]), caller=caller).kv_bytes
 
 
@@ -114,7 +115,7 @@ def test_corrupted_payload_is_refused(ckpt):
     src, dst = rt(path, 0, 2), rt(path, 0, 2)
     src.run([StepEntry(session_id="s", start_position=0, num_tokens=3, token_ids=(1, 2, 3))])
     chunks = list(kv_to_chunks(src.export_kv("s")[0], session_id="s", model_name="m", stage=0, replica=1,
-                               sender_id="p0"))
+                               sender_id="p0", nonce=b"n" * 16))
     chunks[0].tensor.data = b"\x00" + chunks[0].tensor.data[1:]
     with pytest.raises(InvalidRequestError, match="checksum"):
         import_kv(dst, assignment(0), chunks[0], iter(chunks[1:]), caller="p0")

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 
+from swarm.errors import InvalidRequestError
 from swarm.identity import Identity
 from swarm.inference.kv_receipt import HandoffMismatch, check_handoff, kv_digest, kv_sketch
 from swarm.inference.stage_runtime import StageRuntime, StepEntry
@@ -22,6 +23,7 @@ from coordinator.inference.referee import Referee
 from node.inference.kv_handoff import import_kv
 
 PROMPT = (5, 17, 42, 7, 99, 3, 11)
+NONCE = b"n" * 16  # the coordinator's for the hand-off under test
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +48,11 @@ def prefilled_kv(path, first=0, last=2) -> torch.Tensor:
     return rts[-1].export_kv("s")[0]
 
 
-def receive(path, kv: torch.Tensor, decode: Identity, *, stage=0, replica=1) -> pb.ServeImportKVReply:
+def receive(path, kv: torch.Tensor, decode: Identity, *, stage=0, replica=1, nonce=NONCE) -> pb.ServeImportKVReply:
     """The decode node's side: ImportKV into a fresh runtime, receipt signed with ``decode``."""
     dst = runtime(path, 0, 2) if stage == 0 else runtime(path, 2, 4)
-    chunks = list(kv_to_chunks(kv, session_id="s", model_name="m", stage=stage, replica=replica, sender_id="p0"))
+    chunks = list(kv_to_chunks(kv, session_id="s", model_name="m", stage=stage, replica=replica, sender_id="p0",
+                               nonce=nonce))
     a = pb.ServeStageAssignment(model_name="m", replica=replica, stage=stage, num_stages=2, kv_source_node_ids=["p0"])
     return import_kv(dst, a, chunks[0], iter(chunks[1:]), caller="p0", sign=decode.sign)
 
@@ -57,7 +60,8 @@ def receive(path, kv: torch.Tensor, decode: Identity, *, stage=0, replica=1) -> 
 def accepted(kv, receipt: pb.ServeKVReceipt, decode: Identity, *, sent=None, key=None, **over) -> PushedKV:
     digest = kv_digest(kv)
     sent_digest, sent_sketch = sent if sent is not None else (digest, kv_sketch(kv, digest))
-    kw = dict(model="m", decode_replica=1, stage=0, session_id="s", positions=int(kv.shape[3]), prefill_node="p0",
+    kw = dict(model="m", decode_replica=1, stage=0, session_id="s", positions=int(kv.shape[3]), nonce=NONCE,
+              prefill_node="p0",
               decode_node=decode.node_id, decode_public_key=key or decode.public_key, sent_digest=sent_digest,
               sent_sketch=sent_sketch, receipt_digest=receipt.digest, receipt_sketch=list(receipt.sketch),
               receipt_positions=receipt.positions, signature=receipt.signature)
@@ -113,6 +117,22 @@ def test_an_honest_hand_off_is_accepted_and_every_disagreement_is_refused(ckpt):
         accepted(kv, r, decode, sent=(kv_digest(kv), kv_sketch(bad, kv_digest(kv))))
     with pytest.raises(HandoffMismatch, match="no digest"):
         accepted(kv, r, decode, sent=(b"", ()))
+
+
+def test_a_receipt_is_good_for_its_own_hand_off_only(ckpt):
+    """A prefill node handing the same session to the same decode node again cannot relay the
+    receipt of the earlier hand-off (the coordinator's nonce is signed in), nor get a receipt
+    for a nonce of its own choosing accepted; and a stream without a nonce is refused."""
+    path, _ = ckpt
+    kv, decode = prefilled_kv(path), Identity.from_seed(b"d" * 32)
+    earlier = receive(path, kv, decode, nonce=b"1" * 16).receipt
+    accepted(kv, earlier, decode, nonce=b"1" * 16)  # good for its own hand-off
+    with pytest.raises(HandoffMismatch, match="earlier hand-off"):
+        accepted(kv, earlier, decode, nonce=b"2" * 16)  # the same session, positions and bytes, later
+    with pytest.raises(InvalidRequestError, match="nonce"):
+        receive(path, kv, decode, nonce=b"")
+    with pytest.raises(InvalidRequestError, match="nonce"):
+        receive(path, kv, decode, nonce=b"x" * 17)
 
 
 @pytest.mark.parametrize("first,last", [(0, 2), (2, 4)])
