@@ -121,6 +121,7 @@ class StageRuntime:
         # decode steps of the slot cache as CUDA graphs on GPUs (swarm/inference/graphs.py;
         # SWARM_CUDA_GRAPHS=0: off)
         self._graphs = DecodeGraphs(self.stage) if slots and graphs_enabled(self.device) else None
+        self._indices: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # _slot_indices, per set of rows
         # emptied caches kept for the next sessions (swarm/inference/cache_pool.py)
         self._pool = CachePool(lambda b: self.stage.new_kv_cache(batch_size=b, max_length=self.max_seq_len),
                                max_rows=max_sessions)
@@ -416,32 +417,46 @@ class StageRuntime:
 
     def _decode_slots(self, es: list[StepEntry], offsets: list[int], hidden: torch.Tensor | None) -> torch.Tensor:
         """One decode step of the sessions of ``es`` (rows of the slot cache) over the smallest
-        bucket of rows that holds them all: (len(es), 1, H|V), in ``es``'s order. One copy to the
-        device carries the tokens (first stage), the active rows and the gather indices."""
+        bucket of rows that holds them all: (len(es), 1, H|V), in ``es``'s order.
+
+        The hot path of a GPU stage, so it does little besides the replay: the tokens (first stage)
+        go to the device in one copy, already in row order; the active rows and gather indices are
+        device tensors kept per set of rows (steady decoding reuses them); when the sessions fill
+        the bucket in row order (the usual case) the input is the hidden states as they came and
+        the output the graph's, with no gather or scatter at all."""
         rows = [self._sessions[e.session_id].slot for e in es]
         view = self._slots.view(max(rows) + 1)
         b, n = view.batch_size, len(rows)
-        # host side: [tokens (b) |] active (b) | rows (n) [| hidden offsets (n)]
-        first = self.stage.is_first
-        host = torch.zeros((b if first else 0) + b + n + (0 if first else n), dtype=torch.long)
-        a0 = b if first else 0
-        host[a0 + torch.tensor(rows)] = 1
-        host[a0 + b: a0 + b + n] = torch.tensor(rows)
-        if first:
-            host[torch.tensor(rows)] = torch.tensor([e.token_ids[0] for e in es])
-        else:
-            host[a0 + b + n:] = torch.tensor(offsets)
-        dev = host.to(self.device, non_blocking=False)
-        active, idx = dev[a0: a0 + b], dev[a0 + b: a0 + b + n]
-        if first:
-            x = dev[:b].view(b, 1)
+        dense = n == b and rows == list(range(b))  # every row of the bucket takes part, in row order
+        active, idx = self._slot_indices(b, rows)
+        if self.stage.is_first:
+            toks = [0] * b
+            for r, e in zip(rows, es):
+                toks[r] = e.token_ids[0]
+            x = torch.tensor(toks, dtype=torch.long).view(b, 1).to(self.device)
+        elif dense and offsets == list(range(n)):
+            x = hidden[:n].unsqueeze(1)  # (b, 1, H)
         else:
             x = torch.zeros((b, 1, hidden.shape[-1]), dtype=self.dtype, device=self.device)
-            x.index_copy_(0, idx, hidden.index_select(0, dev[a0 + b + n:])[:, None, :])
+            at = torch.tensor(offsets, dtype=torch.long).to(self.device)
+            x.index_copy_(0, idx, hidden.index_select(0, at)[:, None, :])
         y = self._graphs.step(view, x, active) if self._graphs is not None else None
         if y is None:
             y = self.stage.decode_fixed(x, view, active)
-        return y.index_select(0, idx)
+        return y if dense else y.index_select(0, idx)
+
+    def _slot_indices(self, b: int, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(active (b,) 0/1, rows (n,)) on the device for a step of ``rows`` over ``b`` rows; kept
+        for the most recent sets of rows, so steady decoding copies nothing for them."""
+        key = (b, tuple(rows))
+        got = self._indices.get(key)
+        if got is None:
+            if len(self._indices) >= MAX_GROUPS:
+                self._indices.pop(next(iter(self._indices)))
+            active = torch.zeros(b, dtype=torch.long)
+            active[rows] = 1
+            got = self._indices[key] = (active.to(self.device), torch.tensor(rows, dtype=torch.long).to(self.device))
+        return got
 
     def _prefill_together(self, rows: list[int], entries: list[StepEntry], hidden: torch.Tensor | None,
                           offsets: list[int], outs: list, now: float, keep: dict[int, list[int]],
