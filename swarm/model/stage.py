@@ -197,7 +197,7 @@ class StageModel(nn.Module):
         ``active`` (B,) int64 of 0/1: only rows with 1 advance; the others (idle slots of a fixed
         batch, swarm/inference/slots.py) still compute, and write their keys and values at their
         length, which a later step overwrites or, for a full row, a scratch position past the
-        served length takes (the cache's ``scratch_positions``)."""
+        served length takes (the cache's ``scratch_positions``, outside every attention span)."""
         lengths = kv_cache.lengths
         positions = lengths[:, None]  # (B, 1)
         if active is not None:  # an idle row may sit at the scratch position: past the model's limit
