@@ -389,24 +389,10 @@ class StageRuntime:
                     kept[i] = y[0, keep[i]]
                 s.length += e.num_tokens
                 s.last_used_s = now
-            if decode and self._slots is not None:
-                y = self._decode_slots([entries[i] for i in decode], [offsets[i] for i in decode], hidden)
-                for row, i in enumerate(decode):
-                    outs[i] = y[row]
-                    if i in keep:
-                        kept[i] = y[row, [0] * len(keep[i])]
-                    s = self._sessions[entries[i].session_id]
-                    s.length += 1
-                    s.last_used_s = now
-            elif decode:
-                ids = [entries[i].session_id for i in decode]
-                group = self._ensure_group(ids)
-                if self.stage.is_first:
-                    x = torch.tensor([[entries[i].token_ids[0]] for i in decode], dtype=torch.long, device=self.device)
-                else:
-                    x = torch.stack([hidden[offsets[i]] for i in decode])[:, None, :]  # (B, 1, H)
-                y = self.stage(x, kv_cache=group)  # (B, 1, H|V)
-                for row, i in enumerate(decode):
+            if decode:
+                es, at = [entries[i] for i in decode], [offsets[i] for i in decode]
+                y = self._decode_slots(es, at, hidden) if self._slots is not None else self._decode_group(es, at, hidden)
+                for row, i in enumerate(decode):  # (B, 1, H|V), in the entries' order
                     outs[i] = y[row]
                     if i in keep:
                         kept[i] = y[row, [0] * len(keep[i])]
@@ -414,6 +400,15 @@ class StageRuntime:
                     s.length += 1
                     s.last_used_s = now
             return torch.cat(outs, dim=0), kept
+
+    def _decode_group(self, es: list[StepEntry], offsets: list[int], hidden: torch.Tensor | None) -> torch.Tensor:
+        """One decode step of the sessions of ``es`` over their batch cache (the CPU path)."""
+        group = self._ensure_group([e.session_id for e in es])
+        if self.stage.is_first:
+            x = torch.tensor([[e.token_ids[0]] for e in es], dtype=torch.long, device=self.device)
+        else:
+            x = torch.stack([hidden[o] for o in offsets])[:, None, :]  # (B, 1, H)
+        return self.stage(x, kv_cache=group)
 
     def _decode_slots(self, es: list[StepEntry], offsets: list[int], hidden: torch.Tensor | None) -> torch.Tensor:
         """One decode step of the sessions of ``es`` (rows of the slot cache) over the smallest
