@@ -22,14 +22,15 @@ thread-safe: the runtime calls it under its lock.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from swarm.errors import CapacityError
+from swarm.inference.graphs import DecodeGraphs
 from swarm.model.kv_cache import KVCache
+from swarm.model.stage import StageModel
 
 FIRST_CAPACITY = 8
+MAX_INDEX_SETS = 8  # sets of rows whose device index tensors are kept (:meth:`SlotCache.decode`)
 
 
 def bucket(rows_needed: int, capacity: int) -> int:
@@ -42,15 +43,20 @@ def bucket(rows_needed: int, capacity: int) -> int:
 
 
 class SlotCache:
-    """Rows of one growing KV cache handed to sessions; views of its first rows per bucket."""
+    """Rows of one growing KV cache of ``stage`` handed to sessions, and the decode steps over
+    buckets of them (CUDA graphs with ``graphs``, else ``decode_fixed`` run eagerly)."""
 
-    def __init__(self, new: Callable[[int], KVCache], max_rows: int) -> None:
-        """``new(rows)``: an empty cache of that many rows (with one scratch position)."""
-        self._new = new
+    def __init__(self, stage: StageModel, *, max_rows: int, max_seq_len: int, graphs: bool) -> None:
+        self.stage = stage
         self.max_rows = max_rows
+        self.max_seq_len = max_seq_len
+        p = next(stage.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.graphs = DecodeGraphs(stage) if graphs else None
         self.cache: KVCache | None = None
         self._free: list[int] = []  # free rows, kept sorted: the lowest is taken first
         self._views: dict[int, KVCache] = {}
+        self._indices: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (b, rows) -> (active, rows)
 
     @property
     def capacity(self) -> int:
@@ -107,6 +113,50 @@ class SlotCache:
         assert self.cache is not None
         return self.cache.rows(row, row + 1)
 
+    def decode(self, rows: list[int], tokens: list[int] | None, hidden: torch.Tensor | None,
+               offsets: list[int]) -> torch.Tensor:
+        """One decode step of the sessions in ``rows`` (each takes one token: ``tokens`` on the
+        first stage, else row ``offsets[j]`` of ``hidden``, on the device) over the smallest
+        bucket of rows that holds them all: (len(rows), 1, H|V), in ``rows``'s order.
+
+        The hot path of a GPU stage, so it does little besides the replay: the tokens go to the
+        device in one copy, already in row order; the active rows and gather indices are device
+        tensors kept per set of rows (steady decoding reuses them); when the sessions fill the
+        bucket in row order (the usual case) the input is the hidden states as they came and the
+        output the graph's (valid until the next step), with no gather or scatter at all."""
+        view = self.view(max(rows) + 1)
+        b, n = view.batch_size, len(rows)
+        dense = n == b and rows == list(range(b))  # every row of the bucket takes part, in row order
+        active, idx = self._row_indices(b, rows)
+        if tokens is not None:
+            toks = [0] * b
+            for r, t in zip(rows, tokens):
+                toks[r] = t
+            x = torch.tensor(toks, dtype=torch.long).view(b, 1).to(self.device)
+        elif dense and offsets == list(range(n)):
+            x = hidden[:n].unsqueeze(1)  # (b, 1, H)
+        else:
+            x = torch.zeros((b, 1, hidden.shape[-1]), dtype=self.dtype, device=self.device)
+            at = torch.tensor(offsets, dtype=torch.long).to(self.device)
+            x.index_copy_(0, idx, hidden.index_select(0, at)[:, None, :])
+        y = self.graphs.step(view, x, active) if self.graphs is not None else None
+        if y is None:
+            y = self.stage.decode_fixed(x, view, active)
+        return y if dense else y.index_select(0, idx)
+
+    def _row_indices(self, b: int, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(active (b,) 0/1, rows (n,)) on the device for a step of ``rows`` over ``b`` rows; kept
+        for the most recent sets of rows, so steady decoding copies nothing for them."""
+        key = (b, tuple(rows))
+        got = self._indices.get(key)
+        if got is None:
+            if len(self._indices) >= MAX_INDEX_SETS:
+                self._indices.pop(next(iter(self._indices)))
+            active = torch.zeros(b, dtype=torch.long)
+            active[rows] = 1
+            got = self._indices[key] = (active.to(self.device), torch.tensor(rows, dtype=torch.long).to(self.device))
+        return got
+
     def clear(self) -> None:
         """Drop the cache (an idle stage gives its memory back); rows in use are the caller's to
         have closed first."""
@@ -117,7 +167,8 @@ class SlotCache:
         if old >= self.max_rows:
             raise CapacityError(f"stage holds its maximum of {self.max_rows} sessions; retry later or add a replica")
         cap = min(max(FIRST_CAPACITY, 2 * old), self.max_rows)
-        new = self._new(cap)
+        new = KVCache(self.stage.config, self.stage.num_layers, batch_size=cap, max_length=self.max_seq_len,
+                      device=self.device, dtype=self.dtype, scratch_positions=1)
         if self.cache is not None:
             with torch.inference_mode():
                 for dst, src in zip(new.keys + new.values, self.cache.keys + self.cache.values):

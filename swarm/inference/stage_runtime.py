@@ -25,8 +25,9 @@ import torch
 
 from swarm.clock import Clock, SystemClock
 from swarm.errors import CapacityError, InvalidRequestError, NotFoundError
+from swarm.inference.batch_groups import BatchGroups
 from swarm.inference.cache_pool import CachePool
-from swarm.inference.graphs import DecodeGraphs, graphs_enabled, no_cudnn_attention
+from swarm.inference.graphs import graphs_enabled, no_cudnn_attention
 from swarm.inference.sampling import SamplingParams, sample_batch
 from swarm.inference.slots import SlotCache
 from swarm.model.kv_cache import KVCache
@@ -35,7 +36,6 @@ from swarm.model.stage import StageModel
 log = logging.getLogger(__name__)
 
 MAX_SESSION_ID_CHARS = 128
-MAX_GROUPS = 8  # batch caches kept at once; the least recently used goes first
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,32 +105,27 @@ class StageRuntime:
         self.session_timeout_s = session_timeout_s
         self._clock = clock or SystemClock()
         self._sessions: dict[str, _Session] = {}
-        # batch caches: group key (session ids in row order) -> cache; insertion order = LRU order
-        self._groups: dict[tuple[str, ...], KVCache] = {}
-        self._group_of: dict[str, tuple[str, ...]] = {}
         self._lock = threading.Lock()
         p = next(stage.parameters())
         self.device, self.dtype = p.device, p.dtype
         no_cudnn_attention(self.device)
         if slots is None:
             slots = self.device.type == "cuda"
-        cfg, n_layers = stage.config, stage.num_layers
-        self._slots = SlotCache(lambda b: KVCache(cfg, n_layers, batch_size=b, max_length=self.max_seq_len,
-                                                  device=self.device, dtype=self.dtype, scratch_positions=1),
-                                max_rows=max_sessions) if slots else None
-        # decode steps of the slot cache as CUDA graphs on GPUs (swarm/inference/graphs.py;
+        # GPU: the slot cache and its decode steps, as CUDA graphs (swarm/inference/slots.py, graphs.py;
         # SWARM_CUDA_GRAPHS=0: off)
-        self._graphs = DecodeGraphs(self.stage) if slots and graphs_enabled(self.device) else None
-        self._indices: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # _slot_indices, per set of rows
+        self._slots = SlotCache(self.stage, max_rows=max_sessions, max_seq_len=self.max_seq_len,
+                                graphs=graphs_enabled(self.device)) if slots else None
         # emptied caches kept for the next sessions (swarm/inference/cache_pool.py)
         self._pool = CachePool(lambda b: self.stage.new_kv_cache(batch_size=b, max_length=self.max_seq_len),
                                max_rows=max_sessions)
+        # CPU: batch caches per set of decoding sessions (swarm/inference/batch_groups.py)
+        self._groups = BatchGroups(self._sessions, self._pool, self._give)
 
     # ------------------------------------------------------------------ bookkeeping
     @property
     def graph_stats(self) -> dict:
         """CUDA-graph decode (swarm/inference/graphs.py): on, graphs captured, steps replayed."""
-        g = self._graphs
+        g = self._slots.graphs if self._slots is not None else None
         return {"graphs_on": bool(g is not None and g.enabled), "graph_captures": g.captures if g else 0,
                 "graph_replays": g.replays if g else 0}
 
@@ -146,7 +141,7 @@ class StageRuntime:
         with self._lock:
             total = sum(s.cache.nbytes() for s in self._sessions.values() if s.cache is not None)
             slots = self._slots.nbytes() if self._slots is not None else 0
-            return total + slots + self._pool.nbytes() + sum(g.nbytes() for g in self._groups.values())
+            return total + slots + self._pool.nbytes() + self._groups.nbytes()
 
     def _give(self, cache: KVCache) -> None:
         self._pool.give(cache, open_sessions=len(self._sessions))
@@ -160,11 +155,7 @@ class StageRuntime:
         closed = [sid for sid in session_ids if sid in self._sessions]
         if not closed:
             return 0
-        closing = set(closed)
-        freed = []
-        for sid in closed:
-            if sid in self._group_of:
-                freed += self._dissolve(self._group_of[sid], closing=closing)
+        freed = self._groups.closing(set(closed))
         for sid in closed:
             s = self._sessions.pop(sid)
             if s.cache is not None:
@@ -189,54 +180,6 @@ class StageRuntime:
             log.info("expired idle sessions count=%d", len(old))
         return old
 
-    def _dissolve(self, key: tuple[str, ...], closing: set[str] = frozenset()) -> list[KVCache]:
-        """Move every row of a batch cache back into its session's own cache (rows of sessions
-        in ``closing`` are dropped). Returns the caches no session holds any more (the caller
-        gives them back with :meth:`_give` once the closing sessions are gone)."""
-        group = self._groups.pop(key, None)
-        if group is None:
-            return []
-        keeps = False
-        for row, sid in enumerate(key):
-            self._group_of.pop(sid, None)
-            if sid in self._sessions and sid not in closing and self._sessions[sid].cache is None:
-                if len(key) > 1:
-                    with torch.inference_mode():  # copies into a spare cache (an inference tensor)
-                        self._sessions[sid].cache = group.select([row], out=self._pool.take(1))
-                else:
-                    self._sessions[sid].cache, keeps = group, True
-        return [] if keeps else [group]
-
-    def _ensure_group(self, ids: list[str]) -> KVCache:
-        key = tuple(ids)
-        group = self._groups.get(key)
-        if group is not None:
-            self._groups[key] = self._groups.pop(key)  # most recently used
-            return group
-        for sid in ids:  # a session is in one batch cache at most
-            if sid in self._group_of:
-                self._give_all(self._dissolve(self._group_of[sid]))
-        while len(self._groups) >= MAX_GROUPS:
-            self._give_all(self._dissolve(next(iter(self._groups))))
-        caches = []
-        for sid in ids:
-            s = self._sessions[sid]
-            assert s.cache is not None
-            caches.append(s.cache)
-            s.cache = None
-            self._group_of[sid] = key
-        if len(caches) == 1:
-            group = caches[0]
-        else:
-            group = KVCache.cat(caches, out=self._pool.take(len(caches)))
-            self._give_all(caches)
-        self._groups[key] = group
-        return group
-
-    def _give_all(self, caches: list[KVCache]) -> None:
-        for cache in caches:
-            self._give(cache)
-
     # ------------------------------------------------------------------ KV hand-off
     def export_kv(self, session_id: str) -> tuple[torch.Tensor, int]:
         """A copy of a session's cache: (layers, 2, kv_heads, length, head_dim) (K then V) and its
@@ -248,7 +191,7 @@ class StageRuntime:
             if s.slot >= 0:
                 return self._slots.cache.export_row(s.slot, s.length), s.length
             if s.cache is None:  # a row of a batch cache: give it back its own first
-                self._give_all(self._dissolve(self._group_of[session_id]))
+                self._groups.release(session_id)
             c, n = s.cache, s.length
             assert c is not None
             return c.export_row(0, n), n
@@ -381,7 +324,7 @@ class StageRuntime:
                 e = entries[i]
                 s = self._sessions[e.session_id]
                 if s.slot < 0 and s.cache is None:  # a row of a batch cache that is re-prefilled: give it back its cache
-                    self._give_all(self._dissolve(self._group_of[e.session_id]))
+                    self._groups.release(e.session_id)
                 x = self._input(e, hidden, offsets[i])  # (1, T) or (1, T, H)
                 y = self.stage(x, kv_cache=s.cache if s.slot < 0 else self._slots.row(s.slot))
                 outs[i] = y[0, -1:] if self.stage.is_last else y[0]
@@ -391,7 +334,11 @@ class StageRuntime:
                 s.last_used_s = now
             if decode:
                 es, at = [entries[i] for i in decode], [offsets[i] for i in decode]
-                y = self._decode_slots(es, at, hidden) if self._slots is not None else self._decode_group(es, at, hidden)
+                if self._slots is not None:
+                    y = self._slots.decode([self._sessions[e.session_id].slot for e in es],
+                                           [e.token_ids[0] for e in es] if self.stage.is_first else None, hidden, at)
+                else:
+                    y = self._decode_group(es, at, hidden)
                 for row, i in enumerate(decode):  # (B, 1, H|V), in the entries' order
                     outs[i] = y[row]
                     if i in keep:
@@ -403,55 +350,12 @@ class StageRuntime:
 
     def _decode_group(self, es: list[StepEntry], offsets: list[int], hidden: torch.Tensor | None) -> torch.Tensor:
         """One decode step of the sessions of ``es`` over their batch cache (the CPU path)."""
-        group = self._ensure_group([e.session_id for e in es])
+        group = self._groups.ensure([e.session_id for e in es])
         if self.stage.is_first:
             x = torch.tensor([[e.token_ids[0]] for e in es], dtype=torch.long, device=self.device)
         else:
             x = torch.stack([hidden[o] for o in offsets])[:, None, :]  # (B, 1, H)
         return self.stage(x, kv_cache=group)
-
-    def _decode_slots(self, es: list[StepEntry], offsets: list[int], hidden: torch.Tensor | None) -> torch.Tensor:
-        """One decode step of the sessions of ``es`` (rows of the slot cache) over the smallest
-        bucket of rows that holds them all: (len(es), 1, H|V), in ``es``'s order.
-
-        The hot path of a GPU stage, so it does little besides the replay: the tokens (first stage)
-        go to the device in one copy, already in row order; the active rows and gather indices are
-        device tensors kept per set of rows (steady decoding reuses them); when the sessions fill
-        the bucket in row order (the usual case) the input is the hidden states as they came and
-        the output the graph's, with no gather or scatter at all."""
-        rows = [self._sessions[e.session_id].slot for e in es]
-        view = self._slots.view(max(rows) + 1)
-        b, n = view.batch_size, len(rows)
-        dense = n == b and rows == list(range(b))  # every row of the bucket takes part, in row order
-        active, idx = self._slot_indices(b, rows)
-        if self.stage.is_first:
-            toks = [0] * b
-            for r, e in zip(rows, es):
-                toks[r] = e.token_ids[0]
-            x = torch.tensor(toks, dtype=torch.long).view(b, 1).to(self.device)
-        elif dense and offsets == list(range(n)):
-            x = hidden[:n].unsqueeze(1)  # (b, 1, H)
-        else:
-            x = torch.zeros((b, 1, hidden.shape[-1]), dtype=self.dtype, device=self.device)
-            at = torch.tensor(offsets, dtype=torch.long).to(self.device)
-            x.index_copy_(0, idx, hidden.index_select(0, at)[:, None, :])
-        y = self._graphs.step(view, x, active) if self._graphs is not None else None
-        if y is None:
-            y = self.stage.decode_fixed(x, view, active)
-        return y if dense else y.index_select(0, idx)
-
-    def _slot_indices(self, b: int, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(active (b,) 0/1, rows (n,)) on the device for a step of ``rows`` over ``b`` rows; kept
-        for the most recent sets of rows, so steady decoding copies nothing for them."""
-        key = (b, tuple(rows))
-        got = self._indices.get(key)
-        if got is None:
-            if len(self._indices) >= MAX_GROUPS:
-                self._indices.pop(next(iter(self._indices)))
-            active = torch.zeros(b, dtype=torch.long)
-            active[rows] = 1
-            got = self._indices[key] = (active.to(self.device), torch.tensor(rows, dtype=torch.long).to(self.device))
-        return got
 
     def _prefill_together(self, rows: list[int], entries: list[StepEntry], hidden: torch.Tensor | None,
                           offsets: list[int], outs: list, now: float, keep: dict[int, list[int]],
@@ -485,16 +389,11 @@ class StageRuntime:
                 s.last_used_s = now
             self._give(cache)
             return
-        while len(self._groups) >= MAX_GROUPS:
-            self._give_all(self._dissolve(next(iter(self._groups))))
-        key = tuple(ids)
         for sid in ids:
             s = self._sessions[sid]
-            s.cache = None  # its row of the batch cache
             s.length += T
             s.last_used_s = now
-            self._group_of[sid] = key
-        self._groups[key] = cache
+        self._groups.adopt(ids, cache)
 
     def _input(self, e: StepEntry, hidden: torch.Tensor | None, offset: int) -> torch.Tensor:
         if self.stage.is_first:

@@ -158,7 +158,7 @@ def test_alternating_groups_keep_their_batch_caches(ckpt):
             st["last"] = t
             st["out"].append(t)
         if step >= 4:
-            assert all(len(s._groups) == 2 for s in chain.stages)  # both batch caches kept
+            assert all(len(s._groups.caches) == 2 for s in chain.stages)  # both batch caches kept
     for sid in prompts:
         assert state[sid]["out"] == refs[sid], sid
 
@@ -181,7 +181,7 @@ def test_new_sessions_of_equal_prompt_length_prefill_as_one_batch(ckpt, slots):
         for e, t in zip(entries, toks):
             out[e.session_id].append(t)
         if _ == 0 and not slots:  # the equal-length prompts share one batch cache on every stage, already a decode group
-            assert all(list(st._groups) == [("a", "b", "d")] for st in chain.stages)
+            assert all(list(st._groups.caches) == [("a", "b", "d")] for st in chain.stages)
         entries = [StepEntry(session_id=e.session_id, start_position=e.start_position + e.num_tokens, num_tokens=1,
                              token_ids=(t,)) for e, t in zip(entries, toks)]
     assert out == refs
@@ -226,11 +226,11 @@ def test_a_closed_sessions_cache_serves_the_next_session_and_leaks_nothing(ckpt)
     n = cfg.num_layers
     rt = runtime(path, 0, n, n, max_sessions=4)
     first = _generate_batch(rt, {"a": [5, 17, 42, 7]}, 6)
-    cache = rt._sessions["a"].cache if rt._sessions["a"].cache is not None else rt._groups[("a",)]
+    cache = rt._sessions["a"].cache if rt._sessions["a"].cache is not None else rt._groups.caches[("a",)]
     rt.close(["a"])
     assert rt._pool.count(1) == 1 and rt._pool.holds(cache)
     again = _generate_batch(rt, {"b": [9, 3]}, 6)  # shorter prompt: stale positions must not be read
-    reused = rt._sessions["b"].cache if rt._sessions["b"].cache is not None else rt._groups[("b",)]
+    reused = rt._sessions["b"].cache if rt._sessions["b"].cache is not None else rt._groups.caches[("b",)]
     assert reused is cache
     assert again == _generate_batch(runtime(path, 0, n, n), {"b": [9, 3]}, 6)
     assert first == _generate_batch(runtime(path, 0, n, n), {"a": [5, 17, 42, 7]}, 6)
@@ -238,12 +238,12 @@ def test_a_closed_sessions_cache_serves_the_next_session_and_leaks_nothing(ckpt)
     pair = {"c": [1, 2, 3], "d": [4, 5, 6]}
     want = _generate_batch(runtime(path, 0, n, n), pair, 5)
     assert _generate_batch(rt, pair, 5) == want
-    batch = rt._groups[("c", "d")]
+    batch = rt._groups.caches[("c", "d")]
     rt.close(["b", "c", "d"])
     assert rt._pool.holds(batch) and rt.num_sessions == 0
     pair2 = {"e": [7, 8, 9], "f": [1, 1, 1]}
     assert _generate_batch(rt, pair2, 5) == _generate_batch(runtime(path, 0, n, n), pair2, 5)
-    assert rt._groups[("e", "f")] is batch
+    assert rt._groups.caches[("e", "f")] is batch
 
 
 def test_spare_caches_stay_within_max_sessions(ckpt):

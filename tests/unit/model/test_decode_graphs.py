@@ -124,9 +124,9 @@ def test_a_runtime_with_graphs_decodes_the_same_tokens(monkeypatch):
                 out[e.session_id].append(t)
             entries = [StepEntry(session_id=e.session_id, start_position=e.start_position + e.num_tokens,
                                  num_tokens=1, token_ids=(t,)) for e, t in zip(entries, tokens)]
-        assert (rt._graphs is not None) == graphs_on
+        assert (rt._slots.graphs is not None) == graphs_on
         if graphs_on:
-            assert rt._graphs.captures == 1 and rt._graphs.replays == 8
+            assert rt._slots.graphs.captures == 1 and rt._slots.graphs.replays == 8
         return out
 
     assert decode(True) == decode(False)
