@@ -15,8 +15,9 @@ write their keys and values at their length, which is past their filled position
 overwrites it) or, for a full row, the scratch position ``max_seq_len`` that no session reaches.
 Idle rows cost little: at the batch sizes served a decode step is bound by reading the weights.
 
-Capacity grows by doubling (rows copied once, graphs recorded again) up to the runtime's
-``max_sessions``, starting at :data:`FIRST_CAPACITY`; an idle stage drops the cache. Not
+Capacity grows by doubling (rows moved one layer at a time, so the old and the new cache are never
+held whole together; graphs recorded again) up to the runtime's ``max_sessions``, starting at
+:data:`FIRST_CAPACITY`; an idle stage drops the cache. Not
 thread-safe: the runtime calls it under its lock.
 """
 
@@ -167,12 +168,11 @@ class SlotCache:
         if old >= self.max_rows:
             raise CapacityError(f"stage holds its maximum of {self.max_rows} sessions; retry later or add a replica")
         cap = min(max(FIRST_CAPACITY, 2 * old), self.max_rows)
-        new = KVCache(self.stage.config, self.stage.num_layers, batch_size=cap, max_length=self.max_seq_len,
-                      device=self.device, dtype=self.dtype, scratch_positions=1)
-        if self.cache is not None:
+        self._views = {}  # they hold the old tensors (and their graphs are dropped with them)
+        if self.cache is None:
+            self.cache = KVCache(self.stage.config, self.stage.num_layers, batch_size=cap, max_length=self.max_seq_len,
+                                 device=self.device, dtype=self.dtype, scratch_positions=1)
+        else:
             with torch.inference_mode():
-                for dst, src in zip(new.keys + new.values, self.cache.keys + self.cache.values):
-                    dst[:old].copy_(src)
-                new.lengths[:old].copy_(self.cache.lengths)
-        self.cache, self._views = new, {}
+                self.cache = self.cache.moved_to_rows(cap)  # one layer at a time: no second whole cache
         self._free = sorted(set(self._free) | set(range(old, cap)))

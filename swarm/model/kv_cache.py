@@ -184,6 +184,29 @@ class KVCache:
         out.lengths.copy_(torch.cat([c.lengths for c in caches]))
         return out
 
+    def moved_to_rows(self, batch_size: int) -> "KVCache":
+        """A cache of ``batch_size`` rows (at least this one's): this one's rows first, zeros after.
+        Built one layer at a time while this cache gives its tensors up, so the memory held at once
+        is the new cache and one layer of this one, not both caches (an allocation that does not fit
+        makes torch's allocator free the blocks given up and retry). This cache holds no layers
+        afterwards; views of it must be dropped first, or they keep its memory."""
+        if batch_size < self.batch_size:
+            raise InvalidRequestError(f"cannot move a KV cache of {self.batch_size} rows into {batch_size}")
+        out = KVCache.__new__(KVCache)
+        out.config, out.max_length, out.scratch_positions = self.config, self.max_length, self.scratch_positions
+        out.keys, out.values = [], []
+        n = self.batch_size
+        for src, dst in ((self.keys, out.keys), (self.values, out.values)):
+            while src:
+                t = src.pop(0)
+                grown = torch.zeros((batch_size, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                grown[:n].copy_(t)
+                dst.append(grown)
+                del t
+        out.lengths = torch.zeros(batch_size, dtype=self.lengths.dtype, device=self.lengths.device)
+        out.lengths[:n].copy_(self.lengths)
+        return out
+
     def rows(self, start: int, stop: int) -> "KVCache":
         """Rows ``[start, stop)`` as a cache that shares this one's memory (views): what a step
         writes through it, lengths included, lands here."""

@@ -194,3 +194,20 @@ def test_on_cuda_graph_replays_give_the_tokens_of_eager_steps_while_sessions_com
     stats = graphs.graph_stats
     assert stats["graphs_on"] and stats["graph_replays"] > 0
     assert stats["graph_captures"] <= 4  # buckets of 1, 2, 4 and 6 rows: recorded once each
+
+
+def test_moving_a_cache_into_more_rows_keeps_every_row_and_gives_the_old_tensors_up(ckpt):
+    path, cfg = ckpt
+    n = cfg.num_layers
+    rt = runtime(path, n)
+    d = Driver(rt, {"a": [4, 5, 6], "b": [7]})
+    d.step(["a", "b"])
+    d.step(["a", "b"])
+    old = rt._slots.cache
+    before = [t.clone() for t in old.keys + old.values]
+    moved = old.moved_to_rows(old.batch_size + 3)
+    assert old.keys == [] and old.values == []  # given up layer by layer
+    assert moved.batch_size == old.lengths.shape[0] + 3 and moved.scratch_positions == 1
+    for b, t in zip(before, moved.keys + moved.values):
+        assert torch.equal(t[: b.shape[0]], b) and not t[b.shape[0]:].any()
+    assert torch.equal(moved.lengths[:2], old.lengths[:2]) and not moved.lengths[2:].any()
