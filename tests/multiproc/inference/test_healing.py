@@ -43,8 +43,11 @@ def test_killed_serving_node_is_replaced_and_replica_count_restored(tmp_path):
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
     greedy = SamplingParams(max_new_tokens=90, temperature=0.0)
     want = {p: reference(d, tok.encode(p).ids, greedy, None) for p in PROMPTS}
+    # every step slowed (SWARM_FAULT slowdown): the tiny model's 90 tokens take ~0.2 s otherwise, and a
+    # stream could end before the kill lands (seen once in CI: neither stream was replayed)
     with coordinator(tmp_path) as coord, \
-            nodes_proc(coord, [tmp_path / f"n{i}" for i in range(5)]) as (n0, n1, n2, n3, n4):
+            nodes_proc(coord, [tmp_path / f"n{i}" for i in range(5)], env={"SWARM_FAULT": "slowdown=10"}) \
+            as (n0, n1, n2, n3, n4):
         procs = {n.node_id: n for n in (n0, n1, n2, n3, n4)}
         wait_until(lambda: len([n for n in coord.snapshot().nodes if n.state == "online"]) == 5, timeout_s=30)
         info = coord.serve(d, name="tiny", num_replicas=2, num_stages=2, max_seq_len=128)
