@@ -284,35 +284,40 @@ class Disagg:
             if m is None or st is None:
                 return
             dec = [r for r in m.replicas if r.index in st.decode and r.state == "ready"]
-            if not dec:  # nowhere to decode: replay whole through the queue
+            # a slot held on the decode chain while the KV moves: its stages hold the session before
+            # it attaches, and a check replay riding there meanwhile must not take that slot
+            target = next((r for r in sorted(dec, key=lambda r: (r.num_sessions, r.index)) if r.reserve()), None)
+            if target is None:  # nowhere to decode (or no room left there): replay whole through the queue
                 replica._drop(s)
                 self._requeue(m, s)
                 return
-            target = min(dec, key=lambda r: (r.num_sessions, r.index))
             try:
-                moved, receipts = self._push(replica, target, s)
-            except (grpc.RpcError, HandoffMismatch) as exc:
-                if isinstance(exc, HandoffMismatch):  # one end lies (or is broken): which, nobody can tell
-                    why = str(exc)
-                    for node_id in {x.node_id for x in replica.stages + target.stages}:
-                        e.suspect(node_id)
+                try:
+                    moved, receipts = self._push(replica, target, s)
+                except (grpc.RpcError, HandoffMismatch) as exc:
+                    if isinstance(exc, HandoffMismatch):  # one end lies (or is broken): which, nobody can tell
+                        why = str(exc)
+                        for node_id in {x.node_id for x in replica.stages + target.stages}:
+                            e.suspect(node_id)
+                    else:
+                        why = f"{exc.code().name}: {exc.details()}"
+                    log.warning("KV hand-off of session %s failed (%s); it replays on replica %d", s.id[:8], why,
+                                target.index)
+                    st.num_handoff_failures += 1
+                    replica._drop(s)  # its prefill caches are closed in that chain's next step
+                    s.kv_pos = 0
+                    s.num_replays += 1
+                    s.kv_receipts = ()
                 else:
-                    why = f"{exc.code().name}: {exc.details()}"
-                log.warning("KV hand-off of session %s failed (%s); it replays on replica %d", s.id[:8], why,
-                            target.index)
-                st.num_handoff_failures += 1
-                replica._drop(s)  # its prefill caches are closed in that chain's next step
-                s.kv_pos = 0
-                s.num_replays += 1
-                s.kv_receipts = ()
-            else:
-                st.kv_bytes_moved += moved
-                st.num_handoffs += 1
-                s.kv_pushed = s.kv_pos > 0  # (0: its prefill was judged wrong meanwhile: replay)
-                s.kv_receipts = receipts if s.kv_pushed else ()
-            if s.closed:
-                return
-            target.attach(s)  # (cancelled meanwhile: its driver closes it on the decode stages)
+                    st.kv_bytes_moved += moved
+                    st.num_handoffs += 1
+                    s.kv_pushed = s.kv_pos > 0  # (0: its prefill was judged wrong meanwhile: replay)
+                    s.kv_receipts = receipts if s.kv_pushed else ()
+                if s.closed:
+                    return
+                target.attach(s)  # (cancelled meanwhile: its driver closes it on the decode stages)
+            finally:
+                target.unreserve()  # attached, the session itself holds the slot
             target.release(s, None)  # tokens whose check concluded while the KV moved
         finally:
             if st is not None:

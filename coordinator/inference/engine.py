@@ -303,7 +303,8 @@ class InferenceEngine(Placing):
                     continue
                 min(ready, key=lambda r: (r.num_sessions, r.predicted_latency_s, r.index)).attach(s)
 
-    def _on_finish(self, replica: Replica, s: Session) -> None:
+    def _on_finish(self, replica: Replica, s: Session | None) -> None:
+        """A session of ``replica`` finished, or (None) slots of its stages were freed: attach waiting sessions."""
         m = self._models.get(replica.model)
         if m is not None:
             self._pump(m)

@@ -17,6 +17,13 @@ Sessions that finished are closed on the stages in the next step (``close_sessio
 directly when the replica goes idle. A step that fails because a stage is unreachable marks
 the replica failed and hands its sessions back to the engine, which replays them elsewhere.
 
+Session slots: a chain's stages hold at most ``max_sessions`` sessions each, and a stage that is
+asked for more refuses (CapacityError, which fails the step). So the chain counts as used (``_used``)
+not only its sessions but every session its stages hold or are promised: the next step's check
+replays, sessions whose KV is being moved in (disaggregated serving, ``reserve``), and sessions
+closed here that the stages free only when the next step or an idle close reaches them; when
+those are freed, the engine is told (``on_finish(replica, None)``) to attach waiting sessions.
+
 All sessions of a replica travel as one batch, one step in flight. (``--lanes``, which split
 them into groups pipelined through the chain, was removed: on a device shared by the stages
 the groups only serialise there again, in smaller batches; docs/benchmarks.md, issue 16.)
@@ -65,7 +72,7 @@ class Replica:
         stages: list[StageRef],
         max_sessions: int,
         on_failure: Callable[["Replica", list[Session], str], None],
-        on_finish: Callable[["Replica", Session], None],
+        on_finish: Callable[["Replica", Session | None], None],
         predicted_latency_s: float = 0.0,
         security=None,
         checks=None,
@@ -75,7 +82,9 @@ class Replica:
         """``checks`` (coordinator.inference.checks.Checks) and ``verify_prob``: spot checks of a
         fraction of the session steps (none without ``checks`` or at 0). ``on_decode_step``: called
         after each decode step with the stages, the entries and each stage's compute time, first
-        stage first (coordinator/inference/memwatch.py)."""
+        stage first (coordinator/inference/memwatch.py). ``on_finish``: called when a session
+        finished, and with None when slots its stages held (closed sessions, check replays) are
+        free again: the engine attaches waiting sessions then."""
         self.model = model
         self.index = index
         self.stages = stages
@@ -88,6 +97,10 @@ class Replica:
         self._sessions: list[Session] = []
         self._closing: list[str] = []
         self._tasks: list = []  # CheckTasks (other chains' replays) for the next step
+        # sessions whose KV is being moved here (disaggregated serving): on the stages before attach()
+        self._incoming = 0
+        # sessions the step in flight closes or opens for a check replay: still on the stages until it ran
+        self._in_step = 0
         self._checks = checks
         self.verify_prob = verify_prob if checks is not None else 0.0
         self._rng = random.Random(secrets.randbits(64))  # which steps are checked: unknown to the nodes
@@ -116,20 +129,41 @@ class Replica:
         with self._cond:
             return len(self._sessions)
 
+    def _used(self) -> int:
+        """Session slots its stages hold or are promised (under the lock): sessions, the next
+        step's check replays, sessions whose KV is being moved in (held before they attach), and
+        sessions finished or replayed here that the stages free only when the next step (or an
+        idle close) reaches them."""
+        return len(self._sessions) + len(self._tasks) + self._incoming + len(self._closing) + self._in_step
+
     def has_room(self) -> bool:
         with self._cond:
-            used = len(self._sessions) + len(self._tasks)
+            used = self._used()
         return self.state == "ready" and used < self.max_sessions
 
     def add_check(self, task) -> bool:
         """Run ``task`` (a CheckTask) in the next step; False when this chain cannot (not ready,
         stopping, or its stages have no session slot left for it)."""
         with self._cond:
-            if self._stop or self.state != "ready" or len(self._sessions) + len(self._tasks) >= self.max_sessions:
+            if self._stop or self.state != "ready" or self._used() >= self.max_sessions:
                 return False
             self._tasks.append(task)
             self._cond.notify_all()
         return True
+
+    def reserve(self) -> bool:
+        """Hold a session slot for a session whose KV is about to be moved here (its stages take it
+        in before :meth:`attach`); False when there is none. Give it back with :meth:`unreserve`
+        once the session attached or the move failed."""
+        with self._cond:
+            if self._stop or self.state != "ready" or self._used() >= self.max_sessions:
+                return False
+            self._incoming += 1
+        return True
+
+    def unreserve(self) -> None:
+        with self._cond:
+            self._incoming = max(0, self._incoming - 1)
 
     def release(self, s: Session, ticket: object) -> None:
         """A held token's check passed (or was void): give the client every pending token up to
@@ -251,13 +285,10 @@ class Replica:
                 batch = [s for s in self._sessions if s.runnable()]
                 closing, self._closing = self._closing, []
                 tasks, self._tasks = self._tasks, []
+                self._in_step = len(closing) + len(tasks)
             self._void(cancelled)
-            if not batch and not tasks:
-                if closing:
-                    self._close_idle(closing)
-                continue
             try:
-                self._step(batch, closing, link, tasks)
+                self._drive_once(batch, closing, link, tasks)
             except _ReplicaDown as exc:
                 for t in tasks:
                     t.done(None)
@@ -273,6 +304,20 @@ class Replica:
                             self._sessions.remove(s)
                 for s in batch:
                     s.fail(SwarmError("internal error while generating; see the coordinator's log"))
+
+    def _drive_once(self, batch: list[Session], closing: list[str], link: StepLink, tasks: list) -> None:
+        """One step (or, with nothing to step, the idle close of ``closing``); then the slots it
+        closed count as free again (:meth:`_used`), and the engine may attach waiting sessions."""
+        try:
+            if batch or tasks:
+                self._step(batch, closing, link, tasks)
+            elif closing:
+                self._close_idle(closing)
+        finally:
+            with self._cond:
+                freed, self._in_step = self._in_step, 0
+            if freed:
+                self._on_finish(self, None)
 
     def fail(self, reason: str) -> None:
         """Declare the replica failed from outside its driver (a node of it went offline): its

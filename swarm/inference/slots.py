@@ -23,6 +23,8 @@ thread-safe: the runtime calls it under its lock.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from swarm.errors import CapacityError
@@ -32,6 +34,14 @@ from swarm.model.stage import StageModel
 
 FIRST_CAPACITY = 8
 MAX_INDEX_SETS = 8  # sets of rows whose device index tensors are kept (:meth:`SlotCache.decode`)
+
+
+def slots_wanted(device: torch.device) -> bool:
+    """Whether a stage on ``device`` keeps its sessions in a slot cache: on CUDA, unless
+    ``SWARM_SLOT_CACHE=0``; elsewhere only with ``SWARM_SLOT_CACHE=1`` (tests run the GPU layout
+    through real node processes on a CPU that way)."""
+    flag = os.environ.get("SWARM_SLOT_CACHE", "")
+    return flag == "1" if flag in ("0", "1") else device.type == "cuda"
 
 
 def bucket(rows_needed: int, capacity: int) -> int:

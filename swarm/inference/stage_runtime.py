@@ -29,7 +29,7 @@ from swarm.inference.batch_groups import BatchGroups
 from swarm.inference.cache_pool import CachePool
 from swarm.inference.graphs import graphs_enabled, no_cudnn_attention
 from swarm.inference.sampling import SamplingParams, sample_batch
-from swarm.inference.slots import SlotCache
+from swarm.inference.slots import SlotCache, slots_wanted
 from swarm.model.kv_cache import KVCache
 from swarm.model.stage import StageModel
 
@@ -96,7 +96,8 @@ class StageRuntime:
         clock: Clock | None = None,
         slots: bool | None = None,
     ) -> None:
-        """``slots``: keep sessions in a slot cache (swarm/inference/slots.py); default: on CUDA."""
+        """``slots``: keep sessions in a slot cache (swarm/inference/slots.py); default:
+        :func:`swarm.inference.slots.slots_wanted` (CUDA, or as ``SWARM_SLOT_CACHE`` says)."""
         if max_seq_len < 1 or max_sessions < 1 or session_timeout_s <= 0:
             raise InvalidRequestError("max_seq_len, max_sessions and session_timeout_s must be positive")
         self.stage = stage.eval()
@@ -110,7 +111,7 @@ class StageRuntime:
         self.device, self.dtype = p.device, p.dtype
         no_cudnn_attention(self.device)
         if slots is None:
-            slots = self.device.type == "cuda"
+            slots = slots_wanted(self.device)
         # GPU: the slot cache and its decode steps, as CUDA graphs (swarm/inference/slots.py, graphs.py;
         # SWARM_CUDA_GRAPHS=0: off)
         self._slots = SlotCache(self.stage, max_rows=max_sessions, max_seq_len=self.max_seq_len,

@@ -10,7 +10,7 @@ import torch
 from swarm.clock import FakeClock
 from swarm.errors import CapacityError
 from swarm.inference.sampling import SamplingParams
-from swarm.inference.slots import FIRST_CAPACITY, bucket
+from swarm.inference.slots import FIRST_CAPACITY, bucket, slots_wanted
 from swarm.inference.stage_runtime import StageRuntime, StepEntry
 from swarm.model.checkpoint import load_stage
 from swarm.model.testing import make_tiny_checkpoint
@@ -211,3 +211,12 @@ def test_moving_a_cache_into_more_rows_keeps_every_row_and_gives_the_old_tensors
     for b, t in zip(before, moved.keys + moved.values):
         assert torch.equal(t[: b.shape[0]], b) and not t[b.shape[0]:].any()
     assert torch.equal(moved.lengths[:2], old.lengths[:2]) and not moved.lengths[2:].any()
+
+
+def test_the_layout_follows_the_device_unless_the_environment_says(monkeypatch):
+    monkeypatch.delenv("SWARM_SLOT_CACHE", raising=False)
+    assert slots_wanted(torch.device("cuda")) and not slots_wanted(torch.device("cpu"))
+    monkeypatch.setenv("SWARM_SLOT_CACHE", "1")
+    assert slots_wanted(torch.device("cpu"))
+    monkeypatch.setenv("SWARM_SLOT_CACHE", "0")
+    assert not slots_wanted(torch.device("cuda"))
