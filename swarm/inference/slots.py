@@ -2,10 +2,10 @@
 the same shapes whichever sessions take part, and one CUDA graph per batch size replays it.
 
 Why: with a batch cache per set of sessions (StageRuntime's groups, the CPU path), every change
-of that set (a session joins, finishes, or sits a step out) copied the rows into a new cache,
-ran its first step eagerly and recorded a new graph on the next. Eight sessions started a few
-steps apart changed the set a dozen times; on the H200 a 4-stage chain did a step of 8 sessions in
-8.3 ms while each session saw 21 ms per token (docs/benchmarks.md, issue 16).
+of that set (a session joins, finishes, or sits a step out, as one held for a spot check may)
+copied the rows into a new cache, ran its first step eagerly and recorded a new graph on the next.
+Measured on the H200 with spot checks off, same call: 8 sessions on 4 stages 750 -> 970 tok/s,
+1 session 6.51 -> 5.67 ms per token (docs/benchmarks.md, issue 16).
 
 Layout: one :class:`KVCache` of ``capacity`` rows and ``max_seq_len + 1`` positions. A session
 holds one row from its first step to its close (the lowest free row), so a step copies no cache.
@@ -72,10 +72,6 @@ class SlotCache:
     @property
     def capacity(self) -> int:
         return 0 if self.cache is None else self.cache.batch_size
-
-    @property
-    def used(self) -> int:
-        return self.capacity - len(self._free)
 
     def nbytes(self) -> int:
         return 0 if self.cache is None else self.cache.nbytes()

@@ -49,8 +49,9 @@ class KVCache:
         """``scratch_positions``: that many more positions allocated past ``max_length``, never
         attended to and never counted as room, for writes that must land somewhere harmless: the
         idle full rows of a fixed-shape decode step (swarm/inference/slots.py). Attention spans
-        stay within ``max_length`` (a span of 257 instead of 256 positions cost the H200 ~0.2 ms
-        per 12-layer step: the memory-efficient kernel pads an unaligned mask)."""
+        stay within ``max_length``: with the scratch position inside a 257-position span, a
+        12-layer step on the H200 ran ~0.2 ms slower than with 256 (likely the memory-efficient
+        kernel padding an unaligned mask; not isolated)."""
         if batch_size <= 0 or max_length <= 0 or num_layers < 0:
             raise InvalidRequestError(
                 f"KV cache needs positive batch_size and max_length (got {batch_size}, {max_length})"
@@ -192,8 +193,7 @@ class KVCache:
         afterwards; views of it must be dropped first, or they keep its memory."""
         if batch_size < self.batch_size:
             raise InvalidRequestError(f"cannot move a KV cache of {self.batch_size} rows into {batch_size}")
-        out = KVCache.__new__(KVCache)
-        out.config, out.max_length, out.scratch_positions = self.config, self.max_length, self.scratch_positions
+        out = self._shell()
         out.keys, out.values = [], []
         n = self.batch_size
         for src, dst in ((self.keys, out.keys), (self.values, out.values)):
@@ -212,11 +212,16 @@ class KVCache:
         writes through it, lengths included, lands here."""
         if not 0 <= start < stop <= self.batch_size:
             raise InvalidRequestError(f"rows [{start}, {stop}) of a KV cache of {self.batch_size}")
-        out = KVCache.__new__(KVCache)
-        out.config, out.max_length, out.scratch_positions = self.config, self.max_length, self.scratch_positions
+        out = self._shell()
         out.keys = [k[start:stop] for k in self.keys]
         out.values = [v[start:stop] for v in self.values]
         out.lengths = self.lengths[start:stop]
+        return out
+
+    def _shell(self) -> "KVCache":
+        """A cache object with this one's config, length and scratch positions, and no tensors yet."""
+        out = KVCache.__new__(KVCache)
+        out.config, out.max_length, out.scratch_positions = self.config, self.max_length, self.scratch_positions
         return out
 
     def _check_out(self, out: "KVCache", batch_size: int) -> "KVCache":
@@ -229,8 +234,7 @@ class KVCache:
         """A zeroed cache of ``batch_size`` rows with this one's layers, length, device and dtype.
         Zeros, not garbage: shorter rows' unfilled positions are read with weight 0, and 0 * NaN
         would poison the batch."""
-        out = KVCache.__new__(KVCache)
-        out.config, out.max_length, out.scratch_positions = self.config, self.max_length, self.scratch_positions
+        out = self._shell()
         shape = (batch_size, *self.keys[0].shape[1:]) if self.keys else None
         out.keys = [torch.zeros(shape, dtype=k.dtype, device=k.device) for k in self.keys]
         out.values = [torch.zeros(shape, dtype=v.dtype, device=v.device) for v in self.values]
