@@ -81,6 +81,7 @@ Protocol (coordinator side; the commitments and the decision are swarm/inference
 from __future__ import annotations
 
 import logging
+import secrets
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -88,6 +89,7 @@ from dataclasses import dataclass, replace
 from coordinator.inference.probation import Probations
 from coordinator.inference.referee import Referee, RefereeReplays, kv_reference
 from swarm.clock import SystemClock
+from swarm.inference.commit_sig import COMMIT_KEY_BYTES, derive_commit_key
 from swarm.inference.referee import REFEREE_FLOPS_PER_S
 from swarm.inference.stage_runtime import StepEntry
 from swarm.inference.verify import ChainResult, Reference, agree, resolve, resolve_by_reference
@@ -175,13 +177,21 @@ class Checks:
         self.probation = probation or Probations()
         self.replays = RefereeReplays(self.referee, clock or SystemClock(), tokens_per_s=referee_tokens_per_s,
                                       flops_per_s=referee_flops_per_s)
+        # the nodes' commit keys derive from it (swarm/inference/commit_sig.py); a restarted
+        # coordinator has a new one, and its stages get their new keys when they confirm again
+        self._commit_secret = secrets.token_bytes(COMMIT_KEY_BYTES)
 
     def close(self) -> None:
         self.replays.close()
 
     def public_key(self, node_id: str) -> bytes:
-        """The identity key ``node_id`` registered (its step commitments are signed with it)."""
+        """The identity key ``node_id`` registered (a stage without a commit key signs with it)."""
         return self.engine.app.registry.public_key(node_id)
+
+    def commit_key(self, model: str, node_id: str, stage: int) -> bytes:
+        """The key ``node_id`` authenticates its commitments for ``stage`` of ``model`` with
+        (handed to that node alone, in its ConfirmAssignment reply)."""
+        return derive_commit_key(self._commit_secret, node_id=node_id, model=model, stage=stage)
 
     def watched(self, serving) -> bool:
         """Whether ``serving`` holds a node on probation: every window of its sessions is checked."""

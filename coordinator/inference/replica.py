@@ -480,7 +480,8 @@ class Replica:
         """Per stage, whether its commitments in ``reply`` carry its node's signature for this step
         (swarm/inference/commit_sig.py): the stages before it relay them."""
         return authentic_stages(reply, model=self.model, nonce=nonce, node_ids=[st.node_id for st in self.stages],
-                                public_key=self._checks.public_key)
+                                public_key=self._checks.public_key,
+                                commit_key=lambda node_id, k: self._checks.commit_key(self.model, node_id, k))
 
     def _result(self, commits: list, token: int, *, fresh: bool = True, pushed: bool = False,
                 pushed_kv: tuple = (), authentic: list[bool] | None = None) -> ChainResult:

@@ -154,7 +154,11 @@ class InferenceGatewayServicer(pb_grpc.InferenceGatewayServicer):
     def ConfirmAssignment(self, request, context) -> pb.ServeConfirmReply:
         node_id = self.app.authenticate_node(context)
         capability = self.engine.confirm(node_id, request.assignment)
-        return pb.ServeConfirmReply(confirmed=capability is not None, step_capability=capability or "")
+        if capability is None:
+            return pb.ServeConfirmReply(confirmed=False)
+        a = request.assignment
+        return pb.ServeConfirmReply(confirmed=True, step_capability=capability,
+                                    commit_key=self.engine.checks.commit_key(a.model_name, node_id, a.stage))
 
     @grpc_errors
     def ConfirmShardFetch(self, request, context) -> pb.ServeConfirmFetchReply:

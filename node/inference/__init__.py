@@ -47,15 +47,16 @@ class InferencePlugin(NodePlugin):
         stub = pb_grpc.InferenceGatewayStub(self.host.coordinator_channel)
         return stub.FetchShard(req, metadata=self.host.call_metadata(), timeout=600)
 
-    def _confirm(self, assignment) -> str | None:
-        """The chain's step capability if the coordinator issued this assignment, else None."""
+    def _confirm(self, assignment) -> tuple[str, bytes] | None:
+        """(the chain's step capability, this stage's commit key) if the coordinator issued this
+        assignment, else None."""
         stub = pb_grpc.InferenceGatewayStub(self.host.coordinator_channel)
         try:
             reply = stub.ConfirmAssignment(pb.ServeConfirmRequest(assignment=assignment),
                                            metadata=self.host.call_metadata(), timeout=10)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, "coordinator") from exc
-        return reply.step_capability if reply.confirmed and reply.step_capability else None
+        return (reply.step_capability, bytes(reply.commit_key)) if reply.confirmed and reply.step_capability else None
 
     def _confirm_fetch(self, node_id: str, model_name: str) -> bool:
         """Whether the coordinator placed ``node_id`` on ``model_name`` (it may fetch our shard)."""

@@ -80,6 +80,7 @@ class _Loaded:
     shard_dir: Path
     next_stubs: RenewingStub | None  # to the next stage (TLS, rebuilt after a certificate renewal)
     capability: str  # the chain's step capability; "" only without a coordinator (tests)
+    commit_key: bytes = b""  # authenticates this stage's commitments (commit_sig.py); b"": it signs them
 
 
 class InferenceStageServicer(pb_grpc.InferenceStageServicer):
@@ -93,7 +94,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         state_dir: Path,
         open_coordinator_shard: Callable[[pb.ServeFetchShardRequest], Iterator[pb.ServeShardChunk]],
         on_change: Callable[[dict], None] | None = None,
-        confirm: Callable[[pb.ServeStageAssignment], str | None] | None = None,
+        confirm: Callable[[pb.ServeStageAssignment], str | tuple[str, bytes] | None] | None = None,
         traffic=None,
         security=None,
         identify: Callable[[object], str] | None = None,
@@ -102,7 +103,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         sign: Callable[[bytes], bytes] | None = None,
     ) -> None:
         """``confirm`` asks the coordinator whether it issued an assignment and returns the
-        chain's step capability (None: not issued). Without ``confirm`` (tests without a
+        chain's step capability, or (capability, this stage's commit key) (None: not issued). Without ``confirm`` (tests without a
         coordinator) assignments are trusted and stage calls need no capability.
         ``security`` (swarm.transport.tls): channels to peers; ``identify(context)``: the caller
         from its certificate (None: callers are not checked -- tests without a coordinator);
@@ -229,9 +230,10 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         validate_assignment(a)
         if a.dtype not in DTYPES:
             raise InvalidRequestError(f"dtype {a.dtype!r} unsupported; use float32, float16 or bfloat16")
-        capability = ""
+        capability, commit_key = "", b""
         if self._confirm is not None:
-            capability = self._confirm(a) or ""
+            got = self._confirm(a)
+            capability, commit_key = got if isinstance(got, tuple) else (got or "", b"")
             if not capability:
                 raise PermissionDeniedError(
                     f"the coordinator did not issue this assignment (model {a.model_name!r} replica {a.replica} "
@@ -240,7 +242,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         with self._lock:
             held = self._stages.get((a.model_name, a.replica))
         if held is not None and same_weights(held.assignment, a):
-            return self._relink(a, held, capability, t0)
+            return self._relink(a, held, capability, commit_key, t0)
         with self._load_lock:  # one load at a time: bounded memory and disk use
             shard_dir = self.state_dir / safe_dir(a.model_name) / f"{a.model_digest[:16]}-{a.first_layer}-{a.last_layer_excl}"
             fetch = pb.ServeFetchShardRequest(
@@ -272,7 +274,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                     lambda: data_channel(a.next_address, security=self.security, node_id=a.next_node_id or None),
                     pb_grpc.InferenceStageStub, self.security)
             loaded = _Loaded(assignment=a, runtime=runtime, shard_dir=shard_dir, next_stubs=next_stubs,
-                             capability=capability)
+                             capability=capability, commit_key=commit_key)
             with self._lock:
                 old = self._stages.get((a.model_name, a.replica))
                 self._stages[(a.model_name, a.replica)] = loaded
@@ -284,7 +286,8 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         self._changed()
         return pb.ServeLoadStageReply(node_id=self.node_id, loaded_bytes=nbytes, load_s=dt)
 
-    def _relink(self, a: pb.ServeStageAssignment, held: _Loaded, capability: str, t0: float) -> pb.ServeLoadStageReply:
+    def _relink(self, a: pb.ServeStageAssignment, held: _Loaded, capability: str, commit_key: bytes,
+                t0: float) -> pb.ServeLoadStageReply:
         """Take a new assignment for the layers already loaded: new neighbours and capability,
         same weights and runtime (sessions replay with reset entries)."""
         next_stubs = None
@@ -293,7 +296,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 lambda: data_channel(a.next_address, security=self.security, node_id=a.next_node_id or None),
                 pb_grpc.InferenceStageStub, self.security)
         loaded = _Loaded(assignment=a, runtime=held.runtime, shard_dir=held.shard_dir, next_stubs=next_stubs,
-                         capability=capability)
+                         capability=capability, commit_key=commit_key)
         with self._lock:
             self._stages[(a.model_name, a.replica)] = loaded
         if held.next_stubs is not None:
@@ -358,7 +361,8 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
     def _step(self, loaded: _Loaded, request: pb.ServeStepRequest,
               forward: Callable[[pb.ServeStepRequest], pb.ServeStepReply], hop: tuple | None) -> pb.ServeStepReply:
         """Run one step on this stage and forward it (node/inference/step.py)."""
-        return self._runner.step(loaded.assignment, loaded.runtime, request, forward, hop)
+        return self._runner.step(loaded.assignment, loaded.runtime, request, forward, hop,
+                                 commit_key=loaded.commit_key)
 
     @grpc_errors
     def CloseSession(self, request: pb.ServeCloseSessionRequest, context) -> pb.ServeCloseSessionReply:

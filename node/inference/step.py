@@ -27,7 +27,7 @@ import torch
 
 from swarm.errors import InvalidRequestError, PeerError, SwarmError
 from swarm.faults import FaultConfig, FaultInjector
-from swarm.inference.commit_sig import MAX_NONCE_BYTES, keep_later, sign_stage
+from swarm.inference.commit_sig import MAX_NONCE_BYTES, keep_later, mac_stage, sign_stage
 from swarm.inference.stage_runtime import StageRuntime
 from swarm.inference.verify import sketch_rows_done, sketch_rows_start
 from swarm.proto.v1 import inference_pb2 as pb
@@ -58,10 +58,13 @@ class StepRunner:
         self.tokens = 0
 
     def step(self, a: pb.ServeStageAssignment, rt: StageRuntime, request: pb.ServeStepRequest,
-             forward: Callable[[pb.ServeStepRequest], pb.ServeStepReply], hop: tuple | None) -> pb.ServeStepReply:
+             forward: Callable[[pb.ServeStepRequest], pb.ServeStepReply], hop: tuple | None, *,
+             commit_key: bytes = b"") -> pb.ServeStepReply:
         """Run one step of assignment ``a`` on its runtime ``rt``; unless last, ``forward`` it to
         the next stage (``hop``: (stubs, capability, replica, node id, address), from the
-        servicer's ``_next_hop``) and return that stage's reply (its errors raised as SwarmErrors)."""
+        servicer's ``_next_hop``) and return that stage's reply (its errors raised as SwarmErrors).
+        ``commit_key``: the stage's key from the coordinator (its commitments carry a MAC with it;
+        b"": an Ed25519 signature instead)."""
         marks = {"in": _TRACE.now()} if _TRACE.enabled else None
         if request.stage != a.stage:
             raise InvalidRequestError(
@@ -106,7 +109,7 @@ class StepRunner:
                                       commitments=self._commitments(a, entries, ends, hidden, logits, last=True))
             reply.commitments.extend(point_commitments(a.stage, entries, points, hidden, kept, last=True,
                                                        sample=rt.sample))
-            self._signed(reply, a, request.step_nonce, last=True)
+            self._signed(reply, a, request.step_nonce, commit_key, last=True)
             if a.stage > 0 and self.traffic is not None:
                 self.traffic.add_sent(reply.ByteSize())
             self._trace(marks, "out", entries, a)
@@ -154,15 +157,21 @@ class StepRunner:
             keep_later(reply, a.stage)  # a later stage cannot speak for this one or an earlier one
         reply.commitments.extend(self._commitments_done(a, entries, ends, pending))
         reply.commitments.extend(point_commitments(a.stage, entries, points, hidden, out, last=False))
-        self._signed(reply, a, request.step_nonce, last=False)
+        self._signed(reply, a, request.step_nonce, commit_key, last=False)
         if self.traffic is not None and a.stage > 0:
             self.traffic.add_sent(reply.ByteSize())
         self._trace(marks, "out", entries, a)
         return reply
 
-    def _signed(self, reply: pb.ServeStepReply, a: pb.ServeStageAssignment, nonce: bytes, *, last: bool) -> None:
-        """Sign this stage's commitments in ``reply`` for the step of ``nonce`` (when it asked some)."""
-        if nonce and self._sign is not None:
+    def _signed(self, reply: pb.ServeStepReply, a: pb.ServeStageAssignment, nonce: bytes, key: bytes, *,
+                last: bool) -> None:
+        """Authenticate this stage's commitments in ``reply`` for the step of ``nonce`` (when it asked
+        some): a MAC with its commit ``key``, else its identity's signature."""
+        if not nonce:
+            return
+        if key:
+            mac_stage(reply, model=a.model_name, stage=a.stage, nonce=nonce, last=last, key=key)
+        elif self._sign is not None:
             sign_stage(reply, model=a.model_name, stage=a.stage, nonce=nonce, last=last, sign=self._sign)
 
     @staticmethod

@@ -12,20 +12,30 @@ Protocol (node/inference/step.py, coordinator/inference/replica.py):
   unchanged to every stage.
 - Each stage, once it made its own commitments, drops any commitment or signature in the reply
   coming back that claims its stage or an earlier one (a later stage cannot speak for it), appends
-  its commitments and a :class:`ServeStageSignature`: its node identity's Ed25519 signature over
-  :func:`stage_payload` (model, stage, nonce, its commitments in reply order and, on the last
-  stage, the tokens).
+  its commitments and a :class:`ServeStageSignature` over :func:`stage_payload` (model, stage,
+  nonce, its commitments in reply order and, on the last stage, the tokens):
+  - ``mac``: HMAC-SHA256 with the stage's *commit key* (:func:`mac_stage`). The coordinator
+    derives one key per (node, model, stage) from a secret of its own (:func:`derive_commit_key`)
+    and hands it to that node alone, in the ConfirmAssignment reply of its authenticated call; no
+    other node knows it, so a relaying stage can forge a MAC no better than a signature.
+  - ``signature``: the node identity's Ed25519 signature (:func:`sign_stage`), for a stage that
+    got no commit key (a coordinator older than commit keys; tests without a coordinator).
+  Why a MAC: the coordinator is the only verifier, and a stage signs every step while checks can
+  run. Measured on a 2-core CPU for one entry: Ed25519 signing 29 us and verifying ~125 us per
+  stage, HMAC 1.6 us (docs/benchmarks.md, "Signed commitments ... what they cost").
 - The coordinator (:func:`authentic_stages`) checks, for the steps whose commitments it weighs,
-  each stage's signature against the public key that stage's node registered. A stage whose
-  signature is missing or wrong has commitments nobody can vouch for: a relaying stage altered
-  them or it sent none, and which cannot be told, so a check never blames on them (verify.py
-  ``judge``).
+  each stage's MAC against the key it derives for that stage's node, or else its signature
+  against the public key that node registered. A stage whose MAC or signature is missing or
+  wrong has commitments nobody can vouch for: a relaying stage altered them or it sent none, and
+  which cannot be told, so a check never blames on them (verify.py ``judge``).
 
 Pure apart from the signature check.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 from collections.abc import Callable, Iterable, Sequence
 
@@ -35,6 +45,18 @@ from swarm.proto.v1 import inference_pb2 as pb
 PAYLOAD_VERSION = b"swarm-step-commit-v1"
 NONCE_BYTES = 12
 MAX_NONCE_BYTES = 64
+COMMIT_KEY_BYTES = 32
+_KEY_LABEL = b"swarm-commit-key-v1"
+
+
+def derive_commit_key(secret: bytes, *, node_id: str, model: str, stage: int) -> bytes:
+    """The commit key of ``node_id`` for ``stage`` of ``model`` under the coordinator's ``secret``."""
+    msg = b"".join([_KEY_LABEL, _blob(node_id.encode()), _blob(model.encode()), struct.pack("<i", stage)])
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def _mac(key: bytes, payload: bytes) -> bytes:
+    return hmac.new(key, payload, hashlib.sha256).digest()
 
 
 def _blob(b: bytes) -> bytes:
@@ -79,24 +101,39 @@ def sign_stage(reply: pb.ServeStepReply, *, model: str, stage: int, nonce: bytes
     reply.signatures.append(pb.ServeStageSignature(stage=stage, signature=sign(payload)))
 
 
+def mac_stage(reply: pb.ServeStepReply, *, model: str, stage: int, nonce: bytes, last: bool, key: bytes) -> None:
+    """Append ``stage``'s MAC (its commit key) over its commitments in ``reply`` (and the tokens when ``last``)."""
+    payload = stage_payload(model=model, stage=stage, nonce=nonce, commitments=own_commitments(reply, stage),
+                            tokens=list(reply.token_ids) if last else ())
+    reply.signatures.append(pb.ServeStageSignature(stage=stage, mac=_mac(key, payload)))
+
+
 def authentic_stages(reply: pb.ServeStepReply, *, model: str, nonce: bytes, node_ids: Sequence[str],
-                     public_key: Callable[[str], bytes]) -> list[bool]:
+                     public_key: Callable[[str], bytes],
+                     commit_key: Callable[[str, int], bytes | None] | None = None) -> list[bool]:
     """Per stage of the chain (``node_ids`` in stage order): whether its commitments in ``reply``
-    carry its node's signature for this step (the first signature naming the stage counts;
-    ``public_key(node_id)`` the key it registered, raising or returning b"" when unknown)."""
-    sigs: dict[int, bytes] = {}
+    carry its node's MAC or signature for this step (the first entry naming the stage counts;
+    ``commit_key(node_id, stage)`` the key the coordinator gave that node, None when it gave
+    none; ``public_key(node_id)`` the key it registered, raising or returning b"" when unknown).
+    A MAC counts only with the key; a signature always can (a node older than commit keys
+    ignores the key it was given and signs, which no other node can forge either)."""
+    sigs: dict[int, pb.ServeStageSignature] = {}
     for s in reply.signatures[: 4 * max(1, len(node_ids))]:
-        sigs.setdefault(int(s.stage), bytes(s.signature))
+        sigs.setdefault(int(s.stage), s)
     out = []
     for k, node_id in enumerate(node_ids):
         sig = sigs.get(k)
-        if not sig:
+        if sig is None or not (sig.mac or sig.signature):
             out.append(False)
             continue
         payload = stage_payload(model=model, stage=k, nonce=nonce, commitments=own_commitments(reply, k),
                                 tokens=list(reply.token_ids) if k == len(node_ids) - 1 else ())
+        key = commit_key(node_id, k) if commit_key is not None and sig.mac else None
+        if key:
+            out.append(hmac.compare_digest(bytes(sig.mac), _mac(key, payload)))
+            continue
         try:
-            out.append(verify_signature(public_key(node_id), sig, payload) == node_id)
+            out.append(bool(sig.signature) and verify_signature(public_key(node_id), bytes(sig.signature), payload) == node_id)
         except Exception:  # noqa: BLE001 -- a bad signature (AuthError), an unknown node: not vouched for
             out.append(False)
     return out

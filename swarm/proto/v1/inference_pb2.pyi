@@ -50,7 +50,7 @@ class ServeRouteHop(_message.Message):
     def __init__(self, replica: _Optional[int] = ..., node_id: _Optional[str] = ..., address: _Optional[str] = ..., capability: _Optional[str] = ...) -> None: ...
 
 class ServeStepRequest(_message.Message):
-    __slots__ = ("model_name", "replica", "stage", "entries", "hidden", "close_session_ids", "hidden_codec", "commit_session_ids", "route", "commit_points", "step_nonce")
+    __slots__ = ("model_name", "replica", "stage", "entries", "hidden", "close_session_ids", "hidden_codec", "commit_session_ids", "route", "commit_points", "step_nonce", "hidden_raw", "hidden_dtype")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,8 @@ class ServeStepRequest(_message.Message):
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     COMMIT_POINTS_FIELD_NUMBER: _ClassVar[int]
     STEP_NONCE_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_RAW_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     replica: int
     stage: int
@@ -73,7 +75,9 @@ class ServeStepRequest(_message.Message):
     route: _containers.RepeatedCompositeFieldContainer[ServeRouteHop]
     commit_points: _containers.RepeatedCompositeFieldContainer[ServeCommitPoints]
     step_nonce: bytes
-    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ServeSessionEntry, _Mapping]]] = ..., hidden: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., close_session_ids: _Optional[_Iterable[str]] = ..., hidden_codec: _Optional[str] = ..., commit_session_ids: _Optional[_Iterable[str]] = ..., route: _Optional[_Iterable[_Union[ServeRouteHop, _Mapping]]] = ..., commit_points: _Optional[_Iterable[_Union[ServeCommitPoints, _Mapping]]] = ..., step_nonce: _Optional[bytes] = ...) -> None: ...
+    hidden_raw: bytes
+    hidden_dtype: str
+    def __init__(self, model_name: _Optional[str] = ..., replica: _Optional[int] = ..., stage: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ServeSessionEntry, _Mapping]]] = ..., hidden: _Optional[_Iterable[_Union[_tensor_pb2.TensorChunk, _Mapping]]] = ..., close_session_ids: _Optional[_Iterable[str]] = ..., hidden_codec: _Optional[str] = ..., commit_session_ids: _Optional[_Iterable[str]] = ..., route: _Optional[_Iterable[_Union[ServeRouteHop, _Mapping]]] = ..., commit_points: _Optional[_Iterable[_Union[ServeCommitPoints, _Mapping]]] = ..., step_nonce: _Optional[bytes] = ..., hidden_raw: _Optional[bytes] = ..., hidden_dtype: _Optional[str] = ...) -> None: ...
 
 class ServeCommitPoints(_message.Message):
     __slots__ = ("session_id", "positions")
@@ -114,12 +118,14 @@ class ServeStepReply(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., compute_s: _Optional[float] = ..., commitments: _Optional[_Iterable[_Union[ServeCommitment, _Mapping]]] = ..., stage_compute_s: _Optional[_Iterable[float]] = ..., signatures: _Optional[_Iterable[_Union[ServeStageSignature, _Mapping]]] = ...) -> None: ...
 
 class ServeStageSignature(_message.Message):
-    __slots__ = ("stage", "signature")
+    __slots__ = ("stage", "signature", "mac")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     stage: int
     signature: bytes
-    def __init__(self, stage: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    mac: bytes
+    def __init__(self, stage: _Optional[int] = ..., signature: _Optional[bytes] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class ServeCloseSessionRequest(_message.Message):
     __slots__ = ("model_name", "replica", "session_ids")
@@ -468,12 +474,14 @@ class ServeConfirmRequest(_message.Message):
     def __init__(self, assignment: _Optional[_Union[ServeStageAssignment, _Mapping]] = ...) -> None: ...
 
 class ServeConfirmReply(_message.Message):
-    __slots__ = ("confirmed", "step_capability")
+    __slots__ = ("confirmed", "step_capability", "commit_key")
     CONFIRMED_FIELD_NUMBER: _ClassVar[int]
     STEP_CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_KEY_FIELD_NUMBER: _ClassVar[int]
     confirmed: bool
     step_capability: str
-    def __init__(self, confirmed: _Optional[bool] = ..., step_capability: _Optional[str] = ...) -> None: ...
+    commit_key: bytes
+    def __init__(self, confirmed: _Optional[bool] = ..., step_capability: _Optional[str] = ..., commit_key: _Optional[bytes] = ...) -> None: ...
 
 class ServeConfirmFetchRequest(_message.Message):
     __slots__ = ("model_name", "node_id")

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from node.inference.servicer import InferenceStageServicer
+from swarm.inference.commit_sig import authentic_stages, derive_commit_key
 from swarm.errors import AuthError, InvalidRequestError, PeerError, PermissionDeniedError
 from swarm.inference.local import generate_local
 from swarm.inference.sampling import SamplingParams
@@ -33,11 +34,11 @@ def _id(name: str) -> str:
     return hashlib.md5(name.encode()).hexdigest()  # a node id: 32 hex characters
 
 
-def start_stage_server(pki: TestPki, tmp_path, name, ckpt_dir):
+def start_stage_server(pki: TestPki, tmp_path, name, ckpt_dir, confirm=lambda a: CAP):
     sec = pki.node(_id(name))
     servicer = InferenceStageServicer(security=sec, node_id=_id(name), device="cpu", state_dir=tmp_path / name,
                                       open_coordinator_shard=lambda req: serve_shard(ckpt_dir, req),
-                                      confirm=lambda a: CAP, identify=TlsSecurity.peer_identity)
+                                      confirm=confirm, identify=TlsSecurity.peer_identity)
     server = make_server(max_message_bytes=DATA_MAX_MESSAGE_BYTES, max_workers=6)
     pb_grpc.add_InferenceStageServicer_to_server(servicer, server)
     port = bind(server, "127.0.0.1", 0, security=sec)
@@ -154,3 +155,48 @@ def test_a_step_past_its_deadline_cancels_the_stream_and_the_next_step_reopens()
     with pytest.raises(PeerError):
         link.step(pb.ServeStepRequest(), timeout_s=0.01)
     assert len(opened) == 2  # a new stream for the next step
+
+
+def test_stages_given_commit_keys_authenticate_their_commitments_with_them(tmp_path):
+    """The coordinator's ConfirmAssignment hands each stage its commit key: the stages MAC their
+    commitments with it (no Ed25519 signature per step), and the coordinator, deriving the same
+    keys, vouches for them; a key the stage was not given does not."""
+    d = tmp_path / "ckpt"
+    make_tiny_checkpoint(d, "gpt2", num_layers=3, hidden_size=32, num_heads=4)
+    pki = TestPki(tmp_path / "ca")
+    secret = b"k" * 32
+
+    def key(node: str, stage: int) -> bytes:
+        return derive_commit_key(secret, node_id=node, model="m", stage=stage)
+
+    def confirm(name):
+        return lambda a: (CAP, key(_id(name), a.stage))
+
+    s1, a1 = start_stage_server(pki, tmp_path, "b", d, confirm("b"))
+    s0, a0 = start_stage_server(pki, tmp_path, "a", d, confirm("a"))
+    try:
+        with data_channel(a0, security=pki.coordinator(), node_id=_id("a")) as c0, \
+                data_channel(a1, security=pki.coordinator(), node_id=_id("b")) as c1:
+            st0, st1 = pb_grpc.InferenceStageStub(c0), pb_grpc.InferenceStageStub(c1)
+            st1.LoadStage(pb.ServeLoadStageRequest(assignment=assignment(1, 2, 2, 3, prev_node=_id("a"))), timeout=30)
+            st0.LoadStage(pb.ServeLoadStageRequest(assignment=assignment(0, 2, 0, 2, a1, next_node=_id("b"))),
+                          timeout=30)
+            link = StepLink(st0.StepStream, metadata=step_metadata(CAP), what="stage 0")
+            req = pb.ServeStepRequest(model_name="m", replica=0, stage=0, step_nonce=b"n" * 12, commit_session_ids=["g"],
+                                      entries=[pb.ServeSessionEntry(session_id="g", start_position=0, num_tokens=3,
+                                                                    token_ids=[3, 1, 4])])
+            reply = link.step(req, timeout_s=30)
+            link.close()
+        assert sorted(sg.stage for sg in reply.signatures) == [0, 1]
+        assert all(len(sg.mac) == 32 and not sg.signature for sg in reply.signatures)
+        nodes = [_id("a"), _id("b")]
+        no_key = {n: b"" for n in nodes}.__getitem__
+        assert authentic_stages(reply, model="m", nonce=b"n" * 12, node_ids=nodes, public_key=no_key,
+                                commit_key=lambda n, k: key(n, k)) == [True, True]
+        other = b"o" * 32
+        assert authentic_stages(reply, model="m", nonce=b"n" * 12, node_ids=nodes, public_key=no_key,
+                                commit_key=lambda n, k: derive_commit_key(other, node_id=n, model="m", stage=k)) \
+            == [False, False]
+    finally:
+        s0.stop(0)
+        s1.stop(0)
