@@ -25,7 +25,7 @@ from swarm.transport.errors import error_from_rpc
 from swarm.transport.inference import step_metadata
 from swarm.transport.lazy_channels import RenewingStub
 from swarm.transport.step_link import StepLink
-from swarm.transport.step_wire import wire_target
+from swarm.transport.step_wire import spin_setting, wire_target
 
 MAX_PEER_CHANNELS = 64  # channels to other chains' stages kept open; the oldest is closed first
 
@@ -106,7 +106,7 @@ def next_link(security, stage: int, hop: tuple) -> StepLink:
     stubs, capability, _, node_id, address = hop
     return StepLink(lambda requests, metadata: stubs.stub.StepStream(requests, metadata=metadata),
                     metadata=step_metadata(capability), what=f"stage {stage} at {address}",
-                    wire=wire_target(security, address, node_id, stubs.stub))
+                    wire=wire_target(security, address, node_id, stubs.stub, spin_s=spin_setting()))
 
 
 def forward_unary(hop: tuple | None, nxt: pb.ServeStepRequest, *, timeout_s: float) -> pb.ServeStepReply:

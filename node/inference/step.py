@@ -4,7 +4,8 @@ Protocol (the servicer, node/inference/servicer.py, authorizes the caller and pi
 hop first; this runs what it accepted):
 
 - Parse: the entries (bounded, validated) and, after the first stage, the packed hidden states
-  (shape, dtype, checksum, finite; swarm/transport/inference.py). The previous stage's sessions
+  (codec ``none``: raw bytes, ``int8``: chunks with a checksum; size, dtype and finite checked
+  either way; swarm/transport/inference.py). The previous stage's sessions
   named in ``close_session_ids`` are freed first.
 - Compute the stage's layers for every entry (swarm/inference/stage_runtime.py). The last stage
   samples one token per entry and answers; any other stage packs its output (only the rows
@@ -32,7 +33,7 @@ from swarm.inference.stage_runtime import StageRuntime
 from swarm.inference.verify import sketch_rows_done, sketch_rows_start
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.steptrace import StepTrace
-from swarm.transport.inference import entries_from_pb, hidden_from_chunks, hidden_to_chunks
+from swarm.transport.inference import entries_from_pb, hidden_fields, hidden_from_request
 
 from node.inference.commitments import commit_points, point_commitments
 from node.inference.routing import replayed_here
@@ -74,13 +75,14 @@ class StepRunner:
             raise InvalidRequestError(f"step_nonce of {len(request.step_nonce)} bytes; at most {MAX_NONCE_BYTES}")
         if request.close_session_ids:
             rt.close(list(request.close_session_ids)[:4096])
-        entries = entries_from_pb(request.entries, need_tokens=a.stage == 0)
+        entries = entries_from_pb(request.entries, need_tokens=a.stage == 0,
+                                  need_sampling=a.stage == a.num_stages - 1)  # only the last stage samples
         hidden = None
         if a.stage > 0:  # the request came from the previous stage's node: peer traffic
             if self.traffic is not None:
                 self.traffic.add_received(request.ByteSize())
-            hidden = hidden_from_chunks(
-                request.hidden,
+            hidden = hidden_from_request(
+                request,
                 num_tokens=sum(e.num_tokens for e in entries),
                 hidden_size=rt.stage.config.hidden_size,
                 boundary=a.stage - 1,
@@ -126,7 +128,7 @@ class StepRunner:
             replica=hop[2],
             stage=a.stage + 1,
             entries=fwd_entries,  # as received (validated above): a copy in C, no rebuilding
-            hidden=hidden_to_chunks(
+            **hidden_fields(
                 fwd_out, codec=a.hidden_codec or "none", label=f"{a.model_name}/{a.replica}",
                 boundary=a.stage, replica=hop[2], sender_id=self.node_id,  # the receiving stage's replica
             ),

@@ -98,8 +98,12 @@ def entries_to_pb(entries: list[StepEntry], *, with_tokens: bool) -> list[pb.Ser
     ]
 
 
-def entries_from_pb(msgs, *, need_tokens: bool) -> list[StepEntry]:
-    """Domain entries from a StepRequest, bounded and validated (raises InvalidRequestError)."""
+_NO_SAMPLING = SamplingParams()
+
+
+def entries_from_pb(msgs, *, need_tokens: bool, need_sampling: bool = True) -> list[StepEntry]:
+    """Domain entries from a StepRequest, bounded and validated (raises InvalidRequestError).
+    ``need_sampling`` False (a stage that samples nothing): the entries' sampling is not read."""
     if not 1 <= len(msgs) <= MAX_ENTRIES:
         raise InvalidRequestError(f"a step carries 1..{MAX_ENTRIES} session entries, got {len(msgs)}")
     total = sum(int(m.num_tokens) for m in msgs)
@@ -116,7 +120,7 @@ def entries_from_pb(msgs, *, need_tokens: bool) -> list[StepEntry]:
                 num_tokens=int(m.num_tokens),
                 token_ids=tuple(int(t) for t in m.token_ids) if need_tokens else (),
                 reset=bool(m.reset),
-                sampling=sampling_from_pb(m.sampling),
+                sampling=sampling_from_pb(m.sampling) if need_sampling else _NO_SAMPLING,
                 replay_stages=int(m.replay_stages),
             )
         )
@@ -150,6 +154,38 @@ def hidden_to_chunks(
         replica=replica,
     )
     return list(wire.to_chunks(wire.WireTensor(header=header, payload=payload)))
+
+
+def hidden_fields(hidden: torch.Tensor, *, codec: str, label: str, boundary: int, replica: int,
+                  sender_id: str) -> dict:
+    """The ServeStepRequest fields carrying packed hidden states (N, H) to the next stage: codec
+    ``none`` as raw bytes (``hidden_raw``, ``hidden_dtype``: the decode hot path, no chunk framing),
+    ``int8`` as TensorChunks (``hidden``)."""
+    check_codec(codec)
+    if codec == "none":
+        return {"hidden_raw": wire.raw_encode(hidden), "hidden_dtype": wire.dtype_name(hidden.dtype)}
+    return {"hidden": hidden_to_chunks(hidden, codec=codec, label=label, boundary=boundary, replica=replica,
+                                       sender_id=sender_id)}
+
+
+RAW_HIDDEN_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def hidden_from_request(request: pb.ServeStepRequest, *, num_tokens: int, hidden_size: int, boundary: int,
+                        replica: int) -> torch.Tensor:
+    """The (num_tokens, hidden_size) float tensor a step carries (``hidden_raw`` or ``hidden``),
+    fully validated: size, dtype, finite (raises InvalidRequestError saying what is wrong)."""
+    if request.hidden_raw:
+        if request.hidden:
+            raise InvalidRequestError("a step carries its hidden states either raw (hidden_raw) or as chunks, not both")
+        if request.hidden_dtype not in RAW_HIDDEN_DTYPES:
+            raise InvalidRequestError(f"hidden_dtype {request.hidden_dtype[:32]!r} unsupported; use one of "
+                                      f"{', '.join(RAW_HIDDEN_DTYPES)}")
+        x = wire.raw_decode(request.hidden_raw, shape=(num_tokens, hidden_size), dtype=request.hidden_dtype)
+        wire.check_finite(x, what="hidden states")
+        return x
+    return hidden_from_chunks(request.hidden, num_tokens=num_tokens, hidden_size=hidden_size, boundary=boundary,
+                              replica=replica)
 
 
 def hidden_from_chunks(chunks, *, num_tokens: int, hidden_size: int, boundary: int, replica: int) -> torch.Tensor:

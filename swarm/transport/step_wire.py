@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import select
 import socket
 import ssl
 import struct
@@ -66,6 +68,31 @@ CONNECT_S = 3.0
 MAX_CONNECTIONS = 64
 MAX_PER_CALLER = 32
 READ_CHUNK = 1 << 20
+SPIN_ENV = "SWARM_STEP_SPIN_US"
+
+
+def spin_setting() -> float:
+    """Seconds a node's step-wire reads busy-poll their socket before blocking
+    (``SWARM_STEP_SPIN_US``, microseconds; default 0: block at once)."""
+    try:
+        return max(0.0, min(float(os.environ.get(SPIN_ENV, "0")), 1e5)) / 1e6
+    except ValueError:
+        log.warning("%s=%r is not a number of microseconds; not spinning", SPIN_ENV, os.environ.get(SPIN_ENV))
+        return 0.0
+
+
+def wait_readable(sock, spin_s: float) -> None:
+    """Busy-poll ``sock`` for up to ``spin_s`` seconds before the caller's blocking read: a
+    message arriving meanwhile is read by a thread that never slept (no wake-up on an idle core).
+    Each poll releases the GIL, so the process's other threads carry on."""
+    if spin_s <= 0 or (hasattr(sock, "pending") and sock.pending()):
+        return
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    end = time.perf_counter() + spin_s
+    while time.perf_counter() < end:
+        if poller.poll(0):
+            return
 
 
 # ----------------------------------------------------------------------------------- frames
@@ -168,7 +195,11 @@ class WireServer:
     (the servicer's ``StepStream(request_iterator, context)``)."""
 
     def __init__(self, *, security, host: str, port: int,
-                 serve_stream: Callable[[Iterator[pb.ServeStepRequest], object], Iterator[pb.ServeStepReply]]) -> None:
+                 serve_stream: Callable[[Iterator[pb.ServeStepRequest], object], Iterator[pb.ServeStepReply]],
+                 spin_s: float = 0.0) -> None:
+        """``spin_s``: how long a connection's thread busy-polls for the next step before blocking
+        (:func:`wait_readable`)."""
+        self._spin_s = spin_s
         self._security = security
         self._serve_stream = serve_stream
         self._listener = socket.create_server((host, port), reuse_port=False, backlog=64)
@@ -274,6 +305,7 @@ class WireServer:
         def requests() -> Iterator[pb.ServeStepRequest]:
             while True:
                 try:
+                    wait_readable(tls, self._spin_s)
                     frame = read_frame(tls)
                 except (OSError, ConnectionError):  # the caller went away, or idle past IDLE_S: the end
                     return
@@ -356,6 +388,7 @@ class WireTarget:
     node_id: str
     security: object
     ask_port: Callable[[], int]
+    spin_s: float = 0.0  # the connection busy-polls for each reply this long before blocking (wait_readable)
 
 
 class WireConnection:
@@ -363,6 +396,7 @@ class WireConnection:
 
     def __init__(self, target: WireTarget, port: int, *, metadata, what: str) -> None:
         self.what = what
+        self._spin_s = target.spin_s
         host = target.address.rpartition(":")[0].strip("[]")
         raw = socket.create_connection((host, port), timeout=CONNECT_S)
         try:
@@ -387,6 +421,7 @@ class WireConnection:
         try:
             self._sock.settimeout(timeout_s)
             write_frame(self._sock, STEP, request.SerializeToString())
+            wait_readable(self._sock, self._spin_s)
             frame = read_frame(self._sock)
         except socket.timeout as exc:
             self.close()
@@ -419,7 +454,7 @@ class WireConnection:
         return self._sock is None
 
 
-def wire_target(security, address: str, node_id: str, stub) -> WireTarget | None:
+def wire_target(security, address: str, node_id: str, stub, *, spin_s: float = 0.0) -> WireTarget | None:
     """The step wire of the node at ``address`` for a link from this process (``stub``: an
     ``InferenceStageStub`` to it), or None where only gRPC can go: benchmark plaintext, or a
     node reached through a relay or a punched hole (``security.route`` sends it elsewhere)."""
@@ -429,4 +464,4 @@ def wire_target(security, address: str, node_id: str, stub) -> WireTarget | None
     if route is not None and route(address, node_id) != address:
         return None
     return WireTarget(address=address, node_id=node_id, security=security,
-                      ask_port=lambda: stub.StepWire(pb.ServeStepWireRequest(), timeout=5).port)
+                      ask_port=lambda: stub.StepWire(pb.ServeStepWireRequest(), timeout=5).port, spin_s=spin_s)

@@ -127,6 +127,17 @@ def test_two_stage_chain_over_grpc(tmp_path, ckpt, codec):
                 st1.Step(pb.ServeStepRequest(model_name="m", replica=0, stage=1,
                                              entries=[pb.ServeSessionEntry(session_id="y", num_tokens=1)], hidden=nan), timeout=5)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # the raw hot-path form: wrong size, NaN, an unknown dtype, both forms at once
+            one = [pb.ServeSessionEntry(session_id="y", num_tokens=1)]
+            row = torch.zeros(1, cfg.hidden_size)
+            for raw, dtype, extra, says in ((row.numpy().tobytes()[:-4], "float32", {}, "needs"),
+                                            (torch.full_like(row, float("nan")).numpy().tobytes(), "float32", {}, "NaN"),
+                                            (row.numpy().tobytes(), "int64", {}, "unsupported"),
+                                            (row.numpy().tobytes(), "float32", {"hidden": nan}, "not both")):
+                with pytest.raises(grpc.RpcError) as e:
+                    st1.Step(pb.ServeStepRequest(model_name="m", replica=0, stage=1, entries=one, hidden_raw=raw,
+                                                 hidden_dtype=dtype, **extra), timeout=5)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and says in e.value.details()
             with pytest.raises(grpc.RpcError) as e:
                 st0.LoadStage(pb.ServeLoadStageRequest(assignment=assignment(0, 2, 0, 2, "")), timeout=5)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
