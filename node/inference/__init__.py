@@ -10,7 +10,7 @@ import grpc
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.errors import error_from_rpc
-from swarm.transport.step_wire import WireServer, spin_setting
+from swarm.transport.step_wire import WireServer
 
 from node.inference.servicer import InferenceStageServicer
 from node.plugins import NodeHost, NodePlugin
@@ -84,7 +84,7 @@ class InferencePlugin(NodePlugin):
             try:
                 self.wire = WireServer(security=self.host.security, host=self.host.listen_host,
                                        port=self.host.step_wire_port,
-                                       serve_stream=self.servicer.StepStream, spin_s=spin_setting()).start()
+                                       serve_stream=self.servicer.StepStream, spin_s=self.servicer.spin_s).start()
                 self.servicer.wire = self.wire
                 log.info("step wire listening on port %d", self.wire.port)
             except OSError as exc:

@@ -25,7 +25,7 @@ from swarm.transport.errors import error_from_rpc
 from swarm.transport.inference import step_metadata
 from swarm.transport.lazy_channels import RenewingStub
 from swarm.transport.step_link import StepLink
-from swarm.transport.step_wire import spin_setting, wire_target
+from swarm.transport.step_wire import wire_target
 
 MAX_PEER_CHANNELS = 64  # channels to other chains' stages kept open; the oldest is closed first
 
@@ -100,13 +100,14 @@ def replayed_here(entries, out: torch.Tensor, stage: int):
     return fwd, out[torch.tensor(rows, device=out.device)]
 
 
-def next_link(security, stage: int, hop: tuple) -> StepLink:
+def next_link(security, stage: int, hop: tuple, *, spin_s: float = 0.0) -> StepLink:
     """A persistent link to ``stage`` at ``hop`` (the servicer's ``_next_hop``: stubs,
-    capability, replica, node id, address): its step wire where it can, else its StepStream."""
+    capability, replica, node id, address): its step wire where it can (its replies busy-polled
+    for ``spin_s``: step_wire.wait_readable), else its StepStream."""
     stubs, capability, _, node_id, address = hop
     return StepLink(lambda requests, metadata: stubs.stub.StepStream(requests, metadata=metadata),
                     metadata=step_metadata(capability), what=f"stage {stage} at {address}",
-                    wire=wire_target(security, address, node_id, stubs.stub, spin_s=spin_setting()))
+                    wire=wire_target(security, address, node_id, stubs.stub, spin_s=spin_s))
 
 
 def forward_unary(hop: tuple | None, nxt: pb.ServeStepRequest, *, timeout_s: float) -> pb.ServeStepReply:

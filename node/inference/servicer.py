@@ -57,6 +57,7 @@ from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
 from swarm.transport.errors import grpc_errors
 from swarm.transport.step_link import StepLink
+from swarm.transport.step_wire import spin_setting
 from swarm.transport.lazy_channels import RenewingStub
 from swarm.transport.inference import check_step_capability
 
@@ -121,6 +122,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         self.node_id = node_id
         self.wire = None  # the step wire (swarm/transport/step_wire.py) once the plugin started it
         self.device = device
+        self.spin_s = spin_setting(device)  # step-wire reads busy-poll this long (swarm/transport/step_wire.py)
         self.state_dir = Path(state_dir) / "inference"
         self._open_coordinator_shard = open_coordinator_shard
         self._on_change = on_change
@@ -344,7 +346,8 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                 if hop is not None and (linked is None or linked[0] is not loaded or linked[1] != hop):
                     if link is not None:
                         link.close()
-                    link, linked = next_link(self.security, loaded.assignment.stage + 1, hop), (loaded, hop)
+                    link, linked = next_link(self.security, loaded.assignment.stage + 1, hop,
+                                             spin_s=self.spin_s), (loaded, hop)
                 yield self._step(loaded, request,
                                  lambda nxt: link.step(nxt, timeout_s=STEP_TIMEOUT_S), hop)  # noqa: B023 -- called at once
         finally:

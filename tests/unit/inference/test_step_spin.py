@@ -1,0 +1,45 @@
+"""Busy-polled step-wire reads (swarm/transport/step_wire.py ``spin_setting``, ``wait_readable``):
+who spins by default, the override, and that a spinning read still returns the message that
+arrives (or falls through to the blocking read when none does)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from swarm.transport.step_wire import DEFAULT_GPU_SPIN_US, SPIN_ENV, spin_setting, wait_readable
+
+
+def test_gpu_nodes_with_cores_to_spare_spin_and_others_do_not(monkeypatch):
+    monkeypatch.delenv(SPIN_ENV, raising=False)
+    assert spin_setting("cuda:0", cores=16) == DEFAULT_GPU_SPIN_US / 1e6
+    assert spin_setting("cuda", cores=2) == 0.0  # a small box needs its cores
+    assert spin_setting("cpu", cores=64) == 0.0
+    monkeypatch.setenv(SPIN_ENV, "250")
+    assert spin_setting("cpu", cores=2) == 250e-6
+    monkeypatch.setenv(SPIN_ENV, "0")
+    assert spin_setting("cuda", cores=16) == 0.0
+    monkeypatch.setenv(SPIN_ENV, "1e9")
+    assert spin_setting("cpu") == 0.1  # bounded
+    monkeypatch.setenv(SPIN_ENV, "fast")
+    assert spin_setting("cpu", cores=16) == 0.0  # not a number: the default
+
+
+@pytest.mark.timeout(20)
+def test_a_spinning_read_returns_what_arrives_and_falls_through_when_nothing_does():
+    a, b = socket.socketpair()
+    try:
+        wait_readable(a, 0.001)  # nothing comes: returns after the spin, the caller's read blocks
+        sender = threading.Timer(0.01, lambda: b.sendall(b"step"))
+        sender.start()
+        wait_readable(a, 5.0)  # returns as soon as the bytes are there, long before 5 s
+        assert a.recv(4) == b"step"
+        sender.join()
+        b.sendall(b"x")
+        wait_readable(a, 0.0)  # no spin: returns at once
+        assert a.recv(1) == b"x"
+    finally:
+        a.close()
+        b.close()
