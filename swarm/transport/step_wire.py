@@ -91,11 +91,33 @@ def spin_setting(device: str = "cpu", *, cores: int | None = None) -> float:
     return DEFAULT_GPU_SPIN_US / 1e6 if device.startswith("cuda") and cores >= MIN_CORES_TO_SPIN else 0.0
 
 
+MAX_ENDPOINTS_TO_SPIN = 2  # one chain through this process: the connection from its previous stage, the link to its next
+
+
+class _Endpoints:
+    """Step-wire connections open in this process, served and dialled. Reads spin only while at
+    most :data:`MAX_ENDPOINTS_TO_SPIN` are open (one chain runs through the process, and its one
+    thread does all the waiting): with more, a spinning thread would keep another connection's
+    thread waiting for the GIL (up to the interpreter's 5 ms switch interval) in its compute."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.count += n
+
+
+ENDPOINTS = _Endpoints()
+
+
 def wait_readable(sock, spin_s: float) -> None:
     """Busy-poll ``sock`` for up to ``spin_s`` seconds before the caller's blocking read: a
     message arriving meanwhile is read by a thread that never slept (no wake-up on an idle core).
-    Each poll releases the GIL, so the process's other threads carry on."""
-    if spin_s <= 0 or (hasattr(sock, "pending") and sock.pending()):
+    Each poll releases the GIL; no spin at all while more than one chain's connections are open
+    in this process (:class:`_Endpoints`)."""
+    if spin_s <= 0 or ENDPOINTS.count > MAX_ENDPOINTS_TO_SPIN or (hasattr(sock, "pending") and sock.pending()):
         return
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
@@ -311,7 +333,13 @@ class WireServer:
         write_frame(tls, READY, b"")
         tls.settimeout(IDLE_S)
         context = _WireContext(uris, metadata)
+        ENDPOINTS.add(1)
+        try:
+            self._serve_steps(tls, context)
+        finally:
+            ENDPOINTS.add(-1)
 
+    def _serve_steps(self, tls: ssl.SSLSocket, context: "_WireContext") -> None:
         def requests() -> Iterator[pb.ServeStepRequest]:
             while True:
                 try:
@@ -424,6 +452,8 @@ class WireConnection:
                 status, _ = _status_from(frame[1])
                 raise WireRefused(f"{what} refused the step-wire connection: {status.details()}")
             raise PeerError(f"{what} did not accept the step-wire connection")
+        ENDPOINTS.add(1)
+        self._counted = True
 
     def step(self, request: pb.ServeStepRequest, *, timeout_s: float) -> pb.ServeStepReply:
         """Send one step, wait for its reply. Raises the stage's error (then the connection is
@@ -456,6 +486,9 @@ class WireConnection:
 
     def close(self) -> None:
         sock, self._sock = getattr(self, "_sock", None), None
+        if getattr(self, "_counted", False):
+            self._counted = False
+            ENDPOINTS.add(-1)
         if sock is not None:
             _close(sock)
 

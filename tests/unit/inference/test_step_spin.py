@@ -4,12 +4,14 @@ arrives (or falls through to the blocking read when none does)."""
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 
 import pytest
 
-from swarm.transport.step_wire import DEFAULT_GPU_SPIN_US, SPIN_ENV, spin_setting, wait_readable
+from swarm.transport.step_wire import (DEFAULT_GPU_SPIN_US, ENDPOINTS, MAX_ENDPOINTS_TO_SPIN, SPIN_ENV, spin_setting,
+                                       wait_readable)
 
 
 def test_gpu_nodes_with_cores_to_spare_spin_and_others_do_not(monkeypatch):
@@ -40,6 +42,38 @@ def test_a_spinning_read_returns_what_arrives_and_falls_through_when_nothing_doe
         b.sendall(b"x")
         wait_readable(a, 0.0)  # no spin: returns at once
         assert a.recv(1) == b"x"
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.timeout(20)
+def test_no_spin_while_more_than_one_chain_runs_through_the_process(monkeypatch):
+    """With more step-wire connections open than one chain needs, a read blocks at once: a
+    spinning thread would hold up another connection's compute for the GIL."""
+    a, b = socket.socketpair()
+    polls = []
+    real_poll = select.poll
+
+    class CountingPoll:
+        def __init__(self):
+            self._p = real_poll()
+
+        def register(self, *args):
+            self._p.register(*args)
+
+        def poll(self, timeout):
+            polls.append(timeout)
+            return self._p.poll(timeout)
+
+    monkeypatch.setattr(select, "poll", CountingPoll)
+    try:
+        monkeypatch.setattr(ENDPOINTS, "count", MAX_ENDPOINTS_TO_SPIN + 1)
+        wait_readable(a, 0.05)
+        assert polls == []
+        monkeypatch.setattr(ENDPOINTS, "count", MAX_ENDPOINTS_TO_SPIN)  # one chain: it spins
+        wait_readable(a, 0.001)
+        assert polls and set(polls) == {0}
     finally:
         a.close()
         b.close()

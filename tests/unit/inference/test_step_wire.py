@@ -9,6 +9,7 @@ import json
 import socket
 import ssl
 import struct
+import time
 
 import pytest
 
@@ -23,7 +24,8 @@ from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
 from swarm.transport.inference import step_metadata
 from swarm.transport.step_link import StepLink
-from swarm.transport.step_wire import ERROR, HEADER, HELLO, READY, STEP, WireServer, WireTarget, read_frame, wire_target
+from swarm.transport.step_wire import (ENDPOINTS, ERROR, HEADER, HELLO, READY, STEP, WireServer, WireTarget, read_frame,
+                                       wire_target)
 from tests.helpers.tls import TestPki
 from tests.unit.inference.test_step_stream import CAP, _id, assignment, start_stage_server, step_request
 
@@ -67,18 +69,25 @@ def _link(c, metadata=step_metadata(CAP), security=None, node="a", stub="st0", a
 def test_a_generation_over_the_wire_matches_one_process(chain):
     link = _link(chain)
     hops = []
+    before = ENDPOINTS.count
 
     def chain_step(entries):
         r = link.step(step_request(entries), timeout_s=30)
-        # stage 0 reached stage 1 over its wire too: a wire connection there, no gRPC stream
-        hops.append((link.transport, chain["w1"].num_connections, chain["s1"].stream_guard.num_active))
+        # stage 0 reached stage 1 over its wire too: a wire connection there, no gRPC stream;
+        # this process holds both ends of both links (what decides whether reads spin)
+        hops.append((link.transport, chain["w1"].num_connections, chain["s1"].stream_guard.num_active,
+                     ENDPOINTS.count - before))
         return list(r.token_ids)
 
     got = generate_local(chain_step, [3, 1, 4, 1, 5], SamplingParams(max_new_tokens=8), session_id="g")
     whole = StageRuntime(load_stage(chain["ckpt"], 0, 3), max_seq_len=64, max_sessions=1)
     assert got == generate_local(whole.run_and_sample, [3, 1, 4, 1, 5], SamplingParams(max_new_tokens=8))
-    assert hops == [("wire", 1, 0)] * 8 and link.num_opened == 1
+    assert hops == [("wire", 1, 0, 4)] * 8 and link.num_opened == 1
     link.close()
+    deadline = time.monotonic() + 10  # the stages' threads see their connections end
+    while ENDPOINTS.count != before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ENDPOINTS.count == before
 
 
 @pytest.mark.timeout(60)
