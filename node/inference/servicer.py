@@ -57,7 +57,7 @@ from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
 from swarm.transport.errors import grpc_errors
 from swarm.transport.step_link import StepLink
-from swarm.transport.step_wire import spin_setting
+from swarm.transport.spin import spin_setting
 from swarm.transport.lazy_channels import RenewingStub
 from swarm.transport.inference import check_step_capability
 

@@ -1,4 +1,4 @@
-"""Busy-polled step-wire reads (swarm/transport/step_wire.py ``spin_setting``, ``wait_readable``):
+"""Busy-polled step-wire reads (swarm/transport/spin.py ``spin_setting``, ``wait_readable``):
 who spins by default, the override, and that a spinning read still returns the message that
 arrives (or falls through to the blocking read when none does)."""
 
@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from swarm.transport.step_wire import (DEFAULT_GPU_SPIN_US, ENDPOINTS, MAX_ENDPOINTS_TO_SPIN, SPIN_ENV, spin_setting,
-                                       wait_readable)
+from swarm.transport.spin import (DEFAULT_GPU_SPIN_US, ENDPOINTS, MAX_ENDPOINTS_TO_SPIN, SPIN_ENV, spin_setting,
+                                  wait_readable)
 
 
 def test_gpu_nodes_with_cores_to_spare_spin_and_others_do_not(monkeypatch):

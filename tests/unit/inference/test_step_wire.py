@@ -24,8 +24,8 @@ from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
 from swarm.transport.channels import data_channel
 from swarm.transport.inference import step_metadata
 from swarm.transport.step_link import StepLink
-from swarm.transport.step_wire import (ENDPOINTS, ERROR, HEADER, HELLO, READY, STEP, WireServer, WireTarget, read_frame,
-                                       wire_target)
+from swarm.transport.spin import ENDPOINTS
+from swarm.transport.step_wire import ERROR, HEADER, HELLO, READY, STEP, WireServer, WireTarget, read_frame, wire_target
 from tests.helpers.tls import TestPki
 from tests.unit.inference.test_step_stream import CAP, _id, assignment, start_stage_server, step_request
 
