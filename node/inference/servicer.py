@@ -348,8 +348,8 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
                         link.close()
                     link, linked = next_link(self.security, loaded.assignment.stage + 1, hop,
                                              spin_s=self.spin_s), (loaded, hop)
-                yield self._step(loaded, request,
-                                 lambda nxt: link.step(nxt, timeout_s=STEP_TIMEOUT_S), hop)  # noqa: B023 -- called at once
+                yield self._step(loaded, request, lambda nxt: link.step(nxt, timeout_s=STEP_TIMEOUT_S),  # noqa: B023
+                                 hop, raw_ok=link is not None and link.raw_hidden)  # (called at once)
         finally:
             if link is not None:
                 link.close()
@@ -358,14 +358,16 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
     def StepWire(self, request: pb.ServeStepWireRequest, context) -> pb.ServeStepWireReply:
         """The port of this node's step wire (0: none); any swarm certificate may ask."""
         self._caller(context)
-        return pb.ServeStepWireReply(port=self.wire.port if self.wire is not None else 0)
+        return pb.ServeStepWireReply(port=self.wire.port if self.wire is not None else 0, raw_hidden=True)
 
 
     def _step(self, loaded: _Loaded, request: pb.ServeStepRequest,
-              forward: Callable[[pb.ServeStepRequest], pb.ServeStepReply], hop: tuple | None) -> pb.ServeStepReply:
-        """Run one step on this stage and forward it (node/inference/step.py)."""
+              forward: Callable[[pb.ServeStepRequest], pb.ServeStepReply], hop: tuple | None, *,
+              raw_ok: bool = False) -> pb.ServeStepReply:
+        """Run one step on this stage and forward it (node/inference/step.py); ``raw_ok``: the
+        next stage reads raw hidden states."""
         return self._runner.step(loaded.assignment, loaded.runtime, request, forward, hop,
-                                 commit_key=loaded.commit_key)
+                                 commit_key=loaded.commit_key, raw_ok=raw_ok)
 
     @grpc_errors
     def CloseSession(self, request: pb.ServeCloseSessionRequest, context) -> pb.ServeCloseSessionReply:

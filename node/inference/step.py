@@ -60,12 +60,13 @@ class StepRunner:
 
     def step(self, a: pb.ServeStageAssignment, rt: StageRuntime, request: pb.ServeStepRequest,
              forward: Callable[[pb.ServeStepRequest], pb.ServeStepReply], hop: tuple | None, *,
-             commit_key: bytes = b"") -> pb.ServeStepReply:
+             commit_key: bytes = b"", raw_ok: bool = False) -> pb.ServeStepReply:
         """Run one step of assignment ``a`` on its runtime ``rt``; unless last, ``forward`` it to
         the next stage (``hop``: (stubs, capability, replica, node id, address), from the
         servicer's ``_next_hop``) and return that stage's reply (its errors raised as SwarmErrors).
         ``commit_key``: the stage's key from the coordinator (its commitments carry a MAC with it;
-        b"": an Ed25519 signature instead)."""
+        b"": an Ed25519 signature instead). ``raw_ok``: the next stage reads raw hidden states
+        (else they go as chunks, which every node reads)."""
         marks = {"in": _TRACE.now()} if _TRACE.enabled else None
         if request.stage != a.stage:
             raise InvalidRequestError(
@@ -129,7 +130,7 @@ class StepRunner:
             stage=a.stage + 1,
             entries=fwd_entries,  # as received (validated above): a copy in C, no rebuilding
             **hidden_fields(
-                fwd_out, codec=a.hidden_codec or "none", label=f"{a.model_name}/{a.replica}",
+                fwd_out, codec=a.hidden_codec or "none", raw=raw_ok, label=f"{a.model_name}/{a.replica}",
                 boundary=a.stage, replica=hop[2], sender_id=self.node_id,  # the receiving stage's replica
             ),
             close_session_ids=request.close_session_ids,

@@ -156,13 +156,14 @@ def hidden_to_chunks(
     return list(wire.to_chunks(wire.WireTensor(header=header, payload=payload)))
 
 
-def hidden_fields(hidden: torch.Tensor, *, codec: str, label: str, boundary: int, replica: int,
+def hidden_fields(hidden: torch.Tensor, *, codec: str, raw: bool, label: str, boundary: int, replica: int,
                   sender_id: str) -> dict:
     """The ServeStepRequest fields carrying packed hidden states (N, H) to the next stage: codec
-    ``none`` as raw bytes (``hidden_raw``, ``hidden_dtype``: the decode hot path, no chunk framing),
-    ``int8`` as TensorChunks (``hidden``)."""
+    ``none`` to a stage that reads them raw (``raw``: it said so in its StepWire answer) as raw
+    bytes (``hidden_raw``, ``hidden_dtype``: the decode hot path, no chunk framing), else as
+    TensorChunks (``hidden``), which every node reads."""
     check_codec(codec)
-    if codec == "none":
+    if codec == "none" and raw:
         return {"hidden_raw": wire.raw_encode(hidden), "hidden_dtype": wire.dtype_name(hidden.dtype)}
     return {"hidden": hidden_to_chunks(hidden, codec=codec, label=label, boundary=boundary, replica=replica,
                                        sender_id=sender_id)}

@@ -69,6 +69,9 @@ class StepLink:
         self._wire: WireConnection | None = None
         self._wire_failed_s = -WIRE_RETRY_S
         self.transport = "grpc"  # of the last step: "grpc" or "wire"
+        # the stage said (StepWire) that it reads hidden states sent raw; False until it did (an
+        # older node, or a link that never reached its StepWire call): send chunks
+        self.raw_hidden = False
         self._requests: queue.SimpleQueue | None = None
         self._responses = None
         self._last_used_s = 0.0
@@ -116,7 +119,9 @@ class StepLink:
             return self._wire
         target = self._wire_target
         try:
-            port = int(target.ask_port())
+            answer = target.ask()
+            self.raw_hidden = bool(answer.raw_hidden)
+            port = int(answer.port)
             if not 0 < port <= 65535:
                 raise PeerError("it has no step wire")
             self._wire = WireConnection(target, port, metadata=self._metadata, what=self.what)

@@ -362,12 +362,13 @@ def _status_from(body: bytes) -> tuple[_Status, bool]:
 class WireTarget:
     """Where a link's steps may go over the wire: the node's gRPC ``address`` (its host is the
     wire's), its id (its certificate must name it), this process's ``security``, and
-    ``ask_port()``: the node's wire port from its ``StepWire`` call (0: it has none)."""
+    ``ask()``: the node's ``StepWire`` answer (its wire port, 0: it has none; whether it reads
+    raw hidden states)."""
 
     address: str
     node_id: str
     security: object
-    ask_port: Callable[[], int]
+    ask: Callable[[], pb.ServeStepWireReply]
     spin_s: float = 0.0  # the connection busy-polls for each reply this long before blocking (wait_readable)
 
 
@@ -449,4 +450,4 @@ def wire_target(security, address: str, node_id: str, stub, *, spin_s: float = 0
     if route is not None and route(address, node_id) != address:
         return None
     return WireTarget(address=address, node_id=node_id, security=security,
-                      ask_port=lambda: stub.StepWire(pb.ServeStepWireRequest(), timeout=5).port, spin_s=spin_s)
+                      ask=lambda: stub.StepWire(pb.ServeStepWireRequest(), timeout=5), spin_s=spin_s)

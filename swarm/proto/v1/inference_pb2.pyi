@@ -204,10 +204,12 @@ class ServeStepWireRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServeStepWireReply(_message.Message):
-    __slots__ = ("port",)
+    __slots__ = ("port", "raw_hidden")
     PORT_FIELD_NUMBER: _ClassVar[int]
+    RAW_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     port: int
-    def __init__(self, port: _Optional[int] = ...) -> None: ...
+    raw_hidden: bool
+    def __init__(self, port: _Optional[int] = ..., raw_hidden: _Optional[bool] = ...) -> None: ...
 
 class ServeUnloadStageRequest(_message.Message):
     __slots__ = ("model_name", "replica")

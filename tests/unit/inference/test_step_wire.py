@@ -66,10 +66,19 @@ def _link(c, metadata=step_metadata(CAP), security=None, node="a", stub="st0", a
 
 
 @pytest.mark.timeout(60)
-def test_a_generation_over_the_wire_matches_one_process(chain):
+def test_a_generation_over_the_wire_matches_one_process(chain, monkeypatch):
     link = _link(chain)
     hops = []
     before = ENDPOINTS.count
+    received = []  # how stage 1 got its hidden states: (raw, chunks)
+    runner = chain["s1"].servicer._runner
+    real_step = runner.step
+
+    def spy(a, rt, request, *args, **kwargs):
+        received.append((bool(request.hidden_raw), len(request.hidden)))
+        return real_step(a, rt, request, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "step", spy)
 
     def chain_step(entries):
         r = link.step(step_request(entries), timeout_s=30)
@@ -83,6 +92,9 @@ def test_a_generation_over_the_wire_matches_one_process(chain):
     whole = StageRuntime(load_stage(chain["ckpt"], 0, 3), max_seq_len=64, max_sessions=1)
     assert got == generate_local(whole.run_and_sample, [3, 1, 4, 1, 5], SamplingParams(max_new_tokens=8))
     assert hops == [("wire", 1, 0, 4)] * 8 and link.num_opened == 1
+    # chunks until stage 1 said (its StepWire answer, when stage 0's link connected) that it
+    # reads raw hidden states, which a node older than them would not; raw bytes after that
+    assert received[0] == (False, 1) and received[1:] == [(True, 0)] * 7
     link.close()
     deadline = time.monotonic() + 10  # the stages' threads see their connections end
     while ENDPOINTS.count != before and time.monotonic() < deadline:
@@ -160,7 +172,8 @@ def test_an_unreachable_wire_falls_back_to_grpc(chain):
     closed.bind(("127.0.0.1", 0))
     dead_port = closed.getsockname()[1]
     closed.close()  # nothing listens there
-    target = WireTarget(address=chain["a0"], node_id=_id("a"), security=chain["coord"], ask_port=lambda: dead_port)
+    target = WireTarget(address=chain["a0"], node_id=_id("a"), security=chain["coord"],
+                        ask=lambda: pb.ServeStepWireReply(port=dead_port))
     link = StepLink(chain["st0"].StepStream, metadata=step_metadata(CAP), what="stage 0", wire=target)
     r = link.step(step_request([pb.ServeSessionEntry(session_id="f", start_position=0, num_tokens=2,
                                                      token_ids=[1, 2])]), timeout_s=30)
