@@ -125,13 +125,17 @@ def trace_table(directory: Path, stages: list[int], sessions: list[int]) -> str:
 # ----------------------------------------------------------------------------- the swarm
 def one_generation(address: str, model: str, new_tokens: int, out: list, barrier: threading.Barrier | None,
                    token: str | None = None) -> None:
-    if barrier is not None:
-        barrier.wait()
-    t0 = time.perf_counter()
-    first = last = None
-    n = 0
+    """One streamed generation. Its client connects first (the CA fetch and the TLS handshake, with
+    a models listing): the clock starts after that, at the barrier, as a user's client is connected
+    before it asks; connecting is not generating."""
     params = SamplingParams(max_new_tokens=new_tokens)
     with CoordinatorClient(address, token=token) as client:
+        client.list_models()
+        if barrier is not None:
+            barrier.wait()
+        t0 = time.perf_counter()
+        first = last = None
+        n = 0
         for ev in client.generate(model=model, prompt=PROMPT, params=params, timeout_s=600):
             now = time.perf_counter()
             if ev.token_ids and first is None:
