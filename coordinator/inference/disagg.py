@@ -340,7 +340,7 @@ class Disagg:
                 model_name=replica.model, replica=replica.index, session_id=s.id, num_positions=positions,
                 target=pb.ServeRouteHop(replica=target.index, node_id=st.node_id, address=st.address,
                                         capability=target.capability), handoff_nonce=nonce)
-            return replica._stubs[k].PushKV(req, timeout=PUSH_TIMEOUT_S, metadata=replica._metadata)
+            return replica.calls.push_kv(k, req, timeout_s=PUSH_TIMEOUT_S)
         futures = [self._push_pool.submit(one, k) for k in range(len(replica.stages))]
         replies = [f.result() for f in futures]
         records = []

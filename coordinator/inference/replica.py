@@ -38,9 +38,8 @@ import threading
 import time
 from collections.abc import Callable
 
-import grpc
-
 from coordinator.inference.sessions import Session, StageRef
+from coordinator.inference.stage_calls import StageCalls
 from swarm.errors import InvalidRequestError, NotFoundError, SwarmError
 from swarm.inference.commit_sig import NONCE_BYTES, authentic_stages
 from swarm.inference.session import TokenEvent
@@ -48,10 +47,8 @@ from swarm.inference.stage_runtime import StepEntry
 from swarm.inference.verify import ChainResult, StageCommit
 from swarm.proto.v1 import inference_pb2 as pb
 from swarm.steptrace import StepTrace
-from swarm.proto.v1 import inference_pb2_grpc as pb_grpc
-from swarm.transport.channels import data_channel
 from swarm.transport.inference import (commitments_from_pb, entries_to_pb, new_step_capability,
-                                       point_commitments_from_pb, step_metadata)
+                                       point_commitments_from_pb)
 from swarm.transport.step_link import StepLink
 from swarm.transport.step_wire import wire_target
 
@@ -108,11 +105,8 @@ class Replica:
         self._stop = False
         # the chain's secret: issued to every stage with its assignment, sent on every stage call
         self.capability = new_step_capability()
-        self._metadata = step_metadata(self.capability)
-        # TLS as the coordinator (swarm://coordinator); each stage's certificate must name its node
-        self._security = security
-        self._channels = [data_channel(s.address, security=security, node_id=s.node_id) for s in stages]
-        self._stubs = [pb_grpc.InferenceStageStub(c) for c in self._channels]
+        self._security = security  # TLS as the coordinator (swarm://coordinator), also for the step wire
+        self.calls = StageCalls(model=model, index=index, stages=stages, security=security, capability=self.capability)
         self._thread: threading.Thread | None = None
         self._failing = False
         self.steps = 0
@@ -218,33 +212,13 @@ class Replica:
         self._drop_tasks()
         self._void(left)
         if unload:
-            for stub, st in zip(self._stubs, self.stages):
-                try:
-                    stub.UnloadStage(pb.ServeUnloadStageRequest(model_name=self.model, replica=self.index), timeout=3,
-                                     metadata=self._metadata)
-                except grpc.RpcError:
-                    pass
-        for c in self._channels:
-            c.close()
+            self.calls.unload()
+        self.calls.close()
         return left
 
     def probe(self, timeout_s: float = 2.0, retry_timeout_s: float = 6.0) -> list[str]:
-        """Node ids of stages that do not answer a trivial call (dead or unreachable). A stage
-        silent for ``timeout_s`` is asked once more for ``retry_timeout_s``: on a loaded host a
-        live node's answer (a fresh TLS connection among them) can take over 2 s, and a survivor
-        taken for dead is suspected and its chain re-placed instead of relinked; a killed node's
-        port refuses at once, so the second ask costs nothing there."""
-        silent = [(stub, st) for stub, st in zip(self._stubs, self.stages) if not self._answers(stub, timeout_s)]
-        return [st.node_id for stub, st in silent if not self._answers(stub, retry_timeout_s)]
-
-    def _answers(self, stub, timeout_s: float) -> bool:
-        try:
-            stub.CloseSession(pb.ServeCloseSessionRequest(model_name=self.model, replica=self.index), timeout=timeout_s,
-                              metadata=self._metadata)
-        except grpc.RpcError as exc:
-            # a stage reloaded for another chain refuses our capability: it answered, so it is alive
-            return exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
-        return True
+        """Node ids of the chain's stages that do not answer (stage_calls.py ``StageCalls.probe``)."""
+        return self.calls.probe(timeout_s, retry_timeout_s)
 
     # ------------------------------------------------------------------ driver
     def _join(self) -> None:
@@ -255,9 +229,10 @@ class Replica:
     def _run(self) -> None:
         # the persistent step stream to the first stage (opened on the first step)
         first = self.stages[0]
-        link = StepLink(lambda requests, metadata: self._stubs[0].StepStream(requests, metadata=metadata),
-                        metadata=self._metadata, what=f"first stage of replica {self.index}",
-                        wire=wire_target(self._security, first.address, first.node_id, self._stubs[0]))
+        stub = self.calls.stubs[0]
+        link = StepLink(lambda requests, metadata: stub.StepStream(requests, metadata=metadata),
+                        metadata=self.calls.metadata, what=f"first stage of replica {self.index}",
+                        wire=wire_target(self._security, first.address, first.node_id, stub))
         try:
             self._drive(link)
         finally:
@@ -343,12 +318,7 @@ class Replica:
         self._on_failure(self, left, reason)
 
     def _close_idle(self, ids: list[str]) -> None:
-        req = lambda: pb.ServeCloseSessionRequest(model_name=self.model, replica=self.index, session_ids=ids)  # noqa: E731
-        for stub in self._stubs:
-            try:
-                stub.CloseSession(req(), timeout=5, metadata=self._metadata)
-            except grpc.RpcError:
-                pass  # an unreachable stage frees its caches by timeout
+        self.calls.close_sessions(ids)
 
     def _step(self, batch: list[Session], closing: list[str], link: StepLink, tasks: list | None = None) -> None:
         tasks = tasks or []

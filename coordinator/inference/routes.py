@@ -194,7 +194,7 @@ class RouteDriver(Replica):
         self.chains = tuple(chains)
         self.route = tuple(c.index for c in chains)
         self.capability = chains[0].capability  # the first stage is chain 0's
-        self._metadata = step_metadata(self.capability)
+        self.calls.use_capability(self.capability)
         self._hops = [pb.ServeRouteHop(replica=c.index, node_id=st.node_id, address=st.address, capability=c.capability)
                       for c, st in zip(chains, stages)]
         self._live = live
@@ -214,7 +214,7 @@ class RouteDriver(Replica):
                 self._live.observe(st.node_id, len(entries), float(t))
 
     def _close_idle(self, ids: list[str]) -> None:
-        for stub, c in zip(self._stubs, self.chains):
+        for stub, c in zip(self.calls.stubs, self.chains):
             try:
                 stub.CloseSession(pb.ServeCloseSessionRequest(model_name=self.model, replica=c.index, session_ids=ids),
                                   timeout=5, metadata=step_metadata(c.capability))

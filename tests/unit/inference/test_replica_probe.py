@@ -1,4 +1,4 @@
-"""Which stages a failed replica's probe reports dead (coordinator/inference/replica.py): a
+"""Which stages a failed replica's probe reports dead (coordinator/inference/stage_calls.py): a
 stage that is slow to answer once is asked again with a longer deadline before it is taken for
 dead (a loaded survivor was re-placed instead of relinked); a refused or silent one is dead; a
 stage that refuses the capability answered, so it lives. No network: fake stubs."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from coordinator.inference.replica import Replica
 from coordinator.inference.sessions import StageRef
+from coordinator.inference.stage_calls import StageCalls
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -39,10 +39,9 @@ class _Stub:
 def _replica(stubs):
     stages = [StageRef(node_id=f"n{i}", address=f"127.0.0.1:{1000 + i}", first_layer=i, last_layer_excl=i + 1)
               for i in range(len(stubs))]
-    r = Replica(model="m", index=0, stages=[], max_sessions=1, on_failure=lambda *a: None,
-                on_finish=lambda *a: None)  # no stages: no channels to open
-    r.stages, r._stubs = stages, stubs
-    return r
+    calls = StageCalls(model="m", index=0, stages=[], security=None, capability="c")  # no channels to open
+    calls.stages, calls.stubs = stages, stubs
+    return calls
 
 
 def test_a_slow_survivor_is_asked_again_and_lives():
