@@ -95,7 +95,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         state_dir: Path,
         open_coordinator_shard: Callable[[pb.ServeFetchShardRequest], Iterator[pb.ServeShardChunk]],
         on_change: Callable[[dict], None] | None = None,
-        confirm: Callable[[pb.ServeStageAssignment], str | tuple[str, bytes] | None] | None = None,
+        confirm: Callable[[pb.ServeStageAssignment], tuple[str, bytes] | None] | None = None,
         traffic=None,
         security=None,
         identify: Callable[[object], str] | None = None,
@@ -103,9 +103,9 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         faults: FaultConfig = NO_FAULTS,
         sign: Callable[[bytes], bytes] | None = None,
     ) -> None:
-        """``confirm`` asks the coordinator whether it issued an assignment and returns the
-        chain's step capability, or (capability, this stage's commit key) (None: not issued). Without ``confirm`` (tests without a
-        coordinator) assignments are trusted and stage calls need no capability.
+        """``confirm`` asks the coordinator whether it issued an assignment and returns (the
+        chain's step capability, this stage's commit key) (None: not issued). Without ``confirm``
+        (tests without a coordinator) assignments are trusted and stage calls need no capability.
         ``security`` (swarm.transport.tls): channels to peers; ``identify(context)``: the caller
         from its certificate (None: callers are not checked -- tests without a coordinator);
         ``confirm_fetch(node_id, model)``: whether the coordinator placed that node on that model.
@@ -122,7 +122,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
         self.node_id = node_id
         self.wire = None  # the step wire (swarm/transport/step_wire.py) once the plugin started it
         self.device = device
-        self.spin_s = spin_setting(device)  # step-wire reads busy-poll this long (swarm/transport/step_wire.py)
+        self.spin_s = spin_setting(device)  # step-wire reads busy-poll this long (swarm/transport/spin.py)
         self.state_dir = Path(state_dir) / "inference"
         self._open_coordinator_shard = open_coordinator_shard
         self._on_change = on_change
@@ -234,8 +234,7 @@ class InferenceStageServicer(pb_grpc.InferenceStageServicer):
             raise InvalidRequestError(f"dtype {a.dtype!r} unsupported; use float32, float16 or bfloat16")
         capability, commit_key = "", b""
         if self._confirm is not None:
-            got = self._confirm(a)
-            capability, commit_key = got if isinstance(got, tuple) else (got or "", b"")
+            capability, commit_key = self._confirm(a) or ("", b"")
             if not capability:
                 raise PermissionDeniedError(
                     f"the coordinator did not issue this assignment (model {a.model_name!r} replica {a.replica} "

@@ -99,6 +99,7 @@ def entries_to_pb(entries: list[StepEntry], *, with_tokens: bool) -> list[pb.Ser
 
 
 _NO_SAMPLING = SamplingParams()
+HIDDEN_DTYPES = ("float32", "float16", "bfloat16")  # what hidden states may travel as, raw or in chunks
 
 
 def entries_from_pb(msgs, *, need_tokens: bool, need_sampling: bool = True) -> list[StepEntry]:
@@ -169,9 +170,6 @@ def hidden_fields(hidden: torch.Tensor, *, codec: str, raw: bool, label: str, bo
                                        sender_id=sender_id)}
 
 
-RAW_HIDDEN_DTYPES = ("float32", "float16", "bfloat16")
-
-
 def hidden_from_request(request: pb.ServeStepRequest, *, num_tokens: int, hidden_size: int, boundary: int,
                         replica: int) -> torch.Tensor:
     """The (num_tokens, hidden_size) float tensor a step carries (``hidden_raw`` or ``hidden``),
@@ -179,9 +177,9 @@ def hidden_from_request(request: pb.ServeStepRequest, *, num_tokens: int, hidden
     if request.hidden_raw:
         if request.hidden:
             raise InvalidRequestError("a step carries its hidden states either raw (hidden_raw) or as chunks, not both")
-        if request.hidden_dtype not in RAW_HIDDEN_DTYPES:
+        if request.hidden_dtype not in HIDDEN_DTYPES:
             raise InvalidRequestError(f"hidden_dtype {request.hidden_dtype[:32]!r} unsupported; use one of "
-                                      f"{', '.join(RAW_HIDDEN_DTYPES)}")
+                                      f"{', '.join(HIDDEN_DTYPES)}")
         x = wire.raw_decode(request.hidden_raw, shape=(num_tokens, hidden_size), dtype=request.hidden_dtype)
         wire.check_finite(x, what="hidden states")
         return x
@@ -201,7 +199,7 @@ def hidden_from_chunks(chunks, *, num_tokens: int, hidden_size: int, boundary: i
     if h.codec == "int8":
         x = int8_decode(t.payload, h.codec_meta, (num_tokens, hidden_size))
     elif h.codec == "none":
-        if h.dtype not in ("float32", "float16", "bfloat16"):
+        if h.dtype not in HIDDEN_DTYPES:
             raise InvalidRequestError(f"hidden states must be floating point, got {h.dtype}")
         x = wire.raw_decode(t.payload, shape=(num_tokens, hidden_size), dtype=h.dtype)
     else:

@@ -70,7 +70,7 @@ def test_steps_need_the_chain_capability(tmp_path):
 
     def confirm(a):
         issued.append(a.stage)
-        return CAP
+        return CAP, b""
 
     s1, a1 = start_stage_server(tmp_path, "b", d, confirm)
     s0, a0 = start_stage_server(tmp_path, "a", d, confirm)

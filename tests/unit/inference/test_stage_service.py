@@ -194,7 +194,7 @@ def test_assignment_not_confirmed_by_the_coordinator_is_refused(tmp_path, ckpt):
     sec = _node_sec(tmp_path, "n")
     servicer = InferenceStageServicer(security=sec, node_id="n" * 16, device="cpu", state_dir=tmp_path / "n",
                                       open_coordinator_shard=lambda req: serve_shard(d, req),
-                                      confirm=lambda a: seen.append(a.stage) or False)
+                                      confirm=lambda a: seen.append(a.stage) or None)
     server = make_server(max_message_bytes=DATA_MAX_MESSAGE_BYTES, max_workers=2)
     pb_grpc.add_InferenceStageServicer_to_server(servicer, server)
     port = bind(server, "127.0.0.1", 0, security=sec)

@@ -34,7 +34,7 @@ def _id(name: str) -> str:
     return hashlib.md5(name.encode()).hexdigest()  # a node id: 32 hex characters
 
 
-def start_stage_server(pki: TestPki, tmp_path, name, ckpt_dir, confirm=lambda a: CAP):
+def start_stage_server(pki: TestPki, tmp_path, name, ckpt_dir, confirm=lambda a: (CAP, b"")):
     sec = pki.node(_id(name))
     servicer = InferenceStageServicer(security=sec, node_id=_id(name), device="cpu", state_dir=tmp_path / name,
                                       open_coordinator_shard=lambda req: serve_shard(ckpt_dir, req),
