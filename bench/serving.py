@@ -11,14 +11,19 @@ step it serves takes F times its compute time (``SWARM_FAULT=slowdown=F``, an em
 device, for machines with too few cores to slow a node by its threads). One tiny llama checkpoint is served twice on the
 same 4 nodes as 2 replicas x 2 stages, no spot checks: ``fixed`` (each session on one whole
 replica, the least loaded) and ``routes`` (``--routes``: each session on the route predicted
-fastest, coordinator/inference/routes.py). Runs alternate ``--repeats`` times; each run is
---clients threads issuing --requests requests back to back from one seeded mix (prompts of 8-64
-words, 16-64 new tokens, greedy). Measured at the client: aggregate tokens/s (all tokens / wall
-time), time to first token (p50), time between tokens (p50, p99 and mean over every token; an
-event's tokens share its gap), and each request's own mean time between tokens (p50 and p90 over
+fastest, coordinator/inference/routes.py). Runs alternate ``--repeats`` times; each run serves
+--requests requests of one seeded mix (prompts of 8-64 words, 16-64 new tokens, greedy): with
+``--load 0`` closed loop, --clients threads back to back; by default open loop: a seeded Poisson
+stream at --load (0.5) of the fixed model's closed-loop capacity measured just before (or --rate
+requests/s), as users send them whatever the swarm's speed; each arm then gets the same requests
+at the same times, and a slow chain's tokens count as often as the requests routed through it.
+Measured at the client: aggregate tokens/s (all tokens / wall time), time to first token (p50,
+from the request's arrival), time between tokens (p50, p99 and mean over every token; an event's
+tokens share its gap), and each request's own mean time between tokens (p50 and p90 over
 requests: what one user sees; closed-loop clients send fewer requests through a slow chain, so
-the per-token figures lean on the fast ones). During routes runs the coordinator's route view is sampled every 0.1 s: the slowed node's
-session count against its peer's at the same stage (time average).
+the per-token figures lean on the fast ones). During routes runs the coordinator's route view is
+sampled every 0.1 s: the slowed node's session count against its peer's at the same stage (time
+average). The report adds the TBT p50 gain of each alternating pair.
 
 Disaggregation arm (``--arms disagg`` or ``all``): the same checkpoint served a third time with
 ``--disaggregate`` (a prefill chain and a decode chain on the same 4 nodes) against the
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import random
 import statistics
 import sys
@@ -63,50 +69,85 @@ def request_mix(n: int, seed: int, *, words: tuple[int, int] = (8, 64), new: tup
 PREFILL_HEAVY = {"words": (40, 70), "new": (4, 12)}  # ~3 tokens a word: fits the tiny 256-token context
 
 
-def run_stream(address: str, token: str, model: str, mix: list[tuple[str, int]], clients: int) -> dict:
-    todo = list(enumerate(mix))
+def run_stream(address: str, token: str, model: str, mix: list[tuple[str, int]], clients: int,
+               rate: float = 0.0, seed: int = 0) -> dict:
+    """Serve ``mix`` and measure it at the client.
+
+    ``rate`` 0: closed loop, ``clients`` threads each issue the next request when their last one ends.
+    ``rate`` > 0: open loop, requests arrive as a seeded Poisson stream of ``rate`` requests/s, whatever
+    the swarm's speed (as users do), on up to ``clients`` connections at once; a request that finds
+    them all busy waits, and that wait counts in its time to first token (timed from its arrival).
+    """
     lock = threading.Lock()
     ttft, tbt, tokens, errors, per_request = [], [], [0], [], []
 
-    def client() -> None:
-        try:
-            serve()
-        except Exception as exc:  # noqa: BLE001 -- reported after the run: a failed request voids it
-            errors.append(exc)
+    def serve(c: CoordinatorClient, prompt: str, n: int, t0: float) -> None:
+        last, first, gaps, first_at = t0, True, 0, t0
+        for ev in c.generate(model=model, prompt=prompt, params=SamplingParams(max_new_tokens=n), timeout_s=600):
+            if not ev.token_ids:
+                continue
+            now = time.perf_counter()
+            with lock:
+                if first:
+                    ttft.append(now - t0)
+                    first_at = now
+                else:
+                    tbt.extend([(now - last) / len(ev.token_ids)] * len(ev.token_ids))
+                    gaps += len(ev.token_ids)
+                tokens[0] += len(ev.token_ids)
+            first, last = False, now
+        if gaps:  # the request's mean time between tokens (its decode time / its later tokens)
+            with lock:
+                per_request.append((last - first_at) / gaps)
 
-    def serve() -> None:
-        with CoordinatorClient(address, token=token) as c:
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    _, (prompt, n) = todo.pop(0)
-                t0 = last = time.perf_counter()
-                first, gaps = True, 0
-                for ev in c.generate(model=model, prompt=prompt, params=SamplingParams(max_new_tokens=n), timeout_s=600):
-                    if not ev.token_ids:
-                        continue
-                    now = time.perf_counter()
-                    with lock:
-                        if first:
-                            ttft.append(now - t0)
-                            first_at = now
-                        else:
-                            tbt.extend([(now - last) / len(ev.token_ids)] * len(ev.token_ids))
-                            gaps += len(ev.token_ids)
-                        tokens[0] += len(ev.token_ids)
-                    first, last = False, now
-                if gaps:  # the request's mean time between tokens (its decode time / its later tokens)
-                    with lock:
-                        per_request.append((last - first_at) / gaps)
+    conns = [CoordinatorClient(address, token=token) for _ in range(clients)]
+    try:
+        for c in conns:  # connect (CA fetch, TLS handshake) before the clock starts
+            c.list_models()
+        start = time.perf_counter()
+        threads = []
+        if rate <= 0:
+            todo = list(mix)
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+            def loop(c: CoordinatorClient) -> None:
+                try:
+                    while True:
+                        with lock:
+                            if not todo:
+                                return
+                            prompt, n = todo.pop(0)
+                        serve(c, prompt, n, time.perf_counter())
+                except Exception as exc:  # noqa: BLE001 -- reported after the run: a failed request voids it
+                    errors.append(exc)
+            threads = [threading.Thread(target=loop, args=(c,)) for c in conns]
+            for t in threads:
+                t.start()
+        else:
+            free: queue.Queue = queue.Queue()
+            for c in conns:
+                free.put(c)
+            rng, at = random.Random(seed), start
+
+            def one(prompt: str, n: int, arrived: float) -> None:
+                c = free.get()
+                try:
+                    serve(c, prompt, n, arrived)
+                except Exception as exc:  # noqa: BLE001 -- reported after the run
+                    errors.append(exc)
+                finally:
+                    free.put(c)
+            for prompt, n in mix:
+                at += rng.expovariate(rate)
+                time.sleep(max(0.0, at - time.perf_counter()))
+                t = threading.Thread(target=one, args=(prompt, n, at))
+                t.start()
+                threads.append(t)
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+    finally:
+        for c in conns:
+            c.close()
     if errors:
         raise RuntimeError(f"{len(errors)} request(s) of {model} failed: {errors[0]}")
     tbt.sort()
@@ -148,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slowdown", type=float, default=1.0, help="n0's steps take this many times their compute (SWARM_FAULT)")
     p.add_argument("--arms", choices=("routes", "disagg", "all"), default="all",
                    help="routes: fixed vs per-request routes; disagg: colocated vs disaggregated (default all)")
+    p.add_argument("--load", type=float, default=0.5,
+                   help="routes arm: requests arrive open loop (Poisson) at this fraction of the fixed model's "
+                        "measured closed-loop capacity (default 0.5); 0: closed loop, --clients back to back")
+    p.add_argument("--rate", type=float, default=0.0, help="routes arm: arrivals per second (overrides --load)")
     p.add_argument("--quick", action="store_true", help="a short run: 4 clients, 12 requests, 1 repeat, 4 layers")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
@@ -184,15 +229,22 @@ def main(argv: list[str] | None = None) -> int:
                 placed = {m.name: [[s.node_id[:8] for s in r.stages] for r in m.replicas] for m in client.list_models()}
             if "disagg" in arms:
                 runs_disagg(address, ready, heavy, args, runs)
+            rate = args.rate
             if "routes" in arms:
                 run_stream(address, ready["read_token"], "routes", mix[:args.clients], args.clients)  # warm the live map
+                if rate <= 0 < args.load:  # calibrate: the fixed model's closed-loop capacity on this machine
+                    t0 = time.perf_counter()
+                    run_stream(address, ready["read_token"], "fixed", mix[:2 * args.clients], args.clients)
+                    rate = args.load * 2 * args.clients / (time.perf_counter() - t0)
+                    print(f"open loop: {rate:.2f} requests/s ({args.load:g} of the fixed model's closed-loop capacity)")
             for _ in range(args.repeats if "routes" in arms else 0):
                 for name in ("fixed", "routes"):
                     stop, seen = threading.Event(), []
                     sampler = threading.Thread(target=sample_routes, args=(address, ready["read_token"], ids[0], stop, seen))
                     if name == "routes":
                         sampler.start()
-                    runs[name].append(run_stream(address, ready["read_token"], name, mix, args.clients))
+                    runs[name].append(run_stream(address, ready["read_token"], name, mix, args.clients, rate=rate,
+                                                 seed=len(runs[name])))
                     stop.set()
                     if name == "routes":
                         sampler.join()
@@ -221,14 +273,20 @@ def main(argv: list[str] | None = None) -> int:
     slowed = f"{args.slow_threads} thread(s)" + (f", slowdown x{args.slowdown:g}" if args.slowdown > 1 else "")
     share = (f"routes: the slowed node (n0, {slowed}) held {slow_avg:.2f} sessions on average, its "
              f"stage peer ({args.fast_threads} threads) {peer_avg:.2f} ({len(shares)} samples)")
+    stream = (f"open loop: Poisson arrivals at {rate:.2f} requests/s on up to {args.clients} connections"
+              + (f" ({args.load:g} of the fixed model's measured closed-loop capacity)" if args.rate <= 0 else "")
+              if rate > 0 else f"closed loop: {args.clients} clients back to back")
+    pairs = ", ".join(f"{f['tbt_p50_s'] / r['tbt_p50_s']:.2f}" for f, r in zip(runs["fixed"], runs["routes"]))
+    share += f"; TBT p50 gain (fixed / routes) in each alternating pair: {pairs}"
     print(table)
+    print(stream)
     print(share)
     print(json.dumps({"runs": runs, "placed": placed}))
     if not args.no_record:
         record("Serving: fixed replicas vs per-request routes, one node slowed (bench/serving.py)", table,
                notes=(f"tiny llama {args.layers} layers, hidden {args.hidden}; 2 replicas x 2 stages on 4 node "
                       f"processes of this machine, n0 with {slowed}, the others "
-                      f"{args.fast_threads}; {args.clients} clients, {args.requests} requests per run (prompts 8-64 "
+                      f"{args.fast_threads}; {stream}, {args.requests} requests per run (prompts 8-64 "
                       f"words, 16-64 new tokens, greedy); median of {args.repeats} alternating runs. {share}. "
                       f"Placement: {placed}. All runs: {json.dumps(runs)}"))
     return 0

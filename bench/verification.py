@@ -46,8 +46,8 @@ FAULT = "corrupt-activations=0.2"
 class Swarm:
     """A coordinator and named node processes under ``root``."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path, device: str = "cpu") -> None:
+        self.root, self.device = root, device
         self.coord, ready = start_coordinator(root / "coord", extra_args=COORDINATOR_ARGS)
         self.address = f"127.0.0.1:{ready['port']}"
         self.http_port, self.token, self.admin_token = int(ready["http_port"]), ready["token"], ready["admin_token"]
@@ -55,7 +55,8 @@ class Swarm:
 
     def add_node(self, name: str, fault: str = "") -> str:
         env = child_env({"SWARM_FAULT": fault}) if fault else None
-        proc, ready = start_node(self.address, self.token, self.root / name, name=name, extra_args=NODE_ARGS, env=env)
+        proc, ready = start_node(self.address, self.token, self.root / name, name=name, device=self.device,
+                                 extra_args=NODE_ARGS, env=env)
         self.nodes[name] = (proc, ready["node_id"])
         return ready["node_id"]
 
@@ -160,7 +161,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="swarm-verify-") as tmp:
         root = Path(tmp)
         model, data, heldout = inputs(root, train_bytes=60_000 if args.quick else 400_000)
-        swarm = Swarm(root)
+        swarm = Swarm(root, device=args.device)
         try:
             for i in range(4):
                 swarm.add_node(f"n{i}")
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prob", type=float, default=DEFAULT_VERIFY_PROB,
                    help=f"--verify-prob of the checked runs (default {DEFAULT_VERIFY_PROB}, the JobSpec default)")
     p.add_argument("--timeout-s", type=float, default=None, help="per run (default 900 quick, 3600 full)")
+    p.add_argument("--device", default="cpu", help="the nodes' device: cpu (default) or cuda (all four share it)")
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line too")
     args = p.parse_args(argv)
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     m = args.batch_size // 2 // 2
     tps = "; ".join(f"{k}: " + ", ".join(f"{v:.0f}" for v in vs) for k, vs in res["repeats"].items())
     notes = (f"2 stages x 2 replicas, {args.steps} steps of {args.batch_size} x 64 tokens ({m} micro-batches of 2 "
-             f"per replica and step), tiny GPT-2 (6 x 64), --verify-prob {args.prob} in the checked runs. "
+             f"per replica and step), tiny GPT-2 (6 x 64) on {args.device}, --verify-prob {args.prob} in the checked runs. "
              f"Checked / off tokens/s (medians of {args.repeats}; each run: {tps}): {ratio:.3f} "
              f"(cost {100 * (1 - ratio):.1f}%). Faulty node "
              f"({FAULT}): {f['faulty_state']}, first detected bad step {f['first_bad_step']}, job at step "

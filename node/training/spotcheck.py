@@ -109,39 +109,50 @@ def param_digest(params) -> str:
     return h.hexdigest()[:32]
 
 
-SKETCH_SIZE = 64  # buckets: the distance estimate's relative spread is about sqrt(2 / 64) = 18%
-_sketch_maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+SKETCH_SIZE = 128  # buckets: the distance estimate's relative spread is about sqrt(2 / 128) = 12.5%
+_SKETCH_ROWS = _DIGEST_CHUNK // SKETCH_SIZE  # rows of SKETCH_SIZE elements per chunk
+_SKETCH_SHIFTS = 4096  # distinct row offsets into the sign table (per tensor and chunk)
+_sketch_signs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
 
-def _sketch_map(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    key = str(device)
-    m = _sketch_maps.get(key)
+def _signs_for(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    key = (str(device), dtype)
+    m = _sketch_signs.get(key)
     if m is None:
         g = torch.Generator().manual_seed(0x5CE7C4)
-        buckets = torch.randint(0, SKETCH_SIZE, (_DIGEST_CHUNK,), generator=g)
-        signs = torch.randint(0, 2, (_DIGEST_CHUNK,), generator=g).double() * 2 - 1
-        m = _sketch_maps.setdefault(key, (buckets.to(device), signs.to(device)))
+        m = torch.randint(0, 2, (_SKETCH_ROWS + _SKETCH_SHIFTS, SKETCH_SIZE), generator=g).to(dtype) * 2 - 1
+        m = _sketch_signs.setdefault(key, m.to(device))
     return m
 
 
 def param_sketch(params) -> tuple[float, ...]:
-    """A count-sketch of ``params`` (``SKETCH_SIZE`` float64 sums of sign * value per bucket).
+    """A sketch of ``params``: ``SKETCH_SIZE`` sums of sign * value, element k of a tensor in
+    bucket k mod ``SKETCH_SIZE``, its sign from a fixed pseudo-random table (rows shifted per tensor
+    and chunk, so tensors' signs are independent).
 
     Linear: the sketch of a difference is the difference of the sketches, and the sum of its
-    squares estimates the squared L2 norm of the difference (unbiased for noise-like
-    differences), so the coordinator can tell how far two replicas' weights are apart without
-    seeing them. Bucket and sign of an element come from a fixed pseudo-random map, shifted per
-    tensor and chunk. Costs one pass over the parameters."""
+    squares estimates the squared L2 norm of the difference (unbiased, the signs being random), so
+    the coordinator can tell how far two replicas' weights are apart without seeing them. One
+    multiply and one column sum per chunk, in the parameters' own dtype where it is float32 or
+    wider (a chunk's rounding, ~1e-7 relative, is far inside SYNC_TOLERANCE): about 5x cheaper
+    than the count sketch with gathered buckets and float64 it replaced (128 sums; 64 before, so a
+    node of either version voids, never misreads, the other's sketch)."""
     out = None
     for i, p in enumerate(params):
         t = p.detach().reshape(-1)
-        buckets, signs = _sketch_map(t.device)
+        if t.dtype not in (torch.float32, torch.float64):
+            t = t.float()
+        signs = _signs_for(t.device, t.dtype)
         if out is None:
             out = torch.zeros(SKETCH_SIZE, dtype=torch.float64, device=t.device)
         for j, start in enumerate(range(0, t.numel(), _DIGEST_CHUNK)):
-            c = t[start:start + _DIGEST_CHUNK].double()
-            shift = (i * 37 + j * 11) % SKETCH_SIZE
-            out.index_add_(0, (buckets[:c.numel()] + shift) % SKETCH_SIZE, c * signs[:c.numel()])
+            c = t[start:start + _DIGEST_CHUNK]
+            shift = (i * 1237 + j * 311) % _SKETCH_SHIFTS
+            rows, tail = divmod(c.numel(), SKETCH_SIZE)
+            if rows:
+                out += (c[:rows * SKETCH_SIZE].view(rows, SKETCH_SIZE) * signs[shift:shift + rows]).sum(0)
+            if tail:
+                out[:tail] += c[rows * SKETCH_SIZE:] * signs[shift + rows, :tail]
     return () if out is None else tuple(float(v) for v in out.cpu())
 
 

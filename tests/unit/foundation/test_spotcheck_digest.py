@@ -14,7 +14,7 @@ from swarm.faults import FaultConfig, FaultInjector
 from swarm.model import ModelConfig, StageModel, build_stage
 
 from coordinator.jobs.spotchecks import JUDGE_AFTER_PEER_TIMEOUTS, SYNC_TOLERANCE, Judge, weights_distance
-from node.training.spotcheck import TOLERANCE, SpotResult, param_digest, param_sketch, recompute, rel_error
+from node.training.spotcheck import SKETCH_SIZE, TOLERANCE, SpotResult, param_digest, param_sketch, recompute, rel_error
 
 CFG = ModelConfig(family="gpt2", vocab_size=32, hidden_size=32, num_layers=3, num_heads=2,
                   max_position_embeddings=16, tie_word_embeddings=False)
@@ -290,3 +290,15 @@ def test_a_checker_waits_for_no_witness_while_the_attempt_is_fenced(monkeypatch)
     fence.set()
     assert v.check_step(5) == []
     assert asked == ["witness_input"]  # the first missing copy ends the step's checks
+
+
+def test_sketches_of_another_size_or_dtype():
+    """An older node's 64-bucket sketch is never compared with a 128-bucket one (void, not a
+    misread distance); half-precision weights sketch like their float32 values."""
+    a = _middle_stage()
+    s = param_sketch(a.parameters())
+    assert len(s) == SKETCH_SIZE == 128
+    assert weights_distance(s[:64], s) == float("inf")
+    halves = [p.detach().half() for p in a.parameters()]
+    est = weights_distance(param_sketch(halves), param_sketch([h.float() for h in halves]))
+    assert est == 0.0
