@@ -73,7 +73,7 @@ class WorkerSetup:
         self._cur_step = a.resume_step
         self.optim_cfg = OptimConfig(lr=spec.lr, weight_decay=spec.weight_decay, warmup_steps=spec.warmup_steps,
                                      total_steps=self.total_steps, min_lr_ratio=spec.min_lr_ratio,
-                                     grad_clip=spec.grad_clip)
+                                     grad_clip=spec.grad_clip, clip_params=self.config.num_parameters())
         self.optimizer = make_optimizer(self.module.parameters(), self.optim_cfg)
         if a.resume_step > 0:
             self._load_optimizer_state(state.optimizer)

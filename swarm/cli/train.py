@@ -61,7 +61,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--schedule", choices=("1f1b", "gpipe"), default="1f1b")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm per stage (0: off)")
+    p.add_argument("--grad-clip", type=float, default=1.0,
+                   help="the whole model's max gradient norm, applied per tensor by its share of the parameters (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peer-timeout-s", type=float, default=30.0, help="how long a stage waits for a neighbour")
     p.add_argument("--node-wait-s", type=float, default=3600.0,

@@ -1,7 +1,13 @@
 """AdamW with linear warm-up and cosine decay, and gradient clipping, per pipeline stage.
 
-Every stage clips its own gradient norm (a global norm would need an all-stage exchange each
-step); the single-process reference trainer clips per stage the same way, so both agree.
+Clipping is per tensor, with each tensor's share of one whole-model threshold
+(:func:`clip_and_step`), so a tensor's update does not depend on which stage holds it: the job's
+math is the same however the planner splits the layers, after a re-plan that splits them
+differently, and in one process (the reference trainer, the single-process baselines). It used
+to be one norm per stage, and two runs of the same job split differently by the planner trained
+different models (measured: held-out losses 0.016 nats apart after 1000 steps of a 3-stage job,
+bit-identical losses only when the split was the same). A global norm would need an exchange
+across every stage each step.
 """
 
 from __future__ import annotations
@@ -23,11 +29,14 @@ class OptimConfig:
     warmup_steps: int = 0
     total_steps: int = 1
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # max L2 norm of a stage's gradient; 0 disables clipping
+    grad_clip: float = 1.0  # the whole model's gradient norm it stands for (clip_and_step); 0 disables clipping
+    clip_params: int = 0  # the whole model's parameter count; 0: the tensors given to clip_and_step (one process)
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise InvalidRequestError("lr must be positive; weight decay and grad clip non-negative")
+        if self.clip_params < 0:
+            raise InvalidRequestError("clip_params must be >= 0")
         if self.warmup_steps < 0 or self.total_steps < 1 or not 0 <= self.min_lr_ratio <= 1:
             raise InvalidRequestError("warm-up steps >= 0, total steps >= 1 and 0 <= min_lr_ratio <= 1 are required")
 
@@ -53,16 +62,24 @@ def make_optimizer(params, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, params, step: int, cfg: OptimConfig) -> float:
-    """Clip, set the step's learning rate, step and zero the grads; returns the pre-clip grad norm."""
+    """Clip, set the step's learning rate, step and zero the grads; returns the pre-clip norm of
+    the gradients of ``params``.
+
+    A tensor of n of the model's N parameters (``cfg.clip_params``) is scaled down to the norm
+    ``grad_clip * sqrt(n / N)`` when its gradient is above it: its share of a whole-model norm of
+    ``grad_clip`` were the gradient spread evenly. Decided per tensor, so it is the same on any
+    stage that holds the tensor."""
     params = [p for p in params if p.grad is not None]
     norm = 0.0
     if params:
-        total = torch.norm(torch.stack([p.grad.detach().float().norm(2) for p in params]), 2)
-        norm = float(total)
-        if cfg.grad_clip > 0 and norm > cfg.grad_clip:
-            scale = cfg.grad_clip / (norm + 1e-6)
-            for p in params:
-                p.grad.detach().mul_(scale)
+        norms = torch.stack([p.grad.detach().float().norm(2) for p in params])
+        norm = float(torch.norm(norms, 2))
+        if cfg.grad_clip > 0:
+            total = cfg.clip_params or sum(p.numel() for p in params)
+            for p, n in zip(params, norms.tolist()):  # one device sync for all of them
+                limit = cfg.grad_clip * math.sqrt(p.numel() / total)
+                if n > limit:
+                    p.grad.detach().mul_(limit / (n + 1e-6))
     lr = lr_at(step, cfg)
     for g in optimizer.param_groups:
         g["lr"] = lr

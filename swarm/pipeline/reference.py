@@ -8,6 +8,7 @@ to float tolerance; with AQ-SGD it must match the simulated boundary.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -65,6 +66,8 @@ def train_reference(
     """
     stages = build_stages(config, tensors, ranges)
     n = len(stages)
+    if not optim.clip_params:  # as the stage workers clip (node/training/worker_setup.py)
+        optim = dataclasses.replace(optim, clip_params=config.num_parameters())
     if boundaries is None:
         boundaries = [[identity_boundary() for _ in range(n - 1)] for _ in range(order.num_replicas)]
     if len(boundaries) != order.num_replicas or any(len(b) != n - 1 for b in boundaries):

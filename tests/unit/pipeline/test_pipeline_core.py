@@ -9,7 +9,7 @@ from swarm.model.config import ModelConfig
 from swarm.pipeline import schedule
 from swarm.pipeline.data import BatchOrder, TokenDataset, tokenize
 from swarm.pipeline.job_model import init_tensors, split_layers, untie
-from swarm.pipeline.optim import OptimConfig, lr_at
+from swarm.pipeline.optim import OptimConfig, clip_and_step, lr_at
 from swarm.pipeline.reference import train_reference
 
 TINY = ModelConfig(family="gpt2", vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, max_position_embeddings=32)
@@ -97,3 +97,39 @@ def test_reference_split_in_three_stages_equals_one_stage_and_learns(model):
                                ranges=split_layers(3, 3), steps=12)
     assert three == pytest.approx(one, rel=1e-4)
     assert three[-1] < three[0] - 0.5
+
+
+@pytest.mark.parametrize("model", [TINY, LLAMA], ids=["gpt2", "llama"])
+def test_clipping_does_not_depend_on_how_the_layers_are_split(model):
+    """Clipped gradients (a threshold low enough to clip every step): two splits into stages
+    train the same model, bit for bit, and one stage trains it to float tolerance. With one norm
+    per stage two runs of a job the planner split differently diverged from step 2 on."""
+    cfg, tensors = untie(model, init_tensors(model, seed=1))
+    ds = _dataset()
+    order = BatchOrder(num_samples=ds.num_samples, batch_size=8, micro_batch_size=2, num_replicas=2, seed=0)
+    optim = OptimConfig(lr=3e-3, warmup_steps=2, total_steps=12, grad_clip=0.05)
+    runs = [train_reference(config=cfg, tensors=tensors, dataset=ds, order=order, optim=optim, ranges=r, steps=12)
+            for r in ([(0, 3)], [(0, 1), (1, 2), (2, 3)], [(0, 2), (2, 3)])]
+    (one, _), (three, stages3), (two, stages2) = runs
+    assert three == two
+    w3 = {k: v for s in stages3 for k, v in s.hf_state_dict().items()}
+    w2 = {k: v for s in stages2 for k, v in s.hf_state_dict().items()}
+    assert w3.keys() == w2.keys() and all(torch.equal(w3[k], w2[k]) for k in w3)
+    assert three == pytest.approx(one, rel=1e-4)
+    unclipped, _ = train_reference(config=cfg, tensors=tensors, dataset=ds, order=order,
+                                   optim=OptimConfig(lr=3e-3, warmup_steps=2, total_steps=12, grad_clip=0.0),
+                                   ranges=[(0, 1), (1, 2), (2, 3)], steps=12)
+    assert unclipped != three  # the threshold did clip (AdamW barely minds: it rescales each element)
+
+
+def test_clip_scales_each_tensor_to_its_share_of_the_whole_model_threshold():
+    a = torch.nn.Parameter(torch.zeros(3))  # 3 of the model's 12 parameters: limit 2 * sqrt(3 / 12) = 1
+    b = torch.nn.Parameter(torch.zeros(1))  # 1 of 12: limit 2 * sqrt(1 / 12) = 0.577
+    a.grad, b.grad = torch.tensor([3.0, 0.0, 4.0]), torch.tensor([0.5])
+    opt = torch.optim.SGD([a, b], lr=1.0)
+    norm = clip_and_step(opt, [a, b], 0, OptimConfig(lr=1.0, grad_clip=2.0, clip_params=12))
+    assert norm == pytest.approx(float(torch.tensor([5.0, 0.5]).norm()))
+    assert torch.allclose(a.detach(), -torch.tensor([0.6, 0.0, 0.8]), atol=1e-5)  # scaled to norm 1
+    assert torch.allclose(b.detach(), torch.tensor([-0.5]))  # under its limit: as it was
+    with pytest.raises(InvalidRequestError, match="clip_params"):
+        OptimConfig(clip_params=-1)
