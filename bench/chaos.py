@@ -11,6 +11,11 @@ longer). Run 1 has no faults. Run 2 is the same job (same
 spec, data, seed) while ``--num-faults`` faults strike: a random node is SIGKILLed (and started
 again ``--restart-after-s`` later with the same state dir, so the same node id), and the 3rd fault
 is the coordinator, SIGKILLed and started again 5 s later on the same ports and state dir.
+Run 3 (``--fault-free-runs``, default 2; 1 with ``--quick``) is the fault-free job again, after the
+churn run: two runs of the same job with replicas do not train the same model (about 1% of the
+hivemind rounds fail on a loaded machine, at different steps each run, and each replica then
+steps with its own gradients), so the held-out losses of the fault-free runs show how far apart
+runs land with no fault at all, and the churn run's difference (to their mean) is read against it.
 
 When the faults strike (:func:`fault_steps`): by the churn run's own progress, fault k once the job
 committed k/(num_faults+1) of its steps, once the previous fault's process is up again and
@@ -196,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-faults", type=int, default=10, help="faults of the full run (the 3rd is the coordinator)")
     p.add_argument("--checkpoint-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fault-free-runs", type=int, default=None,
+                   help="fault-free runs (default 2, --quick 1): the later ones after the churn run; their "
+                        "held-out losses' spread is the noise the churn run's difference is read against")
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line too")
     p.add_argument("--keep-dir", type=Path, default=None,
@@ -230,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.steps = max(50, int(rate * args.duration_s))
                 print(f"calibration: {rate:.2f} steps/s fault-free -> {args.steps} steps for "
                       f"{args.duration_s:.0f} s", file=sys.stderr)
-            for name, faulty in (("fault-free", False), ("churn", True)):
+            plan = [("fault-free", False), ("churn", True)] + [
+                (f"fault-free {k}", False) for k in range(2, 1 + (args.fault_free_runs or (1 if args.quick else 2)))]
+            for name, faulty in plan:
                 run = Run(name=name)
                 job_id = submit(swarm, model, data, args)
                 faults: list[tuple[tuple[str, float | None], str]] = []
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
         finally:
             swarm.stop()
-    base, churn = runs
+    churn, free = runs[1], [runs[0]] + runs[2:]
     coordinator_killed = any(f.what.startswith("coordinator") for f in churn.faults)
     rows = [[r.name, r.job["state"], len(r.job["progress"]), _twice(r.job), f"{r.tokens_per_s:.0f}",
              f"{r.heldout_loss:.4f}", f"{len(r.faults)} of {r.scheduled}", _events(r.job),
@@ -262,7 +272,12 @@ def main(argv: list[str] | None = None) -> int:
             for r in runs]
     table = markdown_table(["run", "state", "steps committed", "steps done twice (rollback redos)", "tokens/s", "held-out loss",
                             "faults fired", "events", "fault -> next committed step"], rows)
-    ratio = churn.tokens_per_s / base.tokens_per_s if base.tokens_per_s else float("nan")
+    free_tps = statistics.mean(r.tokens_per_s for r in free)
+    ratio = churn.tokens_per_s / free_tps if free_tps else float("nan")
+    free_loss = statistics.mean(r.heldout_loss for r in free)
+    losses = ", ".join(f"{r.heldout_loss:.4f}" for r in free)
+    spread = (f" (fault-free runs {losses}: {max(r.heldout_loss for r in free) - min(r.heldout_loss for r in free):.4f} "
+              "apart, the run-to-run noise of the same job)" if len(free) > 1 else "")
     schedule = ("after the coordinator's return" if args.quick else f"every {args.fault_every_s:.0f} s"
                 if args.fault_every_s else f"after steps {', '.join(map(str, fault_steps(args.steps, args.num_faults)))}")
     fired = [f.at_s for f in churn.faults]
@@ -273,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     notes = (f"{args.stages} stages x {args.replicas} replicas, {args.steps} steps of 8 x 64 tokens, tiny GPT-2 "
              f"(6 x 64), checkpoint every {args.checkpoint_every} steps; faults {schedule} (node back after "
              f"{restart_after:.0f} s, coordinator after 5 s){spacing}. Coordinator SIGKILLed while the job ran: "
-             f"{'yes' if coordinator_killed else 'NO'}. Churn / fault-free tokens/s: {ratio:.2f}; held-out loss "
-             f"difference: {churn.heldout_loss - base.heldout_loss:+.4f} nats; fault -> next committed step: "
+             f"{'yes' if coordinator_killed else 'NO'}. Churn / fault-free tokens/s (mean of {len(free)}): {ratio:.2f}; "
+             f"held-out loss churn - fault-free (mean of {len(free)}): {churn.heldout_loss - free_loss:+.4f} nats"
+             f"{spread}; fault -> next committed step: "
              + (f"median {statistics.median(gaps):.1f} s, max {max(gaps):.1f} s" if gaps else "-")
              + f". Rollback causes (churn run): {_rollbacks(churn.job)}; steps done twice in brackets are those "
              "rollbacks by design (stage_lost, wrong_result) redid"
