@@ -25,8 +25,8 @@ Protocol (per checked stage T = (stage s, replica r); its checker C is the repli
   an older node still sends is honoured.) Replicas are never bit-identical after a successful hivemind
   round (each adds an fp16-compressed delta to its own copy: ~1e-4 apart), and a failed round
   leaves each with its own gradients (~1e-2 apart); the second case is void, counted as
-  unverifiable. To bring drifted replicas back, checked jobs average their *parameters* with the
-  replicas every ``RESYNC_EVERY_STEPS`` steps (node/training/worker.py).
+  unverifiable. To bring drifted replicas back, jobs with replicas average their *parameters* with the
+  replicas every ``RESYNC_EVERY_STEPS`` steps (swarm/pipeline/averaging.py, node/training/worker.py).
 - What checking costs a step (bench/verification.py measures it): the recomputations, the
   sketch run while the step's gradient round is in flight (they only read the
   weights), and the parameter round runs in the background behind the next step's compute
@@ -61,14 +61,9 @@ log = logging.getLogger(__name__)
 # kernels (another BLAS, another GPU) on the two ends; CUDA bf16 is still to be measured.
 TOLERANCE = {"output": 0.1, "grad_in": 0.1}
 LOSS_TOLERANCE = 0.1  # nats, absolute
-# Checked jobs with replicas average their parameters every this many steps (after the
-# optimizer step), so replicas that a failed gradient round set apart are within the
-# coordinator's SYNC_TOLERANCE again: checks are void for at most this many steps after a
-# failed round (plus one step: the round runs behind the next step's compute). One extra
-# all-reduce of the stage's parameters per period, in the background (bench/verification.py).
-# Replicas whose rounds succeed drift apart by fp16 rounding, ~1e-4 per round, far inside
-# SYNC_TOLERANCE (3e-3) over 20 steps.
-RESYNC_EVERY_STEPS = 20  # 5 before: cost 1.3% of a checked step (bench/verification.py --quick), 20: 0.3-0.4%
+# Replicas average their parameters every RESYNC_EVERY_STEPS steps (swarm/pipeline/averaging.py),
+# so replicas that a failed gradient round set apart are within the coordinator's SYNC_TOLERANCE
+# again: checks are void for at most that many steps (plus one) after a failed round.
 WITNESS_WAIT_S = 10.0  # how long a checker waits for one witness copy (at most the job's peer timeout)
 WITNESS_KINDS = ("witness_input", "witness_output", "witness_grad_out", "witness_grad_in")
 

@@ -31,6 +31,7 @@ import torch
 from swarm.errors import PeerError
 from swarm.faults import NO_FAULTS, FaultConfig, FaultInjector
 from swarm.pipeline import schedule
+from swarm.pipeline.averaging import RESYNC_EVERY_STEPS
 from swarm.pipeline.optim import clip_and_step
 from swarm.pipeline.optim_state import stage_optimizer_state
 from swarm.proto.v1 import training_pb2 as pb
@@ -44,7 +45,7 @@ from node.training.membership import DEFAULT_OUTAGE_S, FenceReached, Membership,
 from node.training.reporter import Reporter
 from node.training.sender import PeerSender
 from node.training.tensor_io import TensorIO
-from node.training.spotcheck import RESYNC_EVERY_STEPS, StageVerifier, param_sketch
+from node.training.spotcheck import StageVerifier, param_sketch
 from node.training.worker_setup import WorkerSetup
 
 log = logging.getLogger(__name__)
@@ -256,10 +257,10 @@ class StageWorker(WorkerSetup, TensorIO):
                 self.averager.apply_parameter_round()
             clip_and_step(self.optimizer, list(self.module.parameters()), step, self.optim_cfg)
             to = time.monotonic()
-            if checked and self.averager is not None and (step + 1) % RESYNC_EVERY_STEPS == 0 \
+            if self.averager is not None and (step + 1) % RESYNC_EVERY_STEPS == 0 \
                     and step + 1 < self.total_steps and not fencing.is_set():
                 # every replica at the same steps: replicas a failed round set apart meet again, one
-                # step later (the round runs behind the next step's compute; no step checks after the last)
+                # step later (the round runs behind the next step's compute; none after the last step)
                 self.averager.begin_parameter_round(step)
             t2 = time.monotonic()
             cost["recompute_s"] += tc - tr  # within the round's time when averaging

@@ -43,6 +43,16 @@ from swarm.errors import PeerError
 
 log = logging.getLogger(__name__)
 
+# Replicas average their *parameters* every this many steps (after the optimizer step, in the
+# background behind the next step's compute), so replicas that a failed gradient round set apart
+# (each stepped with its own gradients) meet again: every job with replicas, checked or not (a
+# job's result is one replica's copy; an unchecked job used to keep replicas apart for good). Its
+# cost is one extra all-reduce of the stage's parameters per period: 0.3-0.4% of a step
+# (bench/verification.py --quick; every 5 steps cost 1.3%). Replicas whose rounds succeed drift
+# apart by fp16 rounding, ~1e-4 per round, far inside the spot checks' SYNC_TOLERANCE (3e-3) over
+# 20 steps (coordinator/jobs/spotchecks.py).
+RESYNC_EVERY_STEPS = 20
+
 
 class ReplicaAverager:
     """Averages gradients of ``params`` with the other replicas of a stage under ``prefix``."""
@@ -241,7 +251,7 @@ class ReplicaAverager:
             try:
                 result = self._wait(control, abort or (lambda: False))
             except Exception as exc:  # noqa: BLE001 -- hivemind raises many kinds; a failed round is data
-                log.warning("averaging failed: %s", exc)
+                log.warning("averaging round %s@%s failed: %s", gather[0], gather[1], str(exc) or repr(exc))
         if result is not None and any(list(v) != gather for v in result.values()):
             log.warning("averaging round void: the group mixed rounds %s", sorted({tuple(v) for v in result.values()}))
             result = None
@@ -261,7 +271,10 @@ class ReplicaAverager:
                 return control.result(timeout=0.05)
             except TimeoutError:  # concurrent.futures' wait timed out -- or the round itself did
                 if control.done():
-                    raise
+                    # ended just after the wait gave up (then this is its result), or timed out
+                    # itself (this raises that): not the wait's own timeout, which failed ~1 in 300
+                    # rounds of a 2-replica job whose rounds had all succeeded
+                    return control.result(timeout=0)
             if abort():
                 control.cancel()
                 log.info("averaging aborted (the attempt is being fenced); local values kept")
