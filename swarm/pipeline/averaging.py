@@ -5,7 +5,11 @@ Protocol a replica follows (one :class:`ReplicaAverager` per job and stage on ea
 1. start a hivemind DHT on this host (``host_maddrs``) joined to ``initial_peers`` (the
    multiaddrs of replicas that started earlier, learnt through the coordinator's rendezvous);
    learn the group once, :meth:`ReplicaAverager.set_members`: the multiaddrs of all
-   ``num_replicas`` replicas (the rendezvous' answer), whose ``/p2p/`` parts are their peer ids;
+   ``num_replicas`` replicas in replica order (the rendezvous' answer), whose ``/p2p/`` parts are
+   their peer ids; that order is the all-reduce's peer order, so replica r reduces the same part
+   of every round in every run of the job: with a peer order of sorted (random) peer ids, which
+   replica got the exact mean of which part and which its fp16-rounded copy changed from run to
+   run, and two fault-free runs of one 2-replica job ended 0.04 nats apart after 3172 steps;
 2. every step, copy the stage's gradients into the averager's buffers and call the averager's
    ``step`` with a bounded timeout: the group is fixed (swarm/pipeline/fixed_group.py), so the
    all-reduce starts at once, no matchmaking; the payload travels as float16. (Matchmaking cost
@@ -112,19 +116,21 @@ class ReplicaAverager:
         return str(self.dht.peer_id)
 
     def set_members(self, maddrs: Sequence[str]) -> None:
-        """The group: multiaddrs of all ``num_replicas`` replicas, this one's included (the peer id
-        is each address' ``/p2p/`` part; several addresses of one peer count once). Raises
-        ValueError when they do not name exactly ``num_replicas`` peers including this one."""
-        ids = set()
+        """The group: multiaddrs of all ``num_replicas`` replicas in replica order, this one's
+        included (the peer id is each address' ``/p2p/`` part; several addresses of one peer count
+        once, at the first). Every member must pass the same order (the rendezvous' answer): it is
+        the rounds' peer order. Raises ValueError when they do not name exactly ``num_replicas``
+        peers including this one."""
+        ids: dict[str, None] = {}  # insertion-ordered
         for m in maddrs:
             _, sep, pid = str(m).rpartition("/p2p/")
             if not sep or not pid or "/" in pid:
                 raise ValueError(f"multiaddr {m!r} has no /p2p/<peer id> part; pass the replicas' maddrs()")
-            ids.add(pid)
+            ids.setdefault(pid)
         if len(ids) != self.num_replicas or self.peer_id() not in ids:
             raise ValueError(f"the averaging group must be the {self.num_replicas} replicas of the stage, this one "
-                             f"({self.peer_id()}) included; got {sorted(ids)}")
-        self.members = sorted(ids)
+                             f"({self.peer_id()}) included; got {list(ids)}")
+        self.members = list(ids)
 
     def wait_for_peers(self, num_peers: int, timeout_s: float) -> None:
         """Block until this DHT knows ``num_peers`` other peers; raises PeerError on timeout."""

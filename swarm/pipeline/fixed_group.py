@@ -8,7 +8,8 @@ Protocol of one round, run by every member in the averager's own process:
 1. the caller's gather (``[kind, step, members]``: what is averaged, the step, the members'
    peer ids) names the round; its group id is a hash of the averager's prefix (job, attempt,
    stage) and that gather, so members meet only in a round they all mean, and the peer order is
-   the members' sorted peer ids (the same on every member);
+   the members' order in it (replica order: swarm/pipeline/averaging.py; the same on every member,
+   or the group ids differ and the round never forms);
 2. the member registers the group and runs ``AllReduceRunner`` (butterfly all-reduce over the
    averager's libp2p, float16 parts) with that order and the same part sizes everywhere;
 3. a groupmate that starts the round first sends its parts before this member registered the
@@ -66,7 +67,7 @@ CLOSE_GRACE_S = 2.0
 def group_of(prefix: str, data_for_gather: bytes, members: list) -> tuple:
     """The round's group id and peer order: the same on every member that means the same round."""
     group_id = hashlib.sha256(prefix.encode() + b"\0" + data_for_gather).digest()[:20]
-    return group_id, tuple(PeerID.from_base58(m) for m in sorted(set(members)))
+    return group_id, tuple(PeerID.from_base58(m) for m in dict.fromkeys(members))
 
 
 class FixedGroupAverager(DecentralizedAverager):

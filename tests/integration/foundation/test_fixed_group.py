@@ -68,8 +68,8 @@ def test_set_members_needs_exactly_the_group(pair) -> None:
         a.set_members(["/ip4/127.0.0.1/tcp/1"])
     with pytest.raises(ValueError, match="this one"):
         a.set_members(b.maddrs() + ["/ip4/127.0.0.1/tcp/1/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"])
-    a.set_members(b.maddrs() + a.maddrs())  # order and duplicates do not matter
-    assert a.members == b.members
+    a.set_members(a.maddrs() + b.maddrs() + a.maddrs())  # duplicates count once, at the first
+    assert a.members == b.members == [a.peer_id(), b.peer_id()]  # replica order: the rounds' peer order
 
 
 def test_rounds_average_even_when_one_replica_starts_late(pair) -> None:
@@ -99,6 +99,48 @@ def test_different_rounds_never_mix(pair) -> None:
     assert _rounds((a, b), (12, 12)) == [True, True]  # and the next common round works
 
 
+def test_every_round_of_two_healthy_replicas_counts(pair) -> None:
+    """Back to back, as a job's steps are: no round may fail. Before the member that opens a stream
+    closed it (fixed_group.py, step 5), ~1% of rounds lost their last parts on a loaded machine."""
+    a, b, params = pair
+    g = torch.Generator().manual_seed(4)
+    failed = (a.num_failed, b.num_failed)
+    for step in range(100, 160):
+        grads = _set_grads(params, g)
+        assert _rounds((a, b), (step, step)) == [True, True], f"round {step} failed"
+    assert (a.num_failed, b.num_failed) == failed
+    mean = (grads[0] + grads[1]) / 2
+    for p in params:
+        assert (p[0].grad - mean).norm() / mean.norm() < 5e-3
+
+
+def test_the_outcome_depends_on_the_replica_order_alone(pair) -> None:
+    """The members' order is the all-reduce's peer order: the same order gives the same gradients
+    to the last bit (whatever the peer ids; the rendezvous gives replica order, so every run of a
+    job does), another order other fp16 roundings."""
+    a, b, params = pair
+    grads = _set_grads(params, torch.Generator().manual_seed(5))
+
+    def once(order):
+        for av in (a, b):
+            av.set_members([m for av2 in order for m in av2.maddrs()])
+        for p, gr in zip(params, grads):
+            p[0].grad = gr.clone()
+        assert _rounds((a, b), (200 + len(outcomes), 200 + len(outcomes))) == [True, True]
+        outcomes.append([p[0].grad.clone() for p in params])
+
+    outcomes: list = []
+    try:
+        once((a, b))
+        once((b, a))
+        once((a, b))
+    finally:
+        for av in (a, b):
+            av.set_members(a.maddrs() + b.maddrs())
+    assert all(torch.equal(x, y) for x, y in zip(outcomes[0], outcomes[2]))
+    assert not all(torch.equal(x, y) for x, y in zip(outcomes[0], outcomes[1]))
+
+
 def test_a_gone_replica_fails_the_round_within_its_timeout(pair) -> None:
     a, b, params = pair
     g = torch.Generator().manual_seed(3)
@@ -119,8 +161,9 @@ def test_group_of_is_the_same_on_every_member_and_differs_per_round() -> None:
 
     ids = ["QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"]
     data = lambda step, members: S.dumps([None, 0, S.dumps(["grad", step, members])])  # noqa: E731
-    gid, order = group_of("p", data(3, sorted(ids)), ids)
-    assert (gid, order) == group_of("p", data(3, sorted(ids)), list(reversed(ids)))  # members in any order
-    assert [str(p) for p in order] == sorted(ids)
-    assert gid != group_of("p", data(4, sorted(ids)), ids)[0]  # another step
-    assert gid != group_of("q", data(3, sorted(ids)), ids)[0]  # another job/attempt/stage
+    gid, order = group_of("p", data(3, ids), ids)
+    assert (gid, order) == group_of("p", data(3, ids), ids + ids[:1])  # the same on every member
+    assert [str(p) for p in order] == ids  # the members' (replica) order, not sorted
+    assert group_of("p", data(3, ids[::-1]), ids[::-1])[0] != gid  # another order is another round
+    assert gid != group_of("p", data(4, ids), ids)[0]  # another step
+    assert gid != group_of("q", data(3, ids), ids)[0]  # another job/attempt/stage
