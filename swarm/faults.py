@@ -15,6 +15,8 @@
 - ``claim-mem-bandwidth=X``: report X bytes/s of memory bandwidth instead of the measured figure;
 - ``claim-device=NAME``: report device name NAME (nodes of one machine then look like different
   hardware to placement, which pools the figures of one device model: disaggregation.pool_alike);
+- ``misreport-weights=1``: training: report a parameter sketch 5% off its weights' every step
+  (a node that voids the spot checks of it; coordinator/jobs/spotchecks.py watches for it);
 - ``stall-after-steps=N``: stop training after N steps of a job, but keep heartbeating;
 - ``slowdown=F``: every inference step this node serves, and every training forward and
   backward it computes, takes F times its compute time (an emulated slower device, for
@@ -47,6 +49,7 @@ class FaultConfig:
     wrong_tokens: float = 0.0
     corrupt_kv: float = 0.0
     tamper_relayed: bool = False
+    misreport_weights: bool = False
     claim_tflops: float | None = None
     claim_mem_bandwidth: float | None = None
     claim_device: str | None = None
@@ -74,6 +77,7 @@ class FaultConfig:
     @property
     def any(self) -> bool:
         return (self.corrupt_activations > 0 or self.wrong_tokens > 0 or self.corrupt_kv > 0 or self.tamper_relayed
+                or self.misreport_weights
                 or self.claim_tflops is not None
                 or self.claim_mem_bandwidth is not None or self.claim_device is not None
                 or self.stall_after_steps is not None or self.slowdown > 1.0)
@@ -94,15 +98,15 @@ class FaultConfig:
                 if key in ("corrupt-activations", "wrong-tokens", "corrupt-kv", "claim-tflops", "claim-mem-bandwidth",
                            "slowdown"):
                     values[key.replace("-", "_")] = float(raw)
-                elif key == "tamper-relayed":
-                    values["tamper_relayed"] = raw.strip() not in ("0", "false", "")
+                elif key in ("tamper-relayed", "misreport-weights"):
+                    values[key.replace("-", "_")] = raw.strip() not in ("0", "false", "")
                 elif key == "claim-device":
                     values["claim_device"] = raw.strip()
                 elif key == "stall-after-steps":
                     values["stall_after_steps"] = int(raw)
                 else:
                     raise ConfigError(f"{FAULT_ENV}: unknown fault {key!r}; known: corrupt-activations, "
-                                      "wrong-tokens, corrupt-kv, tamper-relayed, claim-tflops, claim-mem-bandwidth, claim-device, "
+                                      "wrong-tokens, corrupt-kv, tamper-relayed, misreport-weights, claim-tflops, claim-mem-bandwidth, claim-device, "
                                       "stall-after-steps, slowdown")
             except ValueError as exc:
                 raise ConfigError(f"{FAULT_ENV}: {key} has a bad value {raw!r}") from exc
@@ -147,6 +151,12 @@ class FaultInjector:
             import time
 
             time.sleep((self.config.slowdown - 1.0) * compute_s)
+
+    def reported_sketch(self, sketch: tuple[float, ...]) -> tuple[float, ...]:
+        """The parameter sketch to report: ``sketch``, or 5% off it under ``misreport-weights``."""
+        if not self.config.misreport_weights or not sketch:
+            return sketch
+        return tuple(x * 1.05 for x in sketch)
 
     def stalls_at(self, steps_done: int) -> bool:
         n = self.config.stall_after_steps

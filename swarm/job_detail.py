@@ -132,16 +132,18 @@ class CheckpointSummary:
 #   planned_tflops, attempt: its neighbours saw it below half its planned speed; coordinator/jobs/speed.py),
 #   rebalance (node, seen_planned_ratio, predicted_gain, resume_step, rollback, layers_before, layers_after,
 #   split_before, split_after, seen_tflops, planned_tflops, decided_at, attempt: the job re-planned its layer
-#   split around a slow node at a fence; coordinator/jobs/rebalance.py).
+#   split around a slow node at a fence; coordinator/jobs/rebalance.py),
+#   checks_void (stage, since_step, step, nodes: a stage's 2 replicas reported different weights through
+#   three parameter re-syncs, so the spot checks between them are void; coordinator/jobs/spotchecks.py).
 EVENT_KINDS: tuple[str, ...] = (
     "submitted", "planned", "node_lost", "replan", "resumed", "succeeded", "failed", "cancelled", "plan_error",
     "replica_dropped", "replica_added", "coordinator_restart", "coordinator_reconnect", "quarantined", "slow_node",
-    "rebalance",
+    "rebalance", "checks_void",
 )
 # Kinds the follow loop marks with "!" (something went wrong or the plan changed under the job).
 WARNING_EVENT_KINDS: frozenset[str] = frozenset(
     {"node_lost", "replan", "failed", "cancelled", "plan_error", "replica_dropped", "coordinator_restart",
-     "quarantined", "slow_node", "rebalance"})
+     "quarantined", "slow_node", "rebalance", "checks_void"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

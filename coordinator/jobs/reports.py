@@ -136,6 +136,8 @@ class Reporting:
             self.judge.progress(job.id, node_id, self.clock.time())
             for v in self.judge.report(job.id, job.attempt, a, job.assignments, r):
                 self._quarantine(job, v)
+            for message, fields in self.judge.take_notices(job.id):
+                self.store.add_event(job.id, "checks_void", message, **fields)
             self._add_progress(job, a, r, attempt=job.attempt)
             self.speeds.report(job, a, r)
             self._replans.pop(job.id, None)  # progress: the re-plans so far worked

@@ -17,6 +17,12 @@ sampling seed of (s, r) goes to those three and never to (s, r) itself.
   -> the checked node is guilty;
 - a checker's recomputed loss of the last stage vs the loss the checked node reported for the
   same micro-batch, beyond ``LOSS_TOLERANCE`` -> guilty;
+- replicas whose reported weights stay apart are watched (:data:`APART_STEPS`): replicas average
+  their parameters every ``RESYNC_EVERY_STEPS`` steps, so honest replicas are apart only until the
+  re-sync after a failed round, and a replica that reports a far sketch voids every check of it.
+  With 3+ replicas, one apart from all the others (which agree) through three re-syncs is guilty
+  (it misreports its weights, or cannot average with them); with 2 the coordinator cannot tell
+  which of the pair it is, and records a ``checks_void`` job event (:meth:`Judge.take_notices`);
 - a stage that failed because a neighbour stopped answering blames it; the blame stands when
   the blamed node sent no progress for the job from before the blame until ``peer_timeout_s``
   after it, and did not blame its accuser back meanwhile (a dispute: nobody is quarantined, the
@@ -35,6 +41,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from swarm.pipeline.averaging import RESYNC_EVERY_STEPS
+
 log = logging.getLogger(__name__)
 
 LOSS_TOLERANCE = 0.1  # nats: the same as node/training/spotcheck.py
@@ -48,6 +56,10 @@ LOSS_TOLERANCE = 0.1  # nats: the same as node/training/spotcheck.py
 # (2026-12-02) the largest weighed honest error was 0.024 (output, stage 0), and void ones reached
 # 0.138 at distance 0.013; so a quarter of the tolerance at worst, not a thirtieth.
 SYNC_TOLERANCE = 3e-3
+# Steps a stage's replicas may report weights more than SYNC_TOLERANCE apart before it is
+# judged: three parameter re-syncs and the step each takes to apply. Honest replicas drift apart
+# only after a failed gradient round and meet at the next re-sync.
+APART_STEPS = 3 * RESYNC_EVERY_STEPS + 2
 
 
 def weights_distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:
@@ -122,6 +134,9 @@ class _JobState:
     blames: dict[tuple[str, str], float] = field(default_factory=dict)  # (accuser, blamed) -> time
     blamed_at: dict[str, float] = field(default_factory=dict)  # accuser -> time of its last blame (kept when judged)
     blame_attempt: int = 0  # the attempt the blames belong to
+    apart: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # (attempt, stage) -> (who, since step)
+    notices: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # checks_void events not yet taken
+    noticed: set[tuple[int, int]] = field(default_factory=set)  # (attempt, stage) with a checks_void event
     num_checks: int = 0
     num_mismatches: int = 0
     num_unverifiable: int = 0  # checks between different (or missing) weights: not weighed
@@ -176,6 +191,7 @@ class Judge:
                                    "param_sketch": tuple(r.get("param_sketch") or ())}
             if r.get("micro_batch_losses"):
                 st.losses[own] = list(r["micro_batch_losses"])
+            out += self._watch_sync(job_id, st, attempt, a["stage"], R, r["step"], at)
             touched = {own}
             for c in r.get("checks", []):
                 # only the designated checker of a target may report on it, and only on this step
@@ -225,6 +241,63 @@ class Judge:
                     log.warning("spot check mismatch not confirmed by the checker's second recomputation "
                                 "job=%s target=%s step=%d", job_id, target["node_id"][:12], c["step"])
         return out
+
+    def take_notices(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """``checks_void`` events to record (message, fields), each returned once."""
+        with self._lock:
+            st = self._jobs.get(job_id)
+            if st is None:
+                return []
+            notices, st.notices = st.notices, []
+            return notices
+
+    def _watch_sync(self, job_id: str, st: _JobState, attempt: int, stage: int, R: int, step: int,
+                    at: dict[tuple[int, int], dict[str, Any]]) -> list[Verdict]:
+        """Once every replica of ``stage`` reported its sketch for ``step``: who stands apart
+        (module doc), and a verdict or a notice when it has for :data:`APART_STEPS` steps."""
+        if R < 2:
+            return []
+        sketches = [st.weights.get((attempt, stage, r, step), {}).get("param_sketch") for r in range(R)]
+        if not all(sketches):  # not every replica has reported the step yet (or one sends a digest only)
+            return []
+        far = [[weights_distance(sketches[i], sketches[j]) > SYNC_TOLERANCE for j in range(R)] for i in range(R)]
+        who: int | None = None
+        if R == 2:
+            who = -1 if far[0][1] or far[1][0] else None  # apart, nobody to name
+        else:
+            alone = [i for i in range(R) if all(far[i][j] for j in range(R) if j != i)]
+            if len(alone) == 1 and not any(far[i][j] for i in range(R) for j in range(R)
+                                           if i != j and alone[0] not in (i, j)):
+                who = alone[0]
+        key = (attempt, stage)
+        current = st.apart.get(key)
+        if who is None:
+            st.apart.pop(key, None)
+            return []
+        if current is None or current[0] != who:
+            st.apart[key] = (who, step)
+            return []
+        since = current[1]
+        if step - since < APART_STEPS:
+            return []
+        del st.apart[key]  # judged once; a streak that goes on starts over
+        syncs = (step - since) // RESYNC_EVERY_STEPS
+        if who >= 0:
+            return [Verdict(at[(stage, who)]["node_id"], (
+                f"its weights (the parameter sketches it reported) stood apart from all {R - 1} other replicas' "
+                f"of stage {stage}, which agreed, from step {since} to {step} ({syncs} parameter re-syncs): it "
+                f"misreports them, which voids every check of it, or it does not average with them"), since)]
+        if key in st.noticed:  # one event per attempt and stage: the pair stays as it is until a re-plan
+            return []
+        st.noticed.add(key)
+        nodes = [at[(stage, r)]["node_id"] for r in range(R)]
+        log.warning("replicas of stage %d apart since step %d job=%s nodes=%s", stage, since, job_id, nodes)
+        st.notices.append((
+            f"the 2 replicas of stage {stage} reported different weights from step {since} to {step} "
+            f"({syncs} parameter re-syncs): every check between them is void; one of them misreports its weights "
+            f"or they cannot average, and with 2 replicas the coordinator cannot tell which (3 replicas can)",
+            {"stage": stage, "since_step": since, "step": step, "nodes": nodes}))
+        return []
 
     @staticmethod
     def _prune(st: _JobState, step: int) -> None:

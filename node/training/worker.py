@@ -248,7 +248,7 @@ class StageWorker(WorkerSetup, TensorIO):
             # spotchecks.py same_weights: exact copies are 0 apart); the exact-bytes digest, a second
             # pass over the weights every step, is no longer sent (its field stays empty)
             digest = ""
-            sketch = param_sketch(self.module.parameters()) if checked else ()
+            sketch = self.faults.reported_sketch(param_sketch(self.module.parameters())) if checked else ()
             tw = time.monotonic()
             if averaging:
                 self.averager.finish_gradient_round(abort=fencing.is_set)

@@ -87,3 +87,57 @@ def test_judge_quarantines_only_confirmed_mismatches_from_the_designated_checker
     assert v.node_id == "n00" and v.first_bad_step == 3
     assert j.report("j", 1, asg[1], asg, {"step": 3, "checks": [dict(check, repeated_match=False)],
                                           "param_digest": "d"}) == []
+
+
+def _sync_job(R):
+    asg = [{"node_id": f"n{r}", "stage": 0, "replica": r, "num_replicas": R} for r in range(R)]
+    return asg, Judge()
+
+
+def _sketches(j, asg, step, sketches):
+    """Every replica of stage 0 reports ``sketches[r]`` for ``step``; the verdicts."""
+    out = []
+    for a, sk in zip(asg, sketches):
+        out += j.report("j", 1, a, asg, {"step": step, "checks": [], "param_sketch": sk})
+    return out
+
+
+@pytest.mark.timeout(10)
+def test_a_replica_apart_from_all_others_through_three_resyncs_is_guilty():
+    from coordinator.jobs.spotchecks import APART_STEPS
+
+    asg, j = _sync_job(3)
+    same, far = [1.0] * 8, [1.0] * 7 + [2.0]
+    for step in range(APART_STEPS):  # apart, but not yet for long enough
+        assert _sketches(j, asg, step, [same, far, same]) == []
+    (v,) = _sketches(j, asg, APART_STEPS, [same, far, same])
+    assert v.node_id == "n1" and v.first_bad_step == 0 and "misreports" in v.reason
+    # a failed round: apart, then the re-sync brings it back: the streak starts over
+    asg, j = _sync_job(3)
+    for step in range(2 * APART_STEPS):
+        apart = step % APART_STEPS < APART_STEPS - 5
+        assert _sketches(j, asg, step, [same, far if apart else same, same]) == []
+    # two replicas disagreeing with each other and the third: nobody stands alone
+    asg, j = _sync_job(3)
+    assert all(_sketches(j, asg, step, [same, far, [3.0] * 8]) == [] for step in range(2 * APART_STEPS))
+    assert j.take_notices("j") == []
+
+
+@pytest.mark.timeout(10)
+def test_two_replicas_apart_through_three_resyncs_are_reported_not_judged():
+    from coordinator.jobs.spotchecks import APART_STEPS
+
+    asg, j = _sync_job(2)
+    same, far = [1.0] * 8, [1.0] * 7 + [2.0]
+    for step in range(APART_STEPS + 1):
+        assert _sketches(j, asg, step, [same, far]) == []
+    ((message, fields),) = j.take_notices("j")
+    assert fields == {"stage": 0, "since_step": 0, "step": APART_STEPS, "nodes": ["n0", "n1"]}
+    assert "void" in message and "3 replicas" in message
+    assert j.take_notices("j") == []  # each once
+    assert all(_sketches(j, asg, s, [same, far]) == [] for s in range(APART_STEPS + 1, 3 * APART_STEPS))
+    assert j.take_notices("j") == []  # one event per attempt and stage
+    # honest replicas (within SYNC_TOLERANCE) never make a notice
+    asg, j = _sync_job(2)
+    assert all(_sketches(j, asg, s, [same, [1.0] * 7 + [1.0001]]) == [] for s in range(2 * APART_STEPS))
+    assert j.take_notices("j") == []
