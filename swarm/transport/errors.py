@@ -82,7 +82,9 @@ def _caller_gone(context: grpc.ServicerContext, exc: BaseException, method: str)
     """True (and logged at INFO) when ``exc`` is gRPC telling the servicer that the RPC is over:
     the caller cancelled it, its deadline passed or its connection dropped, so reading its
     request stream raised. Nothing can be sent back then; it is not an error of this server (it
-    was logged as "internal error" with a traceback, e.g. at every step stream a client closed)."""
+    was logged as "internal error" with a traceback, e.g. at every step stream a client closed).
+    The caller re-raises it: gRPC knows the error it raised and ends the call without a log (a
+    unary handler returning None instead would log a failed serialization)."""
     if not isinstance(exc, grpc.RpcError):
         return False
     try:
@@ -117,7 +119,7 @@ def grpc_errors(fn: F) -> F:
                 if _already_aborted(context):
                     raise
                 if _caller_gone(context, exc, method):
-                    return
+                    raise
                 _abort(context, exc, method)
 
         return gen_wrapper  # type: ignore[return-value]
@@ -130,7 +132,7 @@ def grpc_errors(fn: F) -> F:
             if _already_aborted(context):
                 raise
             if _caller_gone(context, exc, method):
-                return None
+                raise
             _abort(context, exc, method)
 
     return wrapper  # type: ignore[return-value]
