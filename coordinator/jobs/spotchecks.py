@@ -186,9 +186,10 @@ class Judge:
         with self._lock:
             st = self._job(job_id)
             own = (attempt, a["stage"], a["replica"], r["step"])
-            if r.get("param_digest") or r.get("param_sketch"):
-                st.weights[own] = {"param_digest": r.get("param_digest") or "",
-                                   "param_sketch": tuple(r.get("param_sketch") or ())}
+            # kept even when empty: a replica that sends no sketch in a checked job is then apart
+            # from the others (_watch_sync), and checks of it are void, not left waiting
+            st.weights[own] = {"param_digest": r.get("param_digest") or "",
+                               "param_sketch": tuple(r.get("param_sketch") or ())}
             if r.get("micro_batch_losses"):
                 st.losses[own] = list(r["micro_batch_losses"])
             out += self._watch_sync(job_id, st, attempt, a["stage"], R, r["step"], at)
@@ -257,9 +258,14 @@ class Judge:
         (module doc), and a verdict or a notice when it has for :data:`APART_STEPS` steps."""
         if R < 2:
             return []
-        sketches = [st.weights.get((attempt, stage, r, step), {}).get("param_sketch") for r in range(R)]
-        if not all(sketches):  # not every replica has reported the step yet (or one sends a digest only)
+        reports = [st.weights.get((attempt, stage, r, step)) for r in range(R)]
+        if any(w is None for w in reports):  # not every replica has reported the step yet
             return []
+        if not any(w["param_sketch"] for w in reports) or any(w["param_digest"] and not w["param_sketch"]
+                                                              for w in reports):
+            return []  # no sketches at all (an unchecked job), or an older node's digest: nothing to compare
+        # a replica that sent no sketch while the others did is infinitely far from them
+        sketches = [w["param_sketch"] for w in reports]
         far = [[weights_distance(sketches[i], sketches[j]) > SYNC_TOLERANCE for j in range(R)] for i in range(R)]
         who: int | None = None
         if R == 2:

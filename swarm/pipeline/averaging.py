@@ -9,7 +9,8 @@ Protocol a replica follows (one :class:`ReplicaAverager` per job and stage on ea
    their peer ids; that order is the all-reduce's peer order, so replica r reduces the same part
    of every round in every run of the job: with a peer order of sorted (random) peer ids, which
    replica got the exact mean of which part and which its fp16-rounded copy changed from run to
-   run, and two fault-free runs of one 2-replica job ended 0.04 nats apart after 3172 steps;
+   run (with rounds that failed at random steps, the reason two fault-free runs of one 2-replica
+   job ended 0.04 nats apart after 3172 steps; 0.002 with both fixed: docs/benchmarks.md);
 2. every step, copy the stage's gradients into the averager's buffers and call the averager's
    ``step`` with a bounded timeout: the group is fixed (swarm/pipeline/fixed_group.py), so the
    all-reduce starts at once, no matchmaking; the payload travels as float16. (Matchmaking cost

@@ -117,6 +117,13 @@ def test_a_replica_apart_from_all_others_through_three_resyncs_is_guilty():
     for step in range(2 * APART_STEPS):
         apart = step % APART_STEPS < APART_STEPS - 5
         assert _sketches(j, asg, step, [same, far if apart else same, same]) == []
+    # a replica that sends no sketch at all while the others do stands apart just the same
+    asg, j = _sync_job(3)
+    verdicts = [v for step in range(APART_STEPS + 1) for v in _sketches(j, asg, step, [same, same, ()])]
+    assert [v.node_id for v in verdicts] == ["n2"]
+    # an unchecked job (nobody sends sketches) is not watched
+    asg, j = _sync_job(3)
+    assert all(_sketches(j, asg, step, [(), (), ()]) == [] for step in range(2 * APART_STEPS))
     # two replicas disagreeing with each other and the third: nobody stands alone
     asg, j = _sync_job(3)
     assert all(_sketches(j, asg, step, [same, far, [3.0] * 8]) == [] for step in range(2 * APART_STEPS))
@@ -137,6 +144,9 @@ def test_two_replicas_apart_through_three_resyncs_are_reported_not_judged():
     assert j.take_notices("j") == []  # each once
     assert all(_sketches(j, asg, s, [same, far]) == [] for s in range(APART_STEPS + 1, 3 * APART_STEPS))
     assert j.take_notices("j") == []  # one event per attempt and stage
+    asg, j = _sync_job(2)  # a pair where one sends no sketch: reported too
+    assert all(_sketches(j, asg, s, [same, ()]) == [] for s in range(APART_STEPS + 1))
+    assert len(j.take_notices("j")) == 1
     # honest replicas (within SYNC_TOLERANCE) never make a notice
     asg, j = _sync_job(2)
     assert all(_sketches(j, asg, s, [same, [1.0] * 7 + [1.0001]]) == [] for s in range(2 * APART_STEPS))
