@@ -82,9 +82,7 @@ def _caller_gone(context: grpc.ServicerContext, exc: BaseException, method: str)
     """True (and logged at INFO) when ``exc`` is gRPC telling the servicer that the RPC is over:
     the caller cancelled it, its deadline passed or its connection dropped, so reading its
     request stream raised. Nothing can be sent back then; it is not an error of this server (it
-    was logged as "internal error" with a traceback, e.g. at every step stream a client closed).
-    The caller re-raises it: gRPC knows the error it raised and ends the call without a log (a
-    unary handler returning None instead would log a failed serialization)."""
+    was logged as "internal error" with a traceback, e.g. at every step stream a client closed)."""
     if not isinstance(exc, grpc.RpcError):
         return False
     try:
@@ -119,7 +117,7 @@ def grpc_errors(fn: F) -> F:
                 if _already_aborted(context):
                     raise
                 if _caller_gone(context, exc, method):
-                    raise
+                    return
                 _abort(context, exc, method)
 
         return gen_wrapper  # type: ignore[return-value]
@@ -132,7 +130,7 @@ def grpc_errors(fn: F) -> F:
             if _already_aborted(context):
                 raise
             if _caller_gone(context, exc, method):
-                raise
+                return None
             _abort(context, exc, method)
 
     return wrapper  # type: ignore[return-value]

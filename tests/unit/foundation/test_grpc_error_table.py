@@ -103,15 +103,9 @@ class LiveContext(FakeContext):
 
 def test_a_caller_that_went_away_is_not_an_internal_error(caplog):
     ctx = GoneContext()
-    gone = FakeRpcError(grpc.StatusCode.CANCELLED, "")
     with caplog.at_level(logging.INFO, logger="swarm.transport.errors"):
-        stream = Svc().Stream(gone, ctx)
-        assert next(stream) == 1
-        with pytest.raises(FakeRpcError) as raised:  # gRPC's own error, back to gRPC, which ends the call quietly
-            next(stream)
-        assert raised.value is gone
-        with pytest.raises(FakeRpcError):
-            Svc().Unary(gone, ctx)
+        assert list(Svc().Stream(FakeRpcError(grpc.StatusCode.CANCELLED, ""), ctx)) == [1]
+        assert Svc().Unary(FakeRpcError(grpc.StatusCode.CANCELLED, ""), ctx) is None
     assert ctx.aborted is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert "cancelled or went away" in caplog.text
