@@ -78,23 +78,6 @@ def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> No
     context.abort(code, message)
 
 
-def _caller_gone(context: grpc.ServicerContext, exc: BaseException, method: str) -> bool:
-    """True (and logged at INFO) when ``exc`` is gRPC telling the servicer that the RPC is over:
-    the caller cancelled it, its deadline passed or its connection dropped, so reading its
-    request stream raised. Nothing can be sent back then; it is not an error of this server (it
-    was logged as "internal error" with a traceback, e.g. at every step stream a client closed)."""
-    if not isinstance(exc, grpc.RpcError):
-        return False
-    try:
-        active = context.is_active()
-    except Exception:  # a context without is_active() (tests' fakes): not known to be over
-        return False
-    if active:
-        return False
-    log.info("%s: the caller cancelled or went away", method)
-    return True
-
-
 def _already_aborted(context: grpc.ServicerContext) -> bool:
     # context.abort() raises a bare Exception after setting the code: let it through.
     try:
@@ -116,8 +99,6 @@ def grpc_errors(fn: F) -> F:
             except Exception as exc:  # noqa: BLE001 -- the one place errors become statuses
                 if _already_aborted(context):
                     raise
-                if _caller_gone(context, exc, method):
-                    return
                 _abort(context, exc, method)
 
         return gen_wrapper  # type: ignore[return-value]
@@ -129,8 +110,6 @@ def grpc_errors(fn: F) -> F:
         except Exception as exc:  # noqa: BLE001 -- the one place errors become statuses
             if _already_aborted(context):
                 raise
-            if _caller_gone(context, exc, method):
-                return None
             _abort(context, exc, method)
 
     return wrapper  # type: ignore[return-value]

@@ -1,7 +1,5 @@
 """The one table between swarm errors and gRPC codes, both ways."""
 
-import logging
-
 import grpc
 import pytest
 
@@ -87,31 +85,3 @@ def test_decorator_maps_and_hides_internals():
     with pytest.raises(Exception):
         list(Svc().Stream(ZeroDivisionError("secret internals"), ctx))
     assert ctx.aborted[0] == grpc.StatusCode.INTERNAL and "secret" not in ctx.aborted[1]
-
-
-class GoneContext(FakeContext):
-    """A context whose RPC is over (the caller cancelled): gRPC raises from its request stream."""
-
-    def is_active(self):
-        return False
-
-
-class LiveContext(FakeContext):
-    def is_active(self):
-        return True
-
-
-def test_a_caller_that_went_away_is_not_an_internal_error(caplog):
-    ctx = GoneContext()
-    with caplog.at_level(logging.INFO, logger="swarm.transport.errors"):
-        assert list(Svc().Stream(FakeRpcError(grpc.StatusCode.CANCELLED, ""), ctx)) == [1]
-        assert Svc().Unary(FakeRpcError(grpc.StatusCode.CANCELLED, ""), ctx) is None
-    assert ctx.aborted is None
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert "cancelled or went away" in caplog.text
-    # the same error while the RPC is live (a call this servicer made to another server failed):
-    # still an internal error of this one
-    ctx = LiveContext()
-    with pytest.raises(Exception):
-        list(Svc().Stream(FakeRpcError(grpc.StatusCode.UNAVAILABLE, "down"), ctx))
-    assert ctx.aborted[0] == grpc.StatusCode.INTERNAL
