@@ -8,7 +8,7 @@ Nothing here may import torch or numpy: ``swarm models`` / ``swarm status`` must
 from __future__ import annotations
 
 # Spot checks (docs/security.md "Verification"): the chance that a micro-batch of a stage is
-# recomputed by a replica of the stage (jobs with replicas only). Chosen from bench/verification.py
+# recomputed by a replica of the stage (jobs with replicas only; compressed or not). Chosen from bench/verification.py
 # (docs/training.md "Spot checks"): detection of a node corrupting 20% of its tensors within 100
 # steps vs the tokens/s the checks cost.
 DEFAULT_VERIFY_PROB = 0.05

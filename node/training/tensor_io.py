@@ -111,6 +111,8 @@ class TensorIO:
         codec, ids, shape = self._check_header(h)
         msg = CodecMessage.from_bytes(payload, device=self.device)
         if h.kind == "activation":
+            if self.verifier is not None:  # a checked previous stage: its output's m(x) before this message
+                self.verifier.before_decode(h.step, h.micro_batch, codec, ids)
             t = codec.decode_forward(msg, ids, dtype=torch.float32, expected_row_shape=(self.S, self.H))
         else:
             t = codec.decode_backward(msg, ids, dtype=torch.float32, expected_shape=shape)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from swarm.compression import replay
 from swarm.errors import PeerError
 from swarm.faults import NO_FAULTS, FaultConfig, FaultInjector
 from swarm.pipeline import schedule
@@ -203,8 +204,10 @@ class StageWorker(WorkerSetup, TensorIO):
                     t2 = time.monotonic()
                     if out is not None:
                         out = self.faults.corrupt_sent(out)
-                        self.verifier.sent_activation(step, op.micro_batch, ids, out)
                         msg = self.up.encode_forward(out, ids)
+                        # a checked stage's witness: what the next stage will compute on
+                        self.verifier.sent_activation(step, op.micro_batch, ids,
+                                                      lambda: replay.sent_forward(self.up, msg, ids))
                         sent_fw += self._send(self.next_sender, "activation", step, op.micro_batch, ids, msg, a.stage)
                         raw += raw_bytes
                     t3 = time.monotonic()
@@ -220,8 +223,9 @@ class StageWorker(WorkerSetup, TensorIO):
                     t2 = time.monotonic()
                     if gin is not None:
                         gin = self.faults.corrupt_sent(gin)
-                        self.verifier.sent_gradient(step, op.micro_batch, ids, gin)
                         msg = self.down.encode_backward(gin, ids)
+                        self.verifier.sent_gradient(step, op.micro_batch, ids,
+                                                    lambda: replay.sent_backward(self.down, msg))
                         sent_bw += self._send(self.prev_sender, "gradient", step, op.micro_batch, ids, msg, a.stage - 1)
                         raw += raw_bytes
                     t3 = time.monotonic()

@@ -32,7 +32,7 @@ MAX_SAMPLE_IDS = 1 << 16
 MAX_NDIM = 8
 
 KINDS = ("activation", "gradient", "hidden", "witness_input", "witness_output", "witness_grad_out", "witness_grad_in",
-         "kv_cache")
+         "kv_cache", "witness_output_ref")
 _KIND_TO_PB = {
     "activation": pb.TENSOR_KIND_ACTIVATION,
     "gradient": pb.TENSOR_KIND_GRADIENT,
@@ -42,6 +42,7 @@ _KIND_TO_PB = {
     "witness_output": pb.TENSOR_KIND_WITNESS_OUTPUT,
     "witness_grad_out": pb.TENSOR_KIND_WITNESS_GRAD_OUT,
     "witness_grad_in": pb.TENSOR_KIND_WITNESS_GRAD_IN,
+    "witness_output_ref": pb.TENSOR_KIND_WITNESS_OUTPUT_REF,  # an AQ-SGD receiver's m(x) before the message
     # disaggregated serving: a session's KV cache, prefill stage -> decode stage (node/inference/kv_handoff.py)
     "kv_cache": pb.TENSOR_KIND_KV_CACHE,
 }

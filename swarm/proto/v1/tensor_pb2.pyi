@@ -18,6 +18,7 @@ class TensorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TENSOR_KIND_WITNESS_GRAD_OUT: _ClassVar[TensorKind]
     TENSOR_KIND_WITNESS_GRAD_IN: _ClassVar[TensorKind]
     TENSOR_KIND_KV_CACHE: _ClassVar[TensorKind]
+    TENSOR_KIND_WITNESS_OUTPUT_REF: _ClassVar[TensorKind]
 TENSOR_KIND_UNSPECIFIED: TensorKind
 TENSOR_KIND_ACTIVATION: TensorKind
 TENSOR_KIND_GRADIENT: TensorKind
@@ -27,6 +28,7 @@ TENSOR_KIND_WITNESS_OUTPUT: TensorKind
 TENSOR_KIND_WITNESS_GRAD_OUT: TensorKind
 TENSOR_KIND_WITNESS_GRAD_IN: TensorKind
 TENSOR_KIND_KV_CACHE: TensorKind
+TENSOR_KIND_WITNESS_OUTPUT_REF: TensorKind
 
 class TensorHeader(_message.Message):
     __slots__ = ("job_id", "step", "micro_batch", "sample_ids", "shape", "dtype", "codec", "codec_meta", "payload_bytes", "payload_crc32", "kind", "boundary", "sender_id", "replica", "attempt")

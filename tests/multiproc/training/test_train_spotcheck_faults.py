@@ -37,9 +37,9 @@ def _inputs(root):
 
 
 def _spec(steps: int, *, checkpoint_every: int, peer_timeout_s: float, batch_size: int = 64,
-          verify_prob: float = DEFAULT_VERIFY_PROB, replicas: int = 2) -> JobSpec:
+          verify_prob: float = DEFAULT_VERIFY_PROB, replicas: int = 2, codec: str = "none") -> JobSpec:
     return JobSpec(steps=steps, batch_size=batch_size, micro_batch_size=2, seq_len=8, lr=3e-3,
-                   codec=CodecSpec.parse("none"), checkpoint_every=checkpoint_every, num_stages=2, num_replicas=replicas,
+                   codec=CodecSpec.parse(codec), checkpoint_every=checkpoint_every, num_stages=2, num_replicas=replicas,
                    peer_timeout_s=peer_timeout_s, schedule="1f1b", node_wait_s=60.0, verify_prob=verify_prob)
 
 
@@ -73,9 +73,12 @@ def _run_with_faulty_node(tmp_path, fault: str, spec: JobSpec, timeout_s: float)
 
 
 @pytest.mark.timeout(240)
-def test_corrupting_node_is_quarantined_and_the_job_finishes(tmp_path):
+# AQ-SGD: the checker replays the compressed sender (swarm/compression/replay.py); the corrupted
+# tensors are perturbed before they are encoded, as a lying sender's would be
+@pytest.mark.parametrize("codec", ["none", "aqsgd:fw=2,bw=4"])
+def test_corrupting_node_is_quarantined_and_the_job_finishes(tmp_path, codec):
     # the spare's first stage worker loads torch and hivemind: its replica must wait for it
-    spec = _spec(30, checkpoint_every=5, peer_timeout_s=30.0, batch_size=16, verify_prob=0.5)
+    spec = _spec(30, checkpoint_every=5, peer_timeout_s=30.0, batch_size=16, verify_prob=0.5, codec=codec)
     job, nodes, faulty = _run_with_faulty_node(tmp_path, "corrupt-activations=0.2", spec, 200)
     assert job["state"] == "succeeded", (job["reason"], job["events"])
     by_id = {n["id"]: n for n in nodes}

@@ -20,12 +20,15 @@ pytestmark = pytest.mark.multiproc
 
 
 @pytest.mark.timeout(300)
-def test_honest_replicas_with_spot_checks_finish_and_nobody_is_quarantined(tmp_path, capsys):
+# aqsgd at its coarsest rounding: the checker replays the AQ-SGD sender (forward, exact) and allows
+# one stochastic rounding's error on the 4-bit gradients (swarm/compression/replay.py)
+@pytest.mark.parametrize("codec", ["none", "aqsgd:fw=2,bw=4"])
+def test_honest_replicas_with_spot_checks_finish_and_nobody_is_quarantined(tmp_path, capsys, codec):
     model, data = write_inputs(tmp_path)
     with coordinator_proc(tmp_path / "coord") as coord, nodes_proc(coord, [tmp_path / f"n{i}" for i in range(4)]):
         wait_until(lambda: sum(n.state == "online" for n in coord.snapshot().nodes) == 4, 60, message="4 nodes online")
         # --verify-prob 1: every micro-batch of every stage is recomputed by its replica
-        rc = swarm_main(train_args(coord, model, data, steps=20, stages=2, replicas=2,
+        rc = swarm_main(train_args(coord, model, data, steps=20, stages=2, replicas=2, codec=codec,
                                    extra=("--checkpoint-every", "5", "--verify-prob", "1", "--follow", "--json")))
         job = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         job = coord.get_json(f"/api/jobs/{job['id']}")
@@ -42,3 +45,6 @@ def test_honest_replicas_with_spot_checks_finish_and_nobody_is_quarantined(tmp_p
     stats = job["spot_checks"]
     print("spot checks:", stats)
     assert stats["weighed"] >= stats["checks"] // 2 and stats["mismatches"] == 0, stats
+    if codec != "none":  # compressed boundaries are checked too: outputs and gradients alike
+        kinds = set(re.findall(r"spot check job=\S+ stage=\d+ replica=\d+ step=\d+ micro_batch=\d+ (\w+) error=", logs))
+        assert kinds == {"output", "grad_in"}, kinds
