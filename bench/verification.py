@@ -1,6 +1,6 @@
 """Trust but verify (issue 13): what spot checks cost and how fast they catch a corrupting node.
 
-    python -m bench.verification [--quick] [--steps N] [--prob P] [--no-record] [--json]
+    python -m bench.verification [--quick] [--steps N] [--prob P] [--compression C] [--no-record] [--json]
 
 A coordinator and node processes on this machine (no root needed) train a tiny GPT-2 on a slice
 of the Python standard library as a 2 replicas x 2 stages job, three times with the same spec,
@@ -19,7 +19,9 @@ the committed step when it was quarantined), and the loss curve and held-out los
 model of ``faulty`` against ``checked``. Prints a table and appends it to docs/benchmarks.md.
 
 ``--quick``: fewer steps and smaller batches (CPU, a few minutes); the full run is meant for a
-16-core machine.
+16-core machine. ``--compression`` (default ``none``) runs all three with that boundary codec, e.g.
+``aqsgd:fw=4,bw=8``: compressed boundaries are checked by replaying the sender
+(swarm/compression/replay.py).
 """
 
 from __future__ import annotations
@@ -87,14 +89,15 @@ class Swarm:
         self.coord.stop()
 
 
-def submit(swarm: Swarm, model: Path, data: Path, *, steps: int, batch_size: int, prob: float) -> str:
+def submit(swarm: Swarm, model: Path, data: Path, *, steps: int, batch_size: int, prob: float,
+           codec: str = "none") -> str:
     from swarm.cli.train import upload_files
     from swarm.compression import CodecSpec
     from swarm.job_spec import JobSpec
     from swarm.transport.coordinator_client import CoordinatorClient
 
     spec = JobSpec(steps=steps, batch_size=batch_size, micro_batch_size=2, seq_len=64, lr=2e-3,
-                   codec=CodecSpec.parse("none"), checkpoint_every=10, num_stages=2, num_replicas=2,
+                   codec=CodecSpec.parse(codec), checkpoint_every=10, num_stages=2, num_replicas=2,
                    peer_timeout_s=30.0, warmup_steps=10, seed=1, verify_prob=prob)
     with CoordinatorClient(swarm.address, token=swarm.admin_token) as client:
         return client.submit_job(spec, upload_files(model, data)).id
@@ -171,7 +174,8 @@ def run(args) -> dict:
             for _ in range(args.repeats):
                 for name, prob in (("off", 0.0), ("checked", args.prob)):
                     t0, c0 = time.monotonic(), swarm.cpu_s()
-                    job_id = submit(swarm, model, data, steps=args.steps, batch_size=args.batch_size, prob=prob)
+                    job_id = submit(swarm, model, data, steps=args.steps, batch_size=args.batch_size, prob=prob,
+                                    codec=args.compression)
                     job = wait_job(swarm, job_id, args.timeout_s)
                     s = _summary(job, root, heldout, time.monotonic() - t0)
                     out.setdefault("repeats", {}).setdefault(name, []).append(s["tokens_per_s"])
@@ -188,7 +192,8 @@ def run(args) -> dict:
             faulty_id = swarm.add_node("faulty", fault=FAULT)
             wait_until(lambda: swarm.online() == 4, 120, message="4 nodes online with the faulty one")
             t0 = time.monotonic()
-            job_id = submit(swarm, model, data, steps=args.steps, batch_size=args.batch_size, prob=args.prob)
+            job_id = submit(swarm, model, data, steps=args.steps, batch_size=args.batch_size, prob=args.prob,
+                            codec=args.compression)
             wait_until(lambda: swarm.get(f"/api/jobs/{job_id}")["state"] != "pending", 60, message="job planned")
             swarm.add_node("n3")
             seen: dict = {"step_at_quarantine": None}
@@ -231,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prob", type=float, default=DEFAULT_VERIFY_PROB,
                    help=f"--verify-prob of the checked runs (default {DEFAULT_VERIFY_PROB}, the JobSpec default)")
     p.add_argument("--timeout-s", type=float, default=None, help="per run (default 900 quick, 3600 full)")
+    p.add_argument("--compression", default="none", help="the job's boundary codec (default none), e.g. aqsgd:fw=4,bw=8")
     p.add_argument("--device", default="cpu", help="the nodes' device: cpu (default) or cuda (all four share it)")
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line too")
@@ -255,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     m = args.batch_size // 2 // 2
     tps = "; ".join(f"{k}: " + ", ".join(f"{v:.0f}" for v in vs) for k, vs in res["repeats"].items())
     notes = (f"2 stages x 2 replicas, {args.steps} steps of {args.batch_size} x 64 tokens ({m} micro-batches of 2 "
-             f"per replica and step), tiny GPT-2 (6 x 64) on {args.device}, --verify-prob {args.prob} in the checked runs. "
+             f"per replica and step), tiny GPT-2 (6 x 64) on {args.device}, --compression {args.compression}, --verify-prob {args.prob} in the checked runs. "
              f"Checked / off tokens/s (medians of {args.repeats}; each run: {tps}): {ratio:.3f} "
              f"(cost {100 * (1 - ratio):.1f}%). Faulty node "
              f"({FAULT}): {f['faulty_state']}, first detected bad step {f['first_bad_step']}, job at step "
@@ -273,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(res))
     if not args.no_record:
-        record("Spot checks: cost and detection (bench/verification.py" + (" --quick)" if args.quick else ")"),
+        flags = (" --quick" if args.quick else "") + (f" --compression {args.compression}" if args.compression != "none" else "")
+        record(f"Spot checks: cost and detection (bench/verification.py{flags})",
                table, notes)
     ok = (all(x["state"] == "succeeded" for x in r.values()) and f["faulty_state"] == "quarantined"
           and f["honest_quarantined"] == 0)
