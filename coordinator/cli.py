@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     private_umask()  # state (token, SQLite, job files) is created 0600 / 0700
     swarm_log.configure(args.log_level)
+    swarm_log.dump_stacks_on_sigusr1()
     return serve(args)
 
 

@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     private_umask()  # identity key, shards, checkpoints are created 0600 / 0700
     swarm_log.configure(args.log_level)
+    swarm_log.dump_stacks_on_sigusr1()
     return join(args)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import sys
 
 
@@ -17,3 +19,10 @@ def configure(level: str | int = "INFO", *, stream=None) -> None:
     root.setLevel(level)
     # hivemind configures its own loggers; keep them quieter than ours.
     logging.getLogger("hivemind").setLevel(max(level, logging.WARNING))
+
+
+def dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` writes every thread's stack to stderr (the log) and the process goes on:
+    what a hung coordinator or node is waiting on (README.md). Services only."""
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
