@@ -122,7 +122,7 @@ class CheckpointSummary:
 
 
 # What can happen to a job, as ``events`` lists it (``fields`` per kind):
-#   submitted (total_steps), planned (attempt, num_stages, num_replicas, num_nodes),
+#   submitted (total_steps), planned (attempt, num_stages, num_replicas, num_nodes, checked: spot checks on),
 #   node_lost (node, stage, replica, state), replan (attempt, resume_step), resumed (step, attempt),
 #   succeeded, failed (last_complete_checkpoint), cancelled,
 #   plan_error (error: an unexpected planning failure, the job failed with it),

@@ -35,7 +35,7 @@ from coordinator.jobs.reports import Reporting
 from coordinator.jobs.handover import AddedReplicas
 from coordinator.jobs.planning import (JobPlan, busy_node_ids, check_layers, check_shape, nodes_needed,
                                       plan_job)
-from coordinator.jobs.spotchecks import Judge, Verdict, verify_plans
+from coordinator.jobs.spotchecks import Judge, Verdict, checks_clause, verify_plans
 from coordinator.jobs.store import Job, JobStore
 
 log = logging.getLogger(__name__)
@@ -231,11 +231,13 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
                                  waited=True)
         elif moved is not None:
             nodes = {a["node_id"] for a in jp.assignments}
+            checked, checks = checks_clause(num_replicas=jp.plan.d_dp, prob=job.spec.verify_prob,
+                                            error_feedback=job.spec.codec.error_feedback)
             self.store.add_event(job.id, "planned", f"planned: {jp.plan.d_pp} stage(s) x {jp.plan.d_dp} replica(s) on "
                                  f"{len(nodes)} node(s)" + (f", starting at step {job.resume_step}" if job.resume_step
-                                                            else ""),
+                                                            else "") + f"; {checks}",
                                  attempt=job.attempt + 1, num_stages=jp.plan.d_pp, num_replicas=jp.plan.d_dp,
-                                 num_nodes=len(nodes))
+                                 num_nodes=len(nodes), checked=checked)
 
     def _watch(self, job: Job) -> None:
         verdicts, dispute = self.judge.resolve_blames(job.id, self.clock.time(), grace_s=job.spec.peer_timeout_s,

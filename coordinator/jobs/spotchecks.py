@@ -88,6 +88,17 @@ def _seed(secret: int, stage: int, replica: int) -> int:
     return int.from_bytes(h[:7], "big")
 
 
+def checks_clause(*, num_replicas: int, prob: float, error_feedback: bool = False) -> tuple[bool, str]:
+    """(whether the job's results are spot-checked, the words the ``planned`` event adds)."""
+    if prob <= 0:
+        return False, "spot checks off (--verify-prob 0)"
+    if num_replicas < 2:
+        return False, ("spot checks off: one replica per stage, so no node holds a stage to recompute it "
+                       "(--replicas 2 or more checks results)")
+    return True, (f"spot checks on (each micro-batch with probability {prob:g}, by a replica of its stage"
+                  + ("; gradients sent with error feedback, ef=1, are not checked)" if error_feedback else ")"))
+
+
 def verify_plans(assignments: list[dict[str, Any]], *, prob: float, secret: int | None = None) -> list[dict[str, Any]]:
     """One ``verify`` dict per assignment (same order). No checks without replicas or with prob 0."""
     if not assignments:

@@ -151,3 +151,14 @@ def test_two_replicas_apart_through_three_resyncs_are_reported_not_judged():
     asg, j = _sync_job(2)
     assert all(_sketches(j, asg, s, [same, [1.0] * 7 + [1.0001]]) == [] for s in range(2 * APART_STEPS))
     assert j.take_notices("j") == []
+
+
+def test_the_planned_event_says_whether_results_are_spot_checked():
+    from coordinator.jobs.spotchecks import checks_clause
+
+    on, text = checks_clause(num_replicas=2, prob=0.05)
+    assert on and "probability 0.05" in text
+    off, text = checks_clause(num_replicas=1, prob=0.05)
+    assert not off and "--replicas 2" in text  # says what to do to get checks
+    assert checks_clause(num_replicas=3, prob=0.0) == (False, "spot checks off (--verify-prob 0)")
+    assert "ef=1" in checks_clause(num_replicas=2, prob=0.05, error_feedback=True)[1]
