@@ -377,9 +377,14 @@ class Disagg:
             self.engine._pump(m)
 
     def _requeue(self, m, s) -> None:
+        """Back to the queue: the session replays from its released tokens. What it held for a
+        check is dropped (the replay computes it again), as after a failed chain: kept, a check
+        concluding meanwhile could only flag it released (no chain to flush it), and the pending
+        token, counted towards max_new_tokens, left the session never runnable once attached."""
         e = self.engine
         with e._lock:
             s.kv_pos, s.replica = 0, None
+            s.pending = []
             s.num_replays += 1
             s.waiting_since_s = e.app.clock.monotonic()
             m.waiting.appendleft(s)

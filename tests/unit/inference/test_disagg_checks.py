@@ -49,8 +49,8 @@ def replica(index: int) -> Replica:
     return r
 
 
-def session(got: list) -> Session:
-    state = GenerationState(prompt_ids=[1, 2], params=SamplingParams(max_new_tokens=8),
+def session(got: list, max_new_tokens: int = 8) -> Session:
+    state = GenerationState(prompt_ids=[1, 2], params=SamplingParams(max_new_tokens=max_new_tokens),
                             decode=lambda ids: "x" * len(ids))
     return Session(session_id="s1", model="m", state=state, sink=got.append)
 
@@ -89,12 +89,12 @@ def test_a_decode_chains_replay_rides_on_the_prefill_chain_first():
     assert len(prefill.tasks) == 1 and not other_decode.tasks  # busier, but the prefill chain checks
 
 
-def _handed_off(prefill_index=0):
+def _handed_off(prefill_index=0, max_new_tokens=8):
     """A session whose prefill step (token 5) was sampled on the prefill chain, then handed off."""
     pre, checker, dec = replica(prefill_index), _Checker(1), replica(2)
     e, m, calls = engine([pre, checker, dec], prefill={prefill_index})
     checks, got = Checks(e), []
-    s = session(got)
+    s = session(got, max_new_tokens)
     pre.attach(s)
     t = object()
     s.pending = [[5, t, False]]
@@ -124,6 +124,29 @@ def test_a_check_concluding_while_the_kv_moves_releases_once_attached():
     dec.attach(s)
     dec.release(s, None)  # what Disagg._move does after attaching
     assert tokens(got) == [5]
+
+
+def test_a_session_requeued_because_no_decode_chain_had_room_drops_what_it_held():
+    """The KV could not move (no decode chain had room): the session goes back to the queue and
+    replays from its released tokens (Disagg._requeue). What it held is dropped, as after a failed
+    chain: kept, a check concluding while the session waited flagged the token released with no
+    chain to flush it, and once the queue attached the session again its pending token counted
+    towards max_new_tokens, so it was never runnable: the generation hung until its deadline
+    (tests/multiproc/inference/test_slot_cache_nodes.py, about 1 run in 20 on a loaded machine)."""
+    from collections import deque
+
+    from coordinator.inference.disagg import Disagg
+
+    checks, s, got, task, pre, dec, m, _ = _handed_off(max_new_tokens=1)
+    m.waiting = deque()
+    d = Disagg(SimpleNamespace(_lock=threading.RLock(),
+                               app=SimpleNamespace(clock=SimpleNamespace(monotonic=lambda: 0.0))))
+    d._requeue(m, s)
+    assert s.pending == [] and s.kv_pos == 0 and list(m.waiting) == [s]
+    task.done({1: result(1, node="c")})  # the held step's check concludes while it waits: nothing to release
+    assert tokens(got) == []
+    pre.attach(s)  # the queue gives it a chain again
+    assert s.runnable()  # so its driver prefills it again and the token comes (computed anew)
 
 
 def test_a_wrong_prefill_retires_its_chain_quarantines_its_node_and_replays_the_session():
