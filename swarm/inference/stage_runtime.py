@@ -153,7 +153,9 @@ class StageRuntime:
             return self._close_locked(session_ids)
 
     def _close_locked(self, session_ids: list[str]) -> int:
-        closed = [sid for sid in session_ids if sid in self._sessions]
+        # once each: the same id twice (a session both finished and cancelled, or a client's
+        # repeat) raised KeyError at its second pop, an internal error of CloseSession
+        closed = [sid for sid in dict.fromkeys(session_ids) if sid in self._sessions]
         if not closed:
             return 0
         freed = self._groups.closing(set(closed))

@@ -262,3 +262,14 @@ def test_spare_caches_stay_within_max_sessions(ckpt):
     assert rt._pool.count() == 0 and rt.kv_cache_bytes() == 3 * per_session
     rt.close(["c", "d", "e"])
     assert rt.kv_cache_bytes() <= 3 * per_session
+
+
+def test_closing_the_same_session_twice_in_one_call_closes_it_once(ckpt):
+    """A session both finished and cancelled can be named twice in one close (the coordinator's
+    closing list); a client may repeat ids too. It raised KeyError (CloseSession's internal error)."""
+    path, cfg = ckpt
+    n = cfg.num_layers
+    rt = runtime(path, 0, n, n, max_sessions=3)
+    for sid in ("a", "b"):
+        rt.run([StepEntry(session_id=sid, start_position=0, num_tokens=2, token_ids=(1, 2))])
+    assert rt.close(["a", "a", "zz", "b", "a"]) == 2 and rt.num_sessions == 0
