@@ -215,8 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         # the nodes train on while the coordinator is away: ~25 steps here at ~1 s a step, ~60 on
         # a quiet box since replicas average without matchmaking (~0.4 s a step). With 30 steps the
         # replica was killed in the job's last steps or after its end; with 40 the job once ended
-        # during the outage and the replica was never killed (CI, 2026-12-01)
-        args.steps = args.steps or 100
+        # during the outage and the replica was never killed (CI, 2026-12-01). Since the averaging
+        # rounds stopped failing the job runs ~5 steps/s here, and the first commit after the
+        # coordinator's return comes ~16 s after its kill (the nodes' reconnect backoff): 100 steps
+        # ended before the replica kill in a run on a loaded box (2026-12-03); 250 leave ~30 s
+        args.steps = args.steps or 250
     # --quick: the node comes back after the coordinator did (a node back before its loss was
     # noticed: tests/unit/training/test_restarted_worker.py)
     restart_after = args.restart_after_s or (15.0 if args.quick else 20.0)

@@ -7,7 +7,7 @@ import pytest
 
 from bench import chaos
 
-# ~100-160 s on this 2-core machine since the job has 100 steps (it had 40: with replicas averaging
+# ~100-160 s on this 2-core machine since the job has 250 steps (100 before 2026-12-03: the job ended before the replica kill once) (it had 40: with replicas averaging
 # without matchmaking, the job once ended while the coordinator was away, before the replica kill;
 # CI 2026-12-01). Earlier, with 40 steps: 80-100 s, 6 of 6 runs passed. It used to fail ~1 run in 3:
 # the replica killed after the coordinator's return died in the job's last steps, the survivors
