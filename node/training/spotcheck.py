@@ -74,6 +74,9 @@ LOSS_TOLERANCE = 0.1  # nats, absolute
 # so replicas that a failed gradient round set apart are within the coordinator's SYNC_TOLERANCE
 # again: checks are void for at most that many steps (plus one) after a failed round.
 WITNESS_WAIT_S = 10.0  # how long a checker waits for one witness copy (at most the job's peer timeout)
+# An AQ-SGD output's m(x) reference follows its witness copy at once, from the same sender: one
+# that has not come this long after the copy is not coming (a witness older than compressed checks)
+REF_WAIT_S = 2.0
 WITNESS_KINDS = ("witness_input", "witness_output", "witness_grad_out", "witness_grad_in", "witness_output_ref")
 REFS_KEPT = 64  # m(x) references captured and not yet sent (a fence can leave some behind)
 
@@ -298,6 +301,7 @@ class StageVerifier:
         # stage, read by a gRPC thread just before decoding it (before_decode), sent with the copy
         self._refs: dict[tuple[int, int], torch.Tensor] = {}
         self._refs_lock = threading.Lock()
+        self._no_refs = False  # the output witness sends no m(x) references: AQ-SGD output checks are void
         self.num_checks = self.num_mismatches = self.num_witness_dropped = 0
         # seconds spent on checking in this job's steps (node/training/worker.py logs them at the end)
         self.cost = dict.fromkeys(("steps", "step_s", "recompute_s", "weights_s", "resync_s", "witness_s", "round_s"), 0.0)
@@ -390,7 +394,7 @@ class StageVerifier:
         return t.to(self.w.device)
 
     # -- checking ----------------------------------------------------------------------------------
-    def _get(self, kind: str, step: int, m: int) -> torch.Tensor | None:
+    def _get(self, kind: str, step: int, m: int, wait_s: float = WITNESS_WAIT_S) -> torch.Tensor | None:
         """A witness copy, or None (logged) when it does not come within WITNESS_WAIT_S or the
         attempt is being fenced: the checked replica may be the one lost, and a checker waiting
         for its witnesses would hold up the fence (a stage-0 loss cost 40 s: 10 s per copy)."""
@@ -403,7 +407,7 @@ class StageVerifier:
             if fencing.is_set():
                 raise PeerError("the attempt is being fenced (a replica changed); the check is void")
         try:
-            return w.endpoint.get(kind, step, m, timeout_s=min(w.timeout_s, WITNESS_WAIT_S), stop=w.stop_event,
+            return w.endpoint.get(kind, step, m, timeout_s=min(w.timeout_s, wait_s), stop=w.stop_event,
                                   what=f"a witness of stage {self.plan.check.stage}", check=fenced)
         except PeerError as exc:
             log.warning("spot check skipped job=%s step=%d micro_batch=%d: %s", w.a.job_id, step, m, exc)
@@ -423,9 +427,17 @@ class StageVerifier:
             ids = w.order.micro_batches(step, c.replica)[m]
             x = torch.from_numpy(w.dataset.inputs(ids)).to(w.device) if is_first else self._get("witness_input", step, m)
             y = None if (is_last or x is None) else self._get("witness_output", step, m)
-            ref = self._get("witness_output_ref", step, m) if (self.aqsgd and y is not None) else None
-            if x is None or (not is_last and (y is None or (self.aqsgd and ref is None))):
+            if x is None or (not is_last and y is None):
                 break  # a witness is missing: so will the step's others be (its sender died, or a fence)
+            ref = None
+            if self.aqsgd and y is not None and not self._no_refs:
+                ref = self._get("witness_output_ref", step, m, wait_s=REF_WAIT_S)
+                if ref is None:
+                    self._no_refs = True
+                    log.warning("the output witness of stage %d sends no AQ-SGD m(x) reference (a node older than "
+                                "compressed checks?): this attempt's output checks of it are void", c.stage)
+            if self.aqsgd and ref is None:
+                y = None  # an output check without the reference cannot tell rounding from corruption
             grads = self.grads_checkable and not is_first
             g_out = None if (is_last or not grads) else self._get("witness_grad_out", step, m)
             g_in = self._get("witness_grad_in", step, m) if grads else None
@@ -437,7 +449,7 @@ class StageVerifier:
             if is_last:
                 out.append(SpotResult(**base, what="loss", match=True, error=0.0, tolerance=LOSS_TOLERANCE,
                                       repeated_match=True, value=float(first[0])))
-            else:
+            elif y is not None:
                 # a lossy boundary: allow twice the rounding error an honest message of this sample shows
                 tol = TOLERANCE["output"] + 2 * rel_error(self._honest_output(first[0], ref), first[0])
                 out.append(self._compare(base, "output", first[0], y, lambda: run()[0], tol))

@@ -168,3 +168,33 @@ def test_a_witness_copy_with_nan_or_bad_seen_flags_is_refused():
         v.decode(*_copy("witness_output_ref", ref))
     with pytest.raises(InvalidRequestError):  # a reference of the wrong shape
         v.decode(*_copy("witness_output_ref", torch.zeros(B, S * H)))
+
+
+def test_a_witness_sending_no_reference_voids_the_output_checks_without_holding_the_steps(monkeypatch):
+    """An output witness older than compressed checks sends the decoded output but no m(x)
+    reference: the checker waits REF_WAIT_S once, then skips the output checks of the attempt
+    (void, not mismatches) instead of holding every checked step for a copy that never comes."""
+    from node.training import spotcheck
+    from node.training.exchange import Endpoint, _Slot
+
+    monkeypatch.setattr(spotcheck, "REF_WAIT_S", 0.2)
+    v = _verifier("aqsgd:fw=2,bw=4")
+    target = _stage()
+    endpoint = Endpoint("j", lambda h, p: None)
+    v.w.endpoint, v.w.module = endpoint, _near_copy(target)
+    v.w.membership = SimpleNamespace(fence_pending=threading.Event())
+    v.w.runner = SimpleNamespace(loss_scale=1.0)
+    v.w.order = SimpleNamespace(micro_batches=lambda step, replica: [[0, 1]])
+    v.w.M = 1
+    g = torch.Generator().manual_seed(4)
+    for step in (3, 4):
+        x, g_out = torch.randn(B, S, H, generator=g), torch.randn(B, S, H, generator=g)
+        xin = x.clone().requires_grad_(True)
+        y = target(xin)
+        (g_in,) = torch.autograd.grad(y, [xin], grad_outputs=g_out)
+        for kind, t in (("witness_input", x), ("witness_output", y.detach()), ("witness_grad_out", g_out),
+                        ("witness_grad_in", g_in)):
+            endpoint._items[(kind, step, 0)] = _Slot(t)  # as accept() queues a validated copy
+        results = v.check_step(step)
+        assert [r.what for r in results] == ["grad_in"] and all(r.match for r in results), results
+    assert v._no_refs
