@@ -46,7 +46,8 @@ from node.training.membership import DEFAULT_OUTAGE_S, FenceReached, Membership,
 from node.training.reporter import Reporter
 from node.training.sender import PeerSender
 from node.training.tensor_io import TensorIO
-from node.training.spotcheck import StageVerifier, param_sketch
+from node.training.spotcheck import StageVerifier
+from node.training.weight_sketch import param_sketch
 from node.training.worker_setup import WorkerSetup
 
 log = logging.getLogger(__name__)

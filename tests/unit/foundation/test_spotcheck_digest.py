@@ -14,7 +14,8 @@ from swarm.faults import FaultConfig, FaultInjector
 from swarm.model import ModelConfig, StageModel, build_stage
 
 from coordinator.jobs.spotchecks import JUDGE_AFTER_PEER_TIMEOUTS, SYNC_TOLERANCE, Judge, weights_distance
-from node.training.spotcheck import SKETCH_SIZE, TOLERANCE, SpotResult, param_digest, param_sketch, recompute, rel_error
+from node.training.spotcheck import TOLERANCE, SpotResult, recompute, rel_error
+from node.training.weight_sketch import SKETCH_SIZE, param_digest, param_sketch
 
 CFG = ModelConfig(family="gpt2", vocab_size=32, hidden_size=32, num_layers=3, num_heads=2,
                   max_position_embeddings=16, tie_word_embeddings=False)
