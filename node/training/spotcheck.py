@@ -19,7 +19,8 @@ Protocol (per checked stage T = (stage s, replica r); its checker C is the repli
 - Every worker of a checked job reports a linear sketch of its stage's parameters
   (node/training/weight_sketch.py :func:`param_sketch`) for every step (the weights that step ran
   with). The coordinator weighs a check only when the checker and the checked node ran the same
-  weights: sketches within ``SYNC_TOLERANCE`` (relative L2 distance of the weights, coordinator/jobs/spotchecks.py; exact copies are 0 apart).
+  weights: sketches within ``SYNC_TOLERANCE`` (relative L2 distance of the weights,
+  coordinator/jobs/spotchecks.py; exact copies are 0 apart).
   (:func:`param_digest`, exact bytes, was reported too: it cost a second pass over the weights every
   step, 3.3% of a checked step on the 2-core box, and decided nothing the sketch does not; a digest
   an older node still sends is honoured.) Replicas are never bit-identical after a successful hivemind
