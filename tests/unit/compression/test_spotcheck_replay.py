@@ -153,13 +153,17 @@ def _copy(kind: str, t: torch.Tensor, *, step: int = 3, micro_batch: int = 0):
 def test_a_witness_copy_with_nan_or_bad_seen_flags_is_refused():
     """A non-finite copy would make any recomputation differ: a lying witness could frame the
     checked stage with it. The checker refuses it (the check is then void, never a mismatch)."""
+    from node.training.exchange import Endpoint
+
     v = _verifier("aqsgd:fw=2,bw=4")
+    endpoint = Endpoint("j", v.decode)  # what the checking worker's endpoint runs on every copy
     good = torch.zeros(B, S, H)
     assert torch.equal(v.decode(*_copy("witness_output", good)), good)
     bad = good.clone()
     bad[0, 0, 0] = float("nan")
     with pytest.raises(InvalidRequestError, match="NaN"):
-        v.decode(*_copy("witness_output", bad))
+        endpoint.accept(*_copy("witness_output", bad))
+    assert not endpoint._items  # refused: nothing queued for the check
     ref = torch.zeros(B, S * H + 1)
     ref[:, -1] = 1.0
     assert v.decode(*_copy("witness_output_ref", ref)).shape == (B, S * H + 1)
