@@ -227,6 +227,18 @@ def _summary(job: dict, root: Path, heldout: str, wall_s: float) -> dict:
             "loss_curve": loss_curve(job)}
 
 
+def _codec_text(text: str) -> str:
+    """``--compression``: refused before any process starts when it does not parse."""
+    from swarm.compression import CodecSpec
+    from swarm.errors import ConfigError
+
+    try:
+        CodecSpec.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="few steps, small batches (CPU)")
@@ -236,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prob", type=float, default=DEFAULT_VERIFY_PROB,
                    help=f"--verify-prob of the checked runs (default {DEFAULT_VERIFY_PROB}, the JobSpec default)")
     p.add_argument("--timeout-s", type=float, default=None, help="per run (default 900 quick, 3600 full)")
-    p.add_argument("--compression", default="none", help="the job's boundary codec (default none), e.g. aqsgd:fw=4,bw=8")
+    p.add_argument("--compression", default="none", type=_codec_text,
+                   help="the job's boundary codec (default none), e.g. aqsgd:fw=4,bw=8")
     p.add_argument("--device", default="cpu", help="the nodes' device: cpu (default) or cuda (all four share it)")
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line too")
