@@ -14,8 +14,9 @@ seed and data:
 Runs 1 and 2 alternate ``--repeats`` times. Reported: tokens/s of each run (tokens of the
 committed steps after the first, over the wall time between their commits; the median over the
 repeats), the checked / off ratio, the checks counted by the coordinator
-(weighed vs void), the step at which the faulty node was found (its first detected bad step and
-the committed step when it was quarantined), and the loss curve and held-out loss of the final
+(weighed vs void), the step at which the faulty node was first accused (one checker's word opens
+a dispute: rollback and re-pairing, coordinator/jobs/spotchecks.py) and found (its first detected
+bad step and the committed step when it was quarantined), and the loss curve and held-out loss of the final
 model of ``faulty`` against ``checked``. Prints a table and appends it to docs/benchmarks.md.
 
 ``--quick``: fewer steps and smaller batches (CPU, a few minutes); the full run is meant for a
@@ -206,7 +207,9 @@ def run(args) -> dict:
             s = _summary(job, root, heldout, time.monotonic() - t0)
             nodes = {n["id"]: n for n in swarm.get("/api/nodes")["nodes"]}
             q = [e for e in job["events"] if e["kind"] == "quarantined"]
+            disputed = [e for e in job["events"] if e["kind"] == "disputed"]
             s.update(faulty_state=nodes[faulty_id]["state"],
+                     disputes=len(disputed), first_disputed_step=disputed[0]["fields"]["step"] if disputed else None,
                      honest_quarantined=sum(n["state"] == "quarantined" for i, n in nodes.items() if i != faulty_id),
                      first_bad_step=q[0]["fields"].get("first_bad_step") if q else None,
                      step_at_quarantine=seen["step_at_quarantine"],
@@ -277,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
              f"per replica and step), tiny GPT-2 (6 x 64) on {args.device}, --compression {args.compression}, --verify-prob {args.prob} in the checked runs. "
              f"Checked / off tokens/s (medians of {args.repeats}; each run: {tps}): {ratio:.3f} "
              f"(cost {100 * (1 - ratio):.1f}%). Faulty node "
-             f"({FAULT}): {f['faulty_state']}, first detected bad step {f['first_bad_step']}, job at step "
+             f"({FAULT}): first accused at step {f.get('first_disputed_step')} ({f.get('disputes', 0)} dispute(s): "
+             f"one checker's word rolls back and re-pairs, a second checker convicts); {f['faulty_state']}, "
+             f"first detected bad step {f['first_bad_step']}, job at step "
              f"{f['step_at_quarantine']} when quarantined; honest nodes quarantined: {f['honest_quarantined']}; "
              f"held-out loss faulty - checked: {f['heldout_loss'] - r['checked']['heldout_loss']:+.4f} nats. "
              "Share of the checked runs' step time (all workers) spent on: "

@@ -17,6 +17,9 @@
   hardware to placement, which pools the figures of one device model: disaggregation.pool_alike);
 - ``misreport-weights=1``: training: report a parameter sketch 5% off its weights' every step
   (a node that voids the spot checks of it; coordinator/jobs/spotchecks.py watches for it);
+- ``false-checks=P``: training: report a fraction P of the spot checks this node runs of another
+  node as confirmed mismatches (a checker framing the node it checks; the coordinator's judge
+  needs a second checker before it quarantines anyone: coordinator/jobs/spotchecks.py);
 - ``stall-after-steps=N``: stop training after N steps of a job, but keep heartbeating;
 - ``slowdown=F``: every inference step this node serves, and every training forward and
   backward it computes, takes F times its compute time (an emulated slower device, for
@@ -48,6 +51,7 @@ class FaultConfig:
     corrupt_activations: float = 0.0
     wrong_tokens: float = 0.0
     corrupt_kv: float = 0.0
+    false_checks: float = 0.0
     tamper_relayed: bool = False
     misreport_weights: bool = False
     claim_tflops: float | None = None
@@ -58,7 +62,7 @@ class FaultConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("corrupt_activations", "wrong_tokens", "corrupt_kv"):
+        for name in ("corrupt_activations", "wrong_tokens", "corrupt_kv", "false_checks"):
             v = getattr(self, name)
             if not (math.isfinite(v) and 0.0 <= v <= 1.0):
                 raise ConfigError(f"{FAULT_ENV}: {name.replace('_', '-')} must be a fraction in 0..1, got {v}")
@@ -76,7 +80,8 @@ class FaultConfig:
 
     @property
     def any(self) -> bool:
-        return (self.corrupt_activations > 0 or self.wrong_tokens > 0 or self.corrupt_kv > 0 or self.tamper_relayed
+        return (self.corrupt_activations > 0 or self.wrong_tokens > 0 or self.corrupt_kv > 0 or self.false_checks > 0
+                or self.tamper_relayed
                 or self.misreport_weights
                 or self.claim_tflops is not None
                 or self.claim_mem_bandwidth is not None or self.claim_device is not None
@@ -95,8 +100,8 @@ class FaultConfig:
             if not sep:
                 raise ConfigError(f"{FAULT_ENV}: {item!r} must be NAME=VALUE")
             try:
-                if key in ("corrupt-activations", "wrong-tokens", "corrupt-kv", "claim-tflops", "claim-mem-bandwidth",
-                           "slowdown"):
+                if key in ("corrupt-activations", "wrong-tokens", "corrupt-kv", "false-checks", "claim-tflops",
+                           "claim-mem-bandwidth", "slowdown"):
                     values[key.replace("-", "_")] = float(raw)
                 elif key in ("tamper-relayed", "misreport-weights"):
                     values[key.replace("-", "_")] = raw.strip() not in ("0", "false", "")
@@ -106,7 +111,8 @@ class FaultConfig:
                     values["stall_after_steps"] = int(raw)
                 else:
                     raise ConfigError(f"{FAULT_ENV}: unknown fault {key!r}; known: corrupt-activations, "
-                                      "wrong-tokens, corrupt-kv, tamper-relayed, misreport-weights, claim-tflops, claim-mem-bandwidth, claim-device, "
+                                      "wrong-tokens, corrupt-kv, false-checks, tamper-relayed, misreport-weights, claim-tflops, "
+                                      "claim-mem-bandwidth, claim-device, "
                                       "stall-after-steps, slowdown")
             except ValueError as exc:
                 raise ConfigError(f"{FAULT_ENV}: {key} has a bad value {raw!r}") from exc
@@ -144,6 +150,10 @@ class FaultInjector:
 
     def corrupt_hidden(self, t: torch.Tensor) -> torch.Tensor:
         return self.perturb(t, self.config.wrong_tokens)
+
+    def lies_in_check(self) -> bool:
+        """``false-checks=P``: whether to report this spot check as a confirmed mismatch."""
+        return self._hit(self.config.false_checks)
 
     def slow_down(self, compute_s: float) -> None:
         """``slowdown=F``: sleep (F - 1) x ``compute_s`` (the work just done took F times as long)."""

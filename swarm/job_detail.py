@@ -134,16 +134,18 @@ class CheckpointSummary:
 #   split_before, split_after, seen_tflops, planned_tflops, decided_at, attempt: the job re-planned its layer
 #   split around a slow node at a fence; coordinator/jobs/rebalance.py),
 #   checks_void (stage, since_step, step, nodes: a stage's 2 replicas reported different weights through
-#   three parameter re-syncs, so the spot checks between them are void; coordinator/jobs/spotchecks.py).
+#   three parameter re-syncs, so the spot checks between them are void; coordinator/jobs/spotchecks.py),
+#   disputed (accuser, node, step, reason: one checker found node's result wrong; the job rolls back to
+#   before the step and re-plans with the two on different stages, so a second checker decides).
 EVENT_KINDS: tuple[str, ...] = (
     "submitted", "planned", "node_lost", "replan", "resumed", "succeeded", "failed", "cancelled", "plan_error",
     "replica_dropped", "replica_added", "coordinator_restart", "coordinator_reconnect", "quarantined", "slow_node",
-    "rebalance", "checks_void",
+    "rebalance", "checks_void", "disputed",
 )
 # Kinds the follow loop marks with "!" (something went wrong or the plan changed under the job).
 WARNING_EVENT_KINDS: frozenset[str] = frozenset(
     {"node_lost", "replan", "failed", "cancelled", "plan_error", "replica_dropped", "coordinator_restart",
-     "quarantined", "slow_node", "rebalance", "checks_void"})
+     "quarantined", "slow_node", "rebalance", "checks_void", "disputed"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -47,6 +47,7 @@ def plan_job(
     bandwidth_Bps: np.ndarray,
     seed: int = 0,
     tflops: dict[str, float] | None = None,
+    prefer: frozenset[str] = frozenset(),
 ) -> JobPlan:
     """Plan ``spec`` over ``nodes`` (with their delay/bandwidth matrices, same order).
 
@@ -58,10 +59,12 @@ def plan_job(
     InfeasiblePlanError with the reason (no nodes, too few nodes for the flags, not enough
     memory) and InvalidRequestError when ``--stages`` exceeds the model's layers. ``tflops``:
     speeds to plan with instead of the nodes' (a re-balance: the speeds seen in training).
+    ``prefer``: nodes a fixed shape takes before faster ones (both ends of a disputed spot check,
+    which must each be checked by someone else: coordinator/jobs/spotchecks.py).
     """
     check_shape(spec, config, num_nodes=len(nodes), where="idle")
     speed = lambda n: (tflops or {}).get(n.id, n.planning_tflops)  # noqa: E731 -- as _cluster_and_shape
-    order = sorted(range(len(nodes)), key=lambda i: (-speed(nodes[i]), nodes[i].id))
+    order = sorted(range(len(nodes)), key=lambda i: (nodes[i].id not in prefer, -speed(nodes[i]), nodes[i].id))
     pp = spec.num_stages or None
     dp = spec.num_replicas or None
     # Fixed shapes take a whole number of pipelines: the fastest nodes (ties by id: deterministic),
@@ -150,9 +153,7 @@ def grow_plan(plan: Plan, idle: list[NodeInfo], nodes: dict[str, NodeInfo], *, n
     heavy_first = sorted(range(len(plan.stages)), key=lambda s: (-plan.stages[s].num_layers, s))
     for _ in range(num_replicas - plan.d_dp):
         for s in heavy_first:
-            need = plan.stages[s].memory_bytes
-            fit = next((n for n in free if not need or not (has := n.hardware.memory_free_bytes
-                                                             or n.hardware.memory_bytes) or has >= need), None)
+            fit = next((n for n in free if _holds(n, plan.stages[s].memory_bytes)), None)
             if fit is None:
                 raise InfeasiblePlanError(f"no idle node can hold stage {s} (layers {list(plan.stages[s].layers)}) "
                                           "of a new replica")
@@ -161,6 +162,51 @@ def grow_plan(plan: Plan, idle: list[NodeInfo], nodes: dict[str, NodeInfo], *, n
     stages = tuple(replace(st, devices=tuple(st.devices) + tuple(added[s])) for s, st in enumerate(plan.stages))
     grown = replace(plan, stages=stages)
     return JobPlan(plan=grown, assignments=assignments_from_plan(grown, nodes))
+
+
+def _holds(node: NodeInfo, need: int | None) -> bool:
+    """Whether ``node`` has the memory a stage ``need``s (True when either is unknown)."""
+    has = node.hardware.memory_free_bytes or node.hardware.memory_bytes
+    return not need or not has or has >= need
+
+
+def conflicts(plan: Plan, apart: set[frozenset[str]]) -> list[tuple[str, str]]:
+    """The pairs of ``apart`` that ``plan`` puts on the same stage (sorted ids)."""
+    out = []
+    for st in plan.stages:
+        devs = sorted(str(d) for d in st.devices)
+        out += [(a, b) for i, a in enumerate(devs) for b in devs[i + 1:] if frozenset((a, b)) in apart]
+    return out
+
+
+def separate(jp: JobPlan, apart: set[frozenset[str]], nodes: dict[str, NodeInfo]) -> JobPlan | None:
+    """``jp`` with no pair of ``apart`` on one stage, or None when swaps cannot do it.
+
+    A pair on one stage (a checker and the node it accused: replicas of a stage check each
+    other) is parted by swapping one of them, the accused first, with a node of another stage
+    such that neither stage then holds a pair and each node has the memory of its new stage.
+    Every swap leaves both stages it touches without pairs, so each one removes at least one
+    pair and the search ends. Layer splits stay as planned; only the nodes holding them move.
+    ``nodes``: every node of the plan by id."""
+    stages = [[str(d) for d in st.devices] for st in jp.plan.stages]
+    need = [st.memory_bytes for st in jp.plan.stages]
+    clean = lambda devs: not any(frozenset((a, b)) in apart for a in devs for b in devs if a != b)  # noqa: E731
+    while found := conflicts(replace(jp.plan, stages=tuple(replace(st, devices=tuple(stages[s]))
+                                                          for s, st in enumerate(jp.plan.stages))), apart):
+        a, b = found[0]
+        s = next(i for i, devs in enumerate(stages) if a in devs and b in devs)
+        swap = next(((mover, t, z) for mover in (b, a) for t, devs in enumerate(stages) if t != s for z in devs
+                     if clean([z if d == mover else d for d in stages[s]]) and clean([mover if d == z else d for d in devs])
+                     and _holds(nodes[mover], need[t]) and _holds(nodes[z], need[s])), None)
+        if swap is None:
+            return None
+        mover, t, z = swap
+        stages[s] = [z if d == mover else d for d in stages[s]]
+        stages[t] = [mover if d == z else d for d in stages[t]]
+    if [list(map(str, st.devices)) for st in jp.plan.stages] == stages:
+        return jp
+    plan = replace(jp.plan, stages=tuple(replace(st, devices=tuple(stages[s])) for s, st in enumerate(jp.plan.stages)))
+    return JobPlan(plan=plan, assignments=assignments_from_plan(plan, nodes))
 
 
 def nodes_needed(spec: JobSpec) -> int:

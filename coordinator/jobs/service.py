@@ -33,9 +33,9 @@ from coordinator.jobs.details import Details
 from coordinator.jobs.fencing import Fencing
 from coordinator.jobs.reports import Reporting
 from coordinator.jobs.handover import AddedReplicas
-from coordinator.jobs.planning import (JobPlan, busy_node_ids, check_layers, check_shape, nodes_needed,
-                                      plan_job)
-from coordinator.jobs.spotchecks import Judge, Verdict, checks_clause, verify_plans
+from coordinator.jobs.planning import (JobPlan, busy_node_ids, check_layers, check_shape, conflicts, nodes_needed,
+                                      plan_job, separate)
+from coordinator.jobs.spotchecks import Accusation, Judge, Verdict, checks_clause, verify_plans
 from coordinator.jobs.store import Job, JobStore
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,9 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
         self._thread: threading.Thread | None = None
         self.judge = Judge()  # spot checks and blame (coordinator/jobs/spotchecks.py)
         self._first_bad: dict[str, int] = {}  # job id -> first step a spot check found wrong
+        # job id -> pairs of nodes (accuser, accused of a disputed check) its plans keep on different
+        # stages, so each is checked by, and checks, someone else (coordinator/jobs/spotchecks.py)
+        self._apart: dict[str, set[frozenset[str]]] = {}
         self._grow_tried: dict[str, float] = {}  # job id -> when it last tried to grow back to --replicas
         self._rebalance_tried: dict[str, float] = {}  # job id -> when it last weighed a re-balance
         self._absorb_tried: dict[str, float] = {}  # job id -> when it last weighed taking in idle nodes
@@ -180,18 +183,23 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
         nodes = [n for n in self.registry.online() if n.id not in busy]
         matrix = self.network.planning_matrix(nodes)  # relayed links within their relay's cap (docs/nat.md)
         spec = job.spec
+        apart = self._apart.get(job.id, set())
         counts = churn.replica_counts(spec.num_replicas, spec.batch_size, spec.micro_batch_size) \
             if degrade and spec.num_replicas > 1 else [spec.num_replicas]
         for i, k in enumerate(counts):
             try:
+                # both ends of a dispute stay in the job (each is to be checked by someone else)
                 jp = plan_job(spec=spec.replace(num_replicas=k), config=ModelConfig.from_hf_config(job.model),
-                              nodes=nodes, delay_s=matrix[0], bandwidth_Bps=matrix[1], seed=spec.seed, tflops=tflops)
+                              nodes=nodes, delay_s=matrix[0], bandwidth_Bps=matrix[1], seed=spec.seed, tflops=tflops,
+                              prefer=frozenset().union(*apart))
                 break
             except InfeasiblePlanError:
                 if i == len(counts) - 1:
                     raise
         else:
             raise AssertionError("replica_counts always holds the requested count")
+        if apart:
+            jp = separate(jp, apart, {n.id: n for n in nodes}) or jp  # else conflicts() names the pairs left
         for a, v in zip(jp.assignments, verify_plans(jp.assignments, prob=spec.verify_prob)):
             a["verify"] = v
         jp.assignments[:] = churn.with_keepers(jp.assignments)  # a second copy of each checkpoint
@@ -247,6 +255,9 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
         if dispute and not verdicts:
             self._recover(job, "two stages blame each other for stopping", cause="peer_failure")
             return
+        disputes = self.judge.take_disputes(job.id)
+        if disputes and self._disputed(job, disputes):
+            return
         lost: dict[str, str] = {}
         for a in job.assignments:
             try:
@@ -285,7 +296,38 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
         self._maybe_rebalance(job)
         self._maybe_absorb(job)
 
-    def _recover(self, job: Job, what: str, *, cause: str) -> None:
+    def _disputed(self, job: Job, disputes: list[Accusation]) -> bool:
+        """A checker found a node's result wrong, and nobody else has yet: roll back to before the
+        step and re-plan with the two on different stages (coordinator/jobs/spotchecks.py), so a
+        second checker decides. When no plan can part them (no other node can check the accused),
+        the accused is quarantined on the one checker's word (as before disputes). True when the
+        job was re-planned."""
+        pairs = self._apart.setdefault(job.id, set())
+        pairs.update(frozenset((d.accuser, d.target)) for d in disputes)
+        try:
+            jp = self._plan(job, degrade=True)
+        except SwarmError as exc:  # InfeasiblePlanError included
+            log.info("cannot plan around a disputed check job=%s (%s)", job.id, exc)
+            jp = None
+        stuck = {frozenset(c) for c in conflicts(jp.plan, pairs)} if jp is not None else set(pairs)
+        lone = [d for d in disputes if frozenset((d.accuser, d.target)) in stuck]
+        for d in lone:
+            self._quarantine(job, Verdict(d.target, f"{d.reason} (no other node could check it: one checker's word)",
+                                          d.step))
+        if lone or jp is None:
+            return False  # the quarantine re-plans the job (from before the step) on the next tick
+        first = min(d.step for d in disputes)
+        self._first_bad[job.id] = min(self._first_bad.get(job.id, first), first)
+        for d in disputes:
+            self.store.add_event(job.id, "disputed", (
+                f"node {d.accuser[:12]} found node {d.target[:12]}'s result wrong ({d.reason}); one checker's word is "
+                f"not enough: resuming from before step {d.step} with the two on different stages, so other nodes "
+                "check each of them"), accuser=d.accuser, node=d.target, step=d.step, reason=d.reason)
+        self._recover(job, f"a spot check of node {disputes[0].target[:12]} was disputed", cause="disputed_check",
+                      plan=jp)
+        return True
+
+    def _recover(self, job: Job, what: str, *, cause: str, plan: JobPlan | None = None) -> None:
         """Re-plan a running job that lost a stage over the idle online nodes, resuming after its
         last complete checkpoint; with no nodes for it, wait for some (pending, with the reason)
         for up to ``--node-wait-s``; fail it (keeping the checkpoints) after too many re-plans in a
@@ -319,7 +361,7 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
                                                        step=resume)
                 if lost:
                     (out / keepers.INCOMPLETE).write_text(f"stages {sorted(lost)} are filler; see their keepers\n")
-            jp = self._plan(job, degrade=True)
+            jp = plan or self._plan(job, degrade=True)
             if lost:
                 self._from_keepers(jp.assignments, lost, step=resume)
         except InfeasiblePlanError as exc:

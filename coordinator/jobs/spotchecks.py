@@ -13,10 +13,17 @@ sampling seed of (s, r) goes to those three and never to (s, r) itself.
   averaging round: ~1e-2) or missing, it is void (counted as unverifiable), whatever it found.
   Replicas after successful rounds are ~1e-4 apart (fp16 deltas), which moves an honest
   recomputation by far less than the tolerance of the comparison (0.1 relative L2);
-- a reported mismatch that the checker's repeated recomputation confirmed (the second opinion)
-  -> the checked node is guilty;
-- a checker's recomputed loss of the last stage vs the loss the checked node reported for the
-  same micro-batch, beyond ``LOSS_TOLERANCE`` -> guilty;
+- a reported mismatch that the checker's repeated recomputation confirmed, or a checker's
+  recomputed loss of the last stage further than ``LOSS_TOLERANCE`` from the loss the checked
+  node reported for the same micro-batch, is an **accusation** by the checker, not a verdict: a
+  checker may lie, and one checker's word would let any replica get the honest node it checks
+  quarantined. The first accusation of a node opens a **dispute** (:meth:`Judge.take_disputes`):
+  the caller rolls the job back to before the step (the accused may be wrong, and averaging
+  spread its effect) and re-plans it with accuser and accused on different stages, so another
+  node checks the accused and the accuser checks another node. Then the accused is guilty once a
+  second, different checker accuses it too; the accuser is guilty once it has accused two
+  different nodes that no other checker confirmed (it reports wrong results of whoever it
+  checks). The same accuser again adds nothing;
 - replicas whose reported weights stay apart are watched (:data:`APART_STEPS`): replicas average
   their parameters every ``RESYNC_EVERY_STEPS`` steps, so honest replicas are apart only until the
   re-sync after a failed round, and a replica that reports a far sketch voids every check of it.
@@ -147,6 +154,9 @@ class _JobState:
     blame_attempt: int = 0  # the attempt the blames belong to
     apart: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # (attempt, stage) -> (who, since step)
     notices: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # checks_void events not yet taken
+    accusations: dict[str, dict[str, Accusation]] = field(default_factory=dict)  # target -> accuser -> first one
+    disputes: list[Accusation] = field(default_factory=list)  # first accusations of a node, not yet taken
+    liars: set[str] = field(default_factory=set)  # accusers found guilty of misreporting checks: ignored
     noticed: set[tuple[int, int]] = field(default_factory=set)  # (attempt, stage) with a checks_void event
     num_checks: int = 0
     num_mismatches: int = 0
@@ -158,7 +168,18 @@ class _JobState:
 class Verdict:
     node_id: str
     reason: str
-    first_bad_step: int | None  # None: no result was wrong (stalling)
+    first_bad_step: int | None  # None: no result was wrong (stalling, lying about others' results)
+
+
+@dataclass(frozen=True, slots=True)
+class Accusation:
+    """A checker (``accuser``) found ``target``'s result of ``step`` wrong (``reason``)."""
+
+    accuser: str
+    target: str
+    attempt: int
+    step: int
+    reason: str
 
 
 class Judge:
@@ -213,7 +234,7 @@ class Judge:
                     continue
                 st.num_checks += 1
                 target_key = (attempt, c["stage"], c["replica"], c["step"])
-                st.waiting.setdefault(target_key, []).append({**c, "checker": {
+                st.waiting.setdefault(target_key, []).append({**c, "by": a["node_id"], "checker": {
                     "param_digest": r.get("param_digest") or "", "param_sketch": tuple(r.get("param_sketch") or ())}})
                 touched.add(target_key)
             for key in touched:
@@ -240,15 +261,17 @@ class Judge:
             if c["what"] == "loss":
                 losses = st.losses.get(key)
                 if losses is not None and c["micro_batch"] < len(losses):
-                    out += self._loss_verdict(st, target, c["step"], c["micro_batch"], losses[c["micro_batch"]],
-                                              c["value"])
+                    reason = self._loss_mismatch(st, target, c["step"], c["micro_batch"], losses[c["micro_batch"]],
+                                                 c["value"])
+                    if reason:
+                        out += self._accuse(job_id, st, c["by"], target["node_id"], key[0], c["step"], reason)
             elif not c["match"]:
                 st.num_mismatches += 1
                 if c["repeated_match"]:
-                    out.append(Verdict(target["node_id"], (
+                    out += self._accuse(job_id, st, c["by"], target["node_id"], key[0], c["step"], (
                         f"spot check: its {c['what']} of step {c['step']} micro-batch {c['micro_batch']} "
                         f"(stage {c['stage']}, replica {c['replica']}) differs from the recomputation by "
-                        f"{c['error']:.3g} (tolerance {c['tolerance']:.3g}) with the same weights"), c["step"]))
+                        f"{c['error']:.3g} (tolerance {c['tolerance']:.3g}) with the same weights"))
                 else:
                     log.warning("spot check mismatch not confirmed by the checker's second recomputation "
                                 "job=%s target=%s step=%d", job_id, target["node_id"][:12], c["step"])
@@ -322,14 +345,57 @@ class Judge:
             for k in [k for k in d if k[3] < step - MAX_KEPT_STEPS]:
                 del d[k]
 
-    def _loss_verdict(self, st: _JobState, target: dict, step: int, m: int, reported: float, recomputed: float
-                      ) -> list[Verdict]:
+    @staticmethod
+    def _loss_mismatch(st: _JobState, target: dict, step: int, m: int, reported: float, recomputed: float) -> str:
+        """The accusation's reason when a recomputed loss is too far from the reported one, else ""."""
         if abs(reported - recomputed) <= LOSS_TOLERANCE:
-            return []
+            return ""
         st.num_mismatches += 1
-        return [Verdict(target["node_id"], f"spot check: reported loss {reported:.4f} of step {step} micro-batch {m} "
-                                           f"(stage {target['stage']}, replica {target['replica']}), recomputed "
-                                           f"{recomputed:.4f}", step)]
+        return (f"spot check: reported loss {reported:.4f} of step {step} micro-batch {m} (stage {target['stage']}, "
+                f"replica {target['replica']}), recomputed {recomputed:.4f}")
+
+    @staticmethod
+    def _accuse(job_id: str, st: _JobState, accuser: str, target: str, attempt: int, step: int,
+                reason: str) -> list[Verdict]:
+        """Weigh one accusation (module doc): a verdict once a second checker confirms it or once
+        the accuser has accused two nodes nobody confirmed; else the first accusation of
+        ``target`` opens a dispute."""
+        if accuser in st.liars:
+            return []  # found misreporting its checks (the rest of the report it was found in, say)
+        by = st.accusations.setdefault(target, {})
+        if accuser in by:
+            return []  # the same checker again: nothing new (its dispute is under way)
+        by[accuser] = acc = Accusation(accuser=accuser, target=target, attempt=attempt, step=step, reason=reason)
+        if len(by) >= 2:
+            others = sorted(n[:12] for n in by if n != accuser)
+            first = min((a.step for a in by.values() if a.attempt == attempt), default=step)
+            log.warning("spot check confirmed by a second checker job=%s target=%s accusers=%s", job_id, target[:12],
+                        sorted(n[:12] for n in by))
+            return [Verdict(target, f"{reason}; also found wrong by node(s) {', '.join(others)} checking it earlier",
+                            first)]
+        alone = sorted(t for t, b in st.accusations.items() if accuser in b and len(b) == 1)
+        if len(alone) >= 2:
+            st.liars.add(accuser)
+            for t in alone:  # the accuser's word is void: its targets start over
+                st.accusations[t].pop(accuser, None)
+            st.disputes = [d for d in st.disputes if d.accuser != accuser]
+            log.warning("a checker accused nodes no other checker confirmed job=%s accuser=%s targets=%s", job_id,
+                        accuser[:12], [t[:12] for t in alone])
+            return [Verdict(accuser, (
+                f"its spot checks found wrong results of {len(alone)} different nodes ({', '.join(t[:12] for t in alone)})"
+                f" that no other checker confirmed: it misreports its checks"), None)]
+        log.warning("spot check disputed job=%s accuser=%s target=%s step=%d", job_id, accuser[:12], target[:12], step)
+        st.disputes.append(acc)
+        return []
+
+    def take_disputes(self, job_id: str) -> list[Accusation]:
+        """First accusations of a node that the caller has not seen yet, each returned once."""
+        with self._lock:
+            st = self._jobs.get(job_id)
+            if st is None:
+                return []
+            out, st.disputes = st.disputes, []
+            return out
 
     def blame(self, job_id: str, accuser: str, blamed: str, now_s: float, attempt: int = 0) -> None:
         with self._lock:

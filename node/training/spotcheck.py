@@ -47,6 +47,7 @@ sender's alone; their outputs and losses are.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -78,6 +79,11 @@ WITNESS_WAIT_S = 10.0  # how long a checker waits for one witness copy (at most 
 # An AQ-SGD output's m(x) reference follows its witness copy at once, from the same sender: one
 # that has not come this long after the copy is not coming (a witness older than compressed checks)
 REF_WAIT_S = 2.0
+# References missing this many checked outputs in a row: the witness sends none (an older node),
+# and the attempt's output checks of the stage are void from then on. Fewer: only those checks
+# are void (a copy is best effort and may be dropped), so one honest drop voids one check, and a
+# witness shielding its neighbour by withholding references must withhold them 3 times in a row.
+REF_MISSES_BEFORE_VOID = 3
 WITNESS_KINDS = ("witness_input", "witness_output", "witness_grad_out", "witness_grad_in", "witness_output_ref")
 REFS_KEPT = 64  # m(x) references captured and not yet sent (a fence can leave some behind)
 
@@ -181,6 +187,15 @@ def recompute(module, *, x: torch.Tensor, is_first: bool, is_last: bool, labels:
     return out.detach(), None if gin is None else gin.detach()
 
 
+def _falsified(r: SpotResult) -> SpotResult:
+    """SWARM_FAULT ``false-checks`` (tests only): ``r`` turned into a confirmed mismatch (a loss one
+    ``LOSS_TOLERANCE`` off), as a checker framing its target would report it."""
+    log.warning("SWARM_FAULT: reporting a false mismatch of stage %d replica %d step %d", r.stage, r.replica, r.step)
+    if r.what == "loss":
+        return dataclasses.replace(r, value=r.value + 2 * LOSS_TOLERANCE)
+    return dataclasses.replace(r, match=False, error=10 * r.tolerance, repeated_match=True)
+
+
 def witness_header(*, job_id: str, kind: str, role: WitnessRole, step: int, micro_batch: int, ids, payload: bytes,
                    shape, sender_id: str, attempt: int) -> wt.TensorHeader:
     return wt.make_header(payload, job_id=job_id, step=step, micro_batch=micro_batch,
@@ -219,6 +234,7 @@ class StageVerifier:
         self._refs: dict[tuple[int, int], torch.Tensor] = {}
         self._refs_lock = threading.Lock()
         self._no_refs = False  # the output witness sends no m(x) references: AQ-SGD output checks are void
+        self._ref_misses = 0  # checked outputs in a row whose reference did not come
         self.num_checks = self.num_mismatches = self.num_witness_dropped = 0
         # seconds spent on checking in this job's steps (node/training/worker.py logs them at the end)
         self.cost = dict.fromkeys(("steps", "step_s", "recompute_s", "weights_s", "resync_s", "witness_s", "round_s"), 0.0)
@@ -348,10 +364,12 @@ class StageVerifier:
             ref = None
             if self.aqsgd and y is not None and not self._no_refs:
                 ref = self._get("witness_output_ref", step, m, wait_s=REF_WAIT_S)
-                if ref is None:
+                self._ref_misses = 0 if ref is not None else self._ref_misses + 1
+                if self._ref_misses >= REF_MISSES_BEFORE_VOID:
                     self._no_refs = True
-                    log.warning("the output witness of stage %d sends no AQ-SGD m(x) reference (a node older than "
-                                "compressed checks?): this attempt's output checks of it are void", c.stage)
+                    log.warning("the output witness of stage %d sent no AQ-SGD m(x) reference %d times in a row (a "
+                                "node older than compressed checks?): this attempt's output checks of it are void",
+                                c.stage, self._ref_misses)
             if self.aqsgd and ref is None:
                 y = None  # an output check without the reference cannot tell rounding from corruption
             grads = self.grads_checkable and not is_first
@@ -373,7 +391,7 @@ class StageVerifier:
                 tol = TOLERANCE["grad_in"] + 2 * rel_error(replay.honest_backward(self.spec, first[1]), first[1])
                 out.append(self._compare(base, "grad_in", first[1], g_in, lambda: run()[1], tol))
         w.endpoint.discard(lambda key: key[0] in WITNESS_KINDS and key[1] <= step)
-        return out
+        return [_falsified(r) if w.faults.lies_in_check() else r for r in out]
 
     def _honest_output(self, out: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
         """What the next stage decodes when an honest checked stage sends ``out`` (its message

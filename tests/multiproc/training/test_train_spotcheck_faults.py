@@ -4,7 +4,14 @@ runs so the job can re-plan without the faulty one.
 
 - ``corrupt-activations=0.2``: the node ends ``quarantined`` (``/api/nodes``), no honest node
   does, the job re-plans without it and finishes;
-- ``stall-after-steps=5``: the node is quarantined for stalling and the job finishes.
+- ``stall-after-steps=5``: the node is quarantined for stalling and the job finishes;
+- ``false-checks=1``: a checker that reports every check of the node it checks as wrong gets
+  nobody quarantined on its word: the job rolls back and re-pairs, and the liar is quarantined
+  once it has accused a second node nobody else faults.
+
+A corrupting node's first accusation opens a dispute too (one checker's word is not enough:
+coordinator/jobs/spotchecks.py): the job rolls back and moves it to the other stage, whose
+replica then finds it wrong as well.
 
 The corrupting test checks at ``--verify-prob 0.5`` (4 micro-batches per replica and step): a
 check of the corrupting node finds a corrupted tensor with probability 0.2, so missing it in
@@ -82,7 +89,7 @@ def test_corrupting_node_is_quarantined_and_the_job_finishes(tmp_path, codec):
     job, nodes, faulty = _run_with_faulty_node(tmp_path, "corrupt-activations=0.2", spec, 200)
     assert job["state"] == "succeeded", (job["reason"], job["events"])
     by_id = {n["id"]: n for n in nodes}
-    assert by_id[faulty]["state"] == "quarantined", by_id[faulty]
+    assert by_id[faulty]["state"] == "quarantined", (by_id[faulty]["state"], job["events"])
     assert "spot check" in by_id[faulty]["quarantine_reason"]
     assert [n["id"] for n in nodes if n["state"] == "quarantined"] == [faulty], nodes
     q = [e for e in job["events"] if e["kind"] == "quarantined"]
@@ -90,6 +97,23 @@ def test_corrupting_node_is_quarantined_and_the_job_finishes(tmp_path, codec):
     assert job["attempt"] >= 1 and faulty not in {a["node_id"] for a in job["assignments"]}
     assert job["spec"]["verify_prob"] == 0.5
     assert job["spot_checks"]["weighed"] > 0, job["spot_checks"]
+    disputed = [e for e in job["events"] if e["kind"] == "disputed"]
+    assert disputed and disputed[0]["fields"]["node"] == faulty, job["events"]  # the first accusation
+    assert faulty not in {e["fields"]["accuser"] for e in disputed}
+
+
+@pytest.mark.timeout(240)
+def test_a_checker_framing_the_node_it_checks_is_quarantined_not_its_target(tmp_path):
+    spec = _spec(30, checkpoint_every=5, peer_timeout_s=30.0, batch_size=16, verify_prob=0.5)
+    job, nodes, liar = _run_with_faulty_node(tmp_path, "false-checks=1", spec, 200)
+    assert job["state"] == "succeeded", (job["reason"], job["events"])
+    by_id = {n["id"]: n for n in nodes}
+    assert by_id[liar]["state"] == "quarantined", by_id[liar]
+    assert "misreports its checks" in by_id[liar]["quarantine_reason"]
+    assert [n["id"] for n in nodes if n["state"] == "quarantined"] == [liar], nodes
+    disputed = [e for e in job["events"] if e["kind"] == "disputed"]
+    assert len(disputed) == 1 and disputed[0]["fields"]["accuser"] == liar, job["events"]
+    assert liar not in {a["node_id"] for a in job["assignments"]}
 
 
 @pytest.mark.timeout(240)

@@ -15,7 +15,7 @@ from node.training.spotcheck import TOLERANCE, CheckRole, StageVerifier, VerifyP
 from swarm.compression import BoundaryCodec, CodecMessage, CodecSpec, RamStore
 from swarm.compression import replay
 from swarm.errors import InvalidRequestError
-from swarm.faults import FaultConfig, FaultInjector
+from swarm.faults import NO_FAULTS, FaultConfig, FaultInjector
 from swarm.model import ModelConfig, build_stage
 from swarm.model.stage import StageModel
 from swarm.transport import tensors as wt
@@ -138,7 +138,7 @@ def _verifier(codec: str, *, prob: float = 1.0) -> StageVerifier:
     w = SimpleNamespace(a=SimpleNamespace(stage=1, replica=1, job_id="j", attempt=1, is_first=False, is_last=False,
                                           spec=SimpleNamespace(codec=codec)),
                         M=4, b=B, S=S, H=H, timeout_s=5.0, stop_event=threading.Event(), _cur_step=3,
-                        device=torch.device("cpu"), security=None,
+                        device=torch.device("cpu"), security=None, faults=FaultInjector(NO_FAULTS),
                         order=SimpleNamespace(micro_batches=lambda step, replica: [[0, 1], [2, 3], [4, 5], [0, 2]]))
     return StageVerifier(w, plan)
 
@@ -176,8 +176,9 @@ def test_a_witness_copy_with_nan_or_bad_seen_flags_is_refused():
 
 def test_a_witness_sending_no_reference_voids_the_output_checks_without_holding_the_steps(monkeypatch):
     """An output witness older than compressed checks sends the decoded output but no m(x)
-    reference: the checker waits REF_WAIT_S once, then skips the output checks of the attempt
-    (void, not mismatches) instead of holding every checked step for a copy that never comes."""
+    reference: the checker waits REF_WAIT_S for it REF_MISSES_BEFORE_VOID times in a row, each
+    such output check void (not a mismatch), then skips the output checks of the attempt instead
+    of holding every checked step for a copy that never comes."""
     from node.training import spotcheck
     from node.training.exchange import Endpoint, _Slot
 
@@ -191,7 +192,8 @@ def test_a_witness_sending_no_reference_voids_the_output_checks_without_holding_
     v.w.order = SimpleNamespace(micro_batches=lambda step, replica: [[0, 1]])
     v.w.M = 1
     g = torch.Generator().manual_seed(4)
-    for step in (3, 4):
+    for step in range(3, 3 + spotcheck.REF_MISSES_BEFORE_VOID + 1):
+        assert v._no_refs == (step - 3 >= spotcheck.REF_MISSES_BEFORE_VOID)
         x, g_out = torch.randn(B, S, H, generator=g), torch.randn(B, S, H, generator=g)
         xin = x.clone().requires_grad_(True)
         y = target(xin)

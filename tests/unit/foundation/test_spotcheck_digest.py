@@ -67,7 +67,7 @@ def test_param_digest_is_exact_bytes():
     assert param_digest(a.parameters()) != param_digest(b.parameters())
 
 
-def test_honest_stage_passes_and_a_corrupting_stage_is_quarantined_with_the_same_weights():
+def test_honest_stage_passes_and_a_corrupting_stage_is_accused_with_the_same_weights():
     target = _middle_stage()
     checker = copy.deepcopy(target)  # a replica in sync (the averaging round succeeded)
     digest = param_digest(target.parameters())
@@ -87,8 +87,10 @@ def test_honest_stage_passes_and_a_corrupting_stage_is_quarantined_with_the_same
     assert not bad[0]["match"] and bad[0]["error"] > 0.5
     # the checker's report may come first: the check waits for the target's digest of that step
     assert j.report("j", 1, CHECKER, ASG, {"step": 1, "param_digest": digest, "checks": bad}) == []
-    (v,) = j.report("j", 1, TARGET, ASG, {"step": 1, "param_digest": digest})
-    assert v.node_id == TARGET["node_id"] and v.first_bad_step == 1 and "same weights" in v.reason
+    assert j.report("j", 1, TARGET, ASG, {"step": 1, "param_digest": digest}) == []
+    # one checker's word opens a dispute; a second checker decides it (test_disputed_checks.py)
+    (d,) = j.take_disputes("j")
+    assert d.target == TARGET["node_id"] and d.step == 1 and "same weights" in d.reason
     assert j.stats("j") == {"checks": 4, "mismatches": 1, "unverifiable": 0, "weighed": 4}
 
 
@@ -153,8 +155,9 @@ def test_near_replicas_are_weighed_by_their_sketches():
     bad_y = FaultInjector(FaultConfig(corrupt_activations=1.0)).corrupt_sent(y)
     bad = _check(checker, x, bad_y, g_out, g_in, step=3)
     assert j.report("j", 1, CHECKER, ASG, {"step": 3, **rc, "checks": bad}) == []  # waits for the target
-    (v,) = j.report("j", 1, TARGET, ASG, {"step": 3, **rt})
-    assert v.node_id == TARGET["node_id"] and v.first_bad_step == 3
+    assert j.report("j", 1, TARGET, ASG, {"step": 3, **rt}) == []
+    (d,) = j.take_disputes("j")  # weighed: the checker's accusation stands, for a second checker to decide
+    assert d.target == TARGET["node_id"] and d.step == 3
     assert j.stats("j") == {"checks": 4, "mismatches": 1, "unverifiable": 0, "weighed": 4}
 
 

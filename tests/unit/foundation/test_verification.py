@@ -24,7 +24,8 @@ def test_fault_config_parses_once_and_refuses_nonsense():
     assert not FaultConfig.parse("").any and FaultConfig.parse(None) == FaultConfig()
     g = FaultConfig.parse("claim-mem-bandwidth=4e8,claim-device=fast gpu")
     assert (g.claim_mem_bandwidth, g.claim_device, g.any) == (4e8, "fast gpu", True)
-    for bad in ("corrupt-activations=2", "fly=1", "stall-after-steps", "claim-tflops=x", "claim-mem-bandwidth=1e3"):
+    assert FaultConfig.parse("false-checks=1").false_checks == 1.0 and FaultConfig.parse("false-checks=0.5").any
+    for bad in ("corrupt-activations=2", "false-checks=-1", "fly=1", "stall-after-steps", "claim-tflops=x", "claim-mem-bandwidth=1e3"):
         with pytest.raises(ConfigError):
             FaultConfig.parse(bad)
 
@@ -76,17 +77,21 @@ def test_spot_check_plans_never_tell_a_stage_its_own_seed():
     assert 300 < hits < 500
 
 
-def test_judge_quarantines_only_confirmed_mismatches_from_the_designated_checker():
+def test_judge_weighs_only_confirmed_mismatches_from_the_designated_checker():
     asg = [{"node_id": f"n{s}{r}", "stage": s, "replica": r, "num_replicas": 2} for s in range(2) for r in range(2)]
     j = Judge()
     check = {"stage": 0, "replica": 0, "step": 3, "micro_batch": 0, "what": "output", "match": False, "error": 1.2,
              "tolerance": 0.5, "repeated_match": True, "value": 0.0}
     r = {"step": 3, "checks": [check], "param_digest": "d"}  # same weights on both (their digests agree)
     assert j.report("j", 1, asg[0], asg, r) == []  # (0,0) cannot check itself
-    (v,) = j.report("j", 1, asg[1], asg, r)  # (0,1) is the checker of (0,0)
-    assert v.node_id == "n00" and v.first_bad_step == 3
-    assert j.report("j", 1, asg[1], asg, {"step": 3, "checks": [dict(check, repeated_match=False)],
-                                          "param_digest": "d"}) == []
+    assert j.take_disputes("j") == []
+    # (0,1) is the checker of (0,0): its word opens a dispute (tests/unit/foundation/test_disputed_checks.py)
+    assert j.report("j", 1, asg[1], asg, r) == []
+    (d,) = j.take_disputes("j")
+    assert (d.target, d.accuser, d.step) == ("n00", "n01", 3)
+    j2 = Judge()
+    assert j2.report("j", 1, asg[1], asg, {"step": 3, "checks": [dict(check, repeated_match=False)],
+                                           "param_digest": "d"}) == [] and j2.take_disputes("j") == []
 
 
 def _sync_job(R):

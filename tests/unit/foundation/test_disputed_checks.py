@@ -1,0 +1,121 @@
+"""Disputed spot checks, the pure parts (coordinator/jobs/spotchecks.py ``Judge._accuse``,
+coordinator/jobs/planning.py ``separate``): one checker's word opens a dispute, a second checker
+decides it, and a checker that accuses whoever it checks is the one found guilty."""
+
+import pytest
+
+from swarm.scheduling.plan import Plan, PlanStage
+
+from coordinator.jobs.planning import conflicts, separate, JobPlan, assignments_from_plan
+from coordinator.jobs.spotchecks import Judge
+from tests.unit.training.test_job_shape_events import _node
+
+
+def _asg(layout):
+    """assignments of ``layout``: stage -> [node id per replica]."""
+    return [{"node_id": n, "address": f"h:{n}", "stage": s, "replica": r, "num_replicas": len(devs)}
+            for s, devs in enumerate(layout) for r, n in enumerate(devs)]
+
+
+def _bad(stage, replica, step, what="output"):
+    return {"stage": stage, "replica": replica, "step": step, "micro_batch": 0, "what": what, "match": False,
+            "error": 1.2, "tolerance": 0.5, "repeated_match": True, "value": 0.0}
+
+
+def _accuse(j, attempt, asg, checker, target, step):
+    """``checker`` (node id) reports a confirmed mismatch of ``target`` at ``step``; the verdicts."""
+    at = {a["node_id"]: a for a in asg}
+    t, c = at[target], at[checker]
+    out = j.report("j", attempt, t, asg, {"step": step, "param_digest": "d"})
+    out += j.report("j", attempt, c, asg, {"step": step, "param_digest": "d",
+                                           "checks": [_bad(t["stage"], t["replica"], step)]})
+    return out
+
+
+@pytest.mark.timeout(10)
+def test_one_checker_opens_a_dispute_and_a_second_checker_convicts():
+    j = Judge()
+    asg = _asg([["x", "t"], ["z", "w"]])  # x checks t (replica 1 checks replica 0)
+    assert _accuse(j, 1, asg, "x", "t", 3) == []
+    (d,) = j.take_disputes("j")
+    assert (d.accuser, d.target, d.step, d.attempt) == ("x", "t", 3, 1) and "step 3" in d.reason
+    assert j.take_disputes("j") == []  # each returned once
+    assert _accuse(j, 1, asg, "x", "t", 4) == [] and j.take_disputes("j") == []  # the same checker adds nothing
+    # re-planned with x and t apart: w now checks t, and finds it wrong too
+    asg2 = _asg([["x", "z"], ["t", "w"]])
+    (v,) = _accuse(j, 2, asg2, "w", "t", 6)
+    assert v.node_id == "t" and v.first_bad_step == 6 and "also found wrong by node(s) x" in v.reason
+    assert j.take_disputes("j") == []
+
+
+@pytest.mark.timeout(10)
+def test_a_checker_accusing_two_nodes_nobody_else_faults_is_guilty_and_its_targets_start_over():
+    j = Judge()
+    assert _accuse(j, 1, _asg([["x", "t"], ["z", "w"]]), "x", "t", 2) == []
+    assert len(j.take_disputes("j")) == 1
+    asg2 = _asg([["x", "z"], ["t", "w"]])
+    (v,) = _accuse(j, 2, asg2, "x", "z", 5)
+    assert v.node_id == "x" and v.first_bad_step is None and "misreports its checks" in v.reason
+    assert j.take_disputes("j") == []  # no dispute for the liar's second accusation
+    assert _accuse(j, 2, asg2, "x", "z", 6) == [] and j.take_disputes("j") == []  # nor for any later one
+    # t's record is clean again: a later (honest) accuser of t opens a dispute, not a verdict
+    assert _accuse(j, 2, asg2, "w", "t", 7) == []
+    assert [d.accuser for d in j.take_disputes("j")] == ["w"]
+
+
+@pytest.mark.timeout(10)
+def test_a_wrong_loss_is_an_accusation_too():
+    j = Judge()
+    asg = _asg([["a", "b"], ["x", "t"]])
+    at = {a["node_id"]: a for a in asg}
+    assert j.report("j", 1, at["t"], asg, {"step": 1, "param_digest": "d", "micro_batch_losses": [2.0]}) == []
+    loss = dict(_bad(1, 1, 1, what="loss"), match=True, value=3.0)
+    assert j.report("j", 1, at["x"], asg, {"step": 1, "param_digest": "d", "checks": [loss]}) == []
+    (d,) = j.take_disputes("j")
+    assert d.target == "t" and "reported loss 2.0000" in d.reason
+
+
+def _jp(layout):
+    nodes = {f"node{i}": _node(i) for i in range(8)}
+    plan = Plan(stages=tuple(PlanStage(layers=(s, s + 1), devices=tuple(devs)) for s, devs in enumerate(layout)),
+                objective="dtfm_comm", cost_s=1.0, dp_s=0.0, pp_s=0.0)
+    return JobPlan(plan=plan, assignments=assignments_from_plan(plan, nodes)), nodes
+
+
+@pytest.mark.timeout(10)
+def test_separate_moves_the_accused_to_another_stage_and_keeps_the_split():
+    jp, nodes = _jp([["node0", "node1"], ["node2", "node3"]])
+    apart = {frozenset(("node0", "node1"))}
+    assert conflicts(jp.plan, apart) == [("node0", "node1")]
+    out = separate(jp, apart, nodes)
+    assert conflicts(out.plan, apart) == []
+    assert [st.devices for st in out.plan.stages] == [("node0", "node2"), ("node1", "node3")]
+    assert [st.layers for st in out.plan.stages] == [(0, 1), (1, 2)]
+    by = {(a["stage"], a["replica"]): a["node_id"] for a in out.assignments}
+    assert by[(1, 0)] == "node1" and by[(0, 1)] == "node2"
+    # a second pair that forbids the first swap: node1 must not join node3 either
+    apart2 = apart | {frozenset(("node1", "node3"))}
+    out2 = separate(jp, apart2, nodes)
+    assert conflicts(out2.plan, apart2) == []
+    # nothing to do: the same plan back
+    assert separate(out, apart, nodes) is out
+
+
+@pytest.mark.timeout(10)
+def test_separate_gives_up_when_no_swap_can_part_a_pair():
+    jp, nodes = _jp([["node0", "node1"]])  # one stage: nowhere to move either
+    assert separate(jp, {frozenset(("node0", "node1"))}, nodes) is None
+    jp2, nodes2 = _jp([["node0", "node1"], ["node2", "node3"]])
+    every = {frozenset((a, b)) for a in nodes2 for b in nodes2 if a != b}
+    assert separate(jp2, every, nodes2) is None
+
+
+@pytest.mark.timeout(10)
+def test_false_checks_turns_results_into_confirmed_mismatches():
+    from node.training.spotcheck import SpotResult, _falsified
+
+    base = dict(stage=0, replica=1, step=4, micro_batch=2, error=0.01, tolerance=0.1)
+    out = _falsified(SpotResult(**base, what="output", match=True, repeated_match=True))
+    assert not out.match and out.repeated_match and out.error > out.tolerance
+    loss = _falsified(SpotResult(**base, what="loss", match=True, repeated_match=True, value=2.0))
+    assert loss.value == pytest.approx(2.2)
