@@ -25,7 +25,7 @@ fence instead of a rollback. The protocol and its pure rules are in
 The host class provides ``store``, ``registry``, ``clock``, ``state_dir``, ``_grow_tried``,
 ``_absorb_tried``, ``_absorb_seen``,
 ``_plan``, ``_recover``, ``_stage_dirs``, ``_full_checkpoints``, ``speeds`` (a SpeedWatch),
-``network`` and ``_rebalance_tried``.
+``network``, ``_rebalance_tried`` and ``_probation`` (spot-check probation by node, for the grown plan).
 """
 
 from __future__ import annotations
@@ -346,7 +346,8 @@ class Fencing:
         except InfeasiblePlanError as exc:
             log.info("job cannot grow in place job=%s (%s); re-planning it whole", job.id, exc)
             return None
-        for a, v in zip(jp.assignments, verify_plans(jp.assignments, prob=job.spec.verify_prob)):
+        for a, v in zip(jp.assignments, verify_plans(jp.assignments, prob=job.spec.verify_prob,
+                                                     probation=self._probation.get(job.id))):
             a["verify"] = v
         jp.assignments[:] = churn.with_keepers(jp.assignments)
         return jp

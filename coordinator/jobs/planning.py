@@ -179,31 +179,49 @@ def conflicts(plan: Plan, apart: set[frozenset[str]]) -> list[tuple[str, str]]:
     return out
 
 
+def _apart_score(stages: list[list[str]], apart: set[frozenset[str]]) -> tuple[int, int]:
+    """(pairs of ``apart`` on one stage, pairs that are pipeline neighbours: the same replica of
+    adjacent stages, where one witnesses the other's results for its checker)."""
+    same = sum(frozenset((a, b)) in apart for devs in stages for i, a in enumerate(devs) for b in devs[i + 1:])
+    near = sum(frozenset((x, y)) in apart for s in range(len(stages) - 1) for x, y in zip(stages[s], stages[s + 1]))
+    return same, near
+
+
 def separate(jp: JobPlan, apart: set[frozenset[str]], nodes: dict[str, NodeInfo]) -> JobPlan | None:
     """``jp`` with no pair of ``apart`` on one stage, or None when swaps cannot do it.
 
-    A pair on one stage (a checker and the node it accused: replicas of a stage check each
-    other) is parted by swapping one of them, the accused first, with a node of another stage
-    such that neither stage then holds a pair and each node has the memory of its new stage.
-    Every swap leaves both stages it touches without pairs, so each one removes at least one
-    pair and the search ends. Layer splits stay as planned; only the nodes holding them move.
+    A pair is a checker and the node it accused (coordinator/jobs/spotchecks.py): on one stage
+    they check each other; as pipeline neighbours the accuser would witness the accused's results
+    for its new checker (and a lying accuser could send that checker wrong copies). So plans are
+    scored by (pairs on one stage, pairs that are neighbours), and nodes are swapped (between
+    stages, each node with the memory of its new stage, or between replicas of one stage) while
+    a swap lowers the score, the best swap first. The score falls with every swap, so the search
+    ends. None when pairs remain on one stage; pairs left as neighbours are accepted (too few
+    nodes to avoid it). Layer splits stay as planned; only the nodes holding them move.
     ``nodes``: every node of the plan by id."""
     stages = [[str(d) for d in st.devices] for st in jp.plan.stages]
     need = [st.memory_bytes for st in jp.plan.stages]
-    clean = lambda devs: not any(frozenset((a, b)) in apart for a in devs for b in devs if a != b)  # noqa: E731
-    while found := conflicts(replace(jp.plan, stages=tuple(replace(st, devices=tuple(stages[s]))
-                                                          for s, st in enumerate(jp.plan.stages))), apart):
-        a, b = found[0]
-        s = next(i for i, devs in enumerate(stages) if a in devs and b in devs)
-        swap = next(((mover, t, z) for mover in (b, a) for t, devs in enumerate(stages) if t != s for z in devs
-                     if clean([z if d == mover else d for d in stages[s]]) and clean([mover if d == z else d for d in devs])
-                     and _holds(nodes[mover], need[t]) and _holds(nodes[z], need[s])), None)
-        if swap is None:
-            return None
-        mover, t, z = swap
-        stages[s] = [z if d == mover else d for d in stages[s]]
-        stages[t] = [mover if d == z else d for d in stages[t]]
-    if [list(map(str, st.devices)) for st in jp.plan.stages] == stages:
+    score = _apart_score(stages, apart)
+    involved = frozenset().union(*apart)
+    while score != (0, 0):
+        best = None
+        for s, t in ((s, t) for s in range(len(stages)) for t in range(s, len(stages))):
+            for i, a in enumerate(stages[s]):
+                for j, z in enumerate(stages[t]):
+                    if (s == t and j <= i) or (a not in involved and z not in involved) or (
+                            s != t and not (_holds(nodes[a], need[t]) and _holds(nodes[z], need[s]))):
+                        continue  # (a swap of two nodes outside every pair changes no score)
+                    cand = [list(devs) for devs in stages]
+                    cand[s][i], cand[t][j] = z, a
+                    sc = _apart_score(cand, apart)
+                    if sc < (best[0] if best else score):
+                        best = (sc, cand)
+        if best is None:
+            break
+        score, stages = best
+    if score[0]:
+        return None
+    if [[str(d) for d in st.devices] for st in jp.plan.stages] == stages:
         return jp
     plan = replace(jp.plan, stages=tuple(replace(st, devices=tuple(stages[s])) for s, st in enumerate(jp.plan.stages)))
     return JobPlan(plan=plan, assignments=assignments_from_plan(plan, nodes))

@@ -35,7 +35,8 @@ from coordinator.jobs.reports import Reporting
 from coordinator.jobs.handover import AddedReplicas
 from coordinator.jobs.planning import (JobPlan, busy_node_ids, check_layers, check_shape, conflicts, nodes_needed,
                                       plan_job, separate)
-from coordinator.jobs.spotchecks import Accusation, Judge, Verdict, checks_clause, verify_plans
+from coordinator.jobs.spotchecks import (PROBATION_STEPS, Accusation, Judge, Verdict, checks_clause,
+                                         verify_plans)
 from coordinator.jobs.store import Job, JobStore
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
         # job id -> pairs of nodes (accuser, accused of a disputed check) its plans keep on different
         # stages, so each is checked by, and checks, someone else (coordinator/jobs/spotchecks.py)
         self._apart: dict[str, set[frozenset[str]]] = {}
+        self._probation: dict[str, dict[str, int]] = {}  # job id -> accused node -> checked closely until this step
         self._grow_tried: dict[str, float] = {}  # job id -> when it last tried to grow back to --replicas
         self._rebalance_tried: dict[str, float] = {}  # job id -> when it last weighed a re-balance
         self._absorb_tried: dict[str, float] = {}  # job id -> when it last weighed taking in idle nodes
@@ -200,7 +202,8 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
             raise AssertionError("replica_counts always holds the requested count")
         if apart:
             jp = separate(jp, apart, {n.id: n for n in nodes}) or jp  # else conflicts() names the pairs left
-        for a, v in zip(jp.assignments, verify_plans(jp.assignments, prob=spec.verify_prob)):
+        for a, v in zip(jp.assignments, verify_plans(jp.assignments, prob=spec.verify_prob,
+                                                     probation=self._probation.get(job.id))):
             a["verify"] = v
         jp.assignments[:] = churn.with_keepers(jp.assignments)  # a second copy of each checkpoint
         return jp
@@ -304,6 +307,9 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
         job was re-planned."""
         pairs = self._apart.setdefault(job.id, set())
         pairs.update(frozenset((d.accuser, d.target)) for d in disputes)
+        probation = self._probation.setdefault(job.id, {})
+        for d in disputes:
+            probation[d.target] = max(probation.get(d.target, 0), d.step + PROBATION_STEPS)
         try:
             jp = self._plan(job, degrade=True)
         except SwarmError as exc:  # InfeasiblePlanError included

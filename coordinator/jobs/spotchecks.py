@@ -53,6 +53,14 @@ from swarm.pipeline.averaging import RESYNC_EVERY_STEPS
 log = logging.getLogger(__name__)
 
 LOSS_TOLERANCE = 0.1  # nats: the same as node/training/spotcheck.py
+# A node accused once is on probation (:func:`verify_plans`): its micro-batches are checked with at
+# least this probability for PROBATION_STEPS steps after the step it was accused of, so a second
+# checker decides the dispute in a few steps instead of ~1 / (prob x corruption rate) micro-batches
+# (measured before probation: accused at step 16, convicted at step 66 at the default 0.05, which
+# let the corrupting node spoil 50 more steps). Checking half of a node's micro-batches costs its
+# checker about half a step of recomputation, and its witnesses raw copies of half its tensors.
+PROBATION_PROB = 0.5
+PROBATION_STEPS = 20
 # Largest relative L2 distance between the checker's and the checked stage's weights at which a
 # check is weighed. Measured between honest replicas of the 2 x 2 test job
 # (tests/multiproc/training/test_train_verification.py): after successful averaging rounds and
@@ -106,8 +114,17 @@ def checks_clause(*, num_replicas: int, prob: float, error_feedback: bool = Fals
                   + ("; gradients sent with error feedback, ef=1, are not checked)" if error_feedback else ")"))
 
 
-def verify_plans(assignments: list[dict[str, Any]], *, prob: float, secret: int | None = None) -> list[dict[str, Any]]:
-    """One ``verify`` dict per assignment (same order). No checks without replicas or with prob 0."""
+def _on_probation(target: dict[str, Any], probation: dict[str, int] | None) -> dict[str, Any]:
+    until = (probation or {}).get(target["node_id"], 0)
+    return {"probation_prob": PROBATION_PROB, "probation_until": until} if until > 0 else {}
+
+
+def verify_plans(assignments: list[dict[str, Any]], *, prob: float, secret: int | None = None,
+                 probation: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """One ``verify`` dict per assignment (same order). No checks without replicas or with prob 0.
+    ``probation``: node id -> step; a node accused once (a dispute) has its micro-batches of the
+    steps before it checked with probability at least :data:`PROBATION_PROB`, so the second
+    opinion comes within a few steps (told to its witnesses and checker, never to itself)."""
     if not assignments:
         return []
     R = assignments[0]["num_replicas"]
@@ -123,11 +140,12 @@ def verify_plans(assignments: list[dict[str, Any]], *, prob: float, secret: int 
             if (ts, r) in at:
                 chk = at[checker_of(ts, r, R)]
                 witness.append({"stage": ts, "replica": r, "seed": _seed(secret, ts, r), "checker_id": chk["node_id"],
-                                "checker_address": chk["address"]})
+                                "checker_address": chk["address"], **_on_probation(at[(ts, r)], probation)})
         target_r = (r - 1) % R
         target = at[(s, target_r)]
         witness_ids = [at[(ts, target_r)]["node_id"] for ts in (s - 1, s + 1) if (ts, target_r) in at]
         check = {"stage": s, "replica": target_r, "node_id": target["node_id"], "seed": _seed(secret, s, target_r),
+                 **_on_probation(target, probation),
                  "witness_ids": witness_ids}
         out.append({"prob": prob, "witness": witness, "check": check})
     return out

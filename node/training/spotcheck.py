@@ -96,6 +96,14 @@ def sampled(seed: int, step: int, micro_batch: int, prob: float) -> bool:
     return int.from_bytes(h[:8], "big") / 2.0 ** 64 < prob
 
 
+def _probation(raw: dict) -> dict:
+    """A role's optional probation fields (absent from a coordinator older than disputes)."""
+    prob, until = float(raw.get("probation_prob", 0.0)), int(raw.get("probation_until", 0))
+    if not 0.0 <= prob <= 1.0 or until < 0:
+        raise ValueError(f"probation {prob} until step {until} out of range")
+    return {"probation_prob": prob, "probation_until": until}
+
+
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     got, want = got.detach().double().flatten(), want.detach().double().flatten()
     if got.shape != want.shape:
@@ -104,7 +112,20 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class WitnessRole:
+class _Sampling:
+    """A target's sampling: on probation (a disputed check of it, coordinator/jobs/spotchecks.py)
+    its micro-batches of steps before ``probation_until`` are checked with ``probation_prob``."""
+
+    probation_prob: float = 0.0
+    probation_until: int = 0
+
+    def prob_at(self, step: int, prob: float) -> float:
+        """The probability a micro-batch of ``step`` is checked (``prob``: the job's)."""
+        return max(prob, self.probation_prob) if step < self.probation_until and prob > 0 else prob
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WitnessRole(_Sampling):
     """This node witnesses target (stage, replica); copies go to its checker."""
 
     stage: int
@@ -115,7 +136,7 @@ class WitnessRole:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class CheckRole:
+class CheckRole(_Sampling):
     """This node checks target (stage, replica), whose neighbours are ``witness_ids``."""
 
     stage: int
@@ -139,12 +160,14 @@ class VerifyPlan:
         try:
             raw = json.loads(text)
             witness = tuple(WitnessRole(stage=int(w["stage"]), replica=int(w["replica"]), seed=int(w["seed"]),
-                                        checker_id=str(w["checker_id"]), checker_address=str(w["checker_address"]))
+                                        checker_id=str(w["checker_id"]), checker_address=str(w["checker_address"]),
+                                        **_probation(w))
                             for w in raw.get("witness", []))
             c = raw.get("check")
             check = None if not c else CheckRole(stage=int(c["stage"]), replica=int(c["replica"]),
                                                  node_id=str(c["node_id"]), seed=int(c["seed"]),
-                                                 witness_ids=frozenset(str(i) for i in c["witness_ids"]))
+                                                 witness_ids=frozenset(str(i) for i in c["witness_ids"]),
+                                                 **_probation(c))
             prob = float(raw.get("prob", 0.0))
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidRequestError(f"malformed verify plan in the assignment: {exc}") from exc
@@ -246,7 +269,7 @@ class StageVerifier:
     # -- witnessing ----------------------------------------------------------------------------
     def _witness(self, role: WitnessRole | None, kind: str, step: int, m: int, ids, t) -> None:
         """Send a copy of ``t`` (a tensor, or a function making it: run only for a sampled one)."""
-        if role is None or not self.active or not sampled(role.seed, step, m, self.plan.prob):
+        if role is None or not self.active or not sampled(role.seed, step, m, role.prob_at(step, self.plan.prob)):
             return
         w, t0 = self.w, time.monotonic()
         t = t() if callable(t) else t
@@ -272,7 +295,8 @@ class StageVerifier:
         """A gRPC thread is about to decode the previous stage's output (step, m) with ``codec``:
         keep its m(x) rows as they are before the message, when that output is checked (AQ-SGD)."""
         role = self._prev_target
-        if not self.aqsgd or role is None or not self.active or not sampled(role.seed, step, m, self.plan.prob):
+        if not self.aqsgd or role is None or not self.active or not sampled(role.seed, step, m,
+                                                                              role.prob_at(step, self.plan.prob)):
             return
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
         ref = torch.cat([codec.store.read(ids, "cpu").float().reshape(len(ids), -1),
@@ -354,7 +378,7 @@ class StageVerifier:
         out: list[SpotResult] = []
         is_first, is_last = a.is_first, a.is_last
         for m in range(w.M):
-            if not sampled(c.seed, step, m, self.plan.prob):
+            if not sampled(c.seed, step, m, c.prob_at(step, self.plan.prob)):
                 continue
             ids = w.order.micro_batches(step, c.replica)[m]
             x = torch.from_numpy(w.dataset.inputs(ids)).to(w.device) if is_first else self._get("witness_input", step, m)

@@ -82,23 +82,33 @@ def _jp(layout):
     return JobPlan(plan=plan, assignments=assignments_from_plan(plan, nodes)), nodes
 
 
+def _neighbours(plan, a, b):
+    devs = [list(st.devices) for st in plan.stages]
+    return any({x, y} == {a, b} for s in range(len(devs) - 1) for x, y in zip(devs[s], devs[s + 1]))
+
+
 @pytest.mark.timeout(10)
-def test_separate_moves_the_accused_to_another_stage_and_keeps_the_split():
+def test_separate_parts_accuser_and_accused_and_keeps_the_split():
     jp, nodes = _jp([["node0", "node1"], ["node2", "node3"]])
     apart = {frozenset(("node0", "node1"))}
     assert conflicts(jp.plan, apart) == [("node0", "node1")]
     out = separate(jp, apart, nodes)
-    assert conflicts(out.plan, apart) == []
-    assert [st.devices for st in out.plan.stages] == [("node0", "node2"), ("node1", "node3")]
+    assert conflicts(out.plan, apart) == [] and not _neighbours(out.plan, "node0", "node1")
+    assert sorted(d for st in out.plan.stages for d in st.devices) == sorted(nodes)[:4]  # the same nodes
     assert [st.layers for st in out.plan.stages] == [(0, 1), (1, 2)]
-    by = {(a["stage"], a["replica"]): a["node_id"] for a in out.assignments}
-    assert by[(1, 0)] == "node1" and by[(0, 1)] == "node2"
-    # a second pair that forbids the first swap: node1 must not join node3 either
+    by = {a["node_id"]: a for a in out.assignments}
+    assert by["node0"]["stage"] != by["node1"]["stage"]
+    assert all(a["next"] is None or a["next"]["node_id"] != "node1" for a in out.assignments if a["node_id"] == "node0")
+    # a second pair: both apart, both kept off one stage
     apart2 = apart | {frozenset(("node1", "node3"))}
     out2 = separate(jp, apart2, nodes)
     assert conflicts(out2.plan, apart2) == []
     # nothing to do: the same plan back
     assert separate(out, apart, nodes) is out
+    # three stages of one: the pair ends neither on one stage nor as neighbours
+    jp3, nodes3 = _jp([["node0"], ["node1"], ["node2"]])
+    out3 = separate(jp3, {frozenset(("node0", "node1"))}, nodes3)
+    assert not _neighbours(out3.plan, "node0", "node1")
 
 
 @pytest.mark.timeout(10)
@@ -119,3 +129,25 @@ def test_false_checks_turns_results_into_confirmed_mismatches():
     assert not out.match and out.repeated_match and out.error > out.tolerance
     loss = _falsified(SpotResult(**base, what="loss", match=True, repeated_match=True, value=2.0))
     assert loss.value == pytest.approx(2.2)
+
+
+@pytest.mark.timeout(10)
+def test_an_accused_node_is_checked_closely_by_its_witnesses_and_checker_and_never_told():
+    import json
+
+    from coordinator.jobs.spotchecks import PROBATION_PROB, verify_plans
+    from node.training.spotcheck import VerifyPlan
+
+    asg = _asg([["x", "t"], ["z", "w"]])
+    plans = verify_plans(asg, prob=0.05, secret=3, probation={"t": 40})
+    by = {a["node_id"]: VerifyPlan.from_json(json.dumps(v)) for a, v in zip(asg, plans)}
+    # t is (0, 1): checked by x (0, 0), witnessed by w (1, 1)
+    assert by["x"].check.node_id == "t" and by["x"].check.prob_at(39, 0.05) == PROBATION_PROB
+    assert by["x"].check.prob_at(40, 0.05) == 0.05  # probation ends
+    (role,) = by["w"].witness
+    assert (role.stage, role.replica) == (0, 1) and role.prob_at(10, 0.05) == PROBATION_PROB
+    assert by["t"].check.prob_at(10, 0.05) == 0.05 and all(r.prob_at(10, 0.05) == 0.05 for r in by["t"].witness)
+    assert "probation" not in json.dumps(plans[[a["node_id"] for a in asg].index("t")])
+    assert by["z"].check.prob_at(10, 0.05) == 0.05  # z checks w, not on probation
+    with pytest.raises(Exception, match="probation"):
+        VerifyPlan.from_json(json.dumps(dict(plans[0], check=dict(plans[0]["check"], probation_prob=2.0))))
