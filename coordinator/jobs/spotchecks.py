@@ -386,7 +386,9 @@ class Judge:
         by[accuser] = acc = Accusation(accuser=accuser, target=target, attempt=attempt, step=step, reason=reason)
         if len(by) >= 2:
             others = sorted(n[:12] for n in by if n != accuser)
-            first = min((a.step for a in by.values() if a.attempt == attempt), default=step)
+            # the first accusation's step, whatever the attempt: the accused worked on since the
+            # rollback it caused, and all of that is suspect now that a second checker confirms it
+            first = min(a.step for a in by.values())
             log.warning("spot check confirmed by a second checker job=%s target=%s accusers=%s", job_id, target[:12],
                         sorted(n[:12] for n in by))
             return [Verdict(target, f"{reason}; also found wrong by node(s) {', '.join(others)} checking it earlier",
