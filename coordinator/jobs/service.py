@@ -97,6 +97,8 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
             self._restarted[job.id] = now
             self.store.add_event(job.id, "coordinator_restart", "the coordinator restarted; the job's nodes keep "
                                  "training and have a grace period to reconnect", attempt=job.attempt)
+        for job in self.store.list(states=("running", "pending"), limit=1000):
+            self._restore_disputes(job)
         self._thread = threading.Thread(target=self._loop, name="jobs", daemon=True)
         self._thread.start()
 
@@ -299,6 +301,34 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
         self._maybe_rebalance(job)
         self._maybe_absorb(job)
 
+    def _restore_disputes(self, job: Job) -> None:
+        """The job's disputed spot checks, from its ``disputed`` events (a previous coordinator
+        process's): the judge's accusations, the pairs kept apart and the probations. An
+        accusation by a node quarantined since (a liar) or of one (convicted) is over."""
+        out = []
+        for e in self.store.events(job.id, limit=100_000):
+            f = e["fields"]
+            if e["kind"] != "disputed" or not isinstance(f.get("accuser"), str) or not isinstance(f.get("node"), str):
+                continue
+            if any(self._node_state(n) == "quarantined" for n in (f["accuser"], f["node"])):
+                continue
+            out.append(Accusation(accuser=f["accuser"], target=f["node"], attempt=int(f.get("attempt", 0)),
+                                  step=int(f.get("step", 0)), reason=str(f.get("reason", ""))))
+        if not out:
+            return
+        self.judge.restore(job.id, out)
+        self._apart.setdefault(job.id, set()).update(frozenset((a.accuser, a.target)) for a in out)
+        probation = self._probation.setdefault(job.id, {})
+        for a in out:
+            probation[a.target] = max(probation.get(a.target, 0), a.step + PROBATION_STEPS)
+        log.info("restored %d disputed spot check(s) job=%s", len(out), job.id)
+
+    def _node_state(self, node_id: str) -> str:
+        try:
+            return self.registry.get(node_id).state
+        except NotFoundError:
+            return "unknown"
+
     def _disputed(self, job: Job, disputes: list[Accusation]) -> bool:
         """A checker found a node's result wrong, and nobody else has yet: roll back to before the
         step and re-plan with the two on different stages (coordinator/jobs/spotchecks.py), so a
@@ -328,7 +358,8 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
             self.store.add_event(job.id, "disputed", (
                 f"node {d.accuser[:12]} found node {d.target[:12]}'s result wrong ({d.reason}); one checker's word is "
                 f"not enough: resuming from before step {d.step} with the two on different stages, so other nodes "
-                "check each of them"), accuser=d.accuser, node=d.target, step=d.step, reason=d.reason)
+                "check each of them"), accuser=d.accuser, node=d.target, step=d.step, reason=d.reason,
+                attempt=d.attempt)
         self._recover(job, f"a spot check of node {disputes[0].target[:12]} was disputed", cause="disputed_check",
                       plan=jp)
         return True
@@ -405,10 +436,7 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
                 shutil.rmtree(d, ignore_errors=True)
 
     def _is_online(self, node_id: str) -> bool:
-        try:
-            return self.registry.get(node_id).state == "online"
-        except NotFoundError:
-            return False
+        return self._node_state(node_id) == "online"
 
     def _quarantine(self, job: Job, v: Verdict) -> None:
         """Quarantine a node found wrong (event ``quarantined``); the job's watch then re-plans

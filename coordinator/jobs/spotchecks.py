@@ -408,6 +408,15 @@ class Judge:
         st.disputes.append(acc)
         return []
 
+    def restore(self, job_id: str, accusations: list[Accusation]) -> None:
+        """Accusations a previous coordinator process weighed (its ``disputed`` job events), so a
+        restart neither forgets an accused node's first accusation nor a liar's; no dispute is
+        opened for them again (their rollbacks happened)."""
+        with self._lock:
+            st = self._job(job_id)
+            for a in accusations:
+                st.accusations.setdefault(a.target, {}).setdefault(a.accuser, a)
+
     def take_disputes(self, job_id: str) -> list[Accusation]:
         """First accusations of a node that the caller has not seen yet, each returned once."""
         with self._lock:

@@ -152,3 +152,44 @@ def test_an_accused_node_is_checked_closely_by_its_witnesses_and_checker_and_nev
     assert by["z"].check.prob_at(10, 0.05) == 0.05  # z checks w, not on probation
     with pytest.raises(Exception, match="probation"):
         VerifyPlan.from_json(json.dumps(dict(plans[0], check=dict(plans[0]["check"], probation_prob=2.0))))
+
+
+@pytest.mark.timeout(30)
+def test_a_dispute_replans_the_pair_apart_with_probation_and_a_restarted_coordinator_remembers_it(tmp_path):
+    import json
+
+    from coordinator.jobs.service import JobService
+    from tests.unit.training.test_job_shape_events import SPEC, _pending, _service
+
+    service = _service(tmp_path, n=4)
+    _pending(service, "j", SPEC.replace(num_stages=2, num_replicas=2))
+    service.tick()
+    job = service.store.get("j")
+    at = {(a["stage"], a["replica"]): a for a in job.assignments}
+    t, x = at[(0, 0)], at[(0, 1)]  # (0, 1) checks (0, 0)
+    service.judge.report("j", job.attempt, t, job.assignments, {"step": 2, "param_digest": "d"})
+    service.judge.report("j", job.attempt, x, job.assignments, {"step": 2, "param_digest": "d",
+                                                                "checks": [_bad(0, 0, 2)]})
+    service.tick()
+    job = service.store.get("j")
+    assert job.attempt == 2 and job.resume_step == 0
+    (e,) = [e for e in service.store.events("j") if e["kind"] == "disputed"]
+    assert (e["fields"]["accuser"], e["fields"]["node"], e["fields"]["step"]) == (x["node_id"], t["node_id"], 2)
+    by = {a["node_id"]: a for a in job.assignments}
+    assert by[t["node_id"]]["stage"] != by[x["node_id"]]["stage"]
+    checker = next(a for a in job.assignments if a["verify"].get("check", {}).get("node_id") == t["node_id"])
+    assert checker["verify"]["check"]["probation_until"] == 2 + 20
+    assert "probation" not in json.dumps(by[t["node_id"]]["verify"]["check"])  # t checks someone else
+    # the coordinator restarts: the accusation, the pair and the probation come back from the events
+    again = JobService(store=service.store, state_dir=tmp_path / "state", registry=service.registry,
+                       network=service.network, clock=service.clock)
+    again.start()
+    again.stop()
+    assert again._apart["j"] == {frozenset((x["node_id"], t["node_id"]))}
+    assert again._probation["j"] == {t["node_id"]: 22}
+    # a second checker of t now convicts it (the first accusation was remembered)
+    asg = job.assignments
+    (v,) = (again.judge.report("j", 2, by[t["node_id"]], asg, {"step": 3, "param_digest": "d"})
+            + again.judge.report("j", 2, checker, asg, {"step": 3, "param_digest": "d", "checks": [
+                _bad(by[t["node_id"]]["stage"], by[t["node_id"]]["replica"], 3)]}))
+    assert v.node_id == t["node_id"] and v.first_bad_step == 2
