@@ -297,12 +297,17 @@ class Judge:
 
     def take_notices(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
         """``checks_void`` events to record (message, fields), each returned once."""
+        return self._take(job_id, "notices")
+
+    def _take(self, job_id: str, name: str) -> list:
+        """The job's list ``name`` (a field of its state), emptied."""
         with self._lock:
             st = self._jobs.get(job_id)
             if st is None:
                 return []
-            notices, st.notices = st.notices, []
-            return notices
+            out = getattr(st, name)
+            setattr(st, name, [])
+            return out
 
     def _watch_sync(self, job_id: str, st: _JobState, attempt: int, stage: int, R: int, step: int,
                     at: dict[tuple[int, int], dict[str, Any]]) -> list[Verdict]:
@@ -419,12 +424,7 @@ class Judge:
 
     def take_disputes(self, job_id: str) -> list[Accusation]:
         """First accusations of a node that the caller has not seen yet, each returned once."""
-        with self._lock:
-            st = self._jobs.get(job_id)
-            if st is None:
-                return []
-            out, st.disputes = st.disputes, []
-            return out
+        return self._take(job_id, "disputes")
 
     def blame(self, job_id: str, accuser: str, blamed: str, now_s: float, attempt: int = 0) -> None:
         with self._lock:
