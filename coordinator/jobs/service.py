@@ -30,13 +30,13 @@ from swarm.transport.transfer import receive_files
 from coordinator.jobs import churn, files, keepers
 from coordinator.jobs.checkpointing import Checkpointing
 from coordinator.jobs.details import Details
+from coordinator.jobs.disputing import Disputing
 from coordinator.jobs.fencing import Fencing
 from coordinator.jobs.reports import Reporting
 from coordinator.jobs.handover import AddedReplicas
-from coordinator.jobs.planning import (JobPlan, busy_node_ids, check_layers, check_shape, conflicts, nodes_needed,
-                                      plan_job, separate)
-from coordinator.jobs.spotchecks import (PROBATION_STEPS, Accusation, Judge, Verdict, checks_clause,
-                                         verify_plans)
+from coordinator.jobs.planning import (JobPlan, busy_node_ids, check_layers, check_shape, nodes_needed, plan_job,
+                                      separate)
+from coordinator.jobs.spotchecks import Judge, Verdict, checks_clause, verify_plans
 from coordinator.jobs.store import Job, JobStore
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ PEER_FAILURE_GRACE_S = 10.0  # a worker that lost its neighbour, with no node lo
 
 
 
-class JobService(Checkpointing, Reporting, Fencing, Details):
+class JobService(Checkpointing, Reporting, Fencing, Disputing, Details):
     """Thread-safe. ``state_dir`` holds the job files; ``registry``/``network`` are the app's."""
 
     def __init__(self, *, store: JobStore, state_dir: Path, registry, network, clock: Clock,
@@ -301,69 +301,6 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
         self._maybe_rebalance(job)
         self._maybe_absorb(job)
 
-    def _restore_disputes(self, job: Job) -> None:
-        """The job's disputed spot checks, from its ``disputed`` events (a previous coordinator
-        process's): the judge's accusations, the pairs kept apart and the probations. An
-        accusation by a node quarantined since (a liar) or of one (convicted) is over."""
-        out = []
-        for e in self.store.events(job.id, limit=100_000):
-            f = e["fields"]
-            if e["kind"] != "disputed" or not isinstance(f.get("accuser"), str) or not isinstance(f.get("node"), str):
-                continue
-            if any(self._node_state(n) == "quarantined" for n in (f["accuser"], f["node"])):
-                continue
-            out.append(Accusation(accuser=f["accuser"], target=f["node"], attempt=int(f.get("attempt", 0)),
-                                  step=int(f.get("step", 0)), reason=str(f.get("reason", ""))))
-        if not out:
-            return
-        self.judge.restore(job.id, out)
-        self._apart.setdefault(job.id, set()).update(frozenset((a.accuser, a.target)) for a in out)
-        probation = self._probation.setdefault(job.id, {})
-        for a in out:
-            probation[a.target] = max(probation.get(a.target, 0), a.step + PROBATION_STEPS)
-        log.info("restored %d disputed spot check(s) job=%s", len(out), job.id)
-
-    def _node_state(self, node_id: str) -> str:
-        try:
-            return self.registry.get(node_id).state
-        except NotFoundError:
-            return "unknown"
-
-    def _disputed(self, job: Job, disputes: list[Accusation]) -> bool:
-        """A checker found a node's result wrong, and nobody else has yet: roll back to before the
-        step and re-plan with the two on different stages (coordinator/jobs/spotchecks.py), so a
-        second checker decides. When no plan can part them (no other node can check the accused),
-        the accused is quarantined on the one checker's word (as before disputes). True when the
-        job was re-planned."""
-        pairs = self._apart.setdefault(job.id, set())
-        pairs.update(frozenset((d.accuser, d.target)) for d in disputes)
-        probation = self._probation.setdefault(job.id, {})
-        for d in disputes:
-            probation[d.target] = max(probation.get(d.target, 0), d.step + PROBATION_STEPS)
-        try:
-            jp = self._plan(job, degrade=True)
-        except SwarmError as exc:  # InfeasiblePlanError included
-            log.info("cannot plan around a disputed check job=%s (%s)", job.id, exc)
-            jp = None
-        stuck = {frozenset(c) for c in conflicts(jp.plan, pairs)} if jp is not None else set(pairs)
-        lone = [d for d in disputes if frozenset((d.accuser, d.target)) in stuck]
-        for d in lone:
-            self._quarantine(job, Verdict(d.target, f"{d.reason} (no other node could check it: one checker's word)",
-                                          d.step))
-        if lone or jp is None:
-            return False  # the quarantine re-plans the job (from before the step) on the next tick
-        first = min(d.step for d in disputes)
-        self._first_bad[job.id] = min(self._first_bad.get(job.id, first), first)
-        for d in disputes:
-            self.store.add_event(job.id, "disputed", (
-                f"node {d.accuser[:12]} found node {d.target[:12]}'s result wrong ({d.reason}); one checker's word is "
-                f"not enough: resuming from before step {d.step} with the two on different stages, so other nodes "
-                "check each of them"), accuser=d.accuser, node=d.target, step=d.step, reason=d.reason,
-                attempt=d.attempt)
-        self._recover(job, f"a spot check of node {disputes[0].target[:12]} was disputed", cause="disputed_check",
-                      plan=jp)
-        return True
-
     def _recover(self, job: Job, what: str, *, cause: str, plan: JobPlan | None = None) -> None:
         """Re-plan a running job that lost a stage over the idle online nodes, resuming after its
         last complete checkpoint; with no nodes for it, wait for some (pending, with the reason)
@@ -437,6 +374,12 @@ class JobService(Checkpointing, Reporting, Fencing, Details):
 
     def _is_online(self, node_id: str) -> bool:
         return self._node_state(node_id) == "online"
+
+    def _node_state(self, node_id: str) -> str:
+        try:
+            return self.registry.get(node_id).state
+        except NotFoundError:
+            return "unknown"
 
     def _quarantine(self, job: Job, v: Verdict) -> None:
         """Quarantine a node found wrong (event ``quarantined``); the job's watch then re-plans

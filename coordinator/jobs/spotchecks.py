@@ -16,14 +16,8 @@ sampling seed of (s, r) goes to those three and never to (s, r) itself.
 - a reported mismatch that the checker's repeated recomputation confirmed, or a checker's
   recomputed loss of the last stage further than ``LOSS_TOLERANCE`` from the loss the checked
   node reported for the same micro-batch, is an **accusation** by the checker, not a verdict: a
-  checker may lie, and one checker's word would let any replica get the honest node it checks
-  quarantined. The first accusation of a node opens a **dispute** (:meth:`Judge.take_disputes`):
-  the caller rolls the job back to before the step (the accused may be wrong, and averaging
-  spread its effect) and re-plans it with accuser and accused on different stages, so another
-  node checks the accused and the accuser checks another node. Then the accused is guilty once a
-  second, different checker accuses it too; the accuser is guilty once it has accused two
-  different nodes that no other checker confirmed (it reports wrong results of whoever it
-  checks). The same accuser again adds nothing;
+  checker may lie (coordinator/jobs/disputes.py has the rules: one checker's word opens a
+  dispute, :meth:`Judge.take_disputes`; a second checker convicts);
 - replicas whose reported weights stay apart are watched (:data:`APART_STEPS`): replicas average
   their parameters every ``RESYNC_EVERY_STEPS`` steps, so honest replicas are apart only until the
   re-sync after a failed round, and a replica that reports a far sketch voids every check of it.
@@ -50,17 +44,13 @@ from typing import Any
 
 from swarm.pipeline.averaging import RESYNC_EVERY_STEPS
 
+from coordinator.jobs.disputes import PROBATION_PROB, Accusation, Accusations, Verdict
+
+__all__ = ["Accusation", "Judge", "Verdict", "checks_clause", "verify_plans"]
+
 log = logging.getLogger(__name__)
 
 LOSS_TOLERANCE = 0.1  # nats: the same as node/training/spotcheck.py
-# A node accused once is on probation (:func:`verify_plans`): its micro-batches are checked with at
-# least this probability for PROBATION_STEPS steps after the step it was accused of, so a second
-# checker decides the dispute in a few steps instead of ~1 / (prob x corruption rate) micro-batches
-# (measured before probation: accused at step 16, convicted at step 66 at the default 0.05, which
-# let the corrupting node spoil 50 more steps). Checking half of a node's micro-batches costs its
-# checker about half a step of recomputation, and its witnesses raw copies of half its tensors.
-PROBATION_PROB = 0.5
-PROBATION_STEPS = 20
 # Largest relative L2 distance between the checker's and the checked stage's weights at which a
 # check is weighed. Measured between honest replicas of the 2 x 2 test job
 # (tests/multiproc/training/test_train_verification.py): after successful averaging rounds and
@@ -172,32 +162,12 @@ class _JobState:
     blame_attempt: int = 0  # the attempt the blames belong to
     apart: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # (attempt, stage) -> (who, since step)
     notices: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # checks_void events not yet taken
-    accusations: dict[str, dict[str, Accusation]] = field(default_factory=dict)  # target -> accuser -> first one
-    disputes: list[Accusation] = field(default_factory=list)  # first accusations of a node, not yet taken
-    liars: set[str] = field(default_factory=set)  # accusers found guilty of misreporting checks: ignored
+    accusations: Accusations = field(default_factory=Accusations)  # mismatches reported, and their disputes
     noticed: set[tuple[int, int]] = field(default_factory=set)  # (attempt, stage) with a checks_void event
     num_checks: int = 0
     num_mismatches: int = 0
     num_unverifiable: int = 0  # checks between different (or missing) weights: not weighed
     num_weighed: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    node_id: str
-    reason: str
-    first_bad_step: int | None  # None: no result was wrong (stalling, lying about others' results)
-
-
-@dataclass(frozen=True, slots=True)
-class Accusation:
-    """A checker (``accuser``) found ``target``'s result of ``step`` wrong (``reason``)."""
-
-    accuser: str
-    target: str
-    attempt: int
-    step: int
-    reason: str
 
 
 class Judge:
@@ -282,11 +252,11 @@ class Judge:
                     reason = self._loss_mismatch(st, target, c["step"], c["micro_batch"], losses[c["micro_batch"]],
                                                  c["value"])
                     if reason:
-                        out += self._accuse(job_id, st, c["by"], target["node_id"], key[0], c["step"], reason)
+                        out += st.accusations.accuse(job_id, c["by"], target["node_id"], key[0], c["step"], reason)
             elif not c["match"]:
                 st.num_mismatches += 1
                 if c["repeated_match"]:
-                    out += self._accuse(job_id, st, c["by"], target["node_id"], key[0], c["step"], (
+                    out += st.accusations.accuse(job_id, c["by"], target["node_id"], key[0], c["step"], (
                         f"spot check: its {c['what']} of step {c['step']} micro-batch {c['micro_batch']} "
                         f"(stage {c['stage']}, replica {c['replica']}) differs from the recomputation by "
                         f"{c['error']:.3g} (tolerance {c['tolerance']:.3g}) with the same weights"))
@@ -297,17 +267,12 @@ class Judge:
 
     def take_notices(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
         """``checks_void`` events to record (message, fields), each returned once."""
-        return self._take(job_id, "notices")
-
-    def _take(self, job_id: str, name: str) -> list:
-        """The job's list ``name`` (a field of its state), emptied."""
         with self._lock:
             st = self._jobs.get(job_id)
             if st is None:
                 return []
-            out = getattr(st, name)
-            setattr(st, name, [])
-            return out
+            notices, st.notices = st.notices, []
+            return notices
 
     def _watch_sync(self, job_id: str, st: _JobState, attempt: int, stage: int, R: int, step: int,
                     at: dict[tuple[int, int], dict[str, Any]]) -> list[Verdict]:
@@ -377,54 +342,18 @@ class Judge:
         return (f"spot check: reported loss {reported:.4f} of step {step} micro-batch {m} (stage {target['stage']}, "
                 f"replica {target['replica']}), recomputed {recomputed:.4f}")
 
-    @staticmethod
-    def _accuse(job_id: str, st: _JobState, accuser: str, target: str, attempt: int, step: int,
-                reason: str) -> list[Verdict]:
-        """Weigh one accusation (module doc): a verdict once a second checker confirms it or once
-        the accuser has accused two nodes nobody confirmed; else the first accusation of
-        ``target`` opens a dispute."""
-        if accuser in st.liars:
-            return []  # found misreporting its checks (the rest of the report it was found in, say)
-        by = st.accusations.setdefault(target, {})
-        if accuser in by:
-            return []  # the same checker again: nothing new (its dispute is under way)
-        by[accuser] = acc = Accusation(accuser=accuser, target=target, attempt=attempt, step=step, reason=reason)
-        if len(by) >= 2:
-            others = sorted(n[:12] for n in by if n != accuser)
-            # the first accusation's step, whatever the attempt: the accused worked on since the
-            # rollback it caused, and all of that is suspect now that a second checker confirms it
-            first = min(a.step for a in by.values())
-            log.warning("spot check confirmed by a second checker job=%s target=%s accusers=%s", job_id, target[:12],
-                        sorted(n[:12] for n in by))
-            return [Verdict(target, f"{reason}; also found wrong by node(s) {', '.join(others)} checking it earlier",
-                            first)]
-        alone = sorted(t for t, b in st.accusations.items() if accuser in b and len(b) == 1)
-        if len(alone) >= 2:
-            st.liars.add(accuser)
-            for t in alone:  # the accuser's word is void: its targets start over
-                st.accusations[t].pop(accuser, None)
-            st.disputes = [d for d in st.disputes if d.accuser != accuser]
-            log.warning("a checker accused nodes no other checker confirmed job=%s accuser=%s targets=%s", job_id,
-                        accuser[:12], [t[:12] for t in alone])
-            return [Verdict(accuser, (
-                f"its spot checks found wrong results of {len(alone)} different nodes ({', '.join(t[:12] for t in alone)})"
-                f" that no other checker confirmed: it misreports its checks"), None)]
-        log.warning("spot check disputed job=%s accuser=%s target=%s step=%d", job_id, accuser[:12], target[:12], step)
-        st.disputes.append(acc)
-        return []
-
     def restore(self, job_id: str, accusations: list[Accusation]) -> None:
         """Accusations a previous coordinator process weighed (its ``disputed`` job events), so a
         restart neither forgets an accused node's first accusation nor a liar's; no dispute is
         opened for them again (their rollbacks happened)."""
         with self._lock:
-            st = self._job(job_id)
-            for a in accusations:
-                st.accusations.setdefault(a.target, {}).setdefault(a.accuser, a)
+            self._job(job_id).accusations.restore(accusations)
 
     def take_disputes(self, job_id: str) -> list[Accusation]:
         """First accusations of a node that the caller has not seen yet, each returned once."""
-        return self._take(job_id, "disputes")
+        with self._lock:
+            st = self._jobs.get(job_id)
+            return st.accusations.take_disputes() if st is not None else []
 
     def blame(self, job_id: str, accuser: str, blamed: str, now_s: float, attempt: int = 0) -> None:
         with self._lock:

@@ -1,4 +1,4 @@
-"""Disputed spot checks, the pure parts (coordinator/jobs/spotchecks.py ``Judge._accuse``,
+"""Disputed spot checks (coordinator/jobs/disputes.py, through spotchecks.py ``Judge``;
 coordinator/jobs/planning.py ``separate``): one checker's word opens a dispute, a second checker
 decides it, and a checker that accuses whoever it checks is the one found guilty."""
 
@@ -136,7 +136,8 @@ def test_false_checks_turns_results_into_confirmed_mismatches():
 def test_an_accused_node_is_checked_closely_by_its_witnesses_and_checker_and_never_told():
     import json
 
-    from coordinator.jobs.spotchecks import PROBATION_PROB, verify_plans
+    from coordinator.jobs.disputes import PROBATION_PROB
+    from coordinator.jobs.spotchecks import verify_plans
     from node.training.spotcheck import VerifyPlan
 
     asg = _asg([["x", "t"], ["z", "w"]])

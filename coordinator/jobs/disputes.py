@@ -1,0 +1,113 @@
+"""Disputed spot checks (issue 13): the rules that turn checkers' reports of wrong results into
+verdicts, pure and in memory (:class:`Accusations`, one per job, kept by
+coordinator/jobs/spotchecks.py ``Judge``).
+
+A checker may lie: one checker's word would let any replica get the honest node it checks
+quarantined. So a confirmed mismatch is an *accusation*:
+
+1. the first accusation of a node opens a **dispute** (:meth:`Accusations.take_disputes`): the
+   job service rolls the job back to the last checkpoint at or before the step (the accused may
+   be wrong, and averaging spread its effect) and re-plans it with accuser and accused on
+   different stages and not pipeline neighbours where the nodes allow it
+   (coordinator/jobs/planning.py ``separate``), so another node checks the accused and the
+   accuser checks another node; the accused is on **probation**: its micro-batches of the
+   :data:`PROBATION_STEPS` steps after the accused step are checked with probability at least
+   :data:`PROBATION_PROB` (told to its witnesses and checker, never to itself:
+   spotchecks.verify_plans);
+2. a second, different checker accusing the same node convicts it (a :class:`Verdict` whose
+   first bad step is the first accusation's: the accused worked on since the rollback it
+   caused);
+3. a checker that has accused two different nodes, neither confirmed by another checker, is
+   convicted instead ("misreports its checks", no bad step: nothing it computed was found
+   wrong); its accusations are void and later ones ignored;
+4. the same accuser again adds nothing.
+
+Two colluding checkers can still convict an honest node; a witness sending wrong copies is not
+caught here (docs/security.md, Known gaps).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+# A node accused once is on probation (spotchecks.verify_plans): its micro-batches are checked with at
+# least this probability for PROBATION_STEPS steps after the step it was accused of, so a second
+# checker decides the dispute in a few steps instead of ~1 / (prob x corruption rate) micro-batches
+# (measured before probation: accused at step 16, convicted at step 66 at the default 0.05, which
+# let the corrupting node spoil 50 more steps). Checking half of a node's micro-batches costs its
+# checker about half a step of recomputation, and its witnesses raw copies of half its tensors.
+PROBATION_PROB = 0.5
+PROBATION_STEPS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    node_id: str
+    reason: str
+    first_bad_step: int | None  # None: no result was wrong (stalling, lying about others' results)
+
+
+@dataclass(frozen=True, slots=True)
+class Accusation:
+    """A checker (``accuser``) found ``target``'s result of ``step`` wrong (``reason``)."""
+
+    accuser: str
+    target: str
+    attempt: int
+    step: int
+    reason: str
+
+
+@dataclass(slots=True)
+class Accusations:
+    """One job's accusations (module doc). Not thread-safe: the Judge holds its lock around it."""
+
+    by_target: dict[str, dict[str, Accusation]] = field(default_factory=dict)  # target -> accuser -> first one
+    disputes: list[Accusation] = field(default_factory=list)  # first accusations of a node, not yet taken
+    liars: set[str] = field(default_factory=set)  # accusers convicted of misreporting checks: ignored
+
+    def accuse(self, job_id: str, accuser: str, target: str, attempt: int, step: int, reason: str) -> list[Verdict]:
+        """Weigh one accusation: a verdict once a second checker confirms it or once the accuser
+        has accused two nodes nobody confirmed; else the first accusation of ``target`` opens a
+        dispute."""
+        if accuser in self.liars:
+            return []  # found misreporting its checks (the rest of the report it was found in, say)
+        by = self.by_target.setdefault(target, {})
+        if accuser in by:
+            return []  # the same checker again: nothing new (its dispute is under way)
+        by[accuser] = acc = Accusation(accuser=accuser, target=target, attempt=attempt, step=step, reason=reason)
+        if len(by) >= 2:
+            others = sorted(n[:12] for n in by if n != accuser)
+            log.warning("spot check confirmed by a second checker job=%s target=%s accusers=%s", job_id, target[:12],
+                        sorted(n[:12] for n in by))
+            return [Verdict(target, f"{reason}; also found wrong by node(s) {', '.join(others)} checking it earlier",
+                            min(a.step for a in by.values()))]
+        alone = sorted(t for t, b in self.by_target.items() if accuser in b and len(b) == 1)
+        if len(alone) >= 2:
+            self.liars.add(accuser)
+            for t in alone:  # the accuser's word is void: its targets start over
+                self.by_target[t].pop(accuser, None)
+            self.disputes = [d for d in self.disputes if d.accuser != accuser]
+            log.warning("a checker accused nodes no other checker confirmed job=%s accuser=%s targets=%s", job_id,
+                        accuser[:12], [t[:12] for t in alone])
+            return [Verdict(accuser, (
+                f"its spot checks found wrong results of {len(alone)} different nodes ({', '.join(t[:12] for t in alone)})"
+                f" that no other checker confirmed: it misreports its checks"), None)]
+        log.warning("spot check disputed job=%s accuser=%s target=%s step=%d", job_id, accuser[:12], target[:12], step)
+        self.disputes.append(acc)
+        return []
+
+    def restore(self, accusations: list[Accusation]) -> None:
+        """Accusations a previous coordinator process weighed (its ``disputed`` job events), so a
+        restart forgets neither an accused node's first accusation nor a liar's; no dispute is
+        opened for them again (their rollbacks happened)."""
+        for a in accusations:
+            self.by_target.setdefault(a.target, {}).setdefault(a.accuser, a)
+
+    def take_disputes(self) -> list[Accusation]:
+        """First accusations of a node not taken yet, each returned once."""
+        out, self.disputes = self.disputes, []
+        return out
