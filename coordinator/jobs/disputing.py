@@ -5,7 +5,8 @@
 - :meth:`Disputing._disputed`: a node's first accusation: the pair is kept apart and the accused
   put on probation in every later plan of the job, the job rolls back to before the step and
   re-plans with the two on different stages (event ``disputed``); when no plan can part them (a
-  one-stage job with no spare node), the accused is quarantined on the one checker's word;
+  one-stage job), without the accuser if another node can then check the accused; with no such
+  node either, the accused is quarantined on the one checker's word;
 - :meth:`Disputing._restore_disputes`: a restarted coordinator rebuilds the accusations, the
   pairs and the probations from the jobs' ``disputed`` events.
 
@@ -53,22 +54,24 @@ class Disputing:
 
     def _disputed(self, job: Job, disputes: list[Accusation]) -> bool:
         """A checker found a node's result wrong, and nobody else has yet: roll back to before the
-        step and re-plan with the two on different stages (coordinator/jobs/spotchecks.py), so a
-        second checker decides. When no plan can part them (no other node can check the accused),
-        the accused is quarantined on the one checker's word (as before disputes). True when the
-        job was re-planned."""
+        step and re-plan with the two on different stages (coordinator/jobs/planning.py
+        ``separate``), so a second checker decides. When no plan can part them (a one-stage job),
+        the accuser is left out of the job if another node can then check the accused; failing
+        that too, the accused is quarantined on the one checker's word (as before disputes). True
+        when the job was re-planned."""
         pairs = self._apart.setdefault(job.id, set())
         pairs.update(frozenset((d.accuser, d.target)) for d in disputes)
         probation = self._probation.setdefault(job.id, {})
         for d in disputes:
             probation[d.target] = max(probation.get(d.target, 0), d.step + PROBATION_STEPS)
-        try:
-            jp = self._plan(job, degrade=True)
-        except SwarmError as exc:  # InfeasiblePlanError included
-            log.info("cannot plan around a disputed check job=%s (%s)", job.id, exc)
-            jp = None
+        jp = self._plan_or_none(job)
         stuck = {frozenset(c) for c in conflicts(jp.plan, pairs)} if jp is not None else set(pairs)
         lone = [d for d in disputes if frozenset((d.accuser, d.target)) in stuck]
+        if lone and jp is not None:
+            without = self._plan_or_none(job, leave_out=frozenset(d.accuser for d in lone))
+            if without is not None and not conflicts(without.plan, pairs) and all(
+                    _checked(without, d.target) for d in lone):
+                jp, lone = without, []
         for d in lone:
             self._quarantine(job, Verdict(d.target, f"{d.reason} (no other node could check it: one checker's word)",
                                           d.step))
@@ -76,12 +79,26 @@ class Disputing:
             return False  # the quarantine re-plans the job (from before the step) on the next tick
         first = min(d.step for d in disputes)
         self._first_bad[job.id] = min(self._first_bad.get(job.id, first), first)
+        used = {a["node_id"] for a in jp.assignments}
         for d in disputes:
+            how = "the two on different stages" if d.accuser in used else f"node {d.accuser[:12]} left out of the job"
             self.store.add_event(job.id, "disputed", (
                 f"node {d.accuser[:12]} found node {d.target[:12]}'s result wrong ({d.reason}); one checker's word is "
-                f"not enough: resuming from before step {d.step} with the two on different stages, so other nodes "
-                "check each of them"), accuser=d.accuser, node=d.target, step=d.step, reason=d.reason,
-                attempt=d.attempt)
+                f"not enough: resuming from before step {d.step} with {how}, so another node checks "
+                f"{d.target[:12]}"), accuser=d.accuser, node=d.target, step=d.step, reason=d.reason,
+                attempt=d.attempt, accuser_left_out=d.accuser not in used)
         self._recover(job, f"a spot check of node {disputes[0].target[:12]} was disputed", cause="disputed_check",
                       plan=jp)
         return True
+
+    def _plan_or_none(self, job: Job, **kw):
+        try:
+            return self._plan(job, degrade=True, **kw)
+        except SwarmError as exc:  # InfeasiblePlanError included
+            log.info("cannot plan around a disputed check job=%s (%s)", job.id, exc)
+            return None
+
+
+def _checked(jp, node_id: str) -> bool:
+    """Whether a worker of ``jp`` checks ``node_id`` (its assignments' spot-check plans)."""
+    return any((a.get("verify") or {}).get("check", {}).get("node_id") == node_id for a in jp.assignments)

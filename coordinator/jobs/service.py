@@ -175,15 +175,17 @@ class JobService(Checkpointing, Reporting, Fencing, Disputing, Details):
             except InfeasiblePlanError as exc:
                 raise InvalidRequestError(str(exc)) from None
 
-    def _plan(self, job: Job, *, degrade: bool = False, tflops: dict[str, float] | None = None) -> JobPlan:
+    def _plan(self, job: Job, *, degrade: bool = False, tflops: dict[str, float] | None = None,
+              leave_out: frozenset[str] = frozenset()) -> JobPlan:
         """Plan ``job`` over the online nodes no other running job holds (its own count as free:
         a running job being re-planned gives its nodes back). ``degrade``: a job that already ran
         may fall back to fewer data-parallel replicas than ``--replicas`` when the nodes for all
         of them are missing (the global batch stays the same). Each assignment gets its
         spot-check plan (coordinator/jobs/spotchecks.py). ``tflops``: speeds to plan with instead
-        of the nodes' (a re-balance). Raises InfeasiblePlanError."""
+        of the nodes' (a re-balance). ``leave_out``: nodes not to use (the accuser of a disputed
+        check that no plan can put on another stage than the accused). Raises InfeasiblePlanError."""
         others = [j for j in self.store.list(states=("running",), limit=1000) if j.id != job.id]
-        busy = busy_node_ids(others)
+        busy = busy_node_ids(others) | leave_out
         nodes = [n for n in self.registry.online() if n.id not in busy]
         matrix = self.network.planning_matrix(nodes)  # relayed links within their relay's cap (docs/nat.md)
         spec = job.spec
@@ -195,7 +197,7 @@ class JobService(Checkpointing, Reporting, Fencing, Disputing, Details):
                 # both ends of a dispute stay in the job (each is to be checked by someone else)
                 jp = plan_job(spec=spec.replace(num_replicas=k), config=ModelConfig.from_hf_config(job.model),
                               nodes=nodes, delay_s=matrix[0], bandwidth_Bps=matrix[1], seed=spec.seed, tflops=tflops,
-                              prefer=frozenset().union(*apart))
+                              prefer=frozenset().union(*apart) - leave_out)
                 break
             except InfeasiblePlanError:
                 if i == len(counts) - 1:

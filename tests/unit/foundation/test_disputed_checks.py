@@ -194,3 +194,31 @@ def test_a_dispute_replans_the_pair_apart_with_probation_and_a_restarted_coordin
             + again.judge.report("j", 2, checker, asg, {"step": 3, "param_digest": "d", "checks": [
                 _bad(by[t["node_id"]]["stage"], by[t["node_id"]]["replica"], 3)]}))
     assert v.node_id == t["node_id"] and v.first_bad_step == 2
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("spare", [True, False])
+def test_a_one_stage_job_leaves_the_accuser_out_when_a_spare_can_check_else_trusts_it(tmp_path, spare):
+    from tests.unit.training.test_job_shape_events import SPEC, _pending, _service
+
+    service = _service(tmp_path, n=3 if spare else 2)
+    quarantined = []
+    service.registry.quarantine = lambda node_id, reason: quarantined.append((node_id, reason)) or True
+    _pending(service, "j", SPEC.replace(num_stages=1, num_replicas=2))
+    service.tick()
+    job = service.store.get("j")
+    at = {(a["stage"], a["replica"]): a for a in job.assignments}
+    t, x = at[(0, 0)], at[(0, 1)]
+    service.judge.report("j", job.attempt, t, job.assignments, {"step": 2, "param_digest": "d"})
+    service.judge.report("j", job.attempt, x, job.assignments, {"step": 2, "param_digest": "d",
+                                                                "checks": [_bad(0, 0, 2)]})
+    service.tick()
+    job = service.store.get("j")
+    disputed = [e for e in service.store.events("j") if e["kind"] == "disputed"]
+    if spare:  # the spare replaces the accuser and checks t; nobody is quarantined
+        assert job.attempt == 2 and quarantined == []
+        assert {a["node_id"] for a in job.assignments} == {t["node_id"], "node2"}
+        assert disputed[0]["fields"]["accuser_left_out"] is True and "left out of the job" in disputed[0]["message"]
+    else:  # nobody else could check t: the one checker's word stands, as before disputes
+        assert disputed == [] and [q[0] for q in quarantined] == [t["node_id"]]
+        assert "one checker's word" in quarantined[0][1]
