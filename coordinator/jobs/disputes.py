@@ -19,7 +19,8 @@ quarantined. So a confirmed mismatch is an *accusation*:
    caused);
 3. a checker that has accused two different nodes, neither confirmed by another checker, is
    convicted instead ("misreports its checks", no bad step: nothing it computed was found
-   wrong); its accusations are void and later ones ignored;
+   wrong); a convicted node's accusations, of either kind, are void and later ones ignored (a
+   corrupting node that accused its own checker back gets nobody convicted that way);
 4. the same accuser again adds nothing.
 
 Two colluding checkers can still convict an honest node; a witness sending wrong copies is not
@@ -67,14 +68,14 @@ class Accusations:
 
     by_target: dict[str, dict[str, Accusation]] = field(default_factory=dict)  # target -> accuser -> first one
     disputes: list[Accusation] = field(default_factory=list)  # first accusations of a node, not yet taken
-    liars: set[str] = field(default_factory=set)  # accusers convicted of misreporting checks: ignored
+    convicted: set[str] = field(default_factory=set)  # nodes found guilty: their accusations are void
 
     def accuse(self, job_id: str, accuser: str, target: str, attempt: int, step: int, reason: str) -> list[Verdict]:
         """Weigh one accusation: a verdict once a second checker confirms it or once the accuser
         has accused two nodes nobody confirmed; else the first accusation of ``target`` opens a
         dispute."""
-        if accuser in self.liars:
-            return []  # found misreporting its checks (the rest of the report it was found in, say)
+        if accuser in self.convicted:
+            return []  # found guilty (of misreporting its checks, say, in the report it still sends)
         by = self.by_target.setdefault(target, {})
         if accuser in by:
             return []  # the same checker again: nothing new (its dispute is under way)
@@ -83,14 +84,13 @@ class Accusations:
             others = sorted(n[:12] for n in by if n != accuser)
             log.warning("spot check confirmed by a second checker job=%s target=%s accusers=%s", job_id, target[:12],
                         sorted(n[:12] for n in by))
+            first = min(a.step for a in by.values())
+            self._void(target)  # a node found computing wrong results is no witness against others
             return [Verdict(target, f"{reason}; also found wrong by node(s) {', '.join(others)} checking it earlier",
-                            min(a.step for a in by.values()))]
+                            first)]
         alone = sorted(t for t, b in self.by_target.items() if accuser in b and len(b) == 1)
         if len(alone) >= 2:
-            self.liars.add(accuser)
-            for t in alone:  # the accuser's word is void: its targets start over
-                self.by_target[t].pop(accuser, None)
-            self.disputes = [d for d in self.disputes if d.accuser != accuser]
+            self._void(accuser)  # its word is void: its targets start over
             log.warning("a checker accused nodes no other checker confirmed job=%s accuser=%s targets=%s", job_id,
                         accuser[:12], [t[:12] for t in alone])
             return [Verdict(accuser, (
@@ -99,6 +99,13 @@ class Accusations:
         log.warning("spot check disputed job=%s accuser=%s target=%s step=%d", job_id, accuser[:12], target[:12], step)
         self.disputes.append(acc)
         return []
+
+    def _void(self, node: str) -> None:
+        """``node`` is convicted: every accusation it made is dropped, and later ones ignored."""
+        self.convicted.add(node)
+        for by in self.by_target.values():
+            by.pop(node, None)
+        self.disputes = [d for d in self.disputes if d.accuser != node]
 
     def restore(self, accusations: list[Accusation]) -> None:
         """Accusations a previous coordinator process weighed (its ``disputed`` job events), so a

@@ -222,3 +222,19 @@ def test_a_one_stage_job_leaves_the_accuser_out_when_a_spare_can_check_else_trus
     else:  # nobody else could check t: the one checker's word stands, as before disputes
         assert disputed == [] and [q[0] for q in quarantined] == [t["node_id"]]
         assert "one checker's word" in quarantined[0][1]
+
+
+@pytest.mark.timeout(10)
+def test_a_convicted_node_s_own_accusations_are_void():
+    """A corrupting node accuses its honest checker back; once a second checker convicts the
+    corrupter, its accusation of the honest node no longer counts towards convicting it."""
+    j = Judge()
+    asg = _asg([["x", "t"], ["z", "w"]])  # x checks t and t checks x
+    assert _accuse(j, 1, asg, "x", "t", 3) == [] and _accuse(j, 1, asg, "t", "x", 3) == []
+    assert {(d.accuser, d.target) for d in j.take_disputes("j")} == {("x", "t"), ("t", "x")}
+    asg2 = _asg([["x", "z"], ["w", "t"]])  # apart: w checks t, z checks x
+    (v,) = _accuse(j, 2, asg2, "w", "t", 5)
+    assert v.node_id == "t"
+    assert _accuse(j, 2, asg2, "z", "x", 6) == []  # only z's word against x now: a dispute, no verdict
+    assert [(d.accuser, d.target) for d in j.take_disputes("j")] == [("z", "x")]
+    assert _accuse(j, 2, asg2, "t", "w", 6) == []  # t is convicted: ignored
