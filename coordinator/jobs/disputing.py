@@ -46,10 +46,7 @@ class Disputing:
         if not out:
             return
         self.judge.restore(job.id, out)
-        self._apart.setdefault(job.id, set()).update(frozenset((a.accuser, a.target)) for a in out)
-        probation = self._probation.setdefault(job.id, {})
-        for a in out:
-            probation[a.target] = max(probation.get(a.target, 0), a.step + PROBATION_STEPS)
+        self._keep_apart(job.id, out)
         log.info("restored %d disputed spot check(s) job=%s", len(out), job.id)
 
     def _disputed(self, job: Job, disputes: list[Accusation]) -> bool:
@@ -59,11 +56,7 @@ class Disputing:
         the accuser is left out of the job if another node can then check the accused; failing
         that too, the accused is quarantined on the one checker's word (as before disputes). True
         when the job was re-planned."""
-        pairs = self._apart.setdefault(job.id, set())
-        pairs.update(frozenset((d.accuser, d.target)) for d in disputes)
-        probation = self._probation.setdefault(job.id, {})
-        for d in disputes:
-            probation[d.target] = max(probation.get(d.target, 0), d.step + PROBATION_STEPS)
+        pairs = self._keep_apart(job.id, disputes)
         jp = self._plan_or_none(job)
         stuck = {frozenset(c) for c in conflicts(jp.plan, pairs)} if jp is not None else set(pairs)
         lone = [d for d in disputes if frozenset((d.accuser, d.target)) in stuck]
@@ -90,6 +83,16 @@ class Disputing:
         self._recover(job, f"a spot check of node {disputes[0].target[:12]} was disputed", cause="disputed_check",
                       plan=jp)
         return True
+
+    def _keep_apart(self, job_id: str, accusations: list[Accusation]) -> set[frozenset[str]]:
+        """Every later plan of the job keeps each accuser apart from the node it accused, which is
+        on probation for PROBATION_STEPS steps after the accused step; returns the job's pairs."""
+        pairs = self._apart.setdefault(job_id, set())
+        pairs.update(frozenset((a.accuser, a.target)) for a in accusations)
+        probation = self._probation.setdefault(job_id, {})
+        for a in accusations:
+            probation[a.target] = max(probation.get(a.target, 0), a.step + PROBATION_STEPS)
+        return pairs
 
     def _plan_or_none(self, job: Job, **kw):
         try:

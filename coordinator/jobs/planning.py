@@ -170,21 +170,30 @@ def _holds(node: NodeInfo, need: int | None) -> bool:
     return not need or not has or has >= need
 
 
+def _node_ids(plan: Plan) -> list[list[str]]:
+    """The node ids of each stage of ``plan``, in replica order."""
+    return [[str(d) for d in st.devices] for st in plan.stages]
+
+
+def _same_stage(stages: list[list[str]], apart: set[frozenset[str]]) -> list[tuple[str, str]]:
+    """The pairs of ``apart`` that ``stages`` (node ids per stage) put on one stage (sorted ids)."""
+    out = []
+    for devs in stages:
+        ids = sorted(devs)
+        out += [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:] if frozenset((a, b)) in apart]
+    return out
+
+
 def conflicts(plan: Plan, apart: set[frozenset[str]]) -> list[tuple[str, str]]:
     """The pairs of ``apart`` that ``plan`` puts on the same stage (sorted ids)."""
-    out = []
-    for st in plan.stages:
-        devs = sorted(str(d) for d in st.devices)
-        out += [(a, b) for i, a in enumerate(devs) for b in devs[i + 1:] if frozenset((a, b)) in apart]
-    return out
+    return _same_stage(_node_ids(plan), apart)
 
 
 def _apart_score(stages: list[list[str]], apart: set[frozenset[str]]) -> tuple[int, int]:
     """(pairs of ``apart`` on one stage, pairs that are pipeline neighbours: the same replica of
     adjacent stages, where one witnesses the other's results for its checker)."""
-    same = sum(frozenset((a, b)) in apart for devs in stages for i, a in enumerate(devs) for b in devs[i + 1:])
     near = sum(frozenset((x, y)) in apart for s in range(len(stages) - 1) for x, y in zip(stages[s], stages[s + 1]))
-    return same, near
+    return len(_same_stage(stages, apart)), near
 
 
 def separate(jp: JobPlan, apart: set[frozenset[str]], nodes: dict[str, NodeInfo]) -> JobPlan | None:
@@ -199,7 +208,8 @@ def separate(jp: JobPlan, apart: set[frozenset[str]], nodes: dict[str, NodeInfo]
     ends. None when pairs remain on one stage; pairs left as neighbours are accepted (too few
     nodes to avoid it). Layer splits stay as planned; only the nodes holding them move.
     ``nodes``: every node of the plan by id."""
-    stages = [[str(d) for d in st.devices] for st in jp.plan.stages]
+    before = _node_ids(jp.plan)
+    stages = before
     need = [st.memory_bytes for st in jp.plan.stages]
     score = _apart_score(stages, apart)
     involved = frozenset().union(*apart)
@@ -221,7 +231,7 @@ def separate(jp: JobPlan, apart: set[frozenset[str]], nodes: dict[str, NodeInfo]
         score, stages = best
     if score[0]:
         return None
-    if [[str(d) for d in st.devices] for st in jp.plan.stages] == stages:
+    if stages == before:
         return jp
     plan = replace(jp.plan, stages=tuple(replace(st, devices=tuple(stages[s])) for s, st in enumerate(jp.plan.stages)))
     return JobPlan(plan=plan, assignments=assignments_from_plan(plan, nodes))
