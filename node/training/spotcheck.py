@@ -169,7 +169,7 @@ class VerifyPlan:
                                                  witness_ids=frozenset(str(i) for i in c["witness_ids"]),
                                                  **_probation(c))
             prob = float(raw.get("prob", 0.0))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
             raise InvalidRequestError(f"malformed verify plan in the assignment: {exc}") from exc
         if not 0 <= prob <= 1:
             raise InvalidRequestError("verify prob must be in 0..1")

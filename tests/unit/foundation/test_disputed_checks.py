@@ -4,6 +4,8 @@ decides it, and a checker that accuses whoever it checks is the one found guilty
 
 import pytest
 
+from swarm.errors import InvalidRequestError
+
 from swarm.scheduling.plan import Plan, PlanStage
 
 from coordinator.jobs.planning import conflicts, separate, JobPlan, assignments_from_plan
@@ -153,6 +155,8 @@ def test_an_accused_node_is_checked_closely_by_its_witnesses_and_checker_and_nev
     assert by["z"].check.prob_at(10, 0.05) == 0.05  # z checks w, not on probation
     with pytest.raises(Exception, match="probation"):
         VerifyPlan.from_json(json.dumps(dict(plans[0], check=dict(plans[0]["check"], probation_prob=2.0))))
+    with pytest.raises(InvalidRequestError, match="malformed verify plan"):  # not an OverflowError
+        VerifyPlan.from_json(json.dumps(dict(plans[0], check=dict(plans[0]["check"], probation_until=float("inf")))))
 
 
 @pytest.mark.timeout(30)
