@@ -176,12 +176,13 @@ def fence_outrun(fence: dict[str, Any], finals: set[str]) -> bool:
 
 
 # Why a re-plan rolled a job back to a checkpoint (``cause`` of its ``replan`` event,
-# coordinator/jobs/service.py ``_recover``); only these two redo steps by design: a stage lost with
-# no replica to carry on (``stage_lost``), and a node found computing wrong results (``wrong_result``:
-# back to before its first bad step). The others (``fence_timeout``, ``fence_replan_failed``,
+# coordinator/jobs/service.py ``_recover``); only these redo steps by design: a stage lost with
+# no replica to carry on (``stage_lost``), a node found computing wrong results (``wrong_result``:
+# back to before its first bad step), and a node accused of it once (``disputed_check``: back to
+# before the accused step, coordinator/jobs/disputing.py). The others (``fence_timeout``, ``fence_replan_failed``,
 # ``fence_overrun``, ``peer_failure``, ``not_started``) are fallbacks where a fence or a start
 # should have lost nothing.
-ROLLBACK_BY_DESIGN = frozenset({"stage_lost", "wrong_result"})
+ROLLBACK_BY_DESIGN = frozenset({"stage_lost", "wrong_result", "disputed_check"})
 
 
 def rollback_attempts(events: list[dict[str, Any]]) -> dict[int, int]:

@@ -54,8 +54,10 @@ class Disputing:
         step and re-plan with the two on different stages (coordinator/jobs/planning.py
         ``separate``), so a second checker decides. When no plan can part them (a one-stage job),
         the accuser is left out of the job if another node can then check the accused; failing
-        that too, the accused is quarantined on the one checker's word (as before disputes). True
-        when the job was re-planned."""
+        that too, the accused is quarantined on the one checker's word (as before disputes). When
+        no plan is possible at all right now (nodes briefly away), the job rolls back all the same
+        and waits for nodes (``_recover``), with the pair kept apart once it re-plans. True when
+        the job was re-planned or set waiting."""
         pairs = self._keep_apart(job.id, disputes)
         jp = self._plan_or_none(job)
         stuck = {frozenset(c) for c in conflicts(jp.plan, pairs)} if jp is not None else set(pairs)
@@ -65,21 +67,26 @@ class Disputing:
             if without is not None and not conflicts(without.plan, pairs) and all(
                     _checked(without, d.target) for d in lone):
                 jp, lone = without, []
-        for d in lone:
-            self._quarantine(job, Verdict(d.target, f"{d.reason} (no other node could check it: one checker's word)",
-                                          d.step))
-        if lone or jp is None:
+        if lone and jp is not None:  # a plan, but none that parts them, and no spare node either
+            for d in lone:
+                self._quarantine(job, Verdict(d.target, f"{d.reason} (no other node could check it: one checker's "
+                                                        "word)", d.step))
             return False  # the quarantine re-plans the job (from before the step) on the next tick
         first = min(d.step for d in disputes)
         self._first_bad[job.id] = min(self._first_bad.get(job.id, first), first)
-        used = {a["node_id"] for a in jp.assignments}
+        used = {a["node_id"] for a in jp.assignments} if jp is not None else set()
         for d in disputes:
-            how = "the two on different stages" if d.accuser in used else f"node {d.accuser[:12]} left out of the job"
+            if jp is None:  # no plan at all right now (nodes away): roll back and wait, as for a lost stage
+                how = "the two on different stages once enough nodes are online (none can be planned now)"
+            elif d.accuser in used:
+                how = "the two on different stages"
+            else:
+                how = f"node {d.accuser[:12]} left out of the job"
             self.store.add_event(job.id, "disputed", (
                 f"node {d.accuser[:12]} found node {d.target[:12]}'s result wrong ({d.reason}); one checker's word is "
                 f"not enough: resuming from before step {d.step} with {how}, so another node checks "
                 f"{d.target[:12]}"), accuser=d.accuser, node=d.target, step=d.step, reason=d.reason,
-                attempt=d.attempt, accuser_left_out=d.accuser not in used)
+                attempt=d.attempt, accuser_left_out=jp is not None and d.accuser not in used)
         self._recover(job, f"a spot check of node {disputes[0].target[:12]} was disputed", cause="disputed_check",
                       plan=jp)
         return True

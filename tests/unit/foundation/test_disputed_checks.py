@@ -242,3 +242,41 @@ def test_a_convicted_node_s_own_accusations_are_void():
     assert _accuse(j, 2, asg2, "z", "x", 6) == []  # only z's word against x now: a dispute, no verdict
     assert [(d.accuser, d.target) for d in j.take_disputes("j")] == [("z", "x")]
     assert _accuse(j, 2, asg2, "t", "w", 6) == []  # t is convicted: ignored
+
+
+@pytest.mark.timeout(30)
+def test_a_dispute_while_no_plan_is_possible_rolls_back_and_waits_instead_of_trusting_one_checker(tmp_path):
+    """Nodes briefly away when a dispute comes: the job rolls back and waits for nodes (as for a
+    lost stage), the accused is not quarantined on the one checker's word, and the plan it gets
+    once they are back keeps the pair apart."""
+    from tests.unit.training.test_job_shape_events import SPEC, _pending, _service
+
+    service = _service(tmp_path, n=4)
+    quarantined = []
+    service.registry.quarantine = lambda node_id, reason: quarantined.append((node_id, reason)) or True
+    _pending(service, "j", SPEC.replace(num_stages=2, num_replicas=2))
+    service.tick()
+    job = service.store.get("j")
+    at = {(a["stage"], a["replica"]): a for a in job.assignments}
+    t, x = at[(0, 0)], at[(0, 1)]  # (0, 1) checks (0, 0)
+    service.judge.report("j", job.attempt, t, job.assignments, {"step": 2, "param_digest": "d"})
+    service.judge.report("j", job.attempt, x, job.assignments, {"step": 2, "param_digest": "d",
+                                                                "checks": [_bad(0, 0, 2)]})
+    everyone = service.registry.online
+    service.registry.online = lambda: [n for n in everyone() if n.id == t["node_id"]]  # the others are away
+    service.tick()
+    job = service.store.get("j")
+    assert quarantined == [] and job.state == "pending" and job.resume_step == 0
+    assert "waiting for a node" in job.reason
+    (e,) = [e for e in service.store.events("j") if e["kind"] == "disputed"]
+    assert e["fields"]["accuser_left_out"] is False and "once enough nodes are online" in e["message"]
+    (w,) = [e for e in service.store.events("j") if e["kind"] == "replan" and e["fields"].get("waiting")]
+    assert w["fields"]["cause"] == "disputed_check"
+    service.registry.online = everyone  # back: re-planned with the pair on different stages
+    service.tick()
+    job = service.store.get("j")
+    assert job.state == "running" and job.attempt == 2 and quarantined == []
+    by = {a["node_id"]: a for a in job.assignments}
+    assert by[t["node_id"]]["stage"] != by[x["node_id"]]["stage"]
+    from coordinator.jobs import churn
+    assert churn.rollback_attempts(service.store.events("j")) == {2: 0}  # a rollback by design
