@@ -114,6 +114,11 @@ class Accusations:
         for a in accusations:
             self.by_target.setdefault(a.target, {}).setdefault(a.accuser, a)
 
+    def open_disputes(self) -> list[Accusation]:
+        """Accusations of a node by one checker alone (undecided), oldest first."""
+        return sorted((next(iter(by.values())) for by in self.by_target.values() if len(by) == 1),
+                      key=lambda a: (a.step, a.target))
+
     def take_disputes(self) -> list[Accusation]:
         """First accusations of a node not taken yet, each returned once."""
         out, self.disputes = self.disputes, []

@@ -58,19 +58,10 @@ class Disputing:
         no plan is possible at all right now (nodes briefly away), the job rolls back all the same
         and waits for nodes (``_recover``), with the pair kept apart once it re-plans. True when
         the job was re-planned or set waiting."""
-        pairs = self._keep_apart(job.id, disputes)
-        jp = self._plan_or_none(job)
-        stuck = {frozenset(c) for c in conflicts(jp.plan, pairs)} if jp is not None else set(pairs)
-        lone = [d for d in disputes if frozenset((d.accuser, d.target)) in stuck]
-        if lone and jp is not None:
-            without = self._plan_or_none(job, leave_out=frozenset(d.accuser for d in lone))
-            if without is not None and not conflicts(without.plan, pairs) and all(
-                    _checked(without, d.target) for d in lone):
-                jp, lone = without, []
-        if lone and jp is not None:  # a plan, but none that parts them, and no spare node either
-            for d in lone:
-                self._quarantine(job, Verdict(d.target, f"{d.reason} (no other node could check it: one checker's "
-                                                        "word)", d.step))
+        self._keep_apart(job.id, disputes)
+        jp, lone = self._part(job, disputes, self._plan_or_none(job))
+        if lone:  # a plan, but none that parts them, and no spare node either
+            self._trust_one_checker(job, lone)
             return False  # the quarantine re-plans the job (from before the step) on the next tick
         first = min(d.step for d in disputes)
         self._first_bad[job.id] = min(self._first_bad.get(job.id, first), first)
@@ -90,6 +81,43 @@ class Disputing:
         self._recover(job, f"a spot check of node {disputes[0].target[:12]} was disputed", cause="disputed_check",
                       plan=jp)
         return True
+
+    def _part(self, job: Job, disputes: list[Accusation], jp) -> tuple[object, list[Accusation]]:
+        """(``jp`` or a plan that parts more pairs, the disputes no plan can part). When ``jp``
+        (None: no plan possible now) keeps a disputed pair on one stage (a one-stage job), the
+        plan without the accusers if it still checks each accused node."""
+        pairs = self._apart.get(job.id, set())
+        if jp is None:
+            return None, []
+        stuck = {frozenset(c) for c in conflicts(jp.plan, pairs)}
+        lone = [d for d in disputes if frozenset((d.accuser, d.target)) in stuck]
+        if lone:
+            without = self._plan_or_none(job, leave_out=frozenset(d.accuser for d in lone))
+            if without is not None and not conflicts(without.plan, pairs) and all(
+                    _checked(without, d.target) for d in lone):
+                return without, []
+        return jp, lone
+
+    def _trust_one_checker(self, job: Job, lone: list[Accusation]) -> None:
+        """No plan can give these accused nodes another checker: each is quarantined on its one
+        checker's word (as before disputes)."""
+        for d in lone:
+            self._quarantine(job, Verdict(d.target, f"{d.reason} (no other node could check it: one checker's word)",
+                                          d.step))
+
+    def _parted_after_wait(self, job: Job, jp):
+        """The plan a job that waited for nodes resumes with, given its open disputes (one
+        accuser each, made while it could not be planned): ``jp`` or one without an accuser
+        (:meth:`_part`); None after quarantining accused nodes no plan can give another checker
+        (the next tick plans without them)."""
+        disputes = self.judge.open_disputes(job.id)
+        if not disputes:
+            return jp
+        jp, lone = self._part(job, disputes, jp)
+        if lone:
+            self._trust_one_checker(job, lone)
+            return None
+        return jp
 
     def _keep_apart(self, job_id: str, accusations: list[Accusation]) -> set[frozenset[str]]:
         """Every later plan of the job keeps each accuser apart from the node it accused, which is

@@ -216,6 +216,8 @@ class JobService(Checkpointing, Reporting, Fencing, Disputing, Details):
         waited = job.waiting_since_s is not None
         try:
             jp = self._plan(job, degrade=True) if waited else self._plan(job)
+            if waited and (jp := self._parted_after_wait(job, jp)) is None:
+                return  # an accused node no plan can give another checker was quarantined: plan again
             resume_dir = files.job_dir(self.state_dir, job.id) / f"resume-{job.resume_step}"
             if job.resume_step > 0 and (resume_dir / keepers.INCOMPLETE).is_file():  # a copy was lost: keepers
                 lost = keepers.lost_copies(self.store.checkpoints(job.id),

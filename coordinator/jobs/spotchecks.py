@@ -349,6 +349,12 @@ class Judge:
         with self._lock:
             self._job(job_id).accusations.restore(accusations)
 
+    def open_disputes(self, job_id: str) -> list[Accusation]:
+        """Accusations of a node that no second checker decided yet (one accuser each)."""
+        with self._lock:
+            st = self._jobs.get(job_id)
+            return st.accusations.open_disputes() if st is not None else []
+
     def take_disputes(self, job_id: str) -> list[Accusation]:
         """First accusations of a node that the caller has not seen yet, each returned once."""
         with self._lock:

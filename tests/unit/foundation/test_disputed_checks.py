@@ -280,3 +280,37 @@ def test_a_dispute_while_no_plan_is_possible_rolls_back_and_waits_instead_of_tru
     assert by[t["node_id"]]["stage"] != by[x["node_id"]]["stage"]
     from coordinator.jobs import churn
     assert churn.rollback_attempts(service.store.events("j")) == {2: 0}  # a rollback by design
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("spare", [True, False])
+def test_a_one_stage_job_that_waited_through_a_dispute_parts_the_pair_when_it_resumes(tmp_path, spare):
+    """The dispute came while no plan was possible; once nodes are back, the plan it resumes with
+    follows the one-stage rules: without the accuser when a spare can check the accused, else the
+    accused is quarantined on the one checker's word (and the job plans again without it)."""
+    from tests.unit.training.test_job_shape_events import SPEC, _pending, _service
+
+    service = _service(tmp_path, n=3 if spare else 2)
+    quarantined = []
+    service.registry.quarantine = lambda node_id, reason: quarantined.append((node_id, reason)) or True
+    _pending(service, "j", SPEC.replace(num_stages=1, num_replicas=2))
+    service.tick()
+    job = service.store.get("j")
+    at = {(a["stage"], a["replica"]): a for a in job.assignments}
+    t, x = at[(0, 0)], at[(0, 1)]
+    service.judge.report("j", job.attempt, t, job.assignments, {"step": 2, "param_digest": "d"})
+    service.judge.report("j", job.attempt, x, job.assignments, {"step": 2, "param_digest": "d",
+                                                                "checks": [_bad(0, 0, 2)]})
+    everyone = service.registry.online
+    service.registry.online = lambda: []  # every node away for a moment
+    service.tick()
+    assert service.store.get("j").state == "pending" and quarantined == []
+    service.registry.online = everyone
+    service.tick()
+    job = service.store.get("j")
+    if spare:
+        assert job.state == "running" and quarantined == []
+        assert {a["node_id"] for a in job.assignments} == {t["node_id"], "node2"}
+    else:
+        assert job.state == "pending" and [q[0] for q in quarantined] == [t["node_id"]]
+        assert "one checker's word" in quarantined[0][1]
