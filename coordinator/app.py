@@ -87,6 +87,7 @@ class CoordinatorConfig:
     # (--referee-gflops; swarm/inference/referee.py); 0: no referee (such windows stay void)
     referee_flops_per_s: float = 20e9
     rebalance: bool = True  # re-balance a job's layers around a node seen slow (--no-rebalance: only report it)
+    helpers: bool = True  # add idle nodes as helpers of a running job's slowest stage (--no-helpers: never)
     tls_sans: tuple[str, ...] = ()  # more names/IPs for the coordinator's certificate (--tls-san)
     node_cert_lifetime_s: float = 86400.0  # nodes' certificates; renewed past half of it
     http_tls_cert: Path | None = None  # HTTPS on the HTTP port with a real certificate (--tls-cert/--tls-key)
@@ -183,7 +184,8 @@ class CoordinatorApp:
                                     authenticate_user=self.authenticate_user, authorize_read=self.authorize_read,
                                     services=self.services,
                                     max_model_params=config.max_model_params, security=self.security,
-                                    rebalance=config.rebalance, referee_flops_per_s=config.referee_flops_per_s)
+                                    rebalance=config.rebalance, helpers=config.helpers,
+                                    referee_flops_per_s=config.referee_flops_per_s)
         self.plugin_modules = plugin_registry.load_plugins(config.plugins)
         self.plugins: list[CoordinatorPlugin] = []
         self.grpc_server = make_server(max_message_bytes=CONTROL_MAX_MESSAGE_BYTES, max_workers=config.max_workers,

@@ -75,8 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", default=_env("TLS_KEY", None), help="the private key of --tls-cert")
     s.add_argument("--publish-token", default=None, help="also write the token to this file (0600), e.g. a volume that local nodes read with --token-file")
     s.add_argument("--no-rebalance", action="store_true", default=_env("NO_REBALANCE", "") == "1",
-                   help="never move a running job's layers around a node its neighbours see slow (default: "
-                        "re-balance at a fence when that predicts a 20%% faster step; slow_node is reported either way)")
+                   help="never move a running job's layers around a node its neighbours see slow, nor take an idle "
+                        "node in by moving layers to it (default: at a fence when that predicts a 20%% faster step, "
+                        "without rollback; slow_node is reported either way)")
+    s.add_argument("--no-helpers", action="store_true", default=_env("NO_HELPERS", "") == "1",
+                   help="never add idle nodes to a running job as helper replicas of its slowest stage (default: a job "
+                        "at its --replicas takes one idle node per pipeline as helpers at a fence, without rollback)")
     s.add_argument("--referee-gflops", type=float, default=float(_env("REFEREE_GFLOPS", 20)),
                    help="CPU GFLOP/s per served model the coordinator may spend re-computing spot-check windows of "
                         "models with no second chain (docs/inference.md, 'Without another chain'); 0: no referee, "
@@ -185,7 +189,7 @@ def serve(args: argparse.Namespace) -> int:
             stream_limits=StreamLimits(idle_timeout_s=args.stream_idle_timeout_s,
                                        max_streams_per_peer=args.max_streams_per_peer),
             max_model_params=args.max_model_params, flush_interval_s=args.flush_interval_s,
-            rebalance=not args.no_rebalance, referee_flops_per_s=args.referee_gflops * 1e9,
+            rebalance=not args.no_rebalance, helpers=not args.no_helpers, referee_flops_per_s=args.referee_gflops * 1e9,
             relay_port=None if args.relay_port == -1 else args.relay_port,
             relay_limits=RelayLimits(rate_Bps=args.relay_rate_mbit * 1e6 / 8),
         )

@@ -81,6 +81,7 @@ class CoordinatorHost:
     services: Services
     max_model_params: int = 2_000_000_000
     rebalance: bool = True  # --no-rebalance: a node seen slow is reported (slow_node), never re-balanced
+    helpers: bool = True  # --no-helpers: idle nodes never join a running job as helpers of its slowest stage
     security: Any = None
     referee_flops_per_s: float = 20e9  # --referee-gflops: the inference referee's CPU budget per model
 

@@ -13,7 +13,7 @@ Values keep the types they had when built (SQLite numbers, the spec and plan as 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 # Steps are numbered from 0: ``step`` k means k + 1 steps are done.
@@ -24,7 +24,8 @@ def _exact_keys(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any
     if not isinstance(data, Mapping):
         raise ValueError(f"{where} must be a JSON object, got {type(data).__name__}")
     want = [f.name for f in fields(cls)]
-    missing, extra = set(want) - set(data), set(data) - set(want)
+    need = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing, extra = set(need) - set(data), set(data) - set(want)  # (a field with a default: newer than some servers)
     if missing or extra:
         raise ValueError(f"{where} has missing keys {sorted(missing)} and unexpected keys {sorted(extra)}")
     return dict(data)
@@ -49,16 +50,25 @@ class ModelSummary:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AssignmentDetail:
-    """One stage worker of the current plan: the node running it and its layers [first, last)."""
+    """One stage worker of the current plan: the node running it and its layers [first, last).
+    A helper of a stage (coordinator/jobs/helpers.py) runs the micro-batches ``m`` of
+    ``pipeline`` with ``m % share_count == share_index`` there; every other worker runs all of its
+    own pipeline's (``pipeline`` = ``replica``, share 0 of 1). A coordinator older than helpers
+    sends none of the three."""
 
     node_id: str
     node_name: str
     stage: int
     replica: int
     layers: tuple[int, int]
+    pipeline: int = -1  # -1: not sent (the replica)
+    share_index: int = 0
+    share_count: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
+        if self.pipeline < 0:
+            object.__setattr__(self, "pipeline", self.replica)
         if len(self.layers) != 2:
             raise ValueError(f"assignment layers must be [first, last_excl], got {list(self.layers)}")
 

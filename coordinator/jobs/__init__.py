@@ -25,7 +25,7 @@ class JobsPlugin(CoordinatorPlugin):
         self.service = JobService(store=JobStore(host.db, host.clock), state_dir=host.state_dir,
                                   registry=host.registry, network=host.network, clock=host.clock,
                                   limits=UploadLimits(max_model_params=host.max_model_params),
-                                  rebalance=host.rebalance)
+                                  rebalance=host.rebalance, helpers=host.helpers)
         host.services.provide_jobs(self.service)
 
     def install_grpc(self, server) -> None:

@@ -85,6 +85,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from coordinator.jobs.helpers import pipeline_of
+
 
 def key(stage: int, replica: int) -> str:
     return f"{stage}:{replica}"
@@ -101,22 +103,26 @@ def all_ready(assignments: list[dict[str, Any]], ready: set[str]) -> bool:
 
 
 def live_pipelines(assignments: list[dict[str, Any]], lost_nodes: set[str]) -> list[int]:
-    """Pipelines (replica indices) none of whose nodes is lost, ascending."""
-    broken = {a["replica"] for a in assignments if a["node_id"] in lost_nodes}
-    return sorted({a["replica"] for a in assignments} - broken)
+    """Pipelines (replica indices) none of whose nodes is lost, ascending; a helper of a stage
+    (coordinator/jobs/helpers.py) counts in the pipeline it helps."""
+    broken = {pipeline_of(a) for a in assignments if a["node_id"] in lost_nodes}
+    return sorted({pipeline_of(a) for a in assignments} - broken)
 
 
 def open_fence(*, attempt: int, assignments: list[dict[str, Any]], live: list[int], lost: list[str],
-               at_s: float, grow_to: int = 0, rebalance: dict[str, Any] | None = None) -> dict[str, Any]:
+               at_s: float, grow_to: int = 0, rebalance: dict[str, Any] | None = None,
+               helpers: dict[str, Any] | None = None) -> dict[str, Any]:
     """A fence over the ``live`` pipelines of ``attempt`` (JSON-able; stored with the job): a
     replica-loss fence, or with ``grow_to`` a growth fence (no node lost; the re-plan at the
     switch step adds pipelines on idle nodes, up to ``grow_to`` replicas), or with ``rebalance``
     a re-balance fence (no node lost; the re-plan at the switch step uses the seen speeds in
-    ``rebalance["tflops"]``: coordinator/jobs/rebalance.py)."""
+    ``rebalance["tflops"]``: coordinator/jobs/rebalance.py), or with ``helpers`` a helper fence
+    (``{"stage", "nodes": [node id per pipeline]}``: the re-plan keeps every worker in place and
+    adds those nodes as helpers of the stage, coordinator/jobs/helpers.py)."""
     return {
         "attempt": attempt, "live": sorted(live), "lost": sorted(lost), "opened_at": at_s, "grow_to": int(grow_to),
-        "rebalance": rebalance,
-        "workers": sorted(key(a["stage"], a["replica"]) for a in assignments if a["replica"] in live),
+        "rebalance": rebalance, "helpers": helpers,
+        "workers": sorted(key(a["stage"], a["replica"]) for a in assignments if pipeline_of(a) in live),
         "stage0": sorted(key(0, r) for r in live), "ready": {}, "done": {}, "switch_step": 0,
     }
 
@@ -126,7 +132,8 @@ def shrink_fence(fence: dict[str, Any], assignments: list[dict[str, Any]], lost_
     live = [r for r in live_pipelines(assignments, lost_nodes) if r in fence["live"]]
     if live == fence["live"]:
         return fence
-    keep = lambda k: int(k.split(":")[1]) in live  # noqa: E731
+    pipeline = {key(a["stage"], a["replica"]): pipeline_of(a) for a in assignments}
+    keep = lambda k: pipeline.get(k, int(k.split(":")[1])) in live  # noqa: E731
     return {**fence, "live": live, "lost": sorted(set(fence["lost"]) | (lost_nodes & {a["node_id"] for a in assignments})),
             "workers": [k for k in fence["workers"] if keep(k)], "stage0": [k for k in fence["stage0"] if keep(k)],
             "ready": {k: v for k, v in fence["ready"].items() if keep(k)},

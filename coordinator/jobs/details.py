@@ -56,7 +56,11 @@ class Details:
             "plan": job.plan,
             "assignments": [
                 {"node_id": a["node_id"], "node_name": names.get(a["node_id"], ""), "stage": a["stage"],
-                 "replica": a["replica"], "layers": [a["first_layer"], a["last_layer_excl"]]}
+                 "replica": a["replica"], "layers": [a["first_layer"], a["last_layer_excl"]],
+                 # a helper of a stage (coordinator/jobs/helpers.py) runs share_index mod share_count of
+                 # pipeline's micro-batches there; everybody else all of its own pipeline's
+                 "pipeline": a.get("pipeline", a["replica"]), "share_index": a.get("share_index", 0),
+                 "share_count": a.get("share_count", 1)}
                 for a in job.assignments
             ],
             "workers": self.store.per_worker(job.id),

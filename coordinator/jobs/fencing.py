@@ -8,6 +8,9 @@ fence instead of a rollback. The protocol and its pure rules are in
   pipelines, or a re-plan from the last complete checkpoint when none is whole or the attempt
   has not started yet (its start fence is open: no worker would reach a step boundary);
 - :meth:`Fencing._maybe_grow`: idle nodes could hold more pipelines: a growth fence;
+- :meth:`Fencing._maybe_help`: a job at its full ``--replicas`` and an idle node per pipeline: a
+  helper fence, whose re-plan adds them as helper replicas of the slowest stage
+  (coordinator/jobs/helpers.py; event ``replica_added`` with ``helper`` true);
 - :meth:`Fencing._maybe_rebalance`: a node is seen far below its planned speed and re-planning
   with the seen speeds pays (coordinator/jobs/rebalance.py): a re-balance fence, whose re-plan
   moves the layer boundaries (job event ``rebalance``);
@@ -36,9 +39,9 @@ from swarm.errors import InfeasiblePlanError, SwarmError
 from swarm.model.config import ModelConfig
 from swarm.scheduling import Plan
 
-from coordinator.jobs import churn, files, rebalance
+from coordinator.jobs import churn, files, helpers, rebalance
 from coordinator.jobs.handover import state_copies
-from coordinator.jobs.planning import JobPlan, busy_node_ids, grow_plan, predicted_times
+from coordinator.jobs.planning import JobPlan, busy_node_ids, grow_plan, holds_stage, predicted_times
 from coordinator.jobs.spotchecks import verify_plans
 from coordinator.jobs.store import Job
 
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 FENCE_TIMEOUT_S = 60.0  # a replica-loss fence not done by then falls back to the last checkpoint
 GROW_RETRY_S = 15.0  # a job that could not grow back to --replicas tries again after this long
 GROW_MIN_STEPS_LEFT = 10  # a job this close to its end finishes with the replicas it has
+HELP_RETRY_S = 5.0  # idle nodes a job could add as helpers are weighed at most this often
 ABSORB_RETRY_S = 5.0  # idle nodes a job could take in are weighed at most this often (the planner runs)
 
 
@@ -90,14 +94,54 @@ class Fencing:
             log.info("job grows job=%s replicas %d -> %d idle=%s", job.id, current, jp.plan.d_dp,
                      ",".join(n[:12] for n in idle))
 
+    def _maybe_help(self, job: Job) -> None:
+        """A job at its full ``--replicas`` with an idle node per pipeline: open a helper fence
+        whose re-plan adds them as helper replicas of its slowest stage (coordinator/jobs/helpers.py),
+        each copying the stage's state from a live replica peer to peer, with no rollback."""
+        if not self.helpers or not job.assignments or job.started_attempt != job.attempt or job.fence is not None:
+            return  # (--no-helpers)
+        pipelines = max(a["num_replicas"] for a in job.assignments)
+        if pipelines < job.spec.num_replicas or any(helpers.is_helper(a) for a in job.assignments) or not job.plan:
+            return  # (a job below its replicas grows whole pipelines back: _maybe_grow)
+        now = self.clock.time()
+        if now - self._help_tried.get(job.id, -HELP_RETRY_S) < HELP_RETRY_S:
+            return
+        self._help_tried[job.id] = now  # what follows reads the store and the registry
+        busy = busy_node_ids(self.store.list(states=("running",), limit=1000))
+        idle = [n for n in self.registry.online() if n.id not in busy]
+        if len(idle) < pipelines or self.speeds.attempt_age_s(job) < rebalance.SETTLE_S:
+            return  # too few for every pipeline, or the attempt's speeds are not its own yet
+        job = self.store.get(job.id)  # a fence may have opened this tick (_maybe_grow)
+        if job.state != "running" or job.fence is not None or job.started_attempt != job.attempt:
+            return
+        rows = self.store.per_worker(job.id)
+        steps_left = job.total_steps - min((r["step"] for r in rows), default=0)
+        stage = helpers.pick_stage(rows=rows, assignments=job.assignments, idle=len(idle),
+                                   requested=job.spec.num_replicas, steps_left=steps_left,
+                                   min_steps_left=GROW_MIN_STEPS_LEFT)
+        if stage is None:
+            return
+        plan = Plan.from_json(job.plan)
+        fit = sorted((n for n in idle if holds_stage(n, plan, stage)), key=lambda n: (-n.planning_tflops, n.id))
+        if len(fit) < pipelines:
+            log.info("no helpers for job=%s: %d idle node(s) can hold stage %d, %d pipeline(s)", job.id, len(fit),
+                     stage, pipelines)
+            return
+        live = sorted({helpers.pipeline_of(a) for a in job.assignments})
+        fence = churn.open_fence(attempt=job.attempt, assignments=job.assignments, live=live, lost=[], at_s=now,
+                                 helpers={"stage": stage, "nodes": [n.id for n in fit[:pipelines]]})
+        if self.store.set_fence(job.id, fence, expect_attempt=job.attempt):
+            log.info("job adds helpers job=%s stage=%d nodes=%s", job.id, stage,
+                     ",".join(n.id[:12] for n in fit[:pipelines]))
+
     def _maybe_rebalance(self, job: Job) -> None:
         """A node of the running attempt is seen slow: weigh re-planning with the seen speeds
         (coordinator/jobs/rebalance.py :func:`~coordinator.jobs.rebalance.decide`) and, when it
         pays, open a re-balance fence. Weighed at most once per ``rebalance.RETRY_S`` per job
         (each time runs the planner). ``job`` may be stale (the loop's copy): it is read again only
         when a node of it is slow."""
-        if not self.rebalance or not self.speeds.slow_now(job):
-            return
+        if not self.rebalance or not self.speeds.slow_now(job) or any(helpers.is_helper(a) for a in job.assignments):
+            return  # (a re-balance re-plans whole pipelines: it would drop the helpers it should weigh)
         job = self.store.get(job.id)  # the fence or attempt may have changed this tick (_maybe_grow)
         if (not job.assignments or job.state != "running"
                 or job.started_attempt != job.attempt or job.fence is not None):
@@ -160,6 +204,10 @@ class Fencing:
         idle = frozenset(n.id for n in self.registry.online() if n.id not in busy)
         if not idle or self._absorb_seen.get(job.id) == (job.attempt, idle):
             return
+        pipelines = max(a["num_replicas"] for a in job.assignments)
+        if (self.helpers and len(idle) >= pipelines and pipelines >= job.spec.num_replicas and len({a["stage"] for a in job.assignments}) > 1
+                and not any(helpers.is_helper(a) for a in job.assignments)):
+            return  # they can join as helpers of the slowest stage instead (_maybe_help): no layer moves
         job = self.store.get(job.id)  # a fence may have opened this tick (_maybe_grow, _maybe_rebalance)
         if job.state != "running" or job.fence is not None or job.started_attempt != job.attempt:
             return
@@ -234,7 +282,7 @@ class Fencing:
             fence = churn.open_fence(attempt=job.attempt, assignments=job.assignments, live=live,
                                      lost=sorted(lost), at_s=now)
             if self.store.set_fence(job.id, fence, expect_attempt=job.attempt):
-                dropped = sorted({a["replica"] for a in job.assignments} - set(live))
+                dropped = sorted({helpers.pipeline_of(a) for a in job.assignments} - set(live))
                 self.store.add_event(job.id, "replica_dropped", f"replica(s) {dropped} dropped ({what}): "
                                      f"{len(live)} pipeline(s) carry on without rollback; they stop together at a "
                                      "step boundary and continue with the whole batch", dropped=dropped, live=live,
@@ -270,6 +318,7 @@ class Fencing:
         try:
             rb = fence.get("rebalance") or None
             jp = ((self._grown_plan(job) if fence.get("grow_to") else None)
+                  or (self._helped_plan(job, fence["helpers"]) if fence.get("helpers") else None)
                   or self._plan(job, degrade=True, tflops=rb["tflops"] if rb else None))
             _, has_optim = files.assemble_resume(jdir, ModelConfig.from_hf_config(job.model),
                                                  self._stage_dirs(job, step), step=step)
@@ -288,13 +337,15 @@ class Fencing:
         before = {a["node_id"] for a in job.assignments}
         added = sorted({a["node_id"] for a in jp.assignments} - before)
         grew = bool(fence.get("grow_to")) and jp.plan.d_dp > max(a["num_replicas"] for a in job.assignments)
+        helped = bool(fence.get("helpers")) and any(helpers.is_helper(a) for a in jp.assignments)
         why = (f"taking in idle node(s) {', '.join(n[:12] for n in rb['joined'])}" if rb and rb.get("joined") else
+               f"adding helper replica(s) of stage {fence['helpers']['stage']} on idle node(s)" if helped else
                f"re-balancing the layers around slow node {rb['node'][:12]}" if rb else
                "adding replica(s) on idle nodes" if grew else
                "a growth fence whose idle nodes left before the switch step" if fence.get("grow_to") else
                "losing replica(s)")
         for a in jp.assignments:  # replica_added is recorded when the attempt starts (handover.AddedReplicas)
-            a["added"] = grew and a["node_id"] in added
+            a["added"] = (grew or helped) and a["node_id"] in added
         if self.store.replan(job.id, plan=jp.plan.to_json(), assignments=jp.assignments, attempt=job.attempt + 1,
                              resume_step=step, expect_attempt=job.attempt,
                              reason=f"re-planned without rollback after {why}: continuing at step "
@@ -326,6 +377,22 @@ class Fencing:
             resume_step=step, rollback=False, layers_before=rb["layers_before"], layers_after=after,
             split_before=split(job.assignments), split_after=split(jp.assignments), decided_at=rb["decided_at"],
             attempt=job.attempt + 1)
+
+    def _helped_plan(self, job: Job, fence_helpers: dict) -> JobPlan | None:
+        """A helper fence's re-plan: every worker in place, the fence's idle nodes added as helpers
+        of its stage, one per pipeline (coordinator/jobs/helpers.py); None when a node of it is
+        gone (then the planner re-plans all)."""
+        online = {n.id: n for n in self.registry.online()}
+        nodes = list(fence_helpers.get("nodes") or [])
+        live = sorted({helpers.pipeline_of(a) for a in job.assignments})
+        if not job.plan or len(nodes) != len(live) or any(
+                n not in online for n in nodes + [a["node_id"] for a in job.assignments]):
+            return None
+        asg = helpers.with_helpers(job.assignments, stage=int(fence_helpers["stage"]), helpers={
+            r: {"node_id": n, "address": online[n].peer_address} for r, n in zip(live, nodes)})
+        for a, v in zip(asg, verify_plans(asg, prob=job.spec.verify_prob, probation=self._probation.get(job.id))):
+            a["verify"] = v
+        return JobPlan(plan=Plan.from_json(job.plan), assignments=churn.with_keepers(asg))
 
     def _grown_plan(self, job: Job) -> JobPlan | None:
         """A growth fence's re-plan: the running pipelines as they are plus new ones on idle nodes

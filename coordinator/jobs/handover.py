@@ -72,8 +72,12 @@ class AddedReplicas:
         per_worker = [{"worker": k, "state_from": reports.get(k, ("coordinator", 0))[0],
                        "bytes": reports.get(k, ("coordinator", 0))[1]} for k in keys]
         where = "copied from a live replica, hash-checked" if source == "peer" else "from the coordinator's checkpoint"
-        self.store.add_event(job.id, "replica_added", f"{len(added)} idle node(s) joined as new replica(s): "
-                             f"{num_replicas} replica(s) from step {job.resume_step}, weights and optimizer state "
-                             f"{where} ({num_bytes} bytes; {optim}), no rollback", added=added,
-                             num_replicas=num_replicas, resume_step=job.resume_step, attempt=job.attempt,
-                             state_from=source, state_bytes=num_bytes, state_sources=per_worker)
+        helper = any(a.get("share_index", 0) > 0 for a in mine)  # helpers of one stage (coordinator/jobs/helpers.py)
+        stage = mine[0]["stage"] if helper else None
+        what = (f"joined as helper replica(s) of stage {stage}, the slowest (each runs half of its pipeline's "
+                f"micro-batches there)" if helper else f"joined as new replica(s): {num_replicas} replica(s)")
+        self.store.add_event(job.id, "replica_added", f"{len(added)} idle node(s) {what} from step {job.resume_step}, "
+                             f"weights and optimizer state {where} ({num_bytes} bytes; {optim}), no rollback",
+                             added=added, num_replicas=num_replicas, resume_step=job.resume_step, attempt=job.attempt,
+                             state_from=source, state_bytes=num_bytes, state_sources=per_worker, helper=helper,
+                             stage=stage)

@@ -164,6 +164,11 @@ def grow_plan(plan: Plan, idle: list[NodeInfo], nodes: dict[str, NodeInfo], *, n
     return JobPlan(plan=grown, assignments=assignments_from_plan(grown, nodes))
 
 
+def holds_stage(node: NodeInfo, plan: Plan, stage: int) -> bool:
+    """Whether ``node`` has the memory stage ``stage`` of ``plan`` needs (True when unknown)."""
+    return _holds(node, plan.stages[stage].memory_bytes)
+
+
 def _holds(node: NodeInfo, need: int | None) -> bool:
     """Whether ``node`` has the memory a stage ``need``s (True when either is unknown)."""
     has = node.hardware.memory_free_bytes or node.hardware.memory_bytes

@@ -51,11 +51,13 @@ class JobService(Checkpointing, Reporting, Fencing, Disputing, Details):
 
     def __init__(self, *, store: JobStore, state_dir: Path, registry, network, clock: Clock,
                  limits: files.UploadLimits | None = None, tick_interval_s: float = 0.5,
-                 rebalance: bool = True) -> None:
+                 rebalance: bool = True, helpers: bool = True) -> None:
         """``rebalance``: move a job's layers around a node seen slow (coordinator/jobs/rebalance.py);
-        False: only report it (``slow_node``)."""
+        False: only report it (``slow_node``). ``helpers``: add idle nodes to running jobs as helpers
+        of their slowest stage (coordinator/jobs/helpers.py)."""
         self.store = store
         self.rebalance = rebalance
+        self.helpers = helpers
         self.state_dir = Path(state_dir)
         self.registry = registry
         self.network = network
@@ -85,6 +87,7 @@ class JobService(Checkpointing, Reporting, Fencing, Disputing, Details):
         self._grow_tried: dict[str, float] = {}  # job id -> when it last tried to grow back to --replicas
         self._rebalance_tried: dict[str, float] = {}  # job id -> when it last weighed a re-balance
         self._absorb_tried: dict[str, float] = {}  # job id -> when it last weighed taking in idle nodes
+        self._help_tried: dict[str, float] = {}  # job id -> when it last weighed adding helpers (fencing.py)
         self._absorb_seen: dict[str, tuple] = {}  # job id -> (attempt, the idle node ids it weighed)
         self.added = AddedReplicas(store)  # replica_added events, once the grown attempt starts (handover.py)
         self.speeds = SpeedWatch(store=store, registry=registry, clock=clock)  # neighbours' view (speed.py)
@@ -302,6 +305,7 @@ class JobService(Checkpointing, Reporting, Fencing, Disputing, Details):
             self._finish(job)
             return
         self._maybe_grow(job)
+        self._maybe_help(job)
         self._maybe_rebalance(job)
         self._maybe_absorb(job)
 

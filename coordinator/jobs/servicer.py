@@ -124,22 +124,7 @@ class TrainingServicer(pb_grpc.TrainingServicer):
     def PollAssignments(self, request, context) -> pb.PollAssignmentsReply:
         node_id = self.app.authenticate_node(context)
         active, stop = self.service.assignments_for(node_id)
-        out = []
-        for job, a in active:
-            spec = job.spec.replace(steps=job.total_steps, num_stages=a["num_stages"], num_replicas=a["num_replicas"])
-            peer = lambda p: pb.PeerRef(node_id=p["node_id"], address=p["address"]) if p else None  # noqa: E731
-            out.append(pb.StageAssignment(
-                job_id=job.id, attempt=job.attempt, stage=a["stage"], num_stages=a["num_stages"],
-                replica=a["replica"], num_replicas=a["num_replicas"], first_layer=a["first_layer"],
-                last_layer_excl=a["last_layer_excl"], prev=peer(a["prev"]), next=peer(a["next"]),
-                stage_replicas=[peer(p) for p in a["stage_replicas"]], spec=job_spec_to_pb(spec),
-                model_config_json=json.dumps(job.model), num_samples=job.num_samples,
-                dataset_key=job.dataset_key, resume_step=job.resume_step,
-                fence=job.fence is not None, switch_step=(job.fence or {}).get("switch_step", 0),
-                verify_json=json.dumps(a.get("verify") or {}), state_source=state_source_to_pb(a.get("state_source")),
-                state_serves=state_serves_to_pb(a.get("state_serves")),
-                checkpoint_keeper=keeper_to_pb(a.get("checkpoint_keeper")), keeps=keeps_to_pb(a.get("keeps")),
-            ))
+        out = [assignment_to_pb(job, a) for job, a in active]
         return pb.PollAssignmentsReply(assignments=out, cancelled_job_ids=stop)
 
     @grpc_errors
@@ -244,3 +229,24 @@ class TrainingServicer(pb_grpc.TrainingServicer):
         maddrs = self.service.rendezvous(request.job_id, node_id, request.stage, request.replica, list(request.maddrs),
                                          request.attempt)
         return pb.RendezvousReply(maddrs=maddrs, num_joined=len(maddrs))
+
+
+def assignment_to_pb(job, a: dict) -> pb.StageAssignment:
+    """A stored assignment of ``job`` as the node receives it (PollAssignments)."""
+    spec = job.spec.replace(steps=job.total_steps, num_stages=a["num_stages"], num_replicas=a["num_replicas"])
+    peer = lambda p: pb.PeerRef(node_id=p["node_id"], address=p["address"]) if p else None  # noqa: E731
+    return pb.StageAssignment(
+        job_id=job.id, attempt=job.attempt, stage=a["stage"], num_stages=a["num_stages"],
+        replica=a["replica"], num_replicas=a["num_replicas"], first_layer=a["first_layer"],
+        last_layer_excl=a["last_layer_excl"], prev=peer(a["prev"]), next=peer(a["next"]),
+        stage_replicas=[peer(p) for p in a["stage_replicas"]], spec=job_spec_to_pb(spec),
+        model_config_json=json.dumps(job.model), num_samples=job.num_samples,
+        dataset_key=job.dataset_key, resume_step=job.resume_step,
+        fence=job.fence is not None, switch_step=(job.fence or {}).get("switch_step", 0),
+        verify_json=json.dumps(a.get("verify") or {}), state_source=state_source_to_pb(a.get("state_source")),
+        state_serves=state_serves_to_pb(a.get("state_serves")),
+        checkpoint_keeper=keeper_to_pb(a.get("checkpoint_keeper")), keeps=keeps_to_pb(a.get("keeps")),
+        pipeline=a.get("pipeline", a["replica"]), has_pipeline=True, share_index=a.get("share_index", 0),
+        share_count=a.get("share_count", 1), prev_holders=[peer(p) for p in a.get("prev_holders") or ()],
+        next_holders=[peer(p) for p in a.get("next_holders") or ()],
+    )

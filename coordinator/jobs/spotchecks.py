@@ -45,6 +45,7 @@ from typing import Any
 from swarm.pipeline.averaging import RESYNC_EVERY_STEPS
 
 from coordinator.jobs.disputes import PROBATION_PROB, Accusation, Accusations, Verdict
+from coordinator.jobs.helpers import holder_of, is_helper, pipeline_of, share_position
 
 __all__ = ["Accusation", "Judge", "Verdict", "checks_clause", "verify_plans"]
 
@@ -124,16 +125,20 @@ def verify_plans(assignments: list[dict[str, Any]], *, prob: float, secret: int 
     at = {(a["stage"], a["replica"]): a for a in assignments}
     out = []
     for a in assignments:
-        s, r = a["stage"], a["replica"]
+        s, r = a["stage"], pipeline_of(a)
         witness = []
         for ts in (s - 1, s + 1):
             if (ts, r) in at:
                 chk = at[checker_of(ts, r, R)]
                 witness.append({"stage": ts, "replica": r, "seed": _seed(secret, ts, r), "checker_id": chk["node_id"],
                                 "checker_address": chk["address"], **_on_probation(at[(ts, r)], probation)})
+        if is_helper(a):  # a helper witnesses for its pipeline's neighbours like their own worker; checks nobody
+            out.append({"prob": prob, "witness": witness})
+            continue
         target_r = (r - 1) % R
         target = at[(s, target_r)]
-        witness_ids = [at[(ts, target_r)]["node_id"] for ts in (s - 1, s + 1) if (ts, target_r) in at]
+        # the neighbours of the target's stage in its pipeline, their helpers included
+        witness_ids = [x["node_id"] for x in assignments if x["stage"] in (s - 1, s + 1) and pipeline_of(x) == target_r]
         check = {"stage": s, "replica": target_r, "node_id": target["node_id"], "seed": _seed(secret, s, target_r),
                  **_on_probation(target, probation),
                  "witness_ids": witness_ids}
@@ -212,7 +217,7 @@ class Judge:
                                "param_sketch": tuple(r.get("param_sketch") or ())}
             if r.get("micro_batch_losses"):
                 st.losses[own] = list(r["micro_batch_losses"])
-            out += self._watch_sync(job_id, st, attempt, a["stage"], R, r["step"], at)
+            out += self._watch_sync(job_id, st, attempt, a["stage"], r["step"], at)
             touched = {own}
             for c in r.get("checks", []):
                 # only the designated checker of a target may report on it, and only on this step
@@ -221,8 +226,12 @@ class Judge:
                     log.warning("ignoring a spot check from a node that is not the target's checker job=%s", job_id)
                     continue
                 st.num_checks += 1
-                target_key = (attempt, c["stage"], c["replica"], c["step"])
-                st.waiting.setdefault(target_key, []).append({**c, "by": a["node_id"], "checker": {
+                # the worker that ran the micro-batch: the pipeline's own, or its helper (helpers.py)
+                holder = holder_of(assignments, c["stage"], c["replica"], c["micro_batch"]) or at[(c["stage"],
+                                                                                                   c["replica"])]
+                target_key = (attempt, c["stage"], holder["replica"], c["step"])
+                st.waiting.setdefault(target_key, []).append({
+                    **c, "by": a["node_id"], "pos": share_position(holder, c["micro_batch"]), "checker": {
                     "param_digest": r.get("param_digest") or "", "param_sketch": tuple(r.get("param_sketch") or ())}})
                 touched.add(target_key)
             for key in touched:
@@ -248,9 +257,9 @@ class Judge:
             st.num_weighed += 1
             if c["what"] == "loss":
                 losses = st.losses.get(key)
-                if losses is not None and c["micro_batch"] < len(losses):
-                    reason = self._loss_mismatch(st, target, c["step"], c["micro_batch"], losses[c["micro_batch"]],
-                                                 c["value"])
+                pos = c.get("pos", c["micro_batch"])  # its place among the micro-batches the holder ran
+                if losses is not None and 0 <= pos < len(losses):
+                    reason = self._loss_mismatch(st, target, c["step"], c["micro_batch"], losses[pos], c["value"])
                     if reason:
                         out += st.accusations.accuse(job_id, c["by"], target["node_id"], key[0], c["step"], reason)
             elif not c["match"]:
@@ -274,13 +283,16 @@ class Judge:
             notices, st.notices = st.notices, []
             return notices
 
-    def _watch_sync(self, job_id: str, st: _JobState, attempt: int, stage: int, R: int, step: int,
+    def _watch_sync(self, job_id: str, st: _JobState, attempt: int, stage: int, step: int,
                     at: dict[tuple[int, int], dict[str, Any]]) -> list[Verdict]:
-        """Once every replica of ``stage`` reported its sketch for ``step``: who stands apart
-        (module doc), and a verdict or a notice when it has for :data:`APART_STEPS` steps."""
+        """Once every replica of ``stage`` (its helpers included: coordinator/jobs/helpers.py)
+        reported its sketch for ``step``: who stands apart (module doc), and a verdict or a notice
+        when it has for :data:`APART_STEPS` steps."""
+        reps = sorted(r for (s, r) in at if s == stage)  # replica indices of the stage's workers
+        R = len(reps)
         if R < 2:
             return []
-        reports = [st.weights.get((attempt, stage, r, step)) for r in range(R)]
+        reports = [st.weights.get((attempt, stage, r, step)) for r in reps]
         if any(w is None for w in reports):  # not every replica has reported the step yet
             return []
         if not any(w["param_sketch"] for w in reports) or any(w["param_digest"] and not w["param_sketch"]
@@ -311,14 +323,14 @@ class Judge:
         del st.apart[key]  # judged once; a streak that goes on starts over
         syncs = (step - since) // RESYNC_EVERY_STEPS
         if who >= 0:
-            return [Verdict(at[(stage, who)]["node_id"], (
+            return [Verdict(at[(stage, reps[who])]["node_id"], (
                 f"its weights (the parameter sketches it reported) stood apart from all {R - 1} other replicas' "
                 f"of stage {stage}, which agreed, from step {since} to {step} ({syncs} parameter re-syncs): it "
                 f"misreports them, which voids every check of it, or it does not average with them"), since)]
         if key in st.noticed:  # one event per attempt and stage: the pair stays as it is until a re-plan
             return []
         st.noticed.add(key)
-        nodes = [at[(stage, r)]["node_id"] for r in range(R)]
+        nodes = [at[(stage, r)]["node_id"] for r in reps]
         log.warning("replicas of stage %d apart since step %d job=%s nodes=%s", stage, since, job_id, nodes)
         st.notices.append((
             f"the 2 replicas of stage {stage} reported different weights from step {since} to {step} "

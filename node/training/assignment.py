@@ -13,6 +13,7 @@ from swarm.proto.v1 import training_pb2 as pb
 from swarm.transport.jobs import job_spec_from_pb
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MAX_HOLDERS = 8  # holders of one stage in one pipeline (a pipeline's worker and its helpers)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,10 +91,30 @@ class Assignment:
     state_serves: tuple[StateServe, ...] = ()  # ... and what this node sends to the workers copying from it
     checkpoint_keeper: Peer | None = None  # the node that keeps a second copy of our checkpoints
     keeps: tuple[KeptStage, ...] = ()  # the workers whose checkpoints this node keeps a copy of
+    # A stage shared by holders within a pipeline (a helper replica of a slow stage,
+    # coordinator/jobs/helpers.py): the pipeline whose micro-batches this worker runs (None: its
+    # replica), which of them (m % share_count == share_index), and the neighbour stages' holders
+    # in this pipeline by share index (empty: ``prev`` / ``next`` alone).
+    pipeline: int | None = None
+    share_index: int = 0
+    share_count: int = 1
+    prev_holders: tuple[Peer, ...] = ()
+    next_holders: tuple[Peer, ...] = ()
 
     def __post_init__(self) -> None:
-        if not (0 <= self.stage < self.num_stages and 0 <= self.replica < self.num_replicas):
+        if self.pipeline is None:
+            object.__setattr__(self, "pipeline", self.replica)
+        if not (0 <= self.stage < self.num_stages and 0 <= self.pipeline < self.num_replicas and self.replica >= 0):
             raise InvalidRequestError("assignment stage/replica out of range")
+        if not (1 <= self.share_count <= MAX_HOLDERS and 0 <= self.share_index < self.share_count):
+            raise InvalidRequestError("assignment's micro-batch share out of range")
+        # a pipeline's own worker holds its replica's index; a helper an index past the pipelines
+        helper = self.replica >= self.num_replicas
+        if (self.replica == self.pipeline) == helper or (self.share_index > 0) != helper:
+            raise InvalidRequestError("assignment's replica does not match its pipeline and share")
+        for holders, one in ((self.prev_holders, self.prev), (self.next_holders, self.next)):
+            if holders and (len(holders) > MAX_HOLDERS or one is None or holders[0] != one):
+                raise InvalidRequestError("assignment's neighbour holders do not match its neighbours")
         if (self.stage > 0) != (self.prev is not None) or (self.stage < self.num_stages - 1) != (self.next is not None):
             raise InvalidRequestError("assignment neighbours do not match its stage position")
         if self.spec.steps < 1 or self.num_samples < 1:
@@ -104,6 +125,18 @@ class Assignment:
             raise InvalidRequestError("assignment's state source is not at its resume step")
         if any(not (0 <= k.stage < self.num_stages and k.replica >= 0 and k.peer.node_id) for k in self.keeps):
             raise InvalidRequestError("assignment keeps checkpoints of a stage outside the job")
+
+    def owns(self, micro_batch: int) -> bool:
+        """Whether this worker runs ``micro_batch`` of its pipeline (the others are its stage's other holders')."""
+        return micro_batch % self.share_count == self.share_index
+
+    def prev_for(self, micro_batch: int) -> Peer | None:
+        """The previous stage's holder of ``micro_batch`` in this pipeline (None on stage 0)."""
+        return self.prev_holders[micro_batch % len(self.prev_holders)] if self.prev_holders else self.prev
+
+    def next_for(self, micro_batch: int) -> Peer | None:
+        """The next stage's holder of ``micro_batch`` in this pipeline (None on the last stage)."""
+        return self.next_holders[micro_batch % len(self.next_holders)] if self.next_holders else self.next
 
     @property
     def is_first(self) -> bool:
@@ -141,4 +174,8 @@ class Assignment:
             checkpoint_keeper=peer(m.checkpoint_keeper, m.HasField("checkpoint_keeper")),
             keeps=tuple(KeptStage(peer=Peer(node_id=k.peer.node_id, address=k.peer.address), stage=k.stage,
                                   replica=k.replica) for k in m.keeps[:64]),
+            pipeline=m.pipeline if m.has_pipeline else None, share_index=m.share_index,
+            share_count=max(1, m.share_count),
+            prev_holders=tuple(Peer(node_id=p.node_id, address=p.address) for p in m.prev_holders[:MAX_HOLDERS + 1]),
+            next_holders=tuple(Peer(node_id=p.node_id, address=p.address) for p in m.next_holders[:MAX_HOLDERS + 1]),
         )

@@ -246,8 +246,8 @@ class StageVerifier:
                     r.checker_address, security=worker.security, node_id=r.checker_id,
                     what=f"checker {r.checker_id[:12]}", timeout_s=worker.timeout_s)
         # this stage's neighbours in its replica: the targets it may witness
-        self._prev_target = self._roles.get((a.stage - 1, a.replica))
-        self._next_target = self._roles.get((a.stage + 1, a.replica))
+        self._prev_target = self._roles.get((a.stage - 1, a.pipeline))
+        self._next_target = self._roles.get((a.stage + 1, a.pipeline))
         # compressed boundaries are replayed (swarm/compression/replay.py)
         self.spec = a.spec.codec if isinstance(a.spec.codec, CodecSpec) else CodecSpec.parse(str(a.spec.codec))
         self.aqsgd = self.spec.kind == "aqsgd"

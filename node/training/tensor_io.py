@@ -2,7 +2,8 @@
 :class:`node.training.worker.StageWorker`): what it accepts from its neighbours and how it sends.
 
 - Receiving (gRPC threads; node/training/exchange.py queues the tensors): only the neighbour the
-  coordinator named for this attempt may push (activations from the previous stage, gradients
+  coordinator named for this attempt (for the micro-batch, where a stage is shared within the
+  pipeline: ``Assignment.prev_for`` / ``next_for``) may push (activations from the previous stage, gradients
   from the next; spot-check copies only from the checked stage's assigned neighbours), the caller
   taken from its TLS certificate. Every header field is checked against the assignment before
   the payload is read: job, kind, shape, dtype, codec, boundary, replica, attempt, sender, a step
@@ -60,8 +61,9 @@ class TensorIO:
                     f"node {caller[:12]} may not send spot-check copies to stage {a.stage} replica {a.replica} of job "
                     f"{a.job_id} attempt {a.attempt}: only the neighbours of the stage it checks may")
             return
-        expected = {"activation": a.prev, "gradient": a.next}.get(h.kind)
-        if expected is None or caller != expected.node_id:  # (a stale attempt is the precheck's INVALID_ARGUMENT)
+        m = h.micro_batch
+        expected = {"activation": a.prev_for(m), "gradient": a.next_for(m)}.get(h.kind)
+        if expected is None or caller != expected.node_id or not a.owns(m):  # (a stale attempt is the precheck's INVALID_ARGUMENT)
             raise PermissionDeniedError(
                 f"node {caller[:12]} may not push {h.kind[:20]}s to stage {a.stage} of job {a.job_id} attempt "
                 f"{a.attempt}: only its assigned {'previous' if h.kind == 'activation' else 'next'} stage may")
@@ -80,23 +82,25 @@ class TensorIO:
         if h.kind == "activation":
             if a.is_first:
                 raise InvalidRequestError("the first stage takes no activations")
-            sender, boundary, codec = a.prev.node_id, a.stage - 1, self.down
+            sender, boundary, codec = a.prev_for(h.micro_batch).node_id, a.stage - 1, self.down_for(h.micro_batch)
         elif h.kind == "gradient":
             if a.is_last:
                 raise InvalidRequestError("the last stage takes no gradients")
-            sender, boundary, codec = a.next.node_id, a.stage, self.up
+            sender, boundary, codec = a.next_for(h.micro_batch).node_id, a.stage, self.up_for(h.micro_batch)
         else:
             raise InvalidRequestError(f"a training stage takes activations and gradients, not {h.kind}")
         shape = (self.b, self.S, self.H)
         wt.validate_header(h, wt.TensorExpectation(
             job_id=a.job_id, kind=h.kind, shape=shape, dtype="float32", codec=self.codec_text, boundary=boundary,
-            replica=a.replica, attempt=a.attempt, sender_ids=frozenset({sender}), num_sample_ids=self.b))
+            replica=a.pipeline, attempt=a.attempt, sender_ids=frozenset({sender}), num_sample_ids=self.b))
         cur = self._cur_step
         if not (cur <= h.step <= cur + 1 and h.step < self.total_steps):
             raise InvalidRequestError(f"tensor rejected: step is {h.step}, this stage is at step {cur}")
-        if not 0 <= h.micro_batch < self.M:
-            raise InvalidRequestError(f"tensor rejected: micro_batch is {h.micro_batch}, the step has {self.M}")
-        ids = self.order.micro_batches(h.step, a.replica)[h.micro_batch]
+        if not 0 <= h.micro_batch < self.M or not a.owns(h.micro_batch):
+            raise InvalidRequestError(f"tensor rejected: micro_batch is {h.micro_batch}, the step has {self.M}"
+                                      + (f" of which this holder runs those = {a.share_index} mod {a.share_count}"
+                                         if a.share_count > 1 else ""))
+        ids = self.order.micro_batches(h.step, a.pipeline)[h.micro_batch]
         if tuple(h.sample_ids) != tuple(int(i) for i in ids):
             raise InvalidRequestError("tensor rejected: sample ids differ from the micro-batch's samples")
         # a codec message is at most the raw float32 tensor plus its headers
@@ -133,7 +137,7 @@ class TensorIO:
                                      check=check)
         except PeerError:
             if not self.stop_event.is_set():  # who stopped answering: the coordinator weighs the blame
-                peer = self.a.prev if kind == "activation" else self.a.next
+                peer = self.a.prev_for(m) if kind == "activation" else self.a.next_for(m)
                 self.blame = peer.node_id if peer is not None else ""
             raise
 
@@ -146,7 +150,20 @@ class TensorIO:
         sender.send_message(msg, ready, job_id=self.a.job_id, step=step, micro_batch=m,
                             sample_ids=tuple(int(i) for i in ids), shape=(self.b, self.S, self.H), dtype="float32",
                             codec=self.codec_text, kind=kind, boundary=boundary, sender_id=self.node_id,
-                            replica=self.a.replica, attempt=self.a.attempt)
+                            replica=self.a.pipeline, attempt=self.a.attempt)
         return msg.nbytes
+
+    # the neighbour holder of micro-batch m (a stage shared within the pipeline has several) and its codec
+    def down_for(self, m: int):
+        return self.downs[m % len(self.downs)]
+
+    def up_for(self, m: int):
+        return self.ups[m % len(self.ups)]
+
+    def prev_sender_for(self, m: int) -> PeerSender:
+        return self.prev_senders[m % len(self.prev_senders)]
+
+    def next_sender_for(self, m: int) -> PeerSender:
+        return self.next_senders[m % len(self.next_senders)]
 
     # -- training ----------------------------------------------------------------------------------

@@ -172,8 +172,15 @@ class StageWorker(WorkerSetup, TensorIO):
 
     def _train(self) -> None:
         a = self.a
-        ops = schedule.build(a.spec.schedule, num_micro_batches=self.M, stage=a.stage,
-                             num_stages=a.num_stages)
+        # a stage shared within the pipeline: each holder runs the schedule filtered to its
+        # micro-batches (removing ops only drops ordering edges: no deadlock)
+        ops = [op for op in schedule.build(a.spec.schedule, num_micro_batches=self.M, stage=a.stage,
+                                           num_stages=a.num_stages) if a.owns(op.micro_batch)]
+        own = len({op.micro_batch for op in ops})
+        # a holder's gradient covers its share of the pipeline's micro-batches (each weighed 1/M):
+        # scaled by holders / pipelines, the plain mean over the stage's holders is the mean over
+        # pipelines of each pipeline's whole gradient
+        grad_scale = len(a.stage_replicas) / a.num_replicas
         every = a.spec.checkpoint_every
         raw_bytes = self.b * self.S * self.H * 4
         for step in range(a.resume_step, self.total_steps):
@@ -187,7 +194,7 @@ class StageWorker(WorkerSetup, TensorIO):
             t_step = time.monotonic()
             compute = wait = comm = wait_fw = 0.0
             sent_fw = sent_bw = raw = 0
-            mbs = self.order.micro_batches(step, a.replica)
+            mbs = self.order.micro_batches(step, a.pipeline)
             for op in ops:
                 ids = mbs[op.micro_batch]
                 if op.kind == "F":
@@ -205,11 +212,13 @@ class StageWorker(WorkerSetup, TensorIO):
                     t2 = time.monotonic()
                     if out is not None:
                         out = self.faults.corrupt_sent(out)
-                        msg = self.up.encode_forward(out, ids)
+                        up = self.up_for(op.micro_batch)
+                        msg = up.encode_forward(out, ids)
                         # a checked stage's witness: what the next stage will compute on
                         self.verifier.sent_activation(step, op.micro_batch, ids,
-                                                      lambda: replay.sent_forward(self.up, msg, ids))
-                        sent_fw += self._send(self.next_sender, "activation", step, op.micro_batch, ids, msg, a.stage)
+                                                      lambda: replay.sent_forward(up, msg, ids))
+                        sent_fw += self._send(self.next_sender_for(op.micro_batch), "activation", step, op.micro_batch,
+                                              ids, msg, a.stage)
                         raw += raw_bytes
                     t3 = time.monotonic()
                     wait_fw += t1 - t0
@@ -224,10 +233,12 @@ class StageWorker(WorkerSetup, TensorIO):
                     t2 = time.monotonic()
                     if gin is not None:
                         gin = self.faults.corrupt_sent(gin)
-                        msg = self.down.encode_backward(gin, ids)
+                        down = self.down_for(op.micro_batch)
+                        msg = down.encode_backward(gin, ids)
                         self.verifier.sent_gradient(step, op.micro_batch, ids,
-                                                    lambda: replay.sent_backward(self.down, msg))
-                        sent_bw += self._send(self.prev_sender, "gradient", step, op.micro_batch, ids, msg, a.stage - 1)
+                                                    lambda: replay.sent_backward(down, msg))
+                        sent_bw += self._send(self.prev_sender_for(op.micro_batch), "gradient", step, op.micro_batch,
+                                              ids, msg, a.stage - 1)
                         raw += raw_bytes
                     t3 = time.monotonic()
                 wait += t1 - t0
@@ -239,6 +250,10 @@ class StageWorker(WorkerSetup, TensorIO):
                 self.averager.collect_parameter_round(abort=fencing.is_set)
             averaging = self.averager is not None and not fencing.is_set()  # a fence: each pipeline on its own
             if averaging:
+                if grad_scale != 1.0:
+                    for p in self.module.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(grad_scale)
                 self.averager.begin_gradient_round(step)
             # While the replicas' gradient round is in flight (it neither reads nor changes the
             # weights), this stage checks its target and fingerprints its weights: checking hides
@@ -279,7 +294,7 @@ class StageWorker(WorkerSetup, TensorIO):
             mb_losses = [self.runner.losses[m] for m in sorted(self.runner.losses)] if a.is_last else []
             loss = self.runner.step_loss() if a.is_last else None
             step_s = time.monotonic() - t_step
-            tokens = self.M * self.b * self.S
+            tokens = own * self.b * self.S
             sent = sent_fw + sent_bw
             self.reporter.progress(pb.ProgressReport(
                 job_id=a.job_id, attempt=a.attempt, stage=a.stage, replica=a.replica, step=step,

@@ -86,33 +86,39 @@ class WorkerSetup:
         storage = "ram" if cache_bytes <= AQSGD_RAM_LIMIT_BYTES else str(self.dir / "aqsgd-cache")
         common = dict(key=key, num_samples=a.num_samples, row_shape=(self.S, self.H), device=self.device,
                       storage=storage)
-        self.down = make_codec(spec.codec, side="down", boundary=a.stage - 1, **common) if not a.is_first else None
-        self.up = make_codec(spec.codec, side="up", boundary=a.stage, **common) if not a.is_last else None
+        # one codec per neighbour holder (a stage shared within the pipeline, coordinator/jobs/helpers.py):
+        # AQ-SGD's m(x) is per link, and each link sees the samples of the micro-batches its holder runs
+        def codecs(side: str, boundary: int, holders: int) -> list:
+            return [make_codec(spec.codec, side=side, boundary=boundary, **dict(
+                common, storage=storage if storage == "ram" or k == 0 else f"{storage}/h{k}")) for k in range(holders)]
+        self.downs = codecs("down", a.stage - 1, max(1, len(a.prev_holders))) if not a.is_first else []
+        self.ups = codecs("up", a.stage, max(1, len(a.next_holders))) if not a.is_last else []
+        self.down = self.downs[0] if self.downs else None  # (the codecs of micro-batch m: down_for / up_for)
+        self.up = self.ups[0] if self.ups else None
         self.timeout_s = spec.peer_timeout_s
         self.endpoint = Endpoint(a.job_id, self._validate, precheck=self._check_header,
                                  authorize=self._authorize_sender, attempt=a.attempt)
         self.endpoints.add(self.endpoint)
-        self.next_sender = self.prev_sender = None
-        if a.next is not None:
-            self.next_sender = PeerSender(a.next.address, security=self.security, node_id=a.next.node_id,
-                                          what=f"stage {a.stage + 1} ({a.next.node_id[:12]})",
-                                          timeout_s=self.timeout_s, emulate_bps=self.emulate_link_bps,
-                                          on_sent=self._on_sent(a.next.node_id))
-            self.senders.append(self.next_sender)
-        if a.prev is not None:
-            self.prev_sender = PeerSender(a.prev.address, security=self.security, node_id=a.prev.node_id,
-                                          what=f"stage {a.stage - 1} ({a.prev.node_id[:12]})",
-                                          timeout_s=self.timeout_s, emulate_bps=self.emulate_link_bps,
-                                          on_sent=self._on_sent(a.prev.node_id))
-            self.senders.append(self.prev_sender)
+        # a sender per neighbour holder of this pipeline (one, unless that stage is shared)
+        self.next_senders = [self._sender(p, a.stage + 1) for p in (a.next_holders or (a.next,)) if p is not None]
+        self.prev_senders = [self._sender(p, a.stage - 1) for p in (a.prev_holders or (a.prev,)) if p is not None]
+        self.next_sender = self.next_senders[0] if self.next_senders else None
+        self.prev_sender = self.prev_senders[0] if self.prev_senders else None
         self.verifier = StageVerifier(self, VerifyPlan.from_json(a.verify_json))
-        if a.num_replicas > 1:
+        if len(a.stage_replicas) > 1:  # the stage's replicas and helpers average their gradients
             self._start_averager()
         # every worker of the attempt is set up: go
         self.membership.await_start(a.resume_step, state_from=state.source, state_bytes=state.num_bytes)
         log.info("stage worker ready job=%s attempt=%d stage=%d/%d replica=%d/%d layers=[%d,%d) codec=%s steps=%d-%d",
                  a.job_id, a.attempt, a.stage, a.num_stages, a.replica, a.num_replicas, a.first_layer,
                  a.last_layer_excl, self.codec_text, a.resume_step, self.total_steps)
+
+    def _sender(self, peer, stage: int) -> PeerSender:
+        sender = PeerSender(peer.address, security=self.security, node_id=peer.node_id,
+                            what=f"stage {stage} ({peer.node_id[:12]})", timeout_s=self.timeout_s,
+                            emulate_bps=self.emulate_link_bps, on_sent=self._on_sent(peer.node_id))
+        self.senders.append(sender)
+        return sender
 
     def _state_from_coordinator(self) -> StageState:
         """The stage's weights (and, resuming, AdamW state) from the coordinator's copy; a checkpoint
@@ -157,13 +163,15 @@ class WorkerSetup:
                     if time.monotonic() > deadline:
                         raise PeerError(f"replica 0 of stage {a.stage} never joined the rendezvous")
                     time.sleep(0.2)
-        host = a.stage_replicas[a.replica].address.rpartition(":")[0] or "127.0.0.1"
+        me = next((p for p in a.stage_replicas if p.node_id == self.node_id), a.stage_replicas[0])
+        host = me.address.rpartition(":")[0] or "127.0.0.1"
         try:
             # a round that cannot form its group gives up after half the peer timeout: the stage's
             # neighbours wait for its next tensor meanwhile, and with the full peer timeout they
             # gave up on it first (seen after a growth fence: a PeerError, then a rollback)
             self.averager = ReplicaAverager(params=list(self.module.parameters()),
-                                            prefix=f"{a.job_id}_a{a.attempt}_s{a.stage}", num_replicas=a.num_replicas,
+                                            prefix=f"{a.job_id}_a{a.attempt}_s{a.stage}",
+                                            num_replicas=len(a.stage_replicas),
                                             initial_peers=peers, host=host, timeout_s=self.timeout_s / 2,
                                             setup_timeout_s=setup_s)
         except Exception as exc:  # noqa: BLE001 -- hivemind's (P2PDaemonError: bootstrap peers gone)
@@ -180,7 +188,7 @@ class WorkerSetup:
                 break
             except ValueError as exc:
                 if time.monotonic() > deadline:
-                    raise PeerError(f"not all {a.num_replicas} replicas of stage {a.stage} joined the rendezvous "
+                    raise PeerError(f"not all {len(a.stage_replicas)} replicas of stage {a.stage} joined the rendezvous "
                                     f"within {setup_s:.0f} s: {exc}") from exc
                 time.sleep(0.2)
         self.averager.wait_for_peers(1, setup_s)

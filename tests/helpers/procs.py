@@ -28,10 +28,12 @@ from swarm.transport.coordinator_client import CoordinatorClient, ServeOptions
 
 # Short intervals for tests: heartbeat 0.3 s, lost after 3 s (robust on a loaded 2-core box), small probes.
 # --no-rebalance: a test of something else must not see its job's layers move because a loaded
-# CI box made a node look slow (the re-balance's own test turns it back on: REBALANCE_COORDINATOR_ARGS)
+# CI box made a node look slow (the re-balance's own test turns it back on: REBALANCE_COORDINATOR_ARGS);
+# --no-helpers: nor its idle spare node join a running job as a helper (HELPER_COORDINATOR_ARGS)
 FAST_COORDINATOR_ARGS = ["--heartbeat-interval-s", "0.3", "--node-timeout-s", "3", "--probe-bytes", str(512 << 10),
-                         "--num-pings", "3", "--log-level", "INFO", "--no-rebalance"]
+                         "--num-pings", "3", "--log-level", "INFO", "--no-rebalance", "--no-helpers"]
 REBALANCE_COORDINATOR_ARGS = [a for a in FAST_COORDINATOR_ARGS if a != "--no-rebalance"]
+HELPER_COORDINATOR_ARGS = [a for a in FAST_COORDINATOR_ARGS if a != "--no-helpers"]
 FAST_NODE_ARGS = ["--probe-seconds", "0.1", "--log-level", "INFO"]
 
 

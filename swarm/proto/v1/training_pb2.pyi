@@ -132,7 +132,7 @@ class PeerRef(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class StageAssignment(_message.Message):
-    __slots__ = ("job_id", "attempt", "stage", "num_stages", "replica", "num_replicas", "first_layer", "last_layer_excl", "prev", "next", "stage_replicas", "spec", "model_config_json", "num_samples", "dataset_key", "resume_step", "fence", "switch_step", "verify_json", "state_source", "state_serves", "checkpoint_keeper", "keeps")
+    __slots__ = ("job_id", "attempt", "stage", "num_stages", "replica", "num_replicas", "first_layer", "last_layer_excl", "prev", "next", "stage_replicas", "spec", "model_config_json", "num_samples", "dataset_key", "resume_step", "fence", "switch_step", "verify_json", "state_source", "state_serves", "checkpoint_keeper", "keeps", "pipeline", "share_index", "share_count", "prev_holders", "next_holders", "has_pipeline")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,12 @@ class StageAssignment(_message.Message):
     STATE_SERVES_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_KEEPER_FIELD_NUMBER: _ClassVar[int]
     KEEPS_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PREV_HOLDERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HOLDERS_FIELD_NUMBER: _ClassVar[int]
+    HAS_PIPELINE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     stage: int
@@ -179,7 +185,13 @@ class StageAssignment(_message.Message):
     state_serves: _containers.RepeatedCompositeFieldContainer[StateServe]
     checkpoint_keeper: PeerRef
     keeps: _containers.RepeatedCompositeFieldContainer[KeptStage]
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., replica: _Optional[int] = ..., num_replicas: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., prev: _Optional[_Union[PeerRef, _Mapping]] = ..., next: _Optional[_Union[PeerRef, _Mapping]] = ..., stage_replicas: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., model_config_json: _Optional[str] = ..., num_samples: _Optional[int] = ..., dataset_key: _Optional[str] = ..., resume_step: _Optional[int] = ..., fence: _Optional[bool] = ..., switch_step: _Optional[int] = ..., verify_json: _Optional[str] = ..., state_source: _Optional[_Union[StateSource, _Mapping]] = ..., state_serves: _Optional[_Iterable[_Union[StateServe, _Mapping]]] = ..., checkpoint_keeper: _Optional[_Union[PeerRef, _Mapping]] = ..., keeps: _Optional[_Iterable[_Union[KeptStage, _Mapping]]] = ...) -> None: ...
+    pipeline: int
+    share_index: int
+    share_count: int
+    prev_holders: _containers.RepeatedCompositeFieldContainer[PeerRef]
+    next_holders: _containers.RepeatedCompositeFieldContainer[PeerRef]
+    has_pipeline: bool
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., replica: _Optional[int] = ..., num_replicas: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., prev: _Optional[_Union[PeerRef, _Mapping]] = ..., next: _Optional[_Union[PeerRef, _Mapping]] = ..., stage_replicas: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., model_config_json: _Optional[str] = ..., num_samples: _Optional[int] = ..., dataset_key: _Optional[str] = ..., resume_step: _Optional[int] = ..., fence: _Optional[bool] = ..., switch_step: _Optional[int] = ..., verify_json: _Optional[str] = ..., state_source: _Optional[_Union[StateSource, _Mapping]] = ..., state_serves: _Optional[_Iterable[_Union[StateServe, _Mapping]]] = ..., checkpoint_keeper: _Optional[_Union[PeerRef, _Mapping]] = ..., keeps: _Optional[_Iterable[_Union[KeptStage, _Mapping]]] = ..., pipeline: _Optional[int] = ..., share_index: _Optional[int] = ..., share_count: _Optional[int] = ..., prev_holders: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., next_holders: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., has_pipeline: _Optional[bool] = ...) -> None: ...
 
 class KeptStage(_message.Message):
     __slots__ = ("peer", "stage", "replica")

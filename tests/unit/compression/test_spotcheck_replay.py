@@ -135,7 +135,8 @@ def test_gradients_sent_with_error_feedback_are_not_checked():
 def _verifier(codec: str, *, prob: float = 1.0) -> StageVerifier:
     plan = VerifyPlan(prob=prob, check=CheckRole(stage=1, replica=0, node_id="n10", seed=1,
                                                  witness_ids=frozenset({"n00", "n20"})))
-    w = SimpleNamespace(a=SimpleNamespace(stage=1, replica=1, job_id="j", attempt=1, is_first=False, is_last=False,
+    w = SimpleNamespace(a=SimpleNamespace(stage=1, replica=1, pipeline=1, job_id="j", attempt=1, is_first=False,
+                                          is_last=False,
                                           spec=SimpleNamespace(codec=codec)),
                         M=4, b=B, S=S, H=H, timeout_s=5.0, stop_event=threading.Event(), _cur_step=3,
                         device=torch.device("cpu"), security=None, faults=FaultInjector(NO_FAULTS),

@@ -285,7 +285,7 @@ def test_a_checker_waits_for_no_witness_while_the_attempt_is_fenced(monkeypatch)
     endpoint = Endpoint("j", lambda h, p: None)
     real_get = endpoint.get
     endpoint.get = lambda kind, *a, **k: asked.append(kind) or real_get(kind, *a, **k)
-    w = SimpleNamespace(a=SimpleNamespace(stage=1, replica=1, job_id="j", is_first=False, is_last=False,
+    w = SimpleNamespace(a=SimpleNamespace(stage=1, replica=1, pipeline=1, job_id="j", is_first=False, is_last=False,
                                           spec=SimpleNamespace(codec="none")),
                         M=4, timeout_s=3600.0, stop_event=threading.Event(), endpoint=endpoint,
                         membership=SimpleNamespace(fence_pending=fence),

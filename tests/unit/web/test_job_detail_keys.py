@@ -30,7 +30,8 @@ def _detail_json() -> dict:
         "num_samples": 64, "dataset_key": "k", "total_steps": 10, "attempt": 0, "resume_step": 0,
         "step": 0, "loss": 5.0, "tokens_per_s": 1024.0, "bytes_sent": 10, "bytes_saved": 30, "eta_s": 4.5,
         "created_at": 1.0, "started_at": 2.0, "finished_at": None, "plan": {"d_pp": 1, "d_dp": 1, "stages": []},
-        "assignments": [{"node_id": "ab" * 16, "node_name": "n", "stage": 0, "replica": 0, "layers": [0, 2]}],
+        "assignments": [{"node_id": "ab" * 16, "node_name": "n", "stage": 0, "replica": 0, "layers": [0, 2],
+                         "pipeline": 0, "share_index": 0, "share_count": 1}],
         "workers": [worker], "progress": [point],
         "checkpoints": [{"step": 0, "stage": 0, "replica": 0, "final": False}],
         "result_ready": False, "last_complete_checkpoint": None, "resumed_from": None,
@@ -48,6 +49,13 @@ def test_detail_round_trips_with_every_key_and_value_in_order() -> None:
     assert isinstance(record.progress[0], ProgressPoint)
     assert record.to_json() == d and list(record.to_json()) == list(d)
     assert list(record.to_json()["progress"][0]) == list(d["progress"][0])
+
+
+def test_an_assignment_from_a_coordinator_older_than_helpers_reads_as_its_own_pipeline() -> None:
+    d = _detail_json()
+    d["assignments"] = [{"node_id": "ab" * 16, "node_name": "n", "stage": 0, "replica": 1, "layers": [0, 2]}]
+    a = JobDetail.from_json(d).assignments[0]
+    assert (a.pipeline, a.share_index, a.share_count) == (1, 0, 1)
 
 
 def test_summary_is_what_api_jobs_lists() -> None:

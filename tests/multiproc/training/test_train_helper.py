@@ -1,0 +1,68 @@
+"""A node that joins a running job later is added at a step boundary as a helper replica of its
+slowest stage (issue 14 item 2; coordinator/jobs/helpers.py): it copies the stage's weights and
+optimizer state from the live worker peer to peer (hash-checked), takes half of the pipeline's
+micro-batches there, and averages gradients with it. Nothing is rolled back, no step is done
+twice, and the losses are the ones the same job trains to in one process."""
+
+from __future__ import annotations
+
+import pytest
+
+from swarm.cli.train import upload_files
+from swarm.compression import CodecSpec
+from swarm.job_spec import JobSpec
+from swarm.transport.coordinator_client import CoordinatorClient
+from tests.helpers.procs import HELPER_COORDINATOR_ARGS, coordinator_proc, node_proc, wait_until
+from tests.multiproc.training._common import reference_losses, write_inputs
+from tests.multiproc.training.test_train_slow_node import _nodes
+
+pytestmark = pytest.mark.multiproc
+
+STEPS = 500  # ~35 s here; the late node is a helper from step ~220 on
+# n0 is slowed 5x in fact (its stage is the slowest); layers are never re-balanced here (--no-rebalance)
+SLOW = "claim-tflops=0.00002,slowdown=10"
+FAST = "claim-tflops=0.0001"
+
+
+@pytest.mark.timeout(240)
+def test_a_node_that_joins_later_becomes_a_helper_of_the_slowest_stage_without_rollback(tmp_path):
+    model, data = write_inputs(tmp_path)
+    args = [*HELPER_COORDINATOR_ARGS, "--node-timeout-s", "20"]
+    with coordinator_proc(tmp_path / "coord", extra_args=args) as coord, \
+            _nodes(coord, tmp_path, [SLOW, FAST]) as (slow, fast):
+        wait_until(lambda: sum(n["state"] == "online" for n in coord.get_json("/api/nodes")["nodes"]) == 2, 60,
+                   message="2 nodes online")
+        spec = JobSpec(steps=STEPS, batch_size=4, micro_batch_size=2, seq_len=16, lr=1e-3,
+                       codec=CodecSpec.parse("none"), checkpoint_every=0, num_stages=2, num_replicas=1,
+                       peer_timeout_s=30.0, node_wait_s=0.0)
+        with CoordinatorClient(coord.address, token=coord.admin_token) as client:
+            job_id = client.submit_job(spec, upload_files(model, data)).id
+        detail = lambda: coord.get_json(f"/api/jobs/{job_id}")  # noqa: E731
+        first = wait_until(lambda: (d := detail())["assignments"] and d, 30, message="the job is planned")
+        with node_proc(coord, tmp_path / "late", env={"SWARM_FAULT": FAST}) as late:
+            done = wait_until(lambda: (d := detail())["state"] in ("succeeded", "failed", "cancelled") and d, 180,
+                              message="the job ends")
+    assert done["state"] == "succeeded", done["reason"]
+    events = [(e["kind"], e["message"]) for e in done["events"]]
+    added = [e["fields"] for e in done["events"] if e["kind"] == "replica_added"]
+    assert len(added) == 1, "\n".join(f"{k}: {m}" for k, m in events)
+    slow_stage = next(a["stage"] for a in first["assignments"] if a["node_id"] == slow.node_id)
+    assert added[0]["helper"] is True and added[0]["stage"] == slow_stage and added[0]["added"] == [late.node_id], added
+    # the stage's weights and AdamW state came from the live worker, peer to peer, hash-checked
+    assert added[0]["state_from"] == "peer" and added[0]["state_bytes"] > 0, added
+    helper = next(a for a in done["assignments"] if a["node_id"] == late.node_id)
+    assert (helper["stage"], helper["pipeline"], helper["share_index"], helper["share_count"]) == (slow_stage, 0, 1, 2)
+    assert "rebalance" not in [k for k, _ in events], events  # a helper, not a re-split of the layers
+    steps = [p["step"] for p in done["progress"]]
+    assert steps == list(range(STEPS)), steps  # every step committed once: nothing lost, nothing redone
+    assert done["repeated_steps"] == [], events
+    # Micro-batches split between the two holders, gradients scaled and averaged through hivemind
+    # (float16 on the wire): the losses are the single-process reference's.
+    losses = [p["loss"] for p in done["progress"]]
+    ref, _ = reference_losses(coord.state_dir, done)
+    joined = added[0]["resume_step"]
+    assert 0 < joined < STEPS - 10, joined
+    assert losses == pytest.approx(ref, rel=2e-3, abs=2e-3)  # (measured: 3e-5 apart at most after the join)
+    print(f"helper {late.node_id[:12]} joined stage {slow_stage} at step {joined}; loss there {losses[joined]:.4f}, "
+          f"final {losses[-1]:.4f} (reference {ref[joined]:.4f}, {ref[-1]:.4f}); largest difference after it "
+          f"{max(abs(a - b) for a, b in zip(losses[joined:], ref[joined:])):.2e}")
