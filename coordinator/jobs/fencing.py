@@ -205,8 +205,10 @@ class Fencing:
         if not idle or self._absorb_seen.get(job.id) == (job.attempt, idle):
             return
         pipelines = max(a["num_replicas"] for a in job.assignments)
-        if (self.helpers and len(idle) >= pipelines and pipelines >= job.spec.num_replicas and len({a["stage"] for a in job.assignments}) > 1
-                and not any(helpers.is_helper(a) for a in job.assignments)):
+        if any(helpers.is_helper(a) for a in job.assignments):
+            return  # the planner re-plans whole pipelines: it would drop the job's helpers
+        if (self.helpers and len(idle) >= pipelines and pipelines >= job.spec.num_replicas
+                and len({a["stage"] for a in job.assignments}) > 1):
             return  # they can join as helpers of the slowest stage instead (_maybe_help): no layer moves
         job = self.store.get(job.id)  # a fence may have opened this tick (_maybe_grow, _maybe_rebalance)
         if job.state != "running" or job.fence is not None or job.started_attempt != job.attempt:

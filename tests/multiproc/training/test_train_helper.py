@@ -25,7 +25,8 @@ FAST = "claim-tflops=0.0001"
 
 
 @pytest.mark.timeout(240)
-def test_a_node_that_joins_later_becomes_a_helper_of_the_slowest_stage_without_rollback(tmp_path):
+@pytest.mark.parametrize("codec", ["none", "aqsgd:fw=4,bw=8"])
+def test_a_node_that_joins_later_becomes_a_helper_of_the_slowest_stage_without_rollback(tmp_path, codec):
     model, data = write_inputs(tmp_path)
     args = [*HELPER_COORDINATOR_ARGS, "--node-timeout-s", "20"]
     with coordinator_proc(tmp_path / "coord", extra_args=args) as coord, \
@@ -33,7 +34,7 @@ def test_a_node_that_joins_later_becomes_a_helper_of_the_slowest_stage_without_r
         wait_until(lambda: sum(n["state"] == "online" for n in coord.get_json("/api/nodes")["nodes"]) == 2, 60,
                    message="2 nodes online")
         spec = JobSpec(steps=STEPS, batch_size=4, micro_batch_size=2, seq_len=16, lr=1e-3,
-                       codec=CodecSpec.parse("none"), checkpoint_every=0, num_stages=2, num_replicas=1,
+                       codec=CodecSpec.parse(codec), checkpoint_every=0, num_stages=2, num_replicas=1,
                        peer_timeout_s=30.0, node_wait_s=0.0)
         with CoordinatorClient(coord.address, token=coord.admin_token) as client:
             job_id = client.submit_job(spec, upload_files(model, data)).id
@@ -62,7 +63,12 @@ def test_a_node_that_joins_later_becomes_a_helper_of_the_slowest_stage_without_r
     ref, _ = reference_losses(coord.state_dir, done)
     joined = added[0]["resume_step"]
     assert 0 < joined < STEPS - 10, joined
-    assert losses == pytest.approx(ref, rel=2e-3, abs=2e-3)  # (measured: 3e-5 apart at most after the join)
+    assert losses[:joined] == pytest.approx(ref[:joined], rel=2e-3, abs=2e-3)
+    # After it (measured, largest difference): 3e-5 with --compression none. AQ-SGD keeps m(x) per link:
+    # a sample whose micro-batch lands on the other holder in a later epoch is sent in full once
+    # there, where the reference's one link sends its quantised change: 2.5e-3.
+    tol = 2e-3 if codec == "none" else 1e-2
+    assert losses[joined:] == pytest.approx(ref[joined:], rel=tol, abs=tol)
     print(f"helper {late.node_id[:12]} joined stage {slow_stage} at step {joined}; loss there {losses[joined]:.4f}, "
           f"final {losses[-1]:.4f} (reference {ref[joined]:.4f}, {ref[-1]:.4f}); largest difference after it "
           f"{max(abs(a - b) for a, b in zip(losses[joined:], ref[joined:])):.2e}")
