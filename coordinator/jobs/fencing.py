@@ -118,8 +118,9 @@ class Fencing:
         steps_left = job.total_steps - min((r["step"] for r in rows), default=0)
         stage = helpers.pick_stage(rows=rows, assignments=job.assignments, idle=len(idle),
                                    requested=job.spec.num_replicas, steps_left=steps_left,
-                                   min_steps_left=GROW_MIN_STEPS_LEFT)
-        if stage is None:
+                                   min_steps_left=GROW_MIN_STEPS_LEFT, resume_step=job.resume_step)
+        step_s = self.speeds.step_s(job)
+        if stage is None or not step_s:
             return
         plan = Plan.from_json(job.plan)
         fit = sorted((n for n in idle if holds_stage(n, plan, stage)), key=lambda n: (-n.planning_tflops, n.id))
@@ -127,12 +128,34 @@ class Fencing:
             log.info("no helpers for job=%s: %d idle node(s) can hold stage %d, %d pipeline(s)", job.id, len(fit),
                      stage, pipelines)
             return
+        chosen = fit[:pipelines]
+        new_s = self._helped_step_s(job, plan, stage, chosen, step_s, rows)
+        gain = 1.0 - new_s / step_s
+        log.info("helpers weighed job=%s stage=%d nodes=%s: step %.4g s -> %.4g s predicted (%.0f%%)", job.id, stage,
+                 ",".join(n.id[:12] for n in chosen), step_s, new_s, 100 * gain)
+        if gain < helpers.MIN_GAIN:
+            return  # the all-reduce it adds costs about what halving the stage saves: leave the nodes idle
         live = sorted({helpers.pipeline_of(a) for a in job.assignments})
         fence = churn.open_fence(attempt=job.attempt, assignments=job.assignments, live=live, lost=[], at_s=now,
-                                 helpers={"stage": stage, "nodes": [n.id for n in fit[:pipelines]]})
+                                 helpers={"stage": stage, "nodes": [n.id for n in chosen], "step_s": step_s,
+                                          "predicted_step_s": new_s})
         if self.store.set_fence(job.id, fence, expect_attempt=job.attempt):
-            log.info("job adds helpers job=%s stage=%d nodes=%s", job.id, stage,
-                     ",".join(n.id[:12] for n in fit[:pipelines]))
+            log.info("job adds helpers job=%s stage=%d nodes=%s", job.id, stage, ",".join(n.id[:12] for n in chosen))
+
+    def _helped_step_s(self, job: Job, plan: Plan, stage: int, chosen: list, step_s: float,
+                       rows: list[dict]) -> float:
+        """The step time predicted with ``chosen`` (one per pipeline) helping ``stage`` (helpers.py)."""
+        st, last = plan.stages[stage], len(plan.stages) - 1
+        params = helpers.stage_parameters(ModelConfig.from_hf_config(job.model), st.layers[0], st.layers[1],
+                                          is_first=stage == 0, is_last=stage == last)
+        holders = [self.registry.get(a["node_id"]) for a in job.assignments if a["stage"] == stage]
+        nodes = holders + list(chosen)
+        bandwidth = self.network.planning_matrix(nodes)[1]
+        links = [float(bandwidth[i][j]) for i in range(len(holders)) for j in range(len(holders), len(nodes))]
+        known = [b for b in links if b == b and b > 0]
+        return helpers.predicted_step_s(compute_s=helpers.compute_per_step(rows, job.resume_step), step_s=step_s,
+                                        stage=stage, pipelines=len(holders), gradient_bytes=2.0 * params,
+                                        bandwidth_Bps=min(known) if known else float("nan"))
 
     def _maybe_rebalance(self, job: Job) -> None:
         """A node of the running attempt is seen slow: weigh re-planning with the seen speeds
@@ -352,9 +375,14 @@ class Fencing:
                              resume_step=step, expect_attempt=job.attempt,
                              reason=f"re-planned without rollback after {why}: continuing at step "
                                     f"{step} ({optim})") is not None:
+            h = fence.get("helpers") if helped else None
             self.store.add_event(job.id, "replan", f"re-planning (attempt {job.attempt + 1}) on {nodes} node(s): "
-                                 f"{jp.plan.d_dp} replica(s) carry the whole batch from step {step}, no rollback",
-                                 attempt=job.attempt + 1, resume_step=step, fence=True, num_replicas=jp.plan.d_dp)
+                                 f"{jp.plan.d_dp} replica(s) carry the whole batch from step {step}, no rollback"
+                                 + (f"; helpers at stage {h['stage']}: step {h['step_s']:.3g} s -> "
+                                    f"{h['predicted_step_s']:.3g} s predicted" if h and h.get("step_s") else ""),
+                                 attempt=job.attempt + 1, resume_step=step, fence=True, num_replicas=jp.plan.d_dp,
+                                 **({"helper_stage": h["stage"], "step_s_before": h.get("step_s"),
+                                     "predicted_step_s": h.get("predicted_step_s")} if h else {}))
             if rb:
                 self._rebalanced(job, rb, jp, step)
 

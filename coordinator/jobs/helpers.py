@@ -33,7 +33,18 @@ When (:func:`pick_stage`): only a job running at its full ``--replicas`` (one th
 pipeline grows a whole one back instead), with enough idle nodes for one helper per pipeline (a
 helper in one pipeline alone shortens no step: the replicas wait for each other at every
 averaging round), and at most one helper per pipeline. The stage is the one whose workers
-reported the most compute time in the attempt.
+reported the most compute time per step in the attempt (self-reported: a node that inflates its
+figure draws a helper to its stage, which costs the helper's time, not the job's results).
+
+Whether it pays (:func:`predicted_step_s`): a helper halves its stage's compute per step but
+adds a gradient all-reduce of the stage every step (between the stage's holders: a new group of
+two in a one-pipeline job). The coordinator predicts the step from the attempt's measured step
+time, scaled by how the bottleneck stage's compute changes (the pipeline's step follows its
+slowest stage), plus the added all-reduce time (:func:`allreduce_s`: float16 gradients over the
+slowest measured link between the stage's holders, plus a fixed cost per round); helpers are
+added only when that predicts at least :data:`MIN_GAIN` faster steps. On a 2-core box a tiny
+model's stage computes in milliseconds and a round costs more than half of it saves, so
+bench/helper.py emulates a slower GPU (``SWARM_FAULT slowdown``) to show the gain.
 """
 
 from __future__ import annotations
@@ -41,6 +52,11 @@ from __future__ import annotations
 from typing import Any
 
 SHARES = 2  # a pipeline's worker and its helper
+MIN_GAIN = 0.1  # helpers only when they predict a step at least 10% faster
+# A hivemind round's fixed cost: 11 ms median for 64 KB between two replicas on a 2-core loopback
+# (docs/benchmarks.md, "Gradient averaging round"); real stages serialise megabytes on busy hosts
+ROUND_OVERHEAD_S = 0.05
+UNKNOWN_LINK_BPS = 12.5e6  # a link not measured yet: assumed 100 Mbit/s
 
 
 def pipeline_of(a: dict[str, Any]) -> int:
@@ -67,7 +83,7 @@ def share_position(a: dict[str, Any], micro_batch: int) -> int:
 
 
 def pick_stage(*, rows: list[dict[str, Any]], assignments: list[dict[str, Any]], idle: int, requested: int,
-               steps_left: int, min_steps_left: int) -> int | None:
+               steps_left: int, min_steps_left: int, resume_step: int = 0) -> int | None:
     """The stage to add helpers to, or None (module doc: when). ``rows``: the attempt's
     per-worker progress (``stage``, ``replica``, ``compute_s``, ``step``); ``idle``: idle nodes."""
     if not assignments or any(is_helper(a) for a in assignments):
@@ -80,14 +96,55 @@ def pick_stage(*, rows: list[dict[str, Any]], assignments: list[dict[str, Any]],
     stages = sorted({a["stage"] for a in assignments})
     if len(stages) < 2:
         return None  # one stage: each pipeline is that stage alone; more pipelines are a growth
-    compute: dict[int, list[float]] = {s: [] for s in stages}
-    for r in rows:
-        if r["stage"] in compute:
-            compute[r["stage"]].append(float(r["compute_s"] or 0.0))
-    mean = {s: sum(v) / len(v) for s, v in compute.items() if v}
+    mean = compute_per_step([r for r in rows if r["stage"] in stages], resume_step)
     if len(mean) < len(stages) or max(mean.values()) <= 0:
         return None
     return max(stages, key=lambda s: (mean[s], -s))
+
+
+def stage_parameters(config, first_layer: int, last_layer_excl: int, *, is_first: bool, is_last: bool) -> int:
+    """Parameters a stage holding ``[first_layer, last_layer_excl)`` trains (its gradient's size):
+    its layers' share of the model's, the embeddings on the first stage, the output head (a tied
+    one is the last stage's own copy) and final norm on the last."""
+    h = config.hidden_size
+    per_layer = (config.num_parameters(include_embeddings=False) - h * (2 if config.family == "gpt2" else 1)
+                 - (0 if config.tie_word_embeddings else config.vocab_size * h)) / max(1, config.num_layers)
+    n = per_layer * (last_layer_excl - first_layer)
+    if is_first:
+        n += config.vocab_size * h + (config.max_position_embeddings * h if config.family == "gpt2" else 0)
+    if is_last:
+        n += config.vocab_size * h + 2 * h
+    return int(n)
+
+
+def allreduce_s(members: int, num_bytes: float, bandwidth_Bps: float) -> float:
+    """A ring all-reduce of ``num_bytes`` among ``members`` (each sends and receives
+    2 (n - 1) / n of it) over links of ``bandwidth_Bps``, plus the round's fixed cost; 0 alone."""
+    if members < 2:
+        return 0.0
+    bw = bandwidth_Bps if bandwidth_Bps and bandwidth_Bps > 0 and bandwidth_Bps == bandwidth_Bps else UNKNOWN_LINK_BPS
+    return ROUND_OVERHEAD_S + 2 * (members - 1) / members * num_bytes / bw
+
+
+def predicted_step_s(*, compute_s: dict[int, float], step_s: float, stage: int, pipelines: int,
+                     gradient_bytes: float, bandwidth_Bps: float) -> float:
+    """The step time predicted with a helper per pipeline at ``stage`` (module doc), from the
+    measured ``step_s`` and each stage's measured compute per step (``compute_s``)."""
+    before = max(compute_s.values())
+    after = dict(compute_s)
+    after[stage] = compute_s[stage] / SHARES
+    added = allreduce_s(SHARES * pipelines, gradient_bytes, bandwidth_Bps) - allreduce_s(pipelines, gradient_bytes,
+                                                                                         bandwidth_Bps)
+    return step_s * max(after.values()) / before + added
+
+
+def compute_per_step(rows: list[dict[str, Any]], resume_step: int) -> dict[int, float]:
+    """Each stage's mean compute seconds per step in the attempt, from its per-worker rows (sums)."""
+    out: dict[int, list[float]] = {}
+    for r in rows:
+        steps = max(1, int(r["step"]) - resume_step + 1)
+        out.setdefault(r["stage"], []).append(float(r["compute_s"] or 0.0) / steps)
+    return {s: sum(v) / len(v) for s, v in out.items()}
 
 
 def with_helpers(assignments: list[dict[str, Any]], *, stage: int, helpers: dict[int, dict[str, str]]) -> list[dict[str, Any]]:

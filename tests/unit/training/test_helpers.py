@@ -181,3 +181,32 @@ def test_a_helper_witnesses_for_its_pipeline_and_a_wrong_micro_batch_of_it_accus
     (d,) = j.take_disputes("j")
     assert d.target == "node8" and d.accuser == checker["node_id"]
     assert json.dumps(plans)  # JSON-able as stored with the job
+
+
+@pytest.mark.timeout(10)
+def test_helpers_are_added_only_where_halving_the_stage_outweighs_the_all_reduce_they_add(tmp_path):
+    from swarm.model.testing import make_tiny_checkpoint
+
+    cfg = make_tiny_checkpoint(tmp_path / "m", num_layers=4, hidden_size=32, with_tokenizer=False)
+    parts = [helpers.stage_parameters(cfg, 0, 2, is_first=True, is_last=False),
+             helpers.stage_parameters(cfg, 2, 4, is_first=False, is_last=True)]
+    tied = cfg.vocab_size * cfg.hidden_size if cfg.tie_word_embeddings else 0  # the last stage's own copy
+    assert sum(parts) == cfg.num_parameters() + tied
+    assert helpers.allreduce_s(1, 1e9, 1e6) == 0.0
+    assert helpers.allreduce_s(2, 1e6, 1e6) == pytest.approx(helpers.ROUND_OVERHEAD_S + 1.0)
+    assert helpers.allreduce_s(2, 1e6, float("nan")) == pytest.approx(helpers.ROUND_OVERHEAD_S + 1e6 / 12.5e6)
+    kw = dict(step_s=1.0, stage=1, pipelines=1, bandwidth_Bps=1e9)
+    # a slow stage 4x the other's compute: halved, the step follows it down; a small gradient
+    slow = helpers.predicted_step_s(compute_s={0: 0.2, 1: 0.8}, gradient_bytes=1e6, **kw)
+    assert slow == pytest.approx(0.5 + helpers.ROUND_OVERHEAD_S + 1e-3)
+    # stages alike: halving one moves no bottleneck, and the round only adds
+    assert helpers.predicted_step_s(compute_s={0: 0.5, 1: 0.5}, gradient_bytes=1e6, **kw) > 1.0
+    # a big gradient over a slow link costs more than the stage saves
+    assert helpers.predicted_step_s(compute_s={0: 0.2, 1: 0.8}, gradient_bytes=4e9,
+                                    **dict(kw, bandwidth_Bps=12.5e6)) > 1.0
+    # with two pipelines the stage already averages: only the bigger group's extra time counts
+    two = helpers.predicted_step_s(compute_s={0: 0.2, 1: 0.8}, gradient_bytes=1e6, **dict(kw, pipelines=2))
+    assert two == pytest.approx(0.5 + 2 * 3 / 4 * 1e-3 - 2 * 1 / 2 * 1e-3)
+    rows = [{"stage": 0, "replica": 0, "step": 19, "compute_s": 2.0}, {"stage": 1, "replica": 0, "step": 19,
+                                                                        "compute_s": 8.0}]
+    assert helpers.compute_per_step(rows, resume_step=10) == {0: 0.2, 1: 0.8}
