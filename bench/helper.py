@@ -97,8 +97,8 @@ def one_run(root: Path, *, helpers: bool, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--slowdown", type=float, default=4.0, help="the slow node's SWARM_FAULT slowdown factor")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--slowdown", type=float, default=30.0, help="the slow node's SWARM_FAULT slowdown factor")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--timeout-s", type=float, default=900.0)
     ap.add_argument("--no-record", action="store_true")
@@ -124,12 +124,18 @@ def main(argv: list[str] | None = None) -> int:
         ["helper", f"{lo}-{hi - 1}", window_tokens_per_s(h["job"], lo, hi), h["job"]["loss"], h["heldout"]],
     ]
     ratio = rows[2][2] / rows[0][2]
+    tokens = 8 * 64  # per step
+    replan = next((e["fields"] for e in h["job"]["events"] if e["kind"] == "replan"
+                   and (e["fields"] or {}).get("helper_stage") is not None), {})
+    predicted = (f"; the coordinator predicted the step {replan['step_s_before']:.3g} s -> "
+                 f"{replan['predicted_step_s']:.3g} s, measured {tokens / rows[1][2]:.3g} s -> {tokens / rows[2][2]:.3g} s"
+                 if replan.get("predicted_step_s") else "")
     table = markdown_table(["run", "steps", "tokens/s", "final loss", "held-out loss"], rows)
     notes = (f"2 stages x 1 replica, {args.steps} steps of 8 x 64 tokens (4 micro-batches of 2), tiny GPT-2 on "
              f"{args.device}; the slow node (slowdown {args.slowdown:g}) holds stage {h['slow_stage']}. The late node "
              f"joined stage {h['helper_stage']} as a helper at step {j}: helper / no helper tokens/s over the same "
              f"steps {ratio:.2f}x; the re-plan's fence to the first step committed with the helper "
-             f"{first_after - opened:.1f} s (its weights and AdamW state copied peer to peer).")
+             f"{first_after - opened:.1f} s (its weights and AdamW state copied peer to peer){predicted}.")
     print(table)
     print(notes)
     if not args.no_record:
