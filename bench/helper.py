@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = (f"2 stages x 1 replica, {args.steps} steps of 8 x 64 tokens (4 micro-batches of 2), tiny GPT-2 on "
              f"{args.device}; the slow node (slowdown {args.slowdown:g}) holds stage {h['slow_stage']}. The late node "
              f"joined stage {h['helper_stage']} as a helper at step {j}: helper / no helper tokens/s over the same "
-             f"steps {ratio:.2f}x; the re-plan's fence to the first step committed with the helper "
+             f"steps {ratio:.2f}x; the re-plan at the fence to the first step committed with the helper "
              f"{first_after - opened:.1f} s (its weights and AdamW state copied peer to peer){predicted}.")
     print(table)
     print(notes)
