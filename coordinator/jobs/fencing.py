@@ -51,6 +51,7 @@ FENCE_TIMEOUT_S = 60.0  # a replica-loss fence not done by then falls back to th
 GROW_RETRY_S = 15.0  # a job that could not grow back to --replicas tries again after this long
 GROW_MIN_STEPS_LEFT = 10  # a job this close to its end finishes with the replicas it has
 HELP_RETRY_S = 5.0  # idle nodes a job could add as helpers are weighed at most this often
+HELP_REWEIGH_S = 60.0  # ... and helpers found not to pay, again after this long (the step time may change)
 ABSORB_RETRY_S = 5.0  # idle nodes a job could take in are weighed at most this often (the planner runs)
 
 
@@ -116,9 +117,14 @@ class Fencing:
             return
         rows = self.store.per_worker(job.id)
         steps_left = job.total_steps - min((r["step"] for r in rows), default=0)
+        seen = (job.attempt, frozenset(n.id for n in idle))
+        last = self._help_seen.get(job.id)
+        if last is not None and last[0] == seen and now - last[1] < HELP_REWEIGH_S:
+            return  # found not to pay for this attempt and these idle nodes a moment ago
         stage = helpers.pick_stage(rows=rows, assignments=job.assignments, idle=len(idle),
                                    requested=job.spec.num_replicas, steps_left=steps_left,
-                                   min_steps_left=GROW_MIN_STEPS_LEFT, resume_step=job.resume_step)
+                                   min_steps_left=GROW_MIN_STEPS_LEFT, resume_step=job.resume_step,
+                                   micro_batches=job.spec.batch_size // (pipelines * job.spec.micro_batch_size))
         step_s = self.speeds.step_s(job)
         if stage is None or not step_s:
             return
@@ -134,6 +140,7 @@ class Fencing:
         log.info("helpers weighed job=%s stage=%d nodes=%s: step %.4g s -> %.4g s predicted (%.0f%%)", job.id, stage,
                  ",".join(n.id[:12] for n in chosen), step_s, new_s, 100 * gain)
         if gain < helpers.MIN_GAIN:
+            self._help_seen[job.id] = (seen, now)
             return  # the all-reduce it adds costs about what halving the stage saves: leave the nodes idle
         live = sorted({helpers.pipeline_of(a) for a in job.assignments})
         fence = churn.open_fence(attempt=job.attempt, assignments=job.assignments, live=live, lost=[], at_s=now,

@@ -83,10 +83,11 @@ def share_position(a: dict[str, Any], micro_batch: int) -> int:
 
 
 def pick_stage(*, rows: list[dict[str, Any]], assignments: list[dict[str, Any]], idle: int, requested: int,
-               steps_left: int, min_steps_left: int, resume_step: int = 0) -> int | None:
+               steps_left: int, min_steps_left: int, resume_step: int = 0, micro_batches: int = SHARES) -> int | None:
     """The stage to add helpers to, or None (module doc: when). ``rows``: the attempt's
-    per-worker progress (``stage``, ``replica``, ``compute_s``, ``step``); ``idle``: idle nodes."""
-    if not assignments or any(is_helper(a) for a in assignments):
+    per-worker progress (``stage``, ``replica``, ``compute_s``, ``step``); ``idle``: idle nodes;
+    ``micro_batches``: per pipeline and step (a helper needs one of its own)."""
+    if not assignments or any(is_helper(a) for a in assignments) or micro_batches < SHARES:
         return None
     pipelines = max(a["num_replicas"] for a in assignments)
     if pipelines < requested or idle < pipelines or steps_left < min_steps_left:

@@ -88,6 +88,7 @@ class JobService(Checkpointing, Reporting, Fencing, Disputing, Details):
         self._rebalance_tried: dict[str, float] = {}  # job id -> when it last weighed a re-balance
         self._absorb_tried: dict[str, float] = {}  # job id -> when it last weighed taking in idle nodes
         self._help_tried: dict[str, float] = {}  # job id -> when it last weighed adding helpers (fencing.py)
+        self._help_seen: dict[str, tuple] = {}  # job id -> (attempt, idle nodes) helpers were found not to pay for
         self._absorb_seen: dict[str, tuple] = {}  # job id -> (attempt, the idle node ids it weighed)
         self.added = AddedReplicas(store)  # replica_added events, once the grown attempt starts (handover.py)
         self.speeds = SpeedWatch(store=store, registry=registry, clock=clock)  # neighbours' view (speed.py)

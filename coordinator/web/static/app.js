@@ -608,6 +608,11 @@
     }
     var plan = jobKey(job, "plan");
     if (plan && num(plan.d_pp) !== null) info.push(plan.d_pp + " stages \u00d7 " + plan.d_dp + " replicas");
+    // helper replicas of a slow stage (coordinator/jobs/helpers.py): not in the plan, in the assignments
+    var helpers = (Array.isArray(jobKey(job, "assignments")) ? jobKey(job, "assignments") : []).filter(function (a) {
+      return a && num(a.share_index) > 0;
+    });
+    if (helpers.length) info.push(helpers.length + " helper" + (helpers.length > 1 ? "s" : "") + " at stage " + helpers[0].stage);
     $("job-detail-info").textContent = info.join(" \u00b7 ");
     renderEvents(jobKey(job, "events"));
     // x is the step number: integer ticks only (a 3-step job has no step 0.5)
