@@ -200,22 +200,29 @@ def test_a_dispute_replans_the_pair_apart_with_probation_and_a_restarted_coordin
     assert v.node_id == t["node_id"] and v.first_bad_step == 2
 
 
-@pytest.mark.timeout(30)
-@pytest.mark.parametrize("spare", [True, False])
-def test_a_one_stage_job_leaves_the_accuser_out_when_a_spare_can_check_else_trusts_it(tmp_path, spare):
+def _accused_in_a_running_job(tmp_path, *, nodes: int, stages: int):
+    """A job of ``stages`` x 2 replicas on ``nodes`` fake nodes, where (0, 1) reported a
+    confirmed mismatch of (0, 0) at step 2: (service, target, accuser, quarantined list)."""
     from tests.unit.training.test_job_shape_events import SPEC, _pending, _service
 
-    service = _service(tmp_path, n=3 if spare else 2)
+    service = _service(tmp_path, n=nodes)
     quarantined = []
     service.registry.quarantine = lambda node_id, reason: quarantined.append((node_id, reason)) or True
-    _pending(service, "j", SPEC.replace(num_stages=1, num_replicas=2))
+    _pending(service, "j", SPEC.replace(num_stages=stages, num_replicas=2))
     service.tick()
     job = service.store.get("j")
     at = {(a["stage"], a["replica"]): a for a in job.assignments}
-    t, x = at[(0, 0)], at[(0, 1)]
+    t, x = at[(0, 0)], at[(0, 1)]  # (0, 1) checks (0, 0)
     service.judge.report("j", job.attempt, t, job.assignments, {"step": 2, "param_digest": "d"})
     service.judge.report("j", job.attempt, x, job.assignments, {"step": 2, "param_digest": "d",
                                                                 "checks": [_bad(0, 0, 2)]})
+    return service, t, x, quarantined
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("spare", [True, False])
+def test_a_one_stage_job_leaves_the_accuser_out_when_a_spare_can_check_else_trusts_it(tmp_path, spare):
+    service, t, x, quarantined = _accused_in_a_running_job(tmp_path, nodes=3 if spare else 2, stages=1)
     service.tick()
     job = service.store.get("j")
     disputed = [e for e in service.store.events("j") if e["kind"] == "disputed"]
@@ -249,19 +256,7 @@ def test_a_dispute_while_no_plan_is_possible_rolls_back_and_waits_instead_of_tru
     """Nodes briefly away when a dispute comes: the job rolls back and waits for nodes (as for a
     lost stage), the accused is not quarantined on the one checker's word, and the plan it gets
     once they are back keeps the pair apart."""
-    from tests.unit.training.test_job_shape_events import SPEC, _pending, _service
-
-    service = _service(tmp_path, n=4)
-    quarantined = []
-    service.registry.quarantine = lambda node_id, reason: quarantined.append((node_id, reason)) or True
-    _pending(service, "j", SPEC.replace(num_stages=2, num_replicas=2))
-    service.tick()
-    job = service.store.get("j")
-    at = {(a["stage"], a["replica"]): a for a in job.assignments}
-    t, x = at[(0, 0)], at[(0, 1)]  # (0, 1) checks (0, 0)
-    service.judge.report("j", job.attempt, t, job.assignments, {"step": 2, "param_digest": "d"})
-    service.judge.report("j", job.attempt, x, job.assignments, {"step": 2, "param_digest": "d",
-                                                                "checks": [_bad(0, 0, 2)]})
+    service, t, x, quarantined = _accused_in_a_running_job(tmp_path, nodes=4, stages=2)
     everyone = service.registry.online
     service.registry.online = lambda: [n for n in everyone() if n.id == t["node_id"]]  # the others are away
     service.tick()
@@ -288,19 +283,7 @@ def test_a_one_stage_job_that_waited_through_a_dispute_parts_the_pair_when_it_re
     """The dispute came while no plan was possible; once nodes are back, the plan it resumes with
     follows the one-stage rules: without the accuser when a spare can check the accused, else the
     accused is quarantined on the one checker's word (and the job plans again without it)."""
-    from tests.unit.training.test_job_shape_events import SPEC, _pending, _service
-
-    service = _service(tmp_path, n=3 if spare else 2)
-    quarantined = []
-    service.registry.quarantine = lambda node_id, reason: quarantined.append((node_id, reason)) or True
-    _pending(service, "j", SPEC.replace(num_stages=1, num_replicas=2))
-    service.tick()
-    job = service.store.get("j")
-    at = {(a["stage"], a["replica"]): a for a in job.assignments}
-    t, x = at[(0, 0)], at[(0, 1)]
-    service.judge.report("j", job.attempt, t, job.assignments, {"step": 2, "param_digest": "d"})
-    service.judge.report("j", job.attempt, x, job.assignments, {"step": 2, "param_digest": "d",
-                                                                "checks": [_bad(0, 0, 2)]})
+    service, t, x, quarantined = _accused_in_a_running_job(tmp_path, nodes=3 if spare else 2, stages=1)
     everyone = service.registry.online
     service.registry.online = lambda: []  # every node away for a moment
     service.tick()
