@@ -15,7 +15,8 @@
   neighbour's sender thread waits for it, frames and sends it. A delivered tensor counts as a link
   observation (bytes / call time: a lower bound of the link's bandwidth).
 
-The host class provides ``a`` (the assignment), the codecs (``down``, ``up``, ``codec_text``),
+The host class provides ``a`` (the assignment), the codecs (``downs``, ``ups``: one per neighbour
+holder; ``codec_text``), the senders (``prev_senders``, ``next_senders``),
 the shapes (``b``, ``S``, ``H``, ``M``), ``order``, ``total_steps``, ``_cur_step``, ``verifier``,
 ``endpoint``, ``senders``, ``membership``, ``stop_event``, ``timeout_s``, ``traffic``, ``device``
 and ``node_id``.

@@ -93,8 +93,6 @@ class WorkerSetup:
                 common, storage=storage if storage == "ram" or k == 0 else f"{storage}/h{k}")) for k in range(holders)]
         self.downs = codecs("down", a.stage - 1, max(1, len(a.prev_holders))) if not a.is_first else []
         self.ups = codecs("up", a.stage, max(1, len(a.next_holders))) if not a.is_last else []
-        self.down = self.downs[0] if self.downs else None  # (the codecs of micro-batch m: down_for / up_for)
-        self.up = self.ups[0] if self.ups else None
         self.timeout_s = spec.peer_timeout_s
         self.endpoint = Endpoint(a.job_id, self._validate, precheck=self._check_header,
                                  authorize=self._authorize_sender, attempt=a.attempt)
@@ -102,8 +100,6 @@ class WorkerSetup:
         # a sender per neighbour holder of this pipeline (one, unless that stage is shared)
         self.next_senders = [self._sender(p, a.stage + 1) for p in (a.next_holders or (a.next,)) if p is not None]
         self.prev_senders = [self._sender(p, a.stage - 1) for p in (a.prev_holders or (a.prev,)) if p is not None]
-        self.next_sender = self.next_senders[0] if self.next_senders else None
-        self.prev_sender = self.prev_senders[0] if self.prev_senders else None
         self.verifier = StageVerifier(self, VerifyPlan.from_json(a.verify_json))
         if len(a.stage_replicas) > 1:  # the stage's replicas and helpers average their gradients
             self._start_averager()
