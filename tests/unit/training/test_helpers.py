@@ -210,3 +210,39 @@ def test_helpers_are_added_only_where_halving_the_stage_outweighs_the_all_reduce
     rows = [{"stage": 0, "replica": 0, "step": 19, "compute_s": 2.0}, {"stage": 1, "replica": 0, "step": 19,
                                                                         "compute_s": 8.0}]
     assert helpers.compute_per_step(rows, resume_step=10) == {0: 0.2, 1: 0.8}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("step_s", [1.0, 0.05])
+def test_the_job_loop_opens_a_helper_fence_only_when_its_prediction_pays(tmp_path, step_s):
+    """JobService with a running 2 x 1 job and an idle node: helpers at the stage that reports the
+    most compute per step when the predicted step is 10% faster (a 1 s step whose stage 1 computes
+    0.8 s of it), none when the all-reduce they add would eat the gain (a 0.05 s step)."""
+    from tests.unit.training.test_job_shape_events import MODEL, SPEC, _service
+
+    service = _service(tmp_path, n=3)
+    service.store.create(job_id="j", spec=SPEC.replace(num_stages=2, num_replicas=1), model=MODEL, num_samples=16,
+                         dataset_key="k", total_steps=100)
+    service.tick()
+    job = service.store.get("j")
+    service.store.set_started("j", job.attempt)
+    for a in job.assignments:
+        for step in range(10):
+            service.store.add_progress("j", attempt=job.attempt, stage=a["stage"], replica=a["replica"], step=step,
+                                       loss=None, tokens=8, tokens_per_s=1.0, bytes_sent=0, bytes_raw=0, step_s=step_s,
+                                       compute_s=(0.8 if a["stage"] == 1 else 0.2) * step_s, wait_s=0.0, comm_s=0.0)
+    service.speeds.step_s = lambda job: step_s
+    service.speeds.attempt_age_s = lambda job: 60.0
+    service._maybe_help(service.store.get("j"))
+    fence = service.store.get("j").fence
+    if step_s == 0.05:
+        assert fence is None
+        return
+    idle = ({"node0", "node1", "node2"} - {a["node_id"] for a in job.assignments}).pop()
+    assert fence["helpers"]["stage"] == 1 and fence["helpers"]["nodes"] == [idle] and not fence["lost"]
+    assert fence["helpers"]["predicted_step_s"] < 0.9 * step_s
+    jp = service._helped_plan(service.store.get("j"), fence["helpers"])
+    helper = next(a for a in jp.assignments if a["node_id"] == idle)
+    assert (helper["stage"], helper["replica"], helper["pipeline"], helper["share_index"]) == (1, 1, 0, 1)
+    assert helper["added"] and "verify" in helper and "checkpoint_keeper" in helper
+    assert jp.plan.to_json() == job.plan  # the plan itself (whole pipelines) is unchanged
