@@ -115,9 +115,10 @@ def test_with_two_pipelines_each_gets_a_helper_and_the_gradients_still_average_t
     joined = added[0]["resume_step"]
     # Before the fence: the reference's. The fence's own steps (0-2, from its opening to the switch
     # step) run with each pipeline's own gradients, as every fence does (coordinator/jobs/churn.py),
-    # and a perturbed trajectory stays near, not on, the reference: 1.0e-2 and 1.4e-2 apart at most
-    # in two runs (the same job with no helper: within 7e-4), so the steps after it are held to 3e-2.
+    # and a perturbed trajectory stays near, not on, the reference: 7.9e-3 to 1.8e-2 apart at most in
+    # six runs (the same job with no helper: within 7e-4), so the steps after it are held to 4e-2.
+    # (The one-pipeline test above, whose fence has no averaging to skip, holds them to 2e-3.)
     assert losses[:joined - 3] == pytest.approx(ref[:joined - 3], rel=2e-3, abs=2e-3)
-    assert losses[joined:] == pytest.approx(ref[joined:], rel=3e-2, abs=3e-2)
+    assert losses[joined:] == pytest.approx(ref[joined:], rel=4e-2, abs=4e-2)
     print(f"helpers joined stage {added[0]['stage']} at step {joined}; largest difference from the reference "
           f"after it {max(abs(a - b) for a, b in zip(losses[joined:], ref[joined:])):.2e}")
