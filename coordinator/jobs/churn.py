@@ -27,6 +27,14 @@ node cannot run, the others (``live``) can. The job is not rolled back:
    (each takes ``batch / replicas`` of it, so the effective batch is unchanged); the nodes of
    the broken pipeline that are still online are idle nodes to the planner like any other.
 
+**Fences that lose no node** (growth, helper and re-balance fences, below: :func:`fence_all_live`)
+differ in step 1: replicas keep averaging their gradients up to ``S``, since every member of every
+averaging group runs to it. A worker whose round waits for a member of another pipeline, whose
+stage 0 stands at a boundary until ``S`` is known, reports its next boundary before it enters the
+round (node/training/membership.py ``before_round``), so ``S`` never waits for the round; the
+steps up to ``S`` are then those of a job without a fence (tests/multiproc/training/
+test_train_helper.py: a two-pipeline job's losses stay the single-process reference's).
+
 **Growth fence** (a job running with fewer pipelines than ``--replicas`` asked for, after a
 replica loss or a degraded re-plan, while idle nodes could hold more: :func:`growth_target`).
 The same steps 1-4 with every pipeline live and nobody lost; the re-plan at ``S`` keeps every
@@ -157,6 +165,16 @@ def on_fence_report(fence: dict[str, Any], *, stage: int, replica: int, state: s
         # the furthest live worker: nobody is past it (module docstring: not only stage 0's)
         fence["switch_step"] = max(fence["ready"][w] for w in fence["workers"])
     return fence
+
+
+def fence_all_live(fence: dict[str, Any] | None) -> bool:
+    """A fence that lost no node (a growth, helper or re-balance fence, and no node lost since it
+    opened): every member of every averaging group runs to the switch step, so replicas keep
+    averaging their gradients through it (a worker reports its next boundary before it waits in a
+    round: node/training/worker.py), and its steps are the ones the job would have made without
+    it. A replica-loss fence: each pipeline steps with its own gradients (its groups have a dead
+    member)."""
+    return fence is not None and not fence.get("lost")
 
 
 def fence_overrun(fence: dict[str, Any]) -> bool:

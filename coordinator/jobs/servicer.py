@@ -25,7 +25,7 @@ from swarm.transport.jobs import (job_spec_from_pb, job_spec_to_pb, keeper_to_pb
 from swarm.job_detail import public_job_json
 
 from coordinator.credentials import Access
-from coordinator.jobs import files
+from coordinator.jobs import churn, files
 from coordinator.jobs.checkpoint_check import check_stage_checkpoint, expected_layout
 from coordinator.jobs.service import JobService
 from coordinator.jobs.store import Job
@@ -132,7 +132,7 @@ class TrainingServicer(pb_grpc.TrainingServicer):
         node_id = self.app.authenticate_node(context)
         ack = self.service.report(node_id, progress_from_pb(request))
         return pb.ProgressAck(stop=ack.stop, reason=ack.reason, start=ack.start, fence=ack.fence,
-                              switch_step=ack.switch_step)
+                              switch_step=ack.switch_step, fence_all_live=ack.fence_all_live)
 
     @grpc_errors
     def FetchJobData(self, request, context):
@@ -243,6 +243,7 @@ def assignment_to_pb(job, a: dict) -> pb.StageAssignment:
         model_config_json=json.dumps(job.model), num_samples=job.num_samples,
         dataset_key=job.dataset_key, resume_step=job.resume_step,
         fence=job.fence is not None, switch_step=(job.fence or {}).get("switch_step", 0),
+        fence_all_live=churn.fence_all_live(job.fence),
         verify_json=json.dumps(a.get("verify") or {}), state_source=state_source_to_pb(a.get("state_source")),
         state_serves=state_serves_to_pb(a.get("state_serves")),
         checkpoint_keeper=keeper_to_pb(a.get("checkpoint_keeper")), keeps=keeps_to_pb(a.get("keeps")),

@@ -86,6 +86,7 @@ class Assignment:
     resume_step: int = 0  # a re-planned job starts at this step from the coordinator's checkpoint
     fence: bool = False  # the coordinator is fencing this attempt (node/training/membership.py)
     switch_step: int = 0  # the fence's switch step, 0 until decided
+    fence_all_live: bool = False  # the fence lost no node: replicas keep averaging through it
     verify_json: str = ""  # spot checks: node/training/spotcheck.py VerifyPlan.from_json
     state_source: StateSource | None = None  # a fence's re-plan: copy the state at resume_step from this peer
     state_serves: tuple[StateServe, ...] = ()  # ... and what this node sends to the workers copying from it
@@ -162,6 +163,7 @@ class Assignment:
             stage_replicas=tuple(Peer(node_id=p.node_id, address=p.address) for p in m.stage_replicas),
             spec=job_spec_from_pb(m.spec), model_config=json.loads(m.model_config_json), num_samples=m.num_samples,
             dataset_key=m.dataset_key, resume_step=m.resume_step, fence=m.fence, switch_step=m.switch_step,
+            fence_all_live=m.fence_all_live,
             verify_json=m.verify_json,
             state_source=StateSource(peer=peer(m.state_source.peer, True), stage=m.state_source.stage,
                                      step=m.state_source.step,

@@ -75,13 +75,33 @@ class Membership:
         self.fence_pending = threading.Event()
         self.switch_step = 0
         self._last_switch_poll = 0.0
+        self._lost = False  # a reply said the fence lost a node (sticky: it never comes back in this attempt)
 
     def on_ack(self, ack: pb.ProgressAck) -> None:
         if ack.fence:
-            self.on_fence(ack.switch_step)
+            self.on_fence(ack.switch_step, all_live=ack.fence_all_live)
 
-    def on_fence(self, switch_step: int) -> None:
-        """The coordinator fences the attempt (a progress reply or an assignment poll said so)."""
+    @property
+    def alone(self) -> bool:
+        """Each pipeline steps with its own gradients: a fence that lost a node is pending (its
+        averaging groups have a dead member). Through a fence that lost none (a growth, helper or
+        re-balance fence) replicas keep averaging: every member runs to the switch step."""
+        return self.fence_pending.is_set() and self._lost
+
+    def before_round(self, step: int) -> None:
+        """Step ``step``'s compute is done and its averaging round starts: during a fence, report
+        the next boundary now. A round waits for every member of the stage, and one whose
+        pipeline's first stage stands at ``step`` runs it only once the switch step is known,
+        which needs this worker's boundary: reported after the round, it would come only when
+        the round timed out."""
+        if self.fence_pending.is_set() and not self._lost:
+            self._report("fence", step + 1)
+
+    def on_fence(self, switch_step: int, *, all_live: bool = False) -> None:
+        """The coordinator fences the attempt (a progress reply or an assignment poll said so);
+        ``all_live``: it lost no node (False from a coordinator older than that flag)."""
+        if not all_live:
+            self._lost = True
         if not self.fence_pending.is_set():
             log.info("fence: the replicas of job=%s change (one lost or one added); stopping at a step boundary",
                      self.a.job_id)

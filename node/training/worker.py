@@ -98,11 +98,11 @@ class StageWorker(WorkerSetup, TensorIO):
             log.info("stopping stage worker job=%s stage=%d reason=%s", self.a.job_id, self.a.stage, reason or "-")
         self.stop_event.set()
 
-    def on_fence(self, switch_step: int) -> None:
+    def on_fence(self, switch_step: int, *, all_live: bool = False) -> None:
         """The coordinator fences this attempt (seen in an assignment poll)."""
         membership = getattr(self, "membership", None)
         if membership is not None:
-            membership.on_fence(switch_step)
+            membership.on_fence(switch_step, all_live=all_live)
 
     def join(self, timeout_s: float) -> None:
         self._thread.join(timeout_s)
@@ -245,11 +245,12 @@ class StageWorker(WorkerSetup, TensorIO):
                 compute += t2 - t1
                 comm += t3 - t2
             t0 = time.monotonic()
-            fencing = self.membership.fence_pending
+            alone = lambda: self.membership.alone  # noqa: E731 -- a fence that lost a node: each pipeline on its own
             if self.averager is not None:  # a background parameter round (below) ends before the gradient round
-                self.averager.collect_parameter_round(abort=fencing.is_set)
-            averaging = self.averager is not None and not fencing.is_set()  # a fence: each pipeline on its own
+                self.averager.collect_parameter_round(abort=alone)
+            averaging = self.averager is not None and not alone()
             if averaging:
+                self.membership.before_round(step)  # during a fence that lost no node: the next boundary, now
                 if grad_scale != 1.0:
                     for p in self.module.parameters():
                         if p.grad is not None:
@@ -271,14 +272,14 @@ class StageWorker(WorkerSetup, TensorIO):
             sketch = self.faults.reported_sketch(param_sketch(self.module.parameters())) if checked else ()
             tw = time.monotonic()
             if averaging:
-                self.averager.finish_gradient_round(abort=fencing.is_set)
+                self.averager.finish_gradient_round(abort=alone)
             t1 = time.monotonic()
             if self.averager is not None:  # the previous step's parameter round: replicas meet again
                 self.averager.apply_parameter_round()
             clip_and_step(self.optimizer, list(self.module.parameters()), step, self.optim_cfg)
             to = time.monotonic()
             if self.averager is not None and (step + 1) % RESYNC_EVERY_STEPS == 0 \
-                    and step + 1 < self.total_steps and not fencing.is_set():
+                    and step + 1 < self.total_steps and not self.membership.fence_pending.is_set():
                 # every replica at the same steps: replicas a failed round set apart meet again, one
                 # step later (the round runs behind the next step's compute; none after the last step)
                 self.averager.begin_parameter_round(step)

@@ -113,12 +113,10 @@ def test_with_two_pipelines_each_gets_a_helper_and_the_gradients_still_average_t
     losses = [p["loss"] for p in done["progress"]]
     ref, _ = reference_losses(coord.state_dir, done)
     joined = added[0]["resume_step"]
-    # Before the fence: the reference's. The fence's own steps (0-2, from its opening to the switch
-    # step) run with each pipeline's own gradients, as every fence does (coordinator/jobs/churn.py),
-    # and a perturbed trajectory stays near, not on, the reference: 7.9e-3 to 1.8e-2 apart at most in
-    # six runs (the same job with no helper: within 7e-4), so the steps after it are held to 4e-2.
-    # (The one-pipeline test above, whose fence has no averaging to skip, holds them to 2e-3.)
-    assert losses[:joined - 3] == pytest.approx(ref[:joined - 3], rel=2e-3, abs=2e-3)
-    assert losses[joined:] == pytest.approx(ref[joined:], rel=4e-2, abs=4e-2)
+    # Replicas keep averaging through a fence that loses no node (coordinator/jobs/churn.py
+    # fence_all_live), so the fence does not perturb the losses either: 2.4e-4 apart at most after
+    # the join (before that change, when each pipeline stepped alone through the fence: 8e-3 to
+    # 1.8e-2 in six runs; the same job with no helper: within 7e-4 over 500 steps).
+    assert losses == pytest.approx(ref, rel=5e-3, abs=5e-3)
     print(f"helpers joined stage {added[0]['stage']} at step {joined}; largest difference from the reference "
           f"after it {max(abs(a - b) for a, b in zip(losses[joined:], ref[joined:])):.2e}")

@@ -66,3 +66,24 @@ def test_a_failed_poll_changes_nothing():
     m.on_fence(0)
     m.while_waiting(4)  # no exception: the worker keeps waiting for its input
     assert m.switch_step == 0 and m.fence_pending.is_set()
+
+
+def test_through_a_fence_that_lost_no_node_replicas_keep_averaging_and_report_the_next_boundary_first():
+    from coordinator.jobs import churn
+
+    asg = [{"node_id": f"n{s}{r}", "stage": s, "replica": r} for s in range(2) for r in range(2)]
+    grow = churn.open_fence(attempt=2, assignments=asg, live=[0, 1], lost=[], at_s=0.0, grow_to=3)
+    assert churn.fence_all_live(grow) and not churn.fence_all_live(None)
+    assert not churn.fence_all_live(churn.shrink_fence(grow, asg, {"n11"}))  # a node lost meanwhile
+    client = FakeClient([pb.ProgressAck(fence=True, switch_step=0, fence_all_live=True)])
+    m = _membership(client)
+    m.before_round(4)  # no fence: nothing reported
+    assert client.reports == [] and not m.alone
+    m.on_fence(0, all_live=True)
+    m.before_round(4)  # the boundary after step 4, before waiting in its averaging round
+    assert [(r.state, r.step) for r in client.reports] == [("fence", 5)] and not m.alone
+    m.on_fence(0, all_live=False)  # the fence lost a node: each pipeline alone from now on, for good
+    m.on_fence(0, all_live=True)
+    assert m.alone
+    m.before_round(5)
+    assert len(client.reports) == 1  # nothing more: no round to wait in
