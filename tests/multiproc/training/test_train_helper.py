@@ -86,7 +86,7 @@ def test_with_two_pipelines_each_gets_a_helper_and_the_gradients_still_average_t
     model, data = write_inputs(tmp_path)
     args = [*HELPER_COORDINATOR_ARGS, "--node-timeout-s", "20"]
     with coordinator_proc(tmp_path / "coord", extra_args=args) as coord, \
-            _nodes(coord, tmp_path, [SLOW, FAST, FAST, FAST]) as first_nodes:
+            _nodes(coord, tmp_path, [SLOW, FAST, FAST, FAST]):
         wait_until(lambda: sum(n["state"] == "online" for n in coord.get_json("/api/nodes")["nodes"]) == 4, 60,
                    message="4 nodes online")
         spec = JobSpec(steps=STEPS_TWO, batch_size=8, micro_batch_size=2, seq_len=16, lr=1e-3,
