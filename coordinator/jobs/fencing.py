@@ -102,7 +102,7 @@ class Fencing:
         if not self.helpers or not job.assignments or job.started_attempt != job.attempt or job.fence is not None:
             return  # (--no-helpers)
         pipelines = max(a["num_replicas"] for a in job.assignments)
-        if pipelines < job.spec.num_replicas or any(helpers.is_helper(a) for a in job.assignments) or not job.plan:
+        if pipelines < job.spec.num_replicas or helpers.has_helpers(job.assignments) or not job.plan:
             return  # (a job below its replicas grows whole pipelines back: _maybe_grow)
         now = self.clock.time()
         if now - self._help_tried.get(job.id, -HELP_RETRY_S) < HELP_RETRY_S:
@@ -135,7 +135,11 @@ class Fencing:
                      stage, pipelines)
             return
         chosen = fit[:pipelines]
-        new_s = self._helped_step_s(job, plan, stage, chosen, step_s, rows)
+        try:
+            new_s = self._helped_step_s(job, plan, stage, chosen, step_s, rows)
+        except SwarmError as exc:  # a node of the stage left the registry meanwhile (NotFoundError)
+            log.info("cannot weigh helpers job=%s (%s)", job.id, exc)
+            return
         gain = 1.0 - new_s / step_s
         log.info("helpers weighed job=%s stage=%d nodes=%s: step %.4g s -> %.4g s predicted (%.0f%%)", job.id, stage,
                  ",".join(n.id[:12] for n in chosen), step_s, new_s, 100 * gain)
@@ -170,7 +174,7 @@ class Fencing:
         pays, open a re-balance fence. Weighed at most once per ``rebalance.RETRY_S`` per job
         (each time runs the planner). ``job`` may be stale (the loop's copy): it is read again only
         when a node of it is slow."""
-        if not self.rebalance or not self.speeds.slow_now(job) or any(helpers.is_helper(a) for a in job.assignments):
+        if not self.rebalance or not self.speeds.slow_now(job) or helpers.has_helpers(job.assignments):
             return  # (a re-balance re-plans whole pipelines: it would drop the helpers it should weigh)
         job = self.store.get(job.id)  # the fence or attempt may have changed this tick (_maybe_grow)
         if (not job.assignments or job.state != "running"
@@ -235,7 +239,7 @@ class Fencing:
         if not idle or self._absorb_seen.get(job.id) == (job.attempt, idle):
             return
         pipelines = max(a["num_replicas"] for a in job.assignments)
-        if any(helpers.is_helper(a) for a in job.assignments):
+        if helpers.has_helpers(job.assignments):
             return  # the planner re-plans whole pipelines: it would drop the job's helpers
         if (self.helpers and len(idle) >= pipelines and pipelines >= job.spec.num_replicas
                 and len({a["stage"] for a in job.assignments}) > 1):
@@ -369,7 +373,7 @@ class Fencing:
         before = {a["node_id"] for a in job.assignments}
         added = sorted({a["node_id"] for a in jp.assignments} - before)
         grew = bool(fence.get("grow_to")) and jp.plan.d_dp > max(a["num_replicas"] for a in job.assignments)
-        helped = bool(fence.get("helpers")) and any(helpers.is_helper(a) for a in jp.assignments)
+        helped = bool(fence.get("helpers")) and helpers.has_helpers(jp.assignments)
         why = (f"taking in idle node(s) {', '.join(n[:12] for n in rb['joined'])}" if rb and rb.get("joined") else
                f"adding helper replica(s) of stage {fence['helpers']['stage']} on idle node(s)" if helped else
                f"re-balancing the layers around slow node {rb['node'][:12]}" if rb else

@@ -68,6 +68,11 @@ def is_helper(a: dict[str, Any]) -> bool:
     return int(a.get("share_index", 0)) > 0
 
 
+def has_helpers(assignments: list[dict[str, Any]]) -> bool:
+    """Whether an attempt's plan has helpers (the planner's re-plans, of whole pipelines, would drop them)."""
+    return any(is_helper(a) for a in assignments)
+
+
 def holder_of(assignments: list[dict[str, Any]], stage: int, pipeline: int, micro_batch: int) -> dict[str, Any] | None:
     """The assignment that runs ``micro_batch`` of ``pipeline`` at ``stage`` (None: no such worker)."""
     holders = [a for a in assignments if a["stage"] == stage and pipeline_of(a) == pipeline]
@@ -87,7 +92,7 @@ def pick_stage(*, rows: list[dict[str, Any]], assignments: list[dict[str, Any]],
     """The stage to add helpers to, or None (module doc: when). ``rows``: the attempt's
     per-worker progress (``stage``, ``replica``, ``compute_s``, ``step``); ``idle``: idle nodes;
     ``micro_batches``: per pipeline and step (a helper needs one of its own)."""
-    if not assignments or any(is_helper(a) for a in assignments) or micro_batches < SHARES:
+    if not assignments or has_helpers(assignments) or micro_batches < SHARES:
         return None
     pipelines = max(a["num_replicas"] for a in assignments)
     if pipelines < requested or idle < pipelines or steps_left < min_steps_left:
