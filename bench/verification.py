@@ -8,8 +8,8 @@ seed and data:
 
 1. ``off``: honest nodes, ``--verify-prob 0``;
 2. ``checked``: honest nodes, spot checks at ``--prob`` (default: the JobSpec default);
-3. ``faulty``: the same, with one node at ``SWARM_FAULT=corrupt-activations=0.2`` and a spare
-   node that joins once the job runs (so the job can re-plan without the faulty one).
+3. ``faulty``: the same, with one node at ``SWARM_FAULT=corrupt-activations=0.2`` (``--fault``)
+   and a spare node that joins once the job runs (so the job can re-plan without the faulty one).
 
 Runs 1 and 2 alternate ``--repeats`` times. Reported: tokens/s of each run (tokens of the
 committed steps after the first, over the wall time between their commits; the median over the
@@ -190,7 +190,7 @@ def run(args) -> dict:
             out["cost_split"] = cost_split([p.log_path for p, _ in swarm.nodes.values()], out["checked_jobs"])
             # the faulty run: n3 makes way for the faulty node, then comes back as the spare
             swarm.stop_node("n3")
-            faulty_id = swarm.add_node("faulty", fault=FAULT)
+            faulty_id = swarm.add_node("faulty", fault=args.fault)
             wait_until(lambda: swarm.online() == 4, 120, message="4 nodes online with the faulty one")
             t0 = time.monotonic()
             job_id = submit(swarm, model, data, steps=args.steps, batch_size=args.batch_size, prob=args.prob,
@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compression", default="none", type=_codec_text,
                    help="the job's boundary codec (default none), e.g. aqsgd:fw=4,bw=8")
     p.add_argument("--device", default="cpu", help="the nodes' device: cpu (default) or cuda (all four share it)")
+    p.add_argument("--fault", default=FAULT, help=f"the faulty node's SWARM_FAULT (default {FAULT}; e.g. "
+                   "false-witness=1: a witness sending its neighbours' checker false copies)")
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line too")
     args = p.parse_args(argv)
@@ -268,10 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         x = r[name]
         c = x["spot_checks"]
         rows.append([name, x["state"], x["attempts"], f"{x['tokens_per_s']:.0f}", f"{x['heldout_loss']:.4f}",
-                     f"{c['checks']} / {c['weighed']} / {c['unverifiable']} / {c['mismatches']}",
+                     f"{c['checks']} / {c['weighed']} / {c['unverifiable']} / {c['mismatches']} / {c.get('contested', 0)}",
                      " ".join(f"{s}:{v:.3f}" for s, v in x["loss_curve"])])
     table = markdown_table(["run", "state", "attempts", "tokens/s", "held-out loss",
-                            "checks / weighed / void / mismatches", "loss curve (step:loss)"], rows)
+                            "checks / weighed / void / mismatches / contested", "loss curve (step:loss)"], rows)
     f = r["faulty"]
     ratio = r["checked"]["tokens_per_s"] / r["off"]["tokens_per_s"]
     m = args.batch_size // 2 // 2
@@ -280,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
              f"per replica and step), tiny GPT-2 (6 x 64) on {args.device}, --compression {args.compression}, --verify-prob {args.prob} in the checked runs. "
              f"Checked / off tokens/s (medians of {args.repeats}; each run: {tps}): {ratio:.3f} "
              f"(cost {100 * (1 - ratio):.1f}%). Faulty node "
-             f"({FAULT}): first accused at step {f.get('first_disputed_step')} ({f.get('disputes', 0)} dispute(s): "
-             f"one checker's word rolls back and re-pairs, a second checker convicts); {f['faulty_state']}, "
+             f"({args.fault}): first accused at step {f.get('first_disputed_step')} ({f.get('disputes', 0)} dispute(s): "
+             f"one node's word rolls back and re-pairs, a second one convicts); {f['faulty_state']}, "
              f"first detected bad step {f['first_bad_step']}, job at step "
              f"{f['step_at_quarantine']} when quarantined; honest nodes quarantined: {f['honest_quarantined']}; "
              f"held-out loss faulty - checked: {f['heldout_loss'] - r['checked']['heldout_loss']:+.4f} nats. "
@@ -297,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(res))
     if not args.no_record:
-        flags = (" --quick" if args.quick else "") + (f" --compression {args.compression}" if args.compression != "none" else "")
+        flags = ((" --quick" if args.quick else "") + (f" --compression {args.compression}" if args.compression != "none" else "")
+                 + (f" --fault {args.fault}" if args.fault != FAULT else ""))
         record(f"Spot checks: cost and detection (bench/verification.py{flags})",
                table, notes)
     ok = (all(x["state"] == "succeeded" for x in r.values()) and f["faulty_state"] == "quarantined"

@@ -20,6 +20,10 @@
 - ``false-checks=P``: training: report a fraction P of the spot checks this node runs of another
   node as confirmed mismatches (a checker framing the node it checks; the coordinator's judge
   needs a second checker before it quarantines anyone: coordinator/jobs/spotchecks.py);
+- ``false-witness=P``: training: perturb a fraction P of the witness copies this node sends a
+  checker of its neighbour (a witness framing the node it witnesses), and commit to the false
+  copy as what it sent or received, as a witness covering its lie would (the coordinator weighs
+  copies against the checked node's own commitments: coordinator/jobs/binding.py);
 - ``stall-after-steps=N``: stop training after N steps of a job, but keep heartbeating;
 - ``slowdown=F``: every inference step this node serves, and every training forward and
   backward it computes, takes F times its compute time (an emulated slower device, for
@@ -52,6 +56,7 @@ class FaultConfig:
     wrong_tokens: float = 0.0
     corrupt_kv: float = 0.0
     false_checks: float = 0.0
+    false_witness: float = 0.0
     tamper_relayed: bool = False
     misreport_weights: bool = False
     claim_tflops: float | None = None
@@ -62,7 +67,7 @@ class FaultConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("corrupt_activations", "wrong_tokens", "corrupt_kv", "false_checks"):
+        for name in ("corrupt_activations", "wrong_tokens", "corrupt_kv", "false_checks", "false_witness"):
             v = getattr(self, name)
             if not (math.isfinite(v) and 0.0 <= v <= 1.0):
                 raise ConfigError(f"{FAULT_ENV}: {name.replace('_', '-')} must be a fraction in 0..1, got {v}")
@@ -81,7 +86,7 @@ class FaultConfig:
     @property
     def any(self) -> bool:
         return (self.corrupt_activations > 0 or self.wrong_tokens > 0 or self.corrupt_kv > 0 or self.false_checks > 0
-                or self.tamper_relayed
+                or self.false_witness > 0 or self.tamper_relayed
                 or self.misreport_weights
                 or self.claim_tflops is not None
                 or self.claim_mem_bandwidth is not None or self.claim_device is not None
@@ -100,7 +105,8 @@ class FaultConfig:
             if not sep:
                 raise ConfigError(f"{FAULT_ENV}: {item!r} must be NAME=VALUE")
             try:
-                if key in ("corrupt-activations", "wrong-tokens", "corrupt-kv", "false-checks", "claim-tflops",
+                if key in ("corrupt-activations", "wrong-tokens", "corrupt-kv", "false-checks", "false-witness",
+                           "claim-tflops",
                            "claim-mem-bandwidth", "slowdown"):
                     values[key.replace("-", "_")] = float(raw)
                 elif key in ("tamper-relayed", "misreport-weights"):
@@ -111,7 +117,7 @@ class FaultConfig:
                     values["stall_after_steps"] = int(raw)
                 else:
                     raise ConfigError(f"{FAULT_ENV}: unknown fault {key!r}; known: corrupt-activations, "
-                                      "wrong-tokens, corrupt-kv, false-checks, tamper-relayed, misreport-weights, claim-tflops, "
+                                      "wrong-tokens, corrupt-kv, false-checks, false-witness, tamper-relayed, misreport-weights, claim-tflops, "
                                       "claim-mem-bandwidth, claim-device, "
                                       "stall-after-steps, slowdown")
             except ValueError as exc:
@@ -154,6 +160,14 @@ class FaultInjector:
     def lies_in_check(self) -> bool:
         """``false-checks=P``: whether to report this spot check as a confirmed mismatch."""
         return self._hit(self.config.false_checks)
+
+    def lies_as_witness(self) -> bool:
+        """``false-witness=P``: whether to send this witness copy falsified (:meth:`false_copy`)."""
+        return self._hit(self.config.false_witness)
+
+    def false_copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A witness copy of ``t`` made to look wrong: ``t`` plus noise of its own scale."""
+        return self.perturb(t, 1.0)
 
     def slow_down(self, compute_s: float) -> None:
         """``slowdown=F``: sleep (F - 1) x ``compute_s`` (the work just done took F times as long)."""

@@ -23,8 +23,13 @@ quarantined. So a confirmed mismatch is an *accusation*:
    corrupting node that accused its own checker back gets nobody convicted that way);
 4. the same accuser again adds nothing.
 
-Two colluding checkers can still convict an honest node; a witness sending wrong copies is not
-caught here (docs/security.md, Known gaps).
+The accuser of a contested check (coordinator/jobs/binding.py) may be a *witness*: the node
+whose copy disagrees with what the checked node committed to. A witness framing its neighbours
+so accuses each of them, and rule 3 convicts it at the second; a node lying about what it
+received, to void the checks of its own wrong results, is disputed by each new neighbour, and
+rule 2 convicts it at the second.
+
+Two colluding checkers can still convict an honest node (docs/security.md, Known gaps).
 """
 
 from __future__ import annotations
@@ -94,8 +99,9 @@ class Accusations:
             log.warning("a checker accused nodes no other checker confirmed job=%s accuser=%s targets=%s", job_id,
                         accuser[:12], [t[:12] for t in alone])
             return [Verdict(accuser, (
-                f"its spot checks found wrong results of {len(alone)} different nodes ({', '.join(t[:12] for t in alone)})"
-                f" that no other checker confirmed: it misreports its checks"), None)]
+                f"its spot checks or witness copies found wrong results of {len(alone)} different nodes "
+                f"({', '.join(t[:12] for t in alone)}) that no other node confirmed: it misreports its checks or "
+                f"what it witnessed"), None)]
         log.warning("spot check disputed job=%s accuser=%s target=%s step=%d", job_id, accuser[:12], target[:12], step)
         self.disputes.append(acc)
         return []

@@ -68,14 +68,14 @@ class Disputing:
         used = {a["node_id"] for a in jp.assignments} if jp is not None else set()
         for d in disputes:
             if jp is None:  # no plan at all right now (nodes away): roll back and wait, as for a lost stage
-                how = "the two on different stages once enough nodes are online (none can be planned now)"
+                how = "the two apart once enough nodes are online (none can be planned now)"
             elif d.accuser in used:
-                how = "the two on different stages"
+                how = "the two apart (on different stages, not pipeline neighbours where the nodes allow it)"
             else:
                 how = f"node {d.accuser[:12]} left out of the job"
             self.store.add_event(job.id, "disputed", (
-                f"node {d.accuser[:12]} found node {d.target[:12]}'s result wrong ({d.reason}); one checker's word is "
-                f"not enough: resuming from before step {d.step} with {how}, so another node checks "
+                f"node {d.accuser[:12]} disputes node {d.target[:12]}'s result ({d.reason}); one node's word is "
+                f"not enough: resuming from before step {d.step} with {how}, so other nodes check and witness "
                 f"{d.target[:12]}"), accuser=d.accuser, node=d.target, step=d.step, reason=d.reason,
                 attempt=d.attempt, accuser_left_out=jp is not None and d.accuser not in used)
         self._recover(job, f"a spot check of node {disputes[0].target[:12]} was disputed", cause="disputed_check",

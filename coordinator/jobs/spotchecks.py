@@ -44,6 +44,7 @@ from typing import Any
 
 from swarm.pipeline.averaging import RESYNC_EVERY_STEPS
 
+from coordinator.jobs import binding
 from coordinator.jobs.disputes import PROBATION_PROB, Accusation, Accusations, Verdict
 from coordinator.jobs.helpers import holder_of, is_helper, pipeline_of, share_position
 
@@ -159,6 +160,8 @@ MAX_KEPT_STEPS = 256  # per job: digests, losses and waiting checks of older ste
 class _JobState:
     losses: dict[tuple[int, int, int, int], list[float]] = field(default_factory=dict)  # (attempt, s, r, step)
     weights: dict[tuple[int, int, int, int], dict] = field(default_factory=dict)  # digest+sketch by (attempt, s, r, step)
+    # its commitments, {(micro-batch, what): digest}, by (attempt, s, r, step) (coordinator/jobs/binding.py)
+    digests: dict[tuple[int, int, int, int], dict] = field(default_factory=dict)
     waiting: dict[tuple[int, int, int, int], list[dict]] = field(default_factory=dict)  # target key -> checks
     last_progress_s: dict[str, float] = field(default_factory=dict)  # node id -> time of its last report
     watched_since_s: float | None = None  # first report or blame seen (this coordinator process's memory)
@@ -173,6 +176,8 @@ class _JobState:
     num_mismatches: int = 0
     num_unverifiable: int = 0  # checks between different (or missing) weights: not weighed
     num_weighed: int = 0
+    num_contested: int = 0  # weighed checks with a witness copy the target disowns (binding.contested)
+    num_bound: int = 0  # weighed checks whose every copy is what the target committed to (binding.bound)
 
 
 class Judge:
@@ -190,7 +195,8 @@ class Judge:
         with self._lock:
             st = self._jobs.get(job_id) or _JobState()
             return {"checks": st.num_checks, "mismatches": st.num_mismatches, "unverifiable": st.num_unverifiable,
-                    "weighed": st.num_weighed}
+                    "weighed": st.num_weighed, "bound": st.num_bound,
+                    "contested": st.num_contested}
 
     def forget(self, job_id: str) -> None:
         with self._lock:
@@ -217,6 +223,7 @@ class Judge:
                                "param_sketch": tuple(r.get("param_sketch") or ())}
             if r.get("micro_batch_losses"):
                 st.losses[own] = list(r["micro_batch_losses"])
+            st.digests[own] = dict(r.get("digests") or {})  # what it says it computed on and sent
             out += self._watch_sync(job_id, st, attempt, a["stage"], r["step"], at)
             touched = {own}
             for c in r.get("checks", []):
@@ -234,19 +241,24 @@ class Judge:
                     **c, "by": a["node_id"], "pos": share_position(holder, c["micro_batch"]), "checker": {
                     "param_digest": r.get("param_digest") or "", "param_sketch": tuple(r.get("param_sketch") or ())}})
                 touched.add(target_key)
-            for key in touched:
-                out += self._settle(job_id, st, key, at)
+            # this report may be a witness's whose commitments a contested check waits for
+            touched |= {k for k in st.waiting if k[0] == attempt and k[3] == r["step"]}
+            for key in sorted(touched):
+                out += self._settle(job_id, st, key, assignments)
             self._prune(st, r["step"])
         return out
 
     def _settle(self, job_id: str, st: _JobState, key: tuple[int, int, int, int],
-                at: dict[tuple[int, int], dict[str, Any]]) -> list[Verdict]:
-        """Weigh the checks of target ``key`` once its weights are known (else they keep waiting)."""
+                assignments: list[dict[str, Any]]) -> list[Verdict]:
+        """Weigh the checks of target ``key`` once its weights are known (else they keep waiting;
+        a mismatch whose copies the target disowns also waits for its witness's commitments)."""
         if key not in st.weights or key not in st.waiting:
             return []
+        at = {(x["stage"], x["replica"]): x for x in assignments}
         target_weights = st.weights[key]
         target = at[(key[1], key[2])]
         out: list[Verdict] = []
+        keep = []
         for c in st.waiting.pop(key):
             if not same_weights(target_weights, c["checker"]):
                 st.num_unverifiable += 1  # not the same weights: the comparison proves nothing
@@ -254,25 +266,70 @@ class Judge:
                          "replica=%d step=%d distance=%.3g", job_id, key[1], key[2], key[3],
                          weights_distance(c["checker"]["param_sketch"], target_weights["param_sketch"]))
                 continue
+            reason = self._mismatch(job_id, st, key, target, c)
+            accused = None
+            if reason:
+                accused = binding.weigh(c.get("copies") or {}, c["micro_batch"], checker=c["by"],
+                                        target_id=target["node_id"], target=st.digests.get(key),
+                                        witness=lambda side: self._witness(st, key, c, side, assignments),
+                                        what_checked=c["what"])
+                if accused == binding.WAIT:
+                    keep.append(c)
+                    continue
             st.num_weighed += 1
-            if c["what"] == "loss":
-                losses = st.losses.get(key)
-                pos = c.get("pos", c["micro_batch"])  # its place among the micro-batches the holder ran
-                if losses is not None and 0 <= pos < len(losses):
-                    reason = self._loss_mismatch(st, target, c["step"], c["micro_batch"], losses[pos], c["value"])
-                    if reason:
-                        out += st.accusations.accuse(job_id, c["by"], target["node_id"], key[0], c["step"], reason)
-            elif not c["match"]:
+            if binding.contested(c.get("copies") or {}, c["micro_batch"], st.digests.get(key)):
+                st.num_contested += 1  # a witness copy that is not what the target says it ran
+            elif binding.bound(c.get("copies") or {}, c["micro_batch"], st.digests.get(key)):
+                st.num_bound += 1
+            if reason if c["what"] == "loss" else not c["match"]:
                 st.num_mismatches += 1
-                if c["repeated_match"]:
-                    out += st.accusations.accuse(job_id, c["by"], target["node_id"], key[0], c["step"], (
-                        f"spot check: its {c['what']} of step {c['step']} micro-batch {c['micro_batch']} "
-                        f"(stage {c['stage']}, replica {c['replica']}) differs from the recomputation by "
-                        f"{c['error']:.3g} (tolerance {c['tolerance']:.3g}) with the same weights"))
-                else:
-                    log.warning("spot check mismatch not confirmed by the checker's second recomputation "
-                                "job=%s target=%s step=%d", job_id, target["node_id"][:12], c["step"])
+            if not reason:
+                continue
+            if accused is None:  # the copies are the target's own: its result was wrong
+                out += st.accusations.accuse(job_id, c["by"], target["node_id"], key[0], c["step"], reason)
+            elif isinstance(accused, binding.Contest):
+                log.warning("spot check contested job=%s step=%d: %s", job_id, c["step"], accused.reason)
+                out += st.accusations.accuse(job_id, accused.accuser, accused.accused, key[0], c["step"],
+                                             f"{accused.reason} ({reason})")
+            else:
+                st.num_unverifiable += 1  # a copy the target disowns, and nobody to weigh it against
+        if keep:
+            st.waiting[key] = keep
         return out
+
+    @staticmethod
+    def _mismatch(job_id: str, st: _JobState, key: tuple[int, int, int, int], target: dict[str, Any],
+                  c: dict[str, Any]) -> str:
+        """The accusation's words when check ``c`` (same weights) found the target wrong, else ""."""
+        if c["what"] == "loss":
+            losses = st.losses.get(key)
+            pos = c.get("pos", c["micro_batch"])  # its place among the micro-batches the holder ran
+            if losses is None or not 0 <= pos < len(losses) or abs(losses[pos] - c["value"]) <= LOSS_TOLERANCE:
+                return ""
+            return (f"spot check: reported loss {losses[pos]:.4f} of step {c['step']} micro-batch {c['micro_batch']} "
+                    f"(stage {target['stage']}, replica {target['replica']}), recomputed {c['value']:.4f}")
+        if c["match"]:
+            return ""
+        if not c["repeated_match"]:
+            log.warning("spot check mismatch not confirmed by the checker's second recomputation "
+                        "job=%s target=%s step=%d", job_id, target["node_id"][:12],
+                        c["step"])
+            return ""
+        return (f"spot check: its {c['what']} of step {c['step']} micro-batch {c['micro_batch']} "
+                f"(stage {c['stage']}, replica {c['replica']}) differs from the recomputation by "
+                f"{c['error']:.3g} (tolerance {c['tolerance']:.3g}) with the same weights")
+
+    @staticmethod
+    def _witness(st: _JobState, key: tuple[int, int, int, int], c: dict[str, Any], side: int,
+                 assignments: list[dict[str, Any]]):
+        """(node id, commitments or None when not reported yet) of the worker at stage
+        ``key[1] + side`` that exchanged check ``c``'s micro-batch with the target; None: none."""
+        stage = key[1] + side
+        holder = holder_of(assignments, stage, c["replica"], c["micro_batch"]) or next(
+            (x for x in assignments if x["stage"] == stage and x["replica"] == c["replica"]), None)
+        if holder is None:
+            return None
+        return holder["node_id"], st.digests.get((key[0], stage, holder["replica"], key[3]))
 
     def take_notices(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
         """``checks_void`` events to record (message, fields), each returned once."""
@@ -341,18 +398,9 @@ class Judge:
 
     @staticmethod
     def _prune(st: _JobState, step: int) -> None:
-        for d in (st.weights, st.losses, st.waiting):
+        for d in (st.weights, st.losses, st.waiting, st.digests):
             for k in [k for k in d if k[3] < step - MAX_KEPT_STEPS]:
                 del d[k]
-
-    @staticmethod
-    def _loss_mismatch(st: _JobState, target: dict, step: int, m: int, reported: float, recomputed: float) -> str:
-        """The accusation's reason when a recomputed loss is too far from the reported one, else ""."""
-        if abs(reported - recomputed) <= LOSS_TOLERANCE:
-            return ""
-        st.num_mismatches += 1
-        return (f"spot check: reported loss {reported:.4f} of step {step} micro-batch {m} (stage {target['stage']}, "
-                f"replica {target['replica']}), recomputed {recomputed:.4f}")
 
     def restore(self, job_id: str, accusations: list[Accusation]) -> None:
         """Accusations a previous coordinator process weighed (its ``disputed`` job events), so a

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from node.training.commitments import reference_rows, tensor_digest
 from swarm.compression import CodecSpec, replay
 from swarm.errors import InvalidRequestError
 from swarm.transport import tensors as wt
@@ -188,6 +189,9 @@ class SpotResult:
     tolerance: float
     repeated_match: bool
     value: float = 0.0
+    # (what, digest) of the witness copies the check computed on (node/training/commitments.py):
+    # the coordinator weighs them against the checked node's own commitments
+    copies: tuple[tuple[str, bytes], ...] = ()
 
 
 def recompute(module, *, x: torch.Tensor, is_first: bool, is_last: bool, labels: torch.Tensor | None,
@@ -258,6 +262,7 @@ class StageVerifier:
         self._refs_lock = threading.Lock()
         self._no_refs = False  # the output witness sends no m(x) references: AQ-SGD output checks are void
         self._ref_misses = 0  # checked outputs in a row whose reference did not come
+        self._commits: list[tuple[int, str, bytes]] = []  # this step's (micro-batch, what, digest)
         self.num_checks = self.num_mismatches = self.num_witness_dropped = 0
         # seconds spent on checking in this job's steps (node/training/worker.py logs them at the end)
         self.cost = dict.fromkeys(("steps", "step_s", "recompute_s", "weights_s", "resync_s", "witness_s", "round_s"), 0.0)
@@ -266,13 +271,25 @@ class StageVerifier:
     def active(self) -> bool:
         return self.plan.prob > 0
 
-    # -- witnessing ----------------------------------------------------------------------------
-    def _witness(self, role: WitnessRole | None, kind: str, step: int, m: int, ids, t) -> None:
-        """Send a copy of ``t`` (a tensor, or a function making it: run only for a sampled one)."""
-        if role is None or not self.active or not sampled(role.seed, step, m, role.prob_at(step, self.plan.prob)):
+    # -- witnessing and committing ---------------------------------------------------------------
+    def _view(self, what: str, role: WitnessRole | None, kind: str, step: int, m: int, ids, t) -> None:
+        """This stage's side of tensor ``t`` (or a function making it) of micro-batch ``m``: its
+        commitment (node/training/commitments.py) and, for a sampled micro-batch of a stage it
+        witnesses, the copy for that stage's checker."""
+        if not self.active:
             return
-        w, t0 = self.w, time.monotonic()
+        t0 = time.monotonic()
+        copy = role is not None and sampled(role.seed, step, m, role.prob_at(step, self.plan.prob))
         t = t() if callable(t) else t
+        if copy and self.w.faults.lies_as_witness():  # SWARM_FAULT false-witness (tests only)
+            t = self.w.faults.false_copy(t)  # and commits to it too, as a witness covering its lie would
+        self._commits.append((m, what, tensor_digest(t)))
+        if copy:
+            self._send_copy(role, kind, step, m, ids, t)
+        self.cost["witness_s"] += time.monotonic() - t0
+
+    def _send_copy(self, role: WitnessRole, kind: str, step: int, m: int, ids, t: torch.Tensor) -> None:
+        w = self.w
         payload = wt.raw_encode(t.detach().to("cpu", torch.float32).contiguous())
         h = witness_header(job_id=w.a.job_id, kind=kind, role=role, step=step, micro_batch=m, ids=ids,
                            payload=payload, shape=t.shape, sender_id=w.node_id, attempt=w.a.attempt)
@@ -284,12 +301,22 @@ class StageVerifier:
             if self.num_witness_dropped == 1:
                 log.warning("witness copies to %s are not going through (checker stalled or gone): its checks "
                             "of this stage are void", role.checker_id[:12])
-        self.cost["witness_s"] += time.monotonic() - t0
+
+    def take_commitments(self) -> list[tuple[int, str, bytes]]:
+        """(micro-batch, what, digest) of the step's tensors so far, each returned once."""
+        out, self._commits = self._commits, []
+        return out
 
     # What the checked stage computed on or sent, as its neighbour holds it: with a lossy codec the
     # decoded values, not this stage's own (``sent``: a function giving them after the encode).
     def sent_activation(self, step: int, m: int, ids, sent) -> None:
-        self._witness(self._next_target, "witness_input", step, m, ids, sent)
+        self._view("output", self._next_target, "witness_input", step, m, ids, sent)
+
+    def before_encode(self, step: int, m: int, codec, ids) -> None:
+        """About to encode this stage's output (step, m) with ``codec``: with AQ-SGD, commit to the
+        m(x) rows the next stage decodes it against (its ``witness_output_ref`` copy)."""
+        if self.aqsgd and self.active:
+            self._view("output_ref", None, "", step, m, ids, lambda: reference_rows(codec, ids))
 
     def before_decode(self, step: int, m: int, codec, ids) -> None:
         """A gRPC thread is about to decode the previous stage's output (step, m) with ``codec``:
@@ -298,29 +325,27 @@ class StageVerifier:
         if not self.aqsgd or role is None or not self.active or not sampled(role.seed, step, m,
                                                                               role.prob_at(step, self.plan.prob)):
             return
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-        ref = torch.cat([codec.store.read(ids, "cpu").float().reshape(len(ids), -1),
-                         codec.store.seen(ids).float().reshape(-1, 1)], dim=1)
+        ref = reference_rows(codec, ids)
         with self._refs_lock:
             self._refs[(step, m)] = ref
             for key in sorted(self._refs)[:-REFS_KEPT]:
                 del self._refs[key]
 
     def received_activation(self, step: int, m: int, ids, t: torch.Tensor) -> None:
-        self._witness(self._prev_target, "witness_output", step, m, ids, t)
+        self._view("input", self._prev_target, "witness_output", step, m, ids, t)
         if self.aqsgd:
             with self._refs_lock:
                 ref = self._refs.pop((step, m), None)
-            if ref is not None:
-                self._witness(self._prev_target, "witness_output_ref", step, m, ids, ref)
+            if ref is not None:  # the next stage's word on it: the checked stage commits to its own mirror
+                self._send_copy(self._prev_target, "witness_output_ref", step, m, ids, ref)
 
     def received_gradient(self, step: int, m: int, ids, t: torch.Tensor) -> None:
         if self.grads_checkable:
-            self._witness(self._next_target, "witness_grad_in", step, m, ids, t)
+            self._view("grad_out", self._next_target, "witness_grad_in", step, m, ids, t)
 
     def sent_gradient(self, step: int, m: int, ids, sent) -> None:
         if self.grads_checkable:
-            self._witness(self._prev_target, "witness_grad_out", step, m, ids, sent)
+            self._view("grad_in", self._prev_target, "witness_grad_out", step, m, ids, sent)
 
     # -- receiving witness copies (the checker) -------------------------------------------------
     def check_header(self, h: wt.TensorHeader):
@@ -403,17 +428,21 @@ class StageVerifier:
             run = lambda: recompute(w.module, x=x, is_first=is_first, is_last=is_last, labels=labels,  # noqa: E731
                                     grad_out=g_out, loss_scale=w.runner.loss_scale)
             first = run()
+            seen = {"input": None if is_first else x, "output": y, "output_ref": ref, "grad_out": g_out, "grad_in": g_in}
+            copies = lambda *whats: tuple((k, tensor_digest(seen[k])) for k in whats if seen[k] is not None)  # noqa: E731
             base = dict(stage=c.stage, replica=c.replica, step=step, micro_batch=m)
             if is_last:
                 out.append(SpotResult(**base, what="loss", match=True, error=0.0, tolerance=LOSS_TOLERANCE,
-                                      repeated_match=True, value=float(first[0])))
+                                      repeated_match=True, value=float(first[0]), copies=copies("input")))
             elif y is not None:
                 # a lossy boundary: allow twice the rounding error an honest message of this sample shows
                 tol = TOLERANCE["output"] + 2 * rel_error(self._honest_output(first[0], ref), first[0])
-                out.append(self._compare(base, "output", first[0], y, lambda: run()[0], tol))
+                out.append(self._compare(base, "output", first[0], y, lambda: run()[0], tol,
+                                         copies("input", "output", "output_ref")))
             if g_in is not None and first[1] is not None:
                 tol = TOLERANCE["grad_in"] + 2 * rel_error(replay.honest_backward(self.spec, first[1]), first[1])
-                out.append(self._compare(base, "grad_in", first[1], g_in, lambda: run()[1], tol))
+                out.append(self._compare(base, "grad_in", first[1], g_in, lambda: run()[1], tol,
+                                         copies("input", "grad_out", "grad_in")))
         w.endpoint.discard(lambda key: key[0] in WITNESS_KINDS and key[1] <= step)
         return [_falsified(r) if w.faults.lies_in_check() else r for r in out]
 
@@ -424,7 +453,8 @@ class StageVerifier:
             return replay.honest_forward(self.spec, out)
         return replay.honest_forward(self.spec, out, reference=ref[:, :-1].reshape(out.shape), seen=ref[:, -1] > 0.5)
 
-    def _compare(self, base: dict, what: str, mine: torch.Tensor, theirs: torch.Tensor, again, tol: float) -> SpotResult:
+    def _compare(self, base: dict, what: str, mine: torch.Tensor, theirs: torch.Tensor, again, tol: float,
+                 copies: tuple[tuple[str, bytes], ...]) -> SpotResult:
         self.num_checks += 1
         err = rel_error(theirs, mine)
         match = err <= tol
@@ -438,7 +468,7 @@ class StageVerifier:
                         self.w.a.job_id, base["stage"], base["replica"], base["step"], base["micro_batch"], what,
                         err, tol)
         return SpotResult(**base, what=what, match=match, error=err if err == err and err != float("inf") else 1e30,
-                          tolerance=tol, repeated_match=repeated)
+                          tolerance=tol, repeated_match=repeated, copies=copies)
 
     def close(self) -> None:
         for s in self._senders.values():

@@ -57,6 +57,13 @@ def vars_of(obj) -> dict:
     return {k: getattr(obj, k) for k in obj.__slots__}
 
 
+def spot_check_pb(c) -> pb.SpotCheck:
+    """A :class:`~node.training.spotcheck.SpotResult` as it goes in a ProgressReport."""
+    fields = vars_of(c)
+    copies = [pb.TensorDigest(micro_batch=c.micro_batch, what=w, digest=d) for w, d in fields.pop("copies")]
+    return pb.SpotCheck(**fields, copies=copies)
+
+
 class StopRequested(Exception):
     """The coordinator ended the job (or the node is stopping)."""
 
@@ -213,6 +220,7 @@ class StageWorker(WorkerSetup, TensorIO):
                     if out is not None:
                         out = self.faults.corrupt_sent(out)
                         up = self.up_for(op.micro_batch)
+                        self.verifier.before_encode(step, op.micro_batch, up, ids)
                         msg = up.encode_forward(out, ids)
                         # a checked stage's witness: what the next stage will compute on
                         self.verifier.sent_activation(step, op.micro_batch, ids,
@@ -302,7 +310,8 @@ class StageWorker(WorkerSetup, TensorIO):
                 kept_step=self.keeper.newest, has_loss=loss is not None, loss=loss if loss is not None else 0.0, tokens_per_s=tokens / step_s,
                 bytes_sent=sent, bytes_raw=raw, step_s=step_s, compute_s=compute, wait_s=wait, comm_s=comm,
                 state="running", tokens=tokens, bytes_forward=sent_fw, bytes_backward=sent_bw,
-                micro_batch_losses=mb_losses, checks=[pb.SpotCheck(**vars_of(c)) for c in checks],
+                micro_batch_losses=mb_losses, checks=[spot_check_pb(c) for c in checks],
+                digests=[pb.TensorDigest(micro_batch=m, what=w, digest=d) for m, w, d in self.verifier.take_commitments()],
                 param_digest=digest, param_sketch=sketch,
                 wait_activation_s=wait_fw, wait_gradient_s=wait - wait_fw))
             self.on_metrics(training={"job_id": a.job_id, "stage": a.stage, "replica": a.replica, "step": step,

@@ -75,6 +75,28 @@ def state_serves_to_pb(serves: list[dict[str, Any]] | None) -> list[pb.StateServ
             for s in serves or ()]
 
 
+# A worker's commitments (node/training/commitments.py): the tensors of a micro-batch it commits
+# to, and the size of a digest; at most one per micro-batch and kind (4096 micro-batches a step)
+DIGEST_WHATS = ("input", "output", "output_ref", "grad_out", "grad_in")
+DIGEST_BYTES = 16
+MAX_DIGESTS = len(DIGEST_WHATS) * 4096
+
+
+def digests_from_pb(items, *, limit: int) -> dict[tuple[int, str], bytes]:
+    """Repeated TensorDigest -> {(micro_batch, what): digest}. Raises InvalidRequestError."""
+    if len(items) > limit:
+        raise InvalidRequestError(f"at most {limit} tensor digests in one report, got {len(items)}")
+    out: dict[tuple[int, str], bytes] = {}
+    for d in items:
+        key = (int(d.micro_batch), d.what)
+        if d.what not in DIGEST_WHATS or not 0 <= key[0] < 4096 or len(d.digest) != DIGEST_BYTES:
+            raise InvalidRequestError(f"a tensor digest must name one of {', '.join(DIGEST_WHATS)}, a micro-batch "
+                                      f"in 0..4095 and hold {DIGEST_BYTES} bytes")
+        if out.setdefault(key, bytes(d.digest)) != d.digest:
+            raise InvalidRequestError(f"two different digests of micro-batch {key[0]}'s {key[1]} in one report")
+    return out
+
+
 def progress_from_pb(m: pb.ProgressReport) -> dict[str, Any]:
     """A node's progress report as the job service takes it; ``loss`` None when absent or not
     finite. Raises InvalidRequestError on out-of-range fields."""
@@ -102,7 +124,12 @@ def progress_from_pb(m: pb.ProgressReport) -> dict[str, Any]:
     r["micro_batch_losses"] = [float(v) for v in m.micro_batch_losses]
     r["checks"] = [{"stage": c.stage, "replica": c.replica, "step": c.step, "micro_batch": c.micro_batch,
                     "what": c.what[:16], "match": c.match, "error": c.error, "tolerance": c.tolerance,
-                    "repeated_match": c.repeated_match, "value": c.value} for c in m.checks]
+                    "repeated_match": c.repeated_match, "value": c.value,
+                    "copies": {w: d for (_, w), d in digests_from_pb(c.copies, limit=len(DIGEST_WHATS)).items()}}
+                   for c in m.checks]
+    if any(d.micro_batch != c.micro_batch for c in m.checks for d in c.copies):
+        raise InvalidRequestError("a spot check's copies must be of its own micro-batch")
+    r["digests"] = digests_from_pb(m.digests, limit=MAX_DIGESTS)
     if m.state_from not in STATE_FROM or not 0 <= m.state_bytes <= 1 << 50:
         raise InvalidRequestError(f"progress state_from must be one of {STATE_FROM} and state_bytes in 0..2^50")
     r["state_from"], r["state_bytes"] = m.state_from, int(m.state_bytes)

@@ -244,7 +244,7 @@ class PollAssignmentsReply(_message.Message):
     def __init__(self, assignments: _Optional[_Iterable[_Union[StageAssignment, _Mapping]]] = ..., cancelled_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ProgressReport(_message.Message):
-    __slots__ = ("job_id", "attempt", "stage", "replica", "step", "has_loss", "loss", "tokens_per_s", "bytes_sent", "bytes_raw", "step_s", "compute_s", "wait_s", "comm_s", "state", "error", "tokens", "bytes_forward", "bytes_backward", "micro_batch_losses", "checks", "blame_node_id", "param_digest", "param_sketch", "state_from", "state_bytes", "wait_activation_s", "wait_gradient_s", "kept_step")
+    __slots__ = ("job_id", "attempt", "stage", "replica", "step", "has_loss", "loss", "tokens_per_s", "bytes_sent", "bytes_raw", "step_s", "compute_s", "wait_s", "comm_s", "state", "error", "tokens", "bytes_forward", "bytes_backward", "micro_batch_losses", "checks", "blame_node_id", "param_digest", "param_sketch", "state_from", "state_bytes", "wait_activation_s", "wait_gradient_s", "kept_step", "digests")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +274,7 @@ class ProgressReport(_message.Message):
     WAIT_ACTIVATION_S_FIELD_NUMBER: _ClassVar[int]
     WAIT_GRADIENT_S_FIELD_NUMBER: _ClassVar[int]
     KEPT_STEP_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     stage: int
@@ -303,10 +304,21 @@ class ProgressReport(_message.Message):
     wait_activation_s: float
     wait_gradient_s: float
     kept_step: int
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_raw: _Optional[int] = ..., step_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., comm_s: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes_forward: _Optional[int] = ..., bytes_backward: _Optional[int] = ..., micro_batch_losses: _Optional[_Iterable[float]] = ..., checks: _Optional[_Iterable[_Union[SpotCheck, _Mapping]]] = ..., blame_node_id: _Optional[str] = ..., param_digest: _Optional[str] = ..., param_sketch: _Optional[_Iterable[float]] = ..., state_from: _Optional[str] = ..., state_bytes: _Optional[int] = ..., wait_activation_s: _Optional[float] = ..., wait_gradient_s: _Optional[float] = ..., kept_step: _Optional[int] = ...) -> None: ...
+    digests: _containers.RepeatedCompositeFieldContainer[TensorDigest]
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_raw: _Optional[int] = ..., step_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., wait_s: _Optional[float] = ..., comm_s: _Optional[float] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., tokens: _Optional[int] = ..., bytes_forward: _Optional[int] = ..., bytes_backward: _Optional[int] = ..., micro_batch_losses: _Optional[_Iterable[float]] = ..., checks: _Optional[_Iterable[_Union[SpotCheck, _Mapping]]] = ..., blame_node_id: _Optional[str] = ..., param_digest: _Optional[str] = ..., param_sketch: _Optional[_Iterable[float]] = ..., state_from: _Optional[str] = ..., state_bytes: _Optional[int] = ..., wait_activation_s: _Optional[float] = ..., wait_gradient_s: _Optional[float] = ..., kept_step: _Optional[int] = ..., digests: _Optional[_Iterable[_Union[TensorDigest, _Mapping]]] = ...) -> None: ...
+
+class TensorDigest(_message.Message):
+    __slots__ = ("micro_batch", "what", "digest")
+    MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    WHAT_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    micro_batch: int
+    what: str
+    digest: bytes
+    def __init__(self, micro_batch: _Optional[int] = ..., what: _Optional[str] = ..., digest: _Optional[bytes] = ...) -> None: ...
 
 class SpotCheck(_message.Message):
-    __slots__ = ("stage", "replica", "step", "micro_batch", "what", "match", "error", "tolerance", "repeated_match", "value")
+    __slots__ = ("stage", "replica", "step", "micro_batch", "what", "match", "error", "tolerance", "repeated_match", "value", "copies")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -317,6 +329,7 @@ class SpotCheck(_message.Message):
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     REPEATED_MATCH_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
     stage: int
     replica: int
     step: int
@@ -327,7 +340,8 @@ class SpotCheck(_message.Message):
     tolerance: float
     repeated_match: bool
     value: float
-    def __init__(self, stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., what: _Optional[str] = ..., match: _Optional[bool] = ..., error: _Optional[float] = ..., tolerance: _Optional[float] = ..., repeated_match: _Optional[bool] = ..., value: _Optional[float] = ...) -> None: ...
+    copies: _containers.RepeatedCompositeFieldContainer[TensorDigest]
+    def __init__(self, stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., what: _Optional[str] = ..., match: _Optional[bool] = ..., error: _Optional[float] = ..., tolerance: _Optional[float] = ..., repeated_match: _Optional[bool] = ..., value: _Optional[float] = ..., copies: _Optional[_Iterable[_Union[TensorDigest, _Mapping]]] = ...) -> None: ...
 
 class ProgressAck(_message.Message):
     __slots__ = ("stop", "reason", "start", "fence", "switch_step", "fence_all_live")

@@ -5,6 +5,9 @@ runs so the job can re-plan without the faulty one.
 - ``corrupt-activations=0.2``: the node ends ``quarantined`` (``/api/nodes``), no honest node
   does, the job re-plans without it and finishes;
 - ``stall-after-steps=5``: the node is quarantined for stalling and the job finishes;
+- ``false-witness=1``: a witness that sends its neighbours' checker false copies (and commits to
+  them) frames nobody: each check it spoils is weighed against what the checked node committed
+  to (coordinator/jobs/binding.py), so it is the witness whose word stands alone, twice;
 - ``false-checks=1``: a checker that reports every check of the node it checks as wrong gets
   nobody quarantined on its word: the job rolls back and re-pairs, and the liar is quarantined
   once it has accused a second node nobody else faults.
@@ -113,6 +116,23 @@ def test_a_checker_framing_the_node_it_checks_is_quarantined_not_its_target(tmp_
     assert [n["id"] for n in nodes if n["state"] == "quarantined"] == [liar], nodes
     disputed = [e for e in job["events"] if e["kind"] == "disputed"]
     assert len(disputed) == 1 and disputed[0]["fields"]["accuser"] == liar, job["events"]
+    assert liar not in {a["node_id"] for a in job["assignments"]}
+
+
+@pytest.mark.timeout(240)
+def test_a_witness_framing_its_neighbours_is_quarantined_not_them(tmp_path):
+    spec = _spec(30, checkpoint_every=5, peer_timeout_s=30.0, batch_size=16, verify_prob=0.5)
+    job, nodes, liar = _run_with_faulty_node(tmp_path, "false-witness=1", spec, 200)
+    assert job["state"] == "succeeded", (job["reason"], job["events"])
+    by_id = {n["id"]: n for n in nodes}
+    assert by_id[liar]["state"] == "quarantined", (by_id[liar], job["events"])
+    assert "misreports" in by_id[liar]["quarantine_reason"]
+    assert [n["id"] for n in nodes if n["state"] == "quarantined"] == [liar], nodes
+    # every dispute is the liar's word against a neighbour's, never a checker's verdict on its target
+    disputed = [e for e in job["events"] if e["kind"] == "disputed"]
+    assert disputed and {e["fields"]["accuser"] for e in disputed} == {liar}, job["events"]
+    assert all("disagree" in e["fields"]["reason"] for e in disputed), disputed
+    assert job["spot_checks"]["contested"] >= 2 and job["spot_checks"]["bound"] > 0, job["spot_checks"]
     assert liar not in {a["node_id"] for a in job["assignments"]}
 
 

@@ -45,6 +45,9 @@ def test_honest_replicas_with_spot_checks_finish_and_nobody_is_quarantined(tmp_p
     stats = job["spot_checks"]
     print("spot checks:", stats)
     assert stats["weighed"] >= stats["checks"] // 2 and stats["mismatches"] == 0, stats
+    # every witness copy is, bit for bit, what the checked node committed to having computed on
+    # or sent (node/training/commitments.py): both ends of a boundary see the same tensors
+    assert stats["contested"] == 0 and stats["bound"] == stats["weighed"], stats
     if codec != "none":  # compressed boundaries are checked too: outputs and gradients alike
         kinds = set(re.findall(r"spot check job=\S+ stage=\d+ replica=\d+ step=\d+ micro_batch=\d+ (\w+) error=", logs))
         assert kinds == {"output", "grad_in"}, kinds

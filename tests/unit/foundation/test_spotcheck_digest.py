@@ -91,7 +91,7 @@ def test_honest_stage_passes_and_a_corrupting_stage_is_accused_with_the_same_wei
     # one checker's word opens a dispute; a second checker decides it (test_disputed_checks.py)
     (d,) = j.take_disputes("j")
     assert d.target == TARGET["node_id"] and d.step == 1 and "same weights" in d.reason
-    assert j.stats("j") == {"checks": 4, "mismatches": 1, "unverifiable": 0, "weighed": 4}
+    assert j.stats("j") == {"checks": 4, "mismatches": 1, "unverifiable": 0, "weighed": 4, "bound": 0, "contested": 0}
 
 
 def test_drifted_replicas_are_never_compared():
@@ -114,7 +114,7 @@ def test_drifted_replicas_are_never_compared():
     j = Judge()
     assert j.report("j", 1, TARGET, ASG, {"step": 5, "param_digest": d_target}) == []
     assert j.report("j", 1, CHECKER, ASG, {"step": 5, "param_digest": d_checker, "checks": checks}) == []
-    assert j.stats("j") == {"checks": 2, "mismatches": 0, "unverifiable": 2, "weighed": 0}
+    assert j.stats("j") == {"checks": 2, "mismatches": 0, "unverifiable": 2, "weighed": 0, "bound": 0, "contested": 0}
     # their sketches tell the same: far beyond SYNC_TOLERANCE
     assert weights_distance(param_sketch(target.parameters()), param_sketch(checker.parameters())) > 10 * SYNC_TOLERANCE
     # a node that reports no digest (or an old node) is never judged either
@@ -158,7 +158,7 @@ def test_near_replicas_are_weighed_by_their_sketches():
     assert j.report("j", 1, TARGET, ASG, {"step": 3, **rt}) == []
     (d,) = j.take_disputes("j")  # weighed: the checker's accusation stands, for a second checker to decide
     assert d.target == TARGET["node_id"] and d.step == 3
-    assert j.stats("j") == {"checks": 4, "mismatches": 1, "unverifiable": 0, "weighed": 4}
+    assert j.stats("j") == {"checks": 4, "mismatches": 1, "unverifiable": 0, "weighed": 4, "bound": 0, "contested": 0}
 
 
 def test_sketch_distance_estimates_the_weights_distance():
