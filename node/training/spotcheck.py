@@ -58,7 +58,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from node.training.commitments import reference_rows, tensor_digest
+from node.training.commitments import StepCommitments, reference_rows, tensor_digest
 from swarm.compression import CodecSpec, replay
 from swarm.errors import InvalidRequestError
 from swarm.transport import tensors as wt
@@ -262,7 +262,7 @@ class StageVerifier:
         self._refs_lock = threading.Lock()
         self._no_refs = False  # the output witness sends no m(x) references: AQ-SGD output checks are void
         self._ref_misses = 0  # checked outputs in a row whose reference did not come
-        self._commits: list[tuple[int, str, bytes]] = []  # this step's (micro-batch, what, digest)
+        self._commits = StepCommitments()  # this step's (micro-batch, what, digest)
         self.num_checks = self.num_mismatches = self.num_witness_dropped = 0
         # seconds spent on checking in this job's steps (node/training/worker.py logs them at the end)
         self.cost = dict.fromkeys(("steps", "step_s", "recompute_s", "weights_s", "resync_s", "witness_s", "round_s"), 0.0)
@@ -283,7 +283,7 @@ class StageVerifier:
         t = t() if callable(t) else t
         if copy and self.w.faults.lies_as_witness():  # SWARM_FAULT false-witness (tests only)
             t = self.w.faults.false_copy(t)  # and commits to it too, as a witness covering its lie would
-        self._commits.append((m, what, tensor_digest(t)))
+        self._commits.add(m, what, t)
         if copy:
             self._send_copy(role, kind, step, m, ids, t)
         self.cost["witness_s"] += time.monotonic() - t0
@@ -304,8 +304,7 @@ class StageVerifier:
 
     def take_commitments(self) -> list[tuple[int, str, bytes]]:
         """(micro-batch, what, digest) of the step's tensors so far, each returned once."""
-        out, self._commits = self._commits, []
-        return out
+        return self._commits.take()
 
     # What the checked stage computed on or sent, as its neighbour holds it: with a lossy codec the
     # decoded values, not this stage's own (``sent``: a function giving them after the encode).
@@ -316,7 +315,7 @@ class StageVerifier:
         """About to encode this stage's output (step, m) with ``codec``: with AQ-SGD, commit to the
         m(x) rows the next stage decodes it against (its ``witness_output_ref`` copy)."""
         if self.aqsgd and self.active:
-            self._view("output_ref", None, "", step, m, ids, lambda: reference_rows(codec, ids))
+            self._view("output_ref", None, "", step, m, ids, lambda: reference_rows(codec, ids, codec.device))
 
     def before_decode(self, step: int, m: int, codec, ids) -> None:
         """A gRPC thread is about to decode the previous stage's output (step, m) with ``codec``:

@@ -180,3 +180,27 @@ def test_malformed_digests_in_a_report_are_refused():
         report(copies=[pb.TensorDigest(micro_batch=2, what="output", digest=FAKE)])
     with pytest.raises(InvalidRequestError, match="at most"):
         report(*[pb.TensorDigest(micro_batch=i % 4096, what="input", digest=REAL) for i in range(MAX_DIGESTS + 1)])
+
+
+@pytest.mark.timeout(10)
+def test_a_step_s_commitments_are_taken_once_in_order():
+    from node.training.commitments import StepCommitments
+
+    c, t = StepCommitments(), torch.randn(2, 4)
+    c.add(0, "input", t)
+    c.add(1, "output", t * 2)
+    assert c.take() == [(0, "input", tensor_digest(t)), (1, "output", tensor_digest(t * 2))]
+    assert c.take() == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_commitments_of_gpu_tensors_are_those_of_their_values():
+    from node.training.commitments import StepCommitments
+
+    c, t = StepCommitments(), torch.randn(2, 64, 64)
+    g = t.cuda()
+    c.add(0, "input", g)
+    c.add(0, "output", g.half())  # a half-precision tensor is committed as its float32 values
+    g.mul_(3)  # queued after the copies: not in them
+    assert c.take() == [(0, "input", tensor_digest(t)), (0, "output", tensor_digest(t.half()))]
