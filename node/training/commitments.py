@@ -47,12 +47,17 @@ def tensor_digest(t: torch.Tensor) -> bytes:
     return h.digest()
 
 
-def reference_rows(codec, ids, device: torch.device | str = "cpu") -> torch.Tensor:
-    """An AQ-SGD boundary's m(x) rows of ``ids`` with their seen flags, float32 on ``device``, as
-    either end reads them from its state before a message: the ``witness_output_ref`` layout."""
+def reference(rows: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """m(x) rows (B, ...) and their seen flags (B,) as one float32 tensor (B, numel + 1): the
+    ``witness_output_ref`` layout."""
+    return torch.cat([rows.float().reshape(len(seen), -1), seen.float().reshape(-1, 1).to(rows.device)], dim=1)
+
+
+def reference_rows(codec, ids) -> torch.Tensor:
+    """An AQ-SGD boundary's m(x) rows of ``ids`` and seen flags on the CPU (:func:`reference`),
+    as the receiving end reads them from its state before a message."""
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-    return torch.cat([codec.store.read(ids, device).float().reshape(len(ids), -1),
-                      codec.store.seen(ids).float().reshape(-1, 1).to(device)], dim=1)
+    return reference(codec.store.read(ids, "cpu"), codec.store.seen(ids))
 
 
 class StepCommitments:
@@ -75,14 +80,26 @@ class StepCommitments:
         done.record()
         self._items.append((micro_batch, what, (host, src, done)))
 
+    def add_reference(self, micro_batch: int, rows: torch.Tensor, seen: torch.Tensor) -> None:
+        """The ``output_ref`` commitment: m(x) ``rows`` before a message (where the codec keeps
+        them) and their ``seen`` flags (CPU), joined on the host (:func:`reference`)."""
+        if not rows.is_cuda:
+            self._items.append((micro_batch, "output_ref", tensor_digest(reference(rows, seen))))
+            return
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        host.copy_(rows, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._items.append((micro_batch, "output_ref", (host, rows, done, seen.clone())))
+
     def take(self) -> list[tuple[int, str, bytes]]:
         """Every commitment added since the last call, digested (waits for queued copies)."""
         out = []
         for m, what, item in self._items:
             if not isinstance(item, bytes):
-                host, _, done = item
+                host, done = item[0], item[2]
                 done.synchronize()
-                item = tensor_digest(host)
+                item = tensor_digest(host if len(item) == 3 else reference(host, item[3]))
             out.append((m, what, item))
         self._items = []
         return out

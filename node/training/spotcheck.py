@@ -256,6 +256,8 @@ class StageVerifier:
         self.spec = a.spec.codec if isinstance(a.spec.codec, CodecSpec) else CodecSpec.parse(str(a.spec.codec))
         self.aqsgd = self.spec.kind == "aqsgd"
         self.grads_checkable = replay.gradient_checkable(self.spec)
+        for up in getattr(worker, "ups", ()):  # AQ-SGD: each encode keeps what this stage commits to
+            up.keep_sent = self.active and self.aqsgd
         # (step, micro-batch) -> the m(x) rows (and seen flags) of a sampled output of the previous
         # stage, read by a gRPC thread just before decoding it (before_decode), sent with the copy
         self._refs: dict[tuple[int, int], torch.Tensor] = {}
@@ -308,14 +310,13 @@ class StageVerifier:
 
     # What the checked stage computed on or sent, as its neighbour holds it: with a lossy codec the
     # decoded values, not this stage's own (``sent``: a function giving them after the encode).
-    def sent_activation(self, step: int, m: int, ids, sent) -> None:
+    def sent_activation(self, step: int, m: int, ids, sent, codec=None) -> None:
         self._view("output", self._next_target, "witness_input", step, m, ids, sent)
-
-    def before_encode(self, step: int, m: int, codec, ids) -> None:
-        """About to encode this stage's output (step, m) with ``codec``: with AQ-SGD, commit to the
-        m(x) rows the next stage decodes it against (its ``witness_output_ref`` copy)."""
-        if self.aqsgd and self.active:
-            self._view("output_ref", None, "", step, m, ids, lambda: reference_rows(codec, ids, codec.device))
+        # with AQ-SGD, also the m(x) rows the next stage decodes it against (its witness_output_ref
+        # copy), as the encode kept them (BoundaryCodec.keep_sent)
+        last = getattr(codec, "last_sent", None)
+        if self.active and self.aqsgd and last is not None:
+            self._commits.add_reference(m, last[2], last[3])
 
     def before_decode(self, step: int, m: int, codec, ids) -> None:
         """A gRPC thread is about to decode the previous stage's output (step, m) with ``codec``:

@@ -220,11 +220,10 @@ class StageWorker(WorkerSetup, TensorIO):
                     if out is not None:
                         out = self.faults.corrupt_sent(out)
                         up = self.up_for(op.micro_batch)
-                        self.verifier.before_encode(step, op.micro_batch, up, ids)
                         msg = up.encode_forward(out, ids)
                         # a checked stage's witness: what the next stage will compute on
                         self.verifier.sent_activation(step, op.micro_batch, ids,
-                                                      lambda: replay.sent_forward(up, msg, ids))
+                                                      lambda: replay.sent_forward(up, msg, ids), codec=up)
                         sent_fw += self._send(self.next_sender_for(op.micro_batch), "activation", step, op.micro_batch,
                                               ids, msg, a.stage)
                         raw += raw_bytes

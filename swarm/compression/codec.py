@@ -70,6 +70,11 @@ class BoundaryCodec:
         self.ef_store = ef_store
         self._seed = int(self.spec.seed if seed is None else seed)
         self._gens: dict[str, torch.Generator] = {}
+        # aqsgd, set by a spot-checked worker (node/training/spotcheck.py): each encode_forward
+        # keeps what its receiver computes on and m(x) before it, in ``last_sent``, as
+        # (message, float32 reconstruction, m(x) rows of the message's samples before it, seen flags)
+        self.keep_sent = False
+        self.last_sent: tuple | None = None
 
     # -- forward: activations ------------------------------------------------------------------
     def encode_forward(self, activation: torch.Tensor, sample_ids) -> CodecMessage:
@@ -87,18 +92,23 @@ class BoundaryCodec:
         self._check_rows(activation)
         seen = self.store.seen(ids)
         fresh_idx, delta_idx = (~seen).nonzero().view(-1), seen.nonzero().view(-1)
+        before = self.store.read(ids, activation.device) if self.keep_sent else None
         fresh = delta = None
         if len(fresh_idx):
             fresh = self._enc(activation[fresh_idx.to(activation.device)], spec.first_bits, spec.fw_stochastic)
         if len(delta_idx):
-            m = self.store.read(ids[delta_idx], activation.device).float()
-            change = activation[delta_idx.to(activation.device)].float() - m  # a - m(x)
+            didx = delta_idx.to(activation.device)
+            m = (before[didx] if before is not None else self.store.read(ids[delta_idx], activation.device)).float()
+            change = activation[didx].float() - m  # a - m(x)
             delta = self._enc(change, spec.fw_bits, spec.fw_stochastic)
         msg = CodecMessage(
             kind="aqsgd", direction=FORWARD, key_fingerprint=self.fingerprint,
             sample_ids=tuple(ids.tolist()), delta_mask=tuple(seen.tolist()), fresh=fresh, delta=delta,
         )
-        _apply_forward(self.store, msg, ids, activation.device, torch.float16, self.backend)
+        # the receiver's reconstruction is this very call's (float32 as it decodes: tensor_io.py)
+        sent = _apply_forward(self.store, msg, ids, activation.device,
+                              torch.float32 if self.keep_sent else torch.float16, self.backend)
+        self.last_sent = (msg, sent, before, seen) if self.keep_sent else None
         return msg
 
     def decode_forward(

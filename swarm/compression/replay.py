@@ -44,6 +44,8 @@ def sent_forward(codec: BoundaryCodec, msg: CodecMessage, sample_ids) -> torch.T
     receiver computes on (decoded fresh rows, m(x) of delta rows), read from this side's state."""
     if codec.spec.kind != "aqsgd":
         return decode_tensor(msg.fresh, dtype=torch.float32, device=codec.device, backend=codec.backend)
+    if codec.last_sent is not None and codec.last_sent[0] is msg:  # kept by the encode (codec.keep_sent)
+        return codec.last_sent[1]
     ids = torch.as_tensor(sample_ids, dtype=torch.long).reshape(-1).cpu()
     mask = torch.tensor(msg.delta_mask, dtype=torch.bool)
     part = msg.fresh if msg.fresh is not None else msg.delta

@@ -202,5 +202,34 @@ def test_commitments_of_gpu_tensors_are_those_of_their_values():
     g = t.cuda()
     c.add(0, "input", g)
     c.add(0, "output", g.half())  # a half-precision tensor is committed as its float32 values
+    rows, seen = torch.randn(2, 8).half(), torch.tensor([True, False])
+    c.add_reference(1, rows.cuda(), seen)
     g.mul_(3)  # queued after the copies: not in them
-    assert c.take() == [(0, "input", tensor_digest(t)), (0, "output", tensor_digest(t.half()))]
+    from node.training.commitments import reference
+
+    assert c.take() == [(0, "input", tensor_digest(t)), (0, "output", tensor_digest(t.half())),
+                        (1, "output_ref", tensor_digest(reference(rows, seen)))]
+
+
+@pytest.mark.timeout(30)
+def test_an_aqsgd_sender_commits_bit_for_bit_to_what_its_receiver_computes_on():
+    """The two ends of a boundary: the sender's kept reconstruction and m(x) before each message
+    are the receiver's decoded input and its m(x) reference, digest for digest, over an epoch of
+    first visits and then of changes."""
+    from node.training.commitments import reference, reference_rows
+    from swarm.compression import BoundaryCodec, RamStore
+
+    spec, n, row = "aqsgd:fw=2,bw=4", 6, (4, 8)
+    send, recv = (BoundaryCodec(spec, key="k", store=RamStore(key="k", num_samples=n, row_shape=row)) for _ in "ab")
+    send.keep_sent = True
+    gen = torch.Generator().manual_seed(0)
+    for epoch in range(3):
+        for ids in ([0, 1, 2], [3, 4, 5]):
+            a = torch.randn(3, *row, generator=gen) + epoch
+            ref = reference_rows(recv, ids)  # the receiver's m(x) before the message (its witness_output_ref copy)
+            msg = send.encode_forward(a, ids)
+            got = recv.decode_forward(msg, ids, dtype=torch.float32)
+            sent_msg, sent, before, seen = send.last_sent
+            assert sent_msg is msg
+            assert tensor_digest(sent) == tensor_digest(got)
+            assert tensor_digest(reference(before, seen)) == tensor_digest(ref)
