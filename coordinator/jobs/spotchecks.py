@@ -156,6 +156,11 @@ JUDGE_AFTER_PEER_TIMEOUTS = 3
 MAX_KEPT_STEPS = 256  # per job: digests, losses and waiting checks of older steps are forgotten
 
 
+# Steps around a worker's latest report whose commitments are kept (coordinator/jobs/binding.py):
+# a check is reported with its step, and a witness's report of that step comes within a step or two
+DIGESTS_KEPT_STEPS = 8
+
+
 @dataclass(slots=True)
 class _JobState:
     losses: dict[tuple[int, int, int, int], list[float]] = field(default_factory=dict)  # (attempt, s, r, step)
@@ -209,8 +214,9 @@ class Judge:
             st.watched_since_s = now_s if st.watched_since_s is None else st.watched_since_s
 
     def report(self, job_id: str, attempt: int, a: dict[str, Any], assignments: list[dict[str, Any]],
-               r: dict[str, Any]) -> list[Verdict]:
-        """Weigh one running progress report of assignment ``a``; returns verdicts (guilty nodes)."""
+               r: dict[str, Any], micro_batches: int = 4096) -> list[Verdict]:
+        """Weigh one running progress report of assignment ``a``; returns verdicts (guilty nodes).
+        ``micro_batches``: per step and pipeline (commitments of others are dropped)."""
         at = {(x["stage"], x["replica"]): x for x in assignments}
         R = a["num_replicas"]
         out: list[Verdict] = []
@@ -223,7 +229,11 @@ class Judge:
                                "param_sketch": tuple(r.get("param_sketch") or ())}
             if r.get("micro_batch_losses"):
                 st.losses[own] = list(r["micro_batch_losses"])
-            st.digests[own] = dict(r.get("digests") or {})  # what it says it computed on and sent
+            # what it says it computed on and sent, kept for the steps around this one only: checks
+            # and the witnesses' reports of a step come within a step or two of it
+            st.digests[own] = {k: d for k, d in (r.get("digests") or {}).items() if k[0] < micro_batches}
+            for k in [k for k in st.digests if k[:3] == own[:3] and abs(k[3] - own[3]) > DIGESTS_KEPT_STEPS]:
+                del st.digests[k]
             out += self._watch_sync(job_id, st, attempt, a["stage"], r["step"], at)
             touched = {own}
             for c in r.get("checks", []):
@@ -398,7 +408,7 @@ class Judge:
 
     @staticmethod
     def _prune(st: _JobState, step: int) -> None:
-        for d in (st.weights, st.losses, st.waiting, st.digests):
+        for d in (st.weights, st.losses, st.waiting):
             for k in [k for k in d if k[3] < step - MAX_KEPT_STEPS]:
                 del d[k]
 

@@ -233,3 +233,18 @@ def test_an_aqsgd_sender_commits_bit_for_bit_to_what_its_receiver_computes_on():
             assert sent_msg is msg
             assert tensor_digest(sent) == tensor_digest(got)
             assert tensor_digest(reference(before, seen)) == tensor_digest(ref)
+
+
+@pytest.mark.timeout(10)
+def test_the_judge_keeps_a_bounded_window_of_commitments():
+    """A worker's commitments are kept for the steps around its latest report, and only for the
+    job's micro-batches: a node flooding digests (or reporting far-off steps) cannot grow them."""
+    j = Judge()
+    asg = _asg([["a", "b"], ["t", "c"]])
+    at = {a["node_id"]: a for a in asg}
+    many = {(m, "input"): REAL for m in range(4000)}
+    for step in (1000, 0, 999, 998, 1, 2, 3):
+        j.report("j", 1, at["t"], asg, {"step": step, "param_digest": "d", "digests": many}, micro_batches=4)
+    kept = j._jobs["j"].digests
+    assert sorted(k[3] for k in kept) == [1, 2, 3]  # (0 went when 999 came)
+    assert all(len(d) == 4 for d in kept.values())
