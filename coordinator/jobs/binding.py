@@ -15,7 +15,7 @@ reports the digests of the copies each check used. A confirmed mismatch is weigh
   checker accuses the witness (a lying checker could say so of anyone: the dispute rules of
   coordinator/jobs/disputes.py weigh checkers' words);
 - a copy differs from the target's word, and the **witness's commitment equals the copy** (or the
-  witness commits to no such tensor: the m(x) reference of an AQ-SGD output): the two ends of the
+  witness left that tensor out of its commitments, which an honest one never does): the two ends of the
   boundary disagree about what passed between them, and the coordinator cannot tell which one
   lies. It is the witness's word against the target's: a dispute with the witness as accuser, so
   the rules of disputes.py apply: the job rolls back and re-plans them apart (not pipeline
@@ -39,10 +39,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 # A copy (named as the target's side of the tensor) -> (which witness sent it: -1 the previous
-# stage, +1 the next, and the witness's own commitment of the same tensor, None when it has none)
-WITNESS_SIDE: dict[str, tuple[int, str | None]] = {
+# stage, +1 the next, and the witness's own commitment of the same tensor). Every copy has one: a
+# copy the witness did not commit to would let a lying checker put words in an honest witness's
+# mouth (claim a copy that differs from the target's word, and the witness becomes the accuser).
+WITNESS_SIDE: dict[str, tuple[int, str]] = {
     "input": (-1, "output"), "grad_in": (-1, "grad_out"),
-    "output": (1, "input"), "output_ref": (1, None), "grad_out": (1, "grad_in")}
+    "output": (1, "input"), "output_ref": (1, "input_ref"), "grad_out": (1, "grad_in")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +65,7 @@ def contested(copies: dict[str, bytes], micro_batch: int, target: dict[tuple[int
     if not target:
         return []
     return [what for what, d in sorted(copies.items(), key=lambda kv: _order(kv[0]))
-            if target.get((micro_batch, what)) not in (None, d)]
+            if what in WITNESS_SIDE and target.get((micro_batch, what)) not in (None, d)]
 
 
 def bound(copies: dict[str, bytes], micro_batch: int, target: dict[tuple[int, str], bytes] | None) -> bool:
@@ -87,14 +89,13 @@ def weigh(copies: dict[str, bytes], micro_batch: int, *, checker: str, target_id
             return VOID  # no such neighbour in the plan: nobody to weigh the copy against
         node, commits = w
         about = f"the {what} of micro-batch {micro_batch} (a {what_checked} check)"
-        if theirs is not None:
-            if commits is None:
-                return WAIT
-            said = commits.get((micro_batch, theirs))
-            if said is not None and said != copies[what]:
-                return Contest(checker, node, (
-                    f"its witness copy of {about} of node {target_id[:12]} is not what it reported itself sending "
-                    f"or receiving: it sent the checker a false copy"))
+        if commits is None:
+            return WAIT
+        said = commits.get((micro_batch, theirs))
+        if said is not None and said != copies[what]:
+            return Contest(checker, node, (
+                f"its witness copy of {about} of node {target_id[:12]} is not what it reported itself sending "
+                f"or receiving: it sent the checker a false copy"))
         return Contest(node, target_id, (
             f"node {node[:12]} and node {target_id[:12]} disagree on {about}: the copy node {node[:12]} witnessed "
             f"differs from what node {target_id[:12]} reported computing on or sending; one of them misreports it"))

@@ -11,6 +11,9 @@ sent it*:
   swarm/compression/replay.py ``sent_forward``) (not on the last stage);
 - ``output_ref``: with AQ-SGD, its mirror of the next stage's m(x) rows and seen flags before the
   message (what the next stage's ``witness_output_ref`` copy holds);
+- ``input_ref``: with AQ-SGD, its own m(x) rows and seen flags before the previous stage's
+  message (the receiving end's side of the same state: the witness's own word on a
+  ``witness_output_ref`` copy it sends, so a checker cannot claim a reference nobody committed to);
 - ``grad_out``: the gradient it received from the next stage, decoded;
 - ``grad_in``: what the previous stage gets of the gradient it sent (``sent_backward``).
 
@@ -34,11 +37,6 @@ import torch
 
 from swarm.transport.jobs import DIGEST_BYTES
 
-# a witness copy's kind -> the checked node's commitment it must equal
-COPY_WHAT = {"witness_input": "input", "witness_output": "output", "witness_output_ref": "output_ref",
-             "witness_grad_out": "grad_out", "witness_grad_in": "grad_in"}
-
-
 def tensor_digest(t: torch.Tensor) -> bytes:
     """BLAKE2b-128 of ``t``'s shape and float32 bytes (the same wherever ``t`` lives)."""
     a = t.detach().to("cpu", torch.float32).contiguous()
@@ -51,13 +49,6 @@ def reference(rows: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     """m(x) rows (B, ...) and their seen flags (B,) as one float32 tensor (B, numel + 1): the
     ``witness_output_ref`` layout."""
     return torch.cat([rows.float().reshape(len(seen), -1), seen.float().reshape(-1, 1).to(rows.device)], dim=1)
-
-
-def reference_rows(codec, ids) -> torch.Tensor:
-    """An AQ-SGD boundary's m(x) rows of ``ids`` and seen flags on the CPU (:func:`reference`),
-    as the receiving end reads them from its state before a message."""
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-    return reference(codec.store.read(ids, "cpu"), codec.store.seen(ids))
 
 
 class StepCommitments:
@@ -80,17 +71,17 @@ class StepCommitments:
         done.record()
         self._items.append((micro_batch, what, (host, src, done)))
 
-    def add_reference(self, micro_batch: int, rows: torch.Tensor, seen: torch.Tensor) -> None:
-        """The ``output_ref`` commitment: m(x) ``rows`` before a message (where the codec keeps
-        them) and their ``seen`` flags (CPU), joined on the host (:func:`reference`)."""
+    def add_reference(self, micro_batch: int, rows: torch.Tensor, seen: torch.Tensor, what: str = "output_ref") -> None:
+        """An ``output_ref`` or ``input_ref`` commitment: m(x) ``rows`` before a message (where the
+        codec keeps them) and their ``seen`` flags (CPU), joined on the host (:func:`reference`)."""
         if not rows.is_cuda:
-            self._items.append((micro_batch, "output_ref", tensor_digest(reference(rows, seen))))
+            self._items.append((micro_batch, what, tensor_digest(reference(rows, seen))))
             return
         host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
         host.copy_(rows, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        self._items.append((micro_batch, "output_ref", (host, rows, done, seen.clone())))
+        self._items.append((micro_batch, what, (host, rows, done, seen.clone())))
 
     def take(self) -> list[tuple[int, str, bytes]]:
         """Every commitment added since the last call, digested (waits for queued copies)."""

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from node.training.commitments import StepCommitments, reference_rows, tensor_digest
+from node.training.commitments import StepCommitments, reference, tensor_digest
 from swarm.compression import CodecSpec, replay
 from swarm.errors import InvalidRequestError
 from swarm.transport import tensors as wt
@@ -86,7 +86,7 @@ REF_WAIT_S = 2.0
 # witness shielding its neighbour by withholding references must withhold them 3 times in a row.
 REF_MISSES_BEFORE_VOID = 3
 WITNESS_KINDS = ("witness_input", "witness_output", "witness_grad_out", "witness_grad_in", "witness_output_ref")
-REFS_KEPT = 64  # m(x) references captured and not yet sent (a fence can leave some behind)
+REFS_KEPT = 64  # m(x) references kept at least (2 steps' worth when more) not yet committed
 
 
 def sampled(seed: int, step: int, micro_batch: int, prob: float) -> bool:
@@ -320,24 +320,30 @@ class StageVerifier:
 
     def before_decode(self, step: int, m: int, codec, ids) -> None:
         """A gRPC thread is about to decode the previous stage's output (step, m) with ``codec``:
-        keep its m(x) rows as they are before the message, when that output is checked (AQ-SGD)."""
-        role = self._prev_target
-        if not self.aqsgd or role is None or not self.active or not sampled(role.seed, step, m,
-                                                                              role.prob_at(step, self.plan.prob)):
+        with AQ-SGD, keep its m(x) rows and seen flags as they are before the message (where the
+        codec keeps them), for this stage's ``input_ref`` commitment and, when that output is
+        checked, the copy its checker replays the message against."""
+        if not self.aqsgd or not self.active:
             return
-        ref = reference_rows(codec, ids)
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        ref = (codec.store.read(ids, codec.device), codec.store.seen(ids))
         with self._refs_lock:
             self._refs[(step, m)] = ref
-            for key in sorted(self._refs)[:-REFS_KEPT]:
-                del self._refs[key]
+            # a received tensor is consumed within its step or the next: older ones were left by a fence
+            for key in [k for k in self._refs if k[0] < step - 1] + sorted(self._refs)[:-max(REFS_KEPT, 2 * self.w.M)]:
+                self._refs.pop(key, None)
 
     def received_activation(self, step: int, m: int, ids, t: torch.Tensor) -> None:
         self._view("input", self._prev_target, "witness_output", step, m, ids, t)
-        if self.aqsgd:
+        if self.aqsgd and self.active:
             with self._refs_lock:
                 ref = self._refs.pop((step, m), None)
-            if ref is not None:  # the next stage's word on it: the checked stage commits to its own mirror
-                self._send_copy(self._prev_target, "witness_output_ref", step, m, ids, ref)
+            if ref is None:
+                return
+            self._commits.add_reference(m, *ref, what="input_ref")
+            role = self._prev_target
+            if role is not None and sampled(role.seed, step, m, role.prob_at(step, self.plan.prob)):
+                self._send_copy(role, "witness_output_ref", step, m, ids, reference(*ref))
 
     def received_gradient(self, step: int, m: int, ids, t: torch.Tensor) -> None:
         if self.grads_checkable:

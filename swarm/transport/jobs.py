@@ -77,20 +77,21 @@ def state_serves_to_pb(serves: list[dict[str, Any]] | None) -> list[pb.StateServ
 
 # A worker's commitments (node/training/commitments.py): the tensors of a micro-batch it commits
 # to, and the size of a digest; at most one per micro-batch and kind (4096 micro-batches a step)
-DIGEST_WHATS = ("input", "output", "output_ref", "grad_out", "grad_in")
+DIGEST_WHATS = ("input", "output", "output_ref", "grad_out", "grad_in", "input_ref")
+COPY_WHATS = DIGEST_WHATS[:5]  # what a checker's copies may be (input_ref is the witness's own word only)
 DIGEST_BYTES = 16
 MAX_DIGESTS = len(DIGEST_WHATS) * 4096
 
 
-def digests_from_pb(items, *, limit: int) -> dict[tuple[int, str], bytes]:
+def digests_from_pb(items, *, limit: int, whats: tuple[str, ...] = DIGEST_WHATS) -> dict[tuple[int, str], bytes]:
     """Repeated TensorDigest -> {(micro_batch, what): digest}. Raises InvalidRequestError."""
     if len(items) > limit:
         raise InvalidRequestError(f"at most {limit} tensor digests in one report, got {len(items)}")
     out: dict[tuple[int, str], bytes] = {}
     for d in items:
         key = (int(d.micro_batch), d.what)
-        if d.what not in DIGEST_WHATS or not 0 <= key[0] < 4096 or len(d.digest) != DIGEST_BYTES:
-            raise InvalidRequestError(f"a tensor digest must name one of {', '.join(DIGEST_WHATS)}, a micro-batch "
+        if d.what not in whats or not 0 <= key[0] < 4096 or len(d.digest) != DIGEST_BYTES:
+            raise InvalidRequestError(f"a tensor digest must name one of {', '.join(whats)}, a micro-batch "
                                       f"in 0..4095 and hold {DIGEST_BYTES} bytes")
         if out.setdefault(key, bytes(d.digest)) != d.digest:
             raise InvalidRequestError(f"two different digests of micro-batch {key[0]}'s {key[1]} in one report")
@@ -125,7 +126,8 @@ def progress_from_pb(m: pb.ProgressReport) -> dict[str, Any]:
     r["checks"] = [{"stage": c.stage, "replica": c.replica, "step": c.step, "micro_batch": c.micro_batch,
                     "what": c.what[:16], "match": c.match, "error": c.error, "tolerance": c.tolerance,
                     "repeated_match": c.repeated_match, "value": c.value,
-                    "copies": {w: d for (_, w), d in digests_from_pb(c.copies, limit=len(DIGEST_WHATS)).items()}}
+                    "copies": {w: d for (_, w), d in digests_from_pb(c.copies, limit=len(COPY_WHATS),
+                                                                           whats=COPY_WHATS).items()}}
                    for c in m.checks]
     if any(d.micro_batch != c.micro_batch for c in m.checks for d in c.copies):
         raise InvalidRequestError("a spot check's copies must be of its own micro-batch")

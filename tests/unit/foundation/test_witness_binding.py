@@ -78,11 +78,20 @@ def test_a_copy_the_target_disowns_is_weighed_against_its_witness():
     # its commitments are not in yet: wait for them
     assert binding.weigh({"input": FAKE}, 0, checker="c", target_id="t", target=target, witness=w(None),
                          what_checked="loss") == binding.WAIT
-    # the next stage's m(x) reference has no commitment of its own: its word against the target's
+    # the next stage left its own m(x) reference out of its commitments: its word against the target's
     sides.clear()
     c = binding.weigh({"output": REAL, "output_ref": FAKE}, 0, checker="c", target_id="t",
                       target={**target, (0, "output"): REAL}, witness=w({(0, "input"): REAL}), what_checked="output")
     assert (c.accuser, c.accused) == ("w", "t") and sides == [1]
+    # a checker claiming a reference copy that differs from what both ends committed to (the target
+    # its mirror, the witness its own m(x)) cannot make the witness the accuser: it accuses the witness
+    # itself, and its word is weighed by the dispute rules
+    c = binding.weigh({"output": REAL, "output_ref": FAKE}, 0, checker="c", target_id="t",
+                      target={**target, (0, "output"): REAL}, witness=w({(0, "input"): REAL, (0, "input_ref"): REAL}),
+                      what_checked="output")
+    assert (c.accuser, c.accused) == ("c", "w")
+    # a copy of a kind that has no witness (a checker's invention) is ignored
+    assert binding.contested({"input_ref": FAKE}, 0, {(0, "input_ref"): REAL}) == []
     # no such neighbour in the plan: no evidence either way
     assert binding.weigh({"input": FAKE}, 0, checker="c", target_id="t", target=target, witness=lambda side: None,
                          what_checked="loss") == binding.VOID
@@ -176,6 +185,8 @@ def test_malformed_digests_in_a_report_are_refused():
     with pytest.raises(InvalidRequestError, match="two different digests"):
         report(pb.TensorDigest(micro_batch=1, what="input", digest=REAL),
                pb.TensorDigest(micro_batch=1, what="input", digest=FAKE))
+    with pytest.raises(InvalidRequestError, match="must name one of"):  # a witness's own word, never a copy
+        report(copies=[pb.TensorDigest(micro_batch=1, what="input_ref", digest=FAKE)])
     with pytest.raises(InvalidRequestError, match="its own micro-batch"):
         report(copies=[pb.TensorDigest(micro_batch=2, what="output", digest=FAKE)])
     with pytest.raises(InvalidRequestError, match="at most"):
@@ -216,7 +227,7 @@ def test_an_aqsgd_sender_commits_bit_for_bit_to_what_its_receiver_computes_on():
     """The two ends of a boundary: the sender's kept reconstruction and m(x) before each message
     are the receiver's decoded input and its m(x) reference, digest for digest, over an epoch of
     first visits and then of changes."""
-    from node.training.commitments import reference, reference_rows
+    from node.training.commitments import reference
     from swarm.compression import BoundaryCodec, RamStore
 
     spec, n, row = "aqsgd:fw=2,bw=4", 6, (4, 8)
@@ -226,7 +237,8 @@ def test_an_aqsgd_sender_commits_bit_for_bit_to_what_its_receiver_computes_on():
     for epoch in range(3):
         for ids in ([0, 1, 2], [3, 4, 5]):
             a = torch.randn(3, *row, generator=gen) + epoch
-            ref = reference_rows(recv, ids)  # the receiver's m(x) before the message (its witness_output_ref copy)
+            t_ids = torch.tensor(ids)  # the receiver's m(x) before the message (its input_ref, the ref copy)
+            ref = reference(recv.store.read(t_ids, "cpu"), recv.store.seen(t_ids))
             msg = send.encode_forward(a, ids)
             got = recv.decode_forward(msg, ids, dtype=torch.float32)
             sent_msg, sent, before, seen = send.last_sent
