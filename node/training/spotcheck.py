@@ -258,9 +258,9 @@ class StageVerifier:
         self.grads_checkable = replay.gradient_checkable(self.spec)
         for up in getattr(worker, "ups", ()):  # AQ-SGD: each encode keeps what this stage commits to
             up.keep_sent = self.active and self.aqsgd
-        # (step, micro-batch) -> the m(x) rows (and seen flags) of a sampled output of the previous
-        # stage, read by a gRPC thread just before decoding it (before_decode), sent with the copy
-        self._refs: dict[tuple[int, int], torch.Tensor] = {}
+        # (step, micro-batch) -> the m(x) rows (and seen flags) of each output of the previous
+        # stage, kept by a gRPC thread as it decodes it (received_ref): committed to, and sent with a copy
+        self._refs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._refs_lock = threading.Lock()
         self._no_refs = False  # the output witness sends no m(x) references: AQ-SGD output checks are void
         self._ref_misses = 0  # checked outputs in a row whose reference did not come
@@ -318,17 +318,18 @@ class StageVerifier:
         if self.active and self.aqsgd and last is not None:
             self._commits.add_reference(m, last[2], last[3])
 
-    def before_decode(self, step: int, m: int, codec, ids) -> None:
-        """A gRPC thread is about to decode the previous stage's output (step, m) with ``codec``:
-        with AQ-SGD, keep its m(x) rows and seen flags as they are before the message (where the
-        codec keeps them), for this stage's ``input_ref`` commitment and, when that output is
-        checked, the copy its checker replays the message against."""
-        if not self.aqsgd or not self.active:
-            return
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-        ref = (codec.store.read(ids, codec.device), codec.store.seen(ids))
+    @property
+    def keeps_refs(self) -> bool:
+        """Whether received AQ-SGD outputs hand their m(x) before decoding to :meth:`received_ref`."""
+        return self.aqsgd and self.active
+
+    def received_ref(self, step: int, m: int, rows: torch.Tensor, seen: torch.Tensor) -> None:
+        """A gRPC thread decoded the previous stage's output (step, m): m(x) ``rows`` (where the
+        codec keeps them) and ``seen`` flags as they were before it, for this stage's
+        ``input_ref`` commitment and, when that output is checked, the copy its checker replays
+        the message against (both in :meth:`received_activation`)."""
         with self._refs_lock:
-            self._refs[(step, m)] = ref
+            self._refs[(step, m)] = (rows, seen)
             # a received tensor is consumed within its step or the next: older ones were left by a fence
             for key in [k for k in self._refs if k[0] < step - 1] + sorted(self._refs)[:-max(REFS_KEPT, 2 * self.w.M)]:
                 self._refs.pop(key, None)

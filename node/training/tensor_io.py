@@ -116,9 +116,11 @@ class TensorIO:
         codec, ids, shape = self._check_header(h)
         msg = CodecMessage.from_bytes(payload, device=self.device)
         if h.kind == "activation":
-            if self.verifier is not None:  # a checked previous stage: its output's m(x) before this message
-                self.verifier.before_decode(h.step, h.micro_batch, codec, ids)
-            t = codec.decode_forward(msg, ids, dtype=torch.float32, expected_row_shape=(self.S, self.H))
+            # a spot-checked AQ-SGD job: m(x) before this message, for this stage's commitment
+            keep = {} if self.verifier is not None and self.verifier.keeps_refs else None
+            t = codec.decode_forward(msg, ids, dtype=torch.float32, expected_row_shape=(self.S, self.H), keep=keep)
+            if keep:
+                self.verifier.received_ref(h.step, h.micro_batch, keep["rows"], keep["seen"])
         else:
             t = codec.decode_backward(msg, ids, dtype=torch.float32, expected_shape=shape)
         if tuple(t.shape) != shape:

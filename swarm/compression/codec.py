@@ -107,17 +107,19 @@ class BoundaryCodec:
         )
         # the receiver's reconstruction is this very call's (float32 as it decodes: tensor_io.py)
         sent = _apply_forward(self.store, msg, ids, activation.device,
-                              torch.float32 if self.keep_sent else torch.float16, self.backend)
+                              torch.float32 if self.keep_sent else torch.float16, self.backend, before=before)
         self.last_sent = (msg, sent, before, seen) if self.keep_sent else None
         return msg
 
     def decode_forward(
         self, msg: CodecMessage, sample_ids=None, *, dtype: torch.dtype | None = None,
-        expected_row_shape: tuple[int, ...] | None = None,
+        expected_row_shape: tuple[int, ...] | None = None, keep: dict | None = None,
     ) -> torch.Tensor:
         """The activations (B, ...) the downstream stage computes on; updates state (aqsgd).
 
         ``sample_ids`` (the micro-batch the receiver expects) must match the message's when given.
+        ``keep`` (aqsgd, a spot-checked receiver: node/training/spotcheck.py): a dict that gets the
+        message's m(x) rows before it (``rows``, on this codec's device) and their ``seen`` flags.
         """
         ids = self._check_msg(msg, FORWARD, sample_ids)
         if expected_row_shape is not None:
@@ -146,7 +148,11 @@ class BoundaryCodec:
                 "are out of sync; reset both boundary states"
             )
         out_dtype = dtype or (msg.fresh.dtype if msg.fresh is not None else msg.delta.dtype)
-        return _apply_forward(self.store, msg, ids, self.device, out_dtype, self.backend)
+        before = None
+        if keep is not None:
+            keep["rows"] = before = self.store.read(ids, self.device)
+            keep["seen"] = seen
+        return _apply_forward(self.store, msg, ids, self.device, out_dtype, self.backend, before=before)
 
     # -- backward: gradients -------------------------------------------------------------------
     def encode_backward(self, grad: torch.Tensor, sample_ids) -> CodecMessage:
@@ -242,13 +248,15 @@ def _ids(sample_ids, batch: int) -> torch.Tensor:
 
 
 def _apply_forward(
-    store: RowStore, msg: CodecMessage, ids: torch.Tensor, device: torch.device, dtype: torch.dtype, backend: str
+    store: RowStore, msg: CodecMessage, ids: torch.Tensor, device: torch.device, dtype: torch.dtype, backend: str,
+    before: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Update m(x) from a forward message and return the reconstruction (B, ...) in ``dtype``.
 
     Sender and receiver both call this with the same message: fresh rows set m = decoded value,
     delta rows set m = fp16(m + decoded change). The reconstruction is the decoded value for fresh
-    rows (full precision) and m for delta rows.
+    rows (full precision) and m for delta rows. ``before``: m(x) of all of ``ids`` already read
+    (on ``device``), so the delta rows are not read again.
     """
     mask = torch.tensor(msg.delta_mask, dtype=torch.bool)
     row_shape = (msg.fresh or msg.delta).shape[1:]
@@ -260,9 +268,10 @@ def _apply_forward(
         out[fidx.to(device)] = value.to(dtype)
     if msg.delta is not None:
         didx = mask.nonzero().view(-1)
+        on_device = didx.to(device)
         change = decode_tensor(msg.delta, dtype=torch.float32, device=device, backend=backend)
-        m = store.read(ids[didx], device).float()
+        m = (before[on_device] if before is not None else store.read(ids[didx], device)).float()
         m = (m + change).to(torch.float16)
         store.write(ids[didx], m)
-        out[didx.to(device)] = m.to(dtype)
+        out[on_device] = m.to(dtype)
     return out

@@ -89,7 +89,7 @@ def test_an_honest_stage_passes_and_a_corrupting_one_fails_through_the_codec(tex
         assert torch.equal(replay.sent_forward(into, x_msg, ids), x)  # the witness' copy of the input
         xin = x.clone().requires_grad_(True)
         y = target(xin)
-        store = out_down.store  # the next stage's m(x) just before it decodes (what before_decode keeps)
+        store = out_down.store  # the next stage's m(x) just before it decodes (what received_ref keeps)
         ref = None if store is None else torch.cat([store.read(ids, "cpu").float().reshape(B, -1),
                                                     store.seen(ids).float().reshape(-1, 1)], dim=1)
         msg = out_up.encode_forward(y.detach(), ids)

@@ -240,7 +240,9 @@ def test_an_aqsgd_sender_commits_bit_for_bit_to_what_its_receiver_computes_on():
             t_ids = torch.tensor(ids)  # the receiver's m(x) before the message (its input_ref, the ref copy)
             ref = reference(recv.store.read(t_ids, "cpu"), recv.store.seen(t_ids))
             msg = send.encode_forward(a, ids)
-            got = recv.decode_forward(msg, ids, dtype=torch.float32)
+            keep = {}
+            got = recv.decode_forward(msg, ids, dtype=torch.float32, keep=keep)
+            assert tensor_digest(reference(keep["rows"], keep["seen"])) == tensor_digest(ref)
             sent_msg, sent, before, seen = send.last_sent
             assert sent_msg is msg
             assert tensor_digest(sent) == tensor_digest(got)
