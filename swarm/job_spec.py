@@ -111,6 +111,11 @@ class JobSpec:
     def replace(self, **changes: Any) -> JobSpec:
         return dataclasses.replace(self, **changes)
 
+    def micro_batches(self, pipelines: int) -> int:
+        """Micro-batches per step of each of ``pipelines`` data-parallel pipelines (what a
+        worker's BatchOrder.num_micro_batches gives: swarm/pipeline/data.py)."""
+        return self.batch_size // pipelines // self.micro_batch_size
+
     # -- the JSON form ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able form: protobuf field names, the codec as its canonical text. Fields added

@@ -124,7 +124,7 @@ class Fencing:
         stage = helpers.pick_stage(rows=rows, assignments=job.assignments, idle=len(idle),
                                    requested=job.spec.num_replicas, steps_left=steps_left,
                                    min_steps_left=GROW_MIN_STEPS_LEFT, resume_step=job.resume_step,
-                                   micro_batches=job.spec.batch_size // (pipelines * job.spec.micro_batch_size))
+                                   micro_batches=job.spec.micro_batches(pipelines))
         step_s = self.speeds.step_s(job)
         if stage is None or not step_s:
             return

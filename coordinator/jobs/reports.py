@@ -135,8 +135,8 @@ class Reporting:
                                  step=job.resume_step, attempt=job.attempt)
         if r["state"] == "running":
             self.judge.progress(job.id, node_id, self.clock.time())
-            micro_batches = job.spec.batch_size // a["num_replicas"] // job.spec.micro_batch_size
-            for v in self.judge.report(job.id, job.attempt, a, job.assignments, r, micro_batches=micro_batches):
+            for v in self.judge.report(job.id, job.attempt, a, job.assignments, r,
+                                       micro_batches=job.spec.micro_batches(a["num_replicas"])):
                 self._quarantine(job, v)
             for message, fields in self.judge.take_notices(job.id):
                 self.store.add_event(job.id, "checks_void", message, **fields)

@@ -254,17 +254,16 @@ class Judge:
             # this report may be a witness's whose commitments a contested check waits for
             touched |= {k for k in st.waiting if k[0] == attempt and k[3] == r["step"]}
             for key in sorted(touched):
-                out += self._settle(job_id, st, key, assignments)
+                out += self._settle(job_id, st, key, at, assignments)
             self._prune(st, r["step"])
         return out
 
     def _settle(self, job_id: str, st: _JobState, key: tuple[int, int, int, int],
-                assignments: list[dict[str, Any]]) -> list[Verdict]:
+                at: dict[tuple[int, int], dict[str, Any]], assignments: list[dict[str, Any]]) -> list[Verdict]:
         """Weigh the checks of target ``key`` once its weights are known (else they keep waiting;
         a mismatch whose copies the target disowns also waits for its witness's commitments)."""
         if key not in st.weights or key not in st.waiting:
             return []
-        at = {(x["stage"], x["replica"]): x for x in assignments}
         target_weights = st.weights[key]
         target = at[(key[1], key[2])]
         out: list[Verdict] = []
@@ -281,7 +280,7 @@ class Judge:
             if reason:
                 accused = binding.weigh(c.get("copies") or {}, c["micro_batch"], checker=c["by"],
                                         target_id=target["node_id"], target=st.digests.get(key),
-                                        witness=lambda side: self._witness(st, key, c, side, assignments),
+                                        witness=lambda side: self._witness(st, key, c, side, at, assignments),
                                         what_checked=c["what"])
                 if accused == binding.WAIT:
                     keep.append(c)
@@ -331,12 +330,11 @@ class Judge:
 
     @staticmethod
     def _witness(st: _JobState, key: tuple[int, int, int, int], c: dict[str, Any], side: int,
-                 assignments: list[dict[str, Any]]):
+                 at: dict[tuple[int, int], dict[str, Any]], assignments: list[dict[str, Any]]):
         """(node id, commitments or None when not reported yet) of the worker at stage
         ``key[1] + side`` that exchanged check ``c``'s micro-batch with the target; None: none."""
         stage = key[1] + side
-        holder = holder_of(assignments, stage, c["replica"], c["micro_batch"]) or next(
-            (x for x in assignments if x["stage"] == stage and x["replica"] == c["replica"]), None)
+        holder = holder_of(assignments, stage, c["replica"], c["micro_batch"]) or at.get((stage, c["replica"]))
         if holder is None:
             return None
         return holder["node_id"], st.digests.get((key[0], stage, holder["replica"], key[3]))
