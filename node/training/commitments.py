@@ -51,6 +51,16 @@ def reference(rows: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows.float().reshape(len(seen), -1), seen.float().reshape(-1, 1).to(rows.device)], dim=1)
 
 
+def _queued_copy(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, "torch.cuda.Event"]:
+    """(pinned host copy, ``t``, event): ``t`` (on a GPU) copied to pinned host memory behind the
+    work queued on the current stream, without waiting; ``t`` is kept alive until the event."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, t, done
+
+
 class StepCommitments:
     """A step's commitments, (micro-batch, what, digest), digested off the compute path: a tensor
     on a GPU is copied to pinned host memory behind the work already queued on its stream (no
@@ -64,12 +74,7 @@ class StepCommitments:
         if not t.is_cuda:
             self._items.append((micro_batch, what, tensor_digest(t)))
             return
-        src = t.float()
-        host = torch.empty(src.shape, dtype=torch.float32, pin_memory=True)
-        host.copy_(src, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        self._items.append((micro_batch, what, (host, src, done)))
+        self._items.append((micro_batch, what, _queued_copy(t.float())))
 
     def add_reference(self, micro_batch: int, rows: torch.Tensor, seen: torch.Tensor, what: str = "output_ref") -> None:
         """An ``output_ref`` or ``input_ref`` commitment: m(x) ``rows`` before a message (where the
@@ -77,11 +82,7 @@ class StepCommitments:
         if not rows.is_cuda:
             self._items.append((micro_batch, what, tensor_digest(reference(rows, seen))))
             return
-        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-        host.copy_(rows, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        self._items.append((micro_batch, what, (host, rows, done, seen.clone())))
+        self._items.append((micro_batch, what, (*_queued_copy(rows), seen.clone())))
 
     def take(self) -> list[tuple[int, str, bytes]]:
         """Every commitment added since the last call, digested (waits for queued copies)."""
