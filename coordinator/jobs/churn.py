@@ -21,7 +21,10 @@ node cannot run, the others (``live``) can. The job is not rolled back:
    run the steps stage 0 starts;
 3. once every live worker reported, the switch step ``S`` is the largest of their boundaries
    (:func:`on_fence_report`): every live worker runs up to ``S`` (those that stopped earlier
-   carry on), saves and uploads a full checkpoint at ``S`` and reports ``fenced``;
+   carry on); the live workers of a stage, when 2+ (:func:`live_members`, sent in the replies),
+   average their parameters among themselves there, so what each pipeline learnt alone since the
+   loss is kept whichever upload the re-plan resumes from; each saves and uploads a full
+   checkpoint at ``S`` and reports ``fenced``;
 4. once every live worker is ``fenced`` (:func:`fence_complete`), the job is re-planned from
    step ``S`` with the checkpoint just taken: the surviving pipelines carry the whole batch
    (each takes ``batch / replicas`` of it, so the effective batch is unchanged); the nodes of
@@ -175,6 +178,24 @@ def fence_all_live(fence: dict[str, Any] | None) -> bool:
     it. A replica-loss fence: each pipeline steps with its own gradients (its groups have a dead
     member)."""
     return fence is not None and not fence.get("lost")
+
+
+def live_members(fence: dict[str, Any] | None, assignments: list[dict[str, Any]], stage: int) -> list[int]:
+    """A fence that lost a node: the positions, in ``stage``'s averaging order (its workers by
+    replica index: the rendezvous' order, coordinator/jobs/service.py ``rendezvous``), of its
+    workers in the fence's live pipelines; [] for no fence, a fence that lost none, or fewer than
+    two live members (nothing to average).
+
+    At the switch step these members average their parameters before they save (node/training/
+    worker.py ``_fence_stop``): since the loss each live pipeline stepped with its own gradients
+    (a round with a dead member fails; the coordinator notices the loss only after the node
+    timeout), and the re-plan resumes the stage from one survivor's upload, so without the merge
+    the other survivors' steps since the loss would count for nothing."""
+    if fence is None or fence_all_live(fence):
+        return []
+    members = sorted((a for a in assignments if a["stage"] == stage), key=lambda a: a["replica"])
+    out = [i for i, a in enumerate(members) if pipeline_of(a) in fence["live"]]
+    return out if len(out) >= 2 else []
 
 
 def fence_overrun(fence: dict[str, Any]) -> bool:

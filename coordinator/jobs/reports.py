@@ -39,6 +39,7 @@ class Ack:
     fence: bool = False
     switch_step: int = 0
     fence_all_live: bool = False  # the fence lost no node: replicas keep averaging (churn.fence_all_live)
+    fence_live_members: tuple[int, ...] = ()  # a fence that lost one: who merges at the switch step (churn.live_members)
 
 
 class Reporting:
@@ -145,7 +146,8 @@ class Reporting:
             self._replans.pop(job.id, None)  # progress: the re-plans so far worked
         fence = job.fence
         return Ack(fence=fence is not None, switch_step=fence["switch_step"] if fence else 0,
-                   fence_all_live=churn.fence_all_live(fence))
+                   fence_all_live=churn.fence_all_live(fence),
+                   fence_live_members=tuple(churn.live_members(fence, job.assignments, a["stage"])))
 
     def _add_progress(self, job: Job, a: dict[str, Any], r: dict[str, Any], *, attempt: int) -> None:
         self.store.add_progress(job.id, attempt=attempt, stage=a["stage"], replica=a["replica"],
@@ -193,7 +195,8 @@ class Reporting:
                     log.warning("fence overrun job=%s attempt=%d worker=%s step=%d switch_step=%d", job.id,
                                 job.attempt, churn.key(a["stage"], a["replica"]), r["step"], new["switch_step"])
                     self._watch_fence(self.store.get(job.id))  # falls back to the last checkpoint
-            return Ack(fence=True, switch_step=new["switch_step"], fence_all_live=churn.fence_all_live(new))
+            return Ack(fence=True, switch_step=new["switch_step"], fence_all_live=churn.fence_all_live(new),
+                       fence_live_members=tuple(churn.live_members(new, job.assignments, a["stage"])))
 
     def _reconnected(self, job: Job) -> None:
         """The first report of a job after a coordinator restart: its nodes are back."""

@@ -132,7 +132,8 @@ class TrainingServicer(pb_grpc.TrainingServicer):
         node_id = self.app.authenticate_node(context)
         ack = self.service.report(node_id, progress_from_pb(request))
         return pb.ProgressAck(stop=ack.stop, reason=ack.reason, start=ack.start, fence=ack.fence,
-                              switch_step=ack.switch_step, fence_all_live=ack.fence_all_live)
+                              switch_step=ack.switch_step, fence_all_live=ack.fence_all_live,
+                              fence_live_members=ack.fence_live_members)
 
     @grpc_errors
     def FetchJobData(self, request, context):
@@ -244,6 +245,7 @@ def assignment_to_pb(job, a: dict) -> pb.StageAssignment:
         dataset_key=job.dataset_key, resume_step=job.resume_step,
         fence=job.fence is not None, switch_step=(job.fence or {}).get("switch_step", 0),
         fence_all_live=churn.fence_all_live(job.fence),
+        fence_live_members=churn.live_members(job.fence, job.assignments, a["stage"]) if job.fence else [],
         verify_json=json.dumps(a.get("verify") or {}), state_source=state_source_to_pb(a.get("state_source")),
         state_serves=state_serves_to_pb(a.get("state_serves")),
         checkpoint_keeper=keeper_to_pb(a.get("checkpoint_keeper")), keeps=keeps_to_pb(a.get("keeps")),

@@ -87,6 +87,7 @@ class Assignment:
     fence: bool = False  # the coordinator is fencing this attempt (node/training/membership.py)
     switch_step: int = 0  # the fence's switch step, 0 until decided
     fence_all_live: bool = False  # the fence lost no node: replicas keep averaging through it
+    fence_live_members: tuple[int, ...] = ()  # a fence that lost one: who merges at the switch step (membership.py)
     verify_json: str = ""  # spot checks: node/training/spotcheck.py VerifyPlan.from_json
     state_source: StateSource | None = None  # a fence's re-plan: copy the state at resume_step from this peer
     state_serves: tuple[StateServe, ...] = ()  # ... and what this node sends to the workers copying from it
@@ -163,7 +164,7 @@ class Assignment:
             stage_replicas=tuple(Peer(node_id=p.node_id, address=p.address) for p in m.stage_replicas),
             spec=job_spec_from_pb(m.spec), model_config=json.loads(m.model_config_json), num_samples=m.num_samples,
             dataset_key=m.dataset_key, resume_step=m.resume_step, fence=m.fence, switch_step=m.switch_step,
-            fence_all_live=m.fence_all_live,
+            fence_all_live=m.fence_all_live, fence_live_members=tuple(m.fence_live_members),
             verify_json=m.verify_json,
             state_source=StateSource(peer=peer(m.state_source.peer, True), stage=m.state_source.stage,
                                      step=m.state_source.step,

@@ -76,10 +76,13 @@ class Membership:
         self.switch_step = 0
         self._last_switch_poll = 0.0
         self._lost = False  # a reply said the fence lost a node (sticky: it never comes back in this attempt)
+        # that fence's live members of this stage, by position in its averaging order (the latest
+        # reply's: the live set only shrinks), who merge their parameters at the switch step
+        self.live_members: tuple[int, ...] = ()
 
     def on_ack(self, ack: pb.ProgressAck) -> None:
         if ack.fence:
-            self.on_fence(ack.switch_step, all_live=ack.fence_all_live)
+            self.on_fence(ack.switch_step, all_live=ack.fence_all_live, live_members=tuple(ack.fence_live_members))
 
     @property
     def alone(self) -> bool:
@@ -97,11 +100,13 @@ class Membership:
         if self.fence_pending.is_set() and not self._lost:
             self._report("fence", step + 1)
 
-    def on_fence(self, switch_step: int, *, all_live: bool = False) -> None:
+    def on_fence(self, switch_step: int, *, all_live: bool = False, live_members: tuple[int, ...] = ()) -> None:
         """The coordinator fences the attempt (a progress reply or an assignment poll said so);
-        ``all_live``: it lost no node (False from a coordinator older than that flag)."""
+        ``all_live``: it lost no node (False from a coordinator older than that flag);
+        ``live_members``: then, who of this stage merges at the switch step (empty: nobody)."""
         if not all_live:
             self._lost = True
+            self.live_members = tuple(int(i) for i in live_members)
         if not self.fence_pending.is_set():
             log.info("fence: the replicas of job=%s change (one lost or one added); stopping at a step boundary",
                      self.a.job_id)

@@ -50,6 +50,8 @@ from node.training.spotcheck import StageVerifier
 from node.training.weight_sketch import param_sketch
 from node.training.worker_setup import WorkerSetup
 
+MERGE_TIMEOUT_S = 10.0  # at a fence's switch step, how long the live replicas may take to merge (_merge_survivors)
+
 log = logging.getLogger(__name__)
 
 
@@ -105,11 +107,11 @@ class StageWorker(WorkerSetup, TensorIO):
             log.info("stopping stage worker job=%s stage=%d reason=%s", self.a.job_id, self.a.stage, reason or "-")
         self.stop_event.set()
 
-    def on_fence(self, switch_step: int, *, all_live: bool = False) -> None:
+    def on_fence(self, switch_step: int, *, all_live: bool = False, live_members: tuple[int, ...] = ()) -> None:
         """The coordinator fences this attempt (seen in an assignment poll)."""
         membership = getattr(self, "membership", None)
         if membership is not None:
-            membership.on_fence(switch_step, all_live=all_live)
+            membership.on_fence(switch_step, all_live=all_live, live_members=live_members)
 
     def join(self, timeout_s: float) -> None:
         self._thread.join(timeout_s)
@@ -341,11 +343,37 @@ class StageWorker(WorkerSetup, TensorIO):
         for s in self.senders:
             s.flush()
         self.reporter.flush()
+        self._merge_survivors(step)
         self._checkpoint(step, final=False, upload_weights=True)
         self.checkpoints.wait()
         self.membership.fenced(step)
         log.info("stage worker fenced job=%s attempt=%d stage=%d replica=%d at step %d", self.a.job_id,
                  self.a.attempt, self.a.stage, self.a.replica, step)
+
+    def _merge_survivors(self, step: int) -> None:
+        """A fence that lost a node, stopped at its switch step ``step``: average this stage's
+        parameters with the other live replicas of the stage (``Membership.live_members``, from
+        the coordinator: coordinator/jobs/churn.py ``live_members``). Since the loss each live
+        pipeline stepped with its own gradients, and the re-plan resumes the stage from one
+        survivor's upload; merged, every survivor's steps since the loss count (the mean of
+        replicas that stepped apart, as a parameter re-sync does), and every survivor's upload
+        holds the same weights. Bounded by ``MERGE_TIMEOUT_S``: a member lost meanwhile fails the
+        round, and this worker then saves its own weights, as before."""
+        live = self.membership.live_members
+        if self.averager is None or not live:
+            return
+        deadline = time.monotonic() + MERGE_TIMEOUT_S
+        late = lambda: time.monotonic() > deadline or self.stop_event.is_set()  # noqa: E731
+        self.averager.collect_parameter_round(abort=late)  # a re-sync still in flight (its group had the dead member)
+        self.averager.apply_parameter_round()
+        try:
+            ok = self.averager.average_parameters(abort=late, step=step, members=live)
+        except ValueError as exc:  # positions that do not fit this group (a coordinator's mistake)
+            log.warning("fence: not merging with the live replicas job=%s stage=%d: %s", self.a.job_id, self.a.stage, exc)
+            return
+        log.info("fence: %s the parameters of %d live replicas job=%s attempt=%d stage=%d replica=%d step=%d",
+                 "merged" if ok else "could not merge (own weights kept)", len(live), self.a.job_id, self.a.attempt,
+                 self.a.stage, self.a.replica, step)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _checkpoint(self, step: int, *, final: bool, upload_weights: bool | None = None) -> None:

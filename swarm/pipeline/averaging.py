@@ -176,15 +176,17 @@ class ReplicaAverager:
                 p.grad.copy_(b.to(p.grad.device, p.grad.dtype))
         return True
 
-    def average_parameters(self, abort=None, step: int = -1) -> bool:
+    def average_parameters(self, abort=None, step: int = -1, members: Sequence[int] | None = None) -> bool:
         """Replace every parameter by the replicas' mean (the replicas must all call this at the
         same step: the round shares the gradients' buffers and group key); False (parameters
-        unchanged) on failure or abort."""
+        unchanged) on failure or abort. ``members``: only these of the group (positions in
+        :attr:`members`, this replica's included; every one of them must pass the same), e.g. the
+        survivors of a fence that lost a replica (node/training/worker.py ``_fence_stop``)."""
         self.collect_parameter_round()
         with self.averager.get_tensors() as bufs:
             for b, p in zip(bufs, self.params):
                 b.copy_(p.detach().to("cpu", torch.float32))
-        self._start("params", step)
+        self._start("params", step, group=self.subgroup(members) if members is not None else None)
         if not self._finish(abort):
             return False
         with torch.no_grad(), self.averager.get_tensors() as bufs:
@@ -228,13 +230,26 @@ class ReplicaAverager:
                 p.add_(d.to(p.device, p.dtype))
         return True
 
-    def _start(self, kind: str, step: int, own: list[torch.Tensor] | None = None) -> None:
-        """Start one all-reduce of the buffers tagged (``kind``, ``step``); one at a time."""
+    def subgroup(self, positions: Sequence[int]) -> list[str]:
+        """The peer ids at ``positions`` of :attr:`members`, in group order; ValueError unless they
+        are 2+ distinct valid positions including this replica's."""
+        picked = sorted({int(i) for i in positions})
+        if any(not 0 <= i < len(self.members) for i in picked):
+            raise ValueError(f"member positions {list(positions)} outside the group of {len(self.members)}")
+        ids = [self.members[i] for i in picked]
+        if len(ids) < 2 or self.peer_id() not in ids:
+            raise ValueError(f"a subgroup needs 2+ members including this one ({self.peer_id()}); got {ids}")
+        return ids
+
+    def _start(self, kind: str, step: int, own: list[torch.Tensor] | None = None,
+               group: list[str] | None = None) -> None:
+        """Start one all-reduce of the buffers tagged (``kind``, ``step``) among ``group`` (default:
+        every member); one at a time."""
         from hivemind.utils.timed_storage import get_dht_time
 
         if self._pending is not None:  # rounds never overlap (they share the buffers): one nobody finished ends first
             self._finish(None)
-        gather = [kind, step, self.members]
+        gather = [kind, step, group or self.members]
         try:
             if not self.members:
                 raise RuntimeError("the averaging group is not known yet: call set_members() first")

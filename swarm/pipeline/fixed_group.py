@@ -93,7 +93,7 @@ class FixedGroupAverager(DecentralizedAverager):
             group_id, peer_ids = group_of(self.prefix, step.data_for_gather, members)
             if self.peer_id not in peer_ids or len(peer_ids) < 2:
                 raise AllreduceException(f"round {kind}@{at}: this peer is not one of 2+ members {members}")
-            self._members = set(peer_ids)
+            self._members |= set(peer_ids)  # (a round of a subgroup, e.g. a fence's survivors, shrinks nothing)
             group = GroupInfo(group_id=group_id, peer_ids=peer_ids,
                               gathered=tuple(step.data_for_gather for _ in peer_ids))
             await step.wait_for_trigger()

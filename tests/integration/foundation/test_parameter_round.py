@@ -79,3 +79,45 @@ def test_background_parameter_round_brings_drifted_replicas_together() -> None:
         for av in (a, b):
             if av is not None:
                 av.shutdown()
+
+
+def test_survivors_of_a_lost_replica_merge_their_parameters_as_a_subgroup() -> None:
+    """A fence that lost a replica (node/training/worker.py ``_merge_survivors``): the two live
+    replicas of a 3-replica stage average their parameters among themselves (positions 0 and 2 of
+    the group), with the third one's averager gone; positions that leave this replica out, or
+    fewer than two, are refused before any round starts."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(2048, generator=g)
+    params = [[torch.nn.Parameter(base + 0.01 * torch.randn(2048, generator=g))] for _ in range(3)]
+    own = [p[0].detach().clone() for p in params]
+    avs: list[ReplicaAverager] = []
+    try:
+        avs.append(ReplicaAverager(params=params[0], prefix="merge", num_replicas=3, timeout_s=30))
+        for k in (1, 2):
+            avs.append(ReplicaAverager(params=params[k], prefix="merge", num_replicas=3,
+                                       initial_peers=avs[0].maddrs(), timeout_s=30))
+        for av in avs:
+            av.wait_for_peers(2, 30)
+        maddrs = [m for av in avs for m in av.maddrs()]
+        for av in avs:
+            av.set_members(maddrs)
+        avs[1].shutdown()  # replica 1 is lost (its process gone)
+        with pytest.raises(ValueError, match="including this one"):
+            avs[0].average_parameters(step=7, members=[1, 2])
+        with pytest.raises(ValueError, match="outside the group"):
+            avs[0].average_parameters(step=7, members=[0, 3])
+        merged = [None, None]
+        threads = [threading.Thread(target=lambda k=k: merged.__setitem__(k // 2, avs[k].average_parameters(
+            step=7, members=[0, 2]))) for k in (0, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert merged == [True, True]
+        want = (own[0] + own[2]) / 2
+        for k in (0, 2):
+            assert (params[k][0].detach() - want).norm() / want.norm() < 5e-4  # fp16 in transit
+        assert torch.equal(params[1][0].detach(), own[1])  # the lost one's values took no part
+    finally:
+        for av in avs:
+            av.shutdown()

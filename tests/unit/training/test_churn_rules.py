@@ -57,6 +57,26 @@ def test_replica_fence_switches_at_the_furthest_stage0_and_completes_when_all_fe
 
 
 @pytest.mark.timeout(10)
+def test_the_live_members_of_a_stage_merge_at_the_switch_step_by_their_averaging_positions():
+    a = _assignments(2, 4)
+    lost = churn.open_fence(attempt=3, assignments=a, live=[0, 2, 3], lost=["n11"], at_s=0.0)
+    # positions in each stage's replica order (the rendezvous'), the same at every stage
+    assert churn.live_members(lost, a, 0) == [0, 2, 3] and churn.live_members(lost, a, 1) == [0, 2, 3]
+    # replica order, not the list's: the coordinator may store a stage's workers in any order
+    assert churn.live_members(lost, list(reversed(a)), 1) == [0, 2, 3]
+    shrunk = churn.shrink_fence(lost, a, {"n11", "n03"})  # a survivor lost during the fence
+    assert churn.live_members(shrunk, a, 0) == [0, 2]
+    # one survivor left, a fence that lost no node, no fence: nobody to merge with
+    assert churn.live_members(churn.shrink_fence(shrunk, a, {"n10"}), a, 0) == []
+    assert churn.live_members(churn.open_fence(attempt=3, assignments=a, live=[0, 1, 2, 3], lost=[], at_s=0.0,
+                                               grow_to=5), a, 0) == []
+    assert churn.live_members(None, a, 0) == []
+    two = _assignments(1, 2)  # two replicas, one lost: the survivor has nobody to merge with
+    assert churn.live_members(churn.open_fence(attempt=1, assignments=two, live=[1], lost=["n00"], at_s=0.0),
+                              two, 0) == []
+
+
+@pytest.mark.timeout(10)
 def test_replica_counts_keep_the_batch_in_whole_micro_batches():
     assert churn.replica_counts(4, 8, 2) == [4, 2, 1]
     assert churn.replica_counts(3, 12, 2) == [3, 2, 1]

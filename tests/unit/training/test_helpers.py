@@ -150,6 +150,9 @@ def test_losing_a_helper_breaks_its_pipeline_and_fences_count_it_there():
     assert "1:2" in fence["workers"] and "1:3" in fence["workers"]  # the helpers stop at the switch step too
     shrunk = churn.shrink_fence(fence, asg, {"node9"})
     assert shrunk["live"] == [0] and "1:3" not in shrunk["workers"] and "1:2" in shrunk["workers"]
+    # at the helped stage the live pipeline's worker and its helper (replicas 0 and 2 of 0-3) merge
+    # at the switch step; the other stage's live pipeline has one worker: nobody to merge with
+    assert churn.live_members(shrunk, asg, 1) == [0, 2] and churn.live_members(shrunk, asg, 0) == []
 
 
 @pytest.mark.timeout(10)

@@ -82,8 +82,10 @@ def test_through_a_fence_that_lost_no_node_replicas_keep_averaging_and_report_th
     m.on_fence(0, all_live=True)
     m.before_round(4)  # the boundary after step 4, before waiting in its averaging round
     assert [(r.state, r.step) for r in client.reports] == [("fence", 5)] and not m.alone
-    m.on_fence(0, all_live=False)  # the fence lost a node: each pipeline alone from now on, for good
+    m.on_fence(0, all_live=False, live_members=(0, 2))  # the fence lost a node: each pipeline alone from now on
     m.on_fence(0, all_live=True)
-    assert m.alone
+    assert m.alone and m.live_members == (0, 2)  # ... for good; who merges at the switch step
+    m.on_ack(pb.ProgressAck(fence=True, switch_step=9, fence_live_members=[0]))  # the live set shrank
+    assert m.live_members == (0,) and m.switch_step == 9
     m.before_round(5)
     assert len(client.reports) == 1  # nothing more: no round to wait in
