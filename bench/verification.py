@@ -188,6 +188,8 @@ def run(args) -> dict:
             for name, values in out["repeats"].items():
                 out["runs"][name]["tokens_per_s"] = statistics.median(values)
             out["cost_split"] = cost_split([p.log_path for p, _ in swarm.nodes.values()], out["checked_jobs"])
+            if args.no_faulty:
+                return out
             # the faulty run: n3 makes way for the faulty node, then comes back as the spare
             swarm.stop_node("n3")
             faulty_id = swarm.add_node("faulty", fault=args.fault)
@@ -256,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="the nodes' device: cpu (default) or cuda (all four share it)")
     p.add_argument("--fault", default=FAULT, help=f"the faulty node's SWARM_FAULT (default {FAULT}; e.g. "
                    "false-witness=1: a witness sending its neighbours' checker false copies)")
+    p.add_argument("--no-faulty", action="store_true",
+                   help="only the off / checked pairs (the cost), no faulty run (the detection)")
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line too")
     args = p.parse_args(argv)
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(args)
     r = res["runs"]
     rows = []
-    for name in ("off", "checked", "faulty"):
+    for name in [n for n in ("off", "checked", "faulty") if n in r]:
         x = r[name]
         c = x["spot_checks"]
         rows.append([name, x["state"], x["attempts"], f"{x['tokens_per_s']:.0f}", f"{x['heldout_loss']:.4f}",
@@ -274,20 +278,22 @@ def main(argv: list[str] | None = None) -> int:
                      " ".join(f"{s}:{v:.3f}" for s, v in x["loss_curve"])])
     table = markdown_table(["run", "state", "attempts", "tokens/s", "held-out loss",
                             "checks / weighed / void / mismatches / contested", "loss curve (step:loss)"], rows)
-    f = r["faulty"]
+    f = r.get("faulty")
     ratio = r["checked"]["tokens_per_s"] / r["off"]["tokens_per_s"]
     m = args.batch_size // 2 // 2
     tps = "; ".join(f"{k}: " + ", ".join(f"{v:.0f}" for v in vs) for k, vs in res["repeats"].items())
     notes = (f"2 stages x 2 replicas, {args.steps} steps of {args.batch_size} x 64 tokens ({m} micro-batches of 2 "
              f"per replica and step), tiny GPT-2 (6 x 64) on {args.device}, --compression {args.compression}, --verify-prob {args.prob} in the checked runs. "
              f"Checked / off tokens/s (medians of {args.repeats}; each run: {tps}): {ratio:.3f} "
-             f"(cost {100 * (1 - ratio):.1f}%). Faulty node "
-             f"({args.fault}): first accused at step {f.get('first_disputed_step')} ({f.get('disputes', 0)} dispute(s): "
-             f"one node's word rolls back and re-pairs, a second one convicts); {f['faulty_state']}, "
-             f"first detected bad step {f['first_bad_step']}, job at step "
-             f"{f['step_at_quarantine']} when quarantined; honest nodes quarantined: {f['honest_quarantined']}; "
-             f"held-out loss faulty - checked: {f['heldout_loss'] - r['checked']['heldout_loss']:+.4f} nats. "
-             "Share of the checked runs' step time (all workers) spent on: "
+             f"(cost {100 * (1 - ratio):.1f}%). "
+             + (f"Faulty node "
+                f"({args.fault}): first accused at step {f.get('first_disputed_step')} ({f.get('disputes', 0)} dispute(s): "
+                f"one node's word rolls back and re-pairs, a second one convicts); {f['faulty_state']}, "
+                f"first detected bad step {f['first_bad_step']}, job at step "
+                f"{f['step_at_quarantine']} when quarantined; honest nodes quarantined: {f['honest_quarantined']}; "
+                f"held-out loss faulty - checked: {f['heldout_loss'] - r['checked']['heldout_loss']:+.4f} nats. "
+                if f else "No faulty run (--no-faulty). ")
+             + "Share of the checked runs' step time (all workers) spent on: "
              + ", ".join(f"{k[:-2]} {100 * v:.1f}%" for k, v in res["cost_split"].items()) + ".")
     cpu = {k: statistics.median(v) for k, v in res["cpu_s"].items()}
     notes += (" CPU seconds per job (coordinator, nodes and hivemind's processes; medians; each run: "
@@ -300,11 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res))
     if not args.no_record:
         flags = ((" --quick" if args.quick else "") + (f" --compression {args.compression}" if args.compression != "none" else "")
-                 + (f" --fault {args.fault}" if args.fault != FAULT else ""))
+                 + (f" --fault {args.fault}" if args.fault != FAULT else "") + (" --no-faulty" if args.no_faulty else ""))
         record(f"Spot checks: cost and detection (bench/verification.py{flags})",
                table, notes)
-    ok = (all(x["state"] == "succeeded" for x in r.values()) and f["faulty_state"] == "quarantined"
-          and f["honest_quarantined"] == 0)
+    ok = (all(x["state"] == "succeeded" for x in r.values())
+          and (f is None or (f["faulty_state"] == "quarantined" and f["honest_quarantined"] == 0)))
     return 0 if ok else 1
 
 
