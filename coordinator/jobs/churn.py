@@ -30,6 +30,18 @@ node cannot run, the others (``live``) can. The job is not rolled back:
    (each takes ``batch / replicas`` of it, so the effective batch is unchanged); the nodes of
    the broken pipeline that are still online are idle nodes to the planner like any other.
 
+**Holder-loss fence** (a one-pipeline job loses a holder of a shared stage, a helper or the
+worker it helped, while the stage's other holder lives: :func:`holder_loss`). The same steps 1-4
+over the one pipeline, without the lost holder's worker; the replies also name the lost share
+(``fence_dropped``: its stage and which micro-batches it ran there). The step in flight cannot
+finish as it was planned (the lost holder's micro-batches are stuck with it), so every worker
+drops them: a wait for one of them ends once the worker knows the fence, a send to the lost holder
+is skipped, and the step finishes with the micro-batches that went through (node/training/worker.py).
+Nothing is rolled back: the re-plan at ``S`` runs the pipeline without the lost node (event
+``replica_dropped`` with ``helper`` true). A worker fails instead only when the fence comes later
+than its peer timeout (the coordinator's node timeout, 6 s by default, is shorter than a job's
+``--peer-timeout-s``, 30 s).
+
 **Fences that lose no node** (growth, helper and re-balance fences, below: :func:`fence_all_live`)
 differ in step 1: replicas keep averaging their gradients up to ``S``, since every member of every
 averaging group runs to it. A worker whose round waits for a member of another pipeline, whose
@@ -120,27 +132,59 @@ def live_pipelines(assignments: list[dict[str, Any]], lost_nodes: set[str]) -> l
     return sorted({pipeline_of(a) for a in assignments} - broken)
 
 
+def holder_loss(assignments: list[dict[str, Any]], lost_nodes: set[str]) -> list[dict[str, Any]] | None:
+    """A one-pipeline job whose lost nodes each shared a stage with a holder still alive (a helper
+    lost, or the worker it helped): the shares they ran, ``{"node", "stage", "replica",
+    "share_index", "share_count"}`` each; None otherwise (a stage lost whole, or several pipelines:
+    losing a holder there drops its pipeline, :func:`live_pipelines`).
+
+    Such a pipeline carries on (the **holder-loss fence**, module docstring): the survivor of the
+    stage holds its whole state, so only the lost holder's micro-batches of the steps in flight are
+    gone. Every worker of the pipeline drops them (a wait for one of them ends once the fence is
+    known, a send to the lost holder is skipped) and finishes its step without them; the step
+    misses those micro-batches' share of the batch, as a replica-loss fence's in-flight step misses
+    the dead pipeline's."""
+    if not lost_nodes or not assignments or max(a["num_replicas"] for a in assignments) != 1:
+        return None
+    out = []
+    for a in assignments:
+        if a["node_id"] not in lost_nodes:
+            continue
+        count = int(a.get("share_count", 1))
+        if count < 2 or not any(b["stage"] == a["stage"] and b["node_id"] not in lost_nodes for b in assignments):
+            return None
+        out.append({"node": a["node_id"], "stage": a["stage"], "replica": a["replica"],
+                    "share_index": int(a.get("share_index", 0)), "share_count": count})
+    return out or None
+
+
 def open_fence(*, attempt: int, assignments: list[dict[str, Any]], live: list[int], lost: list[str],
                at_s: float, grow_to: int = 0, rebalance: dict[str, Any] | None = None,
-               helpers: dict[str, Any] | None = None) -> dict[str, Any]:
+               helpers: dict[str, Any] | None = None, dropped: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A fence over the ``live`` pipelines of ``attempt`` (JSON-able; stored with the job): a
     replica-loss fence, or with ``grow_to`` a growth fence (no node lost; the re-plan at the
     switch step adds pipelines on idle nodes, up to ``grow_to`` replicas), or with ``rebalance``
     a re-balance fence (no node lost; the re-plan at the switch step uses the seen speeds in
     ``rebalance["tflops"]``: coordinator/jobs/rebalance.py), or with ``helpers`` a helper fence
     (``{"stage", "nodes": [node id per pipeline]}``: the re-plan keeps every worker in place and
-    adds those nodes as helpers of the stage, coordinator/jobs/helpers.py)."""
+    adds those nodes as helpers of the stage, coordinator/jobs/helpers.py), or with ``dropped``
+    a holder-loss fence (:func:`holder_loss`: the lost holders' workers are not waited for)."""
+    gone = {d["node"] for d in dropped or ()}
+    kept = [a for a in assignments if pipeline_of(a) in live and a["node_id"] not in gone]
     return {
         "attempt": attempt, "live": sorted(live), "lost": sorted(lost), "opened_at": at_s, "grow_to": int(grow_to),
-        "rebalance": rebalance, "helpers": helpers,
-        "workers": sorted(key(a["stage"], a["replica"]) for a in assignments if pipeline_of(a) in live),
-        "stage0": sorted(key(0, r) for r in live), "ready": {}, "done": {}, "switch_step": 0,
+        "rebalance": rebalance, "helpers": helpers, "dropped": list(dropped or ()),
+        "workers": sorted(key(a["stage"], a["replica"]) for a in kept),
+        "stage0": sorted(key(0, a["replica"]) for a in kept if a["stage"] == 0) if gone else sorted(key(0, r) for r in live),
+        "ready": {}, "done": {}, "switch_step": 0,
     }
 
 
 def shrink_fence(fence: dict[str, Any], assignments: list[dict[str, Any]], lost_nodes: set[str]) -> dict[str, Any]:
-    """The fence without the pipelines that lost a node since it opened (may leave none live)."""
-    live = [r for r in live_pipelines(assignments, lost_nodes) if r in fence["live"]]
+    """The fence without the pipelines that lost a node since it opened (may leave none live); the
+    holders a holder-loss fence already dropped break nothing."""
+    absorbed = {d["node"] for d in fence.get("dropped") or ()}
+    live = [r for r in live_pipelines(assignments, set(lost_nodes) - absorbed) if r in fence["live"]]
     if live == fence["live"]:
         return fence
     pipeline = {key(a["stage"], a["replica"]): pipeline_of(a) for a in assignments}
@@ -194,7 +238,8 @@ def live_members(fence: dict[str, Any] | None, assignments: list[dict[str, Any]]
     if fence is None or fence_all_live(fence):
         return []
     members = sorted((a for a in assignments if a["stage"] == stage), key=lambda a: a["replica"])
-    out = [i for i, a in enumerate(members) if pipeline_of(a) in fence["live"]]
+    lost = set(fence["lost"])
+    out = [i for i, a in enumerate(members) if pipeline_of(a) in fence["live"] and a["node_id"] not in lost]
     return out if len(out) >= 2 else []
 
 

@@ -306,6 +306,10 @@ class Fencing:
         live = churn.live_pipelines(job.assignments, set(lost))
         num_replicas = max(a["num_replicas"] for a in job.assignments)
         what = ", ".join(f"node {n[:12]} is {st}" for n, st in sorted(lost.items()))
+        dropped = churn.holder_loss(job.assignments, set(lost)) if job.started_attempt >= job.attempt else None
+        if dropped and (fence is None or set(lost) <= {d["node"] for d in fence.get("dropped") or ()}):
+            self._on_lost_holder(job, dropped, what)
+            return
         if num_replicas < 2 or not live or job.started_attempt < job.attempt:
             # an attempt whose start fence is still open ran no step: its live workers wait for
             # `start` and never reach a step boundary, so a replica-loss fence could only time out
@@ -328,6 +332,23 @@ class Fencing:
         if shrunk is not fence:
             self.store.set_fence(job.id, shrunk, expect_attempt=job.attempt)
         self._watch_fence(self.store.get(job.id))
+
+    def _on_lost_holder(self, job: Job, dropped: list[dict], what: str) -> None:
+        """A one-pipeline job lost a holder of a shared stage whose other holder lives
+        (churn.holder_loss): a holder-loss fence over the pipeline, no rollback."""
+        if job.fence is not None:
+            self._watch_fence(job)
+            return
+        live = sorted({helpers.pipeline_of(a) for a in job.assignments})
+        fence = churn.open_fence(attempt=job.attempt, assignments=job.assignments, live=live,
+                                 lost=sorted(d["node"] for d in dropped), at_s=self.clock.time(), dropped=dropped)
+        if self.store.set_fence(job.id, fence, expect_attempt=job.attempt):
+            stages = sorted({d["stage"] for d in dropped})
+            self.store.add_event(job.id, "replica_dropped", f"helper replica(s) of stage(s) {stages} dropped ({what}): "
+                                 "the pipeline carries on without rollback; the micro-batches they held in the step in "
+                                 "flight are dropped, and the stage's other holder takes the whole share from the "
+                                 "next re-plan", dropped=[], live=live, attempt=job.attempt, helper=True, stages=stages,
+                                 nodes=[d["node"] for d in dropped])
 
     def _watch_fence(self, job: Job) -> None:
         fence = job.fence
@@ -379,6 +400,7 @@ class Fencing:
                f"re-balancing the layers around slow node {rb['node'][:12]}" if rb else
                "adding replica(s) on idle nodes" if grew else
                "a growth fence whose idle nodes left before the switch step" if fence.get("grow_to") else
+               "losing helper replica(s)" if fence.get("dropped") else
                "losing replica(s)")
         for a in jp.assignments:  # replica_added is recorded when the attempt starts (handover.AddedReplicas)
             a["added"] = (grew or helped) and a["node_id"] in added

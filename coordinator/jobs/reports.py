@@ -40,6 +40,7 @@ class Ack:
     switch_step: int = 0
     fence_all_live: bool = False  # the fence lost no node: replicas keep averaging (churn.fence_all_live)
     fence_live_members: tuple[int, ...] = ()  # a fence that lost one: who merges at the switch step (churn.live_members)
+    fence_dropped: tuple[dict, ...] = ()  # a holder-loss fence's lost shares (churn.holder_loss)
 
 
 class Reporting:
@@ -147,7 +148,8 @@ class Reporting:
         fence = job.fence
         return Ack(fence=fence is not None, switch_step=fence["switch_step"] if fence else 0,
                    fence_all_live=churn.fence_all_live(fence),
-                   fence_live_members=tuple(churn.live_members(fence, job.assignments, a["stage"])))
+                   fence_live_members=tuple(churn.live_members(fence, job.assignments, a["stage"])),
+                   fence_dropped=tuple((fence or {}).get("dropped") or ()))
 
     def _add_progress(self, job: Job, a: dict[str, Any], r: dict[str, Any], *, attempt: int) -> None:
         self.store.add_progress(job.id, attempt=attempt, stage=a["stage"], replica=a["replica"],
@@ -196,7 +198,8 @@ class Reporting:
                                 job.attempt, churn.key(a["stage"], a["replica"]), r["step"], new["switch_step"])
                     self._watch_fence(self.store.get(job.id))  # falls back to the last checkpoint
             return Ack(fence=True, switch_step=new["switch_step"], fence_all_live=churn.fence_all_live(new),
-                       fence_live_members=tuple(churn.live_members(new, job.assignments, a["stage"])))
+                       fence_live_members=tuple(churn.live_members(new, job.assignments, a["stage"])),
+                       fence_dropped=tuple(new.get("dropped") or ()))
 
     def _reconnected(self, job: Job) -> None:
         """The first report of a job after a coordinator restart: its nodes are back."""

@@ -133,7 +133,8 @@ class TrainingServicer(pb_grpc.TrainingServicer):
         ack = self.service.report(node_id, progress_from_pb(request))
         return pb.ProgressAck(stop=ack.stop, reason=ack.reason, start=ack.start, fence=ack.fence,
                               switch_step=ack.switch_step, fence_all_live=ack.fence_all_live,
-                              fence_live_members=ack.fence_live_members)
+                              fence_live_members=ack.fence_live_members,
+                              fence_dropped=dropped_to_pb(ack.fence_dropped))
 
     @grpc_errors
     def FetchJobData(self, request, context):
@@ -232,6 +233,12 @@ class TrainingServicer(pb_grpc.TrainingServicer):
         return pb.RendezvousReply(maddrs=maddrs, num_joined=len(maddrs))
 
 
+def dropped_to_pb(dropped) -> list[pb.DroppedShare]:
+    """A holder-loss fence's lost shares (churn.holder_loss) as the workers receive them."""
+    return [pb.DroppedShare(node_id=d["node"], stage=d["stage"], share_index=d["share_index"],
+                            share_count=d["share_count"]) for d in dropped or ()]
+
+
 def assignment_to_pb(job, a: dict) -> pb.StageAssignment:
     """A stored assignment of ``job`` as the node receives it (PollAssignments)."""
     spec = job.spec.replace(steps=job.total_steps, num_stages=a["num_stages"], num_replicas=a["num_replicas"])
@@ -246,6 +253,7 @@ def assignment_to_pb(job, a: dict) -> pb.StageAssignment:
         fence=job.fence is not None, switch_step=(job.fence or {}).get("switch_step", 0),
         fence_all_live=churn.fence_all_live(job.fence),
         fence_live_members=churn.live_members(job.fence, job.assignments, a["stage"]) if job.fence else [],
+        fence_dropped=dropped_to_pb((job.fence or {}).get("dropped")),
         verify_json=json.dumps(a.get("verify") or {}), state_source=state_source_to_pb(a.get("state_source")),
         state_serves=state_serves_to_pb(a.get("state_serves")),
         checkpoint_keeper=keeper_to_pb(a.get("checkpoint_keeper")), keeps=keeps_to_pb(a.get("keeps")),

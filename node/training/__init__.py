@@ -115,7 +115,8 @@ class TrainingPlugin(NodePlugin):
         for a in assignments:  # a fence reaches workers blocked in a step (averaging, waiting) this way too
             worker = self.workers.get(a.key)
             if worker is not None and a.fence:
-                worker.on_fence(a.switch_step, all_live=a.fence_all_live, live_members=a.fence_live_members)
+                worker.on_fence(a.switch_step, all_live=a.fence_all_live, live_members=a.fence_live_members,
+                                dropped=a.fence_dropped)
 
     def snapshot(self) -> tuple[WorkerView, ...]:
         return tuple(WorkerView(job_id=job_id, attempt=attempt, done=w.done.is_set(), stopping=w.stop_event.is_set())

@@ -23,6 +23,27 @@ class Peer:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DroppedShare:
+    """A holder-loss fence's lost holder (coordinator/jobs/churn.py ``holder_loss``) and the
+    micro-batches it ran at its stage: those are dropped from the steps in flight."""
+
+    node_id: str
+    stage: int
+    share_index: int
+    share_count: int
+
+    def holds(self, micro_batch: int) -> bool:
+        return micro_batch % self.share_count == self.share_index
+
+
+def dropped_from_pb(items) -> tuple[DroppedShare, ...]:
+    """``fence_dropped`` of a ProgressAck or StageAssignment; malformed entries are left out."""
+    return tuple(DroppedShare(node_id=d.node_id, stage=d.stage, share_index=d.share_index, share_count=d.share_count)
+                 for d in list(items)[:MAX_HOLDERS] if 2 <= d.share_count <= MAX_HOLDERS
+                 and 0 <= d.share_index < d.share_count and d.node_id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StateSource:
     """Where a re-planned worker copies its stage's state at ``step`` from (the ``peer`` saved it
     as ``stage`` of the attempt that fenced), and the SHA-256 (hex) of the files the coordinator
@@ -88,6 +109,7 @@ class Assignment:
     switch_step: int = 0  # the fence's switch step, 0 until decided
     fence_all_live: bool = False  # the fence lost no node: replicas keep averaging through it
     fence_live_members: tuple[int, ...] = ()  # a fence that lost one: who merges at the switch step (membership.py)
+    fence_dropped: tuple[DroppedShare, ...] = ()  # a holder-loss fence: micro-batches dropped in flight
     verify_json: str = ""  # spot checks: node/training/spotcheck.py VerifyPlan.from_json
     state_source: StateSource | None = None  # a fence's re-plan: copy the state at resume_step from this peer
     state_serves: tuple[StateServe, ...] = ()  # ... and what this node sends to the workers copying from it
@@ -165,6 +187,7 @@ class Assignment:
             spec=job_spec_from_pb(m.spec), model_config=json.loads(m.model_config_json), num_samples=m.num_samples,
             dataset_key=m.dataset_key, resume_step=m.resume_step, fence=m.fence, switch_step=m.switch_step,
             fence_all_live=m.fence_all_live, fence_live_members=tuple(m.fence_live_members),
+            fence_dropped=dropped_from_pb(m.fence_dropped),
             verify_json=m.verify_json,
             state_source=StateSource(peer=peer(m.state_source.peer, True), stage=m.state_source.stage,
                                      step=m.state_source.step,

@@ -25,6 +25,8 @@ from typing import TypeVar
 from swarm.errors import AuthError, PeerError, SwarmError
 from swarm.proto.v1 import training_pb2 as pb
 
+from node.training.assignment import dropped_from_pb
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -79,10 +81,15 @@ class Membership:
         # that fence's live members of this stage, by position in its averaging order (the latest
         # reply's: the live set only shrinks), who merge their parameters at the switch step
         self.live_members: tuple[int, ...] = ()
+        # a holder-loss fence's lost holders (assignment.DroppedShare; only grows in an attempt):
+        # their micro-batches are dropped from the steps in flight, sends to them skipped
+        self.dropped: tuple = ()
+        self.gone: frozenset[str] = frozenset()
 
     def on_ack(self, ack: pb.ProgressAck) -> None:
         if ack.fence:
-            self.on_fence(ack.switch_step, all_live=ack.fence_all_live, live_members=tuple(ack.fence_live_members))
+            self.on_fence(ack.switch_step, all_live=ack.fence_all_live, live_members=tuple(ack.fence_live_members),
+                          dropped=dropped_from_pb(ack.fence_dropped))
 
     @property
     def alone(self) -> bool:
@@ -90,6 +97,11 @@ class Membership:
         averaging groups have a dead member). Through a fence that lost none (a growth, helper or
         re-balance fence) replicas keep averaging: every member runs to the switch step."""
         return self.fence_pending.is_set() and self._lost
+
+    def doomed(self, micro_batch: int) -> bool:
+        """A holder-loss fence dropped ``micro_batch`` (a lost holder ran it at its stage): no input
+        of it will come, so waiting for one ends (node/training/tensor_io.py)."""
+        return any(d.holds(micro_batch) for d in self.dropped)
 
     def before_round(self, step: int) -> None:
         """Step ``step``'s compute is done and its averaging round starts: during a fence, report
@@ -100,13 +112,22 @@ class Membership:
         if self.fence_pending.is_set() and not self._lost:
             self._report("fence", step + 1)
 
-    def on_fence(self, switch_step: int, *, all_live: bool = False, live_members: tuple[int, ...] = ()) -> None:
+    def on_fence(self, switch_step: int, *, all_live: bool = False, live_members: tuple[int, ...] = (),
+                 dropped: tuple = ()) -> None:
         """The coordinator fences the attempt (a progress reply or an assignment poll said so);
         ``all_live``: it lost no node (False from a coordinator older than that flag);
-        ``live_members``: then, who of this stage merges at the switch step (empty: nobody)."""
+        ``live_members``: then, who of this stage merges at the switch step (empty: nobody);
+        ``dropped``: a holder-loss fence's lost holders (assignment.DroppedShare)."""
         if not all_live:
             self._lost = True
             self.live_members = tuple(int(i) for i in live_members)
+            new = tuple(d for d in dropped if d not in self.dropped)
+            if new:
+                self.dropped += new
+                self.gone = frozenset(d.node_id for d in self.dropped)
+                log.warning("fence: holder(s) %s of job=%s lost; their micro-batches in flight are dropped",
+                            ",".join(f"{d.node_id[:12]} (stage {d.stage}, micro-batches = {d.share_index} mod "
+                                     f"{d.share_count})" for d in new), self.a.job_id)
         if not self.fence_pending.is_set():
             log.info("fence: the replicas of job=%s change (one lost or one added); stopping at a step boundary",
                      self.a.job_id)

@@ -80,6 +80,7 @@ class PeerSender:
                  emulate_bps: float = 0.0) -> None:
         self.emulate_bps = float(emulate_bps)
         self.address = address
+        self.node_id = node_id
         self._checksum = isinstance(security, PlaintextSecurity)  # TLS authenticates every record
         self.what = what
         self.timeout_s = timeout_s

@@ -24,18 +24,26 @@ and ``node_id``.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from swarm.compression import CodecMessage
-from swarm.errors import InvalidRequestError, PeerError, PermissionDeniedError
+from swarm.errors import InvalidRequestError, PeerError, PermissionDeniedError, SwarmError
 from swarm.transport import tensors as wt
 
 from node.training.sender import PeerSender
 from node.training.spotcheck import WITNESS_KINDS
 
 
+class MicroBatchDropped(Exception):
+    """A holder-loss fence dropped this micro-batch (its lost holder ran it): skip its ops."""
+
+
 class TensorIO:
     """Receiving and sending tensors for :class:`~node.training.worker.StageWorker`."""
+
+    _sender_failed_at: dict[str, float]  # node id -> when its sender's failure was first seen
 
     def _on_sent(self, dst_node_id: str):
         """Count a delivered tensor and keep it as a link observation (node/traffic.py).
@@ -128,12 +136,15 @@ class TensorIO:
         return t.to(self.device)
 
     def _receive(self, kind: str, step: int, m: int) -> torch.Tensor:
+        """Micro-batch ``m``'s input of ``kind`` at ``step``, decoded; raises MicroBatchDropped once
+        a holder-loss fence dropped ``m`` (it will not come) and FenceReached at a switch step."""
         what = f"stage {self.a.stage - 1 if kind == 'activation' else self.a.stage + 1}"
 
         def check():
-            for s in self.senders:
-                s.check()
+            self._check_senders()
             self.membership.while_waiting(step)  # raises FenceReached at a fence's switch step
+            if self.membership.doomed(m):
+                raise MicroBatchDropped(m)
 
         try:
             return self.endpoint.get(kind, step, m, timeout_s=self.timeout_s, stop=self.stop_event, what=what,
@@ -146,7 +157,46 @@ class TensorIO:
 
     # -- sending -----------------------------------------------------------------------------------
 
+    def _check_senders(self) -> None:
+        """Raise a sender's failure, but for a holder of a shared neighbour stage, for up to the
+        peer timeout: the coordinator may yet drop it (a holder-loss fence, coordinator/jobs/churn.py
+        ``holder_loss``: it declares a node lost after its node timeout, shorter than a job's peer
+        timeout), and then its failure is nobody's concern."""
+        gone = self.membership.gone
+        for s in self.senders:
+            if s.node_id in gone:
+                continue
+            try:
+                s.check()
+            except SwarmError:
+                if not self._held_off(s):
+                    raise
+
+    def _held_off(self, sender: PeerSender) -> bool:
+        """``sender`` failed and goes to a holder of a shared stage whose failure is younger than the
+        peer timeout (_check_senders)."""
+        a = self.a
+        shared = {p.node_id for holders in (a.prev_holders, a.next_holders) if len(holders) > 1 for p in holders}
+        if sender.node_id not in shared:
+            return False
+        failed = self._sender_failed_at.setdefault(sender.node_id, time.monotonic())
+        return time.monotonic() - failed < self.timeout_s
+
+    def _live_senders(self) -> list[PeerSender]:
+        """The senders but those to holders a holder-loss fence dropped (flushing them would fail)."""
+        return [s for s in self.senders if s.node_id not in self.membership.gone]
+
     def _send(self, sender: PeerSender, kind: str, step: int, m: int, ids, msg: CodecMessage, boundary: int) -> int:
+        """Queue ``msg`` to ``sender``'s peer; the bytes queued, 0 when skipped: the peer is a holder
+        a holder-loss fence dropped, or one that failed recently (_check_senders)."""
+        if sender.node_id in self.membership.gone:
+            return 0
+        try:
+            sender.check()
+        except SwarmError:
+            if self._held_off(sender):
+                return 0
+            raise
         # The compute thread only starts the (pinned, non-blocking) copy to the host; the
         # sender's thread waits for it, serialises and frames the message (issue 16).
         msg, ready = msg.to_host()

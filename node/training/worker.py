@@ -45,7 +45,7 @@ from node.training.exchange import Endpoint, Endpoints
 from node.training.membership import DEFAULT_OUTAGE_S, FenceReached, Membership, through_outage
 from node.training.reporter import Reporter
 from node.training.sender import PeerSender
-from node.training.tensor_io import TensorIO
+from node.training.tensor_io import MicroBatchDropped, TensorIO
 from node.training.spotcheck import StageVerifier
 from node.training.weight_sketch import param_sketch
 from node.training.worker_setup import WorkerSetup
@@ -96,6 +96,7 @@ class StageWorker(WorkerSetup, TensorIO):
         self._cur_step = 0
         self._thread = threading.Thread(target=self._run, name=f"stage-{a.job_id[:6]}-{a.stage}", daemon=True)
         self.senders: list[PeerSender] = []
+        self._sender_failed_at: dict[str, float] = {}  # (tensor_io.py _held_off)
         self.averager = None
         self.endpoint: Endpoint | None = None
 
@@ -107,11 +108,12 @@ class StageWorker(WorkerSetup, TensorIO):
             log.info("stopping stage worker job=%s stage=%d reason=%s", self.a.job_id, self.a.stage, reason or "-")
         self.stop_event.set()
 
-    def on_fence(self, switch_step: int, *, all_live: bool = False, live_members: tuple[int, ...] = ()) -> None:
+    def on_fence(self, switch_step: int, *, all_live: bool = False, live_members: tuple[int, ...] = (),
+                 dropped: tuple = ()) -> None:
         """The coordinator fences this attempt (seen in an assignment poll)."""
         membership = getattr(self, "membership", None)
         if membership is not None:
-            membership.on_fence(switch_step, all_live=all_live, live_members=live_members)
+            membership.on_fence(switch_step, all_live=all_live, live_members=live_members, dropped=dropped)
 
     def join(self, timeout_s: float) -> None:
         self._thread.join(timeout_s)
@@ -204,14 +206,21 @@ class StageWorker(WorkerSetup, TensorIO):
             compute = wait = comm = wait_fw = 0.0
             sent_fw = sent_bw = raw = 0
             mbs = self.order.micro_batches(step, a.pipeline)
+            dropped: set[int] = set()  # micro-batches a holder-loss fence dropped from this step
             for op in ops:
                 ids = mbs[op.micro_batch]
+                if op.micro_batch in dropped:
+                    continue
                 if op.kind == "F":
                     t0 = time.monotonic()
                     if a.is_first:
                         x = torch.from_numpy(self.dataset.inputs(ids)).to(self.device)
                     else:
-                        x = self._receive("activation", step, op.micro_batch)
+                        try:
+                            x = self._receive("activation", step, op.micro_batch)
+                        except MicroBatchDropped:
+                            dropped.add(op.micro_batch)
+                            continue
                     labels = torch.from_numpy(self.dataset.labels(ids)).to(self.device) if a.is_last else None
                     t1 = time.monotonic()
                     if not a.is_first:
@@ -233,7 +242,12 @@ class StageWorker(WorkerSetup, TensorIO):
                     wait_fw += t1 - t0
                 else:
                     t0 = time.monotonic()
-                    g = None if a.is_last else self._receive("gradient", step, op.micro_batch)
+                    try:
+                        g = None if a.is_last else self._receive("gradient", step, op.micro_batch)
+                    except MicroBatchDropped:
+                        self.runner.discard(op.micro_batch)
+                        dropped.add(op.micro_batch)
+                        continue
                     t1 = time.monotonic()
                     if g is not None:
                         self.verifier.received_gradient(step, op.micro_batch, ids, g)
@@ -253,6 +267,10 @@ class StageWorker(WorkerSetup, TensorIO):
                 wait += t1 - t0
                 compute += t2 - t1
                 comm += t3 - t2
+            if dropped:
+                log.warning("step %d job=%s stage=%d: micro-batch(es) %s dropped (a holder-loss fence: the holder that "
+                            "ran them is lost); the step goes on with the others", step, a.job_id, a.stage,
+                            sorted(dropped))
             t0 = time.monotonic()
             alone = lambda: self.membership.alone  # noqa: E731 -- a fence that lost a node: each pipeline on its own
             if self.averager is not None:  # a background parameter round (below) ends before the gradient round
@@ -304,7 +322,7 @@ class StageWorker(WorkerSetup, TensorIO):
             mb_losses = [self.runner.losses[m] for m in sorted(self.runner.losses)] if a.is_last else []
             loss = self.runner.step_loss() if a.is_last else None
             step_s = time.monotonic() - t_step
-            tokens = own * self.b * self.S
+            tokens = (own - len(dropped)) * self.b * self.S
             sent = sent_fw + sent_bw
             self.reporter.progress(pb.ProgressReport(
                 job_id=a.job_id, attempt=a.attempt, stage=a.stage, replica=a.replica, step=step,
@@ -323,7 +341,7 @@ class StageWorker(WorkerSetup, TensorIO):
                 self.keeper.submit(step + 1)  # the kept workers checkpoint this step too
 
     def _finish(self) -> None:
-        for s in self.senders:
+        for s in self._live_senders():
             s.flush()
         c = self.verifier.cost
         if self.verifier.active and c["steps"]:  # where checking's time went (bench/verification.py reads it)
@@ -340,7 +358,7 @@ class StageWorker(WorkerSetup, TensorIO):
         """Stopped at the switch step of a fence: every report out, a full checkpoint at the step
         uploaded, then ``fenced``; the coordinator re-plans from here."""
         step = self.membership.switch_step
-        for s in self.senders:
+        for s in self._live_senders():
             s.flush()
         self.reporter.flush()
         self._merge_survivors(step)

@@ -84,6 +84,12 @@ class StageRunner:
             return None
         return item.inputs.grad.detach()
 
+    def discard(self, micro_batch: int) -> None:
+        """Drop one micro-batch in flight and its loss: its backward will not run (a holder-loss
+        fence dropped it, node/training/worker.py); the step's gradient is the others'."""
+        self._inflight.pop(micro_batch, None)
+        self.losses.pop(micro_batch, None)
+
     def reset(self) -> None:
         """Drop any in-flight micro-batches and recorded losses (after a failed step)."""
         self._inflight.clear()

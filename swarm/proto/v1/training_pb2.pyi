@@ -132,7 +132,7 @@ class PeerRef(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class StageAssignment(_message.Message):
-    __slots__ = ("job_id", "attempt", "stage", "num_stages", "replica", "num_replicas", "first_layer", "last_layer_excl", "prev", "next", "stage_replicas", "spec", "model_config_json", "num_samples", "dataset_key", "resume_step", "fence", "switch_step", "verify_json", "state_source", "state_serves", "checkpoint_keeper", "keeps", "pipeline", "share_index", "share_count", "prev_holders", "next_holders", "has_pipeline", "fence_all_live", "fence_live_members")
+    __slots__ = ("job_id", "attempt", "stage", "num_stages", "replica", "num_replicas", "first_layer", "last_layer_excl", "prev", "next", "stage_replicas", "spec", "model_config_json", "num_samples", "dataset_key", "resume_step", "fence", "switch_step", "verify_json", "state_source", "state_serves", "checkpoint_keeper", "keeps", "pipeline", "share_index", "share_count", "prev_holders", "next_holders", "has_pipeline", "fence_all_live", "fence_live_members", "fence_dropped")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,7 @@ class StageAssignment(_message.Message):
     HAS_PIPELINE_FIELD_NUMBER: _ClassVar[int]
     FENCE_ALL_LIVE_FIELD_NUMBER: _ClassVar[int]
     FENCE_LIVE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    FENCE_DROPPED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     attempt: int
     stage: int
@@ -195,7 +196,8 @@ class StageAssignment(_message.Message):
     has_pipeline: bool
     fence_all_live: bool
     fence_live_members: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., replica: _Optional[int] = ..., num_replicas: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., prev: _Optional[_Union[PeerRef, _Mapping]] = ..., next: _Optional[_Union[PeerRef, _Mapping]] = ..., stage_replicas: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., model_config_json: _Optional[str] = ..., num_samples: _Optional[int] = ..., dataset_key: _Optional[str] = ..., resume_step: _Optional[int] = ..., fence: _Optional[bool] = ..., switch_step: _Optional[int] = ..., verify_json: _Optional[str] = ..., state_source: _Optional[_Union[StateSource, _Mapping]] = ..., state_serves: _Optional[_Iterable[_Union[StateServe, _Mapping]]] = ..., checkpoint_keeper: _Optional[_Union[PeerRef, _Mapping]] = ..., keeps: _Optional[_Iterable[_Union[KeptStage, _Mapping]]] = ..., pipeline: _Optional[int] = ..., share_index: _Optional[int] = ..., share_count: _Optional[int] = ..., prev_holders: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., next_holders: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., has_pipeline: _Optional[bool] = ..., fence_all_live: _Optional[bool] = ..., fence_live_members: _Optional[_Iterable[int]] = ...) -> None: ...
+    fence_dropped: _containers.RepeatedCompositeFieldContainer[DroppedShare]
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., stage: _Optional[int] = ..., num_stages: _Optional[int] = ..., replica: _Optional[int] = ..., num_replicas: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer_excl: _Optional[int] = ..., prev: _Optional[_Union[PeerRef, _Mapping]] = ..., next: _Optional[_Union[PeerRef, _Mapping]] = ..., stage_replicas: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., model_config_json: _Optional[str] = ..., num_samples: _Optional[int] = ..., dataset_key: _Optional[str] = ..., resume_step: _Optional[int] = ..., fence: _Optional[bool] = ..., switch_step: _Optional[int] = ..., verify_json: _Optional[str] = ..., state_source: _Optional[_Union[StateSource, _Mapping]] = ..., state_serves: _Optional[_Iterable[_Union[StateServe, _Mapping]]] = ..., checkpoint_keeper: _Optional[_Union[PeerRef, _Mapping]] = ..., keeps: _Optional[_Iterable[_Union[KeptStage, _Mapping]]] = ..., pipeline: _Optional[int] = ..., share_index: _Optional[int] = ..., share_count: _Optional[int] = ..., prev_holders: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., next_holders: _Optional[_Iterable[_Union[PeerRef, _Mapping]]] = ..., has_pipeline: _Optional[bool] = ..., fence_all_live: _Optional[bool] = ..., fence_live_members: _Optional[_Iterable[int]] = ..., fence_dropped: _Optional[_Iterable[_Union[DroppedShare, _Mapping]]] = ...) -> None: ...
 
 class KeptStage(_message.Message):
     __slots__ = ("peer", "stage", "replica")
@@ -346,7 +348,7 @@ class SpotCheck(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., replica: _Optional[int] = ..., step: _Optional[int] = ..., micro_batch: _Optional[int] = ..., what: _Optional[str] = ..., match: _Optional[bool] = ..., error: _Optional[float] = ..., tolerance: _Optional[float] = ..., repeated_match: _Optional[bool] = ..., value: _Optional[float] = ..., copies: _Optional[_Iterable[_Union[TensorDigest, _Mapping]]] = ...) -> None: ...
 
 class ProgressAck(_message.Message):
-    __slots__ = ("stop", "reason", "start", "fence", "switch_step", "fence_all_live", "fence_live_members")
+    __slots__ = ("stop", "reason", "start", "fence", "switch_step", "fence_all_live", "fence_live_members", "fence_dropped")
     STOP_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -354,6 +356,7 @@ class ProgressAck(_message.Message):
     SWITCH_STEP_FIELD_NUMBER: _ClassVar[int]
     FENCE_ALL_LIVE_FIELD_NUMBER: _ClassVar[int]
     FENCE_LIVE_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    FENCE_DROPPED_FIELD_NUMBER: _ClassVar[int]
     stop: bool
     reason: str
     start: bool
@@ -361,7 +364,20 @@ class ProgressAck(_message.Message):
     switch_step: int
     fence_all_live: bool
     fence_live_members: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, stop: _Optional[bool] = ..., reason: _Optional[str] = ..., start: _Optional[bool] = ..., fence: _Optional[bool] = ..., switch_step: _Optional[int] = ..., fence_all_live: _Optional[bool] = ..., fence_live_members: _Optional[_Iterable[int]] = ...) -> None: ...
+    fence_dropped: _containers.RepeatedCompositeFieldContainer[DroppedShare]
+    def __init__(self, stop: _Optional[bool] = ..., reason: _Optional[str] = ..., start: _Optional[bool] = ..., fence: _Optional[bool] = ..., switch_step: _Optional[int] = ..., fence_all_live: _Optional[bool] = ..., fence_live_members: _Optional[_Iterable[int]] = ..., fence_dropped: _Optional[_Iterable[_Union[DroppedShare, _Mapping]]] = ...) -> None: ...
+
+class DroppedShare(_message.Message):
+    __slots__ = ("node_id", "stage", "share_index", "share_count")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    stage: int
+    share_index: int
+    share_count: int
+    def __init__(self, node_id: _Optional[str] = ..., stage: _Optional[int] = ..., share_index: _Optional[int] = ..., share_count: _Optional[int] = ...) -> None: ...
 
 class FetchJobDataRequest(_message.Message):
     __slots__ = ("job_id",)

@@ -120,3 +120,50 @@ def test_with_two_pipelines_each_gets_a_helper_and_the_gradients_still_average_t
     assert losses == pytest.approx(ref, rel=5e-3, abs=5e-3)
     print(f"helpers joined stage {added[0]['stage']} at step {joined}; largest difference from the reference "
           f"after it {max(abs(a - b) for a, b in zip(losses[joined:], ref[joined:])):.2e}")
+
+
+@pytest.mark.timeout(240)
+def test_losing_the_helper_the_pipeline_carries_on_without_rollback(tmp_path):
+    """A one-pipeline job whose helper is SIGKILLed (coordinator/jobs/churn.py, holder-loss fence):
+    the helped worker holds the stage's whole state, so the pipeline is not broken. Its workers drop
+    the micro-batches the helper held in the step in flight, finish that step without them, stop at
+    the switch step and go on without the helper: no rollback, no step done twice (before, the job
+    rolled back to its last checkpoint, as after losing any node of a one-pipeline job)."""
+    model, data = write_inputs(tmp_path)
+    args = [*HELPER_COORDINATOR_ARGS, "--node-timeout-s", "6"]
+    with coordinator_proc(tmp_path / "coord", extra_args=args) as coord, \
+            _nodes(coord, tmp_path, [SLOW, FAST]):
+        wait_until(lambda: sum(n["state"] == "online" for n in coord.get_json("/api/nodes")["nodes"]) == 2, 60,
+                   message="2 nodes online")
+        spec = JobSpec(steps=100_000, batch_size=4, micro_batch_size=2, seq_len=16, lr=1e-3,
+                       codec=CodecSpec.parse("none"), checkpoint_every=0, num_stages=2, num_replicas=1,
+                       peer_timeout_s=30.0, node_wait_s=0.0)
+        with CoordinatorClient(coord.address, token=coord.admin_token) as client:
+            job_id = client.submit_job(spec, upload_files(model, data)).id
+        detail = lambda: coord.get_json(f"/api/jobs/{job_id}")  # noqa: E731
+        wait_until(lambda: detail()["assignments"], 30, message="the job is planned")
+        with node_proc(coord, tmp_path / "late", env={"SWARM_FAULT": FAST}) as late:
+            helped = wait_until(lambda: "replica_added" in _kinds(d := detail()) and d, 120,
+                                message="the late node joins as a helper")
+            joined = next(e for e in helped["events"] if e["kind"] == "replica_added")["fields"]["resume_step"]
+            wait_until(lambda: (detail()["step"] or 0) >= joined + 5, 60, message="steps with the helper")
+            late.proc.kill()
+            after = wait_until(lambda: (d := detail())["attempt"] > helped["attempt"] and (d["step"] or 0) >=
+                               d["resume_step"] + 5 and d, 90, message="the re-plan without the helper, and 5 steps")
+        with CoordinatorClient(coord.address, token=coord.admin_token) as client:
+            client.cancel_job(job_id)
+        done = wait_until(lambda: (d := detail())["state"] == "cancelled" and d, 30, message="job cancelled")
+    events = [(e["kind"], e["message"]) for e in done["events"]]
+    dropped = [e["fields"] for e in done["events"] if e["kind"] == "replica_dropped"]
+    assert len(dropped) == 1 and dropped[0]["helper"] is True and dropped[0]["nodes"] == [late.node_id], events
+    replans = [e["fields"] for e in done["events"] if e["kind"] == "replan"]
+    assert replans[-1]["fence"] is True and replans[-1]["resume_step"] > joined, replans
+    assert late.node_id not in {a["node_id"] for a in after["assignments"]}
+    steps = [p["step"] for p in done["progress"]]
+    assert steps == list(range(len(steps))), steps  # nothing lost
+    assert done["repeated_steps"] == [], events  # nothing done twice: no rollback
+    assert not {"recovered", "rollback"} & {k for k, _ in events}, events
+
+
+def _kinds(d: dict) -> list[str]:
+    return [e["kind"] for e in d["events"]]

@@ -156,6 +156,44 @@ def test_losing_a_helper_breaks_its_pipeline_and_fences_count_it_there():
 
 
 @pytest.mark.timeout(10)
+def test_a_one_pipeline_job_that_loses_a_holder_of_a_shared_stage_fences_without_it_instead_of_rolling_back():
+    asg, _ = _helped([["node0"], ["node1"]], 1, ["node8"])  # one pipeline; node8 helps node1 at stage 1
+    lost = churn.holder_loss(asg, {"node8"})
+    assert lost == [{"node": "node8", "stage": 1, "replica": 1, "share_index": 1, "share_count": 2}]
+    # the helped worker lost instead: the helper holds the stage's whole state too
+    assert churn.holder_loss(asg, {"node1"}) == [{"node": "node1", "stage": 1, "replica": 0, "share_index": 0,
+                                                  "share_count": 2}]
+    assert churn.holder_loss(asg, {"node1", "node8"}) is None  # the stage lost whole
+    assert churn.holder_loss(asg, {"node0"}) is None and churn.holder_loss(asg, {"node0", "node8"}) is None
+    assert churn.holder_loss(asg, set()) is None
+    two, _ = _helped([["node0", "node1"], ["node2", "node3"]], 1, ["node8", "node9"])
+    assert churn.holder_loss(two, {"node8"}) is None  # several pipelines: the helper's pipeline is dropped instead
+    fence = churn.open_fence(attempt=2, assignments=asg, live=[0], lost=["node8"], at_s=0.0, dropped=lost)
+    assert fence["workers"] == ["0:0", "1:0"] and fence["stage0"] == ["0:0"]  # nobody waits for the lost holder
+    assert not churn.fence_all_live(fence)  # the survivors do not wait in a round with it either
+    assert churn.shrink_fence(fence, asg, {"node8"}) is fence  # the holder it dropped breaks nothing
+    assert churn.shrink_fence(fence, asg, {"node8", "node0"})["live"] == []  # another node lost: nothing live
+    assert churn.live_members(fence, asg, 1) == []  # the stage's survivor has nobody to merge with
+    f = churn.on_fence_report(fence, stage=1, replica=1, state="fence", step=50)  # the lost holder: ignored
+    f = churn.on_fence_report(f, stage=0, replica=0, state="fence", step=42)
+    f = churn.on_fence_report(f, stage=1, replica=0, state="fence", step=42)
+    assert f["switch_step"] == 42
+    # lost the helped worker: stage 0 of the pipeline is whoever of its holders lives
+    s0, _ = _helped([["node0"], ["node1"]], 0, ["node8"])
+    f0 = churn.open_fence(attempt=2, assignments=s0, live=[0], lost=["node0"], at_s=0.0,
+                          dropped=churn.holder_loss(s0, {"node0"}))
+    assert f0["workers"] == ["0:1", "1:0"] and f0["stage0"] == ["0:1"]
+    # what the workers are told: the lost share, parsed the same on the node side
+    a = _as_node_sees(asg[0])
+    assert a.fence_dropped == ()
+    job = SimpleNamespace(id="j", attempt=2, total_steps=10, spec=SPEC.replace(steps=10), model={"n_layer": 4},
+                          num_samples=16, dataset_key="k", resume_step=0, fence=fence, assignments=asg)
+    told = Assignment.from_pb(assignment_to_pb(job, asg[0]))
+    assert [(d.node_id, d.stage, d.share_index, d.share_count) for d in told.fence_dropped] == [("node8", 1, 1, 2)]
+    assert [m for m in range(6) if told.fence_dropped[0].holds(m)] == [1, 3, 5]
+
+
+@pytest.mark.timeout(10)
 def test_a_helper_witnesses_for_its_pipeline_and_a_wrong_micro_batch_of_it_accuses_the_helper():
     asg, _ = _helped([["node0", "node1"], ["node2", "node3"]], 1, ["node8", "node9"])
     plans = {a["node_id"]: v for a, v in zip(asg, verify_plans(asg, prob=0.5, secret=7))}

@@ -89,3 +89,18 @@ def test_through_a_fence_that_lost_no_node_replicas_keep_averaging_and_report_th
     assert m.live_members == (0,) and m.switch_step == 9
     m.before_round(5)
     assert len(client.reports) == 1  # nothing more: no round to wait in
+
+
+def test_a_holder_loss_fence_dooms_the_lost_holders_micro_batches_and_malformed_shares_are_left_out():
+    client = FakeClient([pb.ProgressAck(fence=True, switch_step=0, fence_dropped=[
+        pb.DroppedShare(node_id="helper", stage=1, share_index=1, share_count=2),
+        pb.DroppedShare(node_id="bad", stage=1, share_index=2, share_count=2),  # index past the count
+        pb.DroppedShare(node_id="bad", stage=1, share_index=0, share_count=1),  # an unshared stage
+        pb.DroppedShare(node_id="", stage=1, share_index=0, share_count=2)])])  # no node
+    m = _membership(client)
+    assert not m.doomed(1) and m.gone == frozenset()
+    m.on_ack(client.report(None))
+    assert m.alone and m.gone == {"helper"}
+    assert [mb for mb in range(6) if m.doomed(mb)] == [1, 3, 5]
+    m.on_fence(0, all_live=False)  # a reply without the shares forgets nothing in this attempt
+    assert m.doomed(3) and m.gone == {"helper"}
