@@ -20,8 +20,11 @@ that limits the step. So it joins that stage as a **helper** of a pipeline:
 - **Identity.** A helper has a replica index past the pipelines (``num_replicas + r``, unique in
   the job) and ``pipeline`` = ``r`` (whose data order it follows). Reports, checkpoints, the start
   fence and the fences key on ``(stage, replica)`` as for any worker; fences count it in pipeline
-  ``r`` (:func:`pipeline_of`): losing the helper breaks pipeline ``r`` like losing any of its
-  nodes, and the fence's re-plan (the planner's, with whole pipelines) leaves it out.
+  ``r`` (:func:`pipeline_of`): with 2+ pipelines, losing the helper breaks pipeline ``r`` like
+  losing any of its nodes, and the fence's re-plan (the planner's, with whole pipelines) leaves it
+  out; in a one-pipeline job the stage's other holder carries on alone (a holder-loss fence,
+  coordinator/jobs/churn.py ``holder_loss``: the lost holder's micro-batches in flight are
+  dropped, nothing is rolled back).
 - **State.** At the fence's switch step every live worker saved its stage; the helper copies the
   stage's weights and AdamW state from a live replica peer to peer, verified by hash
   (churn.state_sources, node/training/state_copy.py), and nothing is rolled back.
